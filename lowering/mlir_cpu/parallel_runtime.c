@@ -1,0 +1,277 @@
+/* Minimal runtime linked into every graphir CPU shared object.
+ *
+ * MLIR's OpenMP lowering (convert-scf-to-openmp + convert-openmp-to-llvm) emits calls to a
+ * handful of __kmpc_* entry points of the LLVM/Intel OpenMP ABI.  Neither libomp nor libiomp5
+ * is available on the machines we target, so this file implements exactly those entry points on
+ * a small persistent pthread pool.  It also provides memrefCopy, the one MLIR runtime-utils
+ * helper the lowering may call (strided memref.copy), so the .so needs only libc/libm/pthread.
+ *
+ * Every symbol is compiled with hidden visibility when GRAPHIR_HIDDEN is defined (AOT builds):
+ * the kernel object binds to this copy even if another OpenMP runtime is loaded in the process.
+ *
+ * Thread count: GRAPHIR_NUM_THREADS, else the CPUs in this process's affinity mask.
+ * A parallel region entered while another one runs (nested, or from a second caller thread)
+ * runs serially on the calling thread, which is always correct for static work sharing.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifdef GRAPHIR_HIDDEN
+#define API __attribute__((visibility("hidden")))
+#else
+#define API __attribute__((visibility("default")))
+#endif
+
+#define MAX_THREADS 64
+#define MAX_ARGS 16
+#define SPINS_BEFORE_SLEEP 200000
+
+typedef void (*microtask_t)(int32_t *, int32_t *, ...);
+
+static __thread int32_t tl_tid = 0;
+static __thread int32_t tl_nth = 1;
+static __thread int32_t tl_requested = 0;
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static int pool_size = 1;
+static pthread_mutex_t team_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
+
+static struct {
+  microtask_t fn;
+  int32_t argc;
+  void *args[MAX_ARGS];
+  int32_t nth;
+} job;
+static atomic_int job_gen = 0;
+static atomic_int job_done = 0;
+static atomic_int bar_count = 0;
+static atomic_int bar_gen = 0;
+
+static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+
+static void call_microtask(microtask_t fn, int32_t argc, void **a, int32_t tid) {
+  int32_t gtid = tid, btid = tid;
+  switch (argc) {
+#define A(i) a[i]
+  case 0: fn(&gtid, &btid); break;
+  case 1: fn(&gtid, &btid, A(0)); break;
+  case 2: fn(&gtid, &btid, A(0), A(1)); break;
+  case 3: fn(&gtid, &btid, A(0), A(1), A(2)); break;
+  case 4: fn(&gtid, &btid, A(0), A(1), A(2), A(3)); break;
+  case 5: fn(&gtid, &btid, A(0), A(1), A(2), A(3), A(4)); break;
+  case 6: fn(&gtid, &btid, A(0), A(1), A(2), A(3), A(4), A(5)); break;
+  case 7: fn(&gtid, &btid, A(0), A(1), A(2), A(3), A(4), A(5), A(6)); break;
+  case 8: fn(&gtid, &btid, A(0), A(1), A(2), A(3), A(4), A(5), A(6), A(7)); break;
+  default:
+    fn(&gtid, &btid, A(0), A(1), A(2), A(3), A(4), A(5), A(6), A(7), A(8), A(9), A(10), A(11),
+       A(12), A(13), A(14), A(15));
+    break;
+#undef A
+  }
+}
+
+static void *worker_main(void *arg) {
+  int32_t tid = (int32_t)(intptr_t)arg;
+  int seen = 0;
+  for (;;) {
+    int spins = 0;
+    while (atomic_load_explicit(&job_gen, memory_order_acquire) == seen) {
+      if (++spins < SPINS_BEFORE_SLEEP) {
+        cpu_relax();
+        continue;
+      }
+      pthread_mutex_lock(&wake_mu);
+      while (atomic_load(&job_gen) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
+      pthread_mutex_unlock(&wake_mu);
+    }
+    seen = atomic_load(&job_gen);
+    if (tid < job.nth) {
+      tl_tid = tid;
+      tl_nth = job.nth;
+      call_microtask(job.fn, job.argc, job.args, tid);
+      tl_tid = 0;
+      tl_nth = 1;
+    }
+    /* Every worker acknowledges every job, so the next job's fields are never written while
+     * a late worker still reads this one's. */
+    atomic_fetch_add_explicit(&job_done, 1, memory_order_release);
+  }
+  return NULL;
+}
+
+static void pool_init(void) {
+  const char *env = getenv("GRAPHIR_NUM_THREADS");
+  int n = env ? atoi(env) : 0;
+  if (n <= 0) {
+    cpu_set_t set;
+    n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+  }
+  if (n > MAX_THREADS) n = MAX_THREADS;
+  pool_size = 1;
+  for (int i = 1; i < n; ++i) {
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 8 << 20);
+    if (pthread_create(&t, &attr, worker_main, (void *)(intptr_t)i) != 0) break;
+    pool_size = i + 1;
+  }
+}
+
+API int32_t __kmpc_global_thread_num(void *loc) {
+  (void)loc;
+  return tl_tid;
+}
+
+API void __kmpc_push_num_threads(void *loc, int32_t gtid, int32_t n) {
+  (void)loc;
+  (void)gtid;
+  tl_requested = n;
+}
+
+API void __kmpc_fork_call(void *loc, int32_t argc, microtask_t fn, ...) {
+  (void)loc;
+  void *args[MAX_ARGS] = {0};
+  va_list ap;
+  va_start(ap, fn);
+  for (int i = 0; i < argc && i < MAX_ARGS; ++i) args[i] = va_arg(ap, void *);
+  va_end(ap);
+  int32_t requested = tl_requested;
+  tl_requested = 0;
+
+  pthread_once(&pool_once, pool_init);
+  int nth = pool_size;
+  if (requested > 0 && requested < nth) nth = requested;
+  if (tl_nth > 1 || nth <= 1 || pthread_mutex_trylock(&team_lock) != 0) {
+    int32_t saved_tid = tl_tid, saved_nth = tl_nth;
+    tl_tid = 0;
+    tl_nth = 1;
+    call_microtask(fn, argc, args, 0);
+    tl_tid = saved_tid;
+    tl_nth = saved_nth;
+    return;
+  }
+  job.fn = fn;
+  job.argc = argc;
+  memcpy(job.args, args, sizeof(args));
+  job.nth = nth;
+  atomic_store(&job_done, 0);
+  pthread_mutex_lock(&wake_mu);
+  atomic_fetch_add_explicit(&job_gen, 1, memory_order_release);
+  pthread_cond_broadcast(&wake_cv);
+  pthread_mutex_unlock(&wake_mu);
+
+  tl_tid = 0;
+  tl_nth = nth;
+  call_microtask(fn, argc, args, 0);
+  tl_nth = 1;
+  while (atomic_load_explicit(&job_done, memory_order_acquire) < pool_size - 1) cpu_relax();
+  pthread_mutex_unlock(&team_lock);
+}
+
+API void __kmpc_barrier(void *loc, int32_t gtid) {
+  (void)loc;
+  (void)gtid;
+  int nth = tl_nth;
+  if (nth <= 1) return;
+  int gen = atomic_load_explicit(&bar_gen, memory_order_acquire);
+  if (atomic_fetch_add(&bar_count, 1) + 1 == nth) {
+    atomic_store(&bar_count, 0);
+    atomic_fetch_add_explicit(&bar_gen, 1, memory_order_release);
+  } else {
+    long spins = 0;
+    while (atomic_load_explicit(&bar_gen, memory_order_acquire) == gen) {
+      if (++spins > SPINS_BEFORE_SLEEP) sched_yield();
+      else cpu_relax();
+    }
+  }
+}
+
+/* Static schedule: contiguous, balanced blocks (kind 34) or round-robin chunks (kind 33).
+ * Bounds are inclusive; an empty share is returned as lower = upper + incr. */
+#define STATIC_INIT(NAME, T, ST)                                                              \
+  API void NAME(void *loc, int32_t gtid, int32_t kind, int32_t *plast, T *plower, T *pupper, \
+                ST *pstride, ST incr, ST chunk) {                                            \
+    (void)loc;                                                                               \
+    (void)gtid;                                                                              \
+    uint64_t nth = (uint64_t)tl_nth, tid = (uint64_t)tl_tid;                                                   \
+    T lo = *plower, hi = *pupper;                                                            \
+    if (incr == 0) incr = 1;                                                                 \
+    uint64_t trip = incr > 0 ? (uint64_t)((hi - lo) / (T)incr) + 1                           \
+                             : (uint64_t)((lo - hi) / (T)(-incr)) + 1;                       \
+    if ((incr > 0 && hi < lo) || (incr < 0 && lo < hi)) trip = 0;                           \
+    if (kind == 33 && chunk > 0) {                                                           \
+      *plower = lo + (T)(tid * chunk * incr);                                                \
+      *pupper = *plower + (T)((chunk - 1) * incr);                                           \
+      *pstride = (ST)(nth * chunk * incr);                                                   \
+      uint64_t nchunks = (trip + chunk - 1) / chunk;                                         \
+      *plast = nchunks > 0 && ((nchunks - 1) % nth) == tid;                        \
+      return;                                                                                \
+    }                                                                                        \
+    uint64_t base = trip / nth, extra = trip % nth;                                          \
+    uint64_t mine = base + (tid < extra ? 1 : 0);                                  \
+    uint64_t start = tid * base + (tid < extra ? tid : extra);                     \
+    *pstride = (ST)(trip * incr);                                                            \
+    if (mine == 0) {                                                                         \
+      *plower = hi + (T)incr;                                                                \
+      *pupper = hi;                                                                          \
+      *plast = 0;                                                                            \
+      return;                                                                                \
+    }                                                                                        \
+    *plower = lo + (T)(start * incr);                                                        \
+    *pupper = lo + (T)((start + mine - 1) * incr);                                           \
+    *plast = start + mine == trip;                                                           \
+  }
+
+STATIC_INIT(__kmpc_for_static_init_4, int32_t, int32_t)
+STATIC_INIT(__kmpc_for_static_init_4u, uint32_t, int32_t)
+STATIC_INIT(__kmpc_for_static_init_8, int64_t, int64_t)
+STATIC_INIT(__kmpc_for_static_init_8u, uint64_t, int64_t)
+
+API void __kmpc_for_static_fini(void *loc, int32_t gtid) {
+  (void)loc;
+  (void)gtid;
+}
+
+/* memrefCopy(elem_size, UnrankedMemRef *src, UnrankedMemRef *dst) for strided copies. */
+typedef struct {
+  int64_t rank;
+  void *descriptor;
+} unranked_t;
+
+API void memrefCopy(int64_t elem_size, unranked_t *src, unranked_t *dst) {
+  int64_t rank = src->rank;
+  /* descriptor: allocated, aligned, offset, sizes[rank], strides[rank] */
+  char **sd = (char **)src->descriptor, **dd = (char **)dst->descriptor;
+  int64_t *sm = (int64_t *)(sd + 2), *dm = (int64_t *)(dd + 2);
+  char *sp = sd[1] + sm[0] * elem_size, *dp = dd[1] + dm[0] * elem_size;
+  int64_t *sizes = sm + 1, *sstr = sm + 1 + rank, *dstr = dm + 1 + rank;
+  for (int64_t i = 0; i < rank; ++i)
+    if (sizes[i] == 0) return;
+  if (rank == 0) {
+    memcpy(dp, sp, elem_size);
+    return;
+  }
+  int64_t idx[64] = {0};
+  for (;;) {
+    int64_t so = 0, doff = 0;
+    for (int64_t i = 0; i < rank; ++i) {
+      so += idx[i] * sstr[i];
+      doff += idx[i] * dstr[i];
+    }
+    memcpy(dp + doff * elem_size, sp + so * elem_size, elem_size);
+    int64_t d = rank - 1;
+    while (d >= 0 && ++idx[d] == sizes[d]) idx[d--] = 0;
+    if (d < 0) return;
+  }
+}

@@ -1,0 +1,2 @@
+def run_embedded_schedule(module):
+    pass

@@ -1,0 +1,100 @@
+"""Shared Triton helpers: token -> sequence search, paged KV-cache addressing, attention masks.
+
+Cache layout: blocks[num_pages, 2, num_layers, PAGE_SIZE, NKV, D]; token p of sequence b for
+layer l lives at blocks[lut[b, p // PAGE_SIZE], kv, l, p % PAGE_SIZE, head, :]. Offsets are
+int64: a cache of a few GiB exceeds 2**31 elements.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Mask variants, numbered like MHAMaskVariant's members in graphir.
+MASK_NULL = 0
+MASK_CAUSAL = 1
+MASK_SLIDING_WINDOW_CAUSAL = 2
+MASK_SLIDING_WINDOW_NONCAUSAL = 3
+MASK_CHUNKED_CAUSAL = 4
+MASK_NAMES = {"NULL": MASK_NULL, "CAUSAL": MASK_CAUSAL,
+              "SLIDING_WINDOW_CAUSAL": MASK_SLIDING_WINDOW_CAUSAL,
+              "SLIDING_WINDOW_NONCAUSAL": MASK_SLIDING_WINDOW_NONCAUSAL,
+              "CHUNKED_CAUSAL": MASK_CHUNKED_CAUSAL}
+
+
+def mask_id(mask) -> int:
+    """Mask number from a name ('CAUSAL', ...) or an int."""
+    if isinstance(mask, int):
+        if mask not in MASK_NAMES.values():
+            raise ValueError(f"unknown mask variant number {mask}")
+        return mask
+    name = getattr(mask, "name", mask)
+    if name not in MASK_NAMES:
+        raise ValueError(f"unknown mask variant {mask!r}; expected one of {sorted(MASK_NAMES)}")
+    return MASK_NAMES[name]
+
+
+@triton.jit
+def find_sequence(offs_ptr, t, batch):
+    """Largest b in [0, batch) with offs[b] <= t, elementwise over the token ids t."""
+    lo = tl.zeros_like(t)
+    hi = tl.zeros_like(t) + (batch - 1)
+    steps = 0
+    while (1 << steps) < batch:
+        steps += 1
+    for _ in range(0, steps):
+        active = lo < hi
+        mid = (lo + hi + 1) // 2
+        v = tl.load(offs_ptr + mid, mask=active, other=0)
+        go = v <= t
+        lo = tl.where(active & go, mid, lo)
+        hi = tl.where(active & (~go), mid - 1, hi)
+    return lo
+
+
+@triton.jit
+def slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, valid, KV: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
+    """Element offset of (token pos of sequence b, head 0, dim 0) in the K (KV=0) or V blocks."""
+    page = tl.load(lut_ptr + b.to(tl.int64) * max_pages + pos // PAGE_SIZE, mask=valid, other=0)
+    slot = pos % PAGE_SIZE
+    layer_stride = PAGE_SIZE * NKV * D
+    kv_stride = num_layers.to(tl.int64) * layer_stride
+    return (page.to(tl.int64) * (2 * kv_stride) + KV * kv_stride
+            + layer_idx.to(tl.int64) * layer_stride + slot * (NKV * D))
+
+
+@triton.jit
+def mask_allows(qp, kp, window, MASK: tl.constexpr):
+    """Boolean [M, N] tile: may query position qp[:, None] attend key position kp[None, :]."""
+    q = qp[:, None]
+    k = kp[None, :]
+    if MASK == 0:
+        ok = k >= 0
+    elif MASK == 1:
+        ok = k <= q
+    elif MASK == 2:
+        ok = (k <= q) & (q - k < window)
+    elif MASK == 3:
+        ok = q - k < window
+    else:
+        ok = (k <= q) & ((k // window) == (q // window))
+    return ok
+
+
+@triton.jit
+def key_range(q_lo, q_hi, kv_len, window, MASK: tl.constexpr):
+    """[start, end) of key positions that queries at positions q_lo..q_hi may see."""
+    start = q_lo * 0
+    end = kv_len
+    if MASK == 1:
+        end = tl.minimum(kv_len, q_hi + 1)
+    elif MASK == 2:
+        end = tl.minimum(kv_len, q_hi + 1)
+        start = tl.maximum(q_lo - window + 1, 0)
+    elif MASK == 3:
+        start = tl.maximum(q_lo - window + 1, 0)
+    elif MASK == 4:
+        end = tl.minimum(kv_len, q_hi + 1)
+        start = (q_lo // window) * window
+    return start, end

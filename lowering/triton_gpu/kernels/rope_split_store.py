@@ -1,0 +1,209 @@
+"""The fused split + (q/k RMSNorm) + RoPE(q, k) + paged store(k, v) kernel.
+
+Input qkv `[T, (NH + 2*NKV) * D]` laid out [q | k | v]. Outputs: q_roped `[T, NH*D]`; rope(k)
+and raw v written to the paged cache at position cache_lengths[b] + i of layer `layer_idx`.
+
+Bandwidth-bound: every byte of qkv is read once and written once. A program owns BLOCK_T tokens
+and walks their heads in chunks of [BLOCK_T, HB, D] (~2048 elements, 16 per thread with 4 warps,
+i.e. two 16-byte loads in flight per thread per chunk). Rows are loaded contiguously and the
+interleaved pairs are separated in registers (reshape + split), so every global access is a
+16-byte vector; the half-split pairing loads the two halves as two contiguous tiles. The sequence
+of each token comes from a binary search over input_row_offsets (log2(batch) cached loads).
+Two specializations: BLOCK_T=1 for decode-sized T (one program per token keeps every SM busy)
+and BLOCK_T=4 for prefill (fewer, fatter programs amortize the search and the rope table rows).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
+from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
+
+TILE_ELEMS = 2048
+
+
+@triton.jit
+def _load_pairs(ptr, base, hmask, D: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Load [BT, HB, D] rows at ptr+base[:, :, None] as fp32 (first, second) pair halves."""
+    if INTERLEAVED:
+        d = tl.arange(0, D)
+        x = tl.load(ptr + base[:, :, None] + d[None, None, :], mask=hmask[:, :, None], other=0.0)
+        x = tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1], D // 2, 2))
+        a, b = tl.split(x)
+    else:
+        f = tl.arange(0, D // 2)
+        a = tl.load(ptr + base[:, :, None] + f[None, None, :], mask=hmask[:, :, None], other=0.0)
+        b = tl.load(ptr + base[:, :, None] + (f + D // 2)[None, None, :], mask=hmask[:, :, None],
+                    other=0.0)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _store_pairs(ptr, base, hmask, a, b, D: tl.constexpr, INTERLEAVED: tl.constexpr):
+    if INTERLEAVED:
+        d = tl.arange(0, D)
+        x = tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], D))
+        tl.store(ptr + base[:, :, None] + d[None, None, :], x.to(ptr.dtype.element_ty),
+                 mask=hmask[:, :, None])
+    else:
+        f = tl.arange(0, D // 2)
+        tl.store(ptr + base[:, :, None] + f[None, None, :], a.to(ptr.dtype.element_ty),
+                 mask=hmask[:, :, None])
+        tl.store(ptr + base[:, :, None] + (f + D // 2)[None, None, :],
+                 b.to(ptr.dtype.element_ty), mask=hmask[:, :, None])
+
+
+@triton.jit
+def _norm_rope(a, b, cos, sin, wa, wb, eps, D: tl.constexpr, USE_QK_NORM: tl.constexpr):
+    if USE_QK_NORM:
+        inv = tl.rsqrt(tl.sum(a * a + b * b, axis=2) / D + eps)
+        a = a * inv[:, :, None] * wa[None, None, :]
+        b = b * inv[:, :, None] * wb[None, None, :]
+    return a * cos - b * sin, a * sin + b * cos
+
+
+@triton.jit
+def _weight_pairs(w_ptr, D: tl.constexpr, INTERLEAVED: tl.constexpr):
+    if INTERLEAVED:
+        w = tl.reshape(tl.load(w_ptr + tl.arange(0, D)).to(tl.float32), (D // 2, 2))
+        wa, wb = tl.split(w)
+    else:
+        f = tl.arange(0, D // 2)
+        wa = tl.load(w_ptr + f).to(tl.float32)
+        wb = tl.load(w_ptr + D // 2 + f).to(tl.float32)
+    return wa, wb
+
+
+@triton.jit
+def rope_split_store_kernel(
+        qkv_ptr, offs_ptr, cache_len_ptr, lut_ptr, freqs_ptr, blocks_ptr, q_out_ptr,
+        q_norm_ptr, k_norm_ptr, T, batch, max_pages, layer_idx, num_layers, eps,
+        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
+        HB_Q: tl.constexpr, HB_KV: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    t = tl.minimum(t, T - 1)
+    b = find_sequence(offs_ptr, t, batch)
+    pos = tl.load(cache_len_ptr + b) + t - tl.load(offs_ptr + b)
+    # freqs_cis row: (cos, sin) per frequency, read once per token for all heads.
+    fr = tl.load(freqs_ptr + pos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :])
+    cos, sin = tl.split(tl.reshape(fr.to(tl.float32), (BLOCK_T, D // 2, 2)))
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    qwa = qwb = kwa = kwb = cos
+    if USE_QK_NORM:
+        qwa, qwb = _weight_pairs(q_norm_ptr, D, INTERLEAVED)
+        kwa, kwb = _weight_pairs(k_norm_ptr, D, INTERLEAVED)
+    row = t.to(tl.int64) * ((NH + 2 * NKV) * D)
+    k_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 0,
+                          PAGE_SIZE, NKV, D)
+    v_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 1,
+                          PAGE_SIZE, NKV, D)
+
+    hq = tl.arange(0, HB_Q)
+    for h0 in range(0, NH, HB_Q):
+        h = h0 + hq
+        m = tmask[:, None] & (h < NH)[None, :]
+        a, bb = _load_pairs(qkv_ptr, row[:, None] + h[None, :] * D, m, D, INTERLEAVED)
+        a, bb = _norm_rope(a, bb, cos, sin, qwa, qwb, eps, D, USE_QK_NORM)
+        _store_pairs(q_out_ptr, t.to(tl.int64)[:, None] * (NH * D) + h[None, :] * D, m, a, bb,
+                     D, INTERLEAVED)
+
+    hk = tl.arange(0, HB_KV)
+    for h0 in range(0, NKV, HB_KV):
+        h = h0 + hk
+        m = tmask[:, None] & (h < NKV)[None, :]
+        a, bb = _load_pairs(qkv_ptr, row[:, None] + (NH + h)[None, :] * D, m, D, INTERLEAVED)
+        a, bb = _norm_rope(a, bb, cos, sin, kwa, kwb, eps, D, USE_QK_NORM)
+        _store_pairs(blocks_ptr, k_base[:, None] + h[None, :] * D, m, a, bb, D, INTERLEAVED)
+        d = tl.arange(0, D)
+        v = tl.load(qkv_ptr + (row[:, None] + (NH + NKV + h)[None, :] * D)[:, :, None]
+                    + d[None, None, :], mask=m[:, :, None])
+        tl.store(blocks_ptr + (v_base[:, None] + h[None, :] * D)[:, :, None] + d[None, None, :],
+                 v.to(blocks_ptr.dtype.element_ty), mask=m[:, :, None])
+
+
+def block_sizes(NH: int, NKV: int, D: int, T: int | None = None, block_t: int | None = None
+                ) -> tuple[int, int, int]:
+    """(BLOCK_T, HB_Q, HB_KV): decode-sized T (<= 1024) gets one token per program."""
+    bt = block_t or (1 if T is None or T <= 1024 else 4)
+    hb = max(1, TILE_ELEMS // (D * bt))
+    return bt, min(next_pow2(NH), hb), min(next_pow2(NKV), hb)
+
+
+def _check(qkv, NH, NKV, D):
+    if D < 2 or D & (D - 1):
+        raise ValueError(f"rope_split_store: head_dim must be a power of two, got {D}")
+    if qkv.ndim != 2 or qkv.shape[1] != (NH + 2 * NKV) * D:
+        raise ValueError(f"rope_split_store: qkv must be [T, {(NH + 2 * NKV) * D}], got "
+                         f"{tuple(qkv.shape)}")
+
+
+def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_cis, blocks,
+                     layer_idx: int, n_heads: int, interleaved: bool = True,
+                     q_norm_weight=None, k_norm_weight=None, eps: float = 1e-6,
+                     block_t: int | None = None):
+    """Fused split/RoPE/store on torch tensors; writes K/V into `blocks` and returns q_roped.
+
+    blocks: [num_pages, 2, num_layers, page_size, n_kv_heads, head_dim]; lookup_table
+    [batch, max_pages] and offsets/cache lengths uint32 or int32.
+    """
+    import torch
+
+    num_pages, two, num_layers, page_size, NKV, D = blocks.shape
+    NH = n_heads
+    _check(qkv, NH, NKV, D)
+    if two != 2 or not 0 <= layer_idx < num_layers:
+        raise ValueError(f"rope_split_store: bad blocks shape {tuple(blocks.shape)} or "
+                         f"layer_idx {layer_idx}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("rope_split_store: give both q_norm_weight and k_norm_weight or neither")
+    T = qkv.shape[0]
+    batch = input_row_offsets.shape[0] - 1
+    q_out = qkv.new_empty((T, NH * D))
+    if T == 0:
+        return q_out
+    as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
+    bt, hbq, hbkv = block_sizes(NH, NKV, D, T, block_t)
+    use_norm = q_norm_weight is not None
+    rope_split_store_kernel[(cdiv(T, bt),)](
+        qkv.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths),
+        as_i32(lookup_table), freqs_cis.contiguous(), blocks, q_out,
+        q_norm_weight if use_norm else freqs_cis, k_norm_weight if use_norm else freqs_cis,
+        T, batch, lookup_table.shape[1], layer_idx, num_layers, float(eps),
+        NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size, INTERLEAVED=interleaved,
+        USE_QK_NORM=use_norm, BLOCK_T=bt, HB_Q=hbq, HB_KV=hbkv, num_warps=4)
+    return q_out
+
+
+def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
+              dtype: str = "bfloat16", interleaved: bool = True, use_qk_norm: bool = False,
+              freqs_dtype: str = "float32", norm_dtype: str | None = None) -> list[KernelSpec]:
+    """The decode (BLOCK_T=1, T <= 1024) and prefill (BLOCK_T=4) specializations."""
+    t = triton_dtype(dtype)
+    tf = triton_dtype(freqs_dtype)
+    tn = triton_dtype(norm_dtype or dtype)
+    sig = {"qkv_ptr": f"*{t}", "offs_ptr": "*i32", "cache_len_ptr": "*i32", "lut_ptr": "*i32",
+           "freqs_ptr": f"*{tf}", "blocks_ptr": f"*{t}", "q_out_ptr": f"*{t}",
+           "q_norm_ptr": f"*{tn}", "k_norm_ptr": f"*{tn}", "T": "i32", "batch": "i32",
+           "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "eps": "fp32"}
+    names = ["NH", "NKV", "D", "PAGE_SIZE", "INTERLEAVED", "USE_QK_NORM", "BLOCK_T", "HB_Q",
+             "HB_KV"]
+    sig.update({n: "constexpr" for n in names})
+    specs = []
+    for label, bt in (("decode", 1), ("prefill", 4)):
+        _, hbq, hbkv = block_sizes(n_heads, n_kv_heads, head_dim, block_t=bt)
+        vals = [n_heads, n_kv_heads, head_dim, page_size, interleaved, use_qk_norm, bt, hbq,
+                hbkv]
+        specs.append(KernelSpec(
+            name=f"rope_split_store_{t}_{label}", fn=rope_split_store_kernel, signature=sig,
+            constexprs=dict(zip(names, vals)), num_warps=4, num_stages=1,
+            grid=(lambda bt_: lambda T: (cdiv(T, bt_), 1, 1))(bt), grid_args=("T",),
+            divisible_by_16=("qkv_ptr", "freqs_ptr", "blocks_ptr", "q_out_ptr"),
+            notes="decode: T <= 1024, prefill otherwise; layer_idx < num_layers"))
+    return specs

@@ -1,0 +1,18 @@
+"""The op library: one OpDef per op (type rule + float64 numpy reference) and MAX-named builders.
+
+Example:
+    >>> import ops
+    >>> with Graph("g", input_types=[TensorType(DType.float32, ["n", 8])]) as g:
+    ...     g.output(ops.softmax(g.inputs[0]))
+"""
+from graphir import core_ops as _core  # noqa: F401
+
+from .creation import constant, range, transfer_to
+from .elementwise import (abs, add, cast, clamp, cos, div, equal, exp, floor, gelu, greater,
+                          greater_equal, log, logical_and, logical_or, maximum, minimum, mod, mul,
+                          neg, not_equal, pow, rsqrt, sigmoid, silu, sin, sqrt, sub, tanh, where)
+from .linalg import matmul
+from .norms import layer_norm, rms_norm
+from .reductions import argmax, max, mean, min, softmax, sum
+from .shape import (broadcast_to, concat, gather, permute, reshape, scatter, slice_tensor, split,
+                    transpose)

@@ -1,0 +1,123 @@
+"""Call functions of a graphir CPU shared object through ctypes; needs numpy only (no MLIR).
+
+The .so comes from lowering/mlir_cpu/toolchain.py. Each public function `f` is exported as
+`_mlir_ciface_f(in_0*, ..., in_n*, out_0*, ..., out_m*)`: one pointer per tensor to a ranked
+memref descriptor
+
+    struct { T *allocated; T *aligned; int64 offset; int64 sizes[rank]; int64 strides[rank]; }
+
+(rank 0: the first three fields only). Results were turned into out-params, so the caller
+preallocates every output. Function boundaries use the identity layout: every buffer is
+C-contiguous; inputs that are not get copied, outputs that are not are rejected.
+
+`bool` tensors are MLIR `i1`, stored one per byte as 0/1, which is numpy's bool layout.
+
+Example:
+    >>> lib = CpuLibrary("model.so")                       # doctest: +SKIP
+    >>> fn = lib.function("matmul", n_inputs=2, n_outputs=1)  # doctest: +SKIP
+    >>> fn([a, b], [out])                                  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import numpy as np
+
+SUPPORTED_DTYPES = tuple(np.dtype(d) for d in (
+    "float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+    "int64", "uint64", "bool"))
+
+
+@lru_cache(maxsize=None)
+def descriptor_type(rank: int) -> type[ctypes.Structure]:
+    """The ctypes struct of a rank-`rank` memref descriptor."""
+    if rank < 0:
+        raise ValueError(f"descriptor_type: rank must be >= 0, got {rank}")
+    fields = [("allocated", ctypes.c_void_p), ("aligned", ctypes.c_void_p),
+              ("offset", ctypes.c_int64)]
+    if rank:
+        fields += [("sizes", ctypes.c_int64 * rank), ("strides", ctypes.c_int64 * rank)]
+    return type(f"MemRef{rank}D", (ctypes.Structure,), {"_fields_": fields})
+
+
+def make_descriptor(array: np.ndarray) -> ctypes.Structure:
+    """A memref descriptor viewing `array` (which must stay alive while it is used)."""
+    if array.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"make_descriptor: unsupported dtype {array.dtype}; "
+                         f"supported: {[str(d) for d in SUPPORTED_DTYPES]}")
+    desc = descriptor_type(array.ndim)()
+    desc.allocated = desc.aligned = array.ctypes.data
+    desc.offset = 0
+    if array.ndim:
+        item = array.itemsize
+        for i, (size, stride) in enumerate(zip(array.shape, array.strides)):
+            if stride % item:
+                raise ValueError(f"make_descriptor: stride {stride} of axis {i} is not a "
+                                 f"multiple of the item size {item}")
+            desc.sizes[i] = size
+            desc.strides[i] = stride // item if size > 1 else _contiguous_stride(array.shape, i)
+    return desc
+
+
+def _contiguous_stride(shape: tuple[int, ...], axis: int) -> int:
+    return int(np.prod(shape[axis + 1:], dtype=np.int64))
+
+
+class CpuFunction:
+    """One exported function; call it as `fn(inputs, outputs)`."""
+
+    def __init__(self, lib: "CpuLibrary", name: str, n_inputs: int, n_outputs: int):
+        symbol = f"_mlir_ciface_{name}"
+        try:
+            self._fn = getattr(lib.handle, symbol)
+        except AttributeError:
+            raise ValueError(f"CpuLibrary {lib.path}: no function {name!r} "
+                             f"(symbol {symbol} not exported)") from None
+        self._fn.restype = None
+        self._fn.argtypes = [ctypes.c_void_p] * (n_inputs + n_outputs)
+        self.name, self.n_inputs, self.n_outputs = name, n_inputs, n_outputs
+
+    def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        if len(inputs) != self.n_inputs or len(outputs) != self.n_outputs:
+            raise ValueError(f"{self.name}: expected {self.n_inputs} inputs and {self.n_outputs} "
+                             f"outputs, got {len(inputs)} and {len(outputs)}")
+        keep = []
+        args = []
+        for i, a in enumerate(inputs):
+            if not isinstance(a, np.ndarray):
+                raise ValueError(f"{self.name}: input {i} is {type(a).__name__}, not np.ndarray")
+            a = np.ascontiguousarray(a)
+            keep.append(a)
+            args.append(make_descriptor(a))
+        for i, o in enumerate(outputs):
+            if not isinstance(o, np.ndarray):
+                raise ValueError(f"{self.name}: output {i} is {type(o).__name__}, not np.ndarray")
+            if not (o.flags.c_contiguous and o.flags.writeable):
+                raise ValueError(f"{self.name}: output {i} must be a writeable C-contiguous "
+                                 f"array (shape {o.shape}, dtype {o.dtype})")
+            args.append(make_descriptor(o))
+        # ctypes drops the GIL for the call: other Python threads keep running.
+        self._fn(*[ctypes.addressof(d) for d in args])
+        del keep
+
+
+class CpuLibrary:
+    """A loaded graphir CPU shared object."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise ValueError(f"CpuLibrary: no such file {self.path!r}")
+        # RTLD_LOCAL: two loaded artifacts never see each other's symbols.
+        self.handle = ctypes.CDLL(os.path.abspath(self.path), mode=os.RTLD_NOW | os.RTLD_LOCAL)
+
+    def function(self, name: str, n_inputs: int, n_outputs: int) -> Callable[
+            [Sequence[np.ndarray], Sequence[np.ndarray]], None]:
+        """The callable for exported function `name` with the given argument counts."""
+        if n_inputs < 0 or n_outputs < 0:
+            raise ValueError(f"function {name!r}: negative argument count "
+                             f"({n_inputs}, {n_outputs})")
+        return CpuFunction(self, name, n_inputs, n_outputs)
