@@ -72,7 +72,9 @@ def load_gguf(path: str | os.PathLike[str]) -> dict[str, GGUFTensor]:
 def _tensor_data(name: str, data: np.ndarray, encoding: str, shape: tuple[int, ...]) -> np.ndarray:
     if encoding in ("F32", "F16"):
         if data.shape != shape:
-            raise ValueError(f"tensor {name!r}: {encoding} data has shape {data.shape}, expected {shape}")
+            raise ValueError(
+                f"tensor {name!r}: {encoding} data has shape {data.shape}, expected {shape}"
+            )
         return data
     rows, cols = math.prod(shape[:-1]), shape[-1]
     try:

@@ -153,7 +153,7 @@ def _deq_q6_k(blocks: np.ndarray) -> np.ndarray:
     lo, hi = _nibbles(blocks[..., 0:128].reshape(*lead, 2, 64))
     low4 = np.concatenate([lo, hi], axis=-1)
     qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
-    shifts = np.array([0, 4, 2, 6], dtype=np.uint8).reshape(4, 1)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
     high2 = ((qh >> shifts) & np.uint8(3)).reshape(*lead, 2, 128)
     q = (low4 | (high2 << np.uint8(4))).astype(np.int8) - np.int8(32)
     sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
@@ -179,7 +179,8 @@ def dequantize_gguf(raw: np.ndarray, encoding: Any, n_cols: int) -> np.ndarray:
     Args:
         raw: uint8 `[rows, n_cols / block_elems * block_bytes]`, the blocks as stored. For F32 and
             F16 a float32 / float16 `[rows, n_cols]` array is accepted too (returned as float32).
-        encoding: "Q4_0", "Q8_0", "Q4_K", "Q6_K", "F32", "F16" or "BF16" (or an enum with that name).
+        encoding: "Q4_0", "Q8_0", "Q4_K", "Q6_K", "F32", "F16" or "BF16" (or an enum member
+            with that name).
         n_cols: logical values per row; a multiple of the block's element count.
 
     Returns:
@@ -209,7 +210,9 @@ def dequantize_gguf(raw: np.ndarray, encoding: Any, n_cols: int) -> np.ndarray:
         allowed = "uint8" + (f" or {np.dtype(native).name}" if native is not None else "")
         raise ValueError(f"{geo.name}: raw must have dtype {allowed}, got {raw.dtype}")
     if raw.ndim != 2:
-        raise ValueError(f"{geo.name}: raw must be 2-D [rows, bytes_per_row], got shape {raw.shape}")
+        raise ValueError(
+            f"{geo.name}: raw must be 2-D [rows, bytes_per_row], got shape {raw.shape}"
+        )
     rows, nbytes = raw.shape
     if nbytes % geo.block_bytes:
         raise ValueError(

@@ -84,9 +84,9 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     scale = d[..., None] * sc.astype(np.float32)
     q = np.clip(np.rint(sub * _safe_inverse(scale)[..., None]), -32, 31).astype(np.int16) + 32
     q = q.astype(np.uint8).reshape(*lead, 2, 4, 32)  # [half, k, l]: element 128n + 32k + l
+    low = q & np.uint8(15)
     ql = np.concatenate(
-        [q[..., 0, :] & 15 | (q[..., 2, :] & 15) << 4, q[..., 1, :] & 15 | (q[..., 3, :] & 15) << 4],
-        axis=-1,
+        [low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], axis=-1
     ).reshape(*lead, 128)
     qh = np.zeros((*lead, 2, 32), dtype=np.uint8)
     for k in range(4):
@@ -112,7 +112,8 @@ def quantize_gguf(weights: np.ndarray, encoding: Any) -> np.ndarray:
 
     Args:
         weights: `[rows, cols]` float array (cast to float32); every value finite.
-        encoding: "Q4_0", "Q8_0", "Q4_K", "Q6_K", "F32", "F16" or "BF16" (or an enum with that name).
+        encoding: "Q4_0", "Q8_0", "Q4_K", "Q6_K", "F32", "F16" or "BF16" (or an enum member
+            with that name).
 
     Returns:
         uint8 `[rows, cols / block_elems * block_bytes]`, the layout `dequantize_gguf` reads.

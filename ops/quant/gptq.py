@@ -34,7 +34,9 @@ def _as_words(packed: np.ndarray, what: str) -> np.ndarray:
     if not isinstance(packed, np.ndarray):
         raise ValueError(f"{what} must be a numpy array, got {type(packed).__name__}")
     if packed.dtype not in (np.int32, np.uint32):
-        raise ValueError(f"{what} must have dtype int32 (8 packed 4-bit values), got {packed.dtype}")
+        raise ValueError(
+            f"{what} must have dtype int32 (8 packed 4-bit values), got {packed.dtype}"
+        )
     if packed.ndim != 2:
         raise ValueError(f"{what} must be 2-D, got shape {packed.shape}")
     return np.ascontiguousarray(packed).view(np.uint32)
@@ -178,7 +180,8 @@ def dequantize_gptq(
             raise ValueError(f"out_features={out_features} must be a multiple of 8 to pack qzeros")
         expected = (n_groups, out_features // 8)
         if getattr(qzeros, "shape", None) != expected:
-            raise ValueError(f"qzeros has shape {getattr(qzeros, 'shape', None)}, expected {expected}")
+            got = getattr(qzeros, "shape", type(qzeros).__name__)
+            raise ValueError(f"qzeros has shape {got}, expected {expected}")
         zeros = unpack_int4_cols(qzeros).astype(np.int16)
         if checkpoint_format == "gptq":
             zeros += 1
