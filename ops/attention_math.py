@@ -201,7 +201,7 @@ def apply_rope(x: np.ndarray, freqs_cis: np.ndarray, positions: np.ndarray, *, i
         a, b = x[..., 0::2], x[..., 1::2]
     else:
         a, b = x[..., : d // 2], x[..., d // 2 :]
-    ra, rb = a * cos + b * sin, a * sin + b * cos
+    ra, rb = a * cos - b * sin, a * sin + b * cos
     out = np.empty_like(x)
     if interleaved:
         out[..., 0::2], out[..., 1::2] = ra, rb

@@ -255,7 +255,7 @@ def test_kv_cache_store_vs_loop(which):
 @pytest.mark.parametrize("interleaved,qk_norm", [(True, False), (False, True)])
 def test_rope_split_store_vs_torch(interleaved, qk_norm):
     rng = np.random.default_rng(3)
-    nh, nkv, d, layer = 4, 2, 8, 1
+    nh, nkv, d, layer = 6, 2, 8, 1
     cl, new = [5, 0], [3, 4]
     blocks, lut, offs, cls = paged_batch(rng, cl, new, page_size=4, num_layers=2, nkv=nkv, d=d)
     t = sum(new)
@@ -278,7 +278,7 @@ def test_rope_split_store_vs_torch(interleaved, qk_norm):
         ref[lut[b, p // 4], 0, layer, p % 4] = kr[tok]
         ref[lut[b, p // 4], 1, layer, p % 4] = tv[tok].numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match=r"qkv must be \[tokens, 64\]"):
+    with pytest.raises(ValueError, match=r"qkv must be \[tokens, 80\]"):
         am.rope_split_store(qkv[:, :-1], freqs, offs, cls, lut, blocks, layer_idx=layer, n_heads=nh,
                             n_kv_heads=nkv, head_dim=d, interleaved=interleaved)
 
@@ -291,7 +291,7 @@ def test_rope_split_store_vs_torch(interleaved, qk_norm):
 ])
 def test_flash_attention_ragged_vs_loop_and_sdpa(variant, window):
     rng = np.random.default_rng(7)
-    nh, nkv, d, layer = 4, 2, 8, 1
+    nh, nkv, d, layer = 6, 2, 8, 1
     cl, new = [5, 0, 9], [3, 4, 1]  # chunked prefill, fresh prefill, decode
     blocks, lut, offs, cls = paged_batch(rng, cl, new, page_size=4, num_layers=2, nkv=nkv, d=d)
     q = rng.standard_normal((sum(new), nh, d))
