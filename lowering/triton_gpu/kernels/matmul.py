@@ -98,7 +98,7 @@ def matmul_fp8_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def pick_config(M: int, fp8: bool = False) -> str:
+def pick_config(M: int) -> str:
     """Config name for a row count: 'decode' for M <= 64, else 'prefill'."""
     return "decode" if M <= 64 else "prefill"
 
@@ -142,7 +142,7 @@ def matmul_fp8(a, b, a_scale, b_scale, bias=None, out_dtype=None, config: str | 
         raise ValueError(f"matmul_fp8: a_scale must have 1 or {M} elements and b_scale 1 or "
                          f"{N}, got {a_scale.numel()} and {b_scale.numel()}")
     out = torch.empty((M, N), dtype=out_dtype or torch.bfloat16, device=a.device)
-    cfg = FP8_CONFIGS[config or pick_config(M, fp8=True)]
+    cfg = FP8_CONFIGS[config or pick_config(M)]
     bm, bn, bk, gm, nw, ns = cfg
     matmul_fp8_kernel[_grid(cfg)(M, N)[:1]](
         a.contiguous(), b.contiguous(), a_scale.contiguous(), b_scale.contiguous(),

@@ -4,10 +4,11 @@ Input qkv `[T, (NH + 2*NKV) * D]` laid out [q | k | v]. Outputs: q_roped `[T, NH
 and raw v written to the paged cache at position cache_lengths[b] + i of layer `layer_idx`.
 
 Bandwidth-bound: every byte of qkv is read once and written once. A program owns BLOCK_T tokens
-and walks their heads in chunks of [BLOCK_T, HB, D] (~2048 elements, 16 per thread with 4 warps,
-i.e. two 16-byte loads in flight per thread per chunk). Rows are loaded contiguously and the
-interleaved pairs are separated in registers (reshape + split), so every global access is a
-16-byte vector; the half-split pairing loads the two halves as two contiguous tiles. The sequence
+and walks their heads in chunks of [BLOCK_T, HB, D] (~4096 elements, 32 per thread with
+4 warps, i.e. four 16-byte loads in flight per thread; a decode chunk holds all query heads of a
+token). Rows are loaded contiguously and the interleaved pairs are separated in registers
+(reshape + split), so global accesses are 16-byte vectors; the half-split pairing loads the two
+halves as two contiguous tiles (8-16 bytes per access, depending on the tile). The sequence
 of each token comes from a binary search over input_row_offsets (log2(batch) cached loads).
 Two specializations: BLOCK_T=1 for decode-sized T (one program per token keeps every SM busy)
 and BLOCK_T=4 for prefill (fewer, fatter programs amortize the search and the rope table rows).
@@ -21,7 +22,7 @@ import triton.language as tl
 from lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
 from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
 
-TILE_ELEMS = 2048
+TILE_ELEMS = 4096
 
 
 @triton.jit
@@ -95,7 +96,10 @@ def rope_split_store_kernel(
     cos, sin = tl.split(tl.reshape(fr.to(tl.float32), (BLOCK_T, D // 2, 2)))
     cos = cos[:, None, :]
     sin = sin[:, None, :]
-    qwa = qwb = kwa = kwb = cos
+    qwa = cos
+    qwb = cos
+    kwa = cos
+    kwb = cos
     if USE_QK_NORM:
         qwa, qwb = _weight_pairs(q_norm_ptr, D, INTERLEAVED)
         kwa, kwb = _weight_pairs(k_norm_ptr, D, INTERLEAVED)
@@ -118,12 +122,14 @@ def rope_split_store_kernel(
     for h0 in range(0, NKV, HB_KV):
         h = h0 + hk
         m = tmask[:, None] & (h < NKV)[None, :]
+        # Both loads go out before the first store: the compiler cannot prove the cache and
+        # qkv do not alias, so a load after a store would wait for it.
         a, bb = _load_pairs(qkv_ptr, row[:, None] + (NH + h)[None, :] * D, m, D, INTERLEAVED)
-        a, bb = _norm_rope(a, bb, cos, sin, kwa, kwb, eps, D, USE_QK_NORM)
-        _store_pairs(blocks_ptr, k_base[:, None] + h[None, :] * D, m, a, bb, D, INTERLEAVED)
         d = tl.arange(0, D)
         v = tl.load(qkv_ptr + (row[:, None] + (NH + NKV + h)[None, :] * D)[:, :, None]
                     + d[None, None, :], mask=m[:, :, None])
+        a, bb = _norm_rope(a, bb, cos, sin, kwa, kwb, eps, D, USE_QK_NORM)
+        _store_pairs(blocks_ptr, k_base[:, None] + h[None, :] * D, m, a, bb, D, INTERLEAVED)
         tl.store(blocks_ptr + (v_base[:, None] + h[None, :] * D)[:, :, None] + d[None, None, :],
                  v.to(blocks_ptr.dtype.element_ty), mask=m[:, :, None])
 
@@ -147,7 +153,7 @@ def _check(qkv, NH, NKV, D):
 def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_cis, blocks,
                      layer_idx: int, n_heads: int, interleaved: bool = True,
                      q_norm_weight=None, k_norm_weight=None, eps: float = 1e-6,
-                     block_t: int | None = None):
+                     block_t: int | None = None, head_block: int | None = None):
     """Fused split/RoPE/store on torch tensors; writes K/V into `blocks` and returns q_roped.
 
     blocks: [num_pages, 2, num_layers, page_size, n_kv_heads, head_dim]; lookup_table
@@ -170,6 +176,8 @@ def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_
         return q_out
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
     bt, hbq, hbkv = block_sizes(NH, NKV, D, T, block_t)
+    if head_block is not None:  # tests: force several head chunks per program
+        hbq = hbkv = head_block
     use_norm = q_norm_weight is not None
     rope_split_store_kernel[(cdiv(T, bt),)](
         qkv.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths),

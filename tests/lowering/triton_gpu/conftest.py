@@ -6,8 +6,13 @@ raw uint16 storage; the patch below widens them to float32 first (test-only, ker
 """
 
 import os
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
+# Kernel modules imported earlier in this session (compiled-mode JITFunctions) are dropped so
+# the tests here import interpreted ones.
+for _name in [m for m in sys.modules if m.startswith("lowering.triton_gpu.kernels")]:
+    del sys.modules[_name]
 
 import numpy as np  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402

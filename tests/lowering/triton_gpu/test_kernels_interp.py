@@ -10,6 +10,9 @@ from lowering.triton_gpu.kernels import paged_decode as pd
 from lowering.triton_gpu.kernels import rms_norm as rn
 from lowering.triton_gpu.kernels import rope_split_store as rss
 
+# The interpreter turns 1-element index arrays into ints with a numpy DeprecationWarning.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -174,3 +177,133 @@ def test_rms_norm_per_head_view():
     got = rn.rms_norm(q.view(5, 3, 16), w)
     want = rms_ref(f64(q).reshape(5, 3, 16), f64(w), 1e-6)
     np.testing.assert_allclose(f64(got), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- rope + split + store
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("qk_norm,block_t,head_block", [(False, 1, None), (True, 4, 4),
+                                                        (False, 2, 1)])
+def test_rope_split_store(dtype, interleaved, qk_norm, block_t, head_block):
+    rng = np.random.default_rng(11 + block_t + 2 * interleaved)
+    NH, NKV, D, PS, L, layer = 6, 2, 16, 4, 3, 1
+    new_lens, cache_lens = [3, 0, 1, 5], [2, 4, 9, 0]
+    pb = paged_problem(rng, new_lens, cache_lens, NKV, D, PS, L, dtype)
+    T = pb["T"]
+    qkv = torch.from_numpy(rng.standard_normal((T, (NH + 2 * NKV) * D))).to(dtype)
+    freqs = torch.from_numpy(freqs_cis_np(D, 16)).to(torch.float32)
+    qw = torch.from_numpy(rng.standard_normal(D)).to(dtype) if qk_norm else None
+    kw = torch.from_numpy(rng.standard_normal(D)).to(dtype) if qk_norm else None
+    blocks = pb["blocks"].clone()
+    q_out = rss.rope_split_store(qkv, pb["offs_t"], pb["cache_t"], pb["lut_t"], freqs, blocks,
+                                 layer, NH, interleaved, qw, kw, eps=1e-6, block_t=block_t,
+                                 head_block=head_block)
+
+    x = f64(qkv)
+    q = x[:, :NH * D].reshape(T, NH, D)
+    k = x[:, NH * D:(NH + NKV) * D].reshape(T, NKV, D)
+    v = x[:, (NH + NKV) * D:].reshape(T, NKV, D)
+    if qk_norm:
+        q, k = rms_ref(q, f64(qw), 1e-6), rms_ref(k, f64(kw), 1e-6)
+    seq, pos = token_positions(pb["offs"], cache_lens)
+    fr = f64(freqs)
+    want_blocks = f64(pb["blocks"])
+    pages, slots = pb["lut"][seq, pos // PS], pos % PS
+    want_blocks[pages, 0, layer, slots] = rope_ref(k, pos, fr, interleaved)
+    want_blocks[pages, 1, layer, slots] = v
+    close(q_out, rope_ref(q, pos, fr, interleaved).reshape(T, NH * D), dtype, scale=4)
+    close(blocks, want_blocks, dtype, scale=4)
+    # Everything not written (other layers, other slots, the null page) is bit-identical.
+    written = np.zeros(blocks.shape[:4], dtype=bool)
+    written[pages, :, layer, slots] = True
+    assert torch.equal(blocks[torch.from_numpy(~written)], pb["blocks"][torch.from_numpy(~written)])
+
+
+def test_rope_split_store_bad_qkv():
+    blocks = torch.randn(3, 2, 1, 4, 2, 16)
+    u = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="qkv must be"):
+        rss.rope_split_store(torch.randn(3, 10), u, u[:1], u[None], torch.randn(8, 16), blocks,
+                             0, 4)
+
+
+# ---------------------------------------------------------------- attention
+ATTN_CASES = [  # mask, window, NH, NKV, new_lens, cache_lens
+    ("CAUSAL", 0, 4, 2, [5, 1, 9], [3, 0, 12]),
+    ("NULL", 0, 2, 2, [4, 6], [7, 0]),
+    ("SLIDING_WINDOW_CAUSAL", 5, 4, 1, [8, 3], [6, 11]),
+    ("SLIDING_WINDOW_NONCAUSAL", 4, 2, 1, [6], [9]),
+    ("CHUNKED_CAUSAL", 8, 4, 2, [7, 10], [5, 13]),
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flash_attention(case, dtype):
+    mask, window, NH, NKV, new_lens, cache_lens = case
+    rng = np.random.default_rng(len(mask) + NH)
+    D, PS, L, layer = 16, 4, 2, 1
+    pb = paged_problem(rng, new_lens, cache_lens, NKV, D, PS, L, dtype)
+    q = torch.from_numpy(rng.standard_normal((pb["T"], NH, D))).to(dtype)
+    # Small tiles so that several query and key blocks (and page crossings) are exercised.
+    got = fa.flash_attention(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], layer,
+                             mask=mask, window=window, scale=0.3, block_m=16, block_n=8)
+    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], cache_lens, layer,
+                         mask, window, 0.3)
+    close(got, want, dtype)
+
+
+def test_flash_attention_default_tiles():
+    rng = np.random.default_rng(5)
+    pb = paged_problem(rng, [3, 20], [4, 130], 2, 32, 16, 1, torch.float16)
+    q = torch.from_numpy(rng.standard_normal((pb["T"], 4, 32))).to(torch.float16)
+    got = fa.flash_attention(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], 0)
+    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], [4, 130], 0,
+                         "CAUSAL", 0, 32 ** -0.5)
+    close(got, want, torch.float16)
+
+
+def test_flash_attention_bad_window():
+    with pytest.raises(ValueError, match="needs window > 0"):
+        u = torch.zeros(2, dtype=torch.int32)
+        fa.flash_attention(torch.randn(1, 2, 16), u, u[:1], u[None], torch.randn(2, 2, 1, 4, 2, 16),
+                           0, mask="SLIDING_WINDOW_CAUSAL")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask,window,q_per_seq,num_parts", [
+    ("CAUSAL", 0, 1, 3), ("CAUSAL", 0, 3, None), ("SLIDING_WINDOW_CAUSAL", 6, 1, 4)])
+def test_paged_decode(dtype, mask, window, q_per_seq, num_parts):
+    rng = np.random.default_rng(q_per_seq + window)
+    NH, NKV, D, PS, L, layer = 8, 2, 16, 8, 2, 0
+    new_lens = [1, 1, 1] if q_per_seq == 1 else [3, 1, 2]
+    cache_lens = [0, 37, 20]
+    pb = paged_problem(rng, new_lens, cache_lens, NKV, D, PS, L, dtype)
+    q = torch.from_numpy(rng.standard_normal((pb["T"], NH, D))).to(dtype)
+    got = pd.paged_decode(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], layer,
+                          mask=mask, window=window, q_per_seq=q_per_seq, block_n=16,
+                          num_parts=num_parts)
+    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], cache_lens, layer,
+                         mask, window, D ** -0.5)
+    close(got, want, dtype)
+
+
+def test_paged_decode_partition_rule():
+    assert pd.partition(1, 8, 4096) == (16, 256)
+    assert pd.partition(64, 8, 4096) == (1, 4096)
+    nparts, part = pd.partition(2, 2, 100000)
+    assert part % 64 == 0 and nparts * part >= 100000 and (nparts - 1) * part < 100000
+
+
+def test_paged_decode_many_partitions():
+    """More partitions than the reduce kernel's chunk (16), so chunks get rescaled."""
+    rng = np.random.default_rng(21)
+    pb = paged_problem(rng, [1, 1], [409, 150], 1, 16, 32, 1, torch.float32)
+    q = torch.from_numpy(rng.standard_normal((2, 2, 16))).to(torch.float32)
+    # Scores grow along the context so later partitions hold larger maxima.
+    pb["blocks"][:, 0] += torch.linspace(0, 3, 32).view(1, 1, 32, 1, 1)
+    got = pd.paged_decode(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], 0,
+                          block_n=16, num_parts=26)
+    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], [409, 150], 0,
+                         "CAUSAL", 0, 16 ** -0.5)
+    close(got, want, torch.float32)

@@ -1,0 +1,93 @@
+"""Every kernel compiles offline (no GPU) to an sm_90 cubin that fits Hopper's shared memory.
+
+Compilation runs in a subprocess without TRITON_INTERPRET (conftest.py turns the interpreter on
+for this directory) and with a private Triton cache, so each run really compiles.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+SCRIPT = r"""
+import json, re
+from lowering.triton_gpu import aot
+from lowering.triton_gpu.kernels import flash_attention as fa, matmul as mm, paged_decode as pd
+from lowering.triton_gpu.kernels import rms_norm as rn, rope_split_store as rss
+
+specs = (mm.aot_specs("bfloat16", has_bias=True) + mm.aot_specs("float16")
+         + mm.aot_specs_fp8("bfloat16", a_rowwise=True, b_colwise=True)
+         + rn.aot_specs(128) + rn.aot_specs(4096)
+         + rss.aot_specs(32, 8, 128, 128)
+         + rss.aot_specs(16, 4, 64, 128, interleaved=False, use_qk_norm=True)
+         + fa.aot_specs(32, 8, 128, 128, mask="CAUSAL")
+         + fa.aot_specs(32, 8, 128, 128, mask="SLIDING_WINDOW_CAUSAL")
+         + fa.aot_specs(8, 8, 256, 128, dtype="float16", mask="CHUNKED_CAUSAL")
+         + pd.aot_specs(32, 8, 128, 128))
+out = {}
+for s in specs:
+    c = aot.compile_spec(s)
+    entry = re.search(r"\.entry\s+(\w+)\s*\(([^)]*)\)", c.ptx)
+    out[s.name + "/" + str(len(out))] = dict(
+        magic=c.cubin[:4].hex(), shared=c.shared, name=c.name, params=c.params,
+        ptx_params=entry.group(2).count(".param"), ptx_name=entry.group(1),
+        has_stages=sorted(k for k in ("ttir", "ttgir", "llir", "ptx") if c.stage(k)),
+        meta=c.launch_metadata(), grid=s.grid_for(**{a: 300 for a in s.grid_args}))
+try:
+    aot.compile_kernel(mm.matmul_kernel, {"a_ptr": "*bf16"}, {})
+except ValueError as e:
+    out["error"] = str(e)
+print("JSON" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("JSON"))
+    return json.loads(line[4:])
+
+
+def test_every_kernel_builds_a_cubin(compiled):
+    kernels = {k: v for k, v in compiled.items() if k != "error"}
+    assert len(kernels) == 17
+    for key, info in kernels.items():
+        assert info["magic"] == "7f454c46", key  # ELF
+        assert 0 <= info["shared"] <= 227 * 1024, key
+        assert info["has_stages"] == ["llir", "ptx", "ttgir", "ttir"], key
+        assert info["ptx_name"] == info["name"], key
+
+
+def test_launch_parameters_include_the_scratch_pointers(compiled):
+    for key, info in compiled.items():
+        if key == "error":
+            continue
+        # Triton 3.6 appends global_scratch and profile_scratch to the user's parameters.
+        assert info["ptx_params"] == len(info["params"]), key
+        assert [p[0] for p in info["params"][-2:]] == ["global_scratch", "profile_scratch"]
+        meta = info["meta"]
+        assert meta["global_scratch_size"] == 0 and meta["profile_scratch_size"] == 0, key
+        assert meta["block"][0] == 32 * meta["num_warps"]
+
+
+def test_grid_rules(compiled):
+    grids = {k.split("/")[0]: v["grid"] for k, v in compiled.items() if k != "error"}
+    assert grids["matmul_bf16_prefill_bias"] == [3 * 3, 1, 1]  # cdiv(300, 128) ** 2
+    assert grids["rope_split_store_bf16_decode"] == [300, 1, 1]
+    assert grids["rope_split_store_bf16_prefill"] == [75, 1, 1]
+    assert grids["flash_attention_bf16_mask1"] == [3, 32, 300]
+    assert grids["paged_decode_reduce_bf16"] == [300 * 32, 1, 1]
+
+
+def test_signature_mismatch_is_a_clear_error(compiled):
+    assert "signature keys" in compiled["error"]
