@@ -1,0 +1,49 @@
+"""Lowerings registered per (op, backend), and decompositions for ops a backend lacks."""
+from __future__ import annotations
+
+from typing import Callable
+
+BACKENDS = ("cpu", "cuda")
+
+LOWERINGS: dict[tuple[str, str], Callable] = {}
+# op -> fn(node, rewriter) that replaces the node by other ops (used when a backend has no
+# lowering of its own for the op).
+DECOMPOSITIONS: dict[str, Callable] = {}
+# Ops that need no code: the runtime binds (weight), creates (chain) or aliases (reshape) them.
+STRUCTURAL = {"chain", "weight"}
+
+
+def register_lowering(op: str, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+
+    def deco(fn):
+        key = (op, backend)
+        if key in LOWERINGS:
+            raise ValueError(f"lowering of gir.{op} for {backend} registered twice")
+        LOWERINGS[key] = fn
+        return fn
+    return deco
+
+
+def register_decomposition(op: str):
+    def deco(fn):
+        if op in DECOMPOSITIONS:
+            raise ValueError(f"decomposition of gir.{op} registered twice")
+        DECOMPOSITIONS[op] = fn
+        return fn
+    return deco
+
+
+def lowering_for(op: str, backend: str) -> Callable | None:
+    return LOWERINGS.get((op, backend))
+
+
+def missing_lowerings(backend: str) -> list[str]:
+    """Registered ops with neither a lowering for backend nor a decomposition."""
+    from graphir.opdef import REGISTRY, _load_op_library
+
+    _load_op_library()
+    return sorted(op for op in REGISTRY
+                  if op not in STRUCTURAL and (op, backend) not in LOWERINGS
+                  and op not in DECOMPOSITIONS)
