@@ -1,0 +1,92 @@
+"""The compile driver: graph -> passes -> backend -> `.gart` artifact (through the cache).
+
+A backend module exposes `build(graph, target: Target, progress) -> (payload, extra)`: the files
+of the artifact (relative path -> bytes) and the manifest fields it needs (plan, kernel table).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from graphir.passes import run_passes
+
+from . import cache
+from .artifact import Artifact, write_artifact
+
+BACKENDS = {"cpu": "lowering.mlir_cpu.backend", "cuda": "lowering.triton_gpu.backend"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """`cpu` or `cuda:sm_90` (the arch is the compute capability, e.g. 90)."""
+
+    backend: str
+    arch: int | None = None
+
+    @staticmethod
+    def parse(text: str) -> "Target":
+        kind, _, arch = text.partition(":")
+        if kind == "cpu" and not arch:
+            return Target("cpu")
+        if kind == "cuda":
+            arch = arch or "sm_90"
+            if not arch.startswith("sm_") or not arch[3:].isdigit():
+                raise ValueError(f"bad CUDA arch {arch!r}; expected e.g. sm_90")
+            return Target("cuda", int(arch[3:]))
+        raise ValueError(f"unknown target {text!r}; expected 'cpu' or 'cuda:sm_90'")
+
+    def __str__(self) -> str:
+        return "cpu" if self.backend == "cpu" else f"cuda:sm_{self.arch}"
+
+
+def _progress_printer(stream=sys.stderr) -> Callable[[str], None]:
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        stream.write(f"\r[graphir {time.perf_counter() - t0:6.2f}s] {msg:<60}")
+        stream.flush()
+    return say
+
+
+def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None = None,
+                  use_cache: bool = True, passes: list[str] | None = None,
+                  progress: bool | Callable[[str], None] = False, options: dict | None = None) -> Artifact:
+    """Compile graph for target into an artifact (from the cache when an equal one exists).
+
+    Example:
+        >>> art = compile_graph(g, "cpu")
+        >>> model = InferenceSession().load(art, weights=w)
+    """
+    tgt = target if isinstance(target, Target) else Target.parse(target)
+    say = progress if callable(progress) else (_progress_printer() if progress else (lambda m: None))
+    options = dict(options or {})
+    g = _copy(graph)
+    say("running passes")
+    run_passes(g, passes)
+    text = str(g)
+    key = cache.cache_key(text, str(tgt), options)
+    if use_cache and out is None:
+        hit = cache.lookup(key, str(tgt))
+        if hit is not None:
+            say("cache hit")
+            return hit
+    backend = importlib.import_module(BACKENDS[tgt.backend])
+    payload, extra = backend.build(g, tgt, say, **options)
+    dest = Path(out) if out is not None else cache.entry_path(key)
+    say("writing artifact")
+    art = write_artifact(dest, graph_text=text, target=str(tgt), payload=payload, extra=extra,
+                         replace=out is not None)
+    if progress and not callable(progress):
+        sys.stderr.write("\n")
+    return art
+
+
+def _copy(graph):
+    """Passes rewrite in place; compile a parsed copy so the caller's graph is untouched."""
+    from graphir import parse
+
+    return parse(str(graph))

@@ -1,0 +1,100 @@
+"""`Kernel`: a loaded function plus its `LaunchSpec`, launched like Triton's own launcher."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from runtime.cuda import driver
+from runtime.cuda.memory import DeviceBuffer
+from runtime.cuda.module import (DEFAULT_SHARED_LIMIT, Function, LaunchSpec, Module, PackedParams, _grid3,
+                                 launch)
+
+
+class Kernel:
+    """A launchable kernel: `Kernel.from_cubin(cubin, metadata).launch(grid, *args, stream=s)`.
+
+    Arguments are the kernel's non-constexpr parameters in order (pointers as DeviceBuffer,
+    int address, torch tensor or None); the Triton scratch pointers are appended here.
+
+    Example:
+        >>> k = Kernel.from_cubin(cubin, artifact_kernel_metadata)        # doctest: +SKIP
+        >>> k.launch((triton.cdiv(n, 1024),), x, y, out, n, stream=s)     # doctest: +SKIP
+    """
+
+    def __init__(self, function: Function, spec: LaunchSpec):
+        self.function, self.spec = function, spec
+        max_threads = function.max_threads_per_block
+        if spec.block[0] > max_threads:
+            raise ValueError(f"{spec.name}: {spec.num_warps} warps = {spec.block[0]} threads "
+                             f"exceed the function's limit of {max_threads}")
+        if spec.shared > DEFAULT_SHARED_LIMIT:
+            function.set_max_dynamic_shared(spec.shared)
+        # Scratch buffers only grow; retired ones stay alive because captured graphs may use them.
+        self._scratch: dict[str, DeviceBuffer] = {}
+        self._retired: list[DeviceBuffer] = []
+        names = list(spec.param_names or [f"#{i}" for i in range(len(spec.params))])
+        if spec.triton_scratch:
+            names += ["global_scratch", "profile_scratch"]
+        self._names = [f"{n} of {spec.name}" for n in names]
+
+    @classmethod
+    def from_cubin(cls, cubin: bytes, metadata: Mapping[str, Any] | LaunchSpec,
+                   device: int = 0) -> "Kernel":
+        """Load `cubin` and bind the function named in `metadata`."""
+        spec = metadata if isinstance(metadata, LaunchSpec) else LaunchSpec.from_metadata(metadata)
+        module = Module(cubin, device)
+        return cls(module.get_function(spec.name), spec)
+
+    @classmethod
+    def from_triton(cls, compiled: Any, param_types: Sequence[str] | None = None,
+                    device: int = 0) -> "Kernel":
+        """From a `triton.compile(...)` result (its `kernel` bytes are the cubin)."""
+        spec = LaunchSpec.from_triton(compiled, param_types)
+        return cls.from_cubin(bytes(compiled.kernel), spec, device)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def _scratch_ptr(self, which: str, size: int, align: int, grid_blocks: int) -> int:
+        if size <= 0:
+            return 0
+        need = grid_blocks * self.spec.num_ctas * size + max(align, 1)
+        buf = self._scratch.get(which)
+        if buf is None or buf.nbytes < need:
+            if buf is not None:
+                self._retired.append(buf)
+            buf = DeviceBuffer.empty(need, "uint8", self.function.module.device)
+            self._scratch[which] = buf
+        a = max(align, 1)
+        return (buf.ptr + a - 1) // a * a
+
+    def pack(self, grid: Sequence[int] | int, args: Sequence[Any]) -> PackedParams:
+        """Pack user args plus scratch pointers for `grid` (allocating scratch if needed)."""
+        spec = self.spec
+        if len(args) != len(spec.params):
+            names = f" {list(spec.param_names)}" if spec.param_names else ""
+            raise ValueError(f"{spec.name} takes {len(spec.params)} arguments{names} "
+                             f"({list(spec.params)}), got {len(args)}")
+        full = list(args)
+        if spec.global_scratch_size or spec.profile_scratch_size:
+            g = _grid3(grid)
+            blocks = g[0] * g[1] * g[2]
+            full += [self._scratch_ptr("global", spec.global_scratch_size,
+                                       spec.global_scratch_align, blocks),
+                     self._scratch_ptr("profile", spec.profile_scratch_size,
+                                       spec.profile_scratch_align, blocks)]
+        elif spec.triton_scratch:
+            full += [None, None]
+        return PackedParams(spec.all_params, full, self._names)
+
+    def launch(self, grid: Sequence[int] | int, *args: Any, stream: Any = None) -> None:
+        """Launch on `stream` (default: the legacy default stream); asynchronous."""
+        driver.ensure_context(self.function.module.device)
+        launch(self.function, grid, self.spec.block, self.pack(grid, args), self.spec.shared,
+               stream)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"Kernel({s.name!r}, params={list(s.params)}, num_warps={s.num_warps}, "
+                f"shared={s.shared})")
