@@ -1,0 +1,24 @@
+"""Layers with MAX's names (max.nn): Module, Linear, RMSNorm, RotaryEmbedding, the paged KV
+cache values and the attention family.
+
+Example:
+    >>> from nn import AttentionWithRope, KVCacheParams, PagedCacheValues, RotaryEmbedding
+"""
+from .attention import (AttentionWithRope, AttentionWithRopeNoOpaque,
+                        DataParallelAttentionWithRope, MHAMaskVariant,
+                        TensorParallelAttentionWithRope, distribute_value)
+from .float8_config import (Float8Config, Float8InputScaleSpec, Float8ScaleGranularity,
+                            Float8ScaleOrigin, Float8WeightScaleSpec)
+from .kv_cache import KVCacheParams, KVCacheStrategy, PagedCacheValues
+from .linear import Linear
+from .module import Module
+from .norm import RMSNorm
+from .rotary_embedding import Llama3RopeScalingParams, Llama3RotaryEmbedding, RotaryEmbedding
+from .sharding import ShardingStrategy
+
+__all__ = ["AttentionWithRope", "AttentionWithRopeNoOpaque", "DataParallelAttentionWithRope",
+           "TensorParallelAttentionWithRope", "MHAMaskVariant", "distribute_value",
+           "Float8Config", "Float8InputScaleSpec", "Float8ScaleGranularity", "Float8ScaleOrigin",
+           "Float8WeightScaleSpec", "KVCacheParams", "KVCacheStrategy", "PagedCacheValues",
+           "Linear", "Module", "RMSNorm", "Llama3RopeScalingParams", "Llama3RotaryEmbedding",
+           "RotaryEmbedding", "ShardingStrategy"]

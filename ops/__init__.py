@@ -16,3 +16,6 @@ from .norms import layer_norm, rms_norm
 from .reductions import argmax, max, mean, min, softmax, sum
 from .shape import (broadcast_to, concat, gather, permute, reshape, scatter, slice_tensor, split,
                     transpose)
+from .attention import (flash_attention_ragged, fused_qkv_matmul, kv_cache_store, rope,
+                        rope_split_store)
+from .collectives import allgather, allreduce

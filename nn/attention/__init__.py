@@ -1,0 +1,9 @@
+"""Attention layers (max.nn.attention): AttentionWithRope and its parallel and no-opaque forms."""
+from .attention_with_rope import AttentionWithRope
+from .mask_config import MHAMaskVariant
+from .no_opaque import AttentionWithRopeNoOpaque
+from .parallel import (DataParallelAttentionWithRope, TensorParallelAttentionWithRope,
+                       distribute_value)
+
+__all__ = ["AttentionWithRope", "AttentionWithRopeNoOpaque", "DataParallelAttentionWithRope",
+           "TensorParallelAttentionWithRope", "MHAMaskVariant", "distribute_value"]

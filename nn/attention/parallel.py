@@ -1,0 +1,131 @@
+"""Multi-device attention: tensor parallel (heads split, all-reduce) and data parallel
+(replicas, batch split), plus distribute_value."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import ops
+from graphir.device import DeviceRef
+from graphir.value import TensorValue, as_tensor
+from graphir.weight import Weight
+from ops.attention import layer_index
+
+from ..sharding import ShardingStrategy
+from .attention_with_rope import AttentionWithRope
+
+
+def distribute_value(v, devices: Sequence[DeviceRef]) -> list[TensorValue]:
+    """v transferred to each device (one value per device).
+
+    Example:
+        >>> freqs = distribute_value(rope.freqs_cis, [DeviceRef.CPU(0), DeviceRef.CPU(1)])
+    """
+    v = as_tensor(v)
+    return [v.to(d) for d in devices]
+
+
+def _lists(cls: str, n: int, **lists) -> None:
+    for name, v in lists.items():
+        if not isinstance(v, (list, tuple)) or len(v) != n:
+            got = len(v) if isinstance(v, (list, tuple)) else type(v).__name__
+            raise ValueError(f"{cls}: {name} must be a list with one entry per device ({n}), "
+                             f"got {got}")
+
+
+class _Replicated(AttentionWithRope):
+    """Shared by the parallel forms: full weights here, per-device modules in `_shards`."""
+
+    _shards: list[AttentionWithRope]
+    _min_devices = 1
+
+    def __init__(self, *, strategy: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        cls = type(self).__name__
+        if len(self.devices) < self._min_devices:
+            raise ValueError(f"{cls}: needs at least {self._min_devices} devices, got "
+                             f"{len(self.devices)}")
+        n = len(self.devices)
+        self.sharding_strategy = getattr(ShardingStrategy, strategy)(n)
+        object.__setattr__(self, "_shards", self.shard(self.devices))
+
+    def _extra_weights(self) -> dict[str, Weight]:
+        out = {}
+        for m in self._shards:
+            out.update(m.raw_state_dict())
+        return out
+
+    def _per_device(self, layer_idx, xs, kv_collections, freqs_cis, input_row_offsets):
+        cls, n = type(self).__name__, len(self._shards)
+        _lists(cls, n, x=xs, kv_collections=kv_collections, freqs_cis=freqs_cis,
+               input_row_offsets=input_row_offsets)
+        layer = layer_index(layer_idx)
+        outs = []
+        for m, x, kv, f, offs in zip(self._shards, xs, kv_collections, freqs_cis,
+                                     input_row_offsets):
+            m._fuse_rope_and_store = self._fuse_rope_and_store
+            outs.append(m(layer, x, kv, f, offs))
+        return outs
+
+    def materialize_kv_from_hidden(self, layer_idx, hiddens, kv_collections, freqs_cis,
+                                   input_row_offsets) -> None:
+        n = len(self._shards)
+        _lists(type(self).__name__, n, hiddens=hiddens, kv_collections=kv_collections,
+               freqs_cis=freqs_cis, input_row_offsets=input_row_offsets)
+        for m, x, kv, f, offs in zip(self._shards, hiddens, kv_collections, freqs_cis,
+                                     input_row_offsets):
+            m._fuse_rope_and_store = self._fuse_rope_and_store
+            m.materialize_kv_from_hidden(layer_idx, x, kv, f, offs)
+
+
+class TensorParallelAttentionWithRope(_Replicated):
+    """Heads split over devices (Q/K/V rows by head, o_proj columns by head), then an all-reduce.
+
+    KV heads are split too; when the device count does not divide n_kv_heads (but is a multiple
+    of it) each KV head is replicated on the devices whose query heads read it. Each device has
+    its own paged cache of `kv_params.n_kv_heads_per_device` heads.
+
+    Example:
+        >>> tp = TensorParallelAttentionWithRope(..., devices=[DeviceRef.CPU(0), DeviceRef.CPU(1)])
+        >>> outs = tp(0, xs, kv_collections, distribute_value(rope.freqs_cis, devs), offsets)
+    """
+
+    _min_devices = 2
+
+    def __init__(self, **kwargs) -> None:
+        if kwargs.get("sharding_strategy") is not None:
+            raise ValueError("TensorParallelAttentionWithRope picks its own sharding_strategy")
+        super().__init__(strategy="tensor_parallel", **kwargs)
+
+    @property
+    def list_of_attentions(self) -> list[AttentionWithRope]:
+        return list(self._shards)
+
+    def __call__(self, layer_idx, x: Sequence, kv_collections: Sequence, freqs_cis: Sequence,
+                 input_row_offsets: Sequence, signal_buffers: Sequence | None = None) -> list:
+        """One output per device (all equal: the all-reduced sum of the partial projections)."""
+        outs = self._per_device(layer_idx, x, kv_collections, freqs_cis, input_row_offsets)
+        return ops.allreduce(outs, signal_buffers)
+
+
+class DataParallelAttentionWithRope(_Replicated):
+    """Full replicas; device i runs its own batch slice (row offsets rebased to 0) on its own
+    cache. No collective.
+
+    Example:
+        >>> dp = DataParallelAttentionWithRope(..., devices=[DeviceRef.CPU(0), DeviceRef.CPU(1)])
+        >>> outs = dp(0, xs, kv_collections, freqs_list, offsets_list)
+    """
+
+    def __init__(self, **kwargs) -> None:
+        if kwargs.get("sharding_strategy") is not None:
+            raise ValueError("DataParallelAttentionWithRope picks its own sharding_strategy")
+        super().__init__(strategy="replicate", **kwargs)
+
+    @property
+    def replicated_attentions(self) -> list[AttentionWithRope]:
+        return list(self._shards)
+
+    def __call__(self, layer_idx, x: Sequence, kv_collections: Sequence, freqs_cis: Sequence,
+                 input_row_offsets: Sequence) -> list:
+        """One output per device, for that device's rows."""
+        return self._per_device(layer_idx, x, kv_collections, freqs_cis, input_row_offsets)

@@ -1,0 +1,123 @@
+"""RotaryEmbedding: the RoPE frequency table, built in the graph from ops.
+
+The table is [2 * max_seq_len, head_dim]: row p = [cos(p f0), sin(p f0), cos(p f1), ...] with
+inv_freq f_i = 1 / theta ** (2i / head_dim) computed in float64 then rounded to float32 (and
+Llama-3 scaled when asked). Only the head_dim/2 frequencies are a constant; positions, angles,
+cos and sin are ops, so the IR stays small and the compiler sees the computation.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+import ops
+from graphir.device import DeviceRef
+from graphir.dtype import DType
+from graphir.graph import Graph
+from graphir.value import TensorValue
+from ops import attention_math as am
+
+from .module import Module
+
+
+@dataclass(frozen=True)
+class Llama3RopeScalingParams:
+    """Llama-3.1 frequency scaling (HF rope_scaling with rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    orig_max_position: int
+
+    def _math(self) -> am.Llama3RopeScaling:
+        return am.Llama3RopeScaling(self.factor, self.low_freq_factor, self.high_freq_factor,
+                                    self.orig_max_position)
+
+
+def _pos(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise ValueError(f"RotaryEmbedding: {name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+class RotaryEmbedding(Module):
+    """RoPE for heads of `head_dim` (default dim // n_heads); `interleaved=True` pairs
+    (x[2i], x[2i+1]), False pairs (x[i], x[i + head_dim/2]) as Hugging Face Llama does.
+
+    Example:
+        >>> rope = RotaryEmbedding(4096, 32, 500000.0, 8192, interleaved=False,
+        ...                        scaling_params=Llama3RopeScalingParams(8.0, 1.0, 4.0, 8192))
+        >>> freqs = rope.freqs_cis  # inside a Graph: [16384, 128] f32
+    """
+
+    def __init__(self, dim: int, n_heads: int, theta: float, max_seq_len: int,
+                 head_dim: int | None = None, _freqs_cis=None, interleaved: bool = True,
+                 *, scaling_params: Llama3RopeScalingParams | None = None,
+                 device: DeviceRef | None = None) -> None:
+        super().__init__()
+        self.dim, self.n_heads = _pos("dim", dim), _pos("n_heads", n_heads)
+        self.max_seq_len = _pos("max_seq_len", max_seq_len)
+        self.head_dim = _pos("head_dim", dim // n_heads if head_dim is None else head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {self.head_dim}")
+        if not float(theta) > 0:
+            raise ValueError(f"RotaryEmbedding: theta must be > 0, got {theta!r}")
+        if scaling_params is not None and not isinstance(scaling_params, Llama3RopeScalingParams):
+            raise ValueError(f"RotaryEmbedding: scaling_params must be Llama3RopeScalingParams, "
+                             f"got {type(scaling_params).__name__}")
+        self.theta = float(theta)
+        self.interleaved = bool(interleaved)
+        self.scaling_params = scaling_params
+        self.device = device or DeviceRef.CPU()
+        self._given = None
+        if _freqs_cis is not None:
+            given = np.asarray(_freqs_cis, dtype=np.float32)
+            if given.ndim != 2 or given.shape[1] != self.head_dim:
+                raise ValueError(f"RotaryEmbedding: _freqs_cis must be [positions, "
+                                 f"{self.head_dim}], got {list(given.shape)}")
+            self._given = given
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def compute_inv_freqs(self) -> np.ndarray:
+        """inv_freq [head_dim / 2] float32 (scaled when scaling_params are set)."""
+        scaling = None if self.scaling_params is None else self.scaling_params._math()
+        return am.rope_inv_freq(self.head_dim, self.theta, scaling)
+
+    def freqs_cis_base(self) -> TensorValue:
+        """A fresh table [2 * max_seq_len, head_dim] f32 built with ops in the current graph."""
+        dev = self.device
+        if self._given is not None:
+            return ops.constant(self._given, DType.float32, dev)
+        n, half = 2 * self.max_seq_len, self.head_dim // 2
+        inv = ops.constant(self.compute_inv_freqs().reshape(1, half), DType.float32, dev)
+        t = ops.range(0, n, 1, dtype=DType.float32, device=dev).reshape([n, 1])
+        ang = t * inv  # a float32 product, as the table's definition says
+        cos = ops.cos(ang).reshape([n, half, 1])
+        sin = ops.sin(ang).reshape([n, half, 1])
+        return ops.concat([cos, sin], axis=2).reshape([n, self.head_dim])
+
+    @property
+    def freqs_cis(self) -> TensorValue:
+        """The table in the current graph (built once per graph)."""
+        g = Graph.current()
+        if g not in self._cache:
+            self._cache[g] = self.freqs_cis_base()
+        return self._cache[g]
+
+    def __call__(self, x, input_row_offsets, cache_lengths) -> TensorValue:
+        """RoPE of a ragged x [T, H * head_dim] at positions cache_length + row in sequence."""
+        return ops.rope(x, self.freqs_cis, input_row_offsets, cache_lengths,
+                        head_dim=self.head_dim, interleaved=self.interleaved)
+
+
+class Llama3RotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding with Llama-3 frequency scaling (MAX's `Llama3RotaryEmbedding`)."""
+
+    def __init__(self, dim: int, n_heads: int, theta: float, max_seq_len: int,
+                 head_dim: int | None = None, _freqs_cis=None, interleaved: bool = True,
+                 scaling_params: Llama3RopeScalingParams | None = None,
+                 device: DeviceRef | None = None) -> None:
+        super().__init__(dim, n_heads, theta, max_seq_len, head_dim, _freqs_cis, interleaved,
+                         scaling_params=scaling_params, device=device)

@@ -1,0 +1,101 @@
+"""AttentionWithRope against Hugging Face attention modules (CPU, float32, tiny random configs).
+
+HF runs each sequence alone with its own KV cache; hooks capture its attention module's input
+(the normed hidden states) and output. Our layer runs the same rows as one ragged batch through
+the paged cache: 3 sequences prefilled, 4 decode steps, then a second prefill chunk.
+"""
+import numpy as np
+import pytest
+import torch
+from transformers import (AutoModel, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+
+from graphir import DType
+from nn import (AttentionWithRope, KVCacheParams, Llama3RopeScalingParams, MHAMaskVariant,
+                RotaryEmbedding)
+from tests.nn.harness import (D, HIDDEN, LAYERS, NH, NKV, PAGE, SCHEDULE, layer_graph, manager,
+                              step)
+
+COMMON = dict(vocab_size=97, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=128,
+              rms_norm_eps=1e-6)
+LLAMA3 = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=32)
+WINDOW = 5
+
+CASES = {
+    # name: (HF config, our layer options, rope theta, llama3 scaling)
+    "llama": (LlamaConfig(**COMMON, head_dim=D, rope_parameters=LLAMA3), {}, 10000.0,
+              Llama3RopeScalingParams(8.0, 1.0, 4.0, 32)),
+    "qwen2": (Qwen2Config(**COMMON, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+              dict(has_bias=True), 1e6, None),
+    "qwen3": (Qwen3Config(**COMMON, head_dim=D, rope_parameters=dict(rope_type="default",
+                                                                       rope_theta=1e6)),
+              dict(use_qk_norm=True), 1e6, None),
+    "mistral": (MistralConfig(**COMMON, head_dim=D, sliding_window=WINDOW,
+                              rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+                dict(mask_variant=MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK,
+                     sliding_window=WINDOW), 10000.0, None),
+}
+
+
+class HFRunner:
+    """One HF model; each sequence keeps its own DynamicCache."""
+
+    def __init__(self, config, seed):
+        torch.manual_seed(seed)
+        self.model = AutoModel.from_config(config, attn_implementation="eager").float().eval()
+        attn = self.model.layers[0].self_attn
+        with torch.no_grad():  # random everything: norms at 1 and zero biases would hide bugs
+            for name, p in attn.named_parameters():
+                p.copy_(torch.randn_like(p) * (0.15 if p.ndim == 2 else 0.5)
+                        + (1.0 if "norm" in name else 0.0))
+        self.captured = {}
+        attn.register_forward_pre_hook(self._pre, with_kwargs=True)
+        attn.register_forward_hook(self._post, with_kwargs=True)
+        self.caches = {}
+
+    def _pre(self, mod, args, kwargs):
+        self.captured["x"] = kwargs["hidden_states"][0].detach().clone()
+
+    def _post(self, mod, args, kwargs, out):
+        self.captured["y"] = out[0][0].detach().clone()
+
+    def attn_state_dict(self):
+        return {k: v.detach().numpy().copy()
+                for k, v in self.model.layers[0].self_attn.state_dict().items()}
+
+    def run(self, seq, ids):
+        with torch.no_grad():
+            out = self.model(input_ids=torch.as_tensor(ids)[None],
+                             past_key_values=self.caches.get(seq), use_cache=True)
+        self.caches[seq] = out.past_key_values
+        return self.captured["x"].numpy(), self.captured["y"].numpy()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("fuse", [True, False])
+def test_layer_matches_hf(case, fuse):
+    config, opts, theta, scaling = CASES[case]
+    hf = HFRunner(config, seed=hash(case) % 1000)
+    rope = RotaryEmbedding(HIDDEN, NH, theta, 64, head_dim=D, interleaved=False,
+                           scaling_params=scaling)
+    kv_params = KVCacheParams(dtype=DType.float32, n_kv_heads=NKV, head_dim=D,
+                              num_layers=LAYERS, page_size=PAGE)
+    attn = AttentionWithRope(rope=rope, num_attention_heads=NH, num_key_value_heads=NKV,
+                             hidden_size=HIDDEN, kv_params=kv_params, rms_norm_eps=1e-6,
+                             _fuse_rope_and_store=fuse, **opts)
+    attn.load_state_dict(hf.attn_state_dict())
+    g = layer_graph(attn, rope, kv_params)
+    m = manager()
+    for _ in range(3):
+        m.claim()
+    layer0 = m.blocks[:, :, 0].copy()
+    rng = np.random.default_rng(1)
+    for seq_ids, counts in SCHEDULE:
+        xs, ys = zip(*(hf.run(s, rng.integers(0, 97, size=n)) for s, n in zip(seq_ids, counts)))
+        got = step(g, m, seq_ids, counts, np.concatenate(xs), attn.state_dict())
+        want = np.concatenate(ys)
+        assert np.abs(want).max() > 0.1  # the comparison is not between near-zero tensors
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(m.blocks[:, :, 0], layer0)
+
