@@ -7,6 +7,9 @@ from typing import Union
 DimLike = Union["Dim", int, str]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Words the textual IR reads as something else inside attributes.
+_RESERVED = {"inf", "nan", "true", "false", "none", "dense", "f32", "f16", "bf16", "f8e4m3fn",
+             "i8", "u8", "i32", "u32", "i64", "bool"}
 
 
 class Dim:
@@ -35,6 +38,9 @@ class Dim:
                 raise ValueError(f"a static dimension must be >= 0, got {value}")
             terms = {(): value} if value else {}
         elif isinstance(value, str):
+            if value in _RESERVED:
+                raise ValueError(f"{value!r} cannot name a dimension: the textual IR reads it "
+                                 f"as a literal or a dtype")
             if _NAME.match(value):
                 terms = {(value,): 1}
             else:
@@ -74,7 +80,7 @@ class Dim:
 
     # -- algebra -------------------------------------------------------------------------
     def __add__(self, other: DimLike) -> "Dim":
-        other = Dim(other) if not isinstance(other, Dim) else other
+        other = _as_dim(other)  # n + (-1) is n-1, not an invalid Dim(-1)
         t = dict(self._terms)
         for m, c in other._terms.items():
             t[m] = t.get(m, 0) + c
@@ -114,6 +120,26 @@ class Dim:
 
     def divides_by(self, d: int) -> bool:
         return all(c % d == 0 for c in self._terms.values())
+
+    def exact_div(self, other: DimLike) -> "Dim | None":
+        """self / other when it is exact for every value of the symbols (other a monomial
+        times a constant, e.g. `4*n*m / n == 4*m`); None when it is not."""
+        other = _as_dim(other)
+        if len(other._terms) != 1:
+            return None
+        ((mono, coef),) = other._terms.items()
+        out: dict[tuple, int] = {}
+        for m, c in self._terms.items():
+            rest = list(m)
+            for s in mono:
+                if s not in rest:
+                    return None
+                rest.remove(s)
+            if c % coef:
+                return None
+            out[tuple(rest)] = out.get(tuple(rest), 0) + c // coef
+        q = Dim(out)
+        return q if q * other == self else None
 
     # -- comparison ----------------------------------------------------------------------
     def __eq__(self, other) -> bool:

@@ -73,13 +73,30 @@ _STORAGE = {DType.float32: np.float32, DType.float16: np.float16, DType.bfloat16
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """Round float values to bfloat16 (round-to-nearest-even), returned as float32."""
-    f = np.asarray(x, dtype=np.float32)
+    a = np.asarray(x)
+    if a.dtype == np.float64:
+        f = _f64_to_f32_round_to_odd(a)
+    else:
+        f = a.astype(np.float32)
     bits = f.view(np.uint32).astype(np.uint64)
     # Adding 0x7FFF plus the lsb of the kept half rounds to nearest, ties to even.
     lsb = (bits >> 16) & 1
     rounded = ((bits + 0x7FFF + lsb) >> 16) << 16
     out = rounded.astype(np.uint32).view(np.float32)
-    return np.where(np.isnan(f), f, out).astype(np.float32)
+    # NaN stores as the canonical quiet NaN (0x7FC0); truncating its payload could give inf.
+    return np.where(np.isnan(f), np.uint32(0x7FC00000).view(np.float32), out).astype(np.float32)
+
+
+def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
+    # float64 -> float32 -> bf16 would round twice; rounding to odd first (truncate, then set
+    # the lsb when inexact) keeps the second, round-to-nearest-even step exact (f32 has 16
+    # more bits than bf16).
+    with np.errstate(over="ignore"):
+        f = a.astype(np.float32)
+    f = np.where(np.abs(f.astype(np.float64)) > np.abs(a), np.nextafter(f, np.float32(0)), f)
+    bits = np.asarray(f, dtype=np.float32).view(np.uint32)
+    inexact = (f.astype(np.float64) != a) & ~np.isnan(a)
+    return (bits | inexact.astype(np.uint32)).view(np.float32)
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -96,15 +113,18 @@ _F8_MAX = 448.0
 
 def round_to_f8e4m3fn(x: np.ndarray) -> np.ndarray:
     """Round to float8 e4m3fn (RNE, saturating to +-448 as the 'fn' variant has no inf)."""
-    f = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs in float32 input
+        f = np.asarray(x, dtype=np.float64)
     a = np.abs(f)
-    # Exponent of each value, clamped at the subnormal boundary (min normal exponent -6).
-    e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
+    # Exponent of each value (frexp is exact; log2 can round up just below a power of two),
+    # clamped at the subnormal boundary (min normal exponent -6).
+    e = np.frexp(np.where(np.isfinite(a) & (a > 0), a, 1.0))[1] - 1.0
     e = np.maximum(e, -6.0)
     step = np.exp2(e - 3.0)  # 3 mantissa bits
-    q = np.round(a / step) * step  # np.round is half-to-even
+    with np.errstate(invalid="ignore"):
+        q = np.round(a / step) * step  # np.round is half-to-even
     q = np.minimum(q, _F8_MAX)
-    out = np.sign(f) * q
+    out = np.copysign(q, f)  # keeps the sign of -0.0 and of values that round to zero
     return np.where(np.isnan(f), np.nan, out).astype(np.float32)
 
 
@@ -115,7 +135,8 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype is DType.float8_e4m3fn:
         return round_to_f8e4m3fn(x)
     if dtype.is_float:
-        return np.asarray(x).astype(dtype.storage)
+        with np.errstate(over="ignore"):  # out of f16 range stores inf, as the device does
+            return np.asarray(x).astype(dtype.storage)
     if dtype is DType.bool:
         return np.asarray(x).astype(np.bool_)
     a = np.asarray(x)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import sys
 from typing import Callable, Iterable, Sequence
 
@@ -20,6 +21,10 @@ _CURRENT: contextvars.ContextVar["Graph | None"] = contextvars.ContextVar("graph
 # frame outside them (the user's line).
 _INTERNAL = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + p + os.sep
                   for p in ("graphir", "ops"))
+
+
+_GRAPH_NAME = re.compile(r"[A-Za-z0-9_.]+\Z")
+_INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 
 
 class Node:
@@ -72,8 +77,8 @@ class Graph:
 
     def __init__(self, name: str, forward: Callable | None = None,
                  input_types: Iterable[Type] = (), *, input_names: Sequence[str] | None = None):
-        if not name or not all(c.isalnum() or c in "_." for c in name):
-            raise ValueError(f"graph name must be alphanumeric/underscore, got {name!r}")
+        if not isinstance(name, str) or not _GRAPH_NAME.match(name):
+            raise ValueError(f"graph name must be ASCII letters, digits, '_' or '.', got {name!r}")
         self.name = name
         self.nodes: list[Node] = []
         self.outputs: list[Value] = []
@@ -86,6 +91,14 @@ class Graph:
                 raise TypeError(f"graph input types must be TensorType/BufferType, got {t!r}")
         self.inputs: list[Value] = [_make_value(self, None, i, t) for i, t in enumerate(types)]
         self.input_names = list(input_names) if input_names else None
+        if self.input_names is not None:
+            # Results print as %0, %1, ...: an input name must not look like one, or the text
+            # would be ambiguous.
+            bad = [n for n in self.input_names if not isinstance(n, str) or not _INPUT_NAME.match(n)]
+            if bad or len(set(self.input_names)) != len(self.input_names) \
+                    or len(self.input_names) != len(self.inputs):
+                raise ValueError(f"input_names must be {len(self.inputs)} distinct names starting "
+                                 f"with a letter or '_', got {self.input_names}")
         if forward is not None:
             with self:
                 out = forward(*self.inputs)

@@ -44,6 +44,8 @@ def getitem(x, index):
                 raise ValueError(f"slice step must be positive, got {step}")
             start = Dim(0) if i.start is None else _norm(i.start, size, "start")
             stop = size if i.stop is None else _norm(i.stop, size, "stop")
+            if (stop - start).is_static and int(stop - start) < 0:
+                stop = start  # numpy: an empty slice, not an error
             length = stop - start
             if step != 1:
                 if not length.is_static:

@@ -1,6 +1,7 @@
 """Parse the textual IR back into a Graph; errors carry a line and column."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -10,6 +11,10 @@ from .device import DeviceRef
 from .dim import Dim, parse_dim
 from .dtype import DType
 from .types import BufferType, ChainType, TensorType
+
+
+# Dims are immutable and a graph repeats the same few shapes thousands of times.
+_parse_dim_cached = functools.lru_cache(maxsize=4096)(parse_dim)
 
 
 class ParseError(ValueError):
@@ -27,21 +32,20 @@ _TOKEN = re.compile(r"""
   | (?P<num>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+|inf)(?![A-Za-z_]))
   | (?P<ident>[A-Za-z_!][A-Za-z0-9_.]*)
   | (?P<punct>->|[()\[\]{}<>,:=*+\-/#])
-""", re.VERBOSE)
+  | (?P<bad>.)
+""", re.VERBOSE | re.DOTALL)
 
 
 class _Lexer:
     def __init__(self, text: str):
         self.text = text
         self.toks: list[tuple[str, str, int]] = []
-        pos = 0
-        while pos < len(text):
-            m = _TOKEN.match(text, pos)
-            if not m:
-                self._fail(f"unexpected character {text[pos]!r}", pos)
-            if m.lastgroup != "ws":
-                self.toks.append((m.lastgroup, m.group(), pos))
-            pos = m.end()
+        for m in _TOKEN.finditer(text):
+            kind = m.lastgroup
+            if kind == "bad":
+                self._fail(f"unexpected character {m.group()!r}", m.start())
+            if kind != "ws":
+                self.toks.append((kind, m.group(), m.start()))
         self.toks.append(("eof", "", len(text)))
         self.i = 0
 
@@ -129,7 +133,7 @@ def _parse_dim_tokens(lx: _Lexer) -> Dim:
         parts.append(t[1])
         lx.next()
     try:
-        return parse_dim("".join(parts))
+        return _parse_dim_cached("".join(parts))
     except ValueError as e:
         lx.fail(str(e), start)
 
@@ -171,15 +175,22 @@ def _parse_attr(lx: _Lexer):
 
 
 def _parse_dense(lx: _Lexer) -> np.ndarray:
-    lx.expect("dense")
+    start = lx.expect("dense")
     lx.expect("<")
     shape = _parse_attr(lx)
     lx.expect(":")
+    vals_tok = lx.peek()
     vals = _parse_attr(lx)
     lx.expect(">")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        lx.fail(f"dense shape must be a list of static sizes, got {shape!r}", start)
+    if not isinstance(vals, tuple) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in vals):
+        lx.fail("dense values must be a list of numbers", vals_tok)
+    if len(vals) != int(np.prod(shape)):
+        lx.fail(f"dense shape {list(shape)} needs {int(np.prod(shape))} values, got {len(vals)}", vals_tok)
     is_float = any(isinstance(v, float) for v in vals)
-    arr = np.array(vals, dtype=np.float64 if is_float else np.int64).reshape(shape)
-    return arr
+    return np.array(vals, dtype=np.float64 if is_float else np.int64).reshape(shape)
 
 
 def parse(text: str):
@@ -205,8 +216,11 @@ def parse(text: str):
             lx.expect(")")
             break
     default_names = [f"arg{i}" for i in range(len(arg_names))]
-    g = Graph(name[1][1:], input_types=arg_types,
-              input_names=None if arg_names == default_names else arg_names)
+    try:
+        g = Graph(name[1][1:], input_types=arg_types,
+                  input_names=None if arg_names == default_names else arg_names)
+    except (ValueError, TypeError) as e:
+        lx.fail(str(e), name)
     env = {"%" + n: v for n, v in zip(arg_names, g.inputs)}
     lx.expect("{")
     while True:
@@ -229,6 +243,8 @@ def parse(text: str):
         if results:
             lx.expect("=")
         optok = lx.next()
+        if optok[0] == "eof":
+            lx.fail("unterminated graph: expected an op or 'gir.output %v' and '}'", optok)
         if not optok[1].startswith("gir."):
             lx.fail(f"expected an op (gir.NAME), found {optok[1] or 'end of input'!r}", optok)
         try:
@@ -273,7 +289,9 @@ def parse(text: str):
         try:
             node = make_node(g, optok[1][4:], operands, attrs, loc, result_types=types)
             expected = node.opdef.result_types([v.type for v in operands], node.attrs)
-        except (ValueError, TypeError) as e:
+        except KeyError as e:
+            lx.fail(f"{optok[1]}: missing attribute {e}", optok)
+        except Exception as e:  # a type rule meeting odd attributes: still a located error
             lx.fail(f"{optok[1]}: {e}", optok)
         if [str(x) for x in expected] != [str(x) for x in types]:
             lx.fail(f"{optok[1]}: printed result types {list(map(str, types))} do not match "

@@ -75,6 +75,9 @@ class TensorValue(_Shaped):
     """
 
     __slots__ = ()
+    # numpy must not turn a value into an object array: `array @ x` and `array * x` defer to
+    # TensorValue's reflected operators.
+    __array_ufunc__ = None
 
     # -- shape helpers ---------------------------------------------------------------------
     @property
@@ -85,7 +88,8 @@ class TensorValue(_Shaped):
 
     def transpose(self, dim_1: int, dim_2: int) -> "TensorValue":
         perm = list(range(self.rank))
-        a, b = _axis(dim_1, self.rank, "transpose"), _axis(dim_2, self.rank, "transpose")
+        where = f"gir.permute (transpose of {_fmt(self.shape)})"
+        a, b = _axis(dim_1, self.rank, where), _axis(dim_2, self.rank, where)
         perm[a], perm[b] = perm[b], perm[a]
         return self.permute(perm)
 

@@ -20,10 +20,12 @@ def verify(graph) -> None:
         try:
             opdef = lookup(n.op)
             expected = opdef.result_types([v.type for v in n.operands], n.attrs)
+        except KeyError as e:
+            raise VerificationError(f"{where}: missing attribute {e}") from None
         except (ValueError, TypeError) as e:
             raise VerificationError(f"{where}: {e}") from None
         got = [r.type for r in n.results]
-        if [str(t) for t in expected] != [str(t) for t in got]:
+        if list(expected) != got:
             raise VerificationError(f"{where}: result types {list(map(str, got))} do not match "
                                     f"the type rule {list(map(str, expected))}")
         for r in n.results:

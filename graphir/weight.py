@@ -58,5 +58,10 @@ class Weight:
 
     __add__, __radd__, __sub__, __rsub__ = _bin("__add__"), _bin("__radd__"), _bin("__sub__"), _bin("__rsub__")
     __mul__, __rmul__, __truediv__, __matmul__ = _bin("__mul__"), _bin("__rmul__"), _bin("__truediv__"), _bin("__matmul__")
-    __rmatmul__ = _bin("__rmatmul__")
+    __rmatmul__, __rtruediv__, __pow__ = _bin("__rmatmul__"), _bin("__rtruediv__"), _bin("__pow__")
+    __getitem__ = _bin("__getitem__")
     del _bin
+    __array_ufunc__ = None  # `array @ weight` defers to the weight, as for TensorValue
+
+    def __neg__(self):
+        return -self.__tensor_value__()

@@ -63,16 +63,20 @@ def _unary_rule(name):
         R.tensor(t)
         if name in _FLOAT_ONLY and not t.dtype.is_float:
             raise ValueError(f"needs a float operand, got {t.dtype.short}")
+        if t.dtype is DType.bool:
+            raise ValueError(f"needs a numeric operand, got {t.dtype.short}")
         return [R.like(t)]
     return rule
 
 
-def _binary_rule(result_dtype=None, bool_operands=False):
+def _binary_rule(result_dtype=None, bool_operands=False, numeric=False):
     def rule(ins, attrs):
         a, b = (R.tensor(t) for t in ins)
         dt = R.same_dtype([a, b])
         if bool_operands and dt is not DType.bool:
             raise ValueError(f"needs bool operands, got {dt.short}")
+        if numeric and dt is DType.bool:
+            raise ValueError(f"needs numeric operands, got {dt.short}")
         dev = R.same_device([a, b])
         return [R.like(a, dtype=result_dtype or dt, shape=R.broadcast_shapes(a.shape, b.shape),
                        device=dev)]
@@ -84,7 +88,7 @@ for _n, _f in _UNARY.items():
                    traits=frozenset({"elementwise"})))
 for _n, _f in _BINARY.items():
     _ref = {"div": _div, "mod": _mod}.get(_n) or (lambda f: lambda x, y, a: f(x, y))(_f)
-    register(OpDef(_n, _binary_rule(), (lambda r: lambda ins, a: [r(ins[0], ins[1], a)])(_ref),
+    register(OpDef(_n, _binary_rule(numeric=_n not in ("maximum", "minimum")), (lambda r: lambda ins, a: [r(ins[0], ins[1], a)])(_ref),
                    traits=frozenset({"elementwise"})))
 for _n, _f in {**_COMPARE, **_LOGICAL}.items():
     register(OpDef(_n, _binary_rule(DType.bool, bool_operands=_n in _LOGICAL),

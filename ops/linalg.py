@@ -14,6 +14,8 @@ def _matmul_rule(ins, attrs):
     dt, dev = R.same_dtype([a, b]), R.same_device([a, b])
     if a.rank < 1 or b.rank < 2:
         raise ValueError(f"matmul needs lhs rank >= 1 and rhs rank >= 2, got {R.fmt(a.shape)} @ {R.fmt(b.shape)}")
+    if attrs.get("transpose_a") and a.rank < 2:
+        raise ValueError(f"matmul transpose_a needs lhs rank >= 2, got {R.fmt(a.shape)}")
     ash = list(a.shape) if a.rank >= 2 else [1] + list(a.shape)
     bsh = list(b.shape)
     if attrs.get("transpose_a"):

@@ -25,12 +25,10 @@ def _reshape_rule(ins, attrs):
         raise ValueError(f"reshape to {R.fmt(shape)}: at most one -1")
     if holes:
         known = R.product(d for d in shape if not (isinstance(d, int) and d == -1))
-        if known.is_static and int(known) != 0 and total.divides_by(int(known)):
-            shape[holes[0]] = total // int(known)
-        elif known == total:
-            shape[holes[0]] = Dim(1)
-        else:
+        q = total.exact_div(known) if known != 0 else None
+        if q is None:
             raise ValueError(f"cannot infer -1 reshaping {R.fmt(t.shape)} to {R.fmt(shape)}")
+        shape[holes[0]] = q
     new = [Dim(d) for d in shape]
     if R.product(new) != total:
         raise ValueError(f"cannot reshape {R.fmt(t.shape)} ({total} elements) to {R.fmt(new)}")
@@ -54,7 +52,11 @@ def _broadcast_rule(ins, attrs):
     (t,) = ins
     R.tensor(t)
     shape = tuple(Dim(d) for d in attrs["shape"])
-    if len(shape) < t.rank or R.broadcast_shapes(t.shape, shape) != shape:
+    try:
+        ok = len(shape) >= t.rank and R.broadcast_shapes(t.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(f"cannot broadcast {R.fmt(t.shape)} to {R.fmt(shape)}")
     return [R.like(t, shape=shape)]
 
@@ -161,7 +163,11 @@ def _scatter_rule(ins, attrs):
     if tuple(upd.shape) != tuple(idx.shape) or upd.rank != t.rank:
         raise ValueError(f"scatter updates {R.fmt(upd.shape)} and indices {R.fmt(idx.shape)} "
                          f"must match and have the input's rank {t.rank}")
-    R.axis(attrs["axis"], t.rank)
+    ax = R.axis(attrs["axis"], t.rank)
+    for d in range(t.rank):
+        if d != ax and t.shape[d].is_static and idx.shape[d].is_static and int(idx.shape[d]) > int(t.shape[d]):
+            raise ValueError(f"scatter indices {R.fmt(idx.shape)} exceed input {R.fmt(t.shape)} "
+                             f"on axis {d}")
     R.same_device([t, upd, idx])
     return [R.like(t)]
 
@@ -171,7 +177,10 @@ def _scatter_ref(ins, a):
     out = np.array(x, copy=True)
     ax = a["axis"] % x.ndim
     i = _check_index(idx, x.shape[ax], "scatter")
-    np.put_along_axis(out, i, upd, axis=ax)
+    # out[..., i[p], ...] = upd[p] for every position p of the (possibly smaller) index tensor.
+    where = list(np.indices(i.shape, sparse=True))
+    where[ax] = i
+    out[tuple(where)] = upd
     return [out]
 
 

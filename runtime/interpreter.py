@@ -124,8 +124,9 @@ def run(graph, *inputs: np.ndarray, weights: Mapping[str, np.ndarray] | None = N
                 raise InterpreterError(f"gir.{n.op}: reference produced shape {o.shape}, "
                                        f"type says {want}")
             vals[id(r)] = o
-        if opdef.effects:
-            vals[id(n.results[-1])] = None
+        for r in n.results:  # chain tokens (of gir.chain and of effectful ops) carry no data
+            if isinstance(r.type, ChainType):
+                vals[id(r)] = None
     return [np.array(vals[id(v)], copy=True) for v in graph.outputs]
 
 

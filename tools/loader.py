@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -14,9 +15,9 @@ def load_graph(spec: str) -> Graph:
         with open(path) as f:
             return parse(f.read())
     if not path.endswith(".py"):
-        raise SystemExit(f"error: {path!r} is neither a .py graph builder nor a .gir file")
+        raise ValueError(f"{path!r} is neither a .py graph builder nor a .gir file")
     if not os.path.exists(path):
-        raise SystemExit(f"error: no such file {path!r}")
+        raise FileNotFoundError(f"no such file {path!r}")
     func = func or "build"
     name = "graphir_user_" + os.path.splitext(os.path.basename(path))[0]
     mod_spec = importlib.util.spec_from_file_location(name, path)
@@ -28,9 +29,14 @@ def load_graph(spec: str) -> Graph:
         sys.path.pop(0)
     fn = getattr(mod, func, None)
     if fn is None:
-        raise SystemExit(f"error: {path} has no function {func!r} "
-                         f"(functions: {[k for k, v in vars(mod).items() if callable(v) and not k.startswith('_')]})")
+        raise ValueError(f"{path} has no function {func!r} "
+                         f"(functions: {_functions(mod)})")
     g = fn()
     if not isinstance(g, Graph):
-        raise SystemExit(f"error: {path}:{func} returned {type(g).__name__}, not a Graph")
+        raise ValueError(f"{path}:{func} returned {type(g).__name__}, not a Graph")
     return g
+
+
+def _functions(mod) -> list[str]:
+    return [k for k, v in vars(mod).items()
+            if inspect.isfunction(v) and v.__module__ == mod.__name__ and not k.startswith("_")]

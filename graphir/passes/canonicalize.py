@@ -53,7 +53,10 @@ def _identity(node, rw: Rewriter) -> bool:
     if x is None or out is None or len(node.results) != 1 or str(x.type) != str(out.type):
         return False
     a = node.attrs
-    if node.op in ("reshape", "broadcast_to", "cast", "transfer_to", "slice"):
+    if node.op in ("reshape", "broadcast_to", "cast", "transfer_to"):
+        return _forward(node, rw, x)
+    # A same-typed slice is the identity only from 0 with step 1 (x[1:n+1] of [n] is not).
+    if node.op == "slice" and all(s == 0 for s in a["starts"]) and all(s == 1 for s in a["steps"]):
         return _forward(node, rw, x)
     if node.op == "permute" and list(a["dims"]) == list(range(len(a["dims"]))):
         return _forward(node, rw, x)
