@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphir.dtype import round_to
+
 from graphir.dim import Dim
 from graphir.opdef import OpDef, register
 from graphir.types import BufferType
@@ -239,12 +241,20 @@ def _rss_rule(ins, attrs):
 def _rss_ref(ins, a):
     qkv, f, offs, clen, lut, b = ins[:6]
     _check_rows(offs, qkv.shape[0], "rope_split_store")
-    qw, kw = (ins[6], ins[7]) if len(ins) == 8 else (None, None)
+    if len(ins) == 8:
+        # Round the normed q/k to qkv's dtype before RoPE, as a kernel holding them in that
+        # dtype does; this keeps the fused op bit-identical to norm -> rope done separately.
+        nh, nkv, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
+        eps = a.get("qk_norm_eps", 1e-6)
+        dt = a["_in_types"][0].dtype
+        t = qkv.shape[0]
+        q = round_to(am.rms_norm_heads(qkv[:, :nh * d].reshape(t, nh, d), ins[6], eps), dt)
+        k = round_to(am.rms_norm_heads(qkv[:, nh * d:(nh + nkv) * d].reshape(t, nkv, d), ins[7], eps), dt)
+        qkv = np.concatenate([q.reshape(t, -1), k.reshape(t, -1), qkv[:, (nh + nkv) * d:]], axis=1)
+        qkv = qkv.astype(np.float64)
     q, new = am.rope_split_store(qkv, f, offs, clen, lut, b, layer_idx=a["layer"],
                                  n_heads=a["n_heads"], n_kv_heads=a["n_kv_heads"],
-                                 head_dim=a["head_dim"], interleaved=a["interleaved"],
-                                 q_norm_weight=qw, k_norm_weight=kw,
-                                 eps=a.get("qk_norm_eps", 1e-6))
+                                 head_dim=a["head_dim"], interleaved=a["interleaved"])
     return [q, new]
 
 
