@@ -22,3 +22,7 @@ __all__ = ["AttentionWithRope", "AttentionWithRopeNoOpaque", "DataParallelAttent
            "Float8WeightScaleSpec", "KVCacheParams", "KVCacheStrategy", "PagedCacheValues",
            "Linear", "Module", "RMSNorm", "Llama3RopeScalingParams", "Llama3RotaryEmbedding",
            "RotaryEmbedding", "ShardingStrategy"]
+from .attention import LatentAttentionWithRope, MLAPrefillMetadata, TensorParallelLatentAttentionWithRope  # noqa: E402,F401
+from .rotary_yarn import DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding  # noqa: E402,F401
+from .linear_quant import GGUFQLinear, GPTQLinear, load_safetensors  # noqa: E402
+from .attention import GGUFQAttentionWithRope, GPTQAttentionWithRope  # noqa: E402

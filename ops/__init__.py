@@ -19,3 +19,5 @@ from .shape import (broadcast_to, concat, gather, permute, reshape, scatter, sli
 from .attention import (flash_attention_ragged, fused_qkv_matmul, kv_cache_store, rope,
                         rope_split_store)
 from .collectives import allgather, allreduce
+from .quantized import QuantizationConfig, QuantizationEncoding, dequantize, qmatmul
+from .mla import mla_cache_store, mla_decode, mla_prefill, mla_prefill_plan

@@ -7,3 +7,7 @@ from .parallel import (DataParallelAttentionWithRope, TensorParallelAttentionWit
 
 __all__ = ["AttentionWithRope", "AttentionWithRopeNoOpaque", "DataParallelAttentionWithRope",
            "TensorParallelAttentionWithRope", "MHAMaskVariant", "distribute_value"]
+from .latent_attention import LatentAttentionWithRope, MLAPrefillMetadata  # noqa: E402
+from .latent_attention_parallel import TensorParallelLatentAttentionWithRope  # noqa: E402
+from .gguf_attention import GGUFQAttentionWithRope  # noqa: E402
+from .gptq_attention import GPTQAttentionWithRope  # noqa: E402

@@ -1,0 +1,101 @@
+"""DeepSeek YaRN rotary embedding (MAX's `DeepseekYarnRotaryEmbedding`).
+
+YaRN blends each frequency between its original value (fast-rotating dims, extrapolated) and the
+value divided by `scaling_factor` (slow dims, interpolated) along a linear ramp between the
+correction dims of `beta_fast` and `beta_slow` rotations. The table's cos and sin are multiplied
+by ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)``; MLA multiplies its softmax scale
+by ``mscale(factor, mscale_all_dim) ** 2`` (`attention_mscale` squared), as DeepSeek does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import ops
+from graphir.device import DeviceRef
+from graphir.dtype import DType
+from graphir.value import TensorValue
+from ops import attention_math as am
+
+from .rotary_embedding import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class DeepseekYarnRopeScalingParams:
+    """YaRN parameters with DeepSeek's names (HF rope_parameters of rope_type "yarn").
+
+    Example:
+        >>> p = DeepseekYarnRopeScalingParams(40.0, 4096, 32, 1, 1.0, 1.0)
+    """
+
+    scaling_factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32
+    beta_slow: float = 1
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        if not (self.scaling_factor > 0 and self.original_max_position_embeddings > 0
+                and self.beta_fast > 0 and self.beta_slow > 0):
+            raise ValueError(f"DeepseekYarnRopeScalingParams: scaling_factor, "
+                             f"original_max_position_embeddings, beta_fast and beta_slow must be "
+                             f"> 0, got {self}")
+
+    def _math(self) -> am.YarnRopeScaling:
+        return am.YarnRopeScaling(factor=float(self.scaling_factor),
+                                  original_max_position=int(self.original_max_position_embeddings),
+                                  beta_fast=float(self.beta_fast), beta_slow=float(self.beta_slow),
+                                  mscale=float(self.mscale),
+                                  mscale_all_dim=float(self.mscale_all_dim))
+
+
+class DeepseekYarnRotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding with DeepSeek YaRN frequencies and magnitude (interleaved by default).
+
+    Example:
+        >>> rope = DeepseekYarnRotaryEmbedding(64, 1, 10000.0, 4096, head_dim=64,
+        ...     scaling_params=DeepseekYarnRopeScalingParams(40.0, 4096, 32, 1, 1.0, 1.0))
+        >>> rope.attention_mscale  # MLA's softmax scale is multiplied by its square
+        1.3688879454113936
+    """
+
+    def __init__(self, dim: int, n_heads: int, theta: float, max_seq_len: int,
+                 head_dim: int | None = None, _freqs_cis=None, interleaved: bool = True,
+                 scaling_params: DeepseekYarnRopeScalingParams | None = None,
+                 device: DeviceRef | None = None) -> None:
+        super().__init__(dim, n_heads, theta, max_seq_len, head_dim, _freqs_cis, interleaved,
+                         device=device)
+        if scaling_params is not None and not isinstance(scaling_params,
+                                                         DeepseekYarnRopeScalingParams):
+            raise ValueError(f"DeepseekYarnRotaryEmbedding: scaling_params must be "
+                             f"DeepseekYarnRopeScalingParams, got {type(scaling_params).__name__}")
+        self.yarn_params = scaling_params
+
+    @property
+    def attention_mscale(self) -> float:
+        """``mscale(factor, mscale_all_dim)``: MLA's softmax scale is multiplied by its square."""
+        p = self.yarn_params
+        return 1.0 if p is None else am.yarn_mscale(p.scaling_factor, p.mscale_all_dim)
+
+    @property
+    def table_mscale(self) -> float:
+        """The factor on the table's cos and sin."""
+        p = self.yarn_params
+        if p is None:
+            return 1.0
+        return am.yarn_mscale(p.scaling_factor, p.mscale) / am.yarn_mscale(p.scaling_factor,
+                                                                          p.mscale_all_dim)
+
+    def compute_inv_freqs(self) -> np.ndarray:
+        """inv_freq [head_dim / 2] float32 with the YaRN blend."""
+        scaling = None if self.yarn_params is None else self.yarn_params._math()
+        return am.rope_inv_freq(self.head_dim, self.theta, scaling)
+
+    def freqs_cis_base(self) -> TensorValue:
+        table = super().freqs_cis_base()
+        mag = self.table_mscale
+        if self._given is not None or mag == 1.0:
+            return table
+        return table * ops.constant(np.float32(mag), DType.float32, self.device)
