@@ -10,7 +10,9 @@ memref descriptor
 preallocates every output. Function boundaries use the identity layout: every buffer is
 C-contiguous; inputs that are not get copied, outputs that are not are rejected.
 
-`bool` tensors are MLIR `i1`, stored one per byte as 0/1, which is numpy's bool layout.
+`bool` tensors must cross the boundary as MLIR `i8` holding 0/1 (numpy's bool layout): LLVM 22's
+memref-to-llvm lowering asserts on loads/stores of `memref<...xi1>`; compute in `i1` after
+`arith.trunci` and store with `arith.extui`.
 
 Example:
     >>> lib = CpuLibrary("model.so")                       # doctest: +SKIP

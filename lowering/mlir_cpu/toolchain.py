@@ -53,6 +53,9 @@ LLVM_PIPELINE = (
     "func.func(convert-vector-to-scf{full-unroll target-rank=1})",
     "expand-strided-metadata",
     "lower-affine",
+    # Before scf-to-cf: the OpenMP conversion wraps loop bodies in single-block
+    # memref.alloca_scope ops, which only the memref lowering may split into blocks.
+    "finalize-memref-to-llvm",
     "convert-scf-to-cf",
     "canonicalize",
     "convert-openmp-to-llvm",
@@ -130,6 +133,9 @@ def lower(module: ir.Module, until: str = "llvm") -> ir.Module:
     if until == "scheduled":
         return mod
     _run(mod, BUFFERIZE_PIPELINE)
+    from . import schedules
+
+    schedules.lower_vectors(mod)
     if until == "bufferized":
         return mod
     _run(mod, LLVM_PIPELINE)
@@ -212,7 +218,11 @@ def compile_to_shared_object(module: ir.Module, out_path: str | os.PathLike,
 
 
 def jit(module: ir.Module, opt_level: int = 3) -> ExecutionEngine:
-    """Lower `module` and JIT it (development only; calls go through ExecutionEngine.invoke)."""
+    """Lower `module` and JIT it (development only).
+
+    Call as `engine.invoke(name, *[ctypes.pointer(ctypes.pointer(d)) for d in descriptors])`
+    with runtime.cpu.make_descriptor(...) for inputs then preallocated outputs.
+    """
     llvm_mod = lower(module, "llvm")
     return ExecutionEngine(llvm_mod, opt_level=opt_level,
                            shared_libs=[str(_runtime_artifact("so"))])
