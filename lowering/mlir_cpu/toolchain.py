@@ -48,6 +48,8 @@ BUFFERIZE_PIPELINE = (
 
 LLVM_PIPELINE = (
     "convert-linalg-to-loops",
+    # bf16 <-> f32 as integer ops: LLVM would otherwise call compiler-rt's __truncsfbf2.
+    "arith-expand{include-bf16=true}",
     "scf-forall-to-parallel",
     "convert-scf-to-openmp",
     "func.func(convert-vector-to-scf{full-unroll target-rank=1})",

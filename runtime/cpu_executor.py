@@ -1,0 +1,172 @@
+"""Runs a CPU artifact: the plan's kernels from its .so (through ctypes, no MLIR needed),
+views, in-process collectives, and slot memory sized per call from the bound dims."""
+from __future__ import annotations
+
+import threading
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from graphir.dim import Dim
+from graphir.dtype import DType, bf16_bits, bf16_from_bits, round_to
+from lowering.artifact import Artifact
+from lowering.plan import Plan, value_table
+
+from .cpu import CpuLibrary
+from .interpreter import _bind_weight, _check_input, bind_dims
+
+_BITS = {DType.bfloat16: np.uint16, DType.float8_e4m3fn: np.uint8}
+
+
+def to_kernel(a: np.ndarray, dt: DType) -> np.ndarray:
+    """Interpreter-convention array (bf16/f8 as float32) -> the kernel's storage bits."""
+    if dt is DType.bfloat16:
+        return np.ascontiguousarray(bf16_bits(a))
+    if dt is DType.float8_e4m3fn:
+        return np.ascontiguousarray(_f8_bits(a))
+    return np.ascontiguousarray(a, dtype=dt.storage)
+
+
+def from_kernel(a: np.ndarray, dt: DType) -> np.ndarray:
+    if dt is DType.bfloat16:
+        return bf16_from_bits(a)
+    if dt is DType.float8_e4m3fn:
+        return _f8_from_bits(a)
+    return a
+
+
+def _f8_table() -> np.ndarray:
+    bits = np.arange(256, dtype=np.uint32)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exp, man = (bits >> 3) & 0xF, bits & 0x7
+    val = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp.astype(np.int64) - 7))
+    val = np.where((exp == 0xF) & (man == 0x7), np.nan, val)
+    return (sign * val).astype(np.float32)
+
+
+_F8 = _f8_table()
+
+
+def _f8_bits(a: np.ndarray) -> np.ndarray:
+    r = round_to(a, DType.float8_e4m3fn)
+    finite = _F8[np.isfinite(_F8)]
+    order = np.argsort(finite, kind="stable")
+    codes = np.nonzero(np.isfinite(_F8))[0][order]
+    idx = np.searchsorted(finite[order], r)
+    out = codes[np.clip(idx, 0, len(codes) - 1)].astype(np.uint8)
+    return np.where(np.isnan(r), np.uint8(0x7F), out)
+
+
+def _f8_from_bits(a: np.ndarray) -> np.ndarray:
+    return _F8[a]
+
+
+def _storage_dtype(dt: DType) -> np.dtype:
+    return np.dtype(_BITS.get(dt, dt.storage))
+
+
+class CpuModel:
+    """A loaded CPU artifact. `execute(*inputs)` returns numpy arrays; buffer inputs (the KV
+    cache) are updated in place."""
+
+    def __init__(self, art: Artifact, weights: Mapping[str, np.ndarray]):
+        self.artifact = art
+        self.graph = art.graph()
+        self.plan = Plan.from_json(art.manifest["plan"])
+        self._lib = CpuLibrary(art.file(art.manifest["library"]))
+        self._lock = threading.Lock()
+        vid, _ = value_table(self.graph)
+        self._in_types = [v.type for v in self.graph.inputs]
+        self._dtypes = [DType.from_short(v.dtype) for v in self.plan.values]
+        self._fixed: dict[int, np.ndarray] = {}
+        for n in self.graph.nodes:
+            if n.op == "weight":
+                a = _bind_weight(n, weights)
+                self._fixed[vid[id(n.results[0])]] = to_kernel(a, n.results[0].type.dtype)
+            elif n.op == "constant":
+                t = n.results[0].type
+                self._fixed[vid[id(n.results[0])]] = to_kernel(round_to(n.attrs["value"], t.dtype), t.dtype)
+        self._fns = {}
+        for s in self.plan.steps:
+            if s.kernel != "view" and not s.kernel.startswith("runtime") and s.kernel not in self._fns:
+                n_in = len(s.inputs) + (1 if s.attrs.get("symbols") else 0)
+                n_out = len([o for o in s.outputs if self.plan.values[o].kind != "buffer"])
+                self._fns[s.kernel] = self._lib.function(s.kernel, n_in, n_out)
+
+    def _shape(self, v: int, env) -> tuple[int, ...]:
+        return tuple(Dim(d).evaluate(env) for d in self.plan.values[v].shape)
+
+    def execute(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        g = self.graph
+        if len(inputs) != len(g.inputs):
+            raise ValueError(f"graph {g.name!r} takes {len(g.inputs)} inputs, got {len(inputs)}")
+        arrays = [_check_input(k, t, a) for k, (t, a) in enumerate(zip(self._in_types, inputs))]
+        env = bind_dims(self._in_types, arrays)
+        with self._lock:
+            return self._run(arrays, env)
+
+    def _run(self, arrays, env) -> list[np.ndarray]:
+        plan, vals = self.plan, dict(self._fixed)
+        writeback = []
+        for vid_, a, t in zip(plan.inputs, arrays, self._in_types):
+            k = to_kernel(a, t.dtype)
+            if self.plan.values[vid_].kind == "buffer" and k is not a:
+                writeback.append((a, k, t.dtype))
+            vals[vid_] = k
+        slots = self._slots(env)
+        for s in plan.steps:
+            if s.kernel == "view":
+                vals[s.outputs[0]] = vals[s.inputs[0]].reshape(self._shape(s.outputs[0], env))
+            elif s.kernel.startswith("runtime"):
+                self._runtime_op(s, vals)
+            else:
+                outs = []
+                for o in s.outputs:
+                    info = plan.values[o]
+                    shape, dt = self._shape(o, env), _storage_dtype(self._dtypes[o])
+                    if info.slot is not None:
+                        n = int(np.prod(shape)) * dt.itemsize
+                        arr = slots[info.slot][:n].view(dt).reshape(shape)
+                    else:
+                        arr = np.empty(shape, dt)
+                    vals[o] = arr
+                    outs.append(arr)
+                ins = [vals[i] for i in s.inputs]
+                syms = s.attrs.get("symbols")
+                if syms:
+                    ins.append(np.array([env[x] for x in syms], np.int64))
+                self._fns[s.kernel](ins, outs)
+        for user, k, dt in writeback:
+            user[...] = from_kernel(k, dt)
+        return [np.array(from_kernel(vals[o], self._dtypes[o]), copy=True) for o in plan.outputs]
+
+    def _slots(self, env) -> list[np.ndarray]:
+        need = [0] * self.plan.n_slots
+        for v in self.plan.values:
+            if v.slot is not None and v.view_of is None:
+                n = int(np.prod(self._shape(v.id, env))) * _storage_dtype(self._dtypes[v.id]).itemsize
+                need[v.slot] = max(need[v.slot], n)
+        return [np.empty(n, np.uint8) for n in need]
+
+    def _runtime_op(self, s, vals) -> None:
+        # Collectives between in-process virtual devices, computed like their references.
+        ins = [from_kernel(vals[i], self._dtypes[i]).astype(np.float64) if self._dtypes[i].is_float
+               else vals[i] for i in s.inputs]
+        if s.op == "allreduce":
+            total = ins[0]
+            for a in ins[1:]:
+                total = total + a
+            results = [total] * len(s.outputs)
+        elif s.op == "allgather":
+            results = [np.concatenate(ins, axis=s.attrs.get("axis", 0))] * len(s.outputs)
+        elif s.op == "transfer_to":
+            results = ins
+        else:
+            raise NotImplementedError(f"the CPU runtime cannot run gir.{s.op}")
+        for o, r in zip(s.outputs, results):
+            dt = self._dtypes[o]
+            vals[o] = to_kernel(round_to(r, dt), dt)
+
+
+def load(art: Artifact, weights: Mapping[str, np.ndarray], devices: Sequence) -> CpuModel:
+    return CpuModel(art, weights)
