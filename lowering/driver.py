@@ -67,6 +67,7 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
     g = _copy(graph)
     say("running passes")
     run_passes(g, passes)
+    decompose(g, tgt.backend)
     text = str(g)
     key = cache.cache_key(text, str(tgt), options)
     if use_cache and out is None:
@@ -90,3 +91,23 @@ def _copy(graph):
     from graphir import parse
 
     return parse(str(graph))
+
+
+def decompose(graph, backend: str) -> bool:
+    """Rewrite nodes the backend cannot lower by their registered decompositions."""
+    from graphir.passes.dce import dce
+    from graphir.rewrite import Pattern, apply_patterns
+
+    from .registry import DECOMPOSITIONS, STRUCTURAL, lowering_for
+
+    def rewrite(node, rw) -> bool:
+        if node.op in STRUCTURAL or lowering_for(node.op, backend) is not None:
+            return False
+        fn = DECOMPOSITIONS.get(node.op)
+        return bool(fn and fn(node, rw))
+
+    changed = apply_patterns(graph, [Pattern("decompose", rewrite)])
+    if changed:
+        dce(graph)
+        graph.verify()
+    return changed
