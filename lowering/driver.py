@@ -67,15 +67,16 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
     g = _copy(graph)
     say("running passes")
     run_passes(g, passes)
-    decompose(g, tgt.backend)
-    text = str(g)
-    key = cache.cache_key(text, str(tgt), options)
+    # The key is taken before lowering-specific rewrites: a cache hit needs no backend import.
+    key = cache.cache_key(str(g), str(tgt), options)
     if use_cache and out is None:
         hit = cache.lookup(key, str(tgt))
         if hit is not None:
             say("cache hit")
             return hit
-    backend = importlib.import_module(BACKENDS[tgt.backend])
+    backend = importlib.import_module(BACKENDS[tgt.backend])  # registers its lowerings
+    decompose(g, tgt.backend)
+    text = str(g)
     payload, extra = backend.build(g, tgt, say, **options)
     dest = Path(out) if out is not None else cache.entry_path(key)
     say("writing artifact")

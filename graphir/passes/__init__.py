@@ -28,5 +28,5 @@ def default_pipeline() -> list[str]:
 
 
 from . import canonicalize, cse, dce  # noqa: E402,F401
-from . import fuse_qkv, fuse_rope_split_store  # noqa: E402,F401
+from . import elementwise_fusion, fuse_qkv, fuse_rope_split_store  # noqa: E402,F401
 from .manager import PassManager, run_passes  # noqa: E402,F401

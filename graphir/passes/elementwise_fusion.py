@@ -59,9 +59,9 @@ def find_groups(graph, exclude=frozenset()) -> list[FusionGroup]:
             if p is not None:
                 users.setdefault(id(p), []).append(n)
 
-    def descendants(nodes) -> set[int]:
+    def descendants(ids) -> set[int]:
         seen: set[int] = set()
-        stack = [u for n in nodes for u in users.get(id(n), [])]
+        stack = [u for i in ids for u in users.get(i, [])]
         while stack:
             u = stack.pop()
             if id(u) not in seen:
@@ -69,34 +69,38 @@ def find_groups(graph, exclude=frozenset()) -> list[FusionGroup]:
                 stack.extend(users.get(id(u), []))
         return seen
 
+    def legal(ids: set[int]) -> bool:
+        # No path leaves the set and comes back: the set can run as one step.
+        out = descendants(ids) - ids
+        return not (descendants(out) & ids)
+
     group_of: dict[int, int] = {}
-    members: list[list] = []
+    members: dict[int, list] = {}
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         if id(n) in exclude or not is_elementwise(n):
             continue
         t = n.results[0].type
-        target = None
+        merged = {id(n)}
+        gids: list[int] = []
         for v in n.operands:
             p = producer.get(id(v))
-            if p is None or id(p) not in group_of:
+            if p is None or id(p) not in group_of or group_of[id(p)] in gids:
                 continue
             gid = group_of[id(p)]
-            if gid == target:
-                continue
             head = members[gid][0].results[0].type
             if head.shape != t.shape or head.device != t.device:
                 continue
-            inside = {id(m) for m in members[gid]}
-            below = descendants(members[gid])
-            outside_ops = [producer.get(id(w)) for w in n.operands]
-            if all(q is None or id(q) in inside or id(q) not in below for q in outside_ops):
-                target = gid
-                break
-        if target is None:
-            target = len(members)
-            members.append([])
-        members[target].append(n)
-        group_of[id(n)] = target
+            trial = merged | {id(m) for m in members[gid]}
+            if legal(trial):
+                merged = trial
+                gids.append(gid)
+        new = gids[0] if gids else len(order) + len(members)
+        nodes = [n] + [m for g in gids for m in members.pop(g)]
+        members[new] = sorted(nodes, key=lambda m: order[id(m)])
+        for m in nodes:
+            group_of[id(m)] = new
+    members = [members[k] for k in sorted(members, key=lambda k: order[id(members[k][0])])]
     return [_describe(graph, ms, users, producer) for ms in members]
 
 

@@ -1,0 +1,230 @@
+"""The Triton GPU backend: graph -> execution plan of kernel launches + offline cubins.
+
+`lower(graph)` (no compiler involved) forms the plan: nodes computable from constants and
+weights alone run once on the host when the model loads ("host" steps: the RoPE table, the
+stacked qkv weight); elementwise chains become fused groups (codegen.py); every other node goes
+to its registered lowering (lowerings*.py), which records launches as data (lowerings_base.py).
+`build(graph, target, say)` then compiles every distinct kernel specialization with
+`triton.compile` for the target (no GPU needed) and returns the artifact payload (cubins, PTX,
+Triton sources) and the manifest fields: the plan and the kernel table (cubin file, parameters,
+warps, shared memory, scratch sizes).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+
+from graphir.passes.elementwise_fusion import find_groups
+from graphir.types import ChainType
+from lowering.plan import Plan, Step, assign_slots, value_table
+from lowering.registry import lowering_for
+
+from . import (codegen, lowerings, lowerings_fallback, lowerings_paged,  # noqa: F401
+               lowerings_reduce, lowerings_shape)
+from .lowerings_base import Program, StepBuilder
+
+STRUCTURAL = ("chain", "weight", "constant")
+
+
+def host_nodes(graph) -> set[int]:
+    """id() of nodes whose values depend only on constants and weights (static shapes, no
+    effects): the executor computes them once at load time with the op references."""
+    known: set[int] = set()
+    host: set[int] = set()
+    for n in graph.nodes:
+        if n.op == "chain":
+            continue
+        if n.op in ("weight", "constant"):
+            host.add(id(n))
+            known.update(id(r) for r in n.results)
+            continue
+        if n.opdef.effects or any(isinstance(r.type, ChainType) for r in n.results):
+            continue
+        if all(id(v) in known for v in n.operands) \
+                and all(r.type.is_static for r in n.results):
+            host.add(id(n))
+            known.update(id(r) for r in n.results)
+    return host
+
+
+def schedule(graph, groups, host: set[int]) -> list:
+    """Device units (a Node or a FusionGroup) in a dependency order close to graph order."""
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    unit_of: dict[int, object] = {}
+    units = []
+    for g in groups:
+        units.append(g)
+        for n in g.nodes:
+            unit_of[id(n)] = g
+    for n in graph.nodes:
+        if id(n) not in unit_of and id(n) not in host and n.op != "chain":
+            units.append(n)
+            unit_of[id(n)] = n
+    producer = {id(r): n for n in graph.nodes for r in n.results}
+    dag = nx.DiGraph()
+    pos = {}
+    for u in units:
+        members = u.nodes if hasattr(u, "nodes") else [u]
+        pos[id(u)] = max(index[id(m)] for m in members)
+        dag.add_node(id(u))
+        for m in members:
+            for v in m.operands:
+                p = producer.get(id(v))
+                src = unit_of.get(id(p)) if p is not None else None
+                if src is not None and src is not u:
+                    dag.add_edge(id(src), id(u))
+    by_id = {id(u): u for u in units}
+    order = nx.lexicographical_topological_sort(dag, key=lambda k: pos[k])
+    return [by_id[k] for k in order]
+
+
+def lower(graph) -> Program:
+    """The plan and kernel specializations of `graph` (no compilation)."""
+    host = host_nodes(graph)
+    groups = find_groups(graph, exclude=host)
+    vids, infos = value_table(graph)
+    constants = {}
+    for n in graph.nodes:
+        if id(n) in host and n.op not in STRUCTURAL:
+            for r in n.results:
+                infos[vids[id(r)]].kind = "host"
+        if n.op == "constant" and np.asarray(n.attrs["value"]).size == 1:
+            constants[id(n.results[0])] = n.attrs["value"]
+    program = Program(plan=None)
+    node_index = {id(n): i for i, n in enumerate(graph.nodes)}
+    steps: list[Step] = []
+    for i, n in enumerate(graph.nodes):
+        if id(n) in host and n.op not in STRUCTURAL:
+            steps.append(Step("host", n.op, [vids[id(v)] for v in n.operands],
+                              [vids[id(r)] for r in n.results], {"node": i}))
+    for unit in schedule(graph, groups, host):
+        if hasattr(unit, "nodes"):
+            sb = StepBuilder(program, vids, "fused:" + ",".join(m.op for m in unit.nodes),
+                             unit.inputs, unit.outputs, constants)
+            codegen.lower_group(sb, unit)
+            steps.append(sb.step())
+            continue
+        n = unit
+        ins = [v for v in n.operands if not isinstance(v.type, ChainType)]
+        outs = [r for r in n.results if not isinstance(r.type, ChainType)]
+        if n.op == "reshape" and infos[vids[id(outs[0])]].kind == "intermediate":
+            infos[vids[id(outs[0])]].view_of = vids[id(ins[0])]
+            steps.append(Step("view", n.op, [vids[id(ins[0])]], [vids[id(outs[0])]]))
+            continue
+        fn = lowering_for(n.op, "cuda")
+        if fn is None:
+            raise ValueError(f"gir.{n.op} has no cuda lowering"
+                             f"{' (at ' + n.loc + ')' if n.loc else ''}")
+        sb = StepBuilder(program, vids, n.op, ins, outs, constants)
+        try:
+            fn(sb, n)
+        except ValueError as err:
+            raise ValueError(f"{err}{' (at ' + n.loc + ')' if n.loc else ''}") from None
+        if getattr(sb, "host_fallback", False):
+            steps.append(Step("host_runtime", n.op, sb.inputs, sb.outputs,
+                              {"node": node_index[id(n)]}))
+        else:
+            steps.append(sb.step())
+    n_slots = assign_slots(infos, [s for s in steps if s.kernel != "host"])
+    inputs = [vids[id(v)] for v in graph.inputs if not isinstance(v.type, ChainType)]
+    program.plan = Plan(infos, steps, inputs, [vids[id(v)] for v in graph.outputs], n_slots)
+    return program
+
+
+def kernel_source(spec, program: Program, key: str) -> str:
+    """Triton source of a kernel: the generated text, or the hand-written kernel's module."""
+    if key in program.sources:
+        return program.sources[key]
+    fn = getattr(spec.fn, "fn", spec.fn)
+    head = (f"# {key}: {spec.name}, constexprs {json.dumps(_jsonable(spec.constexprs))}, "
+            f"num_warps {spec.num_warps}, num_stages {spec.num_stages}\n")
+    try:
+        return head + Path(inspect.getsourcefile(fn)).read_text()
+    except (TypeError, OSError):
+        return head
+
+
+def _jsonable(d) -> dict:
+    return {k: (v if isinstance(v, (bool, int, float, str)) else repr(v)) for k, v in d.items()}
+
+
+def build(graph, target, say=lambda msg: None, **options):
+    """Compile `graph` for `target` (a lowering.driver.Target, cuda): (payload, manifest extra)."""
+    if options:
+        raise ValueError(f"unknown cuda compile options {sorted(options)}")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return _build_in_subprocess(graph, target, say)
+    from triton.backends.compiler import GPUTarget
+
+    from .aot import MAX_SHARED_SM90, compile_spec
+
+    say("lowering to Triton kernels")
+    program = lower(graph)
+    gpu = GPUTarget("cuda", int(target.arch or 90), 32)
+    payload: dict[str, bytes] = {}
+    table = {}
+    for i, (key, spec) in enumerate(sorted(program.kernels.items())):
+        say(f"compiling kernel {i + 1}/{len(program.kernels)}: {spec.name}")
+        c = compile_spec(spec, gpu)
+        if c.shared > MAX_SHARED_SM90:
+            raise ValueError(f"kernel {key} needs {c.shared} bytes of shared memory, over the "
+                             f"sm_90 limit of {MAX_SHARED_SM90}")
+        payload[f"cuda/{key}.cubin"] = c.cubin
+        payload[f"cuda/{key}.ptx"] = c.ptx.encode()
+        payload[f"triton/{key}.py"] = kernel_source(spec, program, key).encode()
+        table[key] = {**c.launch_metadata(), "cubin": f"cuda/{key}.cubin",
+                      "ptx": f"cuda/{key}.ptx", "source": f"triton/{key}.py",
+                      "spec": spec.name, "signature": dict(spec.signature),
+                      "constexprs": _jsonable(spec.constexprs),
+                      "divisible_by_16": list(spec.divisible_by_16)}
+    extra = {"backend": "triton_gpu", "plan": program.plan.to_json(), "kernels": table,
+             "input_names": graph.input_names}
+    return payload, extra
+
+
+def _build_in_subprocess(graph, target, say):
+    # Under TRITON_INTERPRET=1 (the interpreter tests) @triton.jit functions cannot be
+    # compiled; build in a clean interpreter instead.
+    say("compiling in a subprocess (TRITON_INTERPRET is set here)")
+    with tempfile.TemporaryDirectory(prefix="graphir-build-") as tmp:
+        src = Path(tmp) / "graph.gir"
+        src.write_text(str(graph))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-m", "lowering.triton_gpu.backend", str(src),
+                               str(target), tmp], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"cuda build subprocess failed:\n{proc.stderr[-4000:]}")
+        extra = json.loads((Path(tmp) / "extra.json").read_text())
+        payload = {}
+        for rel in extra.pop("_files"):
+            payload[rel] = (Path(tmp) / "out" / rel).read_bytes()
+    return payload, extra
+
+
+def _main(argv) -> int:
+    from graphir import parse
+    from lowering.driver import Target
+
+    src, target, out = argv
+    graph = parse(Path(src).read_text())
+    payload, extra = build(graph, Target.parse(target))
+    for rel, data in payload.items():
+        p = Path(out) / "out" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (Path(out) / "extra.json").write_text(json.dumps({**extra, "_files": sorted(payload)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,114 @@
+"""The unfused path's `rope` and `kv_cache_store` on cuda: small Triton kernels reusing the
+pair loads of the fused rope_split_store kernel and the paged addressing of kernels/paged.py.
+
+One program per token, all heads of the token in one [1, HB, D] tile (bandwidth-bound, like the
+fused kernel; the unfused path reads and writes q/k/v once more than the fused one).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lowering.registry import register_lowering
+from lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
+from lowering.triton_gpu.kernels.rope_split_store import _load_pairs, _store_pairs
+from lowering.triton_gpu.kernels.spec import KernelSpec, next_pow2
+
+from .lowerings_base import StepBuilder, e, static_int, ttype
+
+
+@triton.jit
+def rope_kernel(x_ptr, freqs_ptr, offs_ptr, clen_ptr, out_ptr, T, batch, H: tl.constexpr,
+                D: tl.constexpr, HB: tl.constexpr, INTERLEAVED: tl.constexpr):
+    t = tl.program_id(0) + tl.zeros((1,), tl.int32)
+    b = find_sequence(offs_ptr, t, batch)
+    pos = tl.load(clen_ptr + b) + t - tl.load(offs_ptr + b)
+    fr = tl.load(freqs_ptr + pos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :])
+    cos, sin = tl.split(tl.reshape(fr.to(tl.float32), (1, D // 2, 2)))
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    row = t.to(tl.int64) * (H * D)
+    for h0 in range(0, H, HB):
+        h = h0 + tl.arange(0, HB)
+        m = (t < T)[:, None] & (h < H)[None, :]
+        base = row[:, None] + h[None, :] * D
+        a, bb = _load_pairs(x_ptr, base, m, D, INTERLEAVED)
+        _store_pairs(out_ptr, base, m, a * cos - bb * sin, a * sin + bb * cos, D, INTERLEAVED)
+
+
+@triton.jit
+def kv_store_kernel(x_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, T, batch, max_pages,
+                    layer_idx, num_layers, KV: tl.constexpr, NKV: tl.constexpr,
+                    D: tl.constexpr, PAGE_SIZE: tl.constexpr, HB: tl.constexpr):
+    t = tl.program_id(0) + tl.zeros((1,), tl.int32)
+    valid = t < T
+    b = find_sequence(offs_ptr, t, batch)
+    pos = tl.load(clen_ptr + b) + t - tl.load(offs_ptr + b)
+    base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, valid, KV,
+                        PAGE_SIZE, NKV, D)
+    d = tl.arange(0, D)
+    for h0 in range(0, NKV, HB):
+        h = h0 + tl.arange(0, HB)
+        m = (valid[:, None] & (h < NKV)[None, :])[:, :, None]
+        src = (t.to(tl.int64) * (NKV * D))[:, None] + h[None, :] * D
+        v = tl.load(x_ptr + src[:, :, None] + d[None, None, :], mask=m)
+        dst = base[:, None] + h[None, :] * D
+        tl.store(blocks_ptr + dst[:, :, None] + d[None, None, :],
+                 v.to(blocks_ptr.dtype.element_ty), mask=m)
+
+
+def _check_d(d: int, op: str) -> None:
+    if d < 2 or d & (d - 1):
+        raise ValueError(f"gir.{op} on cuda: head_dim must be a power of two, got {d}")
+
+
+def rope_spec(h: int, d: int, dtype: str, freqs_dtype: str, interleaved: bool) -> KernelSpec:
+    hb = min(next_pow2(h), max(1, 4096 // d))
+    sig = {"x_ptr": f"*{dtype}", "freqs_ptr": f"*{freqs_dtype}", "offs_ptr": "*i32",
+           "clen_ptr": "*i32", "out_ptr": f"*{dtype}", "T": "i32", "batch": "i32",
+           "H": "constexpr", "D": "constexpr", "HB": "constexpr", "INTERLEAVED": "constexpr"}
+    return KernelSpec(name=f"rope_{dtype}_h{h}_d{d}", fn=rope_kernel, signature=sig,
+                      constexprs={"H": h, "D": d, "HB": hb, "INTERLEAVED": interleaved},
+                      num_warps=4, num_stages=1, grid=lambda T: (T, 1, 1), grid_args=("T",))
+
+
+def kv_store_spec(kind: int, nkv: int, d: int, page: int, dtype: str,
+                  blocks_dtype: str) -> KernelSpec:
+    hb = min(next_pow2(nkv), max(1, 4096 // d))
+    sig = {"x_ptr": f"*{dtype}", "offs_ptr": "*i32", "clen_ptr": "*i32", "lut_ptr": "*i32",
+           "blocks_ptr": f"*{blocks_dtype}", "T": "i32", "batch": "i32", "max_pages": "i32",
+           "layer_idx": "i32", "num_layers": "i32", "KV": "constexpr", "NKV": "constexpr",
+           "D": "constexpr", "PAGE_SIZE": "constexpr", "HB": "constexpr"}
+    return KernelSpec(name=f"kv_store_{'kv'[kind]}_{blocks_dtype}", fn=kv_store_kernel,
+                      signature=sig, constexprs={"KV": kind, "NKV": nkv, "D": d,
+                                                 "PAGE_SIZE": page, "HB": hb},
+                      num_warps=4, num_stages=1, grid=lambda T: (T, 1, 1), grid_args=("T",))
+
+
+@register_lowering("rope", "cuda")
+def _rope(sb: StepBuilder, node) -> None:
+    x, freqs, offs, clen = node.operands
+    d = node.attrs["head_dim"]
+    _check_d(d, node.op)
+    h = static_int(x.type.shape[1], "the width of gir.rope's input") // d
+    spec = rope_spec(h, d, ttype(x.type.dtype), ttype(freqs.type.dtype),
+                     node.attrs["interleaved"])
+    T = e(x.type.shape[0])
+    sb.launch(sb.kernel(spec), [T], [sb.ptr(x), sb.ptr(freqs), sb.ptr(offs), sb.ptr(clen),
+                                     sb.ptr(node.results[0]), T, e(offs.type.shape[0] - 1)])
+
+
+@register_lowering("kv_cache_store", "cuda")
+def _kv_cache_store(sb: StepBuilder, node) -> None:
+    x, blocks, offs, clen, lut = node.operands[:5]
+    shape = blocks.type.shape
+    page = static_int(shape[3], "page_size of the KV blocks")
+    nkv = static_int(shape[4], "n_kv_heads of the KV blocks")
+    d = static_int(shape[5], "head_dim of the KV blocks")
+    _check_d(d, node.op)
+    spec = kv_store_spec(node.attrs["kind"], nkv, d, page, ttype(x.type.dtype),
+                         ttype(blocks.type.dtype))
+    T = e(x.type.shape[0])
+    sb.launch(sb.kernel(spec), [T], [sb.ptr(x), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut),
+                                     sb.ptr(blocks), T, e(offs.type.shape[0] - 1),
+                                     e(lut.type.shape[1]), node.attrs["layer"], e(shape[2])])

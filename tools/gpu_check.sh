@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (no network, no MLIR needed): install this tree, run the GPU
+# tests, then the benchmarks side by side with torch. Logs go to $OUT when it is set.
+#   bash tools/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG="${OUT:-/tmp}"
+mkdir -p "$LOG"
+unset TRITON_INTERPRET
+export PYTHONDONTWRITEBYTECODE=1
+# Fresh caches: nothing compiled elsewhere is trusted here.
+export GRAPHIR_CACHE_DIR="${GRAPHIR_CACHE_DIR:-$(mktemp -d -t graphir-cache-XXXX)}"
+export GRAPHIR_CODEGEN_DIR="${GRAPHIR_CODEGEN_DIR:-$(mktemp -d -t graphir-codegen-XXXX)}"
+
+echo "== environment"
+python -c "import sys, torch, triton, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, '|', torch.cuda.get_device_name(0))"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+
+echo "== install (no deps, no build isolation)"
+python -m pip install --no-deps --no-build-isolation -e . >"$LOG/pip_install.log" 2>&1 \
+  || { tail -20 "$LOG/pip_install.log"; echo "install FAILED"; exit 2; }
+
+echo "== GPU tests"
+python -m pytest -m gpu tests/gpu tests/runtime/cuda -q -rs -p no:cacheprovider \
+  >"$LOG/gpu_tests.log" 2>&1
+TESTS=$?
+tail -40 "$LOG/gpu_tests.log"
+
+echo "== benchmarks"
+python tools/bench_gpu.py >"$LOG/bench_gpu.log" 2>&1
+BENCH=$?
+tail -25 "$LOG/bench_gpu.log"
+
+echo "== summary: tests rc=$TESTS bench rc=$BENCH (logs in $LOG)"
+[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ]
