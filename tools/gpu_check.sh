@@ -7,27 +7,28 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-/tmp}"
 mkdir -p "$LOG"
 unset TRITON_INTERPRET
-export PYTHONDONTWRITEBYTECODE=1
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 # Fresh caches: nothing compiled elsewhere is trusted here.
 export GRAPHIR_CACHE_DIR="${GRAPHIR_CACHE_DIR:-$(mktemp -d -t graphir-cache-XXXX)}"
 export GRAPHIR_CODEGEN_DIR="${GRAPHIR_CODEGEN_DIR:-$(mktemp -d -t graphir-codegen-XXXX)}"
 
 echo "== environment"
-python -c "import sys, torch, triton, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, '|', torch.cuda.get_device_name(0))"
+"$PY" -c "import sys, torch, triton, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, '|', torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
 
 echo "== install (no deps, no build isolation)"
-python -m pip install --no-deps --no-build-isolation -e . >"$LOG/pip_install.log" 2>&1 \
+"$PY" -m pip install --no-deps --no-build-isolation -e . >"$LOG/pip_install.log" 2>&1 \
   || { tail -20 "$LOG/pip_install.log"; echo "install FAILED"; exit 2; }
 
 echo "== GPU tests"
-python -m pytest -m gpu tests/gpu tests/runtime/cuda -q -rs -p no:cacheprovider \
+"$PY" -m pytest -m gpu tests/gpu tests/runtime/cuda -q -rs -p no:cacheprovider \
   >"$LOG/gpu_tests.log" 2>&1
 TESTS=$?
 tail -40 "$LOG/gpu_tests.log"
 
 echo "== benchmarks"
-python tools/bench_gpu.py >"$LOG/bench_gpu.log" 2>&1
+"$PY" tools/bench_gpu.py >"$LOG/bench_gpu.log" 2>&1
 BENCH=$?
 tail -25 "$LOG/bench_gpu.log"
 
