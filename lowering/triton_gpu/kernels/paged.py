@@ -56,12 +56,12 @@ def find_sequence(offs_ptr, t, batch):
 def slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, valid, KV: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
     """Element offset of (token pos of sequence b, head 0, dim 0) in the K (KV=0) or V blocks."""
-    page = tl.load(lut_ptr + b.to(tl.int64) * max_pages + pos // PAGE_SIZE, mask=valid, other=0)
+    page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + pos // PAGE_SIZE, mask=valid, other=0)
     slot = pos % PAGE_SIZE
     layer_stride = PAGE_SIZE * NKV * D
-    kv_stride = num_layers.to(tl.int64) * layer_stride
+    kv_stride = tl.cast(num_layers, tl.int64) * layer_stride
     return (page.to(tl.int64) * (2 * kv_stride) + KV * kv_stride
-            + layer_idx.to(tl.int64) * layer_stride + slot * (NKV * D))
+            + tl.cast(layer_idx, tl.int64) * layer_stride + slot * (NKV * D))
 
 
 @triton.jit

@@ -54,7 +54,7 @@ def paged_decode_partial_kernel(
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    v_shift = num_layers.to(tl.int64) * (PAGE_SIZE * NKV * D)
+    v_shift = tl.cast(num_layers, tl.int64) * (PAGE_SIZE * NKV * D)
     for n0 in range(p_start, p_end, BLOCK_N):
         kp = n0 + tl.arange(0, BLOCK_N)
         kmask = kp < p_end

@@ -11,7 +11,7 @@ token). Rows are loaded contiguously and the interleaved pairs are separated in 
 halves as two contiguous tiles (8-16 bytes per access, depending on the tile). The sequence
 of each token comes from a binary search over input_row_offsets (log2(batch) cached loads).
 Two specializations: BLOCK_T=1 for decode-sized T (one program per token keeps every SM busy)
-and BLOCK_T=4 for prefill (fewer, fatter programs amortize the search and the rope table rows).
+and BLOCK_T=2 for prefill (fewer programs amortize the search and the rope table rows).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import triton.language as tl
 from lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
 from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
 
-TILE_ELEMS = 4096
+# Elements per [BLOCK_T, heads, D] chunk. Swept on an H100 (tools/tune_rope_split_store.py):
+# 2 tokens x 8 heads x 128 with 4 warps reached 83% of copy bandwidth, 4 x 8 x 128 only ~63%.
+TILE_ELEMS = 2048
 
 
 @triton.jit
@@ -85,7 +87,7 @@ def rope_split_store_kernel(
         q_norm_ptr, k_norm_ptr, T, batch, max_pages, layer_idx, num_layers, eps,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
-        HB_Q: tl.constexpr, HB_KV: tl.constexpr):
+        HB_Q: tl.constexpr, HB_KV: tl.constexpr, SPLIT_HEADS: tl.constexpr = False):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     t = tl.minimum(t, T - 1)
@@ -109,35 +111,60 @@ def rope_split_store_kernel(
     v_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 1,
                           PAGE_SIZE, NKV, D)
 
-    hq = tl.arange(0, HB_Q)
-    for h0 in range(0, NH, HB_Q):
-        h = h0 + hq
-        m = tmask[:, None] & (h < NH)[None, :]
-        a, bb = _load_pairs(qkv_ptr, row[:, None] + h[None, :] * D, m, D, INTERLEAVED)
-        a, bb = _norm_rope(a, bb, cos, sin, qwa, qwb, eps, D, USE_QK_NORM)
-        _store_pairs(q_out_ptr, t.to(tl.int64)[:, None] * (NH * D) + h[None, :] * D, m, a, bb,
-                     D, INTERLEAVED)
+    if SPLIT_HEADS:
+        # One head chunk per program (grid axis 1 walks the q chunks, then the k/v chunks):
+        # more independent programs in flight than a loop over chunks inside one program.
+        c = tl.program_id(1)
+        n_q = (NH + HB_Q - 1) // HB_Q
+        if c < n_q:
+            _q_chunk(qkv_ptr, q_out_ptr, row, t, tmask, c * HB_Q, cos, sin, qwa, qwb, eps,
+                     NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_Q)
+        else:
+            _kv_chunk(qkv_ptr, blocks_ptr, row, tmask, k_base, v_base, (c - n_q) * HB_KV, cos,
+                      sin, kwa, kwb, eps, NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_KV)
+    else:
+        for h0 in range(0, NH, HB_Q):
+            _q_chunk(qkv_ptr, q_out_ptr, row, t, tmask, h0, cos, sin, qwa, qwb, eps,
+                     NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_Q)
+        for h0 in range(0, NKV, HB_KV):
+            _kv_chunk(qkv_ptr, blocks_ptr, row, tmask, k_base, v_base, h0, cos, sin, kwa, kwb,
+                      eps, NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_KV)
 
-    hk = tl.arange(0, HB_KV)
-    for h0 in range(0, NKV, HB_KV):
-        h = h0 + hk
-        m = tmask[:, None] & (h < NKV)[None, :]
-        # Both loads go out before the first store: the compiler cannot prove the cache and
-        # qkv do not alias, so a load after a store would wait for it.
-        a, bb = _load_pairs(qkv_ptr, row[:, None] + (NH + h)[None, :] * D, m, D, INTERLEAVED)
-        d = tl.arange(0, D)
-        v = tl.load(qkv_ptr + (row[:, None] + (NH + NKV + h)[None, :] * D)[:, :, None]
-                    + d[None, None, :], mask=m[:, :, None])
-        a, bb = _norm_rope(a, bb, cos, sin, kwa, kwb, eps, D, USE_QK_NORM)
-        _store_pairs(blocks_ptr, k_base[:, None] + h[None, :] * D, m, a, bb, D, INTERLEAVED)
-        tl.store(blocks_ptr + (v_base[:, None] + h[None, :] * D)[:, :, None] + d[None, None, :],
-                 v.to(blocks_ptr.dtype.element_ty), mask=m[:, :, None])
+
+@triton.jit
+def _q_chunk(qkv_ptr, q_out_ptr, row, t, tmask, h0, cos, sin, qwa, qwb, eps,
+             NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr,
+             USE_QK_NORM: tl.constexpr, HB_Q: tl.constexpr):
+    h = h0 + tl.arange(0, HB_Q)
+    m = tmask[:, None] & (h < NH)[None, :]
+    a, bb = _load_pairs(qkv_ptr, row[:, None] + h[None, :] * D, m, D, INTERLEAVED)
+    a, bb = _norm_rope(a, bb, cos, sin, qwa, qwb, eps, D, USE_QK_NORM)
+    _store_pairs(q_out_ptr, t.to(tl.int64)[:, None] * (NH * D) + h[None, :] * D, m, a, bb,
+                 D, INTERLEAVED)
+
+
+@triton.jit
+def _kv_chunk(qkv_ptr, blocks_ptr, row, tmask, k_base, v_base, h0, cos, sin, kwa, kwb, eps,
+              NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr,
+              USE_QK_NORM: tl.constexpr, HB_KV: tl.constexpr):
+    h = h0 + tl.arange(0, HB_KV)
+    m = tmask[:, None] & (h < NKV)[None, :]
+    # Both loads go out before the first store: the compiler cannot prove the cache and
+    # qkv do not alias, so a load after a store would wait for it.
+    a, bb = _load_pairs(qkv_ptr, row[:, None] + (NH + h)[None, :] * D, m, D, INTERLEAVED)
+    d = tl.arange(0, D)
+    v = tl.load(qkv_ptr + (row[:, None] + (NH + NKV + h)[None, :] * D)[:, :, None]
+                + d[None, None, :], mask=m[:, :, None])
+    a, bb = _norm_rope(a, bb, cos, sin, kwa, kwb, eps, D, USE_QK_NORM)
+    _store_pairs(blocks_ptr, k_base[:, None] + h[None, :] * D, m, a, bb, D, INTERLEAVED)
+    tl.store(blocks_ptr + (v_base[:, None] + h[None, :] * D)[:, :, None] + d[None, None, :],
+             v.to(blocks_ptr.dtype.element_ty), mask=m[:, :, None])
 
 
 def block_sizes(NH: int, NKV: int, D: int, T: int | None = None, block_t: int | None = None
                 ) -> tuple[int, int, int]:
     """(BLOCK_T, HB_Q, HB_KV): decode-sized T (<= 1024) gets one token per program."""
-    bt = block_t or (1 if T is None or T <= 1024 else 4)
+    bt = block_t or (1 if T is None or T <= 1024 else 2)
     hb = max(1, TILE_ELEMS // (D * bt))
     return bt, min(next_pow2(NH), hb), min(next_pow2(NKV), hb)
 
@@ -153,7 +180,8 @@ def _check(qkv, NH, NKV, D):
 def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_cis, blocks,
                      layer_idx: int, n_heads: int, interleaved: bool = True,
                      q_norm_weight=None, k_norm_weight=None, eps: float = 1e-6,
-                     block_t: int | None = None, head_block: int | None = None):
+                     block_t: int | None = None, head_block: int | None = None,
+                     split_heads: bool = False, num_warps: int = 4):
     """Fused split/RoPE/store on torch tensors; writes K/V into `blocks` and returns q_roped.
 
     blocks: [num_pages, 2, num_layers, page_size, n_kv_heads, head_dim]; lookup_table
@@ -179,20 +207,22 @@ def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_
     if head_block is not None:  # tests: force several head chunks per program
         hbq = hbkv = head_block
     use_norm = q_norm_weight is not None
-    rope_split_store_kernel[(cdiv(T, bt),)](
+    n_chunks = cdiv(NH, hbq) + cdiv(NKV, hbkv) if split_heads else 1
+    rope_split_store_kernel[(cdiv(T, bt), n_chunks)](
         qkv.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths),
         as_i32(lookup_table), freqs_cis.contiguous(), blocks, q_out,
         q_norm_weight if use_norm else freqs_cis, k_norm_weight if use_norm else freqs_cis,
         T, batch, lookup_table.shape[1], layer_idx, num_layers, float(eps),
         NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size, INTERLEAVED=interleaved,
-        USE_QK_NORM=use_norm, BLOCK_T=bt, HB_Q=hbq, HB_KV=hbkv, num_warps=4)
+        USE_QK_NORM=use_norm, BLOCK_T=bt, HB_Q=hbq, HB_KV=hbkv, SPLIT_HEADS=split_heads,
+        num_warps=num_warps)
     return q_out
 
 
 def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
               dtype: str = "bfloat16", interleaved: bool = True, use_qk_norm: bool = False,
               freqs_dtype: str = "float32", norm_dtype: str | None = None) -> list[KernelSpec]:
-    """The decode (BLOCK_T=1, T <= 1024) and prefill (BLOCK_T=4) specializations."""
+    """The decode (BLOCK_T=1, T <= 1024) and prefill (BLOCK_T=2) specializations."""
     t = triton_dtype(dtype)
     tf = triton_dtype(freqs_dtype)
     tn = triton_dtype(norm_dtype or dtype)
@@ -201,13 +231,13 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
            "q_norm_ptr": f"*{tn}", "k_norm_ptr": f"*{tn}", "T": "i32", "batch": "i32",
            "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "eps": "fp32"}
     names = ["NH", "NKV", "D", "PAGE_SIZE", "INTERLEAVED", "USE_QK_NORM", "BLOCK_T", "HB_Q",
-             "HB_KV"]
+             "HB_KV", "SPLIT_HEADS"]
     sig.update({n: "constexpr" for n in names})
     specs = []
-    for label, bt in (("decode", 1), ("prefill", 4)):
+    for label, bt in (("decode", 1), ("prefill", 2)):
         _, hbq, hbkv = block_sizes(n_heads, n_kv_heads, head_dim, block_t=bt)
         vals = [n_heads, n_kv_heads, head_dim, page_size, interleaved, use_qk_norm, bt, hbq,
-                hbkv]
+                hbkv, False]
         specs.append(KernelSpec(
             name=f"rope_split_store_{t}_{label}", fn=rope_split_store_kernel, signature=sig,
             constexprs=dict(zip(names, vals)), num_warps=4, num_stages=1,

@@ -84,7 +84,7 @@ def test_grid_rules(compiled):
     grids = {k.split("/")[0]: v["grid"] for k, v in compiled.items() if k != "error"}
     assert grids["matmul_bf16_prefill_bias"] == [3 * 3, 1, 1]  # cdiv(300, 128) ** 2
     assert grids["rope_split_store_bf16_decode"] == [300, 1, 1]
-    assert grids["rope_split_store_bf16_prefill"] == [75, 1, 1]
+    assert grids["rope_split_store_bf16_prefill"] == [150, 1, 1]  # cdiv(300, BLOCK_T=2)
     assert grids["flash_attention_bf16_mask1"] == [3, 32, 300]
     assert grids["paged_decode_reduce_bf16"] == [300 * 32, 1, 1]
 

@@ -182,9 +182,11 @@ def test_rms_norm_per_head_view():
 # ---------------------------------------------------------------- rope + split + store
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("qk_norm,block_t,head_block", [(False, 1, None), (True, 4, 4),
-                                                        (False, 2, 1)])
-def test_rope_split_store(dtype, interleaved, qk_norm, block_t, head_block):
+@pytest.mark.parametrize("qk_norm,block_t,head_block,split", [(False, 1, None, False),
+                                                              (True, 4, 4, False),
+                                                              (False, 2, 1, False),
+                                                              (True, 2, 4, True)])
+def test_rope_split_store(dtype, interleaved, qk_norm, block_t, head_block, split):
     rng = np.random.default_rng(11 + block_t + 2 * interleaved)
     NH, NKV, D, PS, L, layer = 6, 2, 16, 4, 3, 1
     new_lens, cache_lens = [3, 0, 1, 5], [2, 4, 9, 0]
@@ -197,7 +199,7 @@ def test_rope_split_store(dtype, interleaved, qk_norm, block_t, head_block):
     blocks = pb["blocks"].clone()
     q_out = rss.rope_split_store(qkv, pb["offs_t"], pb["cache_t"], pb["lut_t"], freqs, blocks,
                                  layer, NH, interleaved, qw, kw, eps=1e-6, block_t=block_t,
-                                 head_block=head_block)
+                                 head_block=head_block, split_heads=split)
 
     x = f64(qkv)
     q = x[:, :NH * D].reshape(T, NH, D)
