@@ -121,6 +121,8 @@ def load_artifact(path, *, expect_target: str | None = None) -> Artifact:
                             f"supported (this graphir reads version {FORMAT_VERSION}); recompile it")
     mine = tool_versions()
     theirs = manifest.get("tool_versions", {})
+    if not isinstance(theirs, dict):
+        raise ArtifactError(f"{path}: manifest tool_versions is not a mapping")
     for key in ("graphir", "machine"):
         if theirs.get(key) != mine[key]:
             raise ArtifactError(f"{path}: built by {key} {theirs.get(key)!r}, this is "

@@ -6,9 +6,12 @@ at once both succeed and readers never see a half-written entry.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 from .artifact import Artifact, ArtifactError, load_artifact, tool_versions
@@ -21,7 +24,7 @@ def cache_dir() -> Path:
 
 def cache_key(graph_text: str, target: str, options: dict) -> str:
     blob = json.dumps({"graph": graph_text, "target": target, "options": options,
-                       "tools": tool_versions()}, sort_keys=True)
+                       "tools": tool_versions(), "code": code_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -32,8 +35,29 @@ def lookup(key: str, target: str) -> Artifact | None:
     try:
         return load_artifact(p, expect_target=target)
     except ArtifactError:
-        return None  # a damaged entry is rebuilt, never used
+        # A damaged entry is never used: move it aside (atomically, so a concurrent reader
+        # never sees half of it) and let the caller rebuild it.
+        aside = p.with_name(f".damaged-{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            os.rename(p, aside)
+        except OSError:
+            return None
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
 
 
 def entry_path(key: str) -> Path:
     return cache_dir() / f"{key}.gart"
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """Hash of the compiler's own sources: a changed lowering never reuses a stale entry."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("graphir", "ops", "lowering"):
+        for f in sorted((root / pkg).rglob("*")):
+            if f.suffix in (".py", ".c") and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -9,8 +9,8 @@ LOWERINGS: dict[tuple[str, str], Callable] = {}
 # op -> fn(node, rewriter) that replaces the node by other ops (used when a backend has no
 # lowering of its own for the op).
 DECOMPOSITIONS: dict[str, Callable] = {}
-# Ops that need no code: the runtime binds (weight), creates (chain) or aliases (reshape) them.
-STRUCTURAL = {"chain", "weight"}
+# Ops that need no kernel: the runtime binds weights and constants, and creates the chain.
+STRUCTURAL = {"chain", "weight", "constant"}
 
 
 def register_lowering(op: str, backend: str):

@@ -39,7 +39,7 @@ def test_help(capsys):
     assert rc == 0 and "usage: graphir" in out
 
 
-@pytest.mark.parametrize("sub, words", [("dump", ["FILE.py[:FUNC]", "--stage", "{graph,passes}"]),
+@pytest.mark.parametrize("sub, words", [("dump", ["FILE.py[:FUNC]", "--stage", "graph,passes", "mlir", "triton"]),
                                         ("opt", ["--print-after-all", "-p PASSES"])])
 def test_subcommand_help(capsys, sub, words):
     with pytest.raises(SystemExit):
@@ -114,12 +114,12 @@ def test_opt_gir_file(capsys, tmp_path):
 
 
 def test_demo(capsys):
-    rc, out, _ = cli(capsys, "demo")
-    assert rc == 0
-    assert "== mlp.py: IR ==" in out and "graph @causal_attention(" in out
-    assert out.count(" OK") == 2 and "demo: all results match" in out
+    # The main job: the Llama-style layer compiled for the CPU, checked step by step.
+    pytest.importorskip("mlir.ir")
     rc, out, _ = cli(capsys, "demo", "--quiet")
-    assert rc == 0 and "graph @" not in out
+    assert rc == 0, out
+    assert "demo: OK" in out and "MISMATCH" not in out
+    assert "graph @" not in out
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -144,9 +144,9 @@ def test_errors_exit_1_with_a_message(capsys, tmp_path, argv, msg):
 
 def test_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["dump", MLP, "--stage", "llvm"])
+        main(["dump", MLP, "--stage", "bytecode"])
     assert e.value.code == 2
-    assert "invalid choice: 'llvm'" in capsys.readouterr().err
+    assert "invalid choice: 'bytecode'" in capsys.readouterr().err
 
 
 def test_installed_console_script():
