@@ -65,6 +65,19 @@ def _storage_dtype(dt: DType) -> np.dtype:
     return np.dtype(_BITS.get(dt, dt.storage))
 
 
+def pack_operand(a: np.ndarray, layout: str, nr: int = 16) -> np.ndarray:
+    """A matmul operand in the panel layout a kernel takes pre-packed (lowering/mlir_cpu/
+    schedules.py): "nk16" packs W [N, K] (used transposed), "kn16" W [K, N]; f32 [N/nr, K, nr]."""
+    a = np.asarray(a, np.float32)
+    if layout == "nk16":
+        n, k = a.shape
+        return np.ascontiguousarray(a.reshape(n // nr, nr, k).transpose(0, 2, 1))
+    if layout == "kn16":
+        k, n = a.shape
+        return np.ascontiguousarray(a.reshape(k, n // nr, nr).transpose(1, 0, 2))
+    raise ValueError(f"pack_operand: unknown layout {layout!r}")
+
+
 class CpuModel:
     """A loaded CPU artifact. `execute(*inputs)` returns numpy arrays; buffer inputs (the KV
     cache) are updated in place."""
@@ -92,6 +105,46 @@ class CpuModel:
                 n_in = len(s.inputs) + (1 if s.attrs.get("symbols") else 0)
                 n_out = len([o for o in s.outputs if self.plan.values[o].kind != "buffer"])
                 self._fns[s.kernel] = self._lib.function(s.kernel, n_in, n_out)
+        self._packed: dict[tuple[int, str], np.ndarray] = {}
+        self._bind_load_time()
+
+    def _bind_load_time(self) -> None:
+        """Run the steps marked "at_load" once (they read weights only) and pack the operands
+        steps take pre-packed; then drop weight copies no call reads."""
+        fixed = self._fixed
+        self._at_load: set[int] = set()   # values made at load: no slot memory per call
+        for s in self.plan.steps:
+            if s.kernel == "view":
+                if s.inputs[0] in fixed:
+                    fixed[s.outputs[0]] = fixed[s.inputs[0]].reshape(self._shape(s.outputs[0], {}))
+                continue
+            for i, layout in s.attrs.get("prepack", []):
+                v = s.inputs[i]
+                if (v, layout) not in self._packed and v in fixed:
+                    self._packed[(v, layout)] = pack_operand(from_kernel(fixed[v], self._dtypes[v]),
+                                                             layout)
+            if s.attrs.get("at_load"):
+                outs = [np.empty(self._shape(o, {}), _storage_dtype(self._dtypes[o]))
+                        for o in s.outputs]
+                self._fns[s.kernel](self._inputs_of(s, fixed), outs)
+                fixed.update(zip(s.outputs, outs))
+                self._at_load.update(s.outputs)
+        self._steps = self._per_call_steps()
+        used = set(self.plan.outputs)
+        for s in self._steps:
+            packed = {i for i, _ in s.attrs.get("prepack", [])}
+            used.update(v for j, v in enumerate(s.inputs) if j not in packed)
+        for v in [v for v in fixed if v not in used]:
+            del fixed[v]
+
+    def _per_call_steps(self):
+        return [s for s in self.plan.steps if not s.attrs.get("at_load")
+                and not (s.kernel == "view" and s.outputs[0] in self._fixed)]
+
+    def _inputs_of(self, s, vals) -> list[np.ndarray]:
+        packed = dict(s.attrs.get("prepack", []))
+        return [self._packed[(v, packed[i])] if i in packed else vals[v]
+                for i, v in enumerate(s.inputs)]
 
     def _shape(self, v: int, env) -> tuple[int, ...]:
         return tuple(Dim(d).evaluate(env) for d in self.plan.values[v].shape)
@@ -114,7 +167,7 @@ class CpuModel:
                 writeback.append((a, k, t.dtype))
             vals[vid_] = k
         slots = self._slots(env)
-        for s in plan.steps:
+        for s in self._steps:
             if s.kernel == "view":
                 vals[s.outputs[0]] = vals[s.inputs[0]].reshape(self._shape(s.outputs[0], env))
             elif s.kernel.startswith("runtime"):
@@ -131,7 +184,7 @@ class CpuModel:
                         arr = np.empty(shape, dt)
                     vals[o] = arr
                     outs.append(arr)
-                ins = [vals[i] for i in s.inputs]
+                ins = self._inputs_of(s, vals)
                 syms = s.attrs.get("symbols")
                 if syms:
                     ins.append(np.array([env[x] for x in syms], np.int64))
@@ -143,7 +196,7 @@ class CpuModel:
     def _slots(self, env) -> list[np.ndarray]:
         need = [0] * self.plan.n_slots
         for v in self.plan.values:
-            if v.slot is not None and v.view_of is None:
+            if v.slot is not None and v.view_of is None and v.id not in self._at_load:
                 n = int(np.prod(self._shape(v.id, env))) * _storage_dtype(self._dtypes[v.id]).itemsize
                 need[v.slot] = max(need[v.slot], n)
         return [np.empty(n, np.uint8) for n in need]

@@ -8,17 +8,29 @@ from mlir import ir
 from mlir.dialects import func
 
 from graphir.dim import Dim
+from graphir.opdef import lookup
 from graphir.types import BufferType, ChainType
 
 from ..plan import build_plan
-from ..registry import lowering_for
+from ..registry import lowering_for, register_lowering
 from . import lowerings  # noqa: F401  (registers the CPU lowerings)
+from .lowerings.float8 import legalize_float8
+from . import schedules
 from .emit import Emitter, boundary_type, tensor_type
 from .toolchain import compile_to_shared_object, new_context
 
 # Ops the CPU runtime carries out itself (no kernel): collectives and copies between the
 # in-process virtual devices.
 RUNTIME_OPS = {"allreduce", "allgather", "transfer_to"}
+
+
+def _runtime_op(e, args):
+    raise AssertionError("runtime ops are executed by runtime/cpu_executor.py, never emitted")
+
+
+for _op in RUNTIME_OPS:
+    # Registered so coverage checks see them handled; the plan never emits a kernel for them.
+    register_lowering(_op, "cpu")(_runtime_op)
 
 
 def _symbols(node) -> list[str]:
@@ -38,9 +50,29 @@ def kernel_name(node, index: int) -> str:
     return f"{'runtime' if node.op in RUNTIME_OPS else 'k'}{index}_{node.op}"
 
 
+def _load_time_values(graph) -> set[int]:
+    """ids of the values the runtime can compute once at load: weights, constants and the
+    results of pure, shape-static ops of those (e.g. the concat of q/k/v weights)."""
+    known: set[int] = set()
+    for n in graph.nodes:
+        if n.op in ("weight", "constant"):
+            known.update(id(r) for r in n.results)
+            continue
+        if n.op == "chain" or n.op in RUNTIME_OPS or lookup(n.op).effects or _symbols(n):
+            continue
+        ins = [v for v in n.operands if not isinstance(v.type, ChainType)]
+        if ins and all(id(v) in known for v in ins):
+            known.update(id(r) for r in n.results)
+    return known
+
+
 def emit_module(graph):
-    """The MLIR module (in a fresh context) and the plan; the context must stay alive."""
+    """The MLIR module (in a fresh context) and the plan; the context must stay alive.
+
+    Step attrs the executor honours: "at_load" (run once when weights are bound), "prepack"
+    ([[operand, layout], ...]: pass that operand packed, see schedules.py)."""
     plan = build_plan(graph, kernel_name)
+    load_time = _load_time_values(graph)
     ctx = new_context()
     with ctx, ir.Location.unknown():
         module = ir.Module.create()
@@ -56,17 +88,28 @@ def emit_module(graph):
                     continue
                 syms = _symbols(node)
                 step.attrs["symbols"] = syms
-                _emit_kernel(step.kernel, node, syms)
+                ins = [v for v in node.operands if not isinstance(v.type, ChainType)]
+                outs = [r for r in node.results if not isinstance(r.type, ChainType)]
+                if outs and all(id(r) in load_time for r in outs):
+                    step.attrs["at_load"] = True
+                layouts = schedules.prepack_layouts(node, [id(v) in load_time for v in ins])
+                if layouts:
+                    step.attrs["prepack"] = sorted([i, lay] for i, lay in layouts.items())
+                _emit_kernel(step.kernel, node, syms, layouts)
+            schedules.apply_matmul_schedule(module)
     return ctx, module, plan
 
 
-def _emit_kernel(name: str, node, syms: list[str]) -> None:
+def _emit_kernel(name: str, node, syms: list[str], prepack: dict | None = None) -> None:
     fn = lowering_for(node.op, "cpu")
     if fn is None:
         raise NotImplementedError(f"gir.{node.op} has no CPU lowering")
     ins = [v.type for v in node.operands if not isinstance(v.type, ChainType)]
     outs = [r.type for r in node.results if not isinstance(r.type, ChainType)]
     arg_types = [boundary_type(t) for t in ins]
+    for i, layout in (prepack or {}).items():
+        arg_types[i] = ir.RankedTensorType.get(
+            schedules.packed_shape([int(d) for d in ins[i].shape], layout), ir.F32Type.get())
     if syms:
         arg_types.append(ir.RankedTensorType.get([len(syms)], ir.IntegerType.get_signless(64)))
     f = func.FuncOp(name, (arg_types, [tensor_type(t) for t in outs]))
@@ -74,8 +117,11 @@ def _emit_kernel(name: str, node, syms: list[str]) -> None:
     with ir.InsertionPoint(block):
         args = list(block.arguments)
         e = Emitter(node, syms, args[-1] if syms else None)
+        e.prepack = dict(prepack or {})
         results = fn(e, args[:len(ins)])
         func.ReturnOp(results)
+    # LLVM cannot lower f8 extf/truncf: any kernel touching float8 gets them as integer ops.
+    legalize_float8(f.operation)
 
 
 def build(graph, target, say, **options):

@@ -26,10 +26,23 @@ tile+fuse the fill over NCB panels, tile k by KC (B block NCB x KC x NR stays in
 tile m by MR (1 if M is dynamic or ragged) and one panel, tile k by KU, vectorize,
 lower the contraction to outer products (FMA with broadcast), hoist the accumulator into
 registers. After bufferization `lower_vectors` unrolls what is left to 1-D vectors.
+
+Dynamic M (a symbolic total_seq_len): tile sizes must stay static, so such a matmul is emitted
+as two ops (see lowerings/linalg.py): rows [0, M - M % MR) viewed as `[M/MR, MR, K]` in a 5-D
+generic tagged `"packed_matmul_rows"` (the static inner MR keeps the MR x NR register block),
+and the < MR remaining rows as a plain `"packed_matmul"` with MR = 1.
+
+Weight prepacking: a lowering registers a rule with `register_prepack(op)`; the backend asks
+`prepack_layouts(node, load_time)` which operands the kernel takes pre-packed (only operands
+known at load time: weights and what is computed from weights alone). The kernel's argument
+then has the packed type (`packed_type`), the plan step records `"prepack": [[operand, layout]]`
+and the executor packs that operand once when it binds the weights. Layouts (packed as f32):
+`"nk16"` packs a `[N, K]` operand used transposed (a Linear weight), `"kn16"` a `[K, N]` one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 from mlir import ir, passmanager
@@ -37,6 +50,7 @@ from mlir.dialects import arith, linalg, tensor
 
 SCHEDULE_ATTR = "graphir.schedule"
 PACKED_MATMUL = "packed_matmul"
+PACKED_MATMUL_ROWS = "packed_matmul_rows"
 _ID_ATTR = "graphir.schedule_id"
 
 
@@ -65,6 +79,44 @@ def pack_weight_numpy(w: np.ndarray, nr: int = 16) -> np.ndarray:
                          f"got shape {w.shape}")
     n, k = w.shape
     return np.ascontiguousarray(w.reshape(n // nr, nr, k).transpose(0, 2, 1))
+
+
+PREPACK_LAYOUTS = ("nk16", "kn16")
+# op name -> rule(node, load_time: list[bool] per non-chain operand) -> {operand index: layout}
+PREPACK_RULES: dict[str, Callable] = {}
+
+
+def register_prepack(op: str):
+    """Register the rule saying which operands of `op`'s kernel take a pre-packed layout."""
+    def deco(fn):
+        if op in PREPACK_RULES:
+            raise ValueError(f"prepack rule of gir.{op} registered twice")
+        PREPACK_RULES[op] = fn
+        return fn
+    return deco
+
+
+def prepack_layouts(node, load_time: Sequence[bool]) -> dict[int, str]:
+    """{operand index: layout} for the operands `node`'s kernel takes pre-packed."""
+    rule = PREPACK_RULES.get(node.op)
+    out = dict(rule(node, list(load_time))) if rule else {}
+    for i, layout in out.items():
+        if layout not in PREPACK_LAYOUTS:
+            raise ValueError(f"gir.{node.op}: unknown prepack layout {layout!r} for operand {i}")
+    return out
+
+
+def packed_shape(shape: Sequence[int], layout: str, nr: int = 16) -> list[int]:
+    """Shape of an operand of `shape` packed in `layout` (`[N/nr, K, nr]`)."""
+    if layout == "nk16":
+        n, k = shape
+    elif layout == "kn16":
+        k, n = shape
+    else:
+        raise ValueError(f"packed_shape: unknown layout {layout!r}; expected {PREPACK_LAYOUTS}")
+    if n % nr:
+        raise ValueError(f"packed_shape: N = {n} is not a multiple of {nr}")
+    return [n // nr, k, nr]
 
 
 def _static_2d(value: ir.Value, what: str) -> ir.RankedTensorType:
@@ -164,6 +216,30 @@ def _sequence_for(i: int, cfg: MatmulConfig, n_panels: int, k: int, static_m: in
 """
 
 
+def _sequence_rows(i: int, cfg: MatmulConfig, n_panels: int, k: int) -> str:
+    """The 5-D form (mb, r, panel, j, k) with a static r = MR: one MR x NR register block."""
+    per_thread = -(-n_panels // cfg.threads)
+    ncb = min(cfg.ncb, per_thread)
+    kc, ku = _k_tiles(k, cfg)
+    any_op = "!transform.any_op"
+    two = f"({any_op}) -> ({any_op}, {any_op})"
+    three = f"({any_op}) -> ({any_op}, {any_op}, {any_op})"
+    return f"""
+  %mm{i} = transform.structured.match ops{{["linalg.generic"]}} attributes{{{_ID_ATTR} = {i} : i64}} in %root : ({any_op}) -> {any_op}
+  %fill{i} = transform.get_producer_of_operand %mm{i}[2] : ({any_op}) -> {any_op}
+  %t0_{i}, %fa{i} = transform.structured.tile_using_forall %mm{i} tile_sizes [0, 0, {per_thread}] : {two}
+  %f1_{i}, %fa1_{i} = transform.structured.fuse_into_containing_op %fill{i} into %fa{i} : ({any_op}, {any_op}) -> ({any_op}, {any_op})
+  %t1_{i}, %lnb{i} = transform.structured.fuse %t0_{i} tile_sizes [0, 0, {ncb}, 0, 0] : {two}
+  %t2_{i}, %lk{i} = transform.structured.tile_using_for %t1_{i} tile_sizes [0, 0, 0, 0, {kc}] : {two}
+  %t3_{i}, %lm{i}:2 = transform.structured.tile_using_for %t2_{i} tile_sizes [1, 0, 1, 0, 0] : {three}
+  %t4_{i}, %lku{i} = transform.structured.tile_using_for %t3_{i} tile_sizes [0, 0, 0, 0, {ku}] : {two}
+  transform.structured.vectorize %t4_{i} : {any_op}
+  %fills{i} = transform.structured.match ops{{["linalg.fill"]}} in %fa1_{i} : ({any_op}) -> {any_op}
+  %ft{i}, %fl{i}:2 = transform.structured.tile_using_for %fills{i} tile_sizes [1, 0, 1, 0] : {three}
+  transform.structured.vectorize %ft{i} : {any_op}
+"""
+
+
 _EPILOGUE = """
   %func = transform.structured.match ops{["func.func"]} in %root : (!transform.any_op) -> !transform.any_op
   transform.apply_patterns to %func {
@@ -171,7 +247,8 @@ _EPILOGUE = """
     transform.apply_patterns.vector.transfer_permutation_patterns
     transform.apply_patterns.canonicalization
   } : !transform.any_op
-  %loops = transform.structured.match ops{["scf.for"]} in %func : (!transform.any_op) -> !transform.any_op
+  // Matched in %root: `match ... in` needs exactly one target, and a module has many funcs.
+  %loops = transform.structured.match ops{["scf.for"]} in %root : (!transform.any_op) -> !transform.any_op
   transform.loop.hoist_loop_invariant_subsets %loops : !transform.any_op
   transform.yield
 }
@@ -179,7 +256,8 @@ _EPILOGUE = """
 
 
 def apply_matmul_schedule(module: ir.Module, config: MatmulConfig | None = None) -> int:
-    """Embed the transform schedule for every op tagged `graphir.schedule = "packed_matmul"`.
+    """Embed the transform schedule for every op tagged `graphir.schedule = "packed_matmul"`
+    or `"packed_matmul_rows"`.
 
     The schedule runs (and is erased) in toolchain.lower(); returns how many ops were tagged.
     """
@@ -188,7 +266,8 @@ def apply_matmul_schedule(module: ir.Module, config: MatmulConfig | None = None)
 
     def visit(op):
         if op.name == "linalg.generic" and SCHEDULE_ATTR in op.attributes and \
-                ir.StringAttr(op.attributes[SCHEDULE_ATTR]).value == PACKED_MATMUL:
+                ir.StringAttr(op.attributes[SCHEDULE_ATTR]).value in (PACKED_MATMUL,
+                                                                      PACKED_MATMUL_ROWS):
             ops.append(op)
         return ir.WalkResult.ADVANCE
 
@@ -204,6 +283,9 @@ def apply_matmul_schedule(module: ir.Module, config: MatmulConfig | None = None)
                                  f"!= MatmulConfig.nr {cfg.nr}")
             m = ir.RankedTensorType(op.operands[0].type).shape[0]
             op.attributes[_ID_ATTR] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i)
+            if ir.StringAttr(op.attributes[SCHEDULE_ATTR]).value == PACKED_MATMUL_ROWS:
+                body.append(_sequence_rows(i, cfg, bt.shape[0], bt.shape[1]))
+                continue
             body.append(_sequence_for(i, cfg, bt.shape[0], bt.shape[1],
                                       None if ir.ShapedType.is_dynamic_size(m) else m))
         text = ("module attributes {transform.with_named_sequence} {\n"

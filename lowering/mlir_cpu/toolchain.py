@@ -41,7 +41,7 @@ BUFFERIZE_PIPELINE = (
     "canonicalize",
     # Without this the caller never sees results: tensors returned by public functions become
     # caller-allocated out-params; hoist-static-allocs writes straight into them.
-    "buffer-results-to-out-params{modify-public-functions hoist-static-allocs}",
+    "buffer-results-to-out-params{modify-public-functions hoist-static-allocs hoist-dynamic-allocs}",
     "buffer-deallocation-pipeline",
     "canonicalize",
 )

@@ -1,0 +1,315 @@
+"""CPU lowerings of matmul and fused_qkv_matmul.
+
+Fast path (f32/f16/bf16, `x[..., M, K] @ W` with a 2-D W of static `[K, N]` or `[N, K]` with
+transpose_b, N % 16 == 0): the packed register-blocked matmul of schedules.py. W arrives
+pre-packed `[N/16, K, 16]` f32 when it is known at load time (a weight, or computed from weights
+alone: the executor packs it once); otherwise the kernel packs it on every call. A dynamic M is
+split into a static-MR block part and a < MR row remainder (see schedules.py). Narrow floats
+compute in f32 and round once on store. Everything else (batched, broadcast batch dims,
+transpose_a, ints) is one linalg.generic of scalar loops.
+
+Hand-written kernels are MLIR text (`inline_mlir`): readable loops instead of builder calls.
+"""
+from __future__ import annotations
+
+from mlir import ir
+from mlir.dialects import arith, tensor
+
+from graphir.dtype import DType
+
+from ...registry import register_lowering
+from .. import schedules
+from ..emit import Emitter, element_type
+from .elementwise import to_compute, to_storage
+
+NR = schedules.MatmulConfig().nr
+MR = schedules.MatmulConfig().mr
+_FAST_DTYPES = (DType.float32, DType.float16, DType.bfloat16)
+
+
+# -- MLIR text kernels ---------------------------------------------------------------------------
+def inline_mlir(args, text: str) -> list[ir.Value]:
+    """Parse `text` (a module holding `func.func @body(...)` whose arguments have the types of
+    `args`), move its body to the current insertion point and return the returned values."""
+    mod = ir.Module.parse(text)
+    fn = mod.body.operations[0]
+    block = fn.regions[0].blocks[0]
+    if len(block.arguments) != len(args):
+        raise ValueError(f"inline_mlir: @body takes {len(block.arguments)} args, got {len(args)}")
+    for formal, actual in zip(block.arguments, args):
+        if formal.type != actual.type:
+            raise ValueError(f"inline_mlir: argument type {formal.type} != {actual.type}")
+        formal.replace_all_uses_with(actual)
+    ops = list(block.operations)
+    ip = ir.InsertionPoint.current
+    for op in ops[:-1]:
+        op.operation.detach_from_parent()
+        ip.insert(op.operation)
+    return list(ops[-1].operands)
+
+
+def ftype(dt: DType) -> str:
+    """MLIR storage element type name of a float dtype."""
+    return str(element_type(dt, True))
+
+
+# -- the fast path -----------------------------------------------------------------------------
+def _fast_ok(a_t, b_t, attrs) -> bool:
+    if a_t.dtype not in _FAST_DTYPES or b_t.dtype is not a_t.dtype or attrs.get("transpose_a"):
+        return False
+    if a_t.rank < 2 or b_t.rank != 2 or not all(d.is_static for d in b_t.shape):
+        return False
+    if not a_t.shape[-1].is_static:
+        return False
+    n = int(b_t.shape[0] if attrs.get("transpose_b") else b_t.shape[1])
+    return n % NR == 0
+
+
+def _layout(attrs) -> str:
+    return "nk16" if attrs.get("transpose_b") else "kn16"
+
+
+@schedules.register_prepack("matmul")
+def _matmul_prepack(node, load_time):
+    a_t, b_t = node.operands[0].type, node.operands[1].type
+    return {1: _layout(node.attrs)} if load_time[1] and _fast_ok(a_t, b_t, node.attrs) else {}
+
+
+@schedules.register_prepack("fused_qkv_matmul")
+def _qkv_prepack(node, load_time):
+    a_t, b_t = node.operands[0].type, node.operands[1].type
+    return {1: "nk16"} if load_time[1] and _fast_ok(a_t, b_t, {"transpose_b": True}) else {}
+
+
+def _pack_text(b: ir.Value, layout: str, el: str) -> str:
+    """Body ops packing b ([N, K] or [K, N], element el) into %bp: [N/16, K, 16] f32."""
+    shape = ir.RankedTensorType(b.type).shape
+    n, k = (shape[0], shape[1]) if layout == "nk16" else (shape[1], shape[0])
+    ext = f"arith.extf %x : {el} to f32" if el != "f32" else None
+    in_map = f"(p, kk, j) -> (p * {NR} + j, kk)" if layout == "nk16" else f"(p, kk, j) -> (kk, p * {NR} + j)"
+    body = f"%y = {ext}\n      linalg.yield %y : f32" if ext else "linalg.yield %x : f32"
+    return f"""
+    %bpe = tensor.empty() : tensor<{n // NR}x{k}x{NR}xf32>
+    %bp = linalg.generic {{indexing_maps = [affine_map<{in_map}>, affine_map<(p, kk, j) -> (p, kk, j)>],
+        iterator_types = ["parallel", "parallel", "parallel"]}}
+        ins(%b : {b.type}) outs(%bpe : tensor<{n // NR}x{k}x{NR}xf32>) {{
+    ^bb0(%x: {el}, %o: f32):
+      {body}
+    }} -> tensor<{n // NR}x{k}x{NR}xf32>"""
+
+
+def _rows_matmul_text(m: int, k: int, n: int) -> str:
+    """%out = %a [m x k] f32 @ %bp packed (m < 0: dynamic; %m, %c0, %zero defined before).
+
+    Rows [0, m - m % MR) as [m/MR, MR, k] blocks, the rest one by one; both write slices of one
+    destination, so bufferization writes the result in place."""
+    nb = n // NR
+    ms = "?" if m < 0 else str(m)
+    return f"""
+    %cmr = arith.constant {MR} : index
+    %mb = arith.divui %m, %cmr : index
+    %m4 = arith.muli %mb, %cmr : index
+    %rem = arith.subi %m, %m4 : index
+    %out0 = tensor.empty(%m) : tensor<?x{n}xf32>
+    %am = tensor.extract_slice %a[0, 0] [%m4, {k}] [1, 1] : tensor<{ms}x{k}xf32> to tensor<?x{k}xf32>
+    %a3 = tensor.expand_shape %am [[0, 1], [2]] output_shape [%mb, {MR}, {k}] : tensor<?x{k}xf32> into tensor<?x{MR}x{k}xf32>
+    %dm = tensor.extract_slice %out0[0, 0] [%m4, {n}] [1, 1] : tensor<?x{n}xf32> to tensor<?x{n}xf32>
+    %d4 = tensor.expand_shape %dm [[0, 1], [2, 3]] output_shape [%mb, {MR}, {nb}, {NR}] : tensor<?x{n}xf32> into tensor<?x{MR}x{nb}x{NR}xf32>
+    %f4 = linalg.fill ins(%zero : f32) outs(%d4 : tensor<?x{MR}x{nb}x{NR}xf32>) -> tensor<?x{MR}x{nb}x{NR}xf32>
+    %c4 = linalg.generic {{indexing_maps = [affine_map<(mb, r, p, j, kk) -> (mb, r, kk)>,
+          affine_map<(mb, r, p, j, kk) -> (p, kk, j)>, affine_map<(mb, r, p, j, kk) -> (mb, r, p, j)>],
+        iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}}
+        ins(%a3, %bp : tensor<?x{MR}x{k}xf32>, tensor<{nb}x{k}x{NR}xf32>)
+        outs(%f4 : tensor<?x{MR}x{nb}x{NR}xf32>) attrs = {{graphir.schedule = "{schedules.PACKED_MATMUL_ROWS}"}} {{
+    ^bb0(%x: f32, %y: f32, %acc: f32):
+      %p = arith.mulf %x, %y : f32
+      %s = arith.addf %acc, %p : f32
+      linalg.yield %s : f32
+    }} -> tensor<?x{MR}x{nb}x{NR}xf32>
+    %cm = tensor.collapse_shape %c4 [[0, 1], [2, 3]] : tensor<?x{MR}x{nb}x{NR}xf32> into tensor<?x{n}xf32>
+    %out1 = tensor.insert_slice %cm into %out0[0, 0] [%m4, {n}] [1, 1] : tensor<?x{n}xf32> into tensor<?x{n}xf32>
+    %ar = tensor.extract_slice %a[%m4, 0] [%rem, {k}] [1, 1] : tensor<{ms}x{k}xf32> to tensor<?x{k}xf32>
+    %dr = tensor.extract_slice %out1[%m4, 0] [%rem, {n}] [1, 1] : tensor<?x{n}xf32> to tensor<?x{n}xf32>
+    %d3 = tensor.expand_shape %dr [[0], [1, 2]] output_shape [%rem, {nb}, {NR}] : tensor<?x{n}xf32> into tensor<?x{nb}x{NR}xf32>
+    %f3 = linalg.fill ins(%zero : f32) outs(%d3 : tensor<?x{nb}x{NR}xf32>) -> tensor<?x{nb}x{NR}xf32>
+    %c3 = linalg.generic {{indexing_maps = [affine_map<(i, p, j, kk) -> (i, kk)>,
+          affine_map<(i, p, j, kk) -> (p, kk, j)>, affine_map<(i, p, j, kk) -> (i, p, j)>],
+        iterator_types = ["parallel", "parallel", "parallel", "reduction"]}}
+        ins(%ar, %bp : tensor<?x{k}xf32>, tensor<{nb}x{k}x{NR}xf32>)
+        outs(%f3 : tensor<?x{nb}x{NR}xf32>) attrs = {{graphir.schedule = "{schedules.PACKED_MATMUL}"}} {{
+    ^bb0(%x: f32, %y: f32, %acc: f32):
+      %p = arith.mulf %x, %y : f32
+      %s = arith.addf %acc, %p : f32
+      linalg.yield %s : f32
+    }} -> tensor<?x{nb}x{NR}xf32>
+    %cr = tensor.collapse_shape %c3 [[0], [1, 2]] : tensor<?x{nb}x{NR}xf32> into tensor<?x{n}xf32>
+    %out = tensor.insert_slice %cr into %out1[%m4, 0] [%rem, {n}] [1, 1] : tensor<?x{n}xf32> into tensor<?x{n}xf32>"""
+
+
+def _convert_text(src: str, dst: str, src_t: str, dst_t: str, dyn: str) -> str:
+    """%dst = elementwise extf/truncf of the rank-2 %src (types given as text)."""
+    src_el, dst_el = src_t.rsplit("x", 1)[-1][:-1], dst_t.rsplit("x", 1)[-1][:-1]
+    op = "arith.extf" if dst_el == "f32" else "arith.truncf"
+    return f"""
+    %{dst}e = tensor.empty({dyn}) : {dst_t}
+    %{dst} = linalg.generic {{indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (i, j)>],
+        iterator_types = ["parallel", "parallel"]}}
+        ins(%{src} : {src_t}) outs(%{dst}e : {dst_t}) {{
+    ^bb0(%x: {src_el}, %o: {dst_el}):
+      %y = {op} %x : {src_el} to {dst_el}
+      linalg.yield %y : {dst_el}
+    }} -> {dst_t}"""
+
+
+def fast_matmul(a: ir.Value, b: ir.Value, *, packed: bool, layout: str, dtype: DType,
+                bias: ir.Value | None = None) -> ir.Value:
+    """y[..., N] = a[..., K] @ W (+ bias) through the packed schedule; a's leading dims are rows.
+
+    b is W pre-packed `[N/16, K, 16]` f32 when `packed`, else W as stored (`layout` says how).
+    """
+    dyn_size = ir.ShapedType.get_dynamic_size()
+    a_rt = ir.RankedTensorType(a.type)
+    k, lead = a_rt.shape[-1], a_rt.shape[:-1]
+    a2 = a
+    if len(lead) != 1:  # rows = the leading dims collapsed (contiguous)
+        m_all = dyn_size if any(ir.ShapedType.is_dynamic_size(d) for d in lead) else _prod(lead)
+        a2 = tensor.collapse_shape(ir.RankedTensorType.get([m_all, k], a_rt.element_type), a,
+                                   [list(range(len(lead))), [len(lead)]])
+    m = ir.RankedTensorType(a2.type).shape[0]
+    m = -1 if ir.ShapedType.is_dynamic_size(m) else m
+    el = ftype(dtype)
+    bt = ir.RankedTensorType(b.type)
+    n = bt.shape[0] * bt.shape[2] if packed else (bt.shape[0] if layout == "nk16" else bt.shape[1])
+    ms = "?" if m < 0 else str(m)
+    a_name = "%a" if el == "f32" else "%a_in"
+    args = [a2, b] + ([bias] if bias is not None else [])
+    sig = [f"{a_name}: {a2.type}", f"{'%bp' if packed else '%b'}: {b.type}"]
+    if bias is not None:
+        sig.append(f"%bias: {bias.type}")
+    text = f"""module {{
+  func.func @body({", ".join(sig)}) -> RET_T {{
+    %c0 = arith.constant 0 : index
+    %zero = arith.constant 0.0 : f32
+    %m = tensor.dim {a_name}, %c0 : {a2.type}"""
+    if el != "f32":
+        text += _convert_text("a_in", "a", str(a2.type), f"tensor<{ms}x{k}xf32>",
+                              "%m" if m < 0 else "")
+    if not packed:
+        text += _pack_text(b, layout, el)
+    text += _rows_matmul_text(m, k, n)
+    result = "%out"
+    if bias is not None:
+        bx = f"arith.extf %bv : {el} to f32" if el != "f32" else "arith.addf %bv, %zero : f32"
+        text += f"""
+    %outb0 = tensor.empty(%m) : tensor<?x{n}xf32>
+    %outb = linalg.generic {{indexing_maps = [affine_map<(i, j) -> (i, j)>, affine_map<(i, j) -> (j)>,
+          affine_map<(i, j) -> (i, j)>], iterator_types = ["parallel", "parallel"]}}
+        ins(%out, %bias : tensor<?x{n}xf32>, {bias.type}) outs(%outb0 : tensor<?x{n}xf32>) {{
+    ^bb0(%x: f32, %bv: {el}, %o: f32):
+      %bx = {bx}
+      %y = arith.addf %x, %bx : f32
+      linalg.yield %y : f32
+    }} -> tensor<?x{n}xf32>"""
+        result = "%outb"
+    ret_t = f"tensor<?x{n}xf32>"
+    if el != "f32":
+        text += _convert_text(result[1:], "outc", ret_t, f"tensor<?x{n}x{el}>", "%m")
+        result, ret_t = "%outc", f"tensor<?x{n}x{el}>"
+    if m >= 0:
+        text += f"\n    %ret = tensor.cast {result} : {ret_t} to tensor<{m}x{n}x{el}>"
+        result, ret_t = "%ret", f"tensor<{m}x{n}x{el}>"
+    text += f"\n    return {result} : {ret_t}\n  }}\n}}"
+    (y,) = inline_mlir(args, text.replace("RET_T", ret_t, 1))
+    if len(lead) != 1:
+        out_shape = list(lead) + [n]
+        dyn = [tensor.dim(a, arith.constant(ir.IndexType.get(), i))
+               for i, d in enumerate(lead) if ir.ShapedType.is_dynamic_size(d)]
+        y = tensor.expand_shape(ir.RankedTensorType.get(out_shape, ir.RankedTensorType(y.type).element_type),
+                                y, [list(range(len(lead))), [len(lead)]], dyn, out_shape)
+    return y
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+# -- the general form ----------------------------------------------------------------------------
+def generic_matmul(e: Emitter, a: ir.Value, b: ir.Value, *, transpose_a: bool = False,
+                   transpose_b: bool = False) -> ir.Value:
+    """One linalg.generic over (batch..., [m], n, k) with numpy broadcasting of batch dims.
+
+    Accumulates narrow floats in f32 (rounded once on store), integers in their own type."""
+    at, bt = e.in_types[0], e.in_types[1]
+    out = e.out_types[0]
+    nb = out.rank - (2 if at.rank >= 2 else 1)
+    rank = out.rank + 1
+    d = [ir.AffineDimExpr.get(i) for i in range(rank)]
+    kd, nd = d[rank - 1], d[rank - 2]
+    md = d[rank - 3] if at.rank >= 2 else None
+
+    def batch_exprs(t):
+        r = t.rank - 2
+        exprs = []
+        for i in range(r):
+            o = nb - r + i
+            exprs.append(ir.AffineExpr.get_constant(0) if t.shape[i] == 1 and out.shape[o] != 1
+                         else d[o])
+        return exprs
+
+    if at.rank >= 2:
+        a_map = batch_exprs(at) + ([kd, md] if transpose_a else [md, kd])
+    else:
+        a_map = [kd]
+    b_map = batch_exprs(bt) + ([nd, kd] if transpose_b else [kd, nd])
+    o_map = d[:rank - 1]
+    maps = [ir.AffineMap.get(rank, 0, x) for x in (a_map, b_map, o_map)]
+    dt = out.dtype
+    acc_dt = DType.float32 if dt.is_float else dt
+    init = e.filled(out, 0, acc_dt)
+
+    def body(v):
+        x, y = to_compute(v[0], at.dtype), to_compute(v[1], bt.dtype)
+        if dt.is_float:
+            return arith.addf(v[2], arith.mulf(x, y))
+        return arith.addi(v[2], arith.muli(x, y))
+
+    (acc,) = e.generic([a, b], [init], maps, ["parallel"] * (rank - 1) + ["reduction"], body)
+    if acc_dt is dt:
+        return acc
+    ident = e.identity_map(out.rank)
+    (res,) = e.generic([acc], [e.empty(out)], [ident, ident], ["parallel"] * out.rank,
+                       lambda v: to_storage(v[0], dt))
+    return res
+
+
+@register_lowering("matmul", "cpu")
+def _matmul(e: Emitter, args):
+    a, b = args
+    at, bt = e.in_types
+    if _fast_ok(at, bt, e.attrs):
+        packed = 1 in getattr(e, "prepack", {})
+        return [fast_matmul(a, b, packed=packed, layout=_layout(e.attrs), dtype=at.dtype)]
+    return [generic_matmul(e, a, b, transpose_a=bool(e.attrs.get("transpose_a")),
+                           transpose_b=bool(e.attrs.get("transpose_b")))]
+
+
+@register_lowering("fused_qkv_matmul", "cpu")
+def _fused_qkv(e: Emitter, args):
+    x, w = args[:2]
+    bias = args[2] if len(args) == 3 else None
+    xt, wt = e.in_types[:2]
+    if _fast_ok(xt, wt, {"transpose_b": True}):
+        packed = 1 in getattr(e, "prepack", {})
+        return [fast_matmul(x, w, packed=packed, layout="nk16", dtype=xt.dtype, bias=bias)]
+    y = generic_matmul(e, x, w, transpose_b=True)
+    if bias is None:
+        return [y]
+    out = e.out_types[0]
+    dt = out.dtype
+    maps = [e.identity_map(2), ir.AffineMap.get(2, 0, [ir.AffineDimExpr.get(1)]), e.identity_map(2)]
+    (res,) = e.generic([y, bias], [e.empty(out)], maps, ["parallel", "parallel"],
+                       lambda v: to_storage(arith.addf(to_compute(v[0], dt), to_compute(v[1], dt)), dt))
+    return [res]

@@ -1,0 +1,130 @@
+"""The attention kernel ops compiled for the CPU match the interpreter: rope (both pairings),
+kv_cache_store, rope_split_store (with and without q/k norm), flash_attention_ragged with every
+mask over ragged batches with cached prefixes, an empty sequence and GQA; and the tiny Llama
+layer running prefill, decode and chunked-prefill steps through the paged cache."""
+import copy
+
+import numpy as np
+import pytest
+
+import ops
+from graphir import BufferType, DType, Graph, TensorType
+from ops.attention_math import MASK_VARIANTS, rope_freqs_cis
+from runtime.interpreter import run
+
+from .harness import assert_matches_interpreter
+
+pytest.importorskip("mlir.ir")
+
+NH, NKV, D, PS, LAYERS, PAGES = 4, 2, 16, 4, 2, 24
+WINDOWED = ("sliding_window_causal", "sliding_window_noncausal", "chunked_causal")
+
+
+def _meta_types(dt=DType.float32, nkv=NKV, d=D):
+    return [BufferType(dt, ["pages", 2, LAYERS, PS, nkv, d]), TensorType(DType.uint32, ["batch + 1"]),
+            TensorType(DType.uint32, ["batch"]), TensorType(DType.uint32, ["batch", "max_pages"])]
+
+
+def _ragged(rng, counts, cached, dt=np.float32, nkv=NKV, d=D):
+    """Blocks (random everywhere, so stale pages are visible), offsets, cache lengths and a
+    shuffled page table whose unused entries point at the last page."""
+    offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+    need = [-(-(c + n) // PS) for c, n in zip(cached, counts)]
+    lut = np.full((len(counts), max(need)), PAGES - 1, np.uint32)
+    perm, k = rng.permutation(PAGES - 1), 0
+    for b, n in enumerate(need):
+        lut[b, :n] = perm[k:k + n]
+        k += n
+    blocks = rng.standard_normal((PAGES, 2, LAYERS, PS, nkv, d)).astype(dt)
+    return blocks, offs, np.array(cached, np.uint32), lut
+
+
+@pytest.mark.parametrize("interleaved,qk_norm", [(False, False), (True, True)])
+def test_rope_store_ops(interleaved, qk_norm):
+    rng = np.random.default_rng(int(interleaved))
+    f32 = DType.float32
+    types = [TensorType(f32, ["t", (NH + 2 * NKV) * D]), TensorType(f32, [64, D])] + _meta_types()
+    if qk_norm:
+        types += [TensorType(f32, [D]), TensorType(f32, [D])]
+    with Graph("rope_store", input_types=types) as g:
+        qkv, freqs, blocks, offs, clen, lut = g.inputs[:6]
+        norm = dict(q_norm_weight=g.inputs[6], k_norm_weight=g.inputs[7], qk_norm_eps=1e-5) \
+            if qk_norm else {}
+        q = ops.rope_split_store(qkv, freqs, offs, clen, lut, blocks, n_heads=NH, n_kv_heads=NKV,
+                                 head_dim=D, layer_idx=1, interleaved=interleaved, **norm)
+        k = ops.rope(q, freqs, offs, clen, head_dim=D, interleaved=not interleaved)
+        ops.kv_cache_store(ops.reshape(k, [-1, NH * D])[:, :NKV * D], blocks, offs, clen, lut,
+                           kind=0, layer_idx=0)
+        ops.kv_cache_store(ops.reshape(q, [-1, NH * D])[:, NKV * D:], blocks, offs, clen, lut,
+                           kind=1, layer_idx=0)
+        g.output(q, k)
+    blocks, offs, clen, lut = _ragged(rng, [3, 1, 0, 6], [5, 0, 2, 9])
+    extra = [rng.standard_normal(D).astype(np.float32) for _ in range(2)] if qk_norm else []
+    assert_matches_interpreter(g, rng.standard_normal((10, (NH + 2 * NKV) * D)).astype(np.float32),
+                               rope_freqs_cis(D, 32, 10000.0), blocks, offs, clen, lut, *extra,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,d", [(NH, NKV, D), (2, 2, D), (3, 1, 12)])
+def test_flash_attention_every_mask(n_heads, n_kv_heads, d):
+    """All masks in one graph; rows of a sequence span several query blocks and key tiles;
+    GQA groups of 2 and 3, MHA, and a head_dim that is not a multiple of 8."""
+    rng = np.random.default_rng(n_heads)
+    types = [TensorType(DType.float32, ["t", n_heads * d])] + _meta_types(nkv=n_kv_heads, d=d)
+    with Graph("fa", input_types=types) as g:
+        q, blocks, offs, clen, lut = g.inputs
+        g.output(*[ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=n_heads,
+                                              n_kv_heads=n_kv_heads, head_dim=d, layer_idx=1,
+                                              mask_variant=m, window=3 if m in WINDOWED else None)
+                   for m in MASK_VARIANTS])
+    counts, cached = [9, 1, 0, 2], [3, 37, 4, 0]
+    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads, d=d)
+    q = rng.standard_normal((sum(counts), n_heads * d)).astype(np.float32)
+    assert_matches_interpreter(g, q, blocks, offs, clen, lut, rtol=1e-4, atol=1e-4)
+
+
+def test_flash_attention_bf16_scale():
+    rng = np.random.default_rng(7)
+    types = [TensorType(DType.bfloat16, ["t", NH * D])] + _meta_types(DType.bfloat16)
+    with Graph("fa_bf16", input_types=types) as g:
+        q, blocks, offs, clen, lut = g.inputs
+        g.output(ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=NH, n_kv_heads=NKV,
+                                            head_dim=D, layer_idx=0, scale=0.3))
+    blocks, offs, clen, lut = _ragged(rng, [5, 2], [2, 6])
+    assert_matches_interpreter(g, rng.standard_normal((7, NH * D)).astype(np.float32),
+                               blocks.astype(np.float32), offs, clen, lut, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_tiny_llama_layer_through_paged_cache(fused):
+    """Prefill of two sequences, two decode steps, then a chunked-prefill step, each compared
+    with the interpreter (outputs and the whole cache)."""
+    from examples.llama_attention import build_tiny, random_weights
+    from runtime.kv_cache import PagedKVCacheManager
+    from runtime.session import InferenceSession
+
+    g = build_tiny(fuse_rope_and_store=fused)
+    weights = random_weights(g, seed=3)
+    model = InferenceSession().load(g, weights=weights)
+    blocks_t = g.inputs[2].type
+    mgr = PagedKVCacheManager(num_layers=int(blocks_t.shape[2]), n_kv_heads=int(blocks_t.shape[4]),
+                              head_dim=int(blocks_t.shape[5]), page_size=int(blocks_t.shape[3]),
+                              total_num_pages=16)
+    mgr.blocks[...] = np.random.default_rng(0).standard_normal(mgr.blocks.shape)
+    ref_blocks = mgr.blocks.copy()
+    seqs = [mgr.claim(), mgr.claim()]
+    rng = np.random.default_rng(4)
+    hidden = int(g.inputs[0].type.shape[1])
+    for counts in ([5, 3], [1, 1], [1, 1], [2, 6]):
+        step = mgr.prepare_step(seqs, counts)
+        x = rng.standard_normal((sum(counts), hidden)).astype(np.float32)
+        inputs = [x, step.input_row_offsets, None, step.cache_lengths, step.lookup_table,
+                  step.max_lengths]
+        ref_in = copy.deepcopy(inputs)
+        ref_in[2] = ref_blocks
+        inputs[2] = mgr.blocks
+        (want,) = run(g, *ref_in, weights=weights)
+        (got,) = model.execute(*inputs)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"step {counts}")
+        np.testing.assert_allclose(mgr.blocks, ref_blocks, rtol=1e-5, atol=1e-5)
+        mgr.commit_step(step)

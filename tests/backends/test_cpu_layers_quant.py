@@ -1,0 +1,83 @@
+"""Quantized and latent attention layers compiled for the CPU match the interpreter step by step:
+GGUFQAttentionWithRope, GPTQAttentionWithRope and LatentAttentionWithRope (graph_mode auto, so
+both the prefill and the decode op run) over the paged cache, through a ragged prefill, decode
+steps and a mixed chunk (tests/nn/harness.py's SCHEDULE). Outputs and the whole cache must agree
+after every step; the cache layer the layer does not own must stay untouched."""
+import copy
+
+import numpy as np
+import pytest
+
+from runtime.interpreter import run
+from tests.nn.harness import LAYER, SCHEDULE, layer_graph
+
+from .harness import execute  # noqa: F401  (skips without MLIR through pytest.importorskip)
+
+pytest.importorskip("mlir.ir")
+
+
+def _run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float):
+    from runtime.session import InferenceSession
+
+    model = InferenceSession().load(graph, weights=weights)
+    m_cpu, m_ref = manager(), manager()
+    untouched = m_cpu.blocks[:, :, 1 - LAYER].copy()
+    rng = np.random.default_rng(seed)
+    for seqs, counts in SCHEDULE:
+        x = rng.standard_normal((sum(counts), hidden)).astype(np.float32)
+        outs = []
+        for m, fn in ((m_cpu, model.execute), (m_ref, lambda *a: run(graph, *a, weights=weights))):
+            st = m.prepare_step(seqs, counts)
+            (y,) = fn(x, st.input_row_offsets, m.blocks, st.cache_lengths, st.lookup_table,
+                      st.max_lengths)
+            m.commit_step(st)
+            outs.append(y)
+        scale = max(1.0, float(np.abs(outs[1]).max()))
+        np.testing.assert_allclose(outs[0], outs[1], rtol=tol, atol=tol * scale)
+        np.testing.assert_allclose(m_cpu.blocks, m_ref.blocks, rtol=tol, atol=tol)
+    assert np.array_equal(m_cpu.blocks[:, :, 1 - LAYER], untouched)
+
+
+@pytest.mark.parametrize("enc", ["Q4_K", "Q8_0"])
+def test_gguf_attention_layer(enc):
+    from ops.quant.gguf_quantize import quantize_gguf
+    from tests.nn import test_gguf_attention as tg
+
+    rope, kvp, quant, _ = tg.layers(enc)
+    rng = np.random.default_rng(1)
+    sd = {}
+    for ours, (_, out, n_in) in tg.NAMES.items():
+        w = (rng.standard_normal((out, n_in)) * 0.08).astype(np.float32)
+        sd[f"{ours}.weight"] = quantize_gguf(w, enc)
+    quant.load_state_dict(sd)
+    g = layer_graph(quant, rope, kvp)
+    assert "gir.qmatmul" in str(g)
+    _run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-4)
+
+
+def test_gptq_attention_layer():
+    from ops import QuantizationConfig
+    from tests.nn import test_gptq_attention as tq
+
+    tensors, _ = tq.checkpoint(5, 64, False, True)
+    cfg = QuantizationConfig(group_size=64, desc_act=True, sym=False)
+    rope, kvp, quant, _ = tq.build(cfg)
+    quant.load_state_dict({k[len(tq.PREFIX):]: v for k, v in tensors.items()
+                           if k.startswith(tq.PREFIX)})
+    g = layer_graph(quant, rope, kvp)
+    assert str(g).count("gir.qmatmul") == 2
+    _run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-4)
+
+
+@pytest.mark.parametrize("q_lora", [None, 24])
+def test_latent_attention_layer(q_lora):
+    from tests.nn import test_mla as tm
+
+    rope, kvp, attn = tm.make_layer(q_lora=q_lora)
+    rng = np.random.default_rng(7)
+    w = {k: (rng.standard_normal(tuple(int(d) for d in v.shape)) * 0.2 + ("norm" in k))
+         .astype(np.float32) for k, v in attn.raw_state_dict().items()}
+    g = layer_graph(attn, rope, kvp, layer=LAYER)
+    text = str(g)
+    assert "gir.mla_prefill" in text and "gir.mla_decode" in text  # auto: both paths compiled
+    _run_schedule(g, copy.deepcopy(w), tm.manager, tm.HIDDEN, 4, 1e-4)

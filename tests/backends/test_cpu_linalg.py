@@ -1,0 +1,112 @@
+"""matmul and fused_qkv_matmul compiled for the CPU match the interpreter: the packed fast path
+(dynamic M with a remainder, weights pre-packed at load, packed in the call, f32/bf16, bias) and
+the general batched form (broadcast batch dims, transpose flags, rank-1 lhs, ints)."""
+import copy
+
+import numpy as np
+import pytest
+
+import ops
+from graphir import DType, Graph, TensorType, Weight
+from runtime.interpreter import run
+
+from .harness import assert_matches_interpreter
+
+pytest.importorskip("mlir.ir")
+
+
+def _rand(rng, shape, dt=np.float32):
+    return rng.standard_normal(shape).astype(dt)
+
+
+def _session_model(graph, weights):
+    from runtime.session import InferenceSession
+
+    return InferenceSession().load(graph, weights=weights)
+
+
+def _check_rows(graph, model, weights, make_inputs, row_counts, tol):
+    for m in row_counts:
+        inputs = make_inputs(m)
+        want = run(graph, *copy.deepcopy(inputs), weights=weights)
+        got = model.execute(*inputs)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=tol,
+                                       atol=tol, err_msg=f"rows={m}")
+
+
+def test_weight_matmul_dynamic_rows_prepacked():
+    """x @ W^T and x @ V for every row count mod 4 (block part + remainder), W and V packed
+    once at load, one of them shared by two kernels in two layouts."""
+    rng = np.random.default_rng(0)
+    with Graph("mm", input_types=[TensorType(DType.float32, ["n", 48])]) as g:
+        x = g.inputs[0]
+        w = Weight("w", DType.float32, [48, 48])
+        v = Weight("v", DType.float32, [48, 32])
+        y = ops.matmul(x, w, transpose_b=True)
+        g.output(y, ops.matmul(y, w), ops.matmul(x, v))
+    weights = {"w": _rand(rng, (48, 48)), "v": _rand(rng, (48, 32))}
+    model = _session_model(g, weights)
+    steps = [s for s in model.plan.steps if s.op == "matmul"]
+    assert [s.attrs.get("prepack") for s in steps] == [[[1, "nk16"]], [[1, "kn16"]], [[1, "kn16"]]]
+    _check_rows(g, model, weights, lambda m: [_rand(rng, (m, 48))], [1, 2, 3, 4, 5, 8, 11], 1e-4)
+
+
+def test_matmul_activations_and_batched_forms():
+    rng = np.random.default_rng(1)
+    f32 = DType.float32
+    with Graph("mm2", input_types=[TensorType(f32, [2, "s", 32]), TensorType(f32, [32, 16]),
+                                   TensorType(f32, [3, 1, 4, 5]), TensorType(f32, [2, 5, 6]),
+                                   TensorType(f32, [5]), TensorType(f32, [4, 7])]) as g:
+        x3, b, p, q, vec, t = g.inputs
+        g.output(ops.matmul(x3, b),                      # packed in the call, rows = 2 * s
+                 ops.matmul(p, q),                       # broadcast batch dims
+                 ops.matmul(vec, q),                     # rank-1 lhs
+                 ops.matmul(t, p, transpose_a=True),     # [4, 7]^T @ [3, 1, 4, 5]
+                 ops.matmul(q, q, transpose_b=True))     # [2, 5, 5]
+    assert_matches_interpreter(g, _rand(rng, (2, 3, 32)), _rand(rng, (32, 16)),
+                               _rand(rng, (3, 1, 4, 5)), _rand(rng, (2, 5, 6)), _rand(rng, 5),
+                               _rand(rng, (4, 7)), rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_ints_and_bf16():
+    rng = np.random.default_rng(2)
+    with Graph("mm3", input_types=[TensorType(DType.int32, [3, 4]), TensorType(DType.int32, [4, 5]),
+                                   TensorType(DType.bfloat16, ["n", 32])]) as g:
+        a, b, x = g.inputs
+        w = Weight("w", DType.bfloat16, [16, 32])
+        g.output(ops.matmul(a, b), ops.matmul(x, w, transpose_b=True))
+    weights = {"w": _rand(rng, (16, 32))}
+    assert_matches_interpreter(g, rng.integers(-5, 5, (3, 4)).astype(np.int32),
+                               rng.integers(-5, 5, (4, 5)).astype(np.int32),
+                               _rand(rng, (6, 32)), weights=weights, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_qkv_matmul_concat_weights_bias():
+    """The qkv weight is a concat of three weights: computed once at load, then packed."""
+    rng = np.random.default_rng(3)
+    with Graph("qkv", input_types=[TensorType(DType.float32, ["t", 32])]) as g:
+        x = g.inputs[0]
+        ws = [Weight(n, DType.float32, [s, 32]) for n, s in (("q", 32), ("k", 16), ("v", 16))]
+        bias = Weight("bias", DType.float32, [64])
+        wqkv = ops.concat(ws, axis=0)
+        g.output(ops.fused_qkv_matmul(x, wqkv), ops.fused_qkv_matmul(x, wqkv, bias))
+    weights = {"q": _rand(rng, (32, 32)), "k": _rand(rng, (16, 32)), "v": _rand(rng, (16, 32)),
+               "bias": _rand(rng, 64)}
+    model = _session_model(g, weights)
+    ops_at_load = {s.op for s in model.plan.steps if s.attrs.get("at_load")}
+    assert ops_at_load == {"concat"}
+    assert all(s.attrs.get("prepack") == [[1, "nk16"]] for s in model.plan.steps
+               if s.op == "fused_qkv_matmul")
+    _check_rows(g, model, weights, lambda m: [_rand(rng, (m, 32))], [3, 4, 9], 1e-4)
+
+
+def test_fused_qkv_matmul_general_path():
+    """N not a multiple of 16: the generic form with the bias broadcast."""
+    rng = np.random.default_rng(4)
+    with Graph("qkv2", input_types=[TensorType(DType.float32, ["t", 8]), TensorType(DType.float32, [12, 8]),
+                                    TensorType(DType.float32, [12])]) as g:
+        x, w, b = g.inputs
+        g.output(ops.fused_qkv_matmul(x, w, b))
+    assert_matches_interpreter(g, _rand(rng, (5, 8)), _rand(rng, (12, 8)), _rand(rng, 12),
+                               rtol=1e-5, atol=1e-5)

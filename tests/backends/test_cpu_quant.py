@@ -1,0 +1,165 @@
+"""Quantized-weight ops and the float8 path compiled for the CPU match the interpreter.
+
+GGUF blocks come from the gguf package's quantizer (Q4_0, Q8_0), ours (Q4_K, Q6_K) and random
+bytes with finite scales (every code and sub-block scale pattern); GPTQ weights from the
+independent AutoGPTQ-layout packer of tests/nn/test_gptq_attention.py. Decoded weights must be
+bit-identical; products agree to f32 accumulation error.
+"""
+import numpy as np
+import pytest
+
+import ops
+from graphir import DeviceRef, DType, Graph, TensorType
+from graphir.dtype import round_to
+from nn import GPTQLinear
+from nn.float8_config import Float8Config
+from nn.linear import Linear
+from ops import QuantizationConfig
+from ops.quant.gguf_quantize import quantize_gguf
+from runtime.interpreter import run
+
+from .harness import assert_matches_interpreter, execute
+
+pytest.importorskip("mlir.ir")
+gguf_quants = pytest.importorskip("gguf.quants")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+K = 512
+
+
+def _encode(rng, enc: str, rows: int) -> np.ndarray:
+    w = (rng.standard_normal((rows, K)) * rng.uniform(0.05, 3, (rows, 1))).astype(np.float32)
+    if enc in ("Q4_K", "Q6_K"):
+        return quantize_gguf(w, enc)
+    if enc in ("Q4_0", "Q8_0"):
+        return np.ascontiguousarray(gguf_quants.quantize(w, T[enc])).view(np.uint8).reshape(rows, -1)
+    if enc == "F32":
+        return w.view(np.uint8)
+    if enc == "F16":
+        return w.astype(np.float16).view(np.uint8)
+    return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)  # BF16
+
+
+def _random_k_blocks(rng, enc: str, rows: int) -> np.ndarray:
+    nbytes = 144 if enc == "Q4_K" else 210
+    blocks = rng.integers(0, 256, (rows, K // 256, nbytes), dtype=np.uint8)
+    for off in ([0, 2] if enc == "Q4_K" else [208]):
+        blocks[..., off:off + 2] = rng.uniform(-0.1, 0.1, (rows, K // 256)).astype(np.float16)[
+            ..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def _compare(graph, inputs, exact: set[int], weights=None, tol=1e-5):
+    want = run(graph, *inputs, weights=weights)
+    got = execute("cpu", graph, *inputs, weights=weights)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (i, g.shape, w.shape)
+        if i in exact:
+            assert np.array_equal(g.view(np.uint32), w.view(np.uint32)), f"output {i} not exact"
+        else:
+            # f32 accumulation against float64: error relative to the row's magnitude
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol * max(1.0, np.abs(w).max()),
+                                       err_msg=f"output {i}")
+
+
+def test_gguf_dequantize_and_qmatmul():
+    rng = np.random.default_rng(0)
+    # (encoding, out rows, random bytes): 32 rows go through the packed matmul, 24 the plain one.
+    cases = [("Q4_0", 32, False), ("Q8_0", 24, False), ("Q4_K", 32, False), ("Q6_K", 24, False),
+             ("Q4_K", 24, True), ("Q6_K", 32, True), ("F32", 16, False), ("F16", 24, False),
+             ("BF16", 32, False)]
+    blocks = [(_random_k_blocks(rng, e, n) if rnd else _encode(rng, e, n)) for e, n, rnd in cases]
+    types = [TensorType(DType.float32, ["n", K])] + [TensorType(DType.uint8, list(b.shape))
+                                                    for b in blocks]
+    with Graph("gguf", input_types=types) as g:
+        x, *ws = g.inputs
+        outs = []
+        for (enc, _, _), w in zip(cases, ws):
+            outs += [ops.dequantize(enc, w), ops.qmatmul(enc, None, x, w)]
+        g.output(*outs)
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    _compare(g, [x] + blocks, exact=set(range(0, 2 * len(cases), 2)), tol=2e-5)
+
+
+@pytest.mark.parametrize("dt", [DType.bfloat16, DType.float16])
+def test_qmatmul_narrow_and_batched_activations(dt):
+    rng = np.random.default_rng(1)
+    b4, b6 = _encode(rng, "Q4_K", 32), _encode(rng, "Q6_K", 24)
+    with Graph("q", input_types=[TensorType(dt, [2, "n", K]), TensorType(DType.uint8, list(b4.shape)),
+                                 TensorType(DType.uint8, list(b6.shape))]) as g:
+        x, w4, w6 = g.inputs
+        g.output(ops.qmatmul("Q4_K", None, x, w4), ops.qmatmul("Q6_K", None, x, w6))
+    x = round_to(rng.standard_normal((2, 3, K)) * 0.2, dt).astype(np.float32 if dt is DType.bfloat16
+                                                                  else np.float16)
+    assert_matches_interpreter(g, x, b4, b6, rtol=2e-2, atol=2e-2)
+
+
+def _gptq_linear(rng, name, n_out, gs, sym, desc, fmt):
+    from tests.nn.test_gptq_attention import make_g_idx, pack_nibbles, quantize
+
+    ckpt, _ = quantize(rng, 128, n_out, gs, sym, make_g_idx(rng, 128, gs, desc))
+    if fmt == "gptq_v2":  # v2 stores the zero point itself, not zero - 1
+        words = ckpt["qzeros"].view(np.uint32)
+        codes = ((words[:, :, None] >> np.arange(0, 32, 4, dtype=np.uint32)) & 15).reshape(
+            words.shape[0], -1) + 1
+        ckpt["qzeros"] = pack_nibbles(codes, 1)
+    cfg = QuantizationConfig(group_size=gs, desc_act=desc, sym=sym, checkpoint_format=fmt)
+    lin = GPTQLinear(128, n_out, quantization_config=cfg, name=name, has_bias=name == "a")
+    if name == "a":
+        ckpt["bias"] = rng.standard_normal(n_out).astype(np.float32)
+    lin.load_state_dict({f"{name}.{k}": v for k, v in lin.convert_checkpoint(ckpt).items()})
+    return lin
+
+
+def test_gptq_qmatmul_variants():
+    rng = np.random.default_rng(2)
+    specs = [("a", 32, 32, False, True, "gptq"), ("b", 24, 64, True, False, "gptq"),
+             ("c", 16, -1, False, False, "gptq_v2"), ("d", 48, 32, True, True, "gptq"),
+             ("e", 16, 128, False, True, "gptq_v2")]
+    lins = [_gptq_linear(rng, *s) for s in specs]
+    with Graph("gptq", input_types=[TensorType(DType.float32, ["n", 128])]) as g:
+        g.output(*[lin(g.inputs[0]) for lin in lins])
+    assert str(g).count("gir.qmatmul") == len(specs)
+    weights = {k: v for lin in lins for k, v in lin.state_dict().items()}
+    x = rng.standard_normal((7, 128)).astype(np.float32)
+    assert_matches_interpreter(g, x, weights=weights, rtol=2e-5, atol=2e-5)
+
+
+def test_float8_conversions_exact():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, 64)) * np.exp2(rng.integers(-14, 10, (6, 64)))).astype(np.float32)
+    x[0, :8] = [0.0, -0.0, np.nan, np.inf, -np.inf, 448.0, 464.0, 1e6]
+    x[1, :8] = [2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11, 2.0 ** -6, -1.5 * 2.0 ** -7, 1e-30,
+                15 * 2.0 ** -10, 0.30078125]  # ties to even, subnormals, the smallest normal
+    codes = np.arange(256, dtype=np.uint8).reshape(4, 64)
+    from runtime.cpu_executor import _f8_from_bits
+
+    with Graph("f8", input_types=[TensorType(DType.float32, ["n", 64]),
+                                  TensorType(DType.float8_e4m3fn, [4, 64])]) as g:
+        xv, c = g.inputs
+        q = ops.cast(xv, DType.float8_e4m3fn)
+        g.output(q, ops.cast(q, DType.float32), ops.cast(c, DType.float32),
+                 ops.cast(c, DType.bfloat16), ops.cast(ops.cast(xv, DType.bfloat16),
+                                                       DType.float8_e4m3fn))
+    got = assert_matches_interpreter(g, x, _f8_from_bits(codes), rtol=0, atol=0)
+    assert np.isnan(got[2]).sum() == 2  # 0x7F and 0xFF
+
+
+@pytest.mark.parametrize("cfg", [Float8Config.static(), Float8Config.dynamic()],
+                         ids=["static", "dynamic"])
+def test_float8_linear(cfg):
+    rng = np.random.default_rng(4)
+    lin = Linear(64, 32, DType.float32, DeviceRef.CPU(), has_bias=True, float8_config=cfg)
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    rowwise = cfg.weight_scale.granularity.value == "rowwise"
+    scale = (np.abs(w).max(axis=1, keepdims=True) if rowwise else np.abs(w).max()) / 448.0
+    sd = {"weight": round_to(w / scale, DType.float8_e4m3fn),
+          "weight_scale": np.asarray(scale, np.float32), "bias": rng.standard_normal(32)
+          .astype(np.float32)}
+    if cfg.is_static:
+        sd["input_scale"] = np.asarray(0.02, np.float32)
+    lin.load_state_dict(sd)
+    with Graph("f8lin", input_types=[TensorType(DType.float32, ["n", 64])]) as g:
+        g.output(lin(g.inputs[0]))
+    x = rng.standard_normal((6, 64)).astype(np.float32)
+    assert_matches_interpreter(g, x, weights=lin.state_dict(), rtol=1e-4, atol=1e-4)
