@@ -10,3 +10,19 @@ def pytest_addoption(parser):
 @pytest.fixture
 def update_goldens(request) -> bool:
     return bool(request.config.getoption("--update-goldens"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_compile_cache():
+    # Artifacts compiled by the test run go to a throwaway cache, never the user's.
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="graphir-test-cache-") as d:
+        old = os.environ.get("GRAPHIR_CACHE_DIR")
+        os.environ["GRAPHIR_CACHE_DIR"] = d
+        yield
+        if old is None:
+            os.environ.pop("GRAPHIR_CACHE_DIR", None)
+        else:
+            os.environ["GRAPHIR_CACHE_DIR"] = old

@@ -11,6 +11,18 @@ from runtime.interpreter import run
 from tests.nn.harness import D, HIDDEN, LAYER, LAYERS, NH, PAGE, layer_graph, manager, step
 
 SCHED = [([0, 1, 2], [5, 9, 3]), ([0, 1, 2], [1, 1, 1]), ([2, 0], [4, 1])]
+BACKENDS = ["interp", "cpu"]
+
+
+def runner(backend, graph, weights):
+    """run(*args) on the interpreter, or on the graph compiled for the CPU (virtual devices and
+    collectives in-process), compiled once for all steps."""
+    if backend == "interp":
+        return lambda *args: run(graph, *args, weights=weights)
+    pytest.importorskip("mlir.ir")
+    from runtime.session import InferenceSession
+
+    return InferenceSession().load(graph, weights=weights).execute
 
 
 def make(cls, n_kv, devices, **opts):
@@ -57,7 +69,8 @@ def tp_graph(tp, rope, kvp, devs):
     (4, 2, dict(has_bias=True, _fuse_rope_and_store=False)),
     (2, 4, dict(use_qk_norm=True, clip_qkv=0.2)),                  # two KV heads per device
 ])
-def test_tensor_parallel_matches_single_device(n_dev, n_kv, opts):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_parallel_matches_single_device(n_dev, n_kv, opts, backend):
     devs = cpus(n_dev)
     rope, kvp1, single = make(AttentionWithRope, n_kv, [devs[0]], **opts)
     rope_tp, kvp, tp = make(TensorParallelAttentionWithRope, n_kv, devs, **opts)
@@ -75,13 +88,14 @@ def test_tensor_parallel_matches_single_device(n_dev, n_kv, opts):
     dev_blocks = [np.ascontiguousarray(m.blocks[..., hs, :]) for hs in heads]
     assert all(b.shape[4] == kvp.n_kv_heads_per_device for b in dev_blocks)
     rng = np.random.default_rng(3)
+    run_tp = runner(backend, gtp, tp.state_dict())
     for seq_ids, counts in SCHED:
         x = rng.standard_normal((sum(counts), HIDDEN)).astype(np.float32)
         st = m.prepare_step(seq_ids, counts)
         args = [x, st.input_row_offsets]
         for b in dev_blocks:
             args += [b, st.cache_lengths, st.lookup_table, st.max_lengths]
-        outs = run(gtp, *args, weights=tp.state_dict())
+        outs = run_tp(*args)
         (want,) = run(g1, x, st.input_row_offsets, m.blocks, st.cache_lengths, st.lookup_table,
                       st.max_lengths, weights=single.state_dict())
         m.commit_step(st)
@@ -106,7 +120,8 @@ def dp_graph(dp, rope, kvp, devs):
     return g
 
 
-def test_data_parallel_matches_single_device():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_parallel_matches_single_device(backend):
     devs = cpus(2)
     rope, kvp1, single = make(AttentionWithRope, 2, [devs[0]], has_bias=True)
     rope_dp, kvp, dp = make(DataParallelAttentionWithRope, 2, devs, has_bias=True,
@@ -122,6 +137,7 @@ def test_data_parallel_matches_single_device():
         m1.claim()
     owner = {0: (0, ms[0].claim()), 1: (0, ms[0].claim()), 2: (1, ms[1].claim())}
     rng = np.random.default_rng(4)
+    run_dp = runner(backend, gdp, dp.state_dict())
     sched = SCHED + [([0, 1], [1, 2])]  # the last step leaves device 1 with an empty slice
     for seq_ids, counts in sched:
         rows = {s: rng.standard_normal((n, HIDDEN)).astype(np.float32)
@@ -142,7 +158,7 @@ def test_data_parallel_matches_single_device():
                 meta = [np.zeros(1, np.uint32), ms[dev].blocks, np.zeros(0, np.uint32),
                         np.zeros((0, 1), np.uint32), np.zeros((1, 2), np.uint32)]
             args += [x] + meta
-        outs = run(gdp, *args, weights=dp.state_dict())
+        outs = run_dp(*args)
         for mgr, st in steps:
             mgr.commit_step(st)
         got = {}
