@@ -250,7 +250,8 @@ def _rss_ref(ins, a):
         t = qkv.shape[0]
         q = round_to(am.rms_norm_heads(qkv[:, :nh * d].reshape(t, nh, d), ins[6], eps), dt)
         k = round_to(am.rms_norm_heads(qkv[:, nh * d:(nh + nkv) * d].reshape(t, nkv, d), ins[7], eps), dt)
-        qkv = np.concatenate([q.reshape(t, -1), k.reshape(t, -1), qkv[:, (nh + nkv) * d:]], axis=1)
+        qkv = np.concatenate([q.reshape(t, nh * d), k.reshape(t, nkv * d), qkv[:, (nh + nkv) * d:]],
+                             axis=1)
         qkv = qkv.astype(np.float64)
     q, new = am.rope_split_store(qkv, f, offs, clen, lut, b, layer_idx=a["layer"],
                                  n_heads=a["n_heads"], n_kv_heads=a["n_kv_heads"],

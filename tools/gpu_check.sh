@@ -22,8 +22,8 @@ echo "== install (no deps, no build isolation)"
   || { tail -20 "$LOG/pip_install.log"; echo "install FAILED"; exit 2; }
 
 echo "== GPU tests"
-"$PY" -m pytest -m gpu tests/gpu tests/runtime/cuda -q -rs -p no:cacheprovider \
-  >"$LOG/gpu_tests.log" 2>&1
+NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" "$PY" -m pytest -m gpu tests/gpu tests/runtime/cuda \
+  -q -rs -p no:cacheprovider --durations=12 >"$LOG/gpu_tests.log" 2>&1
 TESTS=$?
 tail -40 "$LOG/gpu_tests.log"
 

@@ -128,7 +128,9 @@ def lower(graph) -> Program:
             fn(sb, n)
         except ValueError as err:
             raise ValueError(f"{err}{' (at ' + n.loc + ')' if n.loc else ''}") from None
-        if getattr(sb, "host_fallback", False):
+        if getattr(sb, "collective", None) is not None:
+            steps.append(Step("collective", n.op, sb.inputs, sb.outputs, sb.collective))
+        elif getattr(sb, "host_fallback", False):
             steps.append(Step("host_runtime", n.op, sb.inputs, sb.outputs,
                               {"node": node_index[id(n)]}))
         else:

@@ -4,7 +4,9 @@ Every data-movement op is a copy between two strided views over one iteration sh
 permute (source strides permuted), broadcast_to (zero strides), slice (offset, strides times
 steps), split (one copy per piece), concat (one copy per input into an offset of the output).
 Sizes and strides are runtime int64s (symbolic dims allowed); contiguous same-shape copies
-(reshape that is not a view, transfer_to) are plain device memcpys.
+(reshape that is not a view, transfer_to) are plain memcpys, which the runtime turns into peer
+copies when they cross devices. allreduce / allgather over several devices become "collective"
+steps that the runtime carries out (NCCL on GPUs); over one device they are copies.
 """
 from __future__ import annotations
 
@@ -218,15 +220,15 @@ def _scatter(sb: StepBuilder, node) -> None:
               [sb.ptr(upd), sb.ptr(idx), sb.ptr(out), n, *dims[1:], *ts, e(x.type.shape[ax])])
 
 
-def _single_device(op: str):
+def _collective(op: str):
     def lower(sb: StepBuilder, node) -> None:
-        if len(node.operands) != 1:
-            raise ValueError(f"gir.{op} over {len(node.operands)} devices: the cuda backend "
-                             f"compiles single-device graphs; compile each device's graph "
-                             f"separately (collectives run in the multi-GPU runtime)")
-        memcpy(sb, node.operands[0], node.results[0])
+        if len(node.operands) == 1:
+            memcpy(sb, node.operands[0], node.results[0])
+            return
+        # Several devices: the runtime runs it (NCCL on GPUs) from the step's values.
+        sb.collective = {"axis": int(node.attrs.get("axis", 0))}
     return lower
 
 
-register_lowering("allreduce", "cuda")(_single_device("allreduce"))
-register_lowering("allgather", "cuda")(_single_device("allgather"))
+register_lowering("allreduce", "cuda")(_collective("allreduce"))
+register_lowering("allgather", "cuda")(_collective("allgather"))

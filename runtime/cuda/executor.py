@@ -16,6 +16,10 @@ CUDA graphs: when a call resolves to exactly the launches of an earlier call (sa
 decode-length bucket, same buffer addresses) the second time, the launches are captured once and
 every later such call replays the graph (repeated decode steps).
 
+Several devices: a graph whose values sit on gpu:0, gpu:1, ... runs each step on the device of
+its values (runtime/cuda/multi_device.py: placement, per-device streams and memory, peer copies
+for transfer_to, NCCL for allreduce / allgather); such plans are not captured into CUDA graphs.
+
 The plan runner (`PlanExecutor`) is device-neutral; the tests drive it with Triton's interpreter.
 """
 from __future__ import annotations
@@ -139,13 +143,24 @@ class PlanExecutor:
 
     def __init__(self, plan: dict, graph, device, weights: Mapping[str, Any],
                  use_graphs: bool = True):
+        from runtime.cuda.multi_device import DeviceGroup, logical_devices, placement
         from runtime.interpreter import bind_dims  # noqa: F401  (fail early if missing)
 
-        self.plan, self.graph, self.dev = plan, graph, device
+        self.plan, self.graph = plan, graph
         self.values = plan["values"]
         self.steps = plan["steps"]
         self.in_types = [v.type for v in graph.inputs if not isinstance(v.type, ChainType)]
-        self.use_graphs = use_graphs and getattr(device, "supports_graphs", False) \
+        # Each value and step lives on one (logical) device; a plain device object serves
+        # every device of the graph (virtual devices), a DeviceGroup gives one per device.
+        self.device_ids = logical_devices(graph)
+        self._vdev, self._sdev = placement(graph, plan)
+        self.group = device if isinstance(device, DeviceGroup) else \
+            DeviceGroup({d: device for d in self.device_ids})
+        for d in self.device_ids:
+            self.group[d]  # noqa: B018  (raises naming the missing device)
+        self.dev = self.group[self.device_ids[0]]
+        self.use_graphs = use_graphs and len(self.device_ids) == 1 \
+            and getattr(self.dev, "supports_graphs", False) \
             and not any(s["kernel"] == "host_runtime" for s in self.steps)
         self._dtypes = [DType.from_short(v["dtype"]) for v in self.values]
         self._dims = [[Dim(d) for d in v["shape"]] for v in self.values]
@@ -157,8 +172,39 @@ class PlanExecutor:
         vids, _ = value_table(graph)
         self._node_vids = {i: vids[id(n.results[0])] for i, n in enumerate(graph.nodes)
                            if n.results and not isinstance(n.results[0].type, ChainType)}
+        # Ragged metadata moved between devices is read on the host from where it came from.
+        self._alias = {s["outputs"][0]: s["inputs"][0] for s in self.steps
+                       if s["op"] in ("transfer_to", "reshape") and len(s["inputs"]) == 1
+                       and len(s["outputs"]) == 1}
+        self._check_step_devices()
         self._const_dev: dict[int, Any] = {}
         self._prepare_constants(weights)
+
+    def _on(self, vid: int):
+        """The device object holding value `vid`."""
+        return self.group[self._vdev[vid]]
+
+    def _check_step_devices(self) -> None:
+        for i, s in enumerate(self.steps):
+            d = self._sdev.get(i)
+            if d is None or d < 0 or s["op"] == "transfer_to":
+                continue
+            for var in s["attrs"].get("variants", []):
+                for op in var["ops"]:
+                    args = op.get("args", []) + op.get("copy", [])
+                    for a in args:
+                        if a[0] == "v" and self._vdev[a[1]] != d:
+                            raise ValueError(f"plan step {i} (gir.{s['op']}) on device {d} "
+                                             f"uses value {a[1]} on device {self._vdev[a[1]]}")
+
+    def _import(self, vid: int, obj, what: str):
+        handle, shape, dtype = self._on(vid).import_tensor(obj)
+        want = getattr(self._on(vid), "device", None)
+        got = getattr(handle, "device", None)
+        if isinstance(want, int) and isinstance(got, int) and want != got:
+            raise ValueError(f"{what} is a tensor on GPU {got}; the graph places it on device "
+                             f"{self._vdev[vid]}, which runs on GPU {want}")
+        return handle, shape, dtype
 
     # -- load time ----------------------------------------------------------------------------
     def _dtype(self, vid: int) -> DType:
@@ -180,7 +226,7 @@ class PlanExecutor:
                                      f"weights given: {sorted(weights)}")
                 w = weights[name]
                 if not isinstance(w, np.ndarray) and hasattr(w, "__dlpack__"):
-                    self._const_dev[vid] = self.dev.import_tensor(w)[0]
+                    self._const_dev[vid] = self._import(vid, w, f"weight {name!r}")[0]
                     continue
                 w, t = np.asarray(w), n.results[0].type
                 if tuple(w.shape) != t.static_shape():
@@ -205,7 +251,7 @@ class PlanExecutor:
         for vid, arr in host.items():
             if vid in device_used and vid not in self._const_dev:
                 bits = to_device_bits(arr, self._dtype(vid))
-                self._const_dev[vid] = self.dev.upload_new(bits)
+                self._const_dev[vid] = self._on(vid).upload_new(bits)
 
     def _vid_of_node(self, index: int) -> int:
         return self._node_vids[index]
@@ -217,13 +263,14 @@ class PlanExecutor:
     def _shape(self, vid: int, env) -> tuple[int, ...]:
         return tuple(d.evaluate(env) for d in self._dims[vid])
 
-    def _buffer(self, key, nbytes: int):
+    def _buffer(self, key, nbytes: int, lid: int):
+        dev, key = self.group[lid], (lid, key)
         buf = self._pool.get(key)
-        if buf is None or self.dev.nbytes(buf) < nbytes:
+        if buf is None or dev.nbytes(buf) < nbytes:
             if buf is not None:
-                self.dev.synchronize()
+                dev.synchronize()
                 self._graphs.clear()
-            buf = self.dev.alloc(max(nbytes, 1))
+            buf = dev.alloc(max(nbytes, 1))
             self._pool[key] = buf
         return buf
 
@@ -232,7 +279,7 @@ class PlanExecutor:
             self._rt_names = sorted({n for s in self.steps for x in _exprs(s)
                                      for n in _RT.findall(x)})
         for name in self._rt_names:
-            parts = name.split("_")
+            parts = [self._source(int(p)) if p.isdigit() else p for p in name.split("_")]
             offs = host_of(int(parts[2])).astype(np.int64)
             lens = offs[1:] - offs[:-1]
             if parts[1] == "seqmax":
@@ -240,6 +287,11 @@ class PlanExecutor:
             else:
                 clen = host_of(int(parts[3])).astype(np.int64)
                 env[name] = int((clen + lens).max()) if lens.size else 0
+
+    def _source(self, vid: int) -> int:
+        while vid in self._alias:
+            vid = self._alias[vid]
+        return vid
 
     def execute(self, *inputs, return_numpy: bool | None = None):
         from runtime.interpreter import bind_dims
@@ -253,7 +305,7 @@ class PlanExecutor:
                 host_in[k] = x
                 shapes.append(SimpleNamespace(ndim=x.ndim, shape=x.shape))
             else:
-                handle, shape, dtype = self.dev.import_tensor(x)
+                handle, shape, dtype = self._import(self.plan["inputs"][k], x, f"input {k}")
                 if dtype != _dev_name(t.dtype):
                     raise TypeError(f"input {k}: expected {t.dtype.short} ({_dev_name(t.dtype)}), "
                                     f"got a device tensor of {dtype}")
@@ -276,7 +328,7 @@ class PlanExecutor:
                 cache[vid] = np.asarray(host_in[k])
             else:
                 h, shape = dev_in[k]
-                raw = self.dev.download(h, self._nbytes(vid, env))
+                raw = self._on(vid).download(h, self._nbytes(vid, env))
                 cache[vid] = from_device_bits(raw, self._dtype(vid)).reshape(shape)
             return cache[vid]
 
@@ -285,15 +337,16 @@ class PlanExecutor:
         plan_ops = self._resolve(env, storage)
         for k, x in host_in.items():
             vid = in_vids[k]
-            self.dev.upload(storage[vid], to_device_bits(x, self._dtype(vid)))
+            self._on(vid).upload(storage[vid], to_device_bits(x, self._dtype(vid)))
         for k, (h, _) in dev_in.items():
             if not isinstance(self.in_types[k], BufferType):
-                self.dev.copy(storage[in_vids[k]], 0, h, 0, self._nbytes(in_vids[k], env))
+                vid = in_vids[k]
+                self._on(vid).copy(storage[vid], 0, h, 0, self._nbytes(vid, env))
         self._run(plan_ops, env, storage)
         for k, x in host_in.items():
             if isinstance(self.in_types[k], BufferType):
                 vid = in_vids[k]
-                raw = self.dev.download(storage[vid], self._nbytes(vid, env))
+                raw = self._on(vid).download(storage[vid], self._nbytes(vid, env))
                 x[...] = from_device_bits(raw, self._dtype(vid)).reshape(x.shape)
         if return_numpy is None:
             return_numpy = not dev_in
@@ -301,30 +354,33 @@ class PlanExecutor:
         for vid in self.plan["outputs"]:
             nb, shape, dt = self._nbytes(vid, env), self._shape(vid, env), self._dtype(vid)
             if return_numpy:
-                outs.append(from_device_bits(self.dev.download(storage[vid], nb), dt)
+                outs.append(from_device_bits(self._on(vid).download(storage[vid], nb), dt)
                             .reshape(shape).copy())
             else:
-                outs.append(self.dev.export(storage[vid], nb, shape, _dev_name(dt)))
-        self.dev.synchronize()
+                outs.append(self._on(vid).export(storage[vid], nb, shape, _dev_name(dt)))
+        self.group.synchronize()
         return outs
 
     def _storage(self, env, in_vids, dev_in) -> dict[int, Any]:
         st: dict[int, Any] = dict(self._const_dev)
-        slot_bytes: dict[int, int] = {}
+        slot_bytes: dict[tuple[int, int], int] = {}
+        # A slot number is shared by values of every device; each device has its own memory.
         for v in self.values:
             if v["slot"] is not None and v["view_of"] is None:
-                slot_bytes[v["slot"]] = max(slot_bytes.get(v["slot"], 0), self._nbytes(v["id"], env))
+                key = (v["slot"], self._vdev[v["id"]])
+                slot_bytes[key] = max(slot_bytes.get(key, 0), self._nbytes(v["id"], env))
         for k, vid in enumerate(in_vids):
             if k in dev_in and isinstance(self.in_types[k], BufferType):
                 st[vid] = dev_in[k][0]
             else:
-                st[vid] = self._buffer(("in", k), self._nbytes(vid, env))
+                st[vid] = self._buffer(("in", k), self._nbytes(vid, env), self._vdev[vid])
         for v in self.values:
             vid = v["id"]
             if v["slot"] is not None and v["view_of"] is None:
-                st[vid] = self._buffer(("slot", v["slot"]), slot_bytes[v["slot"]])
+                key = (v["slot"], self._vdev[vid])
+                st[vid] = self._buffer(("slot", v["slot"]), slot_bytes[key], self._vdev[vid])
             elif v["kind"] == "output" and v["view_of"] is None:
-                st[vid] = self._buffer(("out", vid), self._nbytes(vid, env))
+                st[vid] = self._buffer(("out", vid), self._nbytes(vid, env), self._vdev[vid])
         for v in self.values:
             b = v["id"]
             while self.values[b]["view_of"] is not None:
@@ -342,6 +398,10 @@ class PlanExecutor:
             if k == "host_runtime":
                 ops.append(("host", i))
                 continue
+            if k == "collective":
+                ops.append(self._collective(s, i, env, st))
+                continue
+            lid = self._sdev[i]
             local = dict(env)
             for name, expr in s["attrs"]["lets"]:
                 local[name] = evaluate(expr, local)
@@ -350,16 +410,20 @@ class PlanExecutor:
             scratch = {}
             for name, dt, count in var["scratch"]:
                 nb = evaluate(count, local) * np.dtype(dt).itemsize
-                scratch[name] = self._buffer(("scratch", i, name), nb)
+                scratch[name] = self._buffer(("scratch", i, name), nb, lid)
             for op in var["ops"]:
                 if "copy" in op:
                     (dst, src), nb = op["copy"], evaluate(op["bytes"], local)
                     d, s_ = (self._arg(a, local, st, scratch) for a in (dst, src))
-                    ops.append(("copy", d[0], d[1], s_[0], s_[1], nb))
+                    dl, sl = (self._vdev[a[1]] if a[0] == "v" else lid for a in (dst, src))
+                    if dl != sl:
+                        ops.append(("transfer", dl, d[0], d[1], sl, s_[0], s_[1], nb))
+                    else:
+                        ops.append(("copy", lid, d[0], d[1], s_[0], s_[1], nb))
                 else:
                     grid = tuple(evaluate(g, local) for g in op["grid"])
                     args = tuple(self._arg(a, local, st, scratch) for a in op["args"])
-                    ops.append(("launch", op["launch"], grid, args))
+                    ops.append(("launch", lid, op["launch"], grid, args))
         return ops
 
     def _arg(self, a, env, st, scratch):
@@ -373,6 +437,34 @@ class PlanExecutor:
         if tag == "f":
             return float(a[1])
         return None
+
+    def _collective(self, s, i, env, st):
+        """A resolved allreduce / allgather: one (device, src, dst) part per rank."""
+        dt = self._dtype(s["inputs"][0])
+        if s["op"] == "allreduce":
+            parts = [(self._vdev[a], st[a], st[b]) for a, b in zip(s["inputs"], s["outputs"])]
+            return ("allreduce", parts, math.prod(self._shape(s["inputs"][0], env)), dt)
+        counts = [math.prod(self._shape(v, env)) for v in s["inputs"]]
+        out_shape = self._shape(s["outputs"][0], env)
+        ax = s["attrs"]["axis"] % max(len(out_shape), 1)
+        outer = math.prod(out_shape[:ax])
+        if outer <= 1:
+            parts = [(self._vdev[a], st[a], st[b]) for a, b in zip(s["inputs"], s["outputs"])]
+            return ("allgather", parts, counts, dt, None)
+        # Along an inner axis: gather rank-major into scratch, then place each rank's rows.
+        size, total = dt.size_in_bytes, sum(counts) * dt.size_in_bytes
+        parts, moves = [], []
+        for a, b in zip(s["inputs"], s["outputs"]):
+            lid = self._vdev[a]
+            tmp = self._buffer(("gather", i), total, lid)
+            parts.append((lid, st[a], tmp))
+        row, base, col = math.prod(out_shape[ax:]) * size, 0, 0
+        for c in counts:
+            width = c // outer * size
+            for (lid, _, tmp), b in zip(parts, s["outputs"]):
+                moves.append((lid, st[b], col, row, tmp, base, width, width, outer))
+            base, col = base + c * size, col + width
+        return ("allgather", parts, counts, dt, moves)
 
     def _run(self, ops, env, st) -> None:
         if not self.use_graphs:
@@ -389,11 +481,21 @@ class PlanExecutor:
         self.dev.replay(g)
 
     def _launch_all(self, ops, env, st) -> None:
+        g = self.group
         for op in ops:
-            if op[0] == "launch":
-                self.dev.launch(op[1], op[2], op[3])
-            elif op[0] == "copy":
-                self.dev.copy(op[1], op[2], op[3], op[4], op[5])
+            kind = op[0]
+            if kind == "launch":
+                g[op[1]].launch(op[2], op[3], op[4])
+            elif kind == "copy":
+                g[op[1]].copy(*op[2:])
+            elif kind == "transfer":
+                g.transfer(*op[1:])
+            elif kind == "allreduce":
+                g.all_reduce(op[1], op[2], op[3])
+            elif kind == "allgather":
+                g.all_gather(op[1], op[2], op[3])
+                for lid, dst, col, row, tmp, base, pitch, width, rows in op[4] or ():
+                    g.copy2d(lid, dst, col, row, tmp, base, pitch, width, rows)
             else:
                 self._host_step(self.steps[op[1]], env, st)
 
@@ -401,14 +503,14 @@ class PlanExecutor:
         node = self.graph.nodes[s["attrs"]["node"]]
         arrays = []
         for vid in s["inputs"]:
-            raw = self.dev.download(st[vid], self._nbytes(vid, env))
+            raw = self._on(vid).download(st[vid], self._nbytes(vid, env))
             arrays.append(from_device_bits(raw, self._dtype(vid)).reshape(self._shape(vid, env)))
         outs, writes = eval_node(node, arrays, env)
         for vid, o in zip(s["outputs"], outs):
-            self.dev.upload(st[vid], to_device_bits(o, self._dtype(vid)))
+            self._on(vid).upload(st[vid], to_device_bits(o, self._dtype(vid)))
         for w, new in writes.items():
             vid = s["inputs"][w]
-            self.dev.upload(st[vid], to_device_bits(new, self._dtype(vid)))
+            self._on(vid).upload(st[vid], to_device_bits(new, self._dtype(vid)))
 
 
 import re  # noqa: E402
@@ -521,25 +623,64 @@ class CudaModel:
     def __init__(self, executor: PlanExecutor, artifact):
         self.executor, self.artifact = executor, artifact
 
+    def _source(self, vid: int) -> int:
+        while vid in self._alias:
+            vid = self._alias[vid]
+        return vid
+
     def execute(self, *inputs, return_numpy: bool | None = None):
         return self.executor.execute(*inputs, return_numpy=return_numpy)
 
     __call__ = execute
 
 
-def load(artifact, weights: Mapping[str, Any], devices=None, *, use_graphs: bool = True):
-    """Open a cuda artifact on GPU `devices[0]` (default 0) and bind `weights`."""
+class _Kernels(dict):
+    """The artifact's kernels loaded on one GPU, each on first use."""
+
+    def __init__(self, art, table: Mapping[str, Any], device: int):
+        super().__init__()
+        self._art, self._table, self._device = art, table, device
+
+    def __missing__(self, key):
+        from runtime.cuda import Kernel
+
+        md = self._table[key]
+        k = self[key] = Kernel.from_cubin(self._art.file(md["cubin"]).read_bytes(), md,
+                                          self._device)
+        return k
+
+
+def load(artifact, weights: Mapping[str, Any], devices=None, *, use_graphs: bool = True,
+         peer: str = "auto"):
+    """Open a cuda artifact and bind `weights`.
+
+    The graph's devices (see runtime.cuda.multi_device) run on the GPUs `devices` names, in
+    order (default: device id N on GPU N). A graph over several devices gets one stream per
+    GPU, peer copies for transfer_to (`peer="host"` stages them through the host) and NCCL
+    for allreduce / allgather.
+    """
     from lowering.artifact import load_artifact
-    from runtime.cuda import Kernel
+    from runtime.cuda import driver
+    from runtime.cuda.multi_device import CudaDeviceGroup, logical_devices
 
     art = load_artifact(artifact.path if hasattr(artifact, "path") else artifact)
     m = art.manifest
     if m.get("backend") != "triton_gpu":
         raise ValueError(f"{art.path}: not a cuda (triton_gpu) artifact: target {art.target}")
-    dev = 0
+    graph = art.graph()
+    lids = logical_devices(graph)
     if devices:
-        dev = int(getattr(devices[0], "id", 0))
-    kernels = {key: Kernel.from_cubin(art.file(md["cubin"]).read_bytes(), md, dev)
-               for key, md in m["kernels"].items()}
-    ex = PlanExecutor(m["plan"], art.graph(), CudaDevice(kernels, dev), weights, use_graphs)
+        if len(devices) < len(lids):
+            raise ValueError(f"graph {graph.name!r} runs on {len(lids)} devices (ids {lids}); "
+                             f"load was given {len(devices)}: {list(devices)}")
+        gpus = {lid: int(getattr(d, "id", d)) for lid, d in zip(lids, devices)}
+    else:
+        gpus = {lid: lid for lid in lids}
+    n = driver.device_count()
+    if max(gpus.values()) >= n:
+        raise ValueError(f"graph {graph.name!r} needs GPUs {sorted(gpus.values())} (one per "
+                         f"device of the graph) but this machine has {n} CUDA device(s)")
+    members = {lid: CudaDevice(_Kernels(art, m["kernels"], o), o) for lid, o in gpus.items()}
+    dev = CudaDeviceGroup(members, peer=peer) if len(members) > 1 else members[lids[0]]
+    ex = PlanExecutor(m["plan"], graph, dev, weights, use_graphs)
     return CudaModel(ex, art)

@@ -124,3 +124,19 @@ def test_allreduce_and_allgather_over_virtual_devices():
     with Graph("same", input_types=[TensorType(F32, [2, 3])] * 2) as g:
         with pytest.raises(ValueError, match="inputs must be on distinct devices"):
             ops.allreduce(g.inputs)
+
+
+def test_rope_split_store_with_qk_norm_takes_an_empty_batch():
+    # A data-parallel device can get no rows in a step: the op must pass through untouched.
+    rng = np.random.default_rng(7)
+    blocks, _, _, _ = batch(rng)
+    before = blocks.copy()
+    with Graph("rss0", input_types=types((NH + 2 * NKV) * D) + [TensorType(F32, [D])] * 2) as g:
+        x, f, bl, o, c, lt, qw, kw = g.inputs
+        g.output(ops.rope_split_store(x, f, o, c, lt, bl, n_heads=NH, n_kv_heads=NKV, head_dim=D,
+                                      layer_idx=1, q_norm_weight=qw, k_norm_weight=kw))
+    (q,) = run(g, np.zeros((0, (NH + 2 * NKV) * D), np.float32), am.rope_freqs_cis(D, 32, 1e4),
+               blocks, np.zeros(1, np.uint32), np.zeros(0, np.uint32), np.zeros((0, 1), np.uint32),
+               rng.standard_normal(D).astype(np.float32), rng.standard_normal(D).astype(np.float32))
+    assert q.shape == (0, NH * D)
+    np.testing.assert_array_equal(blocks, before)

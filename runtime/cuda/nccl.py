@@ -1,0 +1,308 @@
+"""NCCL over ctypes: one process driving several GPUs of one host (ncclCommInitAll).
+
+The library is found without importing torch: `GRAPHIR_LIBNCCL` (a path), then the files of an
+installed `nvidia-nccl-*` wheel (what torch's CUDA builds ship), then `ctypes.util.find_library`
+and the loader's own search for `libnccl.so.2`. A missing library raises `NcclUnavailableError`
+listing every place tried; a failed call raises `NcclError` naming the call and NCCL's message.
+
+One `Communicator` holds a communicator per device. Every collective is issued as one NCCL group
+(ncclGroupStart, one call per device on that device's stream, ncclGroupEnd), which is how a
+single thread drives several ranks without deadlocking. The calls are asynchronous: each
+device's stream orders them after the work that produced the inputs.
+
+NVLink multicast (NVLS) is turned off by default (`NCCL_NVLS_ENABLE=0` unless already set): it
+brings nothing at these sizes, and on shared hosts a failure there can take the GPUs out.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import importlib.metadata
+import os
+import threading
+from ctypes import POINTER, c_char_p, c_int, c_size_t, c_void_p
+from typing import Any, Sequence
+
+LIBNCCL_ENV = "GRAPHIR_LIBNCCL"
+
+# ncclDataType_t (nccl.h). float8 is carried as bytes: only gathers and broadcasts take it.
+DTYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5,
+          "float16": 6, "float32": 7, "float64": 8, "bfloat16": 9}
+# ncclRedOp_t
+REDUCE_OPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
+# ncclResult_t
+RESULTS = {0: "ncclSuccess", 1: "ncclUnhandledCudaError", 2: "ncclSystemError",
+           3: "ncclInternalError", 4: "ncclInvalidArgument", 5: "ncclInvalidUsage",
+           6: "ncclRemoteError", 7: "ncclInProgress"}
+_BYTES = {"int8": 1, "uint8": 1, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8,
+          "float16": 2, "float32": 4, "float64": 8, "bfloat16": 2, "float8_e4m3fn": 1,
+          "bool": 1}
+
+_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
+    "ncclGetVersion": (c_int, [POINTER(c_int)]),
+    "ncclGetErrorString": (c_char_p, [c_int]),
+    "ncclCommInitAll": (c_int, [POINTER(c_void_p), c_int, POINTER(c_int)]),
+    "ncclCommDestroy": (c_int, [c_void_p]),
+    "ncclGroupStart": (c_int, []),
+    "ncclGroupEnd": (c_int, []),
+    "ncclAllReduce": (c_int, [c_void_p, c_void_p, c_size_t, c_int, c_int, c_void_p, c_void_p]),
+    "ncclAllGather": (c_int, [c_void_p, c_void_p, c_size_t, c_int, c_void_p, c_void_p]),
+    "ncclBroadcast": (c_int, [c_void_p, c_void_p, c_size_t, c_int, c_int, c_void_p, c_void_p]),
+}
+_OPTIONAL = {"ncclGetLastError": (c_char_p, [c_void_p])}  # NCCL >= 2.13
+
+
+class NcclUnavailableError(RuntimeError):
+    """libnccl could not be found or loaded (the message lists the places tried)."""
+
+
+class NcclError(RuntimeError):
+    """An NCCL call failed; `call`, `code` and `name` say which and how."""
+
+    def __init__(self, call: str, code: int, detail: str = ""):
+        self.call, self.code, self.name = call, int(code), RESULTS.get(int(code), f"ncclResult {code}")
+        super().__init__(f"{call} failed: {self.name} ({self.code})" + (f": {detail}" if detail else ""))
+
+
+def candidates() -> list[str]:
+    """Library paths and names to try, in order (see the module docstring)."""
+    out: list[str] = []
+    env = os.environ.get(LIBNCCL_ENV)
+    if env:
+        return [env]
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if not name.startswith("nvidia-nccl"):
+            continue
+        for f in dist.files or []:
+            if os.path.basename(str(f)).startswith("libnccl.so"):
+                out.append(str(dist.locate_file(f)))
+    for base in _site_dirs():
+        out += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnccl.so*")))
+        out += sorted(glob.glob(os.path.join(base, "nvidia", "*", "*", "lib", "libnccl.so*")))
+    found = ctypes.util.find_library("nccl")
+    if found:
+        out.append(found)
+    out.append("libnccl.so.2")
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def _site_dirs() -> list[str]:
+    import site
+    import sys
+
+    dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    dirs += [p for p in sys.path if p.endswith("site-packages")]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+_lock = threading.Lock()
+_lib: Any = None
+_error: str | None = None
+
+
+def load() -> Any:
+    """The loaded libnccl with prototypes set (cached); raises NcclUnavailableError."""
+    global _lib, _error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _error is not None:
+            raise NcclUnavailableError(_error)
+        tried = []
+        for path in candidates():
+            try:
+                lib = ctypes.CDLL(path)
+                bind(lib)
+            except (OSError, AttributeError) as e:
+                tried.append(f"{path} ({e})")
+                continue
+            _lib = lib
+            return lib
+        _error = ("cannot load NCCL (libnccl.so.2), needed for collectives (allreduce, "
+                  "allgather) over several GPUs; install the nvidia-nccl wheel or set "
+                  f"{LIBNCCL_ENV}. Tried: " + "; ".join(tried))
+        raise NcclUnavailableError(_error)
+
+
+def bind(lib: Any) -> Any:
+    """Set restype/argtypes of the entry points on a ctypes library (missing ones raise)."""
+    for name, (res, args) in _PROTOTYPES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    for name, (res, args) in _OPTIONAL.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def is_available() -> bool:
+    """True when libnccl loads. Never raises."""
+    try:
+        load()
+        return True
+    except NcclUnavailableError:
+        return False
+
+
+def version(lib: Any = None) -> int:
+    """NCCL's version code (e.g. 22703 for 2.27.3)."""
+    lib = lib or load()
+    v = c_int()
+    _check(lib, "ncclGetVersion", lib.ncclGetVersion(ctypes.byref(v)))
+    return v.value
+
+
+def nccl_dtype(dtype: Any, *, reduce: bool) -> tuple[int, int]:
+    """(ncclDataType_t, element bytes) for a dtype name / graphir DType / numpy dtype.
+
+    Reductions need an arithmetic NCCL type (bf16, f16, f32, ints); data movement takes any
+    dtype as bytes."""
+    name = dtype if isinstance(dtype, str) else getattr(dtype, "name", None) or str(dtype)
+    if name not in _BYTES:
+        raise ValueError(f"NCCL: unsupported dtype {dtype!r}; expected one of {sorted(_BYTES)}")
+    if name in DTYPES:
+        return DTYPES[name], _BYTES[name]
+    if reduce:
+        raise ValueError(f"NCCL cannot reduce {name} tensors; supported: {sorted(DTYPES)}")
+    return DTYPES["uint8"], 1
+
+
+def _check(lib: Any, call: str, rc: int, comm: Any = None) -> None:
+    if rc == 0:
+        return
+    detail = ""
+    try:
+        if comm is not None and getattr(lib, "ncclGetLastError", None) is not None:
+            detail = (lib.ncclGetLastError(comm) or b"").decode(errors="replace")
+        if not detail:
+            detail = (lib.ncclGetErrorString(int(rc)) or b"").decode(errors="replace")
+    except (AttributeError, TypeError, ctypes.ArgumentError):
+        pass
+    raise NcclError(call, rc, detail)
+
+
+def _ptr(p: Any) -> int:
+    return int(getattr(p, "ptr", p) or 0)
+
+
+class Communicator:
+    """Communicators for `devices` (CUDA ordinals, distinct) driven from this one thread.
+
+    Each collective takes one entry per rank, in the order of `devices`.
+
+    Example:
+        >>> comm = Communicator([0, 1])                                        # doctest: +SKIP
+        >>> comm.all_reduce([(a0, a0, s0), (a1, a1, s1)], n, "bfloat16")       # doctest: +SKIP
+    """
+
+    def __init__(self, devices: Sequence[int], lib: Any = None):
+        devices = [int(d) for d in devices]
+        if not devices:
+            raise ValueError("Communicator needs at least one device")
+        if len(set(devices)) != len(devices) or min(devices) < 0:
+            raise ValueError(f"Communicator devices must be distinct CUDA ordinals, got {devices}")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        self.lib = lib if lib is not None else load()
+        self.devices = devices
+        n = len(devices)
+        comms = (c_void_p * n)()
+        _check(self.lib, "ncclCommInitAll",
+               self.lib.ncclCommInitAll(comms, n, (c_int * n)(*devices)))
+        self._comms = [c_void_p(c) for c in comms]
+
+    @property
+    def size(self) -> int:
+        return len(self.devices)
+
+    def _parts(self, parts: Sequence, what: str) -> list:
+        if self._comms is None:
+            raise ValueError(f"{what}: the communicator was destroyed")
+        if len(parts) != self.size:
+            raise ValueError(f"{what}: expected one (send, recv, stream) entry per device "
+                             f"({self.size}: {self.devices}), got {len(parts)}")
+        return [(_ptr(s), _ptr(r), _stream(st)) for s, r, st in parts]
+
+    def _group(self, what: str, calls: list) -> None:
+        lib = self.lib
+        _check(lib, "ncclGroupStart", lib.ncclGroupStart())
+        err = None
+        for name, args, comm in calls:
+            rc = getattr(lib, name)(*args)
+            if rc != 0 and err is None:
+                err = (name, rc, comm)
+        # The group is closed even after a failed call so later NCCL use is not wedged.
+        rc_end = lib.ncclGroupEnd()
+        if err is not None:
+            _check(lib, f"{err[0]} ({what})", err[1], err[2])
+        _check(lib, f"ncclGroupEnd ({what})", rc_end)
+
+    def all_reduce(self, parts: Sequence, count: int, dtype: Any, op: str = "sum") -> None:
+        """recv_i = op over ranks of send (`count` elements each); parts: (send, recv, stream)."""
+        if op not in REDUCE_OPS:
+            raise ValueError(f"all_reduce: unknown op {op!r}; expected one of {sorted(REDUCE_OPS)}")
+        count = _count(count, "all_reduce")
+        dt, _ = nccl_dtype(dtype, reduce=True)
+        ps = self._parts(parts, "all_reduce")
+        self._group("all_reduce", [("ncclAllReduce", (c_void_p(s), c_void_p(r), count, dt,
+                                                      REDUCE_OPS[op], c, c_void_p(st)), c)
+                                   for (s, r, st), c in zip(ps, self._comms)])
+
+    def all_gather(self, parts: Sequence, count: int, dtype: Any) -> None:
+        """recv_i = the ranks' sends (`count` elements each) concatenated in rank order."""
+        count = _count(count, "all_gather")
+        dt, size = nccl_dtype(dtype, reduce=False)
+        ps = self._parts(parts, "all_gather")
+        n = count * (_BYTES[_name(dtype)] // size)
+        self._group("all_gather", [("ncclAllGather", (c_void_p(s), c_void_p(r), n, dt, c,
+                                                      c_void_p(st)), c)
+                                   for (s, r, st), c in zip(ps, self._comms)])
+
+    def gather_varying(self, parts: Sequence, counts: Sequence[int], dtype: Any) -> None:
+        """Like all_gather with per-rank element counts: one broadcast per root, grouped."""
+        if len(counts) != self.size:
+            raise ValueError(f"gather_varying: expected {self.size} counts, got {len(counts)}")
+        counts = [_count(c, "gather_varying") for c in counts]
+        dt, size = nccl_dtype(dtype, reduce=False)
+        scale = _BYTES[_name(dtype)] // size
+        ps = self._parts(parts, "gather_varying")
+        calls, off = [], 0
+        for root, cnt in enumerate(counts):
+            if cnt:
+                for rank, ((s, r, st), c) in enumerate(zip(ps, self._comms)):
+                    dst = r + off * _BYTES[_name(dtype)]
+                    # Only the root's send buffer is read; the others receive in place.
+                    src = s if rank == root else dst
+                    calls.append(("ncclBroadcast", (c_void_p(src), c_void_p(dst), cnt * scale,
+                                                    dt, root, c, c_void_p(st)), c))
+            off += cnt
+        if calls:
+            self._group("gather_varying", calls)
+
+    def destroy(self) -> None:
+        """Free the communicators (after the streams finished their collectives)."""
+        if self._comms is not None:
+            for c in self._comms:
+                self.lib.ncclCommDestroy(c)
+            self._comms = None
+
+    def __repr__(self) -> str:
+        return f"Communicator(devices={self.devices})"
+
+
+def _name(dtype: Any) -> str:
+    return dtype if isinstance(dtype, str) else getattr(dtype, "name", None) or str(dtype)
+
+
+def _count(n: Any, what: str) -> int:
+    if isinstance(n, bool) or int(n) != n or int(n) < 0:
+        raise ValueError(f"{what}: element count must be a non-negative int, got {n!r}")
+    return int(n)
+
+
+def _stream(s: Any) -> int:
+    h = getattr(s, "handle", s)
+    return int(h or 0)
