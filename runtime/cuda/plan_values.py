@@ -1,0 +1,130 @@
+"""Host-side helpers of the CUDA plan runner: the manifest's launch-rule expressions (a
+whitelisted arithmetic subset, never eval of arbitrary code) and dtype bit conversions."""
+from __future__ import annotations
+
+import ast
+import re
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from graphir.dim import Dim
+from graphir.dtype import DType, bf16_bits, bf16_from_bits, round_to
+from graphir.types import ChainType
+
+_FUNCS = {"min": min, "max": max, "cdiv": lambda a, b: -(-a // b)}
+_BIN = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+_CMP = {ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b,
+        ast.GtE: lambda a, b: a >= b, ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b}
+
+
+_NODES = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.BinOp, ast.UnaryOp, ast.USub,
+          ast.Compare, ast.BoolOp, ast.And, ast.Or, ast.Call, *_BIN, *_CMP)
+
+
+@lru_cache(maxsize=4096)
+def _compile(text: str):
+    """Validate a rule against the whitelist once, then compile it (evaluated many times)."""
+    tree = ast.parse(text, mode="eval")
+    for n in ast.walk(tree):
+        ok = isinstance(n, _NODES)
+        if isinstance(n, ast.Constant):
+            ok = isinstance(n.value, (int, float, bool))
+        if isinstance(n, ast.Call):
+            ok = isinstance(n.func, ast.Name) and n.func.id in _FUNCS and not n.keywords
+        if isinstance(n, ast.Name) and n.id in ("__builtins__",):
+            ok = False
+        if not ok:
+            raise ValueError(f"launch rule {text!r}: unsupported syntax {ast.dump(n)[:60]}")
+    return compile(tree, "<launch rule>", "eval")
+
+
+_GLOBALS = {"__builtins__": {}, **_FUNCS}
+
+
+def evaluate(text: str, env: Mapping[str, Any]):
+    """Value of a launch-rule expression (ints, + - * // %, comparisons, and/or, min/max/cdiv)."""
+    code = _compile(text)
+    try:
+        return eval(code, _GLOBALS, env)  # noqa: S307  (whitelisted AST, no builtins)
+    except NameError as e:
+        raise ValueError(f"launch rule {text!r}: unknown name ({e})") from None
+
+
+# -- host <-> device value conversion -------------------------------------------------------
+def _f8_table() -> np.ndarray:
+    codes = np.arange(256, dtype=np.int64)
+    s, ex, m = codes >> 7, (codes >> 3) & 15, codes & 7
+    mag = np.where(ex == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (ex - 7.0))
+    vals = np.where(s == 1, -mag, mag)
+    vals[(ex == 15) & (m == 7)] = np.nan
+    return vals
+
+
+_F8 = _f8_table()
+
+
+def to_device_bits(a, dtype: DType) -> np.ndarray:
+    """The bytes a device tensor of `dtype` holds for host values `a` (bf16/f8 as raw bits)."""
+    a = np.asarray(a)
+    if dtype is DType.bfloat16:
+        if a.dtype == np.uint16:
+            return a
+        # float32 storage already holding bf16 values (the host side's form): exact bits.
+        r = round_to(a, dtype) if a.dtype != np.float32 else bf16_bits(a)
+        return r if r.dtype == np.uint16 else bf16_bits(r)
+    if dtype is DType.float8_e4m3fn:
+        if a.dtype == np.uint8:
+            return a
+        r = round_to(a, dtype).astype(np.float64)
+        order = np.argsort(np.nan_to_num(_F8, nan=1e9), kind="stable")
+        pos = np.searchsorted(_F8[order], np.where(r == 0, np.copysign(0.0, r), r))
+        codes = order[np.clip(pos, 0, 255)].astype(np.uint8)
+        return np.where(np.signbit(r) & (r == 0), np.uint8(0x80), codes).astype(np.uint8)
+    return np.ascontiguousarray(round_to(a, dtype))
+
+
+def from_device_bits(bits: np.ndarray, dtype: DType) -> np.ndarray:
+    """Host values (the interpreter's storage) from a device tensor's raw contents."""
+    if dtype is DType.bfloat16:
+        return bf16_from_bits(bits.view(np.uint16))
+    if dtype is DType.float8_e4m3fn:
+        return _F8[bits.view(np.uint8)].astype(np.float32)
+    return bits.view(dtype.storage)
+
+
+def eval_node(node, arrays: Sequence[np.ndarray], env: Mapping[str, int] | None = None):
+    """Run one node's float64 reference as the interpreter does; (results, written buffers)."""
+    env = dict(env or {})
+    opdef = node.opdef
+    args = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in arrays]
+    res = lambda v: v.evaluate(env) if isinstance(v, Dim) else (  # noqa: E731
+        tuple(res(x) for x in v) if isinstance(v, tuple) else v)
+    attrs = {k: res(v) for k, v in node.attrs.items()}
+    types = [r.type for r in node.results if not isinstance(r.type, ChainType)]
+    attrs["_out_shapes"] = [tuple(res(tuple(t.shape))) for t in types]
+    attrs["_in_types"] = [v.type for v in node.operands]
+    attrs["_out_types"] = types
+    outs = list(opdef.reference(args, attrs))
+    results = [round_to(np.asarray(o), t.dtype) for o, t in zip(outs, types)]
+    ins = [v for v in node.operands if not isinstance(v.type, ChainType)]
+    writes = {w: round_to(np.asarray(o), ins[w].type.dtype)
+              for w, o in zip(opdef.writes, outs[len(types):])}
+    return results, writes
+
+
+_RT = re.compile(r"rt_(?:seqmax_\d+|kvmax_\d+_\d+)")
+
+
+def _exprs(step):
+    a = step["attrs"]
+    yield from (x for _, x in a.get("lets", []))
+    for v in a.get("variants", []):
+        if v["when"]:
+            yield v["when"]
+
+
+def _dev_name(dt: DType) -> str:
+    return dt.name
