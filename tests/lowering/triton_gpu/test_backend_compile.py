@@ -105,7 +105,7 @@ def test_the_op_zoo_covers_every_lowering_family(compiled):
         assert op in ops_seen, op
 
 
-# Coverage of every registered op by a cuda lowering: tests/backends/test_cpu_coverage.py
+# Coverage of every registered op by a cuda lowering: tests/backends/test_lowering_coverage.py
 # (checked in a fresh process; other tests here register test-only ops).
 
 
