@@ -1,4 +1,5 @@
-"""Shared Triton helpers: token -> sequence search, paged KV-cache addressing, attention masks.
+"""Shared Triton helpers: token -> sequence search, paged KV-cache addressing, attention masks,
+online softmax over paged keys.
 
 Cache layout: blocks[num_pages, 2, num_layers, PAGE_SIZE, NKV, D]; token p of sequence b for
 layer l lives at blocks[lut[b, p // PAGE_SIZE], kv, l, p % PAGE_SIZE, head, :]. Offsets are
@@ -98,3 +99,40 @@ def key_range(q_lo, q_hi, kv_len, window, MASK: tl.constexpr):
         end = tl.minimum(kv_len, q_hi + 1)
         start = (q_lo // window) * window
     return start, end
+
+
+@triton.jit
+def attend_paged_keys(q, qp, b, kvh, start, end, lut_ptr, blocks_ptr, max_pages, layer_idx,
+                      num_layers, window, scale, NKV: tl.constexpr, D: tl.constexpr,
+                      PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Online softmax of the query tile q [BLOCK_M, D] (positions qp) over the cached keys
+    start..end-1 of KV head kvh of sequence b, BLOCK_N keys per step.
+
+    Returns (acc, m, l) in fp32: the unnormalized output [BLOCK_M, D], the running max in log2
+    units and the running sum, so callers can normalize now or merge partitions later.
+    """
+    d = tl.arange(0, D)
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    v_shift = tl.cast(num_layers, tl.int64) * (PAGE_SIZE * NKV * D)
+    for n0 in range(start, end, BLOCK_N):
+        kp = n0 + tl.arange(0, BLOCK_N)
+        kmask = kp < end
+        kbase = slot_offsets(lut_ptr, b, kp, max_pages, layer_idx, num_layers, kmask, 0,
+                             PAGE_SIZE, NKV, D) + kvh * D
+        k = tl.load(blocks_ptr + kbase[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = mask_allows(qp, kp, window, MASK) & kmask[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(blocks_ptr + (kbase + v_shift)[:, None] + d[None, :], mask=kmask[:, None],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
