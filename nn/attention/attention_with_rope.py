@@ -19,37 +19,17 @@ from ops.attention import layer_index
 from ..float8_config import Float8Config, Float8ScaleGranularity
 from ..kv_cache import KVCacheParams, PagedCacheValues
 from ..linear import Linear, float8_dequantize_weight, float8_quantize_input
-from ..module import Module
 from ..norm import RMSNorm
 from ..rotary_embedding import RotaryEmbedding
 from ..sharding import ShardingStrategy, replace_weights
+from .checks import (as_cache, check_devices, check_head_counts, check_rope_and_kv_params,
+                     check_x, positive_int)
 from .head_sharding import tp_head_plan, tp_slicer
 from .mask_config import MHAMaskVariant, as_mask_variant
+from .sharded import ShardableAttention
 
 
-def _pos(cls: str, name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{cls}: {name} must be a positive int, got {v!r}")
-    return v
-
-
-def as_cache(kv_collection) -> PagedCacheValues:
-    if isinstance(kv_collection, PagedCacheValues):
-        return kv_collection
-    if isinstance(kv_collection, (list, tuple)) and len(kv_collection) in (3, 4):
-        return PagedCacheValues(*kv_collection)
-    raise ValueError(f"kv_collection must be PagedCacheValues(kv_blocks, cache_lengths, "
-                     f"lookup_table, max_lengths), got {kv_collection!r}")
-
-
-def check_devices(cls: str, devices) -> list[DeviceRef]:
-    devs = [DeviceRef.CPU()] if devices is None else list(devices)
-    if not devs or not all(isinstance(d, DeviceRef) for d in devs):
-        raise ValueError(f"{cls}: devices must be a non-empty list of DeviceRef, got {devices!r}")
-    return devs
-
-
-class AttentionWithRope(Module):
+class AttentionWithRope(ShardableAttention):
     """Attention with rotary position embedding over a paged KV cache (MAX's class).
 
     Weights (MAX names): q_proj/k_proj/v_proj.weight (and .bias with has_bias) or
@@ -73,16 +53,9 @@ class AttentionWithRope(Module):
                  sliding_window: int | None = None, _fuse_rope_and_store: bool = True) -> None:
         super().__init__()
         cls = type(self).__name__
-        if not isinstance(rope, RotaryEmbedding):
-            raise ValueError(f"{cls}: rope must be a RotaryEmbedding, got {type(rope).__name__}")
-        if not isinstance(kv_params, KVCacheParams):
-            raise ValueError(f"{cls}: kv_params must be KVCacheParams, got {kv_params!r}")
-        nh = _pos(cls, "num_attention_heads", num_attention_heads)
-        nkv = _pos(cls, "num_key_value_heads", num_key_value_heads)
-        self.hidden_size = _pos(cls, "hidden_size", hidden_size)
-        if nh % nkv:
-            raise ValueError(f"{cls}: num_attention_heads {nh} is not divisible by "
-                             f"num_key_value_heads {nkv}")
+        check_rope_and_kv_params(cls, rope, kv_params)
+        nh, nkv, self.hidden_size = check_head_counts(cls, num_attention_heads,
+                                                      num_key_value_heads, hidden_size)
         if kv_params.n_kv_heads != nkv:
             raise ValueError(f"{cls}: kv_params.n_kv_heads {kv_params.n_kv_heads} differs from "
                              f"num_key_value_heads {nkv}")
@@ -97,7 +70,7 @@ class AttentionWithRope(Module):
             raise ValueError(f"{cls}: clip_qkv must be > 0, got {clip_qkv!r}")
         self.mask_variant = as_mask_variant(mask_variant)
         if self.mask_variant.needs_window:
-            _pos(cls, f"sliding_window (needed by {self.mask_variant.name})", sliding_window)
+            positive_int(cls, f"sliding_window (needed by {self.mask_variant.name})", sliding_window)
         self.sliding_window = sliding_window
         self.rope = rope
         self.n_heads, self.n_kv_heads = nh, nkv
@@ -175,29 +148,13 @@ class AttentionWithRope(Module):
     def _rowwise_weight_scale(self) -> bool:
         return self.float8_config.weight_scale.granularity is Float8ScaleGranularity.ROWWISE
 
-    @property
-    def sharding_strategy(self) -> ShardingStrategy | None:
-        """The Module sharding strategy (replicate or tensor_parallel)."""
-        return self._sharding_strategy
-
-    @sharding_strategy.setter
-    def sharding_strategy(self, strategy: ShardingStrategy) -> None:
-        if not isinstance(strategy, ShardingStrategy):
-            raise ValueError(f"sharding_strategy must be a ShardingStrategy, got {strategy!r}")
-        if strategy.is_tensor_parallel:
-            tp_head_plan(self.n_heads, self.n_kv_heads, strategy.num_devices)  # validates
-        self._sharding_strategy = strategy
+    def _check_tensor_parallel(self, num_devices: int) -> None:
+        tp_head_plan(self.n_heads, self.n_kv_heads, num_devices)  # validates
 
     def shard(self, devices: Sequence[DeviceRef]) -> list["AttentionWithRope"]:
         """One AttentionWithRope per device whose weights are slices (tensor parallel) or copies
         (replicate) of this module's weights."""
-        strategy = self._sharding_strategy
-        if strategy is None:
-            raise ValueError(f"{type(self).__name__}.shard: set sharding_strategy first")
-        devices = check_devices(type(self).__name__, devices)
-        if len(devices) != strategy.num_devices:
-            raise ValueError(f"shard: {len(devices)} devices for a strategy over "
-                             f"{strategy.num_devices}")
+        strategy, devices = self._shard_strategy(devices)
         out = []
         if strategy.is_replicate:
             for i, dev in enumerate(devices):
@@ -248,12 +205,16 @@ class AttentionWithRope(Module):
             x = float8_quantize_input(x, cfg, self.qkv_input_scale)
         return ops.fused_qkv_matmul(x, wqkv, bias)
 
+    def _replace_o_proj(self, linear_cls: Callable[..., Linear], **quant_kwargs) -> None:
+        """Rebuild o_proj with a caller's linear class (quantized subclasses: their default
+        o_proj is quantized too, since our Linear has no quantized matmul)."""
+        if linear_cls is not Linear:
+            self.o_proj = linear_cls(in_dim=self.n_heads * self.head_dim,
+                                     out_dim=self.hidden_size, dtype=self.dtype,
+                                     device=self.devices[0], has_bias=False, **quant_kwargs)
+
     def _check_x(self, x) -> TensorValue:
-        x = as_tensor(x)
-        if x.rank != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"{type(self).__name__}: x must be [total_seq_len, "
-                             f"{self.hidden_size}], got {list(map(str, x.shape))}")
-        return x
+        return check_x(type(self).__name__, x, self.hidden_size)
 
     def _project_rope_store(self, layer: int, x, kv: PagedCacheValues, freqs_cis,
                             input_row_offsets) -> TensorValue:

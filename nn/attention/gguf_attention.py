@@ -72,11 +72,7 @@ class GGUFQAttentionWithRope(AttentionWithRope):
                          linear_cls=gguf_linear, scale=scale, has_bias=has_bias,
                          clip_qkv=clip_qkv, mask_variant=mask_variant,
                          _fuse_rope_and_store=_fuse_rope_and_store)
-        # Our Linear has no quantized matmul, so the default o_proj is a GGUF linear too.
-        if linear_cls is not Linear:
-            self.o_proj = linear_cls(in_dim=self.n_heads * self.head_dim, out_dim=hidden_size,
-                                     dtype=dtype, device=self.devices[0], has_bias=False,
-                                     quantization_encoding=enc)
+        self._replace_o_proj(linear_cls, quantization_encoding=enc)
 
     # -- MAX properties ----------------------------------------------------------------------
     @property

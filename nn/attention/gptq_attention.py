@@ -60,12 +60,8 @@ class GPTQAttentionWithRope(AttentionWithRope):
                          kv_params=kv_params, devices=devices, dtype=dtype,
                          linear_cls=gptq_linear, scale=scale,
                          _fuse_rope_and_store=_fuse_rope_and_store)
-        # Our Linear has no quantized matmul, so the default o_proj is a GPTQ linear too.
-        if linear_cls is not Linear:
-            self.o_proj = linear_cls(in_dim=self.n_heads * self.head_dim, out_dim=hidden_size,
-                                     dtype=dtype, device=self.devices[0], has_bias=False,
-                                     quantization_encoding=QuantizationEncoding.GPTQ,
-                                     quantization_config=cfg)
+        self._replace_o_proj(linear_cls, quantization_encoding=QuantizationEncoding.GPTQ,
+                             quantization_config=cfg)
 
     # -- MAX properties ----------------------------------------------------------------------
     def _projs(self) -> list[GPTQLinear]:

@@ -21,12 +21,13 @@ from ops.attention import layer_index
 from ..float8_config import Float8Config
 from ..kv_cache import KVCacheParams, PagedCacheValues
 from ..linear import Linear
-from ..module import Module
 from ..norm import RMSNorm
 from ..rotary_embedding import RotaryEmbedding
 from ..sharding import ShardingStrategy, replace_weights
-from .attention_with_rope import as_cache, check_devices
+from .checks import as_cache, check_devices, check_rope_and_kv_params, check_x
+from .checks import positive_int as _pos
 from .latent_sharding import mla_slicer
+from .sharded import ShardableAttention
 
 GRAPH_MODES = ("prefill", "decode", "auto")
 _NORM_EPS = 1e-6  # DeepSeek's q_a / kv_a layernorms always use 1e-6
@@ -41,13 +42,7 @@ class MLAPrefillMetadata:
     buffer_lengths: TensorValue
 
 
-def _pos(cls: str, name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{cls}: {name} must be a positive int, got {v!r}")
-    return v
-
-
-class LatentAttentionWithRope(Module):
+class LatentAttentionWithRope(ShardableAttention):
     """Multi-head latent attention with RoPE (MAX's class), DeepSeek-V2/V3 style.
 
     Weights (HF / MAX names): q_proj.weight [NH*(nope+rope), hidden], or q_a_proj.weight
@@ -76,10 +71,7 @@ class LatentAttentionWithRope(Module):
                  norm_dtype: DType | None = None) -> None:
         super().__init__()
         cls = type(self).__name__
-        if not isinstance(rope, RotaryEmbedding):
-            raise ValueError(f"{cls}: rope must be a RotaryEmbedding, got {type(rope).__name__}")
-        if not isinstance(kv_params, KVCacheParams):
-            raise ValueError(f"{cls}: kv_params must be KVCacheParams, got {kv_params!r}")
+        check_rope_and_kv_params(cls, rope, kv_params)
         for name, dt in (("dtype", dtype), ("o_proj_dtype", o_proj_dtype),
                          ("norm_dtype", norm_dtype)):
             if dt is not None and (not isinstance(dt, DType) or not dt.is_float):
@@ -177,30 +169,15 @@ class LatentAttentionWithRope(Module):
         q = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         return ops.concat([as_tensor(q.weight), as_tensor(self.kv_a_proj_with_mqa.weight)], axis=0)
 
-    @property
-    def sharding_strategy(self) -> ShardingStrategy | None:
-        """The Module sharding strategy (replicate or tensor_parallel)."""
-        return self._sharding_strategy
-
-    @sharding_strategy.setter
-    def sharding_strategy(self, strategy: ShardingStrategy) -> None:
-        if not isinstance(strategy, ShardingStrategy):
-            raise ValueError(f"sharding_strategy must be a ShardingStrategy, got {strategy!r}")
-        if strategy.is_tensor_parallel and self.n_heads % strategy.num_devices:
+    def _check_tensor_parallel(self, num_devices: int) -> None:
+        if self.n_heads % num_devices:
             raise ValueError(f"{type(self).__name__}: num_attention_heads {self.n_heads} is not "
-                             f"divisible by the {strategy.num_devices} devices")
-        self._sharding_strategy = strategy
+                             f"divisible by the {num_devices} devices")
 
     def shard(self, devices: Sequence[DeviceRef]) -> list["LatentAttentionWithRope"]:
         """One layer per device: heads split (tensor parallel: q / kv_b rows, o_proj columns;
         kv_a and the norms replicated; every device keeps the whole latent cache) or copies."""
-        strategy = self._sharding_strategy
-        if strategy is None:
-            raise ValueError(f"{type(self).__name__}.shard: set sharding_strategy first")
-        devices = check_devices(type(self).__name__, devices)
-        if len(devices) != strategy.num_devices:
-            raise ValueError(f"shard: {len(devices)} devices for a strategy over "
-                             f"{strategy.num_devices}")
+        strategy, devices = self._shard_strategy(devices)
         n = 1 if strategy.is_replicate else len(devices)
         nh = self.n_heads // n
         out = []
@@ -268,10 +245,7 @@ class LatentAttentionWithRope(Module):
         cls = type(self).__name__
         layer = layer_index(layer_idx)
         kv = as_cache(kv_collection)
-        x = as_tensor(x)
-        if x.rank != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"{cls}: x must be [total_seq_len, {self.hidden_size}], got "
-                             f"{list(map(str, x.shape))}")
+        x = check_x(cls, x, self.hidden_size)
         if self.graph_mode == "auto" and kv.max_lengths is None:
             raise ValueError(f"{cls}: graph_mode 'auto' picks prefill or decode from "
                              f"kv_collection.max_lengths, which is None")

@@ -14,7 +14,8 @@ from ..kv_cache import KVCacheParams
 from ..linear import Linear
 from ..module import Module
 from ..rotary_embedding import RotaryEmbedding
-from .attention_with_rope import _pos, as_cache, check_devices
+from .checks import as_cache, check_devices, check_head_counts, check_x
+from .checks import positive_int as _pos
 from .mask_config import MHAMaskVariant, as_mask_variant
 
 
@@ -40,12 +41,8 @@ class AttentionWithRopeNoOpaque(Module):
         cls = type(self).__name__
         if not isinstance(rope, RotaryEmbedding):
             raise ValueError(f"{cls}: rope must be a RotaryEmbedding, got {type(rope).__name__}")
-        nh = _pos(cls, "num_attention_heads", num_attention_heads)
-        nkv = _pos(cls, "num_key_value_heads", num_key_value_heads)
-        self.hidden_size = _pos(cls, "hidden_size", hidden_size)
-        if nh % nkv:
-            raise ValueError(f"{cls}: num_attention_heads {nh} is not divisible by "
-                             f"num_key_value_heads {nkv}")
+        nh, nkv, self.hidden_size = check_head_counts(cls, num_attention_heads,
+                                                      num_key_value_heads, hidden_size)
         if kv_params.n_kv_heads != nkv or rope.head_dim != kv_params.head_dim:
             raise ValueError(f"{cls}: kv_params (n_kv_heads {kv_params.n_kv_heads}, head_dim "
                              f"{kv_params.head_dim}) must match num_key_value_heads {nkv} and "
@@ -68,10 +65,7 @@ class AttentionWithRopeNoOpaque(Module):
         (kv_blocks, cache_lengths, lookup_table, max_lengths)."""
         layer = layer_index(layer_idx)
         kv = as_cache(kv_collection)
-        x = as_tensor(x)
-        if x.rank != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"{type(self).__name__}: x must be [total_seq_len, "
-                             f"{self.hidden_size}], got {list(map(str, x.shape))}")
+        x = check_x(type(self).__name__, x, self.hidden_size)
         nh, nkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         freqs = self.rope.freqs_cis
         as_tensor(self.o_proj.weight)

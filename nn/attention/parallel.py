@@ -7,11 +7,11 @@ from typing import Sequence
 import ops
 from graphir.device import DeviceRef
 from graphir.value import TensorValue, as_tensor
-from graphir.weight import Weight
 from ops.attention import layer_index
 
-from ..sharding import ShardingStrategy
 from .attention_with_rope import AttentionWithRope
+from .checks import check_per_device
+from .sharded import ParallelShards
 
 
 def distribute_value(v, devices: Sequence[DeviceRef]) -> list[TensorValue]:
@@ -24,15 +24,7 @@ def distribute_value(v, devices: Sequence[DeviceRef]) -> list[TensorValue]:
     return [v.to(d) for d in devices]
 
 
-def _lists(cls: str, n: int, **lists) -> None:
-    for name, v in lists.items():
-        if not isinstance(v, (list, tuple)) or len(v) != n:
-            got = len(v) if isinstance(v, (list, tuple)) else type(v).__name__
-            raise ValueError(f"{cls}: {name} must be a list with one entry per device ({n}), "
-                             f"got {got}")
-
-
-class _Replicated(AttentionWithRope):
+class _Replicated(ParallelShards, AttentionWithRope):
     """Shared by the parallel forms: full weights here, per-device modules in `_shards`."""
 
     _shards: list[AttentionWithRope]
@@ -40,24 +32,12 @@ class _Replicated(AttentionWithRope):
 
     def __init__(self, *, strategy: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        cls = type(self).__name__
-        if len(self.devices) < self._min_devices:
-            raise ValueError(f"{cls}: needs at least {self._min_devices} devices, got "
-                             f"{len(self.devices)}")
-        n = len(self.devices)
-        self.sharding_strategy = getattr(ShardingStrategy, strategy)(n)
-        object.__setattr__(self, "_shards", self.shard(self.devices))
-
-    def _extra_weights(self) -> dict[str, Weight]:
-        out = {}
-        for m in self._shards:
-            out.update(m.raw_state_dict())
-        return out
+        self._make_shards(strategy, self._min_devices)
 
     def _per_device(self, layer_idx, xs, kv_collections, freqs_cis, input_row_offsets):
         cls, n = type(self).__name__, len(self._shards)
-        _lists(cls, n, x=xs, kv_collections=kv_collections, freqs_cis=freqs_cis,
-               input_row_offsets=input_row_offsets)
+        check_per_device(cls, n, x=xs, kv_collections=kv_collections, freqs_cis=freqs_cis,
+                         input_row_offsets=input_row_offsets)
         layer = layer_index(layer_idx)
         outs = []
         for m, x, kv, f, offs in zip(self._shards, xs, kv_collections, freqs_cis,
@@ -69,8 +49,9 @@ class _Replicated(AttentionWithRope):
     def materialize_kv_from_hidden(self, layer_idx, hiddens, kv_collections, freqs_cis,
                                    input_row_offsets) -> None:
         n = len(self._shards)
-        _lists(type(self).__name__, n, hiddens=hiddens, kv_collections=kv_collections,
-               freqs_cis=freqs_cis, input_row_offsets=input_row_offsets)
+        check_per_device(type(self).__name__, n, hiddens=hiddens,
+                         kv_collections=kv_collections, freqs_cis=freqs_cis,
+                         input_row_offsets=input_row_offsets)
         for m, x, kv, f, offs in zip(self._shards, hiddens, kv_collections, freqs_cis,
                                      input_row_offsets):
             m._fuse_rope_and_store = self._fuse_rope_and_store

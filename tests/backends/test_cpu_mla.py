@@ -8,7 +8,7 @@ import ops
 from graphir import DType, Graph, TensorType
 from graphir.dtype import round_to
 from graphir.types import BufferType
-from ops.attention_math import rope_freqs_cis
+from tests.nn.harness import mla_op_inputs
 
 from .harness import assert_matches_interpreter
 
@@ -19,19 +19,8 @@ PAGE, LAYERS, LAYER, W = 4, 2, 1, R + ROPE
 
 
 def _inputs(rng, kinds, dt):
-    pages = 12
-    blocks = rng.standard_normal((pages + 1, kinds, LAYERS, PAGE, 1, W)).astype(np.float32)
-    lut = np.array([[3, 7, 1, 12], [0, 2, 12, 12], [5, 4, 6, 12]], np.uint32)
-    clen = np.array([6, 0, 2], np.uint32)
-    offs = np.array([0, 3, 8, 9], np.uint32)
-    t = 9
-    q = rng.standard_normal((t, NH * (NOPE + ROPE))).astype(np.float32)
-    kv = rng.standard_normal((t, W)).astype(np.float32)
-    normw = (rng.standard_normal(R) * 0.3 + 1).astype(np.float32)
-    kv_b = (rng.standard_normal((NH, NOPE + V, R)) * 0.3).astype(np.float32)
-    w_k = kv_b[:, :NOPE].reshape(NH * NOPE, R).copy()
-    w_uk, w_uv = kv_b[:, :NOPE].copy(), kv_b[:, NOPE:].transpose(0, 2, 1).copy()
-    freqs = rope_freqs_cis(ROPE, 32, 10000.0).astype(np.float32)
+    q, kv, normw, freqs, offs, clen, lut, blocks, w_k, w_uk, w_uv = mla_op_inputs(
+        rng, kinds, nh=NH, nope=NOPE, rope=ROPE, v=V, r=R, kv_b_scale=0.3)
     q, kv, normw, blocks, w_k, w_uk, w_uv = (round_to(a, dt) for a in
                                              (q, kv, normw, blocks, w_k, w_uk, w_uv))
     return [q, kv, normw, freqs, offs, clen, lut, blocks, w_k, w_uk, w_uv]

@@ -15,7 +15,7 @@ from ops import QuantizationEncoding
 from ops.quant.gguf_quantize import quantize_gguf
 from runtime.interpreter import InterpreterError, run
 from runtime.kv_cache import PagedKVCacheManager
-from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, layer_graph, step
+from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, layer_graph, scheduled_manager, step
 
 HIDDEN, NH, NKV, D = 256, 4, 2, 64  # K-quants need rows that are whole 256-value blocks
 QUANTIZED = ["Q4_0", "Q8_0", "Q4_K", "Q6_K"]
@@ -151,12 +151,7 @@ def make_file(path, enc: str, seed: int, bias: bool = False) -> dict:
 
 
 def kv_manager() -> PagedKVCacheManager:
-    m = PagedKVCacheManager(num_layers=LAYERS, n_kv_heads=NKV, head_dim=D, page_size=PAGE,
-                            total_num_pages=24)
-    m.blocks[...] = np.random.default_rng(99).standard_normal(m.blocks_shape).astype(np.float32)
-    for _ in SCHEDULE[0][0]:
-        m.claim()
-    return m
+    return scheduled_manager(NKV, D)
 
 
 def layers(enc, **opts):

@@ -12,7 +12,7 @@ from nn import (AttentionWithRope, GPTQAttentionWithRope, GPTQLinear, KVCachePar
 from ops import QuantizationConfig
 from runtime.interpreter import run
 from runtime.kv_cache import PagedKVCacheManager
-from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, layer_graph, step
+from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, layer_graph, scheduled_manager, step
 
 HIDDEN, NH, NKV, D = 256, 4, 2, 64
 PROJ = {"q_proj": (HIDDEN, NH * D), "k_proj": (HIDDEN, NKV * D), "v_proj": (HIDDEN, NKV * D),
@@ -75,12 +75,7 @@ def checkpoint(seed, gs, sym, desc_act):
 
 # -- the layer ----------------------------------------------------------------------------------
 def kv_manager() -> PagedKVCacheManager:
-    m = PagedKVCacheManager(num_layers=LAYERS, n_kv_heads=NKV, head_dim=D, page_size=PAGE,
-                            total_num_pages=24)
-    m.blocks[...] = np.random.default_rng(99).standard_normal(m.blocks_shape).astype(np.float32)
-    for _ in SCHEDULE[0][0]:
-        m.claim()
-    return m
+    return scheduled_manager(NKV, D)
 
 
 def build(cfg, fuse=True):

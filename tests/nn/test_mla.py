@@ -8,8 +8,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModel, DeepseekV3Config
+from transformers import DeepseekV3Config
 
 import ops
 from graphir import DeviceRef, DType, Graph, TensorType
@@ -18,10 +17,10 @@ from nn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding, KVCa
                 LatentAttentionWithRope, PagedCacheValues, RotaryEmbedding,
                 TensorParallelLatentAttentionWithRope)
 from nn.attention.parallel import distribute_value
-from ops.attention_math import rope_freqs_cis
 from runtime.interpreter import run
 from runtime.kv_cache import PagedKVCacheManager
-from tests.nn.harness import SCHEDULE, layer_graph
+from tests.nn.harness import (SCHEDULE, HFAttentionRunner, layer_graph, mla_op_inputs,
+                              scheduled_manager)
 
 HIDDEN, NH, NOPE, ROPE, V, R, QLORA = 64, 4, 16, 8, 12, 32, 24
 PAGE, LAYERS, LAYER = 4, 2, 1
@@ -54,13 +53,8 @@ def make_layer(q_lora=None, graph_mode=None, interleaved=True, cls=LatentAttenti
     return rope, kvp, attn
 
 
-def manager(pages=24) -> PagedKVCacheManager:
-    m = PagedKVCacheManager(num_layers=LAYERS, n_kv_heads=1, head_dim=R + ROPE, page_size=PAGE,
-                            total_num_pages=pages)
-    m.blocks[...] = np.random.default_rng(99).standard_normal(m.blocks_shape).astype(np.float32)
-    for _ in range(3):
-        m.claim()
-    return m
+def manager() -> PagedKVCacheManager:
+    return scheduled_manager(n_kv_heads=1, head_dim=R + ROPE)
 
 
 def run_step(graph, m, st, x, weights):
@@ -69,36 +63,11 @@ def run_step(graph, m, st, x, weights):
     return y
 
 
-class HFRunner:
+class HFRunner(HFAttentionRunner):
     """One HF DeepSeek-V3 model; hooks capture its attention's input and output."""
 
     def __init__(self, config, seed):
-        torch.manual_seed(seed)
-        self.model = AutoModel.from_config(config, attn_implementation="eager").float().eval()
-        self.attn = self.model.layers[0].self_attn
-        with torch.no_grad():  # norms near 1 but not 1: a missing norm weight would show
-            for name, p in self.attn.named_parameters():
-                p.copy_(torch.randn_like(p) * (0.15 if p.ndim == 2 else 0.3)
-                        + (1.0 if "norm" in name else 0.0))
-        self.captured, self.caches = {}, {}
-        self.attn.register_forward_pre_hook(self._pre, with_kwargs=True)
-        self.attn.register_forward_hook(self._post, with_kwargs=True)
-
-    def _pre(self, mod, args, kwargs):
-        self.captured["x"] = kwargs["hidden_states"][0].detach().clone()
-
-    def _post(self, mod, args, kwargs, out):
-        self.captured["y"] = out[0][0].detach().clone()
-
-    def state_dict(self):
-        return {k: v.detach().numpy().copy() for k, v in self.attn.state_dict().items()}
-
-    def run(self, seq, ids):
-        with torch.no_grad():
-            out = self.model(input_ids=torch.as_tensor(ids)[None],
-                             past_key_values=self.caches.get(seq), use_cache=True)
-        self.caches[seq] = out.past_key_values
-        return self.captured["x"].numpy(), self.captured["y"].numpy()
+        super().__init__(config, seed, vector_scale=0.3)
 
     def latent_cache(self, seq):
         layer = self.caches[seq].layers[0]
@@ -111,7 +80,7 @@ class HFRunner:
 def test_layer_matches_hf(q_lora, mode, interleave):
     hf = HFRunner(hf_config(q_lora, interleave), seed=7 if q_lora else 3)
     rope, kvp, attn = make_layer(q_lora, mode, interleaved=interleave)
-    attn.load_state_dict(hf.state_dict())
+    attn.load_state_dict(hf.attn_state_dict())
     assert attn.scale != (NOPE + ROPE) ** -0.5  # YaRN's mscale_all_dim changed the scale
     g = layer_graph(attn, rope, kvp, layer=LAYER)
     m = manager()
@@ -233,21 +202,9 @@ def _dense_mla(q, latent_rows, w_k, w_uv, cl, scale):
 
 @pytest.mark.parametrize("kinds", [1, 2])
 def test_ops_against_dense_attention(kinds):
-    rng = np.random.default_rng(11)
-    pages, W = 12, R + ROPE
-    blocks = rng.standard_normal((pages + 1, kinds, LAYERS, PAGE, 1, W)).astype(np.float32)
-    lut = np.array([[3, 7, 1, 12], [0, 2, 12, 12], [5, 4, 6, 12]], np.uint32)
-    clen = np.array([6, 0, 2], np.uint32)
-    offs = np.array([0, 3, 8, 9], np.uint32)
-    T = 9
-    q = rng.standard_normal((T, NH * (NOPE + ROPE))).astype(np.float32)
-    kv = rng.standard_normal((T, W)).astype(np.float32)
-    normw = (rng.standard_normal(R) * 0.3 + 1).astype(np.float32)
-    kv_b = (rng.standard_normal((NH * (NOPE + V), R)) * 0.2).astype(np.float32)
-    per_head = kv_b.reshape(NH, NOPE + V, R)
-    w_k = per_head[:, :NOPE].reshape(NH * NOPE, R)
-    w_uk, w_uv = per_head[:, :NOPE], per_head[:, NOPE:].transpose(0, 2, 1).copy()
-    freqs = rope_freqs_cis(ROPE, 32, THETA)
+    q, kv, normw, freqs, offs, clen, lut, blocks, w_k, w_uk, w_uv = mla_op_inputs(
+        np.random.default_rng(11), kinds, nh=NH, nope=NOPE, rope=ROPE, v=V, r=R, kv_b_scale=0.2)
+    T, W = q.shape[0], R + ROPE
     u32 = DType.uint32
     types = [TensorType(DType.float32, ["t", NH * (NOPE + ROPE)]), TensorType(DType.float32, ["t", W]),
              TensorType(DType.float32, [R]), TensorType(DType.float32, [64, ROPE]),

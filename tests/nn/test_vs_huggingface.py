@@ -6,14 +6,13 @@ the paged cache: 3 sequences prefilled, 4 decode steps, then a second prefill ch
 """
 import numpy as np
 import pytest
-import torch
-from transformers import (AutoModel, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from graphir import DType
 from nn import (AttentionWithRope, KVCacheParams, Llama3RopeScalingParams, MHAMaskVariant,
                 RotaryEmbedding)
-from tests.nn.harness import (D, HIDDEN, LAYERS, NH, NKV, PAGE, SCHEDULE, layer_graph, manager,
-                              step)
+from tests.nn.harness import (D, HIDDEN, LAYERS, NH, NKV, PAGE, SCHEDULE, HFAttentionRunner,
+                              layer_graph, manager, step)
 
 COMMON = dict(vocab_size=97, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
               num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=128,
@@ -38,45 +37,11 @@ CASES = {
 }
 
 
-class HFRunner:
-    """One HF model; each sequence keeps its own DynamicCache."""
-
-    def __init__(self, config, seed):
-        torch.manual_seed(seed)
-        self.model = AutoModel.from_config(config, attn_implementation="eager").float().eval()
-        attn = self.model.layers[0].self_attn
-        with torch.no_grad():  # random everything: norms at 1 and zero biases would hide bugs
-            for name, p in attn.named_parameters():
-                p.copy_(torch.randn_like(p) * (0.15 if p.ndim == 2 else 0.5)
-                        + (1.0 if "norm" in name else 0.0))
-        self.captured = {}
-        attn.register_forward_pre_hook(self._pre, with_kwargs=True)
-        attn.register_forward_hook(self._post, with_kwargs=True)
-        self.caches = {}
-
-    def _pre(self, mod, args, kwargs):
-        self.captured["x"] = kwargs["hidden_states"][0].detach().clone()
-
-    def _post(self, mod, args, kwargs, out):
-        self.captured["y"] = out[0][0].detach().clone()
-
-    def attn_state_dict(self):
-        return {k: v.detach().numpy().copy()
-                for k, v in self.model.layers[0].self_attn.state_dict().items()}
-
-    def run(self, seq, ids):
-        with torch.no_grad():
-            out = self.model(input_ids=torch.as_tensor(ids)[None],
-                             past_key_values=self.caches.get(seq), use_cache=True)
-        self.caches[seq] = out.past_key_values
-        return self.captured["x"].numpy(), self.captured["y"].numpy()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("fuse", [True, False])
 def test_layer_matches_hf(case, fuse):
     config, opts, theta, scaling = CASES[case]
-    hf = HFRunner(config, seed=hash(case) % 1000)
+    hf = HFAttentionRunner(config, seed=hash(case) % 1000, vector_scale=0.5)
     rope = RotaryEmbedding(HIDDEN, NH, theta, 64, head_dim=D, interleaved=False,
                            scaling_params=scaling)
     kv_params = KVCacheParams(dtype=DType.float32, n_kv_heads=NKV, head_dim=D,
