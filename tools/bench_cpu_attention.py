@@ -28,16 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PAGE = 128
 
 
-def _best(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 class TorchLayer:
     """The same attention layer in torch eager over the same paged cache layout."""
 
@@ -133,6 +123,7 @@ def main() -> None:
     from lowering import cache
     from lowering.driver import compile_graph
     from runtime.session import InferenceSession
+    from tools.bench_mlir_matmul import best_time
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GRAPHIR_NUM_THREADS", str(args.threads))
@@ -182,11 +173,11 @@ def main() -> None:
         dense_ref = TorchLayer(weights, freqs, nh, nkv, d, dense=tuple(
             torch.randn(len(counts), nkv, max_len, d) for _ in range(2)))
         with torch.no_grad():
-            t_torch = _best(lambda: ref(*targs), reps)
+            t_torch = best_time(lambda: ref(*targs), reps)
             want = ref(*targs).numpy()
-            t_dense = _best(lambda: dense_ref(*targs), reps)
+            t_dense = best_time(lambda: dense_ref(*targs), reps)
         ours_blocks = blocks.copy()
-        t_ours = _best(lambda: model.execute(x, offs, ours_blocks, clen, lut, maxl), reps)
+        t_ours = best_time(lambda: model.execute(x, offs, ours_blocks, clen, lut, maxl), reps)
         (got,) = model.execute(x, offs, ours_blocks, clen, lut, maxl)
         err = float(np.abs(got - want).max() / np.abs(want).max())
         rows.append((name, t_ours, t_torch, t_dense, err))

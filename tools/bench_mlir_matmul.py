@@ -42,7 +42,8 @@ def _build(m: int, k: int, n: int, prepacked: bool, dynamic_m: bool, so_path: Pa
         return time.perf_counter() - t0
 
 
-def _best(fn, reps: int) -> float:
+def best_time(fn, reps: int) -> float:
+    """Fastest of `reps` timed calls of fn, in seconds, after one untimed warm-up call."""
     fn()
     times = []
     for _ in range(reps):
@@ -74,8 +75,8 @@ def main() -> None:
             w = rng.standard_normal((n, k), dtype=np.float32)
             flops = 2.0 * m * n * k
             ta, tw = torch.from_numpy(a), torch.from_numpy(w)
-            t_torch = _best(lambda: torch.nn.functional.linear(ta, tw), args.reps)
-            t_numpy = _best(lambda: a @ w.T, args.reps)
+            t_torch = best_time(lambda: torch.nn.functional.linear(ta, tw), args.reps)
+            t_numpy = best_time(lambda: a @ w.T, args.reps)
             ref = a.astype(np.float64) @ w.T.astype(np.float64)
             for variant, prepacked, dyn in (("prepacked", True, False),
                                             ("prepacked dyn-M", True, True),
@@ -85,7 +86,7 @@ def main() -> None:
                 fn = CpuLibrary(so).function("linear", 2, 1)
                 w_in = schedules.pack_weight_numpy(w) if prepacked else w
                 out = np.empty((m, n), np.float32)
-                t_mlir = _best(lambda: fn([a, w_in], [out]), args.reps)
+                t_mlir = best_time(lambda: fn([a, w_in], [out]), args.reps)
                 err = float(np.abs(out - ref).max() / np.abs(ref).max())
                 rows.append((spec, variant, compile_s, flops / t_mlir / 1e9,
                              flops / t_torch / 1e9, flops / t_numpy / 1e9,

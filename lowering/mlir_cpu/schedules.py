@@ -190,54 +190,53 @@ def _k_tiles(k: int, cfg: MatmulConfig) -> tuple[int, int]:
     return kc, ku
 
 
-def _sequence_for(i: int, cfg: MatmulConfig, n_panels: int, k: int, static_m: int | None) -> str:
+def _tile_counts(cfg: MatmulConfig, n_panels: int, k: int) -> tuple[int, int, int, int]:
+    """(panels per thread, panels per L2 block, kc, ku) for a matmul with n_panels NR panels."""
     per_thread = -(-n_panels // cfg.threads)
-    ncb = min(cfg.ncb, per_thread)
     kc, ku = _k_tiles(k, cfg)
-    # A ragged or dynamic M falls back to one row per register block: every tile stays static,
-    # so no masks are needed (masked transfers do not lower cleanly yet).
-    mr = cfg.mr if static_m is not None and static_m % cfg.mr == 0 else 1
+    return per_thread, min(cfg.ncb, per_thread), kc, ku
+
+
+def _tiling_script(i: int, forall: list, fuse: list, k_block: list, rows: list, k_unroll: list,
+                   fill: list) -> str:
+    """Transform script for matmul #i: thread slices, L2 block, k block, register block, k
+    unroll, vectorize, then the same register tiling for its fill; sizes per loop of the op."""
     any_op = "!transform.any_op"
     two = f"({any_op}) -> ({any_op}, {any_op})"
     three = f"({any_op}) -> ({any_op}, {any_op}, {any_op})"
+    forall, fuse, k_block, rows, k_unroll, fill = (
+        "[" + ", ".join(str(x) for x in sizes) + "]"
+        for sizes in (forall, fuse, k_block, rows, k_unroll, fill))
     return f"""
   %mm{i} = transform.structured.match ops{{["linalg.generic"]}} attributes{{{_ID_ATTR} = {i} : i64}} in %root : ({any_op}) -> {any_op}
   %fill{i} = transform.get_producer_of_operand %mm{i}[2] : ({any_op}) -> {any_op}
-  %t0_{i}, %fa{i} = transform.structured.tile_using_forall %mm{i} tile_sizes [0, {per_thread}] : {two}
+  %t0_{i}, %fa{i} = transform.structured.tile_using_forall %mm{i} tile_sizes {forall} : {two}
   %f1_{i}, %fa1_{i} = transform.structured.fuse_into_containing_op %fill{i} into %fa{i} : ({any_op}, {any_op}) -> ({any_op}, {any_op})
-  %t1_{i}, %lnb{i} = transform.structured.fuse %t0_{i} tile_sizes [0, {ncb}, 0, 0] : {two}
-  %t2_{i}, %lk{i} = transform.structured.tile_using_for %t1_{i} tile_sizes [0, 0, 0, {kc}] : {two}
-  %t3_{i}, %lm{i}:2 = transform.structured.tile_using_for %t2_{i} tile_sizes [{mr}, 1, 0, 0] : {three}
-  %t4_{i}, %lku{i} = transform.structured.tile_using_for %t3_{i} tile_sizes [0, 0, 0, {ku}] : {two}
+  %t1_{i}, %lnb{i} = transform.structured.fuse %t0_{i} tile_sizes {fuse} : {two}
+  %t2_{i}, %lk{i} = transform.structured.tile_using_for %t1_{i} tile_sizes {k_block} : {two}
+  %t3_{i}, %lm{i}:2 = transform.structured.tile_using_for %t2_{i} tile_sizes {rows} : {three}
+  %t4_{i}, %lku{i} = transform.structured.tile_using_for %t3_{i} tile_sizes {k_unroll} : {two}
   transform.structured.vectorize %t4_{i} : {any_op}
   %fills{i} = transform.structured.match ops{{["linalg.fill"]}} in %fa1_{i} : ({any_op}) -> {any_op}
-  %ft{i}, %fl{i}:2 = transform.structured.tile_using_for %fills{i} tile_sizes [{mr}, 1, 0] : {three}
+  %ft{i}, %fl{i}:2 = transform.structured.tile_using_for %fills{i} tile_sizes {fill} : {three}
   transform.structured.vectorize %ft{i} : {any_op}
 """
+
+
+def _sequence_for(i: int, cfg: MatmulConfig, n_panels: int, k: int, static_m: int | None) -> str:
+    per_thread, ncb, kc, ku = _tile_counts(cfg, n_panels, k)
+    # A ragged or dynamic M falls back to one row per register block: every tile stays static,
+    # so no masks are needed (masked transfers do not lower cleanly yet).
+    mr = cfg.mr if static_m is not None and static_m % cfg.mr == 0 else 1
+    return _tiling_script(i, [0, per_thread], [0, ncb, 0, 0], [0, 0, 0, kc], [mr, 1, 0, 0],
+                          [0, 0, 0, ku], [mr, 1, 0])
 
 
 def _sequence_rows(i: int, cfg: MatmulConfig, n_panels: int, k: int) -> str:
     """The 5-D form (mb, r, panel, j, k) with a static r = MR: one MR x NR register block."""
-    per_thread = -(-n_panels // cfg.threads)
-    ncb = min(cfg.ncb, per_thread)
-    kc, ku = _k_tiles(k, cfg)
-    any_op = "!transform.any_op"
-    two = f"({any_op}) -> ({any_op}, {any_op})"
-    three = f"({any_op}) -> ({any_op}, {any_op}, {any_op})"
-    return f"""
-  %mm{i} = transform.structured.match ops{{["linalg.generic"]}} attributes{{{_ID_ATTR} = {i} : i64}} in %root : ({any_op}) -> {any_op}
-  %fill{i} = transform.get_producer_of_operand %mm{i}[2] : ({any_op}) -> {any_op}
-  %t0_{i}, %fa{i} = transform.structured.tile_using_forall %mm{i} tile_sizes [0, 0, {per_thread}] : {two}
-  %f1_{i}, %fa1_{i} = transform.structured.fuse_into_containing_op %fill{i} into %fa{i} : ({any_op}, {any_op}) -> ({any_op}, {any_op})
-  %t1_{i}, %lnb{i} = transform.structured.fuse %t0_{i} tile_sizes [0, 0, {ncb}, 0, 0] : {two}
-  %t2_{i}, %lk{i} = transform.structured.tile_using_for %t1_{i} tile_sizes [0, 0, 0, 0, {kc}] : {two}
-  %t3_{i}, %lm{i}:2 = transform.structured.tile_using_for %t2_{i} tile_sizes [1, 0, 1, 0, 0] : {three}
-  %t4_{i}, %lku{i} = transform.structured.tile_using_for %t3_{i} tile_sizes [0, 0, 0, 0, {ku}] : {two}
-  transform.structured.vectorize %t4_{i} : {any_op}
-  %fills{i} = transform.structured.match ops{{["linalg.fill"]}} in %fa1_{i} : ({any_op}) -> {any_op}
-  %ft{i}, %fl{i}:2 = transform.structured.tile_using_for %fills{i} tile_sizes [1, 0, 1, 0] : {three}
-  transform.structured.vectorize %ft{i} : {any_op}
-"""
+    per_thread, ncb, kc, ku = _tile_counts(cfg, n_panels, k)
+    return _tiling_script(i, [0, 0, per_thread], [0, 0, ncb, 0, 0], [0, 0, 0, 0, kc],
+                          [1, 0, 1, 0, 0], [0, 0, 0, 0, ku], [1, 0, 1, 0])
 
 
 _EPILOGUE = """

@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowering.triton_gpu.kernels.paged import key_range, mask_allows, mask_id, slot_offsets
+from lowering.triton_gpu.kernels.paged import (attend_paged_keys, check_attention_args,
+                                               key_range, mask_id)
 from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
 @triton.jit
@@ -46,28 +47,9 @@ def flash_attention_kernel(
         q_hi = tl.minimum(kv_len, q_lo + BLOCK_M) - 1
         start, end = key_range(q_lo, q_hi, kv_len, window, MASK)
         start = (start // BLOCK_N) * BLOCK_N
-        qk_scale = scale * 1.4426950408889634
-        m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, D), tl.float32)
-        v_shift = tl.cast(num_layers, tl.int64) * (PAGE_SIZE * NKV * D)
-        for n0 in range(start, end, BLOCK_N):
-            kp = n0 + tl.arange(0, BLOCK_N)
-            kmask = kp < end
-            kbase = slot_offsets(lut_ptr, b, kp, max_pages, layer_idx, num_layers, kmask, 0,
-                                 PAGE_SIZE, NKV, D) + kvh * D
-            k = tl.load(blocks_ptr + kbase[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            ok = mask_allows(qp, kp, window, MASK) & kmask[None, :]
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(blocks_ptr + (kbase + v_shift)[:, None] + d[None, :], mask=kmask[:, None],
-                        other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        acc, _, l_i = attend_paged_keys(q, qp, b, kvh, start, end, lut_ptr, blocks_ptr,
+                                        max_pages, layer_idx, num_layers, window, scale, NKV,
+                                        D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None])
@@ -92,15 +74,7 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
     import torch
 
     T, NH, D = q.shape
-    num_pages, two, num_layers, page_size, NKV, Dc = blocks.shape
-    if Dc != D or NH % NKV or two != 2:
-        raise ValueError(f"flash_attention: q {tuple(q.shape)} does not match blocks "
-                         f"{tuple(blocks.shape)} (head_dim, NH % NKV == 0)")
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"flash_attention: head_dim must be a power of two >= 16, got {D}")
-    m = mask_id(mask)
-    if m >= 2 and window <= 0:
-        raise ValueError(f"flash_attention: mask {mask} needs window > 0, got {window}")
+    num_layers, page_size, NKV, m = check_attention_args("flash_attention", q, blocks, mask, window)
     offs = input_row_offsets.to(torch.int64)
     batch = offs.shape[0] - 1
     if max_seq_len is None:

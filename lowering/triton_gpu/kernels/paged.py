@@ -35,6 +35,22 @@ def mask_id(mask) -> int:
     return MASK_NAMES[name]
 
 
+def check_attention_args(who: str, q, blocks, mask, window: int) -> tuple[int, int, int, int]:
+    """(num_layers, page_size, n_kv_heads, mask number) of q [T, NH, D] attending over blocks
+    [num_pages, 2, num_layers, page_size, NKV, D]; ValueErrors start with `who`."""
+    T, NH, D = q.shape
+    num_pages, two, num_layers, page_size, NKV, Dc = blocks.shape
+    if Dc != D or NH % NKV or two != 2:
+        raise ValueError(f"{who}: q {tuple(q.shape)} does not match blocks "
+                         f"{tuple(blocks.shape)} (head_dim, NH % NKV == 0)")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"{who}: head_dim must be a power of two >= 16, got {D}")
+    m = mask_id(mask)
+    if m >= 2 and window <= 0:
+        raise ValueError(f"{who}: mask {mask} needs window > 0, got {window}")
+    return num_layers, page_size, NKV, m
+
+
 @triton.jit
 def find_sequence(offs_ptr, t, batch):
     """Largest b in [0, batch) with offs[b] <= t, elementwise over the token ids t."""

@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowering.triton_gpu.kernels.paged import key_range, mask_allows, mask_id, slot_offsets
+from lowering.triton_gpu.kernels.paged import (attend_paged_keys, check_attention_args,
+                                               key_range, mask_id)
 from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
 
 NUM_SMS = 132
@@ -50,28 +51,9 @@ def paged_decode_partial_kernel(
     lo, hi = key_range(cache_len, kv_len - 1, kv_len, window, MASK)
     p_start = tl.maximum(part * part_size, lo)
     p_end = tl.minimum(part * part_size + part_size, hi)
-    qk_scale = scale * 1.4426950408889634
-    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
-    v_shift = tl.cast(num_layers, tl.int64) * (PAGE_SIZE * NKV * D)
-    for n0 in range(p_start, p_end, BLOCK_N):
-        kp = n0 + tl.arange(0, BLOCK_N)
-        kmask = kp < p_end
-        kbase = slot_offsets(lut_ptr, b, kp, max_pages, layer_idx, num_layers, kmask, 0,
-                             PAGE_SIZE, NKV, D) + kvh * D
-        k = tl.load(blocks_ptr + kbase[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = mask_allows(qp, kp, window, MASK) & kmask[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(blocks_ptr + (kbase + v_shift)[:, None] + d[None, :], mask=kmask[:, None],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    acc, m_i, l_i = attend_paged_keys(q, qp, b, kvh, p_start, p_end, lut_ptr, blocks_ptr,
+                                      max_pages, layer_idx, num_layers, window, scale, NKV, D,
+                                      PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
     slot = head_row * num_parts + part
     tl.store(o_part_ptr + slot[:, None] * D + d[None, :], acc, mask=rmask[:, None])
     tl.store(ml_part_ptr + slot * 2, m_i, mask=rmask)
@@ -125,15 +107,7 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
     import torch
 
     T, NH, D = q.shape
-    num_pages, two, num_layers, page_size, NKV, Dc = blocks.shape
-    if Dc != D or NH % NKV or two != 2:
-        raise ValueError(f"paged_decode: q {tuple(q.shape)} does not match blocks "
-                         f"{tuple(blocks.shape)}")
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"paged_decode: head_dim must be a power of two >= 16, got {D}")
-    m = mask_id(mask)
-    if m >= 2 and window <= 0:
-        raise ValueError(f"paged_decode: mask {mask} needs window > 0, got {window}")
+    num_layers, page_size, NKV, m = check_attention_args("paged_decode", q, blocks, mask, window)
     offs = input_row_offsets.to(torch.int64)
     lens = offs[1:] - offs[:-1]
     batch = lens.shape[0]

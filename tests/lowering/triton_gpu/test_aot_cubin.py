@@ -46,16 +46,23 @@ print("JSON" + json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def run_compiled_mode(script: str, tmp_path_factory, timeout: int) -> dict:
+    """Run `script` in a fresh Python without the interpreter and with private Triton and
+    codegen caches; returns the JSON it prints on a line starting with "JSON"."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    env["GRAPHIR_CODEGEN_DIR"] = str(tmp_path_factory.mktemp("codegen"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("JSON"))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("JSON"))
     return json.loads(line[4:])
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return run_compiled_mode(SCRIPT, tmp_path_factory, timeout=600)
 
 
 def test_every_kernel_builds_a_cubin(compiled):

@@ -5,13 +5,14 @@ Compilation runs in a subprocess without TRITON_INTERPRET (conftest.py turns the
 for this directory) and with a private Triton cache, so each run really compiles.
 """
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -76,15 +77,7 @@ print("JSON" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    env["GRAPHIR_CODEGEN_DIR"] = str(tmp_path_factory.mktemp("codegen"))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("JSON"))
-    return json.loads(line[4:])
+    return run_compiled_mode(SCRIPT, tmp_path_factory, timeout=1200)
 
 
 def test_every_lowered_kernel_builds_an_sm90_cubin(compiled):
