@@ -143,3 +143,47 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
     if a.dtype.kind == "f":
         a = np.trunc(a)
     return a.astype(dtype.storage)
+
+
+def _f8_values() -> np.ndarray:
+    """float64 value of each of the 256 float8 e4m3fn codes (0x7F / 0xFF are NaN)."""
+    codes = np.arange(256, dtype=np.int64)
+    s, ex, m = codes >> 7, (codes >> 3) & 15, codes & 7
+    mag = np.where(ex == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (ex - 7.0))
+    vals = np.where(s == 1, -mag, mag)
+    vals[(ex == 15) & (m == 7)] = np.nan
+    return vals
+
+
+_F8_VALUES = _f8_values()
+_F8_ORDER = np.argsort(np.nan_to_num(_F8_VALUES, nan=1e9), kind="stable")
+
+
+def to_bits(a, dtype: DType) -> np.ndarray:
+    """Host values (the interpreter's storage: bf16/f8 held as floats) -> the raw contents a
+    compiled kernel or device tensor of `dtype` holds (bf16 as uint16 bits, f8 as uint8 codes).
+    An array already in that form is returned as is, so buffers stay shared with the caller."""
+    a = np.asarray(a)
+    if dtype is DType.bfloat16:
+        return a if a.dtype == np.uint16 else np.asarray(bf16_bits(a), order="C")
+    if dtype is DType.float8_e4m3fn:
+        if a.dtype == np.uint8:
+            return a
+        r = round_to(a, dtype).astype(np.float64)
+        pos = np.searchsorted(_F8_VALUES[_F8_ORDER], r)
+        codes = _F8_ORDER[np.clip(pos, 0, 255)].astype(np.uint8)
+        # -0.0 and +0.0 compare equal: keep the sign bit.
+        return np.asarray(np.where(np.signbit(r) & (r == 0), np.uint8(0x80), codes), np.uint8,
+                          order="C")
+    if a.dtype == dtype.storage:
+        return np.asarray(a, order="C")
+    return np.asarray(round_to(a, dtype), order="C")
+
+
+def from_bits(bits: np.ndarray, dtype: DType) -> np.ndarray:
+    """Inverse of to_bits: raw contents (any byte view of them) -> host values."""
+    if dtype is DType.bfloat16:
+        return bf16_from_bits(bits.view(np.uint16))
+    if dtype is DType.float8_e4m3fn:
+        return _F8_VALUES[bits.view(np.uint8)].astype(np.float32)
+    return bits.view(dtype.storage)

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from graphir.dim import Dim
-from graphir.dtype import DType, bf16_bits, bf16_from_bits, round_to
+from graphir.dtype import DType, from_bits, round_to, to_bits
 from lowering.artifact import Artifact
 from lowering.plan import Plan, value_table
 
@@ -16,49 +16,6 @@ from .cpu import CpuLibrary
 from .interpreter import _bind_weight, _check_input, bind_dims
 
 _BITS = {DType.bfloat16: np.uint16, DType.float8_e4m3fn: np.uint8}
-
-
-def to_kernel(a: np.ndarray, dt: DType) -> np.ndarray:
-    """Interpreter-convention array (bf16/f8 as float32) -> the kernel's storage bits."""
-    if dt is DType.bfloat16:
-        return np.ascontiguousarray(bf16_bits(a))
-    if dt is DType.float8_e4m3fn:
-        return np.ascontiguousarray(_f8_bits(a))
-    return np.ascontiguousarray(a, dtype=dt.storage)
-
-
-def from_kernel(a: np.ndarray, dt: DType) -> np.ndarray:
-    if dt is DType.bfloat16:
-        return bf16_from_bits(a)
-    if dt is DType.float8_e4m3fn:
-        return _f8_from_bits(a)
-    return a
-
-
-def _f8_table() -> np.ndarray:
-    bits = np.arange(256, dtype=np.uint32)
-    sign = np.where(bits & 0x80, -1.0, 1.0)
-    exp, man = (bits >> 3) & 0xF, bits & 0x7
-    val = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp.astype(np.int64) - 7))
-    val = np.where((exp == 0xF) & (man == 0x7), np.nan, val)
-    return (sign * val).astype(np.float32)
-
-
-_F8 = _f8_table()
-
-
-def _f8_bits(a: np.ndarray) -> np.ndarray:
-    r = round_to(a, DType.float8_e4m3fn)
-    finite = _F8[np.isfinite(_F8)]
-    order = np.argsort(finite, kind="stable")
-    codes = np.nonzero(np.isfinite(_F8))[0][order]
-    idx = np.searchsorted(finite[order], r)
-    out = codes[np.clip(idx, 0, len(codes) - 1)].astype(np.uint8)
-    return np.where(np.isnan(r), np.uint8(0x7F), out)
-
-
-def _f8_from_bits(a: np.ndarray) -> np.ndarray:
-    return _F8[a]
 
 
 def _storage_dtype(dt: DType) -> np.dtype:
@@ -95,10 +52,10 @@ class CpuModel:
         for n in self.graph.nodes:
             if n.op == "weight":
                 a = _bind_weight(n, weights)
-                self._fixed[vid[id(n.results[0])]] = to_kernel(a, n.results[0].type.dtype)
+                self._fixed[vid[id(n.results[0])]] = to_bits(a, n.results[0].type.dtype)
             elif n.op == "constant":
                 t = n.results[0].type
-                self._fixed[vid[id(n.results[0])]] = to_kernel(round_to(n.attrs["value"], t.dtype), t.dtype)
+                self._fixed[vid[id(n.results[0])]] = to_bits(round_to(n.attrs["value"], t.dtype), t.dtype)
         self._fns = {}
         for s in self.plan.steps:
             if s.kernel != "view" and not s.kernel.startswith("runtime") and s.kernel not in self._fns:
@@ -121,7 +78,7 @@ class CpuModel:
             for i, layout in s.attrs.get("prepack", []):
                 v = s.inputs[i]
                 if (v, layout) not in self._packed and v in fixed:
-                    self._packed[(v, layout)] = pack_operand(from_kernel(fixed[v], self._dtypes[v]),
+                    self._packed[(v, layout)] = pack_operand(from_bits(fixed[v], self._dtypes[v]),
                                                              layout)
             if s.attrs.get("at_load"):
                 outs = [np.empty(self._shape(o, {}), _storage_dtype(self._dtypes[o]))
@@ -162,7 +119,7 @@ class CpuModel:
         plan, vals = self.plan, dict(self._fixed)
         writeback = []
         for vid_, a, t in zip(plan.inputs, arrays, self._in_types):
-            k = to_kernel(a, t.dtype)
+            k = to_bits(a, t.dtype)
             if self.plan.values[vid_].kind == "buffer" and k is not a:
                 writeback.append((a, k, t.dtype))
             vals[vid_] = k
@@ -190,8 +147,8 @@ class CpuModel:
                     ins.append(np.array([env[x] for x in syms], np.int64))
                 self._fns[s.kernel](ins, outs)
         for user, k, dt in writeback:
-            user[...] = from_kernel(k, dt)
-        return [np.array(from_kernel(vals[o], self._dtypes[o]), copy=True) for o in plan.outputs]
+            user[...] = from_bits(k, dt)
+        return [np.array(from_bits(vals[o], self._dtypes[o]), copy=True) for o in plan.outputs]
 
     def _slots(self, env) -> list[np.ndarray]:
         need = [0] * self.plan.n_slots
@@ -203,7 +160,7 @@ class CpuModel:
 
     def _runtime_op(self, s, vals) -> None:
         # Collectives between in-process virtual devices, computed like their references.
-        ins = [from_kernel(vals[i], self._dtypes[i]).astype(np.float64) if self._dtypes[i].is_float
+        ins = [from_bits(vals[i], self._dtypes[i]).astype(np.float64) if self._dtypes[i].is_float
                else vals[i] for i in s.inputs]
         if s.op == "allreduce":
             total = ins[0]
@@ -218,7 +175,7 @@ class CpuModel:
             raise NotImplementedError(f"the CPU runtime cannot run gir.{s.op}")
         for o, r in zip(s.outputs, results):
             dt = self._dtypes[o]
-            vals[o] = to_kernel(round_to(r, dt), dt)
+            vals[o] = to_bits(round_to(r, dt), dt)
 
 
 def load(art: Artifact, weights: Mapping[str, np.ndarray], devices: Sequence) -> CpuModel:

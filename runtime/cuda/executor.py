@@ -31,11 +31,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from graphir.dim import Dim
-from graphir.dtype import DType, round_to
+from graphir.dtype import DType, from_bits, round_to, to_bits
 from graphir.types import BufferType, ChainType
 
-from .plan_values import (_RT, _dev_name, _exprs, eval_node, evaluate,  # noqa: F401
-                          from_device_bits, to_device_bits)
+from .plan_values import _RT, _dev_name, _exprs, eval_node, evaluate  # noqa: F401
 
 
 class PlanExecutor:
@@ -150,7 +149,7 @@ class PlanExecutor:
         self.host_values = host
         for vid, arr in host.items():
             if vid in device_used and vid not in self._const_dev:
-                bits = to_device_bits(arr, self._dtype(vid))
+                bits = to_bits(arr, self._dtype(vid))
                 self._const_dev[vid] = self._on(vid).upload_new(bits)
 
     def _vid_of_node(self, index: int) -> int:
@@ -229,7 +228,7 @@ class PlanExecutor:
             else:
                 h, shape = dev_in[k]
                 raw = self._on(vid).download(h, self._nbytes(vid, env))
-                cache[vid] = from_device_bits(raw, self._dtype(vid)).reshape(shape)
+                cache[vid] = from_bits(raw, self._dtype(vid)).reshape(shape)
             return cache[vid]
 
         self._runtime_facts(env, host_of)
@@ -237,7 +236,7 @@ class PlanExecutor:
         plan_ops = self._resolve(env, storage)
         for k, x in host_in.items():
             vid = in_vids[k]
-            self._on(vid).upload(storage[vid], to_device_bits(x, self._dtype(vid)))
+            self._on(vid).upload(storage[vid], to_bits(x, self._dtype(vid)))
         for k, (h, _) in dev_in.items():
             if not isinstance(self.in_types[k], BufferType):
                 vid = in_vids[k]
@@ -247,14 +246,14 @@ class PlanExecutor:
             if isinstance(self.in_types[k], BufferType):
                 vid = in_vids[k]
                 raw = self._on(vid).download(storage[vid], self._nbytes(vid, env))
-                x[...] = from_device_bits(raw, self._dtype(vid)).reshape(x.shape)
+                x[...] = from_bits(raw, self._dtype(vid)).reshape(x.shape)
         if return_numpy is None:
             return_numpy = not dev_in
         outs = []
         for vid in self.plan["outputs"]:
             nb, shape, dt = self._nbytes(vid, env), self._shape(vid, env), self._dtype(vid)
             if return_numpy:
-                outs.append(from_device_bits(self._on(vid).download(storage[vid], nb), dt)
+                outs.append(from_bits(self._on(vid).download(storage[vid], nb), dt)
                             .reshape(shape).copy())
             else:
                 outs.append(self._on(vid).export(storage[vid], nb, shape, _dev_name(dt)))
@@ -404,13 +403,13 @@ class PlanExecutor:
         arrays = []
         for vid in s["inputs"]:
             raw = self._on(vid).download(st[vid], self._nbytes(vid, env))
-            arrays.append(from_device_bits(raw, self._dtype(vid)).reshape(self._shape(vid, env)))
+            arrays.append(from_bits(raw, self._dtype(vid)).reshape(self._shape(vid, env)))
         outs, writes = eval_node(node, arrays, env)
         for vid, o in zip(s["outputs"], outs):
-            self._on(vid).upload(st[vid], to_device_bits(o, self._dtype(vid)))
+            self._on(vid).upload(st[vid], to_bits(o, self._dtype(vid)))
         for w, new in writes.items():
             vid = s["inputs"][w]
-            self._on(vid).upload(st[vid], to_device_bits(new, self._dtype(vid)))
+            self._on(vid).upload(st[vid], to_bits(new, self._dtype(vid)))
 
 
 

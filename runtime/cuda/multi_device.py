@@ -119,14 +119,14 @@ class DeviceGroup:
 
     def all_reduce(self, parts: Sequence, count: int, dtype) -> None:
         """parts: (lid, src, dst) per rank; dst_i = the sum of the srcs (`count` elements)."""
-        from runtime.cuda.executor import from_device_bits, to_device_bits
+        from graphir.dtype import from_bits, to_bits
 
         nb = count * dtype.size_in_bytes
         total = None
         for lid, src, _ in parts:
-            x = from_device_bits(self.read(lid, src, 0, nb).copy(), dtype).astype(np.float64)
+            x = from_bits(self.read(lid, src, 0, nb).copy(), dtype).astype(np.float64)
             total = x if total is None else total + x
-        bits = np.ascontiguousarray(to_device_bits(total, dtype)).reshape(-1).view(np.uint8)
+        bits = np.ascontiguousarray(to_bits(total, dtype)).reshape(-1).view(np.uint8)
         for lid, _, dst in parts:
             self.write(lid, dst, 0, bits)
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from graphir.dim import Dim
-from graphir.dtype import DType, bf16_bits, bf16_from_bits, round_to
+from graphir.dtype import DType, round_to
 from graphir.types import ChainType
 
 _FUNCS = {"min": min, "max": max, "cdiv": lambda a, b: -(-a // b)}
@@ -54,47 +54,6 @@ def evaluate(text: str, env: Mapping[str, Any]):
 
 
 # -- host <-> device value conversion -------------------------------------------------------
-def _f8_table() -> np.ndarray:
-    codes = np.arange(256, dtype=np.int64)
-    s, ex, m = codes >> 7, (codes >> 3) & 15, codes & 7
-    mag = np.where(ex == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (ex - 7.0))
-    vals = np.where(s == 1, -mag, mag)
-    vals[(ex == 15) & (m == 7)] = np.nan
-    return vals
-
-
-_F8 = _f8_table()
-
-
-def to_device_bits(a, dtype: DType) -> np.ndarray:
-    """The bytes a device tensor of `dtype` holds for host values `a` (bf16/f8 as raw bits)."""
-    a = np.asarray(a)
-    if dtype is DType.bfloat16:
-        if a.dtype == np.uint16:
-            return a
-        # float32 storage already holding bf16 values (the host side's form): exact bits.
-        r = round_to(a, dtype) if a.dtype != np.float32 else bf16_bits(a)
-        return r if r.dtype == np.uint16 else bf16_bits(r)
-    if dtype is DType.float8_e4m3fn:
-        if a.dtype == np.uint8:
-            return a
-        r = round_to(a, dtype).astype(np.float64)
-        order = np.argsort(np.nan_to_num(_F8, nan=1e9), kind="stable")
-        pos = np.searchsorted(_F8[order], np.where(r == 0, np.copysign(0.0, r), r))
-        codes = order[np.clip(pos, 0, 255)].astype(np.uint8)
-        return np.where(np.signbit(r) & (r == 0), np.uint8(0x80), codes).astype(np.uint8)
-    return np.ascontiguousarray(round_to(a, dtype))
-
-
-def from_device_bits(bits: np.ndarray, dtype: DType) -> np.ndarray:
-    """Host values (the interpreter's storage) from a device tensor's raw contents."""
-    if dtype is DType.bfloat16:
-        return bf16_from_bits(bits.view(np.uint16))
-    if dtype is DType.float8_e4m3fn:
-        return _F8[bits.view(np.uint8)].astype(np.float32)
-    return bits.view(dtype.storage)
-
-
 def eval_node(node, arrays: Sequence[np.ndarray], env: Mapping[str, int] | None = None):
     """Run one node's float64 reference as the interpreter does; (results, written buffers)."""
     env = dict(env or {})

@@ -132,7 +132,7 @@ def test_float8_conversions_exact():
     x[1, :8] = [2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11, 2.0 ** -6, -1.5 * 2.0 ** -7, 1e-30,
                 15 * 2.0 ** -10, 0.30078125]  # ties to even, subnormals, the smallest normal
     codes = np.arange(256, dtype=np.uint8).reshape(4, 64)
-    from runtime.cpu_executor import _f8_from_bits
+    from graphir.dtype import from_bits
 
     with Graph("f8", input_types=[TensorType(DType.float32, ["n", 64]),
                                   TensorType(DType.float8_e4m3fn, [4, 64])]) as g:
@@ -141,7 +141,7 @@ def test_float8_conversions_exact():
         g.output(q, ops.cast(q, DType.float32), ops.cast(c, DType.float32),
                  ops.cast(c, DType.bfloat16), ops.cast(ops.cast(xv, DType.bfloat16),
                                                        DType.float8_e4m3fn))
-    got = assert_matches_interpreter(g, x, _f8_from_bits(codes), rtol=0, atol=0)
+    got = assert_matches_interpreter(g, x, from_bits(codes, DType.float8_e4m3fn), rtol=0, atol=0)
     assert np.isnan(got[2]).sum() == 2  # 0x7F and 0xFF
 
 

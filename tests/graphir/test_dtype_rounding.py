@@ -118,3 +118,22 @@ def test_bf16_store_in_a_graph_rounds_each_op():
     once = (t.to(torch.float64) * 9.0).to(torch.bfloat16).to(torch.float32).numpy()
     assert (got != once).any()
     assert math.isfinite(float(got.sum()))
+
+
+def test_to_bits_and_from_bits_round_trip():
+    from graphir.dtype import DType, from_bits, to_bits
+
+    codes = np.arange(256, dtype=np.uint8)
+    vals = from_bits(codes, DType.float8_e4m3fn)
+    back = to_bits(vals, DType.float8_e4m3fn)
+    finite = ~np.isnan(vals)
+    np.testing.assert_array_equal(back[finite], codes[finite])  # incl. 0x80 (-0.0)
+    assert np.isnan(from_bits(back[~finite], DType.float8_e4m3fn)).all()
+    want = torch.tensor(vals[finite], dtype=torch.float32).to(torch.float8_e4m3fn)
+    np.testing.assert_array_equal(back[finite], want.view(torch.uint8).numpy())
+    x = np.random.default_rng(0).standard_normal(33).astype(np.float32)
+    np.testing.assert_array_equal(to_bits(x, DType.bfloat16),
+                                  torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    assert to_bits(np.float32(1.5), DType.bfloat16).shape == ()  # rank 0 stays rank 0
+    assert to_bits(np.float32(1.5), DType.float32).shape == ()
+    assert to_bits(x, DType.float32) is x  # already in storage form: shared, not copied
