@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphir import DeviceRef, DType, Graph, TensorType
-from nn import (AttentionWithRope, KVCacheParams, Llama3RopeScalingParams, PagedCacheValues,
+from graphir.nn import (AttentionWithRope, KVCacheParams, Llama3RopeScalingParams, PagedCacheValues,
                 RotaryEmbedding)
 
 

@@ -1,5 +1,5 @@
 """A small gated MLP block with RMSNorm: the README's first graph."""
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType, Weight
 
 

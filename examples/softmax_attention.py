@@ -1,7 +1,7 @@
 """Plain (non-paged) causal self-attention over one sequence, built from primitive ops."""
 import numpy as np
 
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType
 
 

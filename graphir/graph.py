@@ -197,7 +197,9 @@ class Graph:
 
     def to_networkx(self):
         """A DiGraph over node indices (plus ('input', i) and 'output'); edges carry the value."""
-        import networkx as nx
+        from .optional import require
+
+        nx = require("networkx", "Graph.to_networkx")
 
         g = nx.DiGraph()
         index = {id(n): i for i, n in enumerate(self.nodes)}

@@ -1,4 +1,4 @@
-"""The op registry: one OpDef per op. `ops/` fills it; graphir only looks ops up.
+"""The op registry: one OpDef per op. Op libraries (graphir.ops) fill it; the core only looks ops up.
 
 The registry lives here (not in ops/) so the verifier and parser in graphir can check nodes
 without importing the op library, keeping imports pointing one way (graphir <- ops).
@@ -64,8 +64,10 @@ def lookup(name: str) -> OpDef:
 
 
 def _load_op_library() -> None:
-    # The parser and verifier may meet ops before anyone imported the op library; it is the
-    # one place op definitions live, so load it on demand (a plugin load, not a module-level import).
-    import importlib
+    # The parser and verifier may meet ops before anyone imported an op library. Libraries
+    # declare themselves as entry points (group "graphir.op_libraries"; graphir's own is
+    # graphir.ops), so the core loads them as plugins instead of importing them upward.
+    from importlib.metadata import entry_points
 
-    importlib.import_module("ops")
+    for ep in entry_points(group="graphir.op_libraries"):
+        ep.load()

@@ -46,6 +46,9 @@ def lookup(key: str, target: str) -> Artifact | None:
         return None
 
 
+_SUBPACKAGE_DIRS = {"ops", "nn", "lowering", "runtime", "tools", "examples"}
+
+
 def entry_path(key: str) -> Path:
     return cache_dir() / f"{key}.gart"
 
@@ -53,11 +56,19 @@ def entry_path(key: str) -> Path:
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """Hash of the compiler's own sources: a changed lowering never reuses a stale entry."""
-    root = Path(__file__).resolve().parents[1]
+    import graphir
+    import graphir.lowering
+    import graphir.ops
+
     h = hashlib.sha256()
-    for pkg in ("graphir", "ops", "lowering"):
-        for f in sorted((root / pkg).rglob("*")):
+    for pkg in (graphir, graphir.ops, graphir.lowering):
+        root = Path(pkg.__path__[0])
+        for f in sorted(root.rglob("*")):
+            rel = f.relative_to(root)
+            # In a wheel the subpackages sit inside graphir/: hash each once, under its own name.
+            if pkg is graphir and rel.parts[0] in _SUBPACKAGE_DIRS:
+                continue
             if f.suffix in (".py", ".c") and "__pycache__" not in f.parts:
-                h.update(str(f.relative_to(root)).encode())
+                h.update(f"{pkg.__name__}/{rel}".encode())
                 h.update(f.read_bytes())
     return h.hexdigest()[:16]

@@ -17,7 +17,7 @@ from graphir.passes import run_passes
 from . import cache
 from .artifact import Artifact, write_artifact
 
-BACKENDS = {"cpu": "lowering.mlir_cpu.backend", "cuda": "lowering.triton_gpu.backend"}
+BACKENDS = {"cpu": "graphir.lowering.mlir_cpu.backend", "cuda": "graphir.lowering.triton_gpu.backend"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
         if hit is not None:
             say("cache hit")
             return hit
-    backend = importlib.import_module(BACKENDS[tgt.backend])  # registers its lowerings
+    backend = _backend(tgt)  # registers its lowerings
     decompose(g, tgt.backend)
     text = str(g)
     payload, extra = backend.build(g, tgt, say, **options)
@@ -85,6 +85,18 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
     if progress and not callable(progress):
         sys.stderr.write("\n")
     return art
+
+
+def _backend(tgt: Target):
+    """The backend module of a target; a missing compiler package is one clear error."""
+    from graphir.optional import require
+
+    need = {"cpu": ("mlir", "the cpu target (MLIR)"), "cuda": ("triton", f"target {tgt}")}
+    module, feature = need[tgt.backend]
+    require(module, feature)
+    if tgt.backend == "cuda":
+        require("networkx", feature)
+    return importlib.import_module(BACKENDS[tgt.backend])
 
 
 def _copy(graph):

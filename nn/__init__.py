@@ -2,7 +2,7 @@
 cache values and the attention family.
 
 Example:
-    >>> from nn import AttentionWithRope, KVCacheParams, PagedCacheValues, RotaryEmbedding
+    >>> from graphir.nn import AttentionWithRope, KVCacheParams, PagedCacheValues, RotaryEmbedding
 """
 from .attention import (AttentionWithRope, AttentionWithRopeNoOpaque,
                         DataParallelAttentionWithRope, MHAMaskVariant,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ops.quant.gguf_blocks import GGUF_BLOCK_GEOMETRY, gguf_row_nbytes
+from graphir.ops.quant.gguf_blocks import GGUF_BLOCK_GEOMETRY, gguf_row_nbytes
 
 __all__ = ["GGUFTensor", "load_gguf"]
 

@@ -1,7 +1,7 @@
 """Linear: y = x @ W^T (+ b), optionally with float8_e4m3fn weights and scales."""
 from __future__ import annotations
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue, as_tensor

@@ -10,15 +10,15 @@ from typing import Mapping
 
 import numpy as np
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue, as_tensor
 from graphir.weight import Weight
-from ops.quant.gguf_blocks import dequantize_gguf, gguf_row_nbytes
-from ops.quant.gptq import dequantize_gptq, g_idx_to_perm, resolve_group_size, unpack_int4_cols
-from ops.quant.gptq_layout import gptq_weight_bytes, gptq_weight_rows, reorder_gptq_rows
-from ops.quantized import QuantizationConfig, QuantizationEncoding
+from graphir.ops.quant.gguf_blocks import dequantize_gguf, gguf_row_nbytes
+from graphir.ops.quant.gptq import dequantize_gptq, g_idx_to_perm, resolve_group_size, unpack_int4_cols
+from graphir.ops.quant.gptq_layout import gptq_weight_bytes, gptq_weight_rows, reorder_gptq_rows
+from graphir.ops.quantized import QuantizationConfig, QuantizationEncoding
 
 from .module import Module
 

@@ -1,7 +1,7 @@
 """RMSNorm (MAX's `max.nn.RMSNorm`)."""
 from __future__ import annotations
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.graph import Graph
 from graphir.value import TensorValue
-from ops import attention_math as am
+from graphir.ops import attention_math as am
 
 from .module import Module
 

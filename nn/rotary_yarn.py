@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue
-from ops import attention_math as am
+from graphir.ops import attention_math as am
 
 from .rotary_embedding import RotaryEmbedding
 

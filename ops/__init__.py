@@ -1,7 +1,7 @@
 """The op library: one OpDef per op (type rule + float64 numpy reference) and MAX-named builders.
 
 Example:
-    >>> import ops
+    >>> from graphir import ops
     >>> with Graph("g", input_types=[TensorType(DType.float32, ["n", 8])]) as g:
     ...     g.output(ops.softmax(g.inputs[0]))
 """

@@ -9,8 +9,8 @@ import numpy as np
 
 from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
-from lowering.artifact import Artifact
-from lowering.plan import Plan, value_table
+from graphir.lowering.artifact import Artifact
+from graphir.lowering.plan import Plan, value_table
 
 from .cpu import CpuLibrary
 from .interpreter import _bind_weight, _check_input, bind_dims

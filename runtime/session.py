@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from graphir.device import DeviceRef
 
-EXECUTORS = {"cpu": "runtime.cpu_executor", "cuda": "runtime.cuda.executor"}
+EXECUTORS = {"cpu": "graphir.runtime.cpu_executor", "cuda": "graphir.runtime.cuda.executor"}
 
 
 class InferenceSession:
@@ -30,14 +30,14 @@ class InferenceSession:
     def load(self, model, *, weights: Mapping | str | Path | None = None,
              target: str | None = None, use_cache: bool = True, progress: bool = False):
         """Compile a Graph (or open a `.gart` path / Artifact) and bind its weights."""
-        from lowering.artifact import Artifact, load_artifact
+        from graphir.lowering.artifact import Artifact, load_artifact
 
         if isinstance(model, (str, Path)):
             art = load_artifact(model)
         elif isinstance(model, Artifact):
             art = model
         else:
-            from lowering.driver import compile_graph
+            from graphir.lowering.driver import compile_graph
 
             art = compile_graph(model, target or self.target, use_cache=use_cache, progress=progress)
         backend = art.target.split(":")[0]
@@ -57,7 +57,7 @@ def load_weights(weights) -> dict:
 
         return load_file(str(p))
     if p.suffix == ".gguf":
-        from nn.gguf_loader import load_gguf
+        from graphir.nn.gguf_loader import load_gguf
 
         return {k: t.data for k, t in load_gguf(p).items()}
     raise ValueError(f"cannot read weights from {str(p)!r}: expected a dict, .safetensors or .gguf")

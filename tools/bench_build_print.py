@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType, Weight, parse
 
 

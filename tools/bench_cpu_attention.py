@@ -118,12 +118,12 @@ def main() -> None:
 
     import torch
 
-    from examples.llama_attention import build, random_weights
+    from graphir.examples.llama_attention import build, random_weights
     from graphir import DType
-    from lowering import cache
-    from lowering.driver import compile_graph
-    from runtime.session import InferenceSession
-    from tools.bench_mlir_matmul import best_time
+    from graphir.lowering import cache
+    from graphir.lowering.driver import compile_graph
+    from graphir.runtime.session import InferenceSession
+    from graphir.tools.bench_mlir_matmul import best_time
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GRAPHIR_NUM_THREADS", str(args.threads))
@@ -139,7 +139,7 @@ def main() -> None:
         key = entry.name[:-len(".gart")]
         t0 = time.perf_counter()
         art2 = cache.lookup(key, "cpu")
-        from runtime.cpu import CpuLibrary
+        from graphir.runtime.cpu import CpuLibrary
 
         CpuLibrary(art2.file(art2.manifest["library"]))
         t_open = time.perf_counter() - t0
@@ -151,7 +151,7 @@ def main() -> None:
         t_hit = time.perf_counter() - t0
     assert art2 is not None and art is not None
 
-    from ops.attention_math import Llama3RopeScaling, rope_freqs_cis
+    from graphir.ops.attention_math import Llama3RopeScaling, rope_freqs_cis
 
     freqs = rope_freqs_cis(128, 8192, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
     blocks_t = g.inputs[2].type

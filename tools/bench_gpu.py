@@ -67,7 +67,7 @@ def wall_ms(fn, warmup: int = 10, reps: int = 50) -> float:
 
 def stream_ms(fn, stream, reps: int = 30) -> float:
     """Median device time of fn() measured with runtime.cuda events on graphir's stream."""
-    from runtime.cuda import Event
+    from graphir.runtime.cuda import Event
 
     times = []
     for _ in range(reps):
@@ -88,7 +88,7 @@ def copy_bandwidth() -> float:
 
 def freqs_table() -> torch.Tensor:
     """The RoPE table of examples/llama_attention.build (theta 5e5, Llama-3.1 scaling)."""
-    from ops.attention_math import Llama3RopeScaling, rope_freqs_cis
+    from graphir.ops.attention_math import Llama3RopeScaling, rope_freqs_cis
 
     f = rope_freqs_cis(D, 8192, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
     return torch.from_numpy(np.ascontiguousarray(f, np.float32)).to(DEV)
@@ -131,7 +131,7 @@ def torch_rope_store(qkv, freqs, pos, page, slot, blocks, layer=0):
 
 
 def bench_rope_split_store(copy_gbs: float) -> dict:
-    from lowering.triton_gpu.kernels import rope_split_store as rss
+    from graphir.lowering.triton_gpu.kernels import rope_split_store as rss
 
     batch, new = 8, 2048
     offs, clen, lut, pages = paged_batch(batch, 0, new, 1)
@@ -173,9 +173,9 @@ def torch_layer(w, freqs):
 
 
 def bench_decode_step() -> dict:
-    from examples.llama_attention import build
-    from lowering.driver import compile_graph
-    from runtime.cuda import executor
+    from graphir.examples.llama_attention import build
+    from graphir.lowering.driver import compile_graph
+    from graphir.runtime.cuda import executor
 
     batch, ctx = 64, 4096
     g = build()

@@ -23,7 +23,7 @@ def _build(m: int, k: int, n: int, prepacked: bool, dynamic_m: bool, so_path: Pa
     from mlir import ir
     from mlir.dialects import func
 
-    from lowering.mlir_cpu import schedules, toolchain
+    from graphir.lowering.mlir_cpu import schedules, toolchain
 
     with toolchain.new_context(), ir.Location.unknown():
         module = ir.Module.create()
@@ -62,8 +62,8 @@ def main() -> None:
 
     import torch
 
-    from lowering.mlir_cpu import schedules
-    from runtime.cpu import CpuLibrary
+    from graphir.lowering.mlir_cpu import schedules
+    from graphir.runtime.cpu import CpuLibrary
 
     torch.set_num_threads(args.threads)
     rows = []

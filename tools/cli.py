@@ -37,7 +37,7 @@ def _cmd_dump(args) -> int:
 
 def _dump_kernels(g, stage: str, passes: str | None, target: str) -> None:
     """Compile for cuda (through the cache) and print every kernel's Triton source or PTX."""
-    from lowering.driver import compile_graph
+    from graphir.lowering.driver import compile_graph
 
     names = [p for p in passes.split(",") if p] if passes else None
     art = compile_graph(g, target, passes=names)

@@ -66,7 +66,7 @@ def _pass_list(text: str | None) -> list[str] | None:
 
 def cmd_compile(args) -> int:
     """Compile FILE for --target into the artifact -o OUT, printing the stage times."""
-    from lowering.driver import compile_graph
+    from graphir.lowering.driver import compile_graph
 
     from .loader import load_graph
 
@@ -90,8 +90,8 @@ def cpu_stage_text(graph, stage: str, passes: list[str] | None = None) -> str:
     """The CPU module of `graph` (after the passes and decompositions) at a toolchain stage."""
     from graphir import parse
     from graphir.passes import run_passes
-    from lowering.driver import decompose
-    from lowering.mlir_cpu.backend import mlir_text
+    from graphir.lowering.driver import decompose
+    from graphir.lowering.mlir_cpu.backend import mlir_text
 
     g = parse(str(graph))  # passes rewrite in place: leave the caller's graph alone
     run_passes(g, passes)

@@ -61,12 +61,12 @@ def cpu_gaps(graph) -> list[str]:
     """Ops of `graph` (after the default passes and decompositions) without a CPU lowering."""
     from graphir import parse
     from graphir.passes import run_passes
-    from lowering.driver import decompose
-    from lowering.plan import VIEW_OPS
-    from lowering.registry import lowering_for
+    from graphir.lowering.driver import decompose
+    from graphir.lowering.plan import VIEW_OPS
+    from graphir.lowering.registry import lowering_for
 
     try:
-        from lowering.mlir_cpu.backend import RUNTIME_OPS  # registers the CPU lowerings
+        from graphir.lowering.mlir_cpu.backend import RUNTIME_OPS  # registers the CPU lowerings
     except ImportError as e:
         return [f"(the MLIR bindings are not installed: {e})"]
     g = parse(str(graph))
@@ -77,17 +77,9 @@ def cpu_gaps(graph) -> list[str]:
 
 
 def _example(name: str):
-    """Import examples/<name>.py by path (examples/ is not an installed package)."""
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"demo: {path} not found (run from a source checkout)")
-    spec = importlib.util.spec_from_file_location(f"graphir_example_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"graphir.examples.{name}")
 
 
 def _build(args):
@@ -105,9 +97,9 @@ def _kv_params(graph) -> dict:
 
 
 def _compile_and_load(graph, weights, args, report: Report) -> Callable:
-    from lowering.artifact import load_artifact
-    from lowering.driver import compile_graph
-    from runtime.session import InferenceSession
+    from graphir.lowering.artifact import load_artifact
+    from graphir.lowering.driver import compile_graph
+    from graphir.runtime.session import InferenceSession
 
     from .compile_cmd import StageTimer
 
@@ -131,7 +123,7 @@ def _compile_and_load(graph, weights, args, report: Report) -> Callable:
 
 
 def _interpreter(graph, weights) -> Callable:
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     return lambda *inputs: run(graph, *inputs, weights=weights)
 
@@ -139,8 +131,8 @@ def _interpreter(graph, weights) -> Callable:
 def run_steps(graph, candidate: Callable, weights, batches: list[tuple[str, list[int]]],
               rng: np.random.Generator, report: Report) -> None:
     """Prefill/decode through the paged cache: candidate vs the interpreter, every step."""
-    from runtime.interpreter import run
-    from runtime.kv_cache import PagedKVCacheManager
+    from graphir.runtime.interpreter import run
+    from graphir.runtime.kv_cache import PagedKVCacheManager
 
     kv = _kv_params(graph)
     hidden = int(graph.inputs[0].type.shape[1])

@@ -79,7 +79,7 @@ def format_summary(info: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from lowering.artifact import ArtifactError, load_artifact
+    from graphir.lowering.artifact import ArtifactError, load_artifact
 
     try:
         art = load_artifact(args.artifact)

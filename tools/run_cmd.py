@@ -41,7 +41,7 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     if p.suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    from runtime.session import load_weights
+    from graphir.runtime.session import load_weights
 
     return load_weights(p)
 
@@ -53,8 +53,8 @@ def _devices(target: str):
 
 
 def cmd_run(args) -> int:
-    from lowering.artifact import ArtifactError, load_artifact
-    from runtime.session import InferenceSession
+    from graphir.lowering.artifact import ArtifactError, load_artifact
+    from graphir.runtime.session import InferenceSession
 
     try:
         art = load_artifact(args.artifact)
@@ -101,7 +101,7 @@ def cmd_run(args) -> int:
 def _check(graph, ref_inputs, inputs, outs, weights) -> int:
     """Run the interpreter on the same inputs; compare outputs and every updated buffer."""
     from graphir.types import BufferType
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     t0 = time.perf_counter()
     want = run(graph, *ref_inputs, weights=weights)

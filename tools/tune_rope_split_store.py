@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gpu import (D, DEV, NH, NKV, PAGE, event_ms, freqs_table, paged_batch,  # noqa: E402
                        torch_positions, torch_rope_store)
-from lowering.triton_gpu.kernels import rope_split_store as rss  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import rope_split_store as rss  # noqa: E402
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lowering.triton_gpu.kernels.spec import KernelSpec
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec
 
 SM90 = GPUTarget("cuda", 90, 32)
 SCRATCH_PARAMS = (("global_scratch", "*i8"), ("profile_scratch", "*i8"))

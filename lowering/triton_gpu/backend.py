@@ -3,7 +3,8 @@
 `lower(graph)` (no compiler involved) forms the plan: nodes computable from constants and
 weights alone run once on the host when the model loads ("host" steps: the RoPE table, the
 stacked qkv weight); elementwise chains become fused groups (codegen.py); every other node goes
-to its registered lowering (lowerings*.py), which records launches as data (lowerings_base.py).
+to its registered lowering (lowerings/, one module per op family), which records launches as
+data (lowerings/base.py).
 `build(graph, target, say)` then compiles every distinct kernel specialization with
 `triton.compile` for the target (no GPU needed) and returns the artifact payload (cubins, PTX,
 Triton sources) and the manifest fields: the plan and the kernel table (cubin file, parameters,
@@ -24,12 +25,11 @@ import numpy as np
 
 from graphir.passes.elementwise_fusion import find_groups
 from graphir.types import ChainType
-from lowering.plan import Plan, Step, assign_slots, value_table
-from lowering.registry import lowering_for
+from graphir.lowering.plan import Plan, Step, assign_slots, value_table
+from graphir.lowering.registry import lowering_for
 
-from . import (codegen, lowerings, lowerings_fallback, lowerings_paged,  # noqa: F401
-               lowerings_reduce, lowerings_shape)
-from .lowerings_base import Program, StepBuilder
+from . import codegen, lowerings  # noqa: F401  (register the lowerings)
+from .lowerings.base import Program, StepBuilder
 
 STRUCTURAL = ("chain", "weight", "constant")
 
@@ -202,7 +202,7 @@ def _build_in_subprocess(graph, target, say):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run([sys.executable, "-m", "lowering.triton_gpu.backend", str(src),
+        proc = subprocess.run([sys.executable, "-m", "graphir.lowering.triton_gpu.backend", str(src),
                                str(target), tmp], env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"cuda build subprocess failed:\n{proc.stderr[-4000:]}")
@@ -215,7 +215,7 @@ def _build_in_subprocess(graph, target, say):
 
 def _main(argv) -> int:
     from graphir import parse
-    from lowering.driver import Target
+    from graphir.lowering.driver import Target
 
     src, target, out = argv
     graph = parse(Path(src).read_text())

@@ -24,10 +24,10 @@ import numpy as np
 from graphir.dim import Dim
 from graphir.dtype import DType
 from graphir.types import ChainType
-from lowering.registry import register_lowering
-from lowering.triton_gpu.kernels.spec import KernelSpec
+from graphir.lowering.registry import register_lowering
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec
 
-from .lowerings_base import StepBuilder, e, numel, strides, ttype
+from .lowerings.base import StepBuilder, e, numel, strides, ttype
 
 BLOCK = 1024
 _TL = {DType.float32: "tl.float32", DType.float16: "tl.float16", DType.bfloat16: "tl.bfloat16",

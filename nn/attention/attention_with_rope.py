@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue, as_tensor
 from graphir.weight import Weight
-from ops.attention import layer_index
+from graphir.ops.attention import layer_index
 
 from ..float8_config import Float8Config, Float8ScaleGranularity
 from ..kv_cache import KVCacheParams, PagedCacheValues

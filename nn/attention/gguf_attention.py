@@ -10,12 +10,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue
-from ops.quant.gguf_blocks import dequantize_gguf
-from ops.quantized import QuantizationEncoding
+from graphir.ops.quant.gguf_blocks import dequantize_gguf
+from graphir.ops.quantized import QuantizationEncoding
 
 from ..kv_cache import KVCacheParams
 from ..linear import Linear

@@ -12,11 +12,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue, as_tensor
-from ops.quantized import QuantizationConfig, QuantizationEncoding
+from graphir.ops.quantized import QuantizationConfig, QuantizationEncoding
 
 from ..kv_cache import KVCacheParams
 from ..linear import Linear

@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue, as_tensor
-from ops.attention import layer_index
+from graphir.ops.attention import layer_index
 
 from ..float8_config import Float8Config
 from ..kv_cache import KVCacheParams, PagedCacheValues

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import ops
-from ops.attention import layer_index
+from graphir import ops
+from graphir.ops.attention import layer_index
 
 from .checks import check_per_device
 from .latent_attention import LatentAttentionWithRope

@@ -4,11 +4,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue, as_tensor
-from ops.attention import layer_index
+from graphir.ops.attention import layer_index
 
 from ..kv_cache import KVCacheParams
 from ..linear import Linear

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import ops
+from graphir import ops
 from graphir.device import DeviceRef
 from graphir.value import TensorValue, as_tensor
-from ops.attention import layer_index
+from graphir.ops.attention import layer_index
 
 from .attention_with_rope import AttentionWithRope
 from .checks import check_per_device

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ops.quant.gguf_blocks import gguf_block_geometry
+from graphir.ops.quant.gguf_blocks import gguf_block_geometry
 
 __all__ = ["quantize_gguf"]
 

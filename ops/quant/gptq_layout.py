@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ops.quant.gptq import resolve_group_size, unpack_int4_rows
+from graphir.ops.quant.gptq import resolve_group_size, unpack_int4_rows
 
 __all__ = ["pack_int4_rows", "gptq_weight_rows", "gptq_weight_bytes", "split_gptq_weight_bytes",
            "reorder_gptq_rows"]

@@ -15,14 +15,14 @@ class CudaDevice:
     supports_graphs = True
 
     def __init__(self, kernels: Mapping[str, Any], device: int = 0):
-        from runtime.cuda import Stream
+        from graphir.runtime.cuda import Stream
 
         self.kernels, self.device = kernels, device
         self.stream = Stream(device=device)
         self._keep: list = []
 
     def alloc(self, nbytes: int):
-        from runtime.cuda import DeviceBuffer
+        from graphir.runtime.cuda import DeviceBuffer
 
         return DeviceBuffer.empty(nbytes, "uint8", self.device)
 
@@ -68,13 +68,13 @@ class CudaDevice:
         return conv(op)
 
     def import_tensor(self, obj):
-        from runtime.cuda import DeviceBuffer, from_dlpack
+        from graphir.runtime.cuda import DeviceBuffer, from_dlpack
 
         buf = obj if isinstance(obj, DeviceBuffer) else from_dlpack(obj, stream=self.stream)
         return buf, buf.shape, buf.dtype
 
     def export(self, buf, nbytes, shape, dtype):
-        from runtime.cuda import DeviceBuffer
+        from graphir.runtime.cuda import DeviceBuffer
 
         out = DeviceBuffer.empty(shape, dtype, self.device)
         out.copy_from(buf.view(shape, dtype), stream=self.stream)
@@ -85,7 +85,7 @@ class CudaDevice:
         self._keep.clear()
 
     def capture(self, fn):
-        from runtime.cuda import CudaGraph
+        from graphir.runtime.cuda import CudaGraph
 
         g = CudaGraph()
         with g.capture(self.stream):
@@ -121,7 +121,7 @@ class _Kernels(dict):
         self._art, self._table, self._device = art, table, device
 
     def __missing__(self, key):
-        from runtime.cuda import Kernel
+        from graphir.runtime.cuda import Kernel
 
         md = self._table[key]
         k = self[key] = Kernel.from_cubin(self._art.file(md["cubin"]).read_bytes(), md,
@@ -138,9 +138,9 @@ def load(artifact, weights: Mapping[str, Any], devices=None, *, use_graphs: bool
     GPU, peer copies for transfer_to (`peer="host"` stages them through the host) and NCCL
     for allreduce / allgather.
     """
-    from lowering.artifact import load_artifact
-    from runtime.cuda import driver
-    from runtime.cuda.multi_device import CudaDeviceGroup, logical_devices
+    from graphir.lowering.artifact import load_artifact
+    from graphir.runtime.cuda import driver
+    from graphir.runtime.cuda.multi_device import CudaDeviceGroup, logical_devices
 
     art = load_artifact(artifact.path if hasattr(artifact, "path") else artifact)
     m = art.manifest

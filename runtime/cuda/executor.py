@@ -5,7 +5,7 @@ cubin, computes the load-time "host" steps (RoPE tables, stacked weights) with t
 references, and uploads what the device steps read. `model.execute(*inputs)` binds the symbolic
 dims from the input shapes, derives the ragged-batch facts (longest new-token run, longest
 cache) from the offsets and cache lengths on the host, evaluates every step's launch rules
-(expressions in the manifest, see lowering/triton_gpu/lowerings_base.py) and launches.
+(expressions in the manifest, see lowering/triton_gpu/lowerings/base.py) and launches.
 
 Inputs are numpy arrays or DLPack-capable device tensors (torch CUDA tensors, DeviceBuffer).
 A buffer input (the KV blocks) given as a device tensor is read and written in place; given as
@@ -42,8 +42,8 @@ class PlanExecutor:
 
     def __init__(self, plan: dict, graph, device, weights: Mapping[str, Any],
                  use_graphs: bool = True):
-        from runtime.cuda.multi_device import DeviceGroup, logical_devices, placement
-        from runtime.interpreter import bind_dims  # noqa: F401  (fail early if missing)
+        from graphir.runtime.cuda.multi_device import DeviceGroup, logical_devices, placement
+        from graphir.runtime.interpreter import bind_dims  # noqa: F401  (fail early if missing)
 
         self.plan, self.graph = plan, graph
         self.values = plan["values"]
@@ -66,7 +66,7 @@ class PlanExecutor:
         self._pool: dict = {}
         self._graphs: dict = {}
         self._seen: dict = {}
-        from lowering.plan import value_table
+        from graphir.lowering.plan import value_table
 
         vids, _ = value_table(graph)
         self._node_vids = {i: vids[id(n.results[0])] for i, n in enumerate(graph.nodes)
@@ -193,7 +193,7 @@ class PlanExecutor:
         return vid
 
     def execute(self, *inputs, return_numpy: bool | None = None):
-        from runtime.interpreter import bind_dims
+        from graphir.runtime.interpreter import bind_dims
 
         if len(inputs) != len(self.in_types):
             raise ValueError(f"graph {self.graph.name!r} takes {len(self.in_types)} inputs, got "

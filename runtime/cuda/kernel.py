@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from runtime.cuda import driver
-from runtime.cuda.memory import DeviceBuffer
-from runtime.cuda.module import (DEFAULT_SHARED_LIMIT, Function, LaunchSpec, Module, PackedParams, _grid3,
+from graphir.runtime.cuda import driver
+from graphir.runtime.cuda.memory import DeviceBuffer
+from graphir.runtime.cuda.module import (DEFAULT_SHARED_LIMIT, Function, LaunchSpec, Module, PackedParams, _grid3,
                                  launch)
 
 

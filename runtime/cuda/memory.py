@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.cuda import dlpack, driver
-from runtime.cuda.stream import stream_handle
+from graphir.runtime.cuda import dlpack, driver
+from graphir.runtime.cuda.stream import stream_handle
 
 DType = Any  # a dtype name ("bfloat16"), a numpy dtype, or an object with `.name` (graphir DType)
 

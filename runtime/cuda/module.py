@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from runtime.cuda import driver
-from runtime.cuda.stream import stream_handle
+from graphir.runtime.cuda import driver
+from graphir.runtime.cuda.stream import stream_handle
 
 DEFAULT_SHARED_LIMIT = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
 SCRATCH_NAMES = ("global_scratch", "profile_scratch")

@@ -44,7 +44,7 @@ def placement(graph, plan: Mapping) -> tuple[dict[int, int], dict[int, int]]:
 
     Collective steps map to -1 (they span devices); transfer_to steps to their output's device.
     """
-    from lowering.plan import value_table
+    from graphir.lowering.plan import value_table
 
     vids, _ = value_table(graph)
     typed = typed_devices(graph)
@@ -173,7 +173,7 @@ _EXTRA = {  # driver entry points only the multi-GPU path needs
 
 
 def _cu(name: str, *args, ok=(0,)) -> int:
-    from runtime.cuda import driver
+    from graphir.runtime.cuda import driver
 
     lib = driver._load()
     fn = getattr(lib, name)
@@ -195,7 +195,7 @@ class CudaDeviceGroup(DeviceGroup):
         super().__init__(members)
         if peer not in ("auto", "host"):
             raise ValueError(f"peer must be 'auto' or 'host', got {peer!r}")
-        from runtime.cuda import Event, driver
+        from graphir.runtime.cuda import Event, driver
 
         self.ordinal = {lid: int(m.device) for lid, m in self.members.items()}
         if len(set(self.ordinal.values())) != len(self.ordinal):
@@ -231,7 +231,7 @@ class CudaDeviceGroup(DeviceGroup):
 
     def _order(self, before: int, after: int) -> None:
         # Work queued later on `after` waits for what `before` has queued so far.
-        from runtime.cuda import driver
+        from graphir.runtime.cuda import driver
 
         ev = self._events[before]
         driver.ensure_context(self.ordinal[before])
@@ -248,7 +248,7 @@ class CudaDeviceGroup(DeviceGroup):
             # Through the host: the read waits for the source's stream, the upload is queued
             # on the destination's stream in order with its other work.
             return super().transfer(dst_lid, dst, dst_off, src_lid, src, src_off, nbytes)
-        from runtime.cuda import driver
+        from graphir.runtime.cuda import driver
 
         # On the source's stream, after the destination finished with the memory it overwrites;
         # the destination's later work waits for the copy.
@@ -263,7 +263,7 @@ class CudaDeviceGroup(DeviceGroup):
         """The NCCL communicator of these devices in this rank order (created once)."""
         key = tuple(lids)
         if key not in self._comms:
-            from runtime.cuda.nccl import Communicator
+            from graphir.runtime.cuda.nccl import Communicator
 
             comm = Communicator([self.ordinal[lid] for lid in key])
             f = weakref.finalize(self, comm.destroy)
@@ -287,7 +287,7 @@ class CudaDeviceGroup(DeviceGroup):
     def copy2d(self, lid, dst, dst_off, dst_pitch, src, src_off, src_pitch, width, height) -> None:
         if not (width and height):
             return
-        from runtime.cuda import driver
+        from graphir.runtime.cuda import driver
 
         p = _Memcpy2D(srcMemoryType=_CU_MEMORYTYPE_DEVICE, srcDevice=src.ptr + src_off,
                       srcPitch=src_pitch, dstMemoryType=_CU_MEMORYTYPE_DEVICE,

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from ctypes import c_float, c_int, c_void_p
 from typing import Any, Iterator
 
-from runtime.cuda import driver
+from graphir.runtime.cuda import driver
 
 CU_STREAM_NON_BLOCKING = 1
 CU_EVENT_BLOCKING_SYNC = 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 
 BACKENDS = ["interp", "cpu"]
 
@@ -18,7 +18,7 @@ def execute(backend: str, graph, *inputs, weights=None) -> list[np.ndarray]:
         return run(graph, *inputs, weights=weights)
     if backend == "cpu":
         pytest.importorskip("mlir.ir")
-        from runtime.session import InferenceSession
+        from graphir.runtime.session import InferenceSession
 
         model = InferenceSession().load(graph, weights=weights or {})
         return model.execute(*inputs)

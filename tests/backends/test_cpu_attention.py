@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import BufferType, DType, Graph, TensorType
-from ops.attention_math import MASK_VARIANTS, rope_freqs_cis
-from runtime.interpreter import run
+from graphir.ops.attention_math import MASK_VARIANTS, rope_freqs_cis
+from graphir.runtime.interpreter import run
 
 from .harness import assert_matches_interpreter
 
@@ -99,9 +99,9 @@ def test_flash_attention_bf16_scale():
 def test_tiny_llama_layer_through_paged_cache(fused):
     """Prefill of two sequences, two decode steps, then a chunked-prefill step, each compared
     with the interpreter (outputs and the whole cache)."""
-    from examples.llama_attention import build_tiny, random_weights
-    from runtime.kv_cache import PagedKVCacheManager
-    from runtime.session import InferenceSession
+    from graphir.examples.llama_attention import build_tiny, random_weights
+    from graphir.runtime.kv_cache import PagedKVCacheManager
+    from graphir.runtime.session import InferenceSession
 
     g = build_tiny(fuse_rope_and_store=fused)
     weights = random_weights(g, seed=3)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType
 
 from .harness import assert_matches_interpreter

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from graphir import DType
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 from tests.gpu import family
 
 pytest.importorskip("mlir.ir")
@@ -13,7 +13,7 @@ pytest.importorskip("mlir.ir")
 @pytest.mark.parametrize("case", sorted(family.CASES))
 @pytest.mark.parametrize("dtype", [DType.float32, DType.bfloat16])
 def test_family_layer_compiled_for_cpu(case, dtype):
-    from runtime.session import InferenceSession
+    from graphir.runtime.session import InferenceSession
 
     if case == "float8_dynamic" and dtype is DType.float32:
         pytest.skip("float8 layers are built in bf16")

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 from tests.nn.harness import LAYER, SCHEDULE, layer_graph
 
 from .harness import execute  # noqa: F401  (skips without MLIR through pytest.importorskip)
@@ -17,7 +17,7 @@ pytest.importorskip("mlir.ir")
 
 
 def _run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float):
-    from runtime.session import InferenceSession
+    from graphir.runtime.session import InferenceSession
 
     model = InferenceSession().load(graph, weights=weights)
     m_cpu, m_ref = manager(), manager()
@@ -40,7 +40,7 @@ def _run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float):
 
 @pytest.mark.parametrize("enc", ["Q4_K", "Q8_0"])
 def test_gguf_attention_layer(enc):
-    from ops.quant.gguf_quantize import quantize_gguf
+    from graphir.ops.quant.gguf_quantize import quantize_gguf
     from tests.nn import test_gguf_attention as tg
 
     rope, kvp, quant, _ = tg.layers(enc)
@@ -56,7 +56,7 @@ def test_gguf_attention_layer(enc):
 
 
 def test_gptq_attention_layer():
-    from ops import QuantizationConfig
+    from graphir.ops import QuantizationConfig
     from tests.nn import test_gptq_attention as tq
 
     tensors, _ = tq.checkpoint(5, 64, False, True)

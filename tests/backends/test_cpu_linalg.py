@@ -6,9 +6,9 @@ import copy
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType, Weight
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 
 from .harness import assert_matches_interpreter
 
@@ -20,7 +20,7 @@ def _rand(rng, shape, dt=np.float32):
 
 
 def _session_model(graph, weights):
-    from runtime.session import InferenceSession
+    from graphir.runtime.session import InferenceSession
 
     return InferenceSession().load(graph, weights=weights)
 

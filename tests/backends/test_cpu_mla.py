@@ -4,7 +4,7 @@ prefixes, and the prefill plan."""
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType
 from graphir.dtype import round_to
 from graphir.types import BufferType

@@ -8,15 +8,15 @@ bit-identical; products agree to f32 accumulation error.
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType
 from graphir.dtype import round_to
-from nn import GPTQLinear
-from nn.float8_config import Float8Config
-from nn.linear import Linear
-from ops import QuantizationConfig
-from ops.quant.gguf_quantize import quantize_gguf
-from runtime.interpreter import run
+from graphir.nn import GPTQLinear
+from graphir.nn.float8_config import Float8Config
+from graphir.nn.linear import Linear
+from graphir.ops import QuantizationConfig
+from graphir.ops.quant.gguf_quantize import quantize_gguf
+from graphir.runtime.interpreter import run
 
 from .harness import assert_matches_interpreter, execute
 

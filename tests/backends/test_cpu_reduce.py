@@ -3,7 +3,7 @@ every axis (negative too), symbolic dims, floats (f32/f16/bf16), ints and bool."
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType, Weight
 
 from .harness import assert_matches_interpreter

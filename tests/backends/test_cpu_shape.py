@@ -3,7 +3,7 @@ permute, broadcast_to, concat, split, slice (symbolic bounds, steps), gather, sc
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType, Weight
 from graphir.dim import Dim
 
@@ -24,7 +24,7 @@ def _data(rng, shape, dt):
 
 def _plan_ops(graph) -> dict[str, list[str]]:
     """op -> the kernel of each of its steps ("view" or a compiled symbol)."""
-    from lowering.driver import compile_graph
+    from graphir.lowering.driver import compile_graph
 
     out: dict[str, list[str]] = {}
     for s in compile_graph(graph, "cpu").manifest["plan"]["steps"]:

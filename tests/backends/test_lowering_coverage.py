@@ -12,9 +12,9 @@ _CHECK = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import importlib
-mod = {"cpu": "lowering.mlir_cpu.backend", "cuda": "lowering.triton_gpu.backend"}[sys.argv[2]]
+mod = {"cpu": "graphir.lowering.mlir_cpu.backend", "cuda": "graphir.lowering.triton_gpu.backend"}[sys.argv[2]]
 importlib.import_module(mod)
-from lowering.registry import missing_lowerings
+from graphir.lowering.registry import missing_lowerings
 print(",".join(missing_lowerings(sys.argv[2])))
 """
 

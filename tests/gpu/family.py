@@ -12,9 +12,9 @@ import numpy as np
 
 from graphir import DeviceRef, DType, Graph, TensorType
 from graphir.dtype import round_to, round_to_f8e4m3fn
-from nn import (AttentionWithRope, AttentionWithRopeNoOpaque, Float8Config, KVCacheParams,
+from graphir.nn import (AttentionWithRope, AttentionWithRopeNoOpaque, Float8Config, KVCacheParams,
                 PagedCacheValues, RotaryEmbedding)
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.runtime.kv_cache import PagedKVCacheManager
 
 HIDDEN, NH, NKV, D, PAGE, LAYERS, LAYER = 64, 4, 2, 16, 4, 2, 1
 PREFILL = [5, 9, 3]

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from runtime.cuda import driver
+from graphir.runtime.cuda import driver
 
 pytestmark = pytest.mark.gpu
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -19,9 +19,9 @@ if not driver.is_available():
 
 from graphir import DType  # noqa: E402
 from graphir.passes import run_passes  # noqa: E402
-from lowering.driver import compile_graph  # noqa: E402
-from runtime.cuda import executor  # noqa: E402
-from runtime.interpreter import run  # noqa: E402
+from graphir.lowering.driver import compile_graph  # noqa: E402
+from graphir.runtime.cuda import executor  # noqa: E402
+from graphir.runtime.interpreter import run  # noqa: E402
 from tests.gpu import family  # noqa: E402
 
 TOL = 2e-2
@@ -91,7 +91,7 @@ def test_device_tensors_in_place_blocks_and_graph_replay():
 
 def test_session_runs_the_cuda_artifact():
     from graphir import DeviceRef
-    from runtime.session import InferenceSession
+    from graphir.runtime.session import InferenceSession
 
     g, w = family.build("default", DType.bfloat16)
     model = InferenceSession(devices=[DeviceRef.GPU()]).load(g, weights=w)

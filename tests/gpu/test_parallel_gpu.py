@@ -16,9 +16,9 @@ import pytest
 
 from graphir import DeviceRef, DType, Graph, TensorType
 from graphir.dtype import round_to
-from nn import (DataParallelAttentionWithRope, KVCacheParams, PagedCacheValues,
+from graphir.nn import (DataParallelAttentionWithRope, KVCacheParams, PagedCacheValues,
                 RotaryEmbedding, TensorParallelAttentionWithRope, distribute_value)
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.gpu import family
 from tests.gpu.family import D, HIDDEN, LAYER, LAYERS, NH, PAGE, rel_err
 
@@ -143,7 +143,7 @@ def run_dp(execute, dtype: DType, n_kv: int, seed: int = 1, schedule=DP_SCHEDULE
 def collective_graph(kind: str, dtype: DType, shapes, axis: int = 0, devices=None):
     """allreduce / allgather of one input per device, plus a transfer of input 0 to device 1."""
     devs = list(devices or gpus(len(shapes)))
-    import ops
+    from graphir import ops
 
     types = [TensorType(dtype, list(s), d) for s, d in zip(shapes, devs)]
     with Graph(f"{kind}_{dtype.short}", input_types=types) as g:
@@ -161,7 +161,7 @@ pytestmark = pytest.mark.gpu
 def two_gpus():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("TRITON_INTERPRET is set: run the GPU tests in their own pytest process")
-    from runtime.cuda import driver
+    from graphir.runtime.cuda import driver
 
     if not driver.is_available():
         pytest.skip("no NVIDIA GPU / libcuda on this machine")
@@ -171,7 +171,7 @@ def two_gpus():
         p = driver.device_properties(i)
         if p.compute_capability != (9, 0):
             pytest.skip(f"the cubins are built for sm_90; GPU {i} is {p.name}")
-    from runtime.cuda import nccl
+    from graphir.runtime.cuda import nccl
 
     if not nccl.is_available():
         pytest.fail(f"NCCL is missing on a 2-GPU machine: {nccl.candidates()}")
@@ -179,8 +179,8 @@ def two_gpus():
 
 def _compiled(build, **load_opts):
     from graphir.passes import run_passes
-    from lowering.driver import compile_graph
-    from runtime.cuda import executor
+    from graphir.lowering.driver import compile_graph
+    from graphir.runtime.cuda import executor
 
     g, w = build()
     model = executor.load(compile_graph(g, "cuda:sm_90"), w, **load_opts)
@@ -192,7 +192,7 @@ def _compiled(build, **load_opts):
 @pytest.mark.parametrize("case,n_kv", [("default", 2), ("bias_qk_norm", 2), ("default", 1)],
                          ids=["default", "bias_qk_norm", "gqa_kv_replicated"])
 def test_tensor_parallel_on_two_gpus(two_gpus, case, n_kv):
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     model, ref, w = _compiled(lambda: parallel_layer("tp", case, n_kv, DType.bfloat16))
     assert sum(s["kernel"] == "collective" for s in model.executor.steps) == 1
@@ -210,7 +210,7 @@ def test_tensor_parallel_on_two_gpus(two_gpus, case, n_kv):
 @pytest.mark.parametrize("case,n_kv", [("default", 2), ("bias_qk_norm", 2), ("default", 1)],
                          ids=["default", "bias_qk_norm", "mqa"])
 def test_data_parallel_on_two_gpus(two_gpus, case, n_kv):
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     model, ref, w = _compiled(lambda: parallel_layer("dp", case, n_kv, DType.bfloat16,
                                                      fuse=case == "default"))
@@ -225,7 +225,7 @@ def test_data_parallel_on_two_gpus(two_gpus, case, n_kv):
 
 @pytest.mark.parametrize("dtype", [DType.bfloat16, DType.float16, DType.float32])
 def test_allreduce_dtypes_and_host_staged_transfer(two_gpus, dtype):
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     g = lambda: (collective_graph("allreduce", dtype, [(37, 24), (37, 24)]), {})  # noqa: E731
     for peer in ("auto", "host"):
@@ -246,7 +246,7 @@ def test_allreduce_dtypes_and_host_staged_transfer(two_gpus, dtype):
                                          ([(4, 3, 5), (4, 2, 5)], 1)],
                          ids=["equal", "unequal", "inner_axis"])
 def test_allgather(two_gpus, shapes, axis):
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     model, ref, _ = _compiled(lambda: (collective_graph("allgather", DType.bfloat16, shapes,
                                                         axis), {}))
@@ -257,8 +257,8 @@ def test_allgather(two_gpus, shapes, axis):
 
 
 def test_graph_for_more_gpus_than_present_is_a_clear_error(two_gpus):
-    from lowering.driver import compile_graph
-    from runtime.cuda import driver, executor
+    from graphir.lowering.driver import compile_graph
+    from graphir.runtime.cuda import driver, executor
 
     n = driver.device_count()
     g = collective_graph("allreduce", DType.float32, [(4, 4)] * (n + 1))

@@ -9,7 +9,7 @@ import torch
 
 from graphir import Graph, TensorType
 from graphir.dtype import bf16_bits, bf16_from_bits, round_to_bf16, round_to_f8e4m3fn
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 from tests.ops.reference_harness import BF16
 
 

@@ -3,10 +3,10 @@ gives a ParseError with the exact line and column, never a traceback from inside
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import BufferType, DeviceRef, Dim, DType, Graph, ParseError, TensorType, Weight, parse
 from graphir.opdef import REGISTRY
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 
 F32, BF16, I32, I64 = DType.float32, DType.bfloat16, DType.int32, DType.int64
 CPU, GPU = DeviceRef.CPU(), DeviceRef.GPU(1)

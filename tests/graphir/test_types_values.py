@@ -4,11 +4,11 @@ import networkx as nx
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import (BufferType, ChainType, DeviceRef, Dim, DType, Graph, TensorType, TensorValue,
                      Weight, parse)
 from graphir.opdef import REGISTRY, OpDef, register
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 
 F32 = DType.float32
 rng = np.random.default_rng(1234)

@@ -11,12 +11,12 @@ import pytest
 
 pytest.importorskip("mlir.ir")
 
-import ops  # noqa: E402
+from graphir import ops  # noqa: E402
 from graphir import DeviceRef, DType, Graph, TensorType, Weight  # noqa: E402
-from lowering.artifact import FORMAT_VERSION, ArtifactError, load_artifact  # noqa: E402
-from lowering.driver import compile_graph  # noqa: E402
-from runtime.interpreter import run  # noqa: E402
-from runtime.session import InferenceSession  # noqa: E402
+from graphir.lowering.artifact import FORMAT_VERSION, ArtifactError, load_artifact  # noqa: E402
+from graphir.lowering.driver import compile_graph  # noqa: E402
+from graphir.runtime.interpreter import run  # noqa: E402
+from graphir.runtime.session import InferenceSession  # noqa: E402
 
 SO = "cpu/kernels.so"
 

@@ -11,18 +11,18 @@ import pytest
 
 pytest.importorskip("mlir.ir")
 
-import ops  # noqa: E402
+from graphir import ops  # noqa: E402
 from graphir import DeviceRef, DType, Graph, TensorType  # noqa: E402
-from lowering import cache  # noqa: E402
-from lowering.artifact import load_artifact  # noqa: E402
-from lowering.driver import compile_graph  # noqa: E402
-from lowering.mlir_cpu import backend  # noqa: E402
-from runtime.session import InferenceSession  # noqa: E402
+from graphir.lowering import cache  # noqa: E402
+from graphir.lowering.artifact import load_artifact  # noqa: E402
+from graphir.lowering.driver import compile_graph  # noqa: E402
+from graphir.lowering.mlir_cpu import backend  # noqa: E402
+from graphir.runtime.session import InferenceSession  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
 GRAPH_SRC = '''
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType
 
 
@@ -137,7 +137,7 @@ def test_two_processes_compile_the_same_graph_at_once(cache_dir, tmp_path):
         from pathlib import Path
         sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]
         from graph_def import build
-        from lowering.driver import compile_graph
+        from graphir.lowering.driver import compile_graph
         g = build()
         me, barrier = sys.argv[1], Path({str(barrier)!r})
         (barrier / me).touch()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from graphir import DeviceRef, DType, Graph, TensorType
-from nn import AttentionWithRope, KVCacheParams, PagedCacheValues, RotaryEmbedding
-from runtime.interpreter import run
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.nn import AttentionWithRope, KVCacheParams, PagedCacheValues, RotaryEmbedding
+from graphir.runtime.interpreter import run
+from graphir.runtime.kv_cache import PagedKVCacheManager
 
 HIDDEN, NH, NKV, D = 64, 4, 2, 16
 PAGE, LAYERS, LAYER = 4, 2, 1  # the layer writes cache layer 1 of 2: layer 0 must stay untouched
@@ -114,7 +114,7 @@ def mla_op_inputs(rng, kinds: int, *, nh: int, nope: int, rope: int, v: int, r: 
     Returns [q, kv, norm weight, freqs_cis, input_row_offsets, cache_lengths, lookup_table,
     blocks, w_k, w_uk, w_uv], w_* cut from one random kv_b_proj weight.
     """
-    from ops.attention_math import rope_freqs_cis
+    from graphir.ops.attention_math import rope_freqs_cis
 
     pages, w = 12, r + rope
     blocks = rng.standard_normal((pages + 1, kinds, LAYERS, PAGE, 1, w)).astype(np.float32)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import BufferType, DeviceRef, DType, Graph, TensorType
-from ops import attention_math as am
-from runtime.interpreter import run
+from graphir.ops import attention_math as am
+from graphir.runtime.interpreter import run
 
 U32, F32 = DType.uint32, DType.float32
 NH, NKV, D, PS, L = 4, 2, 8, 4, 2

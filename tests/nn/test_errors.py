@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import BufferType, DeviceRef, DType, Graph, TensorType
-from nn import (AttentionWithRope, KVCacheParams, MHAMaskVariant, PagedCacheValues,
+from graphir.nn import (AttentionWithRope, KVCacheParams, MHAMaskVariant, PagedCacheValues,
                 RotaryEmbedding, TensorParallelAttentionWithRope)
-from runtime.interpreter import InterpreterError, run
+from graphir.runtime.interpreter import InterpreterError, run
 from tests.nn.harness import D, HIDDEN, LAYERS, NH, NKV, PAGE, layer_graph
 
 U32 = DType.uint32

@@ -3,11 +3,11 @@ forms print identically after the default pass pipeline (the contract with the f
 import numpy as np
 import pytest
 
-from examples.llama_attention import build, build_tiny, random_weights
+from graphir.examples.llama_attention import build, build_tiny, random_weights
 from graphir import parse
 from graphir.passes import PASSES, run_passes
-from runtime.interpreter import run
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.runtime.interpreter import run
+from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.nn.harness import attention, layer_graph
 
 

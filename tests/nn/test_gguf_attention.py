@@ -7,14 +7,14 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType, parse
-from nn import (AttentionWithRope, GGUFQAttentionWithRope, GGUFQLinear, KVCacheParams,
+from graphir.nn import (AttentionWithRope, GGUFQAttentionWithRope, GGUFQLinear, KVCacheParams,
                 RotaryEmbedding)
-from ops import QuantizationEncoding
-from ops.quant.gguf_quantize import quantize_gguf
-from runtime.interpreter import InterpreterError, run
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.ops import QuantizationEncoding
+from graphir.ops.quant.gguf_quantize import quantize_gguf
+from graphir.runtime.interpreter import InterpreterError, run
+from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, layer_graph, scheduled_manager, step
 
 HIDDEN, NH, NKV, D = 256, 4, 2, 64  # K-quants need rows that are whole 256-value blocks

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType, parse
-from nn import (AttentionWithRope, GPTQAttentionWithRope, GPTQLinear, KVCacheParams,
+from graphir.nn import (AttentionWithRope, GPTQAttentionWithRope, GPTQLinear, KVCacheParams,
                 RotaryEmbedding)
-from ops import QuantizationConfig
-from runtime.interpreter import run
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.ops import QuantizationConfig
+from graphir.runtime.interpreter import run
+from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, layer_graph, scheduled_manager, step
 
 HIDDEN, NH, NKV, D = 256, 4, 2, 64

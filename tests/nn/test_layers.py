@@ -5,11 +5,11 @@ import pytest
 
 from graphir import DType, Graph, TensorType
 from graphir.dtype import round_to_f8e4m3fn
-import ops
-from nn import (AttentionWithRopeNoOpaque, Float8Config, Float8ScaleGranularity, Linear,
+from graphir import ops
+from graphir.nn import (AttentionWithRopeNoOpaque, Float8Config, Float8ScaleGranularity, Linear,
                 Llama3RopeScalingParams, Module, PagedCacheValues, RMSNorm, RotaryEmbedding)
-from ops import attention_math as am
-from runtime.interpreter import run
+from graphir.ops import attention_math as am
+from graphir.runtime.interpreter import run
 from tests.nn.harness import (D, HIDDEN, LAYER, NH, NKV, SCHEDULE, attention, layer_graph,
                               manager, step)
 

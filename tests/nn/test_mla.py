@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from transformers import DeepseekV3Config
 
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType
 from graphir.types import BufferType
-from nn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding, KVCacheParams,
+from graphir.nn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding, KVCacheParams,
                 LatentAttentionWithRope, PagedCacheValues, RotaryEmbedding,
                 TensorParallelLatentAttentionWithRope)
-from nn.attention.parallel import distribute_value
-from runtime.interpreter import run
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.nn.attention.parallel import distribute_value
+from graphir.runtime.interpreter import run
+from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.nn.harness import (SCHEDULE, HFAttentionRunner, layer_graph, mla_op_inputs,
                               scheduled_manager)
 
@@ -426,7 +426,7 @@ def test_bfloat16_layer_tracks_float32():
 def test_float8_o_proj_quant_config():
     """o_proj_quant_config=Float8Config: float8 o_proj weight + rowwise scale, dynamic input
     quantization; close to the float32 layer run on the dequantized weight (float8 precision)."""
-    from nn import Float8Config
+    from graphir.nn import Float8Config
 
     _, _, f8 = make_layer(QLORA, "decode", o_proj_quant_config=Float8Config.dynamic())
     assert f8.o_proj.weight.dtype == DType.float8_e4m3fn

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from graphir import DeviceRef, DType, Graph, TensorType
-from nn import (AttentionWithRope, DataParallelAttentionWithRope, KVCacheParams,
+from graphir.nn import (AttentionWithRope, DataParallelAttentionWithRope, KVCacheParams,
                 PagedCacheValues, RotaryEmbedding, TensorParallelAttentionWithRope,
                 distribute_value)
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 from tests.nn.harness import D, HIDDEN, LAYER, LAYERS, NH, PAGE, layer_graph, manager, step
 
 SCHED = [([0, 1, 2], [5, 9, 3]), ([0, 1, 2], [1, 1, 1]), ([2, 0], [4, 1])]
@@ -20,7 +20,7 @@ def runner(backend, graph, weights):
     if backend == "interp":
         return lambda *args: run(graph, *args, weights=weights)
     pytest.importorskip("mlir.ir")
-    from runtime.session import InferenceSession
+    from graphir.runtime.session import InferenceSession
 
     return InferenceSession().load(graph, weights=weights).execute
 

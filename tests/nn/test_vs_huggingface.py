@@ -9,7 +9,7 @@ import pytest
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from graphir import DType
-from nn import (AttentionWithRope, KVCacheParams, Llama3RopeScalingParams, MHAMaskVariant,
+from graphir.nn import (AttentionWithRope, KVCacheParams, Llama3RopeScalingParams, MHAMaskVariant,
                 RotaryEmbedding)
 from tests.nn.harness import (D, HIDDEN, LAYERS, NH, NKV, PAGE, SCHEDULE, HFAttentionRunner,
                               layer_graph, manager, step)

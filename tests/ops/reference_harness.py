@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, settings, strategies as st
 
 from graphir import DeviceRef, DType, Graph, TensorType, parse
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 
 F32, F16, BF16, F8 = DType.float32, DType.float16, DType.bfloat16, DType.float8_e4m3fn
 I32, I64, BOOL = DType.int32, DType.int64, DType.bool

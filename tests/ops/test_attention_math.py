@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops import attention_math as am
+from graphir.ops import attention_math as am
 
 torch.set_default_dtype(torch.float64)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import ops
+from graphir import ops
 from graphir import DType
 from tests.ops.reference_harness import (
     BF16, BOOL, F16, F32, F8, FLOATS, I32, I64, INTS, SETTINGS, TORCH, as_torch, bools,

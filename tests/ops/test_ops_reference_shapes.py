@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType
 from tests.ops.reference_harness import (
     BF16, F32, FLOATS, I32, I64, INTS, SETTINGS, broadcast_partner, check, floats, ints, shape)

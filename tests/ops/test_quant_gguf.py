@@ -12,14 +12,14 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize as ref_dequantize  # noqa: E402
 from gguf.quants import quantize as ref_quantize  # noqa: E402
 
-from nn.gguf_loader import GGUFTensor, load_gguf  # noqa: E402
-from ops.quant.gguf_blocks import (  # noqa: E402
+from graphir.nn.gguf_loader import GGUFTensor, load_gguf  # noqa: E402
+from graphir.ops.quant.gguf_blocks import (  # noqa: E402
     GGUF_BLOCK_GEOMETRY,
     dequantize_gguf,
     gguf_block_geometry,
     gguf_row_nbytes,
 )
-from ops.quant.gguf_quantize import quantize_gguf  # noqa: E402
+from graphir.ops.quant.gguf_quantize import quantize_gguf  # noqa: E402
 
 QUANTIZED = ["Q4_0", "Q8_0", "Q4_K", "Q6_K"]
 FLOATS = ["F32", "F16", "BF16"]

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from ops.quant.gptq import (
+from graphir.ops.quant.gptq import (
     dequantize_gptq,
     g_idx_to_perm,
     resolve_group_size,

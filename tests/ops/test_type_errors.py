@@ -3,7 +3,7 @@ operand shapes."""
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType
 
 F32, BF16, I32, I64, BOOL = DType.float32, DType.bfloat16, DType.int32, DType.int64, DType.bool

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import Dim, DType, Graph, TensorType, Weight, parse
 from graphir.passes import PASSES, run_passes
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 from tests.passes.golden import check_golden, golden_path
 
 HIDDEN, NH, NKV, D = 8, 4, 2, 4
@@ -148,7 +148,7 @@ def test_pipeline_fuses_projections_then_rope_split_store():
     """Three Linear-style projections + split-free rope/store: fuse-qkv makes the split that
     fuse-rope-split-store then consumes."""
     from graphir import BufferType
-    from ops.attention_math import rope_freqs_cis
+    from graphir.ops.attention_math import rope_freqs_cis
 
     u32 = DType.uint32
     b = Dim("batch")

@@ -2,15 +2,17 @@
 case where the rewrite would change meaning and must leave the IR unchanged."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import BufferType, DeviceRef, Dim, DType, Graph, TensorType, Weight, parse
 from graphir.passes import PASSES, default_pipeline, run_passes
-from ops.attention_math import rope_freqs_cis
-from runtime.interpreter import run
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.ops.attention_math import rope_freqs_cis
+from graphir.runtime.interpreter import run
+from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.passes.golden import check_golden, golden_path
 
 NH, NKV, D = 4, 2, 4
@@ -141,7 +143,7 @@ POSITIVE = [dict(norm=n, interleaved=i, layer=l) for n in (False, True) for i in
 
 @pytest.mark.parametrize("cfg", POSITIVE, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_fuses_and_matches_numbers(cfg):
-    rng = np.random.default_rng(abs(hash(tuple(cfg.items()))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr(sorted(cfg.items())).encode()))  # same seed every process
     ref, fused = build(**cfg), _fused(build(**cfg))
     text = str(fused)
     assert text.count("gir.rope_split_store") == 1
@@ -159,7 +161,7 @@ def test_fuses_and_matches_numbers(cfg):
     (o_fused,), b_fused = _run(fused, vals, weights)
     np.testing.assert_allclose(o_fused, o_ref, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(b_fused["blocks"], b_ref["blocks"], rtol=2e-5, atol=2e-5)
-    changed = ~np.isclose(b_ref["blocks"], vals["blocks"])
+    changed = b_ref["blocks"] != vals["blocks"]  # exact: a stored value always differs from the noise
     assert changed[:, :, cfg["layer"]].sum() == 5 * 2 * NKV * D  # 5 tokens, K and V
     assert not changed[:, :, [i for i in range(LAYERS) if i != cfg["layer"]]].any()
 
@@ -256,7 +258,7 @@ def test_goldens(name, update_goldens):
 
 
 def test_cli_opt_and_dump(tmp_path, capsys):
-    from tools.cli import main
+    from graphir.tools.cli import main
 
     assert main(["opt", golden_path("rope_split_store_qknorm.before.gir"), "-p",
                  "fuse-rope-split-store"]) == 0

@@ -8,11 +8,11 @@ import pytest
 
 from graphir import Dim, DType, Graph, TensorType
 from graphir.passes import run_passes
-from nn.attention import AttentionWithRope
-from nn.kv_cache import KVCacheParams, PagedCacheValues
-from nn.rotary_embedding import RotaryEmbedding
-from runtime.interpreter import run
-from runtime.kv_cache import PagedKVCacheManager
+from graphir.nn.attention import AttentionWithRope
+from graphir.nn.kv_cache import KVCacheParams, PagedCacheValues
+from graphir.nn.rotary_embedding import RotaryEmbedding
+from graphir.runtime.interpreter import run
+from graphir.runtime.kv_cache import PagedKVCacheManager
 
 F32, U32 = DType.float32, DType.uint32
 HIDDEN, LAYERS, PAGE, PAGES = 16, 3, 4, 6

@@ -4,11 +4,11 @@ import io
 import numpy as np
 import pytest
 
-import ops
+from graphir import ops
 from graphir import BufferType, DType, Graph, TensorType, VerificationError, parse
 from graphir.opdef import REGISTRY, OpDef, register
 from graphir.passes import PASSES, PassManager, register_pass, run_passes
-from runtime.interpreter import run
+from graphir.runtime.interpreter import run
 
 F32 = DType.float32
 rng = np.random.default_rng(99)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ops.attention_math import flash_attention_ragged, kv_cache_store
-from runtime.kv_cache import OutOfPagesError, PagedKVCacheManager, StepInputs
+from graphir.ops.attention_math import flash_attention_ragged, kv_cache_store
+from graphir.runtime.kv_cache import OutOfPagesError, PagedKVCacheManager, StepInputs
 
 
 def make(**kw):

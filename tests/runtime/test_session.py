@@ -6,14 +6,14 @@ import pytest
 
 pytest.importorskip("mlir.ir")
 
-import ops  # noqa: E402
+from graphir import ops  # noqa: E402
 from graphir import DeviceRef, DType, Graph, TensorType, Weight  # noqa: E402
 from graphir.dtype import round_to  # noqa: E402
 from graphir.types import BufferType  # noqa: E402
-from lowering.artifact import load_artifact  # noqa: E402
-from lowering.driver import compile_graph  # noqa: E402
-from runtime.interpreter import run  # noqa: E402
-from runtime.session import InferenceSession  # noqa: E402
+from graphir.lowering.artifact import load_artifact  # noqa: E402
+from graphir.lowering.driver import compile_graph  # noqa: E402
+from graphir.runtime.interpreter import run  # noqa: E402
+from graphir.runtime.session import InferenceSession  # noqa: E402
 
 CPU = DeviceRef.CPU()
 
@@ -147,8 +147,8 @@ def test_failed_call_leaves_the_buffer_unchanged(data):
 
 
 def _llama_missing_ops():
-    import lowering.mlir_cpu.backend  # noqa: F401  (registers the lowerings)
-    from tools.demo import cpu_gaps, _example
+    import graphir.lowering.mlir_cpu.backend  # noqa: F401  (registers the lowerings)
+    from graphir.tools.demo import cpu_gaps, _example
 
     return cpu_gaps(_example("llama_attention").build_tiny())
 
@@ -158,8 +158,8 @@ def test_failed_call_leaves_the_kv_cache_unchanged():
     missing = _llama_missing_ops()
     if missing:
         pytest.skip(f"the attention layer does not compile for the CPU yet (missing {missing})")
-    from runtime.kv_cache import PagedKVCacheManager
-    from tools.demo import _example
+    from graphir.runtime.kv_cache import PagedKVCacheManager
+    from graphir.tools.demo import _example
 
     llama = _example("llama_attention")
     g = llama.build_tiny()

@@ -8,7 +8,7 @@ import pytest
 
 import graphir
 from graphir import parse
-from tools.cli import main
+from graphir.tools.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MLP = os.path.join(ROOT, "examples", "mlp.py")
@@ -60,7 +60,7 @@ def test_dump_graph(capsys):
 
 def test_dump_func_with_colon(capsys, tmp_path):
     src = tmp_path / "two.py"
-    src.write_text("import ops\nfrom graphir import DType, Graph, TensorType\n\n"
+    src.write_text("from graphir import ops\nfrom graphir import DType, Graph, TensorType\n\n"
                    "def other():\n    with Graph('other', input_types=[TensorType(DType.float32, [3])]) as g:\n"
                    "        g.output(ops.exp(g.inputs[0]))\n    return g\n")
     rc, out, _ = cli(capsys, "dump", f"{src}:other")

@@ -8,11 +8,11 @@ import pytest
 pytest.importorskip("mlir.ir")
 
 from graphir.dtype import DType, round_to  # noqa: E402
-from tools import demo as demo_mod  # noqa: E402
-from tools.cli import main  # noqa: E402
+from graphir.tools import demo as demo_mod  # noqa: E402
+from graphir.tools.cli import main  # noqa: E402
 
 SRC = '''
-import ops
+from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType, Weight
 
 
@@ -153,7 +153,7 @@ def test_run_errors(capsys, work, tmp_path, argv, msg):
 
 
 def test_run_check_reports_a_mismatch(capsys, work, monkeypatch):
-    from runtime import cpu_executor
+    from graphir.runtime import cpu_executor
 
     real = cpu_executor.CpuModel.execute
     monkeypatch.setattr(cpu_executor.CpuModel, "execute",
@@ -182,7 +182,7 @@ def test_dump_help_lists_the_stages(capsys):
 
 
 def test_compile_without_a_lowering_is_a_clear_error(capsys, work, tmp_path, monkeypatch):
-    from lowering.mlir_cpu import backend
+    from graphir.lowering.mlir_cpu import backend
 
     monkeypatch.setattr(backend, "lowering_for", lambda op, b: None)
     rc, out, err = cli(capsys, "compile", work / "ew.py", "-o", tmp_path / "x.gart", "-q")
@@ -240,7 +240,7 @@ def test_demo_compiled_path_pieces(work, capsys):
     graph that compiles today; the attention layer takes it once its ops are lowered."""
     import argparse
 
-    from tools.loader import load_graph
+    from graphir.tools.loader import load_graph
 
     g = load_graph(str(work / "ew.py"))
     rng = np.random.default_rng(2)

@@ -14,8 +14,8 @@ from mlir import ir
 from mlir.dialects import arith, linalg, scf, tensor
 
 from graphir.dtype import DType
-from ops.quant.gguf_blocks import gguf_block_geometry
-from ops.quant.gptq import resolve_group_size
+from graphir.ops.quant.gguf_blocks import gguf_block_geometry
+from graphir.ops.quant.gptq import resolve_group_size
 
 from ...registry import register_lowering
 from ..emit import DYN, Emitter, element_type, index

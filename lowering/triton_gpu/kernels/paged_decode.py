@@ -18,9 +18,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowering.triton_gpu.kernels.paged import (attend_paged_keys, check_attention_args,
+from graphir.lowering.triton_gpu.kernels.paged import (attend_paged_keys, check_attention_args,
                                                key_range, mask_id)
-from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
 
 NUM_SMS = 132
 BLOCK_P = 16

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
 
 
 @triton.jit

@@ -19,8 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
-from lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
+from graphir.lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
 
 # Elements per [BLOCK_T, heads, D] chunk. Swept on an H100 (tools/tune_rope_split_store.py):
 # 2 tokens x 8 heads x 128 with 4 warps reached 83% of copy bandwidth, 4 x 8 x 128 only ~63%.

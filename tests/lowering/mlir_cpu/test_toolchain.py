@@ -16,14 +16,14 @@ sys.path.insert(0, str(ROOT))
 ir = pytest.importorskip("mlir.ir")
 from mlir.dialects import arith, func, linalg, math, tensor  # noqa: E402
 
-from lowering.mlir_cpu import schedules, toolchain  # noqa: E402
+from graphir.lowering.mlir_cpu import schedules, toolchain  # noqa: E402
 
 # Runs in a fresh interpreter: loads the .so, calls it, checks mlir was never imported.
 _RUNNER = r"""
 import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from runtime.cpu import CpuLibrary
+from graphir.runtime.cpu import CpuLibrary
 spec = json.loads(sys.argv[2])
 fn = CpuLibrary(spec["so"]).function(spec["name"], len(spec["inputs"]), len(spec["outputs"]))
 ins = [np.load(p) for p in spec["inputs"]]
@@ -231,7 +231,7 @@ def test_schedule_vectorizes_and_parallelizes():
 
 
 def test_bad_inputs_rejected(tmp_path):
-    from runtime.cpu import CpuLibrary
+    from graphir.runtime.cpu import CpuLibrary
 
     with pytest.raises(ValueError, match="unknown stage"):
         with toolchain.new_context(), ir.Location.unknown():

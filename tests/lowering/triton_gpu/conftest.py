@@ -11,7 +11,7 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"
 # Kernel modules imported earlier in this session (compiled-mode JITFunctions) are dropped so
 # the tests here import interpreted ones.
-for _name in [m for m in sys.modules if m.startswith("lowering.triton_gpu.kernels")]:
+for _name in [m for m in sys.modules if m.startswith("graphir.lowering.triton_gpu.kernels")]:
     del sys.modules[_name]
 
 import numpy as np  # noqa: E402

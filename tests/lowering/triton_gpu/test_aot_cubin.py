@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = r"""
 import json, re
-from lowering.triton_gpu import aot
-from lowering.triton_gpu.kernels import flash_attention as fa, matmul as mm, paged_decode as pd
-from lowering.triton_gpu.kernels import rms_norm as rn, rope_split_store as rss
+from graphir.lowering.triton_gpu import aot
+from graphir.lowering.triton_gpu.kernels import flash_attention as fa, matmul as mm, paged_decode as pd
+from graphir.lowering.triton_gpu.kernels import rms_norm as rn, rope_split_store as rss
 
 specs = (mm.aot_specs("bfloat16", has_bias=True) + mm.aot_specs("float16")
          + mm.aot_specs_fp8("bfloat16", a_rowwise=True, b_colwise=True)

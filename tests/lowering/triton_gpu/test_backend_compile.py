@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = r"""
 import json, sys
 import numpy as np
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType
 from graphir.passes import run_passes
-from lowering.triton_gpu import aot, backend
+from graphir.lowering.triton_gpu import aot, backend
 from tests.gpu import family
 
 def T(*s, dt=DType.float32):
@@ -104,9 +104,9 @@ def test_the_op_zoo_covers_every_lowering_family(compiled):
 
 def test_compile_graph_writes_a_cuda_artifact(tmp_path, monkeypatch):
     # This process runs under TRITON_INTERPRET=1: the backend builds in a subprocess.
-    from examples.llama_attention import build_tiny
-    from lowering.artifact import load_artifact
-    from lowering.driver import compile_graph
+    from graphir.examples.llama_attention import build_tiny
+    from graphir.lowering.artifact import load_artifact
+    from graphir.lowering.driver import compile_graph
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "tc"))
     art = compile_graph(build_tiny(), "cuda:sm_90", out=tmp_path / "tiny.gart")
@@ -131,11 +131,11 @@ def test_cli_dump_shows_triton_and_ptx(tmp_path):
     env["GRAPHIR_CACHE_DIR"] = str(tmp_path / "cache")
     ex = str(ROOT / "examples" / "llama_attention.py") + ":build_tiny"
     for stage, marker in (("triton", "@triton.jit"), ("ptx", ".entry")):
-        p = subprocess.run([sys.executable, "-m", "tools.cli", "dump", ex, "--stage", stage],
+        p = subprocess.run([sys.executable, "-m", "graphir.tools.cli", "dump", ex, "--stage", stage],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
         assert p.stdout.count("// -----// " + stage) >= 5 and marker in p.stdout
-    p = subprocess.run([sys.executable, "-m", "tools.cli", "compile", ex, "--target",
+    p = subprocess.run([sys.executable, "-m", "graphir.tools.cli", "compile", ex, "--target",
                         "cuda:sm_90", "-o", str(tmp_path / "o.gart"), "-q"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and (tmp_path / "o.gart" / "manifest.json").is_file(), p.stderr

@@ -1,6 +1,6 @@
 """The elementwise-fusion grouping pass and the backend's use of it (no compilation)."""
 
-import ops
+from graphir import ops
 from graphir import DType, Graph, TensorType
 from graphir.passes.elementwise_fusion import elementwise_fusion, find_groups
 
@@ -42,7 +42,7 @@ def test_the_pass_records_groups_without_changing_the_ir():
 
 
 def test_backend_schedules_groups_after_their_inputs():
-    from lowering.triton_gpu.backend import lower
+    from graphir.lowering.triton_gpu.backend import lower
 
     def f(x, w):
         a = ops.exp(x)

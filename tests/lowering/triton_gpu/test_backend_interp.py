@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from graphir import DType, Graph, TensorType
-from runtime.cuda.executor import PlanExecutor, evaluate
-from runtime.interpreter import run
+from graphir.runtime.cuda.executor import PlanExecutor, evaluate
+from graphir.runtime.interpreter import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 
@@ -73,7 +73,7 @@ class InterpDevice:
 
 
 def interp_executor(graph, weights):
-    from lowering.triton_gpu.backend import lower
+    from graphir.lowering.triton_gpu.backend import lower
 
     program = lower(graph)
     dev = InterpDevice(program)
@@ -115,7 +115,7 @@ def fused_steps(ex):
 
 # ------------------------------------------------------------------ fused elementwise groups
 def test_fused_chain_is_one_kernel_with_broadcast_and_symbolic_rows():
-    import ops
+    from graphir import ops
 
     g = graph_of(lambda x, y: ops.exp(x * y + 1.5) - ops.tanh(x) * 0.25, T("n", 8), T(1, 8))
     ex, dev = check(g, [rnd(5, 8), rnd(1, 8)])
@@ -126,7 +126,7 @@ def test_fused_chain_is_one_kernel_with_broadcast_and_symbolic_rows():
 @pytest.mark.parametrize("name", ["neg", "abs", "exp", "sqrt", "rsqrt", "tanh", "sigmoid",
                                   "silu", "cos", "sin", "floor", "log"])
 def test_unary_ops(name):
-    import ops
+    from graphir import ops
 
     x = rnd(3, 40)
     if name in ("sqrt", "rsqrt", "log"):
@@ -137,14 +137,14 @@ def test_unary_ops(name):
 
 @pytest.mark.parametrize("approx", ["none", "tanh"])
 def test_gelu(approx):
-    import ops
+    from graphir import ops
 
     check(graph_of(lambda a: ops.gelu(a, approximate=approx), T(2, 33)), [rnd(2, 33) * 3],
           rtol=1e-5, atol=1e-5)
 
 
 def test_binary_compare_where_clamp_pow_mod_float():
-    import ops
+    from graphir import ops
 
     def f(a, b):
         p = ops.pow(ops.abs(a) + 0.5, b)
@@ -158,7 +158,7 @@ def test_binary_compare_where_clamp_pow_mod_float():
 
 
 def test_integer_floor_div_mod_and_casts():
-    import ops
+    from graphir import ops
 
     def f(a, b):
         q = ops.div(a, b)
@@ -173,7 +173,7 @@ def test_integer_floor_div_mod_and_casts():
 
 
 def test_bf16_rounds_every_member_like_the_interpreter():
-    import ops
+    from graphir import ops
 
     f = lambda a, b: ops.cast(ops.cast(a, DType.bfloat16) * ops.cast(b, DType.bfloat16)
                               + 1.0, DType.float32)
@@ -181,7 +181,7 @@ def test_bf16_rounds_every_member_like_the_interpreter():
     # Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest even),
     # so values may differ by one bf16 ulp per rounding here; the source must round each step.
     ex, _ = check(g, [rnd(8, 16), rnd(8, 16, seed=2)], rtol=2 ** -5, atol=5 * 2 ** -7)
-    from lowering.triton_gpu.backend import lower
+    from graphir.lowering.triton_gpu.backend import lower
 
     (src,) = lower(g).sources.values()
     assert src.count(".to(tl.bfloat16).to(tl.float32)") == 4
@@ -189,7 +189,7 @@ def test_bf16_rounds_every_member_like_the_interpreter():
 
 # ------------------------------------------------------------------ shape ops
 def test_permute_slice_broadcast_concat_split_reshape_output():
-    import ops
+    from graphir import ops
 
     def f(x, y):
         p = ops.permute(x, [2, 0, 1])
@@ -203,7 +203,7 @@ def test_permute_slice_broadcast_concat_split_reshape_output():
 
 
 def test_gather_and_scatter():
-    import ops
+    from graphir import ops
 
     def f(x, i, u, j):
         return [ops.gather(x, i, axis=1), ops.scatter(x, u, j, axis=1)]
@@ -221,7 +221,7 @@ def test_gather_and_scatter():
 # ------------------------------------------------------------------ reductions, norms, matmul
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_reductions_and_softmax(axis):
-    import ops
+    from graphir import ops
 
     def f(x):
         return [ops.sum(x, axis), ops.mean(x, axis), ops.max(x, axis=axis),
@@ -231,7 +231,7 @@ def test_reductions_and_softmax(axis):
 
 
 def test_norms():
-    import ops
+    from graphir import ops
 
     def f(x, w, b):
         return [ops.rms_norm(x, w, 1e-5), ops.rms_norm(x, w, 1e-6, weight_offset=1.0),
@@ -242,7 +242,7 @@ def test_norms():
 
 
 def test_generic_and_hand_written_matmuls():
-    import ops
+    from graphir import ops
 
     def f(a, b, c, w):
         return [ops.matmul(a, b), ops.matmul(c, b, transpose_a=True),
@@ -291,8 +291,8 @@ def test_attention_family_matches_the_interpreter(case, fuse):
 
 def test_ops_without_kernels_run_their_reference_on_the_host():
     from graphir import Weight
-    from ops.quant.gguf_quantize import quantize_gguf
-    from ops.quantized import QuantizationEncoding, qmatmul
+    from graphir.ops.quant.gguf_quantize import quantize_gguf
+    from graphir.ops.quantized import QuantizationEncoding, qmatmul
 
     blocks = quantize_gguf(rnd(6, 64), "Q8_0")
     w = Weight("w", DType.uint8, list(blocks.shape), quantization_encoding=None)
@@ -300,7 +300,7 @@ def test_ops_without_kernels_run_their_reference_on_the_host():
     def f(x):
         return ops_exp(qmatmul(QuantizationEncoding.Q8_0, None, x, w)) * 0.5
 
-    from ops import exp as ops_exp
+    from graphir.ops import exp as ops_exp
 
     with Graph("q", input_types=[T("n", 64)]) as g:
         g.output(f(g.inputs[0]))

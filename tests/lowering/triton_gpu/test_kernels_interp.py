@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from lowering.triton_gpu.kernels import flash_attention as fa
-from lowering.triton_gpu.kernels import matmul as mm
-from lowering.triton_gpu.kernels import paged_decode as pd
-from lowering.triton_gpu.kernels import rms_norm as rn
-from lowering.triton_gpu.kernels import rope_split_store as rss
+from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+from graphir.lowering.triton_gpu.kernels import matmul as mm
+from graphir.lowering.triton_gpu.kernels import paged_decode as pd
+from graphir.lowering.triton_gpu.kernels import rms_norm as rn
+from graphir.lowering.triton_gpu.kernels import rope_split_store as rss
 
 # The interpreter turns 1-element index arrays into ints with a numpy DeprecationWarning.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")

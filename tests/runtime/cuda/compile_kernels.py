@@ -114,7 +114,7 @@ def compile_all() -> dict:
                 "profile_scratch_size": md.profile_scratch_size,
                 "profile_scratch_align": md.profile_scratch_align}}
         try:
-            from lowering.triton_gpu import aot
+            from graphir.lowering.triton_gpu import aot
         except ImportError:
             continue
         out[label]["aot_metadata"] = aot.compile_kernel(fn, sig, consts, warps, stages,

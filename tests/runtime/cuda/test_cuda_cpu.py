@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.cuda import dlpack, driver
-from runtime.cuda.kernel import Kernel
-from runtime.cuda.memory import DeviceBuffer, dtype_name, from_dlpack, numpy_dtype
-from runtime.cuda.module import PARAM_CTYPES, LaunchSpec, PackedParams, _grid3, param_kind
-from runtime.cuda.stream import CudaGraph, stream_handle
+from graphir.runtime.cuda import dlpack, driver
+from graphir.runtime.cuda.kernel import Kernel
+from graphir.runtime.cuda.memory import DeviceBuffer, dtype_name, from_dlpack, numpy_dtype
+from graphir.runtime.cuda.module import PARAM_CTYPES, LaunchSpec, PackedParams, _grid3, param_kind
+from graphir.runtime.cuda.stream import CudaGraph, stream_handle
 
 ROOT = Path(__file__).resolve().parents[3]
 FAKE_PTR = 0x7F00_1234_5600
@@ -31,7 +31,7 @@ def _read_back(packed: PackedParams, i: int, ct):
 # ---- availability and errors --------------------------------------------------------------
 def test_missing_driver_gives_clear_errors_in_a_fresh_process():
     code = (
-        "import runtime.cuda as rc\n"
+        "import graphir.runtime.cuda as rc\n"
         "assert rc.is_available() is False\n"
         "for make in (lambda: rc.DeviceBuffer.empty((4,), 'float32'), lambda: rc.Stream(),\n"
         "             lambda: rc.Module(b'\\x7fELF'), lambda: rc.device_properties(0)):\n"

@@ -10,17 +10,17 @@ import math
 import numpy as np
 import pytest
 
-from runtime.cuda import driver
+from graphir.runtime.cuda import driver
 
 if not driver.is_available():
     pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
 
-from runtime.cuda import dlpack  # noqa: E402
-from runtime.cuda.driver import CudaError  # noqa: E402
-from runtime.cuda.kernel import Kernel  # noqa: E402
-from runtime.cuda.memory import DeviceBuffer, from_dlpack, pinned_empty  # noqa: E402
-from runtime.cuda.module import Module, PackedParams, launch  # noqa: E402
-from runtime.cuda.stream import CudaGraph, Event, Stream  # noqa: E402
+from graphir.runtime.cuda import dlpack  # noqa: E402
+from graphir.runtime.cuda.driver import CudaError  # noqa: E402
+from graphir.runtime.cuda.kernel import Kernel  # noqa: E402
+from graphir.runtime.cuda.memory import DeviceBuffer, from_dlpack, pinned_empty  # noqa: E402
+from graphir.runtime.cuda.module import Module, PackedParams, launch  # noqa: E402
+from graphir.runtime.cuda.stream import CudaGraph, Event, Stream  # noqa: E402
 from tests.runtime.cuda.compile_kernels import ADD_BLOCK, MM_TILE, TMA_TILE  # noqa: E402
 
 pytestmark = pytest.mark.gpu

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from graphir import DeviceRef, DType
-from runtime.cuda import nccl
-from runtime.cuda.multi_device import DeviceGroup, logical_devices, placement
+from graphir.runtime.cuda import nccl
+from graphir.runtime.cuda.multi_device import DeviceGroup, logical_devices, placement
 from tests.gpu.test_parallel_gpu import collective_graph, parallel_layer, run_dp, run_tp
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
@@ -135,7 +135,7 @@ def test_bind_sets_prototypes():
 # ---- placement ----------------------------------------------------------------------------
 def _plan(graph):
     from graphir.passes import run_passes
-    from lowering.triton_gpu.backend import lower
+    from graphir.lowering.triton_gpu.backend import lower
 
     run_passes(graph)
     return lower(graph).plan.to_json()
@@ -166,7 +166,7 @@ def interp():
     """Triton's interpreter for the kernels (decided when the kernels are first imported)."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # triton decides interpreted vs compiled when it and the kernels are first imported.
-        if "triton" in sys.modules or any(m.startswith("lowering.triton_gpu") for m in sys.modules):
+        if "triton" in sys.modules or any(m.startswith("graphir.lowering.triton_gpu") for m in sys.modules):
             pytest.skip("triton was imported in compiled mode in this process; run this file on "
                         "its own (or with tests/lowering/triton_gpu) to use the interpreter")
         os.environ["TRITON_INTERPRET"] = "1"
@@ -222,8 +222,8 @@ def _virtual_devices(program):
 
 def _executor(g, w):
     from graphir.passes import run_passes
-    from lowering.triton_gpu.backend import lower
-    from runtime.cuda.executor import PlanExecutor
+    from graphir.lowering.triton_gpu.backend import lower
+    from graphir.runtime.cuda.executor import PlanExecutor
 
     run_passes(g)
     program = lower(g)
@@ -234,7 +234,7 @@ def _executor(g, w):
 @pytest.mark.parametrize("case,n_kv,fuse", [("bias_qk_norm", 2, True), ("default", 1, False)],
                          ids=["kv_split", "kv_replicated_unfused"])
 def test_tensor_parallel_on_virtual_devices(interp, case, n_kv, fuse):
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     g, w = parallel_layer("tp", case, n_kv, DType.float32, fuse)
     ex, group = _executor(g, w)
@@ -254,7 +254,7 @@ def test_tensor_parallel_on_virtual_devices(interp, case, n_kv, fuse):
 
 
 def test_data_parallel_with_an_empty_slice_on_virtual_devices(interp):
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     g, w = parallel_layer("dp", "default", 2, DType.float32)
     ex, group = _executor(g, w)
@@ -273,7 +273,7 @@ def test_data_parallel_with_an_empty_slice_on_virtual_devices(interp):
     ("allreduce", [(5, 6), (5, 6)], 0), ("allgather", [(2, 6), (3, 6)], 0),
     ("allgather", [(4, 3, 5), (4, 2, 5)], 1), ("allgather", [(3, 2), (3, 4)], -1)])
 def test_collectives_on_virtual_devices(interp, kind, shapes, axis):
-    from runtime.interpreter import run
+    from graphir.runtime.interpreter import run
 
     g = collective_graph(kind, DType.bfloat16, shapes, axis)
     ex, _ = _executor(g, {})
@@ -289,8 +289,8 @@ def test_collectives_on_virtual_devices(interp, kind, shapes, axis):
 
 
 def test_a_device_the_executor_lacks_is_named(interp):
-    from lowering.triton_gpu.backend import lower
-    from runtime.cuda.executor import PlanExecutor
+    from graphir.lowering.triton_gpu.backend import lower
+    from graphir.runtime.cuda.executor import PlanExecutor
     from tests.lowering.triton_gpu.test_backend_interp import InterpDevice
 
     g = collective_graph("allreduce", DType.float32, [(2, 2)] * 3)
@@ -301,8 +301,8 @@ def test_a_device_the_executor_lacks_is_named(interp):
 
 
 def test_load_refuses_a_graph_for_more_gpus_than_the_machine_has(interp, monkeypatch, tmp_path):
-    from lowering.driver import compile_graph
-    from runtime.cuda import driver, executor
+    from graphir.lowering.driver import compile_graph
+    from graphir.runtime.cuda import driver, executor
 
     monkeypatch.setenv("GRAPHIR_CACHE_DIR", str(tmp_path))
     g = collective_graph("allreduce", DType.float32, [(2, 2)] * 2)

@@ -27,7 +27,7 @@ from typing import Any
 
 from graphir.dim import Dim
 from graphir.dtype import DType
-from lowering.plan import Step
+from graphir.lowering.plan import Step
 
 TRITON_TYPES = {DType.float32: "fp32", DType.float16: "fp16", DType.bfloat16: "bf16",
                 DType.float8_e4m3fn: "fp8e4nv", DType.int8: "i8", DType.uint8: "u8",

@@ -9,12 +9,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowering.registry import register_lowering
-from lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
-from lowering.triton_gpu.kernels.rope_split_store import _load_pairs, _store_pairs
-from lowering.triton_gpu.kernels.spec import KernelSpec, next_pow2
+from graphir.lowering.registry import register_lowering
+from graphir.lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
+from graphir.lowering.triton_gpu.kernels.rope_split_store import _load_pairs, _store_pairs
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, next_pow2
 
-from .lowerings_base import StepBuilder, e, static_int, ttype
+from graphir.lowering.triton_gpu.kernels import rope_split_store as rss
+
+from .base import StepBuilder, e, static_int, ttype
+from .common import MM_DTYPES, cache_dims, pow2_head_dim
 
 
 @triton.jit
@@ -112,3 +115,32 @@ def _kv_cache_store(sb: StepBuilder, node) -> None:
     sb.launch(sb.kernel(spec), [T], [sb.ptr(x), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut),
                                      sb.ptr(blocks), T, e(offs.type.shape[0] - 1),
                                      e(lut.type.shape[1]), node.attrs["layer"], e(shape[2])])
+
+
+@register_lowering("rope_split_store", "cuda")
+def _rope_split_store(sb: StepBuilder, node) -> None:
+    qkv, freqs, offs, clen, lut, blocks = node.operands[:6]
+    a = node.attrs
+    nh, nkv, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
+    pow2_head_dim(d, node.op)
+    page, _, _ = cache_dims(blocks, node.op)
+    dt = qkv.type.dtype
+    if dt not in MM_DTYPES or blocks.type.dtype != dt:
+        raise ValueError(f"gir.rope_split_store on cuda needs qkv and blocks of one float dtype, "
+                         f"got {dt.short} and {blocks.type.dtype.short}")
+    norm = len(node.operands) >= 8
+    norm_dt = node.operands[6].type.dtype if norm else dt
+    specs = rss.aot_specs(nh, nkv, d, page, MM_DTYPES[dt], a["interleaved"], norm,
+                          MM_DTYPES[freqs.type.dtype], MM_DTYPES[norm_dt])
+    T = e(qkv.type.shape[0])
+    batch = e(offs.type.shape[0] - 1)
+    q_out = node.results[0]
+    nw = [sb.ptr(node.operands[6]), sb.ptr(node.operands[7])] if norm else [sb.ptr(freqs)] * 2
+    args = [sb.ptr(qkv), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut), sb.ptr(freqs), sb.ptr(blocks),
+            sb.ptr(q_out), *nw, T, batch, e(lut.type.shape[1]), a["layer"],
+            e(blocks.type.shape[2]), float(a.get("qk_norm_eps", 1e-6))]
+    for spec, cond in zip(specs, (f"{T} <= 1024", None)):
+        key = sb.kernel(spec)
+        bt = spec.constexprs["BLOCK_T"]
+        with sb.when(cond):
+            sb.launch(key, [f"cdiv({T}, {bt})"], args)

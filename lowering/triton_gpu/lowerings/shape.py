@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from graphir.dim import Dim
-from lowering.registry import register_lowering
-from lowering.triton_gpu.kernels.spec import KernelSpec
+from graphir.lowering.registry import register_lowering
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec
 
-from .lowerings_base import StepBuilder, e, numel, strides, ttype
+from .base import StepBuilder, e, numel, strides, ttype
 
 MAX_RANK = 6
 BLOCK = 1024

@@ -9,9 +9,9 @@ time by the backend's host steps.
 """
 from __future__ import annotations
 
-from lowering.registry import register_lowering
+from graphir.lowering.registry import register_lowering
 
-from .lowerings_base import StepBuilder
+from .base import StepBuilder
 
 HOST_FALLBACK = ("constant", "dequantize", "qmatmul", "mla_cache_store", "mla_prefill",
                  "mla_decode", "mla_prefill_plan")

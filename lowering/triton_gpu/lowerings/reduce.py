@@ -11,10 +11,13 @@ import triton.language as tl
 
 from graphir.dim import Dim
 from graphir.dtype import DType
-from lowering.registry import register_lowering
-from lowering.triton_gpu.kernels.spec import KernelSpec, next_pow2
+from graphir.lowering.registry import register_lowering
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, next_pow2
 
-from .lowerings_base import StepBuilder, e, numel, static_int, strides, ttype
+from graphir.lowering.triton_gpu.kernels import rms_norm as rn
+
+from .base import StepBuilder, e, numel, static_int, strides, ttype
+from .common import MM_DTYPES
 
 OPS = {"sum": 0, "mean": 1, "reduce_max": 2, "reduce_min": 3, "argmax": 4}
 BQ, BR = 16, 64
@@ -221,3 +224,20 @@ def lower_generic_matmul(sb: StepBuilder, node) -> None:
     sb.launch(sb.kernel(spec), [f"cdiv({e(M)}, 64)", f"cdiv({e(N)}, 64)", e(nb)],
               [sb.ptr(a), sb.ptr(b), sb.ptr(out), e(M), e(N), e(K),
                e(sab), e(sam), e(sak), e(sbb), e(sbk), e(sbn)])
+
+
+@register_lowering("rms_norm", "cuda")
+def _rms_norm(sb: StepBuilder, node) -> None:
+    x, w = node.operands
+    D = static_int(x.type.shape[-1], "the normalized axis of gir.rms_norm")
+    if node.attrs.get("weight_offset") or x.type.dtype not in MM_DTYPES \
+            or w.type.dtype not in MM_DTYPES:
+        lower_row_norm(sb, node)
+        return
+    (spec,) = rn.aot_specs(D, MM_DTYPES[x.type.dtype], MM_DTYPES[w.type.dtype])
+    key = sb.kernel(spec)
+    R = e(numel(x.type.shape[:-1]))
+    br = spec.constexprs["BLOCK_R"]
+    sb.launch(key, [f"cdiv({R}, {br})"],
+              [sb.ptr(x), sb.ptr(w), sb.ptr(node.results[0]), R, D, D, D,
+               float(node.attrs["epsilon"])])
