@@ -12,6 +12,15 @@ _RESERVED = {"inf", "nan", "true", "false", "none", "dense", "f32", "f16", "bf16
              "i8", "u8", "i32", "u32", "i64", "bool"}
 
 
+# Bounds that keep every dimension cheap to build, print and evaluate, whatever the input:
+# products of sums expand term by term, so without a cap 40 factors of (a+b) would need 2**40
+# terms; sizes past int64 cannot reach a kernel anyway.
+MAX_TERMS = 64
+MAX_DEGREE = 16
+MAX_COEFF = 2 ** 62
+MAX_DEPTH = 64
+
+
 class Dim:
     """A tensor dimension: static (`Dim(4096)`), symbolic (`Dim("total_seq_len")`) or an
     expression of those (`Dim("batch") + 1`).
@@ -31,11 +40,14 @@ class Dim:
             terms = dict(value._terms)
         elif isinstance(value, dict):
             terms = {k: v for k, v in value.items() if v != 0}
+            _check_size(terms)
         elif isinstance(value, bool):
             raise TypeError("a dimension cannot be a bool")
         elif isinstance(value, int):
             if value < 0:
                 raise ValueError(f"a static dimension must be >= 0, got {value}")
+            if value > MAX_COEFF:
+                raise ValueError(f"a static dimension must be at most 2**62, got {value}")
             terms = {(): value} if value else {}
         elif isinstance(value, str):
             if value in _RESERVED:
@@ -178,6 +190,17 @@ class Dim:
         return f"Dim({int(self)})" if self.is_static else f"Dim({str(self)!r})"
 
 
+def _check_size(terms: dict) -> None:
+    if len(terms) > MAX_TERMS:
+        raise ValueError(f"dimension expression too large: more than {MAX_TERMS} terms")
+    for m, c in terms.items():
+        if len(m) > MAX_DEGREE:
+            raise ValueError(f"dimension expression too large: a product of more than "
+                             f"{MAX_DEGREE} symbols")
+        if abs(c) > MAX_COEFF:
+            raise ValueError(f"dimension expression too large: coefficient {c} exceeds 2**62")
+
+
 def _as_dim(v: DimLike) -> Dim:
     if isinstance(v, Dim):
         return v
@@ -191,18 +214,32 @@ _TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(.))")
 
 def parse_dim(text: str) -> Dim:
     """Parse `batch+1`, `2*n`, `n*m-3`, `(a+1)*2` into a Dim."""
+    if len(text) > 4096:
+        raise ValueError(f"dimension expression too long ({len(text)} characters)")
     toks = []
     for num, name, op in _TOKEN.findall(text):
         if num:
+            if len(num) > 19:
+                raise ValueError(f"dimension literal {num[:24]}... is too large")
             toks.append(("num", int(num)))
         elif name:
             toks.append(("name", name))
         elif op.strip():
             toks.append(("op", op))
     pos = 0
+    depth = 0
 
     def peek():
         return toks[pos] if pos < len(toks) else ("end", None)
+
+    def nested(parse) -> Dim:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise ValueError(f"dimension expression nested deeper than {MAX_DEPTH}")
+        d = parse()
+        depth -= 1
+        return d
 
     def atom() -> Dim:
         nonlocal pos
@@ -213,13 +250,13 @@ def parse_dim(text: str) -> Dim:
         if kind == "name":
             return Dim(val)
         if (kind, val) == ("op", "("):
-            d = expr()
+            d = nested(expr)
             if peek() != ("op", ")"):
                 raise ValueError(f"unbalanced parenthesis in dimension {text!r}")
             pos += 1
             return d
         if (kind, val) == ("op", "-"):
-            return -atom()
+            return -nested(atom)
         raise ValueError(f"bad dimension expression {text!r}")
 
     def term() -> Dim:
@@ -229,6 +266,8 @@ def parse_dim(text: str) -> Dim:
             op = peek()[1]
             pos += 1
             rhs = atom()
+            if op == "/" and not rhs.is_static:
+                raise ValueError(f"dimension {text!r} divides by the symbolic {rhs}")
             d = d * rhs if op == "*" else d // int(rhs)
         return d
 

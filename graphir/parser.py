@@ -114,6 +114,8 @@ def _parse_device(lx: _Lexer) -> DeviceRef:
     n = lx.next()
     if n[0] != "num" or not n[1].isdigit():
         lx.fail("expected a device id", n)
+    if len(n[1]) > 6:
+        lx.fail(f"device id {n[1][:12]} is out of range", n)
     return DeviceRef(k[1], int(n[1]))
 
 
@@ -138,16 +140,29 @@ def _parse_dim_tokens(lx: _Lexer) -> Dim:
         lx.fail(str(e), start)
 
 
-def _parse_attr(lx: _Lexer):
+MAX_NESTING = 32  # attribute lists nest a few levels at most; deeper is damage, not data
+MAX_DENSE = 1 << 26  # elements of a dense literal: a printed graph holds far fewer
+
+
+def _parse_string(lx: _Lexer, t) -> str:
+    try:
+        return json.loads(t[1])
+    except ValueError as e:  # a bad escape such as "\q"
+        lx.fail(f"bad string literal: {e.args[0].split(':')[0]}", t)
+
+
+def _parse_attr(lx: _Lexer, depth: int = 0):
     t = lx.peek()
+    if depth > MAX_NESTING:
+        lx.fail(f"attribute lists nested deeper than {MAX_NESTING}", t)
     if t[0] == "str":
         lx.next()
-        return json.loads(t[1])
+        return _parse_string(lx, t)
     if t[1] == "[":
         lx.next()
         items = []
         while not lx.accept("]"):
-            items.append(_parse_attr(lx))
+            items.append(_parse_attr(lx, depth + 1))
             if not lx.accept(","):
                 lx.expect("]")
                 break
@@ -187,8 +202,13 @@ def _parse_dense(lx: _Lexer) -> np.ndarray:
     if not isinstance(vals, tuple) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                               for v in vals):
         lx.fail("dense values must be a list of numbers", vals_tok)
-    if len(vals) != int(np.prod(shape)):
-        lx.fail(f"dense shape {list(shape)} needs {int(np.prod(shape))} values, got {len(vals)}", vals_tok)
+    count = 1
+    for d in shape:  # Python ints: np.prod would wrap around past int64
+        count *= d
+    if count > MAX_DENSE:
+        lx.fail(f"dense shape {list(shape)} has {count} elements, more than {MAX_DENSE}", start)
+    if len(vals) != count:
+        lx.fail(f"dense shape {list(shape)} needs {count} values, got {len(vals)}", vals_tok)
     is_float = any(isinstance(v, float) for v in vals)
     return np.array(vals, dtype=np.float64 if is_float else np.int64).reshape(shape)
 
@@ -282,7 +302,10 @@ def parse(text: str):
         loc = None
         if lx.accept("loc"):
             lx.expect("(")
-            loc = json.loads(lx.next()[1])
+            lt = lx.next()
+            if lt[0] != "str":
+                lx.fail("expected a source location string, loc(\"file:line\")", lt)
+            loc = _parse_string(lx, lt)
             lx.expect(")")
         if len(types) != len(results):
             lx.fail(f"{optok[1]} has {len(results)} results but {len(types)} types", optok)

@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fsutil import TMP_PREFIX, replace_dir, sweep_stale
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -71,7 +73,8 @@ def write_artifact(out: Path, *, graph_text: str, target: str, payload: dict[str
     replace=False (the compile cache): if another writer got there first, keep theirs."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    sweep_stale(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out.parent))
     try:
         files = {"graph.gir": graph_text.encode(), **payload}
         for rel, data in files.items():
@@ -87,14 +90,13 @@ def write_artifact(out: Path, *, graph_text: str, target: str, payload: dict[str
             "files": {rel: sha256_file(tmp / rel) for rel in sorted(files)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if replace and out.exists():
-            old = Path(tempfile.mkdtemp(prefix=".old-", dir=out.parent))
-            os.replace(out, old / "a")
-            shutil.rmtree(old, ignore_errors=True)
+        if replace:
+            replace_dir(tmp, out)  # the old artifact stays until the new one is whole
+            return Artifact(out, manifest)
         try:
             os.rename(tmp, out)
         except OSError:
-            if replace or not out.exists():
+            if not out.exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # an equal entry won the race
             return load_artifact(out)

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from .artifact import Artifact, ArtifactError, load_artifact, tool_versions
+from .fsutil import DAMAGED_PREFIX
 
 
 def cache_dir() -> Path:
@@ -37,7 +38,7 @@ def lookup(key: str, target: str) -> Artifact | None:
     except ArtifactError:
         # A damaged entry is never used: move it aside (atomically, so a concurrent reader
         # never sees half of it) and let the caller rebuild it.
-        aside = p.with_name(f".damaged-{os.getpid()}-{uuid.uuid4().hex}")
+        aside = p.with_name(f"{DAMAGED_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
         try:
             os.rename(p, aside)
         except OSError:

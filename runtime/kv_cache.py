@@ -35,6 +35,9 @@ class StepInputs:
     input_row_offsets: np.ndarray  # [batch + 1] uint32
     max_lengths: np.ndarray  # [1, 2] uint32: max new tokens, max cache_length + new tokens
     _token: object = field(default=None, repr=False, compare=False)
+    # The sequence records the step was prepared for: a sequence released and claimed again
+    # under the same id is a new record, so a stale step cannot commit into it.
+    _records: tuple = field(default=(), repr=False, compare=False)
 
 
 @dataclass
@@ -93,6 +96,14 @@ class PagedKVCacheManager:
         if shape != self.blocks_shape:
             raise ValueError(f"PagedKVCacheManager: blocks must have shape {self.blocks_shape} "
                              f"(total_num_pages + 1 for the null page), got {shape}")
+        # Device tensors (torch, DLPack) name their dtype as e.g. torch.float16.
+        got = str(getattr(value, "dtype", "")).rsplit(".", 1)[-1]
+        if got != self.dtype.name:
+            raise ValueError(f"PagedKVCacheManager: blocks must be {self.dtype.name} (the manager's "
+                             f"dtype), got {got or type(value).__name__}")
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            raise ValueError("PagedKVCacheManager: blocks must be writable (the cache is updated in "
+                             "place), got a read-only array")
         self._blocks = value
 
     @property
@@ -202,13 +213,18 @@ class PagedKVCacheManager:
         offs = np.concatenate([[0], np.cumsum(counts_arr)]).astype(np.uint32)
         max_lengths = np.array([[counts_arr.max(), (lengths + counts_arr).max()]], dtype=np.uint32)
         return StepInputs(tuple(int(s) for s in seq_ids), tuple(int(n) for n in counts), lut,
-                          lengths.astype(np.uint32), offs, max_lengths, _token=self)
+                          lengths.astype(np.uint32), offs, max_lengths, _token=self,
+                          _records=tuple(seqs))
 
     def commit_step(self, step: StepInputs) -> None:
         """Advance each sequence's length by its new tokens once the step has run."""
         if not isinstance(step, StepInputs) or step._token is not self:
             raise ValueError("commit_step: step was not prepared by this manager")
         seqs = [self._get(s) for s in step.seq_ids]
+        for s, seq, rec in zip(step.seq_ids, seqs, step._records):
+            if seq is not rec:
+                raise ValueError(f"commit_step: sequence {s} was released (and claimed again) after "
+                                 f"this step was prepared; the step is stale")
         for s, seq, before in zip(step.seq_ids, seqs, step.cache_lengths.tolist()):
             if seq.length != before:
                 raise ValueError(f"commit_step: sequence {s} has length {seq.length}, the step was prepared "

@@ -177,3 +177,28 @@ def test_bad_input_errors():
         m.gather_kv(a, 2)
     with pytest.raises(ValueError, match="page_size must be a positive int"):
         make(page_size=0)
+
+
+def test_stale_step_cannot_commit_into_a_reclaimed_sequence():
+    m = make()
+    a = m.claim(0)
+    m.commit_step(m.prepare_step([a], [3]))
+    stale = m.prepare_step([a], [2])
+    m.release(a)
+    b = m.claim(0)  # the same id, a new sequence
+    assert b == a and m.cache_length(b) == 0
+    with pytest.raises(ValueError, match="sequence 0 was released .* the step is stale"):
+        m.commit_step(stale)
+    assert m.cache_length(b) == 0 and m.pages(b) == ()
+
+
+def test_blocks_setter_checks_dtype_and_writability():
+    m = make()
+    with pytest.raises(ValueError, match="blocks must be float32 .* got float16"):
+        m.blocks = np.zeros(m.blocks_shape, np.float16)
+    ro = np.random.default_rng(0).standard_normal(m.blocks_shape).astype(np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="blocks must be writable"):
+        m.blocks = ro
+    before = m.blocks
+    assert m.blocks is before  # a refused assignment keeps the old blocks
