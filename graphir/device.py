@@ -14,8 +14,8 @@ class DeviceRef:
     def __post_init__(self):
         if self.device_type not in ("cpu", "gpu"):
             raise ValueError(f"device type must be 'cpu' or 'gpu', got {self.device_type!r}")
-        if not isinstance(self.id, int) or self.id < 0:
-            raise ValueError(f"device id must be a non-negative int, got {self.id!r}")
+        if isinstance(self.id, bool) or not isinstance(self.id, int) or not 0 <= self.id < 2**20:
+            raise ValueError(f"device id must be an int in [0, 2**20), got {self.id!r}")
 
     @staticmethod
     def CPU(id: int = 0) -> "DeviceRef":
@@ -36,6 +36,16 @@ class DeviceRef:
 
     def __repr__(self) -> str:
         return f"DeviceRef.{self.device_type.upper()}({self.id})"
+
+    @staticmethod
+    def coerce(value) -> "DeviceRef":
+        """A DeviceRef from a DeviceRef, "cpu"/"gpu" (id 0) or "cpu:N"/"gpu:N"."""
+        if isinstance(value, DeviceRef):
+            return value
+        if isinstance(value, str):
+            return DeviceRef.parse(value if ":" in value else f"{value}:0")
+        raise TypeError(f"a device must be a DeviceRef (DeviceRef.CPU(), DeviceRef.GPU(0)) or "
+                        f"'cpu:N'/'gpu:N', got {value!r}")
 
     @staticmethod
     def parse(text: str) -> "DeviceRef":

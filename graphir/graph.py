@@ -12,6 +12,7 @@ import numpy as np
 from .device import DeviceRef
 from .dtype import DType, round_to
 from .opdef import lookup
+from .printer import format_attr
 from .types import BufferType, ChainType, TensorType, Type
 from .value import BufferValue, ChainValue, TensorValue, Value
 
@@ -134,12 +135,29 @@ class Graph:
         if opdef.effects:
             operands.append(self.chain)
         loc = _user_location()
+        shapes = lambda: ", ".join(str(v.type) for v in operands  # noqa: E731
+                                   if not isinstance(v, ChainValue))
+        where = f" (at {loc})" if loc else ""
+        for k, v in attrs.items():
+            try:
+                format_attr(v)
+            except TypeError:
+                raise TypeError(f"gir.{op}: attribute {k} = {v!r:.80} is not a constant (an int, "
+                                f"float, bool, str, DType, DeviceRef, Dim, array or a list of "
+                                f"those){where}") from None
+            if not _ints_fit(v):
+                raise ValueError(f"gir.{op}: attribute {k} = {v!r:.80} holds an integer outside "
+                                 f"the 64-bit range{where}")
         try:
             types = opdef.result_types([v.type for v in operands], attrs)
         except (ValueError, TypeError) as e:
-            shapes = ", ".join(str(v.type) for v in operands if not isinstance(v, ChainValue))
-            where = f" (at {loc})" if loc else ""
-            raise type(e)(f"gir.{op}: {e}; operands: ({shapes}){where}") from None
+            raise type(e)(f"gir.{op}: {e}; operands: ({shapes()}){where}") from None
+        except KeyError as e:
+            raise ValueError(f"gir.{op}: missing attribute {e}; operands: ({shapes()}){where}") \
+                from None
+        except (IndexError, OverflowError, ZeroDivisionError) as e:
+            # The type rule indexed or sized with a value the user gave (an index past a dim).
+            raise ValueError(f"gir.{op}: {e}; operands: ({shapes()}){where}") from None
         node = Node(op, operands, attrs, loc)
         node.results = [_make_value(self, node, i, t) for i, t in enumerate(types)]
         self.nodes.append(node)
@@ -159,9 +177,15 @@ class Graph:
         return self._chain
 
     def constant(self, value, dtype: DType, device: DeviceRef | None = None) -> TensorValue:
-        arr = round_to(np.asarray(value), dtype)
-        return self.apply("constant", [], {"value": arr, "dtype": dtype,
-                                           "device": device or DeviceRef.CPU()})[0]
+        if not isinstance(dtype, DType):
+            raise TypeError(f"gir.constant: dtype must be a DType, got {dtype!r}")
+        device = DeviceRef.coerce(device) if device is not None else DeviceRef.CPU()
+        try:
+            arr = round_to(np.asarray(value), dtype)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise ValueError(f"gir.constant: cannot make a {dtype.short} constant of "
+                             f"{value!r:.60}: {e}") from None
+        return self.apply("constant", [], {"value": arr, "dtype": dtype, "device": device})[0]
 
     def add_weight(self, weight) -> TensorValue:
         """The graph value of a Weight (one `gir.weight` node per name)."""
@@ -238,6 +262,12 @@ class Graph:
 
     def __repr__(self) -> str:
         return str(self)
+
+
+def _ints_fit(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_ints_fit(x) for x in v)
+    return not isinstance(v, int) or -2 ** 63 <= v < 2 ** 64
 
 
 def make_node(graph: Graph, op: str, operands: Sequence[Value], attrs: dict,

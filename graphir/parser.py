@@ -183,6 +183,13 @@ def _parse_attr(lx: _Lexer, depth: int = 0):
     if t[0] == "ident" and t[1] in {d.value for d in DType} and lx.peek(1)[1] in (",", "}", "]"):
         lx.next()
         return DType(t[1])
+    # A plain integer literal (a dense element, an int attribute) may use the whole int64 /
+    # uint64 range; dimension expressions are bounded more tightly by Dim.
+    if t[0] == "num" and t[1].lstrip("-").isdigit() and lx.peek(1)[1] in (",", "]", "}", ">"):
+        if len(t[1]) > 21 or not -2**63 <= int(t[1]) < 2**64:
+            lx.fail(f"integer literal {t[1][:24]} is out of the 64-bit range", t)
+        lx.next()
+        return int(t[1])
     if t[0] in ("num", "ident") or t[1] in ("(", "-"):
         d = _parse_dim_tokens(lx)
         return int(d) if d.is_static else d

@@ -62,7 +62,14 @@ def _types(ts) -> str:
     return ts[0] if len(ts) == 1 else "(" + ", ".join(ts) + ")"
 
 
-def print_graph(graph, locs: bool = False) -> str:
+def _elided(a: np.ndarray) -> str:
+    shape = ", ".join(str(d) for d in a.shape)
+    return f"dense<[{shape}] : ...{a.size} values...>"
+
+
+def print_graph(graph, locs: bool = False, elide_over: int | None = None) -> str:
+    """The textual IR. `elide_over=N` prints dense constants of more than N elements as
+    `dense<[shape] : ...K values...>` (for reading dumps; such text does not parse back)."""
     names: dict[int, str] = {}
     args = []
     for i, v in enumerate(graph.inputs):
@@ -86,7 +93,9 @@ def print_graph(graph, locs: bool = False) -> str:
             text += f"({ops})"
         attrs = {k: v for k, v in n.attrs.items() if v is not None}
         if attrs:
-            text += " {" + ", ".join(f"{k} = {format_attr(attrs[k])}" for k in sorted(attrs)) + "}"
+            text += " {" + ", ".join(
+                f"{k} = {_elided(attrs[k]) if _big(attrs[k], elide_over) else format_attr(attrs[k])}"
+                for k in sorted(attrs)) + "}"
         if n.results:
             text += " : " + _types(r.type for r in n.results)
         if locs and n.loc:
@@ -96,6 +105,10 @@ def print_graph(graph, locs: bool = False) -> str:
     lines.append(f"  gir.output {outs}".rstrip())
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _big(v, limit: int | None) -> bool:
+    return limit is not None and isinstance(v, np.ndarray) and v.size > limit
 
 
 __all__ = ["print_graph", "format_attr", "ChainType"]

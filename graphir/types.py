@@ -35,7 +35,8 @@ class TensorType:
             raise TypeError(f"dtype must be a DType, got {dtype!r}")
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "shape", _shape(shape))
-        object.__setattr__(self, "device", device if device is not None else DeviceRef.CPU())
+        object.__setattr__(self, "device",
+                           DeviceRef.coerce(device) if device is not None else DeviceRef.CPU())
 
     @property
     def rank(self) -> int:

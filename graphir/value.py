@@ -121,6 +121,12 @@ class TensorValue(_Shaped):
 
         return getitem(self, index)
 
+    def __iter__(self):
+        # Without this, Python would iterate through __getitem__ until an IndexError, which a
+        # symbolic first dimension never raises: an endless loop recording ops.
+        raise TypeError(f"a TensorValue ({self.type}) is not iterable; index it (x[i]) or use "
+                        f"ops.split to take it apart")
+
     # -- arithmetic ------------------------------------------------------------------------
     def __add__(self, o): return _bin("add", self, o)
     def __radd__(self, o): return _bin("add", o, self)

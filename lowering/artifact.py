@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .fsutil import TMP_PREFIX, replace_dir, sweep_stale
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries a root digest
 MANIFEST = "manifest.json"
 
 
@@ -31,6 +31,14 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def root_digest(manifest: dict) -> str:
+    """sha256 of the manifest without its own root_digest, in canonical JSON. The manifest
+    lists every file's sha256, so this one digest covers the whole artifact."""
+    body = {k: v for k, v in manifest.items() if k != "root_digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
 
 def graph_hash(graph_text: str) -> str:
@@ -89,6 +97,7 @@ def write_artifact(out: Path, *, graph_text: str, target: str, payload: dict[str
             **extra,
             "files": {rel: sha256_file(tmp / rel) for rel in sorted(files)},
         }
+        manifest["root_digest"] = root_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if replace:
             replace_dir(tmp, out)  # the old artifact stays until the new one is whole
@@ -106,8 +115,12 @@ def write_artifact(out: Path, *, graph_text: str, target: str, payload: dict[str
     return Artifact(out, manifest)
 
 
-def load_artifact(path, *, expect_target: str | None = None) -> Artifact:
-    """Open and verify an artifact; raises ArtifactError naming what is wrong."""
+def load_artifact(path, *, expect_target: str | None = None,
+                  trusted_keys=None) -> Artifact:
+    """Open and verify an artifact; raises ArtifactError naming what is wrong.
+
+    With `trusted_keys` (public keys: 64 hex characters, 32 bytes or .pub files) the artifact
+    must also carry a valid signature by one of them (lowering/signing.py)."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
@@ -121,6 +134,12 @@ def load_artifact(path, *, expect_target: str | None = None) -> Artifact:
     if manifest["format_version"] != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {manifest['format_version']} is not "
                             f"supported (this graphir reads version {FORMAT_VERSION}); recompile it")
+    if manifest.get("root_digest") != root_digest(manifest):
+        raise ArtifactError(f"{path}: {MANIFEST} was changed after the artifact was written (its "
+                            f"root digest does not match); recompile it")
+    from .manifest_schema import validate_manifest
+
+    backend = validate_manifest(manifest, path)
     mine = tool_versions()
     theirs = manifest.get("tool_versions", {})
     if not isinstance(theirs, dict):
@@ -141,8 +160,25 @@ def load_artifact(path, *, expect_target: str | None = None) -> Artifact:
         if sha256_file(p) != digest:
             raise ArtifactError(f"{path}: {rel} does not match its sha256 in the manifest "
                                 f"(tampered or truncated)")
-    if graph_hash((path / "graph.gir").read_text()) != manifest.get("graph_hash"):
+    graph_text = (path / "graph.gir").read_text()
+    if graph_hash(graph_text) != manifest.get("graph_hash"):
         raise ArtifactError(f"{path}: graph.gir does not match the manifest's graph hash")
+    from graphir import ParseError, parse
+
+    from .plan_check import check_plan
+
+    try:
+        graph = parse(graph_text)
+    except ParseError as e:
+        raise ArtifactError(f"{path}: graph.gir does not parse ({e})") from None
+    check_plan(manifest["plan"], graph, path, backend)
     if expect_target is not None and manifest.get("target") != expect_target:
         raise ArtifactError(f"{path}: built for {manifest.get('target')!r}, not {expect_target!r}")
+    if trusted_keys is not None:
+        from .signing import SignatureError, verify
+
+        try:
+            verify(path, manifest["root_digest"], trusted_keys)
+        except SignatureError as e:
+            raise ArtifactError(str(e)) from None
     return Artifact(path, manifest)

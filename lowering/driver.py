@@ -22,25 +22,42 @@ BACKENDS = {"cpu": "graphir.lowering.mlir_cpu.backend", "cuda": "graphir.lowerin
 
 @dataclass(frozen=True)
 class Target:
-    """`cpu` or `cuda:sm_90` (the arch is the compute capability, e.g. 90)."""
+    """`cpu` (this host), `cpu:x86-64:avx512` (see mlir_cpu/cpu_target.py) or `cuda:sm_90`
+    (the arch is the compute capability, e.g. 90)."""
 
     backend: str
     arch: int | None = None
+    cpu: str | None = None   # the CPU target's spec, e.g. "x86-64:avx2"; None: this host
 
     @staticmethod
     def parse(text: str) -> "Target":
         kind, _, arch = text.partition(":")
-        if kind == "cpu" and not arch:
-            return Target("cpu")
+        if kind == "cpu":
+            if not arch:
+                return Target("cpu")
+            from .mlir_cpu.cpu_target import CpuTarget
+
+            return Target("cpu", cpu=CpuTarget.parse(arch).spec)
         if kind == "cuda":
             arch = arch or "sm_90"
             if not arch.startswith("sm_") or not arch[3:].isdigit():
                 raise ValueError(f"bad CUDA arch {arch!r}; expected e.g. sm_90")
             return Target("cuda", int(arch[3:]))
-        raise ValueError(f"unknown target {text!r}; expected 'cpu' or 'cuda:sm_90'")
+        raise ValueError(f"unknown target {text!r}; expected 'cpu', 'cpu:x86-64:avx2' or "
+                         f"'cuda:sm_90'")
+
+    def resolved(self) -> "Target":
+        """`cpu` becomes this host's CPU target (e.g. cpu:x86-64:avx512); others are kept."""
+        if self.backend == "cpu" and self.cpu is None:
+            from .mlir_cpu.cpu_target import host_target
+
+            return Target("cpu", cpu=host_target().spec)
+        return self
 
     def __str__(self) -> str:
-        return "cpu" if self.backend == "cpu" else f"cuda:sm_{self.arch}"
+        if self.backend == "cpu":
+            return "cpu" if self.cpu is None else f"cpu:{self.cpu}"
+        return f"cuda:sm_{self.arch}"
 
 
 def _progress_printer(stream=sys.stderr) -> Callable[[str], None]:
@@ -61,14 +78,14 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
         >>> art = compile_graph(g, "cpu")
         >>> model = InferenceSession().load(art, weights=w)
     """
-    tgt = target if isinstance(target, Target) else Target.parse(target)
+    tgt = (target if isinstance(target, Target) else Target.parse(target)).resolved()
     say = progress if callable(progress) else (_progress_printer() if progress else (lambda m: None))
     options = dict(options or {})
     g = _copy(graph)
     say("running passes")
     run_passes(g, passes)
     # The key is taken before lowering-specific rewrites: a cache hit needs no backend import.
-    key = cache.cache_key(str(g), str(tgt), options)
+    key = cache.cache_key(str(g), str(tgt), {**options, **_tuning_salt(tgt, options)})
     if use_cache and out is None:
         hit = cache.lookup(key, str(tgt))
         if hit is not None:
@@ -85,6 +102,15 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
     if progress and not callable(progress):
         sys.stderr.write("\n")
     return art
+
+
+def _tuning_salt(tgt: Target, options: dict) -> dict:
+    """cuda: the shipped tuning table and, when tuning, the GPU tuned on (cache-key parts)."""
+    if tgt.backend != "cuda":
+        return {}
+    from .triton_gpu.tuning import cache_salt
+
+    return cache_salt(bool(options.get("tune")))
 
 
 def _backend(tgt: Target):

@@ -13,7 +13,8 @@ from .kv_cache import KVCacheParams, KVCacheStrategy, PagedCacheValues
 from .linear import Linear
 from .module import Module
 from .norm import RMSNorm
-from .rotary_embedding import Llama3RopeScalingParams, Llama3RotaryEmbedding, RotaryEmbedding
+from .rotary_embedding import (Llama3RopeScalingParams, Llama3RotaryEmbedding, LinearScalingParams,
+                               LongRoPERotaryEmbedding, LongRoPEScalingParams, RotaryEmbedding)
 from .sharding import ShardingStrategy
 
 __all__ = ["AttentionWithRope", "AttentionWithRopeNoOpaque", "DataParallelAttentionWithRope",
@@ -21,8 +22,11 @@ __all__ = ["AttentionWithRope", "AttentionWithRopeNoOpaque", "DataParallelAttent
            "Float8Config", "Float8InputScaleSpec", "Float8ScaleGranularity", "Float8ScaleOrigin",
            "Float8WeightScaleSpec", "KVCacheParams", "KVCacheStrategy", "PagedCacheValues",
            "Linear", "Module", "RMSNorm", "Llama3RopeScalingParams", "Llama3RotaryEmbedding",
-           "RotaryEmbedding", "ShardingStrategy"]
+           "RotaryEmbedding", "ShardingStrategy", "LinearScalingParams", "LongRoPEScalingParams",
+           "LongRoPERotaryEmbedding", "YarnScalingParams", "YarnRotaryEmbedding", "from_pretrained"]
 from .attention import LatentAttentionWithRope, MLAPrefillMetadata, TensorParallelLatentAttentionWithRope  # noqa: E402,F401
-from .rotary_yarn import DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding  # noqa: E402,F401
+from .rotary_yarn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding,  # noqa: E402,F401
+                          YarnRotaryEmbedding, YarnScalingParams)
 from .linear_quant import GGUFQLinear, GPTQLinear, load_safetensors  # noqa: E402
 from .attention import GGUFQAttentionWithRope, GPTQAttentionWithRope  # noqa: E402
+from .pretrained import from_pretrained  # noqa: E402

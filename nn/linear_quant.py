@@ -1,4 +1,4 @@
-"""Linear layers over quantized weights: GGUFQLinear (GGUF blocks) and GPTQLinear (4-bit GPTQ).
+"""Linear layers over quantized weights: GGUFQLinear (GGUF blocks) and GPTQLinear (4/8-bit GPTQ).
 
 Both keep the weight as stored on disk in the graph and multiply with `ops.qmatmul`; loading
 checks every byte count and scale so bad data fails at load time with the tensor's name.
@@ -16,7 +16,7 @@ from graphir.dtype import DType
 from graphir.value import TensorValue, as_tensor
 from graphir.weight import Weight
 from graphir.ops.quant.gguf_blocks import dequantize_gguf, gguf_row_nbytes
-from graphir.ops.quant.gptq import dequantize_gptq, g_idx_to_perm, resolve_group_size, unpack_int4_cols
+from graphir.ops.quant.gptq import dequantize_gptq, g_idx_to_perm, resolve_group_size, unpack_cols
 from graphir.ops.quant.gptq_layout import gptq_weight_bytes, gptq_weight_rows, reorder_gptq_rows
 from graphir.ops.quantized import QuantizationConfig, QuantizationEncoding
 
@@ -122,10 +122,11 @@ class GGUFQLinear(Module):
 
 
 class GPTQLinear(Module):
-    """A 4-bit GPTQ linear layer in MAX's layout.
+    """A 4- or 8-bit GPTQ linear layer in MAX's layout.
 
-    Graph weights: `weight` uint8 `[in/2 + 2 groups, out]` (packed codes then float16 scales,
-    input rows grouped contiguously), `qzeros` int32 `[groups, out/8]` unless symmetric,
+    Graph weights: `weight` uint8 `[in * bits / 8 + 2 groups, out]` (packed codes then float16
+    scales, input rows grouped contiguously), `qzeros` int32 `[groups, out * bits / 32]` unless
+    symmetric,
     `perm_idx` int32 `[in]` with desc_act, `bias` with has_bias. `load_state_dict` also takes the
     usual checkpoint tensors (qweight, qzeros, scales, g_idx, bias) and converts them.
 
@@ -152,11 +153,13 @@ class GPTQLinear(Module):
             raise ValueError(f"{cls}: float8_config does not apply to GPTQ weights")
         self.config = cfg = quantization_config
         self.in_dim, self.out_dim = _dim(cls, "in_dim", in_dim), _dim(cls, "out_dim", out_dim)
-        if out_dim % 8:
-            raise ValueError(f"{cls}: out_dim={out_dim} must be a multiple of 8 (packed qzeros)")
+        per = cfg.pack_factor
+        if out_dim % per:
+            raise ValueError(f"{cls}: out_dim={out_dim} must be a multiple of {per} (packed "
+                             f"{cfg.bits}-bit qzeros)")
         try:
             self.groups = cfg.groups(in_dim)
-            rows = gptq_weight_rows(in_dim, cfg.group_size)
+            rows = gptq_weight_rows(in_dim, cfg.group_size, cfg.bits)
         except ValueError as e:
             raise ValueError(f"{cls}: {e}") from None
         self.dtype, self.device, self.has_bias = dtype, device or DeviceRef.CPU(), bool(has_bias)
@@ -164,7 +167,7 @@ class GPTQLinear(Module):
         self.weight = Weight(prefix + "weight", DType.uint8, [rows, out_dim], self.device,
                              quantization_encoding=QuantizationEncoding.GPTQ)
         if not cfg.sym:
-            self.qzeros = Weight(prefix + "qzeros", DType.int32, [self.groups, out_dim // 8],
+            self.qzeros = Weight(prefix + "qzeros", DType.int32, [self.groups, out_dim // per],
                                  self.device)
         if cfg.desc_act:
             self.perm_idx = Weight(prefix + "perm_idx", DType.int32, [in_dim], self.device)
@@ -186,9 +189,11 @@ class GPTQLinear(Module):
         if missing:
             raise ValueError(f"{cls}: missing checkpoint tensors {missing}")
         qweight, scales = np.asarray(sd["qweight"]), np.asarray(sd["scales"])
-        if qweight.shape != (n_in // 8, n_out) or qweight.dtype not in (np.int32, np.uint32):
-            raise ValueError(f"{cls}: qweight must be int32 [{n_in // 8}, {n_out}], got "
-                             f"{qweight.dtype} {qweight.shape}")
+        bits, per = cfg.bits, cfg.pack_factor
+        if qweight.shape != (n_in // per, n_out) or qweight.dtype not in (np.int32, np.uint32):
+            raise ValueError(f"{cls}: qweight must be int32 [{n_in // per}, {n_out}] ({per} "
+                             f"{bits}-bit codes per int32), got {qweight.dtype} "
+                             f"{qweight.shape}")
         if scales.shape != (self.groups, n_out):
             raise ValueError(f"{cls}: scales has shape {scales.shape}, expected "
                              f"({self.groups}, {n_out}) for in_features={n_in}, "
@@ -197,14 +202,15 @@ class GPTQLinear(Module):
         # Decoding once checks shapes and finds out-of-range data before it reaches a graph.
         dequantize_gptq(qweight, scales.astype(np.float16), None if qzeros is None else
                         np.asarray(qzeros), None, cfg.group_size,
-                        checkpoint_format=cfg.checkpoint_format)
+                        checkpoint_format=cfg.checkpoint_format, bits=bits)
         out: dict[str, np.ndarray] = {}
         if qzeros is not None and cfg.sym:
-            zeros = unpack_int4_cols(np.asarray(qzeros)).astype(np.int16)
+            zeros = unpack_cols(np.asarray(qzeros), bits).astype(np.int16)
             zeros += cfg.checkpoint_format == "gptq"
-            if (zeros != 8).any():
-                raise ValueError(f"{cls}: sym=True but qzeros hold zero points other than 8 "
-                                 f"(e.g. {int(zeros[zeros != 8][0])}); use sym=False")
+            mid = 1 << (bits - 1)
+            if (zeros != mid).any():
+                raise ValueError(f"{cls}: sym=True but qzeros hold zero points other than {mid} "
+                                 f"(e.g. {int(zeros[zeros != mid][0])}); use sym=False")
         elif qzeros is not None:
             out["qzeros"] = np.ascontiguousarray(qzeros, dtype=np.int32)
         g_idx = sd.get("g_idx")
@@ -216,7 +222,7 @@ class GPTQLinear(Module):
                 perm = g_idx_to_perm(np.asarray(g_idx), size)
             except ValueError as e:
                 raise ValueError(f"{cls}: g_idx is not a permutation of groups: {e}") from None
-            qweight = reorder_gptq_rows(qweight, perm)
+            qweight = reorder_gptq_rows(qweight, perm, bits)
             out["perm_idx"] = perm
         elif g_idx is not None and (np.asarray(g_idx) != np.arange(n_in) // size).any():
             raise ValueError(f"{cls}: g_idx is not the plain order i // group_size; the "

@@ -2,11 +2,13 @@
 
 The table is [2 * max_seq_len, head_dim]: row p = [cos(p f0), sin(p f0), cos(p f1), ...] with
 inv_freq f_i = 1 / theta ** (2i / head_dim) computed in float64 then rounded to float32 (and
-Llama-3 scaled when asked). Only the head_dim/2 frequencies are a constant; positions, angles,
-cos and sin are ops, so the IR stays small and the compiler sees the computation.
+Llama-3 or linearly scaled when asked). Only the head_dim/2 frequencies are a constant;
+positions, angles, cos and sin are ops, so the IR stays small and the compiler sees the
+computation. LongRoPERotaryEmbedding (Phi-3) stitches two such tables at original_max_position.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -36,6 +38,65 @@ class Llama3RopeScalingParams:
                                     self.orig_max_position)
 
 
+@dataclass(frozen=True)
+class LinearScalingParams:
+    """Position interpolation (HF rope_type "linear"): every frequency divided by `factor`."""
+
+    factor: float
+
+    def __post_init__(self):
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) \
+                or not self.factor > 0:
+            raise ValueError(f"LinearScalingParams: factor must be > 0, got {self.factor!r}")
+
+    def _math(self) -> am.LinearRopeScaling:
+        return am.LinearRopeScaling(float(self.factor))
+
+
+@dataclass(frozen=True)
+class LongRoPEScalingParams:
+    """LongRoPE (Phi-3, HF rope_type "longrope"): per-frequency divisors `short_factor` below
+    `original_max_position` and `long_factor` from there on. cos and sin are multiplied by
+    `attention_factor`, by default sqrt(1 + ln(s) / ln(original_max_position)) with
+    s = max_position_embeddings / original_max_position (1 when s <= 1), as HF computes it.
+
+    Example:
+        >>> p = LongRoPEScalingParams([1.0] * 48, [4.0] * 48, 4096, 131072)
+    """
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position: int
+    max_position_embeddings: int
+    attention_factor: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
+        for name in ("original_max_position", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"LongRoPEScalingParams: {name} must be a positive int, got {v!r}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"LongRoPEScalingParams: attention_factor must be > 0, got "
+                             f"{self.attention_factor!r}")
+
+    @property
+    def scale_attention_factor(self) -> float:
+        """The factor on the table's cos and sin."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        s = self.max_position_embeddings / self.original_max_position
+        return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(self.original_max_position))
+
+    def _math(self) -> am.LongRopeScaling:
+        return am.LongRopeScaling(self.short_factor, self.long_factor,
+                                  int(self.original_max_position), self.scale_attention_factor)
+
+
+_SCALING_PARAMS = (Llama3RopeScalingParams, LinearScalingParams)
+
+
 def _pos(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
         raise ValueError(f"RotaryEmbedding: {name} must be a positive int, got {v!r}")
@@ -54,7 +115,7 @@ class RotaryEmbedding(Module):
 
     def __init__(self, dim: int, n_heads: int, theta: float, max_seq_len: int,
                  head_dim: int | None = None, _freqs_cis=None, interleaved: bool = True,
-                 *, scaling_params: Llama3RopeScalingParams | None = None,
+                 *, scaling_params: Llama3RopeScalingParams | LinearScalingParams | None = None,
                  device: DeviceRef | None = None) -> None:
         super().__init__()
         self.dim, self.n_heads = _pos("dim", dim), _pos("n_heads", n_heads)
@@ -64,9 +125,9 @@ class RotaryEmbedding(Module):
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {self.head_dim}")
         if not float(theta) > 0:
             raise ValueError(f"RotaryEmbedding: theta must be > 0, got {theta!r}")
-        if scaling_params is not None and not isinstance(scaling_params, Llama3RopeScalingParams):
-            raise ValueError(f"RotaryEmbedding: scaling_params must be Llama3RopeScalingParams, "
-                             f"got {type(scaling_params).__name__}")
+        if scaling_params is not None and not isinstance(scaling_params, _SCALING_PARAMS):
+            raise ValueError(f"RotaryEmbedding: scaling_params must be Llama3RopeScalingParams or "
+                             f"LinearScalingParams, got {type(scaling_params).__name__}")
         self.theta = float(theta)
         self.interleaved = bool(interleaved)
         self.scaling_params = scaling_params
@@ -90,9 +151,13 @@ class RotaryEmbedding(Module):
         dev = self.device
         if self._given is not None:
             return ops.constant(self._given, DType.float32, dev)
-        n, half = 2 * self.max_seq_len, self.head_dim // 2
-        inv = ops.constant(self.compute_inv_freqs().reshape(1, half), DType.float32, dev)
-        t = ops.range(0, n, 1, dtype=DType.float32, device=dev).reshape([n, 1])
+        return self._table(0, 2 * self.max_seq_len, self.compute_inv_freqs())
+
+    def _table(self, start: int, stop: int, inv_freqs) -> TensorValue:
+        """Rows [start, stop) of the table for the given frequencies, built with ops."""
+        dev, n, half = self.device, stop - start, self.head_dim // 2
+        inv = ops.constant(np.asarray(inv_freqs, np.float32).reshape(1, half), DType.float32, dev)
+        t = ops.range(start, stop, 1, dtype=DType.float32, device=dev).reshape([n, 1])
         ang = t * inv  # a float32 product, as the table's definition says
         cos = ops.cos(ang).reshape([n, half, 1])
         sin = ops.sin(ang).reshape([n, half, 1])
@@ -121,3 +186,52 @@ class Llama3RotaryEmbedding(RotaryEmbedding):
                  device: DeviceRef | None = None) -> None:
         super().__init__(dim, n_heads, theta, max_seq_len, head_dim, _freqs_cis, interleaved,
                          scaling_params=scaling_params, device=device)
+
+
+class LongRoPERotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding with LongRoPE scaling (Phi-3, MAX's `LongRoPERotaryEmbedding`): one
+    stitched table whose rows below `original_max_position` use the short factors and the rest
+    the long ones, cos and sin times the attention factor.
+
+    Hugging Face picks one set for a whole forward pass (long once any position in it reaches
+    `original_max_position`); the two agree whenever no single step holds positions on both
+    sides of `original_max_position` (decode steps always qualify).
+
+    Example:
+        >>> rope = LongRoPERotaryEmbedding(3072, 32, 10000.0, 131072, interleaved=False,
+        ...     scaling_params=LongRoPEScalingParams([1.0] * 48, [4.0] * 48, 4096, 131072))
+    """
+
+    def __init__(self, dim: int, n_heads: int, theta: float, max_seq_len: int,
+                 head_dim: int | None = None, _freqs_cis=None, interleaved: bool = True,
+                 scaling_params: LongRoPEScalingParams | None = None,
+                 device: DeviceRef | None = None) -> None:
+        super().__init__(dim, n_heads, theta, max_seq_len, head_dim, _freqs_cis, interleaved,
+                         device=device)
+        if scaling_params is not None and not isinstance(scaling_params, LongRoPEScalingParams):
+            raise ValueError(f"LongRoPERotaryEmbedding: scaling_params must be "
+                             f"LongRoPEScalingParams, got {type(scaling_params).__name__}")
+        self.longrope_params = scaling_params
+        if scaling_params is not None:
+            am.longrope_inv_freqs(self.head_dim, self.theta, scaling_params._math())  # validates
+
+    def compute_inv_freqs(self) -> np.ndarray:
+        """The short inv_freq [head_dim / 2] (positions below original_max_position)."""
+        if self.longrope_params is None:
+            return super().compute_inv_freqs()
+        return am.longrope_inv_freqs(self.head_dim, self.theta, self.longrope_params._math())[0]
+
+    def freqs_cis_base(self) -> TensorValue:
+        p = self.longrope_params
+        if self._given is not None or p is None:
+            return super().freqs_cis_base()
+        short, long = am.longrope_inv_freqs(self.head_dim, self.theta, p._math())
+        n, split = 2 * self.max_seq_len, min(p.original_max_position, 2 * self.max_seq_len)
+        parts = [self._table(0, split, short)]
+        if split < n:
+            parts.append(self._table(split, n, long))
+        table = parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
+        mag = p.scale_attention_factor
+        if mag == 1.0:
+            return table
+        return table * ops.constant(np.float32(mag), DType.float32, self.device)

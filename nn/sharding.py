@@ -77,7 +77,7 @@ class ShardWeight(Weight):
         full = weight_data(self.parent)
         if full is None:
             return None
-        out = np.ascontiguousarray(self.slicer(full))
+        out = np.require(self.slicer(full), requirements="C")  # keeps 0-d scales 0-d
         want = tuple(int(d) for d in self.shape)
         if out.shape != want:
             raise ValueError(f"shard {self.name!r}: slice has shape {list(out.shape)}, "

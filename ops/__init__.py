@@ -20,4 +20,39 @@ from .attention import (flash_attention_ragged, fused_qkv_matmul, kv_cache_store
                         rope_split_store)
 from .collectives import allgather, allreduce
 from .quantized import QuantizationConfig, QuantizationEncoding, dequantize, qmatmul
-from .mla import mla_cache_store, mla_decode, mla_prefill, mla_prefill_plan
+from .mla import mla_attention, mla_cache_store, mla_decode, mla_prefill, mla_prefill_plan
+
+
+def _named(fn):
+    """Builders raise ValueError/TypeError that name the op: a message from deep inside (a dtype
+    conversion, an operand check) gets the builder's name in front."""
+    import functools
+
+    @functools.wraps(fn)
+    def builder(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            if type(e) not in (ValueError, TypeError) or "gir." in msg \
+                    or f"ops.{fn.__name__}" in msg:
+                raise
+            raise type(e)(f"ops.{fn.__name__}: {msg}") from e
+        except (IndexError, KeyError, OverflowError, ZeroDivisionError) as e:
+            # An index past a dimension, an infinite size, a zero head count: bad arguments,
+            # reported like every other bad argument.
+            raise ValueError(f"ops.{fn.__name__}: {type(e).__name__}: {e}") from e
+    return builder
+
+
+def _wrap_builders() -> None:
+    import inspect
+
+    ns = globals()
+    for name, fn in list(ns.items()):
+        if inspect.isfunction(fn) and not name.startswith("_") and \
+                fn.__module__.startswith(__name__ + "."):
+            ns[name] = _named(fn)
+
+
+_wrap_builders()

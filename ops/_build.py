@@ -21,6 +21,8 @@ def apply(op: str, operands, **attrs):
 
 def tensors(*xs):
     """Turn Weights, arrays and scalars into TensorValues next to the first real value."""
+    if not xs:
+        raise ValueError("needs at least one tensor, got none")
     like = next((x for x in xs if isinstance(x, TensorValue)), None)
     if like is None:
         first = as_tensor(xs[0])

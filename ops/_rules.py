@@ -52,7 +52,9 @@ def broadcast_shapes(*shapes) -> tuple[Dim, ...]:
 
 
 def axis(a: int, rank: int) -> int:
-    if not isinstance(a, (int, np.integer)) or not -rank <= a < max(rank, 1):
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {a!r}")
+    if not -rank <= a < max(rank, 1):
         raise ValueError(f"axis {a} is out of range for rank {rank}")
     return int(a) % max(rank, 1)
 

@@ -279,6 +279,9 @@ def _fa_rule(ins, attrs):
         raise ValueError(f"mask {mask!r} takes no window, got window = {attrs['window']!r}")
     if not isinstance(attrs.get("scale"), float):
         raise ValueError(f"attribute scale must be a float, got {attrs.get('scale')!r}")
+    cap = attrs.get("softcap")
+    if cap is not None and not (isinstance(cap, float) and cap > 0):
+        raise ValueError(f"attribute softcap must be None or a float > 0, got {cap!r}")
     return [R.like(q)]
 
 
@@ -288,7 +291,8 @@ def _fa_ref(ins, a):
     out = am.flash_attention_ragged(q.reshape(q.shape[0], nh, d), b, layer_idx=a["layer"],
                                     input_row_offsets=offs, cache_lengths=clen,
                                     lookup_table=lut, mask_variant=a["mask"],
-                                    window=a.get("window"), scale=a["scale"])
+                                    window=a.get("window"), scale=a["scale"],
+                                    softcap=a.get("softcap"))
     return [out.reshape(q.shape)]
 
 
@@ -301,7 +305,7 @@ register(OpDef("rope_split_store", _rss_rule, _rss_ref, effects=True, writes=(5,
                            "qk_norm_eps")))
 register(OpDef("flash_attention_ragged", _fa_rule, _fa_ref, effects=True,
                attr_names=("head_dim", "n_heads", "n_kv_heads", "layer", "mask", "window",
-                           "scale")))
+                           "scale", "softcap")))
 
 
 # -- builders ----------------------------------------------------------------------------------
@@ -375,9 +379,11 @@ def rope_split_store(qkv, freqs_cis, input_row_offsets, cache_lengths, lookup_ta
 def flash_attention_ragged(q, kv_blocks, input_row_offsets, cache_lengths, lookup_table, *,
                            n_heads: int, n_kv_heads: int, head_dim: int, layer_idx,
                            mask_variant="causal", window: int | None = None,
-                           scale: float | None = None) -> TensorValue:
+                           scale: float | None = None,
+                           softcap: float | None = None) -> TensorValue:
     """Attention of the ragged new tokens q [T, NH*D] over their sequences' cached prefix and
-    themselves (read from the paged cache); GQA; masks on absolute positions.
+    themselves (read from the paged cache); GQA; masks on absolute positions. `softcap` caps the
+    scaled scores s to softcap * tanh(s / softcap) (Gemma 2's attn_logit_softcapping).
 
     Example:
         >>> o = ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=32, n_kv_heads=8,
@@ -388,7 +394,13 @@ def flash_attention_ragged(q, kv_blocks, input_row_offsets, cache_lengths, looku
     mask = mask_name(mask_variant)
     if scale is None:
         scale = 1.0 / float(np.sqrt(head_dim))
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating)):
+            raise ValueError(f"flash_attention_ragged: softcap must be None or a float > 0, got "
+                             f"{softcap!r}")
+        softcap = float(softcap)
     return apply("flash_attention_ragged", [q, _buffer(kv_blocks), offs, clen, lut],
                  head_dim=int(head_dim), n_heads=int(n_heads), n_kv_heads=int(n_kv_heads),
                  layer=layer_index(layer_idx), mask=mask,
-                 window=None if mask not in _WINDOWED else window, scale=float(scale))
+                 window=None if mask not in _WINDOWED else window, scale=float(scale),
+                 softcap=softcap)

@@ -1,6 +1,6 @@
 """Float64 numpy reference math for the attention kernel ops.
 
-RoPE tables (plain, Llama-3 scaled, DeepSeek YaRN), RoPE application, ragged-batch positions, the
+RoPE tables (plain, linear, Llama-3, YaRN, LongRoPE), RoPE application, ragged-batch positions, the
 paged KV-cache store, the fused split + RoPE + store, and ragged flash attention over the paged
 cache. The op library wraps these as the references of its OpDefs; nothing here knows about graphs.
 
@@ -20,11 +20,15 @@ import numpy as np
 
 __all__ = [
     "Llama3RopeScaling",
+    "LinearRopeScaling",
     "YarnRopeScaling",
+    "LongRopeScaling",
     "MASK_VARIANTS",
     "attention_mask",
     "rope_inv_freq",
     "rope_freqs_cis",
+    "rope_table_magnitude",
+    "longrope_inv_freqs",
     "yarn_mscale",
     "apply_rope",
     "rms_norm_heads",
@@ -55,8 +59,16 @@ class Llama3RopeScaling:
 
 
 @dataclass(frozen=True)
+class LinearRopeScaling:
+    """Position interpolation (HF ``rope_type="linear"``): every frequency divided by ``factor``."""
+
+    factor: float
+
+
+@dataclass(frozen=True)
 class YarnRopeScaling:
-    """DeepSeek YaRN scaling (HF ``rope_type="yarn"``); ``attention_factor`` overrides the mscale ratio."""
+    """YaRN (HF ``rope_type="yarn"``); cos/sin times ``attention_factor``, else the mscale ratio.
+    ``truncate=False`` keeps the correction range's ends unrounded (HF's ``truncate``)."""
 
     factor: float
     original_max_position: int
@@ -65,26 +77,45 @@ class YarnRopeScaling:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class LongRopeScaling:
+    """LongRoPE (HF ``rope_type="longrope"``): per-frequency divisors, ``short_factor`` below
+    ``original_max_position``, ``long_factor`` from there on; cos/sin times ``attention_factor``."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position: int
+    attention_factor: float = 1.0
+
+    def __post_init__(self):  # lists become tuples: the scaling stays hashable
+        for name in ("short_factor", "long_factor"):
+            object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
+
+
+_SCALINGS = {"llama3": Llama3RopeScaling, "linear": LinearRopeScaling, "yarn": YarnRopeScaling,
+             "longrope": LongRopeScaling}
 
 
 def _as_scaling(scaling):
-    if scaling is None or isinstance(scaling, (Llama3RopeScaling, YarnRopeScaling)):
+    if scaling is None or isinstance(scaling, tuple(_SCALINGS.values())):
         return scaling
     if isinstance(scaling, Mapping):
         kind = scaling.get("rope_type", scaling.get("type"))
         rest = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
         if "original_max_position_embeddings" in rest:
             rest["original_max_position"] = rest.pop("original_max_position_embeddings")
-        cls = {"llama3": Llama3RopeScaling, "yarn": YarnRopeScaling}.get(kind)
+        cls = _SCALINGS.get(kind)
         if cls is None:
-            raise ValueError(f"rope scaling: unknown rope_type {kind!r}; expected 'llama3' or 'yarn'")
+            raise ValueError(f"rope scaling: unknown rope_type {kind!r}; expected one of {sorted(_SCALINGS)}")
         try:
             return cls(**rest)
         except TypeError as e:
             raise ValueError(f"rope scaling {kind!r}: bad fields {sorted(rest)}: {e}") from None
-    raise ValueError(
-        f"rope scaling must be None, Llama3RopeScaling, YarnRopeScaling or a dict, got {type(scaling).__name__}"
-    )
+    raise ValueError(f"rope scaling must be None, one of {[c.__name__ for c in _SCALINGS.values()]} "
+                     f"or a dict, got {type(scaling).__name__}")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -115,9 +146,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:
     if not theta > 0:
         raise ValueError(f"rope: theta must be > 0, got {theta!r}")
     scaling = _as_scaling(scaling)
+    if isinstance(scaling, LongRopeScaling):
+        raise ValueError("rope_inv_freq: longrope has two frequency sets (short and long); use "
+                         "longrope_inv_freqs or rope_freqs_cis")
     i2 = np.arange(0, head_dim, 2, dtype=np.float64)
     inv = 1.0 / float(theta) ** (i2 / head_dim)
-    if isinstance(scaling, Llama3RopeScaling):
+    if isinstance(scaling, LinearRopeScaling):
+        if not scaling.factor > 0:
+            raise ValueError(f"rope linear scaling: factor must be > 0, got {scaling.factor!r}")
+        inv = inv / scaling.factor
+    elif isinstance(scaling, Llama3RopeScaling):
         s = scaling
         if not (s.factor > 0 and 0 < s.low_freq_factor < s.high_freq_factor and s.original_max_position > 0):
             raise ValueError(f"rope llama3 scaling: need factor > 0, 0 < low_freq_factor < high_freq_factor, "
@@ -132,8 +170,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:
         s = scaling
         if not (s.factor > 0 and s.original_max_position > 0 and s.beta_fast > 0 and s.beta_slow > 0):
             raise ValueError(f"rope yarn scaling: factor, original_max_position, beta_fast, beta_slow must be > 0; got {s}")
-        low = max(math.floor(_yarn_correction_dim(s.beta_fast, head_dim, theta, s.original_max_position)), 0)
-        high = min(math.ceil(_yarn_correction_dim(s.beta_slow, head_dim, theta, s.original_max_position)), head_dim - 1)
+        low = _yarn_correction_dim(s.beta_fast, head_dim, theta, s.original_max_position)
+        high = _yarn_correction_dim(s.beta_slow, head_dim, theta, s.original_max_position)
+        if s.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
         if low == high:
             high += 0.001  # the published formula's guard against a zero-width ramp
         ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
@@ -142,19 +183,50 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def _table_magnitude(scaling) -> float:
+def longrope_inv_freqs(head_dim: int, theta: float, scaling) -> tuple[np.ndarray, np.ndarray]:
+    """(short, long) inverse frequencies ``[head_dim // 2]`` float32 of a LongRoPE scaling:
+    ``1 / (factor_i * theta ** (2i / head_dim))``.
+
+    >>> s, l = longrope_inv_freqs(4, 10000.0, LongRopeScaling((1.0, 2.0), (4.0, 8.0), 8))
+    >>> (l / s).tolist()
+    [0.25, 0.25]
+    """
+    s = _as_scaling(scaling)
+    if not isinstance(s, LongRopeScaling):
+        raise ValueError(f"longrope_inv_freqs needs a LongRopeScaling, got {type(s).__name__}")
+    rope_inv_freq(head_dim, theta)  # validates head_dim and theta
+    if not (isinstance(s.original_max_position, (int, np.integer)) and s.original_max_position > 0):
+        raise ValueError(f"rope longrope scaling: original_max_position must be a positive int, got "
+                         f"{s.original_max_position!r}")
+    base = 1.0 / float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    for name in ("short_factor", "long_factor"):
+        f = np.asarray(getattr(s, name), dtype=np.float64)
+        if f.shape != (head_dim // 2,) or not np.all(f > 0):
+            raise ValueError(f"rope longrope scaling: {name} must hold head_dim / 2 = {head_dim // 2} "
+                             f"positive numbers, got {len(f)}")
+    return tuple((base / np.asarray(f, np.float64)).astype(np.float32) for f in (s.short_factor, s.long_factor))
+
+
+def rope_table_magnitude(scaling) -> float:
+    """The factor on the table's cos and sin: YaRN's attention factor (or mscale ratio),
+    LongRoPE's attention factor, 1 otherwise."""
+    scaling = _as_scaling(scaling)
     if isinstance(scaling, YarnRopeScaling):
         if scaling.attention_factor is not None:
             return float(scaling.attention_factor)
         return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    if isinstance(scaling, LongRopeScaling):
+        return float(scaling.attention_factor)
     return 1.0
 
 
 def rope_freqs_cis(head_dim: int, max_seq_len: int, theta: float, scaling=None) -> np.ndarray:
     """RoPE table ``[2 * max_seq_len, head_dim]`` float32: row p = ``[cos(p f0), sin(p f0), cos(p f1), ...]``.
 
-    ``scaling``: None, :class:`Llama3RopeScaling`, :class:`YarnRopeScaling` or an HF-style dict with
-    ``rope_type`` ``"llama3"``/``"yarn"``. YaRN multiplies cos and sin by its mscale ratio.
+    ``scaling``: None, :class:`LinearRopeScaling`, :class:`Llama3RopeScaling`, :class:`YarnRopeScaling`,
+    :class:`LongRopeScaling` or an HF-style dict with ``rope_type`` ``"linear"``/``"llama3"``/``"yarn"``/
+    ``"longrope"``. YaRN and LongRoPE multiply cos and sin by their attention factor; LongRoPE
+    rows below ``original_max_position`` use the short factors, the rest the long ones.
 
     >>> rope_freqs_cis(4, 2, 10000.0).shape
     (4, 4)
@@ -162,11 +234,16 @@ def rope_freqs_cis(head_dim: int, max_seq_len: int, theta: float, scaling=None) 
     if not isinstance(max_seq_len, (int, np.integer)) or max_seq_len <= 0:
         raise ValueError(f"rope: max_seq_len must be a positive int, got {max_seq_len!r}")
     scaling = _as_scaling(scaling)
-    inv = rope_inv_freq(head_dim, theta, scaling)
     t = np.arange(2 * max_seq_len, dtype=np.float32)
-    # The angle is a float32 product, as in MAX and HF: at large t its rounding is visible in cos/sin.
-    ang = np.outer(t, inv).astype(np.float64)
-    mag = _table_magnitude(scaling)
+    if isinstance(scaling, LongRopeScaling):
+        short, long = longrope_inv_freqs(head_dim, theta, scaling)
+        inv = np.where((t < scaling.original_max_position)[:, None], short[None], long[None])
+        ang = (t[:, None] * inv).astype(np.float64)
+    else:
+        inv = rope_inv_freq(head_dim, theta, scaling)
+        # The angle is a float32 product, as in MAX and HF: at large t its rounding shows in cos/sin.
+        ang = np.outer(t, inv).astype(np.float64)
+    mag = rope_table_magnitude(scaling)
     out = np.empty((t.size, head_dim), dtype=np.float64)
     out[:, 0::2] = np.cos(ang) * mag
     out[:, 1::2] = np.sin(ang) * mag
@@ -379,13 +456,16 @@ def _masked_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def flash_attention_ragged(q: np.ndarray, blocks: np.ndarray, *, layer_idx: int,
                            input_row_offsets: np.ndarray, cache_lengths: np.ndarray,
                            lookup_table: np.ndarray, mask_variant, window: int | None = None,
-                           scale: float) -> np.ndarray:
+                           scale: float, softcap: float | None = None) -> np.ndarray:
     """Attention of the packed new tokens ``q [tokens, NH, D]`` over each sequence's keys/values
     ``0 .. cache_len + new_len - 1`` read from the paged cache (which already holds the new tokens).
 
-    GQA: query head h reads KV head ``h // (NH / NKV)``. Masks use absolute positions. Returns
-    float64 ``[tokens, NH, D]``.
+    GQA: query head h reads KV head ``h // (NH / NKV)``. Masks use absolute positions. With
+    ``softcap`` (Gemma 2's attn_logit_softcapping) the scaled scores s become
+    ``softcap * tanh(s / softcap)`` before the mask and softmax. Returns float64 ``[tokens, NH, D]``.
     """
+    if softcap is not None and not (isinstance(softcap, (int, float, np.floating)) and softcap > 0):
+        raise ValueError(f"flash_attention_ragged: softcap must be None or a float > 0, got {softcap!r}")
     q = np.asarray(q, dtype=np.float64)
     blocks = np.asarray(blocks)
     _check_blocks(blocks, layer_idx, "flash_attention_ragged")
@@ -413,6 +493,8 @@ def flash_attention_ragged(q: np.ndarray, blocks: np.ndarray, *, layer_idx: int,
         v = blocks[pages, 1, layer_idx, slots].astype(np.float64)
         qb = q[offs[b]:offs[b + 1]].reshape(n, nkv, group, d)
         scores = np.einsum("nhgd,lhd->hgnl", qb, k) * scale
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
         mask = attention_mask(variant, int(cl[b]) + np.arange(n), kp, window)
         p = _masked_softmax(scores, mask)
         out[offs[b]:offs[b + 1]] = np.einsum("hgnl,lhd->nhgd", p, v).reshape(n, nh, d)

@@ -3,6 +3,10 @@
 Each takes one tensor per device and returns one result per device, result i on the device of
 input i. The reference interpreter runs every device in-process, so the references are plain sums
 and concatenations.
+
+With the attribute `world_size = N` a collective is one process's part of a collective over N
+processes (the rank graphs of graphir.runtime.distributed): one tensor in, one result out;
+allgather's axis grows N-fold (equal pieces). Only a distributed runtime runs those.
 """
 from __future__ import annotations
 
@@ -27,8 +31,28 @@ def _inputs(ins, op: str):
     return ts
 
 
+def _world(ts, attrs, op: str) -> int | None:
+    w = attrs.get("world_size")
+    if w is None:
+        return None
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ValueError(f"{op}: world_size must be a positive int, got {w!r}")
+    if len(ts) != 1:
+        raise ValueError(f"{op} with world_size (one process's part of a collective over {w} "
+                         f"processes) takes one tensor, got {len(ts)}")
+    return w
+
+
+def _no_world(op: str, a) -> None:
+    if a.get("world_size") is not None:
+        raise ValueError(f"{op} with world_size = {a['world_size']} is one process's part of a "
+                         f"collective over several processes; run it with "
+                         f"graphir.runtime.distributed, not in one process")
+
+
 def _allreduce_rule(ins, attrs):
     ts = _inputs(ins, "allreduce")
+    _world(ts, attrs, "allreduce")
     for t in ts[1:]:
         if tuple(t.shape) != tuple(ts[0].shape):
             raise ValueError("allreduce inputs must have one shape, got "
@@ -37,6 +61,7 @@ def _allreduce_rule(ins, attrs):
 
 
 def _allreduce_ref(ins, a):
+    _no_world("allreduce", a)
     total = np.sum(np.stack(ins), axis=0)
     return [total.copy() for _ in ins]
 
@@ -45,6 +70,11 @@ def _allgather_rule(ins, attrs):
     ts = _inputs(ins, "allgather")
     rank = ts[0].rank
     ax = R.axis(attrs["axis"], rank)
+    world = _world(ts, attrs, "allgather")
+    if world is not None:
+        shape = list(ts[0].shape)
+        shape[ax] = shape[ax] * world
+        return [R.like(ts[0], shape=shape)]
     for t in ts[1:]:
         if t.rank != rank or any(t.shape[i] != ts[0].shape[i] for i in range(rank) if i != ax):
             raise ValueError(f"allgather on axis {ax}: shapes "
@@ -56,12 +86,13 @@ def _allgather_rule(ins, attrs):
 
 
 def _allgather_ref(ins, a):
+    _no_world("allgather", a)
     out = np.concatenate(ins, axis=a["axis"] % ins[0].ndim)
     return [out.copy() for _ in ins]
 
 
-register(OpDef("allreduce", _allreduce_rule, _allreduce_ref))
-register(OpDef("allgather", _allgather_rule, _allgather_ref, attr_names=("axis",)))
+register(OpDef("allreduce", _allreduce_rule, _allreduce_ref, attr_names=("world_size",)))
+register(OpDef("allgather", _allgather_rule, _allgather_ref, attr_names=("axis", "world_size")))
 
 
 def allreduce(inputs: Sequence, signal_buffers: Sequence | None = None) -> list:

@@ -25,6 +25,14 @@ def _range_rule(ins, attrs):
     if ins:
         raise ValueError("range takes no operands")
     start, stop, step = attrs["start"], attrs.get("stop"), attrs["step"]
+    for name, v in (("start", start), ("stop", stop), ("step", step)):
+        if v is None and name == "stop":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(v):
+            raise ValueError(f"range {name} must be a finite number, got {v!r}")
+    if not isinstance(attrs["dtype"], DType):
+        raise TypeError(f"range dtype must be a DType, got {attrs['dtype']!r}")
     if step == 0:
         raise ValueError("range step must not be 0")
     n = attrs.get("out_dim")
@@ -32,6 +40,8 @@ def _range_rule(ins, attrs):
         if stop is None:
             raise ValueError("range needs a stop or an out_dim")
         n = max(0, int(np.ceil((stop - start) / step)))
+        if n > 2**40:
+            raise ValueError(f"range of {n} elements is too large")
     return [TensorType(attrs["dtype"], [n], attrs["device"])]
 
 
@@ -57,7 +67,7 @@ def range(start, stop, step=1, out_dim=None, *, dtype: DType = DType.float32,
         stop = None
     return apply("range", [], start=start, stop=stop, step=step,
                  out_dim=None if out_dim is None else Dim(out_dim), dtype=dtype,
-                 device=device or DeviceRef.CPU())
+                 device=DeviceRef.coerce(device) if device is not None else DeviceRef.CPU())
 
 
 def _transfer_rule(ins, attrs):
@@ -75,4 +85,6 @@ register(OpDef("transfer_to", _transfer_rule, lambda ins, a: [np.array(ins[0], c
 def transfer_to(x, device: DeviceRef):
     """x on another device (a copy)."""
     (x,) = tensors(x)
-    return apply("transfer_to", [x], device=device)
+    # "gpu:1" is accepted as DeviceRef.GPU(1); anything else not a DeviceRef is refused by the rule.
+    return apply("transfer_to", [x], device=DeviceRef.coerce(device) if isinstance(device, str)
+                 else device)

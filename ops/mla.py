@@ -1,5 +1,6 @@
-"""Multi-head latent attention kernel ops: mla_cache_store, mla_prefill, mla_decode and
-mla_prefill_plan (references in ops.mla_math).
+"""Multi-head latent attention kernel ops: mla_cache_store, mla_prefill, mla_decode,
+mla_attention (one of the two forms per batch) and mla_prefill_plan (references in
+ops.mla_math).
 
 The latent cache is a buffer ``[pages, 1 or 2, layers, page_size, 1, kv_lora_rank + rope]``;
 ragged metadata as in ops.attention. ``q`` is ``[T, NH * (nope + rope)]`` with each head laid
@@ -88,41 +89,70 @@ def _store_ref(ins, a):
                                eps=a["eps"])]
 
 
-# -- mla_prefill / mla_decode ------------------------------------------------------------------
+# -- mla_prefill / mla_decode / mla_attention -------------------------------------------------
+_W1 = {"mla_prefill": "w_k", "mla_decode": "w_uk", "mla_attention": "w_uk"}
+
+
+def _plan_operands(meta, offs, clen, op: str) -> None:
+    """Types of the prefill metadata (mla_prefill_plan's results) taken as operands 7-9."""
+    rows, starts, total = meta
+    for what, t, want_dt, shape in (("buffer_row_offsets", rows, DType.uint32, offs.shape),
+                                    ("cache_offsets", starts, DType.uint32, clen.shape),
+                                    ("buffer_lengths", total, DType.int32, [1])):
+        R.tensor(t, what)
+        if t.dtype != want_dt or list(t.shape) != list(shape):
+            raise ValueError(f"{op}: prefill metadata {what} must be {want_dt.short} "
+                             f"{R.fmt(shape)} (ops.mla_prefill_plan), got {t}")
+
+
 def _attn_rule(op: str):
     def rule(ins, attrs):
-        if len(ins) != 7:
-            w1 = "w_k" if op == "mla_prefill" else "w_uk"
+        with_plan = op != "mla_decode"
+        if len(ins) != 7 and not (with_plan and len(ins) == 10):
+            plan = " [, buffer_row_offsets, cache_offsets, buffer_lengths]" if with_plan else ""
             raise ValueError(f"{op} takes q, blocks, input_row_offsets, cache_lengths, "
-                             f"lookup_table, {w1}, w_uv, got {len(ins)} operands")
-        q, b, offs, clen, lut, wk, wuv = ins
+                             f"lookup_table, {_W1[op]}, w_uv{plan}, got {len(ins)} operands")
+        q, b, offs, clen, lut, wk, wuv = ins[:7]
         nh, nope, rope, v, r = _dims(attrs)
         _rows(q, nh * (nope + rope), "q")
         _latent_blocks(b, attrs, r + rope)
         if op == "mla_prefill":
             _weight(wk, [nh * nope, r], "w_k", q.dtype)
-            _pos_int(attrs, "buffer_size")
         else:
             _weight(wk, [nh, nope, r], "w_uk", q.dtype)
+        if with_plan:
+            _pos_int(attrs, "buffer_size")
+        if op == "mla_attention":
+            _pos_int(attrs, "absorb_max")
         _weight(wuv, [nh, r, v], "w_uv", q.dtype)
         R.same_device([q, b, wk, wuv])
         _ragged_meta(offs, clen, lut)
+        if len(ins) == 10:
+            _plan_operands(ins[7:], offs, clen, op)
         return [R.like(q, shape=[q.shape[0], nh * v])]
     return rule
 
 
 def _attn_ref(op: str):
     def ref(ins, a):
-        q, b, offs, clen, lut, wk, wuv = ins
+        q, b, offs, clen, lut, wk, wuv = ins[:7]
         nh = a["n_heads"]
         _check_rows(offs, q.shape[0], op)
         q3 = q.reshape(q.shape[0], nh, q.shape[1] // nh)
         kw = dict(layer_idx=a["layer"], input_row_offsets=offs, cache_lengths=clen,
                   lookup_table=lut, qk_rope_head_dim=a["qk_rope_head_dim"], scale=a["scale"])
+        rows = None
+        if len(ins) == 10:
+            mm.check_prefill_metadata(offs, clen, *ins[7:], op)
+            rows = ins[7]
         if op == "mla_prefill":
-            out = mm.mla_prefill(q3, b, wk, wuv, buffer_size=a["buffer_size"], **kw)
-        else:
+            out = mm.mla_prefill(q3, b, wk, wuv, buffer_size=a["buffer_size"],
+                                 buffer_row_offsets=rows, **kw)
+        elif op == "mla_decode":
             out = mm.mla_decode(q3, b, wk, wuv, **kw)
+        else:
+            out = mm.mla_attention(q3, b, wk, wuv, absorb_max=a["absorb_max"],
+                                   buffer_size=a["buffer_size"], buffer_row_offsets=rows, **kw)
         return [out.reshape(q.shape[0], -1)]
     return ref
 
@@ -151,6 +181,8 @@ register(OpDef("mla_prefill", _attn_rule("mla_prefill"), _attn_ref("mla_prefill"
                attr_names=_ATTN_ATTRS + ("buffer_size",)))
 register(OpDef("mla_decode", _attn_rule("mla_decode"), _attn_ref("mla_decode"), effects=True,
                attr_names=_ATTN_ATTRS))
+register(OpDef("mla_attention", _attn_rule("mla_attention"), _attn_ref("mla_attention"),
+               effects=True, attr_names=_ATTN_ATTRS + ("buffer_size", "absorb_max")))
 register(OpDef("mla_prefill_plan", _plan_rule, _plan_ref))
 
 
@@ -172,13 +204,35 @@ def mla_cache_store(kv_latent, norm_weight, freqs_cis, input_row_offsets, cache_
           layer=layer_index(layer_idx), interleaved=bool(interleaved), eps=float(eps))
 
 
+def _metadata(prefill_metadata) -> list:
+    """The three prefill-plan values of an MLAPrefillMetadata (or a 3-sequence), or []."""
+    if prefill_metadata is None:
+        return []
+    if hasattr(prefill_metadata, "buffer_row_offsets"):
+        m = prefill_metadata
+        prefill_metadata = (m.buffer_row_offsets, m.cache_offsets, m.buffer_lengths)
+    if not isinstance(prefill_metadata, (list, tuple)) or len(prefill_metadata) != 3:
+        raise ValueError(f"prefill_metadata must be an MLAPrefillMetadata or (buffer_row_offsets, "
+                         f"cache_offsets, buffer_lengths), got {prefill_metadata!r}")
+    return list(tensors(*prefill_metadata))
+
+
+def _buffer_size(op: str, buffer_size) -> int:
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, (int, np.integer)) \
+            or buffer_size <= 0:
+        raise ValueError(f"{op}: buffer_size must be a positive int, got {buffer_size!r}")
+    return int(buffer_size)
+
+
 def _attention(op, q, kv_blocks, offs, clen, lut, w1, w_uv, *, n_heads, qk_nope_head_dim,
-               qk_rope_head_dim, v_head_dim, kv_lora_rank, layer_idx, scale, **extra):
+               qk_rope_head_dim, v_head_dim, kv_lora_rank, layer_idx, scale, metadata=(),
+               **extra):
     q, w1, w_uv = tensors(q, w1, w_uv)
     offs, clen, lut = tensors(offs, clen, lut)
     if scale is None:
         scale = 1.0 / float(np.sqrt(qk_nope_head_dim + qk_rope_head_dim))
-    return apply(op, [q, _buffer(kv_blocks), offs, clen, lut, w1, w_uv], n_heads=int(n_heads),
+    return apply(op, [q, _buffer(kv_blocks), offs, clen, lut, w1, w_uv] + list(metadata),
+                 n_heads=int(n_heads),
                  qk_nope_head_dim=int(qk_nope_head_dim), qk_rope_head_dim=int(qk_rope_head_dim),
                  v_head_dim=int(v_head_dim), kv_lora_rank=int(kv_lora_rank),
                  layer=layer_index(layer_idx), scale=float(scale), **extra)
@@ -187,24 +241,24 @@ def _attention(op, q, kv_blocks, offs, clen, lut, w1, w_uv, *, n_heads, qk_nope_
 def mla_prefill(q, kv_blocks, input_row_offsets, cache_lengths, lookup_table, w_k, w_uv, *,
                 n_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
                 kv_lora_rank: int, layer_idx, scale: float | None = None,
-                buffer_size: int = 16384):
+                buffer_size: int = 16384, prefill_metadata=None):
     """Causal attention of the roped q [T, NH*(nope+rope)] over K/V decompressed from the latent
     cache (K nope via w_k [NH*nope, R], V via w_uv [NH, R, v], k_pe shared by every head), at most
-    `buffer_size` cached tokens decompressed at a time. Returns [T, NH*v].
+    `buffer_size` tokens decompressed at a time. `prefill_metadata` (the layer's
+    create_mla_prefill_metadata, i.e. ops.mla_prefill_plan) lays the buffers over the whole
+    batch's K/V rows, as MAX's kernels do. Returns [T, NH*v].
 
     Example:
         >>> o = ops.mla_prefill(q, blocks, offs, clen, lut, w_k, w_uv, n_heads=16,
         ...                     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
         ...                     kv_lora_rank=512, layer_idx=0)
     """
-    if isinstance(buffer_size, bool) or not isinstance(buffer_size, (int, np.integer)) \
-            or buffer_size <= 0:
-        raise ValueError(f"mla_prefill: buffer_size must be a positive int, got {buffer_size!r}")
     return _attention("mla_prefill", q, kv_blocks, input_row_offsets, cache_lengths,
                       lookup_table, w_k, w_uv, n_heads=n_heads, qk_nope_head_dim=qk_nope_head_dim,
                       qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
                       kv_lora_rank=kv_lora_rank, layer_idx=layer_idx, scale=scale,
-                      buffer_size=int(buffer_size))
+                      metadata=_metadata(prefill_metadata),
+                      buffer_size=_buffer_size("mla_prefill", buffer_size))
 
 
 def mla_decode(q, kv_blocks, input_row_offsets, cache_lengths, lookup_table, w_uk, w_uv, *,
@@ -223,6 +277,33 @@ def mla_decode(q, kv_blocks, input_row_offsets, cache_lengths, lookup_table, w_u
                       lookup_table, w_uk, w_uv, n_heads=n_heads, qk_nope_head_dim=qk_nope_head_dim,
                       qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
                       kv_lora_rank=kv_lora_rank, layer_idx=layer_idx, scale=scale)
+
+
+def mla_attention(q, kv_blocks, input_row_offsets, cache_lengths, lookup_table, w_uk, w_uv, *,
+                  n_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+                  kv_lora_rank: int, layer_idx, scale: float | None = None,
+                  buffer_size: int = 16384, absorb_max: int = 1, prefill_metadata=None):
+    """MLA whatever the batch (LatentAttentionWithRope's graph_mode "auto"): one op computing
+    one form per call, picked from the batch's most new tokens per sequence: the absorbed
+    form (as mla_decode) while no sequence brings more than `absorb_max`, else the decompressed
+    one (as mla_prefill, w_k being w_uk's rows [NH*nope, R], with `buffer_size` and
+    `prefill_metadata`). Returns [T, NH*v].
+
+    Example:
+        >>> o = ops.mla_attention(q, blocks, offs, clen, lut, w_uk, w_uv, n_heads=16,
+        ...                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        ...                       kv_lora_rank=512, layer_idx=0)
+    """
+    if isinstance(absorb_max, bool) or not isinstance(absorb_max, (int, np.integer)) \
+            or absorb_max <= 0:
+        raise ValueError(f"mla_attention: absorb_max must be a positive int, got {absorb_max!r}")
+    return _attention("mla_attention", q, kv_blocks, input_row_offsets, cache_lengths,
+                      lookup_table, w_uk, w_uv, n_heads=n_heads,
+                      qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                      v_head_dim=v_head_dim, kv_lora_rank=kv_lora_rank, layer_idx=layer_idx,
+                      scale=scale, metadata=_metadata(prefill_metadata),
+                      buffer_size=_buffer_size("mla_attention", buffer_size),
+                      absorb_max=int(absorb_max))
 
 
 def mla_prefill_plan(input_row_offsets, cache_lengths) -> list:

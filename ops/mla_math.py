@@ -23,7 +23,8 @@ import numpy as np
 from .attention_math import apply_rope, rms_norm_heads, token_positions
 
 __all__ = ["check_latent_blocks", "gather_latent", "mla_cache_store", "mla_prefill",
-           "mla_decode", "mla_prefill_plan"]
+           "mla_decode", "mla_prefill_plan", "check_prefill_metadata", "max_new_tokens",
+           "mla_attention"]
 
 
 def check_latent_blocks(blocks: np.ndarray, layer_idx: int, width: int, op: str) -> None:
@@ -105,12 +106,23 @@ def _check_q(q, n_heads, qk_dim, op):
         raise ValueError(f"{op}: q must be [tokens, {n_heads}, {qk_dim}], got {q.shape}")
 
 
+def _chunk_starts(base: int, length: int, buffer_size: int) -> list[int]:
+    """Key positions where a sequence whose K/V rows start at buffer row `base` crosses into
+    the next buffer of `buffer_size` rows (its keys are decompressed a buffer at a time)."""
+    first = (-base) % buffer_size
+    return [0] + list(range(first or buffer_size, length, buffer_size))
+
+
 def mla_prefill(q: np.ndarray, blocks: np.ndarray, w_k: np.ndarray, w_uv: np.ndarray, *,
                 layer_idx: int, input_row_offsets: np.ndarray, cache_lengths: np.ndarray,
                 lookup_table: np.ndarray, qk_rope_head_dim: int, scale: float,
-                buffer_size: int) -> np.ndarray:
+                buffer_size: int, buffer_row_offsets: np.ndarray | None = None) -> np.ndarray:
     """Decompressed-K/V attention; ``q [tokens, NH, nope + rope]`` (roped), ``w_k [NH*nope, R]``,
-    ``w_uv [NH, R, v]``. Returns float64 ``[tokens, NH, v]``."""
+    ``w_uv [NH, R, v]``. Returns float64 ``[tokens, NH, v]``.
+
+    Keys are decompressed `buffer_size` rows at a time: with ``buffer_row_offsets`` (the prefill
+    plan) the buffers tile the whole batch's K/V rows, as MAX's kernels do; without it each
+    sequence's keys start a fresh buffer. Only rounding depends on it."""
     q = np.asarray(q, dtype=np.float64)
     w_uv = np.asarray(w_uv, dtype=np.float64)
     if w_uv.ndim != 3:
@@ -134,8 +146,10 @@ def mla_prefill(q: np.ndarray, blocks: np.ndarray, w_k: np.ndarray, w_uv: np.nda
         m = np.full((nh, n, 1), -np.inf)
         den = np.zeros((nh, n, 1))
         acc = np.zeros((nh, n, w_uv.shape[2]))
-        for s in range(0, cl + n, buffer_size):  # one decompression buffer of keys at a time
-            c, k_pe = latent[s:s + buffer_size, :r], latent[s:s + buffer_size, r:]
+        base = 0 if buffer_row_offsets is None else int(buffer_row_offsets[b])
+        starts = _chunk_starts(base, cl + n, buffer_size)
+        for s, e in zip(starts, starts[1:] + [cl + n]):  # one decompression buffer at a time
+            c, k_pe = latent[s:e, :r], latent[s:e, r:]
             k_nope = np.einsum("lr,hdr->hld", c, w_k)
             v = np.einsum("lr,hrv->hlv", c, w_uv)
             scores = (np.einsum("nhd,hld->hnl", qb[..., :nope], k_nope)
@@ -199,3 +213,34 @@ def mla_prefill_plan(input_row_offsets: np.ndarray, cache_lengths: np.ndarray):
     cl = np.asarray(cache_lengths).astype(np.int64)
     rows = np.concatenate([[0], np.cumsum(np.diff(offs) + cl)])
     return rows.astype(np.uint32), cl.astype(np.uint32), np.array([rows[-1]], dtype=np.int32)
+
+
+def check_prefill_metadata(input_row_offsets, cache_lengths, buffer_row_offsets, cache_offsets,
+                           buffer_lengths, op: str) -> None:
+    """ValueError unless the prefill metadata is mla_prefill_plan of these offsets and lengths."""
+    want = mla_prefill_plan(input_row_offsets, cache_lengths)
+    for name, got, w in zip(("buffer_row_offsets", "cache_offsets", "buffer_lengths"),
+                            (buffer_row_offsets, cache_offsets, buffer_lengths), want):
+        if np.asarray(got).shape != w.shape or not np.array_equal(np.asarray(got).astype(np.int64),
+                                                                    w.astype(np.int64)):
+            raise ValueError(f"{op}: prefill metadata {name} = {np.asarray(got).tolist()} is not "
+                             f"the plan of these input_row_offsets and cache_lengths "
+                             f"({w.tolist()}); build it with create_mla_prefill_metadata")
+
+
+def max_new_tokens(input_row_offsets) -> int:
+    """The most new tokens any sequence of the batch brings (0 for an empty batch)."""
+    offs = np.asarray(input_row_offsets).astype(np.int64)
+    return int(np.diff(offs).max()) if offs.size > 1 else 0
+
+
+def mla_attention(q: np.ndarray, blocks: np.ndarray, w_uk: np.ndarray, w_uv: np.ndarray, *,
+                  absorb_max: int, buffer_size: int, buffer_row_offsets=None, **kw) -> np.ndarray:
+    """MLA for a batch of any shape, computing one form: absorbed (mla_decode) when no sequence
+    brings more than `absorb_max` new tokens, else decompressed (mla_prefill, w_k being w_uk's
+    rows). Returns float64 ``[tokens, NH, v]``."""
+    if max_new_tokens(kw["input_row_offsets"]) <= absorb_max:
+        return mla_decode(q, blocks, w_uk, w_uv, **kw)
+    w_uk = np.asarray(w_uk)
+    return mla_prefill(q, blocks, w_uk.reshape(-1, w_uk.shape[-1]), w_uv, buffer_size=buffer_size,
+                       buffer_row_offsets=buffer_row_offsets, **kw)

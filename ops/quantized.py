@@ -1,16 +1,16 @@
 """Quantized weights: ops `dequantize` (GGUF blocks -> float) and `qmatmul` (x @ dequant(W)^T).
 
 GGUF weights are uint8 `[out, in / block_elems * block_bytes]`, the blocks as a .gguf file stores
-them (ops.quant.gguf_blocks). GPTQ weights are MAX's single uint8 tensor
-`[in / 2 + 2 * groups, out]` (packed int32 codes, then float16 scales; ops.quant.gptq_layout),
-with optional operands qzeros int32 `[groups, out / 8]` (asymmetric) and perm int32 `[in]`
-(desc_act: the input is gathered by it first). References compute the exact product of the
+them (ops.quant.gguf_blocks); the `encoding` attribute names the GGUF type. GPTQ weights are
+MAX's single uint8 tensor `[in * bits / 8 + 2 * groups, out]` (packed int32 codes, then float16
+scales; ops.quant.gptq_layout), with optional operands qzeros int32 `[groups, out * bits / 32]`
+(asymmetric) and perm int32 `[in]` (desc_act: the input is gathered by it first); attribute
+`bits` is 4 or 8 (absent in IR written before 8-bit existed: 4). References compute the exact product of the
 dequantized weights in float64; they do not emulate MAX's on-the-fly 8-bit activations.
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from graphir.opdef import OpDef, register
 from . import _rules as R
 from ._build import apply, tensors
 from .quant.gguf_blocks import GGUF_BLOCK_GEOMETRY, dequantize_gguf, gguf_block_geometry
-from .quant.gptq import GPTQ_CHECKPOINT_FORMATS, dequantize_gptq, resolve_group_size
+from .quant.gptq import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, dequantize_gptq, resolve_group_size
+from .quant.gptq_config import QuantizationConfig
 from .quant.gptq_layout import gptq_weight_rows, split_gptq_weight_bytes
 
 __all__ = ["QuantizationEncoding", "QuantizationConfig", "dequantize", "qmatmul"]
@@ -33,8 +34,14 @@ class QuantizationEncoding(enum.Enum):
     """
 
     Q4_0 = "Q4_0"
+    Q4_1 = "Q4_1"
+    Q5_0 = "Q5_0"
+    Q5_1 = "Q5_1"
     Q8_0 = "Q8_0"
+    Q2_K = "Q2_K"
+    Q3_K = "Q3_K"
     Q4_K = "Q4_K"
+    Q5_K = "Q5_K"
     Q6_K = "Q6_K"
     F32 = "F32"
     F16 = "F16"
@@ -78,46 +85,6 @@ class QuantizationEncoding(enum.Enum):
         except ValueError:
             raise ValueError(f"unsupported quantization encoding {encoding!r}; supported: "
                              f"{[e.value for e in QuantizationEncoding]}") from None
-
-
-@dataclass(frozen=True)
-class QuantizationConfig:
-    """GPTQ parameters (MAX's QuantizationConfig), read off a checkpoint's quantize_config.
-
-    Args:
-        quant_method: "gptq".
-        bits: 4 (the only width supported).
-        group_size: input rows per scale group; -1 for one group over all inputs.
-        desc_act: activation order: the checkpoint's g_idx is a permutation of groups.
-        sym: symmetric (zero point 8, no qzeros) or asymmetric (qzeros per group and column).
-        checkpoint_format: "gptq" (AutoGPTQ v1: stored zeros are zero - 1) or "gptq_v2".
-    """
-
-    quant_method: str = "gptq"
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False
-    sym: bool = True
-    checkpoint_format: str = "gptq"
-
-    def __post_init__(self):
-        if self.quant_method != "gptq":
-            raise ValueError(f"QuantizationConfig: quant_method must be 'gptq', got "
-                             f"{self.quant_method!r}")
-        if self.bits != 4:
-            raise ValueError(f"QuantizationConfig: only 4-bit GPTQ is supported, got bits="
-                             f"{self.bits!r}")
-        g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, int) or (g <= 0 and g != -1):
-            raise ValueError(f"QuantizationConfig: group_size must be a positive int or -1, "
-                             f"got {g!r}")
-        if self.checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
-            raise ValueError(f"QuantizationConfig: checkpoint_format must be one of "
-                             f"{GPTQ_CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
-
-    def groups(self, in_features: int) -> int:
-        """Number of scale groups over `in_features` inputs (validates divisibility)."""
-        return in_features // resolve_group_size(self.group_size, in_features)
 
 
 # -- type rules -------------------------------------------------------------------------------
@@ -174,7 +141,15 @@ def _x(x, op: str) -> int:
     return _static(x.shape[-1], f"{op}: in_features (the last dim of x)")
 
 
+def _gptq_bits(attrs) -> int:
+    bits = attrs.get("bits", 4)
+    if isinstance(bits, bool) or bits not in GPTQ_BITS:
+        raise ValueError(f"qmatmul: GPTQ bits must be one of {GPTQ_BITS}, got {bits!r}")
+    return int(bits)
+
+
 def _gptq_attrs(attrs):
+    _gptq_bits(attrs)
     g, desc, sym = attrs.get("group_size"), attrs.get("desc_act"), attrs.get("sym")
     if isinstance(g, bool) or not isinstance(g, int) or (g <= 0 and g != -1):
         raise ValueError(f"qmatmul: GPTQ group_size must be a positive int or -1, got {g!r}")
@@ -193,25 +168,28 @@ def _gptq_rule(ins, attrs):
     if len(ins) != want:
         raise ValueError(f"qmatmul: GPTQ with sym={sym}, desc_act={desc} takes {names}, got "
                          f"{len(ins)} operands")
+    bits = _gptq_bits(attrs)
+    per = 32 // bits
     x, w = ins[0], R.tensor(ins[1], "weight")
     n_in = _x(x, "qmatmul")
     try:
         groups = n_in // resolve_group_size(g, n_in)
-        rows = gptq_weight_rows(n_in, g)
+        rows = gptq_weight_rows(n_in, g, bits)
     except ValueError as e:
         raise ValueError(f"qmatmul: {e}") from None
     if w.dtype is not DType.uint8 or w.rank != 2 or w.shape[0] != rows:
-        raise ValueError(f"qmatmul: GPTQ weight must be uint8 [{rows}, out] ({n_in // 2} rows of "
-                         f"packed codes + {2 * groups} of float16 scales for in_features={n_in}, "
-                         f"group_size={g}), got {w}")
+        raise ValueError(f"qmatmul: {bits}-bit GPTQ weight must be uint8 [{rows}, out] "
+                         f"({n_in * bits // 8} rows of packed codes + {2 * groups} of float16 "
+                         f"scales for in_features={n_in}, group_size={g}), got {w}")
     out = w.shape[1]
     k = 2
     if not sym:
         z = R.tensor(ins[k], "qzeros")
         k += 1
         if z.dtype is not DType.int32 or z.rank != 2 or z.shape[0] != groups \
-                or z.shape[1] * 8 != out:
-            raise ValueError(f"qmatmul: qzeros must be int32 [{groups}, {out} / 8], got {z}")
+                or z.shape[1] * per != out:
+            raise ValueError(f"qmatmul: qzeros must be int32 [{groups}, {out} / {per}] "
+                             f"({bits}-bit), got {z}")
     if desc:
         p = R.tensor(ins[k], "perm")
         if p.dtype not in (DType.int32, DType.int64, DType.uint32) or p.rank != 1 \
@@ -256,16 +234,18 @@ def _qmatmul_ref(ins, a):
         if np.sort(perm).tolist() != list(range(n_in)):
             raise ValueError(f"perm is not a permutation of 0..{n_in - 1}")
         x = x[..., perm]
-    qweight, scales = split_gptq_weight_bytes(w, n_in, a["group_size"])
+    bits = a.get("bits", 4)
+    qweight, scales = split_gptq_weight_bytes(w, n_in, a["group_size"], bits)
     wf = dequantize_gptq(qweight, scales, zeros, None, a["group_size"],
-                         checkpoint_format=a["checkpoint_format"])
+                         checkpoint_format=a["checkpoint_format"], bits=bits)
     return [x @ wf.astype(np.float64)]
 
 
 register(OpDef("dequantize", _dequantize_rule, _dequantize_ref, attr_names=("encoding",),
                doc="GGUF blocks uint8 [out, row_bytes] -> float32 [out, in]"))
 register(OpDef("qmatmul", _qmatmul_rule, _qmatmul_ref,
-               attr_names=("encoding", "group_size", "desc_act", "sym", "checkpoint_format"),
+               attr_names=("encoding", "group_size", "desc_act", "sym", "checkpoint_format",
+                           "bits"),
                doc="x [..., in] @ dequantize(weight)^T -> [..., out]"))
 
 
@@ -288,8 +268,9 @@ def qmatmul(encoding, config: QuantizationConfig | None, lhs, *rhs):
         encoding: a GGUF encoding (rhs = the uint8 blocks `[out, row_bytes]`) or GPTQ.
         config: the GPTQ QuantizationConfig; None for GGUF.
         lhs: float `[..., in]`.
-        rhs: GGUF: the weight. GPTQ: weight uint8 `[in/2 + 2 groups, out]`, then qzeros int32
-            `[groups, out/8]` unless config.sym, then perm int32 `[in]` if config.desc_act.
+        rhs: GGUF: the weight. GPTQ: weight uint8 `[in * bits / 8 + 2 groups, out]`, then
+            qzeros int32 `[groups, out * bits / 32]` unless config.sym, then perm int32 `[in]` if
+            config.desc_act.
 
     Example:
         >>> y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x, w_blocks)  # [T, out]
@@ -304,4 +285,4 @@ def qmatmul(encoding, config: QuantizationConfig | None, lhs, *rhs):
         raise ValueError(f"qmatmul: GPTQ needs a QuantizationConfig, got {config!r}")
     return apply("qmatmul", vals, encoding=enc.value, group_size=config.group_size,
                  desc_act=config.desc_act, sym=config.sym,
-                 checkpoint_format=config.checkpoint_format)
+                 checkpoint_format=config.checkpoint_format, bits=config.bits)

@@ -70,6 +70,8 @@ def _concat_rule(ins, attrs):
     if len(ranks) != 1:
         raise ValueError("concat operands have different ranks: "
                          + ", ".join(R.fmt(t.shape) for t in ts))
+    if ranks == {0}:
+        raise ValueError("concat needs tensors of rank >= 1, got scalars")
     ax = R.axis(attrs["axis"], ts[0].rank)
     for t in ts[1:]:
         if any(t.shape[i] != ts[0].shape[i] for i in range(t.rank) if i != ax):
@@ -85,6 +87,8 @@ def _concat_rule(ins, attrs):
 def _split_rule(ins, attrs):
     (t,) = ins
     R.tensor(t)
+    if t.rank == 0:
+        raise ValueError("split needs a tensor of rank >= 1, got a scalar")
     ax = R.axis(attrs["axis"], t.rank)
     sizes = [Dim(s) for s in attrs["sizes"]]
     total = Dim(0)

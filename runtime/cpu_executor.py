@@ -1,7 +1,12 @@
 """Runs a CPU artifact: the plan's kernels from its .so (through ctypes, no MLIR needed),
-views, in-process collectives, and slot memory sized per call from the bound dims."""
+views, in-process collectives, and slot memory sized per call from the bound dims.
+
+Before its library is opened, an artifact's target (e.g. cpu:x86-64:avx512) is checked against
+this CPU: code built for an ISA the host lacks would die of SIGILL mid-call, so it is refused
+with an ArtifactError naming the missing features."""
 from __future__ import annotations
 
+import re
 import threading
 from typing import Mapping, Sequence
 
@@ -9,11 +14,14 @@ import numpy as np
 
 from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
-from graphir.lowering.artifact import Artifact
+from graphir.lowering.artifact import Artifact, ArtifactError
+from graphir.lowering.mlir_cpu.cpu_target import check_host
 from graphir.lowering.plan import Plan, value_table
 
 from .cpu import CpuLibrary
-from .interpreter import _bind_weight, _check_input, bind_dims
+from .dim_checks import DimCheck
+from .interpreter import _bind_weight, _check_input, bind_dims, check_buffers_writable
+from .ragged import RaggedCheck
 
 _BITS = {DType.bfloat16: np.uint16, DType.float8_e4m3fn: np.uint8}
 
@@ -22,26 +30,41 @@ def _storage_dtype(dt: DType) -> np.dtype:
     return np.dtype(_BITS.get(dt, dt.storage))
 
 
-def pack_operand(a: np.ndarray, layout: str, nr: int = 16) -> np.ndarray:
+_LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)")
+
+
+def pack_operand(a: np.ndarray, layout: str) -> np.ndarray:
     """A matmul operand in the panel layout a kernel takes pre-packed (lowering/mlir_cpu/
-    schedules.py): "nk16" packs W [N, K] (used transposed), "kn16" W [K, N]; f32 [N/nr, K, nr]."""
-    a = np.asarray(a, np.float32)
-    if layout == "nk16":
-        n, k = a.shape
-        return np.ascontiguousarray(a.reshape(n // nr, nr, k).transpose(0, 2, 1))
-    if layout == "kn16":
-        k, n = a.shape
-        return np.ascontiguousarray(a.reshape(k, n // nr, nr).transpose(1, 0, 2))
-    raise ValueError(f"pack_operand: unknown layout {layout!r}")
+    schedules.py): "nk<NR>" packs W [N, K] (used transposed), "kn<NR>" W [K, N]; both give
+    f32 [N/NR, K, NR]."""
+    m = _LAYOUT.fullmatch(layout)
+    if not m:
+        raise ValueError(f"pack_operand: unknown layout {layout!r}; expected e.g. 'nk32'")
+    a, nr = np.asarray(a, np.float32), int(m.group(2))
+    n = (a.shape[0] if m.group(1) == "nk" else a.shape[1]) if a.ndim == 2 else 0
+    if a.ndim != 2 or n % nr:
+        raise ValueError(f"pack_operand: layout {layout!r} needs a 2-D operand whose N is a "
+                         f"multiple of {nr}, got shape {a.shape}")
+    if m.group(1) == "nk":
+        return np.ascontiguousarray(a.reshape(n // nr, nr, -1).transpose(0, 2, 1))
+    return np.ascontiguousarray(a.reshape(-1, n // nr, nr).transpose(1, 0, 2))
 
 
 class CpuModel:
     """A loaded CPU artifact. `execute(*inputs)` returns numpy arrays; buffer inputs (the KV
     cache) are updated in place."""
 
-    def __init__(self, art: Artifact, weights: Mapping[str, np.ndarray]):
+    def __init__(self, art: Artifact, weights: Mapping[str, np.ndarray], collectives=None):
+        # collectives: the process group a rank graph's collectives (attribute world_size) go
+        # through (graphir.runtime.distributed); None runs them between in-process devices.
+        self._collectives = collectives
+        try:
+            check_host(art.target)
+        except ValueError as e:
+            raise ArtifactError(f"{art.path}: {e}") from None
         self.artifact = art
         self.graph = art.graph()
+        self._checks = None  # (DimCheck, RaggedCheck), built on the first call
         self.plan = Plan.from_json(art.manifest["plan"])
         self._lib = CpuLibrary(art.file(art.manifest["library"]))
         self._lock = threading.Lock()
@@ -63,6 +86,7 @@ class CpuModel:
                 n_out = len([o for o in s.outputs if self.plan.values[o].kind != "buffer"])
                 self._fns[s.kernel] = self._lib.function(s.kernel, n_in, n_out)
         self._packed: dict[tuple[int, str], np.ndarray] = {}
+        self._slot_memory = [np.empty(0, np.uint8) for _ in range(self.plan.n_slots)]
         self._bind_load_time()
 
     def _bind_load_time(self) -> None:
@@ -112,6 +136,12 @@ class CpuModel:
             raise ValueError(f"graph {g.name!r} takes {len(g.inputs)} inputs, got {len(inputs)}")
         arrays = [_check_input(k, t, a) for k, (t, a) in enumerate(zip(self._in_types, inputs))]
         env = bind_dims(self._in_types, arrays)
+        # The kernels index with the metadata unchecked: validate it all before any runs.
+        check_buffers_writable(self._in_types, arrays)
+        if self._checks is None:
+            self._checks = (DimCheck(g), RaggedCheck(g))
+        self._checks[0].check(env)
+        self._checks[1].check(lambda k: arrays[k], env)
         with self._lock:
             return self._run(arrays, env)
 
@@ -151,18 +181,25 @@ class CpuModel:
         return [np.array(from_bits(vals[o], self._dtypes[o]), copy=True) for o in plan.outputs]
 
     def _slots(self, env) -> list[np.ndarray]:
+        """Slot memory for this call. Kept across calls (calls hold the lock and outputs are
+        copied out): fresh pages would cost a page fault and a kernel zeroing per 4 KiB, about
+        as long as a small kernel."""
         need = [0] * self.plan.n_slots
         for v in self.plan.values:
             if v.slot is not None and v.view_of is None and v.id not in self._at_load:
                 n = int(np.prod(self._shape(v.id, env))) * _storage_dtype(self._dtypes[v.id]).itemsize
                 need[v.slot] = max(need[v.slot], n)
-        return [np.empty(n, np.uint8) for n in need]
+        self._slot_memory = [k if k.size >= n else np.empty(n, np.uint8)
+                             for k, n in zip(self._slot_memory, need)]
+        return self._slot_memory
 
     def _runtime_op(self, s, vals) -> None:
         # Collectives between in-process virtual devices, computed like their references.
         ins = [from_bits(vals[i], self._dtypes[i]).astype(np.float64) if self._dtypes[i].is_float
                else vals[i] for i in s.inputs]
-        if s.op == "allreduce":
+        if s.attrs.get("world_size") is not None:
+            results = [self._process_collective(s, ins[0])]
+        elif s.op == "allreduce":
             total = ins[0]
             for a in ins[1:]:
                 total = total + a
@@ -178,5 +215,20 @@ class CpuModel:
             vals[o] = to_bits(round_to(r, dt), dt)
 
 
-def load(art: Artifact, weights: Mapping[str, np.ndarray], devices: Sequence) -> CpuModel:
-    return CpuModel(art, weights)
+    def _process_collective(self, s, x: np.ndarray) -> np.ndarray:
+        """This process's part of a collective over processes (a rank graph's step)."""
+        c = self._collectives
+        if c is None:
+            raise RuntimeError(f"gir.{s.op} {{world_size = {s.attrs['world_size']}}} is one "
+                               f"process's part of a collective over processes: load the "
+                               f"artifact through graphir.runtime.distributed")
+        if s.op == "allreduce":
+            return c.all_reduce(x)
+        if s.op == "allgather":
+            return c.all_gather(x, s.attrs.get("axis", 0))
+        raise NotImplementedError(f"the CPU runtime cannot run gir.{s.op} across processes")
+
+
+def load(art: Artifact, weights: Mapping[str, np.ndarray], devices: Sequence,
+         collectives=None) -> CpuModel:
+    return CpuModel(art, weights, collectives)

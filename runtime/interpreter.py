@@ -81,6 +81,28 @@ def _check_input(k: int, t, a) -> np.ndarray:
     return a
 
 
+def check_buffers_writable(types, arrays) -> None:
+    """Buffers are updated in place: a read-only array (np.memmap mode 'r', np.frombuffer of
+    bytes, flags.writeable = False) is refused before anything runs."""
+    for k, (t, a) in enumerate(zip(types, arrays)):
+        if isinstance(t, BufferType) and isinstance(a, np.ndarray) and not a.flags.writeable:
+            raise ValueError(f"input {k} ({t}) is a buffer the graph writes in place, but the "
+                             f"array given is read-only")
+
+
+def check_call(graph, arrays, env) -> None:
+    """Every check a runtime makes before running any op of `graph` on `arrays`: writable
+    buffers, the symbolic dims' promises (runtime/dim_checks.py) and the ragged/paged metadata
+    (runtime/ragged.py). Raises ValueError; nothing has been written then."""
+    from .dim_checks import DimCheck
+    from .ragged import RaggedCheck
+
+    types = [v.type for v in graph.inputs]
+    check_buffers_writable(types, arrays)
+    DimCheck(graph).check(env)
+    RaggedCheck(graph).check(lambda k: arrays[k], env)
+
+
 def run(graph, *inputs: np.ndarray, weights: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Execute `graph` on numpy arrays; buffers (BufferType inputs) are updated in place.
 
@@ -92,6 +114,7 @@ def run(graph, *inputs: np.ndarray, weights: Mapping[str, np.ndarray] | None = N
     types = [v.type for v in graph.inputs]
     arrays = [_check_input(k, t, a) for k, (t, a) in enumerate(zip(types, inputs))]
     env_dims = bind_dims(types, arrays)
+    check_call(graph, arrays, env_dims)
     weights = dict(weights or {})
     vals: dict[int, object] = {id(v): a for v, a in zip(graph.inputs, arrays)}
     for n in graph.nodes:

@@ -7,6 +7,12 @@ a kernel reading past a sequence's pages touches memory that exists and belongs 
 A step is two-phase: :meth:`PagedKVCacheManager.prepare_step` allocates the pages the new tokens
 need and builds the kernel inputs; the graph runs and writes the cache; :meth:`commit_step`
 advances the lengths. A failed prepare changes nothing.
+
+The lookup table's width (pages per row) is padded with the null page to a multiple of
+``lut_bucket`` pages (default: 256 tokens' worth, the KV-length bucket of the CUDA decode
+launches), capped at the pages a sequence can hold: its shape is part of a compiled call's
+key, so an unpadded table would force a new plan (and CUDA graph) at every page a sequence
+grows into, where a padded one changes only when the launches change anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["OutOfPagesError", "StepInputs", "PagedKVCacheManager"]
+__all__ = ["OutOfPagesError", "StepInputs", "PagedKVCacheManager", "LUT_BUCKET_TOKENS"]
+
+LUT_BUCKET_TOKENS = 256  # lowering/triton_gpu/lowerings/attention.py DECODE_KV_BUCKET
 
 
 class OutOfPagesError(RuntimeError):
@@ -30,7 +38,7 @@ class StepInputs:
 
     seq_ids: tuple[int, ...]
     new_token_counts: tuple[int, ...]
-    lookup_table: np.ndarray  # [batch, max_pages] uint32, padded with the null page id
+    lookup_table: np.ndarray  # [batch, width] uint32, padded with the null page id (see lut_bucket)
     cache_lengths: np.ndarray  # [batch] uint32, tokens cached before this step
     input_row_offsets: np.ndarray  # [batch + 1] uint32
     max_lengths: np.ndarray  # [1, 2] uint32: max new tokens, max cache_length + new tokens
@@ -59,15 +67,16 @@ class PagedKVCacheManager:
         >>> m = PagedKVCacheManager(num_layers=1, n_kv_heads=1, head_dim=2, page_size=4, total_num_pages=3)
         >>> s = m.claim()
         >>> step = m.prepare_step([s], [5])
-        >>> step.lookup_table.tolist(), m.free_pages
-        ([[0, 1]], 1)
+        >>> step.lookup_table.tolist(), m.free_pages   # padded with the null page (id 3)
+        ([[0, 1, 3]], 1)
         >>> m.commit_step(step); m.cache_length(s)
         5
     """
 
     def __init__(self, *, num_layers: int, n_kv_heads: int, head_dim: int, page_size: int,
                  total_num_pages: int, dtype=np.float32, max_batch_size: int | None = None,
-                 max_seq_len: int | None = None, blocks: np.ndarray | None = None) -> None:
+                 max_seq_len: int | None = None, blocks: np.ndarray | None = None,
+                 lut_bucket: int | None = None) -> None:
         self.num_layers = _positive_int("num_layers", num_layers)
         self.n_kv_heads = _positive_int("n_kv_heads", n_kv_heads)
         self.head_dim = _positive_int("head_dim", head_dim)
@@ -76,6 +85,9 @@ class PagedKVCacheManager:
         self.max_batch_size = None if max_batch_size is None else _positive_int("max_batch_size", max_batch_size)
         self.max_seq_len = (self.total_num_pages * self.page_size if max_seq_len is None
                             else _positive_int("max_seq_len", max_seq_len))
+        self.lut_bucket = (max(1, LUT_BUCKET_TOKENS // self.page_size) if lut_bucket is None
+                           else _positive_int("lut_bucket", lut_bucket))
+        self.max_pages_per_seq = -(-self.max_seq_len // self.page_size)
         self.dtype = np.dtype(dtype)
         self.blocks_shape = (self.total_num_pages + 1, 2, self.num_layers, self.page_size,
                              self.n_kv_heads, self.head_dim)
@@ -207,6 +219,7 @@ class PagedKVCacheManager:
         lengths = np.array([seq.length for seq in seqs], dtype=np.int64)
         counts_arr = np.array(counts, dtype=np.int64)
         width = max(len(seq.pages) for seq in seqs)
+        width = min(-(-width // self.lut_bucket) * self.lut_bucket, self.max_pages_per_seq)
         lut = np.full((len(seqs), width), self.null_page_id, dtype=np.uint32)
         for row, seq in enumerate(seqs):
             lut[row, :len(seq.pages)] = seq.pages

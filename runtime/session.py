@@ -17,8 +17,41 @@ EXECUTORS = {"cpu": "graphir.runtime.cpu_executor", "cuda": "graphir.runtime.cud
 
 
 class InferenceSession:
-    def __init__(self, devices: Sequence[DeviceRef] | None = None):
+    """Runs artifacts on one kind of device.
+
+    Args:
+        devices: the devices to run on (default: the CPU).
+        trusted_keys: public keys (64 hex characters, 32 bytes or `.pub` files). When given,
+            every artifact opened from disk must carry a valid Ed25519 signature by one of them
+            (`graphir compile --sign KEY`): the way to detect an artifact tampered with between
+            machines. Graphs compiled in this process are trusted as they are.
+        distributed: run as one process of a job with one process per device (started by
+            torchrun): a DistributedConfig (`DistributedConfig.from_env()`) or the RankContext
+            of `graphir.runtime.distributed.init()`. `load` then takes a `.gdist` bundle
+            (`graphir.runtime.distributed_artifact.compile_distributed`) or a multi-device
+            Graph (split and compiled by each process), binds only this rank's weights and
+            returns a DistributedModel that runs this rank's steps (see
+            runtime/distributed.py). A rank runs on its graph device (GPU: CUDA ordinal
+            LOCAL_RANK); `devices` is not used then.
+
+    Example (in each process of `torchrun --nproc_per_node 2 serve.py`):
+        >>> session = InferenceSession(distributed=DistributedConfig.from_env())  # doctest: +SKIP
+        >>> model = session.load("tp.gdist", weights="model.safetensors")       # doctest: +SKIP
+    """
+
+    def __init__(self, devices: Sequence[DeviceRef] | None = None, *,
+                 trusted_keys: Sequence | None = None, distributed=None):
+        self.distributed = None
+        if distributed is not None:
+            from .distributed import DistributedConfig, RankContext, init
+
+            if not isinstance(distributed, (DistributedConfig, RankContext)):
+                raise TypeError(f"distributed must be a DistributedConfig or RankContext, got "
+                                f"{type(distributed).__name__}")
+            self.distributed = distributed if isinstance(distributed, RankContext) \
+                else init(distributed)
         self.devices = list(devices or [DeviceRef.CPU()])
+        self.trusted_keys = None if trusted_keys is None else list(trusted_keys)
         kinds = {d.device_type for d in self.devices}
         if len(kinds) != 1:
             raise ValueError(f"a session runs on one kind of device, got {self.devices}")
@@ -32,15 +65,25 @@ class InferenceSession:
         """Compile a Graph (or open a `.gart` path / Artifact) and bind its weights."""
         from graphir.lowering.artifact import Artifact, load_artifact
 
+        if self.distributed is not None:
+            from .distributed_model import load_rank_model
+
+            return load_rank_model(model, weights, self.distributed, target=target,
+                                   trusted_keys=self.trusted_keys, use_cache=use_cache)
+
         if isinstance(model, (str, Path)):
-            art = load_artifact(model)
+            art = load_artifact(model, trusted_keys=self.trusted_keys)
         elif isinstance(model, Artifact):
-            art = model
+            art = model if self.trusted_keys is None else \
+                load_artifact(model.path, trusted_keys=self.trusted_keys)
         else:
             from graphir.lowering.driver import compile_graph
 
             art = compile_graph(model, target or self.target, use_cache=use_cache, progress=progress)
         backend = art.target.split(":")[0]
+        if backend not in EXECUTORS:
+            raise ValueError(f"{art.path}: no runtime for target {art.target!r}; this graphir "
+                             f"runs {sorted(EXECUTORS)}")
         mod = importlib.import_module(EXECUTORS[backend])
         return mod.load(art, load_weights(weights), self.devices)
 

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import traceback
+from pathlib import Path
 
 import graphir
 
 STAGES = ["graph", "passes", "triton", "ptx"]
+ELIDE_OVER = 64  # dumps print dense constants up to this many elements
 
 # ---- CPU backend commands (issue 6): compile/run/inspect/demo live in compile_cmd.py,
 # run_cmd.py, inspect_cmd.py and demo.py; dump gets the MLIR toolchain's stages.
@@ -17,21 +22,60 @@ STAGES += CPU_STAGES
 
 def _cmd_dump(args) -> int:
     from graphir.passes import PassManager
+    from graphir.printer import print_graph
 
     from .loader import load_graph
 
-    g = load_graph(args.file)
+    g = load_graph(args.file, **({"fuse_rope_and_store": False} if args.unfused else {}))
+    elide = None if args.full_constants else ELIDE_OVER
+    if args.format != "text":
+        return _dump_pictures(g, args)
+    if args.output:
+        raise ValueError("-o/--output writes pictures (--format dot|svg|png); text goes to stdout")
     if args.stage == "graph":
-        sys.stdout.write(str(g))
+        sys.stdout.write(print_graph(g, elide_over=elide))
     elif args.stage == "passes":
-        sys.stdout.write("// -----// IR as built //----- //\n" + str(g))
-        PassManager(args.passes.split(",") if args.passes else None, print_after_all=True).run(g)
+        sys.stdout.write("// -----// IR as built //----- //\n" + print_graph(g, elide_over=elide))
+        PassManager(args.passes.split(",") if args.passes else None, print_after_all=True,
+                    elide_over=elide).run(g)
     elif args.stage in CPU_STAGES:
         from .compile_cmd import dump_cpu_stage
 
         dump_cpu_stage(g, args.stage, args.passes)
     else:
         _dump_kernels(g, args.stage, args.passes, getattr(args, "target", None) or "cuda:sm_90")
+    return 0
+
+
+def _dump_pictures(g, args) -> int:
+    """--format dot|svg|png: the graph as built (stage graph), or one picture per pass that
+    changed it (stage passes: OUT-00-built.svg, OUT-01-<pass>.svg, ...)."""
+    from graphir.dot import graph_to_dot
+    from graphir.passes import PASSES, default_pipeline
+
+    from .render import render
+
+    if args.stage not in ("graph", "passes"):
+        raise ValueError(f"--format {args.format} draws --stage graph or passes, not {args.stage}")
+    if not args.output:
+        raise ValueError(f"--format {args.format} needs -o OUT (a file, or for --stage passes "
+                         f"the prefix of one file per pass)")
+    if args.stage == "graph":
+        print(f"wrote {render(graph_to_dot(g, f'@{g.name}'), args.format, args.output)}")
+        return 0
+    out = Path(args.output)
+    stem, ext = (out.parent / out.stem), f".{args.format}"
+    written = [render(graph_to_dot(g, f"@{g.name} as built"), args.format,
+                      f"{stem}-00-built{ext}")]
+    names = [p for p in args.passes.split(",") if p] if args.passes else default_pipeline()
+    for name in names:
+        if name not in PASSES:
+            raise ValueError(f"unknown pass {name!r}; known: {sorted(PASSES)}")
+        if PASSES[name](g):
+            g.verify()
+            written.append(render(graph_to_dot(g, f"@{g.name} after {name}"), args.format,
+                                  f"{stem}-{len(written):02d}-{name}{ext}"))
+    print("wrote " + ", ".join(str(w) for w in written))
     return 0
 
 
@@ -43,6 +87,10 @@ def _dump_kernels(g, stage: str, passes: str | None, target: str) -> None:
     art = compile_graph(g, target, passes=names)
     kind = "source" if stage == "triton" else "ptx"
     for key, md in sorted(art.manifest["kernels"].items()):
+        if md.get("kind") == "cublaslt":  # a library call: no Triton source or PTX of ours
+            sys.stdout.write(f"// -----// {stage}: {key} (cuBLASLt call; Triton fallback "
+                             f"{md['fallback']}) //----- //\n\n")
+            continue
         sys.stdout.write(f"// -----// {stage}: {key} (entry {md['name']}, {md['num_warps']} warps, "
                          f"{md['shared']} B shared) //----- //\n")
         sys.stdout.write(art.file(md[kind]).read_text())
@@ -81,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="graphir: a graph compiler for LLM attention layers. "
                     "Build graphs in Python (examples/), inspect and optimize their IR, run them.")
     p.add_argument("--version", action="version", version=f"graphir {graphir.__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log what graphir does (-vv: debug detail); errors show their traceback")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     d = sub.add_parser("dump", help="print a graph's IR at a stage",
@@ -93,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-p", "--passes", help="comma-separated passes (default: the default pipeline)")
     d.add_argument("--target", default="cuda:sm_90",
                    help="for --stage triton|ptx: the CUDA target (default cuda:sm_90)")
+    d.add_argument("--unfused", action="store_true",
+                   help="build FUNC with fuse_rope_and_store=False, so --stage passes shows the "
+                        "fusion pass do the fusing")
+    d.add_argument("--format", choices=["text", "dot", "svg", "png"], default="text",
+                   help="text (default) or a picture of --stage graph|passes: dot, svg or png "
+                        "(svg/png need Graphviz's dot program)")
+    d.add_argument("-o", "--output", help="the picture's file (--stage passes: a prefix; one "
+                                          "file per pass that changed the graph)")
+    d.add_argument("--full-constants", action="store_true",
+                   help=f"print dense constants whole (default: elide those over "
+                        f"{ELIDE_OVER} elements)")
     d.set_defaults(fn=_cmd_dump)
 
     c = sub.add_parser("compile", help="compile a graph ahead of time into a .gart artifact",
@@ -103,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (.gart)")
     c.add_argument("-p", "--passes", help="comma-separated passes (default: the default pipeline)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.add_argument("--sign", metavar="KEY",
+                   help="sign the artifact with this Ed25519 private key (see `graphir keygen`)")
+    c.add_argument("--tune", action="store_true",
+                   help="cuda: time every candidate kernel config on this machine's GPU and "
+                        "keep the fastest (without a GPU: the shipped default table)")
     c.set_defaults(fn=_cmd_compile)
 
     o = sub.add_parser("opt", help="run passes over a graph and print the result",
@@ -117,31 +183,61 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compile it for the CPU, run a ragged prefill and decode steps "
                                    "through the paged KV cache, check every step against the "
                                    "interpreter and print the time of each stage.")
-    m.add_argument("--device", default="cpu", help="cpu (default)")
+    m.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu (default) or gpu (an NVIDIA GPU: compiled for cuda:sm_90)")
     m.add_argument("--quiet", action="store_true", help="do not print the IR")
     from .demo import add_arguments as _add_demo_arguments  # CPU demo options (issue 6)
 
     _add_demo_arguments(m)
     m.set_defaults(fn=_cmd_demo)
 
-    # CPU backend commands (issue 6)
-    from . import inspect_cmd, run_cmd
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts",
+                       description="Write a new private key to KEY (mode 0600) and its public key "
+                                   "to KEY.pub; sign with `graphir compile --sign KEY`, verify "
+                                   "with `--trusted-key KEY.pub`.")
+    k.add_argument("key", help="path of the private key to create (must not exist)")
+    k.set_defaults(fn=_cmd_keygen)
+
+    from . import cache_cmd, inspect_cmd, run_cmd
 
     run_cmd.add_parser(sub)
     inspect_cmd.add_parser(sub)
+    cache_cmd.add_parser(sub)
     return p
+
+
+def _cmd_keygen(args) -> int:
+    from graphir.lowering.signing import generate_key
+
+    if os.path.exists(args.key):
+        raise ValueError(f"{args.key} exists; pick a new path (keys are never overwritten)")
+    priv, pub = generate_key(args.key)
+    print(f"wrote {priv} (private: keep it on the build machine) and {pub} (public: give it "
+          f"to loaders as a trusted key)")
+    return 0
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", 0)
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else
+                        logging.INFO if verbose else logging.WARNING,
+                        format="graphir %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
     try:
         return args.fn(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"graphir {args.cmd}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"graphir {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (every failure is one line; -v adds the traceback)
+        if verbose:
+            traceback.print_exc()
+        from .errors import describe
+
+        print(f"graphir {args.cmd}: error: {describe(e)}", file=sys.stderr)
         return 1
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import TextIO
 
 # Stages of lowering/mlir_cpu/toolchain.py that `graphir dump` can print.
@@ -71,14 +72,30 @@ def cmd_compile(args) -> int:
     from .loader import load_graph
 
     g = load_graph(args.file)
+    tune = bool(getattr(args, "tune", False))
+    if tune and not args.target.startswith("cuda"):
+        raise ValueError(f"--tune applies to cuda targets (it times GPU kernels), not "
+                         f"{args.target!r}")
     timer = StageTimer(None if args.quiet else sys.stderr)
     try:
-        art = compile_graph(g, args.target, out=args.output, passes=_pass_list(args.passes),
-                            progress=timer)
+        with warnings.catch_warnings():
+            # The no-GPU fallback of --tune is reported below, once, from the manifest.
+            warnings.filterwarnings("ignore", message="--tune needs a CUDA GPU")
+            art = compile_graph(g, args.target, out=args.output, passes=_pass_list(args.passes),
+                                progress=timer, options={"tune": True} if tune else None)
     except NotImplementedError as e:  # an op without a lowering for this target
         raise ValueError(f"cannot compile {args.file} for {args.target}: {e}") from None
     finally:
         timer.finish()
+    if getattr(args, "sign", None):
+        from graphir.lowering.signing import sign
+
+        rec = sign(art.path, args.sign)
+        if not args.quiet:
+            print(f"signed with key {rec['key_id']}")
+    note = art.manifest.get("tuning", {}).get("note") if tune else None
+    if note:
+        print(f"graphir compile: note: {note}", file=sys.stderr)
     if not args.quiet:
         n = len(art.manifest.get("kernels", {}))
         print(f"wrote {art.path} ({art.target}{f', {n} kernels' if n else ''})")

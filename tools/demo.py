@@ -1,13 +1,13 @@
-"""`graphir demo`: the main job, end to end on the CPU.
+"""`graphir demo`: the main job, end to end on the CPU (or a GPU).
 
 Builds the Llama-style attention layer of examples/llama_attention.py, runs the passes, compiles
 it for the CPU, loads the artifact, runs a ragged prefill of three sequences and decode steps
 through the paged KV cache, and checks every step (outputs and the whole cache) against the
 reference interpreter, printing the time of each stage.
 
-While some op of the layer has no CPU lowering yet, the compiled path cannot run: the demo says
-which ops are missing and checks the interpreter on the unfused layer against the fused one
-instead. The compiled path takes over by itself once `cpu_gaps` comes back empty.
+`--device gpu` does the same on an NVIDIA GPU (cubins compiled offline, run by runtime.cuda).
+Anything that keeps the layer from compiling is an error: the demo never says OK without
+having run compiled code.
 """
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ from typing import Callable
 
 import numpy as np
 
+from graphir.device import DeviceRef
 from graphir.dtype import DType
 
 from . import numerics
 
 SIZES = {"tiny": ("build_tiny", "f32", "5,3,7"), "8b": ("build", "bf16", "40,17,71")}
+# On the GPU the default dtype is bf16 (the kernels' f32 dot is tf32, outside f32 tolerances).
+GPU_DTYPE = "bf16"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,10 +68,10 @@ def cpu_gaps(graph) -> list[str]:
     from graphir.lowering.plan import VIEW_OPS
     from graphir.lowering.registry import lowering_for
 
-    try:
-        from graphir.lowering.mlir_cpu.backend import RUNTIME_OPS  # registers the CPU lowerings
-    except ImportError as e:
-        return [f"(the MLIR bindings are not installed: {e})"]
+    from graphir.optional import require
+
+    require("mlir", "the CPU demo (MLIR)")
+    from graphir.lowering.mlir_cpu.backend import RUNTIME_OPS  # registers the CPU lowerings
     g = parse(str(graph))
     run_passes(g)
     decompose(g, "cpu")
@@ -85,6 +88,8 @@ def _example(name: str):
 def _build(args):
     llama_attention = _example("llama_attention")
     fn_name, default_dt, _ = SIZES[args.size]
+    if getattr(args, "device", "cpu") == "gpu" and not args.dtype:
+        default_dt = GPU_DTYPE
     dtype = {"f32": DType.float32, "bf16": DType.bfloat16}[args.dtype or default_dt]
     fn = getattr(llama_attention, fn_name)
     return fn, dtype
@@ -104,8 +109,9 @@ def _compile_and_load(graph, weights, args, report: Report) -> Callable:
     from .compile_cmd import StageTimer
 
     timer = StageTimer(None if args.quiet else sys.stderr, prefix="compile")
+    target = "cpu" if args.device == "cpu" else "cuda:sm_90"
     try:
-        art = compile_graph(graph, "cpu", use_cache=not args.no_cache, progress=timer)
+        art = compile_graph(graph, target, use_cache=not args.no_cache, progress=timer)
     finally:
         timer.finish()
     detail = "cache hit" if timer.cache_hit else ", ".join(
@@ -114,18 +120,13 @@ def _compile_and_load(graph, weights, args, report: Report) -> Callable:
     t0 = time.perf_counter()
     opened = load_artifact(art.path)  # from disk, as a new process would: every hash verified
     t_open = time.perf_counter() - t0
-    model = InferenceSession().load(opened, weights=weights)
+    devices = [DeviceRef.CPU()] if args.device == "cpu" else [DeviceRef.GPU()]
+    model = InferenceSession(devices).load(opened, weights=weights)
     t_load = time.perf_counter() - t0
     report.stage("load", t_load, f"{len(art.manifest['kernels'])} kernels; artifact verified "
                                  f"{t_open * 1e3:.1f} ms, .so opened + weights bound "
                                  f"{(t_load - t_open) * 1e3:.1f} ms")
     return model.execute
-
-
-def _interpreter(graph, weights) -> Callable:
-    from graphir.runtime.interpreter import run
-
-    return lambda *inputs: run(graph, *inputs, weights=weights)
 
 
 def run_steps(graph, candidate: Callable, weights, batches: list[tuple[str, list[int]]],
@@ -145,7 +146,11 @@ def run_steps(graph, candidate: Callable, weights, batches: list[tuple[str, list
     mgr.blocks = numerics.random_array(rng, cache_dt, mgr.blocks_shape)
     seqs = [mgr.claim() for _ in batches[0][1]]
     times: dict[str, list[tuple[float, float]]] = {}
-    for kind, counts in batches:
+    from tqdm import tqdm
+
+    bar = tqdm(batches, desc="run + check", unit="step", file=sys.stderr, leave=False,
+               disable=not sys.stderr.isatty())
+    for kind, counts in bar:
         step = mgr.prepare_step(seqs, counts)
         x = numerics.random_array(rng, dtype, (sum(counts), hidden))
         rest = [step.cache_lengths, step.lookup_table, step.max_lengths]
@@ -193,19 +198,15 @@ def condensed_ir(graph, limit: int = 160) -> str:
     return "\n".join(lines)
 
 
-def _candidate(graph, build_fn, dtype, weights, args, report: Report) -> tuple[Callable, str]:
-    """The compiled layer when every op lowers for the CPU, else the fallback (and why)."""
-    gaps = cpu_gaps(graph)
-    why = f"no CPU lowering yet for {', '.join('gir.' + g for g in gaps)}"
-    if not gaps:
-        try:
-            return _compile_and_load(graph, weights, args, report), "compiled CPU code"
-        except NotImplementedError as e:  # an op the gap check did not see
-            why = str(e)
-    print(f"note: {why}; the compiled path is skipped. Checking the interpreter on the unfused "
-          f"layer (rope, two cache stores) against the fused one instead.")
-    unfused = build_fn(dtype=dtype, fuse_rope_and_store=False)
-    return _interpreter(unfused, weights), "interpreter (unfused layer)"
+def _candidate(graph, weights, args, report: Report) -> tuple[Callable, str]:
+    """The compiled layer for the demo's device; anything that keeps it from compiling is an
+    error (the demo never reports OK without having run compiled code)."""
+    if args.device == "cpu":
+        gaps = cpu_gaps(graph)
+        if gaps:
+            raise ValueError(f"demo: the CPU backend cannot compile this layer: no lowering for "
+                             f"{', '.join(gaps)}")
+    return _compile_and_load(graph, weights, args, report), f"compiled {args.device.upper()} code"
 
 
 def _parse_prefill(text: str) -> list[int]:
@@ -222,8 +223,14 @@ def demo(args) -> int:
     from graphir import parse
     from graphir.passes import run_passes
 
-    if getattr(args, "device", "cpu") != "cpu":
-        raise ValueError(f"demo: --device {args.device} is not supported here (cpu only)")
+    args.device = getattr(args, "device", "cpu")
+    if args.device not in ("cpu", "gpu"):
+        raise ValueError(f"demo: --device must be cpu or gpu, got {args.device!r}")
+    if args.device == "gpu":
+        from graphir.runtime.cuda import driver
+
+        if driver.device_count() == 0:
+            raise ValueError("demo --device gpu: no CUDA GPU here; run `graphir demo` for the CPU")
     if args.decode_steps < 0:
         raise ValueError(f"--decode-steps must be >= 0, got {args.decode_steps}")
     prefill = _parse_prefill(args.prefill or SIZES[args.size][2])
@@ -245,7 +252,7 @@ def demo(args) -> int:
         print(condensed_ir(opt))
     weights = numerics.random_weights(graph, rng)
 
-    candidate, label = _candidate(graph, build_fn, dtype, weights, args, report)
+    candidate, label = _candidate(graph, weights, args, report)
     run_steps(graph, candidate, weights, batches, rng, report)
     report.print()
     worst = max(err for _, err, _ in report.errors)

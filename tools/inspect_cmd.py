@@ -28,7 +28,25 @@ def summarize(art) -> dict:
     }
     if "plan" in m:
         info["memory_plan"] = _plan(m["plan"])
+    if "tuning" in m:
+        info["tuning"] = m["tuning"]
+    info["root_digest"] = m.get("root_digest")
+    info["signature"] = _signature(art)
     return info
+
+
+def _signature(art) -> dict | None:
+    from graphir.lowering.signing import SIGNATURE
+
+    p = art.path / SIGNATURE
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+        return {"key_id": rec.get("key_id"), "algorithm": rec.get("algorithm"),
+                "for_this_digest": rec.get("root_digest") == art.manifest.get("root_digest")}
+    except ValueError:
+        return {"error": f"malformed {SIGNATURE}"}
 
 
 def _kernels(m) -> list[str]:
@@ -72,6 +90,21 @@ def format_summary(info: dict) -> str:
                      f"{p['views']} views, {p['runtime_ops']} runtime ops); "
                      f"{p['intermediates']} intermediates in {len(p['slots'])} slots")
         lines += [f"  slot {k}: {' | '.join(v)}" for k, v in p["slots"].items()]
+    if info.get("tuning"):
+        from graphir.lowering.triton_gpu.tuning import format_section
+
+        lines += format_section(info["tuning"])
+    sig = info.get("signature")
+    lines.append(f"digest    {info.get('root_digest')}")
+    if sig is None:
+        lines.append("signature none (sign with `graphir compile --sign KEY`)")
+    elif "error" in sig:
+        lines.append(f"signature {sig['error']}")
+    else:
+        state = "verified against the trusted keys" if info.get("trusted") else \
+            ("matches this digest (pass --trusted-key to verify it)" if sig["for_this_digest"]
+             else "DOES NOT match this digest")
+        lines.append(f"signature {sig['algorithm']} key {sig['key_id']}: {state}")
     lines.append(f"files     {len(info['files'])}, every sha256 verified")
     lines += [f"  {rel:<24} {f['bytes']:>10} B  sha256 {f['sha256'][:16]}…  OK"
               for rel, f in info["files"].items()]
@@ -81,11 +114,20 @@ def format_summary(info: dict) -> str:
 def cmd_inspect(args) -> int:
     from graphir.lowering.artifact import ArtifactError, load_artifact
 
+    keys = args.trusted_key or None
     try:
-        art = load_artifact(args.artifact)
+        art = load_artifact(args.artifact, trusted_keys=keys)
     except ArtifactError as e:
         raise ValueError(str(e)) from None
+    if args.format != "text":
+        from .render import plan_to_dot, render
+
+        if not args.output:
+            raise ValueError(f"--format {args.format} needs -o OUT")
+        print(f"wrote {render(plan_to_dot(art), args.format, args.output)}")
+        return 0
     info = summarize(art)
+    info["trusted"] = keys is not None
     print(json.dumps(info, indent=1) if args.json else format_summary(info))
     return 0
 
@@ -97,4 +139,10 @@ def add_parser(sub) -> None:
                                    "memory plan and files.")
     i.add_argument("artifact", help="artifact directory (.gart)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--format", choices=["text", "dot", "svg", "png"], default="text",
+                   help="text (default), or the compiled plan as a picture (-o OUT): steps in "
+                        "order, kernel names, values and their memory-plan slots")
+    i.add_argument("-o", "--output", help="file of the picture")
+    i.add_argument("--trusted-key", action="append", metavar="KEY.pub",
+                   help="require a valid signature by this public key (repeatable)")
     i.set_defaults(fn=cmd_inspect)

@@ -9,9 +9,12 @@ import sys
 from graphir import Graph, parse
 
 
-def load_graph(spec: str) -> Graph:
+def load_graph(spec: str, **kwargs) -> Graph:
+    """The Graph of FILE.py[:FUNC] (FUNC called with `kwargs`) or of a .gir file."""
     path, _, func = spec.partition(":")
     if path.endswith(".gir"):
+        if kwargs:
+            raise ValueError(f"{path} is a .gir file: {sorted(kwargs)} apply to FILE.py builders")
         with open(path) as f:
             return parse(f.read())
     if not path.endswith(".py"):
@@ -25,13 +28,21 @@ def load_graph(spec: str) -> Graph:
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         mod_spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise ValueError(f"{e.filename}:{e.lineno}: syntax error: {e.msg}") from None
     finally:
         sys.path.pop(0)
     fn = getattr(mod, func, None)
     if fn is None:
         raise ValueError(f"{path} has no function {func!r} "
                          f"(functions: {_functions(mod)})")
-    g = fn()
+    if kwargs:
+        params = inspect.signature(fn).parameters
+        missing = [k for k in kwargs if k not in params]
+        if missing:
+            raise ValueError(f"{path}:{func} takes no {missing[0]} argument (its parameters: "
+                             f"{list(params)})")
+    g = fn(**kwargs)
     if not isinstance(g, Graph):
         raise ValueError(f"{path}:{func} returned {type(g).__name__}, not a Graph")
     return g

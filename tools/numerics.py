@@ -62,12 +62,14 @@ def random_inputs(graph, dims: Mapping[str, int], rng: np.random.Generator
         raise ValueError(f"--dim {sorted(unknown)}: not a symbolic dim of the inputs "
                          f"(they have {symbols_of(types) or 'none'})")
     env = {s: dims.get(s, DEFAULT_DIM) for s in symbols_of(types)}
+    env = ragged_dims(graph, env, dims)
     arrays = []
     for t in types:
         shape = [d.evaluate(env) for d in t.shape]
         if any(s < 0 for s in shape):
             raise ValueError(f"dims {env} give the negative shape {shape} for {t}")
         arrays.append(random_array(rng, t.dtype, shape))
+    make_ragged_valid(graph, arrays, env, rng)
     return arrays, env
 
 
@@ -103,3 +105,73 @@ def compare(got: np.ndarray, want: np.ndarray, dtype: DType) -> tuple[float, boo
     scale = max(float(np.max(np.abs(w64[finite]))), 1e-30)
     err = float(np.max(np.abs(g64[finite] - w64[finite]))) / scale
     return err, err <= REL_TOL.get(dtype, 1e-4)
+
+
+def ragged_dims(graph, env: dict[str, int], given) -> dict[str, int]:
+    """Default sizes that make a paged-attention graph's random inputs valid: a page pool large
+    enough for every sequence's lookup-table row (plus the null page). Dims the user gave win."""
+    from graphir.runtime.ragged import RaggedCheck
+
+    env = dict(env)
+    check = RaggedCheck(graph)
+    for g in check.groups:
+        if g.lookup is None:
+            continue
+        batch, width = (d.evaluate(env) for d in check.types[g.lookup].shape)
+        for pages_dim, _, _, _ in g.blocks:
+            if len(pages_dim.symbols) == 1 and not (pages_dim.symbols & set(given)):
+                # pages_dim is `name + c`: grow name until the pool holds every row's pages
+                # and the null page.
+                (name,) = pages_dim.symbols
+                offset = pages_dim.evaluate(env) - env[name]
+                env[name] = max(env[name], batch * width + 1 - offset)
+    return env
+
+
+def make_ragged_valid(graph, arrays: list, env: Mapping[str, int],
+                      rng: np.random.Generator) -> None:
+    """Overwrite the ragged metadata inputs in `arrays` with a valid random batch: offsets that
+    split the rows, cache lengths that fit the pages and the RoPE table, distinct pages per
+    sequence (padding with the null page, the pool's last)."""
+    from graphir.runtime.ragged import RaggedCheck
+
+    check = RaggedCheck(graph)
+    for g, (rows, blocks, rope) in zip(check.groups, check.bounds(env)):
+        o = arrays[g.offsets]
+        batch = o.shape[0] - 1
+        total = rows[0][0] if rows else int(o[-1]) if o.size else 0
+        cuts = np.sort(rng.integers(0, total + 1, max(batch - 1, 0))) if batch else []
+        offs = np.concatenate([[0], cuts, [total]]).astype(np.int64) if batch else np.zeros(1)
+        arrays[g.offsets] = offs.astype(o.dtype)
+        lens = np.diff(offs)
+        if g.cache_lengths is None:
+            continue
+        cap = min([n for n, _ in rope], default=1 << 30)
+        if g.lookup is not None:
+            lut = arrays[g.lookup]
+            page = min(p for _, p, _, _ in blocks)
+            pool = min(n for n, _, _, _ in blocks)
+            cap = min(cap, lut.shape[1] * page)
+        clen = np.array([rng.integers(0, max(cap - n, 0) + 1) for n in lens], np.int64)
+        arrays[g.cache_lengths] = clen.astype(arrays[g.cache_lengths].dtype)
+        if g.lookup is not None:
+            null = pool - 1
+            new = np.full(lut.shape, null, np.int64)
+            free = list(rng.permutation(null))
+            for b, end in enumerate(clen + lens):
+                k = -(-int(end) // page)
+                if k > len(free):
+                    raise ValueError(f"the page pool ({pool} pages) cannot hold a random batch: "
+                                     f"pass a larger --dim for it")
+                new[b, :k] = free[:k]
+                del free[:k]
+            arrays[g.lookup] = new.astype(lut.dtype)
+    for k, t in enumerate(graph.inputs):
+        name = (graph.input_names or [None] * len(graph.inputs))[k]
+        if name == "max_lengths" and arrays[k].ndim == 2 and arrays[k].shape[1] == 2 \
+                and check.groups:
+            g = check.groups[0]
+            lens = np.diff(arrays[g.offsets].astype(np.int64))
+            ends = lens + (arrays[g.cache_lengths].astype(np.int64) if g.cache_lengths is not None
+                           else 0)
+            arrays[k][:] = [max(int(lens.max(initial=0)), 1), max(int(ends.max(initial=0)), 1)]

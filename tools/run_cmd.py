@@ -57,7 +57,7 @@ def cmd_run(args) -> int:
     from graphir.runtime.session import InferenceSession
 
     try:
-        art = load_artifact(args.artifact)
+        art = load_artifact(args.artifact, trusted_keys=getattr(args, "trusted_key", None) or None)
     except ArtifactError as e:
         raise ValueError(str(e)) from None
     graph = art.graph()
@@ -136,4 +136,6 @@ def add_parser(sub) -> None:
     r.add_argument("--check", action="store_true",
                    help="also run the reference interpreter and compare (exit 1 on mismatch)")
     r.add_argument("--save", metavar="OUT.npz", help="write the outputs (out0, out1, ...) to an .npz")
+    r.add_argument("--trusted-key", action="append", metavar="KEY.pub",
+                   help="require a valid signature by this public key (repeatable)")
     r.set_defaults(fn=cmd_run)

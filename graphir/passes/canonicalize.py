@@ -9,6 +9,10 @@ from ..rewrite import Pattern, Rewriter, apply_patterns
 from . import register_pass
 
 FOLD_LIMIT = 1 << 16  # elements; bigger results stay ops (the IR should stay readable)
+# An op whose result is much larger than its operands (range, broadcast_to, an outer product)
+# stays an op above this size: folding it would write thousands of numbers into the printed IR
+# and every artifact's graph.gir for data the backends compute at load time anyway.
+GROWTH_LIMIT = 1024
 _NOT_FOLDABLE = {"weight", "chain", "constant"}
 
 
@@ -23,7 +27,11 @@ def _fold(node, rw: Rewriter) -> bool:
     if opdef.effects or opdef.reference is None:
         return False
     types = [r.type for r in node.results]
-    if not all(t.is_static for t in types) or sum(int(np.prod(t.static_shape())) for t in types) > FOLD_LIMIT:
+    if not all(t.is_static for t in types):
+        return False
+    n_out = sum(int(np.prod(t.static_shape())) for t in types)
+    n_in = sum(int(np.prod(v.node.attrs["value"].shape)) for v in node.operands)
+    if n_out > FOLD_LIMIT or n_out > max(GROWTH_LIMIT, n_in):
         return False
     args = [v.node.attrs["value"] for v in node.operands]
     args = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in args]

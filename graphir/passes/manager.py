@@ -5,6 +5,7 @@ import sys
 import time
 from typing import Sequence, TextIO
 
+from ..printer import print_graph
 from . import PASSES, default_pipeline
 
 
@@ -16,7 +17,7 @@ class PassManager:
     """
 
     def __init__(self, passes: Sequence[str] | None = None, *, print_after_all: bool = False,
-                 verify: bool = True, out: TextIO | None = None):
+                 verify: bool = True, out: TextIO | None = None, elide_over: int | None = None):
         names = default_pipeline() if passes is None else list(passes)
         unknown = [p for p in names if p not in PASSES]
         if unknown:
@@ -25,6 +26,7 @@ class PassManager:
         self.print_after_all = print_after_all
         self.verify = verify
         self.out = out or sys.stdout
+        self.elide_over = elide_over  # printed IR: dense constants above this many elements elided
         self.timings: list[tuple[str, float, bool]] = []
 
     def run(self, graph):
@@ -39,7 +41,7 @@ class PassManager:
                     raise type(e)(f"after pass {name!r}: {e}") from None
             if self.print_after_all:
                 self.out.write(f"// -----// IR after {name} {'' if changed else '(no change) '}//----- //\n")
-                self.out.write(str(graph))
+                self.out.write(print_graph(graph, elide_over=self.elide_over))
         return graph
 
 

@@ -16,12 +16,12 @@ from ..registry import lowering_for, register_lowering
 from . import lowerings  # noqa: F401  (registers the CPU lowerings)
 from .lowerings.float8 import legalize_float8
 from . import schedules
+from .cpu_target import CpuTarget, host_target
+from .plan_rules import RUNTIME_OPS, kernel_name
+from .plan_rules import symbols as _symbols
 from .emit import Emitter, boundary_type, tensor_type
 from .toolchain import compile_to_shared_object, new_context
 
-# Ops the CPU runtime carries out itself (no kernel): collectives and copies between the
-# in-process virtual devices.
-RUNTIME_OPS = {"allreduce", "allgather", "transfer_to"}
 
 
 def _runtime_op(e, args):
@@ -31,23 +31,6 @@ def _runtime_op(e, args):
 for _op in RUNTIME_OPS:
     # Registered so coverage checks see them handled; the plan never emits a kernel for them.
     register_lowering(_op, "cpu")(_runtime_op)
-
-
-def _symbols(node) -> list[str]:
-    syms: set[str] = set()
-    for v in list(node.operands) + list(node.results):
-        if not isinstance(v.type, ChainType):
-            for d in v.type.shape:
-                syms |= d.symbols
-    for a in node.attrs.values():
-        for d in (a if isinstance(a, (list, tuple)) else [a]):
-            if isinstance(d, Dim):
-                syms |= d.symbols
-    return sorted(syms)
-
-
-def kernel_name(node, index: int) -> str:
-    return f"{'runtime' if node.op in RUNTIME_OPS else 'k'}{index}_{node.op}"
 
 
 def _load_time_values(graph) -> set[int]:
@@ -61,16 +44,20 @@ def _load_time_values(graph) -> set[int]:
         if n.op == "chain" or n.op in RUNTIME_OPS or lookup(n.op).effects or _symbols(n):
             continue
         ins = [v for v in n.operands if not isinstance(v.type, ChainType)]
-        if ins and all(id(v) in known for v in ins):
+        # No operands (e.g. the range under a RoPE table): computable once, like a constant.
+        if all(id(v) in known for v in ins):
             known.update(id(r) for r in n.results)
     return known
 
 
-def emit_module(graph):
-    """The MLIR module (in a fresh context) and the plan; the context must stay alive.
+def emit_module(graph, cpu: CpuTarget | None = None):
+    """The MLIR module for `cpu` (default: this host's target; in a fresh context) and the
+    plan; the context must stay alive.
 
     Step attrs the executor honours: "at_load" (run once when weights are bound), "prepack"
     ([[operand, layout], ...]: pass that operand packed, see schedules.py)."""
+    cpu = cpu or host_target()
+    cfg = schedules.MatmulConfig.for_target(cpu)
     plan = build_plan(graph, kernel_name)
     load_time = _load_time_values(graph)
     ctx = new_context()
@@ -92,15 +79,16 @@ def emit_module(graph):
                 outs = [r for r in node.results if not isinstance(r.type, ChainType)]
                 if outs and all(id(r) in load_time for r in outs):
                     step.attrs["at_load"] = True
-                layouts = schedules.prepack_layouts(node, [id(v) in load_time for v in ins])
+                layouts = schedules.prepack_layouts(node, [id(v) in load_time for v in ins], cfg)
                 if layouts:
                     step.attrs["prepack"] = sorted([i, lay] for i, lay in layouts.items())
-                _emit_kernel(step.kernel, node, syms, layouts)
-            schedules.apply_matmul_schedule(module)
+                _emit_kernel(step.kernel, node, syms, cpu, layouts)
+            schedules.apply_matmul_schedule(module, cfg)
     return ctx, module, plan
 
 
-def _emit_kernel(name: str, node, syms: list[str], prepack: dict | None = None) -> None:
+def _emit_kernel(name: str, node, syms: list[str], cpu: CpuTarget,
+                 prepack: dict | None = None) -> None:
     fn = lowering_for(node.op, "cpu")
     if fn is None:
         raise NotImplementedError(f"gir.{node.op} has no CPU lowering")
@@ -116,7 +104,7 @@ def _emit_kernel(name: str, node, syms: list[str], prepack: dict | None = None) 
     block = f.add_entry_block()
     with ir.InsertionPoint(block):
         args = list(block.arguments)
-        e = Emitter(node, syms, args[-1] if syms else None)
+        e = Emitter(node, syms, args[-1] if syms else None, cpu)
         e.prepack = dict(prepack or {})
         results = fn(e, args[:len(ins)])
         func.ReturnOp(results)
@@ -124,23 +112,33 @@ def _emit_kernel(name: str, node, syms: list[str], prepack: dict | None = None) 
     legalize_float8(f.operation)
 
 
+def _cpu_of(target) -> CpuTarget:
+    """The CpuTarget of a driver Target (`cpu` alone: this host's)."""
+    spec = getattr(target, "cpu", None)
+    return CpuTarget.parse(spec) if spec else host_target()
+
+
 def build(graph, target, say, **options):
+    cpu = _cpu_of(target)
     say("emitting MLIR")
-    ctx, module, plan = emit_module(graph)
+    ctx, module, plan = emit_module(graph, cpu)
     with ctx:
         say("compiling to native code")
         with tempfile.TemporaryDirectory(prefix="graphir-cpu-") as tmp:
-            so = compile_to_shared_object(module, Path(tmp) / "kernels.so")
+            so = compile_to_shared_object(module, Path(tmp) / "kernels.so", target=cpu)
             data = so.read_bytes()
     kernels = sorted({s.kernel for s in plan.steps if s.kernel[0] == "k"})
+    cfg = schedules.MatmulConfig.for_target(cpu)
+    record = dict(cpu.record(), matmul_block=[cfg.mr, cfg.nr])
     return {"cpu/kernels.so": data}, {"plan": plan.to_json(), "kernels": kernels,
-                                      "library": "cpu/kernels.so"}
+                                      "library": "cpu/kernels.so", "cpu": record}
 
 
-def mlir_text(graph, stage: str = "mlir") -> str:
+def mlir_text(graph, stage: str = "mlir", target=None) -> str:
     """The module at a toolchain stage (for `graphir dump --stage mlir|llvm`)."""
     from .toolchain import stage_text
 
-    ctx, module, _ = emit_module(graph)
+    cpu = _cpu_of(target)
+    ctx, module, _ = emit_module(graph, cpu)
     with ctx:
-        return stage_text(module, stage)
+        return stage_text(module, stage, cpu)

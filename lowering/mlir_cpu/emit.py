@@ -57,9 +57,15 @@ def const0() -> ir.AffineExpr:
 
 
 class Emitter:
-    """Context for one lowering call: the node, its types, and MLIR helpers."""
+    """Context for one lowering call: the node, its types, the CPU target (whose vector width
+    and registers the kernels' tiles follow) and MLIR helpers."""
 
-    def __init__(self, node, symbols: Sequence[str], syms_arg: ir.Value | None):
+    def __init__(self, node, symbols: Sequence[str], syms_arg: ir.Value | None, cpu=None):
+        from . import schedules
+        from .cpu_target import host_target
+
+        self.cpu = cpu or host_target()
+        self.matmul = schedules.MatmulConfig.for_target(self.cpu)
         self.node = node
         self.attrs = node.attrs
         self.in_types = [v.type for v in node.operands if not _is_chain(v.type)]

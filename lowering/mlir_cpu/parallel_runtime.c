@@ -10,6 +10,9 @@
  * the kernel object binds to this copy even if another OpenMP runtime is loaded in the process.
  *
  * Thread count: GRAPHIR_NUM_THREADS, else the CPUs in this process's affinity mask.
+ * Work-sharing loops use the dynamic schedule (toolchain.py asks for it): threads take chunks
+ * from a shared counter, so a thread slowed down (another process on its core) takes fewer and
+ * the loop does not wait for it, whatever thread count the library was compiled with.
  * A parallel region entered while another one runs (nested, or from a second caller thread)
  * runs serially on the calling thread, which is always correct for static work sharing.
  */
@@ -56,6 +59,20 @@ static atomic_int job_done = 0;
 static atomic_int bar_count = 0;
 static atomic_int bar_gen = 0;
 
+/* Dynamic loops of the running team. Every thread calls dispatch_init for each loop and the
+ * loops are separated by barriers; the first caller of loop number n (counted per thread from
+ * the team's start) sets the shared state up, the others wait for it. */
+static struct {
+  _Atomic int64_t next;
+  int64_t ub, st, chunk;
+} disp;
+static atomic_long disp_claimed = 0, disp_ready = 0;
+static long team_disp_base = 0;
+static __thread long tl_disp_seen = 0;
+static __thread struct {
+  int64_t next, ub, st;
+} tl_serial; /* a loop run by one thread (serial region) */
+
 static inline void cpu_relax(void) { __builtin_ia32_pause(); }
 
 static void call_microtask(microtask_t fn, int32_t argc, void **a, int32_t tid) {
@@ -97,6 +114,7 @@ static void *worker_main(void *arg) {
     if (tid < job.nth) {
       tl_tid = tid;
       tl_nth = job.nth;
+      tl_disp_seen = team_disp_base;
       call_microtask(job.fn, job.argc, job.args, tid);
       tl_tid = 0;
       tl_nth = 1;
@@ -165,6 +183,8 @@ API void __kmpc_fork_call(void *loc, int32_t argc, microtask_t fn, ...) {
   job.argc = argc;
   memcpy(job.args, args, sizeof(args));
   job.nth = nth;
+  team_disp_base = atomic_load(&disp_claimed);
+  tl_disp_seen = team_disp_base;
   atomic_store(&job_done, 0);
   pthread_mutex_lock(&wake_mu);
   atomic_fetch_add_explicit(&job_gen, 1, memory_order_release);
@@ -243,6 +263,68 @@ API void __kmpc_for_static_fini(void *loc, int32_t gtid) {
   (void)gtid;
 }
 
+/* Dynamic schedule: bounds are inclusive, as for the static one. A chunk is at least 1/4 of a
+ * thread's fair share, so a loop of many tiny iterations takes few atomic operations. */
+static void dispatch_init(int64_t lb, int64_t ub, int64_t st, int64_t chunk) {
+  if (st == 0) st = 1;
+  if (tl_nth <= 1) {
+    tl_serial.next = lb;
+    tl_serial.ub = ub;
+    tl_serial.st = st;
+    return;
+  }
+  long mine = ++tl_disp_seen, prev = mine - 1;
+  if (atomic_compare_exchange_strong(&disp_claimed, &prev, mine)) {
+    int64_t trip = st > 0 ? (ub >= lb ? (ub - lb) / st + 1 : 0) : (lb >= ub ? (lb - ub) / -st + 1 : 0);
+    int64_t share = (trip + 4 * (int64_t)tl_nth - 1) / (4 * (int64_t)tl_nth);
+    disp.ub = ub;
+    disp.st = st;
+    disp.chunk = chunk > share ? chunk : (share > 0 ? share : 1);
+    atomic_store_explicit(&disp.next, lb, memory_order_relaxed);
+    atomic_store_explicit(&disp_ready, mine, memory_order_release);
+  } else {
+    while (atomic_load_explicit(&disp_ready, memory_order_acquire) < mine) cpu_relax();
+  }
+}
+
+static int dispatch_next(int32_t *plast, int64_t *plb, int64_t *pub, int64_t *pst) {
+  if (tl_nth <= 1) {
+    int64_t lo = tl_serial.next, hi = tl_serial.ub, st = tl_serial.st;
+    if (st > 0 ? lo > hi : lo < hi) return 0;
+    tl_serial.next = hi + st;
+    *plb = lo, *pub = hi, *pst = st, *plast = 1;
+    return 1;
+  }
+  int64_t st = disp.st, ub = disp.ub, step = disp.chunk * st;
+  int64_t lo = atomic_fetch_add_explicit(&disp.next, step, memory_order_relaxed);
+  if (st > 0 ? lo > ub : lo < ub) return 0;
+  int64_t hi = lo + step - st;
+  if (st > 0 ? hi >= ub : hi <= ub) hi = ub;
+  *plb = lo, *pub = hi, *pst = st, *plast = hi == ub;
+  return 1;
+}
+
+#define DISPATCH(SUFFIX, T, ST)                                                              \
+  API void __kmpc_dispatch_init_##SUFFIX(void *loc, int32_t gtid, int32_t sched, T lb, T ub, \
+                                         ST st, ST chunk) {                                  \
+    (void)loc, (void)gtid, (void)sched;                                                      \
+    dispatch_init((int64_t)lb, (int64_t)ub, (int64_t)st, (int64_t)chunk);                    \
+  }                                                                                          \
+  API int32_t __kmpc_dispatch_next_##SUFFIX(void *loc, int32_t gtid, int32_t *plast, T *plb,  \
+                                            T *pub, ST *pst) {                               \
+    (void)loc, (void)gtid;                                                                   \
+    int64_t lo, hi, st;                                                                      \
+    if (!dispatch_next(plast, &lo, &hi, &st)) return 0;                                      \
+    *plb = (T)lo, *pub = (T)hi, *pst = (ST)st;                                               \
+    return 1;                                                                                \
+  }                                                                                          \
+  API void __kmpc_dispatch_fini_##SUFFIX(void *loc, int32_t gtid) { (void)loc, (void)gtid; }
+
+DISPATCH(4, int32_t, int32_t)
+DISPATCH(4u, uint32_t, int32_t)
+DISPATCH(8, int64_t, int64_t)
+DISPATCH(8u, uint64_t, int64_t)
+
 /* memrefCopy(elem_size, UnrankedMemRef *src, UnrankedMemRef *dst) for strided copies. */
 typedef struct {
   int64_t rank;
@@ -274,4 +356,19 @@ API void memrefCopy(int64_t elem_size, unranked_t *src, unranked_t *dst) {
     while (d >= 0 && ++idx[d] == sizes[d]) idx[d--] = 0;
     if (d < 0) return;
   }
+}
+
+/* __truncsfbf2(float) -> bf16, the libcall LLVM emits for a bf16 value it promoted to f32
+ * (e.g. a bf16 copy kernel's load/store) on x86 targets without AVX512-BF16. The psABI returns
+ * a __bf16 in the low 16 bits of xmm0, so this returns a float carrying those bits (older C
+ * compilers have no __bf16 type). Rounds to nearest even; NaNs stay (quiet) NaNs. */
+API float __truncsfbf2(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  uint32_t bits = ((u & 0x7fffffffu) > 0x7f800000u)
+                      ? ((u >> 16) | 0x40u)
+                      : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  float out;
+  memcpy(&out, &bits, sizeof out);
+  return out;
 }

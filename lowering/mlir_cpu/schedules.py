@@ -1,8 +1,9 @@
 """Fast matmul for the MLIR CPU backend: op forms to emit, and the transform-dialect schedule.
 
-The kernel is the classic register-blocked outer-product matmul (BLIS style) on AVX2:
-an MR x NR block of C stays in registers while k runs; A is read as scalar broadcasts and B as
-NR-wide vectors. B must therefore be laid out "panel-packed": `[N/NR, K, NR]`, i.e. W^T cut into
+The kernel is the classic register-blocked outer-product matmul (BLIS style): an MR x NR block
+of C stays in registers while k runs; A is read as scalar broadcasts and B as NR-wide vectors.
+`MatmulConfig.for_target` sizes the block for the CPU target's vectors and register file
+(AVX-512: 8 x 32, i.e. 16 zmm accumulators; AVX2: 6 x 16 in ymm). B must therefore be laid out "panel-packed": `[N/NR, K, NR]`, i.e. W^T cut into
 NR-column panels. For a Linear layer (W is `[out, in]`) that is
 
     packed[p, k, j] = W[p*NR + j, k]          (numpy: W.reshape(N//NR, NR, K).transpose(0, 2, 1))
@@ -21,8 +22,8 @@ How to emit (with the Python builders, inside a func.func over tensors):
 `graphir.schedule = "packed_matmul"`; only ops with that attribute are scheduled. Everything
 else (plain linalg.matmul, batch_matmul, generics) still compiles, as scalar loops.
 
-Schedule (per op): scf.forall over N panels (one slice per thread; becomes an OpenMP region),
-tile+fuse the fill over NCB panels, tile k by KC (B block NCB x KC x NR stays in L2),
+Schedule (per op): scf.forall over slices of NCB panels (an OpenMP loop with the dynamic
+schedule), the fill fused into each slice, tile k by KC (B block NCB x KC x NR stays in L2),
 tile m by MR (1 if M is dynamic or ragged) and one panel, tile k by KU, vectorize,
 lower the contraction to outer products (FMA with broadcast), hoist the accumulator into
 registers. After bufferization `lower_vectors` unrolls what is left to 1-D vectors.
@@ -33,14 +34,16 @@ generic tagged `"packed_matmul_rows"` (the static inner MR keeps the MR x NR reg
 and the < MR remaining rows as a plain `"packed_matmul"` with MR = 1.
 
 Weight prepacking: a lowering registers a rule with `register_prepack(op)`; the backend asks
-`prepack_layouts(node, load_time)` which operands the kernel takes pre-packed (only operands
+`prepack_layouts(node, load_time, cfg)` which operands the kernel takes pre-packed (only operands
 known at load time: weights and what is computed from weights alone). The kernel's argument
 then has the packed type (`packed_type`), the plan step records `"prepack": [[operand, layout]]`
 and the executor packs that operand once when it binds the weights. Layouts (packed as f32):
-`"nk16"` packs a `[N, K]` operand used transposed (a Linear weight), `"kn16"` a `[K, N]` one.
+`"nk<NR>"` packs a `[N, K]` operand used transposed (a Linear weight), `"kn<NR>"` a `[K, N]`
+one, in panels of NR columns (`"nk32"` on AVX-512).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -56,20 +59,44 @@ _ID_ATTR = "graphir.schedule_id"
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Tile sizes of the packed-matmul schedule (defaults tuned on a 2-core AVX2 EPYC)."""
+    """Tile sizes of the packed-matmul schedule; `for_target` picks them for a CPU target."""
     mr: int = 4          # rows of C per register block
-    nr: int = 16         # panel width (2 AVX2 vectors); must match the packed B layout
+    nr: int = 16         # preferred panel width; must match the packed B layout
     kc: int = 256        # k block: the B block NCB x KC x NR is reused from L2 over all of M
-    ncb: int = 16        # panels per L2 block
+    ncb: int = 16        # panels of width nr per L2 block
     ku: int = 8          # k unroll inside the register kernel
     threads: int = 2     # slices of the N panels, one per worker thread
+    lanes: int = 8       # f32 lanes of one vector register: the narrowest panel
 
     def __post_init__(self):
-        for name in ("mr", "nr", "kc", "ncb", "ku", "threads"):
+        for name in ("mr", "nr", "kc", "ncb", "ku", "threads", "lanes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"MatmulConfig.{name} must be positive, got {getattr(self, name)}")
         if self.kc % self.ku:
             raise ValueError(f"MatmulConfig: kc ({self.kc}) must be a multiple of ku ({self.ku})")
+        if self.nr % self.lanes:
+            raise ValueError(f"MatmulConfig: nr ({self.nr}) must be a multiple of lanes "
+                             f"({self.lanes})")
+
+    @staticmethod
+    def for_target(cpu, threads: int = 2) -> "MatmulConfig":
+        """The register block for a CpuTarget: MR x NR accumulators, NR/lanes B vectors and a
+        broadcast must fit its vector registers (32 zmm: 8 x 32 uses 19; 16 ymm: 6 x 16 uses
+        15). ku = 1: LLVM keeps one k step's B vectors live, a wider unroll spills them."""
+        lanes, regs = cpu.f32_lanes, cpu.vector_registers
+        nr = 2 * lanes
+        mr = max(1, min(8, (regs - nr // lanes - 1) // (nr // lanes)))
+        return MatmulConfig(mr=mr, nr=nr, kc=256, ncb=16 * 32 // nr, ku=1, threads=threads,
+                            lanes=lanes)
+
+    def panel_width(self, n: int) -> int | None:
+        """The widest panel (nr, nr/2, ... down to one vector) that divides N; None if none."""
+        w = self.nr
+        while w >= self.lanes and w % self.lanes == 0:
+            if n % w == 0:
+                return w
+            w //= 2
+        return None
 
 
 def pack_weight_numpy(w: np.ndarray, nr: int = 16) -> np.ndarray:
@@ -81,9 +108,19 @@ def pack_weight_numpy(w: np.ndarray, nr: int = 16) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n // nr, nr, k).transpose(0, 2, 1))
 
 
-PREPACK_LAYOUTS = ("nk16", "kn16")
-# op name -> rule(node, load_time: list[bool] per non-chain operand) -> {operand index: layout}
+# Layouts: "nk<NR>" packs a [N, K] operand used transposed, "kn<NR>" a [K, N] one.
+_LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)")
+# op name -> rule(node, load_time: list[bool] per non-chain operand, cfg) -> {operand: layout}
 PREPACK_RULES: dict[str, Callable] = {}
+
+
+def parse_layout(layout: str) -> tuple[str, int]:
+    """("nk" | "kn", NR) of a prepack layout name such as "nk32"."""
+    m = _LAYOUT.fullmatch(layout) if isinstance(layout, str) else None
+    if not m:
+        raise ValueError(f"unknown prepack layout {layout!r}; expected 'nk<NR>' or 'kn<NR>', "
+                         f"e.g. 'nk32'")
+    return m.group(1), int(m.group(2))
 
 
 def register_prepack(op: str):
@@ -96,24 +133,22 @@ def register_prepack(op: str):
     return deco
 
 
-def prepack_layouts(node, load_time: Sequence[bool]) -> dict[int, str]:
+def prepack_layouts(node, load_time: Sequence[bool], cfg: MatmulConfig) -> dict[int, str]:
     """{operand index: layout} for the operands `node`'s kernel takes pre-packed."""
     rule = PREPACK_RULES.get(node.op)
-    out = dict(rule(node, list(load_time))) if rule else {}
+    out = dict(rule(node, list(load_time), cfg)) if rule else {}
     for i, layout in out.items():
-        if layout not in PREPACK_LAYOUTS:
-            raise ValueError(f"gir.{node.op}: unknown prepack layout {layout!r} for operand {i}")
+        try:
+            parse_layout(layout)
+        except ValueError as e:
+            raise ValueError(f"gir.{node.op} operand {i}: {e}") from None
     return out
 
 
-def packed_shape(shape: Sequence[int], layout: str, nr: int = 16) -> list[int]:
+def packed_shape(shape: Sequence[int], layout: str) -> list[int]:
     """Shape of an operand of `shape` packed in `layout` (`[N/nr, K, nr]`)."""
-    if layout == "nk16":
-        n, k = shape
-    elif layout == "kn16":
-        k, n = shape
-    else:
-        raise ValueError(f"packed_shape: unknown layout {layout!r}; expected {PREPACK_LAYOUTS}")
+    kind, nr = parse_layout(layout)
+    n, k = shape if kind == "nk" else shape[::-1]
     if n % nr:
         raise ValueError(f"packed_shape: N = {n} is not a multiple of {nr}")
     return [n // nr, k, nr]
@@ -190,11 +225,16 @@ def _k_tiles(k: int, cfg: MatmulConfig) -> tuple[int, int]:
     return kc, ku
 
 
-def _tile_counts(cfg: MatmulConfig, n_panels: int, k: int) -> tuple[int, int, int, int]:
-    """(panels per thread, panels per L2 block, kc, ku) for a matmul with n_panels NR panels."""
-    per_thread = -(-n_panels // cfg.threads)
+def _tile_counts(cfg: MatmulConfig, n_panels: int, k: int, nr: int) -> tuple[int, int, int, int]:
+    """(panels per parallel slice, panels per L2 block, kc, ku) for n_panels panels of width nr.
+
+    A slice is one L2 block (its bytes kept when nr is narrower than the config's), or less so
+    that there are at least two slices per thread: the loop is scheduled dynamically (see
+    toolchain._dynamic_loops), so a slowed-down thread takes fewer slices."""
+    ncb = max(1, cfg.ncb * cfg.nr // nr)
+    per_slice = min(ncb, max(1, n_panels // (2 * cfg.threads)))
     kc, ku = _k_tiles(k, cfg)
-    return per_thread, min(cfg.ncb, per_thread), kc, ku
+    return per_slice, per_slice, kc, ku
 
 
 def _tiling_script(i: int, forall: list, fuse: list, k_block: list, rows: list, k_unroll: list,
@@ -223,19 +263,20 @@ def _tiling_script(i: int, forall: list, fuse: list, k_block: list, rows: list, 
 """
 
 
-def _sequence_for(i: int, cfg: MatmulConfig, n_panels: int, k: int, static_m: int | None) -> str:
-    per_thread, ncb, kc, ku = _tile_counts(cfg, n_panels, k)
+def _sequence_for(i: int, cfg: MatmulConfig, n_panels: int, k: int, nr: int,
+                  static_m: int | None) -> str:
+    per_slice, ncb, kc, ku = _tile_counts(cfg, n_panels, k, nr)
     # A ragged or dynamic M falls back to one row per register block: every tile stays static,
     # so no masks are needed (masked transfers do not lower cleanly yet).
     mr = cfg.mr if static_m is not None and static_m % cfg.mr == 0 else 1
-    return _tiling_script(i, [0, per_thread], [0, ncb, 0, 0], [0, 0, 0, kc], [mr, 1, 0, 0],
+    return _tiling_script(i, [0, per_slice], [0, ncb, 0, 0], [0, 0, 0, kc], [mr, 1, 0, 0],
                           [0, 0, 0, ku], [mr, 1, 0])
 
 
-def _sequence_rows(i: int, cfg: MatmulConfig, n_panels: int, k: int) -> str:
+def _sequence_rows(i: int, cfg: MatmulConfig, n_panels: int, k: int, nr: int) -> str:
     """The 5-D form (mb, r, panel, j, k) with a static r = MR: one MR x NR register block."""
-    per_thread, ncb, kc, ku = _tile_counts(cfg, n_panels, k)
-    return _tiling_script(i, [0, 0, per_thread], [0, 0, ncb, 0, 0], [0, 0, 0, 0, kc],
+    per_slice, ncb, kc, ku = _tile_counts(cfg, n_panels, k, nr)
+    return _tiling_script(i, [0, 0, per_slice], [0, 0, ncb, 0, 0], [0, 0, 0, 0, kc],
                           [1, 0, 1, 0, 0], [0, 0, 0, 0, ku], [1, 0, 1, 0])
 
 
@@ -256,11 +297,17 @@ _EPILOGUE = """
 
 def apply_matmul_schedule(module: ir.Module, config: MatmulConfig | None = None) -> int:
     """Embed the transform schedule for every op tagged `graphir.schedule = "packed_matmul"`
-    or `"packed_matmul_rows"`.
+    or `"packed_matmul_rows"` (tile sizes from `config`, default this host's target's).
 
     The schedule runs (and is erased) in toolchain.lower(); returns how many ops were tagged.
+    Each op's panel width is its packed B's (any multiple of cfg.lanes); the rows form's MR is
+    its A operand's.
     """
-    cfg = config or MatmulConfig()
+    if config is None:
+        from .cpu_target import host_target
+
+        config = MatmulConfig.for_target(host_target())
+    cfg = config
     ops = []
 
     def visit(op):
@@ -277,15 +324,16 @@ def apply_matmul_schedule(module: ir.Module, config: MatmulConfig | None = None)
     with module.context, ir.Location.unknown():
         for i, op in enumerate(ops):
             bt = ir.RankedTensorType(op.operands[1].type)
-            if bt.shape[2] != cfg.nr:
-                raise ValueError(f"apply_matmul_schedule: packed B panel width {bt.shape[2]} "
-                                 f"!= MatmulConfig.nr {cfg.nr}")
+            nb, k, nr = bt.shape
+            if nr % cfg.lanes:
+                raise ValueError(f"apply_matmul_schedule: packed B panel width {nr} is not a "
+                                 f"multiple of {cfg.lanes} f32 lanes")
             m = ir.RankedTensorType(op.operands[0].type).shape[0]
             op.attributes[_ID_ATTR] = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i)
             if ir.StringAttr(op.attributes[SCHEDULE_ATTR]).value == PACKED_MATMUL_ROWS:
-                body.append(_sequence_rows(i, cfg, bt.shape[0], bt.shape[1]))
+                body.append(_sequence_rows(i, cfg, nb, k, nr))
                 continue
-            body.append(_sequence_for(i, cfg, bt.shape[0], bt.shape[1],
+            body.append(_sequence_for(i, cfg, nb, k, nr,
                                       None if ir.ShapedType.is_dynamic_size(m) else m))
         text = ("module attributes {transform.with_named_sequence} {\n"
                 "transform.named_sequence @__transform_main(%root: !transform.any_op "

@@ -14,6 +14,11 @@ the object exports `_mlir_ciface_<name>(in descriptors..., out descriptors...)` 
 descriptor is a pointer to a ranked memref struct and every tensor result became a trailing
 out-param (identity layout, i.e. C-contiguous). runtime/cpu.py calls that without MLIR.
 
+Code generation follows a CpuTarget (cpu_target.py; the host's when none is given): every
+llvm.func gets LLVM's target-cpu / target-features attributes (the -mcpu / -mattr of the
+ExecutionEngine's host-configured machine are overridden per function; outlined OpenMP bodies
+inherit them), so a library built for avx2 holds no AVX-512 instruction even on an AVX-512 host.
+
 Parallel loops (scf.forall / scf.parallel) become OpenMP regions; parallel_runtime.c implements
 the few __kmpc_* functions they call, and is linked into every .so with hidden visibility.
 """
@@ -29,6 +34,8 @@ from pathlib import Path
 
 from mlir import ir, passmanager
 from mlir.execution_engine import ExecutionEngine
+
+from .cpu_target import CpuTarget, host_target
 
 STAGES = ("mlir", "scheduled", "bufferized", "llvm", "llvmir")
 
@@ -46,12 +53,16 @@ BUFFERIZE_PIPELINE = (
     "canonicalize",
 )
 
-LLVM_PIPELINE = (
+# To OpenMP first; the work-sharing loops then get the dynamic schedule (see _dynamic_loops).
+OPENMP_PIPELINE = (
     "convert-linalg-to-loops",
     # bf16 <-> f32 as integer ops: LLVM would otherwise call compiler-rt's __truncsfbf2.
     "arith-expand{include-bf16=true}",
     "scf-forall-to-parallel",
     "convert-scf-to-openmp",
+)
+
+LLVM_PIPELINE = (
     "func.func(convert-vector-to-scf{full-unroll target-rank=1})",
     "expand-strided-metadata",
     "lower-affine",
@@ -140,8 +151,52 @@ def lower(module: ir.Module, until: str = "llvm") -> ir.Module:
     schedules.lower_vectors(mod)
     if until == "bufferized":
         return mod
+    _run(mod, OPENMP_PIPELINE)
+    _dynamic_loops(mod)
     _run(mod, LLVM_PIPELINE)
     return mod
+
+
+def _dynamic_loops(module: ir.Module) -> None:
+    """Every omp.wsloop takes the dynamic schedule: the runtime hands out chunks from a shared
+    counter (parallel_runtime.c), so neither a slowed-down thread nor a thread count other
+    than the compile-time slice count leaves cores idle."""
+    with module.context:
+        dynamic = ir.Attribute.parse("#omp<schedulekind dynamic>")
+
+        def visit(op):
+            if op.name == "omp.wsloop":
+                op.attributes["schedule_kind"] = dynamic
+            return ir.WalkResult.ADVANCE
+
+        module.operation.walk(visit)
+
+
+def set_codegen_target(llvm_module: ir.Module, target: CpuTarget) -> None:
+    """Give every llvm.func the target's CPU and features (LLVM's -mcpu / -mattr).
+
+    The ExecutionEngine adds a `_mlir_<name>` wrapper per function with the host's attributes;
+    a kernel inlined there would be compiled (and auto-vectorized) for the host, so kernels
+    are kept out of line (their `_mlir_ciface_` entry points still inline them)."""
+    with llvm_module.context:
+        cpu = ir.StringAttr.get(target.llvm_cpu)
+        feats = ir.Attribute.parse(
+            "#llvm.target_features<[" + ", ".join(f'"{f}"' for f in target.llvm_features) + "]>")
+        for op in llvm_module.body.operations:
+            if op.operation.name != "llvm.func":
+                continue
+            attrs = op.operation.attributes
+            attrs["target_cpu"] = cpu
+            attrs["target_features"] = feats
+            name = ir.StringAttr(attrs["sym_name"]).value
+            if op.operation.regions[0].blocks and not name.startswith("_mlir_ciface_"):
+                attrs["no_inline"] = ir.UnitAttr.get()
+
+
+def _lower_for(module: ir.Module, target: CpuTarget | None) -> ir.Module:
+    llvm_mod = lower(module, "llvm")
+    set_codegen_target(llvm_mod, target or host_target())
+    return llvm_mod
 
 
 def _translate_to_llvmir(llvm_module: ir.Module) -> str:
@@ -151,12 +206,12 @@ def _translate_to_llvmir(llvm_module: ir.Module) -> str:
         return str(llvm_d.translate_module_to_llvmir(llvm_module.operation))
 
 
-def stage_text(module: ir.Module, stage: str) -> str:
+def stage_text(module: ir.Module, stage: str, target: CpuTarget | None = None) -> str:
     """IR text of `module` after `stage` ("mlir", "scheduled", "bufferized", "llvm", "llvmir")."""
     if stage not in STAGES:
         raise ValueError(f"stage_text: unknown stage {stage!r}; expected one of {STAGES}")
     if stage == "llvmir":
-        return _translate_to_llvmir(lower(module, "llvm"))
+        return _translate_to_llvmir(_lower_for(module, target))
     return str(lower(module, stage))
 
 
@@ -188,8 +243,9 @@ def _runtime_artifact(kind: str) -> Path:
 
 
 def compile_to_shared_object(module: ir.Module, out_path: str | os.PathLike,
-                             opt_level: int = 3) -> Path:
-    """Lower `module` to LLVM, emit an object for this host CPU and link a self-contained .so.
+                             opt_level: int = 3, target: CpuTarget | None = None) -> Path:
+    """Lower `module` to LLVM, emit an object for `target` (default: this host's CPU target)
+    and link a self-contained .so.
 
     The result depends only on libc, libm and libpthread: no MLIR runtime library is needed.
 
@@ -200,7 +256,7 @@ def compile_to_shared_object(module: ir.Module, out_path: str | os.PathLike,
     if opt_level not in (0, 1, 2, 3):
         raise ValueError(f"compile_to_shared_object: opt_level must be 0..3, got {opt_level!r}")
     out_path = Path(out_path)
-    llvm_mod = lower(module, "llvm")
+    llvm_mod = _lower_for(module, target)
     rt_so = _runtime_artifact("so")
     with tempfile.TemporaryDirectory(prefix="graphir-cc-") as tmp:
         obj = Path(tmp) / "kernel.o"
@@ -219,12 +275,12 @@ def compile_to_shared_object(module: ir.Module, out_path: str | os.PathLike,
     return out_path
 
 
-def jit(module: ir.Module, opt_level: int = 3) -> ExecutionEngine:
+def jit(module: ir.Module, opt_level: int = 3, target: CpuTarget | None = None) -> ExecutionEngine:
     """Lower `module` and JIT it (development only).
 
     Call as `engine.invoke(name, *[ctypes.pointer(ctypes.pointer(d)) for d in descriptors])`
     with runtime.cpu.make_descriptor(...) for inputs then preallocated outputs.
     """
-    llvm_mod = lower(module, "llvm")
+    llvm_mod = _lower_for(module, target)
     return ExecutionEngine(llvm_mod, opt_level=opt_level,
                            shared_libs=[str(_runtime_artifact("so"))])

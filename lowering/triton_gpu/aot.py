@@ -51,6 +51,7 @@ class CompiledCubin:
     launch_pdl: bool
     target: str
     asm: dict[str, str] = field(default_factory=dict)
+    maxnreg: int | None = None  # the register cap it was compiled with (None: ptxas chose)
 
     @property
     def ptx(self) -> str:
@@ -82,7 +83,7 @@ class CompiledCubin:
             "profile_scratch_size": self.profile_scratch_size,
             "profile_scratch_align": self.profile_scratch_align,
             "launch_cooperative_grid": self.launch_cooperative_grid,
-            "launch_pdl": self.launch_pdl, "target": self.target,
+            "launch_pdl": self.launch_pdl, "target": self.target, "maxnreg": self.maxnreg,
         }
 
 
@@ -97,12 +98,16 @@ def param_ctype(ty: str) -> str:
 
 def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[str, Any],
                    num_warps: int = 4, num_stages: int = 3, target: GPUTarget = SM90,
-                   divisible_by_16: tuple[str, ...] = ()) -> CompiledCubin:
+                   divisible_by_16: tuple[str, ...] = (),
+                   maxnreg: int | None = None) -> CompiledCubin:
     """Compile a `@triton.jit` function for `target` without touching a GPU.
 
     `signature` names every argument of `fn` (constexprs as "constexpr"); `divisible_by_16`
-    lists arguments the binary may assume are multiples of 16.
+    lists arguments the binary may assume are multiples of 16; `maxnreg` caps the registers
+    per thread (Triton's compile option of that name).
     """
+    if maxnreg is not None and not (isinstance(maxnreg, int) and 16 <= maxnreg <= 255):
+        raise ValueError(f"{fn.__name__}: maxnreg must be an int in [16, 255], got {maxnreg!r}")
     names = list(fn.arg_names)
     if list(signature) != names:
         raise ValueError(f"{fn.__name__}: signature keys {list(signature)} != arguments {names}")
@@ -116,8 +121,10 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
             raise ValueError(f"{fn.__name__}: divisible_by_16 names unknown/constexpr arg {k!r}")
         attrs[(names.index(k),)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, dict(signature), dict(constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=target,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    compiled = triton.compile(src, target=target, options=options)
     md = compiled.metadata
     params = [(k, v) for k, v in signature.items() if v != "constexpr"] + list(SCRATCH_PARAMS)
     asm = {k: v for k, v in compiled.asm.items() if isinstance(v, str)}
@@ -129,10 +136,11 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         profile_scratch_size=int(md.profile_scratch_size or 0),
         profile_scratch_align=int(md.profile_scratch_align or 1),
         launch_cooperative_grid=bool(md.launch_cooperative_grid),
-        launch_pdl=bool(md.launch_pdl), target=f"{target.backend}:{target.arch}", asm=asm)
+        launch_pdl=bool(md.launch_pdl), target=f"{target.backend}:{target.arch}", asm=asm,
+        maxnreg=maxnreg)
 
 
 def compile_spec(spec: KernelSpec, target: GPUTarget = SM90) -> CompiledCubin:
     """Compile one `KernelSpec`."""
     return compile_kernel(spec.fn, spec.signature, spec.constexprs, spec.num_warps,
-                          spec.num_stages, target, spec.divisible_by_16)
+                          spec.num_stages, target, spec.divisible_by_16, spec.maxnreg)

@@ -7,8 +7,10 @@ to its registered lowering (lowerings/, one module per op family), which records
 data (lowerings/base.py).
 `build(graph, target, say)` then compiles every distinct kernel specialization with
 `triton.compile` for the target (no GPU needed) and returns the artifact payload (cubins, PTX,
-Triton sources) and the manifest fields: the plan and the kernel table (cubin file, parameters,
-warps, shared memory, scratch sizes).
+Triton sources) and the manifest fields: the plan, the kernel table (cubin file, parameters,
+warps, shared memory, scratch sizes; a cuBLASLt entry names its Triton fallback instead) and
+the "tuning" section. Tunable steps (the matmul) take their configs per shape bucket from
+tuning.py: the shipped table, or with `tune=True` timings on this machine's GPU.
 """
 from __future__ import annotations
 
@@ -158,24 +160,39 @@ def _jsonable(d) -> dict:
     return {k: (v if isinstance(v, (bool, int, float, str)) else repr(v)) for k, v in d.items()}
 
 
-def build(graph, target, say=lambda msg: None, **options):
-    """Compile `graph` for `target` (a lowering.driver.Target, cuda): (payload, manifest extra)."""
+def build(graph, target, say=lambda msg: None, *, tune: bool = False, **options):
+    """Compile `graph` for `target` (a lowering.driver.Target, cuda): (payload, manifest extra).
+
+    tune=True times every candidate config of every tunable kernel step on this machine's GPU
+    (lowering/triton_gpu/tuning.py) and compiles the winners; without a usable GPU it warns and
+    uses the shipped default table. The manifest's "tuning" section records the choices.
+    """
     if options:
-        raise ValueError(f"unknown cuda compile options {sorted(options)}")
+        raise ValueError(f"unknown cuda compile options {sorted(options)}; known: ['tune']")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return _build_in_subprocess(graph, target, say)
+        return _build_in_subprocess(graph, target, say, tune)
     from triton.backends.compiler import GPUTarget
 
+    from . import tuning
     from .aot import MAX_SHARED_SM90, compile_spec
 
     say("lowering to Triton kernels")
-    program = lower(graph)
+    selector = tuning.Selector()
+    with tuning.using(selector):
+        program = lower(graph)
     gpu = GPUTarget("cuda", int(target.arch or 90), 32)
+    section = {"requested": bool(tune)}
+    compiled: dict = {}
+    if tune and selector.sites:
+        program, selector, section, compiled = _tune(graph, program, selector, gpu, say)
     payload: dict[str, bytes] = {}
     table = {}
     for i, (key, spec) in enumerate(sorted(program.kernels.items())):
+        if spec.extra.get("kind") == "cublaslt":
+            table[key] = _library_entry(spec)
+            continue
         say(f"compiling kernel {i + 1}/{len(program.kernels)}: {spec.name}")
-        c = compile_spec(spec, gpu)
+        c = compiled.get(key) or compile_spec(spec, gpu)
         if c.shared > MAX_SHARED_SM90:
             raise ValueError(f"kernel {key} needs {c.shared} bytes of shared memory, over the "
                              f"sm_90 limit of {MAX_SHARED_SM90}")
@@ -188,11 +205,44 @@ def build(graph, target, say=lambda msg: None, **options):
                       "constexprs": _jsonable(spec.constexprs),
                       "divisible_by_16": list(spec.divisible_by_16)}
     extra = {"backend": "triton_gpu", "plan": program.plan.to_json(), "kernels": table,
-             "input_names": graph.input_names}
+             "input_names": graph.input_names,
+             "tuning": tuning.manifest_section(selector, **section)}
     return payload, extra
 
 
-def _build_in_subprocess(graph, target, say):
+def _tune(graph, program, selector, gpu, say):
+    """Time the candidates on this machine's GPU and lower again with the winners:
+    (program, selector, manifest-section facts, compiled cubins by kernel key)."""
+    import warnings
+
+    from . import tuning
+    from .tuning_gpu import GpuMeasurer, unavailable_reason
+
+    why = unavailable_reason(gpu)
+    if why:
+        note = (f"--tune needs a CUDA GPU of the target's architecture ({why}); using the "
+                f"shipped default table {tuning.DEFAULTS_PATH.name} instead")
+        warnings.warn(note, RuntimeWarning)
+        say(note)
+        return program, selector, {"requested": True, "tuned": False, "note": note}, {}
+    measure = GpuMeasurer(gpu, say=say)
+    measured = tuning.tune(selector.sites, measure, measure.device_name, say)
+    tuned = tuning.Selector([("tuned", measured)] + selector.tables)
+    with tuning.using(tuned):
+        program = lower(graph)
+    return program, tuned, {"requested": True, "tuned": True,
+                            "device": measure.device_name}, measure.compiled
+
+
+def _library_entry(spec) -> dict:
+    """Kernel-table entry of a library call (no cubin): what `_Kernels` needs to build it."""
+    ex = dict(spec.extra)
+    params = [{"name": n, "type": t} for n, t in spec.runtime_params()]
+    return {"kind": ex.pop("kind"), "name": spec.name, "spec": spec.name, "params": params,
+            "signature": dict(spec.signature), "num_warps": 0, "shared": 0, **ex}
+
+
+def _build_in_subprocess(graph, target, say, tune=False):
     # Under TRITON_INTERPRET=1 (the interpreter tests) @triton.jit functions cannot be
     # compiled; build in a clean interpreter instead.
     say("compiling in a subprocess (TRITON_INTERPRET is set here)")
@@ -202,11 +252,14 @@ def _build_in_subprocess(graph, target, say):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run([sys.executable, "-m", "graphir.lowering.triton_gpu.backend", str(src),
-                               str(target), tmp], env=env, capture_output=True, text=True)
+        argv = [sys.executable, "-m", "graphir.lowering.triton_gpu.backend", str(src),
+                str(target), tmp] + (["--tune"] if tune else [])
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"cuda build subprocess failed:\n{proc.stderr[-4000:]}")
         extra = json.loads((Path(tmp) / "extra.json").read_text())
+        if extra.get("tuning", {}).get("note"):
+            say(extra["tuning"]["note"])
         payload = {}
         for rel in extra.pop("_files"):
             payload[rel] = (Path(tmp) / "out" / rel).read_bytes()
@@ -217,9 +270,10 @@ def _main(argv) -> int:
     from graphir import parse
     from graphir.lowering.driver import Target
 
-    src, target, out = argv
+    tune = "--tune" in argv
+    src, target, out = [a for a in argv if a != "--tune"]
     graph = parse(Path(src).read_text())
-    payload, extra = build(graph, Target.parse(target))
+    payload, extra = build(graph, Target.parse(target), tune=tune)
     for rel, data in payload.items():
         p = Path(out) / "out" / rel
         p.parent.mkdir(parents=True, exist_ok=True)

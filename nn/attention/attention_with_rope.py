@@ -34,6 +34,7 @@ class AttentionWithRope(ShardableAttention):
 
     Weights (MAX names): q_proj/k_proj/v_proj.weight (and .bias with has_bias) or
     qkv_proj.weight with stacked_qkv; o_proj.weight; q_norm/k_norm.weight with use_qk_norm.
+    `softcap` caps the scaled attention scores s to softcap * tanh(s / softcap) (Gemma 2).
 
     Example:
         >>> attn = AttentionWithRope(rope=rope, num_attention_heads=32, num_key_value_heads=8,
@@ -50,7 +51,8 @@ class AttentionWithRope(ShardableAttention):
                  float8_config: Float8Config | None = None, clip_qkv: float | None = None,
                  use_qk_norm: bool = False, rms_norm_eps: float = 1e-6,
                  mask_variant: MHAMaskVariant | str = MHAMaskVariant.CAUSAL_MASK,
-                 sliding_window: int | None = None, _fuse_rope_and_store: bool = True) -> None:
+                 sliding_window: int | None = None, softcap: float | None = None,
+                 _fuse_rope_and_store: bool = True) -> None:
         super().__init__()
         cls = type(self).__name__
         check_rope_and_kv_params(cls, rope, kv_params)
@@ -72,6 +74,9 @@ class AttentionWithRope(ShardableAttention):
         if self.mask_variant.needs_window:
             positive_int(cls, f"sliding_window (needed by {self.mask_variant.name})", sliding_window)
         self.sliding_window = sliding_window
+        if softcap is not None and (isinstance(softcap, bool) or not softcap > 0):
+            raise ValueError(f"{cls}: softcap must be None or > 0, got {softcap!r}")
+        self.softcap = None if softcap is None else float(softcap)
         self.rope = rope
         self.n_heads, self.n_kv_heads = nh, nkv
         self.num_heads = nh
@@ -180,7 +185,7 @@ class AttentionWithRope(ShardableAttention):
             has_bias=self.has_bias, float8_config=self.float8_config, clip_qkv=self.clip_qkv,
             use_qk_norm=self.use_qk_norm, rms_norm_eps=self.rms_norm_eps,
             mask_variant=self.mask_variant, sliding_window=self.sliding_window,
-            _fuse_rope_and_store=self._fuse_rope_and_store)
+            softcap=self.softcap, _fuse_rope_and_store=self._fuse_rope_and_store)
 
     # -- graph building ----------------------------------------------------------------------
     def _weights_in_order(self):
@@ -251,7 +256,7 @@ class AttentionWithRope(ShardableAttention):
             q, kv.kv_blocks, input_row_offsets, kv.cache_lengths, kv.lookup_table,
             n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
             layer_idx=layer, mask_variant=self.mask_variant, window=self.sliding_window,
-            scale=self.scale)
+            scale=self.scale, softcap=self.softcap)
         return self.o_proj(attn)
 
     def materialize_kv_from_hidden(self, layer_idx, hiddens, kv_collections, freqs_cis,

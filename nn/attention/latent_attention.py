@@ -3,8 +3,10 @@
 Per token the layer projects x to q (directly, or through the q LoRA: q_a_proj, RMSNorm,
 q_b_proj) and to the compressed kv_a output ``[c_kv | k_pe]``; the cache stores the RMS-normed
 c_kv and the roped k_pe as one 576-wide "head" (kv_lora_rank + qk_rope_head_dim). Attention then
-runs either decompressed (prefill: K nope and V per head from kv_b_proj) or absorbed (decode: in
-latent space); graph_mode picks one, or "auto" picks per batch at run time.
+runs either decompressed (prefill: K nope and V per head from kv_b_proj, `buffer_size` tokens at
+a time, laid out by create_mla_prefill_metadata) or absorbed (decode: in latent space);
+graph_mode picks one, or "auto" emits ops.mla_attention, which computes only the form each
+batch takes (decode while every sequence brings one new token).
 """
 from __future__ import annotations
 
@@ -230,15 +232,21 @@ class LatentAttentionWithRope(ShardableAttention):
         q = ops.concat([q_nope, q_rope.reshape([t, nh, rope])], axis=2)
         return q.reshape([t, nh * self.qk_head_dim])
 
-    def _attend(self, mode: str, layer: int, q, kv: PagedCacheValues, offs) -> TensorValue:
+    def _attend(self, layer: int, q, kv: PagedCacheValues, offs) -> TensorValue:
         dims = dict(n_heads=self.n_heads, qk_nope_head_dim=self.qk_nope_head_dim,
                     qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
                     kv_lora_rank=self.kv_lora_rank, layer_idx=layer, scale=self.scale)
         meta = (kv.kv_blocks, offs, kv.cache_lengths, kv.lookup_table)
-        if mode == "prefill":
+        if self.graph_mode == "decode":
+            return ops.mla_decode(q, *meta, self.w_uk, self.w_uv, **dims)
+        plan = self.create_mla_prefill_metadata(offs, kv)
+        if self.graph_mode == "prefill":
             return ops.mla_prefill(q, *meta, self.w_k, self.w_uv, buffer_size=self.buffer_size,
-                                   **dims)
-        return ops.mla_decode(q, *meta, self.w_uk, self.w_uv, **dims)
+                                   prefill_metadata=plan, **dims)
+        # auto: one op; each call computes only the form its batch takes (absorbed while every
+        # sequence brings one new token, decompressed otherwise).
+        return ops.mla_attention(q, *meta, self.w_uk, self.w_uv, buffer_size=self.buffer_size,
+                                 absorb_max=1, prefill_metadata=plan, **dims)
 
     def __call__(self, layer_idx, x, kv_collection, freqs_cis, input_row_offsets) -> TensorValue:
         """Attention output [total_seq_len, hidden] for the ragged batch x [total_seq_len, hidden]."""
@@ -246,9 +254,6 @@ class LatentAttentionWithRope(ShardableAttention):
         layer = layer_index(layer_idx)
         kv = as_cache(kv_collection)
         x = check_x(cls, x, self.hidden_size)
-        if self.graph_mode == "auto" and kv.max_lengths is None:
-            raise ValueError(f"{cls}: graph_mode 'auto' picks prefill or decode from "
-                             f"kv_collection.max_lengths, which is None")
         q, kv_latent = self._project(x)
         clen = kv.cache_lengths
         ops.mla_cache_store(kv_latent, self._norm_weight(self.kv_a_layernorm, kv_latent.dtype),
@@ -257,17 +262,7 @@ class LatentAttentionWithRope(ShardableAttention):
                             qk_rope_head_dim=self.qk_rope_head_dim, layer_idx=layer,
                             interleaved=self.rope.interleaved, eps=_NORM_EPS)
         q = self._rope_q(q, freqs_cis, input_row_offsets, clen)
-        if self.graph_mode != "auto":
-            attn = self._attend(self.graph_mode, layer, q, kv, input_row_offsets)
-        else:
-            # Both forms compute the same numbers; decode (absorbed) is the cheap one when every
-            # sequence brings one token. A backend may turn this select into a branch.
-            pre = self._attend("prefill", layer, q, kv, input_row_offsets)
-            dec = self._attend("decode", layer, q, kv, input_row_offsets)
-            longest = ops.slice_tensor(kv.max_lengths, (slice(0, 1), slice(0, 1)))
-            is_prefill = ops.greater(longest.to(x.device),
-                                     ops.constant(1, longest.dtype, x.device))
-            attn = ops.where(is_prefill, pre, dec)
+        attn = self._attend(layer, q, kv, input_row_offsets)
         if attn.dtype != self.o_proj_dtype:
             attn = ops.cast(attn, self.o_proj_dtype)
         out = self.o_proj(attn)

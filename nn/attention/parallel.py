@@ -9,9 +9,26 @@ from graphir.device import DeviceRef
 from graphir.value import TensorValue, as_tensor
 from graphir.ops.attention import layer_index
 
+from ..float8_config import Float8Config
 from .attention_with_rope import AttentionWithRope
 from .checks import check_per_device
 from .sharded import ParallelShards
+
+
+def _quant_config_alias(cls: str, kwargs: dict) -> None:
+    """`quant_config` (the seed's name) into `float8_config` (the older name, kept as an alias)."""
+    if "quant_config" not in kwargs:
+        return
+    qc = kwargs.pop("quant_config")
+    old = kwargs.get("float8_config")
+    if qc is not None and old is not None and old != qc:
+        raise ValueError(f"{cls}: quant_config and float8_config (its older name) are both given "
+                         f"and differ; pass one")
+    if qc is not None and not isinstance(qc, Float8Config):
+        raise ValueError(f"{cls}: quant_config must be a Float8Config, got {type(qc).__name__} "
+                         f"(GPTQ and GGUF layers have their own classes and do not shard)")
+    if qc is not None:
+        kwargs["float8_config"] = qc
 
 
 def distribute_value(v, devices: Sequence[DeviceRef]) -> list[TensorValue]:
@@ -31,8 +48,14 @@ class _Replicated(ParallelShards, AttentionWithRope):
     _min_devices = 1
 
     def __init__(self, *, strategy: str, **kwargs) -> None:
+        _quant_config_alias(type(self).__name__, kwargs)
         super().__init__(**kwargs)
         self._make_shards(strategy, self._min_devices)
+
+    @property
+    def quant_config(self) -> Float8Config | None:
+        """The quantization config (the seed's name for `float8_config`)."""
+        return self.float8_config
 
     def _per_device(self, layer_idx, xs, kv_collections, freqs_cis, input_row_offsets):
         cls, n = type(self).__name__, len(self._shards)

@@ -1,19 +1,21 @@
 """GGUF block formats: geometry and vectorized dequantization (numpy only).
 
 Each row of a GGUF weight is stored as `n_cols / block_elems` consecutive blocks of `block_bytes`
-bytes. Layouts follow the GGML block definitions (all multi-byte fields little-endian):
+bytes. Layouts follow the GGML block definitions (all multi-byte fields little-endian). The 32-value
+"legacy" blocks: code j (0..31) is the low nibble of qs byte j for j < 16, the high nibble of qs
+byte j - 16 otherwise; Q5_x adds bit j of the uint32 qh as bit 4.
 
-- Q4_0 (32 elems, 18 bytes): f16 d; 16 bytes of nibbles, low nibble of byte j is element j, high
-  nibble is element j + 16. y = (q - 8) * d.
+- Q4_0 (32 elems, 18 bytes): f16 d, qs[16]. y = (q - 8) * d.
+- Q4_1 (32 elems, 20 bytes): f16 d, f16 m, qs[16]. y = q * d + m.
+- Q5_0 (32 elems, 22 bytes): f16 d, qh[4], qs[16]. y = (q - 16) * d.
+- Q5_1 (32 elems, 24 bytes): f16 d, f16 m, qh[4], qs[16]. y = q * d + m.
 - Q8_0 (32 elems, 34 bytes): f16 d; 32 int8 q. y = q * d.
-- Q4_K (256 elems, 144 bytes): f16 d, f16 dmin; 12 bytes packing eight 6-bit (scale, min) pairs;
-  128 bytes of nibbles: 64-element chunk c uses bytes 32c..32c+31, low nibbles are sub-block 2c,
-  high nibbles sub-block 2c + 1. y = (d * sc) * q - dmin * m per 32-element sub-block.
-- Q6_K (256 elems, 210 bytes): 128 bytes low nibbles, 64 bytes of 2-bit high parts, 16 int8
-  scales, f16 d. y = (d * sc) * (q - 32) per 16-element sub-block.
+- Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256 elems): see ops.quant.gguf_kquants.
 - F32, F16, BF16: plain little-endian element arrays.
 
-The arithmetic is float32 in the same order as GGML's reference, so results are bit-identical to it.
+The arithmetic is float32 in the same order as GGML's reference, so results are bit-identical to it
+(and to the `gguf` package's numpy dequantizer). A block whose float16 scale is NaN or infinite is
+corrupt data and raises.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from .gguf_kquants import KQUANT_DECODERS, f16_field, kquant_scale_fields
+
 __all__ = [
     "BlockGeometry",
     "GGUF_BLOCK_GEOMETRY",
     "gguf_block_geometry",
     "gguf_row_nbytes",
+    "gguf_scale_fields",
     "dequantize_gguf",
 ]
 
@@ -52,8 +57,14 @@ GGUF_BLOCK_GEOMETRY: dict[str, BlockGeometry] = {
         BlockGeometry("F16", 1, 2),
         BlockGeometry("BF16", 1, 2),
         BlockGeometry("Q4_0", 32, 18),
+        BlockGeometry("Q4_1", 32, 20),
+        BlockGeometry("Q5_0", 32, 22),
+        BlockGeometry("Q5_1", 32, 24),
         BlockGeometry("Q8_0", 32, 34),
+        BlockGeometry("Q2_K", 256, 84),
+        BlockGeometry("Q3_K", 256, 110),
         BlockGeometry("Q4_K", 256, 144),
+        BlockGeometry("Q5_K", 256, 176),
         BlockGeometry("Q6_K", 256, 210),
     )
 }
@@ -92,12 +103,6 @@ def gguf_row_nbytes(encoding: Any, n_cols: int) -> int:
     return int(n_cols) // geo.block_elems * geo.block_bytes
 
 
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """The little-endian float16 at byte `offset` of every block, as float32."""
-    bits = blocks[..., offset].astype(np.uint16) | (blocks[..., offset + 1].astype(np.uint16) << 8)
-    return bits.view(np.float16).astype(np.float32)
-
-
 def _check_finite(name: str, field: str, values: np.ndarray) -> None:
     bad = np.argwhere(~np.isfinite(values))
     if bad.size:
@@ -108,57 +113,39 @@ def _check_finite(name: str, field: str, values: np.ndarray) -> None:
         )
 
 
-def _nibbles(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return b & np.uint8(0x0F), b >> np.uint8(4)
+def _legacy_codes(blocks: np.ndarray, qs_at: int, qh_at: int | None) -> np.ndarray:
+    """The 32 codes of a Q4_x / Q5_x block as float32: nibble j of byte j % 16 (low for j < 16),
+    plus bit j of the little-endian uint32 at `qh_at` as bit 4 for Q5_x."""
+    qs = blocks[..., qs_at:qs_at + 16]
+    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)
+    if qh_at is not None:
+        qh = blocks[..., qh_at:qh_at + 4].reshape(*blocks.shape[:-1], 4, 1)
+        high = ((qh >> np.arange(8, dtype=np.uint8)) & np.uint8(1)).reshape(*blocks.shape[:-1], 32)
+        q = q | (high << np.uint8(4))
+    return q.astype(np.float32)
 
 
 def _deq_q4_0(blocks: np.ndarray) -> np.ndarray:
-    d = _f16(blocks, 0)
-    _check_finite("Q4_0", "d", d)
-    lo, hi = _nibbles(blocks[..., 2:18])
-    q = np.concatenate([lo, hi], axis=-1).astype(np.int8) - np.int8(8)
-    return d[..., None] * q.astype(np.float32)
+    return (_legacy_codes(blocks, 2, None) - np.float32(8)) * f16_field(blocks, 0)[..., None]
+
+
+def _deq_q4_1(blocks: np.ndarray) -> np.ndarray:
+    d, m = f16_field(blocks, 0), f16_field(blocks, 2)
+    return _legacy_codes(blocks, 4, None) * d[..., None] + m[..., None]
+
+
+def _deq_q5_0(blocks: np.ndarray) -> np.ndarray:
+    return (_legacy_codes(blocks, 6, 2) - np.float32(16)) * f16_field(blocks, 0)[..., None]
+
+
+def _deq_q5_1(blocks: np.ndarray) -> np.ndarray:
+    d, m = f16_field(blocks, 0), f16_field(blocks, 2)
+    return _legacy_codes(blocks, 8, 4) * d[..., None] + m[..., None]
 
 
 def _deq_q8_0(blocks: np.ndarray) -> np.ndarray:
-    d = _f16(blocks, 0)
-    _check_finite("Q8_0", "d", d)
     q = np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)
-    return q.astype(np.float32) * d[..., None]
-
-
-def _deq_q4_k(blocks: np.ndarray) -> np.ndarray:
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    _check_finite("Q4_K", "d", d)
-    _check_finite("Q4_K", "dmin", dmin)
-    # Scales bytes 0-3 / 4-7 carry the low 6 bits of scale / min of sub-blocks 0-3 and, in their top
-    # two bits, bits 4-5 of sub-blocks 4-7; bytes 8-11 carry the low nibbles of sub-blocks 4-7.
-    s = blocks[..., 4:16]
-    a, b, c = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], axis=-1).astype(np.float32)
-    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1).astype(np.float32)
-    lo, hi = _nibbles(blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32))
-    q = np.stack([lo, hi], axis=-2).reshape(*blocks.shape[:-1], 8, 32).astype(np.float32)
-    scale = (d[..., None] * sc)[..., None]
-    offset = (dmin[..., None] * mn)[..., None]
-    return (scale * q - offset).reshape(*blocks.shape[:-1], 256)
-
-
-def _deq_q6_k(blocks: np.ndarray) -> np.ndarray:
-    lead = blocks.shape[:-1]
-    d = _f16(blocks, 208)
-    _check_finite("Q6_K", "d", d)
-    # Per 128-element half: elements 0-63 take the low nibbles of its 64 ql bytes, 64-127 the high
-    # ones; element 32k + l takes bits 2k..2k+1 of qh byte l as bits 4-5.
-    lo, hi = _nibbles(blocks[..., 0:128].reshape(*lead, 2, 64))
-    low4 = np.concatenate([lo, hi], axis=-1)
-    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
-    high2 = ((qh >> shifts) & np.uint8(3)).reshape(*lead, 2, 128)
-    q = (low4 | (high2 << np.uint8(4))).astype(np.int8) - np.int8(32)
-    sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
-    scale = (d[..., None] * sc)[..., None]
-    return (scale * q.reshape(*lead, 16, 16).astype(np.float32)).reshape(*lead, 256)
+    return q.astype(np.float32) * f16_field(blocks, 0)[..., None]
 
 
 def _deq_float(name: str, raw: np.ndarray) -> np.ndarray:
@@ -170,7 +157,23 @@ def _deq_float(name: str, raw: np.ndarray) -> np.ndarray:
     return (raw.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-_DEQUANT = {"Q4_0": _deq_q4_0, "Q8_0": _deq_q8_0, "Q4_K": _deq_q4_k, "Q6_K": _deq_q6_k}
+_DEQUANT = {"Q4_0": _deq_q4_0, "Q4_1": _deq_q4_1, "Q5_0": _deq_q5_0, "Q5_1": _deq_q5_1,
+            "Q8_0": _deq_q8_0, **KQUANT_DECODERS}
+
+
+def gguf_scale_fields(encoding: Any) -> dict[str, int]:
+    """Byte offsets of the float16 scale fields in one block of a quantized encoding.
+
+    Example:
+        >>> gguf_scale_fields("Q4_1")
+        {'d': 0, 'm': 2}
+    """
+    geo = gguf_block_geometry(encoding)
+    if geo.is_float:
+        raise ValueError(f"{geo.name} is a float type; it has no blocks")
+    if geo.block_elems == 256:
+        return kquant_scale_fields(geo.name)
+    return {"d": 0, "m": 2} if geo.name in ("Q4_1", "Q5_1") else {"d": 0}
 
 
 def dequantize_gguf(raw: np.ndarray, encoding: Any, n_cols: int) -> np.ndarray:
@@ -179,8 +182,8 @@ def dequantize_gguf(raw: np.ndarray, encoding: Any, n_cols: int) -> np.ndarray:
     Args:
         raw: uint8 `[rows, n_cols / block_elems * block_bytes]`, the blocks as stored. For F32 and
             F16 a float32 / float16 `[rows, n_cols]` array is accepted too (returned as float32).
-        encoding: "Q4_0", "Q8_0", "Q4_K", "Q6_K", "F32", "F16" or "BF16" (or an enum member
-            with that name).
+        encoding: a GGUF type name (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+            F32, F16, BF16; any case) or an enum member with that name.
         n_cols: logical values per row; a multiple of the block's element count.
 
     Returns:
@@ -232,5 +235,7 @@ def dequantize_gguf(raw: np.ndarray, encoding: Any, n_cols: int) -> np.ndarray:
     if geo.is_float:
         return _deq_float(geo.name, raw)
     blocks = raw.reshape(rows, nbytes // geo.block_bytes, geo.block_bytes)
+    for field, offset in gguf_scale_fields(geo.name).items():
+        _check_finite(geo.name, field, f16_field(blocks, offset))
     out = _DEQUANT[geo.name](blocks)
     return np.ascontiguousarray(out, dtype=np.float32).reshape(rows, n_cols)

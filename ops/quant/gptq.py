@@ -1,16 +1,18 @@
-"""GPTQ 4-bit weights: unpacking, group bookkeeping and dequantization (numpy only).
+"""GPTQ 4- and 8-bit weights: unpacking, group bookkeeping and dequantization (numpy only).
 
-Storage (the AutoGPTQ / Hugging Face layout MAX reads):
-- `qweight` int32 `[in / 8, out]`: bits 4k..4k+3 of `qweight[i, o]` hold the code of weight row
-  `8 i + k` (packed along `in`).
-- `qzeros` int32 `[groups, out / 8]`: bits 4k..4k+3 of `qzeros[g, j]` hold the zero point of
-  output column `8 j + k` (packed along `out`).
+Storage (the AutoGPTQ / Hugging Face layout MAX reads), with `bits` in (4, 8) and `p = 32 / bits`
+values per int32 (8 or 4):
+- `qweight` int32 `[in / p, out]`: bits `bits*k .. bits*k + bits - 1` of `qweight[i, o]` hold the
+  code of weight row `p i + k` (packed along `in`).
+- `qzeros` int32 `[groups, out / p]`: the same bits of `qzeros[g, j]` hold the zero point of
+  output column `p j + k` (packed along `out`).
 - `scales` float16 `[groups, out]`; `g_idx` int32 `[in]`, the group of each input row.
 - `W[i, o] = (q[i, o] - zero[g_idx[i], o]) * scales[g_idx[i], o]`, `W` being `[in, out]`.
 
 AutoGPTQ's original checkpoint format ("gptq", v1) stores `zero - 1` in qzeros and its kernels add
 the 1 back without wrapping (a stored 15 means zero point 16); "gptq_v2" stores the zero itself.
-Without qzeros the quantization is symmetric with zero point 8, as in MAX.
+Without qzeros the quantization is symmetric with zero point `2 ** (bits - 1)` (8 for 4-bit, as
+in MAX; 128 for 8-bit).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "GPTQ_BITS",
     "GPTQ_CHECKPOINT_FORMATS",
+    "gptq_per_word",
+    "unpack_rows",
+    "unpack_cols",
     "unpack_int4_rows",
     "unpack_int4_cols",
     "resolve_group_size",
@@ -26,44 +32,78 @@ __all__ = [
     "dequantize_gptq",
 ]
 
+GPTQ_BITS = (4, 8)
 GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
-_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
 
 
-def _as_words(packed: np.ndarray, what: str) -> np.ndarray:
+def gptq_per_word(bits: int) -> int:
+    """Codes per int32 word: 8 for 4-bit, 4 for 8-bit.
+
+    Example:
+        >>> gptq_per_word(8)
+        4
+    """
+    if isinstance(bits, bool) or bits not in GPTQ_BITS:
+        raise ValueError(f"GPTQ bits must be one of {GPTQ_BITS}, got {bits!r}")
+    return 32 // int(bits)
+
+
+def _shifts(bits: int) -> np.ndarray:
+    return np.arange(0, 32, bits, dtype=np.uint32)
+
+
+def _as_words(packed: np.ndarray, what: str, bits: int = 4) -> np.ndarray:
     if not isinstance(packed, np.ndarray):
         raise ValueError(f"{what} must be a numpy array, got {type(packed).__name__}")
     if packed.dtype not in (np.int32, np.uint32):
         raise ValueError(
-            f"{what} must have dtype int32 (8 packed 4-bit values), got {packed.dtype}"
+            f"{what} must have dtype int32 ({32 // bits} packed {bits}-bit values), "
+            f"got {packed.dtype}"
         )
     if packed.ndim != 2:
         raise ValueError(f"{what} must be 2-D, got shape {packed.shape}")
     return np.ascontiguousarray(packed).view(np.uint32)
 
 
+def unpack_rows(qweight: np.ndarray, bits: int = 4) -> np.ndarray:
+    """Unpack int32 `[n / p, m]` (p = 32 / bits values per word along axis 0) to uint8 `[n, m]`.
+
+    Example:
+        >>> unpack_rows(np.array([[0x03020100]], dtype=np.int32), 8)[:, 0].tolist()
+        [0, 1, 2, 3]
+    """
+    p = gptq_per_word(bits)
+    words = _as_words(qweight, "qweight", bits)
+    codes = (words[:, None, :] >> _shifts(bits)[None, :, None]) & np.uint32((1 << bits) - 1)
+    return codes.astype(np.uint8).reshape(words.shape[0] * p, words.shape[1])
+
+
+def unpack_cols(qzeros: np.ndarray, bits: int = 4) -> np.ndarray:
+    """Unpack int32 `[g, m / p]` (p = 32 / bits values per word along axis 1) to uint8 `[g, m]`.
+
+    Example:
+        >>> unpack_cols(np.array([[0x76543210]], dtype=np.int32))[0].tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    p = gptq_per_word(bits)
+    words = _as_words(qzeros, "qzeros", bits)
+    codes = (words[:, :, None] >> _shifts(bits)[None, None, :]) & np.uint32((1 << bits) - 1)
+    return codes.astype(np.uint8).reshape(words.shape[0], words.shape[1] * p)
+
+
 def unpack_int4_rows(qweight: np.ndarray) -> np.ndarray:
-    """Unpack int32 `[n / 8, m]` (8 nibbles per word along axis 0) to uint8 `[n, m]`.
+    """`unpack_rows(qweight, 4)`: int32 `[n / 8, m]` -> uint8 `[n, m]`.
 
     Example:
         >>> unpack_int4_rows(np.array([[0x76543210]], dtype=np.int32))[:, 0].tolist()
         [0, 1, 2, 3, 4, 5, 6, 7]
     """
-    words = _as_words(qweight, "qweight")
-    nib = (words[:, None, :] >> _SHIFTS[None, :, None]) & np.uint32(0xF)
-    return nib.astype(np.uint8).reshape(words.shape[0] * 8, words.shape[1])
+    return unpack_rows(qweight, 4)
 
 
 def unpack_int4_cols(qzeros: np.ndarray) -> np.ndarray:
-    """Unpack int32 `[g, m / 8]` (8 nibbles per word along axis 1) to uint8 `[g, m]`.
-
-    Example:
-        >>> unpack_int4_cols(np.array([[0x76543210]], dtype=np.int32))[0].tolist()
-        [0, 1, 2, 3, 4, 5, 6, 7]
-    """
-    words = _as_words(qzeros, "qzeros")
-    nib = (words[:, :, None] >> _SHIFTS[None, None, :]) & np.uint32(0xF)
-    return nib.astype(np.uint8).reshape(words.shape[0], words.shape[1] * 8)
+    """`unpack_cols(qzeros, 4)`: int32 `[g, m / 8]` -> uint8 `[g, m]`."""
+    return unpack_cols(qzeros, 4)
 
 
 def resolve_group_size(group_size: int, in_features: int) -> int:
@@ -137,17 +177,20 @@ def dequantize_gptq(
     group_size: int = 128,
     *,
     checkpoint_format: str = "gptq",
+    bits: int = 4,
 ) -> np.ndarray:
-    """Decode GPTQ 4-bit weights to float32 `[in, out]` (input rows in their original order).
+    """Decode GPTQ weights to float32 `[in, out]` (input rows in their original order).
 
     Args:
-        qweight: int32 `[in / 8, out]`, codes packed along `in`.
+        qweight: int32 `[in / p, out]`, codes packed along `in` (p = 32 / bits).
         scales: float16 (or float32) `[groups, out]`.
-        qzeros: int32 `[groups, out / 8]`, or None for symmetric weights (zero point 8).
+        qzeros: int32 `[groups, out / p]`, or None for symmetric weights (zero point
+            `2 ** (bits - 1)`).
         g_idx: int `[in]` group of each input row (desc_act), or None for `i // group_size`.
         group_size: rows per group; -1 means a single group.
         checkpoint_format: "gptq" (stored qzeros are zero - 1, AutoGPTQ v1) or "gptq_v2"
             (stored qzeros are the zero points).
+        bits: 4 or 8.
 
     Returns:
         float32 `[in, out]`; exact, since (q - zero) * scale fits float32 for float16 scales.
@@ -161,7 +204,8 @@ def dequantize_gptq(
         raise ValueError(
             f"checkpoint_format must be one of {GPTQ_CHECKPOINT_FORMATS}, got {checkpoint_format!r}"
         )
-    q = unpack_int4_rows(qweight)
+    p = gptq_per_word(bits)
+    q = unpack_rows(qweight, bits)
     in_features, out_features = q.shape
     size = resolve_group_size(group_size, in_features)
     n_groups = in_features // size
@@ -174,15 +218,16 @@ def dequantize_gptq(
             f"in_features={in_features}, group_size={group_size}"
         )
     if qzeros is None:
-        zeros = np.full((n_groups, out_features), 8, dtype=np.int16)
+        zeros = np.full((n_groups, out_features), 1 << (bits - 1), dtype=np.int16)
     else:
-        if out_features % 8:
-            raise ValueError(f"out_features={out_features} must be a multiple of 8 to pack qzeros")
-        expected = (n_groups, out_features // 8)
+        if out_features % p:
+            raise ValueError(f"out_features={out_features} must be a multiple of {p} to pack "
+                             f"{bits}-bit qzeros")
+        expected = (n_groups, out_features // p)
         if getattr(qzeros, "shape", None) != expected:
             got = getattr(qzeros, "shape", type(qzeros).__name__)
             raise ValueError(f"qzeros has shape {got}, expected {expected}")
-        zeros = unpack_int4_cols(qzeros).astype(np.int16)
+        zeros = unpack_cols(qzeros, bits).astype(np.int16)
         if checkpoint_format == "gptq":
             zeros += 1
     if g_idx is None:

@@ -2,29 +2,54 @@
 
 `load(artifact, weights, devices)` verifies the artifact (hashes, via load_artifact), loads every
 cubin, computes the load-time "host" steps (RoPE tables, stacked weights) with the op
-references, and uploads what the device steps read. `model.execute(*inputs)` binds the symbolic
-dims from the input shapes, derives the ragged-batch facts (longest new-token run, longest
-cache) from the offsets and cache lengths on the host, evaluates every step's launch rules
-(expressions in the manifest, see lowering/triton_gpu/lowerings/base.py) and launches.
+references, and uploads what the device steps read.
 
-Inputs are numpy arrays or DLPack-capable device tensors (torch CUDA tensors, DeviceBuffer).
-A buffer input (the KV blocks) given as a device tensor is read and written in place; given as
-numpy it is uploaded and copied back after the call. Outputs are numpy when no input was a
-device tensor (or `return_numpy=True`), else DeviceBuffers (DLPack-exportable).
+`model.execute(*inputs)`, per call:
+  1. inputs: numpy arrays or DLPack-capable device tensors (torch CUDA tensors, DeviceBuffer);
+  2. the ragged metadata is checked on the host (runtime/ragged.py: offsets, page ids, lengths
+     vs pages and the RoPE table) before anything is written, which also gives the runtime
+     facts (most new tokens, longest cache + new tokens) the launch rules read, bucketed as
+     the lowering declared them (lowering/triton_gpu/lowerings/base.py);
+  3. the call's key -- the dims the plan reads, the bucketed facts, which inputs are device
+     tensors and the addresses of device buffer inputs -- selects a CallPlan
+     (runtime/cuda/call_plan.py): storage, launch list and packed kernel parameters, built
+     the first time a key is seen (launch rules evaluated once), reused after;
+  4. the host inputs are copied into one pinned staging buffer and reach the device in one
+     asynchronous copy; device-tensor inputs are copied device to device into the same fixed
+     addresses, so the launches never change within a key (on the fast path, device tensors
+     that keep arriving at the same addresses get a graph of their own that reads them in
+     place, with no copy: see runtime/cuda/fast_path.py);
+  5. the launches run; the second call of a key captures them into a CUDA graph and every
+     later call of that key replays it (a decode loop replays until its context length crosses
+     a bucket of the KV length, 256 tokens).
+A call whose input signature and facts were seen since its key was captured skips steps 2-3
+as written here: runtime/cuda/fast_path.py does them in one pass over the inputs (a few
+microseconds; four driver calls in all, five when a device tensor is copied), falling back
+to this general path when unsure.
+Nothing is synchronized unless the call needs host results (numpy outputs, a numpy KV buffer
+copied back). Loading with `stream=torch.cuda.current_stream()` runs on the caller's stream and
+imports torch tensors from their attributes (no per-call DLPack handshake); see CudaDevice.
+`stats` counts plans built, captures, replays and eager runs.
 
-CUDA graphs: when a call resolves to exactly the launches of an earlier call (same sizes, same
-decode-length bucket, same buffer addresses) the second time, the launches are captured once and
-every later such call replays the graph (repeated decode steps).
+Inputs: a buffer input (the KV blocks) given as a device tensor is read and written in place;
+given as numpy it is uploaded and copied back after the call. Outputs are numpy when no input
+was a device tensor (or `return_numpy=True`), else DeviceBuffers (DLPack-exportable) that live
+in the executor's output pool: like torch.compile's "reduce-overhead" CUDA-graph outputs, they
+stay valid until the next call of this model, which overwrites them; keep one longer by
+copying it (or load with `copy_outputs=True` for fresh buffers on every call, MAX-style, at
+the price of an allocation and a device copy per output).
 
 Several devices: a graph whose values sit on gpu:0, gpu:1, ... runs each step on the device of
 its values (runtime/cuda/multi_device.py: placement, per-device streams and memory, peer copies
-for transfer_to, NCCL for allreduce / allgather); such plans are not captured into CUDA graphs.
+for transfer_to, NCCL for allreduce / allgather); such plans are not captured into CUDA graphs
+and each call ends synchronized.
 
 The plan runner (`PlanExecutor`) is device-neutral; the tests drive it with Triton's interpreter.
 """
 from __future__ import annotations
 
-import math
+import re
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any, Mapping
 
@@ -32,16 +57,23 @@ import numpy as np
 
 from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
+from graphir.runtime.ragged import RaggedCheck
 from graphir.types import BufferType, ChainType
 
-from .plan_values import _RT, _dev_name, _exprs, eval_node, evaluate  # noqa: F401
+from .call_plan import CallPlanBuilder
+from .fast_path import _BUFFER, _USED, FastPath, _address
+from .plan_values import (_RT, _dev_name, _exprs, bucketed, eval_node, evaluate,  # noqa: F401
+                          fact_names, parse_fact, step_exprs)
+
+MAX_PLANS = 32     # call keys remembered (each may hold a CUDA graph)
+_NAME = re.compile(r"[A-Za-z_]\w*")
 
 
-class PlanExecutor:
+class PlanExecutor(CallPlanBuilder, FastPath):
     """Executes a plan (manifest 'plan' dict) on a device object (see CudaDevice)."""
 
     def __init__(self, plan: dict, graph, device, weights: Mapping[str, Any],
-                 use_graphs: bool = True):
+                 use_graphs: bool = True, *, copy_outputs: bool = False):
         from graphir.runtime.cuda.multi_device import DeviceGroup, logical_devices, placement
         from graphir.runtime.interpreter import bind_dims  # noqa: F401  (fail early if missing)
 
@@ -61,11 +93,17 @@ class PlanExecutor:
         self.use_graphs = use_graphs and len(self.device_ids) == 1 \
             and getattr(self.dev, "supports_graphs", False) \
             and not any(s["kernel"] == "host_runtime" for s in self.steps)
+        self.copy_outputs = copy_outputs
         self._dtypes = [DType.from_short(v["dtype"]) for v in self.values]
         self._dims = [[Dim(d) for d in v["shape"]] for v in self.values]
         self._pool: dict = {}
-        self._graphs: dict = {}
-        self._seen: dict = {}
+        self._plans: OrderedDict = OrderedDict()
+        self._binds: dict = {}
+        # fast_hits: calls (among the replays / eager runs) that took the fast path;
+        # direct_hits: those of them replaying a graph that reads the device-tensor inputs
+        # in place (no copy), direct_builds: such graphs captured (not in `captures`)
+        self.stats = {"plans_built": 0, "captures": 0, "replays": 0, "eager": 0, "fast_hits": 0,
+                      "direct_hits": 0, "direct_builds": 0}
         from graphir.lowering.plan import value_table
 
         vids, _ = value_table(graph)
@@ -78,6 +116,68 @@ class PlanExecutor:
         self._check_step_devices()
         self._const_dev: dict[int, Any] = {}
         self._prepare_constants(weights)
+        self.group.synchronize()  # the weights' host copies can go
+        self._prepare_calls()
+
+    def _prepare_calls(self) -> None:
+        """What every call needs and never changes: input roles, facts, key dims."""
+        in_vids = self.plan["inputs"]
+        self._n_in = len(self.in_types)
+        self._is_buffer = [isinstance(t, BufferType) for t in self.in_types]
+        self._buffer_ks = [k for k, b in enumerate(self._is_buffer) if b]
+        self._in_dev = [self._on(vid) for vid in in_vids]
+        self._in_names = [_dev_name(t.dtype) for t in self.in_types]
+        members = {id(m): m for m in self.group.members.values()}.values()
+        self._begin = [m.begin_call for m in members if hasattr(m, "begin_call")]
+        # One device with pinned staging: calls run asynchronously (no final synchronize).
+        self._async = len(members) == 1 and hasattr(self.dev, "end_call")
+        self._ragged = RaggedCheck(self.graph)
+        refs = set(self.plan["outputs"])
+        for s in self.steps:
+            if s["kernel"] == "host":
+                continue
+            refs.update(s["inputs"] + s["outputs"])
+            for var in s["attrs"].get("variants", []):
+                for op in var["ops"]:
+                    refs.update(a[1] for a in op.get("args", []) + op.get("copy", [])
+                                if a[0] == "v")
+        for vid in list(refs):
+            while self.values[vid]["view_of"] is not None:
+                vid = self.values[vid]["view_of"]
+                refs.add(vid)
+        self._used_inputs = {k for k, vid in enumerate(in_vids) if vid in refs}
+        self._fact_specs = []
+        for name in fact_names(self.steps):
+            kind, vids, bucket = parse_fact(name)
+            srcs = tuple(self._source(v) for v in vids)
+            ks = tuple(in_vids.index(v) if v in in_vids else None for v in srcs)
+            ok = all(k is not None or v in self.host_values for v, k in zip(srcs, ks))
+            self._fact_specs.append((name, kind, srcs, ks, bucket, ok))
+        self._fact_names = [f[0] for f in self._fact_specs]
+        # The key holds only the dims something reads: an unused input's shape (max_lengths
+        # shrinking every step, say) never forces a new plan.
+        dims = set().union(*[d.symbols for t in self.in_types for d in t.shape])
+        names = set()
+        for s in self.steps:
+            for x in step_exprs(s):
+                names.update(_NAME.findall(x))
+        unused = {vid for k, vid in enumerate(in_vids) if k not in self._used_inputs}
+        for v in self.values:
+            if v["id"] not in unused:
+                for d in self._dims[v["id"]]:
+                    names.update(d.symbols)
+        self._key_dims = tuple(sorted(names & dims))
+        # The fast path (see _signature / _hit): one device that stages asynchronously and
+        # reads device tensors cheaply, outputs returned as views.
+        self._read = getattr(self.dev, "read_tensor", None)
+        self._fast = self._async and self._read is not None and not self.copy_outputs \
+            and hasattr(self.dev, "staging_view") and hasattr(self.dev, "copy_in")
+        self._roles = [_BUFFER if self._is_buffer[k] else _USED if k in self._used_inputs
+                       else None for k in range(self._n_in)]
+        self._wanted = [(kind, ks[0] if kind == "seqmax" else tuple(ks), bucket)
+                        for _, kind, _, ks, bucket, _ in self._fact_specs]
+        self._sigs: dict = {}
+        self._tick = 0
 
     def _on(self, vid: int):
         """The device object holding value `vid`."""
@@ -157,260 +257,214 @@ class PlanExecutor:
 
     # -- per call -------------------------------------------------------------------------------
     def _nbytes(self, vid: int, env) -> int:
-        return math.prod(self._shape(vid, env)) * self._dtypes[vid].size_in_bytes
+        n = self._dtypes[vid].size_in_bytes
+        for d in self._dims[vid]:
+            n *= d.evaluate(env)
+        return n
 
     def _shape(self, vid: int, env) -> tuple[int, ...]:
         return tuple(d.evaluate(env) for d in self._dims[vid])
-
-    def _buffer(self, key, nbytes: int, lid: int):
-        dev, key = self.group[lid], (lid, key)
-        buf = self._pool.get(key)
-        if buf is None or dev.nbytes(buf) < nbytes:
-            if buf is not None:
-                dev.synchronize()
-                self._graphs.clear()
-            buf = dev.alloc(max(nbytes, 1))
-            self._pool[key] = buf
-        return buf
-
-    def _runtime_facts(self, env, host_of) -> None:
-        if not hasattr(self, "_rt_names"):
-            self._rt_names = sorted({n for s in self.steps for x in _exprs(s)
-                                     for n in _RT.findall(x)})
-        for name in self._rt_names:
-            parts = [self._source(int(p)) if p.isdigit() else p for p in name.split("_")]
-            offs = host_of(int(parts[2])).astype(np.int64)
-            lens = offs[1:] - offs[:-1]
-            if parts[1] == "seqmax":
-                env[name] = int(lens.max()) if lens.size else 0
-            else:
-                clen = host_of(int(parts[3])).astype(np.int64)
-                env[name] = int((clen + lens).max()) if lens.size else 0
 
     def _source(self, vid: int) -> int:
         while vid in self._alias:
             vid = self._alias[vid]
         return vid
 
-    def execute(self, *inputs, return_numpy: bool | None = None):
-        from graphir.runtime.interpreter import bind_dims
+    @property
+    def _graphs(self) -> dict:
+        """The captured CUDA graphs by call key."""
+        return {k: p.graph for k, p in self._plans.items() if p.graph is not None}
 
-        if len(inputs) != len(self.in_types):
-            raise ValueError(f"graph {self.graph.name!r} takes {len(self.in_types)} inputs, got "
+    def execute(self, *inputs, return_numpy: bool | None = None):
+        """Run the graph on `inputs`; see the module docstring for what happens per call and
+        for the lifetime of device outputs. Bad ragged metadata raises ValueError before
+        anything is written."""
+        if len(inputs) != self._n_in:
+            raise ValueError(f"graph {self.graph.name!r} takes {self._n_in} inputs, got "
                              f"{len(inputs)}")
+        for begin in self._begin:
+            begin()
+        sig = blobs = None
+        if self._fast and return_numpy is None:
+            sig, blobs = self._signature(inputs)
+            entry = self._sigs.get(sig)
+            if entry is not None:
+                io = entry.plans.get(entry.facts(inputs, blobs))
+                if io is not None:
+                    direct = io.direct
+                    if direct is not None:  # device tensors: a graph of their addresses?
+                        k = io.dk
+                        key = blobs[k][1] if k >= 0 else \
+                            tuple([blobs[c[0]][1] for c in io.copies])
+                        d = direct.get(key)
+                        if d is None:
+                            d = self._direct(io, key, blobs)
+                        if d is not io:
+                            d.used = self._tick
+                            self.stats["direct_hits"] += 1
+                        io = d
+                    return self._hit(io, inputs, blobs)
+        return self._call(inputs, return_numpy, sig, blobs)
+
+    # -- the general path --------------------------------------------------------------------
+    def _call(self, inputs, return_numpy, sig, blobs):
         host_in, dev_in, shapes = {}, {}, []
-        for k, (t, x) in enumerate(zip(self.in_types, inputs)):
+        for k, x in enumerate(inputs):
             if isinstance(x, np.ndarray):
                 host_in[k] = x
-                shapes.append(SimpleNamespace(ndim=x.ndim, shape=x.shape))
+                shapes.append(x.shape)
             else:
-                handle, shape, dtype = self._import(self.plan["inputs"][k], x, f"input {k}")
-                if dtype != _dev_name(t.dtype):
-                    raise TypeError(f"input {k}: expected {t.dtype.short} ({_dev_name(t.dtype)}), "
-                                    f"got a device tensor of {dtype}")
-                dev_in[k] = (handle, shape)
-                shapes.append(SimpleNamespace(ndim=len(shape), shape=tuple(shape)))
-        env = bind_dims(self.in_types, shapes)
-        in_vids = self.plan["inputs"]
+                h, shape = self._import_input(k, x)
+                dev_in[k] = h
+                shapes.append(shape)
+        env, dims_key, bounds = self._bind(tuple(shapes))
         cache: dict[int, np.ndarray] = {}
 
-        def host_of(vid):
-            if vid in cache:
-                return cache[vid]
-            if vid in self.host_values:
-                return self.host_values[vid]
-            if vid not in in_vids:
-                raise ValueError("the cuda executor needs the ragged offsets and cache lengths "
-                                 "as graph inputs")
-            k = in_vids.index(vid)
-            if k in host_in:
-                cache[vid] = np.asarray(host_in[k])
-            else:
-                h, shape = dev_in[k]
-                raw = self._on(vid).download(h, self._nbytes(vid, env))
-                cache[vid] = from_bits(raw, self._dtype(vid)).reshape(shape)
-            return cache[vid]
+        def host_of(k: int) -> np.ndarray:
+            x = host_in.get(k)
+            if x is None:
+                x = cache.get(k)
+                if x is None:
+                    x = cache[k] = self._download_input(k, dev_in[k], env)
+            return x
 
-        self._runtime_facts(env, host_of)
-        storage = self._storage(env, in_vids, dev_in)
-        plan_ops = self._resolve(env, storage)
-        for k, x in host_in.items():
-            vid = in_vids[k]
-            self._on(vid).upload(storage[vid], to_bits(x, self._dtype(vid)))
-        for k, (h, _) in dev_in.items():
-            if not isinstance(self.in_types[k], BufferType):
-                vid = in_vids[k]
-                self._on(vid).copy(storage[vid], 0, h, 0, self._nbytes(vid, env))
-        self._run(plan_ops, env, storage)
-        for k, x in host_in.items():
-            if isinstance(self.in_types[k], BufferType):
-                vid = in_vids[k]
-                raw = self._on(vid).download(storage[vid], self._nbytes(vid, env))
+        facts = self._ragged.check(host_of, env, bounds)
+        fvals = tuple([self._fact(spec, facts, host_of) for spec in self._fact_specs])
+        where = tuple([_address(dev_in[k]) if k in dev_in else None for k in self._buffer_ks])
+        key = (dims_key, fvals, where, tuple(dev_in))
+        cp = self._plans.get(key)
+        if cp is None:
+            local = dict(env)
+            local.update(zip(self._fact_names, fvals))
+            cp = self._build(key, local, host_in, dev_in)
+            self._remember(key, cp)
+        self._tick += 1
+        cp.used = self._tick
+        for lid, area in cp.areas.items():
+            cp.stage(self.group[lid], lid, host_in, dev_in)
+        sync = bool(return_numpy) or not self._async
+        for k in self._buffer_ks:
+            if k in host_in:
+                vid = self.plan["inputs"][k]
+                self._on(vid).upload(cp.storage[vid][0], to_bits(host_in[k], self._dtype(vid)))
+                sync = True
+        self._run(cp)
+        for k in self._buffer_ks:
+            if k in host_in:
+                x, vid = host_in[k], self.plan["inputs"][k]
+                raw = self._on(vid).download(cp.storage[vid][0], self._nbytes(vid, cp.env))
                 x[...] = from_bits(raw, self._dtype(vid)).reshape(x.shape)
-        if return_numpy is None:
-            return_numpy = not dev_in
-        outs = []
-        for vid in self.plan["outputs"]:
-            nb, shape, dt = self._nbytes(vid, env), self._shape(vid, env), self._dtype(vid)
-            if return_numpy:
-                outs.append(from_bits(self._on(vid).download(storage[vid], nb), dt)
-                            .reshape(shape).copy())
-            else:
-                outs.append(self._on(vid).export(storage[vid], nb, shape, _dev_name(dt)))
-        self.group.synchronize()
+        to_numpy = not dev_in if return_numpy is None else return_numpy
+        outs = self._outputs(cp, to_numpy)
+        if self._async:
+            self.dev.end_call(tuple(dev_in.values()) or None)
+        if sync:
+            self.group.synchronize()
+        elif sig is not None and not to_numpy and cp.launch is not None:
+            self._learn(sig, blobs, inputs, bounds, fvals, cp, outs)
         return outs
 
-    def _storage(self, env, in_vids, dev_in) -> dict[int, Any]:
-        st: dict[int, Any] = dict(self._const_dev)
-        slot_bytes: dict[tuple[int, int], int] = {}
-        # A slot number is shared by values of every device; each device has its own memory.
-        for v in self.values:
-            if v["slot"] is not None and v["view_of"] is None:
-                key = (v["slot"], self._vdev[v["id"]])
-                slot_bytes[key] = max(slot_bytes.get(key, 0), self._nbytes(v["id"], env))
-        for k, vid in enumerate(in_vids):
-            if k in dev_in and isinstance(self.in_types[k], BufferType):
-                st[vid] = dev_in[k][0]
+    def _import_input(self, k: int, x):
+        dev, want = self._in_dev[k], self._in_names[k]
+        handle, shape, dtype = dev.import_tensor(x)
+        if dtype != want:
+            raise TypeError(f"input {k}: expected {self.in_types[k].dtype.short} ({want}), got "
+                            f"a device tensor of {dtype}")
+        gpu, got = getattr(dev, "device", None), getattr(handle, "device", None)
+        if isinstance(gpu, int) and isinstance(got, int) and gpu != got:
+            raise ValueError(f"input {k} is a tensor on GPU {got}; the graph places it on device "
+                             f"{self._vdev[self.plan['inputs'][k]]}, which runs on GPU {gpu}")
+        return handle, tuple(shape)
+
+    def _bind(self, shapes: tuple) -> tuple[dict, tuple, list]:
+        """The symbolic dims of these input shapes (checked), the part of them a call key
+        holds, and the ragged check's bounds; computed once per shape signature."""
+        hit = self._binds.get(shapes)
+        if hit is None:
+            from graphir.runtime.interpreter import bind_dims
+
+            env = bind_dims(self.in_types, [SimpleNamespace(ndim=len(s), shape=tuple(s))
+                                            for s in shapes])
+            hit = (env, tuple(env.get(n) for n in self._key_dims), self._ragged.bounds(env))
+            if len(self._binds) >= 256:
+                self._binds.clear()
+            self._binds[shapes] = hit
+        return hit
+
+    def _download_input(self, k: int, handle, env) -> np.ndarray:
+        vid = self.plan["inputs"][k]
+        raw = self._on(vid).download(handle, self._nbytes(vid, env))
+        return from_bits(raw, self._dtype(vid)).reshape(self._shape(vid, env))
+
+    def _fact(self, spec, facts, host_of) -> int:
+        name, kind, srcs, ks, bucket, ok = spec
+        value = facts.seq_max.get(ks[0]) if kind == "seqmax" else facts.kv_max.get(ks)
+        if value is None:  # metadata no ragged op checked (a lowering's own fact)
+            if not ok:
+                raise ValueError(f"the cuda executor needs the ragged offsets and cache lengths "
+                                 f"as graph inputs (launch rule fact {name})")
+            get = [host_of(k) if k is not None else self.host_values[v]
+                   for v, k in zip(srcs, ks)]
+            o = np.asarray(get[0]).astype(np.int64)
+            lens = o[1:] - o[:-1]
+            if kind == "kvmax":
+                lens = np.asarray(get[1]).astype(np.int64) + lens
+            value = int(lens.max()) if lens.size else 0
+        return bucketed(value, bucket)
+
+    def _remember(self, key, cp) -> None:
+        self.stats["plans_built"] += 1
+        if len(self._plans) >= MAX_PLANS:
+            old_key = min(self._plans, key=lambda k: self._plans[k].used)
+            old = self._plans.pop(old_key)
+            if old.graph is not None:
+                self.group.synchronize()  # a graph may still be running
+            for entry in self._sigs.values():
+                entry.plans = {f: io for f, io in entry.plans.items() if io.cp is not old}
+        self._plans[key] = cp
+
+    def _drop_plans(self) -> None:
+        if any(p.graph is not None for p in self._plans.values()):
+            self.group.synchronize()
+        self._plans.clear()
+        self._sigs.clear()
+
+    def _run(self, cp) -> None:
+        if cp.graph is not None:
+            self.stats["replays"] += 1
+            self.dev.replay(cp.graph)
+            return
+        cp.seen += 1
+        if self.use_graphs and cp.seen >= 2:
+            # Captured at the second call of a key: one-off shapes (a prefill) never pay it.
+            g = self._capture(cp)
+            self.stats["captures"] += 1
+            self.dev.replay(g)
+            return
+        self.stats["eager"] += 1
+        cp.run()
+        if not self.use_graphs and not cp.host_steps:
+            cp.launch, cp.stat = cp.run, "eager"
+
+    def _capture(self, cp):
+        """Capture cp's launches into a CUDA graph (nothing runs); cp.launch replays it."""
+        cp.graph = g = self.dev.capture(cp.run)
+        launcher = getattr(self.dev, "launcher", None)
+        cp.launch = launcher(g) if launcher else (lambda: self.dev.replay(g))
+        return g
+
+    def _outputs(self, cp, return_numpy: bool) -> list:
+        outs = []
+        for lid, buf, off, nb, shape, dt in cp.outputs:
+            d = self.group[lid]
+            if return_numpy:
+                raw = d.download(buf, off + nb)[off:]
+                outs.append(from_bits(raw, dt).reshape(shape).copy())
+            elif self.copy_outputs or not hasattr(d, "view"):
+                outs.append(d.export(buf, nb, shape, _dev_name(dt), off))
             else:
-                st[vid] = self._buffer(("in", k), self._nbytes(vid, env), self._vdev[vid])
-        for v in self.values:
-            vid = v["id"]
-            if v["slot"] is not None and v["view_of"] is None:
-                key = (v["slot"], self._vdev[vid])
-                st[vid] = self._buffer(("slot", v["slot"]), slot_bytes[key], self._vdev[vid])
-            elif v["kind"] == "output" and v["view_of"] is None:
-                st[vid] = self._buffer(("out", vid), self._nbytes(vid, env), self._vdev[vid])
-        for v in self.values:
-            b = v["id"]
-            while self.values[b]["view_of"] is not None:
-                b = self.values[b]["view_of"]
-            if b != v["id"] and b in st:
-                st[v["id"]] = st[b]
-        return st
-
-    def _resolve(self, env, st) -> list:
-        ops = []
-        for i, s in enumerate(self.steps):
-            k = s["kernel"]
-            if k in ("host", "view"):
-                continue
-            if k == "host_runtime":
-                ops.append(("host", i))
-                continue
-            if k == "collective":
-                ops.append(self._collective(s, i, env, st))
-                continue
-            lid = self._sdev[i]
-            local = dict(env)
-            for name, expr in s["attrs"]["lets"]:
-                local[name] = evaluate(expr, local)
-            var = next(v for v in s["attrs"]["variants"]
-                       if v["when"] is None or evaluate(v["when"], local))
-            scratch = {}
-            for name, dt, count in var["scratch"]:
-                nb = evaluate(count, local) * np.dtype(dt).itemsize
-                scratch[name] = self._buffer(("scratch", i, name), nb, lid)
-            for op in var["ops"]:
-                if "copy" in op:
-                    (dst, src), nb = op["copy"], evaluate(op["bytes"], local)
-                    d, s_ = (self._arg(a, local, st, scratch) for a in (dst, src))
-                    dl, sl = (self._vdev[a[1]] if a[0] == "v" else lid for a in (dst, src))
-                    if dl != sl:
-                        ops.append(("transfer", dl, d[0], d[1], sl, s_[0], s_[1], nb))
-                    else:
-                        ops.append(("copy", lid, d[0], d[1], s_[0], s_[1], nb))
-                else:
-                    grid = tuple(evaluate(g, local) for g in op["grid"])
-                    args = tuple(self._arg(a, local, st, scratch) for a in op["args"])
-                    ops.append(("launch", lid, op["launch"], grid, args))
-        return ops
-
-    def _arg(self, a, env, st, scratch):
-        tag = a[0]
-        if tag == "v":
-            return (st[a[1]], evaluate(a[2], env) * self._dtype(a[1]).size_in_bytes)
-        if tag == "s":
-            return (scratch[a[1]], 0)
-        if tag == "i":
-            return int(evaluate(a[1], env))
-        if tag == "f":
-            return float(a[1])
-        return None
-
-    def _collective(self, s, i, env, st):
-        """A resolved allreduce / allgather: one (device, src, dst) part per rank."""
-        dt = self._dtype(s["inputs"][0])
-        if s["op"] == "allreduce":
-            parts = [(self._vdev[a], st[a], st[b]) for a, b in zip(s["inputs"], s["outputs"])]
-            return ("allreduce", parts, math.prod(self._shape(s["inputs"][0], env)), dt)
-        counts = [math.prod(self._shape(v, env)) for v in s["inputs"]]
-        out_shape = self._shape(s["outputs"][0], env)
-        ax = s["attrs"]["axis"] % max(len(out_shape), 1)
-        outer = math.prod(out_shape[:ax])
-        if outer <= 1:
-            parts = [(self._vdev[a], st[a], st[b]) for a, b in zip(s["inputs"], s["outputs"])]
-            return ("allgather", parts, counts, dt, None)
-        # Along an inner axis: gather rank-major into scratch, then place each rank's rows.
-        size, total = dt.size_in_bytes, sum(counts) * dt.size_in_bytes
-        parts, moves = [], []
-        for a, b in zip(s["inputs"], s["outputs"]):
-            lid = self._vdev[a]
-            tmp = self._buffer(("gather", i), total, lid)
-            parts.append((lid, st[a], tmp))
-        row, base, col = math.prod(out_shape[ax:]) * size, 0, 0
-        for c in counts:
-            width = c // outer * size
-            for (lid, _, tmp), b in zip(parts, s["outputs"]):
-                moves.append((lid, st[b], col, row, tmp, base, width, width, outer))
-            base, col = base + c * size, col + width
-        return ("allgather", parts, counts, dt, moves)
-
-    def _run(self, ops, env, st) -> None:
-        if not self.use_graphs:
-            return self._launch_all(ops, env, st)
-        key = tuple(self.dev.key(op) for op in ops)
-        g = self._graphs.get(key)
-        if g is None:
-            self._seen[key] = self._seen.get(key, 0) + 1
-            if self._seen[key] < 2:
-                return self._launch_all(ops, env, st)
-            if len(self._graphs) >= 16:
-                self._graphs.clear()
-            g = self._graphs[key] = self.dev.capture(lambda: self._launch_all(ops, env, st))
-        self.dev.replay(g)
-
-    def _launch_all(self, ops, env, st) -> None:
-        g = self.group
-        for op in ops:
-            kind = op[0]
-            if kind == "launch":
-                g[op[1]].launch(op[2], op[3], op[4])
-            elif kind == "copy":
-                g[op[1]].copy(*op[2:])
-            elif kind == "transfer":
-                g.transfer(*op[1:])
-            elif kind == "allreduce":
-                g.all_reduce(op[1], op[2], op[3])
-            elif kind == "allgather":
-                g.all_gather(op[1], op[2], op[3])
-                for lid, dst, col, row, tmp, base, pitch, width, rows in op[4] or ():
-                    g.copy2d(lid, dst, col, row, tmp, base, pitch, width, rows)
-            else:
-                self._host_step(self.steps[op[1]], env, st)
-
-    def _host_step(self, s, env, st) -> None:
-        node = self.graph.nodes[s["attrs"]["node"]]
-        arrays = []
-        for vid in s["inputs"]:
-            raw = self._on(vid).download(st[vid], self._nbytes(vid, env))
-            arrays.append(from_bits(raw, self._dtype(vid)).reshape(self._shape(vid, env)))
-        outs, writes = eval_node(node, arrays, env)
-        for vid, o in zip(s["outputs"], outs):
-            self._on(vid).upload(st[vid], to_bits(o, self._dtype(vid)))
-        for w, new in writes.items():
-            vid = s["inputs"][w]
-            self._on(vid).upload(st[vid], to_bits(new, self._dtype(vid)))
-
+                outs.append(d.view(buf, off, shape, _dev_name(dt)))
+        return outs
 
 
 def load(artifact, weights, devices=None, **options):
@@ -418,4 +472,3 @@ def load(artifact, weights, devices=None, **options):
     from .device_model import load as _load
 
     return _load(artifact, weights, devices, **options)
-

@@ -63,6 +63,9 @@ class Kernel:
         buf = self._scratch.get(which)
         if buf is None or buf.nbytes < need:
             if buf is not None:
+                # At least doubling: a prefill growing token by token retires O(log) buffers,
+                # which stay alive for the prepared launches and graphs holding their address.
+                need = max(need, 2 * buf.nbytes)
                 self._retired.append(buf)
             buf = DeviceBuffer.empty(need, "uint8", self.function.module.device)
             self._scratch[which] = buf
@@ -88,6 +91,11 @@ class Kernel:
             full += [None, None]
         return PackedParams(spec.all_params, full, self._names)
 
+    def prepare(self, grid: Sequence[int] | int, args: Sequence[Any]) -> "PreparedLaunch":
+        """Pack `args` for `grid` once; the result launches them many times (on any stream)
+        with no per-launch packing, allocation or checks, so it can run inside a capture."""
+        return PreparedLaunch(self, _grid3(grid), self.pack(grid, args))
+
     def launch(self, grid: Sequence[int] | int, *args: Any, stream: Any = None) -> None:
         """Launch on `stream` (default: the legacy default stream); asynchronous."""
         driver.ensure_context(self.function.module.device)
@@ -98,3 +106,24 @@ class Kernel:
         s = self.spec
         return (f"Kernel({s.name!r}, params={list(s.params)}, num_warps={s.num_warps}, "
                 f"shared={s.shared})")
+
+
+class PreparedLaunch:
+    """One kernel launch with its parameters packed: `p(stream_handle)` enqueues it."""
+
+    __slots__ = ("kernel", "grid", "params", "_args", "_ptr", "_fn")
+
+    def __init__(self, kernel: Kernel, grid: tuple[int, int, int], params: PackedParams):
+        self.kernel, self.grid, self.params = kernel, grid, params
+        spec = kernel.spec
+        empty = grid[0] * grid[1] * grid[2] == 0
+        self._fn = None if empty else driver.function("cuLaunchKernel")
+        self._args = (kernel.function.handle, *grid, *spec.block, int(spec.shared))
+        self._ptr = params.pointer  # the packed values live as long as `params`
+
+    def __call__(self, stream: int = 0) -> None:
+        if self._fn is None:
+            return  # an empty grid launches nothing
+        rc = self._fn(*self._args, stream, self._ptr, None)
+        if rc:
+            driver.check("cuLaunchKernel", rc, f"{self.kernel.name} grid={self.grid}")

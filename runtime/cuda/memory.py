@@ -70,6 +70,9 @@ class DeviceBuffer:
         self.device = int(device)
         self.nbytes = math.prod(self.shape) * itemsize(self.dtype) if nbytes is None else int(nbytes)
         self.base = base  # what keeps the memory alive for views (a buffer or a DLPack import)
+        # The stream whose queued work writes this memory, when known (executor outputs):
+        # a DLPack export then orders the consumer after it instead of syncing the device.
+        self.stream: int | None = getattr(base, "stream", None)
         self._finalizer: weakref.finalize | None = None
 
     # ---- construction -------------------------------------------------------------------
@@ -131,6 +134,14 @@ class DeviceBuffer:
         if offset_bytes % itemsize(dtype):
             raise ValueError(f"offset {offset_bytes} is not aligned to {dtype} ({itemsize(dtype)} B)")
         return DeviceBuffer(self.ptr + offset_bytes, shape, dtype, self.device, base=self)
+
+    def alias(self) -> "DeviceBuffer":
+        """A new object viewing the same memory, shape and dtype (no checks: cheap enough to
+        hand out per call); it keeps this buffer alive."""
+        out = DeviceBuffer.__new__(DeviceBuffer)
+        out.__dict__.update(self.__dict__)
+        out.base, out._finalizer = self, None
+        return out
 
     def free(self) -> None:
         """Free now (owning buffers); later use of the pointer is the caller's bug."""
@@ -233,8 +244,9 @@ class DeviceBuffer:
                    dl_device: tuple[int, int] | None = None, copy: bool | None = None) -> Any:
         """Export a zero-copy DLPack capsule; the buffer stays alive until the consumer is done.
 
-        Unless `stream == -1`, all work of this process's context is waited for first
-        (buffers do not track which stream last wrote them).
+        Unless `stream == -1`, the consumer's `stream` is ordered after this buffer's writer:
+        an event wait when the writer's stream is known (`self.stream`, set on executor
+        outputs), else all work of this process's context is waited for first.
         """
         if copy:
             raise BufferError("DeviceBuffer.__dlpack__: copy=True is not supported")
@@ -242,10 +254,22 @@ class DeviceBuffer:
             raise BufferError(f"DeviceBuffer.__dlpack__: cannot export to device {tuple(dl_device)}; "
                               f"the buffer is on {self.__dlpack_device__()}")
         if stream != -1 and driver.is_initialized():
-            driver.synchronize(self.device)
+            self._order_before(stream)
         versioned = max_version is not None and int(max_version[0]) >= 1
         return dlpack.make_capsule(self.ptr, self.shape, self.dtype, dlpack.KDLCUDA, self.device,
                                    owner=self, versioned=versioned)
+
+    def _order_before(self, stream: Any) -> None:
+        # DLPack stream codes: None / 1 the legacy default stream, 2 per-thread default.
+        consumer = 0 if stream in (None, 1) else int(stream)
+        if self.stream is None or consumer == 2:
+            driver.synchronize(self.device)
+        elif consumer != self.stream:
+            from graphir.runtime.cuda.stream import Event
+
+            driver.ensure_context(self.device)
+            ev = Event(timing=False, device=self.device).record(self.stream)
+            driver.call("cuStreamWaitEvent", c_void_p(consumer), c_void_p(ev.handle), 0)
 
     def __repr__(self) -> str:
         kind = "owning" if self.owns_memory else "view"
@@ -256,8 +280,8 @@ class DeviceBuffer:
 def from_dlpack(obj: Any, stream: Any = None) -> DeviceBuffer:
     """Zero-copy view of a CUDA tensor exported through DLPack (e.g. a torch CUDA tensor).
 
-    `stream` is where the view will be used; the producer orders its pending work before it.
-    The view keeps the producer's tensor alive and must be C-contiguous.
+    `stream` is where the view will be used; the producer orders its pending work before it
+    (-1: no ordering, the caller did it). The view keeps the producer's tensor alive and must be C-contiguous.
     """
     if hasattr(obj, "__dlpack__"):
         dev_type, dev_id = (int(v) for v in obj.__dlpack_device__())
@@ -265,7 +289,8 @@ def from_dlpack(obj: Any, stream: Any = None) -> DeviceBuffer:
             raise ValueError(f"from_dlpack: expected a CUDA tensor (DLPack device type "
                              f"{dlpack.KDLCUDA}), got device type {dev_type} "
                              f"({dlpack.DEVICE_NAMES.get(dev_type, 'unknown')})")
-        h = stream_handle(stream)
+        # -1: the caller has ordered the producer already (no handshake).
+        h = -1 if stream == -1 else stream_handle(stream)
         try:
             capsule = obj.__dlpack__(stream=1 if h == 0 else h)  # 1: the legacy default stream
         except TypeError:
@@ -282,6 +307,20 @@ def from_dlpack(obj: Any, stream: Any = None) -> DeviceBuffer:
         raise ValueError(f"from_dlpack: tensor with shape {info.shape} and strides {info.strides} "
                          "is not C-contiguous; make it contiguous first")
     return DeviceBuffer(info.ptr, info.shape, info.dtype, info.device_id, base=info)
+
+
+def view_of_torch(obj: Any) -> DeviceBuffer | None:
+    """A view of a contiguous torch CUDA tensor read off its attributes, or None for anything
+    else. No DLPack round trip and no stream handshake: for callers that already ordered the
+    tensor's producer before their own work (the executor on the caller's stream).
+    A tensor that requires grad is read like any other (as a custom kernel would; autograd
+    does not see the call), the same as the executor's fast path does."""
+    if not type(obj).__module__.startswith("torch") or not getattr(obj, "is_cuda", False):
+        return None
+    name = str(obj.dtype).removeprefix("torch.")
+    if name not in dlpack.DTYPES or not obj.is_contiguous():
+        return None
+    return DeviceBuffer(obj.data_ptr(), tuple(obj.shape), name, obj.device.index, base=obj)
 
 
 def pinned_empty(shape: Sequence[int] | int, dtype: DType = "uint8", device: int = 0) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""NCCL over ctypes: one process driving several GPUs of one host (ncclCommInitAll).
+"""NCCL over ctypes: one process driving several GPUs of one host (ncclCommInitAll), or one
+process per GPU (`RankCommunicator`: ncclCommInitRank from an ncclUniqueId rank 0 makes and
+shares through the launcher's store, see `RankCommunicator.bootstrap`).
 
 The library is found without importing torch: `GRAPHIR_LIBNCCL` (a path), then the files of an
 installed `nvidia-nccl-*` wheel (what torch's CUDA builds ship), then `ctypes.util.find_library`
@@ -39,10 +41,23 @@ _BYTES = {"int8": 1, "uint8": 1, "int32": 4, "uint32": 4, "int64": 8, "uint64": 
           "float16": 2, "float32": 4, "float64": 8, "bfloat16": 2, "float8_e4m3fn": 1,
           "bool": 1}
 
+UNIQUE_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+
+
+class UniqueId(ctypes.Structure):
+    """ncclUniqueId: the opaque 128 bytes every rank of a communicator is created from."""
+
+    _fields_ = [("internal", ctypes.c_char * UNIQUE_ID_BYTES)]
+
+
 _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "ncclGetVersion": (c_int, [POINTER(c_int)]),
     "ncclGetErrorString": (c_char_p, [c_int]),
     "ncclCommInitAll": (c_int, [POINTER(c_void_p), c_int, POINTER(c_int)]),
+    "ncclGetUniqueId": (c_int, [POINTER(UniqueId)]),
+    "ncclCommInitRank": (c_int, [POINTER(c_void_p), c_int, UniqueId, c_int]),
+    "ncclCommAbort": (c_int, [c_void_p]),
+    "ncclCommGetAsyncError": (c_int, [c_void_p, POINTER(c_int)]),
     "ncclCommDestroy": (c_int, [c_void_p]),
     "ncclGroupStart": (c_int, []),
     "ncclGroupEnd": (c_int, []),
@@ -306,3 +321,105 @@ def _count(n: Any, what: str) -> int:
 def _stream(s: Any) -> int:
     h = getattr(s, "handle", s)
     return int(h or 0)
+
+
+# ---- one process per GPU --------------------------------------------------------------------
+def unique_id(lib: Any = None) -> bytes:
+    """A fresh ncclUniqueId (rank 0 makes it; every rank of the communicator needs it)."""
+    lib = lib if lib is not None else load()
+    uid = UniqueId()
+    _check(lib, "ncclGetUniqueId", lib.ncclGetUniqueId(ctypes.byref(uid)))
+    return bytes(uid)  # all 128 bytes (`uid.internal` would stop at the first NUL)
+
+
+class RankCommunicator:
+    """This process's rank of an NCCL communicator over `nranks` processes (one GPU each).
+
+    Collectives take device pointers and the CUDA stream to order them on; like every NCCL
+    call they are asynchronous. Make one with `bootstrap` (the unique id through a store).
+
+    Example:
+        >>> comm = RankCommunicator.bootstrap(store, nranks=2, rank=r, device=r)  # doctest: +SKIP
+        >>> comm.all_reduce(src_ptr, dst_ptr, n, "bfloat16", stream)              # doctest: +SKIP
+    """
+
+    def __init__(self, uid: bytes, nranks: int, rank: int, *, device: int | None = None,
+                 lib: Any = None):
+        if not isinstance(uid, (bytes, bytearray)) or len(uid) != UNIQUE_ID_BYTES:
+            raise ValueError(f"RankCommunicator: the unique id must be {UNIQUE_ID_BYTES} bytes "
+                             f"(ncclGetUniqueId's), got {len(uid) if hasattr(uid, '__len__') else uid!r}")
+        if isinstance(nranks, bool) or int(nranks) < 1 or not 0 <= int(rank) < int(nranks):
+            raise ValueError(f"RankCommunicator: rank {rank!r} is not in [0, nranks {nranks!r})")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        self.lib = lib if lib is not None else load()
+        self.nranks, self.rank, self.device = int(nranks), int(rank), device
+        if device is not None:  # NCCL takes the GPU of the calling thread's current context
+            from graphir.runtime.cuda import driver
+
+            driver.ensure_context(int(device))
+        comm = c_void_p()
+        _check(self.lib, "ncclCommInitRank",
+               self.lib.ncclCommInitRank(ctypes.byref(comm), self.nranks,
+                                         UniqueId.from_buffer_copy(bytes(uid)), self.rank))
+        self._comm: c_void_p | None = comm
+
+    @classmethod
+    def bootstrap(cls, store: Any, nranks: int, rank: int, *, device: int | None = None,
+                  key: str = "graphir/nccl/0", lib: Any = None) -> "RankCommunicator":
+        """Rank 0 makes the unique id and sets it under `key` in `store` (torch.distributed's
+        TCPStore, or anything with set(key, bytes) / get(key) -> bytes, get waiting for the
+        key); the other ranks read it; all call ncclCommInitRank."""
+        lib = lib if lib is not None else load()
+        if rank == 0:
+            uid = unique_id(lib)
+            store.set(key, uid)
+        else:
+            uid = bytes(store.get(key))
+        return cls(uid, nranks, rank, device=device, lib=lib)
+
+    def _live(self, what: str) -> c_void_p:
+        if self._comm is None:
+            raise ValueError(f"{what}: the communicator was destroyed or aborted")
+        return self._comm
+
+    def all_reduce(self, send: Any, recv: Any, count: int, dtype: Any, stream: Any,
+                   op: str = "sum") -> None:
+        """recv = op over the ranks of send (`count` elements)."""
+        if op not in REDUCE_OPS:
+            raise ValueError(f"all_reduce: unknown op {op!r}; expected one of {sorted(REDUCE_OPS)}")
+        dt, _ = nccl_dtype(dtype, reduce=True)
+        comm = self._live("all_reduce")
+        _check(self.lib, "ncclAllReduce",
+               self.lib.ncclAllReduce(c_void_p(_ptr(send)), c_void_p(_ptr(recv)),
+                                      _count(count, "all_reduce"), dt, REDUCE_OPS[op], comm,
+                                      c_void_p(_stream(stream))), comm)
+
+    def all_gather(self, send: Any, recv: Any, count: int, dtype: Any, stream: Any) -> None:
+        """recv = the ranks' sends (`count` elements each) in rank order."""
+        dt, size = nccl_dtype(dtype, reduce=False)
+        n = _count(count, "all_gather") * (_BYTES[_name(dtype)] // size)
+        comm = self._live("all_gather")
+        _check(self.lib, "ncclAllGather",
+               self.lib.ncclAllGather(c_void_p(_ptr(send)), c_void_p(_ptr(recv)), n, dt, comm,
+                                      c_void_p(_stream(stream))), comm)
+
+    def async_error(self) -> int:
+        """ncclCommGetAsyncError's code (0: none; 7: still in progress)."""
+        code = c_int(0)
+        _check(self.lib, "ncclCommGetAsyncError",
+               self.lib.ncclCommGetAsyncError(self._live("async_error"), ctypes.byref(code)))
+        return code.value
+
+    def abort(self) -> None:
+        """Abort (a peer died): pending collectives return and the communicator is freed."""
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            self.lib.ncclCommAbort(comm)
+
+    def destroy(self) -> None:
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            self.lib.ncclCommDestroy(comm)
+
+    def __repr__(self) -> str:
+        return f"RankCommunicator(rank={self.rank}, nranks={self.nranks}, device={self.device})"

@@ -1,5 +1,6 @@
 """Host-side helpers of the CUDA plan runner: the manifest's launch-rule expressions (a
-whitelisted arithmetic subset, never eval of arbitrary code) and dtype bit conversions."""
+whitelisted arithmetic subset, never eval of arbitrary code), the runtime facts they read
+(names, buckets) and the load-time reference evaluation of host steps."""
 from __future__ import annotations
 
 import ast
@@ -74,15 +75,54 @@ def eval_node(node, arrays: Sequence[np.ndarray], env: Mapping[str, int] | None 
     return results, writes
 
 
-_RT = re.compile(r"rt_(?:seqmax_\d+|kvmax_\d+_\d+)")
+# Runtime facts (lowering/triton_gpu/lowerings/base.py names them): rt_seqmax_<offsets vid>
+# and rt_kvmax_<offsets vid>_<cache-lengths vid>, each optionally bucketed (`_b<n>`).
+_RT = re.compile(r"rt_(?:seqmax_\d+|kvmax_\d+_\d+)(?:_b\d+)?")
+_FACT = re.compile(r"rt_(seqmax|kvmax)_(\d+)(?:_(\d+))?(?:_b(\d+))?$")
 
 
-def _exprs(step):
-    a = step["attrs"]
+def parse_fact(name: str) -> tuple[str, tuple[int, ...], int]:
+    """(kind, value ids, bucket) of a runtime-fact name: ('kvmax', (1, 3), 256)."""
+    m = _FACT.match(name)
+    if m is None or (m[1] == "kvmax") != (m[3] is not None):
+        raise ValueError(f"not a runtime fact name: {name!r}")
+    vids = (int(m[2]),) if m[3] is None else (int(m[2]), int(m[3]))
+    return m[1], vids, int(m[4] or 1)
+
+
+def bucketed(value: int, bucket: int) -> int:
+    """A fact as the launch rules see it: 0 and 1 exact (decode tests `<= 1`), larger values
+    rounded up to a multiple of `bucket`, so launches (and CUDA graphs) change only per bucket."""
+    if value <= 1 or bucket <= 1:
+        return value
+    return -(-value // bucket) * bucket
+
+
+def fact_names(steps) -> list[str]:
+    """Every runtime fact the steps' launch rules read, sorted."""
+    return sorted({n for s in steps for x in step_exprs(s) for n in _RT.findall(x)})
+
+
+def step_exprs(step):
+    """Every expression text of a step (lets, conditions, grids, args, sizes)."""
+    a = step.get("attrs", {})
     yield from (x for _, x in a.get("lets", []))
     for v in a.get("variants", []):
         if v["when"]:
             yield v["when"]
+        yield from (c for _, _, c in v.get("scratch", []))
+        for op in v.get("ops", []):
+            yield from op.get("grid", [])
+            if "bytes" in op:
+                yield op["bytes"]
+            for arg in op.get("args", []) + op.get("copy", []):
+                if arg[0] == "v":
+                    yield arg[2]
+                elif arg[0] == "i":
+                    yield arg[1]
+
+
+_exprs = step_exprs
 
 
 def _dev_name(dt: DType) -> str:

@@ -1,6 +1,7 @@
 """The attention kernel ops compiled for the CPU match the interpreter: rope (both pairings),
 kv_cache_store, rope_split_store (with and without q/k norm), flash_attention_ragged with every
-mask over ragged batches with cached prefixes, an empty sequence and GQA; and the tiny Llama
+mask over ragged batches with cached prefixes, an empty sequence and GQA (both kernel paths,
+for AVX2 and AVX-512 register blocks); and the tiny Llama
 layer running prefill, decode and chunked-prefill steps through the paged cache."""
 import copy
 
@@ -81,6 +82,46 @@ def test_flash_attention_every_mask(n_heads, n_kv_heads, d):
     blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads, d=d)
     q = rng.standard_normal((sum(counts), n_heads * d)).astype(np.float32)
     assert_matches_interpreter(g, q, blocks, offs, clen, lut, rtol=1e-4, atol=1e-4)
+
+
+def _cpu_runs(target: str) -> bool:
+    from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, host_cpu
+
+    return not CpuTarget.parse(target.split(":", 1)[1]).missing_on(host_cpu())
+
+
+@pytest.mark.parametrize("target,n_heads,n_kv_heads,d,dt", [
+    ("cpu:x86-64:avx2", 4, 1, 16, DType.float32), ("cpu:x86-64:avx512", 4, 1, 16, DType.float32),
+    ("cpu:x86-64:avx512", 3, 1, 16, DType.float32), ("cpu:x86-64:avx2", 2, 2, 32, DType.bfloat16)])
+def test_flash_attention_full_blocks(target, n_heads, n_kv_heads, d, dt):
+    """Sequences long enough for the queries-along-lanes path (blocks of R = 2 * lanes / G
+    rows: 8 or 16 with G = 4, 10 or 5 with G = 3 (padded lanes), 16 or 8 with MHA) next to
+    tails and decode rows, every mask, cached prefixes, keys spanning several tiles."""
+    if not _cpu_runs(target):
+        pytest.skip(f"this CPU cannot run {target}")
+    from graphir.runtime.session import InferenceSession
+
+    rng = np.random.default_rng(n_heads + d)
+    types = [TensorType(dt, ["t", n_heads * d])] + _meta_types(dt, nkv=n_kv_heads, d=d)
+    with Graph("fa_full", input_types=types) as g:
+        q, blocks, offs, clen, lut = g.inputs
+        g.output(*[ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=n_heads,
+                                              n_kv_heads=n_kv_heads, head_dim=d, layer_idx=1,
+                                              mask_variant=m, window=7 if m in WINDOWED else None)
+                   for m in MASK_VARIANTS])
+    counts, cached = [35, 1, 17], [6, 10, 0]
+    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads, d=d)
+    q = rng.standard_normal((sum(counts), n_heads * d)).astype(np.float32)
+    if dt is DType.bfloat16:
+        from graphir.dtype import round_to_bf16
+
+        q, blocks = round_to_bf16(q), round_to_bf16(blocks)
+    want = run(g, q, blocks.copy(), offs, clen, lut)
+    got = InferenceSession().load(g, target=target).execute(q, blocks, offs, clen, lut)
+    tol = 3e-2 if dt is DType.bfloat16 else 1e-5
+    for m, a, b in zip(MASK_VARIANTS, got, want):
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=tol,
+                                   atol=tol, err_msg=str(m))
 
 
 def test_flash_attention_bf16_scale():

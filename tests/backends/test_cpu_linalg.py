@@ -19,10 +19,16 @@ def _rand(rng, shape, dt=np.float32):
     return rng.standard_normal(shape).astype(dt)
 
 
-def _session_model(graph, weights):
+def _session_model(graph, weights, target=None):
     from graphir.runtime.session import InferenceSession
 
-    return InferenceSession().load(graph, weights=weights)
+    return InferenceSession().load(graph, weights=weights, target=target)
+
+
+def _host_runs(target: str) -> bool:
+    from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, host_cpu
+
+    return not CpuTarget.parse(target.split(":", 1)[1]).missing_on(host_cpu())
 
 
 def _check_rows(graph, model, weights, make_inputs, row_counts, tol):
@@ -35,9 +41,18 @@ def _check_rows(graph, model, weights, make_inputs, row_counts, tol):
                                        atol=tol, err_msg=f"rows={m}")
 
 
-def test_weight_matmul_dynamic_rows_prepacked():
-    """x @ W^T and x @ V for every row count mod 4 (block part + remainder), W and V packed
-    once at load, one of them shared by two kernels in two layouts."""
+# (target, the layouts its register block gives W [48, 48] (twice) and V [48, 32], its MR)
+_TARGETS = [("cpu:x86-64:avx2", ["nk16", "kn16", "kn16"], 6),
+            ("cpu:x86-64:avx512", ["nk16", "kn16", "kn32"], 8)]
+
+
+@pytest.mark.parametrize("target,layouts,mr", _TARGETS, ids=[t[0] for t in _TARGETS])
+def test_weight_matmul_dynamic_rows_prepacked(target, layouts, mr):
+    """x @ W^T and x @ V for row counts around multiples of the target's MR (block part +
+    remainder), W and V packed once at load (panels as wide as N allows), W shared by two
+    kernels in two layouts."""
+    if not _host_runs(target):
+        pytest.skip(f"this CPU cannot run {target}")
     rng = np.random.default_rng(0)
     with Graph("mm", input_types=[TensorType(DType.float32, ["n", 48])]) as g:
         x = g.inputs[0]
@@ -46,10 +61,13 @@ def test_weight_matmul_dynamic_rows_prepacked():
         y = ops.matmul(x, w, transpose_b=True)
         g.output(y, ops.matmul(y, w), ops.matmul(x, v))
     weights = {"w": _rand(rng, (48, 48)), "v": _rand(rng, (48, 32))}
-    model = _session_model(g, weights)
+    model = _session_model(g, weights, target)
+    assert model.artifact.target == target
+    assert model.artifact.manifest["cpu"]["matmul_block"][0] == mr
     steps = [s for s in model.plan.steps if s.op == "matmul"]
-    assert [s.attrs.get("prepack") for s in steps] == [[[1, "nk16"]], [[1, "kn16"]], [[1, "kn16"]]]
-    _check_rows(g, model, weights, lambda m: [_rand(rng, (m, 48))], [1, 2, 3, 4, 5, 8, 11], 1e-4)
+    assert [s.attrs.get("prepack") for s in steps] == [[[1, lay]] for lay in layouts]
+    _check_rows(g, model, weights, lambda m: [_rand(rng, (m, 48))],
+                [1, mr - 1, mr, mr + 1, 2 * mr + 3], 1e-4)
 
 
 def test_matmul_activations_and_batched_forms():
@@ -96,13 +114,17 @@ def test_fused_qkv_matmul_concat_weights_bias():
     model = _session_model(g, weights)
     ops_at_load = {s.op for s in model.plan.steps if s.attrs.get("at_load")}
     assert ops_at_load == {"concat"}
-    assert all(s.attrs.get("prepack") == [[1, "nk16"]] for s in model.plan.steps
+    from graphir.lowering.mlir_cpu.cpu_target import host_target
+    from graphir.lowering.mlir_cpu.schedules import MatmulConfig
+
+    nr = MatmulConfig.for_target(host_target()).panel_width(64)
+    assert all(s.attrs.get("prepack") == [[1, f"nk{nr}"]] for s in model.plan.steps
                if s.op == "fused_qkv_matmul")
     _check_rows(g, model, weights, lambda m: [_rand(rng, (m, 32))], [3, 4, 9], 1e-4)
 
 
 def test_fused_qkv_matmul_general_path():
-    """N not a multiple of 16: the generic form with the bias broadcast."""
+    """N = 12, no multiple of an AVX2/AVX-512 vector: the generic form, bias broadcast."""
     rng = np.random.default_rng(4)
     with Graph("qkv2", input_types=[TensorType(DType.float32, ["t", 8]), TensorType(DType.float32, [12, 8]),
                                     TensorType(DType.float32, [12])]) as g:
@@ -110,3 +132,18 @@ def test_fused_qkv_matmul_general_path():
         g.output(ops.fused_qkv_matmul(x, w, b))
     assert_matches_interpreter(g, _rand(rng, (5, 8)), _rand(rng, (12, 8)), _rand(rng, 12),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_pack_operand_layouts_and_errors():
+    from graphir.runtime.cpu_executor import pack_operand
+
+    w = _rand(np.random.default_rng(5), (64, 24))
+    nk = pack_operand(w, "nk32")             # W [N=64, K=24] used transposed
+    kn = pack_operand(w.T, "kn32")           # the same W^T stored [K, N]
+    assert nk.shape == kn.shape == (2, 24, 32)
+    np.testing.assert_array_equal(nk, kn)
+    np.testing.assert_array_equal(nk[1, 5], w[32:64, 5])
+    with pytest.raises(ValueError, match="unknown layout 'nk'"):
+        pack_operand(w, "nk")
+    with pytest.raises(ValueError, match=r"multiple of 32, got shape \(24, 64\)"):
+        pack_operand(w.T, "nk32")

@@ -69,20 +69,23 @@ def test_softmax_and_norms(dt):
 
 
 def test_norms_with_weights_rank1_and_large_rows():
-    """Weights bound at load time, a rank-1 input, rows long enough for the vector loops."""
+    """Weights bound at load time, a rank-1 input, rows long enough for the vector loops.
+    The f32 norms are held to f32 accuracy; only the bf16 graph gets a bf16 tolerance."""
     rng = np.random.default_rng(12)
-    with Graph("nw", input_types=[TensorType(DType.bfloat16, ["n", 515]),
-                                  TensorType(DType.float32, [64])]) as g:
-        x, v = g.inputs
-        w = Weight("w", DType.bfloat16, [515])
+    with Graph("nw32", input_types=[TensorType(DType.float32, [64])]) as g:
+        (v,) = g.inputs
         gamma = Weight("g", DType.float32, [64])
         beta = Weight("b", DType.float32, [64])
-        g.output(ops.rms_norm(x, w, 1e-6, weight_offset=1.0), ops.rms_norm(v, gamma, 1e-6),
-                 ops.layer_norm(v, gamma, beta, 1e-5), ops.softmax(x), ops.sum(x, -1),
-                 ops.mean(x, -1))
-    weights = {"w": rng.standard_normal(515).astype(np.float32),
-               "g": rng.standard_normal(64).astype(np.float32),
+        g.output(ops.rms_norm(v, gamma, 1e-6), ops.layer_norm(v, gamma, beta, 1e-5))
+    weights = {"g": rng.standard_normal(64).astype(np.float32),
                "b": rng.standard_normal(64).astype(np.float32)}
+    assert_matches_interpreter(g, rng.standard_normal(64).astype(np.float32), weights=weights,
+                               rtol=2e-5, atol=2e-5)
+    with Graph("nw16", input_types=[TensorType(DType.bfloat16, ["n", 515])]) as g:
+        (x,) = g.inputs
+        w = Weight("w", DType.bfloat16, [515])
+        g.output(ops.rms_norm(x, w, 1e-6, weight_offset=1.0), ops.softmax(x), ops.sum(x, -1),
+                 ops.mean(x, -1))
     assert_matches_interpreter(g, rng.standard_normal((3, 515)).astype(np.float32),
-                               rng.standard_normal(64).astype(np.float32), weights=weights,
+                               weights={"w": rng.standard_normal(515).astype(np.float32)},
                                rtol=1e-2, atol=1e-2)

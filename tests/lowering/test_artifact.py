@@ -13,7 +13,8 @@ pytest.importorskip("mlir.ir")
 
 from graphir import ops  # noqa: E402
 from graphir import DeviceRef, DType, Graph, TensorType, Weight  # noqa: E402
-from graphir.lowering.artifact import FORMAT_VERSION, ArtifactError, load_artifact  # noqa: E402
+from graphir.lowering.artifact import (FORMAT_VERSION, ArtifactError, load_artifact,  # noqa: E402
+                                      root_digest)
 from graphir.lowering.driver import compile_graph  # noqa: E402
 from graphir.runtime.interpreter import run  # noqa: E402
 from graphir.runtime.session import InferenceSession  # noqa: E402
@@ -50,6 +51,10 @@ def _manifest(path):
 
 
 def _write_manifest(path, m):
+    """Write an edited manifest with a matching root digest: the edit a deliberate tamperer
+    makes, so the checks behind the digest are what must refuse it."""
+    if isinstance(m, dict):
+        m["root_digest"] = root_digest(m)
     (path / "manifest.json").write_text(json.dumps(m))
 
 
@@ -64,7 +69,10 @@ def _refused(path, *fragments):
 def test_manifest_contents(art):
     a = load_artifact(art)
     m = a.manifest
-    assert m["format_version"] == FORMAT_VERSION and m["target"] == "cpu"
+    from graphir.lowering.mlir_cpu.cpu_target import host_target
+
+    assert m["format_version"] == FORMAT_VERSION and m["target"] == str(host_target())
+    assert m["cpu"]["target"] == m["target"] and m["cpu"]["required_flags"]
     gir = (art / "graph.gir").read_bytes()
     assert m["graph_hash"] == hashlib.sha256(gir).hexdigest()
     assert set(m["files"]) == {"graph.gir", SO}
@@ -146,7 +154,7 @@ def test_corrupt_manifest_json(art):
 
 
 @pytest.mark.parametrize("content, msg", [("[1, 2]", "manifest has no format_version"),
-                                          ("NOFILES", "manifest lists no files"),
+                                          ("NOFILES", "malformed manifest: the manifest lacks ['files']"),
                                           (b"\xff\xfe\x00", "corrupt manifest")])
 def test_malformed_manifest(art, content, msg):
     if content == "NOFILES":
@@ -181,7 +189,7 @@ def test_graph_hash_checked_even_when_the_file_hash_was_updated(art):
 
 
 def test_wrong_target(art):
-    with pytest.raises(ArtifactError, match=r"built for 'cpu', not 'cuda:sm_90'"):
+    with pytest.raises(ArtifactError, match=r"built for 'cpu:[a-z0-9-]+:\w+', not 'cuda:sm_90'"):
         load_artifact(art, expect_target="cuda:sm_90")
 
 
@@ -212,3 +220,35 @@ def test_nothing_is_unpickled(art, monkeypatch):
     (y,) = InferenceSession().load(str(art), weights={"w": w}).execute(x)
     np.testing.assert_allclose(y, np.tanh(x) * w - np.exp(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y, run(_graph(), x, weights={"w": w})[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("edit", ["flip a key", "change the plan", "add a key"])
+def test_any_manifest_edit_without_the_digest_is_refused(art, edit):
+    text = (art / "manifest.json").read_text()
+    if edit == "flip a key":
+        text = text.replace('"steps"', '"step,"', 1)   # the one-bit flip that once segfaulted
+    elif edit == "change the plan":
+        m = json.loads(text)
+        m["plan"]["n_slots"] += 1
+        text = json.dumps(m)
+    else:
+        m = json.loads(text)
+        m["extra"] = 1
+        text = json.dumps(m)
+    (art / "manifest.json").write_text(text)
+    _refused(art, "manifest.json was changed after the artifact was written")
+
+
+def test_a_file_larger_than_the_hash_chunk_is_hashed_whole(art):
+    # sha256 is read in 1 MiB chunks; a change past the first chunk must still be caught.
+    big = art / SO
+    data = bytearray(big.read_bytes())
+    data += bytes(3 << 20)
+    m = _manifest(art)
+    big.write_bytes(bytes(data))
+    m["files"][SO] = hashlib.sha256(bytes(data)).hexdigest()
+    _write_manifest(art, m)
+    load_artifact(art)  # consistent: accepted
+    data[-1] ^= 0x01       # one bit, 3 MiB past the start
+    big.write_bytes(bytes(data))
+    _refused(art, "cpu/kernels.so does not match its sha256")

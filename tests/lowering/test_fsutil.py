@@ -71,14 +71,19 @@ def test_scratch_dir_is_removed_on_error():
 
 
 def test_failed_rewrite_keeps_the_old_artifact(tmp_path):
+    pytest.importorskip("mlir.ir")
+    from graphir import DType, Graph, TensorType, ops
     from graphir.lowering.artifact import load_artifact, write_artifact
+    from graphir.lowering.driver import compile_graph
 
+    with Graph("g", input_types=[TensorType(DType.float32, ["n", 4])]) as g:
+        g.output(ops.exp(g.inputs[0]))
     out = tmp_path / "m.gart"
-    write_artifact(out, graph_text="graph @g() {\n  gir.output\n}\n", target="cpu",
-                   payload={"cpu/a.bin": b"old"}, extra={})
+    old = compile_graph(g, "cpu", out=out).manifest
+    so = (out / "cpu/kernels.so").read_bytes()
     with pytest.raises(TypeError):  # a payload that fails midway through the write
-        write_artifact(out, graph_text="graph @g() {\n  gir.output\n}\n", target="cpu",
-                       payload={"cpu/a.bin": b"new", "cpu/b.bin": None}, extra={})
+        write_artifact(out, graph_text=str(g), target=old["target"],
+                       payload={"cpu/kernels.so": b"new", "cpu/b.bin": None}, extra={})
     art = load_artifact(out)
-    assert (art.path / "cpu/a.bin").read_bytes() == b"old"
+    assert art.manifest == old and (art.path / "cpu/kernels.so").read_bytes() == so
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gart"]

@@ -6,7 +6,7 @@ from graphir import ops
 from graphir import BufferType, DeviceRef, DType, Graph, TensorType
 from graphir.nn import (AttentionWithRope, KVCacheParams, MHAMaskVariant, PagedCacheValues,
                 RotaryEmbedding, TensorParallelAttentionWithRope)
-from graphir.runtime.interpreter import InterpreterError, run
+from graphir.runtime.interpreter import run
 from tests.nn.harness import D, HIDDEN, LAYERS, NH, NKV, PAGE, layer_graph
 
 U32 = DType.uint32
@@ -134,7 +134,9 @@ def test_ragged_offsets_that_disagree_with_rows_fail_at_run_time():
                           for k, w in attn.raw_state_dict().items()})
     g = layer_graph(attn, attn.rope, attn.kv_params)
     blocks = np.zeros((3, 2, LAYERS, PAGE, NKV, D), np.float32)
-    with pytest.raises(InterpreterError, match=r"input_row_offsets\[-1\] = 2 but the input has 3 rows"):
+    # Refused by the run-time metadata check before any op runs (runtime/ragged.py).
+    with pytest.raises(ValueError, match=r"input_row_offsets \(input 1\): input_row_offsets end "
+                                         r"at 2 \(index 1\) but the ragged input .* has 3 rows"):
         run(g, np.ones((3, HIDDEN), np.float32), np.array([0, 2], np.uint32), blocks,
             np.zeros(1, np.uint32), np.zeros((1, 1), np.uint32), np.ones((1, 2), np.uint32),
             weights=attn.state_dict())

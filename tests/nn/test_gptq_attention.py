@@ -27,47 +27,53 @@ def make_g_idx(rng, n_in: int, gs: int, desc_act: bool) -> np.ndarray:
     return (rng.permutation(g) if desc_act else g).astype(np.int32)
 
 
-def pack_nibbles(codes: np.ndarray, axis: int) -> np.ndarray:
-    """8 codes per int32 word along `axis`, code k of a word in bits 4k..4k+3."""
+def pack_nibbles(codes: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
+    """32 / bits codes per int32 word along `axis`, code k of a word in bits bits*k.. ."""
+    per = 32 // bits
     c = np.moveaxis(codes.astype(np.uint64), axis, 0)
-    words = np.zeros((c.shape[0] // 8,) + c.shape[1:], np.uint64)
-    for k in range(8):
-        words |= c[k::8] << np.uint64(4 * k)
+    words = np.zeros((c.shape[0] // per,) + c.shape[1:], np.uint64)
+    for k in range(per):
+        words |= c[k::per] << np.uint64(bits * k)
     # contiguous: safetensors.numpy writes a strided view's memory order, not its logical one
     return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis))
 
 
-def quantize(rng, n_in, n_out, gs, sym, g_idx):
-    """Checkpoint tensors of random weights and the float [out, in] weight they decode to."""
-    w = rng.standard_normal((n_in, n_out)) * 0.1
+def quantize(rng, n_in, n_out, gs, sym, g_idx, bits=4, w=None):
+    """Checkpoint tensors of (random or given [in, out]) weights and the float [out, in] weight
+    they decode to."""
+    top = 2**bits - 1
+    w = rng.standard_normal((n_in, n_out)) * 0.1 if w is None else w
     n_groups = int(g_idx.max()) + 1
     scales = np.zeros((n_groups, n_out), np.float16)
-    zeros = np.full((n_groups, n_out), 8, np.int64)
+    zeros = np.full((n_groups, n_out), 2 ** (bits - 1), np.int64)
     codes = np.zeros((n_in, n_out), np.int64)
     for g in range(n_groups):
         rows = w[g_idx == g]
         if sym:
-            scale = (2 * np.abs(rows).max(axis=0) / 15).astype(np.float16)
+            scale = (2 * np.abs(rows).max(axis=0) / top).astype(np.float16)
         else:
             lo, hi = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
-            scale = ((hi - lo) / 15).astype(np.float16)
-            zeros[g] = np.clip(np.round(-lo / scale.astype(np.float64)), 1, 15)
+            scale = ((hi - lo) / top).astype(np.float16)
+            zeros[g] = np.clip(np.round(-lo / scale.astype(np.float64)), 1, top)
         scales[g] = scale
-        codes[g_idx == g] = np.clip(np.round(rows / scale.astype(np.float64)) + zeros[g], 0, 15)
+        codes[g_idx == g] = np.clip(np.round(rows / scale.astype(np.float64)) + zeros[g], 0, top)
     deq = (codes - zeros[g_idx]) * scales.astype(np.float64)[g_idx]
     assert np.abs(deq - w).max() < 0.6 * np.abs(w).max()  # the packer quantizes sensibly
-    ckpt = {"qweight": pack_nibbles(codes, 0), "scales": scales, "g_idx": g_idx,
-            "qzeros": pack_nibbles(zeros - 1, 1)}  # v1 stores zero - 1, also when symmetric
+    ckpt = {"qweight": pack_nibbles(codes, 0, bits), "scales": scales, "g_idx": g_idx,
+            "qzeros": pack_nibbles(zeros - 1, 1, bits)}  # v1 stores zero - 1, also when sym
     return ckpt, deq.T.astype(np.float32)
 
 
-def checkpoint(seed, gs, sym, desc_act):
+def checkpoint(seed, gs, sym, desc_act, bits=4, bias=False):
     rng = np.random.default_rng(seed)
     g_in = make_g_idx(rng, HIDDEN, gs, desc_act)  # q, k, v see the same inputs: one order
     tensors, floats = {}, {}
     for name, (n_in, n_out) in PROJ.items():
         g = g_in if name != "o_proj" else make_g_idx(rng, n_in, gs, desc_act)
-        ckpt, floats[f"{name}.weight"] = quantize(rng, n_in, n_out, gs, sym, g)
+        ckpt, floats[f"{name}.weight"] = quantize(rng, n_in, n_out, gs, sym, g, bits)
+        if bias and name != "o_proj":  # checkpoints store biases in float16
+            ckpt["bias"] = rng.standard_normal(n_out).astype(np.float16)
+            floats[f"{name}.bias"] = ckpt["bias"].astype(np.float32)
         tensors.update({f"{PREFIX}{name}.{k}": v for k, v in ckpt.items()})
     tensors["model.layers.3.mlp.up_proj.qweight"] = np.ones((4, 8), np.int32)  # not ours
     return tensors, floats
@@ -78,32 +84,38 @@ def kv_manager() -> PagedKVCacheManager:
     return scheduled_manager(NKV, D)
 
 
-def build(cfg, fuse=True):
+def build(cfg, fuse=True, bias=False):
     rope = RotaryEmbedding(HIDDEN, NH, 10000.0, 64, head_dim=D, interleaved=False)
     kvp = KVCacheParams(dtype=DType.float32, n_kv_heads=NKV, head_dim=D, num_layers=LAYERS,
                         page_size=PAGE)
-    quant = GPTQAttentionWithRope(cfg, rope, NH, NKV, HIDDEN, kvp, _fuse_rope_and_store=fuse)
+    quant = GPTQAttentionWithRope(cfg, rope, NH, NKV, HIDDEN, kvp, has_bias=bias,
+                                  _fuse_rope_and_store=fuse)
     ref = AttentionWithRope(rope=rope, num_attention_heads=NH, num_key_value_heads=NKV,
-                            hidden_size=HIDDEN, kv_params=kvp)
+                            hidden_size=HIDDEN, kv_params=kvp, has_bias=bias)
     return rope, kvp, quant, ref
 
 
-CASES = [(gs, sym, desc) for gs in (32, 64, 128, -1) for sym in (True, False)
+CASES = [(gs, sym, desc, 4, False) for gs in (32, 64, 128, -1) for sym in (True, False)
          for desc in (False, True)]
+CASES += [(128, True, False, 8, True), (32, False, True, 8, False), (-1, True, True, 8, True),
+          (64, False, False, 4, True)]
 
 
-@pytest.mark.parametrize("gs,sym,desc_act", CASES)
-def test_layer_from_safetensors_matches_float_layer(tmp_path, gs, sym, desc_act):
-    tensors, floats = checkpoint(abs(gs) * 4 + 2 * sym + desc_act, gs, sym, desc_act)
+@pytest.mark.parametrize("gs,sym,desc_act,bits,bias", CASES)
+def test_layer_from_safetensors_matches_float_layer(tmp_path, gs, sym, desc_act, bits, bias):
+    tensors, floats = checkpoint(abs(gs) * 4 + 2 * sym + desc_act + bits, gs, sym, desc_act,
+                                 bits, bias)
     path = tmp_path / "model.safetensors"
     save_file(tensors, str(path))
-    cfg = QuantizationConfig(group_size=gs, desc_act=desc_act, sym=sym)
-    rope, kvp, quant, ref = build(cfg, fuse=gs != 64)
+    cfg = QuantizationConfig(bits=bits, group_size=gs, desc_act=desc_act, sym=sym)
+    rope, kvp, quant, ref = build(cfg, fuse=gs != 64, bias=bias)
     quant.load_safetensors(path, PREFIX, strict=False)
     ref.load_state_dict(floats)
     sd = quant.state_dict()
     assert sd["q_proj.weight"].dtype == np.uint8
     assert ("q_proj.qzeros" in sd) == (not sym) and ("q_proj.perm_idx" in sd) == desc_act
+    assert sd["q_proj.weight"].shape == (HIDDEN * bits // 8 + 2 * cfg.groups(HIDDEN), NH * D)
+    assert ("q_proj.bias" in sd) == bias
 
     gq, gr = layer_graph(quant, rope, kvp), layer_graph(ref, rope, kvp)
     assert repr(gq).count("gir.qmatmul") == 2  # fused q|k|v, then o_proj
@@ -119,9 +131,10 @@ def test_layer_from_safetensors_matches_float_layer(tmp_path, gs, sym, desc_act)
     assert np.array_equal(mq.blocks[:, :, 1 - LAYER], kv_manager().blocks[:, :, 1 - LAYER])
 
 
-def test_wqkv_joins_packed_codes_then_scales():
-    tensors, _ = checkpoint(1, 64, True, False)
-    cfg = QuantizationConfig(group_size=64, sym=True)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_wqkv_joins_packed_codes_then_scales(bits):
+    tensors, _ = checkpoint(1, 64, True, False, bits)
+    cfg = QuantizationConfig(bits=bits, group_size=64, sym=True)
     _, _, quant, _ = build(cfg)
     quant.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items()
                            if k.startswith(PREFIX)})
@@ -133,7 +146,7 @@ def test_wqkv_joins_packed_codes_then_scales():
     scales = np.concatenate([tensors[f"{PREFIX}{p}.scales"] for p in qkv], axis=1)
     want = np.frombuffer(qweight.astype("<i4").tobytes() + scales.astype("<f2").tobytes(),
                          np.uint8).reshape(-1, (NH + 2 * NKV) * D)
-    assert wqkv.shape == (HIDDEN // 2 + 2 * 4, (NH + 2 * NKV) * D)
+    assert wqkv.shape == (HIDDEN * bits // 8 + 2 * 4, (NH + 2 * NKV) * D)
     assert np.array_equal(wqkv, want)
 
 
@@ -163,12 +176,20 @@ def test_errors():
     rng = np.random.default_rng(9)
     with pytest.raises(ValueError, match="group_size must be a positive int or -1, got 0"):
         QuantizationConfig(group_size=0)
-    with pytest.raises(ValueError, match="only 4-bit GPTQ is supported, got bits=8"):
-        QuantizationConfig(bits=8)
+    with pytest.raises(ValueError, match=r"bits must be one of \(4, 8\) \(4- and 8-bit GPTQ\), "
+                                         r"got bits=3"):
+        QuantizationConfig(bits=3)
     with pytest.raises(ValueError, match="in_features=256 is not divisible by group_size=96"):
         GPTQLinear(256, 64, quantization_config=QuantizationConfig(group_size=96))
     with pytest.raises(ValueError, match="out_dim=12 must be a multiple of 8"):
         GPTQLinear(256, 12, quantization_config=QuantizationConfig())
+    with pytest.raises(ValueError, match="out_dim=6 must be a multiple of 4 \\(packed 8-bit"):
+        GPTQLinear(256, 6, quantization_config=QuantizationConfig(bits=8))
+    ckpt8, _ = quantize(rng, 128, 16, 32, True, make_g_idx(rng, 128, 32, False), bits=8)
+    with pytest.raises(ValueError, match=r"qweight must be int32 \[16, 16\] \(8 4-bit codes per "
+                                         r"int32\), got int32 \(32, 16\)"):
+        GPTQLinear(128, 16, quantization_config=QuantizationConfig(group_size=32)) \
+            .load_state_dict(ckpt8)
 
     cfg = QuantizationConfig(group_size=32, desc_act=True, sym=False)
     ckpt, _ = quantize(rng, 128, 16, 32, False, make_g_idx(rng, 128, 32, True))
@@ -188,6 +209,15 @@ def test_errors():
     with pytest.raises(ValueError, match="sym=True but qzeros hold zero points other than 8"):
         GPTQLinear(128, 16, quantization_config=QuantizationConfig(group_size=32, desc_act=True)) \
             .load_state_dict(ckpt)
+    asym8, _ = quantize(rng, 128, 16, 32, False, make_g_idx(rng, 128, 32, False), bits=8)
+    with pytest.raises(ValueError, match="sym=True but qzeros hold zero points other than 128"):
+        GPTQLinear(128, 16, quantization_config=QuantizationConfig(bits=8, group_size=32)) \
+            .load_state_dict(asym8)
+    with pytest.raises(ValueError, match=r"8-bit GPTQ weight must be uint8 \[264, out\] \(256 "
+                                         r"rows of packed codes \+ 8 of float16 scales"):
+        with Graph("g", input_types=[TensorType(DType.float32, ["n", 256]),
+                                     TensorType(DType.uint8, [136, 16])]) as g:
+            ops.qmatmul("GPTQ", QuantizationConfig(bits=8, group_size=64), *g.inputs)
     with pytest.raises(ValueError, match="missing checkpoint tensors \\['qzeros'\\]"):
         lin.load_state_dict({k: v for k, v in ckpt.items() if k != "qzeros"})
 

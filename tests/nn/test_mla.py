@@ -12,11 +12,12 @@ from transformers import DeepseekV3Config
 
 from graphir import ops
 from graphir import DeviceRef, DType, Graph, TensorType
-from graphir.types import BufferType
+from graphir.types import BufferType, ChainType
 from graphir.nn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding, KVCacheParams,
                 LatentAttentionWithRope, PagedCacheValues, RotaryEmbedding,
                 TensorParallelLatentAttentionWithRope)
 from graphir.nn.attention.parallel import distribute_value
+from graphir.ops import mla_math
 from graphir.runtime.interpreter import run
 from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.nn.harness import (SCHEDULE, HFAttentionRunner, layer_graph, mla_op_inputs,
@@ -131,13 +132,62 @@ def test_prefill_and_decode_paths_agree(q_lora):
 
 
 def test_graph_modes_emit_their_op():
-    for mode, want in (("prefill", {"mla_prefill"}), ("decode", {"mla_decode"}),
-                       ("auto", {"mla_prefill", "mla_decode"})):
+    # prefill and auto plan the decompression buffers with create_mla_prefill_metadata; auto is
+    # one op (mla_attention) choosing its form per batch, not both forms and a select.
+    for mode, want, plans in (("prefill", {"mla_prefill"}, 1), ("decode", {"mla_decode"}, 0),
+                              ("auto", {"mla_attention"}, 1)):
         rope, kvp, attn = make_layer(QLORA, mode)
         g = layer_graph(attn, rope, kvp)
-        found = {n.op for n in g.nodes} & {"mla_prefill", "mla_decode"}
+        ops_ = [n.op for n in g.nodes]
+        found = set(ops_) & {"mla_prefill", "mla_decode", "mla_attention"}
         assert found == want, (mode, found)
+        assert sum(op in want for op in ops_) == 1 and "where" not in ops_
+        assert ops_.count("mla_prefill_plan") == plans
+        attn_node = next(n for n in g.nodes if n.op in want)
+        assert len([v for v in attn_node.operands if not isinstance(v.type, ChainType)]) == \
+            7 + 3 * plans
         assert sum(n.op == "mla_cache_store" for n in g.nodes) == 1
+
+
+@pytest.mark.parametrize("counts, taken", [([1, 1, 1], "decode"), ([5, 9, 3], "prefill"),
+                                           ([1, 4], "prefill")])
+def test_auto_computes_only_the_form_it_takes(counts, taken, monkeypatch):
+    """The reference of mla_attention runs one form per call: the absorbed one while every
+    sequence brings one token, the decompressed one otherwise; and it equals that form."""
+    from graphir.ops import mla_math
+
+    graphs = {}
+    for mode in ("auto", "prefill", "decode"):
+        rope, kvp, attn = make_layer(QLORA, mode, buffer_size=3)
+        graphs[mode] = layer_graph(attn, rope, kvp, layer=LAYER)
+    wrng = np.random.default_rng(8)
+    weights = {k: (wrng.standard_normal(tuple(int(d) for d in w.shape)) * 0.2
+                   + ("norm" in k)).astype(np.float32) for k, w in attn.raw_state_dict().items()}
+    m = manager()
+    rng = np.random.default_rng(6)
+    seqs = list(range(len(counts)))
+    warm = m.prepare_step(seqs, [3] * len(counts))   # some cache to attend to
+    run_step(graphs["prefill"], m, warm, rng.standard_normal((3 * len(counts), HIDDEN))
+             .astype(np.float32), weights)
+    m.commit_step(warm)
+    st = m.prepare_step(seqs, counts)
+    x = rng.standard_normal((sum(counts), HIDDEN)).astype(np.float32)
+    calls = []
+    for name in ("mla_prefill", "mla_decode"):
+        fn = getattr(mla_math, name)
+        monkeypatch.setattr(mla_math, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n)
+                            or _f(*a, **k))
+    before = m.blocks.copy()
+    outs = {}
+    for mode, g in graphs.items():
+        m.blocks[...] = before
+        calls.clear()
+        outs[mode] = run_step(g, m, st, x, weights)
+        if mode == "auto":
+            assert calls == [f"mla_{taken}"], calls
+    np.testing.assert_array_equal(outs["auto"], outs[taken])
+    other = "decode" if taken == "prefill" else "prefill"
+    np.testing.assert_allclose(outs["auto"], outs[other], rtol=1e-5, atol=1e-6)
 
 
 def test_properties_and_weights():
@@ -218,12 +268,18 @@ def test_ops_against_dense_attention(kinds):
                             layer_idx=LAYER)
         dims = dict(n_heads=NH, qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V,
                     kv_lora_rank=R, layer_idx=LAYER, scale=0.17)
+        plan = ops.mla_prefill_plan(o, c)
         g.output(ops.mla_prefill(qv, b, o, c, lt, wk, wuv, buffer_size=4, **dims),
-                 ops.mla_decode(qv, b, o, c, lt, wuk, wuv, **dims),
-                 *ops.mla_prefill_plan(o, c))
+                 ops.mla_decode(qv, b, o, c, lt, wuk, wuv, **dims), *plan,
+                 # buffers of 3 rows laid over the batch's 17 K/V rows by the plan
+                 ops.mla_prefill(qv, b, o, c, lt, wk, wuv, buffer_size=3, prefill_metadata=plan,
+                                 **dims),
+                 ops.mla_attention(qv, b, o, c, lt, wuk, wuv, buffer_size=2, absorb_max=4,
+                                   prefill_metadata=plan, **dims),   # 5 new tokens: prefill
+                 ops.mla_attention(qv, b, o, c, lt, wuk, wuv, absorb_max=5, **dims))  # absorbed
     before = blocks.copy()
-    pre, dec, rows, starts, total = run(g, q, kv, normw, freqs, offs, clen, lut, blocks, w_k,
-                                        w_uk, w_uv)
+    pre, dec, rows, starts, total, *more = run(g, q, kv, normw, freqs, offs, clen, lut, blocks,
+                                               w_k, w_uk, w_uv)
     # The store: normed c_kv then interleaved-roped k_pe at each token's page slot.
     seq, pos = np.repeat([0, 1, 2], [3, 5, 1]), np.array([6, 7, 8, 0, 1, 2, 3, 4, 2])
     c64 = kv[:, :R].astype(np.float64)
@@ -242,8 +298,8 @@ def test_ops_against_dense_attention(kinds):
         latent = blocks[lut[bi, p // PAGE], 0, LAYER, p % PAGE, 0].astype(np.float64)
         want = _dense_mla(q[r0:r1].reshape(-1, NH, NOPE + ROPE).astype(np.float64), latent,
                           w_k.astype(np.float64), w_uv.astype(np.float64), int(clen[bi]), 0.17)
-        np.testing.assert_allclose(pre[r0:r1].reshape(-1, NH, V), want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(dec[r0:r1].reshape(-1, NH, V), want, rtol=1e-5, atol=1e-5)
+        for got in [pre, dec] + more:
+            np.testing.assert_allclose(got[r0:r1].reshape(-1, NH, V), want, rtol=1e-5, atol=1e-5)
     assert rows.tolist() == [0, 9, 14, 17] and starts.tolist() == [6, 0, 2]
     assert total.tolist() == [17]
 
@@ -324,13 +380,14 @@ def test_bad_config(change, exc, match):
         LatentAttentionWithRope(**{**kw, **change})
 
 
-def test_auto_needs_max_lengths_and_tp_needs_divisible_heads():
+def test_auto_without_max_lengths_and_tp_needs_divisible_heads():
+    # auto reads the batch's shape from input_row_offsets: max_lengths is not needed.
     rope, kvp, attn = make_layer()
     types = [TensorType(DType.float32, ["t", HIDDEN]), TensorType(DType.uint32, ["b + 1"])]
     with Graph("g", input_types=types + kvp.input_types()[:3]) as g:
         x, offs, *cache = g.inputs
-        with pytest.raises(ValueError, match="graph_mode 'auto' picks prefill or decode"):
-            attn(0, x, PagedCacheValues(*cache), rope.freqs_cis, offs)
+        g.output(attn(0, x, PagedCacheValues(*cache), rope.freqs_cis, offs))
+    assert sum(n.op == "mla_attention" for n in g.nodes) == 1
     with pytest.raises(ValueError, match="num_attention_heads 4 is not divisible by the 3"):
         make_layer(cls=TensorParallelLatentAttentionWithRope,
                    devices=[DeviceRef.CPU(i) for i in range(3)])
@@ -388,7 +445,7 @@ def test_ir_round_trip_and_default_passes_keep_numbers():
              + ("norm" in k)).astype(np.float32) for k, v in attn.raw_state_dict().items()}
     g2 = layer_graph(attn, rope, kvp, layer=LAYER)
     run_passes(g2)
-    assert {"mla_cache_store", "mla_prefill", "mla_decode"} <= {n.op for n in g2.nodes}
+    assert {"mla_cache_store", "mla_attention", "mla_prefill_plan"} <= {n.op for n in g2.nodes}
     outs = []
     for graph in (g, g2):
         m = manager()
@@ -446,3 +503,36 @@ def test_float8_o_proj_quant_config():
         outs.append(run_step(layer_graph(layer, rope, kvp, layer=LAYER), m, st, x, weights))
     big = np.abs(outs[0]).max()
     assert big > 0.1 and 1e-4 * big < np.abs(outs[1] - outs[0]).max() < 0.1 * big
+
+
+def test_prefill_metadata_and_auto_errors():
+    q, kv, normw, freqs, offs, clen, lut, blocks, w_k, w_uk, w_uv = mla_op_inputs(
+        np.random.default_rng(12), 1, nh=NH, nope=NOPE, rope=ROPE, v=V, r=R, kv_b_scale=0.2)
+    W, u32 = R + ROPE, DType.uint32
+    types = [TensorType(DType.float32, ["t", NH * (NOPE + ROPE)]), TensorType(u32, ["b + 1"]),
+             TensorType(u32, ["b"]), TensorType(u32, ["b", "p"]),
+             BufferType(DType.float32, ["n", 1, LAYERS, PAGE, 1, W]),
+             TensorType(DType.float32, [NH * NOPE, R]), TensorType(DType.float32, [NH, NOPE, R]),
+             TensorType(DType.float32, [NH, R, V]), TensorType(u32, ["b + 1"]),
+             TensorType(u32, ["b"]), TensorType(DType.int32, [1])]
+    dims = dict(n_heads=NH, qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V,
+                kv_lora_rank=R, layer_idx=LAYER, scale=0.2)
+    with Graph("g", input_types=types) as g:
+        qv, o, c, lt, b, wk, wuk, wuv, *meta = g.inputs
+        g.output(ops.mla_prefill(qv, b, o, c, lt, wk, wuv, prefill_metadata=meta, **dims))
+        with pytest.raises(ValueError, match="buffer_lengths must be i32 \\[1\\]"):
+            ops.mla_attention(qv, b, o, c, lt, wuk, wuv, prefill_metadata=[meta[0], meta[1],
+                                                                             meta[0]], **dims)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'prefill_metadata'"):
+            ops.mla_decode(qv, b, o, c, lt, wuk, wuv, prefill_metadata=meta, **dims)
+        with pytest.raises(ValueError, match="absorb_max must be a positive int"):
+            ops.mla_attention(qv, b, o, c, lt, wuk, wuv, absorb_max=0, **dims)
+        with pytest.raises(ValueError, match="prefill_metadata must be an MLAPrefillMetadata"):
+            ops.mla_prefill(qv, b, o, c, lt, wk, wuv, prefill_metadata=meta[:2], **dims)
+    rows, starts, total = mla_math.mla_prefill_plan(offs, clen)
+    args = [q, offs, clen, lut, blocks, w_k, w_uk, w_uv]
+    run(g, *args, rows, starts, total)   # the plan's metadata is accepted
+    bad = rows.copy()
+    bad[1] += 1
+    with pytest.raises(Exception, match="buffer_row_offsets .* is not the plan of these"):
+        run(g, *args, bad, starts, total)

@@ -56,7 +56,7 @@ def loop_gather(blocks, lut, b, layer, n):
     return k.astype(np.float64), v.astype(np.float64)
 
 
-def loop_attention(q, blocks, layer, offs, cl, lut, variant, window, scale):
+def loop_attention(q, blocks, layer, offs, cl, lut, variant, window, scale, softcap=None):
     nh, nkv = q.shape[1], blocks.shape[4]
     out = np.zeros(q.shape)
     for b in range(len(cl)):
@@ -68,6 +68,8 @@ def loop_attention(q, blocks, layer, offs, cl, lut, variant, window, scale):
                 kh = h // (nh // nkv)
                 keys = [kp for kp in range(total) if loop_mask(variant, qp, kp, window)]
                 s = [scale * float(np.dot(q[t, h], k[kp, kh])) for kp in keys]
+                if softcap is not None:
+                    s = [softcap * math.tanh(x / softcap) for x in s]
                 if not keys:
                     continue
                 m = max(s)
@@ -342,3 +344,107 @@ def test_flash_attention_bad_input():
         am.flash_attention_ragged(q[:, :3], blocks, mask_variant="causal", **kw)
     with pytest.raises(ValueError, match=r"input_row_offsets\[-1\] = 2 but q has 1 rows"):
         am.flash_attention_ragged(q[:1], blocks, mask_variant="causal", **kw)
+
+
+# ---- linear, YaRN options, LongRoPE, softcap (Hugging Face model loading) -------------------------
+
+def _llama_cfg(d, rope):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, num_attention_heads=2, head_dim=d, max_position_embeddings=256,
+                       rope_parameters=rope)
+
+
+def test_freqs_linear_matches_hf():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d, theta, factor = 16, 10000.0, 4.0
+    hf_inv, hf_mag = ROPE_INIT_FUNCTIONS["linear"](
+        _llama_cfg(d, {"rope_type": "linear", "rope_theta": theta, "factor": factor}))
+    inv = am.rope_inv_freq(d, theta, am.LinearRopeScaling(factor))
+    np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=2e-6)
+    np.testing.assert_allclose(inv * factor, am.rope_inv_freq(d, theta), rtol=1e-6)
+    table = am.rope_freqs_cis(d, 16, theta, {"rope_type": "linear", "factor": factor})
+    np.testing.assert_allclose(table, _hf_table(hf_inv, 16, hf_mag), atol=2e-6)
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        am.rope_inv_freq(d, theta, am.LinearRopeScaling(0.0))
+
+
+@pytest.mark.parametrize("truncate,attention_factor,betas", [
+    (False, None, (32, 1)), (True, 1.7, (8, 2)), (False, 0.9, (16, 1))])
+def test_freqs_yarn_options_match_hf(truncate, attention_factor, betas):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d, theta, factor, orig = 32, 10000.0, 8.0, 32
+    rope = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "beta_fast": betas[0],
+            "beta_slow": betas[1], "original_max_position_embeddings": orig, "truncate": truncate}
+    if attention_factor is not None:
+        rope["attention_factor"] = attention_factor
+    hf_inv, hf_mag = ROPE_INIT_FUNCTIONS["yarn"](_llama_cfg(d, rope))
+    scaling = am.YarnRopeScaling(factor=factor, original_max_position=orig, beta_fast=betas[0],
+                                 beta_slow=betas[1], mscale=1.0, mscale_all_dim=0.0,
+                                 attention_factor=attention_factor, truncate=truncate)
+    inv = am.rope_inv_freq(d, theta, scaling)
+    np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=2e-6)
+    assert am.rope_table_magnitude(scaling) == pytest.approx(hf_mag, rel=1e-12)
+    table = am.rope_freqs_cis(d, 16, theta, scaling)
+    np.testing.assert_allclose(table, _hf_table(hf_inv, 16, hf_mag), atol=2e-6)
+
+
+def test_yarn_truncate_changes_the_ramp():
+    kw = dict(factor=8.0, original_max_position=32, beta_fast=32, beta_slow=1)
+    a = am.rope_inv_freq(32, 1e4, am.YarnRopeScaling(**kw, truncate=True))
+    b = am.rope_inv_freq(32, 1e4, am.YarnRopeScaling(**kw, truncate=False))
+    assert not np.allclose(a, b)
+
+
+def test_freqs_longrope_matches_hf_short_and_long():
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rng = np.random.default_rng(3)
+    d, theta, orig, max_pos = 16, 10000.0, 12, 48
+    short = (1 + rng.random(d // 2) * 0.5).tolist()
+    long = (2 + rng.random(d // 2) * 4).tolist()
+    cfg = Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=max_pos,
+                     original_max_position_embeddings=orig,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": theta,
+                                      "short_factor": short, "long_factor": long})
+    hf_short, hf_mag = ROPE_INIT_FUNCTIONS["longrope"](cfg)
+    hf_long, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, seq_len=orig + 1)
+    mag = math.sqrt(1 + math.log(max_pos / orig) / math.log(orig))
+    assert hf_mag == pytest.approx(mag, rel=1e-12)
+    scaling = am.LongRopeScaling(short, long, orig, mag)
+    s, lg = am.longrope_inv_freqs(d, theta, scaling)
+    np.testing.assert_allclose(s, hf_short.numpy(), rtol=2e-6)
+    np.testing.assert_allclose(lg, hf_long.numpy(), rtol=2e-6)
+    msl = 10  # 20 rows: rows 0..11 short, 12..19 long
+    table = am.rope_freqs_cis(d, msl, theta, scaling)
+    np.testing.assert_allclose(table[:orig], _hf_table(hf_short, msl, hf_mag)[:orig], atol=2e-6)
+    np.testing.assert_allclose(table[orig:], _hf_table(hf_long, msl, hf_mag)[orig:], atol=2e-6)
+    with pytest.raises(ValueError, match="two frequency sets"):
+        am.rope_inv_freq(d, theta, scaling)
+    with pytest.raises(ValueError, match="short_factor must hold head_dim / 2 = 8"):
+        am.rope_freqs_cis(d, msl, theta, am.LongRopeScaling(short[:-1], long, orig, mag))
+
+
+def test_flash_attention_softcap_vs_loop():
+    rng = np.random.default_rng(5)
+    nh, nkv, d, layer, cap = 4, 2, 8, 0, 1.5
+    cl, new = [4, 0], [3, 5]
+    blocks, lut, offs, cls = paged_batch(rng, cl, new, page_size=4, num_layers=1, nkv=nkv, d=d)
+    q = rng.standard_normal((sum(new), nh, d)) * 2
+    kw = dict(layer_idx=layer, input_row_offsets=offs, cache_lengths=cls, lookup_table=lut,
+              mask_variant="sliding_window_causal", window=3, scale=0.5)
+    got = am.flash_attention_ragged(q, blocks, softcap=cap, **kw)
+    ref = loop_attention(q, blocks, layer, offs.tolist(), cl, lut, "sliding_window_causal", 3, 0.5,
+                         softcap=cap)
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+    plain = am.flash_attention_ragged(q, blocks, **kw)
+    assert np.abs(got - plain).max() > 1e-2  # the cap changes the result at these magnitudes
+    np.testing.assert_allclose(am.flash_attention_ragged(q, blocks, softcap=1e6, **kw), plain,
+                               rtol=1e-8, atol=1e-9)
+    for bad in (0.0, -1.0, "1"):
+        with pytest.raises(ValueError, match="softcap must be None or a float > 0"):
+            am.flash_attention_ragged(q, blocks, softcap=bad, **kw)
+

@@ -12,19 +12,23 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize as ref_dequantize  # noqa: E402
 from gguf.quants import quantize as ref_quantize  # noqa: E402
 
-from graphir.nn.gguf_loader import GGUFTensor, load_gguf  # noqa: E402
+from graphir.nn.gguf_loader import GGUFTensor, load_gguf, read_gguf  # noqa: E402
 from graphir.ops.quant.gguf_blocks import (  # noqa: E402
     GGUF_BLOCK_GEOMETRY,
     dequantize_gguf,
     gguf_block_geometry,
     gguf_row_nbytes,
+    gguf_scale_fields,
 )
 from graphir.ops.quant.gguf_quantize import quantize_gguf  # noqa: E402
 
-QUANTIZED = ["Q4_0", "Q8_0", "Q4_K", "Q6_K"]
+LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]  # gguf has quantizers for these
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+QUANTIZED = LEGACY + K_TYPES
 FLOATS = ["F32", "F16", "BF16"]
-# Byte offsets of the float16 scale fields in each block.
-SCALE_OFFSETS = {"Q4_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+# Byte offsets of the float16 scale fields in each block, from the GGML block definitions.
+SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+                 "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
 def _weights(rng: np.random.Generator, rows: int, cols: int, low: float = -7) -> np.ndarray:
@@ -56,7 +60,13 @@ def test_geometry_matches_gguf(enc: str) -> None:
     assert gguf_block_geometry(T[enc]) is geo
 
 
-@pytest.mark.parametrize("enc", ["Q4_0", "Q8_0", *FLOATS])
+def test_scale_fields() -> None:
+    assert {e: sorted(gguf_scale_fields(e).values()) for e in QUANTIZED} == SCALE_OFFSETS
+    with pytest.raises(ValueError, match="F16 is a float type; it has no blocks"):
+        gguf_scale_fields("F16")
+
+
+@pytest.mark.parametrize("enc", [*LEGACY, *FLOATS])
 @pytest.mark.parametrize("rows,cols", [(1, 256), (7, 512)])
 def test_dequantize_equals_gguf_on_gguf_quantized(enc: str, rows: int, cols: int) -> None:
     rng = np.random.default_rng([rows, cols, *enc.encode()])
@@ -70,14 +80,37 @@ def test_dequantize_equals_gguf_on_gguf_quantized(enc: str, rows: int, cols: int
 @pytest.mark.parametrize("enc", QUANTIZED)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dequantize_equals_gguf_on_random_blocks(enc: str, seed: int) -> None:
-    # Random bytes reach every nibble, sign and packed 6-bit scale pattern, which Q4_K and Q6_K
+    # Random bytes reach every nibble, high bit, sign and packed scale pattern, which the K types
     # need since gguf has no quantizer for them.
-    rng = np.random.default_rng([seed, len(enc), ord(enc[1])])
+    rng = np.random.default_rng([seed, len(enc), ord(enc[1]), ord(enc[-1])])
     raw = _random_blocks(rng, enc, 5, 1024)
     assert _same_bits(dequantize_gguf(raw, enc, 1024), ref_dequantize(raw, T[enc]))
 
 
-@pytest.mark.parametrize("enc", ["Q4_0", "Q8_0", *FLOATS])
+# float16 scale values at the edges: zeros of both signs, the smallest subnormal, a subnormal,
+# the smallest normal, one, the largest finite value, and negatives.
+EDGE_SCALES = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0xFBFF, 0x8001,
+                        0xBC00], dtype=np.uint16)
+
+
+@pytest.mark.parametrize("enc", QUANTIZED)
+def test_dequantize_equals_gguf_on_edge_scales(enc: str) -> None:
+    rng = np.random.default_rng([7, ord(enc[1]), ord(enc[-1])])
+    geo = GGUF_BLOCK_GEOMETRY[enc]
+    n = len(EDGE_SCALES)
+    raw = _random_blocks(rng, enc, n, n * geo.block_elems)
+    blocks = raw.reshape(n, n, geo.block_bytes)
+    for k, off in enumerate(SCALE_OFFSETS[enc]):
+        # every (row, block) pair gets a different combination of edge values for d and dmin/m
+        vals = EDGE_SCALES[(np.arange(n)[:, None] + (k + 1) * np.arange(n)[None, :]) % n]
+        blocks[..., off] = (vals & 0xFF).astype(np.uint8)
+        blocks[..., off + 1] = (vals >> 8).astype(np.uint8)
+    ours = dequantize_gguf(raw, enc, n * geo.block_elems)
+    assert np.isfinite(ours).all()
+    assert _same_bits(ours, ref_dequantize(raw, T[enc]))
+
+
+@pytest.mark.parametrize("enc", [*LEGACY, *FLOATS])
 def test_quantize_bytes_equal_gguf(enc: str) -> None:
     rng = np.random.default_rng(10 + len(enc))
     w = _weights(rng, 6, 256)
@@ -88,7 +121,11 @@ def test_quantize_bytes_equal_gguf(enc: str) -> None:
 # Bound on |dequant(quant(w)) - w| relative to the max |w| of its block: Q4_0 clips the top code
 # (one step, 1/8); Q8_0 half a step (1/254) plus the float16 rounding of d; Q4_K / Q6_K half a
 # step plus the 6-bit / 8-bit rounding of the sub-block scales.
-ROUND_TRIP_TOL = {"Q4_0": 0.126, "Q8_0": 0.0045, "Q4_K": 0.1, "Q6_K": 0.025}
+# Q4_1 / Q5_x: half a step of 15 / 31 over the block's range (2 max|w|); Q2_K: 3 levels per
+# 16-value sub-block with 4-bit sub-block scales; Q3_K: codes -4..3 with the extreme at -4, so a
+# value of the opposite sign and equal magnitude clips one step (1/4); Q5_K as Q4_K with 31 levels.
+ROUND_TRIP_TOL = {"Q4_0": 0.126, "Q4_1": 0.07, "Q5_0": 0.065, "Q5_1": 0.035, "Q8_0": 0.0045,
+                  "Q2_K": 0.4, "Q3_K": 0.26, "Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.025}
 
 
 @pytest.mark.parametrize("enc", QUANTIZED)
@@ -134,7 +171,7 @@ def _valid(enc: str = "Q4_0", cols: int = 64) -> np.ndarray:
         (lambda: _valid("Q6_K", 512)[:, :210], "Q6_K", 512, "Q6_K: truncated data: 512 columns need 420 bytes"),
         (lambda: _valid(), "Q4_0", 32, "Q4_0: 32 columns need 18 bytes per row (1 blocks), got 36"),
         (lambda: np.zeros((2, 8), np.float32), "F32", 4, "F32: expected a [rows, 4] float32 array"),
-        (lambda: _valid(), "Q5_K", 64, "unsupported GGUF encoding 'Q5_K'"),
+        (lambda: _valid(), "Q8_K", 64, "unsupported GGUF encoding 'Q8_K'"),
         (lambda: [[1, 2]], "Q8_0", 32, "raw must be a numpy array, got list"),
     ],
 )
@@ -147,9 +184,15 @@ def test_bad_input_raises(make, enc: str, n_cols: int, message: str) -> None:
     "enc,offset,field,bits",
     [
         ("Q4_0", 0, "d", 0x7E00),  # NaN
+        ("Q4_1", 2, "m", 0x7C00),  # +inf in the offset only
+        ("Q5_0", 0, "d", 0xFE00),
+        ("Q5_1", 0, "d", 0x7C00),
         ("Q8_0", 0, "d", 0xFC00),  # -inf
+        ("Q2_K", 82, "dmin", 0x7E01),
+        ("Q3_K", 108, "d", 0x7C00),
         ("Q4_K", 0, "d", 0x7C00),  # +inf
         ("Q4_K", 2, "dmin", 0x7E01),  # NaN in the min scale only
+        ("Q5_K", 0, "d", 0xFC00),
         ("Q6_K", 208, "d", 0x7C00),
     ],
 )
@@ -179,6 +222,12 @@ FILE_TENSORS = [  # name, encoding, logical shape (numpy order)
     ("blk.0.attn_v.weight", "Q4_0", (4, 64)),
     ("blk.0.attn_output.weight", "Q8_0", (6, 96)),
     ("blk.0.ffn_experts.weight", "Q8_0", (2, 3, 64)),
+    ("blk.1.attn_q.weight", "Q2_K", (2, 256)),
+    ("blk.1.attn_k.weight", "Q3_K", (2, 512)),
+    ("blk.1.attn_v.weight", "Q5_K", (3, 256)),
+    ("blk.1.ffn_up.weight", "Q4_1", (2, 64)),
+    ("blk.1.ffn_down.weight", "Q5_0", (2, 32)),
+    ("blk.1.ffn_gate.weight", "Q5_1", (3, 96)),
     ("blk.0.attn_norm.weight", "F32", (64,)),
     ("token_embd.weight", "F16", (5, 32)),
     ("output.weight", "BF16", (3, 32)),
@@ -210,7 +259,7 @@ def test_load_gguf_round_trip(tmp_path) -> None:
             payload = w.reshape(shape)
         elif enc == "F16":
             payload = w.astype(np.float16).reshape(shape)
-        elif enc in ("Q4_K", "Q6_K"):
+        elif enc in K_TYPES:
             payload = quantize_gguf(w, enc)
         else:
             payload = np.ascontiguousarray(ref_quantize(w, T[enc])).view(np.uint8).reshape(w.shape[0], -1)
@@ -234,14 +283,19 @@ def test_load_gguf_round_trip(tmp_path) -> None:
         assert np.array_equal(t.data, payload.reshape(rows, -1))
         ours = dequantize_gguf(t.data, t.encoding, t.shape[-1])
         assert _same_bits(ours, ref_dequantize(payload.reshape(rows, -1), T[enc]))
-        assert np.allclose(ours, floats[name], rtol=0, atol=0.1 * np.abs(floats[name]).max())
+        tol = max(0.1, ROUND_TRIP_TOL.get(enc, 0))
+        assert np.allclose(ours, floats[name], rtol=0, atol=tol * np.abs(floats[name]).max())
 
 
 def test_load_gguf_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no GGUF file at"):
         load_gguf(tmp_path / "missing.gguf")
-    w = _weights(np.random.default_rng(8), 2, 32)
-    path = tmp_path / "q5.gguf"
-    _write_gguf(path, {"w": ("Q5_0", np.ascontiguousarray(ref_quantize(w, T.Q5_0)).view(np.uint8))})
-    with pytest.raises(ValueError, match="tensor 'w': GGUF encoding Q5_0 is not supported"):
+    raw = np.random.default_rng(8).integers(0, 256, (2, 18), dtype=np.uint8)
+    path = tmp_path / "iq.gguf"
+    _write_gguf(path, {"w": ("IQ4_NL", raw)})
+    with pytest.raises(ValueError, match="tensor 'w': GGUF encoding IQ4_NL is not supported"):
         load_gguf(path)
+    f = read_gguf(path)  # the file itself reads; only the tensor is refused
+    assert f.unsupported == {"w": "IQ4_NL"} and f.metadata["general.architecture"] == "llama"
+    with pytest.raises(ValueError, match="no tensor 'x' \\(for q_proj.weight\\)"):
+        f.tensor("x", "q_proj.weight")

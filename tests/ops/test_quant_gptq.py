@@ -1,4 +1,4 @@
-"""GPTQ 4-bit decoding against an independent quantizer + packer written here."""
+"""GPTQ 4- and 8-bit decoding against an independent quantizer + packer written here."""
 
 from __future__ import annotations
 
@@ -11,8 +11,17 @@ from graphir.ops.quant.gptq import (
     dequantize_gptq,
     g_idx_to_perm,
     resolve_group_size,
+    unpack_cols,
     unpack_int4_cols,
     unpack_int4_rows,
+    unpack_rows,
+)
+from graphir.ops.quant.gptq_layout import (
+    gptq_weight_bytes,
+    gptq_weight_rows,
+    pack_rows,
+    reorder_gptq_rows,
+    split_gptq_weight_bytes,
 )
 
 IN, OUT = 256, 24
@@ -24,23 +33,26 @@ def _to_int32(words: np.ndarray) -> np.ndarray:
     return np.where(words >= 2**31, words - 2**32, words).astype(np.int32)
 
 
-def _pack_along_in(q: np.ndarray) -> np.ndarray:
-    """[in, out] codes -> int32 [in/8, out]; row 8i + k goes to bits 4k..4k+3 of word i."""
+def _pack_along_in(q: np.ndarray, bits: int = 4) -> np.ndarray:
+    """[in, out] codes -> int32 [in/p, out] (p = 32/bits); row p i + k goes to bits
+    bits*k.. of word i, i.e. it adds code * 2**(bits*k)."""
     n, m = q.shape
-    words = np.zeros((n // 8, m), dtype=np.int64)
-    for i in range(n // 8):
-        for k in range(8):
-            words[i] += q[8 * i + k].astype(np.int64) * 16**k
+    p = 32 // bits
+    words = np.zeros((n // p, m), dtype=np.int64)
+    for i in range(n // p):
+        for k in range(p):
+            words[i] += q[p * i + k].astype(np.int64) * 2 ** (bits * k)
     return _to_int32(words)
 
 
-def _pack_along_out(z: np.ndarray) -> np.ndarray:
-    """[groups, out] codes -> int32 [groups, out/8]; column 8j + k goes to bits 4k..4k+3."""
+def _pack_along_out(z: np.ndarray, bits: int = 4) -> np.ndarray:
+    """[groups, out] codes -> int32 [groups, out/p]; column p j + k goes to bits bits*k.."""
     g, m = z.shape
-    words = np.zeros((g, m // 8), dtype=np.int64)
-    for j in range(m // 8):
-        for k in range(8):
-            words[:, j] += z[:, 8 * j + k].astype(np.int64) * 16**k
+    p = 32 // bits
+    words = np.zeros((g, m // p), dtype=np.int64)
+    for j in range(m // p):
+        for k in range(p):
+            words[:, j] += z[:, p * j + k].astype(np.int64) * 2 ** (bits * k)
     return _to_int32(words)
 
 
@@ -51,9 +63,10 @@ def _random_g_idx(rng: np.random.Generator, n: int, group: int) -> np.ndarray:
     return g_idx
 
 
-def _fake_quantize(rng, group_size, symmetric, desc_act, v1):
+def _fake_quantize(rng, group_size, symmetric, desc_act, v1, bits=4):
     """Quantize random weights per (group, column); returns the checkpoint tensors and the exact
     float64 weights they decode to."""
+    top, mid = 2**bits - 1, 2 ** (bits - 1)
     group = IN if group_size == -1 else group_size
     w = rng.standard_normal((IN, OUT)) * np.exp(rng.uniform(-3, 3, (1, OUT)))
     g_idx = _random_g_idx(rng, IN, group) if desc_act else np.arange(IN, dtype=np.int32) // group
@@ -65,17 +78,17 @@ def _fake_quantize(rng, group_size, symmetric, desc_act, v1):
         rows = g_idx == g
         block = w[rows]
         if symmetric:
-            scale = (np.abs(block).max(axis=0) / 7).astype(np.float16)
-            zero = np.full(OUT, 8)
+            scale = (np.abs(block).max(axis=0) / (mid - 1)).astype(np.float16)
+            zero = np.full(OUT, mid)
         else:
             lo, hi = block.min(axis=0), block.max(axis=0)
-            scale = ((hi - lo) / 15).astype(np.float16)
-            zero = np.clip(np.round(-lo / scale.astype(np.float64)), 1 if v1 else 0, 15)
+            scale = ((hi - lo) / top).astype(np.float16)
+            zero = np.clip(np.round(-lo / scale.astype(np.float64)), 1 if v1 else 0, top)
         scales[g], zeros[g] = scale, zero
-        q[rows] = np.clip(np.round(block / scale.astype(np.float64)) + zero, 0, 15)
+        q[rows] = np.clip(np.round(block / scale.astype(np.float64)) + zero, 0, top)
     exact = (q - zeros[g_idx]) * scales[g_idx].astype(np.float64)
-    qzeros = None if symmetric else _pack_along_out(zeros - 1 if v1 else zeros)
-    return _pack_along_in(q), scales, qzeros, g_idx, exact, q
+    qzeros = None if symmetric else _pack_along_out(zeros - 1 if v1 else zeros, bits)
+    return _pack_along_in(q, bits), scales, qzeros, g_idx, exact, q
 
 
 def test_unpack_matches_packer() -> None:
@@ -92,20 +105,52 @@ def test_unpack_matches_packer() -> None:
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("desc_act", [False, True])
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
-def test_dequantize_reproduces_fake_quantized(group_size, symmetric, desc_act, fmt) -> None:
-    rng = np.random.default_rng([group_size % 1000, symmetric, desc_act, len(fmt)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_reproduces_fake_quantized(group_size, symmetric, desc_act, fmt, bits) -> None:
+    rng = np.random.default_rng([group_size % 1000, symmetric, desc_act, len(fmt), bits])
     qweight, scales, qzeros, g_idx, exact, q = _fake_quantize(
-        rng, group_size, symmetric, desc_act, v1=fmt == "gptq"
+        rng, group_size, symmetric, desc_act, v1=fmt == "gptq", bits=bits
     )
-    assert len(np.unique(q)) > 8  # the codes really span the 4-bit range
+    assert qweight.shape == (IN * bits // 32, OUT)
+    assert len(np.unique(q)) > 2**bits // 2  # the codes really span the range
     out = dequantize_gptq(
-        qweight, scales, qzeros, g_idx if desc_act else None, group_size, checkpoint_format=fmt
+        qweight, scales, qzeros, g_idx if desc_act else None, group_size, checkpoint_format=fmt,
+        bits=bits,
     )
     assert out.dtype == np.float32 and out.shape == (IN, OUT)
     assert np.array_equal(out.astype(np.float64), exact)
     if not desc_act:  # the trivial g_idx is the same as none
-        same = dequantize_gptq(qweight, scales, qzeros, g_idx, group_size, checkpoint_format=fmt)
+        same = dequantize_gptq(qweight, scales, qzeros, g_idx, group_size, checkpoint_format=fmt,
+                               bits=bits)
         assert np.array_equal(same, out)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_unpack_and_layout_round_trip(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 2**bits, (64, 16))
+    assert np.array_equal(unpack_rows(_pack_along_in(q, bits), bits), q)
+    assert np.array_equal(unpack_cols(_pack_along_out(q, bits), bits), q)
+    assert np.array_equal(pack_rows(q.astype(np.uint8), bits), _pack_along_in(q, bits))
+    qweight, scales = _pack_along_in(q, bits), rng.standard_normal((2, 16)).astype(np.float16)
+    w = gptq_weight_bytes(qweight, scales)
+    assert w.shape == (gptq_weight_rows(64, 32, bits), 16) == (64 * bits // 8 + 4, 16)
+    back_q, back_s = split_gptq_weight_bytes(w, 64, 32, bits)
+    assert np.array_equal(back_q, qweight) and np.array_equal(back_s.view(np.uint16),
+                                                              scales.view(np.uint16))
+    perm = rng.permutation(64)
+    assert np.array_equal(unpack_rows(reorder_gptq_rows(qweight, perm, bits), bits), q[perm])
+
+
+def test_v1_8bit_stored_255_means_zero_256() -> None:
+    qweight = _pack_along_in(np.full((4, 4), 200), 8)
+    qzeros = _pack_along_out(np.full((1, 4), 255), 8)
+    scales = np.full((1, 4), 0.5, np.float16)
+    v1 = dequantize_gptq(qweight, scales, qzeros, None, -1, checkpoint_format="gptq", bits=8)
+    v2 = dequantize_gptq(qweight, scales, qzeros, None, -1, checkpoint_format="gptq_v2", bits=8)
+    sym = dequantize_gptq(qweight, scales, None, None, -1, bits=8)
+    assert np.all(v1 == (200 - 256) * 0.5) and np.all(v2 == (200 - 255) * 0.5)
+    assert np.all(sym == (200 - 128) * 0.5)
 
 
 def test_symmetric_v1_zeros_equal_no_zeros() -> None:
@@ -194,7 +239,7 @@ def _ok():
         (lambda a: {**a, "checkpoint_format": "awq"}, "checkpoint_format must be one of ('gptq', 'gptq_v2'), got 'awq'"),
         (
             lambda a: {**a, "qweight": a["qweight"][:, :20], "scales": a["scales"][:, :20]},
-            "out_features=20 must be a multiple of 8 to pack qzeros",
+            "out_features=20 must be a multiple of 8 to pack 4-bit qzeros",
         ),
     ],
 )
@@ -212,6 +257,17 @@ def test_dequantize_bad_input(mutate, message: str) -> None:
             args["group_size"],
             checkpoint_format=args["checkpoint_format"],
         )
+
+
+def test_bad_bits() -> None:
+    qweight, scales, _ = _ok()
+    with pytest.raises(ValueError, match=re.escape("GPTQ bits must be one of (4, 8), got 3")):
+        dequantize_gptq(qweight, scales, None, None, 64, bits=3)
+    with pytest.raises(ValueError, match=re.escape("qweight must have dtype int32 (4 packed 8-bit "
+                                                   "values), got int64")):
+        unpack_rows(qweight.astype(np.int64), 8)
+    with pytest.raises(ValueError, match=re.escape("values 0..255")):
+        pack_rows(np.full((4, 2), 256), 8)
 
 
 def test_resolve_group_size() -> None:

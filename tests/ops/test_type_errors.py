@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from graphir import ops
-from graphir import DeviceRef, DType, Graph, TensorType
+from graphir import DeviceRef, DType, Graph, TensorType, parse
 
 F32, BF16, I32, I64, BOOL = DType.float32, DType.bfloat16, DType.int32, DType.int64, DType.bool
 
@@ -110,7 +110,7 @@ CASES = [
      "layer_norm", ["weight [2, 8] must be [8] for input [2, 8]"]),
     ("layer_norm-device", [T([2, 8]), T([8], F32, DeviceRef.GPU(0)), T([8])],
      lambda x, g, b: ops.layer_norm(x, g, b, 1e-5), "layer_norm", ["different devices"]),
-    ("transfer_to", [T([3])], lambda x: ops.transfer_to(x, "gpu:0"), "transfer_to",
+    ("transfer_to", [T([3])], lambda x: ops.transfer_to(x, 0), "transfer_to",
      ["needs a DeviceRef", "tensor<[3], f32, cpu:0>"]),
 ]
 
@@ -143,3 +143,23 @@ def test_gelu_approximate_checked():
     with Graph("bad", input_types=[T([3])]) as g:
         with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
             ops.gelu(g.inputs[0], approximate="fast")
+
+
+def test_device_strings_are_devices():
+    with Graph("dev", input_types=[T([3])]) as g:
+        y = ops.transfer_to(g.inputs[0], "gpu:1")
+        c = ops.constant(1.0, F32, "cpu")
+        g.output(y, c)
+    assert y.type.device == DeviceRef.GPU(1) and c.type.device == DeviceRef.CPU(0)
+    assert str(parse(str(g))) == str(g)  # prints as cpu:0 / gpu:1 and parses back
+    with Graph("dev2", input_types=[T([3])]) as g:
+        with pytest.raises(ValueError, match="ops.transfer_to: bad device 'tpu:0'"):
+            ops.transfer_to(g.inputs[0], "tpu:0")
+        with pytest.raises(TypeError, match="axis must be an int, got True"):
+            ops.sum(g.inputs[0], axis=True)
+        with pytest.raises(ValueError, match="ops.concat: .*needs at least one tensor"):
+            ops.concat([])
+        with pytest.raises(ValueError, match="range stop must be a finite number"):
+            ops.range(0, float("inf"))
+        with pytest.raises(TypeError, match="not iterable"):
+            list(g.inputs[0])

@@ -16,7 +16,7 @@ def make(**kw):
 
 
 def test_growth_across_page_boundaries():
-    m = make()
+    m = make(lut_bucket=1)  # exact widths here; the padding has its own test
     assert m.blocks.shape == (7, 2, 2, 4, 2, 4) and m.null_page_id == 6
     a, b = m.claim(), m.claim()
     assert (a, b) == (0, 1)
@@ -202,3 +202,61 @@ def test_blocks_setter_checks_dtype_and_writability():
         m.blocks = ro
     before = m.blocks
     assert m.blocks is before  # a refused assignment keeps the old blocks
+
+
+def test_lookup_table_width_is_padded_to_the_bucket_with_the_null_page():
+    # Page size 128: the bucket is 2 pages (256 tokens), so the width (part of a compiled
+    # call's key) changes when the longest sequence crosses 256 tokens, with the decode
+    # launches' KV-length bucket, not at every page.
+    rng = np.random.default_rng(11)
+    m = PagedKVCacheManager(num_layers=1, n_kv_heads=1, head_dim=2, page_size=128,
+                            total_num_pages=40, max_seq_len=1000)
+    assert m.lut_bucket == 2 and m.max_pages_per_seq == 8
+    a, b = m.claim(), m.claim()
+    start = [int(x) for x in rng.integers(1, 120, 2)]
+    m.commit_step(m.prepare_step([a, b], start))
+    widths = {}
+    while m.cache_length(a) < 990:
+        step = m.prepare_step([a, b], [1, 1]) if m.cache_length(b) < 990 else \
+            m.prepare_step([a], [1])
+        longest = max(m.cache_length(s) for s in step.seq_ids) + 1
+        lut = step.lookup_table
+        assert lut.shape[1] == min(2 * -(-longest // 256), 8)
+        for row, s in zip(lut, step.seq_ids):
+            pages = m.pages(s)
+            assert row[:len(pages)].tolist() == list(pages)
+            assert (row[len(pages):] == m.null_page_id).all()
+        widths[lut.shape[1]] = widths.get(lut.shape[1], 0) + 1
+        m.commit_step(step)
+    assert sorted(widths) == [2, 4, 6, 8]
+
+
+def test_padded_lookup_table_passes_the_ragged_check_and_matches_the_reference():
+    from graphir.examples.llama_attention import build_tiny, random_weights
+    from graphir.runtime.interpreter import run
+    from graphir.runtime.ragged import RaggedCheck
+
+    g = build_tiny()  # page_size 4, 2 cache layers, max_seq_len 64
+    rng = np.random.default_rng(12)
+    weights = random_weights(g, seed=3)
+    lens = [5, 9]
+    exact = make(n_kv_heads=2, head_dim=16, page_size=4, total_num_pages=20, lut_bucket=1)
+    padded = make(n_kv_heads=2, head_dim=16, page_size=4, total_num_pages=20, lut_bucket=4)
+    blocks = rng.standard_normal(exact.blocks_shape).astype(np.float32)
+    exact.blocks, padded.blocks = blocks.copy(), blocks.copy()
+    x = rng.standard_normal((sum(lens), 64)).astype(np.float32)
+    outs = []
+    for m in (exact, padded):
+        seqs = [m.claim() for _ in lens]
+        step = m.prepare_step(seqs, lens)
+        arrays = {1: step.input_row_offsets, 3: step.cache_lengths, 4: step.lookup_table}
+        env = {"total_seq_len": sum(lens), "batch": len(lens), "max_num_pages":
+               step.lookup_table.shape[1], "total_num_pages": m.total_num_pages + 1}
+        facts = RaggedCheck(g).check(arrays.__getitem__, env)
+        assert facts.kv_max == {(1, 3): max(lens)}
+        (y,) = run(g, x, step.input_row_offsets, m.blocks, step.cache_lengths,
+                   step.lookup_table, step.max_lengths, weights=weights)
+        outs.append((y, step.lookup_table.shape[1]))
+    assert outs[0][1] == 3 and outs[1][1] == 4        # 9 tokens: 3 pages, padded to 4
+    np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(padded.blocks, exact.blocks)

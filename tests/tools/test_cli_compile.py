@@ -58,7 +58,9 @@ def _cache(tmp_path, monkeypatch):
 def test_compile_prints_progress_and_stage_times(capsys, tmp_path, work):
     rc, out, err = cli(capsys, "compile", f"{work / 'ew.py'}:build", "-o", tmp_path / "a.gart")
     assert rc == 0
-    assert f"wrote {tmp_path / 'a.gart'} (cpu, 6 kernels)" in out
+    from graphir.lowering.mlir_cpu.cpu_target import host_target
+
+    assert f"wrote {tmp_path / 'a.gart'} ({host_target()}, 6 kernels)" in out
     stages = [ln for ln in out.splitlines() if ln.startswith("stages: ")]
     assert len(stages) == 1
     for name in ("running passes", "emitting MLIR", "compiling to native code", "writing artifact", "total"):
@@ -74,7 +76,8 @@ def test_inspect(capsys, work):
     rc, out, _ = cli(capsys, "inspect", work / "ew.gart")
     assert rc == 0
     m = json.loads((work / "ew.gart" / "manifest.json").read_text())
-    for text in ("format    version 1, target cpu", f"graph     @ew  sha256 {m['graph_hash']}",
+    for text in (f"format    version {m['format_version']}, target cpu",
+                 f"graph     @ew  sha256 {m['graph_hash']}",
                  "  %x: tensor<[n, 8], f32, cpu:0>", "  %y: tensor<[n, 8], bf16, cpu:0>",
                  "  1: tensor<[n, 8], bf16, cpu:0>", "  scale: tensor<[8], f32, cpu:0>",
                  "kernels   6", "  k5_sigmoid", "memory plan: 6 steps (6 kernel calls",
@@ -83,7 +86,8 @@ def test_inspect(capsys, work):
     assert out.count("  OK") == 2
     rc, out, _ = cli(capsys, "inspect", work / "ew.gart", "--json")
     info = json.loads(out)
-    assert info["target"] == "cpu" and info["graph_hash"] == m["graph_hash"]
+    assert info["target"] == m["target"] and m["target"].startswith("cpu:")
+    assert info["graph_hash"] == m["graph_hash"]
     assert {f: v["sha256"] for f, v in info["files"].items()} == m["files"]
     assert info["kernels"] == sorted(m["kernels"]) and info["memory_plan"]["kernel_calls"] == 6
 

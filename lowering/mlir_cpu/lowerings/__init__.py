@@ -6,5 +6,5 @@ from . import reduce  # noqa: F401
 from . import quant  # noqa: F401
 from . import mla  # noqa: F401
 from . import linalg  # noqa: F401
-from . import attention  # noqa: F401
+from . import flash_attention  # noqa: F401
 from . import rope_store  # noqa: F401

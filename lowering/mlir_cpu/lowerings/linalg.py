@@ -1,8 +1,9 @@
 """CPU lowerings of matmul and fused_qkv_matmul.
 
 Fast path (f32/f16/bf16, `x[..., M, K] @ W` with a 2-D W of static `[K, N]` or `[N, K]` with
-transpose_b, N % 16 == 0): the packed register-blocked matmul of schedules.py. W arrives
-pre-packed `[N/16, K, 16]` f32 when it is known at load time (a weight, or computed from weights
+transpose_b, N a multiple of one vector's f32 lanes): the packed register-blocked matmul of
+schedules.py, with the MR x NR block of the target (`e.matmul`). W arrives pre-packed
+`[N/NR, K, NR]` f32 when it is known at load time (a weight, or computed from weights
 alone: the executor packs it once); otherwise the kernel packs it on every call. A dynamic M is
 split into a static-MR block part and a < MR row remainder (see schedules.py). Narrow floats
 compute in f32 and round once on store. Everything else (batched, broadcast batch dims,
@@ -22,8 +23,6 @@ from .. import schedules
 from ..emit import Emitter, element_type
 from .elementwise import to_compute, to_storage
 
-NR = schedules.MatmulConfig().nr
-MR = schedules.MatmulConfig().mr
 _FAST_DTYPES = (DType.float32, DType.float16, DType.bfloat16)
 
 
@@ -54,95 +53,96 @@ def ftype(dt: DType) -> str:
 
 
 # -- the fast path -----------------------------------------------------------------------------
-def _fast_ok(a_t, b_t, attrs) -> bool:
+def _fast_layout(a_t, b_t, attrs, cfg: schedules.MatmulConfig) -> str | None:
+    """The packed layout of W ("nk<NR>" / "kn<NR>") when the fast path applies, else None."""
     if a_t.dtype not in _FAST_DTYPES or b_t.dtype is not a_t.dtype or attrs.get("transpose_a"):
-        return False
+        return None
     if a_t.rank < 2 or b_t.rank != 2 or not all(d.is_static for d in b_t.shape):
-        return False
+        return None
     if not a_t.shape[-1].is_static:
-        return False
-    n = int(b_t.shape[0] if attrs.get("transpose_b") else b_t.shape[1])
-    return n % NR == 0
-
-
-def _layout(attrs) -> str:
-    return "nk16" if attrs.get("transpose_b") else "kn16"
+        return None
+    nr = cfg.panel_width(int(b_t.shape[0] if attrs.get("transpose_b") else b_t.shape[1]))
+    if nr is None:
+        return None
+    return f"{'nk' if attrs.get('transpose_b') else 'kn'}{nr}"
 
 
 @schedules.register_prepack("matmul")
-def _matmul_prepack(node, load_time):
-    a_t, b_t = node.operands[0].type, node.operands[1].type
-    return {1: _layout(node.attrs)} if load_time[1] and _fast_ok(a_t, b_t, node.attrs) else {}
+def _matmul_prepack(node, load_time, cfg):
+    layout = _fast_layout(node.operands[0].type, node.operands[1].type, node.attrs, cfg)
+    return {1: layout} if load_time[1] and layout else {}
 
 
 @schedules.register_prepack("fused_qkv_matmul")
-def _qkv_prepack(node, load_time):
-    a_t, b_t = node.operands[0].type, node.operands[1].type
-    return {1: "nk16"} if load_time[1] and _fast_ok(a_t, b_t, {"transpose_b": True}) else {}
+def _qkv_prepack(node, load_time, cfg):
+    layout = _fast_layout(node.operands[0].type, node.operands[1].type, {"transpose_b": True}, cfg)
+    return {1: layout} if load_time[1] and layout else {}
 
 
 def _pack_text(b: ir.Value, layout: str, el: str) -> str:
-    """Body ops packing b ([N, K] or [K, N], element el) into %bp: [N/16, K, 16] f32."""
+    """Body ops packing b ([N, K] or [K, N], element el) into %bp: [N/NR, K, NR] f32."""
+    kind, nr = schedules.parse_layout(layout)
     shape = ir.RankedTensorType(b.type).shape
-    n, k = (shape[0], shape[1]) if layout == "nk16" else (shape[1], shape[0])
+    n, k = (shape[0], shape[1]) if kind == "nk" else (shape[1], shape[0])
     ext = f"arith.extf %x : {el} to f32" if el != "f32" else None
-    in_map = f"(p, kk, j) -> (p * {NR} + j, kk)" if layout == "nk16" else f"(p, kk, j) -> (kk, p * {NR} + j)"
+    in_map = f"(p, kk, j) -> (p * {nr} + j, kk)" if kind == "nk" else f"(p, kk, j) -> (kk, p * {nr} + j)"
     body = f"%y = {ext}\n      linalg.yield %y : f32" if ext else "linalg.yield %x : f32"
     return f"""
-    %bpe = tensor.empty() : tensor<{n // NR}x{k}x{NR}xf32>
+    %bpe = tensor.empty() : tensor<{n // nr}x{k}x{nr}xf32>
     %bp = linalg.generic {{indexing_maps = [affine_map<{in_map}>, affine_map<(p, kk, j) -> (p, kk, j)>],
         iterator_types = ["parallel", "parallel", "parallel"]}}
-        ins(%b : {b.type}) outs(%bpe : tensor<{n // NR}x{k}x{NR}xf32>) {{
+        ins(%b : {b.type}) outs(%bpe : tensor<{n // nr}x{k}x{nr}xf32>) {{
     ^bb0(%x: {el}, %o: f32):
       {body}
-    }} -> tensor<{n // NR}x{k}x{NR}xf32>"""
+    }} -> tensor<{n // nr}x{k}x{nr}xf32>"""
 
 
-def _rows_matmul_text(m: int, k: int, n: int) -> str:
-    """%out = %a [m x k] f32 @ %bp packed (m < 0: dynamic; %m, %c0, %zero defined before).
+def _rows_matmul_text(m: int, k: int, n: int, mr: int, nr: int) -> str:
+    """%out = %a [m x k] f32 @ %bp packed in NR-wide panels (m < 0: dynamic; %m, %c0, %zero
+    defined before), in MR x NR register blocks.
 
     Rows [0, m - m % MR) as [m/MR, MR, k] blocks, the rest one by one; both write slices of one
     destination, so bufferization writes the result in place."""
-    nb = n // NR
+    nb = n // nr
     ms = "?" if m < 0 else str(m)
     return f"""
-    %cmr = arith.constant {MR} : index
+    %cmr = arith.constant {mr} : index
     %mb = arith.divui %m, %cmr : index
     %m4 = arith.muli %mb, %cmr : index
     %rem = arith.subi %m, %m4 : index
     %out0 = tensor.empty(%m) : tensor<?x{n}xf32>
     %am = tensor.extract_slice %a[0, 0] [%m4, {k}] [1, 1] : tensor<{ms}x{k}xf32> to tensor<?x{k}xf32>
-    %a3 = tensor.expand_shape %am [[0, 1], [2]] output_shape [%mb, {MR}, {k}] : tensor<?x{k}xf32> into tensor<?x{MR}x{k}xf32>
+    %a3 = tensor.expand_shape %am [[0, 1], [2]] output_shape [%mb, {mr}, {k}] : tensor<?x{k}xf32> into tensor<?x{mr}x{k}xf32>
     %dm = tensor.extract_slice %out0[0, 0] [%m4, {n}] [1, 1] : tensor<?x{n}xf32> to tensor<?x{n}xf32>
-    %d4 = tensor.expand_shape %dm [[0, 1], [2, 3]] output_shape [%mb, {MR}, {nb}, {NR}] : tensor<?x{n}xf32> into tensor<?x{MR}x{nb}x{NR}xf32>
-    %f4 = linalg.fill ins(%zero : f32) outs(%d4 : tensor<?x{MR}x{nb}x{NR}xf32>) -> tensor<?x{MR}x{nb}x{NR}xf32>
+    %d4 = tensor.expand_shape %dm [[0, 1], [2, 3]] output_shape [%mb, {mr}, {nb}, {nr}] : tensor<?x{n}xf32> into tensor<?x{mr}x{nb}x{nr}xf32>
+    %f4 = linalg.fill ins(%zero : f32) outs(%d4 : tensor<?x{mr}x{nb}x{nr}xf32>) -> tensor<?x{mr}x{nb}x{nr}xf32>
     %c4 = linalg.generic {{indexing_maps = [affine_map<(mb, r, p, j, kk) -> (mb, r, kk)>,
           affine_map<(mb, r, p, j, kk) -> (p, kk, j)>, affine_map<(mb, r, p, j, kk) -> (mb, r, p, j)>],
         iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction"]}}
-        ins(%a3, %bp : tensor<?x{MR}x{k}xf32>, tensor<{nb}x{k}x{NR}xf32>)
-        outs(%f4 : tensor<?x{MR}x{nb}x{NR}xf32>) attrs = {{graphir.schedule = "{schedules.PACKED_MATMUL_ROWS}"}} {{
+        ins(%a3, %bp : tensor<?x{mr}x{k}xf32>, tensor<{nb}x{k}x{nr}xf32>)
+        outs(%f4 : tensor<?x{mr}x{nb}x{nr}xf32>) attrs = {{graphir.schedule = "{schedules.PACKED_MATMUL_ROWS}"}} {{
     ^bb0(%x: f32, %y: f32, %acc: f32):
       %p = arith.mulf %x, %y : f32
       %s = arith.addf %acc, %p : f32
       linalg.yield %s : f32
-    }} -> tensor<?x{MR}x{nb}x{NR}xf32>
-    %cm = tensor.collapse_shape %c4 [[0, 1], [2, 3]] : tensor<?x{MR}x{nb}x{NR}xf32> into tensor<?x{n}xf32>
+    }} -> tensor<?x{mr}x{nb}x{nr}xf32>
+    %cm = tensor.collapse_shape %c4 [[0, 1], [2, 3]] : tensor<?x{mr}x{nb}x{nr}xf32> into tensor<?x{n}xf32>
     %out1 = tensor.insert_slice %cm into %out0[0, 0] [%m4, {n}] [1, 1] : tensor<?x{n}xf32> into tensor<?x{n}xf32>
     %ar = tensor.extract_slice %a[%m4, 0] [%rem, {k}] [1, 1] : tensor<{ms}x{k}xf32> to tensor<?x{k}xf32>
     %dr = tensor.extract_slice %out1[%m4, 0] [%rem, {n}] [1, 1] : tensor<?x{n}xf32> to tensor<?x{n}xf32>
-    %d3 = tensor.expand_shape %dr [[0], [1, 2]] output_shape [%rem, {nb}, {NR}] : tensor<?x{n}xf32> into tensor<?x{nb}x{NR}xf32>
-    %f3 = linalg.fill ins(%zero : f32) outs(%d3 : tensor<?x{nb}x{NR}xf32>) -> tensor<?x{nb}x{NR}xf32>
+    %d3 = tensor.expand_shape %dr [[0], [1, 2]] output_shape [%rem, {nb}, {nr}] : tensor<?x{n}xf32> into tensor<?x{nb}x{nr}xf32>
+    %f3 = linalg.fill ins(%zero : f32) outs(%d3 : tensor<?x{nb}x{nr}xf32>) -> tensor<?x{nb}x{nr}xf32>
     %c3 = linalg.generic {{indexing_maps = [affine_map<(i, p, j, kk) -> (i, kk)>,
           affine_map<(i, p, j, kk) -> (p, kk, j)>, affine_map<(i, p, j, kk) -> (i, p, j)>],
         iterator_types = ["parallel", "parallel", "parallel", "reduction"]}}
-        ins(%ar, %bp : tensor<?x{k}xf32>, tensor<{nb}x{k}x{NR}xf32>)
-        outs(%f3 : tensor<?x{nb}x{NR}xf32>) attrs = {{graphir.schedule = "{schedules.PACKED_MATMUL}"}} {{
+        ins(%ar, %bp : tensor<?x{k}xf32>, tensor<{nb}x{k}x{nr}xf32>)
+        outs(%f3 : tensor<?x{nb}x{nr}xf32>) attrs = {{graphir.schedule = "{schedules.PACKED_MATMUL}"}} {{
     ^bb0(%x: f32, %y: f32, %acc: f32):
       %p = arith.mulf %x, %y : f32
       %s = arith.addf %acc, %p : f32
       linalg.yield %s : f32
-    }} -> tensor<?x{nb}x{NR}xf32>
-    %cr = tensor.collapse_shape %c3 [[0], [1, 2]] : tensor<?x{nb}x{NR}xf32> into tensor<?x{n}xf32>
+    }} -> tensor<?x{nb}x{nr}xf32>
+    %cr = tensor.collapse_shape %c3 [[0], [1, 2]] : tensor<?x{nb}x{nr}xf32> into tensor<?x{n}xf32>
     %out = tensor.insert_slice %cr into %out1[%m4, 0] [%rem, {n}] [1, 1] : tensor<?x{n}xf32> into tensor<?x{n}xf32>"""
 
 
@@ -162,10 +162,11 @@ def _convert_text(src: str, dst: str, src_t: str, dst_t: str, dyn: str) -> str:
 
 
 def fast_matmul(a: ir.Value, b: ir.Value, *, packed: bool, layout: str, dtype: DType,
-                bias: ir.Value | None = None) -> ir.Value:
+                mr: int, bias: ir.Value | None = None) -> ir.Value:
     """y[..., N] = a[..., K] @ W (+ bias) through the packed schedule; a's leading dims are rows.
 
-    b is W pre-packed `[N/16, K, 16]` f32 when `packed`, else W as stored (`layout` says how).
+    b is W pre-packed `[N/NR, K, NR]` f32 when `packed`, else W as stored (`layout`, e.g.
+    "nk32", says how and NR); register blocks of mr rows.
     """
     dyn_size = ir.ShapedType.get_dynamic_size()
     a_rt = ir.RankedTensorType(a.type)
@@ -179,7 +180,8 @@ def fast_matmul(a: ir.Value, b: ir.Value, *, packed: bool, layout: str, dtype: D
     m = -1 if ir.ShapedType.is_dynamic_size(m) else m
     el = ftype(dtype)
     bt = ir.RankedTensorType(b.type)
-    n = bt.shape[0] * bt.shape[2] if packed else (bt.shape[0] if layout == "nk16" else bt.shape[1])
+    kind, nr = schedules.parse_layout(layout)
+    n = bt.shape[0] * bt.shape[2] if packed else (bt.shape[0] if kind == "nk" else bt.shape[1])
     ms = "?" if m < 0 else str(m)
     a_name = "%a" if el == "f32" else "%a_in"
     args = [a2, b] + ([bias] if bias is not None else [])
@@ -196,7 +198,7 @@ def fast_matmul(a: ir.Value, b: ir.Value, *, packed: bool, layout: str, dtype: D
                               "%m" if m < 0 else "")
     if not packed:
         text += _pack_text(b, layout, el)
-    text += _rows_matmul_text(m, k, n)
+    text += _rows_matmul_text(m, k, n, mr, nr)
     result = "%out"
     if bias is not None:
         bx = f"arith.extf %bv : {el} to f32" if el != "f32" else "arith.addf %bv, %zero : f32"
@@ -289,9 +291,10 @@ def generic_matmul(e: Emitter, a: ir.Value, b: ir.Value, *, transpose_a: bool = 
 def _matmul(e: Emitter, args):
     a, b = args
     at, bt = e.in_types
-    if _fast_ok(at, bt, e.attrs):
+    layout = _fast_layout(at, bt, e.attrs, e.matmul)
+    if layout:
         packed = 1 in getattr(e, "prepack", {})
-        return [fast_matmul(a, b, packed=packed, layout=_layout(e.attrs), dtype=at.dtype)]
+        return [fast_matmul(a, b, packed=packed, layout=layout, dtype=at.dtype, mr=e.matmul.mr)]
     return [generic_matmul(e, a, b, transpose_a=bool(e.attrs.get("transpose_a")),
                            transpose_b=bool(e.attrs.get("transpose_b")))]
 
@@ -301,9 +304,11 @@ def _fused_qkv(e: Emitter, args):
     x, w = args[:2]
     bias = args[2] if len(args) == 3 else None
     xt, wt = e.in_types[:2]
-    if _fast_ok(xt, wt, {"transpose_b": True}):
+    layout = _fast_layout(xt, wt, {"transpose_b": True}, e.matmul)
+    if layout:
         packed = 1 in getattr(e, "prepack", {})
-        return [fast_matmul(x, w, packed=packed, layout="nk16", dtype=xt.dtype, bias=bias)]
+        return [fast_matmul(x, w, packed=packed, layout=layout, dtype=xt.dtype, mr=e.matmul.mr,
+                            bias=bias)]
     y = generic_matmul(e, x, w, transpose_b=True)
     if bias is None:
         return [y]

@@ -1,21 +1,21 @@
 """CPU lowerings of the multi-head latent attention ops (references in ops/mla_math.py).
 
-Both attention ops run the absorbed form: q_nope is taken into latent space through the per-head
-up-projection (w_uk, or w_k [NH*nope, R], the same numbers in another layout), scores are
-q_lat . [c_kv | k_pe] over the latent cache rows, values the first R columns, then @ w_uv.
-For prefill that equals decompressing K and V (q_nope . (W_k c) = (W_k^T q_nope) . c, and
-sum_l p_l (c_l W_uv) = (sum_l p_l c_l) W_uv), so its buffer_size only changes rounding. The
-ragged loops (a query row sees its own sequence's cache up to its position) are scf.for nests
-with an online softmax accumulating straight into the output rows.
+mla_decode runs the absorbed form and mla_prefill the decompressed one, both as vectorized
+MLIR-text kernels (mla_kernels.py: queries along the vector lanes, as flash_attention.py);
+mla_attention (graph_mode "auto") is one kernel holding both behind an scf.if on the batch's
+most new tokens per sequence, so a call runs only one of them.
+mla_cache_store (one RMS norm and a RoPE per token) and mla_prefill_plan are scf.for loops.
 """
 from __future__ import annotations
 
 from mlir import ir
-from mlir.dialects import arith, linalg, math, memref, scf, tensor
+from mlir.dialects import arith, math, memref, scf, tensor
 
 from ...registry import register_lowering
-from ..emit import Emitter, element_type, index
+from ..emit import Emitter, index, tensor_type
 from .elementwise import to_compute, to_storage
+from .linalg import inline_mlir
+from .mla_kernels import mla_attention_text, mla_decode_text, mla_prefill_text
 
 
 def _f32(v: float) -> ir.Value:
@@ -112,111 +112,30 @@ def _mla_cache_store(e: Emitter, args):
     return []
 
 
-def _q_latent(e: Emitter, q, w1, nh, nope, rope, r) -> ir.Value:
-    """[T, NH, R + rope] f32: q_nope @ w_uk per head, then q_rope."""
-    q_dt, w_dt = e.in_types[0].dtype, e.in_types[5].dtype
-    t = _dim(q, 0)
-    f32 = ir.F32Type.get()
-    if ir.RankedTensorType(w1.type).rank == 2:  # prefill's w_k [NH*nope, R]
-        w1 = tensor.expand_shape(ir.RankedTensorType.get([nh, nope, r],
-                                                         ir.RankedTensorType(w1.type).element_type),
-                                 w1, [[0, 1], [2]], [], [nh, nope, r])
-    qk = nope + rope
-    zero = arith.constant(f32, 0.0)
-    acc = linalg.fill(zero, outs=[tensor.EmptyOp([t, nh, r], f32).result])
-    d = [ir.AffineDimExpr.get(i) for i in range(4)]  # (t, h, r, d)
-    q3 = tensor.expand_shape(ir.RankedTensorType.get([ir.ShapedType.get_dynamic_size(), nh, qk],
-                                                     ir.RankedTensorType(q.type).element_type),
-                             q, [[0], [1, 2]], [t], [ir.ShapedType.get_dynamic_size(), nh, qk])
-    qn = tensor.extract_slice(ir.RankedTensorType.get([ir.ShapedType.get_dynamic_size(), nh, nope],
-                                                      ir.RankedTensorType(q.type).element_type),
-                              q3, [], [t], [], [0, 0, 0],
-                              [ir.ShapedType.get_dynamic_size(), nh, nope], [1, 1, 1])
-    maps = [ir.AffineMap.get(4, 0, [d[0], d[1], d[3]]), ir.AffineMap.get(4, 0, [d[1], d[3], d[2]]),
-            ir.AffineMap.get(4, 0, [d[0], d[1], d[2]])]
-    lat = e.generic([qn, w1], [acc], maps, ["parallel", "parallel", "parallel", "reduction"],
-                    lambda v: arith.addf(v[2], arith.mulf(to_compute(v[0], q_dt),
-                                                          to_compute(v[1], w_dt))))[0]
-    init = tensor.EmptyOp([t, nh, r + rope], f32).result
-
-    def body(_):
-        ti, h, c = (linalg.IndexOp(i).result for i in range(3))
-        is_lat = arith.cmpi(arith.CmpIPredicate.ult, c, index(r))
-        lat_c = arith.select(is_lat, c, index(0))
-        rope_c = arith.select(is_lat, index(nope), arith.addi(c, index(nope - r)))
-        from_lat = tensor.extract(lat, [ti, h, lat_c])
-        from_q = to_compute(tensor.extract(q3, [ti, h, rope_c]), q_dt)
-        return arith.select(is_lat, from_lat, from_q)
-    return e.generic([], [init], [e.identity_map(3)], ["parallel"] * 3, body)[0]
-
-
-def _latent_attention(e: Emitter, q_lat, blocks, offs, clen, lut, nh, r, width) -> ir.Value:
-    """o_lat [T, NH, R] f32: causal softmax(q_lat . rows * scale) @ rows[:, :R] per head."""
-    b_dt = e.in_types[1].dtype
-    layer, zero = index(e.attrs["layer"]), index(0)
-    scale = _f32(float(e.attrs["scale"]))
-    rag = _Ragged(offs, clen, lut, blocks)
-    t_n = _dim(q_lat, 0)
-    out0 = tensor.EmptyOp([t_n, nh, r], ir.F32Type.get()).result
-
-    def token(t, out):
-        b = rag.seq_of(t)
-        n_keys = arith.addi(rag.position(b, t), index(1))
-
-        def head(h, out):
-            out = _for(0, r, [out], lambda c, o: [tensor.insert(_f32(0.0), o, [t, h, c])])[0]
-
-            def key(l, m, den, out):
-                page, slot = rag.page_slot(b, l)
-                cache = lambda c: to_compute(memref.load(blocks, [page, zero, layer, slot, zero, c]),  # noqa: E731
-                                             b_dt)
-                s = _for(0, width, [_f32(0.0)], lambda c, acc: [arith.addf(
-                    acc, arith.mulf(tensor.extract(q_lat, [t, h, c]), cache(c)))])[0]
-                s = arith.mulf(s, scale)
-                m_new = arith.maximumf(m, s)
-                corr = math.exp(arith.subf(m, m_new))
-                p = math.exp(arith.subf(s, m_new))
-
-                def upd(c, o):
-                    old = tensor.extract(o, [t, h, c])
-                    new = arith.addf(arith.mulf(old, corr), arith.mulf(p, cache(c)))
-                    return [tensor.insert(new, o, [t, h, c])]
-                out = _for(0, r, [out], upd)[0]
-                return [m_new, arith.addf(arith.mulf(den, corr), p), out]
-            m, den, out = _for(0, n_keys, [_f32(float("-inf")), _f32(0.0), out], key)
-            inv = arith.divf(_f32(1.0), den)
-            return [_for(0, r, [out], lambda c, o: [tensor.insert(
-                arith.mulf(tensor.extract(o, [t, h, c]), inv), o, [t, h, c])])[0]]
-        return _for(0, nh, [out], head)
-    return _for(0, t_n, [out0], token)[0]
-
-
-def _lower_attention(e: Emitter, args):
-    q, blocks, offs, clen, lut, w1, w_uv = args
+def _attrs(e: Emitter) -> dict:
     a = e.attrs
-    nh, nope, rope, v, r = (a[k] for k in ("n_heads", "qk_nope_head_dim", "qk_rope_head_dim",
-                                          "v_head_dim", "kv_lora_rank"))
-    q_lat = _q_latent(e, q, w1, nh, nope, rope, r)
-    o_lat = _latent_attention(e, q_lat, blocks, offs, clen, lut, nh, r, r + rope)
-    f32 = ir.F32Type.get()
-    t = _dim(q, 0)
-    dyn = ir.ShapedType.get_dynamic_size()
-    acc = linalg.fill(_f32(0.0), outs=[tensor.EmptyOp([t, nh, v], f32).result])
-    d = [ir.AffineDimExpr.get(i) for i in range(4)]  # (t, h, j, r)
-    maps = [ir.AffineMap.get(4, 0, [d[0], d[1], d[3]]), ir.AffineMap.get(4, 0, [d[1], d[3], d[2]]),
-            ir.AffineMap.get(4, 0, [d[0], d[1], d[2]])]
-    wv_dt, out_dt = e.in_types[6].dtype, e.out_types[0].dtype
-    o = e.generic([o_lat, w_uv], [acc], maps, ["parallel", "parallel", "parallel", "reduction"],
-                  lambda x: arith.addf(x[2], arith.mulf(x[0], to_compute(x[1], wv_dt))))[0]
-    el = element_type(out_dt, True)
-    stored = e.generic([o], [tensor.EmptyOp([t, nh, v], el).result], [e.identity_map(3)] * 2,
-                       ["parallel"] * 3, lambda x: to_storage(x[0], out_dt))[0]
-    return [tensor.collapse_shape(ir.RankedTensorType.get([dyn, nh * v], el), stored,
-                                  [[0], [1, 2]])]
+    return dict(nh=a["n_heads"], nope=a["qk_nope_head_dim"], rope=a["qk_rope_head_dim"],
+                v=a["v_head_dim"], r=a["kv_lora_rank"], layer=a["layer"], scale=float(a["scale"]),
+                lanes=e.cpu.f32_lanes, regs=e.cpu.vector_registers)
 
 
-register_lowering("mla_prefill", "cpu")(_lower_attention)
-register_lowering("mla_decode", "cpu")(_lower_attention)
+@register_lowering("mla_decode", "cpu")
+def _mla_decode(e: Emitter, args):
+    return inline_mlir(args, mla_decode_text(args, tensor_type(e.out_types[0]), **_attrs(e)))
+
+
+@register_lowering("mla_prefill", "cpu")
+def _mla_prefill(e: Emitter, args):
+    return inline_mlir(args, mla_prefill_text(args, tensor_type(e.out_types[0]),
+                                              buffer_size=int(e.attrs["buffer_size"]), **_attrs(e)))
+
+
+@register_lowering("mla_attention", "cpu")
+def _mla_attention(e: Emitter, args):
+    return inline_mlir(args, mla_attention_text(args, tensor_type(e.out_types[0]),
+                                                buffer_size=int(e.attrs["buffer_size"]),
+                                                absorb_max=int(e.attrs["absorb_max"]),
+                                                **_attrs(e)))
 
 
 @register_lowering("mla_prefill_plan", "cpu")

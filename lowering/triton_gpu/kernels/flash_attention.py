@@ -6,11 +6,35 @@ Query token i of sequence b sits at position cache_lengths[b] + i. Masks: NULL, 
 SLIDING_WINDOW_CAUSAL, SLIDING_WINDOW_NONCAUSAL, CHUNKED_CAUSAL (window W); GQA; online softmax
 in fp32 with exp2. Output `[T, NH*D]` in q's dtype.
 
-Grid (query blocks, NH, batch), query blocks issued longest-first (causal work grows with the
-block index). Key blocks outside the mask's [start, end) range are skipped. Tiles for D <= 128:
-BLOCK_M=128, BLOCK_N=64, 8 warps (two warpgroups of wgmma, 64 query rows each), 3 stages: Q
-32 KiB + 2-3 stages of K and V (16 KiB each) stays near 128 KiB of shared memory. D=256 halves
-both tile sides to keep the registers of the fp32 accumulator in bounds.
+Grid (query blocks, NH, batch), query blocks issued longest-first within each (head, sequence):
+causal work grows with the block index, and the CTAs running at once read the K/V of a few
+heads, which stay in the L2 (heads on the fastest axis, tried with the removed loop below, was
+never timed correct and would spread them over all heads). Key blocks outside the mask's
+[start, end) range are skipped. Two loops per program: the key blocks every query of the tile
+may see (no mask arithmetic, the row max taken before scaling), then the edge blocks (the
+window's far edge, the diagonal, the partial last block) with the mask, walked as one loop so
+their code is emitted once. P V is issued after each block's softmax; Triton pipelines the K/V
+loads and the page lookups.
+
+K/V addressing (decided at compile time from PAGE_SIZE and BLOCK_N): when a key block stays in
+one page, one lookup-table load per block gives a dense [BLOCK_N, D] tile at row stride NKV*D,
+read either by pointer tiles (cp.async) or through a TMA tensor descriptor made on the device
+over the whole cache seen as 2-D [num_pages*2*num_layers*PAGE_SIZE, NKV*D]; pages smaller than
+BLOCK_N take a per-row page gather. Tile and pipeline choices live in
+flash_attention_configs.py as data.
+
+This is the loop measured correct on an H200 (tools/gpu_sweeps/attention.py, run 4: rel err
+1e-3, 0.63-0.85x torch SDPA at m128n64w8s3tmar128; flash_attention_configs.py has the
+numbers). A later one-loop variant (Q K_j^T, then P_{j-1} V_{j-1} issued before block j's
+softmax, P carried across iterations as int16 bits) was removed: it passed the interpreter but
+was wrong on the GPU for every shape with more than one key block. Its P V wgmma read P from
+registers (the A operand) and stayed in flight across the loop's back edge, and nothing kept
+those registers live until the wait in the next iteration: LLVM moved the bf16 conversion of
+the carried P to the loop header, and ptxas reused P's registers for the mask's index arithmetic
+right after the HGMMA issue (SASS: `HGMMA ... R120, ...` then `IMAD.IADD R120, ...` before the
+next `WARPGROUP.DEPBAR`), so the tensor cores multiplied V by whatever those registers held
+next (rel err 0.3 to inf). tests/lowering/triton_gpu/test_flash_attention_aot.py checks every
+candidate's SASS for that hazard.
 """
 
 from __future__ import annotations
@@ -18,16 +42,81 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from graphir.lowering.triton_gpu.kernels.paged import (attend_paged_keys, check_attention_args,
-                                               key_range, mask_id)
+from graphir.lowering.triton_gpu.kernels.flash_attention_configs import (  # noqa: F401
+    CANDIDATES, candidates, check_config, config_tag, default_config, uses_tma)
+from graphir.lowering.triton_gpu.kernels.paged import (check_attention_args, full_key_range,
+                                                       key_range, mask_allows, mask_id,
+                                                       page_block_row, slot_offsets)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
+# TMA coordinates are 32-bit: the cache seen as 2-D must have fewer rows than this; a TMA config
+# falls back to pointer tiles otherwise.
+TMA_MAX_ROWS = 2 ** 31 - 1
+TMA_MIN_ROW_BYTES = 128
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
 @triton.jit
-def flash_attention_kernel(
+def _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx, num_layers,
+             KV: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+             BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
+    """K (KV=0) or V (KV=1) rows n0..n0+BLOCK_N-1 of KV head kvh; rows at or past `end` read as
+    zero when MASKED (slots past the cached length may hold anything, NaN included)."""
+    r = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    valid = (n0 + r) < end
+    if PAGE_SIZE % BLOCK_N == 0:
+        row = page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV, PAGE_SIZE)
+        if USE_TMA:
+            t = desc.load([row.to(tl.int32), kvh * D])
+            if MASKED and KV == 1:
+                # K needs no zeroing: the softmax masks those scores before any use.
+                t = tl.where(valid[:, None], t, 0.0)
+        else:
+            ptrs = blocks_ptr + (row * (NKV * D) + kvh * D) + r[:, None] * (NKV * D) + d[None, :]
+            if MASKED:
+                t = tl.load(ptrs, mask=valid[:, None], other=0.0)
+            else:
+                t = tl.load(ptrs)
+    else:
+        base = slot_offsets(lut_ptr, b, n0 + r, max_pages, layer_idx, num_layers, valid, KV,
+                            PAGE_SIZE, NKV, D) + kvh * D
+        ptrs = blocks_ptr + base[:, None] + d[None, :]
+        if MASKED:
+            t = tl.load(ptrs, mask=valid[:, None], other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale, MASK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of the online softmax (running max m_i in log2 units)."""
+    s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        kp = n0 + tl.arange(0, BLOCK_N)
+        ok = mask_allows(qp, kp, window, MASK) & (kp < end)[None, :]
+        s = tl.where(ok, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def flash_prefill_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
-        num_layers, window, scale,
+        num_layers, num_pages, window, scale,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        USE_TMA: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -43,70 +132,160 @@ def flash_attention_kernel(
         d = tl.arange(0, D)
         rows = (seq_start + i).to(tl.int64) * (NH * D) + h * D
         q = tl.load(q_ptr + rows[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
+        o_row0 = seq_start + pid_m * BLOCK_M   # the tile's first output row
+        o_left = seq_len - pid_m * BLOCK_M     # its rows in the sequence
         q_lo = cache_len + pid_m * BLOCK_M
         q_hi = tl.minimum(kv_len, q_lo + BLOCK_M) - 1
         start, end = key_range(q_lo, q_hi, kv_len, window, MASK)
         start = (start // BLOCK_N) * BLOCK_N
-        acc, _, l_i = attend_paged_keys(q, qp, b, kvh, start, end, lut_ptr, blocks_ptr,
-                                        max_pages, layer_idx, num_layers, window, scale, NKV,
-                                        D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+        # Whole key blocks every query of the tile may see: [full_lo, full_hi), empty (both at
+        # `start`) when there is none.
+        lo, hi = full_key_range(q_lo, q_hi, kv_len, window, MASK)
+        full_lo = tl.maximum(tl.cdiv(lo, BLOCK_N) * BLOCK_N, start)
+        full_hi = (hi // BLOCK_N) * BLOCK_N
+        none_full = full_hi <= full_lo
+        full_lo = tl.where(none_full, start, full_lo)
+        full_hi = tl.where(none_full, start, full_hi)
+        if (PAGE_SIZE % BLOCK_N == 0) and USE_TMA:
+            desc = tl.make_tensor_descriptor(
+                blocks_ptr, shape=[num_pages * (2 * PAGE_SIZE) * num_layers, NKV * D],
+                strides=[NKV * D, 1], block_shape=[BLOCK_N, D])
+        else:
+            desc = blocks_ptr
+        qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
+        m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        for n0 in range(full_lo, full_hi, BLOCK_N):
+            n0 = tl.multiple_of(n0, BLOCK_N)
+            k = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
+                         num_layers, 0, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, False)
+            v = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
+                         num_layers, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, False)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale,
+                                          MASK, BLOCK_N, False)
+        # Edge blocks: those before the shared range (window edge) and after it (diagonal,
+        # partial last block), walked as one loop so their code is emitted once.
+        n_head = (full_lo - start) // BLOCK_N
+        n_edge = n_head + tl.cdiv(end - full_hi, BLOCK_N)
+        for j in range(0, n_edge):
+            n0 = tl.where(j < n_head, start + j * BLOCK_N, full_hi + (j - n_head) * BLOCK_N)
+            n0 = tl.multiple_of(n0, BLOCK_N)
+            k = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
+                         num_layers, 0, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, True)
+            v = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
+                         num_layers, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, True)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale,
+                                          MASK, BLOCK_N, True)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None])
+        # The output rows' offsets are worked out again here from two scalars rather than kept
+        # from the q load: kept across the loops, they are 8 int64 per thread that spill at a
+        # 128-register cap.
+        r = tl.arange(0, BLOCK_M)
+        o_rows = (o_row0 + r).to(tl.int64) * (NH * D) + h * D
+        tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(r < o_left)[:, None])
 
 
-def block_sizes(D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim."""
-    if D <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 4, 2
+def check_scale(scale: float) -> None:
+    """The mask-free blocks take the row max before scaling, which needs scale >= 0."""
+    if not scale >= 0:
+        raise ValueError(f"flash attention needs a softmax scale >= 0, got {scale}")
 
 
 def grid_rule(BLOCK_M: int, NH: int):
+    """Grid (query blocks, heads, sequences): a head's query blocks run side by side."""
     return lambda batch, max_seq_len: (max(1, cdiv(max_seq_len, BLOCK_M)), NH, batch)
+
+
+def _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg, tma_ok: bool) -> dict:
+    return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                USE_TMA=int(tma_ok and uses_tma(cfg, page_size)))
+
+
+def launch_options(cfg: dict) -> dict:
+    """num_warps / num_stages (and maxnreg when the config caps registers) of a launch."""
+    out = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg"):
+        out["maxnreg"] = cfg["maxnreg"]
+    return out
 
 
 def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx: int,
                     mask="CAUSAL", window: int = 0, scale: float | None = None,
                     max_seq_len: int | None = None, block_m: int | None = None,
-                    block_n: int | None = None):
-    """Ragged attention on torch tensors; q [T, NH, D] -> [T, NH*D]."""
+                    block_n: int | None = None, config: dict | None = None):
+    """Ragged attention on torch tensors; q [T, NH, D] -> [T, NH*D].
+
+    `config` is one of `CANDIDATES` (default: `default_config`); block_m / block_n override its
+    tiles. A TMA config sets `triton.set_allocator` on the GPU (the descriptor is made on the
+    device in Triton's global scratch).
+    """
     import torch
 
     T, NH, D = q.shape
     num_layers, page_size, NKV, m = check_attention_args("flash_attention", q, blocks, mask, window)
-    offs = input_row_offsets.to(torch.int64)
-    batch = offs.shape[0] - 1
-    if max_seq_len is None:
+    cfg = dict(config or default_config(D, page_size, m, str(q.dtype).replace("torch.", "")))
+    cfg.update({k: v for k, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n)) if v})
+    check_config(cfg, D)
+    scale = float(D ** -0.5 if scale is None else scale)
+    check_scale(scale)
+    tma_ok = blocks.numel() // (NKV * D) <= TMA_MAX_ROWS
+    if q.is_cuda and uses_tma(cfg, page_size) and tma_ok:
+        triton.set_allocator(lambda size, align, stream: torch.empty(
+            size, dtype=torch.int8, device=q.device))
+    batch = input_row_offsets.shape[0] - 1
+    if max_seq_len is None:  # a host sync; callers that know it pass it
+        offs = input_row_offsets.to(torch.int64)
         max_seq_len = int((offs[1:] - offs[:-1]).max()) if batch else 0
-    bm, bn, nw, ns = block_sizes(D)
-    bm, bn = block_m or bm, block_n or bn
     out = q.new_empty((T, NH * D))
     if T == 0 or batch == 0:
         return out
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
-    flash_attention_kernel[grid_rule(bm, NH)(batch, max_seq_len)](
+    flash_prefill_kernel[grid_rule(cfg["BLOCK_M"], NH)(batch, max_seq_len)](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
-        blocks, out, lookup_table.shape[1], layer_idx, num_layers, max(window, 1),
-        float(D ** -0.5 if scale is None else scale), NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size,
-        MASK=m, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+        blocks, out, lookup_table.shape[1], layer_idx, num_layers, blocks.shape[0],
+        max(window, 1), scale,
+        **_constexprs(NH, NKV, D, page_size, m, cfg, tma_ok), **launch_options(cfg))
     return out
 
 
+SIGNATURE_PARAMS = ("q_ptr", "offs_ptr", "cache_len_ptr", "lut_ptr", "blocks_ptr", "out_ptr",
+                    "max_pages", "layer_idx", "num_layers", "num_pages", "window", "scale")
+
+
 def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
-              dtype: str = "bfloat16", mask="CAUSAL") -> list[KernelSpec]:
-    """One specialization per (model shape, mask); window and scale stay runtime values."""
+              dtype: str = "bfloat16", mask="CAUSAL", config: dict | None = None
+              ) -> list[KernelSpec]:
+    """One specialization per (model shape, mask, config); window and scale stay runtime values.
+
+    Example:
+        >>> (s,) = aot_specs(32, 8, 128, 128, mask="CAUSAL")
+        >>> s.grid_for(batch=2, max_seq_len=300)
+        (3, 32, 2)
+    """
     t = triton_dtype(dtype)
-    bm, bn, nw, ns = block_sizes(head_dim)
-    sig = {"q_ptr": f"*{t}", "offs_ptr": "*i32", "cache_len_ptr": "*i32", "lut_ptr": "*i32",
-           "blocks_ptr": f"*{t}", "out_ptr": f"*{t}", "max_pages": "i32", "layer_idx": "i32",
-           "num_layers": "i32", "window": "i32", "scale": "fp32"}
-    names = ["NH", "NKV", "D", "PAGE_SIZE", "MASK", "BLOCK_M", "BLOCK_N"]
-    sig.update({n: "constexpr" for n in names})
-    vals = [n_heads, n_kv_heads, head_dim, page_size, mask_id(mask), bm, bn]
+    base = default_config(head_dim, page_size, mask, dtype)
+    cfg = {k: v for k, v in (config or base).items() if k != "name"}
+    check_config(cfg, head_dim)
+    sig = dict(zip(SIGNATURE_PARAMS, [f"*{t}", "*i32", "*i32", "*i32", f"*{t}", f"*{t}", "i32",
+                                      "i32", "i32", "i32", "i32", "fp32"]))
+    # The cache's row count is a runtime value; rows of >= 128 bytes keep it below 2**31 for
+    # any cache under 256 GiB, smaller rows fall back to pointer tiles.
+    row_bytes = n_kv_heads * head_dim * DTYPE_BYTES[t]
+    cx = _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg,
+                     row_bytes >= TMA_MIN_ROW_BYTES)
+    sig.update({n: "constexpr" for n in cx})
+    # The built-in default keeps the plain name; other configs carry their tag.
+    tag = "" if config_tag(cfg) == config_tag(base) else \
+        "_" + config_tag(dict(cfg, USE_TMA=cx["USE_TMA"]))
     return [KernelSpec(
-        name=f"flash_attention_{t}_mask{mask_id(mask)}", fn=flash_attention_kernel,
-        signature=sig, constexprs=dict(zip(names, vals)), num_warps=nw, num_stages=ns,
-        grid=grid_rule(bm, n_heads), grid_args=("batch", "max_seq_len"),
+        name=f"flash_attention_{t}_mask{mask_id(mask)}{tag}", fn=flash_prefill_kernel,
+        signature=sig, constexprs=cx, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        grid=grid_rule(cfg["BLOCK_M"], n_heads), grid_args=("batch", "max_seq_len"),
         divisible_by_16=("q_ptr", "blocks_ptr", "out_ptr"),
-        notes="window must be >= 1 (pass 1 for masks without a window)")]
+        notes="window must be >= 1 (pass 1 for masks without a window); num_pages is the "
+              "blocks' first dimension" + ("; makes a TMA descriptor in global scratch"
+                                           if cx["USE_TMA"] else ""),
+        extra={"config": cfg}, maxnreg=cfg.get("maxnreg"))]

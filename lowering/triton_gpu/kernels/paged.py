@@ -152,3 +152,31 @@ def attend_paged_keys(q, qp, b, kvh, start, end, lut_ptr, blocks_ptr, max_pages,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def full_key_range(q_lo, q_hi, kv_len, window, MASK: tl.constexpr):
+    """[lo, hi) of key positions that every query at positions q_lo..q_hi may see (lo >= hi
+    when none is shared): key blocks inside it need no mask arithmetic."""
+    lo = q_lo * 0
+    hi = kv_len
+    if MASK == 1:
+        hi = q_lo + 1
+    elif MASK == 2:
+        lo = q_hi - window + 1
+        hi = q_lo + 1
+    elif MASK == 3:
+        lo = q_hi - window + 1
+    elif MASK == 4:
+        lo = (q_hi // window) * window
+        hi = q_lo + 1
+    return tl.maximum(lo, 0), tl.minimum(hi, kv_len)
+
+
+@triton.jit
+def page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr):
+    """Row of key n0 of sequence b in the cache viewed as 2-D [num_pages * 2 * num_layers *
+    PAGE_SIZE, NKV * D] (int64): one lookup-table load for a block that stays in one page."""
+    page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + n0 // PAGE_SIZE)
+    return ((page.to(tl.int64) * 2 + KV) * num_layers + layer_idx) * PAGE_SIZE + n0 % PAGE_SIZE

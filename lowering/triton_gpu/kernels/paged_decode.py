@@ -1,16 +1,32 @@
-"""Decode attention over the paged KV cache: split-K partitions plus a reduce kernel.
+"""Decode attention over the paged KV cache: split-K partitions, then a reduce when split.
 
-Each program of the partial kernel owns (sequence b, KV head, partition of the context) and
-processes every query head of that KV head's GQA group together: the G = NH/NKV heads (times up
-to Q_PER_SEQ new tokens, for speculative / few-token decode) form the M side of the dot, so each
-K/V tile is read from memory once per group. Partials (unnormalized accumulator, running max in
-log2 units and sum) go to fp32 scratch `o_part [T*NH, num_parts, D]`, `ml_part [T*NH,
-num_parts, 2]`; the reduce kernel rescales and sums them. Empty partitions write (0, -1e30, 0),
-so the reduce needs no lengths.
+Each program owns (group of HEADS adjacent KV heads, partition of the context, sequence) and
+processes every query head of those KV heads together: HEADS x up to Q_PER_SEQ new tokens
+(speculative / few-token decode; token i sits at position cache_len + i and sees the keys up to
+itself) x the G = NH/NKV heads of each GQA group form the M side of the dot, so each K/V tile
+is read from memory once. With HEADS > 1 a tile row is one (key, KV head) pair, the HEADS head
+slices of a key are adjacent in the cache row (HEADS * D contiguous elements), and scores of a
+query row against another head's keys are masked: wasted dot work, which decode has to spare,
+for longer contiguous reads and HEADS times fewer programs.
 
-Tiles: BLOCK_N=64 keys, BLOCK_M = next_pow2(max(16, Q_PER_SEQ*G)) (tl.dot needs M >= 16), 4
-warps, 3 stages (~64-96 KiB of shared memory: two CTAs per SM keep ~200 KiB of K/V in flight).
-The partition count targets two programs per SM (132 SMs on H100) with at least 256 keys each.
+The grid is 1-D. ORDER 0 numbers programs KV-head group fastest, so the programs running at
+once read neighbouring head slices of the same cache rows (a cache row holds all NKV heads of
+one token); ORDER 1 is the older sequence-fastest numbering, kept for comparison.
+
+Keys are read one of three ways (constexprs of a config, see paged_decode_config.py):
+  * gather (PAGE_SIZE % BLOCK_N != 0, or PAGED_TILES=0): one lookup-table load per tile row;
+  * page tiles (PAGE_SIZE % BLOCK_N == 0): one lookup per block and a dense [BLOCK_N * HEADS,
+    D] tile, which the pipeliner turns into cp.async copies several blocks deep;
+  * TMA (page tiles + TMA=1, HEADS=1): the same tile through a device-side tensor descriptor over
+    the cache viewed as 2-D [num_pages * 2 * num_layers * PAGE_SIZE, NKV * D] (Triton puts the
+    descriptor in its global scratch: a launcher passes 128 bytes per program).
+Rows of a page past the cache length may hold anything (NaN included): scores of keys outside
+[start, end) are masked to -inf and their value rows zeroed, so they never reach the output.
+
+With num_parts == 1 the program normalizes and writes the output itself (no reduce). Otherwise
+partials (unnormalized accumulator, running max in log2 units and sum) go to fp32 scratch
+`o_part [T*NH, num_parts, D]`, `ml_part [T*NH, num_parts, 2]` and the reduce kernel rescales and
+sums them; empty partitions write (0, -1e30, 0), so the reduce needs no lengths.
 """
 
 from __future__ import annotations
@@ -18,46 +34,149 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from graphir.lowering.triton_gpu.kernels.paged import (attend_paged_keys, check_attention_args,
-                                               key_range, mask_id)
-from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
+from graphir.lowering.triton_gpu.kernels import paged_decode_config as cfg
+from graphir.lowering.triton_gpu.kernels.paged import (check_attention_args, key_range,
+                                                       mask_allows, mask_id)
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
-NUM_SMS = 132
 BLOCK_P = 16
 
 
 @triton.jit
-def paged_decode_partial_kernel(
-        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, o_part_ptr, ml_part_ptr,
-        max_pages, layer_idx, num_layers, window, scale, part_size, num_parts,
+def attend_blocks(q, qp, hl, b, kvh0, start, end, lut_ptr, blocks_ptr, max_pages, layer_idx,
+                  num_layers, num_pages, window, scale, NKV: tl.constexpr, D: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PAGED_TILES: tl.constexpr,
+                  TMA: tl.constexpr):
+    """Online softmax of the query tile q [BLOCK_M, D] (row r: position qp[r], local KV head
+    hl[r]) over keys start..end-1 of KV heads kvh0..kvh0+HEADS-1 of sequence b.
+
+    A block is BLOCK_N keys x HEADS heads: K/V tile row c holds key n0 + c // HEADS of head
+    kvh0 + c % HEADS, so each key's HEADS head slices (adjacent in the cache row) are read
+    together; scores of a query row against another head's keys are masked out. With page tiles
+    (PAGE_SIZE % BLOCK_N == 0) blocks start at multiples of BLOCK_N, lie in one page (one
+    lookup) and are dense; otherwise every row looks its page up.
+
+    Returns (acc, m, l) in fp32: the unnormalized output [BLOCK_M, D], the running max in log2
+    units and the running sum, so callers can normalize now or merge partitions later.
+    """
+    d = tl.arange(0, D)
+    c = tl.arange(0, BLOCK_N * HEADS)
+    t = c // HEADS
+    hk = c % HEADS
+    col = t * (NKV * D) + hk * D     # of the tile rows, from the block's first key and head
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    lut_row = lut_ptr + tl.cast(b, tl.int64) * max_pages
+    layer_stride: tl.constexpr = PAGE_SIZE * NKV * D
+    kv_stride = tl.cast(num_layers, tl.int64) * layer_stride
+    if TMA:
+        tl.static_assert(HEADS == 1)
+        # TMA coordinates are 32-bit: caches of 2**31 rows or more are refused by the host
+        # wrapper; the clamp keeps the descriptor inside the buffer whatever the arguments.
+        rows = tl.minimum(tl.cast(num_pages, tl.int64) * (2 * PAGE_SIZE) * num_layers,
+                          2**31 - 1).to(tl.int32)
+        desc = tl.make_tensor_descriptor(blocks_ptr, shape=[rows, NKV * D],
+                                         strides=[NKV * D, 1], block_shape=[BLOCK_N, D])
+    first = start
+    if PAGED_TILES:
+        tl.static_assert(PAGE_SIZE % BLOCK_N == 0)
+        first = (start // BLOCK_N) * BLOCK_N
+    for n0 in range(first, end, BLOCK_N):
+        kp = n0 + t
+        kmask = (kp >= start) & (kp < end)
+        if PAGED_TILES:
+            # A bad page id reads some other page, never memory outside the cache.
+            page = tl.minimum(tl.maximum(tl.load(lut_row + n0 // PAGE_SIZE), 0), num_pages - 1)
+            if TMA:
+                row = (page * 2 * num_layers + layer_idx) * PAGE_SIZE + n0 % PAGE_SIZE
+                k = desc.load([row, kvh0 * D])
+            else:
+                base = (page.to(tl.int64) * (2 * kv_stride) + layer_idx.to(tl.int64)
+                        * layer_stride + (n0 % PAGE_SIZE) * (NKV * D) + kvh0 * D)
+                offs = base + col[:, None] + d[None, :]
+                # The whole tile lies in an allocated page: no mask needed to stay in bounds.
+                k = tl.load(blocks_ptr + offs)
+        else:
+            page = tl.load(lut_row + kp // PAGE_SIZE, mask=kmask, other=0)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
+            offs = (page.to(tl.int64) * (2 * kv_stride) + layer_idx.to(tl.int64)
+                    * layer_stride + (kp % PAGE_SIZE) * (NKV * D) + (kvh0 + hk) * D)
+            offs = offs[:, None] + d[None, :]
+            k = tl.load(blocks_ptr + offs, mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = mask_allows(qp, kp, window, MASK) & kmask[None, :]
+        if HEADS > 1:
+            ok = ok & (hk[None, :] == hl[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if TMA:
+            v = desc.load([row + num_layers * PAGE_SIZE, kvh0 * D])
+            v = tl.where(kmask[:, None], v, 0.0)
+        else:
+            # Rows past the sequence may hold anything (NaN too): zero them.
+            v = tl.load(blocks_ptr + kv_stride + offs, mask=kmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def paged_decode_kernel(
+        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, o_part_ptr, ml_part_ptr,
+        max_pages, layer_idx, num_layers, num_pages, window, scale, part_size, num_parts,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         MASK: tl.constexpr, Q_PER_SEQ: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    part = tl.program_id(2)
+        BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PAGED_TILES: tl.constexpr,
+        TMA: tl.constexpr, ORDER: tl.constexpr):
+    pid = tl.program_id(0)
+    NKVG: tl.constexpr = NKV // HEADS
+    if ORDER == 0:
+        kvg = pid % NKVG
+        part = (pid // NKVG) % num_parts
+        b = pid // (NKVG * num_parts)
+    else:
+        n_seq = tl.num_programs(0) // (NKVG * num_parts)
+        b = pid % n_seq
+        kvg = (pid // n_seq) % NKVG
+        part = pid // (n_seq * NKVG)
     G: tl.constexpr = NH // NKV
+    QG: tl.constexpr = Q_PER_SEQ * G
     seq_start = tl.load(offs_ptr + b)
     seq_len = tl.minimum(tl.load(offs_ptr + b + 1) - seq_start, Q_PER_SEQ)
     cache_len = tl.load(cache_len_ptr + b)
     kv_len = cache_len + seq_len
+    # Row r: local KV head r // QG, then token i, then the head's GQA group member.
     r = tl.arange(0, BLOCK_M)
-    i = r // G
-    rmask = (i < seq_len) & (r < Q_PER_SEQ * G)
-    head_row = (seq_start + i).to(tl.int64) * NH + kvh * G + r % G
+    hl = r // QG
+    i = (r % QG) // G
+    rmask = (hl < HEADS) & (i < seq_len)
+    head_row = (seq_start + i).to(tl.int64) * NH + (kvg * HEADS + hl) * G + r % G
     d = tl.arange(0, D)
     q = tl.load(q_ptr + head_row[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
     qp = cache_len + i
     lo, hi = key_range(cache_len, kv_len - 1, kv_len, window, MASK)
     p_start = tl.maximum(part * part_size, lo)
-    p_end = tl.minimum(part * part_size + part_size, hi)
-    acc, m_i, l_i = attend_paged_keys(q, qp, b, kvh, p_start, p_end, lut_ptr, blocks_ptr,
-                                      max_pages, layer_idx, num_layers, window, scale, NKV, D,
-                                      PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
-    slot = head_row * num_parts + part
-    tl.store(o_part_ptr + slot[:, None] * D + d[None, :], acc, mask=rmask[:, None])
-    tl.store(ml_part_ptr + slot * 2, m_i, mask=rmask)
-    tl.store(ml_part_ptr + slot * 2 + 1, l_i, mask=rmask)
+    # A sequence without new tokens this step reads nothing.
+    p_end = tl.where(seq_len > 0, tl.minimum(part * part_size + part_size, hi), p_start)
+    acc, m_i, l_i = attend_blocks(q, qp, hl, b, kvg * HEADS, p_start, p_end, lut_ptr,
+                                  blocks_ptr, max_pages, layer_idx, num_layers, num_pages,
+                                  window, scale, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                                  HEADS, PAGED_TILES, TMA)
+    if num_parts == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + head_row[:, None] * D + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        slot = head_row * num_parts + part
+        tl.store(o_part_ptr + slot[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+        tl.store(ml_part_ptr + slot * 2, m_i, mask=rmask)
+        tl.store(ml_part_ptr + slot * 2 + 1, l_i, mask=rmask)
 
 
 @triton.jit
@@ -85,25 +204,32 @@ def paged_decode_reduce_kernel(o_part_ptr, ml_part_ptr, out_ptr, num_parts, D: t
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def partition(batch: int, n_kv_heads: int, max_kv_len: int, block_n: int = 64,
-              num_sms: int = NUM_SMS, min_part: int = 256) -> tuple[int, int]:
-    """(num_parts, part_size): about two programs per SM, partitions a multiple of block_n."""
-    max_kv_len = max(max_kv_len, 1)
-    want = max(1, cdiv(2 * num_sms, max(batch * n_kv_heads, 1)))
-    part = max(cdiv(max_kv_len, want), min(min_part, max_kv_len))
-    part = cdiv(part, block_n) * block_n
-    return cdiv(max_kv_len, part), part
-
-
-def block_m(n_heads: int, n_kv_heads: int, q_per_seq: int) -> int:
-    return next_pow2(max(16, q_per_seq * (n_heads // n_kv_heads)))
-
-
 def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx: int,
                  mask="CAUSAL", window: int = 0, scale: float | None = None,
-                 max_kv_len: int | None = None, q_per_seq: int = 1, block_n: int = 64,
+                 max_kv_len: int | None = None, q_per_seq: int = 1, config: dict | None = None,
                  num_parts: int | None = None):
-    """Decode attention on torch tensors; q [T, NH, D] (<= q_per_seq rows per sequence)."""
+    """Decode attention on torch tensors; q [T, NH, D] with <= q_per_seq rows per sequence.
+
+    Args:
+        q: queries [T, NH, D], the new tokens of every sequence in order.
+        input_row_offsets: [batch + 1] start row of each sequence in q (uint32 or int).
+        cache_lengths: [batch] tokens cached before this step's new tokens.
+        lookup_table: [batch, max_pages] page ids.
+        blocks: the cache [num_pages, 2, num_layers, page_size, NKV, D].
+        layer_idx: which layer of the cache to read.
+        mask: mask variant name or number; window: its window (sliding / chunked masks).
+        scale: softmax scale (default head_dim ** -0.5).
+        max_kv_len: the split rule's context length (default: the longest cache + new tokens).
+        q_per_seq: the most new tokens of any sequence the kernel is built for.
+        config: a kernel config (paged_decode_config.CANDIDATES entry; default_config when None).
+        num_parts: force this many partitions instead of the split rule.
+
+    Returns:
+        The attention output [T, NH * D] in q's dtype.
+
+    Example:
+        >>> out = paged_decode(q, offs, clen, lut, blocks, 0)    # doctest: +SKIP
+    """
     import torch
 
     T, NH, D = q.shape
@@ -114,51 +240,78 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
     if batch and int(lens.max()) > q_per_seq:
         raise ValueError(f"paged_decode: a sequence has {int(lens.max())} new tokens, more "
                          f"than q_per_seq={q_per_seq}")
+    conf = cfg.resolve(config, NH, NKV, D, page_size, q_per_seq)
     if max_kv_len is None:
         max_kv_len = int((cache_lengths.to(torch.int64) + lens).max()) if batch else 1
-    nparts, part = partition(batch, NKV, max_kv_len, block_n)
+    nparts, part = cfg.split(batch, NKV, max_kv_len, conf)
     if num_parts is not None:
-        part = cdiv(cdiv(max_kv_len, num_parts), block_n) * block_n
-        nparts = cdiv(max_kv_len, part)
+        if num_parts < 1:
+            raise ValueError(f"paged_decode: num_parts must be >= 1, got {num_parts}")
+        bn = conf["BLOCK_N"]
+        part = cdiv(cdiv(max(max_kv_len, 1), num_parts), bn) * bn
+        nparts = cdiv(max(max_kv_len, 1), part)
     out = q.new_empty((T, NH * D))
     if T == 0:
         return out
-    o_part = torch.empty((T * NH, nparts, D), dtype=torch.float32, device=q.device)
-    ml_part = torch.empty((T * NH, nparts, 2), dtype=torch.float32, device=q.device)
+    if nparts > 1:
+        o_part = torch.empty((T * NH, nparts, D), dtype=torch.float32, device=q.device)
+        ml_part = torch.empty((T * NH, nparts, 2), dtype=torch.float32, device=q.device)
+    else:
+        o_part = ml_part = torch.empty(1, dtype=torch.float32, device=q.device)
+    if conf["PAGED_TILES"] and conf["TMA"] and blocks.numel() // (NKV * D) >= 2**31:
+        raise ValueError(f"paged_decode: a cache of {blocks.numel() // (NKV * D)} rows is too "
+                         "large for the TMA config (2**31 rows at most)")
+    if conf["TMA"] and q.device.type == "cuda":
+        triton.set_allocator(lambda size, align, stream: torch.empty(
+            size, dtype=torch.int8, device=q.device))
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
-    paged_decode_partial_kernel[(batch, NKV, nparts)](
+    paged_decode_kernel[(batch * (NKV // conf["HEADS"]) * nparts,)](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
-        blocks, o_part, ml_part, lookup_table.shape[1], layer_idx, num_layers, max(window, 1),
-        float(D ** -0.5 if scale is None else scale), part, nparts, NH=NH, NKV=NKV, D=D,
-        PAGE_SIZE=page_size, MASK=m, Q_PER_SEQ=q_per_seq, BLOCK_M=block_m(NH, NKV, q_per_seq),
-        BLOCK_N=block_n, num_warps=4, num_stages=3)
-    paged_decode_reduce_kernel[(T * NH,)](o_part, ml_part, out, nparts, D=D, BLOCK_P=BLOCK_P,
-                                          num_warps=4)
+        blocks, out, o_part, ml_part, lookup_table.shape[1], layer_idx, num_layers,
+        blocks.shape[0], max(window, 1), float(D ** -0.5 if scale is None else scale), part,
+        nparts, **cfg.constexprs(conf, NH, NKV, D, page_size, m, q_per_seq),
+        num_warps=conf["num_warps"], num_stages=conf["num_stages"])
+    if nparts > 1:
+        paged_decode_reduce_kernel[(T * NH,)](o_part, ml_part, out, nparts, D=D,
+                                              BLOCK_P=BLOCK_P, num_warps=4)
     return out
 
 
 def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
               dtype: str = "bfloat16", mask="CAUSAL", q_per_seq: int = 1,
-              block_n: int = 64) -> list[KernelSpec]:
-    """The partial and reduce kernels. Launch: (num_parts, part_size) = partition(batch,
-    n_kv_heads, max_kv_len); scratch o_part T*NH*num_parts*D fp32, ml_part T*NH*num_parts*2."""
+              config: dict | None = None) -> list[KernelSpec]:
+    """The decode kernel (for q_per_seq new tokens per sequence at most) and the reduce.
+
+    Launch: (num_parts, part_size) = paged_decode_config.split(batch, n_kv_heads, max_kv_len,
+    config); decode grid batch * (n_kv_heads / HEADS) * num_parts; when num_parts > 1 the reduce
+    follows
+    over T * n_heads rows with scratch o_part T*NH*num_parts*D fp32, ml_part T*NH*num_parts*2.
+    """
     t = triton_dtype(dtype)
+    m = mask_id(mask)
+    conf = cfg.resolve(config, n_heads, n_kv_heads, head_dim, page_size, q_per_seq)
     sig = {"q_ptr": f"*{t}", "offs_ptr": "*i32", "cache_len_ptr": "*i32", "lut_ptr": "*i32",
-           "blocks_ptr": f"*{t}", "o_part_ptr": "*fp32", "ml_part_ptr": "*fp32",
-           "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "window": "i32",
-           "scale": "fp32", "part_size": "i32", "num_parts": "i32"}
-    names = ["NH", "NKV", "D", "PAGE_SIZE", "MASK", "Q_PER_SEQ", "BLOCK_M", "BLOCK_N"]
-    sig.update({n: "constexpr" for n in names})
-    vals = [n_heads, n_kv_heads, head_dim, page_size, mask_id(mask), q_per_seq,
-            block_m(n_heads, n_kv_heads, q_per_seq), block_n]
-    partial = KernelSpec(
-        name=f"paged_decode_partial_{t}_mask{mask_id(mask)}", fn=paged_decode_partial_kernel,
-        signature=sig, constexprs=dict(zip(names, vals)), num_warps=4, num_stages=3,
-        grid=lambda batch, max_kv_len: (batch, n_kv_heads,
-                                        partition(batch, n_kv_heads, max_kv_len, block_n)[0]),
+           "blocks_ptr": f"*{t}", "out_ptr": f"*{t}", "o_part_ptr": "*fp32",
+           "ml_part_ptr": "*fp32", "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32",
+           "num_pages": "i32", "window": "i32", "scale": "fp32", "part_size": "i32",
+           "num_parts": "i32"}
+    consts = cfg.constexprs(conf, n_heads, n_kv_heads, head_dim, page_size, m, q_per_seq)
+    sig.update({n: "constexpr" for n in consts})
+    # Named by the query tile and the heads per program: kernels for one token and for a few
+    # that share its tile height are the same name (the spec key tells them apart).
+    tall = cfg.block_m(n_heads, n_kv_heads, q_per_seq) > cfg.block_m(n_heads, n_kv_heads, 1)
+    qs = (f"_q{q_per_seq}" if tall else "") + (f"_h{conf['HEADS']}" if conf["HEADS"] > 1 else "")
+    units = n_kv_heads // conf["HEADS"]
+    main = KernelSpec(
+        name=f"paged_decode_partial_{t}_mask{m}{qs}", fn=paged_decode_kernel, signature=sig,
+        constexprs=consts, num_warps=conf["num_warps"], num_stages=conf["num_stages"],
+        grid=lambda batch, max_kv_len: (
+            batch * units * cfg.split(batch, n_kv_heads, max_kv_len, conf)[0], 1, 1),
         grid_args=("batch", "max_kv_len"),
-        divisible_by_16=("q_ptr", "blocks_ptr", "o_part_ptr", "ml_part_ptr"),
-        notes="part_size, num_parts = partition(batch, n_kv_heads, max_kv_len); window >= 1")
+        divisible_by_16=("q_ptr", "blocks_ptr", "out_ptr", "o_part_ptr", "ml_part_ptr"),
+        notes="part_size, num_parts = paged_decode_config.split(...); window >= 1; "
+              "o_part/ml_part may be null when num_parts == 1",
+        extra={"config": cfg.public(conf)})
     rsig = {"o_part_ptr": "*fp32", "ml_part_ptr": "*fp32", "out_ptr": f"*{t}",
             "num_parts": "i32", "D": "constexpr", "BLOCK_P": "constexpr"}
     reduce = KernelSpec(
@@ -166,4 +319,4 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
         constexprs={"D": head_dim, "BLOCK_P": BLOCK_P}, num_warps=4, num_stages=1,
         grid=lambda T: (T * n_heads, 1, 1), grid_args=("T",),
         divisible_by_16=("o_part_ptr", "ml_part_ptr", "out_ptr"))
-    return [partial, reduce]
+    return [main, reduce]

@@ -31,6 +31,9 @@ class KernelSpec:
     divisible_by_16: tuple[str, ...] = ()
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Register cap per thread (ptxas -maxrregcount via Triton's `maxnreg`), or None: a lower
+    # cap lets more CTAs share an SM at the price of spills.
+    maxnreg: int | None = None
 
     def runtime_params(self) -> list[tuple[str, str]]:
         """The (name, type) list of launch parameters in order, constexprs removed."""

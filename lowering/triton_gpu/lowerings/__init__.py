@@ -4,4 +4,6 @@ from . import reduce  # noqa: F401
 from . import linalg  # noqa: F401
 from . import rope_store  # noqa: F401
 from . import attention  # noqa: F401
+from . import quant  # noqa: F401
+from . import mla  # noqa: F401
 from . import fallback  # noqa: F401

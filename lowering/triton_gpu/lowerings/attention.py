@@ -1,18 +1,25 @@
 """CUDA lowering of flash_attention_ragged: the split-K paged decode kernels when every sequence
-has at most one new token, the ragged flash kernel otherwise (decided per call from the offsets).
+has at most a few new tokens (decode, speculative decode), the ragged flash kernel otherwise
+(decided per call from the offsets).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from graphir.lowering.registry import register_lowering
+from graphir.lowering.triton_gpu import tuning
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as fat
 from graphir.lowering.triton_gpu.kernels import paged_decode as pd
+from graphir.lowering.triton_gpu.kernels import paged_decode_config as pdc
+from graphir.lowering.triton_gpu.kernels import paged_decode_tuning as pdt
 
 from .base import StepBuilder, e
 from .common import MM_DTYPES, cache_dims, pow2_head_dim
 
-DECODE_KV_BUCKET = 256   # decode launch sizes change every 256 tokens: CUDA graphs replay between
+DECODE_KV_BUCKET = pdt.KV_BUCKET  # decode launches change every 256 tokens: graphs replay between
+MAX_DECODE_KERNELS = 6   # decode kernels (cubins) of one attention step, every query tile
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,16 @@ class AttentionCall:
     common: list    # q, offsets, cache lengths, lookup table, blocks
     tail: list      # max_pages, layer, num_layers, window, scale
     out: object
+    num_pages: str = "1"  # expression: pages in the cache (the decode kernel's TMA bound)
 
 
 @register_lowering("flash_attention_ragged", "cuda")
 def _flash_attention(sb: StepBuilder, node) -> None:
     q, blocks, offs, clen, lut = node.operands[:5]
     a = node.attrs
+    if a.get("softcap") is not None:
+        raise NotImplementedError("gir.flash_attention_ragged: softcap (attention logit "
+                                  "soft-capping) is not supported on cuda yet")
     nh, nkv, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
     pow2_head_dim(d, node.op, 16)
     page, _, _ = cache_dims(blocks, node.op)
@@ -49,40 +60,79 @@ def _flash_attention(sb: StepBuilder, node) -> None:
     call = AttentionCall(
         nh=nh, nkv=nkv, d=d, page=page, dtype=MM_DTYPES[dt], mask=a["mask"].upper(),
         T=e(q.type.shape[0]), batch=e(offs.type.shape[0] - 1),
-        seqmax=sb.seq_max(sb.vid(offs)), kvmax=sb.kv_max(sb.vid(offs), sb.vid(clen)),
+        seqmax=sb.seq_max(sb.vid(offs)),
+        kvmax=sb.kv_max(sb.vid(offs), sb.vid(clen), bucket=DECODE_KV_BUCKET),
         common=[sb.ptr(q), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut), sb.ptr(blocks)],
         tail=[e(lut.type.shape[1]), a["layer"], e(blocks.type.shape[2]), window,
               float(a["scale"])],
-        out=node.results[0])
-    with sb.when(f"{call.seqmax} <= 1"):
-        lower_decode(sb, call)
-    with sb.when(None):
-        lower_prefill(sb, call)
+        out=node.results[0], num_pages=e(blocks.type.shape[0]))
+    lower_decode(sb, call)  # its variants come first: few new tokens per sequence
+    lower_prefill(sb, call)  # its own variants, the last one unconditional
 
 
 def lower_decode(sb: StepBuilder, c: AttentionCall) -> None:
-    """Every sequence has at most one new token: split-K partials, then a reduce."""
-    partial, reduce = pd.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask)
-    bn = partial.constexprs["BLOCK_N"]
+    """Every sequence has at most q_tiles(...)[-1] new tokens: decode kernels per query tile (the
+    smallest tile that holds seqmax tokens wins) and, within a tile, per bucket of (batch x KV
+    heads, bucketed context) the config the tuner chose (kernels/paged_decode_tuning.py; tuned
+    on this GPU with tune=True, else the shipped table, else the built-in default), at most
+    MAX_DECODE_KERNELS kernels in all. Each runs split-K partials plus a reduce, or alone,
+    writing the output, when the split rule keeps one partition. Every condition reads the
+    batch and the bucketed facts only, so one CUDA graph per key still replays."""
     sb.let("kv_len", f"cdiv(max({c.kvmax}, 1), {DECODE_KV_BUCKET}) * {DECODE_KV_BUCKET}")
-    # kernels/paged_decode.partition(batch, nkv, kv_len), written as data.
-    sb.let("want", f"max(1, cdiv(2 * {pd.NUM_SMS}, max({c.batch} * {c.nkv}, 1)))")
-    sb.let("part0", "max(cdiv(kv_len, want), min(256, kv_len))")
-    sb.let("part_size", f"cdiv(part0, {bn}) * {bn}")
-    sb.let("num_parts", "cdiv(kv_len, part_size)")
-    o_part = sb.scratch("o_part", "float32", f"{c.T} * {c.nh} * num_parts * {c.d}")
-    ml_part = sb.scratch("ml_part", "float32", f"{c.T} * {c.nh} * num_parts * 2")
-    kp = sb.kernel(partial)
-    sb.launch(kp, [c.batch, c.nkv, "num_parts"],
-              c.common + [o_part, ml_part] + c.tail + ["part_size", "num_parts"])
-    kr = sb.kernel(reduce)
-    sb.launch(kr, [f"{c.T} * {c.nh}"], [o_part, ml_part, sb.ptr(c.out), "num_parts"])
+    args = c.tail[:3] + [c.num_pages] + c.tail[3:]
+    units = f"({c.batch}) * {c.nkv}"
+    tiles = pdc.q_tiles(c.nh, c.nkv)
+    split_of: dict[tuple, str] = {}
+    for n, q in enumerate(tiles):
+        facts = pdt.make_facts(_SHORT[c.dtype], c.nh, c.nkv, c.d, c.page, q, c.mask, c.tail[3])
+        choices = tuning.select("decode", facts, f"{sb.op} -> %{sb.outputs[0]} (q<={q})")
+        # The one-token tile gets what the taller (speculative) tiles leave: one kernel each.
+        pdt.limit_kernels(choices, MAX_DECODE_KERNELS - (len(tiles) - 1) if n == 0 else 1, facts)
+        for cond, ch in pdt.plan_variants(choices, units, "kv_len"):
+            conf = ch.config
+            main, reduce = pd.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask, q_per_seq=q,
+                                        config=conf)
+            key = pdc.split_key(conf)
+            if key not in split_of:
+                # paged_decode_config.split(batch, nkv, kv_len, conf), written as data.
+                split_of[key] = p = f"pd{len(split_of)}_"
+                for name, expr in pdc.split_lets(c.batch, c.nkv, "kv_len", conf, prefix=p):
+                    sb.let(name, expr)
+            p = split_of[key]
+            parts, size = f"{p}num_parts", f"{p}part_size"
+            grid = [f"{c.batch} * {c.nkv // conf['HEADS']} * {parts}"]
+            km = sb.kernel(main)
+            base = f"{c.seqmax} <= {q}" + (f" and {cond}" if cond else "")
+            with sb.when(f"{base} and {parts} == 1"):
+                sb.launch(km, grid, c.common + [sb.ptr(c.out), ["n"], ["n"]] + args + [size, parts])
+            with sb.when(base):
+                o_part = sb.scratch("o_part", "float32", f"{c.T} * {c.nh} * {parts} * {c.d}")
+                ml_part = sb.scratch("ml_part", "float32", f"{c.T} * {c.nh} * {parts} * 2")
+                sb.launch(km, grid,
+                          c.common + [sb.ptr(c.out), o_part, ml_part] + args + [size, parts])
+                sb.launch(sb.kernel(reduce), [f"{c.T} * {c.nh}"],
+                          [o_part, ml_part, sb.ptr(c.out), parts])
 
 
-def lower_prefill(sb: StepBuilder, c: AttentionCall) -> None:
-    """Ragged prefill (and chunked prefill over a cached prefix): the flash kernel."""
-    (spec,) = fa.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask)
-    bm = spec.constexprs["BLOCK_M"]
-    kf = sb.kernel(spec)
-    sb.launch(kf, [f"max(1, cdiv({c.seqmax}, {bm}))", c.nh, c.batch],
-              c.common + [sb.ptr(c.out)] + c.tail)
+def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None) -> None:
+    """Ragged prefill (and chunked prefill over a cached prefix): the flash kernel, one plan
+    variant per tuner bucket of batch x query tiles (kernels/flash_attention_tuning.py; tuned
+    on this GPU with tune=True, else the shipped table, else the built-in default), the last
+    one unconditional; `config` forces one config for every call."""
+    fa.check_scale(c.tail[-1])
+    args = c.common + [sb.ptr(c.out)] + c.tail[:3] + [c.num_pages] + c.tail[3:]
+    if config is not None:
+        variants = [(None, config)]
+    else:
+        facts = fat.make_facts(_SHORT[c.dtype], c.nh, c.nkv, c.d, c.page, c.mask, c.tail[3])
+        choices = tuning.select("prefill", facts, f"{sb.op} -> %{sb.outputs[0]} (prefill)")
+        variants = [(cond, ch.config)
+                    for cond, ch in fat.plan_variants(choices, c.batch, c.seqmax)]
+    for cond, conf in variants:
+        (spec,) = fa.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask, config=conf)
+        kf = sb.kernel(spec)
+        bm = spec.constexprs["BLOCK_M"]
+        with sb.when(cond):
+            # Query blocks x heads x sequences (fa.grid_rule); the kernel issues each head's
+            # longest blocks first.
+            sb.launch(kf, [f"max(1, cdiv({c.seqmax}, {bm}))", c.nh, c.batch], args)

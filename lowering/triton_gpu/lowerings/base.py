@@ -3,10 +3,19 @@
 A lowering gets a `StepBuilder` and the node (or fused group) and records launches. Everything
 that depends on the call's sizes is an integer *expression* over the graph's symbolic dims
 (`total_seq_len`, `batch`, ...) and a few runtime facts the executor derives from the ragged
-metadata on the host (`rt_seqmax_<vid>`: the most new tokens of any sequence, `rt_kvmax_<o>_<c>`:
-the longest cache + new tokens). Expressions are Python-syntax text over ints with + - * // %,
-comparisons, and/or, and the functions min, max, cdiv; the executor evaluates them with a small
-AST walker, so the manifest stays plain JSON (no pickles, no code).
+metadata on the host (`sb.seq_max(offs)` -> `rt_seqmax_<vid>`: the most new tokens of any
+sequence; `sb.kv_max(offs, clen)` -> `rt_kvmax_<o>_<c>`: the longest cache + new tokens).
+Expressions are Python-syntax text over ints with + - * // %, comparisons, and/or, and the
+functions min, max, cdiv; the executor evaluates them with a small AST walker, so the manifest
+stays plain JSON (no pickles, no code).
+
+Facts are declared with a bucket (`sb.kv_max(o, c, bucket=256)` -> `rt_kvmax_<o>_<c>_b256`):
+the executor hands the rules the value rounded up to a multiple of the bucket (0 and 1 stay
+exact, so `seqmax <= 1` still tells decode from prefill). A call's whole launch list is then a
+function of its input shapes and bucketed facts only, which is what lets the CUDA executor
+resolve it once, pack the kernel parameters once and replay one CUDA graph for every decode
+step inside a bucket. A rule that reads a fact must give the same launches for any value in
+the bucket (kernels read the exact lengths from the metadata on the device).
 
 Manifest form of a step (Step.attrs):
   lets:     [[name, expr], ...]            evaluated in order, visible to later expressions
@@ -86,8 +95,17 @@ def spec_key(spec) -> str:
                         "src": getattr(fn, "src", ""), "sig": dict(spec.signature),
                         "c": {k: repr(v) for k, v in spec.constexprs.items()},
                         "w": spec.num_warps, "s": spec.num_stages,
-                        "d": list(spec.divisible_by_16)}, sort_keys=True)
+                        "d": list(spec.divisible_by_16),
+                        # only when set, so uncapped kernels keep their keys
+                        **({"r": spec.maxnreg} if getattr(spec, "maxnreg", None) else {})},
+                       sort_keys=True)
     return f"{spec.name}_{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+
+
+def _bucket_suffix(bucket: int) -> str:
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+        raise ValueError(f"a runtime fact's bucket must be an int >= 1, got {bucket!r}")
+    return f"_b{bucket}" if bucket > 1 else ""
 
 
 class StepBuilder:
@@ -168,12 +186,14 @@ class StepBuilder:
         return ["s", name]
 
     @staticmethod
-    def seq_max(offs_vid: int) -> str:
-        return f"rt_seqmax_{offs_vid}"
+    def seq_max(offs_vid: int, bucket: int = 1) -> str:
+        """The runtime fact "most new tokens of any sequence", rounded up to `bucket`."""
+        return f"rt_seqmax_{offs_vid}" + _bucket_suffix(bucket)
 
     @staticmethod
-    def kv_max(offs_vid: int, clen_vid: int) -> str:
-        return f"rt_kvmax_{offs_vid}_{clen_vid}"
+    def kv_max(offs_vid: int, clen_vid: int, bucket: int = 1) -> str:
+        """The runtime fact "longest cache + new tokens", rounded up to `bucket`."""
+        return f"rt_kvmax_{offs_vid}_{clen_vid}" + _bucket_suffix(bucket)
 
     def step(self) -> Step:
         name = "+".join(self.kernel_names) or "copy"

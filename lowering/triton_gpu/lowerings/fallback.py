@@ -1,11 +1,10 @@
-"""Ops without a CUDA kernel yet: run their float64 reference on the host at call time.
+"""Ops without a CUDA kernel: run their float64 reference on the host at call time.
 
 The step downloads its operands, evaluates the op's reference exactly as the interpreter does,
-and uploads the results (and a written buffer). Correct and slow (a device sync and a copy of
-every operand, a whole KV buffer for the MLA store): it keeps every op compilable for cuda while
-the MLA and quantized-matmul kernels are not written. Plans with such steps are never captured
-into CUDA graphs. `constant` is listed for completeness: constants are always computed at load
-time by the backend's host steps.
+and uploads the results (and a written buffer); plans with such steps are never captured into
+CUDA graphs. Every kernel op has kernels now (the quantized matmuls in lowerings/quant.py, MLA
+in lowerings/mla.py); `constant` stays listed for completeness: constants are always computed
+at load time by the backend's host steps.
 """
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from graphir.lowering.registry import register_lowering
 
 from .base import StepBuilder
 
-HOST_FALLBACK = ("constant", "dequantize", "qmatmul", "mla_cache_store", "mla_prefill",
-                 "mla_decode", "mla_prefill_plan")
+HOST_FALLBACK = ("constant",)
 
 
 def host_fallback(sb: StepBuilder, node) -> None:

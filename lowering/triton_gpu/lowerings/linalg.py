@@ -1,13 +1,23 @@
-"""CUDA lowerings of matmul and fused_qkv_matmul onto kernels/matmul.py.
+"""CUDA lowerings of matmul and fused_qkv_matmul onto the matmul kernels.
 
-A @ B^T with a static weight runs the hand-written kernel: decode tiles for M <= 64, prefill
-tiles otherwise (two variants chosen at run time from M); other matmuls take the generic
+A @ B^T with a static weight runs the hand-written kernels: one plan variant per bucket of the
+row count M (kernels/matmul_configs.py), each running the config the tuning table chose for that
+bucket and weight shape (tuning.py; adjacent buckets with the same choice share a variant). A
+cuBLASLt choice is a launch of a "cublaslt" kernel entry that names its Triton fallback, which
+takes the same grid and arguments, so a machine without the library still runs the plan; the
+entry carries the algorithm the tuner measured (a rank of cuBLASLt's heuristic list and, when
+tuned here, its record), so serving runs what was timed. Other matmuls take the generic
 batched kernel of reduce.py.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
+from graphir.dim import Dim
 from graphir.lowering.registry import register_lowering
-from graphir.lowering.triton_gpu.kernels import matmul as mm
+from graphir.lowering.triton_gpu import tuning
+from graphir.lowering.triton_gpu.kernels import matmul_configs as mc
 
 from .base import StepBuilder, e
 from .common import MM_DTYPES
@@ -21,18 +31,80 @@ def hand_matmul_ok(a, b, transpose_a=False, transpose_b=True) -> bool:
             and tb.shape[0].is_static)
 
 
+def _same_run(ch) -> tuple:
+    """What adjacent buckets must share to share a variant: the config, its fallback, its
+    params, and for a pinned cuBLASLt rank the bucket itself (each bucket pins the algorithm
+    of its own tuned row count)."""
+    pinned = ch.config.get("ALGO_INDEX", 0) > 0
+    return (ch.config["name"], (ch.fallback or {}).get("name"),
+            json.dumps(ch.params, sort_keys=True), ch.bucket if pinned else None)
+
+
+def _variants(choices, M_expr: str, static: bool) -> list[tuple[str | None, object]]:
+    """(when, choice) per run of adjacent buckets with the same choice; the last is `None`."""
+    if static:
+        return [(None, choices[0])]
+    tops = dict(mc.BUCKETS)
+    out: list[list] = []
+    for ch in choices:
+        same = out and _same_run(out[-1][1]) == _same_run(ch)
+        top = tops[ch.bucket]
+        if same:
+            out[-1][0] = top
+        else:
+            out.append([top, ch])
+    return [(None if top is None or i == len(out) - 1 else f"{M_expr} <= {top}", ch)
+            for i, (top, ch) in enumerate(out)]
+
+
+def _emit_triton(sb: StepBuilder, cfg, dt: str, has_bias: bool, N: int, K: int, M_expr: str,
+                 bind: dict) -> None:
+    plan = mc.launches(cfg, dt, has_bias, N, K, M_expr)
+    keys = [sb.kernel(s) for s in plan["specs"]]
+    for name, dtype, count in plan["scratch"]:
+        bind[name] = sb.scratch(f"{name}_{cfg['name']}", dtype, count)
+    for idx, grid, args in plan["ops"]:
+        sb.launch(keys[idx], [e(g) for g in grid], [bind[a] for a in args])
+
+
+def _emit_cublaslt(sb: StepBuilder, ch, dt: str, has_bias: bool, N: int, K: int, M_expr: str,
+                   bind: dict, at_m: int) -> None:
+    fb = ch.fallback
+    plan = mc.launches(fb, dt, has_bias, N, K, M_expr)
+    (spec,), ((_, grid, args),) = plan["specs"], plan["ops"]
+    fb_key = sb.kernel(spec)
+    t = mc.triton_dtype(dt)
+    # The algorithm: rank ALGO_INDEX of cuBLASLt's heuristic list at the row count it was
+    # tuned at, with the measured record (bytes and config) when the tuner ran; rank 0 pins
+    # nothing (the heuristic chooses per M), the record is kept for `graphir inspect`.
+    rank = ch.config["ALGO_INDEX"]
+    algo = {"index": rank, "at_m": at_m, **((ch.params or {}).get("algo") or {})}
+    # Same launch signature as the fallback; the name carries the shape (and a pinned rank)
+    # so other shapes and algorithms get their own entries.
+    pin = f"_h{rank}m{algo['at_m']}" if rank else ""
+    lt = replace(spec, name=f"cublaslt_{t}_n{N}_k{K}{'_bias' if has_bias else ''}{pin}",
+                 extra={"kind": "cublaslt", "fallback": fb_key, "dtype": t, "N": N, "K": K,
+                        "has_bias": has_bias, "m_hints": [at_m], "algo": algo})
+    key = sb.kernel(lt)
+    sb.launch(key, [e(g) for g in grid], [bind[a] for a in args])
+
+
 def lower_hand_matmul(sb: StepBuilder, x, w, bias, out) -> None:
     dt = MM_DTYPES[x.type.dtype]
     M, N, K = x.type.shape[0], int(w.type.shape[0]), int(w.type.shape[1])
-    drop = () if K % 16 == 0 else ("K",)
-    decode, prefill = mm.aot_specs(dt, has_bias=bias is not None)
-    args = [sb.ptr(x), sb.ptr(w), sb.ptr(bias if bias is not None else x), sb.ptr(out),
-            e(M), N, K]
-    for spec, cond, cfg in ((decode, f"{e(M)} <= 64", mm.CONFIGS["decode"]),
-                            (prefill, None, mm.CONFIGS["prefill"])):
-        key = sb.kernel(spec, drop_divisibility=drop)
+    static = Dim(M).is_static
+    facts = {"dtype": mc.triton_dtype(dt), "N": N, "K": K, "bias": bias is not None}
+    where = f"{sb.op} -> %{sb.outputs[0]}"
+    choices = tuning.select("matmul", facts, where, size=int(Dim(M)) if static else None)
+    bind = {"a": sb.ptr(x), "b": sb.ptr(w), "bias": sb.ptr(bias if bias is not None else x),
+            "c": sb.ptr(out), "M": e(M), "N": N, "K": K}
+    for cond, ch in _variants(choices, e(M), static):
         with sb.when(cond):
-            sb.launch(key, [f"cdiv({e(M)}, {cfg[0]}) * cdiv({N}, {cfg[1]})"], args)
+            if ch.config["kind"] == "cublaslt":
+                at_m = int(Dim(M)) if static else mc.TUNE_M[ch.bucket]
+                _emit_cublaslt(sb, ch, dt, bias is not None, N, K, e(M), bind, at_m)
+            else:
+                _emit_triton(sb, ch.config, dt, bias is not None, N, K, e(M), bind)
 
 
 @register_lowering("fused_qkv_matmul", "cuda")

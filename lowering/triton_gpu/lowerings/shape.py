@@ -222,10 +222,11 @@ def _scatter(sb: StepBuilder, node) -> None:
 
 def _collective(op: str):
     def lower(sb: StepBuilder, node) -> None:
-        if len(node.operands) == 1:
+        if len(node.operands) == 1 and node.attrs.get("world_size") is None:
             memcpy(sb, node.operands[0], node.results[0])
             return
-        # Several devices: the runtime runs it (NCCL on GPUs) from the step's values.
+        # Several devices, or one process's part of a collective over processes
+        # (world_size): the runtime runs it (NCCL on GPUs) from the step's values.
         sb.collective = {"axis": int(node.attrs.get("axis", 0))}
     return lower
 

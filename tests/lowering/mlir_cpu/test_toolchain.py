@@ -3,6 +3,7 @@ through runtime/cpu.py in a subprocess that never imports mlir, compared with nu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ print("MLIR_FREE")
 """
 
 
-def _run_isolated(tmp_path: Path, so: Path, name: str, inputs, out_specs):
+def _run_isolated(tmp_path: Path, so: Path, name: str, inputs, out_specs, threads=None):
     in_paths = []
     for i, a in enumerate(inputs):
         p = tmp_path / f"in{i}.npy"
@@ -45,8 +46,9 @@ def _run_isolated(tmp_path: Path, so: Path, name: str, inputs, out_specs):
     out_paths = [str(tmp_path / f"out{i}.npy") for i in range(len(out_specs))]
     spec = {"so": str(so), "name": name, "inputs": in_paths,
             "outputs": [[list(s), d] for s, d in out_specs], "out_paths": out_paths}
+    env = dict(os.environ, GRAPHIR_NUM_THREADS=str(threads)) if threads else None
     res = subprocess.run([sys.executable, "-c", _RUNNER, str(ROOT), json.dumps(spec)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert "MLIR_FREE" in res.stdout
     return [np.load(p) for p in out_paths]
@@ -194,8 +196,10 @@ def test_dtypes_and_0d(tmp_path, dtype, mlir_type):
     assert s.shape == () and s == x[0, 0]
 
 
-@pytest.mark.parametrize("rows,prepacked", [(8, True), (5, False)])
-def test_scheduled_packed_matmul(tmp_path, rows, prepacked):
+@pytest.mark.parametrize("rows,prepacked,threads", [(8, True, 3), (5, False, 1)])
+def test_scheduled_packed_matmul(tmp_path, rows, prepacked, threads):
+    """Four parallel slices of panels, dynamically scheduled: run by 3 threads (more than the
+    compile-time 2, and not a divisor of 4) and by 1 (the serial path)."""
     k, n = 64, 64
 
     def build():
@@ -212,7 +216,7 @@ def test_scheduled_packed_matmul(tmp_path, rows, prepacked):
     x, w = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal(
         (n, k)).astype(np.float32)
     w_in = schedules.pack_weight_numpy(w) if prepacked else w
-    (out,) = _run_isolated(tmp_path, so, "linear", [x, w_in], [((rows, n), "float32")])
+    (out,) = _run_isolated(tmp_path, so, "linear", [x, w_in], [((rows, n), "float32")], threads)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
 
@@ -227,7 +231,7 @@ def test_schedule_vectorizes_and_parallelizes():
         text = toolchain.stage_text(module, "bufferized")
         llvm_ir = toolchain.stage_text(module, "llvmir")
     assert "scf.forall" in text and "vector.fma" in text
-    assert "__kmpc_fork_call" in llvm_ir
+    assert "__kmpc_fork_call" in llvm_ir and "__kmpc_dispatch_next_8u" in llvm_ir
 
 
 def test_bad_inputs_rejected(tmp_path):

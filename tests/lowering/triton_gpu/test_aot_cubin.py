@@ -83,7 +83,11 @@ def test_launch_parameters_include_the_scratch_pointers(compiled):
         assert info["ptx_params"] == len(info["params"]), key
         assert [p[0] for p in info["params"][-2:]] == ["global_scratch", "profile_scratch"]
         meta = info["meta"]
-        assert meta["global_scratch_size"] == 0 and meta["profile_scratch_size"] == 0, key
+        # The TMA prefill kernels keep one 128-byte descriptor per program in global scratch,
+        # which the runtime allocates when it packs a launch (before any graph capture).
+        tma_prefill = key.startswith("flash_attention") and meta["global_scratch_size"] == 128
+        assert meta["global_scratch_size"] == 0 or tma_prefill, key
+        assert meta["profile_scratch_size"] == 0, key
         assert meta["block"][0] == 32 * meta["num_warps"]
 
 
@@ -92,7 +96,7 @@ def test_grid_rules(compiled):
     assert grids["matmul_bf16_prefill_bias"] == [3 * 3, 1, 1]  # cdiv(300, 128) ** 2
     assert grids["rope_split_store_bf16_decode"] == [300, 1, 1]
     assert grids["rope_split_store_bf16_prefill"] == [150, 1, 1]  # cdiv(300, BLOCK_T=2)
-    assert grids["flash_attention_bf16_mask1"] == [3, 32, 300]
+    assert grids["flash_attention_bf16_mask1"] == [3, 32, 300]  # q blocks, heads, sequences
     assert grids["paged_decode_reduce_bf16"] == [300 * 32, 1, 1]
 
 

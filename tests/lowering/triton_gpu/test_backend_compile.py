@@ -71,6 +71,10 @@ for g in graphs:
         out["kernels"][key] = dict(magic=c.cubin[:4].hex(), shared=c.shared, name=c.name,
                                    scratch=c.global_scratch_size, nparams=len(c.params))
 out["lowered_ops"] = sorted(out["lowered_ops"])
+# The default bf16 prefill at head dim 128, page 128 reads K/V through TMA (the family above
+# has rows too short for it).
+from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+out["tma_prefill"] = aot.compile_spec(fa.aot_specs(32, 8, 128, 128)[0]).launch_metadata()
 print("JSON" + json.dumps(out))
 """
 
@@ -86,7 +90,59 @@ def test_every_lowered_kernel_builds_an_sm90_cubin(compiled):
     for key, info in kernels.items():
         assert info["magic"] == "7f454c46", key  # ELF
         assert 0 <= info["shared"] <= 227 * 1024, key
-        assert info["scratch"] == 0, key  # CUDA-graph capture needs no scratch allocation
+        # CUDA-graph capture needs no scratch allocation; the matmul's and the prefill's TMA
+        # kernels build their descriptors in global scratch, which Kernel.prepare allocates
+        # before any capture (the test below).
+        assert info["scratch"] == 0 or info["name"] in ("matmul_tma_kernel",
+                                                        "flash_prefill_kernel"), key
+
+
+def test_global_scratch_is_allocated_when_a_launch_is_packed(compiled, monkeypatch):
+    # The executor packs every launch of a call key (CallPlanBuilder._prepare -> Kernel.prepare)
+    # before it captures the key's CUDA graph; capture allows no allocation, and replays must
+    # find the same scratch address. A fake function and driver stand in for the GPU.
+    import ctypes
+
+    from graphir.runtime.cuda import driver
+    from graphir.runtime.cuda.kernel import Kernel
+    from graphir.runtime.cuda.memory import DeviceBuffer
+    from graphir.runtime.cuda.module import LaunchSpec
+
+    made, launched = [], []
+
+    def empty(nbytes, dtype="uint8", device=0):
+        made.append(nbytes)
+        return DeviceBuffer.from_pointer(0x7F00_0000_0000 + (len(made) << 32), (nbytes,),
+                                         "uint8")
+
+    class Fn:
+        handle, name, max_threads_per_block = 0xF00D, "fake", 1024
+        module = type("M", (), {"device": 0})()
+
+        def set_max_dynamic_shared(self, n):
+            pass
+
+    real = driver.function
+    monkeypatch.setattr(driver, "function", lambda name: (
+        lambda *a: launched.append(a[-2]) or 0) if name == "cuLaunchKernel" else real(name))
+    monkeypatch.setattr(DeviceBuffer, "empty", staticmethod(empty))
+    meta = compiled["tma_prefill"]
+    assert meta["global_scratch_size"] == 128  # one TMA descriptor per program
+    k = Kernel(Fn(), LaunchSpec.from_metadata(meta))
+    nargs = len(meta["params"]) - 2
+    scratch_at = lambda p: ctypes.cast(p.params.array[nargs],  # noqa: E731
+                                       ctypes.POINTER(ctypes.c_uint64)).contents.value
+    big = k.prepare((32, 4, 32), [0x1000] * nargs)
+    assert made == [32 * 4 * 32 * 128 + meta["global_scratch_align"]]
+    small = k.prepare((32, 1, 2), [0x1000] * nargs)  # fits the same buffer
+    assert len(made) == 1 and scratch_at(small) == scratch_at(big)
+    monkeypatch.setattr(DeviceBuffer, "empty", staticmethod(
+        lambda *a, **kw: pytest.fail("allocated while replaying")))
+    for _ in range(3):  # what a capture records and its replays repeat
+        big(0x55)
+        small(0x55)
+    assert len(launched) == 6 and len(set(launched)) == 2  # two packed arrays, reused
+    assert scratch_at(big) != 0 and scratch_at(big) % meta["global_scratch_align"] == 0
 
 
 def test_the_op_zoo_covers_every_lowering_family(compiled):
@@ -122,7 +178,14 @@ def test_compile_graph_writes_a_cuda_artifact(tmp_path, monkeypatch):
         assert md["params"][-2]["name"] == "global_scratch"
     steps = m["plan"]["steps"]
     attn = next(s for s in steps if s["op"] == "flash_attention_ragged")
-    assert [v["when"] is None for v in attn["attrs"]["variants"]] == [False, True]
+    # Decode variants (per query tile and tuning bucket: direct write; split + reduce) first,
+    # the prefill fallback last, its last variant unconditional.
+    variants = attn["attrs"]["variants"]
+    first = [m["kernels"][v["ops"][0]["launch"]]["spec"] for v in variants]
+    k = next(i for i, n in enumerate(first) if n.startswith("flash_attention"))
+    assert k > 0 and all(n.startswith("paged_decode_partial") for n in first[:k])
+    assert all(n.startswith("flash_attention") for n in first[k:])
+    assert variants[-1]["when"] is None and all(v["when"] for v in variants[:-1])
 
 
 def test_cli_dump_shows_triton_and_ptx(tmp_path):

@@ -1,12 +1,13 @@
-"""The Triton kernels on the CPU (Triton interpreter, see conftest.py) vs float64 numpy."""
+"""The Triton kernels on the CPU (Triton interpreter, see conftest.py) vs float64 numpy.
+
+The paged decode kernels have their own files: test_paged_decode*.py; the prefill attention
+kernel: test_flash_attention*.py."""
 
 import numpy as np
 import pytest
 import torch
 
-from graphir.lowering.triton_gpu.kernels import flash_attention as fa
 from graphir.lowering.triton_gpu.kernels import matmul as mm
-from graphir.lowering.triton_gpu.kernels import paged_decode as pd
 from graphir.lowering.triton_gpu.kernels import rms_norm as rn
 from graphir.lowering.triton_gpu.kernels import rope_split_store as rss
 
@@ -63,41 +64,6 @@ def token_positions(offs, cache_lens):
         seq += [b] * n
         pos += list(range(cache_lens[b], cache_lens[b] + n))
     return np.array(seq, dtype=np.int64), np.array(pos, dtype=np.int64)
-
-
-def mask_ok(mask, qp, kp, w):
-    if mask == "NULL":
-        return True
-    if mask == "CAUSAL":
-        return kp <= qp
-    if mask == "SLIDING_WINDOW_CAUSAL":
-        return kp <= qp and qp - kp < w
-    if mask == "SLIDING_WINDOW_NONCAUSAL":
-        return qp - kp < w
-    return kp <= qp and kp // w == qp // w
-
-
-def attention_ref(q, blocks, lut, offs, cache_lens, layer, mask, window, scale):
-    """q [T, NH, D] float64; keys/values gathered from the paged float64 blocks."""
-    T, NH, D = q.shape
-    NKV, PS = blocks.shape[4], blocks.shape[3]
-    out = np.zeros((T, NH, D))
-    for b in range(len(offs) - 1):
-        kv_len = cache_lens[b] + offs[b + 1] - offs[b]
-        kp = np.arange(kv_len)
-        pages = lut[b, kp // PS]
-        k = blocks[pages, 0, layer, kp % PS]  # [kv_len, NKV, D]
-        v = blocks[pages, 1, layer, kp % PS]
-        for i, t in enumerate(range(offs[b], offs[b + 1])):
-            qp = cache_lens[b] + i
-            allowed = np.array([mask_ok(mask, qp, p, window) for p in kp])
-            for h in range(NH):
-                g = h // (NH // NKV)
-                s = k[:, g] @ q[t, h] * scale
-                s = np.where(allowed, s, -np.inf)
-                p = np.exp(s - s.max())
-                out[t, h] = (p / p.sum()) @ v[:, g]
-    return out.reshape(T, NH * D)
 
 
 # ---------------------------------------------------------------- problem builders
@@ -227,85 +193,3 @@ def test_rope_split_store_bad_qkv():
     with pytest.raises(ValueError, match="qkv must be"):
         rss.rope_split_store(torch.randn(3, 10), u, u[:1], u[None], torch.randn(8, 16), blocks,
                              0, 4)
-
-
-# ---------------------------------------------------------------- attention
-ATTN_CASES = [  # mask, window, NH, NKV, new_lens, cache_lens
-    ("CAUSAL", 0, 4, 2, [5, 1, 9], [3, 0, 12]),
-    ("NULL", 0, 2, 2, [4, 6], [7, 0]),
-    ("SLIDING_WINDOW_CAUSAL", 5, 4, 1, [8, 3], [6, 11]),
-    ("SLIDING_WINDOW_NONCAUSAL", 4, 2, 1, [6], [9]),
-    ("CHUNKED_CAUSAL", 8, 4, 2, [7, 10], [5, 13]),
-]
-
-
-@pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_flash_attention(case, dtype):
-    mask, window, NH, NKV, new_lens, cache_lens = case
-    rng = np.random.default_rng(len(mask) + NH)
-    D, PS, L, layer = 16, 4, 2, 1
-    pb = paged_problem(rng, new_lens, cache_lens, NKV, D, PS, L, dtype)
-    q = torch.from_numpy(rng.standard_normal((pb["T"], NH, D))).to(dtype)
-    # Small tiles so that several query and key blocks (and page crossings) are exercised.
-    got = fa.flash_attention(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], layer,
-                             mask=mask, window=window, scale=0.3, block_m=16, block_n=8)
-    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], cache_lens, layer,
-                         mask, window, 0.3)
-    close(got, want, dtype)
-
-
-def test_flash_attention_default_tiles():
-    rng = np.random.default_rng(5)
-    pb = paged_problem(rng, [3, 20], [4, 130], 2, 32, 16, 1, torch.float16)
-    q = torch.from_numpy(rng.standard_normal((pb["T"], 4, 32))).to(torch.float16)
-    got = fa.flash_attention(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], 0)
-    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], [4, 130], 0,
-                         "CAUSAL", 0, 32 ** -0.5)
-    close(got, want, torch.float16)
-
-
-def test_flash_attention_bad_window():
-    with pytest.raises(ValueError, match="needs window > 0"):
-        u = torch.zeros(2, dtype=torch.int32)
-        fa.flash_attention(torch.randn(1, 2, 16), u, u[:1], u[None], torch.randn(2, 2, 1, 4, 2, 16),
-                           0, mask="SLIDING_WINDOW_CAUSAL")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mask,window,q_per_seq,num_parts", [
-    ("CAUSAL", 0, 1, 3), ("CAUSAL", 0, 3, None), ("SLIDING_WINDOW_CAUSAL", 6, 1, 4)])
-def test_paged_decode(dtype, mask, window, q_per_seq, num_parts):
-    rng = np.random.default_rng(q_per_seq + window)
-    NH, NKV, D, PS, L, layer = 8, 2, 16, 8, 2, 0
-    new_lens = [1, 1, 1] if q_per_seq == 1 else [3, 1, 2]
-    cache_lens = [0, 37, 20]
-    pb = paged_problem(rng, new_lens, cache_lens, NKV, D, PS, L, dtype)
-    q = torch.from_numpy(rng.standard_normal((pb["T"], NH, D))).to(dtype)
-    got = pd.paged_decode(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], layer,
-                          mask=mask, window=window, q_per_seq=q_per_seq, block_n=16,
-                          num_parts=num_parts)
-    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], cache_lens, layer,
-                         mask, window, D ** -0.5)
-    close(got, want, dtype)
-
-
-def test_paged_decode_partition_rule():
-    assert pd.partition(1, 8, 4096) == (16, 256)
-    assert pd.partition(64, 8, 4096) == (1, 4096)
-    nparts, part = pd.partition(2, 2, 100000)
-    assert part % 64 == 0 and nparts * part >= 100000 and (nparts - 1) * part < 100000
-
-
-def test_paged_decode_many_partitions():
-    """More partitions than the reduce kernel's chunk (16), so chunks get rescaled."""
-    rng = np.random.default_rng(21)
-    pb = paged_problem(rng, [1, 1], [409, 150], 1, 16, 32, 1, torch.float32)
-    q = torch.from_numpy(rng.standard_normal((2, 2, 16))).to(torch.float32)
-    # Scores grow along the context so later partitions hold larger maxima.
-    pb["blocks"][:, 0] += torch.linspace(0, 3, 32).view(1, 1, 32, 1, 1)
-    got = pd.paged_decode(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], 0,
-                          block_n=16, num_parts=26)
-    want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], [409, 150], 0,
-                         "CAUSAL", 0, 16 ** -0.5)
-    close(got, want, torch.float32)

@@ -1,0 +1,460 @@
+"""CPU lowering of flash_attention_ragged over the paged KV cache, written as MLIR text.
+
+scf.forall over (sequence, KV head) (the pool splits it over the threads); the G = NH/NKV query
+heads sharing that KV head stay together (GQA) and the allowed keys stream by in tiles of C
+keys, read in place from their pages. Rows go in blocks of R, two paths:
+
+Full blocks (R rows; all of a prefill but each sequence's tail): GR = R*G query vectors lie
+along the vector lanes (GR = two vectors of the target: 32 with AVX-512, 16 with AVX2), with Q
+kept transposed and pre-scaled, Qt[D][GR]. Per key tile:
+  S^T[C][GR] = K Qt   register blocks of NK keys x GR queries (a K element broadcast times a
+                      Qt row), the matmul kernel's shape: no horizontal sums;
+  softmax             mask, running max, exp and sums go down the key axis, lane by lane;
+  O[GR][D] += P V     register blocks of MQ queries x DV vectors of head_dim (a P element
+                      broadcast times a V row).
+Tail blocks and decode (fewer rows): per query vector, the dot products of 8 keys at a time
+(8 FMA accumulators over head_dim, summed with a shuffle tree), the mask, the online softmax
+and P V as broadcast FMAs into its f32 accumulator row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlir import ir
+
+from ...registry import register_lowering
+from ..emit import Emitter, tensor_type
+from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, hsum8, load_f32,
+                        mask_vec, memref_of, softcap_vec, store_from_f32, to_buffer, vexp)
+from .linalg import inline_mlir
+
+KEY_TILE = 32   # keys per tile: K and V tiles stay in L1 for a block's queries
+ROW_VECS = 16   # query vectors (rows x grouped heads) per block of the per-vector path
+NEG_INF = "0xFF800000"
+
+
+@dataclass
+class _Kernel:
+    """What both paths share: names of buffers, scratch and per-sequence values."""
+    t: Text
+    d: int
+    g: int
+    layer: int
+    mask: str
+    window: int | None
+    el: str
+    qm: str
+    qmt: str
+    om: str
+    omt: str
+    bt: str
+    lutm: str
+    lutt: str
+    o0: str
+    cl: str
+    total: str
+    pgs: str
+    sls: str
+    scale: float
+    softcap: float | None = None
+
+
+def _key_range(k: _Kernel, r0: str, rows: str) -> tuple[str, str, str]:
+    """(first query position, first key, end of keys) of rows [r0, r0 + rows): the union over
+    the rows (the mask makes it exact per row)."""
+    t, window = k.t, k.window
+    qlo = t(f"arith.addi {k.cl}, {r0} : index")
+    qhi = t(f"arith.addi {qlo}, {rows} : index")
+    kend = k.total if k.mask in ("null", "sliding_window_noncausal") else qhi
+    kstart = t.idx(0)
+    if k.mask in ("sliding_window_causal", "sliding_window_noncausal"):
+        lo = t(f"arith.subi {t(f'arith.addi {qlo}, {t.idx(1)} : index')}, {t.idx(window)} : index")
+        kstart = t(f"arith.maxsi {lo}, {t.idx(0)} : index")
+    elif k.mask == "chunked_causal":
+        kstart = t(f"arith.muli {t(f'arith.divui {qlo}, {t.idx(window)} : index')}, {t.idx(window)} : index")
+    return qlo, kstart, kend
+
+
+def _tile_pages(k: _Kernel, k0: str, kend: str, page: int, j: str) -> None:
+    """Page and slot of each key of the tile at k0 (past the range: repeat the last key)."""
+    t, it = k.t, f"memref<{KEY_TILE}xindex>"
+    kcnt = t.min(t.idx(KEY_TILE), t(f"arith.subi {kend}, {k0} : index"))
+    t.for_(j, t.idx(0), t.idx(KEY_TILE), t.idx(1))
+    jj = t.min(j, t(f"arith.subi {kcnt}, {t.idx(1)} : index"))
+    kp = t(f"arith.addi {k0}, {jj} : index")
+    pg = t.load_index(k.lutm, ["%b", t(f"arith.divui {kp}, {t.idx(page)} : index")], k.lutt)
+    t.stmt(f"memref.store {pg}, {k.pgs}[{j}] : {it}")
+    t.stmt(f"memref.store {t(f'arith.remui {kp}, {t.idx(page)} : index')}, {k.sls}[{j}] : {it}")
+    t.close()
+
+
+def _key_index(k: _Kernel, j: str, kind: int, col: str) -> list[str]:
+    t, it = k.t, f"memref<{KEY_TILE}xindex>"
+    pg = t(f"memref.load {k.pgs}[{j}] : {it}")
+    sl = t(f"memref.load {k.sls}[{j}] : {it}")
+    return [pg, t.idx(kind), t.idx(k.layer), sl, "%h", col]
+
+
+def _write_rows(k: _Kernel, os_: str, sct: str, ls: str, mt1: str, r0: str, nvec: str,
+                dw: int, iv: str) -> None:
+    """Out rows of query vectors [0, nvec) of the block at r0: O / l (0 when l is 0)."""
+    t, g, d = k.t, k.g, k.d
+    vd = fvec(dw)
+    t.for_(iv, t.idx(0), nvec, t.idx(1))
+    r = t(f"arith.divui {iv}, {t.idx(g)} : index")
+    gg = t(f"arith.remui {iv}, {t.idx(g)} : index")
+    zero, one = t.const("0.0", "f32"), t.const("1.0", "f32")
+    lval = t(f"memref.load {ls}[{iv}] : {mt1}")
+    pos = t(f"arith.cmpf ogt, {lval}, {zero} : f32")
+    rcp = t(f"arith.divf {one}, {lval} : f32")
+    inv = t(f"vector.broadcast {t(f'arith.select {pos}, {rcp}, {zero} : f32')} : f32 to {vd}")
+    row = t(f"arith.addi {t(f'arith.addi {k.o0}, {r0} : index')}, {r} : index")
+    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
+    col0 = t(f"arith.muli {head}, {t.idx(d)} : index")
+    for c in range(d // dw):
+        x = t(f"arith.mulf {t(f'vector.load {os_}[{iv}, {t.idx(c * dw)}] : {sct}, {vd}')}, {inv} : {vd}")
+        store_from_f32(t, x, k.om, [row, t(f"arith.addi {col0}, {t.idx(c * dw)} : index")], k.omt,
+                       k.el, dw)
+    t.close()
+
+
+# -- full blocks: queries along the lanes -----------------------------------------------------------
+@dataclass(frozen=True)
+class LaneTiles:
+    """Tile sizes of the full-block path for L lanes and a register file of `regs` vectors."""
+    rows: int   # R
+    gr: int     # query vectors per block, R * G
+    nv: int     # vectors of queries (GR padded to whole vectors)
+    nk: int     # keys per S^T register block
+    mq: int     # queries per P V register block
+    dv: int     # head_dim vectors per P V register block
+
+    @staticmethod
+    def pick(g: int, d: int, lanes: int, regs: int) -> "LaneTiles | None":
+        if d % lanes:
+            return None
+        rows = max(1, 2 * lanes // g)
+        gr = rows * g
+        nv = -(-gr // lanes)
+        budget = (regs - nv - 2) // nv     # accumulators left after the Qt row and a broadcast
+        nk = max(x for x in (1, 2, 4, 8) if x <= max(1, budget))
+        dv = max(x for x in (1, 2, 4) if (d // lanes) % x == 0)
+        mq = max(x for x in range(1, 9) if gr % x == 0 and x * dv + dv + 1 <= regs)
+        return LaneTiles(rows, gr, nv, nk, mq, dv)
+
+
+def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: dict) -> None:
+    """The block of lt.rows rows at r0, queries along the lanes (see the module docstring)."""
+    t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
+    v, vi = fvec(lanes), f"vector<{lanes}xi32>"
+    grp = lt.nv * lanes
+    qt, qtt, st, stt = sc["qt"], f"memref<{d}x{grp}xf32>", sc["st"], f"memref<{c}x{grp}xf32>"
+    os_, ost, lm, lmt = sc["os"], f"memref<{lt.gr}x{d}xf32>", sc["lm"], f"memref<3x{grp}xf32>"
+    neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
+    # Qt: Q transposed and scaled (lanes past GR stay zero); O, max, sum and alpha reset.
+    t.for_("%fi", t.idx(0), t.idx(lt.gr), t.idx(1))
+    r = t(f"arith.divui %fi, {t.idx(g)} : index")
+    gg = t(f"arith.remui %fi, {t.idx(g)} : index")
+    row = t(f"arith.addi {t(f'arith.addi {k.o0}, {r0} : index')}, {r} : index")
+    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
+    col0 = t(f"arith.muli {head}, {t.idx(d)} : index")
+    scale = t.const(f"{float(k.scale):.17e}", v)
+    t.for_("%fd", t.idx(0), t.idx(d), t.idx(lanes))
+    col = t(f"arith.addi {col0}, %fd : index")
+    x = t(f"arith.mulf {load_f32(t, k.qm, [row, col], k.qmt, el, lanes)}, {scale} : {v}")
+    t.stmt(f"vector.store {zero}, {os_}[%fi, %fd] : {ost}, {v}")
+    for lane in range(lanes):
+        xe = t(f"vector.extract {x}[{lane}] : f32 from {v}")
+        dl = t(f"arith.addi %fd, {t.idx(lane)} : index")
+        t.stmt(f"memref.store {xe}, {qt}[{dl}, %fi] : {qtt}")
+    t.close()
+    t.close()
+    for u in range(lt.nv):
+        t.stmt(f"vector.store {neg}, {lm}[{t.idx(0)}, {t.idx(u * lanes)}] : {lmt}, {v}")
+        t.stmt(f"vector.store {zero}, {lm}[{t.idx(1)}, {t.idx(u * lanes)}] : {lmt}, {v}")
+    qlo, kstart, kend = _key_range(k, r0, t.idx(lt.rows))
+    kend_v = t(f"vector.broadcast {t(f'arith.index_cast {kend} : index to i32')} : i32 to {vi}")
+    qlo_v = t(f"vector.broadcast {t(f'arith.index_cast {qlo} : index to i32')} : i32 to {vi}")
+    qpos = []
+    for u in range(lt.nv):
+        rows_of = t.const("[" + ", ".join(str((u * lanes + i) // g) for i in range(lanes)) + "]", vi)
+        qpos.append(t(f"arith.addi {qlo_v}, {rows_of} : {vi}"))
+    t.for_("%fk0", kstart, kend, t.idx(c))
+    _tile_pages(k, "%fk0", kend, page, "%fj")
+    # S^T = K Qt, NK keys at a time.
+    t.for_("%fjb", t.idx(0), t.idx(c), t.idx(lt.nk))
+    keys = [t(f"arith.addi %fjb, {t.idx(j)} : index") for j in range(lt.nk)]
+    rows_k = [_key_index(k, j, 0, "%fdd")[:-1] for j in keys]
+    n_acc = lt.nk * lt.nv
+    init = ", ".join(f"%fa{i} = {zero}" for i in range(n_acc))
+    res = t(f"scf.for %fdd = {t.idx(0)} to {t.idx(d)} step {t.idx(1)} iter_args({init}) -> "
+            f"({', '.join([v] * n_acc)}) {{", n=n_acc)
+    t.depth += 1
+    qrow = [t(f"vector.load {qt}[%fdd, {t.idx(u * lanes)}] : {qtt}, {v}") for u in range(lt.nv)]
+    nxt = []
+    for j in range(lt.nk):
+        kx = t(f"memref.load %blocks[{', '.join(rows_k[j] + ['%fdd'])}] : {k.bt}")
+        if el != "f32":
+            kx = t(f"arith.extf {kx} : {el} to f32")
+        kb = t(f"vector.broadcast {kx} : f32 to {v}")
+        nxt += [t(f"vector.fma {kb}, {qrow[u]}, %fa{j * lt.nv + u} : {v}") for u in range(lt.nv)]
+    t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([v] * n_acc)}")
+    t.depth -= 1
+    t.stmt("}")
+    for j in range(lt.nk):
+        for u in range(lt.nv):
+            t.stmt(f"vector.store {res}#{j * lt.nv + u}, {st}[{keys[j]}, {t.idx(u * lanes)}] : "
+                   f"{stt}, {v}")
+    t.close()
+    # Online softmax down the key axis, one lane per query.
+    for u in range(lt.nv):
+        col = t.idx(u * lanes)
+        mx = t(f"scf.for %fm{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
+               f"iter_args(%fx{u} = {neg}) -> ({v}) {{")
+        t.depth += 1
+        s = softcap_vec(t, t(f"vector.load {st}[%fm{u}, {col}] : {stt}, {v}"), k.softcap, lanes)
+        kpos = t(f"arith.index_cast {t(f'arith.addi %fk0, %fm{u} : index')} : index to i32")
+        kp_v = t(f"vector.broadcast {kpos} : i32 to {vi}")
+        ok = t(f"arith.cmpi slt, {kp_v}, {kend_v} : {vi}")
+        mk = mask_vec(t, k.mask, qpos[u], kp_v, k.window, lanes)
+        if mk is not None:
+            ok = t(f"arith.andi {ok}, {mk} : vector<{lanes}xi1>")
+        s = t(f"arith.select {ok}, {s}, {neg} : vector<{lanes}xi1>, {v}")
+        t.stmt(f"vector.store {s}, {st}[%fm{u}, {col}] : {stt}, {v}")
+        t.stmt(f"scf.yield {t(f'arith.maximumf %fx{u}, {s} : {v}')} : {v}")
+        t.depth -= 1
+        t.stmt("}")
+        m_old = t(f"vector.load {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")
+        m_new = t(f"arith.maximumf {m_old}, {mx} : {v}")
+        dead = t(f"arith.cmpf oeq, {m_new}, {neg} : {v}")
+        msafe = t(f"arith.select {dead}, {zero}, {m_new} : vector<{lanes}xi1>, {v}")
+        alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"), lanes)
+        lsum = t(f"scf.for %fp{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
+                 f"iter_args(%fl{u} = {zero}) -> ({v}) {{")
+        t.depth += 1
+        s = t(f"vector.load {st}[%fp{u}, {col}] : {stt}, {v}")
+        p = vexp(t, t(f"arith.subf {s}, {msafe} : {v}"), lanes)
+        off = t(f"arith.cmpf oeq, {s}, {neg} : {v}")
+        p = t(f"arith.select {off}, {zero}, {p} : vector<{lanes}xi1>, {v}")
+        t.stmt(f"vector.store {p}, {st}[%fp{u}, {col}] : {stt}, {v}")
+        t.stmt(f"scf.yield {t(f'arith.addf %fl{u}, {p} : {v}')} : {v}")
+        t.depth -= 1
+        t.stmt("}")
+        l_old = t(f"vector.load {lm}[{t.idx(1)}, {col}] : {lmt}, {v}")
+        l_new = t(f"math.fma {l_old}, {alpha}, {lsum} : {v}")
+        t.stmt(f"vector.store {l_new}, {lm}[{t.idx(1)}, {col}] : {lmt}, {v}")
+        t.stmt(f"vector.store {m_new}, {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")
+        t.stmt(f"vector.store {alpha}, {lm}[{t.idx(2)}, {col}] : {lmt}, {v}")
+    # O = alpha O + P V, MQ queries x DV vectors of head_dim at a time.
+    t.for_("%fqb", t.idx(0), t.idx(lt.gr), t.idx(lt.mq))
+    t.for_("%fdc", t.idx(0), t.idx(d), t.idx(lt.dv * lanes))
+    qs = [t(f"arith.addi %fqb, {t.idx(q)} : index") for q in range(lt.mq)]
+    cols = [t(f"arith.addi %fdc, {t.idx(u * lanes)} : index") for u in range(lt.dv)]
+    accs = []
+    for q in range(lt.mq):
+        a = t(f"vector.broadcast {t(f'memref.load {lm}[{t.idx(2)}, {qs[q]}] : {lmt}')} : f32 to {v}")
+        for u in range(lt.dv):
+            o = t(f"vector.load {os_}[{qs[q]}, {cols[u]}] : {ost}, {v}")
+            accs.append(t(f"arith.mulf {o}, {a} : {v}"))
+    n_acc = lt.mq * lt.dv
+    init = ", ".join(f"%fo{i} = {a}" for i, a in enumerate(accs))
+    res = t(f"scf.for %fv = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} iter_args({init}) -> "
+            f"({', '.join([v] * n_acc)}) {{", n=n_acc)
+    t.depth += 1
+    vrow = _key_index(k, "%fv", 1, "")[:-1]
+    vv = [load_f32(t, "%blocks", vrow + [cols[u]], k.bt, el, lanes) for u in range(lt.dv)]
+    nxt = []
+    for q in range(lt.mq):
+        pb = t(f"vector.broadcast {t(f'memref.load {st}[%fv, {qs[q]}] : {stt}')} : f32 to {v}")
+        nxt += [t(f"vector.fma {pb}, {vv[u]}, %fo{q * lt.dv + u} : {v}") for u in range(lt.dv)]
+    t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([v] * n_acc)}")
+    t.depth -= 1
+    t.stmt("}")
+    for q in range(lt.mq):
+        for u in range(lt.dv):
+            t.stmt(f"vector.store {res}#{q * lt.dv + u}, {os_}[{qs[q]}, {cols[u]}] : {ost}, {v}")
+    t.close()   # %fdc
+    t.close()   # %fqb
+    t.close()   # %fk0
+    sums = t(f"memref.subview {lm}[1, 0] [1, {lt.gr}] [1, 1] : {lmt} to "
+             f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>")
+    _write_rows(k, os_, ost, sums, f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>", r0,
+                t.idx(lt.gr), lanes, "%fw")
+
+
+# -- the per-query-vector path ---------------------------------------------------------------------
+def _vector_rows(k: _Kernel, r0: str, rows: str, page: int, sc: dict) -> None:
+    """Rows [r0, r0 + rows) in blocks of ROW_VECS // G rows, one query vector at a time."""
+    t, d, g, c, el, layer = k.t, k.d, k.g, KEY_TILE, k.el, k.layer
+    dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)   # lanes along head_dim
+    r_blk = max(1, ROW_VECS // g)
+    gr, nv = g * r_blk, d // dw
+    cv = max(x for x in range(1, min(8, nv) + 1) if nv % x == 0)
+    v, vi, vd = fvec(), f"vector<{VW}xi32>", fvec(dw)
+    qs, os_, ms, ls, pv = sc["vqs"], sc["vos"], sc["vms"], sc["vls"], sc["vpv"]
+    sct, mt1 = f"memref<{gr}x{d}xf32>", f"memref<{gr}xf32>"
+    zero_v, zero_d = t.const("0.0", v), t.const("0.0", vd)
+    rend = t(f"arith.addi {r0}, {rows} : index")
+    t.for_("%r1", r0, rend, t.idx(r_blk))
+    nrows = t.min(t.idx(r_blk), t(f"arith.subi {rend}, %r1 : index"))
+    nvec = t(f"arith.muli {nrows}, {t.idx(g)} : index")   # query vectors i = r * G + g
+    # Q block, pre-scaled, f32.
+    t.for_("%i", t.idx(0), nvec, t.idx(1))
+    r = t(f"arith.divui %i, {t.idx(g)} : index")
+    gg = t(f"arith.remui %i, {t.idx(g)} : index")
+    row = t(f"arith.addi {t(f'arith.addi {k.o0}, %r1 : index')}, {r} : index")
+    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
+    col0 = t(f"arith.muli {head}, {t.idx(d)} : index")
+    scale = t.const(f"{float(k.scale):.17e}", vd)
+    for kk in range(nv):
+        col = t(f"arith.addi {col0}, {t.idx(kk * dw)} : index")
+        x = load_f32(t, k.qm, [row, col], k.qmt, el, dw)
+        t.stmt(f"vector.store {t(f'arith.mulf {x}, {scale} : {vd}')}, {qs}[%i, {t.idx(kk * dw)}] : {sct}, {vd}")
+        t.stmt(f"vector.store {zero_d}, {os_}[%i, {t.idx(kk * dw)}] : {sct}, {vd}")
+    t.stmt(f"memref.store {t.const(NEG_INF, 'f32')}, {ms}[%i] : {mt1}")
+    t.stmt(f"memref.store {t.const('0.0', 'f32')}, {ls}[%i] : {mt1}")
+    t.close()
+    qlo, kstart, kend = _key_range(k, "%r1", nrows)
+    kend_v = t(f"vector.broadcast {t(f'arith.index_cast {kend} : index to i32')} : i32 to {vi}")
+    iota = t.const("[" + ", ".join(str(i) for i in range(VW)) + "]", vi)
+    t.for_("%k0", kstart, kend, t.idx(c))
+    _tile_pages(k, "%k0", kend, page, "%j")
+
+    def key_row(j: int, kind: int, col: str) -> list[str]:
+        return _key_index(k, t.idx(j), kind, col)
+    k0v = t(f"vector.broadcast {t('arith.index_cast %k0 : index to i32')} : i32 to {vi}")
+    t.for_("%i", t.idx(0), nvec, t.idx(1))
+    r = t(f"arith.divui %i, {t.idx(g)} : index")
+    qp = t(f"arith.addi {qlo}, {r} : index")
+    qpv = t(f"vector.broadcast {t(f'arith.index_cast {qp} : index to i32')} : i32 to {vi}")
+    svals, valids = [], []
+    for grp in range(c // VW):
+        init = ", ".join(f"%a{j} = {zero_d}" for j in range(VW))
+        res = t(f"scf.for %dd = {t.idx(0)} to {t.idx(d)} step {t.idx(dw)} iter_args({init}) -> "
+                f"({', '.join([vd] * VW)}) {{", n=VW)
+        t.depth += 1
+        qv = t(f"vector.load {qs}[%i, %dd] : {sct}, {vd}")
+        nxt = [t(f"vector.fma {qv}, {load_f32(t, '%blocks', key_row(grp * VW + j, 0, '%dd'), k.bt, el, dw)}, %a{j} : {vd}")
+               for j in range(VW)]
+        t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([vd] * VW)}")
+        t.depth -= 1
+        t.stmt("}")
+        if dw == VW:
+            s = hsum8(t, [f"{res}#{j}" for j in range(VW)])
+        else:
+            sums = [t(f"vector.reduction <add>, {res}#{j} : {vd} into f32") for j in range(VW)]
+            s = t(f"vector.from_elements {', '.join(sums)} : {v}")
+        kpv = t(f"arith.addi {k0v}, {t(f'arith.addi {iota}, {t.const(str(grp * VW), vi)} : {vi}')} : {vi}")
+        s = softcap_vec(t, s, k.softcap)
+        ok = t(f"arith.cmpi slt, {kpv}, {kend_v} : {vi}")
+        mk = mask_vec(t, k.mask, qpv, kpv, k.window)
+        if mk is not None:
+            ok = t(f"arith.andi {ok}, {mk} : vector<{VW}xi1>")
+        svals.append(t(f"arith.select {ok}, {s}, {t.const(NEG_INF, v)} : vector<{VW}xi1>, {v}"))
+        valids.append(ok)
+    mx = svals[0]
+    for s in svals[1:]:
+        mx = t(f"arith.maximumf {mx}, {s} : {v}")
+    rowmax = t(f"vector.reduction <maximumf>, {mx} : {v} into f32")
+    m_old = t(f"memref.load {ms}[%i] : {mt1}")
+    m_new = t(f"arith.maximumf {m_old}, {rowmax} : f32")
+    isinf = t(f"arith.cmpf oeq, {m_new}, {t.const(NEG_INF, 'f32')} : f32")
+    msafe = t(f"arith.select {isinf}, {t.const('0.0', 'f32')}, {m_new} : f32")
+    msv = t(f"vector.broadcast {msafe} : f32 to {v}")
+    alpha_v = vexp(t, t(f"arith.subf {t(f'vector.broadcast {m_old} : f32 to {v}')}, {msv} : {v}"))
+    alpha = t(f"vector.extract {alpha_v}[0] : f32 from {v}")
+    ps = []
+    for s, ok in zip(svals, valids):
+        p = vexp(t, t(f"arith.subf {s}, {msv} : {v}"))
+        ps.append(t(f"arith.select {ok}, {p}, {zero_v} : vector<{VW}xi1>, {v}"))
+    psum = ps[0]
+    for p in ps[1:]:
+        psum = t(f"arith.addf {psum}, {p} : {v}")
+    lsum = t(f"vector.reduction <add>, {psum} : {v} into f32")
+    l_old = t(f"memref.load {ls}[%i] : {mt1}")
+    t.stmt(f"memref.store {t(f'math.fma {l_old}, {alpha}, {lsum} : f32')}, {ls}[%i] : {mt1}")
+    t.stmt(f"memref.store {m_new}, {ms}[%i] : {mt1}")
+    for kk, p in enumerate(ps):
+        t.stmt(f"vector.store {p}, {pv}[{t.idx(kk * VW)}] : memref<{c}xf32>, {v}")
+    alpha_d = t(f"vector.broadcast {alpha} : f32 to {vd}")
+    t.for_("%dc", t.idx(0), t.idx(d), t.idx(cv * dw))
+    accs = []
+    for u in range(cv):
+        dcol = t(f"arith.addi %dc, {t.idx(u * dw)} : index")
+        accs.append((dcol, t(f"arith.mulf {t(f'vector.load {os_}[%i, {dcol}] : {sct}, {vd}')}, {alpha_d} : {vd}")))
+    for j in range(c):
+        pj = t(f"vector.broadcast {t(f'memref.load {pv}[{t.idx(j)}] : memref<{c}xf32>')} : f32 to {vd}")
+        accs = [(dcol, t(f"vector.fma {pj}, {load_f32(t, '%blocks', key_row(j, 1, dcol), k.bt, el, dw)}, {a} : {vd}"))
+                for dcol, a in accs]
+    for dcol, a in accs:
+        t.stmt(f"vector.store {a}, {os_}[%i, {dcol}] : {sct}, {vd}")
+    t.close()   # %dc
+    t.close()   # %i
+    t.close()   # %k0
+    _write_rows(k, os_, sct, ls, mt1, "%r1", nvec, dw, "%i")
+    t.close()   # %r1
+
+
+def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int, head_dim: int,
+                         layer: int, mask: str, window: int | None, scale: float,
+                         lanes: int = VW, registers: int = 16,
+                         softcap: float | None = None) -> str:
+    """The kernel for a target with `lanes` f32 lanes per vector and `registers` vectors."""
+    q, blocks, offs, clen, lut = args
+    d, g = head_dim, n_heads // n_kv_heads
+    page = cache_dims(blocks, "flash_attention_ragged")[0]
+    t = Text()
+    qm, qmt = to_buffer(t, "%q", q.type)
+    offm, offt = to_buffer(t, "%offs", offs.type)
+    clm, clt = to_buffer(t, "%clen", clen.type)
+    lutm, lutt = to_buffer(t, "%lut", lut.type)
+    omt = memref_of(out_t)
+    om = alloc_like(t, qm, qmt, omt)
+    nb = t(f"memref.dim {clm}, {t.idx(0)} : {clt}")
+    t.open(f"scf.forall (%b, %h) in ({nb}, {n_kv_heads})")
+    o0 = t.load_index(offm, ["%b"], offt)
+    o1 = t.load_index(offm, [t("arith.addi %b, " + t.idx(1) + " : index")], offt)
+    n = t(f"arith.subi {o1}, {o0} : index")
+    cl = t.load_index(clm, ["%b"], clt)
+    k = _Kernel(t, d, g, layer, mask, window, str(ir.ShapedType(q.type).element_type), qm, qmt,
+                om, omt, str(blocks.type), lutm, lutt, o0, cl, t(f"arith.addi {cl}, {n} : index"),
+                t(f"memref.alloca() : memref<{KEY_TILE}xindex>"),
+                t(f"memref.alloca() : memref<{KEY_TILE}xindex>"), scale, softcap)
+    gr_v = g * max(1, ROW_VECS // g)
+    sc = {"vqs": t(f"memref.alloca() : memref<{gr_v}x{d}xf32>"),
+          "vos": t(f"memref.alloca() : memref<{gr_v}x{d}xf32>"),
+          "vms": t(f"memref.alloca() : memref<{gr_v}xf32>"),
+          "vls": t(f"memref.alloca() : memref<{gr_v}xf32>"),
+          "vpv": t(f"memref.alloca() : memref<{KEY_TILE}xf32>")}
+    lt = LaneTiles.pick(g, d, lanes, registers)
+    if lt is None:
+        _vector_rows(k, t.idx(0), n, page, sc)
+    else:
+        grp = lt.nv * lanes
+        sc.update(qt=t(f"memref.alloca() : memref<{d}x{grp}xf32>"),
+                  st=t(f"memref.alloca() : memref<{KEY_TILE}x{grp}xf32>"),
+                  os=t(f"memref.alloca() : memref<{lt.gr}x{d}xf32>"),
+                  lm=t(f"memref.alloca() : memref<3x{grp}xf32>"))
+        # Query lanes past GR must read as zeros (they are computed, never written out).
+        t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : memref<{d}x{grp}xf32>)")
+        full = t(f"arith.muli {t(f'arith.divui {n}, {t.idx(lt.rows)} : index')}, {t.idx(lt.rows)} : index")
+        t.for_("%fr0", t.idx(0), full, t.idx(lt.rows))
+        _full_block(k, lt, lanes, "%fr0", page, sc)
+        t.close()
+        _vector_rows(k, full, t(f"arith.subi {n}, {full} : index"), page, sc)
+    t.close()   # forall
+    out = t(f"bufferization.to_tensor {om} restrict writable : {omt} to {out_t}")
+    sig = [f"%q: {q.type}", f"%blocks: {blocks.type}", f"%offs: {offs.type}",
+           f"%clen: {clen.type}", f"%lut: {lut.type}"]
+    return finish(t, sig, out, str(out_t))
+
+
+@register_lowering("flash_attention_ragged", "cpu")
+def _flash_attention(e: Emitter, args):
+    a = e.attrs
+    text = flash_attention_text(args, tensor_type(e.out_types[0]), n_heads=a["n_heads"],
+                                n_kv_heads=a["n_kv_heads"], head_dim=a["head_dim"],
+                                layer=a["layer"], mask=a["mask"], window=a.get("window"),
+                                scale=float(a["scale"]), lanes=e.cpu.f32_lanes,
+                                registers=e.cpu.vector_registers, softcap=a.get("softcap"))
+    return inline_mlir(args, text)

@@ -1,0 +1,188 @@
+"""CPU quantized matmul kernels (MLIR text): y[M, N] = x[M, K] @ W^T with W decoded inside the
+matmul loop, never as a whole float copy.
+
+Two paths, chosen per call from M (rows of x):
+
+row path (fewer than MR rows, e.g. a decode step; and the rows / columns the tile path leaves):
+    GGUF rows are contiguous along k, so each forall iteration takes NB weight rows and runs
+    dot products along k: a block's chunks are decoded into registers (quant_decoders.py) and
+    FMA'd with MB activation rows at a time; one horizontal sum per output at the end.
+    GPTQ codes are contiguous along n: NV vectors of output columns per iteration, decoded per
+    k (one int32 word vector gives 8 k) with the group's scales and zero points held in
+    registers, accumulated as broadcast(x) * w.
+tile path (M >= MR): per slice of SP panels of NR columns and per k block of KC, the slice's
+    weights are decoded once into an L1/L2 tile S[SP][KC][NR] (GGUF: rows decoded along k into
+    T[NR][KC], then transposed in registers W x W at a time; GPTQ: decoded straight along n),
+    and every MR-row block of x runs the register-blocked outer-product kernel of the packed f32
+    matmul (MR x NR accumulators, a broadcast of x times NR/lanes vectors of S) against it, so
+    a tile's decode is shared by all M rows.
+
+Decoded values equal the interpreter's bit for bit; products accumulate in f32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .attention import to_buffer
+from .kernel_text import KernelText, hsum
+
+
+@dataclass(frozen=True)
+class QuantTiles:
+    """Register tiling of the quantized kernels for a target (lanes f32 per vector, regs)."""
+    lanes: int
+    regs: int
+    mr: int       # rows of the tile path's register block
+    nr: int       # panel width: a multiple of 16 and of the lanes
+    nb: int = 4   # GGUF row path: weight rows per forall iteration
+
+    @staticmethod
+    def pick(lanes: int, regs: int) -> "QuantTiles":
+        nr = max(2 * lanes, 16)
+        nv = nr // lanes
+        mr = max(1, min(8, (regs - nv - 1) // nv))
+        return QuantTiles(lanes, regs, mr, nr)
+
+    def row_block(self, width: int, per_row: int) -> int:
+        """Activation rows per row-path block: accumulators fit in half the registers."""
+        vecs = max(1, width // self.lanes) * per_row
+        return max(1, min(4, self.regs // 2 // vecs))
+
+
+def pow2(n: int) -> bool:
+    return n & (n - 1) == 0
+
+
+# -- pieces shared by GGUF and GPTQ ------------------------------------------------------------------
+class Mats:
+    """Buffer names of a kernel: x [M, K] f32, out [M, N] f32 and the tile scratch."""
+
+    def __init__(self, k: KernelText, x, x_t):
+        t = k.t
+        self.xm, self.xmt = to_buffer(t, "%x", x_t)
+        self.m = t(f"memref.dim {self.xm}, {t.idx(0)} : {self.xmt}")
+        self.omt = f"memref<?x{k.n}xf32>"
+        self.om = t(f"memref.alloc({self.m}) : {self.omt}")
+
+
+def split_rows(k: KernelText, mats: Mats) -> str:
+    """Rows the tile path takes: M - M % MR (0 when M < MR)."""
+    mr = k.tiles.mr
+    return k.ix("muli", k.ix("divui", mats.m, mr), mr)
+
+
+def microkernel(k: KernelText, mats: Mats, s_mem: str, s_t: str, p: str, kb: str, kc: int,
+                 first: str, m0: str, col: str) -> None:
+    """out[m0 : m0+MR, col : col+NR] (+)= x[m0 : m0+MR, kb : kb+kc] @ S[p] (S[p] is [kc][NR])."""
+    t, tl = k.t, k.tiles
+    lanes, mr, nv = tl.lanes, tl.mr, tl.nr // tl.lanes
+    v = f"vector<{lanes}xf32>"
+    zero = t.const("0.0", v)
+    rows = [k.ix("addi", m0, r) if r else m0 for r in range(mr)]
+    cols = [k.ix("addi", col, u * lanes) if u else col for u in range(nv)]
+    init = []
+    for r in range(mr):
+        for u in range(nv):
+            old = t(f"vector.load {mats.om}[{rows[r]}, {cols[u]}] : {mats.omt}, {v}")
+            init.append(t(f"arith.select {first}, {zero}, {old} : {v}"))
+
+    def body(kk, accs):
+        bv = [t(f"vector.load {s_mem}[{p}, {kk}, {t.idx(u * lanes)}] : {s_t}, {v}")
+              for u in range(nv)]
+        kx = k.ix("addi", kb, kk)
+        out = []
+        for r in range(mr):
+            a = t(f"memref.load {mats.xm}[{rows[r]}, {kx}] : {mats.xmt}")
+            ab = t(f"vector.broadcast {a} : f32 to {v}")
+            out += [t(f"vector.fma {ab}, {bv[u]}, {accs[r * nv + u]} : {v}") for u in range(nv)]
+        return out
+    res = k.loop(0, kc, 1, init, v, body)
+    for r in range(mr):
+        for u in range(nv):
+            t.stmt(f"vector.store {res[r * nv + u]}, {mats.om}[{rows[r]}, {cols[u]}] : "
+                   f"{mats.omt}, {v}")
+
+
+def tile_path(k: KernelText, mats: Mats, m_tile: str, n_tile: int, kc: int, decode_tile) -> None:
+    """Rows [0, m_tile) x columns [0, n_tile) through decoded tiles; decode_tile(p, n0, kb, S,
+    S type, T, T type) fills S[p] with W^T[kb : kb+kc, n0 : n0+NR]."""
+    t, tl = k.t, k.tiles
+    nr = tl.nr
+    panels = n_tile // nr
+    sp = min(4, max(1, panels // 4))
+    slices = -(-panels // sp)
+    s_t, tt = f"memref<{sp}x{kc}x{nr}xf32>", f"memref<{nr}x{kc}xf32>"
+    s_iv = k.fresh("s")
+    any_rows = t(f"arith.cmpi ugt, {m_tile}, {t.idx(0)} : index")
+    t.open(f"scf.if {any_rows}")   # fewer than MR rows: the row path does all of them
+    t.open(f"scf.forall ({s_iv}) in ({slices})")
+    s_mem = t(f"memref.alloca() : {s_t}")
+    t_mem = t(f"memref.alloca() : {tt}")
+    p0 = k.ix("muli", s_iv, sp)
+    n_p = t.min(t.idx(sp), k.ix("subi", t.idx(panels), p0))
+
+    def kblock(kb, _):
+        def dec(p, _):
+            n0 = k.ix("muli", k.ix("addi", p0, p), nr)
+            decode_tile(p, n0, kb, s_mem, s_t, t_mem, tt)
+            return []
+        k.loop(0, n_p, 1, body=dec)
+        first = t(f"arith.cmpi eq, {kb}, {t.idx(0)} : index")
+
+        def mblock(m0, _):
+            def panel(p, _):
+                col = k.ix("muli", k.ix("addi", p0, p), nr)
+                microkernel(k, mats, s_mem, s_t, p, kb, kc, first, m0, col)
+                return []
+            k.loop(0, n_p, 1, body=panel)
+            return []
+        k.loop(0, m_tile, tl.mr, body=mblock)
+        return []
+    k.loop(0, k.k, kc, body=kblock)
+    t.close()
+    t.close()
+
+
+def k_block(k_total: int, elems: int, target: int = 256) -> int:
+    """The k block of the tile path: whole blocks of `elems`, dividing K, at most ~target."""
+    blocks = k_total // elems
+    best = 1
+    for d in range(1, blocks + 1):
+        if blocks % d == 0 and d * elems <= max(target, elems):
+            best = d
+    return best * elems
+
+
+def x_sums(k: KernelText, mats: Mats, size: int) -> tuple[str, str]:
+    """(xs, its type): xs[m, g] = sum of x[m, g*size : (g+1)*size], for the offset terms."""
+    t = k.t
+    groups = k.k // size
+    wd = next(w for w in (16, 8, 4, 2, 1) if size % w == 0)
+    v = f"vector<{wd}xf32>"
+    xst = f"memref<?x{groups}xf32>"
+    xs = t(f"memref.alloc({mats.m}) : {xst}")
+    m = k.fresh("m")
+    t.open(f"scf.forall ({m}) in ({mats.m})")
+
+    def group(g, _):
+        k0 = k.ix("muli", g, size)
+
+        def add(i, acc):
+            x = t(f"vector.load {mats.xm}[{m}, {k.ix('addi', k0, i)}] : {mats.xmt}, {v}")
+            return [t(f"arith.addf {acc[0]}, {x} : {v}")]
+        parts = k.loop(0, size, wd, [t.const("0.0", v)], v, add)
+        t.stmt(f"memref.store {hsum(t, parts[0], wd)}, {xs}[{m}, {g}] : {xst}")
+        return []
+    k.loop(0, groups, 1, body=group)
+    t.close()
+    return xs, xst
+
+
+def rows_in_blocks(k: KernelText, m_lo: str, m_hi: str, mb: int, emit) -> None:
+    """emit(m0, rows) for rows [m_lo, m_hi): blocks of mb rows, then single rows."""
+    if mb > 1:
+        n = k.ix("subi", m_hi, m_lo)
+        mid = k.ix("addi", m_lo, k.ix("muli", k.ix("divui", n, mb), mb))
+        k.loop(m_lo, mid, mb, body=lambda m, _: emit(m, mb) or [])
+        m_lo = mid
+    k.loop(m_lo, m_hi, 1, body=lambda m, _: emit(m, 1) or [])

@@ -1,0 +1,158 @@
+"""Tile and pipeline configurations of the prefill attention kernel, as data.
+
+A config is a dict of the kernel's tuning constexprs (BLOCK_M, BLOCK_N, USE_TMA) plus
+num_warps, num_stages and optionally maxnreg (a register cap per thread); its name is its
+`config_tag` (m128n64w8s3tmar128, ...). `CANDIDATES[head_dim]` lists the ones worth timing on
+the GPU (the compile-time tuner, flash_attention_tuning.py, picks among them per shape bucket);
+`default_config` is the built-in choice. Shared memory on sm_90 (227 KiB per block) bounds the
+tiles: Q [BLOCK_M, D] stays resident and each pipeline stage holds one K and one V tile
+[BLOCK_N, D].
+
+Why these defaults (bf16/fp16, H100/H200 class). Measured on an H200 (tools/gpu_sweeps/
+attention.py, run 4, 2026-12-02; TFLOP/s of unmasked work, torch SDPA in brackets):
+m128n64w8s3tmar128 was the fastest config at every shape, m128n128w8s2tma next:
+
+    head dim 128  B4x4096 causal 445 [534], no mask 497 [603], B1x16384 causal 490 [579],
+                  B4x2048 causal 355 [521], B1x1024 causal 200 [270],
+                  sliding window 1024: 335 [SDPA causal 532]
+    head dim 64   B4x4096 causal 330 [423]
+
+The cap of 128 registers lets two 8-warp CTAs share an SM, so one CTA's softmax overlaps the
+other's wgmma; uncapped (about 170 registers at head dim 128, one CTA per SM) the same tiles
+ran 0.80-0.86x as fast (run 3). At head dim 128 the cap leaves a few loop-invariant scalars
+on the stack (16 bytes, none touched in the mask-free loop; the binary measured in run 4 kept
+68); head dim 64 fits in 124-128 registers. Registers (cuobjdump, sm_90): head dim 128
+m128n128w8s2tma 255, m64n64w4s3tma 195; head dim 64 m128n64w4s3tma 241, m64n128w4s2tma 249.
+TMA loads K/V with one thread and no address registers; its descriptor lives in Triton's global
+scratch, which the CUDA runtime allocates when it packs a launch, before any graph capture
+(runtime/cuda/kernel.py). Pages that do not hold whole key blocks fall back to a per-row gather
+(still capped: 128 registers, no spills).
+Head dim 256 and fp32 inputs (tf32 wgmma, twice the registers and shared memory per element)
+use smaller tiles; those are not measured yet. At head dim 256 four warps spill (the fp32
+accumulator alone is 128 registers a thread), so its configs use eight.
+"""
+
+from __future__ import annotations
+
+import re
+
+from graphir.lowering.triton_gpu.kernels.paged import mask_id
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | None = None
+         ) -> dict:
+    c = {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": int(tma), "num_warps": warps,
+         "num_stages": stages}
+    return c if maxnreg is None else {**c, "maxnreg": maxnreg}
+
+
+# Ordered best first (measured at head dims 64 and 128); every entry compiles for sm_90 within
+# shared memory, uncapped entries do not spill and capped ones keep at most a few scalars on the
+# stack, never in the mask-free loop (CI checks, tests/lowering/triton_gpu/
+# test_flash_attention_aot.py, along with the wgmma register hazard that the kernel's docstring
+# describes).
+CANDIDATES: dict[int, list[dict]] = {
+    64: [_cfg(128, 64, 8, 3, True, 128), _cfg(128, 64, 8, 3, False, 128),
+         _cfg(128, 64, 4, 3, True), _cfg(64, 128, 4, 2, True), _cfg(128, 128, 8, 2, True)],
+    128: [_cfg(128, 64, 8, 3, True, 128), _cfg(128, 128, 8, 2, True),
+          _cfg(128, 64, 8, 3, False, 128), _cfg(64, 64, 4, 3, True), _cfg(128, 128, 8, 2, False),
+          _cfg(64, 64, 4, 3, False)],
+    256: [_cfg(64, 32, 8, 2, False), _cfg(64, 32, 8, 2, True), _cfg(64, 64, 8, 2, False)],
+}
+# fp32 inputs (tf32 wgmma) take twice the registers and shared memory per element.
+FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32, 32, 4, 2, False)]
+REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
+
+
+def _bucket(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
+def candidates(head_dim: int, page_size: int | None = None, dtype: str = "bfloat16"
+               ) -> list[dict]:
+    """Candidate configs for a head dim and dtype; with a page size, duplicates that the page
+    size makes equal (TMA needs pages holding whole key blocks) are dropped."""
+    pool = FP32_CANDIDATES if dtype in ("float32", "fp32") else CANDIDATES[_bucket(head_dim)]
+    out, seen = [], set()
+    for c in pool:
+        c = dict(c)
+        if page_size is not None:
+            c["USE_TMA"] = int(uses_tma(c, page_size))
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "bfloat16"
+                   ) -> dict:
+    """The config used without GPU tuning, for a head dim, page size, mask and dtype.
+
+    Example:
+        >>> config_tag(default_config(128, 128, "CAUSAL"))
+        'm128n64w8s3tmar128'
+    """
+    mask_id(mask)  # validates the name
+    if dtype in ("float32", "fp32"):
+        return _cfg(64, 32, 4, 2, False)
+    if head_dim > 128:
+        return _cfg(64, 32, 8, 2, False)
+    # Measured best at head dims 64 and 128 (H200 sweep run 4); the cap of 128 registers
+    # keeps two 8-warp CTAs per SM. Pages that cannot hold a 64-key block gather rows.
+    return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
+
+
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?")
+
+
+def get(config) -> dict:
+    """A config from its name (its config_tag) or dict, validated, with its "name".
+
+    Example:
+        >>> get("m128n64w8s3tmar128")["maxnreg"]
+        128
+    """
+    if isinstance(config, str):
+        m = _NAME.fullmatch(config)
+        if m is None:
+            raise ValueError(f"not a flash attention config name: {config!r} "
+                             f"(expected e.g. m128n128w8s2tma or m128n64w8s3r128)")
+        bm, bn, w, st = (int(x) for x in m.group(1, 2, 3, 4))
+        config = _cfg(bm, bn, w, st, bool(m.group(5)), int(m.group(6)) if m.group(6) else None)
+    if not isinstance(config, dict):
+        raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
+    check_config(config, 16)
+    return {**config, "name": config_tag(config)}
+
+
+def uses_tma(cfg: dict, page_size: int) -> bool:
+    """Whether `cfg` reads K/V through a tensor descriptor at this page size."""
+    return bool(cfg.get("USE_TMA")) and page_size % cfg["BLOCK_N"] == 0
+
+
+def check_config(cfg: dict, head_dim: int) -> None:
+    """ValueError naming what is wrong with a config dict."""
+    missing = [k for k in REQUIRED_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"flash attention config {cfg} lacks {missing}")
+    for k in ("BLOCK_M", "BLOCK_N"):
+        v = cfg[k]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"flash attention config: {k} must be a power of two >= 16, got {v}")
+    if cfg["num_warps"] not in (1, 2, 4, 8, 16) or not 1 <= cfg["num_stages"] <= 8:
+        raise ValueError(f"flash attention config: num_warps {cfg['num_warps']} / num_stages "
+                         f"{cfg['num_stages']} out of range")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"flash attention: head_dim must be a power of two >= 16, got {head_dim}")
+    reg = cfg.get("maxnreg")
+    if reg is not None and not (isinstance(reg, int) and 16 <= reg <= 255):
+        raise ValueError(f"flash attention config: maxnreg must be None or an int in [16, 255], "
+                         f"got {reg!r}")
+
+
+def config_tag(cfg: dict) -> str:
+    """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128."""
+    return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+            + ("tma" if cfg.get("USE_TMA") else "")
+            + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""))

@@ -1,0 +1,252 @@
+"""MLA attention in latent space (absorbed weights): the decode path, split-K over the context.
+
+Three launches:
+  1. `mla_q_absorb_kernel`: q_lat `[T*NH, W]` = [q_nope @ w_uk[h] | q_rope] per (token, head), in
+     q's dtype (grid: token blocks x heads x blocks of R);
+  2. `mla_absorbed_kernel`: each program owns BLOCK_M (token, head) rows of one sequence (heads
+     fastest: a decode token's heads share one tile, and the tiles of a sequence and partition
+     are adjacent in launch order, so they read the same cache rows from L2) and one partition
+     of its context; the keys are the W-wide latent cache rows (scores = q_lat[:R] . c +
+     q_lat[R:] . k_pe, two dots since W is no power of two) and the values their first R
+     columns, so every K tile is also the V tile. Online softmax in fp32 with exp2; the
+     unnormalized partial `o_part [T*NH, parts, RP]` and `ml [T*NH, parts, 2]` (running max in
+     log2 units, sum) go to fp32 scratch. New token i of sequence b sits at position
+     cache_len + i and sees keys up to itself;
+  3. `mla_absorbed_out_kernel`: per (token block, head) it merges the partitions and multiplies
+     the latent output by w_uv[h] `[R, V]`, writing `[T, NH*V]`.
+The partitions are `part_size` keys (a multiple of BLOCK_N) chosen by the lowering from the
+batch and the bucketed context length (split_lets), so all SMs stream the cache at batch 64 as
+at batch 1.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from graphir.lowering.triton_gpu.kernels.mla import latent_rows, pad
+from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+
+SM_COUNT = 132
+MIN_PART = 256        # keys per partition at least (partials cost a write and a read)
+OUT_BLOCK_T = 16
+
+
+@triton.jit
+def mla_q_absorb_kernel(q_ptr, wuk_ptr, qlat_ptr, T, NH: tl.constexpr, NOPE: tl.constexpr,
+                        ROPE: tl.constexpr, R: tl.constexpr, NOPEP: tl.constexpr,
+                        EP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    W: tl.constexpr = R + ROPE
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    rb = tl.program_id(2)
+    tm = t < T
+    d = tl.arange(0, NOPEP)
+    qrow = q_ptr + t.to(tl.int64)[:, None] * (NH * (NOPE + ROPE)) + h * (NOPE + ROPE)
+    qn = tl.load(qrow + d[None, :], mask=tm[:, None] & (d < NOPE)[None, :], other=0.0)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    wk = tl.load(wuk_ptr + h * (NOPE * R) + d[:, None] * R + r[None, :],
+                 mask=(d < NOPE)[:, None] & (r < R)[None, :], other=0.0)
+    lat = tl.dot(qn, wk.to(qn.dtype), input_precision=PRECISION)
+    dst = qlat_ptr + (t.to(tl.int64) * NH + h)[:, None] * W
+    tl.store(dst + r[None, :], lat.to(qlat_ptr.dtype.element_ty),
+             mask=tm[:, None] & (r < R)[None, :])
+    if rb == 0:
+        e = tl.arange(0, EP)
+        em = tm[:, None] & (e < ROPE)[None, :]
+        tl.store(dst + R + e[None, :], tl.load(qrow + NOPE + e[None, :], mask=em), mask=em)
+
+
+@triton.jit
+def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_part_ptr, ml_ptr,
+                        max_pages, layer_idx, num_layers, num_pages, scale, part_size,
+                        num_parts, NH: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
+                        RP: tl.constexpr, EP: tl.constexpr, KINDS: tl.constexpr,
+                        PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    W: tl.constexpr = R + ROPE
+    tile = tl.program_id(0)
+    part = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_start = tl.load(offs_ptr + b)
+    n_new = tl.load(offs_ptr + b + 1) - seq_start
+    if tile * BLOCK_M < n_new * NH:
+        cache_len = tl.load(clen_ptr + b)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)      # (token, head) pairs, heads fastest
+        rmask = rows < n_new * NH
+        grow = seq_start.to(tl.int64) * NH + rows
+        r = tl.arange(0, RP)
+        e = tl.arange(0, EP)
+        q_c = tl.load(qlat_ptr + grow[:, None] * W + r[None, :],
+                      mask=rmask[:, None] & (r < R)[None, :], other=0.0)
+        q_pe = tl.load(qlat_ptr + grow[:, None] * W + R + e[None, :],
+                       mask=rmask[:, None] & (e < ROPE)[None, :], other=0.0)
+        qp = cache_len + rows // NH
+        last = tl.minimum(n_new - 1, (tile * BLOCK_M + BLOCK_M - 1) // NH)
+        end = cache_len + last + 1
+        lo = part * part_size
+        hi = tl.minimum(lo + part_size, end)
+        qk_scale = scale * 1.4426950408889634
+        m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, RP), tl.float32)
+        dt = q_c.dtype
+        lut_row = lut_ptr + b.to(tl.int64) * max_pages
+        j = tl.arange(0, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            kp = n0 + j
+            km = kp < hi
+            if PAGE_SIZE % BLOCK_N == 0:
+                # The block lies in one page (lo is a multiple of BLOCK_N): one lookup and
+                # dense rows, which the pipeliner turns into asynchronous copies.
+                page = tl.minimum(tl.maximum(tl.load(lut_row + n0 // PAGE_SIZE), 0),
+                                  num_pages - 1)
+                krow = ((page.to(tl.int64) * KINDS) * num_layers + layer_idx) * PAGE_SIZE \
+                    + n0 % PAGE_SIZE + j
+            else:
+                krow = latent_rows(lut_ptr, b, kp, km, max_pages, layer_idx, num_layers,
+                                   num_pages, KINDS, PAGE_SIZE)
+            base = blocks_ptr + krow[:, None] * W
+            # Rows past the sequence may hold anything (NaN too): masked loads read zeros.
+            if R == RP:
+                c = tl.load(base + r[None, :], mask=km[:, None], other=0.0).to(dt)
+            else:
+                c = tl.load(base + r[None, :], mask=km[:, None] & (r < R)[None, :],
+                            other=0.0).to(dt)
+            if ROPE == EP:
+                pe = tl.load(base + R + e[None, :], mask=km[:, None], other=0.0).to(dt)
+            else:
+                pe = tl.load(base + R + e[None, :], mask=km[:, None] & (e < ROPE)[None, :],
+                             other=0.0).to(dt)
+            s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+            s = tl.dot(q_pe, tl.trans(pe), s, input_precision=PRECISION)
+            # Blocks start at multiples of BLOCK_N inside the partition, so a key at or before
+            # the query's position is also before the partition's end.
+            s = tl.where(kp[None, :] <= qp[:, None], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(dt), c, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+        # The partial's addresses are worked out again from scalars: kept from the q loads
+        # they would live across the loop (and spill).
+        left = n_new * NH - tile * BLOCK_M
+        slot = ((seq_start * NH + tile * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)) \
+            * num_parts + part
+        keep = tl.arange(0, BLOCK_M) < left
+        tl.store(o_part_ptr + slot[:, None] * RP + tl.arange(0, RP)[None, :], acc,
+                 mask=keep[:, None])
+        tl.store(ml_ptr + slot * 2, m_i, mask=keep)
+        tl.store(ml_ptr + slot * 2 + 1, l_i, mask=keep)
+
+
+@triton.jit
+def mla_absorbed_out_kernel(o_part_ptr, ml_ptr, wuv_ptr, out_ptr, T, num_parts,
+                            NH: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
+                            RP: tl.constexpr, VP: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    tm = t < T
+    slot0 = (t.to(tl.int64) * NH + h) * num_parts
+    m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
+    for p in range(num_parts):
+        m = tl.maximum(m, tl.load(ml_ptr + (slot0 + p) * 2, mask=tm, other=-1.0e30))
+    den = tl.zeros((BLOCK_T,), tl.float32)
+    for p in range(num_parts):
+        mp = tl.load(ml_ptr + (slot0 + p) * 2, mask=tm, other=-1.0e30)
+        den += tl.load(ml_ptr + (slot0 + p) * 2 + 1, mask=tm, other=0.0) * tl.exp2(mp - m)
+    inv = 1.0 / tl.where(den == 0.0, 1.0, den)
+    v = tl.arange(0, VP)
+    dt = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_T, VP), tl.float32)
+    for r0 in tl.static_range(0, RP, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        o = tl.zeros((BLOCK_T, BLOCK_R), tl.float32)
+        for p in range(num_parts):
+            wgt = tl.exp2(tl.load(ml_ptr + (slot0 + p) * 2, mask=tm, other=-1.0e30) - m) * inv
+            o += tl.load(o_part_ptr + (slot0 + p)[:, None] * RP + r[None, :],
+                         mask=tm[:, None], other=0.0) * wgt[:, None]
+        wv = tl.load(wuv_ptr + h * (R * V) + r[:, None] * V + v[None, :],
+                     mask=(r < R)[:, None] & (v < V)[None, :], other=0.0)
+        acc = tl.dot(o.to(dt), wv.to(dt), acc, input_precision=PRECISION)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * (NH * V) + h * V + v[None, :],
+             acc.to(dt), mask=tm[:, None] & (v < V)[None, :])
+
+
+# -- configs, split rule and specs ----------------------------------------------------------------
+# BLOCK_M -> (BLOCK_N, warps, stages): checked offline for R = 512 (no spills, the cache tiles
+# pipelined as cp.async; tests/lowering/triton_gpu/test_mla_aot.py). 64 rows run on two
+# warpgroups (wgmma, the [64, 512] fp32 accumulator split by columns); 16 and 32 on mma.sync.
+TILES = {64: (16, 8, 4), 32: (16, 4, 4), 16: (32, 4, 3)}
+
+
+def tile_config(nh: int, r: int) -> dict:
+    """BLOCK_M (token, head) rows, BLOCK_N keys, warps and stages of the attention kernel: a
+    decode token's heads in one tile up to 64 (more heads take several tiles, whose programs
+    are adjacent and share the cache rows through L2)."""
+    bm = min(64, pad(nh))
+    bn, warps, stages = TILES[bm]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def split_lets(batch: str, tiles: str, kv_len: str, conf: dict, prefix: str = "mla_"):
+    """[(name, expr)]: num_parts / part_size of the context for `batch` sequences of `tiles`
+    row tiles each: enough partitions to fill the SMs twice, at least MIN_PART keys each."""
+    bn = conf["BLOCK_N"]
+    want = f"max(1, min({2 * SM_COUNT} // max(1, ({batch}) * ({tiles})), " \
+           f"cdiv({kv_len}, {MIN_PART})))"
+    return [(f"{prefix}want", want),
+            (f"{prefix}part_size", f"cdiv(cdiv({kv_len}, {prefix}want), {bn}) * {bn}"),
+            (f"{prefix}num_parts", f"cdiv({kv_len}, {prefix}part_size)")]
+
+
+def split(batch: int, tiles: int, kv_len: int, conf: dict) -> tuple[int, int]:
+    """(num_parts, part_size): split_lets evaluated in Python."""
+    bn = conf["BLOCK_N"]
+    want = max(1, min(2 * SM_COUNT // max(1, batch * tiles), cdiv(kv_len, MIN_PART)))
+    size = cdiv(cdiv(kv_len, want), bn) * bn
+    return cdiv(kv_len, size), size
+
+
+def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r: int,
+          kinds: int, page_size: int, conf: dict | None = None) -> list[KernelSpec]:
+    """[q absorb, attention, merge + w_uv] for q/weights of `dtype` over a `cache_dtype` cache."""
+    t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
+    conf = conf or tile_config(nh, r)
+    prec = "ieee" if dtype == "float32" else "tf32"
+    rp, ep, nopep, vp = pad(r), pad(rope), pad(nope), pad(v)
+    br = min(rp, 128)
+    qc = dict(NH=nh, NOPE=nope, ROPE=rope, R=r, NOPEP=nopep, EP=ep, BLOCK_T=16, BLOCK_R=br,
+              PRECISION=prec)
+    qsig = {"q_ptr": f"*{t}", "wuk_ptr": f"*{t}", "qlat_ptr": f"*{t}", "T": "i32",
+            **{k: "constexpr" for k in qc}}
+    absorb = KernelSpec(name=f"mla_q_absorb_{t}", fn=mla_q_absorb_kernel, signature=qsig,
+                        constexprs=qc, num_warps=4, num_stages=1,
+                        grid=lambda T: (cdiv(T, 16), nh, cdiv(r, br)), grid_args=("T",),
+                        divisible_by_16=("q_ptr", "wuk_ptr", "qlat_ptr"))
+    ac = dict(NH=nh, R=r, ROPE=rope, RP=rp, EP=ep, KINDS=kinds, PAGE_SIZE=page_size,
+              BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"], PRECISION=prec)
+    asig = {"qlat_ptr": f"*{t}", "offs_ptr": "*i32", "clen_ptr": "*i32", "lut_ptr": "*i32",
+            "blocks_ptr": f"*{tc}", "o_part_ptr": "*fp32", "ml_ptr": "*fp32", "max_pages": "i32",
+            "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32", "scale": "fp32",
+            "part_size": "i32", "num_parts": "i32", **{k: "constexpr" for k in ac}}
+    bm = conf["BLOCK_M"]
+    attn = KernelSpec(name=f"mla_absorbed_{tc}_m{bm}n{conf['BLOCK_N']}", fn=mla_absorbed_kernel,
+                      signature=asig, constexprs=ac, num_warps=conf["num_warps"],
+                      num_stages=conf["num_stages"],
+                      grid=lambda batch, seqmax, num_parts: (cdiv(seqmax * nh, bm), num_parts,
+                                                             batch),
+                      grid_args=("batch", "seqmax", "num_parts"),
+                      divisible_by_16=("qlat_ptr", "blocks_ptr", "o_part_ptr", "ml_ptr"))
+    oc = dict(NH=nh, R=r, V=v, RP=rp, VP=vp, BLOCK_T=OUT_BLOCK_T, BLOCK_R=min(rp, 64),
+              PRECISION=prec)
+    osig = {"o_part_ptr": "*fp32", "ml_ptr": "*fp32", "wuv_ptr": f"*{t}", "out_ptr": f"*{t}",
+            "T": "i32", "num_parts": "i32", **{k: "constexpr" for k in oc}}
+    out = KernelSpec(name=f"mla_absorbed_out_{t}", fn=mla_absorbed_out_kernel, signature=osig,
+                     constexprs=oc, num_warps=4, num_stages=1,
+                     grid=lambda T: (cdiv(T, OUT_BLOCK_T), nh, 1), grid_args=("T",),
+                     divisible_by_16=("o_part_ptr", "ml_ptr", "wuv_ptr", "out_ptr"))
+    return [absorb, attn, out]

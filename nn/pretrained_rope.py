@@ -1,0 +1,121 @@
+"""The graphir rotary embedding for a Hugging Face layer's RoPE parameters (HF rope_type
+"default", "linear", "dynamic", "llama3", "yarn", "longrope"), with transformers' rules for
+the values a config leaves out (YaRN's attention factor and betas, LongRoPE's attention factor).
+"""
+from __future__ import annotations
+
+import math
+
+from graphir.device import DeviceRef
+from graphir.ops.attention_math import yarn_mscale
+
+from .rotary_embedding import (Llama3RopeScalingParams, Llama3RotaryEmbedding,
+                               LinearScalingParams, LongRoPERotaryEmbedding, LongRoPEScalingParams,
+                               RotaryEmbedding)
+from .rotary_yarn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbedding,
+                          YarnRotaryEmbedding, YarnScalingParams)
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+
+
+def _num(rp: dict, key: str, what: str) -> float:
+    v = rp.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"from_pretrained: {what} rope_parameters[{key!r}] must be a number, "
+                         f"got {v!r}")
+    return float(v)
+
+
+def _orig(rp: dict, what: str) -> int:
+    v = rp.get("original_max_position_embeddings")
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"from_pretrained: {what} original_max_position_embeddings must be a "
+                         f"positive int, got {v!r}")
+    return v
+
+
+def default_max_seq_len(rp: dict, max_position_embeddings: int) -> int:
+    """max_position_embeddings, or half of it for dynamic NTK (see rope_from_parameters)."""
+    if rp["rope_type"] == "dynamic":
+        return max(1, max_position_embeddings // 2)
+    return max_position_embeddings
+
+
+def yarn_attention_factor(rp: dict, factor: float) -> float:
+    """transformers' YaRN attention factor: given, else the mscale ratio when mscale and
+    mscale_all_dim are both set, else 0.1 ln(factor) + 1."""
+    af = rp.get("attention_factor")
+    if af is not None:
+        return float(af)
+    ms, msa = rp.get("mscale"), rp.get("mscale_all_dim")
+    if ms and msa:
+        return yarn_mscale(factor, ms) / yarn_mscale(factor, msa)
+    return yarn_mscale(factor)
+
+
+def rope_from_parameters(rp: dict, *, dim: int, n_heads: int, head_dim: int, max_seq_len: int,
+                         max_position_embeddings: int, interleaved: bool, device: DeviceRef,
+                         deepseek: bool = False) -> RotaryEmbedding:
+    """The rotary embedding that computes what transformers computes for `rp` (a layer's
+    standardized rope_parameters), its table [2 * max_seq_len, head_dim].
+
+    Dynamic NTK rescales every frequency by the running sequence length once a sequence passes
+    max_position_embeddings, which no per-position table can hold: it is accepted only while
+    the whole table (2 * max_seq_len rows) stays below max_position_embeddings, where it is the
+    plain RoPE.
+    """
+    kind, theta = rp["rope_type"], _num(rp, "rope_theta", "the")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"from_pretrained: unsupported rope_type {kind!r}; supported: "
+                         f"{list(ROPE_TYPES)}")
+    common = dict(head_dim=head_dim, interleaved=interleaved, device=device)
+    if kind == "default":
+        return RotaryEmbedding(dim, n_heads, theta, max_seq_len, **common)
+    if kind == "linear":
+        return RotaryEmbedding(dim, n_heads, theta, max_seq_len, **common,
+                               scaling_params=LinearScalingParams(_num(rp, "factor", "linear")))
+    if kind == "dynamic":
+        if 2 * max_seq_len > max_position_embeddings:
+            raise ValueError(
+                f"from_pretrained: rope_type 'dynamic' (NTK) rescales all frequencies with the "
+                f"running sequence length past max_position_embeddings = "
+                f"{max_position_embeddings}; a fixed table cannot represent that. Its table "
+                f"holds 2 * max_seq_len = {2 * max_seq_len} positions: pass max_seq_len <= "
+                f"{max_position_embeddings // 2}")
+        return RotaryEmbedding(dim, n_heads, theta, max_seq_len, **common)
+    if kind == "llama3":
+        p = Llama3RopeScalingParams(_num(rp, "factor", "llama3"),
+                                    _num(rp, "low_freq_factor", "llama3"),
+                                    _num(rp, "high_freq_factor", "llama3"),
+                                    _orig(rp, "llama3"))
+        return Llama3RotaryEmbedding(dim, n_heads, theta, max_seq_len, scaling_params=p, **common)
+    orig = _orig(rp, kind)
+    if kind == "yarn":
+        factor = rp.get("factor")
+        factor = max_position_embeddings / orig if factor is None else _num(rp, "factor", "yarn")
+        af = yarn_attention_factor(rp, factor)
+        beta_fast, beta_slow = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+        truncate = rp.get("truncate", True)
+        if deepseek:
+            p = DeepseekYarnRopeScalingParams(factor, orig, beta_fast, beta_slow,
+                                              float(rp.get("mscale") or 1.0),
+                                              float(rp.get("mscale_all_dim") or 0.0),
+                                              truncate=truncate, attention_factor=af)
+            return DeepseekYarnRotaryEmbedding(dim, n_heads, theta, max_seq_len,
+                                               scaling_params=p, **common)
+        p = YarnScalingParams(factor, beta_fast, beta_slow, orig, truncate, attention_factor=af)
+        return YarnRotaryEmbedding(dim, n_heads, theta, max_seq_len, scaling_params=p, **common)
+    # longrope
+    factor = rp.get("factor")
+    factor = max_position_embeddings / orig if factor is None else float(factor)
+    af = rp.get("attention_factor")
+    if af is None:
+        af = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    for key in ("short_factor", "long_factor"):
+        f = rp.get(key)
+        if not isinstance(f, list) or len(f) != head_dim // 2:
+            raise ValueError(f"from_pretrained: longrope {key} must list head_dim / 2 = "
+                             f"{head_dim // 2} numbers, got {f!r}")
+    p = LongRoPEScalingParams(rp["short_factor"], rp["long_factor"], orig,
+                              max_position_embeddings, attention_factor=float(af))
+    return LongRoPERotaryEmbedding(dim, n_heads, theta, max_seq_len, scaling_params=p, **common)

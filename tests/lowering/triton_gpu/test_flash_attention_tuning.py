@@ -1,0 +1,254 @@
+"""The prefill kernel as a tuner family, without a GPU: its candidates and names, the plan
+variants a table produces (routed by batch x query tiles, run under the interpreter against
+the numpy interpreter), `tune()` with a fake timing function, and the measurer's launch and
+check run through Triton's interpreter on its own random problem."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from graphir import BufferType, DType, Graph, TensorType, ops
+from graphir.lowering.triton_gpu import tuning
+from graphir.lowering.triton_gpu.backend import lower
+from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc
+from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as ft
+from graphir.runtime.interpreter import run
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
+
+FACTS = ft.make_facts("bf16", 32, 8, 128, 128, "CAUSAL")
+BUCKETS = [b for b, _ in ft.BUCKETS]
+
+
+def table(entries, dtype="bf16", key="D=128,mask=CAUSAL"):
+    return {"version": 1, "families": {"prefill": {dtype: {key: entries}}}}
+
+
+def test_candidates_names_and_eligibility():
+    fam = tuning.family("prefill")
+    cands = fam.candidates("large", FACTS)
+    assert cands[0] == fam.default("large", FACTS) and cands[0]["name"] == "m128n64w8s3tmar128"
+    assert len({c["name"] for c in cands}) == len(cands) >= 4
+    for c in cands:
+        assert fc.get(c["name"]) == c  # names round-trip
+    # A page that cannot hold a 128-key block has no TMA at BLOCK_N 128.
+    small_page = dict(FACTS, page=64)
+    assert not fam.eligible(fc.get("m128n128w8s2tma"), small_page)
+    assert fam.eligible(fc.get("m128n128w8s2"), small_page)
+    assert fam.eligible(fc.get("m128n64w8s3tmar128"), small_page)
+    assert fam.candidates("t8", ft.make_facts("fp32", 8, 8, 128, 128, "NULL"))[0]["name"] == \
+        "m64n32w4s2"
+    with pytest.raises(ValueError, match="not a flash attention config name"):
+        fc.get("m128n128")
+    with pytest.raises(ValueError, match="maxnreg must be None or an int"):
+        fc.get("m128n64w8s3r300")
+
+
+def test_table_lookup_by_head_dim_and_mask():
+    shipped = table({"t8": "m64n64w4s3tma", "large": "m128n128w8s2tma"})
+    tuning.validate_table(shipped)
+    sel = tuning.Selector([("default table", shipped)])
+    got = {c.bucket: (c.config["name"], c.source) for c in sel.choose("prefill", FACTS)}
+    assert got == {"t8": ("m64n64w4s3tma", "default table"),
+                   "t64": ("m128n64w8s3tmar128", "built-in"),
+                   "large": ("m128n128w8s2tma", "default table")}
+    other = {c.bucket: c.source for c in sel.choose("prefill", dict(FACTS, mask="NULL"))}
+    assert set(other.values()) == {"built-in"}
+    # A choice the page cannot run is skipped.
+    paged = {c.bucket: c.config["name"] for c in sel.choose("prefill", dict(FACTS, page=32))}
+    assert paged["t8"] == fc.config_tag(fc.default_config(128, 32))
+    with pytest.raises(tuning.TuningError, match="unknown bucket"):
+        tuning.validate_table(table({"t9": "m64n64w4s3tma"}))
+
+
+def test_plan_variants_fold_equal_choices():
+    class Ch:
+        def __init__(self, bucket, name):
+            self.bucket, self.config = bucket, {"name": name}
+
+    same = ft.plan_variants([Ch("t8", "a"), Ch("t64", "a"), Ch("large", "a")], "b", "s")
+    assert [c for c, _ in same] == [None]
+    mixed = ft.plan_variants([Ch("t8", "a"), Ch("t64", "b"), Ch("large", "b")], "b", "s")
+    assert [c for c, _ in mixed] == ["(b) * cdiv(s, 128) <= 8", None]
+    three = ft.plan_variants([Ch("t8", "a"), Ch("t64", "b"), Ch("large", "a")], "b", "s")
+    assert [(c, ch.config["name"]) for c, ch in three] == [
+        ("(b) * cdiv(s, 128) <= 8", "a"), ("(b) * cdiv(s, 128) <= 64", "b"), (None, "a")]
+
+
+NH, NKV, D, L, PAGE = 4, 2, 16, 2, 64
+
+
+def attention_graph():
+    F32, U32 = DType.float32, DType.uint32
+    types = [TensorType(F32, ["t", NH * D]), BufferType(F32, ["p", 2, L, PAGE, NKV, D]),
+             TensorType(U32, ["b + 1"]), TensorType(U32, ["b"]), TensorType(U32, ["b", "m"])]
+    with Graph("prefill", input_types=types) as g:
+        q, bl, o, c, lt = g.inputs
+        g.output(ops.flash_attention_ragged(q, bl, o, c, lt, n_heads=NH, n_kv_heads=NKV,
+                                            head_dim=D, layer_idx=1, mask_variant="causal"))
+    return g
+
+
+def test_tuned_plan_routes_by_query_tiles_under_the_interpreter():
+    from graphir.runtime.cuda.executor import PlanExecutor
+    from tests.lowering.triton_gpu.test_backend_interp import InterpDevice
+
+    shipped = table({"t8": "m64n32w4s2tma", "t64": "m32n32w4s2"}, "fp32", f"D={D}")
+    g = attention_graph()
+    with tuning.using(tuning.Selector([("default table", shipped)])):
+        program = lower(g)
+    (step,) = [s for s in program.plan.steps if s.op == "flash_attention_ragged"]
+    prefill = [v for v in step.attrs["variants"]
+               if program.kernels[v["ops"][0]["launch"]].name.startswith("flash_attention")]
+    m = re.fullmatch(r"\((.+)\) \* cdiv\((rt_seqmax_\w+), 128\) <= 8", prefill[0]["when"])
+    assert m, prefill[0]["when"]
+    assert [v["when"] for v in prefill[1:]] == [f"({m[1]}) * cdiv({m[2]}, 128) <= 64", None]
+    dev = InterpDevice(program)
+    ex = PlanExecutor(program.plan.to_json(), g, dev, {})
+    rng = np.random.default_rng(7)
+    seen = {}
+    # batch x cdiv(seqmax, 128): 1x1, 2x3 (<= 8: t8); 3x3 (t64); 70x1 would be large.
+    for new, cache in (([90], [10]), ([300, 5], [0, 40]), ([260, 17, 140], [3, 0, 0])):
+        total = [c + n for c, n in zip(cache, new)]
+        need = [-(-t // PAGE) for t in total]
+        order = rng.permutation(sum(need) + 1)
+        lut = np.full((len(new), max(need) + 1), order[-1], np.uint32)
+        k = 0
+        for b, n in enumerate(need):
+            lut[b, :n] = order[k:k + n]
+            k += n
+        args = [rng.standard_normal((sum(new), NH * D)).astype(np.float32),
+                rng.standard_normal((sum(need) + 1, 2, L, PAGE, NKV, D)).astype(np.float32),
+                np.concatenate([[0], np.cumsum(new)]).astype(np.uint32),
+                np.asarray(cache, np.uint32), lut]
+        want = run(g, *[a.copy() for a in args])[0]
+        dev.launched.clear()
+        got = ex.execute(*[a.copy() for a in args])[0]
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+        seen[len(new)] = list(dev.launched)
+    assert seen[1] == seen[2] == ["flash_attention_fp32_mask1_m64n32w4s2tma"]
+    assert seen[3] == ["flash_attention_fp32_mask1_m32n32w4s2"]
+
+
+class FakeMeasure:
+    """Times from a formula: BLOCK_N 128 fastest on large problems, BLOCK_M 64 on small."""
+
+    def __init__(self, fail=()):
+        self.fail, self.calls = set(fail), []
+
+    def __call__(self, fam, facts, cfg, size):
+        self.calls.append((cfg["name"], size))
+        if cfg["name"] in self.fail:
+            raise RuntimeError("out of resources")
+        small = size[0] * size[1] <= 2048
+        ms = 1.0 - (0.1 if (cfg["BLOCK_M"] == 64) == small else 0) \
+            - (0.05 if cfg["BLOCK_N"] == 128 else 0) - (0.01 if cfg["USE_TMA"] else 0)
+        return {"ms": ms, "rel_err": 4e-3}
+
+
+def test_tune_times_every_bucket_and_the_plan_takes_the_winners():
+    sel = tuning.Selector([("default table", {"version": 1, "families": {}})])
+    with tuning.using(sel):
+        lower(attention_graph_bf16())
+    (site,) = [s for s in sel.sites if s.family == "prefill"]
+    assert site.facts == ft.make_facts("bf16", 8, 2, 128, 128, "CAUSAL")
+    m = FakeMeasure(fail={"m64n64w4s3"})
+    t = tuning.tune([site], m, "Fake GPU")
+    tuning.validate_table(t)
+    entry = t["families"]["prefill"]["bf16"][ft.shape_key(site.facts)]
+    assert sorted(entry) == sorted(BUCKETS)
+    assert {s for _, s in m.calls} == set(ft.TUNE_SIZE.values())
+    assert entry["t8"]["config"] == "m64n64w4s3tma"
+    assert entry["large"]["config"] == "m128n128w8s2tma"
+    assert any("out of resources" in c.get("error", "") for c in entry["t8"]["candidates"])
+    with tuning.using(tuning.Selector([("tuned", t)])):
+        program = lower(attention_graph_bf16())
+    names = {s.name for s in program.kernels.values() if s.name.startswith("flash")}
+    assert names == {"flash_attention_bf16_mask1_m64n64w4s3tma",
+                     "flash_attention_bf16_mask1_m128n128w8s2tma"}
+
+
+def attention_graph_bf16():
+    B16, U32 = DType.bfloat16, DType.uint32
+    types = [TensorType(B16, ["t", 8 * 128]), BufferType(B16, ["p", 2, 1, 128, 2, 128]),
+             TensorType(U32, ["b + 1"]), TensorType(U32, ["b"]), TensorType(U32, ["b", "m"])]
+    with Graph("prefill16", input_types=types) as g:
+        q, bl, o, c, lt = g.inputs
+        g.output(ops.flash_attention_ragged(q, bl, o, c, lt, n_heads=8, n_kv_heads=2,
+                                            head_dim=128, layer_idx=0, mask_variant="causal"))
+    return g
+
+
+@pytest.mark.parametrize("mask,window", [("CAUSAL", 1), ("SLIDING_WINDOW_CAUSAL", 37)])
+def test_measurer_launch_and_check_on_the_interpreter(mask, window):
+    # What GpuMeasurer does with the family's launches and bench, through Triton's interpreter
+    # on a small problem: the check accepts the kernel's output and rejects wrong or NaN ones.
+    facts = ft.make_facts("bf16", 4, 2, 16, 16, mask, window)
+    size = (2, 150)
+    conf = fc.get("m32n32w4s2")
+    plan = ft.tuning_launches(conf, facts, size)
+    case = ft.bench(facts, size, seed=3)
+    host = {n: s["make"]() for n, s in case["inputs"].items()}
+    dev = {n: (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+               if a.dtype == np.uint16 else torch.from_numpy(a)) for n, a in host.items()}
+    (shape, _), = [(o["shape"], o["dtype"]) for o in case["outputs"].values()]
+    out = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    vals = dict(dev, out=out, **case["ints"])
+    ((i, grid, args),) = plan["ops"]
+    spec = plan["specs"][i]
+    spec.fn[grid](*[vals[a] for a in args], **spec.constexprs, num_warps=spec.num_warps,
+                  num_stages=spec.num_stages)
+    raw = out.view(torch.int16).numpy().view(np.uint16)
+    err = case["check"]({"out": raw}, host)
+    assert err < 1e-2
+    assert case["check"]({"out": raw[::-1].copy()}, host) > 0.3  # rows swapped
+    nan = raw.copy()
+    nan[0, 0] = 0x7FC0
+    assert case["check"]({"out": nan}, host) == float("inf")
+
+
+def test_untuned_compiles_take_the_measured_prefill_table():
+    t = tuning.load_table()
+    assert "H200 sweep run 4, 2026-12-02" in t["provenance"]["prefill"]
+    shipped = t["families"]["prefill"]["bf16"]
+    for key in ("D=128,mask=CAUSAL", "D=128,mask=NULL", "D=128,mask=SLIDING_WINDOW_CAUSAL",
+                "D=64,mask=CAUSAL"):
+        for choice in shipped[key].values():
+            assert choice["config"] == "m128n64w8s3tmar128"
+            rows = [r for r in choice["candidates"] if r["config"] == choice["config"]]
+            assert rows and all(r["rel_err"] < 2e-3 and r["tflops"] > 0 for r in rows)
+    got = {c.bucket: (c.config["name"], c.source) for c in tuning.select("prefill", FACTS)}
+    assert got == {b: ("m128n64w8s3tmar128", "default table") for b in BUCKETS}
+    # A page that cannot hold a 64-key block skips the TMA entry: the built-in gather config.
+    small = {c.config["name"] for c in tuning.select("prefill", dict(FACTS, page=16))}
+    assert small == {"m128n64w8s3r128"}
+    # The shipped choice is the built-in default, so the kernel keeps its plain name.
+    program = lower(attention_graph_bf16())
+    names = {s.name for s in program.kernels.values() if s.name.startswith("flash")}
+    assert names == {"flash_attention_bf16_mask1"}
+
+
+def test_tune_never_picks_a_candidate_that_fails_its_check():
+    # Fast but wrong (rel err 0.28 as the GPU measured the removed loop, or inf for NaN or
+    # non-finite output): recorded, never the winner.
+    class Wrong(FakeMeasure):
+        def __call__(self, fam, facts, cfg, size):
+            r = super().__call__(fam, facts, cfg, size)
+            if cfg["name"] == "m128n128w8s2tma":
+                return {"ms": 0.01, "rel_err": 0.278}
+            if cfg["name"] == "m64n64w4s3tma":
+                return {"ms": float("inf"), "rel_err": float("inf")}
+            return r
+
+    sel = tuning.Selector([("default table", {"version": 1, "families": {}})])
+    with tuning.using(sel):
+        lower(attention_graph_bf16())
+    (site,) = [s for s in sel.sites if s.family == "prefill"]
+    t = tuning.tune([site], Wrong(), "Fake GPU")
+    for bucket, entry in t["families"]["prefill"]["bf16"][ft.shape_key(site.facts)].items():
+        assert entry["config"] not in ("m128n128w8s2tma", "m64n64w4s3tma"), bucket
+        bad = {r["config"]: r for r in entry["candidates"]
+               if r["config"] in ("m128n128w8s2tma", "m64n64w4s3tma")}
+        assert all("error" in r for r in bad.values()) and len(bad) == 2

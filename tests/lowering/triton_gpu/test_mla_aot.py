@@ -1,0 +1,58 @@
+"""The MLA kernels compile offline (no GPU) to sm_90 cubins for DeepSeek's sizes (kv_lora_rank
+512, rope 64, nope 128, v 128) at 16, 32 and 128 heads, pages of 64 and 128: within Hopper's
+shared memory, no spills, the latent cache tiles of the absorbed kernel read through cp.async
+(a key block lies in one page), the 64-row tile on wgmma."""
+
+import pytest
+
+from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+from tests.lowering.triton_gpu.test_quant_aot import RESOURCES
+
+SCRIPT = RESOURCES + r"""
+import json
+from graphir.lowering.triton_gpu import aot
+from graphir.lowering.triton_gpu.kernels import mla as mk, mla_decode as md, mla_prefill as mp
+
+jobs = [("store", mk.cache_store_spec("bfloat16", "bfloat16", 512, 64, 1, 64, True)),
+        ("store2", mk.cache_store_spec("float16", "float16", 512, 64, 2, 128, False)),
+        ("plan", mk.prefill_plan_spec())]
+for nh, page in ((16, 64), (32, 128), (128, 64)):
+    for s in md.specs("bfloat16", "bfloat16", nh, 128, 64, 128, 512, 1, page):
+        jobs.append((f"h{nh}p{page}", s))
+for s in mp.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64):
+    jobs.append(("prefill", s))
+out = {}
+for label, s in jobs:
+    c = aot.compile_spec(s)
+    out[f"{label}/{s.name}"] = dict(shared=c.shared, magic=c.cubin[:4].hex(),
+                                     res=resources(c.cubin), cp_async=c.ptx.count("cp.async"),
+                                     wgmma=c.ptx.count("wgmma.mma_async"),
+                                     mma=c.ptx.count("mma.sync"))
+print("JSON" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return run_compiled_mode(SCRIPT, tmp_path_factory, timeout=900)
+
+
+def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
+    from graphir.lowering.triton_gpu.aot import MAX_SHARED_SM90
+
+    assert len(compiled) == 3 + 9 + 2
+    for name, c in compiled.items():
+        assert c["magic"] == "7f454c46", name
+        assert c["shared"] <= MAX_SHARED_SM90, (name, c["shared"])
+        if c["res"] is not None:
+            assert c["res"][1:] == [0, 0], (name, c["res"])
+
+
+def test_latent_cache_streams_through_async_copies(compiled):
+    absorbed = {k: v for k, v in compiled.items() if "/mla_absorbed_bf16" in k}
+    assert len(absorbed) == 3
+    for name, c in absorbed.items():
+        assert c["cp_async"] > 0, name
+    assert compiled["h128p64/mla_absorbed_bf16_m64n16"]["wgmma"] > 0
+    for name in ("prefill/mla_decompress_bf16", "prefill/mla_prefill_attn_bf16"):
+        assert compiled[name]["wgmma"] > 0 and compiled[name]["cp_async"] > 0, name

@@ -1,0 +1,79 @@
+"""flash_attention_ragged's cuda plan on the CPU: the decode variants (direct write, split plus
+reduce, one kernel per query-tile height) and the prefill fallback, run by the plan executor
+through Triton's interpreter against the numpy interpreter."""
+
+import numpy as np
+import pytest
+
+from graphir import BufferType, DType, Graph, TensorType, ops
+from graphir.runtime.interpreter import run
+from tests.lowering.triton_gpu.test_backend_interp import interp_executor
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
+
+U32, F32 = DType.uint32, DType.float32
+NH, NKV, D, L = 8, 2, 16, 2
+
+
+def build(page, mask="causal", window=None):
+    types = [TensorType(F32, ["t", NH * D]), BufferType(F32, ["p", 2, L, page, NKV, D]),
+             TensorType(U32, ["b + 1"]), TensorType(U32, ["b"]), TensorType(U32, ["b", "m"])]
+    with Graph("decode", input_types=types) as g:
+        q, bl, o, c, lt = g.inputs
+        g.output(ops.flash_attention_ragged(q, bl, o, c, lt, n_heads=NH, n_kv_heads=NKV,
+                                            head_dim=D, layer_idx=1, mask_variant=mask,
+                                            window=window))
+    return g
+
+
+def step(rng, page, new, cache):
+    total = [c + n for c, n in zip(cache, new)]
+    need = [-(-t // page) for t in total]
+    pages = sum(need) + 1
+    order = rng.permutation(pages)
+    lut = np.full((len(new), max(need) + 1), order[-1], np.uint32)
+    k = 0
+    for b, n in enumerate(need):
+        lut[b, :n] = order[k:k + n]
+        k += n
+    blocks = rng.standard_normal((pages, 2, L, page, NKV, D)).astype(np.float32)
+    q = rng.standard_normal((sum(new), NH * D)).astype(np.float32)
+    offs = np.concatenate([[0], np.cumsum(new)]).astype(np.uint32)
+    return [q, blocks, offs, np.asarray(cache, np.uint32), lut]
+
+
+# (new tokens, cache lengths) -> kernels launched; group 4 builds decode kernels for up to 4
+# (16-row tile, no name suffix) and 8 (32 rows, `_q8`) new tokens per sequence.
+STEPS = [
+    ([1, 1, 0], [40, 200, 7], ["paged_decode_partial_fp32_mask1"]),
+    ([1, 1, 1], [300, 5, 0], ["paged_decode_partial_fp32_mask1", "paged_decode_reduce_fp32"]),
+    ([3, 1, 4], [20, 0, 33], ["paged_decode_partial_fp32_mask1"]),
+    ([6, 2, 1], [290, 17, 64], ["paged_decode_partial_fp32_mask1_q8",
+                                "paged_decode_reduce_fp32"]),
+    ([9, 1, 1], [3, 50, 0], ["flash_attention_fp32_mask1"]),
+]
+
+
+@pytest.mark.parametrize("page", [16, 64])
+def test_decode_variants_match_the_interpreter(page):
+    g = build(page)
+    ex, dev = interp_executor(g, {})
+    rng = np.random.default_rng(page)
+    for new, cache, kernels in STEPS:
+        args = step(rng, page, new, cache)
+        want = run(g, *[a.copy() for a in args])[0]
+        dev.launched.clear()
+        got = ex.execute(*[a.copy() for a in args])[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert dev.launched == kernels, (new, cache)
+
+
+def test_sliding_window_decode_through_the_plan():
+    g = build(16, "sliding_window_causal", 40)
+    ex, dev = interp_executor(g, {})
+    rng = np.random.default_rng(5)
+    args = step(rng, 16, [2, 1], [280, 90])
+    want = run(g, *[a.copy() for a in args])[0]
+    np.testing.assert_allclose(ex.execute(*[a.copy() for a in args])[0], want, rtol=1e-5,
+                               atol=1e-5)
+    assert dev.launched[0] == "paged_decode_partial_fp32_mask2"

@@ -1,0 +1,83 @@
+"""The quantized matmul kernels compile offline (no GPU) to sm_90 cubins: every GGUF encoding's
+decoder, every row bucket's tile config, GPTQ 4- and 8-bit with zeros and desc_act; each fits
+Hopper's shared memory and spills nothing; GPTQ's packed words stream through cp.async."""
+
+import pytest
+
+from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+
+RESOURCES = r"""
+import os, re, subprocess, tempfile
+import triton
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def resources(cubin):
+    if not os.path.exists(BIN):
+        return None
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True,
+                             timeout=60).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return [int(x) for x in m.groups()]
+"""
+
+SCRIPT = RESOURCES + r"""
+import json
+from graphir.lowering.triton_gpu import aot
+from graphir.lowering.triton_gpu.kernels import quant as qk, quant_gptq as gk
+from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS
+
+jobs = []
+for enc in FORMATS:
+    k = 4096
+    jobs.append((f"{enc}/m1", qk.matmul_specs(enc, "bfloat16", qk.config_for(1, enc, 4096, k))))
+for enc in ("Q4_K", "Q6_K", "Q3_K"):
+    for m in (64, None):
+        jobs.append((f"{enc}/m{m}", qk.matmul_specs(enc, "bfloat16", qk.config_for(m, enc, 4096, 4096))))
+jobs.append(("Q8_0/fp32", qk.matmul_specs("Q8_0", "float32", qk.config_for(1, "Q8_0", 4096, 4096))))
+jobs.append(("Q4_0/fp16", qk.matmul_specs("Q4_0", "float16", qk.config_for(64, "Q4_0", 4096, 4096))))
+jobs.append(("dequant", [qk.dequant_spec("Q4_K"), qk.dequant_spec("Q5_0")]))
+for m in (1, 64, None):
+    for bits, z, perm in ((4, False, False), (4, True, True), (8, True, True)):
+        conf = gk.config_for(m, 4096, 4096, bits)
+        jobs.append((f"gptq{bits}{'z' if z else ''}{'p' if perm else ''}/m{m}",
+                     gk.matmul_specs("bfloat16", conf, bits=bits, has_zeros=z, has_perm=perm)))
+out = {}
+for label, specs in jobs:
+    for s in specs:
+        c = aot.compile_spec(s)
+        out[f"{label}/{s.name}"] = dict(shared=c.shared, magic=c.cubin[:4].hex(),
+                                         res=resources(c.cubin), cp_async=c.ptx.count("cp.async"),
+                                         wgmma=c.ptx.count("wgmma.mma_async"),
+                                         mma=c.ptx.count("mma.sync"))
+print("JSON" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return run_compiled_mode(SCRIPT, tmp_path_factory, timeout=1500)
+
+
+def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
+    from graphir.lowering.triton_gpu.aot import MAX_SHARED_SM90
+
+    assert len(compiled) >= 40
+    for name, c in compiled.items():
+        assert c["magic"] == "7f454c46", name          # an ELF cubin
+        assert c["shared"] <= MAX_SHARED_SM90, (name, c["shared"])
+        if c["res"] is not None:
+            reg, stack, local = c["res"]
+            assert stack == 0 and local == 0, (name, c["res"])
+
+
+def test_tensor_cores_and_async_copies(compiled):
+    for name, c in compiled.items():
+        if "matmul" in name:
+            assert c["wgmma"] + c["mma"] > 0, name   # the decoded tile goes to the tensor cores
+        if name.startswith("gptq") and "matmul" in name:
+            assert c["cp_async"] > 0, name           # dense packed words: pipelined copies

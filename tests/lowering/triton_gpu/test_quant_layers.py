@@ -1,0 +1,79 @@
+"""Quantized attention layers through the whole cuda backend on the CPU: GGUFQAttentionWithRope
+(every quantized encoding) and GPTQAttentionWithRope lowered for cuda, their plans run by the
+plan runner on torch CPU tensors with the kernels under Triton's interpreter
+(test_backend_interp.InterpDevice), step by step through tests/nn/harness.py's SCHEDULE
+(ragged prefill, decode steps, a mixed chunk) against the reference interpreter; and no plan
+has a host step left: qmatmul runs as kernels."""
+import numpy as np
+import pytest
+
+from graphir.runtime.interpreter import run
+from tests.lowering.triton_gpu.test_backend_interp import interp_executor
+from tests.nn.harness import LAYER, SCHEDULE, layer_graph
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
+
+
+def run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float):
+    """Drive the layer through SCHEDULE with the interpreted plan and the reference; returns the
+    plan runner (for its steps) and the kernels it launched."""
+    ex, dev = interp_executor(graph, weights)
+    m_gpu, m_ref = manager(), manager()
+    untouched = m_gpu.blocks[:, :, 1 - LAYER].copy()
+    rng = np.random.default_rng(seed)
+    for seqs, counts in SCHEDULE:
+        x = rng.standard_normal((sum(counts), hidden)).astype(np.float32)
+        outs = []
+        for m, fn in ((m_gpu, ex.execute), (m_ref, lambda *a: run(graph, *a, weights=weights))):
+            st = m.prepare_step(seqs, counts)
+            blocks = m.blocks
+            (y,) = fn(x, st.input_row_offsets, blocks, st.cache_lengths, st.lookup_table,
+                      st.max_lengths)
+            m.commit_step(st)
+            outs.append(y)
+        scale = max(1.0, float(np.abs(outs[1]).max()))
+        np.testing.assert_allclose(outs[0], outs[1], rtol=tol, atol=tol * scale)
+        np.testing.assert_allclose(m_gpu.blocks, m_ref.blocks, rtol=tol, atol=tol)
+    assert np.array_equal(m_gpu.blocks[:, :, 1 - LAYER], untouched)
+    return ex, dev
+
+
+def no_host_steps(ex) -> None:
+    kinds = {s["op"]: s["kernel"] for s in ex.steps}
+    assert "host_runtime" not in kinds.values(), kinds
+
+
+@pytest.mark.parametrize("enc", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                                 "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_attention_layer(enc):
+    from graphir.ops.quant.gguf_quantize import quantize_gguf
+    from tests.nn import test_gguf_attention as tg
+
+    rope, kvp, quant, _ = tg.layers(enc)
+    rng = np.random.default_rng(1)
+    sd = {}
+    for ours, (_, out, n_in) in tg.NAMES.items():
+        w = (rng.standard_normal((out, n_in)) * 0.08).astype(np.float32)
+        sd[f"{ours}.weight"] = quantize_gguf(w, enc)
+    quant.load_state_dict(sd)
+    g = layer_graph(quant, rope, kvp)
+    ex, dev = run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-4)
+    no_host_steps(ex)
+    assert any(k.startswith(f"gguf_{enc.lower()}_matmul") for k in dev.launched)
+
+
+@pytest.mark.parametrize("bits,sym,desc", [(4, False, True), (4, True, False), (8, True, True)])
+def test_gptq_attention_layer(bits, sym, desc):
+    from graphir.ops import QuantizationConfig
+    from tests.nn import test_gptq_attention as tq
+
+    tensors, _ = tq.checkpoint(5, 64, sym, desc, bits=bits)
+    cfg = QuantizationConfig(group_size=64, desc_act=desc, sym=sym, bits=bits)
+    rope, kvp, quant, _ = tq.build(cfg)
+    quant.load_state_dict({k[len(tq.PREFIX):]: v for k, v in tensors.items()
+                           if k.startswith(tq.PREFIX)})
+    g = layer_graph(quant, rope, kvp)
+    assert str(g).count("gir.qmatmul") == 2
+    ex, dev = run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-4)
+    no_host_steps(ex)
+    assert sum(k.startswith(f"gptq_{bits}b") for k in dev.launched) >= 2 * len(SCHEDULE)

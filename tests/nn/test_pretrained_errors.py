@@ -1,0 +1,168 @@
+"""from_pretrained's errors: missing or broken files, unknown architectures, layer indices out of
+range, config options graphir's layers cannot represent, checkpoints whose tensors do not fit.
+Checkpoints here are written by hand (config.json + safetensors), no transformers needed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from graphir import DType
+from graphir.nn import KVCacheParams, from_pretrained
+
+D, NH, NKV, HIDDEN = 16, 4, 2, 64
+
+
+def llama_config(**changes) -> dict:
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=HIDDEN,
+               num_attention_heads=NH, num_key_value_heads=NKV, head_dim=D, num_hidden_layers=2,
+               max_position_embeddings=64, rms_norm_eps=1e-6, attention_bias=False,
+               rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    cfg.update(changes)
+    return cfg
+
+
+def attention_tensors(rng, prefix="model.layers.{i}.self_attn.", layers=2, norms=False):
+    out = {}
+    for i in range(layers):
+        p = prefix.format(i=i)
+        for name, rows in (("q_proj", NH * D), ("k_proj", NKV * D), ("v_proj", NKV * D)):
+            out[p + name + ".weight"] = rng.standard_normal((rows, HIDDEN)).astype(np.float32)
+        out[p + "o_proj.weight"] = rng.standard_normal((HIDDEN, NH * D)).astype(np.float32)
+        if norms:
+            out[p + "q_norm.weight"] = rng.standard_normal(D).astype(np.float32)
+            out[p + "k_norm.weight"] = rng.standard_normal(D).astype(np.float32)
+    return out
+
+
+def write_checkpoint(path, cfg: dict, tensors: dict | None = None, seed: int = 0):
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    if tensors is None:
+        tensors = attention_tensors(np.random.default_rng(seed))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def test_files_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model directory at"):
+        from_pretrained(tmp_path / "nowhere", 0)
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
+        from_pretrained(tmp_path, 0)
+    (tmp_path / "config.json").write_text(json.dumps(llama_config()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors or model.safetensors."
+                                                r"index.json in .*found \['pytorch_model.bin'\]"):
+        from_pretrained(tmp_path, 0)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.layers.0.self_attn.q_proj.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="names the shard 'model-00001-of-00002"
+                                                ".safetensors', which is missing"):
+        from_pretrained(tmp_path, 0)
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a safetensors index"):
+        from_pretrained(tmp_path, 0)
+
+
+def test_broken_safetensors(tmp_path):
+    write_checkpoint(tmp_path, llama_config())
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        from_pretrained(tmp_path, 0)
+    t = attention_tensors(np.random.default_rng(1))
+    t["model.layers.0.self_attn.q_proj.weight"] = np.ones((NH * D, HIDDEN), np.int8)
+    write_checkpoint(tmp_path, llama_config(), t)
+    with pytest.raises(ValueError, match="stored as I8; only .* are read"):
+        from_pretrained(tmp_path, 0, dtype=DType.float32)
+
+
+def test_unknown_architecture_names_the_supported_ones(tmp_path):
+    write_checkpoint(tmp_path, llama_config(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2' \(architectures "
+                                         r"\['GPT2LMHeadModel'\]\); supported: \['deepseek_v3', "
+                                         r"'gemma2', 'gemma3', 'gemma3_text', 'llama', "):
+        from_pretrained(tmp_path, 0)
+
+
+@pytest.mark.parametrize("idx", [2, -1, True, 1.0])
+def test_layer_index_out_of_range(tmp_path, idx):
+    write_checkpoint(tmp_path, llama_config())
+    with pytest.raises(ValueError, match=rf"layer_idx {idx!r} is out of range: this llama model "
+                                         r"has 2 layers \(0 .. 1\)"):
+        from_pretrained(tmp_path, idx)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(attention_bias=True), r"sets attention_bias = true \(o_proj has no bias"),
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+     "sets partial_rotary_factor = 0.5"),
+    (dict(rope_parameters=dict(rope_type="proportional", rope_theta=1e4)),
+     r"unsupported rope_type 'proportional'; supported: \['default', 'linear', 'dynamic', "
+     r"'llama3', 'yarn', 'longrope'\]"),
+    (dict(quantization_config={"quant_method": "gptq"}),
+     "describes a quantized checkpoint \\(quant_method 'gptq'\\)"),
+    (dict(model_type="qwen3", layer_types=["full_attention", "chunked_attention"]),
+     r"sets layer_types\[1\] = 'chunked_attention'"),
+    (dict(model_type="gemma3_text", attn_logit_softcapping=30.0, query_pre_attn_scalar=16),
+     "attn_logit_softcapping = 30.0 \\(transformers' Gemma 3 attention does not apply it\\)"),
+    (dict(model_type="gemma2", use_bidirectional_attention=True, query_pre_attn_scalar=16),
+     "use_bidirectional_attention = true"),
+    (dict(model_type="phi3", rope_parameters=dict(
+        rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 7, long_factor=[2.0] * 8),
+        original_max_position_embeddings=16),
+     r"longrope short_factor must list head_dim / 2 = 8 numbers"),
+    (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int, got 0"),
+])
+def test_unsupported_config_options(tmp_path, changes, match):
+    write_checkpoint(tmp_path, llama_config(**changes))
+    with pytest.raises(ValueError, match=match):
+        from_pretrained(tmp_path, 1)
+
+
+def test_dynamic_rope_only_where_it_is_plain(tmp_path):
+    write_checkpoint(tmp_path, llama_config(rope_parameters=dict(rope_type="dynamic",
+                                                                 rope_theta=1e4, factor=2.0)))
+    assert from_pretrained(tmp_path, 0).rope.max_seq_len == 32  # the default keeps it exact
+    with pytest.raises(ValueError, match=r"rope_type 'dynamic' \(NTK\).*holds 2 \* max_seq_len = "
+                                         r"66 positions: pass max_seq_len <= 32"):
+        from_pretrained(tmp_path, 0, max_seq_len=33)
+
+
+def test_bad_arguments(tmp_path):
+    write_checkpoint(tmp_path, llama_config())
+    with pytest.raises(ValueError, match=r"\['scale', 'sliding_window'\] come from config.json"):
+        from_pretrained(tmp_path, 0, scale=0.1, sliding_window=3)
+    kvp = KVCacheParams(dtype=DType.float32, n_kv_heads=4, head_dim=16)
+    with pytest.raises(ValueError, match="caches 2 KV heads of head_dim 16; kv_params has "
+                                         "n_kv_heads 4, head_dim 16"):
+        from_pretrained(tmp_path, 0, kv_params=kvp)
+    with pytest.raises(ValueError, match="dtype must be a float DType, got"):
+        from_pretrained(tmp_path, 0, dtype=DType.int32)
+    with pytest.raises(ValueError, match="devices must be a non-empty list of DeviceRef"):
+        from_pretrained(tmp_path, 0, devices=[])
+
+
+def test_checkpoint_tensors_must_fit_the_layer(tmp_path):
+    rng = np.random.default_rng(2)
+    t = attention_tensors(rng)
+    del t["model.layers.0.self_attn.k_proj.weight"]
+    t["model.layers.0.self_attn.o_proj.bias"] = rng.standard_normal(HIDDEN).astype(np.float32)
+    t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(D // 2, np.float32)  # ignored
+    write_checkpoint(tmp_path, llama_config(), t)
+    with pytest.raises(ValueError, match=r"layer 0 of this llama checkpoint: missing \['model."
+                                         r"layers.0.self_attn.k_proj.weight'\]; has \['model."
+                                         r"layers.0.self_attn.o_proj.bias'\] that "
+                                         r"AttentionWithRope cannot use"):
+        from_pretrained(tmp_path, 0)
+    assert from_pretrained(tmp_path, 1).hidden_size == HIDDEN  # layer 1 is whole
+    t["model.layers.1.self_attn.q_proj.weight"] = np.ones((NH * D + 1, HIDDEN), np.float32)
+    write_checkpoint(tmp_path, llama_config(), t)
+    with pytest.raises(ValueError, match=r"q_proj.weight': expected shape \[64, 64\], got "
+                                         r"\[65, 64\]"):
+        from_pretrained(tmp_path, 1)
+    write_checkpoint(tmp_path, llama_config(), {"model.embed.weight": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=r"has no tensors named model.layers.1.self_attn.\*"):
+        from_pretrained(tmp_path, 1)

@@ -1,0 +1,77 @@
+"""Kernel.prepare without a GPU: the parameters are packed once and every call of the
+prepared launch hands cuLaunchKernel the same packed array, grid, block and shared size on
+the stream it is given (a fake cuLaunchKernel records the calls)."""
+import ctypes
+
+import pytest
+
+from graphir.runtime.cuda import driver
+from graphir.runtime.cuda.kernel import Kernel, PreparedLaunch
+from graphir.runtime.cuda.module import LaunchSpec
+
+FAKE_PTR = 0x7F00_1234_5600
+
+
+class _FakeFunction:
+    handle, name, max_threads_per_block = 0xF00D, "fake", 1024
+
+    def set_max_dynamic_shared(self, n):
+        pass
+
+
+class _Calls(list):
+    rc = 0  # what the fake cuLaunchKernel returns
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls = _Calls()
+    real = driver.function
+    monkeypatch.setattr(driver, "function",
+                        lambda name: (lambda *a: calls.append(a) or calls.rc)
+                        if name == "cuLaunchKernel" else real(name))
+    return calls
+
+
+def test_prepared_launch_reuses_one_packed_array(launches):
+    k = Kernel(_FakeFunction(), LaunchSpec("k", ("ptr", "i32"), shared=4096, num_warps=8))
+    p = k.prepare((3, 2), [FAKE_PTR + 64, 77])
+    assert isinstance(p, PreparedLaunch)
+    for stream in (0, 0x55, 0x66):
+        p(stream)
+    assert len(launches) == 3
+    first = launches[0]
+    assert first[:8] == (0xF00D, 3, 2, 1, 256, 1, 1, 4096)
+    assert [c[8] for c in launches] == [0, 0x55, 0x66]
+    assert {c[9] for c in launches} == {p.params.pointer}
+    vals = ctypes.cast(first[9], ctypes.POINTER(ctypes.c_void_p * 4)).contents
+    assert ctypes.cast(vals[0], ctypes.POINTER(ctypes.c_uint64)).contents.value == FAKE_PTR + 64
+    assert ctypes.cast(vals[1], ctypes.POINTER(ctypes.c_int32)).contents.value == 77
+
+
+def test_an_empty_grid_launches_nothing_and_errors_name_the_kernel(launches):
+    k = Kernel(_FakeFunction(), LaunchSpec("k", ("i32",)))
+    k.prepare((0, 4), [1])(0)
+    assert launches == []
+    launches.rc = 719
+    with pytest.raises(driver.CudaError, match=r"cuLaunchKernel failed: .*\[k grid=\(2, 1, 1\)\]"):
+        k.prepare(2, [1])(0)
+    with pytest.raises(ValueError, match=r"takes 1 arguments"):
+        k.prepare(2, [1, 2])
+
+
+def test_device_import_cache_rechecks_address_and_shape():
+    torch = pytest.importorskip("torch")
+    from graphir.runtime.cuda.device_model import CudaDevice
+    from graphir.runtime.cuda.memory import DeviceBuffer
+
+    dev = CudaDevice.__new__(CudaDevice)  # the cache alone: no driver needed
+    dev._imports = {}
+    t = torch.zeros(4, 6)
+    dev._remember(t, DeviceBuffer.from_pointer(t.data_ptr(), (4, 6), "float32", owner=t))
+    hit = dev._known(t)
+    assert hit.ptr == t.data_ptr() and hit.shape == (4, 6) and hit.base is t
+    assert all(entry[1].base is None for entry in dev._imports.values())  # tensor not kept
+    t.resize_(5, 6)  # same object, new shape (and maybe new memory): not a hit
+    assert dev._known(t) is None
+    assert dev._known(torch.zeros(4, 6)) is None

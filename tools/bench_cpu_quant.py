@@ -1,0 +1,135 @@
+"""Benchmark: a decode step of the GGUF-quantized attention layer vs the same layer in float32,
+both compiled by graphir for the CPU in one run.
+
+Run: .venv/bin/python tools/bench_cpu_quant.py [--encoding Q4_K] [--batch 1] [--context 1024]
+
+The layer is Llama-3-8B shaped (hidden 4096, 32 heads, 8 KV heads, head dim 128, page size 128,
+interleaved RoPE as GGUF checkpoints use): GGUFQAttentionWithRope with its q/k/v/o weights as
+GGUF blocks (qmatmul dequantizes tiles inside the matmul loop) against AttentionWithRope with
+the float32 weights those blocks decode to (packed once at load). Prints the CPU target, the
+load average before and after, best and median decode-step times of both over --reps rounds
+(each round times both, so a load from other processes hits them alike), the ratio
+float32 / quantized of the best times (target >= 3 for Q4_K: it reads ~7x fewer weight bytes),
+the weight bytes each reads per step, and the max relative difference of their outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HIDDEN, NH, NKV, D, PAGE = 4096, 32, 8, 128, 128
+
+
+def _layers(enc: str):
+    from graphir import DeviceRef, DType
+    from graphir.nn import (AttentionWithRope, GGUFQAttentionWithRope, KVCacheParams,
+                            RotaryEmbedding)
+
+    dev = DeviceRef.CPU()
+    rope = RotaryEmbedding(HIDDEN, NH, 500000.0, 8192, head_dim=D, interleaved=True, device=dev)
+    kvp = KVCacheParams(dtype=DType.float32, n_kv_heads=NKV, head_dim=D, num_layers=1,
+                        page_size=PAGE, devices=(dev,))
+    common = dict(rope=rope, num_attention_heads=NH, num_key_value_heads=NKV, hidden_size=HIDDEN,
+                  kv_params=kvp, devices=[dev])
+    quant = GGUFQAttentionWithRope(dtype=DType.uint8, quantization_encoding=enc, **common)
+    return rope, kvp, quant, AttentionWithRope(dtype=DType.float32, **common)
+
+
+def _graph(attn, rope, kvp, name: str):
+    from graphir import DeviceRef, DType, Graph, TensorType
+    from graphir.nn import PagedCacheValues
+
+    dev = DeviceRef.CPU()
+    types = [TensorType(DType.float32, ["total_seq_len", HIDDEN], dev),
+             TensorType(DType.uint32, ["batch + 1"], dev)] + kvp.input_types(dev)
+    with Graph(name, input_types=types) as g:
+        x, offs, blocks, clen, lut, maxl = g.inputs
+        g.output(attn(0, x, PagedCacheValues(blocks, clen, lut, maxl), rope.freqs_cis, offs))
+    return g
+
+
+def _weights(enc: str, seed: int):
+    """(GGUF blocks per projection, the float32 weights they decode to)."""
+    from graphir.ops.quant.gguf_blocks import dequantize_gguf
+    from graphir.ops.quant.gguf_quantize import quantize_gguf
+
+    rng = np.random.default_rng(seed)
+    shapes = {"q_proj": (NH * D, HIDDEN), "k_proj": (NKV * D, HIDDEN),
+              "v_proj": (NKV * D, HIDDEN), "o_proj": (HIDDEN, NH * D)}
+    quant, dense = {}, {}
+    for name, (out, n_in) in shapes.items():
+        w = (rng.standard_normal((out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        blocks = quantize_gguf(w, enc)
+        quant[f"{name}.weight"] = blocks
+        dense[f"{name}.weight"] = dequantize_gguf(blocks, enc, n_in)
+    return quant, dense
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--encoding", default="Q4_K")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", default="cpu", help="cpu (this host) or e.g. cpu:x86-64:avx2")
+    args = ap.parse_args()
+    os.environ.setdefault("GRAPHIR_NUM_THREADS", str(args.threads))
+    load_before = os.getloadavg()[0]
+
+    from graphir.lowering.driver import compile_graph
+    from graphir.lowering.mlir_cpu.cpu_target import host_cpu
+    from graphir.runtime.session import InferenceSession
+    from graphir.tools.bench_mlir_matmul import interleaved_times
+
+    rope, kvp, quant, dense = _layers(args.encoding)
+    wq, wd = _weights(args.encoding, seed=0)
+    quant.load_state_dict(wq)
+    g_q, g_d = _graph(quant, rope, kvp, "quant"), _graph(dense, rope, kvp, "dense")
+    with tempfile.TemporaryDirectory(prefix="graphir-bench-quant-") as tmp:
+        os.environ["GRAPHIR_CACHE_DIR"] = tmp
+        art_q, art_d = compile_graph(g_q, args.target), compile_graph(g_d, args.target)
+        m_q = InferenceSession().load(art_q, weights=quant.state_dict())
+        m_d = InferenceSession().load(art_d, weights=wd)
+
+    rng = np.random.default_rng(1)
+    b, ctx = args.batch, args.context
+    per_seq = -(-(ctx + 1) // PAGE)
+    n_pages = b * per_seq + 1
+    blocks = rng.standard_normal((n_pages, 2, 1, PAGE, NKV, D)).astype(np.float32)
+    lut = np.arange(b * per_seq, dtype=np.uint32).reshape(b, per_seq)
+    offs = np.arange(b + 1, dtype=np.uint32)
+    clen = np.full(b, ctx, np.uint32)
+    maxl = np.array([[1, ctx + 1]], np.uint32)
+    x = rng.standard_normal((b, HIDDEN)).astype(np.float32)
+    bq, bd = blocks.copy(), blocks.copy()
+    t_q, t_d = interleaved_times([lambda: m_q.execute(x, offs, bq, clen, lut, maxl),
+                                  lambda: m_d.execute(x, offs, bd, clen, lut, maxl)], args.reps)
+    (y_q,) = m_q.execute(x, offs, blocks.copy(), clen, lut, maxl)
+    (y_d,) = m_d.execute(x, offs, blocks.copy(), clen, lut, maxl)
+    err = float(np.abs(y_q - y_d).max() / np.abs(y_d).max())
+    bytes_q = sum(v.nbytes for v in wq.values())
+    bytes_d = sum(v.nbytes for v in wd.values())
+
+    print(f"{art_q.target} ({host_cpu().model}), {args.threads} threads; load average "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"decode step: batch {b}, context {ctx}, hidden {HIDDEN}, {NH}/{NKV} heads, "
+          f"head dim {D}; {args.reps} rounds")
+    print("layer | weight MB read | best ms | median ms")
+    for name, ts, nb in ((f"GGUF {args.encoding}", t_q, bytes_q), ("float32", t_d, bytes_d)):
+        print(f"{name} | {nb / 1e6:.1f} | {min(ts) * 1e3:.2f} | {statistics.median(ts) * 1e3:.2f}")
+    print(f"float32 / {args.encoding} (best): {min(t_d) / min(t_q):.2f}x  (target >= 3 for Q4_K);"
+          f" median: {statistics.median(t_d) / statistics.median(t_q):.2f}x")
+    print(f"max relative difference of the outputs: {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()

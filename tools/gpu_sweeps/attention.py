@@ -1,0 +1,389 @@
+"""Prefill attention sweep on one GPU: the paged flash kernel's configs vs torch SDPA and vs the
+round-1 kernel.
+
+For each shape (bf16, NH 32 / NKV 8, page 128 in shuffled pages, one layer) it times torch SDPA on
+contiguous K/V (the faster of enable_gqa=True and K/V expanded to NH heads; sliding window uses
+SDPA causal as the rate reference), the shipped kernel's default config first (its row is
+marked "*"), the round-1 kernel as preserved (tools/gpu_sweeps/_attention_round1.py, the loop
+the shipped kernel ports; run 4 of this sweep measured it correct on an H200 while the removed
+overlapped loop was wrong) at m128n64w8s3tma+r128 and m128n128w8s2tma, then every other
+candidate config of the shipped kernel, and the best candidate again with pages in order (the
+paging cost). TFLOP/s count only the unmasked work. Every variant is checked against SDPA
+before it is timed; a failing or non-compiling variant is reported, not timed. JIT compiles run
+first in worker processes that fill Triton's on-disk cache, so the timed process finds them
+compiled. A time budget (ATTN_BUDGET_S, 80 s after the start) skips the candidates still left,
+never the default or the round-1 reference: the sweep ends in about 60-90 s on an H200. Last, it
+writes the measured winners as the tuner's table section (lowering/triton_gpu/
+tuning_defaults.json, family "prefill": per head dim and mask, one config per bucket of batch x
+128-row query tiles) to $OUT/prefill_table.json.
+
+    python3 tools/gpu_sweeps/attention.py        (writes $OUT/attention.json when OUT is set)
+    python3 tools/gpu_sweeps/attention.py --dry-run   (CPU, Triton interpreter, tiny shapes:
+                                                       checks the script's plumbing only)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+DRY = "--dry-run" in sys.argv
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+if DRY:  # the interpreter's bf16 dot needs the test suite's patch
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    import tests.lowering.triton_gpu.conftest  # noqa: E402,F401
+
+from graphir.lowering.triton_gpu.kernels import flash_attention as fa  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as ft  # noqa: E402
+from graphir.tools.gpu_timing import graph_ms, rel_err, table  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _attention_round1 import round1_kernel  # noqa: E402
+
+DEVICE = "cpu" if DRY else "cuda"
+NH, NKV, PAGE = 32, 8, 128
+# name, batch, seq, head dim, mask, window
+SHAPES = [("c4k", 4, 4096, 128, "CAUSAL", 0), ("n4k", 4, 4096, 128, "NULL", 0),
+          ("c16k", 1, 16384, 128, "CAUSAL", 0), ("c2k", 4, 2048, 128, "CAUSAL", 0),
+          ("c1k", 1, 1024, 128, "CAUSAL", 0),
+          ("w4k", 4, 4096, 128, "SLIDING_WINDOW_CAUSAL", 1024), ("c4k64", 4, 4096, 64, "CAUSAL", 0)]
+# The round-1 kernel's best configs (its sweep: 0.63-0.83x SDPA), timed as the reference.
+_R1 = {"BLOCK_M": 128, "num_warps": 8}
+ROUND1 = [("r1:m128n64w8s3tmar128", dict(_R1, BLOCK_N=64, num_stages=3, USE_TMA=1), 128),
+          ("r1:m128n128w8s2tma", dict(_R1, BLOCK_N=128, num_stages=2, USE_TMA=1), None)]
+if DRY:
+    NH, NKV = 4, 2
+    SHAPES = [(n, 1, 256, d, m, min(w, 100)) for n, _, _, d, m, w in SHAPES]
+TOL = 2e-2
+BUDGET_S = float(os.environ.get("ATTN_BUDGET_S", "1e9" if DRY else "80"))
+T0 = time.time()
+
+
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, calls: int, batches: int = 7) -> float:
+    """Device ms per call (CUDA-graph replays); the dry run times one eager call."""
+    if DRY:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return graph_ms(fn, calls=calls, batches=batches)
+
+
+def set_allocator():
+    """Device-side TMA descriptors live in Triton's global scratch."""
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                 device=DEVICE))
+
+
+_PROBLEMS: dict = {}
+
+
+def problem(shape):
+    """Random q/K/V (fixed seed) and the same K/V in a paged cache: shuffled and in-order."""
+    name, B, S, D, mask, window = shape
+    if name in _PROBLEMS:
+        return _PROBLEMS[name]
+    _PROBLEMS.clear()
+    g = torch.Generator(device=DEVICE).manual_seed(S + D)
+    q = torch.randn(B * S, NH, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, NKV, S, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, NKV, S, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    per_seq = S // PAGE
+    num_pages = B * per_seq + 1  # the last page pads the lookup table's spare column
+    # [B, 2, NKV, S, D] -> one [2, PAGE, NKV, D] slab per (sequence, page of its tokens)
+    kv = torch.stack([k, v], 1).view(B, 2, NKV, per_seq, PAGE, D).permute(0, 3, 1, 4, 2, 5)
+    kv = kv.reshape(B * per_seq, 2, PAGE, NKV, D)
+    caches = {}
+    for how, lut in (("shuffled", torch.randperm(B * per_seq, device=DEVICE, generator=g)),
+                     ("in_order", torch.arange(B * per_seq, device=DEVICE))):
+        blocks = torch.empty(num_pages, 2, 1, PAGE, NKV, D, device=DEVICE, dtype=torch.bfloat16)
+        blocks.normal_(generator=g)
+        blocks[lut, :, 0] = kv
+        lut = torch.cat([lut.view(B, per_seq), torch.full((B, 1), num_pages - 1, device=DEVICE)],
+                        1).to(torch.int32).contiguous()
+        caches[how] = (lut, blocks)
+    del kv
+    offs = torch.arange(0, B * S + 1, S, device=DEVICE, dtype=torch.int32)
+    clen = torch.zeros(B, device=DEVICE, dtype=torch.int32)
+    p = dict(q=q, k=k, v=v, offs=offs, clen=clen, **caches)
+    _PROBLEMS[name] = p
+    return p
+
+
+def allowed_keys(S: int, mask: str, window: int) -> int:
+    """Unmasked (query, key) pairs of one sequence and head."""
+    i = torch.arange(S, dtype=torch.float64)
+    if mask == "NULL":
+        return S * S
+    if mask == "CAUSAL":
+        return int((i + 1).sum())
+    return int(torch.minimum(i + 1, torch.full_like(i, window)).sum())
+
+
+def flops(shape) -> float:
+    _, B, S, D, mask, window = shape
+    return 4.0 * D * NH * B * allowed_keys(S, mask, window)
+
+
+def ours(shape, cfg, paging="shuffled"):
+    """A callable running the current kernel with `cfg` (register cap included)."""
+    name, B, S, D, mask, window = shape
+    p = problem(shape)
+    lut, blocks = p[paging]
+    return lambda: fa.flash_attention(p["q"], p["offs"], p["clen"], lut, blocks, 0, mask=mask,
+                                      window=window, max_seq_len=S, config=cfg)
+
+
+def round1(shape, cfg, maxnreg):
+    """A callable running the round-1 kernel (grid: query blocks, heads, sequences)."""
+    name, B, S, D, mask, window = shape
+    p = problem(shape)
+    lut, blocks = p["shuffled"]
+    out = torch.empty(B * S, NH * D, device=DEVICE, dtype=torch.bfloat16)
+    cx = fa._constexprs(NH, NKV, D, PAGE, mask, cfg, True)
+    grid = (triton.cdiv(S, cfg["BLOCK_M"]), NH, B)
+    opts = {"maxnreg": maxnreg} if maxnreg else {}
+
+    def run():
+        round1_kernel[grid](
+            p["q"], p["offs"], p["clen"], lut, blocks, out, lut.shape[1], 0, 1, blocks.shape[0],
+            max(window, 1), D ** -0.5, **cx, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], **opts)
+        return out
+    return run
+
+
+def default_tag(shape) -> str:
+    """config_tag of the shipped default for `shape` (at this page size)."""
+    _, _, _, D, mask, _ = shape
+    return fa.config_tag(fa.default_config(D, PAGE, mask))
+
+
+def variants(shape):
+    """(name, factory) of every kernel variant timed on `shape` (factories build lazily): the
+    shipped default first, the round-1 reference, then the other candidates."""
+    cands = fa.candidates(shape[3], PAGE)
+    default = next(c for c in cands if fa.config_tag(c) == default_tag(shape))
+    out = [(fa.config_tag(default), lambda: ours(shape, default))]
+    out += [(tag, lambda cfg=cfg, reg=reg: round1(shape, cfg, reg)) for tag, cfg, reg in ROUND1]
+    for cfg in cands:
+        if cfg is not default:
+            out.append((fa.config_tag(cfg), lambda cfg=cfg: ours(shape, cfg)))
+    return out
+
+
+def _warm(jobs):
+    """Worker: compile (by running once) the variants named in `jobs` into Triton's cache."""
+    set_allocator()
+    errors = {}
+    for si, vname in jobs:
+        shape = SHAPES[si]
+        try:
+            dict(variants(shape))[vname]()()
+        except Exception as e:  # noqa: BLE001  (reported by the main process when it reruns)
+            errors[f"{shape[0]}/{vname}"] = str(e)[-300:]
+    sync()
+    return errors
+
+
+def precompile(workers: int = 12) -> dict:
+    """Run every variant once in `workers` spawned processes; one kernel binary (mask, head
+    dim, variant) goes to one worker, so no two workers compile the same thing."""
+    groups: dict = {}
+    for si, shape in enumerate(SHAPES):
+        for vname, _ in variants(shape):
+            groups.setdefault((shape[3], shape[4], vname), []).append((si, vname))
+    chunks = [[] for _ in range(workers)]
+    for i, jobs in enumerate(groups.values()):
+        chunks[i % workers].extend(jobs)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            errs = {}
+            for e in ex.map(_warm, [c for c in chunks if c]):
+                errs.update(e)
+            return errs
+    except Exception as e:  # noqa: BLE001  (compiles then happen in this process)
+        return {"precompile": str(e)[-300:]}
+
+
+def reference(shape):
+    """SDPA output in our [T, NH*D] layout, and the SDPA rate reference in ms."""
+    name, B, S, D, mask, window = shape
+    p = problem(shape)
+    q4 = p["q"].view(B, S, NH, D).transpose(1, 2)
+    k, v = p["k"], p["v"]
+    kx, vx = (t.repeat_interleave(NH // NKV, dim=1) for t in (k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    causal = mask != "NULL"
+    timed = {}
+    for how, fn in (("gqa", lambda: sdpa(q4, k, v, is_causal=causal, enable_gqa=True)),
+                    ("expanded", lambda: sdpa(q4, kx, vx, is_causal=causal))):
+        try:
+            fn()
+            timed[how] = time_ms(fn, calls_for(flops(shape) / 600e12 * 1e3))
+        except Exception as e:  # noqa: BLE001
+            timed[how] = float("inf")
+            print(f"{name}: SDPA {how} failed: {str(e)[-200:]}")
+    if mask == "SLIDING_WINDOW_CAUSAL":
+        i = torch.arange(S, device=DEVICE)
+        am = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        want = sdpa(q4, kx, vx, attn_mask=am)
+    else:
+        want = sdpa(q4, kx, vx, is_causal=causal)
+    del kx, vx
+    want = want.transpose(1, 2).reshape(B * S, NH * D)
+    best = min(timed, key=timed.get)
+    return want, timed[best], best, timed
+
+
+def calls_for(est_ms: float) -> int:
+    return max(2, min(40, int(40 / max(est_ms, 1e-3))))
+
+
+def measure(shape, fn, want):
+    got = fn()
+    sync()
+    err = rel_err(got, want)
+    if not err < TOL:
+        return {"rel_err": err, "error": f"rel err {err:.3g} >= {TOL}"}
+    ms = time_ms(fn, calls_for(flops(shape) / 300e12 * 1e3), batches=5)
+    return {"rel_err": err, "ms": ms, "tflops": flops(shape) / ms / 1e9}
+
+
+def main():
+    set_allocator()
+    print("device", "cpu (dry run)" if DRY else torch.cuda.get_device_name(0), "torch",
+          torch.__version__, "triton", triton.__version__, flush=True)
+    t = time.time()
+    # --dry-run --precompile exercises the worker pool on the CPU too.
+    warm_errors = precompile(2) if "--precompile" in sys.argv else {} if DRY else precompile()
+    print(f"precompile {time.time() - t:.1f}s errors={len(warm_errors)}", flush=True)
+    results = {"warm_errors": warm_errors, "shapes": {}}
+    for shape in SHAPES:
+        name = shape[0]
+        res = results["shapes"][name] = {"shape": list(shape[1:]), "flops": flops(shape),
+                                         "default": default_tag(shape), "variants": {}}
+        want, ref_ms, how, timed = reference(shape)
+        if shape[4] == "SLIDING_WINDOW_CAUSAL":  # rate reference: SDPA causal, same batch/seq
+            causal_flops = flops(shape[:4] + ("CAUSAL", 0))
+            res["sdpa"] = {"ms": ref_ms, "how": how + " causal", "tflops":
+                           causal_flops / ref_ms / 1e9, "all": timed}
+        else:
+            res["sdpa"] = {"ms": ref_ms, "how": how, "tflops": flops(shape) / ref_ms / 1e9,
+                           "all": timed}
+        print(f"{name}: SDPA {how} {res['sdpa']['tflops']:.0f} TF/s", flush=True)
+        for vname, make in variants(shape):
+            keep = vname == default_tag(shape) or vname.startswith("r1:")
+            if time.time() - T0 > BUDGET_S and not keep:
+                res["variants"][vname] = {"error": "skipped: time budget"}
+                continue
+            try:
+                r = measure(shape, make(), want)
+            except Exception as e:  # noqa: BLE001  (one variant failing must not stop the rest)
+                r = {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
+            res["variants"][vname] = r
+            print(f"  {name} {vname}: " + (f"{r['tflops']:.0f} TF/s err {r['rel_err']:.1e}"
+                                          if "ms" in r else r["error"]), flush=True)
+        ok = {k: v for k, v in res["variants"].items() if "ms" in v and not k.startswith("r1:")}
+        if ok:
+            best = max(ok, key=lambda k: ok[k]["tflops"])
+            cfg = next(c for c in fa.candidates(shape[3], PAGE) if fa.config_tag(c) == best)
+            try:
+                res["in_order"] = dict(measure(shape, ours(shape, cfg, "in_order"), want),
+                                       config=best)
+            except Exception as e:  # noqa: BLE001
+                res["in_order"] = {"error": str(e)[-300:], "config": best}
+            res["best"] = best
+        del want
+        if not DRY:
+            torch.cuda.empty_cache()
+    results["elapsed_s"] = time.time() - T0
+    results["prefill_table"] = prefill_table(results)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "attention.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(os.environ["OUT"], "prefill_table.json"), "w") as f:
+            json.dump(results["prefill_table"], f, indent=1)
+    print_tables(results)
+
+
+def prefill_table(results) -> dict:
+    """The measured winners as the tuner's table: per (head dim, mask) and bucket of batch x
+    query tiles, the config with the best geometric-mean rate over the shapes in that bucket
+    (only configs every one of those shapes ran)."""
+    import math
+
+    groups: dict = {}
+    for name, B, S, D, mask, _ in SHAPES:
+        s = results["shapes"].get(name, {})
+        rates = {k: v["tflops"] for k, v in s.get("variants", {}).items()
+                 if "ms" in v and not k.startswith("r1:")}
+        if rates:
+            bucket = next(b for b, top in ft.BUCKETS if top is None
+                          or B * triton.cdiv(S, ft.TILE) <= top)
+            groups.setdefault((D, mask, bucket), []).append(rates)
+    entries: dict = {}
+    for (D, mask, bucket), runs in groups.items():
+        common = set.intersection(*(set(r) for r in runs))
+        if common:
+            best = max(common, key=lambda k: sum(math.log(r[k]) for r in runs))
+            entries.setdefault(f"D={D},mask={mask}", {})[bucket] = best
+    dev = "cpu (dry run)" if DRY else torch.cuda.get_device_name(0)
+    return {"version": 1, "device": dev, "families": {"prefill": {"bf16": entries}}}
+
+
+def print_tables(results):
+    names = [s[0] for s in SHAPES]
+    shapes = results["shapes"]
+    rows = set()
+    for n in names:
+        rows.update(shapes.get(n, {}).get("variants", {}))
+    order = sorted(r for r in rows if r.startswith("r1:")) + sorted(
+        r for r in rows if not r.startswith("r1:"))
+    fmt = lambda v: f"{v['tflops']:.0f}" if v and "ms" in v else ("-" if not v else "ERR")
+    defaults = {shapes[n].get("default") for n in names if n in shapes}
+    body = [["SDPA"] + [fmt(shapes[n]["sdpa"]) if n in shapes else "-" for n in names]]
+    for r in order:
+        body.append([r + (" *" if r in defaults else "")]
+                    + [fmt(shapes.get(n, {}).get("variants", {}).get(r)) for n in names])
+    summary = []
+    for n in names:
+        s = shapes.get(n)
+        if not s:
+            continue
+        d = s["variants"].get(s.get("default"), {})
+        r1 = [v["tflops"] for k, v in s["variants"].items() if k.startswith("r1:") and "ms" in v]
+        row = [n, s.get("default", "-"), fmt(d),
+               f"{d['tflops'] / s['sdpa']['tflops']:.2f}x" if "ms" in d else "-",
+               f"{d['tflops'] / max(r1):.2f}x" if "ms" in d and r1 else "-",
+               f"{d['rel_err']:.1e}" if "rel_err" in d else "-"]
+        if "best" in s:
+            b = s["variants"][s["best"]]
+            io = s.get("in_order", {})
+            row += [s["best"], f"{b['tflops']:.0f}",
+                    f"{(io['tflops'] / b['tflops'] - 1) * 100:+.1f}%" if "ms" in io else "ERR"]
+        else:
+            row += ["-", "-", "-"]
+        summary.append(row)
+    print(f"\nTFLOP/s (unmasked work; w4k's SDPA is SDPA causal; * the shipped default) "
+          f"elapsed {results['elapsed_s']:.0f}s")
+    print(table(body, ["variant"] + names))
+    print(table(summary, ["shape", "default", "TF/s", "vs SDPA", "vs round 1", "rel err",
+                          "best", "TF/s", "in-order pages"]))
+    print("prefill table:", json.dumps(results["prefill_table"]["families"]["prefill"]["bf16"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
