@@ -26,6 +26,7 @@ Example (run as `torchrun --nproc_per_node 2 serve.py`):
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -36,6 +37,11 @@ import numpy as np
 
 ENV_TIMEOUT = "GRAPHIR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
+ROW_WIDTH = 16   # int64 entries of every agreement exchange (gather_rows)
+
+
+def _tag(kind: str) -> int:
+    return int.from_bytes(hashlib.sha256(kind.encode()).digest()[:8], "little", signed=True)
 
 
 class DistributedError(RuntimeError):
@@ -132,6 +138,11 @@ class RankContext:
         import torch.distributed as dist
 
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        # CPU ranks of one host share its cores: each kernel pool takes its share (its workers
+        # spin between jobs, so oversubscribed pools starve the other ranks).
+        local = _int_env(os.environ, "LOCAL_WORLD_SIZE", 1)
+        os.environ.setdefault("GRAPHIR_NUM_THREADS",
+                              str(max(1, len(os.sched_getaffinity(0)) // max(local, 1))))
         self.config = config
         self.rank, self.world_size = config.rank, config.world_size
         self.timeout = timedelta(seconds=config.timeout_s)
@@ -144,7 +155,10 @@ class RankContext:
         try:
             url = (f"tcp://{config.master_addr}:{config.master_port}?rank={config.rank}"
                    f"&world_size={config.world_size}")
-            base, _, _ = next(dist.rendezvous(url, timeout=self.timeout))
+            if dist.is_initialized():  # the application joined already: share its store
+                base = dist.distributed_c10d._get_default_store()
+            else:
+                base, _, _ = next(dist.rendezvous(url, timeout=self.timeout))
             self.store = dist.PrefixStore(f"graphir/attempt_{attempt}", base)
             self.store.set_timeout(self.timeout)
             if dist.is_initialized():  # the application has its own default group: add ours
@@ -215,12 +229,27 @@ class RankContext:
         out = np.concatenate([p.numpy() for p in parts], axis=axis % max(x.ndim, 1))
         return out if x.dtype.kind == "f" else out.astype(x.dtype)
 
-    def gather_rows(self, row: np.ndarray, what: str) -> np.ndarray:
-        """[world_size, n] int64: every rank's `row` (same length everywhere)."""
-        return self.all_gather(np.asarray(row, np.int64)[None, :], 0, what)
+    def gather_rows(self, row, what: str, tag: str = "barrier") -> np.ndarray:
+        """[world_size, len(row)] int64: every rank's `row` (at most ROW_WIDTH - 1 entries).
+
+        Every such exchange has one width and carries `tag` (what kind of step the rank is at):
+        ranks at different steps get a DistributedError naming both, where gloo, given
+        exchanges of different sizes, would abort the process."""
+        row = np.asarray(row, np.int64).reshape(-1)
+        if row.size >= ROW_WIDTH:
+            raise ValueError(f"gather_rows: at most {ROW_WIDTH - 1} entries, got {row.size}")
+        full = np.zeros(ROW_WIDTH, np.int64)
+        full[0], full[1:1 + row.size] = _tag(tag), row
+        rows = self.all_gather(full[None, :], 0, what)
+        odd = [r for r in range(self.world_size) if rows[r, 0] != full[0]]
+        if odd:
+            raise DistributedError(f"graphir.distributed: rank {self.rank} is at {what!r} "
+                                   f"({tag}) but rank(s) {odd} are at another step; every rank "
+                                   f"must make the same calls in the same order")
+        return rows[:, 1:1 + row.size]
 
     def barrier(self, what: str = "barrier") -> None:
-        self.gather_rows(np.zeros(1, np.int64), what)
+        self.gather_rows([], what, "barrier")
 
     # -- the store ------------------------------------------------------------------------
     def publish(self, key: str, data: bytes | str) -> None:
@@ -237,6 +266,25 @@ class RankContext:
             self.publish(key, data)
             return data
         return self.fetch(key)
+
+    def subgroup(self, size: int) -> "RankContext | None":
+        """Ranks [0, size) as a job of their own (a TP degree below the world size, say).
+        Every rank must call it, in the same order; ranks outside get None."""
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.world_size:
+            raise ValueError(f"subgroup: size must be an int in [1, {self.world_size}], "
+                             f"got {size!r}")
+        if size == self.world_size:
+            return self
+        group = self._run(f"new_group of ranks 0..{size - 1}", lambda: self._dist.new_group(
+            ranks=list(range(size)), backend="gloo", timeout=self.timeout))
+        if self.rank >= size:
+            return None
+        sub = object.__new__(RankContext)
+        sub.__dict__.update(self.__dict__)   # shares the aborts registered so far
+        sub.config = replace(self.config, world_size=size)
+        sub.world_size, sub.group, sub._owns_default, sub._watchdog = size, group, False, None
+        sub.store = self._dist.PrefixStore(f"sub{size}", self.store)
+        return sub
 
     # -- lifetime -------------------------------------------------------------------------
     def start_watchdog(self, period_s: float | None = None) -> None:

@@ -25,7 +25,9 @@ from .distributed import DistributedError, RankContext
 def _issue_stream(dev) -> int:
     # CudaDevice keeps the stream it issues on in `_cur` (the capture stream during a capture).
     cur = getattr(dev, "_cur", None)
-    return int(cur if cur is not None else dev.stream.handle)
+    if cur is None:
+        cur = getattr(getattr(dev, "stream", None), "handle", None)
+    return int(cur or 0)
 
 
 class RankDeviceGroup(DeviceGroup):
@@ -63,22 +65,26 @@ def check_gathers(plan: Mapping) -> None:
 
 
 def load_rank(art, weights: Mapping[str, Any], ctx: RankContext, *, use_graphs: bool = True,
-              stream: Any = None, copy_outputs: bool = False, lib: Any = None):
-    """This rank's cuda artifact on GPU `ctx.config.local_rank`, collectives through NCCL."""
+              stream: Any = None, copy_outputs: bool = False):
+    """This rank's cuda artifact on GPU `ctx.config.local_rank` (no collective yet: the ranks
+    first agree that all of them loaded; then `attach_communicator`)."""
     from .cuda.device_model import load
-    from .cuda.nccl import RankCommunicator
 
     check_gathers(art.manifest["plan"])
-    gpu = ctx.config.local_rank
-    model = load(art, weights, [DeviceRef.GPU(gpu)], use_graphs=use_graphs, stream=stream,
-                 copy_outputs=copy_outputs)
+    model = load(art, weights, [DeviceRef.GPU(ctx.config.local_rank)], use_graphs=use_graphs,
+                 stream=stream, copy_outputs=copy_outputs)
     ex = model.executor
     if type(ex.group) is not DeviceGroup or len(ex.group.members) != 1:
         raise RuntimeError(f"the cuda executor of {art.path} did not load as one device "
                            f"({type(ex.group).__name__}); a rank graph runs on one GPU")
-    comm = make_communicator(ctx, gpu, lib=lib)
-    ex.group = RankDeviceGroup(ex.group.members, comm)
     return model
+
+
+def attach_communicator(model, ctx: RankContext, *, lib: Any = None) -> None:
+    """Give a loaded rank model the job's NCCL communicator (every rank calls this together)."""
+    ex = model.executor
+    comm = make_communicator(ctx, ctx.config.local_rank, lib=lib)
+    ex.group = RankDeviceGroup(ex.group.members, comm)
 
 
 def make_communicator(ctx: RankContext, device: int | None, *, key: str = "nccl/world",

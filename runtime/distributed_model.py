@@ -53,14 +53,20 @@ def _digest_row(*parts) -> np.ndarray:
     return np.frombuffer(h, np.int64).copy()
 
 
-def _agree(ctx: RankContext, what: str, row: np.ndarray, error: BaseException | None):
+def _compact(row: np.ndarray) -> np.ndarray:
+    """`row` as it fits an agreement exchange: long ones by their digest."""
+    return row if row.size <= 8 else _digest_row(row.tolist())
+
+
+def _agree(ctx: RankContext, what: str, row: np.ndarray, error: BaseException | None,
+           tag: str):
     """All-gather [status, *row]; a rank's error is published in the store first. Returns the
     rows; raises on every rank when any rank failed."""
     ctx.calls += 1
     key = f"refused/{ctx.calls}"
     if error is not None:
         ctx.publish(f"{key}/{ctx.rank}", f"{type(error).__name__}: {error}")
-    rows = ctx.gather_rows(np.concatenate([[int(error is not None)], row]), what)
+    rows = ctx.gather_rows(np.concatenate([[int(error is not None)], _compact(row)]), what, tag)
     if error is not None:
         raise error
     bad = [r for r in range(ctx.world_size) if rows[r, 0]]
@@ -132,7 +138,7 @@ class DistributedModel:
                 sig = self._signature(inputs)
             except (ValueError, TypeError) as e:
                 error = e
-            rows = _agree(self.ctx, f"call of {self.graph.name!r}", sig, error)
+            rows = _agree(self.ctx, f"call of {self.graph.name!r}", sig, error, "call")
             if (rows != rows[0]).any():
                 raise DistributedError(
                     f"graphir.distributed: the ranks' collectives of {self.graph.name!r} have "
@@ -209,10 +215,14 @@ def load_rank_model(source, weights, ctx: RankContext, *, target: str | None = N
             raise
         error = e
     row = _digest_row(ident, schedule_digest(plan_collectives(art)) if art else "")
-    rows = _agree(ctx, "loading", row, error)
+    rows = _agree(ctx, "loading", row, error, "load")
     if (rows != rows[0]).any():
         raise DistributedError(f"graphir.distributed: the ranks loaded different graphs or "
                                f"collective schedules (rank {ctx.rank} differs from "
                                f"{[r for r in range(ctx.world_size) if (rows[r] != rows[ctx.rank]).any()]}"
                                f"); load the same bundle everywhere")
+    if not art.target.startswith("cpu"):
+        from .distributed_cuda import attach_communicator
+
+        attach_communicator(local, ctx)
     return DistributedModel(local, ctx, graph, info)

@@ -307,13 +307,14 @@ class RaggedCheck:
                 raise ValueError(f"{what}: page id {int(ids[b, p])} at lookup_table[{b}, {p}] "
                                  f"(used by sequence {b}) is outside the pool of {pages} pages "
                                  f"of {pool} (gir.{op})")
-        if WRITERS.intersection(g.ops) and end.shape[0] > 1:
+        if WRITERS.intersection(g.ops) and end.shape[0] > 0:
             for _, page, _, op in blocks:
                 self._shared_writes(g, lut, c, end, page)
 
     def _shared_writes(self, g: _Group, lut, c, end, page: int) -> None:
-        """Refuse a batch where two sequences' new tokens land on one (page, slot). Reading a
-        shared page (a common prefix) is fine; writing one twice is a race."""
+        """Refuse a batch where new tokens land twice on one (page, slot): two sequences sharing
+        a page, or one sequence naming a page twice. Reading a shared page (a common prefix) is
+        fine; writing one slot twice is a race."""
         c, end = c.astype(np.int64), end.astype(np.int64)
         first, last = c // page, (end - 1) // page
         n = np.where(end > c, last - first + 1, 0)
@@ -324,17 +325,20 @@ class RaggedCheck:
         lo = np.maximum(np.repeat(c, n), pidx * page)            # first written position
         hi = np.minimum(np.repeat(end, n), (pidx + 1) * page)    # one past the last
         ids = lut.astype(np.int64)[seq, pidx]
-        order = np.lexsort((lo, ids))
-        ids, lo, hi, seq, pidx = ids[order], lo[order], hi[order], seq[order], pidx[order]
-        same = ids[1:] == ids[:-1]
-        clash = same & ((lo[1:] - pidx[1:] * page) < (hi[:-1] - pidx[:-1] * page))
+        first_slot, end_slot = lo - pidx * page, hi - pidx * page
+        # Sorted by (page, first slot), a slot written twice shows in some adjacent pair.
+        order = np.lexsort((first_slot, ids))
+        ids, seq, pidx = ids[order], seq[order], pidx[order]
+        first_slot, end_slot = first_slot[order], end_slot[order]
+        clash = (ids[1:] == ids[:-1]) & (first_slot[1:] < end_slot[:-1])
         if clash.any():
             i = int(np.argmax(clash))
-            raise ValueError(f"{self.what(g.lookup, 'lookup_table')}: sequences {int(seq[i])} "
-                             f"and {int(seq[i + 1])} both write new tokens into page "
-                             f"{int(ids[i])} (lookup_table[{int(seq[i])}, {int(pidx[i])}] and "
-                             f"lookup_table[{int(seq[i + 1])}, {int(pidx[i + 1])}]); a page one "
-                             f"sequence writes cannot be shared in the same step")
+            a, b = int(seq[i]), int(seq[i + 1])
+            who = f"sequences {a} and {b} both write" if a != b else f"sequence {a} writes twice"
+            raise ValueError(f"{self.what(g.lookup, 'lookup_table')}: {who} new tokens into page "
+                             f"{int(ids[i])} (lookup_table[{a}, {int(pidx[i])}] and "
+                             f"lookup_table[{b}, {int(pidx[i + 1])}]); a slot can be written "
+                             f"once per step")
 
 
 _MAX, _MIN = np.maximum.reduce, np.minimum.reduce
@@ -375,18 +379,15 @@ class _FastGroup:
                 ok = int(_MIN(lut, None)) >= 0
         else:
             ok = True
-        if ok and self.writes and lut.shape[0] > 1:
-            # Rows sharing a page id (a common prefix) may write one slot twice as the cache
-            # grows: such batches take the full check every call. The null page (the pool's
-            # last, which padding points at) is ignored: writes that land there are lost
-            # whatever the order, as the KV manager's convention has it.
+        if ok and self.writes:
+            # A page id twice in the table (rows sharing a common prefix, or one row naming a
+            # page twice) may get one slot written twice as the cache grows: such tables take
+            # the full check every call. The null page (the pool's last, which padding points
+            # at) is ignored: writes that land there are lost whatever the order, as the KV
+            # manager's convention has it.
             ids = lut.ravel()
-            rows = np.repeat(np.arange(lut.shape[0]), lut.shape[1])
-            keep = ids != self.pages - 1
-            ids, rows = ids[keep], rows[keep]
-            order = np.argsort(ids, kind="stable")
-            ids, rows = ids[order], rows[order]
-            ok = not ((ids[1:] == ids[:-1]) & (rows[1:] != rows[:-1])).any()
+            ids = np.sort(ids[ids != self.pages - 1])
+            ok = not (ids[1:] == ids[:-1]).any()
         self.lut_bytes, self.lut_ok = lb, ok
 
 

@@ -9,7 +9,9 @@ file, dlopen; plus, separately, binding the weights: the qkv concat and weight p
 once at load), then prefill and decode-step times of both (best and median of --reps rounds;
 each round times every contender once, so a load from other processes hits them alike; the
 load average before and after) and the ratio compiled/torch of the best times (prefill target
-<= 0.9), with the max relative difference of their outputs.
+<= 0.9), with the max relative difference of their outputs. Last, a roofline chart (PNG,
+--roofline) of each case for graphir and both torch layers under this CPU's measured copy
+bandwidth and torch f32 GEMM rate.
 The torch layer: one fused qkv linear, half-split RoPE from the same table, then either
 "paged" (the same computation: new K/V written into a paged cache of the same layout, K/V
 gathered from the pages) or "dense" (a stronger baseline: a contiguous per-sequence cache
@@ -27,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from graphir.tools.roofline import Point, attention_layer_work, write_chart  # noqa: E402
 
 PAGE = 128
 
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", default="cpu", help="cpu (this host) or e.g. cpu:x86-64:avx2")
+    ap.add_argument("--roofline", default="roofline_cpu.png",
+                    help="where the roofline chart (PNG) goes")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
 
@@ -169,6 +175,7 @@ def main() -> None:
     blocks = rng.standard_normal((n_pages, 2, 1, PAGE, nkv, d)).astype(np.float32)
     cases = [("prefill", [args.prefill], [0]),
              ("decode", [1] * args.batch, [args.context] * args.batch)]
+    points: list[Point] = []
     for name, counts, cached in cases:
         x, offs, clen, lut, maxl = _step(rng, counts, cached, n_pages, int(g.inputs[0].type.shape[1]))
         tb = torch.from_numpy(blocks.copy())
@@ -187,6 +194,11 @@ def main() -> None:
         (got,) = model.execute(x, offs, ours_blocks, clen, lut, maxl)
         err = float(np.abs(got - want).max() / np.abs(want).max())
         rows.append((name, t_ours, t_torch, t_dense, err))
+        work = attention_layer_work(len(counts), cached[0], counts[0], nh, nkv, d,
+                                    int(g.inputs[0].type.shape[1]), 4)
+        points += [Point(name, *work, min(t_ours)), Point(f"{name} torch paged", *work,
+                   min(t_torch), ours=False), Point(f"{name} torch dense", *work, min(t_dense),
+                   ours=False)]
 
     print(f"{art.target} ({host_cpu().model}), {args.threads} threads; load average "
           f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
@@ -203,6 +215,29 @@ def main() -> None:
     for name, to, tt, td, err in rows:
         print(f"{name} | {ms(to)} | {ms(tt)} | {min(to) / min(tt):.2f} | {ms(td)} | "
               f"{min(to) / min(td):.2f} | {err:.1e}")
+    bw, peak = machine_limits(torch)
+    print(f"roof: copy {bw / 1e9:.1f} GB/s, torch f32 GEMM {peak / 1e9:.0f} GFLOP/s "
+          f"({args.threads} threads)")
+    print(write_chart(points, bw, peak, args.roofline,
+                      f"attention layer steps, {art.target}, {args.threads} threads (f32)"))
+
+
+def machine_limits(torch) -> tuple[float, float]:
+    """The roof of this CPU on the threads torch was given: copy bandwidth (bytes read +
+    written per second, 256 MiB, far past the caches) and the f32 GEMM rate (2048^3), best of
+    five."""
+    src = torch.rand(64 << 20)
+    dst = torch.empty_like(src)
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    copy, gemm = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        gemm.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / min(copy), 2 * 2048 ** 3 / min(gemm)
 
 
 if __name__ == "__main__":

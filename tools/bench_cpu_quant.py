@@ -10,7 +10,10 @@ the float32 weights those blocks decode to (packed once at load). Prints the CPU
 load average before and after, best and median decode-step times of both over --reps rounds
 (each round times both, so a load from other processes hits them alike), the ratio
 float32 / quantized of the best times (target >= 3 for Q4_K: it reads ~7x fewer weight bytes),
-the weight bytes each reads per step, and the max relative difference of their outputs.
+the weight bytes each reads per step, and the max relative difference of their outputs; and
+this CPU's f32 FMA peak on 1 and on --threads threads, measured in the same run (on a shared
+machine two vCPUs can deliver one core's worth: the quantized layer is compute-bound, the
+float32 one bandwidth-bound, so that moves the ratio).
 """
 from __future__ import annotations
 
@@ -88,7 +91,8 @@ def main() -> None:
     from graphir.lowering.driver import compile_graph
     from graphir.lowering.mlir_cpu.cpu_target import host_cpu
     from graphir.runtime.session import InferenceSession
-    from graphir.tools.bench_mlir_matmul import interleaved_times
+    from graphir.lowering.mlir_cpu.cpu_target import host_target
+    from graphir.tools.bench_mlir_matmul import interleaved_times, measure_peak
 
     rope, kvp, quant, dense = _layers(args.encoding)
     wq, wd = _weights(args.encoding, seed=0)
@@ -116,6 +120,8 @@ def main() -> None:
     (y_q,) = m_q.execute(x, offs, blocks.copy(), clen, lut, maxl)
     (y_d,) = m_d.execute(x, offs, blocks.copy(), clen, lut, maxl)
     err = float(np.abs(y_q - y_d).max() / np.abs(y_d).max())
+    with tempfile.TemporaryDirectory(prefix="graphir-bench-peak-") as tmp:
+        peaks = [measure_peak(host_target(), n, Path(tmp)) for n in (1, args.threads)]
     bytes_q = sum(v.nbytes for v in wq.values())
     bytes_d = sum(v.nbytes for v in wd.values())
 
@@ -129,6 +135,7 @@ def main() -> None:
     print(f"float32 / {args.encoding} (best): {min(t_d) / min(t_q):.2f}x  (target >= 3 for Q4_K);"
           f" median: {statistics.median(t_d) / statistics.median(t_q):.2f}x")
     print(f"max relative difference of the outputs: {err:.2e}")
+    print(f"f32 FMA peak: {peaks[0]:.0f} GFLOP/s on 1 thread, {peaks[1]:.0f} on {args.threads}")
 
 
 if __name__ == "__main__":

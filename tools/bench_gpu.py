@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from graphir.tools.gpu_timing import (copy_gbs, enqueue_ms, event_ms, gemm_tflops,  # noqa: E402
                                       graph_ms, rel_err, table, wall_ms)
+from graphir.tools.roofline import Point, attention_layer_work, write_chart  # noqa: E402
 
 DEV = "cuda"
 MODES = [m for m in os.environ.get("GRAPHIR_BENCH_COMPILE",
@@ -211,23 +212,21 @@ def bench_rope_split_store(copy: float) -> dict:
             "kv_rel_err": kv_err}
 
 
+def layer_work(s: Shape, batch: int, cached: int, new: int) -> tuple[float, float]:
+    """(FLOPs, fewest bytes) of one layer step in bf16 (tools/roofline.attention_layer_work)."""
+    return attention_layer_work(batch, cached, new, s.nh, s.nkv, s.d, s.hidden, 2)
+
+
 def decode_limit_ms(s: Shape, batch: int, cached: int, new: int, copy: float) -> float:
     """Bytes the step must move once over the device copy bandwidth (copy_gbs: bytes read +
     written per second, from queued SM copies): the weights, the K/V read (cached and new
     tokens), the new K/V written, x read and the output written."""
-    weights = (s.nh + 2 * s.nkv) * s.d * s.hidden * 2 + s.nh * s.d * s.hidden * 2
-    kv_read = batch * (cached + new) * 2 * s.nkv * s.d * 2
-    kv_written = batch * new * 2 * s.nkv * s.d * 2
-    act = batch * new * s.hidden * 2 * 2
-    return (weights + kv_read + kv_written + act) / (copy * 1e6)
+    return layer_work(s, batch, cached, new)[1] / (copy * 1e6)
 
 
 def prefill_limit_ms(s: Shape, batch: int, new: int, tflops: float) -> float:
     """FLOPs (projections + causal attention) at the cuBLAS bf16 rate."""
-    t = batch * new
-    proj = 2 * t * s.hidden * ((s.nh + 2 * s.nkv) * s.d + s.nh * s.d)
-    attn = batch * 2 * new * new * s.d * s.nh
-    return (proj + attn) / (tflops * 1e9)
+    return layer_work(s, batch, 0, new)[0] / (tflops * 1e9)
 
 
 class GraphirLayer:
@@ -383,6 +382,28 @@ def rows_for(case: str, r: dict) -> list:
     return rows
 
 
+def roofline_points(res: dict) -> list[Point]:
+    """The chart's points: rope_split_store against the unfused torch ops, and each layer case
+    for graphir, torch eager and each torch.compile mode (wall time per step)."""
+    pts = []
+    r = res.get("rope_split_store", {})
+    if "ms" in r:
+        s = LLAMA8B
+        rot = r["tokens"] * (s.nh + s.nkv) * s.d   # rotated values: 2 mul + 1 add each
+        nbytes = r["GB/s"] * r["ms"] * 1e6
+        pts += [Point("rope_split_store", 3 * rot, nbytes, r["ms"] / 1e3),
+                Point("torch split+rope+store", 3 * rot, nbytes, r["torch_ms"] / 1e3, ours=False)]
+    for case, cr in res.get("layer", {}).items():
+        if "graphir_ms" not in cr:
+            continue
+        flops, nbytes = layer_work(LLAMA8B, cr["batch"], cr["cached"], cr["new"])
+        pts.append(Point(case, flops, nbytes, cr["graphir_ms"] / 1e3))
+        pts.append(Point(f"{case} eager", flops, nbytes, cr["eager_ms"] / 1e3, ours=False))
+        pts += [Point(f"{case} {m.split('-')[0]}", flops, nbytes, cr[m]["ms"] / 1e3, ours=False)
+                for m in MODES if "ms" in cr.get(m, {})]
+    return pts
+
+
 def main() -> int:
     torch.manual_seed(0)
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -426,6 +447,9 @@ def main() -> int:
                                  if "compile_s" in layer.get(c, {}).get(m, {})) for m in MODES]
     print("\ntorch.compile time per shape: " + ("; ".join(comp) or "skipped"))
     print(table(rows, head))
+    print(write_chart(roofline_points(res), res["copy_GB/s"] * 1e9, res["gemm_TFLOP/s"] * 1e12,
+                      Path(os.environ.get("OUT", "."), "roofline_gpu.png"),
+                      f"attention layer steps, {res['device']} (bf16)"))
     return 0
 
 

@@ -61,3 +61,33 @@ def plot(points: list[Point], bandwidth: float, peak: float, out: str | Path,
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def attention_layer_work(batch: int, cached: int, new: int, nh: int, nkv: int, d: int,
+                         hidden: int, elem: int) -> tuple[float, float]:
+    """(FLOPs, fewest bytes) of one step of the attention layer (examples/llama_attention.py):
+    the qkv and o projections, causal attention of each sequence's `new` tokens over its
+    `cached` + `new` keys (QK^T and PV), and the bytes it must move at least once: the weights,
+    the K/V it reads and the new K/V it writes, x read and the output written. `elem` is the
+    bytes of one element (2 for bf16, 4 for f32)."""
+    tokens = batch * new
+    weights = ((nh + 2 * nkv) * d + nh * d) * hidden
+    keys_seen = batch * (new * cached + new * (new + 1) // 2)   # (query, key) pairs, causal
+    flops = 2 * tokens * weights + 4 * nh * d * keys_seen
+    kv_read = batch * (cached + new) * 2 * nkv * d
+    kv_written = tokens * 2 * nkv * d
+    nbytes = elem * (weights + kv_read + kv_written + 2 * tokens * hidden)
+    return float(flops), float(nbytes)
+
+
+def write_chart(points: list[Point], bandwidth: float, peak: float, out: str | Path,
+                title: str) -> str:
+    """plot(), then the line a benchmark prints under its table: where the chart went, or why
+    there is none."""
+    try:
+        path = plot(points, bandwidth, peak, out, title)
+    except Exception as e:  # noqa: BLE001  (the chart is a view; it must not lose the table)
+        return f"roofline chart not written: {type(e).__name__}: {e}"
+    if path is None:
+        return "roofline chart not written: matplotlib is not installed (pip install matplotlib)"
+    return f"roofline chart: {path}"

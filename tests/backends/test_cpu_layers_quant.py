@@ -1,8 +1,9 @@
 """Quantized and latent attention layers compiled for the CPU match the interpreter step by step:
-GGUFQAttentionWithRope, GPTQAttentionWithRope and LatentAttentionWithRope (graph_mode auto, so
-both the prefill and the decode op run) over the paged cache, through a ragged prefill, decode
-steps and a mixed chunk (tests/nn/harness.py's SCHEDULE). Outputs and the whole cache must agree
-after every step; the cache layer the layer does not own must stay untouched."""
+GGUFQAttentionWithRope (several encodings), GPTQAttentionWithRope and LatentAttentionWithRope
+(graph_mode auto: one mla_attention op whose kernel takes the decompressed form for the prefills
+and the absorbed one for the decode steps) over the paged cache, through a ragged prefill,
+decode steps and a mixed chunk (tests/nn/harness.py's SCHEDULE). Outputs and the whole cache
+must agree after every step; the cache layer the layer does not own must stay untouched."""
 import copy
 
 import numpy as np
@@ -38,7 +39,7 @@ def _run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float):
     assert np.array_equal(m_cpu.blocks[:, :, 1 - LAYER], untouched)
 
 
-@pytest.mark.parametrize("enc", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("enc", ["Q4_K", "Q8_0", "Q6_K", "Q5_1", "Q3_K"])
 def test_gguf_attention_layer(enc):
     from graphir.ops.quant.gguf_quantize import quantize_gguf
     from tests.nn import test_gguf_attention as tg

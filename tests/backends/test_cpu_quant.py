@@ -1,9 +1,12 @@
 """Quantized-weight ops and the float8 path compiled for the CPU match the interpreter.
 
-GGUF blocks come from the gguf package's quantizer (Q4_0, Q8_0), ours (Q4_K, Q6_K) and random
+GGUF blocks come from the gguf package's quantizer (Q4_0, Q8_0), ours (the others) and random
 bytes with finite scales (every code and sub-block scale pattern); GPTQ weights from the
 independent AutoGPTQ-layout packer of tests/nn/test_gptq_attention.py. Decoded weights must be
-bit-identical; products agree to f32 accumulation error.
+bit-identical; products agree to f32 accumulation error. qmatmul runs its register path (fewer
+rows than the tile path's MR, and the rows / columns the tiles leave) and its tile path (MR-row
+blocks against a decoded tile): row counts 1, 3, MR, 2 MR + 5 and column counts with and without
+a partial panel cover both, and the kernel never holds a float copy of the weight.
 """
 import numpy as np
 import pytest
@@ -25,14 +28,26 @@ gguf_quants = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 K = 512
+QUANTIZED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# byte offsets of every block's float16 scale fields (random bytes elsewhere)
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def _mr() -> int:
+    from graphir.lowering.mlir_cpu.cpu_target import host_target
+    from graphir.lowering.mlir_cpu.lowerings.quant_kernels import QuantTiles
+
+    cpu = host_target()
+    return QuantTiles.pick(cpu.f32_lanes, cpu.vector_registers).mr
 
 
 def _encode(rng, enc: str, rows: int) -> np.ndarray:
     w = (rng.standard_normal((rows, K)) * rng.uniform(0.05, 3, (rows, 1))).astype(np.float32)
-    if enc in ("Q4_K", "Q6_K"):
-        return quantize_gguf(w, enc)
     if enc in ("Q4_0", "Q8_0"):
         return np.ascontiguousarray(gguf_quants.quantize(w, T[enc])).view(np.uint8).reshape(rows, -1)
+    if enc in QUANTIZED:
+        return quantize_gguf(w, enc)
     if enc == "F32":
         return w.view(np.uint8)
     if enc == "F16":
@@ -40,11 +55,15 @@ def _encode(rng, enc: str, rows: int) -> np.ndarray:
     return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)  # BF16
 
 
-def _random_k_blocks(rng, enc: str, rows: int) -> np.ndarray:
-    nbytes = 144 if enc == "Q4_K" else 210
-    blocks = rng.integers(0, 256, (rows, K // 256, nbytes), dtype=np.uint8)
-    for off in ([0, 2] if enc == "Q4_K" else [208]):
-        blocks[..., off:off + 2] = rng.uniform(-0.1, 0.1, (rows, K // 256)).astype(np.float16)[
+def _random_blocks(rng, enc: str, rows: int) -> np.ndarray:
+    """Random bytes in every code and packed-scale field, finite float16 scales."""
+    from graphir.ops.quant.gguf_blocks import gguf_block_geometry
+
+    geo = gguf_block_geometry(enc)
+    n = K // geo.block_elems
+    blocks = rng.integers(0, 256, (rows, n, geo.block_bytes), dtype=np.uint8)
+    for off in F16_FIELDS[enc]:
+        blocks[..., off:off + 2] = rng.uniform(-0.1, 0.1, (rows, n)).astype(np.float16)[
             ..., None].view(np.uint8)
     return blocks.reshape(rows, -1)
 
@@ -62,23 +81,34 @@ def _compare(graph, inputs, exact: set[int], weights=None, tol=1e-5):
                                        err_msg=f"output {i}")
 
 
-def test_gguf_dequantize_and_qmatmul():
-    rng = np.random.default_rng(0)
-    # (encoding, out rows, random bytes): 32 rows go through the packed matmul, 24 the plain one.
-    cases = [("Q4_0", 32, False), ("Q8_0", 24, False), ("Q4_K", 32, False), ("Q6_K", 24, False),
-             ("Q4_K", 24, True), ("Q6_K", 32, True), ("F32", 16, False), ("F16", 24, False),
-             ("BF16", 32, False)]
-    blocks = [(_random_k_blocks(rng, e, n) if rnd else _encode(rng, e, n)) for e, n, rnd in cases]
+@pytest.mark.parametrize("enc", QUANTIZED + ["F32", "F16", "BF16"])
+def test_gguf_dequantize_and_qmatmul(enc):
+    rng = np.random.default_rng(QUANTIZED.index(enc) if enc in QUANTIZED else len(enc))
+    # 72 output rows: two whole panels and a partial one on every target; 24: no whole panel
+    blocks = [_encode(rng, enc, 72), _encode(rng, enc, 24)]
+    if enc in QUANTIZED:
+        blocks.append(_random_blocks(rng, enc, 72))
     types = [TensorType(DType.float32, ["n", K])] + [TensorType(DType.uint8, list(b.shape))
                                                     for b in blocks]
     with Graph("gguf", input_types=types) as g:
         x, *ws = g.inputs
         outs = []
-        for (enc, _, _), w in zip(cases, ws):
+        for w in ws:
             outs += [ops.dequantize(enc, w), ops.qmatmul(enc, None, x, w)]
         g.output(*outs)
-    x = rng.standard_normal((5, K)).astype(np.float32)
-    _compare(g, [x] + blocks, exact=set(range(0, 2 * len(cases), 2)), tol=2e-5)
+    from graphir.runtime.session import InferenceSession
+
+    model = InferenceSession().load(g, weights={})
+    for m in (1, 3, _mr(), 2 * _mr() + 5):   # register path, tile path, both
+        x = rng.standard_normal((m, K)).astype(np.float32)
+        want, got = run(g, x, *blocks), model.execute(x, *blocks)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape)
+            if i % 2 == 0:   # decoded weights: bit for bit
+                assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{enc} output {i}"
+            else:
+                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(b).max()),
+                                           err_msg=f"{enc} rows {m} output {i}")
 
 
 @pytest.mark.parametrize("dt", [DType.bfloat16, DType.float16])
@@ -113,16 +143,55 @@ def _gptq_linear(rng, name, n_out, gs, sym, desc, fmt):
 
 def test_gptq_qmatmul_variants():
     rng = np.random.default_rng(2)
+    # (name, out, group, sym, desc_act, format): 24 / 16 outputs take the register path only,
+    # 64 whole panels, 96 panels and a partial one; group 4 is not a whole int32 word
     specs = [("a", 32, 32, False, True, "gptq"), ("b", 24, 64, True, False, "gptq"),
              ("c", 16, -1, False, False, "gptq_v2"), ("d", 48, 32, True, True, "gptq"),
-             ("e", 16, 128, False, True, "gptq_v2")]
+             ("e", 16, 128, False, True, "gptq_v2"), ("f", 64, 16, False, False, "gptq"),
+             ("g", 96, 4, True, True, "gptq"), ("h", 96, 128, False, True, "gptq_v2")]
     lins = [_gptq_linear(rng, *s) for s in specs]
     with Graph("gptq", input_types=[TensorType(DType.float32, ["n", 128])]) as g:
         g.output(*[lin(g.inputs[0]) for lin in lins])
     assert str(g).count("gir.qmatmul") == len(specs)
     weights = {k: v for lin in lins for k, v in lin.state_dict().items()}
-    x = rng.standard_normal((7, 128)).astype(np.float32)
-    assert_matches_interpreter(g, x, weights=weights, rtol=2e-5, atol=2e-5)
+    from graphir.runtime.session import InferenceSession
+
+    model = InferenceSession().load(g, weights=weights)
+    for m in (1, 7, _mr(), 2 * _mr() + 3):
+        x = rng.standard_normal((m, 128)).astype(np.float32)
+        for i, (a, b) in enumerate(zip(model.execute(x), run(g, x, weights=weights))):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(b).max()),
+                                       err_msg=f"rows {m}, layer {specs[i][0]}")
+
+
+@pytest.mark.parametrize("enc", ["Q4_K", "Q8_0", "GPTQ"])
+def test_qmatmul_kernel_holds_no_float_copy_of_the_weight(enc):
+    """Every f32 buffer of the qmatmul kernel is a tile: none is near the weight's size."""
+    import re
+
+    from graphir import Weight
+    from graphir.lowering.mlir_cpu.backend import emit_module
+    from graphir.ops.quant.gguf_blocks import gguf_row_nbytes
+    from graphir.ops.quant.gptq_layout import gptq_weight_rows
+
+    n, k = 512, 2048
+    with Graph("q", input_types=[TensorType(DType.float32, ["t", k])]) as g:
+        if enc == "GPTQ":
+            w = Weight("w", DType.uint8, [gptq_weight_rows(k, 128), n])
+            y = ops.qmatmul(enc, QuantizationConfig(group_size=128), g.inputs[0], w)
+        else:
+            w = Weight("w", DType.uint8, [n, gguf_row_nbytes(enc, k)])
+            y = ops.qmatmul(enc, None, g.inputs[0], w)
+        g.output(y)
+    ctx, module, plan = emit_module(g)
+    with ctx:
+        text = str(module)
+    assert [s.op for s in plan.steps] == ["qmatmul"]
+    sizes = []
+    for dims in re.findall(r"(?:memref|tensor)<([0-9?x]+)xf32", text):
+        static = [int(d) for d in dims.split("x") if d != "?"]
+        sizes.append(int(np.prod(static)) if static else 0)
+    assert sizes and max(sizes) <= n * k // 8, (max(sizes), n * k)
 
 
 def test_float8_conversions_exact():

@@ -281,3 +281,12 @@ def test_a_shared_prefix_page_may_be_read(check):
     clen = np.array([6, 6], np.uint32)
     lut = np.array([[2, 5, 29, 29, 29, 29], [2, 6, 29, 29, 29, 29]], np.uint32)
     assert run_check(check, {1: offs, 3: clen, 4: lut}).kv_max == {(1, 3): 7}
+
+
+def test_one_sequence_naming_a_page_twice_is_refused(check):
+    # Positions 4..11 of one sequence: page indexes 1 and 2 both name page 0, slot 3 twice.
+    offs = np.array([0, 5], np.uint32)
+    clen = np.array([7], np.uint32)
+    lut = np.array([[4, 0, 0, 8, 9, 10]], np.uint32)
+    with pytest.raises(ValueError, match="sequence 0 writes twice new tokens into page 0"):
+        run_check(check, {1: offs, 3: clen, 4: lut})

@@ -220,15 +220,20 @@ def test_demo_prints_the_ir(capsys):
 
 
 def test_demo_reports_a_mismatch(capsys, monkeypatch):
-    real = demo_mod._interpreter
+    real = demo_mod._compile_and_load
 
-    def off_by_a_little(graph, weights):
-        fn = real(graph, weights)
+    def off_by_a_little(*args):
+        fn = real(*args)
         return lambda *a: [o + 1e-2 for o in fn(*a)]
-    monkeypatch.setattr(demo_mod, "cpu_gaps", lambda g: ["(forced)"])
-    monkeypatch.setattr(demo_mod, "_interpreter", off_by_a_little)
+    monkeypatch.setattr(demo_mod, "_compile_and_load", off_by_a_little)
     rc, out, _ = cli(capsys, "demo", "--quiet", "--decode-steps", "1")
     assert rc == 1 and "MISMATCH in prefill 1 output" in out and "demo: MISMATCH" in out
+
+
+def test_demo_never_says_ok_without_compiled_code(capsys, monkeypatch):
+    monkeypatch.setattr(demo_mod, "cpu_gaps", lambda g: ["gir.rope"])
+    rc, out, err = cli(capsys, "demo", "--quiet")
+    assert rc == 1 and "demo: OK" not in out and "no lowering for gir.rope" in err
 
 
 @pytest.mark.parametrize("argv, msg", [(["--prefill", "3,x"], "--prefill expects comma-separated"),
@@ -249,7 +254,7 @@ def test_demo_compiled_path_pieces(work, capsys):
     g = load_graph(str(work / "ew.py"))
     rng = np.random.default_rng(2)
     w = {"scale": rng.standard_normal(8).astype(np.float32)}
-    args = argparse.Namespace(quiet=True, no_cache=False)
+    args = argparse.Namespace(quiet=True, no_cache=False, device="cpu")
     report = demo_mod.Report()
     execute = demo_mod._compile_and_load(g, w, args, report)
     assert [r[0] for r in report.rows] == ["compile", "load"]

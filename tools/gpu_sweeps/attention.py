@@ -317,6 +317,30 @@ def main():
         with open(os.path.join(os.environ["OUT"], "prefill_table.json"), "w") as f:
             json.dump(results["prefill_table"], f, indent=1)
     print_tables(results)
+    print(roofline(results))
+
+
+def roofline(results) -> str:
+    """A roofline chart of each shape's shipped default and SDPA (bytes: q, K, V read once and
+    the output written) under the measured copy bandwidth and cuBLAS rate; $OUT or here."""
+    from graphir.tools.gpu_timing import copy_gbs, gemm_tflops
+    from graphir.tools.roofline import Point, write_chart
+
+    pts = []
+    for name, B, S, D, mask, _ in SHAPES:
+        s = results["shapes"].get(name, {})
+        nbytes = 2 * B * S * D * (2 * NH + 2 * NKV)
+        d = s.get("variants", {}).get(s.get("default"), {})
+        if "ms" in d:
+            pts.append(Point(name, s["flops"], nbytes, d["ms"] / 1e3))
+        if "ms" in s.get("sdpa", {}) and mask != "SLIDING_WINDOW_CAUSAL":
+            pts.append(Point(f"{name} SDPA", s["flops"], nbytes, s["sdpa"]["ms"] / 1e3,
+                             ours=False))
+    # The dry run has no GPU to measure: a nominal roof, so only the plumbing is checked.
+    bw, peak = (1e9, 1e10) if DRY else (copy_gbs() * 1e9, gemm_tflops() * 1e12)
+    return write_chart(pts, bw, peak, os.path.join(os.environ.get("OUT", "."),
+                                                   "roofline_prefill.png"),
+                       f"prefill attention kernel, {results['prefill_table']['device']}")
 
 
 def prefill_table(results) -> dict:

@@ -8,6 +8,9 @@ from .quant_kernels import (Mats, QuantTiles, k_block, pow2, rows_in_blocks,
                             split_rows, tile_path, x_sums)
 
 
+PARALLEL_ITERATIONS = 128
+
+
 def _gguf_dot(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m0: str, mb: int,
               cols: list[str]) -> None:
     """out[m0 : m0+mb, cols] = x rows . W rows, each block decoded in registers: codes times x
@@ -69,24 +72,33 @@ def _gguf_dot(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m0
 def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m_lo: str, m_hi: str,
                n_lo: int, n_hi: int) -> None:
     """Rows [m_lo, m_hi) x columns [n_lo, n_hi) by the row path."""
-    t, nb = k.t, k.tiles.nb
+    t, nb = k.t, QuantTiles.weight_rows(dec.chunks)
     if n_hi <= n_lo:
         return
     mb = k.tiles.row_block(dec.width, 2 * nb if xs is not None else nb)
-    groups = -(-(n_hi - n_lo) // nb)
+    # Each parallel iteration takes several groups of nb weight rows: a few hundred iterations
+    # per call, enough to balance the threads without a shared-counter grab per group.
+    count = n_hi - n_lo
+    per = nb * max(1, count // (nb * PARALLEL_ITERATIONS))
     g = k.fresh("g")
-    t.open(f"scf.forall ({g}) in ({groups})")
-    n0 = k.ix("addi", k.ix("muli", g, nb), n_lo)
-    full = t(f"arith.cmpi ule, {k.ix('addi', n0, nb)}, {t.idx(n_hi)} : index")
+    t.open(f"scf.forall ({g}) in ({-(-count // per)})")
+    start = k.ix("addi", k.ix("muli", g, per), n_lo)
+    end = t.min(k.ix("addi", start, per), t.idx(n_hi))
 
-    def group():
-        cols = [k.ix("addi", n0, j) if j else n0 for j in range(nb)]
-        rows_in_blocks(k, m_lo, m_hi, mb, lambda m, r: _gguf_dot(k, mats, dec, wm, wmt, xs, m, r, cols))
+    def step(n0, _):
+        full = t(f"arith.cmpi ule, {k.ix('addi', n0, nb)}, {end} : index")
 
-    def tail():
-        k.loop(n0, t.idx(n_hi), 1, body=lambda n, _: rows_in_blocks(
-            k, m_lo, m_hi, 1, lambda m, r: _gguf_dot(k, mats, dec, wm, wmt, xs, m, r, [n])) or [])
-    k.if_(full, group, tail)
+        def group():
+            cols = [k.ix("addi", n0, j) if j else n0 for j in range(nb)]
+            rows_in_blocks(k, m_lo, m_hi, mb,
+                           lambda m, r: _gguf_dot(k, mats, dec, wm, wmt, xs, m, r, cols))
+
+        def tail():
+            k.loop(n0, end, 1, body=lambda n, _: rows_in_blocks(
+                k, m_lo, m_hi, 1, lambda m, r: _gguf_dot(k, mats, dec, wm, wmt, xs, m, r, [n])) or [])
+        k.if_(full, group, tail)
+        return []
+    k.loop(start, end, nb, body=step)
     t.close()
 
 

@@ -154,7 +154,7 @@ def _gptq_rows(k: KernelText, mats: Mats, gm: _GptqMem, xs, m_lo: str, m_hi: str
         return
     vecs = (n_hi - n_lo) // v
     per = max(1, v // k.tiles.lanes)
-    nv = next(x for x in (4, 2, 1) if vecs % x == 0 and x * per <= k.tiles.regs // 4)
+    nv = next(x for x in (8, 4, 2, 1) if vecs % x == 0 and x * per <= k.tiles.regs // 4)
     mb = k.tiles.row_block(v, 2 * nv)
     s = k.fresh("g")
     t.open(f"scf.forall ({s}) in ({vecs // nv})")

@@ -1,23 +1,27 @@
 """CPU quantized matmul kernels (MLIR text): y[M, N] = x[M, K] @ W^T with W decoded inside the
-matmul loop, never as a whole float copy.
+matmul loop, never as a whole float copy (quant_gguf.py, quant_gptq.py hold the encodings' parts).
 
 Two paths, chosen per call from M (rows of x):
 
 row path (fewer than MR rows, e.g. a decode step; and the rows / columns the tile path leaves):
-    GGUF rows are contiguous along k, so each forall iteration takes NB weight rows and runs
-    dot products along k: a block's chunks are decoded into registers (quant_decoders.py) and
-    FMA'd with MB activation rows at a time; one horizontal sum per output at the end.
-    GPTQ codes are contiguous along n: NV vectors of output columns per iteration, decoded per
-    k (one int32 word vector gives 8 k) with the group's scales and zero points held in
-    registers, accumulated as broadcast(x) * w.
+    weights are decoded in registers, factored as y = sum_s scale_s (x . q)_s - sum_s
+    offset_s X_s with X_s the sum of x over sub-block (group) s, computed once per call.
+    GGUF rows are contiguous along k: each forall iteration takes NB weight rows (NB x a
+    block ~ 16 chunks); per block,
+    the integer codes (quant_decoders.py) meet MB activation rows in FMAs, a sub-block's
+    partial dot product is scaled once, the offsets meet X once per block (vector ops), and
+    each output gets one horizontal sum at the end.
+    GPTQ codes are contiguous along n: NV vectors of output columns per iteration, one int32
+    word vector gives 8 k; per group, sum_k x_k code_k accumulates, then scale * (that - zero
+    point * X_group).
 tile path (M >= MR): per slice of SP panels of NR columns and per k block of KC, the slice's
-    weights are decoded once into an L1/L2 tile S[SP][KC][NR] (GGUF: rows decoded along k into
-    T[NR][KC], then transposed in registers W x W at a time; GPTQ: decoded straight along n),
-    and every MR-row block of x runs the register-blocked outer-product kernel of the packed f32
-    matmul (MR x NR accumulators, a broadcast of x times NR/lanes vectors of S) against it, so
-    a tile's decode is shared by all M rows.
+    weights are decoded once (exact floats) into an L1/L2 tile S[SP][KC][NR] (GGUF: rows
+    decoded along k into T[NR][KC], then transposed in registers W x W at a time; GPTQ:
+    decoded straight along n), and every MR-row block of x runs the register-blocked
+    outer-product kernel of the packed f32 matmul (MR x NR accumulators, a broadcast of x times
+    NR/lanes vectors of S) against it, so a tile's decode is shared by all M rows.
 
-Decoded values equal the interpreter's bit for bit; products accumulate in f32.
+dequantize decodes rows by chunks, bit-identical to the interpreter; products accumulate in f32.
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ class QuantTiles:
     regs: int
     mr: int       # rows of the tile path's register block
     nr: int       # panel width: a multiple of 16 and of the lanes
-    nb: int = 4   # GGUF row path: weight rows per forall iteration
 
     @staticmethod
     def pick(lanes: int, regs: int) -> "QuantTiles":
@@ -42,6 +45,13 @@ class QuantTiles:
         nv = nr // lanes
         mr = max(1, min(8, (regs - nv - 1) // nv))
         return QuantTiles(lanes, regs, mr, nr)
+
+    @staticmethod
+    def weight_rows(chunks_per_block: int) -> int:
+        """GGUF row path: weight rows per block step, so that one step decodes ~16 chunks (one
+        K block of one row; eight rows of 32-value blocks): measured fastest on Zen 4 (more rows
+        spill and interleave more streams, fewer leave the loop overhead exposed)."""
+        return max(1, min(8, 16 // chunks_per_block))
 
     def row_block(self, width: int, per_row: int) -> int:
         """Activation rows per row-path block: accumulators fit in half the registers."""
@@ -153,6 +163,9 @@ def k_block(k_total: int, elems: int, target: int = 256) -> int:
     return best * elems
 
 
+SERIAL_ROWS = 16   # x_sums runs serially below this many rows
+
+
 def x_sums(k: KernelText, mats: Mats, size: int) -> tuple[str, str]:
     """(xs, its type): xs[m, g] = sum of x[m, g*size : (g+1)*size], for the offset terms."""
     t = k.t
@@ -161,20 +174,27 @@ def x_sums(k: KernelText, mats: Mats, size: int) -> tuple[str, str]:
     v = f"vector<{wd}xf32>"
     xst = f"memref<?x{groups}xf32>"
     xs = t(f"memref.alloc({mats.m}) : {xst}")
-    m = k.fresh("m")
-    t.open(f"scf.forall ({m}) in ({mats.m})")
 
-    def group(g, _):
-        k0 = k.ix("muli", g, size)
+    def row(m):
+        def group(g, _):
+            k0 = k.ix("muli", g, size)
 
-        def add(i, acc):
-            x = t(f"vector.load {mats.xm}[{m}, {k.ix('addi', k0, i)}] : {mats.xmt}, {v}")
-            return [t(f"arith.addf {acc[0]}, {x} : {v}")]
-        parts = k.loop(0, size, wd, [t.const("0.0", v)], v, add)
-        t.stmt(f"memref.store {hsum(t, parts[0], wd)}, {xs}[{m}, {g}] : {xst}")
-        return []
-    k.loop(0, groups, 1, body=group)
-    t.close()
+            def add(i, acc):
+                x = t(f"vector.load {mats.xm}[{m}, {k.ix('addi', k0, i)}] : {mats.xmt}, {v}")
+                return [t(f"arith.addf {acc[0]}, {x} : {v}")]
+            parts = k.loop(0, size, wd, [t.const("0.0", v)], v, add)
+            t.stmt(f"memref.store {hsum(t, parts[0], wd)}, {xs}[{m}, {g}] : {xst}")
+            return []
+        k.loop(0, groups, 1, body=group)
+
+    def parallel():
+        m = k.fresh("m")
+        t.open(f"scf.forall ({m}) in ({mats.m})")
+        row(m)
+        t.close()
+    # A few rows (a decode step) are cheaper than a parallel region's barrier.
+    few = t(f"arith.cmpi ult, {mats.m}, {t.idx(SERIAL_ROWS)} : index")
+    k.if_(few, lambda: k.loop(0, mats.m, 1, body=lambda m, _: row(m) or []), parallel)
     return xs, xst
 
 

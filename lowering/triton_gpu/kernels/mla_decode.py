@@ -216,7 +216,7 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
     """[q absorb, attention, merge + w_uv] for q/weights of `dtype` over a `cache_dtype` cache."""
     t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
     conf = conf or tile_config(nh, r)
-    prec = "ieee" if dtype == "float32" else "tf32"
+    prec = "tf32x3" if dtype == "float32" else "tf32"
     rp, ep, nopep, vp = pad(r), pad(rope), pad(nope), pad(v)
     br = min(rp, 128)
     qc = dict(NH=nh, NOPE=nope, ROPE=rope, R=r, NOPEP=nopep, EP=ep, BLOCK_T=16, BLOCK_R=br,

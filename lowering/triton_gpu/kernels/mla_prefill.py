@@ -130,7 +130,7 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
           kinds: int, page_size: int) -> list[KernelSpec]:
     """[decompress, attention] for q/weights of `dtype` over a `cache_dtype` cache."""
     t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
-    prec = "ieee" if dtype == "float32" else "tf32"
+    prec = "tf32x3" if dtype == "float32" else "tf32"
     nopep, vp, ep = pad(nope), pad(v), pad(rope)
     dc = dict(NH=nh, NOPE=nope, V=v, R=r, ROPE=rope, NOPEP=nopep, VP=vp, KINDS=kinds,
               PAGE_SIZE=page_size, BLOCK_L=DECOMP_BLOCK_L, BLOCK_R=min(pad(r), 64),

@@ -86,15 +86,16 @@ def gguf_dequant_kernel(w_ptr, out_ptr, N, row_bytes, n_groups, ENC: tl.constexp
 
 
 # -- configs and launch rules ---------------------------------------------------------------------
-def config_for(m_max: int | None, encoding: str, n: int, k: int) -> dict:
+def config_for(m_max: int | None, encoding: str, n: int, k: int,
+               dtype: str = "bfloat16") -> dict:
     """The config of the row bucket whose largest M is m_max (None: the unbounded bucket):
-    tile sizes, groups per step and the split of the K groups."""
+    tile sizes, groups per step and the split of the K groups (float32 X: half the step)."""
     f = fmt(encoding)
     groups = groups_per_row(encoding, k)
     for top, bm, bn, kv, warps, stages in CONFIGS:
         if top is None or (m_max is not None and m_max <= top):
             break
-    kv = min(kv, MAX_STEP.get(encoding, kv))
+    kv = min(kv, MAX_STEP.get(encoding, kv)) // (2 if dtype == "float32" else 1)
     ng = max(2, min(kv // f.E, 16))
     # Dots need NG * L >= 16 values along K, and a power of two.
     while ng * f.L < 16:
@@ -111,11 +112,13 @@ def constexprs(encoding: str, conf: dict, dtype: str) -> dict:
     f = fmt(encoding)
     return dict(ENC=f.id, E=f.E, L=f.L, P=f.P, BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"],
                 NG=conf["NG"], SPLIT_K=conf["SPLIT_K"],
-                PRECISION="ieee" if dtype == "float32" else "tf32")
+                PRECISION="tf32x3" if dtype == "float32" else "tf32")
 
 
-def matmul_specs(encoding: str, dtype: str, conf: dict) -> list[KernelSpec]:
-    """The matmul kernel and, when the config splits K, the reduce of its partials."""
+def matmul_specs(encoding: str, dtype: str, conf: dict,
+                 row_bytes: int | None = None) -> list[KernelSpec]:
+    """The matmul kernel and, when the config splits K, the reduce of its partials; a
+    row_bytes that is a multiple of 16 is compiled in (aligned rows: wider weight loads)."""
     t = triton_dtype(dtype)
     split = conf["SPLIT_K"]
     sig = {"x_ptr": f"*{t}", "w_ptr": "*u8", "c_ptr": "*fp32" if split > 1 else f"*{t}",
@@ -129,7 +132,8 @@ def matmul_specs(encoding: str, dtype: str, conf: dict) -> list[KernelSpec]:
         fn=gguf_matmul_kernel, signature=sig, constexprs=consts, num_warps=conf["num_warps"],
         num_stages=conf["num_stages"],
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
-        divisible_by_16=("x_ptr", "w_ptr", "c_ptr"))
+        divisible_by_16=("x_ptr", "w_ptr", "c_ptr")
+        + (("row_bytes",) if row_bytes is not None and row_bytes % 16 == 0 else ()))
     if split == 1:
         return [main]
     rsig = {"part_ptr": "*fp32", "bias_ptr": f"*{t}", "c_ptr": f"*{t}", "M": "i32", "N": "i32",
@@ -171,10 +175,10 @@ def launch_matmul(x, w, encoding: str, out=None, conf: dict | None = None, scrat
     M, K = x.shape
     N = w.shape[0]
     dt = _TORCH_NAMES[str(x.dtype)]
-    conf = conf or config_for(M, encoding, N, K)
+    conf = conf or config_for(M, encoding, N, K, dt)
     groups = groups_per_row(encoding, K)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
-    specs = matmul_specs(encoding, dt, conf)
+    specs = matmul_specs(encoding, dt, conf, w.shape[1])
     split = conf["SPLIT_K"]
     c = out if split == 1 else (scratch if scratch is not None else
                                 torch.empty((split, M, N), dtype=torch.float32, device=x.device))

@@ -45,6 +45,7 @@ def gptq_matmul_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_c = tl.minimum(rn, N - 1)
+    nmask = rn < N
     x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K
     words = w_ptr.to(tl.pointer_type(tl.int32))
     scales = (w_ptr + (K * BITS // 8).to(tl.int64) * N).to(tl.pointer_type(tl.float16))
@@ -59,9 +60,12 @@ def gptq_matmul_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size
         row = k0 // P + r                                  # word rows of this step
         live = row < K // P
         row = tl.minimum(row, K // P - 1)
-        w = tl.load(words + row.to(tl.int64)[:, None] * N + rn_c[None, :])
+        # Masked, not clamped, along N: the columns stay provably contiguous (16-byte copies).
+        w = tl.load(words + row.to(tl.int64)[:, None] * N + rn[None, :], mask=nmask[None, :],
+                    other=0)
         grp = (row * P) // group_size
-        s = tl.load(scales + grp[:, None] * N + rn_c[None, :]).to(tl.float32)
+        s = tl.load(scales + grp[:, None] * N + rn[None, :], mask=nmask[None, :],
+                    other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zw = tl.load(z_ptr + grp[:, None] * (N // P) + (rn_c // P)[None, :])
             z = ((zw >> ((rn_c % P) * BITS)[None, :]) & MASK).to(tl.float32)
@@ -97,15 +101,17 @@ def check_shape(k: int, n: int, group_size: int, bits: int) -> int:
     return g
 
 
-def config_for(m_max: int | None, n: int, k: int, bits: int = 4) -> dict:
-    """Tiles and K split for the row bucket whose largest M is m_max (None: unbounded)."""
+def config_for(m_max: int | None, n: int, k: int, bits: int = 4,
+               dtype: str = "bfloat16") -> dict:
+    """Tiles and K split for the row bucket whose largest M is m_max (None: unbounded);
+    float32 X takes half the K step."""
     p = 32 // bits
     for top, bm, bn, bk, warps, stages in CONFIGS:
         if top is None or (m_max is not None and m_max <= top):
             break
     # 8-bit words hold half the codes: half the rows per step keep the registers (no spills
     # offline, test_quant_aot.py); dots need BLOCK_K / P >= 16 values per plane.
-    bk = max(bk // (bits // 4), 16 * p)
+    bk = max(bk // (bits // 4) // (2 if dtype == "float32" else 1), 16 * p)
     tiles = cdiv(n, bn) * (cdiv(m_max, bm) if m_max else 8)
     steps = cdiv(k, bk)
     split = max(1, min(cdiv(TARGET_PROGRAMS, tiles), steps, 16)) if m_max else 1
@@ -115,8 +121,10 @@ def config_for(m_max: int | None, n: int, k: int, bits: int = 4) -> dict:
 
 
 def matmul_specs(dtype: str, conf: dict, *, bits: int = 4, has_zeros: bool = False,
-                 zero_plus_one: bool = True, has_perm: bool = False) -> list[KernelSpec]:
-    """The GPTQ matmul kernel and, when the config splits K, the reduce of its partials."""
+                 zero_plus_one: bool = True, has_perm: bool = False,
+                 n: int | None = None) -> list[KernelSpec]:
+    """The GPTQ matmul kernel and, when the config splits K, the reduce of its partials; an
+    output width n that is a multiple of 16 is compiled in (16-byte loads of packed words)."""
     t = triton_dtype(dtype)
     split = conf["SPLIT_K"]
     sig = {"x_ptr": f"*{t}", "w_ptr": "*u8", "z_ptr": "*i32", "perm_ptr": "*i32",
@@ -125,7 +133,7 @@ def matmul_specs(dtype: str, conf: dict, *, bits: int = 4, has_zeros: bool = Fal
     consts = dict(BITS=bits, HAS_ZEROS=has_zeros, ZERO_PLUS_ONE=zero_plus_one and has_zeros,
                   HAS_PERM=has_perm, BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"],
                   BLOCK_K=conf["BLOCK_K"], SPLIT_K=split,
-                  PRECISION="ieee" if dtype == "float32" else "tf32")
+                  PRECISION="tf32x3" if dtype == "float32" else "tf32")
     sig.update({k: "constexpr" for k in consts})
     bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
     tag = f"{bits}b" + ("_z" if has_zeros else "") + ("_perm" if has_perm else "")
@@ -134,7 +142,8 @@ def matmul_specs(dtype: str, conf: dict, *, bits: int = 4, has_zeros: bool = Fal
         fn=gptq_matmul_kernel, signature=sig, constexprs=consts, num_warps=conf["num_warps"],
         num_stages=conf["num_stages"],
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
-        divisible_by_16=("x_ptr", "w_ptr", "c_ptr"))
+        divisible_by_16=("x_ptr", "w_ptr", "c_ptr")
+        + (("N",) if n is not None and n % 16 == 0 else ()))
     if split == 1:
         return [main]
     rsig = {"part_ptr": "*fp32", "bias_ptr": f"*{t}", "c_ptr": f"*{t}", "M": "i32", "N": "i32",
@@ -159,10 +168,12 @@ def launch_matmul(x, weight, group_size: int, *, bits: int = 4, qzeros=None, per
     M, K = x.shape
     N = weight.shape[1]
     gs = check_shape(K, N, group_size, bits)
-    conf = conf or config_for(M, N, K, bits)
-    specs = matmul_specs(_TORCH_NAMES[str(x.dtype)], conf, bits=bits,
+    dt = _TORCH_NAMES[str(x.dtype)]
+    conf = conf or config_for(M, N, K, bits, dt)
+    specs = matmul_specs(dt, conf, bits=bits,
                          has_zeros=qzeros is not None,
-                         zero_plus_one=checkpoint_format == "gptq", has_perm=perm is not None)
+                         zero_plus_one=checkpoint_format == "gptq", has_perm=perm is not None,
+                         n=N)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     split = conf["SPLIT_K"]
     c = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)

@@ -1,12 +1,14 @@
 """CUDA lowerings of the MLA ops onto kernels/mla*.py: the latent cache store, the prefill plan,
-and mla_prefill / mla_decode.
+and mla_prefill / mla_decode / mla_attention.
 
-mla_prefill and mla_decode compute the same attention (the decompressed and the absorbed forms
-of one softmax), so both lower to the same two plan variants and the batch picks: while every
-sequence brings at most ABSORB_MAX new tokens (decode, speculative decode, short chunks) the
-absorbed kernels run (q absorbed into latent space, split-K over the context, then w_uv);
-longer prefills decompress K/V once per key and head into scratch and run the ragged flash loop
-(head dim nope + rope for q/k, v_head_dim for v). The absorbed path costs ~(R + rope + R) per
+The three attention ops compute the same attention (the decompressed and the absorbed forms of
+one softmax; operands 7-9, the prefill plan, are not needed: the kernels place every key from
+the offsets and cache lengths), so all lower to the same two plan variants and the batch picks:
+while every sequence brings at most ABSORB_MAX new tokens (decode, speculative decode, short
+chunks; mla_attention's absorb_max when larger) the absorbed kernels run (q absorbed into
+latent space, split-K over the context, then w_uv); longer prefills decompress K/V once per key
+and head into scratch and run the ragged flash loop (head dim nope + rope for q/k, v_head_dim
+for v). The absorbed path costs ~(R + rope + R) per
 query-key pair and head against ~(nope + rope + v) for the decompressed one plus R * (nope + v)
 per key and head to decompress, which breaks even near a hundred new tokens per sequence.
 Launches depend on the batch, T, the exact most-new-tokens fact and the longest context bucketed
@@ -93,7 +95,8 @@ def _attention(sb: StepBuilder, node) -> None:
     for name, expr in md.split_lets(batch, "mla_tiles", "mla_kv_len", conf):
         sb.let(name, expr)
     parts, part_size = "mla_num_parts", "mla_part_size"
-    with sb.when(f"{seqmax} <= {ABSORB_MAX}"):
+    absorb_max = max(ABSORB_MAX, int(a.get("absorb_max", 0)))
+    with sb.when(f"{seqmax} <= {absorb_max}"):
         qlat = sb.scratch("q_lat", item, f"({T}) * {nh * (r + rope)}")
         o_part = sb.scratch("o_part", "float32", f"({T}) * {nh} * {parts} * {rp}")
         ml = sb.scratch("ml_part", "float32", f"({T}) * {nh} * {parts} * 2")
@@ -116,4 +119,4 @@ def _attention(sb: StepBuilder, node) -> None:
 
 register_lowering("mla_prefill", "cuda")(_attention)
 register_lowering("mla_decode", "cuda")(_attention)
-register_lowering("mla_attention", "cuda")(_attention)   # graph_mode "auto": one op, w1 = w_uk
+register_lowering("mla_attention", "cuda")(_attention)  # graph_mode "auto"; w1 = w_uk

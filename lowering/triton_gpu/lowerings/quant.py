@@ -59,9 +59,10 @@ def _gguf(sb: StepBuilder, node, x, w, enc: str, dt: str) -> None:
     row_bytes = int(w.type.shape[1])
     M, N = e(Mdim), e(Nd)
     for cond, top in _buckets(qk.CONFIGS, Mdim):
-        conf = qk.config_for(top, enc, n_nominal, K)
+        conf = qk.config_for(top, enc, n_nominal, K, dt)
         with sb.when(cond):
-            _launch(sb, qk.matmul_specs(enc, dt, conf), conf, M, N, [sb.ptr(x), sb.ptr(w)],
+            _launch(sb, qk.matmul_specs(enc, dt, conf, row_bytes), conf, M, N,
+                    [sb.ptr(x), sb.ptr(w)],
                     [M, N, row_bytes, n_groups, conf["groups_per_split"]], node.results[0])
 
 
@@ -79,10 +80,10 @@ def _gptq(sb: StepBuilder, node, x, w, dt: str) -> None:
     M = e(Mdim)
     null = ["n"]
     for cond, top in _buckets(gk.CONFIGS, Mdim):
-        conf = gk.config_for(top, N, K, bits)
+        conf = gk.config_for(top, N, K, bits, dt)
         specs = gk.matmul_specs(dt, conf, bits=bits, has_zeros=qzeros is not None,
                                 zero_plus_one=a["checkpoint_format"] == "gptq",
-                                has_perm=perm is not None)
+                                has_perm=perm is not None, n=N)
         if perm_t != "*i32":
             from dataclasses import replace
 

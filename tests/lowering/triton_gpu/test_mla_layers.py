@@ -1,5 +1,5 @@
-"""MLA through the whole cuda backend on the CPU: the four MLA ops in one graph, and
-LatentAttentionWithRope (graph_mode auto: both attention ops, with and without q LoRA) lowered
+"""MLA through the whole cuda backend on the CPU: the five MLA ops in one graph, and
+LatentAttentionWithRope (graph_mode auto: mla_attention, with and without q LoRA) lowered
 for cuda and run by the plan runner with the kernels under Triton's interpreter
 (test_backend_interp.InterpDevice), against the reference interpreter; both attention plan
 variants (absorbed, decompressed) run; no plan keeps a host step."""
@@ -36,9 +36,11 @@ def op_graph(kinds: int, dt: DType, interleaved: bool) -> Graph:
                             layer_idx=LAYER, interleaved=interleaved)
         dims = dict(n_heads=NH, qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V,
                     kv_lora_rank=R, layer_idx=LAYER, scale=0.21)
+        plan = ops.mla_prefill_plan(o, c)
         g.output(ops.mla_prefill(qv, b, o, c, lt, wk, wuv, buffer_size=4, **dims),
-                 ops.mla_decode(qv, b, o, c, lt, wuk, wuv, **dims),
-                 *ops.mla_prefill_plan(o, c))
+                 ops.mla_decode(qv, b, o, c, lt, wuk, wuv, **dims), *plan,
+                 ops.mla_attention(qv, b, o, c, lt, wuk, wuv, buffer_size=4, absorb_max=1,
+                                   prefill_metadata=plan, **dims))
     return g
 
 
@@ -62,7 +64,7 @@ def test_mla_ops_graph(kinds, interleaved, absorb_max, monkeypatch):
     assert got[2].tolist() == [0, 9, 14, 17] and got[4].tolist() == [17]
     no_host_steps(ex)
     want_kernel = "mla_absorbed_fp32" if absorb_max >= 5 else "mla_prefill_attn_fp32"
-    assert sum(k.startswith(want_kernel) for k in dev.launched) == 2, dev.launched
+    assert sum(k.startswith(want_kernel) for k in dev.launched) == 3, dev.launched
 
 
 @pytest.mark.parametrize("q_lora,absorb_max", [(None, 64), (24, 64), (None, 4)])

@@ -34,18 +34,25 @@ from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS
 jobs = []
 for enc in FORMATS:
     k = 4096
-    jobs.append((f"{enc}/m1", qk.matmul_specs(enc, "bfloat16", qk.config_for(1, enc, 4096, k))))
+    rb = k // FORMATS[enc].block_elems * FORMATS[enc].block_bytes
+    jobs.append((f"{enc}/m1", qk.matmul_specs(enc, "bfloat16", qk.config_for(1, enc, 4096, k), rb)))
 for enc in ("Q4_K", "Q6_K", "Q3_K"):
     for m in (64, None):
-        jobs.append((f"{enc}/m{m}", qk.matmul_specs(enc, "bfloat16", qk.config_for(m, enc, 4096, 4096))))
-jobs.append(("Q8_0/fp32", qk.matmul_specs("Q8_0", "float32", qk.config_for(1, "Q8_0", 4096, 4096))))
+        jobs.append((f"{enc}/m{m}", qk.matmul_specs(enc, "bfloat16", qk.config_for(m, enc, 4096, 4096),
+                                                    4096 // 256 * FORMATS[enc].block_bytes)))
+for m in (1, None):
+    jobs.append((f"Q8_0/fp32/m{m}", qk.matmul_specs("Q8_0", "float32",
+                                                    qk.config_for(m, "Q8_0", 4096, 4096, "float32"))))
+jobs.append(("gptq/fp32", gk.matmul_specs("float32", gk.config_for(1, 4096, 4096, 4, "float32"),
+                                         has_zeros=True)))
 jobs.append(("Q4_0/fp16", qk.matmul_specs("Q4_0", "float16", qk.config_for(64, "Q4_0", 4096, 4096))))
 jobs.append(("dequant", [qk.dequant_spec("Q4_K"), qk.dequant_spec("Q5_0")]))
 for m in (1, 64, None):
     for bits, z, perm in ((4, False, False), (4, True, True), (8, True, True)):
         conf = gk.config_for(m, 4096, 4096, bits)
         jobs.append((f"gptq{bits}{'z' if z else ''}{'p' if perm else ''}/m{m}",
-                     gk.matmul_specs("bfloat16", conf, bits=bits, has_zeros=z, has_perm=perm)))
+                     gk.matmul_specs("bfloat16", conf, bits=bits, has_zeros=z, has_perm=perm,
+                                     n=4096)))
 out = {}
 for label, specs in jobs:
     for s in specs:

@@ -1,0 +1,66 @@
+"""Compiled offline for cuda:sm_90, the quantized and latent attention layers ship kernels only:
+the manifest's plan of GGUFQAttentionWithRope (Q4_K), GPTQAttentionWithRope (4-bit, asymmetric,
+desc_act) and LatentAttentionWithRope (graph_mode auto) has no host_runtime step, and their
+qmatmul / MLA steps launch cubins of the artifact."""
+import numpy as np
+import pytest
+
+from tests.nn.harness import LAYER, layer_graph
+
+
+def gguf_layer():
+    from tests.nn import test_gguf_attention as tg
+
+    rope, kvp, quant, _ = tg.layers("Q4_K")
+    return layer_graph(quant, rope, kvp)
+
+
+def gptq_layer():
+    from graphir.ops import QuantizationConfig
+    from tests.nn import test_gptq_attention as tq
+
+    rope, kvp, quant, _ = tq.build(QuantizationConfig(group_size=64, desc_act=True, sym=False))
+    return layer_graph(quant, rope, kvp)
+
+
+def mla_layer():
+    from tests.nn import test_mla as tm
+
+    rope, kvp, attn = tm.make_layer(q_lora=24)
+    return layer_graph(attn, rope, kvp, layer=LAYER)
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    from graphir.lowering.artifact import load_artifact
+    from graphir.lowering.driver import compile_graph
+
+    out = {}
+    tmp = tmp_path_factory.mktemp("arts")
+    for name, build in (("gguf", gguf_layer), ("gptq", gptq_layer), ("mla", mla_layer)):
+        compile_graph(build(), "cuda:sm_90", out=tmp / f"{name}.gart")
+        out[name] = load_artifact(tmp / f"{name}.gart", expect_target="cuda:sm_90").manifest
+    return out
+
+
+WANT = {"gguf": ({"qmatmul"}, "gguf_q4_k_matmul_fp32"),
+        "gptq": ({"qmatmul"}, "gptq_4b_z_perm_matmul_fp32"),
+        "mla": ({"mla_cache_store", "mla_attention", "mla_prefill_plan"}, "mla_absorbed_fp32")}
+
+
+@pytest.mark.parametrize("name", sorted(WANT))
+def test_manifest_has_no_host_steps(manifests, name):
+    m = manifests[name]
+    steps = m["plan"]["steps"]
+    assert not [s["op"] for s in steps if s["kernel"] == "host_runtime"]
+    ops, spec = WANT[name]
+    kernel_steps = {s["op"] for s in steps if s["kernel"] not in ("host", "view")}
+    assert ops <= kernel_steps, kernel_steps
+    launched = {op["launch"] for s in steps if s["op"] in ops
+                for var in s["attrs"]["variants"] for op in var["ops"] if "launch" in op}
+    assert launched and launched <= set(m["kernels"])
+    specs = {m["kernels"][k]["spec"] for k in launched}
+    assert any(s.startswith(spec) for s in specs), specs
+    for k in launched:
+        assert m["kernels"][k]["cubin"].endswith(".cubin")
+    assert np.all([m["kernels"][k]["shared"] <= 227 * 1024 for k in launched])

@@ -1,0 +1,483 @@
+"""Quantized matmul and MLA decode sweep on one GPU: graphir's dequantize-in-the-loop kernels
+against cuBLAS bf16 on the same shapes, and the absorbed MLA decode in bytes of latent cache read
+per second.
+
+Matmuls: y = x @ W^T for W of 4096x4096 and 14336x4096 (out x in), x of 1 and 16 rows (bf16), W
+in every GGUF encoding the kernels decode (Q4_0 ... Q6_K) and GPTQ (4-bit group 128 symmetric,
+4-bit group 128 asymmetric with desc_act, 8-bit); the launches are the plan's (the row bucket's
+config, split-K and its reduce). Each variant is first checked against a float32 product of
+the weight decoded by graphir's numpy reference (on 4096x4096, or 1024 rows of the larger
+weight), then timed with weights rotated among copies larger than 4x the L2; the peer is
+torch's bf16 matmul (cuBLAS) on the dequantized weight, rotated the same way. Reported: times,
+cuBLAS / ours, GB/s of quantized bytes read and the share of the device copy bandwidth.
+Targets (issue 12): 4-bit at batch 1 >= 3x cuBLAS, Q4_K / Q6_K >= 75% of copy bandwidth,
+batch 16 no slower than cuBLAS. A few alternative tile configs of Q4_0 / Q4_K / Q6_K / GPTQ at
+batch 1 on the large weight are timed too ("alt" rows) to guide the shipped configs.
+
+MLA decode: batch 64 / 128 x context 4096 x 16 / 128 heads, DeepSeek sizes (kv_lora_rank 512,
+rope 64, nope 128, v 128), bf16 latent cache in shuffled 64-token pages; the three launches of
+the plan's absorbed variant (q absorb, split-K attention, merge + w_uv), checked against a
+float32 torch implementation of the absorbed attention, then timed; bandwidth = latent cache
+bytes / time (target >= 80% of copy bandwidth).
+
+Kernels are compiled offline in worker processes (as `--tune` does) and launched through
+graphir.runtime.cuda on torch's stream, captured in CUDA graphs (tools/gpu_timing.graph_ms).
+Writes $OUT/quant.json. Under ~120 s.
+    python3 tools/gpu_sweeps/quant.py           (or: bash tools/gpu_sweep.sh quant)
+    python3 tools/gpu_sweeps/quant.py --dry-run (CPU, Triton interpreter, tiny shapes)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+DRY = "--dry-run" in sys.argv
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    import tests.lowering.triton_gpu.conftest  # noqa: E402,F401  (the interpreter's bf16 dot)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from graphir.lowering.triton_gpu.kernels import mla_decode as md  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import quant as qk  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import quant_gptq as gk  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
+from graphir.lowering.triton_gpu.lowerings.base import spec_key  # noqa: E402
+
+T0 = time.time()
+LIMIT_S = 115
+DEV = "cpu" if DRY else "cuda"
+GGUF = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+GPTQ = {"GPTQ4": dict(bits=4, group_size=128, sym=True, desc=False),
+        "GPTQ4za": dict(bits=4, group_size=128, sym=False, desc=True),
+        "GPTQ8": dict(bits=8, group_size=128, sym=True, desc=False)}
+SHAPES = [(4096, 4096), (14336, 4096)]
+MS = (1, 16)
+MLA = [(64, 4096, 16), (64, 4096, 128), (128, 4096, 16), (128, 4096, 128)]
+PAGE = 64
+NOPE, ROPE, V, R = 128, 64, 128, 512
+ALT = {"Q4_0", "Q4_K", "Q6_K", "GPTQ4", "GPTQ4za"} if DRY else {"Q4_0", "Q4_K", "Q6_K", "GPTQ4"}
+if DRY:
+    GGUF = ["Q4_0", "Q4_K", "Q6_K", "Q3_K"]
+    GPTQ = {"GPTQ4za": GPTQ["GPTQ4za"]}
+    SHAPES = [(40, 512)]
+    MLA = [(2, 70, 4)]
+    NOPE, ROPE, V, R, PAGE = 16, 16, 16, 64, 32
+F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+              "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def left() -> float:
+    return LIMIT_S - (time.time() - T0)
+
+
+# -- kernels: offline cubins through graphir's runtime, or the interpreter ----------------------
+class Launcher:
+    def __init__(self, spec, compiled):
+        self.spec, self.kernel = spec, None
+        if isinstance(compiled, Exception):
+            raise compiled
+        if compiled is not None:
+            from graphir.runtime.cuda.kernel import Kernel
+
+            self.kernel = Kernel.from_cubin(compiled.cubin, compiled.launch_metadata())
+
+    def __call__(self, grid, *args):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        if grid[0] * grid[1] * grid[2] == 0:
+            return
+        if self.kernel is None:
+            self.spec.fn[grid](*args, **self.spec.constexprs, num_warps=self.spec.num_warps,
+                               num_stages=self.spec.num_stages)
+        else:
+            self.kernel.launch(grid, *args, stream=torch.cuda.current_stream().cuda_stream)
+
+
+def compile_all(specs: dict) -> dict:
+    if DRY:
+        return {k: Launcher(s, None) for k, s in specs.items()}
+    from graphir.lowering.triton_gpu.tuning_gpu import compile_specs
+
+    t = time.time()
+    done = compile_specs(specs, 90)
+    bad = [k for k, v in done.items() if isinstance(v, Exception)]
+    print(f"compiled {len(specs)} kernels in {time.time() - t:.1f} s ({len(bad)} failed)",
+          flush=True)
+    out = {}
+    for k, s in specs.items():
+        try:
+            out[k] = Launcher(s, done[k])
+        except Exception as e:  # noqa: BLE001  (reported with the variant that uses it)
+            out[k] = e
+    return out
+
+
+def timed(fns) -> float:
+    """Device time per call in microseconds (dry run: wall time of one call)."""
+    if DRY:
+        t = time.perf_counter()
+        fns[0]()
+        return (time.perf_counter() - t) * 1e6
+    from graphir.tools.gpu_timing import graph_ms
+
+    calls = max(len(fns), 40)
+    calls = -(-calls // len(fns)) * len(fns)
+    return graph_ms(fns, calls=calls, batches=5, warmup=1) * 1e3
+
+
+def copies(nbytes: int) -> int:
+    if DRY:
+        return 2
+    from graphir.tools.gpu_timing import copies_to_beat_l2
+
+    return copies_to_beat_l2(nbytes)
+
+
+def rel_err(got, want) -> float:
+    g, w = got.double(), want.double()
+    if not torch.isfinite(g).all():
+        return float("inf")
+    return ((g - w).norm() / w.norm().clamp_min(1e-300)).item()
+
+
+# -- quantized weights ------------------------------------------------------------------------------
+def gguf_weight(rng, enc: str, n: int, k: int):
+    """(uint8 rows [n, row_bytes], float32 decoded [rows_checked, k]) of random codes with sane
+    float16 scales; decoded by graphir's numpy reference."""
+    from graphir.ops.quant.gguf_blocks import dequantize_gguf
+
+    f = FORMATS[enc]
+    nb = k // f.block_elems
+    raw = rng.integers(0, 256, (n, nb, f.block_bytes), dtype=np.uint8)
+    for off in F16_FIELDS[enc]:
+        d = (rng.uniform(0.002, 0.02, (n, nb)) * rng.choice([-1, 1], (n, nb))).astype(np.float16)
+        raw[:, :, off:off + 2] = d.view(np.uint8).reshape(n, nb, 2)
+    raw = raw.reshape(n, -1)
+    check = min(n, 1024 if n > 4096 else n)
+    return raw, dequantize_gguf(raw[:check], enc, k)
+
+
+def gptq_weight(rng, cfg: dict, n: int, k: int):
+    """(uint8 weight [k*bits/8 + 2G, n], qzeros or None, perm or None, float32 W^T rows
+    [n_checked, k] in x's column order)."""
+    from graphir.ops.quant.gptq import dequantize_gptq
+    from graphir.ops.quant.gptq_layout import gptq_weight_bytes, pack_rows
+
+    bits, gs = cfg["bits"], cfg["group_size"]
+    groups = k // gs
+    codes = rng.integers(0, 1 << bits, (k, n), dtype=np.uint8)
+    scales = (rng.uniform(0.002, 0.02, (groups, n)) * rng.choice([-1, 1], (groups, n)))
+    qw = pack_rows(codes, bits)
+    weight = gptq_weight_bytes(qw, scales.astype(np.float16))
+    qzeros = None
+    if not cfg["sym"]:
+        z = rng.integers(1, (1 << bits) - 1, (groups, n), dtype=np.uint8)
+        qzeros = pack_rows(np.ascontiguousarray(z.T), bits).T.copy()
+    perm = rng.permutation(k).astype(np.int32) if cfg["desc"] else None
+    check = min(n, 1024 if n > 4096 else n)
+    wf = dequantize_gptq(qw[:, :check], scales[:, :check].astype(np.float16),
+                         None if qzeros is None else qzeros[:, :check * bits // 32], None, gs,
+                         bits=bits)                      # [k, check], rows in sorted order
+    wt = np.empty((check, k), np.float32)
+    if perm is not None:
+        wt[:, perm] = wf.T                               # x[:, perm] @ wf == x @ wt^T
+    else:
+        wt[:] = wf.T
+    return weight, qzeros, perm, wt
+
+
+# -- one matmul variant: the plan's launches ------------------------------------------------------
+def row_bytes(enc, K):
+    return K // FORMATS[enc].block_elems * FORMATS[enc].block_bytes
+
+
+def gguf_calls(enc, conf, M, N, K, x, ws, out, kernels):
+    specs = qk.matmul_specs(enc, "bfloat16", conf, row_bytes(enc, K))
+    ks = [kernels[spec_key(s)] for s in specs]
+    for k in ks:
+        if isinstance(k, Exception):
+            raise k
+    split = conf["SPLIT_K"]
+    part = torch.empty((split * M * N,), dtype=torch.float32, device=DEV) if split > 1 else None
+    groups = K // FORMATS[enc].E
+
+    def call(w):
+        c = out if split == 1 else part
+        ks[0](specs[0].grid_for(M=M, N=N), x, w, c, M, N, w.shape[1], groups,
+              conf["groups_per_split"])
+        if split > 1:
+            ks[1](specs[1].grid_for(M=M, N=N), part, out, out, M, N)
+    return [lambda w=w: call(w) for w in ws]
+
+
+def gptq_calls(cfg, conf, M, N, K, x, ws, z, perm, out, kernels):
+    specs = gk.matmul_specs("bfloat16", conf, bits=cfg["bits"], has_zeros=z is not None,
+                            has_perm=perm is not None, n=N)
+    ks = [kernels[spec_key(s)] for s in specs]
+    for k in ks:
+        if isinstance(k, Exception):
+            raise k
+    split = conf["SPLIT_K"]
+    part = torch.empty((split * M * N,), dtype=torch.float32, device=DEV) if split > 1 else None
+    dummy = torch.zeros(16, dtype=torch.int32, device=DEV)
+
+    def call(w):
+        c = out if split == 1 else part
+        ks[0](specs[0].grid_for(M=M, N=N), x, w, dummy if z is None else z,
+              dummy if perm is None else perm, c, M, N, K, cfg["group_size"],
+              conf["tiles_per_split"])
+        if split > 1:
+            ks[1](specs[1].grid_for(M=M, N=N), part, out, out, M, N)
+    return [lambda w=w: call(w) for w in ws]
+
+
+def plan_conf(kind, M, N, K, bits=4):
+    top = 16 if M <= 16 else (64 if M <= 64 else None)
+    return qk.config_for(top, kind, N, K) if kind != "GPTQ" else gk.config_for(top, N, K, bits)
+
+
+def alt_confs(name, N, K):
+    """A few tile variants at batch 1 beside the plan's config."""
+    out = []
+    if name not in ALT:
+        return out
+    if name.startswith("GPTQ"):
+        for bn, bk in ((32, 256), (128, 256), (64, 512)):
+            c = gk.config_for(16, N, K)
+            c.update(BLOCK_N=bn, BLOCK_K=bk)
+            steps = cdiv(K, bk)
+            split = max(1, min(cdiv(qk.TARGET_PROGRAMS, cdiv(N, bn)), steps, 16))
+            c.update(tiles_per_split=cdiv(steps, split), SPLIT_K=cdiv(steps, cdiv(steps, split)))
+            out.append((f"n{bn}k{bk}", c))
+        return out
+    e = FORMATS[name].E
+    for bn, kv, w in ((32, 256, 4), (128, 256, 8), (64, 512, 8), (32, 128, 2)):
+        c = qk.config_for(16, name, N, K)
+        ng = max(2, kv // e)
+        steps = cdiv(K // e, ng)
+        split = max(1, min(cdiv(qk.TARGET_PROGRAMS, cdiv(N, bn)), steps, 16))
+        per = cdiv(steps, split) * ng
+        c.update(BLOCK_N=bn, NG=ng, num_warps=w, groups_per_split=per, SPLIT_K=cdiv(K // e, per))
+        out.append((f"n{bn}k{kv}w{w}", c))
+    return out
+
+
+def matmul_jobs():
+    """[(name, kind, N, K, M, label, conf)] of every variant to time."""
+    jobs = []
+    for name in GGUF + list(GPTQ):
+        kind = name if name in GGUF else "GPTQ"
+        bits = GPTQ[name]["bits"] if name in GPTQ else 4
+        for N, K in SHAPES:
+            for M in MS:
+                jobs.append((name, kind, N, K, M, "plan", plan_conf(kind, M, N, K, bits)))
+            if (N, K) == SHAPES[-1]:
+                jobs += [(name, kind, N, K, 1, lab, c) for lab, c in alt_confs(name, N, K)]
+    return jobs
+
+
+def job_specs(job):
+    name, kind, N, K, M, label, conf = job
+    if kind == "GPTQ":
+        cfg = GPTQ[name]
+        return gk.matmul_specs("bfloat16", conf, bits=cfg["bits"], has_zeros=not cfg["sym"],
+                               has_perm=cfg["desc"], n=N)
+    return qk.matmul_specs(kind, "bfloat16", conf, row_bytes(kind, K))
+
+
+def run_matmuls(kernels, copy_gbs, results, rows):
+    rng = np.random.default_rng(0)
+    jobs = matmul_jobs()
+    by_weight = {}
+    for j in jobs:
+        by_weight.setdefault((j[0], j[2], j[3]), []).append(j)
+    peer = {}
+    for (name, N, K), js in by_weight.items():
+        if left() < 25:
+            print(f"time budget: skipping {name} {N}x{K}", flush=True)
+            continue
+        kind = js[0][1]
+        if kind == "GPTQ":
+            raw, z, perm, wt = gptq_weight(rng, GPTQ[name], N, K)
+            zt = None if z is None else torch.from_numpy(z).to(DEV)
+            pt = None if perm is None else torch.from_numpy(perm).to(DEV)
+        else:
+            raw, wt = gguf_weight(rng, kind, N, K)
+        w0 = torch.from_numpy(raw).to(DEV)
+        ws = [w0] + [w0.clone() for _ in range(copies(raw.nbytes) - 1)]
+        qbytes = raw.nbytes + (0 if kind != "GPTQ" or z is None else z.nbytes)
+        for (_, _, _, _, M, label, conf) in js:
+            xk = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+            out = torch.empty((M, N), dtype=torch.bfloat16, device=DEV)
+            want = xk.float() @ torch.from_numpy(wt).to(DEV).t()
+            res = dict(name=name, N=N, K=K, M=M, config=label,
+                       conf={k: v for k, v in conf.items()}, quant_bytes=qbytes)
+            try:
+                fns = gptq_calls(GPTQ[name], conf, M, N, K, xk, ws, zt, pt, out, kernels) \
+                    if kind == "GPTQ" else gguf_calls(kind, conf, M, N, K, xk, ws, out, kernels)
+                out.fill_(float("nan"))
+                fns[0]()
+                res["rel_err"] = err = rel_err(out[:, :wt.shape[0]].float(), want)
+                if not err < 2e-2:
+                    res["error"] = f"rel_err {err:.2e}"
+                else:
+                    res["us"] = timed(fns)
+                    res["gbs"] = qbytes / res["us"] / 1e3
+            except Exception as e:  # noqa: BLE001  (reported, not timed)
+                res["error"] = f"{type(e).__name__}: {e}"[:300]
+            if (N, K, M) not in peer:
+                peer[(N, K, M)] = cublas_us(N, K, M)
+            res["cublas_us"] = peer[(N, K, M)]
+            results.append(res)
+            rows.append(matmul_row(res, copy_gbs))
+            print("  ".join(rows[-1]), flush=True)
+
+
+def cublas_us(N, K, M) -> float:
+    w0 = torch.randn(N, K, device=DEV).to(torch.bfloat16)
+    ws = [w0] + [w0.clone() for _ in range(copies(w0.numel() * 2) - 1)]
+    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+    us = timed([lambda w=w: torch.matmul(x, w.t()) for w in ws])
+    del ws
+    return us
+
+
+def matmul_row(r, copy_gbs):
+    head = [r["name"], f"{r['N']}x{r['K']}", f"M={r['M']}", r["config"]]
+    if "us" not in r:
+        return head + ["ERROR " + r.get("error", "?")]
+    return head + [f"{r['us']:.1f}us", f"cuBLAS {r['cublas_us']:.1f}us",
+                   f"x{r['cublas_us'] / r['us']:.2f}", f"{r['gbs']:.0f}GB/s",
+                   f"{100 * r['gbs'] / copy_gbs:.0f}%copy" if copy_gbs else "-",
+                   f"err {r['rel_err']:.1e}"]
+
+
+# -- MLA decode ---------------------------------------------------------------------------------------
+def mla_problem(B, ctx, nh, rng):
+    """One decode step: latent cache in shuffled pages (unused slots NaN), q, weights."""
+    pages_per = cdiv(ctx, PAGE)
+    n_pages = B * pages_per + 1
+    perm = torch.from_numpy(rng.permutation(B * pages_per).astype(np.int32))
+    lut = perm.reshape(B, pages_per).to(DEV)
+    blocks = torch.randn((n_pages, 1, 1, PAGE, 1, R + ROPE), device=DEV).to(torch.bfloat16)
+    if ctx % PAGE:  # slots past each sequence's end: a kernel that reads them fails the check
+        blocks[lut[:, -1].long(), :, :, ctx % PAGE:] = float("nan")
+    clen = torch.full((B,), ctx - 1, dtype=torch.int32, device=DEV)
+    offs = torch.arange(B + 1, dtype=torch.int32, device=DEV)
+    q = (torch.randn((B, nh * (NOPE + ROPE)), device=DEV) * 0.5).to(torch.bfloat16)
+    wuk = (torch.randn((nh, NOPE, R), device=DEV) * R ** -0.5).to(torch.bfloat16)
+    wuv = (torch.randn((nh, R, V), device=DEV) * R ** -0.5).to(torch.bfloat16)
+    return dict(blocks=blocks, lut=lut, clen=clen, offs=offs, q=q, wuk=wuk, wuv=wuv)
+
+
+def mla_reference(p, B, ctx, nh, scale):
+    rows = torch.arange(ctx, device=DEV)
+    page = p["lut"].long()[:, rows // PAGE]                         # [B, ctx]
+    lat = p["blocks"][page, 0, 0, (rows % PAGE)[None, :], 0].float()  # [B, ctx, W]
+    q = p["q"].float().reshape(B, nh, NOPE + ROPE)
+    q_lat = torch.cat([torch.einsum("bhd,hdr->bhr", q[..., :NOPE], p["wuk"].float()),
+                       q[..., NOPE:]], -1)
+    s = torch.einsum("bhw,blw->bhl", q_lat, lat) * scale
+    o = torch.einsum("bhl,blr->bhr", torch.softmax(s, -1), lat[..., :R])
+    return torch.einsum("bhr,hrv->bhv", o, p["wuv"].float()).reshape(B, nh * V)
+
+
+def mla_specs(nh):
+    return md.specs("bfloat16", "bfloat16", nh, NOPE, ROPE, V, R, 1, PAGE)
+
+
+def run_mla(kernels, copy_gbs, results, rows):
+    rng = np.random.default_rng(1)
+    for B, ctx, nh in MLA:
+        if left() < 8:
+            print(f"time budget: skipping MLA B{B} ctx{ctx} h{nh}", flush=True)
+            continue
+        res = dict(name="MLA", B=B, ctx=ctx, heads=nh)
+        try:
+            specs = mla_specs(nh)
+            absorb, attn, merge = (kernels[spec_key(s)] for s in specs)
+            for k in (absorb, attn, merge):
+                if isinstance(k, Exception):
+                    raise k
+            conf = md.tile_config(nh, R)
+            kv_len = cdiv(ctx, 256) * 256     # the plan's bucketed context
+            parts, part = md.split(B, cdiv(nh, conf["BLOCK_M"]), kv_len, conf)
+            rp = specs[1].constexprs["RP"]
+            probs = [mla_problem(B, ctx, nh, rng) for _ in range(1 if DRY else 2)]
+            scale = (NOPE + ROPE) ** -0.5
+            qlat = torch.empty((B * nh, R + ROPE), dtype=torch.bfloat16, device=DEV)
+            o_part = torch.empty((B * nh * parts, rp), dtype=torch.float32, device=DEV)
+            ml = torch.empty((B * nh * parts, 2), dtype=torch.float32, device=DEV)
+            out = torch.empty((B, nh * V), dtype=torch.bfloat16, device=DEV)
+            geo = lambda p: (p["lut"].shape[1], 0, 1, p["blocks"].shape[0])  # noqa: E731
+
+            def call(p, only_attn=False):
+                if not only_attn:
+                    absorb(specs[0].grid_for(T=B), p["q"], p["wuk"], qlat, B)
+                attn(specs[1].grid_for(batch=B, seqmax=1, num_parts=parts), qlat, p["offs"],
+                     p["clen"], p["lut"], p["blocks"], o_part, ml, *geo(p), scale, part, parts)
+                if not only_attn:
+                    merge(specs[2].grid_for(T=B), o_part, ml, p["wuv"], out, B, parts)
+            out.fill_(float("nan"))
+            call(probs[0])
+            res["rel_err"] = err = rel_err(out.float(), mla_reference(probs[0], B, ctx, nh, scale))
+            res["parts"], res["part_size"] = parts, part
+            cache_bytes = B * ctx * (R + ROPE) * 2
+            if not err < 2e-2:
+                res["error"] = f"rel_err {err:.2e}"
+            else:
+                res["us"] = timed([lambda p=p: call(p) for p in probs])
+                res["attn_us"] = timed([lambda p=p: call(p, True) for p in probs])
+                res["gbs"] = cache_bytes / res["us"] / 1e3
+                res["attn_gbs"] = cache_bytes / res["attn_us"] / 1e3
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {e}"[:300]
+        results.append(res)
+        if "us" in res:
+            pct = (lambda g: f"{100 * g / copy_gbs:.0f}%copy") if copy_gbs else (lambda g: "-")
+            rows.append(["MLA", f"B{B}", f"ctx{ctx}", f"h{nh}", f"parts {res['parts']}",
+                         f"{res['us']:.1f}us", f"{res['gbs']:.0f}GB/s", pct(res["gbs"]),
+                         f"attn {res['attn_us']:.1f}us {pct(res['attn_gbs'])}",
+                         f"err {res['rel_err']:.1e}"])
+        else:
+            rows.append(["MLA", f"B{B}", f"ctx{ctx}", f"h{nh}", "ERROR " + res["error"]])
+        print("  ".join(rows[-1]), flush=True)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    if not DRY:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    specs = {}
+    for job in matmul_jobs():
+        specs.update({spec_key(s): s for s in job_specs(job)})
+    for _, _, nh in MLA:
+        specs.update({spec_key(s): s for s in mla_specs(nh)})
+    kernels = compile_all(specs)
+    copy_gbs = 0.0
+    if not DRY:
+        from graphir.tools.gpu_timing import copy_gbs as measure_copy
+
+        copy_gbs = measure_copy()
+        print(f"device copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    results, rows = [], []
+    run_mla(kernels, copy_gbs, results, rows)
+    run_matmuls(kernels, copy_gbs, results, rows)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "quant.json"), "w") as f:
+            json.dump({"copy_gbs": copy_gbs, "results": results}, f, indent=1)
+    from graphir.tools.gpu_timing import table
+
+    print(f"\n== quantized matmul and MLA decode ({time.time() - T0:.0f} s; targets: 4-bit M=1 "
+          f">= x3.00 cuBLAS, Q4_K/Q6_K M=1 >= 75%copy, M=16 >= x1.00, MLA >= 80%copy)")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
