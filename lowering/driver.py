@@ -6,13 +6,13 @@ of the artifact (relative path -> bytes) and the manifest fields it needs (plan,
 from __future__ import annotations
 
 import importlib
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from graphir.passes import run_passes
+from graphir.progress import bar as progress_bar
+from graphir.progress import scope as progress_scope
 
 from . import cache
 from .artifact import Artifact, write_artifact
@@ -60,27 +60,52 @@ class Target:
         return f"cuda:sm_{self.arch}"
 
 
-def _progress_printer(stream=sys.stderr) -> Callable[[str], None]:
-    t0 = time.perf_counter()
+# The phases each backend reports through `say` (message prefixes), for the compile bar.
+PHASES = {"cpu": ("emitting MLIR", "compiling to native code"),
+          "cuda": ("lowering to Triton kernels", "compiling kernel")}
 
-    def say(msg: str) -> None:
-        stream.write(f"\r[graphir {time.perf_counter() - t0:6.2f}s] {msg:<60}")
-        stream.flush()
-    return say
+
+class _Say:
+    """The driver's `say`: to the caller's callback, and to the phase bar (a phase's first
+    message marks the phases before it done; other messages only show beside the bar)."""
+
+    def __init__(self, callback: Callable[[str], None] | None, bar, phases: tuple[str, ...]):
+        self.callback, self.bar, self.phases = callback, bar, phases
+
+    def __call__(self, msg: str) -> None:
+        if self.callback is not None:
+            self.callback(msg)
+        i = next((k for k, p in enumerate(self.phases) if msg.startswith(p)), 0)
+        self.bar.stage(msg, advance=max(i - self.bar.n, 0))
+
+    def done(self, msg: str) -> None:
+        self.bar.stage(msg, advance=max(len(self.phases) - self.bar.n, 0))
 
 
 def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None = None,
                   use_cache: bool = True, passes: list[str] | None = None,
-                  progress: bool | Callable[[str], None] = False, options: dict | None = None) -> Artifact:
+                  progress: bool | Callable[[str], None] | None = None,
+                  options: dict | None = None) -> Artifact:
     """Compile graph for target into an artifact (from the cache when an equal one exists).
+
+    `progress`: True shows a bar over the phases on stderr, False hides it, None (default)
+    follows graphir.progress (GRAPHIR_PROGRESS, the CLI); a callable gets each phase's message.
 
     Example:
         >>> art = compile_graph(g, "cpu")
         >>> model = InferenceSession().load(art, weights=w)
     """
     tgt = (target if isinstance(target, Target) else Target.parse(target)).resolved()
-    say = progress if callable(progress) else (_progress_printer() if progress else (lambda m: None))
-    options = dict(options or {})
+    phases = ("running passes",) + PHASES[tgt.backend] + ("writing artifact",)
+    with progress_scope(None if callable(progress) else progress), \
+            progress_bar(len(phases), desc=f"compile {tgt}", unit="phase") as bar:
+        say = _Say(progress if callable(progress) else None, bar, phases)
+        art = _compile(graph, tgt, out, use_cache, passes, say, dict(options or {}))
+    return art
+
+
+def _compile(graph, tgt: Target, out, use_cache: bool, passes, say: _Say,
+             options: dict) -> Artifact:
     g = _copy(graph)
     say("running passes")
     run_passes(g, passes)
@@ -90,6 +115,7 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
         hit = cache.lookup(key, str(tgt))
         if hit is not None:
             say("cache hit")
+            say.done("cache hit")
             return hit
     backend = _backend(tgt)  # registers its lowerings
     decompose(g, tgt.backend)
@@ -99,8 +125,7 @@ def compile_graph(graph, target: str | Target = "cpu", *, out: str | Path | None
     say("writing artifact")
     art = write_artifact(dest, graph_text=text, target=str(tgt), payload=payload, extra=extra,
                          replace=out is not None)
-    if progress and not callable(progress):
-        sys.stderr.write("\n")
+    say.done(f"wrote {dest.name}")
     return art
 
 

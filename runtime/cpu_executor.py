@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from graphir import progress
 from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
 from graphir.lowering.artifact import Artifact, ArtifactError
@@ -72,13 +73,6 @@ class CpuModel:
         self._in_types = [v.type for v in self.graph.inputs]
         self._dtypes = [DType.from_short(v.dtype) for v in self.plan.values]
         self._fixed: dict[int, np.ndarray] = {}
-        for n in self.graph.nodes:
-            if n.op == "weight":
-                a = _bind_weight(n, weights)
-                self._fixed[vid[id(n.results[0])]] = to_bits(a, n.results[0].type.dtype)
-            elif n.op == "constant":
-                t = n.results[0].type
-                self._fixed[vid[id(n.results[0])]] = to_bits(round_to(n.attrs["value"], t.dtype), t.dtype)
         self._fns = {}
         for s in self.plan.steps:
             if s.kernel != "view" and not s.kernel.startswith("runtime") and s.kernel not in self._fns:
@@ -87,9 +81,27 @@ class CpuModel:
                 self._fns[s.kernel] = self._lib.function(s.kernel, n_in, n_out)
         self._packed: dict[tuple[int, str], np.ndarray] = {}
         self._slot_memory = [np.empty(0, np.uint8) for _ in range(self.plan.n_slots)]
-        self._bind_load_time()
+        n_weights = sum(n.op == "weight" for n in self.graph.nodes)
+        n_steps = sum(bool(s.attrs.get("prepack") or s.attrs.get("at_load"))
+                      for s in self.plan.steps)
+        with progress.bar(n_weights + n_steps, desc="load weights", unit="step") as bar:
+            bar.stage(f"binding {n_weights} weights")
+            self._bind_weights(weights, vid, bar)
+            bar.stage("packing and load-time steps")
+            self._bind_load_time(bar)
 
-    def _bind_load_time(self) -> None:
+    def _bind_weights(self, weights, vid, bar) -> None:
+        """Check every weight (name, shape, dtype) and keep it, and the constants, as bits."""
+        for n in self.graph.nodes:
+            if n.op == "weight":
+                a = _bind_weight(n, weights)
+                self._fixed[vid[id(n.results[0])]] = to_bits(a, n.results[0].type.dtype)
+                bar.stage(n.attrs["name"], advance=1, refresh=False)
+            elif n.op == "constant":
+                t = n.results[0].type
+                self._fixed[vid[id(n.results[0])]] = to_bits(round_to(n.attrs["value"], t.dtype), t.dtype)
+
+    def _bind_load_time(self, bar=progress.NULL) -> None:
         """Run the steps marked "at_load" once (they read weights only) and pack the operands
         steps take pre-packed; then drop weight copies no call reads."""
         fixed = self._fixed
@@ -99,6 +111,8 @@ class CpuModel:
                 if s.inputs[0] in fixed:
                     fixed[s.outputs[0]] = fixed[s.inputs[0]].reshape(self._shape(s.outputs[0], {}))
                 continue
+            if s.attrs.get("prepack") or s.attrs.get("at_load"):
+                bar.stage(s.kernel, advance=1, refresh=False)
             for i, layout in s.attrs.get("prepack", []):
                 v = s.inputs[i]
                 if (v, layout) not in self._packed and v in fixed:

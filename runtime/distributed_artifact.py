@@ -52,7 +52,7 @@ def schedule_digest(schedule: list) -> str:
     return _digest(schedule)
 
 
-def compile_distributed(graph, target: str = "cpu", *, out, progress: bool = False,
+def compile_distributed(graph, target: str = "cpu", *, out, progress: bool | None = None,
                         options: dict | None = None) -> "Bundle":
     """Split `graph` per device, compile each rank's graph for `target`, write `out`.
 

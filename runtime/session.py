@@ -61,8 +61,18 @@ class InferenceSession:
         return "cpu" if self.devices[0].is_cpu() else "cuda:sm_90"
 
     def load(self, model, *, weights: Mapping | str | Path | None = None,
-             target: str | None = None, use_cache: bool = True, progress: bool = False):
-        """Compile a Graph (or open a `.gart` path / Artifact) and bind its weights."""
+             target: str | None = None, use_cache: bool = True, progress: bool | None = None):
+        """Compile a Graph (or open a `.gart` path / Artifact) and bind its weights.
+
+        `progress`: True shows bars on stderr over the compile and the weights bound, False
+        hides them, None (default) follows graphir.progress (GRAPHIR_PROGRESS, the CLI).
+        """
+        from graphir.progress import scope
+
+        with scope(progress):
+            return self._load(model, weights, target, use_cache)
+
+    def _load(self, model, weights, target, use_cache: bool):
         from graphir.lowering.artifact import Artifact, load_artifact
 
         if self.distributed is not None:
@@ -79,7 +89,7 @@ class InferenceSession:
         else:
             from graphir.lowering.driver import compile_graph
 
-            art = compile_graph(model, target or self.target, use_cache=use_cache, progress=progress)
+            art = compile_graph(model, target or self.target, use_cache=use_cache)
         backend = art.target.split(":")[0]
         if backend not in EXECUTORS:
             raise ValueError(f"{art.path}: no runtime for target {art.target!r}; this graphir "

@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 import graphir
+from graphir import progress
 
 STAGES = ["graph", "passes", "triton", "ptx"]
 ELIDE_OVER = 64  # dumps print dense constants up to this many elements
@@ -163,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="cpu", help="cpu or cuda:sm_90 (no GPU needed)")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (.gart)")
     c.add_argument("-p", "--passes", help="comma-separated passes (default: the default pipeline)")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress output (bars show when stderr is a terminal; "
+                        "GRAPHIR_PROGRESS=1/0 forces them on/off)")
     c.add_argument("--sign", metavar="KEY",
                    help="sign the artifact with this Ed25519 private key (see `graphir keygen`)")
     c.add_argument("--tune", action="store_true",
@@ -185,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interpreter and print the time of each stage.")
     m.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
                    help="cpu (default) or gpu (an NVIDIA GPU: compiled for cuda:sm_90)")
-    m.add_argument("--quiet", action="store_true", help="do not print the IR")
+    m.add_argument("-q", "--quiet", action="store_true",
+                   help="do not print the IR or progress")
     from .demo import add_arguments as _add_demo_arguments  # CPU demo options (issue 6)
 
     _add_demo_arguments(m)
@@ -228,7 +232,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.fn(args) or 0
+        # Progress bars on stderr when it is a terminal (GRAPHIR_PROGRESS=1/0 forces); -q: none.
+        with progress.scope("off" if getattr(args, "quiet", False) else "auto"):
+            return args.fn(args) or 0
     except KeyboardInterrupt:
         print(f"graphir {args.cmd}: interrupted", file=sys.stderr)
         return 130

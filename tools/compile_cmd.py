@@ -61,6 +61,14 @@ class StageTimer:
         return " | ".join(parts + [f"total {self.total:.2f} s"])
 
 
+def stage_stream(quiet: bool) -> TextIO | None:
+    """Where StageTimer writes its stage lines: stderr, unless quiet or the progress bars
+    (graphir.progress) already show the stages."""
+    from graphir import progress
+
+    return None if quiet or progress.enabled() else sys.stderr
+
+
 def _pass_list(text: str | None) -> list[str] | None:
     return [p for p in text.split(",") if p] if text else None
 
@@ -76,7 +84,7 @@ def cmd_compile(args) -> int:
     if tune and not args.target.startswith("cuda"):
         raise ValueError(f"--tune applies to cuda targets (it times GPU kernels), not "
                          f"{args.target!r}")
-    timer = StageTimer(None if args.quiet else sys.stderr)
+    timer = StageTimer(stage_stream(args.quiet))
     try:
         with warnings.catch_warnings():
             # The no-GPU fallback of --tune is reported below, once, from the manifest.

@@ -12,13 +12,13 @@ having run compiled code.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from graphir import progress
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 
@@ -106,9 +106,9 @@ def _compile_and_load(graph, weights, args, report: Report) -> Callable:
     from graphir.lowering.driver import compile_graph
     from graphir.runtime.session import InferenceSession
 
-    from .compile_cmd import StageTimer
+    from .compile_cmd import StageTimer, stage_stream
 
-    timer = StageTimer(None if args.quiet else sys.stderr, prefix="compile")
+    timer = StageTimer(stage_stream(args.quiet), prefix="compile")
     target = "cpu" if args.device == "cpu" else "cuda:sm_90"
     try:
         art = compile_graph(graph, target, use_cache=not args.no_cache, progress=timer)
@@ -146,11 +146,7 @@ def run_steps(graph, candidate: Callable, weights, batches: list[tuple[str, list
     mgr.blocks = numerics.random_array(rng, cache_dt, mgr.blocks_shape)
     seqs = [mgr.claim() for _ in batches[0][1]]
     times: dict[str, list[tuple[float, float]]] = {}
-    from tqdm import tqdm
-
-    bar = tqdm(batches, desc="run + check", unit="step", file=sys.stderr, leave=False,
-               disable=not sys.stderr.isatty())
-    for kind, counts in bar:
+    for kind, counts in progress.iterate(batches, desc="run + check", unit="step"):
         step = mgr.prepare_step(seqs, counts)
         x = numerics.random_array(rng, dtype, (sum(counts), hidden))
         rest = [step.cache_lengths, step.lookup_table, step.max_lengths]

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from graphir import progress
+
 DEFAULTS_PATH = Path(__file__).with_name("tuning_defaults.json")
 TABLE_VERSION = 1
 # Largest relative L2 error vs the float64 reference a candidate may show and still be timed
@@ -327,15 +329,20 @@ def tune(sites: list[Site], measure: Measure, device: str | None = None,
     if hasattr(measure, "prepare"):  # e.g. compile every candidate's kernels in parallel
         measure.prepare([(fam, facts, cfg, size) for fam, facts, bucket, size in work
                          for cfg in fam.candidates(bucket, facts)])
-    for fam, facts, bucket, size in work:
-        shapes = table["families"].setdefault(fam.name, {}).setdefault(facts["dtype"], {})
-        say(f"tuning {fam.name} {fam.shape_key(facts)} {bucket} ({fam.size}={size})")
-        entry = shapes.setdefault(fam.shape_key(facts), {})
-        entry[bucket] = _tune_bucket(fam, facts, bucket, size, measure)
+    total = sum(len(fam.candidates(bucket, facts)) for fam, facts, bucket, _ in work)
+    with progress.bar(total, desc="tune", unit="config") as bar:
+        for fam, facts, bucket, size in work:
+            shapes = table["families"].setdefault(fam.name, {}).setdefault(facts["dtype"], {})
+            what = f"{fam.name} {fam.shape_key(facts)} {bucket} ({fam.size}={size})"
+            say(f"tuning {what}")
+            bar.stage(what)
+            entry = shapes.setdefault(fam.shape_key(facts), {})
+            entry[bucket] = _tune_bucket(fam, facts, bucket, size, measure, bar)
     return table
 
 
-def _tune_bucket(fam: Family, facts: Mapping, bucket: str, size: int, measure: Measure) -> dict:
+def _tune_bucket(fam: Family, facts: Mapping, bucket: str, size: int, measure: Measure,
+                 bar=progress.NULL) -> dict:
     limit = MAX_REL_ERR.get(facts["dtype"], 1e-2)
     results, passing, params = [], [], {}
     for cfg in fam.candidates(bucket, facts):
@@ -344,6 +351,8 @@ def _tune_bucket(fam: Family, facts: Mapping, bucket: str, size: int, measure: M
         except Exception as e:  # noqa: BLE001  (a failing candidate is recorded, not fatal)
             results.append({"config": cfg["name"], "error": f"{type(e).__name__}: {e}"[:300]})
             continue
+        finally:
+            bar.update()
         row = {"config": cfg["name"], "ms": round(float(r["ms"]), 6),
                "rel_err": float(f"{float(r['rel_err']):.3g}")}
         if r.get("params") is not None:

@@ -18,6 +18,8 @@ import os
 import statistics
 from typing import Callable, Iterable
 
+from graphir import progress
+
 from .lowerings.base import spec_key
 
 L2_ROTATE_BYTES = 4 * (64 << 20)   # rotate until the copies span 4x an H200's 60 MB L2
@@ -62,11 +64,15 @@ def _compile_job(job: tuple, arch: int):
 def compile_specs(specs: dict, arch: int, workers: int | None = None) -> dict:
     """{key: CompiledCubin or the Exception it raised} for {key: KernelSpec}, compiled in
     parallel processes (spawned: this process may hold a CUDA context)."""
+    jobs = {k: _job(s) for k, s in specs.items()}
+    with progress.bar(len(jobs), desc="compile candidates", unit="kernel") as bar:
+        return _compile_all(jobs, arch, min(len(jobs), workers or os.cpu_count() or 1, 16), bar)
+
+
+def _compile_all(jobs: dict, arch: int, workers: int, bar) -> dict:
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    jobs = {k: _job(s) for k, s in specs.items()}
-    workers = min(len(jobs), workers or os.cpu_count() or 1, 16)
     out: dict = {}
     if workers > 1:
         try:
@@ -79,14 +85,17 @@ def compile_specs(specs: dict, arch: int, workers: int | None = None) -> dict:
                         raise
                     except Exception as e:  # noqa: BLE001  (recorded per kernel)
                         out[k] = e
+                    bar.update()
             return out
         except (OSError, cf.process.BrokenProcessPool):
             out.clear()  # worker processes cannot start here: compile in this one
+            bar.reset()
     for k, j in jobs.items():
         try:
             out[k] = _compile_job(j, arch)
         except Exception as e:  # noqa: BLE001
             out[k] = e
+        bar.update()
     return out
 
 

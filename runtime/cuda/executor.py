@@ -55,6 +55,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from graphir import progress
 from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
 from graphir.runtime.ragged import RaggedCheck
@@ -115,8 +116,11 @@ class PlanExecutor(CallPlanBuilder, FastPath):
                        and len(s["outputs"]) == 1}
         self._check_step_devices()
         self._const_dev: dict[int, Any] = {}
-        self._prepare_constants(weights)
-        self.group.synchronize()  # the weights' host copies can go
+        n_weights = sum(n.op == "weight" for n in graph.nodes)
+        n_host = sum(s["kernel"] == "host" for s in self.steps)
+        with progress.bar(n_weights + n_host, desc="load weights", unit="step") as bar:
+            self._prepare_constants(weights, bar)
+            self.group.synchronize()  # the weights' host copies can go
         self._prepare_calls()
 
     def _prepare_calls(self) -> None:
@@ -209,7 +213,8 @@ class PlanExecutor(CallPlanBuilder, FastPath):
     def _dtype(self, vid: int) -> DType:
         return self._dtypes[vid]
 
-    def _prepare_constants(self, weights) -> None:
+    def _prepare_constants(self, weights, bar=progress.NULL) -> None:
+        bar.stage("binding weights")
         host: dict[int, np.ndarray] = {}
         device_used = set(self.plan["outputs"])
         for s in self.steps:
@@ -235,10 +240,13 @@ class PlanExecutor(CallPlanBuilder, FastPath):
                         (not t.dtype.is_float and w.dtype != t.dtype.storage):
                     raise TypeError(f"weight {name!r}: expected {t.dtype.short} data, got {w.dtype}")
                 host[vid] = round_to(w, t.dtype)
+                bar.stage(name, advance=1, refresh=False)
             elif n.op == "constant":
                 host[self._vid_of_node(i)] = round_to(n.attrs["value"], n.attrs["dtype"])
+        bar.stage("load-time host steps")
         for s in self.steps:
             if s["kernel"] == "host":
+                bar.stage(s["op"], advance=1, refresh=False)
                 node = self.graph.nodes[s["attrs"]["node"]]
                 missing = [v for v in s["inputs"] if v not in host]
                 if missing:
@@ -247,10 +255,12 @@ class PlanExecutor(CallPlanBuilder, FastPath):
                 outs, _ = eval_node(node, [host[v] for v in s["inputs"]])
                 host.update(zip(s["outputs"], outs))
         self.host_values = host
-        for vid, arr in host.items():
-            if vid in device_used and vid not in self._const_dev:
-                bits = to_bits(arr, self._dtype(vid))
-                self._const_dev[vid] = self._on(vid).upload_new(bits)
+        upload = [v for v in host if v in device_used and v not in self._const_dev]
+        bar.add_total(len(upload))
+        bar.stage("uploading")
+        for vid in upload:
+            self._const_dev[vid] = self._on(vid).upload_new(to_bits(host[vid], self._dtype(vid)))
+            bar.update()
 
     def _vid_of_node(self, index: int) -> int:
         return self._node_vids[index]

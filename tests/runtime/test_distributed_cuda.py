@@ -5,7 +5,6 @@ PlanExecutor under Triton's interpreter, one thread per rank with their collecti
 threads, against the reference interpreter of the whole graph."""
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import threading
@@ -15,34 +14,9 @@ import pytest
 
 from graphir import DType
 from graphir.runtime.cuda import nccl
+from tests.runtime.fake_nccl import UID, FakeNccl
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
-UID = bytes(range(1, 40)) + b"\0\0" + bytes(range(41, 128))   # NULs inside: all 128 travel
-
-
-class FakeNccl:
-    """Records each call as (name, plain argument values); `fail` names a call returning 4."""
-
-    def __init__(self, fail=None):
-        self.calls, self.fail = [], fail
-
-    def __getattr__(self, name):
-        if not name.startswith("nccl"):
-            raise AttributeError(name)
-
-        def fn(*args):
-            if name == "ncclGetUniqueId":
-                ctypes.memmove(ctypes.addressof(args[0]._obj), UID, len(UID))
-            if name == "ncclCommInitRank":
-                args[0]._obj.value = 0x100 + args[3]
-                args = (bytes(args[2]), args[1], args[3])
-            if name == "ncclGetErrorString":
-                return b"invalid argument (fake)"
-            self.calls.append((name, [getattr(a, "value", a) for a in args]))
-            return 4 if name == self.fail else 0
-        return fn
-
-
 class DictStore:
     """set / get with get waiting for the key, like torch.distributed's TCPStore."""
 
@@ -72,9 +46,9 @@ def test_bootstrap_shares_rank_0s_unique_id_through_the_store():
     for t in ts:
         t.join(timeout=30)
     assert store.kv["k"] == UID
-    assert [n for n, _ in libs[0].calls] == ["ncclGetUniqueId", "ncclCommInitRank"]
-    assert libs[1].calls == [("ncclCommInitRank", [UID, 2, 1])]
-    assert libs[0].calls[1] == ("ncclCommInitRank", [UID, 2, 0])
+    assert [n for n, _ in libs[0].plain()] == ["ncclGetUniqueId", "ncclCommInitRank"]
+    assert libs[1].plain() == [("ncclCommInitRank", [UID, 2, 1])]
+    assert libs[0].plain()[1] == ("ncclCommInitRank", [UID, 2, 0])
     assert [c._comm.value for c in comms] == [0x100, 0x101]
 
 
@@ -84,11 +58,11 @@ def test_rank_collectives_abort_and_errors():
     lib.calls.clear()
     comm.all_reduce(0x10, 0x20, 96, DType.bfloat16, 7)
     comm.all_gather(0x30, 0x40, 5, "float8_e4m3fn", 9)   # moved as bytes
-    assert lib.calls == [("ncclAllReduce", [0x10, 0x20, 96, 9, 0, 0x102, 7]),
+    assert lib.plain() == [("ncclAllReduce", [0x10, 0x20, 96, 9, 0, 0x102, 7]),
                          ("ncclAllGather", [0x30, 0x40, 5, 1, 0x102, 9])]
     assert comm.async_error() == 0
     comm.abort()
-    assert lib.calls[-1] == ("ncclCommAbort", [0x102])
+    assert lib.plain()[-1] == ("ncclCommAbort", [0x102])
     with pytest.raises(ValueError, match="all_reduce: the communicator was destroyed or aborted"):
         comm.all_reduce(1, 1, 1, "float32", 0)
     with pytest.raises(ValueError, match="the unique id must be 128 bytes .* got 5"):
@@ -112,7 +86,7 @@ def test_rank_device_group_issues_on_the_devices_current_stream():
     g = RankDeviceGroup({1: Dev()}, nccl.RankCommunicator(UID, 2, 1, lib=lib))
     g.all_reduce([(1, 0x10, 0x20)], 8, DType.float32)
     g.all_gather([(1, 0x30, 0x40)], [3], DType.float16)
-    assert lib.calls[-2:] == [("ncclAllReduce", [0x10, 0x20, 8, 7, 0, 0x101, 77]),
+    assert lib.plain()[-2:] == [("ncclAllReduce", [0x10, 0x20, 8, 7, 0, 0x101, 77]),
                               ("ncclAllGather", [0x30, 0x40, 3, 6, 0x101, 77])]
     with pytest.raises(ValueError, match="only through collectives"):
         g.transfer(0, None, 0, 1, None, 0, 4)

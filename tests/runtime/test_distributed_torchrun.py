@@ -23,12 +23,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the worker runs as a script
+from tests.runtime.fake_nccl import FakeNccl  # noqa: E402
+
 PAGES, TIMEOUT_S, HIDDEN = 24, 30, 64
 TP_SCHED = [([0, 1, 2], [5, 9, 3]), ([0, 1, 2], [1, 1, 1]), ([0, 1, 2], [1, 1, 1]),
             ([2, 0], [4, 1])]
 DP_SCHED = TP_SCHED + [([0, 1], [1, 2])]   # the last step leaves rank 1 without rows
 DP_OWNER = {0: 0, 1: 0, 2: 1}
 KILL_AT = 2
+TORCHRUN_UID = bytes(range(7, 12)) + b"\0" + bytes(range(13, 135))  # all 128 bytes must travel
 
 
 def tokens(step: int, n: int) -> np.ndarray:
@@ -58,31 +62,6 @@ def dp_step(manager, owner_ids, rank, step, seqs, counts):
 
 
 # ---- workers (run by torchrun) -----------------------------------------------------------------
-class FakeNccl:
-    """Enough of libnccl for the unique-id bootstrap; records what it was given."""
-
-    def __init__(self):
-        self.calls = []
-
-    def ncclGetUniqueId(self, ref):
-        self.calls.append("ncclGetUniqueId")
-        import ctypes
-
-        uid = bytes(range(7, 12)) + b"\0" + bytes(range(13, 135))  # all 128 bytes must travel
-        ctypes.memmove(ctypes.addressof(ref._obj), uid, len(uid))
-        return 0
-
-    def ncclCommInitRank(self, ref, nranks, uid, rank):
-        self.calls.append("ncclCommInitRank")
-        self.init = (bytes(uid), int(nranks), int(rank))
-        ref._obj.value = 0xC0 + int(rank)
-        return 0
-
-    def ncclCommAbort(self, comm):
-        self.calls.append("ncclCommAbort")
-        return 0
-
-
 def _worker_layers(out: Path, bundles: dict) -> None:
     from safetensors.numpy import load_file
 
@@ -143,9 +122,9 @@ def _worker_layers(out: Path, bundles: dict) -> None:
         if st is not None:
             kv.commit_step(st)
     res["dp_blocks"] = kv.blocks
-    lib = FakeNccl()   # the NCCL bootstrap over the job's real store
+    lib = FakeNccl(uid=TORCHRUN_UID)   # the NCCL bootstrap over the job's real store
     comm = make_communicator(ctx, None, key="nccl/test", lib=lib)
-    notes["nccl"] = [lib.calls, lib.init[0].hex(), lib.init[1], lib.init[2], comm._comm.value]
+    notes["nccl"] = [lib.names(), lib.init[0].hex(), lib.init[1], lib.init[2], comm._comm.value]
     ctx.close()
     np.savez(out / f"rank{r}.npz", **res)
     (out / f"rank{r}.json").write_text(json.dumps(notes))
@@ -308,8 +287,8 @@ def test_tp_and_dp_under_torchrun_match_one_process(bundles):
         assert notes["tp_weights"] == shard and len(shard) == 9
         assert notes["unchanged_after_refusal"] is True
         calls, uid, nranks, rank, handle = notes["nccl"]
-        assert (nranks, rank, handle) == (2, r, 0xC0 + r)
-        assert uid == (bytes(range(7, 12)) + b"\0" + bytes(range(13, 135))).hex()
+        assert (nranks, rank, handle) == (2, r, 0x100 + r)
+        assert uid == TORCHRUN_UID.hex()
         assert calls == (["ncclGetUniqueId"] if r == 0 else []) + ["ncclCommInitRank"]
     one = json.loads((job / "rank1.json").read_text())
     zero = json.loads((job / "rank0.json").read_text())

@@ -64,6 +64,15 @@ class Text:
     def min(self, a: str, b: str) -> str:
         return self(f"arith.minsi {a}, {b} : index")
 
+    def clamp(self, i: str, n: str) -> str:
+        """i clamped into [0, n) (unsigned: a negative difference clamps high); metadata-derived
+        indices go through it so a kernel stays inside its buffers even when the host checks
+        were bypassed. Valid metadata is never changed."""
+        return self(f"arith.minui {i}, {self(f'arith.subi {n}, {self.idx(1)} : index')} : index")
+
+    def dim(self, mem: str, i: int, mem_t: str) -> str:
+        return self(f"memref.dim {mem}, {self.idx(i)} : {mem_t}")
+
     def load_index(self, mem: str, idxs: list[str], mem_t: str) -> str:
         """An index from a u32 metadata memref."""
         v = self(f"memref.load {mem}[{', '.join(idxs)}] : {mem_t}")
@@ -161,6 +170,19 @@ def alloc_like(t: Text, src_mem: str, src_t: str, out_t: str) -> str:
 def to_buffer(t: Text, name: str, ty: ir.Type) -> tuple[str, str]:
     mt = memref_of(ty)
     return t(f"bufferization.to_buffer {name} read_only : {ty} to {mt}"), mt
+
+
+def sequence_span(t: Text, offs: str, offs_t: str, clen: str, clen_t: str, b: str, rows: str,
+                  max_tokens: str) -> tuple[str, str, str]:
+    """(first row, new rows, cached tokens) of sequence b, clamped so that its rows lie in
+    [0, rows) and its cached tokens are at most max_tokens (all its lookup-table row can
+    address): bad offsets or cache lengths can neither move a kernel out of its buffers nor
+    start a 2^32-key loop. Valid metadata is unchanged."""
+    o0 = t(f"arith.minui {t.load_index(offs, [b], offs_t)}, {rows} : index")
+    o1 = t.load_index(offs, [t(f"arith.addi {b}, {t.idx(1)} : index")], offs_t)
+    o1 = t(f"arith.minui {t(f'arith.maxui {o1}, {o0} : index')}, {rows} : index")
+    cl = t(f"arith.minui {t.load_index(clen, [b], clen_t)}, {max_tokens} : index")
+    return o0, t(f"arith.subi {o1}, {o0} : index"), cl
 
 
 def sequence_of_row(t: Text, row: str, offs: str, offs_t: str, batch: str) -> str:

@@ -25,7 +25,8 @@ from mlir import ir
 from ...registry import register_lowering
 from ..emit import Emitter, tensor_type
 from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, hsum8, load_f32,
-                        mask_vec, memref_of, softcap_vec, store_from_f32, to_buffer, vexp)
+                        mask_vec, memref_of, sequence_span, softcap_vec, store_from_f32,
+                        to_buffer, vexp)
 from .linalg import inline_mlir
 
 KEY_TILE = 32   # keys per tile: K and V tiles stay in L1 for a block's queries
@@ -57,6 +58,8 @@ class _Kernel:
     sls: str
     scale: float
     softcap: float | None = None
+    lut_cols: str = ""   # lookup-table columns and cache pages: the clamps' bounds
+    npages: str = ""
 
 
 def _key_range(k: _Kernel, r0: str, rows: str) -> tuple[str, str, str]:
@@ -82,7 +85,9 @@ def _tile_pages(k: _Kernel, k0: str, kend: str, page: int, j: str) -> None:
     t.for_(j, t.idx(0), t.idx(KEY_TILE), t.idx(1))
     jj = t.min(j, t(f"arith.subi {kcnt}, {t.idx(1)} : index"))
     kp = t(f"arith.addi {k0}, {jj} : index")
-    pg = t.load_index(k.lutm, ["%b", t(f"arith.divui {kp}, {t.idx(page)} : index")], k.lutt)
+    # Page-table column and page id clamped into their tables: bad metadata stays in bounds.
+    col = t.clamp(t(f"arith.divui {kp}, {t.idx(page)} : index"), k.lut_cols)
+    pg = t.clamp(t.load_index(k.lutm, ["%b", col], k.lutt), k.npages)
     t.stmt(f"memref.store {pg}, {k.pgs}[{j}] : {it}")
     t.stmt(f"memref.store {t(f'arith.remui {kp}, {t.idx(page)} : index')}, {k.sls}[{j}] : {it}")
     t.close()
@@ -411,15 +416,15 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
     omt = memref_of(out_t)
     om = alloc_like(t, qm, qmt, omt)
     nb = t(f"memref.dim {clm}, {t.idx(0)} : {clt}")
+    lut_cols, npages = t.dim(lutm, 1, lutt), t.dim("%blocks", 0, str(blocks.type))
+    max_tokens = t(f"arith.muli {lut_cols}, {t.idx(page)} : index")
     t.open(f"scf.forall (%b, %h) in ({nb}, {n_kv_heads})")
-    o0 = t.load_index(offm, ["%b"], offt)
-    o1 = t.load_index(offm, [t("arith.addi %b, " + t.idx(1) + " : index")], offt)
-    n = t(f"arith.subi {o1}, {o0} : index")
-    cl = t.load_index(clm, ["%b"], clt)
+    o0, n, cl = sequence_span(t, offm, offt, clm, clt, "%b", t.dim(qm, 0, qmt), max_tokens)
     k = _Kernel(t, d, g, layer, mask, window, str(ir.ShapedType(q.type).element_type), qm, qmt,
                 om, omt, str(blocks.type), lutm, lutt, o0, cl, t(f"arith.addi {cl}, {n} : index"),
                 t(f"memref.alloca() : memref<{KEY_TILE}xindex>"),
-                t(f"memref.alloca() : memref<{KEY_TILE}xindex>"), scale, softcap)
+                t(f"memref.alloca() : memref<{KEY_TILE}xindex>"), scale, softcap,
+                lut_cols, npages)
     gr_v = g * max(1, ROW_VECS // g)
     sc = {"vqs": t(f"memref.alloca() : memref<{gr_v}x{d}xf32>"),
           "vos": t(f"memref.alloca() : memref<{gr_v}x{d}xf32>"),

@@ -38,6 +38,11 @@ def _uidx(t: ir.Value, at: list) -> ir.Value:
     return arith.index_castui(ir.IndexType.get(), tensor.extract(t, at))
 
 
+def _clamp(i: ir.Value, n: ir.Value) -> ir.Value:
+    """i clamped into [0, n) (unsigned: a negative difference clamps high)."""
+    return arith.minui(i, arith.subi(n, index(1)))
+
+
 def _dim(v: ir.Value, i: int) -> ir.Value:
     if isinstance(v.type, ir.MemRefType):
         return memref.dim(v, index(i))
@@ -45,26 +50,32 @@ def _dim(v: ir.Value, i: int) -> ir.Value:
 
 
 class _Ragged:
-    """Where packed row t lives: its sequence, absolute position, cache page and slot."""
+    """Where packed row t lives: its sequence, absolute position, cache page and slot. Each is
+    clamped into the table it indexes, so bad metadata (rows past the last offset, positions
+    past the tables, page ids past the pool) stays inside the buffers; valid metadata is
+    unchanged."""
 
-    def __init__(self, offs, clen, lut, blocks):
+    def __init__(self, offs, clen, lut, blocks, freqs):
         self.offs, self.clen, self.lut = offs, clen, lut
         self.batch = _dim(clen, 0)
         self.page_size = ir.MemRefType(blocks.type).shape[3]
+        self.lut_cols, self.pages, self.rope_rows = _dim(lut, 1), _dim(blocks, 0), _dim(freqs, 0)
 
     def seq_of(self, t) -> ir.Value:
         def step(b, n):
             end = _uidx(self.offs, [arith.addi(b, index(1))])
             past = arith.cmpi(arith.CmpIPredicate.ule, end, t)
             return [arith.select(past, arith.addi(n, index(1)), n)]
-        return _for(0, self.batch, [index(0)], step)[0]
+        return _clamp(_for(0, self.batch, [index(0)], step)[0], self.batch)
 
     def position(self, b, t) -> ir.Value:
-        return arith.subi(arith.addi(_uidx(self.clen, [b]), t), _uidx(self.offs, [b]))
+        pos = arith.subi(arith.addi(_uidx(self.clen, [b]), t), _uidx(self.offs, [b]))
+        return _clamp(pos, self.rope_rows)
 
     def page_slot(self, b, pos):
         p = index(self.page_size)
-        return _uidx(self.lut, [b, arith.divui(pos, p)]), arith.remui(pos, p)
+        page = _uidx(self.lut, [b, _clamp(arith.divui(pos, p), self.lut_cols)])
+        return _clamp(page, self.pages), arith.remui(pos, p)
 
 
 @register_lowering("mla_cache_store", "cpu")
@@ -73,7 +84,7 @@ def _mla_cache_store(e: Emitter, args):
     a = e.attrs
     r, rope, layer = a["kv_lora_rank"], a["qk_rope_head_dim"], index(a["layer"])
     kv_dt, w_dt, f_dt, b_dt = (e.in_types[i].dtype for i in (0, 1, 2, 6))
-    rag = _Ragged(offs, clen, lut, blocks)
+    rag = _Ragged(offs, clen, lut, blocks, freqs)
     eps, zero = _f32(float(a["eps"])), index(0)
 
     def row(t):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from mlir import ir
 
-from .attention import (alloc_like, cache_dims, finish, load_f32, memref_of, store_from_f32,
-                        to_buffer)
+from .attention import (alloc_like, cache_dims, finish, load_f32, memref_of, sequence_span,
+                        store_from_f32, to_buffer)
 from .kernel_text import KernelText, hsum
 from .mla_lanes import KEY_TILE, LaneState, LaneTiles, attend, pow2_divisor, reset_state
 
@@ -41,6 +41,10 @@ class _Io:
         self.w1_heads = ir.ShapedType(w1.type).rank == 3   # w_uk [NH, nope, R], else w_k
         self.bt = str(blocks.type)
         self.page = cache_dims(blocks, "mla")[0]
+        # Bounds of the metadata clamps: q rows, lookup-table columns, cache pages.
+        self.rows_q = t.dim(self.qm, 0, self.qmt)
+        self.lut_cols = t.dim(self.lutm, 1, self.lutt)
+        self.pages = t.dim("%blocks", 0, self.bt)
         self.el = str(ir.ShapedType(q.type).element_type)
         self.bel = str(ir.ShapedType(blocks.type).element_type)
         self.omt = memref_of(out_t)
@@ -60,16 +64,16 @@ class _Io:
 
     def page_slot(self, k: KernelText, b: str, pos: str) -> tuple[str, str]:
         t = k.t
-        page = t.load_index(self.lutm, [b, k.ix("divui", pos, self.page)], self.lutt)
+        # Page-table column and page id clamped into their tables: bad metadata stays in bounds.
+        col = t.clamp(k.ix("divui", pos, self.page), self.lut_cols)
+        page = t.clamp(t.load_index(self.lutm, [b, col], self.lutt), self.pages)
         return page, k.ix("remui", pos, self.page)
 
 
 def _seq(k: KernelText, io: _Io, b: str) -> tuple[str, str, str]:
-    """(first row, new tokens, cached tokens) of sequence b."""
-    t = k.t
-    o0 = t.load_index(io.offm, [b], io.offt)
-    n = k.ix("subi", t.load_index(io.offm, [k.ix("addi", b, 1)], io.offt), o0)
-    return o0, n, t.load_index(io.clm, [b], io.clt)
+    """(first row, new tokens, cached tokens) of sequence b, clamped into the buffers."""
+    return sequence_span(k.t, io.offm, io.offt, io.clm, io.clt, b, io.rows_q,
+                         k.ix("muli", io.lut_cols, io.page))
 
 
 def _lane_positions(k: KernelText, lt: LaneTiles, first: str, step_lanes: bool) -> list[str]:

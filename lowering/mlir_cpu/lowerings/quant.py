@@ -66,7 +66,10 @@ def _activations(e: Emitter, x2: ir.Value, dt: DType, perm: ir.Value | None, per
     def body(_):
         p = tensor.extract(perm, [_idx(1)])
         cast = arith.index_castui if perm_dt is DType.uint32 else arith.index_cast
-        return to_compute(tensor.extract(x2, [_idx(0), cast(ir.IndexType.get(), p)]), dt)
+        # The permutation is checked at load; the clamp keeps a bad one inside x (defence in
+        # depth: unsigned, so a negative column clamps too).
+        col = arith.minui(cast(ir.IndexType.get(), p), index(xt.shape[1] - 1))
+        return to_compute(tensor.extract(x2, [_idx(0), col]), dt)
     return e.generic([], [init], [e.identity_map(2)], ["parallel"] * 2, body)[0]
 
 

@@ -28,14 +28,20 @@ def _el(v) -> str:
 class _Row:
     """Per-row context: position, sequence, cache page/slot, scratch row."""
 
-    def __init__(self, t: Text, offm, offt, clm, clt, batch, lut=None, page_size=None):
+    def __init__(self, t: Text, offm, offt, clm, clt, batch, freqs=None, lut=None, blocks=None):
         self.seq = sequence_of_row(t, "%row", offm, offt, batch)
         start = t.load_index(offm, [self.seq], offt)
         cl = t.load_index(clm, [self.seq], clt)
         self.pos = t(f"arith.addi {cl}, {t(f'arith.subi %row, {start} : index')} : index")
+        # RoPE row, page-table column and page id clamped into their tables: bad metadata
+        # (positions past the tables, page ids past the pool) stays in bounds.
+        if freqs is not None:
+            self.pos = t.clamp(self.pos, t.dim(freqs[0], 0, freqs[1]))
         if lut is not None:
-            lutm, lutt = lut
-            self.page = t.load_index(lutm, [self.seq, t(f"arith.divui {self.pos}, {t.idx(page_size)} : index")], lutt)
+            (lutm, lutt), (bm, bt, page_size) = lut, blocks
+            col = t.clamp(t(f"arith.divui {self.pos}, {t.idx(page_size)} : index"),
+                          t.dim(lutm, 1, lutt))
+            self.page = t.clamp(t.load_index(lutm, [self.seq, col], lutt), t.dim(bm, 0, bt))
             self.slot = t(f"arith.remui {self.pos}, {t.idx(page_size)} : index")
 
 
@@ -125,7 +131,7 @@ def _rope(e: Emitter, args):
     om = alloc_like(t, xm, xt, omt)
     batch = t(f"memref.dim {clm}, {t.idx(0)} : {clt}")
     _rows_loop(t, xm, xt)
-    row = _Row(t, offm, offt, clm, clt, batch)
+    row = _Row(t, offm, offt, clm, clt, batch, (fm, ft))
     hs = t(f"memref.alloca() : memref<{d}xf32>")
     t.for_("%hh", t.idx(0), t.idx(heads), t.idx(1))
     col0 = t(f"arith.muli %hh, {t.idx(d)} : index")
@@ -151,7 +157,8 @@ def _kv_cache_store(e: Emitter, args):
     lutm, lutt = to_buffer(t, "%lut", lut.type)
     batch = t(f"memref.dim {clm}, {t.idx(0)} : {clt}")
     _rows_loop(t, xm, xt)
-    row = _Row(t, offm, offt, clm, clt, batch, (lutm, lutt), page)
+    row = _Row(t, offm, offt, clm, clt, batch, None, (lutm, lutt),
+               ("%blocks", str(blocks.type), page))
     hs = t(f"memref.alloca() : memref<{d}xf32>")
     t.for_("%hh", t.idx(0), t.idx(nkv), t.idx(1))
     _load_head(t, hs, d, xm, xt, _el(x), t(f"arith.muli %hh, {t.idx(d)} : index"))
@@ -188,7 +195,8 @@ def _rope_split_store(e: Emitter, args):
         else t(f"memref.alloc() : {omt}")
     batch = t(f"memref.dim {clm}, {t.idx(0)} : {clt}")
     _rows_loop(t, xm, xt)
-    row = _Row(t, offm, offt, clm, clt, batch, (lutm, lutt), page)
+    row = _Row(t, offm, offt, clm, clt, batch, (fm, ft), (lutm, lutt),
+               ("%blocks", str(blocks.type), page))
     hs = t(f"memref.alloca() : memref<{d}xf32>")
     el, bel = _el(qkv), _el(blocks)
     freqs_ = (fm, ft, _el(freqs))

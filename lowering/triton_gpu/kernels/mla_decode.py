@@ -64,9 +64,17 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
                         num_parts, NH: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
                         RP: tl.constexpr, EP: tl.constexpr, KINDS: tl.constexpr,
                         PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        VSPLIT: tl.constexpr, PRECISION: tl.constexpr):
     W: tl.constexpr = R + ROPE
-    tile = tl.program_id(0)
+    RV: tl.constexpr = RP // VSPLIT        # value columns this program accumulates
+    if VSPLIT == 1:
+        tile = tl.program_id(0)
+        vs = 0
+    else:
+        # VSPLIT == 2: the two programs of a tile are adjacent in launch order; each computes
+        # all scores (its own value half first, then the other) and accumulates its half.
+        tile = tl.program_id(0) // 2
+        vs = tl.program_id(0) % 2
     part = tl.program_id(1)
     b = tl.program_id(2)
     seq_start = tl.load(offs_ptr + b)
@@ -76,7 +84,13 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)      # (token, head) pairs, heads fastest
         rmask = rows < n_new * NH
         grow = seq_start.to(tl.int64) * NH + rows
-        r = tl.arange(0, RP)
+        if VSPLIT == 1:
+            r = tl.arange(0, RP)
+        else:
+            r = vs * RV + tl.arange(0, RV)
+            ro = (1 - vs) * RV + tl.arange(0, RV)
+            q_o = tl.load(qlat_ptr + grow[:, None] * W + ro[None, :],
+                          mask=rmask[:, None] & (ro < R)[None, :], other=0.0)
         e = tl.arange(0, EP)
         q_c = tl.load(qlat_ptr + grow[:, None] * W + r[None, :],
                       mask=rmask[:, None] & (r < R)[None, :], other=0.0)
@@ -90,7 +104,7 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
         qk_scale = scale * 1.4426950408889634
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, RP), tl.float32)
+        acc = tl.zeros((BLOCK_M, RV), tl.float32)
         dt = q_c.dtype
         lut_row = lut_ptr + b.to(tl.int64) * max_pages
         j = tl.arange(0, BLOCK_N)
@@ -120,6 +134,13 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
                 pe = tl.load(base + R + e[None, :], mask=km[:, None] & (e < ROPE)[None, :],
                              other=0.0).to(dt)
             s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+            if VSPLIT != 1:
+                if R == RP:
+                    co = tl.load(base + ro[None, :], mask=km[:, None], other=0.0).to(dt)
+                else:
+                    co = tl.load(base + ro[None, :], mask=km[:, None] & (ro < R)[None, :],
+                                 other=0.0).to(dt)
+                s = tl.dot(q_o, tl.trans(co), s, input_precision=PRECISION)
             s = tl.dot(q_pe, tl.trans(pe), s, input_precision=PRECISION)
             # Blocks start at multiples of BLOCK_N inside the partition, so a key at or before
             # the query's position is also before the partition's end.
@@ -136,8 +157,11 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
         slot = ((seq_start * NH + tile * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)) \
             * num_parts + part
         keep = tl.arange(0, BLOCK_M) < left
-        tl.store(o_part_ptr + slot[:, None] * RP + tl.arange(0, RP)[None, :], acc,
+        tl.store(o_part_ptr + slot[:, None] * RP + vs * RV + tl.arange(0, RV)[None, :], acc,
                  mask=keep[:, None])
+        # With VSPLIT 2 the halves' running max and sum agree up to the order of the score
+        # sums (fp32 rounding); the first half's are kept, so the merge reads one pair.
+        keep = keep & (vs == 0)
         tl.store(ml_ptr + slot * 2, m_i, mask=keep)
         tl.store(ml_ptr + slot * 2 + 1, l_i, mask=keep)
 
@@ -177,26 +201,81 @@ def mla_absorbed_out_kernel(o_part_ptr, ml_ptr, wuv_ptr, out_ptr, T, num_parts,
 
 
 # -- configs, split rule and specs ----------------------------------------------------------------
-# BLOCK_M -> (BLOCK_N, warps, stages): checked offline for R = 512 (no spills, the cache tiles
-# pipelined as cp.async; tests/lowering/triton_gpu/test_mla_aot.py). 64 rows run on two
-# warpgroups (wgmma, the [64, 512] fp32 accumulator split by columns); 16 and 32 on mma.sync.
-TILES = {64: (16, 8, 4), 32: (16, 4, 4), 16: (32, 4, 3)}
+def _conf(bm: int, bn: int, warps: int, stages: int, vsplit: int = 1, waves: int = 2) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, VSPLIT=vsplit,
+                WAVES=waves)
 
 
-def tile_config(nh: int, r: int) -> dict:
-    """BLOCK_M (token, head) rows, BLOCK_N keys, warps and stages of the attention kernel: a
-    decode token's heads in one tile up to 64 (more heads take several tiles, whose programs
-    are adjacent and share the cache rows through L2)."""
+def conf_name(conf: dict) -> str:
+    """m{BLOCK_M}n{BLOCK_N}w{warps}s{stages}[v{VSPLIT}][x{WAVES}]: the config's name."""
+    name = f"m{conf['BLOCK_M']}n{conf['BLOCK_N']}w{conf['num_warps']}s{conf['num_stages']}"
+    if conf.get("VSPLIT", 1) != 1:
+        name += f"v{conf['VSPLIT']}"
+    if conf.get("WAVES", 2) != 2:
+        name += f"x{conf['WAVES']}"
+    return name
+
+
+# Attention-kernel configs by name: BLOCK_M (token, head) rows, BLOCK_N keys per step, warps,
+# stages, VSPLIT (1, or 2: two adjacent programs per row tile, each accumulating half of the R
+# value columns and computing every score: half the fp32 accumulator for ~1.5x the dot work)
+# and WAVES (the split rule fills the SMs WAVES times). All compile offline for sm_90 with R =
+# 512 without spills, within shared memory (tests/lowering/triton_gpu/test_mla_aot.py; spilling
+# ones left out: m64n32w8s3, m64n64w8s1, m64n64w4s2v2, m16n32w2s3). 64 and 128 rows run on
+# wgmma (8 warps: two warpgroups split the fp32 accumulator by columns, or by rows at 128);
+# 16 and 32 on mma.sync. A key tile of 64 keys x 576 bf16 is 72 KiB per stage.
+CANDIDATES = {conf_name(c): c for c in (
+    _conf(16, 32, 4, 3), _conf(16, 32, 4, 3, waves=4), _conf(16, 64, 4, 2),
+    _conf(16, 64, 4, 3), _conf(16, 16, 4, 4), _conf(16, 64, 4, 2, waves=4),
+    _conf(32, 16, 4, 4),
+    _conf(64, 16, 8, 4), _conf(64, 32, 8, 2), _conf(64, 64, 8, 2),
+    _conf(64, 32, 4, 2, vsplit=2), _conf(64, 32, 8, 2, vsplit=2), _conf(64, 32, 8, 3, vsplit=2),
+    _conf(64, 64, 8, 2, vsplit=2),
+    _conf(128, 16, 8, 3, vsplit=2), _conf(128, 32, 8, 2, vsplit=2), _conf(128, 64, 8, 1, vsplit=2),
+)}
+# The shipped config per head-count bucket (heads padded to a power of two, at most 128): the
+# one line to change after a GPU sweep (tools/gpu_sweeps/mla.py) names a better candidate.
+# H200, B64 / B128 x ctx 4096, attention launch (was m16n32w4s3 / m64n16w8s4): h16 m16n64w4s2
+# 85 / 156 us = 84 / 92% of copy (75 / 80%); h128 m64n64w8s2 288 / 552 us, 253 / 264 TFLOP/s
+# (688 / 1351 us). h64 takes h128's tile (not measured); h32 has no other candidate yet.
+DEFAULTS = {16: "m16n64w4s2", 32: "m32n16w4s4", 64: "m64n64w8s2", 128: "m64n64w8s2"}
+
+
+def head_bucket(nh: int) -> int:
+    return min(128, pad(nh))
+
+
+def candidates(nh: int) -> list[str]:
+    """The candidate names that fit `nh` heads, the shipped default first: tiles of the padded
+    heads up to 64 rows (one decode token's heads per tile), or taller ones within them."""
     bm = min(64, pad(nh))
-    bn, warps, stages = TILES[bm]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    default = DEFAULTS[head_bucket(nh)]
+    return [default] + [k for k, c in CANDIDATES.items() if k != default and (
+        c["BLOCK_M"] == bm or 64 < c["BLOCK_M"] <= pad(nh))]
+
+
+def tile_config(nh: int, r: int, config: str | dict | None = None) -> dict:
+    """BLOCK_M (token, head) rows, BLOCK_N keys, warps, stages, VSPLIT and WAVES of the
+    attention kernel: the shipped default of the head bucket (a decode token's heads in one
+    tile up to 64; more heads take several tiles, whose programs are adjacent and share the
+    cache rows through L2), or the candidate `config` (a name of CANDIDATES or a dict)."""
+    if config is None:
+        config = DEFAULTS[head_bucket(nh)]
+    conf = dict(CANDIDATES[config]) if isinstance(config, str) else dict(config)
+    conf.setdefault("VSPLIT", 1)
+    conf.setdefault("WAVES", 2)
+    if conf["VSPLIT"] not in (1, 2) or pad(r) // conf["VSPLIT"] < 16:
+        raise ValueError(f"mla decode config {conf_name(conf)}: VSPLIT must be 1 or 2 and "
+                         f"leave at least 16 value columns (R = {r})")
+    return conf
 
 
 def split_lets(batch: str, tiles: str, kv_len: str, conf: dict, prefix: str = "mla_"):
     """[(name, expr)]: num_parts / part_size of the context for `batch` sequences of `tiles`
-    row tiles each: enough partitions to fill the SMs twice, at least MIN_PART keys each."""
-    bn = conf["BLOCK_N"]
-    want = f"max(1, min({2 * SM_COUNT} // max(1, ({batch}) * ({tiles})), " \
+    row tiles each (VSPLIT programs per tile): enough partitions to fill the SMs WAVES times,
+    at least MIN_PART keys each."""
+    bn, vs, waves = conf["BLOCK_N"], conf.get("VSPLIT", 1), conf.get("WAVES", 2)
+    want = f"max(1, min({waves * SM_COUNT} // max(1, ({batch}) * ({tiles}) * {vs}), " \
            f"cdiv({kv_len}, {MIN_PART})))"
     return [(f"{prefix}want", want),
             (f"{prefix}part_size", f"cdiv(cdiv({kv_len}, {prefix}want), {bn}) * {bn}"),
@@ -205,17 +284,18 @@ def split_lets(batch: str, tiles: str, kv_len: str, conf: dict, prefix: str = "m
 
 def split(batch: int, tiles: int, kv_len: int, conf: dict) -> tuple[int, int]:
     """(num_parts, part_size): split_lets evaluated in Python."""
-    bn = conf["BLOCK_N"]
-    want = max(1, min(2 * SM_COUNT // max(1, batch * tiles), cdiv(kv_len, MIN_PART)))
+    bn, vs, waves = conf["BLOCK_N"], conf.get("VSPLIT", 1), conf.get("WAVES", 2)
+    want = max(1, min(waves * SM_COUNT // max(1, batch * tiles * vs), cdiv(kv_len, MIN_PART)))
     size = cdiv(cdiv(kv_len, want), bn) * bn
     return cdiv(kv_len, size), size
 
 
 def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r: int,
-          kinds: int, page_size: int, conf: dict | None = None) -> list[KernelSpec]:
-    """[q absorb, attention, merge + w_uv] for q/weights of `dtype` over a `cache_dtype` cache."""
+          kinds: int, page_size: int, conf: str | dict | None = None) -> list[KernelSpec]:
+    """[q absorb, attention, merge + w_uv] for q/weights of `dtype` over a `cache_dtype` cache;
+    `conf` picks the attention kernel's config (tile_config: the shipped default when None)."""
     t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
-    conf = conf or tile_config(nh, r)
+    conf = tile_config(nh, r, conf)
     prec = "tf32x3" if dtype == "float32" else "tf32"
     rp, ep, nopep, vp = pad(r), pad(rope), pad(nope), pad(v)
     br = min(rp, 128)
@@ -228,17 +308,18 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
                         grid=lambda T: (cdiv(T, 16), nh, cdiv(r, br)), grid_args=("T",),
                         divisible_by_16=("q_ptr", "wuk_ptr", "qlat_ptr"))
     ac = dict(NH=nh, R=r, ROPE=rope, RP=rp, EP=ep, KINDS=kinds, PAGE_SIZE=page_size,
-              BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"], PRECISION=prec)
+              BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"], VSPLIT=conf["VSPLIT"],
+              PRECISION=prec)
     asig = {"qlat_ptr": f"*{t}", "offs_ptr": "*i32", "clen_ptr": "*i32", "lut_ptr": "*i32",
             "blocks_ptr": f"*{tc}", "o_part_ptr": "*fp32", "ml_ptr": "*fp32", "max_pages": "i32",
             "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32", "scale": "fp32",
             "part_size": "i32", "num_parts": "i32", **{k: "constexpr" for k in ac}}
-    bm = conf["BLOCK_M"]
-    attn = KernelSpec(name=f"mla_absorbed_{tc}_m{bm}n{conf['BLOCK_N']}", fn=mla_absorbed_kernel,
+    bm, vs = conf["BLOCK_M"], conf["VSPLIT"]
+    attn = KernelSpec(name=f"mla_absorbed_{tc}_{conf_name(conf)}", fn=mla_absorbed_kernel,
                       signature=asig, constexprs=ac, num_warps=conf["num_warps"],
                       num_stages=conf["num_stages"],
-                      grid=lambda batch, seqmax, num_parts: (cdiv(seqmax * nh, bm), num_parts,
-                                                             batch),
+                      grid=lambda batch, seqmax, num_parts: (cdiv(seqmax * nh, bm) * vs,
+                                                             num_parts, batch),
                       grid_args=("batch", "seqmax", "num_parts"),
                       divisible_by_16=("qlat_ptr", "blocks_ptr", "o_part_ptr", "ml_ptr"))
     oc = dict(NH=nh, R=r, V=v, RP=rp, VP=vp, BLOCK_T=OUT_BLOCK_T, BLOCK_R=min(rp, 64),

@@ -103,7 +103,8 @@ def _attention(sb: StepBuilder, node) -> None:
         br = absorb.constexprs["BLOCK_R"]
         sb.launch(sb.kernel(absorb), [f"cdiv({T}, 16)", nh, cdiv(r, br)],
                   [sb.ptr(q), sb.ptr(w1), qlat, T])
-        sb.launch(sb.kernel(attn), [f"cdiv({seqmax} * {nh}, {bm})", parts, batch],
+        sb.launch(sb.kernel(attn), [f"cdiv({seqmax} * {nh}, {bm}) * {conf['VSPLIT']}", parts,
+                                    batch],
                   [qlat] + meta + [o_part, ml] + geo + [scale, part_size, parts])
         sb.launch(sb.kernel(merge), [f"cdiv({T}, {md.OUT_BLOCK_T})", nh],
                   [o_part, ml, sb.ptr(w_uv), sb.ptr(out), T, parts])

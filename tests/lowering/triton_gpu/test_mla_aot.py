@@ -1,7 +1,9 @@
 """The MLA kernels compile offline (no GPU) to sm_90 cubins for DeepSeek's sizes (kv_lora_rank
 512, rope 64, nope 128, v 128) at 16, 32 and 128 heads, pages of 64 and 128: within Hopper's
 shared memory, no spills, the latent cache tiles of the absorbed kernel read through cp.async
-(a key block lies in one page), the 64-row tile on wgmma."""
+(a key block lies in one page), the 64-row tile on wgmma. Every candidate config of the
+absorbed kernel (mla_decode.CANDIDATES, timed by tools/gpu_sweeps/mla.py) compiles the same
+way: no stack, no local memory, shared memory within sm_90's limit."""
 
 import pytest
 
@@ -21,6 +23,9 @@ for nh, page in ((16, 64), (32, 128), (128, 64)):
         jobs.append((f"h{nh}p{page}", s))
 for s in mp.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64):
     jobs.append(("prefill", s))
+for name, conf in md.CANDIDATES.items():
+    nh = {16: 16, 32: 32}.get(conf["BLOCK_M"], 128)
+    jobs.append(("cand", md.specs("bfloat16", "bfloat16", nh, 128, 64, 128, 512, 1, 64, name)[1]))
 out = {}
 for label, s in jobs:
     c = aot.compile_spec(s)
@@ -40,7 +45,9 @@ def compiled(tmp_path_factory):
 def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
     from graphir.lowering.triton_gpu.aot import MAX_SHARED_SM90
 
-    assert len(compiled) == 3 + 9 + 2
+    from graphir.lowering.triton_gpu.kernels import mla_decode as md
+
+    assert len(compiled) == 3 + 9 + 2 + len(md.CANDIDATES)
     for name, c in compiled.items():
         assert c["magic"] == "7f454c46", name
         assert c["shared"] <= MAX_SHARED_SM90, (name, c["shared"])
@@ -48,11 +55,24 @@ def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
             assert c["res"][1:] == [0, 0], (name, c["res"])
 
 
+def test_candidate_configs_use_tensor_cores(compiled):
+    from graphir.lowering.triton_gpu.kernels import mla_decode as md
+
+    for name, conf in md.CANDIDATES.items():
+        c = compiled[f"cand/mla_absorbed_bf16_{name}"]
+        assert c["wgmma" if conf["BLOCK_M"] >= 64 else "mma"] > 0, name
+        if conf["num_stages"] > 1:
+            assert c["cp_async"] > 0, name
+
+
 def test_latent_cache_streams_through_async_copies(compiled):
-    absorbed = {k: v for k, v in compiled.items() if "/mla_absorbed_bf16" in k}
+    absorbed = {k: v for k, v in compiled.items()
+                if "/mla_absorbed_bf16" in k and not k.startswith("cand/")}
     assert len(absorbed) == 3
     for name, c in absorbed.items():
         assert c["cp_async"] > 0, name
-    assert compiled["h128p64/mla_absorbed_bf16_m64n16"]["wgmma"] > 0
+    from graphir.lowering.triton_gpu.kernels import mla_decode as md
+
+    assert compiled[f"h128p64/mla_absorbed_bf16_{md.DEFAULTS[128]}"]["wgmma"] > 0
     for name in ("prefill/mla_decompress_bf16", "prefill/mla_prefill_attn_bf16"):
         assert compiled[name]["wgmma"] > 0 and compiled[name]["cp_async"] > 0, name

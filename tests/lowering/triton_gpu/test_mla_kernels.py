@@ -105,8 +105,8 @@ def test_empty_sequences_and_multi_token_decode():
 
 
 def test_pages_that_hold_whole_key_blocks():
-    # Page 32 >= BLOCK_N: the absorbed kernel reads a key block with one lookup (dense rows);
-    # a sequence spans three pages in shuffled order, another ends mid-page.
+    # Page 32 >= BLOCK_N (a 32-key config): the absorbed kernel reads a key block with one
+    # lookup (dense rows); a sequence spans three pages in shuffled order, another ends mid-page.
     rng = np.random.default_rng(11)
     page, pages = 32, 7
     blocks = rng.standard_normal((pages, 1, 2, page, 1, R + ROPE)).astype(np.float32)
@@ -119,6 +119,8 @@ def test_pages_that_hold_whole_key_blocks():
     want = reference(q, blocks, offs, clen, lut, w_k, w_uk, w_uv)
     for path, parts in (("absorbed", None), ("absorbed", 2), ("decompressed", None)):
         kw = {} if parts is None else {"num_parts": parts}
+        if path == "absorbed":
+            kw["conf"] = md.tile_config(NH, R, "m16n32w4s3")
         got = run(path, q, blocks, offs, clen, lut, w_uk if path == "absorbed" else w_k, w_uv,
                   **kw)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{path} {parts}")
@@ -140,12 +142,62 @@ def test_bfloat16_absorbed_and_decompressed():
 def test_split_rule_expressions_match_python():
     from graphir.runtime.cuda.plan_values import evaluate
 
-    conf = md.tile_config(128, 512)
-    for batch, tiles, kv_len in [(1, 2, 4096), (64, 1, 4096), (128, 2, 4096), (3, 1, 17),
-                                 (1, 1, 1)]:
-        env = {"b": batch, "t": tiles, "k": kv_len}
-        for name, expr in md.split_lets("b", "t", "k", conf):
-            env[name] = evaluate(expr, env)
-        assert (env["mla_num_parts"], env["mla_part_size"]) == md.split(batch, tiles, kv_len,
-                                                                        conf)
-        assert env["mla_num_parts"] * env["mla_part_size"] >= kv_len
+    cases = [(1, 2, 4096), (64, 1, 4096), (128, 2, 4096), (3, 1, 17), (1, 1, 1)]
+    for conf in (md.tile_config(128, 512), md.tile_config(128, 512, "m128n32w8s2v2"),
+                 md.tile_config(16, 512, "m16n32w4s3x4")):
+        for batch, tiles, kv_len in cases:
+            env = {"b": batch, "t": tiles, "k": kv_len}
+            for name, expr in md.split_lets("b", "t", "k", conf):
+                env[name] = evaluate(expr, env)
+            assert (env["mla_num_parts"], env["mla_part_size"]) == md.split(batch, tiles,
+                                                                            kv_len, conf)
+            assert env["mla_num_parts"] * env["mla_part_size"] >= kv_len
+
+
+# Every candidate config of the absorbed attention kernel (md.CANDIDATES, the GPU sweep's
+# choices) on fresh data with R = 32 (so VSPLIT 2 keeps 16 value columns): pages of 4 (keys
+# looked up one by one) and of 64 (a key block in one page: dense rows), two partitions, a
+# multi-token sequence whose rows straddle tiles, NaN past the sequences' ends.
+RC = 32
+
+
+def candidate_case(seed: int, page: int):
+    rng = np.random.default_rng(seed)
+    kv_b = (rng.standard_normal((NH, NOPE + V, RC)) * 0.3).astype(np.float32)
+    w_uk, w_uv = kv_b[:, :NOPE].copy(), kv_b[:, NOPE:].transpose(0, 2, 1).copy()
+    clen = np.array([2 * page + 5, 0, page - 3], np.uint32)
+    offs = np.array([0, 1, 3, 7], np.uint32)
+    pages_per = (int((clen + np.diff(offs)).max()) + page - 1) // page
+    n_pages = 3 * pages_per + 1
+    lut = rng.permutation(3 * pages_per).astype(np.uint32).reshape(3, pages_per)
+    blocks = rng.standard_normal((n_pages, 1, 2, page, 1, RC + ROPE)).astype(np.float32)
+    for b in range(3):
+        n = int(clen[b] + offs[b + 1] - offs[b])
+        if n % page:
+            blocks[lut[b, n // page], 0, LAYER, n % page:] = np.nan
+    q = rng.standard_normal((7, NH * (NOPE + ROPE))).astype(np.float32)
+    kw = dict(layer_idx=LAYER, input_row_offsets=offs, cache_lengths=clen, lookup_table=lut,
+              qk_rope_head_dim=ROPE, scale=SCALE)
+    want = mm.mla_decode(q.reshape(7, NH, NOPE + ROPE), blocks, w_uk, w_uv, **kw)
+    return (q, blocks, offs, clen, lut, w_uk, w_uv), want.reshape(7, -1)
+
+
+@pytest.mark.parametrize("name", sorted(md.CANDIDATES))
+def test_every_candidate_config_matches_the_reference(name):
+    conf = md.tile_config(NH, RC, name)
+    for i, (page, parts) in enumerate(((4, None), (64, 2))):
+        args, want = candidate_case(sum(map(ord, name)) + i, page)
+        got = ml.attention(*map(t, args), n_heads=NH, qk_nope_head_dim=NOPE,
+                           qk_rope_head_dim=ROPE, v_head_dim=V, kv_lora_rank=RC, layer=LAYER,
+                           scale=SCALE, path="absorbed", num_parts=parts, conf=conf).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"page {page}")
+
+
+def test_candidates_and_defaults():
+    assert all(md.DEFAULTS[b] in md.CANDIDATES for b in (16, 32, 64, 128))
+    for nh in (16, 128):
+        names = md.candidates(nh)
+        assert names[0] == md.DEFAULTS[md.head_bucket(nh)] and len(names) > 2
+    assert md.tile_config(128, 512) == md.CANDIDATES[md.DEFAULTS[128]]
+    with pytest.raises(ValueError):
+        md.tile_config(3, 16, "m64n32w4s2v2")        # 8 value columns per half

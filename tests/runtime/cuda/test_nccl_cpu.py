@@ -12,37 +12,13 @@ import pytest
 from graphir import DeviceRef, DType
 from graphir.runtime.cuda import nccl
 from graphir.runtime.cuda.multi_device import DeviceGroup, logical_devices, placement
+from tests.runtime.fake_nccl import FakeNccl
 from tests.gpu.test_parallel_gpu import collective_graph, parallel_layer, run_dp, run_tp
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 
 
 # ---- the NCCL wrapper ---------------------------------------------------------------------
-class FakeNccl:
-    """Records every call; `fail` names a function that returns ncclInvalidArgument."""
-
-    def __init__(self, fail=None):
-        self.calls, self.fail = [], fail
-
-    def __getattr__(self, name):
-        if not name.startswith("nccl"):
-            raise AttributeError(name)
-
-        def fn(*args):
-            self.calls.append((name, args))
-            if name == "ncclCommInitAll":
-                comms, n, devs = args
-                for i in range(n):
-                    comms[i] = 0x1000 + devs[i]
-            if name == "ncclGetErrorString":
-                return b"invalid argument (fake)"
-            return 4 if name == self.fail else 0
-        return fn
-
-    def names(self):
-        return [c[0] for c in self.calls]
-
-
 def _v(x):
     return x.value if hasattr(x, "value") else x
 
