@@ -28,6 +28,9 @@ CASES = {
     "null_mask": {"mask_variant": "null"},
     "no_opaque": {"cls": AttentionWithRopeNoOpaque},
     "float8_dynamic": {"float8_config": "dynamic"},
+    # Gemma 2's sliding layer: scores of std ~4 against a cap of 1.5, so the cap matters.
+    "gemma2_softcap": {"mask_variant": "sliding_window_causal", "sliding_window": 4,
+                       "scale": 1.0, "softcap": 1.5},
 }
 
 

@@ -79,9 +79,25 @@ def test_softcap_round_trips_and_is_checked():
         parse(bad)
 
 
-def test_softcap_is_refused_on_cuda_until_its_kernels_exist():
+def test_gemma2_style_layer_compiles_for_cuda_with_kernels_only(tmp_path):
+    # A Gemma 2 sliding layer (window, logit softcap, scale) compiled offline for sm_90: the
+    # softcap is a constexpr of the prefill and decode kernels, nothing runs on the host.
     pytest.importorskip("triton")
-    from graphir.lowering.triton_gpu.backend import lower
+    from graphir.lowering.artifact import load_artifact
+    from graphir.lowering.driver import compile_graph
+    from tests.gpu import family
 
-    with pytest.raises(NotImplementedError, match="softcap .* is not supported on cuda yet"):
-        lower(_softcap_graph("gpu"))
+    g, _ = family.build("gemma2_softcap", DType.bfloat16)
+    compile_graph(g, "cuda:sm_90", out=tmp_path / "gemma2.gart")
+    m = load_artifact(tmp_path / "gemma2.gart", expect_target="cuda:sm_90").manifest
+    steps = m["plan"]["steps"]
+    assert not [s["op"] for s in steps if s["kernel"] == "host_runtime"]
+    (attn,) = [s for s in steps if s["op"] == "flash_attention_ragged"]
+    launched = {op["launch"] for var in attn["attrs"]["variants"] for op in var["ops"]
+                if "launch" in op}
+    specs = {m["kernels"][k]["spec"] for k in launched}
+    assert any(s.startswith("flash_attention_bf16_mask2") and s.endswith("_softcap")
+               for s in specs), specs
+    assert any(s.startswith("paged_decode_partial_bf16_mask2") and s.endswith("_softcap")
+               for s in specs), specs
+    assert all(m["kernels"][k]["cubin"].endswith(".cubin") for k in launched)

@@ -11,8 +11,11 @@ weight), then timed with weights rotated among copies larger than 4x the L2; the
 torch's bf16 matmul (cuBLAS) on the dequantized weight, rotated the same way. Reported: times,
 cuBLAS / ours, GB/s of quantized bytes read and the share of the device copy bandwidth.
 Targets (issue 12): 4-bit at batch 1 >= 3x cuBLAS, Q4_K / Q6_K >= 75% of copy bandwidth,
-batch 16 no slower than cuBLAS. A few alternative tile configs of Q4_0 / Q4_K / Q6_K / GPTQ at
-batch 1 on the large weight are timed too ("alt" rows) to guide the shipped configs.
+batch 16 no slower than cuBLAS. Batches the decode GEMV kernels take (M <= 4,
+kernels/quant_gemv.py) are timed both ways, rows "dot" (the tensor-core matmul) and "gemv",
+whatever the shipped switch says; "plan" rows are what the lowering launches. A few alternative
+tile configs of Q4_0 / Q4_K / Q6_K / GPTQ at batch 1 on the large weight are timed too ("alt"
+rows, "gemv-..." for the GEMV kernels) to guide the shipped configs.
 
 MLA decode: batch 64 / 128 x context 4096 x 16 / 128 heads, DeepSeek sizes (kv_lora_rank 512,
 rope 64, nope 128, v 128), bf16 latent cache in shuffled 64-token pages; the three launches of
@@ -25,6 +28,7 @@ graphir.runtime.cuda on torch's stream, captured in CUDA graphs (tools/gpu_timin
 Writes $OUT/quant.json. Under ~120 s.
     python3 tools/gpu_sweeps/quant.py           (or: bash tools/gpu_sweep.sh quant)
     python3 tools/gpu_sweeps/quant.py --dry-run (CPU, Triton interpreter, tiny shapes)
+    python3 tools/gpu_sweeps/quant.py --only Q4_0,Q4_K --ms 1,2 --no-mla   (a subset)
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import torch  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels import mla_decode as md  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import quant as qk  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import quant_gemv as qg  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import quant_gptq as gk  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
@@ -57,7 +62,7 @@ GPTQ = {"GPTQ4": dict(bits=4, group_size=128, sym=True, desc=False),
         "GPTQ4za": dict(bits=4, group_size=128, sym=False, desc=True),
         "GPTQ8": dict(bits=8, group_size=128, sym=True, desc=False)}
 SHAPES = [(4096, 4096), (14336, 4096)]
-MS = (1, 16)
+MS = (1, 4, 16)
 MLA = [(64, 4096, 16), (64, 4096, 128), (128, 4096, 16), (128, 4096, 128)]
 PAGE = 64
 NOPE, ROPE, V, R = 128, 64, 128, 512
@@ -68,6 +73,14 @@ if DRY:
     SHAPES = [(40, 512)]
     MLA = [(2, 70, 4)]
     NOPE, ROPE, V, R, PAGE = 16, 16, 16, 64, 32
+if "--only" in sys.argv:
+    ONLY = sys.argv[sys.argv.index("--only") + 1].split(",")
+    GGUF = [g for g in GGUF if g in ONLY]
+    GPTQ = {k: v for k, v in GPTQ.items() if k in ONLY}
+if "--ms" in sys.argv:
+    MS = tuple(int(m) for m in sys.argv[sys.argv.index("--ms") + 1].split(","))
+if "--no-mla" in sys.argv:
+    MLA = []
 F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
@@ -236,9 +249,24 @@ def gptq_calls(cfg, conf, M, N, K, x, ws, z, perm, out, kernels):
     return [lambda w=w: call(w) for w in ws]
 
 
-def plan_conf(kind, M, N, K, bits=4):
-    top = 16 if M <= 16 else (64 if M <= 64 else None)
-    return qk.config_for(top, kind, N, K) if kind != "GPTQ" else gk.config_for(top, N, K, bits)
+def plan_conf(kind, M, N, K, bits=4, gemv=None, perm=False):
+    """The lowering's config for a dynamic M (its bucket); gemv True / False forces the path."""
+    tops = qk.bucket_tops() if kind != "GPTQ" else gk.bucket_tops(perm)
+    if gemv is not None:
+        tops = [t for t, _ in qg.GEMV_BUCKETS] if gemv else [16, 64, None]
+    top = next(t for t in tops if t is None or M <= t)
+    if kind == "GPTQ":
+        return gk.config_for(top, N, K, bits, gemv=gemv, has_perm=perm)
+    return qk.config_for(top, kind, N, K, gemv=gemv)
+
+
+def path_confs(kind, M, N, K, bits=4, perm=False):
+    """[(label, conf)]: the plan's, and at GEMV batches both paths."""
+    if M > qg.GEMV_BUCKETS[-1][0]:
+        return [("plan", plan_conf(kind, M, N, K, bits, perm=perm))]
+    gemv = plan_conf(kind, M, N, K, bits, perm=perm).get("GEMV", False)
+    return [("dot" + ("" if gemv else "/plan"), plan_conf(kind, M, N, K, bits, False, perm)),
+            ("gemv" + ("/plan" if gemv else ""), plan_conf(kind, M, N, K, bits, True, perm))]
 
 
 def alt_confs(name, N, K):
@@ -247,6 +275,15 @@ def alt_confs(name, N, K):
     if name not in ALT:
         return out
     if name.startswith("GPTQ"):
+        bits = GPTQ[name]["bits"]
+        for bn, words, w in ((32, 16, 4), (128, 16, 4), (64, 32, 4), (64, 8, 2)):
+            c = gk.config_for(1, N, K, bits, gemv=True)
+            bk = words * 32 // bits
+            steps = cdiv(K, bk)
+            split = max(1, min(cdiv(qk.TARGET_PROGRAMS, cdiv(N, bn)), steps, 16))
+            c.update(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, tiles_per_split=cdiv(steps, split),
+                     SPLIT_K=cdiv(steps, cdiv(steps, split)))
+            out.append((f"gemv-n{bn}k{bk}w{w}", c))
         for bn, bk in ((32, 256), (128, 256), (64, 512)):
             c = gk.config_for(16, N, K)
             c.update(BLOCK_N=bn, BLOCK_K=bk)
@@ -256,6 +293,16 @@ def alt_confs(name, N, K):
             out.append((f"n{bn}k{bk}", c))
         return out
     e = FORMATS[name].E
+    groups = K // e
+    for bn, vals, w in ((32, 128, 4), (64, 256, 4), (16, 256, 2), (32, 512, 4), (64, 128, 8)):
+        c = qk.config_for(1, name, N, K, gemv=True)
+        ng = max(1, min(vals // e, 2 * qk.GEMV_LANES // FORMATS[name].L))
+        steps = cdiv(groups, ng)
+        split = max(1, min(cdiv(qk.TARGET_PROGRAMS, cdiv(N, bn)), steps, 16))
+        per = cdiv(steps, split) * ng
+        c.update(BLOCK_N=bn, NG=ng, num_warps=w, groups_per_split=per,
+                 SPLIT_K=cdiv(groups, per))
+        out.append((f"gemv-n{bn}v{vals}w{w}", c))
     for bn, kv, w in ((32, 256, 4), (128, 256, 8), (64, 512, 8), (32, 128, 2)):
         c = qk.config_for(16, name, N, K)
         ng = max(2, kv // e)
@@ -273,9 +320,11 @@ def matmul_jobs():
     for name in GGUF + list(GPTQ):
         kind = name if name in GGUF else "GPTQ"
         bits = GPTQ[name]["bits"] if name in GPTQ else 4
+        perm = name in GPTQ and GPTQ[name]["desc"]
         for N, K in SHAPES:
             for M in MS:
-                jobs.append((name, kind, N, K, M, "plan", plan_conf(kind, M, N, K, bits)))
+                jobs += [(name, kind, N, K, M, lab, c)
+                         for lab, c in path_confs(kind, M, N, K, bits, perm)]
             if (N, K) == SHAPES[-1]:
                 jobs += [(name, kind, N, K, 1, lab, c) for lab, c in alt_confs(name, N, K)]
     return jobs

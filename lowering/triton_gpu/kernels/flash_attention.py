@@ -4,7 +4,9 @@ q `[T, NH, D]` (rows packed by input_row_offsets); K/V read from the paged cache
 holds the new tokens (written by rope_split_store), for positions 0 .. cache_len + new_len - 1.
 Query token i of sequence b sits at position cache_lengths[b] + i. Masks: NULL, CAUSAL,
 SLIDING_WINDOW_CAUSAL, SLIDING_WINDOW_NONCAUSAL, CHUNKED_CAUSAL (window W); GQA; online softmax
-in fp32 with exp2. Output `[T, NH*D]` in q's dtype.
+in fp32 with exp2. Output `[T, NH*D]` in q's dtype. SOFTCAP > 0 (a constexpr; 0.0 compiles to
+the uncapped kernel, instruction for instruction) caps the scaled scores to
+SOFTCAP * tanh(s / SOFTCAP) before the mask (Gemma 2; paged.capped_scores_log2).
 
 Grid (query blocks, NH, batch), query blocks issued longest-first within each (head, sequence):
 causal work grows with the block index, and the CTAs running at once read the K/V of a few
@@ -44,9 +46,10 @@ import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_configs import (  # noqa: F401
     CANDIDATES, candidates, check_config, config_tag, default_config, uses_tma)
-from graphir.lowering.triton_gpu.kernels.paged import (check_attention_args, full_key_range,
-                                                       key_range, mask_allows, mask_id,
-                                                       page_block_row, slot_offsets)
+from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check_attention_args,
+                                                       check_softcap, full_key_range, key_range,
+                                                       mask_allows, mask_id, page_block_row,
+                                                       slot_offsets)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
 # TMA coordinates are 32-bit: the cache seen as 2-D must have fewer rows than this; a TMA config
@@ -90,11 +93,23 @@ def _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx, n
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale, MASK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One key block of the online softmax (running max m_i in log2 units)."""
+def _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale, scale,
+                  MASK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
+    """One key block of the online softmax (running max m_i in log2 units); SOFTCAP > 0 caps
+    the scaled scores (Gemma 2) before the mask."""
     s = tl.dot(q, tl.trans(k))
-    if MASKED:
+    if SOFTCAP > 0:
+        # Capped in fp32 on the natural scale, then in log2 units: the max-before-scaling
+        # shortcut below does not apply (the cap is not linear).
+        s = capped_scores_log2(s, scale, SOFTCAP)
+        if MASKED:
+            kp = n0 + tl.arange(0, BLOCK_N)
+            ok = mask_allows(qp, kp, window, MASK) & (kp < end)[None, :]
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    elif MASKED:
         kp = n0 + tl.arange(0, BLOCK_N)
         ok = mask_allows(qp, kp, window, MASK) & (kp < end)[None, :]
         s = tl.where(ok, s * qk_scale, float("-inf"))
@@ -116,7 +131,7 @@ def flash_prefill_kernel(
         num_layers, num_pages, window, scale,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        USE_TMA: tl.constexpr):
+        USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -163,7 +178,7 @@ def flash_prefill_kernel(
             v = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
                          num_layers, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, False)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale,
-                                          MASK, BLOCK_N, False)
+                                          scale, MASK, BLOCK_N, False, SOFTCAP)
         # Edge blocks: those before the shared range (window edge) and after it (diagonal,
         # partial last block), walked as one loop so their code is emitted once.
         n_head = (full_lo - start) // BLOCK_N
@@ -176,7 +191,7 @@ def flash_prefill_kernel(
             v = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
                          num_layers, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, True)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale,
-                                          MASK, BLOCK_N, True)
+                                          scale, MASK, BLOCK_N, True, SOFTCAP)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         # The output rows' offsets are worked out again here from two scalars rather than kept
         # from the q load: kept across the loops, they are 8 int64 per thread that spill at a
@@ -198,10 +213,11 @@ def grid_rule(BLOCK_M: int, NH: int):
     return lambda batch, max_seq_len: (max(1, cdiv(max_seq_len, BLOCK_M)), NH, batch)
 
 
-def _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg, tma_ok: bool) -> dict:
+def _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg, tma_ok: bool,
+                softcap: float | None = None) -> dict:
     return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                USE_TMA=int(tma_ok and uses_tma(cfg, page_size)))
+                USE_TMA=int(tma_ok and uses_tma(cfg, page_size)), SOFTCAP=check_softcap(softcap))
 
 
 def launch_options(cfg: dict) -> dict:
@@ -215,12 +231,14 @@ def launch_options(cfg: dict) -> dict:
 def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx: int,
                     mask="CAUSAL", window: int = 0, scale: float | None = None,
                     max_seq_len: int | None = None, block_m: int | None = None,
-                    block_n: int | None = None, config: dict | None = None):
+                    block_n: int | None = None, config: dict | None = None,
+                    softcap: float | None = None):
     """Ragged attention on torch tensors; q [T, NH, D] -> [T, NH*D].
 
     `config` is one of `CANDIDATES` (default: `default_config`); block_m / block_n override its
-    tiles. A TMA config sets `triton.set_allocator` on the GPU (the descriptor is made on the
-    device in Triton's global scratch).
+    tiles. `softcap` caps the scaled scores to softcap * tanh(s / softcap) (Gemma 2). A TMA
+    config sets `triton.set_allocator` on the GPU (the descriptor is made on the device in
+    Triton's global scratch).
     """
     import torch
 
@@ -247,7 +265,7 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
         blocks, out, lookup_table.shape[1], layer_idx, num_layers, blocks.shape[0],
         max(window, 1), scale,
-        **_constexprs(NH, NKV, D, page_size, m, cfg, tma_ok), **launch_options(cfg))
+        **_constexprs(NH, NKV, D, page_size, m, cfg, tma_ok, softcap), **launch_options(cfg))
     return out
 
 
@@ -256,9 +274,11 @@ SIGNATURE_PARAMS = ("q_ptr", "offs_ptr", "cache_len_ptr", "lut_ptr", "blocks_ptr
 
 
 def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
-              dtype: str = "bfloat16", mask="CAUSAL", config: dict | None = None
-              ) -> list[KernelSpec]:
-    """One specialization per (model shape, mask, config); window and scale stay runtime values.
+              dtype: str = "bfloat16", mask="CAUSAL", config: dict | None = None,
+              softcap: float | None = None) -> list[KernelSpec]:
+    """One specialization per (model shape, mask, config, softcap); window and scale stay
+    runtime values. A softcap kernel takes the config of its uncapped twin (the tuner's facts do
+    not name the cap) and carries "_softcap" in its name, the cap itself in its constexprs.
 
     Example:
         >>> (s,) = aot_specs(32, 8, 128, 128, mask="CAUSAL")
@@ -275,13 +295,14 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     # any cache under 256 GiB, smaller rows fall back to pointer tiles.
     row_bytes = n_kv_heads * head_dim * DTYPE_BYTES[t]
     cx = _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg,
-                     row_bytes >= TMA_MIN_ROW_BYTES)
+                     row_bytes >= TMA_MIN_ROW_BYTES, softcap)
     sig.update({n: "constexpr" for n in cx})
     # The built-in default keeps the plain name; other configs carry their tag.
     tag = "" if config_tag(cfg) == config_tag(base) else \
         "_" + config_tag(dict(cfg, USE_TMA=cx["USE_TMA"]))
+    cap = "_softcap" if cx["SOFTCAP"] else ""
     return [KernelSpec(
-        name=f"flash_attention_{t}_mask{mask_id(mask)}{tag}", fn=flash_prefill_kernel,
+        name=f"flash_attention_{t}_mask{mask_id(mask)}{tag}{cap}", fn=flash_prefill_kernel,
         signature=sig, constexprs=cx, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         grid=grid_rule(cfg["BLOCK_M"], n_heads), grid_args=("batch", "max_seq_len"),
         divisible_by_16=("q_ptr", "blocks_ptr", "out_ptr"),

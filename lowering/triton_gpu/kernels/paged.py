@@ -51,6 +51,16 @@ def check_attention_args(who: str, q, blocks, mask, window: int) -> tuple[int, i
     return num_layers, page_size, NKV, m
 
 
+def check_softcap(softcap) -> float:
+    """The SOFTCAP constexpr of a softcap attribute: 0.0 for None (no cap), else a float > 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or \
+            not softcap > 0:
+        raise ValueError(f"attention: softcap must be None or a float > 0, got {softcap!r}")
+    return float(softcap)
+
+
 @triton.jit
 def find_sequence(offs_ptr, t, batch):
     """Largest b in [0, batch) with offs[b] <= t, elementwise over the token ids t."""
@@ -115,6 +125,26 @@ def key_range(q_lo, q_hi, kv_len, window, MASK: tl.constexpr):
         end = tl.minimum(kv_len, q_hi + 1)
         start = (q_lo // window) * window
     return start, end
+
+
+@triton.jit
+def capped_scores_log2(s, scale, SOFTCAP: tl.constexpr):
+    """Raw scores s = q . k (fp32) -> SOFTCAP * tanh(s * scale / SOFTCAP) * log2(e): Gemma 2's
+    logit soft-cap, in the log2 units of the exp2 softmax.
+
+    The cap applies to the natural-scale scores s * scale, so log2(e) cannot be folded into the
+    scale as the uncapped path does (tanh is not linear): it multiplies the capped value. Triton
+    3.6 has no tl.tanh, and libdevice does not run in the interpreter, so tanh(x) = 2 / (1 +
+    e^(-2x)) - 1 with e^(-2x) = exp2(-2 log2(e) x): for x -> -inf the exp2 goes to +inf and
+    the quotient to 0 (tanh -> -1), for x -> +inf to 0 (tanh -> 1), never inf / inf. Near x = 0
+    the absolute error stays ~1e-7 (what a softmax feels). This form (no |x|, no sign select;
+    Triton divides fp32 with div.full.f32) keeps the capped 128-register prefill to a few
+    spilled scalars; the sign-restored (1 - t) / (1 + t), t = e^(-2|x|), spilled 14 registers
+    per edge block (sm_90 offline compile).
+    """
+    e = tl.exp2(s * (scale * (-2.0 * 1.4426950408889634 / SOFTCAP)))
+    r = 1.0 / (1.0 + e)
+    return r * (2.0 * SOFTCAP * 1.4426950408889634) - SOFTCAP * 1.4426950408889634
 
 
 @triton.jit

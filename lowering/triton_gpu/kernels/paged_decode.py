@@ -27,6 +27,10 @@ With num_parts == 1 the program normalizes and writes the output itself (no redu
 partials (unnormalized accumulator, running max in log2 units and sum) go to fp32 scratch
 `o_part [T*NH, num_parts, D]`, `ml_part [T*NH, num_parts, 2]` and the reduce kernel rescales and
 sums them; empty partitions write (0, -1e30, 0), so the reduce needs no lengths.
+
+SOFTCAP > 0 (a constexpr; 0.0 compiles to the uncapped kernel) caps the scaled scores to
+SOFTCAP * tanh(s / SOFTCAP) before the mask (Gemma 2; paged.capped_scores_log2); the reduce
+only merges partials and is shared.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels import paged_decode_config as cfg
-from graphir.lowering.triton_gpu.kernels.paged import (check_attention_args, key_range,
-                                                       mask_allows, mask_id)
+from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check_attention_args,
+                                                       check_softcap, key_range, mask_allows,
+                                                       mask_id)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
 BLOCK_P = 16
@@ -47,7 +52,7 @@ def attend_blocks(q, qp, hl, b, kvh0, start, end, lut_ptr, blocks_ptr, max_pages
                   num_layers, num_pages, window, scale, NKV: tl.constexpr, D: tl.constexpr,
                   PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PAGED_TILES: tl.constexpr,
-                  TMA: tl.constexpr):
+                  TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online softmax of the query tile q [BLOCK_M, D] (row r: position qp[r], local KV head
     hl[r]) over keys start..end-1 of KV heads kvh0..kvh0+HEADS-1 of sequence b.
 
@@ -55,7 +60,8 @@ def attend_blocks(q, qp, hl, b, kvh0, start, end, lut_ptr, blocks_ptr, max_pages
     kvh0 + c % HEADS, so each key's HEADS head slices (adjacent in the cache row) are read
     together; scores of a query row against another head's keys are masked out. With page tiles
     (PAGE_SIZE % BLOCK_N == 0) blocks start at multiples of BLOCK_N, lie in one page (one
-    lookup) and are dense; otherwise every row looks its page up.
+    lookup) and are dense; otherwise every row looks its page up. SOFTCAP > 0 caps the scaled
+    scores to SOFTCAP * tanh(s / SOFTCAP) (Gemma 2) before the mask.
 
     Returns (acc, m, l) in fp32: the unnormalized output [BLOCK_M, D], the running max in log2
     units and the running sum, so callers can normalize now or merge partitions later.
@@ -106,7 +112,11 @@ def attend_blocks(q, qp, hl, b, kvh0, start, end, lut_ptr, blocks_ptr, max_pages
                     * layer_stride + (kp % PAGE_SIZE) * (NKV * D) + (kvh0 + hk) * D)
             offs = offs[:, None] + d[None, :]
             k = tl.load(blocks_ptr + offs, mask=kmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if SOFTCAP > 0:
+            # On the natural scale, in fp32, then in log2 units (see capped_scores_log2).
+            s = capped_scores_log2(tl.dot(q, tl.trans(k)), scale, SOFTCAP)
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
         ok = mask_allows(qp, kp, window, MASK) & kmask[None, :]
         if HEADS > 1:
             ok = ok & (hk[None, :] == hl[:, None])
@@ -133,7 +143,7 @@ def paged_decode_kernel(
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         MASK: tl.constexpr, Q_PER_SEQ: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PAGED_TILES: tl.constexpr,
-        TMA: tl.constexpr, ORDER: tl.constexpr):
+        TMA: tl.constexpr, ORDER: tl.constexpr, SOFTCAP: tl.constexpr):
     pid = tl.program_id(0)
     NKVG: tl.constexpr = NKV // HEADS
     if ORDER == 0:
@@ -167,7 +177,7 @@ def paged_decode_kernel(
     acc, m_i, l_i = attend_blocks(q, qp, hl, b, kvg * HEADS, p_start, p_end, lut_ptr,
                                   blocks_ptr, max_pages, layer_idx, num_layers, num_pages,
                                   window, scale, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                                  HEADS, PAGED_TILES, TMA)
+                                  HEADS, PAGED_TILES, TMA, SOFTCAP)
     if num_parts == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + head_row[:, None] * D + d[None, :],
@@ -207,7 +217,7 @@ def paged_decode_reduce_kernel(o_part_ptr, ml_part_ptr, out_ptr, num_parts, D: t
 def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx: int,
                  mask="CAUSAL", window: int = 0, scale: float | None = None,
                  max_kv_len: int | None = None, q_per_seq: int = 1, config: dict | None = None,
-                 num_parts: int | None = None):
+                 num_parts: int | None = None, softcap: float | None = None):
     """Decode attention on torch tensors; q [T, NH, D] with <= q_per_seq rows per sequence.
 
     Args:
@@ -223,6 +233,7 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
         q_per_seq: the most new tokens of any sequence the kernel is built for.
         config: a kernel config (paged_decode_config.CANDIDATES entry; default_config when None).
         num_parts: force this many partitions instead of the split rule.
+        softcap: cap the scaled scores to softcap * tanh(s / softcap) (Gemma 2); None: no cap.
 
     Returns:
         The attention output [T, NH * D] in q's dtype.
@@ -270,6 +281,7 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
         blocks, out, o_part, ml_part, lookup_table.shape[1], layer_idx, num_layers,
         blocks.shape[0], max(window, 1), float(D ** -0.5 if scale is None else scale), part,
         nparts, **cfg.constexprs(conf, NH, NKV, D, page_size, m, q_per_seq),
+        SOFTCAP=check_softcap(softcap),
         num_warps=conf["num_warps"], num_stages=conf["num_stages"])
     if nparts > 1:
         paged_decode_reduce_kernel[(T * NH,)](o_part, ml_part, out, nparts, D=D,
@@ -279,8 +291,10 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
 
 def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
               dtype: str = "bfloat16", mask="CAUSAL", q_per_seq: int = 1,
-              config: dict | None = None) -> list[KernelSpec]:
+              config: dict | None = None, softcap: float | None = None) -> list[KernelSpec]:
     """The decode kernel (for q_per_seq new tokens per sequence at most) and the reduce.
+    With `softcap` the decode kernel caps its scores ("_softcap" in its name, SOFTCAP among its
+    constexprs) and keeps the config of its uncapped twin; the reduce is shared.
 
     Launch: (num_parts, part_size) = paged_decode_config.split(batch, n_kv_heads, max_kv_len,
     config); decode grid batch * (n_kv_heads / HEADS) * num_parts; when num_parts > 1 the reduce
@@ -295,7 +309,8 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
            "ml_part_ptr": "*fp32", "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32",
            "num_pages": "i32", "window": "i32", "scale": "fp32", "part_size": "i32",
            "num_parts": "i32"}
-    consts = cfg.constexprs(conf, n_heads, n_kv_heads, head_dim, page_size, m, q_per_seq)
+    consts = dict(cfg.constexprs(conf, n_heads, n_kv_heads, head_dim, page_size, m, q_per_seq),
+                  SOFTCAP=check_softcap(softcap))
     sig.update({n: "constexpr" for n in consts})
     # Named by the query tile and the heads per program: kernels for one token and for a few
     # that share its tile height are the same name (the spec key tells them apart).
@@ -303,7 +318,8 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     qs = (f"_q{q_per_seq}" if tall else "") + (f"_h{conf['HEADS']}" if conf["HEADS"] > 1 else "")
     units = n_kv_heads // conf["HEADS"]
     main = KernelSpec(
-        name=f"paged_decode_partial_{t}_mask{m}{qs}", fn=paged_decode_kernel, signature=sig,
+        name=f"paged_decode_partial_{t}_mask{m}{qs}{'_softcap' if softcap else ''}",
+        fn=paged_decode_kernel, signature=sig,
         constexprs=consts, num_warps=conf["num_warps"], num_stages=conf["num_stages"],
         grid=lambda batch, max_kv_len: (
             batch * units * cfg.split(batch, n_kv_heads, max_kv_len, conf)[0], 1, 1),

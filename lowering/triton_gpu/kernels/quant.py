@@ -14,6 +14,9 @@ tiles, too few to keep 132 SMs streaming.
 float32 X multiplies in full precision (input_precision "ieee"); float16 / bfloat16 X multiply
 the weight rounded to that type, accumulating in fp32.
 
+Decode batches (M <= quant_gemv.GEMV_MAX_M["gguf"] while quant_gemv.GEMV_ENABLED) go to
+quant_gemv.gguf_gemv_kernel instead: fp32 FMAs, no padded dot tile; config_for picks.
+
 `gguf_dequant_kernel` writes the float32 `[N, K]` weight (op `dequantize`).
 """
 
@@ -23,6 +26,8 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.matmul_skinny import splitk_reduce_kernel
+from graphir.lowering.triton_gpu.kernels.quant_gemv import (GEMV_BUCKETS, gemv_bucket,
+                                                            gguf_gemv_kernel)
 from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS, deq_planes, fmt, groups_per_row
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
@@ -86,12 +91,51 @@ def gguf_dequant_kernel(w_ptr, out_ptr, N, row_bytes, n_groups, ENC: tl.constexp
 
 
 # -- configs and launch rules ---------------------------------------------------------------------
-def config_for(m_max: int | None, encoding: str, n: int, k: int,
-               dtype: str = "bfloat16") -> dict:
-    """The config of the row bucket whose largest M is m_max (None: the unbounded bucket):
-    tile sizes, groups per step and the split of the K groups (float32 X: half the step)."""
+# GEMV tiles by values per group E: (BLOCK_N, K values per weight row and step, warps). From
+# the H200 sweep's alternatives at M = 1 on 14336x4096 (tools/gpu_sweeps/quant.py "gemv-" rows):
+# 32-value blocks ran best as 16 rows x 256 values on 2 warps (Q4_0 29.5 us against 37.6 us
+# for 32 x 256 on 4), K-quant super-blocks as 32 rows x 128 values on 4 (Q4_K 43.8 against
+# 66.0, Q6_K 42.5 against 49.2): fewer registers, more programs per SM.
+GEMV_TILES = {32: (16, 256, 2), 64: (32, 128, 4)}
+GEMV_TILE = (32, 256, 4)    # unquantized rows
+# At most this many values per plane, weight row and step, divided among X's rows (each row
+# has an accumulator of the tile's shape; no spills offline, test_quant_aot.py).
+GEMV_LANES = 64
+
+
+def bucket_tops() -> list[int | None]:
+    """Largest M of each row bucket a dynamic M is planned for, smallest first."""
+    return [top for top, _ in GEMV_BUCKETS if gemv_bucket(top)] + [c[0] for c in CONFIGS]
+
+
+def _gemv_config(bm: int, encoding: str, n: int, k: int) -> dict:
     f = fmt(encoding)
     groups = groups_per_row(encoding, k)
+    bn, values, warps = GEMV_TILES.get(f.E, GEMV_TILE)
+    values = min(values, MAX_STEP.get(encoding, values))
+    ng = max(1, min(values // f.E, GEMV_LANES // f.L) // bm)
+    while ng > 1 and groups % ng:      # whole steps: the tail mask never fires on usual shapes
+        ng //= 2
+    steps = cdiv(groups, ng)
+    split = max(1, min(cdiv(TARGET_PROGRAMS, cdiv(n, bn)), steps, 16))
+    per = cdiv(steps, split) * ng
+    return dict(GEMV=True, BLOCK_M=bm, BLOCK_N=bn, NG=ng, SPLIT_K=cdiv(groups, per),
+                groups_per_split=per, num_warps=warps, num_stages=2)
+
+
+def config_for(m_max: int | None, encoding: str, n: int, k: int,
+               dtype: str = "bfloat16", gemv: bool | None = None) -> dict:
+    """The config of the row bucket whose largest M is m_max (None: the unbounded bucket):
+    tile sizes, groups per step and the split of the K groups (float32 X: half the step).
+    Decode buckets take the GEMV kernel (`GEMV` in the config) when quant_gemv's switch says
+    so; `gemv` True / False forces the choice (sweeps time both)."""
+    f = fmt(encoding)
+    groups = groups_per_row(encoding, k)
+    bm = gemv_bucket(m_max, gemv)
+    if gemv and bm is None:
+        raise ValueError(f"no GEMV bucket for M <= {m_max}")
+    if bm is not None:
+        return _gemv_config(bm, encoding, n, k)
     for top, bm, bn, kv, warps, stages in CONFIGS:
         if top is None or (m_max is not None and m_max <= top):
             break
@@ -110,9 +154,11 @@ def config_for(m_max: int | None, encoding: str, n: int, k: int,
 
 def constexprs(encoding: str, conf: dict, dtype: str) -> dict:
     f = fmt(encoding)
-    return dict(ENC=f.id, E=f.E, L=f.L, P=f.P, BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"],
-                NG=conf["NG"], SPLIT_K=conf["SPLIT_K"],
-                PRECISION="tf32x3" if dtype == "float32" else "tf32")
+    c = dict(ENC=f.id, E=f.E, L=f.L, P=f.P, BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"],
+             NG=conf["NG"], SPLIT_K=conf["SPLIT_K"])
+    if not conf.get("GEMV"):
+        c["PRECISION"] = "tf32x3" if dtype == "float32" else "tf32"
+    return c
 
 
 def matmul_specs(encoding: str, dtype: str, conf: dict,
@@ -127,9 +173,12 @@ def matmul_specs(encoding: str, dtype: str, conf: dict,
     consts = constexprs(encoding, conf, dtype)
     sig.update({k: "constexpr" for k in consts})
     bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
+    gemv = bool(conf.get("GEMV"))
     main = KernelSpec(
-        name=f"gguf_{encoding.lower()}_matmul_{t}_m{bm}n{bn}" + (f"s{split}" if split > 1 else ""),
-        fn=gguf_matmul_kernel, signature=sig, constexprs=consts, num_warps=conf["num_warps"],
+        name=f"gguf_{encoding.lower()}_{'gemv' if gemv else 'matmul'}_{t}_m{bm}n{bn}"
+        + (f"g{conf['NG']}" if gemv else "") + (f"s{split}" if split > 1 else ""),
+        fn=gguf_gemv_kernel if gemv else gguf_matmul_kernel, signature=sig, constexprs=consts,
+        num_warps=conf["num_warps"],
         num_stages=conf["num_stages"],
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
         divisible_by_16=("x_ptr", "w_ptr", "c_ptr")
@@ -204,5 +253,5 @@ def launch_dequantize(w, encoding: str, k: int):
     return out
 
 
-__all__ = ["FORMATS", "CONFIGS", "config_for", "matmul_specs", "dequant_spec", "launch_matmul",
-           "launch_dequantize"]
+__all__ = ["FORMATS", "CONFIGS", "bucket_tops", "config_for", "matmul_specs", "dequant_spec",
+           "launch_matmul", "launch_dequantize"]

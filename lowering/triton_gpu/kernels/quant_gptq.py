@@ -24,6 +24,8 @@ import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.matmul_skinny import splitk_reduce_kernel
 from graphir.lowering.triton_gpu.kernels.quant import REDUCE_BLOCK, TARGET_PROGRAMS
+from graphir.lowering.triton_gpu.kernels.quant_gemv import (GEMV_BUCKETS, gemv_bucket,
+                                                            gptq_gemv_kernel)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
 # Row buckets of X: (largest M, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
@@ -101,11 +103,42 @@ def check_shape(k: int, n: int, group_size: int, bits: int) -> int:
     return g
 
 
-def config_for(m_max: int | None, n: int, k: int, bits: int = 4,
-               dtype: str = "bfloat16") -> dict:
-    """Tiles and K split for the row bucket whose largest M is m_max (None: unbounded);
-    float32 X takes half the K step."""
+GEMV_BLOCK_N = 64
+GEMV_WORDS = 16         # packed words per column and step, divided among X's rows (registers)
+
+
+def _family(has_perm: bool) -> str:
+    return "gptq_perm" if has_perm else "gptq"
+
+
+def bucket_tops(has_perm: bool = False) -> list[int | None]:
+    """Largest M of each row bucket a dynamic M is planned for, smallest first."""
+    return [top for top, _ in GEMV_BUCKETS if gemv_bucket(top, family=_family(has_perm))] \
+        + [c[0] for c in CONFIGS]
+
+
+def _gemv_config(bm: int, n: int, k: int, bits: int) -> dict:
     p = 32 // bits
+    bk = max(GEMV_WORDS // bm, 4) * p
+    steps = cdiv(k, bk)
+    split = max(1, min(cdiv(TARGET_PROGRAMS, cdiv(n, GEMV_BLOCK_N)), steps, 16))
+    per = cdiv(steps, split)
+    return dict(GEMV=True, BLOCK_M=bm, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=bk,
+                SPLIT_K=cdiv(steps, per), tiles_per_split=per, num_warps=4, num_stages=3)
+
+
+def config_for(m_max: int | None, n: int, k: int, bits: int = 4,
+               dtype: str = "bfloat16", gemv: bool | None = None,
+               has_perm: bool = False) -> dict:
+    """Tiles and K split for the row bucket whose largest M is m_max (None: unbounded);
+    float32 X takes half the K step. Decode buckets take quant_gemv.gptq_gemv_kernel when its
+    switch says so; `gemv` True / False forces the choice (sweeps time both)."""
+    p = 32 // bits
+    bm = gemv_bucket(m_max, gemv, _family(has_perm))
+    if gemv and bm is None:
+        raise ValueError(f"no GEMV bucket for M <= {m_max}")
+    if bm is not None:
+        return _gemv_config(bm, n, k, bits)
     for top, bm, bn, bk, warps, stages in CONFIGS:
         if top is None or (m_max is not None and m_max <= top):
             break
@@ -130,16 +163,20 @@ def matmul_specs(dtype: str, conf: dict, *, bits: int = 4, has_zeros: bool = Fal
     sig = {"x_ptr": f"*{t}", "w_ptr": "*u8", "z_ptr": "*i32", "perm_ptr": "*i32",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "group_size": "i32", "tiles_per_split": "i32"}
+    gemv = bool(conf.get("GEMV"))
     consts = dict(BITS=bits, HAS_ZEROS=has_zeros, ZERO_PLUS_ONE=zero_plus_one and has_zeros,
                   HAS_PERM=has_perm, BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"],
-                  BLOCK_K=conf["BLOCK_K"], SPLIT_K=split,
-                  PRECISION="tf32x3" if dtype == "float32" else "tf32")
+                  BLOCK_K=conf["BLOCK_K"], SPLIT_K=split)
+    if not gemv:
+        consts["PRECISION"] = "tf32x3" if dtype == "float32" else "tf32"
     sig.update({k: "constexpr" for k in consts})
     bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
     tag = f"{bits}b" + ("_z" if has_zeros else "") + ("_perm" if has_perm else "")
     main = KernelSpec(
-        name=f"gptq_{tag}_matmul_{t}_m{bm}n{bn}" + (f"s{split}" if split > 1 else ""),
-        fn=gptq_matmul_kernel, signature=sig, constexprs=consts, num_warps=conf["num_warps"],
+        name=f"gptq_{tag}_{'gemv' if gemv else 'matmul'}_{t}_m{bm}n{bn}"
+        + (f"k{conf['BLOCK_K']}" if gemv else "") + (f"s{split}" if split > 1 else ""),
+        fn=gptq_gemv_kernel if gemv else gptq_matmul_kernel, signature=sig, constexprs=consts,
+        num_warps=conf["num_warps"],
         num_stages=conf["num_stages"],
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
         divisible_by_16=("x_ptr", "w_ptr", "c_ptr")
@@ -169,7 +206,7 @@ def launch_matmul(x, weight, group_size: int, *, bits: int = 4, qzeros=None, per
     N = weight.shape[1]
     gs = check_shape(K, N, group_size, bits)
     dt = _TORCH_NAMES[str(x.dtype)]
-    conf = conf or config_for(M, N, K, bits, dt)
+    conf = conf or config_for(M, N, K, bits, dt, has_perm=perm is not None)
     specs = matmul_specs(dt, conf, bits=bits,
                          has_zeros=qzeros is not None,
                          zero_plus_one=checkpoint_format == "gptq", has_perm=perm is not None,

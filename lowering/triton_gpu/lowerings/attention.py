@@ -1,6 +1,8 @@
 """CUDA lowering of flash_attention_ragged: the split-K paged decode kernels when every sequence
 has at most a few new tokens (decode, speculative decode), the ragged flash kernel otherwise
-(decided per call from the offsets).
+(decided per call from the offsets). A softcap (Gemma 2's logit soft-capping) is a constexpr of
+both kernels: each capped kernel runs the config the tuner chose for its uncapped twin (the
+tuner's facts leave the cap out; the cap costs a few fp32 ops per score, the tiles stay the same).
 """
 from __future__ import annotations
 
@@ -40,15 +42,13 @@ class AttentionCall:
     tail: list      # max_pages, layer, num_layers, window, scale
     out: object
     num_pages: str = "1"  # expression: pages in the cache (the decode kernel's TMA bound)
+    softcap: float | None = None  # Gemma 2's logit cap of the scaled scores, None: off
 
 
 @register_lowering("flash_attention_ragged", "cuda")
 def _flash_attention(sb: StepBuilder, node) -> None:
     q, blocks, offs, clen, lut = node.operands[:5]
     a = node.attrs
-    if a.get("softcap") is not None:
-        raise NotImplementedError("gir.flash_attention_ragged: softcap (attention logit "
-                                  "soft-capping) is not supported on cuda yet")
     nh, nkv, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
     pow2_head_dim(d, node.op, 16)
     page, _, _ = cache_dims(blocks, node.op)
@@ -65,7 +65,7 @@ def _flash_attention(sb: StepBuilder, node) -> None:
         common=[sb.ptr(q), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut), sb.ptr(blocks)],
         tail=[e(lut.type.shape[1]), a["layer"], e(blocks.type.shape[2]), window,
               float(a["scale"])],
-        out=node.results[0], num_pages=e(blocks.type.shape[0]))
+        out=node.results[0], num_pages=e(blocks.type.shape[0]), softcap=a.get("softcap"))
     lower_decode(sb, call)  # its variants come first: few new tokens per sequence
     lower_prefill(sb, call)  # its own variants, the last one unconditional
 
@@ -91,7 +91,7 @@ def lower_decode(sb: StepBuilder, c: AttentionCall) -> None:
         for cond, ch in pdt.plan_variants(choices, units, "kv_len"):
             conf = ch.config
             main, reduce = pd.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask, q_per_seq=q,
-                                        config=conf)
+                                        config=conf, softcap=c.softcap)
             key = pdc.split_key(conf)
             if key not in split_of:
                 # paged_decode_config.split(batch, nkv, kv_len, conf), written as data.
@@ -129,7 +129,8 @@ def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None)
         variants = [(cond, ch.config)
                     for cond, ch in fat.plan_variants(choices, c.batch, c.seqmax)]
     for cond, conf in variants:
-        (spec,) = fa.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask, config=conf)
+        (spec,) = fa.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask, config=conf,
+                               softcap=c.softcap)
         kf = sb.kernel(spec)
         bm = spec.constexprs["BLOCK_M"]
         with sb.when(cond):

@@ -2,7 +2,8 @@
 kernels of kernels/quant.py and kernels/quant_gptq.py.
 
 One plan variant per bucket of X's row count M (a static M takes its bucket only); each
-launches the matmul for that bucket's tile config and, when the config splits K, the fp32
+launches the matmul (or, for decode buckets, the GEMV of kernels/quant_gemv.py: config_for
+picks) for that bucket's tile config and, when the config splits K, the fp32
 partials' reduce with its scratch. X may have any rank: its leading dims are the rows.
 """
 from __future__ import annotations
@@ -20,11 +21,10 @@ from .common import MM_DTYPES
 NOMINAL_N = 4096  # tile choice for a weight whose row count is symbolic
 
 
-def _buckets(configs, M: Dim) -> list[tuple[str | None, int | None]]:
+def _buckets(tops: list[int | None], M: Dim) -> list[tuple[str | None, int | None]]:
     """(when, largest M) per row bucket; a static M gets its own bucket alone."""
     if M.is_static:
         return [(None, int(M))]
-    tops = [c[0] for c in configs]
     return [(None if top is None else f"{e(M)} <= {top}", top) for top in tops]
 
 
@@ -58,7 +58,7 @@ def _gguf(sb: StepBuilder, node, x, w, enc: str, dt: str) -> None:
     n_nominal = int(Nd) if Nd.is_static else NOMINAL_N
     row_bytes = int(w.type.shape[1])
     M, N = e(Mdim), e(Nd)
-    for cond, top in _buckets(qk.CONFIGS, Mdim):
+    for cond, top in _buckets(qk.bucket_tops(), Mdim):
         conf = qk.config_for(top, enc, n_nominal, K, dt)
         with sb.when(cond):
             _launch(sb, qk.matmul_specs(enc, dt, conf, row_bytes), conf, M, N,
@@ -79,8 +79,8 @@ def _gptq(sb: StepBuilder, node, x, w, dt: str) -> None:
     Mdim = numel(x.type.shape[:-1])
     M = e(Mdim)
     null = ["n"]
-    for cond, top in _buckets(gk.CONFIGS, Mdim):
-        conf = gk.config_for(top, N, K, bits, dt)
+    for cond, top in _buckets(gk.bucket_tops(perm is not None), Mdim):
+        conf = gk.config_for(top, N, K, bits, dt, has_perm=perm is not None)
         specs = gk.matmul_specs(dt, conf, bits=bits, has_zeros=qzeros is not None,
                                 zero_plus_one=a["checkpoint_format"] == "gptq",
                                 has_perm=perm is not None, n=N)

@@ -1,6 +1,7 @@
 """The quantized matmul kernels compile offline (no GPU) to sm_90 cubins: every GGUF encoding's
-decoder, every row bucket's tile config, GPTQ 4- and 8-bit with zeros and desc_act; each fits
-Hopper's shared memory and spills nothing; GPTQ's packed words stream through cp.async."""
+decoder, every row bucket's tile config (the decode GEMV buckets and the dot buckets), GPTQ 4-
+and 8-bit with zeros and desc_act; each fits Hopper's shared memory and spills nothing; GPTQ's
+packed words stream through cp.async; the GEMV kernels use no tensor cores."""
 
 import pytest
 
@@ -35,7 +36,13 @@ jobs = []
 for enc in FORMATS:
     k = 4096
     rb = k // FORMATS[enc].block_elems * FORMATS[enc].block_bytes
-    jobs.append((f"{enc}/m1", qk.matmul_specs(enc, "bfloat16", qk.config_for(1, enc, 4096, k), rb)))
+    for m in (1, 16):
+        jobs.append((f"{enc}/m{m}", qk.matmul_specs(enc, "bfloat16", qk.config_for(m, enc, 4096, k,
+                                                                                 gemv=m == 1), rb)))
+    if enc in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K"):
+        for m in (2, 4):
+            jobs.append((f"{enc}/m{m}", qk.matmul_specs(
+                enc, "bfloat16", qk.config_for(m, enc, 14336, k, gemv=True), rb)))
 for enc in ("Q4_K", "Q6_K", "Q3_K"):
     for m in (64, None):
         jobs.append((f"{enc}/m{m}", qk.matmul_specs(enc, "bfloat16", qk.config_for(m, enc, 4096, 4096),
@@ -43,13 +50,17 @@ for enc in ("Q4_K", "Q6_K", "Q3_K"):
 for m in (1, None):
     jobs.append((f"Q8_0/fp32/m{m}", qk.matmul_specs("Q8_0", "float32",
                                                     qk.config_for(m, "Q8_0", 4096, 4096, "float32"))))
-jobs.append(("gptq/fp32", gk.matmul_specs("float32", gk.config_for(1, 4096, 4096, 4, "float32"),
-                                         has_zeros=True)))
+jobs.append(("gptq/fp32", gk.matmul_specs(
+    "float32", gk.config_for(1, 4096, 4096, 4, "float32", gemv=False), has_zeros=True)))
 jobs.append(("Q4_0/fp16", qk.matmul_specs("Q4_0", "float16", qk.config_for(64, "Q4_0", 4096, 4096))))
+jobs.append(("Q4_K/fp16/m1", qk.matmul_specs("Q4_K", "float16", qk.config_for(1, "Q4_K", 4096, 4096),
+                                             2304)))
 jobs.append(("dequant", [qk.dequant_spec("Q4_K"), qk.dequant_spec("Q5_0")]))
-for m in (1, 64, None):
+jobs.append(("gptq/fp32/gemv", gk.matmul_specs("float32", gk.config_for(
+    4, 4096, 4096, 4, "float32", gemv=True), has_zeros=True, has_perm=True, n=4096)))
+for m in (1, 2, 4, 16, 64, None):
     for bits, z, perm in ((4, False, False), (4, True, True), (8, True, True)):
-        conf = gk.config_for(m, 4096, 4096, bits)
+        conf = gk.config_for(m, 4096, 4096, bits, gemv=m is not None and m <= 4)
         jobs.append((f"gptq{bits}{'z' if z else ''}{'p' if perm else ''}/m{m}",
                      gk.matmul_specs("bfloat16", conf, bits=bits, has_zeros=z, has_perm=perm,
                                      n=4096)))
@@ -57,7 +68,7 @@ out = {}
 for label, specs in jobs:
     for s in specs:
         c = aot.compile_spec(s)
-        out[f"{label}/{s.name}"] = dict(shared=c.shared, magic=c.cubin[:4].hex(),
+        out[f"{label}/{s.name}"] = dict(shared=c.shared, name=s.name, magic=c.cubin[:4].hex(),
                                          res=resources(c.cubin), cp_async=c.ptx.count("cp.async"),
                                          wgmma=c.ptx.count("wgmma.mma_async"),
                                          mma=c.ptx.count("mma.sync"))
@@ -73,7 +84,7 @@ def compiled(tmp_path_factory):
 def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
     from graphir.lowering.triton_gpu.aot import MAX_SHARED_SM90
 
-    assert len(compiled) >= 40
+    assert len(compiled) >= 80
     for name, c in compiled.items():
         assert c["magic"] == "7f454c46", name          # an ELF cubin
         assert c["shared"] <= MAX_SHARED_SM90, (name, c["shared"])
@@ -86,5 +97,7 @@ def test_tensor_cores_and_async_copies(compiled):
     for name, c in compiled.items():
         if "matmul" in name:
             assert c["wgmma"] + c["mma"] > 0, name   # the decoded tile goes to the tensor cores
+        if "gemv" in name:
+            assert c["wgmma"] + c["mma"] == 0, name  # decode batches: fp32 FMAs
         if name.startswith("gptq") and "matmul" in name:
             assert c["cp_async"] > 0, name           # dense packed words: pipelined copies
