@@ -43,6 +43,10 @@ from graphir.lowering.triton_gpu.kernels import mla_decode as md  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.lowering.triton_gpu.lowerings.base import spec_key  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _kernels  # noqa: E402
+from _kernels import rel_err  # noqa: E402
+
 T0 = time.time()
 LIMIT_S = 110
 DEV = "cpu" if DRY else "cuda"
@@ -58,66 +62,6 @@ ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv
 
 def left() -> float:
     return LIMIT_S - (time.time() - T0)
-
-
-# -- kernels: offline cubins through graphir's runtime, or the interpreter ----------------------
-class Launcher:
-    def __init__(self, spec, compiled):
-        self.spec, self.kernel = spec, None
-        if isinstance(compiled, Exception):
-            raise compiled
-        if compiled is not None:
-            from graphir.runtime.cuda.kernel import Kernel
-
-            self.kernel = Kernel.from_cubin(compiled.cubin, compiled.launch_metadata())
-
-    def __call__(self, grid, *args):
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        if grid[0] * grid[1] * grid[2] == 0:
-            return
-        if self.kernel is None:
-            self.spec.fn[grid](*args, **self.spec.constexprs, num_warps=self.spec.num_warps,
-                               num_stages=self.spec.num_stages)
-        else:
-            self.kernel.launch(grid, *args, stream=torch.cuda.current_stream().cuda_stream)
-
-
-def compile_all(specs: dict) -> dict:
-    """{spec_key: Launcher or the Exception that stops it}: compiled in a worker pool."""
-    if DRY:
-        return {k: Launcher(s, None) for k, s in specs.items()}
-    from graphir.lowering.triton_gpu.tuning_gpu import compile_specs
-
-    t = time.time()
-    done = compile_specs(specs, 90)
-    bad = [k for k, v in done.items() if isinstance(v, Exception)]
-    print(f"compiled {len(specs)} kernels in {time.time() - t:.1f} s ({len(bad)} failed)",
-          flush=True)
-    out = {}
-    for k, s in specs.items():
-        try:
-            out[k] = Launcher(s, done[k])
-        except Exception as e:  # noqa: BLE001  (reported with the variant that uses it)
-            out[k] = e
-    return out
-
-
-def timed(fns) -> float:
-    """Device time per call in microseconds (dry run: wall time of one call)."""
-    if DRY:
-        t = time.perf_counter()
-        fns[0]()
-        return (time.perf_counter() - t) * 1e6
-    from graphir.tools.gpu_timing import graph_ms
-
-    return graph_ms(fns, calls=40, batches=5, warmup=1) * 1e3
-
-
-def rel_err(got, want) -> float:
-    g, w = got.double(), want.double()
-    if not torch.isfinite(g).all():
-        return float("inf")
-    return ((g - w).norm() / w.norm().clamp_min(1e-300)).item()
 
 
 # -- problem and reference ------------------------------------------------------------------------
@@ -195,8 +139,8 @@ def run(kernels, B, ctx, nh, name, probs, want, copy_gbs) -> dict:
         if not err < TOL:
             res["error"] = f"rel_err {err:.2e} >= {TOL}"
             return res
-        res["us"] = timed([lambda p=p: call(p) for p in probs])
-        res["attn_us"] = timed([lambda p=p: call(p, True) for p in probs])
+        res["us"] = _kernels.timed([lambda p=p: call(p) for p in probs], DRY)
+        res["attn_us"] = _kernels.timed([lambda p=p: call(p, True) for p in probs], DRY)
         cache = B * ctx * (R + ROPE) * 2
         res["attn_gbs"] = cache / res["attn_us"] / 1e3
         res["gbs"] = cache / res["us"] / 1e3
@@ -246,7 +190,7 @@ def main() -> None:
     for _, _, nh in SHAPES:
         for name in configs(nh):
             specs.update({spec_key(s): s for s in specs_of(nh, name)})
-    kernels = compile_all(specs)
+    kernels = _kernels.compile_all(specs, DRY)
     copy_gbs = 0.0
     if not DRY:
         from graphir.tools.gpu_timing import copy_gbs as measure_copy

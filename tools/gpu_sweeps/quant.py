@@ -1,6 +1,5 @@
-"""Quantized matmul and MLA decode sweep on one GPU: graphir's dequantize-in-the-loop kernels
-against cuBLAS bf16 on the same shapes, and the absorbed MLA decode in bytes of latent cache read
-per second.
+"""Quantized matmul sweep on one GPU: graphir's dequantize-in-the-loop kernels against cuBLAS
+bf16 on the same shapes (the MLA decode has its own sweep: tools/gpu_sweeps/mla.py).
 
 Matmuls: y = x @ W^T for W of 4096x4096 and 14336x4096 (out x in), x of 1 and 16 rows (bf16), W
 in every GGUF encoding the kernels decode (Q4_0 ... Q6_K) and GPTQ (4-bit group 128 symmetric,
@@ -17,18 +16,12 @@ whatever the shipped switch says; "plan" rows are what the lowering launches. A 
 tile configs of Q4_0 / Q4_K / Q6_K / GPTQ at batch 1 on the large weight are timed too ("alt"
 rows, "gemv-..." for the GEMV kernels) to guide the shipped configs.
 
-MLA decode: batch 64 / 128 x context 4096 x 16 / 128 heads, DeepSeek sizes (kv_lora_rank 512,
-rope 64, nope 128, v 128), bf16 latent cache in shuffled 64-token pages; the three launches of
-the plan's absorbed variant (q absorb, split-K attention, merge + w_uv), checked against a
-float32 torch implementation of the absorbed attention, then timed; bandwidth = latent cache
-bytes / time (target >= 80% of copy bandwidth).
-
 Kernels are compiled offline in worker processes (as `--tune` does) and launched through
 graphir.runtime.cuda on torch's stream, captured in CUDA graphs (tools/gpu_timing.graph_ms).
 Writes $OUT/quant.json. Under ~120 s.
     python3 tools/gpu_sweeps/quant.py           (or: bash tools/gpu_sweep.sh quant)
     python3 tools/gpu_sweeps/quant.py --dry-run (CPU, Triton interpreter, tiny shapes)
-    python3 tools/gpu_sweeps/quant.py --only Q4_0,Q4_K --ms 1,2 --no-mla   (a subset)
+    python3 tools/gpu_sweeps/quant.py --only Q4_0,Q4_K --ms 1,2   (a subset)
 """
 from __future__ import annotations
 
@@ -46,13 +39,16 @@ if DRY:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from graphir.lowering.triton_gpu.kernels import mla_decode as md  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import quant as qk  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import quant_gemv as qg  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import quant_gptq as gk  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.lowering.triton_gpu.lowerings.base import spec_key  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _kernels  # noqa: E402
+from _kernels import rel_err  # noqa: E402
 
 T0 = time.time()
 LIMIT_S = 115
@@ -63,24 +59,17 @@ GPTQ = {"GPTQ4": dict(bits=4, group_size=128, sym=True, desc=False),
         "GPTQ8": dict(bits=8, group_size=128, sym=True, desc=False)}
 SHAPES = [(4096, 4096), (14336, 4096)]
 MS = (1, 4, 16)
-MLA = [(64, 4096, 16), (64, 4096, 128), (128, 4096, 16), (128, 4096, 128)]
-PAGE = 64
-NOPE, ROPE, V, R = 128, 64, 128, 512
 ALT = {"Q4_0", "Q4_K", "Q6_K", "GPTQ4", "GPTQ4za"} if DRY else {"Q4_0", "Q4_K", "Q6_K", "GPTQ4"}
 if DRY:
     GGUF = ["Q4_0", "Q4_K", "Q6_K", "Q3_K"]
     GPTQ = {"GPTQ4za": GPTQ["GPTQ4za"]}
     SHAPES = [(40, 512)]
-    MLA = [(2, 70, 4)]
-    NOPE, ROPE, V, R, PAGE = 16, 16, 16, 64, 32
 if "--only" in sys.argv:
     ONLY = sys.argv[sys.argv.index("--only") + 1].split(",")
     GGUF = [g for g in GGUF if g in ONLY]
     GPTQ = {k: v for k, v in GPTQ.items() if k in ONLY}
 if "--ms" in sys.argv:
     MS = tuple(int(m) for m in sys.argv[sys.argv.index("--ms") + 1].split(","))
-if "--no-mla" in sys.argv:
-    MLA = []
 F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
@@ -89,73 +78,12 @@ def left() -> float:
     return LIMIT_S - (time.time() - T0)
 
 
-# -- kernels: offline cubins through graphir's runtime, or the interpreter ----------------------
-class Launcher:
-    def __init__(self, spec, compiled):
-        self.spec, self.kernel = spec, None
-        if isinstance(compiled, Exception):
-            raise compiled
-        if compiled is not None:
-            from graphir.runtime.cuda.kernel import Kernel
-
-            self.kernel = Kernel.from_cubin(compiled.cubin, compiled.launch_metadata())
-
-    def __call__(self, grid, *args):
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        if grid[0] * grid[1] * grid[2] == 0:
-            return
-        if self.kernel is None:
-            self.spec.fn[grid](*args, **self.spec.constexprs, num_warps=self.spec.num_warps,
-                               num_stages=self.spec.num_stages)
-        else:
-            self.kernel.launch(grid, *args, stream=torch.cuda.current_stream().cuda_stream)
-
-
-def compile_all(specs: dict) -> dict:
-    if DRY:
-        return {k: Launcher(s, None) for k, s in specs.items()}
-    from graphir.lowering.triton_gpu.tuning_gpu import compile_specs
-
-    t = time.time()
-    done = compile_specs(specs, 90)
-    bad = [k for k, v in done.items() if isinstance(v, Exception)]
-    print(f"compiled {len(specs)} kernels in {time.time() - t:.1f} s ({len(bad)} failed)",
-          flush=True)
-    out = {}
-    for k, s in specs.items():
-        try:
-            out[k] = Launcher(s, done[k])
-        except Exception as e:  # noqa: BLE001  (reported with the variant that uses it)
-            out[k] = e
-    return out
-
-
-def timed(fns) -> float:
-    """Device time per call in microseconds (dry run: wall time of one call)."""
-    if DRY:
-        t = time.perf_counter()
-        fns[0]()
-        return (time.perf_counter() - t) * 1e6
-    from graphir.tools.gpu_timing import graph_ms
-
-    calls = max(len(fns), 40)
-    calls = -(-calls // len(fns)) * len(fns)
-    return graph_ms(fns, calls=calls, batches=5, warmup=1) * 1e3
-
-
 def copies(nbytes: int) -> int:
     if DRY:
         return 2
     from graphir.tools.gpu_timing import copies_to_beat_l2
 
     return copies_to_beat_l2(nbytes)
-
-
-def rel_err(got, want) -> float:
-    g, w = got.double(), want.double()
-    if not torch.isfinite(g).all():
-        return float("inf")
-    return ((g - w).norm() / w.norm().clamp_min(1e-300)).item()
 
 
 # -- quantized weights ------------------------------------------------------------------------------
@@ -375,7 +303,7 @@ def run_matmuls(kernels, copy_gbs, results, rows):
                 if not err < 2e-2:
                     res["error"] = f"rel_err {err:.2e}"
                 else:
-                    res["us"] = timed(fns)
+                    res["us"] = _kernels.timed(fns, DRY)
                     res["gbs"] = qbytes / res["us"] / 1e3
             except Exception as e:  # noqa: BLE001  (reported, not timed)
                 res["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -391,7 +319,7 @@ def cublas_us(N, K, M) -> float:
     w0 = torch.randn(N, K, device=DEV).to(torch.bfloat16)
     ws = [w0] + [w0.clone() for _ in range(copies(w0.numel() * 2) - 1)]
     x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
-    us = timed([lambda w=w: torch.matmul(x, w.t()) for w in ws])
+    us = _kernels.timed([lambda w=w: torch.matmul(x, w.t()) for w in ws], DRY)
     del ws
     return us
 
@@ -406,98 +334,6 @@ def matmul_row(r, copy_gbs):
                    f"err {r['rel_err']:.1e}"]
 
 
-# -- MLA decode ---------------------------------------------------------------------------------------
-def mla_problem(B, ctx, nh, rng):
-    """One decode step: latent cache in shuffled pages (unused slots NaN), q, weights."""
-    pages_per = cdiv(ctx, PAGE)
-    n_pages = B * pages_per + 1
-    perm = torch.from_numpy(rng.permutation(B * pages_per).astype(np.int32))
-    lut = perm.reshape(B, pages_per).to(DEV)
-    blocks = torch.randn((n_pages, 1, 1, PAGE, 1, R + ROPE), device=DEV).to(torch.bfloat16)
-    if ctx % PAGE:  # slots past each sequence's end: a kernel that reads them fails the check
-        blocks[lut[:, -1].long(), :, :, ctx % PAGE:] = float("nan")
-    clen = torch.full((B,), ctx - 1, dtype=torch.int32, device=DEV)
-    offs = torch.arange(B + 1, dtype=torch.int32, device=DEV)
-    q = (torch.randn((B, nh * (NOPE + ROPE)), device=DEV) * 0.5).to(torch.bfloat16)
-    wuk = (torch.randn((nh, NOPE, R), device=DEV) * R ** -0.5).to(torch.bfloat16)
-    wuv = (torch.randn((nh, R, V), device=DEV) * R ** -0.5).to(torch.bfloat16)
-    return dict(blocks=blocks, lut=lut, clen=clen, offs=offs, q=q, wuk=wuk, wuv=wuv)
-
-
-def mla_reference(p, B, ctx, nh, scale):
-    rows = torch.arange(ctx, device=DEV)
-    page = p["lut"].long()[:, rows // PAGE]                         # [B, ctx]
-    lat = p["blocks"][page, 0, 0, (rows % PAGE)[None, :], 0].float()  # [B, ctx, W]
-    q = p["q"].float().reshape(B, nh, NOPE + ROPE)
-    q_lat = torch.cat([torch.einsum("bhd,hdr->bhr", q[..., :NOPE], p["wuk"].float()),
-                       q[..., NOPE:]], -1)
-    s = torch.einsum("bhw,blw->bhl", q_lat, lat) * scale
-    o = torch.einsum("bhl,blr->bhr", torch.softmax(s, -1), lat[..., :R])
-    return torch.einsum("bhr,hrv->bhv", o, p["wuv"].float()).reshape(B, nh * V)
-
-
-def mla_specs(nh):
-    return md.specs("bfloat16", "bfloat16", nh, NOPE, ROPE, V, R, 1, PAGE)
-
-
-def run_mla(kernels, copy_gbs, results, rows):
-    rng = np.random.default_rng(1)
-    for B, ctx, nh in MLA:
-        if left() < 8:
-            print(f"time budget: skipping MLA B{B} ctx{ctx} h{nh}", flush=True)
-            continue
-        res = dict(name="MLA", B=B, ctx=ctx, heads=nh)
-        try:
-            specs = mla_specs(nh)
-            absorb, attn, merge = (kernels[spec_key(s)] for s in specs)
-            for k in (absorb, attn, merge):
-                if isinstance(k, Exception):
-                    raise k
-            conf = md.tile_config(nh, R)
-            kv_len = cdiv(ctx, 256) * 256     # the plan's bucketed context
-            parts, part = md.split(B, cdiv(nh, conf["BLOCK_M"]), kv_len, conf)
-            rp = specs[1].constexprs["RP"]
-            probs = [mla_problem(B, ctx, nh, rng) for _ in range(1 if DRY else 2)]
-            scale = (NOPE + ROPE) ** -0.5
-            qlat = torch.empty((B * nh, R + ROPE), dtype=torch.bfloat16, device=DEV)
-            o_part = torch.empty((B * nh * parts, rp), dtype=torch.float32, device=DEV)
-            ml = torch.empty((B * nh * parts, 2), dtype=torch.float32, device=DEV)
-            out = torch.empty((B, nh * V), dtype=torch.bfloat16, device=DEV)
-            geo = lambda p: (p["lut"].shape[1], 0, 1, p["blocks"].shape[0])  # noqa: E731
-
-            def call(p, only_attn=False):
-                if not only_attn:
-                    absorb(specs[0].grid_for(T=B), p["q"], p["wuk"], qlat, B)
-                attn(specs[1].grid_for(batch=B, seqmax=1, num_parts=parts), qlat, p["offs"],
-                     p["clen"], p["lut"], p["blocks"], o_part, ml, *geo(p), scale, part, parts)
-                if not only_attn:
-                    merge(specs[2].grid_for(T=B), o_part, ml, p["wuv"], out, B, parts)
-            out.fill_(float("nan"))
-            call(probs[0])
-            res["rel_err"] = err = rel_err(out.float(), mla_reference(probs[0], B, ctx, nh, scale))
-            res["parts"], res["part_size"] = parts, part
-            cache_bytes = B * ctx * (R + ROPE) * 2
-            if not err < 2e-2:
-                res["error"] = f"rel_err {err:.2e}"
-            else:
-                res["us"] = timed([lambda p=p: call(p) for p in probs])
-                res["attn_us"] = timed([lambda p=p: call(p, True) for p in probs])
-                res["gbs"] = cache_bytes / res["us"] / 1e3
-                res["attn_gbs"] = cache_bytes / res["attn_us"] / 1e3
-        except Exception as e:  # noqa: BLE001
-            res["error"] = f"{type(e).__name__}: {e}"[:300]
-        results.append(res)
-        if "us" in res:
-            pct = (lambda g: f"{100 * g / copy_gbs:.0f}%copy") if copy_gbs else (lambda g: "-")
-            rows.append(["MLA", f"B{B}", f"ctx{ctx}", f"h{nh}", f"parts {res['parts']}",
-                         f"{res['us']:.1f}us", f"{res['gbs']:.0f}GB/s", pct(res["gbs"]),
-                         f"attn {res['attn_us']:.1f}us {pct(res['attn_gbs'])}",
-                         f"err {res['rel_err']:.1e}"])
-        else:
-            rows.append(["MLA", f"B{B}", f"ctx{ctx}", f"h{nh}", "ERROR " + res["error"]])
-        print("  ".join(rows[-1]), flush=True)
-
-
 def main() -> None:
     torch.manual_seed(0)
     if not DRY:
@@ -506,9 +342,7 @@ def main() -> None:
     specs = {}
     for job in matmul_jobs():
         specs.update({spec_key(s): s for s in job_specs(job)})
-    for _, _, nh in MLA:
-        specs.update({spec_key(s): s for s in mla_specs(nh)})
-    kernels = compile_all(specs)
+    kernels = _kernels.compile_all(specs, DRY)
     copy_gbs = 0.0
     if not DRY:
         from graphir.tools.gpu_timing import copy_gbs as measure_copy
@@ -516,15 +350,14 @@ def main() -> None:
         copy_gbs = measure_copy()
         print(f"device copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     results, rows = [], []
-    run_mla(kernels, copy_gbs, results, rows)
     run_matmuls(kernels, copy_gbs, results, rows)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "quant.json"), "w") as f:
             json.dump({"copy_gbs": copy_gbs, "results": results}, f, indent=1)
     from graphir.tools.gpu_timing import table
 
-    print(f"\n== quantized matmul and MLA decode ({time.time() - T0:.0f} s; targets: 4-bit M=1 "
-          f">= x3.00 cuBLAS, Q4_K/Q6_K M=1 >= 75%copy, M=16 >= x1.00, MLA >= 80%copy)")
+    print(f"\n== quantized matmul ({time.time() - T0:.0f} s; targets: 4-bit M=1 "
+          f">= x3.00 cuBLAS, Q4_K/Q6_K M=1 >= 75%copy, M=16 >= x1.00)")
     print(table(rows))
 
 

@@ -61,7 +61,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 @triton.jit
 def _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx, num_layers,
-             KV: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+             num_pages, KV: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
              BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
     """K (KV=0) or V (KV=1) rows n0..n0+BLOCK_N-1 of KV head kvh; rows at or past `end` read as
     zero when MASKED (slots past the cached length may hold anything, NaN included)."""
@@ -69,7 +69,11 @@ def _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx, n
     d = tl.arange(0, D)
     valid = (n0 + r) < end
     if PAGE_SIZE % BLOCK_N == 0:
-        row = page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV, PAGE_SIZE)
+        # Column and page id clamped (page_block_row): the block lies in the cache. A TMA
+        # box is also bounds-checked by the hardware against the descriptor's shape (set from
+        # the cache's real size: rows outside read as zeros), the clamp makes it a real page.
+        row = page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV, PAGE_SIZE,
+                             num_pages)
         if USE_TMA:
             t = desc.load([row.to(tl.int32), kvh * D])
             if MASKED and KV == 1:
@@ -83,7 +87,7 @@ def _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx, n
                 t = tl.load(ptrs)
     else:
         base = slot_offsets(lut_ptr, b, n0 + r, max_pages, layer_idx, num_layers, valid, KV,
-                            PAGE_SIZE, NKV, D) + kvh * D
+                            PAGE_SIZE, NKV, D, num_pages) + kvh * D
         ptrs = blocks_ptr + base[:, None] + d[None, :]
         if MASKED:
             t = tl.load(ptrs, mask=valid[:, None], other=0.0)
@@ -128,17 +132,21 @@ def _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale, scale,
 @triton.jit
 def flash_prefill_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
-        num_layers, num_pages, window, scale,
+        num_layers, num_pages, window, scale, T,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    seq_start = tl.load(offs_ptr + b)
-    seq_len = tl.load(offs_ptr + b + 1) - seq_start
+    # Defence in depth (the runtime checks the metadata on the host first; valid metadata is
+    # unchanged): the sequence's rows are clamped into [0, T) and never counted negative, its
+    # cached tokens into what its lookup-table row addresses, so bad offsets or lengths move no
+    # q / out access outside the buffers and start no 2**31-key loop. Scalars, once a program.
+    seq_start = tl.minimum(tl.maximum(tl.load(offs_ptr + b), 0), T)
+    seq_len = tl.minimum(tl.maximum(tl.load(offs_ptr + b + 1), seq_start), T) - seq_start
     if pid_m * BLOCK_M < seq_len:
-        cache_len = tl.load(cache_len_ptr + b)
+        cache_len = tl.minimum(tl.maximum(tl.load(cache_len_ptr + b), 0), max_pages * PAGE_SIZE)
         kv_len = cache_len + seq_len
         kvh = h // (NH // NKV)
         i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,8 +170,14 @@ def flash_prefill_kernel(
         full_lo = tl.where(none_full, start, full_lo)
         full_hi = tl.where(none_full, start, full_hi)
         if (PAGE_SIZE % BLOCK_N == 0) and USE_TMA:
+            # The descriptor's bounds are the cache's real rows (num_pages is the blocks'
+            # first dimension): the hardware zero-fills any box row outside them. Counted in
+            # int64 and capped at 2**31 - 1 (TMA coordinates are 32-bit; the host wrapper
+            # and aot_specs keep larger caches on pointer tiles), so it never wraps.
+            rows = tl.minimum(tl.cast(num_pages, tl.int64) * (2 * PAGE_SIZE) * num_layers,
+                              2**31 - 1).to(tl.int32)
             desc = tl.make_tensor_descriptor(
-                blocks_ptr, shape=[num_pages * (2 * PAGE_SIZE) * num_layers, NKV * D],
+                blocks_ptr, shape=[rows, NKV * D],
                 strides=[NKV * D, 1], block_shape=[BLOCK_N, D])
         else:
             desc = blocks_ptr
@@ -174,9 +188,9 @@ def flash_prefill_kernel(
         for n0 in range(full_lo, full_hi, BLOCK_N):
             n0 = tl.multiple_of(n0, BLOCK_N)
             k = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
-                         num_layers, 0, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, False)
+                         num_layers, num_pages, 0, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, False)
             v = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
-                         num_layers, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, False)
+                         num_layers, num_pages, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, False)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale,
                                           scale, MASK, BLOCK_N, False, SOFTCAP)
         # Edge blocks: those before the shared range (window edge) and after it (diagonal,
@@ -187,9 +201,9 @@ def flash_prefill_kernel(
             n0 = tl.where(j < n_head, start + j * BLOCK_N, full_hi + (j - n_head) * BLOCK_N)
             n0 = tl.multiple_of(n0, BLOCK_N)
             k = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
-                         num_layers, 0, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, True)
+                         num_layers, num_pages, 0, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, True)
             v = _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx,
-                         num_layers, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, True)
+                         num_layers, num_pages, 1, NKV, D, PAGE_SIZE, BLOCK_N, USE_TMA, True)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qp, n0, end, window, qk_scale,
                                           scale, MASK, BLOCK_N, True, SOFTCAP)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -264,13 +278,13 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
     flash_prefill_kernel[grid_rule(cfg["BLOCK_M"], NH)(batch, max_seq_len)](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
         blocks, out, lookup_table.shape[1], layer_idx, num_layers, blocks.shape[0],
-        max(window, 1), scale,
+        max(window, 1), scale, T,
         **_constexprs(NH, NKV, D, page_size, m, cfg, tma_ok, softcap), **launch_options(cfg))
     return out
 
 
 SIGNATURE_PARAMS = ("q_ptr", "offs_ptr", "cache_len_ptr", "lut_ptr", "blocks_ptr", "out_ptr",
-                    "max_pages", "layer_idx", "num_layers", "num_pages", "window", "scale")
+                    "max_pages", "layer_idx", "num_layers", "num_pages", "window", "scale", "T")
 
 
 def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
@@ -290,7 +304,7 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     cfg = {k: v for k, v in (config or base).items() if k != "name"}
     check_config(cfg, head_dim)
     sig = dict(zip(SIGNATURE_PARAMS, [f"*{t}", "*i32", "*i32", "*i32", f"*{t}", f"*{t}", "i32",
-                                      "i32", "i32", "i32", "i32", "fp32"]))
+                                      "i32", "i32", "i32", "i32", "fp32", "i32"]))
     # The cache's row count is a runtime value; rows of >= 128 bytes keep it below 2**31 for
     # any cache under 256 GiB, smaller rows fall back to pointer tiles.
     row_bytes = n_kv_heads * head_dim * DTYPE_BYTES[t]
@@ -307,6 +321,6 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
         grid=grid_rule(cfg["BLOCK_M"], n_heads), grid_args=("batch", "max_seq_len"),
         divisible_by_16=("q_ptr", "blocks_ptr", "out_ptr"),
         notes="window must be >= 1 (pass 1 for masks without a window); num_pages is the "
-              "blocks' first dimension" + ("; makes a TMA descriptor in global scratch"
+              "blocks' first dimension, T the rows of q" + ("; makes a TMA descriptor in global scratch"
                                            if cx["USE_TMA"] else ""),
         extra={"config": cfg}, maxnreg=cfg.get("maxnreg"))]

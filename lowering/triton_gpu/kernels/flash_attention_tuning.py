@@ -102,7 +102,7 @@ def tuning_launches(conf: dict, facts: Mapping, size) -> dict:
                            DTYPE_NAMES[facts["dtype"]], facts["mask"], config=conf)
     grid = spec.grid_for(batch=pb["batch"], max_seq_len=pb["seq"])
     args = ["q", "offs", "clen", "lut", "blocks", "out", "max_pages", "layer", "num_layers",
-            "num_pages", "window", "scale"]
+            "num_pages", "window", "scale", "T"]
     return {"specs": [spec], "ops": [(0, grid, args)], "scratch": []}
 
 
@@ -183,6 +183,7 @@ def bench(facts: Mapping, size, seed: int = 0) -> dict:
         return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
 
     ints = {"max_pages": pb["max_pages"], "layer": 0, "num_layers": 1,
-            "num_pages": pb["num_pages"], "window": facts["window"], "scale": scale}
+            "num_pages": pb["num_pages"], "window": facts["window"], "scale": scale,
+            "T": pb["T"]}
     return {"inputs": inputs, "outputs": {"out": {"shape": (pb["T"], nh * d), "dtype": name}},
             "ints": ints, "check": check}

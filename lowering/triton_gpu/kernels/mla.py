@@ -5,8 +5,10 @@ The latent cache is `blocks [num_pages, KINDS, num_layers, PAGE_SIZE, 1, W]` wit
 kv_lora_rank (R) + qk_rope_head_dim (ROPE), KINDS 1 (latent only) or 2 (the K/V layout, latent
 in slot 0): token p of sequence b, layer l is row `((lut[b, p // PAGE_SIZE] * KINDS) *
 num_layers + l) * PAGE_SIZE + p % PAGE_SIZE` of the cache seen as `[rows, W]`. Page ids are
-clamped into the cache (a bad id reads another page, never memory outside it); the runtime has
-checked the lookup table on the host before any kernel runs.
+clamped into the cache (a bad id reads another page, never memory outside it), positions into
+the lookup table's row and the RoPE table, cache lengths into what the lookup table addresses
+(once per token or program, never per element); the runtime has checked all of these on the
+host before any kernel runs, so valid metadata is never changed.
 
 Sizes that are not powers of two (tests use R = 16, ROPE = 6) are padded to the next power of
 two >= 16 (dot operands) with masked loads.
@@ -31,7 +33,9 @@ def pad(n: int, least: int = 16) -> int:
 @triton.jit
 def latent_rows(lut_ptr, b, pos, valid, max_pages, layer_idx, num_layers, num_pages,
                 KINDS: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """int64 row of (sequence b, positions pos) in the latent cache seen as [rows, W]."""
+    """int64 row of (sequence b, positions pos) in the latent cache seen as [rows, W]; the
+    position is clamped into the lookup table's row, the page id into the cache."""
+    pos = tl.minimum(tl.maximum(pos, 0), max_pages * PAGE_SIZE - 1)
     page = tl.load(lut_ptr + b.to(tl.int64) * max_pages + pos // PAGE_SIZE, mask=valid, other=0)
     page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
     return ((page.to(tl.int64) * KINDS) * num_layers + layer_idx) * PAGE_SIZE + pos % PAGE_SIZE
@@ -53,7 +57,7 @@ def find_sequence_scalar(offs_ptr, t, batch):
 
 @triton.jit
 def mla_cache_store_kernel(kv_ptr, w_ptr, freqs_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr,
-                           batch, max_pages, layer_idx, num_layers, num_pages, eps,
+                           batch, max_pages, layer_idx, num_layers, num_pages, eps, rope_rows,
                            R: tl.constexpr, ROPE: tl.constexpr, RP: tl.constexpr,
                            HP: tl.constexpr, KINDS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                            INTERLEAVED: tl.constexpr):
@@ -70,7 +74,8 @@ def mla_cache_store_kernel(kv_ptr, w_ptr, freqs_ptr, offs_ptr, clen_ptr, lut_ptr
     c = c * inv * tl.load(w_ptr + r, mask=rm, other=0.0).to(tl.float32)
     i = tl.arange(0, HP)
     im = i < ROPE // 2
-    f = freqs_ptr + pos.to(tl.int64) * ROPE
+    # The RoPE table row clamped into the table (the cache row is, in latent_rows).
+    f = freqs_ptr + tl.minimum(tl.maximum(pos, 0), rope_rows - 1).to(tl.int64) * ROPE
     cos = tl.load(f + 2 * i, mask=im, other=0.0).to(tl.float32)
     sin = tl.load(f + 2 * i + 1, mask=im, other=0.0).to(tl.float32)
     if INTERLEAVED:
@@ -118,7 +123,7 @@ def cache_store_spec(dtype: str, cache_dtype: str, r: int, rope: int, kinds: int
     sig = {"kv_ptr": f"*{t}", "w_ptr": f"*{t}", "freqs_ptr": f"*{tf}", "offs_ptr": "*i32",
            "clen_ptr": "*i32", "lut_ptr": "*i32", "blocks_ptr": f"*{tc}", "batch": "i32",
            "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32",
-           "eps": "fp32", **{k: "constexpr" for k in consts}}
+           "eps": "fp32", "rope_rows": "i32", **{k: "constexpr" for k in consts}}
     return KernelSpec(name=f"mla_cache_store_{tc}", fn=mla_cache_store_kernel, signature=sig,
                       constexprs=consts, num_warps=4 if r >= 256 else 1, num_stages=1,
                       grid=lambda T: (T, 1, 1), grid_args=("T",),

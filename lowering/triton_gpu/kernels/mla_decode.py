@@ -80,7 +80,9 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
     seq_start = tl.load(offs_ptr + b)
     n_new = tl.load(offs_ptr + b + 1) - seq_start
     if tile * BLOCK_M < n_new * NH:
-        cache_len = tl.load(clen_ptr + b)
+        # Clamped into what the lookup table addresses (defence in depth, valid ones unchanged):
+        # no loop runs past the table, whatever the metadata.
+        cache_len = tl.minimum(tl.maximum(tl.load(clen_ptr + b), 0), max_pages * PAGE_SIZE)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)      # (token, head) pairs, heads fastest
         rmask = rows < n_new * NH
         grow = seq_start.to(tl.int64) * NH + rows
@@ -114,8 +116,10 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
             if PAGE_SIZE % BLOCK_N == 0:
                 # The block lies in one page (lo is a multiple of BLOCK_N): one lookup and
                 # dense rows, which the pipeliner turns into asynchronous copies.
-                page = tl.minimum(tl.maximum(tl.load(lut_row + n0 // PAGE_SIZE), 0),
-                                  num_pages - 1)
+                # Column (n0 >= 0) and page id clamped once per block: the dense rows stay
+                # in one page of the cache whatever the metadata.
+                page = tl.load(lut_row + tl.minimum(n0 // PAGE_SIZE, max_pages - 1))
+                page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
                 krow = ((page.to(tl.int64) * KINDS) * num_layers + layer_idx) * PAGE_SIZE \
                     + n0 % PAGE_SIZE + j
             else:

@@ -35,7 +35,7 @@ def cache_store(kv, norm_w, freqs, offs, clen, lut, blocks, *, kv_lora_rank: int
                             _NAMES[str(freqs.dtype)])
     _run(s, (T, 1, 1), kv.contiguous(), norm_w.contiguous(), freqs.contiguous(), _i32(offs),
          _i32(clen), _i32(lut), blocks, offs.shape[0] - 1, lut.shape[1], layer, blocks.shape[2],
-         blocks.shape[0], float(eps))
+         blocks.shape[0], float(eps), freqs.shape[0])
 
 
 def prefill_plan(offs, clen):

@@ -40,7 +40,11 @@ def mla_decompress_kernel(wk_ptr, wuv_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_p
     h = tl.program_id(1)
     b = tl.program_id(2)
     n_new = tl.load(offs_ptr + b + 1) - tl.load(offs_ptr + b)
-    kv_len = tl.load(clen_ptr + b) + n_new
+    # Keys clamped into the sequence's scratch rows (kv_cap) and the cache length into what the
+    # lookup table addresses: bad metadata writes no scratch row of another sequence or past
+    # the buffer (once a program; valid metadata is unchanged).
+    cache_len = tl.minimum(tl.maximum(tl.load(clen_ptr + b), 0), max_pages * PAGE_SIZE)
+    kv_len = tl.minimum(cache_len + n_new, kv_cap)
     if (lb * BLOCK_L < kv_len) & (n_new > 0):
         l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
         lm = l < kv_len
@@ -83,7 +87,8 @@ def mla_prefill_attn_kernel(q_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, kv_p
     seq_start = tl.load(offs_ptr + b)
     n_new = tl.load(offs_ptr + b + 1) - seq_start
     if pid_m * BLOCK_M < n_new:
-        cache_len = tl.load(clen_ptr + b)
+        # As in the decompression: keys stay inside the sequence's kv_cap scratch rows.
+        cache_len = tl.minimum(tl.maximum(tl.load(clen_ptr + b), 0), max_pages * PAGE_SIZE)
         i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         im = i < n_new
         d = tl.arange(0, NOPEP)
@@ -95,7 +100,8 @@ def mla_prefill_attn_kernel(q_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, kv_p
                        other=0.0)
         dt = q_n.dtype
         qp = cache_len + i
-        end = tl.minimum(cache_len + n_new, cache_len + pid_m * BLOCK_M + BLOCK_M)
+        end = tl.minimum(tl.minimum(cache_len + n_new, cache_len + pid_m * BLOCK_M + BLOCK_M),
+                         kv_cap)
         qk_scale = scale * 1.4426950408889634
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)

@@ -81,9 +81,19 @@ def find_sequence(offs_ptr, t, batch):
 
 @triton.jit
 def slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, valid, KV: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
-    """Element offset of (token pos of sequence b, head 0, dim 0) in the K (KV=0) or V blocks."""
+                 PAGE_SIZE: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, num_pages=None):
+    """Element offset of (token pos of sequence b, head 0, dim 0) in the K (KV=0) or V blocks.
+
+    With num_pages (every shipped kernel passes it) the position is clamped into the lookup
+    table's row and the page id into the cache, once per token: bad metadata that bypassed the
+    host checks reads or writes some other slot, never memory outside the table or the cache.
+    Valid metadata is unchanged. None keeps the unclamped round-1 code (tools/gpu_sweeps).
+    """
+    if num_pages is not None:
+        pos = tl.minimum(tl.maximum(pos, 0), max_pages * PAGE_SIZE - 1)
     page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + pos // PAGE_SIZE, mask=valid, other=0)
+    if num_pages is not None:
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
     slot = pos % PAGE_SIZE
     layer_stride = PAGE_SIZE * NKV * D
     kv_stride = tl.cast(num_layers, tl.int64) * layer_stride
@@ -205,8 +215,19 @@ def full_key_range(q_lo, q_hi, kv_len, window, MASK: tl.constexpr):
 
 @triton.jit
 def page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr):
+                   PAGE_SIZE: tl.constexpr, num_pages=None):
     """Row of key n0 of sequence b in the cache viewed as 2-D [num_pages * 2 * num_layers *
-    PAGE_SIZE, NKV * D] (int64): one lookup-table load for a block that stays in one page."""
-    page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + n0 // PAGE_SIZE)
+    PAGE_SIZE, NKV * D] (int64): one lookup-table load for a block that stays in one page.
+
+    With num_pages (every shipped kernel passes it) the lookup-table column and the page id are
+    clamped, once per block: n0 >= 0 keeps the block's slot a multiple of its size inside the
+    page, so the whole block stays in the cache whatever the metadata. Valid metadata is
+    unchanged. None keeps the unclamped round-1 code (tools/gpu_sweeps)."""
+    if num_pages is not None:
+        n0 = tl.maximum(n0, 0)
+        page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages
+                       + tl.minimum(n0 // PAGE_SIZE, max_pages - 1))
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
+    else:
+        page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + n0 // PAGE_SIZE)
     return ((page.to(tl.int64) * 2 + KV) * num_layers + layer_idx) * PAGE_SIZE + n0 % PAGE_SIZE

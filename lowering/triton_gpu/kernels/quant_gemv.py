@@ -161,6 +161,29 @@ def _gptq_plane(w, s, zs, BITS: tl.constexpr, p: tl.constexpr):
 
 
 @triton.jit
+def gptq_words(words, scales, z_ptr, row, rn, rn_c, nmask, N, group_size, BITS: tl.constexpr,
+               HAS_ZEROS: tl.constexpr, ZERO_PLUS_ONE: tl.constexpr, KW: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One step's GPTQ tile: the code words `[KW, BLOCK_N]` of word rows `row`, their group
+    scales (fp32) and -(zero point * scale), so (code - z) * s is one FFMA per code. Masked,
+    not clamped, along N: the columns stay provably contiguous (16-byte copies)."""
+    P: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    w = tl.load(words + row.to(tl.int64)[:, None] * N + rn[None, :], mask=nmask[None, :], other=0)
+    grp = (row * P) // group_size
+    s = tl.load(scales + grp[:, None] * N + rn[None, :], mask=nmask[None, :],
+                other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zw = tl.load(z_ptr + grp[:, None] * (N // P) + (rn_c // P)[None, :])
+        z = ((zw >> ((rn_c % P) * BITS)[None, :]) & MASK).to(tl.float32)
+        if ZERO_PLUS_ONE:
+            z = z + 1.0
+    else:
+        z = tl.full((KW, BLOCK_N), 1 << (BITS - 1), tl.float32)
+    return w, s, -(z * s)
+
+
+@triton.jit
 def gptq_gemv_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size,
                      tiles_per_split, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      ZERO_PLUS_ONE: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -169,7 +192,6 @@ def gptq_gemv_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size,
     # quant_gptq.gptq_matmul_kernel's layout and decode; the decoded plane stays fp32.
     P: tl.constexpr = 32 // BITS
     KW: tl.constexpr = BLOCK_K // P
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -195,19 +217,8 @@ def gptq_gemv_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size,
         row = k0 // P + r
         live = (row < K // P)[:, None]
         row = tl.minimum(row, K // P - 1)
-        w = tl.load(words + row.to(tl.int64)[:, None] * N + rn[None, :], mask=nmask[None, :],
-                    other=0)
-        grp = (row * P) // group_size
-        s = tl.load(scales + grp[:, None] * N + rn[None, :], mask=nmask[None, :],
-                    other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zw = tl.load(z_ptr + grp[:, None] * (N // P) + (rn_c // P)[None, :])
-            z = ((zw >> ((rn_c % P) * BITS)[None, :]) & MASK).to(tl.float32)
-            if ZERO_PLUS_ONE:
-                z = z + 1.0
-        else:
-            z = tl.full((KW, BLOCK_N), 1 << (BITS - 1), tl.float32)
-        zs = -(z * s)
+        w, s, zs = gptq_words(words, scales, z_ptr, row, rn, rn_c, nmask, N, group_size, BITS,
+                              HAS_ZEROS, ZERO_PLUS_ONE, KW, BLOCK_N)
         if HAS_PERM:
             for p in tl.static_range(P):
                 wv = _gptq_plane(w, s, zs, BITS, p)

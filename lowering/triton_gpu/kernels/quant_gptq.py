@@ -25,7 +25,7 @@ import triton.language as tl
 from graphir.lowering.triton_gpu.kernels.matmul_skinny import splitk_reduce_kernel
 from graphir.lowering.triton_gpu.kernels.quant import REDUCE_BLOCK, TARGET_PROGRAMS
 from graphir.lowering.triton_gpu.kernels.quant_gemv import (GEMV_BUCKETS, gemv_bucket,
-                                                            gptq_gemv_kernel)
+                                                            gptq_gemv_kernel, gptq_words)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
 # Row buckets of X: (largest M, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
@@ -62,21 +62,9 @@ def gptq_matmul_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size
         row = k0 // P + r                                  # word rows of this step
         live = row < K // P
         row = tl.minimum(row, K // P - 1)
-        # Masked, not clamped, along N: the columns stay provably contiguous (16-byte copies).
-        w = tl.load(words + row.to(tl.int64)[:, None] * N + rn[None, :], mask=nmask[None, :],
-                    other=0)
-        grp = (row * P) // group_size
-        s = tl.load(scales + grp[:, None] * N + rn[None, :], mask=nmask[None, :],
-                    other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zw = tl.load(z_ptr + grp[:, None] * (N // P) + (rn_c // P)[None, :])
-            z = ((zw >> ((rn_c % P) * BITS)[None, :]) & MASK).to(tl.float32)
-            if ZERO_PLUS_ONE:
-                z = z + 1.0
-        else:
-            z = tl.full((KW, BLOCK_N), 1 << (BITS - 1), tl.float32)
         # (code - z) * s = code * s - z * s: one FFMA per code after the magic-number float.
-        zs = -(z * s)
+        w, s, zs = gptq_words(words, scales, z_ptr, row, rn, rn_c, nmask, N, group_size, BITS,
+                              HAS_ZEROS, ZERO_PLUS_ONE, KW, BLOCK_N)
         for p in tl.static_range(P):
             code = (w >> (BITS * p)) & MASK
             wv = (((code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * s + zs).to(dt)

@@ -84,8 +84,8 @@ def _weight_pairs(w_ptr, D: tl.constexpr, INTERLEAVED: tl.constexpr):
 @triton.jit
 def rope_split_store_kernel(
         qkv_ptr, offs_ptr, cache_len_ptr, lut_ptr, freqs_ptr, blocks_ptr, q_out_ptr,
-        q_norm_ptr, k_norm_ptr, T, batch, max_pages, layer_idx, num_layers, eps,
-        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        q_norm_ptr, k_norm_ptr, T, batch, max_pages, layer_idx, num_layers, eps, num_pages,
+        rope_rows, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
         HB_Q: tl.constexpr, HB_KV: tl.constexpr, SPLIT_HEADS: tl.constexpr = False):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -93,8 +93,11 @@ def rope_split_store_kernel(
     t = tl.minimum(t, T - 1)
     b = find_sequence(offs_ptr, t, batch)
     pos = tl.load(cache_len_ptr + b) + t - tl.load(offs_ptr + b)
-    # freqs_cis row: (cos, sin) per frequency, read once per token for all heads.
-    fr = tl.load(freqs_ptr + pos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :])
+    # freqs_cis row: (cos, sin) per frequency, read once per token for all heads. Its index is
+    # clamped into the table (once per token; the host checks positions first, valid ones are
+    # unchanged), as the cache slot is in slot_offsets: bad metadata stays inside the buffers.
+    fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1)
+    fr = tl.load(freqs_ptr + fpos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :])
     cos, sin = tl.split(tl.reshape(fr.to(tl.float32), (BLOCK_T, D // 2, 2)))
     cos = cos[:, None, :]
     sin = sin[:, None, :]
@@ -107,9 +110,9 @@ def rope_split_store_kernel(
         kwa, kwb = _weight_pairs(k_norm_ptr, D, INTERLEAVED)
     row = t.to(tl.int64) * ((NH + 2 * NKV) * D)
     k_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 0,
-                          PAGE_SIZE, NKV, D)
+                          PAGE_SIZE, NKV, D, num_pages)
     v_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 1,
-                          PAGE_SIZE, NKV, D)
+                          PAGE_SIZE, NKV, D, num_pages)
 
     if SPLIT_HEADS:
         # One head chunk per program (grid axis 1 walks the q chunks, then the k/v chunks):
@@ -212,7 +215,8 @@ def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_
         qkv.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths),
         as_i32(lookup_table), freqs_cis.contiguous(), blocks, q_out,
         q_norm_weight if use_norm else freqs_cis, k_norm_weight if use_norm else freqs_cis,
-        T, batch, lookup_table.shape[1], layer_idx, num_layers, float(eps),
+        T, batch, lookup_table.shape[1], layer_idx, num_layers, float(eps), num_pages,
+        freqs_cis.shape[0],
         NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size, INTERLEAVED=interleaved,
         USE_QK_NORM=use_norm, BLOCK_T=bt, HB_Q=hbq, HB_KV=hbkv, SPLIT_HEADS=split_heads,
         num_warps=num_warps)
@@ -229,7 +233,8 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     sig = {"qkv_ptr": f"*{t}", "offs_ptr": "*i32", "cache_len_ptr": "*i32", "lut_ptr": "*i32",
            "freqs_ptr": f"*{tf}", "blocks_ptr": f"*{t}", "q_out_ptr": f"*{t}",
            "q_norm_ptr": f"*{tn}", "k_norm_ptr": f"*{tn}", "T": "i32", "batch": "i32",
-           "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "eps": "fp32"}
+           "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "eps": "fp32",
+           "num_pages": "i32", "rope_rows": "i32"}
     names = ["NH", "NKV", "D", "PAGE_SIZE", "INTERLEAVED", "USE_QK_NORM", "BLOCK_T", "HB_Q",
              "HB_KV", "SPLIT_HEADS"]
     sig.update({n: "constexpr" for n in names})

@@ -120,7 +120,7 @@ def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None)
     on this GPU with tune=True, else the shipped table, else the built-in default), the last
     one unconditional; `config` forces one config for every call."""
     fa.check_scale(c.tail[-1])
-    args = c.common + [sb.ptr(c.out)] + c.tail[:3] + [c.num_pages] + c.tail[3:]
+    args = c.common + [sb.ptr(c.out)] + c.tail[:3] + [c.num_pages] + c.tail[3:] + [c.T]
     if config is not None:
         variants = [(None, config)]
     else:

@@ -60,7 +60,8 @@ def _cache_store(sb: StepBuilder, node) -> None:
                                MM_DTYPES[freqs.type.dtype])
     sb.launch(sb.kernel(spec), [e(kv.type.shape[0])],
               [sb.ptr(kv), sb.ptr(w), sb.ptr(freqs), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut),
-               sb.ptr(blocks), e(offs.type.shape[0] - 1)] + geo + [float(a["eps"])])
+               sb.ptr(blocks), e(offs.type.shape[0] - 1)] + geo
+              + [float(a["eps"]), e(freqs.type.shape[0])])
 
 
 @register_lowering("mla_prefill_plan", "cuda")

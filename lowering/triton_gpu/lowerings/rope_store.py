@@ -21,11 +21,14 @@ from .common import MM_DTYPES, cache_dims, pow2_head_dim
 
 
 @triton.jit
-def rope_kernel(x_ptr, freqs_ptr, offs_ptr, clen_ptr, out_ptr, T, batch, H: tl.constexpr,
+def rope_kernel(x_ptr, freqs_ptr, offs_ptr, clen_ptr, out_ptr, T, batch, rope_rows,
+                H: tl.constexpr,
                 D: tl.constexpr, HB: tl.constexpr, INTERLEAVED: tl.constexpr):
     t = tl.program_id(0) + tl.zeros((1,), tl.int32)
     b = find_sequence(offs_ptr, t, batch)
     pos = tl.load(clen_ptr + b) + t - tl.load(offs_ptr + b)
+    # The table row clamped once per token (defence in depth; valid positions unchanged).
+    pos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1)
     fr = tl.load(freqs_ptr + pos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :])
     cos, sin = tl.split(tl.reshape(fr.to(tl.float32), (1, D // 2, 2)))
     cos = cos[:, None, :]
@@ -41,14 +44,15 @@ def rope_kernel(x_ptr, freqs_ptr, offs_ptr, clen_ptr, out_ptr, T, batch, H: tl.c
 
 @triton.jit
 def kv_store_kernel(x_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, T, batch, max_pages,
-                    layer_idx, num_layers, KV: tl.constexpr, NKV: tl.constexpr,
+                    layer_idx, num_layers, num_pages, KV: tl.constexpr, NKV: tl.constexpr,
                     D: tl.constexpr, PAGE_SIZE: tl.constexpr, HB: tl.constexpr):
     t = tl.program_id(0) + tl.zeros((1,), tl.int32)
     valid = t < T
     b = find_sequence(offs_ptr, t, batch)
     pos = tl.load(clen_ptr + b) + t - tl.load(offs_ptr + b)
+    # Slot clamped into the lookup table and the cache (slot_offsets with num_pages).
     base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, valid, KV,
-                        PAGE_SIZE, NKV, D)
+                        PAGE_SIZE, NKV, D, num_pages)
     d = tl.arange(0, D)
     for h0 in range(0, NKV, HB):
         h = h0 + tl.arange(0, HB)
@@ -69,7 +73,7 @@ def rope_spec(h: int, d: int, dtype: str, freqs_dtype: str, interleaved: bool) -
     hb = min(next_pow2(h), max(1, 4096 // d))
     sig = {"x_ptr": f"*{dtype}", "freqs_ptr": f"*{freqs_dtype}", "offs_ptr": "*i32",
            "clen_ptr": "*i32", "out_ptr": f"*{dtype}", "T": "i32", "batch": "i32",
-           "H": "constexpr", "D": "constexpr", "HB": "constexpr", "INTERLEAVED": "constexpr"}
+           "rope_rows": "i32", "H": "constexpr", "D": "constexpr", "HB": "constexpr", "INTERLEAVED": "constexpr"}
     return KernelSpec(name=f"rope_{dtype}_h{h}_d{d}", fn=rope_kernel, signature=sig,
                       constexprs={"H": h, "D": d, "HB": hb, "INTERLEAVED": interleaved},
                       num_warps=4, num_stages=1, grid=lambda T: (T, 1, 1), grid_args=("T",))
@@ -80,7 +84,7 @@ def kv_store_spec(kind: int, nkv: int, d: int, page: int, dtype: str,
     hb = min(next_pow2(nkv), max(1, 4096 // d))
     sig = {"x_ptr": f"*{dtype}", "offs_ptr": "*i32", "clen_ptr": "*i32", "lut_ptr": "*i32",
            "blocks_ptr": f"*{blocks_dtype}", "T": "i32", "batch": "i32", "max_pages": "i32",
-           "layer_idx": "i32", "num_layers": "i32", "KV": "constexpr", "NKV": "constexpr",
+           "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32", "KV": "constexpr", "NKV": "constexpr",
            "D": "constexpr", "PAGE_SIZE": "constexpr", "HB": "constexpr"}
     return KernelSpec(name=f"kv_store_{'kv'[kind]}_{blocks_dtype}", fn=kv_store_kernel,
                       signature=sig, constexprs={"KV": kind, "NKV": nkv, "D": d,
@@ -98,7 +102,8 @@ def _rope(sb: StepBuilder, node) -> None:
                      node.attrs["interleaved"])
     T = e(x.type.shape[0])
     sb.launch(sb.kernel(spec), [T], [sb.ptr(x), sb.ptr(freqs), sb.ptr(offs), sb.ptr(clen),
-                                     sb.ptr(node.results[0]), T, e(offs.type.shape[0] - 1)])
+                                     sb.ptr(node.results[0]), T, e(offs.type.shape[0] - 1),
+                                     e(freqs.type.shape[0])])
 
 
 @register_lowering("kv_cache_store", "cuda")
@@ -114,7 +119,8 @@ def _kv_cache_store(sb: StepBuilder, node) -> None:
     T = e(x.type.shape[0])
     sb.launch(sb.kernel(spec), [T], [sb.ptr(x), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut),
                                      sb.ptr(blocks), T, e(offs.type.shape[0] - 1),
-                                     e(lut.type.shape[1]), node.attrs["layer"], e(shape[2])])
+                                     e(lut.type.shape[1]), node.attrs["layer"], e(shape[2]),
+                                     e(shape[0])])
 
 
 @register_lowering("rope_split_store", "cuda")
@@ -138,7 +144,8 @@ def _rope_split_store(sb: StepBuilder, node) -> None:
     nw = [sb.ptr(node.operands[6]), sb.ptr(node.operands[7])] if norm else [sb.ptr(freqs)] * 2
     args = [sb.ptr(qkv), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut), sb.ptr(freqs), sb.ptr(blocks),
             sb.ptr(q_out), *nw, T, batch, e(lut.type.shape[1]), a["layer"],
-            e(blocks.type.shape[2]), float(a.get("qk_norm_eps", 1e-6))]
+            e(blocks.type.shape[2]), float(a.get("qk_norm_eps", 1e-6)),
+            e(blocks.type.shape[0]), e(freqs.type.shape[0])]
     for spec, cond in zip(specs, (f"{T} <= 1024", None)):
         key = sb.kernel(spec)
         bt = spec.constexprs["BLOCK_T"]

@@ -46,6 +46,28 @@ print("JSON" + json.dumps(out))
 """
 
 
+# For the offline-compile scripts: registers, stack and local memory of a cubin (cuobjdump
+# ships with Triton), None where cuobjdump is missing.
+RESOURCES = r"""
+import os, re, subprocess, tempfile
+import triton
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def resources(cubin):
+    if not os.path.exists(BIN):
+        return None
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True,
+                             timeout=60).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return [int(x) for x in m.groups()]
+"""
+
+
 def run_compiled_mode(script: str, tmp_path_factory, timeout: int) -> dict:
     """Run `script` in a fresh Python without the interpreter and with private Triton and
     codegen caches; returns the JSON it prints on a line starting with "JSON"."""

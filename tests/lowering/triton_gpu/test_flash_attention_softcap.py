@@ -13,7 +13,7 @@ from graphir.lowering.triton_gpu.kernels import flash_attention as fa
 from graphir.lowering.triton_gpu.kernels import paged_decode as pd
 from graphir.lowering.triton_gpu.kernels import paged_decode_config as cfg
 from graphir.ops import attention_math as am
-from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import RESOURCES, run_compiled_mode
 from tests.lowering.triton_gpu.test_paged_decode import D, LAYER, MASKS, paged_problem, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
@@ -216,26 +216,11 @@ def test_softcap_and_plain_graphs_pick_the_same_configs():
     assert configs(lower(g), True) == configs(lower(parse(plain)), False)
 
 
-SCRIPT = r"""
+SCRIPT = RESOURCES + r"""
 import json, os, re, subprocess, tempfile
 import triton
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa, paged_decode as pd
-
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-def resources(cubin):
-    if not os.path.exists(BIN):
-        return None
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        out = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True,
-                             timeout=120).stdout
-    finally:
-        os.unlink(f.name)
-    return [int(x) for x in re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
-                                      out).groups()]
 
 jobs = [("prefill_d128_causal", fa, (32, 8, 128, 128, "bfloat16", "CAUSAL"), {}),
         ("prefill_d128_swc", fa, (32, 8, 128, 128, "bfloat16", "SLIDING_WINDOW_CAUSAL"), {}),

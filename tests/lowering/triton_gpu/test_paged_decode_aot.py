@@ -4,28 +4,13 @@ path it names (TMA bulk copies or cp.async). Run with -s to see the resource tab
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import RESOURCES, run_compiled_mode
 
-SCRIPT = r"""
+SCRIPT = RESOURCES + r"""
 import json, os, re, subprocess, tempfile
 import triton
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import paged_decode as pd, paged_decode_config as cfg
-
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-def resources(cubin):
-    if not os.path.exists(BIN):
-        return None
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        out = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True,
-                             timeout=60).stdout
-    finally:
-        os.unlink(f.name)
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    return [int(x) for x in m.groups()]
 
 # (label, (n_heads, n_kv_heads, head_dim, page, dtype, mask, q_per_seq), config or None)
 jobs = [(f"cand{i}", (32, 8, 128, 128, "bfloat16", "CAUSAL", 1), c)

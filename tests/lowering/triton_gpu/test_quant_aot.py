@@ -5,26 +5,7 @@ packed words stream through cp.async; the GEMV kernels use no tensor cores."""
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
-
-RESOURCES = r"""
-import os, re, subprocess, tempfile
-import triton
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-def resources(cubin):
-    if not os.path.exists(BIN):
-        return None
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        out = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True,
-                             timeout=60).stdout
-    finally:
-        os.unlink(f.name)
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    return [int(x) for x in m.groups()]
-"""
+from tests.lowering.triton_gpu.test_aot_cubin import RESOURCES, run_compiled_mode
 
 SCRIPT = RESOURCES + r"""
 import json
