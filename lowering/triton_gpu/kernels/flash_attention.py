@@ -61,19 +61,20 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 @triton.jit
 def _kv_tile(blocks_ptr, desc, lut_ptr, b, kvh, n0, end, max_pages, layer_idx, num_layers,
-             num_pages, KV: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-             BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
+             num_pages, KV: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+             PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+             MASKED: tl.constexpr):
     """K (KV=0) or V (KV=1) rows n0..n0+BLOCK_N-1 of KV head kvh; rows at or past `end` read as
     zero when MASKED (slots past the cached length may hold anything, NaN included)."""
     r = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     valid = (n0 + r) < end
     if PAGE_SIZE % BLOCK_N == 0:
-        # Column and page id clamped (page_block_row): the block lies in the cache. A TMA
-        # box is also bounds-checked by the hardware against the descriptor's shape (set from
-        # the cache's real size: rows outside read as zeros), the clamp makes it a real page.
+        # Lookup-table column clamped (page_block_row); the page id too for pointer tiles. A
+        # TMA box needs no page check: the hardware bounds-checks it against the descriptor,
+        # whose shape is the cache's real rows, and reads rows outside it as zeros.
         row = page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV, PAGE_SIZE,
-                             num_pages)
+                             num_pages, not USE_TMA)
         if USE_TMA:
             t = desc.load([row.to(tl.int32), kvh * D])
             if MASKED and KV == 1:
@@ -321,6 +322,6 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
         grid=grid_rule(cfg["BLOCK_M"], n_heads), grid_args=("batch", "max_seq_len"),
         divisible_by_16=("q_ptr", "blocks_ptr", "out_ptr"),
         notes="window must be >= 1 (pass 1 for masks without a window); num_pages is the "
-              "blocks' first dimension, T the rows of q" + ("; makes a TMA descriptor in global scratch"
-                                           if cx["USE_TMA"] else ""),
+              "blocks' first dimension, T the rows of q"
+              + ("; makes a TMA descriptor in global scratch" if cx["USE_TMA"] else ""),
         extra={"config": cfg}, maxnreg=cfg.get("maxnreg"))]

@@ -85,15 +85,18 @@ def slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, valid, KV: t
     """Element offset of (token pos of sequence b, head 0, dim 0) in the K (KV=0) or V blocks.
 
     With num_pages (every shipped kernel passes it) the position is clamped into the lookup
-    table's row and the page id into the cache, once per token: bad metadata that bypassed the
-    host checks reads or writes some other slot, never memory outside the table or the cache.
+    table's row and a page id outside the cache replaced by page 0, once per token: bad
+    metadata that bypassed the host checks reads or writes some other slot, never memory
+    outside the table or the cache.
     Valid metadata is unchanged. None keeps the unclamped round-1 code (tools/gpu_sweeps).
     """
     if num_pages is not None:
         pos = tl.minimum(tl.maximum(pos, 0), max_pages * PAGE_SIZE - 1)
     page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + pos // PAGE_SIZE, mask=valid, other=0)
     if num_pages is not None:
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
+        # A bad id (negative or past the cache, compared unsigned) reads / writes page 0. This
+        # select keeps the prefill rope_split_store at 32 registers; min(max(...)) took 40.
+        page = tl.where(page.to(tl.uint32) < num_pages.to(tl.uint32), page, 0)
     slot = pos % PAGE_SIZE
     layer_stride = PAGE_SIZE * NKV * D
     kv_stride = tl.cast(num_layers, tl.int64) * layer_stride
@@ -215,19 +218,24 @@ def full_key_range(q_lo, q_hi, kv_len, window, MASK: tl.constexpr):
 
 @triton.jit
 def page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, num_pages=None):
+                   PAGE_SIZE: tl.constexpr, num_pages=None, CHECK_PAGE: tl.constexpr = True):
     """Row of key n0 of sequence b in the cache viewed as 2-D [num_pages * 2 * num_layers *
     PAGE_SIZE, NKV * D] (int64): one lookup-table load for a block that stays in one page.
 
-    With num_pages (every shipped kernel passes it) the lookup-table column and the page id are
-    clamped, once per block: n0 >= 0 keeps the block's slot a multiple of its size inside the
-    page, so the whole block stays in the cache whatever the metadata. Valid metadata is
-    unchanged. None keeps the unclamped round-1 code (tools/gpu_sweeps)."""
+    With num_pages (every shipped kernel passes it) the lookup-table column is clamped, once
+    per block, and with CHECK_PAGE a page id outside the cache is replaced by page 0: n0 >= 0
+    keeps the block's slot a multiple of its size inside the page, so the whole block stays in
+    the cache whatever the metadata. A TMA load needs no page check (CHECK_PAGE=False): the
+    hardware bounds-checks each box against the descriptor, whose shape is the cache's, and
+    zero-fills rows outside it (the check there spilled 24-40 more bytes in the sliding-window
+    prefill). Valid metadata is unchanged. None keeps the unclamped round-1 code
+    (tools/gpu_sweeps)."""
     if num_pages is not None:
         n0 = tl.maximum(n0, 0)
         page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages
                        + tl.minimum(n0 // PAGE_SIZE, max_pages - 1))
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
+        if CHECK_PAGE:
+            page = tl.where(page.to(tl.uint32) < num_pages.to(tl.uint32), page, 0)
     else:
         page = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + n0 // PAGE_SIZE)
     return ((page.to(tl.int64) * 2 + KV) * num_layers + layer_idx) * PAGE_SIZE + n0 % PAGE_SIZE

@@ -159,8 +159,11 @@ def paged_decode_kernel(
     QG: tl.constexpr = Q_PER_SEQ * G
     seq_start = tl.load(offs_ptr + b)
     seq_len = tl.minimum(tl.load(offs_ptr + b + 1) - seq_start, Q_PER_SEQ)
-    cache_len = tl.load(cache_len_ptr + b)
-    kv_len = cache_len + seq_len
+    # Keys clamped into what the lookup-table row addresses (defence in depth: the host checks
+    # first, valid metadata is unchanged): no column past the row, no 2**31-key loop. Two
+    # scalar ops a program; the page ids are clamped in attend_blocks.
+    cache_len = tl.minimum(tl.maximum(tl.load(cache_len_ptr + b), 0), max_pages * PAGE_SIZE)
+    kv_len = tl.minimum(cache_len + seq_len, max_pages * PAGE_SIZE)
     # Row r: local KV head r // QG, then token i, then the head's GQA group member.
     r = tl.arange(0, BLOCK_M)
     hl = r // QG

@@ -73,7 +73,8 @@ def rope_spec(h: int, d: int, dtype: str, freqs_dtype: str, interleaved: bool) -
     hb = min(next_pow2(h), max(1, 4096 // d))
     sig = {"x_ptr": f"*{dtype}", "freqs_ptr": f"*{freqs_dtype}", "offs_ptr": "*i32",
            "clen_ptr": "*i32", "out_ptr": f"*{dtype}", "T": "i32", "batch": "i32",
-           "rope_rows": "i32", "H": "constexpr", "D": "constexpr", "HB": "constexpr", "INTERLEAVED": "constexpr"}
+           "rope_rows": "i32", "H": "constexpr", "D": "constexpr", "HB": "constexpr",
+           "INTERLEAVED": "constexpr"}
     return KernelSpec(name=f"rope_{dtype}_h{h}_d{d}", fn=rope_kernel, signature=sig,
                       constexprs={"H": h, "D": d, "HB": hb, "INTERLEAVED": interleaved},
                       num_warps=4, num_stages=1, grid=lambda T: (T, 1, 1), grid_args=("T",))
@@ -84,8 +85,8 @@ def kv_store_spec(kind: int, nkv: int, d: int, page: int, dtype: str,
     hb = min(next_pow2(nkv), max(1, 4096 // d))
     sig = {"x_ptr": f"*{dtype}", "offs_ptr": "*i32", "clen_ptr": "*i32", "lut_ptr": "*i32",
            "blocks_ptr": f"*{blocks_dtype}", "T": "i32", "batch": "i32", "max_pages": "i32",
-           "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32", "KV": "constexpr", "NKV": "constexpr",
-           "D": "constexpr", "PAGE_SIZE": "constexpr", "HB": "constexpr"}
+           "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32", "KV": "constexpr",
+           "NKV": "constexpr", "D": "constexpr", "PAGE_SIZE": "constexpr", "HB": "constexpr"}
     return KernelSpec(name=f"kv_store_{'kv'[kind]}_{blocks_dtype}", fn=kv_store_kernel,
                       signature=sig, constexprs={"KV": kind, "NKV": nkv, "D": d,
                                                  "PAGE_SIZE": page, "HB": hb},

@@ -19,6 +19,7 @@ import json, re
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa, matmul as mm, paged_decode as pd
 from graphir.lowering.triton_gpu.kernels import rms_norm as rn, rope_split_store as rss
+from graphir.lowering.triton_gpu.lowerings import rope_store as rs
 
 specs = (mm.aot_specs("bfloat16", has_bias=True) + mm.aot_specs("float16")
          + mm.aot_specs_fp8("bfloat16", a_rowwise=True, b_colwise=True)
@@ -28,7 +29,9 @@ specs = (mm.aot_specs("bfloat16", has_bias=True) + mm.aot_specs("float16")
          + fa.aot_specs(32, 8, 128, 128, mask="CAUSAL")
          + fa.aot_specs(32, 8, 128, 128, mask="SLIDING_WINDOW_CAUSAL")
          + fa.aot_specs(8, 8, 256, 128, dtype="float16", mask="CHUNKED_CAUSAL")
-         + pd.aot_specs(32, 8, 128, 128))
+         + pd.aot_specs(32, 8, 128, 128)
+         + [rs.kv_store_spec(0, 8, 128, 128, "bf16", "bf16"),
+            rs.rope_spec(32, 128, "bf16", "fp32", True)])
 out = {}
 for s in specs:
     c = aot.compile_spec(s)
@@ -37,7 +40,8 @@ for s in specs:
         magic=c.cubin[:4].hex(), shared=c.shared, name=c.name, params=c.params,
         ptx_params=entry.group(2).count(".param"), ptx_name=entry.group(1),
         has_stages=sorted(k for k in ("ttir", "ttgir", "llir", "ptx") if c.stage(k)),
-        meta=c.launch_metadata(), grid=s.grid_for(**{a: 300 for a in s.grid_args}))
+        meta=c.launch_metadata(), grid=s.grid_for(**{a: 300 for a in s.grid_args}),
+        res=resources(c.cubin), nh=s.constexprs.get("NH"))
 try:
     aot.compile_kernel(mm.matmul_kernel, {"a_ptr": "*bf16"}, {})
 except ValueError as e:
@@ -84,12 +88,12 @@ def run_compiled_mode(script: str, tmp_path_factory, timeout: int) -> dict:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    return run_compiled_mode(SCRIPT, tmp_path_factory, timeout=600)
+    return run_compiled_mode(RESOURCES + SCRIPT, tmp_path_factory, timeout=600)
 
 
 def test_every_kernel_builds_a_cubin(compiled):
     kernels = {k: v for k, v in compiled.items() if k != "error"}
-    assert len(kernels) == 17
+    assert len(kernels) == 19
     for key, info in kernels.items():
         assert info["magic"] == "7f454c46", key  # ELF
         assert 0 <= info["shared"] <= 227 * 1024, key
@@ -124,3 +128,21 @@ def test_grid_rules(compiled):
 
 def test_signature_mismatch_is_a_clear_error(compiled):
     assert "signature keys" in compiled["error"]
+
+
+def test_rope_and_kv_store_kernels_do_not_spill(compiled):
+    """The RoPE / paged-store kernels clamp their metadata-derived indices (defence in depth)
+    at no register cost: no spills, and the plain rope_split_store keeps the registers it had
+    before the clamps (40 decode, 32 prefill: full occupancy for the bandwidth-bound prefill)."""
+    limits = {"rope_split_store_bf16_decode": 40, "rope_split_store_bf16_prefill": 32}
+    seen = 0
+    for key, info in compiled.items():
+        name = key.split("/")[0]
+        if key == "error" or not name.startswith(("rope", "kv_store")) or info["res"] is None:
+            continue
+        seen += 1
+        regs, stack, local = info["res"]
+        assert stack == 0 and local == 0, (key, info["res"])
+        if name in limits and info["nh"] == 32:  # the plain (32, 8, 128) shapes
+            assert regs <= limits[name], (key, regs)
+    assert seen in (0, 6)

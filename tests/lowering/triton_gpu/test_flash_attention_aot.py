@@ -234,7 +234,7 @@ def test_defaults_and_fallbacks(compiled):
     # Launch parameters: the runtime arguments, then Triton's two scratch pointers.
     assert compiled["default_d128_swc"]["params"] == [
         "q_ptr", "offs_ptr", "cache_len_ptr", "lut_ptr", "blocks_ptr", "out_ptr", "max_pages",
-        "layer_idx", "num_layers", "num_pages", "window", "scale", "global_scratch",
+        "layer_idx", "num_layers", "num_pages", "window", "scale", "T", "global_scratch",
         "profile_scratch"]
     assert compiled["default_d128_swc"]["name"] == "flash_attention_bf16_mask2"
 

@@ -29,6 +29,8 @@ from graphir.lowering.triton_gpu.kernels import flash_attention as fa
 from graphir.lowering.triton_gpu.kernels import mla as mk
 from graphir.lowering.triton_gpu.kernels import mla_launch as ml
 from graphir.lowering.triton_gpu.kernels import mla_prefill as mp
+from graphir.lowering.triton_gpu.kernels import paged_decode as pd
+from graphir.lowering.triton_gpu.kernels import paged_decode_config as pdc
 from graphir.lowering.triton_gpu.kernels import rope_split_store as rss
 from graphir.lowering.triton_gpu.lowerings import rope_store as rs
 from graphir.ops import mla_math as mm
@@ -64,9 +66,9 @@ def isolated(fn):
 class Guarded:
     """A tensor of `shape` living inside a NaN-filled one, `pad` elements before and after."""
 
-    def __init__(self, data: torch.Tensor, pad: int):
+    def __init__(self, data: torch.Tensor, pad: int, fill=float("nan")):
         self.pad, n = pad, data.numel()
-        self.full = torch.full((pad + n + pad,), float("nan"), dtype=data.dtype)
+        self.full = torch.full((pad + n + pad,), fill, dtype=data.dtype)
         self.view = self.full[pad:pad + n].view(data.shape)
         self.view.copy_(data)
         self.bits = self._guards()
@@ -80,7 +82,27 @@ class Guarded:
 
 
 def i32(a):
+    if isinstance(a, torch.Tensor):  # already int32, perhaps a guarded view: kept in place
+        assert a.dtype == torch.int32
+        return a
     return torch.tensor(np.asarray(a, dtype=np.int64).astype(np.int32), dtype=torch.int32)
+
+
+def poisoned_lut(pb) -> tuple[Guarded, Guarded]:
+    """(blocks, lookup table) of a paged_problem, guarded; the table's guard entries name a
+    spare page (no sequence's, not 0 nor the last page, where clamps land) whose rows are NaN,
+    so a read past the table shows as NaN. Pages are relabelled (in pb) to free one if needed."""
+    lut, blocks = pb["lut"], pb["blocks"]
+    num_pages = blocks.shape[0]
+    free = set(range(num_pages - 1)) - set(lut.ravel().tolist())
+    spare = min(free)
+    if spare == 0:  # swap pages 0 and 1 (ids and contents): 1 becomes the spare
+        lut[...] = np.where(lut == 1, 0, lut)
+        blocks[[0, 1]] = blocks[[1, 0]].clone()
+        spare = 1
+    g = Guarded(blocks, pad=3 * blocks[0].numel())
+    g.view[spare] = float("nan")
+    return g, Guarded(torch.from_numpy(lut).to(torch.int32), pad=64, fill=spare)
 
 
 def bad_luts(lut, num_pages):
@@ -117,11 +139,11 @@ def test_flash_prefill_bounds(mode):
     dtype = torch.bfloat16 if tma else torch.float32
     pb = paged_problem(rng, new_lens, cache_lens, NKV, D, page, 2, dtype)
     T, num_pages = pb["T"], pb["blocks"].shape[0]
-    blocks = Guarded(pb["blocks"], pad=3 * pb["blocks"][0].numel())
+    blocks, lut_g = poisoned_lut(pb)
     q = Guarded(torch.from_numpy(rng.standard_normal((T, NH, D))).to(dtype), pad=2 * NH * D)
     out = Guarded(torch.zeros((T, NH * D), dtype=dtype), pad=3 * NH * D)
     # Valid metadata, cache inside the guards: the reference's numbers.
-    got = _flash(q.view, blocks.view, pb["lut"], cache_lens, pb["offs"], "CAUSAL", 19, tma)
+    got = _flash(q.view, blocks.view, lut_g.view, cache_lens, pb["offs"], "CAUSAL", 19, tma)
     want = attention_ref(q.view.double().numpy(), pb["blocks"].double().numpy(), pb["lut"],
                          pb["offs"], cache_lens, 1, "CAUSAL", 0, D ** -0.5)
     tol = 2e-2 if tma else 1e-5
@@ -129,8 +151,11 @@ def test_flash_prefill_bounds(mode):
     max_pages = pb["lut"].shape[1]
     cases = {
         "page ids": (bad_luts(pb["lut"], num_pages), cache_lens, pb["offs"]),
-        "cache lengths": (pb["lut"], [BIG, max_pages * page + 3, -5], pb["offs"]),
-        "offsets": (pb["lut"], cache_lens, [0, T + 40, -3, BIG]),
+        # The last sequence's keys run past its lookup-table row (into the guard entries).
+        "cache lengths": (lut_g.view, [BIG, max_pages * page + 3, max_pages * page - 2],
+                          pb["offs"]),
+        "negative cache lengths": (lut_g.view, [-5, 9, BIG], pb["offs"]),
+        "offsets": (lut_g.view, cache_lens, [0, T + 40, -3, BIG]),
         "everything": (bad_luts(pb["lut"], num_pages), [BIG, -1, BIG], [5, 2, T + 9, T]),
     }
     for what, (lut, clen, offs) in cases.items():
@@ -140,6 +165,41 @@ def test_flash_prefill_bounds(mode):
             assert torch.isfinite(out.view.float()).all(), (what, mask)
             for g in (blocks, q, out):
                 g.check()
+
+
+# --------------------------------------------------------------------------- paged decode
+# page size, config (BLOCK_N, PAGED_TILES, TMA, warps, stages, split): row gather, page tiles, TMA
+DECODE_MODES = {"gather": (8, (16, 0, 0, 4, 3, 2)), "tiles": (32, (16, 1, 0, 4, 3, 2)),
+                "tma": (32, (16, 1, 1, 4, 3, 2))}
+
+
+@pytest.mark.parametrize("mode", list(DECODE_MODES))
+@isolated
+def test_paged_decode_bounds(mode):
+    """Page ids were clamped before; the cache lengths now are too (lookup-table columns)."""
+    page, conf = DECODE_MODES[mode]
+    rng = np.random.default_rng(9)
+    dtype = torch.bfloat16 if mode == "tma" else torch.float32
+    new_lens, cache_lens, NH, NKV, D = [1, 0, 2], [13, 40, 3], 4, 2, 16
+    pb = paged_problem(rng, new_lens, cache_lens, NKV, D, page, 2, dtype)
+    T, num_pages = pb["T"], pb["blocks"].shape[0]
+    blocks, lut_g = poisoned_lut(pb)
+    q = torch.from_numpy(rng.standard_normal((T, NH, D))).to(dtype)
+    kw = dict(q_per_seq=2, config=pdc.make_config(*conf), max_kv_len=256, num_parts=2)
+    got = pd.paged_decode(q, i32(pb["offs"]), i32(cache_lens), lut_g.view, blocks.view, 1, **kw)
+    want = attention_ref(q.double().numpy(), pb["blocks"].double().numpy(), pb["lut"],
+                         pb["offs"], cache_lens, 1, "CAUSAL", 0, D ** -0.5)
+    tol = 2e-2 if mode == "tma" else 1e-5
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=tol, atol=tol)
+    max_pages = pb["lut"].shape[1]
+    for lut, clen in ((bad_luts(pb["lut"], num_pages), cache_lens),
+                      (None, [BIG, -4, 10 ** 6]),
+                      (None, [3, 5, max_pages * page + 5]),
+                      (bad_luts(pb["lut"], num_pages), [BIG - 1, -BIG, BIG])):
+        lut = lut_g.view if lut is None else i32(lut)
+        got = pd.paged_decode(q, i32(pb["offs"]), i32(clen), lut, blocks.view, 1, **kw)
+        assert torch.isfinite(got.float()).all()
+        blocks.check()
 
 
 # ------------------------------------------------------------------ rope + split + store
