@@ -43,8 +43,14 @@ def no_host_steps(ex) -> None:
     assert "host_runtime" not in kinds.values(), kinds
 
 
-@pytest.mark.parametrize("enc", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
-                                 "Q4_K", "Q5_K", "Q6_K"])
+# Every encoding's kernels are checked on their own in test_quant_gemv.py / test_quant_gguf.py;
+# the whole layer (20-50 s each in the interpreter) runs one of each kind by default and the rest
+# with `-m slow`.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("enc", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"] + [
+    pytest.param(e, marks=_SLOW) for e in ("Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K")])
 def test_gguf_attention_layer(enc):
     from graphir.ops.quant.gguf_quantize import quantize_gguf
     from tests.nn import test_gguf_attention as tg
