@@ -185,14 +185,19 @@ def matmul_specs(encoding: str, dtype: str, conf: dict,
         + (("row_bytes",) if row_bytes is not None and row_bytes % 16 == 0 else ()))
     if split == 1:
         return [main]
+    return [main, splitk_reduce_spec("gguf", t, split)]
+
+
+def splitk_reduce_spec(family: str, t: str, split: int) -> KernelSpec:
+    """The kernel summing a split-K matmul's fp32 partials `[split, M, N]` into C (GGUF and
+    GPTQ alike; `family` names it)."""
     rsig = {"part_ptr": "*fp32", "bias_ptr": f"*{t}", "c_ptr": f"*{t}", "M": "i32", "N": "i32",
             "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK": "constexpr"}
-    reduce = KernelSpec(
-        name=f"gguf_splitk_reduce_{t}_s{split}", fn=splitk_reduce_kernel, signature=rsig,
+    return KernelSpec(
+        name=f"{family}_splitk_reduce_{t}_s{split}", fn=splitk_reduce_kernel, signature=rsig,
         constexprs=dict(HAS_BIAS=False, SPLIT_K=split, BLOCK=REDUCE_BLOCK), num_warps=4,
         num_stages=1, grid=lambda M, N: (cdiv(M * N, REDUCE_BLOCK), 1, 1), grid_args=("M", "N"),
         divisible_by_16=("part_ptr", "c_ptr"))
-    return [main, reduce]
 
 
 DEQUANT_BLOCK_N = 16

@@ -22,8 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from graphir.lowering.triton_gpu.kernels.matmul_skinny import splitk_reduce_kernel
-from graphir.lowering.triton_gpu.kernels.quant import REDUCE_BLOCK, TARGET_PROGRAMS
+from graphir.lowering.triton_gpu.kernels.quant import TARGET_PROGRAMS, splitk_reduce_spec
 from graphir.lowering.triton_gpu.kernels.quant_gemv import (GEMV_BUCKETS, gemv_bucket,
                                                             gptq_gemv_kernel, gptq_words)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
@@ -171,14 +170,7 @@ def matmul_specs(dtype: str, conf: dict, *, bits: int = 4, has_zeros: bool = Fal
         + (("N",) if n is not None and n % 16 == 0 else ()))
     if split == 1:
         return [main]
-    rsig = {"part_ptr": "*fp32", "bias_ptr": f"*{t}", "c_ptr": f"*{t}", "M": "i32", "N": "i32",
-            "HAS_BIAS": "constexpr", "SPLIT_K": "constexpr", "BLOCK": "constexpr"}
-    reduce = KernelSpec(
-        name=f"gptq_splitk_reduce_{t}_s{split}", fn=splitk_reduce_kernel, signature=rsig,
-        constexprs=dict(HAS_BIAS=False, SPLIT_K=split, BLOCK=REDUCE_BLOCK), num_warps=4,
-        num_stages=1, grid=lambda M, N: (cdiv(M * N, REDUCE_BLOCK), 1, 1), grid_args=("M", "N"),
-        divisible_by_16=("part_ptr", "c_ptr"))
-    return [main, reduce]
+    return [main, splitk_reduce_spec("gptq", t, split)]
 
 
 _TORCH_NAMES = {"torch.float32": "float32", "torch.float16": "float16",
