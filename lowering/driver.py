@@ -158,13 +158,17 @@ def _copy(graph):
 
 
 def decompose(graph, backend: str) -> bool:
-    """Rewrite nodes the backend cannot lower by their registered decompositions."""
+    """Apply the backend's own rewrites (registry.BACKEND_REWRITES), then rewrite nodes the
+    backend cannot lower by their registered decompositions."""
     from graphir.passes.dce import dce
     from graphir.rewrite import Pattern, apply_patterns
 
-    from .registry import DECOMPOSITIONS, STRUCTURAL, lowering_for
+    from .registry import BACKEND_REWRITES, DECOMPOSITIONS, STRUCTURAL, lowering_for
 
     def rewrite(node, rw) -> bool:
+        own = BACKEND_REWRITES.get((node.op, backend))
+        if own is not None and own(node, rw):
+            return True
         if node.op in STRUCTURAL or lowering_for(node.op, backend) is not None:
             return False
         fn = DECOMPOSITIONS.get(node.op)

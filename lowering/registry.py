@@ -9,6 +9,9 @@ LOWERINGS: dict[tuple[str, str], Callable] = {}
 # op -> fn(node, rewriter) that replaces the node by other ops (used when a backend has no
 # lowering of its own for the op).
 DECOMPOSITIONS: dict[str, Callable] = {}
+# (op, backend) -> fn(node, rewriter) run before lowering for that backend even though the op
+# has a lowering there (e.g. cuda's load-time repacking of 4-bit weights); True if it rewrote.
+BACKEND_REWRITES: dict[tuple[str, str], Callable] = {}
 # Ops that need no kernel: the runtime binds weights and constants, and creates the chain.
 STRUCTURAL = {"chain", "weight", "constant"}
 
@@ -35,6 +38,18 @@ def register_decomposition(op: str):
     return deco
 
 
+def register_backend_rewrite(op: str, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+
+    def deco(fn):
+        if (op, backend) in BACKEND_REWRITES:
+            raise ValueError(f"{backend} rewrite of gir.{op} registered twice")
+        BACKEND_REWRITES[(op, backend)] = fn
+        return fn
+    return deco
+
+
 def lowering_for(op: str, backend: str) -> Callable | None:
     return LOWERINGS.get((op, backend))
 
@@ -47,3 +62,7 @@ def missing_lowerings(backend: str) -> list[str]:
     return sorted(op for op in REGISTRY
                   if op not in STRUCTURAL and (op, backend) not in LOWERINGS
                   and op not in DECOMPOSITIONS)
+
+
+# cuda's 4-bit nib rewrite and its way back (registers on import; needs the functions above).
+from . import nib_rewrites  # noqa: E402,F401

@@ -20,6 +20,7 @@ from .attention import (flash_attention_ragged, fused_qkv_matmul, kv_cache_store
                         rope_split_store)
 from .collectives import allgather, allreduce
 from .quantized import QuantizationConfig, QuantizationEncoding, dequantize, qmatmul
+from . import quant_nib as _quant_nib  # noqa: F401  (nib_repack / nib_matmul: cuda's 4-bit form)
 from .mla import mla_attention, mla_cache_store, mla_decode, mla_prefill, mla_prefill_plan
 
 

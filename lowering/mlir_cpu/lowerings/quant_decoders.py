@@ -113,6 +113,8 @@ class Decoder:
     scales: Callable[[Block], tuple[str, str | None]] | None = None
     offsets: bool = False   # scales() gives offsets too
     width: int = W
+    # Optional: the scales as small integers for the row path (see IntScales)
+    int_scales: Callable[[Block], "IntScales"] | None = None
 
     @property
     def chunks(self) -> int:
@@ -140,11 +142,40 @@ DECODERS: dict[str, Decoder] = {}
 
 
 def decoder(name: str, elems: int, nbytes: int, sub: int, offsets: bool = False):
-    """Register the class's `codes` and `scales` (static methods) as `name`'s decoder."""
+    """Register the class's `codes` and `scales` (static methods; `int_scales` too if it has
+    one) as `name`'s decoder."""
     def deco(cls):
-        DECODERS[name] = Decoder(name, elems, nbytes, sub, cls.codes, cls.scales, offsets)
+        DECODERS[name] = Decoder(name, elems, nbytes, sub, cls.codes, cls.scales, offsets,
+                                 int_scales=getattr(cls, "int_scales", None))
         return cls
     return deco
+
+
+@dataclass(frozen=True)
+class IntScales:
+    """A block's scales as d * sc[s] (offsets dmin * mn[s]) with sc, mn small unsigned
+    integers (< TABLE), for the row path: it never converts them with vector ops but reads
+    float(sc[s]) from a table of 0..TABLE-1 as the broadcast operand of the sub-block's FMA,
+    applies d once per block, and dmin once per block to mn . (sums of x).
+
+    words: i32 scalars holding sc[s] in byte s % 4 of words[s // 4] (bits above `bits` of a
+    byte may hold other data: `index` masks them); mins: vector<S x f32> of mn or None."""
+    words: list
+    bits: int
+    d: str
+    mins: str | None = None
+    dmin: str | None = None
+
+    def index(self, t, s: int) -> str:
+        w = self.words[s // 4]
+        sh = 8 * (s % 4)
+        v = t(f"arith.shrui {w}, {t.const(str(sh), 'i32')} : i32") if sh else w
+        if sh < 24 or self.bits < 8:
+            v = t(f"arith.andi {v}, {t.const(str((1 << self.bits) - 1), 'i32')} : i32")
+        return t(f"arith.index_castui {v} : i32 to index")
+
+
+TABLE = 64   # entries of the row path's table of small integers as floats
 
 
 def float_decoder(name: str, width: int) -> Decoder:
@@ -284,10 +315,31 @@ def _k_nibbles(b: Block, qs: int, j: int) -> str:
     return b.vi("andi", u, 15) if s % 2 == 0 else b.vi("shrui", u, 4)
 
 
+def _k4_int_scales(b: Block) -> IntScales:
+    """The eight 6-bit (scale, min) pairs of _six_bit_pairs in four i32 words, by byte-wise
+    SWAR on the 12 packed bytes (a: bytes 0-3, m: 4-7, c: 8-11)."""
+    t = b.t
+    a, m, c = (b.scalar(4 + off, "i32", 4) for off in (0, 4, 8))
+
+    def op(name, x, k):
+        return t(f"arith.{name} {x}, {t.const(str(k), 'i32')} : i32")
+
+    def hi(low, top):  # (low & 15) | (top bits 6-7 of each byte, moved to bits 4-5)
+        return t(f"arith.ori {op('andi', low, 0x0F0F0F0F)}, "
+                 f"{op('andi', op('shrui', top, 2), 0x30303030)} : i32")
+    sc_lo, mn_lo = op("andi", a, 0x3F3F3F3F), op("andi", m, 0x3F3F3F3F)
+    sc_hi, mn_hi = hi(c, a), hi(op("shrui", c, 4), m)
+    pair = t(f"vector.from_elements {mn_lo}, {mn_hi} : vector<2xi32>")
+    mb = t(f"vector.bitcast {pair} : vector<2xi32> to vector<8xi8>")
+    mn = t(f"arith.uitofp {mb} : vector<8xi8> to vector<8xf32>")
+    return IntScales([sc_lo, sc_hi], 6, b.f16(0), mn, b.f16(2))
+
+
 @decoder("Q4_K", 256, 144, 32, offsets=True)
 class _Q4_K:
     codes = staticmethod(lambda b, j: b.tof(_k_nibbles(b, 16, j)))
     scales = staticmethod(_k4_scales)
+    int_scales = staticmethod(_k4_int_scales)
 
 
 @decoder("Q5_K", 256, 176, 32, offsets=True)
@@ -298,6 +350,7 @@ class _Q5_K:
         return b.tof(b.vi("ori", _k_nibbles(b, 48, j), b.vi("shli", high, 4)))
 
     scales = staticmethod(_k4_scales)
+    int_scales = staticmethod(_k4_int_scales)
 
 
 def _two_bits(b: Block, qs: int, j: int) -> str:

@@ -117,3 +117,36 @@ def _dequantize(sb: StepBuilder, node) -> None:
     N = e(w.type.shape[0])
     sb.launch(sb.kernel(spec), [f"cdiv({N}, {qk.DEQUANT_BLOCK_N})", f"cdiv({n_groups}, {ng})"],
               [sb.ptr(w), sb.ptr(node.results[0]), N, int(w.type.shape[1]), n_groups])
+
+
+@register_lowering("nib_matmul", "cuda")
+def _nib_matmul(sb: StepBuilder, node) -> None:
+    """The 4-bit nib kernels (kernels/quant_nib.py): the GEMV for decode rows, the dot tiles
+    for more; split-K partials summed by the shared reduce."""
+    from graphir.lowering.triton_gpu.kernels import quant_nib as qn
+
+    x = node.operands[0]
+    parts = list(node.operands[1:])
+    dt = _x_dtype(x, node.op)
+    a = node.attrs
+    K = int(x.type.shape[-1])
+    Mdim = numel(x.type.shape[:-1])
+    M, N = e(Mdim), str(a["out"])
+    tops = [top for top, _ in qn.NIB_BUCKETS]
+    for cond, top in _buckets(tops, Mdim):
+        conf, cols = qn.nib_config(top, K)
+        specs = qn.nib_specs(a["fmt"], dt, conf, a.get("group", 32))
+        bm = 1 if conf.get("GEMV") else conf["BM"]
+        split = conf["SPLIT_K"]
+        grid = [f"cdiv({M}, {bm})", f"cdiv({N}, {4 * conf['BG']})", split]
+        head = [sb.ptr(x), sb.ptr(parts[0]), sb.ptr(parts[1]),
+                sb.ptr(parts[2] if len(parts) > 2 else parts[1])]
+        tail = [M, N, K, cols]
+        with sb.when(cond):
+            if split == 1:
+                sb.launch(sb.kernel(specs[0]), grid, head + [sb.ptr(node.results[0])] + tail)
+                continue
+            part = sb.scratch(f"part_s{split}", "float32", f"{split} * ({M}) * ({N})")
+            sb.launch(sb.kernel(specs[0]), grid, head + [part] + tail)
+            sb.launch(sb.kernel(specs[1]), [f"cdiv(({M}) * ({N}), {qk.REDUCE_BLOCK})"],
+                      [part, sb.ptr(node.results[0]), sb.ptr(node.results[0]), M, N])

@@ -74,8 +74,13 @@ class InterpDevice:
 
 
 def interp_executor(graph, weights):
+    """The cuda plan of `graph` as `compile` forms it (a copy, after the backend's rewrites
+    and decompositions) run by the plan runner with the kernels under the interpreter."""
+    from graphir.lowering.driver import _copy, decompose
     from graphir.lowering.triton_gpu.backend import lower
 
+    graph = _copy(graph)
+    decompose(graph, "cuda")
     program = lower(graph)
     dev = InterpDevice(program)
     return PlanExecutor(program.plan.to_json(), graph, dev, weights), dev

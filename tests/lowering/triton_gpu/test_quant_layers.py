@@ -65,7 +65,11 @@ def test_gguf_attention_layer(enc):
     g = layer_graph(quant, rope, kvp)
     ex, dev = run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-4)
     no_host_steps(ex)
-    assert any(k.startswith(f"gguf_{enc.lower()}_matmul") for k in dev.launched)
+    # 4-bit encodings are repacked at load (nib_repack, a load-time step) for the nib kernels.
+    nib = enc in ("Q4_0", "Q4_1", "Q4_K")
+    kernel = f"nib_{enc.lower()}_" if nib else f"gguf_{enc.lower()}_matmul"
+    assert any(k.startswith(kernel) for k in dev.launched)
+    assert any(s["op"] == "nib_repack" and s["kernel"] == "host" for s in ex.steps) == nib
 
 
 @pytest.mark.parametrize("bits,sym,desc", [(4, False, True), (4, True, False), (8, True, True)])
@@ -82,4 +86,6 @@ def test_gptq_attention_layer(bits, sym, desc):
     assert str(g).count("gir.qmatmul") == 2
     ex, dev = run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-4)
     no_host_steps(ex)
-    assert sum(k.startswith(f"gptq_{bits}b") for k in dev.launched) >= 2 * len(SCHEDULE)
+    # 4-bit GPTQ without desc_act takes the nib kernels (repacked at load), the rest their own.
+    kernel = "nib_gptq" if bits == 4 and not desc else f"gptq_{bits}b"
+    assert sum(k.startswith(kernel) for k in dev.launched) >= 2 * len(SCHEDULE)

@@ -1,0 +1,88 @@
+"""cuda's 4-bit weights in the nib layout: the rewrite into it, and the way back for other backends.
+
+The cuda backend rewrites `qmatmul(x, weight...)` of a 4-bit GGUF (Q4_0, Q4_1, Q4_K) or GPTQ
+(4-bit, no desc_act) weight into `nib_matmul(x, nib_repack(weight...))` (ops/quant_nib.py)
+when the weight operands are computable at load time (weights and constants only): the
+executor then repacks once at load and the kernels read 16-byte aligned codes and scales.
+A graph holding these ops compiled for a backend without them (the CPU) gets the qmatmul back.
+"""
+from __future__ import annotations
+
+from graphir.ops.quant.gptq import resolve_group_size
+from graphir.ops.quant_nib import nib_format
+
+from .registry import lowering_for, register_backend_rewrite, register_decomposition
+
+# The switch (tools/gpu_sweeps/quant_nib.py measures the nib kernels against the block kernels).
+NIB_ENABLED = True
+_GPTQ_ATTRS = ("group_size", "sym", "checkpoint_format")
+
+
+def _load_time(v, seen=None) -> bool:
+    """Whether v depends on weights and constants alone (static shapes, no effects)."""
+    n = v.node
+    if n is None:
+        return False
+    if n.op in ("weight", "constant"):
+        return True
+    if n.opdef.effects or not all(r.type.is_static for r in n.results if hasattr(r.type, "is_static")):
+        return False
+    seen = set() if seen is None else seen
+    if id(n) in seen:
+        return True
+    seen.add(id(n))
+    return all(_load_time(o, seen) for o in n.operands)
+
+
+@register_backend_rewrite("qmatmul", "cuda")
+def qmatmul_to_nib(node, rw) -> bool:
+    fmt = nib_format(node.attrs)
+    # Without the cuda lowerings registered the decomposition would turn it straight back.
+    if not NIB_ENABLED or fmt is None or lowering_for("nib_matmul", "cuda") is None:
+        return False
+    x, weights = node.operands[0], list(node.operands[1:])
+    if not x.type.shape[-1].is_static or not all(_load_time(w) for w in weights):
+        return False
+    k = int(x.type.shape[-1])
+    a = node.attrs
+    if fmt.startswith("gptq"):
+        group = resolve_group_size(a["group_size"], k)
+        out = int(weights[0].type.shape[1])
+        extra = {n: a[n] for n in _GPTQ_ATTRS}
+    else:
+        group, out, extra = 32, int(weights[0].type.shape[0]), {}
+    if k % 32 or group % 32:
+        return False
+    parts = rw.create("nib_repack", weights, dict(encoding=a["encoding"], fmt=fmt, k=k, **extra),
+                      before=node)
+    y = rw.create("nib_matmul", [x] + list(parts), dict(fmt=fmt, out=out, group=group),
+                  before=node)
+    rw.replace(node, y)
+    return True
+
+
+@register_decomposition("nib_matmul")
+def nib_matmul_back(node, rw) -> bool:
+    """nib_matmul(x, nib_repack(w...)) -> qmatmul(x, w...) where nib ops have no lowering."""
+    rep = node.operands[1].node
+    if rep is None or rep.op != "nib_repack" or \
+            [id(v) for v in node.operands[1:]] != [id(r) for r in rep.results]:
+        return False
+    a = rep.attrs
+    attrs = {"encoding": a["encoding"]}
+    if a["encoding"] == "GPTQ":
+        attrs.update({n: a[n] for n in _GPTQ_ATTRS}, desc_act=False, bits=4)
+    y = rw.create("qmatmul", [node.operands[0]] + list(rep.operands), attrs, before=node)
+    rw.replace(node, y)
+    return True
+
+
+@register_decomposition("nib_repack")
+def nib_repack_unused(node, rw) -> bool:
+    """A repack nothing reads any more (its nib_matmul went back to qmatmul) is dropped."""
+    users = rw.graph.users()
+    outs = {id(v) for v in rw.graph.outputs}
+    if any(users.get(id(r)) or id(r) in outs for r in node.results):
+        return False
+    rw.erase(node)
+    return True

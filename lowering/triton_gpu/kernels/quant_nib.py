@@ -1,0 +1,320 @@
+"""4-bit matmuls over the load-time "nib" layout (ops/quant/nib_layout.py): GEMV and tiled dot.
+
+Both read a weight `[N, K]` as int32 code words `[N, K / 8]` (16-byte loads: 4 words = one
+32-value block of one row) and per-block affine terms (value = s * code + m), whose storage
+FMT selects: 0 q4_0 (float16 s, m = -8 s), 1 q4_1 (float16 s and m in one word), 2 q4_k
+(6-bit sc / min bytes per block, float16 d / dmin per 256 values), 3 gptq (float16 s and a
+uint8 zero point per group of GROUP values, m = -s z), 4 gptq_sym (zero point 8).
+
+Codes become floats with no int -> float conversion: code c at bit 4q of a word, masked in
+place and OR-ed into the bits of 2**23, is the float 2**23 + c 16**q; one subtraction leaves
+c 16**q exactly, and the 16**-q goes into the block's sum once. Nibble i of word w of block
+b is value k = 32 b + 4 i + w, so each nibble position meets 4 consecutive values of X.
+
+GEMV (X of 1 row): a program owns BN rows and a run of K (SPLIT_K programs per row block, fp32
+partials summed by the split-K reduce); per block it forms sum(x c) and sum(x) in fp32 and
+adds s sum(x c) + m sum(x), so the only per-value work is a mask-or, a subtraction and an FMA.
+The next tile's words and scales are loaded before the current one is decoded (PREFETCH), so
+each warp keeps two tiles of weight in flight.
+
+Dot (any M): the decoded tile, s c + m rounded to X's dtype, feeds tl.dot as the dot path of
+quant.py does for GGUF blocks.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's interpreter (the CPU tests) has no inline PTX: there the mask-or is two plain ops.
+_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
+FMT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "gptq": 3, "gptq_sym": 4}
+
+
+@triton.jit
+def _f16_lo(v):
+    return (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f16_hi(v):
+    return (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constexpr):
+    """(s, m) float32 `[BG, NJ, 4]` for row groups g `[BG]` and blocks bi `[NJ]` (in range)."""
+    r4 = tl.arange(0, 4)[None, None, :]
+    at = g.to(tl.int64)[:, None, None] * (nblk * 4) + (bi * 4)[None, :, None] + r4
+    if FMT == 0:
+        s = tl.load(s_ptr.to(tl.pointer_type(tl.float16)) + at).to(tl.float32)
+        m = -8.0 * s
+    elif FMT == 1:
+        v = tl.load(s_ptr.to(tl.pointer_type(tl.uint32)) + at)
+        s = _f16_lo(v)
+        m = _f16_hi(v)
+    elif FMT == 2:
+        v = tl.load(s_ptr.to(tl.pointer_type(tl.uint16)) + at).to(tl.uint32)
+        dd = tl.load(z_ptr.to(tl.pointer_type(tl.uint32))
+                     + g.to(tl.int64)[:, None, None] * (nblk // 8 * 4) + (bi // 8 * 4)[None, :, None]
+                     + r4)
+        s = _f16_lo(dd) * (v & 0xFF).to(tl.float32)
+        m = -(_f16_hi(dd) * (v >> 8).to(tl.float32))
+    else:
+        ng = nblk * 32 // GROUP
+        ga = g.to(tl.int64)[:, None, None] * (ng * 4) + (bi * 32 // GROUP * 4)[None, :, None] + r4
+        s = tl.load(s_ptr.to(tl.pointer_type(tl.float16)) + ga).to(tl.float32)
+        if FMT == 3:
+            z = tl.load(z_ptr.to(tl.pointer_type(tl.uint8)) + ga).to(tl.float32)
+        else:
+            z = tl.full(s.shape, 8.0, tl.float32)
+        m = -(s * z)
+    return s, m
+
+
+@triton.jit
+def _or_magic(v, MASK: tl.constexpr):
+    """(v & MASK) | bits of 2**23 in one LOP3 (ptxas otherwise spends two: LOP3 takes a
+    single immediate operand, and it does not keep the 2**23 bits in a register)."""
+    if not _ASM:
+        return (v & MASK) | 0x4B000000
+    if MASK == 0xF:
+        asm: tl.constexpr = "lop3.b32 $0, $1, 15, 1258291200, 0xEA;"
+    elif MASK == 0xF0:
+        asm: tl.constexpr = "lop3.b32 $0, $1, 240, 1258291200, 0xEA;"
+    elif MASK == 0xF00:
+        asm: tl.constexpr = "lop3.b32 $0, $1, 3840, 1258291200, 0xEA;"
+    else:
+        asm: tl.constexpr = "lop3.b32 $0, $1, 61440, 1258291200, 0xEA;"
+    return tl.inline_asm_elementwise(asm, "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _plane(words, q: tl.constexpr, OFF: tl.constexpr):
+    """Codes at nibble q (0..3) of `words` as exact floats (c - OFF) * 16**q."""
+    return _or_magic(words, 0xF << (4 * q)).to(tl.float32, bitcast=True) \
+        - (8388608.0 + OFF * (1 << (4 * q)))
+
+
+@triton.jit
+def _pair(v, DT: tl.constexpr):
+    """The two 16-bit X values in 32-bit words v, as float32 (DT 1: bfloat16, 2: float16)."""
+    if DT == 1:
+        return (v << 16).to(tl.float32, bitcast=True), (v & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return _f16_lo(v), _f16_hi(v)
+
+
+@triton.jit
+def _quarters(v):
+    """The four entries of the last axis of v `[BG, NJ, 4]`, each `[BG, NJ]`: a split along an
+    axis a lane holds whole is free (no layout conversion, unlike slicing a separate X tile)."""
+    BG: tl.constexpr = v.shape[0]
+    NJ: tl.constexpr = v.shape[1]
+    a, b = tl.split(tl.reshape(v, (BG, NJ, 2, 2)))
+    e0, e2 = tl.split(a)
+    e1, e3 = tl.split(b)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def _x_octet(xp, DT: tl.constexpr):
+    """X values 8 j + 0..7 as eight float32 `[BG, NJ]` from pointers xp `[BG, NJ, 4]` (the same
+    for every g: one 16-byte load a lane for 16-bit X, two for float32)."""
+    if DT == 0:
+        x0, x1, x2, x3 = _quarters(tl.load(xp))
+        x4, x5, x6, x7 = _quarters(tl.load(xp + 4))
+        return x0, x1, x2, x3, x4, x5, x6, x7
+    p0, p1, p2, p3 = _quarters(tl.load(xp))
+    x0, x1 = _pair(p0, DT)
+    x2, x3 = _pair(p1, DT)
+    x4, x5 = _pair(p2, DT)
+    x6, x7 = _pair(p3, DT)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
+                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BG: tl.constexpr,
+                    NJ: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+    # A program owns BG groups of four rows and a run of word columns (8 values of K each);
+    # the launcher guarantees K % (8 NJ) == 0 and cols_per_split % NJ == 0, so every step is a
+    # whole tile and pointers advance by constants (no per-step masks or clamps).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    kw = K // 8
+    nblk = K // 32
+    gr = pid_n * BG + tl.arange(0, BG)
+    g = tl.minimum(gr, (N + 3) // 4 - 1)
+    j_lo = pid_k * cols_per_split
+    steps = (tl.minimum(j_lo + cols_per_split, kw) - j_lo) // NJ
+    jj = j_lo + tl.arange(0, NJ)
+    wp = q_ptr + g.to(tl.int64)[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] \
+        + tl.arange(0, 4)[None, None, :]
+    XW: tl.constexpr = 8 if DT == 0 else 4
+    xrow = x_ptr + tl.minimum(pid_m, M - 1).to(tl.int64) * K
+    if DT != 0:
+        xrow = xrow.to(tl.pointer_type(tl.uint32))
+    # X pointers in the words' own shape (equal for every g): the octets split out of them
+    # broadcast over the rows with no layout conversion.
+    xp = tl.broadcast_to(xrow + (jj * XW)[None, :, None] + tl.arange(0, 4)[None, None, :],
+                         (BG, NJ, 4))
+    # Symmetric formats (q4_0, GPTQ without zero points) subtract their offset 8 with the
+    # float conversion, so no sum of X is needed.
+    OFF: tl.constexpr = 8 if FMT == 0 or FMT == 4 else 0
+    acc = tl.zeros((BG, NJ, 4), tl.float32)
+    if PREFETCH:
+        nw = tl.load(wp)
+        ns, nm = block_affine(s_ptr, z_ptr, g, jj // 4, nblk, FMT, GROUP)
+    for it in range(steps):
+        if PREFETCH:
+            words, s, m = nw, ns, nm
+            # The step after the last one re-reads the last tile (in bounds, unused).
+            nxt = tl.minimum(it + 1, steps - 1)
+            nw = tl.load(wp + nxt * (NJ * 4))
+            ns, nm = block_affine(s_ptr, z_ptr, g, (jj + nxt * NJ) // 4, nblk, FMT, GROUP)
+        else:
+            words = tl.load(wp + it * (NJ * 4))
+            s, m = block_affine(s_ptr, z_ptr, g, (jj + it * NJ) // 4, nblk, FMT, GROUP)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp + it * (NJ * XW), DT)
+        hi = words >> 16
+        # One FMA chain per word; X of nibble q pre-scaled by 16**-q once for four rows.
+        t = _plane(words, 0, OFF) * x0[:, :, None]
+        t = tl.fma(_plane(words, 1, OFF), (x1 * 0.0625)[:, :, None], t)
+        t = tl.fma(_plane(words, 2, OFF), (x2 * 0.00390625)[:, :, None], t)
+        t = tl.fma(_plane(words, 3, OFF), (x3 * 0.000244140625)[:, :, None], t)
+        t = tl.fma(_plane(hi, 0, OFF), x4[:, :, None], t)
+        t = tl.fma(_plane(hi, 1, OFF), (x5 * 0.0625)[:, :, None], t)
+        t = tl.fma(_plane(hi, 2, OFF), (x6 * 0.00390625)[:, :, None], t)
+        t = tl.fma(_plane(hi, 3, OFF), (x7 * 0.000244140625)[:, :, None], t)
+        acc = tl.fma(s, t, acc)
+        if OFF == 0:
+            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+            acc = tl.fma(m, xs[:, :, None], acc)
+    out = tl.reshape(tl.sum(acc, axis=1), (BG * 4,))
+    rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
+    ok = rn < N
+    dst = pid_m.to(tl.int64) * N + rn
+    if SPLIT_K > 1:
+        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, out, mask=ok)
+    else:
+        tl.store(c_ptr + dst, out.to(c_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv_geometry(k: int, nj: int, split: int) -> tuple[int, int]:
+    """(NJ, cols_per_split) for a GEMV over K = k: NJ shrinks to a power of two dividing the
+    row's word columns, each split takes whole tiles."""
+    kw = k // 8
+    while kw % nj:
+        nj //= 2
+    return nj, -(-(-(-kw // split)) // nj) * nj
+
+
+@triton.jit
+def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
+                      FMT: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
+                      BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Tiles of BM rows of X by BG groups of four weight rows, NJ word columns (8 NJ values of
+    # K) a step; the launcher guarantees K % (8 NJ) == 0 and cols_per_split % NJ == 0.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    kw = K // 8
+    nblk = K // 32
+    rm = pid_m * BM + tl.arange(0, BM)
+    g = tl.minimum(pid_n * BG + tl.arange(0, BG), (N + 3) // 4 - 1)
+    j_lo = pid_k * cols_per_split
+    steps = (tl.minimum(j_lo + cols_per_split, kw) - j_lo) // NJ
+    jj = j_lo + tl.arange(0, NJ)
+    wp = q_ptr + g.to(tl.int64)[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] \
+        + tl.arange(0, 4)[None, None, :]
+    xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K + j_lo * 8 \
+        + tl.arange(0, NJ * 8)[None, :]
+    acc = tl.zeros((BG * 4, BM), tl.float32)
+    for it in range(steps):
+        words = tl.load(wp + it * (NJ * 4))
+        s, m = block_affine(s_ptr, z_ptr, g, (jj + it * NJ) // 4, nblk, FMT, GROUP)
+        hi = words >> 16
+        # Nibble q of each half decodes to c * 16**q (no shift), so s / 16**q scales it.
+        s1 = s * 0.0625
+        s2 = s * 0.00390625
+        s3 = s * 0.000244140625
+        p0 = _plane(words, 0, 0) * s + m
+        p1 = _plane(words, 1, 0) * s1 + m
+        p2 = _plane(words, 2, 0) * s2 + m
+        p3 = _plane(words, 3, 0) * s3 + m
+        p4 = _plane(hi, 0, 0) * s + m
+        p5 = _plane(hi, 1, 0) * s1 + m
+        p6 = _plane(hi, 2, 0) * s2 + m
+        p7 = _plane(hi, 3, 0) * s3 + m
+        # Joins append an axis; flattening [.., a, b, c] gives 4 a + 2 b + c, so the first
+        # join pairs nibbles i, i + 4 and the last i, i + 1: nibble order 0..7.
+        v = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
+                    tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+        v = tl.reshape(v.to(x_ptr.dtype.element_ty), (BG, NJ, 4, 8))
+        # [BG, NJ, 4 rows, 8 nibbles] -> rows (4 g + r) by k (8 j + i).
+        w = tl.reshape(tl.permute(v, (0, 2, 1, 3)), (BG * 4, NJ * 8))
+        # W as the left operand (its rows fill the MMA's M), X^T as the right one.
+        acc = tl.dot(w, tl.trans(tl.load(xp + it * (NJ * 8))), acc)
+    rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
+    ok = (rn < N)[:, None] & (rm < M)[None, :]
+    dst = rm.to(tl.int64)[None, :] * N + rn[:, None]
+    if SPLIT_K > 1:
+        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, acc, mask=ok)
+    else:
+        tl.store(c_ptr + dst, acc.to(c_ptr.dtype.element_ty), mask=ok)
+
+
+def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
+    """The GEMV (conf["GEMV"]) or dot kernel for a nib weight of format `fmt` and X of `dtype`
+    and, when the config splits K, the reduce of its fp32 partials. conf: BG (groups of four
+    rows), NJ (word columns a step), SPLIT_K, num_warps, and BM / num_stages (dot) or
+    PREFETCH (GEMV)."""
+    from .quant import splitk_reduce_spec
+    from .spec import KernelSpec, cdiv, triton_dtype
+
+    if fmt not in FMT_IDS:
+        raise ValueError(f"nib layout: unknown format {fmt!r}; have {sorted(FMT_IDS)}")
+    t = triton_dtype(dtype)
+    split, gemv = conf["SPLIT_K"], bool(conf.get("GEMV"))
+    bm = 1 if gemv else conf["BM"]
+    bn = 4 * conf["BG"]
+    consts = dict(FMT=FMT_IDS[fmt], GROUP=group)
+    if gemv:
+        consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
+                      SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)))
+    else:
+        consts.update(BM=bm, BG=conf["BG"], NJ=conf["NJ"], SPLIT_K=split)
+    sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8",
+           "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+           "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
+    tag = (f"gemv_g{conf['BG']}j{conf['NJ']}" + ("p" if consts.get("PREFETCH") else "")
+           if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}")
+    main = KernelSpec(
+        name=f"nib_{fmt}_{tag}_{t}_w{conf['num_warps']}" + (f"s{split}" if split > 1 else ""),
+        fn=nib_gemv_kernel if gemv else nib_matmul_kernel, signature=sig, constexprs=consts,
+        num_warps=conf["num_warps"], num_stages=conf.get("num_stages", 1),
+        grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
+        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
+    return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
+
+
+# Row buckets of X: (largest M, config). GEMV rows take one program per X row (the weight,
+# at most 33 MB for 14336 x 4096, stays in the H200's L2 between the rows). Configs from the H200
+# sweep (tools/gpu_sweeps/quant_nib.py, BENCHMARKS.md "nib"): the GEMV g1j128w2 was within 2% of
+# the best at M = 1 on both weights and all three formats.
+NIB_BUCKETS = (
+    (1, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
+    (2, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
+    (16, dict(BM=16, BG=8, NJ=16, num_warps=4, num_stages=1, SPLIT_K=2)),
+    (64, dict(BM=64, BG=16, NJ=16, num_warps=4, num_stages=1, SPLIT_K=1)),
+    (None, dict(BM=128, BG=32, NJ=8, num_warps=8, num_stages=1, SPLIT_K=1)),
+)
+
+
+def nib_config(m_max: int | None, k: int) -> tuple[dict, int]:
+    """(config, cols_per_split) of the bucket taking m_max rows (None: any) for K = k."""
+    conf = next(c for top, c in NIB_BUCKETS if top is None or (m_max is not None and m_max <= top))
+    nj, cols = gemv_geometry(k, conf["NJ"], conf["SPLIT_K"])
+    return dict(conf, NJ=nj), cols

@@ -1,0 +1,185 @@
+"""4-bit weights in the nib layout (ops/quant/nib_layout.py, ops/quant_nib.py) and their kernels
+(kernels/quant_nib.py) under Triton's interpreter: the repack is exact against the gguf / GPTQ
+references for every format, the GEMV and dot kernels match the float64 product for float32,
+bfloat16 and float16 X, with split-K, N not a multiple of 4 and K that shrinks the tile; the
+cuda rewrite turns qmatmul into nib_repack + nib_matmul, and the CPU gets qmatmul back."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from graphir.lowering.triton_gpu.kernels import quant_nib as qn  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
+from graphir.ops.quant.gguf_blocks import dequantize_gguf  # noqa: E402
+from graphir.ops.quant.gguf_quantize import quantize_gguf  # noqa: E402
+from graphir.ops.quant.gptq import dequantize_gptq  # noqa: E402
+from graphir.ops.quant.gptq_layout import gptq_weight_bytes, pack_rows  # noqa: E402
+from graphir.ops.quant_nib import _matmul_rule, _repack_ref, nib_weight  # noqa: E402
+
+GGUF = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K"}
+
+
+def gguf_weight(rng, fmt, n, k):
+    """(nib operands, float32 reference weight [n, k]) of a random GGUF weight."""
+    enc = GGUF[fmt]
+    raw = quantize_gguf((rng.standard_normal((n, k)) * 0.1).astype(np.float32), enc)
+    ops = _repack_ref([raw], dict(fmt=fmt, k=k, encoding=enc))
+    return ops, dequantize_gguf(raw, enc, k)
+
+
+def gptq_weight(rng, fmt, n, k, group, fmt_v1=True):
+    codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+    scales = rng.uniform(0.002, 0.02, (k // group, n)).astype(np.float16)
+    qw = pack_rows(codes, 4)
+    zeros = None
+    if fmt == "gptq":
+        z = rng.integers(0, 15, (k // group, n), dtype=np.uint8)
+        zeros = pack_rows(np.ascontiguousarray(z.T), 4).T.copy()
+    ins = [gptq_weight_bytes(qw, scales)] + ([zeros] if zeros is not None else [])
+    ops = _repack_ref(ins, dict(fmt=fmt, k=k, group_size=group,
+                                checkpoint_format="gptq" if fmt_v1 else "gptq_v2"))
+    want = dequantize_gptq(qw, scales, zeros, None, group,
+                           checkpoint_format="gptq" if fmt_v1 else "gptq_v2")
+    return ops, want.T
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k"])
+def test_gguf_repack_is_exact(fmt):
+    rng = np.random.default_rng(3)
+    n, k = 13, 512                               # n not a multiple of 4: zero rows padded
+    ops, want = gguf_weight(rng, fmt, n, k)
+    assert ops[0].shape == (4, k // 8, 4) and ops[0].dtype == np.int32
+    np.testing.assert_array_equal(nib_weight(fmt, n, ops), want)
+
+
+@pytest.mark.parametrize("fmt,v1", [("gptq", True), ("gptq", False), ("gptq_sym", True)])
+def test_gptq_repack_is_exact(fmt, v1):
+    rng = np.random.default_rng(4)
+    n, k, group = 16, 256, 64
+    ops, want = gptq_weight(rng, fmt, n, k, group, v1)
+    np.testing.assert_array_equal(nib_weight(fmt, n, ops, group), want)
+
+
+def launch(x, ops, fmt, n, conf, group=32):
+    """y = x @ W^T with the nib kernels of `conf` (fp32 partials + torch sum when split)."""
+    m, k = x.shape
+    specs = qn.nib_specs(fmt, {torch.float32: "float32", torch.bfloat16: "bfloat16",
+                               torch.float16: "float16"}[x.dtype], conf, group)
+    s = specs[0]
+    nj, cols = qn.gemv_geometry(k, conf["NJ"], conf["SPLIT_K"])
+    assert nj == s.constexprs["NJ"], "configs passed here must already fit K"
+    t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
+    t[0] = t[0].view(torch.int32)
+    extra = t[2] if len(t) > 2 else t[1]
+    split = conf["SPLIT_K"]
+    out = torch.zeros((split, m, n) if split > 1 else (m, n),
+                      dtype=torch.float32 if split > 1 else x.dtype)
+    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, out, m, n, k, cols, **s.constexprs,
+                               num_warps=s.num_warps)
+    return (out.sum(0) if split > 1 else out).double().numpy()
+
+
+CASES = [("q4_0", 32), ("q4_1", 32), ("q4_k", 32), ("gptq", 64), ("gptq_sym", 128)]
+
+
+def weight_for(rng, fmt, n, k, group):
+    """GPTQ's packed zero points need N % 8 == 0: its N is rounded up (GGUF keeps a ragged N)."""
+    return gptq_weight(rng, fmt, n, k, group) if fmt.startswith("gptq") \
+        else gguf_weight(rng, fmt, n, k)
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemv_matches_product(fmt, group, dtype):
+    rng = np.random.default_rng(hash((fmt, str(dtype))) % 2**32)
+    n, k, m = (40 if fmt.startswith("gptq") else 37), 512, 2
+    ops, w = weight_for(rng, fmt, n, k, group)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
+    conf = dict(GEMV=1, BG=2, NJ=16, num_warps=1, SPLIT_K=1, PREFETCH=1)
+    got = launch(x, ops, fmt, n, conf, group)
+    want = x.double().numpy() @ w.astype(np.float64).T
+    tol = 1e-5 if dtype == torch.float32 else 1e-2      # the output's rounding only
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt,group", [("q4_k", 32), ("gptq", 64)])
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_gemv_split_k_and_a_shrunk_tile(fmt, group, prefetch):
+    rng = np.random.default_rng(9 + prefetch)
+    n, k = (24 if fmt == "gptq" else 21), 768    # 96 word columns: NJ 64 shrinks to 32
+    ops, w = weight_for(rng, fmt, n, k, group)
+    x = torch.from_numpy(rng.standard_normal((1, k)).astype(np.float32))
+    nj, _ = qn.gemv_geometry(k, 64, 2)
+    assert nj == 32
+    conf = dict(GEMV=1, BG=1, NJ=nj, num_warps=1, SPLIT_K=2, PREFETCH=prefetch)
+    got = launch(x, ops, fmt, n, conf, group)
+    want = x.double().numpy() @ w.astype(np.float64).T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("m,split", [(3, 1), (17, 2)])
+def test_dot_matches_product(fmt, group, m, split):
+    rng = np.random.default_rng(m + split + len(fmt))
+    n, k = (24 if fmt.startswith("gptq") else 22), 256
+    ops, w = weight_for(rng, fmt, n, k, group)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(torch.bfloat16)
+    conf = dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=split)
+    got = launch(x, ops, fmt, n, conf, group)
+    want = x.double().numpy() @ w.astype(np.float64).T
+    # The dot rounds the decoded weight to bfloat16, as the GGUF dot kernels do.
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_config_buckets_fit_k():
+    for m in (1, 2, 3, 16, 64, 65, None):
+        for k in (4096, 14336, 11008, 352):
+            conf, cols = qn.nib_config(m, k)
+            assert (k // 8) % conf["NJ"] == 0 and cols % conf["NJ"] == 0
+            assert cdiv(k // 8, cols) <= conf["SPLIT_K"]
+    assert qn.nib_config(1, 4096)[0].get("GEMV") and not qn.nib_config(16, 4096)[0].get("GEMV")
+
+
+def _qmatmul_graph(enc, n, k):
+    from graphir import Graph, TensorType, Weight, ops
+    from graphir.dtype import DType
+
+    raw = quantize_gguf((np.random.default_rng(0).standard_normal((n, k)) * 0.1)
+                        .astype(np.float32), enc)
+    with Graph("q", input_types=[TensorType(DType.float32, ["T", k])]) as g:
+        w = Weight("w", DType.uint8, list(raw.shape))
+        g.output(ops.qmatmul(enc, None, g.inputs[0], w))
+    return g, raw
+
+
+def test_cuda_rewrite_and_the_way_back():
+    import graphir.lowering.triton_gpu.backend  # noqa: F401  (registers the cuda lowerings)
+    from graphir.lowering.driver import _copy, decompose
+    from graphir.runtime.interpreter import run
+
+    g, raw = _qmatmul_graph("Q4_K", 12, 256)
+    cu = _copy(g)
+    decompose(cu, "cuda")
+    text = str(cu)
+    assert "gir.nib_repack" in text and "gir.nib_matmul" in text and "gir.qmatmul" not in text
+    x = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float32)
+    want = run(g, x, weights={"w": raw})[0]
+    np.testing.assert_allclose(run(cu, x, weights={"w": raw})[0], want, rtol=1e-5, atol=1e-6)
+    back = _copy(cu)
+    decompose(back, "cpu")
+    assert "gir.nib_" not in str(back) and "gir.qmatmul" in str(back)
+    np.testing.assert_allclose(run(back, x, weights={"w": raw})[0], want, rtol=1e-6, atol=1e-7)
+
+
+def test_rule_names_the_bad_operand():
+    from graphir import TensorType
+    from graphir.dtype import DType
+
+    x = TensorType(DType.bfloat16, [2, 256])
+    codes = TensorType(DType.int32, [3, 32, 4])
+    bad = TensorType(DType.uint8, [3, 8, 4])          # q4_0 scales are [3, 8, 8] bytes
+    with pytest.raises(ValueError, match="operand 2 must be u8"):
+        _matmul_rule([x, codes, bad], dict(fmt="q4_0", out=12))
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        _matmul_rule([x, codes, bad], dict(fmt="q5_0", out=12))

@@ -1,0 +1,247 @@
+"""Sweep of the 4-bit kernels over the load-time nib layout (kernels/quant_nib.py) on one GPU.
+
+y = x @ W^T, W 14336x4096 and 4096x4096 in Q4_0, Q4_K (GGUF, repacked by ops/quant/nib_layout.py)
+and 4-bit GPTQ group 128 (symmetric); x bf16 of 1 row (GEMV configs, then the dot kernel) and 16
+rows (dot kernel). Round 1 times a grid of configs on Q4_0 14336x4096; round 2 the best of round
+1 on every weight. Every variant is checked against torch (float32 product with the decoded
+weight) before it is timed; the peer is cuBLAS bf16 on the decoded weight, weights rotated
+among copies over 4x the L2 for both. "% copy" counts the checkpoint's bytes (GGUF blocks or
+GPTQ words + scales) over the measured copy bandwidth.
+    python3 tools/gpu_sweeps/quant_nib.py            (bash tools/gpu_sweep.sh quant_nib)
+    python3 tools/gpu_sweeps/quant_nib.py --dry-run  (CPU, Triton interpreter, tiny shapes)
+Writes $OUT/quant_nib.json.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+
+DRY = "--dry-run" in sys.argv
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    import tests.lowering.triton_gpu.conftest  # noqa: E402,F401  (the interpreter's bf16 dot)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from graphir.lowering.triton_gpu.kernels.quant_nib import gemv_geometry, nib_specs  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
+from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _kernels  # noqa: E402
+
+T0 = time.time()
+LIMIT_S = 400
+DEV = "cpu" if DRY else "cuda"
+SHAPES = [(40, 512)] if DRY else [(14336, 4096), (4096, 4096)]
+FMTS = ("q4_0", "q4_k", "gptq_sym")
+
+
+def left() -> float:
+    return LIMIT_S - (time.time() - T0)
+
+
+def weight(rng, fmt: str, n: int, k: int):
+    """(device arrays (codes, scales, extra), checkpoint bytes, float32 decoded rows [check, k])."""
+    check = min(n, 1024)
+    if fmt.startswith("gptq"):
+        from graphir.ops.quant.gptq_layout import pack_rows
+
+        codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+        scales = (rng.uniform(0.002, 0.02, (k // 128, n))
+                  * rng.choice([-1, 1], (k // 128, n))).astype(np.float16)
+        arrs = repack_gptq(pack_rows(codes, 4), scales, None, False)
+        nbytes = k * n // 2 + scales.nbytes
+    else:
+        from graphir.ops.quant.gguf_blocks import gguf_block_geometry
+
+        enc = fmt.upper()
+        geo = gguf_block_geometry(enc)
+        nb = k // geo.block_elems
+        raw = rng.integers(0, 256, (n, nb, geo.block_bytes), dtype=np.uint8)
+        for off in ((0,) if enc == "Q4_0" else (0, 2)):
+            d = (rng.uniform(0.002, 0.02, (n, nb)) * rng.choice([-1, 1], (n, nb))).astype(np.float16)
+            raw[:, :, off:off + 2] = d.view(np.uint8).reshape(n, nb, 2)
+        raw = raw.reshape(n, -1)
+        arrs = repack_gguf(raw, enc, k)
+        nbytes = raw.nbytes
+    extra = arrs[2] if len(arrs) > 2 else None
+    gc = check // 4
+    wt = dequantize_nib(fmt, check, arrs[0][:gc], arrs[1][:gc],
+                        None if extra is None else extra[:gc], 128 if fmt.startswith("gptq") else 32)
+    dev = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()).to(DEV)
+           for a in (arrs[0], arrs[1], extra if extra is not None else np.zeros(16, np.uint8))]
+    dev[0] = dev[0].view(torch.int32)
+    return dev, nbytes, wt
+
+
+def calls(kernels, specs, conf, M, N, K, x, wsets, out):
+    split = conf["SPLIT_K"]
+    main = kernels[specs[0].name]
+    bps = gemv_geometry(K, conf["NJ"], split)[1]
+    grid = specs[0].grid_for(M=M, N=N)
+    part = torch.empty((split, M, N), dtype=torch.float32, device=DEV) if split > 1 else None
+    fns = []
+    for q, s, z in wsets:
+        if split == 1:
+            fns.append(lambda q=q, s=s, z=z: main(grid, x, q, s, z, out, M, N, K, bps))
+        else:
+            red = kernels[specs[1].name]
+            rgrid = specs[1].grid_for(M=M, N=N)
+
+            def f(q=q, s=s, z=z):
+                main(grid, x, q, s, z, part, M, N, K, bps)
+                red(rgrid, part, out, out, M, N)
+            fns.append(f)
+    return fns
+
+
+def gemv_confs():
+    if DRY:
+        return [dict(GEMV=1, BG=1, NJ=8, num_warps=1, SPLIT_K=s, PREFETCH=p)
+                for s, p in ((1, 1), (2, 0))]
+    # One word column of four rows per lane and step at least (BG NJ >= 32 num_warps).
+    return [dict(GEMV=1, BG=bg, NJ=nj, num_warps=w, SPLIT_K=1, PREFETCH=1)
+            for bg, nj, w in itertools.product((1, 2, 4), (32, 64, 128), (1, 2, 4))
+            if 32 * w <= bg * nj <= 128 * w]
+
+
+def dot_confs():
+    if DRY:
+        return [dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=1)]
+    return [dict(BM=16, BG=bg, NJ=nj, num_warps=w, num_stages=1, SPLIT_K=s)
+            for bg, nj, w, s in itertools.product((8, 16, 32), (8, 16), (4, 8), (1, 2))]
+
+
+def bucket_jobs(fmt, N, K):
+    """The shipped bucket configs (kernels/quant_nib.NIB_BUCKETS) at M = 1, 2, 4, 16, 64, 512."""
+    from graphir.lowering.triton_gpu.kernels.quant_nib import nib_config
+
+    ms = (1, 2, 4, 16) if DRY else (1, 2, 4, 16, 64, 512)
+    out = [(fmt, N, K, m, nib_config(m, K)[0]) for m in ms]
+    # M = 4 both ways: the GEMV (one program per row) against the dot bucket.
+    out.append((fmt, N, K, 4, nib_config(1, K)[0]))
+    return out
+
+
+def label(c):
+    if c.get("GEMV"):
+        return f"gemv g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}" + ("p" if c["PREFETCH"] else "")
+    return f"dot m{c['BM']}g{c['BG']}j{c['NJ']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
+
+
+def run(jobs, copy_gbs, results, weights, peer):
+    """jobs: (fmt, N, K, M, conf). Compiles what is new, checks and times each."""
+    specs = {}
+    for fmt, N, K, M, conf in jobs:
+        for s in nib_specs(fmt, "bfloat16", conf, 128 if fmt.startswith("gptq") else 32):
+            specs[s.name] = s
+    kernels = _kernels.compile_all(specs, DRY)
+    rng = np.random.default_rng(0)
+    for fmt, N, K, M, conf in jobs:
+        if left() < 15:
+            print("time budget: stopping", flush=True)
+            return
+        if (fmt, N, K) not in weights:
+            dev, nbytes, wt = weight(rng, fmt, N, K)
+            n_copies = 2 if DRY else _kernels_copies(sum(t.numel() * t.element_size() for t in dev))
+            wsets = [dev] + [[t.clone() for t in dev] for _ in range(n_copies - 1)]
+            weights[(fmt, N, K)] = (wsets, nbytes, torch.from_numpy(wt).to(DEV))
+        wsets, nbytes, wt = weights[(fmt, N, K)]
+        specs_c = nib_specs(fmt, "bfloat16", conf, 128 if fmt.startswith("gptq") else 32)
+        res = dict(fmt=fmt, N=N, K=K, M=M, config=label(conf), conf=conf, quant_bytes=nbytes)
+        try:
+            bad = [kernels[s.name] for s in specs_c if isinstance(kernels[s.name], Exception)]
+            if bad:
+                raise bad[0]
+            x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+            out = torch.empty((M, N), dtype=torch.bfloat16, device=DEV)
+            fns = calls(kernels, specs_c, conf, M, N, K, x, wsets, out)
+            out.fill_(float("nan"))
+            fns[0]()
+            want = x.float() @ wt.t()
+            res["rel_err"] = err = _kernels.rel_err(out[:, :wt.shape[0]].float(), want)
+            if not err < 2e-2:
+                res["error"] = f"rel_err {err:.2e}"
+            else:
+                res["us"] = _kernels.timed(fns, DRY)
+                res["gbs"] = nbytes / res["us"] / 1e3
+        except Exception as e:  # noqa: BLE001  (reported, not timed)
+            res["error"] = f"{type(e).__name__}: {e}"[:300]
+        if (N, K, M) not in peer:
+            peer[(N, K, M)] = cublas_us(N, K, M)
+        res["cublas_us"] = peer[(N, K, M)]
+        results.append(res)
+        print(row(res, copy_gbs), flush=True)
+
+
+def _kernels_copies(nbytes):
+    from graphir.tools.gpu_timing import copies_to_beat_l2
+
+    return copies_to_beat_l2(nbytes)
+
+
+def cublas_us(N, K, M) -> float:
+    w0 = torch.randn(N, K, device=DEV).to(torch.bfloat16)
+    ws = [w0] + [w0.clone() for _ in range(1 if DRY else _kernels_copies(w0.numel() * 2) - 1)]
+    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+    return _kernels.timed([lambda w=w: torch.matmul(x, w.t()) for w in ws], DRY)
+
+
+def row(r, copy_gbs) -> str:
+    head = f"{r['fmt']:5} {r['N']}x{r['K']} M={r['M']:<3} {r['config']:28}"
+    if "us" not in r:
+        return head + " ERROR " + r.get("error", "?")
+    pct = f"{100 * r['gbs'] / copy_gbs:3.0f}%copy" if copy_gbs else "-"
+    return (head + f" {r['us']:7.1f}us cuBLAS {r['cublas_us']:6.1f}us "
+            f"x{r['cublas_us'] / r['us']:.2f} {r['gbs']:5.0f}GB/s {pct} err {r['rel_err']:.1e}")
+
+
+def best(results, fmt, N, M, kind, top):
+    ok = [r for r in results if "us" in r and r["fmt"] == fmt and r["N"] == N and r["M"] == M
+          and r["config"].startswith(kind)]
+    return [r["conf"] for r in sorted(ok, key=lambda r: r["us"])[:top]]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    copy_gbs = 0.0
+    if not DRY:
+        from graphir.tools.gpu_timing import copy_gbs as measure_copy
+
+        copy_gbs = measure_copy()
+        print(f"device copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    results, weights, peer = [], {}, {}
+    N0, K0 = SHAPES[0]
+    run([("q4_0", N0, K0, 1, c) for c in gemv_confs()]
+        + [("q4_0", N0, K0, 16, c) for c in dot_confs()], copy_gbs, results, weights, peer)
+    jobs = []
+    for N, K in SHAPES:
+        g = best(results, "q4_0", N0, 1, "gemv", 2)
+        d16 = best(results, "q4_0", N0, 16, "dot", 2)
+        for fmt in FMTS:
+            jobs += bucket_jobs(fmt, N, K)
+            jobs += [(fmt, N, K, 1, c) for c in g] + [(fmt, N, K, 16, c) for c in d16]
+    run(jobs, copy_gbs, results, weights, peer)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "quant_nib.json"), "w") as f:
+            json.dump({"copy_gbs": copy_gbs, "results": results}, f, indent=1)
+    print("\n== best per (format, shape, M)")
+    for fmt in FMTS:
+        for N, K in SHAPES:
+            for M in (1, 2, 4, 16, 64, 512):
+                ok = [r for r in results if "us" in r and r["fmt"] == fmt and r["N"] == N
+                      and r["M"] == M]
+                if ok:
+                    print(row(min(ok, key=lambda r: r["us"]), copy_gbs))
+    print(f"total {time.time() - T0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
