@@ -194,6 +194,24 @@ def test_qmatmul_kernel_holds_no_float_copy_of_the_weight(enc):
     assert sizes and max(sizes) <= n * k // 8, (max(sizes), n * k)
 
 
+@pytest.mark.parametrize("enc", ["Q4_K", "Q5_K", "Q6_K", "Q4_0"])
+def test_gguf_row_path_scales_and_prefetch(enc):
+    """The row path (a decode step) prefetches the weight rows ahead; the K-quants with 6-bit
+    packed scales read each sub-block's scale from the table of small integers (one broadcast
+    load, no vector decode of the scales), the others decode their scale vectors."""
+    from graphir.lowering.mlir_cpu.lowerings.quant_decoders import TABLE, decoder_for
+    from graphir.lowering.mlir_cpu.lowerings.quant_gguf import gguf_matmul_text
+    from graphir.lowering.mlir_cpu.lowerings.quant_kernels import QuantTiles
+    from graphir.ops.quant.gguf_blocks import gguf_row_nbytes
+
+    n = 40   # fewer rows than one panel: the row path only
+    text = gguf_matmul_text(f"tensor<?x{K}xf32>", f"tensor<{n}x{gguf_row_nbytes(enc, K)}xi8>",
+                            f"tensor<?x{n}xf32>", decoder_for(enc, K), K, n,
+                            QuantTiles.pick(16, 32))
+    assert "memref.prefetch" in text
+    assert (f"memref<{TABLE}xf32>" in text) == (enc in ("Q4_K", "Q5_K"))
+
+
 def test_float8_conversions_exact():
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((6, 64)) * np.exp2(rng.integers(-14, 10, (6, 64)))).astype(np.float32)

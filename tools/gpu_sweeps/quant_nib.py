@@ -106,8 +106,8 @@ def gemv_confs():
         return [dict(GEMV=1, BG=1, NJ=8, num_warps=1, SPLIT_K=s, PREFETCH=p)
                 for s, p in ((1, 1), (2, 0))]
     # One word column of four rows per lane and step at least (BG NJ >= 32 num_warps).
-    return [dict(GEMV=1, BG=bg, NJ=nj, num_warps=w, SPLIT_K=1, PREFETCH=1)
-            for bg, nj, w in itertools.product((1, 2, 4), (32, 64, 128), (1, 2, 4))
+    return [dict(GEMV=1, BG=bg, NJ=nj, num_warps=w, SPLIT_K=1, PREFETCH=p)
+            for bg, nj, w, p in itertools.product((1, 2, 4), (32, 64, 128), (1, 2, 4), (1, 2))
             if 32 * w <= bg * nj <= 128 * w]
 
 
@@ -131,7 +131,7 @@ def bucket_jobs(fmt, N, K):
 
 def label(c):
     if c.get("GEMV"):
-        return f"gemv g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}" + ("p" if c["PREFETCH"] else "")
+        return f"gemv g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}p{c['PREFETCH']}"
     return f"dot m{c['BM']}g{c['BG']}j{c['NJ']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
 
 

@@ -43,6 +43,13 @@ def _f16_hi(v):
 
 
 @triton.jit
+def _small(v):
+    """An integer below 2**23 as float32 by the 2**23 trick (I2F runs at a quarter of the FMA
+    rate on Hopper and would be a per-word cost here)."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constexpr):
     """(s, m) float32 `[BG, NJ, 4]` for row groups g `[BG]` and blocks bi `[NJ]` (in range)."""
     r4 = tl.arange(0, 4)[None, None, :]
@@ -59,14 +66,14 @@ def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constex
         dd = tl.load(z_ptr.to(tl.pointer_type(tl.uint32))
                      + g.to(tl.int64)[:, None, None] * (nblk // 8 * 4) + (bi // 8 * 4)[None, :, None]
                      + r4)
-        s = _f16_lo(dd) * (v & 0xFF).to(tl.float32)
-        m = -(_f16_hi(dd) * (v >> 8).to(tl.float32))
+        s = _f16_lo(dd) * _small(v & 0xFF)
+        m = -(_f16_hi(dd) * _small(v >> 8))
     else:
         ng = nblk * 32 // GROUP
         ga = g.to(tl.int64)[:, None, None] * (ng * 4) + (bi * 32 // GROUP * 4)[None, :, None] + r4
         s = tl.load(s_ptr.to(tl.pointer_type(tl.float16)) + ga).to(tl.float32)
         if FMT == 3:
-            z = tl.load(z_ptr.to(tl.pointer_type(tl.uint8)) + ga).to(tl.float32)
+            z = _small(tl.load(z_ptr.to(tl.pointer_type(tl.uint8)) + ga).to(tl.uint32))
         else:
             z = tl.full(s.shape, 8.0, tl.float32)
         m = -(s * z)
@@ -164,13 +171,24 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
     # float conversion, so no sum of X is needed.
     OFF: tl.constexpr = 8 if FMT == 0 or FMT == 4 else 0
     acc = tl.zeros((BG, NJ, 4), tl.float32)
-    if PREFETCH:
+    # PREFETCH tiles ahead are loaded before the current one is decoded; steps past the last
+    # re-read the last tile (in bounds, unused).
+    if PREFETCH >= 1:
         nw = tl.load(wp)
         ns, nm = block_affine(s_ptr, z_ptr, g, jj // 4, nblk, FMT, GROUP)
+    if PREFETCH == 2:
+        one = tl.minimum(1, steps - 1)
+        nw2 = tl.load(wp + one * (NJ * 4))
+        ns2, nm2 = block_affine(s_ptr, z_ptr, g, (jj + one * NJ) // 4, nblk, FMT, GROUP)
     for it in range(steps):
-        if PREFETCH:
+        if PREFETCH == 2:
             words, s, m = nw, ns, nm
-            # The step after the last one re-reads the last tile (in bounds, unused).
+            nw, ns, nm = nw2, ns2, nm2
+            nxt = tl.minimum(it + 2, steps - 1)
+            nw2 = tl.load(wp + nxt * (NJ * 4))
+            ns2, nm2 = block_affine(s_ptr, z_ptr, g, (jj + nxt * NJ) // 4, nblk, FMT, GROUP)
+        elif PREFETCH == 1:
+            words, s, m = nw, ns, nm
             nxt = tl.minimum(it + 1, steps - 1)
             nw = tl.load(wp + nxt * (NJ * 4))
             ns, nm = block_affine(s_ptr, z_ptr, g, (jj + nxt * NJ) // 4, nblk, FMT, GROUP)
@@ -289,7 +307,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
-    tag = (f"gemv_g{conf['BG']}j{conf['NJ']}" + ("p" if consts.get("PREFETCH") else "")
+    tag = (f"gemv_g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
            if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}")
     main = KernelSpec(
         name=f"nib_{fmt}_{tag}_{t}_w{conf['num_warps']}" + (f"s{split}" if split > 1 else ""),

@@ -104,7 +104,7 @@ def test_gemv_matches_product(fmt, group, dtype):
 
 
 @pytest.mark.parametrize("fmt,group", [("q4_k", 32), ("gptq", 64)])
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_gemv_split_k_and_a_shrunk_tile(fmt, group, prefetch):
     rng = np.random.default_rng(9 + prefetch)
     n, k = (24 if fmt == "gptq" else 21), 768    # 96 word columns: NJ 64 shrinks to 32
