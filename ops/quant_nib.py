@@ -1,14 +1,15 @@
 """4-bit weights in the GPU's nib layout: ops `nib_repack` and `nib_matmul`.
 
 The cuda backend rewrites `qmatmul` of a 4-bit weight (GGUF Q4_0, Q4_1, Q4_K; GPTQ 4-bit
-without desc_act) into `nib_matmul(x, nib_repack(weight...))` before lowering
+without desc_act) or a GGUF Q6_K one (low nibbles in the same layout, high bits apart) into `nib_matmul(x, nib_repack(weight...))` before lowering
 (lowering/triton_gpu/rewrites.py). The repack reads only weights, so the executor runs it once
 when the model loads (a host step) and uploads its results; no other backend sees these ops
 unless a graph is written with them.
 
 - `nib_repack(weight[, qzeros])`, attrs `encoding` (as qmatmul's), `fmt`, and for GPTQ
   `group_size`, `sym`, `checkpoint_format`: results codes int32 `[G, K / 8, 4]` (G = ceil(out
-  / 4)), scales uint8 `[G, blocks, 4 * bytes]` and, for q4_k / gptq, extra uint8 (the layout:
+  / 4)), scales uint8 `[G, blocks, 4 * bytes]` and, for q4_k / gptq, extra uint8 (q6_k: extra
+  and crumbs) (the layout:
   ops/quant/nib_layout.py; multi-byte fields are kept as little-endian bytes).
 - `nib_matmul(x, codes, scales[, extra])`, attrs `fmt`, `out`, `group`: x `[..., K]` @ W^T.
 References decode with the layout's numpy decoder and multiply in float64.
@@ -26,10 +27,10 @@ from .quant.gptq_layout import split_gptq_weight_bytes
 from .quant.nib_layout import NIB_FORMATS, dequantize_nib, repack_gguf, repack_gptq
 
 # Bytes per (row, block) of the scales and, where present, of the extra operand, per format.
-SCALE_BYTES = {"q4_0": 2, "q4_1": 4, "q4_k": 2, "gptq": 2, "gptq_sym": 2}
-GGUF_FMT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k"}
+SCALE_BYTES = {"q4_0": 2, "q4_1": 4, "q4_k": 2, "gptq": 2, "gptq_sym": 2, "q6_k": 1}
+GGUF_FMT = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 _VIEW = {"q4_0": np.float16, "q4_1": np.uint32, "q4_k": np.uint16, "gptq": np.float16,
-         "gptq_sym": np.float16}
+         "gptq_sym": np.float16, "q6_k": np.int8}
 
 
 def nib_format(attrs) -> str:
@@ -52,12 +53,14 @@ def _fmt(attrs, op: str) -> str:
 def _shapes(fmt: str, out: int, k: int, group: int) -> list[list[int]]:
     """[codes, scales(, extra)] shapes."""
     g = -(-out // 4)
-    blocks = k // group if fmt.startswith("gptq") else k // 32
+    blocks = k // group if fmt.startswith("gptq") else k // (16 if fmt == "q6_k" else 32)
     shapes = [[g, k // 8, 4], [g, blocks, 4 * SCALE_BYTES[fmt]]]
     if fmt == "q4_k":
         shapes.append([g, k // 256, 16])
     elif fmt == "gptq":
         shapes.append([g, blocks, 4])
+    elif fmt == "q6_k":
+        shapes += [[g, k // 256, 8], [g, k // 16, 16]]
     return shapes
 
 
@@ -129,12 +132,15 @@ def nib_weight(fmt: str, out: int, ins, group: int = 32) -> np.ndarray:
     """float32 `[out, K]` of nib operands (codes, scales bytes[, extra bytes])."""
     codes = np.ascontiguousarray(ins[0], dtype=np.int32)
     scales = np.ascontiguousarray(ins[1]).view(_VIEW[fmt])
-    extra = None
+    extra = crumbs = None
     if fmt == "q4_k":
         extra = np.ascontiguousarray(ins[2]).view(np.uint32)
     elif fmt == "gptq":
         extra = np.ascontiguousarray(ins[2])
-    return dequantize_nib(fmt, out, codes, scales, extra, group)
+    elif fmt == "q6_k":
+        extra = np.ascontiguousarray(ins[2]).view(np.float16)
+        crumbs = np.ascontiguousarray(ins[3]).view(np.int32)
+    return dequantize_nib(fmt, out, codes, scales, extra, group, crumbs)
 
 
 def _matmul_ref(ins, a):

@@ -17,8 +17,8 @@ row groups of four (N padded to a multiple of 4 with zero rows):
     exact in float32, as GGML's reference computes them;
   * "gptq": `scales` float16 and `zeros` uint8 per group of G (s, m = -s z: exact, an 11-bit
     mantissa times a code below 2**8); "gptq_sym": scales only (z = 8).
-Bytes per value: codes 0.5, plus 1/16 (q4_0), 1/8 (q4_1), 0.078 (q4_k), 2/G or 3/G (gptq):
-the checkpoint's within 3%.
+Bytes per value: codes 0.5, plus 1/16 (q4_0), 1/8 (q4_1), 0.078 (q4_k), 2/G or 3/G (gptq),
+0.32 (q6_k): the checkpoint's within 3%.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 from .gguf_blocks import gguf_block_geometry
 from .gguf_kquants import f16_field
 
-NIB_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym")
+NIB_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym", "q6_k")
 
 
 def _groups_of_four(a: np.ndarray) -> np.ndarray:
@@ -53,6 +53,16 @@ def pack_codes(codes: np.ndarray) -> np.ndarray:
     words = np.zeros((n, k // 8), np.uint32)
     for i in range(8):
         words |= c[..., i] << np.uint32(4 * i)
+    return _groups_of_four(words.view(np.int32))
+
+
+def pack_crumbs(hi: np.ndarray) -> np.ndarray:
+    """uint8 2-bit values `[N, K]` -> int32 `[ceil(N / 4), K / 16, 4]` (value 16 h + i at bits 2i)."""
+    n, k = hi.shape
+    c = hi.astype(np.uint32).reshape(n, k // 16, 16)
+    words = np.zeros((n, k // 16), np.uint32)
+    for i in range(16):
+        words |= c[..., i] << np.uint32(2 * i)
     return _groups_of_four(words.view(np.int32))
 
 
@@ -102,7 +112,17 @@ def repack_gguf(raw: np.ndarray, encoding: str, k: int) -> tuple[np.ndarray, ...
         supers = _f16_bits(b, 0).astype(np.uint32) | (_f16_bits(b, 2).astype(np.uint32) << 16)
         return (pack_codes(codes), _groups_of_four(scm.reshape(n, k // 32)),
                 _groups_of_four(supers))
-    raise ValueError(f"nib layout: no repack for GGUF {encoding}; have Q4_0, Q4_1, Q4_K")
+    if encoding == "Q6_K":
+        nb = b.shape[1]
+        lo, hi = b[..., 0:128].reshape(n, nb, 2, 64) & 15, b[..., 0:128].reshape(n, nb, 2, 64) >> 4
+        low4 = np.concatenate([lo, hi], axis=-1).reshape(n, k)
+        qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
+        shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        high2 = ((qh >> shifts) & np.uint8(3)).reshape(n, k)
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(n, k // 16)
+        d = _f16_bits(b, 208).view(np.float16)
+        return (pack_codes(low4), _groups_of_four(sc), _groups_of_four(d), pack_crumbs(high2))
+    raise ValueError(f"nib layout: no repack for GGUF {encoding}; have Q4_0, Q4_1, Q4_K, Q6_K")
 
 
 def repack_gptq(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
@@ -127,10 +147,18 @@ def repack_gptq(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | Non
 
 
 def dequantize_nib(fmt: str, n: int, codes: np.ndarray, scales: np.ndarray,
-                   extra: np.ndarray | None = None, group: int = 32) -> np.ndarray:
+                   extra: np.ndarray | None = None, group: int = 32,
+                   crumbs: np.ndarray | None = None) -> np.ndarray:
     """float32 `[n, K]` of a nib-layout weight: s * code + m per block (the kernels' math)."""
     c = unpack_codes(codes, n).astype(np.float32)
     k = c.shape[1]
+    if fmt == "q6_k":
+        w = _rows(crumbs, n).view(np.uint32)
+        hi = np.stack([(w >> np.uint32(2 * i)) & np.uint32(3) for i in range(16)], axis=-1)
+        q = (c + 16 * hi.reshape(n, k).astype(np.float32) - 32).reshape(n, k // 16, 16)
+        scale = np.repeat(_rows(extra, n).astype(np.float32), 16, axis=1) \
+            * _rows(scales, n).astype(np.float32)
+        return (scale[..., None] * q).reshape(n, k)
     sc = _rows(scales, n)
     ex = None if extra is None else _rows(extra, n)
     if fmt == "q4_0":

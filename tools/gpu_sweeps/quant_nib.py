@@ -39,7 +39,7 @@ T0 = time.time()
 LIMIT_S = 400
 DEV = "cpu" if DRY else "cuda"
 SHAPES = [(40, 512)] if DRY else [(14336, 4096), (4096, 4096)]
-FMTS = ("q4_0", "q4_k", "gptq_sym")
+FMTS = ("q4_0", "q4_k", "gptq_sym", "q6_k")
 
 
 def left() -> float:
@@ -47,7 +47,7 @@ def left() -> float:
 
 
 def weight(rng, fmt: str, n: int, k: int):
-    """(device arrays (codes, scales, extra), checkpoint bytes, float32 decoded rows [check, k])."""
+    """(device arrays (codes, scales, extra, crumbs), checkpoint bytes, float32 decoded rows [check, k])."""
     check = min(n, 1024)
     if fmt.startswith("gptq"):
         from graphir.ops.quant.gptq_layout import pack_rows
@@ -64,18 +64,21 @@ def weight(rng, fmt: str, n: int, k: int):
         geo = gguf_block_geometry(enc)
         nb = k // geo.block_elems
         raw = rng.integers(0, 256, (n, nb, geo.block_bytes), dtype=np.uint8)
-        for off in ((0,) if enc == "Q4_0" else (0, 2)):
+        for off in {"Q4_0": (0,), "Q6_K": (208,)}.get(enc, (0, 2)):
             d = (rng.uniform(0.002, 0.02, (n, nb)) * rng.choice([-1, 1], (n, nb))).astype(np.float16)
             raw[:, :, off:off + 2] = d.view(np.uint8).reshape(n, nb, 2)
         raw = raw.reshape(n, -1)
         arrs = repack_gguf(raw, enc, k)
         nbytes = raw.nbytes
     extra = arrs[2] if len(arrs) > 2 else None
+    crumbs = arrs[3] if len(arrs) > 3 else None
     gc = check // 4
     wt = dequantize_nib(fmt, check, arrs[0][:gc], arrs[1][:gc],
-                        None if extra is None else extra[:gc], 128 if fmt.startswith("gptq") else 32)
+                        None if extra is None else extra[:gc], 128 if fmt.startswith("gptq") else 32,
+                        None if crumbs is None else crumbs[:gc])
     dev = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()).to(DEV)
-           for a in (arrs[0], arrs[1], extra if extra is not None else np.zeros(16, np.uint8))]
+           for a in (arrs[0], arrs[1], extra if extra is not None else np.zeros(16, np.uint8),
+                     crumbs if crumbs is not None else np.zeros(16, np.uint8))]
     dev[0] = dev[0].view(torch.int32)
     return dev, nbytes, wt
 
@@ -87,15 +90,15 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
     grid = specs[0].grid_for(M=M, N=N)
     part = torch.empty((split, M, N), dtype=torch.float32, device=DEV) if split > 1 else None
     fns = []
-    for q, s, z in wsets:
+    for q, s, z, h in wsets:
         if split == 1:
-            fns.append(lambda q=q, s=s, z=z: main(grid, x, q, s, z, out, M, N, K, bps))
+            fns.append(lambda q=q, s=s, z=z, h=h: main(grid, x, q, s, z, h, out, M, N, K, bps))
         else:
             red = kernels[specs[1].name]
             rgrid = specs[1].grid_for(M=M, N=N)
 
-            def f(q=q, s=s, z=z):
-                main(grid, x, q, s, z, part, M, N, K, bps)
+            def f(q=q, s=s, z=z, h=h):
+                main(grid, x, q, s, z, h, part, M, N, K, bps)
                 red(rgrid, part, out, out, M, N)
             fns.append(f)
     return fns

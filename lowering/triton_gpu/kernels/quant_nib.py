@@ -4,7 +4,9 @@ Both read a weight `[N, K]` as int32 code words `[N, K / 8]` (16-byte loads: 4 w
 32-value block of one row) and per-block affine terms (value = s * code + m), whose storage
 FMT selects: 0 q4_0 (float16 s, m = -8 s), 1 q4_1 (float16 s and m in one word), 2 q4_k
 (6-bit sc / min bytes per block, float16 d / dmin per 256 values), 3 gptq (float16 s and a
-uint8 zero point per group of GROUP values, m = -s z), 4 gptq_sym (zero point 8).
+uint8 zero point per group of GROUP values, m = -s z), 4 gptq_sym (zero point 8), 5 q6_k
+(int8 scale per 16 values times float16 d, and the high 2 bits of each 6-bit code in crumb
+words at h_ptr: value = s (lo + 16 hi - 32), the 32 folded into the crumbs' float conversion).
 
 Codes become floats with no int -> float conversion: code c at bit 4q of a word, masked in
 place and OR-ed into the bits of 2**23, is the float 2**23 + c 16**q; one subtraction leaves
@@ -29,7 +31,7 @@ import triton.language as tl
 
 # Triton's interpreter (the CPU tests) has no inline PTX: there the mask-or is two plain ops.
 _ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
-FMT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "gptq": 3, "gptq_sym": 4}
+FMT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "gptq": 3, "gptq_sym": 4, "q6_k": 5}
 
 
 @triton.jit
@@ -68,6 +70,13 @@ def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constex
                      + r4)
         s = _f16_lo(dd) * _small(v & 0xFF)
         m = -(_f16_hi(dd) * _small(v >> 8))
+    elif FMT == 5:
+        # q6_k: nblk counts 16-value sub-blocks; int8 scale per sub-block, d per 16 of them.
+        sc = tl.load(s_ptr.to(tl.pointer_type(tl.int8)) + at).to(tl.int32) + 128
+        d = tl.load(z_ptr.to(tl.pointer_type(tl.float16)) + g.to(tl.int64)[:, None, None]
+                    * (nblk // 16 * 4) + (bi // 16 * 4)[None, :, None] + r4).to(tl.float32)
+        s = d * (_small(sc.to(tl.uint32)) - 128.0)
+        m = s
     else:
         ng = nblk * 32 // GROUP
         ga = g.to(tl.int64)[:, None, None] * (ng * 4) + (bi * 32 // GROUP * 4)[None, :, None] + r4
@@ -82,19 +91,15 @@ def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constex
 
 @triton.jit
 def _or_magic(v, MASK: tl.constexpr):
-    """(v & MASK) | bits of 2**23 in one LOP3 (ptxas otherwise spends two: LOP3 takes a
-    single immediate operand, and it does not keep the 2**23 bits in a register)."""
-    if not _ASM:
-        return (v & MASK) | 0x4B000000
-    if MASK == 0xF:
-        asm: tl.constexpr = "lop3.b32 $0, $1, 15, 1258291200, 0xEA;"
-    elif MASK == 0xF0:
-        asm: tl.constexpr = "lop3.b32 $0, $1, 240, 1258291200, 0xEA;"
-    elif MASK == 0xF00:
-        asm: tl.constexpr = "lop3.b32 $0, $1, 3840, 1258291200, 0xEA;"
+    """(v & MASK) | bits of 2**23 in one LOP3: ptxas otherwise spends two, since LOP3 takes a
+    single immediate; here the mask comes in a register (set once, outside the loop)."""
+    if _ASM:
+        r = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 1258291200, 0xEA;", "=r,r,r",
+                                      [v, tl.full(v.shape, MASK, tl.int32)], dtype=tl.int32,
+                                      is_pure=True, pack=1)
     else:
-        asm: tl.constexpr = "lop3.b32 $0, $1, 61440, 1258291200, 0xEA;"
-    return tl.inline_asm_elementwise(asm, "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+        r = (v & MASK) | 0x4B000000
+    return r
 
 
 @triton.jit
@@ -105,11 +110,23 @@ def _plane(words, q: tl.constexpr, OFF: tl.constexpr):
 
 
 @triton.jit
+def _crumb(v, i: tl.constexpr):
+    """q6_k: the 2-bit high code at bits 2i of `v` as the exact float (hi - 2) * 4**i, so that
+    16 (hi - 2) + low nibble is the 6-bit code minus 32."""
+    return _or_magic(v, 3 << (2 * i)).to(tl.float32, bitcast=True) \
+        - (8388608.0 + 2 * (1 << (2 * i)))
+
+
+@triton.jit
 def _pair(v, DT: tl.constexpr):
     """The two 16-bit X values in 32-bit words v, as float32 (DT 1: bfloat16, 2: float16)."""
     if DT == 1:
-        return (v << 16).to(tl.float32, bitcast=True), (v & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return _f16_lo(v), _f16_hi(v)
+        lo = (v << 16).to(tl.float32, bitcast=True)
+        hi = (v & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        lo = _f16_lo(v)
+        hi = _f16_hi(v)
+    return lo, hi
 
 
 @triton.jit
@@ -131,17 +148,32 @@ def _x_octet(xp, DT: tl.constexpr):
     if DT == 0:
         x0, x1, x2, x3 = _quarters(tl.load(xp))
         x4, x5, x6, x7 = _quarters(tl.load(xp + 4))
-        return x0, x1, x2, x3, x4, x5, x6, x7
-    p0, p1, p2, p3 = _quarters(tl.load(xp))
-    x0, x1 = _pair(p0, DT)
-    x2, x3 = _pair(p1, DT)
-    x4, x5 = _pair(p2, DT)
-    x6, x7 = _pair(p3, DT)
+    else:
+        p0, p1, p2, p3 = _quarters(tl.load(xp))
+        x0, x1 = _pair(p0, DT)
+        x2, x3 = _pair(p1, DT)
+        x4, x5 = _pair(p2, DT)
+        x6, x7 = _pair(p3, DT)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
-def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
+def _fetch(wp, hp, s_ptr, z_ptr, g, jj, step, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
+           NJ: tl.constexpr):
+    """Step `step`'s code words `[BG, NJ, 4]`, q6_k's crumb words (the code words again for
+    other formats) and the affine terms of their blocks."""
+    words = tl.load(wp + step * (NJ * 4))
+    if FMT == 5:
+        hw = tl.load(hp + step * (NJ // 2 * 4))
+        s, m = block_affine(s_ptr, z_ptr, g, (jj + step * NJ) // 2, nblk, FMT, GROUP)
+    else:
+        hw = words
+        s, m = block_affine(s_ptr, z_ptr, g, (jj + step * NJ) // 4, nblk, FMT, GROUP)
+    return words, hw, s, m
+
+
+@triton.jit
+def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                     FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BG: tl.constexpr,
                     NJ: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     # A program owns BG groups of four rows and a run of word columns (8 values of K each);
@@ -151,14 +183,18 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     kw = K // 8
-    nblk = K // 32
+    nblk = K // 16 if FMT == 5 else K // 32
     gr = pid_n * BG + tl.arange(0, BG)
     g = tl.minimum(gr, (N + 3) // 4 - 1)
     j_lo = pid_k * cols_per_split
     steps = (tl.minimum(j_lo + cols_per_split, kw) - j_lo) // NJ
     jj = j_lo + tl.arange(0, NJ)
-    wp = q_ptr + g.to(tl.int64)[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] \
-        + tl.arange(0, 4)[None, None, :]
+    r4 = tl.arange(0, 4)[None, None, :]
+    wp = q_ptr + g.to(tl.int64)[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] + r4
+    # q6_k's crumb word of column j holds columns 2 (j // 2) and + 1: its half j % 2.
+    hp = h_ptr.to(tl.pointer_type(tl.int32)) + g.to(tl.int64)[:, None, None] * (kw // 2 * 4) \
+        + (jj // 2 * 4)[None, :, None] + r4
+    hsh = ((jj % 2) * 16)[None, :, None]
     XW: tl.constexpr = 8 if DT == 0 else 4
     xrow = x_ptr + tl.minimum(pid_m, M - 1).to(tl.int64) * K
     if DT != 0:
@@ -168,33 +204,28 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
     xp = tl.broadcast_to(xrow + (jj * XW)[None, :, None] + tl.arange(0, 4)[None, None, :],
                          (BG, NJ, 4))
     # Symmetric formats (q4_0, GPTQ without zero points) subtract their offset 8 with the
-    # float conversion, so no sum of X is needed.
+    # float conversion, so no sum of X is needed; q6_k's 32 goes with its high crumbs.
     OFF: tl.constexpr = 8 if FMT == 0 or FMT == 4 else 0
     acc = tl.zeros((BG, NJ, 4), tl.float32)
     # PREFETCH tiles ahead are loaded before the current one is decoded; steps past the last
     # re-read the last tile (in bounds, unused).
     if PREFETCH >= 1:
-        nw = tl.load(wp)
-        ns, nm = block_affine(s_ptr, z_ptr, g, jj // 4, nblk, FMT, GROUP)
+        nw, nh, ns, nm = _fetch(wp, hp, s_ptr, z_ptr, g, jj, 0, nblk, FMT, GROUP, NJ)
     if PREFETCH == 2:
-        one = tl.minimum(1, steps - 1)
-        nw2 = tl.load(wp + one * (NJ * 4))
-        ns2, nm2 = block_affine(s_ptr, z_ptr, g, (jj + one * NJ) // 4, nblk, FMT, GROUP)
+        nw2, nh2, ns2, nm2 = _fetch(wp, hp, s_ptr, z_ptr, g, jj, tl.minimum(1, steps - 1),
+                                    nblk, FMT, GROUP, NJ)
     for it in range(steps):
         if PREFETCH == 2:
-            words, s, m = nw, ns, nm
-            nw, ns, nm = nw2, ns2, nm2
-            nxt = tl.minimum(it + 2, steps - 1)
-            nw2 = tl.load(wp + nxt * (NJ * 4))
-            ns2, nm2 = block_affine(s_ptr, z_ptr, g, (jj + nxt * NJ) // 4, nblk, FMT, GROUP)
+            words, hw, s, m = nw, nh, ns, nm
+            nw, nh, ns, nm = nw2, nh2, ns2, nm2
+            nw2, nh2, ns2, nm2 = _fetch(wp, hp, s_ptr, z_ptr, g, jj, tl.minimum(it + 2, steps - 1),
+                                        nblk, FMT, GROUP, NJ)
         elif PREFETCH == 1:
-            words, s, m = nw, ns, nm
-            nxt = tl.minimum(it + 1, steps - 1)
-            nw = tl.load(wp + nxt * (NJ * 4))
-            ns, nm = block_affine(s_ptr, z_ptr, g, (jj + nxt * NJ) // 4, nblk, FMT, GROUP)
+            words, hw, s, m = nw, nh, ns, nm
+            nw, nh, ns, nm = _fetch(wp, hp, s_ptr, z_ptr, g, jj, tl.minimum(it + 1, steps - 1),
+                                    nblk, FMT, GROUP, NJ)
         else:
-            words = tl.load(wp + it * (NJ * 4))
-            s, m = block_affine(s_ptr, z_ptr, g, (jj + it * NJ) // 4, nblk, FMT, GROUP)
+            words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp + it * (NJ * XW), DT)
         hi = words >> 16
         # One FMA chain per word; X of nibble q pre-scaled by 16**-q once for four rows.
@@ -206,8 +237,19 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
         t = tl.fma(_plane(hi, 1, OFF), (x5 * 0.0625)[:, :, None], t)
         t = tl.fma(_plane(hi, 2, OFF), (x6 * 0.00390625)[:, :, None], t)
         t = tl.fma(_plane(hi, 3, OFF), (x7 * 0.000244140625)[:, :, None], t)
+        if FMT == 5:
+            # 16 (hi - 2) 4**-i x per value: X pre-scaled by 16 / 4**i.
+            h = hw >> hsh
+            t = tl.fma(_crumb(h, 0), (x0 * 16.0)[:, :, None], t)
+            t = tl.fma(_crumb(h, 1), (x1 * 4.0)[:, :, None], t)
+            t = tl.fma(_crumb(h, 2), x2[:, :, None], t)
+            t = tl.fma(_crumb(h, 3), (x3 * 0.25)[:, :, None], t)
+            t = tl.fma(_crumb(h, 4), (x4 * 0.0625)[:, :, None], t)
+            t = tl.fma(_crumb(h, 5), (x5 * 0.015625)[:, :, None], t)
+            t = tl.fma(_crumb(h, 6), (x6 * 0.00390625)[:, :, None], t)
+            t = tl.fma(_crumb(h, 7), (x7 * 0.0009765625)[:, :, None], t)
         acc = tl.fma(s, t, acc)
-        if OFF == 0:
+        if OFF == 0 and FMT != 5:
             xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
             acc = tl.fma(m, xs[:, :, None], acc)
     out = tl.reshape(tl.sum(acc, axis=1), (BG * 4,))
@@ -230,7 +272,7 @@ def gemv_geometry(k: int, nj: int, split: int) -> tuple[int, int]:
 
 
 @triton.jit
-def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split,
+def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                       FMT: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
                       BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr):
     # Tiles of BM rows of X by BG groups of four weight rows, NJ word columns (8 NJ values of
@@ -239,33 +281,47 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, cols_per_split
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     kw = K // 8
-    nblk = K // 32
+    nblk = K // 16 if FMT == 5 else K // 32
     rm = pid_m * BM + tl.arange(0, BM)
     g = tl.minimum(pid_n * BG + tl.arange(0, BG), (N + 3) // 4 - 1)
     j_lo = pid_k * cols_per_split
     steps = (tl.minimum(j_lo + cols_per_split, kw) - j_lo) // NJ
     jj = j_lo + tl.arange(0, NJ)
-    wp = q_ptr + g.to(tl.int64)[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] \
-        + tl.arange(0, 4)[None, None, :]
+    r4 = tl.arange(0, 4)[None, None, :]
+    wp = q_ptr + g.to(tl.int64)[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] + r4
+    hp = h_ptr.to(tl.pointer_type(tl.int32)) + g.to(tl.int64)[:, None, None] * (kw // 2 * 4) \
+        + (jj // 2 * 4)[None, :, None] + r4
+    hsh = ((jj % 2) * 16)[None, :, None]
     xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K + j_lo * 8 \
         + tl.arange(0, NJ * 8)[None, :]
     acc = tl.zeros((BG * 4, BM), tl.float32)
     for it in range(steps):
-        words = tl.load(wp + it * (NJ * 4))
-        s, m = block_affine(s_ptr, z_ptr, g, (jj + it * NJ) // 4, nblk, FMT, GROUP)
+        words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
         hi = words >> 16
         # Nibble q of each half decodes to c * 16**q (no shift), so s / 16**q scales it.
         s1 = s * 0.0625
         s2 = s * 0.00390625
         s3 = s * 0.000244140625
-        p0 = _plane(words, 0, 0) * s + m
-        p1 = _plane(words, 1, 0) * s1 + m
-        p2 = _plane(words, 2, 0) * s2 + m
-        p3 = _plane(words, 3, 0) * s3 + m
-        p4 = _plane(hi, 0, 0) * s + m
-        p5 = _plane(hi, 1, 0) * s1 + m
-        p6 = _plane(hi, 2, 0) * s2 + m
-        p7 = _plane(hi, 3, 0) * s3 + m
+        if FMT == 5:
+            # q6_k: s (lo + 16 (hi - 2)) per value, crumb i scaled by 16 / 4**i; m is unused.
+            h = hw >> hsh
+            p0 = tl.fma(_crumb(h, 0), s * 16.0, _plane(words, 0, 0) * s)
+            p1 = tl.fma(_crumb(h, 1), s * 4.0, _plane(words, 1, 0) * s1)
+            p2 = tl.fma(_crumb(h, 2), s, _plane(words, 2, 0) * s2)
+            p3 = tl.fma(_crumb(h, 3), s * 0.25, _plane(words, 3, 0) * s3)
+            p4 = tl.fma(_crumb(h, 4), s * 0.0625, _plane(hi, 0, 0) * s)
+            p5 = tl.fma(_crumb(h, 5), s * 0.015625, _plane(hi, 1, 0) * s1)
+            p6 = tl.fma(_crumb(h, 6), s * 0.00390625, _plane(hi, 2, 0) * s2)
+            p7 = tl.fma(_crumb(h, 7), s * 0.0009765625, _plane(hi, 3, 0) * s3)
+        else:
+            p0 = _plane(words, 0, 0) * s + m
+            p1 = _plane(words, 1, 0) * s1 + m
+            p2 = _plane(words, 2, 0) * s2 + m
+            p3 = _plane(words, 3, 0) * s3 + m
+            p4 = _plane(hi, 0, 0) * s + m
+            p5 = _plane(hi, 1, 0) * s1 + m
+            p6 = _plane(hi, 2, 0) * s2 + m
+            p7 = _plane(hi, 3, 0) * s3 + m
         # Joins append an axis; flattening [.., a, b, c] gives 4 a + 2 b + c, so the first
         # join pairs nibbles i, i + 4 and the last i, i + 1: nibble order 0..7.
         v = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
@@ -304,7 +360,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
                       SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)))
     else:
         consts.update(BM=bm, BG=conf["BG"], NJ=conf["NJ"], SPLIT_K=split)
-    sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8",
+    sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
     tag = (f"gemv_g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"

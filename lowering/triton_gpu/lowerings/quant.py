@@ -140,7 +140,8 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
         split = conf["SPLIT_K"]
         grid = [f"cdiv({M}, {bm})", f"cdiv({N}, {4 * conf['BG']})", split]
         head = [sb.ptr(x), sb.ptr(parts[0]), sb.ptr(parts[1]),
-                sb.ptr(parts[2] if len(parts) > 2 else parts[1])]
+                sb.ptr(parts[2] if len(parts) > 2 else parts[1]),
+                sb.ptr(parts[3] if len(parts) > 3 else parts[0])]
         tail = [M, N, K, cols]
         with sb.when(cond):
             if split == 1:

@@ -65,8 +65,9 @@ def test_gguf_attention_layer(enc):
     g = layer_graph(quant, rope, kvp)
     ex, dev = run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-4)
     no_host_steps(ex)
-    # 4-bit encodings are repacked at load (nib_repack, a load-time step) for the nib kernels.
-    nib = enc in ("Q4_0", "Q4_1", "Q4_K")
+    # 4-bit encodings and Q6_K are repacked at load (nib_repack, a load-time step) for the nib
+    # kernels.
+    nib = enc in ("Q4_0", "Q4_1", "Q4_K", "Q6_K")
     kernel = f"nib_{enc.lower()}_" if nib else f"gguf_{enc.lower()}_matmul"
     assert any(k.startswith(kernel) for k in dev.launched)
     assert any(s["op"] == "nib_repack" and s["kernel"] == "host" for s in ex.steps) == nib

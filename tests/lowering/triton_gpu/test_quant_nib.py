@@ -17,7 +17,7 @@ from graphir.ops.quant.gptq import dequantize_gptq  # noqa: E402
 from graphir.ops.quant.gptq_layout import gptq_weight_bytes, pack_rows  # noqa: E402
 from graphir.ops.quant_nib import _matmul_rule, _repack_ref, nib_weight  # noqa: E402
 
-GGUF = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K"}
+GGUF = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K", "q6_k": "Q6_K"}
 
 
 def gguf_weight(rng, fmt, n, k):
@@ -44,7 +44,7 @@ def gptq_weight(rng, fmt, n, k, group, fmt_v1=True):
     return ops, want.T
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q4_k", "q6_k"])
 def test_gguf_repack_is_exact(fmt):
     rng = np.random.default_rng(3)
     n, k = 13, 512                               # n not a multiple of 4: zero rows padded
@@ -72,15 +72,17 @@ def launch(x, ops, fmt, n, conf, group=32):
     t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
     t[0] = t[0].view(torch.int32)
     extra = t[2] if len(t) > 2 else t[1]
+    crumbs = t[3] if len(t) > 3 else t[0]
     split = conf["SPLIT_K"]
     out = torch.zeros((split, m, n) if split > 1 else (m, n),
                       dtype=torch.float32 if split > 1 else x.dtype)
-    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, out, m, n, k, cols, **s.constexprs,
+    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, crumbs, out, m, n, k, cols, **s.constexprs,
                                num_warps=s.num_warps)
     return (out.sum(0) if split > 1 else out).double().numpy()
 
 
-CASES = [("q4_0", 32), ("q4_1", 32), ("q4_k", 32), ("gptq", 64), ("gptq_sym", 128)]
+CASES = [("q4_0", 32), ("q4_1", 32), ("q4_k", 32), ("gptq", 64), ("gptq_sym", 128),
+         ("q6_k", 32)]
 
 
 def weight_for(rng, fmt, n, k, group):
@@ -103,7 +105,7 @@ def test_gemv_matches_product(fmt, group, dtype):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-@pytest.mark.parametrize("fmt,group", [("q4_k", 32), ("gptq", 64)])
+@pytest.mark.parametrize("fmt,group", [("q4_k", 32), ("gptq", 64), ("q6_k", 32)])
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_gemv_split_k_and_a_shrunk_tile(fmt, group, prefetch):
     rng = np.random.default_rng(9 + prefetch)
