@@ -35,11 +35,8 @@ import os
 import sys
 import time
 
-DRY = "--dry-run" in sys.argv
-if DRY:
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    import tests.lowering.triton_gpu.conftest  # noqa: E402,F401  (the interpreter's bf16 dot)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _dry import DRY  # noqa: E402  (first: --dry-run sets Triton's interpreter up)
 
 from graphir.lowering.triton_gpu import tuning  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import paged_decode as pd  # noqa: E402

@@ -30,11 +30,8 @@ import os
 import sys
 import time
 
-DRY = "--dry-run" in sys.argv
-if DRY:
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    import tests.lowering.triton_gpu.conftest  # noqa: E402,F401  (the interpreter's bf16 dot)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _dry import DRY  # noqa: E402  (first: --dry-run sets Triton's interpreter up)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -46,7 +43,6 @@ from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.lowering.triton_gpu.lowerings.base import spec_key  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _kernels  # noqa: E402
 from _kernels import rel_err  # noqa: E402
 

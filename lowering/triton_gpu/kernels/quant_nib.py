@@ -173,19 +173,15 @@ def _fetch(wp, hp, s_ptr, z_ptr, g, jj, step, nblk, FMT: tl.constexpr, GROUP: tl
 
 
 @triton.jit
-def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
-                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BG: tl.constexpr,
-                    NJ: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
-    # A program owns BG groups of four rows and a run of word columns (8 values of K each);
-    # the launcher guarantees K % (8 NJ) == 0 and cols_per_split % NJ == 0, so every step is a
-    # whole tile and pointers advance by constants (no per-step masks or clamps).
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+def _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split, FMT: tl.constexpr,
+          BG: tl.constexpr, NJ: tl.constexpr):
+    """A program's row groups g `[BG]` (clamped), first word columns jj `[NJ]`, step count,
+    affine entries per row, and the first step's code / crumb word pointers `[BG, NJ, 4]`
+    with each column's crumb half (shift); the launcher guarantees K % (8 NJ) == 0 and
+    cols_per_split % NJ == 0, so every step is a whole tile."""
     kw = K // 8
     nblk = K // 16 if FMT == 5 else K // 32
-    gr = pid_n * BG + tl.arange(0, BG)
-    g = tl.minimum(gr, (N + 3) // 4 - 1)
+    g = tl.minimum(pid_n * BG + tl.arange(0, BG), (N + 3) // 4 - 1)
     j_lo = pid_k * cols_per_split
     steps = (tl.minimum(j_lo + cols_per_split, kw) - j_lo) // NJ
     jj = j_lo + tl.arange(0, NJ)
@@ -195,6 +191,20 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_
     hp = h_ptr.to(tl.pointer_type(tl.int32)) + g.to(tl.int64)[:, None, None] * (kw // 2 * 4) \
         + (jj // 2 * 4)[None, :, None] + r4
     hsh = ((jj % 2) * 16)[None, :, None]
+    return g, jj, steps, nblk, wp, hp, hsh
+
+
+@triton.jit
+def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
+                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BG: tl.constexpr,
+                    NJ: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+    # A program owns BG groups of four rows and a run of word columns (8 values of K each);
+    # every step is a whole tile, so pointers advance by constants (no masks or clamps).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    g, jj, steps, nblk, wp, hp, hsh = _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split,
+                                            FMT, BG, NJ)
     XW: tl.constexpr = 8 if DT == 0 else 4
     xrow = x_ptr + tl.minimum(pid_m, M - 1).to(tl.int64) * K
     if DT != 0:
@@ -276,23 +286,14 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_pe
                       FMT: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
                       BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr):
     # Tiles of BM rows of X by BG groups of four weight rows, NJ word columns (8 NJ values of
-    # K) a step; the launcher guarantees K % (8 NJ) == 0 and cols_per_split % NJ == 0.
+    # K) a step.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    kw = K // 8
-    nblk = K // 16 if FMT == 5 else K // 32
+    g, jj, steps, nblk, wp, hp, hsh = _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split,
+                                            FMT, BG, NJ)
     rm = pid_m * BM + tl.arange(0, BM)
-    g = tl.minimum(pid_n * BG + tl.arange(0, BG), (N + 3) // 4 - 1)
-    j_lo = pid_k * cols_per_split
-    steps = (tl.minimum(j_lo + cols_per_split, kw) - j_lo) // NJ
-    jj = j_lo + tl.arange(0, NJ)
-    r4 = tl.arange(0, 4)[None, None, :]
-    wp = q_ptr + g.to(tl.int64)[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] + r4
-    hp = h_ptr.to(tl.pointer_type(tl.int32)) + g.to(tl.int64)[:, None, None] * (kw // 2 * 4) \
-        + (jj // 2 * 4)[None, :, None] + r4
-    hsh = ((jj % 2) * 16)[None, :, None]
-    xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K + j_lo * 8 \
+    xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K + pid_k * cols_per_split * 8 \
         + tl.arange(0, NJ * 8)[None, :]
     acc = tl.zeros((BG * 4, BM), tl.float32)
     for it in range(steps):
