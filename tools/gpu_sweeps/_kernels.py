@@ -70,3 +70,15 @@ def rel_err(got, want) -> float:
     if not torch.isfinite(g).all():
         return float("inf")
     return ((g - w).norm() / w.norm().clamp_min(1e-300)).item()
+
+
+def check_then_time(res: dict, fns, got, want, nbytes: int, dry: bool, tol: float = 2e-2) -> None:
+    """Run fns[0], record res["rel_err"] of got() against want; within tol time every fn
+    (res["us"], res["gbs"] for nbytes read), else record res["error"]."""
+    fns[0]()
+    res["rel_err"] = err = rel_err(got(), want)
+    if not err < tol:
+        res["error"] = f"rel_err {err:.2e}"
+        return
+    res["us"] = timed(fns, dry)
+    res["gbs"] = nbytes / res["us"] / 1e3

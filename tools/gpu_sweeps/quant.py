@@ -44,7 +44,6 @@ from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.lowering.triton_gpu.lowerings.base import spec_key  # noqa: E402
 
 import _kernels  # noqa: E402
-from _kernels import rel_err  # noqa: E402
 
 T0 = time.time()
 LIMIT_S = 115
@@ -294,13 +293,8 @@ def run_matmuls(kernels, copy_gbs, results, rows):
                 fns = gptq_calls(GPTQ[name], conf, M, N, K, xk, ws, zt, pt, out, kernels) \
                     if kind == "GPTQ" else gguf_calls(kind, conf, M, N, K, xk, ws, out, kernels)
                 out.fill_(float("nan"))
-                fns[0]()
-                res["rel_err"] = err = rel_err(out[:, :wt.shape[0]].float(), want)
-                if not err < 2e-2:
-                    res["error"] = f"rel_err {err:.2e}"
-                else:
-                    res["us"] = _kernels.timed(fns, DRY)
-                    res["gbs"] = qbytes / res["us"] / 1e3
+                _kernels.check_then_time(res, fns, lambda: out[:, :wt.shape[0]].float(), want,
+                                         qbytes, DRY)
             except Exception as e:  # noqa: BLE001  (reported, not timed)
                 res["error"] = f"{type(e).__name__}: {e}"[:300]
             if (N, K, M) not in peer:

@@ -26,7 +26,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels.quant_nib import gemv_geometry, nib_specs  # noqa: E402
-from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
 
 import _kernels  # noqa: E402
@@ -162,14 +161,8 @@ def run(jobs, copy_gbs, results, weights, peer):
             out = torch.empty((M, N), dtype=torch.bfloat16, device=DEV)
             fns = calls(kernels, specs_c, conf, M, N, K, x, wsets, out)
             out.fill_(float("nan"))
-            fns[0]()
-            want = x.float() @ wt.t()
-            res["rel_err"] = err = _kernels.rel_err(out[:, :wt.shape[0]].float(), want)
-            if not err < 2e-2:
-                res["error"] = f"rel_err {err:.2e}"
-            else:
-                res["us"] = _kernels.timed(fns, DRY)
-                res["gbs"] = nbytes / res["us"] / 1e3
+            _kernels.check_then_time(res, fns, lambda: out[:, :wt.shape[0]].float(),
+                                     x.float() @ wt.t(), nbytes, DRY)
         except Exception as e:  # noqa: BLE001  (reported, not timed)
             res["error"] = f"{type(e).__name__}: {e}"[:300]
         if (N, K, M) not in peer:
