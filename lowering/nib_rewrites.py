@@ -1,7 +1,7 @@
 """cuda's 4-bit weights in the nib layout: the rewrite into it, and the way back for other backends.
 
-The cuda backend rewrites `qmatmul(x, weight...)` of a 4-bit GGUF (Q4_0, Q4_1, Q4_K) or GPTQ
-(4-bit, no desc_act) weight into `nib_matmul(x, nib_repack(weight...))` (ops/quant_nib.py)
+The cuda backend rewrites `qmatmul(x, weight...)` of a 4-bit GGUF (Q4_0, Q4_1, Q4_K), GGUF
+Q6_K or GPTQ (4-bit, no desc_act) weight into `nib_matmul(x, nib_repack(weight...))` (ops/quant_nib.py)
 when the weight operands are computable at load time (weights and constants only): the
 executor then repacks once at load and the kernels read 16-byte aligned codes and scales.
 A graph holding these ops compiled for a backend without them (the CPU) gets the qmatmul back.
@@ -11,27 +11,12 @@ from __future__ import annotations
 from graphir.ops.quant.gptq import resolve_group_size
 from graphir.ops.quant_nib import nib_format
 
+from .plan import host_nodes
 from .registry import lowering_for, register_backend_rewrite, register_decomposition
 
 # The switch (tools/gpu_sweeps/quant_nib.py measures the nib kernels against the block kernels).
 NIB_ENABLED = True
 _GPTQ_ATTRS = ("group_size", "sym", "checkpoint_format")
-
-
-def _load_time(v, seen=None) -> bool:
-    """Whether v depends on weights and constants alone (static shapes, no effects)."""
-    n = v.node
-    if n is None:
-        return False
-    if n.op in ("weight", "constant"):
-        return True
-    if n.opdef.effects or not all(r.type.is_static for r in n.results if hasattr(r.type, "is_static")):
-        return False
-    seen = set() if seen is None else seen
-    if id(n) in seen:
-        return True
-    seen.add(id(n))
-    return all(_load_time(o, seen) for o in n.operands)
 
 
 @register_backend_rewrite("qmatmul", "cuda")
@@ -41,7 +26,11 @@ def qmatmul_to_nib(node, rw) -> bool:
     if not NIB_ENABLED or fmt is None or lowering_for("nib_matmul", "cuda") is None:
         return False
     x, weights = node.operands[0], list(node.operands[1:])
-    if not x.type.shape[-1].is_static or not all(_load_time(w) for w in weights):
+    if not x.type.shape[-1].is_static:
+        return False
+    # The repack must be a load-time step: its operands computable from weights alone.
+    host = host_nodes(rw.graph)
+    if not all(w.node is not None and id(w.node) in host for w in weights):
         return False
     k = int(x.type.shape[-1])
     a = node.attrs

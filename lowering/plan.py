@@ -137,3 +137,24 @@ def build_plan(graph, kernel_name) -> Plan:
     n_slots = assign_slots(infos, steps)
     return Plan(infos, steps, [vid[id(v)] for v in graph.inputs if not isinstance(v.type, ChainType)],
                 [vid[id(v)] for v in graph.outputs], n_slots)
+
+
+def host_nodes(graph) -> set[int]:
+    """id() of nodes whose values depend only on constants and weights (static shapes, no
+    effects): the executor computes them once at load time with the op references."""
+    known: set[int] = set()
+    host: set[int] = set()
+    for n in graph.nodes:
+        if n.op == "chain":
+            continue
+        if n.op in ("weight", "constant"):
+            host.add(id(n))
+            known.update(id(r) for r in n.results)
+            continue
+        if n.opdef.effects or any(isinstance(r.type, ChainType) for r in n.results):
+            continue
+        if all(id(v) in known for v in n.operands) \
+                and all(r.type.is_static for r in n.results):
+            host.add(id(n))
+            known.update(id(r) for r in n.results)
+    return host

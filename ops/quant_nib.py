@@ -1,17 +1,17 @@
 """4-bit weights in the GPU's nib layout: ops `nib_repack` and `nib_matmul`.
 
 The cuda backend rewrites `qmatmul` of a 4-bit weight (GGUF Q4_0, Q4_1, Q4_K; GPTQ 4-bit
-without desc_act) or a GGUF Q6_K one (low nibbles in the same layout, high bits apart) into `nib_matmul(x, nib_repack(weight...))` before lowering
-(lowering/triton_gpu/rewrites.py). The repack reads only weights, so the executor runs it once
-when the model loads (a host step) and uploads its results; no other backend sees these ops
-unless a graph is written with them.
+without desc_act) or a GGUF Q6_K one (low nibbles in the same layout, high bits apart) into
+`nib_matmul(x, nib_repack(weight...))` before lowering (lowering/nib_rewrites.py). The repack
+reads only weights, so the executor runs it once when the model loads (a host step) and
+uploads its results; no other backend sees these ops unless a graph is written with them.
 
 - `nib_repack(weight[, qzeros])`, attrs `encoding` (as qmatmul's), `fmt`, and for GPTQ
   `group_size`, `sym`, `checkpoint_format`: results codes int32 `[G, K / 8, 4]` (G = ceil(out
   / 4)), scales uint8 `[G, blocks, 4 * bytes]` and, for q4_k / gptq, extra uint8 (q6_k: extra
-  and crumbs) (the layout:
-  ops/quant/nib_layout.py; multi-byte fields are kept as little-endian bytes).
-- `nib_matmul(x, codes, scales[, extra])`, attrs `fmt`, `out`, `group`: x `[..., K]` @ W^T.
+  and crumbs; the layout: ops/quant/nib_layout.py; multi-byte fields kept as little-endian
+  bytes).
+- `nib_matmul(x, codes, scales[, extra[, crumbs]])`, attrs `fmt`, `out`, `group`: x `[..., K]` @ W^T.
 References decode with the layout's numpy decoder and multiply in float64.
 """
 from __future__ import annotations

@@ -27,34 +27,13 @@ import numpy as np
 
 from graphir.passes.elementwise_fusion import find_groups
 from graphir.types import ChainType
-from graphir.lowering.plan import Plan, Step, assign_slots, value_table
+from graphir.lowering.plan import Plan, Step, assign_slots, host_nodes, value_table
 from graphir.lowering.registry import lowering_for
 
 from . import codegen, lowerings  # noqa: F401  (register the lowerings)
 from .lowerings.base import Program, StepBuilder
 
 STRUCTURAL = ("chain", "weight", "constant")
-
-
-def host_nodes(graph) -> set[int]:
-    """id() of nodes whose values depend only on constants and weights (static shapes, no
-    effects): the executor computes them once at load time with the op references."""
-    known: set[int] = set()
-    host: set[int] = set()
-    for n in graph.nodes:
-        if n.op == "chain":
-            continue
-        if n.op in ("weight", "constant"):
-            host.add(id(n))
-            known.update(id(r) for r in n.results)
-            continue
-        if n.opdef.effects or any(isinstance(r.type, ChainType) for r in n.results):
-            continue
-        if all(id(v) in known for v in n.operands) \
-                and all(r.type.is_static for r in n.results):
-            host.add(id(n))
-            known.update(id(r) for r in n.results)
-    return host
 
 
 def schedule(graph, groups, host: set[int]) -> list:

@@ -113,7 +113,7 @@ def _check_finite(name: str, field: str, values: np.ndarray) -> None:
         )
 
 
-def _legacy_codes(blocks: np.ndarray, qs_at: int, qh_at: int | None) -> np.ndarray:
+def legacy_codes(blocks: np.ndarray, qs_at: int, qh_at: int | None) -> np.ndarray:
     """The 32 codes of a Q4_x / Q5_x block as float32: nibble j of byte j % 16 (low for j < 16),
     plus bit j of the little-endian uint32 at `qh_at` as bit 4 for Q5_x."""
     qs = blocks[..., qs_at:qs_at + 16]
@@ -126,21 +126,21 @@ def _legacy_codes(blocks: np.ndarray, qs_at: int, qh_at: int | None) -> np.ndarr
 
 
 def _deq_q4_0(blocks: np.ndarray) -> np.ndarray:
-    return (_legacy_codes(blocks, 2, None) - np.float32(8)) * f16_field(blocks, 0)[..., None]
+    return (legacy_codes(blocks, 2, None) - np.float32(8)) * f16_field(blocks, 0)[..., None]
 
 
 def _deq_q4_1(blocks: np.ndarray) -> np.ndarray:
     d, m = f16_field(blocks, 0), f16_field(blocks, 2)
-    return _legacy_codes(blocks, 4, None) * d[..., None] + m[..., None]
+    return legacy_codes(blocks, 4, None) * d[..., None] + m[..., None]
 
 
 def _deq_q5_0(blocks: np.ndarray) -> np.ndarray:
-    return (_legacy_codes(blocks, 6, 2) - np.float32(16)) * f16_field(blocks, 0)[..., None]
+    return (legacy_codes(blocks, 6, 2) - np.float32(16)) * f16_field(blocks, 0)[..., None]
 
 
 def _deq_q5_1(blocks: np.ndarray) -> np.ndarray:
     d, m = f16_field(blocks, 0), f16_field(blocks, 2)
-    return _legacy_codes(blocks, 8, 4) * d[..., None] + m[..., None]
+    return legacy_codes(blocks, 8, 4) * d[..., None] + m[..., None]
 
 
 def _deq_q8_0(blocks: np.ndarray) -> np.ndarray:

@@ -34,10 +34,14 @@ __all__ = ["KQUANT_DECODERS", "kquant_scale_fields"]
 _F = np.float32
 
 
+def f16_bits(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The little-endian float16 at byte `offset` of every block, as its uint16 bits."""
+    return blocks[..., offset].astype(np.uint16) | (blocks[..., offset + 1].astype(np.uint16) << 8)
+
+
 def f16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     """The little-endian float16 at byte `offset` of every block, as float32."""
-    bits = blocks[..., offset].astype(np.uint16) | (blocks[..., offset + 1].astype(np.uint16) << 8)
-    return bits.view(np.float16).astype(_F)
+    return f16_bits(blocks, offset).view(np.float16).astype(_F)
 
 
 def _nibbles(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +55,7 @@ def _two_bit_planes(qs: np.ndarray) -> np.ndarray:
     return ((q >> shifts) & np.uint8(3)).reshape(*qs.shape[:-1], 256)
 
 
-def _six_bit_pairs(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def six_bit_pairs(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The eight 6-bit (scale, min) pairs of Q4_K / Q5_K's 12 scale bytes, as float32 [..., 8]."""
     # Bytes 0-3 / 4-7 carry the low 6 bits of scale / min of sub-blocks 0-3 and, in their top two
     # bits, bits 4-5 of sub-blocks 4-7; bytes 8-11 carry the low nibbles of sub-blocks 4-7.
@@ -88,12 +92,28 @@ def _q3_k(blocks: np.ndarray) -> np.ndarray:
     return (scale * q.reshape(*lead, 16, 16).astype(_F)).reshape(*lead, 256)
 
 
+def q4_k_codes(blocks: np.ndarray) -> np.ndarray:
+    """Q4_K's 256 4-bit codes of each block in element order, uint8 `[..., 256]`."""
+    lo, hi = _nibbles(blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32))
+    return np.stack([lo, hi], axis=-2).reshape(*blocks.shape[:-1], 256)
+
+
+def q6_k_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K's 256 codes of each block in element order as (low nibbles, high 2 bits), uint8
+    `[..., 256]` each."""
+    lead = blocks.shape[:-1]
+    lo, hi = _nibbles(blocks[..., 0:128].reshape(*lead, 2, 64))
+    low4 = np.concatenate([lo, hi], axis=-1).reshape(*lead, 256)
+    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+    return low4, ((qh >> shifts) & np.uint8(3)).reshape(*lead, 256)
+
+
 def _q4_k(blocks: np.ndarray) -> np.ndarray:
     lead = blocks.shape[:-1]
     d, dmin = f16_field(blocks, 0), f16_field(blocks, 2)
-    sc, mn = _six_bit_pairs(blocks[..., 4:16])
-    lo, hi = _nibbles(blocks[..., 16:144].reshape(*lead, 4, 32))
-    q = np.stack([lo, hi], axis=-2).reshape(*lead, 8, 32).astype(_F)
+    sc, mn = six_bit_pairs(blocks[..., 4:16])
+    q = q4_k_codes(blocks).reshape(*lead, 8, 32).astype(_F)
     scale = (d[..., None] * sc)[..., None]
     offset = (dmin[..., None] * mn)[..., None]
     return (scale * q - offset).reshape(*lead, 256)
@@ -102,7 +122,7 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
 def _q5_k(blocks: np.ndarray) -> np.ndarray:
     lead = blocks.shape[:-1]
     d, dmin = f16_field(blocks, 0), f16_field(blocks, 2)
-    sc, mn = _six_bit_pairs(blocks[..., 4:16])
+    sc, mn = six_bit_pairs(blocks[..., 4:16])
     lo, hi = _nibbles(blocks[..., 48:176].reshape(*lead, 4, 32))
     low4 = np.stack([lo, hi], axis=-2).reshape(*lead, 8, 32)
     qh = blocks[..., 16:48].reshape(*lead, 1, 32)
@@ -116,11 +136,7 @@ def _q5_k(blocks: np.ndarray) -> np.ndarray:
 def _q6_k(blocks: np.ndarray) -> np.ndarray:
     lead = blocks.shape[:-1]
     d = f16_field(blocks, 208)
-    lo, hi = _nibbles(blocks[..., 0:128].reshape(*lead, 2, 64))
-    low4 = np.concatenate([lo, hi], axis=-1)
-    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
-    high2 = ((qh >> shifts) & np.uint8(3)).reshape(*lead, 2, 128)
+    low4, high2 = q6_k_codes(blocks)
     q = (low4 | (high2 << np.uint8(4))).astype(np.int8) - np.int8(32)
     sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(_F)
     scale = (d[..., None] * sc)[..., None]

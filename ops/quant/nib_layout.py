@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gguf_blocks import gguf_block_geometry
-from .gguf_kquants import f16_field
+from .gguf_blocks import legacy_codes, gguf_block_geometry
+from .gguf_kquants import f16_bits, q4_k_codes, q6_k_codes, six_bit_pairs
 
 NIB_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym", "q6_k")
 
@@ -82,46 +82,30 @@ def _blocks(raw: np.ndarray, encoding: str, k: int) -> np.ndarray:
     return np.ascontiguousarray(raw).reshape(n, k // geo.block_elems, geo.block_bytes)
 
 
-def _legacy_nibbles(qs: np.ndarray) -> np.ndarray:
-    """GGML's Q4_0 / Q4_1 qs[16] -> codes of values 0..31 (low nibbles first)."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
-
-
-def _f16_bits(blocks: np.ndarray, offset: int) -> np.ndarray:
-    return blocks[..., offset].astype(np.uint16) | (blocks[..., offset + 1].astype(np.uint16) << 8)
-
-
 def repack_gguf(raw: np.ndarray, encoding: str, k: int) -> tuple[np.ndarray, ...]:
-    """GGUF rows `[N, row_bytes]` of Q4_0, Q4_1 or Q4_K -> (codes, scales[, supers])."""
+    """GGUF rows `[N, row_bytes]` of Q4_0, Q4_1, Q4_K or Q6_K -> (codes, scales[, supers[,
+    crumbs]])."""
     b = _blocks(raw, encoding, k)
     n = b.shape[0]
     if encoding == "Q4_0":
-        codes = _legacy_nibbles(b[..., 2:18]).reshape(n, k)
-        return pack_codes(codes), _groups_of_four(_f16_bits(b, 0).view(np.float16))
+        codes = legacy_codes(b, 2, None).astype(np.uint8).reshape(n, k)
+        return pack_codes(codes), _groups_of_four(f16_bits(b, 0).view(np.float16))
     if encoding == "Q4_1":
-        codes = _legacy_nibbles(b[..., 4:20]).reshape(n, k)
-        sm = _f16_bits(b, 0).astype(np.uint32) | (_f16_bits(b, 2).astype(np.uint32) << 16)
+        codes = legacy_codes(b, 4, None).astype(np.uint8).reshape(n, k)
+        sm = f16_bits(b, 0).astype(np.uint32) | (f16_bits(b, 2).astype(np.uint32) << 16)
         return pack_codes(codes), _groups_of_four(sm)
     if encoding == "Q4_K":
-        from .gguf_kquants import _six_bit_pairs
-
-        qs = b[..., 16:144].reshape(n, -1, 4, 32)
-        codes = np.stack([qs & 15, qs >> 4], axis=-2).reshape(n, k)
-        sc, mn = _six_bit_pairs(b[..., 4:16])
+        sc, mn = six_bit_pairs(b[..., 4:16])
         scm = sc.astype(np.uint16) | (mn.astype(np.uint16) << 8)
-        supers = _f16_bits(b, 0).astype(np.uint32) | (_f16_bits(b, 2).astype(np.uint32) << 16)
-        return (pack_codes(codes), _groups_of_four(scm.reshape(n, k // 32)),
+        supers = f16_bits(b, 0).astype(np.uint32) | (f16_bits(b, 2).astype(np.uint32) << 16)
+        return (pack_codes(q4_k_codes(b).reshape(n, k)), _groups_of_four(scm.reshape(n, k // 32)),
                 _groups_of_four(supers))
     if encoding == "Q6_K":
-        nb = b.shape[1]
-        lo, hi = b[..., 0:128].reshape(n, nb, 2, 64) & 15, b[..., 0:128].reshape(n, nb, 2, 64) >> 4
-        low4 = np.concatenate([lo, hi], axis=-1).reshape(n, k)
-        qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
-        shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
-        high2 = ((qh >> shifts) & np.uint8(3)).reshape(n, k)
+        low4, high2 = q6_k_codes(b)
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(n, k // 16)
-        d = _f16_bits(b, 208).view(np.float16)
-        return (pack_codes(low4), _groups_of_four(sc), _groups_of_four(d), pack_crumbs(high2))
+        d = f16_bits(b, 208).view(np.float16)
+        return (pack_codes(low4.reshape(n, k)), _groups_of_four(sc), _groups_of_four(d),
+                pack_crumbs(high2.reshape(n, k)))
     raise ValueError(f"nib layout: no repack for GGUF {encoding}; have Q4_0, Q4_1, Q4_K, Q6_K")
 
 
@@ -186,5 +170,5 @@ def f16_halves(u32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-__all__ = ["NIB_FORMATS", "pack_codes", "unpack_codes", "repack_gguf", "repack_gptq",
-           "dequantize_nib", "f16_field"]
+__all__ = ["NIB_FORMATS", "pack_codes", "pack_crumbs", "unpack_codes", "repack_gguf",
+           "repack_gptq", "dequantize_nib", "f16_halves"]

@@ -76,7 +76,7 @@ def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constex
         d = tl.load(z_ptr.to(tl.pointer_type(tl.float16)) + g.to(tl.int64)[:, None, None]
                     * (nblk // 16 * 4) + (bi // 16 * 4)[None, :, None] + r4).to(tl.float32)
         s = d * (_small(sc.to(tl.uint32)) - 128.0)
-        m = s
+        m = s    # unread: q6_k's offset -32 is folded into its crumbs' conversion
     else:
         ng = nblk * 32 // GROUP
         ga = g.to(tl.int64)[:, None, None] * (ng * 4) + (bi * 32 // GROUP * 4)[None, :, None] + r4

@@ -35,11 +35,13 @@ def _x_dtype(x, op: str) -> str:
     return MM_DTYPES[x.type.dtype]
 
 
-def _launch(sb: StepBuilder, specs, conf, M: str, N: str, head: list, tail: list, out) -> None:
-    """The matmul (writing `out`, or fp32 partials then the reduce into `out`)."""
+def _launch(sb: StepBuilder, specs, conf, M: str, N: str, head: list, tail: list, out,
+            bm: int | None = None, bn: int | None = None) -> None:
+    """The matmul over (M / bm) x (N / bn) x SPLIT_K programs (bm, bn default to the config's
+    BLOCK_M, BLOCK_N), writing `out`, or fp32 partials then the reduce into `out`."""
     split = conf["SPLIT_K"]
     main = sb.kernel(specs[0])
-    bm, bn = conf["BLOCK_M"], conf["BLOCK_N"]
+    bm, bn = bm or conf["BLOCK_M"], bn or conf["BLOCK_N"]
     grid = [f"cdiv({M}, {bm})", f"cdiv({N}, {bn})", split]
     if split == 1:
         sb.launch(main, grid, head + [sb.ptr(out)] + tail)
@@ -136,18 +138,10 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
     for cond, top in _buckets(tops, Mdim):
         conf, cols = qn.nib_config(top, K)
         specs = qn.nib_specs(a["fmt"], dt, conf, a.get("group", 32))
-        bm = 1 if conf.get("GEMV") else conf["BM"]
-        split = conf["SPLIT_K"]
-        grid = [f"cdiv({M}, {bm})", f"cdiv({N}, {4 * conf['BG']})", split]
+        # Formats without an extra or crumb operand pass another buffer the kernel never reads.
         head = [sb.ptr(x), sb.ptr(parts[0]), sb.ptr(parts[1]),
                 sb.ptr(parts[2] if len(parts) > 2 else parts[1]),
                 sb.ptr(parts[3] if len(parts) > 3 else parts[0])]
-        tail = [M, N, K, cols]
         with sb.when(cond):
-            if split == 1:
-                sb.launch(sb.kernel(specs[0]), grid, head + [sb.ptr(node.results[0])] + tail)
-                continue
-            part = sb.scratch(f"part_s{split}", "float32", f"{split} * ({M}) * ({N})")
-            sb.launch(sb.kernel(specs[0]), grid, head + [part] + tail)
-            sb.launch(sb.kernel(specs[1]), [f"cdiv(({M}) * ({N}), {qk.REDUCE_BLOCK})"],
-                      [part, sb.ptr(node.results[0]), sb.ptr(node.results[0]), M, N])
+            _launch(sb, specs, conf, M, N, head, [M, N, K, cols], node.results[0],
+                    bm=1 if conf.get("GEMV") else conf["BM"], bn=4 * conf["BG"])
