@@ -202,7 +202,7 @@ class CallPlanBuilder:
                        if v["when"] is None or evaluate(v["when"], local))
             scratch = {}
             for name, dt, count in var["scratch"]:
-                nb = evaluate(count, local) * np.dtype(dt).itemsize
+                nb = evaluate(count, local) * DType[dt].size_in_bytes
                 scratch[name] = (self._buffer(("scratch", i, name), nb, lid), 0)
             for op in var["ops"]:
                 if "copy" in op:

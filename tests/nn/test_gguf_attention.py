@@ -10,20 +10,16 @@ from graphir import ops
 from graphir import DType, Graph, TensorType, parse
 from graphir.ops._build import apply
 from graphir.ops.quant.gguf_blocks import gguf_scale_fields
-from graphir.nn import (AttentionWithRope, GGUFQAttentionWithRope, GGUFQLinear, KVCacheParams,
-                RotaryEmbedding)
+from graphir.nn import GGUFQAttentionWithRope, GGUFQLinear
 from graphir.ops import QuantizationEncoding
 from graphir.runtime.interpreter import InterpreterError, run
-from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.nn.gguf_convert import MIXES, encode
-from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, layer_graph, scheduled_manager, step
+from tests.nn.gguf_layer import D, HIDDEN, NAMES, NH, NKV, kv_manager, layers  # noqa: F401
+from tests.nn.harness import LAYER, PAGE, SCHEDULE, layer_graph, step
 
-HIDDEN, NH, NKV, D = 256, 4, 2, 64  # K-quants need rows that are whole 256-value blocks
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 QUANTIZED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"] + K_TYPES
 ALL = QUANTIZED + ["F16", "BF16", "F32"]
-NAMES = {"q_proj": ("attn_q", NH * D, HIDDEN), "k_proj": ("attn_k", NKV * D, HIDDEN),
-         "v_proj": ("attn_v", NKV * D, HIDDEN), "o_proj": ("attn_output", HIDDEN, NH * D)}
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -150,20 +146,6 @@ def make_file(path, enc, seed: int, bias: bool = False, **meta) -> dict:
                                                        .astype(np.float32))
     write_gguf(path, tensors, **meta)
     return tensors
-
-
-def kv_manager() -> PagedKVCacheManager:
-    return scheduled_manager(NKV, D)
-
-
-def layers(enc, il: bool = True, **opts):
-    rope = RotaryEmbedding(HIDDEN, NH, 10000.0, 64, head_dim=D, interleaved=il)
-    kvp = KVCacheParams(dtype=DType.float32, n_kv_heads=NKV, head_dim=D, num_layers=LAYERS,
-                        page_size=PAGE)
-    common = dict(rope=rope, num_attention_heads=NH, num_key_value_heads=NKV, hidden_size=HIDDEN,
-                  kv_params=kvp, **opts)
-    quant = GGUFQAttentionWithRope(dtype=DType.uint8, quantization_encoding=enc, **common)
-    return rope, kvp, quant, AttentionWithRope(**common)
 
 
 @pytest.mark.parametrize("enc,bias", [(e, False) for e in ALL] + [("Q4_K", True),

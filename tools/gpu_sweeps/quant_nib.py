@@ -1,9 +1,11 @@
 """Sweep of the 4-bit kernels over the load-time nib layout (kernels/quant_nib.py) on one GPU.
 
 y = x @ W^T, W 14336x4096 and 4096x4096 in Q4_0, Q4_K (GGUF, repacked by ops/quant/nib_layout.py)
-and 4-bit GPTQ group 128 (symmetric); x bf16 of 1 row (GEMV configs, then the dot kernel) and 16
-rows (dot kernel). Round 1 times a grid of configs on Q4_0 14336x4096; round 2 the best of round
-1 on every weight. Every variant is checked against torch (float32 product with the decoded
+and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times the dot
+tiles by split-K at 16 and 64 rows on both Q4_0 weights (--gemv adds the one-row GEMV grid,
+--dot the whole dot grid at 16 rows); round 2 the shipped buckets (kernels/quant_nib.py
+NIB_BUCKETS) and the many-row path (decode into a bf16 copy, then cuBLAS) on every weight.
+Every variant is checked against torch (float32 product with the decoded
 weight) before it is timed; the peer is cuBLAS bf16 on the decoded weight, weights rotated
 among copies over 4x the L2 for both. "% copy" counts the checkpoint's bytes (GGUF blocks or
 GPTQ words + scales) over the measured copy bandwidth.
@@ -25,7 +27,8 @@ from _dry import DRY  # noqa: E402  (first: --dry-run sets Triton's interpreter 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from graphir.lowering.triton_gpu.kernels.quant_nib import gemv_geometry, nib_specs  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.quant_nib import (gemv_geometry,  # noqa: E402
+                                                          nib_dequant_spec, nib_specs)  # noqa: E402
 from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
 
 import _kernels  # noqa: E402
@@ -79,6 +82,14 @@ def weight(rng, fmt: str, n: int, k: int):
 
 
 def calls(kernels, specs, conf, M, N, K, x, wsets, out):
+    if conf.get("DEQUANT"):
+        # The many-row path: decode into a bf16 copy, then cuBLAS on it.
+        deq = kernels[specs[0].name]
+        wbuf = torch.empty((N, K), dtype=torch.bfloat16, device=DEV)
+        grid = specs[0].grid_for(N=N, K=K)
+        return [lambda q=q, s=s, z=z, h=h: (deq(grid, q, s, z, h, wbuf, N, K),
+                                            torch.matmul(x, wbuf.t(), out=out))
+                for q, s, z, h in wsets]
     split = conf["SPLIT_K"]
     main = kernels[specs[0].name]
     bps = gemv_geometry(K, conf["NJ"], split)[1]
@@ -99,6 +110,19 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
     return fns
 
 
+GEMV_GRID = "--gemv" in sys.argv
+DOT_GRID = "--dot" in sys.argv
+MS = (1, 2, 4, 16, 64) if DRY else (1, 2, 4, 8, 16, 64, 512)
+
+
+def split_confs(m):
+    """Dot tiles of m rows by split-K (the lowering picks the split from N: dot_split)."""
+    if DRY:
+        return [dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=2, PREFETCH=1)]
+    return [dict(BM=m, BG=bg, NJ=16, num_warps=4, num_stages=1, SPLIT_K=sp, PREFETCH=1)
+            for bg, sp in itertools.product((8, 16, 32), (1, 2, 4, 8))]
+
+
 def gemv_confs():
     if DRY:
         return [dict(GEMV=1, BG=1, NJ=8, num_warps=1, SPLIT_K=s, PREFETCH=p)
@@ -109,35 +133,48 @@ def gemv_confs():
             if 32 * w <= bg * nj <= 128 * w]
 
 
+DEQ = dict(DEQUANT=1)
+
+
 def dot_confs():
     if DRY:
-        return [dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=1)]
-    return [dict(BM=16, BG=bg, NJ=nj, num_warps=w, num_stages=1, SPLIT_K=s)
-            for bg, nj, w, s in itertools.product((8, 16, 32), (8, 16), (4, 8), (1, 2))]
+        return [dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=1, PREFETCH=p)
+                for p in (0, 1)]
+    grid = [dict(BM=16, BG=bg, NJ=nj, num_warps=w, num_stages=1, SPLIT_K=s, PREFETCH=p)
+            for bg, nj, w, s, p in itertools.product((8, 16, 32), (16, 32), (4, 8), (1, 2), (0, 1))]
+    # Triton's own pipelining instead of the register prefetch.
+    return grid + [dict(BM=16, BG=bg, NJ=16, num_warps=4, num_stages=3, SPLIT_K=s, PREFETCH=0)
+                   for bg, s in itertools.product((8, 16), (1, 2))]
 
 
 def bucket_jobs(fmt, N, K):
-    """The shipped bucket configs (kernels/quant_nib.NIB_BUCKETS) at M = 1, 2, 4, 16, 64, 512."""
+    """The shipped bucket configs (kernels/quant_nib.NIB_BUCKETS) at every M of MS."""
     from graphir.lowering.triton_gpu.kernels.quant_nib import nib_config
 
-    ms = (1, 2, 4, 16) if DRY else (1, 2, 4, 16, 64, 512)
-    out = [(fmt, N, K, m, nib_config(m, K)[0]) for m in ms]
-    # M = 4 both ways: the GEMV (one program per row) against the dot bucket.
-    out.append((fmt, N, K, 4, nib_config(1, K)[0]))
-    return out
+    return [(fmt, N, K, m, nib_config(m, K, N, fmt)[0]) for m in MS]
 
 
 def label(c):
+    if c.get("DEQUANT"):
+        return "dequant + cuBLAS"
     if c.get("GEMV"):
         return f"gemv g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}p{c['PREFETCH']}"
-    return f"dot m{c['BM']}g{c['BG']}j{c['NJ']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
+    return (f"dot m{c['BM']}g{c['BG']}j{c['NJ']}w{c['num_warps']}st{c['num_stages']}"
+            f"s{c['SPLIT_K']}p{c.get('PREFETCH', 0)}")
+
+
+def specs_of(fmt, K, conf):
+    group = 128 if fmt.startswith("gptq") else 32
+    if conf.get("DEQUANT"):
+        return [nib_dequant_spec(fmt, "bfloat16", K, group)]
+    return nib_specs(fmt, "bfloat16", conf, group)
 
 
 def run(jobs, copy_gbs, results, weights, peer):
     """jobs: (fmt, N, K, M, conf). Compiles what is new, checks and times each."""
     specs = {}
     for fmt, N, K, M, conf in jobs:
-        for s in nib_specs(fmt, "bfloat16", conf, 128 if fmt.startswith("gptq") else 32):
+        for s in specs_of(fmt, K, conf):
             specs[s.name] = s
     kernels = _kernels.compile_all(specs, DRY)
     rng = np.random.default_rng(0)
@@ -151,7 +188,7 @@ def run(jobs, copy_gbs, results, weights, peer):
             wsets = [dev] + [[t.clone() for t in dev] for _ in range(n_copies - 1)]
             weights[(fmt, N, K)] = (wsets, nbytes, torch.from_numpy(wt).to(DEV))
         wsets, nbytes, wt = weights[(fmt, N, K)]
-        specs_c = nib_specs(fmt, "bfloat16", conf, 128 if fmt.startswith("gptq") else 32)
+        specs_c = specs_of(fmt, K, conf)
         res = dict(fmt=fmt, N=N, K=K, M=M, config=label(conf), conf=conf, quant_bytes=nbytes)
         try:
             bad = [kernels[s.name] for s in specs_c if isinstance(kernels[s.name], Exception)]
@@ -210,15 +247,18 @@ def main() -> None:
         print(f"device copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     results, weights, peer = [], {}, {}
     N0, K0 = SHAPES[0]
-    run([("q4_0", N0, K0, 1, c) for c in gemv_confs()]
-        + [("q4_0", N0, K0, 16, c) for c in dot_confs()], copy_gbs, results, weights, peer)
+    # Round 1: dot tiles by split-K at 16 and 64 rows on both Q4_0 weights (with --gemv also
+    # the one-row GEMV grid, with --dot the whole dot grid at 16 rows); round 2: the shipped
+    # buckets and the dequantize + cuBLAS path on every weight.
+    first = [("q4_0", N, K, m, c) for N, K in SHAPES for m in MS[-3:-1] for c in split_confs(m)]
+    first += [("q4_0", N0, K0, 1, c) for c in gemv_confs()] if GEMV_GRID else []
+    first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
+    run(first, copy_gbs, results, weights, peer)
     jobs = []
     for N, K in SHAPES:
-        g = best(results, "q4_0", N0, 1, "gemv", 2)
-        d16 = best(results, "q4_0", N0, 16, "dot", 2)
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
-            jobs += [(fmt, N, K, 1, c) for c in g] + [(fmt, N, K, 16, c) for c in d16]
+            jobs += [(fmt, N, K, m, DEQ) for m in MS[-3:]]
     run(jobs, copy_gbs, results, weights, peer)
     out = os.environ.get("OUT")
     if out:
@@ -227,7 +267,7 @@ def main() -> None:
     print("\n== best per (format, shape, M)")
     for fmt in FMTS:
         for N, K in SHAPES:
-            for M in (1, 2, 4, 16, 64, 512):
+            for M in MS:
                 ok = [r for r in results if "us" in r and r["fmt"] == fmt and r["N"] == N
                       and r["M"] == M]
                 if ok:

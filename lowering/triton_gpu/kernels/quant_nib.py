@@ -282,11 +282,54 @@ def gemv_geometry(k: int, nj: int, split: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _decode_tile(words, hw, hsh, s, m, FMT: tl.constexpr, DTYPE: tl.constexpr):
+    """Code words `[BG, NJ, 4]` (and q6_k's crumb words, their halves hsh) with their blocks'
+    affine terms as the weight tile `[4 BG rows, 8 NJ values of K]` in DTYPE."""
+    BG: tl.constexpr = words.shape[0]
+    NJ: tl.constexpr = words.shape[1]
+    hi = words >> 16
+    # Nibble q of each half decodes to c * 16**q (no shift), so s / 16**q scales it.
+    s1 = s * 0.0625
+    s2 = s * 0.00390625
+    s3 = s * 0.000244140625
+    if FMT == 5:
+        # q6_k: s (lo + 16 (hi - 2)) per value, crumb i scaled by 16 / 4**i; m is unused.
+        h = hw >> hsh
+        p0 = tl.fma(_crumb(h, 0), s * 16.0, _plane(words, 0, 0) * s)
+        p1 = tl.fma(_crumb(h, 1), s * 4.0, _plane(words, 1, 0) * s1)
+        p2 = tl.fma(_crumb(h, 2), s, _plane(words, 2, 0) * s2)
+        p3 = tl.fma(_crumb(h, 3), s * 0.25, _plane(words, 3, 0) * s3)
+        p4 = tl.fma(_crumb(h, 4), s * 0.0625, _plane(hi, 0, 0) * s)
+        p5 = tl.fma(_crumb(h, 5), s * 0.015625, _plane(hi, 1, 0) * s1)
+        p6 = tl.fma(_crumb(h, 6), s * 0.00390625, _plane(hi, 2, 0) * s2)
+        p7 = tl.fma(_crumb(h, 7), s * 0.0009765625, _plane(hi, 3, 0) * s3)
+    else:
+        p0 = _plane(words, 0, 0) * s + m
+        p1 = _plane(words, 1, 0) * s1 + m
+        p2 = _plane(words, 2, 0) * s2 + m
+        p3 = _plane(words, 3, 0) * s3 + m
+        p4 = _plane(hi, 0, 0) * s + m
+        p5 = _plane(hi, 1, 0) * s1 + m
+        p6 = _plane(hi, 2, 0) * s2 + m
+        p7 = _plane(hi, 3, 0) * s3 + m
+    # Joins append an axis; flattening [.., a, b, c] gives 4 a + 2 b + c, so the first
+    # join pairs nibbles i, i + 4 and the last i, i + 1: nibble order 0..7.
+    v = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
+                tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    v = tl.reshape(v.to(DTYPE), (BG, NJ, 4, 8))
+    # [BG, NJ, 4 rows, 8 nibbles] -> rows (4 g + r) by k (8 j + i).
+    return tl.reshape(tl.permute(v, (0, 2, 1, 3)), (BG * 4, NJ * 8))
+
+
+@triton.jit
 def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                       FMT: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
-                      BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr):
+                      BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr,
+                      PREFETCH: tl.constexpr):
     # Tiles of BM rows of X by BG groups of four weight rows, NJ word columns (8 NJ values of
-    # K) a step.
+    # K) a step. With PREFETCH the next step's words, scales and X are loaded before this
+    # step is decoded: the loop's loads feed arithmetic, not the dot, so Triton's pipeliner
+    # would leave each step waiting on its own loads.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -296,42 +339,21 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_pe
     xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K + pid_k * cols_per_split * 8 \
         + tl.arange(0, NJ * 8)[None, :]
     acc = tl.zeros((BG * 4, BM), tl.float32)
+    if PREFETCH:
+        nw, nh, ns, nm = _fetch(wp, hp, s_ptr, z_ptr, g, jj, 0, nblk, FMT, GROUP, NJ)
+        nx = tl.load(xp)
     for it in range(steps):
-        words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
-        hi = words >> 16
-        # Nibble q of each half decodes to c * 16**q (no shift), so s / 16**q scales it.
-        s1 = s * 0.0625
-        s2 = s * 0.00390625
-        s3 = s * 0.000244140625
-        if FMT == 5:
-            # q6_k: s (lo + 16 (hi - 2)) per value, crumb i scaled by 16 / 4**i; m is unused.
-            h = hw >> hsh
-            p0 = tl.fma(_crumb(h, 0), s * 16.0, _plane(words, 0, 0) * s)
-            p1 = tl.fma(_crumb(h, 1), s * 4.0, _plane(words, 1, 0) * s1)
-            p2 = tl.fma(_crumb(h, 2), s, _plane(words, 2, 0) * s2)
-            p3 = tl.fma(_crumb(h, 3), s * 0.25, _plane(words, 3, 0) * s3)
-            p4 = tl.fma(_crumb(h, 4), s * 0.0625, _plane(hi, 0, 0) * s)
-            p5 = tl.fma(_crumb(h, 5), s * 0.015625, _plane(hi, 1, 0) * s1)
-            p6 = tl.fma(_crumb(h, 6), s * 0.00390625, _plane(hi, 2, 0) * s2)
-            p7 = tl.fma(_crumb(h, 7), s * 0.0009765625, _plane(hi, 3, 0) * s3)
+        if PREFETCH:
+            words, hw, s, m, xt = nw, nh, ns, nm, nx
+            nxt = tl.minimum(it + 1, steps - 1)   # past the last: the last again (unused)
+            nw, nh, ns, nm = _fetch(wp, hp, s_ptr, z_ptr, g, jj, nxt, nblk, FMT, GROUP, NJ)
+            nx = tl.load(xp + nxt * (NJ * 8))
         else:
-            p0 = _plane(words, 0, 0) * s + m
-            p1 = _plane(words, 1, 0) * s1 + m
-            p2 = _plane(words, 2, 0) * s2 + m
-            p3 = _plane(words, 3, 0) * s3 + m
-            p4 = _plane(hi, 0, 0) * s + m
-            p5 = _plane(hi, 1, 0) * s1 + m
-            p6 = _plane(hi, 2, 0) * s2 + m
-            p7 = _plane(hi, 3, 0) * s3 + m
-        # Joins append an axis; flattening [.., a, b, c] gives 4 a + 2 b + c, so the first
-        # join pairs nibbles i, i + 4 and the last i, i + 1: nibble order 0..7.
-        v = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
-                    tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-        v = tl.reshape(v.to(x_ptr.dtype.element_ty), (BG, NJ, 4, 8))
-        # [BG, NJ, 4 rows, 8 nibbles] -> rows (4 g + r) by k (8 j + i).
-        w = tl.reshape(tl.permute(v, (0, 2, 1, 3)), (BG * 4, NJ * 8))
+            words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
+            xt = tl.load(xp + it * (NJ * 8))
+        w = _decode_tile(words, hw, hsh, s, m, FMT, x_ptr.dtype.element_ty)
         # W as the left operand (its rows fill the MMA's M), X^T as the right one.
-        acc = tl.dot(w, tl.trans(tl.load(xp + it * (NJ * 8))), acc)
+        acc = tl.dot(w, tl.trans(xt), acc)
     rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
     ok = (rn < N)[:, None] & (rm < M)[None, :]
     dst = rm.to(tl.int64)[None, :] * N + rn[:, None]
@@ -341,11 +363,27 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_pe
         tl.store(c_ptr + dst, acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def nib_dequant_kernel(q_ptr, s_ptr, z_ptr, h_ptr, w_ptr, N, K, FMT: tl.constexpr,
+                       GROUP: tl.constexpr, BG: tl.constexpr, NJ: tl.constexpr):
+    """The weight `[N, K]` decoded into w_ptr's dtype, one tile of 4 BG rows by 8 NJ values of
+    K a program: many-row X multiplies the decoded copy with the plain matmul, whose tiles
+    the decode would otherwise repeat once per row tile of X."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g, jj, steps, nblk, wp, hp, hsh = _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, NJ, FMT, BG, NJ)
+    words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, 0, nblk, FMT, GROUP, NJ)
+    w = _decode_tile(words, hw, hsh, s, m, FMT, w_ptr.dtype.element_ty)
+    rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
+    rk = pid_k * (NJ * 8) + tl.arange(0, NJ * 8)
+    tl.store(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None])
+
+
 def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     """The GEMV (conf["GEMV"]) or dot kernel for a nib weight of format `fmt` and X of `dtype`
     and, when the config splits K, the reduce of its fp32 partials. conf: BG (groups of four
-    rows), NJ (word columns a step), SPLIT_K, num_warps, and BM / num_stages (dot) or
-    PREFETCH (GEMV)."""
+    rows), NJ (word columns a step), SPLIT_K, num_warps, PREFETCH (0 or 1; GEMV also 2), and
+    BM / num_stages (dot)."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv, triton_dtype
 
@@ -360,12 +398,13 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)))
     else:
-        consts.update(BM=bm, BG=conf["BG"], NJ=conf["NJ"], SPLIT_K=split)
+        consts.update(BM=bm, BG=conf["BG"], NJ=conf["NJ"], SPLIT_K=split,
+                      PREFETCH=int(conf.get("PREFETCH", 0)))
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
     tag = (f"gemv_g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
-           if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}")
+           if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
     main = KernelSpec(
         name=f"nib_{fmt}_{tag}_{t}_w{conf['num_warps']}" + (f"s{split}" if split > 1 else ""),
         fn=nib_gemv_kernel if gemv else nib_matmul_kernel, signature=sig, constexprs=consts,
@@ -375,21 +414,72 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
 
 
-# Row buckets of X: (largest M, config). GEMV rows take one program per X row (the weight,
-# at most 33 MB for 14336 x 4096, stays in the H200's L2 between the rows). Configs from the H200
-# sweep (tools/gpu_sweeps/quant_nib.py, BENCHMARKS.md "nib"): the GEMV g1j128w2 was within 2% of
-# the best at M = 1 on both weights and all three formats.
+DEQUANT_TILE = dict(BG=8, NJ=16, num_warps=4)
+
+
+def nib_dequant_spec(fmt: str, dtype: str, k: int, group: int = 32):
+    """The decode of a whole nib weight into a `[N, K]` buffer of `dtype` (X's dtype), over
+    grid (N / (4 BG), K / (8 NJ))."""
+    from .spec import KernelSpec, cdiv, triton_dtype
+
+    if fmt not in FMT_IDS:
+        raise ValueError(f"nib layout: unknown format {fmt!r}; have {sorted(FMT_IDS)}")
+    t = triton_dtype(dtype)
+    bg, nw = DEQUANT_TILE["BG"], DEQUANT_TILE["num_warps"]
+    nj = gemv_geometry(k, DEQUANT_TILE["NJ"], 1)[0]
+    consts = dict(FMT=FMT_IDS[fmt], GROUP=group, BG=bg, NJ=nj)
+    sig = {"q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8", "w_ptr": f"*{t}",
+           "N": "i32", "K": "i32", **{k_: "constexpr" for k_ in consts}}
+    return KernelSpec(
+        name=f"nib_{fmt}_dequant_g{bg}j{nj}_{t}_w{nw}", fn=nib_dequant_kernel, signature=sig,
+        constexprs=consts, num_warps=nw, num_stages=1,
+        grid=lambda N, K: (cdiv(N, 4 * bg), K // (8 * nj)), grid_args=("N", "K"),
+        divisible_by_16=("q_ptr", "s_ptr", "w_ptr", "K"))
+
+
+# Row buckets of X: (largest M, config), from the H200 sweeps (tools/gpu_sweeps/quant_nib.py,
+# BENCHMARKS.md "nib"). GEMV rows take one program per X row (the weight, at most 33 MB for
+# 14336 x 4096, stays in the H200's L2 between the rows): it beat the dot tiles up to 4 rows.
+# The dot tiles (split-K from the weight's rows when SPLIT_K is 0: dot_split) took 8-16 rows;
+# from 17 rows, and for q6_k from 5 (its dot ran at 0.26x cuBLAS at 8 rows), the weight is
+# decoded once into X's dtype (nib_dequant_kernel) for the plain matmul (its tuned tiles or
+# cuBLASLt): at 64 rows the dot tiles only tied with that, at 512 they ran at 0.13-0.29x
+# cuBLAS, decoding every weight tile once per row tile of X.
 NIB_BUCKETS = (
     (1, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
     (2, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
-    (16, dict(BM=16, BG=8, NJ=16, num_warps=4, num_stages=1, SPLIT_K=2)),
-    (64, dict(BM=64, BG=16, NJ=16, num_warps=4, num_stages=1, SPLIT_K=1)),
-    (None, dict(BM=128, BG=32, NJ=8, num_warps=8, num_stages=1, SPLIT_K=1)),
+    (4, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
+    (16, dict(BM=16, BG=16, NJ=16, num_warps=4, num_stages=1, SPLIT_K=0, PREFETCH=1)),
+    (None, dict(DEQUANT=1)),
 )
+NO_DOT = ("q6_k",)
 
 
-def nib_config(m_max: int | None, k: int) -> tuple[dict, int]:
-    """(config, cols_per_split) of the bucket taking m_max rows (None: any) for K = k."""
+SMS = 132   # an H100 / H200; the split only needs the order of magnitude
+
+
+def dot_split(n: int, k: int, bg: int, nj: int) -> int:
+    """Split K until the dot's grid holds two programs per SM (at most 8 ways, each split at
+    least two steps of nj word columns): 4096 weight rows in 64-row tiles are only 64
+    programs, which left half the H200 idle (29.7 us at 16 rows against 51 us for 3.5x the
+    weight)."""
+    tiles = -(-n // (4 * bg))
+    split = 1
+    while split < 8 and tiles * split < 2 * SMS and k // 8 // (2 * split) >= 2 * nj:
+        split *= 2
+    return split
+
+
+def nib_config(m_max: int | None, k: int, n: int = 4096,
+               fmt: str = "q4_0") -> tuple[dict, int]:
+    """(config, cols_per_split) of the bucket taking m_max rows (None: any) for K = k and a
+    weight of n rows in format fmt."""
     conf = next(c for top, c in NIB_BUCKETS if top is None or (m_max is not None and m_max <= top))
+    if not conf.get("GEMV") and fmt in NO_DOT:
+        conf = dict(DEQUANT=1)
+    if conf.get("DEQUANT"):
+        return dict(conf), 0
+    if conf["SPLIT_K"] == 0:
+        conf = dict(conf, SPLIT_K=dot_split(n, k, conf["BG"], gemv_geometry(k, conf["NJ"], 1)[0]))
     nj, cols = gemv_geometry(k, conf["NJ"], conf["SPLIT_K"])
     return dict(conf, NJ=nj), cols

@@ -90,16 +90,29 @@ def _emit_cublaslt(sb: StepBuilder, ch, dt: str, has_bias: bool, N: int, K: int,
 
 
 def lower_hand_matmul(sb: StepBuilder, x, w, bias, out) -> None:
+    emit_hand_matmul(sb, x, x.type.shape[0], int(w.type.shape[0]), int(w.type.shape[1]), bias,
+                     out, lambda: sb.ptr(w))
+
+
+def emit_hand_matmul(sb: StepBuilder, x, M, N: int, K: int, bias, out, weight_ptr,
+                     above: int | None = None) -> None:
+    """out = x @ B^T for B `[N, K]` of x's dtype, x of M rows: one variant per run of row
+    buckets with the same tuned choice. weight_ptr() runs inside each variant and returns B's
+    pointer, so what makes B (a decode into scratch) runs only when its variant does. With
+    `above`, earlier variants took every M <= above: only the buckets past it are emitted."""
     dt = MM_DTYPES[x.type.dtype]
-    M, N, K = x.type.shape[0], int(w.type.shape[0]), int(w.type.shape[1])
     static = Dim(M).is_static
     facts = {"dtype": mc.triton_dtype(dt), "N": N, "K": K, "bias": bias is not None}
     where = f"{sb.op} -> %{sb.outputs[0]}"
     choices = tuning.select("matmul", facts, where, size=int(Dim(M)) if static else None)
-    bind = {"a": sb.ptr(x), "b": sb.ptr(w), "bias": sb.ptr(bias if bias is not None else x),
-            "c": sb.ptr(out), "M": e(M), "N": N, "K": K}
+    if above is not None and not static:
+        tops = dict(mc.BUCKETS)
+        choices = [ch for ch in choices if tops[ch.bucket] is None or tops[ch.bucket] > above]
     for cond, ch in _variants(choices, e(M), static):
         with sb.when(cond):
+            bind = {"a": sb.ptr(x), "b": weight_ptr(),
+                    "bias": sb.ptr(bias if bias is not None else x), "c": sb.ptr(out),
+                    "M": e(M), "N": N, "K": K}
             if ch.config["kind"] == "cublaslt":
                 at_m = int(Dim(M)) if static else mc.TUNE_M[ch.bucket]
                 _emit_cublaslt(sb, ch, dt, bias is not None, N, K, e(M), bind, at_m)

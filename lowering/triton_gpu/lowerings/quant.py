@@ -124,24 +124,41 @@ def _dequantize(sb: StepBuilder, node) -> None:
 @register_lowering("nib_matmul", "cuda")
 def _nib_matmul(sb: StepBuilder, node) -> None:
     """The 4-bit nib kernels (kernels/quant_nib.py): the GEMV for decode rows, the dot tiles
-    for more; split-K partials summed by the shared reduce."""
+    for more, split-K partials summed by the shared reduce; past the last dot bucket the
+    weight is decoded into scratch of X's dtype and multiplied by the plain matmul."""
     from graphir.lowering.triton_gpu.kernels import quant_nib as qn
+
+    from .linalg import emit_hand_matmul
 
     x = node.operands[0]
     parts = list(node.operands[1:])
     dt = _x_dtype(x, node.op)
     a = node.attrs
-    K = int(x.type.shape[-1])
+    K, n = int(x.type.shape[-1]), int(a["out"])
+    group = a.get("group", 32)
     Mdim = numel(x.type.shape[:-1])
-    M, N = e(Mdim), str(a["out"])
+    M, N = e(Mdim), str(n)
+    # Formats without an extra or crumb operand pass another buffer the kernel never reads.
+    wargs = [sb.ptr(parts[0]), sb.ptr(parts[1]), sb.ptr(parts[2] if len(parts) > 2 else parts[1]),
+             sb.ptr(parts[3] if len(parts) > 3 else parts[0])]
     tops = [top for top, _ in qn.NIB_BUCKETS]
+    prev = 0
     for cond, top in _buckets(tops, Mdim):
-        conf, cols = qn.nib_config(top, K)
-        specs = qn.nib_specs(a["fmt"], dt, conf, a.get("group", 32))
-        # Formats without an extra or crumb operand pass another buffer the kernel never reads.
-        head = [sb.ptr(x), sb.ptr(parts[0]), sb.ptr(parts[1]),
-                sb.ptr(parts[2] if len(parts) > 2 else parts[1]),
-                sb.ptr(parts[3] if len(parts) > 3 else parts[0])]
+        conf, cols = qn.nib_config(top, K, n, a["fmt"])
+        if conf.get("DEQUANT"):
+            spec = qn.nib_dequant_spec(a["fmt"], dt, K, group)
+
+            def decoded(spec=spec):
+                wbuf = sb.scratch("nib_decoded", dt, f"{n} * {K}")
+                sb.launch(sb.kernel(spec), list(spec.grid(n, K)), wargs + [wbuf, n, K])
+                return wbuf
+
+            emit_hand_matmul(sb, x, Mdim, n, K, None, node.results[0], decoded,
+                             above=None if Mdim.is_static else prev)
+            continue
+        specs = qn.nib_specs(a["fmt"], dt, conf, group)
         with sb.when(cond):
-            _launch(sb, specs, conf, M, N, head, [M, N, K, cols], node.results[0],
-                    bm=1 if conf.get("GEMV") else conf["BM"], bn=4 * conf["BG"])
+            _launch(sb, specs, conf, M, N, [sb.ptr(x)] + wargs, [M, N, K, cols],
+                    node.results[0], bm=1 if conf.get("GEMV") else conf["BM"],
+                    bn=4 * conf["BG"])
+        prev = top

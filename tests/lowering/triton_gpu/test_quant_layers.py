@@ -14,10 +14,12 @@ from tests.nn.harness import LAYER, SCHEDULE, layer_graph
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 
 
-def run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float):
-    """Drive the layer through SCHEDULE with the interpreted plan and the reference; returns the
-    plan runner (for its steps) and the kernels it launched."""
-    ex, dev = interp_executor(graph, weights)
+def run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float,
+                 make=interp_executor):
+    """Drive the layer through SCHEDULE with the plan `make(graph, weights)` gives (default:
+    the interpreted cuda plan) and the reference; returns the plan runner (for its steps) and
+    the kernels it launched."""
+    ex, dev = make(graph, weights)
     m_gpu, m_ref = manager(), manager()
     untouched = m_gpu.blocks[:, :, 1 - LAYER].copy()
     rng = np.random.default_rng(seed)

@@ -95,7 +95,7 @@ def weight_for(rng, fmt, n, k, group):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gemv_matches_product(fmt, group, dtype):
     rng = np.random.default_rng(hash((fmt, str(dtype))) % 2**32)
-    n, k, m = (40 if fmt.startswith("gptq") else 37), 512, 2
+    n, k, m = (40 if fmt.startswith("gptq") else 37), 512, 3
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
     conf = dict(GEMV=1, BG=2, NJ=16, num_warps=1, SPLIT_K=1, PREFETCH=1)
@@ -121,35 +121,60 @@ def test_gemv_split_k_and_a_shrunk_tile(fmt, group, prefetch):
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
-@pytest.mark.parametrize("m,split", [(3, 1), (17, 2)])
-def test_dot_matches_product(fmt, group, m, split):
+@pytest.mark.parametrize("m,split,prefetch", [(3, 1, 0), (17, 2, 1)])
+def test_dot_matches_product(fmt, group, m, split, prefetch):
     rng = np.random.default_rng(m + split + len(fmt))
     n, k = (24 if fmt.startswith("gptq") else 22), 256
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(torch.bfloat16)
-    conf = dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=split)
+    conf = dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=prefetch)
     got = launch(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     # The dot rounds the decoded weight to bfloat16, as the GGUF dot kernels do.
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
 
 
-def test_config_buckets_fit_k():
+@pytest.mark.parametrize("fmt,group", CASES)
+def test_dequant_kernel_matches_the_reference(fmt, group):
+    # The many-row path's decode into X's dtype: the reference's values within bfloat16's
+    # ulp (the interpreter's float32 -> bfloat16 cast truncates, the GPU's rounds).
+    rng = np.random.default_rng(len(fmt) + group)
+    n, k = (24 if fmt.startswith("gptq") else 22), 768     # 96 word columns: NJ 16
+    ops, w = weight_for(rng, fmt, n, k, group)
+    spec = qn.nib_dequant_spec(fmt, "bfloat16", k, group)
+    t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
+    t[0] = t[0].view(torch.int32)
+    out = torch.full((n, k), float("nan"), dtype=torch.bfloat16)
+    spec.fn[spec.grid_for(N=n, K=k)](t[0], t[1], t[2] if len(t) > 2 else t[1],
+                                     t[3] if len(t) > 3 else t[0], out, n, k,
+                                     **spec.constexprs, num_warps=spec.num_warps)
+    want = w.astype(np.float32)
+    np.testing.assert_allclose(out.float().numpy(), want, rtol=2.0**-7, atol=1e-6)
+
+
+def test_config_buckets_fit_k_and_fill_the_gpu():
     for m in (1, 2, 3, 16, 64, 65, None):
         for k in (4096, 14336, 11008, 352):
-            conf, cols = qn.nib_config(m, k)
-            assert (k // 8) % conf["NJ"] == 0 and cols % conf["NJ"] == 0
-            assert cdiv(k // 8, cols) <= conf["SPLIT_K"]
+            for n in (4096, 14336, 40):
+                conf, cols = qn.nib_config(m, k, n)
+                if conf.get("DEQUANT"):
+                    continue
+                assert (k // 8) % conf["NJ"] == 0 and cols % conf["NJ"] == 0
+                assert cdiv(k // 8, cols) <= conf["SPLIT_K"]
+                if not conf.get("GEMV") and k >= 4096:
+                    # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
+                    assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
     assert qn.nib_config(1, 4096)[0].get("GEMV") and not qn.nib_config(16, 4096)[0].get("GEMV")
+    assert qn.nib_config(16, 4096, 4096, "q6_k")[0].get("DEQUANT")
 
 
-def _qmatmul_graph(enc, n, k):
+def _qmatmul_graph(enc, n, k, dtype="float32"):
     from graphir import Graph, TensorType, Weight, ops
     from graphir.dtype import DType
 
     raw = quantize_gguf((np.random.default_rng(0).standard_normal((n, k)) * 0.1)
                         .astype(np.float32), enc)
-    with Graph("q", input_types=[TensorType(DType.float32, ["T", k])]) as g:
+    with Graph("q", input_types=[TensorType(DType[dtype], ["T", k])]) as g:
         w = Weight("w", DType.uint8, list(raw.shape))
         g.output(ops.qmatmul(enc, None, g.inputs[0], w))
     return g, raw
@@ -185,3 +210,31 @@ def test_rule_names_the_bad_operand():
         _matmul_rule([x, codes, bad], dict(fmt="q4_0", out=12))
     with pytest.raises(ValueError, match="fmt must be one of"):
         _matmul_rule([x, codes, bad], dict(fmt="q5_0", out=12))
+
+
+@pytest.mark.parametrize("enc,dtype", [("Q4_K", "float32"), ("Q6_K", "bfloat16")])
+def test_compiled_plan_takes_each_row_bucket(enc, dtype):
+    # One compiled cuda plan of a qmatmul, run by the plan runner with its kernels under the
+    # interpreter at a row count of each bucket: the GEMV (1 and 3 rows), the dot (10; q6_k
+    # skips it) and the decode into scratch + the plain matmul (70).
+    from graphir.runtime.interpreter import run
+    from tests.lowering.triton_gpu.test_backend_interp import interp_executor
+
+    from graphir.dtype import DType, round_to
+
+    g, raw = _qmatmul_graph(enc, 12, 256, dtype)
+    ex, dev = interp_executor(g, {"w": raw})
+    rng = np.random.default_rng(len(enc))
+    tol = 1e-4 if dtype == "float32" else 2e-2     # bf16: the output's and the decode's rounding
+    dot = "dequant" if enc == "Q6_K" else "matmul_m16"
+    for m, kernel in ((1, "gemv"), (3, "gemv"), (10, dot), (70, "dequant")):
+        x = round_to(rng.standard_normal((m, 256)), DType[dtype])
+        dev.launched.clear()
+        (got,) = ex.execute(x)
+        (want,) = run(g, x, weights={"w": raw})
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+        nib = [k for k in dev.launched if k.startswith(f"nib_{enc.lower()}_")]
+        assert nib and kernel in nib[0], (m, dev.launched)
+        if kernel == "dequant":
+            assert any(k.startswith(("matmul_", "cublaslt_")) for k in dev.launched), dev.launched

@@ -1,0 +1,102 @@
+"""The quantized and latent layers compiled for the GPU (Triton cubins, runtime.cuda) on the GPU:
+qmatmul over GGUF weights at a row count of each bucket (the nib GEMV, dot tiles, the decode
+into scratch + the plain matmul) in bf16 against the float64 product of the dequantized
+weight; and GGUFQAttentionWithRope, GPTQAttentionWithRope and LatentAttentionWithRope through
+a ragged prefill, decode steps and a mixed chunk over the paged cache against the reference
+interpreter, the cache blocks updated in place."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+
+from graphir.runtime.cuda import driver
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:Conversion of an array")]
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    pytest.skip("TRITON_INTERPRET is set: run the GPU tests in their own pytest process",
+                allow_module_level=True)
+if not driver.is_available():
+    pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
+
+from graphir import DType, Graph, TensorType, Weight, ops  # noqa: E402
+from graphir.dtype import round_to  # noqa: E402
+from graphir.lowering.driver import compile_graph  # noqa: E402
+from graphir.ops.quant.gguf_quantize import quantize_gguf  # noqa: E402
+from graphir.runtime.cuda import executor  # noqa: E402
+from tests.gpu.family import rel_err  # noqa: E402
+from tests.lowering.triton_gpu.test_quant_layers import run_schedule  # noqa: E402
+from tests.nn.harness import LAYER, layer_graph  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sm90():
+    p = driver.device_properties(0)
+    if p.compute_capability != (9, 0):
+        pytest.skip(f"the cubins are built for sm_90; this is {p.name} {p.compute_capability}")
+
+
+def on_gpu(graph, weights):
+    """(executor, None): the run_schedule contract of the interpreter's (executor, device)."""
+    return executor.load(compile_graph(graph, "cuda:sm_90"), weights), None
+
+
+@pytest.mark.parametrize("enc", ["Q4_0", "Q4_K", "Q6_K", "Q8_0"])
+def test_qmatmul_every_row_bucket(enc):
+    from graphir.ops.quant.gguf_blocks import dequantize_gguf
+
+    n, k = 300, 512
+    rng = np.random.default_rng(len(enc))
+    raw = quantize_gguf((rng.standard_normal((n, k)) * 0.1).astype(np.float32), enc)
+    with Graph("q", input_types=[TensorType(DType.bfloat16, ["T", k])]) as g:
+        w = Weight("w", DType.uint8, list(raw.shape))
+        g.output(ops.qmatmul(enc, None, g.inputs[0], w))
+    model = executor.load(compile_graph(g, "cuda:sm_90"), {"w": raw})
+    wt = dequantize_gguf(raw, enc, k).astype(np.float64)
+    for m in (1, 3, 10, 40, 70, 300):
+        x = round_to(rng.standard_normal((m, k)), DType.bfloat16)
+        (y,) = model.execute(x)
+        got = np.asarray(y, np.float64)
+        assert got.shape == (m, n) and np.isfinite(got).all()
+        err = rel_err(got, x.astype(np.float64) @ wt.T)
+        assert err <= 1e-2, (m, err)
+
+
+@pytest.mark.parametrize("enc", ["Q4_K", "Q6_K", "Q5_K"])
+def test_gguf_attention_layer(enc):
+    from tests.nn import gguf_layer as tg
+
+    rope, kvp, quant, _ = tg.layers(enc)
+    rng = np.random.default_rng(1)
+    quant.load_state_dict({f"{ours}.weight": quantize_gguf(
+        (rng.standard_normal((out, n_in)) * 0.08).astype(np.float32), enc)
+        for ours, (_, out, n_in) in tg.NAMES.items()})
+    g = layer_graph(quant, rope, kvp)
+    run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-2, make=on_gpu)
+
+
+@pytest.mark.parametrize("bits,sym,desc", [(4, True, False), (4, False, True), (8, True, True)])
+def test_gptq_attention_layer(bits, sym, desc):
+    from graphir.ops import QuantizationConfig
+    from tests.nn import test_gptq_attention as tq
+
+    tensors, _ = tq.checkpoint(5, 64, sym, desc, bits=bits)
+    rope, kvp, quant, _ = tq.build(QuantizationConfig(group_size=64, desc_act=desc, sym=sym,
+                                                      bits=bits))
+    quant.load_state_dict({k[len(tq.PREFIX):]: v for k, v in tensors.items()
+                           if k.startswith(tq.PREFIX)})
+    g = layer_graph(quant, rope, kvp)
+    run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-2, make=on_gpu)
+
+
+@pytest.mark.parametrize("q_lora", [None, 24])
+def test_latent_attention_layer(q_lora):
+    from tests.nn import test_mla as tm
+
+    rope, kvp, attn = tm.make_layer(q_lora=q_lora)
+    rng = np.random.default_rng(7)
+    w = {k: (rng.standard_normal(tuple(int(d) for d in v.shape)) * 0.2 + ("norm" in k))
+         .astype(np.float32) for k, v in attn.raw_state_dict().items()}
+    g = layer_graph(attn, rope, kvp, layer=LAYER)
+    run_schedule(g, copy.deepcopy(w), tm.manager, tm.HIDDEN, 4, 1e-2, make=on_gpu)
