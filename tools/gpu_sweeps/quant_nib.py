@@ -1,10 +1,12 @@
 """Sweep of the 4-bit kernels over the load-time nib layout (kernels/quant_nib.py) on one GPU.
 
 y = x @ W^T, W 14336x4096 and 4096x4096 in Q4_0, Q4_K (GGUF, repacked by ops/quant/nib_layout.py)
-and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times the dot
-tiles by split-K at 16 and 64 rows on both Q4_0 weights (--gemv adds the one-row GEMV grid,
---dot the whole dot grid at 16 rows); round 2 the shipped buckets (kernels/quant_nib.py
-NIB_BUCKETS) and the many-row path (decode into a bf16 copy, then cuBLAS) on every weight.
+and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times GEMV
+tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
+(--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid, --dot
+the whole dot grid at 16 rows); round 2 the shipped buckets (kernels/quant_nib.py
+NIB_BUCKETS), the best of round 1 and the many-row path (decode into a bf16 copy, then cuBLAS)
+on every weight.
 Every variant is checked against torch (float32 product with the decoded
 weight) before it is timed; the peer is cuBLAS bf16 on the decoded weight, weights rotated
 among copies over 4x the L2 for both. "% copy" counts the checkpoint's bytes (GGUF blocks or
@@ -112,7 +114,17 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
 
 GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
+SPLIT_GRID = "--split" in sys.argv
 MS = (1, 2, 4, 16, 64) if DRY else (1, 2, 4, 8, 16, 64, 512)
+
+
+def gemv_rows_confs(m):
+    """GEMV tiles sharing each decoded word among ROWS (2 or 4) rows of X."""
+    if DRY:
+        return [dict(GEMV=1, BG=1, NJ=8, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=min(m, 4))]
+    return [dict(GEMV=1, BG=1, NJ=nj, num_warps=w, SPLIT_K=1, PREFETCH=1, ROWS=r)
+            for r, nj, w in itertools.product((2, 4), (64, 128), (1, 2, 4))
+            if r <= m and 32 * w <= nj <= 64 * w]
 
 
 def split_confs(m):
@@ -158,7 +170,8 @@ def label(c):
     if c.get("DEQUANT"):
         return "dequant + cuBLAS"
     if c.get("GEMV"):
-        return f"gemv g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}p{c['PREFETCH']}"
+        return (f"gemv r{c.get('ROWS', 1)}g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
+                f"p{c['PREFETCH']}")
     return (f"dot m{c['BM']}g{c['BG']}j{c['NJ']}w{c['num_warps']}st{c['num_stages']}"
             f"s{c['SPLIT_K']}p{c.get('PREFETCH', 0)}")
 
@@ -247,17 +260,22 @@ def main() -> None:
         print(f"device copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     results, weights, peer = [], {}, {}
     N0, K0 = SHAPES[0]
-    # Round 1: dot tiles by split-K at 16 and 64 rows on both Q4_0 weights (with --gemv also
-    # the one-row GEMV grid, with --dot the whole dot grid at 16 rows); round 2: the shipped
-    # buckets and the dequantize + cuBLAS path on every weight.
-    first = [("q4_0", N, K, m, c) for N, K in SHAPES for m in MS[-3:-1] for c in split_confs(m)]
+    # Round 1: GEMV tiles sharing each decoded word among 2 or 4 rows of X, at 2-16 rows on
+    # Q4_0 14336x4096 (--split adds the dot tiles by split-K at 16 and 64 rows on both
+    # weights, --gemv the one-row GEMV grid, --dot the whole dot grid at 16 rows); round 2: the
+    # shipped buckets, the best of round 1 and the dequantize + cuBLAS path on every weight.
+    first = [("q4_0", N0, K0, m, c) for m in MS[1:5] for c in gemv_rows_confs(m)]
+    first += [("q4_0", N, K, m, c) for N, K in SHAPES for m in MS[-3:-1]
+              for c in split_confs(m)] if SPLIT_GRID else []
     first += [("q4_0", N0, K0, 1, c) for c in gemv_confs()] if GEMV_GRID else []
     first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
     run(first, copy_gbs, results, weights, peer)
+    top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
     jobs = []
     for N, K in SHAPES:
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
+            jobs += [(fmt, N, K, m, c) for m in MS[1:5] for c in top[m]]
             jobs += [(fmt, N, K, m, DEQ) for m in MS[-3:]]
     run(jobs, copy_gbs, results, weights, peer)
     out = os.environ.get("OUT")

@@ -195,28 +195,82 @@ def _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split, FMT: tl.constexpr,
 
 
 @triton.jit
+def _row_step(acc, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7, s, m,
+              DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
+    """acc + this step's products for one row of X (its octets at xp) with the decoded planes
+    q (and q6_k's crumbs c): one FMA chain per word, X of nibble q pre-scaled by 16**-q once
+    for four weight rows."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp, DT)
+    t = q0 * x0[:, :, None]
+    t = tl.fma(q1, (x1 * 0.0625)[:, :, None], t)
+    t = tl.fma(q2, (x2 * 0.00390625)[:, :, None], t)
+    t = tl.fma(q3, (x3 * 0.000244140625)[:, :, None], t)
+    t = tl.fma(q4, x4[:, :, None], t)
+    t = tl.fma(q5, (x5 * 0.0625)[:, :, None], t)
+    t = tl.fma(q6, (x6 * 0.00390625)[:, :, None], t)
+    t = tl.fma(q7, (x7 * 0.000244140625)[:, :, None], t)
+    if FMT == 5:
+        # 16 (hi - 2) 4**-i x per value: X pre-scaled by 16 / 4**i.
+        t = tl.fma(c0, (x0 * 16.0)[:, :, None], t)
+        t = tl.fma(c1, (x1 * 4.0)[:, :, None], t)
+        t = tl.fma(c2, x2[:, :, None], t)
+        t = tl.fma(c3, (x3 * 0.25)[:, :, None], t)
+        t = tl.fma(c4, (x4 * 0.0625)[:, :, None], t)
+        t = tl.fma(c5, (x5 * 0.015625)[:, :, None], t)
+        t = tl.fma(c6, (x6 * 0.00390625)[:, :, None], t)
+        t = tl.fma(c7, (x7 * 0.0009765625)[:, :, None], t)
+    acc = tl.fma(s, t, acc)
+    if OFF == 0 and FMT != 5:
+        xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        acc = tl.fma(m, xs[:, :, None], acc)
+    return acc
+
+
+@triton.jit
+def _row_out(acc, c_ptr, row, pid_k, M, N, rn, SPLIT_K: tl.constexpr):
+    BG: tl.constexpr = acc.shape[0]
+    out = tl.reshape(tl.sum(acc, axis=1), (BG * 4,))
+    ok = (rn < N) & (row < M)
+    dst = row.to(tl.int64) * N + rn
+    if SPLIT_K > 1:
+        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, out, mask=ok)
+    else:
+        tl.store(c_ptr + dst, out.to(c_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                     FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BG: tl.constexpr,
-                    NJ: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
-    # A program owns BG groups of four rows and a run of word columns (8 values of K each);
-    # every step is a whole tile, so pointers advance by constants (no masks or clamps).
+                    NJ: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+                    ROWS: tl.constexpr):
+    # A program owns ROWS (1, 2 or 4) rows of X, BG groups of four weight rows and a run of
+    # word columns (8 values of K each); each word is decoded once for its ROWS rows. Every
+    # step is a whole tile, so pointers advance by constants (no masks or clamps).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     g, jj, steps, nblk, wp, hp, hsh = _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split,
                                             FMT, BG, NJ)
     XW: tl.constexpr = 8 if DT == 0 else 4
-    xrow = x_ptr + tl.minimum(pid_m, M - 1).to(tl.int64) * K
+    RS = K // 8 * XW        # one row of X in X-pointer units
+    row0 = pid_m * ROWS
+    xrow = x_ptr + tl.minimum(row0, M - 1).to(tl.int64) * K
     if DT != 0:
         xrow = xrow.to(tl.pointer_type(tl.uint32))
     # X pointers in the words' own shape (equal for every g): the octets split out of them
-    # broadcast over the rows with no layout conversion.
+    # broadcast over the weight rows with no layout conversion. Rows past M re-read the last.
     xp = tl.broadcast_to(xrow + (jj * XW)[None, :, None] + tl.arange(0, 4)[None, None, :],
                          (BG, NJ, 4))
+    d1 = tl.minimum(1, M - 1 - row0).to(tl.int64) * RS
+    d2 = tl.minimum(2, M - 1 - row0).to(tl.int64) * RS
+    d3 = tl.minimum(3, M - 1 - row0).to(tl.int64) * RS
     # Symmetric formats (q4_0, GPTQ without zero points) subtract their offset 8 with the
     # float conversion, so no sum of X is needed; q6_k's 32 goes with its high crumbs.
     OFF: tl.constexpr = 8 if FMT == 0 or FMT == 4 else 0
-    acc = tl.zeros((BG, NJ, 4), tl.float32)
+    acc0 = tl.zeros((BG, NJ, 4), tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     # PREFETCH tiles ahead are loaded before the current one is decoded; steps past the last
     # re-read the last tile (in bounds, unused).
     if PREFETCH >= 1:
@@ -236,40 +290,45 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_
                                     nblk, FMT, GROUP, NJ)
         else:
             words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp + it * (NJ * XW), DT)
         hi = words >> 16
-        # One FMA chain per word; X of nibble q pre-scaled by 16**-q once for four rows.
-        t = _plane(words, 0, OFF) * x0[:, :, None]
-        t = tl.fma(_plane(words, 1, OFF), (x1 * 0.0625)[:, :, None], t)
-        t = tl.fma(_plane(words, 2, OFF), (x2 * 0.00390625)[:, :, None], t)
-        t = tl.fma(_plane(words, 3, OFF), (x3 * 0.000244140625)[:, :, None], t)
-        t = tl.fma(_plane(hi, 0, OFF), x4[:, :, None], t)
-        t = tl.fma(_plane(hi, 1, OFF), (x5 * 0.0625)[:, :, None], t)
-        t = tl.fma(_plane(hi, 2, OFF), (x6 * 0.00390625)[:, :, None], t)
-        t = tl.fma(_plane(hi, 3, OFF), (x7 * 0.000244140625)[:, :, None], t)
+        q0 = _plane(words, 0, OFF)
+        q1 = _plane(words, 1, OFF)
+        q2 = _plane(words, 2, OFF)
+        q3 = _plane(words, 3, OFF)
+        q4 = _plane(hi, 0, OFF)
+        q5 = _plane(hi, 1, OFF)
+        q6 = _plane(hi, 2, OFF)
+        q7 = _plane(hi, 3, OFF)
         if FMT == 5:
-            # 16 (hi - 2) 4**-i x per value: X pre-scaled by 16 / 4**i.
             h = hw >> hsh
-            t = tl.fma(_crumb(h, 0), (x0 * 16.0)[:, :, None], t)
-            t = tl.fma(_crumb(h, 1), (x1 * 4.0)[:, :, None], t)
-            t = tl.fma(_crumb(h, 2), x2[:, :, None], t)
-            t = tl.fma(_crumb(h, 3), (x3 * 0.25)[:, :, None], t)
-            t = tl.fma(_crumb(h, 4), (x4 * 0.0625)[:, :, None], t)
-            t = tl.fma(_crumb(h, 5), (x5 * 0.015625)[:, :, None], t)
-            t = tl.fma(_crumb(h, 6), (x6 * 0.00390625)[:, :, None], t)
-            t = tl.fma(_crumb(h, 7), (x7 * 0.0009765625)[:, :, None], t)
-        acc = tl.fma(s, t, acc)
-        if OFF == 0 and FMT != 5:
-            xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-            acc = tl.fma(m, xs[:, :, None], acc)
-    out = tl.reshape(tl.sum(acc, axis=1), (BG * 4,))
+            c0 = _crumb(h, 0)
+            c1 = _crumb(h, 1)
+            c2 = _crumb(h, 2)
+            c3 = _crumb(h, 3)
+            c4 = _crumb(h, 4)
+            c5 = _crumb(h, 5)
+            c6 = _crumb(h, 6)
+            c7 = _crumb(h, 7)
+        else:   # unread
+            c0, c1, c2, c3, c4, c5, c6, c7 = q0, q0, q0, q0, q0, q0, q0, q0
+        xs = xp + it * (NJ * XW)
+        acc0 = _row_step(acc0, xs, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6,
+                         c7, s, m, DT, FMT, OFF)
+        if ROWS >= 2:
+            acc1 = _row_step(acc1, xs + d1, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4,
+                             c5, c6, c7, s, m, DT, FMT, OFF)
+        if ROWS >= 4:
+            acc2 = _row_step(acc2, xs + d2, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4,
+                             c5, c6, c7, s, m, DT, FMT, OFF)
+            acc3 = _row_step(acc3, xs + d3, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4,
+                             c5, c6, c7, s, m, DT, FMT, OFF)
     rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
-    ok = rn < N
-    dst = pid_m.to(tl.int64) * N + rn
-    if SPLIT_K > 1:
-        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, out, mask=ok)
-    else:
-        tl.store(c_ptr + dst, out.to(c_ptr.dtype.element_ty), mask=ok)
+    _row_out(acc0, c_ptr, row0, pid_k, M, N, rn, SPLIT_K)
+    if ROWS >= 2:
+        _row_out(acc1, c_ptr, row0 + 1, pid_k, M, N, rn, SPLIT_K)
+    if ROWS >= 4:
+        _row_out(acc2, c_ptr, row0 + 2, pid_k, M, N, rn, SPLIT_K)
+        _row_out(acc3, c_ptr, row0 + 3, pid_k, M, N, rn, SPLIT_K)
 
 
 def gemv_geometry(k: int, nj: int, split: int) -> tuple[int, int]:
@@ -391,19 +450,21 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
         raise ValueError(f"nib layout: unknown format {fmt!r}; have {sorted(FMT_IDS)}")
     t = triton_dtype(dtype)
     split, gemv = conf["SPLIT_K"], bool(conf.get("GEMV"))
-    bm = 1 if gemv else conf["BM"]
+    bm = conf.get("ROWS", 1) if gemv else conf["BM"]
+    if gemv and bm not in (1, 2, 4):
+        raise ValueError(f"nib GEMV: ROWS must be 1, 2 or 4, got {bm}")
     bn = 4 * conf["BG"]
     consts = dict(FMT=FMT_IDS[fmt], GROUP=group)
     if gemv:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
-                      SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)))
+                      SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)), ROWS=bm)
     else:
         consts.update(BM=bm, BG=conf["BG"], NJ=conf["NJ"], SPLIT_K=split,
                       PREFETCH=int(conf.get("PREFETCH", 0)))
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
-    tag = (f"gemv_g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
+    tag = (f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
            if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
     main = KernelSpec(
         name=f"nib_{fmt}_{tag}_{t}_w{conf['num_warps']}" + (f"s{split}" if split > 1 else ""),
@@ -438,21 +499,24 @@ def nib_dequant_spec(fmt: str, dtype: str, k: int, group: int = 32):
 
 
 # Row buckets of X: (largest M, config), from the H200 sweeps (tools/gpu_sweeps/quant_nib.py,
-# BENCHMARKS.md "nib"). GEMV rows take one program per X row (the weight, at most 33 MB for
-# 14336 x 4096, stays in the H200's L2 between the rows): it beat the dot tiles up to 4 rows.
-# The dot tiles (split-K from the weight's rows when SPLIT_K is 0: dot_split) took 8-16 rows;
-# from 17 rows, and for q6_k from 5 (its dot ran at 0.26x cuBLAS at 8 rows), the weight is
-# decoded once into X's dtype (nib_dequant_kernel) for the plain matmul (its tuned tiles or
-# cuBLASLt): at 64 rows the dot tiles only tied with that, at 512 they ran at 0.13-0.29x
-# cuBLAS, decoding every weight tile once per row tile of X.
+# BENCHMARKS.md "nib"). The GEMV shares each decoded word among ROWS rows of X (2 rows: 1.46-1.77x
+# cuBLAS, 4 rows: 1.06-1.34x for the 4-bit formats); past 4 rows its programs take 4 rows each
+# (the weight, at most 33 MB for 14336 x 4096, stays in the H200's L2 between them), level with
+# the dot tiles at 8 rows. The dot tiles (SPLIT_K 0: from the weight's rows, dot_split) take
+# 9-16 rows. Past that, and for q6_k past 4 rows (its dot ran at 0.26x cuBLAS at 8 rows), the
+# weight is decoded once into X's dtype (nib_dequant_kernel) for the plain matmul (its tuned
+# tiles or cuBLASLt): at 64 rows the dot tiles only tied with that, at 512 they ran at
+# 0.13-0.29x cuBLAS, decoding every weight tile once per row tile of X.
 NIB_BUCKETS = (
     (1, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
-    (2, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
-    (4, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
+    (2, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=2)),
+    (4, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),
+    (8, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),
     (16, dict(BM=16, BG=16, NJ=16, num_warps=4, num_stages=1, SPLIT_K=0, PREFETCH=1)),
     (None, dict(DEQUANT=1)),
 )
-NO_DOT = ("q6_k",)
+# Formats whose GEMV stops short of the buckets' 8 rows and that skip the dot tiles.
+SHORT = {"q6_k": 4}
 
 
 SMS = 132   # an H100 / H200; the split only needs the order of magnitude
@@ -474,8 +538,9 @@ def nib_config(m_max: int | None, k: int, n: int = 4096,
                fmt: str = "q4_0") -> tuple[dict, int]:
     """(config, cols_per_split) of the bucket taking m_max rows (None: any) for K = k and a
     weight of n rows in format fmt."""
-    conf = next(c for top, c in NIB_BUCKETS if top is None or (m_max is not None and m_max <= top))
-    if not conf.get("GEMV") and fmt in NO_DOT:
+    top, conf = next((t, c) for t, c in NIB_BUCKETS
+                     if t is None or (m_max is not None and m_max <= t))
+    if fmt in SHORT and (top is None or top > SHORT[fmt]):
         conf = dict(DEQUANT=1)
     if conf.get("DEQUANT"):
         return dict(conf), 0

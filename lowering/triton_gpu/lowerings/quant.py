@@ -157,8 +157,8 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
                              above=None if Mdim.is_static else prev)
             continue
         specs = qn.nib_specs(a["fmt"], dt, conf, group)
+        bm = conf.get("ROWS", 1) if conf.get("GEMV") else conf["BM"]
         with sb.when(cond):
             _launch(sb, specs, conf, M, N, [sb.ptr(x)] + wargs, [M, N, K, cols],
-                    node.results[0], bm=1 if conf.get("GEMV") else conf["BM"],
-                    bn=4 * conf["BG"])
+                    node.results[0], bm=bm, bn=4 * conf["BG"])
         prev = top

@@ -92,13 +92,16 @@ def weight_for(rng, fmt, n, k, group):
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gemv_matches_product(fmt, group, dtype):
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 1), (torch.bfloat16, 2),
+                                        (torch.float16, 4)])
+def test_gemv_matches_product(fmt, group, dtype, rows):
+    # 3 rows of X: a program per row, or 2 / 4 rows a program sharing each decoded word (rows
+    # past M re-read the last on load and are masked on store).
     rng = np.random.default_rng(hash((fmt, str(dtype))) % 2**32)
     n, k, m = (40 if fmt.startswith("gptq") else 37), 512, 3
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-    conf = dict(GEMV=1, BG=2, NJ=16, num_warps=1, SPLIT_K=1, PREFETCH=1)
+    conf = dict(GEMV=1, BG=2, NJ=16, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=rows)
     got = launch(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     tol = 1e-5 if dtype == torch.float32 else 1e-2      # the output's rounding only
@@ -111,10 +114,11 @@ def test_gemv_split_k_and_a_shrunk_tile(fmt, group, prefetch):
     rng = np.random.default_rng(9 + prefetch)
     n, k = (24 if fmt == "gptq" else 21), 768    # 96 word columns: NJ 64 shrinks to 32
     ops, w = weight_for(rng, fmt, n, k, group)
-    x = torch.from_numpy(rng.standard_normal((1, k)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
     nj, _ = qn.gemv_geometry(k, 64, 2)
     assert nj == 32
-    conf = dict(GEMV=1, BG=1, NJ=nj, num_warps=1, SPLIT_K=2, PREFETCH=prefetch)
+    conf = dict(GEMV=1, BG=1, NJ=nj, num_warps=1, SPLIT_K=2, PREFETCH=prefetch,
+                ROWS=(1, 2, 4)[prefetch])
     got = launch(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -215,8 +219,9 @@ def test_rule_names_the_bad_operand():
 @pytest.mark.parametrize("enc,dtype", [("Q4_K", "float32"), ("Q6_K", "bfloat16")])
 def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     # One compiled cuda plan of a qmatmul, run by the plan runner with its kernels under the
-    # interpreter at a row count of each bucket: the GEMV (1 and 3 rows), the dot (10; q6_k
-    # skips it) and the decode into scratch + the plain matmul (70).
+    # interpreter at a row count of each bucket: the GEMV (1 row, 3 rows in a program, 6 in
+    # two; q6_k stops at 4), the dot (10; q6_k skips it) and the decode into scratch + the
+    # plain matmul (70).
     from graphir.runtime.interpreter import run
     from tests.lowering.triton_gpu.test_backend_interp import interp_executor
 
@@ -227,7 +232,8 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     rng = np.random.default_rng(len(enc))
     tol = 1e-4 if dtype == "float32" else 2e-2     # bf16: the output's and the decode's rounding
     dot = "dequant" if enc == "Q6_K" else "matmul_m16"
-    for m, kernel in ((1, "gemv"), (3, "gemv"), (10, dot), (70, "dequant")):
+    six = "dequant" if enc == "Q6_K" else "gemv_r4"
+    for m, kernel in ((1, "gemv_r1"), (3, "gemv_r4"), (6, six), (10, dot), (70, "dequant")):
         x = round_to(rng.standard_normal((m, 256)), DType[dtype])
         dev.launched.clear()
         (got,) = ex.execute(x)
