@@ -95,8 +95,6 @@ def test_latent_attention_layer(q_lora):
     from tests.nn import test_mla as tm
 
     rope, kvp, attn = tm.make_layer(q_lora=q_lora)
-    rng = np.random.default_rng(7)
-    w = {k: (rng.standard_normal(tuple(int(d) for d in v.shape)) * 0.2 + ("norm" in k))
-         .astype(np.float32) for k, v in attn.raw_state_dict().items()}
+    w = tm.random_weights(attn, 7)
     g = layer_graph(attn, rope, kvp, layer=LAYER)
     run_schedule(g, copy.deepcopy(w), tm.manager, tm.HIDDEN, 4, 1e-2, make=on_gpu)

@@ -69,6 +69,12 @@ def resources(cubin):
         os.unlink(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
     return [int(x) for x in m.groups()]
+
+def record(s, c):
+    # What the offline-compile tests check of spec s's compiled cubin c.
+    return dict(shared=c.shared, name=s.name, magic=c.cubin[:4].hex(), res=resources(c.cubin),
+                cp_async=c.ptx.count("cp.async"), wgmma=c.ptx.count("wgmma.mma_async"),
+                mma=c.ptx.count("mma.sync"), lop3=c.ptx.count("1258291200, 0xEA"))
 """
 
 

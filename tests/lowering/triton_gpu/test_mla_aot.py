@@ -29,10 +29,7 @@ for name, conf in md.CANDIDATES.items():
 out = {}
 for label, s in jobs:
     c = aot.compile_spec(s)
-    out[f"{label}/{s.name}"] = dict(shared=c.shared, magic=c.cubin[:4].hex(),
-                                     res=resources(c.cubin), cp_async=c.ptx.count("cp.async"),
-                                     wgmma=c.ptx.count("wgmma.mma_async"),
-                                     mma=c.ptx.count("mma.sync"))
+    out[f"{label}/{s.name}"] = record(s, c)
 print("JSON" + json.dumps(out))
 """
 

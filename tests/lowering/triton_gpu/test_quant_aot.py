@@ -49,10 +49,7 @@ out = {}
 for label, specs in jobs:
     for s in specs:
         c = aot.compile_spec(s)
-        out[f"{label}/{s.name}"] = dict(shared=c.shared, name=s.name, magic=c.cubin[:4].hex(),
-                                         res=resources(c.cubin), cp_async=c.ptx.count("cp.async"),
-                                         wgmma=c.ptx.count("wgmma.mma_async"),
-                                         mma=c.ptx.count("mma.sync"))
+        out[f"{label}/{s.name}"] = record(s, c)
 print("JSON" + json.dumps(out))
 """
 

@@ -29,10 +29,7 @@ out = {}
 for label, specs in jobs:
     for s in specs:
         c = aot.compile_spec(s)
-        out[f"{label}/{s.name}"] = dict(shared=c.shared, name=s.name, res=resources(c.cubin),
-                                         wgmma=c.ptx.count("wgmma.mma_async"),
-                                         mma=c.ptx.count("mma.sync"),
-                                         lop3=c.ptx.count("1258291200, 0xEA"))
+        out[f"{label}/{s.name}"] = record(s, c)
 print("JSON" + json.dumps(out))
 """
 
