@@ -1,12 +1,12 @@
 """Sweep of the 4-bit kernels over the load-time nib layout (kernels/quant_nib.py) on one GPU.
 
 y = x @ W^T, W 14336x4096 and 4096x4096 in Q4_0, Q4_K (GGUF, repacked by ops/quant/nib_layout.py)
-and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times dot tiles
-with W as the right operand at 8 and 16 rows on both Q4_0 weights (--rows adds GEMV tiles that
-share each decoded word among 2 or 4 rows, --split the dot tiles by split-K, --gemv the one-row
-GEMV grid, --dot the whole dot grid at 16 rows); round 2 the shipped buckets
-(kernels/quant_nib.py NIB_BUCKETS), the best of round 1 and the many-row path (decode into a
-bf16 copy, then cuBLAS) on every weight.
+and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times GEMV
+tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
+(--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid, --dot
+the whole dot grid at 16 rows); round 2 the shipped buckets (kernels/quant_nib.py
+NIB_BUCKETS), the best of round 1 and the many-row path (decode into a bf16 copy, then cuBLAS)
+on every weight.
 Every variant is checked against torch (float32 product with the decoded
 weight) before it is timed; the peer is cuBLAS bf16 on the decoded weight, weights rotated
 among copies over 4x the L2 for both. "% copy" counts the checkpoint's bytes (GGUF blocks or
@@ -115,7 +115,6 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
 GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
 SPLIT_GRID = "--split" in sys.argv
-ROWS_GRID = "--rows" in sys.argv
 MS = (1, 2, 4, 16, 64) if DRY else (1, 2, 4, 8, 16, 64, 512)
 
 
@@ -126,18 +125,6 @@ def gemv_rows_confs(m):
     return [dict(GEMV=1, BG=1, NJ=nj, num_warps=w, SPLIT_K=1, PREFETCH=1, ROWS=r)
             for r, nj, w in itertools.product((2, 4), (64, 128), (1, 2, 4))
             if r <= m and 32 * w <= nj <= 64 * w]
-
-
-def wb_confs(N, K):
-    """Dot tiles with W on the right (read by wgmma from shared memory in place) and 64 rows of
-    X, padded past M, on the left."""
-    from graphir.lowering.triton_gpu.kernels.quant_nib import dot_split
-
-    if DRY:
-        return [dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=2, PREFETCH=1, WB=1)]
-    return [dict(BM=64, BG=bg, NJ=nj, num_warps=w, num_stages=1, PREFETCH=1, WB=1,
-                 SPLIT_K=dot_split(N, K, bg, nj))
-            for bg, nj, w in itertools.product((16, 32), (16, 32), (4, 8))]
 
 
 def split_confs(m):
@@ -186,7 +173,7 @@ def label(c):
         return (f"gemv r{c.get('ROWS', 1)}g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}")
     return (f"dot m{c['BM']}g{c['BG']}j{c['NJ']}w{c['num_warps']}st{c['num_stages']}"
-            f"s{c['SPLIT_K']}p{c.get('PREFETCH', 0)}" + ("b" if c.get("WB") else ""))
+            f"s{c['SPLIT_K']}p{c.get('PREFETCH', 0)}")
 
 
 def specs_of(fmt, K, conf):
@@ -273,26 +260,22 @@ def main() -> None:
         print(f"device copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     results, weights, peer = [], {}, {}
     N0, K0 = SHAPES[0]
-    # Round 1: dot tiles with W on the right at 8 and 16 rows on both Q4_0 weights (--rows
-    # adds the GEMV tiles sharing words among 2 or 4 rows, --split the dot tiles by split-K,
-    # --gemv the one-row GEMV grid, --dot the whole dot grid at 16 rows); round 2: the shipped
-    # buckets, the best of round 1 and the dequantize + cuBLAS path on every weight.
-    first = [("q4_0", N0, K0, m, c) for m in MS[1:5] for c in gemv_rows_confs(m)] \
-        if ROWS_GRID else []
+    # Round 1: GEMV tiles sharing each decoded word among 2 or 4 rows of X, at 2-16 rows on
+    # Q4_0 14336x4096 (--split adds the dot tiles by split-K at 16 and 64 rows on both
+    # weights, --gemv the one-row GEMV grid, --dot the whole dot grid at 16 rows); round 2: the
+    # shipped buckets, the best of round 1 and the dequantize + cuBLAS path on every weight.
+    first = [("q4_0", N0, K0, m, c) for m in MS[1:5] for c in gemv_rows_confs(m)]
     first += [("q4_0", N, K, m, c) for N, K in SHAPES for m in MS[-3:-1]
               for c in split_confs(m)] if SPLIT_GRID else []
-    first += [("q4_0", N, K, m, c) for N, K in SHAPES for m in MS[3:5] for c in wb_confs(N, K)]
     first += [("q4_0", N0, K0, 1, c) for c in gemv_confs()] if GEMV_GRID else []
     first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
     run(first, copy_gbs, results, weights, peer)
     top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
-    dots = {(N, m): best(results, "q4_0", N, m, "dot", 2) for N, _ in SHAPES for m in MS[3:5]}
     jobs = []
     for N, K in SHAPES:
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
             jobs += [(fmt, N, K, m, c) for m in MS[1:5] for c in top[m]]
-            jobs += [(fmt, N, K, m, c) for m in MS[3:5] for c in dots[(N, m)]]
             jobs += [(fmt, N, K, m, DEQ) for m in MS[-3:]]
     run(jobs, copy_gbs, results, weights, peer)
     out = os.environ.get("OUT")

@@ -384,12 +384,11 @@ def _decode_tile(words, hw, hsh, s, m, FMT: tl.constexpr, DTYPE: tl.constexpr):
 def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                       FMT: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
                       BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr,
-                      PREFETCH: tl.constexpr, WB: tl.constexpr):
+                      PREFETCH: tl.constexpr):
     # Tiles of BM rows of X by BG groups of four weight rows, NJ word columns (8 NJ values of
     # K) a step. With PREFETCH the next step's words, scales and X are loaded before this
     # step is decoded: the loop's loads feed arithmetic, not the dot, so Triton's pipeliner
-    # would leave each step waiting on its own loads. WB puts W on the right of the dot (the
-    # shared-memory operand wgmma reads in place) and X on the left.
+    # would leave each step waiting on its own loads.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -398,10 +397,7 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_pe
     rm = pid_m * BM + tl.arange(0, BM)
     xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K + pid_k * cols_per_split * 8 \
         + tl.arange(0, NJ * 8)[None, :]
-    if WB:
-        acc = tl.zeros((BM, BG * 4), tl.float32)
-    else:
-        acc = tl.zeros((BG * 4, BM), tl.float32)
+    acc = tl.zeros((BG * 4, BM), tl.float32)
     if PREFETCH:
         nw, nh, ns, nm = _fetch(wp, hp, s_ptr, z_ptr, g, jj, 0, nblk, FMT, GROUP, NJ)
         nx = tl.load(xp)
@@ -415,18 +411,11 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_pe
             words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
             xt = tl.load(xp + it * (NJ * 8))
         w = _decode_tile(words, hw, hsh, s, m, FMT, x_ptr.dtype.element_ty)
-        if WB:
-            acc = tl.dot(xt, tl.trans(w), acc)
-        else:
-            # W as the left operand (its rows fill the MMA's M), X^T as the right one.
-            acc = tl.dot(w, tl.trans(xt), acc)
+        # W as the left operand (its rows fill the MMA's M), X^T as the right one.
+        acc = tl.dot(w, tl.trans(xt), acc)
     rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
-    if WB:
-        ok = (rm < M)[:, None] & (rn < N)[None, :]
-        dst = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    else:
-        ok = (rn < N)[:, None] & (rm < M)[None, :]
-        dst = rm.to(tl.int64)[None, :] * N + rn[:, None]
+    ok = (rn < N)[:, None] & (rm < M)[None, :]
+    dst = rm.to(tl.int64)[None, :] * N + rn[:, None]
     if SPLIT_K > 1:
         tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, acc, mask=ok)
     else:
@@ -471,13 +460,12 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
                       SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)), ROWS=bm)
     else:
         consts.update(BM=bm, BG=conf["BG"], NJ=conf["NJ"], SPLIT_K=split,
-                      PREFETCH=int(conf.get("PREFETCH", 0)), WB=int(conf.get("WB", 0)))
+                      PREFETCH=int(conf.get("PREFETCH", 0)))
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
     tag = (f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
-           if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
-           + ("b" if consts["WB"] else ""))
+           if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
     main = KernelSpec(
         name=f"nib_{fmt}_{tag}_{t}_w{conf['num_warps']}" + (f"s{split}" if split > 1 else ""),
         fn=nib_gemv_kernel if gemv else nib_matmul_kernel, signature=sig, constexprs=consts,

@@ -125,14 +125,13 @@ def test_gemv_split_k_and_a_shrunk_tile(fmt, group, prefetch):
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
-@pytest.mark.parametrize("m,split,prefetch,wb", [(3, 1, 0, 0), (17, 2, 1, 1)])
-def test_dot_matches_product(fmt, group, m, split, prefetch, wb):
+@pytest.mark.parametrize("m,split,prefetch", [(3, 1, 0), (17, 2, 1)])
+def test_dot_matches_product(fmt, group, m, split, prefetch):
     rng = np.random.default_rng(m + split + len(fmt))
     n, k = (24 if fmt.startswith("gptq") else 22), 256
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(torch.bfloat16)
-    conf = dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=prefetch,
-                WB=wb)
+    conf = dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=prefetch)
     got = launch(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     # The dot rounds the decoded weight to bfloat16, as the GGUF dot kernels do.
