@@ -153,9 +153,10 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
                 sb.launch(sb.kernel(spec), list(spec.grid(n, K)), wargs + [wbuf, n, K])
                 return wbuf
 
+            # Its variants cover every row count past `prev`: no later bucket is reached.
             emit_hand_matmul(sb, x, Mdim, n, K, None, node.results[0], decoded,
                              above=None if Mdim.is_static else prev)
-            continue
+            break
         specs = qn.nib_specs(a["fmt"], dt, conf, group)
         bm = conf.get("ROWS", 1) if conf.get("GEMV") else conf["BM"]
         with sb.when(cond):

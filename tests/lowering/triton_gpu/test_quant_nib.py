@@ -244,3 +244,21 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
         assert nib and kernel in nib[0], (m, dev.launched)
         if kernel == "dequant":
             assert any(k.startswith(("matmul_", "cublaslt_")) for k in dev.launched), dev.launched
+
+
+def test_plan_variants_end_at_the_decode_path():
+    # Q6_K leaves the nib kernels after 4 rows: the plan's variants are the GEMV buckets, then
+    # the decode + matmul variants ending with the catch-all, and nothing unreachable after it.
+    import graphir.lowering.triton_gpu.backend  # noqa: F401  (registers the cuda lowerings)
+    from graphir.lowering.driver import _copy, decompose
+    from graphir.lowering.triton_gpu.backend import lower
+
+    g, _ = _qmatmul_graph("Q6_K", 12, 256, "bfloat16")
+    g = _copy(g)
+    decompose(g, "cuda")
+    steps = lower(g).plan.to_json()["steps"]
+    (step,) = [s for s in steps if s["op"] == "nib_matmul"]
+    whens = [v["when"] for v in step["attrs"]["variants"]]
+    assert whens[-1] is None and None not in whens[:-1], whens
+    rows = whens[0].rsplit(" <= ", 1)[0]       # the row count's expression
+    assert whens[:3] == [f"{rows} <= {top}" for top in (1, 2, 4)], whens
