@@ -3,10 +3,10 @@
 y = x @ W^T, W 14336x4096 and 4096x4096 in Q4_0, Q4_K (GGUF, repacked by ops/quant/nib_layout.py)
 and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times GEMV
 tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
-(--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid, --dot
-the whole dot grid at 16 rows); round 2 the shipped buckets (kernels/quant_nib.py
-NIB_BUCKETS), the best of round 1 and the many-row path (decode into a bf16 copy, then cuBLAS)
-on every weight.
+(--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid of
+every format, --dot the whole dot grid at 16 rows); round 2 the shipped buckets
+(kernels/quant_nib.py NIB_BUCKETS), the best of round 1 and the many-row path (decode into a
+bf16 copy, then cuBLAS) on every weight.
 Every variant is checked against torch (float32 product with the decoded
 weight) before it is timed; the peer is cuBLAS bf16 on the decoded weight, weights rotated
 among copies over 4x the L2 for both. "% copy" counts the checkpoint's bytes (GGUF blocks or
@@ -262,12 +262,13 @@ def main() -> None:
     N0, K0 = SHAPES[0]
     # Round 1: GEMV tiles sharing each decoded word among 2 or 4 rows of X, at 2-16 rows on
     # Q4_0 14336x4096 (--split adds the dot tiles by split-K at 16 and 64 rows on both
-    # weights, --gemv the one-row GEMV grid, --dot the whole dot grid at 16 rows); round 2: the
-    # shipped buckets, the best of round 1 and the dequantize + cuBLAS path on every weight.
+    # weights, --gemv the one-row GEMV grid of every format, --dot the whole dot grid at 16
+    # rows); round 2: the shipped buckets, the best of round 1 and the dequantize + cuBLAS
+    # path on every weight.
     first = [("q4_0", N0, K0, m, c) for m in MS[1:5] for c in gemv_rows_confs(m)]
     first += [("q4_0", N, K, m, c) for N, K in SHAPES for m in MS[-3:-1]
               for c in split_confs(m)] if SPLIT_GRID else []
-    first += [("q4_0", N0, K0, 1, c) for c in gemv_confs()] if GEMV_GRID else []
+    first += [(f, N0, K0, 1, c) for f in FMTS for c in gemv_confs()] if GEMV_GRID else []
     first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
     run(first, copy_gbs, results, weights, peer)
     top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
