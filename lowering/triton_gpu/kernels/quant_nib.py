@@ -499,14 +499,14 @@ def nib_dequant_spec(fmt: str, dtype: str, k: int, group: int = 32):
 
 
 # Row buckets of X: (largest M, config), from the H200 sweeps (tools/gpu_sweeps/quant_nib.py,
-# BENCHMARKS.md "nib"). The GEMV shares each decoded word among ROWS rows of X (2 rows:
-# 1.13-1.74x cuBLAS, 4 rows: 0.85-1.33x over Q4_0, Q4_K and GPTQ 4-bit); past 4 rows its
-# programs take 4 rows each (the weight, at most 33 MB for 14336 x 4096, stays in the H200's L2
-# between them), level with the dot tiles at 8 rows. The dot tiles (SPLIT_K 0: from the
-# weight's rows, dot_split) take 9-16 rows. Past that, and for q6_k past 4 rows (its dot ran at 0.26x cuBLAS at 8 rows), the
-# weight is decoded once into X's dtype (nib_dequant_kernel) for the plain matmul (its tuned
-# tiles or cuBLASLt): at 64 rows the dot tiles only tied with that, at 512 they ran at
-# 0.13-0.29x cuBLAS, decoding every weight tile once per row tile of X.
+# BENCHMARKS.md "nib"). The GEMV shares each decoded word among ROWS rows of X (2 rows: 1.13-1.74x
+# cuBLAS, 4 rows: 0.85-1.33x over Q4_0, Q4_K and GPTQ 4-bit); past 4 rows its programs take 4 rows
+# each (the weight, at most 33 MB for 14336 x 4096, stays in the H200's L2 between them), level
+# with the dot tiles at 8 rows. The dot tiles (SPLIT_K 0: from the weight's rows, dot_split) take
+# 9-16 rows. Past that, and for q6_k past 4 rows (its dot ran at 0.26x cuBLAS at 8 rows), the
+# weight is decoded once into X's dtype (nib_dequant_kernel) for the plain matmul (its tuned tiles
+# or cuBLASLt): at 64 rows the dot tiles only tied with that, at 512 they ran at 0.13-0.29x
+# cuBLAS, decoding every weight tile once per row tile of X.
 NIB_BUCKETS = (
     (1, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
     (2, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=2)),
