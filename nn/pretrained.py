@@ -13,7 +13,7 @@ import numpy as np
 
 from graphir.device import DeviceRef
 from graphir.dtype import DType, round_to
-from graphir.ops.attention_math import yarn_mscale
+from graphir.ops.rope_math import yarn_mscale
 
 from .attention import AttentionWithRope, LatentAttentionWithRope, MHAMaskVariant
 from .attention.checks import check_devices

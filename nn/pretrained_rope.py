@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from graphir.device import DeviceRef
-from graphir.ops.attention_math import yarn_mscale
+from graphir.ops.rope_math import yarn_mscale
 
 from .rotary_embedding import (Llama3RopeScalingParams, Llama3RotaryEmbedding,
                                LinearScalingParams, LongRoPERotaryEmbedding, LongRoPEScalingParams,

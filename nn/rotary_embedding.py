@@ -19,7 +19,7 @@ from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.graph import Graph
 from graphir.value import TensorValue
-from graphir.ops import attention_math as am
+from graphir.ops import rope_math as rm
 
 from .module import Module
 
@@ -33,8 +33,8 @@ class Llama3RopeScalingParams:
     high_freq_factor: float
     orig_max_position: int
 
-    def _math(self) -> am.Llama3RopeScaling:
-        return am.Llama3RopeScaling(self.factor, self.low_freq_factor, self.high_freq_factor,
+    def _math(self) -> rm.Llama3RopeScaling:
+        return rm.Llama3RopeScaling(self.factor, self.low_freq_factor, self.high_freq_factor,
                                     self.orig_max_position)
 
 
@@ -49,8 +49,8 @@ class LinearScalingParams:
                 or not self.factor > 0:
             raise ValueError(f"LinearScalingParams: factor must be > 0, got {self.factor!r}")
 
-    def _math(self) -> am.LinearRopeScaling:
-        return am.LinearRopeScaling(float(self.factor))
+    def _math(self) -> rm.LinearRopeScaling:
+        return rm.LinearRopeScaling(float(self.factor))
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class LongRoPEScalingParams:
         s = self.max_position_embeddings / self.original_max_position
         return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(self.original_max_position))
 
-    def _math(self) -> am.LongRopeScaling:
-        return am.LongRopeScaling(self.short_factor, self.long_factor,
+    def _math(self) -> rm.LongRopeScaling:
+        return rm.LongRopeScaling(self.short_factor, self.long_factor,
                                   int(self.original_max_position), self.scale_attention_factor)
 
 
@@ -144,7 +144,7 @@ class RotaryEmbedding(Module):
     def compute_inv_freqs(self) -> np.ndarray:
         """inv_freq [head_dim / 2] float32 (scaled when scaling_params are set)."""
         scaling = None if self.scaling_params is None else self.scaling_params._math()
-        return am.rope_inv_freq(self.head_dim, self.theta, scaling)
+        return rm.rope_inv_freq(self.head_dim, self.theta, scaling)
 
     def freqs_cis_base(self) -> TensorValue:
         """A fresh table [2 * max_seq_len, head_dim] f32 built with ops in the current graph."""
@@ -213,19 +213,19 @@ class LongRoPERotaryEmbedding(RotaryEmbedding):
                              f"LongRoPEScalingParams, got {type(scaling_params).__name__}")
         self.longrope_params = scaling_params
         if scaling_params is not None:
-            am.longrope_inv_freqs(self.head_dim, self.theta, scaling_params._math())  # validates
+            rm.longrope_inv_freqs(self.head_dim, self.theta, scaling_params._math())  # validates
 
     def compute_inv_freqs(self) -> np.ndarray:
         """The short inv_freq [head_dim / 2] (positions below original_max_position)."""
         if self.longrope_params is None:
             return super().compute_inv_freqs()
-        return am.longrope_inv_freqs(self.head_dim, self.theta, self.longrope_params._math())[0]
+        return rm.longrope_inv_freqs(self.head_dim, self.theta, self.longrope_params._math())[0]
 
     def freqs_cis_base(self) -> TensorValue:
         p = self.longrope_params
         if self._given is not None or p is None:
             return super().freqs_cis_base()
-        short, long = am.longrope_inv_freqs(self.head_dim, self.theta, p._math())
+        short, long = rm.longrope_inv_freqs(self.head_dim, self.theta, p._math())
         n, split = 2 * self.max_seq_len, min(p.original_max_position, 2 * self.max_seq_len)
         parts = [self._table(0, split, short)]
         if split < n:

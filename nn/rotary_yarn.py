@@ -18,7 +18,7 @@ from graphir import ops
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 from graphir.value import TensorValue
-from graphir.ops import attention_math as am
+from graphir.ops import rope_math as rm
 
 from .rotary_embedding import RotaryEmbedding
 
@@ -43,8 +43,8 @@ class DeepseekYarnRopeScalingParams:
     def __post_init__(self):
         _check(self, self.scaling_factor, self.original_max_position_embeddings)
 
-    def _math(self) -> am.YarnRopeScaling:
-        return am.YarnRopeScaling(factor=float(self.scaling_factor),
+    def _math(self) -> rm.YarnRopeScaling:
+        return rm.YarnRopeScaling(factor=float(self.scaling_factor),
                                   original_max_position=int(self.original_max_position_embeddings),
                                   beta_fast=float(self.beta_fast), beta_slow=float(self.beta_slow),
                                   mscale=float(self.mscale),
@@ -72,8 +72,8 @@ class YarnScalingParams:
     def __post_init__(self):
         _check(self, self.factor, self.original_max_position_embeddings)
 
-    def _math(self) -> am.YarnRopeScaling:
-        return am.YarnRopeScaling(factor=float(self.factor),
+    def _math(self) -> rm.YarnRopeScaling:
+        return rm.YarnRopeScaling(factor=float(self.factor),
                                   original_max_position=int(self.original_max_position_embeddings),
                                   beta_fast=float(self.beta_fast), beta_slow=float(self.beta_slow),
                                   attention_factor=_opt_float(self.attention_factor),
@@ -101,13 +101,13 @@ class _YarnTable:
     def compute_inv_freqs(self) -> np.ndarray:
         """inv_freq [head_dim / 2] float32 with the YaRN blend."""
         scaling = None if self.yarn_params is None else self.yarn_params._math()
-        return am.rope_inv_freq(self.head_dim, self.theta, scaling)
+        return rm.rope_inv_freq(self.head_dim, self.theta, scaling)
 
     @property
     def table_mscale(self) -> float:
         """The factor on the table's cos and sin."""
         p = self.yarn_params
-        return 1.0 if p is None else am.rope_table_magnitude(p._math())
+        return 1.0 if p is None else rm.rope_table_magnitude(p._math())
 
     def freqs_cis_base(self) -> TensorValue:
         table = super().freqs_cis_base()
@@ -163,4 +163,4 @@ class DeepseekYarnRotaryEmbedding(_YarnTable, RotaryEmbedding):
     def attention_mscale(self) -> float:
         """``mscale(factor, mscale_all_dim)``: MLA's softmax scale is multiplied by its square."""
         p = self.yarn_params
-        return 1.0 if p is None else am.yarn_mscale(p.scaling_factor, p.mscale_all_dim)
+        return 1.0 if p is None else rm.yarn_mscale(p.scaling_factor, p.mscale_all_dim)

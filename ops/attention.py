@@ -19,6 +19,7 @@ from graphir.value import BufferValue, TensorValue
 
 from . import _rules as R
 from . import attention_math as am
+from . import rope_math as rm
 from ._build import apply, tensors
 
 MASK_VARIANTS = am.MASK_VARIANTS
@@ -182,7 +183,7 @@ def _rope_ref(ins, a):
     d = a["head_dim"]
     _check_rows(offs, x.shape[0], "rope")
     _, pos = am.token_positions(offs, clen)
-    out = am.apply_rope(x.reshape(x.shape[0], x.shape[1] // d, d), f, pos,
+    out = rm.apply_rope(x.reshape(x.shape[0], x.shape[1] // d, d), f, pos,
                         interleaved=a["interleaved"])
     return [out.reshape(x.shape)]
 

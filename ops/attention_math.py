@@ -1,9 +1,8 @@
 """Float64 numpy reference math for the attention kernel ops.
 
 Ragged-batch positions, the paged KV-cache store, the fused split + RoPE + store, and ragged flash
-attention over the paged cache; the RoPE tables and rotation live in rope_math.py and are
-re-exported here, so the op library reaches every attention reference through one module. The op
-library wraps these as the references of its OpDefs; nothing here knows about graphs.
+attention over the paged cache (the RoPE tables and rotation are rope_math.py's). The op library
+wraps these as the references of its OpDefs; nothing here knows about graphs.
 
 Conventions (see shared/MAX_SEMANTICS.md): packed rows with ``input_row_offsets`` prefix sums; new
 token ``i`` of sequence ``b`` sits at absolute position ``cache_lengths[b] + i``; the paged cache
@@ -15,23 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rope_math import (LinearRopeScaling, Llama3RopeScaling, LongRopeScaling, YarnRopeScaling,
-                        apply_rope, longrope_inv_freqs, rope_freqs_cis, rope_inv_freq,
-                        rope_table_magnitude, yarn_mscale)
+from .rope_math import apply_rope
 
 __all__ = [
-    "Llama3RopeScaling",
-    "LinearRopeScaling",
-    "YarnRopeScaling",
-    "LongRopeScaling",
     "MASK_VARIANTS",
     "attention_mask",
-    "rope_inv_freq",
-    "rope_freqs_cis",
-    "rope_table_magnitude",
-    "longrope_inv_freqs",
-    "yarn_mscale",
-    "apply_rope",
     "rms_norm_heads",
     "token_positions",
     "kv_cache_store",

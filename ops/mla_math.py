@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention_math import apply_rope, rms_norm_heads, token_positions
+from .attention_math import rms_norm_heads, token_positions
+from .rope_math import apply_rope
 
 __all__ = ["check_latent_blocks", "gather_latent", "mla_cache_store", "mla_prefill",
            "mla_decode", "mla_prefill_plan", "check_prefill_metadata", "max_new_tokens",

@@ -163,7 +163,7 @@ def main() -> None:
         t_hit = time.perf_counter() - t0
     assert art2 is not None and art is not None
 
-    from graphir.ops.attention_math import Llama3RopeScaling, rope_freqs_cis
+    from graphir.ops.rope_math import Llama3RopeScaling, rope_freqs_cis
 
     freqs = rope_freqs_cis(128, 8192, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
     blocks_t = g.inputs[2].type

@@ -78,7 +78,7 @@ TINY = Shape(4, 2, 16, 64, 4, 10000.0, 64, (8.0, 1.0, 4.0, 32), layer=1, layers=
 
 
 def freqs_table(s: Shape, device=DEV) -> torch.Tensor:
-    from graphir.ops.attention_math import Llama3RopeScaling, rope_freqs_cis
+    from graphir.ops.rope_math import Llama3RopeScaling, rope_freqs_cis
 
     f = rope_freqs_cis(s.d, s.max_seq, s.theta, Llama3RopeScaling(*s.scaling))
     return torch.from_numpy(np.ascontiguousarray(f, np.float32)).to(device)

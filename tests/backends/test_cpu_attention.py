@@ -10,7 +10,8 @@ import pytest
 
 from graphir import ops
 from graphir import BufferType, DType, Graph, TensorType
-from graphir.ops.attention_math import MASK_VARIANTS, rope_freqs_cis
+from graphir.ops.attention_math import MASK_VARIANTS
+from graphir.ops.rope_math import rope_freqs_cis
 from graphir.runtime.interpreter import run
 
 from .harness import assert_matches_interpreter

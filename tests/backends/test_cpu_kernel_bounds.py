@@ -50,7 +50,7 @@ def _attention_inputs(rng):
     offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
     lut = np.array([[0, 5, 2, 7, 9, 11], [3, 1, 4, 11, 11, 11]], np.uint32)
     t = int(offs[-1])
-    from graphir.ops.attention_math import rope_freqs_cis
+    from graphir.ops.rope_math import rope_freqs_cis
     return {"qkv": rng.standard_normal((t, (NH + 2 * NKV) * D)).astype(np.float32),
             "freqs": rope_freqs_cis(D, ROPE_ROWS // 2, 10000.0).astype(np.float32),
             "blocks": (PAGES, 2, LAYERS, PS, NKV, D),

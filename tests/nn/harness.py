@@ -114,7 +114,7 @@ def mla_op_inputs(rng, kinds: int, *, nh: int, nope: int, rope: int, v: int, r: 
     Returns [q, kv, norm weight, freqs_cis, input_row_offsets, cache_lengths, lookup_table,
     blocks, w_k, w_uk, w_uv], w_* cut from one random kv_b_proj weight.
     """
-    from graphir.ops.attention_math import rope_freqs_cis
+    from graphir.ops.rope_math import rope_freqs_cis
 
     pages, w = 12, r + rope
     blocks = rng.standard_normal((pages + 1, kinds, LAYERS, PAGE, 1, w)).astype(np.float32)

@@ -6,6 +6,7 @@ import pytest
 from graphir import ops
 from graphir import BufferType, DeviceRef, DType, Graph, TensorType
 from graphir.ops import attention_math as am
+from graphir.ops import rope_math as rm
 from graphir.runtime.interpreter import run
 
 U32, F32 = DType.uint32, DType.float32
@@ -37,7 +38,7 @@ def types(width):
 def test_rope_split_store_and_attention_ops(interleaved, qk_norm):
     rng = np.random.default_rng(int(interleaved) * 2 + int(qk_norm))
     blocks, offs, clen, lut = batch(rng)
-    freqs = am.rope_freqs_cis(D, 32, 10000.0)
+    freqs = rm.rope_freqs_cis(D, 32, 10000.0)
     qkv = rng.standard_normal((int(offs[-1]), (NH + 2 * NKV) * D)).astype(np.float32)
     nw = [rng.standard_normal(D).astype(np.float32) for _ in range(2)]
     extra = [TensorType(F32, [D])] * 2 if qk_norm else []
@@ -72,7 +73,7 @@ def test_rope_split_store_and_attention_ops(interleaved, qk_norm):
 def test_flash_attention_masks_and_unfused_ops(mask, window):
     rng = np.random.default_rng(7)
     blocks, offs, clen, lut = batch(rng)
-    freqs = am.rope_freqs_cis(D, 32, 10000.0)
+    freqs = rm.rope_freqs_cis(D, 32, 10000.0)
     t = int(offs[-1])
     q, k, v = (rng.standard_normal((t, n * D)).astype(np.float32) for n in (NH, NKV, NKV))
     with Graph("unfused", input_types=types(NH * D) + [TensorType(F32, ["t", NKV * D])] * 2) as g:
@@ -86,7 +87,7 @@ def test_flash_attention_masks_and_unfused_ops(mask, window):
                                             window=window, scale=0.3))
     ref_blocks = blocks.copy()
     _, pos = am.token_positions(offs, clen)
-    rope = lambda x: am.apply_rope(x.reshape(t, -1, D), freqs, pos, interleaved=False)  # noqa
+    rope = lambda x: rm.apply_rope(x.reshape(t, -1, D), freqs, pos, interleaved=False)  # noqa
     ref_blocks = am.kv_cache_store(ref_blocks, rope(k), 0, 0, offs, clen, lut)
     ref_blocks = am.kv_cache_store(ref_blocks, v.reshape(t, NKV, D), 1, 0, offs, clen, lut)
     want = am.flash_attention_ragged(rope(q), ref_blocks, layer_idx=0, input_row_offsets=offs,
@@ -135,7 +136,7 @@ def test_rope_split_store_with_qk_norm_takes_an_empty_batch():
         x, f, bl, o, c, lt, qw, kw = g.inputs
         g.output(ops.rope_split_store(x, f, o, c, lt, bl, n_heads=NH, n_kv_heads=NKV, head_dim=D,
                                       layer_idx=1, q_norm_weight=qw, k_norm_weight=kw))
-    (q,) = run(g, np.zeros((0, (NH + 2 * NKV) * D), np.float32), am.rope_freqs_cis(D, 32, 1e4),
+    (q,) = run(g, np.zeros((0, (NH + 2 * NKV) * D), np.float32), rm.rope_freqs_cis(D, 32, 1e4),
                blocks, np.zeros(1, np.uint32), np.zeros(0, np.uint32), np.zeros((0, 1), np.uint32),
                rng.standard_normal(D).astype(np.float32), rng.standard_normal(D).astype(np.float32))
     assert q.shape == (0, NH * D)

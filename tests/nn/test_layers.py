@@ -8,7 +8,7 @@ from graphir.dtype import round_to_f8e4m3fn
 from graphir import ops
 from graphir.nn import (AttentionWithRopeNoOpaque, Float8Config, Float8ScaleGranularity, Linear,
                 Llama3RopeScalingParams, Module, PagedCacheValues, RMSNorm, RotaryEmbedding)
-from graphir.ops import attention_math as am
+from graphir.ops import rope_math as rm
 from graphir.runtime.interpreter import run
 from tests.nn.harness import (D, HIDDEN, LAYER, NH, NKV, SCHEDULE, attention, layer_graph,
                               manager, step)
@@ -97,8 +97,8 @@ def test_freqs_cis_built_from_ops_equals_attention_math(scaling):
     assert not any(n.op == "constant" and n.results[0].type.static_shape()[-1] > 8
                    for n in g.nodes)  # only the 8 frequencies are a constant
     (got,) = run(g)
-    ref_scaling = None if scaling is None else am.Llama3RopeScaling(8.0, 1.0, 4.0, 32)
-    np.testing.assert_array_equal(got, am.rope_freqs_cis(16, 40, 5000.0, ref_scaling))
+    ref_scaling = None if scaling is None else rm.Llama3RopeScaling(8.0, 1.0, 4.0, 32)
+    np.testing.assert_array_equal(got, rm.rope_freqs_cis(16, 40, 5000.0, ref_scaling))
 
 
 # -- AttentionWithRope forms and options ---------------------------------------------------------

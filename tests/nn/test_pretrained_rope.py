@@ -1,5 +1,5 @@
 """The rotary embeddings from_pretrained builds: their graph tables (ops) against the float64
-references of ops.attention_math, and config.json in the pre-transformers-5 format (rope_theta +
+references of ops.rope_math, and config.json in the pre-transformers-5 format (rope_theta +
 rope_scaling with "type", Gemma 3's rope_local_base_freq and sliding_window_pattern under a
 text_config, Phi-3's top-level original_max_position_embeddings, Qwen's use_sliding_window)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from graphir import Graph
 from graphir.nn import (LinearScalingParams, Llama3RotaryEmbedding, LongRoPERotaryEmbedding,
                         LongRoPEScalingParams, MHAMaskVariant, RotaryEmbedding,
                         YarnRotaryEmbedding, YarnScalingParams, from_pretrained)
-from graphir.ops import attention_math as am
+from graphir.ops import rope_math as rm
 from graphir.runtime.interpreter import run
 from tests.nn.test_pretrained_errors import (D, attention_tensors, llama_config,
                                              write_checkpoint)
@@ -30,25 +30,25 @@ def test_graph_tables_match_the_reference():
     short, long = 1 + rng.random(D // 2), 2 + rng.random(D // 2) * 3
     cases = [
         (RotaryEmbedding(64, 4, 1e4, 20, head_dim=D, scaling_params=LinearScalingParams(4.0)),
-         am.LinearRopeScaling(4.0)),
+         rm.LinearRopeScaling(4.0)),
         (YarnRotaryEmbedding(64, 4, 500.0, 20, head_dim=D, scaling_params=YarnScalingParams(
             2.0, 8.0, 1.0, 32, False, attention_factor=1.3)),
-         am.YarnRopeScaling(2.0, 32, 8.0, 1.0, attention_factor=1.3, truncate=False)),
+         rm.YarnRopeScaling(2.0, 32, 8.0, 1.0, attention_factor=1.3, truncate=False)),
         (YarnRotaryEmbedding(64, 4, 1e4, 20, head_dim=D, scaling_params=YarnScalingParams(
             4.0, 32.0, 1.0, 16)),
-         am.YarnRopeScaling(4.0, 16, attention_factor=am.yarn_mscale(4.0))),
+         rm.YarnRopeScaling(4.0, 16, attention_factor=rm.yarn_mscale(4.0))),
         (LongRoPERotaryEmbedding(64, 4, 1e4, 20, head_dim=D, scaling_params=LongRoPEScalingParams(
             short, long, 12, 48)),
-         am.LongRopeScaling(short, long, 12, math.sqrt(1 + math.log(4) / math.log(12)))),
+         rm.LongRopeScaling(short, long, 12, math.sqrt(1 + math.log(4) / math.log(12)))),
     ]
-    plain = am.rope_freqs_cis(D, 20, 1e4)
+    plain = rm.rope_freqs_cis(D, 20, 1e4)
     for rope, ref in cases:
-        want = am.rope_freqs_cis(D, 20, rope.theta, ref)
+        want = rm.rope_freqs_cis(D, 20, rope.theta, ref)
         np.testing.assert_allclose(table(rope), want, rtol=1e-6, atol=2e-6)
         assert not np.allclose(want, plain, atol=1e-3)
     # Stitched: the long rows differ from a table built from the short factors alone.
     lr = cases[-1][0]
-    only_short = am.rope_freqs_cis(D, 20, 1e4, am.LongRopeScaling(short, short, 12, 1.0))
+    only_short = rm.rope_freqs_cis(D, 20, 1e4, rm.LongRopeScaling(short, short, 12, 1.0))
     mag = lr.longrope_params.scale_attention_factor
     np.testing.assert_allclose(table(lr)[:12], only_short[:12] * mag, rtol=1e-6, atol=2e-6)
     assert not np.allclose(table(lr)[12:], only_short[12:] * mag, atol=1e-3)
@@ -72,7 +72,7 @@ def test_llama3_in_the_old_format(tmp_path):
     write_checkpoint(tmp_path, old)
     rope = from_pretrained(tmp_path, 0).rope
     assert type(rope) is Llama3RotaryEmbedding and rope.theta == 500000.0
-    want = am.rope_freqs_cis(D, 64, 500000.0, am.Llama3RopeScaling(8.0, 1.0, 4.0, 16))
+    want = rm.rope_freqs_cis(D, 64, 500000.0, rm.Llama3RopeScaling(8.0, 1.0, 4.0, 16))
     np.testing.assert_allclose(table(rope), want, rtol=1e-6, atol=2e-6)
 
 
@@ -115,7 +115,7 @@ def test_phi3_longrope_in_the_old_format(tmp_path):
     attn = from_pretrained(tmp_path, 1, max_seq_len=16)
     assert attn.stacked_qkv and attn.mask_variant is MHAMaskVariant.CAUSAL_MASK
     af = math.sqrt(1 + math.log(4) / math.log(12))
-    want = am.rope_freqs_cis(D, 16, 1e4, am.LongRopeScaling(short, long, 12, af))
+    want = rm.rope_freqs_cis(D, 16, 1e4, rm.LongRopeScaling(short, long, 12, af))
     np.testing.assert_allclose(table(attn.rope), want, rtol=1e-6, atol=2e-6)
 
 

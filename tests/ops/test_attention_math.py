@@ -1,4 +1,5 @@
-"""ops.attention_math against loop-based references, torch and Hugging Face rope init functions."""
+"""ops.attention_math and ops.rope_math against loop-based references, torch and Hugging Face
+rope init functions."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from graphir.ops import attention_math as am
+from graphir.ops import rope_math as rm
 
 torch.set_default_dtype(torch.float64)
 
@@ -114,7 +116,7 @@ def paged_batch(rng, cache_lengths, new_lengths, *, page_size, num_layers, nkv, 
 
 def test_freqs_plain_matches_loop():
     d, msl, theta = 8, 5, 10000.0
-    f = am.rope_freqs_cis(d, msl, theta)
+    f = rm.rope_freqs_cis(d, msl, theta)
     assert f.shape == (2 * msl, d) and f.dtype == np.float32
     for p in range(2 * msl):
         for i in range(d // 2):
@@ -140,14 +142,14 @@ def test_freqs_llama3_matches_hf():
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": orig})
     hf_inv, hf_mag = ROPE_INIT_FUNCTIONS["llama3"](cfg)
-    plain = am.rope_inv_freq(d, theta)
+    plain = rm.rope_inv_freq(d, theta)
     wavelen = 2 * np.pi / plain
     # The data must exercise all three branches (kept, divided, smoothed).
     assert (wavelen < orig / 4).any() and (wavelen > orig).any() and ((wavelen > orig / 4) & (wavelen < orig)).any()
-    inv = am.rope_inv_freq(d, theta, am.Llama3RopeScaling(**params))
+    inv = rm.rope_inv_freq(d, theta, rm.Llama3RopeScaling(**params))
     np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=2e-6)
     assert not np.allclose(inv, plain)
-    table = am.rope_freqs_cis(d, 16, theta, am.Llama3RopeScaling(**params))
+    table = rm.rope_freqs_cis(d, 16, theta, rm.Llama3RopeScaling(**params))
     np.testing.assert_allclose(table, _hf_table(hf_inv, 16, hf_mag), atol=2e-6)
 
 
@@ -164,14 +166,14 @@ def test_freqs_yarn_matches_hf_deepseek(mscale, mscale_all_dim):
                                             "original_max_position_embeddings": orig, "beta_fast": 32,
                                             "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale_all_dim})
     hf_inv, hf_mag = ROPE_INIT_FUNCTIONS["yarn"](cfg)
-    scaling = am.YarnRopeScaling(factor=factor, original_max_position=orig, mscale=mscale,
+    scaling = rm.YarnRopeScaling(factor=factor, original_max_position=orig, mscale=mscale,
                                  mscale_all_dim=mscale_all_dim)
-    inv = am.rope_inv_freq(d, theta, scaling)
+    inv = rm.rope_inv_freq(d, theta, scaling)
     np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=2e-6)
-    ratio = inv / am.rope_inv_freq(d, theta)
+    ratio = inv / rm.rope_inv_freq(d, theta)
     assert ratio[0] == pytest.approx(1.0) and ratio[-1] == pytest.approx(1 / factor)
     assert ((ratio < 0.99) & (ratio > 1.01 / factor)).any()  # the ramp is exercised
-    table = am.rope_freqs_cis(d, 16, theta, scaling)
+    table = rm.rope_freqs_cis(d, 16, theta, scaling)
     np.testing.assert_allclose(table, _hf_table(hf_inv, 16, hf_mag), atol=2e-6)
 
 
@@ -180,21 +182,21 @@ def test_yarn_mscale_matches_hf_mla_softmax_scale():
 
     for factor, all_dim in [(40.0, 1.0), (4.0, 0.707), (0.5, 1.0)]:
         base = 192 ** -0.5
-        ours = base * am.yarn_mscale(factor, all_dim) ** 2
+        ours = base * rm.yarn_mscale(factor, all_dim) ** 2
         ref = hf.yarn_apply_mscale({"rope_type": "yarn", "factor": factor, "mscale_all_dim": all_dim}, base)
         assert ours == pytest.approx(ref, rel=1e-12)
-    assert am.yarn_mscale(0.5, 1.0) == 1.0
+    assert rm.yarn_mscale(0.5, 1.0) == 1.0
 
 
 def test_scaling_accepts_hf_style_dict():
     d = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.5,
          "mscale_all_dim": 1.0}
-    np.testing.assert_array_equal(am.rope_freqs_cis(8, 4, 1e4, d), am.rope_freqs_cis(
-        8, 4, 1e4, am.YarnRopeScaling(factor=4.0, original_max_position=64, mscale=0.5, mscale_all_dim=1.0)))
+    np.testing.assert_array_equal(rm.rope_freqs_cis(8, 4, 1e4, d), rm.rope_freqs_cis(
+        8, 4, 1e4, rm.YarnRopeScaling(factor=4.0, original_max_position=64, mscale=0.5, mscale_all_dim=1.0)))
     with pytest.raises(ValueError, match="unknown rope_type 'ntk'"):
-        am.rope_freqs_cis(8, 4, 1e4, {"rope_type": "ntk"})
+        rm.rope_freqs_cis(8, 4, 1e4, {"rope_type": "ntk"})
     with pytest.raises(ValueError, match="head_dim must be a positive even int"):
-        am.rope_freqs_cis(7, 4, 1e4)
+        rm.rope_freqs_cis(7, 4, 1e4)
 
 
 # ---- rope, positions, store ---------------------------------------------------------------------
@@ -204,9 +206,9 @@ def test_apply_rope_vs_torch_complex_and_loop(interleaved):
     rng = np.random.default_rng(0)
     t, h, d = 6, 3, 8
     x = rng.standard_normal((t, h, d))
-    freqs = am.rope_freqs_cis(d, 16, 10000.0)
+    freqs = rm.rope_freqs_cis(d, 16, 10000.0)
     pos = rng.integers(0, 32, size=t)
-    got = am.apply_rope(x, freqs, pos, interleaved=interleaved)
+    got = rm.apply_rope(x, freqs, pos, interleaved=interleaved)
     np.testing.assert_allclose(got, torch_rope(x, freqs, pos, interleaved), rtol=1e-12, atol=1e-12)
     ref = np.empty_like(x)
     for tok in range(t):
@@ -218,7 +220,7 @@ def test_apply_rope_vs_torch_complex_and_loop(interleaved):
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
     assert not np.allclose(got, x)
     with pytest.raises(ValueError, match=r"positions must lie in \[0, 32\)"):
-        am.apply_rope(x, freqs, pos + 32, interleaved=interleaved)
+        rm.apply_rope(x, freqs, pos + 32, interleaved=interleaved)
 
 
 def test_token_positions_vs_loop():
@@ -262,7 +264,7 @@ def test_rope_split_store_vs_torch(interleaved, qk_norm):
     blocks, lut, offs, cls = paged_batch(rng, cl, new, page_size=4, num_layers=2, nkv=nkv, d=d)
     t = sum(new)
     qkv = rng.standard_normal((t, (nh + 2 * nkv) * d))
-    freqs = am.rope_freqs_cis(d, 16, 10000.0)
+    freqs = rm.rope_freqs_cis(d, 16, 10000.0)
     qw, kw = (rng.standard_normal(d), rng.standard_normal(d)) if qk_norm else (None, None)
     q, out = am.rope_split_store(qkv, freqs, offs, cls, lut, blocks, layer_idx=layer, n_heads=nh,
                                  n_kv_heads=nkv, head_dim=d, interleaved=interleaved,
@@ -361,13 +363,13 @@ def test_freqs_linear_matches_hf():
     d, theta, factor = 16, 10000.0, 4.0
     hf_inv, hf_mag = ROPE_INIT_FUNCTIONS["linear"](
         _llama_cfg(d, {"rope_type": "linear", "rope_theta": theta, "factor": factor}))
-    inv = am.rope_inv_freq(d, theta, am.LinearRopeScaling(factor))
+    inv = rm.rope_inv_freq(d, theta, rm.LinearRopeScaling(factor))
     np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=2e-6)
-    np.testing.assert_allclose(inv * factor, am.rope_inv_freq(d, theta), rtol=1e-6)
-    table = am.rope_freqs_cis(d, 16, theta, {"rope_type": "linear", "factor": factor})
+    np.testing.assert_allclose(inv * factor, rm.rope_inv_freq(d, theta), rtol=1e-6)
+    table = rm.rope_freqs_cis(d, 16, theta, {"rope_type": "linear", "factor": factor})
     np.testing.assert_allclose(table, _hf_table(hf_inv, 16, hf_mag), atol=2e-6)
     with pytest.raises(ValueError, match="factor must be > 0"):
-        am.rope_inv_freq(d, theta, am.LinearRopeScaling(0.0))
+        rm.rope_inv_freq(d, theta, rm.LinearRopeScaling(0.0))
 
 
 @pytest.mark.parametrize("truncate,attention_factor,betas", [
@@ -381,20 +383,20 @@ def test_freqs_yarn_options_match_hf(truncate, attention_factor, betas):
     if attention_factor is not None:
         rope["attention_factor"] = attention_factor
     hf_inv, hf_mag = ROPE_INIT_FUNCTIONS["yarn"](_llama_cfg(d, rope))
-    scaling = am.YarnRopeScaling(factor=factor, original_max_position=orig, beta_fast=betas[0],
+    scaling = rm.YarnRopeScaling(factor=factor, original_max_position=orig, beta_fast=betas[0],
                                  beta_slow=betas[1], mscale=1.0, mscale_all_dim=0.0,
                                  attention_factor=attention_factor, truncate=truncate)
-    inv = am.rope_inv_freq(d, theta, scaling)
+    inv = rm.rope_inv_freq(d, theta, scaling)
     np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=2e-6)
-    assert am.rope_table_magnitude(scaling) == pytest.approx(hf_mag, rel=1e-12)
-    table = am.rope_freqs_cis(d, 16, theta, scaling)
+    assert rm.rope_table_magnitude(scaling) == pytest.approx(hf_mag, rel=1e-12)
+    table = rm.rope_freqs_cis(d, 16, theta, scaling)
     np.testing.assert_allclose(table, _hf_table(hf_inv, 16, hf_mag), atol=2e-6)
 
 
 def test_yarn_truncate_changes_the_ramp():
     kw = dict(factor=8.0, original_max_position=32, beta_fast=32, beta_slow=1)
-    a = am.rope_inv_freq(32, 1e4, am.YarnRopeScaling(**kw, truncate=True))
-    b = am.rope_inv_freq(32, 1e4, am.YarnRopeScaling(**kw, truncate=False))
+    a = rm.rope_inv_freq(32, 1e4, rm.YarnRopeScaling(**kw, truncate=True))
+    b = rm.rope_inv_freq(32, 1e4, rm.YarnRopeScaling(**kw, truncate=False))
     assert not np.allclose(a, b)
 
 
@@ -414,18 +416,18 @@ def test_freqs_longrope_matches_hf_short_and_long():
     hf_long, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, seq_len=orig + 1)
     mag = math.sqrt(1 + math.log(max_pos / orig) / math.log(orig))
     assert hf_mag == pytest.approx(mag, rel=1e-12)
-    scaling = am.LongRopeScaling(short, long, orig, mag)
-    s, lg = am.longrope_inv_freqs(d, theta, scaling)
+    scaling = rm.LongRopeScaling(short, long, orig, mag)
+    s, lg = rm.longrope_inv_freqs(d, theta, scaling)
     np.testing.assert_allclose(s, hf_short.numpy(), rtol=2e-6)
     np.testing.assert_allclose(lg, hf_long.numpy(), rtol=2e-6)
     msl = 10  # 20 rows: rows 0..11 short, 12..19 long
-    table = am.rope_freqs_cis(d, msl, theta, scaling)
+    table = rm.rope_freqs_cis(d, msl, theta, scaling)
     np.testing.assert_allclose(table[:orig], _hf_table(hf_short, msl, hf_mag)[:orig], atol=2e-6)
     np.testing.assert_allclose(table[orig:], _hf_table(hf_long, msl, hf_mag)[orig:], atol=2e-6)
     with pytest.raises(ValueError, match="two frequency sets"):
-        am.rope_inv_freq(d, theta, scaling)
+        rm.rope_inv_freq(d, theta, scaling)
     with pytest.raises(ValueError, match="short_factor must hold head_dim / 2 = 8"):
-        am.rope_freqs_cis(d, msl, theta, am.LongRopeScaling(short[:-1], long, orig, mag))
+        rm.rope_freqs_cis(d, msl, theta, rm.LongRopeScaling(short[:-1], long, orig, mag))
 
 
 def test_flash_attention_softcap_vs_loop():

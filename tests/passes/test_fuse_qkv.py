@@ -148,7 +148,7 @@ def test_pipeline_fuses_projections_then_rope_split_store():
     """Three Linear-style projections + split-free rope/store: fuse-qkv makes the split that
     fuse-rope-split-store then consumes."""
     from graphir import BufferType
-    from graphir.ops.attention_math import rope_freqs_cis
+    from graphir.ops.rope_math import rope_freqs_cis
 
     u32 = DType.uint32
     b = Dim("batch")

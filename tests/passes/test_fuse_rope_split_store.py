@@ -10,7 +10,7 @@ import pytest
 from graphir import ops
 from graphir import BufferType, DeviceRef, Dim, DType, Graph, TensorType, Weight, parse
 from graphir.passes import PASSES, default_pipeline, run_passes
-from graphir.ops.attention_math import rope_freqs_cis
+from graphir.ops.rope_math import rope_freqs_cis
 from graphir.runtime.interpreter import run
 from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.passes.golden import check_golden, golden_path
