@@ -5,8 +5,8 @@ and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1
 tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
 (--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid of
 every format, --dot the whole dot grid at 16 rows); round 2 the shipped buckets
-(kernels/quant_nib.py NIB_BUCKETS), the best of round 1 and the many-row path (decode into a
-bf16 copy, then cuBLAS) on every weight.
+(kernels/quant_nib_config.py NIB_BUCKETS), the best of round 1 and the many-row path (decode
+into a bf16 copy, then cuBLAS) on every weight.
 Every variant is checked against torch (float32 product with the decoded
 weight) before it is timed; the peer is cuBLAS bf16 on the decoded weight, weights rotated
 among copies over 4x the L2 for both. "% copy" counts the checkpoint's bytes (GGUF blocks or
@@ -29,8 +29,8 @@ from _dry import DRY  # noqa: E402  (first: --dry-run sets Triton's interpreter 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from graphir.lowering.triton_gpu.kernels.quant_nib import (gemv_geometry,  # noqa: E402
-                                                          nib_dequant_spec, nib_specs)  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.quant_nib_config import (  # noqa: E402
+    gemv_geometry, nib_dequant_spec, nib_specs)
 from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
 
 import _kernels  # noqa: E402
@@ -160,8 +160,8 @@ def dot_confs():
 
 
 def bucket_jobs(fmt, N, K):
-    """The shipped bucket configs (kernels/quant_nib.NIB_BUCKETS) at every M of MS."""
-    from graphir.lowering.triton_gpu.kernels.quant_nib import nib_config
+    """The shipped bucket configs (kernels/quant_nib_config.NIB_BUCKETS) at every M of MS."""
+    from graphir.lowering.triton_gpu.kernels.quant_nib_config import nib_config
 
     return [(fmt, N, K, m, nib_config(m, K, N, fmt)[0]) for m in MS]
 

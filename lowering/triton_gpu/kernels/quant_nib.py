@@ -13,14 +13,16 @@ place and OR-ed into the bits of 2**23, is the float 2**23 + c 16**q; one subtra
 c 16**q exactly, and the 16**-q goes into the block's sum once. Nibble i of word w of block
 b is value k = 32 b + 4 i + w, so each nibble position meets 4 consecutive values of X.
 
-GEMV (X of 1 row): a program owns BN rows and a run of K (SPLIT_K programs per row block, fp32
-partials summed by the split-K reduce); per block it forms sum(x c) and sum(x) in fp32 and
-adds s sum(x c) + m sum(x), so the only per-value work is a mask-or, a subtraction and an FMA.
-The next tile's words and scales are loaded before the current one is decoded (PREFETCH), so
-each warp keeps two tiles of weight in flight.
+GEMV (1, 2 or 4 rows of X a program): a program owns BN weight rows and a run of K (SPLIT_K
+programs per row block, fp32 partials summed by the split-K reduce); per block and X row it
+forms sum(x c) and sum(x) in fp32 and adds s sum(x c) + m sum(x), so the per-value work is a
+mask-or and a subtraction, shared by the rows, and an FMA a row. The next tile's words and
+scales are loaded before the current one is decoded (PREFETCH), so each warp keeps two tiles of
+weight in flight.
 
-Dot (any M): the decoded tile, s c + m rounded to X's dtype, feeds tl.dot as the dot path of
-quant.py does for GGUF blocks.
+Dot: the decoded tile, s c + m rounded to X's dtype, feeds tl.dot as the dot path of quant.py
+does for GGUF blocks. Dequant: the decoded tiles stored whole, for the plain matmul.
+Launch specs, formats (FMT_IDS) and row buckets: quant_nib_config.py.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import triton.language as tl
 
 # Triton's interpreter (the CPU tests) has no inline PTX: there the mask-or is two plain ops.
 _ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
-FMT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "gptq": 3, "gptq_sym": 4, "q6_k": 5}
 
 
 @triton.jit
@@ -331,15 +332,6 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_
         _row_out(acc3, c_ptr, row0 + 3, pid_k, M, N, rn, SPLIT_K)
 
 
-def gemv_geometry(k: int, nj: int, split: int) -> tuple[int, int]:
-    """(NJ, cols_per_split) for a GEMV over K = k: NJ shrinks to a power of two dividing the
-    row's word columns, each split takes whole tiles."""
-    kw = k // 8
-    while kw % nj:
-        nj //= 2
-    return nj, -(-(-(-kw // split)) // nj) * nj
-
-
 @triton.jit
 def _decode_tile(words, hw, hsh, s, m, FMT: tl.constexpr, DTYPE: tl.constexpr):
     """Code words `[BG, NJ, 4]` (and q6_k's crumb words, their halves hsh) with their blocks'
@@ -436,115 +428,3 @@ def nib_dequant_kernel(q_ptr, s_ptr, z_ptr, h_ptr, w_ptr, N, K, FMT: tl.constexp
     rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
     rk = pid_k * (NJ * 8) + tl.arange(0, NJ * 8)
     tl.store(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None])
-
-
-def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
-    """The GEMV (conf["GEMV"]) or dot kernel for a nib weight of format `fmt` and X of `dtype`
-    and, when the config splits K, the reduce of its fp32 partials. conf: BG (groups of four
-    rows), NJ (word columns a step), SPLIT_K, num_warps, PREFETCH (0 or 1; GEMV also 2), and
-    BM / num_stages (dot)."""
-    from .quant import splitk_reduce_spec
-    from .spec import KernelSpec, cdiv, triton_dtype
-
-    if fmt not in FMT_IDS:
-        raise ValueError(f"nib layout: unknown format {fmt!r}; have {sorted(FMT_IDS)}")
-    t = triton_dtype(dtype)
-    split, gemv = conf["SPLIT_K"], bool(conf.get("GEMV"))
-    bm = conf.get("ROWS", 1) if gemv else conf["BM"]
-    if gemv and bm not in (1, 2, 4):
-        raise ValueError(f"nib GEMV: ROWS must be 1, 2 or 4, got {bm}")
-    bn = 4 * conf["BG"]
-    consts = dict(FMT=FMT_IDS[fmt], GROUP=group)
-    if gemv:
-        consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
-                      SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)), ROWS=bm)
-    else:
-        consts.update(BM=bm, BG=conf["BG"], NJ=conf["NJ"], SPLIT_K=split,
-                      PREFETCH=int(conf.get("PREFETCH", 0)))
-    sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
-           "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
-           "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
-    tag = (f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
-           if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
-    main = KernelSpec(
-        name=f"nib_{fmt}_{tag}_{t}_w{conf['num_warps']}" + (f"s{split}" if split > 1 else ""),
-        fn=nib_gemv_kernel if gemv else nib_matmul_kernel, signature=sig, constexprs=consts,
-        num_warps=conf["num_warps"], num_stages=conf.get("num_stages", 1),
-        grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
-        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
-    return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
-
-
-DEQUANT_TILE = dict(BG=8, NJ=16, num_warps=4)
-
-
-def nib_dequant_spec(fmt: str, dtype: str, k: int, group: int = 32):
-    """The decode of a whole nib weight into a `[N, K]` buffer of `dtype` (X's dtype), over
-    grid (N / (4 BG), K / (8 NJ))."""
-    from .spec import KernelSpec, cdiv, triton_dtype
-
-    if fmt not in FMT_IDS:
-        raise ValueError(f"nib layout: unknown format {fmt!r}; have {sorted(FMT_IDS)}")
-    t = triton_dtype(dtype)
-    bg, nw = DEQUANT_TILE["BG"], DEQUANT_TILE["num_warps"]
-    nj = gemv_geometry(k, DEQUANT_TILE["NJ"], 1)[0]
-    consts = dict(FMT=FMT_IDS[fmt], GROUP=group, BG=bg, NJ=nj)
-    sig = {"q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8", "w_ptr": f"*{t}",
-           "N": "i32", "K": "i32", **{k_: "constexpr" for k_ in consts}}
-    return KernelSpec(
-        name=f"nib_{fmt}_dequant_g{bg}j{nj}_{t}_w{nw}", fn=nib_dequant_kernel, signature=sig,
-        constexprs=consts, num_warps=nw, num_stages=1,
-        grid=lambda N, K: (cdiv(N, 4 * bg), K // (8 * nj)), grid_args=("N", "K"),
-        divisible_by_16=("q_ptr", "s_ptr", "w_ptr", "K"))
-
-
-# Row buckets of X: (largest M, config), from the H200 sweeps (tools/gpu_sweeps/quant_nib.py,
-# BENCHMARKS.md "nib"). The GEMV shares each decoded word among ROWS rows of X (2 rows: 1.13-1.74x
-# cuBLAS, 4 rows: 0.85-1.33x over Q4_0, Q4_K and GPTQ 4-bit); past 4 rows its programs take 4 rows
-# each (the weight, at most 33 MB for 14336 x 4096, stays in the H200's L2 between them), level
-# with the dot tiles at 8 rows. The dot tiles (SPLIT_K 0: from the weight's rows, dot_split) take
-# 9-16 rows. Past that, and for q6_k past 4 rows (its dot ran at 0.26x cuBLAS at 8 rows), the
-# weight is decoded once into X's dtype (nib_dequant_kernel) for the plain matmul (its tuned tiles
-# or cuBLASLt): at 64 rows the dot tiles only tied with that, at 512 they ran at 0.13-0.29x
-# cuBLAS, decoding every weight tile once per row tile of X.
-NIB_BUCKETS = (
-    (1, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
-    (2, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=2)),
-    (4, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),
-    (8, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),
-    (16, dict(BM=16, BG=16, NJ=16, num_warps=4, num_stages=1, SPLIT_K=0, PREFETCH=1)),
-    (None, dict(DEQUANT=1)),
-)
-# Formats whose GEMV stops short of the buckets' 8 rows and that skip the dot tiles.
-SHORT = {"q6_k": 4}
-
-
-SMS = 132   # an H100 / H200; the split only needs the order of magnitude
-
-
-def dot_split(n: int, k: int, bg: int, nj: int) -> int:
-    """Split K until the dot's grid holds two programs per SM (at most 8 ways, each split at
-    least two steps of nj word columns): 4096 weight rows in 64-row tiles are only 64
-    programs, which left half the H200 idle (29.7 us at 16 rows against 51 us for 3.5x the
-    weight)."""
-    tiles = -(-n // (4 * bg))
-    split = 1
-    while split < 8 and tiles * split < 2 * SMS and k // 8 // (2 * split) >= 2 * nj:
-        split *= 2
-    return split
-
-
-def nib_config(m_max: int | None, k: int, n: int = 4096,
-               fmt: str = "q4_0") -> tuple[dict, int]:
-    """(config, cols_per_split) of the bucket taking m_max rows (None: any) for K = k and a
-    weight of n rows in format fmt."""
-    top, conf = next((t, c) for t, c in NIB_BUCKETS
-                     if t is None or (m_max is not None and m_max <= t))
-    if fmt in SHORT and (top is None or top > SHORT[fmt]):
-        conf = dict(DEQUANT=1)
-    if conf.get("DEQUANT"):
-        return dict(conf), 0
-    if conf["SPLIT_K"] == 0:
-        conf = dict(conf, SPLIT_K=dot_split(n, k, conf["BG"], gemv_geometry(k, conf["NJ"], 1)[0]))
-    nj, cols = gemv_geometry(k, conf["NJ"], conf["SPLIT_K"])
-    return dict(conf, NJ=nj), cols

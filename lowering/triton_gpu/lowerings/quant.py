@@ -126,7 +126,7 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
     """The 4-bit nib kernels (kernels/quant_nib.py): the GEMV for decode rows, the dot tiles
     for more, split-K partials summed by the shared reduce; past the last dot bucket the
     weight is decoded into scratch of X's dtype and multiplied by the plain matmul."""
-    from graphir.lowering.triton_gpu.kernels import quant_nib as qn
+    from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 
     from .linalg import emit_hand_matmul
 

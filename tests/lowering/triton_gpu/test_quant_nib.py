@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("gguf")
 
-from graphir.lowering.triton_gpu.kernels import quant_nib as qn  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.ops.quant.gguf_blocks import dequantize_gguf  # noqa: E402
 from graphir.ops.quant.gguf_quantize import quantize_gguf  # noqa: E402

@@ -11,7 +11,7 @@ from tests.lowering.triton_gpu.test_aot_cubin import RESOURCES, run_compiled_mod
 SCRIPT = RESOURCES + r"""
 import json
 from graphir.lowering.triton_gpu import aot
-from graphir.lowering.triton_gpu.kernels import quant_nib as qn
+from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 
 jobs = []
 for fmt in qn.FMT_IDS:
