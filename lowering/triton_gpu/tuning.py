@@ -269,10 +269,12 @@ class Selector:
         return None
 
     def choose(self, fam_name: str, facts: Mapping, where: str = "",
-               size: int | None = None) -> list[Choice]:
-        """One Choice per bucket (only the bucket of `size` when the size is static)."""
+               size: int | None = None, above: int | None = None) -> list[Choice]:
+        """One Choice per bucket (only the bucket of `size` when the size is static; with
+        `above`, only the buckets holding sizes past it: the step runs another path below)."""
         fam = family(fam_name)
-        buckets = [fam.bucket_of(size)] if size is not None else [b for b, _ in fam.buckets]
+        buckets = [fam.bucket_of(size)] if size is not None else \
+            [b for b, top in fam.buckets if above is None or top is None or top > above]
         out = []
         for b in buckets:
             ch = self._entry(fam, facts, b) or Choice(b, fam.default(b, facts), "built-in")
@@ -297,12 +299,13 @@ def using(selector: Selector):
         _active.reset(token)
 
 
-def select(fam_name: str, facts: Mapping, where: str = "", size: int | None = None):
+def select(fam_name: str, facts: Mapping, where: str = "", size: int | None = None,
+           above: int | None = None):
     """The choices for one step (see Selector.choose); outside `using`, the shipped table."""
     sel = _active.get()
     if sel is None:
         sel = Selector()
-    return sel.choose(fam_name, facts, where, size)
+    return sel.choose(fam_name, facts, where, size, above)
 
 
 # -- tuning ---------------------------------------------------------------------------------

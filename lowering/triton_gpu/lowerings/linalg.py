@@ -104,10 +104,9 @@ def emit_hand_matmul(sb: StepBuilder, x, M, N: int, K: int, bias, out, weight_pt
     static = Dim(M).is_static
     facts = {"dtype": mc.triton_dtype(dt), "N": N, "K": K, "bias": bias is not None}
     where = f"{sb.op} -> %{sb.outputs[0]}"
-    choices = tuning.select("matmul", facts, where, size=int(Dim(M)) if static else None)
-    if above is not None and not static:
-        tops = dict(mc.BUCKETS)
-        choices = [ch for ch in choices if tops[ch.bucket] is None or tops[ch.bucket] > above]
+    # Only the buckets past `above` are chosen, so `--tune` times no bucket that never runs.
+    choices = tuning.select("matmul", facts, where, size=int(Dim(M)) if static else None,
+                            above=above)
     for cond, ch in _variants(choices, e(M), static):
         with sb.when(cond):
             bind = {"a": sb.ptr(x), "b": weight_ptr(),

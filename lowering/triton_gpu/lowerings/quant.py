@@ -154,8 +154,7 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
                 return wbuf
 
             # Its variants cover every row count past `prev`: no later bucket is reached.
-            emit_hand_matmul(sb, x, Mdim, n, K, None, node.results[0], decoded,
-                             above=None if Mdim.is_static else prev)
+            emit_hand_matmul(sb, x, Mdim, n, K, None, node.results[0], decoded, above=prev)
             break
         specs = qn.nib_specs(a["fmt"], dt, conf, group)
         bm = conf.get("ROWS", 1) if conf.get("GEMV") else conf["BM"]

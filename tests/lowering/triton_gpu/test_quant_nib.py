@@ -253,10 +253,16 @@ def test_plan_variants_end_at_the_decode_path():
     from graphir.lowering.driver import _copy, decompose
     from graphir.lowering.triton_gpu.backend import lower
 
+    from graphir.lowering.triton_gpu import tuning
+
     g, _ = _qmatmul_graph("Q6_K", 12, 256, "bfloat16")
     g = _copy(g)
     decompose(g, "cuda")
-    steps = lower(g).plan.to_json()["steps"]
+    with tuning.using(tuning.Selector()) as sel:
+        steps = lower(g).plan.to_json()["steps"]
+    # The matmul after the decode is chosen (and would be tuned) only for more than 4 rows.
+    (site,) = [s for s in sel.sites if s.family == "matmul"]
+    assert [ch.bucket for ch in site.choices] == ["m16", "m64", "m256", "m1024", "large"]
     (step,) = [s for s in steps if s["op"] == "nib_matmul"]
     whens = [v["when"] for v in step["attrs"]["variants"]]
     assert whens[-1] is None and None not in whens[:-1], whens
