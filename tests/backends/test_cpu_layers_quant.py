@@ -41,30 +41,18 @@ def _run_schedule(graph, weights, manager, hidden: int, seed: int, tol: float):
 
 @pytest.mark.parametrize("enc", ["Q4_K", "Q8_0", "Q6_K", "Q5_1", "Q3_K"])
 def test_gguf_attention_layer(enc):
-    from graphir.ops.quant.gguf_quantize import quantize_gguf
-    from tests.nn import test_gguf_attention as tg
+    from tests.nn import gguf_layer as tg
 
-    rope, kvp, quant, _ = tg.layers(enc)
-    rng = np.random.default_rng(1)
-    sd = {}
-    for ours, (_, out, n_in) in tg.NAMES.items():
-        w = (rng.standard_normal((out, n_in)) * 0.08).astype(np.float32)
-        sd[f"{ours}.weight"] = quantize_gguf(w, enc)
-    quant.load_state_dict(sd)
+    rope, kvp, quant = tg.random_layer(enc)
     g = layer_graph(quant, rope, kvp)
     assert "gir.qmatmul" in str(g)
     _run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-4)
 
 
 def test_gptq_attention_layer():
-    from graphir.ops import QuantizationConfig
     from tests.nn import test_gptq_attention as tq
 
-    tensors, _ = tq.checkpoint(5, 64, False, True)
-    cfg = QuantizationConfig(group_size=64, desc_act=True, sym=False)
-    rope, kvp, quant, _ = tq.build(cfg)
-    quant.load_state_dict({k[len(tq.PREFIX):]: v for k, v in tensors.items()
-                           if k.startswith(tq.PREFIX)})
+    rope, kvp, quant = tq.loaded_layer(sym=False, desc_act=True)
     g = layer_graph(quant, rope, kvp)
     assert str(g).count("gir.qmatmul") == 2
     _run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-4)

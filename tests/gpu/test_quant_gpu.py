@@ -67,25 +67,16 @@ def test_qmatmul_every_row_bucket(enc):
 def test_gguf_attention_layer(enc):
     from tests.nn import gguf_layer as tg
 
-    rope, kvp, quant, _ = tg.layers(enc)
-    rng = np.random.default_rng(1)
-    quant.load_state_dict({f"{ours}.weight": quantize_gguf(
-        (rng.standard_normal((out, n_in)) * 0.08).astype(np.float32), enc)
-        for ours, (_, out, n_in) in tg.NAMES.items()})
+    rope, kvp, quant = tg.random_layer(enc)
     g = layer_graph(quant, rope, kvp)
     run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-2, make=on_gpu)
 
 
 @pytest.mark.parametrize("bits,sym,desc", [(4, True, False), (4, False, True), (8, True, True)])
 def test_gptq_attention_layer(bits, sym, desc):
-    from graphir.ops import QuantizationConfig
     from tests.nn import test_gptq_attention as tq
 
-    tensors, _ = tq.checkpoint(5, 64, sym, desc, bits=bits)
-    rope, kvp, quant, _ = tq.build(QuantizationConfig(group_size=64, desc_act=desc, sym=sym,
-                                                      bits=bits))
-    quant.load_state_dict({k[len(tq.PREFIX):]: v for k, v in tensors.items()
-                           if k.startswith(tq.PREFIX)})
+    rope, kvp, quant = tq.loaded_layer(sym, desc, bits)
     g = layer_graph(quant, rope, kvp)
     run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-2, make=on_gpu)
 

@@ -1,8 +1,11 @@
 """The tiny GGUFQAttentionWithRope the GGUF tests share (its float twin, its names in a llama.cpp
 file and its paged cache), apart from test_gguf_attention.py so that machines without the gguf
 package (the GPU machine) can build it."""
+import numpy as np
+
 from graphir import DType
 from graphir.nn import AttentionWithRope, GGUFQAttentionWithRope, KVCacheParams, RotaryEmbedding
+from graphir.ops.quant.gguf_quantize import quantize_gguf
 from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.nn.harness import LAYERS, PAGE, scheduled_manager
 
@@ -24,3 +27,13 @@ def layers(enc, il: bool = True, **opts):
                   kv_params=kvp, **opts)
     quant = GGUFQAttentionWithRope(dtype=DType.uint8, quantization_encoding=enc, **common)
     return rope, kvp, quant, AttentionWithRope(**common)
+
+
+def random_layer(enc):
+    """(rope, kv params, the GGUF layer) with fresh random weights quantized to `enc`."""
+    rope, kvp, quant, _ = layers(enc)
+    rng = np.random.default_rng(1)
+    quant.load_state_dict({f"{ours}.weight": quantize_gguf(
+        (rng.standard_normal((out, n_in)) * 0.08).astype(np.float32), enc)
+        for ours, (_, out, n_in) in NAMES.items()})
+    return rope, kvp, quant

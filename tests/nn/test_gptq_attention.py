@@ -95,6 +95,16 @@ def build(cfg, fuse=True, bias=False):
     return rope, kvp, quant, ref
 
 
+def loaded_layer(sym: bool, desc_act: bool, bits: int = 4):
+    """(rope, kv params, the GPTQ layer) loaded from checkpoint(5, group 64)'s tensors."""
+    tensors, _ = checkpoint(5, 64, sym, desc_act, bits=bits)
+    rope, kvp, quant, _ = build(QuantizationConfig(group_size=64, desc_act=desc_act, sym=sym,
+                                                   bits=bits))
+    quant.load_state_dict({k[len(PREFIX):]: v for k, v in tensors.items()
+                           if k.startswith(PREFIX)})
+    return rope, kvp, quant
+
+
 CASES = [(gs, sym, desc, 4, False) for gs in (32, 64, 128, -1) for sym in (True, False)
          for desc in (False, True)]
 CASES += [(128, True, False, 8, True), (32, False, True, 8, False), (-1, True, True, 8, True),

@@ -54,16 +54,9 @@ _SLOW = pytest.mark.slow
 @pytest.mark.parametrize("enc", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"] + [
     pytest.param(e, marks=_SLOW) for e in ("Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K")])
 def test_gguf_attention_layer(enc):
-    from graphir.ops.quant.gguf_quantize import quantize_gguf
-    from tests.nn import test_gguf_attention as tg
+    from tests.nn import gguf_layer as tg
 
-    rope, kvp, quant, _ = tg.layers(enc)
-    rng = np.random.default_rng(1)
-    sd = {}
-    for ours, (_, out, n_in) in tg.NAMES.items():
-        w = (rng.standard_normal((out, n_in)) * 0.08).astype(np.float32)
-        sd[f"{ours}.weight"] = quantize_gguf(w, enc)
-    quant.load_state_dict(sd)
+    rope, kvp, quant = tg.random_layer(enc)
     g = layer_graph(quant, rope, kvp)
     ex, dev = run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-4)
     no_host_steps(ex)
@@ -77,14 +70,9 @@ def test_gguf_attention_layer(enc):
 
 @pytest.mark.parametrize("bits,sym,desc", [(4, False, True), (4, True, False), (8, True, True)])
 def test_gptq_attention_layer(bits, sym, desc):
-    from graphir.ops import QuantizationConfig
     from tests.nn import test_gptq_attention as tq
 
-    tensors, _ = tq.checkpoint(5, 64, sym, desc, bits=bits)
-    cfg = QuantizationConfig(group_size=64, desc_act=desc, sym=sym, bits=bits)
-    rope, kvp, quant, _ = tq.build(cfg)
-    quant.load_state_dict({k[len(tq.PREFIX):]: v for k, v in tensors.items()
-                           if k.startswith(tq.PREFIX)})
+    rope, kvp, quant = tq.loaded_layer(sym, desc, bits)
     g = layer_graph(quant, rope, kvp)
     assert str(g).count("gir.qmatmul") == 2
     ex, dev = run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-4)
