@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels.quant_nib_config import (  # noqa: E402
-    gemv_geometry, nib_dequant_spec, nib_specs)
+    dot_split, gemv_geometry, nib_dequant_spec, nib_specs, tc_geometry)
 from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
 
 import _kernels  # noqa: E402
@@ -94,7 +94,8 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
                 for q, s, z, h in wsets]
     split = conf["SPLIT_K"]
     main = kernels[specs[0].name]
-    bps = gemv_geometry(K, conf["NJ"], split)[1]
+    bps = (tc_geometry(K, conf["NW"], split) if conf.get("TC")
+           else gemv_geometry(K, conf["NJ"], split)[1])
     grid = specs[0].grid_for(M=M, N=N)
     part = torch.empty((split, M, N), dtype=torch.float32, device=DEV) if split > 1 else None
     fns = []
@@ -114,6 +115,7 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
 
 GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
+TC_GRID = "--tc" in sys.argv
 SPLIT_GRID = "--split" in sys.argv
 MS = (1, 2, 4, 16, 64) if DRY else (1, 2, 4, 8, 16, 64, 512)
 
@@ -148,15 +150,23 @@ def gemv_confs():
 DEQ = dict(DEQUANT=1)
 
 
-def dot_confs():
+def tc_confs(n, k):
+    """The tensor-core kernel (kernels/quant_nib_tc.py): weight rows a program, word columns a
+    step, register prefetch or Triton's pipelining, and split K from the grid (dot_split's
+    rule, halved and doubled)."""
     if DRY:
-        return [dict(BM=16, BG=4, NJ=8, num_warps=4, num_stages=1, SPLIT_K=1, PREFETCH=p)
-                for p in (0, 1)]
-    grid = [dict(BM=16, BG=bg, NJ=nj, num_warps=w, num_stages=1, SPLIT_K=s, PREFETCH=p)
-            for bg, nj, w, s, p in itertools.product((8, 16, 32), (16, 32), (4, 8), (1, 2), (0, 1))]
-    # Triton's own pipelining instead of the register prefetch.
-    return grid + [dict(BM=16, BG=bg, NJ=16, num_warps=4, num_stages=3, SPLIT_K=s, PREFETCH=0)
-                   for bg, s in itertools.product((8, 16), (1, 2))]
+        return [dict(TC=1, BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=2,
+                     PREFETCH=p) for p in (0, 1)]
+    out = []
+    # 4 or 8 warps: Hopper's wgmma (B through shared memory, a wait per dot); 1 or 2 warps:
+    # mma.sync, Triton's choice below a warpgroup.
+    for (bn, w), nw, st in itertools.product(((64, 4), (128, 8), (32, 2), (64, 2), (32, 1)),
+                                             (16, 32), (1, 3)):
+        split = dot_split(n, k, bn // 4, nw)
+        for sp in sorted({split, split * 2}):
+            out.append(dict(TC=1, BN=bn, NW=nw, BM=16, num_warps=w, num_stages=st,
+                            SPLIT_K=sp, PREFETCH=0))
+    return out
 
 
 def bucket_jobs(fmt, N, K):
@@ -169,6 +179,9 @@ def bucket_jobs(fmt, N, K):
 def label(c):
     if c.get("DEQUANT"):
         return "dequant + cuBLAS"
+    if c.get("TC"):
+        return (f"tc n{c['BN']}j{c['NW']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
+                f"p{c['PREFETCH']}")
     if c.get("GEMV"):
         return (f"gemv r{c.get('ROWS', 1)}g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}")
@@ -270,10 +283,24 @@ def main() -> None:
               for c in split_confs(m)] if SPLIT_GRID else []
     first += [(f, N0, K0, 1, c) for f in FMTS for c in gemv_confs()] if GEMV_GRID else []
     first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
+    if TC_GRID:
+        # The tensor-core grid at 1 and 16 rows on Q4_0, both weights; then the best three
+        # of each weight on every 4-bit format at every row count up to 16, next to the
+        # shipped buckets.
+        tc = [("q4_0", N, K, m, c) for N, K in SHAPES for m in (1, 16) for c in tc_confs(N, K)]
+        run(tc, copy_gbs, results, weights, peer)
+        jobs = []
+        for N, K in SHAPES:
+            top = best(results, "q4_0", N, 16, "tc", 3)
+            for fmt in FMTS[:3]:
+                jobs += [(fmt, N, K, m, c) for m in MS[:5] for c in top]
+                jobs += [j for j in bucket_jobs(fmt, N, K) if j[3] <= 16]
+        run(jobs, copy_gbs, results, weights, peer)
+        first = []
     run(first, copy_gbs, results, weights, peer)
     top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
     jobs = []
-    for N, K in SHAPES:
+    for N, K in SHAPES if not TC_GRID else ():
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
             jobs += [(fmt, N, K, m, c) for m in MS[1:5] for c in top[m]]

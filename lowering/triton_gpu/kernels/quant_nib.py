@@ -55,8 +55,14 @@ def _small(v):
 @triton.jit
 def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constexpr):
     """(s, m) float32 `[BG, NJ, 4]` for row groups g `[BG]` and blocks bi `[NJ]` (in range)."""
-    r4 = tl.arange(0, 4)[None, None, :]
-    at = g.to(tl.int64)[:, None, None] * (nblk * 4) + (bi * 4)[None, :, None] + r4
+    return affine_at(s_ptr, z_ptr, g.to(tl.int64)[:, None, None], bi[None, :, None],
+                     tl.arange(0, 4)[None, None, :], nblk, FMT, GROUP)
+
+
+@triton.jit
+def affine_at(s_ptr, z_ptr, g, bi, r4, nblk, FMT: tl.constexpr, GROUP: tl.constexpr):
+    """(s, m) float32 of row 4 g + r4 in block bi (g int64; the three broadcast together)."""
+    at = g * (nblk * 4) + bi * 4 + r4
     if FMT == 0:
         s = tl.load(s_ptr.to(tl.pointer_type(tl.float16)) + at).to(tl.float32)
         m = -8.0 * s
@@ -66,21 +72,19 @@ def block_affine(s_ptr, z_ptr, g, bi, nblk, FMT: tl.constexpr, GROUP: tl.constex
         m = _f16_hi(v)
     elif FMT == 2:
         v = tl.load(s_ptr.to(tl.pointer_type(tl.uint16)) + at).to(tl.uint32)
-        dd = tl.load(z_ptr.to(tl.pointer_type(tl.uint32))
-                     + g.to(tl.int64)[:, None, None] * (nblk // 8 * 4) + (bi // 8 * 4)[None, :, None]
-                     + r4)
+        dd = tl.load(z_ptr.to(tl.pointer_type(tl.uint32)) + g * (nblk // 8 * 4) + bi // 8 * 4 + r4)
         s = _f16_lo(dd) * _small(v & 0xFF)
         m = -(_f16_hi(dd) * _small(v >> 8))
     elif FMT == 5:
         # q6_k: nblk counts 16-value sub-blocks; int8 scale per sub-block, d per 16 of them.
         sc = tl.load(s_ptr.to(tl.pointer_type(tl.int8)) + at).to(tl.int32) + 128
-        d = tl.load(z_ptr.to(tl.pointer_type(tl.float16)) + g.to(tl.int64)[:, None, None]
-                    * (nblk // 16 * 4) + (bi // 16 * 4)[None, :, None] + r4).to(tl.float32)
+        d = tl.load(z_ptr.to(tl.pointer_type(tl.float16)) + g * (nblk // 16 * 4) + bi // 16 * 4
+                    + r4).to(tl.float32)
         s = d * (_small(sc.to(tl.uint32)) - 128.0)
         m = s    # unread: q6_k's offset -32 is folded into its crumbs' conversion
     else:
         ng = nblk * 32 // GROUP
-        ga = g.to(tl.int64)[:, None, None] * (ng * 4) + (bi * 32 // GROUP * 4)[None, :, None] + r4
+        ga = g * (ng * 4) + bi * 32 // GROUP * 4 + r4
         s = tl.load(s_ptr.to(tl.pointer_type(tl.float16)) + ga).to(tl.float32)
         if FMT == 3:
             z = _small(tl.load(z_ptr.to(tl.pointer_type(tl.uint8)) + ga).to(tl.uint32))

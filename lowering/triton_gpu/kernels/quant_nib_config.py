@@ -3,6 +3,7 @@ tile a bucket of X's row count takes, measured on the H200 (tools/gpu_sweeps/qua
 from __future__ import annotations
 
 from .quant_nib import nib_dequant_kernel, nib_gemv_kernel, nib_matmul_kernel
+from .quant_nib_tc import nib_tc_kernel
 
 FMT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "gptq": 3, "gptq_sym": 4, "q6_k": 5}
 
@@ -31,6 +32,8 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     from .spec import KernelSpec, cdiv, triton_dtype
 
     t = triton_dtype(dtype)
+    if conf.get("TC"):
+        return _tc_specs(fmt, t, conf, group)
     split, gemv = conf["SPLIT_K"], bool(conf.get("GEMV"))
     bm = conf.get("ROWS", 1) if gemv else conf["BM"]
     if gemv and bm not in (1, 2, 4):
@@ -56,6 +59,45 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
         divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
     return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
 
+
+def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
+    """The tensor-core kernel (quant_nib_tc.py): conf TC=1, BN (weight rows, 64 a warpgroup),
+    NW (word columns a step, >= 16), BM (rows of X, 16), SPLIT_K, num_warps, num_stages,
+    PREFETCH (0 or 1)."""
+    from .quant import splitk_reduce_spec
+    from .spec import KernelSpec, cdiv
+
+    if fmt not in TC_FORMATS or t not in ("bf16", "fp16"):
+        raise ValueError(f"nib tensor-core kernel: takes {TC_FORMATS} with 16-bit X, "
+                         f"got {fmt} with {t}")
+    split, bm, bn = conf["SPLIT_K"], conf["BM"], conf["BN"]
+    consts = dict(FMT=_fmt_id(fmt), GROUP=group, DT={"bf16": 1, "fp16": 2}[t], BN=bn,
+                  NW=conf["NW"], BM=bm, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 0)))
+    sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
+           "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+           "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
+    main = KernelSpec(
+        name=(f"nib_{fmt}_tc_m{bm}n{bn}j{conf['NW']}p{consts['PREFETCH']}_{t}_w{conf['num_warps']}"
+              f"st{conf.get('num_stages', 1)}" + (f"s{split}" if split > 1 else "")),
+        fn=nib_tc_kernel, signature=sig, constexprs=consts, num_warps=conf["num_warps"],
+        num_stages=conf.get("num_stages", 1),
+        grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
+        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
+    return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
+
+
+def tc_geometry(k: int, nw: int, split: int) -> int:
+    """cols_per_split of the tensor-core kernel over K = k: whole steps of nw word columns
+    (nw >= 16: the MMA's K) in each split; K must be a multiple of 128."""
+    kw = k // 8
+    if k % 128 or kw % nw:
+        raise ValueError(f"nib tensor-core kernel: K={k} must be a multiple of 128 and of "
+                         f"8 NW = {8 * nw}")
+    return -(-(-(-kw // split)) // nw) * nw
+
+
+# Formats the tensor-core kernel takes (q6_k's crumbs are not decoded there).
+TC_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym")
 
 DEQUANT_TILE = dict(BG=8, NJ=16, num_warps=4)
 

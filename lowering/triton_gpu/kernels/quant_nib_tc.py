@@ -1,0 +1,157 @@
+"""4-bit matmul on the tensor cores for few rows of X (1-16), over the nib layout.
+
+The GEMV (quant_nib.py) spends three instructions a weight value per row of X (mask-or, subtract,
+FMA), so at one row it is bound by the decode and at 16 rows by the FMAs. Here each weight tile
+is decoded once into X's 16-bit type, two values per instruction, straight into the registers of
+the MMA's left operand, and the tensor cores multiply it by up to 16 rows of X at once: the
+decode is about two instructions per pair of values (a mask-or that makes (magic + code) of two
+values, a packed subtraction of the magic, a packed FMA with the block's scale and offset), the
+same whatever the row count.
+
+The weight is the left operand (its rows fill the MMA's 64 rows), X^T the right one (16 columns:
+rows of X past M re-read the last). Every element of the left operand comes from one word of
+the tile: plane i (nibble i, value 8 j + i of K) of word column j is a `[BN, NW]` tensor decoded
+elementwise from the words, so Triton keeps the decode in the operand's register layout; the dot
+of plane i takes the X values 8 j + i. Eight dots a step, one per plane, add into one accumulator.
+
+Numerics: value = s c + m rounded once to X's type (s, m rounded to it first), as the dot tiles
+and the decode-into-scratch path of quant_nib.py give.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .quant_nib import _ASM, affine_at
+
+
+def _planes_asm(ty: str, magic: int) -> str:
+    """PTX for the eight planes of two words ($8, $9: word columns j, j + 1) as packed pairs
+    ($0..$7, plane i = nibble i of both words), each s c + m with s in $10 and m in $11.
+    A nibble masked into the low mantissa bits of `magic` (the 16-bit float whose last
+    mantissa bit is 1: 128 in bfloat16, 1024 in float16) is the float magic + code exactly."""
+    m2 = f"0x{magic:04X}{magic:04X}"
+    lines = [".reg .b32 lo, hi, t, u, k;", f"mov.b32 k, {m2};",
+             # lo: nibbles 0-3 of both words (word j in the low half), hi: nibbles 4-7.
+             "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    for i in range(8):
+        src = "lo" if i < 4 else "hi"
+        if i % 4:
+            lines.append(f"shr.b32 t, {src}, {4 * (i % 4)};")
+            src = "t"
+        lines += [f"lop3.b32 t, {src}, 0x000F000F, k, 0xEA;",     # (a & b) | c
+                  f"sub.rn.{ty} u, t, k;", f"fma.rn.{ty} ${i}, u, $10, $11;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_BF16_ASM = tl.constexpr(_planes_asm("bf16x2", 0x4300))
+_F16_ASM = tl.constexpr(_planes_asm("f16x2", 0x6400))
+
+
+@triton.jit
+def _plane_plain(words, i: tl.constexpr, s, m):
+    """Plane i without inline PTX (Triton's interpreter): the same value, s c + m rounded once."""
+    c = ((words >> (4 * i)) & 0xF).to(tl.float32)
+    return tl.fma(c, s.to(tl.float32), m.to(tl.float32)).to(s.dtype)
+
+
+@triton.jit
+def _planes(words, s, m, DT: tl.constexpr):
+    """The eight planes `[BN, NW]` of the code words, in s's dtype (DT 1: bfloat16, 2: float16)."""
+    if _ASM:
+        if DT == 1:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _BF16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, m],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, m],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    else:
+        p0 = _plane_plain(words, 0, s, m)
+        p1 = _plane_plain(words, 1, s, m)
+        p2 = _plane_plain(words, 2, s, m)
+        p3 = _plane_plain(words, 3, s, m)
+        p4 = _plane_plain(words, 4, s, m)
+        p5 = _plane_plain(words, 5, s, m)
+        p6 = _plane_plain(words, 6, s, m)
+        p7 = _plane_plain(words, 7, s, m)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _fetch(wp, xp, s_ptr, z_ptr, g, b, r, step, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
+           NW: tl.constexpr):
+    """Step `step`'s code words `[BN, NW]`, their affine terms (both rows 4 g + r by word
+    columns j) and X's eight planes `[NW, BM]`. Words and terms are loaded in the layout's
+    own order (16 bytes: one word column of four rows; four rows' terms of a block) and
+    reordered in the round trip through shared memory that brings them to the MMA's layout."""
+    BG: tl.constexpr = wp.shape[0]
+    w3 = tl.load(wp + step * (NW * 4))                       # [BG, NW, 4] (g, j, r)
+    words = tl.reshape(tl.permute(w3, (0, 2, 1)), (BG * 4, NW))
+    s3, m3 = affine_at(s_ptr, z_ptr, g, b + step * (NW // 4), r, nblk, FMT, GROUP)  # (g, b, r)
+    s4 = tl.broadcast_to(tl.permute(s3, (0, 2, 1))[:, :, :, None], (BG, 4, NW // 4, 4))
+    m4 = tl.broadcast_to(tl.permute(m3, (0, 2, 1))[:, :, :, None], (BG, 4, NW // 4, 4))
+    xs = xp + step * (NW * 8)
+    return (words, tl.reshape(s4, (BG * 4, NW)), tl.reshape(m4, (BG * 4, NW)),
+            tl.load(xs), tl.load(xs + 1), tl.load(xs + 2), tl.load(xs + 3), tl.load(xs + 4),
+            tl.load(xs + 5), tl.load(xs + 6), tl.load(xs + 7))
+
+
+@triton.jit
+def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
+                  FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BN: tl.constexpr,
+                  NW: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr,
+                  PREFETCH: tl.constexpr):
+    # A program owns BN weight rows, BM rows of X and a run of word columns (8 values of K
+    # each), NW a step; the launcher guarantees K % (8 NW) == 0 and cols_per_split % NW == 0.
+    # h_ptr (q6_k's crumbs) is not read: q6_k does not take this kernel. With PREFETCH the
+    # next step's words, scales and X are loaded before this step is decoded (the loads feed
+    # arithmetic first, so Triton's pipeliner leaves them in the step that uses them).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    kw = K // 8
+    nblk = K // 32
+    # Row groups past N read the zero rows the layout pads to a multiple of four, then the last.
+    BG: tl.constexpr = BN // 4
+    gi = tl.minimum(pid_n * BG + tl.arange(0, BG), (N + 3) // 4 - 1).to(tl.int64)
+    j_lo = pid_k * cols_per_split
+    steps = (tl.minimum(j_lo + cols_per_split, kw) - j_lo) // NW
+    jj = j_lo + tl.arange(0, NW)
+    wp = q_ptr + gi[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] \
+        + tl.arange(0, 4)[None, None, :]
+    g = gi[:, None, None]
+    b = (j_lo // 4 + tl.arange(0, NW // 4))[None, :, None]
+    r = tl.arange(0, 4)[None, None, :]
+    rm = pid_m * BM + tl.arange(0, BM)
+    # X's plane i of word columns j: the values 8 j + i, `[NW, BM]`.
+    xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[None, :] * K + (jj * 8)[:, None]
+    acc = tl.zeros((BN, BM), tl.float32)
+    if PREFETCH:
+        n_ = _fetch(wp, xp, s_ptr, z_ptr, g, b, r, 0, nblk, FMT, GROUP, NW)
+    for it in range(steps):
+        if PREFETCH:
+            words, s, m, x0, x1, x2, x3, x4, x5, x6, x7 = n_
+            nxt = tl.minimum(it + 1, steps - 1)   # past the last: the last again (unused)
+            n_ = _fetch(wp, xp, s_ptr, z_ptr, g, b, r, nxt, nblk, FMT, GROUP, NW)
+        else:
+            words, s, m, x0, x1, x2, x3, x4, x5, x6, x7 = _fetch(
+                wp, xp, s_ptr, z_ptr, g, b, r, it, nblk, FMT, GROUP, NW)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, s.to(x_ptr.dtype.element_ty),
+                                                 m.to(x_ptr.dtype.element_ty), DT)
+        acc = tl.dot(p0, x0, acc)
+        acc = tl.dot(p1, x1, acc)
+        acc = tl.dot(p2, x2, acc)
+        acc = tl.dot(p3, x3, acc)
+        acc = tl.dot(p4, x4, acc)
+        acc = tl.dot(p5, x5, acc)
+        acc = tl.dot(p6, x6, acc)
+        acc = tl.dot(p7, x7, acc)
+    rn = pid_n * BN + tl.arange(0, BN)
+    ok = (rn < N)[:, None] & (rm < M)[None, :]
+    dst = rm.to(tl.int64)[None, :] * N + rn[:, None]
+    if SPLIT_K > 1:
+        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, acc, mask=ok)
+    else:
+        tl.store(c_ptr + dst, acc.to(c_ptr.dtype.element_ty), mask=ok)

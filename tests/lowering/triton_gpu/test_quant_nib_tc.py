@@ -1,0 +1,58 @@
+"""The tensor-core kernel for 1-16 rows of X over the nib layout (kernels/quant_nib_tc.py) under
+Triton's interpreter: every format it takes matches the float64 product (bfloat16 and float16 X,
+ragged N, split K, rows of X from 1 to a tile and a half), and it refuses what it cannot take."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
+
+from test_quant_nib import weight_for  # noqa: E402
+
+DT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def launch_tc(x, ops, fmt, n, conf, group):
+    """y = x @ W^T with the tensor-core kernel (fp32 partials summed by torch when split)."""
+    m, k = x.shape
+    s = qn.nib_specs(fmt, DT[x.dtype], dict(conf, TC=1), group)[0]
+    cols = qn.tc_geometry(k, conf["NW"], conf["SPLIT_K"])
+    t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
+    t[0] = t[0].view(torch.int32)
+    extra = t[2] if len(t) > 2 else t[1]
+    split = conf["SPLIT_K"]
+    out = torch.full((split, m, n) if split > 1 else (m, n), float("nan"),
+                     dtype=torch.float32 if split > 1 else x.dtype)
+    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, t[0], out, m, n, k, cols, **s.constexprs,
+                               num_warps=s.num_warps)
+    return (out.sum(0) if split > 1 else out).double().numpy()
+
+
+@pytest.mark.parametrize("fmt,group", [("q4_0", 32), ("q4_1", 32), ("q4_k", 32), ("gptq", 64),
+                                       ("gptq_sym", 128)])
+@pytest.mark.parametrize("dtype,m,split", [(torch.bfloat16, 1, 1), (torch.float16, 5, 2),
+                                           (torch.bfloat16, 19, 2)])
+def test_tc_matches_product(fmt, group, dtype, m, split):
+    rng = np.random.default_rng(len(fmt) * 7 + m)
+    # N ragged for GGUF (zero rows padded to a multiple of 4, rows past N masked); 512 of K in
+    # two steps of 16 word columns a split.
+    n, k = (72 if fmt.startswith("gptq") else 70), 512
+    ops, w = weight_for(rng, fmt, n, k, group)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
+    conf = dict(BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=split - 1)
+    got = launch_tc(x, ops, fmt, n, conf, group)
+    want = x.double().numpy() @ w.astype(np.float64).T
+    # The weight is rounded to X's type once (s c + m), as the dot tiles round it.
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_tc_refuses_what_it_cannot_take():
+    conf = dict(TC=1, BN=64, NW=16, BM=16, num_warps=4, SPLIT_K=1)
+    with pytest.raises(ValueError, match="q6_k"):
+        qn.nib_specs("q6_k", "bfloat16", conf)
+    with pytest.raises(ValueError, match="fp32"):
+        qn.nib_specs("q4_0", "float32", conf)
+    with pytest.raises(ValueError, match="K=.*multiple of 128"):
+        qn.tc_geometry(4096 + 32, 16, 1)
