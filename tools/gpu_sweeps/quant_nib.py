@@ -156,16 +156,16 @@ def tc_confs(n, k):
     rule, halved and doubled)."""
     if DRY:
         return [dict(TC=1, BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=2,
-                     PREFETCH=p) for p in (0, 1)]
+                     PREFETCH=p) for p in (0, 3)]
     out = []
     # 4 or 8 warps: Hopper's wgmma (B through shared memory, a wait per dot); 1 or 2 warps:
     # mma.sync, Triton's choice below a warpgroup.
-    for (bn, w), nw, st in itertools.product(((64, 4), (128, 8), (32, 2), (64, 2), (32, 1)),
-                                             (16, 32), (1, 3)):
+    for (bn, w), nw, pf in itertools.product(((64, 4), (128, 8), (32, 2), (64, 2), (32, 1)),
+                                             (16, 32), (0, 1, 3)):
         split = dot_split(n, k, bn // 4, nw)
         for sp in sorted({split, split * 2}):
-            out.append(dict(TC=1, BN=bn, NW=nw, BM=16, num_warps=w, num_stages=st,
-                            SPLIT_K=sp, PREFETCH=0))
+            out.append(dict(TC=1, BN=bn, NW=nw, BM=16, num_warps=w, num_stages=3,
+                            SPLIT_K=sp, PREFETCH=pf))
     return out
 
 

@@ -63,7 +63,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
 def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
     """The tensor-core kernel (quant_nib_tc.py): conf TC=1, BN (weight rows, 64 a warpgroup),
     NW (word columns a step, >= 16), BM (rows of X, 16), SPLIT_K, num_warps, num_stages,
-    PREFETCH (0 or 1)."""
+    PREFETCH (bits: 1 the affine terms, 2 X, a step ahead)."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv
 
@@ -139,6 +139,27 @@ NIB_BUCKETS = (
 )
 # Formats whose GEMV stops short of the buckets' 8 rows and that skip the dot tiles.
 SHORT = {"q6_k": 4}
+# 5-16 rows of 16-bit X on the formats TC_FORMATS names, K a multiple of 128: the tensor-core
+# kernel (quant_nib_tc.py; SPLIT_K 0: tc_split), which replaces the 4-row GEMV programs and the
+# dot tiles there: 14336 x 4096 Q4_0 at 8 rows 28.8 us (GEMV 4 rows a program: 40 us), at 16 rows
+# 31.4 us (dot tiles: 51 us; cuBLAS bf16 30.6 us). Triton gives mma.sync below a warpgroup
+# (2 warps), which beat wgmma's wait per dot.
+TC_BUCKET = (16, dict(TC=1, BN=64, NW=16, BM=16, num_warps=2, num_stages=3, SPLIT_K=0,
+                      PREFETCH=0))
+
+
+def tc_takes(fmt: str, dtype: str, k: int) -> bool:
+    """Whether the tensor-core kernel takes a weight of format fmt over K = k with X of dtype."""
+    return (fmt in TC_FORMATS and dtype in ("bfloat16", "float16")
+            and k % (8 * TC_BUCKET[1]["NW"]) == 0 and k % 128 == 0)
+
+
+def nib_buckets(fmt: str = "q4_0", dtype: str = "bfloat16", k: int = 4096) -> tuple:
+    """The row buckets (largest M, config) of a weight of format fmt over K = k, X of dtype:
+    NIB_BUCKETS, with the tensor-core kernel for 5-16 rows where it takes the weight."""
+    if tc_takes(fmt, dtype, k):
+        return NIB_BUCKETS[:3] + (TC_BUCKET, NIB_BUCKETS[-1])
+    return NIB_BUCKETS
 
 
 SMS = 132   # an H100 / H200; the split only needs the order of magnitude
@@ -156,17 +177,31 @@ def dot_split(n: int, k: int, bg: int, nj: int) -> int:
     return split
 
 
-def nib_config(m_max: int | None, k: int, n: int = 4096,
-               fmt: str = "q4_0") -> tuple[dict, int]:
-    """(config, cols_per_split) of the bucket taking m_max rows (None: any) for K = k and a
-    weight of n rows in format fmt."""
-    top, conf = next((t, c) for t, c in NIB_BUCKETS
+def tc_split(n: int, k: int, bn: int, nw: int) -> int:
+    """Split K until the tensor-core grid holds ~4 programs per SM (500: at 14336 rows the
+    896-program split beat 448 by 8%; at 4096 rows 512 beat 1024), each split at least two
+    steps of nw word columns."""
+    tiles = -(-n // bn)
+    split = 1
+    while tiles * split < 500 and k // 8 // (2 * split) >= 2 * nw:
+        split *= 2
+    return split
+
+
+def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
+               dtype: str = "bfloat16") -> tuple[dict, int]:
+    """(config, cols_per_split) of the bucket taking m_max rows (None: any) for K = k, a
+    weight of n rows in format fmt and X of dtype."""
+    top, conf = next((t, c) for t, c in nib_buckets(fmt, dtype, k)
                      if t is None or (m_max is not None and m_max <= t))
     if fmt in SHORT and (top is None or top > SHORT[fmt]):
         conf = dict(DEQUANT=1)
     if conf.get("DEQUANT"):
         return dict(conf), 0
+    if conf.get("TC"):
+        conf = dict(conf, SPLIT_K=tc_split(n, k, conf["BN"], conf["NW"]))
+        return conf, tc_geometry(k, conf["NW"], conf["SPLIT_K"])
     nj = gemv_geometry(k, conf["NJ"], 1)[0]      # the tile fits K whatever the split
     if conf["SPLIT_K"] == 0:
-        conf = dict(conf, SPLIT_K=dot_split(n, k, conf["BG"], nj))
+        conf = dict(conf, SPLIT_K=dot_split(n, k, conf["BG"], conf["NJ"]))
     return dict(conf, NJ=nj), gemv_geometry(k, nj, conf["SPLIT_K"])[1]

@@ -80,21 +80,38 @@ def _planes(words, s, m, DT: tl.constexpr):
 
 
 @triton.jit
-def _fetch(wp, xp, s_ptr, z_ptr, g, b, r, step, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
-           NW: tl.constexpr):
-    """Step `step`'s code words `[BN, NW]`, their affine terms (both rows 4 g + r by word
-    columns j) and X's eight planes `[NW, BM]`. Words and terms are loaded in the layout's
-    own order (16 bytes: one word column of four rows; four rows' terms of a block) and
-    reordered in the round trip through shared memory that brings them to the MMA's layout."""
+def _affine(s_ptr, z_ptr, g, b, r, step, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
+            NW: tl.constexpr):
+    """Step `step`'s affine terms (s, m) float32 `[BG, NW / 4, 4]`: row group, block, row."""
+    return affine_at(s_ptr, z_ptr, g, b + step * (NW // 4), r, nblk, FMT, GROUP)
+
+
+@triton.jit
+def _per_word(t3, DTYPE: tl.constexpr):
+    """Block terms `[BG, NW / 4, 4]` (g, b, r) as one per word `[4 BG, NW]` (4 g + r, j) in
+    DTYPE: reordered in the round trip through shared memory that brings them to the MMA's
+    layout anyway."""
+    BG: tl.constexpr = t3.shape[0]
+    NB: tl.constexpr = t3.shape[1]
+    t4 = tl.broadcast_to(tl.permute(t3.to(DTYPE), (0, 2, 1))[:, :, :, None], (BG, 4, NB, 4))
+    return tl.reshape(t4, (BG * 4, NB * 4))
+
+
+@triton.jit
+def _words(wp, step, NW: tl.constexpr):
+    """Step `step`'s code words `[BN, NW]` (rows 4 g + r), loaded in the layout's order (16
+    bytes: one word column of four rows)."""
     BG: tl.constexpr = wp.shape[0]
     w3 = tl.load(wp + step * (NW * 4))                       # [BG, NW, 4] (g, j, r)
-    words = tl.reshape(tl.permute(w3, (0, 2, 1)), (BG * 4, NW))
-    s3, m3 = affine_at(s_ptr, z_ptr, g, b + step * (NW // 4), r, nblk, FMT, GROUP)  # (g, b, r)
-    s4 = tl.broadcast_to(tl.permute(s3, (0, 2, 1))[:, :, :, None], (BG, 4, NW // 4, 4))
-    m4 = tl.broadcast_to(tl.permute(m3, (0, 2, 1))[:, :, :, None], (BG, 4, NW // 4, 4))
+    return tl.reshape(tl.permute(w3, (0, 2, 1)), (BG * 4, NW))
+
+
+@triton.jit
+def _x(xp, step, NW: tl.constexpr):
+    """Step `step`'s eight planes of X `[NW, BM]` (2-byte gathers: too narrow for the
+    pipeliner's asynchronous copies)."""
     xs = xp + step * (NW * 8)
-    return (words, tl.reshape(s4, (BG * 4, NW)), tl.reshape(m4, (BG * 4, NW)),
-            tl.load(xs), tl.load(xs + 1), tl.load(xs + 2), tl.load(xs + 3), tl.load(xs + 4),
+    return (tl.load(xs), tl.load(xs + 1), tl.load(xs + 2), tl.load(xs + 3), tl.load(xs + 4),
             tl.load(xs + 5), tl.load(xs + 6), tl.load(xs + 7))
 
 
@@ -105,14 +122,16 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
                   PREFETCH: tl.constexpr):
     # A program owns BN weight rows, BM rows of X and a run of word columns (8 values of K
     # each), NW a step; the launcher guarantees K % (8 NW) == 0 and cols_per_split % NW == 0.
-    # h_ptr (q6_k's crumbs) is not read: q6_k does not take this kernel. With PREFETCH the
-    # next step's words, scales and X are loaded before this step is decoded (the loads feed
-    # arithmetic first, so Triton's pipeliner leaves them in the step that uses them).
+    # h_ptr (q6_k's crumbs) is not read: q6_k does not take this kernel. The words feed the
+    # dots through shared memory, so Triton's pipeliner (num_stages) loads them ahead; the
+    # affine terms feed arithmetic and X's planes are 2-byte gathers, which it leaves in the
+    # step that uses them: PREFETCH loads them a step ahead into registers.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     kw = K // 8
     nblk = K // 32
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     # Row groups past N read the zero rows the layout pads to a multiple of four, then the last.
     BG: tl.constexpr = BN // 4
     gi = tl.minimum(pid_n * BG + tl.arange(0, BG), (N + 3) // 4 - 1).to(tl.int64)
@@ -128,18 +147,26 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
     # X's plane i of word columns j: the values 8 j + i, `[NW, BM]`.
     xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[None, :] * K + (jj * 8)[:, None]
     acc = tl.zeros((BN, BM), tl.float32)
-    if PREFETCH:
-        n_ = _fetch(wp, xp, s_ptr, z_ptr, g, b, r, 0, nblk, FMT, GROUP, NW)
+    # PREFETCH bit 1: the affine terms a step ahead; bit 2: X's planes a step ahead.
+    if PREFETCH & 1:
+        ns, nm = _affine(s_ptr, z_ptr, g, b, r, 0, nblk, FMT, GROUP, NW)
+    if PREFETCH & 2:
+        n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, 0, NW)
     for it in range(steps):
-        if PREFETCH:
-            words, s, m, x0, x1, x2, x3, x4, x5, x6, x7 = n_
-            nxt = tl.minimum(it + 1, steps - 1)   # past the last: the last again (unused)
-            n_ = _fetch(wp, xp, s_ptr, z_ptr, g, b, r, nxt, nblk, FMT, GROUP, NW)
+        nxt = tl.minimum(it + 1, steps - 1)   # past the last: the last again (unused)
+        if PREFETCH & 1:
+            s3, m3 = ns, nm
+            ns, nm = _affine(s_ptr, z_ptr, g, b, r, nxt, nblk, FMT, GROUP, NW)
         else:
-            words, s, m, x0, x1, x2, x3, x4, x5, x6, x7 = _fetch(
-                wp, xp, s_ptr, z_ptr, g, b, r, it, nblk, FMT, GROUP, NW)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, s.to(x_ptr.dtype.element_ty),
-                                                 m.to(x_ptr.dtype.element_ty), DT)
+            s3, m3 = _affine(s_ptr, z_ptr, g, b, r, it, nblk, FMT, GROUP, NW)
+        if PREFETCH & 2:
+            x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
+            n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, nxt, NW)
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x(xp, it, NW)
+        words = _words(wp, it, NW)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, _per_word(s3, DTYPE),
+                                                 _per_word(m3, DTYPE), DT)
         acc = tl.dot(p0, x0, acc)
         acc = tl.dot(p1, x1, acc)
         acc = tl.dot(p2, x2, acc)

@@ -123,8 +123,9 @@ def _dequantize(sb: StepBuilder, node) -> None:
 
 @register_lowering("nib_matmul", "cuda")
 def _nib_matmul(sb: StepBuilder, node) -> None:
-    """The 4-bit nib kernels (kernels/quant_nib.py): the GEMV for decode rows, the dot tiles
-    for more, split-K partials summed by the shared reduce; past the last dot bucket the
+    """The 4-bit nib kernels (kernels/quant_nib.py, quant_nib_tc.py): the GEMV for decode
+    rows, the tensor-core kernel (or the dot tiles) for more, split-K partials summed by the
+    shared reduce; past the last of those buckets the
     weight is decoded into scratch of X's dtype and multiplied by the plain matmul."""
     from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 
@@ -141,10 +142,10 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
     # Formats without an extra or crumb operand pass another buffer the kernel never reads.
     wargs = [sb.ptr(parts[0]), sb.ptr(parts[1]), sb.ptr(parts[2] if len(parts) > 2 else parts[1]),
              sb.ptr(parts[3] if len(parts) > 3 else parts[0])]
-    tops = [top for top, _ in qn.NIB_BUCKETS]
+    tops = [top for top, _ in qn.nib_buckets(a["fmt"], dt, K)]
     prev = 0
     for cond, top in _buckets(tops, Mdim):
-        conf, cols = qn.nib_config(top, K, n, a["fmt"])
+        conf, cols = qn.nib_config(top, K, n, a["fmt"], dt)
         if conf.get("DEQUANT"):
             spec = qn.nib_dequant_spec(a["fmt"], dt, K, group)
 
@@ -158,7 +159,8 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
             break
         specs = qn.nib_specs(a["fmt"], dt, conf, group)
         bm = conf.get("ROWS", 1) if conf.get("GEMV") else conf["BM"]
+        bn = conf["BN"] if conf.get("TC") else 4 * conf["BG"]
         with sb.when(cond):
             _launch(sb, specs, conf, M, N, [sb.ptr(x)] + wargs, [M, N, K, cols],
-                    node.results[0], bm=bm, bn=4 * conf["BG"])
+                    node.results[0], bm=bm, bn=bn)
         prev = top

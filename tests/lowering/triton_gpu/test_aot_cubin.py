@@ -74,7 +74,8 @@ def record(s, c):
     # What the offline-compile tests check of spec s's compiled cubin c.
     return dict(shared=c.shared, name=s.name, magic=c.cubin[:4].hex(), res=resources(c.cubin),
                 cp_async=c.ptx.count("cp.async"), wgmma=c.ptx.count("wgmma.mma_async"),
-                mma=c.ptx.count("mma.sync"), lop3=c.ptx.count("1258291200, 0xEA"))
+                mma=c.ptx.count("mma.sync"), lop3=c.ptx.count("1258291200, 0xEA"),
+                packed=c.ptx.count("fma.rn.bf16x2") + c.ptx.count("fma.rn.f16x2"))
 """
 
 

@@ -158,18 +158,29 @@ def test_dequant_kernel_matches_the_reference(fmt, group):
 
 def test_config_buckets_fit_k_and_fill_the_gpu():
     for m in (1, 2, 3, 16, 64, 65, None):
-        for k in (4096, 14336, 11008, 352):
+        for k in (4096, 14336, 11008, 4128, 352):
             for n in (4096, 14336, 40):
-                conf, cols = qn.nib_config(m, k, n)
-                if conf.get("DEQUANT"):
-                    continue
-                assert (k // 8) % conf["NJ"] == 0 and cols % conf["NJ"] == 0
-                assert cdiv(k // 8, cols) <= conf["SPLIT_K"]
-                if not conf.get("GEMV") and k >= 4096:
-                    # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
-                    assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
-    assert qn.nib_config(1, 4096)[0].get("GEMV") and not qn.nib_config(16, 4096)[0].get("GEMV")
+                for fmt, dt in (("q4_0", "bfloat16"), ("q4_k", "float32"), ("gptq", "float16")):
+                    conf, cols = qn.nib_config(m, k, n, fmt, dt)
+                    if conf.get("DEQUANT"):
+                        continue
+                    nj = conf["NW"] if conf.get("TC") else conf["NJ"]
+                    assert (k // 8) % nj == 0 and cols % nj == 0
+                    assert cdiv(k // 8, cols) <= conf["SPLIT_K"]
+                    if conf.get("TC"):
+                        # 5-16 rows of 16-bit X: the tensor-core kernel, its grid ~4 programs
+                        # an SM where K allows.
+                        assert 4 < (m or 0) <= 16 and dt != "float32" and k % 128 == 0
+                        if k >= 4096:
+                            assert cdiv(n, conf["BN"]) * conf["SPLIT_K"] >= min(500, 16 * n // 64)
+                    elif not conf.get("GEMV") and k >= 4096:
+                        # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
+                        assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
+    assert qn.nib_config(1, 4096)[0].get("GEMV") and qn.nib_config(16, 4096)[0].get("TC")
+    assert qn.nib_config(16, 4096, 4096, "q4_0", "float32")[0].get("BM") == 16
     assert qn.nib_config(16, 4096, 4096, "q6_k")[0].get("DEQUANT")
+    # K = 4128 (not a multiple of 128): the dot tiles, not the tensor-core kernel.
+    assert not qn.nib_config(16, 4128)[0].get("TC") and qn.nib_config(16, 11008)[0].get("TC")
 
 
 def _qmatmul_graph(enc, n, k, dtype="float32"):
@@ -216,12 +227,13 @@ def test_rule_names_the_bad_operand():
         _matmul_rule([x, codes, bad], dict(fmt="q5_0", out=12))
 
 
-@pytest.mark.parametrize("enc,dtype", [("Q4_K", "float32"), ("Q6_K", "bfloat16")])
+@pytest.mark.parametrize("enc,dtype", [("Q4_K", "float32"), ("Q6_K", "bfloat16"),
+                                       ("Q4_0", "bfloat16")])
 def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     # One compiled cuda plan of a qmatmul, run by the plan runner with its kernels under the
     # interpreter at a row count of each bucket: the GEMV (1 row, 3 rows in a program, 6 in
-    # two; q6_k stops at 4), the dot (10; q6_k skips it) and the decode into scratch + the
-    # plain matmul (70).
+    # two; q6_k stops at 4), the dot (10; q6_k skips it), for 16-bit X on 4-bit formats the
+    # tensor-core kernel (6 and 10) instead, and the decode into scratch + the plain matmul (70).
     from graphir.runtime.interpreter import run
     from tests.lowering.triton_gpu.test_backend_interp import interp_executor
 
@@ -231,8 +243,8 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     ex, dev = interp_executor(g, {"w": raw})
     rng = np.random.default_rng(len(enc))
     tol = 1e-4 if dtype == "float32" else 2e-2     # bf16: the output's and the decode's rounding
-    dot = "dequant" if enc == "Q6_K" else "matmul_m16"
-    six = "dequant" if enc == "Q6_K" else "gemv_r4"
+    dot = "dequant" if enc == "Q6_K" else "matmul_m16" if dtype == "float32" else "_tc_"
+    six = "dequant" if enc == "Q6_K" else "gemv_r4" if dtype == "float32" else "_tc_"
     for m, kernel in ((1, "gemv_r1"), (3, "gemv_r4"), (6, six), (10, dot), (70, "dequant")):
         x = round_to(rng.standard_normal((m, 256)), DType[dtype])
         dev.launched.clear()

@@ -1,8 +1,8 @@
 """The nib kernels (kernels/quant_nib.py) compile offline to sm_90 cubins for every format and
 row bucket the lowering ships (NIB_BUCKETS) and the many-row decode, plus float32 / float16
 activations: each fits Hopper's shared memory and spills nothing; the GEMV and the decode use
-no tensor cores and decode with the one-instruction mask-or (inline lop3); the dot buckets
-multiply on tensor cores."""
+no tensor cores and decode with the one-instruction mask-or (inline lop3); the dot buckets and
+the tensor-core kernel (16-bit X, 5-16 rows) multiply on tensor cores."""
 
 import pytest
 
@@ -17,13 +17,14 @@ jobs = []
 for fmt in qn.FMT_IDS:
     group = 128 if fmt.startswith("gptq") else 32
     for m in (1, 16):
-        conf, _ = qn.nib_config(m, 4096, 4096, fmt)
+        conf, _ = qn.nib_config(m, 4096, 4096, fmt, "bfloat16")
         if not conf.get("DEQUANT"):
             jobs.append((f"{fmt}/m{m}", qn.nib_specs(fmt, "bfloat16", conf, group)))
     jobs.append((f"{fmt}/dequant", [qn.nib_dequant_spec(fmt, "bfloat16", 4096, group)]))
 for dt in ("float32", "float16"):
     for m in (1, 16):
-        jobs.append((f"q4_k/{dt}/m{m}", qn.nib_specs("q4_k", dt, qn.nib_config(m, 4096)[0])))
+        jobs.append((f"q4_k/{dt}/m{m}",
+                     qn.nib_specs("q4_k", dt, qn.nib_config(m, 4096, 4096, "q4_k", dt)[0])))
     jobs.append((f"q4_k/{dt}/dequant", [qn.nib_dequant_spec("q4_k", dt, 4096)]))
 out = {}
 for label, specs in jobs:
@@ -51,10 +52,12 @@ def test_every_nib_kernel_compiles_fits_and_does_not_spill(compiled):
 def test_gemv_decodes_on_the_fma_pipe_and_dot_on_tensor_cores(compiled):
     gemv = {k: c for k, c in compiled.items()
             if "_gemv_" in c["name"] or "_dequant_" in c["name"]}
-    dot = {k: c for k, c in compiled.items() if "_matmul_" in c["name"]}
-    assert gemv and dot
+    dot = {k: c for k, c in compiled.items() if "_matmul_" in c["name"] or "_tc_" in c["name"]}
+    assert gemv and dot and any("_tc_" in c["name"] for c in dot.values())
     for k, c in gemv.items():
         assert c["wgmma"] == 0 and c["mma"] == 0 and c["lop3"] > 0, k
     for k, c in dot.items():
-        # 64 or more weight rows a tile take wgmma (W in registers), fewer mma.sync.
-        assert c["wgmma"] + c["mma"] > 0 and c["lop3"] > 0, k
+        # 64 or more weight rows a tile take wgmma (W in registers), fewer mma.sync; the
+        # tensor-core kernel decodes two values an instruction (packed 16-bit FMAs).
+        assert c["wgmma"] + c["mma"] > 0, k
+        assert (c["packed"] > 0) if "_tc_" in c["name"] else (c["lop3"] > 0), k

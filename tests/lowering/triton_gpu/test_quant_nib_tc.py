@@ -9,7 +9,7 @@ pytest.importorskip("gguf")
 
 from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
 
-from test_quant_nib import weight_for  # noqa: E402
+from tests.lowering.triton_gpu.test_quant_nib import weight_for  # noqa: E402
 
 DT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -41,7 +41,7 @@ def test_tc_matches_product(fmt, group, dtype, m, split):
     n, k = (72 if fmt.startswith("gptq") else 70), 512
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-    conf = dict(BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=split - 1)
+    conf = dict(BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=3 * (split - 1))
     got = launch_tc(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     # The weight is rounded to X's type once (s c + m), as the dot tiles round it.
