@@ -4,7 +4,8 @@ y = x @ W^T, W 14336x4096 and 4096x4096 in Q4_0, Q4_K (GGUF, repacked by ops/qua
 and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times GEMV
 tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
 (--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid of
-every format, --dot the whole dot grid at 16 rows); round 2 the shipped buckets
+every format, --dot the whole dot grid at 16 rows, --tc the tensor-core kernel's grid and its
+best on every 4-bit format; --buckets times only the shipped buckets); round 2 the shipped buckets
 (kernels/quant_nib_config.py NIB_BUCKETS), the best of round 1 and the many-row path (decode
 into a bf16 copy, then cuBLAS) on every weight.
 Every variant is checked against torch (float32 product with the decoded
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels.quant_nib_config import (  # noqa: E402
-    dot_split, gemv_geometry, nib_dequant_spec, nib_specs, tc_geometry)
+    dot_split, gemv_geometry, nib_dequant_spec, nib_specs, tc_geometry, tc_split)
 from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
 
 import _kernels  # noqa: E402
@@ -92,6 +93,14 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
         return [lambda q=q, s=s, z=z, h=h: (deq(grid, q, s, z, h, wbuf, N, K),
                                             torch.matmul(x, wbuf.t(), out=out))
                 for q, s, z, h in wsets]
+    if conf.get("XP"):
+        # X reordered into contiguous planes first (nib_x_planes_kernel), then the kernel on it.
+        xs, *specs = specs
+        xbuf = torch.empty_like(x)
+        plain = calls(kernels, specs, dict(conf, XP=0), M, N, K, xbuf, wsets, out)
+        perm = kernels[xs.name]
+        xgrid = xs.grid_for(M=M, K=K)
+        return [lambda f=f: (perm(xgrid, x, xbuf, K), f()) for f in plain]
     split = conf["SPLIT_K"]
     main = kernels[specs[0].name]
     bps = (tc_geometry(K, conf["NW"], split) if conf.get("TC")
@@ -116,6 +125,7 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
 GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
+BUCKETS_ONLY = "--buckets" in sys.argv
 SPLIT_GRID = "--split" in sys.argv
 MS = (1, 2, 4, 16, 64) if DRY else (1, 2, 4, 8, 16, 64, 512)
 
@@ -156,16 +166,18 @@ def tc_confs(n, k):
     rule, halved and doubled)."""
     if DRY:
         return [dict(TC=1, BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=2,
-                     PREFETCH=p) for p in (0, 3)]
+                     PREFETCH=p, XP=x) for p, x in ((0, 1), (3, 0))]
     out = []
     # 4 or 8 warps: Hopper's wgmma (B through shared memory, a wait per dot); 1 or 2 warps:
     # mma.sync, Triton's choice below a warpgroup.
-    for (bn, w), nw, pf in itertools.product(((64, 4), (128, 8), (32, 2), (64, 2), (32, 1)),
-                                             (16, 32), (0, 1, 3)):
-        split = dot_split(n, k, bn // 4, nw)
+    for (bn, w), nw, pf, xp in itertools.product(((64, 4), (64, 2), (32, 2)),
+                                                 (16, 32), (0, 1, 3), (0, 1)):
+        if xp and pf & 2:
+            continue            # X's planes are contiguous: the pipeliner copies them ahead
+        split = tc_split(n, k, bn, nw)
         for sp in sorted({split, split * 2}):
             out.append(dict(TC=1, BN=bn, NW=nw, BM=16, num_warps=w, num_stages=3,
-                            SPLIT_K=sp, PREFETCH=pf))
+                            SPLIT_K=sp, PREFETCH=pf, XP=xp))
     return out
 
 
@@ -181,7 +193,7 @@ def label(c):
         return "dequant + cuBLAS"
     if c.get("TC"):
         return (f"tc n{c['BN']}j{c['NW']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
-                f"p{c['PREFETCH']}")
+                f"p{c['PREFETCH']}x{c.get('XP', 0)}")
     if c.get("GEMV"):
         return (f"gemv r{c.get('ROWS', 1)}g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}")
@@ -283,7 +295,12 @@ def main() -> None:
               for c in split_confs(m)] if SPLIT_GRID else []
     first += [(f, N0, K0, 1, c) for f in FMTS for c in gemv_confs()] if GEMV_GRID else []
     first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
-    if TC_GRID:
+    if BUCKETS_ONLY:
+        # The shipped buckets alone, every format and weight.
+        run([j for N, K in SHAPES for f in FMTS for j in bucket_jobs(f, N, K)], copy_gbs,
+            results, weights, peer)
+        first = []
+    elif TC_GRID:
         # The tensor-core grid at 1 and 16 rows on Q4_0, both weights; then the best three
         # of each weight on every 4-bit format at every row count up to 16, next to the
         # shipped buckets.
@@ -300,7 +317,7 @@ def main() -> None:
     run(first, copy_gbs, results, weights, peer)
     top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
     jobs = []
-    for N, K in SHAPES if not TC_GRID else ():
+    for N, K in SHAPES if not (TC_GRID or BUCKETS_ONLY) else ():
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
             jobs += [(fmt, N, K, m, c) for m in MS[1:5] for c in top[m]]

@@ -3,7 +3,7 @@ tile a bucket of X's row count takes, measured on the H200 (tools/gpu_sweeps/qua
 from __future__ import annotations
 
 from .quant_nib import nib_dequant_kernel, nib_gemv_kernel, nib_matmul_kernel
-from .quant_nib_tc import nib_tc_kernel
+from .quant_nib_tc import nib_tc_kernel, nib_x_planes_kernel
 
 FMT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "gptq": 3, "gptq_sym": 4, "q6_k": 5}
 
@@ -63,7 +63,8 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
 def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
     """The tensor-core kernel (quant_nib_tc.py): conf TC=1, BN (weight rows, 64 a warpgroup),
     NW (word columns a step, >= 16), BM (rows of X, 16), SPLIT_K, num_warps, num_stages,
-    PREFETCH (bits: 1 the affine terms, 2 X, a step ahead)."""
+    PREFETCH (bits: 1 the affine terms, 2 X, a step ahead), XP (X reordered first: then the
+    list starts with nib_x_planes_spec)."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv
 
@@ -72,18 +73,34 @@ def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
                          f"got {fmt} with {t}")
     split, bm, bn = conf["SPLIT_K"], conf["BM"], conf["BN"]
     consts = dict(FMT=_fmt_id(fmt), GROUP=group, DT={"bf16": 1, "fp16": 2}[t], BN=bn,
-                  NW=conf["NW"], BM=bm, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 0)))
+                  NW=conf["NW"], BM=bm, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 0)),
+                  XP=int(conf.get("XP", 0)))
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
     main = KernelSpec(
-        name=(f"nib_{fmt}_tc_m{bm}n{bn}j{conf['NW']}p{consts['PREFETCH']}_{t}_w{conf['num_warps']}"
+        name=(f"nib_{fmt}_tc_m{bm}n{bn}j{conf['NW']}p{consts['PREFETCH']}x{consts['XP']}_{t}"
+              f"_w{conf['num_warps']}"
               f"st{conf.get('num_stages', 1)}" + (f"s{split}" if split > 1 else "")),
         fn=nib_tc_kernel, signature=sig, constexprs=consts, num_warps=conf["num_warps"],
         num_stages=conf.get("num_stages", 1),
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
         divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
-    return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
+    specs = [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
+    return ([nib_x_planes_spec(t, conf["NW"])] + specs) if consts["XP"] else specs
+
+
+def nib_x_planes_spec(t: str, nw: int):
+    """The reorder of X `[M, K]` (Triton dtype t) into the tensor-core kernel's contiguous planes
+    of nw word columns, over grid (M, K / (8 nw))."""
+    from .spec import KernelSpec
+
+    return KernelSpec(
+        name=f"nib_x_planes_j{nw}_{t}", fn=nib_x_planes_kernel,
+        signature={"x_ptr": f"*{t}", "y_ptr": f"*{t}", "K": "i32", "NW": "constexpr"},
+        constexprs=dict(NW=nw), num_warps=1, num_stages=1,
+        grid=lambda M, K: (M, K // (8 * nw), 1), grid_args=("M", "K"),
+        divisible_by_16=("x_ptr", "y_ptr", "K"))
 
 
 def tc_geometry(k: int, nw: int, split: int) -> int:
@@ -141,11 +158,15 @@ NIB_BUCKETS = (
 SHORT = {"q6_k": 4}
 # 5-16 rows of 16-bit X on the formats TC_FORMATS names, K a multiple of 128: the tensor-core
 # kernel (quant_nib_tc.py; SPLIT_K 0: tc_split), which replaces the 4-row GEMV programs and the
-# dot tiles there: 14336 x 4096 Q4_0 at 8 rows 28.8 us (GEMV 4 rows a program: 40 us), at 16 rows
-# 31.4 us (dot tiles: 51 us; cuBLAS bf16 30.6 us). Triton gives mma.sync below a warpgroup
-# (2 warps), which beat wgmma's wait per dot.
+# dot tiles there. H200, bf16 X, with X's reorder into planes (XP) in the time (BENCHMARKS.md nib
+# round 4): 14336 x 4096 at 8 / 16 rows Q4_0 25.9 / 28.3 us, Q4_K 32.1 / 33.0 us against cuBLAS
+# bf16's 32.2 / 33.2 us (the GEMV at 4 rows a program took 40 us at 8 rows, the dot tiles 51 us
+# at 16). Triton gives mma.sync below a warpgroup (2 warps), which beat wgmma's wait per dot;
+# PREFETCH 1 (the affine terms a step ahead) gained 10% on Q4_K, cost 0-4% on Q4_0. Weights
+# whose 64-row tiles number fewer than the SMs take 32-row tiles (4096 x 4096: 13.8 against
+# 14.7 us at 16 rows).
 TC_BUCKET = (16, dict(TC=1, BN=64, NW=16, BM=16, num_warps=2, num_stages=3, SPLIT_K=0,
-                      PREFETCH=0))
+                      PREFETCH=1, XP=1))
 
 
 def tc_takes(fmt: str, dtype: str, k: int) -> bool:
@@ -199,6 +220,8 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
     if conf.get("DEQUANT"):
         return dict(conf), 0
     if conf.get("TC"):
+        if -(-n // conf["BN"]) < SMS:
+            conf = dict(conf, BN=32)
         conf = dict(conf, SPLIT_K=tc_split(n, k, conf["BN"], conf["NW"]))
         return conf, tc_geometry(k, conf["NW"], conf["SPLIT_K"])
     nj = gemv_geometry(k, conf["NJ"], 1)[0]      # the tile fits K whatever the split

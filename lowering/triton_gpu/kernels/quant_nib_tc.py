@@ -107,25 +107,42 @@ def _words(wp, step, NW: tl.constexpr):
 
 
 @triton.jit
-def _x(xp, step, NW: tl.constexpr):
-    """Step `step`'s eight planes of X `[NW, BM]` (2-byte gathers: too narrow for the
-    pipeliner's asynchronous copies)."""
+def _x(xp, step, NW: tl.constexpr, XP: tl.constexpr):
+    """Step `step`'s eight planes of X `[NW, BM]`: 2-byte gathers (too narrow for the
+    pipeliner's asynchronous copies), or with XP (X reordered by nib_x_planes_kernel) plane i
+    is NW consecutive values."""
     xs = xp + step * (NW * 8)
-    return (tl.load(xs), tl.load(xs + 1), tl.load(xs + 2), tl.load(xs + 3), tl.load(xs + 4),
-            tl.load(xs + 5), tl.load(xs + 6), tl.load(xs + 7))
+    PL: tl.constexpr = NW if XP else 1
+    return (tl.load(xs), tl.load(xs + PL), tl.load(xs + 2 * PL), tl.load(xs + 3 * PL),
+            tl.load(xs + 4 * PL), tl.load(xs + 5 * PL), tl.load(xs + 6 * PL),
+            tl.load(xs + 7 * PL))
+
+
+@triton.jit
+def nib_x_planes_kernel(x_ptr, y_ptr, K, NW: tl.constexpr):
+    """Y = X with each run of 8 NW values of a row reordered plane by plane (value 8 j + i of
+    the run to i NW + j), so the tensor-core kernel's X planes are contiguous loads. Grid
+    (rows of X, K / (8 NW))."""
+    row = tl.program_id(0).to(tl.int64)
+    k0 = tl.program_id(1) * (NW * 8)
+    j = tl.arange(0, NW)[:, None]
+    i = tl.arange(0, 8)[None, :]
+    v = tl.load(x_ptr + row * K + k0 + j * 8 + i)
+    tl.store(y_ptr + row * K + k0 + i * NW + j, v)
 
 
 @triton.jit
 def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                   FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BN: tl.constexpr,
                   NW: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  PREFETCH: tl.constexpr, XP: tl.constexpr):
     # A program owns BN weight rows, BM rows of X and a run of word columns (8 values of K
     # each), NW a step; the launcher guarantees K % (8 NW) == 0 and cols_per_split % NW == 0.
     # h_ptr (q6_k's crumbs) is not read: q6_k does not take this kernel. The words feed the
     # dots through shared memory, so Triton's pipeliner (num_stages) loads them ahead; the
     # affine terms feed arithmetic and X's planes are 2-byte gathers, which it leaves in the
-    # step that uses them: PREFETCH loads them a step ahead into registers.
+    # step that uses them: PREFETCH loads them a step ahead into registers. XP: X comes
+    # reordered by nib_x_planes_kernel (contiguous planes, which the pipeliner copies ahead).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -145,13 +162,17 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
     r = tl.arange(0, 4)[None, None, :]
     rm = pid_m * BM + tl.arange(0, BM)
     # X's plane i of word columns j: the values 8 j + i, `[NW, BM]`.
-    xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[None, :] * K + (jj * 8)[:, None]
+    if XP:
+        xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[None, :] * K + j_lo * 8 \
+            + tl.arange(0, NW)[:, None]
+    else:
+        xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[None, :] * K + (jj * 8)[:, None]
     acc = tl.zeros((BN, BM), tl.float32)
     # PREFETCH bit 1: the affine terms a step ahead; bit 2: X's planes a step ahead.
     if PREFETCH & 1:
         ns, nm = _affine(s_ptr, z_ptr, g, b, r, 0, nblk, FMT, GROUP, NW)
     if PREFETCH & 2:
-        n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, 0, NW)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, 0, NW, XP)
     for it in range(steps):
         nxt = tl.minimum(it + 1, steps - 1)   # past the last: the last again (unused)
         if PREFETCH & 1:
@@ -161,9 +182,9 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
             s3, m3 = _affine(s_ptr, z_ptr, g, b, r, it, nblk, FMT, GROUP, NW)
         if PREFETCH & 2:
             x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
-            n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, nxt, NW)
+            n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, nxt, NW, XP)
         else:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x(xp, it, NW)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x(xp, it, NW, XP)
         words = _words(wp, it, NW)
         p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, _per_word(s3, DTYPE),
                                                  _per_word(m3, DTYPE), DT)

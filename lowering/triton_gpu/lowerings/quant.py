@@ -161,6 +161,12 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
         bm = conf.get("ROWS", 1) if conf.get("GEMV") else conf["BM"]
         bn = conf["BN"] if conf.get("TC") else 4 * conf["BG"]
         with sb.when(cond):
-            _launch(sb, specs, conf, M, N, [sb.ptr(x)] + wargs, [M, N, K, cols],
+            xarg = sb.ptr(x)
+            if conf.get("XP"):
+                # X reordered into the tensor-core kernel's contiguous planes first.
+                xs, *specs = specs
+                xarg = sb.scratch("nib_x_planes", dt, f"({M}) * {K}")
+                sb.launch(sb.kernel(xs), [M, K // (8 * conf["NW"])], [sb.ptr(x), xarg, K])
+            _launch(sb, specs, conf, M, N, [xarg] + wargs, [M, N, K, cols],
                     node.results[0], bm=bm, bn=bn)
         prev = top

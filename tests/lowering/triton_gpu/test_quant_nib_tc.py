@@ -15,9 +15,18 @@ DT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def launch_tc(x, ops, fmt, n, conf, group):
-    """y = x @ W^T with the tensor-core kernel (fp32 partials summed by torch when split)."""
+    """y = x @ W^T with the tensor-core kernel (fp32 partials summed by torch when split; X
+    reordered into planes first with XP)."""
     m, k = x.shape
-    s = qn.nib_specs(fmt, DT[x.dtype], dict(conf, TC=1), group)[0]
+    specs = qn.nib_specs(fmt, DT[x.dtype], dict(conf, TC=1), group)
+    if conf.get("XP"):
+        xs, *specs = specs
+        xp = torch.full_like(x, float("nan"))
+        xs.fn[xs.grid_for(M=m, K=k)](x, xp, k, **xs.constexprs, num_warps=xs.num_warps)
+        assert torch.equal(xp.view(m, k // (8 * conf["NW"]), 8, conf["NW"]),
+                           x.view(m, -1, conf["NW"], 8).transpose(2, 3))
+        x = xp
+    s = specs[0]
     cols = qn.tc_geometry(k, conf["NW"], conf["SPLIT_K"])
     t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
     t[0] = t[0].view(torch.int32)
@@ -32,16 +41,16 @@ def launch_tc(x, ops, fmt, n, conf, group):
 
 @pytest.mark.parametrize("fmt,group", [("q4_0", 32), ("q4_1", 32), ("q4_k", 32), ("gptq", 64),
                                        ("gptq_sym", 128)])
-@pytest.mark.parametrize("dtype,m,split", [(torch.bfloat16, 1, 1), (torch.float16, 5, 2),
-                                           (torch.bfloat16, 19, 2)])
-def test_tc_matches_product(fmt, group, dtype, m, split):
+@pytest.mark.parametrize("dtype,m,split,xp", [(torch.bfloat16, 1, 1, 0), (torch.float16, 5, 2, 1),
+                                              (torch.bfloat16, 19, 2, 0)])
+def test_tc_matches_product(fmt, group, dtype, m, split, xp):
     rng = np.random.default_rng(len(fmt) * 7 + m)
     # N ragged for GGUF (zero rows padded to a multiple of 4, rows past N masked); 512 of K in
     # two steps of 16 word columns a split.
     n, k = (72 if fmt.startswith("gptq") else 70), 512
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-    conf = dict(BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=3 * (split - 1))
+    conf = dict(BN=64, NW=16, BM=16, num_warps=4, num_stages=1, SPLIT_K=split, PREFETCH=3 * (split - 1), XP=xp)
     got = launch_tc(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     # The weight is rounded to X's type once (s c + m), as the dot tiles round it.
