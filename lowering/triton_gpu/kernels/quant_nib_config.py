@@ -68,6 +68,7 @@ def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv
 
+    _fmt_id(fmt)
     if fmt not in TC_FORMATS or t not in ("bf16", "fp16"):
         raise ValueError(f"nib tensor-core kernel: takes {TC_FORMATS} with 16-bit X, "
                          f"got {fmt} with {t}")
@@ -113,8 +114,8 @@ def tc_geometry(k: int, nw: int, split: int) -> int:
     return -(-(-(-kw // split)) // nw) * nw
 
 
-# Formats the tensor-core kernel takes (q6_k's crumbs are not decoded there).
-TC_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym")
+# Formats the tensor-core kernel takes.
+TC_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym", "q6_k")
 
 DEQUANT_TILE = dict(BG=8, NJ=16, num_warps=4)
 
@@ -215,7 +216,7 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
     weight of n rows in format fmt and X of dtype."""
     top, conf = next((t, c) for t, c in nib_buckets(fmt, dtype, k)
                      if t is None or (m_max is not None and m_max <= t))
-    if fmt in SHORT and (top is None or top > SHORT[fmt]):
+    if fmt in SHORT and (top is None or top > SHORT[fmt]) and not conf.get("TC"):
         conf = dict(DEQUANT=1)
     if conf.get("DEQUANT"):
         return dict(conf), 0

@@ -44,8 +44,33 @@ def _planes_asm(ty: str, magic: int) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
+def _q6_planes_asm(ty: str, magic: int) -> str:
+    """PTX for q6_k's eight planes of two words ($8, $9) with their crumb word ($10: word
+    column j's crumbs in the low half, j + 1's in the high half, as the layout stores an even
+    j's pair) as packed pairs ($0..$7) of s (code - 32), s in $12: the low nibble and the two
+    crumb bits (moved to bits 4-5) masked into `magic` make magic + code (< 64) exactly."""
+    m2 = f"0x{magic:04X}{magic:04X}"
+    off = f"0x{magic + 32:04X}{magic + 32:04X}"
+    lines = [".reg .b32 lo, hi, t, u, k, k2;", f"mov.b32 k, {m2};", f"mov.b32 k2, {off};",
+             "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    for i in range(8):
+        src = "lo" if i < 4 else "hi"
+        if i % 4:
+            lines.append(f"shr.b32 t, {src}, {4 * (i % 4)};")
+            src = "t"
+        shift = 4 - 2 * i     # crumb i sits at bits 2i (and 16 + 2i): to bits 4-5 (20-21)
+        lines += [f"lop3.b32 t, {src}, 0x000F000F, k, 0xEA;",
+                  (f"shl.b32 u, $10, {shift};" if shift > 0 else
+                   f"shr.b32 u, $10, {-shift};" if shift < 0 else "mov.b32 u, $10;"),
+                  "lop3.b32 t, u, 0x00300030, t, 0xEA;",
+                  f"sub.rn.{ty} t, t, k2;", f"mul.rn.{ty} ${i}, t, $12;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
 _BF16_ASM = tl.constexpr(_planes_asm("bf16x2", 0x4300))
 _F16_ASM = tl.constexpr(_planes_asm("f16x2", 0x6400))
+_Q6_BF16_ASM = tl.constexpr(_q6_planes_asm("bf16x2", 0x4300))
+_Q6_F16_ASM = tl.constexpr(_q6_planes_asm("f16x2", 0x6400))
 
 
 @triton.jit
@@ -80,21 +105,54 @@ def _planes(words, s, m, DT: tl.constexpr):
 
 
 @triton.jit
-def _affine(s_ptr, z_ptr, g, b, r, step, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
-            NW: tl.constexpr):
-    """Step `step`'s affine terms (s, m) float32 `[BG, NW / 4, 4]`: row group, block, row."""
-    return affine_at(s_ptr, z_ptr, g, b + step * (NW // 4), r, nblk, FMT, GROUP)
+def _q6_plane_plain(words, crumbs, hsh, i: tl.constexpr, s):
+    """q6_k's plane i without inline PTX: s (low nibble + 16 crumb - 32) rounded once; hsh is
+    each word column's half of its crumb word."""
+    c = ((words >> (4 * i)) & 0xF) | (((crumbs >> (hsh + 2 * i)) & 3) << 4)
+    return ((c.to(tl.float32) - 32.0) * s.to(tl.float32)).to(s.dtype)
 
 
 @triton.jit
-def _per_word(t3, DTYPE: tl.constexpr):
-    """Block terms `[BG, NW / 4, 4]` (g, b, r) as one per word `[4 BG, NW]` (4 g + r, j) in
-    DTYPE: reordered in the round trip through shared memory that brings them to the MMA's
-    layout anyway."""
+def _q6_planes(words, crumbs, hsh, s, DT: tl.constexpr):
+    """q6_k's eight planes `[BN, NW]` in s's dtype (DT 1: bfloat16, 2: float16)."""
+    if _ASM:
+        if DT == 1:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _Q6_BF16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [words, crumbs, s],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _Q6_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [words, crumbs, s],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    else:
+        p0 = _q6_plane_plain(words, crumbs, hsh, 0, s)
+        p1 = _q6_plane_plain(words, crumbs, hsh, 1, s)
+        p2 = _q6_plane_plain(words, crumbs, hsh, 2, s)
+        p3 = _q6_plane_plain(words, crumbs, hsh, 3, s)
+        p4 = _q6_plane_plain(words, crumbs, hsh, 4, s)
+        p5 = _q6_plane_plain(words, crumbs, hsh, 5, s)
+        p6 = _q6_plane_plain(words, crumbs, hsh, 6, s)
+        p7 = _q6_plane_plain(words, crumbs, hsh, 7, s)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _affine(s_ptr, z_ptr, g, b, r, step, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
+            NB: tl.constexpr):
+    """Step `step`'s affine terms (s, m) float32 `[BG, NB, 4]`: row group, block (q6_k: 16-value
+    sub-block), row; NB blocks a step."""
+    return affine_at(s_ptr, z_ptr, g, b + step * NB, r, nblk, FMT, GROUP)
+
+
+@triton.jit
+def _per_word(t3, NW: tl.constexpr):
+    """Per-block values `[BG, NB, 4]` (g, b, r) as one per word `[4 BG, NW]` (4 g + r, j): NW / NB
+    words a block, reordered in the round trip through shared memory that brings them to the
+    MMA's layout anyway."""
     BG: tl.constexpr = t3.shape[0]
     NB: tl.constexpr = t3.shape[1]
-    t4 = tl.broadcast_to(tl.permute(t3.to(DTYPE), (0, 2, 1))[:, :, :, None], (BG, 4, NB, 4))
-    return tl.reshape(t4, (BG * 4, NB * 4))
+    t4 = tl.broadcast_to(tl.permute(t3, (0, 2, 1))[:, :, :, None], (BG, 4, NB, NW // NB))
+    return tl.reshape(t4, (BG * 4, NW))
 
 
 @triton.jit
@@ -138,7 +196,7 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
                   PREFETCH: tl.constexpr, XP: tl.constexpr):
     # A program owns BN weight rows, BM rows of X and a run of word columns (8 values of K
     # each), NW a step; the launcher guarantees K % (8 NW) == 0 and cols_per_split % NW == 0.
-    # h_ptr (q6_k's crumbs) is not read: q6_k does not take this kernel. The words feed the
+    # h_ptr holds q6_k's crumbs (unread for other formats). The words feed the
     # dots through shared memory, so Triton's pipeliner (num_stages) loads them ahead; the
     # affine terms feed arithmetic and X's planes are 2-byte gathers, which it leaves in the
     # step that uses them: PREFETCH loads them a step ahead into registers. XP: X comes
@@ -147,7 +205,9 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     kw = K // 8
-    nblk = K // 32
+    # Blocks of 32 values (4 word columns); q6_k's scales are per 16 (2 word columns).
+    NB: tl.constexpr = NW // 2 if FMT == 5 else NW // 4
+    nblk = K // 16 if FMT == 5 else K // 32
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     # Row groups past N read the zero rows the layout pads to a multiple of four, then the last.
     BG: tl.constexpr = BN // 4
@@ -158,7 +218,11 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
     wp = q_ptr + gi[:, None, None] * (kw * 4) + (jj * 4)[None, :, None] \
         + tl.arange(0, 4)[None, None, :]
     g = gi[:, None, None]
-    b = (j_lo // 4 + tl.arange(0, NW // 4))[None, :, None]
+    b = (j_lo // (NW // NB) + tl.arange(0, NB))[None, :, None]
+    # q6_k's crumb words, one per two word columns `[BG, NW / 2, 4]`, and each column's half.
+    hp = h_ptr.to(tl.pointer_type(tl.int32)) + gi[:, None, None] * (kw // 2 * 4) \
+        + ((j_lo // 2 + tl.arange(0, NW // 2)) * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+    hsh = ((jj % 2) * 16)[None, :]
     r = tl.arange(0, 4)[None, None, :]
     rm = pid_m * BM + tl.arange(0, BM)
     # X's plane i of word columns j: the values 8 j + i, `[NW, BM]`.
@@ -170,24 +234,29 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
     acc = tl.zeros((BN, BM), tl.float32)
     # PREFETCH bit 1: the affine terms a step ahead; bit 2: X's planes a step ahead.
     if PREFETCH & 1:
-        ns, nm = _affine(s_ptr, z_ptr, g, b, r, 0, nblk, FMT, GROUP, NW)
+        ns, nm = _affine(s_ptr, z_ptr, g, b, r, 0, nblk, FMT, GROUP, NB)
     if PREFETCH & 2:
         n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, 0, NW, XP)
     for it in range(steps):
         nxt = tl.minimum(it + 1, steps - 1)   # past the last: the last again (unused)
         if PREFETCH & 1:
             s3, m3 = ns, nm
-            ns, nm = _affine(s_ptr, z_ptr, g, b, r, nxt, nblk, FMT, GROUP, NW)
+            ns, nm = _affine(s_ptr, z_ptr, g, b, r, nxt, nblk, FMT, GROUP, NB)
         else:
-            s3, m3 = _affine(s_ptr, z_ptr, g, b, r, it, nblk, FMT, GROUP, NW)
+            s3, m3 = _affine(s_ptr, z_ptr, g, b, r, it, nblk, FMT, GROUP, NB)
         if PREFETCH & 2:
             x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
             n0, n1, n2, n3, n4, n5, n6, n7 = _x(xp, nxt, NW, XP)
         else:
             x0, x1, x2, x3, x4, x5, x6, x7 = _x(xp, it, NW, XP)
         words = _words(wp, it, NW)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, _per_word(s3, DTYPE),
-                                                 _per_word(m3, DTYPE), DT)
+        if FMT == 5:
+            crumbs = _per_word(tl.load(hp + it * (NW // 2 * 4)), NW)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _q6_planes(words, crumbs, hsh,
+                                                        _per_word(s3.to(DTYPE), NW), DT)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, _per_word(s3.to(DTYPE), NW),
+                                                     _per_word(m3.to(DTYPE), NW), DT)
         acc = tl.dot(p0, x0, acc)
         acc = tl.dot(p1, x1, acc)
         acc = tl.dot(p2, x2, acc)

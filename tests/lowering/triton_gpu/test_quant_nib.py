@@ -178,7 +178,8 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                         assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
     assert qn.nib_config(1, 4096)[0].get("GEMV") and qn.nib_config(16, 4096)[0].get("TC")
     assert qn.nib_config(16, 4096, 4096, "q4_0", "float32")[0].get("BM") == 16
-    assert qn.nib_config(16, 4096, 4096, "q6_k")[0].get("DEQUANT")
+    assert qn.nib_config(16, 4096, 4096, "q6_k")[0].get("TC")
+    assert qn.nib_config(16, 4096, 4096, "q6_k", "float32")[0].get("DEQUANT")
     # K = 4128 (not a multiple of 128): the dot tiles, not the tensor-core kernel.
     assert not qn.nib_config(16, 4128)[0].get("TC") and qn.nib_config(16, 11008)[0].get("TC")
 
@@ -232,8 +233,8 @@ def test_rule_names_the_bad_operand():
 def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     # One compiled cuda plan of a qmatmul, run by the plan runner with its kernels under the
     # interpreter at a row count of each bucket: the GEMV (1 row, 3 rows in a program, 6 in
-    # two; q6_k stops at 4), the dot (10; q6_k skips it), for 16-bit X on 4-bit formats the
-    # tensor-core kernel (6 and 10) instead, and the decode into scratch + the plain matmul (70).
+    # two), the dot (10), for 16-bit X the tensor-core kernel (6 and 10) instead, and the
+    # decode into scratch + the plain matmul (70).
     from graphir.runtime.interpreter import run
     from tests.lowering.triton_gpu.test_backend_interp import interp_executor
 
@@ -243,8 +244,8 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     ex, dev = interp_executor(g, {"w": raw})
     rng = np.random.default_rng(len(enc))
     tol = 1e-4 if dtype == "float32" else 2e-2     # bf16: the output's and the decode's rounding
-    dot = "dequant" if enc == "Q6_K" else "matmul_m16" if dtype == "float32" else "_tc_"
-    six = "dequant" if enc == "Q6_K" else "gemv_r4" if dtype == "float32" else "_tc_"
+    dot = "_tc_" if dtype != "float32" else "matmul_m16"
+    six = "_tc_" if dtype != "float32" else "gemv_r4"
     for m, kernel in ((1, "gemv_r1"), (3, "gemv_r4"), (6, six), (10, dot), (70, "dequant")):
         x = round_to(rng.standard_normal((m, 256)), DType[dtype])
         dev.launched.clear()
@@ -261,25 +262,30 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
             assert any(k.startswith(("matmul_", "cublaslt_")) for k in dev.launched), dev.launched
 
 
-def test_plan_variants_end_at_the_decode_path():
-    # Q6_K leaves the nib kernels after 4 rows: the plan's variants are the GEMV buckets, then
-    # the decode + matmul variants ending with the catch-all, and nothing unreachable after it.
+@pytest.mark.parametrize("dtype,after", [("float32", 4), ("bfloat16", 16)])
+def test_plan_variants_end_at_the_decode_path(dtype, after):
+    # Q6_K leaves the nib kernels after 4 rows of float32 X (16 of 16-bit X: the tensor-core
+    # kernel takes 5-16): the plan's variants are the nib buckets, then the decode + matmul
+    # variants ending with the catch-all, and nothing unreachable after it.
     import graphir.lowering.triton_gpu.backend  # noqa: F401  (registers the cuda lowerings)
     from graphir.lowering.driver import _copy, decompose
     from graphir.lowering.triton_gpu.backend import lower
 
     from graphir.lowering.triton_gpu import tuning
 
-    g, _ = _qmatmul_graph("Q6_K", 12, 256, "bfloat16")
+    g, _ = _qmatmul_graph("Q6_K", 12, 256, dtype)
     g = _copy(g)
     decompose(g, "cuda")
     with tuning.using(tuning.Selector()) as sel:
         steps = lower(g).plan.to_json()["steps"]
-    # The matmul after the decode is chosen (and would be tuned) only for more than 4 rows.
+    # The matmul after the decode is chosen (and would be tuned) only past the nib buckets.
     (site,) = [s for s in sel.sites if s.family == "matmul"]
-    assert [ch.bucket for ch in site.choices] == ["m16", "m64", "m256", "m1024", "large"]
+    want = ["m16", "m64", "m256", "m1024", "large"] if after == 4 else \
+        ["m64", "m256", "m1024", "large"]
+    assert [ch.bucket for ch in site.choices] == want
     (step,) = [s for s in steps if s["op"] == "nib_matmul"]
     whens = [v["when"] for v in step["attrs"]["variants"]]
     assert whens[-1] is None and None not in whens[:-1], whens
     rows = whens[0].rsplit(" <= ", 1)[0]       # the row count's expression
-    assert whens[:3] == [f"{rows} <= {top}" for top in (1, 2, 4)], whens
+    tops = (1, 2, 4) if after == 4 else (1, 2, 4, 16)
+    assert whens[:len(tops)] == [f"{rows} <= {top}" for top in tops], whens

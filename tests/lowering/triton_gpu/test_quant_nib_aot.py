@@ -58,6 +58,6 @@ def test_gemv_decodes_on_the_fma_pipe_and_dot_on_tensor_cores(compiled):
         assert c["wgmma"] == 0 and c["mma"] == 0 and c["lop3"] > 0, k
     for k, c in dot.items():
         # 64 or more weight rows a tile take wgmma (W in registers), fewer mma.sync; the
-        # tensor-core kernel decodes two values an instruction (packed 16-bit FMAs).
+        # tensor-core kernel decodes two values an instruction (packed 16-bit arithmetic).
         assert c["wgmma"] + c["mma"] > 0, k
         assert (c["packed"] > 0) if "_tc_" in c["name"] else (c["lop3"] > 0), k

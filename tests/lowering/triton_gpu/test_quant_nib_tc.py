@@ -1,6 +1,7 @@
 """The tensor-core kernel for 1-16 rows of X over the nib layout (kernels/quant_nib_tc.py) under
-Triton's interpreter: every format it takes matches the float64 product (bfloat16 and float16 X,
-ragged N, split K, rows of X from 1 to a tile and a half), and it refuses what it cannot take."""
+Triton's interpreter: every format (q6_k with its crumbs too) matches the float64 product
+(bfloat16 and float16 X, ragged N, split K, X reordered into planes first or not, rows of X from
+1 to a tile and a half), and it refuses what it cannot take."""
 import numpy as np
 import pytest
 import torch
@@ -31,16 +32,17 @@ def launch_tc(x, ops, fmt, n, conf, group):
     t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
     t[0] = t[0].view(torch.int32)
     extra = t[2] if len(t) > 2 else t[1]
+    crumbs = t[3] if len(t) > 3 else t[0]
     split = conf["SPLIT_K"]
     out = torch.full((split, m, n) if split > 1 else (m, n), float("nan"),
                      dtype=torch.float32 if split > 1 else x.dtype)
-    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, t[0], out, m, n, k, cols, **s.constexprs,
+    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, crumbs, out, m, n, k, cols, **s.constexprs,
                                num_warps=s.num_warps)
     return (out.sum(0) if split > 1 else out).double().numpy()
 
 
 @pytest.mark.parametrize("fmt,group", [("q4_0", 32), ("q4_1", 32), ("q4_k", 32), ("gptq", 64),
-                                       ("gptq_sym", 128)])
+                                       ("gptq_sym", 128), ("q6_k", 32)])
 @pytest.mark.parametrize("dtype,m,split,xp", [(torch.bfloat16, 1, 1, 0), (torch.float16, 5, 2, 1),
                                               (torch.bfloat16, 19, 2, 0)])
 def test_tc_matches_product(fmt, group, dtype, m, split, xp):
@@ -59,8 +61,8 @@ def test_tc_matches_product(fmt, group, dtype, m, split, xp):
 
 def test_tc_refuses_what_it_cannot_take():
     conf = dict(TC=1, BN=64, NW=16, BM=16, num_warps=4, SPLIT_K=1)
-    with pytest.raises(ValueError, match="q6_k"):
-        qn.nib_specs("q6_k", "bfloat16", conf)
+    with pytest.raises(ValueError, match="unknown format 'q5_k'"):
+        qn.nib_specs("q5_k", "bfloat16", conf)
     with pytest.raises(ValueError, match="fp32"):
         qn.nib_specs("q4_0", "float32", conf)
     with pytest.raises(ValueError, match="K=.*multiple of 128"):
