@@ -126,6 +126,9 @@ GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
 BUCKETS_ONLY = "--buckets" in sys.argv
+# --once FMT,N,M: the shipped bucket of that format, weight N x 4096 and row count, checked and
+# run a few times with no timing (for ncu: `ncu -k regex:nib_ python3 ... --once q4_0,14336,16`).
+ONCE = sys.argv[sys.argv.index("--once") + 1].split(",") if "--once" in sys.argv else None
 SPLIT_GRID = "--split" in sys.argv
 MS = (1, 2, 4, 16, 64) if DRY else (1, 2, 4, 8, 16, 64, 512)
 
@@ -295,6 +298,22 @@ def main() -> None:
               for c in split_confs(m)] if SPLIT_GRID else []
     first += [(f, N0, K0, 1, c) for f in FMTS for c in gemv_confs()] if GEMV_GRID else []
     first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
+    if ONCE:
+        fmt, n, m = ONCE[0], int(ONCE[1]), int(ONCE[2])
+        from graphir.lowering.triton_gpu.kernels.quant_nib_config import nib_config
+
+        conf = nib_config(m, 4096, n, fmt)[0]
+        specs = specs_of(fmt, 4096, conf)
+        kernels = _kernels.compile_all({sp.name: sp for sp in specs}, DRY)
+        dev, _, wt = weight(np.random.default_rng(0), fmt, n, 4096)
+        x = torch.randn(m, 4096, device=DEV).to(torch.bfloat16)
+        out = torch.empty((m, n), dtype=torch.bfloat16, device=DEV)
+        (fn,) = calls(kernels, specs, conf, m, n, 4096, x, [dev], out)
+        for _ in range(3):
+            fn()
+        err = _kernels.rel_err(out[:, :wt.shape[0]].float(), x.float() @ torch.from_numpy(wt).to(DEV).t())
+        print(f"{label(conf)} rel err {err:.1e}")
+        return
     if BUCKETS_ONLY:
         # The shipped buckets alone, every format and weight.
         run([j for N, K in SHAPES for f in FMTS for j in bucket_jobs(f, N, K)], copy_gbs,
