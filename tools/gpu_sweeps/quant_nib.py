@@ -173,14 +173,15 @@ def tc_confs(n, k):
     out = []
     # 4 or 8 warps: Hopper's wgmma (B through shared memory, a wait per dot); 1 or 2 warps:
     # mma.sync, Triton's choice below a warpgroup.
-    for (bn, w), nw, pf, xp in itertools.product(((64, 4), (64, 2), (32, 2)),
-                                                 (16, 32), (0, 1, 3), (0, 1)):
-        if xp and pf & 2:
-            continue            # X's planes are contiguous: the pipeliner copies them ahead
+    # Round 4's grid (also X as 2-byte gathers, XP 0, and prefetching X, PREFETCH 2) found
+    # mma.sync with 2 warps and the reordered X best; this one adds 128-row tiles on 2 warps
+    # and a deeper pipeline.
+    for (bn, w), nw, pf, st in itertools.product(((64, 4), (64, 2), (32, 2), (128, 2)),
+                                                 (16, 32), (0, 1), (3, 4)):
         split = tc_split(n, k, bn, nw)
         for sp in sorted({split, split * 2}):
-            out.append(dict(TC=1, BN=bn, NW=nw, BM=16, num_warps=w, num_stages=3,
-                            SPLIT_K=sp, PREFETCH=pf, XP=xp))
+            out.append(dict(TC=1, BN=bn, NW=nw, BM=16, num_warps=w, num_stages=st,
+                            SPLIT_K=sp, PREFETCH=pf, XP=1))
     return out
 
 

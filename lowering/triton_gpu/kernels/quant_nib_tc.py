@@ -25,13 +25,15 @@ import triton.language as tl
 from .quant_nib import _ASM, affine_at
 
 
-def _planes_asm(ty: str, magic: int) -> str:
+def _planes_asm(ty: str, magic: int, sym: bool = False) -> str:
     """PTX for the eight planes of two words ($8, $9: word columns j, j + 1) as packed pairs
-    ($0..$7, plane i = nibble i of both words), each s c + m with s in $10 and m in $11.
-    A nibble masked into the low mantissa bits of `magic` (the 16-bit float whose last
-    mantissa bit is 1: 128 in bfloat16, 1024 in float16) is the float magic + code exactly."""
+    ($0..$7, plane i = nibble i of both words), each s c + m with s in $10 and m in $11, or
+    for a symmetric format (sym) s (c - 8) with no m. A nibble masked into the low mantissa
+    bits of `magic` (the 16-bit float whose last mantissa bit is 1: 128 in bfloat16, 1024 in
+    float16) is the float magic + code exactly."""
     m2 = f"0x{magic:04X}{magic:04X}"
-    lines = [".reg .b32 lo, hi, t, u, k;", f"mov.b32 k, {m2};",
+    k2 = f"0x{magic + 8:04X}{magic + 8:04X}" if sym else m2
+    lines = [".reg .b32 lo, hi, t, u, k, k2;", f"mov.b32 k, {m2};", f"mov.b32 k2, {k2};",
              # lo: nibbles 0-3 of both words (word j in the low half), hi: nibbles 4-7.
              "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
     for i in range(8):
@@ -40,7 +42,8 @@ def _planes_asm(ty: str, magic: int) -> str:
             lines.append(f"shr.b32 t, {src}, {4 * (i % 4)};")
             src = "t"
         lines += [f"lop3.b32 t, {src}, 0x000F000F, k, 0xEA;",     # (a & b) | c
-                  f"sub.rn.{ty} u, t, k;", f"fma.rn.{ty} ${i}, u, $10, $11;"]
+                  f"sub.rn.{ty} u, t, k2;",
+                  f"mul.rn.{ty} ${i}, u, $10;" if sym else f"fma.rn.{ty} ${i}, u, $10, $11;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -69,6 +72,8 @@ def _q6_planes_asm(ty: str, magic: int) -> str:
 
 _BF16_ASM = tl.constexpr(_planes_asm("bf16x2", 0x4300))
 _F16_ASM = tl.constexpr(_planes_asm("f16x2", 0x6400))
+_SYM_BF16_ASM = tl.constexpr(_planes_asm("bf16x2", 0x4300, sym=True))
+_SYM_F16_ASM = tl.constexpr(_planes_asm("f16x2", 0x6400, sym=True))
 _Q6_BF16_ASM = tl.constexpr(_q6_planes_asm("bf16x2", 0x4300))
 _Q6_F16_ASM = tl.constexpr(_q6_planes_asm("f16x2", 0x6400))
 
@@ -101,6 +106,38 @@ def _planes(words, s, m, DT: tl.constexpr):
         p5 = _plane_plain(words, 5, s, m)
         p6 = _plane_plain(words, 6, s, m)
         p7 = _plane_plain(words, 7, s, m)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _sym_plane_plain(words, i: tl.constexpr, s):
+    """Plane i of a symmetric format without inline PTX: s (c - 8) rounded once."""
+    c = ((words >> (4 * i)) & 0xF).to(tl.float32) - 8.0
+    return (c * s.to(tl.float32)).to(s.dtype)
+
+
+@triton.jit
+def _sym_planes(words, s, DT: tl.constexpr):
+    """The eight planes of a symmetric format (q4_0, GPTQ without zero points): no offset
+    tensor, whose trip through shared memory costs as much as the scales'."""
+    if _ASM:
+        if DT == 1:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _SYM_BF16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, s],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _SYM_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, s],
+                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    else:
+        p0 = _sym_plane_plain(words, 0, s)
+        p1 = _sym_plane_plain(words, 1, s)
+        p2 = _sym_plane_plain(words, 2, s)
+        p3 = _sym_plane_plain(words, 3, s)
+        p4 = _sym_plane_plain(words, 4, s)
+        p5 = _sym_plane_plain(words, 5, s)
+        p6 = _sym_plane_plain(words, 6, s)
+        p7 = _sym_plane_plain(words, 7, s)
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
@@ -254,6 +291,8 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
             crumbs = _per_word(tl.load(hp + it * (NW // 2 * 4)), NW)
             p0, p1, p2, p3, p4, p5, p6, p7 = _q6_planes(words, crumbs, hsh,
                                                         _per_word(s3.to(DTYPE), NW), DT)
+        elif FMT == 0 or FMT == 4:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _sym_planes(words, _per_word(s3.to(DTYPE), NW), DT)
         else:
             p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, _per_word(s3.to(DTYPE), NW),
                                                      _per_word(m3.to(DTYPE), NW), DT)
