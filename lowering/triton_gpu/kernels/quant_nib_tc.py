@@ -1,21 +1,25 @@
-"""4-bit matmul on the tensor cores for few rows of X (1-16), over the nib layout.
+"""4-bit (and Q6_K) matmul on the tensor cores for few rows of X (up to 16), over the nib layout.
 
 The GEMV (quant_nib.py) spends three instructions a weight value per row of X (mask-or, subtract,
 FMA), so at one row it is bound by the decode and at 16 rows by the FMAs. Here each weight tile
 is decoded once into X's 16-bit type, two values per instruction, straight into the registers of
 the MMA's left operand, and the tensor cores multiply it by up to 16 rows of X at once: the
 decode is about two instructions per pair of values (a mask-or that makes (magic + code) of two
-values, a packed subtraction of the magic, a packed FMA with the block's scale and offset), the
-same whatever the row count.
+values, a packed subtraction, a packed FMA with the block's scale and offset, or a multiply for
+the symmetric formats), the same whatever the row count. Q6_K masks its two high bits (crumbs)
+into the same float.
 
-The weight is the left operand (its rows fill the MMA's 64 rows), X^T the right one (16 columns:
-rows of X past M re-read the last). Every element of the left operand comes from one word of
-the tile: plane i (nibble i, value 8 j + i of K) of word column j is a `[BN, NW]` tensor decoded
-elementwise from the words, so Triton keeps the decode in the operand's register layout; the dot
-of plane i takes the X values 8 j + i. Eight dots a step, one per plane, add into one accumulator.
+The weight is the left operand, X^T the right one (16 columns: rows of X past M re-read the
+last). Every element of the left operand comes from one word of the tile: plane i (nibble i,
+value 8 j + i of K) of word column j is a `[BN, NW]` tensor decoded elementwise from the words,
+so Triton keeps the decode in the operand's register layout; the dot of plane i takes the X
+values 8 j + i, contiguous once nib_x_planes_kernel has reordered X (XP). Eight dots a step, one
+per plane, add into one accumulator. Below a warpgroup (2 warps) Triton issues mma.sync, which
+beat wgmma's wait per dot on the H200 (BENCHMARKS.md, nib round 4).
 
 Numerics: value = s c + m rounded once to X's type (s, m rounded to it first), as the dot tiles
-and the decode-into-scratch path of quant_nib.py give.
+and the decode-into-scratch path of quant_nib.py give. The inline PTX is checked bit for bit on
+the CPU by tests/lowering/triton_gpu/test_quant_nib_tc_ptx.py.
 """
 from __future__ import annotations
 
