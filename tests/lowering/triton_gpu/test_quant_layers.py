@@ -46,13 +46,14 @@ def no_host_steps(ex) -> None:
 
 
 # Every encoding's kernels are checked on their own in test_quant_gemv.py / test_quant_gguf.py;
-# the whole layer (20-50 s each in the interpreter) runs one of each kind by default and the rest
-# with `-m slow`.
+# the whole layer (20-60 s each in the interpreter) runs one of each kind by default (legacy
+# blocks: Q8_0 and 8-bit GPTQ; the 4-bit nib layout: Q4_K and asymmetric GPTQ with desc_act; nib
+# with crumbs: Q6_K) and the rest with `-m slow`.
 _SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("enc", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"] + [
-    pytest.param(e, marks=_SLOW) for e in ("Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K")])
+@pytest.mark.parametrize("enc", ["Q8_0", "Q4_K", "Q6_K"] + [
+    pytest.param(e, marks=_SLOW) for e in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K")])
 def test_gguf_attention_layer(enc):
     from tests.nn import gguf_layer as tg
 
@@ -68,7 +69,8 @@ def test_gguf_attention_layer(enc):
     assert any(s["op"] == "nib_repack" and s["kernel"] == "host" for s in ex.steps) == nib
 
 
-@pytest.mark.parametrize("bits,sym,desc", [(4, False, True), (4, True, False), (8, True, True)])
+@pytest.mark.parametrize("bits,sym,desc", [(4, False, True), (8, True, True),
+                                           pytest.param(4, True, False, marks=_SLOW)])
 def test_gptq_attention_layer(bits, sym, desc):
     from tests.nn import test_gptq_attention as tq
 
