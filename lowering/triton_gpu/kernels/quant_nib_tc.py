@@ -83,97 +83,50 @@ _Q6_F16_ASM = tl.constexpr(_q6_planes_asm("f16x2", 0x6400))
 
 
 @triton.jit
-def _plane_plain(words, i: tl.constexpr, s, m):
-    """Plane i without inline PTX (Triton's interpreter): the same value, s c + m rounded once."""
-    c = ((words >> (4 * i)) & 0xF).to(tl.float32)
-    return tl.fma(c, s.to(tl.float32), m.to(tl.float32)).to(s.dtype)
+def _plane_plain(words, crumbs, hsh, i: tl.constexpr, s, m, KIND: tl.constexpr):
+    """Plane i without inline PTX (Triton's interpreter), the value the PTX gives, rounded once:
+    KIND 0 s c + m, 1 (symmetric) s (c - 8), 2 (q6_k) s (c + 16 crumb - 32), hsh being each
+    word column's half of its crumb word."""
+    c = (words >> (4 * i)) & 0xF
+    if KIND == 0:
+        v = tl.fma(c.to(tl.float32), s.to(tl.float32), m.to(tl.float32))
+    elif KIND == 1:
+        v = (c.to(tl.float32) - 8.0) * s.to(tl.float32)
+    else:
+        c = c | (((crumbs >> (hsh + 2 * i)) & 3) << 4)
+        v = (c.to(tl.float32) - 32.0) * s.to(tl.float32)
+    return v.to(s.dtype)
 
 
 @triton.jit
-def _planes(words, s, m, DT: tl.constexpr):
-    """The eight planes `[BN, NW]` of the code words, in s's dtype (DT 1: bfloat16, 2: float16)."""
+def _planes(words, crumbs, hsh, s, m, DT: tl.constexpr, KIND: tl.constexpr):
+    """The eight planes `[BN, NW]` of the code words in s's dtype (DT 1: bfloat16, 2: float16):
+    KIND 0 affine (s, m), 1 symmetric (no offset tensor, whose trip through shared memory
+    costs as much as the scales'), 2 q6_k (crumbs); crumbs / hsh / m are unread where the
+    kind has none."""
     if _ASM:
-        if DT == 1:
+        C3: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r"
+        if KIND == 0:
             p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-                _BF16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, m],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+                _BF16_ASM if DT == 1 else _F16_ASM, C3 + ",r", [words, s, m],
+                dtype=(s.dtype,) * 8, is_pure=True, pack=2)
+        elif KIND == 1:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _SYM_BF16_ASM if DT == 1 else _SYM_F16_ASM, C3, [words, s],
+                dtype=(s.dtype,) * 8, is_pure=True, pack=2)
         else:
             p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-                _F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, m],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+                _Q6_BF16_ASM if DT == 1 else _Q6_F16_ASM, C3 + ",r,r", [words, crumbs, s],
+                dtype=(s.dtype,) * 8, is_pure=True, pack=2)
     else:
-        p0 = _plane_plain(words, 0, s, m)
-        p1 = _plane_plain(words, 1, s, m)
-        p2 = _plane_plain(words, 2, s, m)
-        p3 = _plane_plain(words, 3, s, m)
-        p4 = _plane_plain(words, 4, s, m)
-        p5 = _plane_plain(words, 5, s, m)
-        p6 = _plane_plain(words, 6, s, m)
-        p7 = _plane_plain(words, 7, s, m)
-    return p0, p1, p2, p3, p4, p5, p6, p7
-
-
-@triton.jit
-def _sym_plane_plain(words, i: tl.constexpr, s):
-    """Plane i of a symmetric format without inline PTX: s (c - 8) rounded once."""
-    c = ((words >> (4 * i)) & 0xF).to(tl.float32) - 8.0
-    return (c * s.to(tl.float32)).to(s.dtype)
-
-
-@triton.jit
-def _sym_planes(words, s, DT: tl.constexpr):
-    """The eight planes of a symmetric format (q4_0, GPTQ without zero points): no offset
-    tensor, whose trip through shared memory costs as much as the scales'."""
-    if _ASM:
-        if DT == 1:
-            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-                _SYM_BF16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, s],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-        else:
-            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-                _SYM_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [words, s],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-    else:
-        p0 = _sym_plane_plain(words, 0, s)
-        p1 = _sym_plane_plain(words, 1, s)
-        p2 = _sym_plane_plain(words, 2, s)
-        p3 = _sym_plane_plain(words, 3, s)
-        p4 = _sym_plane_plain(words, 4, s)
-        p5 = _sym_plane_plain(words, 5, s)
-        p6 = _sym_plane_plain(words, 6, s)
-        p7 = _sym_plane_plain(words, 7, s)
-    return p0, p1, p2, p3, p4, p5, p6, p7
-
-
-@triton.jit
-def _q6_plane_plain(words, crumbs, hsh, i: tl.constexpr, s):
-    """q6_k's plane i without inline PTX: s (low nibble + 16 crumb - 32) rounded once; hsh is
-    each word column's half of its crumb word."""
-    c = ((words >> (4 * i)) & 0xF) | (((crumbs >> (hsh + 2 * i)) & 3) << 4)
-    return ((c.to(tl.float32) - 32.0) * s.to(tl.float32)).to(s.dtype)
-
-
-@triton.jit
-def _q6_planes(words, crumbs, hsh, s, DT: tl.constexpr):
-    """q6_k's eight planes `[BN, NW]` in s's dtype (DT 1: bfloat16, 2: float16)."""
-    if _ASM:
-        if DT == 1:
-            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-                _Q6_BF16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [words, crumbs, s],
-                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-        else:
-            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-                _Q6_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [words, crumbs, s],
-                dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-    else:
-        p0 = _q6_plane_plain(words, crumbs, hsh, 0, s)
-        p1 = _q6_plane_plain(words, crumbs, hsh, 1, s)
-        p2 = _q6_plane_plain(words, crumbs, hsh, 2, s)
-        p3 = _q6_plane_plain(words, crumbs, hsh, 3, s)
-        p4 = _q6_plane_plain(words, crumbs, hsh, 4, s)
-        p5 = _q6_plane_plain(words, crumbs, hsh, 5, s)
-        p6 = _q6_plane_plain(words, crumbs, hsh, 6, s)
-        p7 = _q6_plane_plain(words, crumbs, hsh, 7, s)
+        p0 = _plane_plain(words, crumbs, hsh, 0, s, m, KIND)
+        p1 = _plane_plain(words, crumbs, hsh, 1, s, m, KIND)
+        p2 = _plane_plain(words, crumbs, hsh, 2, s, m, KIND)
+        p3 = _plane_plain(words, crumbs, hsh, 3, s, m, KIND)
+        p4 = _plane_plain(words, crumbs, hsh, 4, s, m, KIND)
+        p5 = _plane_plain(words, crumbs, hsh, 5, s, m, KIND)
+        p6 = _plane_plain(words, crumbs, hsh, 6, s, m, KIND)
+        p7 = _plane_plain(words, crumbs, hsh, 7, s, m, KIND)
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
@@ -291,15 +244,15 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
         else:
             x0, x1, x2, x3, x4, x5, x6, x7 = _x(xp, it, NW, XP)
         words = _words(wp, it, NW)
+        sw = _per_word(s3.to(DTYPE), NW)
         if FMT == 5:
             crumbs = _per_word(tl.load(hp + it * (NW // 2 * 4)), NW)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _q6_planes(words, crumbs, hsh,
-                                                        _per_word(s3.to(DTYPE), NW), DT)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, crumbs, hsh, sw, sw, DT, 2)
         elif FMT == 0 or FMT == 4:
-            p0, p1, p2, p3, p4, p5, p6, p7 = _sym_planes(words, _per_word(s3.to(DTYPE), NW), DT)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, words, hsh, sw, sw, DT, 1)
         else:
-            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, _per_word(s3.to(DTYPE), NW),
-                                                     _per_word(m3.to(DTYPE), NW), DT)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(words, words, hsh, sw,
+                                                     _per_word(m3.to(DTYPE), NW), DT, 0)
         acc = tl.dot(p0, x0, acc)
         acc = tl.dot(p1, x1, acc)
         acc = tl.dot(p2, x2, acc)
