@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels.quant_nib_config import (  # noqa: E402
-    dot_split, gemv_geometry, nib_dequant_spec, nib_specs, tc_geometry, tc_split)
+    dot_split, gemv_geometry, mma_geometry, nib_dequant_spec, nib_specs, tc_geometry, tc_split)
 from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
 
 import _kernels  # noqa: E402
@@ -104,6 +104,7 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
     split = conf["SPLIT_K"]
     main = kernels[specs[0].name]
     bps = (tc_geometry(K, conf["NW"], split) if conf.get("TC")
+           else mma_geometry(K, conf["num_warps"], split, conf.get("NB", 1)) if conf.get("MMA")
            else gemv_geometry(K, conf["NJ"], split)[1])
     grid = specs[0].grid_for(M=M, N=N)
     part = torch.empty((split, M, N), dtype=torch.float32, device=DEV) if split > 1 else None
@@ -125,6 +126,7 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
 GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
+MMA_GRID = "--mma" in sys.argv
 BUCKETS_ONLY = "--buckets" in sys.argv
 # --once FMT,N,M: the shipped bucket of that format, weight N x 4096 and row count, checked and
 # run a few times with no timing (for ncu: `ncu -k regex:nib_ python3 ... --once q4_0,14336,16`).
@@ -185,6 +187,17 @@ def tc_confs(n, k):
     return out
 
 
+def mma_confs():
+    """The warp-MMA kernel (kernels/quant_nib_mma.py): warps sharing a program's blocks of K,
+    split K, the next block's loads ahead or not."""
+    if DRY:
+        return [dict(MMA=1, num_warps=w, NB=b, SPLIT_K=s, PREFETCH=p)
+                for w, b, s, p in ((2, 2, 1, 1), (1, 1, 2, 0))]
+    return [dict(MMA=1, num_warps=w, NB=b, SPLIT_K=s, PREFETCH=p)
+            for w, b, s, p in itertools.product((2, 4, 8, 16), (1, 2), (1, 2, 4), (0, 1))
+            if p or b == 1]
+
+
 def bucket_jobs(fmt, N, K):
     """The shipped bucket configs (kernels/quant_nib_config.NIB_BUCKETS) at every M of MS."""
     from graphir.lowering.triton_gpu.kernels.quant_nib_config import nib_config
@@ -195,6 +208,8 @@ def bucket_jobs(fmt, N, K):
 def label(c):
     if c.get("DEQUANT"):
         return "dequant + cuBLAS"
+    if c.get("MMA"):
+        return f"mma w{c['num_warps']}b{c.get('NB', 1)}s{c['SPLIT_K']}p{c['PREFETCH']}"
     if c.get("TC"):
         return (f"tc n{c['BN']}j{c['NW']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}x{c.get('XP', 0)}")
@@ -320,6 +335,19 @@ def main() -> None:
         run([j for N, K in SHAPES for f in FMTS for j in bucket_jobs(f, N, K)], copy_gbs,
             results, weights, peer)
         first = []
+    elif MMA_GRID:
+        # The warp-MMA grid at 1 and 8 rows on Q4_0, both weights; then the best three of
+        # each weight on every format at 1-16 rows, next to the shipped buckets.
+        mm = [("q4_0", N, K, m, c) for N, K in SHAPES for m in (1, 8) for c in mma_confs()]
+        run(mm, copy_gbs, results, weights, peer)
+        jobs = []
+        for N, K in SHAPES:
+            top = best(results, "q4_0", N, 1, "mma", 2) + best(results, "q4_0", N, 8, "mma", 1)
+            for fmt in FMTS:
+                jobs += [(fmt, N, K, m, c) for m in MS[:5] for c in top]
+                jobs += [j for j in bucket_jobs(fmt, N, K) if j[3] <= 16]
+        run(jobs, copy_gbs, results, weights, peer)
+        first = []
     elif TC_GRID:
         # The tensor-core grid at 1 and 16 rows on Q4_0, both weights; then the best three
         # of each weight on every 4-bit format at every row count up to 16, next to the
@@ -337,7 +365,7 @@ def main() -> None:
     run(first, copy_gbs, results, weights, peer)
     top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
     jobs = []
-    for N, K in SHAPES if not (TC_GRID or BUCKETS_ONLY) else ():
+    for N, K in SHAPES if not (TC_GRID or MMA_GRID or BUCKETS_ONLY) else ():
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
             jobs += [(fmt, N, K, m, c) for m in MS[1:5] for c in top[m]]

@@ -10,8 +10,8 @@ words at h_ptr: value = s (lo + 16 hi - 32), the 32 folded into the crumbs' floa
 
 Codes become floats with no int -> float conversion: code c at bit 4q of a word, masked in
 place and OR-ed into the bits of 2**23, is the float 2**23 + c 16**q; one subtraction leaves
-c 16**q exactly, and the 16**-q goes into the block's sum once. Nibble i of word w of block
-b is value k = 32 b + 4 i + w, so each nibble position meets 4 consecutive values of X.
+c 16**q exactly, and the 16**-q goes into the block's sum once. Nibble i of word column j is
+value k = 8 j + i, so a word's eight values meet eight consecutive values of X.
 
 GEMV (1, 2 or 4 rows of X a program): a program owns BN weight rows and a run of K (SPLIT_K
 programs per row block, fp32 partials summed by the split-K reduce); per block and X row it

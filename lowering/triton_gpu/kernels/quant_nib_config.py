@@ -3,6 +3,7 @@ tile a bucket of X's row count takes, measured on the H200 (tools/gpu_sweeps/qua
 from __future__ import annotations
 
 from .quant_nib import nib_dequant_kernel, nib_gemv_kernel, nib_matmul_kernel
+from .quant_nib_mma import nib_mma_kernel
 from .quant_nib_tc import nib_tc_kernel, nib_x_planes_kernel
 
 FMT_IDS = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "gptq": 3, "gptq_sym": 4, "q6_k": 5}
@@ -34,6 +35,8 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     t = triton_dtype(dtype)
     if conf.get("TC"):
         return _tc_specs(fmt, t, conf, group)
+    if conf.get("MMA"):
+        return _mma_specs(fmt, t, conf, group)
     split, gemv = conf["SPLIT_K"], bool(conf.get("GEMV"))
     bm = conf.get("ROWS", 1) if gemv else conf["BM"]
     if gemv and bm not in (1, 2, 4):
@@ -89,6 +92,46 @@ def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
         divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
     specs = [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
     return ([nib_x_planes_spec(t, conf["NW"])] + specs) if consts["XP"] else specs
+
+
+def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
+    """The warp-MMA kernel (quant_nib_mma.py) for up to 8 rows of 16-bit X and 32 weight rows
+    a program: conf MMA=1, num_warps (each a share of the program's blocks of K), NB (blocks
+    of K a step: 1 or 2), SPLIT_K, PREFETCH (the next step's words, terms and X loaded before
+    this one's MMAs)."""
+    from .quant import splitk_reduce_spec
+    from .spec import KernelSpec, cdiv
+
+    _fmt_id(fmt)
+    if fmt not in TC_FORMATS or t not in ("bf16", "fp16"):
+        raise ValueError(f"nib warp-MMA kernel: takes {TC_FORMATS} with 16-bit X, "
+                         f"got {fmt} with {t}")
+    split, warps = conf["SPLIT_K"], conf["num_warps"]
+    nb = conf.get("NB", 1)
+    if nb not in (1, 2):
+        raise ValueError(f"nib warp-MMA kernel: NB must be 1 or 2, got {nb}")
+    consts = dict(FMT=_fmt_id(fmt), GROUP=group, DT={"bf16": 1, "fp16": 2}[t],
+                  WARPS=warps, NB=nb, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)))
+    sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
+           "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+           "blocks_per_split": "i32", **{k: "constexpr" for k in consts}}
+    main = KernelSpec(
+        name=f"nib_{fmt}_mma_b{nb}p{consts['PREFETCH']}_{t}_w{warps}"
+             + (f"s{split}" if split > 1 else ""),
+        fn=nib_mma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
+        grid=lambda M, N: (cdiv(M, 8), cdiv(N, 32), split), grid_args=("M", "N"),
+        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
+    return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
+
+
+def mma_geometry(k: int, warps: int, split: int, nb: int = 1) -> int:
+    """blocks_per_split of the warp-MMA kernel over K = k: whole steps of nb 32-value blocks for
+    each of the warps in each split (the program's warps share its blocks evenly)."""
+    per = warps * nb
+    if k % (32 * per):
+        raise ValueError(f"nib warp-MMA kernel: K={k} must be a multiple of 32 x {warps} warps"
+                         f" x {nb} blocks a step")
+    return -(-(-(-(k // 32) // split)) // per) * per
 
 
 def nib_x_planes_spec(t: str, nw: int):

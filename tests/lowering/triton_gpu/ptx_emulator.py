@@ -1,9 +1,12 @@
 """A numpy emulator of the few PTX instructions graphir's inline-asm decoders use (mov, prmt,
-shl / shr, lop3, and packed bf16x2 / f16x2 sub, mul, fma with round-to-nearest-even), so the
-asm strings are checked on the CPU, where Triton's interpreter runs a plain-op stand-in instead.
+shl / shr, lop3, packed bf16x2 / f16x2 sub, mul, fma with round-to-nearest-even, cvt of two
+float32 into a packed pair, and the warp-wide mma.sync m16n8k16 with float32 accumulators), so
+the asm strings are checked on the CPU, where Triton's interpreter runs a plain-op stand-in.
 
-Each register is a numpy uint32 array (one lane per element); `run(asm, args)` executes the
-asm's instructions in order, with `$i` naming args[i] (outputs among them, written in place).
+Each register is a numpy uint32 array (one lane per element; float32 values as their bits);
+`run(asm, args)` executes the asm's instructions in order, with `$i` naming args[i] (outputs
+among them, written in place). For mma.sync the last axis is the warp's 32 lanes, whose
+fragments follow the PTX ISA's layout for m16n8k16 (row-major A, column-major B).
 """
 from __future__ import annotations
 
@@ -62,6 +65,38 @@ def _prmt(a, b, sel: int) -> np.ndarray:
     return out
 
 
+def _mma(ops: list, val, ty: str) -> list:
+    """D = A B + C for m16n8k16 over the last axis's 32 lanes: lane l (group g = l // 4, t =
+    l % 4) holds A[g, 2t..2t+1], A[g+8, 2t..], A[g, 2t+8..], A[g+8, 2t+8..] (a0..a3, low half
+    first), B[2t..2t+1, g], B[2t+8.., g] (b0, b1) and C / D [g, 2t..2t+1], [g+8, 2t..]."""
+    a = [_halves(val(t), ty) for t in ops[4:8]]
+    b = [_halves(val(t), ty) for t in ops[8:10]]
+    c = [val(t).view(np.float32).astype(np.float64) for t in ops[10:14]]
+    lead = a[0][0].shape[:-1]
+    A = np.zeros(lead + (16, 16))
+    B = np.zeros(lead + (16, 8))
+    C = np.zeros(lead + (16, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for h in range(2):
+            A[..., g, 2 * t + h] = a[0][h][..., lane]
+            A[..., g + 8, 2 * t + h] = a[1][h][..., lane]
+            A[..., g, 2 * t + 8 + h] = a[2][h][..., lane]
+            A[..., g + 8, 2 * t + 8 + h] = a[3][h][..., lane]
+            B[..., 2 * t + h, g] = b[0][h][..., lane]
+            B[..., 2 * t + 8 + h, g] = b[1][h][..., lane]
+            C[..., g, 2 * t + h] = c[h][..., lane]
+            C[..., g + 8, 2 * t + h] = c[2 + h][..., lane]
+    D = (A @ B + C).astype(np.float32)
+    out = [np.zeros(lead + (32,), np.float32) for _ in range(4)]
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for h in range(2):
+            out[h][..., lane] = D[..., g, 2 * t + h]
+            out[2 + h][..., lane] = D[..., g + 8, 2 * t + h]
+    return [o.view(U32) for o in out]
+
+
 def run(asm: str, args: list) -> list:
     """Execute `asm` over the uint32 lanes of args ($0.. in order); returns args."""
     regs: dict[str, np.ndarray] = {}
@@ -100,6 +135,16 @@ def run(asm: str, args: list) -> list:
             put(ops[0], _lop3(val(ops[1]), val(ops[2]), val(ops[3]), int(ops[4], 0)))
         elif name == "prmt":
             put(ops[0], _prmt(val(ops[1]), val(ops[2]), int(ops[3], 0)))
+        elif name == "cvt":
+            # cvt.rn.{bf16x2,f16x2}.f32 d, a, b: a to the high half, b to the low one.
+            ty = op.split(".")[2]
+            hi, lo = (val(t).view(np.float32).astype(np.float64) for t in ops[1:3])
+            put(ops[0], _pack(lo, hi, ty))
+        elif name == "mma":
+            assert op.startswith("mma.sync.aligned.m16n8k16.row.col.f32.") and op.endswith(".f32")
+            ty = {"bf16": "bf16x2", "f16": "f16x2"}[op.split(".")[-2]]
+            for tok, v in zip(ops[:4], _mma(ops, val, ty)):
+                put(tok, v)
         elif name in ("sub", "mul", "fma"):
             ty = op.split(".")[-1]
             xs = [_halves(val(t), ty) for t in ops[1:]]

@@ -2,7 +2,10 @@
 row bucket the lowering ships (NIB_BUCKETS) and the many-row decode, plus float32 / float16
 activations: each fits Hopper's shared memory and spills nothing; the GEMV and the decode use
 no tensor cores and decode with the one-instruction mask-or (inline lop3); the dot buckets and
-the tensor-core kernel (16-bit X, 5-16 rows) multiply on tensor cores."""
+the tensor-core kernel (16-bit X, 5-16 rows) multiply on tensor cores. The warp-MMA kernel
+(quant_nib_mma.py) compiles for every format and both 16-bit types with its lane tensors in one
+layout (lane p of the tensor in lane p % 32 of warp p // 32) and no layout conversion or shared
+memory inside its loop: its inline MMA depends on that placement."""
 
 import pytest
 
@@ -26,11 +29,22 @@ for dt in ("float32", "float16"):
         jobs.append((f"q4_k/{dt}/m{m}",
                      qn.nib_specs("q4_k", dt, qn.nib_config(m, 4096, 4096, "q4_k", dt)[0])))
     jobs.append((f"q4_k/{dt}/dequant", [qn.nib_dequant_spec("q4_k", dt, 4096)]))
+for fmt in qn.FMT_IDS:
+    for dt in ("bfloat16", "float16"):
+        conf = dict(MMA=1, num_warps=4, NB=2, SPLIT_K=2, PREFETCH=1)
+        jobs.append((f"{fmt}/{dt}/mma", qn.nib_specs(fmt, dt, conf, 128 if fmt.startswith("gptq") else 32)))
 out = {}
 for label, specs in jobs:
     for s in specs:
         c = aot.compile_spec(s)
-        out[f"{label}/{s.name}"] = record(s, c)
+        out[f"{label}/{s.name}"] = rec = record(s, c)
+        if "_mma_" in s.name:
+            ttgir = c.asm["ttgir"]
+            loop = ttgir[ttgir.index("scf.for"):]
+            loop = loop[:loop.index("scf.yield")]
+            rec["loop_converts"] = loop.count("ttg.convert_layout") + loop.count("ttg.local_")
+            rec["lane_layout"] = ("threadsPerWarp = [32, 1], warpsPerCTA = [4, 1]" in ttgir
+                                  and "threadsPerWarp = [32], warpsPerCTA = [4]" in ttgir)
 print("JSON" + json.dumps(out))
 """
 
@@ -49,10 +63,20 @@ def test_every_nib_kernel_compiles_fits_and_does_not_spill(compiled):
             assert stack == 0 and local == 0, (key, c["res"])
 
 
+def test_mma_kernel_keeps_its_lane_layout(compiled):
+    mma = {k: c for k, c in compiled.items() if "_mma_" in c["name"]}
+    assert len(mma) == 12
+    for k, c in mma.items():
+        assert c["mma"] == 8 and c["wgmma"] == 0 and c["packed"] == 32, k   # 2 blocks x 2 tiles
+        assert c["loop_converts"] == 0 and c["lane_layout"], k
+        assert c["shared"] <= 1024, k       # the warps' final sum only
+
+
 def test_gemv_decodes_on_the_fma_pipe_and_dot_on_tensor_cores(compiled):
     gemv = {k: c for k, c in compiled.items()
             if "_gemv_" in c["name"] or "_dequant_" in c["name"]}
-    dot = {k: c for k, c in compiled.items() if "_matmul_" in c["name"] or "_tc_" in c["name"]}
+    dot = {k: c for k, c in compiled.items() if "_matmul_" in c["name"] or "_tc_" in c["name"]
+           or "_mma_" in c["name"]}
     assert gemv and dot and any("_tc_" in c["name"] for c in dot.values())
     for k, c in gemv.items():
         assert c["wgmma"] == 0 and c["mma"] == 0 and c["lop3"] > 0, k
@@ -60,4 +84,5 @@ def test_gemv_decodes_on_the_fma_pipe_and_dot_on_tensor_cores(compiled):
         # 64 or more weight rows a tile take wgmma (W in registers), fewer mma.sync; the
         # tensor-core kernel decodes two values an instruction (packed 16-bit arithmetic).
         assert c["wgmma"] + c["mma"] > 0, k
-        assert (c["packed"] > 0) if "_tc_" in c["name"] else (c["lop3"] > 0), k
+        packed = "_tc_" in c["name"] or "_mma_" in c["name"]
+        assert (c["packed"] > 0) if packed else (c["lop3"] > 0), k

@@ -1,0 +1,299 @@
+"""4-bit (and Q6_K) matmul for 1-8 rows of 16-bit X on the tensor cores, one warp-wide MMA per
+16 weight rows and 16 values of K, over the nib layout as it is stored (ops/quant/nib_layout.py).
+
+The GEMV (quant_nib.py) spends a mask-or, a subtraction and an FMA per weight value and row of
+X, which bounds it by instruction issue (~8 us for 14336 x 4096 at one row, against ~7 us of
+bytes). Here the per-value work is the decode alone: two values per instruction into bfloat16 /
+float16 (a mask-or, a packed subtraction, a packed FMA with the block's scale and offset, as the
+tensor-core kernel quant_nib_tc.py decodes), and the products go to the tensor cores, whose
+mma.sync m16n8k16 takes a 16 x 16 tile of weight and the 8 columns of X^T (rows of X: up to 8,
+the rest re-read the last and are dropped) at one instruction per 256 values a lane... per warp.
+
+No shared memory: each lane loads exactly the words its MMA fragment needs, because the
+fragment's K order is free (any permutation of K applied to both operands leaves the product
+unchanged). Lane (r, q) (r = lane // 4, q = lane % 4) holds the left operand's rows r and r + 8
+and, for a 32-value block b, the word column 4 b + q of both rows: nibble i of that word is
+value 32 b + 8 q + i of K. The first MMA of the block takes nibbles (0, 4) as its columns
+(2q, 2q + 1) and (1, 5) as (2q + 8, 2q + 9); the second (2, 6) and (3, 7). A pair (i, i + 4)
+sits at bits 4 i and 16 + 4 i of the word, so one mask-or makes both halves of the packed
+register. The lane's column of X^T (row r of X) gives the right operand at the same K values.
+
+Triton has no warp-level MMA on values a kernel places itself, so the MMA is inline PTX over 1-D
+"lane" tensors: a tensor of 32 W elements (W warps) in Triton's default layout puts element p
+in lane p % 32 of warp p // 32, and `[T, 32 W]` tensors hold T tiles of 16 rows a lane. Every
+value the asm reads is made per lane (loads, integer arithmetic), so nothing asks Triton for
+another layout; tests/lowering/triton_gpu/test_quant_nib_aot.py checks that the compiled kernel
+has that one layout and no layout conversion inside its loop. Under Triton's interpreter (no
+PTX) `_mma_plain` computes the same sums across the lanes with reshapes.
+
+Numerics: the weight value s c + m is rounded once to X's type (s, m rounded first), as the
+tensor-core kernel and the decode-into-scratch path round it; the products are exact and summed
+in float32 by the tensor cores.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .quant_nib import _ASM, affine_at
+from .quant_nib_tc import _plane_plain
+
+
+def _decode_pair(ty: str, dst: str, word: str, shift: int, s: str, m: str, kind: int,
+                 crumbs: str, i: int) -> list[str]:
+    """PTX decoding nibbles (i, i + 4) of `word` (at bits 4 i, 16 + 4 i) into the packed pair
+    dst: kind 0 s c + m, 1 s (c - 8), 2 (q6_k) s (c + 16 crumb - 32), the crumbs of the pair
+    at bits 2 i, 16 + 2 i of `crumbs`."""
+    out = [f"shr.b32 t, {word}, {shift};" if shift else f"mov.b32 t, {word};",
+           "lop3.b32 t, t, 0x000F000F, k, 0xEA;"]                   # (a & b) | c
+    if kind == 2:
+        sh = 4 - 2 * i      # the crumbs to bits 4-5 and 20-21
+        out += [f"shl.b32 u, {crumbs}, {sh};" if sh > 0 else
+                f"shr.b32 u, {crumbs}, {-sh};" if sh < 0 else f"mov.b32 u, {crumbs};",
+                "lop3.b32 t, u, 0x00300030, t, 0xEA;"]
+    out.append(f"sub.rn.{ty} u, t, k2;")
+    out.append(f"fma.rn.{ty} {dst}, u, {s}, {m};" if kind == 0 else f"mul.rn.{ty} {dst}, u, {s};")
+    return out
+
+
+def mma_block_asm(ty: str, magic: int, kind: int) -> str:
+    """PTX for one 32-value block of one 16-row tile: $0..$3 the new accumulator fragment
+    (float32), from $4 / $5 the code words of rows r / r + 8, $6 / $7 their float32 scales,
+    $8 / $9 their offsets (kind 0), $10 / $11 their crumb halves (q6_k), $12..$15 X's packed
+    pairs for nibbles (0, 4) .. (3, 7) and $16..$19 the accumulator."""
+    low = "bf16" if ty == "bf16x2" else "f16"
+    off = magic + (8 if kind == 1 else 32 if kind == 2 else 0)
+    lines = [".reg .b32 t, u, k, k2, z, sl, sh, ml, mh, cl, ch, a0, a1, a2, a3;",
+             f"mov.b32 k, 0x{magic:04X}{magic:04X};", f"mov.b32 k2, 0x{off:04X}{off:04X};",
+             f"cvt.rn.{ty}.f32 sl, $6, $6;", f"cvt.rn.{ty}.f32 sh, $7, $7;"]
+    if kind == 0:
+        lines += [f"cvt.rn.{ty}.f32 ml, $8, $8;", f"cvt.rn.{ty}.f32 mh, $9, $9;"]
+    if kind == 2:
+        # Crumb i of the lane's half at bit 2 i, i + 4 at bit 8 + 2 i: bytes 0 and 1 to 0 and 2.
+        lines += ["mov.b32 z, 0;", "prmt.b32 cl, $10, z, 0x4140;", "prmt.b32 ch, $11, z, 0x4140;"]
+    for h in range(2):
+        for dst, word, scale, offset, crumbs, i in (
+                ("a0", "$4", "sl", "ml", "cl", 2 * h), ("a1", "$5", "sh", "mh", "ch", 2 * h),
+                ("a2", "$4", "sl", "ml", "cl", 2 * h + 1), ("a3", "$5", "sh", "mh", "ch", 2 * h + 1)):
+            lines += _decode_pair(ty, dst, word, 4 * i, scale, offset, kind, crumbs, i)
+        acc = "$16, $17, $18, $19" if h == 0 else "$0, $1, $2, $3"
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{low}.{low}.f32 {{$0, $1, $2, $3}}, "
+                     f"{{a0, a1, a2, a3}}, {{${12 + 2 * h}, ${13 + 2 * h}}}, {{{acc}}};")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f,r,r,f,f,f,f,r,r,r,r,r,r,f,f,f,f")
+_ASMS = {(dt, kind): tl.constexpr(mma_block_asm("bf16x2" if dt == 1 else "f16x2",
+                                                0x4300 if dt == 1 else 0x6400, kind))
+         for dt in (1, 2) for kind in (0, 1, 2)}
+_BF16_AFFINE, _BF16_SYM, _BF16_Q6 = _ASMS[1, 0], _ASMS[1, 1], _ASMS[1, 2]
+_F16_AFFINE, _F16_SYM, _F16_Q6 = _ASMS[2, 0], _ASMS[2, 1], _ASMS[2, 2]
+
+
+@triton.jit
+def _lane_dot(a, xv):
+    """Per lane (r, q) the sums over the lanes (r, q') of a * (X at lane (2q + e, q')), e = 0, 1:
+    what the MMA adds into the lane's two columns for one row (a, xv `[32 W]`)."""
+    L: tl.constexpr = a.shape[0]
+    W: tl.constexpr = L // 32
+    a5 = tl.reshape(a.to(tl.float32), (W, 8, 1, 1, 4))
+    x5 = tl.reshape(xv.to(tl.float32), (W, 1, 4, 2, 4))
+    c0, c1 = tl.split(tl.sum(a5 * x5, axis=4))
+    return tl.reshape(c0, (L,)), tl.reshape(c1, (L,))
+
+
+@triton.jit
+def _mma_plain(wlo, whi, slo, shi, mlo, mhi, clo, chi, xs, c0, c1, c2, c3,
+               DTYPE: tl.constexpr, KIND: tl.constexpr):
+    """mma_block_asm without PTX (Triton's interpreter): X as its 8 values a lane (nibble order)."""
+    for i in tl.static_range(8):
+        lo = _plane_plain(wlo, clo, 0, i, slo.to(DTYPE), mlo.to(DTYPE), KIND)
+        hi = _plane_plain(whi, chi, 0, i, shi.to(DTYPE), mhi.to(DTYPE), KIND)
+        d0, d1 = _lane_dot(lo, xs[i])
+        d2, d3 = _lane_dot(hi, xs[i])
+        c0 += d0
+        c1 += d1
+        c2 += d2
+        c3 += d3
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _four(v):
+    """The four entries of the last axis of v `[32 W, 4]` (one lane's 16-byte load), each
+    `[32 W]`: a split along an axis a lane holds whole moves no data."""
+    L: tl.constexpr = v.shape[0]
+    a, b = tl.split(tl.reshape(v, (L, 2, 2)))
+    e0, e2 = tl.split(a)
+    e1, e3 = tl.split(b)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def _tile(wlo, whi, slo, shi, mlo, mhi, clo, chi, xp, xv, c0, c1, c2, c3,
+          DT: tl.constexpr, DTYPE: tl.constexpr, KIND: tl.constexpr):
+    """One block of one 16-row tile: the fragments c0..c3 plus its products; xp: X's packed
+    pairs (PTX), xv: X's eight values (interpreter)."""
+    if _ASM:
+        if DT == 1:
+            asm: tl.constexpr = _BF16_AFFINE if KIND == 0 else _BF16_SYM if KIND == 1 else _BF16_Q6
+        else:
+            asm: tl.constexpr = _F16_AFFINE if KIND == 0 else _F16_SYM if KIND == 1 else _F16_Q6
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            asm, _CONSTRAINTS,
+            [wlo, whi, slo, shi, mlo, mhi, clo, chi, xp[0], xp[1], xp[2], xp[3], c0, c1, c2, c3],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        c0, c1, c2, c3 = _mma_plain(wlo, whi, slo, shi, mlo, mhi, clo, chi, xv, c0, c1, c2, c3,
+                                    DTYPE, KIND)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _x(xp, b, DTYPE: tl.constexpr):
+    """Block b's X for a lane: four packed pairs of values (i, i + 4), the MMA's right operand
+    (PTX), or the eight values (interpreter); from four 32-bit loads of values (0, 1) .. (6, 7)."""
+    xb = xp + b * 16
+    u01 = tl.load(xb)
+    u23 = tl.load(xb + 1)
+    u45 = tl.load(xb + 2)
+    u67 = tl.load(xb + 3)
+    pairs = ((u01 & 0xFFFF) | (u45 << 16), (u01 >> 16) | (u45 & 0xFFFF0000),
+             (u23 & 0xFFFF) | (u67 << 16), (u23 >> 16) | (u67 & 0xFFFF0000))
+    if _ASM:
+        vals = pairs     # unread
+    else:
+        vals = (_half(u01, 0, DTYPE), _half(u01, 1, DTYPE), _half(u23, 0, DTYPE),
+                _half(u23, 1, DTYPE), _half(u45, 0, DTYPE), _half(u45, 1, DTYPE),
+                _half(u67, 0, DTYPE), _half(u67, 1, DTYPE))
+    return pairs, vals
+
+
+@triton.jit
+def _half(u, h: tl.constexpr, DTYPE: tl.constexpr):
+    return ((u >> (16 * h)) & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
+           DTYPE: tl.constexpr):
+    """Block b's loads for a lane: its group's four code words (one 16-byte load), their affine
+    terms (float32; q6_k: of sub-block 2 b + sub), q6_k's crumb words and X."""
+    r4 = tl.arange(0, 4)[None, :]
+    w = _four(tl.load(wp + (b * 16)[:, None]))
+    if FMT == 5:
+        s4, m4 = affine_at(s_ptr, z_ptr, g, (2 * b + sub)[:, None], r4, nblk, FMT, GROUP)
+        c = _four(tl.load(cp + (b * 8)[:, None]))
+    else:
+        s4, m4 = affine_at(s_ptr, z_ptr, g, b[:, None], r4, nblk, FMT, GROUP)
+        c = w   # unread
+    xpairs, xvals = _x(xp, b, DTYPE)
+    return w, _four(s4), _four(m4), c, xpairs, xvals
+
+
+@triton.jit
+def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
+                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr):
+    """The loads of blocks b .. b + NB - 1 (NB 1 or 2)."""
+    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE)
+    if NB == 2:
+        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE))
+    else:
+        out = (f0,)
+    return out
+
+
+@triton.jit
+def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per_split,
+                   FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
+                   WARPS: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+    # A program owns 32 weight rows (8 row groups of the layout), up to 8 rows of X and a run
+    # of 32-value blocks of K, split evenly among its WARPS warps (the launcher makes
+    # blocks_per_split a multiple of WARPS NB, NB blocks a step); each warp adds its blocks into its lanes'
+    # fragments, summed across warps at the end. Lane (r, q) loads group r's four rows at word
+    # column 4 b + q in one 16-byte load: rows 0, 1 of the group are tile 0's MMA rows r and
+    # r + 8, rows 2, 3 tile 1's (the MMA's row order is free: the store undoes it).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    L: tl.constexpr = 32 * WARPS
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    KIND: tl.constexpr = 2 if FMT == 5 else 1 if (FMT == 0 or FMT == 4) else 0
+    kw = K // 8
+    nblk = K // 16 if FMT == 5 else K // 32
+    p = tl.arange(0, L)
+    warp = p // 32
+    r = (p % 32) // 4
+    q = p % 4
+    # Groups past N's read the layout's last (in bounds; their rows are not stored).
+    g = tl.minimum(pid_n * 8 + r, (N + 3) // 4 - 1).to(tl.int64)[:, None]
+    b_lo = pid_k * blocks_per_split
+    per_warp = (tl.minimum(b_lo + blocks_per_split, K // 32) - b_lo) // WARPS
+    steps = per_warp // NB
+    b0 = b_lo + warp * per_warp                       # the warp's first block
+    r4 = tl.arange(0, 4)[None, :]
+    # Words (g, 4 b + q, 0..3) of the layout at + 16 b.
+    wp = q_ptr + (g * kw + q[:, None]) * 4 + r4
+    # q6_k's crumb words (g, (4 b + q) // 2, 0..3) at + 8 b, the lane's half at 16 (q % 2);
+    # word columns 0, 1 of a block are its first 16-value sub-block, 2, 3 the second.
+    cp = h_ptr.to(tl.pointer_type(tl.int32)) + (g * (kw // 2) + (q // 2)[:, None]) * 4 + r4
+    hsh = 16 * (q % 2)
+    sub = q // 2
+    # X row r of the program (rows past M re-read the last): values 32 b + 8 q + 0..7 as
+    # four 32-bit pairs at + 16 b.
+    xrow = tl.minimum(pid_m * 8 + r, M - 1).to(tl.int64)
+    xp = x_ptr.to(tl.pointer_type(tl.uint32)) + xrow * (K // 2) + 4 * q
+    zero = tl.zeros((L,), tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
+    # NB blocks a step; with PREFETCH the next step's are loaded before this one's MMAs (past
+    # the last step: the last again, in bounds and unused).
+    if PREFETCH:
+        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB)
+    for it in range(steps):
+        if PREFETCH:
+            cur = nxt
+            nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(it + 1, steps - 1) * NB,
+                              sub, nblk, FMT, GROUP, DTYPE, NB)
+        else:
+            cur = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + it * NB, sub, nblk, FMT, GROUP,
+                              DTYPE, NB)
+        for u in tl.static_range(NB):
+            w, s4, m4, c, xpairs, xvals = cur[u]
+            if KIND != 0:
+                m4 = s4     # no offset: the asm leaves it unread (so its computation goes)
+            if FMT == 5:
+                c = (c[0] >> hsh, c[1] >> hsh, c[2] >> hsh, c[3] >> hsh)
+            a0, a1, a2, a3 = _tile(w[0], w[1], s4[0], s4[1], m4[0], m4[1], c[0], c[1], xpairs,
+                                   xvals, a0, a1, a2, a3, DT, DTYPE, KIND)
+            a4, a5, a6, a7 = _tile(w[2], w[3], s4[2], s4[3], m4[2], m4[3], c[2], c[3], xpairs,
+                                   xvals, a4, a5, a6, a7, DT, DTYPE, KIND)
+    # Fragment (tile t, c0..c3) of lane (r, q): weight row 4 (8 pid_n + r) + 2 t (+ 1 for
+    # c2, c3), X row 2 q (+ 1 for c1, c3).
+    row0 = pid_n * 32
+    _store(a0, c_ptr, row0, 0, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
+    _store(a1, c_ptr, row0, 0, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
+    _store(a2, c_ptr, row0, 1, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
+    _store(a3, c_ptr, row0, 1, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
+    _store(a4, c_ptr, row0, 2, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
+    _store(a5, c_ptr, row0, 2, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
+    _store(a6, c_ptr, row0, 3, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
+    _store(a7, c_ptr, row0, 3, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
+
+
+@triton.jit
+def _store(c, c_ptr, row0, dr: tl.constexpr, xrow0, e: tl.constexpr, pid_k, M, N,
+           WARPS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Lane fragments `[32 W]` summed over the warps and stored: lane (r, q) holds weight row
+    row0 + 4 r + dr and X row xrow0 + 2 q + e (out[xrow, row], or split K's float32 partial)."""
+    if WARPS > 1:
+        c = tl.sum(tl.reshape(c, (WARPS, 32)), axis=0)
+    lane = tl.arange(0, 32)
+    row = row0 + 4 * (lane // 4) + dr
+    xrow = xrow0 + 2 * (lane % 4) + e
+    ok = (row < N) & (xrow < M)
+    dst = xrow.to(tl.int64) * N + row
+    if SPLIT_K > 1:
+        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, c, mask=ok)
+    else:
+        tl.store(c_ptr + dst, c.to(c_ptr.dtype.element_ty), mask=ok)

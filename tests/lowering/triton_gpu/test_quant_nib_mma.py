@@ -1,0 +1,69 @@
+"""The warp-MMA kernel for 1-8 rows of X over the nib layout (kernels/quant_nib_mma.py) under
+Triton's interpreter, where its lane-level MMA runs as the plain sums across lanes (the PTX itself
+is checked by test_quant_nib_mma_ptx.py): every format, Q6_K's crumbs and sub-block scales too,
+matches the float64 product (bfloat16 and float16 X, a ragged N, X rows past 8 in a second program
+row, warps sharing the blocks, two blocks a step, split K), and it refuses what it cannot take."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
+
+from tests.lowering.triton_gpu.test_quant_nib import weight_for  # noqa: E402
+
+DT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def launch_mma(x, ops, fmt, n, conf, group):
+    """y = x @ W^T with the warp-MMA kernel (fp32 partials summed by torch when split)."""
+    m, k = x.shape
+    (s, *_) = qn.nib_specs(fmt, DT[x.dtype], dict(conf, MMA=1), group)
+    bps = qn.mma_geometry(k, conf["num_warps"], conf["SPLIT_K"], conf["NB"])
+    t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
+    t[0] = t[0].view(torch.int32)
+    extra = t[2] if len(t) > 2 else t[1]
+    crumbs = t[3] if len(t) > 3 else t[0]
+    split = conf["SPLIT_K"]
+    out = torch.full((split, m, n) if split > 1 else (m, n), float("nan"),
+                     dtype=torch.float32 if split > 1 else x.dtype)
+    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, crumbs, out, m, n, k, bps, **s.constexprs,
+                               num_warps=s.num_warps)
+    return (out.sum(0) if split > 1 else out).double().numpy()
+
+
+@pytest.mark.parametrize("fmt,group,dtype,m,warps,nb,split", [
+    ("q4_0", 32, torch.bfloat16, 1, 1, 1, 1),
+    ("q4_1", 32, torch.float16, 3, 2, 2, 1),
+    ("q4_k", 32, torch.bfloat16, 8, 2, 1, 2),
+    ("gptq", 64, torch.float16, 5, 1, 2, 2),
+    ("gptq_sym", 128, torch.bfloat16, 11, 2, 1, 1),
+    ("q6_k", 32, torch.bfloat16, 2, 2, 2, 1),
+    ("q6_k", 32, torch.float16, 9, 1, 1, 2),
+])
+def test_mma_matches_product(fmt, group, dtype, m, warps, nb, split):
+    rng = np.random.default_rng(len(fmt) * 11 + m)
+    # N ragged for GGUF (zero rows padded to a multiple of 4, rows past N masked), 512 of K.
+    n, k = (72 if fmt.startswith("gptq") else 70), 512
+    ops, w = weight_for(rng, fmt, n, k, group)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
+    conf = dict(num_warps=warps, NB=nb, SPLIT_K=split, PREFETCH=int(split == 1))
+    got = launch_mma(x, ops, fmt, n, conf, group)
+    want = x.double().numpy() @ w.astype(np.float64).T
+    # The weight is rounded to X's type once (s c + m), as the tensor-core kernel rounds it.
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_mma_refuses_what_it_cannot_take():
+    conf = dict(MMA=1, num_warps=2, NB=1, SPLIT_K=1)
+    with pytest.raises(ValueError, match="unknown format 'q5_k'"):
+        qn.nib_specs("q5_k", "bfloat16", conf)
+    with pytest.raises(ValueError, match="fp32"):
+        qn.nib_specs("q4_0", "float32", conf)
+    with pytest.raises(ValueError, match="NB must be 1 or 2"):
+        qn.nib_specs("q4_0", "bfloat16", dict(conf, NB=4))
+    with pytest.raises(ValueError, match="K=4128 must be a multiple of 32 x 2 warps x 1"):
+        qn.mma_geometry(4128, 2, 1)
+    assert qn.mma_geometry(4096, 4, 1, 2) == 128
+    assert qn.mma_geometry(4096, 4, 3, 2) == 48       # whole steps of 8 blocks, 3 splits
