@@ -101,6 +101,10 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
         perm = kernels[xs.name]
         xgrid = xs.grid_for(M=M, K=K)
         return [lambda f=f: (perm(xgrid, x, xbuf, K), f()) for f in plain]
+    if conf.get("SG"):
+        # The experiment's layout: the words of each block of eight row groups stored together.
+        wsets = [[q.view(N // 32, 8, K // 32, 4, 4).transpose(1, 2).contiguous().view(-1)] + rest
+                 for q, *rest in wsets]
     split = conf["SPLIT_K"]
     main = kernels[specs[0].name]
     bps = (tc_geometry(K, conf["NW"], split) if conf.get("TC")
@@ -128,8 +132,9 @@ DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
 MMA_GRID = "--mma" in sys.argv
 BUCKETS_ONLY = "--buckets" in sys.argv
-# --once FMT,N,M: the shipped bucket of that format, weight N x 4096 and row count, checked and
-# run a few times with no timing (for ncu: `ncu -k regex:nib_ python3 ... --once q4_0,14336,16`).
+# --once FMT,N,M[,CONF]: the shipped bucket of that format, weight N x 4096 and row count (or the
+# config CONF, "MMA=1;num_warps=8;..."), checked and run a few times with no timing (for ncu:
+# `ncu -k regex:nib_ python3 ... --once q4_0,14336,16`).
 ONCE = sys.argv[sys.argv.index("--once") + 1].split(",") if "--once" in sys.argv else None
 SPLIT_GRID = "--split" in sys.argv
 MS = (1, 2, 4, 16, 64) if DRY else (1, 2, 4, 8, 16, 64, 512)
@@ -193,9 +198,8 @@ def mma_confs():
     if DRY:
         return [dict(MMA=1, num_warps=w, NB=b, SPLIT_K=s, PREFETCH=p)
                 for w, b, s, p in ((2, 2, 1, 1), (1, 1, 2, 0))]
-    return [dict(MMA=1, num_warps=w, NB=b, SPLIT_K=s, PREFETCH=p)
-            for w, b, s, p in itertools.product((2, 4, 8, 16), (1, 2), (1, 2, 4), (0, 1))
-            if p or b == 1]
+    return [dict(MMA=1, num_warps=w, NB=b, SPLIT_K=s, PREFETCH=p, SG=g)
+            for w, b, s, p, g in itertools.product((4, 8, 16), (1, 2), (1, 2), (1, 2), (0, 1))]
 
 
 def bucket_jobs(fmt, N, K):
@@ -209,7 +213,8 @@ def label(c):
     if c.get("DEQUANT"):
         return "dequant + cuBLAS"
     if c.get("MMA"):
-        return f"mma w{c['num_warps']}b{c.get('NB', 1)}s{c['SPLIT_K']}p{c['PREFETCH']}"
+        return (f"mma w{c['num_warps']}b{c.get('NB', 1)}s{c['SPLIT_K']}p{c['PREFETCH']}"
+                f"a{c.get('SA', 1)}g{c.get('SG', 0)}")
     if c.get("TC"):
         return (f"tc n{c['BN']}j{c['NW']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}x{c.get('XP', 0)}")
@@ -319,6 +324,8 @@ def main() -> None:
         from graphir.lowering.triton_gpu.kernels.quant_nib_config import nib_config
 
         conf = nib_config(m, 4096, n, fmt)[0]
+        if len(ONCE) > 3:      # an explicit config: KEY=VALUE;KEY=VALUE (integers)
+            conf = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in ONCE[3].split(";")}
         specs = specs_of(fmt, 4096, conf)
         kernels = _kernels.compile_all({sp.name: sp for sp in specs}, DRY)
         dev, _, wt = weight(np.random.default_rng(0), fmt, n, 4096)
@@ -338,11 +345,13 @@ def main() -> None:
     elif MMA_GRID:
         # The warp-MMA grid at 1 and 8 rows on Q4_0, both weights; then the best three of
         # each weight on every format at 1-16 rows, next to the shipped buckets.
-        mm = [("q4_0", N, K, m, c) for N, K in SHAPES for m in (1, 8) for c in mma_confs()]
+        mm = [("q4_0", N, K, m, c) for N, K in SHAPES for m in (1, 4) for c in mma_confs()]
         run(mm, copy_gbs, results, weights, peer)
         jobs = []
         for N, K in SHAPES:
-            top = best(results, "q4_0", N, 1, "mma", 2) + best(results, "q4_0", N, 8, "mma", 1)
+            top = best(results, "q4_0", N, 1, "mma", 2) + best(results, "q4_0", N, 4, "mma", 1)
+            # The symmetric codes rounded with their scale into the MMA instead (SA 0).
+            jobs += [("q4_0", N, K, m, dict(c, SA=0)) for m in (1, 8) for c in top[:1]]
             for fmt in FMTS:
                 jobs += [(fmt, N, K, m, c) for m in MS[:5] for c in top]
                 jobs += [j for j in bucket_jobs(fmt, N, K) if j[3] <= 16]

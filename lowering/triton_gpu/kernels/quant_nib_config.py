@@ -111,12 +111,13 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
     if nb not in (1, 2):
         raise ValueError(f"nib warp-MMA kernel: NB must be 1 or 2, got {nb}")
     consts = dict(FMT=_fmt_id(fmt), GROUP=group, DT={"bf16": 1, "fp16": 2}[t],
-                  WARPS=warps, NB=nb, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)))
+                  WARPS=warps, NB=nb, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)),
+                  SA=int(conf.get("SA", 1)), SG=int(conf.get("SG", 0)))
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "blocks_per_split": "i32", **{k: "constexpr" for k in consts}}
     main = KernelSpec(
-        name=f"nib_{fmt}_mma_b{nb}p{consts['PREFETCH']}_{t}_w{warps}"
+        name=f"nib_{fmt}_mma_b{nb}p{consts['PREFETCH']}a{consts['SA']}g{consts['SG']}_{t}_w{warps}"
              + (f"s{split}" if split > 1 else ""),
         fn=nib_mma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
         grid=lambda M, N: (cdiv(M, 8), cdiv(N, 32), split), grid_args=("M", "N"),

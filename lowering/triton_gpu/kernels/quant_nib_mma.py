@@ -43,7 +43,7 @@ def _decode_pair(ty: str, dst: str, word: str, shift: int, s: str, m: str, kind:
                  crumbs: str, i: int) -> list[str]:
     """PTX decoding nibbles (i, i + 4) of `word` (at bits 4 i, 16 + 4 i) into the packed pair
     dst: kind 0 s c + m, 1 s (c - 8), 2 (q6_k) s (c + 16 crumb - 32), the crumbs of the pair
-    at bits 2 i, 16 + 2 i of `crumbs`."""
+    at bits 2 i, 16 + 2 i of `crumbs`; 3 c - 8 (exact: the scale comes after the MMA)."""
     out = [f"shr.b32 t, {word}, {shift};" if shift else f"mov.b32 t, {word};",
            "lop3.b32 t, t, 0x000F000F, k, 0xEA;"]                   # (a & b) | c
     if kind == 2:
@@ -51,6 +51,8 @@ def _decode_pair(ty: str, dst: str, word: str, shift: int, s: str, m: str, kind:
         out += [f"shl.b32 u, {crumbs}, {sh};" if sh > 0 else
                 f"shr.b32 u, {crumbs}, {-sh};" if sh < 0 else f"mov.b32 u, {crumbs};",
                 "lop3.b32 t, u, 0x00300030, t, 0xEA;"]
+    if kind == 3:
+        return out + [f"sub.rn.{ty} {dst}, t, k2;"]
     out.append(f"sub.rn.{ty} u, t, k2;")
     out.append(f"fma.rn.{ty} {dst}, u, {s}, {m};" if kind == 0 else f"mul.rn.{ty} {dst}, u, {s};")
     return out
@@ -60,34 +62,44 @@ def mma_block_asm(ty: str, magic: int, kind: int) -> str:
     """PTX for one 32-value block of one 16-row tile: $0..$3 the new accumulator fragment
     (float32), from $4 / $5 the code words of rows r / r + 8, $6 / $7 their float32 scales,
     $8 / $9 their offsets (kind 0), $10 / $11 their crumb halves (q6_k), $12..$15 X's packed
-    pairs for nibbles (0, 4) .. (3, 7) and $16..$19 the accumulator."""
+    pairs for nibbles (0, 4) .. (3, 7) and $16..$19 the accumulator. Kinds 0-2 round each
+    weight value to X's type (s and m first); kind 3 (symmetric codes) multiplies the exact
+    codes and scales the block's float32 sums after the MMAs (four FMAs a tile, none a value).
+    The outputs are written last, so they may share registers with any input."""
     low = "bf16" if ty == "bf16x2" else "f16"
-    off = magic + (8 if kind == 1 else 32 if kind == 2 else 0)
-    lines = [".reg .b32 t, u, k, k2, z, sl, sh, ml, mh, cl, ch, a0, a1, a2, a3;",
-             f"mov.b32 k, 0x{magic:04X}{magic:04X};", f"mov.b32 k2, 0x{off:04X}{off:04X};",
-             f"cvt.rn.{ty}.f32 sl, $6, $6;", f"cvt.rn.{ty}.f32 sh, $7, $7;"]
+    off = magic + (8 if kind in (1, 3) else 32 if kind == 2 else 0)
+    lines = [".reg .b32 t, u, k, k2, z, sl, sh, ml, mh, cl, ch, a0, a1, a2, a3, d0, d1, d2, d3;",
+             f"mov.b32 k, 0x{magic:04X}{magic:04X};", f"mov.b32 k2, 0x{off:04X}{off:04X};"]
+    if kind != 3:
+        lines += [f"cvt.rn.{ty}.f32 sl, $6, $6;", f"cvt.rn.{ty}.f32 sh, $7, $7;"]
     if kind == 0:
         lines += [f"cvt.rn.{ty}.f32 ml, $8, $8;", f"cvt.rn.{ty}.f32 mh, $9, $9;"]
     if kind == 2:
         # Crumb i of the lane's half at bit 2 i, i + 4 at bit 8 + 2 i: bytes 0 and 1 to 0 and 2.
         lines += ["mov.b32 z, 0;", "prmt.b32 cl, $10, z, 0x4140;", "prmt.b32 ch, $11, z, 0x4140;"]
+    if kind == 3:
+        lines.append("mov.b32 z, 0;")
     for h in range(2):
         for dst, word, scale, offset, crumbs, i in (
                 ("a0", "$4", "sl", "ml", "cl", 2 * h), ("a1", "$5", "sh", "mh", "ch", 2 * h),
                 ("a2", "$4", "sl", "ml", "cl", 2 * h + 1), ("a3", "$5", "sh", "mh", "ch", 2 * h + 1)):
             lines += _decode_pair(ty, dst, word, 4 * i, scale, offset, kind, crumbs, i)
-        acc = "$16, $17, $18, $19" if h == 0 else "$0, $1, $2, $3"
-        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{low}.{low}.f32 {{$0, $1, $2, $3}}, "
-                     f"{{a0, a1, a2, a3}}, {{${12 + 2 * h}, ${13 + 2 * h}}}, {{{acc}}};")
+        acc_in = ("z, z, z, z" if kind == 3 else "$16, $17, $18, $19") if h == 0 else "d0, d1, d2, d3"
+        acc_out = "$0, $1, $2, $3" if h == 1 and kind != 3 else "d0, d1, d2, d3"
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{low}.{low}.f32 {{{acc_out}}}, "
+                     f"{{a0, a1, a2, a3}}, {{${12 + 2 * h}, ${13 + 2 * h}}}, {{{acc_in}}};")
+    if kind == 3:
+        lines += ["fma.rn.f32 $0, d0, $6, $16;", "fma.rn.f32 $1, d1, $6, $17;",
+                  "fma.rn.f32 $2, d2, $7, $18;", "fma.rn.f32 $3, d3, $7, $19;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 _CONSTRAINTS = tl.constexpr("=f,=f,=f,=f,r,r,f,f,f,f,r,r,r,r,r,r,f,f,f,f")
 _ASMS = {(dt, kind): tl.constexpr(mma_block_asm("bf16x2" if dt == 1 else "f16x2",
                                                 0x4300 if dt == 1 else 0x6400, kind))
-         for dt in (1, 2) for kind in (0, 1, 2)}
-_BF16_AFFINE, _BF16_SYM, _BF16_Q6 = _ASMS[1, 0], _ASMS[1, 1], _ASMS[1, 2]
-_F16_AFFINE, _F16_SYM, _F16_Q6 = _ASMS[2, 0], _ASMS[2, 1], _ASMS[2, 2]
+         for dt in (1, 2) for kind in (0, 1, 2, 3)}
+_BF16_AFFINE, _BF16_SYM, _BF16_Q6, _BF16_EXACT = _ASMS[1, 0], _ASMS[1, 1], _ASMS[1, 2], _ASMS[1, 3]
+_F16_AFFINE, _F16_SYM, _F16_Q6, _F16_EXACT = _ASMS[2, 0], _ASMS[2, 1], _ASMS[2, 2], _ASMS[2, 3]
 
 
 @triton.jit
@@ -106,16 +118,27 @@ def _lane_dot(a, xv):
 def _mma_plain(wlo, whi, slo, shi, mlo, mhi, clo, chi, xs, c0, c1, c2, c3,
                DTYPE: tl.constexpr, KIND: tl.constexpr):
     """mma_block_asm without PTX (Triton's interpreter): X as its 8 values a lane (nibble order)."""
+    z = tl.zeros(c0.shape, tl.float32)
+    d0, d1, d2, d3 = z, z, z, z
     for i in tl.static_range(8):
-        lo = _plane_plain(wlo, clo, 0, i, slo.to(DTYPE), mlo.to(DTYPE), KIND)
-        hi = _plane_plain(whi, chi, 0, i, shi.to(DTYPE), mhi.to(DTYPE), KIND)
-        d0, d1 = _lane_dot(lo, xs[i])
-        d2, d3 = _lane_dot(hi, xs[i])
-        c0 += d0
-        c1 += d1
-        c2 += d2
-        c3 += d3
-    return c0, c1, c2, c3
+        if KIND == 3:
+            lo = ((wlo >> (4 * i)) & 0xF).to(tl.float32) - 8.0
+            hi = ((whi >> (4 * i)) & 0xF).to(tl.float32) - 8.0
+        else:
+            lo = _plane_plain(wlo, clo, 0, i, slo.to(DTYPE), mlo.to(DTYPE), KIND)
+            hi = _plane_plain(whi, chi, 0, i, shi.to(DTYPE), mhi.to(DTYPE), KIND)
+        e0, e1 = _lane_dot(lo, xs[i])
+        e2, e3 = _lane_dot(hi, xs[i])
+        d0 += e0
+        d1 += e1
+        d2 += e2
+        d3 += e3
+    if KIND == 3:
+        d0 = d0 * slo
+        d1 = d1 * slo
+        d2 = d2 * shi
+        d3 = d3 * shi
+    return c0 + d0, c1 + d1, c2 + d2, c3 + d3
 
 
 @triton.jit
@@ -136,9 +159,11 @@ def _tile(wlo, whi, slo, shi, mlo, mhi, clo, chi, xp, xv, c0, c1, c2, c3,
     pairs (PTX), xv: X's eight values (interpreter)."""
     if _ASM:
         if DT == 1:
-            asm: tl.constexpr = _BF16_AFFINE if KIND == 0 else _BF16_SYM if KIND == 1 else _BF16_Q6
+            asm: tl.constexpr = _BF16_AFFINE if KIND == 0 else _BF16_SYM if KIND == 1 else \
+                _BF16_Q6 if KIND == 2 else _BF16_EXACT
         else:
-            asm: tl.constexpr = _F16_AFFINE if KIND == 0 else _F16_SYM if KIND == 1 else _F16_Q6
+            asm: tl.constexpr = _F16_AFFINE if KIND == 0 else _F16_SYM if KIND == 1 else \
+                _F16_Q6 if KIND == 2 else _F16_EXACT
         c0, c1, c2, c3 = tl.inline_asm_elementwise(
             asm, _CONSTRAINTS,
             [wlo, whi, slo, shi, mlo, mhi, clo, chi, xp[0], xp[1], xp[2], xp[3], c0, c1, c2, c3],
@@ -176,11 +201,11 @@ def _half(u, h: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
-           DTYPE: tl.constexpr):
+           DTYPE: tl.constexpr, SG: tl.constexpr):
     """Block b's loads for a lane: its group's four code words (one 16-byte load), their affine
     terms (float32; q6_k: of sub-block 2 b + sub), q6_k's crumb words and X."""
     r4 = tl.arange(0, 4)[None, :]
-    w = _four(tl.load(wp + (b * 16)[:, None]))
+    w = _four(tl.load(wp + (b * (128 if SG else 16))[:, None]))
     if FMT == 5:
         s4, m4 = affine_at(s_ptr, z_ptr, g, (2 * b + sub)[:, None], r4, nblk, FMT, GROUP)
         c = _four(tl.load(cp + (b * 8)[:, None]))
@@ -193,11 +218,11 @@ def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: 
 
 @triton.jit
 def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
-                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr):
+                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr, SG: tl.constexpr):
     """The loads of blocks b .. b + NB - 1 (NB 1 or 2)."""
-    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE)
+    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE, SG)
     if NB == 2:
-        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE))
+        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE, SG))
     else:
         out = (f0,)
     return out
@@ -207,7 +232,7 @@ def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
 def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per_split,
                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                    WARPS: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                   PREFETCH: tl.constexpr):
+                   PREFETCH: tl.constexpr, SA: tl.constexpr, SG: tl.constexpr = 0):
     # A program owns 32 weight rows (8 row groups of the layout), up to 8 rows of X and a run
     # of 32-value blocks of K, split evenly among its WARPS warps (the launcher makes
     # blocks_per_split a multiple of WARPS NB, NB blocks a step); each warp adds its blocks into its lanes'
@@ -219,7 +244,9 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
     pid_k = tl.program_id(2)
     L: tl.constexpr = 32 * WARPS
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    KIND: tl.constexpr = 2 if FMT == 5 else 1 if (FMT == 0 or FMT == 4) else 0
+    # Symmetric codes (q4_0, GPTQ without zero points) are exact in X's type: scaled after
+    # the MMA (SA) or rounded with their scale into it.
+    KIND: tl.constexpr = 2 if FMT == 5 else (3 if SA else 1) if (FMT == 0 or FMT == 4) else 0
     kw = K // 8
     nblk = K // 16 if FMT == 5 else K // 32
     p = tl.arange(0, L)
@@ -233,8 +260,12 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
     steps = per_warp // NB
     b0 = b_lo + warp * per_warp                       # the warp's first block
     r4 = tl.arange(0, 4)[None, :]
-    # Words (g, 4 b + q, 0..3) of the layout at + 16 b.
-    wp = q_ptr + (g * kw + q[:, None]) * 4 + r4
+    # Words (g, 4 b + q, 0..3) of the layout at + 16 b; SG (an experiment): the words of a
+    # block of eight groups stored together, at + 128 b.
+    if SG:
+        wp = q_ptr + ((g // 8) * (kw * 32) + (g % 8) * 16 + q[:, None] * 4) + r4
+    else:
+        wp = q_ptr + (g * kw + q[:, None]) * 4 + r4
     # q6_k's crumb words (g, (4 b + q) // 2, 0..3) at + 8 b, the lane's half at 16 (q % 2);
     # word columns 0, 1 of a block are its first 16-value sub-block, 2, 3 the second.
     cp = h_ptr.to(tl.pointer_type(tl.int32)) + (g * (kw // 2) + (q // 2)[:, None]) * 4 + r4
@@ -246,18 +277,27 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
     xp = x_ptr.to(tl.pointer_type(tl.uint32)) + xrow * (K // 2) + 4 * q
     zero = tl.zeros((L,), tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
-    # NB blocks a step; with PREFETCH the next step's are loaded before this one's MMAs (past
+    # NB blocks a step; PREFETCH (1 or 2) steps ahead are loaded before this one's MMAs (past
     # the last step: the last again, in bounds and unused).
-    if PREFETCH:
-        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB)
+    if PREFETCH >= 1:
+        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB, SG)
+    if PREFETCH == 2:
+        nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(1, steps - 1) * NB, sub,
+                           nblk, FMT, GROUP, DTYPE, NB, SG)
     for it in range(steps):
-        if PREFETCH:
+        if PREFETCH == 2:
+            cur = nxt
+            nxt = nxt2
+            nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g,
+                               b0 + tl.minimum(it + 2, steps - 1) * NB, sub, nblk, FMT, GROUP,
+                               DTYPE, NB, SG)
+        elif PREFETCH == 1:
             cur = nxt
             nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(it + 1, steps - 1) * NB,
-                              sub, nblk, FMT, GROUP, DTYPE, NB)
+                              sub, nblk, FMT, GROUP, DTYPE, NB, SG)
         else:
             cur = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + it * NB, sub, nblk, FMT, GROUP,
-                              DTYPE, NB)
+                              DTYPE, NB, SG)
         for u in tl.static_range(NB):
             w, s4, m4, c, xpairs, xvals = cur[u]
             if KIND != 0:

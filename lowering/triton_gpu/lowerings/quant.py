@@ -123,9 +123,9 @@ def _dequantize(sb: StepBuilder, node) -> None:
 
 @register_lowering("nib_matmul", "cuda")
 def _nib_matmul(sb: StepBuilder, node) -> None:
-    """The 4-bit nib kernels (kernels/quant_nib.py, quant_nib_tc.py): the GEMV for decode
-    rows, the tensor-core kernel (or the dot tiles) for more, split-K partials summed by the
-    shared reduce; past the last of those buckets the
+    """The 4-bit nib kernels (kernels/quant_nib.py, quant_nib_mma.py, quant_nib_tc.py): the
+    warp-MMA kernel or the GEMV for decode rows, the tensor-core kernel (or the dot tiles) for
+    more, split-K partials summed by the shared reduce; past the last of those buckets the
     weight is decoded into scratch of X's dtype and multiplied by the plain matmul."""
     from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 
@@ -158,8 +158,8 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
             emit_hand_matmul(sb, x, Mdim, n, K, None, node.results[0], decoded, above=prev)
             break
         specs = qn.nib_specs(a["fmt"], dt, conf, group)
-        bm = conf.get("ROWS", 1) if conf.get("GEMV") else conf["BM"]
-        bn = conf["BN"] if conf.get("TC") else 4 * conf["BG"]
+        bm = conf.get("ROWS", 1) if conf.get("GEMV") else 8 if conf.get("MMA") else conf["BM"]
+        bn = conf["BN"] if conf.get("TC") else 32 if conf.get("MMA") else 4 * conf["BG"]
         with sb.when(cond):
             xarg = sb.ptr(x)
             if conf.get("XP"):

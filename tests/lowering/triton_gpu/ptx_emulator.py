@@ -145,6 +145,9 @@ def run(asm: str, args: list) -> list:
             ty = {"bf16": "bf16x2", "f16": "f16x2"}[op.split(".")[-2]]
             for tok, v in zip(ops[:4], _mma(ops, val, ty)):
                 put(tok, v)
+        elif op == "fma.rn.f32":
+            a, b, c = (val(t).view(np.float32).astype(np.float64) for t in ops[1:4])
+            put(ops[0], (a * b + c).astype(np.float32).view(U32))
         elif name in ("sub", "mul", "fma"):
             ty = op.split(".")[-1]
             xs = [_halves(val(t), ty) for t in ops[1:]]

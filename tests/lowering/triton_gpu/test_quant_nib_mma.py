@@ -2,7 +2,8 @@
 Triton's interpreter, where its lane-level MMA runs as the plain sums across lanes (the PTX itself
 is checked by test_quant_nib_mma_ptx.py): every format, Q6_K's crumbs and sub-block scales too,
 matches the float64 product (bfloat16 and float16 X, a ragged N, X rows past 8 in a second program
-row, warps sharing the blocks, two blocks a step, split K), and it refuses what it cannot take."""
+row, warps sharing the blocks, two blocks a step, split K, symmetric codes scaled after the MMA or
+rounded with their scale), and it refuses what it cannot take."""
 import numpy as np
 import pytest
 import torch
@@ -33,26 +34,30 @@ def launch_mma(x, ops, fmt, n, conf, group):
     return (out.sum(0) if split > 1 else out).double().numpy()
 
 
-@pytest.mark.parametrize("fmt,group,dtype,m,warps,nb,split", [
-    ("q4_0", 32, torch.bfloat16, 1, 1, 1, 1),
-    ("q4_1", 32, torch.float16, 3, 2, 2, 1),
-    ("q4_k", 32, torch.bfloat16, 8, 2, 1, 2),
-    ("gptq", 64, torch.float16, 5, 1, 2, 2),
-    ("gptq_sym", 128, torch.bfloat16, 11, 2, 1, 1),
-    ("q6_k", 32, torch.bfloat16, 2, 2, 2, 1),
-    ("q6_k", 32, torch.float16, 9, 1, 1, 2),
+@pytest.mark.parametrize("fmt,group,dtype,m,warps,nb,split,sa", [
+    ("q4_0", 32, torch.bfloat16, 1, 1, 1, 1, 1),
+    ("q4_0", 32, torch.float16, 4, 2, 1, 2, 0),
+    ("q4_1", 32, torch.float16, 3, 2, 2, 1, 1),
+    ("q4_k", 32, torch.bfloat16, 8, 2, 1, 2, 1),
+    ("gptq", 64, torch.float16, 5, 1, 2, 2, 1),
+    ("gptq_sym", 128, torch.bfloat16, 11, 2, 1, 1, 1),
+    ("q6_k", 32, torch.bfloat16, 2, 2, 2, 1, 1),
+    ("q6_k", 32, torch.float16, 9, 1, 1, 2, 1),
 ])
-def test_mma_matches_product(fmt, group, dtype, m, warps, nb, split):
+def test_mma_matches_product(fmt, group, dtype, m, warps, nb, split, sa):
     rng = np.random.default_rng(len(fmt) * 11 + m)
     # N ragged for GGUF (zero rows padded to a multiple of 4, rows past N masked), 512 of K.
     n, k = (72 if fmt.startswith("gptq") else 70), 512
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-    conf = dict(num_warps=warps, NB=nb, SPLIT_K=split, PREFETCH=int(split == 1))
+    conf = dict(num_warps=warps, NB=nb, SPLIT_K=split, PREFETCH=(split == 1) + (nb == 1), SA=sa)
     got = launch_mma(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
-    # The weight is rounded to X's type once (s c + m), as the tensor-core kernel rounds it.
-    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    # The weight is rounded to X's type once (s c + m), as the tensor-core kernel rounds it,
+    # but for symmetric codes scaled after the MMA (SA): then only the output is rounded.
+    exact = sa and fmt in ("q4_0", "gptq_sym")
+    tol = (4e-3 if dtype == torch.bfloat16 else 1e-3) if exact else 2e-2
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
 def test_mma_refuses_what_it_cannot_take():
