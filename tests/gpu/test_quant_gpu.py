@@ -1,5 +1,6 @@
 """The quantized and latent layers compiled for the GPU (Triton cubins, runtime.cuda) on the GPU:
-qmatmul over GGUF weights at a row count of each bucket (the nib GEMV, dot tiles, the decode
+qmatmul over GGUF weights at a row count of each bucket (the nib GEMV, the warp-MMA kernel, the
+tensor-core kernel, the decode
 into scratch + the plain matmul) in bf16 against the float64 product of the dequantized
 weight; and GGUFQAttentionWithRope, GPTQAttentionWithRope and LatentAttentionWithRope through
 a ragged prefill, decode steps and a mixed chunk over the paged cache against the reference
@@ -54,7 +55,7 @@ def test_qmatmul_every_row_bucket(enc):
         g.output(ops.qmatmul(enc, None, g.inputs[0], w))
     model = executor.load(compile_graph(g, "cuda:sm_90"), {"w": raw})
     wt = dequantize_gguf(raw, enc, k).astype(np.float64)
-    for m in (1, 2, 3, 6, 10, 16, 40, 300):
+    for m in (1, 2, 3, 6, 8, 10, 16, 40, 300):
         x = round_to(rng.standard_normal((m, k)), DType.bfloat16)
         (y,) = model.execute(x)
         got = np.asarray(y, np.float64)

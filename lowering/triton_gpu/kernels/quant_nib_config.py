@@ -220,12 +220,33 @@ def tc_takes(fmt: str, dtype: str, k: int) -> bool:
             and k % (8 * TC_BUCKET[1]["NW"]) == 0 and k % 128 == 0)
 
 
+# 3-8 rows of 16-bit X (2 rows too on weights of 8448 rows or more), the formats TC_FORMATS
+# names, K a multiple of 256: the warp-MMA kernel (quant_nib_mma.py; SPLIT_K 0: mma_split).
+# H200, bf16 X (BENCHMARKS.md nib round 5), 14336 x 4096 Q4_0 at 2 / 4 / 8 rows 16.0 / 16.7 /
+# 19.7 us against the GEMV's 19.6 / 23.8 us (2 / 4 rows a program) and the tensor-core
+# kernel's 25.9 us (8 rows); 4096 x 4096 at 4 / 8 rows 9.5 / 10.2 us against 10.0 / 13.7 us.
+# At 2 rows of a 4096-row weight the GEMV stays ahead (7.4 against 9.1 us: 128 programs of 32
+# rows leave the MMA kernel short of loads in flight); at one row the GEMV wins on both.
+MMA_BUCKET = (8, dict(MMA=1, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
+MMA_MIN_N_AT_2 = 8448       # 2 x 132 programs of 32 rows
+
+
+def mma_takes(fmt: str, dtype: str, k: int) -> bool:
+    """Whether the warp-MMA kernel takes a weight of format fmt over K = k with X of dtype."""
+    c = MMA_BUCKET[1]
+    return (fmt in TC_FORMATS and dtype in ("bfloat16", "float16")
+            and k % (32 * c["num_warps"] * c["NB"]) == 0)
+
+
 def nib_buckets(fmt: str = "q4_0", dtype: str = "bfloat16", k: int = 4096) -> tuple:
     """The row buckets (largest M, config) of a weight of format fmt over K = k, X of dtype:
-    NIB_BUCKETS, with the tensor-core kernel for 5-16 rows where it takes the weight."""
-    if tc_takes(fmt, dtype, k):
-        return NIB_BUCKETS[:3] + (TC_BUCKET, NIB_BUCKETS[-1])
-    return NIB_BUCKETS
+    NIB_BUCKETS, with the warp-MMA kernel for 3-8 rows and the tensor-core kernel for 9-16
+    where they take the weight (nib_config gives 2 rows of a large weight to the former)."""
+    mma, tc = mma_takes(fmt, dtype, k), tc_takes(fmt, dtype, k)
+    if not (mma or tc):
+        return NIB_BUCKETS
+    head = NIB_BUCKETS[:2] + (MMA_BUCKET,) if mma else NIB_BUCKETS[:3]
+    return head + ((TC_BUCKET,) if tc else (NIB_BUCKETS[4],)) + (NIB_BUCKETS[-1],)
 
 
 SMS = 132   # an H100 / H200; the split only needs the order of magnitude
@@ -239,6 +260,16 @@ def dot_split(n: int, k: int, bg: int, nj: int) -> int:
     tiles = -(-n // (4 * bg))
     split = 1
     while split < 8 and tiles * split < 2 * SMS and k // 8 // (2 * split) >= 2 * nj:
+        split *= 2
+    return split
+
+
+def mma_split(n: int, k: int, warps: int, nb: int) -> int:
+    """Split K until the warp-MMA grid holds ~4 programs an SM (500: 14336 rows, 448 programs,
+    ran best at split 2, 4096 rows at split 4), each warp of a split at least two steps."""
+    tiles = -(-n // 32)
+    split = 1
+    while tiles * split < 500 and k // 32 // (2 * split) >= 2 * warps * nb:
         split *= 2
     return split
 
@@ -260,10 +291,16 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
     weight of n rows in format fmt and X of dtype."""
     top, conf = next((t, c) for t, c in nib_buckets(fmt, dtype, k)
                      if t is None or (m_max is not None and m_max <= t))
-    if fmt in SHORT and (top is None or top > SHORT[fmt]) and not conf.get("TC"):
+    if top == 2 and n >= MMA_MIN_N_AT_2 and mma_takes(fmt, dtype, k):
+        conf = MMA_BUCKET[1]
+    if fmt in SHORT and (top is None or top > SHORT[fmt]) and not (conf.get("TC")
+                                                                    or conf.get("MMA")):
         conf = dict(DEQUANT=1)
     if conf.get("DEQUANT"):
         return dict(conf), 0
+    if conf.get("MMA"):
+        conf = dict(conf, SPLIT_K=mma_split(n, k, conf["num_warps"], conf["NB"]))
+        return conf, mma_geometry(k, conf["num_warps"], conf["SPLIT_K"], conf["NB"])
     if conf.get("TC"):
         if -(-n // conf["BN"]) < SMS:
             conf = dict(conf, BN=32)

@@ -158,11 +158,21 @@ def test_dequant_kernel_matches_the_reference(fmt, group):
 
 def test_config_buckets_fit_k_and_fill_the_gpu():
     for m in (1, 2, 3, 16, 64, 65, None):
-        for k in (4096, 14336, 11008, 4128, 352):
+        for k in (4096, 14336, 11008, 4128, 4224, 352):
             for n in (4096, 14336, 40):
                 for fmt, dt in (("q4_0", "bfloat16"), ("q4_k", "float32"), ("gptq", "float16")):
                     conf, cols = qn.nib_config(m, k, n, fmt, dt)
                     if conf.get("DEQUANT"):
+                        continue
+                    if conf.get("MMA"):
+                        # 3-8 rows of 16-bit X (2 of a large weight): the warp-MMA kernel,
+                        # whole steps of NB blocks a warp in each split, ~4 programs an SM.
+                        assert dt != "float32" and (2 < m <= 8 or m == 2 and n >= 8448), m
+                        step = conf["num_warps"] * conf["NB"]
+                        assert (k // 32) % step == 0 and cols % step == 0
+                        assert cdiv(k // 32, cols) <= conf["SPLIT_K"]
+                        if k >= 4096:
+                            assert cdiv(n, 32) * conf["SPLIT_K"] >= min(500, 2 * n // 32)
                         continue
                     nj = conf["NW"] if conf.get("TC") else conf["NJ"]
                     assert (k // 8) % nj == 0 and cols % nj == 0
@@ -171,17 +181,24 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                         # 5-16 rows of 16-bit X: the tensor-core kernel, its grid ~4 programs
                         # an SM where K allows.
                         assert 4 < (m or 0) <= 16 and dt != "float32" and k % 128 == 0
+                        assert m > 8 or k % 256
                         if k >= 4096:
                             assert cdiv(n, conf["BN"]) * conf["SPLIT_K"] >= min(500, 16 * n // 64)
                     elif not conf.get("GEMV") and k >= 4096:
                         # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
                         assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
     assert qn.nib_config(1, 4096)[0].get("GEMV") and qn.nib_config(16, 4096)[0].get("TC")
+    assert qn.nib_config(2, 4096)[0].get("GEMV") and qn.nib_config(2, 4096, 14336)[0].get("MMA")
+    assert qn.nib_config(8, 4096)[0].get("MMA") and qn.nib_config(8, 4096, 4096, "q6_k")[0].get("MMA")
+    assert qn.nib_config(8, 4096, 4096, "q4_0", "float32")[0].get("GEMV")
     assert qn.nib_config(16, 4096, 4096, "q4_0", "float32")[0].get("BM") == 16
     assert qn.nib_config(16, 4096, 4096, "q6_k")[0].get("TC")
     assert qn.nib_config(16, 4096, 4096, "q6_k", "float32")[0].get("DEQUANT")
-    # K = 4128 (not a multiple of 128): the dot tiles, not the tensor-core kernel.
+    # K = 4128 (not a multiple of 128): the dot tiles, not the tensor-core kernel; 4224 (not
+    # of 256): the GEMV's 4-row programs and the tensor-core kernel, not the warp-MMA kernel.
     assert not qn.nib_config(16, 4128)[0].get("TC") and qn.nib_config(16, 11008)[0].get("TC")
+    assert qn.nib_config(4, 4224)[0].get("GEMV") and qn.nib_config(8, 4224)[0].get("TC")
+    assert qn.nib_config(8, 11008)[0].get("MMA")
 
 
 def _qmatmul_graph(enc, n, k, dtype="float32"):
@@ -233,8 +250,8 @@ def test_rule_names_the_bad_operand():
 def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     # One compiled cuda plan of a qmatmul, run by the plan runner with its kernels under the
     # interpreter at a row count of each bucket: the GEMV (1 row, 3 rows in a program, 6 in
-    # two), the dot (10), for 16-bit X the tensor-core kernel (6 and 10) instead, and the
-    # decode into scratch + the plain matmul (70).
+    # two), the dot (10), for 16-bit X the warp-MMA kernel (3 and 6) and the tensor-core
+    # kernel (10) instead, and the decode into scratch + the plain matmul (70).
     from graphir.runtime.interpreter import run
     from tests.lowering.triton_gpu.test_backend_interp import interp_executor
 
@@ -245,8 +262,8 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     rng = np.random.default_rng(len(enc))
     tol = 1e-4 if dtype == "float32" else 2e-2     # bf16: the output's and the decode's rounding
     dot = "_tc_" if dtype != "float32" else "matmul_m16"
-    six = "_tc_" if dtype != "float32" else "gemv_r4"
-    for m, kernel in ((1, "gemv_r1"), (3, "gemv_r4"), (6, six), (10, dot), (70, "dequant")):
+    few = "_mma_" if dtype != "float32" else "gemv_r4"
+    for m, kernel in ((1, "gemv_r1"), (3, few), (6, few), (10, dot), (70, "dequant")):
         x = round_to(rng.standard_normal((m, 256)), DType[dtype])
         dev.launched.clear()
         (got,) = ex.execute(x)
@@ -287,5 +304,5 @@ def test_plan_variants_end_at_the_decode_path(dtype, after):
     whens = [v["when"] for v in step["attrs"]["variants"]]
     assert whens[-1] is None and None not in whens[:-1], whens
     rows = whens[0].rsplit(" <= ", 1)[0]       # the row count's expression
-    tops = (1, 2, 4) if after == 4 else (1, 2, 4, 16)
+    tops = (1, 2, 4) if after == 4 else (1, 2, 8, 16)
     assert whens[:len(tops)] == [f"{rows} <= {top}" for top in tops], whens

@@ -19,7 +19,7 @@ from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 jobs = []
 for fmt in qn.FMT_IDS:
     group = 128 if fmt.startswith("gptq") else 32
-    for m in (1, 16):
+    for m in (1, 4, 16):
         conf, _ = qn.nib_config(m, 4096, 4096, fmt, "bfloat16")
         if not conf.get("DEQUANT"):
             jobs.append((f"{fmt}/m{m}", qn.nib_specs(fmt, "bfloat16", conf, group)))
@@ -65,9 +65,10 @@ def test_every_nib_kernel_compiles_fits_and_does_not_spill(compiled):
 
 def test_mma_kernel_keeps_its_lane_layout(compiled):
     mma = {k: c for k, c in compiled.items() if "_mma_" in c["name"]}
-    assert len(mma) == 12
+    assert len(mma) == 12 + 6        # the grid above and each format's shipped bucket
     for k, c in mma.items():
-        assert c["mma"] == 8 and c["wgmma"] == 0 and c["packed"] == 32, k   # 2 blocks x 2 tiles
+        assert c["mma"] == 8 and c["wgmma"] == 0, k          # 2 blocks x 2 tiles x 2
+        assert c["packed"] == 32, k    # 8 pairs a tile and block (symmetric ones: exact codes)
         assert c["loop_converts"] == 0 and c["lane_layout"], k
         assert c["shared"] <= 1024, k       # the warps' final sum only
 
