@@ -1,34 +1,36 @@
-"""4-bit (and Q6_K) matmul for 1-8 rows of 16-bit X on the tensor cores, one warp-wide MMA per
+"""4-bit (and Q6_K) matmul for up to 8 rows of 16-bit X on the tensor cores, one warp-wide MMA per
 16 weight rows and 16 values of K, over the nib layout as it is stored (ops/quant/nib_layout.py).
 
 The GEMV (quant_nib.py) spends a mask-or, a subtraction and an FMA per weight value and row of
-X, which bounds it by instruction issue (~8 us for 14336 x 4096 at one row, against ~7 us of
-bytes). Here the per-value work is the decode alone: two values per instruction into bfloat16 /
-float16 (a mask-or, a packed subtraction, a packed FMA with the block's scale and offset, as the
-tensor-core kernel quant_nib_tc.py decodes), and the products go to the tensor cores, whose
-mma.sync m16n8k16 takes a 16 x 16 tile of weight and the 8 columns of X^T (rows of X: up to 8,
-the rest re-read the last and are dropped) at one instruction per 256 values a lane... per warp.
+X. Here the per-value work is the decode alone, two values an instruction into bfloat16 /
+float16 (a mask-or and a packed subtraction; a packed FMA with the block's scale and offset
+where the codes are not symmetric), and mma.sync m16n8k16 multiplies a 16 x 16 weight tile by
+the 8 columns of X^T (rows of X: up to 8 a program; past M they re-read the last, dropped on
+store), whatever the row count.
 
-No shared memory: each lane loads exactly the words its MMA fragment needs, because the
-fragment's K order is free (any permutation of K applied to both operands leaves the product
-unchanged). Lane (r, q) (r = lane // 4, q = lane % 4) holds the left operand's rows r and r + 8
-and, for a 32-value block b, the word column 4 b + q of both rows: nibble i of that word is
-value 32 b + 8 q + i of K. The first MMA of the block takes nibbles (0, 4) as its columns
-(2q, 2q + 1) and (1, 5) as (2q + 8, 2q + 9); the second (2, 6) and (3, 7). A pair (i, i + 4)
+No shared memory: each lane loads exactly the words its MMA fragment needs, because the MMA's
+K order and row order are free (a permutation applied to both operands, or undone at the store,
+leaves the product unchanged). Lane (r, q) (r = lane // 4, q = lane % 4) loads, for a 32-value
+block b, word column 4 b + q of row group r (four rows, 16 bytes: nibble i of a row's word is
+value 32 b + 8 q + i of K): rows 0 and 1 of the group are the MMA rows r and r + 8 of tile 0,
+rows 2 and 3 those of tile 1. The first MMA of a block takes nibbles (0, 4) as its columns
+(2q, 2q + 1) and (1, 5) as (2q + 8, 2q + 9); the second (2, 6) and (3, 7): a pair (i, i + 4)
 sits at bits 4 i and 16 + 4 i of the word, so one mask-or makes both halves of the packed
 register. The lane's column of X^T (row r of X) gives the right operand at the same K values.
 
-Triton has no warp-level MMA on values a kernel places itself, so the MMA is inline PTX over 1-D
-"lane" tensors: a tensor of 32 W elements (W warps) in Triton's default layout puts element p
-in lane p % 32 of warp p // 32, and `[T, 32 W]` tensors hold T tiles of 16 rows a lane. Every
-value the asm reads is made per lane (loads, integer arithmetic), so nothing asks Triton for
-another layout; tests/lowering/triton_gpu/test_quant_nib_aot.py checks that the compiled kernel
-has that one layout and no layout conversion inside its loop. Under Triton's interpreter (no
-PTX) `_mma_plain` computes the same sums across the lanes with reshapes.
+Triton has no warp-level MMA on values a kernel places itself, so the MMA is inline PTX over
+1-D "lane" tensors: a tensor of 32 W elements (W warps) in Triton's default layout puts element
+p in lane p % 32 of warp p // 32, and `[32 W, 4]` loads of 16 bytes a lane split into four of
+them for free. Every value the asm reads is made per lane, so nothing asks Triton for another
+layout; tests/lowering/triton_gpu/test_quant_nib_aot.py checks the compiled kernel for that
+layout and for no layout conversion inside its loop. Under Triton's interpreter (no PTX)
+`_mma_plain` computes the same sums across the lanes with reshapes; the PTX itself is checked
+by a numpy emulator (tests/lowering/triton_gpu/test_quant_nib_mma_ptx.py).
 
-Numerics: the weight value s c + m is rounded once to X's type (s, m rounded first), as the
-tensor-core kernel and the decode-into-scratch path round it; the products are exact and summed
-in float32 by the tensor cores.
+Numerics: symmetric codes (q4_0, GPTQ without zero points) are exact in X's type: the MMA sums
+them against X exactly in float32 and each block's sums are scaled in float32 (SA), as the GEMV
+computes; other formats round each weight value s c + m once to X's type (s, m rounded first),
+as the tensor-core kernel and the decode-into-scratch path do.
 """
 from __future__ import annotations
 
@@ -201,11 +203,11 @@ def _half(u, h: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
-           DTYPE: tl.constexpr, SG: tl.constexpr):
+           DTYPE: tl.constexpr):
     """Block b's loads for a lane: its group's four code words (one 16-byte load), their affine
     terms (float32; q6_k: of sub-block 2 b + sub), q6_k's crumb words and X."""
     r4 = tl.arange(0, 4)[None, :]
-    w = _four(tl.load(wp + (b * (128 if SG else 16))[:, None]))
+    w = _four(tl.load(wp + (b * 16)[:, None]))
     if FMT == 5:
         s4, m4 = affine_at(s_ptr, z_ptr, g, (2 * b + sub)[:, None], r4, nblk, FMT, GROUP)
         c = _four(tl.load(cp + (b * 8)[:, None]))
@@ -218,11 +220,11 @@ def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: 
 
 @triton.jit
 def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
-                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr, SG: tl.constexpr):
+                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr):
     """The loads of blocks b .. b + NB - 1 (NB 1 or 2)."""
-    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE, SG)
+    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE)
     if NB == 2:
-        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE, SG))
+        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE))
     else:
         out = (f0,)
     return out
@@ -232,7 +234,7 @@ def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
 def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per_split,
                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                    WARPS: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                   PREFETCH: tl.constexpr, SA: tl.constexpr, SG: tl.constexpr = 0):
+                   PREFETCH: tl.constexpr, SA: tl.constexpr):
     # A program owns 32 weight rows (8 row groups of the layout), up to 8 rows of X and a run
     # of 32-value blocks of K, split evenly among its WARPS warps (the launcher makes
     # blocks_per_split a multiple of WARPS NB, NB blocks a step); each warp adds its blocks into its lanes'
@@ -260,12 +262,8 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
     steps = per_warp // NB
     b0 = b_lo + warp * per_warp                       # the warp's first block
     r4 = tl.arange(0, 4)[None, :]
-    # Words (g, 4 b + q, 0..3) of the layout at + 16 b; SG (an experiment): the words of a
-    # block of eight groups stored together, at + 128 b.
-    if SG:
-        wp = q_ptr + ((g // 8) * (kw * 32) + (g % 8) * 16 + q[:, None] * 4) + r4
-    else:
-        wp = q_ptr + (g * kw + q[:, None]) * 4 + r4
+    # Words (g, 4 b + q, 0..3) of the layout at + 16 b.
+    wp = q_ptr + (g * kw + q[:, None]) * 4 + r4
     # q6_k's crumb words (g, (4 b + q) // 2, 0..3) at + 8 b, the lane's half at 16 (q % 2);
     # word columns 0, 1 of a block are its first 16-value sub-block, 2, 3 the second.
     cp = h_ptr.to(tl.pointer_type(tl.int32)) + (g * (kw // 2) + (q // 2)[:, None]) * 4 + r4
@@ -280,24 +278,24 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
     # NB blocks a step; PREFETCH (1 or 2) steps ahead are loaded before this one's MMAs (past
     # the last step: the last again, in bounds and unused).
     if PREFETCH >= 1:
-        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB, SG)
+        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB)
     if PREFETCH == 2:
         nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(1, steps - 1) * NB, sub,
-                           nblk, FMT, GROUP, DTYPE, NB, SG)
+                           nblk, FMT, GROUP, DTYPE, NB)
     for it in range(steps):
         if PREFETCH == 2:
             cur = nxt
             nxt = nxt2
             nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g,
                                b0 + tl.minimum(it + 2, steps - 1) * NB, sub, nblk, FMT, GROUP,
-                               DTYPE, NB, SG)
+                               DTYPE, NB)
         elif PREFETCH == 1:
             cur = nxt
             nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(it + 1, steps - 1) * NB,
-                              sub, nblk, FMT, GROUP, DTYPE, NB, SG)
+                              sub, nblk, FMT, GROUP, DTYPE, NB)
         else:
             cur = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + it * NB, sub, nblk, FMT, GROUP,
-                              DTYPE, NB, SG)
+                              DTYPE, NB)
         for u in tl.static_range(NB):
             w, s4, m4, c, xpairs, xvals = cur[u]
             if KIND != 0:
