@@ -29,10 +29,12 @@ for dt in ("float32", "float16"):
         jobs.append((f"q4_k/{dt}/m{m}",
                      qn.nib_specs("q4_k", dt, qn.nib_config(m, 4096, 4096, "q4_k", dt)[0])))
     jobs.append((f"q4_k/{dt}/dequant", [qn.nib_dequant_spec("q4_k", dt, 4096)]))
-for fmt in qn.FMT_IDS:
-    for dt in ("bfloat16", "float16"):
-        conf = dict(MMA=1, num_warps=4, NB=2, SPLIT_K=2, PREFETCH=1)
-        jobs.append((f"{fmt}/{dt}/mma", qn.nib_specs(fmt, dt, conf, 128 if fmt.startswith("gptq") else 32)))
+for i, fmt in enumerate(qn.FMT_IDS):
+    # Beside the shipped bucket (bfloat16, above): float16 X, or symmetric codes rounded with
+    # their scale (SA 0), two steps of prefetch, a program of 8 warps.
+    dt = ("bfloat16", "float16")[i % 2]
+    conf = dict(MMA=1, num_warps=8, NB=2, SPLIT_K=2, PREFETCH=2, SA=i % 2)
+    jobs.append((f"{fmt}/{dt}/mma", qn.nib_specs(fmt, dt, conf, 128 if fmt.startswith("gptq") else 32)))
 out = {}
 for label, specs in jobs:
     for s in specs:
@@ -43,8 +45,9 @@ for label, specs in jobs:
             loop = ttgir[ttgir.index("scf.for"):]
             loop = loop[:loop.index("scf.yield")]
             rec["loop_converts"] = loop.count("ttg.convert_layout") + loop.count("ttg.local_")
-            rec["lane_layout"] = ("threadsPerWarp = [32, 1], warpsPerCTA = [4, 1]" in ttgir
-                                  and "threadsPerWarp = [32], warpsPerCTA = [4]" in ttgir)
+            w = s.num_warps
+            rec["lane_layout"] = (f"threadsPerWarp = [32, 1], warpsPerCTA = [{w}, 1]" in ttgir
+                                  and f"threadsPerWarp = [32], warpsPerCTA = [{w}]" in ttgir)
 print("JSON" + json.dumps(out))
 """
 
@@ -65,12 +68,12 @@ def test_every_nib_kernel_compiles_fits_and_does_not_spill(compiled):
 
 def test_mma_kernel_keeps_its_lane_layout(compiled):
     mma = {k: c for k, c in compiled.items() if "_mma_" in c["name"]}
-    assert len(mma) == 12 + 6        # the grid above and each format's shipped bucket
+    assert len(mma) == 6 + 6         # the variants above and each format's shipped bucket
     for k, c in mma.items():
         assert c["mma"] == 8 and c["wgmma"] == 0, k          # 2 blocks x 2 tiles x 2
         assert c["packed"] == 32, k    # 8 pairs a tile and block (symmetric ones: exact codes)
         assert c["loop_converts"] == 0 and c["lane_layout"], k
-        assert c["shared"] <= 1024, k       # the warps' final sum only
+        assert c["shared"] <= 2048, k       # the warps' final sum only
 
 
 def test_gemv_decodes_on_the_fma_pipe_and_dot_on_tensor_cores(compiled):
