@@ -197,7 +197,7 @@ def mma_confs():
     # Round 5 also timed the words of each block of eight row groups stored together (one
     # 512-byte load a warp): 3% faster, not worth a second layout.
     return [dict(MMA=1, num_warps=w, NB=b, SPLIT_K=s, PREFETCH=p)
-            for w, b, s, p in itertools.product((4, 8, 16), (1, 2), (1, 2, 4), (1, 2))]
+            for w, b, s, p in itertools.product((4, 8), (1, 2), (1, 2, 4), (1, 2))]
 
 
 def bucket_jobs(fmt, N, K):
@@ -211,8 +211,8 @@ def label(c):
     if c.get("DEQUANT"):
         return "dequant + cuBLAS"
     if c.get("MMA"):
-        return (f"mma w{c['num_warps']}b{c.get('NB', 1)}s{c['SPLIT_K']}p{c['PREFETCH']}"
-                f"a{c.get('SA', 1)}")
+        return (f"mma x{c.get('XN', 1)}w{c['num_warps']}b{c.get('NB', 1)}s{c['SPLIT_K']}"
+                f"p{c['PREFETCH']}a{c.get('SA', 1)}")
     if c.get("TC"):
         return (f"tc n{c['BN']}j{c['NW']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}x{c.get('XP', 0)}")
@@ -341,17 +341,20 @@ def main() -> None:
             results, weights, peer)
         first = []
     elif MMA_GRID:
-        # The warp-MMA grid at 1 and 8 rows on Q4_0, both weights; then the best three of
-        # each weight on every format at 1-16 rows, next to the shipped buckets.
+        # The warp-MMA grid at 1 and 4 rows on Q4_0, both weights (one set of 8 rows of X a
+        # program), and at 12 and 16 rows with two sets (XN 2) beside the tensor-core kernel;
+        # then the best on every format next to the shipped buckets.
         mm = [("q4_0", N, K, m, c) for N, K in SHAPES for m in (1, 4) for c in mma_confs()]
+        mm += [("q4_0", N, K, m, dict(c, XN=2)) for N, K in SHAPES for m in (12, 16)
+               for c in mma_confs() if c["PREFETCH"] == 1]
         run(mm, copy_gbs, results, weights, peer)
         jobs = []
         for N, K in SHAPES:
-            top = best(results, "q4_0", N, 1, "mma", 2) + best(results, "q4_0", N, 4, "mma", 1)
-            # The symmetric codes rounded with their scale into the MMA instead (SA 0).
-            jobs += [("q4_0", N, K, m, dict(c, SA=0)) for m in (1, 8) for c in top[:1]]
+            top = best(results, "q4_0", N, 1, "mma", 1) + best(results, "q4_0", N, 4, "mma", 1)
+            top16 = best(results, "q4_0", N, 16, "mma", 2)
             for fmt in FMTS:
-                jobs += [(fmt, N, K, m, c) for m in MS[:5] for c in top]
+                jobs += [(fmt, N, K, m, c) for m in (1, 2, 4, 8) for c in top]
+                jobs += [(fmt, N, K, m, c) for m in (12, 16) for c in top16]
                 jobs += [j for j in bucket_jobs(fmt, N, K) if j[3] <= 16]
         run(jobs, copy_gbs, results, weights, peer)
         first = []

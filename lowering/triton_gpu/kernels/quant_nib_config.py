@@ -95,11 +95,11 @@ def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
 
 
 def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
-    """The warp-MMA kernel (quant_nib_mma.py) for up to 8 rows of 16-bit X and 32 weight rows
-    a program: conf MMA=1, num_warps (each a share of the program's blocks of K), NB (blocks
+    """The warp-MMA kernel (quant_nib_mma.py) for up to 8 XN rows of 16-bit X and 32 weight
+    rows a program: conf MMA=1, num_warps (each a share of the program's blocks of K), NB (blocks
     of K a step: 1 or 2), SPLIT_K, PREFETCH (1 or 2 steps of words, terms and X loaded ahead of
     the MMAs), SA (symmetric codes scaled after the MMA, exactly: 1, or rounded with their
-    scale: 0)."""
+    scale: 0), XN (sets of 8 rows of X a program: 1 or 2)."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv
 
@@ -113,15 +113,17 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
         raise ValueError(f"nib warp-MMA kernel: NB must be 1 or 2, got {nb}")
     consts = dict(FMT=_fmt_id(fmt), GROUP=group, DT={"bf16": 1, "fp16": 2}[t],
                   WARPS=warps, NB=nb, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)),
-                  SA=int(conf.get("SA", 1)))
+                  SA=int(conf.get("SA", 1)), XN=int(conf.get("XN", 1)))
+    if consts["XN"] not in (1, 2):
+        raise ValueError(f"nib warp-MMA kernel: XN must be 1 or 2, got {consts['XN']}")
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "blocks_per_split": "i32", **{k: "constexpr" for k in consts}}
     main = KernelSpec(
-        name=f"nib_{fmt}_mma_b{nb}p{consts['PREFETCH']}a{consts['SA']}_{t}_w{warps}"
+        name=f"nib_{fmt}_mma_x{consts['XN']}b{nb}p{consts['PREFETCH']}a{consts['SA']}_{t}_w{warps}"
              + (f"s{split}" if split > 1 else ""),
         fn=nib_mma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
-        grid=lambda M, N: (cdiv(M, 8), cdiv(N, 32), split), grid_args=("M", "N"),
+        grid=lambda M, N: (cdiv(M, 8 * consts["XN"]), cdiv(N, 32), split), grid_args=("M", "N"),
         divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
     return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
 

@@ -60,48 +60,65 @@ def _decode_pair(ty: str, dst: str, word: str, shift: int, s: str, m: str, kind:
     return out
 
 
-def mma_block_asm(ty: str, magic: int, kind: int) -> str:
-    """PTX for one 32-value block of one 16-row tile: $0..$3 the new accumulator fragment
-    (float32), from $4 / $5 the code words of rows r / r + 8, $6 / $7 their float32 scales,
-    $8 / $9 their offsets (kind 0), $10 / $11 their crumb halves (q6_k), $12..$15 X's packed
-    pairs for nibbles (0, 4) .. (3, 7) and $16..$19 the accumulator. Kinds 0-2 round each
-    weight value to X's type (s and m first); kind 3 (symmetric codes) multiplies the exact
-    codes and scales the block's float32 sums after the MMAs (four FMAs a tile, none a value).
-    The outputs are written last, so they may share registers with any input."""
+def mma_block_asm(ty: str, magic: int, kind: int, xn: int = 1) -> str:
+    """PTX for one 32-value block of one 16-row tile against xn sets of 8 rows of X: $0..$3 (and
+    $4..$7 for the second set) the new accumulator fragments (float32), then from B = 4 xn:
+    $B / $B+1 the code words of rows r / r + 8, $B+2 / $B+3 their float32 scales, $B+4 / $B+5
+    their offsets (kind 0), $B+6 / $B+7 their crumb halves (q6_k), four of X's packed pairs
+    (nibbles (0, 4) .. (3, 7)) a set from $B+8, and the accumulators after them. Kinds 0-2
+    round each weight value to X's type (s and m first); kind 3 (symmetric codes) multiplies
+    the exact codes and scales the block's float32 sums after the MMAs (four FMAs a tile and
+    set, none a value). Each decoded pair feeds the MMAs of every set. The outputs are written
+    last, so they may share registers with any input."""
     low = "bf16" if ty == "bf16x2" else "f16"
     off = magic + (8 if kind in (1, 3) else 32 if kind == 2 else 0)
-    lines = [".reg .b32 t, u, k, k2, z, sl, sh, ml, mh, cl, ch, a0, a1, a2, a3, d0, d1, d2, d3;",
+    o = 4 * xn
+    w0, w1, s0, s1, m0, m1, c0, c1 = (f"${o + i}" for i in range(8))
+    xs = [[f"${o + 8 + 4 * j + i}" for i in range(4)] for j in range(xn)]
+    acc = [[f"${o + 8 + 4 * xn + 4 * j + i}" for i in range(4)] for j in range(xn)]
+    d = [[f"d{j}{i}" for i in range(4)] for j in range(xn)]
+    lines = [".reg .b32 t, u, k, k2, z, sl, sh, ml, mh, cl, ch, a0, a1, a2, a3, "
+             + ", ".join(r for dj in d for r in dj) + ";",
              f"mov.b32 k, 0x{magic:04X}{magic:04X};", f"mov.b32 k2, 0x{off:04X}{off:04X};"]
     if kind != 3:
-        lines += [f"cvt.rn.{ty}.f32 sl, $6, $6;", f"cvt.rn.{ty}.f32 sh, $7, $7;"]
+        lines += [f"cvt.rn.{ty}.f32 sl, {s0}, {s0};", f"cvt.rn.{ty}.f32 sh, {s1}, {s1};"]
     if kind == 0:
-        lines += [f"cvt.rn.{ty}.f32 ml, $8, $8;", f"cvt.rn.{ty}.f32 mh, $9, $9;"]
+        lines += [f"cvt.rn.{ty}.f32 ml, {m0}, {m0};", f"cvt.rn.{ty}.f32 mh, {m1}, {m1};"]
     if kind == 2:
         # Crumb i of the lane's half at bit 2 i, i + 4 at bit 8 + 2 i: bytes 0 and 1 to 0 and 2.
-        lines += ["mov.b32 z, 0;", "prmt.b32 cl, $10, z, 0x4140;", "prmt.b32 ch, $11, z, 0x4140;"]
+        lines += ["mov.b32 z, 0;", f"prmt.b32 cl, {c0}, z, 0x4140;",
+                  f"prmt.b32 ch, {c1}, z, 0x4140;"]
     if kind == 3:
         lines.append("mov.b32 z, 0;")
     for h in range(2):
         for dst, word, scale, offset, crumbs, i in (
-                ("a0", "$4", "sl", "ml", "cl", 2 * h), ("a1", "$5", "sh", "mh", "ch", 2 * h),
-                ("a2", "$4", "sl", "ml", "cl", 2 * h + 1), ("a3", "$5", "sh", "mh", "ch", 2 * h + 1)):
+                ("a0", w0, "sl", "ml", "cl", 2 * h), ("a1", w1, "sh", "mh", "ch", 2 * h),
+                ("a2", w0, "sl", "ml", "cl", 2 * h + 1), ("a3", w1, "sh", "mh", "ch", 2 * h + 1)):
             lines += _decode_pair(ty, dst, word, 4 * i, scale, offset, kind, crumbs, i)
-        acc_in = ("z, z, z, z" if kind == 3 else "$16, $17, $18, $19") if h == 0 else "d0, d1, d2, d3"
-        acc_out = "$0, $1, $2, $3" if h == 1 and kind != 3 else "d0, d1, d2, d3"
-        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{low}.{low}.f32 {{{acc_out}}}, "
-                     f"{{a0, a1, a2, a3}}, {{${12 + 2 * h}, ${13 + 2 * h}}}, {{{acc_in}}};")
+        for j in range(xn):
+            acc_in = ("z, z, z, z" if kind == 3 else ", ".join(acc[j])) if h == 0 else ", ".join(d[j])
+            acc_out = ", ".join(f"${4 * j + i}" for i in range(4)) if h == 1 and kind != 3 \
+                else ", ".join(d[j])
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{low}.{low}.f32 {{{acc_out}}}, "
+                         f"{{a0, a1, a2, a3}}, {{{xs[j][2 * h]}, {xs[j][2 * h + 1]}}}, {{{acc_in}}};")
     if kind == 3:
-        lines += ["fma.rn.f32 $0, d0, $6, $16;", "fma.rn.f32 $1, d1, $6, $17;",
-                  "fma.rn.f32 $2, d2, $7, $18;", "fma.rn.f32 $3, d3, $7, $19;"]
+        for j in range(xn):
+            lines += [f"fma.rn.f32 ${4 * j + i}, {d[j][i]}, {s0 if i < 2 else s1}, {acc[j][i]};"
+                      for i in range(4)]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-_CONSTRAINTS = tl.constexpr("=f,=f,=f,=f,r,r,f,f,f,f,r,r,r,r,r,r,f,f,f,f")
-_ASMS = {(dt, kind): tl.constexpr(mma_block_asm("bf16x2" if dt == 1 else "f16x2",
-                                                0x4300 if dt == 1 else 0x6400, kind))
-         for dt in (1, 2) for kind in (0, 1, 2, 3)}
-_BF16_AFFINE, _BF16_SYM, _BF16_Q6, _BF16_EXACT = _ASMS[1, 0], _ASMS[1, 1], _ASMS[1, 2], _ASMS[1, 3]
-_F16_AFFINE, _F16_SYM, _F16_Q6, _F16_EXACT = _ASMS[2, 0], _ASMS[2, 1], _ASMS[2, 2], _ASMS[2, 3]
+_CONSTRAINTS = {xn: tl.constexpr(",".join(["=f"] * (4 * xn) + ["r", "r", "f", "f", "f", "f", "r", "r"]
+                                         + ["r"] * (4 * xn) + ["f"] * (4 * xn)))
+                for xn in (1, 2)}
+_C1, _C2 = _CONSTRAINTS[1], _CONSTRAINTS[2]
+_ASMS = {(dt, kind, xn): tl.constexpr(mma_block_asm("bf16x2" if dt == 1 else "f16x2",
+                                                    0x4300 if dt == 1 else 0x6400, kind, xn))
+         for dt in (1, 2) for kind in (0, 1, 2, 3) for xn in (1, 2)}
+_BF16_AFFINE, _BF16_SYM, _BF16_Q6, _BF16_EXACT = (_ASMS[1, k, 1] for k in range(4))
+_F16_AFFINE, _F16_SYM, _F16_Q6, _F16_EXACT = (_ASMS[2, k, 1] for k in range(4))
+_BF16_AFFINE2, _BF16_SYM2, _BF16_Q62, _BF16_EXACT2 = (_ASMS[1, k, 2] for k in range(4))
+_F16_AFFINE2, _F16_SYM2, _F16_Q62, _F16_EXACT2 = (_ASMS[2, k, 2] for k in range(4))
 
 
 @triton.jit
@@ -155,25 +172,47 @@ def _four(v):
 
 
 @triton.jit
-def _tile(wlo, whi, slo, shi, mlo, mhi, clo, chi, xp, xv, c0, c1, c2, c3,
-          DT: tl.constexpr, DTYPE: tl.constexpr, KIND: tl.constexpr):
-    """One block of one 16-row tile: the fragments c0..c3 plus its products; xp: X's packed
-    pairs (PTX), xv: X's eight values (interpreter)."""
+def _tile(wlo, whi, slo, shi, mlo, mhi, clo, chi, xs, acc, DT: tl.constexpr,
+          DTYPE: tl.constexpr, KIND: tl.constexpr, XN: tl.constexpr):
+    """One block of one 16-row tile against XN sets of 8 rows of X: the fragments acc (4 XN)
+    plus its products; xs: per set, X's packed pairs (PTX) and eight values (interpreter)."""
     if _ASM:
-        if DT == 1:
-            asm: tl.constexpr = _BF16_AFFINE if KIND == 0 else _BF16_SYM if KIND == 1 else \
-                _BF16_Q6 if KIND == 2 else _BF16_EXACT
+        if XN == 2:
+            if DT == 1:
+                asm: tl.constexpr = _BF16_AFFINE2 if KIND == 0 else _BF16_SYM2 if KIND == 1 \
+                    else _BF16_Q62 if KIND == 2 else _BF16_EXACT2
+            else:
+                asm: tl.constexpr = _F16_AFFINE2 if KIND == 0 else _F16_SYM2 if KIND == 1 \
+                    else _F16_Q62 if KIND == 2 else _F16_EXACT2
+            p0 = xs[0][0]
+            p1 = xs[1][0]
+            acc = tl.inline_asm_elementwise(
+                asm, _C2, [wlo, whi, slo, shi, mlo, mhi, clo, chi, p0[0], p0[1], p0[2], p0[3],
+                           p1[0], p1[1], p1[2], p1[3], acc[0], acc[1], acc[2], acc[3], acc[4],
+                           acc[5], acc[6], acc[7]],
+                dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         else:
-            asm: tl.constexpr = _F16_AFFINE if KIND == 0 else _F16_SYM if KIND == 1 else \
-                _F16_Q6 if KIND == 2 else _F16_EXACT
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            asm, _CONSTRAINTS,
-            [wlo, whi, slo, shi, mlo, mhi, clo, chi, xp[0], xp[1], xp[2], xp[3], c0, c1, c2, c3],
-            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+            if DT == 1:
+                asm: tl.constexpr = _BF16_AFFINE if KIND == 0 else _BF16_SYM if KIND == 1 else \
+                    _BF16_Q6 if KIND == 2 else _BF16_EXACT
+            else:
+                asm: tl.constexpr = _F16_AFFINE if KIND == 0 else _F16_SYM if KIND == 1 else \
+                    _F16_Q6 if KIND == 2 else _F16_EXACT
+            p0 = xs[0][0]
+            acc = tl.inline_asm_elementwise(
+                asm, _C1, [wlo, whi, slo, shi, mlo, mhi, clo, chi, p0[0], p0[1], p0[2], p0[3],
+                           acc[0], acc[1], acc[2], acc[3]],
+                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
     else:
-        c0, c1, c2, c3 = _mma_plain(wlo, whi, slo, shi, mlo, mhi, clo, chi, xv, c0, c1, c2, c3,
-                                    DTYPE, KIND)
-    return c0, c1, c2, c3
+        c0, c1, c2, c3 = _mma_plain(wlo, whi, slo, shi, mlo, mhi, clo, chi, xs[0][1], acc[0],
+                                    acc[1], acc[2], acc[3], DTYPE, KIND)
+        if XN == 2:
+            c4, c5, c6, c7 = _mma_plain(wlo, whi, slo, shi, mlo, mhi, clo, chi, xs[1][1],
+                                        acc[4], acc[5], acc[6], acc[7], DTYPE, KIND)
+            acc = (c0, c1, c2, c3, c4, c5, c6, c7)
+        else:
+            acc = (c0, c1, c2, c3)
+    return acc
 
 
 @triton.jit
@@ -203,9 +242,10 @@ def _half(u, h: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
-           DTYPE: tl.constexpr):
+           DTYPE: tl.constexpr, XN: tl.constexpr):
     """Block b's loads for a lane: its group's four code words (one 16-byte load), their affine
-    terms (float32; q6_k: of sub-block 2 b + sub), q6_k's crumb words and X."""
+    terms (float32; q6_k: of sub-block 2 b + sub), q6_k's crumb words and X's XN sets (from
+    pointers xp[0], xp[1]: rows 8 apart)."""
     r4 = tl.arange(0, 4)[None, :]
     w = _four(tl.load(wp + (b * 16)[:, None]))
     if FMT == 5:
@@ -214,17 +254,20 @@ def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: 
     else:
         s4, m4 = affine_at(s_ptr, z_ptr, g, b[:, None], r4, nblk, FMT, GROUP)
         c = w   # unread
-    xpairs, xvals = _x(xp, b, DTYPE)
-    return w, _four(s4), _four(m4), c, xpairs, xvals
+    if XN == 2:
+        xs = (_x(xp[0], b, DTYPE), _x(xp[1], b, DTYPE))
+    else:
+        xs = (_x(xp[0], b, DTYPE),)
+    return w, _four(s4), _four(m4), c, xs
 
 
 @triton.jit
 def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
-                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr):
+                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr, XN: tl.constexpr):
     """The loads of blocks b .. b + NB - 1 (NB 1 or 2)."""
-    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE)
+    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE, XN)
     if NB == 2:
-        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE))
+        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE, XN))
     else:
         out = (f0,)
     return out
@@ -234,7 +277,7 @@ def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
 def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per_split,
                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                    WARPS: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                   PREFETCH: tl.constexpr, SA: tl.constexpr):
+                   PREFETCH: tl.constexpr, SA: tl.constexpr, XN: tl.constexpr):
     # A program owns 32 weight rows (8 row groups of the layout), up to 8 rows of X and a run
     # of 32-value blocks of K, split evenly among its WARPS warps (the launcher makes
     # blocks_per_split a multiple of WARPS NB, NB blocks a step); each warp adds its blocks into its lanes'
@@ -271,52 +314,61 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
     sub = q // 2
     # X row r of the program (rows past M re-read the last): values 32 b + 8 q + 0..7 as
     # four 32-bit pairs at + 16 b.
-    xrow = tl.minimum(pid_m * 8 + r, M - 1).to(tl.int64)
-    xp = x_ptr.to(tl.pointer_type(tl.uint32)) + xrow * (K // 2) + 4 * q
+    # XN sets of 8 rows (16 rows of X a program for XN 2: each decoded pair feeds both MMAs).
+    x32 = x_ptr.to(tl.pointer_type(tl.uint32))
+    xp0 = x32 + tl.minimum(pid_m * (8 * XN) + r, M - 1).to(tl.int64) * (K // 2) + 4 * q
     zero = tl.zeros((L,), tl.float32)
-    a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
+    if XN == 2:
+        xp = (xp0, x32 + tl.minimum(pid_m * 16 + 8 + r, M - 1).to(tl.int64) * (K // 2) + 4 * q)
+        t0 = (zero, zero, zero, zero, zero, zero, zero, zero)
+    else:
+        xp = (xp0,)
+        t0 = (zero, zero, zero, zero)
+    t1 = t0
     # NB blocks a step; PREFETCH (1 or 2) steps ahead are loaded before this one's MMAs (past
     # the last step: the last again, in bounds and unused).
     if PREFETCH >= 1:
-        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB)
+        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB, XN)
     if PREFETCH == 2:
         nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(1, steps - 1) * NB, sub,
-                           nblk, FMT, GROUP, DTYPE, NB)
+                           nblk, FMT, GROUP, DTYPE, NB, XN)
     for it in range(steps):
         if PREFETCH == 2:
             cur = nxt
             nxt = nxt2
             nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g,
                                b0 + tl.minimum(it + 2, steps - 1) * NB, sub, nblk, FMT, GROUP,
-                               DTYPE, NB)
+                               DTYPE, NB, XN)
         elif PREFETCH == 1:
             cur = nxt
             nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(it + 1, steps - 1) * NB,
-                              sub, nblk, FMT, GROUP, DTYPE, NB)
+                              sub, nblk, FMT, GROUP, DTYPE, NB, XN)
         else:
             cur = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + it * NB, sub, nblk, FMT, GROUP,
-                              DTYPE, NB)
+                              DTYPE, NB, XN)
         for u in tl.static_range(NB):
-            w, s4, m4, c, xpairs, xvals = cur[u]
+            w, s4, m4, c, xs = cur[u]
             if KIND != 0:
                 m4 = s4     # no offset: the asm leaves it unread (so its computation goes)
             if FMT == 5:
                 c = (c[0] >> hsh, c[1] >> hsh, c[2] >> hsh, c[3] >> hsh)
-            a0, a1, a2, a3 = _tile(w[0], w[1], s4[0], s4[1], m4[0], m4[1], c[0], c[1], xpairs,
-                                   xvals, a0, a1, a2, a3, DT, DTYPE, KIND)
-            a4, a5, a6, a7 = _tile(w[2], w[3], s4[2], s4[3], m4[2], m4[3], c[2], c[3], xpairs,
-                                   xvals, a4, a5, a6, a7, DT, DTYPE, KIND)
+            t0 = _tile(w[0], w[1], s4[0], s4[1], m4[0], m4[1], c[0], c[1], xs, t0, DT, DTYPE,
+                       KIND, XN)
+            t1 = _tile(w[2], w[3], s4[2], s4[3], m4[2], m4[3], c[2], c[3], xs, t1, DT, DTYPE,
+                       KIND, XN)
     # Fragment (tile t, c0..c3) of lane (r, q): weight row 4 (8 pid_n + r) + 2 t (+ 1 for
     # c2, c3), X row 2 q (+ 1 for c1, c3).
     row0 = pid_n * 32
-    _store(a0, c_ptr, row0, 0, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
-    _store(a1, c_ptr, row0, 0, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
-    _store(a2, c_ptr, row0, 1, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
-    _store(a3, c_ptr, row0, 1, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
-    _store(a4, c_ptr, row0, 2, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
-    _store(a5, c_ptr, row0, 2, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
-    _store(a6, c_ptr, row0, 3, pid_m * 8, 0, pid_k, M, N, WARPS, SPLIT_K)
-    _store(a7, c_ptr, row0, 3, pid_m * 8, 1, pid_k, M, N, WARPS, SPLIT_K)
+    for j in tl.static_range(XN):
+        x0 = pid_m * (8 * XN) + 8 * j
+        _store(t0[4 * j], c_ptr, row0, 0, x0, 0, pid_k, M, N, WARPS, SPLIT_K)
+        _store(t0[4 * j + 1], c_ptr, row0, 0, x0, 1, pid_k, M, N, WARPS, SPLIT_K)
+        _store(t0[4 * j + 2], c_ptr, row0, 1, x0, 0, pid_k, M, N, WARPS, SPLIT_K)
+        _store(t0[4 * j + 3], c_ptr, row0, 1, x0, 1, pid_k, M, N, WARPS, SPLIT_K)
+        _store(t1[4 * j], c_ptr, row0, 2, x0, 0, pid_k, M, N, WARPS, SPLIT_K)
+        _store(t1[4 * j + 1], c_ptr, row0, 2, x0, 1, pid_k, M, N, WARPS, SPLIT_K)
+        _store(t1[4 * j + 2], c_ptr, row0, 3, x0, 0, pid_k, M, N, WARPS, SPLIT_K)
+        _store(t1[4 * j + 3], c_ptr, row0, 3, x0, 1, pid_k, M, N, WARPS, SPLIT_K)
 
 
 @triton.jit

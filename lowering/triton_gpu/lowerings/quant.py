@@ -158,7 +158,8 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
             emit_hand_matmul(sb, x, Mdim, n, K, None, node.results[0], decoded, above=prev)
             break
         specs = qn.nib_specs(a["fmt"], dt, conf, group)
-        bm = conf.get("ROWS", 1) if conf.get("GEMV") else 8 if conf.get("MMA") else conf["BM"]
+        bm = conf.get("ROWS", 1) if conf.get("GEMV") else 8 * conf.get("XN", 1) \
+            if conf.get("MMA") else conf["BM"]
         bn = conf["BN"] if conf.get("TC") else 32 if conf.get("MMA") else 4 * conf["BG"]
         with sb.when(cond):
             xarg = sb.ptr(x)

@@ -2,7 +2,7 @@
 Triton's interpreter, where its lane-level MMA runs as the plain sums across lanes (the PTX itself
 is checked by test_quant_nib_mma_ptx.py): every format, Q6_K's crumbs and sub-block scales too,
 matches the float64 product (bfloat16 and float16 X, a ragged N, X rows past 8 in a second program
-row, warps sharing the blocks, two blocks a step, split K, symmetric codes scaled after the MMA or
+row or, with two sets of 8 rows a program, past 16, warps sharing the blocks, two blocks a step, split K, symmetric codes scaled after the MMA or
 rounded with their scale), and it refuses what it cannot take."""
 import numpy as np
 import pytest
@@ -34,22 +34,23 @@ def launch_mma(x, ops, fmt, n, conf, group):
     return (out.sum(0) if split > 1 else out).double().numpy()
 
 
-@pytest.mark.parametrize("fmt,group,dtype,m,warps,nb,split,sa", [
-    ("q4_0", 32, torch.bfloat16, 1, 1, 1, 1, 1),
-    ("q4_0", 32, torch.float16, 4, 2, 1, 2, 0),
-    ("q4_1", 32, torch.float16, 3, 2, 2, 1, 1),
-    ("q4_k", 32, torch.bfloat16, 8, 2, 1, 2, 1),
-    ("gptq", 64, torch.float16, 5, 1, 2, 2, 1),
-    ("gptq_sym", 128, torch.bfloat16, 11, 2, 1, 1, 1),
-    ("q6_k", 32, torch.bfloat16, 2, 2, 2, 1, 1),
+@pytest.mark.parametrize("fmt,group,dtype,m,warps,nb,split,sa,xn", [
+    ("q4_0", 32, torch.bfloat16, 1, 1, 1, 1, 1, 1),
+    ("q4_0", 32, torch.float16, 4, 2, 1, 2, 0, 1),
+    ("q4_1", 32, torch.float16, 3, 2, 2, 1, 1, 1),
+    ("q4_k", 32, torch.bfloat16, 13, 2, 1, 2, 1, 2),
+    ("gptq", 64, torch.float16, 5, 1, 2, 2, 1, 1),
+    ("gptq_sym", 128, torch.bfloat16, 19, 2, 1, 1, 1, 2),
+    ("q6_k", 32, torch.bfloat16, 2, 2, 2, 1, 1, 1),
 ])
-def test_mma_matches_product(fmt, group, dtype, m, warps, nb, split, sa):
+def test_mma_matches_product(fmt, group, dtype, m, warps, nb, split, sa, xn):
     rng = np.random.default_rng(len(fmt) * 11 + m)
     # N ragged for GGUF (zero rows padded to a multiple of 4, rows past N masked), 512 of K.
     n, k = (72 if fmt.startswith("gptq") else 70), 512
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-    conf = dict(num_warps=warps, NB=nb, SPLIT_K=split, PREFETCH=(split == 1) + (nb == 1), SA=sa)
+    conf = dict(num_warps=warps, NB=nb, SPLIT_K=split, PREFETCH=(split == 1) + (nb == 1), SA=sa,
+                XN=xn)
     got = launch_mma(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     # The weight is rounded to X's type once (s c + m), as the tensor-core kernel rounds it,
@@ -67,6 +68,8 @@ def test_mma_refuses_what_it_cannot_take():
         qn.nib_specs("q4_0", "float32", conf)
     with pytest.raises(ValueError, match="NB must be 1 or 2"):
         qn.nib_specs("q4_0", "bfloat16", dict(conf, NB=4))
+    with pytest.raises(ValueError, match="XN must be 1 or 2"):
+        qn.nib_specs("q4_0", "bfloat16", dict(conf, XN=3))
     with pytest.raises(ValueError, match="K=4128 must be a multiple of 32 x 2 warps x 1"):
         qn.mma_geometry(4128, 2, 1)
     assert qn.mma_geometry(4096, 4, 1, 2) == 128

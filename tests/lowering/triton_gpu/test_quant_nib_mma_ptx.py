@@ -93,3 +93,27 @@ def test_emulated_mma_follows_the_fragment_layout():
     np.testing.assert_array_equal(d[0][0].view(np.float32), 2 * (lane % 4))
     np.testing.assert_array_equal(d[1][0].view(np.float32), 2 * (lane % 4) + 1)
     np.testing.assert_array_equal(d[2][0].view(np.float32), 0)
+
+
+@pytest.mark.parametrize("kind", [0, 2, 3])
+def test_two_sets_of_rows_share_the_decode(kind):
+    # xn = 2: the second set's MMAs take the same decoded tile against another 8 rows of X;
+    # each set's fragments equal what the one-set asm gives for it.
+    rng = np.random.default_rng(40 + kind)
+    shape = (4, 32)
+    ty, magic = "bf16x2", 0x4300
+    words = [rng.integers(0, 2**32, shape, dtype=np.uint64).astype(U32) for _ in range(2)]
+    crumbs = [rng.integers(0, 2**16, shape, dtype=np.uint64).astype(U32) for _ in range(2)]
+    terms = [_f32(rng.uniform(-0.1, 0.1, shape)) for _ in range(4)]
+    pairs = [emu._bf16_round(rng.standard_normal(shape)) | (emu._bf16_round(
+        rng.standard_normal(shape)) << U32(16)) for _ in range(8)]
+    acc = [_f32(rng.standard_normal(shape)) for _ in range(8)]
+    zeros = [np.zeros(shape, U32) for _ in range(8)]
+    both = emu.run(mm.mma_block_asm(ty, magic, kind, 2),
+                   zeros + words + terms + crumbs + pairs + acc)[:8]
+    for j in range(2):
+        one = emu.run(mm.mma_block_asm(ty, magic, kind, 1),
+                      zeros[:4] + words + terms + crumbs + pairs[4 * j:4 * j + 4]
+                      + acc[4 * j:4 * j + 4])[:4]
+        for i in range(4):
+            np.testing.assert_array_equal(both[4 * j + i], one[i], err_msg=f"set {j} fragment {i}")
