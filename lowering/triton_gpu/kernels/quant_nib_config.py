@@ -232,11 +232,17 @@ def tc_takes(fmt: str, dtype: str, k: int) -> bool:
 # rows leave the MMA kernel short of loads in flight); at one row the GEMV wins on both.
 MMA_BUCKET = (8, dict(MMA=1, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
 MMA_MIN_N_AT_2 = 8448       # 2 x 132 programs of 32 rows
+# 9-16 rows on weights of fewer rows than that: the same kernel with two sets of 8 rows of X a
+# program (XN 2, each decoded pair feeding both), where the tensor-core kernel's grid is thin:
+# 4096 x 4096 at 16 rows Q4_0 13.0 against 13.9 us, GPTQ 4-bit 12.9 against 13.8, Q6_K 17.2
+# against 18.3, Q4_K 15.0 against 14.8 (nib round 5, run 23); at 14336 rows the tensor-core
+# kernel stays ahead (Q4_0 27.9 against 30.1 us).
+MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=8, NB=2, SPLIT_K=1, PREFETCH=1, SA=1))
 
 
-def mma_takes(fmt: str, dtype: str, k: int) -> bool:
-    """Whether the warp-MMA kernel takes a weight of format fmt over K = k with X of dtype."""
-    c = MMA_BUCKET[1]
+def mma_takes(fmt: str, dtype: str, k: int, c: dict = MMA_BUCKET[1]) -> bool:
+    """Whether the warp-MMA kernel (config c) takes a weight of format fmt over K = k with X
+    of dtype."""
     return (fmt in TC_FORMATS and dtype in ("bfloat16", "float16")
             and k % (32 * c["num_warps"] * c["NB"]) == 0)
 
@@ -296,14 +302,17 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
                      if t is None or (m_max is not None and m_max <= t))
     if top == 2 and n >= MMA_MIN_N_AT_2 and mma_takes(fmt, dtype, k):
         conf = MMA_BUCKET[1]
+    if conf.get("TC") and n < MMA_MIN_N_AT_2 and mma_takes(fmt, dtype, k, MMA16_BUCKET[1]):
+        conf = MMA16_BUCKET[1]
     if fmt in SHORT and (top is None or top > SHORT[fmt]) and not (conf.get("TC")
                                                                     or conf.get("MMA")):
         conf = dict(DEQUANT=1)
     if conf.get("DEQUANT"):
         return dict(conf), 0
     if conf.get("MMA"):
-        conf = dict(conf, SPLIT_K=mma_split(n, k, conf["num_warps"], conf["NB"]))
-        return conf, mma_geometry(k, conf["num_warps"], conf["SPLIT_K"], conf["NB"])
+        if conf["SPLIT_K"] == 0:
+            conf = dict(conf, SPLIT_K=mma_split(n, k, conf["num_warps"], conf["NB"]))
+        return dict(conf), mma_geometry(k, conf["num_warps"], conf["SPLIT_K"], conf["NB"])
     if conf.get("TC"):
         if -(-n // conf["BN"]) < SMS:
             conf = dict(conf, BN=32)

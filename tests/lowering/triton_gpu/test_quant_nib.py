@@ -167,11 +167,14 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                     if conf.get("MMA"):
                         # 3-8 rows of 16-bit X (2 of a large weight): the warp-MMA kernel,
                         # whole steps of NB blocks a warp in each split, ~4 programs an SM.
-                        assert dt != "float32" and (2 < m <= 8 or m == 2 and n >= 8448), m
+                        # 9-16 rows: two sets of 8 rows a program, on weights of < 8448 rows.
+                        assert dt != "float32" and (2 < m <= 8 or m == 2 and n >= 8448
+                                                    or 8 < m <= 16 and n < 8448), m
+                        assert conf.get("XN", 1) == (2 if m > 8 else 1)
                         step = conf["num_warps"] * conf["NB"]
                         assert (k // 32) % step == 0 and cols % step == 0
                         assert cdiv(k // 32, cols) <= conf["SPLIT_K"]
-                        if k >= 4096:
+                        if k >= 4096 and conf.get("XN", 1) == 1:
                             assert cdiv(n, 32) * conf["SPLIT_K"] >= min(500, 2 * n // 32)
                         continue
                     nj = conf["NW"] if conf.get("TC") else conf["NJ"]
@@ -182,21 +185,24 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                         # an SM where K allows.
                         assert 4 < (m or 0) <= 16 and dt != "float32" and k % 128 == 0
                         assert m > 8 or k % 256
+                        assert m <= 8 or n >= 8448 or k % 512
                         if k >= 4096:
                             assert cdiv(n, conf["BN"]) * conf["SPLIT_K"] >= min(500, 16 * n // 64)
                     elif not conf.get("GEMV") and k >= 4096:
                         # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
                         assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
-    assert qn.nib_config(1, 4096)[0].get("GEMV") and qn.nib_config(16, 4096)[0].get("TC")
+    assert qn.nib_config(1, 4096)[0].get("GEMV") and qn.nib_config(16, 4096, 14336)[0].get("TC")
+    assert qn.nib_config(16, 4096)[0].get("XN") == 2 and qn.nib_config(16, 4096, 8448)[0].get("TC")
     assert qn.nib_config(2, 4096)[0].get("GEMV") and qn.nib_config(2, 4096, 14336)[0].get("MMA")
     assert qn.nib_config(8, 4096)[0].get("MMA") and qn.nib_config(8, 4096, 4096, "q6_k")[0].get("MMA")
     assert qn.nib_config(8, 4096, 4096, "q4_0", "float32")[0].get("GEMV")
     assert qn.nib_config(16, 4096, 4096, "q4_0", "float32")[0].get("BM") == 16
-    assert qn.nib_config(16, 4096, 4096, "q6_k")[0].get("TC")
+    assert qn.nib_config(16, 4096, 14336, "q6_k")[0].get("TC")
     assert qn.nib_config(16, 4096, 4096, "q6_k", "float32")[0].get("DEQUANT")
     # K = 4128 (not a multiple of 128): the dot tiles, not the tensor-core kernel; 4224 (not
     # of 256): the GEMV's 4-row programs and the tensor-core kernel, not the warp-MMA kernel.
     assert not qn.nib_config(16, 4128)[0].get("TC") and qn.nib_config(16, 11008)[0].get("TC")
+    assert qn.nib_config(16, 11264)[0].get("MMA")
     assert qn.nib_config(4, 4224)[0].get("GEMV") and qn.nib_config(8, 4224)[0].get("TC")
     assert qn.nib_config(8, 11008)[0].get("MMA")
 
@@ -251,7 +257,8 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
     # One compiled cuda plan of a qmatmul, run by the plan runner with its kernels under the
     # interpreter at a row count of each bucket: the GEMV (1 row, 3 rows in a program, 6 in
     # two), the dot (10), for 16-bit X the warp-MMA kernel (3 and 6) and the tensor-core
-    # kernel (10) instead, and the decode into scratch + the plain matmul (70).
+    # kernel (10: K = 256 is short of the two-set MMA kernel's steps) instead, and the decode
+    # into scratch + the plain matmul (70).
     from graphir.runtime.interpreter import run
     from tests.lowering.triton_gpu.test_backend_interp import interp_executor
 

@@ -19,10 +19,11 @@ from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 jobs = []
 for fmt in qn.FMT_IDS:
     group = 128 if fmt.startswith("gptq") else 32
-    for m in (1, 4, 16):
-        conf, _ = qn.nib_config(m, 4096, 4096, fmt, "bfloat16")
+    # 16 rows of a 14336-row weight: the tensor-core kernel (of a 4096-row one: warp MMA).
+    for m, n in ((1, 4096), (4, 4096), (16, 4096), (16, 14336)):
+        conf, _ = qn.nib_config(m, 4096, n, fmt, "bfloat16")
         if not conf.get("DEQUANT"):
-            jobs.append((f"{fmt}/m{m}", qn.nib_specs(fmt, "bfloat16", conf, group)))
+            jobs.append((f"{fmt}/m{m}n{n}", qn.nib_specs(fmt, "bfloat16", conf, group)))
     jobs.append((f"{fmt}/dequant", [qn.nib_dequant_spec(fmt, "bfloat16", 4096, group)]))
 for dt in ("float32", "float16"):
     for m in (1, 16):
@@ -68,9 +69,13 @@ def test_every_nib_kernel_compiles_fits_and_does_not_spill(compiled):
 
 def test_mma_kernel_keeps_its_lane_layout(compiled):
     mma = {k: c for k, c in compiled.items() if "_mma_" in c["name"]}
-    assert len(mma) == 6 + 6         # the variants above and each format's shipped bucket
+    # The variants above and each format's shipped buckets (4 rows; 16 rows of a 4096-row
+    # weight: two sets of 8 rows of X a program).
+    assert len(mma) == 6 + 6 + 6 + 1
+    assert sum("_mma_x2" in c["name"] for c in mma.values()) == 7
     for k, c in mma.items():
-        assert c["mma"] == 8 and c["wgmma"] == 0, k          # 2 blocks x 2 tiles x 2
+        xn = 2 if "_mma_x2" in c["name"] else 1
+        assert c["mma"] == 8 * xn and c["wgmma"] == 0, k     # 2 blocks x 2 tiles x 2 (x sets)
         assert c["packed"] == 32, k    # 8 pairs a tile and block (symmetric ones: exact codes)
         assert c["loop_converts"] == 0 and c["lane_layout"], k
         assert c["shared"] <= 2048, k       # the warps' final sum only
