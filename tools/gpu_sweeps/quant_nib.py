@@ -5,7 +5,9 @@ and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1
 tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
 (--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid of
 every format, --dot the whole dot grid at 16 rows, --tc the tensor-core kernel's grid and its
-best on every 4-bit format; --buckets times only the shipped buckets); round 2 the shipped buckets
+best on every 4-bit format, --mma the warp-MMA kernel's grid (kernels/quant_nib_mma.py) at 1
+and 4 rows, and with two sets of 8 rows of X a program at 12 and 16, then its best on every
+format; --buckets times only the shipped buckets); round 2 the shipped buckets
 (kernels/quant_nib_config.py NIB_BUCKETS), the best of round 1 and the many-row path (decode
 into a bf16 copy, then cuBLAS) on every weight.
 Every variant is checked against torch (float32 product with the decoded
