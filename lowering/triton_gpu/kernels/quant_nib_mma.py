@@ -122,36 +122,52 @@ _F16_AFFINE2, _F16_SYM2, _F16_Q62, _F16_EXACT2 = (_ASMS[2, k, 2] for k in range(
 
 
 @triton.jit
-def _lane_dot(a, xv):
-    """Per lane (r, q) the sums over the lanes (r, q') of a * (X at lane (2q + e, q')), e = 0, 1:
-    what the MMA adds into the lane's two columns for one row (a, xv `[32 W]`)."""
-    L: tl.constexpr = a.shape[0]
-    W: tl.constexpr = L // 32
-    a5 = tl.reshape(a.to(tl.float32), (W, 8, 1, 1, 4))
-    x5 = tl.reshape(xv.to(tl.float32), (W, 1, 4, 2, 4))
-    c0, c1 = tl.split(tl.sum(a5 * x5, axis=4))
-    return tl.reshape(c0, (L,)), tl.reshape(c1, (L,))
+def _rows(v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight per-lane values `[32 W]` as each lane group's row `[W, 8, 32]`: lane (r, q) holds
+    entries 8 q .. 8 q + 7 of row r (in one order, the same for the weight and for X)."""
+    L: tl.constexpr = v0.shape[0]
+    v = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)),
+                tl.join(tl.join(v4, v5), tl.join(v6, v7)))
+    return tl.reshape(v.to(tl.float32), (L // 32, 8, 32))
+
+
+@triton.jit
+def _lane_sums(a, x):
+    """The MMA's sums for one weight row a lane group holds (a `[W, 8, 32]`) against X's rows
+    (x `[W, 8, 32]`), back in the lanes: lane (r, q) gets a[r] . x[2 q] and a[r] . x[2 q + 1]."""
+    W: tl.constexpr = a.shape[0]
+    d = tl.sum(a[:, :, None, :] * x[:, None, :, :], axis=3)          # [W, 8 rows, 8 X rows]
+    e0, e1 = tl.split(tl.reshape(d, (W, 8, 4, 2)))
+    return tl.reshape(e0, (W * 32,)), tl.reshape(e1, (W * 32,))
+
+
+@triton.jit
+def _value(w, c, i: tl.constexpr, s, m, DTYPE: tl.constexpr, KIND: tl.constexpr):
+    """Nibble i of the words w as the MMA's operand: the exact code minus 8 (KIND 3) or the
+    weight value rounded as the PTX rounds it."""
+    if KIND == 3:
+        v = ((w >> (4 * i)) & 0xF).to(tl.float32) - 8.0
+    else:
+        v = _plane_plain(w, c, 0, i, s.to(DTYPE), m.to(DTYPE), KIND)
+    return v
 
 
 @triton.jit
 def _mma_plain(wlo, whi, slo, shi, mlo, mhi, clo, chi, xs, c0, c1, c2, c3,
                DTYPE: tl.constexpr, KIND: tl.constexpr):
-    """mma_block_asm without PTX (Triton's interpreter): X as its 8 values a lane (nibble order)."""
-    z = tl.zeros(c0.shape, tl.float32)
-    d0, d1, d2, d3 = z, z, z, z
-    for i in tl.static_range(8):
-        if KIND == 3:
-            lo = ((wlo >> (4 * i)) & 0xF).to(tl.float32) - 8.0
-            hi = ((whi >> (4 * i)) & 0xF).to(tl.float32) - 8.0
-        else:
-            lo = _plane_plain(wlo, clo, 0, i, slo.to(DTYPE), mlo.to(DTYPE), KIND)
-            hi = _plane_plain(whi, chi, 0, i, shi.to(DTYPE), mhi.to(DTYPE), KIND)
-        e0, e1 = _lane_dot(lo, xs[i])
-        e2, e3 = _lane_dot(hi, xs[i])
-        d0 += e0
-        d1 += e1
-        d2 += e2
-        d3 += e3
+    """mma_block_asm without PTX (Triton's interpreter): X as its 8 values a lane (nibble order),
+    the lanes' values gathered into the tile's rows and multiplied at once."""
+    lo = _rows(_value(wlo, clo, 0, slo, mlo, DTYPE, KIND), _value(wlo, clo, 1, slo, mlo, DTYPE, KIND),
+               _value(wlo, clo, 2, slo, mlo, DTYPE, KIND), _value(wlo, clo, 3, slo, mlo, DTYPE, KIND),
+               _value(wlo, clo, 4, slo, mlo, DTYPE, KIND), _value(wlo, clo, 5, slo, mlo, DTYPE, KIND),
+               _value(wlo, clo, 6, slo, mlo, DTYPE, KIND), _value(wlo, clo, 7, slo, mlo, DTYPE, KIND))
+    hi = _rows(_value(whi, chi, 0, shi, mhi, DTYPE, KIND), _value(whi, chi, 1, shi, mhi, DTYPE, KIND),
+               _value(whi, chi, 2, shi, mhi, DTYPE, KIND), _value(whi, chi, 3, shi, mhi, DTYPE, KIND),
+               _value(whi, chi, 4, shi, mhi, DTYPE, KIND), _value(whi, chi, 5, shi, mhi, DTYPE, KIND),
+               _value(whi, chi, 6, shi, mhi, DTYPE, KIND), _value(whi, chi, 7, shi, mhi, DTYPE, KIND))
+    x = _rows(xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7])
+    d0, d1 = _lane_sums(lo, x)
+    d2, d3 = _lane_sums(hi, x)
     if KIND == 3:
         d0 = d0 * slo
         d1 = d1 * slo
