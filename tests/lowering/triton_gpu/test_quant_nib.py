@@ -63,19 +63,27 @@ def test_gptq_repack_is_exact(fmt, v1):
 
 def launch(x, ops, fmt, n, conf, group=32):
     """y = x @ W^T with the nib kernels of `conf` (fp32 partials + torch sum when split)."""
-    m, k = x.shape
+    k = x.shape[1]
     specs = qn.nib_specs(fmt, {torch.float32: "float32", torch.bfloat16: "bfloat16",
                                torch.float16: "float16"}[x.dtype], conf, group)
     s = specs[0]
     nj, cols = qn.gemv_geometry(k, conf["NJ"], conf["SPLIT_K"])
     assert nj == s.constexprs["NJ"], "configs passed here must already fit K"
+    return run_spec(s, x, ops, n, cols, conf["SPLIT_K"], fill=0.0)
+
+
+def run_spec(s, x, ops, n, cols, split, fill=float("nan")):
+    """Launch nib kernel spec s on X and the layout's arrays ops (codes, scales[, extra[,
+    crumbs]]; formats without one pass another array the kernel never reads) with cols (the
+    kernel's run of K a split): y = x @ W^T as float64, split K's fp32 partials summed by
+    torch. The output starts as `fill`."""
+    m, k = x.shape
     t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
     t[0] = t[0].view(torch.int32)
     extra = t[2] if len(t) > 2 else t[1]
     crumbs = t[3] if len(t) > 3 else t[0]
-    split = conf["SPLIT_K"]
-    out = torch.zeros((split, m, n) if split > 1 else (m, n),
-                      dtype=torch.float32 if split > 1 else x.dtype)
+    out = torch.full((split, m, n) if split > 1 else (m, n), fill,
+                     dtype=torch.float32 if split > 1 else x.dtype)
     s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, crumbs, out, m, n, k, cols, **s.constexprs,
                                num_warps=s.num_warps)
     return (out.sum(0) if split > 1 else out).double().numpy()

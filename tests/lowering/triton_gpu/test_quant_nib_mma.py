@@ -12,26 +12,17 @@ pytest.importorskip("gguf")
 
 from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
 
-from tests.lowering.triton_gpu.test_quant_nib import weight_for  # noqa: E402
+from tests.lowering.triton_gpu.test_quant_nib import run_spec, weight_for  # noqa: E402
 
 DT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def launch_mma(x, ops, fmt, n, conf, group):
     """y = x @ W^T with the warp-MMA kernel (fp32 partials summed by torch when split)."""
-    m, k = x.shape
+    k = x.shape[1]
     (s, *_) = qn.nib_specs(fmt, DT[x.dtype], dict(conf, MMA=1), group)
     bps = qn.mma_geometry(k, conf["num_warps"], conf["SPLIT_K"], conf["NB"])
-    t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
-    t[0] = t[0].view(torch.int32)
-    extra = t[2] if len(t) > 2 else t[1]
-    crumbs = t[3] if len(t) > 3 else t[0]
-    split = conf["SPLIT_K"]
-    out = torch.full((split, m, n) if split > 1 else (m, n), float("nan"),
-                     dtype=torch.float32 if split > 1 else x.dtype)
-    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, crumbs, out, m, n, k, bps, **s.constexprs,
-                               num_warps=s.num_warps)
-    return (out.sum(0) if split > 1 else out).double().numpy()
+    return run_spec(s, x, ops, n, bps, conf["SPLIT_K"])
 
 
 @pytest.mark.parametrize("fmt,group,dtype,m,warps,nb,split,sa,xn", [

@@ -10,7 +10,7 @@ pytest.importorskip("gguf")
 
 from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
 
-from tests.lowering.triton_gpu.test_quant_nib import weight_for  # noqa: E402
+from tests.lowering.triton_gpu.test_quant_nib import run_spec, weight_for  # noqa: E402
 
 DT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -29,16 +29,7 @@ def launch_tc(x, ops, fmt, n, conf, group):
         x = xp
     s = specs[0]
     cols = qn.tc_geometry(k, conf["NW"], conf["SPLIT_K"])
-    t = [torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()) for a in ops]
-    t[0] = t[0].view(torch.int32)
-    extra = t[2] if len(t) > 2 else t[1]
-    crumbs = t[3] if len(t) > 3 else t[0]
-    split = conf["SPLIT_K"]
-    out = torch.full((split, m, n) if split > 1 else (m, n), float("nan"),
-                     dtype=torch.float32 if split > 1 else x.dtype)
-    s.fn[s.grid_for(M=m, N=n)](x, t[0], t[1], extra, crumbs, out, m, n, k, cols, **s.constexprs,
-                               num_warps=s.num_warps)
-    return (out.sum(0) if split > 1 else out).double().numpy()
+    return run_spec(s, x, ops, n, cols, conf["SPLIT_K"])
 
 
 @pytest.mark.parametrize("fmt,group", [("q4_0", 32), ("q4_1", 32), ("q4_k", 32), ("gptq", 64),
