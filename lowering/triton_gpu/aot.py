@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec
 
@@ -100,7 +101,7 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
                    num_warps: int = 4, num_stages: int = 3, target: GPUTarget = SM90,
                    divisible_by_16: tuple[str, ...] = (),
                    maxnreg: int | None = None) -> CompiledCubin:
-    """Compile a `@triton.jit` function for `target` without touching a GPU.
+    """Compile a `@triton.jit` (or `@gluon.jit`) function for `target` without touching a GPU.
 
     `signature` names every argument of `fn` (constexprs as "constexpr"); `divisible_by_16`
     lists arguments the binary may assume are multiples of 16; `maxnreg` caps the registers
@@ -120,7 +121,10 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         if k not in signature or signature[k] == "constexpr":
             raise ValueError(f"{fn.__name__}: divisible_by_16 names unknown/constexpr arg {k!r}")
         attrs[(names.index(k),)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, dict(signature), dict(constexprs), attrs=attrs)
+    # Gluon kernels (explicit layouts, TMA rings, warp specialization) compile through their
+    # own front end; everything after the TTGIR is the same.
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    src = source(fn, dict(signature), dict(constexprs), attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg

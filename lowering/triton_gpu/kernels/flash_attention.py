@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_configs import (  # noqa: F401
-    CANDIDATES, candidates, check_config, config_tag, default_config, uses_tma)
+    CANDIDATES, WS_CANDIDATES, candidates, check_config, config_tag, default_config, is_ws,
+    uses_tma)
 from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check_attention_args,
                                                        check_softcap, full_key_range, key_range,
                                                        mask_allows, mask_id, page_block_row,
@@ -223,6 +224,19 @@ def check_scale(scale: float) -> None:
         raise ValueError(f"flash attention needs a softmax scale >= 0, got {scale}")
 
 
+def runnable_config(cfg: dict, head_dim: int, page_size: int, mask, dtype: str, tma_ok: bool,
+                    softcap: float | None) -> dict:
+    """`cfg`, or the built-in Triton default where the warp-specialized kernel cannot serve
+    the call: no soft-cap, 16-bit data, pages holding whole key blocks, a cache whose rows
+    TMA can address, and not the chunked mask (whose per-element division spills the
+    consumers' registers). (A tuner's table names configs per bucket of facts that leave these
+    out.)"""
+    if is_ws(cfg) and (check_softcap(softcap) or dtype in ("float32", "fp32") or not tma_ok
+                       or not uses_tma(cfg, page_size) or mask_id(mask) == 4):
+        return default_config(head_dim, page_size, mask, dtype)
+    return cfg
+
+
 def grid_rule(BLOCK_M: int, NH: int):
     """Grid (query blocks, heads, sequences): a head's query blocks run side by side."""
     return lambda batch, max_seq_len: (max(1, cdiv(max_seq_len, BLOCK_M)), NH, batch)
@@ -259,12 +273,20 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
 
     T, NH, D = q.shape
     num_layers, page_size, NKV, m = check_attention_args("flash_attention", q, blocks, mask, window)
-    cfg = dict(config or default_config(D, page_size, m, str(q.dtype).replace("torch.", "")))
+    dtype = str(q.dtype).replace("torch.", "")
+    cfg = dict(config or default_config(D, page_size, m, dtype))
     cfg.update({k: v for k, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n)) if v})
     check_config(cfg, D)
     scale = float(D ** -0.5 if scale is None else scale)
     check_scale(scale)
     tma_ok = blocks.numel() // (NKV * D) <= TMA_MAX_ROWS
+    cfg = runnable_config(cfg, D, page_size, m, dtype, tma_ok, softcap)
+    if is_ws(cfg):
+        from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
+            flash_attention_wgmma)
+        return flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blocks,
+                                     layer_idx, m, window, scale, max_seq_len,
+                                     block_n=cfg["BLOCK_N"], stages=cfg["num_stages"], ws=True)
     if q.is_cuda and uses_tma(cfg, page_size) and tma_ok:
         triton.set_allocator(lambda size, align, stream: torch.empty(
             size, dtype=torch.int8, device=q.device))
@@ -309,6 +331,10 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     # The cache's row count is a runtime value; rows of >= 128 bytes keep it below 2**31 for
     # any cache under 256 GiB, smaller rows fall back to pointer tiles.
     row_bytes = n_kv_heads * head_dim * DTYPE_BYTES[t]
+    cfg = runnable_config(cfg, head_dim, page_size, mask, dtype,
+                          row_bytes >= TMA_MIN_ROW_BYTES, softcap)
+    if is_ws(cfg):
+        return [_ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig)]
     cx = _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg,
                      row_bytes >= TMA_MIN_ROW_BYTES, softcap)
     sig.update({n: "constexpr" for n in cx})
@@ -325,3 +351,28 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
               "blocks' first dimension, T the rows of q"
               + ("; makes a TMA descriptor in global scratch" if cx["USE_TMA"] else ""),
         extra={"config": cfg}, maxnreg=cfg.get("maxnreg"))]
+
+
+def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) -> KernelSpec:
+    """The warp-specialized Gluon kernel's spec; `extra["twin"]` is the Triton kernel at the
+    same tiles (same arguments), which Triton's interpreter runs in its place (Gluon has no
+    interpreter)."""
+    from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
+        CONSUMER_REGS, flash_prefill_ws_kernel)
+
+    t = triton_dtype(dtype)
+    cx = dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
+              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
+              CONSUMER_REGS=CONSUMER_REGS)
+    twin_cfg = {k: v for k, v in cfg.items() if k != "WS"}
+    twin_cfg.update(num_warps=8, num_stages=2)
+    (twin,) = aot_specs(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, twin_cfg)
+    return KernelSpec(
+        name=f"flash_attention_{t}_mask{mask_id(mask)}_{config_tag(cfg)}", fn=flash_prefill_ws_kernel,
+        signature={**sig, **{n: "constexpr" for n in cx}}, constexprs=cx, num_warps=4,
+        num_stages=1, grid=grid_rule(cfg["BLOCK_M"], n_heads),
+        grid_args=("batch", "max_seq_len"), divisible_by_16=("q_ptr", "blocks_ptr", "out_ptr"),
+        notes="window must be >= 1 (pass 1 for masks without a window); num_pages is the "
+              "blocks' first dimension, T the rows of q; makes a TMA descriptor in global "
+              "scratch; launches 12 warps (two consumer warpgroups and a loader warp)",
+        extra={"config": cfg, "twin": twin})

@@ -46,6 +46,19 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | No
     return c if maxnreg is None else {**c, "maxnreg": maxnreg}
 
 
+def _ws(bn: int, stages: int) -> dict:
+    """A config of the warp-specialized Gluon kernel (flash_attention_wgmma.py): 128 query rows
+    as two consumer warpgroups plus a TMA loader warp (num_warps counts the first warpgroup,
+    the launch has 12 warps), `stages` K/V slots in shared memory. TMA only."""
+    return {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
+            "WS": 1}
+
+
+def is_ws(cfg: dict) -> bool:
+    """Whether `cfg` names the warp-specialized Gluon kernel."""
+    return bool(cfg.get("WS"))
+
+
 # Ordered best first (measured at head dims 64 and 128); every entry compiles for sm_90 within
 # shared memory, uncapped entries do not spill and capped ones keep at most a few scalars on the
 # stack, never in the mask-free loop (CI checks, tests/lowering/triton_gpu/
@@ -61,6 +74,13 @@ CANDIDATES: dict[int, list[dict]] = {
 }
 # fp32 inputs (tf32 wgmma) take twice the registers and shared memory per element.
 FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32, 32, 4, 2, False)]
+# The warp-specialized kernel: 16-bit inputs, head dims 64 and 128, pages holding whole key
+# blocks (TMA). Not offered to the tuner yet (candidates(include_ws=True) asks for them): its
+# loop without warp specialization measured correct on the H200 but slower than the shipped
+# Triton config (tools/gpu_sweeps/attention_wgmma.py run 1: 412 against 448 TFLOP/s at B4 x
+# 4096 causal); the warp-specialized form has not run on a GPU yet.
+WS_CANDIDATES: dict[int, list[dict]] = {64: [_ws(128, 2), _ws(64, 3)],
+                                        128: [_ws(128, 2), _ws(64, 3)]}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
 
@@ -68,15 +88,22 @@ def _bucket(head_dim: int) -> int:
     return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-def candidates(head_dim: int, page_size: int | None = None, dtype: str = "bfloat16"
-               ) -> list[dict]:
+def candidates(head_dim: int, page_size: int | None = None, dtype: str = "bfloat16",
+               include_ws: bool = False) -> list[dict]:
     """Candidate configs for a head dim and dtype; with a page size, duplicates that the page
-    size makes equal (TMA needs pages holding whole key blocks) are dropped."""
-    pool = FP32_CANDIDATES if dtype in ("float32", "fp32") else CANDIDATES[_bucket(head_dim)]
+    size makes equal (TMA needs pages holding whole key blocks) are dropped. include_ws puts
+    the warp-specialized Gluon kernel's configs first (where it serves the call)."""
+    if dtype in ("float32", "fp32"):
+        pool = FP32_CANDIDATES
+    else:
+        ws = WS_CANDIDATES.get(_bucket(head_dim), []) if include_ws else []
+        pool = ws + CANDIDATES[_bucket(head_dim)]
     out, seen = [], set()
     for c in pool:
         c = dict(c)
         if page_size is not None:
+            if is_ws(c) and not uses_tma(c, page_size):
+                continue  # the Gluon kernel has no pointer-tile path
             c["USE_TMA"] = int(uses_tma(c, page_size))
         key = tuple(sorted(c.items()))
         if key not in seen:
@@ -103,7 +130,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?")
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?")
 
 
 def get(config) -> dict:
@@ -120,6 +147,8 @@ def get(config) -> dict:
                              f"(expected e.g. m128n128w8s2tma or m128n64w8s3r128)")
         bm, bn, w, st = (int(x) for x in m.group(1, 2, 3, 4))
         config = _cfg(bm, bn, w, st, bool(m.group(5)), int(m.group(6)) if m.group(6) else None)
+        if m.group(7):
+            config["WS"] = 1
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -149,10 +178,17 @@ def check_config(cfg: dict, head_dim: int) -> None:
     if reg is not None and not (isinstance(reg, int) and 16 <= reg <= 255):
         raise ValueError(f"flash attention config: maxnreg must be None or an int in [16, 255], "
                          f"got {reg!r}")
+    if is_ws(cfg) and (cfg["BLOCK_M"] != 128 or cfg["num_warps"] != 4 or not cfg["USE_TMA"]
+                       or reg is not None or head_dim > 128):
+        raise ValueError(f"flash attention config: the warp-specialized kernel takes BLOCK_M "
+                         f"128, num_warps 4, TMA, no register cap and head_dim <= 128, got "
+                         f"{cfg} at head_dim {head_dim}")
 
 
 def config_tag(cfg: dict) -> str:
-    """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128."""
+    """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128, ws for the
+    warp-specialized Gluon kernel."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
-            + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""))
+            + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
+            + ("ws" if is_ws(cfg) else ""))

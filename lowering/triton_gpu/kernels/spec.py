@@ -39,6 +39,11 @@ class KernelSpec:
         """The (name, type) list of launch parameters in order, constexprs removed."""
         return [(k, v) for k, v in self.signature.items() if v != "constexpr"]
 
+    def interpretable(self) -> "KernelSpec":
+        """The spec Triton's interpreter runs for this one: itself, or for a Gluon kernel (no
+        interpreter) its Triton twin, which takes the same arguments (extra["twin"])."""
+        return self.extra.get("twin", self)
+
     def grid_for(self, **sizes: int) -> tuple[int, int, int]:
         """Evaluate the grid rule; raises ValueError naming a missing problem size."""
         missing = [a for a in self.grid_args if a not in sizes]

@@ -388,7 +388,8 @@ class FakeKernel:
         for (_, ty), a in zip(self.spec.runtime_params(), args):
             call.append(a.data.view(TORCH[ty[1:]]) if ty.startswith("*") else a)
         if grid[0] * grid[1] * grid[2]:
-            self.spec.fn[grid](*call, **self.spec.constexprs)
+            run = self.spec.interpretable()
+            run.fn[grid](*call, **run.constexprs)
 
 
 class FakeEvent:

@@ -1,0 +1,497 @@
+"""Hopper prefill attention written in Gluon: explicit TMA rings, mbarriers and async wgmma.
+
+The same contract as flash_attention.py's `flash_prefill_kernel` (arguments, masks, paged K/V
+through a TMA descriptor over the cache seen as 2-D, output `[T, NH*D]`), for pages that hold
+whole key blocks; what differs is the schedule, which Triton's own pipeliner does not give:
+
+- the key loop is software-pipelined by hand as in FlashAttention-3's intra-warpgroup overlap:
+  iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1} on the tensor cores, waits
+  only for S_j, and runs block j's softmax while the P V product is still in flight;
+- K and V arrive through STAGES-deep rings of shared-memory slots, each slot with its own
+  mbarrier that the TMA unit completes (no register or address arithmetic per element);
+- P stays in registers (the A operand of the P V wgmma) and is listed among the wait's
+  dependencies, so its registers stay live until the product that reads them has finished
+  (the hazard that made the software-pipelined Triton loop wrong: flash_attention.py).
+
+Two forms:
+- `flash_prefill_ws_kernel` (the one the configs name, `..ws`): warp-specialized. A loader warp
+  issues the TMA loads (its page-table reads off the consumers' path) and two consumer
+  warpgroups of 64 query rows each run the loop above independently, releasing each slot
+  through count-2 "empty" mbarriers; with no CTA-wide barrier in the loop one warpgroup's
+  softmax overlaps the other's products (FlashAttention-3's ping-pong, here from their drift).
+- `flash_prefill_wgmma_kernel`: one partition of 8 warps issuing its own loads, refilling a slot
+  after a CTA-wide barrier each iteration (both warpgroups in lockstep). Measured on the H200
+  (tools/gpu_sweeps/attention_wgmma.py run 1): correct at every mask, dtype and head dim
+  checked, but 0.88-0.93x the shipped Triton config (412 against 448 TFLOP/s at B4 x 4096
+  causal with 128-key blocks and 3 stages): kept as the sweep's baseline for the
+  warp-specialized form, which has not run on a GPU yet and is not offered to the tuner
+  (flash_attention_configs.WS_CANDIDATES).
+
+Masks are applied only on the key blocks that need them (the window's far edge, the diagonal,
+the ragged end), chosen per block by a scalar branch. V rows past the sequence's cached length
+(slots that may hold anything, NaN included) are zeroed in shared memory before the product
+that would multiply them by P = 0.
+
+Gluon has no interpreter: the CPU checks of these kernels are their offline sm_90 compiles
+(tests/lowering/triton_gpu/test_flash_attention_aot.py: no spills, no in-flight wgmma register
+hazard in the SASS) and the spec plumbing (test_flash_attention_wgmma.py; the interpreter runs
+the Triton twin a WS spec carries); their numbers are checked against torch on the GPU
+(tests/gpu/test_flash_wgmma_gpu.py, tools/gpu_sweeps/attention_wgmma.py).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                             warpgroup_mma, warpgroup_mma_wait)
+
+from graphir.lowering.triton_gpu.kernels.paged import (full_key_range, key_range, mask_allows,
+                                                       page_block_row)
+
+# Registers a thread of the second consumer warpgroup (setmaxnreg); the loader warp keeps 40,
+# the first consumer warpgroup what is left of the 64K. At 240 ptxas spills nothing at head
+# dims 64 and 128 for every mask but the chunked one (head dim 128, 128-key blocks: 248 bytes,
+# the per-element division of its mask), which keeps the Triton kernel (runnable_config in
+# flash_attention.py); at 232 the sliding window spilled 16 bytes.
+CONSUMER_REGS = 240
+LOADER_REGS = gl.constexpr(40)
+
+
+@gluon.jit
+def _issue_kv(desc, bars, ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx, num_layers,
+              num_pages, pred, KV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+              BLOCK_N: gl.constexpr):
+    """TMA load of K (KV=0) or V (KV=1) rows n0..n0+BLOCK_N-1 into ring slot `slot`; skipped
+    (no bytes expected) when pred is false."""
+    row = page_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, KV, PAGE_SIZE,
+                         num_pages, False)
+    bar = bars.index(slot)
+    mbarrier.expect(bar, BLOCK_N * D * desc.dtype.primitive_bitwidth // 8, pred=pred)
+    tma.async_copy_global_to_shared(desc, [row.to(gl.int32), kvh * D], bar, ring.index(slot),
+                                    pred=pred)
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale, masked, s_layout: gl.constexpr,
+             MASK: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Block scores s (raw q.k, fp32) -> (p, alpha, m_new, l_new) of the online softmax, in log2
+    units; the mask is applied only when `masked` (a scalar) holds."""
+    if masked:
+        kp = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        ok = mask_allows(qp, kp, window, MASK) & (kp < end)[None, :]
+        s = gl.where(ok, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p = gl.exp2(s - m_new[:, None])
+    else:
+        # Mask-free: the row max is taken before scaling (scale >= 0, checked by the host).
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _zero_v_tail(ring, slot, n0, kv_len, load_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                 D: gl.constexpr):
+    """Zero the V rows of a slot at or past the cached length (their P is 0, but 0 * NaN is
+    not): shared -> registers -> shared, then fenced for the async proxy that wgmma reads."""
+    v = ring.index(slot).load(load_layout)
+    r = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
+    v = gl.where((r < kv_len)[:, None], v, gl.zeros_like(v))
+    ring.index(slot).store(v)
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def flash_prefill_wgmma_kernel(
+        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
+        num_layers, num_pages, window, scale, T,
+        NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr):
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    # One warpgroup per 64 query rows; S [BLOCK_M, BLOCK_N] and O [BLOCK_M, D] in wgmma
+    # accumulator layouts with the same rows per thread, so row statistics move between them
+    # without data movement; P is the A operand of the P V product, from registers.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    # Coalesced [rows, D] register layout for the q load and the V-tail fix (16-byte vectors).
+    TPW_D: gl.constexpr = D // 8
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1],
+                                               [1, 0])
+    kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    h = gl.program_id(1)
+    b = gl.program_id(2)
+    # Metadata clamped as in flash_prefill_kernel: bad offsets or lengths move no access
+    # outside the buffers (the host checks them first; valid metadata is unchanged).
+    seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
+    seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
+    if pid_m * BLOCK_M < seq_len:
+        cache_len = gl.minimum(gl.maximum(gl.load(cache_len_ptr + b), 0),
+                               max_pages * PAGE_SIZE)
+        kv_len = cache_len + seq_len
+        kvh = h // (NH // NKV)
+        q_lo = cache_len + pid_m * BLOCK_M
+        q_hi = gl.minimum(kv_len, q_lo + BLOCK_M) - 1
+        start, end = key_range(q_lo, q_hi, kv_len, window, MASK)
+        start = (start // BLOCK_N) * BLOCK_N
+        lo, hi = full_key_range(q_lo, q_hi, kv_len, window, MASK)
+        full_lo = gl.maximum(gl.cdiv(lo, BLOCK_N) * BLOCK_N, start)
+        full_hi = (hi // BLOCK_N) * BLOCK_N
+        n_blocks = gl.cdiv(end - start, BLOCK_N)
+
+        # Q: one coalesced load into shared memory, fenced for the wgmma's async reads.
+        i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+        dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+        q_rows = (seq_start + pid_m * BLOCK_M + i).to(gl.int64) * (NH * D) + h * D
+        q = gl.load(q_ptr + q_rows[:, None] + dq[None, :],
+                    mask=(pid_m * BLOCK_M + i < seq_len)[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_smem_layout, q)
+
+        rows = gl.minimum(num_pages.to(gl.int64) * (2 * PAGE_SIZE) * num_layers,
+                          2**31 - 1).to(gl.int32)
+        desc = tma.make_tensor_descriptor(blocks_ptr, shape=[rows, NKV * D],
+                                          strides=[NKV * D, 1], block_shape=[BLOCK_N, D],
+                                          layout=kv_smem)
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(st), count=1)
+            mbarrier.init(v_bars.index(st), count=1)
+        fence_async_shared()
+        gl.thread_barrier()
+        for st in gl.static_range(STAGES):
+            _issue_kv(desc, k_bars, k_ring, st, lut_ptr, b, kvh, start + st * BLOCK_N, max_pages,
+                      layer_idx, num_layers, num_pages, st < n_blocks, 0, D, PAGE_SIZE, BLOCK_N)
+            _issue_kv(desc, v_bars, v_ring, st, lut_ptr, b, kvh, start + st * BLOCK_N, max_pages,
+                      layer_idx, num_layers, num_pages, st < n_blocks, 1, D, PAGE_SIZE, BLOCK_N)
+
+        qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
+        qp = q_lo + gl.arange(0, BLOCK_M, layout=row_s)
+        m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        o = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+        s0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+        # Block 0: S_0 and its softmax (O is still zero: no rescale, no product yet).
+        mbarrier.wait(k_bars.index(0), 0)
+        s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s0, use_acc=False,
+                          is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s])
+        masked = (start < full_lo) | (start + BLOCK_N > full_hi)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
+                                      s_layout, MASK, BLOCK_N)
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_blocks):
+            n0 = start + j * BLOCK_N
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+            s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
+                              is_async=True)
+            # V of block j-1: zero the rows past the cache's end first (ragged last block).
+            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+            if n0 > kv_len:
+                _zero_v_tail(v_ring, prev, n0 - BLOCK_N, kv_len, ld_layout, BLOCK_N, D)
+            o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s])
+            masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
+            p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale,
+                                               masked, s_layout, MASK, BLOCK_N)
+            # P_{j-1} is read by the product still in flight: it is a dependency of the wait.
+            o, p = warpgroup_mma_wait(0, deps=[o, p])
+            o = o * gl.convert_layout(alpha, row_o)[:, None]
+            p = gl.convert_layout(p_next.to(dtype), p_layout)
+            # Slot `prev` is free (both products that read it are done in every warpgroup):
+            # refill it with block j - 1 + STAGES.
+            gl.thread_barrier()
+            nxt = j - 1 + STAGES
+            _issue_kv(desc, k_bars, k_ring, prev, lut_ptr, b, kvh, start + nxt * BLOCK_N,
+                      max_pages, layer_idx, num_layers, num_pages, nxt < n_blocks, 0, D,
+                      PAGE_SIZE, BLOCK_N)
+            _issue_kv(desc, v_bars, v_ring, prev, lut_ptr, b, kvh, start + nxt * BLOCK_N,
+                      max_pages, layer_idx, num_layers, num_pages, nxt < n_blocks, 1, D,
+                      PAGE_SIZE, BLOCK_N)
+        # The last block's P V.
+        last = (n_blocks - 1) % STAGES
+        mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
+        if start + n_blocks * BLOCK_N > kv_len:
+            _zero_v_tail(v_ring, last, start + (n_blocks - 1) * BLOCK_N, kv_len, ld_layout,
+                         BLOCK_N, D)
+        o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
+        o, p = warpgroup_mma_wait(0, deps=[o, p])
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bars.index(st))
+            mbarrier.invalidate(v_bars.index(st))
+
+        l_o = gl.convert_layout(l_i, row_o)
+        out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+        r = gl.arange(0, BLOCK_M, layout=row_o)
+        d = gl.arange(0, D, layout=col_o)
+        o_rows = (seq_start + pid_m * BLOCK_M + r).to(gl.int64) * (NH * D) + h * D
+        gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(dtype),
+                 mask=(pid_m * BLOCK_M + r < seq_len)[:, None])
+
+
+def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blocks,
+                          layer_idx: int, mask="CAUSAL", window: int = 0,
+                          scale: float | None = None, max_seq_len: int | None = None,
+                          block_m: int = 128, block_n: int = 128, stages: int = 2,
+                          num_warps: int = 8, ws: bool = False,
+                          consumer_regs: int = CONSUMER_REGS):
+    """The kernel on torch tensors (q [T, NH, D] -> [T, NH*D]), as flash_attention.py's
+    `flash_attention`; pages must hold whole key blocks (page_size % block_n == 0)."""
+    import torch
+    import triton
+
+    from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+    from graphir.lowering.triton_gpu.kernels.paged import check_attention_args, mask_id
+
+    T, NH, D = q.shape
+    num_layers, page_size, NKV, m = check_attention_args("flash_attention_wgmma", q, blocks,
+                                                         mask, window)
+    if page_size % block_n:
+        raise ValueError(f"flash_attention_wgmma: page size {page_size} does not hold whole "
+                         f"key blocks of {block_n}")
+    scale = float(D ** -0.5 if scale is None else scale)
+    fa.check_scale(scale)
+    triton.set_allocator(lambda size, align, stream: torch.empty(
+        size, dtype=torch.int8, device=q.device))
+    batch = input_row_offsets.shape[0] - 1
+    if max_seq_len is None:
+        offs = input_row_offsets.to(torch.int64)
+        max_seq_len = int((offs[1:] - offs[:-1]).max()) if batch else 0
+    out = q.new_empty((T, NH * D))
+    if T == 0 or batch == 0:
+        return out
+    as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
+    grid = (max(1, triton.cdiv(max_seq_len, block_m)), NH, batch)
+    args = (q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths),
+            as_i32(lookup_table), blocks, out, lookup_table.shape[1], layer_idx, num_layers,
+            blocks.shape[0], max(window, 1), scale, T)
+    cx = dict(NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size, MASK=mask_id(m), BLOCK_M=block_m,
+              BLOCK_N=block_n, STAGES=stages)
+    if ws:
+        flash_prefill_ws_kernel[grid](*args, **cx, CONSUMER_REGS=consumer_regs, num_warps=4)
+    else:
+        flash_prefill_wgmma_kernel[grid](*args, **cx, num_warps=num_warps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Warp-specialized form: one loader warp feeds the K/V rings through TMA, two consumer
+# warpgroups (64 query rows each) run the pipelined loop of the kernel above independently.
+# The consumers never wait for each other (no CTA-wide barrier in the loop), so one's softmax
+# overlaps the other's products (FlashAttention-3's ping-pong arises from their drift rather
+# than being forced), and the loader's page-table loads stay off their critical path.
+# ---------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _ws_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b, kvh, start,
+               n_blocks, max_pages, layer_idx, num_layers, num_pages, D: gl.constexpr,
+               PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    for j in range(n_blocks):
+        slot = j % STAGES
+        # A fresh barrier counts as having completed the phase of parity 1: the first pass
+        # through the ring does not wait.
+        free = ((j // STAGES) & 1) ^ 1
+        n0 = start + j * BLOCK_N
+        mbarrier.wait(k_empty.index(slot), free)
+        _issue_kv(desc, k_ready, k_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
+                  num_layers, num_pages, True, 0, D, PAGE_SIZE, BLOCK_N)
+        mbarrier.wait(v_empty.index(slot), free)
+        _issue_kv(desc, v_ready, v_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
+                  num_layers, num_pages, True, 1, D, PAGE_SIZE, BLOCK_N)
+
+
+@gluon.jit
+def _ws_release(bars, slot):
+    """Both products that read `slot` are done in this warpgroup: once all four warps are past
+    their wait (a barrier of this partition's warps only), one thread arrives for it."""
+    gl.thread_barrier()
+    mbarrier.arrive(bars.index(slot))
+
+
+@gluon.jit
+def _ws_fix_v_tail(ring, slot, fixed, n0, kv_len, WG: gl.constexpr, BLOCK_N: gl.constexpr,
+                   D: gl.constexpr):
+    """Zero the V rows of a slot at or past the cached length: each consumer warpgroup zeroes
+    its half of the slot, then both wait for each other (barrier `fixed`, count 2; at most one
+    such block per program, so its phase is 0)."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    TPW_D: gl.constexpr = D // 8
+    lay: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+    part = ring.index(slot).slice(WG * HALF, HALF)
+    v = part.load(lay)
+    r = n0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, lay))
+    part.store(gl.where((r < kv_len)[:, None], v, gl.zeros_like(v)))
+    fence_async_shared()
+    gl.thread_barrier()
+    mbarrier.arrive(fixed)
+    mbarrier.wait(fixed, 0)
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, out_ptr,
+                 seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end, full_lo, full_hi,
+                 n_blocks, window, scale, WG: gl.constexpr, NH: gl.constexpr, D: gl.constexpr,
+                 MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+    ROWS: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    q = q_smem.slice(WG * ROWS, ROWS)
+    qk_scale = scale * 1.4426950408889634
+    qp = q_lo + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
+    m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
+    l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+    o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+    s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s])
+    # Every K slot a block fills is released once (the loader reuses slot 0 for block STAGES).
+    _ws_release(k_empty, 0)
+    masked = (start < full_lo) | (start + BLOCK_N > full_hi)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
+                                  s_layout, MASK, BLOCK_N)
+    p = gl.convert_layout(p.to(dtype), p_layout)
+    for j in range(1, n_blocks):
+        n0 = start + j * BLOCK_N
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
+                          is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        if n0 > kv_len:
+            _ws_fix_v_tail(v_ring, prev, fixed, n0 - BLOCK_N, kv_len, WG, BLOCK_N, D)
+        o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s])
+        masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
+        p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale, masked,
+                                           s_layout, MASK, BLOCK_N)
+        o, p = warpgroup_mma_wait(0, deps=[o, p])
+        # K of block j (its S is done) and V of block j - 1 (its product is done).
+        _ws_release(k_empty, slot)
+        mbarrier.arrive(v_empty.index(prev))
+        o = o * gl.convert_layout(alpha, row_o)[:, None]
+        p = gl.convert_layout(p_next.to(dtype), p_layout)
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+    if start + n_blocks * BLOCK_N > kv_len:
+        _ws_fix_v_tail(v_ring, last, fixed, start + (n_blocks - 1) * BLOCK_N, kv_len, WG,
+                       BLOCK_N, D)
+    o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
+    o, p = warpgroup_mma_wait(0, deps=[o, p])
+
+    l_o = gl.convert_layout(l_i, row_o)
+    out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    r = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=row_o)
+    d = gl.arange(0, D, layout=col_o)
+    o_rows = (seq_start + r).to(gl.int64) * (NH * D) + h * D
+    gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(dtype),
+             mask=(r < seq_len)[:, None])
+
+
+@gluon.jit
+def flash_prefill_ws_kernel(
+        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
+        num_layers, num_pages, window, scale, T,
+        NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """Launched with num_warps=4 (consumer warpgroup 0); warp_specialize adds consumer
+    warpgroup 1 and the loader warp."""
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    TPW_D: gl.constexpr = D // 8
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+    kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    h = gl.program_id(1)
+    b = gl.program_id(2)
+    seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
+    seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
+    if pid_m * BLOCK_M < seq_len:
+        cache_len = gl.minimum(gl.maximum(gl.load(cache_len_ptr + b), 0),
+                               max_pages * PAGE_SIZE)
+        kv_len = cache_len + seq_len
+        kvh = h // (NH // NKV)
+        q_lo = cache_len + pid_m * BLOCK_M
+        q_hi = gl.minimum(kv_len, q_lo + BLOCK_M) - 1
+        start, end = key_range(q_lo, q_hi, kv_len, window, MASK)
+        start = (start // BLOCK_N) * BLOCK_N
+        lo, hi = full_key_range(q_lo, q_hi, kv_len, window, MASK)
+        full_lo = gl.maximum(gl.cdiv(lo, BLOCK_N) * BLOCK_N, start)
+        full_hi = (hi // BLOCK_N) * BLOCK_N
+        n_blocks = gl.cdiv(end - start, BLOCK_N)
+
+        i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+        dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+        q_rows = (seq_start + pid_m * BLOCK_M + i).to(gl.int64) * (NH * D) + h * D
+        q = gl.load(q_ptr + q_rows[:, None] + dq[None, :],
+                    mask=(pid_m * BLOCK_M + i < seq_len)[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_smem_layout, q)
+
+        rows = gl.minimum(num_pages.to(gl.int64) * (2 * PAGE_SIZE) * num_layers,
+                          2**31 - 1).to(gl.int32)
+        desc = tma.make_tensor_descriptor(blocks_ptr, shape=[rows, NKV * D],
+                                          strides=[NKV * D, 1], block_shape=[BLOCK_N, D],
+                                          layout=kv_smem)
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+        fixed = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        for st in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(st), count=1)
+            mbarrier.init(v_ready.index(st), count=1)
+            mbarrier.init(k_empty.index(st), count=2)
+            mbarrier.init(v_empty.index(st), count=2)
+        mbarrier.init(fixed, count=2)
+        fence_async_shared()
+        gl.thread_barrier()
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        gl.warp_specialize(
+            [(_ws_consumer, (q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
+                             out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end,
+                             full_lo, full_hi, n_blocks, window, scale, WG0, NH, D, MASK,
+                             BLOCK_M, BLOCK_N, STAGES)),
+             (_ws_consumer, (q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
+                             out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end,
+                             full_lo, full_hi, n_blocks, window, scale, WG1, NH, D, MASK,
+                             BLOCK_M, BLOCK_N, STAGES)),
+             (_ws_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr,
+                           b, kvh, start, n_blocks, max_pages, layer_idx, num_layers, num_pages,
+                           D, PAGE_SIZE, BLOCK_N, STAGES))],
+            [4, 1], [CONSUMER_REGS, LOADER_REGS])

@@ -1,0 +1,59 @@
+"""The warp-specialized Gluon prefill kernel's plumbing on the CPU: its configs, the specs the
+lowering builds for them (and the Triton twin the interpreter runs in their place), and the
+calls it cannot serve falling back to the Triton kernel. Its offline sm_90 compile (every WS
+config, three masks, no spills, no in-flight wgmma register hazard) is in
+test_flash_attention_aot.py; its numbers are checked on the GPU (tests/gpu/
+test_flash_wgmma_gpu.py, tools/gpu_sweeps/attention_wgmma.py)."""
+import pytest
+
+from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc
+from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import flash_prefill_ws_kernel
+
+
+def test_ws_configs_have_names_that_round_trip():
+    for d in (64, 128):
+        for c in fc.WS_CANDIDATES[d]:
+            name = fc.config_tag(c)
+            assert name.endswith("tmaws")
+            assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
+    with pytest.raises(ValueError, match="warp-specialized kernel takes"):
+        fc.get({**fc.WS_CANDIDATES[128][0], "num_warps": 8})
+    with pytest.raises(ValueError, match="warp-specialized kernel takes"):
+        fc.check_config(fc.WS_CANDIDATES[128][0], 256)
+
+
+def test_the_tuner_is_not_offered_the_ws_kernel_until_it_is_measured():
+    assert not any(c.get("WS") for c in fc.candidates(128, 128))
+    ws = [c for c in fc.candidates(128, 128, include_ws=True) if c.get("WS")]
+    assert [fc.config_tag(c) for c in ws] == ["m128n128w4s2tmaws", "m128n64w4s3tmaws"]
+    # Pages that do not hold a whole key block: no TMA, so no WS config at all.
+    assert not any(c.get("WS") for c in fc.candidates(128, 16, include_ws=True))
+    assert not any(c.get("WS") for c in fc.candidates(128, 128, "float32", include_ws=True))
+
+
+def test_ws_spec_launches_the_gluon_kernel_and_carries_its_triton_twin():
+    cfg = fc.WS_CANDIDATES[128][0]
+    (s,) = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CAUSAL", config=cfg)
+    assert s.fn is flash_prefill_ws_kernel and s.num_warps == 4
+    assert s.name == "flash_attention_bf16_mask1_m128n128w4s2tmaws"
+    assert s.constexprs["STAGES"] == 2 and s.constexprs["BLOCK_N"] == 128
+    twin = s.interpretable()
+    assert twin.fn is fa.flash_prefill_kernel and twin.runtime_params() == s.runtime_params()
+    assert twin.constexprs["BLOCK_M"] == 128 and twin.constexprs["BLOCK_N"] == 128
+    assert s.grid_for(batch=2, max_seq_len=300) == twin.grid_for(batch=2, max_seq_len=300)
+    plain = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CAUSAL")[0]
+    assert plain.interpretable() is plain
+
+
+@pytest.mark.parametrize("why,args,kw", [
+    ("soft-cap", (32, 8, 128, 128, "bfloat16", "CAUSAL"), {"softcap": 30.0}),
+    ("chunked mask", (32, 8, 128, 128, "bfloat16", "CHUNKED_CAUSAL"), {}),
+    ("rows too small for TMA", (4, 1, 32, 128, "bfloat16", "CAUSAL"), {}),
+    ("pages smaller than the key block", (32, 8, 128, 64, "bfloat16", "CAUSAL"), {}),
+])
+def test_calls_the_ws_kernel_cannot_serve_take_the_triton_default(why, args, kw):
+    cfg = dict(fc.WS_CANDIDATES[64 if args[2] <= 64 else 128][0])
+    (s,) = fa.aot_specs(*args, config=cfg, **kw)
+    assert s.fn is fa.flash_prefill_kernel, why
+    assert not s.extra["config"].get("WS"), why

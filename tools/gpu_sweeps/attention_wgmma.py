@@ -1,0 +1,119 @@
+"""The Gluon prefill kernel (kernels/flash_attention_wgmma.py) on one GPU: checked, then timed
+against torch SDPA and the shipped Triton kernel, side by side in one run.
+
+1. Correctness on ragged batches with cached prefixes (chunked prefill), every mask, NaN in the
+   cache slots past each sequence's length, bf16 and fp16, head dims 64 and 128: against a
+   float32 torch reference built from the same pages (`--check ""` skips it).
+2. Speed at attention.py's shapes (TFLOP/s of unmasked work): SDPA's best form, the shipped
+   Triton kernel's default config, and the Gluon kernel at each (BLOCK_N, STAGES) variant,
+   each variant checked against SDPA before it is timed.
+
+    python3 tools/gpu_sweeps/attention_wgmma.py [--only c4k,n4k] [--variants n128s2,n64s3]
+                                                [--check n128s2,n64s3]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attention as A  # noqa: E402
+
+from graphir.lowering.triton_gpu.kernels import flash_attention as fa  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (  # noqa: E402
+    flash_attention_wgmma)
+from graphir.tools.attention_reference import ragged_problem, torch_reference  # noqa: E402
+from graphir.tools.gpu_timing import rel_err  # noqa: E402
+
+VARIANTS = {"n128s2": (128, 2, False), "n64s3": (64, 3, False), "n128s3": (128, 3, False),
+            "ws_n128s2": (128, 2, True), "ws_n128s3": (128, 3, True), "ws_n64s3": (64, 3, True),
+            "ws_n64s4": (64, 4, True)}
+ALL = ("NULL", "CAUSAL", "SLIDING_WINDOW_CAUSAL", "SLIDING_WINDOW_NONCAUSAL", "CHUNKED_CAUSAL")
+CHECKS = [(128, torch.bfloat16, ALL), (128, torch.float16, ("CAUSAL",)),
+          (64, torch.bfloat16, ("CAUSAL", "SLIDING_WINDOW_CAUSAL"))]
+MASKS = [("NULL", 0), ("CAUSAL", 0), ("SLIDING_WINDOW_CAUSAL", 100),
+         ("SLIDING_WINDOW_NONCAUSAL", 150), ("CHUNKED_CAUSAL", 128)]
+
+
+def check_correctness(variants) -> list:
+    rows = []
+    for D, dtype, masks in CHECKS:
+        if True:
+            q, offs, clen, lut, blocks = ragged_problem(D, dtype)
+            for mask, window in MASKS:
+                if mask not in masks:
+                    continue
+                scale = D ** -0.5
+                want = torch_reference(q, offs, clen, lut, blocks, mask, window, scale)
+                for name in variants:
+                    bn, st, ws = VARIANTS[name]
+                    try:
+                        got = flash_attention_wgmma(q, offs, clen, lut, blocks, 0, mask=mask,
+                                                    window=window, block_n=bn, stages=st, ws=ws)
+                        torch.cuda.synchronize()
+                        e_ref = rel_err(got, want)
+                        ok = bool(e_ref < 1e-2 and torch.isfinite(got).all())
+                    except Exception as e:  # noqa: BLE001
+                        e_ref = float("nan")
+                        ok = False
+                        print(f"D{D} {dtype} {mask} {name}: {type(e).__name__}: {str(e)[-300:]}")
+                    rows.append(dict(D=D, dtype=str(dtype), mask=mask, variant=name,
+                                     rel_err_ref=e_ref, ok=ok))
+                    print(f"check D{D} {str(dtype)[6:]:8} {mask:26} {name}: "
+                          f"vs fp32 {e_ref:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    return rows
+
+
+def speed(variants, only) -> list:
+    A.set_allocator()
+    rows = []
+    for shape in A.SHAPES:
+        name, B, S, D, mask, window = shape
+        if only and name not in only:
+            continue
+        p = A.problem(shape)
+        want, sdpa_ms, how, _ = A.reference(shape)
+        row = {"shape": name, "sdpa_tflops": A.flops(shape) / sdpa_ms / 1e9, "sdpa": how}
+        tag = A.default_tag(shape)
+        cfg = next(c for c in fa.candidates(D, A.PAGE) if fa.config_tag(c) == tag)
+        r = A.measure(shape, A.ours(shape, cfg), want)
+        row["shipped"] = r.get("tflops", r.get("error"))
+        lut, blocks = p["shuffled"]
+        for v in variants:
+            bn, st, ws = VARIANTS[v]
+            fn = (lambda bn=bn, st=st, ws=ws: flash_attention_wgmma(
+                p["q"], p["offs"], p["clen"], lut, blocks, 0, mask=mask, window=window,
+                max_seq_len=S, block_n=bn, stages=st, ws=ws))
+            try:
+                r = A.measure(shape, fn, want)
+                row[v] = r.get("tflops", r.get("error"))
+            except Exception as e:  # noqa: BLE001
+                row[v] = f"{type(e).__name__}: {str(e)[-200:]}"
+        rows.append(row)
+        best = max((row[v] for v in variants if isinstance(row[v], float)), default=0.0)
+        print(f"speed {name:6} SDPA {row['sdpa_tflops']:6.1f} shipped "
+              f"{row['shipped'] if isinstance(row['shipped'], str) else round(row['shipped'], 1)}"
+              + "".join(f" {v} {row[v]:.1f}" if isinstance(row[v], float) else f" {v} {row[v]}"
+                        for v in variants)
+              + f" | best/SDPA {best / row['sdpa_tflops']:.2f}", flush=True)
+    return rows
+
+
+def main():
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    variants = args.get("--variants", ",".join(VARIANTS)).split(",")
+    only = set(args["--only"].split(",")) if "--only" in args else set()
+    checked = [c for c in args.get("--check", "ws_n128s2,ws_n64s3").split(",") if c]
+    out = {"check": check_correctness(checked), "speed": speed(variants, only)}
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "attention_wgmma.json"), "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    bad = [r for r in out["check"] if not r["ok"]]
+    print(f"checks: {len(out['check']) - len(bad)} ok, {len(bad)} wrong")
+
+
+if __name__ == "__main__":
+    main()
