@@ -77,8 +77,8 @@ FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32,
 # The warp-specialized kernel: 16-bit inputs, head dims 64 and 128, pages holding whole key
 # blocks (TMA). Not offered to the tuner yet (candidates(include_ws=True) asks for them): its
 # loop without warp specialization measured correct on the H200 but slower than the shipped
-# Triton config (tools/gpu_sweeps/attention_wgmma.py run 1: 412 against 448 TFLOP/s at B4 x
-# 4096 causal); the warp-specialized form has not run on a GPU yet.
+# Triton config at head dim 128 (tools/gpu_sweeps/attention_wgmma.py run 1: 412 against 448
+# TFLOP/s at B4 x 4096 causal); the warp-specialized form has not run on a GPU yet.
 WS_CANDIDATES: dict[int, list[dict]] = {64: [_ws(128, 2), _ws(64, 3)],
                                         128: [_ws(128, 2), _ws(64, 3)]}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")

@@ -22,8 +22,9 @@ Two forms:
 - `flash_prefill_wgmma_kernel`: one partition of 8 warps issuing its own loads, refilling a slot
   after a CTA-wide barrier each iteration (both warpgroups in lockstep). Measured on the H200
   (tools/gpu_sweeps/attention_wgmma.py run 1): correct at every mask, dtype and head dim
-  checked, but 0.88-0.93x the shipped Triton config (412 against 448 TFLOP/s at B4 x 4096
-  causal with 128-key blocks and 3 stages): kept as the sweep's baseline for the
+  checked, but at head dim 128 0.87-0.96x the shipped Triton config (its best variant,
+  128-key blocks in 3 stages: 412 against 448 TFLOP/s at B4 x 4096 causal), at head dim 64
+  1.04x (64-key blocks, 3 stages: 347 against 334): kept as the sweep's baseline for the
   warp-specialized form, which has not run on a GPU yet and is not offered to the tuner
   (flash_attention_configs.WS_CANDIDATES).
 
