@@ -232,15 +232,22 @@ def _row_step(acc, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c
 
 
 @triton.jit
+def store_out(c_ptr, dst, val, ok, pid_k, M, N, SPLIT_K: tl.constexpr):
+    """Store a result tile at offsets `dst` of the [M, N] output: with split K, the float32
+    partial sums into split pid_k's slice of the [SPLIT_K, M, N] scratch (the reduce kernel
+    adds them), else the values cast to the output's dtype. Every nib kernel ends here."""
+    if SPLIT_K > 1:
+        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, val, mask=ok)
+    else:
+        tl.store(c_ptr + dst, val.to(c_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _row_out(acc, c_ptr, row, pid_k, M, N, rn, SPLIT_K: tl.constexpr):
     BG: tl.constexpr = acc.shape[0]
     out = tl.reshape(tl.sum(acc, axis=1), (BG * 4,))
-    ok = (rn < N) & (row < M)
-    dst = row.to(tl.int64) * N + rn
-    if SPLIT_K > 1:
-        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, out, mask=ok)
-    else:
-        tl.store(c_ptr + dst, out.to(c_ptr.dtype.element_ty), mask=ok)
+    store_out(c_ptr, row.to(tl.int64) * N + rn, out, (rn < N) & (row < M), pid_k, M, N,
+              SPLIT_K)
 
 
 @triton.jit
@@ -411,11 +418,7 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_pe
         acc = tl.dot(w, tl.trans(xt), acc)
     rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
     ok = (rn < N)[:, None] & (rm < M)[None, :]
-    dst = rm.to(tl.int64)[None, :] * N + rn[:, None]
-    if SPLIT_K > 1:
-        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, acc, mask=ok)
-    else:
-        tl.store(c_ptr + dst, acc.to(c_ptr.dtype.element_ty), mask=ok)
+    store_out(c_ptr, rm.to(tl.int64)[None, :] * N + rn[:, None], acc, ok, pid_k, M, N, SPLIT_K)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant_nib import _ASM, affine_at
+from .quant_nib import _ASM, affine_at, store_out
 from .quant_nib_tc import _plane_plain
 
 
@@ -397,9 +397,5 @@ def _store(c, c_ptr, row0, dr: tl.constexpr, xrow0, e: tl.constexpr, pid_k, M, N
     lane = tl.arange(0, 32)
     row = row0 + 4 * (lane // 4) + dr
     xrow = xrow0 + 2 * (lane % 4) + e
-    ok = (row < N) & (xrow < M)
-    dst = xrow.to(tl.int64) * N + row
-    if SPLIT_K > 1:
-        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, c, mask=ok)
-    else:
-        tl.store(c_ptr + dst, c.to(c_ptr.dtype.element_ty), mask=ok)
+    store_out(c_ptr, xrow.to(tl.int64) * N + row, c, (row < N) & (xrow < M), pid_k, M, N,
+              SPLIT_K)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quant_nib import _ASM, affine_at
+from .quant_nib import _ASM, affine_at, store_out
 
 
 def _planes_asm(ty: str, magic: int, sym: bool = False) -> str:
@@ -263,8 +263,4 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
         acc = tl.dot(p7, x7, acc)
     rn = pid_n * BN + tl.arange(0, BN)
     ok = (rn < N)[:, None] & (rm < M)[None, :]
-    dst = rm.to(tl.int64)[None, :] * N + rn[:, None]
-    if SPLIT_K > 1:
-        tl.store(c_ptr + pid_k.to(tl.int64) * M * N + dst, acc, mask=ok)
-    else:
-        tl.store(c_ptr + dst, acc.to(c_ptr.dtype.element_ty), mask=ok)
+    store_out(c_ptr, rm.to(tl.int64)[None, :] * N + rn[:, None], acc, ok, pid_k, M, N, SPLIT_K)
