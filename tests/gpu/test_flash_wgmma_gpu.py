@@ -40,16 +40,23 @@ print("JSON" + json.dumps(out))
 """
 
 
+_HUNG: list = []
+
+
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype):
+    if _HUNG:  # one hang is enough to know; the GPU suite's time is not spent on more
+        pytest.fail(f"not run: the warp-specialized kernel hung on {_HUNG[0]}")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     try:
+        # About 10 compiles and launches: well under a minute when nothing hangs.
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(d), dtype], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the warp-specialized kernel did not finish in 300 s (d={d}, {dtype}): "
+        _HUNG.append(f"d={d} {dtype}")
+        pytest.fail(f"the warp-specialized kernel did not finish in 150 s (d={d}, {dtype}): "
                     "an mbarrier protocol deadlock")
     lines = [x for x in proc.stdout.splitlines() if x.startswith("JSON")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
