@@ -5,11 +5,15 @@ against torch SDPA and the shipped Triton kernel, side by side in one run.
    cache slots past each sequence's length, bf16 and fp16, head dims 64 and 128: against a
    float32 torch reference built from the same pages (`--check ""` skips it).
 2. Speed at attention.py's shapes (TFLOP/s of unmasked work): SDPA's best form, the shipped
-   Triton kernel's default config, and the Gluon kernel at each (BLOCK_N, STAGES) variant,
-   each variant checked against SDPA before it is timed.
+   Triton kernel's default config, and the Gluon kernel's variants (VARIANTS: 128- or
+   64-key blocks, ring depth, single partition / warp-specialized / warp-specialized with
+   the consumers taking turns), each checked against SDPA before it is timed.
 
-    python3 tools/gpu_sweeps/attention_wgmma.py [--only c4k,n4k] [--variants n128s2,n64s3]
-                                                [--check n128s2,n64s3]
+The warp-specialized forms wait on mbarriers: a protocol error hangs rather than fails, so run
+the sweep under a deadline (tools/gpu_sweep.sh gives each sweep one) with unbuffered output.
+
+    python3 -u tools/gpu_sweeps/attention_wgmma.py [--only c4k,n4k] [--variants ws_n128s2,...]
+                                                   [--check ws_n128s2,wspp_n128s2 | ""]
 """
 from __future__ import annotations
 
@@ -28,9 +32,12 @@ from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (  # noqa:
 from graphir.tools.attention_reference import ragged_problem, torch_reference  # noqa: E402
 from graphir.tools.gpu_timing import rel_err  # noqa: E402
 
-VARIANTS = {"n128s2": (128, 2, False), "n64s3": (64, 3, False), "n128s3": (128, 3, False),
-            "ws_n128s2": (128, 2, True), "ws_n128s3": (128, 3, True), "ws_n64s3": (64, 3, True),
-            "ws_n64s4": (64, 4, True)}
+# name: (BLOCK_N, STAGES, warp-specialized, ping-pong)
+VARIANTS = {"n128s2": (128, 2, False, False), "n64s3": (64, 3, False, False),
+            "n128s3": (128, 3, False, False), "ws_n128s2": (128, 2, True, False),
+            "ws_n128s3": (128, 3, True, False), "ws_n64s3": (64, 3, True, False),
+            "ws_n64s4": (64, 4, True, False), "wspp_n128s2": (128, 2, True, True),
+            "wspp_n64s3": (64, 3, True, True)}
 ALL = ("NULL", "CAUSAL", "SLIDING_WINDOW_CAUSAL", "SLIDING_WINDOW_NONCAUSAL", "CHUNKED_CAUSAL")
 CHECKS = [(128, torch.bfloat16, ALL), (128, torch.float16, ("CAUSAL",)),
           (64, torch.bfloat16, ("CAUSAL", "SLIDING_WINDOW_CAUSAL"))]
@@ -49,10 +56,11 @@ def check_correctness(variants) -> list:
                 scale = D ** -0.5
                 want = torch_reference(q, offs, clen, lut, blocks, mask, window, scale)
                 for name in variants:
-                    bn, st, ws = VARIANTS[name]
+                    bn, st, ws, pp = VARIANTS[name]
                     try:
                         got = flash_attention_wgmma(q, offs, clen, lut, blocks, 0, mask=mask,
-                                                    window=window, block_n=bn, stages=st, ws=ws)
+                                                    window=window, block_n=bn, stages=st, ws=ws,
+                                                    pingpong=pp)
                         torch.cuda.synchronize()
                         e_ref = rel_err(got, want)
                         ok = bool(e_ref < 1e-2 and torch.isfinite(got).all())
@@ -83,10 +91,10 @@ def speed(variants, only) -> list:
         row["shipped"] = r.get("tflops", r.get("error"))
         lut, blocks = p["shuffled"]
         for v in variants:
-            bn, st, ws = VARIANTS[v]
-            fn = (lambda bn=bn, st=st, ws=ws: flash_attention_wgmma(
+            bn, st, ws, pp = VARIANTS[v]
+            fn = (lambda bn=bn, st=st, ws=ws, pp=pp: flash_attention_wgmma(
                 p["q"], p["offs"], p["clen"], lut, blocks, 0, mask=mask, window=window,
-                max_seq_len=S, block_n=bn, stages=st, ws=ws))
+                max_seq_len=S, block_n=bn, stages=st, ws=ws, pingpong=pp))
             try:
                 r = A.measure(shape, fn, want)
                 row[v] = r.get("tflops", r.get("error"))
@@ -104,9 +112,9 @@ def speed(variants, only) -> list:
 
 def main():
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-    variants = args.get("--variants", ",".join(VARIANTS)).split(",")
+    variants = args.get("--variants", "n128s3,ws_n128s2,ws_n64s3,wspp_n128s2,wspp_n64s3").split(",")
     only = set(args["--only"].split(",")) if "--only" in args else set()
-    checked = [c for c in args.get("--check", "ws_n128s2,ws_n64s3").split(",") if c]
+    checked = [c for c in args.get("--check", "ws_n128s2,wspp_n128s2").split(",") if c]
     out = {"check": check_correctness(checked), "speed": speed(variants, only)}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "attention_wgmma.json"), "w") as f:

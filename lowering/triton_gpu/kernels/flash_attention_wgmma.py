@@ -254,7 +254,7 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
                           scale: float | None = None, max_seq_len: int | None = None,
                           block_m: int = 128, block_n: int = 128, stages: int = 2,
                           num_warps: int = 8, ws: bool = False,
-                          consumer_regs: int = CONSUMER_REGS):
+                          consumer_regs: int = CONSUMER_REGS, pingpong: bool = False):
     """The kernel on torch tensors (q [T, NH, D] -> [T, NH*D]), as flash_attention.py's
     `flash_attention`; pages must hold whole key blocks (page_size % block_n == 0)."""
     import torch
@@ -288,7 +288,8 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
     cx = dict(NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size, MASK=mask_id(m), BLOCK_M=block_m,
               BLOCK_N=block_n, STAGES=stages)
     if ws:
-        flash_prefill_ws_kernel[grid](*args, **cx, CONSUMER_REGS=consumer_regs, num_warps=4)
+        flash_prefill_ws_kernel[grid](*args, **cx, CONSUMER_REGS=consumer_regs,
+                                      PINGPONG=int(pingpong), num_warps=4)
     else:
         flash_prefill_wgmma_kernel[grid](*args, **cx, num_warps=num_warps)
     return out
@@ -349,11 +350,11 @@ def _ws_fix_v_tail(ring, slot, fixed, n0, kv_len, WG: gl.constexpr, BLOCK_N: gl.
 
 
 @gluon.jit
-def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, out_ptr,
-                 seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end, full_lo, full_hi,
-                 n_blocks, window, scale, WG: gl.constexpr, NH: gl.constexpr, D: gl.constexpr,
-                 MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr):
+def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, turn,
+                 out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end, full_lo,
+                 full_hi, n_blocks, window, scale, WG: gl.constexpr, NH: gl.constexpr,
+                 D: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -386,12 +387,20 @@ def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fix
         slot = j % STAGES
         prev = (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        if PINGPONG:
+            # FlashAttention-3's ping-pong: the warpgroups take turns issuing their two
+            # products, so one's softmax runs while the other's products hold the tensor
+            # cores. Turn k of warpgroup 0 waits for parity (k + 1) & 1 (its first turn passes
+            # on the fresh barrier), of warpgroup 1 for k & 1 (after warpgroup 0's first).
+            mbarrier.wait(turn.index(WG), ((j - 1) & 1) ^ (1 - WG))
         s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
                           is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         if n0 > kv_len:
             _ws_fix_v_tail(v_ring, prev, fixed, n0 - BLOCK_N, kv_len, WG, BLOCK_N, D)
         o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG))
         s = warpgroup_mma_wait(1, deps=[s])
         masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
         p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale, masked,
@@ -425,9 +434,9 @@ def flash_prefill_ws_kernel(
         num_layers, num_pages, window, scale, T,
         NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
         MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = 0):
     """Launched with num_warps=4 (consumer warpgroup 0); warp_specialize adds consumer
-    warpgroup 1 and the loader warp."""
+    warpgroup 1 and the loader warp. PINGPONG makes the consumers alternate their products."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
@@ -473,25 +482,28 @@ def flash_prefill_ws_kernel(
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         fixed = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         for st in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(st), count=1)
             mbarrier.init(v_ready.index(st), count=1)
             mbarrier.init(k_empty.index(st), count=2)
             mbarrier.init(v_empty.index(st), count=2)
         mbarrier.init(fixed, count=2)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         fence_async_shared()
         gl.thread_barrier()
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize(
             [(_ws_consumer, (q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
-                             out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end,
-                             full_lo, full_hi, n_blocks, window, scale, WG0, NH, D, MASK,
-                             BLOCK_M, BLOCK_N, STAGES)),
+                             turn, out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start,
+                             end, full_lo, full_hi, n_blocks, window, scale, WG0, NH, D, MASK,
+                             BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
              (_ws_consumer, (q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
-                             out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end,
-                             full_lo, full_hi, n_blocks, window, scale, WG1, NH, D, MASK,
-                             BLOCK_M, BLOCK_N, STAGES)),
+                             turn, out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start,
+                             end, full_lo, full_hi, n_blocks, window, scale, WG1, NH, D, MASK,
+                             BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
              (_ws_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr,
                            b, kvh, start, n_blocks, max_pages, layer_idx, num_layers, num_pages,
                            D, PAGE_SIZE, BLOCK_N, STAGES))],
