@@ -363,8 +363,8 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
     t = triton_dtype(dtype)
     cx = dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
-              CONSUMER_REGS=CONSUMER_REGS)
-    twin_cfg = {k: v for k, v in cfg.items() if k != "WS"}
+              CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)))
+    twin_cfg = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG")}
     twin_cfg.update(num_warps=8, num_stages=2)
     (twin,) = aot_specs(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, twin_cfg)
     return KernelSpec(

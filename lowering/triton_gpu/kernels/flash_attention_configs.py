@@ -130,7 +130,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?")
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?")
 
 
 def get(config) -> dict:
@@ -149,6 +149,8 @@ def get(config) -> dict:
         config = _cfg(bm, bn, w, st, bool(m.group(5)), int(m.group(6)) if m.group(6) else None)
         if m.group(7):
             config["WS"] = 1
+        if m.group(8):
+            config["PINGPONG"] = 1
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -178,6 +180,9 @@ def check_config(cfg: dict, head_dim: int) -> None:
     if reg is not None and not (isinstance(reg, int) and 16 <= reg <= 255):
         raise ValueError(f"flash attention config: maxnreg must be None or an int in [16, 255], "
                          f"got {reg!r}")
+    if cfg.get("PINGPONG") and not is_ws(cfg):
+        raise ValueError(f"flash attention config: PINGPONG needs the warp-specialized kernel "
+                         f"(WS), got {cfg}")
     if is_ws(cfg) and (cfg["BLOCK_M"] != 128 or cfg["num_warps"] != 4 or not cfg["USE_TMA"]
                        or reg is not None or head_dim > 128):
         raise ValueError(f"flash attention config: the warp-specialized kernel takes BLOCK_M "
@@ -187,8 +192,8 @@ def check_config(cfg: dict, head_dim: int) -> None:
 
 def config_tag(cfg: dict) -> str:
     """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128, ws for the
-    warp-specialized Gluon kernel."""
+    warp-specialized Gluon kernel, pp for its consumers taking turns."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
-            + ("ws" if is_ws(cfg) else ""))
+            + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else ""))

@@ -205,10 +205,9 @@ def flash_prefill_wgmma_kernel(
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
             s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
                               is_async=True)
-            # V of block j-1: zero the rows past the cache's end first (ragged last block).
+            # V of block j-1 needs no zeroing: block j starts before `end` <= kv_len, so only
+            # the last block reaches past the cache's end (fixed after the loop).
             mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            if n0 > kv_len:
-                _zero_v_tail(v_ring, prev, n0 - BLOCK_N, kv_len, ld_layout, BLOCK_N, D)
             o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
             s = warpgroup_mma_wait(1, deps=[s])
             masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
@@ -395,9 +394,10 @@ def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fix
             mbarrier.wait(turn.index(WG), ((j - 1) & 1) ^ (1 - WG))
         s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
                           is_async=True)
+        # Block j - 1 holds no slot past the cache's end: block j starts before `end`, which
+        # is at most kv_len. Only the last block can (fixed after the loop), so no warpgroup
+        # waits for the other inside the loop (with PINGPONG that wait could never end).
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        if n0 > kv_len:
-            _ws_fix_v_tail(v_ring, prev, fixed, n0 - BLOCK_N, kv_len, WG, BLOCK_N, D)
         o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))

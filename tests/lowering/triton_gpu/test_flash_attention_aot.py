@@ -105,6 +105,9 @@ jobs += [("default_d128_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL"), None),
          ("default_d128_fp32_chunked", (8, 8, 128, 128, "float32", "CHUNKED_CAUSAL"), None),
          ("tma_small_rows", (4, 1, 32, 128, "bfloat16", "CAUSAL"),
           dict(fa.CANDIDATES[64][0]))]
+# The warp-specialized kernel with its consumers taking turns (not a config yet: the sweep's).
+jobs += [("d128_m128n128w4s2tmaws_pingpong", (32, 8, 128, 128, "bfloat16", "CAUSAL"),
+          dict(fa.WS_CANDIDATES[128][0], PINGPONG=1))]
 out = {}
 have_bin = os.path.exists(BIN)
 for label, shape, conf in jobs:

@@ -17,6 +17,10 @@ def test_ws_configs_have_names_that_round_trip():
             name = fc.config_tag(c)
             assert name.endswith("tmaws")
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
+    pp = fc.get("m128n128w4s2tmawspp")
+    assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
+    with pytest.raises(ValueError, match="PINGPONG needs"):
+        fc.get("m128n128w8s2tmapp")
     with pytest.raises(ValueError, match="warp-specialized kernel takes"):
         fc.get({**fc.WS_CANDIDATES[128][0], "num_warps": 8})
     with pytest.raises(ValueError, match="warp-specialized kernel takes"):
@@ -38,6 +42,9 @@ def test_ws_spec_launches_the_gluon_kernel_and_carries_its_triton_twin():
     assert s.fn is flash_prefill_ws_kernel and s.num_warps == 4
     assert s.name == "flash_attention_bf16_mask1_m128n128w4s2tmaws"
     assert s.constexprs["STAGES"] == 2 and s.constexprs["BLOCK_N"] == 128
+    assert s.constexprs["PINGPONG"] == 0
+    (p,) = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CAUSAL", config={**cfg, "PINGPONG": 1})
+    assert p.constexprs["PINGPONG"] == 1 and p.name.endswith("wspp")
     twin = s.interpretable()
     assert twin.fn is fa.flash_prefill_kernel and twin.runtime_params() == s.runtime_params()
     assert twin.constexprs["BLOCK_M"] == 128 and twin.constexprs["BLOCK_N"] == 128
