@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import PARALLEL, run_compiled_mode
 
 ROOT = Path(__file__).resolve().parents[3]
 
-SCRIPT = r"""
+SCRIPT = PARALLEL + r"""
 import json, sys
 import numpy as np
 from graphir import ops
@@ -60,9 +60,10 @@ for case in family.CASES:
         if fuse:
             run_passes(g)
         graphs.append(g)
+progs = [backend.lower(g) for g in graphs]
+precompile({k: s for p in progs for k, s in p.kernels.items()}.values())
 out = {"kernels": {}, "lowered_ops": set()}
-for g in graphs:
-    prog = backend.lower(g)
+for prog in progs:
     out["lowered_ops"].update(s.op for s in prog.plan.steps)
     for key, spec in prog.kernels.items():
         if key in out["kernels"]:

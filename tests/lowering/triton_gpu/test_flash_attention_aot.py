@@ -7,9 +7,9 @@ passes the interpreter, wrong on the GPU). Run with -s to see the register / spi
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import PARALLEL, run_compiled_mode
 
-SCRIPT = r"""
+SCRIPT = PARALLEL + r"""
 import json, os, re, subprocess, tempfile
 import triton
 from graphir.lowering.triton_gpu import aot
@@ -108,6 +108,7 @@ jobs += [("default_d128_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL"), None),
 # The warp-specialized kernel with its consumers taking turns (not a config yet: the sweep's).
 jobs += [("d128_m128n128w4s2tmaws_pingpong", (32, 8, 128, 128, "bfloat16", "CAUSAL"),
           dict(fa.WS_CANDIDATES[128][0], PINGPONG=1))]
+precompile([fa.aot_specs(*shape, config=conf)[0] for _, shape, conf in jobs])
 out = {}
 have_bin = os.path.exists(BIN)
 for label, shape, conf in jobs:

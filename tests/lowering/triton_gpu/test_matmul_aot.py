@@ -4,15 +4,23 @@ Triton's global scratch, warp-specialized producer/consumer warp groups, a subti
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import PARALLEL, run_compiled_mode
 
-SCRIPT = r"""
+SCRIPT = PARALLEL + r"""
 import json, os, re, subprocess, tempfile
 import triton
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import matmul_configs as mc
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+def all_specs():
+    for dtype, table in (("bfloat16", mc.CANDIDATES), ("float32", mc.FP32_CANDIDATES)):
+        for cfg in {c["name"]: c for cs in table.values() for c in cs}.values():
+            if cfg["kind"] != "cublaslt":
+                for spec in mc.specs(cfg, dtype, True, K=4096, N=6144):
+                    yield dtype, cfg, spec
+
+precompile([spec for _, _, spec in all_specs()])
 out = {}
 for dtype, table in (("bfloat16", mc.CANDIDATES), ("float32", mc.FP32_CANDIDATES)):
     for cfg in {c["name"]: c for cs in table.values() for c in cs}.values():

@@ -7,10 +7,10 @@ way: no stack, no local memory, shared memory within sm_90's limit."""
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import PARALLEL, run_compiled_mode
 from tests.lowering.triton_gpu.test_quant_aot import RESOURCES
 
-SCRIPT = RESOURCES + r"""
+SCRIPT = RESOURCES + PARALLEL + r"""
 import json
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import mla as mk, mla_decode as md, mla_prefill as mp
@@ -26,6 +26,7 @@ for s in mp.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64):
 for name, conf in md.CANDIDATES.items():
     nh = {16: 16, 32: 32}.get(conf["BLOCK_M"], 128)
     jobs.append(("cand", md.specs("bfloat16", "bfloat16", nh, 128, 64, 128, 512, 1, 64, name)[1]))
+precompile([s for _, s in jobs])
 out = {}
 for label, s in jobs:
     c = aot.compile_spec(s)

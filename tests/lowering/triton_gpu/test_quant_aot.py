@@ -5,9 +5,9 @@ packed words stream through cp.async; the GEMV kernels use no tensor cores."""
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import RESOURCES, run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import PARALLEL, RESOURCES, run_compiled_mode
 
-SCRIPT = RESOURCES + r"""
+SCRIPT = RESOURCES + PARALLEL + r"""
 import json
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import quant as qk, quant_gptq as gk
@@ -45,6 +45,7 @@ for m in (1, 2, 4, 16, 64, None):
         jobs.append((f"gptq{bits}{'z' if z else ''}{'p' if perm else ''}/m{m}",
                      gk.matmul_specs("bfloat16", conf, bits=bits, has_zeros=z, has_perm=perm,
                                      n=4096)))
+precompile([s for _, specs in jobs for s in specs])
 out = {}
 for label, specs in jobs:
     for s in specs:

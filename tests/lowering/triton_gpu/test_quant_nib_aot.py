@@ -9,9 +9,9 @@ memory inside its loop: its inline MMA depends on that placement."""
 
 import pytest
 
-from tests.lowering.triton_gpu.test_aot_cubin import RESOURCES, run_compiled_mode
+from tests.lowering.triton_gpu.test_aot_cubin import PARALLEL, RESOURCES, run_compiled_mode
 
-SCRIPT = RESOURCES + r"""
+SCRIPT = RESOURCES + PARALLEL + r"""
 import json
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
@@ -36,6 +36,7 @@ for i, fmt in enumerate(qn.FMT_IDS):
     dt = ("bfloat16", "float16")[i % 2]
     conf = dict(MMA=1, num_warps=8, NB=2, SPLIT_K=2, PREFETCH=2, SA=i % 2)
     jobs.append((f"{fmt}/{dt}/mma", qn.nib_specs(fmt, dt, conf, 128 if fmt.startswith("gptq") else 32)))
+precompile([s for _, specs in jobs for s in specs])
 out = {}
 for label, specs in jobs:
     for s in specs:
