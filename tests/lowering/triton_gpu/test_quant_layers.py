@@ -50,17 +50,15 @@ def no_host_steps(ex) -> None:
 
 
 # Every encoding's kernels are checked on their own in test_quant_gemv.py / test_quant_gguf.py /
-# test_quant_nib*.py (every bucket: GEMV, warp MMA, tensor cores; crumbs included); the whole
-# layer (25-65 s each in the interpreter, mostly the split-K GEMV's many small programs) runs
-# one legacy-block encoding (Q8_0) and the 4-bit nib layout (Q4_K; asymmetric GPTQ with
-# desc_act) by default, the rest (Q6_K's crumbs, 8-bit GPTQ among them) with `-m slow`: CI's
-# 20-minute budget.
+# test_quant_nib*.py; the whole layer (15-40 s each in the interpreter, mostly the split-K
+# GEMV's many small programs) runs one of each kind by default (legacy blocks: Q8_0 and 8-bit
+# GPTQ; the 4-bit nib layout: Q4_K and asymmetric GPTQ with desc_act; nib with crumbs: Q6_K)
+# and the rest with `-m slow`.
 _SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("enc", ["Q8_0", "Q4_K"] + [
-    pytest.param(e, marks=_SLOW)
-    for e in ("Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K")])
+@pytest.mark.parametrize("enc", ["Q8_0", "Q4_K", "Q6_K"] + [
+    pytest.param(e, marks=_SLOW) for e in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K")])
 def test_gguf_attention_layer(enc):
     from tests.nn import gguf_layer as tg
 
@@ -76,8 +74,7 @@ def test_gguf_attention_layer(enc):
     assert any(s["op"] == "nib_repack" and s["kernel"] == "host" for s in ex.steps) == nib
 
 
-@pytest.mark.parametrize("bits,sym,desc", [(4, False, True),
-                                           pytest.param(8, True, True, marks=_SLOW),
+@pytest.mark.parametrize("bits,sym,desc", [(4, False, True), (8, True, True),
                                            pytest.param(4, True, False, marks=_SLOW)])
 def test_gptq_attention_layer(bits, sym, desc):
     from tests.nn import test_gptq_attention as tq
