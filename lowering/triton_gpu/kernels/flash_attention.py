@@ -283,11 +283,28 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
     cfg = runnable_config(cfg, D, page_size, m, dtype, tma_ok, softcap)
     if is_ws(cfg):
         from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-            flash_attention_wgmma)
-        return flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blocks,
-                                     layer_idx, m, window, scale, max_seq_len,
-                                     block_n=cfg["BLOCK_N"], stages=cfg["num_stages"], ws=True)
-    if q.is_cuda and uses_tma(cfg, page_size) and tma_ok:
+            flash_prefill_ws_kernel)
+        return launch(flash_prefill_ws_kernel, q, input_row_offsets, cache_lengths,
+                      lookup_table, blocks, layer_idx, window, scale, max_seq_len,
+                      cfg["BLOCK_M"], ws_constexprs(NH, NKV, D, page_size, m, cfg), True,
+                      num_warps=4)
+    return launch(flash_prefill_kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks,
+                  layer_idx, window, scale, max_seq_len, cfg["BLOCK_M"],
+                  _constexprs(NH, NKV, D, page_size, m, cfg, tma_ok, softcap),
+                  uses_tma(cfg, page_size) and tma_ok, **launch_options(cfg))
+
+
+def launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx: int,
+           window: int, scale: float, max_seq_len: int | None, block_m: int, constexprs: dict,
+           tma: bool, **options):
+    """Launch a prefill kernel with this module's arguments (flash_prefill_kernel or the Gluon
+    kernels of flash_attention_wgmma.py) on torch tensors; returns out [T, NH*D]. `tma` sets
+    `triton.set_allocator` on the GPU (a device-made descriptor lives in Triton's global
+    scratch); without max_seq_len the longest sequence is read back from the device."""
+    import torch
+
+    T, NH, D = q.shape
+    if q.is_cuda and tma:
         triton.set_allocator(lambda size, align, stream: torch.empty(
             size, dtype=torch.int8, device=q.device))
     batch = input_row_offsets.shape[0] - 1
@@ -298,11 +315,10 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
     if T == 0 or batch == 0:
         return out
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
-    flash_prefill_kernel[grid_rule(cfg["BLOCK_M"], NH)(batch, max_seq_len)](
+    kernel[grid_rule(block_m, NH)(batch, max_seq_len)](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
-        blocks, out, lookup_table.shape[1], layer_idx, num_layers, blocks.shape[0],
-        max(window, 1), scale, T,
-        **_constexprs(NH, NKV, D, page_size, m, cfg, tma_ok, softcap), **launch_options(cfg))
+        blocks, out, lookup_table.shape[1], layer_idx, blocks.shape[2], blocks.shape[0],
+        max(window, 1), scale, T, **constexprs, **options)
     return out
 
 
@@ -358,12 +374,10 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
     same tiles (same arguments), which Triton's interpreter runs in its place (Gluon has no
     interpreter)."""
     from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-        CONSUMER_REGS, flash_prefill_ws_kernel)
+        flash_prefill_ws_kernel)
 
     t = triton_dtype(dtype)
-    cx = dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
-              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
-              CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)))
+    cx = ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg)
     twin_cfg = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG")}
     twin_cfg.update(num_warps=8, num_stages=2)
     (twin,) = aot_specs(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, twin_cfg)
@@ -376,3 +390,12 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
               "blocks' first dimension, T the rows of q; makes a TMA descriptor in global "
               "scratch; launches 12 warps (two consumer warpgroups and a loader warp)",
         extra={"config": cfg, "twin": twin})
+
+
+def ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg) -> dict:
+    """The warp-specialized Gluon kernel's constexprs for a WS config."""
+    from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import CONSUMER_REGS
+
+    return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
+                CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)))

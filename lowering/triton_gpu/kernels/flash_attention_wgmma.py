@@ -107,6 +107,49 @@ def _zero_v_tail(ring, slot, n0, kv_len, load_layout: gl.constexpr, BLOCK_N: gl.
 
 
 @gluon.jit
+def _key_blocks(cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE: gl.constexpr,
+                MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The key blocks query tile pid_m of sequence b sees, as flash_prefill_kernel works them
+    out: (kv_len, q_lo, start, end, full_lo, full_hi, n_blocks), [full_lo, full_hi) the blocks
+    every query of the tile may see whole. The cached length is clamped as there."""
+    cache_len = gl.minimum(gl.maximum(gl.load(cache_len_ptr + b), 0), max_pages * PAGE_SIZE)
+    kv_len = cache_len + seq_len
+    q_lo = cache_len + pid_m * BLOCK_M
+    q_hi = gl.minimum(kv_len, q_lo + BLOCK_M) - 1
+    start, end = key_range(q_lo, q_hi, kv_len, window, MASK)
+    start = (start // BLOCK_N) * BLOCK_N
+    lo, hi = full_key_range(q_lo, q_hi, kv_len, window, MASK)
+    full_lo = gl.maximum(gl.cdiv(lo, BLOCK_N) * BLOCK_N, start)
+    full_hi = (hi // BLOCK_N) * BLOCK_N
+    return kv_len, q_lo, start, end, full_lo, full_hi, gl.cdiv(end - start, BLOCK_N)
+
+
+@gluon.jit
+def _q_tile(q_ptr, seq_start, seq_len, pid_m, h, NH: gl.constexpr, D: gl.constexpr,
+            BLOCK_M: gl.constexpr, ld_layout: gl.constexpr):
+    """The tile's queries in shared memory (one coalesced load; rows past the sequence
+    zero), laid out for wgmma."""
+    i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+    dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    q_rows = (seq_start + pid_m * BLOCK_M + i).to(gl.int64) * (NH * D) + h * D
+    q = gl.load(q_ptr + q_rows[:, None] + dq[None, :],
+                mask=(pid_m * BLOCK_M + i < seq_len)[:, None], other=0.0)
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], q.dtype)
+    return gl.allocate_shared_memory(q.dtype, [BLOCK_M, D], layout, q)
+
+
+@gluon.jit
+def _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV: gl.constexpr, D: gl.constexpr,
+                   PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, kv_smem: gl.constexpr):
+    """A TMA descriptor over the cache seen as 2-D [rows, NKV * D], its bounds the cache's real
+    rows (capped at 2**31 - 1: TMA coordinates are 32-bit), boxes of one key block of a head."""
+    rows = gl.minimum(num_pages.to(gl.int64) * (2 * PAGE_SIZE) * num_layers,
+                      2**31 - 1).to(gl.int32)
+    return tma.make_tensor_descriptor(blocks_ptr, shape=[rows, NKV * D], strides=[NKV * D, 1],
+                                      block_shape=[BLOCK_N, D], layout=kv_smem)
+
+
+@gluon.jit
 def flash_prefill_wgmma_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
         num_layers, num_pages, window, scale, T,
@@ -131,7 +174,6 @@ def flash_prefill_wgmma_kernel(
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1],
                                                [1, 0])
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
 
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     h = gl.program_id(1)
@@ -141,32 +183,15 @@ def flash_prefill_wgmma_kernel(
     seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
     seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
     if pid_m * BLOCK_M < seq_len:
-        cache_len = gl.minimum(gl.maximum(gl.load(cache_len_ptr + b), 0),
-                               max_pages * PAGE_SIZE)
-        kv_len = cache_len + seq_len
+        kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks(
+            cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M,
+            BLOCK_N)
         kvh = h // (NH // NKV)
-        q_lo = cache_len + pid_m * BLOCK_M
-        q_hi = gl.minimum(kv_len, q_lo + BLOCK_M) - 1
-        start, end = key_range(q_lo, q_hi, kv_len, window, MASK)
-        start = (start // BLOCK_N) * BLOCK_N
-        lo, hi = full_key_range(q_lo, q_hi, kv_len, window, MASK)
-        full_lo = gl.maximum(gl.cdiv(lo, BLOCK_N) * BLOCK_N, start)
-        full_hi = (hi // BLOCK_N) * BLOCK_N
-        n_blocks = gl.cdiv(end - start, BLOCK_N)
 
-        # Q: one coalesced load into shared memory, fenced for the wgmma's async reads.
-        i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-        dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
-        q_rows = (seq_start + pid_m * BLOCK_M + i).to(gl.int64) * (NH * D) + h * D
-        q = gl.load(q_ptr + q_rows[:, None] + dq[None, :],
-                    mask=(pid_m * BLOCK_M + i < seq_len)[:, None], other=0.0)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_smem_layout, q)
-
-        rows = gl.minimum(num_pages.to(gl.int64) * (2 * PAGE_SIZE) * num_layers,
-                          2**31 - 1).to(gl.int32)
-        desc = tma.make_tensor_descriptor(blocks_ptr, shape=[rows, NKV * D],
-                                          strides=[NKV * D, 1], block_shape=[BLOCK_N, D],
-                                          layout=kv_smem)
+        # Q in shared memory (fenced below with the barriers' init for the wgmma's reads).
+        q_smem = _q_tile(q_ptr, seq_start, seq_len, pid_m, h, NH, D, BLOCK_M, ld_layout)
+        desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N,
+                              kv_smem)
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
         v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -254,44 +279,29 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
                           block_m: int = 128, block_n: int = 128, stages: int = 2,
                           num_warps: int = 8, ws: bool = False,
                           consumer_regs: int = CONSUMER_REGS, pingpong: bool = False):
-    """The kernel on torch tensors (q [T, NH, D] -> [T, NH*D]), as flash_attention.py's
-    `flash_attention`; pages must hold whole key blocks (page_size % block_n == 0)."""
-    import torch
-    import triton
-
+    """The single-partition kernel, or the warp-specialized one (ws, pingpong), on torch
+    tensors (q [T, NH, D] -> [T, NH*D]), launched as flash_attention.py's `flash_attention`
+    launches its kernels; pages must hold whole key blocks (page_size % block_n == 0)."""
     from graphir.lowering.triton_gpu.kernels import flash_attention as fa
     from graphir.lowering.triton_gpu.kernels.paged import check_attention_args, mask_id
 
     T, NH, D = q.shape
-    num_layers, page_size, NKV, m = check_attention_args("flash_attention_wgmma", q, blocks,
-                                                         mask, window)
+    _, page_size, NKV, m = check_attention_args("flash_attention_wgmma", q, blocks, mask, window)
     if page_size % block_n:
         raise ValueError(f"flash_attention_wgmma: page size {page_size} does not hold whole "
                          f"key blocks of {block_n}")
     scale = float(D ** -0.5 if scale is None else scale)
     fa.check_scale(scale)
-    triton.set_allocator(lambda size, align, stream: torch.empty(
-        size, dtype=torch.int8, device=q.device))
-    batch = input_row_offsets.shape[0] - 1
-    if max_seq_len is None:
-        offs = input_row_offsets.to(torch.int64)
-        max_seq_len = int((offs[1:] - offs[:-1]).max()) if batch else 0
-    out = q.new_empty((T, NH * D))
-    if T == 0 or batch == 0:
-        return out
-    as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
-    grid = (max(1, triton.cdiv(max_seq_len, block_m)), NH, batch)
-    args = (q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths),
-            as_i32(lookup_table), blocks, out, lookup_table.shape[1], layer_idx, num_layers,
-            blocks.shape[0], max(window, 1), scale, T)
     cx = dict(NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size, MASK=mask_id(m), BLOCK_M=block_m,
               BLOCK_N=block_n, STAGES=stages)
     if ws:
-        flash_prefill_ws_kernel[grid](*args, **cx, CONSUMER_REGS=consumer_regs,
-                                      PINGPONG=int(pingpong), num_warps=4)
+        kernel, num_warps = flash_prefill_ws_kernel, 4
+        cx.update(CONSUMER_REGS=consumer_regs, PINGPONG=int(pingpong))
     else:
-        flash_prefill_wgmma_kernel[grid](*args, **cx, num_warps=num_warps)
-    return out
+        kernel = flash_prefill_wgmma_kernel
+    return fa.launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks,
+                     layer_idx, window, scale, max_seq_len, block_m, cx, True,
+                     num_warps=num_warps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +451,6 @@ def flash_prefill_ws_kernel(
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
 
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     h = gl.program_id(1)
@@ -449,31 +458,15 @@ def flash_prefill_ws_kernel(
     seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
     seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
     if pid_m * BLOCK_M < seq_len:
-        cache_len = gl.minimum(gl.maximum(gl.load(cache_len_ptr + b), 0),
-                               max_pages * PAGE_SIZE)
-        kv_len = cache_len + seq_len
+        kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks(
+            cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M,
+            BLOCK_N)
         kvh = h // (NH // NKV)
-        q_lo = cache_len + pid_m * BLOCK_M
-        q_hi = gl.minimum(kv_len, q_lo + BLOCK_M) - 1
-        start, end = key_range(q_lo, q_hi, kv_len, window, MASK)
-        start = (start // BLOCK_N) * BLOCK_N
-        lo, hi = full_key_range(q_lo, q_hi, kv_len, window, MASK)
-        full_lo = gl.maximum(gl.cdiv(lo, BLOCK_N) * BLOCK_N, start)
-        full_hi = (hi // BLOCK_N) * BLOCK_N
-        n_blocks = gl.cdiv(end - start, BLOCK_N)
 
-        i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-        dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
-        q_rows = (seq_start + pid_m * BLOCK_M + i).to(gl.int64) * (NH * D) + h * D
-        q = gl.load(q_ptr + q_rows[:, None] + dq[None, :],
-                    mask=(pid_m * BLOCK_M + i < seq_len)[:, None], other=0.0)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_smem_layout, q)
-
-        rows = gl.minimum(num_pages.to(gl.int64) * (2 * PAGE_SIZE) * num_layers,
-                          2**31 - 1).to(gl.int32)
-        desc = tma.make_tensor_descriptor(blocks_ptr, shape=[rows, NKV * D],
-                                          strides=[NKV * D, 1], block_shape=[BLOCK_N, D],
-                                          layout=kv_smem)
+        # Q in shared memory (fenced below with the barriers' init for the wgmma's reads).
+        q_smem = _q_tile(q_ptr, seq_start, seq_len, pid_m, h, NH, D, BLOCK_M, ld_layout)
+        desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N,
+                              kv_smem)
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
         v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
