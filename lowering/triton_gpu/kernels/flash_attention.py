@@ -50,7 +50,7 @@ from graphir.lowering.triton_gpu.kernels.flash_attention_configs import (  # noq
 from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check_attention_args,
                                                        check_softcap, full_key_range, key_range,
                                                        mask_allows, mask_id, page_block_row,
-                                                       slot_offsets)
+                                                       slot_offsets, tile_order)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
 # TMA coordinates are 32-bit: the cache seen as 2-D must have fewer rows than this; a TMA config
@@ -137,10 +137,8 @@ def flash_prefill_kernel(
         num_layers, num_pages, window, scale, T,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+        USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr, LPT: tl.constexpr = 0):
+    pid_m, h, b = tile_order(NH, NKV, D, BLOCK_M, LPT)
     # Defence in depth (the runtime checks the metadata on the host first; valid metadata is
     # unchanged): the sequence's rows are clamped into [0, T) and never counted negative, its
     # cached tokens into what its lookup-table row addresses, so bad offsets or lengths move no
@@ -246,7 +244,8 @@ def _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg, tma_ok: boo
                 softcap: float | None = None) -> dict:
     return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                USE_TMA=int(tma_ok and uses_tma(cfg, page_size)), SOFTCAP=check_softcap(softcap))
+                USE_TMA=int(tma_ok and uses_tma(cfg, page_size)), SOFTCAP=check_softcap(softcap),
+                LPT=int(cfg.get("LPT", 0)))
 
 
 def launch_options(cfg: dict) -> dict:
@@ -281,6 +280,8 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
     check_scale(scale)
     tma_ok = blocks.numel() // (NKV * D) <= TMA_MAX_ROWS
     cfg = runnable_config(cfg, D, page_size, m, dtype, tma_ok, softcap)
+    if is_ws(cfg) and not q.is_cuda:  # Gluon has no interpreter: its twin runs there
+        cfg = twin_config(cfg)
     if is_ws(cfg):
         from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
             flash_prefill_ws_kernel)
@@ -378,9 +379,7 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
 
     t = triton_dtype(dtype)
     cx = ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg)
-    twin_cfg = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG")}
-    twin_cfg.update(num_warps=8, num_stages=2)
-    (twin,) = aot_specs(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, twin_cfg)
+    (twin,) = aot_specs(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, twin_config(cfg))
     return KernelSpec(
         name=f"flash_attention_{t}_mask{mask_id(mask)}_{config_tag(cfg)}", fn=flash_prefill_ws_kernel,
         signature={**sig, **{n: "constexpr" for n in cx}}, constexprs=cx, num_warps=4,
@@ -392,10 +391,18 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
         extra={"config": cfg, "twin": twin})
 
 
+def twin_config(cfg: dict) -> dict:
+    """The Triton kernel's config at a WS config's tiles and tile order (what Triton's
+    interpreter runs in the Gluon kernel's place)."""
+    twin = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG", "name")}
+    return {**twin, "num_warps": 8, "num_stages": 2}
+
+
 def ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg) -> dict:
     """The warp-specialized Gluon kernel's constexprs for a WS config."""
     from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import CONSUMER_REGS
 
     return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
-                CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)))
+                CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)),
+                LPT=int(cfg.get("LPT", 0)))

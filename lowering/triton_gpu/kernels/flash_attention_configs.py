@@ -46,12 +46,14 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | No
     return c if maxnreg is None else {**c, "maxnreg": maxnreg}
 
 
-def _ws(bn: int, stages: int) -> dict:
+def _ws(bn: int, stages: int, lpt: bool = False) -> dict:
     """A config of the warp-specialized Gluon kernel (flash_attention_wgmma.py): 128 query rows
     as two consumer warpgroups plus a TMA loader warp (num_warps counts the first warpgroup,
-    the launch has 12 warps), `stages` K/V slots in shared memory. TMA only."""
-    return {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
-            "WS": 1}
+    the launch has 12 warps), `stages` K/V slots in shared memory. TMA only. `lpt` takes the
+    programs longest first (paged.tile_order)."""
+    c = {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
+         "WS": 1}
+    return {**c, "LPT": 1} if lpt else c
 
 
 def is_ws(cfg: dict) -> bool:
@@ -75,12 +77,14 @@ CANDIDATES: dict[int, list[dict]] = {
 # fp32 inputs (tf32 wgmma) take twice the registers and shared memory per element.
 FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32, 32, 4, 2, False)]
 # The warp-specialized kernel: 16-bit inputs, head dims 64 and 128, pages holding whole key
-# blocks (TMA). Not offered to the tuner yet (candidates(include_ws=True) asks for them): its
-# loop without warp specialization measured correct on the H200 but slower than the shipped
-# Triton config at head dim 128 (tools/gpu_sweeps/attention_wgmma.py run 1: 412 against 448
-# TFLOP/s at B4 x 4096 causal); the warp-specialized form has not run on a GPU yet.
-WS_CANDIDATES: dict[int, list[dict]] = {64: [_ws(128, 2), _ws(64, 3)],
-                                        128: [_ws(128, 2), _ws(64, 3)]}
+# blocks (TMA); offered first (where it serves the call). Measured on the H200
+# (tools/gpu_sweeps/attention_wgmma.py runs 1-2): 128-key blocks in two stages 1.11-1.20x the
+# shipped Triton config at B4 x 4096 (causal 499-509 against 438-449 TFLOP/s), 64-key blocks
+# and the ping-pong option slower; the longest-first order won where the grid is a few waves
+# (B1 x 1024 causal 285 against 229) and lost where all heads' K/V at once overflowed L2
+# (now grouped: paged.tile_order), so the tuner measures both per bucket.
+WS_CANDIDATES: dict[int, list[dict]] = {64: [_ws(128, 2), _ws(128, 2, True)],
+                                        128: [_ws(128, 2), _ws(128, 2, True)]}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
 
@@ -89,7 +93,7 @@ def _bucket(head_dim: int) -> int:
 
 
 def candidates(head_dim: int, page_size: int | None = None, dtype: str = "bfloat16",
-               include_ws: bool = False) -> list[dict]:
+               include_ws: bool = True) -> list[dict]:
     """Candidate configs for a head dim and dtype; with a page size, duplicates that the page
     size makes equal (TMA needs pages holding whole key blocks) are dropped. include_ws puts
     the warp-specialized Gluon kernel's configs first (where it serves the call)."""
@@ -130,7 +134,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?")
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?")
 
 
 def get(config) -> dict:
@@ -151,6 +155,8 @@ def get(config) -> dict:
             config["WS"] = 1
         if m.group(8):
             config["PINGPONG"] = 1
+        if m.group(9):
+            config["LPT"] = 1
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -192,8 +198,10 @@ def check_config(cfg: dict, head_dim: int) -> None:
 
 def config_tag(cfg: dict) -> str:
     """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128, ws for the
-    warp-specialized Gluon kernel, pp for its consumers taking turns."""
+    warp-specialized Gluon kernel, pp for its consumers taking turns, lpt for the programs
+    taken longest first."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
-            + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else ""))
+            + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else "")
+            + ("lpt" if cfg.get("LPT") else ""))

@@ -48,15 +48,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma, warpgroup_mma_wait)
 
 from graphir.lowering.triton_gpu.kernels.paged import (full_key_range, key_range, mask_allows,
-                                                       page_block_row)
+                                                       page_block_row, tile_order)
 
-# Registers a thread of the second consumer warpgroup (setmaxnreg); the loader warp keeps 40,
-# the first consumer warpgroup what is left of the 64K. At 240 ptxas spills nothing at head
-# dims 64 and 128 for every mask but the chunked one (head dim 128, 128-key blocks: 248 bytes,
-# the per-element division of its mask), which keeps the Triton kernel (runnable_config in
+# Registers a thread of the second consumer warpgroup (setmaxnreg); the loader warp keeps 24 (it
+# holds a few scalars), and Triton gives the first consumer warpgroup what is left of the 64K
+# (240 too; with 40 for the loader it got 224). At 240 ptxas spills nothing at head dims 64 and
+# 128 for every mask but the chunked one (head dim 128, 128-key blocks: 248 bytes, the
+# per-element division of its mask), which keeps the Triton kernel (runnable_config in
 # flash_attention.py); at 232 the sliding window spilled 16 bytes.
 CONSUMER_REGS = 240
-LOADER_REGS = gl.constexpr(40)
+LOADER_REGS = gl.constexpr(24)
+
 
 
 @gluon.jit
@@ -175,9 +177,7 @@ def flash_prefill_wgmma_kernel(
                                                [1, 0])
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
 
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    h = gl.program_id(1)
-    b = gl.program_id(2)
+    pid_m, h, b = tile_order(NH, NKV, D, BLOCK_M, 0)
     # Metadata clamped as in flash_prefill_kernel: bad offsets or lengths move no access
     # outside the buffers (the host checks them first; valid metadata is unchanged).
     seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
@@ -278,7 +278,8 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
                           scale: float | None = None, max_seq_len: int | None = None,
                           block_m: int = 128, block_n: int = 128, stages: int = 2,
                           num_warps: int = 8, ws: bool = False,
-                          consumer_regs: int = CONSUMER_REGS, pingpong: bool = False):
+                          consumer_regs: int = CONSUMER_REGS, pingpong: bool = False,
+                          lpt: bool = False):
     """The single-partition kernel, or the warp-specialized one (ws, pingpong), on torch
     tensors (q [T, NH, D] -> [T, NH*D]), launched as flash_attention.py's `flash_attention`
     launches its kernels; pages must hold whole key blocks (page_size % block_n == 0)."""
@@ -296,7 +297,7 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
               BLOCK_N=block_n, STAGES=stages)
     if ws:
         kernel, num_warps = flash_prefill_ws_kernel, 4
-        cx.update(CONSUMER_REGS=consumer_regs, PINGPONG=int(pingpong))
+        cx.update(CONSUMER_REGS=consumer_regs, PINGPONG=int(pingpong), LPT=int(lpt))
     else:
         kernel = flash_prefill_wgmma_kernel
     return fa.launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks,
@@ -444,17 +445,17 @@ def flash_prefill_ws_kernel(
         num_layers, num_pages, window, scale, T,
         NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
         MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = 0):
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr = 0,
+        LPT: gl.constexpr = 0):
     """Launched with num_warps=4 (consumer warpgroup 0); warp_specialize adds consumer
-    warpgroup 1 and the loader warp. PINGPONG makes the consumers alternate their products."""
+    warpgroup 1 and the loader warp. PINGPONG makes the consumers alternate their products;
+    LPT takes the grid's programs longest first (paged.tile_order)."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
 
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    h = gl.program_id(1)
-    b = gl.program_id(2)
+    pid_m, h, b = tile_order(NH, NKV, D, BLOCK_M, LPT)
     seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
     seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
     if pid_m * BLOCK_M < seq_len:

@@ -5,8 +5,11 @@ every mask, GQA, cached prefix, ragged batches with empty sequences, each K/V ad
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+from graphir.lowering.triton_gpu.kernels.paged import tile_order
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 
@@ -152,6 +155,52 @@ def test_single_key_blocks_and_tile_sized_lengths(mode):
     case = ("NULL", 0, 2, 1, [16, 5, 32, 9], [0, 0, 0, 7])
     got, want = run_case(case, page, torch.bfloat16, small_config(tma), seed=11)
     assert rel_err(got, want) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_longest_first_order(case):
+    # The programs renumbered longest-first (LPT, paged.tile_order) compute the same thing.
+    got, want = run_case(case, 32, torch.bfloat16, {**small_config(1), "LPT": 1}, seed=7)
+    assert rel_err(got, want) < REL_TOL[torch.bfloat16]
+
+
+def test_ws_config_on_the_cpu_runs_its_triton_twin():
+    # Gluon has no interpreter: a WS config (here with the longest-first order) on CPU tensors
+    # runs the Triton kernel at the same tiles and order, and must still be right.
+    cfg = fa.WS_CANDIDATES[64][1]
+    assert cfg["WS"] and cfg["LPT"]
+    case = ("CAUSAL", 0, 4, 2, [150, 7], [70, 129])
+    got, want = run_case(case, 128, torch.bfloat16, cfg, D=64, seed=3)
+    assert rel_err(got, want) < REL_TOL[torch.bfloat16]
+
+
+@triton.jit
+def _tile_order_probe(out_ptr, NH: tl.constexpr, NKV: tl.constexpr, BLOCK_M: tl.constexpr,
+                      GROUP_BYTES: tl.constexpr):
+    pid_m, h, b = tile_order(NH, NKV, 16, BLOCK_M, 1, GROUP_BYTES)
+    lin = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + NH * tl.program_id(2))
+    tl.store(out_ptr + 3 * lin, pid_m)
+    tl.store(out_ptr + 3 * lin + 1, h)
+    tl.store(out_ptr + 3 * lin + 2, b)
+
+
+@pytest.mark.parametrize("n_m,NH,NKV,batch,kv_heads", [(5, 6, 3, 2, 2), (3, 8, 8, 1, 3),
+                                                       (4, 4, 1, 3, 1), (2, 6, 3, 2, 9)])
+def test_longest_first_order_is_a_permutation_in_that_order(n_m, NH, NKV, batch, kv_heads):
+    # Groups of `kv_heads` KV heads (GROUP_BYTES for exactly that many), a short last group
+    # where they do not divide NKV, and more than NKV (one group).
+    out = torch.full((n_m * NH * batch, 3), -1, dtype=torch.int32)
+    _tile_order_probe[(n_m, NH, batch)](out, NH, NKV, 16, kv_heads * n_m * 16 * 16 * 4)
+    tiles = [tuple(r) for r in out.tolist()]
+    assert sorted(tiles) == [(m, h, b) for m in range(n_m) for h in range(NH)
+                             for b in range(batch)]
+    heads = min(kv_heads, NKV) * (NH // NKV)
+    key = [(b, h // heads, n_m - 1 - m) for m, h, b in tiles]
+    assert key == sorted(key)  # sequence, head group, then the longest tile first
+    for i in range(len(tiles) - 1):  # heads fastest within a tile
+        (m0, h0, b0), (m1, h1, b1) = tiles[i], tiles[i + 1]
+        if (b0, h0 // heads, m0) == (b1, h1 // heads, m1):
+            assert h1 == h0 + 1
 
 
 def test_zero_scale_averages_the_allowed_values():

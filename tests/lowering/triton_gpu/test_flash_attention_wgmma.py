@@ -15,7 +15,7 @@ def test_ws_configs_have_names_that_round_trip():
     for d in (64, 128):
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
-            assert name.endswith("tmaws")
+            assert name.endswith(("tmaws", "tmawslpt"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -27,13 +27,15 @@ def test_ws_configs_have_names_that_round_trip():
         fc.check_config(fc.WS_CANDIDATES[128][0], 256)
 
 
-def test_the_tuner_is_not_offered_the_ws_kernel_until_it_is_measured():
-    assert not any(c.get("WS") for c in fc.candidates(128, 128))
-    ws = [c for c in fc.candidates(128, 128, include_ws=True) if c.get("WS")]
-    assert [fc.config_tag(c) for c in ws] == ["m128n128w4s2tmaws", "m128n64w4s3tmaws"]
+def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
+    ws = [c for c in fc.candidates(128, 128) if c.get("WS")]
+    assert [fc.config_tag(c) for c in ws] == ["m128n128w4s2tmaws", "m128n128w4s2tmawslpt"]
+    assert fc.candidates(128, 128)[:2] == ws
+    assert not any(c.get("WS") for c in fc.candidates(128, 128, include_ws=False))
     # Pages that do not hold a whole key block: no TMA, so no WS config at all.
-    assert not any(c.get("WS") for c in fc.candidates(128, 16, include_ws=True))
-    assert not any(c.get("WS") for c in fc.candidates(128, 128, "float32", include_ws=True))
+    assert not any(c.get("WS") for c in fc.candidates(128, 16))
+    assert not any(c.get("WS") for c in fc.candidates(128, 128, "float32"))
+    assert not any(c.get("WS") for c in fc.candidates(256, 128))
 
 
 def test_ws_spec_launches_the_gluon_kernel_and_carries_its_triton_twin():
@@ -49,6 +51,10 @@ def test_ws_spec_launches_the_gluon_kernel_and_carries_its_triton_twin():
     assert twin.fn is fa.flash_prefill_kernel and twin.runtime_params() == s.runtime_params()
     assert twin.constexprs["BLOCK_M"] == 128 and twin.constexprs["BLOCK_N"] == 128
     assert s.grid_for(batch=2, max_seq_len=300) == twin.grid_for(batch=2, max_seq_len=300)
+    # The longest-first order is the twin's too (the interpreter runs that order).
+    (lpt,) = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CAUSAL", config=fc.WS_CANDIDATES[128][1])
+    assert lpt.constexprs["LPT"] == 1 and lpt.interpretable().constexprs["LPT"] == 1
+    assert s.constexprs["LPT"] == 0 and twin.constexprs["LPT"] == 0
     plain = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CAUSAL")[0]
     assert plain.interpretable() is plain
 
