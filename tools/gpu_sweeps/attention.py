@@ -152,7 +152,9 @@ def round1(shape, cfg, maxnreg):
     p = problem(shape)
     lut, blocks = p["shuffled"]
     out = torch.empty(B * S, NH * D, device=DEVICE, dtype=torch.bfloat16)
-    cx = fa._constexprs(NH, NKV, D, PAGE, mask, cfg, True)
+    # The round-1 kernel predates the soft-cap and the longest-first order.
+    cx = {k: v for k, v in fa._constexprs(NH, NKV, D, PAGE, mask, cfg, True).items()
+          if k not in ("SOFTCAP", "LPT")}
     grid = (triton.cdiv(S, cfg["BLOCK_M"]), NH, B)
     opts = {"maxnreg": maxnreg} if maxnreg else {}
 
