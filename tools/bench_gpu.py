@@ -12,7 +12,8 @@ Rows:
    B1 x 8192 new tokens. Peers: the same math
    in torch on a contiguous cache (qkv projection, RoPE, cache write, SDPA with GQA, o_proj)
    eager and under torch.compile (modes from $GRAPHIR_BENCH_COMPILE, comma-separated, default
-   "reduce-overhead,max-autotune-no-cudagraphs"; "none" skips; compile time reported), and the
+   "reduce-overhead,max-autotune-no-cudagraphs"; "none" skips; compile time reported;
+   GRAPHIR_BENCH_CASES=prefill keeps the cases naming "prefill"), and the
    physical limit (decode: weights + K/V read + new K/V written + x and the output, over the
    copy bandwidth; prefill: FLOPs at the cuBLAS rate). graphir's output is checked against
    torch eager at every shape. Every case's graphir numbers are taken before any
@@ -55,6 +56,10 @@ CASES = {  # name: (batch, cached tokens, new tokens per sequence)
     "prefill B4x2048": (4, 0, 2048),
     "prefill B1x8192": (1, 0, 8192),
 }
+# GRAPHIR_BENCH_CASES=prefill (comma-separated substrings) keeps the cases that name one: the
+# max-autotune peer compiles for minutes a shape, more than one call's budget for all four.
+_only = [w for w in os.environ.get("GRAPHIR_BENCH_CASES", "").split(",") if w.strip()]
+CASES = {k: v for k, v in CASES.items() if not _only or any(w.strip() in k for w in _only)}
 
 
 @dataclass(frozen=True)

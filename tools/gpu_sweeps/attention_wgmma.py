@@ -32,14 +32,14 @@ from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (  # noqa:
 from graphir.tools.attention_reference import ragged_problem, torch_reference  # noqa: E402
 from graphir.tools.gpu_timing import rel_err  # noqa: E402
 
-# name: (BLOCK_N, STAGES, warp-specialized, ping-pong, longest tiles first)
-VARIANTS = {"n128s2": (128, 2, False, False, False), "n64s3": (64, 3, False, False, False),
-            "n128s3": (128, 3, False, False, False), "ws_n128s2": (128, 2, True, False, False),
-            "ws_n128s3": (128, 3, True, False, False), "ws_n64s3": (64, 3, True, False, False),
-            "ws_n64s4": (64, 4, True, False, False), "wspp_n128s2": (128, 2, True, True, False),
-            "wspp_n64s3": (64, 3, True, True, False),
-            "wslpt_n128s2": (128, 2, True, False, True),
-            "wspplpt_n128s2": (128, 2, True, True, True)}
+_V = lambda bn, st, ws=True, pingpong=False, lpt=False: dict(  # noqa: E731
+    block_n=bn, stages=st, ws=ws, pingpong=pingpong, lpt=lpt)
+# name: flash_attention_wgmma's keyword arguments
+VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
+            "n128s3": _V(128, 3, ws=False), "ws_n128s2": _V(128, 2), "ws_n128s3": _V(128, 3),
+            "ws_n64s3": _V(64, 3), "ws_n64s4": _V(64, 4), "wspp_n128s2": _V(128, 2, pingpong=True),
+            "wspp_n64s3": _V(64, 3, pingpong=True), "wslpt_n128s2": _V(128, 2, lpt=True),
+            "wspplpt_n128s2": _V(128, 2, pingpong=True, lpt=True)}
 ALL = ("NULL", "CAUSAL", "SLIDING_WINDOW_CAUSAL", "SLIDING_WINDOW_NONCAUSAL", "CHUNKED_CAUSAL")
 CHECKS = [(128, torch.bfloat16, ALL), (128, torch.float16, ("CAUSAL",)),
           (64, torch.bfloat16, ("CAUSAL", "SLIDING_WINDOW_CAUSAL"))]
@@ -58,11 +58,9 @@ def check_correctness(variants) -> list:
                 scale = D ** -0.5
                 want = torch_reference(q, offs, clen, lut, blocks, mask, window, scale)
                 for name in variants:
-                    bn, st, ws, pp, lpt = VARIANTS[name]
                     try:
                         got = flash_attention_wgmma(q, offs, clen, lut, blocks, 0, mask=mask,
-                                                    window=window, block_n=bn, stages=st,
-                                                    ws=ws, pingpong=pp, lpt=lpt)
+                                                    window=window, **VARIANTS[name])
                         torch.cuda.synchronize()
                         e_ref = rel_err(got, want)
                         ok = bool(e_ref < 1e-2 and torch.isfinite(got).all())
@@ -93,10 +91,9 @@ def speed(variants, only) -> list:
         row["shipped"] = r.get("tflops", r.get("error"))
         lut, blocks = p["shuffled"]
         for v in variants:
-            bn, st, ws, pp, lpt = VARIANTS[v]
-            fn = (lambda bn=bn, st=st, ws=ws, pp=pp, lpt=lpt: flash_attention_wgmma(
+            fn = (lambda kw=VARIANTS[v]: flash_attention_wgmma(
                 p["q"], p["offs"], p["clen"], lut, blocks, 0, mask=mask, window=window,
-                max_seq_len=S, block_n=bn, stages=st, ws=ws, pingpong=pp, lpt=lpt))
+                max_seq_len=S, **kw))
             try:
                 r = A.measure(shape, fn, want)
                 row[v] = r.get("tflops", r.get("error"))

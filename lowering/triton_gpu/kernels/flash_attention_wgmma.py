@@ -18,15 +18,15 @@ Two forms:
   issues the TMA loads (its page-table reads off the consumers' path) and two consumer
   warpgroups of 64 query rows each run the loop above independently, releasing each slot
   through count-2 "empty" mbarriers; with no CTA-wide barrier in the loop one warpgroup's
-  softmax overlaps the other's products (FlashAttention-3's ping-pong, here from their drift).
+  softmax overlaps the other's products (FlashAttention-3's ping-pong, here from their drift;
+  forcing turns, PINGPONG, measured slower). Measured on the H200 (BENCHMARKS.md, sweep run 8):
+  1.07-1.36x the former default Triton config, 0.82-1.06x SDPA; with the longest-first
+  program order (`..wslpt`, paged.tile_order) it is the shipped choice for causal and unmasked
+  prefill at head dims 64 and 128.
 - `flash_prefill_wgmma_kernel`: one partition of 8 warps issuing its own loads, refilling a slot
-  after a CTA-wide barrier each iteration (both warpgroups in lockstep). Measured on the H200
-  (tools/gpu_sweeps/attention_wgmma.py run 1): correct at every mask, dtype and head dim
-  checked, but at head dim 128 0.87-0.96x the shipped Triton config (its best variant,
-  128-key blocks in 3 stages: 412 against 448 TFLOP/s at B4 x 4096 causal), at head dim 64
-  1.04x (64-key blocks, 3 stages: 347 against 334): kept as the sweep's baseline for the
-  warp-specialized form, which has not run on a GPU yet and is not offered to the tuner
-  (flash_attention_configs.WS_CANDIDATES).
+  after a CTA-wide barrier each iteration (both warpgroups in lockstep). Measured 0.87-0.96x
+  the Triton kernel at head dim 128 (tools/gpu_sweeps/attention_wgmma.py run 1): kept as the
+  sweep's baseline, never offered to the tuner.
 
 Masks are applied only on the key blocks that need them (the window's far edge, the diagonal,
 the ragged end), chosen per block by a scalar branch. V rows past the sequence's cached length

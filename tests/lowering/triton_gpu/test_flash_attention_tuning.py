@@ -133,7 +133,8 @@ def test_tuned_plan_routes_by_query_tiles_under_the_interpreter():
 
 
 class FakeMeasure:
-    """Times from a formula: BLOCK_N 128 fastest on large problems, BLOCK_M 64 on small."""
+    """Times from a formula: BLOCK_N 128 fastest on large problems, BLOCK_M 64 on small, the
+    warp-specialized kernel in the longest-first order a little faster than its tiles'."""
 
     def __init__(self, fail=()):
         self.fail, self.calls = set(fail), []
@@ -144,7 +145,8 @@ class FakeMeasure:
             raise RuntimeError("out of resources")
         small = size[0] * size[1] <= 2048
         ms = 1.0 - (0.1 if (cfg["BLOCK_M"] == 64) == small else 0) \
-            - (0.05 if cfg["BLOCK_N"] == 128 else 0) - (0.01 if cfg["USE_TMA"] else 0)
+            - (0.05 if cfg["BLOCK_N"] == 128 else 0) - (0.01 if cfg["USE_TMA"] else 0) \
+            - (0.02 if cfg.get("WS") else 0) - (0.005 if cfg.get("LPT") else 0)
         return {"ms": ms, "rel_err": 4e-3}
 
 
@@ -161,13 +163,13 @@ def test_tune_times_every_bucket_and_the_plan_takes_the_winners():
     assert sorted(entry) == sorted(BUCKETS)
     assert {s for _, s in m.calls} == set(ft.TUNE_SIZE.values())
     assert entry["t8"]["config"] == "m64n64w4s3tma"
-    assert entry["large"]["config"] == "m128n128w8s2tma"
+    assert entry["large"]["config"] == "m128n128w4s2tmawslpt"
     assert any("out of resources" in c.get("error", "") for c in entry["t8"]["candidates"])
     with tuning.using(tuning.Selector([("tuned", t)])):
         program = lower(attention_graph_bf16())
     names = {s.name for s in program.kernels.values() if s.name.startswith("flash")}
     assert names == {"flash_attention_bf16_mask1_m64n64w4s3tma",
-                     "flash_attention_bf16_mask1_m128n128w8s2tma"}
+                     "flash_attention_bf16_mask1_m128n128w4s2tmawslpt"}
 
 
 def attention_graph_bf16():
@@ -211,7 +213,7 @@ def test_measurer_launch_and_check_on_the_interpreter(mask, window):
 
 def test_untuned_compiles_take_the_measured_prefill_table():
     t = tuning.load_table()
-    assert "H200 sweep run 7, 2026-12-02" in t["provenance"]["prefill"]
+    assert "H200 sweep run 8, 2026-12-03" in t["provenance"]["prefill"]
     shipped = t["families"]["prefill"]["bf16"]
     for key in ("D=128,mask=CAUSAL", "D=128,mask=NULL", "D=128,mask=SLIDING_WINDOW_CAUSAL",
                 "D=64,mask=CAUSAL"):
