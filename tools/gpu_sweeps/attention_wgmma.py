@@ -39,7 +39,8 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             "n128s3": _V(128, 3, ws=False), "ws_n128s2": _V(128, 2), "ws_n128s3": _V(128, 3),
             "ws_n64s3": _V(64, 3), "ws_n64s4": _V(64, 4), "wspp_n128s2": _V(128, 2, pingpong=True),
             "wspp_n64s3": _V(64, 3, pingpong=True), "wslpt_n128s2": _V(128, 2, lpt=True),
-            "wspplpt_n128s2": _V(128, 2, pingpong=True, lpt=True)}
+            "wspplpt_n128s2": _V(128, 2, pingpong=True, lpt=True),
+            "wslpt_n128s3": _V(128, 3, lpt=True)}
 ALL = ("NULL", "CAUSAL", "SLIDING_WINDOW_CAUSAL", "SLIDING_WINDOW_NONCAUSAL", "CHUNKED_CAUSAL")
 CHECKS = [(128, torch.bfloat16, ALL), (128, torch.float16, ("CAUSAL",)),
           (64, torch.bfloat16, ("CAUSAL", "SLIDING_WINDOW_CAUSAL"))]

@@ -11,7 +11,11 @@ SOFTCAP * tanh(s / SOFTCAP) before the mask (Gemma 2; paged.capped_scores_log2).
 Grid (query blocks, NH, batch), query blocks issued longest-first within each (head, sequence):
 causal work grows with the block index, and the CTAs running at once read the K/V of a few
 heads, which stay in the L2 (heads on the fastest axis, tried with the removed loop below, was
-never timed correct and would spread them over all heads). Key blocks outside the mask's
+never timed correct and would spread them over all heads). LPT configs (`..lpt`) renumber the
+programs longest-first across sequences instead (groups of heads whose K/V fit in L2 side by
+side: paged.tile_order). On Hopper the shipped table mostly names the warp-specialized Gluon
+kernel (flash_attention_wgmma.py, configs `..ws`), which takes this module's arguments and
+grid; `runnable_config` sends the calls it cannot serve here. Key blocks outside the mask's
 [start, end) range are skipped. Two loops per program: the key blocks every query of the tile
 may see (no mask arithmetic, the row max taken before scaling), then the edge blocks (the
 window's far edge, the diagonal, the partial last block) with the mask, walked as one loop so

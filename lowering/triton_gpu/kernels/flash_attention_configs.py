@@ -8,6 +8,12 @@ the GPU (the compile-time tuner, flash_attention_tuning.py, picks among them per
 tiles: Q [BLOCK_M, D] stays resident and each pipeline stage holds one K and one V tile
 [BLOCK_N, D].
 
+`WS_CANDIDATES` are configs of the warp-specialized Gluon kernel (flash_attention_wgmma.py),
+offered first where it can serve a call; the shipped table (tools/gpu_sweeps/attention.py run
+8, 2026-12-03) picks m128n128w4s2tmawslpt for causal and unmasked prefill at head dims 64 and
+128 (1.07-1.36x the Triton default below, 0.82-1.06x SDPA) and keeps the Triton kernel for the
+sliding window. `default_config` (no table entry) is still the Triton kernel's.
+
 Why these defaults (bf16/fp16, H100/H200 class). Measured on an H200 (tools/gpu_sweeps/
 attention.py, run 4, 2026-12-02; TFLOP/s of unmasked work, torch SDPA in brackets):
 m128n64w8s3tmar128 was the fastest config at every shape, m128n128w8s2tma next:
