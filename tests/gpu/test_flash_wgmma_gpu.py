@@ -28,36 +28,49 @@ masks = [("NULL", 0), ("CAUSAL", 0), ("SLIDING_WINDOW_CAUSAL", 100),
          ("SLIDING_WINDOW_NONCAUSAL", 150), ("CHUNKED_CAUSAL", 128)]
 q, offs, clen, lut, blocks = ragged_problem(d, getattr(torch, dtype), seed=d)
 out = []
-for cfg in [c for c in fa.candidates(d, 128, dtype, include_ws=True) if c.get("WS")]:
+if sys.argv[3] == "persistent":
+    from graphir.lowering.triton_gpu.kernels.flash_attention_persistent import (
+        flash_attention_wsp)
+    # 3 programs: each walks many tiles, so the rings and the V-tail barrier wrap across tiles.
+    runs = [(f"persistent_p{n}", lambda mask, window, n=n: flash_attention_wsp(
+        q, offs, clen, lut, blocks, 0, mask=mask, window=window, num_programs=n))
+        for n in (3, None)]
+else:
+    runs = [(fa.config_tag(cfg), lambda mask, window, cfg=cfg: fa.flash_attention(
+        q, offs, clen, lut, blocks, 0, mask=mask, window=window, config=cfg))
+        for cfg in fa.candidates(d, 128, dtype) if cfg.get("WS")]
+for tag, run in runs:
     for mask, window in masks:
         want = torch_reference(q, offs, clen, lut, blocks, mask, window, d ** -0.5)
-        got = fa.flash_attention(q, offs, clen, lut, blocks, 0, mask=mask, window=window,
-                                 config=cfg)
+        got = run(mask, window)
         torch.cuda.synchronize()
         err = float((got.float() - want).norm() / want.norm())
-        out.append([fa.config_tag(cfg), mask, err, bool(torch.isfinite(got).all())])
+        out.append([tag, mask, err, bool(torch.isfinite(got).all())])
 print("JSON" + json.dumps(out))
 """
 
 
-_HUNG: list = []
+_HUNG: dict = {}  # form -> the case that hung
 
 
+@pytest.mark.parametrize("form", ["ws", "persistent"])
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype):
-    if _HUNG:  # one hang is enough to know; the GPU suite's time is not spent on more
-        pytest.fail(f"not run: the warp-specialized kernel hung on {_HUNG[0]}")
+def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype, form):
+    # form "persistent": flash_attention_persistent.py (the sweep's experiment), at 3 programs
+    # and at one per SM.
+    if form in _HUNG:  # one hang is enough to know; the GPU suite's time is not spent on more
+        pytest.fail(f"not run: the {form} warp-specialized kernel hung on {_HUNG[form]}")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     try:
         # About 10 compiles and launches: well under a minute when nothing hangs.
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(d), dtype], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=150)
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(d), dtype, form], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired:
-        _HUNG.append(f"d={d} {dtype}")
-        pytest.fail(f"the warp-specialized kernel did not finish in 150 s (d={d}, {dtype}): "
-                    "an mbarrier protocol deadlock")
+        _HUNG[form] = f"d={d} {dtype}"
+        pytest.fail(f"the {form} warp-specialized kernel did not finish in 150 s (d={d}, "
+                    f"{dtype}): an mbarrier protocol deadlock")
     lines = [x for x in proc.stdout.splitlines() if x.startswith("JSON")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     rows = json.loads(lines[-1][4:])

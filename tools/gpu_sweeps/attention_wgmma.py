@@ -7,7 +7,8 @@ against torch SDPA and the shipped Triton kernel, side by side in one run.
 2. Speed at attention.py's shapes (TFLOP/s of unmasked work): SDPA's best form, the shipped
    Triton kernel's default config, and the Gluon kernel's variants (VARIANTS: 128- or
    64-key blocks, ring depth, single partition / warp-specialized / warp-specialized with
-   the consumers taking turns), each checked against SDPA before it is timed.
+   the consumers taking turns / longest-first / persistent), each checked against SDPA before
+   it is timed.
 
 The warp-specialized forms wait on mbarriers: a protocol error hangs rather than fails, so run
 the sweep under a deadline (tools/gpu_sweep.sh gives each sweep one) with unbuffered output.
@@ -27,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention as A  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.flash_attention_persistent import (  # noqa: E402
+    flash_attention_wsp)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (  # noqa: E402
     flash_attention_wgmma)
 from graphir.tools.attention_reference import ragged_problem, torch_reference  # noqa: E402
@@ -40,7 +43,18 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             "ws_n64s3": _V(64, 3), "ws_n64s4": _V(64, 4), "wspp_n128s2": _V(128, 2, pingpong=True),
             "wspp_n64s3": _V(64, 3, pingpong=True), "wslpt_n128s2": _V(128, 2, lpt=True),
             "wspplpt_n128s2": _V(128, 2, pingpong=True, lpt=True),
-            "wslpt_n128s3": _V(128, 3, lpt=True)}
+            "wslpt_n128s3": _V(128, 3, lpt=True),
+            # the persistent form (flash_attention_persistent.py; always longest-first)
+            "wsp_n128s2": dict(block_n=128, stages=2, persistent=True),
+            "wsp_n128s3": dict(block_n=128, stages=3, persistent=True)}
+
+
+def run_variant(q, offs, clen, lut, blocks, kw, **call):
+    """One variant on torch tensors: the persistent kernel's launcher or flash_attention_wgmma."""
+    kw = dict(kw)
+    if kw.pop("persistent", False):
+        return flash_attention_wsp(q, offs, clen, lut, blocks, 0, **kw, **call)
+    return flash_attention_wgmma(q, offs, clen, lut, blocks, 0, **kw, **call)
 ALL = ("NULL", "CAUSAL", "SLIDING_WINDOW_CAUSAL", "SLIDING_WINDOW_NONCAUSAL", "CHUNKED_CAUSAL")
 CHECKS = [(128, torch.bfloat16, ALL), (128, torch.float16, ("CAUSAL",)),
           (64, torch.bfloat16, ("CAUSAL", "SLIDING_WINDOW_CAUSAL"))]
@@ -60,8 +74,8 @@ def check_correctness(variants) -> list:
                 want = torch_reference(q, offs, clen, lut, blocks, mask, window, scale)
                 for name in variants:
                     try:
-                        got = flash_attention_wgmma(q, offs, clen, lut, blocks, 0, mask=mask,
-                                                    window=window, **VARIANTS[name])
+                        got = run_variant(q, offs, clen, lut, blocks, VARIANTS[name],
+                                          mask=mask, window=window)
                         torch.cuda.synchronize()
                         e_ref = rel_err(got, want)
                         ok = bool(e_ref < 1e-2 and torch.isfinite(got).all())
@@ -92,9 +106,9 @@ def speed(variants, only) -> list:
         row["shipped"] = r.get("tflops", r.get("error"))
         lut, blocks = p["shuffled"]
         for v in variants:
-            fn = (lambda kw=VARIANTS[v]: flash_attention_wgmma(
-                p["q"], p["offs"], p["clen"], lut, blocks, 0, mask=mask, window=window,
-                max_seq_len=S, **kw))
+            fn = (lambda kw=VARIANTS[v]: run_variant(
+                p["q"], p["offs"], p["clen"], lut, blocks, kw, mask=mask, window=window,
+                max_seq_len=S))
             try:
                 r = A.measure(shape, fn, want)
                 row[v] = r.get("tflops", r.get("error"))

@@ -341,11 +341,12 @@ def _ws_release(bars, slot):
 
 
 @gluon.jit
-def _ws_fix_v_tail(ring, slot, fixed, n0, kv_len, WG: gl.constexpr, BLOCK_N: gl.constexpr,
-                   D: gl.constexpr):
+def _ws_fix_v_tail(ring, slot, fixed, phase, n0, kv_len, WG: gl.constexpr,
+                   BLOCK_N: gl.constexpr, D: gl.constexpr):
     """Zero the V rows of a slot at or past the cached length: each consumer warpgroup zeroes
-    its half of the slot, then both wait for each other (barrier `fixed`, count 2; at most one
-    such block per program, so its phase is 0)."""
+    its half of the slot, then both wait for each other (barrier `fixed`, count 2, in its
+    `phase`: 0 where a program fixes at most one block, the fixes' parity in the persistent
+    kernel)."""
     HALF: gl.constexpr = BLOCK_N // 2
     TPW_D: gl.constexpr = D // 8
     lay: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
@@ -356,7 +357,7 @@ def _ws_fix_v_tail(ring, slot, fixed, n0, kv_len, WG: gl.constexpr, BLOCK_N: gl.
     fence_async_shared()
     gl.thread_barrier()
     mbarrier.arrive(fixed)
-    mbarrier.wait(fixed, 0)
+    mbarrier.wait(fixed, phase)
 
 
 @gluon.jit
@@ -425,7 +426,7 @@ def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fix
     last = (n_blocks - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
     if start + n_blocks * BLOCK_N > kv_len:
-        _ws_fix_v_tail(v_ring, last, fixed, start + (n_blocks - 1) * BLOCK_N, kv_len, WG,
+        _ws_fix_v_tail(v_ring, last, fixed, 0, start + (n_blocks - 1) * BLOCK_N, kv_len, WG,
                        BLOCK_N, D)
     o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
     o, p = warpgroup_mma_wait(0, deps=[o, p])

@@ -72,30 +72,36 @@ def tile_order(NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl
                LPT: tl.constexpr, GROUP_BYTES: tl.constexpr = L2_GROUP_BYTES):
     """(query tile, head, sequence) of a prefill program on the grid (query tiles, heads,
     sequences). The grid's own order takes a head's query tiles side by side, last tile first.
-    LPT renumbers the programs longest-first: sequence slowest, then groups of heads whose K/V
-    fit GROUP_BYTES (a whole number of KV heads), then the query tile, last first (under a
-    causal mask it sees the most keys), head fastest; so the last wave holds short programs and
-    the heads running side by side share K/V in L2. A bijection of the grid's programs."""
+    LPT renumbers the programs longest-first (lpt_tile): a bijection of the grid's programs."""
     n_m = tl.num_programs(0)
     if LPT:
         lin = tl.program_id(0) + n_m * (tl.program_id(1) + NH * tl.program_id(2))
-        # A KV head's keys and values for the longest sequence's new tokens (a cached prefix
-        # adds to it, which only makes a group a little too large); int64: no overflow.
-        kv_head_bytes = n_m.to(tl.int64) * (BLOCK_M * D * 4)
-        kv_heads = tl.minimum(tl.maximum(GROUP_BYTES // kv_head_bytes, 1), NKV).to(tl.int32)
-        heads = kv_heads * (NH // NKV)
-        r = lin % (n_m * NH)
-        g = r // (n_m * heads)
-        r = r % (n_m * heads)
-        in_group = tl.minimum(heads, NH - g * heads)  # the last group may be short
-        pid_m = n_m - 1 - r // in_group
-        h = g * heads + r % in_group
-        b = lin // (n_m * NH)
+        pid_m, h, b = lpt_tile(lin, n_m, NH, NKV, D, BLOCK_M, GROUP_BYTES)
     else:
         pid_m = n_m - 1 - tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
     return pid_m, h, b
+
+
+@triton.jit
+def lpt_tile(lin, n_m, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+             BLOCK_M: tl.constexpr, GROUP_BYTES: tl.constexpr):
+    """(query tile, head, sequence) of tile number `lin` of n_m query tiles x NH heads x the
+    sequences, numbered longest-first: sequence slowest, then groups of heads whose K/V fit
+    GROUP_BYTES (a whole number of KV heads), then the query tile, last first (under a causal
+    mask it sees the most keys), head fastest; so the last wave holds short tiles and the heads
+    running side by side share K/V in L2."""
+    # A KV head's keys and values for the longest sequence's new tokens (a cached prefix adds
+    # to it, which only makes a group a little too large); int64: no overflow.
+    kv_head_bytes = n_m.to(tl.int64) * (BLOCK_M * D * 4)
+    kv_heads = tl.minimum(tl.maximum(GROUP_BYTES // kv_head_bytes, 1), NKV).to(tl.int32)
+    heads = kv_heads * (NH // NKV)
+    r = lin % (n_m * NH)
+    g = r // (n_m * heads)
+    r = r % (n_m * heads)
+    in_group = tl.minimum(heads, NH - g * heads)  # the last group may be short
+    return n_m - 1 - r // in_group, g * heads + r % in_group, lin // (n_m * NH)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ import json, os, re, subprocess, tempfile
 import triton
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+from graphir.lowering.triton_gpu.kernels import flash_attention_persistent as fp
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -108,11 +109,22 @@ jobs += [("default_d128_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL"), None),
 # The warp-specialized kernel with its consumers taking turns (not a config yet: the sweep's).
 jobs += [("d128_m128n128w4s2tmaws_pingpong", (32, 8, 128, 128, "bfloat16", "CAUSAL"),
           dict(fa.WS_CANDIDATES[128][0], PINGPONG=1))]
-precompile([fa.aot_specs(*shape, config=conf)[0] for _, shape, conf in jobs])
+# The persistent form (an experiment the sweep times): the shapes it is for.
+jobs += [(f"d{d}_persistent_mask{m}", (32, 8, d, 128, "bfloat16", m), "persistent")
+         for d in (64, 128) for m in ("CAUSAL", "NULL")]
+
+
+def spec_of(shape, conf):
+    if conf == "persistent":
+        return fp.aot_spec(*shape)
+    return fa.aot_specs(*shape, config=conf)[0]
+
+
+precompile([spec_of(shape, conf) for _, shape, conf in jobs])
 out = {}
 have_bin = os.path.exists(BIN)
 for label, shape, conf in jobs:
-    (spec,) = fa.aot_specs(*shape, config=conf)
+    spec = spec_of(shape, conf)
     c = aot.compile_spec(spec)
     res = code = None
     if have_bin:

@@ -70,3 +70,26 @@ def test_calls_the_ws_kernel_cannot_serve_take_the_triton_default(why, args, kw)
     (s,) = fa.aot_specs(*args, config=cfg, **kw)
     assert s.fn is fa.flash_prefill_kernel, why
     assert not s.extra["config"].get("WS"), why
+
+
+def test_persistent_form_spec_and_its_refusals():
+    # The persistent experiment (flash_attention_persistent.py): the WS kernel's arguments plus
+    # the query tiles and sequences, a 1-D grid; calls the WS kernel cannot serve are refused by
+    # name rather than run on a kernel that does not exist for them.
+    import torch
+
+    from graphir.lowering.triton_gpu.kernels import flash_attention_persistent as fp
+
+    s = fp.aot_spec(32, 8, 128, 128, mask="CAUSAL")
+    assert s.fn is fp.flash_prefill_wsp_kernel and s.name.endswith("_persistent")
+    runtime = [k for k, v in s.signature.items() if v != "constexpr"]
+    assert runtime == list(fa.SIGNATURE_PARAMS) + ["n_m", "n_b"]
+    assert s.grid_for(programs=132) == (132, 1, 1)
+    with pytest.raises(ValueError, match="no warp-specialized kernel"):
+        fp.aot_spec(32, 8, 128, 128, mask="CHUNKED_CAUSAL")
+    q = torch.zeros(4, 4, 64, dtype=torch.bfloat16)
+    blocks = torch.zeros(3, 2, 1, 64, 2, 64, dtype=torch.bfloat16)
+    offs = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="does not hold whole key blocks"):
+        fp.flash_attention_wsp(q, offs, torch.zeros(1, dtype=torch.int32),
+                               torch.zeros(1, 2, dtype=torch.int32), blocks, 0)

@@ -1,0 +1,288 @@
+"""Persistent form of the warp-specialized Gluon prefill kernel (flash_attention_wgmma.py).
+
+One program per SM walks the query tiles in the longest-first order (paged.lpt_tile), striding
+by the grid: tile t = program, program + grid, ... The loader warp runs ahead into the next
+tile while the consumer warpgroups finish the current one, so a tile's first K/V loads, its
+query load and its page lookups overlap the previous tile's last products and output stores,
+and the TMA descriptor, the shared memory and the mbarriers are set up once per SM instead of
+once per tile. What it is for: short or causal prefill (B4 x 2048 causal ran 0.82x SDPA with
+one program per tile, where the per-program setup and the tail of each program are a larger
+share of the work; FlashAttention-3 takes its tiles the same way).
+
+Ring bookkeeping across tiles: the loader and both consumers count key blocks from the
+program's first tile on (`it`), so slot and parity are those of the global block index; each
+works out every tile's key-block range with the same pure function (`_tile`), so they agree.
+Every K and V slot a block fills is released once (the last block's V too, unlike the one-tile
+kernel, which may leave it). The V-tail fix waits in the parity of the fixes done so far.
+
+An experiment measured by tools/gpu_sweeps/attention_wgmma.py (variant `wsp...`), not a config
+the tuner is offered: its grid (programs = SMs) and its two extra arguments (query tiles of the
+longest sequence, sequences) differ from flash_attention.py's launch contract, so the Triton
+twin the interpreter runs in a WS spec's place could not stand in for it. Gluon has no
+interpreter: on the CPU it is checked by its offline sm_90 compile
+(tests/lowering/triton_gpu/test_flash_attention_aot.py); on the GPU by the sweep's check.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                             warpgroup_mma, warpgroup_mma_wait)
+
+from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
+    CONSUMER_REGS, LOADER_REGS, _issue_kv, _key_blocks, _kv_descriptor, _softmax, _ws_fix_v_tail,
+    _ws_release, flash_prefill_ws_kernel)
+from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile
+
+
+@gluon.jit
+def _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH: gl.constexpr,
+          NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile t of the longest-first order: (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start,
+    end, full_lo, full_hi, n_blocks), n_blocks 0 for a tile past its sequence's rows. Metadata
+    clamped as in flash_prefill_kernel."""
+    pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
+    seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
+    seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
+    kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks(
+        cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+    n_blocks = gl.where(pid_m * BLOCK_M < seq_len, n_blocks, 0)
+    return (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
+            n_blocks)
+
+
+@gluon.jit
+def _wsp_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
+                cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx, num_layers,
+                num_pages, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+                PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    it = 0
+    for t in range(gl.program_id(0), n_m * NH * n_b, gl.num_programs(0)):
+        (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
+         n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
+                           PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+        kvh = h // (NH // NKV)
+        for j in range(n_blocks):
+            g = it + j
+            slot = g % STAGES
+            # A fresh barrier counts as having completed the phase of parity 1: the first
+            # pass through the ring does not wait.
+            free = ((g // STAGES) & 1) ^ 1
+            n0 = start + j * BLOCK_N
+            mbarrier.wait(k_empty.index(slot), free)
+            _issue_kv(desc, k_ready, k_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
+                      num_layers, num_pages, True, 0, D, PAGE_SIZE, BLOCK_N)
+            mbarrier.wait(v_empty.index(slot), free)
+            _issue_kv(desc, v_ready, v_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
+                      num_layers, num_pages, True, 1, D, PAGE_SIZE, BLOCK_N)
+        it += n_blocks
+
+
+@gluon.jit
+def _wsp_consumer(q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
+                  out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages, window, scale,
+                  WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+                  PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    ROWS: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    TPW_D: gl.constexpr = D // 8
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
+    q = q_smem.slice(WG * ROWS, ROWS)
+    qk_scale = scale * 1.4426950408889634
+    s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    it = 0
+    nfix = 0
+    for t in range(gl.program_id(0), n_m * NH * n_b, gl.num_programs(0)):
+        (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
+         n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
+                           PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+        if n_blocks > 0:
+            # This warpgroup's query rows (rows past the sequence zero). The previous tile's
+            # products that read q have all been waited for.
+            i = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS,
+                                                        layout=gl.SliceLayout(1, ld_layout))
+            dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+            q_rows = (seq_start + i).to(gl.int64) * (NH * D) + h * D
+            q.store(gl.load(q_ptr + q_rows[:, None] + dq[None, :], mask=(i < seq_len)[:, None],
+                            other=0.0))
+            fence_async_shared()
+            gl.thread_barrier()
+            qp = q_lo + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
+            m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
+            l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+            o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+
+            first = it % STAGES
+            mbarrier.wait(k_ready.index(first), (it // STAGES) & 1)
+            s = warpgroup_mma(q, k_ring.index(first).permute((1, 0)), s0, use_acc=False,
+                              is_async=True)
+            s = warpgroup_mma_wait(0, deps=[s])
+            _ws_release(k_empty, first)
+            masked = (start < full_lo) | (start + BLOCK_N > full_hi)
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
+                                          s_layout, MASK, BLOCK_N)
+            p = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, n_blocks):
+                g = it + j
+                n0 = start + j * BLOCK_N
+                slot = g % STAGES
+                prev = (g - 1) % STAGES
+                mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
+                s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
+                                  is_async=True)
+                mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
+                o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s])
+                masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
+                p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale,
+                                                   masked, s_layout, MASK, BLOCK_N)
+                o, p = warpgroup_mma_wait(0, deps=[o, p])
+                _ws_release(k_empty, slot)
+                mbarrier.arrive(v_empty.index(prev))
+                o = o * gl.convert_layout(alpha, row_o)[:, None]
+                p = gl.convert_layout(p_next.to(dtype), p_layout)
+            g_last = it + n_blocks - 1
+            last = g_last % STAGES
+            mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
+            if start + n_blocks * BLOCK_N > kv_len:
+                _ws_fix_v_tail(v_ring, last, fixed, nfix & 1, start + (n_blocks - 1) * BLOCK_N,
+                               kv_len, WG, BLOCK_N, D)
+                nfix += 1
+            o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
+            o, p = warpgroup_mma_wait(0, deps=[o, p])
+            # The loader refills this slot for a later tile: release the last V too.
+            _ws_release(v_empty, last)
+            it += n_blocks
+
+            l_o = gl.convert_layout(l_i, row_o)
+            out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+            r = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=row_o)
+            d = gl.arange(0, D, layout=col_o)
+            o_rows = (seq_start + r).to(gl.int64) * (NH * D) + h * D
+            gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(dtype),
+                     mask=(r < seq_len)[:, None])
+
+
+@gluon.jit
+def flash_prefill_wsp_kernel(
+        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
+        num_layers, num_pages, window, scale, T, n_m, n_b,
+        NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence) and
+    n_b (sequences); launched with num_warps=4 on a 1-D grid of at most one program per SM."""
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_layout)
+    desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N, kv_smem)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    fixed = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(st), count=1)
+        mbarrier.init(v_ready.index(st), count=1)
+        mbarrier.init(k_empty.index(st), count=2)
+        mbarrier.init(v_empty.index(st), count=2)
+    mbarrier.init(fixed, count=2)
+    fence_async_shared()
+    gl.thread_barrier()
+    WG0: gl.constexpr = 0
+    WG1: gl.constexpr = 1
+    gl.warp_specialize(
+        [(_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                          fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
+                          window, scale, WG0, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                          STAGES)),
+         (_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                          fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
+                          window, scale, WG1, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                          STAGES)),
+         (_wsp_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
+                        cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx,
+                        num_layers, num_pages, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                        STAGES))],
+        [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def aot_spec(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
+             dtype: str = "bfloat16", mask="CAUSAL", block_n: int = 128, stages: int = 2):
+    """The persistent kernel's spec, for its offline compile (the WS spec's signature plus n_m
+    and n_b; a 1-D grid of `programs`)."""
+    from dataclasses import replace
+
+    from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+    from graphir.lowering.triton_gpu.kernels.flash_attention_configs import _ws
+
+    (ws,) = fa.aot_specs(n_heads, n_kv_heads, head_dim, page_size, dtype, mask,
+                         _ws(block_n, stages))
+    if ws.fn is not flash_prefill_ws_kernel:
+        raise ValueError(f"flash_attention_wsp: no warp-specialized kernel for head_dim "
+                         f"{head_dim}, page {page_size}, {dtype}, mask {mask}")
+    cx = {k: v for k, v in ws.constexprs.items() if k not in ("PINGPONG", "LPT")}
+    runtime = {k: v for k, v in ws.signature.items() if v != "constexpr"}
+    sig = {**runtime, "n_m": "i32", "n_b": "i32", **{k: "constexpr" for k in cx}}
+    return replace(ws, name=ws.name + "_persistent", fn=flash_prefill_wsp_kernel, signature=sig, constexprs=cx,
+                   grid=lambda programs: (programs, 1, 1), grid_args=("programs",),
+                   extra={"config": ws.extra["config"]})
+
+
+def flash_attention_wsp(q, input_row_offsets, cache_lengths, lookup_table, blocks,
+                        layer_idx: int, mask="CAUSAL", window: int = 0,
+                        scale: float | None = None, max_seq_len: int | None = None,
+                        block_n: int = 128, stages: int = 2, num_programs: int | None = None):
+    """The persistent kernel on torch tensors (q [T, NH, D] -> [T, NH*D]), at most one program
+    per SM (`num_programs` overrides); pages must hold whole key blocks."""
+    import torch
+    import triton
+
+    from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+    from graphir.lowering.triton_gpu.kernels.paged import check_attention_args, mask_id
+    from graphir.lowering.triton_gpu.kernels.spec import cdiv
+
+    T, NH, D = q.shape
+    _, page_size, NKV, m = check_attention_args("flash_attention_wsp", q, blocks, mask, window)
+    if page_size % block_n:
+        raise ValueError(f"flash_attention_wsp: page size {page_size} does not hold whole key "
+                         f"blocks of {block_n}")
+    scale = float(D ** -0.5 if scale is None else scale)
+    fa.check_scale(scale)
+    batch = input_row_offsets.shape[0] - 1
+    if max_seq_len is None:
+        offs = input_row_offsets.to(torch.int64)
+        max_seq_len = int((offs[1:] - offs[:-1]).max()) if batch else 0
+    out = q.new_empty((T, NH * D))
+    n_m = cdiv(max_seq_len, 128)
+    tiles = n_m * NH * batch
+    if T == 0 or tiles == 0:
+        return out
+    if num_programs is None:
+        num_programs = torch.cuda.get_device_properties(q.device).multi_processor_count
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                 device=q.device))
+    as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
+    flash_prefill_wsp_kernel[(min(tiles, num_programs),)](
+        q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
+        blocks, out, lookup_table.shape[1], layer_idx, blocks.shape[2], blocks.shape[0],
+        max(window, 1), scale, T, n_m, batch, NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size,
+        MASK=mask_id(m), BLOCK_M=128, BLOCK_N=block_n, STAGES=stages,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+    return out
