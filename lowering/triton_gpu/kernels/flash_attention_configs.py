@@ -85,7 +85,7 @@ FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32,
 # The warp-specialized kernel: 16-bit inputs, head dims 64 and 128, pages holding whole key
 # blocks (TMA); offered first (where it serves the call). Measured on the H200
 # (tools/gpu_sweeps/attention_wgmma.py runs 1-2): 128-key blocks in two stages 1.11-1.20x the
-# shipped Triton config at B4 x 4096 (causal 499-509 against 438-449 TFLOP/s), 64-key blocks
+# then-shipped Triton config at B4 x 4096 (causal 499-509 against 438-449 TFLOP/s), 64-key blocks
 # and the ping-pong option slower; the longest-first order won where the grid is a few waves
 # (B1 x 1024 causal 285 against 229) and lost where all heads' K/V at once overflowed L2
 # (now grouped: paged.tile_order), so the tuner measures both per bucket.
