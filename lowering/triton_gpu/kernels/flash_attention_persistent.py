@@ -27,12 +27,11 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                             warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    CONSUMER_REGS, LOADER_REGS, _issue_kv, _key_blocks, _kv_descriptor, _softmax, _ws_fix_v_tail,
-    _ws_release, flash_prefill_ws_kernel)
+    CONSUMER_REGS, LOADER_REGS, _issue_kv, _key_blocks, _kv_descriptor, _ws_attend, _ws_store,
+    flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile
 
 
@@ -88,20 +87,9 @@ def _wsp_consumer(q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_em
                   PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     ROWS: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
     q = q_smem.slice(WG * ROWS, ROWS)
-    qk_scale = scale * 1.4426950408889634
-    s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     it = 0
     nfix = 0
     for t in range(gl.program_id(0), n_m * NH * n_b, gl.num_programs(0)):
@@ -111,68 +99,29 @@ def _wsp_consumer(q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_em
         if n_blocks > 0:
             # This warpgroup's query rows (rows past the sequence zero). The previous tile's
             # products that read q have all been waited for.
-            i = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS,
-                                                        layout=gl.SliceLayout(1, ld_layout))
-            dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
-            q_rows = (seq_start + i).to(gl.int64) * (NH * D) + h * D
-            q.store(gl.load(q_ptr + q_rows[:, None] + dq[None, :], mask=(i < seq_len)[:, None],
-                            other=0.0))
+            q.store(_q_rows(q_ptr, seq_start, seq_len, pid_m * BLOCK_M + WG * ROWS, h, NH, D,
+                            ROWS, ld_layout))
             fence_async_shared()
             gl.thread_barrier()
-            qp = q_lo + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
-            m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
-            l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-            o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
-
-            first = it % STAGES
-            mbarrier.wait(k_ready.index(first), (it // STAGES) & 1)
-            s = warpgroup_mma(q, k_ring.index(first).permute((1, 0)), s0, use_acc=False,
-                              is_async=True)
-            s = warpgroup_mma_wait(0, deps=[s])
-            _ws_release(k_empty, first)
-            masked = (start < full_lo) | (start + BLOCK_N > full_hi)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
-                                          s_layout, MASK, BLOCK_N)
-            p = gl.convert_layout(p.to(dtype), p_layout)
-            for j in range(1, n_blocks):
-                g = it + j
-                n0 = start + j * BLOCK_N
-                slot = g % STAGES
-                prev = (g - 1) % STAGES
-                mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
-                s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
-                                  is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
-                o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
-                s = warpgroup_mma_wait(1, deps=[s])
-                masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
-                p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale,
-                                                   masked, s_layout, MASK, BLOCK_N)
-                o, p = warpgroup_mma_wait(0, deps=[o, p])
-                _ws_release(k_empty, slot)
-                mbarrier.arrive(v_empty.index(prev))
-                o = o * gl.convert_layout(alpha, row_o)[:, None]
-                p = gl.convert_layout(p_next.to(dtype), p_layout)
-            g_last = it + n_blocks - 1
-            last = g_last % STAGES
-            mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
-            if start + n_blocks * BLOCK_N > kv_len:
-                _ws_fix_v_tail(v_ring, last, fixed, nfix & 1, start + (n_blocks - 1) * BLOCK_N,
-                               kv_len, WG, BLOCK_N, D)
-                nfix += 1
-            o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
-            o, p = warpgroup_mma_wait(0, deps=[o, p])
-            # The loader refills this slot for a later tile: release the last V too.
-            _ws_release(v_empty, last)
+            # (The turn barrier is not used without ping-pong: `fixed` stands in for it.)
+            o, l_i = _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
+                                fixed, it, nfix & 1, q_lo, kv_len, start, end, full_lo, full_hi,
+                                n_blocks, window, scale, WG, D, MASK, BLOCK_N, STAGES, 0, 1)
+            nfix += (start + n_blocks * BLOCK_N > kv_len).to(gl.int32)
             it += n_blocks
+            _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
 
-            l_o = gl.convert_layout(l_i, row_o)
-            out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-            r = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=row_o)
-            d = gl.arange(0, D, layout=col_o)
-            o_rows = (seq_start + r).to(gl.int64) * (NH * D) + h * D
-            gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(dtype),
-                     mask=(r < seq_len)[:, None])
+
+@gluon.jit
+def _q_rows(q_ptr, seq_start, seq_len, row0, h, NH: gl.constexpr, D: gl.constexpr,
+            ROWS: gl.constexpr, ld_layout: gl.constexpr):
+    """Query rows [row0, row0 + ROWS) of the sequence in registers (one coalesced load; rows
+    past the sequence zero)."""
+    i = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+    dq = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    q_rows = (seq_start + i).to(gl.int64) * (NH * D) + h * D
+    return gl.load(q_ptr + q_rows[:, None] + dq[None, :], mask=(i < seq_len)[:, None],
+                   other=0.0)
 
 
 @gluon.jit

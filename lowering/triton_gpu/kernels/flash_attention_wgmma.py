@@ -361,13 +361,18 @@ def _ws_fix_v_tail(ring, slot, fixed, phase, n0, kv_len, WG: gl.constexpr,
 
 
 @gluon.jit
-def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, turn,
-                 out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end, full_lo,
-                 full_hi, n_blocks, window, scale, WG: gl.constexpr, NH: gl.constexpr,
-                 D: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-    ROWS: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q_smem.dtype
+def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, turn, it,
+               fix_phase, q_lo, kv_len, start, end, full_lo, full_hi, n_blocks, window, scale,
+               WG: gl.constexpr, D: gl.constexpr, MASK: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, PINGPONG: gl.constexpr, RELEASE_LAST: gl.constexpr):
+    """One consumer warpgroup's 64 query rows (q, in shared memory) over key blocks
+    start.. of one tile: (o, l), the unnormalized output and the row sums. `it` is the global
+    index of the tile's first key block in the rings (0 for the one-tile kernel; the
+    persistent kernel counts across its tiles), so slot and parity follow it; fix_phase is the
+    V-tail barrier's phase; RELEASE_LAST releases the last block's V slot too (a later tile
+    refills it)."""
+    ROWS: gl.constexpr = 64
+    dtype: gl.constexpr = q.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -375,8 +380,6 @@ def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fix
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    q = q_smem.slice(WG * ROWS, ROWS)
     qk_scale = scale * 1.4426950408889634
     qp = q_lo + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
     m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
@@ -384,20 +387,22 @@ def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fix
     o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
     s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
 
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
+    first = it % STAGES
+    mbarrier.wait(k_ready.index(first), (it // STAGES) & 1)
+    s = warpgroup_mma(q, k_ring.index(first).permute((1, 0)), s0, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s])
-    # Every K slot a block fills is released once (the loader reuses slot 0 for block STAGES).
-    _ws_release(k_empty, 0)
+    # Every K slot a block fills is released once (the loader refills it STAGES blocks on).
+    _ws_release(k_empty, first)
     masked = (start < full_lo) | (start + BLOCK_N > full_hi)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
                                   s_layout, MASK, BLOCK_N)
     p = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, n_blocks):
+        g = it + j
         n0 = start + j * BLOCK_N
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        slot = g % STAGES
+        prev = (g - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
         if PINGPONG:
             # FlashAttention-3's ping-pong: the warpgroups take turns issuing their two
             # products, so one's softmax runs while the other's products hold the tensor
@@ -409,7 +414,7 @@ def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fix
         # Block j - 1 holds no slot past the cache's end: block j starts before `end`, which
         # is at most kv_len. Only the last block can (fixed after the loop), so no warpgroup
         # waits for the other inside the loop (with PINGPONG that wait could never end).
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
         o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))
@@ -423,21 +428,47 @@ def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fix
         mbarrier.arrive(v_empty.index(prev))
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         p = gl.convert_layout(p_next.to(dtype), p_layout)
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+    g_last = it + n_blocks - 1
+    last = g_last % STAGES
+    mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
     if start + n_blocks * BLOCK_N > kv_len:
-        _ws_fix_v_tail(v_ring, last, fixed, 0, start + (n_blocks - 1) * BLOCK_N, kv_len, WG,
-                       BLOCK_N, D)
+        _ws_fix_v_tail(v_ring, last, fixed, fix_phase, start + (n_blocks - 1) * BLOCK_N, kv_len,
+                       WG, BLOCK_N, D)
     o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
     o, p = warpgroup_mma_wait(0, deps=[o, p])
+    if RELEASE_LAST:
+        _ws_release(v_empty, last)
+    return o, l_i
 
+
+@gluon.jit
+def _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG: gl.constexpr,
+              NH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr):
+    """A consumer warpgroup's 64 output rows, normalized, rows past the sequence dropped."""
+    ROWS: gl.constexpr = 64
+    o_layout: gl.constexpr = o.type.layout
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     l_o = gl.convert_layout(l_i, row_o)
     out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
     r = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=row_o)
     d = gl.arange(0, D, layout=col_o)
     o_rows = (seq_start + r).to(gl.int64) * (NH * D) + h * D
-    gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(dtype),
+    gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(r < seq_len)[:, None])
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, turn,
+                 out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end, full_lo,
+                 full_hi, n_blocks, window, scale, WG: gl.constexpr, NH: gl.constexpr,
+                 D: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    q = q_smem.slice(WG * 64, 64)
+    o, l_i = _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, turn, 0, 0,
+                        q_lo, kv_len, start, end, full_lo, full_hi, n_blocks, window, scale, WG,
+                        D, MASK, BLOCK_N, STAGES, PINGPONG, 0)
+    _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
 
 
 @gluon.jit
