@@ -30,8 +30,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    CONSUMER_REGS, LOADER_REGS, _issue_kv, _key_blocks, _kv_descriptor, _ws_attend, _ws_store,
-    flash_prefill_ws_kernel)
+    CONSUMER_REGS, LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile,
+    _ws_store, flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile
 
 
@@ -63,20 +63,9 @@ def _wsp_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_p
         (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
          n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
                            PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
-        kvh = h // (NH // NKV)
-        for j in range(n_blocks):
-            g = it + j
-            slot = g % STAGES
-            # A fresh barrier counts as having completed the phase of parity 1: the first
-            # pass through the ring does not wait.
-            free = ((g // STAGES) & 1) ^ 1
-            n0 = start + j * BLOCK_N
-            mbarrier.wait(k_empty.index(slot), free)
-            _issue_kv(desc, k_ready, k_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
-                      num_layers, num_pages, True, 0, D, PAGE_SIZE, BLOCK_N)
-            mbarrier.wait(v_empty.index(slot), free)
-            _issue_kv(desc, v_ready, v_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
-                      num_layers, num_pages, True, 1, D, PAGE_SIZE, BLOCK_N)
+        _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b,
+                      h // (NH // NKV), start, n_blocks, it, max_pages, layer_idx, num_layers,
+                      num_pages, D, PAGE_SIZE, BLOCK_N, STAGES)
         it += n_blocks
 
 

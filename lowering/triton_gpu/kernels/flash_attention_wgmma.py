@@ -315,14 +315,18 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
 
 
 @gluon.jit
-def _ws_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b, kvh, start,
-               n_blocks, max_pages, layer_idx, num_layers, num_pages, D: gl.constexpr,
-               PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b, kvh,
+                  start, n_blocks, it, max_pages, layer_idx, num_layers, num_pages,
+                  D: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr):
+    """The loader's TMA loads of one tile's key blocks, the first at global ring index `it`
+    (0 for the one-tile kernel), each into a slot its consumers have released."""
     for j in range(n_blocks):
-        slot = j % STAGES
+        g = it + j
+        slot = g % STAGES
         # A fresh barrier counts as having completed the phase of parity 1: the first pass
         # through the ring does not wait.
-        free = ((j // STAGES) & 1) ^ 1
+        free = ((g // STAGES) & 1) ^ 1
         n0 = start + j * BLOCK_N
         mbarrier.wait(k_empty.index(slot), free)
         _issue_kv(desc, k_ready, k_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
@@ -330,6 +334,15 @@ def _ws_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr
         mbarrier.wait(v_empty.index(slot), free)
         _issue_kv(desc, v_ready, v_ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx,
                   num_layers, num_pages, True, 1, D, PAGE_SIZE, BLOCK_N)
+
+
+@gluon.jit
+def _ws_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b, kvh, start,
+               n_blocks, max_pages, layer_idx, num_layers, num_pages, D: gl.constexpr,
+               PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b, kvh,
+                  start, n_blocks, 0, max_pages, layer_idx, num_layers, num_pages, D, PAGE_SIZE,
+                  BLOCK_N, STAGES)
 
 
 @gluon.jit
