@@ -188,6 +188,23 @@ def _decode_partition(
 
 
 @triton.jit
+def _store_partition(out_ptr, o_part_ptr, ml_part_ptr, acc, m_i, l_i, head_row, rmask, part,
+                     num_parts, D: tl.constexpr):
+    """A partition's result: the normalized output when it is the only one, else its
+    unnormalized accumulator and (max, sum) in the partials scratch."""
+    d = tl.arange(0, D)
+    if num_parts == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + head_row[:, None] * D + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        slot = head_row * num_parts + part
+        tl.store(o_part_ptr + slot[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+        tl.store(ml_part_ptr + slot * 2, m_i, mask=rmask)
+        tl.store(ml_part_ptr + slot * 2 + 1, l_i, mask=rmask)
+
+
+@triton.jit
 def paged_decode_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, o_part_ptr, ml_part_ptr,
         max_pages, layer_idx, num_layers, num_pages, window, scale, part_size, num_parts,
@@ -199,16 +216,8 @@ def paged_decode_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, max_pages, layer_idx, num_layers,
         num_pages, window, scale, part_size, num_parts, NH, NKV, D, PAGE_SIZE, MASK, Q_PER_SEQ,
         BLOCK_M, BLOCK_N, HEADS, PAGED_TILES, TMA, ORDER, SOFTCAP)
-    d = tl.arange(0, D)
-    if num_parts == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + head_row[:, None] * D + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-    else:
-        slot = head_row * num_parts + part
-        tl.store(o_part_ptr + slot[:, None] * D + d[None, :], acc, mask=rmask[:, None])
-        tl.store(ml_part_ptr + slot * 2, m_i, mask=rmask)
-        tl.store(ml_part_ptr + slot * 2 + 1, l_i, mask=rmask)
+    _store_partition(out_ptr, o_part_ptr, ml_part_ptr, acc, m_i, l_i, head_row, rmask, part,
+                     num_parts, D)
 
 
 @triton.jit
@@ -254,16 +263,9 @@ def paged_decode_fused_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, max_pages, layer_idx, num_layers,
         num_pages, window, scale, part_size, num_parts, NH, NKV, D, PAGE_SIZE, MASK, Q_PER_SEQ,
         BLOCK_M, BLOCK_N, HEADS, PAGED_TILES, TMA, ORDER, SOFTCAP)
-    d = tl.arange(0, D)
-    if num_parts == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + head_row[:, None] * D + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-    else:
-        slot = head_row * num_parts + part
-        tl.store(o_part_ptr + slot[:, None] * D + d[None, :], acc, mask=rmask[:, None])
-        tl.store(ml_part_ptr + slot * 2, m_i, mask=rmask)
-        tl.store(ml_part_ptr + slot * 2 + 1, l_i, mask=rmask)
+    _store_partition(out_ptr, o_part_ptr, ml_part_ptr, acc, m_i, l_i, head_row, rmask, part,
+                     num_parts, D)
+    if num_parts > 1:
         # Every thread's partials are stored before one thread counts this partition in with
         # release semantics (the barrier orders them before it, as CUTLASS's split-K semaphore
         # does); the count it reads back, with acquire semantics, tells the last partition.
@@ -275,6 +277,7 @@ def paged_decode_fused_kernel(
             m_run = tl.full((BLOCK_M,), -1.0e30, tl.float32)
             l_run = tl.zeros((BLOCK_M,), tl.float32)
             o_run = tl.zeros((BLOCK_M, D), tl.float32)
+            d = tl.arange(0, D)
             for pp in range(0, num_parts):
                 other = head_row * num_parts + pp
                 # From L2 (.cg): other SMs wrote these during this launch.
