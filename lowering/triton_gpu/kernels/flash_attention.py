@@ -54,7 +54,7 @@ from graphir.lowering.triton_gpu.kernels.flash_attention_configs import (  # noq
 from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check_attention_args,
                                                        check_softcap, full_key_range, key_range,
                                                        mask_allows, mask_id, page_block_row,
-                                                       slot_offsets, tile_order)
+                                                       sequence_rows, slot_offsets, tile_order)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 
 # TMA coordinates are 32-bit: the cache seen as 2-D must have fewer rows than this; a TMA config
@@ -147,8 +147,7 @@ def flash_prefill_kernel(
     # unchanged): the sequence's rows are clamped into [0, T) and never counted negative, its
     # cached tokens into what its lookup-table row addresses, so bad offsets or lengths move no
     # q / out access outside the buffers and start no 2**31-key loop. Scalars, once a program.
-    seq_start = tl.minimum(tl.maximum(tl.load(offs_ptr + b), 0), T)
-    seq_len = tl.minimum(tl.maximum(tl.load(offs_ptr + b + 1), seq_start), T) - seq_start
+    seq_start, seq_len = sequence_rows(offs_ptr, b, T)
     if pid_m * BLOCK_M < seq_len:
         cache_len = tl.minimum(tl.maximum(tl.load(cache_len_ptr + b), 0), max_pages * PAGE_SIZE)
         kv_len = cache_len + seq_len

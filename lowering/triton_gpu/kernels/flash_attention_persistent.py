@@ -27,12 +27,12 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
     CONSUMER_REGS, LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile,
-    _ws_store, flash_prefill_ws_kernel)
-from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile
+    _ws_rings, _ws_store, flash_prefill_ws_kernel)
+from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile, sequence_rows
 
 
 @gluon.jit
@@ -43,8 +43,7 @@ def _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH: gl.constexp
     end, full_lo, full_hi, n_blocks), n_blocks 0 for a tile past its sequence's rows. Metadata
     clamped as in flash_prefill_kernel."""
     pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
-    seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
-    seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
+    seq_start, seq_len = sequence_rows(offs_ptr, b, T)
     kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks(
         cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
     n_blocks = gl.where(pid_m * BLOCK_M < seq_len, n_blocks, 0)
@@ -127,20 +126,8 @@ def flash_prefill_wsp_kernel(
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_layout)
     desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N, kv_smem)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    fixed = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-    for st in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(st), count=1)
-        mbarrier.init(v_ready.index(st), count=1)
-        mbarrier.init(k_empty.index(st), count=2)
-        mbarrier.init(v_empty.index(st), count=2)
-    mbarrier.init(fixed, count=2)
+    k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed = _ws_rings(dtype, kv_smem, D,
+                                                                          BLOCK_N, STAGES)
     fence_async_shared()
     gl.thread_barrier()
     WG0: gl.constexpr = 0

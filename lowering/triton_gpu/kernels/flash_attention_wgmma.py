@@ -23,10 +23,10 @@ Two forms:
   1.07-1.36x the former default Triton config, 0.82-1.06x SDPA; with the longest-first
   program order (`..wslpt`, paged.tile_order) it is the shipped choice for causal and unmasked
   prefill at head dims 64 and 128.
-- `flash_prefill_wgmma_kernel`: one partition of 8 warps issuing its own loads, refilling a slot
-  after a CTA-wide barrier each iteration (both warpgroups in lockstep). Measured 0.87-0.96x
-  the Triton kernel at head dim 128 (tools/gpu_sweeps/attention_wgmma.py run 1): kept as the
-  sweep's baseline, never offered to the tuner.
+- `flash_prefill_wgmma_kernel` (flash_attention_wgmma_single.py): one partition of 8 warps
+  issuing its own loads, refilling a slot after a CTA-wide barrier each iteration. Measured
+  0.87-0.96x the Triton kernel at head dim 128: the sweep's baseline, never offered to the
+  tuner. This module holds the helpers the forms share and the host wrapper for both.
 
 Masks are applied only on the key blocks that need them (the window's far edge, the diagonal,
 the ragged end), chosen per block by a scalar branch. V rows past the sequence's cached length
@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma, warpgroup_mma_wait)
 
 from graphir.lowering.triton_gpu.kernels.paged import (full_key_range, key_range, mask_allows,
-                                                       page_block_row, tile_order)
+                                                       page_block_row, sequence_rows, tile_order)
 
 # Registers a thread of the second consumer warpgroup (setmaxnreg); the loader warp keeps 24 (it
 # holds a few scalars), and Triton gives the first consumer warpgroup what is left of the 64K
@@ -96,19 +96,6 @@ def _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale, masked, s_layout: gl.co
 
 
 @gluon.jit
-def _zero_v_tail(ring, slot, n0, kv_len, load_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                 D: gl.constexpr):
-    """Zero the V rows of a slot at or past the cached length (their P is 0, but 0 * NaN is
-    not): shared -> registers -> shared, then fenced for the async proxy that wgmma reads."""
-    v = ring.index(slot).load(load_layout)
-    r = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
-    v = gl.where((r < kv_len)[:, None], v, gl.zeros_like(v))
-    ring.index(slot).store(v)
-    fence_async_shared()
-    gl.thread_barrier()
-
-
-@gluon.jit
 def _key_blocks(cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE: gl.constexpr,
                 MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """The key blocks query tile pid_m of sequence b sees, as flash_prefill_kernel works them
@@ -151,128 +138,6 @@ def _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV: gl.constexpr, D: gl.c
                                       block_shape=[BLOCK_N, D], layout=kv_smem)
 
 
-@gluon.jit
-def flash_prefill_wgmma_kernel(
-        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
-        num_layers, num_pages, window, scale, T,
-        NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
-        MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr):
-    NUM_WARPS: gl.constexpr = gl.num_warps()
-    dtype: gl.constexpr = q_ptr.dtype.element_ty
-    # One warpgroup per 64 query rows; S [BLOCK_M, BLOCK_N] and O [BLOCK_M, D] in wgmma
-    # accumulator layouts with the same rows per thread, so row statistics move between them
-    # without data movement; P is the A operand of the P V product, from registers.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    # Coalesced [rows, D] register layout for the q load and the V-tail fix (16-byte vectors).
-    TPW_D: gl.constexpr = D // 8
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [NUM_WARPS, 1],
-                                               [1, 0])
-    kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-
-    pid_m, h, b = tile_order(NH, NKV, D, BLOCK_M, 0)
-    # Metadata clamped as in flash_prefill_kernel: bad offsets or lengths move no access
-    # outside the buffers (the host checks them first; valid metadata is unchanged).
-    seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
-    seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
-    if pid_m * BLOCK_M < seq_len:
-        kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks(
-            cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M,
-            BLOCK_N)
-        kvh = h // (NH // NKV)
-
-        # Q in shared memory (fenced below with the barriers' init for the wgmma's reads).
-        q_smem = _q_tile(q_ptr, seq_start, seq_len, pid_m, h, NH, D, BLOCK_M, ld_layout)
-        desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N,
-                              kv_smem)
-        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
-        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(st), count=1)
-            mbarrier.init(v_bars.index(st), count=1)
-        fence_async_shared()
-        gl.thread_barrier()
-        for st in gl.static_range(STAGES):
-            _issue_kv(desc, k_bars, k_ring, st, lut_ptr, b, kvh, start + st * BLOCK_N, max_pages,
-                      layer_idx, num_layers, num_pages, st < n_blocks, 0, D, PAGE_SIZE, BLOCK_N)
-            _issue_kv(desc, v_bars, v_ring, st, lut_ptr, b, kvh, start + st * BLOCK_N, max_pages,
-                      layer_idx, num_layers, num_pages, st < n_blocks, 1, D, PAGE_SIZE, BLOCK_N)
-
-        qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
-        qp = q_lo + gl.arange(0, BLOCK_M, layout=row_s)
-        m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-        o = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
-        s0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-
-        # Block 0: S_0 and its softmax (O is still zero: no rescale, no product yet).
-        mbarrier.wait(k_bars.index(0), 0)
-        s = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s0, use_acc=False,
-                          is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s])
-        masked = (start < full_lo) | (start + BLOCK_N > full_hi)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
-                                      s_layout, MASK, BLOCK_N)
-        p = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, n_blocks):
-            n0 = start + j * BLOCK_N
-            slot = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
-            s = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
-                              is_async=True)
-            # V of block j-1 needs no zeroing: block j starts before `end` <= kv_len, so only
-            # the last block reaches past the cache's end (fixed after the loop).
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
-            s = warpgroup_mma_wait(1, deps=[s])
-            masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
-            p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale,
-                                               masked, s_layout, MASK, BLOCK_N)
-            # P_{j-1} is read by the product still in flight: it is a dependency of the wait.
-            o, p = warpgroup_mma_wait(0, deps=[o, p])
-            o = o * gl.convert_layout(alpha, row_o)[:, None]
-            p = gl.convert_layout(p_next.to(dtype), p_layout)
-            # Slot `prev` is free (both products that read it are done in every warpgroup):
-            # refill it with block j - 1 + STAGES.
-            gl.thread_barrier()
-            nxt = j - 1 + STAGES
-            _issue_kv(desc, k_bars, k_ring, prev, lut_ptr, b, kvh, start + nxt * BLOCK_N,
-                      max_pages, layer_idx, num_layers, num_pages, nxt < n_blocks, 0, D,
-                      PAGE_SIZE, BLOCK_N)
-            _issue_kv(desc, v_bars, v_ring, prev, lut_ptr, b, kvh, start + nxt * BLOCK_N,
-                      max_pages, layer_idx, num_layers, num_pages, nxt < n_blocks, 1, D,
-                      PAGE_SIZE, BLOCK_N)
-        # The last block's P V.
-        last = (n_blocks - 1) % STAGES
-        mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
-        if start + n_blocks * BLOCK_N > kv_len:
-            _zero_v_tail(v_ring, last, start + (n_blocks - 1) * BLOCK_N, kv_len, ld_layout,
-                         BLOCK_N, D)
-        o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
-        o, p = warpgroup_mma_wait(0, deps=[o, p])
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bars.index(st))
-            mbarrier.invalidate(v_bars.index(st))
-
-        l_o = gl.convert_layout(l_i, row_o)
-        out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-        r = gl.arange(0, BLOCK_M, layout=row_o)
-        d = gl.arange(0, D, layout=col_o)
-        o_rows = (seq_start + pid_m * BLOCK_M + r).to(gl.int64) * (NH * D) + h * D
-        gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(dtype),
-                 mask=(pid_m * BLOCK_M + r < seq_len)[:, None])
-
-
 def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blocks,
                           layer_idx: int, mask="CAUSAL", window: int = 0,
                           scale: float | None = None, max_seq_len: int | None = None,
@@ -299,7 +164,8 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
         kernel, num_warps = flash_prefill_ws_kernel, 4
         cx.update(CONSUMER_REGS=consumer_regs, PINGPONG=int(pingpong), LPT=int(lpt))
     else:
-        kernel = flash_prefill_wgmma_kernel
+        from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma_single import (
+            flash_prefill_wgmma_kernel as kernel)
     return fa.launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks,
                      layer_idx, window, scale, max_seq_len, block_m, cx, True,
                      num_warps=num_warps)
@@ -307,7 +173,7 @@ def flash_attention_wgmma(q, input_row_offsets, cache_lengths, lookup_table, blo
 
 # ---------------------------------------------------------------------------------------------
 # Warp-specialized form: one loader warp feeds the K/V rings through TMA, two consumer
-# warpgroups (64 query rows each) run the pipelined loop of the kernel above independently.
+# warpgroups (64 query rows each) run the pipelined loop independently.
 # The consumers never wait for each other (no CTA-wide barrier in the loop), so one's softmax
 # overlaps the other's products (FlashAttention-3's ping-pong arises from their drift rather
 # than being forced), and the loader's page-table loads stay off their critical path.
@@ -472,6 +338,29 @@ def _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG: gl.constexpr,
 
 
 @gluon.jit
+def _ws_rings(dtype: gl.constexpr, kv_smem: gl.constexpr, D: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The warp-specialized kernels' K/V rings and their mbarriers, initialized (the caller
+    fences them for the async proxy): per slot `ready` (the loader's TMA completes it) and
+    `empty` (both consumer warpgroups arrive), and `fixed`, the V-tail fix's meeting point."""
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    fixed = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(st), count=1)
+        mbarrier.init(v_ready.index(st), count=1)
+        mbarrier.init(k_empty.index(st), count=2)
+        mbarrier.init(v_empty.index(st), count=2)
+    mbarrier.init(fixed, count=2)
+    return k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed
+
+
+@gluon.jit
 def _ws_consumer(q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, turn,
                  out_ptr, seq_start, seq_len, pid_m, h, q_lo, kv_len, start, end, full_lo,
                  full_hi, n_blocks, window, scale, WG: gl.constexpr, NH: gl.constexpr,
@@ -501,8 +390,7 @@ def flash_prefill_ws_kernel(
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
 
     pid_m, h, b = tile_order(NH, NKV, D, BLOCK_M, LPT)
-    seq_start = gl.minimum(gl.maximum(gl.load(offs_ptr + b), 0), T)
-    seq_len = gl.minimum(gl.maximum(gl.load(offs_ptr + b + 1), seq_start), T) - seq_start
+    seq_start, seq_len = sequence_rows(offs_ptr, b, T)
     if pid_m * BLOCK_M < seq_len:
         kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks(
             cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M,
@@ -513,21 +401,9 @@ def flash_prefill_ws_kernel(
         q_smem = _q_tile(q_ptr, seq_start, seq_len, pid_m, h, NH, D, BLOCK_M, ld_layout)
         desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N,
                               kv_smem)
-        k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
-        v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kv_smem)
-        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        fixed = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-        for st in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(st), count=1)
-            mbarrier.init(v_ready.index(st), count=1)
-            mbarrier.init(k_empty.index(st), count=2)
-            mbarrier.init(v_empty.index(st), count=2)
-        mbarrier.init(fixed, count=2)
+        k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed = _ws_rings(
+            dtype, kv_smem, D, BLOCK_N, STAGES)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         fence_async_shared()

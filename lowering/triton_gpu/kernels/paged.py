@@ -68,6 +68,16 @@ L2_GROUP_BYTES = tl.constexpr(8 << 20)
 
 
 @triton.jit
+def sequence_rows(offs_ptr, b, T):
+    """(first row, row count) of sequence b in the packed rows, clamped into [0, T) and never
+    negative (defence in depth: the runtime checks the offsets on the host first; valid ones
+    are unchanged), so bad offsets move no q / out access outside the buffers."""
+    seq_start = tl.minimum(tl.maximum(tl.load(offs_ptr + b), 0), T)
+    seq_len = tl.minimum(tl.maximum(tl.load(offs_ptr + b + 1), seq_start), T) - seq_start
+    return seq_start, seq_len
+
+
+@triton.jit
 def tile_order(NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                LPT: tl.constexpr, GROUP_BYTES: tl.constexpr = L2_GROUP_BYTES):
     """(query tile, head, sequence) of a prefill program on the grid (query tiles, heads,
