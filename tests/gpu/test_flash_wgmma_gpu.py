@@ -28,17 +28,14 @@ masks = [("NULL", 0), ("CAUSAL", 0), ("SLIDING_WINDOW_CAUSAL", 100),
          ("SLIDING_WINDOW_NONCAUSAL", 150), ("CHUNKED_CAUSAL", 128)]
 q, offs, clen, lut, blocks = ragged_problem(d, getattr(torch, dtype), seed=d)
 out = []
-if sys.argv[3] == "persistent":
-    from graphir.lowering.triton_gpu.kernels.flash_attention_persistent import (
-        flash_attention_wsp)
-    # 3 programs: each walks many tiles, so the rings and the V-tail barrier wrap across tiles.
-    runs = [(f"persistent_p{n}", lambda mask, window, n=n: flash_attention_wsp(
-        q, offs, clen, lut, blocks, 0, mask=mask, window=window, num_programs=n))
-        for n in (3, None)]
-else:
-    runs = [(fa.config_tag(cfg), lambda mask, window, cfg=cfg: fa.flash_attention(
-        q, offs, clen, lut, blocks, 0, mask=mask, window=window, config=cfg))
-        for cfg in fa.candidates(d, 128, dtype) if cfg.get("WS")]
+persistent = sys.argv[3] == "persistent"
+ws = [c for c in fa.candidates(d, 128, dtype) if c.get("WS") and
+      bool(c.get("PERSISTENT")) == persistent]
+# Persistent configs at 3 programs too: each walks many tiles, so the rings and the V-tail
+# barrier wrap across tiles.
+runs = [(fa.config_tag(cfg) + f"_p{n}", lambda mask, window, cfg=cfg, n=n: fa.flash_attention(
+    q, offs, clen, lut, blocks, 0, mask=mask, window=window, config=cfg, num_programs=n))
+    for cfg in ws for n in ((3, None) if persistent else (None,))]
 for tag, run in runs:
     for mask, window in masks:
         want = torch_reference(q, offs, clen, lut, blocks, mask, window, d ** -0.5)
@@ -57,14 +54,14 @@ _HUNG: dict = {}  # form -> the case that hung
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype, form):
-    # form "persistent": flash_attention_persistent.py (the sweep's experiment), at 3 programs
-    # and at one per SM.
+    # form "persistent": the persistent configs (flash_attention_persistent.py), at 3 programs
+    # and at one per SM; "ws": the one-tile WS configs.
     if form in _HUNG:  # one hang is enough to know; the GPU suite's time is not spent on more
         pytest.fail(f"not run: the {form} warp-specialized kernel hung on {_HUNG[form]}")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     try:
-        # About 10 compiles and launches: well under a minute when nothing hangs.
+        # About 10 compiles and 20 launches: well under a minute when nothing hangs.
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(d), dtype, form], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired:
@@ -74,7 +71,7 @@ def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype, form):
     lines = [x for x in proc.stdout.splitlines() if x.startswith("JSON")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     rows = json.loads(lines[-1][4:])
-    assert len(rows) == 10
+    assert len(rows) == (10 if form == "ws" else 20)
     tol = 1e-2 if dtype == "bfloat16" else 2e-3
     for tag, mask, err, finite in rows:
         assert finite and err < tol, (tag, mask, err)

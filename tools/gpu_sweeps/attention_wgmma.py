@@ -28,8 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention as A  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa  # noqa: E402
-from graphir.lowering.triton_gpu.kernels.flash_attention_persistent import (  # noqa: E402
-    flash_attention_wsp)
+from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (  # noqa: E402
     flash_attention_wgmma)
 from graphir.tools.attention_reference import ragged_problem, torch_reference  # noqa: E402
@@ -44,16 +43,17 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             "wspp_n64s3": _V(64, 3, pingpong=True), "wslpt_n128s2": _V(128, 2, lpt=True),
             "wspplpt_n128s2": _V(128, 2, pingpong=True, lpt=True),
             "wslpt_n128s3": _V(128, 3, lpt=True),
-            # the persistent form (flash_attention_persistent.py; always longest-first)
-            "wsp_n128s2": dict(block_n=128, stages=2, persistent=True),
-            "wsp_n128s3": dict(block_n=128, stages=3, persistent=True)}
+            # the persistent configs (flash_attention_persistent.py; always longest-first)
+            "wsp_n128s2": dict(config="m128n128w4s2tmawspersist"),
+            "wsp_n128s3": dict(config="m128n128w4s3tmawspersist")}
 
 
 def run_variant(q, offs, clen, lut, blocks, kw, **call):
-    """One variant on torch tensors: the persistent kernel's launcher or flash_attention_wgmma."""
-    kw = dict(kw)
-    if kw.pop("persistent", False):
-        return flash_attention_wsp(q, offs, clen, lut, blocks, 0, **kw, **call)
+    """One variant on torch tensors: a config through flash_attention (as the plan launches
+    it), or flash_attention_wgmma's keyword arguments."""
+    if "config" in kw:
+        return fa.flash_attention(q, offs, clen, lut, blocks, 0, config=fc.get(kw["config"]),
+                                  **call)
     return flash_attention_wgmma(q, offs, clen, lut, blocks, 0, **kw, **call)
 ALL = ("NULL", "CAUSAL", "SLIDING_WINDOW_CAUSAL", "SLIDING_WINDOW_NONCAUSAL", "CHUNKED_CAUSAL")
 CHECKS = [(128, torch.bfloat16, ALL), (128, torch.float16, ("CAUSAL",)),

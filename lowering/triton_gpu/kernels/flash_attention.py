@@ -55,7 +55,7 @@ from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check
                                                        check_softcap, full_key_range, key_range,
                                                        mask_allows, mask_id, page_block_row,
                                                        sequence_rows, slot_offsets, tile_order)
-from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv, triton_dtype
 
 # TMA coordinates are 32-bit: the cache seen as 2-D must have fewer rows than this; a TMA config
 # falls back to pointer tiles otherwise.
@@ -143,6 +143,19 @@ def flash_prefill_kernel(
         MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr, LPT: tl.constexpr = 0):
     pid_m, h, b = tile_order(NH, NKV, D, BLOCK_M, LPT)
+    prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages,
+                 layer_idx, num_layers, num_pages, window, scale, T, pid_m, h, b, NH, NKV, D,
+                 PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, USE_TMA, SOFTCAP)
+
+
+@triton.jit
+def prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages,
+                 layer_idx, num_layers, num_pages, window, scale, T, pid_m, h, b,
+                 NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Query tile pid_m of head h of sequence b: the whole of flash_prefill_kernel's work for
+    one program (also the persistent Triton kernel's per-tile body)."""
     # Defence in depth (the runtime checks the metadata on the host first; valid metadata is
     # unchanged): the sequence's rows are clamped into [0, T) and never counted negative, its
     # cached tokens into what its lookup-table row addresses, so bad offsets or lengths move no
@@ -263,13 +276,14 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
                     mask="CAUSAL", window: int = 0, scale: float | None = None,
                     max_seq_len: int | None = None, block_m: int | None = None,
                     block_n: int | None = None, config: dict | None = None,
-                    softcap: float | None = None):
+                    softcap: float | None = None, num_programs: int | None = None):
     """Ragged attention on torch tensors; q [T, NH, D] -> [T, NH*D].
 
     `config` is one of `CANDIDATES` (default: `default_config`); block_m / block_n override its
     tiles. `softcap` caps the scaled scores to softcap * tanh(s / softcap) (Gemma 2). A TMA
     config sets `triton.set_allocator` on the GPU (the descriptor is made on the device in
-    Triton's global scratch).
+    Triton's global scratch). A persistent config launches at most `num_programs` programs
+    (default NUM_SMS, as the plan does).
     """
     import torch
 
@@ -288,23 +302,31 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
     if is_ws(cfg):
         from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
             flash_prefill_ws_kernel)
-        return launch(flash_prefill_ws_kernel, q, input_row_offsets, cache_lengths,
-                      lookup_table, blocks, layer_idx, window, scale, max_seq_len,
-                      cfg["BLOCK_M"], ws_constexprs(NH, NKV, D, page_size, m, cfg), True,
-                      num_warps=4)
-    return launch(flash_prefill_kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks,
-                  layer_idx, window, scale, max_seq_len, cfg["BLOCK_M"],
-                  _constexprs(NH, NKV, D, page_size, m, cfg, tma_ok, softcap),
-                  uses_tma(cfg, page_size) and tma_ok, **launch_options(cfg))
+        kernel, tma = flash_prefill_ws_kernel, True
+        cx, options = ws_constexprs(NH, NKV, D, page_size, m, cfg), {"num_warps": 4}
+    else:
+        kernel, tma = flash_prefill_kernel, uses_tma(cfg, page_size) and tma_ok
+        cx = _constexprs(NH, NKV, D, page_size, m, cfg, tma_ok, softcap)
+        options = launch_options(cfg)
+    if cfg.get("PERSISTENT"):
+        from graphir.lowering.triton_gpu.kernels import flash_attention_persistent as fp
+        kernel = (fp.flash_prefill_persistent_kernel if kernel is flash_prefill_kernel
+                  else fp.flash_prefill_wsp_kernel)
+        cx = {k: v for k, v in cx.items() if k not in ("PINGPONG", "LPT")}
+    return launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx,
+                  window, scale, max_seq_len, cfg["BLOCK_M"], cx, tma,
+                  programs=(num_programs or NUM_SMS) if cfg.get("PERSISTENT") else None,
+                  **options)
 
 
 def launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx: int,
            window: int, scale: float, max_seq_len: int | None, block_m: int, constexprs: dict,
-           tma: bool, **options):
+           tma: bool, programs: int | None = None, **options):
     """Launch a prefill kernel with this module's arguments (flash_prefill_kernel or the Gluon
     kernels of flash_attention_wgmma.py) on torch tensors; returns out [T, NH*D]. `tma` sets
     `triton.set_allocator` on the GPU (a device-made descriptor lives in Triton's global
-    scratch); without max_seq_len the longest sequence is read back from the device."""
+    scratch); without max_seq_len the longest sequence is read back from the device. With
+    `programs`, a persistent kernel (flash_attention_persistent.py) on at most that many."""
     import torch
 
     T, NH, D = q.shape
@@ -319,10 +341,16 @@ def launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks, la
     if T == 0 or batch == 0:
         return out
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
-    kernel[grid_rule(block_m, NH)(batch, max_seq_len)](
+    extra = ()
+    grid = grid_rule(block_m, NH)(batch, max_seq_len)
+    if programs is not None:
+        from graphir.lowering.triton_gpu.kernels import flash_attention_persistent as fp
+        grid = fp.grid_rule(block_m, NH, programs)(batch, max_seq_len)
+        extra = (grid_rule(block_m, NH)(batch, max_seq_len)[0], batch)   # n_m, n_b
+    kernel[grid](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
         blocks, out, lookup_table.shape[1], layer_idx, blocks.shape[2], blocks.shape[0],
-        max(window, 1), scale, T, **constexprs, **options)
+        max(window, 1), scale, T, *extra, **constexprs, **options)
     return out
 
 
@@ -354,7 +382,8 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     cfg = runnable_config(cfg, head_dim, page_size, mask, dtype,
                           row_bytes >= TMA_MIN_ROW_BYTES, softcap)
     if is_ws(cfg):
-        return [_ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig)]
+        return [_persistent(cfg, _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype,
+                                          mask, cfg, sig))]
     cx = _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg,
                      row_bytes >= TMA_MIN_ROW_BYTES, softcap)
     sig.update({n: "constexpr" for n in cx})
@@ -362,7 +391,7 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     tag = "" if config_tag(cfg) == config_tag(base) else \
         "_" + config_tag(dict(cfg, USE_TMA=cx["USE_TMA"]))
     cap = "_softcap" if cx["SOFTCAP"] else ""
-    return [KernelSpec(
+    return [_persistent(cfg, KernelSpec(
         name=f"flash_attention_{t}_mask{mask_id(mask)}{tag}{cap}", fn=flash_prefill_kernel,
         signature=sig, constexprs=cx, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         grid=grid_rule(cfg["BLOCK_M"], n_heads), grid_args=("batch", "max_seq_len"),
@@ -370,7 +399,27 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
         notes="window must be >= 1 (pass 1 for masks without a window); num_pages is the "
               "blocks' first dimension, T the rows of q"
               + ("; makes a TMA descriptor in global scratch" if cx["USE_TMA"] else ""),
-        extra={"config": cfg}, maxnreg=cfg.get("maxnreg"))]
+        extra={"config": cfg}, maxnreg=cfg.get("maxnreg")))]
+
+
+def _persistent(cfg: dict, spec: KernelSpec) -> KernelSpec:
+    """`spec`, or its persistent form for a PERSISTENT config (flash_attention_persistent.py)."""
+    if not cfg.get("PERSISTENT"):
+        return spec
+    from graphir.lowering.triton_gpu.kernels.flash_attention_persistent import as_persistent
+    return as_persistent(spec)
+
+
+def plan_launch(spec: KernelSpec, batch: str, seqmax: str) -> tuple[list, list]:
+    """(grid, trailing arguments) of a prefill spec's launch as plan expressions over the
+    sequences and the longest sequence's new tokens: (query blocks, heads, sequences) and none
+    for the one-tile kernels (grid_rule); one program per SM (at most) and (n_m, n_b) for the
+    persistent ones."""
+    bm, nh = spec.constexprs["BLOCK_M"], spec.constexprs["NH"]
+    n_m = f"max(1, cdiv({seqmax}, {bm}))"
+    if "n_m" not in spec.signature:
+        return [n_m, nh, batch], []
+    return [f"min({n_m} * {nh} * ({batch}), {NUM_SMS})", 1, 1], [n_m, batch]
 
 
 def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) -> KernelSpec:

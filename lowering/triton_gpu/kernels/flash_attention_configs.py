@@ -52,13 +52,16 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | No
     return c if maxnreg is None else {**c, "maxnreg": maxnreg}
 
 
-def _ws(bn: int, stages: int, lpt: bool = False) -> dict:
+def _ws(bn: int, stages: int, lpt: bool = False, persistent: bool = False) -> dict:
     """A config of the warp-specialized Gluon kernel (flash_attention_wgmma.py): 128 query rows
     as two consumer warpgroups plus a TMA loader warp (num_warps counts the first warpgroup,
     the launch has 12 warps), `stages` K/V slots in shared memory. TMA only. `lpt` takes the
-    programs longest first (paged.tile_order)."""
+    programs longest first (paged.tile_order); `persistent` is the form with one program per
+    SM walking the tiles longest first (flash_attention_persistent.py)."""
     c = {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
          "WS": 1}
+    if persistent:
+        return {**c, "PERSISTENT": 1}
     return {**c, "LPT": 1} if lpt else c
 
 
@@ -89,8 +92,12 @@ FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32,
 # and the ping-pong option slower; the longest-first order won where the grid is a few waves
 # (B1 x 1024 causal 285 against 229) and lost where all heads' K/V at once overflowed L2
 # (now grouped: paged.tile_order), so the tuner measures both per bucket.
-WS_CANDIDATES: dict[int, list[dict]] = {64: [_ws(128, 2), _ws(128, 2, True)],
-                                        128: [_ws(128, 2), _ws(128, 2, True)]}
+# The persistent form (run 9 of attention_wgmma.py): B4 x 4096 causal 555 against 507 for the
+# one-tile longest-first kernel, B1 x 16384 662 against 604, B4 x 2048 441 against 417, the
+# sliding window 405 against 349; a three-stage ring best where the tiles are long.
+_WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
+       _ws(128, 3, persistent=True)]
+WS_CANDIDATES: dict[int, list[dict]] = {64: _WS, 128: _WS}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
 
@@ -140,7 +147,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?")
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?")
 
 
 def get(config) -> dict:
@@ -163,6 +170,8 @@ def get(config) -> dict:
             config["PINGPONG"] = 1
         if m.group(9):
             config["LPT"] = 1
+        if m.group(10):
+            config["PERSISTENT"] = 1
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -195,6 +204,10 @@ def check_config(cfg: dict, head_dim: int) -> None:
     if cfg.get("PINGPONG") and not is_ws(cfg):
         raise ValueError(f"flash attention config: PINGPONG needs the warp-specialized kernel "
                          f"(WS), got {cfg}")
+    if cfg.get("PERSISTENT") and (cfg.get("LPT") or cfg.get("PINGPONG")):
+        raise ValueError(f"flash attention config: the persistent kernels always take the "
+                         f"tiles longest first and do not take turns (no LPT / PINGPONG), got "
+                         f"{cfg}")
     if is_ws(cfg) and (cfg["BLOCK_M"] != 128 or cfg["num_warps"] != 4 or not cfg["USE_TMA"]
                        or reg is not None or head_dim > 128):
         raise ValueError(f"flash attention config: the warp-specialized kernel takes BLOCK_M "
@@ -205,9 +218,9 @@ def check_config(cfg: dict, head_dim: int) -> None:
 def config_tag(cfg: dict) -> str:
     """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128, ws for the
     warp-specialized Gluon kernel, pp for its consumers taking turns, lpt for the programs
-    taken longest first."""
+    taken longest first, persist for one program per SM walking the tiles longest first."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
             + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else "")
-            + ("lpt" if cfg.get("LPT") else ""))
+            + ("lpt" if cfg.get("LPT") else "") + ("persist" if cfg.get("PERSISTENT") else ""))

@@ -15,24 +15,32 @@ works out every tile's key-block range with the same pure function (`_tile`), so
 Every K and V slot a block fills is released once (the last block's V too, unlike the one-tile
 kernel, which may leave it). The V-tail fix waits in the parity of the fixes done so far.
 
-An experiment measured by tools/gpu_sweeps/attention_wgmma.py (variant `wsp...`), not a config
-the tuner is offered: its grid (programs = SMs) and its two extra arguments (query tiles of the
-longest sequence, sequences) differ from flash_attention.py's launch contract, so the Triton
-twin the interpreter runs in a WS spec's place could not stand in for it. Gluon has no
-interpreter: on the CPU it is checked by its offline sm_90 compile
-(tests/lowering/triton_gpu/test_flash_attention_aot.py); on the GPU by the sweep's check.
+A tuner config (`..persist`, flash_attention_configs.py): flash_attention.aot_specs turns a
+one-tile spec into this form (`as_persistent`): the one-tile kernel's arguments plus n_m (query
+tiles of the longest sequence) and n_b (sequences), a 1-D grid of min(tiles, NUM_SMS) programs
+(the plan writes that grid and those two arguments: lowerings/attention.py). Gluon has no
+interpreter: Triton's runs the persistent Triton kernel below in its place (same arguments,
+grid and tile order); the Gluon kernel is compiled offline for sm_90 in CI
+(tests/lowering/triton_gpu/test_flash_attention_aot.py) and checked on the GPU by
+tests/gpu/test_flash_wgmma_gpu.py.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
+from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_kernel, prefill_tile
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    CONSUMER_REGS, LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile,
-    _ws_rings, _ws_store, flash_prefill_ws_kernel)
+    LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_rings, _ws_store,
+    flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile, sequence_rows
+from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
 
 
 @gluon.jit
@@ -148,66 +156,45 @@ def flash_prefill_wsp_kernel(
         [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
-def aot_spec(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
-             dtype: str = "bfloat16", mask="CAUSAL", block_n: int = 128, stages: int = 2):
-    """The persistent kernel's spec, for its offline compile (the WS spec's signature plus n_m
-    and n_b; a 1-D grid of `programs`)."""
-    from dataclasses import replace
+@triton.jit
+def flash_prefill_persistent_kernel(
+        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
+        num_layers, num_pages, window, scale, T, n_m, n_b,
+        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The Triton kernel's persistent form, at the Gluon kernel's arguments, grid and tile
+    order: the twin Triton's interpreter runs in its place (Gluon has none), and a config of
+    its own (a PERSISTENT config without WS)."""
+    for t in range(tl.program_id(0), n_m * NH * n_b, tl.num_programs(0)):
+        pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
+        prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages,
+                     layer_idx, num_layers, num_pages, window, scale, T, pid_m, h, b, NH, NKV,
+                     D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, USE_TMA, SOFTCAP)
 
-    from graphir.lowering.triton_gpu.kernels import flash_attention as fa
-    from graphir.lowering.triton_gpu.kernels.flash_attention_configs import _ws
 
-    (ws,) = fa.aot_specs(n_heads, n_kv_heads, head_dim, page_size, dtype, mask,
-                         _ws(block_n, stages))
-    if ws.fn is not flash_prefill_ws_kernel:
-        raise ValueError(f"flash_attention_wsp: no warp-specialized kernel for head_dim "
-                         f"{head_dim}, page {page_size}, {dtype}, mask {mask}")
-    cx = {k: v for k, v in ws.constexprs.items() if k not in ("PINGPONG", "LPT")}
-    runtime = {k: v for k, v in ws.signature.items() if v != "constexpr"}
+def grid_rule(BLOCK_M: int, NH: int, programs: int = NUM_SMS):
+    """Grid of the persistent kernels: one program per SM, fewer when there are fewer tiles."""
+    return lambda batch, max_seq_len: (
+        min(max(1, cdiv(max_seq_len, BLOCK_M)) * NH * batch, programs), 1, 1)
+
+
+def as_persistent(spec: KernelSpec) -> KernelSpec:
+    """The persistent form of a one-tile prefill spec (flash_attention.aot_specs builds it for
+    a PERSISTENT config): its arguments plus n_m (query tiles of the longest sequence) and n_b
+    (sequences) last, its grid one program per SM; the Gluon kernel's twin is the persistent
+    Triton kernel at the same arguments."""
+    # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
+    if spec.fn is flash_prefill_ws_kernel:
+        fn = flash_prefill_wsp_kernel
+    elif spec.fn is flash_prefill_kernel:
+        fn = flash_prefill_persistent_kernel
+    else:
+        raise ValueError(f"{spec.name}: no persistent form of {spec.fn}")
+    cx = {k: v for k, v in spec.constexprs.items() if k not in ("PINGPONG", "LPT")}
+    runtime = {k: v for k, v in spec.signature.items() if v != "constexpr"}
     sig = {**runtime, "n_m": "i32", "n_b": "i32", **{k: "constexpr" for k in cx}}
-    return replace(ws, name=ws.name + "_persistent", fn=flash_prefill_wsp_kernel, signature=sig, constexprs=cx,
-                   grid=lambda programs: (programs, 1, 1), grid_args=("programs",),
-                   extra={"config": ws.extra["config"]})
-
-
-def flash_attention_wsp(q, input_row_offsets, cache_lengths, lookup_table, blocks,
-                        layer_idx: int, mask="CAUSAL", window: int = 0,
-                        scale: float | None = None, max_seq_len: int | None = None,
-                        block_n: int = 128, stages: int = 2, num_programs: int | None = None):
-    """The persistent kernel on torch tensors (q [T, NH, D] -> [T, NH*D]), at most one program
-    per SM (`num_programs` overrides); pages must hold whole key blocks."""
-    import torch
-    import triton
-
-    from graphir.lowering.triton_gpu.kernels import flash_attention as fa
-    from graphir.lowering.triton_gpu.kernels.paged import check_attention_args, mask_id
-    from graphir.lowering.triton_gpu.kernels.spec import cdiv
-
-    T, NH, D = q.shape
-    _, page_size, NKV, m = check_attention_args("flash_attention_wsp", q, blocks, mask, window)
-    if page_size % block_n:
-        raise ValueError(f"flash_attention_wsp: page size {page_size} does not hold whole key "
-                         f"blocks of {block_n}")
-    scale = float(D ** -0.5 if scale is None else scale)
-    fa.check_scale(scale)
-    batch = input_row_offsets.shape[0] - 1
-    if max_seq_len is None:
-        offs = input_row_offsets.to(torch.int64)
-        max_seq_len = int((offs[1:] - offs[:-1]).max()) if batch else 0
-    out = q.new_empty((T, NH * D))
-    n_m = cdiv(max_seq_len, 128)
-    tiles = n_m * NH * batch
-    if T == 0 or tiles == 0:
-        return out
-    if num_programs is None:
-        num_programs = torch.cuda.get_device_properties(q.device).multi_processor_count
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
-                                                                 device=q.device))
-    as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
-    flash_prefill_wsp_kernel[(min(tiles, num_programs),)](
-        q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
-        blocks, out, lookup_table.shape[1], layer_idx, blocks.shape[2], blocks.shape[0],
-        max(window, 1), scale, T, n_m, batch, NH=NH, NKV=NKV, D=D, PAGE_SIZE=page_size,
-        MASK=mask_id(m), BLOCK_M=128, BLOCK_N=block_n, STAGES=stages,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
-    return out
+    return replace(spec, fn=fn, signature=sig, constexprs=cx,
+                   grid=grid_rule(cx["BLOCK_M"], cx["NH"]),
+                   notes=spec.notes + "; persistent: n_m = cdiv(longest sequence, BLOCK_M), "
+                         "n_b = sequences, a 1-D grid of at most one program per SM")

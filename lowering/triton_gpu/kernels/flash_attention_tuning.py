@@ -103,7 +103,12 @@ def tuning_launches(conf: dict, facts: Mapping, size) -> dict:
     grid = spec.grid_for(batch=pb["batch"], max_seq_len=pb["seq"])
     args = ["q", "offs", "clen", "lut", "blocks", "out", "max_pages", "layer", "num_layers",
             "num_pages", "window", "scale", "T"]
-    return {"specs": [spec], "ops": [(0, grid, args)], "scratch": []}
+    if "n_m" not in spec.signature:
+        return {"specs": [spec], "ops": [(0, grid, args)], "scratch": []}
+    # A persistent config also takes the longest sequence's query blocks and the sequences.
+    ints = {"n_m": cdiv(pb["seq"], spec.constexprs["BLOCK_M"]), "n_b": pb["batch"]}
+    return {"specs": [spec], "ops": [(0, grid, args + ["n_m", "n_b"])], "scratch": [],
+            "ints": ints}
 
 
 _REFERENCES: dict = {}

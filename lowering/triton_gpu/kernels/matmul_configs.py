@@ -26,13 +26,12 @@ Why these candidates (H200: 132 SMs, ~4.3 TB/s, 227 KiB shared memory per block)
 """
 from __future__ import annotations
 
-from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv, triton_dtype
 
 # (bucket name, largest M it covers; None = no bound)
 BUCKETS = (("m1", 1), ("m16", 16), ("m64", 64), ("m256", 256), ("m1024", 1024), ("large", None))
 # The row count each bucket is timed at.
 TUNE_M = {"m1": 1, "m16": 16, "m64": 64, "m256": 256, "m1024": 1024, "large": 4096}
-NUM_SMS = 132  # H100 SXM / H200; persistent grids are correct on any count, just best on this
 REDUCE_BLOCK = 1024
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 KINDS = ("tile", "gemv", "tma", "cublaslt")

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import re
 
-from graphir.lowering.triton_gpu.kernels.spec import cdiv, next_pow2
+from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, cdiv, next_pow2
 
-NUM_SMS = 132          # H100 / H200 SXM
 MAX_SCAN = 8           # partitions the wave-efficiency scan considers for large grids
 NEAR_BEST = 90         # percent of the best wave efficiency that is good enough
 MAX_BLOCK_M = 64       # rows of the query tile (HEADS * q_per_seq * GQA group) the kernel takes

@@ -52,6 +52,11 @@ class KernelSpec:
         return self.grid(**{a: sizes[a] for a in self.grid_args})
 
 
+# SMs of the H100 / H200 SXM: persistent grids (the matmul's, the prefill kernel's) and the
+# decode split rule size themselves to it; a grid sized for another count is still correct.
+NUM_SMS = 132
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for non-negative ints."""
     return -(-a // b)

@@ -132,8 +132,8 @@ def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None)
         (spec,) = fa.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask, config=conf,
                                softcap=c.softcap)
         kf = sb.kernel(spec)
-        bm = spec.constexprs["BLOCK_M"]
+        # Query blocks x heads x sequences, or one program per SM for a persistent config,
+        # which also takes the query blocks of the longest sequence and the sequences.
+        grid, tail = fa.plan_launch(spec, c.batch, c.seqmax)
         with sb.when(cond):
-            # Query blocks x heads x sequences (fa.grid_rule); the kernel issues each head's
-            # longest blocks first.
-            sb.launch(kf, [f"max(1, cdiv({c.seqmax}, {bm}))", c.nh, c.batch], args)
+            sb.launch(kf, grid, args + tail)

@@ -85,7 +85,7 @@ def rel_err(got, want):
     return float(np.linalg.norm(f64(got) - want) / np.linalg.norm(want))
 
 
-def run_case(case, page, dtype, config, D=16, layer=1, seed=0, scale=None):
+def run_case(case, page, dtype, config, D=16, layer=1, seed=0, scale=None, **kw):
     mask, window, NH, NKV, new_lens, cache_lens = case
     rng = np.random.default_rng(seed)
     pb = paged_problem(rng, new_lens, cache_lens, NKV, D, page, 2, dtype)
@@ -97,7 +97,7 @@ def run_case(case, page, dtype, config, D=16, layer=1, seed=0, scale=None):
     q = torch.from_numpy(rng.standard_normal((pb["T"], NH, D))).to(dtype)
     scale = 0.7 / D ** 0.5 if scale is None else scale
     got = fa.flash_attention(q, pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"], layer,
-                             mask=mask, window=window, scale=scale, config=config)
+                             mask=mask, window=window, scale=scale, config=config, **kw)
     want = attention_ref(f64(q), f64(pb["blocks"]), pb["lut"], pb["offs"], cache_lens, layer,
                          mask, window, scale)
     return got, want
@@ -171,6 +171,28 @@ def test_ws_config_on_the_cpu_runs_its_triton_twin():
     assert cfg["WS"] and cfg["LPT"]
     case = ("CAUSAL", 0, 4, 2, [150, 7], [70, 129])
     got, want = run_case(case, 128, torch.bfloat16, cfg, D=64, seed=3)
+    assert rel_err(got, want) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_persistent_programs_walk_many_tiles(case, mode):
+    # The persistent form (flash_attention_persistent.py): 3 programs stride over every
+    # (query tile, head, sequence) of the longest-first order, tiles past a short sequence's
+    # rows included; each must land where the one-tile grid would have put it.
+    page, tma = MODES[mode]
+    cfg = {**small_config(tma), "PERSISTENT": 1}
+    got, want = run_case(case, page, torch.bfloat16, cfg, seed=13, num_programs=3)
+    assert rel_err(got, want) < REL_TOL[torch.bfloat16]
+
+
+def test_persistent_ws_config_on_the_cpu_runs_the_persistent_twin():
+    # A persistent WS config on CPU tensors runs the persistent Triton kernel at its tiles, at
+    # the plan's program count (NUM_SMS: here more programs than tiles, so some have none).
+    cfg = fa.WS_CANDIDATES[64][3]
+    assert cfg["WS"] and cfg["PERSISTENT"] and cfg["num_stages"] == 3
+    case = ("SLIDING_WINDOW_CAUSAL", 90, 4, 2, [150, 7, 300], [70, 129, 0])
+    got, want = run_case(case, 128, torch.bfloat16, cfg, D=64, seed=5)
     assert rel_err(got, want) < REL_TOL[torch.bfloat16]
 
 

@@ -211,6 +211,66 @@ def test_measurer_launch_and_check_on_the_interpreter(mask, window):
     assert case["check"]({"out": nan}, host) == float("inf")
 
 
+def test_measurer_launch_of_a_persistent_config_on_the_interpreter():
+    # A persistent config's tuning launch: one program per SM at most, the query tiles and
+    # sequences as two more ints (the plan's own ints), run here by its Triton twin.
+    facts = ft.make_facts("bf16", 4, 2, 64, 128, "CAUSAL")
+    size = (3, 150)   # 2 query tiles x 4 heads x 3 sequences
+    plan = ft.tuning_launches(fc.get("m128n128w4s2tmawspersist"), facts, size)
+    case = ft.bench(facts, size, seed=5)
+    ((i, grid, args),) = plan["ops"]
+    assert grid == (24, 1, 1) and args[-2:] == ["n_m", "n_b"]
+    assert plan["ints"] == {"n_m": 2, "n_b": 3}
+    host = {n: s["make"]() for n, s in case["inputs"].items()}
+    dev = {n: (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+               if a.dtype == np.uint16 else torch.from_numpy(a)) for n, a in host.items()}
+    (shape, _), = [(o["shape"], o["dtype"]) for o in case["outputs"].values()]
+    out = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    vals = dict(dev, out=out, **case["ints"], **plan["ints"])
+    twin = plan["specs"][i].interpretable()
+    twin.fn[(5, 1, 1)](*[vals[a] for a in args], **twin.constexprs)   # 5 programs: many tiles
+    raw = out.view(torch.int16).numpy().view(np.uint16)
+    assert case["check"]({"out": raw}, host) < 1e-2
+
+
+def test_a_persistent_choice_runs_through_the_plan_under_the_interpreter():
+    from graphir.runtime.cuda.executor import PlanExecutor
+    from tests.lowering.triton_gpu.test_backend_interp import InterpDevice
+
+    name = "m128n128w4s3tmawspersist"
+    g = attention_graph_bf16()
+    with tuning.using(tuning.Selector([("default table", table(
+            {b: name for b in BUCKETS}))])):
+        program = lower(g)
+    dev = InterpDevice(program)
+    grids = []
+    launch = dev.launch
+    dev.launch = lambda key, grid, args: (grids.append(tuple(grid)), launch(key, grid, args))
+    ex = PlanExecutor(program.plan.to_json(), g, dev, {})
+    rng = np.random.default_rng(11)
+    new, cache = [200, 0, 57], [40, 9, 130]
+    total = [c + n for c, n in zip(cache, new)]
+    need = [-(-t // 128) for t in total]
+    order = rng.permutation(sum(need) + 1)
+    lut = np.full((3, max(need) + 1), order[-1], np.uint32)
+    k = 0
+    for b, n in enumerate(need):
+        lut[b, :n] = order[k:k + n]
+        k += n
+    bf = lambda x: torch.from_numpy(x).to(torch.bfloat16).float().numpy()  # noqa: E731
+    args = [bf(rng.standard_normal((sum(new), 8 * 128))),
+            bf(rng.standard_normal((sum(need) + 1, 2, 1, 128, 2, 128))),
+            np.concatenate([[0], np.cumsum(new)]).astype(np.uint32),
+            np.asarray(cache, np.uint32), lut]
+    want = run(g, *[a.copy() for a in args])[0]
+    got = ex.execute(*[a.copy() for a in args])[0]
+    assert dev.launched == [f"flash_attention_bf16_mask1_{name}"]
+    assert grids == [(2 * 8 * 3, 1, 1)]   # 2 query tiles of the longest x 8 heads x 3 sequences
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < 1e-2, err
+
+
 def test_untuned_compiles_take_the_measured_prefill_table():
     t = tuning.load_table()
     assert "H200 sweep run 8, 2026-12-03" in t["provenance"]["prefill"]

@@ -15,7 +15,7 @@ def test_ws_configs_have_names_that_round_trip():
     for d in (64, 128):
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
-            assert name.endswith(("tmaws", "tmawslpt"))
+            assert name.endswith(("tmaws", "tmawslpt", "tmawspersist"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -25,12 +25,17 @@ def test_ws_configs_have_names_that_round_trip():
         fc.get({**fc.WS_CANDIDATES[128][0], "num_warps": 8})
     with pytest.raises(ValueError, match="warp-specialized kernel takes"):
         fc.check_config(fc.WS_CANDIDATES[128][0], 256)
+    for bad in ("m128n128w4s2tmawslptpersist", "m128n128w4s2tmawspppersist"):
+        with pytest.raises(ValueError, match="persistent kernels always take"):
+            fc.get(bad)
 
 
 def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
     ws = [c for c in fc.candidates(128, 128) if c.get("WS")]
-    assert [fc.config_tag(c) for c in ws] == ["m128n128w4s2tmaws", "m128n128w4s2tmawslpt"]
-    assert fc.candidates(128, 128)[:2] == ws
+    assert [fc.config_tag(c) for c in ws] == ["m128n128w4s2tmaws", "m128n128w4s2tmawslpt",
+                                             "m128n128w4s2tmawspersist",
+                                             "m128n128w4s3tmawspersist"]
+    assert fc.candidates(128, 128)[:4] == ws
     assert not any(c.get("WS") for c in fc.candidates(128, 128, include_ws=False))
     # Pages that do not hold a whole key block: no TMA, so no WS config at all.
     assert not any(c.get("WS") for c in fc.candidates(128, 16))
@@ -72,24 +77,29 @@ def test_calls_the_ws_kernel_cannot_serve_take_the_triton_default(why, args, kw)
     assert not s.extra["config"].get("WS"), why
 
 
-def test_persistent_form_spec_and_its_refusals():
-    # The persistent experiment (flash_attention_persistent.py): the WS kernel's arguments plus
-    # the query tiles and sequences, a 1-D grid; calls the WS kernel cannot serve are refused by
-    # name rather than run on a kernel that does not exist for them.
-    import torch
-
+def test_persistent_config_spec_grid_and_plan_launch():
+    # A persistent config (flash_attention_persistent.py): the one-tile kernel's arguments plus
+    # the query tiles and sequences, a 1-D grid of at most one program per SM; its twin is the
+    # persistent Triton kernel at the same arguments and grid; the plan writes both.
     from graphir.lowering.triton_gpu.kernels import flash_attention_persistent as fp
+    from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS
 
-    s = fp.aot_spec(32, 8, 128, 128, mask="CAUSAL")
-    assert s.fn is fp.flash_prefill_wsp_kernel and s.name.endswith("_persistent")
-    runtime = [k for k, v in s.signature.items() if v != "constexpr"]
-    assert runtime == list(fa.SIGNATURE_PARAMS) + ["n_m", "n_b"]
-    assert s.grid_for(programs=132) == (132, 1, 1)
-    with pytest.raises(ValueError, match="no warp-specialized kernel"):
-        fp.aot_spec(32, 8, 128, 128, mask="CHUNKED_CAUSAL")
-    q = torch.zeros(4, 4, 64, dtype=torch.bfloat16)
-    blocks = torch.zeros(3, 2, 1, 64, 2, 64, dtype=torch.bfloat16)
-    offs = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(ValueError, match="does not hold whole key blocks"):
-        fp.flash_attention_wsp(q, offs, torch.zeros(1, dtype=torch.int32),
-                               torch.zeros(1, 2, dtype=torch.int32), blocks, 0)
+    cfg = fc.get("m128n128w4s3tmawspersist")
+    (s,) = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CAUSAL", config=cfg)
+    assert s.fn is fp.flash_prefill_wsp_kernel and s.name.endswith("_m128n128w4s3tmawspersist")
+    assert [k for k, _ in s.runtime_params()] == list(fa.SIGNATURE_PARAMS) + ["n_m", "n_b"]
+    assert "LPT" not in s.constexprs and s.constexprs["STAGES"] == 3
+    twin = s.interpretable()
+    assert twin.fn is fp.flash_prefill_persistent_kernel
+    assert twin.runtime_params() == s.runtime_params()
+    assert s.grid_for(batch=4, max_seq_len=4096) == (NUM_SMS, 1, 1)   # 1024 tiles
+    assert s.grid_for(batch=1, max_seq_len=200) == (64, 1, 1)         # 2 tiles x 32 heads
+    assert twin.grid_for(batch=1, max_seq_len=200) == (64, 1, 1)
+    grid, tail = fa.plan_launch(s, "B", "S")
+    assert grid == [f"min(max(1, cdiv(S, 128)) * 32 * (B), {NUM_SMS})", 1, 1]
+    assert tail == ["max(1, cdiv(S, 128))", "B"]
+    plain = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CAUSAL")[0]
+    assert fa.plan_launch(plain, "B", "S") == (["max(1, cdiv(S, 128))", 32, "B"], [])
+    # Calls the WS kernel cannot serve take the Triton default (one tile per program).
+    (c,) = fa.aot_specs(32, 8, 128, 128, "bfloat16", "CHUNKED_CAUSAL", config=cfg)
+    assert c.fn is fa.flash_prefill_kernel and "n_m" not in c.signature
