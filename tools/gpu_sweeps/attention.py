@@ -18,6 +18,8 @@ tuning_defaults.json, family "prefill": per head dim and mask, one config per bu
 128-row query tiles) to $OUT/prefill_table.json.
 
     python3 tools/gpu_sweeps/attention.py        (writes $OUT/attention.json when OUT is set)
+    python3 tools/gpu_sweeps/attention.py --merge $OUT/prefill_table.json "run N"
+                                                 (ships it: no GPU needed)
     python3 tools/gpu_sweeps/attention.py --dry-run   (CPU, Triton interpreter, tiny shapes:
                                                        checks the script's plumbing only)
 """
@@ -348,26 +350,60 @@ def roofline(results) -> str:
 def prefill_table(results) -> dict:
     """The measured winners as the tuner's table: per (head dim, mask) and bucket of batch x
     query tiles, the config with the best geometric-mean rate over the shapes in that bucket
-    (only configs every one of those shapes ran)."""
+    (only configs every one of those shapes ran), with the first shape's timings of every
+    candidate (what the table ships, as `tune()` writes it)."""
     import math
 
     groups: dict = {}
     for name, B, S, D, mask, _ in SHAPES:
         s = results["shapes"].get(name, {})
-        rates = {k: v["tflops"] for k, v in s.get("variants", {}).items()
+        rates = {k: v for k, v in s.get("variants", {}).items()
                  if "ms" in v and not k.startswith("r1:")}
         if rates:
             bucket = next(b for b, top in ft.BUCKETS if top is None
                           or B * triton.cdiv(S, ft.TILE) <= top)
-            groups.setdefault((D, mask, bucket), []).append(rates)
+            label = f"B{B}x{S}" + (f" window {s['shape'][4]}" if s["shape"][4] else "") + (
+                f" D{D}" if D != 128 else "")
+            groups.setdefault((D, mask, bucket), []).append((label, rates, s["sdpa"]))
     entries: dict = {}
     for (D, mask, bucket), runs in groups.items():
-        common = set.intersection(*(set(r) for r in runs))
-        if common:
-            best = max(common, key=lambda k: sum(math.log(r[k]) for r in runs))
-            entries.setdefault(f"D={D},mask={mask}", {})[bucket] = best
+        common = set.intersection(*(set(r) for _, r, _ in runs))
+        if not common:
+            continue
+        best = max(common, key=lambda k: sum(math.log(r[k]["tflops"]) for _, r, _ in runs))
+        label, rates, sdpa = runs[0]
+        rows = sorted(({"config": k, "ms": round(v["ms"], 4), "rel_err": float(f"{v['rel_err']:.3g}"),
+                        "shape": label.split(" ")[0], "tflops": round(v["tflops"], 1)}
+                       for k, v in rates.items()), key=lambda r: r["ms"])
+        entries.setdefault(f"D={D},mask={mask}", {})[bucket] = {
+            "candidates": rows, "config": best, "fallback": None,
+            "note": f"{label}: {rates[best]['tflops']:.1f} TF/s, torch SDPA "
+                    f"{sdpa['tflops']:.0f}" + (" (causal)" if "causal" in sdpa["how"] else "")}
     dev = "cpu (dry run)" if DRY else torch.cuda.get_device_name(0)
     return {"version": 1, "device": dev, "families": {"prefill": {"bf16": entries}}}
+
+
+def merge(measured_path: str, run: str) -> None:
+    """Replace the prefill family of the shipped tuning table with a sweep's measured one
+    ($OUT/prefill_table.json), each note naming the run."""
+    from pathlib import Path
+
+    from graphir.lowering.triton_gpu import tuning
+
+    measured = json.loads(Path(measured_path).read_text())
+    tuning.validate_table(measured, measured_path)
+    for per_key in measured["families"]["prefill"]["bf16"].values():
+        for entry in per_key.values():
+            entry["note"] += f" ({measured['device']} sweep {run})"
+    shipped = json.loads(tuning.DEFAULTS_PATH.read_text())
+    shipped.setdefault("provenance", {})["prefill"] = (
+        f"Measured, not predicted: {measured['device']} sweep {run} of tools/gpu_sweeps/"
+        f"attention.py (every candidate checked against torch SDPA, then timed in CUDA graphs "
+        f"on shuffled pages; per bucket the best geometric mean over its shapes)")
+    shipped["families"]["prefill"] = measured["families"]["prefill"]
+    tuning.validate_table(shipped)
+    tuning.DEFAULTS_PATH.write_text(json.dumps(shipped, indent=1) + "\n")
+    print(f"merged {measured_path} into {tuning.DEFAULTS_PATH}")
 
 
 def print_tables(results):
@@ -408,8 +444,12 @@ def print_tables(results):
     print(table(body, ["variant"] + names))
     print(table(summary, ["shape", "default", "TF/s", "vs SDPA", "vs round 1", "rel err",
                           "best", "TF/s", "in-order pages"]))
-    print("prefill table:", json.dumps(results["prefill_table"]["families"]["prefill"]["bf16"]))
+    print("prefill table:", json.dumps({k: {b: e["config"] for b, e in v.items()} for k, v in
+                                        results["prefill_table"]["families"]["prefill"]["bf16"]
+                                        .items()}))
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--merge"]:
+        sys.exit(merge(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "a GPU run"))
     sys.exit(main())
