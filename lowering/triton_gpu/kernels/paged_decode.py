@@ -245,78 +245,10 @@ def paged_decode_reduce_kernel(o_part_ptr, ml_part_ptr, out_ptr, num_parts, D: t
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
-def paged_decode_fused_kernel(
-        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, o_part_ptr, ml_part_ptr,
-        sem_ptr, max_pages, layer_idx, num_layers, num_pages, window, scale, part_size,
-        num_parts,
-        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        MASK: tl.constexpr, Q_PER_SEQ: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PAGED_TILES: tl.constexpr,
-        TMA: tl.constexpr, ORDER: tl.constexpr, SOFTCAP: tl.constexpr):
-    """paged_decode_kernel with the reduce folded in (an experiment, `paged_decode(fused=True)`;
-    tools/gpu_sweeps/decode_fused.py times it): the last partition of each (sequence, KV-head
-    group) to finish merges all of that unit's partials, so a split decode is one launch.
-    sem_ptr: one int32 counter per unit, zero before the launch and zero again after it (the
-    merging program resets its own), so a CUDA graph can replay it."""
-    acc, m_i, l_i, head_row, rmask, part, kvg, b = _decode_partition(
-        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, max_pages, layer_idx, num_layers,
-        num_pages, window, scale, part_size, num_parts, NH, NKV, D, PAGE_SIZE, MASK, Q_PER_SEQ,
-        BLOCK_M, BLOCK_N, HEADS, PAGED_TILES, TMA, ORDER, SOFTCAP)
-    _store_partition(out_ptr, o_part_ptr, ml_part_ptr, acc, m_i, l_i, head_row, rmask, part,
-                     num_parts, D)
-    if num_parts > 1:
-        # Every thread's partials are stored before one thread counts this partition in with
-        # release semantics (the barrier orders them before it, as CUTLASS's split-K semaphore
-        # does); the count it reads back, with acquire semantics, tells the last partition.
-        tl.debug_barrier()
-        unit = sem_ptr + b * (NKV // HEADS) + kvg
-        done = tl.atomic_add(unit, 1, sem="acq_rel", scope="gpu")
-        if done == num_parts - 1:
-            tl.atomic_xchg(unit, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-            m_run = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-            l_run = tl.zeros((BLOCK_M,), tl.float32)
-            o_run = tl.zeros((BLOCK_M, D), tl.float32)
-            d = tl.arange(0, D)
-            for pp in range(0, num_parts):
-                other = head_row * num_parts + pp
-                # From L2 (.cg): other SMs wrote these during this launch.
-                m = tl.load(ml_part_ptr + other * 2, mask=rmask, other=-1.0e30,
-                            cache_modifier=".cg")
-                l_p = tl.load(ml_part_ptr + other * 2 + 1, mask=rmask, other=0.0,
-                              cache_modifier=".cg")
-                o = tl.load(o_part_ptr + other[:, None] * D + d[None, :], mask=rmask[:, None],
-                            other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_run, m)
-                alpha = tl.exp2(m_run - m_new)
-                w = tl.exp2(m - m_new)
-                l_run = l_run * alpha + l_p * w
-                o_run = o_run * alpha[:, None] + o * w[:, None]
-                m_run = m_new
-            out = o_run / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
-            tl.store(out_ptr + head_row[:, None] * D + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-
-
-_SEMAPHORES: dict = {}
-
-
-def _semaphores(n: int, device):
-    """n zeroed int32 counters on `device`, kept between calls: the fused kernel leaves them
-    zero, so one buffer serves every call (and a captured graph) without a memset launch."""
-    import torch
-
-    key = (str(device), n)
-    if key not in _SEMAPHORES:
-        _SEMAPHORES[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return _SEMAPHORES[key]
-
-
 def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx: int,
                  mask="CAUSAL", window: int = 0, scale: float | None = None,
                  max_kv_len: int | None = None, q_per_seq: int = 1, config: dict | None = None,
-                 num_parts: int | None = None, softcap: float | None = None,
-                 fused: bool = False):
+                 num_parts: int | None = None, softcap: float | None = None):
     """Decode attention on torch tensors; q [T, NH, D] with <= q_per_seq rows per sequence.
 
     Args:
@@ -333,8 +265,6 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
         config: a kernel config (paged_decode_config.CANDIDATES entry; default_config when None).
         num_parts: force this many partitions instead of the split rule.
         softcap: cap the scaled scores to softcap * tanh(s / softcap) (Gemma 2); None: no cap.
-        fused: merge the partitions in the decode launch (paged_decode_fused_kernel, an
-            experiment) instead of a second, reduce launch.
 
     Returns:
         The attention output [T, NH * D] in q's dtype.
@@ -378,17 +308,14 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
             size, dtype=torch.int8, device=q.device))
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
     units = batch * (NKV // conf["HEADS"])
-    kernel, sem = paged_decode_kernel, ()
-    if fused:
-        kernel, sem = paged_decode_fused_kernel, (_semaphores(max(units, 1), q.device),)
-    kernel[(units * nparts,)](
+    paged_decode_kernel[(units * nparts,)](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
-        blocks, out, o_part, ml_part, *sem, lookup_table.shape[1], layer_idx, num_layers,
+        blocks, out, o_part, ml_part, lookup_table.shape[1], layer_idx, num_layers,
         blocks.shape[0], max(window, 1), float(D ** -0.5 if scale is None else scale), part,
         nparts, **cfg.constexprs(conf, NH, NKV, D, page_size, m, q_per_seq),
         SOFTCAP=check_softcap(softcap),
         num_warps=conf["num_warps"], num_stages=conf["num_stages"])
-    if nparts > 1 and not fused:
+    if nparts > 1:
         paged_decode_reduce_kernel[(T * NH,)](o_part, ml_part, out, nparts, D=D,
                                               BLOCK_P=BLOCK_P, num_warps=4)
     return out
@@ -441,17 +368,3 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
         grid=lambda T: (T * n_heads, 1, 1), grid_args=("T",),
         divisible_by_16=("o_part_ptr", "ml_part_ptr", "out_ptr"))
     return [main, reduce]
-
-
-def fused_spec(main: KernelSpec) -> KernelSpec:
-    """The fused-reduce experiment's spec for a decode spec of aot_specs (its arguments plus
-    sem_ptr after ml_part_ptr; the same grid), for its offline compile."""
-    from dataclasses import replace
-
-    sig = {}
-    for k, v in main.signature.items():
-        sig[k] = v
-        if k == "ml_part_ptr":
-            sig["sem_ptr"] = "*i32"
-    return replace(main, name=main.name.replace("partial", "fused", 1),
-                   fn=paged_decode_fused_kernel, signature=sig)

@@ -115,27 +115,6 @@ def test_decode_matches_the_float64_reference(case):
     assert rel_err(got, reference(pb, mask, window)) < TOL[dtype]
 
 
-FUSED = [c for c in CASES if c[9] != 1]
-
-
-@pytest.mark.parametrize("case", FUSED, ids=[c[0] for c in FUSED])
-def test_fused_reduce_matches_the_reference_and_leaves_its_counters_zero(case):
-    # The experiment that merges partitions in the decode launch (the last partition of each
-    # unit to finish merges): same numbers, and its counters back at zero after each call, so
-    # the second call (a graph replay's situation) merges again.
-    _, g, page, qps, new, cache, mask, window, conf, nparts, dtype, *kv = case
-    nkv = kv[0] if kv else NKV
-    rng = np.random.default_rng(abs(hash(case[0])) % 2**32 + 1)
-    pb = paged_problem(rng, new, cache, page, g * nkv, dtype, nkv)
-    want = reference(pb, mask, window)
-    for _ in range(2):
-        got = pd.paged_decode(pb["q"], pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"],
-                              LAYER, mask=mask, window=window, q_per_seq=qps, config=conf,
-                              num_parts=nparts, fused=True)
-        assert rel_err(got, want) < TOL[dtype]
-        assert all(int(t.abs().sum()) == 0 for t in pd._SEMAPHORES.values())
-
-
 def test_reduce_rescales_across_chunks_of_partitions():
     """More partitions than the reduce takes at once (16), and scores growing along the
     context, so later chunks hold larger maxima and earlier sums must be rescaled."""
