@@ -310,9 +310,7 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
         options = launch_options(cfg)
     if cfg.get("PERSISTENT"):
         from graphir.lowering.triton_gpu.kernels import flash_attention_persistent as fp
-        kernel = (fp.flash_prefill_persistent_kernel if kernel is flash_prefill_kernel
-                  else fp.flash_prefill_wsp_kernel)
-        cx = {k: v for k, v in cx.items() if k not in ("PINGPONG", "LPT")}
+        kernel, cx = fp.persistent_kernel(kernel, cx)
     return launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks, layer_idx,
                   window, scale, max_seq_len, cfg["BLOCK_M"], cx, tma,
                   programs=(num_programs or NUM_SMS) if cfg.get("PERSISTENT") else None,

@@ -10,9 +10,10 @@ tiles: Q [BLOCK_M, D] stays resident and each pipeline stage holds one K and one
 
 `WS_CANDIDATES` are configs of the warp-specialized Gluon kernel (flash_attention_wgmma.py),
 offered first where it can serve a call; the shipped table (tools/gpu_sweeps/attention.py run
-8, 2026-12-03) picks m128n128w4s2tmawslpt for causal and unmasked prefill at head dims 64 and
-128 (1.07-1.36x the Triton default below, 0.82-1.06x SDPA) and keeps the Triton kernel for the
-sliding window. `default_config` (no table entry) is still the Triton kernel's.
+9, 2026-12-03) picks its persistent form (m128n128w4s2tmawspersist, three stages for B4 x
+2048) for causal, unmasked and sliding-window prefill at head dims 64 and 128, and the one-tile
+longest-first form (m128n128w4s2tmawslpt) for a single 1k prompt: 1.16-1.36x the Triton
+default below, 0.76-1.05x SDPA. `default_config` (no table entry) is still the Triton kernel's.
 
 Why these defaults (bf16/fp16, H100/H200 class). Measured on an H200 (tools/gpu_sweeps/
 attention.py, run 4, 2026-12-02; TFLOP/s of unmasked work, torch SDPA in brackets):
@@ -92,9 +93,9 @@ FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32,
 # and the ping-pong option slower; the longest-first order won where the grid is a few waves
 # (B1 x 1024 causal 285 against 229) and lost where all heads' K/V at once overflowed L2
 # (now grouped: paged.tile_order), so the tuner measures both per bucket.
-# The persistent form (run 9 of attention_wgmma.py): B4 x 4096 causal 555 against 507 for the
+# The persistent form (sweep 4 of attention_wgmma.py): B4 x 4096 causal 555 against 507 for the
 # one-tile longest-first kernel, B1 x 16384 662 against 604, B4 x 2048 441 against 417, the
-# sliding window 405 against 349; a three-stage ring best where the tiles are long.
+# sliding window 405 against 349; two and three ring stages within noise of each other.
 _WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
        _ws(128, 3, persistent=True)]
 WS_CANDIDATES: dict[int, list[dict]] = {64: _WS, 128: _WS}

@@ -179,19 +179,25 @@ def grid_rule(BLOCK_M: int, NH: int, programs: int = NUM_SMS):
         min(max(1, cdiv(max_seq_len, BLOCK_M)) * NH * batch, programs), 1, 1)
 
 
+def persistent_kernel(fn, constexprs: dict):
+    """(kernel, constexprs) of the persistent form of a one-tile prefill kernel launched with
+    `constexprs` (the persistent kernels always take the tiles longest first, never in turns)."""
+    # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
+    if fn is flash_prefill_ws_kernel:
+        kernel = flash_prefill_wsp_kernel
+    elif fn is flash_prefill_kernel:
+        kernel = flash_prefill_persistent_kernel
+    else:
+        raise ValueError(f"no persistent form of {fn}")
+    return kernel, {k: v for k, v in constexprs.items() if k not in ("PINGPONG", "LPT")}
+
+
 def as_persistent(spec: KernelSpec) -> KernelSpec:
     """The persistent form of a one-tile prefill spec (flash_attention.aot_specs builds it for
     a PERSISTENT config): its arguments plus n_m (query tiles of the longest sequence) and n_b
     (sequences) last, its grid one program per SM; the Gluon kernel's twin is the persistent
     Triton kernel at the same arguments."""
-    # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
-    if spec.fn is flash_prefill_ws_kernel:
-        fn = flash_prefill_wsp_kernel
-    elif spec.fn is flash_prefill_kernel:
-        fn = flash_prefill_persistent_kernel
-    else:
-        raise ValueError(f"{spec.name}: no persistent form of {spec.fn}")
-    cx = {k: v for k, v in spec.constexprs.items() if k not in ("PINGPONG", "LPT")}
+    fn, cx = persistent_kernel(spec.fn, spec.constexprs)
     runtime = {k: v for k, v in spec.signature.items() if v != "constexpr"}
     sig = {**runtime, "n_m": "i32", "n_b": "i32", **{k: "constexpr" for k in cx}}
     return replace(spec, fn=fn, signature=sig, constexprs=cx,

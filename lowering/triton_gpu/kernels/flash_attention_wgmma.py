@@ -20,9 +20,10 @@ Two forms:
   through count-2 "empty" mbarriers; with no CTA-wide barrier in the loop one warpgroup's
   softmax overlaps the other's products (FlashAttention-3's ping-pong, here from their drift;
   forcing turns, PINGPONG, measured slower). Measured on the H200 (BENCHMARKS.md, sweep run 8):
-  1.07-1.36x the former default Triton config, 0.82-1.06x SDPA; with the longest-first
-  program order (`..wslpt`, paged.tile_order) it is the shipped choice for causal and unmasked
-  prefill at head dims 64 and 128.
+  1.07-1.36x the former default Triton config, 0.82-1.06x SDPA; its persistent form
+  (flash_attention_persistent.py, `..wspersist`, the same consumer and loader bodies) is the
+  shipped choice for most prefill shapes since run 9, the longest-first one-tile form
+  (`..wslpt`, paged.tile_order) for a single short prompt.
 - `flash_prefill_wgmma_kernel` (flash_attention_wgmma_single.py): one partition of 8 warps
   issuing its own loads, refilling a slot after a CTA-wide barrier each iteration. Measured
   0.87-0.96x the Triton kernel at head dim 128: the sweep's baseline, never offered to the
