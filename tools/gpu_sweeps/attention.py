@@ -44,6 +44,7 @@ if DRY:  # the interpreter's bf16 dot needs the test suite's patch
     import tests.lowering.triton_gpu.conftest  # noqa: E402,F401
 
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as ft  # noqa: E402
 from graphir.tools.gpu_timing import graph_ms, rel_err, table  # noqa: E402
 
@@ -370,13 +371,18 @@ def prefill_table(results) -> dict:
         common = set.intersection(*(set(r) for _, r, _ in runs))
         if not common:
             continue
-        best = max(common, key=lambda k: sum(math.log(r[k]["tflops"]) for _, r, _ in runs))
+        score = lambda k: sum(math.log(r[k]["tflops"]) for _, r, _ in runs)  # noqa: E731
+        best = max(common, key=score)
+        # What a call the warp-specialized kernel cannot serve (soft-cap) runs instead.
+        triton_only = [k for k in common if not fc.is_ws(fc.get(k))]
+        fallback = max(triton_only, key=score) if fc.is_ws(fc.get(best)) and triton_only \
+            else None
         label, rates, sdpa = runs[0]
         rows = sorted(({"config": k, "ms": round(v["ms"], 4), "rel_err": float(f"{v['rel_err']:.3g}"),
                         "shape": label.split(" ")[0], "tflops": round(v["tflops"], 1)}
                        for k, v in rates.items()), key=lambda r: r["ms"])
         entries.setdefault(f"D={D},mask={mask}", {})[bucket] = {
-            "candidates": rows, "config": best, "fallback": None,
+            "candidates": rows, "config": best, "fallback": fallback,
             "note": f"{label}: {rates[best]['tflops']:.1f} TF/s, torch SDPA "
                     f"{sdpa['tflops']:.0f}" + (" (causal)" if "causal" in sdpa["how"] else "")}
     dev = "cpu (dry run)" if DRY else torch.cuda.get_device_name(0)

@@ -6,7 +6,7 @@ tuner's facts leave the cap out; the cap costs a few fp32 ops per score, the til
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from graphir.lowering.registry import register_lowering
 from graphir.lowering.triton_gpu import tuning
@@ -126,6 +126,10 @@ def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None)
     else:
         facts = fat.make_facts(_SHORT[c.dtype], c.nh, c.nkv, c.d, c.page, c.mask, c.tail[3])
         choices = tuning.select("prefill", facts, f"{sb.op} -> %{sb.outputs[0]} (prefill)")
+        if fa.check_softcap(c.softcap):
+            # The warp-specialized kernel has no soft-cap: its bucket's fallback runs instead
+            # (the fastest Triton config measured there).
+            choices = [replace(ch, config=ch.fallback) if ch.fallback else ch for ch in choices]
         variants = [(cond, ch.config)
                     for cond, ch in fat.plan_variants(choices, c.batch, c.seqmax)]
     for cond, conf in variants:

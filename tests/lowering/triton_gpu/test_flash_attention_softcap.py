@@ -196,24 +196,49 @@ def test_gemma2_style_layer_through_the_cuda_plan_matches_the_interpreter():
 
 
 def test_softcap_and_plain_graphs_pick_the_same_configs():
+    # The cap is not a tuning fact: a capped call runs its plain twin's configs, except where
+    # the twin runs the warp-specialized kernel (no soft-cap): there, its bucket's fallback,
+    # the fastest Triton config the table measured (not the built-in default).
+    from graphir.lowering.triton_gpu import tuning
     from graphir.lowering.triton_gpu.backend import lower
+    from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc
+    from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as ft
+    from graphir.parser import parse
 
     def configs(program, capped):
-        out = {}
+        out = []
         for key, spec in program.kernels.items():
             if "reduce" in key:
                 continue
-            assert spec.name.endswith("_softcap") == capped, spec.name
-            assert spec.constexprs["SOFTCAP"] == (CAP if capped else 0.0)
-            out[spec.name.removesuffix("_softcap")] = json.dumps(spec.extra["config"],
-                                                                 sort_keys=True)
-        return out
+            conf = spec.extra["config"]
+            if not fc.is_ws(conf):
+                assert spec.name.endswith("_softcap") == capped, spec.name
+                assert spec.constexprs["SOFTCAP"] == (CAP if capped else 0.0)
+            else:
+                assert not capped, spec.name
+            kind = "prefill" if spec.name.startswith("flash") else "decode"
+            out.append((kind, json.dumps({k: v for k, v in conf.items() if k != "name"},
+                                         sort_keys=True)))
+        return sorted(out)
 
     g = softcap_graph("bfloat16", nh=32, nkv=8, d=128, page=128)
     plain = str(g).replace(f"softcap = {CAP}, ", "")
     assert plain != str(g)
-    from graphir.parser import parse
-    assert configs(lower(g), True) == configs(lower(parse(plain)), False)
+    facts = ft.make_facts("bf16", 32, 8, 128, 128, "SLIDING_WINDOW_CAUSAL", 24)
+    stand_in = {c.config["name"]: c.fallback for c in tuning.select("prefill", facts)}
+    assert any(fc.is_ws(fc.get(n)) for n in stand_in), "the table has a WS choice here"
+    assert all(fb is not None and not fc.is_ws(fb) for n, fb in stand_in.items()
+               if fc.is_ws(fc.get(n)))
+    want = []
+    for kind, conf in configs(lower(parse(plain)), False):
+        c = json.loads(conf)
+        if fc.is_ws(c):
+            c = {k: v for k, v in stand_in[fc.config_tag(c)].items() if k != "name"}
+        want.append((kind, json.dumps(c, sort_keys=True)))
+    assert configs(lower(g), True) == sorted(want)
+    # The stand-in is the table's measured fallback, not the built-in default.
+    assert any(fb["name"] != fc.config_tag(fc.default_config(128, 128, "SLIDING_WINDOW_CAUSAL"))
+               for n, fb in stand_in.items() if fb is not None)
 
 
 SCRIPT = RESOURCES + r"""

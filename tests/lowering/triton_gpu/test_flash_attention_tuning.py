@@ -164,6 +164,11 @@ def test_tune_times_every_bucket_and_the_plan_takes_the_winners():
     assert {s for _, s in m.calls} == set(ft.TUNE_SIZE.values())
     assert entry["t8"]["config"] == "m64n64w4s3tma"
     assert entry["large"]["config"] == "m128n128w4s2tmawslpt"
+    # A WS winner records the fastest passing Triton config, which soft-capped calls run.
+    triton_rows = [r for r in entry["large"]["candidates"]
+                   if "error" not in r and not fc.is_ws(fc.get(r["config"]))]
+    assert entry["large"]["fallback"] == min(triton_rows, key=lambda r: r["ms"])["config"]
+    assert entry["t8"]["fallback"] is None   # a Triton winner needs none
     assert any("out of resources" in c.get("error", "") for c in entry["t8"]["candidates"])
     with tuning.using(tuning.Selector([("tuned", t)])):
         program = lower(attention_graph_bf16())
