@@ -132,12 +132,18 @@ def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None)
             choices = [replace(ch, config=ch.fallback) if ch.fallback else ch for ch in choices]
         variants = [(cond, ch.config)
                     for cond, ch in fat.plan_variants(choices, c.batch, c.seqmax)]
-    for cond, conf in variants:
+    while variants:
+        cond, conf = variants.pop(0)
         (spec,) = fa.aot_specs(c.nh, c.nkv, c.d, c.page, c.dtype, c.mask, config=conf,
                                softcap=c.softcap)
-        kf = sb.kernel(spec)
         # Query blocks x heads x sequences, or one program per SM for a persistent config,
         # which also takes the query blocks of the longest sequence and the sequences.
         grid, tail = fa.plan_launch(spec, c.batch, c.seqmax)
+        if tail and cond is None:
+            # The persistent kernels number the tiles in int32: a call of 2**31 tiles or more
+            # (tens of thousands of sequences) runs the one-tile form of the same config.
+            cond = f"{tail[0]} * {c.nh} * ({c.batch}) < {2 ** 31}"
+            variants.append((None, {k: v for k, v in conf.items()
+                                    if k not in ("PERSISTENT", "name")}))
         with sb.when(cond):
-            sb.launch(kf, grid, args + tail)
+            sb.launch(sb.kernel(spec), grid, args + tail)

@@ -229,13 +229,15 @@ def test_softcap_and_plain_graphs_pick_the_same_configs():
     assert any(fc.is_ws(fc.get(n)) for n in stand_in), "the table has a WS choice here"
     assert all(fb is not None and not fc.is_ws(fb) for n, fb in stand_in.items()
                if fc.is_ws(fc.get(n)))
-    want = []
+    want = set()
     for kind, conf in configs(lower(parse(plain)), False):
         c = json.loads(conf)
         if fc.is_ws(c):
+            if fc.config_tag(c) not in stand_in:
+                continue   # the one-tile form a persistent choice takes past 2**31 tiles
             c = {k: v for k, v in stand_in[fc.config_tag(c)].items() if k != "name"}
-        want.append((kind, json.dumps(c, sort_keys=True)))
-    assert configs(lower(g), True) == sorted(want)
+        want.add((kind, json.dumps(c, sort_keys=True)))
+    assert set(configs(lower(g), True)) == want
     # The stand-in is the table's measured fallback, not the built-in default.
     assert any(fb["name"] != fc.config_tag(fc.default_config(128, 128, "SLIDING_WINDOW_CAUSAL"))
                for n, fb in stand_in.items() if fb is not None)

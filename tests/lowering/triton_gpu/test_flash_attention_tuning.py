@@ -271,6 +271,20 @@ def test_a_persistent_choice_runs_through_the_plan_under_the_interpreter():
     got = ex.execute(*[a.copy() for a in args])[0]
     assert dev.launched == [f"flash_attention_bf16_mask1_{name}"]
     assert grids == [(2 * 8 * 3, 1, 1)]   # 2 query tiles of the longest x 8 heads x 3 sequences
+    # Past 2**31 tiles x heads (the persistent kernels' int32 tile numbers) the plan takes the
+    # one-tile form of the same config.
+    (step,) = [s for s in program.plan.steps if s.op == "flash_attention_ragged"]
+    prefill = [v for v in step.attrs["variants"]
+               if program.kernels[v["ops"][0]["launch"]].name.startswith("flash_attention")]
+    assert prefill[-2]["when"].endswith(f"* 8 * (b) < {2 ** 31}"), prefill[-2]["when"]
+    assert prefill[-1]["when"] is None
+    last = program.kernels[prefill[-1]["ops"][0]["launch"]]
+    assert last.name == "flash_attention_bf16_mask1_m128n128w4s3tmaws"
+    from graphir.runtime.cuda.plan_values import evaluate
+    guard = prefill[-2]["when"]
+    seqmax = re.search(r"cdiv\((rt_seqmax_\w+), 128\)", guard)[1]
+    assert evaluate(guard, {seqmax: 200, "b": 3})
+    assert not evaluate(guard, {seqmax: 128 * 4096, "b": 65536})
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert err < 1e-2, err
