@@ -413,11 +413,29 @@ def plan_launch(spec: KernelSpec, batch: str, seqmax: str) -> tuple[list, list]:
     sequences and the longest sequence's new tokens: (query blocks, heads, sequences) and none
     for the one-tile kernels (grid_rule); one program per SM (at most) and (n_m, n_b) for the
     persistent ones."""
-    bm, nh = spec.constexprs["BLOCK_M"], spec.constexprs["NH"]
-    n_m = f"max(1, cdiv({seqmax}, {bm}))"
+    n_m, tiles = _plan_tiles(spec, batch, seqmax)
     if "n_m" not in spec.signature:
-        return [n_m, nh, batch], []
-    return [f"min({n_m} * {nh} * ({batch}), {NUM_SMS})", 1, 1], [n_m, batch]
+        return [n_m, spec.constexprs["NH"], batch], []
+    return [f"min({tiles}, {NUM_SMS})", 1, 1], [n_m, batch]
+
+
+def tile_bound(spec: KernelSpec, batch: str, seqmax: str) -> str | None:
+    """The plan condition under which a persistent spec's int32 tile numbers (query blocks x
+    heads x sequences) do not wrap; None for the one-tile kernels (no such count)."""
+    if "n_m" not in spec.signature:
+        return None
+    return f"{_plan_tiles(spec, batch, seqmax)[1]} < {2 ** 31}"
+
+
+def _plan_tiles(spec: KernelSpec, batch: str, seqmax: str) -> tuple[str, str]:
+    """(query blocks of the longest sequence, tiles) as plan expressions."""
+    n_m = f"max(1, cdiv({seqmax}, {spec.constexprs['BLOCK_M']}))"
+    return n_m, f"{n_m} * {spec.constexprs['NH']} * ({batch})"
+
+
+def one_tile_config(cfg: dict) -> dict:
+    """A persistent config's one-tile form (the same tiles, one program a tile)."""
+    return {k: v for k, v in cfg.items() if k not in ("PERSISTENT", "name")}
 
 
 def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) -> KernelSpec:

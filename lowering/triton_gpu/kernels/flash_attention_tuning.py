@@ -106,7 +106,9 @@ def tuning_launches(conf: dict, facts: Mapping, size) -> dict:
     if "n_m" not in spec.signature:
         return {"specs": [spec], "ops": [(0, grid, args)], "scratch": []}
     # A persistent config also takes the longest sequence's query blocks and the sequences.
-    ints = {"n_m": cdiv(pb["seq"], spec.constexprs["BLOCK_M"]), "n_b": pb["batch"]}
+    # (n_m as the torch launcher counts it: the one-tile grid's query blocks.)
+    ints = {"n_m": fa.grid_rule(spec.constexprs["BLOCK_M"], 1)(pb["batch"], pb["seq"])[0],
+            "n_b": pb["batch"]}
     return {"specs": [spec], "ops": [(0, grid, args + ["n_m", "n_b"])], "scratch": [],
             "ints": ints}
 

@@ -139,11 +139,11 @@ def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None)
         # Query blocks x heads x sequences, or one program per SM for a persistent config,
         # which also takes the query blocks of the longest sequence and the sequences.
         grid, tail = fa.plan_launch(spec, c.batch, c.seqmax)
-        if tail and cond is None:
-            # The persistent kernels number the tiles in int32: a call of 2**31 tiles or more
-            # (tens of thousands of sequences) runs the one-tile form of the same config.
-            cond = f"{tail[0]} * {c.nh} * ({c.batch}) < {2 ** 31}"
-            variants.append((None, {k: v for k, v in conf.items()
-                                    if k not in ("PERSISTENT", "name")}))
+        bound = fa.tile_bound(spec, c.batch, c.seqmax)
+        if bound and cond is None:
+            # A call of 2**31 tiles or more (tens of thousands of sequences) runs the one-tile
+            # form of the same config: the persistent kernels number the tiles in int32.
+            cond = bound
+            variants.append((None, fa.one_tile_config(conf)))
         with sb.when(cond):
             sb.launch(sb.kernel(spec), grid, args + tail)
