@@ -124,7 +124,11 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
              + (f"s{split}" if split > 1 else ""),
         fn=nib_mma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
         grid=lambda M, N: (cdiv(M, 8 * consts["XN"]), cdiv(N, 32), split), grid_args=("M", "N"),
-        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
+        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"),
+        # GPTQ with zero points, two sets of X rows, split K: uncapped, ptxas settles on 80
+        # registers and parks three values on the stack, reloaded every step; at 96 it keeps
+        # them (the other formats need at most 96 and are left as they compile).
+        maxnreg=96 if fmt == "gptq" and consts["XN"] == 2 else None)
     return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
 
 
@@ -204,9 +208,9 @@ NIB_BUCKETS = (
 )
 # Formats whose GEMV stops short of the buckets' 8 rows and that skip the dot tiles.
 SHORT = {"q6_k": 4}
-# 5-16 rows of 16-bit X on the formats TC_FORMATS names, K a multiple of 128: the tensor-core
-# kernel (quant_nib_tc.py; SPLIT_K 0: tc_split), which replaces the 4-row GEMV programs and the
-# dot tiles there. H200, bf16 X, with X's reorder into planes (XP) in the time (BENCHMARKS.md nib
+# 5-16 rows of 16-bit X on the formats TC_FORMATS names, K a multiple of 128 (since nib round 6,
+# where the warp-MMA kernel does not take K): the tensor-core kernel (quant_nib_tc.py; SPLIT_K
+# 0: tc_split), which replaces the 4-row GEMV programs and the dot tiles there. H200, bf16 X, with X's reorder into planes (XP) in the time (BENCHMARKS.md nib
 # round 4): 14336 x 4096 at 8 / 16 rows Q4_0 25.9 / 28.3 us, Q4_K 32.1 / 33.0 us against cuBLAS
 # bf16's 32.2 / 33.2 us (the GEMV at 4 rows a program took 40 us at 8 rows, the dot tiles 51 us
 # at 16). Triton gives mma.sync below a warpgroup (2 warps), which beat wgmma's wait per dot;
@@ -232,12 +236,13 @@ def tc_takes(fmt: str, dtype: str, k: int) -> bool:
 # rows leave the MMA kernel short of loads in flight); at one row the GEMV wins on both.
 MMA_BUCKET = (8, dict(MMA=1, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
 MMA_MIN_N_AT_2 = 8448       # 2 x 132 programs of 32 rows
-# 9-16 rows on weights of fewer rows than that: the same kernel with two sets of 8 rows of X a
-# program (XN 2, each decoded pair feeding both), where the tensor-core kernel's grid is thin:
-# 4096 x 4096 at 16 rows Q4_0 13.0 against 13.9 us, GPTQ 4-bit 12.9 against 13.8, Q6_K 17.2
-# against 18.3, Q4_K 15.0 against 14.8 (nib round 5, run 23); at 14336 rows the tensor-core
-# kernel stays ahead (Q4_0 27.9 against 30.1 us).
-MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=8, NB=2, SPLIT_K=1, PREFETCH=1, SA=1))
+# 9-16 rows: the same kernel with two sets of 8 rows of X a program (XN 2, each decoded pair
+# feeding both), 4 warps, split K from the grid (mma_split). Since X became one 16-byte load a
+# lane and block (nib round 6), it beats the tensor-core kernel on both weights: 14336 x 4096
+# at 16 rows Q4_0 21.2 against 27.7 us, Q4_K 29.0 against 33.5, Q6_K 35.6 against 49.6;
+# 4096 x 4096 Q4_0 11.7 us (the tensor-core kernel took 13.9 in round 5). The tensor-core
+# kernel keeps the weights whose K is a multiple of 128 but not of 256.
+MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
 
 
 def mma_takes(fmt: str, dtype: str, k: int, c: dict = MMA_BUCKET[1]) -> bool:
@@ -250,7 +255,8 @@ def mma_takes(fmt: str, dtype: str, k: int, c: dict = MMA_BUCKET[1]) -> bool:
 def nib_buckets(fmt: str = "q4_0", dtype: str = "bfloat16", k: int = 4096) -> tuple:
     """The row buckets (largest M, config) of a weight of format fmt over K = k, X of dtype:
     NIB_BUCKETS, with the warp-MMA kernel for 3-8 rows and the tensor-core kernel for 9-16
-    where they take the weight (nib_config gives 2 rows of a large weight to the former)."""
+    where they take the weight (nib_config gives 2 rows of a large weight to the former, and
+    9-16 rows to its two-set form MMA16_BUCKET where that takes K)."""
     mma, tc = mma_takes(fmt, dtype, k), tc_takes(fmt, dtype, k)
     if not (mma or tc):
         return NIB_BUCKETS
@@ -273,12 +279,14 @@ def dot_split(n: int, k: int, bg: int, nj: int) -> int:
     return split
 
 
-def mma_split(n: int, k: int, warps: int, nb: int) -> int:
+def mma_split(n: int, k: int, warps: int, nb: int, xn: int = 1) -> int:
     """Split K until the warp-MMA grid holds ~4 programs an SM (500: 14336 rows, 448 programs,
-    ran best at split 2, 4096 rows at split 4), each warp of a split at least two steps."""
+    ran best at split 2, 4096 rows at split 4), each warp of a split at least two steps. Two
+    sets of X rows a program (xn 2) do twice the MMAs a loaded byte and want fewer programs
+    (400: 14336 rows at split 1, 21.2 against 26.4 us at split 2; 4096 rows at split 4)."""
     tiles = -(-n // 32)
     split = 1
-    while tiles * split < 500 and k // 32 // (2 * split) >= 2 * warps * nb:
+    while tiles * split < (500 if xn == 1 else 400) and k // 32 // (2 * split) >= 2 * warps * nb:
         split *= 2
     return split
 
@@ -302,7 +310,7 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
                      if t is None or (m_max is not None and m_max <= t))
     if top == 2 and n >= MMA_MIN_N_AT_2 and mma_takes(fmt, dtype, k):
         conf = MMA_BUCKET[1]
-    if conf.get("TC") and n < MMA_MIN_N_AT_2 and mma_takes(fmt, dtype, k, MMA16_BUCKET[1]):
+    if conf.get("TC") and mma_takes(fmt, dtype, k, MMA16_BUCKET[1]):
         conf = MMA16_BUCKET[1]
     if fmt in SHORT and (top is None or top > SHORT[fmt]) and not (conf.get("TC")
                                                                     or conf.get("MMA")):
@@ -311,7 +319,8 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
         return dict(conf), 0
     if conf.get("MMA"):
         if conf["SPLIT_K"] == 0:
-            conf = dict(conf, SPLIT_K=mma_split(n, k, conf["num_warps"], conf["NB"]))
+            conf = dict(conf, SPLIT_K=mma_split(n, k, conf["num_warps"], conf["NB"],
+                                                conf.get("XN", 1)))
         return dict(conf), mma_geometry(k, conf["num_warps"], conf["SPLIT_K"], conf["NB"])
     if conf.get("TC"):
         if -(-n // conf["BN"]) < SMS:

@@ -234,12 +234,10 @@ def _tile(wlo, whi, slo, shi, mlo, mhi, clo, chi, xs, acc, DT: tl.constexpr,
 @triton.jit
 def _x(xp, b, DTYPE: tl.constexpr):
     """Block b's X for a lane: four packed pairs of values (i, i + 4), the MMA's right operand
-    (PTX), or the eight values (interpreter); from four 32-bit loads of values (0, 1) .. (6, 7)."""
-    xb = xp + b * 16
-    u01 = tl.load(xb)
-    u23 = tl.load(xb + 1)
-    u45 = tl.load(xb + 2)
-    u67 = tl.load(xb + 3)
+    (PTX), or the eight values (interpreter); from one 16-byte load of values (0, 1) .. (6, 7)
+    split along the axis the lane holds whole (four 32-bit loads cost three more load issues a
+    block, as many as the weight's own)."""
+    u01, u23, u45, u67 = _four(tl.load((xp + b * 16)[:, None] + tl.arange(0, 4)[None, :]))
     pairs = ((u01 & 0xFFFF) | (u45 << 16), (u01 >> 16) | (u45 & 0xFFFF0000),
              (u23 & 0xFFFF) | (u67 << 16), (u23 >> 16) | (u67 & 0xFFFF0000))
     if _ASM:

@@ -175,15 +175,16 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                     if conf.get("MMA"):
                         # 3-8 rows of 16-bit X (2 of a large weight): the warp-MMA kernel,
                         # whole steps of NB blocks a warp in each split, ~4 programs an SM.
-                        # 9-16 rows: two sets of 8 rows a program, on weights of < 8448 rows.
+                        # 9-16 rows: two sets of 8 rows a program, ~3 programs an SM.
                         assert dt != "float32" and (2 < m <= 8 or m == 2 and n >= 8448
-                                                    or 8 < m <= 16 and n < 8448), m
+                                                    or 8 < m <= 16), m
                         assert conf.get("XN", 1) == (2 if m > 8 else 1)
                         step = conf["num_warps"] * conf["NB"]
                         assert (k // 32) % step == 0 and cols % step == 0
                         assert cdiv(k // 32, cols) <= conf["SPLIT_K"]
-                        if k >= 4096 and conf.get("XN", 1) == 1:
-                            assert cdiv(n, 32) * conf["SPLIT_K"] >= min(500, 2 * n // 32)
+                        if k >= 4096:
+                            want = 500 if conf.get("XN", 1) == 1 else 400
+                            assert cdiv(n, 32) * conf["SPLIT_K"] >= min(want, 2 * n // 32)
                         continue
                     nj = conf["NW"] if conf.get("TC") else conf["NJ"]
                     assert (k // 8) % nj == 0 and cols % nj == 0
@@ -193,24 +194,25 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                         # an SM where K allows.
                         assert 4 < (m or 0) <= 16 and dt != "float32" and k % 128 == 0
                         assert m > 8 or k % 256
-                        assert m <= 8 or n >= 8448 or k % 512
+                        assert m <= 8 or k % 256
                         if k >= 4096:
                             assert cdiv(n, conf["BN"]) * conf["SPLIT_K"] >= min(500, 16 * n // 64)
                     elif not conf.get("GEMV") and k >= 4096:
                         # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
                         assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
-    assert qn.nib_config(1, 4096)[0].get("GEMV") and qn.nib_config(16, 4096, 14336)[0].get("TC")
-    assert qn.nib_config(16, 4096)[0].get("XN") == 2 and qn.nib_config(16, 4096, 8448)[0].get("TC")
+    assert qn.nib_config(1, 4096)[0].get("GEMV")
+    assert qn.nib_config(16, 4096, 14336)[0].get("XN") == 2 and qn.nib_config(16, 4096)[0].get("XN") == 2
+    assert qn.nib_config(16, 4096, 14336)[0]["SPLIT_K"] == 1 and qn.nib_config(16, 4096)[0]["SPLIT_K"] == 4
     assert qn.nib_config(2, 4096)[0].get("GEMV") and qn.nib_config(2, 4096, 14336)[0].get("MMA")
     assert qn.nib_config(8, 4096)[0].get("MMA") and qn.nib_config(8, 4096, 4096, "q6_k")[0].get("MMA")
     assert qn.nib_config(8, 4096, 4096, "q4_0", "float32")[0].get("GEMV")
     assert qn.nib_config(16, 4096, 4096, "q4_0", "float32")[0].get("BM") == 16
-    assert qn.nib_config(16, 4096, 14336, "q6_k")[0].get("TC")
+    assert qn.nib_config(16, 4096, 14336, "q6_k")[0].get("MMA")
     assert qn.nib_config(16, 4096, 4096, "q6_k", "float32")[0].get("DEQUANT")
     # K = 4128 (not a multiple of 128): the dot tiles, not the tensor-core kernel; 4224 (not
     # of 256): the GEMV's 4-row programs and the tensor-core kernel, not the warp-MMA kernel.
-    assert not qn.nib_config(16, 4128)[0].get("TC") and qn.nib_config(16, 11008)[0].get("TC")
-    assert qn.nib_config(16, 11264)[0].get("MMA")
+    assert not qn.nib_config(16, 4128)[0].get("TC") and qn.nib_config(16, 11008)[0].get("MMA")
+    assert qn.nib_config(16, 4224)[0].get("TC")
     assert qn.nib_config(4, 4224)[0].get("GEMV") and qn.nib_config(8, 4224)[0].get("TC")
     assert qn.nib_config(8, 11008)[0].get("MMA")
 
@@ -259,27 +261,31 @@ def test_rule_names_the_bad_operand():
         _matmul_rule([x, codes, bad], dict(fmt="q5_0", out=12))
 
 
-@pytest.mark.parametrize("enc,dtype", [("Q4_K", "float32"), ("Q6_K", "bfloat16"),
-                                       ("Q4_0", "bfloat16")])
-def test_compiled_plan_takes_each_row_bucket(enc, dtype):
+@pytest.mark.parametrize("enc,dtype,k", [("Q4_K", "float32", 256), ("Q6_K", "bfloat16", 256),
+                                         ("Q4_0", "bfloat16", 256), ("Q4_0", "bfloat16", 384)])
+def test_compiled_plan_takes_each_row_bucket(enc, dtype, k):
     # One compiled cuda plan of a qmatmul, run by the plan runner with its kernels under the
     # interpreter at a row count of each bucket: the GEMV (1 row, 3 rows in a program, 6 in
-    # two), the dot (10), for 16-bit X the warp-MMA kernel (3 and 6) and the tensor-core
-    # kernel (10: K = 256 is short of the two-set MMA kernel's steps) instead, and the decode
-    # into scratch + the plain matmul (70).
+    # two), the dot (10), for 16-bit X the warp-MMA kernel (3 and 6; 10 in its two-set form)
+    # instead, or, where K is a multiple of 128 but not of 256, the GEMV (3) and the
+    # tensor-core kernel (6, 10); and the decode into scratch + the plain matmul (70).
     from graphir.runtime.interpreter import run
     from tests.lowering.triton_gpu.test_backend_interp import interp_executor
 
     from graphir.dtype import DType, round_to
 
-    g, raw = _qmatmul_graph(enc, 12, 256, dtype)
+    g, raw = _qmatmul_graph(enc, 12, k, dtype)
     ex, dev = interp_executor(g, {"w": raw})
     rng = np.random.default_rng(len(enc))
     tol = 1e-4 if dtype == "float32" else 2e-2     # bf16: the output's and the decode's rounding
-    dot = "_tc_" if dtype != "float32" else "matmul_m16"
-    few = "_mma_" if dtype != "float32" else "gemv_r4"
-    for m, kernel in ((1, "gemv_r1"), (3, few), (6, few), (10, dot), (70, "dequant")):
-        x = round_to(rng.standard_normal((m, 256)), DType[dtype])
+    if dtype == "float32":
+        want_kernels = ("gemv_r1", "gemv_r4", "gemv_r4", "matmul_m16", "dequant")
+    elif k % 256:
+        want_kernels = ("gemv_r1", "gemv_r4", "_tc_", "_tc_", "dequant")
+    else:
+        want_kernels = ("gemv_r1", "_mma_x1", "_mma_x1", "_mma_x2", "dequant")
+    for m, kernel in zip((1, 3, 6, 10, 70), want_kernels):
+        x = round_to(rng.standard_normal((m, k)), DType[dtype])
         dev.launched.clear()
         (got,) = ex.execute(x)
         (want,) = run(g, x, weights={"w": raw})
@@ -296,8 +302,8 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype):
 
 @pytest.mark.parametrize("dtype,after", [("float32", 4), ("bfloat16", 16)])
 def test_plan_variants_end_at_the_decode_path(dtype, after):
-    # Q6_K leaves the nib kernels after 4 rows of float32 X (16 of 16-bit X: the tensor-core
-    # kernel takes 5-16): the plan's variants are the nib buckets, then the decode + matmul
+    # Q6_K leaves the nib kernels after 4 rows of float32 X (16 of 16-bit X: the warp-MMA
+    # kernel takes 3-16): the plan's variants are the nib buckets, then the decode + matmul
     # variants ending with the catch-all, and nothing unreachable after it.
     import graphir.lowering.triton_gpu.backend  # noqa: F401  (registers the cuda lowerings)
     from graphir.lowering.driver import _copy, decompose

@@ -19,9 +19,11 @@ from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 jobs = []
 for fmt in qn.FMT_IDS:
     group = 128 if fmt.startswith("gptq") else 32
-    # 16 rows of a 14336-row weight: the tensor-core kernel (of a 4096-row one: warp MMA).
-    for m, n in ((1, 4096), (4, 4096), (16, 4096), (16, 14336)):
-        conf, _ = qn.nib_config(m, 4096, n, fmt, "bfloat16")
+    # 16 rows: the warp-MMA kernel's two-set form (split 4 for 4096 rows, 1 for 14336); of a
+    # K that is a multiple of 128 but not of 256: the tensor-core kernel.
+    for m, n, k in ((1, 4096, 4096), (4, 4096, 4096), (16, 4096, 4096), (16, 14336, 4096),
+                    (16, 14336, 4224)):
+        conf, _ = qn.nib_config(m, k, n, fmt, "bfloat16")
         if not conf.get("DEQUANT"):
             jobs.append((f"{fmt}/m{m}n{n}", qn.nib_specs(fmt, "bfloat16", conf, group)))
     jobs.append((f"{fmt}/dequant", [qn.nib_dequant_spec(fmt, "bfloat16", 4096, group)]))
@@ -70,10 +72,10 @@ def test_every_nib_kernel_compiles_fits_and_does_not_spill(compiled):
 
 def test_mma_kernel_keeps_its_lane_layout(compiled):
     mma = {k: c for k, c in compiled.items() if "_mma_" in c["name"]}
-    # The variants above and each format's shipped buckets (4 rows; 16 rows of a 4096-row
-    # weight: two sets of 8 rows of X a program).
-    assert len(mma) == 6 + 6 + 6 + 1
-    assert sum("_mma_x2" in c["name"] for c in mma.values()) == 7
+    # The variants above and each format's shipped buckets (4 rows; 16 rows of a 4096- and a
+    # 14336-row weight: two sets of 8 rows of X a program), and float16 X at 16 rows.
+    assert len(mma) == 6 + 6 + 6 + 6 + 1
+    assert sum("_mma_x2" in c["name"] for c in mma.values()) == 13
     for k, c in mma.items():
         xn = 2 if "_mma_x2" in c["name"] else 1
         assert c["mma"] == 8 * xn and c["wgmma"] == 0, k     # 2 blocks x 2 tiles x 2 (x sets)
