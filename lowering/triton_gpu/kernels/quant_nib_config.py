@@ -59,7 +59,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
         fn=nib_gemv_kernel if gemv else nib_matmul_kernel, signature=sig, constexprs=consts,
         num_warps=conf["num_warps"], num_stages=conf.get("num_stages", 1),
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
-        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
+        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "z_ptr", "h_ptr", "c_ptr", "K"))
     return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
 
 
@@ -89,7 +89,7 @@ def _tc_specs(fmt: str, t: str, conf: dict, group: int) -> list:
         fn=nib_tc_kernel, signature=sig, constexprs=consts, num_warps=conf["num_warps"],
         num_stages=conf.get("num_stages", 1),
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
-        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"))
+        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "z_ptr", "h_ptr", "c_ptr", "K"))
     specs = [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
     return ([nib_x_planes_spec(t, conf["NW"])] + specs) if consts["XP"] else specs
 
@@ -124,7 +124,7 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
              + (f"s{split}" if split > 1 else ""),
         fn=nib_mma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
         grid=lambda M, N: (cdiv(M, 8 * consts["XN"]), cdiv(N, 32), split), grid_args=("M", "N"),
-        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "c_ptr", "K"),
+        divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "z_ptr", "h_ptr", "c_ptr", "K"),
         # GPTQ with zero points, two sets of X rows, split K: uncapped, ptxas settles on 80
         # registers and parks three values on the stack, reloaded every step; at 96 it keeps
         # them (the other formats need at most 96 and are left as they compile).
