@@ -236,6 +236,15 @@ def tc_takes(fmt: str, dtype: str, k: int) -> bool:
 # rows leave the MMA kernel short of loads in flight); at one row the GEMV wins on both.
 MMA_BUCKET = (8, dict(MMA=1, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
 MMA_MIN_N_AT_2 = 8448       # 2 x 132 programs of 32 rows
+
+
+def mma_first_row(fmt: str, n: int) -> int:
+    """The fewest rows of X the warp-MMA kernel takes for a weight of n rows in format fmt: 3,
+    2 from MMA_MIN_N_AT_2 rows; one fewer for Q6_K, whose GEMV decodes its high bits apart
+    (nib round 6: 14336 x 4096 at 1-2 rows 22.8 against the GEMV's 26.7 us, 4096 x 4096 at 2
+    rows 11.6 against 13.3 us)."""
+    first = 2 if n >= MMA_MIN_N_AT_2 else 3
+    return first - 1 if fmt == "q6_k" else first
 # 9-16 rows: the same kernel with two sets of 8 rows of X a program (XN 2, each decoded pair
 # feeding both), 4 warps, split K from the grid (mma_split). Since X became one 16-byte load a
 # lane and block (nib round 6), it beats the tensor-core kernel on both weights: 14336 x 4096
@@ -308,7 +317,7 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
     weight of n rows in format fmt and X of dtype."""
     top, conf = next((t, c) for t, c in nib_buckets(fmt, dtype, k)
                      if t is None or (m_max is not None and m_max <= t))
-    if top == 2 and n >= MMA_MIN_N_AT_2 and mma_takes(fmt, dtype, k):
+    if top in (1, 2) and top >= mma_first_row(fmt, n) and mma_takes(fmt, dtype, k):
         conf = MMA_BUCKET[1]
     if conf.get("TC") and mma_takes(fmt, dtype, k, MMA16_BUCKET[1]):
         conf = MMA16_BUCKET[1]

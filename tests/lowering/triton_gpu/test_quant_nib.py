@@ -168,7 +168,8 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
     for m in (1, 2, 3, 16, 64, 65, None):
         for k in (4096, 14336, 11008, 4128, 4224, 352):
             for n in (4096, 14336, 40):
-                for fmt, dt in (("q4_0", "bfloat16"), ("q4_k", "float32"), ("gptq", "float16")):
+                for fmt, dt in (("q4_0", "bfloat16"), ("q4_k", "float32"), ("gptq", "float16"),
+                                ("q6_k", "bfloat16")):
                     conf, cols = qn.nib_config(m, k, n, fmt, dt)
                     if conf.get("DEQUANT"):
                         continue
@@ -176,7 +177,7 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                         # 3-8 rows of 16-bit X (2 of a large weight): the warp-MMA kernel,
                         # whole steps of NB blocks a warp in each split, ~4 programs an SM.
                         # 9-16 rows: two sets of 8 rows a program, ~3 programs an SM.
-                        assert dt != "float32" and (2 < m <= 8 or m == 2 and n >= 8448
+                        assert dt != "float32" and (qn.mma_first_row(fmt, n) <= m <= 8
                                                     or 8 < m <= 16), m
                         assert conf.get("XN", 1) == (2 if m > 8 else 1)
                         step = conf["num_warps"] * conf["NB"]
@@ -206,6 +207,10 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
     assert qn.nib_config(2, 4096)[0].get("GEMV") and qn.nib_config(2, 4096, 14336)[0].get("MMA")
     assert qn.nib_config(8, 4096)[0].get("MMA") and qn.nib_config(8, 4096, 4096, "q6_k")[0].get("MMA")
     assert qn.nib_config(8, 4096, 4096, "q4_0", "float32")[0].get("GEMV")
+    # Q6_K takes the warp-MMA kernel one row sooner (its GEMV decodes the high bits apart).
+    assert qn.nib_config(1, 4096, 14336, "q6_k")[0].get("MMA") and qn.nib_config(1, 4096, 4096, "q6_k")[0].get("GEMV")
+    assert qn.nib_config(2, 4096, 4096, "q6_k")[0].get("MMA")
+    assert qn.nib_config(1, 4096, 14336, "q6_k", "float32")[0].get("GEMV")
     assert qn.nib_config(16, 4096, 4096, "q4_0", "float32")[0].get("BM") == 16
     assert qn.nib_config(16, 4096, 14336, "q6_k")[0].get("MMA")
     assert qn.nib_config(16, 4096, 4096, "q6_k", "float32")[0].get("DEQUANT")
