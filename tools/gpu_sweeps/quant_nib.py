@@ -198,8 +198,15 @@ def mma_confs():
                 for w, b, s, p in ((2, 2, 1, 1), (1, 1, 2, 0))]
     # Round 5 also timed the words of each block of eight row groups stored together (one
     # 512-byte load a warp): 3% faster, not worth a second layout.
+    # Round 6 adds four blocks a step (twice the loads in flight a warp).
     return [dict(MMA=1, num_warps=w, NB=b, SPLIT_K=s, PREFETCH=p)
-            for w, b, s, p in itertools.product((4, 8), (1, 2), (1, 2, 4), (1, 2))]
+            for w, b, s, p in itertools.product((2, 4, 8), (1, 2, 4), (1, 2, 4), (1, 2))
+            if k_ok(w, b, s)]
+
+
+def k_ok(w, b, s):
+    """Whether K = 4096 gives each warp of each split at least two steps."""
+    return 4096 // 32 // s >= 2 * w * b
 
 
 def bucket_jobs(fmt, N, K):

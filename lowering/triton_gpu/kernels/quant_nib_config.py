@@ -109,8 +109,8 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
                          f"got {fmt} with {t}")
     split, warps = conf["SPLIT_K"], conf["num_warps"]
     nb = conf.get("NB", 1)
-    if nb not in (1, 2):
-        raise ValueError(f"nib warp-MMA kernel: NB must be 1 or 2, got {nb}")
+    if nb not in (1, 2, 4):
+        raise ValueError(f"nib warp-MMA kernel: NB must be 1, 2 or 4, got {nb}")
     consts = dict(FMT=_fmt_id(fmt), GROUP=group, DT={"bf16": 1, "fp16": 2}[t],
                   WARPS=warps, NB=nb, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)),
                   SA=int(conf.get("SA", 1)), XN=int(conf.get("XN", 1)))
@@ -125,10 +125,10 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
         fn=nib_mma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
         grid=lambda M, N: (cdiv(M, 8 * consts["XN"]), cdiv(N, 32), split), grid_args=("M", "N"),
         divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "z_ptr", "h_ptr", "c_ptr", "K"),
-        # GPTQ with zero points, two sets of X rows, split K: uncapped, ptxas settles on 80
-        # registers and parks three values on the stack, reloaded every step; at 96 it keeps
-        # them (the other formats need at most 96 and are left as they compile).
-        maxnreg=96 if fmt == "gptq" and consts["XN"] == 2 else None)
+        # GPTQ with zero points, two sets of X rows, two blocks a step: uncapped, ptxas settles
+        # on 80 registers and parks three values on the stack, reloaded every step; at 96 it
+        # keeps them (the other formats, and four blocks a step, are left as they compile).
+        maxnreg=96 if fmt == "gptq" and consts["XN"] == 2 and nb == 2 else None)
     return [main] if split == 1 else [main, splitk_reduce_spec("nib", t, split)]
 
 
@@ -236,6 +236,11 @@ def tc_takes(fmt: str, dtype: str, k: int) -> bool:
 # rows leave the MMA kernel short of loads in flight); at one row the GEMV wins on both.
 MMA_BUCKET = (8, dict(MMA=1, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
 MMA_MIN_N_AT_2 = 8448       # 2 x 132 programs of 32 rows
+# Weights of fewer rows (fewer than two programs an SM): 8 warps a program, four blocks a step
+# each, K not split, where K is a multiple of 1024 (nib round 6, run 8, 4096 x 4096: 4 rows Q4_0
+# 8.6 against 9.5 us, Q4_K 9.6 against 10.7, Q6_K 10.5 against 11.3; 16 rows, two sets, Q4_0
+# 10.9 against 11.9, Q4_K 12.4 against 13.1, but Q6_K 13.9 against 13.6: it keeps the default).
+MMA_SMALL = dict(num_warps=8, NB=4, SPLIT_K=1)
 
 
 def mma_first_row(fmt: str, n: int) -> int:
@@ -327,6 +332,10 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
     if conf.get("DEQUANT"):
         return dict(conf), 0
     if conf.get("MMA"):
+        small = dict(conf, **MMA_SMALL)
+        if n < MMA_MIN_N_AT_2 and mma_takes(fmt, dtype, k, small) \
+                and not (fmt == "q6_k" and conf.get("XN", 1) == 2):
+            conf = small
         if conf["SPLIT_K"] == 0:
             conf = dict(conf, SPLIT_K=mma_split(n, k, conf["num_warps"], conf["NB"],
                                                 conf.get("XN", 1)))

@@ -278,10 +278,15 @@ def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: 
 @triton.jit
 def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
                 GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr, XN: tl.constexpr):
-    """The loads of blocks b .. b + NB - 1 (NB 1 or 2)."""
+    """The loads of blocks b .. b + NB - 1 (NB 1, 2 or 4)."""
     f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE, XN)
-    if NB == 2:
-        out = (f0, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE, XN))
+    if NB >= 2:
+        f1 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE, XN)
+    if NB == 4:
+        out = (f0, f1, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 2, sub, nblk, FMT, GROUP, DTYPE, XN),
+               _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 3, sub, nblk, FMT, GROUP, DTYPE, XN))
+    elif NB == 2:
+        out = (f0, f1)
     else:
         out = (f0,)
     return out

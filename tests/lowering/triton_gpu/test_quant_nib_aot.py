@@ -7,6 +7,8 @@ the tensor-core kernel (16-bit X, 5-16 rows) multiply on tensor cores. The warp-
 layout (lane p of the tensor in lane p % 32 of warp p // 32) and no layout conversion or shared
 memory inside its loop: its inline MMA depends on that placement."""
 
+import re
+
 import pytest
 
 from tests.lowering.triton_gpu.test_aot_cubin import PARALLEL, RESOURCES, run_compiled_mode
@@ -77,9 +79,9 @@ def test_mma_kernel_keeps_its_lane_layout(compiled):
     assert len(mma) == 6 + 6 + 6 + 6 + 1
     assert sum("_mma_x2" in c["name"] for c in mma.values()) == 13
     for k, c in mma.items():
-        xn = 2 if "_mma_x2" in c["name"] else 1
-        assert c["mma"] == 8 * xn and c["wgmma"] == 0, k     # 2 blocks x 2 tiles x 2 (x sets)
-        assert c["packed"] == 32, k    # 8 pairs a tile and block (symmetric ones: exact codes)
+        xn, nb = (int(v) for v in re.search(r"_mma_x(\d)b(\d)", c["name"]).groups())
+        assert c["mma"] == 4 * nb * xn and c["wgmma"] == 0, k     # blocks x 2 tiles x 2 (x sets)
+        assert c["packed"] == 16 * nb, k    # 8 pairs a tile and block (symmetric: exact codes)
         assert c["loop_converts"] == 0 and c["lane_layout"], k
         assert c["shared"] <= 2048, k       # the warps' final sum only
 

@@ -33,6 +33,7 @@ def launch_mma(x, ops, fmt, n, conf, group):
     ("gptq", 64, torch.float16, 5, 1, 2, 2, 1, 1),
     ("gptq_sym", 128, torch.bfloat16, 19, 2, 1, 1, 1, 2),
     ("q6_k", 32, torch.bfloat16, 2, 2, 2, 1, 1, 1),
+    ("q4_k", 32, torch.float16, 2, 1, 4, 2, 1, 1),
 ])
 def test_mma_matches_product(fmt, group, dtype, m, warps, nb, split, sa, xn):
     rng = np.random.default_rng(len(fmt) * 11 + m)
@@ -57,8 +58,8 @@ def test_mma_refuses_what_it_cannot_take():
         qn.nib_specs("q5_k", "bfloat16", conf)
     with pytest.raises(ValueError, match="fp32"):
         qn.nib_specs("q4_0", "float32", conf)
-    with pytest.raises(ValueError, match="NB must be 1 or 2"):
-        qn.nib_specs("q4_0", "bfloat16", dict(conf, NB=4))
+    with pytest.raises(ValueError, match="NB must be 1, 2 or 4"):
+        qn.nib_specs("q4_0", "bfloat16", dict(conf, NB=3))
     with pytest.raises(ValueError, match="XN must be 1 or 2"):
         qn.nib_specs("q4_0", "bfloat16", dict(conf, XN=3))
     with pytest.raises(ValueError, match="K=4128 must be a multiple of 32 x 2 warps x 1"):
