@@ -129,6 +129,7 @@ GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
 MMA_GRID = "--mma" in sys.argv
+BLK_GRID = "--blk" in sys.argv
 BUCKETS_ONLY = "--buckets" in sys.argv
 # --once FMT,N,M[,CONF]: the shipped bucket of that format, weight N x 4096 and row count (or the
 # config CONF, "MMA=1;num_warps=8;..."), checked and run a few times with no timing (for ncu:
@@ -209,6 +210,16 @@ def k_ok(w, b, s):
     return 4096 // 32 // s >= 2 * w * b
 
 
+def blk_confs():
+    """The one-row GEMV a block a lane (kernels/quant_nib.py nib_gemv_block_kernel): a lane's
+    block of each of BG row groups, NJ / 4 blocks a step over the program's warps."""
+    if DRY:
+        return [dict(GEMV=1, BLK=1, BG=1, NJ=16, num_warps=1, SPLIT_K=1)]
+    return [dict(GEMV=1, BLK=1, BG=bg, NJ=nj, num_warps=w, SPLIT_K=1)
+            for bg, nj, w in itertools.product((1, 2), (128, 256, 512), (1, 2, 4))
+            if 128 * w <= nj <= 256 * w]
+
+
 def bucket_jobs(fmt, N, K):
     """The shipped bucket configs (kernels/quant_nib_config.NIB_BUCKETS) at every M of MS."""
     from graphir.lowering.triton_gpu.kernels.quant_nib_config import nib_config
@@ -225,6 +236,8 @@ def label(c):
     if c.get("TC"):
         return (f"tc n{c['BN']}j{c['NW']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}x{c.get('XP', 0)}")
+    if c.get("BLK"):
+        return f"gemvblk g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
     if c.get("GEMV"):
         return (f"gemv r{c.get('ROWS', 1)}g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}")
@@ -344,7 +357,12 @@ def main() -> None:
         err = _kernels.rel_err(out[:, :wt.shape[0]].float(), x.float() @ torch.from_numpy(wt).to(DEV).t())
         print(f"{label(conf)} rel err {err:.1e}")
         return
-    if BUCKETS_ONLY:
+    if BLK_GRID:
+        # The block GEMV's grid at one row on every format and weight, beside the shipped bucket.
+        run([(f, N, K, 1, c) for N, K in SHAPES for f in FMTS
+             for c in blk_confs() + [bucket_jobs(f, N, K)[0][4]]], copy_gbs, results, weights, peer)
+        first = []
+    elif BUCKETS_ONLY:
         # The shipped buckets alone, every format and weight.
         run([j for N, K in SHAPES for f in FMTS for j in bucket_jobs(f, N, K)], copy_gbs,
             results, weights, peer)
@@ -384,7 +402,7 @@ def main() -> None:
     run(first, copy_gbs, results, weights, peer)
     top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
     jobs = []
-    for N, K in SHAPES if not (TC_GRID or MMA_GRID or BUCKETS_ONLY) else ():
+    for N, K in SHAPES if not (TC_GRID or MMA_GRID or BUCKETS_ONLY or BLK_GRID) else ():
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
             jobs += [(fmt, N, K, m, c) for m in MS[1:5] for c in top[m]]

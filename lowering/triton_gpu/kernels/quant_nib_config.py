@@ -2,7 +2,8 @@
 tile a bucket of X's row count takes, measured on the H200 (tools/gpu_sweeps/quant_nib.py)."""
 from __future__ import annotations
 
-from .quant_nib import nib_dequant_kernel, nib_gemv_kernel, nib_matmul_kernel
+from .quant_nib import (nib_dequant_kernel, nib_gemv_block_kernel, nib_gemv_kernel,
+                        nib_matmul_kernel)
 from .quant_nib_mma import nib_mma_kernel
 from .quant_nib_tc import nib_tc_kernel, nib_x_planes_kernel
 
@@ -28,7 +29,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     """The GEMV (conf["GEMV"]) or dot kernel for a nib weight of format `fmt` and X of `dtype`
     and, when the config splits K, the reduce of its fp32 partials. conf: BG (groups of four
     rows), NJ (word columns a step), SPLIT_K, num_warps, PREFETCH (0 or 1; GEMV also 2), and
-    BM / num_stages (dot)."""
+    BM / num_stages (dot); BLK 1: the one-row GEMV a block a lane (nib_gemv_block_kernel)."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv, triton_dtype
 
@@ -41,9 +42,16 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     bm = conf.get("ROWS", 1) if gemv else conf["BM"]
     if gemv and bm not in (1, 2, 4):
         raise ValueError(f"nib GEMV: ROWS must be 1, 2 or 4, got {bm}")
+    blk = gemv and bool(conf.get("BLK"))
+    if blk and (bm != 1 or conf["NJ"] % 4):
+        raise ValueError(f"nib block GEMV: one row and whole blocks a step (NJ % 4 == 0), got "
+                         f"ROWS={bm}, NJ={conf['NJ']}")
     bn = 4 * conf["BG"]
     consts = dict(FMT=_fmt_id(fmt), GROUP=group)
-    if gemv:
+    if blk:
+        consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
+                      SPLIT_K=split)
+    elif gemv:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)), ROWS=bm)
     else:
@@ -52,11 +60,13 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
-    tag = (f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
+    tag = (f"gemvblk_g{conf['BG']}j{conf['NJ']}" if blk else
+           f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
            if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
     main = KernelSpec(
         name=f"nib_{fmt}_{tag}_{t}_w{conf['num_warps']}" + (f"s{split}" if split > 1 else ""),
-        fn=nib_gemv_kernel if gemv else nib_matmul_kernel, signature=sig, constexprs=consts,
+        fn=nib_gemv_block_kernel if blk else nib_gemv_kernel if gemv else nib_matmul_kernel,
+        signature=sig, constexprs=consts,
         num_warps=conf["num_warps"], num_stages=conf.get("num_stages", 1),
         grid=lambda M, N: (cdiv(M, bm), cdiv(N, bn), split), grid_args=("M", "N"),
         divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "z_ptr", "h_ptr", "c_ptr", "K"))

@@ -116,6 +116,22 @@ def test_gemv_matches_product(fmt, group, dtype, rows):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("dtype,split", [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_block_gemv_matches_product(fmt, group, dtype, split):
+    # The one-row GEMV a block a lane (each block's terms applied once to its chained products):
+    # 3 rows of X (a program each), ragged N, K split in two.
+    rng = np.random.default_rng(hash((fmt, str(dtype), 7)) % 2**32)
+    n, k, m = (40 if fmt.startswith("gptq") else 37), 512, 3
+    ops, w = weight_for(rng, fmt, n, k, group)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
+    conf = dict(GEMV=1, BLK=1, BG=2, NJ=16, num_warps=1, SPLIT_K=split)
+    got = launch(x, ops, fmt, n, conf, group)
+    want = x.double().numpy() @ w.astype(np.float64).T
+    tol = 1e-5 if dtype == torch.float32 else 1e-2      # the output's rounding only
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
 @pytest.mark.parametrize("fmt,group", [("q4_k", 32), ("gptq", 64), ("q6_k", 32)])
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_gemv_split_k_and_a_shrunk_tile(fmt, group, prefetch):
