@@ -207,15 +207,23 @@ def nib_dequant_spec(fmt: str, dtype: str, k: int, group: int = 32):
 # 9-16 rows. Past that, and for q6_k past 4 rows (its dot ran at 0.26x cuBLAS at 8 rows), the
 # weight is decoded once into X's dtype (nib_dequant_kernel) for the plain matmul (its tuned tiles
 # or cuBLASLt): at 64 rows the dot tiles only tied with that, at 512 they ran at 0.13-0.29x
-# cuBLAS, decoding every weight tile once per row tile of X.
+# cuBLAS, decoding every weight tile once per row tile of X. One row: the GEMV a block a lane
+# (nib round 6, run 10: 14336 x 4096 Q4_0 13.2 against the word-a-lane GEMV's 14.6 us, Q4_K 15.8
+# against 20.0, GPTQ 4-bit 13.2 against 15.2; 4096 x 4096 with BLK_SMALL Q4_K 6.8 against 7.8,
+# Q4_0 6.3 against 6.2).
 NIB_BUCKETS = (
-    (1, dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)),
+    (1, dict(GEMV=1, BLK=1, BG=1, NJ=128, num_warps=1, SPLIT_K=1)),
     (2, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=2)),
     (4, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),
     (8, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),
     (16, dict(BM=16, BG=16, NJ=16, num_warps=4, num_stages=1, SPLIT_K=0, PREFETCH=1)),
     (None, dict(DEQUANT=1)),
 )
+# The one-row block GEMV on weights of fewer than MMA_MIN_N_AT_2 rows: 2 warps of 64 blocks a step
+# (4096 x 4096: Q4_K 6.8 against 7.3 us for the default tile, GPTQ 4-bit 6.1 against 6.6).
+BLK_SMALL = dict(NJ=256, num_warps=2)
+# The word-a-lane one-row GEMV (the bucket before the block GEMV).
+WORD_GEMV = dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)
 # Formats whose GEMV stops short of the buckets' 8 rows and that skip the dot tiles.
 SHORT = {"q6_k": 4}
 # 5-16 rows of 16-bit X on the formats TC_FORMATS names, K a multiple of 128 (since nib round 6,
@@ -334,6 +342,14 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
                      if t is None or (m_max is not None and m_max <= t))
     if top in (1, 2) and top >= mma_first_row(fmt, n) and mma_takes(fmt, dtype, k):
         conf = MMA_BUCKET[1]
+    if conf.get("BLK") and n < MMA_MIN_N_AT_2:
+        conf = dict(conf, **BLK_SMALL)
+    if conf.get("BLK") and gemv_geometry(k, conf["NJ"], 1)[0] < conf["NJ"]:
+        # K's word columns do not take the tile whole (K = 11008: 32 a step): fewer blocks
+        # than lanes would repeat each block's work on several lanes; the word-a-lane GEMV
+        # (measured before the block GEMV at every K) takes the row.
+        conf = dict(conf, NJ=128, num_warps=1) if gemv_geometry(k, 128, 1)[0] == 128 \
+            else dict(WORD_GEMV)
     if conf.get("TC") and mma_takes(fmt, dtype, k, MMA16_BUCKET[1]):
         conf = MMA16_BUCKET[1]
     if fmt in SHORT and (top is None or top > SHORT[fmt]) and not (conf.get("TC")

@@ -220,7 +220,9 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                     elif not conf.get("GEMV") and k >= 4096:
                         # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
                         assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
-    assert qn.nib_config(1, 4096)[0].get("GEMV")
+    assert qn.nib_config(1, 4096)[0].get("BLK") and qn.nib_config(1, 4096, 14336)[0]["num_warps"] == 1
+    # K = 11008 (32 word columns a step): fewer blocks than lanes, so the word-a-lane GEMV.
+    assert qn.nib_config(1, 11008)[0].get("GEMV") and not qn.nib_config(1, 11008)[0].get("BLK")
     assert qn.nib_config(16, 4096, 14336)[0].get("XN") == 2 and qn.nib_config(16, 4096)[0].get("XN") == 2
     assert qn.nib_config(16, 4096, 14336)[0]["SPLIT_K"] == 1 and qn.nib_config(16, 4096)[0]["NB"] == 4
     assert qn.nib_config(16, 4096, 4096, "q6_k")[0]["SPLIT_K"] == 4
@@ -323,6 +325,26 @@ def test_compiled_plan_takes_each_row_bucket(enc, dtype, k):
             assert any(k.startswith("nib_x_planes_") for k in dev.launched), dev.launched
         if kernel == "dequant":
             assert any(k.startswith(("matmul_", "cublaslt_")) for k in dev.launched), dev.launched
+
+
+@pytest.mark.parametrize("enc", ["Q4_K", "Q6_K"])
+def test_compiled_plan_takes_the_block_gemv_for_one_row(enc):
+    # One row of X over K = 1024 (128 word columns: the block GEMV's tile whole), through the
+    # compiled cuda plan under the interpreter.
+    from graphir.runtime.interpreter import run
+    from tests.lowering.triton_gpu.test_backend_interp import interp_executor
+
+    from graphir.dtype import DType, round_to
+
+    g, raw = _qmatmul_graph(enc, 12, 1024, "bfloat16")
+    ex, dev = interp_executor(g, {"w": raw})
+    x = round_to(np.random.default_rng(5).standard_normal((1, 1024)), DType.bfloat16)
+    (got,) = ex.execute(x)
+    (want,) = run(g, x, weights={"w": raw})
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    assert [k for k in dev.launched if k.startswith(f"nib_{enc.lower()}_")][0].startswith(
+        f"nib_{enc.lower()}_gemvblk_"), dev.launched
 
 
 @pytest.mark.parametrize("dtype,after", [("float32", 4), ("bfloat16", 16)])

@@ -88,7 +88,7 @@ def test_mma_kernel_keeps_its_lane_layout(compiled):
 
 def test_gemv_decodes_on_the_fma_pipe_and_dot_on_tensor_cores(compiled):
     gemv = {k: c for k, c in compiled.items()
-            if "_gemv_" in c["name"] or "_dequant_" in c["name"]}
+            if "_gemv_" in c["name"] or "_gemvblk_" in c["name"] or "_dequant_" in c["name"]}
     dot = {k: c for k, c in compiled.items() if "_matmul_" in c["name"] or "_tc_" in c["name"]
            or "_mma_" in c["name"]}
     assert gemv and dot and any("_tc_" in c["name"] for c in dot.values())
