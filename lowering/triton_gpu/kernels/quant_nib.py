@@ -200,13 +200,13 @@ def _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split, FMT: tl.constexpr,
 
 
 @triton.jit
-def _row_step(acc, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7, s, m,
-              DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
-    """acc + this step's products for one row of X (its octets at xp) with the decoded planes
-    q (and q6_k's crumbs c): one FMA chain per word, X of nibble q pre-scaled by 16**-q once
-    for four weight rows."""
+def _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7,
+               DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
+    """t + the products of one word's decoded planes q (and q6_k's crumbs c) with the X octet at
+    xp: one FMA chain, X of nibble q pre-scaled by 16**-q once for four weight rows; and the
+    octet's sum where the format's offset needs it (the octet's first value otherwise, unread)."""
     x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp, DT)
-    t = q0 * x0[:, :, None]
+    t = tl.fma(q0, x0[:, :, None], t)
     t = tl.fma(q1, (x1 * 0.0625)[:, :, None], t)
     t = tl.fma(q2, (x2 * 0.00390625)[:, :, None], t)
     t = tl.fma(q3, (x3 * 0.000244140625)[:, :, None], t)
@@ -224,9 +224,22 @@ def _row_step(acc, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c
         t = tl.fma(c5, (x5 * 0.015625)[:, :, None], t)
         t = tl.fma(c6, (x6 * 0.00390625)[:, :, None], t)
         t = tl.fma(c7, (x7 * 0.0009765625)[:, :, None], t)
-    acc = tl.fma(s, t, acc)
     if OFF == 0 and FMT != 5:
         xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    else:
+        xs = x0
+    return t, xs
+
+
+@triton.jit
+def _row_step(acc, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7, s, m,
+              DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
+    """acc + this step's products for one row of X (its octets at xp) with the decoded planes
+    q (and q6_k's crumbs c), scaled by the block's terms."""
+    t, xs = _octet_dot(tl.zeros_like(q0), xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3,
+                       c4, c5, c6, c7, DT, FMT, OFF)
+    acc = tl.fma(s, t, acc)
+    if OFF == 0 and FMT != 5:
         acc = tl.fma(m, xs[:, :, None], acc)
     return acc
 
@@ -345,30 +358,27 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_
 
 @triton.jit
 def _word_dot(t, xs, words, h, xp, DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
-    """t + one code word's products with its X octet (at xp), as _row_step's chain, and xs +
-    the octet's sum where the format's offset needs it; h: q6_k's crumbs of the word (shifted
-    to bit 0), unread otherwise."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp, DT)
+    """t + one code word's products with its X octet (at xp), decoded here (the block GEMV's
+    lane has the word alone), and xs + the octet's sum where the format's offset needs it; h:
+    q6_k's crumbs of the word (shifted to bit 0), unread otherwise."""
     hi = words >> 16
-    t = tl.fma(_plane(words, 0, OFF), x0[:, :, None], t)
-    t = tl.fma(_plane(words, 1, OFF), (x1 * 0.0625)[:, :, None], t)
-    t = tl.fma(_plane(words, 2, OFF), (x2 * 0.00390625)[:, :, None], t)
-    t = tl.fma(_plane(words, 3, OFF), (x3 * 0.000244140625)[:, :, None], t)
-    t = tl.fma(_plane(hi, 0, OFF), x4[:, :, None], t)
-    t = tl.fma(_plane(hi, 1, OFF), (x5 * 0.0625)[:, :, None], t)
-    t = tl.fma(_plane(hi, 2, OFF), (x6 * 0.00390625)[:, :, None], t)
-    t = tl.fma(_plane(hi, 3, OFF), (x7 * 0.000244140625)[:, :, None], t)
+    q0 = _plane(words, 0, OFF)
+    q1 = _plane(words, 1, OFF)
+    q2 = _plane(words, 2, OFF)
+    q3 = _plane(words, 3, OFF)
+    q4 = _plane(hi, 0, OFF)
+    q5 = _plane(hi, 1, OFF)
+    q6 = _plane(hi, 2, OFF)
+    q7 = _plane(hi, 3, OFF)
     if FMT == 5:
-        t = tl.fma(_crumb(h, 0), (x0 * 16.0)[:, :, None], t)
-        t = tl.fma(_crumb(h, 1), (x1 * 4.0)[:, :, None], t)
-        t = tl.fma(_crumb(h, 2), x2[:, :, None], t)
-        t = tl.fma(_crumb(h, 3), (x3 * 0.25)[:, :, None], t)
-        t = tl.fma(_crumb(h, 4), (x4 * 0.0625)[:, :, None], t)
-        t = tl.fma(_crumb(h, 5), (x5 * 0.015625)[:, :, None], t)
-        t = tl.fma(_crumb(h, 6), (x6 * 0.00390625)[:, :, None], t)
-        t = tl.fma(_crumb(h, 7), (x7 * 0.0009765625)[:, :, None], t)
-    if OFF == 0 and FMT != 5:
-        xs = xs + (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))
+        t, _ = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, _crumb(h, 0), _crumb(h, 1),
+                          _crumb(h, 2), _crumb(h, 3), _crumb(h, 4), _crumb(h, 5), _crumb(h, 6),
+                          _crumb(h, 7), DT, FMT, OFF)
+    else:
+        t, xo = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, q0, q0, q0, q0, q0, q0, q0, q0,
+                           DT, FMT, OFF)
+        if OFF == 0:
+            xs = xs + xo
     return t, xs
 
 
