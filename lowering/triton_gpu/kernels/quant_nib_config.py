@@ -228,9 +228,9 @@ WORD_GEMV = dict(GEMV=1, BG=1, NJ=128, num_warps=2, SPLIT_K=1, PREFETCH=1)
 SHORT = {"q6_k": 4}
 # 5-16 rows of 16-bit X on the formats TC_FORMATS names, K a multiple of 128 (since nib round 6,
 # where the warp-MMA kernel does not take K): the tensor-core kernel (quant_nib_tc.py; SPLIT_K
-# 0: tc_split), which replaces the 4-row GEMV programs and the dot tiles there. H200, bf16 X, with X's reorder into planes (XP) in the time (BENCHMARKS.md nib
-# round 4): 14336 x 4096 at 8 / 16 rows Q4_0 25.9 / 28.3 us, Q4_K 32.1 / 33.0 us against cuBLAS
-# bf16's 32.2 / 33.2 us (the GEMV at 4 rows a program took 40 us at 8 rows, the dot tiles 51 us
+# 0: tc_split), which replaces the 4-row GEMV programs and the dot tiles there. H200, bf16 X,
+# with X's reorder into planes (XP) in the time (BENCHMARKS.md nib round 4): 14336 x 4096 at 8 /
+# 16 rows Q4_0 25.9 / 28.3 us, Q4_K 32.1 / 33.0 us against cuBLAS bf16's 32.2 / 33.2 us (the GEMV at 4 rows a program took 40 us at 8 rows, the dot tiles 51 us
 # at 16). Triton gives mma.sync below a warpgroup (2 warps), which beat wgmma's wait per dot;
 # PREFETCH 1 (the affine terms a step ahead) gained 10% on Q4_K, cost 0-4% on Q4_0. Weights
 # whose 64-row tiles number fewer than the SMs take 32-row tiles (4096 x 4096: 13.8 against
@@ -264,8 +264,8 @@ MMA_SMALL = dict(num_warps=8, NB=4, SPLIT_K=1)
 def mma_first_row(fmt: str, n: int) -> int:
     """The fewest rows of X the warp-MMA kernel takes for a weight of n rows in format fmt: 3,
     2 from MMA_MIN_N_AT_2 rows; one fewer for Q6_K, whose GEMV decodes its high bits apart
-    (nib round 6: 14336 x 4096 at 1-2 rows 22.8 against the GEMV's 26.7 us, 4096 x 4096 at 2
-    rows 11.6 against 13.3 us)."""
+    (nib round 6: 14336 x 4096 at 1-2 rows 22.8 against the word GEMV's 26.7 us and the block
+    GEMV's 23.5, 4096 x 4096 at 2 rows 11.6 against 13.3 us)."""
     first = 2 if n >= MMA_MIN_N_AT_2 else 3
     return first - 1 if fmt == "q6_k" else first
 # 9-16 rows: the same kernel with two sets of 8 rows of X a program (XN 2, each decoded pair

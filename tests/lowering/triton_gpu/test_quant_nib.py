@@ -220,17 +220,20 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                     elif not conf.get("GEMV") and k >= 4096:
                         # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
                         assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
-    assert qn.nib_config(1, 4096)[0].get("BLK") and qn.nib_config(1, 4096, 14336)[0]["num_warps"] == 1
+    assert qn.nib_config(1, 4096)[0].get("BLK")
+    assert qn.nib_config(1, 4096, 14336)[0]["num_warps"] == 1
     # K = 11008 (32 word columns a step): fewer blocks than lanes, so the word-a-lane GEMV.
     assert qn.nib_config(1, 11008)[0].get("GEMV") and not qn.nib_config(1, 11008)[0].get("BLK")
-    assert qn.nib_config(16, 4096, 14336)[0].get("XN") == 2 and qn.nib_config(16, 4096)[0].get("XN") == 2
-    assert qn.nib_config(16, 4096, 14336)[0]["SPLIT_K"] == 1 and qn.nib_config(16, 4096)[0]["NB"] == 4
+    assert qn.nib_config(16, 4096, 14336)[0].get("XN") == 2
+    assert qn.nib_config(16, 4096)[0].get("XN") == 2 and qn.nib_config(16, 4096)[0]["NB"] == 4
+    assert qn.nib_config(16, 4096, 14336)[0]["SPLIT_K"] == 1
     assert qn.nib_config(16, 4096, 4096, "q6_k")[0]["SPLIT_K"] == 4
     assert qn.nib_config(2, 4096)[0].get("GEMV") and qn.nib_config(2, 4096, 14336)[0].get("MMA")
     assert qn.nib_config(8, 4096)[0].get("MMA") and qn.nib_config(8, 4096, 4096, "q6_k")[0].get("MMA")
     assert qn.nib_config(8, 4096, 4096, "q4_0", "float32")[0].get("GEMV")
     # Q6_K takes the warp-MMA kernel one row sooner (its GEMV decodes the high bits apart).
-    assert qn.nib_config(1, 4096, 14336, "q6_k")[0].get("MMA") and qn.nib_config(1, 4096, 4096, "q6_k")[0].get("GEMV")
+    assert qn.nib_config(1, 4096, 14336, "q6_k")[0].get("MMA")
+    assert qn.nib_config(1, 4096, 4096, "q6_k")[0].get("GEMV")
     assert qn.nib_config(2, 4096, 4096, "q6_k")[0].get("MMA")
     assert qn.nib_config(1, 4096, 14336, "q6_k", "float32")[0].get("GEMV")
     assert qn.nib_config(16, 4096, 4096, "q4_0", "float32")[0].get("BM") == 16
