@@ -116,8 +116,10 @@ def test_gemv_matches_product(fmt, group, dtype, rows):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-@pytest.mark.parametrize("fmt,group", CASES)
-@pytest.mark.parametrize("dtype,split", [(torch.float32, 1), (torch.bfloat16, 2)])
+@pytest.mark.parametrize("fmt,group,dtype,split", [
+    ("q4_0", 32, torch.float32, 1), ("q4_1", 32, torch.bfloat16, 2),
+    ("q4_k", 32, torch.bfloat16, 2), ("gptq", 64, torch.float32, 2),
+    ("gptq_sym", 128, torch.float16, 1), ("q6_k", 32, torch.float32, 2)])
 def test_block_gemv_matches_product(fmt, group, dtype, split):
     # The one-row GEMV a block a lane (each block's terms applied once to its chained products):
     # 3 rows of X (a program each), ragged N, K split in two.
