@@ -20,9 +20,34 @@ def gemv_geometry(k: int, nj: int, split: int) -> tuple[int, int]:
     """(NJ, cols_per_split) for a GEMV over K = k: NJ shrinks to a power of two dividing the
     row's word columns, each split takes whole tiles."""
     kw = k // 8
+    nj = _fitted(kw, nj)
+    return nj, split_run(kw, nj, split, f"nib GEMV: K={k}")
+
+
+def _fitted(kw: int, nj: int) -> int:
     while kw % nj:
         nj //= 2
-    return nj, -(-(-(-kw // split)) // nj) * nj
+    return nj
+
+
+def _run(total: int, unit: int, split: int) -> int:
+    return -(-(-(-total // split)) // unit) * unit
+
+
+def fills(total: int, unit: int, split: int) -> bool:
+    """Whether `split` runs of whole units over `total` leave none empty."""
+    return (split - 1) * _run(total, unit, split) < total
+
+
+def split_run(total: int, unit: int, split: int, what: str) -> int:
+    """Each split's run of `total` (word columns, blocks) in whole `unit`s. A split left with
+    none is refused: the nib kernels load their first step before the loop, which would then
+    lie past the row."""
+    if not fills(total, unit, split):
+        raise ValueError(f"{what} in {split} splits of {_run(total, unit, split)} leaves the "
+                         f"last split empty; split K at most {-(-total // _run(total, unit, split))}"
+                         f" ways")
+    return _run(total, unit, split)
 
 
 def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
@@ -149,7 +174,7 @@ def mma_geometry(k: int, warps: int, split: int, nb: int = 1) -> int:
     if k % (32 * per):
         raise ValueError(f"nib warp-MMA kernel: K={k} must be a multiple of 32 x {warps} warps"
                          f" x {nb} blocks a step")
-    return -(-(-(-(k // 32) // split)) // per) * per
+    return split_run(k // 32, per, split, f"nib warp-MMA kernel: K={k}")
 
 
 def nib_x_planes_spec(t: str, nw: int):
@@ -172,7 +197,7 @@ def tc_geometry(k: int, nw: int, split: int) -> int:
     if k % 128 or kw % nw:
         raise ValueError(f"nib tensor-core kernel: K={k} must be a multiple of 128 and of "
                          f"8 NW = {8 * nw}")
-    return -(-(-(-kw // split)) // nw) * nw
+    return split_run(kw, nw, split, f"nib tensor-core kernel: K={k}")
 
 
 # Formats the tensor-core kernel takes.
@@ -304,9 +329,11 @@ def dot_split(n: int, k: int, bg: int, nj: int) -> int:
     least two steps of nj word columns): 4096 weight rows in 64-row tiles are only 64
     programs, which left half the H200 idle (29.7 us at 16 rows against 51 us for 3.5x the
     weight)."""
-    tiles = -(-n // (4 * bg))
+    tiles, kw = -(-n // (4 * bg)), k // 8
+    fit = _fitted(kw, nj)
     split = 1
-    while split < 8 and tiles * split < 2 * SMS and k // 8 // (2 * split) >= 2 * nj:
+    while split < 8 and tiles * split < 2 * SMS and kw // (2 * split) >= 2 * nj \
+            and fills(kw, fit, 2 * split):
         split *= 2
     return split
 
@@ -318,7 +345,8 @@ def mma_split(n: int, k: int, warps: int, nb: int, xn: int = 1) -> int:
     (400: 14336 rows at split 1, 21.2 against 26.4 us at split 2; 4096 rows at split 4)."""
     tiles = -(-n // 32)
     split = 1
-    while tiles * split < (500 if xn == 1 else 400) and k // 32 // (2 * split) >= 2 * warps * nb:
+    while tiles * split < (500 if xn == 1 else 400) and k // 32 // (2 * split) >= 2 * warps * nb \
+            and fills(k // 32, warps * nb, 2 * split):
         split *= 2
     return split
 
@@ -329,7 +357,7 @@ def tc_split(n: int, k: int, bn: int, nw: int) -> int:
     steps of nw word columns."""
     tiles = -(-n // bn)
     split = 1
-    while tiles * split < 500 and k // 8 // (2 * split) >= 2 * nw:
+    while tiles * split < 500 and k // 8 // (2 * split) >= 2 * nw and fills(k // 8, nw, 2 * split):
         split *= 2
     return split
 

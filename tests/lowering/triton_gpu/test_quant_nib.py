@@ -182,6 +182,18 @@ def test_dequant_kernel_matches_the_reference(fmt, group):
     np.testing.assert_allclose(out.float().numpy(), want, rtol=2.0**-7, atol=1e-6)
 
 
+def test_gemv_geometry_refuses_an_empty_split():
+    # 96 word columns in 4 splits of 32 would leave the fourth with none (its first tile, loaded
+    # before the loop, would lie past the row).
+    assert qn.gemv_geometry(768, 32, 3) == (32, 32)
+    with pytest.raises(ValueError, match="leaves the last split empty"):
+        qn.gemv_geometry(768, 32, 4)
+    with pytest.raises(ValueError, match="leaves the last split empty"):
+        qn.mma_geometry(4096 + 1024, 4, 16, 2)      # 160 blocks in runs of 16
+    with pytest.raises(ValueError, match="leaves the last split empty"):
+        qn.tc_geometry(768, 16, 4)
+
+
 def test_config_buckets_fit_k_and_fill_the_gpu():
     for m in (1, 2, 3, 16, 64, 65, None):
         for k in (4096, 14336, 11008, 4128, 4224, 352):
@@ -206,7 +218,8 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                             assert (conf["num_warps"], conf["NB"], conf["SPLIT_K"]) == (8, 4, 1)
                         elif k >= 4096:
                             want = 500 if conf.get("XN", 1) == 1 else 400
-                            assert cdiv(n, 32) * conf["SPLIT_K"] >= min(want, 2 * n // 32)
+                            assert cdiv(n, 32) * conf["SPLIT_K"] >= min(want, 2 * n // 32) \
+                                or not qn.fills(k // 32, step, 2 * conf["SPLIT_K"])
                         continue
                     nj = conf["NW"] if conf.get("TC") else conf["NJ"]
                     assert (k // 8) % nj == 0 and cols % nj == 0
@@ -218,10 +231,14 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                         assert m > 8 or k % 256
                         assert m <= 8 or k % 256
                         if k >= 4096:
-                            assert cdiv(n, conf["BN"]) * conf["SPLIT_K"] >= min(500, 16 * n // 64)
+                            assert cdiv(n, conf["BN"]) * conf["SPLIT_K"] >= min(500, 16 * n // 64) \
+                                or not qn.fills(k // 8, conf["NW"], 2 * conf["SPLIT_K"])
                     elif not conf.get("GEMV") and k >= 4096:
-                        # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice.
-                        assert cdiv(n, 4 * conf["BG"]) * conf["SPLIT_K"] >= min(264, 8 * cdiv(n, 64))
+                        # Dot tiles of a 4096-row weight split K to fill the 132 SMs twice,
+                        # unless twice the split would leave one without columns.
+                        sp = conf["SPLIT_K"]
+                        assert cdiv(n, 4 * conf["BG"]) * sp >= min(264, 8 * cdiv(n, 64)) \
+                            or not qn.fills(k // 8, nj, 2 * sp), (k, n, sp)
     assert qn.nib_config(1, 4096)[0].get("BLK")
     assert qn.nib_config(1, 4096, 14336)[0]["num_warps"] == 1
     # K = 11008 (32 word columns a step): fewer blocks than lanes, so the word-a-lane GEMV.
