@@ -115,6 +115,22 @@ def _plane(words, q: tl.constexpr, OFF: tl.constexpr):
 
 
 @triton.jit
+def _planes(words, OFF: tl.constexpr):
+    """The eight nibble planes of code words (value 8 j + i at plane i), as _plane makes them."""
+    hi = words >> 16
+    return (_plane(words, 0, OFF), _plane(words, 1, OFF), _plane(words, 2, OFF),
+            _plane(words, 3, OFF), _plane(hi, 0, OFF), _plane(hi, 1, OFF), _plane(hi, 2, OFF),
+            _plane(hi, 3, OFF))
+
+
+@triton.jit
+def _crumbs(h):
+    """q6_k's eight crumbs of a word's values (at bits 0..15 of h), as _crumb makes them."""
+    return (_crumb(h, 0), _crumb(h, 1), _crumb(h, 2), _crumb(h, 3), _crumb(h, 4), _crumb(h, 5),
+            _crumb(h, 6), _crumb(h, 7))
+
+
+@triton.jit
 def _crumb(v, i: tl.constexpr):
     """q6_k: the 2-bit high code at bits 2i of `v` as the exact float (hi - 2) * 4**i, so that
     16 (hi - 2) + low nibble is the 6-bit code minus 32."""
@@ -315,25 +331,9 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_
                                     nblk, FMT, GROUP, NJ)
         else:
             words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
-        hi = words >> 16
-        q0 = _plane(words, 0, OFF)
-        q1 = _plane(words, 1, OFF)
-        q2 = _plane(words, 2, OFF)
-        q3 = _plane(words, 3, OFF)
-        q4 = _plane(hi, 0, OFF)
-        q5 = _plane(hi, 1, OFF)
-        q6 = _plane(hi, 2, OFF)
-        q7 = _plane(hi, 3, OFF)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words, OFF)
         if FMT == 5:
-            h = hw >> hsh
-            c0 = _crumb(h, 0)
-            c1 = _crumb(h, 1)
-            c2 = _crumb(h, 2)
-            c3 = _crumb(h, 3)
-            c4 = _crumb(h, 4)
-            c5 = _crumb(h, 5)
-            c6 = _crumb(h, 6)
-            c7 = _crumb(h, 7)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _crumbs(hw >> hsh)
         else:   # unread
             c0, c1, c2, c3, c4, c5, c6, c7 = q0, q0, q0, q0, q0, q0, q0, q0
         xs = xp + it * (NJ * XW)
@@ -361,19 +361,11 @@ def _word_dot(t, xs, words, h, xp, DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.
     """t + one code word's products with its X octet (at xp), decoded here (the block GEMV's
     lane has the word alone), and xs + the octet's sum where the format's offset needs it; h:
     q6_k's crumbs of the word (shifted to bit 0), unread otherwise."""
-    hi = words >> 16
-    q0 = _plane(words, 0, OFF)
-    q1 = _plane(words, 1, OFF)
-    q2 = _plane(words, 2, OFF)
-    q3 = _plane(words, 3, OFF)
-    q4 = _plane(hi, 0, OFF)
-    q5 = _plane(hi, 1, OFF)
-    q6 = _plane(hi, 2, OFF)
-    q7 = _plane(hi, 3, OFF)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words, OFF)
     if FMT == 5:
-        t, _ = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, _crumb(h, 0), _crumb(h, 1),
-                          _crumb(h, 2), _crumb(h, 3), _crumb(h, 4), _crumb(h, 5), _crumb(h, 6),
-                          _crumb(h, 7), DT, FMT, OFF)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _crumbs(h)
+        t, _ = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7,
+                          DT, FMT, OFF)
     else:
         t, xo = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, q0, q0, q0, q0, q0, q0, q0, q0,
                            DT, FMT, OFF)
