@@ -211,7 +211,7 @@ def k_ok(w, b, s):
 
 
 def blk_confs():
-    """The one-row GEMV a block a lane (kernels/quant_nib.py nib_gemv_block_kernel): a lane's
+    """The one-row GEMV a block a lane (kernels/quant_nib_block.py): a lane's
     block of each of BG row groups, NJ / 4 blocks a step over the program's warps."""
     if DRY:
         return [dict(GEMV=1, BLK=1, BG=1, NJ=16, num_warps=1, SPLIT_K=1)]

@@ -2,8 +2,8 @@
 tile a bucket of X's row count takes, measured on the H200 (tools/gpu_sweeps/quant_nib.py)."""
 from __future__ import annotations
 
-from .quant_nib import (nib_dequant_kernel, nib_gemv_block_kernel, nib_gemv_kernel,
-                        nib_matmul_kernel)
+from .quant_nib import nib_dequant_kernel, nib_gemv_kernel, nib_matmul_kernel
+from .quant_nib_block import nib_gemv_block_kernel
 from .quant_nib_mma import nib_mma_kernel
 from .quant_nib_tc import nib_tc_kernel, nib_x_planes_kernel
 
@@ -43,11 +43,11 @@ def split_run(total: int, unit: int, split: int, what: str) -> int:
     """Each split's run of `total` (word columns, blocks) in whole `unit`s. A split left with
     none is refused: the nib kernels load their first step before the loop, which would then
     lie past the row."""
+    run = _run(total, unit, split)
     if not fills(total, unit, split):
-        raise ValueError(f"{what} in {split} splits of {_run(total, unit, split)} leaves the "
-                         f"last split empty; split K at most {-(-total // _run(total, unit, split))}"
-                         f" ways")
-    return _run(total, unit, split)
+        raise ValueError(f"{what} in {split} splits of {run} leaves the last split empty; split "
+                         f"K at most {-(-total // run)} ways")
+    return run
 
 
 def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
@@ -255,11 +255,11 @@ SHORT = {"q6_k": 4}
 # where the warp-MMA kernel does not take K): the tensor-core kernel (quant_nib_tc.py; SPLIT_K
 # 0: tc_split), which replaces the 4-row GEMV programs and the dot tiles there. H200, bf16 X,
 # with X's reorder into planes (XP) in the time (BENCHMARKS.md nib round 4): 14336 x 4096 at 8 /
-# 16 rows Q4_0 25.9 / 28.3 us, Q4_K 32.1 / 33.0 us against cuBLAS bf16's 32.2 / 33.2 us (the GEMV at 4 rows a program took 40 us at 8 rows, the dot tiles 51 us
-# at 16). Triton gives mma.sync below a warpgroup (2 warps), which beat wgmma's wait per dot;
-# PREFETCH 1 (the affine terms a step ahead) gained 10% on Q4_K, cost 0-4% on Q4_0. Weights
-# whose 64-row tiles number fewer than the SMs take 32-row tiles (4096 x 4096: 13.8 against
-# 14.7 us at 16 rows).
+# 16 rows Q4_0 25.9 / 28.3 us, Q4_K 32.1 / 33.0 us against cuBLAS bf16's 32.2 / 33.2 us (the
+# GEMV at 4 rows a program took 40 us at 8 rows, the dot tiles 51 us at 16). Triton gives
+# mma.sync below a warpgroup (2 warps), which beat wgmma's wait per dot; PREFETCH 1 (the affine
+# terms a step ahead) gained 10% on Q4_K, cost 0-4% on Q4_0. Weights whose 64-row tiles number
+# fewer than the SMs take 32-row tiles (4096 x 4096: 13.8 against 14.7 us at 16 rows).
 TC_BUCKET = (16, dict(TC=1, BN=64, NW=16, BM=16, num_warps=2, num_stages=3, SPLIT_K=0,
                       PREFETCH=1, XP=1))
 
@@ -286,13 +286,6 @@ MMA_MIN_N_AT_2 = 8448       # 2 x 132 programs of 32 rows
 MMA_SMALL = dict(num_warps=8, NB=4, SPLIT_K=1)
 
 
-def mma_first_row(fmt: str, n: int) -> int:
-    """The fewest rows of X the warp-MMA kernel takes for a weight of n rows in format fmt: 3,
-    2 from MMA_MIN_N_AT_2 rows; one fewer for Q6_K, whose GEMV decodes its high bits apart
-    (nib round 6: 14336 x 4096 at 1-2 rows 22.8 against the word GEMV's 26.7 us and the block
-    GEMV's 23.5, 4096 x 4096 at 2 rows 11.6 against 13.3 us)."""
-    first = 2 if n >= MMA_MIN_N_AT_2 else 3
-    return first - 1 if fmt == "q6_k" else first
 # 9-16 rows: the same kernel with two sets of 8 rows of X a program (XN 2, each decoded pair
 # feeding both), 4 warps, split K from the grid (mma_split). Since X became one 16-byte load a
 # lane and block (nib round 6), it beats the tensor-core kernel on both weights: 14336 x 4096
@@ -300,6 +293,15 @@ def mma_first_row(fmt: str, n: int) -> int:
 # 4096 x 4096 Q4_0 11.7 us (the tensor-core kernel took 13.9 in round 5). The tensor-core
 # kernel keeps the weights whose K is a multiple of 128 but not of 256.
 MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
+
+
+def mma_first_row(fmt: str, n: int) -> int:
+    """The fewest rows of X the warp-MMA kernel takes for a weight of n rows in format fmt: 3,
+    2 from MMA_MIN_N_AT_2 rows; one fewer for Q6_K, whose GEMV decodes its high bits apart
+    (nib round 6: 14336 x 4096 at 1-2 rows 22.8 against the word GEMV's 26.7 us and the block
+    GEMV's 23.5, 4096 x 4096 at 2 rows 11.6 against 13.3 us)."""
+    first = 2 if n >= MMA_MIN_N_AT_2 else 3
+    return first - 1 if fmt == "q6_k" else first
 
 
 def mma_takes(fmt: str, dtype: str, k: int, c: dict = MMA_BUCKET[1]) -> bool:
@@ -372,11 +374,11 @@ def nib_config(m_max: int | None, k: int, n: int = 4096, fmt: str = "q4_0",
         conf = MMA_BUCKET[1]
     if conf.get("BLK") and n < MMA_MIN_N_AT_2:
         conf = dict(conf, **BLK_SMALL)
-    if conf.get("BLK") and gemv_geometry(k, conf["NJ"], 1)[0] < conf["NJ"]:
+    if conf.get("BLK") and _fitted(k // 8, conf["NJ"]) < conf["NJ"]:
         # K's word columns do not take the tile whole (K = 11008: 32 a step): fewer blocks
         # than lanes would repeat each block's work on several lanes; the word-a-lane GEMV
         # (measured before the block GEMV at every K) takes the row.
-        conf = dict(conf, NJ=128, num_warps=1) if gemv_geometry(k, 128, 1)[0] == 128 \
+        conf = dict(conf, NJ=128, num_warps=1) if _fitted(k // 8, 128) == 128 \
             else dict(WORD_GEMV)
     if conf.get("TC") and mma_takes(fmt, dtype, k, MMA16_BUCKET[1]):
         conf = MMA16_BUCKET[1]
