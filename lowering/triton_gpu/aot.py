@@ -19,6 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
+from graphir.lowering.triton_gpu.kernels.pdl import waits_before_memory
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -140,7 +141,10 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         profile_scratch_size=int(md.profile_scratch_size or 0),
         profile_scratch_align=int(md.profile_scratch_align or 1),
         launch_cooperative_grid=bool(md.launch_cooperative_grid),
-        launch_pdl=bool(md.launch_pdl), target=f"{target.backend}:{target.arch}", asm=asm,
+        # Launched with programmatic stream serialization only when the kernel waits for its
+        # predecessors before it touches global memory (kernels/pdl.py).
+        launch_pdl=waits_before_memory(asm.get("ptx", "")),
+        target=f"{target.backend}:{target.arch}", asm=asm,
         maxnreg=maxnreg)
 
 

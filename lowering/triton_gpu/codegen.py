@@ -223,11 +223,13 @@ def generate(group, constants: dict, name_hint: str = "fused"):
            **{f"out{k}": f"*{ttype(r.type.dtype)}" for k, r in enumerate(group.outputs)},
            **{p: "i64" for p in em.params.values()}, "BLOCK": "constexpr"}
     ops = "_".join(dict.fromkeys(n.op for n in group.nodes))[:40]
-    text_body = "\n    ".join(["offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
+    text_body = "\n    ".join(["pdl_wait()",
+                               "offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
                                f"mask = offs < {n_expr}", *pre, *loads, *body, *stores])
     digest = hashlib.sha256((text_body + repr(sig)).encode()).hexdigest()[:10]
     fname = f"{name_hint}_{ops}_{digest}"
-    src = ("import triton\nimport triton.language as tl\n" + HELPERS + "\n\n@triton.jit\n"
+    src = ("import triton\nimport triton.language as tl\n"
+           "from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait\n" + HELPERS + "\n\n@triton.jit\n"
            f"def {fname}({', '.join(k + (': tl.constexpr' if v == 'constexpr' else '') for k, v in sig.items())}):\n"
            f"    {text_body}\n")
     return fname, src, sig, {v: k for k, v in em.params.items()}, inputs, n_expr

@@ -55,6 +55,8 @@ _PROTOTYPES: dict[str, list[Any]] = {
     "cuFuncSetAttribute": [_P, c_int, c_int],
     "cuLaunchKernel": [_P, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, _P,
                        c_void_p, c_void_p],
+    # (const CUlaunchConfig*, CUfunction, void** params, void** extra): module.PdlLaunch
+    "cuLaunchKernelEx": [c_void_p, _P, c_void_p, c_void_p],
     "cuStreamCreate": [POINTER(_P), c_uint],
     "cuStreamDestroy_v2": [_P],
     "cuStreamSynchronize": [_P],

@@ -6,8 +6,8 @@ from typing import Any, Mapping, Sequence
 
 from graphir.runtime.cuda import driver
 from graphir.runtime.cuda.memory import DeviceBuffer
-from graphir.runtime.cuda.module import (DEFAULT_SHARED_LIMIT, Function, LaunchSpec, Module, PackedParams, _grid3,
-                                 launch)
+from graphir.runtime.cuda.module import (DEFAULT_SHARED_LIMIT, Function, LaunchSpec, Module,
+                                         PackedParams, PdlLaunch, _grid3, launch)
 
 
 class Kernel:
@@ -100,7 +100,7 @@ class Kernel:
         """Launch on `stream` (default: the legacy default stream); asynchronous."""
         driver.ensure_context(self.function.module.device)
         launch(self.function, grid, self.spec.block, self.pack(grid, args), self.spec.shared,
-               stream)
+               stream, self.spec.pdl)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -111,7 +111,7 @@ class Kernel:
 class PreparedLaunch:
     """One kernel launch with its parameters packed: `p(stream_handle)` enqueues it."""
 
-    __slots__ = ("kernel", "grid", "params", "_args", "_ptr", "_fn")
+    __slots__ = ("kernel", "grid", "params", "_args", "_ptr", "_fn", "_pdl")
 
     def __init__(self, kernel: Kernel, grid: tuple[int, int, int], params: PackedParams):
         self.kernel, self.grid, self.params = kernel, grid, params
@@ -120,10 +120,15 @@ class PreparedLaunch:
         self._fn = None if empty else driver.function("cuLaunchKernel")
         self._args = (kernel.function.handle, *grid, *spec.block, int(spec.shared))
         self._ptr = params.pointer  # the packed values live as long as `params`
+        self._pdl = (PdlLaunch(kernel.function.handle, grid, spec.block, int(spec.shared))
+                     if spec.pdl and not empty else None)
 
     def __call__(self, stream: int = 0) -> None:
         if self._fn is None:
             return  # an empty grid launches nothing
+        if self._pdl is not None:
+            self._pdl(stream, self._ptr, self.kernel.name)
+            return
         rc = self._fn(*self._args, stream, self._ptr, None)
         if rc:
             driver.check("cuLaunchKernel", rc, f"{self.kernel.name} grid={self.grid}")

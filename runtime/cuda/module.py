@@ -10,6 +10,7 @@ metadata's `shared`, which needs the function's max-dynamic-shared attribute rai
 from __future__ import annotations
 
 import ctypes
+import os
 import weakref
 from ctypes import (c_double, c_float, c_int, c_int8, c_int16, c_int32, c_int64, c_uint8, c_uint16, c_uint32,
                     c_uint64, c_void_p)
@@ -222,16 +223,73 @@ def _grid3(grid: Sequence[int] | int) -> tuple[int, int, int]:
 
 
 def launch(function: Function, grid: Sequence[int] | int, block: Sequence[int],
-           params: PackedParams, shared: int = 0, stream: Any = None) -> None:
-    """cuLaunchKernel with packed parameters; an empty grid launches nothing."""
+           params: PackedParams, shared: int = 0, stream: Any = None,
+           pdl: bool = False) -> None:
+    """cuLaunchKernel with packed parameters (cuLaunchKernelEx with programmatic stream
+    serialization when `pdl`); an empty grid launches nothing."""
     g = _grid3(grid)
     b = tuple(int(x) for x in block) + (1,) * (3 - len(block))
     if g[0] * g[1] * g[2] == 0:
+        return
+    if pdl:
+        PdlLaunch(function.handle, g, b, int(shared))(stream_handle(stream), params.pointer,
+                                                      function.name)
         return
     rc = driver.function("cuLaunchKernel")(function.handle, *g, *b, int(shared),
                                            stream_handle(stream), params.pointer, None)
     if rc:  # the message is built only on failure: launches are on the hot path
         driver.check("cuLaunchKernel", rc, f"{function.name} grid={g} block={b} shared={shared}")
+
+
+# cuda.h: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION; its value is one unsigned
+# int (programmaticStreamSerializationAllowed) at the start of a 64-byte union.
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", c_int), ("pad", ctypes.c_char * 4), ("value", c_uint32),
+                ("value_pad", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("shared", ctypes.c_uint), ("stream", c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+class PdlLaunch:
+    """cuLaunchKernelEx of one function, grid, block and shared size with programmatic stream
+    serialization allowed: the kernel may start while the one before it in the stream is
+    still running. Only for cubins whose PTX waits for their predecessors before touching
+    global memory (launch metadata `launch_pdl`, lowering/triton_gpu/kernels/pdl.py).
+    Built once; `p(stream, params_pointer)` launches."""
+
+    __slots__ = ("_fn", "_handle", "_attr", "_config", "_ref")
+
+    def __init__(self, handle: int, grid: tuple[int, int, int], block: tuple[int, int, int],
+                 shared: int):
+        self._fn = driver.function("cuLaunchKernelEx")
+        self._handle = handle
+        self._attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        self._config = _LaunchConfig(*grid, *block, shared, None,
+                                     ctypes.pointer(self._attr), 1)
+        self._ref = ctypes.byref(self._config)
+
+    def __call__(self, stream: int, params: Any, name: str = "kernel") -> None:
+        self._config.stream = stream
+        rc = self._fn(self._ref, self._handle, params, None)
+        if rc:
+            c = self._config
+            driver.check("cuLaunchKernelEx", rc,
+                         f"{name} grid={(c.grid_x, c.grid_y, c.grid_z)} "
+                         f"block={(c.block_x, c.block_y, c.block_z)} shared={c.shared} (PDL)")
+
+
+def pdl_enabled() -> bool:
+    """Whether kernels compiled for it launch with programmatic stream serialization
+    (GRAPHIR_PDL=0 turns it off, e.g. to measure what it gains)."""
+    return os.environ.get("GRAPHIR_PDL", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -249,6 +307,9 @@ class LaunchSpec:
     profile_scratch_size: int = 0
     profile_scratch_align: int = 1
     param_names: tuple[str, ...] | None = None
+    # Launch with programmatic stream serialization (the cubin waits for its predecessors
+    # before any global access: aot.compile_kernel's `launch_pdl`).
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(param_kind(p) for p in self.params))
@@ -296,7 +357,8 @@ class LaunchSpec:
             global_scratch_align=int(md.get("global_scratch_align") or 1),
             profile_scratch_size=int(md.get("profile_scratch_size") or 0),
             profile_scratch_align=int(md.get("profile_scratch_align") or 1),
-            param_names=tuple(names) if all(names) else None)
+            param_names=tuple(names) if all(names) else None,
+            pdl=bool(md.get("launch_pdl")) and pdl_enabled())
 
     @classmethod
     def from_triton(cls, compiled: Any, param_types: Sequence[str] | None = None) -> "LaunchSpec":

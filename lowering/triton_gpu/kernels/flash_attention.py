@@ -56,6 +56,7 @@ from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check
                                                        mask_allows, mask_id, page_block_row,
                                                        sequence_rows, slot_offsets, tile_order)
 from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 # TMA coordinates are 32-bit: the cache seen as 2-D must have fewer rows than this; a TMA config
 # falls back to pointer tiles otherwise.
@@ -142,6 +143,7 @@ def flash_prefill_kernel(
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr, LPT: tl.constexpr = 0):
+    pdl_wait()
     pid_m, h, b = tile_order(NH, NKV, D, BLOCK_M, LPT)
     prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages,
                  layer_idx, num_layers, num_pages, window, scale, T, pid_m, h, b, NH, NKV, D,

@@ -41,6 +41,7 @@ from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
     flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile, sequence_rows
 from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 
 @gluon.jit
@@ -166,6 +167,7 @@ def flash_prefill_persistent_kernel(
     """The Triton kernel's persistent form, at the Gluon kernel's arguments, grid and tile
     order: the twin Triton's interpreter runs in its place (Gluon has none), and a config of
     its own (a PERSISTENT config without WS)."""
+    pdl_wait()
     for t in range(tl.program_id(0), n_m * NH * n_b, tl.num_programs(0)):
         pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
         prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 FP8_CONFIGS = {
     "decode": (16, 32, 512, 1, 4, 4),
@@ -81,6 +82,7 @@ def _ab_loop(a_ptr, b_ptr, M, N, K, pid_m, pid_n, k_lo, k_hi, BLOCK_M: tl.conste
 def matmul_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    pdl_wait()
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     k_lo, k_hi = k_range(K, pid_k, SPLIT_K, BLOCK_K)
@@ -101,6 +103,7 @@ def matmul_fp8_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M
                       A_ROWWISE: tl.constexpr, B_COLWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
+    pdl_wait()
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc, rm, rn = _ab_loop(a_ptr, b_ptr, M, N, K, pid_m, pid_n, 0, K, BLOCK_M, BLOCK_N, BLOCK_K,
                            False)

@@ -18,12 +18,14 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.matmul import k_range
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 
 @triton.jit
 def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                 EVEN_K: tl.constexpr):
+    pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -58,6 +60,7 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
 @triton.jit
 def splitk_reduce_kernel(part_ptr, bias_ptr, c_ptr, M, N, HAS_BIAS: tl.constexpr,
                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    pdl_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     total = M.to(tl.int64) * N
     mask = offs < total

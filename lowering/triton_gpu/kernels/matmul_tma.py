@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.matmul import tile_ids
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 
 @triton.jit
@@ -39,6 +40,7 @@ def matmul_tma_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.const
                       GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
                       EPILOGUE_SUBTILE: tl.constexpr = False,
                       WARP_SPECIALIZE: tl.constexpr = False):
+    pdl_wait()
     C_BLOCK_N: tl.constexpr = BLOCK_N // 2 if EPILOGUE_SUBTILE else BLOCK_N
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 
 def pad(n: int, least: int = 16) -> int:
@@ -62,6 +63,7 @@ def mla_cache_store_kernel(kv_ptr, w_ptr, freqs_ptr, offs_ptr, clen_ptr, lut_ptr
                            HP: tl.constexpr, KINDS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                            INTERLEAVED: tl.constexpr):
     """One program per new token: [rms_norm(c_kv) * w | rope(k_pe)] into its cache row."""
+    pdl_wait()
     W: tl.constexpr = R + ROPE
     t = tl.program_id(0)
     b = find_sequence_scalar(offs_ptr, t, batch)
@@ -98,6 +100,7 @@ def mla_prefill_plan_kernel(offs_ptr, clen_ptr, rows_ptr, starts_ptr, total_ptr,
                             BLOCK: tl.constexpr):
     """buffer_row_offsets = prefix sums of cached + new tokens, cache_offsets = cache lengths,
     buffer_lengths = the total (one program, BLOCK sequences per step)."""
+    pdl_wait()
     carry = tl.sum(tl.zeros((BLOCK,), tl.int32), 0)
     tl.store(rows_ptr, carry)
     for b0 in range(0, batch, BLOCK):

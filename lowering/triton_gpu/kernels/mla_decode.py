@@ -26,6 +26,7 @@ import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.mla import latent_rows, pad
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 SM_COUNT = 132
 MIN_PART = 256        # keys per partition at least (partials cost a write and a read)
@@ -37,6 +38,7 @@ def mla_q_absorb_kernel(q_ptr, wuk_ptr, qlat_ptr, T, NH: tl.constexpr, NOPE: tl.
                         ROPE: tl.constexpr, R: tl.constexpr, NOPEP: tl.constexpr,
                         EP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
                         PRECISION: tl.constexpr):
+    pdl_wait()
     W: tl.constexpr = R + ROPE
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
@@ -65,6 +67,7 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
                         RP: tl.constexpr, EP: tl.constexpr, KINDS: tl.constexpr,
                         PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         VSPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    pdl_wait()
     W: tl.constexpr = R + ROPE
     RV: tl.constexpr = RP // VSPLIT        # value columns this program accumulates
     if VSPLIT == 1:
@@ -175,6 +178,7 @@ def mla_absorbed_out_kernel(o_part_ptr, ml_ptr, wuv_ptr, out_ptr, T, num_parts,
                             NH: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
                             RP: tl.constexpr, VP: tl.constexpr, BLOCK_T: tl.constexpr,
                             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    pdl_wait()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
     tm = t < T

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.mla import latent_rows, pad
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 DECOMP_BLOCK_L = 128
 PREFILL_BLOCK_M = 64
@@ -35,6 +36,7 @@ def mla_decompress_kernel(wk_ptr, wuv_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_p
                           R: tl.constexpr, ROPE: tl.constexpr, NOPEP: tl.constexpr,
                           VP: tl.constexpr, KINDS: tl.constexpr, PAGE_SIZE: tl.constexpr,
                           BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    pdl_wait()
     W: tl.constexpr = R + ROPE
     lb = tl.program_id(0)
     h = tl.program_id(1)
@@ -79,6 +81,7 @@ def mla_prefill_attn_kernel(q_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, kv_p
                             EP: tl.constexpr, VP: tl.constexpr, KINDS: tl.constexpr,
                             PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    pdl_wait()
     W: tl.constexpr = R + ROPE
     QW: tl.constexpr = NOPE + ROPE
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # longest query blocks first

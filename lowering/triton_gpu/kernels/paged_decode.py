@@ -43,6 +43,7 @@ from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check
                                                        check_softcap, key_range, mask_allows,
                                                        mask_id)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 BLOCK_P = 16
 
@@ -212,6 +213,7 @@ def paged_decode_kernel(
         MASK: tl.constexpr, Q_PER_SEQ: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PAGED_TILES: tl.constexpr,
         TMA: tl.constexpr, ORDER: tl.constexpr, SOFTCAP: tl.constexpr):
+    pdl_wait()
     acc, m_i, l_i, head_row, rmask, part, kvg, b = _decode_partition(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, max_pages, layer_idx, num_layers,
         num_pages, window, scale, part_size, num_parts, NH, NKV, D, PAGE_SIZE, MASK, Q_PER_SEQ,
@@ -223,6 +225,7 @@ def paged_decode_kernel(
 @triton.jit
 def paged_decode_reduce_kernel(o_part_ptr, ml_part_ptr, out_ptr, num_parts, D: tl.constexpr,
                                BLOCK_P: tl.constexpr):
+    pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, D)
     m_run = tl.max(tl.full((BLOCK_P,), -1.0e30, tl.float32), 0)

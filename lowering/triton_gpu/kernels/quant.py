@@ -30,6 +30,7 @@ from graphir.lowering.triton_gpu.kernels.quant_gemv import (GEMV_BUCKETS, gemv_b
                                                             gguf_gemv_kernel)
 from graphir.lowering.triton_gpu.kernels.quant_gguf import FORMATS, deq_planes, fmt, groups_per_row
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 SM_COUNT = 132          # H100 / H200: the split rule fills this many SMs a few times over
 TARGET_PROGRAMS = 4 * SM_COUNT
@@ -46,6 +47,7 @@ def gguf_matmul_kernel(x_ptr, w_ptr, c_ptr, M, N, row_bytes, n_groups, groups_pe
                        ENC: tl.constexpr, E: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
                        SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+    pdl_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -80,6 +82,7 @@ def gguf_matmul_kernel(x_ptr, w_ptr, c_ptr, M, N, row_bytes, n_groups, groups_pe
 def gguf_dequant_kernel(w_ptr, out_ptr, N, row_bytes, n_groups, ENC: tl.constexpr,
                         E: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
                         BLOCK_N: tl.constexpr, NG: tl.constexpr):
+    pdl_wait()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1) * NG + tl.arange(0, NG)
     p8 = w_ptr + (tl.minimum(rn, N - 1).to(tl.int64) * row_bytes)[:, None, None]

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.quant_gguf import deq_planes
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 # The shipped switch: flip after measuring on the GPU (tools/gpu_sweeps/quant.py times both).
 GEMV_ENABLED = True
@@ -103,6 +104,7 @@ def gguf_gemv_kernel(x_ptr, w_ptr, c_ptr, M, N, row_bytes, n_groups, groups_per_
                      ENC: tl.constexpr, E: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
                      SPLIT_K: tl.constexpr):
+    pdl_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -189,6 +191,7 @@ def gptq_gemv_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size,
                      ZERO_PLUS_ONE: tl.constexpr, HAS_PERM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr):
+    pdl_wait()
     # quant_gptq.gptq_matmul_kernel's layout and decode; the decoded plane stays fp32.
     P: tl.constexpr = 32 // BITS
     KW: tl.constexpr = BLOCK_K // P

@@ -26,6 +26,7 @@ from graphir.lowering.triton_gpu.kernels.quant import TARGET_PROGRAMS, splitk_re
 from graphir.lowering.triton_gpu.kernels.quant_gemv import (GEMV_BUCKETS, gemv_bucket,
                                                             gptq_gemv_kernel, gptq_words)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 # Row buckets of X: (largest M, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 CONFIGS = ((16, 16, 64, 256, 4, 3), (64, 64, 64, 128, 4, 3), (None, 128, 128, 128, 8, 2))
@@ -37,6 +38,7 @@ def gptq_matmul_kernel(x_ptr, w_ptr, z_ptr, perm_ptr, c_ptr, M, N, K, group_size
                        ZERO_PLUS_ONE: tl.constexpr, HAS_PERM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+    pdl_wait()
     P: tl.constexpr = 32 // BITS
     KW: tl.constexpr = BLOCK_K // P
     MASK: tl.constexpr = (1 << BITS) - 1

@@ -31,6 +31,7 @@ import os
 
 import triton
 import triton.language as tl
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 # Triton's interpreter (the CPU tests) has no inline PTX: there the mask-or is two plain ops.
 _ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
@@ -285,6 +286,7 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_
                     FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BG: tl.constexpr,
                     NJ: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
                     ROWS: tl.constexpr):
+    pdl_wait()
     # A program owns ROWS (1, 2 or 4) rows of X, BG groups of four weight rows and a run of
     # word columns (8 values of K each); each word is decoded once for its ROWS rows. Every
     # step is a whole tile, so pointers advance by constants (no masks or clamps).
@@ -402,6 +404,7 @@ def nib_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_pe
                       FMT: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr,
                       BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr,
                       PREFETCH: tl.constexpr):
+    pdl_wait()
     # Tiles of BM rows of X by BG groups of four weight rows, NJ word columns (8 NJ values of
     # K) a step. With PREFETCH the next step's words, scales and X are loaded before this
     # step is decoded: the loop's loads feed arithmetic, not the dot, so Triton's pipeliner
@@ -441,6 +444,7 @@ def nib_dequant_kernel(q_ptr, s_ptr, z_ptr, h_ptr, w_ptr, N, K, FMT: tl.constexp
     """The weight `[N, K]` decoded into w_ptr's dtype, one tile of 4 BG rows by 8 NJ values of
     K a program: many-row X multiplies the decoded copy with the plain matmul, whose tiles
     the decode would otherwise repeat once per row tile of X."""
+    pdl_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     g, jj, steps, nblk, wp, hp, hsh = _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, NJ, FMT, BG, NJ)

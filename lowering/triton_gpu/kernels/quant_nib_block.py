@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 from .quant_nib import _crumbs, _octet_dot, _planes, _row_out, _walk, block_affine
 
@@ -58,6 +59,7 @@ def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
 def nib_gemv_block_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                           FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                           BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr):
+    pdl_wait()
     # The one-row GEMV with a lane's four words of a step in one 32-value block (NJ / 4 blocks
     # a step, a block's word q in the q-th of four tiles), so its affine terms are loaded and
     # decoded once a block, not once a word, and applied once to the block's chained products

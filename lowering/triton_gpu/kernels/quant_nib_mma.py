@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 from .quant_nib import _ASM, affine_at, store_out
 from .quant_nib_tc import _plane_plain
@@ -297,6 +298,7 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                    WARPS: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
                    PREFETCH: tl.constexpr, SA: tl.constexpr, XN: tl.constexpr):
+    pdl_wait()
     # A program owns 32 weight rows (8 row groups of the layout), up to 8 rows of X and a run
     # of 32-value blocks of K, split evenly among its WARPS warps (the launcher makes
     # blocks_per_split a multiple of WARPS NB, NB blocks a step); each warp adds its blocks into its lanes'

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 from .quant_nib import _ASM, affine_at, store_out
 
@@ -175,6 +176,7 @@ def nib_x_planes_kernel(x_ptr, y_ptr, K, NW: tl.constexpr):
     """Y = X with each run of 8 NW values of a row reordered plane by plane (value 8 j + i of
     the run to i NW + j), so the tensor-core kernel's X planes are contiguous loads. Grid
     (rows of X, K / (8 NW))."""
+    pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     k0 = tl.program_id(1) * (NW * 8)
     j = tl.arange(0, NW)[:, None]
@@ -188,6 +190,7 @@ def nib_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_sp
                   FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr, BN: tl.constexpr,
                   NW: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr,
                   PREFETCH: tl.constexpr, XP: tl.constexpr):
+    pdl_wait()
     # A program owns BN weight rows, BM rows of X and a run of word columns (8 values of K
     # each), NW a step; the launcher guarantees K % (8 NW) == 0 and cols_per_split % NW == 0.
     # h_ptr holds q6_k's crumbs (unread for other formats). The words feed the

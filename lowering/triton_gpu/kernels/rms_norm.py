@@ -13,11 +13,13 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 
 @triton.jit
 def rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, D, stride_x, stride_y, eps,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pdl_wait()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < R

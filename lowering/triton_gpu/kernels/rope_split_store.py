@@ -21,6 +21,7 @@ import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.paged import find_sequence, slot_offsets
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, next_pow2, triton_dtype
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 # Elements per [BLOCK_T, heads, D] chunk. Swept on an H100 (tools/tune_rope_split_store.py):
 # 2 tokens x 8 heads x 128 with 4 warps reached 83% of copy bandwidth, 4 x 8 x 128 only ~63%.
@@ -88,6 +89,7 @@ def rope_split_store_kernel(
         rope_rows, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr, BLOCK_T: tl.constexpr,
         HB_Q: tl.constexpr, HB_KV: tl.constexpr, SPLIT_HEADS: tl.constexpr = False):
+    pdl_wait()
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     t = tl.minimum(t, T - 1)

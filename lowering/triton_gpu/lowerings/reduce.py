@@ -15,6 +15,7 @@ from graphir.lowering.registry import register_lowering
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, next_pow2
 
 from graphir.lowering.triton_gpu.kernels import rms_norm as rn
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 from .base import StepBuilder, e, numel, static_int, strides, ttype
 from .common import MM_DTYPES
@@ -26,6 +27,7 @@ BQ, BR = 16, 64
 @triton.jit
 def reduce_kernel(x_ptr, out_ptr, P, R, Q, OP: tl.constexpr, FLOAT: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
+    pdl_wait()
     p = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qm = q < Q
@@ -64,6 +66,7 @@ def reduce_kernel(x_ptr, out_ptr, P, R, Q, OP: tl.constexpr, FLOAT: tl.constexpr
 
 @triton.jit
 def softmax_kernel(x_ptr, out_ptr, R, Q, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
+    pdl_wait()
     p = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qm = q < Q
@@ -91,6 +94,7 @@ def softmax_kernel(x_ptr, out_ptr, R, Q, BLOCK_R: tl.constexpr, BLOCK_Q: tl.cons
 @triton.jit
 def row_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, D, eps, offset, LAYER: tl.constexpr,
                     BLOCK_D: tl.constexpr):
+    pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_D)
     cm = c < D
@@ -110,6 +114,7 @@ def row_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, D, eps, offset, LAYER: tl.conste
 def bmm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                IEEE: tl.constexpr):
+    pdl_wait()
     bt = tl.program_id(2).to(tl.int64)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

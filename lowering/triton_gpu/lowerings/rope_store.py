@@ -15,6 +15,7 @@ from graphir.lowering.triton_gpu.kernels.rope_split_store import _load_pairs, _s
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, next_pow2
 
 from graphir.lowering.triton_gpu.kernels import rope_split_store as rss
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 from .base import StepBuilder, e, static_int, ttype
 from .common import MM_DTYPES, cache_dims, pow2_head_dim
@@ -24,6 +25,7 @@ from .common import MM_DTYPES, cache_dims, pow2_head_dim
 def rope_kernel(x_ptr, freqs_ptr, offs_ptr, clen_ptr, out_ptr, T, batch, rope_rows,
                 H: tl.constexpr,
                 D: tl.constexpr, HB: tl.constexpr, INTERLEAVED: tl.constexpr):
+    pdl_wait()
     t = tl.program_id(0) + tl.zeros((1,), tl.int32)
     b = find_sequence(offs_ptr, t, batch)
     pos = tl.load(clen_ptr + b) + t - tl.load(offs_ptr + b)
@@ -46,6 +48,7 @@ def rope_kernel(x_ptr, freqs_ptr, offs_ptr, clen_ptr, out_ptr, T, batch, rope_ro
 def kv_store_kernel(x_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, T, batch, max_pages,
                     layer_idx, num_layers, num_pages, KV: tl.constexpr, NKV: tl.constexpr,
                     D: tl.constexpr, PAGE_SIZE: tl.constexpr, HB: tl.constexpr):
+    pdl_wait()
     t = tl.program_id(0) + tl.zeros((1,), tl.int32)
     valid = t < T
     b = find_sequence(offs_ptr, t, batch)

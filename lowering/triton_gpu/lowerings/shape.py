@@ -16,6 +16,7 @@ import triton.language as tl
 from graphir.dim import Dim
 from graphir.lowering.registry import register_lowering
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec
+from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 from .base import StepBuilder, e, numel, strides, ttype
 
@@ -40,6 +41,7 @@ def _coords(i, d1, d2, d3, d4, d5):
 @triton.jit
 def strided_copy_kernel(src_ptr, dst_ptr, n, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5,
                         t0, t1, t2, t3, t4, t5, BLOCK: tl.constexpr):
+    pdl_wait()
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     c0, c1, c2, c3, c4, c5 = _coords(i, d1, d2, d3, d4, d5)
@@ -50,6 +52,7 @@ def strided_copy_kernel(src_ptr, dst_ptr, n, d1, d2, d3, d4, d5, s0, s1, s2, s3,
 
 @triton.jit
 def gather_kernel(x_ptr, idx_ptr, out_ptr, n, I, Q, A, BLOCK: tl.constexpr):
+    pdl_wait()
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     q = i % Q
@@ -63,6 +66,7 @@ def gather_kernel(x_ptr, idx_ptr, out_ptr, n, I, Q, A, BLOCK: tl.constexpr):
 @triton.jit
 def scatter_kernel(upd_ptr, idx_ptr, out_ptr, n, d1, d2, d3, d4, d5, t0, t1, t2, t3, t4, t5,
                    A, AX: tl.constexpr, BLOCK: tl.constexpr):
+    pdl_wait()
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     c0, c1, c2, c3, c4, c5 = _coords(i, d1, d2, d3, d4, d5)

@@ -176,3 +176,12 @@ def test_rope_and_kv_store_kernels_do_not_spill(compiled):
         if name in limits and info["nh"] == 32:  # the plain (32, 8, 128) shapes
             assert regs <= limits[name], (key, regs)
     assert seen in (0, 6)
+
+
+def test_every_kernel_may_overlap_its_predecessor(compiled):
+    """Each kernel starts with pdl_wait (kernels/pdl.py), so its PTX waits for the kernels
+    before it ahead of any global access and the runtime launches it with programmatic
+    stream serialization."""
+    for key, info in compiled.items():
+        if key != "error":
+            assert info["meta"]["launch_pdl"] is True, key

@@ -75,3 +75,55 @@ def test_device_import_cache_rechecks_address_and_shape():
     t.resize_(5, 6)  # same object, new shape (and maybe new memory): not a hit
     assert dev._known(t) is None
     assert dev._known(torch.zeros(4, 6)) is None
+
+
+@pytest.fixture
+def ex_launches(monkeypatch):
+    """A fake cuLaunchKernelEx recording the launch config each call hands it."""
+    from graphir.runtime.cuda import module
+
+    calls = _Calls()
+
+    def fake(config, handle, params, extra):
+        c = ctypes.cast(config, ctypes.POINTER(module._LaunchConfig)).contents
+        attr = c.attrs[0]
+        calls.append(dict(grid=(c.grid_x, c.grid_y, c.grid_z),
+                          block=(c.block_x, c.block_y, c.block_z), shared=c.shared,
+                          stream=c.stream or 0, attrs=c.num_attrs, attr=(attr.id, attr.value),
+                          handle=handle, params=params, extra=extra))
+        return calls.rc
+
+    real = driver.function
+    monkeypatch.setattr(driver, "function",
+                        lambda name: fake if name == "cuLaunchKernelEx"
+                        else (lambda *a: pytest.fail(f"{name} called")) if name == "cuLaunchKernel"
+                        else real(name))
+    return calls
+
+
+def test_a_pdl_kernel_launches_with_programmatic_stream_serialization(ex_launches):
+    """A cubin marked launch_pdl goes through cuLaunchKernelEx with attribute 6
+    (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) set to 1, prepared or not."""
+    md = {"name": "k", "params": [{"name": "x", "type": "*fp32"}, {"name": "n", "type": "i32"}],
+          "num_warps": 4, "shared": 1024, "launch_pdl": True}
+    spec = LaunchSpec.from_metadata(md)
+    assert spec.pdl is True
+    k = Kernel(_FakeFunction(), spec)
+    p = k.prepare((5, 1, 2), [FAKE_PTR, 9])
+    p(0x77)
+    p(0x78)
+    assert [c["stream"] for c in ex_launches] == [0x77, 0x78]
+    for c in ex_launches:
+        assert c["grid"] == (5, 1, 2) and c["block"] == (128, 1, 1) and c["shared"] == 1024
+        assert c["attrs"] == 1 and c["attr"] == (6, 1)
+        assert c["handle"] == 0xF00D and c["params"] == p.params.pointer
+    ex_launches.rc = 1
+    with pytest.raises(driver.CudaError, match=r"cuLaunchKernelEx failed: .*k grid=\(5, 1, 2\)"):
+        p(0)
+
+
+def test_pdl_is_off_without_the_mark_or_when_disabled(monkeypatch):
+    md = {"name": "k", "params": ["ptr"], "launch_pdl": False}
+    assert LaunchSpec.from_metadata(md).pdl is False
+    monkeypatch.setenv("GRAPHIR_PDL", "0")
+    assert LaunchSpec.from_metadata(dict(md, launch_pdl=True)).pdl is False
