@@ -57,6 +57,11 @@ SHAPES = [("B1x1024", 1, 1024, 128, 1, 32, 8), ("B1x4096", 1, 4096, 128, 1, 32, 
 if DRY:
     SHAPES = [("dry_p128", 3, 300, 128, 1, 8, 2), ("dry_p16q4", 2, 200, 16, 4, 16, 2)]
     D = 32
+# DECODE_SHAPES=B1x1024,B1x4096 keeps the named shapes (and skips the end-to-end --tune check),
+# e.g. to time them with and without PDL (GRAPHIR_PDL=0) in two quick calls.
+_ONLY = [n for n in os.environ.get("DECODE_SHAPES", "").split(",") if n]
+if _ONLY:
+    SHAPES = [s for s in SHAPES if s[0] in _ONLY]
 BUDGET_S = float(os.environ.get("DECODE_BUDGET_S", "1e9" if DRY else "75"))
 LIMIT_S = 140    # tools/gpu_sweep.sh kills a sweep at 150 s (SWEEP_LIMIT_S)
 MAX_KERNELS = 4  # decode kernels the one-token tile of the emitted table may use
@@ -289,7 +294,8 @@ def main():
     write(results, suggested, None)  # before the end-to-end check, in case it runs out of time
     print("suggested decode table ('*', bf16): " + json.dumps(
         suggested["families"]["decode"]["bf16"].get("*", {})), flush=True)
-    e2e = {"skipped": "dry run"} if DRY else end_to_end()
+    e2e = ({"skipped": "dry run"} if DRY else {"skipped": "DECODE_SHAPES"} if _ONLY
+           else end_to_end())
     write(results, suggested, e2e)
     print(f"end-to-end compile --tune + run: {json.dumps(e2e)}"[:1500])
     print_tables(results)

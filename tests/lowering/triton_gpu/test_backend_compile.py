@@ -125,7 +125,8 @@ def test_global_scratch_is_allocated_when_a_launch_is_packed(compiled, monkeypat
 
     real = driver.function
     monkeypatch.setattr(driver, "function", lambda name: (
-        lambda *a: launched.append(a[-2]) or 0) if name == "cuLaunchKernel" else real(name))
+        lambda *a: launched.append(a[-2]) or 0)  # the packed parameters, either call
+        if name in ("cuLaunchKernel", "cuLaunchKernelEx") else real(name))
     monkeypatch.setattr(DeviceBuffer, "empty", staticmethod(empty))
     meta = compiled["tma_prefill"]
     assert meta["global_scratch_size"] == 128  # one TMA descriptor per program
