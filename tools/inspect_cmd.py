@@ -23,6 +23,7 @@ def summarize(art) -> dict:
         "outputs": [str(v.type) for v in g.outputs],
         "weights": {k: str(v.type) for k, v in sorted(g.weights.items())},
         "kernels": _kernels(m),
+        "pdl_kernels": _pdl_kernels(m),
         "files": {rel: {"sha256": d, "bytes": (art.path / rel).stat().st_size, "verified": True}
                   for rel, d in sorted(m["files"].items())},
     }
@@ -54,6 +55,13 @@ def _kernels(m) -> list[str]:
     return sorted(k) if isinstance(k, (list, dict)) else []
 
 
+def _pdl_kernels(m) -> list[str]:
+    """Kernels launched with programmatic dependent launch (their cubins wait for the kernel
+    before them, which may still be running: lowering/triton_gpu/kernels/pdl.py)."""
+    k = m.get("kernels", [])
+    return sorted(n for n, e in k.items() if e.get("launch_pdl")) if isinstance(k, dict) else []
+
+
 def _plan(plan: dict) -> dict:
     values, steps = plan["values"], plan["steps"]
     slots: dict[int, list[str]] = {}
@@ -82,8 +90,10 @@ def format_summary(info: dict) -> str:
     lines += [f"  {i}: {s}" for i, s in enumerate(info["outputs"])]
     lines.append(f"weights   {len(info['weights'])}")
     lines += [f"  {k}: {t}" for k, t in info["weights"].items()]
-    lines.append(f"kernels   {len(info['kernels'])}")
-    lines += [f"  {k}" for k in info["kernels"]]
+    pdl = set(info.get("pdl_kernels", ()))
+    lines.append(f"kernels   {len(info['kernels'])}"
+                 + (f" ({len(pdl)} overlap the kernel before them: [PDL])" if pdl else ""))
+    lines += [f"  {k}" + (" [PDL]" if k in pdl else "") for k in info["kernels"]]
     p = info.get("memory_plan")
     if p:
         lines.append(f"memory plan: {p['steps']} steps ({p['kernel_calls']} kernel calls, "

@@ -324,6 +324,10 @@ def test_cli_tune_without_a_gpu_says_so_and_inspect_shows_the_choices(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "tuning    default table tuning_defaults.json" in p.stdout
     assert "matmul matmul -> %" in p.stdout and "m1 " in p.stdout and "large" in p.stdout
+    # Triton kernels launch with programmatic dependent launch; cuBLASLt entries do not.
+    kernel_lines = [ln for ln in p.stdout.splitlines() if ln.startswith("  matmul")]
+    assert any(ln.endswith("[PDL]") for ln in kernel_lines), p.stdout
+    assert not any("cublaslt" in ln and ln.endswith("[PDL]") for ln in kernel_lines), p.stdout
     p = subprocess.run(cli + ["compile", f"{src}:build", "--target", "cpu", "-o",
                               str(tmp_path / "c.gart"), "--tune"], capture_output=True,
                        text=True, env=env)
