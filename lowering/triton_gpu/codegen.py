@@ -229,7 +229,8 @@ def generate(group, constants: dict, name_hint: str = "fused"):
     digest = hashlib.sha256((text_body + repr(sig)).encode()).hexdigest()[:10]
     fname = f"{name_hint}_{ops}_{digest}"
     src = ("import triton\nimport triton.language as tl\n"
-           "from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait\n" + HELPERS + "\n\n@triton.jit\n"
+           "from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait\n"
+           + HELPERS + "\n\n@triton.jit\n"
            f"def {fname}({', '.join(k + (': tl.constexpr' if v == 'constexpr' else '') for k, v in sig.items())}):\n"
            f"    {text_body}\n")
     return fname, src, sig, {v: k for k, v in em.params.items()}, inputs, n_expr

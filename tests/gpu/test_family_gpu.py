@@ -3,19 +3,14 @@ matches the reference interpreter in bf16 (norm-relative error <= 2e-2) through 
 prefill, decode steps and a chunked prefill over the paged KV cache; device tensors in and out,
 the KV blocks updated in place, and CUDA-graph replays of repeated decode steps."""
 
-import os
-
 import numpy as np
 import pytest
 
 from graphir.runtime.cuda import driver
+from tests.gpu.requires import skip_unless_gpu
 
 pytestmark = pytest.mark.gpu
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    pytest.skip("TRITON_INTERPRET is set: run the GPU tests in their own pytest process",
-                allow_module_level=True)
-if not driver.is_available():
-    pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
+skip_unless_gpu()
 
 from graphir import DType  # noqa: E402
 from graphir.passes import run_passes  # noqa: E402

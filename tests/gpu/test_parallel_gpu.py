@@ -9,8 +9,6 @@ without a GPU: tests/runtime/cuda/test_nccl_cpu.py runs the same plans under Tri
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -21,6 +19,7 @@ from graphir.nn import (DataParallelAttentionWithRope, KVCacheParams, PagedCache
 from graphir.runtime.kv_cache import PagedKVCacheManager
 from tests.gpu import family
 from tests.gpu.family import D, HIDDEN, LAYER, LAYERS, NH, PAGE, rel_err
+from tests.gpu.requires import skip_unless_gpu
 
 TOL = 2e-2
 CASES = {"default": {}, "bias_qk_norm": {"has_bias": True, "use_qk_norm": True}}
@@ -159,12 +158,9 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def two_gpus():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("TRITON_INTERPRET is set: run the GPU tests in their own pytest process")
+    skip_unless_gpu()
     from graphir.runtime.cuda import driver
 
-    if not driver.is_available():
-        pytest.skip("no NVIDIA GPU / libcuda on this machine")
     if driver.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, this machine has {driver.device_count()}")
     for i in range(2):

@@ -4,19 +4,13 @@ before them. Each launch adds 1 to its input into the other buffer; 400 launches
 eagerly and inside a captured graph, must end at x + 400 exactly (a launch that read its
 input before its predecessor finished writing it would lose counts)."""
 
-import os
-
 import numpy as np
 import pytest
 
-from graphir.runtime.cuda import driver
+from tests.gpu.requires import skip_unless_gpu
 
 pytestmark = pytest.mark.gpu
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    pytest.skip("TRITON_INTERPRET is set: run the GPU tests in their own pytest process",
-                allow_module_level=True)
-if not driver.is_available():
-    pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
+skip_unless_gpu()
 
 torch = pytest.importorskip("torch")
 

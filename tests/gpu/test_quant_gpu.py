@@ -7,19 +7,15 @@ a ragged prefill, decode steps and a mixed chunk over the paged cache against th
 interpreter, the cache blocks updated in place."""
 
 import copy
-import os
 
 import numpy as np
 import pytest
 
 from graphir.runtime.cuda import driver
+from tests.gpu.requires import skip_unless_gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:Conversion of an array")]
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    pytest.skip("TRITON_INTERPRET is set: run the GPU tests in their own pytest process",
-                allow_module_level=True)
-if not driver.is_available():
-    pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
+skip_unless_gpu()
 
 from graphir import DType, Graph, TensorType, Weight, ops  # noqa: E402
 from graphir.dtype import round_to  # noqa: E402

@@ -4,19 +4,15 @@ equal to the eager executor; hidden states at a reused address read in place by 
 their own (other addresses, and the executor's own output, copied); bad metadata refused with
 the cache untouched; outputs from the pool vs fresh copies; DLPack export ordered by an
 event, not a device sync."""
-import os
 
 import numpy as np
 import pytest
 
 from graphir.runtime.cuda import driver
+from tests.gpu.requires import skip_unless_gpu
 
 pytestmark = pytest.mark.gpu
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    pytest.skip("TRITON_INTERPRET is set: run the GPU tests in their own pytest process",
-                allow_module_level=True)
-if not driver.is_available():
-    pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
+skip_unless_gpu()
 
 torch = pytest.importorskip("torch")
 
