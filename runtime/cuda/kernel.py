@@ -36,6 +36,14 @@ class Kernel:
         if spec.triton_scratch:
             names += ["global_scratch", "profile_scratch"]
         self._names = [f"{n} of {spec.name}" for n in names]
+        # Programmatic dependent launch only for grids of at most one program per SM: a larger
+        # grid launched early lands its programs on SMs its predecessor still holds, unevenly
+        # (the B64 decode step's paged decode, 256 programs: 240 -> 281 us when launched
+        # during rope_split_store; tools/gpu_sweeps/pdl_layer.py), and its launch gap is a
+        # small part of its time anyway. 0: never.
+        self.pdl_max_programs = (driver.device_attribute(driver.ATTR_MULTIPROCESSOR_COUNT,
+                                                         function.module.device)
+                                 if spec.pdl else 0)
 
     @classmethod
     def from_cubin(cls, cubin: bytes, metadata: Mapping[str, Any] | LaunchSpec,
@@ -99,8 +107,9 @@ class Kernel:
     def launch(self, grid: Sequence[int] | int, *args: Any, stream: Any = None) -> None:
         """Launch on `stream` (default: the legacy default stream); asynchronous."""
         driver.ensure_context(self.function.module.device)
-        launch(self.function, grid, self.spec.block, self.pack(grid, args), self.spec.shared,
-               stream, self.spec.pdl)
+        g = _grid3(grid)
+        launch(self.function, g, self.spec.block, self.pack(g, args), self.spec.shared,
+               stream, g[0] * g[1] * g[2] <= self.pdl_max_programs)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -121,7 +130,7 @@ class PreparedLaunch:
         self._args = (kernel.function.handle, *grid, *spec.block, int(spec.shared))
         self._ptr = params.pointer  # the packed values live as long as `params`
         self._pdl = (PdlLaunch(kernel.function.handle, grid, spec.block, int(spec.shared))
-                     if spec.pdl and not empty else None)
+                     if 0 < grid[0] * grid[1] * grid[2] <= kernel.pdl_max_programs else None)
 
     def __call__(self, stream: int = 0) -> None:
         if self._fn is None:

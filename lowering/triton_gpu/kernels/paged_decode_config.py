@@ -116,6 +116,10 @@ CANDIDATES: list[dict] = [
     make_config(16, 1, 0, 4, 5, 3, heads=4),
     make_config(8, 1, 0, 4, 5, 2, heads=8),     # 8 heads x 8 keys (a 32-row query tile at G=4)
     make_config(64, 0, 0, 4, 5, 3),             # gather, 2 buffers (the default for pages of 16)
+    # The default split into partitions of 128 keys, twice as many: at B1 x 1024 (8 programs)
+    # 8 partitions reached 0.99x SDPA against 0.81x for the rule's 4 (PDL on, 2026-12-04), but
+    # 32 lost at B1 x 4096 (0.91x): a candidate the tuner picks per bucket, not a rule change.
+    make_config(64, 1, 0, 4, 5, 3, min_part=128),
 ]
 
 

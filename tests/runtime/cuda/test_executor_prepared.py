@@ -2,6 +2,7 @@
 prepared launch hands cuLaunchKernel the same packed array, grid, block and shared size on
 the stream it is given (a fake cuLaunchKernel records the calls)."""
 import ctypes
+import types
 
 import pytest
 
@@ -14,6 +15,7 @@ FAKE_PTR = 0x7F00_1234_5600
 
 class _FakeFunction:
     handle, name, max_threads_per_block = 0xF00D, "fake", 1024
+    module = types.SimpleNamespace(device=0)
 
     def set_max_dynamic_shared(self, n):
         pass
@@ -94,10 +96,17 @@ def ex_launches(monkeypatch):
         return calls.rc
 
     real = driver.function
+    plain = _Calls()
+    calls.plain = plain
     monkeypatch.setattr(driver, "function",
                         lambda name: fake if name == "cuLaunchKernelEx"
-                        else (lambda *a: pytest.fail(f"{name} called")) if name == "cuLaunchKernel"
+                        else (lambda *a: plain.append(a) or 0) if name == "cuLaunchKernel"
                         else real(name))
+    # A 132-SM device (an H100 SXM / H200): the PDL launch is for grids of at most 132.
+    monkeypatch.setattr(driver, "device_attribute",
+                        lambda attr, dev=0: 132 if attr == driver.ATTR_MULTIPROCESSOR_COUNT
+                        else pytest.fail(f"device attribute {attr} asked"))
+    monkeypatch.setattr(driver, "ensure_context", lambda dev=0: None)
     return calls
 
 
@@ -117,9 +126,25 @@ def test_a_pdl_kernel_launches_with_programmatic_stream_serialization(ex_launche
         assert c["grid"] == (5, 1, 2) and c["block"] == (128, 1, 1) and c["shared"] == 1024
         assert c["attrs"] == 1 and c["attr"] == (6, 1)
         assert c["handle"] == 0xF00D and c["params"] == p.params.pointer
+    assert ex_launches.plain == []
     ex_launches.rc = 1
     with pytest.raises(driver.CudaError, match=r"cuLaunchKernelEx failed: .*k grid=\(5, 1, 2\)"):
         p(0)
+
+
+def test_a_pdl_kernel_with_more_programs_than_sms_launches_plainly(ex_launches):
+    """A grid larger than the SM count would land early programs unevenly on SMs its
+    predecessor still holds, so it takes the ordinary launch; 132 programs still go early."""
+    md = {"name": "k", "params": [{"name": "x", "type": "*fp32"}], "launch_pdl": True}
+    k = Kernel(_FakeFunction(), LaunchSpec.from_metadata(md))
+    assert k.pdl_max_programs == 132
+    k.prepare((66, 2), [FAKE_PTR])(0x10)
+    k.prepare((133,), [FAKE_PTR])(0x11)
+    k.launch((67, 2), FAKE_PTR, stream=0x12)
+    k.launch(132, FAKE_PTR, stream=0x13)
+    assert [c["grid"] for c in ex_launches] == [(66, 2, 1), (132, 1, 1)]
+    assert [(c[1:4], c[8]) for c in ex_launches.plain] == [((133, 1, 1), 0x11),
+                                                            ((67, 2, 1), 0x12)]
 
 
 def test_pdl_is_off_without_the_mark_or_when_disabled(monkeypatch):
