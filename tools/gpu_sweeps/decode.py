@@ -345,11 +345,15 @@ def print_tables(results):
 
 # -- the tuning table these timings imply ---------------------------------------------------
 def suggested_table(results) -> dict:
-    """'*' (one-token tiles, pages of 32 or more): per bucket the config with the best geometric
-    mean ratio over the bucket's shapes, then at most MAX_KERNELS kernels (limit_kernels on
+    """The shipped decode table with what this sweep measured replaced: '*' (one-token tiles,
+    pages of 32 or more): per bucket the config with the best geometric mean ratio over the
+    bucket's shapes, then at most MAX_KERNELS kernels (limit_kernels on
     those means); other shapes (pages of 16, several new tokens) as exact-shape entries."""
     shipped = tuning.load_table()["families"].get("decode", {}).get("bf16", {})
-    fam = {"*": dict(shipped.get("*", {}))}
+    # Everything shipped stays unless this sweep re-measured it (a DECODE_SHAPES run covers a
+    # few buckets; its merge must not drop the exact-shape entries it did not time).
+    fam = json.loads(json.dumps(shipped))
+    fam.setdefault("*", {})
     generic = lambda r: r["q_len"] == 1 and r["page"] >= 32  # noqa: E731
     choices = []
     for bucket, _ in pdt.BUCKETS:
