@@ -7,8 +7,7 @@ tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 
 every format, --dot the whole dot grid at 16 rows, --tc the tensor-core kernel's grid and its
 best on every 4-bit format, --mma the warp-MMA kernel's grid (kernels/quant_nib_mma.py) at 1
 and 4 rows, and with two sets of 8 rows of X a program at 12 and 16, then its best on every
-format; --buckets times only the shipped buckets; --q8 the int8-X dp4a GEMV of quant_nib_q8.py
-at one row); round 2 the shipped buckets
+format; --buckets times only the shipped buckets); round 2 the shipped buckets
 (kernels/quant_nib_config.py NIB_BUCKETS), the best of round 1 and the many-row path (decode
 into a bf16 copy, then cuBLAS) on every weight.
 Every variant is checked against torch (float32 product with the decoded
@@ -88,20 +87,6 @@ def weight(rng, fmt: str, n: int, k: int):
 
 
 def calls(kernels, specs, conf, M, N, K, x, wsets, out):
-    if conf.get("Q8"):
-        # X quantized to int8 blocks, then the dp4a GEMV (kernels/quant_nib_q8.py); Q8 2 times
-        # the GEMV alone on X quantized once.
-        quant, gemv = (kernels[s.name] for s in specs)
-        xq = torch.empty((M, K // 4), dtype=torch.int32, device=DEV)
-        xs = torch.empty((M, K // 32), dtype=torch.float32, device=DEV)
-        xsum = torch.empty((M, K // 32), dtype=torch.int32, device=DEV)
-        qgrid, ggrid = specs[0].grid_for(M=M, K=K), specs[1].grid_for(M=M, N=N)
-        q8 = lambda: quant(qgrid, x, xq, xs, xsum, K)  # noqa: E731
-        if conf["Q8"] == 2:
-            q8()
-        return [lambda q=q, s=s, z=z: ((q8() if conf["Q8"] == 1 else None),
-                                       gemv(ggrid, xq, xs, xsum, q, s, z, out, M, N, K))
-                for q, s, z, _ in wsets]
     if conf.get("DEQUANT"):
         # The many-row path: decode into a bf16 copy, then cuBLAS on it.
         deq = kernels[specs[0].name]
@@ -145,7 +130,6 @@ DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
 MMA_GRID = "--mma" in sys.argv
 BLK_GRID = "--blk" in sys.argv
-Q8_GRID = "--q8" in sys.argv
 BUCKETS_ONLY = "--buckets" in sys.argv
 # --once FMT,N,M[,CONF]: the shipped bucket of that format, weight N x 4096 and row count (or the
 # config CONF, "MMA=1;num_warps=8;..."), checked and run a few times with no timing (for ncu:
@@ -226,17 +210,6 @@ def k_ok(w, b, s):
     return 4096 // 32 // s >= 2 * w * b
 
 
-def q8_confs():
-    """The dp4a GEMV (kernels/quant_nib_q8.py): row groups and blocks a step, warps; with X's
-    quantization and without."""
-    if DRY:
-        return [dict(Q8=q, BG=1, NQ=4, num_warps=1) for q in (1, 2)]
-    out = [dict(Q8=1, BG=bg, NQ=nq, num_warps=w)
-           for bg, nq, w in ((1, 32, 1), (2, 32, 1), (4, 32, 1), (1, 64, 2), (2, 64, 2),
-                             (1, 128, 4))]
-    return out + [dict(out[0], Q8=2), dict(out[1], Q8=2)]
-
-
 def blk_confs():
     """The one-row GEMV a block a lane (kernels/quant_nib_block.py): a lane's
     block of each of BG row groups, NJ / 4 blocks a step over the program's warps."""
@@ -255,8 +228,6 @@ def bucket_jobs(fmt, N, K):
 
 
 def label(c):
-    if c.get("Q8"):
-        return f"q8{'' if c['Q8'] == 1 else ' gemv only'} g{c['BG']}q{c['NQ']}w{c['num_warps']}"
     if c.get("DEQUANT"):
         return "dequant + cuBLAS"
     if c.get("MMA"):
@@ -276,10 +247,6 @@ def label(c):
 
 def specs_of(fmt, K, conf):
     group = 128 if fmt.startswith("gptq") else 32
-    if conf.get("Q8"):
-        from graphir.lowering.triton_gpu.kernels.quant_nib_q8 import q8_specs
-
-        return q8_specs(fmt, "bfloat16", conf["BG"], conf["NQ"], conf["num_warps"], group)
     if conf.get("DEQUANT"):
         return [nib_dequant_spec(fmt, "bfloat16", K, group)]
     return nib_specs(fmt, "bfloat16", conf, group)
@@ -390,12 +357,7 @@ def main() -> None:
         err = _kernels.rel_err(out[:, :wt.shape[0]].float(), x.float() @ torch.from_numpy(wt).to(DEV).t())
         print(f"{label(conf)} rel err {err:.1e}")
         return
-    if Q8_GRID:
-        # The int8-X dp4a GEMV at one row on the 4-bit formats, beside the shipped bucket.
-        run([(f, N, K, 1, c) for N, K in SHAPES for f in ("q4_0", "q4_k", "gptq_sym")
-             for c in q8_confs() + [bucket_jobs(f, N, K)[0][4]]], copy_gbs, results, weights, peer)
-        first = []
-    elif BLK_GRID:
+    if BLK_GRID:
         # The block GEMV's grid at one row on every format and weight, beside the shipped bucket.
         run([(f, N, K, 1, c) for N, K in SHAPES for f in FMTS
              for c in blk_confs() + [bucket_jobs(f, N, K)[0][4]]], copy_gbs, results, weights, peer)
@@ -440,7 +402,7 @@ def main() -> None:
     run(first, copy_gbs, results, weights, peer)
     top = {m: best(results, "q4_0", N0, m, "gemv", 2) for m in MS[1:5]}
     jobs = []
-    for N, K in SHAPES if not (TC_GRID or MMA_GRID or BUCKETS_ONLY or BLK_GRID or Q8_GRID) else ():
+    for N, K in SHAPES if not (TC_GRID or MMA_GRID or BUCKETS_ONLY or BLK_GRID) else ():
         for fmt in FMTS:
             jobs += bucket_jobs(fmt, N, K)
             jobs += [(fmt, N, K, m, c) for m in MS[1:5] for c in top[m]]
