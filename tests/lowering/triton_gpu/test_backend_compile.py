@@ -128,6 +128,8 @@ def test_global_scratch_is_allocated_when_a_launch_is_packed(compiled, monkeypat
         lambda *a: launched.append(a[-2]) or 0)  # the packed parameters, either call
         if name in ("cuLaunchKernel", "cuLaunchKernelEx") else real(name))
     monkeypatch.setattr(DeviceBuffer, "empty", staticmethod(empty))
+    # The SM count that bounds PDL launches (Kernel asks once, at construction).
+    monkeypatch.setattr(driver, "device_attribute", lambda attr, dev=0: 132)
     meta = compiled["tma_prefill"]
     assert meta["global_scratch_size"] == 128  # one TMA descriptor per program
     k = Kernel(Fn(), LaunchSpec.from_metadata(meta))
