@@ -45,6 +45,15 @@ def layer_index(layer_idx) -> int:
                      f"ops.constant, got {layer_idx!r}")
 
 
+def default_scale(op: str, head_dim) -> float:
+    """1 / sqrt(head_dim), the scale when none is given; a head_dim that is not a positive int
+    is refused here, naming the op (before numpy would warn on its square root)."""
+    if isinstance(head_dim, (bool, np.bool_)) or not isinstance(head_dim, (int, np.integer)) \
+            or head_dim <= 0:
+        raise ValueError(f"{op}: head dim must be a positive int, got {head_dim!r}")
+    return 1.0 / float(np.sqrt(head_dim))
+
+
 def mask_name(mask_variant) -> str:
     """Normalize a mask variant (MHAMaskVariant member or string) to its attribute string."""
     v = getattr(mask_variant, "value", mask_variant)
@@ -394,7 +403,7 @@ def flash_attention_ragged(q, kv_blocks, input_row_offsets, cache_lengths, looku
     offs, clen, lut = tensors(input_row_offsets, cache_lengths, lookup_table)
     mask = mask_name(mask_variant)
     if scale is None:
-        scale = 1.0 / float(np.sqrt(head_dim))
+        scale = default_scale("flash_attention_ragged", head_dim)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating)):
             raise ValueError(f"flash_attention_ragged: softcap must be None or a float > 0, got "

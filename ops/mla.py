@@ -17,7 +17,8 @@ from graphir.types import BufferType, TensorType
 from . import _rules as R
 from . import mla_math as mm
 from ._build import apply, tensors
-from .attention import _buffer, _check_rows, _pos_int, _ragged_meta, _rows, layer_index
+from .attention import (_buffer, _check_rows, _pos_int, _ragged_meta, _rows, default_scale,
+                        layer_index)
 
 
 def _latent_blocks(b, attrs, width: int):
@@ -230,7 +231,10 @@ def _attention(op, q, kv_blocks, offs, clen, lut, w1, w_uv, *, n_heads, qk_nope_
     q, w1, w_uv = tensors(q, w1, w_uv)
     offs, clen, lut = tensors(offs, clen, lut)
     if scale is None:
-        scale = 1.0 / float(np.sqrt(qk_nope_head_dim + qk_rope_head_dim))
+        for name, d in (("qk_nope_head_dim", qk_nope_head_dim), ("qk_rope_head_dim",
+                                                                qk_rope_head_dim)):
+            default_scale(f"{op} {name}", d)        # a positive int, or refused by name
+        scale = default_scale(op, int(qk_nope_head_dim) + int(qk_rope_head_dim))
     return apply(op, [q, _buffer(kv_blocks), offs, clen, lut, w1, w_uv] + list(metadata),
                  n_heads=int(n_heads),
                  qk_nope_head_dim=int(qk_nope_head_dim), qk_rope_head_dim=int(qk_rope_head_dim),

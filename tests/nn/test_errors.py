@@ -1,4 +1,6 @@
 """Bad input to the layers and the attention ops: each a clear error naming what is wrong."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -115,6 +117,13 @@ def test_attention_op_type_rules_name_shapes():
         with pytest.raises(ValueError, match="n_heads 3 is not a multiple of n_kv_heads 2"):
             ops.flash_attention_ragged(x, bl, offs, clen, lut, n_heads=3, n_kv_heads=2,
                                        head_dim=8, layer_idx=0)
+        for bad in (0, -4, 8.0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(ValueError, match="flash_attention_ragged: head dim must be a "
+                                                     f"positive int, got {bad!r}"):
+                    ops.flash_attention_ragged(x, bl, offs, clen, lut, n_heads=4, n_kv_heads=2,
+                                               head_dim=bad, layer_idx=0)
         with pytest.raises(ValueError, match="unknown mask variant 'banded'"):
             ops.flash_attention_ragged(x, bl, offs, clen, lut, n_heads=4, n_kv_heads=2,
                                        head_dim=8, layer_idx=0, mask_variant="banded")

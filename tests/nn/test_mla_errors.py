@@ -1,6 +1,8 @@
 """LatentAttentionWithRope and the MLA ops refuse what they cannot compute: bad layer configs,
 op operands of the wrong shape or type, and prefill metadata that is not the plan of its batch,
 each with an error naming what was wrong."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -86,13 +88,21 @@ DIMS = dict(n_heads=NH, qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim
         q, b, o, c, lt, wk, wuv, buffer_size=0, **DIMS), "buffer_size must be a positive int"),
     (dict(wk_shape=(NH * NOPE, R)), lambda q, o, c, lt, b, wk, wuv: ops.mla_prefill(
         q, b, o, c, lt, wk, wuv, **{**DIMS, "layer_idx": LAYERS}), "layer 2 is out of range"),
+    (dict(), lambda q, o, c, lt, b, wk, wuv: ops.mla_decode(
+        q, b, o, c, lt, wk, wuv, **{**DIMS, "qk_rope_head_dim": -ROPE}),
+     "mla_decode qk_rope_head_dim: head dim must be a positive int, got -8"),
+    (dict(), lambda q, o, c, lt, b, wk, wuv: ops.mla_decode(
+        q, b, o, c, lt, wk, wuv, **{**DIMS, "qk_nope_head_dim": 2.5}),
+     "mla_decode qk_nope_head_dim: head dim must be a positive int, got 2.5"),
     (dict(wk_shape=(R + ROPE, HIDDEN)), lambda q, o, c, lt, b, wk, wuv: ops.mla_cache_store(
         q, wuv, wk, o, c, lt, b, kv_lora_rank=R, qk_rope_head_dim=ROPE, layer_idx=0),
      "kv_latent must be \\[tokens, 40\\]"),
 ])
 def test_op_type_errors(kw, build, match):
-    with pytest.raises(ValueError, match=match):
-        _op_graph(build, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # refused by name, not after a numpy warning
+        with pytest.raises(ValueError, match=match):
+            _op_graph(build, **kw)
 
 
 def test_prefill_metadata_and_auto_errors():
