@@ -43,9 +43,11 @@ def step(rng, page, new, cache):
 
 
 # (new tokens, cache lengths) -> kernels launched; group 4 builds decode kernels for up to 4
-# (16-row tile, no name suffix) and 8 (32 rows, `_q8`) new tokens per sequence.
+# (16-row tile, no name suffix) and 8 (32 rows, `_q8`) new tokens per sequence. One-token tiles
+# of few sequences take the shipped table's 128-key partitions (bucket u16_k2048), so even a
+# 256-key context splits in two; the 4-token tile of the third step writes directly.
 STEPS = [
-    ([1, 1, 0], [40, 200, 7], ["paged_decode_partial_fp32_mask1"]),
+    ([1, 1, 0], [40, 200, 7], ["paged_decode_partial_fp32_mask1", "paged_decode_reduce_fp32"]),
     ([1, 1, 1], [300, 5, 0], ["paged_decode_partial_fp32_mask1", "paged_decode_reduce_fp32"]),
     ([3, 1, 4], [20, 0, 33], ["paged_decode_partial_fp32_mask1"]),
     ([6, 2, 1], [290, 17, 64], ["paged_decode_partial_fp32_mask1_q8",
