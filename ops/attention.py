@@ -45,13 +45,13 @@ def layer_index(layer_idx) -> int:
                      f"ops.constant, got {layer_idx!r}")
 
 
-def default_scale(op: str, head_dim) -> float:
-    """1 / sqrt(head_dim), the scale when none is given; a head_dim that is not a positive int
-    is refused here, naming the op (before numpy would warn on its square root)."""
-    if isinstance(head_dim, (bool, np.bool_)) or not isinstance(head_dim, (int, np.integer)) \
-            or head_dim <= 0:
-        raise ValueError(f"{op}: head dim must be a positive int, got {head_dim!r}")
-    return 1.0 / float(np.sqrt(head_dim))
+def default_scale(op: str, **dims) -> float:
+    """1 / sqrt(the sum of the head dims `dims`), the scale when none is given; a dim that is not
+    a positive int is refused here by name (before numpy would warn on its square root)."""
+    for name, d in dims.items():
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d <= 0:
+            raise ValueError(f"{op}: {name} must be a positive int, got {d!r}")
+    return 1.0 / float(np.sqrt(sum(int(d) for d in dims.values())))
 
 
 def mask_name(mask_variant) -> str:
@@ -403,7 +403,7 @@ def flash_attention_ragged(q, kv_blocks, input_row_offsets, cache_lengths, looku
     offs, clen, lut = tensors(input_row_offsets, cache_lengths, lookup_table)
     mask = mask_name(mask_variant)
     if scale is None:
-        scale = default_scale("flash_attention_ragged", head_dim)
+        scale = default_scale("flash_attention_ragged", head_dim=head_dim)
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating)):
             raise ValueError(f"flash_attention_ragged: softcap must be None or a float > 0, got "

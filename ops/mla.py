@@ -231,10 +231,8 @@ def _attention(op, q, kv_blocks, offs, clen, lut, w1, w_uv, *, n_heads, qk_nope_
     q, w1, w_uv = tensors(q, w1, w_uv)
     offs, clen, lut = tensors(offs, clen, lut)
     if scale is None:
-        for name, d in (("qk_nope_head_dim", qk_nope_head_dim), ("qk_rope_head_dim",
-                                                                qk_rope_head_dim)):
-            default_scale(f"{op} {name}", d)        # a positive int, or refused by name
-        scale = default_scale(op, int(qk_nope_head_dim) + int(qk_rope_head_dim))
+        scale = default_scale(op, qk_nope_head_dim=qk_nope_head_dim,
+                              qk_rope_head_dim=qk_rope_head_dim)
     return apply(op, [q, _buffer(kv_blocks), offs, clen, lut, w1, w_uv] + list(metadata),
                  n_heads=int(n_heads),
                  qk_nope_head_dim=int(qk_nope_head_dim), qk_rope_head_dim=int(qk_rope_head_dim),

@@ -109,7 +109,11 @@ class Kernel:
         driver.ensure_context(self.function.module.device)
         g = _grid3(grid)
         launch(self.function, g, self.spec.block, self.pack(g, args), self.spec.shared,
-               stream, g[0] * g[1] * g[2] <= self.pdl_max_programs)
+               stream, self.launches_early(g))
+
+    def launches_early(self, grid: tuple[int, int, int]) -> bool:
+        """Whether a launch of `grid` (3-D, non-empty) uses programmatic dependent launch."""
+        return grid[0] * grid[1] * grid[2] <= self.pdl_max_programs
 
     def __repr__(self) -> str:
         s = self.spec
@@ -130,7 +134,7 @@ class PreparedLaunch:
         self._args = (kernel.function.handle, *grid, *spec.block, int(spec.shared))
         self._ptr = params.pointer  # the packed values live as long as `params`
         self._pdl = (PdlLaunch(kernel.function.handle, grid, spec.block, int(spec.shared))
-                     if 0 < grid[0] * grid[1] * grid[2] <= kernel.pdl_max_programs else None)
+                     if not empty and kernel.launches_early(grid) else None)
 
     def __call__(self, stream: int = 0) -> None:
         if self._fn is None:

@@ -120,7 +120,7 @@ def test_attention_op_type_rules_name_shapes():
         for bad in (0, -4, 8.0):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                with pytest.raises(ValueError, match="flash_attention_ragged: head dim must be a "
+                with pytest.raises(ValueError, match="flash_attention_ragged: head_dim must be a "
                                                      f"positive int, got {bad!r}"):
                     ops.flash_attention_ragged(x, bl, offs, clen, lut, n_heads=4, n_kv_heads=2,
                                                head_dim=bad, layer_idx=0)

@@ -90,10 +90,10 @@ DIMS = dict(n_heads=NH, qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim
         q, b, o, c, lt, wk, wuv, **{**DIMS, "layer_idx": LAYERS}), "layer 2 is out of range"),
     (dict(), lambda q, o, c, lt, b, wk, wuv: ops.mla_decode(
         q, b, o, c, lt, wk, wuv, **{**DIMS, "qk_rope_head_dim": -ROPE}),
-     "mla_decode qk_rope_head_dim: head dim must be a positive int, got -8"),
+     "mla_decode: qk_rope_head_dim must be a positive int, got -8"),
     (dict(), lambda q, o, c, lt, b, wk, wuv: ops.mla_decode(
         q, b, o, c, lt, wk, wuv, **{**DIMS, "qk_nope_head_dim": 2.5}),
-     "mla_decode qk_nope_head_dim: head dim must be a positive int, got 2.5"),
+     "mla_decode: qk_nope_head_dim must be a positive int, got 2.5"),
     (dict(wk_shape=(R + ROPE, HIDDEN)), lambda q, o, c, lt, b, wk, wuv: ops.mla_cache_store(
         q, wuv, wk, o, c, lt, b, kv_lora_rank=R, qk_rope_head_dim=ROPE, layer_idx=0),
      "kv_latent must be \\[tokens, 40\\]"),
