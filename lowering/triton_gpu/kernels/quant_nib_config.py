@@ -76,6 +76,9 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     if blk:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split)
+        if conf.get("XPF") and t == "fp32":
+            raise ValueError("nib block GEMV: XPF (X loaded a step ahead) takes 16-bit X")
+        consts.update(XPF=bool(conf.get("XPF")), WEV=bool(conf.get("WEV")))
     elif gemv:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)), ROWS=bm)
@@ -85,7 +88,8 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
-    tag = (f"gemvblk_g{conf['BG']}j{conf['NJ']}" if blk else
+    tag = (f"gemvblk_g{conf['BG']}j{conf['NJ']}" + "x" * bool(conf.get("XPF"))
+           + "e" * bool(conf.get("WEV")) if blk else
            f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
            if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
     main = KernelSpec(

@@ -120,14 +120,18 @@ def test_gemv_matches_product(fmt, group, dtype, rows):
     ("q4_0", 32, torch.float32, 1), ("q4_1", 32, torch.bfloat16, 2),
     ("q4_k", 32, torch.bfloat16, 2), ("gptq", 64, torch.float32, 2),
     ("gptq_sym", 128, torch.float16, 1), ("q6_k", 32, torch.float32, 2)])
-def test_block_gemv_matches_product(fmt, group, dtype, split):
+@pytest.mark.parametrize("flags", [{}, dict(XPF=1, WEV=1)])
+def test_block_gemv_matches_product(fmt, group, dtype, split, flags):
     # The one-row GEMV a block a lane (each block's terms applied once to its chained products):
-    # 3 rows of X (a program each), ragged N, K split in two.
+    # 3 rows of X (a program each), ragged N, K split in two; X loaded a step ahead with the
+    # weight (16-bit X) and the weight's loads marked evict-first.
+    if flags and dtype == torch.float32:
+        pytest.skip("XPF takes 16-bit X")
     rng = np.random.default_rng(hash((fmt, str(dtype), 7)) % 2**32)
     n, k, m = (40 if fmt.startswith("gptq") else 37), 512, 3
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-    conf = dict(GEMV=1, BLK=1, BG=2, NJ=16, num_warps=1, SPLIT_K=split)
+    conf = dict(GEMV=1, BLK=1, BG=2, NJ=16, num_warps=1, SPLIT_K=split, **flags)
     got = launch(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     tol = 1e-5 if dtype == torch.float32 else 1e-2      # the output's rounding only
