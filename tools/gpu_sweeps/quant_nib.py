@@ -5,11 +5,10 @@ and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1
 tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
 (--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid of
 every format, --dot the whole dot grid at 16 rows, --tc the tensor-core kernel's grid and its
-best on every 4-bit format, --blk the one-row block GEMV's grid (--xpf: its
-shipped tiles with X loaded a step ahead and / or the weight's loads evict-first), --mma the
-warp-MMA kernel's grid (kernels/quant_nib_mma.py) at 1
-and 4 rows, and with two sets of 8 rows of X a program at 12 and 16, then its best on every
-format; --buckets times only the shipped buckets); round 2 the shipped buckets
+best on every 4-bit format, --blk the one-row block GEMV's grid, --wev the shipped buckets
+that take the warp-MMA kernel beside the same with the weight's loads evict-first, --mma the
+warp-MMA kernel's grid (kernels/quant_nib_mma.py) at 1 and 4 rows, and with two sets of 8
+rows of X a program at 12 and 16, then its best on every format; --buckets times only the shipped buckets); round 2 the shipped buckets
 (kernels/quant_nib_config.py NIB_BUCKETS), the best of round 1 and the many-row path (decode
 into a bf16 copy, then cuBLAS) on every weight.
 Every variant is checked against torch (float32 product with the decoded
@@ -131,10 +130,10 @@ GEMV_GRID = "--gemv" in sys.argv
 DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
 MMA_GRID = "--mma" in sys.argv
-BLK_GRID = "--blk" in sys.argv or "--xpf" in sys.argv
-# --xpf: the block GEMV's two shipped tiles with X loaded a step ahead (XPF) and / or the
-# weight's loads marked evict-first (WEV), instead of --blk's tile grid.
-XPF_GRID = "--xpf" in sys.argv
+BLK_GRID = "--blk" in sys.argv
+# --wev: the shipped buckets of 1-16 rows with the warp-MMA kernel, beside the same with its
+# weight loads evict-first.
+WEV_GRID = "--wev" in sys.argv
 BUCKETS_ONLY = "--buckets" in sys.argv
 # --once FMT,N,M[,CONF]: the shipped bucket of that format, weight N x 4096 and row count (or the
 # config CONF, "MMA=1;num_warps=8;..."), checked and run a few times with no timing (for ncu:
@@ -218,10 +217,6 @@ def k_ok(w, b, s):
 def blk_confs():
     """The one-row GEMV a block a lane (kernels/quant_nib_block.py): a lane's
     block of each of BG row groups, NJ / 4 blocks a step over the program's warps."""
-    if XPF_GRID:
-        tiles = ((16, 1),) if DRY else ((128, 1), (256, 2))
-        return [dict(GEMV=1, BLK=1, BG=1, NJ=nj, num_warps=w, SPLIT_K=1, XPF=x, WEV=e)
-                for (nj, w), x, e in itertools.product(tiles, (0, 1), (0, 1))]
     if DRY:
         return [dict(GEMV=1, BLK=1, BG=1, NJ=16, num_warps=1, SPLIT_K=1)]
     return [dict(GEMV=1, BLK=1, BG=bg, NJ=nj, num_warps=w, SPLIT_K=1)
@@ -241,13 +236,13 @@ def label(c):
         return "dequant + cuBLAS"
     if c.get("MMA"):
         return (f"mma x{c.get('XN', 1)}w{c['num_warps']}b{c.get('NB', 1)}s{c['SPLIT_K']}"
-                f"p{c['PREFETCH']}a{c.get('SA', 1)}")
+                f"p{c['PREFETCH']}a{c.get('SA', 1)}" + "e" * bool(c.get("WEV")))
     if c.get("TC"):
         return (f"tc n{c['BN']}j{c['NW']}w{c['num_warps']}st{c['num_stages']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}x{c.get('XP', 0)}")
     if c.get("BLK"):
         return (f"gemvblk g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
-                + "x" * bool(c.get("XPF")) + "e" * bool(c.get("WEV")))
+                + "e" * bool(c.get("WEV")))
     if c.get("GEMV"):
         return (f"gemv r{c.get('ROWS', 1)}g{c['BG']}j{c['NJ']}w{c['num_warps']}s{c['SPLIT_K']}"
                 f"p{c['PREFETCH']}")
@@ -371,6 +366,15 @@ def main() -> None:
         # The block GEMV's grid at one row on every format and weight, beside the shipped bucket.
         run([(f, N, K, 1, c) for N, K in SHAPES for f in FMTS
              for c in blk_confs() + [bucket_jobs(f, N, K)[0][4]]], copy_gbs, results, weights, peer)
+        first = []
+    elif WEV_GRID:
+        jobs = []
+        for N, K in SHAPES:
+            for f in FMTS:
+                for j in bucket_jobs(f, N, K):
+                    if j[4].get("MMA") and j[3] <= 16:
+                        jobs += [j, j[:4] + (dict(j[4], WEV=1),)]
+        run(jobs, copy_gbs, results, weights, peer)
         first = []
     elif BUCKETS_ONLY:
         # The shipped buckets alone, every format and weight.

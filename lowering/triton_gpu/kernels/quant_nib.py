@@ -165,16 +165,14 @@ def _quarters(v):
 
 
 @triton.jit
-def _x_octet(xp, DT: tl.constexpr, LOADED: tl.constexpr = False):
+def _x_octet(xp, DT: tl.constexpr):
     """X values 8 j + 0..7 as eight float32 `[BG, NJ]` from pointers xp `[BG, NJ, 4]` (the same
-    for every g: one 16-byte load a lane for 16-bit X, two for float32); LOADED: xp is that
-    load's value already (16-bit X)."""
+    for every g: one 16-byte load a lane for 16-bit X, two for float32)."""
     if DT == 0:
-        tl.static_assert(not LOADED, "float32 X is loaded here")
         x0, x1, x2, x3 = _quarters(tl.load(xp))
         x4, x5, x6, x7 = _quarters(tl.load(xp + 4))
     else:
-        p0, p1, p2, p3 = _quarters(xp if LOADED else tl.load(xp))
+        p0, p1, p2, p3 = _quarters(tl.load(xp))
         x0, x1 = _pair(p0, DT)
         x2, x3 = _pair(p1, DT)
         x4, x5 = _pair(p2, DT)
@@ -221,12 +219,11 @@ def _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split, FMT: tl.constexpr,
 
 @triton.jit
 def _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7,
-               DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr,
-               LOADED: tl.constexpr = False):
+               DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
     """t + the products of one word's decoded planes q (and q6_k's crumbs c) with the X octet at
     xp: one FMA chain, X of nibble q pre-scaled by 16**-q once for four weight rows; and the
     octet's sum where the format's offset needs it (the octet's first value otherwise, unread)."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp, DT, LOADED)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp, DT)
     t = tl.fma(q0, x0[:, :, None], t)
     t = tl.fma(q1, (x1 * 0.0625)[:, :, None], t)
     t = tl.fma(q2, (x2 * 0.00390625)[:, :, None], t)

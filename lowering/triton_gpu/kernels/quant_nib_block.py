@@ -14,8 +14,7 @@ from .quant_nib import _crumbs, _octet_dot, _planes, _row_out, _walk, block_affi
 
 
 @triton.jit
-def _word_dot(t, xs, words, h, xp, DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr,
-              LOADED: tl.constexpr):
+def _word_dot(t, xs, words, h, xp, DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
     """t + one code word's products with its X octet (at xp), decoded here (the block GEMV's
     lane has the word alone), and xs + the octet's sum where the format's offset needs it; h:
     q6_k's crumbs of the word (shifted to bit 0), unread otherwise."""
@@ -23,24 +22,23 @@ def _word_dot(t, xs, words, h, xp, DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.
     if FMT == 5:
         c0, c1, c2, c3, c4, c5, c6, c7 = _crumbs(h)
         t, _ = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7,
-                          DT, FMT, OFF, LOADED)
+                          DT, FMT, OFF)
     else:
         t, xo = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, q0, q0, q0, q0, q0, q0, q0, q0,
-                           DT, FMT, OFF, LOADED)
+                           DT, FMT, OFF)
         if OFF == 0:
             xs = xs + xo
     return t, xs
 
 
 @triton.jit
-def _block_fetch(wp, hp, xp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
-                 GROUP: tl.constexpr, NQ: tl.constexpr, XW: tl.constexpr, XPF: tl.constexpr,
-                 WEV: tl.constexpr):
+def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
+                 GROUP: tl.constexpr, NQ: tl.constexpr, WEV: tl.constexpr):
     """Step `step`'s four code words of each of NQ blocks `[BG, NQ, 4]` (word columns 4 b + 0..3),
-    q6_k's two crumb words (columns 2 b, 2 b + 1: the code words again otherwise), the affine
-    terms: (s, m) of the block, or q6_k's scales of its two 16-value halves; and with XPF the
-    step's four X octets' loads (16-bit X; else their pointers). WEV: the weight's loads marked
-    evict-first, so that X, read by every program, keeps its L1 lines."""
+    q6_k's two crumb words (columns 2 b, 2 b + 1: the code words again otherwise) and the
+    affine terms: (s, m) of the block, or q6_k's scales of its two 16-value halves. WEV: the
+    weight's words loaded evict-first, so that X, which every program reads, keeps its cache
+    lines (2-6% faster on the H200 at every format and weight: BENCHMARKS.md nib round 8)."""
     o = step * (NQ * 16)
     EV: tl.constexpr = "evict_first" if WEV else ""
     w0 = tl.load(wp + o, eviction_policy=EV)
@@ -57,25 +55,14 @@ def _block_fetch(wp, hp, xp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
         c0 = w0
         c1 = w0
         s, m = block_affine(s_ptr, z_ptr, g, b, nblk, FMT, GROUP)
-    if XPF:
-        xs = xp + step * (NQ * 4 * XW)
-        x0 = tl.load(xs)
-        x1 = tl.load(xs + XW)
-        x2 = tl.load(xs + 2 * XW)
-        x3 = tl.load(xs + 3 * XW)
-    else:   # unread: the loop loads X from its pointers
-        x0 = w0
-        x1 = w0
-        x2 = w0
-        x3 = w0
-    return w0, w1, w2, w3, c0, c1, s, m, x0, x1, x2, x3
+    return w0, w1, w2, w3, c0, c1, s, m
 
 
 @triton.jit
 def nib_gemv_block_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                           FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                           BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr,
-                          XPF: tl.constexpr, WEV: tl.constexpr):
+                          WEV: tl.constexpr):
     pdl_wait()
     # The one-row GEMV with a lane's four words of a step in one 32-value block (NJ / 4 blocks
     # a step, a block's word q in the q-th of four tiles), so its affine terms are loaded and
@@ -103,31 +90,26 @@ def nib_gemv_block_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, col
     OFF: tl.constexpr = 8 if FMT == 0 or FMT == 4 else 0
     acc = tl.zeros((BG, NQ, 4), tl.float32)
     zx = tl.zeros((BG, NQ), tl.float32)
-    nxt = _block_fetch(wp, hp, xp, s_ptr, z_ptr, g, jb, 0, nblk, FMT, GROUP, NQ, XW, XPF, WEV)
+    nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, 0, nblk, FMT, GROUP, NQ, WEV)
     for it in range(steps):
-        w0, w1, w2, w3, c0, c1, s, m, x0, x1, x2, x3 = nxt
+        w0, w1, w2, w3, c0, c1, s, m = nxt
         # Past the last step: the last again (in bounds, unused).
-        nxt = _block_fetch(wp, hp, xp, s_ptr, z_ptr, g, jb, tl.minimum(it + 1, steps - 1), nblk,
-                           FMT, GROUP, NQ, XW, XPF, WEV)
-        if not XPF:
-            xs = xp + it * (NQ * 4 * XW)
-            x0 = xs
-            x1 = xs + XW
-            x2 = xs + 2 * XW
-            x3 = xs + 3 * XW
+        nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, tl.minimum(it + 1, steps - 1), nblk,
+                           FMT, GROUP, NQ, WEV)
+        xs = xp + it * (NQ * 4 * XW)
         t = tl.zeros((BG, NQ, 4), tl.float32)
-        t, xsum = _word_dot(t, zx, w0, c0, x0, DT, FMT, OFF, XPF)
+        t, xsum = _word_dot(t, zx, w0, c0, xs, DT, FMT, OFF)
         if FMT == 5:
-            t, xsum = _word_dot(t, xsum, w1, c0 >> 16, x1, DT, FMT, OFF, XPF)
+            t, xsum = _word_dot(t, xsum, w1, c0 >> 16, xs + XW, DT, FMT, OFF)
             acc = tl.fma(s, t, acc)
             t = tl.zeros((BG, NQ, 4), tl.float32)
-            t, xsum = _word_dot(t, xsum, w2, c1, x2, DT, FMT, OFF, XPF)
-            t, xsum = _word_dot(t, xsum, w3, c1 >> 16, x3, DT, FMT, OFF, XPF)
+            t, xsum = _word_dot(t, xsum, w2, c1, xs + 2 * XW, DT, FMT, OFF)
+            t, xsum = _word_dot(t, xsum, w3, c1 >> 16, xs + 3 * XW, DT, FMT, OFF)
             acc = tl.fma(m, t, acc)     # m: the second half's scale
         else:
-            t, xsum = _word_dot(t, xsum, w1, c0, x1, DT, FMT, OFF, XPF)
-            t, xsum = _word_dot(t, xsum, w2, c0, x2, DT, FMT, OFF, XPF)
-            t, xsum = _word_dot(t, xsum, w3, c0, x3, DT, FMT, OFF, XPF)
+            t, xsum = _word_dot(t, xsum, w1, c0, xs + XW, DT, FMT, OFF)
+            t, xsum = _word_dot(t, xsum, w2, c0, xs + 2 * XW, DT, FMT, OFF)
+            t, xsum = _word_dot(t, xsum, w3, c0, xs + 3 * XW, DT, FMT, OFF)
             acc = tl.fma(s, t, acc)
             if OFF == 0:
                 acc = tl.fma(m, xsum[:, :, None], acc)

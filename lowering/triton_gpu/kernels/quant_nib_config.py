@@ -54,7 +54,8 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     """The GEMV (conf["GEMV"]) or dot kernel for a nib weight of format `fmt` and X of `dtype`
     and, when the config splits K, the reduce of its fp32 partials. conf: BG (groups of four
     rows), NJ (word columns a step), SPLIT_K, num_warps, PREFETCH (0 or 1; GEMV also 2), and
-    BM / num_stages (dot); BLK 1: the one-row GEMV a block a lane (nib_gemv_block_kernel)."""
+    BM / num_stages (dot); BLK 1: the one-row GEMV a block a lane (nib_gemv_block_kernel), WEV 1
+    its weight loads evict-first."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv, triton_dtype
 
@@ -76,9 +77,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     if blk:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split)
-        if conf.get("XPF") and t == "fp32":
-            raise ValueError("nib block GEMV: XPF (X loaded a step ahead) takes 16-bit X")
-        consts.update(XPF=bool(conf.get("XPF")), WEV=bool(conf.get("WEV")))
+        consts.update(WEV=bool(conf.get("WEV")))
     elif gemv:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)), ROWS=bm)
@@ -88,8 +87,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
-    tag = (f"gemvblk_g{conf['BG']}j{conf['NJ']}" + "x" * bool(conf.get("XPF"))
-           + "e" * bool(conf.get("WEV")) if blk else
+    tag = (f"gemvblk_g{conf['BG']}j{conf['NJ']}" + "e" * bool(conf.get("WEV")) if blk else
            f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
            if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
     main = KernelSpec(
@@ -138,7 +136,7 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
     rows a program: conf MMA=1, num_warps (each a share of the program's blocks of K), NB (blocks
     of K a step: 1 or 2), SPLIT_K, PREFETCH (1 or 2 steps of words, terms and X loaded ahead of
     the MMAs), SA (symmetric codes scaled after the MMA, exactly: 1, or rounded with their
-    scale: 0), XN (sets of 8 rows of X a program: 1 or 2)."""
+    scale: 0), XN (sets of 8 rows of X a program: 1 or 2), WEV (weight loads evict-first)."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv
 
@@ -152,14 +150,16 @@ def _mma_specs(fmt: str, t: str, conf: dict, group: int) -> list:
         raise ValueError(f"nib warp-MMA kernel: NB must be 1, 2 or 4, got {nb}")
     consts = dict(FMT=_fmt_id(fmt), GROUP=group, DT={"bf16": 1, "fp16": 2}[t],
                   WARPS=warps, NB=nb, SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)),
-                  SA=int(conf.get("SA", 1)), XN=int(conf.get("XN", 1)))
+                  SA=int(conf.get("SA", 1)), XN=int(conf.get("XN", 1)),
+                  WEV=bool(conf.get("WEV")))
     if consts["XN"] not in (1, 2):
         raise ValueError(f"nib warp-MMA kernel: XN must be 1 or 2, got {consts['XN']}")
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "blocks_per_split": "i32", **{k: "constexpr" for k in consts}}
     main = KernelSpec(
-        name=f"nib_{fmt}_mma_x{consts['XN']}b{nb}p{consts['PREFETCH']}a{consts['SA']}_{t}_w{warps}"
+        name=f"nib_{fmt}_mma_x{consts['XN']}b{nb}p{consts['PREFETCH']}a{consts['SA']}"
+             + "e" * consts["WEV"] + f"_{t}_w{warps}"
              + (f"s{split}" if split > 1 else ""),
         fn=nib_mma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=1,
         grid=lambda M, N: (cdiv(M, 8 * consts["XN"]), cdiv(N, 32), split), grid_args=("M", "N"),
@@ -239,9 +239,10 @@ def nib_dequant_spec(fmt: str, dtype: str, k: int, group: int = 32):
 # cuBLAS, decoding every weight tile once per row tile of X. One row: the GEMV a block a lane
 # (nib round 6, run 10: 14336 x 4096 Q4_0 13.2 against the word-a-lane GEMV's 14.6 us, Q4_K 15.8
 # against 20.0, GPTQ 4-bit 13.2 against 15.2; 4096 x 4096 with BLK_SMALL Q4_K 6.8 against 7.8,
-# Q4_0 6.3 against 6.2).
+# Q4_0 6.3 against 6.2). Its weight loads evict-first (WEV; nib round 8: 2-6% at every format
+# and weight, e.g. 14336 x 4096 Q4_0 13.0 -> 12.7 us, Q4_K 15.5 -> 14.9).
 NIB_BUCKETS = (
-    (1, dict(GEMV=1, BLK=1, BG=1, NJ=128, num_warps=1, SPLIT_K=1)),
+    (1, dict(GEMV=1, BLK=1, BG=1, NJ=128, num_warps=1, SPLIT_K=1, WEV=1)),
     (2, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=2)),
     (4, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),
     (8, dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=4)),

@@ -257,15 +257,16 @@ def _half(u, h: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: tl.constexpr,
-           DTYPE: tl.constexpr, XN: tl.constexpr):
+           DTYPE: tl.constexpr, XN: tl.constexpr, WEV: tl.constexpr):
     """Block b's loads for a lane: its group's four code words (one 16-byte load), their affine
     terms (float32; q6_k: of sub-block 2 b + sub), q6_k's crumb words and X's XN sets (from
-    pointers xp[0], xp[1]: rows 8 apart)."""
+    pointers xp[0], xp[1]: rows 8 apart); WEV: the weight's words loaded evict-first."""
     r4 = tl.arange(0, 4)[None, :]
-    w = _four(tl.load(wp + (b * 16)[:, None]))
+    EV: tl.constexpr = "evict_first" if WEV else ""
+    w = _four(tl.load(wp + (b * 16)[:, None], eviction_policy=EV))
     if FMT == 5:
         s4, m4 = affine_at(s_ptr, z_ptr, g, (2 * b + sub)[:, None], r4, nblk, FMT, GROUP)
-        c = _four(tl.load(cp + (b * 8)[:, None]))
+        c = _four(tl.load(cp + (b * 8)[:, None], eviction_policy=EV))
     else:
         s4, m4 = affine_at(s_ptr, z_ptr, g, b[:, None], r4, nblk, FMT, GROUP)
         c = w   # unread
@@ -278,14 +279,16 @@ def _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr, GROUP: 
 
 @triton.jit
 def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
-                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr, XN: tl.constexpr):
+                GROUP: tl.constexpr, DTYPE: tl.constexpr, NB: tl.constexpr, XN: tl.constexpr,
+                WEV: tl.constexpr):
     """The loads of blocks b .. b + NB - 1 (NB 1, 2 or 4)."""
-    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE, XN)
+    f0 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT, GROUP, DTYPE, XN, WEV)
     if NB >= 2:
-        f1 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE, XN)
+        f1 = _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 1, sub, nblk, FMT, GROUP, DTYPE, XN, WEV)
     if NB == 4:
-        out = (f0, f1, _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 2, sub, nblk, FMT, GROUP, DTYPE, XN),
-               _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 3, sub, nblk, FMT, GROUP, DTYPE, XN))
+        out = (f0, f1,
+               _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 2, sub, nblk, FMT, GROUP, DTYPE, XN, WEV),
+               _fetch(wp, xp, cp, s_ptr, z_ptr, g, b + 3, sub, nblk, FMT, GROUP, DTYPE, XN, WEV))
     elif NB == 2:
         out = (f0, f1)
     else:
@@ -297,7 +300,8 @@ def _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b, sub, nblk, FMT: tl.constexpr,
 def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per_split,
                    FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                    WARPS: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                   PREFETCH: tl.constexpr, SA: tl.constexpr, XN: tl.constexpr):
+                   PREFETCH: tl.constexpr, SA: tl.constexpr, XN: tl.constexpr,
+                   WEV: tl.constexpr):
     pdl_wait()
     # A program owns 32 weight rows (8 row groups of the layout), up to 8 rows of X and a run
     # of 32-value blocks of K, split evenly among its WARPS warps (the launcher makes
@@ -349,24 +353,25 @@ def nib_mma_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, blocks_per
     # NB blocks a step; PREFETCH (1 or 2) steps ahead are loaded before this one's MMAs (past
     # the last step: the last again, in bounds and unused).
     if PREFETCH >= 1:
-        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB, XN)
+        nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0, sub, nblk, FMT, GROUP, DTYPE, NB, XN,
+                          WEV)
     if PREFETCH == 2:
         nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(1, steps - 1) * NB, sub,
-                           nblk, FMT, GROUP, DTYPE, NB, XN)
+                           nblk, FMT, GROUP, DTYPE, NB, XN, WEV)
     for it in range(steps):
         if PREFETCH == 2:
             cur = nxt
             nxt = nxt2
             nxt2 = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g,
                                b0 + tl.minimum(it + 2, steps - 1) * NB, sub, nblk, FMT, GROUP,
-                               DTYPE, NB, XN)
+                               DTYPE, NB, XN, WEV)
         elif PREFETCH == 1:
             cur = nxt
             nxt = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + tl.minimum(it + 1, steps - 1) * NB,
-                              sub, nblk, FMT, GROUP, DTYPE, NB, XN)
+                              sub, nblk, FMT, GROUP, DTYPE, NB, XN, WEV)
         else:
             cur = _fetch_step(wp, xp, cp, s_ptr, z_ptr, g, b0 + it * NB, sub, nblk, FMT, GROUP,
-                              DTYPE, NB, XN)
+                              DTYPE, NB, XN, WEV)
         for u in tl.static_range(NB):
             w, s4, m4, c, xs = cur[u]
             if KIND != 0:

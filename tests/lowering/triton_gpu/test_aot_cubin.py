@@ -75,7 +75,8 @@ def record(s, c):
     return dict(shared=c.shared, name=s.name, magic=c.cubin[:4].hex(), res=resources(c.cubin),
                 cp_async=c.ptx.count("cp.async"), wgmma=c.ptx.count("wgmma.mma_async"),
                 mma=c.ptx.count("mma.sync"), lop3=c.ptx.count("1258291200, 0xEA"),
-                packed=c.ptx.count("sub.rn.bf16x2") + c.ptx.count("sub.rn.f16x2"))
+                packed=c.ptx.count("sub.rn.bf16x2") + c.ptx.count("sub.rn.f16x2"),
+                evict_first=c.ptx.count("L1::evict_first"))
 """
 
 

@@ -120,18 +120,14 @@ def test_gemv_matches_product(fmt, group, dtype, rows):
     ("q4_0", 32, torch.float32, 1), ("q4_1", 32, torch.bfloat16, 2),
     ("q4_k", 32, torch.bfloat16, 2), ("gptq", 64, torch.float32, 2),
     ("gptq_sym", 128, torch.float16, 1), ("q6_k", 32, torch.float32, 2)])
-@pytest.mark.parametrize("flags", [{}, dict(XPF=1, WEV=1)])
-def test_block_gemv_matches_product(fmt, group, dtype, split, flags):
+def test_block_gemv_matches_product(fmt, group, dtype, split):
     # The one-row GEMV a block a lane (each block's terms applied once to its chained products):
-    # 3 rows of X (a program each), ragged N, K split in two; X loaded a step ahead with the
-    # weight (16-bit X) and the weight's loads marked evict-first.
-    if flags and dtype == torch.float32:
-        pytest.skip("XPF takes 16-bit X")
+    # 3 rows of X (a program each), ragged N, K split in two; weight loads evict-first, as shipped.
     rng = np.random.default_rng(hash((fmt, str(dtype), 7)) % 2**32)
     n, k, m = (40 if fmt.startswith("gptq") else 37), 512, 3
     ops, w = weight_for(rng, fmt, n, k, group)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
-    conf = dict(GEMV=1, BLK=1, BG=2, NJ=16, num_warps=1, SPLIT_K=split, **flags)
+    conf = dict(GEMV=1, BLK=1, BG=2, NJ=16, num_warps=1, SPLIT_K=split, WEV=1)
     got = launch(x, ops, fmt, n, conf, group)
     want = x.double().numpy() @ w.astype(np.float64).T
     tol = 1e-5 if dtype == torch.float32 else 1e-2      # the output's rounding only
@@ -243,7 +239,7 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
                         sp = conf["SPLIT_K"]
                         assert cdiv(n, 4 * conf["BG"]) * sp >= min(264, 8 * cdiv(n, 64)) \
                             or not qn.fills(k // 8, nj, 2 * sp), (k, n, sp)
-    assert qn.nib_config(1, 4096)[0].get("BLK")
+    assert qn.nib_config(1, 4096)[0].get("BLK") and qn.nib_config(1, 4096)[0].get("WEV")
     assert qn.nib_config(1, 4096, 14336)[0]["num_warps"] == 1
     # K = 11008 (32 word columns a step): fewer blocks than lanes, so the word-a-lane GEMV.
     assert qn.nib_config(1, 11008)[0].get("GEMV") and not qn.nib_config(1, 11008)[0].get("BLK")
