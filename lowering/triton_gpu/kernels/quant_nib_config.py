@@ -282,7 +282,9 @@ def tc_takes(fmt: str, dtype: str, k: int) -> bool:
 # kernel's 25.9 us (8 rows); 4096 x 4096 at 4 / 8 rows 9.5 / 10.2 us against 10.0 / 13.7 us.
 # At 2 rows of a 4096-row weight the GEMV stays ahead (7.4 against 9.1 us: 128 programs of 32
 # rows leave the MMA kernel short of loads in flight); at one row the GEMV wins on both.
-MMA_BUCKET = (8, dict(MMA=1, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
+# Weight loads evict-first (WEV; nib round 8): 14336 x 4096 at 2-8 rows Q4_0 16.2 -> 14.8 us,
+# GPTQ 4-bit 16.2 -> 15.3, Q4_K 21.3 -> 20.6, Q6_K 23.6 -> 23.1; 4096 x 4096 within 2%.
+MMA_BUCKET = (8, dict(MMA=1, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1, WEV=1))
 MMA_MIN_N_AT_2 = 8448       # 2 x 132 programs of 32 rows
 # Weights of fewer rows (fewer than two programs an SM): 8 warps a program, four blocks a step
 # each, K not split, where K is a multiple of 1024 (nib round 6, run 8, 4096 x 4096: 4 rows Q4_0
@@ -297,7 +299,7 @@ MMA_SMALL = dict(num_warps=8, NB=4, SPLIT_K=1)
 # at 16 rows Q4_0 21.2 against 27.7 us, Q4_K 29.0 against 33.5, Q6_K 35.6 against 49.6;
 # 4096 x 4096 Q4_0 11.7 us (the tensor-core kernel took 13.9 in round 5). The tensor-core
 # kernel keeps the weights whose K is a multiple of 128 but not of 256.
-MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1))
+MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, SA=1, WEV=1))
 
 
 def mma_first_row(fmt: str, n: int) -> int:

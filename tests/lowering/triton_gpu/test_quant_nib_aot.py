@@ -96,10 +96,13 @@ def test_gemv_decodes_on_the_fma_pipe_and_dot_on_tensor_cores(compiled):
         assert c["wgmma"] == 0 and c["mma"] == 0 and c["lop3"] > 0, k
     # The shipped one-row GEMV loads its weight evict-first (four code words a step, q6_k's
     # crumbs too; the prefetch before the loop and the one in it), X with the default policy.
+    # So do the shipped warp-MMA buckets (a 16-byte load of four code words a block).
     blk = {k: c for k, c in compiled.items() if "_gemvblk_" in c["name"]}
-    assert blk and all("e_" in c["name"] for c in blk.values())
-    for k, c in blk.items():
-        assert c["evict_first"] >= 8, k
+    mma = {k: c for k, c in compiled.items()
+           if "_mma_" in c["name"] and "/mma/" not in k and "e_" in c["name"]}
+    assert blk and all("e_" in c["name"] for c in blk.values()) and len(mma) >= 12
+    for k, c in {**blk, **mma}.items():
+        assert c["evict_first"] >= (2 if "_mma_" in c["name"] else 8), k
     for k, c in dot.items():
         # 64 or more weight rows a tile take wgmma (W in registers), fewer mma.sync; the
         # tensor-core kernel decodes two values an instruction (packed 16-bit arithmetic).
