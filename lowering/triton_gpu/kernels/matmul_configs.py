@@ -76,7 +76,11 @@ PREFILL = tile(128, 128, 64, 8, 8, 3, name="prefill")
 
 # 16-bit inputs (bf16, fp16). The first entry of each bucket is the built-in default.
 CANDIDATES = {
+    # Two weight rows a program (one or two warps): the 4096- and 6144-row projections at one
+    # row, 10.0 / 13.9 us against 10.6 / 14.4 for the wider tiles (BENCHMARKS.md, matmul at one
+    # row, 2026-12-04; 105 tiles of 2-16 rows x 256-1024 columns x 1-4 warps timed).
     "m1": [gemv(16, 512, 4), gemv(8, 1024, 4), gemv(32, 256, 4), gemv(16, 512, 4, split_k=2),
+           gemv(2, 1024, 1), gemv(2, 256, 2),
            DECODE, tile(16, 16, 256, 1, 4, 6), tile(16, 32, 256, 1, 4, 4, split_k=4), *LT],
     "m16": [tile(16, 16, 256, 1, 4, 6), DECODE, tile(16, 32, 512, 1, 4, 3),
             tile(16, 64, 256, 1, 4, 4, split_k=2), tile(16, 32, 256, 1, 4, 4, split_k=4),
