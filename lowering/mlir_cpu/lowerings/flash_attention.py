@@ -93,6 +93,28 @@ def _tile_pages(k: _Kernel, k0: str, kend: str, page: int, j: str) -> None:
     t.close()
 
 
+def _prefetch_tile(k: _Kernel, k0: str, kend: str, page: int) -> None:
+    """Prefetch into L2 the K and V rows of the key tile at k0 (keys past the range: the last
+    key's again; every index clamped like the loads'). A decode step reads each key once, and
+    a tile's 32 rows lie a page slot of all KV heads apart (4 KB for 8 heads of 128 f32), a
+    pattern the hardware prefetchers follow poorly: without this the decode attention at
+    context 4096 read its 33 MB of K/V at ~10 GB/s while the matmuls beside it streamed 24 GB/s
+    (BENCHMARKS.md, CPU decode attention, 2026-12-04)."""
+    t, it = k.t, "index"
+    last = t(f"arith.subi {kend}, {t.idx(1)} : index")
+    line = 64 // (2 if k.el in ("bf16", "f16") else 4)       # elements a cache line
+    t.for_("%pj", t.idx(0), t.idx(KEY_TILE), t.idx(1))
+    kp = t.min(t(f"arith.addi {k0}, %pj : {it}"), last)
+    col = t.clamp(t(f"arith.divui {kp}, {t.idx(page)} : index"), k.lut_cols)
+    pg = t.clamp(t.load_index(k.lutm, ["%b", col], k.lutt), k.npages)
+    sl = t(f"arith.remui {kp}, {t.idx(page)} : index")
+    for kind in (0, 1):
+        for off in range(0, k.d, line):
+            t.stmt(f"memref.prefetch %blocks[{pg}, {t.idx(kind)}, {t.idx(k.layer)}, {sl}, %h, "
+                   f"{t.idx(off)}], read, locality<2>, data : {k.bt}")
+    t.close()
+
+
 def _key_index(k: _Kernel, j: str, kind: int, col: str) -> list[str]:
     t, it = k.t, f"memref<{KEY_TILE}xindex>"
     pg = t(f"memref.load {k.pgs}[{j}] : {it}")
@@ -291,7 +313,9 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
 def _vector_rows(k: _Kernel, r0: str, rows: str, page: int, sc: dict) -> None:
     """Rows [r0, r0 + rows) in blocks of ROW_VECS // G rows, one query vector at a time."""
     t, d, g, c, el, layer = k.t, k.d, k.g, KEY_TILE, k.el, k.layer
-    dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)   # lanes along head_dim
+    # Lanes along head_dim: VW even on AVX-512 (16 lanes, folded to 8 before the sum tree,
+    # measured no faster on an AVX-512 Xeon: this loop is not bound by its FMAs).
+    dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)
     r_blk = max(1, ROW_VECS // g)
     gr, nv = g * r_blk, d // dw
     cv = max(x for x in range(1, min(8, nv) + 1) if nv % x == 0)
@@ -324,6 +348,7 @@ def _vector_rows(k: _Kernel, r0: str, rows: str, page: int, sc: dict) -> None:
     iota = t.const("[" + ", ".join(str(i) for i in range(VW)) + "]", vi)
     t.for_("%k0", kstart, kend, t.idx(c))
     _tile_pages(k, "%k0", kend, page, "%j")
+    _prefetch_tile(k, t(f"arith.addi %k0, {t.idx(c)} : index"), kend, page)
 
     def key_row(j: int, kind: int, col: str) -> list[str]:
         return _key_index(k, t.idx(j), kind, col)
