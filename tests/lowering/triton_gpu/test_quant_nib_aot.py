@@ -5,7 +5,8 @@ no tensor cores and decode with the one-instruction mask-or (inline lop3); the d
 the tensor-core kernel (16-bit X, 5-16 rows) multiply on tensor cores. The warp-MMA kernel
 (quant_nib_mma.py) compiles for every format and both 16-bit types with its lane tensors in one
 layout (lane p of the tensor in lane p % 32 of warp p // 32) and no layout conversion or shared
-memory inside its loop: its inline MMA depends on that placement."""
+memory inside its loop: its inline MMA depends on that placement. The shipped one-row GEMV and
+warp-MMA buckets load the weight evict-first (the hint is in their PTX)."""
 
 import re
 
