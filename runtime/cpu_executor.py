@@ -34,10 +34,30 @@ def _storage_dtype(dt: DType) -> np.dtype:
 _LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)")
 
 
+ALIGN = 64   # bytes: a cache line, and an AVX-512 vector
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
+    """uint8 `[nbytes]` starting on an `align`-byte boundary. numpy puts large arrays 16 bytes
+    past a page start, so every 64-byte vector load of such a buffer straddles two cache lines:
+    W packed on a line ran the AVX-512 matmul 20-30% faster on an Intel Xeon (BENCHMARKS.md,
+    CPU matmul on an Intel AVX-512 Xeon)."""
+    buf = np.empty(nbytes + align, np.uint8)
+    off = -buf.ctypes.data % align
+    return buf[off:off + nbytes]
+
+
+def aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
+    """A C-contiguous copy of `a` in aligned_empty's memory."""
+    out = aligned_empty(a.nbytes, align).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def pack_operand(a: np.ndarray, layout: str) -> np.ndarray:
     """A matmul operand in the panel layout a kernel takes pre-packed (lowering/mlir_cpu/
     schedules.py): "nk<NR>" packs W [N, K] (used transposed), "kn<NR>" W [K, N]; both give
-    f32 [N/NR, K, NR]."""
+    f32 [N/NR, K, NR], starting on a cache line (aligned_copy)."""
     m = _LAYOUT.fullmatch(layout)
     if not m:
         raise ValueError(f"pack_operand: unknown layout {layout!r}; expected e.g. 'nk32'")
@@ -47,8 +67,8 @@ def pack_operand(a: np.ndarray, layout: str) -> np.ndarray:
         raise ValueError(f"pack_operand: layout {layout!r} needs a 2-D operand whose N is a "
                          f"multiple of {nr}, got shape {a.shape}")
     if m.group(1) == "nk":
-        return np.ascontiguousarray(a.reshape(n // nr, nr, -1).transpose(0, 2, 1))
-    return np.ascontiguousarray(a.reshape(-1, n // nr, nr).transpose(1, 0, 2))
+        return aligned_copy(a.reshape(n // nr, nr, -1).transpose(0, 2, 1))
+    return aligned_copy(a.reshape(-1, n // nr, nr).transpose(1, 0, 2))
 
 
 class CpuModel:
@@ -203,7 +223,7 @@ class CpuModel:
             if v.slot is not None and v.view_of is None and v.id not in self._at_load:
                 n = int(np.prod(self._shape(v.id, env))) * _storage_dtype(self._dtypes[v.id]).itemsize
                 need[v.slot] = max(need[v.slot], n)
-        self._slot_memory = [k if k.size >= n else np.empty(n, np.uint8)
+        self._slot_memory = [k if k.size >= n else aligned_empty(n)
                              for k, n in zip(self._slot_memory, need)]
         return self._slot_memory
 

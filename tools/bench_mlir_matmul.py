@@ -150,7 +150,8 @@ def main() -> None:
 
     from graphir.lowering.driver import Target
     from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, host_cpu
-    from graphir.lowering.mlir_cpu.schedules import MatmulConfig, pack_weight_numpy
+    from graphir.lowering.mlir_cpu.schedules import MatmulConfig
+    from graphir.runtime.cpu_executor import pack_operand   # as the runtime packs W at load
     from graphir.runtime.cpu import CpuLibrary
 
     torch.set_num_threads(args.threads)
@@ -172,7 +173,7 @@ def main() -> None:
                 so = Path(tmp) / f"{spec}-{variant}.so"
                 compile_s = _build(m, k, n, prepacked, so, cpu)
                 fn = CpuLibrary(so).function("linear", 2, 1)
-                w_in = pack_weight_numpy(w, cfg.panel_width(n)) if prepacked else w
+                w_in = pack_operand(w, f"nk{cfg.panel_width(n)}") if prepacked else w
                 out = np.empty((m, n), np.float32)
                 calls.append(lambda fn=fn, w_in=w_in, out=out: fn([a, w_in], [out]))
                 built.append((variant, compile_s, out))

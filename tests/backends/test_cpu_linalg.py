@@ -143,6 +143,10 @@ def test_pack_operand_layouts_and_errors():
     assert nk.shape == kn.shape == (2, 24, 32)
     np.testing.assert_array_equal(nk, kn)
     np.testing.assert_array_equal(nk[1, 5], w[32:64, 5])
+    # Panels start on a cache line (numpy alone puts a large array 16 bytes past one).
+    big = pack_operand(_rand(np.random.default_rng(6), (256, 1024)), "nk32")
+    for p in (nk, kn, big):
+        assert p.ctypes.data % 64 == 0 and p.flags.c_contiguous and p.dtype == np.float32
     with pytest.raises(ValueError, match="unknown layout 'nk'"):
         pack_operand(w, "nk")
     with pytest.raises(ValueError, match=r"multiple of 32, got shape \(24, 64\)"):
