@@ -84,13 +84,19 @@ def _tile_pages(k: _Kernel, k0: str, kend: str, page: int, j: str) -> None:
     kcnt = t.min(t.idx(KEY_TILE), t(f"arith.subi {kend}, {k0} : index"))
     t.for_(j, t.idx(0), t.idx(KEY_TILE), t.idx(1))
     jj = t.min(j, t(f"arith.subi {kcnt}, {t.idx(1)} : index"))
-    kp = t(f"arith.addi {k0}, {jj} : index")
-    # Page-table column and page id clamped into their tables: bad metadata stays in bounds.
+    pg, sl = _page_slot(k, t(f"arith.addi {k0}, {jj} : index"), page)
+    t.stmt(f"memref.store {pg}, {k.pgs}[{j}] : {it}")
+    t.stmt(f"memref.store {sl}, {k.sls}[{j}] : {it}")
+    t.close()
+
+
+def _page_slot(k: _Kernel, kp: str, page: int) -> tuple[str, str]:
+    """(page id, slot) of key position kp of sequence %b; the page-table column and the page
+    id are clamped into their tables, so bad metadata stays in bounds."""
+    t = k.t
     col = t.clamp(t(f"arith.divui {kp}, {t.idx(page)} : index"), k.lut_cols)
     pg = t.clamp(t.load_index(k.lutm, ["%b", col], k.lutt), k.npages)
-    t.stmt(f"memref.store {pg}, {k.pgs}[{j}] : {it}")
-    t.stmt(f"memref.store {t(f'arith.remui {kp}, {t.idx(page)} : index')}, {k.sls}[{j}] : {it}")
-    t.close()
+    return pg, t(f"arith.remui {kp}, {t.idx(page)} : index")
 
 
 def _prefetch_tile(k: _Kernel, k0: str, kend: str, page: int) -> None:
@@ -100,14 +106,11 @@ def _prefetch_tile(k: _Kernel, k0: str, kend: str, page: int) -> None:
     pattern the hardware prefetchers follow poorly: without this the decode attention at
     context 4096 read its 33 MB of K/V at ~10 GB/s while the matmuls beside it streamed 24 GB/s
     (BENCHMARKS.md, CPU decode attention, 2026-12-04)."""
-    t, it = k.t, "index"
+    t = k.t
     last = t(f"arith.subi {kend}, {t.idx(1)} : index")
     line = 64 // (2 if k.el in ("bf16", "f16") else 4)       # elements a cache line
     t.for_("%pj", t.idx(0), t.idx(KEY_TILE), t.idx(1))
-    kp = t.min(t(f"arith.addi {k0}, %pj : {it}"), last)
-    col = t.clamp(t(f"arith.divui {kp}, {t.idx(page)} : index"), k.lut_cols)
-    pg = t.clamp(t.load_index(k.lutm, ["%b", col], k.lutt), k.npages)
-    sl = t(f"arith.remui {kp}, {t.idx(page)} : index")
+    pg, sl = _page_slot(k, t.min(t(f"arith.addi {k0}, %pj : index"), last), page)
     for kind in (0, 1):
         for off in range(0, k.d, line):
             t.stmt(f"memref.prefetch %blocks[{pg}, {t.idx(kind)}, {t.idx(k.layer)}, {sl}, %h, "
