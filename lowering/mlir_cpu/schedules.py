@@ -8,8 +8,8 @@ NR-column panels. For a Linear layer (W is `[out, in]`) that is
 
     packed[p, k, j] = W[p*NR + j, k]          (numpy: W.reshape(N//NR, NR, K).transpose(0, 2, 1))
 
-which `emit_pack_weight` emits in MLIR (cost: one pass over W per call) or `pack_weight_numpy`
-does once at load time (free per call; best).
+which `emit_pack_weight` emits in MLIR (cost: one pass over W per call) or the runtime does once
+at load time (`graphir.runtime.cpu_executor.pack_operand`; free per call; best).
 
 How to emit (with the Python builders, inside a func.func over tensors):
 
@@ -47,7 +47,6 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 from mlir import ir, passmanager
 from mlir.dialects import arith, linalg, tensor
 
@@ -97,15 +96,6 @@ class MatmulConfig:
                 return w
             w //= 2
         return None
-
-
-def pack_weight_numpy(w: np.ndarray, nr: int = 16) -> np.ndarray:
-    """Pack a Linear weight `[N, K]` into panels `[N/nr, K, nr]` (do it once, at load time)."""
-    if w.ndim != 2 or w.shape[0] % nr:
-        raise ValueError(f"pack_weight_numpy: need a [N, K] weight with N % {nr} == 0, "
-                         f"got shape {w.shape}")
-    n, k = w.shape
-    return np.ascontiguousarray(w.reshape(n // nr, nr, k).transpose(0, 2, 1))
 
 
 # Layouts: "nk<NR>" packs a [N, K] operand used transposed, "kn<NR>" a [K, N] one.

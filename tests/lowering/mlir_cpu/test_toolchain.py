@@ -18,6 +18,7 @@ ir = pytest.importorskip("mlir.ir")
 from mlir.dialects import arith, func, linalg, math, tensor  # noqa: E402
 
 from graphir.lowering.mlir_cpu import schedules, toolchain  # noqa: E402
+from graphir.runtime.cpu_executor import pack_operand  # noqa: E402
 
 # Runs in a fresh interpreter: loads the .so, calls it, checks mlir was never imported.
 _RUNNER = r"""
@@ -215,7 +216,7 @@ def test_scheduled_packed_matmul(tmp_path, rows, prepacked, threads):
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal(
         (n, k)).astype(np.float32)
-    w_in = schedules.pack_weight_numpy(w) if prepacked else w
+    w_in = pack_operand(w, "nk16") if prepacked else w
     (out,) = _run_isolated(tmp_path, so, "linear", [x, w_in], [((rows, n), "float32")], threads)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
@@ -240,7 +241,5 @@ def test_bad_inputs_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         with toolchain.new_context(), ir.Location.unknown():
             toolchain.stage_text(ir.Module.create(), "ptx")
-    with pytest.raises(ValueError, match="N % 16 == 0"):
-        schedules.pack_weight_numpy(np.ones((10, 4), np.float32))
     with pytest.raises(ValueError, match="no such file"):
         CpuLibrary(tmp_path / "missing.so")
