@@ -219,9 +219,11 @@ def blk_confs():
     block of each of BG row groups, NJ / 4 blocks a step over the program's warps."""
     if DRY:
         return [dict(GEMV=1, BLK=1, BG=1, NJ=16, num_warps=1, SPLIT_K=1)]
-    return [dict(GEMV=1, BLK=1, BG=bg, NJ=nj, num_warps=w, SPLIT_K=1)
-            for bg, nj, w in itertools.product((1, 2), (128, 256, 512), (1, 2, 4))
-            if 128 * w <= nj <= 256 * w]
+    # Round 9: weight loads evict-first, and more row groups a lane's block of X serves (lanes
+    # of one load instruction sharing an X address cost the L1 one access).
+    return [dict(GEMV=1, BLK=1, BG=bg, NJ=nj, num_warps=w, SPLIT_K=1, WEV=1)
+            for bg, nj, w in ((1, 128, 1), (2, 64, 1), (4, 32, 1), (2, 128, 1), (2, 128, 2),
+                              (4, 64, 1), (4, 64, 2), (2, 256, 2), (1, 256, 2), (8, 32, 2))]
 
 
 def bucket_jobs(fmt, N, K):
