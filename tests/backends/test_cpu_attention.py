@@ -67,10 +67,12 @@ def test_rope_store_ops(interleaved, qk_norm):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,d", [(NH, NKV, D), (2, 2, D), (3, 1, 12)])
+@pytest.mark.parametrize("n_heads,n_kv_heads,d", [(NH, NKV, D), (2, 2, D), (3, 1, 12),
+                                                  (8, 2, D), (8, 8, D), (16, 2, D)])
 def test_flash_attention_every_mask(n_heads, n_kv_heads, d):
     """All masks in one graph; rows of a sequence span several query blocks and key tiles;
-    GQA groups of 2 and 3, MHA, and a head_dim that is not a multiple of 8."""
+    GQA groups of 2, 3, 4 and 8, MHA, and a head_dim that is not a multiple of 8 (the tail
+    rows go slot by slot where 8 query vectors make whole KV heads: 8/2, 8/8, 16/2)."""
     rng = np.random.default_rng(n_heads)
     types = [TensorType(DType.float32, ["t", n_heads * d])] + _meta_types(nkv=n_kv_heads, d=d)
     with Graph("fa", input_types=types) as g:
@@ -85,6 +87,25 @@ def test_flash_attention_every_mask(n_heads, n_kv_heads, d):
     assert_matches_interpreter(g, q, blocks, offs, clen, lut, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 2), (4, 2)])
+def test_flash_attention_decode_key_splits(n_heads, n_kv_heads):
+    """Decode rows alone (a handful of rows: each row's keys split over up to 16 tasks, some
+    splits left empty, then merged), every mask, cached lengths over several key tiles; the
+    slot-by-slot tile (8/2) and the head-by-head one (4/2)."""
+    rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
+    types = [TensorType(DType.float32, ["t", n_heads * D])] + _meta_types(nkv=n_kv_heads)
+    with Graph("fa_dec", input_types=types) as g:
+        q, blocks, offs, clen, lut = g.inputs
+        g.output(*[ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=n_heads,
+                                              n_kv_heads=n_kv_heads, head_dim=D, layer_idx=0,
+                                              mask_variant=m, window=5 if m in WINDOWED else None)
+                   for m in MASK_VARIANTS])
+    counts, cached = [1, 1, 0, 1], [40, 25, 4, 2]
+    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads)
+    q = rng.standard_normal((sum(counts), n_heads * D)).astype(np.float32)
+    assert_matches_interpreter(g, q, blocks, offs, clen, lut, rtol=1e-4, atol=1e-4)
+
+
 def _cpu_runs(target: str) -> bool:
     from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, host_cpu
 
@@ -93,7 +114,8 @@ def _cpu_runs(target: str) -> bool:
 
 @pytest.mark.parametrize("target,n_heads,n_kv_heads,d,dt", [
     ("cpu:x86-64:avx2", 4, 1, 16, DType.float32), ("cpu:x86-64:avx512", 4, 1, 16, DType.float32),
-    ("cpu:x86-64:avx512", 3, 1, 16, DType.float32), ("cpu:x86-64:avx2", 2, 2, 32, DType.bfloat16)])
+    ("cpu:x86-64:avx512", 3, 1, 16, DType.float32), ("cpu:x86-64:avx2", 2, 2, 32, DType.bfloat16),
+    ("cpu:x86-64:avx512", 8, 2, 16, DType.bfloat16)])
 def test_flash_attention_full_blocks(target, n_heads, n_kv_heads, d, dt):
     """Sequences long enough for the queries-along-lanes path (blocks of R = 2 * lanes / G
     rows: 8 or 16 with G = 4, 10 or 5 with G = 3 (padded lanes), 16 or 8 with MHA) next to

@@ -12,9 +12,8 @@ kept transposed and pre-scaled, Qt[D][GR]. Per key tile:
   softmax             mask, running max, exp and sums go down the key axis, lane by lane;
   O[GR][D] += P V     register blocks of MQ queries x DV vectors of head_dim (a P element
                       broadcast times a V row).
-Tail blocks and decode (fewer rows): per query vector, the dot products of 8 keys at a time
-(8 FMA accumulators over head_dim, summed with a shuffle tree), the mask, the online softmax
-and P V as broadcast FMAs into its f32 accumulator row.
+Tail blocks and decode (fewer rows): flash_decode.py, in a second forall over (sequence, key
+split) with every KV head in a task, and a third that merges the splits.
 """
 from __future__ import annotations
 
@@ -24,13 +23,11 @@ from mlir import ir
 
 from ...registry import register_lowering
 from ..emit import Emitter, tensor_type
-from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, hsum8, load_f32,
-                        mask_vec, memref_of, sequence_span, softcap_vec, store_from_f32,
-                        to_buffer, vexp)
+from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, load_f32, mask_vec,
+                        memref_of, sequence_span, softcap_vec, store_from_f32, to_buffer, vexp)
 from .linalg import inline_mlir
 
 KEY_TILE = 32   # keys per tile: K and V tiles stay in L1 for a block's queries
-ROW_VECS = 16   # query vectors (rows x grouped heads) per block of the per-vector path
 NEG_INF = "0xFF800000"
 
 
@@ -313,121 +310,6 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
 
 
 # -- the per-query-vector path ---------------------------------------------------------------------
-def _vector_rows(k: _Kernel, r0: str, rows: str, page: int, sc: dict) -> None:
-    """Rows [r0, r0 + rows) in blocks of ROW_VECS // G rows, one query vector at a time."""
-    t, d, g, c, el, layer = k.t, k.d, k.g, KEY_TILE, k.el, k.layer
-    # Lanes along head_dim: VW even on AVX-512 (16 lanes, folded to 8 before the sum tree,
-    # measured no faster on an AVX-512 Xeon: this loop is not bound by its FMAs).
-    dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)
-    r_blk = max(1, ROW_VECS // g)
-    gr, nv = g * r_blk, d // dw
-    cv = max(x for x in range(1, min(8, nv) + 1) if nv % x == 0)
-    v, vi, vd = fvec(), f"vector<{VW}xi32>", fvec(dw)
-    qs, os_, ms, ls, pv = sc["vqs"], sc["vos"], sc["vms"], sc["vls"], sc["vpv"]
-    sct, mt1 = f"memref<{gr}x{d}xf32>", f"memref<{gr}xf32>"
-    zero_v, zero_d = t.const("0.0", v), t.const("0.0", vd)
-    rend = t(f"arith.addi {r0}, {rows} : index")
-    t.for_("%r1", r0, rend, t.idx(r_blk))
-    nrows = t.min(t.idx(r_blk), t(f"arith.subi {rend}, %r1 : index"))
-    nvec = t(f"arith.muli {nrows}, {t.idx(g)} : index")   # query vectors i = r * G + g
-    # Q block, pre-scaled, f32.
-    t.for_("%i", t.idx(0), nvec, t.idx(1))
-    r = t(f"arith.divui %i, {t.idx(g)} : index")
-    gg = t(f"arith.remui %i, {t.idx(g)} : index")
-    row = t(f"arith.addi {t(f'arith.addi {k.o0}, %r1 : index')}, {r} : index")
-    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
-    col0 = t(f"arith.muli {head}, {t.idx(d)} : index")
-    scale = t.const(f"{float(k.scale):.17e}", vd)
-    for kk in range(nv):
-        col = t(f"arith.addi {col0}, {t.idx(kk * dw)} : index")
-        x = load_f32(t, k.qm, [row, col], k.qmt, el, dw)
-        t.stmt(f"vector.store {t(f'arith.mulf {x}, {scale} : {vd}')}, {qs}[%i, {t.idx(kk * dw)}] : {sct}, {vd}")
-        t.stmt(f"vector.store {zero_d}, {os_}[%i, {t.idx(kk * dw)}] : {sct}, {vd}")
-    t.stmt(f"memref.store {t.const(NEG_INF, 'f32')}, {ms}[%i] : {mt1}")
-    t.stmt(f"memref.store {t.const('0.0', 'f32')}, {ls}[%i] : {mt1}")
-    t.close()
-    qlo, kstart, kend = _key_range(k, "%r1", nrows)
-    kend_v = t(f"vector.broadcast {t(f'arith.index_cast {kend} : index to i32')} : i32 to {vi}")
-    iota = t.const("[" + ", ".join(str(i) for i in range(VW)) + "]", vi)
-    t.for_("%k0", kstart, kend, t.idx(c))
-    _tile_pages(k, "%k0", kend, page, "%j")
-    _prefetch_tile(k, t(f"arith.addi %k0, {t.idx(c)} : index"), kend, page)
-
-    def key_row(j: int, kind: int, col: str) -> list[str]:
-        return _key_index(k, t.idx(j), kind, col)
-    k0v = t(f"vector.broadcast {t('arith.index_cast %k0 : index to i32')} : i32 to {vi}")
-    t.for_("%i", t.idx(0), nvec, t.idx(1))
-    r = t(f"arith.divui %i, {t.idx(g)} : index")
-    qp = t(f"arith.addi {qlo}, {r} : index")
-    qpv = t(f"vector.broadcast {t(f'arith.index_cast {qp} : index to i32')} : i32 to {vi}")
-    svals, valids = [], []
-    for grp in range(c // VW):
-        init = ", ".join(f"%a{j} = {zero_d}" for j in range(VW))
-        res = t(f"scf.for %dd = {t.idx(0)} to {t.idx(d)} step {t.idx(dw)} iter_args({init}) -> "
-                f"({', '.join([vd] * VW)}) {{", n=VW)
-        t.depth += 1
-        qv = t(f"vector.load {qs}[%i, %dd] : {sct}, {vd}")
-        nxt = [t(f"vector.fma {qv}, {load_f32(t, '%blocks', key_row(grp * VW + j, 0, '%dd'), k.bt, el, dw)}, %a{j} : {vd}")
-               for j in range(VW)]
-        t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([vd] * VW)}")
-        t.depth -= 1
-        t.stmt("}")
-        if dw == VW:
-            s = hsum8(t, [f"{res}#{j}" for j in range(VW)])
-        else:
-            sums = [t(f"vector.reduction <add>, {res}#{j} : {vd} into f32") for j in range(VW)]
-            s = t(f"vector.from_elements {', '.join(sums)} : {v}")
-        kpv = t(f"arith.addi {k0v}, {t(f'arith.addi {iota}, {t.const(str(grp * VW), vi)} : {vi}')} : {vi}")
-        s = softcap_vec(t, s, k.softcap)
-        ok = t(f"arith.cmpi slt, {kpv}, {kend_v} : {vi}")
-        mk = mask_vec(t, k.mask, qpv, kpv, k.window)
-        if mk is not None:
-            ok = t(f"arith.andi {ok}, {mk} : vector<{VW}xi1>")
-        svals.append(t(f"arith.select {ok}, {s}, {t.const(NEG_INF, v)} : vector<{VW}xi1>, {v}"))
-        valids.append(ok)
-    mx = svals[0]
-    for s in svals[1:]:
-        mx = t(f"arith.maximumf {mx}, {s} : {v}")
-    rowmax = t(f"vector.reduction <maximumf>, {mx} : {v} into f32")
-    m_old = t(f"memref.load {ms}[%i] : {mt1}")
-    m_new = t(f"arith.maximumf {m_old}, {rowmax} : f32")
-    isinf = t(f"arith.cmpf oeq, {m_new}, {t.const(NEG_INF, 'f32')} : f32")
-    msafe = t(f"arith.select {isinf}, {t.const('0.0', 'f32')}, {m_new} : f32")
-    msv = t(f"vector.broadcast {msafe} : f32 to {v}")
-    alpha_v = vexp(t, t(f"arith.subf {t(f'vector.broadcast {m_old} : f32 to {v}')}, {msv} : {v}"))
-    alpha = t(f"vector.extract {alpha_v}[0] : f32 from {v}")
-    ps = []
-    for s, ok in zip(svals, valids):
-        p = vexp(t, t(f"arith.subf {s}, {msv} : {v}"))
-        ps.append(t(f"arith.select {ok}, {p}, {zero_v} : vector<{VW}xi1>, {v}"))
-    psum = ps[0]
-    for p in ps[1:]:
-        psum = t(f"arith.addf {psum}, {p} : {v}")
-    lsum = t(f"vector.reduction <add>, {psum} : {v} into f32")
-    l_old = t(f"memref.load {ls}[%i] : {mt1}")
-    t.stmt(f"memref.store {t(f'math.fma {l_old}, {alpha}, {lsum} : f32')}, {ls}[%i] : {mt1}")
-    t.stmt(f"memref.store {m_new}, {ms}[%i] : {mt1}")
-    for kk, p in enumerate(ps):
-        t.stmt(f"vector.store {p}, {pv}[{t.idx(kk * VW)}] : memref<{c}xf32>, {v}")
-    alpha_d = t(f"vector.broadcast {alpha} : f32 to {vd}")
-    t.for_("%dc", t.idx(0), t.idx(d), t.idx(cv * dw))
-    accs = []
-    for u in range(cv):
-        dcol = t(f"arith.addi %dc, {t.idx(u * dw)} : index")
-        accs.append((dcol, t(f"arith.mulf {t(f'vector.load {os_}[%i, {dcol}] : {sct}, {vd}')}, {alpha_d} : {vd}")))
-    for j in range(c):
-        pj = t(f"vector.broadcast {t(f'memref.load {pv}[{t.idx(j)}] : memref<{c}xf32>')} : f32 to {vd}")
-        accs = [(dcol, t(f"vector.fma {pj}, {load_f32(t, '%blocks', key_row(j, 1, dcol), k.bt, el, dw)}, {a} : {vd}"))
-                for dcol, a in accs]
-    for dcol, a in accs:
-        t.stmt(f"vector.store {a}, {os_}[%i, {dcol}] : {sct}, {vd}")
-    t.close()   # %dc
-    t.close()   # %i
-    t.close()   # %k0
-    _write_rows(k, os_, sct, ls, mt1, "%r1", nvec, dw, "%i")
-    t.close()   # %r1
-
-
 def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int, head_dim: int,
                          layer: int, mask: str, window: int | None, scale: float,
                          lanes: int = VW, registers: int = 16,
@@ -446,36 +328,56 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
     nb = t(f"memref.dim {clm}, {t.idx(0)} : {clt}")
     lut_cols, npages = t.dim(lutm, 1, lutt), t.dim("%blocks", 0, str(blocks.type))
     max_tokens = t(f"arith.muli {lut_cols}, {t.idx(page)} : index")
-    t.open(f"scf.forall (%b, %h) in ({nb}, {n_kv_heads})")
-    o0, n, cl = sequence_span(t, offm, offt, clm, clt, "%b", t.dim(qm, 0, qmt), max_tokens)
-    k = _Kernel(t, d, g, layer, mask, window, str(ir.ShapedType(q.type).element_type), qm, qmt,
-                om, omt, str(blocks.type), lutm, lutt, o0, cl, t(f"arith.addi {cl}, {n} : index"),
-                t(f"memref.alloca() : memref<{KEY_TILE}xindex>"),
-                t(f"memref.alloca() : memref<{KEY_TILE}xindex>"), scale, softcap,
-                lut_cols, npages)
-    gr_v = g * max(1, ROW_VECS // g)
-    sc = {"vqs": t(f"memref.alloca() : memref<{gr_v}x{d}xf32>"),
-          "vos": t(f"memref.alloca() : memref<{gr_v}x{d}xf32>"),
-          "vms": t(f"memref.alloca() : memref<{gr_v}xf32>"),
-          "vls": t(f"memref.alloca() : memref<{gr_v}xf32>"),
-          "vpv": t(f"memref.alloca() : memref<{KEY_TILE}xf32>")}
+    el = str(ir.ShapedType(q.type).element_type)
+
+    def kernel(r: str) -> _Kernel:
+        """The per-sequence values of sequence %b, inside a forall over it."""
+        o0, n, cl = sequence_span(t, offm, offt, clm, clt, "%b", r, max_tokens)
+        return _Kernel(t, d, g, layer, mask, window, el, qm, qmt, om, omt, str(blocks.type),
+                       lutm, lutt, o0, cl, t(f"arith.addi {cl}, {n} : index"),
+                       t(f"memref.alloca() : memref<{KEY_TILE}xindex>"),
+                       t(f"memref.alloca() : memref<{KEY_TILE}xindex>"), scale, softcap,
+                       lut_cols, npages), n
+
+    def tail0(n: str) -> str:
+        """First row of a sequence's tail: past its whole blocks of lt.rows (all rows without
+        the full-block path)."""
+        if lt is None:
+            return t.idx(0)
+        return t(f"arith.muli {t(f'arith.divui {n}, {t.idx(lt.rows)} : index')}, {t.idx(lt.rows)} : index")
     lt = LaneTiles.pick(g, d, lanes, registers)
-    if lt is None:
-        _vector_rows(k, t.idx(0), n, page, sc)
-    else:
+    rows = t.dim(qm, 0, qmt)
+    if lt is not None:
+        t.open(f"scf.forall (%b, %h) in ({nb}, {n_kv_heads})")
+        k, n = kernel(rows)
         grp = lt.nv * lanes
-        sc.update(qt=t(f"memref.alloca() : memref<{d}x{grp}xf32>"),
+        sc = dict(qt=t(f"memref.alloca() : memref<{d}x{grp}xf32>"),
                   st=t(f"memref.alloca() : memref<{KEY_TILE}x{grp}xf32>"),
                   os=t(f"memref.alloca() : memref<{lt.gr}x{d}xf32>"),
                   lm=t(f"memref.alloca() : memref<3x{grp}xf32>"))
         # Query lanes past GR must read as zeros (they are computed, never written out).
         t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : memref<{d}x{grp}xf32>)")
-        full = t(f"arith.muli {t(f'arith.divui {n}, {t.idx(lt.rows)} : index')}, {t.idx(lt.rows)} : index")
-        t.for_("%fr0", t.idx(0), full, t.idx(lt.rows))
+        t.for_("%fr0", t.idx(0), tail0(n), t.idx(lt.rows))
         _full_block(k, lt, lanes, "%fr0", page, sc)
         t.close()
-        _vector_rows(k, full, t(f"arith.subi {n}, {full} : index"), page, sc)
-    t.close()   # forall
+        t.close()   # forall
+    # The tail rows: key splits of every KV head's run, then their merge (flash_decode.py).
+    from .flash_decode import merge_pass, split_count, tail_pass
+    nh = g * n_kv_heads
+    splits = split_count(t, rows)
+    part = (t(f"memref.alloc({splits}, {rows}) : memref<?x?x{nh}xf32>"),
+            t(f"memref.alloc({splits}, {rows}) : memref<?x?x{nh}xf32>"),
+            t(f"memref.alloc({splits}, {rows}) : memref<?x?x{nh}x{d}xf32>"))
+    t.open(f"scf.forall (%b, %s) in ({nb}, {splits})")
+    k, n = kernel(rows)
+    r0 = tail0(n)
+    tail_pass(k, n_kv_heads, r0, t(f"arith.subi {n}, {r0} : index"), page, registers, splits, part)
+    t.close()
+    t.open(f"scf.forall (%b, %qh) in ({nb}, {nh})")
+    k, n = kernel(rows)
+    r0 = tail0(n)
+    merge_pass(k, nh, r0, t(f"arith.subi {n}, {r0} : index"), splits, part)
+    t.close()
     out = t(f"bufferization.to_tensor {om} restrict writable : {omt} to {out_t}")
     sig = [f"%q: {q.type}", f"%blocks: {blocks.type}", f"%offs: {offs.type}",
            f"%clen: {clen.type}", f"%lut: {lut.type}"]

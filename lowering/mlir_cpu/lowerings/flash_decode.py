@@ -1,0 +1,371 @@
+"""The per-row path of the CPU flash attention (flash_attention.py): decode steps, the tail rows
+of a prefill that the full-block path leaves, and every row at head dims it does not take.
+
+Two passes, both scf.forall:
+- (sequence, key split): a task takes one run of whole key tiles of a sequence's rows (split
+  S ways, S = 16 / rows when the batch has few rows, so a one-sequence decode step keeps every
+  thread busy whatever the KV head count) for ALL its KV heads, and leaves each row's
+  unnormalised O, running max and sum per split;
+- (sequence, query head): merges a row's S partial states and writes it out.
+
+A key tile of C keys goes slot by slot where 8 query vectors make whole KV heads (G = 1, 2, 4,
+8 with the head count to match: `slot_major`): for each slot the scores of 8 query vectors at a
+time (one K vector load feeds the query vectors of its head; one shuffle tree sums the 8), so
+the cache is read in address order (a slot's K rows of every head lie in one run); the softmax
+then goes 8 query vectors to a vector, and P V two slots at a time into the O rows (kept in L1).
+Elsewhere it goes head by head: QB query vectors x 8 keys of score accumulators, the softmax a
+query vector at a time, PQ x CV of P V in registers, the next tile's rows prefetched.
+
+The head-a-task kernel this replaces (one (sequence, KV head) a task, its G query vectors one
+after another through each tile) ran the Llama-shaped decode at 0.50-0.54 ms (context 1024),
+2.32-2.99 ms (4096) and 10.7-11.1 ms (16384) on a 2-core Zen 4 against 0.30-0.33, 1.76-2.01 and
+7.47-7.79 ms for this one (BENCHMARKS.md, CPU decode attention).
+"""
+from __future__ import annotations
+
+from .attention import VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, vexp
+from .flash_attention import (KEY_TILE, NEG_INF, _Kernel, _key_range, _prefetch_tile,
+                              _tile_pages)
+
+MAX_SPLITS = 16   # key splits of a row when the batch has one row (16 / rows for more)
+
+
+def _blocking(g: int, nv: int, regs: int) -> tuple[int, int, int]:
+    """(QB, PQ, CV): query vectors a score pass (QB x 8 accumulators, QB Q vectors and a K
+    vector in registers), query vectors and head_dim vectors a P V pass (PQ x CV accumulators,
+    CV V vectors and a broadcast P)."""
+    qb = max(x for x in (4, 2, 1) if g % x == 0 and (x * VW + x + 1 <= regs or x == 1))
+    pq = max(x for x in range(1, g + 1) if g % x == 0 and (x + 2 <= regs or x == 1))
+    cv = max(x for x in (1, 2, 4, 8) if nv % x == 0 and (pq * x + x + 1 <= regs or x == 1))
+    return qb, pq, cv
+
+
+def split_count(t, total_rows: str) -> str:
+    """S = max(1, MAX_SPLITS / rows): a decode step of one sequence spreads its keys over up to
+    16 tasks (the pool's threads take them); big batches keep one task a sequence."""
+    rows = t(f"arith.maxui {total_rows}, {t.idx(1)} : index")
+    per = t(f"arith.divui {t.idx(MAX_SPLITS)}, {rows} : index")
+    return t(f"arith.maxui {per}, {t.idx(1)} : index")
+
+
+def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, splits: str,
+              part: tuple[str, str, str]) -> None:
+    """Inside the (sequence %b, split %s) forall: rows [r0, r0 + rows) of the sequence, key
+    split %s of each, all KV heads; partial O rows, maxima and sums into part (pm, pl, po:
+    [S, T, NH] and [S, T, NH, D])."""
+    t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
+    nh = nkv * g
+    dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)
+    nv = d // dw
+    qb, pq, cv = _blocking(g, nv, regs)
+    v, vi, vd = fvec(), f"vector<{VW}xi32>", fvec(dw)
+    sct, mt1, pvt = f"memref<{nh}x{d}xf32>", f"memref<{nh}xf32>", f"memref<{g}x{c}xf32>"
+    qs, os_ = t(f"memref.alloca() : {sct}"), t(f"memref.alloca() : {sct}")
+    ms, ls = t(f"memref.alloca() : {mt1}"), t(f"memref.alloca() : {mt1}")
+    pv = t(f"memref.alloca() : {pvt}")
+    pm, pl, po = part
+    pmt, pot = f"memref<?x?x{nh}xf32>", f"memref<?x?x{nh}x{d}xf32>"
+    it = f"memref<{KEY_TILE}xindex>"
+    zero_v, zero_d = t.const("0.0", v), t.const("0.0", vd)
+    scale = t.const(f"{float(k.scale):.17e}", vd)
+    t.for_("%r1", r0, t(f"arith.addi {r0}, {rows} : index"), t.idx(1))
+    row = t(f"arith.addi {k.o0}, %r1 : index")
+    # Q pre-scaled, O zeroed, running max and sum reset, for every query head.
+    t.for_("%qh", t.idx(0), t.idx(nh), t.idx(1))
+    col0 = t(f"arith.muli %qh, {t.idx(d)} : index")
+    for kk in range(nv):
+        x = load_f32(t, k.qm, [row, t(f"arith.addi {col0}, {t.idx(kk * dw)} : index")], k.qmt, el,
+                     dw)
+        t.stmt(f"vector.store {t(f'arith.mulf {x}, {scale} : {vd}')}, {qs}[%qh, {t.idx(kk * dw)}] : {sct}, {vd}")
+        t.stmt(f"vector.store {zero_d}, {os_}[%qh, {t.idx(kk * dw)}] : {sct}, {vd}")
+    t.stmt(f"memref.store {t.const(NEG_INF, 'f32')}, {ms}[%qh] : {mt1}")
+    t.stmt(f"memref.store {t.const('0.0', 'f32')}, {ls}[%qh] : {mt1}")
+    t.close()
+    qlo, kstart, kend = _key_range(k, "%r1", t.idx(1))
+    # This split's run of whole tiles of [kstart, kend) (empty past the last).
+    kmax = t(f"arith.maxui {kend}, {kstart} : index")
+    span = t(f"arith.subi {kmax}, {kstart} : index")
+    ntiles = t(f"arith.ceildivui {span}, {t.idx(c)} : index")
+    per = t(f"arith.muli {t(f'arith.ceildivui {ntiles}, {splits} : index')}, {t.idx(c)} : index")
+    lo = t(f"arith.addi {kstart}, {t(f'arith.muli %s, {per} : index')} : index")
+    lo_per = t(f"arith.addi {lo}, {per} : index")
+    hi = t(f"arith.minui {lo_per}, {kend} : index")
+    hi_v = t(f"vector.broadcast {t(f'arith.index_cast {hi} : index to i32')} : i32 to {vi}")
+    qpv = t(f"vector.broadcast {t(f'arith.index_cast {qlo} : index to i32')} : i32 to {vi}")
+    iota = t.const("[" + ", ".join(str(i) for i in range(VW)) + "]", vi)
+    t.for_("%k0", lo, hi, t.idx(c))
+    _tile_pages(k, "%k0", hi, page, "%j")
+    pg = [t(f"memref.load {k.pgs}[{t.idx(j)}] : {it}") for j in range(c)]
+    sl = [t(f"memref.load {k.sls}[{t.idx(j)}] : {it}") for j in range(c)]
+    k0v = t(f"vector.broadcast {t('arith.index_cast %k0 : index to i32')} : i32 to {vi}")
+    valids = []
+    for grp in range(c // VW):
+        kpv = t(f"arith.addi {k0v}, {t(f'arith.addi {iota}, {t.const(str(grp * VW), vi)} : {vi}')} : {vi}")
+        ok = t(f"arith.cmpi slt, {kpv}, {hi_v} : {vi}")
+        mk = mask_vec(t, k.mask, qpv, kpv, k.window)
+        valids.append(ok if mk is None else t(f"arith.andi {ok}, {mk} : vector<{VW}xi1>"))
+    if slot_major(g, nkv, dw):
+        _slot_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, sct, mt1, dw)
+    else:
+        _head_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, pv, sct, mt1, pvt, dw, qb, pq, cv,
+                   hi, page)
+    t.close()   # %k0
+    # The split's partial state of every query head of the row.
+    t.for_("%qh", t.idx(0), t.idx(nh), t.idx(1))
+    t.stmt(f"memref.store {t(f'memref.load {ms}[%qh] : {mt1}')}, {pm}[%s, {row}, %qh] : {pmt}")
+    t.stmt(f"memref.store {t(f'memref.load {ls}[%qh] : {mt1}')}, {pl}[%s, {row}, %qh] : {pmt}")
+    for kk in range(nv):
+        x = t(f"vector.load {os_}[%qh, {t.idx(kk * dw)}] : {sct}, {vd}")
+        t.stmt(f"vector.store {x}, {po}[%s, {row}, %qh, {t.idx(kk * dw)}] : {pot}, {vd}")
+    t.close()
+    t.close()   # %r1
+
+
+def _head_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls, pv,
+               sct: str, mt1: str, pvt: str, dw: int, qb: int, pq: int, cv: int, hi: str,
+               page: int) -> None:
+    """One key tile, head by head (the fallback where slot_major does not apply): per head,
+    the next tile's rows prefetched, QB query vectors x 8 keys of score accumulators, the
+    softmax, PQ x CV of P V."""
+    t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
+    v, vd = fvec(), fvec(dw)
+    zero_d = t.const("0.0", vd)
+
+    def krow(j: int, kind: int, col: str) -> list[str]:
+        return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], "%h", col]
+    t.for_("%h", t.idx(0), t.idx(nkv), t.idx(1))
+    _prefetch_tile(k, t(f"arith.addi %k0, {t.idx(c)} : index"), hi, page)
+    qh0 = t(f"arith.muli %h, {t.idx(g)} : index")
+    qrow = [t(f"arith.addi {qh0}, {t.idx(q)} : index") for q in range(g)]
+    svals = [[] for _ in range(g)]
+    for grp in range(c // VW):
+        for q0 in range(0, g, qb):
+            n = qb * VW
+            init = ", ".join(f"%a{j} = {zero_d}" for j in range(n))
+            res = t(f"scf.for %dd = {t.idx(0)} to {t.idx(d)} step {t.idx(dw)} iter_args({init}) "
+                    f"-> ({', '.join([vd] * n)}) {{", n=n)
+            t.depth += 1
+            qv = [t(f"vector.load {qs}[{qrow[q0 + q]}, %dd] : {sct}, {vd}") for q in range(qb)]
+            kv = [load_f32(t, "%blocks", krow(grp * VW + j, 0, "%dd"), k.bt, el, dw)
+                  for j in range(VW)]
+            nxt = [t(f"vector.fma {qv[q]}, {kv[j]}, %a{q * VW + j} : {vd}")
+                   for q in range(qb) for j in range(VW)]
+            t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([vd] * n)}")
+            t.depth -= 1
+            t.stmt("}")
+            for q in range(qb):
+                accs = [f"{res}#{q * VW + j}" for j in range(VW)]
+                if dw == VW:
+                    s = hsum8(t, accs)
+                else:
+                    sums = [t(f"vector.reduction <add>, {a} : {vd} into f32") for a in accs]
+                    s = t(f"vector.from_elements {', '.join(sums)} : {v}")
+                s = softcap_vec(t, s, k.softcap)
+                svals[q0 + q].append(t(f"arith.select {valids[grp]}, {s}, "
+                                       f"{t.const(NEG_INF, v)} : vector<{VW}xi1>, {v}"))
+    alphas = [_softmax(t, svals[q], valids, qrow[q], q, ms, ls, pv, mt1, pvt) for q in range(g)]
+    for q0 in range(0, g, pq):
+        t.for_("%dc", t.idx(0), t.idx(d), t.idx(cv * dw))
+        accs = {}
+        for q in range(pq):
+            al = t(f"vector.broadcast {alphas[q0 + q]} : f32 to {vd}")
+            for u in range(cv):
+                dcol = t(f"arith.addi %dc, {t.idx(u * dw)} : index")
+                accs[q, u] = t(f"arith.mulf {t(f'vector.load {os_}[{qrow[q0 + q]}, {dcol}] : {sct}, {vd}')}, {al} : {vd}")
+        for j in range(c):
+            vv = [load_f32(t, "%blocks", krow(j, 1, t(f"arith.addi %dc, {t.idx(u * dw)} : index")),
+                           k.bt, el, dw) for u in range(cv)]
+            for q in range(pq):
+                pj = t(f"vector.broadcast {t(f'memref.load {pv}[{t.idx(q0 + q)}, {t.idx(j)}] : {pvt}')} : f32 to {vd}")
+                for u in range(cv):
+                    accs[q, u] = t(f"vector.fma {pj}, {vv[u]}, {accs[q, u]} : {vd}")
+        for (q, u), a in accs.items():
+            t.stmt(f"vector.store {a}, {os_}[{qrow[q0 + q]}, {t(f'arith.addi %dc, {t.idx(u * dw)} : index')}] : {sct}, {vd}")
+        t.close()   # %dc
+    t.close()   # %h
+
+
+def slot_major(g: int, nkv: int, dw: int) -> bool:
+    """Whether the tile goes slot by slot: 8 query vectors (8 / G KV heads) a score pass, one
+    shuffle tree summing them."""
+    return dw == VW and VW % g == 0 and nkv % (VW // g) == 0
+
+
+def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls,
+               sct: str, mt1: str, dw: int) -> None:
+    """One key tile slot by slot, every KV head of a slot in turn, so K and V are read in
+    address order. Scores of 8 query vectors (HP = 8 / G heads) at a time into a [C][NH]
+    scratch, the softmax 8 query vectors to a vector, then P V two slots at a time into the O
+    rows (in L1)."""
+    t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
+    nh, hp, nv = nkv * g, VW // g, d // dw
+    v, vd = fvec(), fvec(dw)
+    stt = f"memref<{c}x{nh}xf32>"
+    st = t(f"memref.alloca() : {stt}")
+    zero_d, zero_v = t.const("0.0", vd), t.const("0.0", v)
+    ninf_v = t.const(NEG_INF, v)
+
+    def kv_row(j: int, kind: int, head: str, col: str) -> list[str]:
+        return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], head, col]
+    for j in range(c):
+        t.for_("%hs", t.idx(0), t.idx(nkv), t.idx(hp))
+        q0 = t(f"arith.muli %hs, {t.idx(g)} : index")
+        heads = [t(f"arith.addi %hs, {t.idx(u)} : index") for u in range(hp)]
+        qrows = [t(f"arith.addi {q0}, {t.idx(i)} : index") for i in range(VW)]
+        init = ", ".join(f"%a{i} = {zero_d}" for i in range(VW))
+        res = t(f"scf.for %dd = {t.idx(0)} to {t.idx(d)} step {t.idx(dw)} iter_args({init}) "
+                f"-> ({', '.join([vd] * VW)}) {{", n=VW)
+        t.depth += 1
+        kv = [load_f32(t, "%blocks", kv_row(j, 0, heads[u], "%dd"), k.bt, el, dw)
+              for u in range(hp)]
+        nxt = []
+        for i in range(VW):
+            qv = t(f"vector.load {qs}[{qrows[i]}, %dd] : {sct}, {vd}")
+            nxt.append(t(f"vector.fma {qv}, {kv[i // g]}, %a{i} : {vd}"))
+        t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([vd] * VW)}")
+        t.depth -= 1
+        t.stmt("}")
+        sv = softcap_vec(t, hsum8(t, [f"{res}#{i}" for i in range(VW)]), k.softcap)
+        t.stmt(f"vector.store {sv}, {st}[{t.idx(j)}, {q0}] : {stt}, {v}")
+        t.close()   # %hs
+    # Softmax, 8 query vectors a vector; a key's mask is the same for all of them.
+    okj = []
+    for j in range(c):
+        e = t(f"vector.extract {valids[j // VW]}[{j % VW}] : i1 from vector<{VW}xi1>")
+        okj.append(t(f"vector.broadcast {e} : i1 to vector<{VW}xi1>"))
+    als = t(f"memref.alloca() : {mt1}")
+    for i0 in range(0, nh, VW):
+        qi = t.idx(i0)
+        m_old = t(f"vector.load {ms}[{qi}] : {mt1}, {v}")
+        svals = []
+        mx = m_old
+        for j in range(c):
+            sj = t(f"vector.load {st}[{t.idx(j)}, {qi}] : {stt}, {v}")
+            sj = t(f"arith.select {okj[j]}, {sj}, {ninf_v} : vector<{VW}xi1>, {v}")
+            svals.append(sj)
+            mx = t(f"arith.maximumf {mx}, {sj} : {v}")
+        isinf = t(f"arith.cmpf oeq, {mx}, {ninf_v} : {v}")
+        msafe = t(f"arith.select {isinf}, {zero_v}, {mx} : vector<{VW}xi1>, {v}")
+        alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"))
+        lsum = None
+        for j, sj in enumerate(svals):
+            p = vexp(t, t(f"arith.subf {sj}, {msafe} : {v}"))
+            p = t(f"arith.select {okj[j]}, {p}, {zero_v} : vector<{VW}xi1>, {v}")
+            t.stmt(f"vector.store {p}, {st}[{t.idx(j)}, {qi}] : {stt}, {v}")
+            lsum = p if lsum is None else t(f"arith.addf {lsum}, {p} : {v}")
+        l_old = t(f"vector.load {ls}[{qi}] : {mt1}, {v}")
+        lnew = t(f"vector.fma {l_old}, {alpha}, {lsum} : {v}")
+        t.stmt(f"vector.store {lnew}, {ls}[{qi}] : {mt1}, {v}")
+        t.stmt(f"vector.store {mx}, {ms}[{qi}] : {mt1}, {v}")
+        t.stmt(f"vector.store {alpha}, {als}[{qi}] : {mt1}, {v}")
+    # O rows rescaled, then P V: two slots at a time, every head of them in turn.
+    t.for_("%qa", t.idx(0), t.idx(nh), t.idx(1))
+    a_s = t(f"memref.load {als}[%qa] : {mt1}")
+    av = t(f"vector.broadcast {a_s} : f32 to {vd}")
+    for u in range(nv):
+        col = t.idx(u * dw)
+        o = t(f"vector.load {os_}[%qa, {col}] : {sct}, {vd}")
+        t.stmt(f"vector.store {t(f'arith.mulf {o}, {av} : {vd}')}, {os_}[%qa, {col}] : {sct}, {vd}")
+    t.close()
+    for j0 in range(0, c, 2):
+        t.for_("%hv", t.idx(0), t.idx(nkv), t.idx(1))
+        q0 = t(f"arith.muli %hv, {t.idx(g)} : index")
+        qrows = [t(f"arith.addi {q0}, {t.idx(q)} : index") for q in range(g)]
+        ps = []
+        for j in (j0, j0 + 1):
+            row = []
+            for q in range(g):
+                pe = t(f"memref.load {st}[{t.idx(j)}, {qrows[q]}] : {stt}")
+                row.append(t(f"vector.broadcast {pe} : f32 to {vd}"))
+            ps.append(row)
+        for u in range(nv):
+            col = t.idx(u * dw)
+            vv = [load_f32(t, "%blocks", kv_row(j, 1, "%hv", col), k.bt, el, dw)
+                  for j in (j0, j0 + 1)]
+            for q in range(g):
+                o = t(f"vector.load {os_}[{qrows[q]}, {col}] : {sct}, {vd}")
+                o = t(f"vector.fma {ps[0][q]}, {vv[0]}, {o} : {vd}")
+                o = t(f"vector.fma {ps[1][q]}, {vv[1]}, {o} : {vd}")
+                t.stmt(f"vector.store {o}, {os_}[{qrows[q]}, {col}] : {sct}, {vd}")
+        t.close()   # %hv
+
+
+def _softmax(t, svals: list[str], valids: list[str], qi: str, q: int, ms: str, ls: str, pv: str,
+             mt1: str, pvt: str) -> str:
+    """Online softmax of a query vector (row qi of the head scratch, row q of P) over a tile's
+    scores: updates its running max and sum, stores its P row, returns its O row's rescale."""
+    v = fvec()
+    mx = svals[0]
+    for s in svals[1:]:
+        mx = t(f"arith.maximumf {mx}, {s} : {v}")
+    rowmax = t(f"vector.reduction <maximumf>, {mx} : {v} into f32")
+    m_old = t(f"memref.load {ms}[{qi}] : {mt1}")
+    m_new = t(f"arith.maximumf {m_old}, {rowmax} : f32")
+    isinf = t(f"arith.cmpf oeq, {m_new}, {t.const(NEG_INF, 'f32')} : f32")
+    msafe = t(f"arith.select {isinf}, {t.const('0.0', 'f32')}, {m_new} : f32")
+    msv = t(f"vector.broadcast {msafe} : f32 to {v}")
+    alpha_v = vexp(t, t(f"arith.subf {t(f'vector.broadcast {m_old} : f32 to {v}')}, {msv} : {v}"))
+    alpha = t(f"vector.extract {alpha_v}[0] : f32 from {v}")
+    psum = None
+    for grp, (s, ok) in enumerate(zip(svals, valids)):
+        p = vexp(t, t(f"arith.subf {s}, {msv} : {v}"))
+        p = t(f"arith.select {ok}, {p}, {t.const('0.0', v)} : vector<{VW}xi1>, {v}")
+        t.stmt(f"vector.store {p}, {pv}[{t.idx(q)}, {t.idx(grp * VW)}] : {pvt}, {v}")
+        psum = p if psum is None else t(f"arith.addf {psum}, {p} : {v}")
+    lsum = t(f"vector.reduction <add>, {psum} : {v} into f32")
+    l_old = t(f"memref.load {ls}[{qi}] : {mt1}")
+    t.stmt(f"memref.store {t(f'math.fma {l_old}, {alpha}, {lsum} : f32')}, {ls}[{qi}] : {mt1}")
+    t.stmt(f"memref.store {m_new}, {ms}[{qi}] : {mt1}")
+    return alpha
+
+
+def merge_pass(k: _Kernel, nh: int, r0: str, rows: str, splits: str,
+               part: tuple[str, str, str]) -> None:
+    """Inside the (sequence %b, query head %qh) forall: rows [r0, r0 + rows) of the sequence
+    from the S partial states: O = sum_s e^(m_s - m) O_s / sum_s e^(m_s - m) l_s (0 when no key
+    was allowed), cast and stored."""
+    from .attention import store_from_f32
+
+    t, d = k.t, k.d
+    dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)
+    nv, vd, v = d // dw, fvec(dw), fvec()
+    pm, pl, po = part
+    pmt, pot = f"memref<?x?x{nh}xf32>", f"memref<?x?x{nh}x{d}xf32>"
+    ninf, zero, one = t.const(NEG_INF, "f32"), t.const("0.0", "f32"), t.const("1.0", "f32")
+    t.for_("%r1", r0, t(f"arith.addi {r0}, {rows} : index"), t.idx(1))
+    row = t(f"arith.addi {k.o0}, %r1 : index")
+    mx = t(f"scf.for %ms = {t.idx(0)} to {splits} step {t.idx(1)} iter_args(%mm = {ninf}) -> (f32) {{")
+    t.depth += 1
+    m_s = t(f"memref.load {pm}[%ms, {row}, %qh] : {pmt}")
+    t.stmt(f"scf.yield {t(f'arith.maximumf %mm, {m_s} : f32')} : f32")
+    t.depth -= 1
+    t.stmt("}")
+    msafe = t(f"arith.select {t(f'arith.cmpf oeq, {mx}, {ninf} : f32')}, {zero}, {mx} : f32")
+    init = ", ".join([f"%ml = {zero}"] + [f"%mo{u} = {t.const('0.0', vd)}" for u in range(nv)])
+    res = t(f"scf.for %ms = {t.idx(0)} to {splits} step {t.idx(1)} iter_args({init}) -> "
+            f"({', '.join(['f32'] + [vd] * nv)}) {{", n=nv + 1)
+    t.depth += 1
+    m_s = t(f"memref.load {pm}[%ms, {row}, %qh] : {pmt}")
+    dm = t(f"arith.subf {m_s}, {msafe} : f32")
+    w = t(f"vector.extract {vexp(t, t(f'vector.broadcast {dm} : f32 to {v}'))}[0] : f32 from {v}")
+    l_s = t(f"memref.load {pl}[%ms, {row}, %qh] : {pmt}")
+    lnew = t(f"math.fma {l_s}, {w}, %ml : f32")
+    wv = t(f"vector.broadcast {w} : f32 to {vd}")
+    onew = []
+    for u in range(nv):
+        o_s = t(f"vector.load {po}[%ms, {row}, %qh, {t.idx(u * dw)}] : {pot}, {vd}")
+        onew.append(t(f"vector.fma {o_s}, {wv}, %mo{u} : {vd}"))
+    t.stmt(f"scf.yield {', '.join([lnew] + onew)} : {', '.join(['f32'] + [vd] * nv)}")
+    t.depth -= 1
+    t.stmt("}")
+    lval = f"{res}#0"
+    pos = t(f"arith.cmpf ogt, {lval}, {zero} : f32")
+    rcp = t(f"arith.divf {one}, {lval} : f32")
+    inv = t(f"arith.select {pos}, {rcp}, {zero} : f32")
+    invv = t(f"vector.broadcast {inv} : f32 to {vd}")
+    col0 = t(f"arith.muli %qh, {t.idx(d)} : index")
+    for u in range(nv):
+        x = t(f"arith.mulf {res}#{u + 1}, {invv} : {vd}")
+        store_from_f32(t, x, k.om, [row, t(f"arith.addi {col0}, {t.idx(u * dw)} : index")], k.omt,
+                       k.el, dw)
+    t.close()   # %r1
