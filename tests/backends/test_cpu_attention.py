@@ -67,24 +67,29 @@ def test_rope_store_ops(interleaved, qk_norm):
                                rtol=1e-4, atol=1e-4)
 
 
+def _every_mask_matches(seed, n_heads, n_kv_heads, d, counts, cached, window, layer):
+    """All masks in one graph, compiled for this CPU, against the interpreter."""
+    rng = np.random.default_rng(seed)
+    types = [TensorType(DType.float32, ["t", n_heads * d])] + _meta_types(nkv=n_kv_heads, d=d)
+    with Graph("fa", input_types=types) as g:
+        q, blocks, offs, clen, lut = g.inputs
+        g.output(*[ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=n_heads,
+                                              n_kv_heads=n_kv_heads, head_dim=d, layer_idx=layer,
+                                              mask_variant=m,
+                                              window=window if m in WINDOWED else None)
+                   for m in MASK_VARIANTS])
+    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads, d=d)
+    q = rng.standard_normal((sum(counts), n_heads * d)).astype(np.float32)
+    assert_matches_interpreter(g, q, blocks, offs, clen, lut, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("n_heads,n_kv_heads,d", [(NH, NKV, D), (2, 2, D), (3, 1, 12),
                                                   (8, 2, D), (8, 8, D), (16, 2, D)])
 def test_flash_attention_every_mask(n_heads, n_kv_heads, d):
     """All masks in one graph; rows of a sequence span several query blocks and key tiles;
     GQA groups of 2, 3, 4 and 8, MHA, and a head_dim that is not a multiple of 8 (the tail
     rows go slot by slot where 8 query vectors make whole KV heads: 8/2, 8/8, 16/2)."""
-    rng = np.random.default_rng(n_heads)
-    types = [TensorType(DType.float32, ["t", n_heads * d])] + _meta_types(nkv=n_kv_heads, d=d)
-    with Graph("fa", input_types=types) as g:
-        q, blocks, offs, clen, lut = g.inputs
-        g.output(*[ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=n_heads,
-                                              n_kv_heads=n_kv_heads, head_dim=d, layer_idx=1,
-                                              mask_variant=m, window=3 if m in WINDOWED else None)
-                   for m in MASK_VARIANTS])
-    counts, cached = [9, 1, 0, 2], [3, 37, 4, 0]
-    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads, d=d)
-    q = rng.standard_normal((sum(counts), n_heads * d)).astype(np.float32)
-    assert_matches_interpreter(g, q, blocks, offs, clen, lut, rtol=1e-4, atol=1e-4)
+    _every_mask_matches(n_heads, n_heads, n_kv_heads, d, [9, 1, 0, 2], [3, 37, 4, 0], 3, 1)
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 2), (4, 2)])
@@ -92,18 +97,8 @@ def test_flash_attention_decode_key_splits(n_heads, n_kv_heads):
     """Decode rows alone (a handful of rows: each row's keys split over up to 16 tasks, some
     splits left empty, then merged), every mask, cached lengths over several key tiles; the
     slot-by-slot tile (8/2) and the head-by-head one (4/2)."""
-    rng = np.random.default_rng(n_heads * 10 + n_kv_heads)
-    types = [TensorType(DType.float32, ["t", n_heads * D])] + _meta_types(nkv=n_kv_heads)
-    with Graph("fa_dec", input_types=types) as g:
-        q, blocks, offs, clen, lut = g.inputs
-        g.output(*[ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=n_heads,
-                                              n_kv_heads=n_kv_heads, head_dim=D, layer_idx=0,
-                                              mask_variant=m, window=5 if m in WINDOWED else None)
-                   for m in MASK_VARIANTS])
-    counts, cached = [1, 1, 0, 1], [40, 25, 4, 2]
-    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads)
-    q = rng.standard_normal((sum(counts), n_heads * D)).astype(np.float32)
-    assert_matches_interpreter(g, q, blocks, offs, clen, lut, rtol=1e-4, atol=1e-4)
+    _every_mask_matches(n_heads * 10 + n_kv_heads, n_heads, n_kv_heads, D, [1, 1, 0, 1],
+                        [40, 25, 4, 2], 5, 0)
 
 
 def _cpu_runs(target: str) -> bool:

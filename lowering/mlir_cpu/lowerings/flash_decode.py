@@ -244,15 +244,9 @@ def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
             sj = t(f"arith.select {okj[j]}, {sj}, {ninf_v} : vector<{VW}xi1>, {v}")
             svals.append(sj)
             mx = t(f"arith.maximumf {mx}, {sj} : {v}")
-        isinf = t(f"arith.cmpf oeq, {mx}, {ninf_v} : {v}")
-        msafe = t(f"arith.select {isinf}, {zero_v}, {mx} : vector<{VW}xi1>, {v}")
+        msafe, lsum = _probs(t, svals, okj, mx, lambda j, p: t.stmt(
+            f"vector.store {p}, {st}[{t.idx(j)}, {qi}] : {stt}, {v}"))
         alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"))
-        lsum = None
-        for j, sj in enumerate(svals):
-            p = vexp(t, t(f"arith.subf {sj}, {msafe} : {v}"))
-            p = t(f"arith.select {okj[j]}, {p}, {zero_v} : vector<{VW}xi1>, {v}")
-            t.stmt(f"vector.store {p}, {st}[{t.idx(j)}, {qi}] : {stt}, {v}")
-            lsum = p if lsum is None else t(f"arith.addf {lsum}, {p} : {v}")
         l_old = t(f"vector.load {ls}[{qi}] : {mt1}, {v}")
         lnew = t(f"vector.fma {l_old}, {alpha}, {lsum} : {v}")
         t.stmt(f"vector.store {lnew}, {ls}[{qi}] : {mt1}, {v}")
@@ -290,6 +284,23 @@ def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
         t.close()   # %hv
 
 
+def _probs(t, svals: list[str], oks: list[str], mx: str, store) -> tuple[str, str]:
+    """(m, sum of p) of an online-softmax step: m the new running max `mx` (8 lanes) with -inf
+    read as 0, so a row with no allowed key yet stays at zeros; p = e^(s - m) of each score
+    vector where allowed (0 elsewhere), passed to store(i, p)."""
+    v = fvec()
+    zero = t.const("0.0", v)
+    isinf = t(f"arith.cmpf oeq, {mx}, {t.const(NEG_INF, v)} : {v}")
+    msafe = t(f"arith.select {isinf}, {zero}, {mx} : vector<{VW}xi1>, {v}")
+    psum = None
+    for i, (s, ok) in enumerate(zip(svals, oks)):
+        p = vexp(t, t(f"arith.subf {s}, {msafe} : {v}"))
+        p = t(f"arith.select {ok}, {p}, {zero} : vector<{VW}xi1>, {v}")
+        store(i, p)
+        psum = p if psum is None else t(f"arith.addf {psum}, {p} : {v}")
+    return msafe, psum
+
+
 def _softmax(t, svals: list[str], valids: list[str], qi: str, q: int, ms: str, ls: str, pv: str,
              mt1: str, pvt: str) -> str:
     """Online softmax of a query vector (row qi of the head scratch, row q of P) over a tile's
@@ -301,17 +312,11 @@ def _softmax(t, svals: list[str], valids: list[str], qi: str, q: int, ms: str, l
     rowmax = t(f"vector.reduction <maximumf>, {mx} : {v} into f32")
     m_old = t(f"memref.load {ms}[{qi}] : {mt1}")
     m_new = t(f"arith.maximumf {m_old}, {rowmax} : f32")
-    isinf = t(f"arith.cmpf oeq, {m_new}, {t.const(NEG_INF, 'f32')} : f32")
-    msafe = t(f"arith.select {isinf}, {t.const('0.0', 'f32')}, {m_new} : f32")
-    msv = t(f"vector.broadcast {msafe} : f32 to {v}")
+    msv, psum = _probs(t, svals, valids, t(f"vector.broadcast {m_new} : f32 to {v}"),
+                       lambda grp, p: t.stmt(f"vector.store {p}, {pv}[{t.idx(q)}, "
+                                             f"{t.idx(grp * VW)}] : {pvt}, {v}"))
     alpha_v = vexp(t, t(f"arith.subf {t(f'vector.broadcast {m_old} : f32 to {v}')}, {msv} : {v}"))
     alpha = t(f"vector.extract {alpha_v}[0] : f32 from {v}")
-    psum = None
-    for grp, (s, ok) in enumerate(zip(svals, valids)):
-        p = vexp(t, t(f"arith.subf {s}, {msv} : {v}"))
-        p = t(f"arith.select {ok}, {p}, {t.const('0.0', v)} : vector<{VW}xi1>, {v}")
-        t.stmt(f"vector.store {p}, {pv}[{t.idx(q)}, {t.idx(grp * VW)}] : {pvt}, {v}")
-        psum = p if psum is None else t(f"arith.addf {psum}, {p} : {v}")
     lsum = t(f"vector.reduction <add>, {psum} : {v} into f32")
     l_old = t(f"memref.load {ls}[{qi}] : {mt1}")
     t.stmt(f"memref.store {t(f'math.fma {l_old}, {alpha}, {lsum} : f32')}, {ls}[{qi}] : {mt1}")
