@@ -84,11 +84,12 @@ def _every_mask_matches(seed, n_heads, n_kv_heads, d, counts, cached, window, la
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads,d", [(NH, NKV, D), (2, 2, D), (3, 1, 12),
-                                                  (8, 2, D), (8, 8, D), (16, 2, D)])
+                                                  (8, 2, D), (8, 8, D), (16, 2, D), (16, 1, D)])
 def test_flash_attention_every_mask(n_heads, n_kv_heads, d):
     """All masks in one graph; rows of a sequence span several query blocks and key tiles;
     GQA groups of 2, 3, 4 and 8, MHA, and a head_dim that is not a multiple of 8 (the tail
-    rows go slot by slot where 8 query vectors make whole KV heads: 8/2, 8/8, 16/2)."""
+    rows go slot by slot where 8 query vectors make whole KV heads, 8/2, 8/8, 16/2, or a
+    head's 16 make two passes, 16/1)."""
     _every_mask_matches(n_heads, n_heads, n_kv_heads, d, [9, 1, 0, 2], [3, 37, 4, 0], 3, 1)
 
 

@@ -187,48 +187,66 @@ def _head_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
 
 def slot_major(g: int, nkv: int, dw: int) -> bool:
     """Whether the tile goes slot by slot: 8 query vectors (8 / G KV heads) a score pass, one
-    shuffle tree summing them."""
-    return dw == VW and VW % g == 0 and nkv % (VW // g) == 0
+    shuffle tree summing them; or 8 of a head's G when G is a multiple of 8 (MQA-like groups)."""
+    return dw == VW and (VW % g == 0 and nkv % (VW // g) == 0 or g % VW == 0)
 
 
 def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls,
                sct: str, mt1: str, dw: int) -> None:
     """One key tile slot by slot, every KV head of a slot in turn, so K and V are read in
-    address order. Scores of 8 query vectors (HP = 8 / G heads) at a time into a [C][NH]
-    scratch, the softmax 8 query vectors to a vector, then P V two slots at a time into the O
-    rows (in L1)."""
-    t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
-    nh, hp, nv = nkv * g, VW // g, d // dw
-    v, vd = fvec(), fvec(dw)
+    address order. Scores of 8 query vectors (HP = 8 / G heads, or G / 8 passes over one
+    head) at a time into a [C][NH] scratch, the softmax 8 query vectors to a vector, then P V
+    two slots at a time into the O rows (in L1)."""
+    t, g, c = k.t, k.g, KEY_TILE
+    nh, hp = nkv * g, max(1, VW // g)
     stt = f"memref<{c}x{nh}xf32>"
     st = t(f"memref.alloca() : {stt}")
-    zero_d, zero_v = t.const("0.0", vd), t.const("0.0", v)
-    ninf_v = t.const(NEG_INF, v)
 
     def kv_row(j: int, kind: int, head: str, col: str) -> list[str]:
         return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], head, col]
     for j in range(c):
         t.for_("%hs", t.idx(0), t.idx(nkv), t.idx(hp))
-        q0 = t(f"arith.muli %hs, {t.idx(g)} : index")
         heads = [t(f"arith.addi %hs, {t.idx(u)} : index") for u in range(hp)]
-        qrows = [t(f"arith.addi {q0}, {t.idx(i)} : index") for i in range(VW)]
-        init = ", ".join(f"%a{i} = {zero_d}" for i in range(VW))
-        res = t(f"scf.for %dd = {t.idx(0)} to {t.idx(d)} step {t.idx(dw)} iter_args({init}) "
-                f"-> ({', '.join([vd] * VW)}) {{", n=VW)
-        t.depth += 1
-        kv = [load_f32(t, "%blocks", kv_row(j, 0, heads[u], "%dd"), k.bt, el, dw)
-              for u in range(hp)]
-        nxt = []
-        for i in range(VW):
-            qv = t(f"vector.load {qs}[{qrows[i]}, %dd] : {sct}, {vd}")
-            nxt.append(t(f"vector.fma {qv}, {kv[i // g]}, %a{i} : {vd}"))
-        t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([vd] * VW)}")
-        t.depth -= 1
-        t.stmt("}")
-        sv = softcap_vec(t, hsum8(t, [f"{res}#{i}" for i in range(VW)]), k.softcap)
-        t.stmt(f"vector.store {sv}, {st}[{t.idx(j)}, {q0}] : {stt}, {v}")
+        for qc in range(max(1, g // VW)):
+            _slot_scores(k, j, heads, qc, qs, st, sct, stt, kv_row, dw)
         t.close()   # %hs
-    # Softmax, 8 query vectors a vector; a key's mask is the same for all of them.
+    _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, sct, stt, mt1, dw, kv_row)
+
+
+def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str, sct: str,
+                 stt: str, kv_row, dw: int) -> None:
+    """Scores of slot j against 8 query vectors, those of heads (G < 8) or the qc-th 8 of
+    heads[0] (G a multiple of 8): one K vector load a head, one shuffle tree, into row j."""
+    t, d, g, el = k.t, k.d, k.g, k.el
+    v, vd = fvec(), fvec(dw)
+    zero_d = t.const("0.0", vd)
+    q0 = t(f"arith.addi {t(f'arith.muli %hs, {t.idx(g)} : index')}, {t.idx(qc * VW)} : index")
+    qrows = [t(f"arith.addi {q0}, {t.idx(i)} : index") for i in range(VW)]
+    init = ", ".join(f"%a{i} = {zero_d}" for i in range(VW))
+    res = t(f"scf.for %dd = {t.idx(0)} to {t.idx(d)} step {t.idx(dw)} iter_args({init}) "
+            f"-> ({', '.join([vd] * VW)}) {{", n=VW)
+    t.depth += 1
+    kv = [load_f32(t, "%blocks", kv_row(j, 0, h, "%dd"), k.bt, el, dw) for h in heads]
+    nxt = []
+    for i in range(VW):
+        qv = t(f"vector.load {qs}[{qrows[i]}, %dd] : {sct}, {vd}")
+        nxt.append(t(f"vector.fma {qv}, {kv[i // g]}, %a{i} : {vd}"))
+    t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([vd] * VW)}")
+    t.depth -= 1
+    t.stmt("}")
+    sv = softcap_vec(t, hsum8(t, [f"{res}#{i}" for i in range(VW)]), k.softcap)
+    t.stmt(f"vector.store {sv}, {st}[{t.idx(j)}, {q0}] : {stt}, {v}")
+
+
+def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: str, st: str,
+                     sct: str, stt: str, mt1: str, dw: int, kv_row) -> None:
+    """The tile's online-softmax step 8 query vectors to a vector (a key's mask is the same
+    for all of them; the scores in the scratch become P), the O rows rescaled, then P V two
+    slots at a time, every head of them in turn (a V vector load feeds the head's G rows)."""
+    t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
+    nh, nv = nkv * g, d // dw
+    v, vd = fvec(), fvec(dw)
+    ninf_v = t.const(NEG_INF, v)
     okj = []
     for j in range(c):
         e = t(f"vector.extract {valids[j // VW]}[{j % VW}] : i1 from vector<{VW}xi1>")
@@ -252,7 +270,6 @@ def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
         t.stmt(f"vector.store {lnew}, {ls}[{qi}] : {mt1}, {v}")
         t.stmt(f"vector.store {mx}, {ms}[{qi}] : {mt1}, {v}")
         t.stmt(f"vector.store {alpha}, {als}[{qi}] : {mt1}, {v}")
-    # O rows rescaled, then P V: two slots at a time, every head of them in turn.
     t.for_("%qa", t.idx(0), t.idx(nh), t.idx(1))
     a_s = t(f"memref.load {als}[%qa] : {mt1}")
     av = t(f"vector.broadcast {a_s} : f32 to {vd}")
