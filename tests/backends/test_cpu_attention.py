@@ -111,7 +111,7 @@ def _cpu_runs(target: str) -> bool:
 @pytest.mark.parametrize("target,n_heads,n_kv_heads,d,dt", [
     ("cpu:x86-64:avx2", 4, 1, 16, DType.float32), ("cpu:x86-64:avx512", 4, 1, 16, DType.float32),
     ("cpu:x86-64:avx512", 3, 1, 16, DType.float32), ("cpu:x86-64:avx2", 2, 2, 32, DType.bfloat16),
-    ("cpu:x86-64:avx512", 8, 2, 16, DType.bfloat16)])
+    ("cpu:x86-64:avx512", 8, 2, 16, DType.bfloat16), ("cpu:x86-64:avx2", 8, 2, 16, DType.float32)])
 def test_flash_attention_full_blocks(target, n_heads, n_kv_heads, d, dt):
     """Sequences long enough for the queries-along-lanes path (blocks of R = 2 * lanes / G
     rows: 8 or 16 with G = 4, 10 or 5 with G = 3 (padded lanes), 16 or 8 with MHA) next to

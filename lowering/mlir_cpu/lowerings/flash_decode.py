@@ -12,7 +12,8 @@ A key tile of C keys goes slot by slot where 8 query vectors make whole KV heads
 8 with the head count to match: `slot_major`): for each slot the scores of 8 query vectors at a
 time (one K vector load feeds the query vectors of its head; one shuffle tree sums the 8), so
 the cache is read in address order (a slot's K rows of every head lie in one run); the softmax
-then goes 8 query vectors to a vector, and P V two slots at a time into the O rows (kept in L1).
+then goes 8 query vectors to a vector, and P V 8 slots at a time (2 with 16 registers) into the
+O rows (kept in L1).
 Elsewhere it goes head by head: QB query vectors x 8 keys of score accumulators, the softmax a
 query vector at a time, PQ x CV of P V in registers, the next tile's rows prefetched.
 
@@ -105,7 +106,7 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
         mk = mask_vec(t, k.mask, qpv, kpv, k.window)
         valids.append(ok if mk is None else t(f"arith.andi {ok}, {mk} : vector<{VW}xi1>"))
     if slot_major(g, nkv, dw):
-        _slot_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, sct, mt1, dw)
+        _slot_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, sct, mt1, dw, regs)
     else:
         _head_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, pv, sct, mt1, pvt, dw, qb, pq, cv,
                    hi, page)
@@ -192,11 +193,11 @@ def slot_major(g: int, nkv: int, dw: int) -> bool:
 
 
 def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls,
-               sct: str, mt1: str, dw: int) -> None:
+               sct: str, mt1: str, dw: int, regs: int) -> None:
     """One key tile slot by slot, every KV head of a slot in turn, so K and V are read in
     address order. Scores of 8 query vectors (HP = 8 / G heads, or G / 8 passes over one
     head) at a time into a [C][NH] scratch, the softmax 8 query vectors to a vector, then P V
-    two slots at a time into the O rows (in L1)."""
+    NS slots at a time into the O rows (in L1)."""
     t, g, c = k.t, k.g, KEY_TILE
     nh, hp = nkv * g, max(1, VW // g)
     stt = f"memref<{c}x{nh}xf32>"
@@ -210,7 +211,11 @@ def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
         for qc in range(max(1, g // VW)):
             _slot_scores(k, j, heads, qc, qs, st, sct, stt, kv_row, dw)
         t.close()   # %hs
-    _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, sct, stt, mt1, dw, kv_row)
+    # P V 8 slots at a time with 32 vector registers (their P values stay live across the
+    # head_dim loop): 1.76-2.65 ms against 2.32-3.29 for 2 at a time, context 4096, on a
+    # 2-core Zen 4 (BENCHMARKS.md, CPU decode attention); 2 with 16 registers.
+    ns = 8 if regs >= 32 else 2
+    _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, sct, stt, mt1, dw, kv_row, ns)
 
 
 def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str, sct: str,
@@ -239,10 +244,11 @@ def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str
 
 
 def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: str, st: str,
-                     sct: str, stt: str, mt1: str, dw: int, kv_row) -> None:
+                     sct: str, stt: str, mt1: str, dw: int, kv_row, ns: int) -> None:
     """The tile's online-softmax step 8 query vectors to a vector (a key's mask is the same
-    for all of them; the scores in the scratch become P), the O rows rescaled, then P V two
-    slots at a time, every head of them in turn (a V vector load feeds the head's G rows)."""
+    for all of them; the scores in the scratch become P), the O rows rescaled, then P V NS
+    slots at a time, every head of them in turn (a V vector load feeds the head's G rows; an
+    O row's load and store serve NS FMAs)."""
     t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
     nh, nv = nkv * g, d // dw
     v, vd = fvec(), fvec(dw)
@@ -278,12 +284,13 @@ def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: 
         o = t(f"vector.load {os_}[%qa, {col}] : {sct}, {vd}")
         t.stmt(f"vector.store {t(f'arith.mulf {o}, {av} : {vd}')}, {os_}[%qa, {col}] : {sct}, {vd}")
     t.close()
-    for j0 in range(0, c, 2):
+    for j0 in range(0, c, ns):
         t.for_("%hv", t.idx(0), t.idx(nkv), t.idx(1))
         q0 = t(f"arith.muli %hv, {t.idx(g)} : index")
         qrows = [t(f"arith.addi {q0}, {t.idx(q)} : index") for q in range(g)]
+        js = range(j0, j0 + ns)
         ps = []
-        for j in (j0, j0 + 1):
+        for j in js:
             row = []
             for q in range(g):
                 pe = t(f"memref.load {st}[{t.idx(j)}, {qrows[q]}] : {stt}")
@@ -291,12 +298,11 @@ def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: 
             ps.append(row)
         for u in range(nv):
             col = t.idx(u * dw)
-            vv = [load_f32(t, "%blocks", kv_row(j, 1, "%hv", col), k.bt, el, dw)
-                  for j in (j0, j0 + 1)]
+            vv = [load_f32(t, "%blocks", kv_row(j, 1, "%hv", col), k.bt, el, dw) for j in js]
             for q in range(g):
                 o = t(f"vector.load {os_}[{qrows[q]}, {col}] : {sct}, {vd}")
-                o = t(f"vector.fma {ps[0][q]}, {vv[0]}, {o} : {vd}")
-                o = t(f"vector.fma {ps[1][q]}, {vv[1]}, {o} : {vd}")
+                for n in range(ns):
+                    o = t(f"vector.fma {ps[n][q]}, {vv[n]}, {o} : {vd}")
                 t.stmt(f"vector.store {o}, {os_}[{qrows[q]}, {col}] : {sct}, {vd}")
         t.close()   # %hv
 
