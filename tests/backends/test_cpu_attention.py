@@ -102,6 +102,35 @@ def test_flash_attention_decode_key_splits(n_heads, n_kv_heads):
                         [40, 25, 4, 2], 5, 0)
 
 
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 2), (4, 2)])
+def test_flash_attention_scratch_outside_loops(n_heads, n_kv_heads):
+    """Every scratch buffer of the attention kernel is allocated outside its scf.for loops: an
+    alloca in a loop body takes stack on each iteration, which a long context (one tile an
+    iteration) would run out of. Both tile walks (slot by slot 8/2, head by head 4/2)."""
+    from graphir.lowering.mlir_cpu.backend import emit_module
+    from graphir.lowering.mlir_cpu.cpu_target import host_target
+
+    types = [TensorType(DType.float32, ["t", n_heads * D])] + _meta_types(nkv=n_kv_heads)
+    with Graph("fa_scratch", input_types=types) as g:
+        q, blocks, offs, clen, lut = g.inputs
+        g.output(ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=n_heads,
+                                            n_kv_heads=n_kv_heads, head_dim=D, layer_idx=0))
+    ctx, module, _ = emit_module(g, host_target())
+    with ctx:
+        text = str(module)
+    open_ops, allocas = [], 0
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("}"):
+            open_ops.pop()
+        if "memref.alloca" in s:
+            allocas += 1
+            assert "scf.for" not in open_ops, f"alloca inside a loop: {s}"
+        if s.endswith("{"):
+            open_ops.append("scf.for" if "scf.for " in s else "region")   # not scf.forall
+    assert allocas >= 5
+
+
 def _cpu_runs(target: str) -> bool:
     from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, host_cpu
 

@@ -24,7 +24,8 @@ after another through each tile) ran the Llama-shaped decode at 0.50-0.54 ms (co
 """
 from __future__ import annotations
 
-from .attention import VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, vexp
+from .attention import (VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, store_from_f32,
+                         vexp)
 from .flash_attention import (KEY_TILE, NEG_INF, _Kernel, _key_range, _prefetch_tile,
                               _tile_pages)
 
@@ -64,6 +65,10 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
     qs, os_ = t(f"memref.alloca() : {sct}"), t(f"memref.alloca() : {sct}")
     ms, ls = t(f"memref.alloca() : {mt1}"), t(f"memref.alloca() : {mt1}")
     pv = t(f"memref.alloca() : {pvt}")
+    # The slot walk's scores / P [C][NH] and O rescale factors. Every scratch of a task is
+    # allocated here, outside its loops: an alloca in a loop body takes stack each iteration.
+    stt = f"memref<{c}x{nh}xf32>"
+    st, als = t(f"memref.alloca() : {stt}"), t(f"memref.alloca() : {mt1}")
     pm, pl, po = part
     pmt, pot = f"memref<?x?x{nh}xf32>", f"memref<?x?x{nh}x{d}xf32>"
     it = f"memref<{KEY_TILE}xindex>"
@@ -106,7 +111,7 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
         mk = mask_vec(t, k.mask, qpv, kpv, k.window)
         valids.append(ok if mk is None else t(f"arith.andi {ok}, {mk} : vector<{VW}xi1>"))
     if slot_major(g, nkv, dw):
-        _slot_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, sct, mt1, dw, regs)
+        _slot_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, st, als, sct, stt, mt1, dw, regs)
     else:
         _head_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, pv, sct, mt1, pvt, dw, qb, pq, cv,
                    hi, page)
@@ -192,16 +197,14 @@ def slot_major(g: int, nkv: int, dw: int) -> bool:
     return dw == VW and (VW % g == 0 and nkv % (VW // g) == 0 or g % VW == 0)
 
 
-def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls,
-               sct: str, mt1: str, dw: int, regs: int) -> None:
+def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls, st,
+               als, sct: str, stt: str, mt1: str, dw: int, regs: int) -> None:
     """One key tile slot by slot, every KV head of a slot in turn, so K and V are read in
     address order. Scores of 8 query vectors (HP = 8 / G heads, or G / 8 passes over one
     head) at a time into a [C][NH] scratch, the softmax 8 query vectors to a vector, then P V
     NS slots at a time into the O rows (in L1)."""
     t, g, c = k.t, k.g, KEY_TILE
-    nh, hp = nkv * g, max(1, VW // g)
-    stt = f"memref<{c}x{nh}xf32>"
-    st = t(f"memref.alloca() : {stt}")
+    hp = max(1, VW // g)
 
     def kv_row(j: int, kind: int, head: str, col: str) -> list[str]:
         return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], head, col]
@@ -215,7 +218,7 @@ def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
     # head_dim loop): 1.76-2.65 ms against 2.32-3.29 for 2 at a time, context 4096, on a
     # 2-core Zen 4 (BENCHMARKS.md, CPU decode attention); 2 with 16 registers.
     ns = 8 if regs >= 32 else 2
-    _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, sct, stt, mt1, dw, kv_row, ns)
+    _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, als, sct, stt, mt1, dw, kv_row, ns)
 
 
 def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str, sct: str,
@@ -244,7 +247,7 @@ def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str
 
 
 def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: str, st: str,
-                     sct: str, stt: str, mt1: str, dw: int, kv_row, ns: int) -> None:
+                     als: str, sct: str, stt: str, mt1: str, dw: int, kv_row, ns: int) -> None:
     """The tile's online-softmax step 8 query vectors to a vector (a key's mask is the same
     for all of them; the scores in the scratch become P), the O rows rescaled, then P V NS
     slots at a time, every head of them in turn (a V vector load feeds the head's G rows; an
@@ -257,7 +260,6 @@ def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: 
     for j in range(c):
         e = t(f"vector.extract {valids[j // VW]}[{j % VW}] : i1 from vector<{VW}xi1>")
         okj.append(t(f"vector.broadcast {e} : i1 to vector<{VW}xi1>"))
-    als = t(f"memref.alloca() : {mt1}")
     for i0 in range(0, nh, VW):
         qi = t.idx(i0)
         m_old = t(f"vector.load {ms}[{qi}] : {mt1}, {v}")
@@ -352,8 +354,6 @@ def merge_pass(k: _Kernel, nh: int, r0: str, rows: str, splits: str,
     """Inside the (sequence %b, query head %qh) forall: rows [r0, r0 + rows) of the sequence
     from the S partial states: O = sum_s e^(m_s - m) O_s / sum_s e^(m_s - m) l_s (0 when no key
     was allowed), cast and stored."""
-    from .attention import store_from_f32
-
     t, d = k.t, k.d
     dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)
     nv, vd, v = d // dw, fvec(dw), fvec()
