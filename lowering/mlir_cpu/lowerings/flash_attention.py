@@ -130,19 +130,26 @@ def _write_rows(k: _Kernel, os_: str, sct: str, ls: str, mt1: str, r0: str, nvec
     t.for_(iv, t.idx(0), nvec, t.idx(1))
     r = t(f"arith.divui {iv}, {t.idx(g)} : index")
     gg = t(f"arith.remui {iv}, {t.idx(g)} : index")
+    row = t(f"arith.addi {t(f'arith.addi {k.o0}, {r0} : index')}, {r} : index")
+    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
+    vals = [t(f"vector.load {os_}[{iv}, {t.idx(c * dw)}] : {sct}, {vd}") for c in range(d // dw)]
+    store_row(k, vals, t(f"memref.load {ls}[{iv}] : {mt1}"), row, head, dw)
+    t.close()
+
+
+def store_row(k: _Kernel, vals: list[str], lval: str, row: str, head: str, dw: int) -> None:
+    """Output row `row`, query head `head`: the unnormalised O vectors `vals` (dw lanes each)
+    over the softmax sum lval, 0 where no key was allowed (lval 0), in the output's dtype."""
+    t, d = k.t, k.d
+    vd = fvec(dw)
     zero, one = t.const("0.0", "f32"), t.const("1.0", "f32")
-    lval = t(f"memref.load {ls}[{iv}] : {mt1}")
     pos = t(f"arith.cmpf ogt, {lval}, {zero} : f32")
     rcp = t(f"arith.divf {one}, {lval} : f32")
     inv = t(f"vector.broadcast {t(f'arith.select {pos}, {rcp}, {zero} : f32')} : f32 to {vd}")
-    row = t(f"arith.addi {t(f'arith.addi {k.o0}, {r0} : index')}, {r} : index")
-    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
     col0 = t(f"arith.muli {head}, {t.idx(d)} : index")
-    for c in range(d // dw):
-        x = t(f"arith.mulf {t(f'vector.load {os_}[{iv}, {t.idx(c * dw)}] : {sct}, {vd}')}, {inv} : {vd}")
-        store_from_f32(t, x, k.om, [row, t(f"arith.addi {col0}, {t.idx(c * dw)} : index")], k.omt,
-                       k.el, dw)
-    t.close()
+    for c, x in enumerate(vals):
+        store_from_f32(t, t(f"arith.mulf {x}, {inv} : {vd}"), k.om,
+                       [row, t(f"arith.addi {col0}, {t.idx(c * dw)} : index")], k.omt, k.el, dw)
 
 
 # -- full blocks: queries along the lanes -----------------------------------------------------------

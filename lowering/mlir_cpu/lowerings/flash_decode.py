@@ -24,10 +24,9 @@ after another through each tile) ran the Llama-shaped decode at 0.50-0.54 ms (co
 """
 from __future__ import annotations
 
-from .attention import (VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, store_from_f32,
-                         vexp)
+from .attention import VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, vexp
 from .flash_attention import (KEY_TILE, NEG_INF, _Kernel, _key_range, _prefetch_tile,
-                              _tile_pages)
+                              _tile_pages, store_row)
 
 MAX_SPLITS = 16   # key splits of a row when the batch has one row (16 / rows for more)
 
@@ -59,20 +58,21 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
     nh = nkv * g
     dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)
     nv = d // dw
-    qb, pq, cv = _blocking(g, nv, regs)
-    v, vi, vd = fvec(), f"vector<{VW}xi32>", fvec(dw)
-    sct, mt1, pvt = f"memref<{nh}x{d}xf32>", f"memref<{nh}xf32>", f"memref<{g}x{c}xf32>"
+    slot = slot_major(g, nkv, dw)
+    vi, vd = f"vector<{VW}xi32>", fvec(dw)
+    sct, mt1 = f"memref<{nh}x{d}xf32>", f"memref<{nh}xf32>"
+    # Every scratch of a task is allocated here, outside its loops (an alloca in a loop body
+    # takes stack each iteration): Q, O, running maxima and sums of every query head, and the
+    # slot walk's scores / P [C][NH] and O rescale factors, or the head walk's P [G][C].
     qs, os_ = t(f"memref.alloca() : {sct}"), t(f"memref.alloca() : {sct}")
     ms, ls = t(f"memref.alloca() : {mt1}"), t(f"memref.alloca() : {mt1}")
-    pv = t(f"memref.alloca() : {pvt}")
-    # The slot walk's scores / P [C][NH] and O rescale factors. Every scratch of a task is
-    # allocated here, outside its loops: an alloca in a loop body takes stack each iteration.
-    stt = f"memref<{c}x{nh}xf32>"
-    st, als = t(f"memref.alloca() : {stt}"), t(f"memref.alloca() : {mt1}")
+    pst = f"memref<{c}x{nh}xf32>" if slot else f"memref<{g}x{c}xf32>"
+    ps = t(f"memref.alloca() : {pst}")
+    als = t(f"memref.alloca() : {mt1}") if slot else None
     pm, pl, po = part
     pmt, pot = f"memref<?x?x{nh}xf32>", f"memref<?x?x{nh}x{d}xf32>"
     it = f"memref<{KEY_TILE}xindex>"
-    zero_v, zero_d = t.const("0.0", v), t.const("0.0", vd)
+    zero_d = t.const("0.0", vd)
     scale = t.const(f"{float(k.scale):.17e}", vd)
     t.for_("%r1", r0, t(f"arith.addi {r0}, {rows} : index"), t.idx(1))
     row = t(f"arith.addi {k.o0}, %r1 : index")
@@ -103,6 +103,10 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
     _tile_pages(k, "%k0", hi, page, "%j")
     pg = [t(f"memref.load {k.pgs}[{t.idx(j)}] : {it}") for j in range(c)]
     sl = [t(f"memref.load {k.sls}[{t.idx(j)}] : {it}") for j in range(c)]
+
+    def kv_row(j: int, kind: int, head: str, col: str) -> list[str]:
+        """Index of key j's K (kind 0) or V (1) row of KV head `head` at column col."""
+        return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], head, col]
     k0v = t(f"vector.broadcast {t('arith.index_cast %k0 : index to i32')} : i32 to {vi}")
     valids = []
     for grp in range(c // VW):
@@ -110,11 +114,11 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
         ok = t(f"arith.cmpi slt, {kpv}, {hi_v} : {vi}")
         mk = mask_vec(t, k.mask, qpv, kpv, k.window)
         valids.append(ok if mk is None else t(f"arith.andi {ok}, {mk} : vector<{VW}xi1>"))
-    if slot_major(g, nkv, dw):
-        _slot_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, st, als, sct, stt, mt1, dw, regs)
+    if slot:
+        _slot_tile(k, nkv, kv_row, valids, qs, os_, ms, ls, ps, als, sct, pst, mt1, dw, regs)
     else:
-        _head_tile(k, nkv, pg, sl, valids, qs, os_, ms, ls, pv, sct, mt1, pvt, dw, qb, pq, cv,
-                   hi, page)
+        _head_tile(k, nkv, kv_row, valids, qs, os_, ms, ls, ps, sct, mt1, pst, dw,
+                   *_blocking(g, nv, regs), hi, page)
     t.close()   # %k0
     # The split's partial state of every query head of the row.
     t.for_("%qh", t.idx(0), t.idx(nh), t.idx(1))
@@ -127,7 +131,7 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
     t.close()   # %r1
 
 
-def _head_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls, pv,
+def _head_tile(k: _Kernel, nkv: int, kv_row, valids: list, qs, os_, ms, ls, pv,
                sct: str, mt1: str, pvt: str, dw: int, qb: int, pq: int, cv: int, hi: str,
                page: int) -> None:
     """One key tile, head by head (the fallback where slot_major does not apply): per head,
@@ -138,7 +142,7 @@ def _head_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
     zero_d = t.const("0.0", vd)
 
     def krow(j: int, kind: int, col: str) -> list[str]:
-        return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], "%h", col]
+        return kv_row(j, kind, "%h", col)
     t.for_("%h", t.idx(0), t.idx(nkv), t.idx(1))
     _prefetch_tile(k, t(f"arith.addi %k0, {t.idx(c)} : index"), hi, page)
     qh0 = t(f"arith.muli %h, {t.idx(g)} : index")
@@ -197,7 +201,7 @@ def slot_major(g: int, nkv: int, dw: int) -> bool:
     return dw == VW and (VW % g == 0 and nkv % (VW // g) == 0 or g % VW == 0)
 
 
-def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, ms, ls, st,
+def _slot_tile(k: _Kernel, nkv: int, kv_row, valids: list, qs, os_, ms, ls, st,
                als, sct: str, stt: str, mt1: str, dw: int, regs: int) -> None:
     """One key tile slot by slot, every KV head of a slot in turn, so K and V are read in
     address order. Scores of 8 query vectors (HP = 8 / G heads, or G / 8 passes over one
@@ -205,9 +209,6 @@ def _slot_tile(k: _Kernel, nkv: int, pg: list, sl: list, valids: list, qs, os_, 
     NS slots at a time into the O rows (in L1)."""
     t, g, c = k.t, k.g, KEY_TILE
     hp = max(1, VW // g)
-
-    def kv_row(j: int, kind: int, head: str, col: str) -> list[str]:
-        return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], head, col]
     for j in range(c):
         t.for_("%hs", t.idx(0), t.idx(nkv), t.idx(hp))
         heads = [t(f"arith.addi %hs, {t.idx(u)} : index") for u in range(hp)]
@@ -352,14 +353,13 @@ def _softmax(t, svals: list[str], valids: list[str], qi: str, q: int, ms: str, l
 def merge_pass(k: _Kernel, nh: int, r0: str, rows: str, splits: str,
                part: tuple[str, str, str]) -> None:
     """Inside the (sequence %b, query head %qh) forall: rows [r0, r0 + rows) of the sequence
-    from the S partial states: O = sum_s e^(m_s - m) O_s / sum_s e^(m_s - m) l_s (0 when no key
-    was allowed), cast and stored."""
+    from the S partial states: O = sum_s e^(m_s - m) O_s / sum_s e^(m_s - m) l_s (store_row)."""
     t, d = k.t, k.d
     dw = next(w for w in (VW, 4, 2, 1) if d % w == 0)
     nv, vd, v = d // dw, fvec(dw), fvec()
     pm, pl, po = part
     pmt, pot = f"memref<?x?x{nh}xf32>", f"memref<?x?x{nh}x{d}xf32>"
-    ninf, zero, one = t.const(NEG_INF, "f32"), t.const("0.0", "f32"), t.const("1.0", "f32")
+    ninf, zero = t.const(NEG_INF, "f32"), t.const("0.0", "f32")
     t.for_("%r1", r0, t(f"arith.addi {r0}, {rows} : index"), t.idx(1))
     row = t(f"arith.addi {k.o0}, %r1 : index")
     mx = t(f"scf.for %ms = {t.idx(0)} to {splits} step {t.idx(1)} iter_args(%mm = {ninf}) -> (f32) {{")
@@ -386,14 +386,5 @@ def merge_pass(k: _Kernel, nh: int, r0: str, rows: str, splits: str,
     t.stmt(f"scf.yield {', '.join([lnew] + onew)} : {', '.join(['f32'] + [vd] * nv)}")
     t.depth -= 1
     t.stmt("}")
-    lval = f"{res}#0"
-    pos = t(f"arith.cmpf ogt, {lval}, {zero} : f32")
-    rcp = t(f"arith.divf {one}, {lval} : f32")
-    inv = t(f"arith.select {pos}, {rcp}, {zero} : f32")
-    invv = t(f"vector.broadcast {inv} : f32 to {vd}")
-    col0 = t(f"arith.muli %qh, {t.idx(d)} : index")
-    for u in range(nv):
-        x = t(f"arith.mulf {res}#{u + 1}, {invv} : {vd}")
-        store_from_f32(t, x, k.om, [row, t(f"arith.addi {col0}, {t.idx(u * dw)} : index")], k.omt,
-                       k.el, dw)
+    store_row(k, [f"{res}#{u + 1}" for u in range(nv)], f"{res}#0", row, "%qh", dw)
     t.close()   # %r1
