@@ -25,9 +25,9 @@ class Launcher:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         if grid[0] * grid[1] * grid[2] == 0:
             return
-        if self.kernel is None:
-            self.spec.fn[grid](*args, **self.spec.constexprs, num_warps=self.spec.num_warps,
-                               num_stages=self.spec.num_stages)
+        if self.kernel is None:  # a Gluon kernel's Triton twin under the interpreter
+            sp = self.spec.interpretable()
+            sp.fn[grid](*args, **sp.constexprs, num_warps=sp.num_warps, num_stages=sp.num_stages)
         else:
             self.kernel.launch(grid, *args, stream=torch.cuda.current_stream().cuda_stream)
 

@@ -209,19 +209,21 @@ def mla_absorbed_out_kernel(o_part_ptr, ml_ptr, wuv_ptr, out_ptr, T, num_parts,
 
 
 # -- configs, split rule and specs ----------------------------------------------------------------
-def _conf(bm: int, bn: int, warps: int, stages: int, vsplit: int = 1, waves: int = 2) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, VSPLIT=vsplit,
+def _conf(bm: int, bn: int, warps: int, stages: int, vsplit: int = 1, waves: int = 2,
+          ws: bool = False) -> dict:
+    conf = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, VSPLIT=vsplit,
                 WAVES=waves)
+    return {**conf, "WS": 1} if ws else conf
 
 
 def conf_name(conf: dict) -> str:
-    """m{BLOCK_M}n{BLOCK_N}w{warps}s{stages}[v{VSPLIT}][x{WAVES}]: the config's name."""
+    """m{BLOCK_M}n{BLOCK_N}w{warps}s{stages}[v{VSPLIT}][x{WAVES}][ws]: the config's name."""
     name = f"m{conf['BLOCK_M']}n{conf['BLOCK_N']}w{conf['num_warps']}s{conf['num_stages']}"
     if conf.get("VSPLIT", 1) != 1:
         name += f"v{conf['VSPLIT']}"
     if conf.get("WAVES", 2) != 2:
         name += f"x{conf['WAVES']}"
-    return name
+    return name + ("ws" if conf.get("WS") else "")
 
 
 # Attention-kernel configs by name: BLOCK_M (token, head) rows, BLOCK_N keys per step, warps,
@@ -240,13 +242,18 @@ CANDIDATES = {conf_name(c): c for c in (
     _conf(64, 32, 4, 2, vsplit=2), _conf(64, 32, 8, 2, vsplit=2), _conf(64, 32, 8, 3, vsplit=2),
     _conf(64, 64, 8, 2, vsplit=2),
     _conf(128, 16, 8, 3, vsplit=2), _conf(128, 32, 8, 2, vsplit=2), _conf(128, 64, 8, 1, vsplit=2),
+    # The warp-specialized Gluon kernel (mla_decode_ws.py): 64 rows, two consumer warpgroups
+    # of 4 warps and a loader warp; 64-key blocks in 2 stages or 32-key blocks in 3 or 4.
+    _conf(64, 64, 4, 2, ws=True), _conf(64, 32, 4, 4, ws=True), _conf(64, 32, 4, 3, ws=True),
 )}
 # The shipped config per head-count bucket (heads padded to a power of two, at most 128): the
 # one line to change after a GPU sweep (tools/gpu_sweeps/mla.py) names a better candidate.
-# H200, B64 / B128 x ctx 4096, attention launch (was m16n32w4s3 / m64n16w8s4): h16 m16n64w4s2
-# 85 / 156 us = 84 / 92% of copy (75 / 80%); h128 m64n64w8s2 288 / 552 us, 253 / 264 TFLOP/s
-# (688 / 1351 us). h64 takes h128's tile (not measured); h32 has no other candidate yet.
-DEFAULTS = {16: "m16n64w4s2", 32: "m32n16w4s4", 64: "m64n64w8s2", 128: "m64n64w8s2"}
+# H200, B64 / B128 x ctx 4096, attention launch: h16 m16n64w4s2 85-92 / 156-170 us = 78-84 /
+# 85-92% of copy (was m16n32w4s3, 75 / 80%); h64 and h128 the warp-specialized Gluon kernel
+# with 32-key blocks in 4 stages (2026-12-04, two runs): h64 B64 105 us (m64n64w8s2 161 us),
+# h128 B64 176-178 us (290 us), B128 341-358 us (554 us), 410-428 TFLOP/s. A layer the Gluon
+# kernel does not take (fp32, R != 512, small pages) runs its Triton twin (ws_fits).
+DEFAULTS = {16: "m16n64w4s2", 32: "m32n16w4s4", 64: "m64n32w4s4ws", 128: "m64n32w4s4ws"}
 
 
 def head_bucket(nh: int) -> int:
@@ -272,10 +279,52 @@ def tile_config(nh: int, r: int, config: str | dict | None = None) -> dict:
     conf = dict(CANDIDATES[config]) if isinstance(config, str) else dict(config)
     conf.setdefault("VSPLIT", 1)
     conf.setdefault("WAVES", 2)
+    if conf.get("WS") and (conf["BLOCK_M"] != 64 or conf["VSPLIT"] != 1):
+        raise ValueError(f"mla decode config {conf_name(conf)}: the warp-specialized kernel "
+                         f"takes 64 rows and VSPLIT 1")
     if conf["VSPLIT"] not in (1, 2) or pad(r) // conf["VSPLIT"] < 16:
         raise ValueError(f"mla decode config {conf_name(conf)}: VSPLIT must be 1 or 2 and "
                          f"leave at least 16 value columns (R = {r})")
     return conf
+
+
+def ws_fits(dtype: str, cache_dtype: str, r: int, rope: int, page_size: int, conf: dict) -> bool:
+    """Whether the warp-specialized kernel takes this layer: 16-bit q and cache of one dtype
+    (the tensor cores' operands), R = 512 (four 64-column value tiles a warpgroup), 64-column
+    key tiles, pages of whole key blocks."""
+    return (dtype == cache_dtype and dtype in ("bfloat16", "float16") and r == 512
+            and (r + rope) % 64 == 0 and page_size % conf["BLOCK_N"] == 0)
+
+
+def twin_config(conf: dict) -> dict:
+    """The Triton kernel's config at a WS config's tiles (what Triton's interpreter runs in the
+    Gluon kernel's place, and what a layer the Gluon kernel does not take runs)."""
+    return {**{k: v for k, v in conf.items() if k != "WS"}, "num_warps": 8,
+            "num_stages": 2}
+
+
+def _ws_spec(twin: KernelSpec, conf: dict) -> KernelSpec:
+    """The Gluon kernel's spec: the twin's arguments and grid, its own stages and registers."""
+    from graphir.lowering.triton_gpu.kernels import mla_decode_ws as ws
+
+    cx = {**twin.constexprs, "STAGES": conf["num_stages"], "CONSUMER_REGS": ws.CONSUMER_REGS}
+    sig = {**twin.signature, **{k: "constexpr" for k in ("STAGES", "CONSUMER_REGS")}}
+    tc = twin.signature["blocks_ptr"][1:]
+    return KernelSpec(name=f"mla_absorbed_{tc}_{conf_name(conf)}", fn=ws.mla_absorbed_ws_kernel,
+                      signature=sig, constexprs=cx, num_warps=4, num_stages=1, grid=twin.grid,
+                      grid_args=twin.grid_args, divisible_by_16=twin.divisible_by_16,
+                      notes="makes a TMA descriptor in global scratch; launches 9 warps (two "
+                            "consumer warpgroups and a loader warp)",
+                      extra={"config": conf, "twin": _twin_spec(twin, conf)})
+
+
+def _twin_spec(spec: KernelSpec, conf: dict) -> KernelSpec:
+    """The Triton spec at the WS config's tiles (same arguments)."""
+    tw = twin_config(conf)
+    return KernelSpec(name=spec.name.rsplit("ws", 1)[0] + "_twin", fn=spec.fn,
+                      signature=spec.signature, constexprs=spec.constexprs,
+                      num_warps=tw["num_warps"], num_stages=tw["num_stages"], grid=spec.grid,
+                      grid_args=spec.grid_args, divisible_by_16=spec.divisible_by_16)
 
 
 def split_lets(batch: str, tiles: str, kv_len: str, conf: dict, prefix: str = "mla_"):
@@ -304,6 +353,8 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
     `conf` picks the attention kernel's config (tile_config: the shipped default when None)."""
     t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
     conf = tile_config(nh, r, conf)
+    if conf.get("WS") and not ws_fits(dtype, cache_dtype, r, rope, page_size, conf):
+        conf = twin_config(conf)
     prec = "tf32x3" if dtype == "float32" else "tf32"
     rp, ep, nopep, vp = pad(r), pad(rope), pad(nope), pad(v)
     br = min(rp, 128)
@@ -330,6 +381,8 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
                                                              num_parts, batch),
                       grid_args=("batch", "seqmax", "num_parts"),
                       divisible_by_16=("qlat_ptr", "blocks_ptr", "o_part_ptr", "ml_ptr"))
+    if conf.get("WS"):
+        attn = _ws_spec(attn, conf)
     oc = dict(NH=nh, R=r, V=v, RP=rp, VP=vp, BLOCK_T=OUT_BLOCK_T, BLOCK_R=min(rp, 64),
               PRECISION=prec)
     osig = {"o_part_ptr": "*fp32", "ml_ptr": "*fp32", "wuv_ptr": f"*{t}", "out_ptr": f"*{t}",

@@ -20,9 +20,19 @@ def _i32(x):
 
 
 def _run(spec, grid, *args):
-    if grid[0] * grid[1] * grid[2]:
-        spec.fn[grid](*args, **spec.constexprs, num_warps=spec.num_warps,
-                      num_stages=spec.num_stages)
+    if not grid[0] * grid[1] * grid[2]:
+        return
+    if not args[0].is_cuda:  # a Gluon kernel has no interpreter: its Triton twin runs there
+        spec = spec.interpretable()
+    elif spec.interpretable() is not spec:
+        import torch
+        import triton
+
+        # The Gluon kernel makes its TMA descriptor on the device, in Triton's global scratch.
+        triton.set_allocator(lambda size, align, stream: torch.empty(
+            size, dtype=torch.int8, device=args[0].device))
+    spec.fn[grid](*args, **spec.constexprs, num_warps=spec.num_warps,
+                  num_stages=spec.num_stages)
 
 
 def cache_store(kv, norm_w, freqs, offs, clen, lut, blocks, *, kv_lora_rank: int, layer: int,

@@ -76,7 +76,8 @@ def record(s, c):
                 cp_async=c.ptx.count("cp.async"), wgmma=c.ptx.count("wgmma.mma_async"),
                 mma=c.ptx.count("mma.sync"), lop3=c.ptx.count("1258291200, 0xEA"),
                 packed=c.ptx.count("sub.rn.bf16x2") + c.ptx.count("sub.rn.f16x2"),
-                evict_first=c.ptx.count("L1::evict_first"))
+                evict_first=c.ptx.count("L1::evict_first"),
+                tma=c.ptx.count("cp.async.bulk.tensor"))
 """
 
 

@@ -1,7 +1,8 @@
 """The MLA kernels compile offline (no GPU) to sm_90 cubins for DeepSeek's sizes (kv_lora_rank
 512, rope 64, nope 128, v 128) at 16, 32 and 128 heads, pages of 64 and 128: within Hopper's
 shared memory, no spills, the latent cache tiles of the absorbed kernel read through cp.async
-(a key block lies in one page), the 64-row tile on wgmma. Every candidate config of the
+(a key block lies in one page), the 64-row tile on wgmma; the warp-specialized Gluon
+configs (mla_decode_ws.py) by TMA. Every candidate config of the
 absorbed kernel (mla_decode.CANDIDATES, timed by tools/gpu_sweeps/mla.py) compiles the same
 way: no stack, no local memory, shared memory within sm_90's limit."""
 
@@ -59,7 +60,9 @@ def test_candidate_configs_use_tensor_cores(compiled):
     for name, conf in md.CANDIDATES.items():
         c = compiled[f"cand/mla_absorbed_bf16_{name}"]
         assert c["wgmma" if conf["BLOCK_M"] >= 64 else "mma"] > 0, name
-        if conf["num_stages"] > 1:
+        if conf.get("WS"):  # the Gluon kernel: the latent rows by TMA, nine boxes a block
+            assert c["tma"] == 9, name
+        elif conf["num_stages"] > 1:
             assert c["cp_async"] > 0, name
 
 

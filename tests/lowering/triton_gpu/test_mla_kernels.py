@@ -201,3 +201,28 @@ def test_candidates_and_defaults():
     assert md.tile_config(128, 512) == md.CANDIDATES[md.DEFAULTS[128]]
     with pytest.raises(ValueError):
         md.tile_config(3, 16, "m64n32w4s2v2")        # 8 value columns per half
+
+
+def test_ws_configs_take_deepseek_sizes_and_fall_back_elsewhere():
+    # The Gluon kernel takes 16-bit q and cache of one dtype, R = 512 and pages of whole key
+    # blocks; elsewhere the same config runs its Triton twin (same tiles, same arguments). Under
+    # the interpreter the twin runs in the Gluon kernel's place.
+    from graphir.lowering.triton_gpu.kernels import mla_decode_ws as ws
+
+    name = md.DEFAULTS[128]
+    assert md.CANDIDATES[name].get("WS")
+    for dt in ("bfloat16", "float16"):
+        attn = md.specs(dt, dt, 128, 128, 64, 128, 512, 1, 64, name)[1]
+        assert attn.fn is ws.mla_absorbed_ws_kernel and attn.num_warps == 4
+        twin = attn.interpretable()
+        assert twin.fn is md.mla_absorbed_kernel and twin.num_warps == 8
+        assert twin.runtime_params() == attn.runtime_params()
+        assert twin.grid_for(batch=3, seqmax=2, num_parts=5) == \
+            attn.grid_for(batch=3, seqmax=2, num_parts=5)
+    for dt, cdt, r, page in (("float32", "float32", 512, 64), ("bfloat16", "float32", 512, 64),
+                             ("bfloat16", "bfloat16", 256, 64), ("bfloat16", "bfloat16", 512, 16)):
+        attn = md.specs(dt, cdt, 128, 128, 64, 128, r, 1, page, name)[1]
+        assert attn.fn is md.mla_absorbed_kernel, (dt, cdt, r, page)
+        assert attn.constexprs["BLOCK_M"] == 64 and attn.num_warps == 8
+    with pytest.raises(ValueError, match="64 rows"):
+        md.tile_config(128, 512, {**md.CANDIDATES[name], "BLOCK_M": 128})
