@@ -61,6 +61,19 @@ CONSUMER_REGS = 240
 LOADER_REGS = gl.constexpr(24)
 
 
+@gluon.constexpr_function
+def warpgroup_acc_layout(n):
+    """The wgmma accumulator layout of one warpgroup's 64-row tile, n columns wide."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                     instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def warpgroup_p_layout(n):
+    """P as the register A operand of a product into warpgroup_acc_layout(n)."""
+    return gl.DotOperandLayout(operand_index=0, parent=warpgroup_acc_layout(n), k_width=2)
+
+
 
 @gluon.jit
 def _issue_kv(desc, bars, ring, slot, lut_ptr, b, kvh, n0, max_pages, layer_idx, num_layers,
@@ -253,11 +266,9 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
     refills it)."""
     ROWS: gl.constexpr = 64
     dtype: gl.constexpr = q.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = warpgroup_acc_layout(D)
+    p_layout: gl.constexpr = warpgroup_p_layout(D)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     qk_scale = scale * 1.4426950408889634

@@ -38,8 +38,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                              warpgroup_mma, warpgroup_mma_wait)
 
+from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import _softmax as prefill_softmax
+from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (warpgroup_acc_layout,
+                                                                       warpgroup_p_layout)
+from graphir.lowering.triton_gpu.kernels.paged import MASK_CAUSAL as _CAUSAL
+
 ROWS = gl.constexpr(64)        # query rows (token, head pairs) a program, one warpgroup's M
 CHUNK = gl.constexpr(64)       # columns of one TMA box / one shared tile (128-byte swizzle)
+CAUSAL = gl.constexpr(_CAUSAL)
 # Registers a thread: the consumers 240 each (warpgroup 0 holds S, P and 4 x 32 of output),
 # the loader warp 24.
 CONSUMER_REGS = 240
@@ -146,21 +152,12 @@ def _store_half(o_part_ptr, tile, seq_start, n_new, part, num_parts, o0, o1, o2,
 @gluon.jit
 def _softmax(s, m_i, l_i, qrow, n0, hi, qmin, qk_scale, s_layout: gl.constexpr,
              BLOCK_N: gl.constexpr):
-    """Block scores (raw q.k, fp32) -> (p, alpha, m_new, l_new) of the online softmax in log2
-    units: keys up to a row's own position and before the partition's end; a block whose keys
-    every row sees skips the mask (qmin: the tile's first row's position)."""
-    if n0 + BLOCK_N > gl.minimum(hi, qmin + 1):
-        kp = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        ok = (kp[None, :] <= qrow[:, None]) & (kp < hi)[None, :]
-        s = gl.where(ok, s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p = gl.exp2(s - m_new[:, None])
-    else:
-        # Mask-free: the row max before scaling (scale >= 0, checked by the host).
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+    """Block scores (raw q.k, fp32) -> (p, alpha, m_new, l_new): the prefill kernel's online
+    softmax step with the causal mask over keys before the partition's end, applied only on a
+    block some row does not see whole (qmin: the tile's first row's position)."""
+    masked = n0 + BLOCK_N > gl.minimum(hi, qmin + 1)
+    return prefill_softmax(s, m_i, l_i, qrow, n0, hi, 1, qk_scale, masked, s_layout,
+                           CAUSAL, BLOCK_N)
 
 
 @gluon.jit
@@ -187,11 +184,9 @@ def _wg_scores(q_smem, ring, ready, empty, p_smem, a_smem, p_ready, p_free, o_pa
     """Warpgroup 0: scores, softmax, P and the factor for warpgroup 1, the left value half
     (block j - 1's values issued after block j's scores: FlashAttention-3's order)."""
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, CHUNK, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = warpgroup_acc_layout(CHUNK)
+    p_layout: gl.constexpr = warpgroup_p_layout(CHUNK)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     qk_scale = scale * 1.4426950408889634
@@ -249,8 +244,7 @@ def _wg_values(ring, ready, empty, p_smem, a_smem, p_ready, p_free, o_part_ptr, 
                seq_start, n_new, part, num_parts, n_blocks, NH: gl.constexpr,
                NCK: gl.constexpr, NCV: gl.constexpr, RP: gl.constexpr, STAGES: gl.constexpr):
     """Warpgroup 1: the right value half, from P and the factor warpgroup 0 publishes."""
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, CHUNK, 16])
+    o_layout: gl.constexpr = warpgroup_acc_layout(CHUNK)
     o0 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
     o1 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
     o2 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
