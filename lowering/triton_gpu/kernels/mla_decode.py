@@ -245,15 +245,18 @@ CANDIDATES = {conf_name(c): c for c in (
     # The warp-specialized Gluon kernel (mla_decode_ws.py): 64 rows, two consumer warpgroups
     # of 4 warps and a loader warp; 64-key blocks in 2 stages or 32-key blocks in 3 or 4.
     _conf(64, 64, 4, 2, ws=True), _conf(64, 32, 4, 4, ws=True), _conf(64, 32, 4, 3, ws=True),
+    _conf(64, 32, 4, 4, waves=1, ws=True),
 )}
 # The shipped config per head-count bucket (heads padded to a power of two, at most 128): the
 # one line to change after a GPU sweep (tools/gpu_sweeps/mla.py) names a better candidate.
 # H200, B64 / B128 x ctx 4096, attention launch: h16 m16n64w4s2 85-92 / 156-170 us = 78-84 /
 # 85-92% of copy (was m16n32w4s3, 75 / 80%); h64 and h128 the warp-specialized Gluon kernel
-# with 32-key blocks in 4 stages (2026-12-04, two runs): h64 B64 105 us (m64n64w8s2 161 us),
-# h128 B64 176-178 us (290 us), B128 341-358 us (554 us), 410-428 TFLOP/s. A layer the Gluon
-# kernel does not take (fp32, R != 512, small pages) runs its Triton twin (ws_fits).
-DEFAULTS = {16: "m16n64w4s2", 32: "m32n16w4s4", 64: "m64n32w4s4ws", 128: "m64n32w4s4ws"}
+# with 32-key blocks in 4 stages, the context split to fill the SMs once (one program an SM
+# fits: its ring takes the shared memory), 2026-12-04: h64 B64 94.5 us = 76% of copy
+# (m64n64w8s2 161 us; two waves 105 us), h128 B64 166 us (290; two waves 177), B128 335-369 us
+# (554), 396-440 TFLOP/s. A layer the Gluon kernel does not take (fp32, R != 512, small pages)
+# runs its Triton twin (ws_fits).
+DEFAULTS = {16: "m16n64w4s2", 32: "m32n16w4s4", 64: "m64n32w4s4x1ws", 128: "m64n32w4s4x1ws"}
 
 
 def head_bucket(nh: int) -> int:
