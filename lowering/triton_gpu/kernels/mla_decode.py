@@ -291,6 +291,26 @@ def tile_config(nh: int, r: int, config: str | dict | None = None) -> dict:
     return conf
 
 
+# The tile a float32 layer (q or cache) takes in place of a 64-row default once R > 128: the
+# 64-row tiles' float32 operands need 270-705 KB of shared memory at R 256-512 (sm_90 has 227).
+WIDE_FP32 = "m16n32w4s3"
+
+
+def layer_config(nh: int, r: int, dtype: str, cache_dtype: str, rope: int, page_size: int,
+                 config: str | dict | None = None) -> dict:
+    """The attention kernel's config for a layer: tile_config's, with a WS config the Gluon
+    kernel does not take replaced by its Triton twin, and (shipped defaults only) a 64-row tile
+    of float32 operands over R > 128 by WIDE_FP32, which fits sm_90's shared memory. The plan,
+    the launch helpers and specs() all resolve the config here, so their splits agree."""
+    conf = tile_config(nh, r, config)
+    if conf.get("WS") and not ws_fits(dtype, cache_dtype, r, rope, page_size, conf):
+        conf = twin_config(conf)
+    if (config is None and conf["BLOCK_M"] >= 64 and pad(r) > 128
+            and "float32" in (dtype, cache_dtype)):
+        conf = tile_config(nh, r, WIDE_FP32)
+    return conf
+
+
 def ws_fits(dtype: str, cache_dtype: str, r: int, rope: int, page_size: int, conf: dict) -> bool:
     """Whether the warp-specialized kernel takes this layer: 16-bit q and cache of one dtype
     (the tensor cores' operands), R = 512 (four 64-column value tiles a warpgroup), 64-column
@@ -353,11 +373,10 @@ def split(batch: int, tiles: int, kv_len: int, conf: dict) -> tuple[int, int]:
 def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r: int,
           kinds: int, page_size: int, conf: str | dict | None = None) -> list[KernelSpec]:
     """[q absorb, attention, merge + w_uv] for q/weights of `dtype` over a `cache_dtype` cache;
-    `conf` picks the attention kernel's config (tile_config: the shipped default when None)."""
+    `conf` picks the attention kernel's config (resolved by layer_config: the shipped default
+    when None)."""
     t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
-    conf = tile_config(nh, r, conf)
-    if conf.get("WS") and not ws_fits(dtype, cache_dtype, r, rope, page_size, conf):
-        conf = twin_config(conf)
+    conf = layer_config(nh, r, dtype, cache_dtype, rope, page_size, conf)
     prec = "tf32x3" if dtype == "float32" else "tf32"
     rp, ep, nopep, vp = pad(r), pad(rope), pad(nope), pad(v)
     br = min(rp, 128)

@@ -84,8 +84,8 @@ def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_hea
     geo = (lut.shape[1], layer, blocks.shape[2], blocks.shape[0])
     q, w1, w_uv = q.contiguous(), w1.contiguous(), w_uv.contiguous()
     if path == "absorbed":
+        conf = md.layer_config(nh, r, dt, cdt, rope, page, conf)
         absorb, attn, merge = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf)
-        conf = conf or md.tile_config(nh, r)
         qlat = torch.empty((T * nh, r + rope), dtype=q.dtype, device=q.device)
         _run(absorb, absorb.grid_for(T=T), q, w1, qlat, T)
         kv_len = max(kvmax, 1)

@@ -148,8 +148,11 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
             "lut_ptr": "*i32", "blocks_ptr": f"*{tc}", "kv_ptr": f"*{t}", "kv_cap": "i32",
             "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32",
             **{k: "constexpr" for k in dc}}
+    # Float32 operands over R > 128 take fewer stages, within sm_90's shared memory (at R 512:
+    # 262 and 246 KB with the 16-bit stage counts, 164 KB each with these).
+    wide32 = "float32" in (dtype, cache_dtype) and pad(r) > 128
     decomp = KernelSpec(name=f"mla_decompress_{t}", fn=mla_decompress_kernel, signature=dsig,
-                        constexprs=dc, num_warps=8, num_stages=3,
+                        constexprs=dc, num_warps=8, num_stages=2 if wide32 else 3,
                         grid=lambda batch, kv_cap: (cdiv(kv_cap, DECOMP_BLOCK_L), nh, batch),
                         grid_args=("batch", "kv_cap"),
                         divisible_by_16=("wk_ptr", "wuv_ptr", "blocks_ptr", "kv_ptr"))
@@ -162,7 +165,7 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
             "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32",
             "scale": "fp32", **{k: "constexpr" for k in ac}}
     attn = KernelSpec(name=f"mla_prefill_attn_{t}", fn=mla_prefill_attn_kernel, signature=asig,
-                      constexprs=ac, num_warps=warps, num_stages=2,
+                      constexprs=ac, num_warps=warps, num_stages=1 if wide32 else 2,
                       grid=lambda batch, seqmax: (cdiv(seqmax, PREFILL_BLOCK_M), nh, batch),
                       grid_args=("batch", "seqmax"),
                       divisible_by_16=("q_ptr", "blocks_ptr", "kv_ptr", "out_ptr"))

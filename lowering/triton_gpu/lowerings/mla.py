@@ -88,8 +88,8 @@ def _attention(sb: StepBuilder, node) -> None:
     meta = [sb.ptr(offs), sb.ptr(clen), sb.ptr(lut), sb.ptr(blocks)]
     item = _SCRATCH[dt]
 
-    absorb, attn, merge = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page)
-    conf = md.tile_config(nh, r)
+    conf = md.layer_config(nh, r, dt, cdt, rope, page)
+    absorb, attn, merge = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf)
     bm, rp = conf["BLOCK_M"], attn.constexprs["RP"]
     sb.let("mla_kv_len", f"max({kvmax}, 1)")
     sb.let("mla_tiles", f"cdiv(max({seqmax}, 1) * {nh}, {bm})")

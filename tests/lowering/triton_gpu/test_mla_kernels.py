@@ -224,5 +224,19 @@ def test_ws_configs_take_deepseek_sizes_and_fall_back_elsewhere():
         attn = md.specs(dt, cdt, 128, 128, 64, 128, r, 1, page, name)[1]
         assert attn.fn is md.mla_absorbed_kernel, (dt, cdt, r, page)
         assert attn.constexprs["BLOCK_M"] == 64 and attn.num_warps == 8
+    # The shipped default of a float32 layer over R > 128 is the 16-row tile (the 64-row ones
+    # exceed sm_90's shared memory there); specs and the plan's split resolve it alike.
+    for dt, cdt in (("float32", "float32"), ("bfloat16", "float32")):
+        conf = md.layer_config(128, 512, dt, cdt, 64, 64)
+        assert conf == md.tile_config(128, 512, md.WIDE_FP32)
+        assert md.specs(dt, cdt, 128, 128, 64, 128, 512, 1, 64)[1].constexprs["BLOCK_M"] == 16
+    assert md.layer_config(128, 64, "float32", "float32", 16, 64)["BLOCK_M"] == 64
     with pytest.raises(ValueError, match="64 rows"):
         md.tile_config(128, 512, {**md.CANDIDATES[name], "BLOCK_M": 128})
+
+
+def test_gpu_test_covers_every_ws_config():
+    from tests.gpu import test_mla_ws_gpu as gt
+
+    assert sorted(gt.WS_CONFIGS) == sorted(n for n, c in md.CANDIDATES.items() if c.get("WS"))
+    assert gt.SHIPPED == md.DEFAULTS[128] == md.DEFAULTS[64]

@@ -68,3 +68,28 @@ def test_manifest_has_no_host_steps(manifests, name):
     for k in launched:
         assert m["kernels"][k]["cubin"].endswith(".cubin")
     assert np.all([m["kernels"][k]["shared"] <= 227 * 1024 for k in launched])
+
+
+def test_float32_latent_layer_at_deepseek_sizes_builds(tmp_path):
+    # Float32 operands over the 512-wide latent: the 64-row attention tiles and the prefill
+    # kernels' 16-bit stage counts need 246-705 KB of shared memory; the plan takes the 16-row
+    # tile and fewer stages instead of failing the build (mla_decode.layer_config).
+    from graphir import DType
+    from graphir.lowering.artifact import load_artifact
+    from graphir.lowering.driver import compile_graph
+    from graphir.nn import DeepseekYarnRotaryEmbedding, KVCacheParams, LatentAttentionWithRope
+    from tests.nn.test_mla import YARN_PARAMS
+
+    rope = DeepseekYarnRotaryEmbedding(64, 1, 10000.0, 4096, head_dim=64, interleaved=True,
+                                       scaling_params=YARN_PARAMS)
+    kvp = KVCacheParams(dtype=DType.float32, n_kv_heads=1, head_dim=576, num_layers=1,
+                        page_size=64)
+    attn = LatentAttentionWithRope(rope=rope, num_attention_heads=128, num_key_value_heads=128,
+                                   hidden_size=256, kv_params=kvp, dtype=DType.float32,
+                                   kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                                   v_head_dim=128)
+    compile_graph(layer_graph(attn, rope, kvp, layer=0), "cuda:sm_90", out=tmp_path / "a.gart")
+    m = load_artifact(tmp_path / "a.gart", expect_target="cuda:sm_90").manifest
+    specs = {k["spec"] for k in m["kernels"].values()}
+    assert any(s.startswith("mla_absorbed_fp32_m16n32w4s3") for s in specs), specs
+    assert all(k["shared"] <= 227 * 1024 for k in m["kernels"].values())
