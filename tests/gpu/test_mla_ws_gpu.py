@@ -4,7 +4,8 @@ reference of the absorbed attention: DeepSeek's sizes (latent 512 + rope 64, nop
 a ragged batch with empty and one-block caches, contexts ending mid-block and on a block edge,
 speculative multi-token decode whose rows straddle tiles (16 heads: four tokens a tile), a
 sequence with no new token, partitions that are empty, shuffled pages holding NaN past every
-sequence's end, 1- and 2-slot caches, pages of 64 and 128, bf16 and fp16.
+sequence's end, 1- and 2-slot caches, pages of 64 and 128, bf16 and fp16; and a float32 layer of
+the same sizes through its own configs, absorbed and decompressed.
 
 The kernel's warpgroups wait on each other through mbarriers, so a protocol error shows as a
 hang: the checks run in a child process with a deadline and a hang fails by name."""
@@ -71,16 +72,20 @@ def reference(q, blocks, wuk, wuv, offs, clen, lut, nh, page):
 
 
 name, dtype = sys.argv[1], sys.argv[2]
+name = None if name == "default" else name        # the layer's own config (layer_config)
 runs = [(128, 64, 1), (16, 128, 2)]
 out = []
 for nh, page, kinds in runs:
     q, blocks, wuk, wuv, offs, clen, lut = case(nh, page, kinds, dtype, nh + page)
     want = reference(q, blocks, wuk, wuv, offs, clen, lut, nh, page)
-    for parts in (None, 1, 40):
-        conf = md.tile_config(nh, R, name)
+    calls = [("absorbed", parts) for parts in (None, 1, 40)]
+    if name is None:
+        calls.append(("decompressed", None))
+    for path, parts in calls:
+        conf = md.tile_config(nh, R, name) if name else None
         got = ml.attention(q, blocks, offs, clen, lut, wuk, wuv, n_heads=nh,
                            qk_nope_head_dim=NOPE, qk_rope_head_dim=ROPE, v_head_dim=V,
-                           kv_lora_rank=R, layer=LAYER, scale=SCALE, path="absorbed",
+                           kv_lora_rank=R, layer=LAYER, scale=SCALE, path=path,
                            num_parts=parts, conf=conf)
         if DEV == "cuda":
             torch.cuda.synchronize()
@@ -98,7 +103,9 @@ _HUNG: dict = {}
 # checks that this list is the candidates').
 WS_CONFIGS = ["m64n64w4s2ws", "m64n32w4s4ws", "m64n32w4s3ws", "m64n32w4s4x1ws"]
 SHIPPED = "m64n32w4s4x1ws"
-CASES = [(n, "bfloat16") for n in WS_CONFIGS] + [(SHIPPED, "float16")]
+# "default": float32 operands, whose 512-wide latent takes the 16-row Triton tile and the
+# prefill kernels' fewer stages (mla_decode.layer_config), by both paths.
+CASES = [(n, "bfloat16") for n in WS_CONFIGS] + [(SHIPPED, "float16"), ("default", "float32")]
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
@@ -117,7 +124,7 @@ def test_ws_mla_decode_matches_torch(name, dtype):
     lines = [x for x in proc.stdout.splitlines() if x.startswith("JSON")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     rows = json.loads(lines[-1][4:])
-    assert len(rows) == 6
-    tol = 1e-2 if dtype == "bfloat16" else 3e-3
+    assert len(rows) == (8 if name == "default" else 6)
+    tol = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 1e-4}[dtype]
     for nh, page, parts, err, finite in rows:
         assert finite and err < tol, (name, nh, page, parts, err)
