@@ -28,7 +28,7 @@ value columns in the slot before either warpgroup multiplies them by P = 0.
 
 Gluon has no interpreter: the CPU checks are the offline sm_90 compile (no spills) and the
 interpreter running the Triton twin that the spec carries; numbers are checked against torch on
-the GPU (tests/gpu/test_mla_gpu.py, tools/gpu_sweeps/mla.py).
+the GPU (tests/gpu/test_mla_ws_gpu.py, tools/gpu_sweeps/mla.py).
 """
 
 from __future__ import annotations
@@ -124,13 +124,11 @@ def _pv4(p, ring, base, o0, o1, o2, o3):
 
 
 @gluon.jit
-def _tile_rows(tile, seq_start, n_new, cache_len, part, num_parts, NH: gl.constexpr,
-               layout: gl.constexpr):
-    """The tile's (token, head) rows in `layout`: (partial slot, kept, query position)."""
-    i = gl.arange(0, ROWS, layout=layout)
-    rows = tile * ROWS + i
+def _tile_rows(tile, seq_start, n_new, part, num_parts, NH: gl.constexpr, layout: gl.constexpr):
+    """The tile's (token, head) rows in `layout`: (their partial slots, which exist)."""
+    rows = tile * ROWS + gl.arange(0, ROWS, layout=layout)
     slot = ((seq_start * NH + rows).to(gl.int64)) * num_parts + part
-    return slot, rows < n_new * NH, cache_len + rows // NH
+    return slot, rows < n_new * NH
 
 
 @gluon.jit
@@ -138,8 +136,7 @@ def _store_half(o_part_ptr, tile, seq_start, n_new, part, num_parts, o0, o1, o2,
                 COL0: gl.constexpr, NH: gl.constexpr, RP: gl.constexpr):
     """Four 64-column output tiles at columns COL0.. of the rows' partial slots."""
     lay: gl.constexpr = o0.type.layout
-    slot, keep, _ = _tile_rows(tile, seq_start, n_new, 0, part, num_parts, NH,
-                               gl.SliceLayout(1, lay))
+    slot, keep = _tile_rows(tile, seq_start, n_new, part, num_parts, NH, gl.SliceLayout(1, lay))
     c = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, lay))
     base = o_part_ptr + slot[:, None] * RP + COL0 + c[None, :]
     k = keep[:, None]
@@ -156,8 +153,8 @@ def _softmax(s, m_i, l_i, qrow, n0, hi, qmin, qk_scale, s_layout: gl.constexpr,
     softmax step with the causal mask over keys before the partition's end, applied only on a
     block some row does not see whole (qmin: the tile's first row's position)."""
     masked = n0 + BLOCK_N > gl.minimum(hi, qmin + 1)
-    return prefill_softmax(s, m_i, l_i, qrow, n0, hi, 1, qk_scale, masked, s_layout,
-                           CAUSAL, BLOCK_N)
+    return prefill_softmax(s, m_i, l_i, qrow, n0, hi, 1, qk_scale, masked, s_layout,  # window:
+                           CAUSAL, BLOCK_N)                                          # unused
 
 
 @gluon.jit
@@ -183,7 +180,6 @@ def _wg_scores(q_smem, ring, ready, empty, p_smem, a_smem, p_ready, p_free, o_pa
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Warpgroup 0: scores, softmax, P and the factor for warpgroup 1, the left value half
     (block j - 1's values issued after block j's scores: FlashAttention-3's order)."""
-    dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
     o_layout: gl.constexpr = warpgroup_acc_layout(CHUNK)
     p_layout: gl.constexpr = warpgroup_p_layout(CHUNK)
@@ -234,7 +230,7 @@ def _wg_scores(q_smem, ring, ready, empty, p_smem, a_smem, p_ready, p_free, o_pa
         _release(empty.index(last))
     _store_half(o_part_ptr, tile, seq_start, n_new, part, num_parts, o0, o1, o2, o3, 0, NH, RP)
     # The rows' slots worked out after the loop (kept from before it they would spill).
-    slot, keep, _ = _tile_rows(tile, seq_start, n_new, 0, part, num_parts, NH, row_s)
+    slot, keep = _tile_rows(tile, seq_start, n_new, part, num_parts, NH, row_s)
     gl.store(ml_ptr + slot * 2, m_i, mask=keep)
     gl.store(ml_ptr + slot * 2 + 1, l_i, mask=keep)
 
