@@ -15,3 +15,22 @@ def skip_unless_gpu() -> None:
 
     if not driver.is_available():
         pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
+
+
+def run_json_child(script: str, args: list[str], timeout: float) -> list:
+    """Run `script` in a fresh Python (compiled kernels, this checkout first on the path) and
+    return what it printed after "JSON" on its last such line. A kernel whose warpgroups wait
+    on each other through mbarriers shows a protocol error as a hang: the deadline turns it
+    into subprocess.TimeoutExpired for the caller to name, instead of stopping the suite."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("JSON")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][4:])

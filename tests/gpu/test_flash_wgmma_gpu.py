@@ -7,18 +7,16 @@ only compiled (test_flash_attention_aot.py).
 The kernel's warpgroups wait on each other through mbarriers, so a protocol error shows as a
 hang, not a wrong number: the checks run in a child process with a deadline, and a hang fails
 the test by name instead of stopping the GPU suite."""
-import json
-import os
 import subprocess
-import sys
 
 import pytest
+
+from tests.gpu.requires import run_json_child
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = r"""
 import json, sys, torch
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa
@@ -58,19 +56,13 @@ def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype, form):
     # and at one per SM; "ws": the one-tile WS configs.
     if form in _HUNG:  # one hang is enough to know; the GPU suite's time is not spent on more
         pytest.fail(f"not run: the {form} warp-specialized kernel hung on {_HUNG[form]}")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("TRITON_INTERPRET", None)
     try:
         # About 10 compiles and 20 launches: well under a minute when nothing hangs.
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(d), dtype, form], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=150)
+        rows = run_json_child(SCRIPT, [str(d), dtype, form], timeout=150)
     except subprocess.TimeoutExpired:
         _HUNG[form] = f"d={d} {dtype}"
         pytest.fail(f"the {form} warp-specialized kernel did not finish in 150 s (d={d}, "
                     f"{dtype}): an mbarrier protocol deadlock")
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("JSON")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    rows = json.loads(lines[-1][4:])
     assert len(rows) == (10 if form == "ws" else 20)
     tol = 1e-2 if dtype == "bfloat16" else 2e-3
     for tag, mask, err, finite in rows:

@@ -9,18 +9,16 @@ the same sizes through its own configs, absorbed and decompressed.
 
 The kernel's warpgroups wait on each other through mbarriers, so a protocol error shows as a
 hang: the checks run in a child process with a deadline and a hang fails by name."""
-import json
-import os
 import subprocess
-import sys
 
 import pytest
+
+from tests.gpu.requires import run_json_child
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = r"""
 import json, sys, torch
 from graphir.lowering.triton_gpu.kernels import mla_decode as md, mla_launch as ml
@@ -112,18 +110,12 @@ CASES = [(n, "bfloat16") for n in WS_CONFIGS] + [(SHIPPED, "float16"), ("default
 def test_ws_mla_decode_matches_torch(name, dtype):
     if _HUNG:
         pytest.fail(f"not run: the warp-specialized MLA kernel hung on {_HUNG}")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("TRITON_INTERPRET", None)
     try:
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, name, dtype], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=180)
+        rows = run_json_child(SCRIPT, [name, dtype], timeout=180)
     except subprocess.TimeoutExpired:
         _HUNG["case"] = f"{name} {dtype}"
         pytest.fail(f"the warp-specialized MLA kernel {name} ({dtype}) did not finish in "
                     f"180 s: an mbarrier protocol deadlock")
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("JSON")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    rows = json.loads(lines[-1][4:])
     assert len(rows) == (8 if name == "default" else 6)
     tol = {"bfloat16": 1e-2, "float16": 3e-3, "float32": 1e-4}[dtype]
     for nh, page, parts, err, finite in rows:
