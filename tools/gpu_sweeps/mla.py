@@ -2,9 +2,9 @@
 (kernels/mla_decode.py CANDIDATES) against the shipped default, in bytes of latent cache read per
 second and tensor-core rate.
 
-Shapes: batch 64 / 128 x context 4096 x 16 / 128 heads and B64 x 64 heads, one new token per
-sequence, DeepSeek sizes (kv_lora_rank 512, rope 64, nope 128, v 128), bf16 latent cache in
-shuffled 64-token pages.
+Shapes: batch 64 / 128 x context 4096 x 16 / 128 heads, B64 x 64 heads and B8 x 128 heads
+(where the split rules of the configs differ most), one new token per sequence, DeepSeek sizes
+(kv_lora_rank 512, rope 64, nope 128, v 128), bf16 latent cache in shuffled 64-token pages.
 For each shape, the shipped default of its head bucket (marked "*") first, then every candidate
 that fits the heads (md.candidates): the three launches of the plan's absorbed variant (q absorb,
 split-K attention with the candidate's tile and split, merge + w_uv) are checked against a
@@ -47,7 +47,8 @@ from _kernels import rel_err  # noqa: E402
 T0 = time.time()
 LIMIT_S = 110
 DEV = "cpu" if DRY else "cuda"
-SHAPES = [(64, 4096, 16), (128, 4096, 16), (64, 4096, 64), (64, 4096, 128), (128, 4096, 128)]
+SHAPES = [(64, 4096, 16), (128, 4096, 16), (64, 4096, 64), (8, 4096, 128), (64, 4096, 128),
+          (128, 4096, 128)]
 PAGE, KV_BUCKET = 64, 256
 NOPE, ROPE, V, R = 128, 64, 128, 512
 TOL = 2e-2
