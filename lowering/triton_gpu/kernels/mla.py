@@ -43,6 +43,34 @@ def latent_rows(lut_ptr, b, pos, valid, max_pages, layer_idx, num_layers, num_pa
 
 
 @triton.jit
+def latent_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, num_pages,
+                     KINDS: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """int64 row of key n0 of sequence b in the latent cache seen as [rows, W], for a block
+    start whose block lies in one page: one lookup, its column clamped into the table's row
+    and the page id into the cache, so the block's rows stay in one page of the cache whatever
+    the metadata."""
+    col = tl.minimum(tl.maximum(n0, 0) // PAGE_SIZE, max_pages - 1)
+    page = tl.load(lut_ptr + b.to(tl.int64) * max_pages + col)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
+    return ((page.to(tl.int64) * KINDS) * num_layers + layer_idx) * PAGE_SIZE + n0 % PAGE_SIZE
+
+
+@triton.jit
+def tile_key_range(clen_ptr, b, tile, part, part_size, n_new, max_pages, NH: tl.constexpr,
+                   BLOCK_M: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(cache_len, end, lo, hi) of the decode attention's program for row tile `tile` (BLOCK_M
+    (token, head) rows, heads fastest) of a sequence with n_new new tokens, partition `part`:
+    the cached length clamped into what the lookup table addresses (defence in depth, valid
+    ones unchanged: no loop runs past the table, whatever the metadata), one past the tile's
+    last row's position, and the keys [lo, hi) of the partition that its rows may see."""
+    cache_len = tl.minimum(tl.maximum(tl.load(clen_ptr + b), 0), max_pages * PAGE_SIZE)
+    last = tl.minimum(n_new - 1, (tile * BLOCK_M + BLOCK_M - 1) // NH)
+    end = cache_len + last + 1
+    lo = part * part_size
+    return cache_len, end, lo, tl.minimum(lo + part_size, end)
+
+
+@triton.jit
 def find_sequence_scalar(offs_ptr, t, batch):
     """The sequence of packed row t: the largest b < batch with offs[b] <= t."""
     lo = 0

@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from graphir.lowering.triton_gpu.kernels.mla import latent_rows, pad
+from graphir.lowering.triton_gpu.kernels.mla import (latent_block_row, latent_rows, pad,
+                                                     tile_key_range)
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
@@ -83,9 +84,8 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
     seq_start = tl.load(offs_ptr + b)
     n_new = tl.load(offs_ptr + b + 1) - seq_start
     if tile * BLOCK_M < n_new * NH:
-        # Clamped into what the lookup table addresses (defence in depth, valid ones unchanged):
-        # no loop runs past the table, whatever the metadata.
-        cache_len = tl.minimum(tl.maximum(tl.load(clen_ptr + b), 0), max_pages * PAGE_SIZE)
+        cache_len, end, lo, hi = tile_key_range(clen_ptr, b, tile, part, part_size, n_new,
+                                                max_pages, NH, BLOCK_M, PAGE_SIZE)
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)      # (token, head) pairs, heads fastest
         rmask = rows < n_new * NH
         grow = seq_start.to(tl.int64) * NH + rows
@@ -102,16 +102,11 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
         q_pe = tl.load(qlat_ptr + grow[:, None] * W + R + e[None, :],
                        mask=rmask[:, None] & (e < ROPE)[None, :], other=0.0)
         qp = cache_len + rows // NH
-        last = tl.minimum(n_new - 1, (tile * BLOCK_M + BLOCK_M - 1) // NH)
-        end = cache_len + last + 1
-        lo = part * part_size
-        hi = tl.minimum(lo + part_size, end)
         qk_scale = scale * 1.4426950408889634
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, RV), tl.float32)
         dt = q_c.dtype
-        lut_row = lut_ptr + b.to(tl.int64) * max_pages
         j = tl.arange(0, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             kp = n0 + j
@@ -119,12 +114,8 @@ def mla_absorbed_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_par
             if PAGE_SIZE % BLOCK_N == 0:
                 # The block lies in one page (lo is a multiple of BLOCK_N): one lookup and
                 # dense rows, which the pipeliner turns into asynchronous copies.
-                # Column (n0 >= 0) and page id clamped once per block: the dense rows stay
-                # in one page of the cache whatever the metadata.
-                page = tl.load(lut_row + tl.minimum(n0 // PAGE_SIZE, max_pages - 1))
-                page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
-                krow = ((page.to(tl.int64) * KINDS) * num_layers + layer_idx) * PAGE_SIZE \
-                    + n0 % PAGE_SIZE + j
+                krow = latent_block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers,
+                                        num_pages, KINDS, PAGE_SIZE) + j
             else:
                 krow = latent_rows(lut_ptr, b, kp, km, max_pages, layer_idx, num_layers,
                                    num_pages, KINDS, PAGE_SIZE)
@@ -327,7 +318,9 @@ def twin_config(conf: dict) -> dict:
 
 
 def _ws_spec(twin: KernelSpec, conf: dict) -> KernelSpec:
-    """The Gluon kernel's spec: the twin's arguments and grid, its own stages and registers."""
+    """The Gluon kernel's spec for WS config `conf`: the arguments and grid of `twin` (the
+    Triton spec at twin_config(conf), which it carries for the interpreter), its own stages and
+    registers."""
     from graphir.lowering.triton_gpu.kernels import mla_decode_ws as ws
 
     cx = {**twin.constexprs, "STAGES": conf["num_stages"], "CONSUMER_REGS": ws.CONSUMER_REGS}
@@ -338,16 +331,7 @@ def _ws_spec(twin: KernelSpec, conf: dict) -> KernelSpec:
                       grid_args=twin.grid_args, divisible_by_16=twin.divisible_by_16,
                       notes="makes a TMA descriptor in global scratch; launches 9 warps (two "
                             "consumer warpgroups and a loader warp)",
-                      extra={"config": conf, "twin": _twin_spec(twin, conf)})
-
-
-def _twin_spec(spec: KernelSpec, conf: dict) -> KernelSpec:
-    """The Triton spec at the WS config's tiles (same arguments)."""
-    tw = twin_config(conf)
-    return KernelSpec(name=spec.name.rsplit("ws", 1)[0] + "_twin", fn=spec.fn,
-                      signature=spec.signature, constexprs=spec.constexprs,
-                      num_warps=tw["num_warps"], num_stages=tw["num_stages"], grid=spec.grid,
-                      grid_args=spec.grid_args, divisible_by_16=spec.divisible_by_16)
+                      extra={"config": conf, "twin": twin})
 
 
 def split_lets(batch: str, tiles: str, kv_len: str, conf: dict, prefix: str = "mla_"):
@@ -396,9 +380,10 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
             "layer_idx": "i32", "num_layers": "i32", "num_pages": "i32", "scale": "fp32",
             "part_size": "i32", "num_parts": "i32", **{k: "constexpr" for k in ac}}
     bm, vs = conf["BLOCK_M"], conf["VSPLIT"]
-    attn = KernelSpec(name=f"mla_absorbed_{tc}_{conf_name(conf)}", fn=mla_absorbed_kernel,
-                      signature=asig, constexprs=ac, num_warps=conf["num_warps"],
-                      num_stages=conf["num_stages"],
+    tconf = twin_config(conf) if conf.get("WS") else conf   # the Triton kernel's warps, stages
+    attn = KernelSpec(name=f"mla_absorbed_{tc}_{conf_name(tconf)}", fn=mla_absorbed_kernel,
+                      signature=asig, constexprs=ac, num_warps=tconf["num_warps"],
+                      num_stages=tconf["num_stages"],
                       grid=lambda batch, seqmax, num_parts: (cdiv(seqmax * nh, bm) * vs,
                                                              num_parts, batch),
                       grid_args=("batch", "seqmax", "num_parts"),

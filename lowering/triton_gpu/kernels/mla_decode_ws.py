@@ -41,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import _softmax as prefill_softmax
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (warpgroup_acc_layout,
                                                                        warpgroup_p_layout)
+from graphir.lowering.triton_gpu.kernels.mla import latent_block_row, tile_key_range
 from graphir.lowering.triton_gpu.kernels.paged import MASK_CAUSAL as _CAUSAL
 
 ROWS = gl.constexpr(64)        # query rows (token, head pairs) a program, one warpgroup's M
@@ -53,17 +54,6 @@ LOADER_REGS = gl.constexpr(24)
 
 
 @gluon.jit
-def _block_row(lut_ptr, b, n0, max_pages, layer_idx, num_layers, num_pages, KINDS: gl.constexpr,
-               PAGE_SIZE: gl.constexpr):
-    """Row of key n0 (a block start inside one page) in the cache seen as [rows, W]: one lookup,
-    its column clamped into the table's row and the page id into the cache."""
-    col = gl.minimum(gl.maximum(n0, 0) // PAGE_SIZE, max_pages - 1)
-    page = gl.load(lut_ptr + b.to(gl.int64) * max_pages + col)
-    page = gl.minimum(gl.maximum(page, 0), num_pages - 1)
-    return ((page.to(gl.int64) * KINDS) * num_layers + layer_idx) * PAGE_SIZE + n0 % PAGE_SIZE
-
-
-@gluon.jit
 def _loader(desc, ring, ready, empty, lut_ptr, b, lo, n_blocks, max_pages, layer_idx,
             num_layers, num_pages, KINDS: gl.constexpr, PAGE_SIZE: gl.constexpr,
             BLOCK_N: gl.constexpr, NCK: gl.constexpr, STAGES: gl.constexpr):
@@ -72,8 +62,8 @@ def _loader(desc, ring, ready, empty, lut_ptr, b, lo, n_blocks, max_pages, layer
         # A fresh barrier counts as having completed the phase of parity 1: the first pass
         # through the ring does not wait.
         mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-        row = _block_row(lut_ptr, b, lo + j * BLOCK_N, max_pages, layer_idx, num_layers,
-                         num_pages, KINDS, PAGE_SIZE).to(gl.int32)
+        row = latent_block_row(lut_ptr, b, lo + j * BLOCK_N, max_pages, layer_idx, num_layers,
+                               num_pages, KINDS, PAGE_SIZE).to(gl.int32)
         bar = ready.index(slot)
         mbarrier.expect(bar, NCK * BLOCK_N * CHUNK * desc.dtype.primitive_bitwidth // 8)
         for c in gl.static_range(NCK):
@@ -321,11 +311,8 @@ def mla_absorbed_ws_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_
     seq_start = gl.load(offs_ptr + b)
     n_new = gl.load(offs_ptr + b + 1) - seq_start
     if tile * ROWS < n_new * NH:
-        cache_len = gl.minimum(gl.maximum(gl.load(clen_ptr + b), 0), max_pages * PAGE_SIZE)
-        last = gl.minimum(n_new - 1, (tile * ROWS + ROWS - 1) // NH)
-        end = cache_len + last + 1
-        lo = part * part_size
-        hi = gl.minimum(lo + part_size, end)
+        cache_len, end, lo, hi = tile_key_range(clen_ptr, b, tile, part, part_size, n_new,
+                                                max_pages, NH, ROWS, PAGE_SIZE)
         n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 0)
 
         q_smem = _q_tiles(qlat_ptr, seq_start, n_new, tile, NH, W, NCK)
