@@ -55,7 +55,8 @@ from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check
                                                        check_softcap, full_key_range, key_range,
                                                        mask_allows, mask_id, page_block_row,
                                                        sequence_rows, slot_offsets, tile_order)
-from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.spec import (NUM_SMS, KernelSpec, cdiv,
+                                                      torch_global_scratch, triton_dtype)
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 # TMA coordinates are 32-bit: the cache seen as 2-D must have fewer rows than this; a TMA config
@@ -331,8 +332,7 @@ def launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks, la
 
     T, NH, D = q.shape
     if q.is_cuda and tma:
-        triton.set_allocator(lambda size, align, stream: torch.empty(
-            size, dtype=torch.int8, device=q.device))
+        torch_global_scratch(q.device)
     batch = input_row_offsets.shape[0] - 1
     if max_seq_len is None:  # a host sync; callers that know it pass it
         offs = input_row_offsets.to(torch.int64)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from graphir.lowering.triton_gpu.kernels import mla as mk
 from graphir.lowering.triton_gpu.kernels import mla_decode as md
 from graphir.lowering.triton_gpu.kernels import mla_prefill as mp
-from graphir.lowering.triton_gpu.kernels.spec import cdiv
+from graphir.lowering.triton_gpu.kernels.spec import cdiv, torch_global_scratch
 
 _NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 
@@ -24,13 +24,8 @@ def _run(spec, grid, *args):
         return
     if not args[0].is_cuda:  # a Gluon kernel has no interpreter: its Triton twin runs there
         spec = spec.interpretable()
-    elif spec.interpretable() is not spec:
-        import torch
-        import triton
-
-        # The Gluon kernel makes its TMA descriptor on the device, in Triton's global scratch.
-        triton.set_allocator(lambda size, align, stream: torch.empty(
-            size, dtype=torch.int8, device=args[0].device))
+    elif spec.interpretable() is not spec:  # the Gluon kernel makes its TMA descriptor
+        torch_global_scratch(args[0].device)
     spec.fn[grid](*args, **spec.constexprs, num_warps=spec.num_warps,
                   num_stages=spec.num_stages)
 

@@ -42,7 +42,8 @@ from graphir.lowering.triton_gpu.kernels import paged_decode_config as cfg
 from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check_attention_args,
                                                        check_softcap, key_range, mask_allows,
                                                        mask_id)
-from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
+from graphir.lowering.triton_gpu.kernels.spec import (KernelSpec, cdiv, torch_global_scratch,
+                                                      triton_dtype)
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 BLOCK_P = 16
@@ -307,8 +308,7 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
         raise ValueError(f"paged_decode: a cache of {blocks.numel() // (NKV * D)} rows is too "
                          "large for the TMA config (2**31 rows at most)")
     if conf["TMA"] and q.device.type == "cuda":
-        triton.set_allocator(lambda size, align, stream: torch.empty(
-            size, dtype=torch.int8, device=q.device))
+        torch_global_scratch(q.device)
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
     units = batch * (NKV // conf["HEADS"])
     paged_decode_kernel[(units * nparts,)](

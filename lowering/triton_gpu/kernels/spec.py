@@ -57,6 +57,17 @@ class KernelSpec:
 NUM_SMS = 132
 
 
+def torch_global_scratch(device) -> None:
+    """For kernels launched through Triton's own launcher on torch tensors (tests, sweeps): take
+    a kernel's global scratch, where a TMA descriptor made on the device lives, from torch's
+    allocator on `device`. (The plan's launcher, runtime.cuda, brings its own scratch.)"""
+    import torch
+    import triton
+
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                 device=device))
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for non-negative ints."""
     return -(-a // b)
