@@ -1,6 +1,6 @@
-"""The warp-specialized Gluon MLA decode kernel (kernels/mla_decode_ws.py) on the GPU, launched
-as the plan launches it (mla_launch.attention with a WS config), against a float32 torch
-reference of the absorbed attention: DeepSeek's sizes (latent 512 + rope 64, nope 128, v 128),
+"""The warp-specialized Gluon MLA decode kernels (kernels/mla_decode_ws.py and its seesaw form,
+mla_decode_seesaw.py) on the GPU, launched as the plan launches it (mla_launch.attention with
+a WS config), against a float64 reference of the absorbed attention: DeepSeek's sizes (latent 512 + rope 64, nope 128, v 128),
 a ragged batch with empty and one-block caches, contexts ending mid-block and on a block edge,
 speculative multi-token decode whose rows straddle tiles (16 heads: four tokens a tile), a
 sequence with no new token, partitions that are empty, shuffled pages holding NaN past every
@@ -89,8 +89,10 @@ _HUNG: dict = {}
 # Every WS candidate of mla_decode.CANDIDATES in bf16, the shipped one in fp16 too. Named here,
 # not read from the module: importing graphir's Triton kernels at collection would decorate them
 # outside the interpreter that the CPU tests of the same worker set up (test_mla_kernels.py
-# checks that this list is the candidates').
-WS_CONFIGS = ["m64n64w4s2ws", "m64n32w4s4ws", "m64n32w4s3ws", "m64n32w4s4x1ws"]
+# checks that this list is the candidates'). The `..ss` configs are the seesaw kernel
+# (kernels/mla_decode_seesaw.py): blocks in pairs, the score work split between the warpgroups.
+WS_CONFIGS = ["m64n64w4s2ws", "m64n32w4s4ws", "m64n32w4s3ws", "m64n32w4s4x1ws",
+              "m64n32w4s4x1ss", "m64n32w4s4ss"]
 SHIPPED = "m64n32w4s4x1ws"
 # "default": float32 operands, whose 512-wide latent takes the 16-row Triton tile and the
 # prefill kernels' fewer stages (mla_decode.layer_config), by both paths.

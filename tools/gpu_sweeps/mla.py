@@ -23,6 +23,7 @@ candidates still left, never a default. Writes $OUT/mla.json.
     python3 tools/gpu_sweeps/mla.py
     python3 tools/gpu_sweeps/mla.py --dry-run   (CPU, Triton interpreter, tiny shapes)
     python3 tools/gpu_sweeps/mla.py --only m64n64w8s2,m128n32w8s2v2   (defaults + these)
+    python3 tools/gpu_sweeps/mla.py --shapes 64x4096x64 --only none   (one shape, its default)
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ if DRY:
     SHAPES = [(2, 70, 4), (2, 70, 128)]
     NOPE, ROPE, V, R = 16, 16, 16, 64
 ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+if "--shapes" in sys.argv:   # e.g. --shapes 64x4096x64,64x4096x128 (B x ctx x heads)
+    SHAPES = [tuple(int(v) for v in s.split("x"))
+              for s in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
 
 
 def left() -> float:

@@ -201,19 +201,23 @@ def mla_absorbed_out_kernel(o_part_ptr, ml_ptr, wuv_ptr, out_ptr, T, num_parts,
 
 # -- configs, split rule and specs ----------------------------------------------------------------
 def _conf(bm: int, bn: int, warps: int, stages: int, vsplit: int = 1, waves: int = 2,
-          ws: bool = False) -> dict:
+          ws: bool = False, seesaw: bool = False) -> dict:
     conf = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, VSPLIT=vsplit,
                 WAVES=waves)
+    if seesaw:
+        return {**conf, "WS": 1, "SEESAW": 1}
     return {**conf, "WS": 1} if ws else conf
 
 
 def conf_name(conf: dict) -> str:
-    """m{BLOCK_M}n{BLOCK_N}w{warps}s{stages}[v{VSPLIT}][x{WAVES}][ws]: the config's name."""
+    """m{BLOCK_M}n{BLOCK_N}w{warps}s{stages}[v{VSPLIT}][x{WAVES}][ws|ss]: the config's name."""
     name = f"m{conf['BLOCK_M']}n{conf['BLOCK_N']}w{conf['num_warps']}s{conf['num_stages']}"
     if conf.get("VSPLIT", 1) != 1:
         name += f"v{conf['VSPLIT']}"
     if conf.get("WAVES", 2) != 2:
         name += f"x{conf['WAVES']}"
+    if conf.get("SEESAW"):
+        return name + "ss"
     return name + ("ws" if conf.get("WS") else "")
 
 
@@ -237,6 +241,9 @@ CANDIDATES = {conf_name(c): c for c in (
     # of 4 warps and a loader warp; 64-key blocks in 2 stages or 32-key blocks in 3 or 4.
     _conf(64, 64, 4, 2, ws=True), _conf(64, 32, 4, 4, ws=True), _conf(64, 32, 4, 3, ws=True),
     _conf(64, 32, 4, 4, waves=1, ws=True),
+    # The same launch with the score work split between the two warpgroups
+    # (mla_decode_seesaw.py): blocks in pairs, each warpgroup scoring one of each pair.
+    _conf(64, 32, 4, 4, waves=1, seesaw=True), _conf(64, 32, 4, 4, seesaw=True),
 )}
 # The shipped config per head-count bucket (heads padded to a power of two, at most 128): the
 # one line to change after a GPU sweep (tools/gpu_sweeps/mla.py) names a better candidate.
@@ -313,7 +320,7 @@ def ws_fits(dtype: str, cache_dtype: str, r: int, rope: int, page_size: int, con
 def twin_config(conf: dict) -> dict:
     """The Triton kernel's config at a WS config's tiles (what Triton's interpreter runs in the
     Gluon kernel's place, and what a layer the Gluon kernel does not take runs)."""
-    return {**{k: v for k, v in conf.items() if k != "WS"}, "num_warps": 8,
+    return {**{k: v for k, v in conf.items() if k not in ("WS", "SEESAW")}, "num_warps": 8,
             "num_stages": 2}
 
 
@@ -321,12 +328,17 @@ def _ws_spec(twin: KernelSpec, conf: dict) -> KernelSpec:
     """The Gluon kernel's spec for WS config `conf`: the arguments and grid of `twin` (the
     Triton spec at twin_config(conf), which it carries for the interpreter), its own stages and
     registers."""
-    from graphir.lowering.triton_gpu.kernels import mla_decode_ws as ws
+    if conf.get("SEESAW"):
+        from graphir.lowering.triton_gpu.kernels import mla_decode_seesaw as ws
+        fn = ws.mla_absorbed_seesaw_kernel
+    else:
+        from graphir.lowering.triton_gpu.kernels import mla_decode_ws as ws
+        fn = ws.mla_absorbed_ws_kernel
 
     cx = {**twin.constexprs, "STAGES": conf["num_stages"], "CONSUMER_REGS": ws.CONSUMER_REGS}
     sig = {**twin.signature, **{k: "constexpr" for k in ("STAGES", "CONSUMER_REGS")}}
     tc = twin.signature["blocks_ptr"][1:]
-    return KernelSpec(name=f"mla_absorbed_{tc}_{conf_name(conf)}", fn=ws.mla_absorbed_ws_kernel,
+    return KernelSpec(name=f"mla_absorbed_{tc}_{conf_name(conf)}", fn=fn,
                       signature=sig, constexprs=cx, num_warps=4, num_stages=1, grid=twin.grid,
                       grid_args=twin.grid_args, divisible_by_16=twin.divisible_by_16,
                       notes="makes a TMA descriptor in global scratch; launches 9 warps (two "
