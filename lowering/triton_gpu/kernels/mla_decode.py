@@ -243,6 +243,7 @@ CANDIDATES = {conf_name(c): c for c in (
     _conf(64, 32, 4, 4, waves=1, ws=True),
     # The same launch with the score work split between the two warpgroups
     # (mla_decode_seesaw.py): blocks in pairs, each warpgroup scoring one of each pair.
+    # Compiled and CPU-checked, not yet run on a GPU (2026-12-04): no default names them.
     _conf(64, 32, 4, 4, waves=1, seesaw=True), _conf(64, 32, 4, 4, seesaw=True),
 )}
 # The shipped config per head-count bucket (heads padded to a power of two, at most 128): the
