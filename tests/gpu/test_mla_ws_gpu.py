@@ -1,13 +1,14 @@
 """The warp-specialized Gluon MLA decode kernels (kernels/mla_decode_ws.py and its seesaw form,
 mla_decode_seesaw.py) on the GPU, launched as the plan launches it (mla_launch.attention with
-a WS config), against a float64 reference of the absorbed attention: DeepSeek's sizes (latent 512 + rope 64, nope 128, v 128),
-a ragged batch with empty and one-block caches, contexts ending mid-block and on a block edge,
-speculative multi-token decode whose rows straddle tiles (16 heads: four tokens a tile), a
-sequence with no new token, partitions that are empty, shuffled pages holding NaN past every
+a WS config), against a float64 reference of the absorbed attention: DeepSeek's sizes (latent
+512 + rope 64, nope 128, v 128), a ragged batch with empty and one-block caches, contexts
+ending mid-block and on a block edge, speculative multi-token decode whose rows straddle tiles
+(16 heads: four tokens a tile), a sequence with no new token, partitions that are empty
+(and, for the seesaw kernel, odd and even block counts), shuffled pages holding NaN past every
 sequence's end, 1- and 2-slot caches, pages of 64 and 128, bf16 and fp16; and a float32 layer of
 the same sizes through its own configs, absorbed and decompressed.
 
-The kernel's warpgroups wait on each other through mbarriers, so a protocol error shows as a
+The kernels' warpgroups wait on each other through mbarriers, so a protocol error shows as a
 hang: the checks run in a child process with a deadline and a hang fails by name."""
 import subprocess
 

@@ -42,7 +42,8 @@ from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import warpgroup_
 from graphir.lowering.triton_gpu.kernels.mla import tile_key_range
 from graphir.lowering.triton_gpu.kernels.mla_decode_ws import (CHUNK, LOADER_REGS, ROWS, _loader,
                                                                _latent_descriptor, _pv4, _q_tiles,
-                                                               _scores, _store_half, _tile_rows,
+                                                               _scores, _softmax_start,
+                                                               _store_half, _tile_rows,
                                                                _zero_tail)
 from graphir.lowering.triton_gpu.kernels.paged import mask_allows
 from graphir.lowering.triton_gpu.kernels.paged import MASK_CAUSAL as _CAUSAL
@@ -96,7 +97,8 @@ def _program(offs_ptr, clen_ptr, max_pages, part_size, NH: gl.constexpr,
 @gluon.jit
 def _consumer(q_smem, ring, ready, empty, p_smem, x_smem, x_ready, p_ready, p_free, offs_ptr,
               clen_ptr, o_part_ptr, ml_ptr, max_pages, part_size, num_parts, scale,
-              WG: gl.constexpr, NH: gl.constexpr, NCK: gl.constexpr, NCV: gl.constexpr, RP: gl.constexpr,
+              WG: gl.constexpr, NH: gl.constexpr, NCK: gl.constexpr, NCV: gl.constexpr,
+              RP: gl.constexpr,
               PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Warpgroup WG (0 or 1): the scores of every pair's block WG, value columns
     [WG * R / 2, (WG + 1) * R / 2) of every block; warpgroup 0 writes the rows' (max, sum)."""
@@ -110,15 +112,8 @@ def _consumer(q_smem, ring, ready, empty, p_smem, x_smem, x_ready, p_ready, p_fr
     # a worker partition receives its arguments in registers it then holds through the loop.
     tile, part, seq_start, n_new, cache_len, lo, hi, n_blocks = _program(
         offs_ptr, clen_ptr, max_pages, part_size, NH, PAGE_SIZE, BLOCK_N)
-    qk_scale = scale * 1.4426950408889634
-    qrow = cache_len + (tile * ROWS + gl.arange(0, ROWS, layout=row_s)) // NH
-    qmin = cache_len + (tile * ROWS) // NH
-    m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
-    l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-    o0 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
-    o1 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
-    o2 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
-    o3 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
+    qk_scale, qrow, qmin, m_i, l_i, o0, o1, o2, o3 = _softmax_start(cache_len, tile, scale, NH,
+                                                                    s_layout, o_layout)
     s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     n_pairs = gl.cdiv(n_blocks, 2)
     for i in range(n_pairs):
@@ -233,7 +228,7 @@ def mla_absorbed_seesaw_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr
              (_consumer, (q_smem, ring, ready, empty, p_smem, x_smem, x_ready, p_ready, p_free,
                           offs_ptr, clen_ptr, o_part_ptr, ml_ptr, max_pages, part_size, num_parts,
                           scale, RIGHT, NH, NCK, NCV, RP, PAGE_SIZE, BLOCK_N, STAGES)),
-             (_loader, (desc, ring, ready, empty, lut_ptr, gl.program_id(2), lo, n_blocks, max_pages,
-                        layer_idx, num_layers, num_pages, KINDS, PAGE_SIZE, BLOCK_N, NCK,
-                        STAGES))],
+             (_loader, (desc, ring, ready, empty, lut_ptr, gl.program_id(2), lo, n_blocks,
+                        max_pages, layer_idx, num_layers, num_pages, KINDS, PAGE_SIZE, BLOCK_N,
+                        NCK, STAGES))],
             [4, 1], [CONSUMER_REGS, LOADER_REGS])

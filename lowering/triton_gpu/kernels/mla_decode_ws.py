@@ -137,6 +137,21 @@ def _store_half(o_part_ptr, tile, seq_start, n_new, part, num_parts, o0, o1, o2,
 
 
 @gluon.jit
+def _softmax_start(cache_len, tile, scale, NH: gl.constexpr, s_layout: gl.constexpr,
+                   o_layout: gl.constexpr):
+    """(qk_scale, rows' positions, the first row's, m, l, four zero 64-column output tiles):
+    the online softmax's starting state for the tile's rows."""
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    qk_scale = scale * 1.4426950408889634
+    qrow = cache_len + (tile * ROWS + gl.arange(0, ROWS, layout=row_s)) // NH
+    qmin = cache_len + (tile * ROWS) // NH
+    o0 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
+    return (qk_scale, qrow, qmin, gl.full([ROWS], -1.0e30, gl.float32, layout=row_s),
+            gl.zeros([ROWS], gl.float32, layout=row_s), o0, gl.zeros_like(o0),
+            gl.zeros_like(o0), gl.zeros_like(o0))
+
+
+@gluon.jit
 def _softmax(s, m_i, l_i, qrow, n0, hi, qmin, qk_scale, s_layout: gl.constexpr,
              BLOCK_N: gl.constexpr):
     """Block scores (raw q.k, fp32) -> (p, alpha, m_new, l_new): the prefill kernel's online
@@ -175,15 +190,8 @@ def _wg_scores(q_smem, ring, ready, empty, p_smem, a_smem, p_ready, p_free, o_pa
     p_layout: gl.constexpr = warpgroup_p_layout(CHUNK)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    qk_scale = scale * 1.4426950408889634
-    qrow = cache_len + (tile * ROWS + gl.arange(0, ROWS, layout=row_s)) // NH
-    qmin = cache_len + (tile * ROWS) // NH
-    m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
-    l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-    o0 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
-    o1 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
-    o2 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
-    o3 = gl.zeros([ROWS, CHUNK], gl.float32, layout=o_layout)
+    qk_scale, qrow, qmin, m_i, l_i, o0, o1, o2, o3 = _softmax_start(cache_len, tile, scale, NH,
+                                                                    s_layout, o_layout)
     if n_blocks > 0:
         s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
         mbarrier.wait(ready.index(0), 0)

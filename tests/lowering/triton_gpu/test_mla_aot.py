@@ -2,8 +2,8 @@
 512, rope 64, nope 128, v 128) at 16, 32 and 128 heads, pages of 64 and 128: within Hopper's
 shared memory, no spills, the latent cache tiles of the absorbed kernel read through cp.async
 (a key block lies in one page), the 64-row tile on wgmma; the warp-specialized Gluon
-configs (mla_decode_ws.py, mla_decode_seesaw.py) by TMA. Float32 layers at those sizes fit shared memory (the 16-row
-tile, fewer prefill stages), spilling. Every candidate config of the
+configs (mla_decode_ws.py, mla_decode_seesaw.py) by TMA. Float32 layers at those sizes fit
+shared memory (the 16-row tile, fewer prefill stages), spilling. Every candidate config of the
 absorbed kernel (mla_decode.CANDIDATES, timed by tools/gpu_sweeps/mla.py) compiles the same
 way: no stack (bar 16 bytes outside the seesaw kernel's loop), no local memory, shared
 memory within sm_90's limit."""
