@@ -10,7 +10,8 @@ that fits the heads (md.candidates): the three launches of the plan's absorbed v
 split-K attention with the candidate's tile and split, merge + w_uv) are checked against a
 float32 torch implementation of the absorbed attention (a failing candidate is reported, not
 timed), then timed as a whole step and the attention launch alone, CUDA-graph replays over two
-problems (tools/gpu_timing.graph_ms). Reported per variant: GB/s of latent cache
+problems (tools/gpu_timing.graph_ms), and for the default the q absorption and the merge alone.
+Reported per variant: GB/s of latent cache
 (B * ctx * 576 * 2 bytes) over the attention launch and its share of the device copy bandwidth,
 the whole step's share, TFLOP/s of the attention's nominal work (B * ctx * heads * (576 + 512)
 * 2; VSPLIT 2 configs compute the scores twice, not counted) and the relative error. Target
@@ -24,6 +25,7 @@ candidates still left, never a default. Writes $OUT/mla.json.
     python3 tools/gpu_sweeps/mla.py --dry-run   (CPU, Triton interpreter, tiny shapes)
     python3 tools/gpu_sweeps/mla.py --only m64n64w8s2,m128n32w8s2v2   (defaults + these)
     python3 tools/gpu_sweeps/mla.py --shapes 64x4096x64 --only none   (one shape, its default)
+    python3 tools/gpu_sweeps/mla.py --only none --aux 16,32,64   (absorb / merge token blocks)
 """
 from __future__ import annotations
 
@@ -57,6 +59,10 @@ if DRY:
     SHAPES = [(2, 70, 4), (2, 70, 128)]
     NOPE, ROPE, V, R = 16, 16, 16, 64
 ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+# Tokens a program of the q absorption and the merge, timed for each shape's default config
+# (mla_decode.specs' aux_block_t; the default first): e.g. --aux 16,64.
+AUX = [int(v) for v in sys.argv[sys.argv.index("--aux") + 1].split(",")] if "--aux" in sys.argv \
+    else [md.AUX_BLOCK_T]
 if "--shapes" in sys.argv:   # e.g. --shapes 64x4096x64,64x4096x128 (B x ctx x heads)
     SHAPES = [tuple(int(v) for v in s.split("x"))
               for s in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
@@ -103,8 +109,8 @@ def configs(nh: int) -> list[str]:
     return [n for i, n in enumerate(names) if i == 0 or ONLY is None or n in ONLY]
 
 
-def specs_of(nh: int, name: str):
-    return md.specs("bfloat16", "bfloat16", nh, NOPE, ROPE, V, R, 1, PAGE, name)
+def specs_of(nh: int, name: str, aux_block_t: int = md.AUX_BLOCK_T):
+    return md.specs("bfloat16", "bfloat16", nh, NOPE, ROPE, V, R, 1, PAGE, name, aux_block_t)
 
 
 def run(kernels, B, ctx, nh, name, probs, want, copy_gbs) -> dict:
@@ -127,22 +133,38 @@ def run(kernels, B, ctx, nh, name, probs, want, copy_gbs) -> dict:
         out = torch.empty((B, nh * V), dtype=torch.bfloat16, device=DEV)
         agrid = specs[1].grid_for(batch=B, seqmax=1, num_parts=parts)
 
-        def call(p, only_attn=False):
-            if not only_attn:
-                absorb(specs[0].grid_for(T=B), p["q"], p["wuk"], qlat, B)
-            attn(agrid, qlat, p["offs"], p["clen"], p["lut"], p["blocks"], o_part, ml,
-                 p["lut"].shape[1], 0, 1, p["blocks"].shape[0], scale, part, parts)
-            if not only_attn:
-                merge(specs[2].grid_for(T=B), o_part, ml, p["wuv"], out, B, parts)
-        out.fill_(float("nan"))
-        o_part.fill_(float("nan"))
-        call(probs[0])
-        res["rel_err"] = err = rel_err(out.float(), want)
+        def call(p, only_attn=False, only=None, aux=(absorb, merge, specs)):
+            ab, mg, sp = aux
+            if only is None and not only_attn or only == "absorb":
+                ab(sp[0].grid_for(T=B), p["q"], p["wuk"], qlat, B)
+            if only is None:
+                attn(agrid, qlat, p["offs"], p["clen"], p["lut"], p["blocks"], o_part, ml,
+                     p["lut"].shape[1], 0, 1, p["blocks"].shape[0], scale, part, parts)
+            if only is None and not only_attn or only == "merge":
+                mg(sp[2].grid_for(T=B), o_part, ml, p["wuv"], out, B, parts)
+
+        def check(aux) -> float:
+            out.fill_(float("nan"))
+            o_part.fill_(float("nan"))
+            call(probs[0], aux=aux)
+            return rel_err(out.float(), want)
+        res["rel_err"] = err = check((absorb, merge, specs))
         if not err < TOL:
             res["error"] = f"rel_err {err:.2e} >= {TOL}"
             return res
         res["us"] = _kernels.timed([lambda p=p: call(p) for p in probs], DRY)
         res["attn_us"] = _kernels.timed([lambda p=p: call(p, True) for p in probs], DRY)
+        for bt in AUX if res["default"] else ():   # the other two launches, each alone
+            sp = specs_of(nh, name, bt)
+            aux = (kernels[spec_key(sp[0])], kernels[spec_key(sp[2])], sp)
+            key = "" if bt == md.AUX_BLOCK_T else f"_t{bt}"
+            res[f"aux_err{key}"] = e = check(aux)
+            if not e < TOL:
+                res["error"] = f"aux_block_t {bt}: rel_err {e:.2e} >= {TOL}"
+                return res
+            for k in ("absorb", "merge"):
+                res[f"{k}_us{key}"] = _kernels.timed(
+                    [lambda p=p, k=k: call(p, only=k, aux=aux) for p in probs], DRY)
         cache = B * ctx * (R + ROPE) * 2
         res["attn_gbs"] = cache / res["attn_us"] / 1e3
         res["gbs"] = cache / res["us"] / 1e3
@@ -161,8 +183,11 @@ def row(r, copy_gbs) -> list:
     if "attn_us" not in r:
         return head + ["ERROR " + r.get("error", "?")]
     pct = (lambda g: f"{100 * g / copy_gbs:.0f}%copy") if copy_gbs else (lambda g: "-")
+    aux = " ".join(f"t{bt}: absorb {r[f'absorb_us{k}']:.1f}us merge {r[f'merge_us{k}']:.1f}us"
+                   for bt in AUX for k in ["" if bt == md.AUX_BLOCK_T else f"_t{bt}"]
+                   if f"merge_us{k}" in r)
     return head + [f"attn {r['attn_us']:.1f}us", f"{r['attn_gbs']:.0f}GB/s", pct(r["attn_gbs"]),
-                   f"{r['tflops']:.0f}TFLOP/s", f"step {r['us']:.1f}us {pct(r['gbs'])}",
+                   f"{r['tflops']:.0f}TFLOP/s", f"step {r['us']:.1f}us {pct(r['gbs'])}", aux,
                    f"err {r['rel_err']:.1e}"]
 
 
@@ -192,6 +217,8 @@ def main() -> None:
     for _, _, nh in SHAPES:
         for name in configs(nh):
             specs.update({spec_key(s): s for s in specs_of(nh, name)})
+        for bt in AUX:
+            specs.update({spec_key(s): s for s in specs_of(nh, configs(nh)[0], bt)})
     kernels = _kernels.compile_all(specs, DRY)
     copy_gbs = 0.0
     if not DRY:

@@ -31,7 +31,11 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 SM_COUNT = 132
 MIN_PART = 256        # keys per partition at least (partials cost a write and a read)
-OUT_BLOCK_T = 16
+# Tokens a program of the q absorption and of the merge (each reads its head's [128, 512] weight
+# once per token block: at batch 64 a 16-token block reads it four times). The plan's grids and
+# the launch helpers take the value from the specs' constexprs; tools/gpu_sweeps/mla.py --aux
+# times other values.
+AUX_BLOCK_T = 16
 
 
 @triton.jit
@@ -368,22 +372,27 @@ def split(batch: int, tiles: int, kv_len: int, conf: dict) -> tuple[int, int]:
 
 
 def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r: int,
-          kinds: int, page_size: int, conf: str | dict | None = None) -> list[KernelSpec]:
+          kinds: int, page_size: int, conf: str | dict | None = None,
+          aux_block_t: int = AUX_BLOCK_T) -> list[KernelSpec]:
     """[q absorb, attention, merge + w_uv] for q/weights of `dtype` over a `cache_dtype` cache;
     `conf` picks the attention kernel's config (resolved by layer_config: the shipped default
-    when None)."""
+    when None), `aux_block_t` the tokens a program of the other two (16, 32 or 64)."""
+    if aux_block_t not in (16, 32, 64):
+        raise ValueError(f"mla decode: aux_block_t must be 16, 32 or 64, got {aux_block_t}")
+    bt = aux_block_t
     t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
     conf = layer_config(nh, r, dtype, cache_dtype, rope, page_size, conf)
     prec = "tf32x3" if dtype == "float32" else "tf32"
     rp, ep, nopep, vp = pad(r), pad(rope), pad(nope), pad(v)
     br = min(rp, 128)
-    qc = dict(NH=nh, NOPE=nope, ROPE=rope, R=r, NOPEP=nopep, EP=ep, BLOCK_T=16, BLOCK_R=br,
+    qc = dict(NH=nh, NOPE=nope, ROPE=rope, R=r, NOPEP=nopep, EP=ep, BLOCK_T=bt, BLOCK_R=br,
               PRECISION=prec)
     qsig = {"q_ptr": f"*{t}", "wuk_ptr": f"*{t}", "qlat_ptr": f"*{t}", "T": "i32",
             **{k: "constexpr" for k in qc}}
-    absorb = KernelSpec(name=f"mla_q_absorb_{t}", fn=mla_q_absorb_kernel, signature=qsig,
+    sfx = "" if bt == 16 else f"_t{bt}"
+    absorb = KernelSpec(name=f"mla_q_absorb_{t}{sfx}", fn=mla_q_absorb_kernel, signature=qsig,
                         constexprs=qc, num_warps=4, num_stages=1,
-                        grid=lambda T: (cdiv(T, 16), nh, cdiv(r, br)), grid_args=("T",),
+                        grid=lambda T: (cdiv(T, bt), nh, cdiv(r, br)), grid_args=("T",),
                         divisible_by_16=("q_ptr", "wuk_ptr", "qlat_ptr"))
     ac = dict(NH=nh, R=r, ROPE=rope, RP=rp, EP=ep, KINDS=kinds, PAGE_SIZE=page_size,
               BLOCK_M=conf["BLOCK_M"], BLOCK_N=conf["BLOCK_N"], VSPLIT=conf["VSPLIT"],
@@ -403,12 +412,12 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
                       divisible_by_16=("qlat_ptr", "blocks_ptr", "o_part_ptr", "ml_ptr"))
     if conf.get("WS"):
         attn = _ws_spec(attn, conf)
-    oc = dict(NH=nh, R=r, V=v, RP=rp, VP=vp, BLOCK_T=OUT_BLOCK_T, BLOCK_R=min(rp, 64),
+    oc = dict(NH=nh, R=r, V=v, RP=rp, VP=vp, BLOCK_T=bt, BLOCK_R=min(rp, 64),
               PRECISION=prec)
     osig = {"o_part_ptr": "*fp32", "ml_ptr": "*fp32", "wuv_ptr": f"*{t}", "out_ptr": f"*{t}",
             "T": "i32", "num_parts": "i32", **{k: "constexpr" for k in oc}}
-    out = KernelSpec(name=f"mla_absorbed_out_{t}", fn=mla_absorbed_out_kernel, signature=osig,
-                     constexprs=oc, num_warps=4, num_stages=1,
-                     grid=lambda T: (cdiv(T, OUT_BLOCK_T), nh, 1), grid_args=("T",),
+    out = KernelSpec(name=f"mla_absorbed_out_{t}{sfx}", fn=mla_absorbed_out_kernel,
+                     signature=osig, constexprs=oc, num_warps=4, num_stages=1,
+                     grid=lambda T: (cdiv(T, bt), nh, 1), grid_args=("T",),
                      divisible_by_16=("o_part_ptr", "ml_ptr", "wuv_ptr", "out_ptr"))
     return [absorb, attn, out]

@@ -10,12 +10,12 @@ tensor pipe 45% busy. Here (FlashMLA's "seesaw" division, our own schedule) the 
 pairs: warpgroup w computes the scores of block 2i + w of pair i, the two exchange their row
 maxima through shared memory so both use the pair's common running max, each publishes its P,
 and each accumulates its half of the 512 value columns (w = 0 the left 256) for both blocks of
-the pair: its own P from registers, the other's from shared memory. Each warpgroup's chain is
-half the score work of the old one's, and both run it at once.
+the pair, both P from shared memory. Each warpgroup's chain is half the score work of the old
+one's, and both run it at once.
 
 Per warpgroup and pair i (own block jo = 2i + w, other jt = 2i + 1 - w):
   scores of jo -> masked row max -> exchange -> m, alpha, P, l -> rescale O -> zero jo's tail
-  value rows -> publish P -> O += P V_jo (registers) -> wait for the other's P -> O += P' V_jt
+  value rows -> publish P -> O += P V_jo -> wait for the other's P -> O += P' V_jt
   -> wait for both products -> release both slots and the other's P.
 (Gluon 3.6 carries no in-flight product across a loop iteration, so every product of the pair
 is waited for in it; the two warpgroups' products still run together on the tensor pipe.)
@@ -36,7 +36,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                             warpgroup_mma, warpgroup_mma_wait)
+                                                             warpgroup_mma_wait)
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import warpgroup_acc_layout
 from graphir.lowering.triton_gpu.kernels.mla import tile_key_range
@@ -98,8 +98,8 @@ def _program(offs_ptr, clen_ptr, max_pages, part_size, NH: gl.constexpr,
 def _consumer(q_smem, ring, ready, empty, p_smem, x_smem, x_ready, p_ready, p_free, offs_ptr,
               clen_ptr, o_part_ptr, ml_ptr, max_pages, part_size, num_parts, scale,
               WG: gl.constexpr, NH: gl.constexpr, NCK: gl.constexpr, NCV: gl.constexpr,
-              RP: gl.constexpr,
-              PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              RP: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr):
     """Warpgroup WG (0 or 1): the scores of every pair's block WG, value columns
     [WG * R / 2, (WG + 1) * R / 2) of every block; warpgroup 0 writes the rows' (max, sum)."""
     s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)

@@ -102,12 +102,13 @@ def _attention(sb: StepBuilder, node) -> None:
         o_part = sb.scratch("o_part", "float32", f"({T}) * {nh} * {parts} * {rp}")
         ml = sb.scratch("ml_part", "float32", f"({T}) * {nh} * {parts} * 2")
         br = absorb.constexprs["BLOCK_R"]
-        sb.launch(sb.kernel(absorb), [f"cdiv({T}, 16)", nh, cdiv(r, br)],
+        sb.launch(sb.kernel(absorb), [f"cdiv({T}, {absorb.constexprs['BLOCK_T']})", nh,
+                                      cdiv(r, br)],
                   [sb.ptr(q), sb.ptr(w1), qlat, T])
         sb.launch(sb.kernel(attn), [f"cdiv({seqmax} * {nh}, {bm}) * {conf['VSPLIT']}", parts,
                                     batch],
                   [qlat] + meta + [o_part, ml] + geo + [scale, part_size, parts])
-        sb.launch(sb.kernel(merge), [f"cdiv({T}, {md.OUT_BLOCK_T})", nh],
+        sb.launch(sb.kernel(merge), [f"cdiv({T}, {merge.constexprs['BLOCK_T']})", nh],
                   [o_part, ml, sb.ptr(w_uv), sb.ptr(out), T, parts])
     decomp, pattn = mp.specs(dt, cdt, nh, nope, rope, v, r, kinds, page)
     with sb.when(None):

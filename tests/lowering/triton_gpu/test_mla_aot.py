@@ -30,6 +30,9 @@ for s in mp.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64):
 for s in (md.specs("float32", "float32", 128, 128, 64, 128, 512, 1, 64)
           + mp.specs("float32", "float32", 128, 128, 64, 128, 512, 1, 64)):
     jobs.append(("fp32", s))
+# The q absorption and the merge at 64 tokens a program (tools/gpu_sweeps/mla.py --aux).
+jobs += [("aux64", s) for s in md.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64,
+                                        None, 64)[::2]]
 for name, conf in md.CANDIDATES.items():
     nh = {16: 16, 32: 32}.get(conf["BLOCK_M"], 128)
     jobs.append(("cand", md.specs("bfloat16", "bfloat16", nh, 128, 64, 128, 512, 1, 64, name)[1]))
@@ -52,7 +55,7 @@ def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
 
     from graphir.lowering.triton_gpu.kernels import mla_decode as md
 
-    assert len(compiled) == 3 + 9 + 2 + 5 + len(md.CANDIDATES)
+    assert len(compiled) == 3 + 9 + 2 + 5 + 2 + len(md.CANDIDATES)
     for name, c in compiled.items():
         assert c["magic"] == "7f454c46", name
         assert c["shared"] <= MAX_SHARED_SM90, (name, c["shared"])

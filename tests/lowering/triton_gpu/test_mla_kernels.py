@@ -104,6 +104,27 @@ def test_empty_sequences_and_multi_token_decode():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{path} {parts}")
 
 
+@pytest.mark.parametrize("aux_block_t", [32, 64])
+def test_absorption_and_merge_token_blocks(aux_block_t):
+    # 70 new tokens (more than one block of the absorption and the merge at 32 and 64 tokens a
+    # program, the last one partial) over cached prefixes, two partitions to merge.
+    rng = np.random.default_rng(aux_block_t)
+    *_, blocks, w_k, w_uk, w_uv = inputs(1, seed=7)
+    pages = blocks.shape[0] - 1
+    new = np.array([30, 1, 0, 39], np.uint32)
+    clen = np.array([2, 20, 5, 0], np.uint32)
+    offs = np.concatenate([[0], np.cumsum(new)]).astype(np.uint32)
+    per = -(-int((clen + new).max()) // blocks.shape[3])
+    lut = rng.integers(0, pages, size=(4, per)).astype(np.uint32)
+    q = rng.standard_normal((int(offs[-1]), NH * (NOPE + ROPE))).astype(np.float32)
+    want = reference(q, blocks, offs, clen, lut, w_k, w_uk, w_uv)
+    got = run("absorbed", q, blocks, offs, clen, lut, w_uk, w_uv, num_parts=2,
+              aux_block_t=aux_block_t)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="aux_block_t"):
+        md.specs("bfloat16", "bfloat16", NH, NOPE, ROPE, V, R, 1, 16, None, 48)
+
+
 def test_pages_that_hold_whole_key_blocks():
     # Page 32 >= BLOCK_N (a 32-key config): the absorbed kernel reads a key block with one
     # lookup (dense rows); a sequence spans three pages in shuffled order, another ends mid-page.
