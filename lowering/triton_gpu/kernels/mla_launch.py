@@ -83,7 +83,7 @@ def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_hea
     if path == "absorbed":
         conf = md.layer_config(nh, r, dt, cdt, rope, page, conf)
         absorb, attn, merge = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf,
-                                       aux_block_t or md.AUX_BLOCK_T)
+                                       md.AUX_BLOCK_T if aux_block_t is None else aux_block_t)
         qlat = torch.empty((T * nh, r + rope), dtype=q.dtype, device=q.device)
         _run(absorb, absorb.grid_for(T=T), q, w1, qlat, T)
         kv_len = max(kvmax, 1)
