@@ -27,10 +27,6 @@ activations seen as [K, M]; the bias epilogue adds a vector over D's N rows.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import glob
-import importlib.metadata
-import os
 import threading
 import warnings
 from ctypes import POINTER, byref, c_char_p, c_float, c_int, c_int64, c_size_t, c_uint64, \
@@ -38,6 +34,7 @@ from ctypes import POINTER, byref, c_char_p, c_float, c_int, c_int64, c_size_t, 
 from typing import Any, Callable, Iterable
 
 from . import cublaslt_algo as la
+from . import libsearch
 
 LIBCUBLASLT_ENV = "GRAPHIR_LIBCUBLASLT"
 WORKSPACE_BYTES = 32 << 20
@@ -97,34 +94,10 @@ class CublasLtError(RuntimeError):
 
 def candidates() -> list[str]:
     """Library paths and names to try, in order (see the module docstring)."""
-    env = os.environ.get(LIBCUBLASLT_ENV)
-    if env:
-        return [env]
-    out: list[str] = []
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name.startswith("nvidia-cublas"):
-            out += [str(dist.locate_file(f)) for f in dist.files or []
-                    if os.path.basename(str(f)).startswith("libcublasLt.so")]
-    for base in _site_dirs():
-        for pattern in ("nvidia/*/lib/libcublasLt.so*", "nvidia/*/*/lib/libcublasLt.so*",
-                        "torch/lib/libcublasLt.so*"):
-            out += sorted(glob.glob(os.path.join(base, pattern)), reverse=True)
-    found = ctypes.util.find_library("cublasLt")
-    if found:
-        out.append(found)
-    out += ["libcublasLt.so.13", "libcublasLt.so.12"]
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
-
-
-def _site_dirs() -> list[str]:
-    import site
-    import sys
-
-    dirs = list(getattr(site, "getsitepackages", lambda: [])())
-    dirs += [p for p in sys.path if p.endswith("site-packages")]
-    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+    return libsearch.candidates(LIBCUBLASLT_ENV, "nvidia-cublas", "libcublasLt.so",
+                                ("nvidia/*/lib/libcublasLt.so*", "nvidia/*/*/lib/libcublasLt.so*",
+                                 "torch/lib/libcublasLt.so*"), "cublasLt",
+                                ("libcublasLt.so.13", "libcublasLt.so.12"), newest_first=True)
 
 
 _lock = threading.Lock()

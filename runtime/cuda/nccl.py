@@ -18,13 +18,12 @@ brings nothing at these sizes, and on shared hosts a failure there can take the 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import glob
-import importlib.metadata
 import os
 import threading
 from ctypes import POINTER, c_char_p, c_int, c_size_t, c_void_p
 from typing import Any, Sequence
+
+from . import libsearch
 
 LIBNCCL_ENV = "GRAPHIR_LIBNCCL"
 
@@ -82,35 +81,9 @@ class NcclError(RuntimeError):
 
 def candidates() -> list[str]:
     """Library paths and names to try, in order (see the module docstring)."""
-    out: list[str] = []
-    env = os.environ.get(LIBNCCL_ENV)
-    if env:
-        return [env]
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if not name.startswith("nvidia-nccl"):
-            continue
-        for f in dist.files or []:
-            if os.path.basename(str(f)).startswith("libnccl.so"):
-                out.append(str(dist.locate_file(f)))
-    for base in _site_dirs():
-        out += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnccl.so*")))
-        out += sorted(glob.glob(os.path.join(base, "nvidia", "*", "*", "lib", "libnccl.so*")))
-    found = ctypes.util.find_library("nccl")
-    if found:
-        out.append(found)
-    out.append("libnccl.so.2")
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
-
-
-def _site_dirs() -> list[str]:
-    import site
-    import sys
-
-    dirs = list(getattr(site, "getsitepackages", lambda: [])())
-    dirs += [p for p in sys.path if p.endswith("site-packages")]
-    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+    return libsearch.candidates(LIBNCCL_ENV, "nvidia-nccl", "libnccl.so",
+                                ("nvidia/*/lib/libnccl.so*", "nvidia/*/*/lib/libnccl.so*"),
+                                "nccl", ("libnccl.so.2",))
 
 
 _lock = threading.Lock()

@@ -1,0 +1,48 @@
+"""Where a CUDA library's shared object may be, without importing torch: the one search that the
+ctypes bindings of cuBLASLt and NCCL share.
+
+In order: the path an environment variable names (alone, when set), the files of installed
+`nvidia-*` wheels whose distribution name starts with `dist_prefix`, the same names under every
+site-packages directory's `patterns`, `ctypes.util.find_library`, then bare sonames for the
+loader's own search. Duplicates are dropped, first place kept.
+"""
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import importlib.metadata
+import os
+from typing import Sequence
+
+
+def candidates(env_var: str, dist_prefix: str, stem: str, patterns: Sequence[str],
+               find_name: str, sonames: Sequence[str], newest_first: bool = False) -> list[str]:
+    """Paths and names to try for the library whose files start with `stem` (e.g.
+    "libnccl.so"); `patterns` are globs relative to a site-packages directory, their matches
+    newest version first when `newest_first`."""
+    env = os.environ.get(env_var)
+    if env:
+        return [env]
+    out: list[str] = []
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith(dist_prefix):
+            out += [str(dist.locate_file(f)) for f in dist.files or []
+                    if os.path.basename(str(f)).startswith(stem)]
+    for base in _site_dirs():
+        for pattern in patterns:
+            out += sorted(glob.glob(os.path.join(base, pattern)), reverse=newest_first)
+    found = ctypes.util.find_library(find_name)
+    if found:
+        out.append(found)
+    out += list(sonames)
+    return list(dict.fromkeys(out))
+
+
+def _site_dirs() -> list[str]:
+    import site
+    import sys
+
+    dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    dirs += [p for p in sys.path if p.endswith("site-packages")]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
