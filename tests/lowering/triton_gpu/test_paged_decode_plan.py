@@ -5,41 +5,21 @@ through Triton's interpreter against the numpy interpreter."""
 import numpy as np
 import pytest
 
-from graphir import BufferType, DType, Graph, TensorType, ops
 from graphir.runtime.interpreter import run
+from tests.lowering.triton_gpu import paged_case
 from tests.lowering.triton_gpu.test_backend_interp import interp_executor
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 
-U32, F32 = DType.uint32, DType.float32
-NH, NKV, D, L = 8, 2, 16, 2
+NH, NKV, D = 8, 2, 16
 
 
 def build(page, mask="causal", window=None):
-    types = [TensorType(F32, ["t", NH * D]), BufferType(F32, ["p", 2, L, page, NKV, D]),
-             TensorType(U32, ["b + 1"]), TensorType(U32, ["b"]), TensorType(U32, ["b", "m"])]
-    with Graph("decode", input_types=types) as g:
-        q, bl, o, c, lt = g.inputs
-        g.output(ops.flash_attention_ragged(q, bl, o, c, lt, n_heads=NH, n_kv_heads=NKV,
-                                            head_dim=D, layer_idx=1, mask_variant=mask,
-                                            window=window))
-    return g
+    return paged_case.build("decode", NH, NKV, D, page, mask, window)
 
 
 def step(rng, page, new, cache):
-    total = [c + n for c, n in zip(cache, new)]
-    need = [-(-t // page) for t in total]
-    pages = sum(need) + 1
-    order = rng.permutation(pages)
-    lut = np.full((len(new), max(need) + 1), order[-1], np.uint32)
-    k = 0
-    for b, n in enumerate(need):
-        lut[b, :n] = order[k:k + n]
-        k += n
-    blocks = rng.standard_normal((pages, 2, L, page, NKV, D)).astype(np.float32)
-    q = rng.standard_normal((sum(new), NH * D)).astype(np.float32)
-    offs = np.concatenate([[0], np.cumsum(new)]).astype(np.uint32)
-    return [q, blocks, offs, np.asarray(cache, np.uint32), lut]
+    return paged_case.inputs(rng, NH, NKV, D, page, new, cache)
 
 
 # (new tokens, cache lengths) -> kernels launched; group 4 builds decode kernels for up to 4
