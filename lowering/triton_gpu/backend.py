@@ -164,6 +164,9 @@ def build(graph, target, say=lambda msg: None, *, tune: bool = False, **options)
     compiled: dict = {}
     if tune and selector.sites:
         program, selector, section, compiled = _tune(graph, program, selector, gpu, say)
+    compiled.update(_precompile({k: s for k, s in program.kernels.items()
+                                 if s.extra.get("kind") != "cublaslt" and k not in compiled},
+                                gpu.arch, say))
     payload: dict[str, bytes] = {}
     table = {}
     for i, (key, spec) in enumerate(sorted(program.kernels.items())):
@@ -187,6 +190,61 @@ def build(graph, target, say=lambda msg: None, *, tune: bool = False, **options)
              "input_names": graph.input_names,
              "tuning": tuning.manifest_section(selector, **section)}
     return payload, extra
+
+
+# Fewer kernels than this compile one by one in this process: starting the worker processes
+# (each imports Triton) costs about what two or three cold kernel compiles do.
+PARALLEL_MIN = 8
+
+
+def compile_workers() -> int:
+    """Worker processes for a build's kernel compiles: GRAPHIR_COMPILE_WORKERS, else one a
+    core (at most 16); 1 compiles in this process."""
+    env = os.environ.get("GRAPHIR_COMPILE_WORKERS", "")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"GRAPHIR_COMPILE_WORKERS must be a positive integer, got "
+                             f"{env!r}") from None
+        if n < 1:
+            raise ValueError(f"GRAPHIR_COMPILE_WORKERS must be a positive integer, got {n}")
+        return n
+    return min(len(os.sched_getaffinity(0)), 16)
+
+
+def _precompile(specs: dict, arch, say) -> dict:
+    """{key: cubin} of the hand-written kernels among `specs` compiled in parallel worker
+    processes, when there are enough of them, more than one worker and a first one compiled
+    here missed Triton's cache; the rest (and any whose compile failed there, so that its error
+    is raised here, in context) compile one by one in build's loop. Kernels generated at build
+    time stay here too: their module is this process's."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    from .aot import compile_spec
+    from .tuning_gpu import compile_specs
+
+    workers = compile_workers()
+    mine = {k: s for k, s in sorted(specs.items())
+            if getattr(getattr(s.fn, "fn", s.fn), "__module__", "").startswith("graphir.")}
+    if workers < 2 or len(mine) < PARALLEL_MIN:
+        return {}
+    # A first kernel found in Triton's cache (or in this process's memory: no compile at all)
+    # means a warm build: the rest compile here too (workers would only add their start-up).
+    key = next(iter(mine))
+    hits = []
+    prev = knobs.compilation.listener
+    knobs.compilation.listener = lambda **kw: hits.append(kw.get("cache_hit"))
+    try:
+        out = {key: compile_spec(mine.pop(key), GPUTarget("cuda", int(arch), 32))}
+    finally:
+        knobs.compilation.listener = prev
+    if not hits or hits[-1]:
+        return out
+    say(f"compiling {len(mine)} kernels in {min(workers, len(mine))} processes")
+    done = compile_specs(mine, int(arch), workers, desc="compile kernels")
+    return {**out, **{k: c for k, c in done.items() if not isinstance(c, Exception)}}
 
 
 def _tune(graph, program, selector, gpu, say):

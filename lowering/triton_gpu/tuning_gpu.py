@@ -61,11 +61,12 @@ def _compile_job(job: tuple, arch: int):
     return compile_kernel(fn, sig, ce, warps, stages, GPUTarget("cuda", arch, 32), div, maxnreg)
 
 
-def compile_specs(specs: dict, arch: int, workers: int | None = None) -> dict:
+def compile_specs(specs: dict, arch: int, workers: int | None = None,
+                  desc: str = "compile candidates") -> dict:
     """{key: CompiledCubin or the Exception it raised} for {key: KernelSpec}, compiled in
     parallel processes (spawned: this process may hold a CUDA context)."""
     jobs = {k: _job(s) for k, s in specs.items()}
-    with progress.bar(len(jobs), desc="compile candidates", unit="kernel") as bar:
+    with progress.bar(len(jobs), desc=desc, unit="kernel") as bar:
         return _compile_all(jobs, arch, min(len(jobs), workers or os.cpu_count() or 1, 16), bar)
 
 
