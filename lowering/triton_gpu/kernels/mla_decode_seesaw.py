@@ -40,8 +40,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import warpgroup_acc_layout
 from graphir.lowering.triton_gpu.kernels.mla import tile_key_range
-from graphir.lowering.triton_gpu.kernels.mla_decode_ws import (CHUNK, LOADER_REGS, ROWS, _loader,
-                                                               _latent_descriptor, _pv4, _q_tiles,
+from graphir.lowering.triton_gpu.kernels.mla_decode_ws import (CHUNK, LOADER_REGS, ROWS,
+                                                               _check_sizes, _latent_descriptor,
+                                                               _loader, _pv4, _q_tiles,
                                                                _scores, _softmax_start,
                                                                _store_half, _tile_rows,
                                                                _zero_tail)
@@ -181,10 +182,7 @@ def mla_absorbed_seesaw_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr
                                STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     """mla_absorbed_ws_kernel's launch and constraints (num_warps=4 launched; warp_specialize
     adds warpgroup 1 and the loader warp)."""
-    gl.static_assert(BLOCK_M == ROWS)
-    gl.static_assert(R == 8 * CHUNK)
-    gl.static_assert((R + ROPE) % CHUNK == 0)
-    gl.static_assert(PAGE_SIZE % BLOCK_N == 0)
+    _check_sizes(BLOCK_M, R, ROPE, PAGE_SIZE, BLOCK_N)
     W: gl.constexpr = R + ROPE
     NCK: gl.constexpr = W // CHUNK
     NCV: gl.constexpr = R // CHUNK

@@ -294,6 +294,16 @@ def _latent_descriptor(blocks_ptr, num_pages, num_layers, KINDS: gl.constexpr,
 
 
 @gluon.jit
+def _check_sizes(BLOCK_M: gl.constexpr, R: gl.constexpr, ROPE: gl.constexpr,
+                 PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The Gluon kernels' size contract (see mla_absorbed_ws_kernel)."""
+    gl.static_assert(BLOCK_M == ROWS)
+    gl.static_assert(R == 8 * CHUNK)
+    gl.static_assert((R + ROPE) % CHUNK == 0)
+    gl.static_assert(PAGE_SIZE % BLOCK_N == 0)
+
+
+@gluon.jit
 def mla_absorbed_ws_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_part_ptr, ml_ptr,
                            max_pages, layer_idx, num_layers, num_pages, scale, part_size,
                            num_parts, NH: gl.constexpr, R: gl.constexpr, ROPE: gl.constexpr,
@@ -305,10 +315,7 @@ def mla_absorbed_ws_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_
     adds warpgroup 1 and the loader warp. BLOCK_M must be 64, R 512 (eight 64-column value
     tiles, four a warpgroup), (R + ROPE) a multiple of 64, PAGE_SIZE a multiple of BLOCK_N;
     VSPLIT and PRECISION are the twin's (1, unused)."""
-    gl.static_assert(BLOCK_M == ROWS)
-    gl.static_assert(R == 8 * CHUNK)
-    gl.static_assert((R + ROPE) % CHUNK == 0)
-    gl.static_assert(PAGE_SIZE % BLOCK_N == 0)
+    _check_sizes(BLOCK_M, R, ROPE, PAGE_SIZE, BLOCK_N)
     W: gl.constexpr = R + ROPE
     NCK: gl.constexpr = W // CHUNK
     NCV: gl.constexpr = R // CHUNK
