@@ -210,7 +210,8 @@ def compile_workers() -> int:
         if n < 1:
             raise ValueError(f"GRAPHIR_COMPILE_WORKERS must be a positive integer, got {n}")
         return n
-    return min(len(os.sched_getaffinity(0)), 16)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(cores or 1, 16)
 
 
 def _precompile(specs: dict, arch, say) -> dict:
