@@ -226,7 +226,9 @@ def _runtime_artifact(kind: str) -> Path:
     """Compile parallel_runtime.c once per content hash: kind 'o' (hidden, AOT) or 'so' (JIT)."""
     src = _RUNTIME_C.read_bytes()
     digest = hashlib.sha256(src + kind.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("GRAPHIR_CACHE", Path.home() / ".cache" / "graphir")) / "cpu_rt"
+    from graphir.lowering.cache import cache_dir
+
+    cache = cache_dir() / "cpu_rt"     # with the compile cache: $GRAPHIR_CACHE_DIR moves both
     out = cache / f"parallel_runtime-{digest}.{kind}"
     with _runtime_lock:
         if out.exists():

@@ -243,3 +243,16 @@ def test_bad_inputs_rejected(tmp_path):
             toolchain.stage_text(ir.Module.create(), "ptx")
     with pytest.raises(ValueError, match="no such file"):
         CpuLibrary(tmp_path / "missing.so")
+
+
+def test_parallel_runtime_is_built_in_the_compile_cache(tmp_path, monkeypatch):
+    # $GRAPHIR_CACHE_DIR moves everything graphir writes between runs, the CPU parallel
+    # runtime's object and library included: nothing lands under $HOME.
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GRAPHIR_CACHE_DIR", str(cache))
+    for kind in ("o", "so"):
+        path = toolchain._runtime_artifact(kind)
+        assert path.parent == cache / "cpu_rt" and path.stat().st_size > 0
+    assert not any(home.iterdir())
