@@ -107,14 +107,7 @@ _error: str | None = None
 
 def bind(lib: Any) -> Any:
     """Set restype/argtypes of the entry points on a ctypes library (missing ones raise)."""
-    for name, (res, args) in _PROTOTYPES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    for name, (res, args) in _OPTIONAL.items():
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype, fn.argtypes = res, args
-    return lib
+    return libsearch.bind(lib, _PROTOTYPES, _OPTIONAL)
 
 
 def load() -> Any:

@@ -1,5 +1,5 @@
-"""Where a CUDA library's shared object may be, without importing torch: the one search that the
-ctypes bindings of cuBLASLt and NCCL share.
+"""Where a CUDA library's shared object may be, without importing torch, and setting its ctypes
+prototypes: what the bindings of cuBLASLt and NCCL share.
 
 In order: the path an environment variable names (alone, when set), the files of installed
 `nvidia-*` wheels whose distribution name starts with `dist_prefix`, the same names under every
@@ -12,7 +12,7 @@ import ctypes.util
 import glob
 import importlib.metadata
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 
 def candidates(env_var: str, dist_prefix: str, stem: str, patterns: Sequence[str],
@@ -46,3 +46,17 @@ def _site_dirs() -> list[str]:
     dirs = list(getattr(site, "getsitepackages", lambda: [])())
     dirs += [p for p in sys.path if p.endswith("site-packages")]
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def bind(lib: Any, prototypes: Mapping[str, tuple],
+         optional: Mapping[str, tuple] | None = None) -> Any:
+    """Set restype/argtypes of the entry points {name: (restype, argtypes)} on a ctypes library:
+    a missing one of `prototypes` raises AttributeError, of `optional` is skipped."""
+    for name, (res, args) in prototypes.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    for name, (res, args) in (optional or {}).items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = res, args
+    return lib
