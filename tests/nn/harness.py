@@ -48,6 +48,36 @@ PREFILL = [5, 9, 3]
 SCHEDULE = [([0, 1, 2], PREFILL)] + [([0, 1, 2], [1, 1, 1])] * 4 + [([2, 1], [1, 6])]
 
 
+def interpreted(graph, m: PagedKVCacheManager, weights):
+    """A `run_step` for check_schedule_against_hf: `graph` through the reference interpreter."""
+    def run_step(st, x):
+        (y,) = run(graph, x, st.input_row_offsets, m.blocks, st.cache_lengths, st.lookup_table,
+                   st.max_lengths, weights=weights)
+        return y
+    return run_step
+
+
+def check_schedule_against_hf(hf, run_step, m: PagedKVCacheManager, *, layer: int = LAYER,
+                              scaled_atol: bool = False) -> None:
+    """Run SCHEDULE (fresh token ids, seed 1) through `hf` and through `run_step(st, x)` (the
+    layer's output for prepared step st), comparing every step's output; the cache layer the
+    graph does not write stays untouched. `scaled_atol`: HF accumulating in float32, its
+    rounding error grows with the output's magnitude (quantized weights)."""
+    other = m.blocks[:, :, 1 - layer].copy()
+    rng = np.random.default_rng(1)
+    for seq_ids, counts in SCHEDULE:
+        xs, ys = zip(*(hf.run(s, rng.integers(0, 97, size=n)) for s, n in zip(seq_ids, counts)))
+        st = m.prepare_step(seq_ids, counts)
+        got = run_step(st, np.concatenate(xs))
+        m.commit_step(st)
+        want = np.concatenate(ys)
+        scale = np.abs(want).max()
+        assert scale > 0.1  # the comparison is not between near-zero tensors
+        np.testing.assert_allclose(got, want, rtol=1e-5,
+                                   atol=1e-5 * (max(1.0, scale) if scaled_atol else 1.0))
+    np.testing.assert_array_equal(m.blocks[:, :, 1 - layer], other)
+
+
 def scheduled_manager(n_kv_heads: int, head_dim: int) -> PagedKVCacheManager:
     """A manager (24 pages) with SCHEDULE's first sequences claimed."""
     m = manager(n_kv_heads, head_dim=head_dim)

@@ -16,7 +16,8 @@ from graphir.nn import GGUFQAttentionWithRope
 from graphir.nn.gguf_config import FreqFactorRotaryEmbedding
 from graphir.nn.rotary_yarn import DeepseekYarnRotaryEmbedding
 from tests.nn.gguf_convert import MIXES, llama3_freq_factors, write_gguf
-from tests.nn.harness import LAYER, PAGE, SCHEDULE, HFAttentionRunner, layer_graph, manager, step
+from tests.nn.harness import (PAGE, HFAttentionRunner, check_schedule_against_hf, interpreted,
+                              layer_graph, scheduled_manager)
 
 HIDDEN, NH, NKV, D = 256, 4, 2, 64  # K-quant rows are whole 256-value blocks
 COMMON = dict(vocab_size=97, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
@@ -81,18 +82,5 @@ def test_gguf_layer_matches_hf(tmp_path, case):
     n_qmm = str(g).count("gir.qmatmul")
     assert n_qmm == (2 if len(set(MIXES[mix][p] for p in ("q_proj", "k_proj", "v_proj"))) == 1
                      else 4)
-    m = manager(NKV, head_dim=D)
-    for _ in range(3):
-        m.claim()
-    other_layer = m.blocks[:, :, 1 - LAYER].copy()
-    rng = np.random.default_rng(1)
-    weights = attn.state_dict()
-    for seq_ids, counts in SCHEDULE:
-        xs, ys = zip(*(hf.run(s, rng.integers(0, 97, size=n)) for s, n in zip(seq_ids, counts)))
-        got = step(g, m, seq_ids, counts, np.concatenate(xs), weights)
-        want = np.concatenate(ys)
-        scale = np.abs(want).max()
-        assert scale > 0.1  # not a comparison of near-zero tensors
-        # HF accumulates in float32: its rounding error grows with the output's magnitude
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, scale))
-    np.testing.assert_array_equal(m.blocks[:, :, 1 - LAYER], other_layer)
+    m = scheduled_manager(NKV, D)
+    check_schedule_against_hf(hf, interpreted(g, m, attn.state_dict()), m, scaled_atol=True)

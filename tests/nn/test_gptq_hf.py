@@ -13,8 +13,8 @@ from transformers import LlamaConfig, Qwen2Config
 from graphir import DType
 from graphir.nn import GPTQAttentionWithRope, KVCacheParams, RotaryEmbedding
 from graphir.ops import QuantizationConfig
-from tests.nn.harness import LAYER, LAYERS, PAGE, SCHEDULE, HFAttentionRunner, layer_graph, \
-    manager, step
+from tests.nn.harness import (LAYERS, PAGE, HFAttentionRunner, check_schedule_against_hf,
+                              interpreted, layer_graph, scheduled_manager)
 from tests.nn.test_gptq_attention import make_g_idx, quantize
 
 HIDDEN, NH, NKV, D = 256, 4, 2, 64
@@ -90,20 +90,8 @@ def test_gptq_layer_matches_hf(tmp_path, case):
     attn.load_safetensors(tmp_path / "model.safetensors", PREFIX)
     g = layer_graph(attn, rope, kvp)
     assert str(g).count("gir.qmatmul") == 2 and f"bits = {cfg.bits}" in str(g)
-    m = manager(NKV, head_dim=D)
-    for _ in range(3):
-        m.claim()
-    other_layer = m.blocks[:, :, 1 - LAYER].copy()
-    rng = np.random.default_rng(1)
-    weights = attn.state_dict()
-    for seq_ids, counts in SCHEDULE:
-        xs, ys = zip(*(hf.run(s, rng.integers(0, 97, size=n)) for s, n in zip(seq_ids, counts)))
-        got = step(g, m, seq_ids, counts, np.concatenate(xs), weights)
-        want = np.concatenate(ys)
-        scale = np.abs(want).max()
-        assert scale > 0.1
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, scale))
-    np.testing.assert_array_equal(m.blocks[:, :, 1 - LAYER], other_layer)
+    m = scheduled_manager(NKV, D)
+    check_schedule_against_hf(hf, interpreted(g, m, attn.state_dict()), m, scaled_atol=True)
 
 
 # -- QuantizationConfig from JSON ----------------------------------------------------------------

@@ -18,8 +18,8 @@ from graphir.nn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbeddi
 from graphir.nn.attention.parallel import distribute_value
 from graphir.runtime.interpreter import run
 from graphir.runtime.kv_cache import PagedKVCacheManager
-from tests.nn.harness import (SCHEDULE, HFAttentionRunner, layer_graph, mla_op_inputs,
-                              scheduled_manager)
+from tests.nn.harness import (HFAttentionRunner, check_schedule_against_hf, interpreted,
+                              layer_graph, mla_op_inputs, scheduled_manager)
 
 HIDDEN, NH, NOPE, ROPE, V, R, QLORA = 64, 4, 16, 8, 12, 32, 24
 PAGE, LAYERS, LAYER = 4, 2, 1
@@ -64,9 +64,7 @@ def manager() -> PagedKVCacheManager:
 
 
 def run_step(graph, m, st, x, weights):
-    (y,) = run(graph, x, st.input_row_offsets, m.blocks, st.cache_lengths, st.lookup_table,
-               st.max_lengths, weights=weights)
-    return y
+    return interpreted(graph, m, weights)(st, x)
 
 
 class HFRunner(HFAttentionRunner):
@@ -90,17 +88,7 @@ def test_layer_matches_hf(q_lora, mode, interleave):
     assert attn.scale != (NOPE + ROPE) ** -0.5  # YaRN's mscale_all_dim changed the scale
     g = layer_graph(attn, rope, kvp, layer=LAYER)
     m = manager()
-    layer0 = m.blocks[:, :, 0].copy()
-    rng = np.random.default_rng(1)
-    for seq_ids, counts in SCHEDULE:
-        xs, ys = zip(*(hf.run(s, rng.integers(0, 97, size=n)) for s, n in zip(seq_ids, counts)))
-        st = m.prepare_step(seq_ids, counts)
-        got = run_step(g, m, st, np.concatenate(xs), attn.state_dict())
-        m.commit_step(st)
-        want = np.concatenate(ys)
-        assert np.abs(want).max() > 0.1
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(m.blocks[:, :, 0], layer0)
+    check_schedule_against_hf(hf, interpreted(g, m, attn.state_dict()), m, layer=LAYER)
     # The latent cache holds what HF caches; HF's interleaved rope writes the rotated pairs
     # de-interleaved ([evens | odds]), ours keeps them in place: the same vectors permuted.
     perm = np.r_[0:ROPE:2, 1:ROPE:2] if interleave else np.arange(ROPE)

@@ -12,7 +12,8 @@ from graphir import DType
 from graphir.nn import (AttentionWithRope, KVCacheParams, LatentAttentionWithRope,
                         LongRoPERotaryEmbedding, MHAMaskVariant, YarnRotaryEmbedding, from_pretrained)
 from graphir.nn.rotary_yarn import DeepseekYarnRotaryEmbedding
-from tests.nn.harness import PAGE, SCHEDULE, HFAttentionRunner, layer_graph, manager, step
+from tests.nn.harness import (PAGE, HFAttentionRunner, check_schedule_against_hf, interpreted,
+                              layer_graph, scheduled_manager)
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,26 +154,17 @@ def run_against_hf(path, config, layer: int, *, executor=None, **opts):
                         page_size=PAGE)
     attn = from_pretrained(path, layer, kv_params=kvp, **opts)
     g = layer_graph(attn, attn.rope, kvp, layer=layer)
-    m = manager(nkv, head_dim=d)
-    for _ in range(3):
-        m.claim()
-    other = m.blocks[:, :, 1 - layer].copy()
-    run = None if executor is None else executor(g, attn.state_dict())
-    rng = np.random.default_rng(1)
-    for seq_ids, counts in SCHEDULE:
-        xs, ys = zip(*(hf.run(s, rng.integers(0, 97, size=n)) for s, n in zip(seq_ids, counts)))
-        x = np.concatenate(xs)
-        if run is None:
-            got = step(g, m, seq_ids, counts, x, attn.state_dict())
-        else:
-            st = m.prepare_step(seq_ids, counts)
-            (got,) = run(x, st.input_row_offsets, m.blocks, st.cache_lengths, st.lookup_table,
-                         st.max_lengths)
-            m.commit_step(st)
-        want = np.concatenate(ys)
-        assert np.abs(want).max() > 0.1  # the comparison is not between near-zero tensors
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(m.blocks[:, :, 1 - layer], other)  # the other layer untouched
+    m = scheduled_manager(nkv, d)
+    if executor is None:
+        run_step = interpreted(g, m, attn.state_dict())
+    else:
+        run = executor(g, attn.state_dict())
+
+        def run_step(st, x):
+            (y,) = run(x, st.input_row_offsets, m.blocks, st.cache_lengths, st.lookup_table,
+                       st.max_lengths)
+            return y
+    check_schedule_against_hf(hf, run_step, m, layer=layer)
     return attn
 
 

@@ -4,15 +4,15 @@ HF runs each sequence alone with its own KV cache; hooks capture its attention m
 (the normed hidden states) and output. Our layer runs the same rows as one ragged batch through
 the paged cache: 3 sequences prefilled, 4 decode steps, then a second prefill chunk.
 """
-import numpy as np
 import pytest
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from graphir import DType
 from graphir.nn import (AttentionWithRope, KVCacheParams, Llama3RopeScalingParams, MHAMaskVariant,
                 RotaryEmbedding)
-from tests.nn.harness import (D, HIDDEN, LAYERS, NH, NKV, PAGE, SCHEDULE, HFAttentionRunner,
-                              layer_graph, manager, step)
+from tests.nn.harness import (D, HIDDEN, LAYERS, NH, NKV, PAGE, HFAttentionRunner,
+                              check_schedule_against_hf, interpreted, layer_graph,
+                              scheduled_manager)
 
 COMMON = dict(vocab_size=97, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
               num_attention_heads=NH, num_key_value_heads=NKV, max_position_embeddings=128,
@@ -51,16 +51,6 @@ def test_layer_matches_hf(case, fuse):
                              _fuse_rope_and_store=fuse, **opts)
     attn.load_state_dict(hf.attn_state_dict())
     g = layer_graph(attn, rope, kv_params)
-    m = manager()
-    for _ in range(3):
-        m.claim()
-    layer0 = m.blocks[:, :, 0].copy()
-    rng = np.random.default_rng(1)
-    for seq_ids, counts in SCHEDULE:
-        xs, ys = zip(*(hf.run(s, rng.integers(0, 97, size=n)) for s, n in zip(seq_ids, counts)))
-        got = step(g, m, seq_ids, counts, np.concatenate(xs), attn.state_dict())
-        want = np.concatenate(ys)
-        assert np.abs(want).max() > 0.1  # the comparison is not between near-zero tensors
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(m.blocks[:, :, 0], layer0)
+    m = scheduled_manager(NKV, D)
+    check_schedule_against_hf(hf, interpreted(g, m, attn.state_dict()), m)
 
