@@ -10,6 +10,7 @@ import torch
 from graphir.lowering.triton_gpu.kernels import matmul as mm
 from graphir.lowering.triton_gpu.kernels import rms_norm as rn
 from graphir.lowering.triton_gpu.kernels import rope_split_store as rss
+from tests.lowering.triton_gpu.test_flash_attention import paged_problem
 
 # The interpreter turns 1-element index arrays into ints with a numpy DeprecationWarning.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
@@ -64,28 +65,6 @@ def token_positions(offs, cache_lens):
         seq += [b] * n
         pos += list(range(cache_lens[b], cache_lens[b] + n))
     return np.array(seq, dtype=np.int64), np.array(pos, dtype=np.int64)
-
-
-# ---------------------------------------------------------------- problem builders
-def paged_problem(rng, new_lens, cache_lens, NKV, D, page_size, num_layers, dtype):
-    batch = len(new_lens)
-    offs = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int64)
-    total = [c + n for c, n in zip(cache_lens, new_lens)]
-    max_pages = max(-(-t // page_size) for t in total) + 1
-    need = sum(-(-t // page_size) for t in total)
-    num_pages = need + 2  # spare pages stay untouched; the last one is the null page
-    perm = rng.permutation(num_pages - 1)
-    lut = np.full((batch, max_pages), num_pages - 1, dtype=np.int64)
-    used = 0
-    for b, t in enumerate(total):
-        n = -(-t // page_size)
-        lut[b, :n] = perm[used:used + n]
-        used += n
-    blocks = torch.from_numpy(rng.standard_normal(
-        (num_pages, 2, num_layers, page_size, NKV, D))).to(dtype)
-    u32 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int32)).view(torch.uint32)
-    return dict(offs=offs, lut=lut, blocks=blocks, offs_t=u32(offs), cache_t=u32(cache_lens),
-                lut_t=u32(lut), T=int(offs[-1]))
 
 
 # ---------------------------------------------------------------- matmul
