@@ -118,13 +118,9 @@ def load() -> Any:
             return _lib
         if _error is not None:
             raise CublasLtUnavailableError(_error)
-        tried = []
-        for path in candidates():
-            try:
-                _lib = bind(ctypes.CDLL(path))
-                return _lib
-            except (OSError, AttributeError) as e:
-                tried.append(f"{path} ({e})")
+        _lib, tried = libsearch.open_first(candidates(), bind)
+        if _lib is not None:
+            return _lib
         _error = ("cannot load cuBLASLt (libcublasLt.so), which a matmul tuned to cuBLASLt "
                   "runs on; install the nvidia-cublas wheel or set "
                   f"{LIBCUBLASLT_ENV}. Tried: " + "; ".join(tried))

@@ -12,7 +12,8 @@ import ctypes.util
 import glob
 import importlib.metadata
 import os
-from typing import Any, Mapping, Sequence
+import ctypes
+from typing import Any, Callable, Mapping, Sequence
 
 
 def candidates(env_var: str, dist_prefix: str, stem: str, patterns: Sequence[str],
@@ -60,3 +61,15 @@ def bind(lib: Any, prototypes: Mapping[str, tuple],
         if fn is not None:
             fn.restype, fn.argtypes = res, args
     return lib
+
+
+def open_first(paths: Sequence[str], bind_fn: Callable[[Any], Any]) -> tuple[Any, list[str]]:
+    """(the first of `paths` that loads and binds, or None; 'path (why)' for each that failed
+    before it)."""
+    tried = []
+    for path in paths:
+        try:
+            return bind_fn(ctypes.CDLL(path)), tried
+        except (OSError, AttributeError) as e:
+            tried.append(f"{path} ({e})")
+    return None, tried

@@ -99,16 +99,9 @@ def load() -> Any:
             return _lib
         if _error is not None:
             raise NcclUnavailableError(_error)
-        tried = []
-        for path in candidates():
-            try:
-                lib = ctypes.CDLL(path)
-                bind(lib)
-            except (OSError, AttributeError) as e:
-                tried.append(f"{path} ({e})")
-                continue
-            _lib = lib
-            return lib
+        _lib, tried = libsearch.open_first(candidates(), bind)
+        if _lib is not None:
+            return _lib
         _error = ("cannot load NCCL (libnccl.so.2), needed for collectives (allreduce, "
                   "allgather) over several GPUs; install the nvidia-nccl wheel or set "
                   f"{LIBNCCL_ENV}. Tried: " + "; ".join(tried))
