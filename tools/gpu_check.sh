@@ -22,8 +22,12 @@ echo "== install (no deps, no build isolation)"
   || { tail -20 "$LOG/pip_install.log"; echo "install FAILED"; exit 2; }
 
 echo "== GPU tests"
+# GRAPHIR_GPU_TEST_JOBS=N runs them in N pytest-xdist workers (the image has pytest-xdist): their
+# time is mostly cold kernel compiles. Default 1 (one process), as measured so far.
+JOBS="${GRAPHIR_GPU_TEST_JOBS:-1}"
+XDIST=(); [ "$JOBS" -gt 1 ] && XDIST=(-n "$JOBS")
 NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" "$PY" -m pytest -m gpu tests/gpu tests/runtime/cuda \
-  -q -rs -p no:cacheprovider --durations=12 >"$LOG/gpu_tests.log" 2>&1
+  -q -rs -p no:cacheprovider --durations=12 ${XDIST[@]+"${XDIST[@]}"} >"$LOG/gpu_tests.log" 2>&1
 TESTS=$?
 tail -40 "$LOG/gpu_tests.log"
 
