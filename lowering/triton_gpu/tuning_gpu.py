@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import statistics
 from typing import Callable, Iterable
 
@@ -64,38 +65,72 @@ def _compile_job(job: tuple, arch: int):
 def compile_specs(specs: dict, arch: int, workers: int | None = None,
                   desc: str = "compile candidates") -> dict:
     """{key: CompiledCubin or the Exception it raised} for {key: KernelSpec}, compiled in
-    parallel processes (spawned: this process may hold a CUDA context)."""
+    parallel worker processes (compile_worker.py: fresh interpreters, so this process may hold
+    a CUDA context and its __main__ is never imported again)."""
     jobs = {k: _job(s) for k, s in specs.items()}
     with progress.bar(len(jobs), desc=desc, unit="kernel") as bar:
         return _compile_all(jobs, arch, min(len(jobs), workers or os.cpu_count() or 1, 16), bar)
 
 
 def _compile_all(jobs: dict, arch: int, workers: int, bar) -> dict:
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    """Each of `workers` threads drives one worker process, taking jobs from a shared queue;
+    jobs no worker could take (it did not start, or died) compile in this process."""
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    from .compile_worker import recv, send
 
     out: dict = {}
-    if workers > 1:
+    todo: queue.Queue = queue.Queue()
+    for item in jobs.items():
+        todo.put(item)
+    lock = threading.Lock()
+    # Workers compile whatever this process runs under: Triton's interpreter cannot compile.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def drive():
         try:
-            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                futs = {k: ex.submit(_compile_job, j, arch) for k, j in jobs.items()}
-                for k, f in futs.items():
-                    try:
-                        out[k] = f.result()
-                    except cf.process.BrokenProcessPool:
-                        raise
-                    except Exception as e:  # noqa: BLE001  (recorded per kernel)
-                        out[k] = e
+            proc = subprocess.Popen([sys.executable, "-m",
+                                     "graphir.lowering.triton_gpu.compile_worker", str(arch)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        except OSError:
+            return
+        try:
+            while True:
+                try:
+                    key, job = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    send(proc.stdin, job)
+                    res = recv(proc.stdout)
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    todo.put((key, job))      # the worker is gone: leave the job to others
+                    return
+                with lock:
+                    out[key] = res
                     bar.update()
-            return out
-        except (OSError, cf.process.BrokenProcessPool):
-            out.clear()  # worker processes cannot start here: compile in this one
-            bar.reset()
-    for k, j in jobs.items():
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            proc.wait()
+
+    if workers > 1:
+        threads = [threading.Thread(target=drive, daemon=True) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    while not todo.empty():
+        key, job = todo.get()
         try:
-            out[k] = _compile_job(j, arch)
-        except Exception as e:  # noqa: BLE001
-            out[k] = e
+            out[key] = _compile_job(job, arch)
+        except Exception as e:  # noqa: BLE001  (recorded per kernel)
+            out[key] = e
         bar.update()
     return out
 
