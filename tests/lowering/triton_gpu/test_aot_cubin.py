@@ -57,16 +57,22 @@ import os, re, subprocess, tempfile
 import triton
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
-def resources(cubin):
+def cuobjdump(cubin, flag):
+    # cuobjdump's output for a cubin (flag: -res-usage, -sass); None without cuobjdump.
     if not os.path.exists(BIN):
         return None
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([BIN, "-res-usage", f.name], capture_output=True, text=True,
-                             timeout=60).stdout
+        return subprocess.run([BIN, flag, f.name], capture_output=True, text=True,
+                              timeout=60).stdout
     finally:
         os.unlink(f.name)
+
+def resources(cubin):
+    out = cuobjdump(cubin, "-res-usage")
+    if out is None:
+        return None
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
     return [int(x) for x in m.groups()]
 

@@ -42,15 +42,9 @@ precompile([s for _, s in jobs])
 def local_in_loops(cubin):
     # Local loads / stores (spills) inside a loop that issues wgmma (a backward branch's range
     # holding an HGMMA): the key loops. None without cuobjdump.
-    if not os.path.exists(BIN):
+    sass = cuobjdump(cubin, "-sass")
+    if sass is None:
         return None
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run([BIN, "-sass", f.name], capture_output=True, text=True,
-                              timeout=60).stdout
-    finally:
-        os.unlink(f.name)
     ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     # Loop back-edges are predicated backward branches; the unpredicated ones return from the
     # mbarrier retry blocks placed after the function's body.
