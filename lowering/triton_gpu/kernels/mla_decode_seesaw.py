@@ -39,10 +39,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_wait)
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import warpgroup_acc_layout
-from graphir.lowering.triton_gpu.kernels.mla import tile_key_range
 from graphir.lowering.triton_gpu.kernels.mla_decode_ws import (CHUNK, LOADER_REGS, ROWS,
-                                                               _check_sizes, _latent_descriptor,
-                                                               _loader, _pv4, _q_tiles,
+                                                               _check_sizes, _latent_ring,
+                                                               _loader, _program, _pv4, _q_tiles,
                                                                _scores, _softmax_start,
                                                                _store_half, _tile_rows,
                                                                _zero_tail)
@@ -80,22 +79,6 @@ def _masked_scores(s, qrow, n0, hi, qmin, qk_scale, s_layout: gl.constexpr,
 
 
 @gluon.jit
-def _program(offs_ptr, clen_ptr, max_pages, part_size, NH: gl.constexpr,
-             PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
-    """(tile, part, seq_start, n_new, cache_len, lo, hi, n_blocks) of this program: its row
-    tile, partition and sequence, the keys [lo, hi) it reads in blocks."""
-    tile = gl.program_id(0)
-    part = gl.program_id(1)
-    b = gl.program_id(2)
-    seq_start = gl.load(offs_ptr + b)
-    n_new = gl.load(offs_ptr + b + 1) - seq_start
-    cache_len, end, lo, hi = tile_key_range(clen_ptr, b, tile, part, part_size, n_new, max_pages,
-                                            NH, ROWS, PAGE_SIZE)
-    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 0)
-    return tile, part, seq_start, n_new, cache_len, lo, hi, n_blocks
-
-
-@gluon.jit
 def _consumer(q_smem, ring, ready, empty, p_smem, x_smem, x_ready, p_ready, p_free, offs_ptr,
               clen_ptr, o_part_ptr, ml_ptr, max_pages, part_size, num_parts, scale,
               WG: gl.constexpr, NH: gl.constexpr, NCK: gl.constexpr, NCV: gl.constexpr,
@@ -111,7 +94,7 @@ def _consumer(q_smem, ring, ready, empty, p_smem, x_smem, x_ready, p_ready, p_fr
     OTHER: gl.constexpr = 1 - WG
     # The program's tile, sequence and key range worked out here again rather than passed in:
     # a worker partition receives its arguments in registers it then holds through the loop.
-    tile, part, seq_start, n_new, cache_len, lo, hi, n_blocks = _program(
+    tile, part, seq_start, n_new, cache_len, _, lo, hi, n_blocks = _program(
         offs_ptr, clen_ptr, max_pages, part_size, NH, PAGE_SIZE, BLOCK_N)
     qk_scale, qrow, qmin, m_i, l_i, o0, o1, o2, o3 = _softmax_start(cache_len, tile, scale, NH,
                                                                     s_layout, o_layout)
@@ -187,34 +170,25 @@ def mla_absorbed_seesaw_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr
     NCK: gl.constexpr = W // CHUNK
     NCV: gl.constexpr = R // CHUNK
     dtype: gl.constexpr = qlat_ptr.dtype.element_ty
-    tile, part, seq_start, n_new, cache_len, lo, hi, n_blocks = _program(
+    tile, part, seq_start, n_new, cache_len, _, lo, hi, n_blocks = _program(
         offs_ptr, clen_ptr, max_pages, part_size, NH, PAGE_SIZE, BLOCK_N)
     if tile * ROWS < n_new * NH:
         q_smem = _q_tiles(qlat_ptr, seq_start, n_new, tile, NH, W, NCK)
-        ring = gl.allocate_shared_memory(dtype, [STAGES * NCK, BLOCK_N, CHUNK],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK],
-                                                                              dtype))
+        ring, ready, empty, desc = _latent_ring(blocks_ptr, num_pages, num_layers, KINDS,
+                                                PAGE_SIZE, W, NCK, BLOCK_N, STAGES)
         p_smem = gl.allocate_shared_memory(
             dtype, [2, ROWS, BLOCK_N], gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N],
                                                                             dtype))
         x_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS],
                                            gl.SwizzledSharedLayout(1, 1, 1, [0]))
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         x_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         p_free = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=2)
         for w in gl.static_range(2):
             mbarrier.init(x_ready.index(w), count=1)
             mbarrier.init(p_ready.index(w), count=1)
             mbarrier.init(p_free.index(w), count=1)
-        desc = _latent_descriptor(blocks_ptr, num_pages, num_layers, KINDS, PAGE_SIZE, W,
-                                  BLOCK_N, gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK],
-                                                                                dtype))
         fence_async_shared()
         gl.thread_barrier()
         LEFT: gl.constexpr = 0     # the warpgroups' roles

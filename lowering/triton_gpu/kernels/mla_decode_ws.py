@@ -294,6 +294,44 @@ def _latent_descriptor(blocks_ptr, num_pages, num_layers, KINDS: gl.constexpr,
 
 
 @gluon.jit
+def _program(offs_ptr, clen_ptr, max_pages, part_size, NH: gl.constexpr,
+             PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(tile, part, seq_start, n_new, cache_len, end, lo, hi, n_blocks) of this program: its
+    row tile, partition and sequence, one past its last row's position, the keys [lo, hi) it
+    reads in blocks (tile_key_range's, with the cached length clamped)."""
+    tile = gl.program_id(0)
+    part = gl.program_id(1)
+    b = gl.program_id(2)
+    seq_start = gl.load(offs_ptr + b)
+    n_new = gl.load(offs_ptr + b + 1) - seq_start
+    cache_len, end, lo, hi = tile_key_range(clen_ptr, b, tile, part, part_size, n_new, max_pages,
+                                            NH, ROWS, PAGE_SIZE)
+    n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 0)
+    return tile, part, seq_start, n_new, cache_len, end, lo, hi, n_blocks
+
+
+@gluon.jit
+def _latent_ring(blocks_ptr, num_pages, num_layers, KINDS: gl.constexpr,
+                 PAGE_SIZE: gl.constexpr, W: gl.constexpr, NCK: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The loader's ring (STAGES slots of NCK [BLOCK_N, 64] tiles), its per-slot `ready` (TMA
+    bytes) and `empty` (one arrival from each consumer warpgroup) barriers, initialised, and
+    the TMA descriptor that fills it. The caller fences the barrier inits."""
+    dtype: gl.constexpr = blocks_ptr.dtype.element_ty
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK], dtype)
+    ring = gl.allocate_shared_memory(dtype, [STAGES * NCK, BLOCK_N, CHUNK], tile_layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(ready.index(st), count=1)
+        mbarrier.init(empty.index(st), count=2)
+    desc = _latent_descriptor(blocks_ptr, num_pages, num_layers, KINDS, PAGE_SIZE, W, BLOCK_N,
+                              tile_layout)
+    return ring, ready, empty, desc
+
+
+@gluon.jit
 def _check_sizes(BLOCK_M: gl.constexpr, R: gl.constexpr, ROPE: gl.constexpr,
                  PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr):
     """The Gluon kernels' size contract (see mla_absorbed_ws_kernel)."""
@@ -320,37 +358,21 @@ def mla_absorbed_ws_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_
     NCK: gl.constexpr = W // CHUNK
     NCV: gl.constexpr = R // CHUNK
     dtype: gl.constexpr = qlat_ptr.dtype.element_ty
-    tile = gl.program_id(0)
-    part = gl.program_id(1)
-    b = gl.program_id(2)
-    seq_start = gl.load(offs_ptr + b)
-    n_new = gl.load(offs_ptr + b + 1) - seq_start
+    tile, part, seq_start, n_new, cache_len, end, lo, hi, n_blocks = _program(
+        offs_ptr, clen_ptr, max_pages, part_size, NH, PAGE_SIZE, BLOCK_N)
     if tile * ROWS < n_new * NH:
-        cache_len, end, lo, hi = tile_key_range(clen_ptr, b, tile, part, part_size, n_new,
-                                                max_pages, NH, ROWS, PAGE_SIZE)
-        n_blocks = gl.maximum(gl.cdiv(hi - lo, BLOCK_N), 0)
-
         q_smem = _q_tiles(qlat_ptr, seq_start, n_new, tile, NH, W, NCK)
-        ring = gl.allocate_shared_memory(dtype, [STAGES * NCK, BLOCK_N, CHUNK],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK],
-                                                                              dtype))
+        ring, ready, empty, desc = _latent_ring(blocks_ptr, num_pages, num_layers, KINDS,
+                                                PAGE_SIZE, W, NCK, BLOCK_N, STAGES)
         p_smem = gl.allocate_shared_memory(
             dtype, [ROWS, BLOCK_N], gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype))
         a_smem = gl.allocate_shared_memory(gl.float32, [ROWS],
                                            gl.SwizzledSharedLayout(1, 1, 1, [0]))
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
         p_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         p_free = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=2)
         mbarrier.init(p_ready, count=1)
         mbarrier.init(p_free, count=1)
-        desc = _latent_descriptor(blocks_ptr, num_pages, num_layers, KINDS, PAGE_SIZE, W,
-                                  BLOCK_N, gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK],
-                                                                                dtype))
         fence_async_shared()
         gl.thread_barrier()
         gl.warp_specialize(
@@ -361,7 +383,7 @@ def mla_absorbed_ws_kernel(qlat_ptr, offs_ptr, clen_ptr, lut_ptr, blocks_ptr, o_
              (_wg_values, (ring, ready, empty, p_smem, a_smem, p_ready, p_free, o_part_ptr,
                            tile, seq_start, n_new, part, num_parts, n_blocks, NH, NCK, NCV, RP,
                            STAGES)),
-             (_loader, (desc, ring, ready, empty, lut_ptr, b, lo, n_blocks, max_pages,
-                        layer_idx, num_layers, num_pages, KINDS, PAGE_SIZE, BLOCK_N, NCK,
-                        STAGES))],
+             (_loader, (desc, ring, ready, empty, lut_ptr, gl.program_id(2), lo, n_blocks,
+                        max_pages, layer_idx, num_layers, num_pages, KINDS, PAGE_SIZE, BLOCK_N,
+                        NCK, STAGES))],
             [4, 1], [CONSUMER_REGS, LOADER_REGS])

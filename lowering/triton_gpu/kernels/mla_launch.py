@@ -59,7 +59,7 @@ def prefill_plan(offs, clen):
 def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_head_dim: int,
               qk_rope_head_dim: int, v_head_dim: int, kv_lora_rank: int, layer: int,
               scale: float, path: str, num_parts: int | None = None, conf: dict | None = None,
-              aux_block_t: int | None = None):
+              aux_block_t: int = md.AUX_BLOCK_T):
     """MLA attention [T, NH * V] by the absorbed (path="absorbed") or decompressed kernels
     (`aux_block_t`: mla_decode.specs' tokens a program of the absorption and the merge).
 
@@ -83,7 +83,7 @@ def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_hea
     if path == "absorbed":
         conf = md.layer_config(nh, r, dt, cdt, rope, page, conf)
         absorb, attn, merge = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf,
-                                       md.AUX_BLOCK_T if aux_block_t is None else aux_block_t)
+                                       aux_block_t)
         qlat = torch.empty((T * nh, r + rope), dtype=q.dtype, device=q.device)
         _run(absorb, absorb.grid_for(T=T), q, w1, qlat, T)
         kv_len = max(kvmax, 1)
