@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,16 +86,12 @@ def test_default_cache_dir_is_under_home(tmp_path, monkeypatch):
 
 
 def test_hit_returns_the_same_artifact_without_recompiling(cache_dir, builds):
-    t0 = time.perf_counter()
+    # A hit is judged by the backend not being called, never by timing: a timed assertion
+    # failed CI on a loaded 2-core runner (a 3 ms hit took 210 ms there).
     first = compile_graph(_graph(), "cpu")
-    t_cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
     second = compile_graph(_graph(), "cpu")
-    t_hit = time.perf_counter() - t0
     assert len(builds) == 1, "the cache hit went to the backend"
     assert second.path == first.path and second.manifest == first.manifest
-    print(f"cold compile {t_cold * 1e3:.0f} ms, cache hit {t_hit * 1e3:.1f} ms")
-    assert t_hit < t_cold / 3 and t_hit < 1.0
     _check_runs(second)
     other = compile_graph(_graph(scale=2.0), "cpu")  # a different graph: a different entry
     assert other.path != first.path and len(builds) == 2
