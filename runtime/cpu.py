@@ -86,24 +86,55 @@ class CpuFunction:
         if len(inputs) != self.n_inputs or len(outputs) != self.n_outputs:
             raise ValueError(f"{self.name}: expected {self.n_inputs} inputs and {self.n_outputs} "
                              f"outputs, got {len(inputs)} and {len(outputs)}")
-        keep = []
-        args = []
+        # Every descriptor goes into one int64 buffer, built from a flat list: on a decode step
+        # this path runs once a kernel, and a ctypes Structure a tensor cost more than the kernel.
+        keep, fields, starts = [], [], []
         for i, a in enumerate(inputs):
             if not isinstance(a, np.ndarray):
                 raise ValueError(f"{self.name}: input {i} is {type(a).__name__}, not np.ndarray")
-            a = np.ascontiguousarray(a)
-            keep.append(a)
-            args.append(make_descriptor(a))
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+                keep.append(a)
+            _describe(a, fields, starts)
         for i, o in enumerate(outputs):
             if not isinstance(o, np.ndarray):
                 raise ValueError(f"{self.name}: output {i} is {type(o).__name__}, not np.ndarray")
             if not (o.flags.c_contiguous and o.flags.writeable):
                 raise ValueError(f"{self.name}: output {i} must be a writeable C-contiguous "
                                  f"array (shape {o.shape}, dtype {o.dtype})")
-            args.append(make_descriptor(o))
+            _describe(o, fields, starts)
+        buf = (ctypes.c_int64 * len(fields))(*fields)
+        base = ctypes.addressof(buf)
         # ctypes drops the GIL for the call: other Python threads keep running.
-        self._fn(*[ctypes.addressof(d) for d in args])
-        del keep
+        self._fn(*[base + 8 * k for k in starts])
+        del keep, buf
+
+
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+
+
+@lru_cache(maxsize=4096)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The identity layout's strides in elements (what every function boundary expects)."""
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def _describe(a: np.ndarray, fields: list, starts: list) -> None:
+    """Append the memref descriptor of C-contiguous `a` to `fields` (int64s: allocated,
+    aligned, offset, sizes, strides) and its first index to `starts`."""
+    if a.dtype not in _SUPPORTED:
+        raise ValueError(f"make_descriptor: unsupported dtype {a.dtype}; "
+                         f"supported: {[str(d) for d in SUPPORTED_DTYPES]}")
+    p = a.ctypes.data
+    starts.append(len(fields))
+    fields += (p, p, 0)
+    if a.ndim:
+        fields += a.shape
+        fields += _contiguous_strides(a.shape)
 
 
 class CpuLibrary:

@@ -93,6 +93,8 @@ class CpuModel:
         self._in_types = [v.type for v in self.graph.inputs]
         self._dtypes = [DType.from_short(v.dtype) for v in self.plan.values]
         self._fixed: dict[int, np.ndarray] = {}
+        self._dims: dict[int, list[Dim]] = {}
+        self._layouts: dict[tuple, tuple] = {}   # per-call shapes by bound dims (_layout)
         self._fns = {}
         for s in self.plan.steps:
             if s.kernel != "view" and not s.kernel.startswith("runtime") and s.kernel not in self._fns:
@@ -162,7 +164,10 @@ class CpuModel:
                 for i, v in enumerate(s.inputs)]
 
     def _shape(self, v: int, env) -> tuple[int, ...]:
-        return tuple(Dim(d).evaluate(env) for d in self.plan.values[v].shape)
+        dims = self._dims.get(v)
+        if dims is None:   # parsed once: a dim expression's text is not re-read every call
+            dims = self._dims[v] = [Dim(d) for d in self.plan.values[v].shape]
+        return tuple(d.evaluate(env) for d in dims)
 
     def execute(self, *inputs: np.ndarray) -> list[np.ndarray]:
         g = self.graph
@@ -187,42 +192,74 @@ class CpuModel:
             if self.plan.values[vid_].kind == "buffer" and k is not a:
                 writeback.append((a, k, t.dtype))
             vals[vid_] = k
-        slots = self._slots(env)
-        for s in self._steps:
+        steps, need = self._layout(env)
+        slots = self._slots(need)
+        for s, info, sym in steps:
             if s.kernel == "view":
-                vals[s.outputs[0]] = vals[s.inputs[0]].reshape(self._shape(s.outputs[0], env))
+                vals[s.outputs[0]] = vals[s.inputs[0]].reshape(info)
             elif s.kernel.startswith("runtime"):
                 self._runtime_op(s, vals)
             else:
                 outs = []
-                for o in s.outputs:
-                    info = plan.values[o]
-                    shape, dt = self._shape(o, env), _storage_dtype(self._dtypes[o])
-                    if info.slot is not None:
-                        n = int(np.prod(shape)) * dt.itemsize
-                        arr = slots[info.slot][:n].view(dt).reshape(shape)
-                    else:
-                        arr = np.empty(shape, dt)
+                for o, shape, dt, slot, n in info:
+                    arr = np.empty(shape, dt) if slot is None else \
+                        slots[slot][:n].view(dt).reshape(shape)
                     vals[o] = arr
                     outs.append(arr)
                 ins = self._inputs_of(s, vals)
-                syms = s.attrs.get("symbols")
-                if syms:
-                    ins.append(np.array([env[x] for x in syms], np.int64))
+                if sym is not None:
+                    ins.append(sym)
                 self._fns[s.kernel](ins, outs)
         for user, k, dt in writeback:
             user[...] = from_bits(k, dt)
         return [np.array(from_bits(vals[o], self._dtypes[o]), copy=True) for o in plan.outputs]
 
-    def _slots(self, env) -> list[np.ndarray]:
+    _MAX_LAYOUTS = 64
+
+    def _layout(self, env) -> tuple[list, list[int]]:
+        """([(step, its output layout, its symbols array)], bytes per slot) for the bound dims
+        `env`, worked out once per distinct env: a decode loop repeats one env for a page's
+        worth of steps, and evaluating every dim expression each call cost more host time than
+        the kernels of a small step. Output layout: a view's shape, or (value, shape, storage
+        dtype, slot, bytes) per output of a kernel."""
+        key = tuple(sorted(env.items()))
+        lay = self._layouts.get(key)
+        if lay is None:
+            if len(self._layouts) >= self._MAX_LAYOUTS:   # the oldest goes first
+                del self._layouts[next(iter(self._layouts))]
+            lay = self._layouts[key] = self._make_layout(env)
+        return lay
+
+    def _make_layout(self, env) -> tuple[list, list[int]]:
+        plan, steps = self.plan, []
+        for s in self._steps:
+            if s.kernel == "view":
+                steps.append((s, self._shape(s.outputs[0], env), None))
+            elif s.kernel.startswith("runtime"):
+                steps.append((s, None, None))
+            else:
+                outs = []
+                for o in s.outputs:
+                    shape, dt = self._shape(o, env), _storage_dtype(self._dtypes[o])
+                    outs.append((o, shape, dt, plan.values[o].slot,
+                                 int(np.prod(shape)) * dt.itemsize))
+                syms = s.attrs.get("symbols")
+                sym = np.array([env[x] for x in syms], np.int64) if syms else None
+                if sym is not None:
+                    sym.flags.writeable = False   # shared by every call of this env
+                steps.append((s, outs, sym))
+        need = [0] * plan.n_slots
+        for v in plan.values:
+            if v.slot is not None and v.view_of is None and v.id not in self._at_load:
+                n = int(np.prod(self._shape(v.id, env))) * \
+                    _storage_dtype(self._dtypes[v.id]).itemsize
+                need[v.slot] = max(need[v.slot], n)
+        return steps, need
+
+    def _slots(self, need: list[int]) -> list[np.ndarray]:
         """Slot memory for this call. Kept across calls (calls hold the lock and outputs are
         copied out): fresh pages would cost a page fault and a kernel zeroing per 4 KiB, about
         as long as a small kernel."""
-        need = [0] * self.plan.n_slots
-        for v in self.plan.values:
-            if v.slot is not None and v.view_of is None and v.id not in self._at_load:
-                n = int(np.prod(self._shape(v.id, env))) * _storage_dtype(self._dtypes[v.id]).itemsize
-                need[v.slot] = max(need[v.slot], n)
         self._slot_memory = [k if k.size >= n else aligned_empty(n)
                              for k, n in zip(self._slot_memory, need)]
         return self._slot_memory

@@ -1,0 +1,75 @@
+"""The CPU runtime's per-call path: shapes worked out once per set of bound dims (cached, evicted
+past a bound) and descriptors packed into one buffer must give every call the numbers the
+interpreter gives, whatever order the shapes come in."""
+import numpy as np
+import pytest
+
+from graphir import DeviceRef, DType, Graph, TensorType, ops
+from graphir.lowering.driver import compile_graph
+from graphir.runtime.cpu_executor import CpuModel
+from graphir.runtime.interpreter import run
+from graphir.runtime.session import InferenceSession
+
+
+def _graph():
+    """Symbolic rows and columns, a slot-sized intermediate, a matmul, a split and a concat:
+    kernels with symbol arguments, views and slot memory, all sized by the bound dims."""
+    dev = DeviceRef.CPU()
+    w = np.random.default_rng(0).standard_normal((24, 16)).astype(np.float32)
+    with Graph("call_path", input_types=[TensorType(DType.float32, ["rows", 16], dev),
+                                         TensorType(DType.float32, ["rows", "cols"], dev)]) as g:
+        x, y = g.inputs
+        h = ops.matmul(ops.sin(x), ops.constant(w, DType.float32, dev), transpose_b=True)
+        a, b = ops.split(h, [8, 16], axis=1)
+        z = ops.concat([a * 2.0, b.reshape([b.shape[0], 16])], axis=1)
+        g.output(z, ops.concat([y, y + 1.0], axis=1))
+    return g
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    import os
+
+    old = os.environ.get("GRAPHIR_CACHE_DIR")
+    os.environ["GRAPHIR_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        g = _graph()
+        return g, InferenceSession().load(compile_graph(g, "cpu"))
+    finally:
+        if old is None:
+            del os.environ["GRAPHIR_CACHE_DIR"]
+        else:
+            os.environ["GRAPHIR_CACHE_DIR"] = old
+
+
+def test_shapes_in_any_order_match_the_interpreter(model):
+    g, m = model
+    rng = np.random.default_rng(1)
+    # Revisit shapes after others ran (a cached layout reused), and more distinct shapes
+    # than the cache holds (layouts evicted and rebuilt).
+    ex = m
+    assert isinstance(ex, CpuModel)
+    limit = ex._MAX_LAYOUTS
+    shapes = [(5, 3), (1, 1), (5, 3), (7, 2), (1, 1)] + \
+        [(r, c) for r in range(1, 12) for c in range(1, 8)][:limit + 6] + [(5, 3), (0, 4)]
+    for rows, cols in shapes:
+        x = rng.standard_normal((rows, 16)).astype(np.float32)
+        y = rng.standard_normal((rows, cols)).astype(np.float32)
+        got = m.execute(x, y)
+        want = run(g, x, y)
+        for gv, wv in zip(got, want):
+            assert gv.shape == wv.shape
+            np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-5)
+    assert len(ex._layouts) <= limit
+
+
+def test_outputs_do_not_alias_between_calls(model):
+    """Slot memory is reused across calls; what a call returned must not change after."""
+    g, m = model
+    rng = np.random.default_rng(2)
+    x1, y1 = (rng.standard_normal((4, n)).astype(np.float32) for n in (16, 3))
+    first = [o.copy() for o in m.execute(x1, y1)]
+    kept = m.execute(x1, y1)
+    m.execute(*(rng.standard_normal((4, n)).astype(np.float32) for n in (16, 3)))
+    for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)
