@@ -73,18 +73,32 @@ _STORAGE = {DType.float32: np.float32, DType.float16: np.float16, DType.bfloat16
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
     """Round float values to bfloat16 (round-to-nearest-even), returned as float32."""
+    r = _bf16_high_half(x)
+    return np.left_shift(r, 16, out=r).view(np.float32)   # in place: an array even at rank 0
+
+
+def _bf16_high_half(x) -> np.ndarray:
+    """uint32 array of the rounded bf16 bits (the high half of each rounded float32)."""
     a = np.asarray(x)
     if a.dtype == np.float64:
         f = _f64_to_f32_round_to_odd(a)
     else:
-        f = a.astype(np.float32)
-    bits = f.view(np.uint32).astype(np.uint64)
-    # Adding 0x7FFF plus the lsb of the kept half rounds to nearest, ties to even.
-    lsb = (bits >> 16) & 1
-    rounded = ((bits + 0x7FFF + lsb) >> 16) << 16
-    out = rounded.astype(np.uint32).view(np.float32)
-    # NaN stores as the canonical quiet NaN (0x7FC0); truncating its payload could give inf.
-    return np.where(np.isnan(f), np.uint32(0x7FC00000).view(np.float32), out).astype(np.float32)
+        f = np.asarray(a, np.float32)
+    bits = f.view(np.uint32)
+    # Adding 0x7FFF plus the lsb of the kept half rounds to nearest, ties to even. In uint32:
+    # only a NaN's bits can wrap (the largest finite value plus 0x8000 stays below 2^32), and
+    # NaNs are replaced below. In place, four passes of 4-byte words (a bf16 graph's inputs go
+    # through here on every call).
+    r = np.right_shift(bits, 16, out=np.empty_like(bits))   # an array even at rank 0
+    r &= 1
+    r += 0x7FFF
+    r += bits
+    r >>= 16
+    nan = np.isnan(f)
+    if nan.any():
+        # NaN stores as the canonical quiet NaN (0x7FC0); truncating its payload could give inf.
+        r[nan] = 0x7FC0
+    return r
 
 
 def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
@@ -101,7 +115,7 @@ def _f64_to_f32_round_to_odd(a: np.ndarray) -> np.ndarray:
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """The raw uint16 bits of bf16 values held in float32 (as the GPU stores them)."""
-    return (round_to_bf16(x).view(np.uint32) >> 16).astype(np.uint16)
+    return _bf16_high_half(x).astype(np.uint16)
 
 
 def bf16_from_bits(bits: np.ndarray) -> np.ndarray:

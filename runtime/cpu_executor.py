@@ -6,7 +6,6 @@ this CPU: code built for an ISA the host lacks would die of SIGILL mid-call, so 
 with an ArtifactError naming the missing features."""
 from __future__ import annotations
 
-import re
 import threading
 from typing import Mapping, Sequence
 
@@ -17,6 +16,7 @@ from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
 from graphir.lowering.artifact import Artifact, ArtifactError
 from graphir.lowering.mlir_cpu.cpu_target import check_host
+from graphir.lowering.mlir_cpu.pack_layout import pack_numpy
 from graphir.lowering.plan import Plan, value_table
 
 from .cpu import CpuLibrary
@@ -29,9 +29,6 @@ _BITS = {DType.bfloat16: np.uint16, DType.float8_e4m3fn: np.uint8}
 
 def _storage_dtype(dt: DType) -> np.dtype:
     return np.dtype(_BITS.get(dt, dt.storage))
-
-
-_LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)")
 
 
 ALIGN = 64   # bytes: a cache line, and an AVX-512 vector
@@ -56,19 +53,13 @@ def aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
 
 def pack_operand(a: np.ndarray, layout: str) -> np.ndarray:
     """A matmul operand in the panel layout a kernel takes pre-packed (lowering/mlir_cpu/
-    schedules.py): "nk<NR>" packs W [N, K] (used transposed), "kn<NR>" W [K, N]; both give
-    f32 [N/NR, K, NR], starting on a cache line (aligned_copy)."""
-    m = _LAYOUT.fullmatch(layout)
-    if not m:
-        raise ValueError(f"pack_operand: unknown layout {layout!r}; expected e.g. 'nk32'")
-    a, nr = np.asarray(a, np.float32), int(m.group(2))
-    n = (a.shape[0] if m.group(1) == "nk" else a.shape[1]) if a.ndim == 2 else 0
-    if a.ndim != 2 or n % nr:
-        raise ValueError(f"pack_operand: layout {layout!r} needs a 2-D operand whose N is a "
-                         f"multiple of {nr}, got shape {a.shape}")
-    if m.group(1) == "nk":
-        return aligned_copy(a.reshape(n // nr, nr, -1).transpose(0, 2, 1))
-    return aligned_copy(a.reshape(-1, n // nr, nr).transpose(1, 0, 2))
+    pack_layout.py): "nk<NR>" packs W [N, K] (used transposed), "kn<NR>" W [K, N], both to f32
+    [N/NR, K, NR]; "nk<NR>p" / "kn<NR>p" to bf16 pairs [N/NR, K/2, 2 NR] (uint16 bits); on a
+    cache line either way (aligned_copy)."""
+    try:
+        return aligned_copy(pack_numpy(a, layout))
+    except ValueError as e:
+        raise ValueError(f"pack_operand: {e}") from None
 
 
 class CpuModel:

@@ -96,8 +96,7 @@ def _emit_kernel(name: str, node, syms: list[str], cpu: CpuTarget,
     outs = [r.type for r in node.results if not isinstance(r.type, ChainType)]
     arg_types = [boundary_type(t) for t in ins]
     for i, layout in (prepack or {}).items():
-        arg_types[i] = ir.RankedTensorType.get(
-            schedules.packed_shape([int(d) for d in ins[i].shape], layout), ir.F32Type.get())
+        arg_types[i] = schedules.packed_type([int(d) for d in ins[i].shape], layout)
     if syms:
         arg_types.append(ir.RankedTensorType.get([len(syms)], ir.IntegerType.get_signless(64)))
     f = func.FuncOp(name, (arg_types, [tensor_type(t) for t in outs]))

@@ -11,10 +11,12 @@ Target strings (after the backend name):
 
 A level fixes what LLVM may emit (target-cpu x86-64-v3 for avx2, x86-64-v4 for avx512) and the
 register tiles of the kernels (f32 lanes per vector, vector registers); the host must have every
-/proc/cpuinfo flag the level implies. Extras only widen what LLVM may use (no kernel emits bf16
-dot products or AMX tiles yet), so `cpu` never adds them: an artifact then runs on every CPU of
-its level. Nothing here imports MLIR: the runtime checks a host with it before it dlopens a
-library.
+/proc/cpuinfo flag the level implies. Extras widen what LLVM may use; `bf16` also gives bf16 x
+bf16 matmuls the AVX512-BF16 kernel (lowerings/bf16_matmul.py), so `cpu` adds it when the host
+has it (HOST_EXTRAS) and the artifact then needs it (a host without it is refused by name; name
+`cpu:x86-64:avx512` to build one that runs on every AVX-512 CPU). `vnni` and `amx` only widen
+LLVM's choices, no kernel asks for them, so `cpu` leaves them out. Nothing here imports MLIR:
+the runtime checks a host with it before it dlopens a library.
 """
 from __future__ import annotations
 
@@ -170,8 +172,12 @@ class CpuTarget:
                 "required_flags": self.required_flags}
 
 
+# Extras `cpu` adds when the host has them: the ones a kernel uses.
+HOST_EXTRAS = ("bf16",)
+
+
 def host_target(host: HostCpu | None = None) -> CpuTarget:
-    """The highest level this host runs (extras are never added: see the module docstring)."""
+    """The highest level this host runs, with the HOST_EXTRAS it has (module docstring)."""
     host = host or host_cpu()
     levels = [i for i in ISAS.values() if i.arch == host.arch and set(i.flags) <= host.flags]
     if not levels:
@@ -179,7 +185,10 @@ def host_target(host: HostCpu | None = None) -> CpuTarget:
             return CpuTarget("x86-64", "sse2")
         raise ValueError(f"no CPU target for architecture {host.arch!r} ({host.model}); "
                          f"graphir knows {sorted({i.arch for i in ISAS.values()})}")
-    return CpuTarget(host.arch, levels[-1].name)
+    level = levels[-1].name
+    extras = tuple(x for x in HOST_EXTRAS if EXTRAS[x][0] == level
+                   and set(EXTRAS[x][1]) <= host.flags)
+    return CpuTarget(host.arch, level, extras)
 
 
 def check_host(target: str, host: HostCpu | None = None) -> None:

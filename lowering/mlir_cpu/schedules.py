@@ -43,12 +43,13 @@ one, in panels of NR columns (`"nk32"` on AVX-512).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from mlir import ir, passmanager
 from mlir.dialects import arith, linalg, tensor
+
+from . import pack_layout
 
 SCHEDULE_ATTR = "graphir.schedule"
 PACKED_MATMUL = "packed_matmul"
@@ -66,6 +67,7 @@ class MatmulConfig:
     ku: int = 8          # k unroll inside the register kernel
     threads: int = 2     # slices of the N panels, one per worker thread
     lanes: int = 8       # f32 lanes of one vector register: the narrowest panel
+    bf16_dot: bool = False   # the target has AVX512-BF16: bf16 x bf16 takes bf16_matmul.py
 
     def __post_init__(self):
         for name in ("mr", "nr", "kc", "ncb", "ku", "threads", "lanes"):
@@ -86,7 +88,7 @@ class MatmulConfig:
         nr = 2 * lanes
         mr = max(1, min(8, (regs - nr // lanes - 1) // (nr // lanes)))
         return MatmulConfig(mr=mr, nr=nr, kc=256, ncb=16 * 32 // nr, ku=1, threads=threads,
-                            lanes=lanes)
+                            lanes=lanes, bf16_dot="bf16" in getattr(cpu, "extras", ()))
 
     def panel_width(self, n: int) -> int | None:
         """The widest panel (nr, nr/2, ... down to one vector) that divides N; None if none."""
@@ -98,19 +100,15 @@ class MatmulConfig:
         return None
 
 
-# Layouts: "nk<NR>" packs a [N, K] operand used transposed, "kn<NR>" a [K, N] one.
-_LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)")
+# Layouts (pack_layout.py): "nk<NR>" packs a [N, K] operand used transposed, "kn<NR>" a [K, N]
+# one; a trailing "p" packs bf16 pairs for the AVX512-BF16 kernel.
 # op name -> rule(node, load_time: list[bool] per non-chain operand, cfg) -> {operand: layout}
 PREPACK_RULES: dict[str, Callable] = {}
 
 
 def parse_layout(layout: str) -> tuple[str, int]:
-    """("nk" | "kn", NR) of a prepack layout name such as "nk32"."""
-    m = _LAYOUT.fullmatch(layout) if isinstance(layout, str) else None
-    if not m:
-        raise ValueError(f"unknown prepack layout {layout!r}; expected 'nk<NR>' or 'kn<NR>', "
-                         f"e.g. 'nk32'")
-    return m.group(1), int(m.group(2))
+    """("nk" | "kn", NR) of a prepack layout name such as "nk32" (or "nk32p")."""
+    return pack_layout.parse_layout(layout)[:2]
 
 
 def register_prepack(op: str):
@@ -135,13 +133,11 @@ def prepack_layouts(node, load_time: Sequence[bool], cfg: MatmulConfig) -> dict[
     return out
 
 
-def packed_shape(shape: Sequence[int], layout: str) -> list[int]:
-    """Shape of an operand of `shape` packed in `layout` (`[N/nr, K, nr]`)."""
-    kind, nr = parse_layout(layout)
-    n, k = shape if kind == "nk" else shape[::-1]
-    if n % nr:
-        raise ValueError(f"packed_shape: N = {n} is not a multiple of {nr}")
-    return [n // nr, k, nr]
+def packed_type(shape: Sequence[int], layout: str) -> ir.RankedTensorType:
+    """The kernel argument's type for an operand of `shape` packed in `layout`: f32
+    `[N/nr, K, nr]`, or bf16 `[N/nr, K/2, 2 nr]` for a pairs layout."""
+    el = ir.BF16Type.get() if pack_layout.parse_layout(layout)[2] else ir.F32Type.get()
+    return ir.RankedTensorType.get(pack_layout.packed_shape(shape, layout), el)
 
 
 def _static_2d(value: ir.Value, what: str) -> ir.RankedTensorType:

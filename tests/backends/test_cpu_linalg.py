@@ -147,7 +147,17 @@ def test_pack_operand_layouts_and_errors():
     big = pack_operand(_rand(np.random.default_rng(6), (256, 1024)), "nk32")
     for p in (nk, kn, big):
         assert p.ctypes.data % 64 == 0 and p.flags.c_contiguous and p.dtype == np.float32
-    with pytest.raises(ValueError, match="unknown layout 'nk'"):
+    with pytest.raises(ValueError, match="unknown pack layout 'nk'"):
         pack_operand(w, "nk")
-    with pytest.raises(ValueError, match=r"multiple of 32, got shape \(24, 64\)"):
+    with pytest.raises(ValueError, match=r"'nk32': N = 24 is not a multiple of 32"):
         pack_operand(w.T, "nk32")
+    # bf16 pairs: lane j of a panel's k-pair row holds W[p*32 + j, 2kk] and W[p*32 + j, 2kk + 1]
+    wb = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)      # bf16-exact values
+    pairs = pack_operand(wb, "nk32p")
+    assert pairs.shape == (2, 12, 64) and pairs.dtype == np.uint16 and pairs.ctypes.data % 64 == 0
+    as_f32 = (pairs.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(as_f32[1, 5, 0::2], wb[32:64, 10])
+    np.testing.assert_array_equal(as_f32[1, 5, 1::2], wb[32:64, 11])
+    np.testing.assert_array_equal(pack_operand(wb.T, "kn32p"), pairs)
+    with pytest.raises(ValueError, match="K = 23 is odd"):
+        pack_operand(wb[:, :23], "nk32p")

@@ -20,8 +20,11 @@ from graphir.dtype import DType
 
 from ...registry import register_lowering
 from .. import schedules
-from ..emit import Emitter, element_type
+from ..emit import Emitter, element_type, index
+from . import bf16_matmul
 from .elementwise import to_compute, to_storage
+from .rows import finish_rows, rows_of
+from .shape import expand_shape
 
 _FAST_DTYPES = (DType.float32, DType.float16, DType.bfloat16)
 
@@ -67,16 +70,50 @@ def _fast_layout(a_t, b_t, attrs, cfg: schedules.MatmulConfig) -> str | None:
     return f"{'nk' if attrs.get('transpose_b') else 'kn'}{nr}"
 
 
+def _load_layout(a_t, b_t, attrs, cfg: schedules.MatmulConfig) -> str | None:
+    """The layout W is packed in at load: the fast path's, in bf16 pairs ("nk32p") when both
+    operands are bf16, K is even and the target has AVX512-BF16 (bf16_matmul.py)."""
+    layout = _fast_layout(a_t, b_t, attrs, cfg)
+    if (layout and cfg.bf16_dot and a_t.dtype is DType.bfloat16 and int(a_t.shape[-1]) % 2 == 0
+            and int(layout[2:]) == bf16_matmul.NR):
+        return layout + "p"
+    return layout
+
+
 @schedules.register_prepack("matmul")
 def _matmul_prepack(node, load_time, cfg):
-    layout = _fast_layout(node.operands[0].type, node.operands[1].type, node.attrs, cfg)
+    layout = _load_layout(node.operands[0].type, node.operands[1].type, node.attrs, cfg)
     return {1: layout} if load_time[1] and layout else {}
 
 
 @schedules.register_prepack("fused_qkv_matmul")
 def _qkv_prepack(node, load_time, cfg):
-    layout = _fast_layout(node.operands[0].type, node.operands[1].type, {"transpose_b": True}, cfg)
+    layout = _load_layout(node.operands[0].type, node.operands[1].type, {"transpose_b": True},
+                          cfg)
     return {1: layout} if load_time[1] and layout else {}
+
+
+def bf16_dot_matmul(e: Emitter, a: ir.Value, w: ir.Value, bias: ir.Value | None = None):
+    """y = a @ W (+ bias) by the AVX512-BF16 kernel; W packed in bf16 pairs at load."""
+    at = e.in_types[0]
+    n = int(e.out_types[0].shape[-1])
+    a2, lead = rows_of(e, a, at)
+    k = int(at.shape[-1])
+    out_t = f"tensor<?x{n}xf32>"
+    (y,) = inline_mlir([a2, w], bf16_matmul.bf16_matmul_text(a2.type, w.type, out_t, k, n,
+                                                             e.matmul.mr))
+    if bias is not None:
+        dt = e.in_types[2].dtype
+        maps = [e.identity_map(2), ir.AffineMap.get(2, 0, [ir.AffineDimExpr.get(1)]),
+                e.identity_map(2)]
+        (y,) = e.generic([y, bias], [tensor.EmptyOp([tensor.dim(y, index(0)), n],
+                                                     ir.F32Type.get()).result], maps,
+                         ["parallel", "parallel"],
+                         lambda v: arith.addf(v[0], to_compute(v[1], dt)))
+    m = ir.RankedTensorType(a2.type).shape[0]
+    if not ir.ShapedType.is_dynamic_size(m):
+        y = tensor.cast(ir.RankedTensorType.get([m, n], ir.F32Type.get()), y)
+    return finish_rows(e, y, lead, at)
 
 
 def _pack_text(b: ir.Value, layout: str, el: str) -> str:
@@ -226,8 +263,8 @@ def fast_matmul(a: ir.Value, b: ir.Value, *, packed: bool, layout: str, dtype: D
         out_shape = list(lead) + [n]
         dyn = [tensor.dim(a, arith.constant(ir.IndexType.get(), i))
                for i, d in enumerate(lead) if ir.ShapedType.is_dynamic_size(d)]
-        y = tensor.expand_shape(ir.RankedTensorType.get(out_shape, ir.RankedTensorType(y.type).element_type),
-                                y, [list(range(len(lead))), [len(lead)]], dyn, out_shape)
+        y = expand_shape(ir.RankedTensorType.get(out_shape, ir.RankedTensorType(y.type).element_type),
+                         y, [list(range(len(lead))), [len(lead)]], dyn, out_shape)
     return y
 
 
@@ -291,10 +328,13 @@ def generic_matmul(e: Emitter, a: ir.Value, b: ir.Value, *, transpose_a: bool = 
 def _matmul(e: Emitter, args):
     a, b = args
     at, bt = e.in_types
-    layout = _fast_layout(at, bt, e.attrs, e.matmul)
+    packed = getattr(e, "prepack", {}).get(1)
+    if packed and packed.endswith("p"):
+        return [bf16_dot_matmul(e, a, b)]
+    layout = packed or _fast_layout(at, bt, e.attrs, e.matmul)
     if layout:
-        packed = 1 in getattr(e, "prepack", {})
-        return [fast_matmul(a, b, packed=packed, layout=layout, dtype=at.dtype, mr=e.matmul.mr)]
+        return [fast_matmul(a, b, packed=bool(packed), layout=layout, dtype=at.dtype,
+                            mr=e.matmul.mr)]
     return [generic_matmul(e, a, b, transpose_a=bool(e.attrs.get("transpose_a")),
                            transpose_b=bool(e.attrs.get("transpose_b")))]
 
@@ -304,11 +344,13 @@ def _fused_qkv(e: Emitter, args):
     x, w = args[:2]
     bias = args[2] if len(args) == 3 else None
     xt, wt = e.in_types[:2]
-    layout = _fast_layout(xt, wt, {"transpose_b": True}, e.matmul)
+    packed = getattr(e, "prepack", {}).get(1)
+    if packed and packed.endswith("p"):
+        return [bf16_dot_matmul(e, x, w, bias)]
+    layout = packed or _fast_layout(xt, wt, {"transpose_b": True}, e.matmul)
     if layout:
-        packed = 1 in getattr(e, "prepack", {})
-        return [fast_matmul(x, w, packed=packed, layout=layout, dtype=xt.dtype, mr=e.matmul.mr,
-                            bias=bias)]
+        return [fast_matmul(x, w, packed=bool(packed), layout=layout, dtype=xt.dtype,
+                            mr=e.matmul.mr, bias=bias)]
     y = generic_matmul(e, x, w, transpose_b=True)
     if bias is None:
         return [y]

@@ -18,35 +18,18 @@ from graphir.ops.quant.gguf_blocks import gguf_block_geometry
 from graphir.ops.quant.gptq import resolve_group_size
 
 from ...registry import register_lowering
-from ..emit import DYN, Emitter, element_type, index
-from .elementwise import to_compute, to_storage
+from ..emit import Emitter, index
+from .elementwise import to_compute
 from .linalg import inline_mlir
 from .quant_decoders import decoder_for
 from .quant_gguf import gguf_dequantize_text, gguf_matmul_text
 from .quant_gptq import Gptq, gptq_matmul_text
 from .quant_kernels import QuantTiles
+from .rows import finish_rows, rows_of
 
 
 def _idx(i: int) -> ir.Value:
     return linalg.IndexOp(i).result
-
-
-def _rows_of(e: Emitter, x: ir.Value, xt) -> tuple[ir.Value, list]:
-    """x [..., K] as a 2-D [M, K] tensor, and the sizes of its leading dims."""
-    lead = e.sizes(xt)[:-1]
-    if xt.rank == 2:
-        return x, lead
-    k = int(xt.shape[-1])
-    el = ir.RankedTensorType(x.type).element_type
-    if xt.rank == 1:
-        t2 = ir.RankedTensorType.get([1, k], el)
-        return tensor.expand_shape(t2, x, [[0, 1]], [], [1, k]), lead
-    static = [s if isinstance(s, int) else DYN for s in lead]
-    m = 1
-    for s in static:
-        m = DYN if s == DYN or m == DYN else m * s
-    t2 = ir.RankedTensorType.get([m, k], el)
-    return tensor.collapse_shape(t2, x, [list(range(xt.rank - 1)), [xt.rank - 1]]), lead
 
 
 def _activations(e: Emitter, x2: ir.Value, dt: DType, perm: ir.Value | None, perm_dt) -> ir.Value:
@@ -73,28 +56,6 @@ def _activations(e: Emitter, x2: ir.Value, dt: DType, perm: ir.Value | None, per
     return e.generic([], [init], [e.identity_map(2)], ["parallel"] * 2, body)[0]
 
 
-def _finish(e: Emitter, y: ir.Value, lead: list, xt) -> ir.Value:
-    """f32 [M, N] -> the result: its dtype, x's leading dims."""
-    out = e.out_types[0]
-    if out.dtype is not DType.float32:
-        yt = ir.RankedTensorType(y.type)
-        dyn = [tensor.dim(y, index(0))] if ir.ShapedType.is_dynamic_size(yt.shape[0]) else []
-        init = tensor.EmptyOp([dyn[0] if dyn else yt.shape[0], yt.shape[1]],
-                              element_type(out.dtype, True)).result
-        y = e.generic([y], [init], [e.identity_map(2)] * 2, ["parallel"] * 2,
-                      lambda v: to_storage(v[0], out.dtype))[0]
-    if xt.rank == 2:
-        return y
-    n = int(out.shape[-1])
-    el = ir.RankedTensorType(y.type).element_type
-    rt = ir.RankedTensorType.get([s if isinstance(s, int) else DYN for s in lead] + [n], el)
-    if xt.rank == 1:
-        return tensor.collapse_shape(rt, y, [[0, 1]])
-    dyn = [s for s in lead if not isinstance(s, int)]
-    static = [s if isinstance(s, int) else DYN for s in lead] + [n]
-    return tensor.expand_shape(rt, y, [list(range(xt.rank - 1)), [xt.rank - 1]], dyn, static)
-
-
 def _tiles(e: Emitter) -> QuantTiles:
     return QuantTiles.pick(e.cpu.f32_lanes, e.cpu.vector_registers)
 
@@ -113,7 +74,7 @@ def _qmatmul(e: Emitter, args):
     enc = e.attrs["encoding"]
     xt = e.in_types[0]
     n_in, n_out = int(xt.shape[-1]), int(e.out_types[0].shape[-1])
-    x2, lead = _rows_of(e, args[0], xt)
+    x2, lead = rows_of(e, args[0], xt)
     perm = perm_dt = None
     if enc == "GPTQ" and e.attrs["desc_act"]:
         perm, perm_dt = args[-1], e.in_types[-1].dtype
@@ -138,4 +99,4 @@ def _qmatmul(e: Emitter, args):
     m = ir.RankedTensorType(a.type).shape[0]
     if not ir.ShapedType.is_dynamic_size(m):
         y = tensor.cast(ir.RankedTensorType.get([m, n_out], ir.F32Type.get()), y)
-    return [_finish(e, y, lead, xt)]
+    return [finish_rows(e, y, lead, xt)]

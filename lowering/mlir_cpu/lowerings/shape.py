@@ -55,6 +55,19 @@ def insert_slice(src: ir.Value, dest: ir.Value, offsets, sizes) -> ir.Value:
     return tensor.insert_slice(src, dest, od, sd, [], os_, ss, [1] * len(ss))
 
 
+def expand_shape(result: ir.RankedTensorType, x: ir.Value, groups: list[list[int]],
+                 dyn: list[ir.Value], static: list[int]) -> ir.Value:
+    """tensor.expand_shape, or tensor.reshape where a group would get more than one dynamic
+    size: MLIR's expand-strided-metadata pass asserts on those (it killed the compiling
+    process for a matmul over x [B, S, K] with B and S both symbolic)."""
+    if all(sum(static[i] == DYN for i in g) <= 1 for g in groups):
+        return tensor.expand_shape(result, x, groups, dyn, static)
+    it = iter(dyn)
+    sizes = [next(it) if d == DYN else index(d) for d in static]
+    shape = tensor.from_elements(ir.RankedTensorType.get([len(sizes)], _IDX()), sizes)
+    return tensor.reshape(result, x, shape)
+
+
 def _to_1d(e: Emitter, x: ir.Value, t: TensorType) -> ir.Value:
     el = element_type(t.dtype, True)
     if t.rank == 0:
@@ -75,7 +88,7 @@ def _from_1d(e: Emitter, flat: ir.Value, out: TensorType) -> ir.Value:
     if out.rank == 1:
         return tensor.cast(tensor_type(out), flat)
     dyn, static = mixed(e.sizes(out))
-    return tensor.expand_shape(tensor_type(out), flat, [list(range(out.rank))], dyn, static)
+    return expand_shape(tensor_type(out), flat, [list(range(out.rank))], dyn, static)
 
 
 @register_lowering("reshape", "cpu")

@@ -27,7 +27,10 @@ def test_parse_cpuinfo_keeps_the_flags_every_processor_has():
     assert host.arch == "x86-64" and host.model == "Test CPU"
     assert "avx2" in host.flags and "avx512bw" not in host.flags and "avx512f" in host.flags
     assert host_target(host) == CpuTarget("x86-64", "avx2")
-    assert str(host_target(parse_cpuinfo(_cpuinfo(_V4), "x86_64"))) == "cpu:x86-64:avx512"
+    # AVX512-BF16 is added (a kernel uses it); AMX and VNNI are not (none does).
+    assert str(host_target(parse_cpuinfo(_cpuinfo(_V4), "x86_64"))) == "cpu:x86-64:avx512+bf16"
+    no_bf16 = _V4.replace(" avx512_bf16", "") + " avx512_vnni"
+    assert str(host_target(parse_cpuinfo(_cpuinfo(no_bf16), "x86_64"))) == "cpu:x86-64:avx512"
     assert str(host_target(parse_cpuinfo(_cpuinfo("fpu sse sse2"), "x86_64"))) == "cpu:x86-64:sse2"
     # No readable flags: every x86-64 CPU still has SSE2.
     assert str(host_target(parse_cpuinfo("", "x86_64"))) == "cpu:x86-64:sse2"

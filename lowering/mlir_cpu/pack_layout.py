@@ -1,0 +1,58 @@
+"""Panel layouts of matmul weights packed once at load (no MLIR here: the runtime packs with it).
+
+`"nk<NR>"` packs a `[N, K]` operand used transposed (a Linear weight), `"kn<NR>"` a `[K, N]`
+one, into f32 panels of NR columns, `[N/NR, K, NR]`: packed[p, k, j] = W[p*NR + j, k]
+(schedules.py's outer-product kernel reads one k row of a panel as NR/lanes vectors).
+
+A trailing `p` (`"nk32p"`) packs bf16 pairs for the AVX512-BF16 kernel (lowerings/
+bf16_matmul.py): `[N/NR, K/2, 2*NR]` bf16, packed[p, kk, 2j + t] = W[p*NR + j, 2kk + t], so one
+32-bit lane of a vector holds the two k values `vdpbf16ps` multiplies by a broadcast pair of x.
+K must be even.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)(p?)")
+
+
+def parse_layout(layout: str) -> tuple[str, int, bool]:
+    """("nk" | "kn", NR, bf16 pairs?) of a layout name such as "nk32" or "nk32p"."""
+    m = _LAYOUT.fullmatch(layout) if isinstance(layout, str) else None
+    if not m:
+        raise ValueError(f"unknown pack layout {layout!r}; expected e.g. 'nk32', 'kn16' or "
+                         f"'nk32p'")
+    return m.group(1), int(m.group(2)), bool(m.group(3))
+
+
+def packed_shape(shape, layout: str) -> list[int]:
+    """Shape of an operand of `shape` ([N, K] for "nk", [K, N] for "kn") packed in `layout`."""
+    kind, nr, pairs = parse_layout(layout)
+    if len(shape) != 2:
+        raise ValueError(f"layout {layout!r} packs a 2-D operand, got shape {tuple(shape)}")
+    n, k = shape if kind == "nk" else tuple(shape)[::-1]
+    if n % nr:
+        raise ValueError(f"layout {layout!r}: N = {n} is not a multiple of {nr}")
+    if pairs and k % 2:
+        raise ValueError(f"layout {layout!r}: K = {k} is odd (bf16 pairs need an even K)")
+    return [n // nr, k // 2, 2 * nr] if pairs else [n // nr, k, nr]
+
+
+def pack_numpy(a: np.ndarray, layout: str) -> np.ndarray:
+    """`a` packed in `layout`, C-contiguous: f32, or bf16 bits (uint16) for a pairs layout (a's
+    values must then be bf16-exact, as a bf16 weight's are: they are truncated, not rounded)."""
+    kind, nr, pairs = parse_layout(layout)
+    a = np.asarray(a, np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"pack layout {layout!r} needs a 2-D operand, got shape {a.shape}")
+    shape = packed_shape(a.shape, layout)
+    w = a if kind == "nk" else a.T                    # [N, K]
+    n, k = w.shape
+    if not pairs:
+        return np.ascontiguousarray(w.reshape(n // nr, nr, k).transpose(0, 2, 1))
+    bits = (np.ascontiguousarray(w).view(np.uint32) >> 16).astype(np.uint16)
+    # [N/NR, NR, K/2, 2] -> [N/NR, K/2, NR, 2]
+    out = bits.reshape(n // nr, nr, k // 2, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(out).reshape(shape)
