@@ -39,16 +39,17 @@ class TorchLayer:
     """The same attention layer in torch eager over the same paged cache layout."""
 
     def __init__(self, weights: dict, freqs: np.ndarray, n_heads: int, n_kv: int, d: int,
-                 dense: tuple | None = None):
+                 dense: tuple | None = None, dtype=None):
         import torch
 
         self.dense = dense   # (k_cache, v_cache) [batch, n_kv, max_len, d], or None: paged
 
         self.torch = torch
+        dtype = dtype or torch.float32   # bf16: every weight and activation, as model.to() does
         self.wqkv = torch.from_numpy(np.concatenate(
-            [weights["q_proj.weight"], weights["k_proj.weight"], weights["v_proj.weight"]]))
-        self.wo = torch.from_numpy(weights["o_proj.weight"])
-        f = torch.from_numpy(freqs)
+            [weights["q_proj.weight"], weights["k_proj.weight"], weights["v_proj.weight"]])).to(dtype)
+        self.wo = torch.from_numpy(weights["o_proj.weight"]).to(dtype)
+        f = torch.from_numpy(freqs).to(dtype)
         self.cos, self.sin = f[:, 0::2], f[:, 1::2]
         self.nh, self.nkv, self.d = n_heads, n_kv, d
 
@@ -122,6 +123,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", default="cpu", help="cpu (this host) or e.g. cpu:x86-64:avx2")
+    ap.add_argument("--dtype", default="f32", choices=("f32", "bf16"),
+                    help="the layer's dtype (torch runs the same dtype; bf16 inputs and cache "
+                         "are handed to graphir as bf16 bits, as a bf16 pipeline holds them)")
     ap.add_argument("--roofline", default="roofline_cpu.png",
                     help="where the roofline chart (PNG) goes")
     args = ap.parse_args()
@@ -139,7 +143,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GRAPHIR_NUM_THREADS", str(args.threads))
-    g = build(dtype=DType.float32)
+    from graphir.dtype import to_bits
+
+    dt = DType.bfloat16 if args.dtype == "bf16" else DType.float32
+    tdt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    g = build(dtype=dt)
     weights = random_weights(g, seed=0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="graphir-bench-cache-") as tmp:
@@ -168,7 +176,7 @@ def main() -> None:
     freqs = rope_freqs_cis(128, 8192, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
     blocks_t = g.inputs[2].type
     nh, nkv, d = 32, int(blocks_t.shape[4]), int(blocks_t.shape[5])
-    ref = TorchLayer(weights, freqs, nh, nkv, d)
+    ref = TorchLayer(weights, freqs, nh, nkv, d, dtype=tdt)
     rng = np.random.default_rng(1)
     pages_per_seq = -(-(args.context + 1) // PAGE)
     n_pages = max(args.batch * pages_per_seq, -(-args.prefill // PAGE)) + 1
@@ -178,24 +186,25 @@ def main() -> None:
     points: list[Point] = []
     for name, counts, cached in cases:
         x, offs, clen, lut, maxl = _step(rng, counts, cached, n_pages, int(g.inputs[0].type.shape[1]))
-        tb = torch.from_numpy(blocks.copy())
-        targs = [torch.from_numpy(x), torch.from_numpy(offs.astype(np.int64)), tb,
+        tb = torch.from_numpy(blocks.copy()).to(tdt)
+        targs = [torch.from_numpy(x).to(tdt), torch.from_numpy(offs.astype(np.int64)), tb,
                  torch.from_numpy(clen.astype(np.int64)), torch.from_numpy(lut.astype(np.int64))]
         reps = args.reps if name == "prefill" else 4 * args.reps
         max_len = max(cached) + max(counts)
         dense_ref = TorchLayer(weights, freqs, nh, nkv, d, dense=tuple(
-            torch.randn(len(counts), nkv, max_len, d) for _ in range(2)))
-        ours_blocks = blocks.copy()
+            torch.randn(len(counts), nkv, max_len, d).to(tdt) for _ in range(2)), dtype=tdt)
+        ours_blocks = to_bits(blocks, dt).copy()   # bf16: the bits, converted once
+        x_in = to_bits(x, dt)
         with torch.no_grad():
-            want = ref(*targs).numpy()
+            want = ref(*targs).float().numpy()
             t_ours, t_torch, t_dense = interleaved_times(
-                [lambda: model.execute(x, offs, ours_blocks, clen, lut, maxl),
+                [lambda: model.execute(x_in, offs, ours_blocks, clen, lut, maxl),
                  lambda: ref(*targs), lambda: dense_ref(*targs)], reps)
-        (got,) = model.execute(x, offs, ours_blocks, clen, lut, maxl)
+        (got,) = model.execute(x_in, offs, to_bits(blocks, dt).copy(), clen, lut, maxl)
         err = float(np.abs(got - want).max() / np.abs(want).max())
         rows.append((name, t_ours, t_torch, t_dense, err))
         work = attention_layer_work(len(counts), cached[0], counts[0], nh, nkv, d,
-                                    int(g.inputs[0].type.shape[1]), 4)
+                                    int(g.inputs[0].type.shape[1]), 2 if args.dtype == "bf16" else 4)
         points += [Point(name, *work, min(t_ours)), Point(f"{name} torch paged", *work,
                    min(t_torch), ours=False), Point(f"{name} torch dense", *work, min(t_dense),
                    ours=False)]
@@ -215,20 +224,20 @@ def main() -> None:
     for name, to, tt, td, err in rows:
         print(f"{name} | {ms(to)} | {ms(tt)} | {min(to) / min(tt):.2f} | {ms(td)} | "
               f"{min(to) / min(td):.2f} | {err:.1e}")
-    bw, peak = machine_limits(torch)
-    print(f"roof: copy {bw / 1e9:.1f} GB/s, torch f32 GEMM {peak / 1e9:.0f} GFLOP/s "
+    bw, peak = machine_limits(torch, tdt)
+    print(f"roof: copy {bw / 1e9:.1f} GB/s, torch {args.dtype} GEMM {peak / 1e9:.0f} GFLOP/s "
           f"({args.threads} threads)")
-    print(write_chart(points, bw, peak, args.roofline,
-                      f"attention layer steps, {art.target}, {args.threads} threads (f32)"))
+    print(write_chart(points, bw, peak, args.roofline, f"attention layer steps, {art.target}, "
+                      f"{args.threads} threads ({args.dtype})"))
 
 
-def machine_limits(torch) -> tuple[float, float]:
+def machine_limits(torch, dtype=None) -> tuple[float, float]:
     """The roof of this CPU on the threads torch was given: copy bandwidth (bytes read +
-    written per second, 256 MiB, far past the caches) and the f32 GEMM rate (2048^3), best of
-    five."""
+    written per second, 256 MiB, far past the caches) and the GEMM rate in `dtype` (default
+    f32; 2048^3), best of five."""
     src = torch.rand(64 << 20)
     dst = torch.empty_like(src)
-    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    a, b = (torch.rand(2048, 2048).to(dtype or torch.float32) for _ in range(2))
     copy, gemm = [], []
     for _ in range(5):
         t0 = time.perf_counter()
