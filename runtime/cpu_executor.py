@@ -62,9 +62,21 @@ def pack_operand(a: np.ndarray, layout: str) -> np.ndarray:
         raise ValueError(f"pack_operand: {e}") from None
 
 
+def _as_input(k: int, t, a) -> np.ndarray:
+    """A call's input as the kernels take it: a bf16 (float8) input may come as floats (rounded
+    on every call; a buffer converted back after it) or as the raw bits the kernels hold, uint16
+    (uint8), used as is, so a bf16 KV cache kept as bits is updated in place with no
+    conversion of the whole cache per step."""
+    bits = _BITS.get(getattr(t, "dtype", None))
+    if bits is not None and isinstance(a, np.ndarray) and a.dtype == bits:
+        return a
+    return _check_input(k, t, a)
+
+
 class CpuModel:
     """A loaded CPU artifact. `execute(*inputs)` returns numpy arrays; buffer inputs (the KV
-    cache) are updated in place."""
+    cache) are updated in place. bf16 / float8 inputs: floats, or their raw bits as uint16 /
+    uint8 arrays (_as_input)."""
 
     def __init__(self, art: Artifact, weights: Mapping[str, np.ndarray], collectives=None):
         # collectives: the process group a rank graph's collectives (attribute world_size) go
@@ -164,7 +176,7 @@ class CpuModel:
         g = self.graph
         if len(inputs) != len(g.inputs):
             raise ValueError(f"graph {g.name!r} takes {len(g.inputs)} inputs, got {len(inputs)}")
-        arrays = [_check_input(k, t, a) for k, (t, a) in enumerate(zip(self._in_types, inputs))]
+        arrays = [_as_input(k, t, a) for k, (t, a) in enumerate(zip(self._in_types, inputs))]
         env = bind_dims(self._in_types, arrays)
         # The kernels index with the metadata unchecked: validate it all before any runs.
         check_buffers_writable(self._in_types, arrays)

@@ -73,3 +73,29 @@ def test_outputs_do_not_alias_between_calls(model):
     m.execute(*(rng.standard_normal((4, n)).astype(np.float32) for n in (16, 3)))
     for a, b in zip(first, kept):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bf16_inputs_as_bits_match_floats_and_update_the_cache_in_place(tmp_path, monkeypatch):
+    """A bf16 layer given its input and KV cache as uint16 bits computes what it computes from
+    floats, and writes the new K/V into the very bits array (no per-call conversion)."""
+    from graphir import DType
+    from graphir.dtype import from_bits, round_to, to_bits
+    from graphir.examples.llama_attention import build_tiny, random_weights
+
+    monkeypatch.setenv("GRAPHIR_CACHE_DIR", str(tmp_path))
+    g = build_tiny(dtype=DType.bfloat16)
+    m = InferenceSession().load(compile_graph(g, "cpu"), weights=random_weights(g, seed=1))
+    rng = np.random.default_rng(5)
+    shape = [9] + [int(d) for d in g.inputs[2].type.shape[1:]]
+    cache = round_to(rng.standard_normal(shape), DType.bfloat16).astype(np.float32)
+    x = round_to(rng.standard_normal((5, 64)), DType.bfloat16).astype(np.float32)
+    offs, clen = np.array([0, 3, 5], np.uint32), np.array([6, 0], np.uint32)
+    lut = np.array([[0, 1, 2], [3, 4, 5]], np.uint32)
+    maxl = np.array([[3, 9]], np.uint32)
+    floats = cache.copy()
+    bits = to_bits(cache, DType.bfloat16).copy()
+    (y_f,) = m.execute(x, offs, floats, clen, lut, maxl)
+    (y_b,) = m.execute(to_bits(x, DType.bfloat16), offs, bits, clen, lut, maxl)
+    np.testing.assert_array_equal(y_b, y_f)
+    np.testing.assert_array_equal(from_bits(bits, DType.bfloat16), floats)
+    assert not np.array_equal(floats, cache)      # the step did write K/V
