@@ -52,6 +52,12 @@ def check_plan(plan, graph, path="artifact", backend: str = "") -> None:
         if v["view_of"] is not None and v["view_of"] >= len(values):
             _fail(path, f"value {i} is a view of a value that does not exist")
     n = len(values)
+    for i in range(n):   # a cycle of views would send every walk to a view's base round forever
+        v, hops = i, 0
+        while values[v]["view_of"] is not None:
+            v, hops = values[v]["view_of"], hops + 1
+            if hops > n:
+                _fail(path, f"value {i} is a view of itself through a cycle of views")
     ins = [vid[id(v)] for v in graph.inputs if id(v) in vid]
     outs = [vid[id(v)] for v in graph.outputs]
     if plan["inputs"] != ins or plan["outputs"] != outs:

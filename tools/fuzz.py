@@ -22,6 +22,15 @@ from typing import Callable
 from graphir import BufferType, DeviceRef, DType, Graph, ParseError, TensorType, parse
 
 SLOW_S = 1.0
+HANG_S = 30.0   # a case still running after this is stopped and reported (a loop on bad input)
+
+
+class _Hang(Exception):
+    pass
+
+
+def _stop_case(signum, frame):
+    raise _Hang()
 _SEED_IR = """graph @seed(%x: tensor<[total_seq_len, 8], f32, cpu:0>, %offs: tensor<[batch+1], u32, cpu:0>) {
   %0 = gir.weight {device = cpu:0, dtype = f32, name = "w", shape = [16, 8]} : tensor<[16, 8], f32, cpu:0>
   %1 = gir.matmul(%x, %0) {transpose_b = true} : tensor<[total_seq_len, 16], f32, cpu:0>
@@ -171,7 +180,7 @@ def run(target: str, seconds: float, seed: int = 0, max_cases: int | None = None
     tally, end = Tally(), time.monotonic() + seconds
     while time.monotonic() < end and (max_cases is None or tally.cases < max_cases):
         t0 = time.perf_counter()
-        finding = case(rng)
+        finding = _bounded(case, rng)
         dt = time.perf_counter() - t0
         tally.cases += 1
         if finding is None and dt > SLOW_S:
@@ -179,6 +188,26 @@ def run(target: str, seconds: float, seed: int = 0, max_cases: int | None = None
         if finding:
             tally.findings.append(finding)
     return tally
+
+
+def _bounded(case, rng) -> str | None:
+    """case(rng), stopped after HANG_S where a timer signal can interrupt it (the main thread
+    of a POSIX process): a case that never returns is a finding, not a fuzz run that hangs
+    (found so: a manifest whose values were edited into a cycle of views)."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return case(rng)
+    old = signal.signal(signal.SIGALRM, _stop_case)
+    signal.setitimer(signal.ITIMER_REAL, HANG_S)
+    try:
+        return case(rng)
+    except _Hang:
+        return f"hang: a case ran past {HANG_S:.0f} s and was stopped"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def main(argv=None) -> int:

@@ -44,6 +44,17 @@ def test_a_finding_is_reported(monkeypatch, capsys):
     assert t.findings and all("ops.exp: KeyError" in f for f in t.findings)
 
 
+def test_a_case_that_never_returns_is_stopped_and_reported(monkeypatch):
+    def forever(rng):
+        while True:   # what a loop on bad input looks like to the fuzzer
+            pass
+
+    monkeypatch.setattr(fuzz, "HANG_S", 0.2)
+    monkeypatch.setattr(fuzz, "make_target", lambda name: forever)
+    t = fuzz.run("builders", seconds=5, seed=0, max_cases=2)
+    assert t.cases == 2 and t.findings == ["hang: a case ran past 0 s and was stopped"] * 2
+
+
 def test_mutations_reach_the_bounds():
     rng = random.Random(3)
     texts = [fuzz.mutate_ir(TEXTS[0], rng) for _ in range(200)]

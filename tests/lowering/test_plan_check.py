@@ -83,6 +83,12 @@ EDITS = {
                    "memory slots"),
     "view of nothing": (lambda m: m["plan"]["values"][_first_intermediates(m)[0]]
                         .__setitem__("view_of", 9999), "view of a value that does not exist"),
+    "view of itself": (lambda m: m["plan"]["values"][_first_intermediates(m)[0]]
+                       .__setitem__("view_of", _first_intermediates(m)[0]), "cycle of views"),
+    "two views of each other": (lambda m: [m["plan"]["values"][a].__setitem__("view_of", b)
+                                           for a, b in [_first_intermediates(m),
+                                                        _first_intermediates(m)[::-1]]],
+                                "cycle of views"),
     "plan key removed": (lambda m: m["plan"].pop("n_slots"), "has keys"),
     "plan key added": (lambda m: m["plan"].__setitem__("symbols", 1), "has keys"),
     "step key flipped": (lambda m: m["plan"]["steps"][0].__setitem__(
