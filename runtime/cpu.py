@@ -47,9 +47,7 @@ def descriptor_type(rank: int) -> type[ctypes.Structure]:
 
 def make_descriptor(array: np.ndarray) -> ctypes.Structure:
     """A memref descriptor viewing `array` (which must stay alive while it is used)."""
-    if array.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"make_descriptor: unsupported dtype {array.dtype}; "
-                         f"supported: {[str(d) for d in SUPPORTED_DTYPES]}")
+    _check_dtype(array)
     desc = descriptor_type(array.ndim)()
     desc.allocated = desc.aligned = array.ctypes.data
     desc.offset = 0
@@ -60,12 +58,8 @@ def make_descriptor(array: np.ndarray) -> ctypes.Structure:
                 raise ValueError(f"make_descriptor: stride {stride} of axis {i} is not a "
                                  f"multiple of the item size {item}")
             desc.sizes[i] = size
-            desc.strides[i] = stride // item if size > 1 else _contiguous_stride(array.shape, i)
+            desc.strides[i] = stride // item if size > 1 else _contiguous_strides(array.shape)[i]
     return desc
-
-
-def _contiguous_stride(shape: tuple[int, ...], axis: int) -> int:
-    return int(np.prod(shape[axis + 1:], dtype=np.int64))
 
 
 class CpuFunction:
@@ -113,6 +107,12 @@ class CpuFunction:
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
+def _check_dtype(a: np.ndarray) -> None:
+    if a.dtype not in _SUPPORTED:
+        raise ValueError(f"make_descriptor: unsupported dtype {a.dtype}; "
+                         f"supported: {[str(d) for d in SUPPORTED_DTYPES]}")
+
+
 @lru_cache(maxsize=4096)
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The identity layout's strides in elements (what every function boundary expects)."""
@@ -126,9 +126,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _describe(a: np.ndarray, fields: list, starts: list) -> None:
     """Append the memref descriptor of C-contiguous `a` to `fields` (int64s: allocated,
     aligned, offset, sizes, strides) and its first index to `starts`."""
-    if a.dtype not in _SUPPORTED:
-        raise ValueError(f"make_descriptor: unsupported dtype {a.dtype}; "
-                         f"supported: {[str(d) for d in SUPPORTED_DTYPES]}")
+    _check_dtype(a)
     p = a.ctypes.data
     starts.append(len(fields))
     fields += (p, p, 0)

@@ -19,7 +19,7 @@ from mlir.dialects import arith, tensor
 from graphir.dtype import DType
 
 from ...registry import register_lowering
-from .. import schedules
+from .. import pack_layout, schedules
 from ..emit import Emitter, element_type, index
 from . import bf16_matmul
 from .elementwise import to_compute, to_storage
@@ -75,9 +75,23 @@ def _load_layout(a_t, b_t, attrs, cfg: schedules.MatmulConfig) -> str | None:
     operands are bf16, K is even and the target has AVX512-BF16 (bf16_matmul.py)."""
     layout = _fast_layout(a_t, b_t, attrs, cfg)
     if (layout and cfg.bf16_dot and a_t.dtype is DType.bfloat16 and int(a_t.shape[-1]) % 2 == 0
-            and int(layout[2:]) == bf16_matmul.NR):
+            and schedules.parse_layout(layout)[1] == bf16_matmul.NR):
         return layout + "p"
     return layout
+
+
+def _packed_matmul(e: Emitter, a: ir.Value, w: ir.Value, attrs, bias: ir.Value | None = None):
+    """a @ W (+ bias) by a packed kernel: the bf16 dot kernel when the prepack rule packed W
+    in bf16 pairs, the outer-product one when W is packed (at load or in the kernel); None
+    when neither applies (the caller's generic matmul)."""
+    packed = getattr(e, "prepack", {}).get(1)
+    if packed and pack_layout.parse_layout(packed)[2]:
+        return bf16_dot_matmul(e, a, w, bias)
+    layout = packed or _fast_layout(e.in_types[0], e.in_types[1], attrs, e.matmul)
+    if not layout:
+        return None
+    return fast_matmul(a, w, packed=bool(packed), layout=layout, dtype=e.in_types[0].dtype,
+                       mr=e.matmul.mr, bias=bias)
 
 
 @schedules.register_prepack("matmul")
@@ -327,14 +341,9 @@ def generic_matmul(e: Emitter, a: ir.Value, b: ir.Value, *, transpose_a: bool = 
 @register_lowering("matmul", "cpu")
 def _matmul(e: Emitter, args):
     a, b = args
-    at, bt = e.in_types
-    packed = getattr(e, "prepack", {}).get(1)
-    if packed and packed.endswith("p"):
-        return [bf16_dot_matmul(e, a, b)]
-    layout = packed or _fast_layout(at, bt, e.attrs, e.matmul)
-    if layout:
-        return [fast_matmul(a, b, packed=bool(packed), layout=layout, dtype=at.dtype,
-                            mr=e.matmul.mr)]
+    y = _packed_matmul(e, a, b, e.attrs)
+    if y is not None:
+        return [y]
     return [generic_matmul(e, a, b, transpose_a=bool(e.attrs.get("transpose_a")),
                            transpose_b=bool(e.attrs.get("transpose_b")))]
 
@@ -343,14 +352,9 @@ def _matmul(e: Emitter, args):
 def _fused_qkv(e: Emitter, args):
     x, w = args[:2]
     bias = args[2] if len(args) == 3 else None
-    xt, wt = e.in_types[:2]
-    packed = getattr(e, "prepack", {}).get(1)
-    if packed and packed.endswith("p"):
-        return [bf16_dot_matmul(e, x, w, bias)]
-    layout = packed or _fast_layout(xt, wt, {"transpose_b": True}, e.matmul)
-    if layout:
-        return [fast_matmul(x, w, packed=bool(packed), layout=layout, dtype=xt.dtype,
-                            mr=e.matmul.mr, bias=bias)]
+    y = _packed_matmul(e, x, w, {"transpose_b": True}, bias)
+    if y is not None:
+        return [y]
     y = generic_matmul(e, x, w, transpose_b=True)
     if bias is None:
         return [y]
