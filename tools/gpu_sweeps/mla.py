@@ -26,6 +26,7 @@ candidates still left, never a default. Writes $OUT/mla.json.
     python3 tools/gpu_sweeps/mla.py --only m64n64w8s2,m128n32w8s2v2   (defaults + these)
     python3 tools/gpu_sweeps/mla.py --shapes 64x4096x64 --only none   (one shape, its default)
     python3 tools/gpu_sweeps/mla.py --only none --aux 16,32,64   (absorb / merge token blocks)
+    python3 tools/gpu_sweeps/mla.py --only none --aux 16,64 --merge fused,split   (merge forms)
 """
 from __future__ import annotations
 
@@ -63,6 +64,17 @@ ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv
 # (mla_decode.specs' aux_block_t; the default first): e.g. --aux 16,64.
 AUX = [int(v) for v in sys.argv[sys.argv.index("--aux") + 1].split(",")] if "--aux" in sys.argv \
     else [md.AUX_BLOCK_T]
+# The merge's forms (mla_decode.specs' merge), each at every AUX token block: e.g. fused,split.
+MERGE = sys.argv[sys.argv.index("--merge") + 1].split(",") if "--merge" in sys.argv \
+    else [md.MERGE]
+VARIANTS = [(bt, mg) for mg in MERGE for bt in AUX]
+
+
+def aux_key(bt: int, merge: str) -> str:
+    """The result keys' suffix of an (aux token block, merge form) variant: "" for the
+    shipped one."""
+    return ("" if bt == md.AUX_BLOCK_T else f"_t{bt}") + ("" if merge == md.MERGE
+                                                         else f"_{merge}")
 if "--shapes" in sys.argv:   # e.g. --shapes 64x4096x64,64x4096x128 (B x ctx x heads)
     SHAPES = [tuple(int(v) for v in s.split("x"))
               for s in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
@@ -109,16 +121,17 @@ def configs(nh: int) -> list[str]:
     return [n for i, n in enumerate(names) if i == 0 or ONLY is None or n in ONLY]
 
 
-def specs_of(nh: int, name: str, aux_block_t: int = md.AUX_BLOCK_T):
-    return md.specs("bfloat16", "bfloat16", nh, NOPE, ROPE, V, R, 1, PAGE, name, aux_block_t)
+def specs_of(nh: int, name: str, aux_block_t: int = md.AUX_BLOCK_T, merge: str | None = None):
+    return md.specs("bfloat16", "bfloat16", nh, NOPE, ROPE, V, R, 1, PAGE, name, aux_block_t,
+                    merge)
 
 
 def run(kernels, B, ctx, nh, name, probs, want, copy_gbs) -> dict:
     res = dict(B=B, ctx=ctx, heads=nh, config=name, default=name == configs(nh)[0])
     try:
         specs = specs_of(nh, name)
-        absorb, attn, merge = (kernels[spec_key(s)] for s in specs)
-        for k in (absorb, attn, merge):
+        absorb, attn, *merge = (kernels[spec_key(s)] for s in specs)
+        for k in (absorb, attn, *merge):
             if isinstance(k, Exception):
                 raise k
         conf = md.tile_config(nh, R, name)
@@ -131,6 +144,7 @@ def run(kernels, B, ctx, nh, name, probs, want, copy_gbs) -> dict:
         o_part = torch.empty((B * nh * parts, rp), dtype=torch.float32, device=DEV)
         ml = torch.empty((B * nh * parts, 2), dtype=torch.float32, device=DEV)
         out = torch.empty((B, nh * V), dtype=torch.bfloat16, device=DEV)
+        olat = torch.empty((B * nh, R), dtype=torch.bfloat16, device=DEV)
         agrid = specs[1].grid_for(batch=B, seqmax=1, num_parts=parts)
 
         def call(p, only_attn=False, only=None, aux=(absorb, merge, specs)):
@@ -141,7 +155,11 @@ def run(kernels, B, ctx, nh, name, probs, want, copy_gbs) -> dict:
                 attn(agrid, qlat, p["offs"], p["clen"], p["lut"], p["blocks"], o_part, ml,
                      p["lut"].shape[1], 0, 1, p["blocks"].shape[0], scale, part, parts)
             if only is None and not only_attn or only == "merge":
-                mg(sp[2].grid_for(T=B), o_part, ml, p["wuv"], out, B, parts)
+                if len(mg) == 1:
+                    mg[0](sp[2].grid_for(T=B), o_part, ml, p["wuv"], out, B, parts)
+                else:   # the split merge: combine into o_lat, then the w_uv product
+                    mg[0](sp[2].grid_for(T=B), o_part, ml, olat, B * nh, parts)
+                    mg[1](sp[3].grid_for(T=B), olat, p["wuv"], out, B)
 
         def check(aux) -> float:
             out.fill_(float("nan"))
@@ -154,13 +172,17 @@ def run(kernels, B, ctx, nh, name, probs, want, copy_gbs) -> dict:
             return res
         res["us"] = _kernels.timed([lambda p=p: call(p) for p in probs], DRY)
         res["attn_us"] = _kernels.timed([lambda p=p: call(p, True) for p in probs], DRY)
-        for bt in AUX if res["default"] else ():   # the other two launches, each alone
-            sp = specs_of(nh, name, bt)
-            aux = (kernels[spec_key(sp[0])], kernels[spec_key(sp[2])], sp)
-            key = "" if bt == md.AUX_BLOCK_T else f"_t{bt}"
+        for bt, mgf in VARIANTS if res["default"] else ():   # absorb and merge, each alone
+            sp = specs_of(nh, name, bt, mgf)
+            aux = (kernels[spec_key(sp[0])], [kernels[spec_key(s)] for s in sp[2:]], sp)
+            key = aux_key(bt, mgf)
+            if any(isinstance(k, Exception) for k in aux[1]):
+                res["error"] = f"aux {bt} {mgf}: " + str([k for k in aux[1]
+                                                           if isinstance(k, Exception)][0])
+                return res
             res[f"aux_err{key}"] = e = check(aux)
             if not e < TOL:
-                res["error"] = f"aux_block_t {bt}: rel_err {e:.2e} >= {TOL}"
+                res["error"] = f"aux_block_t {bt} merge {mgf}: rel_err {e:.2e} >= {TOL}"
                 return res
             for k in ("absorb", "merge"):
                 res[f"{k}_us{key}"] = _kernels.timed(
@@ -183,9 +205,9 @@ def row(r, copy_gbs) -> list:
     if "attn_us" not in r:
         return head + ["ERROR " + r.get("error", "?")]
     pct = (lambda g: f"{100 * g / copy_gbs:.0f}%copy") if copy_gbs else (lambda g: "-")
-    aux = " ".join(f"t{bt}: absorb {r[f'absorb_us{k}']:.1f}us merge {r[f'merge_us{k}']:.1f}us"
-                   for bt in AUX for k in ["" if bt == md.AUX_BLOCK_T else f"_t{bt}"]
-                   if f"merge_us{k}" in r)
+    aux = " ".join(f"t{bt}{'' if mg == 'fused' else ' ' + mg}: absorb "
+                   f"{r[f'absorb_us{k}']:.1f}us merge {r[f'merge_us{k}']:.1f}us"
+                   for bt, mg in VARIANTS for k in [aux_key(bt, mg)] if f"merge_us{k}" in r)
     return head + [f"attn {r['attn_us']:.1f}us", f"{r['attn_gbs']:.0f}GB/s", pct(r["attn_gbs"]),
                    f"{r['tflops']:.0f}TFLOP/s", f"step {r['us']:.1f}us {pct(r['gbs'])}", aux,
                    f"err {r['rel_err']:.1e}"]
@@ -217,8 +239,8 @@ def main() -> None:
     for _, _, nh in SHAPES:
         for name in configs(nh):
             specs.update({spec_key(s): s for s in specs_of(nh, name)})
-        for bt in AUX:
-            specs.update({spec_key(s): s for s in specs_of(nh, configs(nh)[0], bt)})
+        for bt, mgf in VARIANTS:
+            specs.update({spec_key(s): s for s in specs_of(nh, configs(nh)[0], bt, mgf)})
     kernels = _kernels.compile_all(specs, DRY)
     copy_gbs = 0.0
     if not DRY:

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.mla import (latent_block_row, latent_rows, pad,
                                                      tile_key_range)
+from graphir.lowering.triton_gpu.kernels import mla_merge
 from graphir.lowering.triton_gpu.kernels.spec import KernelSpec, cdiv, triton_dtype
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
@@ -36,6 +37,10 @@ MIN_PART = 256        # keys per partition at least (partials cost a write and a
 # the launch helpers take the value from the specs' constexprs; tools/gpu_sweeps/mla.py --aux
 # times other values.
 AUX_BLOCK_T = 16
+# How the split-K partials meet w_uv (specs' `merge`): one fused launch, or mla_merge's combine
+# then product (more programs, w_uv read once per token block); the sweep times both.
+MERGES = ("fused", "split")
+MERGE = "fused"
 
 
 @triton.jit
@@ -373,12 +378,18 @@ def split(batch: int, tiles: int, kv_len: int, conf: dict) -> tuple[int, int]:
 
 def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r: int,
           kinds: int, page_size: int, conf: str | dict | None = None,
-          aux_block_t: int = AUX_BLOCK_T) -> list[KernelSpec]:
-    """[q absorb, attention, merge + w_uv] for q/weights of `dtype` over a `cache_dtype` cache;
+          aux_block_t: int = AUX_BLOCK_T, merge: str | None = None) -> list[KernelSpec]:
+    """[q absorb, attention, *merge] for q/weights of `dtype` over a `cache_dtype` cache;
     `conf` picks the attention kernel's config (resolved by layer_config: the shipped default
-    when None), `aux_block_t` the tokens a program of the other two (16, 32 or 64)."""
+    when None), `aux_block_t` the tokens a program of the absorption and of the w_uv product
+    (16, 32 or 64), `merge` how the partials meet w_uv: "fused" (one launch,
+    mla_absorbed_out_kernel) or "split" (mla_merge's combine, then the w_uv product); None:
+    MERGE."""
+    merge = MERGE if merge is None else merge
     if aux_block_t not in (16, 32, 64):
         raise ValueError(f"mla decode: aux_block_t must be 16, 32 or 64, got {aux_block_t}")
+    if merge not in MERGES:
+        raise ValueError(f"mla decode: merge must be one of {MERGES}, got {merge!r}")
     bt = aux_block_t
     t, tc = triton_dtype(dtype), triton_dtype(cache_dtype)
     conf = layer_config(nh, r, dtype, cache_dtype, rope, page_size, conf)
@@ -412,6 +423,8 @@ def specs(dtype: str, cache_dtype: str, nh: int, nope: int, rope: int, v: int, r
                       divisible_by_16=("qlat_ptr", "blocks_ptr", "o_part_ptr", "ml_ptr"))
     if conf.get("WS"):
         attn = _ws_spec(attn, conf)
+    if merge == "split":
+        return [absorb, attn] + mla_merge.specs(t, nh, r, v, rp, vp, bt, prec, sfx)
     oc = dict(NH=nh, R=r, V=v, RP=rp, VP=vp, BLOCK_T=bt, BLOCK_R=min(rp, 64),
               PRECISION=prec)
     osig = {"o_part_ptr": "*fp32", "ml_ptr": "*fp32", "wuv_ptr": f"*{t}", "out_ptr": f"*{t}",

@@ -59,9 +59,10 @@ def prefill_plan(offs, clen):
 def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_head_dim: int,
               qk_rope_head_dim: int, v_head_dim: int, kv_lora_rank: int, layer: int,
               scale: float, path: str, num_parts: int | None = None, conf: dict | None = None,
-              aux_block_t: int = md.AUX_BLOCK_T):
+              aux_block_t: int = md.AUX_BLOCK_T, merge: str | None = None):
     """MLA attention [T, NH * V] by the absorbed (path="absorbed") or decompressed kernels
-    (`aux_block_t`: mla_decode.specs' tokens a program of the absorption and the merge).
+    (`aux_block_t`, `merge`: mla_decode.specs' tokens a program of the absorption and the w_uv
+    product, and the merge's form).
 
     w1 is w_k [NH * nope, R] or w_uk [NH, nope, R] (the same memory); w_uv is [NH, R, V].
     """
@@ -82,8 +83,8 @@ def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_hea
     q, w1, w_uv = q.contiguous(), w1.contiguous(), w_uv.contiguous()
     if path == "absorbed":
         conf = md.layer_config(nh, r, dt, cdt, rope, page, conf)
-        absorb, attn, merge = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf,
-                                       aux_block_t)
+        absorb, attn, *tail = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf,
+                                       aux_block_t, merge)
         qlat = torch.empty((T * nh, r + rope), dtype=q.dtype, device=q.device)
         _run(absorb, absorb.grid_for(T=T), q, w1, qlat, T)
         kv_len = max(kvmax, 1)
@@ -99,7 +100,7 @@ def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_hea
         ml = torch.empty((max(T * nh * parts, 1), 2), dtype=torch.float32, device=q.device)
         _run(attn, attn.grid_for(batch=batch, seqmax=seqmax, num_parts=parts), qlat, io, ic, il,
              blocks, o_part, ml, *geo, float(scale), part, parts)
-        _run(merge, merge.grid_for(T=T), o_part, ml, w_uv, out, T, parts)
+        merge_partials(tail, o_part, ml, w_uv, out, T, nh, r, parts)
         return out
     decomp, attn = mp.specs(dt, cdt, nh, nope, rope, v, r, kinds, page)
     kv_cap = max(kvmax, 1)
@@ -109,3 +110,17 @@ def attention(q, blocks, offs, clen, lut, w1, w_uv, *, n_heads: int, qk_nope_hea
     _run(attn, attn.grid_for(batch=batch, seqmax=seqmax), q, io, ic, il, blocks, kv, out, kv_cap,
          *geo, float(scale))
     return out
+
+
+def merge_partials(tail, o_part, ml, w_uv, out, T: int, nh: int, r: int, parts: int) -> None:
+    """The launches after the attention (mla_decode.specs' tail): the fused merge, or the
+    combine into o_lat [T * nh, r] then the w_uv product."""
+    import torch
+
+    if len(tail) == 1:
+        _run(tail[0], tail[0].grid_for(T=T), o_part, ml, w_uv, out, T, parts)
+        return
+    combine, uv = tail
+    olat = torch.empty((max(T * nh, 1), r), dtype=out.dtype, device=out.device)
+    _run(combine, combine.grid_for(T=T), o_part, ml, olat, T * nh, parts)
+    _run(uv, uv.grid_for(T=T), olat, w_uv, out, T)

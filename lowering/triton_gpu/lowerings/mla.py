@@ -89,7 +89,7 @@ def _attention(sb: StepBuilder, node) -> None:
     item = _SCRATCH[dt]
 
     conf = md.layer_config(nh, r, dt, cdt, rope, page)
-    absorb, attn, merge = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf)
+    absorb, attn, *tail = md.specs(dt, cdt, nh, nope, rope, v, r, kinds, page, conf)
     bm, rp = conf["BLOCK_M"], attn.constexprs["RP"]
     sb.let("mla_kv_len", f"max({kvmax}, 1)")
     sb.let("mla_tiles", f"cdiv(max({seqmax}, 1) * {nh}, {bm})")
@@ -108,8 +108,17 @@ def _attention(sb: StepBuilder, node) -> None:
         sb.launch(sb.kernel(attn), [f"cdiv({seqmax} * {nh}, {bm}) * {conf['VSPLIT']}", parts,
                                     batch],
                   [qlat] + meta + [o_part, ml] + geo + [scale, part_size, parts])
-        sb.launch(sb.kernel(merge), [f"cdiv({T}, {merge.constexprs['BLOCK_T']})", nh],
-                  [o_part, ml, sb.ptr(w_uv), sb.ptr(out), T, parts])
+        if len(tail) == 1:   # the fused merge
+            sb.launch(sb.kernel(tail[0]), [f"cdiv({T}, {tail[0].constexprs['BLOCK_T']})", nh],
+                      [o_part, ml, sb.ptr(w_uv), sb.ptr(out), T, parts])
+        else:                # combine into o_lat, then the w_uv product (mla_merge.py)
+            combine, uv = tail
+            olat = sb.scratch("o_lat", item, f"({T}) * {nh * r}")
+            sb.launch(sb.kernel(combine), [f"cdiv(({T}) * {nh}, {combine.constexprs['ROWS']})",
+                                           cdiv(r, combine.constexprs["COLS"])],
+                      [o_part, ml, olat, f"({T}) * {nh}", parts])
+            sb.launch(sb.kernel(uv), [f"cdiv({T}, {uv.constexprs['BLOCK_T']})", nh],
+                      [olat, sb.ptr(w_uv), sb.ptr(out), T])
     decomp, pattn = mp.specs(dt, cdt, nh, nope, rope, v, r, kinds, page)
     with sb.when(None):
         kv = sb.scratch("kv_decompressed", item,

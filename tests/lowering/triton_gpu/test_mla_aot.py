@@ -33,6 +33,10 @@ for s in (md.specs("float32", "float32", 128, 128, 64, 128, 512, 1, 64)
 # The q absorption and the merge at 64 tokens a program (tools/gpu_sweeps/mla.py --aux).
 jobs += [("aux64", s) for s in md.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64,
                                         None, 64)[::2]]
+# The split merge (mla_merge.py): the combine and the w_uv product at 16 and 64 tokens.
+for bt in (16, 64):
+    jobs += [("split", s) for s in md.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1,
+                                            64, None, bt, "split")[2:]]
 for name, conf in md.CANDIDATES.items():
     nh = {16: 16, 32: 32}.get(conf["BLOCK_M"], 128)
     jobs.append(("cand", md.specs("bfloat16", "bfloat16", nh, 128, 64, 128, 512, 1, 64, name)[1]))
@@ -76,7 +80,7 @@ def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
 
     from graphir.lowering.triton_gpu.kernels import mla_decode as md
 
-    assert len(compiled) == 3 + 9 + 2 + 5 + 2 + len(md.CANDIDATES)
+    assert len(compiled) == 3 + 9 + 2 + 5 + 2 + 3 + len(md.CANDIDATES)
     for name, c in compiled.items():
         assert c["magic"] == "7f454c46", name
         assert c["shared"] <= MAX_SHARED_SM90, (name, c["shared"])
@@ -99,6 +103,14 @@ def test_candidate_configs_use_tensor_cores(compiled):
             assert c["tma"] == 9, name
         elif conf["num_stages"] > 1:
             assert c["cp_async"] > 0, name
+
+
+def test_split_merge_product_is_pipelined_on_tensor_cores(compiled):
+    # The w_uv product's R loop: the pipeliner's asynchronous copies feed wgmma tiles.
+    for bt in ("", "_t64"):
+        c = compiled[f"split/mla_uv_bf16{bt}"]
+        assert c["cp_async"] > 0 and c["wgmma"] + c["mma"] > 0, (bt, c)
+    assert "split/mla_combine_bf16" in compiled
 
 
 def test_latent_cache_streams_through_async_copies(compiled):

@@ -104,10 +104,13 @@ def test_empty_sequences_and_multi_token_decode():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{path} {parts}")
 
 
-@pytest.mark.parametrize("aux_block_t", [32, 64])
-def test_absorption_and_merge_token_blocks(aux_block_t):
+@pytest.mark.parametrize("aux_block_t,merge", [(32, "fused"), (64, "fused"), (16, "split"),
+                                               (64, "split")])
+def test_absorption_and_merge_token_blocks(aux_block_t, merge):
     # 70 new tokens (more than one block of the absorption and the merge at 32 and 64 tokens a
-    # program, the last one partial) over cached prefixes, two partitions to merge.
+    # program, the last one partial) over cached prefixes, two partitions to merge; a sequence
+    # with no new token, and short ones whose second partition holds no key (sum 0). "split": the
+    # partials combined into o_lat by one launch, multiplied by w_uv in another (mla_merge.py).
     rng = np.random.default_rng(aux_block_t)
     *_, blocks, w_k, w_uk, w_uv = inputs(1, seed=7)
     pages = blocks.shape[0] - 1
@@ -119,10 +122,12 @@ def test_absorption_and_merge_token_blocks(aux_block_t):
     q = rng.standard_normal((int(offs[-1]), NH * (NOPE + ROPE))).astype(np.float32)
     want = reference(q, blocks, offs, clen, lut, w_k, w_uk, w_uv)
     got = run("absorbed", q, blocks, offs, clen, lut, w_uk, w_uv, num_parts=2,
-              aux_block_t=aux_block_t)
+              aux_block_t=aux_block_t, merge=merge)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="aux_block_t"):
         md.specs("bfloat16", "bfloat16", NH, NOPE, ROPE, V, R, 1, 16, None, 48)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        md.specs("bfloat16", "bfloat16", NH, NOPE, ROPE, V, R, 1, 16, None, 16, "both")
 
 
 def test_pages_that_hold_whole_key_blocks():

@@ -45,11 +45,14 @@ def op_graph(kinds: int, dt: DType, interleaved: bool) -> Graph:
     return g
 
 
-@pytest.mark.parametrize("kinds,interleaved,absorb_max", [(1, True, 64), (2, False, 64),
-                                                          (1, False, 2)])
-def test_mla_ops_graph(kinds, interleaved, absorb_max, monkeypatch):
-    # absorb_max 2: the batch (5 new tokens at most) takes the decompressed variant.
+@pytest.mark.parametrize("kinds,interleaved,absorb_max,merge", [
+    (1, True, 64, "fused"), (2, False, 64, "fused"), (1, False, 2, "fused"),
+    (1, True, 64, "split")])
+def test_mla_ops_graph(kinds, interleaved, absorb_max, merge, monkeypatch):
+    # absorb_max 2: the batch (5 new tokens at most) takes the decompressed variant. merge
+    # "split": the plan combines the partials into o_lat, then multiplies by w_uv.
     monkeypatch.setattr(mla_lowering, "ABSORB_MAX", absorb_max)
+    monkeypatch.setattr(md, "MERGE", merge)
     rng = np.random.default_rng(kinds + 3 * interleaved)
     inputs = mla_op_inputs(rng, kinds, nh=NH, nope=NOPE, rope=ROPE, v=V, r=R, kv_b_scale=0.3)
     g = op_graph(kinds, DType.float32, interleaved)
@@ -66,6 +69,10 @@ def test_mla_ops_graph(kinds, interleaved, absorb_max, monkeypatch):
     no_host_steps(ex)
     want_kernel = "mla_absorbed_fp32" if absorb_max >= 5 else "mla_prefill_attn_fp32"
     assert sum(k.startswith(want_kernel) for k in dev.launched) == 3, dev.launched
+    if absorb_max >= 5:
+        merged = [k for k in dev.launched if k.startswith(("mla_absorbed_out", "mla_combine",
+                                                           "mla_uv"))]
+        assert len(merged) == (3 if merge == "fused" else 6), dev.launched
 
 
 @pytest.mark.parametrize("q_lora,absorb_max", [(None, 64), (24, 64), (None, 4)])
