@@ -35,12 +35,16 @@ MIN_PART = 256        # keys per partition at least (partials cost a write and a
 # Tokens a program of the q absorption and of the merge (each reads its head's [128, 512] weight
 # once per token block: at batch 64 a 16-token block reads it four times). The plan's grids and
 # the launch helpers take the value from the specs' constexprs; tools/gpu_sweeps/mla.py --aux
-# times other values.
-AUX_BLOCK_T = 16
+# times other values. H200, 2026-12-05 (mla.py --aux 16,64 --merge fused,split): 64 tokens a
+# program halved the absorption at 64-128 heads (B64 x 64 heads 8.9 -> 5.0 us, B128 x 128 heads
+# 31.3 -> 15.2) and cost at most 0.4 us elsewhere.
+AUX_BLOCK_T = 64
 # How the split-K partials meet w_uv (specs' `merge`): one fused launch, or mla_merge's combine
-# then product (more programs, w_uv read once per token block); the sweep times both.
+# then product (more programs, w_uv read once per token block). Same run, merge at 16 tokens
+# fused -> at 64 split: B64 x 16 heads 13.4 -> 7.0 us, B64 x 64 heads 13.0 -> 8.6, B8 x 128 heads
+# 32.4 -> 10.9, B128 x 128 heads 36.0 -> 23.1.
 MERGES = ("fused", "split")
-MERGE = "fused"
+MERGE = "split"
 
 
 @triton.jit
@@ -262,9 +266,12 @@ CANDIDATES = {conf_name(c): c for c in (
 # with 32-key blocks in 4 stages, the context split to fill the SMs once (one program an SM
 # fits: its ring takes the shared memory), 2026-12-04: h64 B64 94.5 us = 76% of copy
 # (m64n64w8s2 161 us; two waves 105 us), h128 B64 166 us (290; two waves 177), B128 335-369 us
-# (554), 396-440 TFLOP/s. A layer the Gluon kernel does not take (fp32, R != 512, small pages)
-# runs its Triton twin (ws_fits).
-DEFAULTS = {16: "m16n64w4s2", 32: "m32n16w4s4", 64: "m64n32w4s4x1ws", 128: "m64n32w4s4x1ws"}
+# (554), 396-440 TFLOP/s. 2026-12-05: the seesaw form of the same tiles (mla_decode_seesaw.py,
+# the score work split between the warpgroups) at h64 B64 93.6 us = 76% of copy against 97.0,
+# h128 B8 / B64 / B128 32.3 / 168.2 / 346.5 us against 33.7 / 167.0 / 358.7 (mla.py, one run).
+# A layer the Gluon kernels do not take (fp32, R != 512, small pages) runs their Triton twin
+# (ws_fits).
+DEFAULTS = {16: "m16n64w4s2", 32: "m32n16w4s4", 64: "m64n32w4s4x1ss", 128: "m64n32w4s4x1ss"}
 
 
 def head_bucket(nh: int) -> int:

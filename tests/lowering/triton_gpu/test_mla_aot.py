@@ -30,9 +30,10 @@ for s in mp.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64):
 for s in (md.specs("float32", "float32", 128, 128, 64, 128, 512, 1, 64)
           + mp.specs("float32", "float32", 128, 128, 64, 128, 512, 1, 64)):
     jobs.append(("fp32", s))
-# The q absorption and the merge at 64 tokens a program (tools/gpu_sweeps/mla.py --aux).
-jobs += [("aux64", s) for s in md.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64,
-                                        None, 64)[::2]]
+# The q absorption and the fused merge at 16 tokens a program (tools/gpu_sweeps/mla.py --aux
+# 16 --merge fused; the shipped ones: 64 tokens, the split merge).
+jobs += [("aux16", s) for s in md.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1, 64,
+                                        None, 16, "fused")[::2]]
 # The split merge (mla_merge.py): the combine and the w_uv product at 16 and 64 tokens.
 for bt in (16, 64):
     jobs += [("split", s) for s in md.specs("bfloat16", "bfloat16", 128, 128, 64, 128, 512, 1,
@@ -80,7 +81,10 @@ def test_every_kernel_compiles_fits_and_does_not_spill(compiled):
 
     from graphir.lowering.triton_gpu.kernels import mla_decode as md
 
-    assert len(compiled) == 3 + 9 + 2 + 5 + 2 + 3 + len(md.CANDIDATES)
+    # store / plan; 3 layers x [absorb, attention, combine, w_uv]; prefill; fp32 decode +
+    # prefill; the 16-token absorption and fused merge; the split merge at 16 and 64 tokens
+    # (one combine); every candidate's attention kernel.
+    assert len(compiled) == 3 + 12 + 2 + 6 + 2 + 3 + len(md.CANDIDATES)
     for name, c in compiled.items():
         assert c["magic"] == "7f454c46", name
         assert c["shared"] <= MAX_SHARED_SM90, (name, c["shared"])

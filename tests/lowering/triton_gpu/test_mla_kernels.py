@@ -233,13 +233,16 @@ def test_ws_configs_take_deepseek_sizes_and_fall_back_elsewhere():
     # The Gluon kernel takes 16-bit q and cache of one dtype, R = 512 and pages of whole key
     # blocks; elsewhere the same config runs its Triton twin (same tiles, same arguments). Under
     # the interpreter the twin runs in the Gluon kernel's place.
+    from graphir.lowering.triton_gpu.kernels import mla_decode_seesaw as ss
     from graphir.lowering.triton_gpu.kernels import mla_decode_ws as ws
 
     name = md.DEFAULTS[128]
     assert md.CANDIDATES[name].get("WS")
+    kernel = ss.mla_absorbed_seesaw_kernel if md.CANDIDATES[name].get("SEESAW") else \
+        ws.mla_absorbed_ws_kernel
     for dt in ("bfloat16", "float16"):
         attn = md.specs(dt, dt, 128, 128, 64, 128, 512, 1, 64, name)[1]
-        assert attn.fn is ws.mla_absorbed_ws_kernel and attn.num_warps == 4
+        assert attn.fn is kernel and attn.num_warps == 4
         twin = attn.interpretable()
         assert twin.fn is md.mla_absorbed_kernel and twin.num_warps == 8
         assert twin.runtime_params() == attn.runtime_params()
