@@ -15,7 +15,9 @@ bandwidth and torch f32 GEMM rate.
 The torch layer: one fused qkv linear, half-split RoPE from the same table, then either
 "paged" (the same computation: new K/V written into a paged cache of the same layout, K/V
 gathered from the pages) or "dense" (a stronger baseline: a contiguous per-sequence cache
-[batch, n_kv, max_len, head_dim], read without a copy), SDPA (GQA), o_proj.
+[batch, n_kv, max_len, head_dim], read without a copy), SDPA (GQA), o_proj. `--compile MODE`
+adds torch.compile of the dense layer written as one graph for the step's fixed shapes (no
+graph break; `--compile none` leaves it out).
 """
 from __future__ import annotations
 
@@ -52,6 +54,26 @@ class TorchLayer:
         f = torch.from_numpy(freqs).to(dtype)
         self.cos, self.sin = f[:, 0::2], f[:, 1::2]
         self.nh, self.nkv, self.d = n_heads, n_kv, d
+
+    def static_step(self, batch: int, n: int, total: int):
+        """The dense layer as one traceable function of (x, pos, seq) for `batch` sequences of
+        `n` new tokens each over `total` keys: what torch.compile captures whole."""
+        torch, nh, nkv, d = self.torch, self.nh, self.nkv, self.d
+        kc, vc = self.dense
+        causal = n > 1
+
+        def step(x, pos, seq):
+            t = x.shape[0]
+            q, k, v = torch.nn.functional.linear(x, self.wqkv).split(
+                [nh * d, nkv * d, nkv * d], dim=1)
+            q, k = self._rope(q.reshape(t, nh, d), pos), self._rope(k.reshape(t, nkv, d), pos)
+            kc[seq, :, pos] = k
+            vc[seq, :, pos] = v.reshape(t, nkv, d)
+            qq = q.reshape(batch, n, nh, d).transpose(1, 2)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qq, kc[:, :, :total], vc[:, :, :total], is_causal=causal, enable_gqa=True)
+            return torch.nn.functional.linear(o.transpose(1, 2).reshape(t, nh * d), self.wo)
+        return step
 
     def _rope(self, x, pos):
         h = self.d // 2
@@ -126,6 +148,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="f32", choices=("f32", "bf16"),
                     help="the layer's dtype (torch runs the same dtype; bf16 inputs and cache "
                          "are handed to graphir as bf16 bits, as a bf16 pipeline holds them)")
+    ap.add_argument("--compile", default="max-autotune",
+                    help="torch.compile mode of the dense layer's peer, or none")
     ap.add_argument("--roofline", default="roofline_cpu.png",
                     help="where the roofline chart (PNG) goes")
     args = ap.parse_args()
@@ -197,12 +221,25 @@ def main() -> None:
         x_in = to_bits(x, dt)
         with torch.no_grad():
             want = ref(*targs).float().numpy()
-            t_ours, t_torch, t_dense = interleaved_times(
-                [lambda: model.execute(x_in, offs, ours_blocks, clen, lut, maxl),
-                 lambda: ref(*targs), lambda: dense_ref(*targs)], reps)
+            fns = [lambda: model.execute(x_in, offs, ours_blocks, clen, lut, maxl),
+                   lambda: ref(*targs), lambda: dense_ref(*targs)]
+            if args.compile != "none":
+                seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+                pos = targs[3][seq] + torch.arange(len(seq)) - targs[1][:-1][seq]
+                torch._dynamo.reset()
+                comp = torch.compile(dense_ref.static_step(len(counts), counts[0], max_len),
+                                     mode=args.compile, fullgraph=True, dynamic=False)
+                # Against the eager dense layer: its cache holds other random data than the
+                # paged one, so the eager output on the same cache is the reference.
+                dwant = dense_ref(*targs).float()
+                c_err = float((comp(targs[0], pos, seq).float() - dwant).abs().max()
+                              / dwant.abs().max())
+                fns.append(lambda: comp(targs[0], pos, seq))
+            t_ours, t_torch, t_dense, *t_comp = interleaved_times(fns, reps)
         (got,) = model.execute(x_in, offs, to_bits(blocks, dt).copy(), clen, lut, maxl)
         err = float(np.abs(got - want).max() / np.abs(want).max())
-        rows.append((name, t_ours, t_torch, t_dense, err))
+        rows.append((name, t_ours, t_torch, t_dense, err,
+                     (t_comp[0], c_err) if t_comp else None))
         work = attention_layer_work(len(counts), cached[0], counts[0], nh, nkv, d,
                                     int(g.inputs[0].type.shape[1]), 2 if args.dtype == "bf16" else 4)
         points += [Point(name, *work, min(t_ours)), Point(f"{name} torch paged", *work,
@@ -217,13 +254,16 @@ def main() -> None:
     print(f"bind weights (qkv concat + pack, once): {t_bind * 1e3:.0f} ms;  "
           f"compile_graph cache hit incl. passes + graph print: {t_hit * 1e3:.0f} ms")
     print("case | graphir ms best / median | torch paged ms | graphir/torch paged | "
-          "torch dense-cache ms | graphir/torch dense | max rel diff vs torch")
+          "torch dense-cache ms | graphir/torch dense | max rel diff vs torch"
+          + (f" | torch.compile({args.compile}) dense ms | graphir/compiled | its rel diff"
+             if args.compile != "none" else ""))
 
     def ms(ts):
         return f"{min(ts) * 1e3:.1f} / {float(np.median(ts)) * 1e3:.1f}"
-    for name, to, tt, td, err in rows:
+    for name, to, tt, td, err, comp in rows:
+        tail = f" | {ms(comp[0])} | {min(to) / min(comp[0]):.2f} | {comp[1]:.1e}" if comp else ""
         print(f"{name} | {ms(to)} | {ms(tt)} | {min(to) / min(tt):.2f} | {ms(td)} | "
-              f"{min(to) / min(td):.2f} | {err:.1e}")
+              f"{min(to) / min(td):.2f} | {err:.1e}{tail}")
     bw, peak = machine_limits(torch, tdt)
     print(f"roof: copy {bw / 1e9:.1f} GB/s, torch {args.dtype} GEMM {peak / 1e9:.0f} GFLOP/s "
           f"({args.threads} threads)")
