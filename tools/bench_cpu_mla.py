@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", default="cpu", help="cpu (this host) or e.g. cpu:x86-64:avx2")
+    ap.add_argument("--compile", default="max-autotune",
+                    help="torch.compile mode of the torch layer as a second peer, or none")
     args = ap.parse_args()
     os.environ.setdefault("GRAPHIR_NUM_THREADS", str(args.threads))
     load_before = os.getloadavg()[0]
@@ -179,23 +181,35 @@ def main() -> None:
         with torch.no_grad():
             want = ref(tx, tc, cached, batch).numpy()
             reps = args.reps if name == "prefill" else 4 * args.reps
-            t_ours, t_torch = interleaved_times(
-                [lambda: model.execute(x, offs, ours, clen, lut, maxl),
-                 lambda: ref(tx, tc, cached, batch)], reps)
+            fns = [lambda: model.execute(x, offs, ours, clen, lut, maxl),
+                   lambda: ref(tx, tc, cached, batch)]
+            comp = None
+            if args.compile != "none":   # the same torch layer, one graph for these shapes
+                torch._dynamo.reset()
+                comp = torch.compile(lambda a, c, k=cached, b=batch: ref(a, c, k, b),
+                                     mode=args.compile, fullgraph=True, dynamic=False)
+                got_c = comp(tx, tc).numpy()
+                comp = (comp, float(np.abs(got_c - want).max() / np.abs(want).max()))
+                fns.append(lambda: comp[0](tx, tc))
+            t_ours, t_torch, *t_comp = interleaved_times(fns, reps)
         (got,) = model.execute(x, offs, blocks.copy(), clen, lut, maxl)
         err = float(np.abs(got - want).max() / np.abs(want).max())
-        rows.append((f"{name}, batch {batch} x {n} new at context {cached}", t_ours, t_torch, err))
+        rows.append((f"{name}, batch {batch} x {n} new at context {cached}", t_ours, t_torch, err,
+                     (t_comp[0], comp[1]) if comp else None))
 
     print(f"{art.target} ({host_cpu().model}), {args.threads} threads; load average "
           f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"LatentAttentionWithRope hidden {args.hidden}, {args.heads} heads, q_lora "
           f"{args.q_lora}, kv_lora {R}, nope/rope/v {NOPE}/{ROPE}/{V}, f32")
     print("case | graphir ms best / median | torch ms best / median | graphir / torch (best) | "
-          "max rel diff")
-    for name, to, tt, err in rows:
+          "max rel diff" + (f" | torch.compile({args.compile}) ms best / median | graphir / "
+                            "compiled | its rel diff" if args.compile != "none" else ""))
+    for name, to, tt, err, comp in rows:
+        tail = (f" | {min(comp[0]) * 1e3:.2f} / {np.median(comp[0]) * 1e3:.2f} | "
+                f"{min(to) / min(comp[0]):.2f} | {comp[1]:.1e}") if comp else ""
         print(f"{name} | {min(to) * 1e3:.2f} / {np.median(to) * 1e3:.2f} | "
               f"{min(tt) * 1e3:.2f} / {np.median(tt) * 1e3:.2f} | {min(to) / min(tt):.2f} | "
-              f"{err:.1e}")
+              f"{err:.1e}{tail}")
 
 
 if __name__ == "__main__":
