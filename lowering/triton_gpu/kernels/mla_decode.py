@@ -1,6 +1,6 @@
 """MLA attention in latent space (absorbed weights): the decode path, split-K over the context.
 
-Three launches:
+Three steps:
   1. `mla_q_absorb_kernel`: q_lat `[T*NH, W]` = [q_nope @ w_uk[h] | q_rope] per (token, head), in
      q's dtype (grid: token blocks x heads x blocks of R);
   2. `mla_absorbed_kernel`: each program owns BLOCK_M (token, head) rows of one sequence (heads
@@ -12,8 +12,10 @@ Three launches:
      unnormalized partial `o_part [T*NH, parts, RP]` and `ml [T*NH, parts, 2]` (running max in
      log2 units, sum) go to fp32 scratch. New token i of sequence b sits at position
      cache_len + i and sees keys up to itself;
-  3. `mla_absorbed_out_kernel`: per (token block, head) it merges the partitions and multiplies
-     the latent output by w_uv[h] `[R, V]`, writing `[T, NH*V]`.
+  3. the merge: the partitions combined and the latent output multiplied by w_uv[h] `[R, V]`,
+     writing `[T, NH*V]`: by default in two launches (mla_merge.py: the combine into o_lat,
+     then the product), or in one, `mla_absorbed_out_kernel` per (token block, head) (specs'
+     `merge`).
 The partitions are `part_size` keys (a multiple of BLOCK_N) chosen by the lowering from the
 batch and the bucketed context length (split_lets), so all SMs stream the cache at batch 64 as
 at batch 1.
@@ -256,7 +258,6 @@ CANDIDATES = {conf_name(c): c for c in (
     _conf(64, 32, 4, 4, waves=1, ws=True),
     # The same launch with the score work split between the two warpgroups
     # (mla_decode_seesaw.py): blocks in pairs, each warpgroup scoring one of each pair.
-    # Compiled and CPU-checked, not yet run on a GPU (2026-12-04): no default names them.
     _conf(64, 32, 4, 4, waves=1, seesaw=True), _conf(64, 32, 4, 4, seesaw=True),
 )}
 # The shipped config per head-count bucket (heads padded to a power of two, at most 128): the
