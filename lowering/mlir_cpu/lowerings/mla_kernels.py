@@ -10,7 +10,8 @@ normalized latent output goes through w_uv (outer products along v_head_dim).
 mla_prefill (decompressed): scf.forall over (sequence, head); the sequence's cached + new keys
 go by chunks of min(buffer_size, PREFILL_CHUNK) tokens: each chunk's K (nope part c_kv . w_k,
 dot products along kv_lora_rank; rope part k_pe) and V (c_kv @ w_uv, outer products along
-v_head_dim) are decompressed into a workspace of that many rows, then every block of 2 x lanes
+v_head_dim) are decompressed into a workspace of that many rows, DECOMP_KEYS keys sharing each
+weight load, then every block of 2 x lanes
 new tokens (queries along the lanes) streams the chunk's keys through its online-softmax state.
 The workspace per task is bounded by buffer_size tokens whatever the sequence length.
 """
@@ -356,18 +357,34 @@ def _prefill(k: KernelText, io: _Io, *, nh: int, nope: int, rope: int, v: int, r
     t.close()   # (the deallocation pass frees the workspace at the end of each task)
 
 
+# Keys decompressed together: each weight vector loaded is used by DECOMP_KEYS keys, so the
+# weights (2 x 256 KB a head at DeepSeek's sizes) stream from L2 once per group instead of once
+# per key (they were the bound: ~1 load per FMA).
+DECOMP_KEYS = 4
+_K_OUTS = 4        # K outputs (dot products along R) a register block holds per key
+_V_VECS = 4        # V column vectors a register block holds per key
+
+
 def _decompress(k: KernelText, io: _Io, b: str, h: str, s: str, cnt: str, kc, kc_t, vc, vc_t,
                 *, nope: int, rope: int, v: int, r: int, layer: int, vr: int, vv: int,
                 vp: int) -> None:
     """Rows [0, cnt) of kc / vc = K / V of head h for the keys at positions s + row:
-    K = [c_kv . w_k[h nope + d] for d < nope | k_pe], V = c_kv @ w_uv[h]."""
+    K = [c_kv . w_k[h nope + d] for d < nope | k_pe], V = c_kv @ w_uv[h]. Keys go in groups
+    of DECOMP_KEYS; a last partial group repeats key cnt - 1 into rows up to cnt + 2, which
+    lie in the workspace's padding rows past the chunk (masked by the attention)."""
     t = k.t
-    nbk = max(x for x in (4, 2, 1) if nope % x == 0)
-    vb = _block(v, vv)
+    nk = DECOMP_KEYS
+    assert nk - 1 <= KEY_TILE   # the padding rows hold a partial group's repeats
+    nbk = max(x for x in (_K_OUTS, 2, 1) if nope % x == 0)
+    vb = vv * max(x for x in range(1, _V_VECS + 1) if (v // vv) % x == 0)
+    last = k.ix("subi", cnt, 1)
 
-    def key(l, _):
-        page, slot = io.page_slot(k, b, k.ix("addi", s, l))
-        at = [page, t.idx(0), t.idx(layer), slot, t.idx(0)]
+    def group(l0, _):
+        rows = [k.ix("addi", l0, i) for i in range(nk)]
+        ats = []
+        for row in rows:
+            page, slot = io.page_slot(k, b, k.ix("addi", s, t.min(row, last)))
+            ats.append([page, t.idx(0), t.idx(layer), slot, t.idx(0)])
 
         def dblock(d0, _):
             ds = [k.ix("addi", d0, j) for j in range(nbk)]
@@ -375,32 +392,40 @@ def _decompress(k: KernelText, io: _Io, b: str, h: str, s: str, cnt: str, kc, kc
             ws = [[h, d] if io.w1_heads else [k.ix("addi", k.ix("muli", h, nope), d)] for d in ds]
 
             def rstep(rr, accs):
-                c = _vectors(t, "%blocks", at + [rr], io.bt, io.bel, vr)
-                return [t(f"vector.fma {c}, {_vectors(t, io.w1, w + [rr], io.w1t, io.el, vr)}, {a} : "
-                          f"vector<{vr}xf32>") for w, a in zip(ws, accs)]
-            res = k.loop(0, r, vr, [t.const("0.0", f"vector<{vr}xf32>")] * nbk,
+                cs = [_vectors(t, "%blocks", at + [rr], io.bt, io.bel, vr) for at in ats]
+                wv = [_vectors(t, io.w1, w + [rr], io.w1t, io.el, vr) for w in ws]
+                return [t(f"vector.fma {c}, {w}, {accs[i * nbk + j]} : vector<{vr}xf32>")
+                        for i, c in enumerate(cs) for j, w in enumerate(wv)]
+            res = k.loop(0, r, vr, [t.const("0.0", f"vector<{vr}xf32>")] * (nk * nbk),
                          f"vector<{vr}xf32>", rstep)
-            for j, a in enumerate(res):
-                t.stmt(f"memref.store {hsum(t, a, vr)}, {kc}[{l}, {k.ix('addi', d0, j)}] : {kc_t}")
+            for i, row in enumerate(rows):
+                for j in range(nbk):
+                    t.stmt(f"memref.store {hsum(t, res[i * nbk + j], vr)}, "
+                           f"{kc}[{row}, {k.ix('addi', d0, j)}] : {kc_t}")
             return []
         k.loop(0, nope, nbk, body=dblock)
-        for c in range(0, rope, vp):
-            x = _vectors(t, "%blocks", at + [t.idx(r + c)], io.bt, io.bel, vp)
-            t.stmt(f"vector.store {x}, {kc}[{l}, {t.idx(nope + c)}] : {kc_t}, vector<{vp}xf32>")
+        for at, row in zip(ats, rows):
+            for c in range(0, rope, vp):
+                x = _vectors(t, "%blocks", at + [t.idx(r + c)], io.bt, io.bel, vp)
+                t.stmt(f"vector.store {x}, {kc}[{row}, {t.idx(nope + c)}] : {kc_t}, "
+                       f"vector<{vp}xf32>")
 
         def vblock(c0, _):
             cols = [k.ix("addi", c0, u * vv) for u in range(vb // vv)]
 
             def rstep(rr, accs):
-                cb = t(f"vector.broadcast {io.scalar(t, '%blocks', at + [rr], io.bt, io.bel)} : f32 "
-                       f"to vector<{vv}xf32>")
-                return [t(f"vector.fma {cb}, {_vectors(t, io.w2, [h, rr, c], io.w2t, io.el, vv)}, "
-                          f"{a} : vector<{vv}xf32>") for c, a in zip(cols, accs)]
-            res = k.loop(0, r, 1, [t.const("0.0", f"vector<{vv}xf32>")] * len(cols),
+                cbs = [t(f"vector.broadcast {io.scalar(t, '%blocks', at + [rr], io.bt, io.bel)} "
+                         f": f32 to vector<{vv}xf32>") for at in ats]
+                wv = [_vectors(t, io.w2, [h, rr, c], io.w2t, io.el, vv) for c in cols]
+                return [t(f"vector.fma {cb}, {w}, {accs[i * len(cols) + j]} : vector<{vv}xf32>")
+                        for i, cb in enumerate(cbs) for j, w in enumerate(wv)]
+            res = k.loop(0, r, 1, [t.const("0.0", f"vector<{vv}xf32>")] * (nk * len(cols)),
                          f"vector<{vv}xf32>", rstep)
-            for c, a in zip(cols, res):
-                t.stmt(f"vector.store {a}, {vc}[{l}, {c}] : {vc_t}, vector<{vv}xf32>")
+            for i, row in enumerate(rows):
+                for j, c in enumerate(cols):
+                    t.stmt(f"vector.store {res[i * len(cols) + j]}, {vc}[{row}, {c}] : {vc_t}, "
+                           f"vector<{vv}xf32>")
             return []
         k.loop(0, v, vb, body=vblock)
         return []
-    k.loop(0, cnt, 1, body=key)
+    k.loop(0, cnt, nk, body=group)
