@@ -27,8 +27,17 @@ def main(path):
     if total_c is None:
         print("columns:", cols)
         return
+    # Warps parked for the whole kernel: in a warp-specialized kernel the warps of a partition's
+    # warpgroup that run no code (the loader takes one warp of four) wait at the register
+    # reallocation rendezvous (BAR.SYNC, then a NOP before USETMAXREG.TRY_ALLOC) until the end.
+    # Their samples are stalls of nobody's work: counted apart, left out of the shares below.
+    parked = [r for i, r in enumerate(rows[:-1]) if "USETMAXREG.TRY_ALLOC" in rows[i + 1]["Source"]
+              and r["Source"].split()[:1] == ["NOP"]]
+    n_parked = sum(num(r[total_c]) for r in parked)
+    rows = [r for r in rows if not any(r is p for p in parked)]
     total = sum(num(r[total_c]) for r in rows) or 1.0
-    print(f"{len(rows)} instructions, {total:.0f} samples")
+    print(f"{len(rows)} instructions, {total:.0f} samples of working warps "
+          f"({n_parked:.0f} more of warps parked at the register rendezvous, left out)")
     by_op = Counter()
     for r in rows:
         by_op[r["Source"].split()[0].split(".")[0] if r["Source"].split() else "?"] += num(r[total_c])
