@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from graphir.dtype import bf16_bits
+
 _LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)(p?)")
 
 
@@ -41,8 +43,8 @@ def packed_shape(shape, layout: str) -> list[int]:
 
 
 def pack_numpy(a: np.ndarray, layout: str) -> np.ndarray:
-    """`a` packed in `layout`, C-contiguous: f32, or bf16 bits (uint16) for a pairs layout (a's
-    values must then be bf16-exact, as a bf16 weight's are: they are truncated, not rounded)."""
+    """`a` packed in `layout`, C-contiguous: f32, or for a pairs layout the bf16 bits (uint16)
+    of a's values rounded to bf16 (graphir.dtype.bf16_bits; a bf16 weight's values are exact)."""
     kind, nr, pairs = parse_layout(layout)
     a = np.asarray(a, np.float32)
     if a.ndim != 2:
@@ -52,7 +54,7 @@ def pack_numpy(a: np.ndarray, layout: str) -> np.ndarray:
     n, k = w.shape
     if not pairs:
         return np.ascontiguousarray(w.reshape(n // nr, nr, k).transpose(0, 2, 1))
-    bits = (np.ascontiguousarray(w).view(np.uint32) >> 16).astype(np.uint16)
+    bits = bf16_bits(w)
     # [N/NR, NR, K/2, 2] -> [N/NR, K/2, NR, 2]
     out = bits.reshape(n // nr, nr, k // 2, 2).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(out).reshape(shape)

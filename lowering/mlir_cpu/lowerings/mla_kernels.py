@@ -247,9 +247,9 @@ def _decode(k: KernelText, io: _Io, *, nh: int, nope: int, rope: int, v: int, r:
     t.close()
 
 
-def _block(n: int, w: int) -> int:
-    """Columns per register block: w-wide vectors, at most 8 of them, dividing n."""
-    return w * max(x for x in range(1, 9) if (n // w) % x == 0)
+def _block(n: int, w: int, most: int = 8) -> int:
+    """Columns per register block: w-wide vectors, at most `most` of them, dividing n."""
+    return w * max(x for x in range(1, most + 1) if (n // w) % x == 0)
 
 
 def _inverse(k: KernelText, lsum: str) -> str:
@@ -376,7 +376,7 @@ def _decompress(k: KernelText, io: _Io, b: str, h: str, s: str, cnt: str, kc, kc
     nk = DECOMP_KEYS
     assert nk - 1 <= KEY_TILE   # the padding rows hold a partial group's repeats
     nbk = max(x for x in (_K_OUTS, 2, 1) if nope % x == 0)
-    vb = vv * max(x for x in range(1, _V_VECS + 1) if (v // vv) % x == 0)
+    vb = _block(v, vv, _V_VECS)
     last = k.ix("subi", cnt, 1)
 
     def group(l0, _):
