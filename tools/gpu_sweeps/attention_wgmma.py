@@ -45,7 +45,23 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             "wslpt_n128s3": _V(128, 3, lpt=True),
             # the persistent configs (flash_attention_persistent.py; always longest-first)
             "wsp_n128s2": dict(config="m128n128w4s2tmawspersist"),
-            "wsp_n128s3": dict(config="m128n128w4s3tmawspersist")}
+            "wsp_n128s3": dict(config="m128n128w4s3tmawspersist"),
+            # the consumers' deeper pipeline (flash_attention_deep.py; head dim 64 only)
+            "wsp_deep2": dict(config="m128n128w4s2tmawspersistdeep"),
+            "wsp_deep3": dict(config="m128n128w4s3tmawspersistdeep")}
+# Head dim 64 beyond attention.py's one shape (the issue's targets name both head dims).
+SHAPES = A.SHAPES + [("n4k64", 4, 4096, 64, "NULL", 0), ("c16k64", 1, 16384, 64, "CAUSAL", 0)]
+
+
+def serves(kw, D) -> bool:
+    """Whether a variant's config is valid at head dim D (DEEP configs take D <= 64)."""
+    if "config" not in kw:
+        return True
+    try:
+        fc.check_config(fc.get(kw["config"]), D)
+        return True
+    except ValueError:
+        return False
 
 
 def run_variant(q, offs, clen, lut, blocks, kw, **call):
@@ -73,6 +89,8 @@ def check_correctness(variants) -> list:
                 scale = D ** -0.5
                 want = torch_reference(q, offs, clen, lut, blocks, mask, window, scale)
                 for name in variants:
+                    if not serves(VARIANTS[name], D):
+                        continue
                     try:
                         got = run_variant(q, offs, clen, lut, blocks, VARIANTS[name],
                                           mask=mask, window=window)
@@ -93,7 +111,7 @@ def check_correctness(variants) -> list:
 def speed(variants, only) -> list:
     A.set_allocator()
     rows = []
-    for shape in A.SHAPES:
+    for shape in SHAPES:
         name, B, S, D, mask, window = shape
         if only and name not in only:
             continue
@@ -104,14 +122,19 @@ def speed(variants, only) -> list:
         cfg = next(c for c in fa.candidates(D, A.PAGE) if fa.config_tag(c) == tag)
         r = A.measure(shape, A.ours(shape, cfg), want)
         row["shipped"] = r.get("tflops", r.get("error"))
+        row["shipped_rel_err"] = r.get("rel_err")
         lut, blocks = p["shuffled"]
         for v in variants:
+            if not serves(VARIANTS[v], D):
+                row[v] = "n/a"
+                continue
             fn = (lambda kw=VARIANTS[v]: run_variant(
                 p["q"], p["offs"], p["clen"], lut, blocks, kw, mask=mask, window=window,
                 max_seq_len=S))
             try:
                 r = A.measure(shape, fn, want)
                 row[v] = r.get("tflops", r.get("error"))
+                row[v + "_rel_err"] = r.get("rel_err")
             except Exception as e:  # noqa: BLE001
                 row[v] = f"{type(e).__name__}: {str(e)[-200:]}"
         rows.append(row)

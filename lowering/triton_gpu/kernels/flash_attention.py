@@ -464,7 +464,7 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
 def twin_config(cfg: dict) -> dict:
     """The Triton kernel's config at a WS config's tiles and tile order (what Triton's
     interpreter runs in the Gluon kernel's place)."""
-    twin = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG", "name")}
+    twin = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG", "DEEP", "name")}
     return {**twin, "num_warps": 8, "num_stages": 2}
 
 
@@ -475,4 +475,4 @@ def ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg) -> dict:
     return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
                 CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)),
-                LPT=int(cfg.get("LPT", 0)))
+                LPT=int(cfg.get("LPT", 0)), **({"DEEP": 1} if cfg.get("DEEP") else {}))

@@ -13,7 +13,11 @@ offered first where it can serve a call; the shipped table (tools/gpu_sweeps/att
 9, 2026-12-03) picks its persistent form (m128n128w4s2tmawspersist, three stages for B4 x
 2048) for causal, unmasked and sliding-window prefill at head dims 64 and 128, and the one-tile
 longest-first form (m128n128w4s2tmawslpt) for a single 1k prompt: 1.16-1.36x the Triton
-default below, 0.76-1.05x SDPA. `default_config` (no table entry) is still the Triton kernel's.
+default below, 0.76-1.05x SDPA. At head dim 64 the persistent form with the consumers' deeper
+pipeline (m128n128w4s3tmawspersistdeep, flash_attention_deep.py) is a candidate, measured
+ahead of the shipped choice (attention_wgmma.py, 2026-12-05: 0.91-1.02x SDPA) but not yet in
+the table, whose rows need the sweep's recorded errors. `default_config` (no table entry) is
+still the Triton kernel's.
 
 Why these defaults (bf16/fp16, H100/H200 class). Measured on an H200 (tools/gpu_sweeps/
 attention.py, run 4, 2026-12-02; TFLOP/s of unmasked work, torch SDPA in brackets):
@@ -53,16 +57,18 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | No
     return c if maxnreg is None else {**c, "maxnreg": maxnreg}
 
 
-def _ws(bn: int, stages: int, lpt: bool = False, persistent: bool = False) -> dict:
+def _ws(bn: int, stages: int, lpt: bool = False, persistent: bool = False,
+        deep: bool = False) -> dict:
     """A config of the warp-specialized Gluon kernel (flash_attention_wgmma.py): 128 query rows
     as two consumer warpgroups plus a TMA loader warp (num_warps counts the first warpgroup,
     the launch has 12 warps), `stages` K/V slots in shared memory. TMA only. `lpt` takes the
     programs longest first (paged.tile_order); `persistent` is the form with one program per
-    SM walking the tiles longest first (flash_attention_persistent.py)."""
+    SM walking the tiles longest first (flash_attention_persistent.py), `deep` its consumers'
+    deeper pipeline (flash_attention_deep.py)."""
     c = {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
          "WS": 1}
     if persistent:
-        return {**c, "PERSISTENT": 1}
+        return {**c, "PERSISTENT": 1, **({"DEEP": 1} if deep else {})}
     return {**c, "LPT": 1} if lpt else c
 
 
@@ -98,7 +104,11 @@ FP32_CANDIDATES = [_cfg(64, 32, 4, 2, False), _cfg(64, 32, 4, 2, True), _cfg(32,
 # sliding window 405 against 349; two and three ring stages within noise of each other.
 _WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
        _ws(128, 3, persistent=True)]
-WS_CANDIDATES: dict[int, list[dict]] = {64: _WS, 128: _WS}
+# At head dim 64 the deeper consumer pipeline (S_{j+1} in flight during block j's softmax) in
+# three stages: B4 x 4096 no mask 445 against 405 TFLOP/s (SDPA 443), B1 x 16384 causal 440
+# against 411 (SDPA 431), B4 x 4096 causal 373 against 372 (BENCHMARKS.md, 2026-12-05).
+WS_CANDIDATES: dict[int, list[dict]] = {64: _WS + [_ws(128, 3, persistent=True, deep=True)],
+                                        128: _WS}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
 
@@ -148,7 +158,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?")
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?(deep)?")
 
 
 def get(config) -> dict:
@@ -173,6 +183,8 @@ def get(config) -> dict:
             config["LPT"] = 1
         if m.group(10):
             config["PERSISTENT"] = 1
+        if m.group(11):
+            config["DEEP"] = 1
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -209,6 +221,10 @@ def check_config(cfg: dict, head_dim: int) -> None:
         raise ValueError(f"flash attention config: the persistent kernels always take the "
                          f"tiles longest first and do not take turns (no LPT / PINGPONG), got "
                          f"{cfg}")
+    if cfg.get("DEEP") and not (cfg.get("PERSISTENT") and is_ws(cfg) and head_dim <= 64):
+        raise ValueError(f"flash attention config: DEEP is a form of the persistent "
+                         f"warp-specialized kernel at head_dim <= 64 (a second score tile "
+                         f"in registers), got {cfg} at head_dim {head_dim}")
     if is_ws(cfg) and (cfg["BLOCK_M"] != 128 or cfg["num_warps"] != 4 or not cfg["USE_TMA"]
                        or reg is not None or head_dim > 128):
         raise ValueError(f"flash attention config: the warp-specialized kernel takes BLOCK_M "
@@ -219,9 +235,11 @@ def check_config(cfg: dict, head_dim: int) -> None:
 def config_tag(cfg: dict) -> str:
     """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128, ws for the
     warp-specialized Gluon kernel, pp for its consumers taking turns, lpt for the programs
-    taken longest first, persist for one program per SM walking the tiles longest first."""
+    taken longest first, persist for one program per SM walking the tiles longest first, deep
+    for the consumers' deeper pipeline (flash_attention_deep.py)."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
             + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else "")
-            + ("lpt" if cfg.get("LPT") else "") + ("persist" if cfg.get("PERSISTENT") else ""))
+            + ("lpt" if cfg.get("LPT") else "") + ("persist" if cfg.get("PERSISTENT") else "")
+            + ("deep" if cfg.get("DEEP") else ""))

@@ -36,6 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
 from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_kernel, prefill_tile
+from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_deep
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
     LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_rings, _ws_store,
     flash_prefill_ws_kernel)
@@ -82,7 +83,7 @@ def _wsp_consumer(q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_em
                   out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages, window, scale,
                   WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
                   PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DEEP: gl.constexpr):
     ROWS: gl.constexpr = BLOCK_M // 2
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
@@ -101,9 +102,16 @@ def _wsp_consumer(q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_em
             fence_async_shared()
             gl.thread_barrier()
             # (The turn barrier is not used without ping-pong: `fixed` stands in for it.)
-            o, l_i = _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
-                                fixed, it, nfix & 1, q_lo, kv_len, start, end, full_lo, full_hi,
-                                n_blocks, window, scale, WG, D, MASK, BLOCK_N, STAGES, 0, 1)
+            if DEEP:
+                o, l_i = _ws_attend_deep(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                         fixed, it, nfix & 1, q_lo, kv_len, start, end, full_lo,
+                                         full_hi, n_blocks, window, scale, WG, D, MASK, BLOCK_N,
+                                         STAGES)
+            else:
+                o, l_i = _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                    fixed, fixed, it, nfix & 1, q_lo, kv_len, start, end,
+                                    full_lo, full_hi, n_blocks, window, scale, WG, D, MASK,
+                                    BLOCK_N, STAGES, 0, 1)
             nfix += (start + n_blocks * BLOCK_N > kv_len).to(gl.int32)
             it += n_blocks
             _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
@@ -127,9 +135,10 @@ def flash_prefill_wsp_kernel(
         num_layers, num_pages, window, scale, T, n_m, n_b,
         NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
         MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEEP: gl.constexpr = 0):
     """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence) and
-    n_b (sequences); launched with num_warps=4 on a 1-D grid of at most one program per SM."""
+    n_b (sequences); launched with num_warps=4 on a 1-D grid of at most one program per SM.
+    DEEP gives the consumers the deeper pipeline of flash_attention_deep.py."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
@@ -145,11 +154,11 @@ def flash_prefill_wsp_kernel(
         [(_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                           fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
                           window, scale, WG0, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                          STAGES)),
+                          STAGES, DEEP)),
          (_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                           fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
                           window, scale, WG1, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                          STAGES)),
+                          STAGES, DEEP)),
          (_wsp_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
                         cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx,
                         num_layers, num_pages, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
@@ -187,6 +196,8 @@ def persistent_kernel(fn, constexprs: dict):
     # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
     if fn is flash_prefill_ws_kernel:
         kernel = flash_prefill_wsp_kernel
+        # (DEEP is the persistent kernel's alone: the one-tile spec names it only when set.)
+        constexprs = {**constexprs, "DEEP": constexprs.get("DEEP", 0)}
     elif fn is flash_prefill_kernel:
         kernel = flash_prefill_persistent_kernel
     else:

@@ -14,6 +14,7 @@ import json, os, re, subprocess, tempfile
 import triton
 from graphir.lowering.triton_gpu import aot
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -108,6 +109,10 @@ jobs += [("default_d128_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL"), None),
 # The warp-specialized kernel with its consumers taking turns (not a config yet: the sweep's).
 jobs += [("d128_m128n128w4s2tmaws_pingpong", (32, 8, 128, 128, "bfloat16", "CAUSAL"),
           dict(fa.WS_CANDIDATES[128][0], PINGPONG=1))]
+# The deeper consumer pipeline (flash_attention_deep.py) in two stages too (not a candidate;
+# the three-stage one is, compiled above for every mask).
+jobs += [("d64_m128n128w4s2tmawspersistdeep", (32, 8, 64, 128, "bfloat16", "NULL"),
+          fc.get("m128n128w4s2tmawspersistdeep"))]
 # The Triton kernel's persistent form (the Gluon persistent configs' twin, a config itself).
 jobs += [("d128_m128n128w8s2tmapersist", (32, 8, 128, 128, "bfloat16", "CAUSAL"),
           dict(fa.CANDIDATES[128][1], PERSISTENT=1))]
@@ -140,6 +145,9 @@ for label, shape, conf in jobs:
                       params=[p for p, _ in c.params], meta=c.launch_metadata(),
                       maxnreg_ptx=re.findall(r"\.maxnreg\s+(\d+)", c.ptx),
                       hazards=a_register_hazards(code) if code else None,
+                      hgmma=[sum(ins.startswith("HGMMA") for _, ins in code),
+                             sum(ins.startswith("HGMMA") and ins.endswith("gsb0")
+                                 for _, ins in code)] if code else None,
                       loop_spills=main_loop_spills(code) if code else None)
 print("JSON" + json.dumps(out))
 """
@@ -274,3 +282,42 @@ def test_every_candidate_is_compiled():
     assert len(fa.candidates(128, 128)) >= 4 and len(fa.candidates(64, 128)) >= 4
     assert any(c["USE_TMA"] for c in fa.candidates(128, 128))
     assert any(not c["USE_TMA"] for c in fa.candidates(128, 128))
+
+
+def test_no_kernel_has_its_wgmma_serialized(compiled):
+    # ptxas serializes every wgmma of a kernel in which anything reads an accumulator while
+    # its wgmma is in flight (warning C7514), or for want of registers (C7512): each HGMMA
+    # then closes its own group (gsb0) and is waited for at once. Unserialized, a group is a chain of k-steps and only its last
+    # HGMMA carries gsb0. The deep pipeline's loop is unrolled by two for exactly this.
+    checked = 0
+    for label, info in compiled.items():
+        if not info["hgmma"] or not info["hgmma"][0]:
+            continue
+        total, closing = info["hgmma"]
+        if info["config"].get("WS"):
+            assert closing * 2 <= total, (label, info["hgmma"])
+            checked += 1
+        elif info["config"].get("maxnreg") == 128 and info["consts"]["D"] == 128:
+            # The Triton kernel under a cap of 128 registers at head dim 128 is serialized
+            # for want of registers (C7512); measured the fastest Triton form all the same
+            # (flash_attention_configs.py: two CTAs an SM), and the tuner times it.
+            assert closing == total, (label, info["hgmma"])
+        else:
+            assert closing * 2 <= total, (label, info["hgmma"])
+    assert checked == 0 or checked >= 20
+
+
+def test_the_serialization_check_sees_a_serialized_kernel():
+    # What the deep loop compiled to with one loop-carried name (a copy of the tile in
+    # flight at the back edge), reduced: every k-step closes a group.
+    ns = {}
+    exec(SCRIPT[:SCRIPT.index("# (label, (n_heads")], ns)
+    serial = """
+        /*5400*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT, gsb0 ;
+        /*54a0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*54b0*/                   WARPGROUP.ARRIVE ;
+        /*54c0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR28], R24, gsb0 ;
+    """
+    code = ns["parse"](serial)
+    hg = [ins for _, ins in code if ins.startswith("HGMMA")]
+    assert len(hg) == 2 and all(ins.endswith("gsb0") for ins in hg)

@@ -15,7 +15,7 @@ def test_ws_configs_have_names_that_round_trip():
     for d in (64, 128):
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
-            assert name.endswith(("tmaws", "tmawslpt", "tmawspersist"))
+            assert name.endswith(("tmaws", "tmawslpt", "tmawspersist", "tmawspersistdeep"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -28,6 +28,16 @@ def test_ws_configs_have_names_that_round_trip():
     for bad in ("m128n128w4s2tmawslptpersist", "m128n128w4s2tmawspppersist"):
         with pytest.raises(ValueError, match="persistent kernels always take"):
             fc.get(bad)
+    # The deeper pipeline: a persistent WS form, head dim 64 only (a second score tile).
+    deep = fc.get("m128n128w4s3tmawspersistdeep")
+    assert deep["DEEP"] == 1 and deep["PERSISTENT"] == 1
+    fc.check_config(deep, 64)
+    with pytest.raises(ValueError, match="DEEP is a form of the persistent"):
+        fc.check_config(deep, 128)
+    with pytest.raises(ValueError, match="DEEP is a form of the persistent"):
+        fc.get({**fc.WS_CANDIDATES[64][0], "DEEP": 1})
+    assert any(c.get("DEEP") for c in fc.candidates(64, 128))
+    assert not any(c.get("DEEP") for c in fc.candidates(128, 128))
 
 
 def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
