@@ -29,7 +29,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgrou
                                                              warpgroup_mma_wait)
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    _softmax, _ws_attend, _ws_fix_v_tail, _ws_release, warpgroup_acc_layout, warpgroup_p_layout)
+    _softmax, _ws_attend, _ws_fix_v_tail, _ws_release, _ws_start, warpgroup_acc_layout,
+    warpgroup_p_layout)
 
 
 @gluon.jit
@@ -82,17 +83,9 @@ def _ws_attend_deep(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed
                             fixed, it, fix_phase, q_lo, kv_len, start, end, full_lo, full_hi,
                             n_blocks, window, scale, WG, D, MASK, BLOCK_N, STAGES, 0, 1)
     else:
-        ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
-        o_layout: gl.constexpr = warpgroup_acc_layout(D)
         p_layout: gl.constexpr = warpgroup_p_layout(D)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        qk_scale = scale * 1.4426950408889634
-        qp = q_lo + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
-        m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
-        l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-        o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
-        s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        qk_scale, qp, m_i, l_i, o, s0 = _ws_start(q_lo, scale, WG, D, BLOCK_N)
 
         s = warpgroup_mma_wait(0, deps=[_issue_s(q, k_ring, k_ready, it, s0, STAGES)])
         s_a = _issue_s(q, k_ring, k_ready, it + 1, s0, STAGES)

@@ -254,6 +254,21 @@ def _ws_fix_v_tail(ring, slot, fixed, phase, n0, kv_len, WG: gl.constexpr,
 
 
 @gluon.jit
+def _ws_start(q_lo, scale, WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr):
+    """A consumer warpgroup's starting state for one tile: (qk_scale in log2 units, its query
+    positions, m, l, O, a zero score tile for the products that start from zero)."""
+    ROWS: gl.constexpr = 64
+    s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    qp = q_lo + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
+    m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
+    l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+    o = gl.zeros([ROWS, D], gl.float32, layout=warpgroup_acc_layout(D))
+    s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    return scale * 1.4426950408889634, qp, m_i, l_i, o, s0
+
+
+@gluon.jit
 def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, turn, it,
                fix_phase, q_lo, kv_len, start, end, full_lo, full_hi, n_blocks, window, scale,
                WG: gl.constexpr, D: gl.constexpr, MASK: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -264,19 +279,12 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
     persistent kernel counts across its tiles), so slot and parity follow it; fix_phase is the
     V-tail barrier's phase; RELEASE_LAST releases the last block's V slot too (a later tile
     refills it)."""
-    ROWS: gl.constexpr = 64
     dtype: gl.constexpr = q.dtype
     s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
     o_layout: gl.constexpr = warpgroup_acc_layout(D)
     p_layout: gl.constexpr = warpgroup_p_layout(D)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    qk_scale = scale * 1.4426950408889634
-    qp = q_lo + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
-    m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
-    l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-    o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
-    s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    qk_scale, qp, m_i, l_i, o, s0 = _ws_start(q_lo, scale, WG, D, BLOCK_N)
 
     first = it % STAGES
     mbarrier.wait(k_ready.index(first), (it // STAGES) & 1)
