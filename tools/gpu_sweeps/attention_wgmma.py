@@ -49,8 +49,6 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             # the consumers' deeper pipeline (flash_attention_deep.py; head dim 64 only)
             "wsp_deep2": dict(config="m128n128w4s2tmawspersistdeep"),
             "wsp_deep3": dict(config="m128n128w4s3tmawspersistdeep")}
-# Head dim 64 beyond attention.py's one shape (the issue's targets name both head dims).
-SHAPES = A.SHAPES + [("n4k64", 4, 4096, 64, "NULL", 0), ("c16k64", 1, 16384, 64, "CAUSAL", 0)]
 
 
 def serves(kw, D) -> bool:
@@ -111,7 +109,7 @@ def check_correctness(variants) -> list:
 def speed(variants, only) -> list:
     A.set_allocator()
     rows = []
-    for shape in SHAPES:
+    for shape in A.SHAPES:
         name, B, S, D, mask, window = shape
         if only and name not in only:
             continue
