@@ -354,8 +354,10 @@ def roofline(results) -> str:
 def prefill_table(results) -> dict:
     """The measured winners as the tuner's table: per (head dim, mask) and bucket of batch x
     query tiles, the config with the best geometric-mean rate over the shapes in that bucket
-    (only configs every one of those shapes ran), with the first shape's timings of every
-    candidate (what the table ships, as `tune()` writes it)."""
+    (only configs every one of those shapes ran). Each candidate's row (what the table ships,
+    as `tune()` writes it) carries that geometric mean: of its times ("ms") and rates over the
+    bucket's shapes ("shape" names them all), and its largest error, so the shipped choice is
+    its fastest row."""
     import math
 
     groups: dict = {}
@@ -381,9 +383,13 @@ def prefill_table(results) -> dict:
         fallback = max(triton_only, key=score) if fc.is_ws(fc.get(best)) and triton_only \
             else None
         label, rates, sdpa = runs[0]
-        rows = sorted(({"config": k, "ms": round(v["ms"], 4), "rel_err": float(f"{v['rel_err']:.3g}"),
-                        "shape": label.split(" ")[0], "tflops": round(v["tflops"], 1)}
-                       for k, v in rates.items()), key=lambda r: r["ms"])
+        gmean = lambda k, f: math.exp(  # noqa: E731
+            sum(math.log(r[k][f]) for _, r, _ in runs) / len(runs))
+        rows = sorted(({"config": k, "ms": round(gmean(k, "ms"), 4),
+                        "rel_err": float(f"{max(r[k]['rel_err'] for _, r, _ in runs):.3g}"),
+                        "shape": "+".join(lb.split(" ")[0] for lb, _, _ in runs),
+                        "tflops": round(gmean(k, "tflops"), 1)}
+                       for k in common), key=lambda r: r["ms"])
         entries.setdefault(f"D={D},mask={mask}", {})[bucket] = {
             "candidates": rows, "config": best, "fallback": fallback,
             "note": f"{label}: {rates[best]['tflops']:.1f} TF/s, torch SDPA "
