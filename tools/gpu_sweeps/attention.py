@@ -376,15 +376,15 @@ def prefill_table(results) -> dict:
         common = set.intersection(*(set(r) for _, r, _ in runs))
         if not common:
             continue
-        score = lambda k: sum(math.log(r[k]["tflops"]) for _, r, _ in runs)  # noqa: E731
+        gmean = lambda k, f: math.exp(  # noqa: E731
+            sum(math.log(r[k][f]) for _, r, _ in runs) / len(runs))
+        score = lambda k: gmean(k, "tflops")  # noqa: E731
         best = max(common, key=score)
         # What a call the warp-specialized kernel cannot serve (soft-cap) runs instead.
         triton_only = [k for k in common if not fc.is_ws(fc.get(k))]
         fallback = max(triton_only, key=score) if fc.is_ws(fc.get(best)) and triton_only \
             else None
         label, rates, sdpa = runs[0]
-        gmean = lambda k, f: math.exp(  # noqa: E731
-            sum(math.log(r[k][f]) for _, r, _ in runs) / len(runs))
         rows = sorted(({"config": k, "ms": round(gmean(k, "ms"), 4),
                         "rel_err": float(f"{max(r[k]['rel_err'] for _, r, _ in runs):.3g}"),
                         "shape": "+".join(lb.split(" ")[0] for lb, _, _ in runs),

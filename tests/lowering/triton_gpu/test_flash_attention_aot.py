@@ -287,24 +287,23 @@ def test_every_candidate_is_compiled():
 def test_no_kernel_has_its_wgmma_serialized(compiled):
     # ptxas serializes every wgmma of a kernel in which anything reads an accumulator while
     # its wgmma is in flight (warning C7514), or for want of registers (C7512): each HGMMA
-    # then closes its own group (gsb0) and is waited for at once. Unserialized, a group is a chain of k-steps and only its last
-    # HGMMA carries gsb0. The deep pipeline's loop is unrolled by two for exactly this.
-    checked = 0
+    # then closes its own group (gsb0) and is waited for at once. Unserialized, a group is a
+    # chain of k-steps and only its last HGMMA carries gsb0. The deep pipeline's loop is
+    # unrolled by two for exactly this.
+    ws_checked = 0
     for label, info in compiled.items():
         if not info["hgmma"] or not info["hgmma"][0]:
             continue
         total, closing = info["hgmma"]
-        if info["config"].get("WS"):
-            assert closing * 2 <= total, (label, info["hgmma"])
-            checked += 1
-        elif info["config"].get("maxnreg") == 128 and info["consts"]["D"] == 128:
+        if info["config"].get("maxnreg") == 128 and info["consts"]["D"] == 128:
             # The Triton kernel under a cap of 128 registers at head dim 128 is serialized
             # for want of registers (C7512); measured the fastest Triton form all the same
             # (flash_attention_configs.py: two CTAs an SM), and the tuner times it.
             assert closing == total, (label, info["hgmma"])
         else:
             assert closing * 2 <= total, (label, info["hgmma"])
-    assert checked == 0 or checked >= 20
+            ws_checked += bool(info["config"].get("WS"))
+    assert ws_checked == 0 or ws_checked >= 20
 
 
 def test_the_serialization_check_sees_a_serialized_kernel():
