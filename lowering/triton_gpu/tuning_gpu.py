@@ -245,6 +245,8 @@ class GpuMeasurer:
             calls = [(self._kernel(plan["specs"][i]), grid, args) for i, grid, args in plan["ops"]]
             scratch = {n: DeviceBuffer.empty((max(int(c), 1),), dt, self.device)
                        for n, dt, c in plan["scratch"]}
+            for buf in scratch.values():  # zero, as the plan's scratch starts (counters)
+                buf.memset(0, stream=self.stream)
 
         def arg(tok, i):
             if tok in ints:

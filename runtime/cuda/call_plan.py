@@ -123,16 +123,20 @@ class CallPlanBuilder:
         return CallPlan(key, env, st, ops, calls, areas, outputs)
 
     # -- memory ------------------------------------------------------------------------------
-    def _buffer(self, key, nbytes: int, lid: int):
-        """A pooled device buffer of at least `nbytes`; growing it drops every CallPlan (their
-        packed parameters and graphs hold the old address)."""
+    def _buffer(self, key, nbytes: int, lid: int, zeroed: bool = False):
+        """A pooled device buffer of at least `nbytes` (`zeroed`: all zero when allocated);
+        growing it drops every CallPlan (their packed parameters and graphs hold the old
+        address)."""
         dev, key = self.group[lid], (lid, key)
         buf = self._pool.get(key)
         if buf is None or dev.nbytes(buf) < nbytes:
             if buf is not None:
                 self.group.synchronize()
                 self._drop_plans()
-            buf = dev.alloc(pool_size(nbytes))
+            size = pool_size(nbytes)
+            buf = dev.alloc(size)
+            if zeroed:
+                dev.upload(buf, np.zeros(size, np.uint8))
             self._pool[key] = buf
         return buf
 
@@ -203,7 +207,9 @@ class CallPlanBuilder:
             scratch = {}
             for name, dt, count in var["scratch"]:
                 nb = evaluate(count, local) * DType[dt].size_in_bytes
-                scratch[name] = (self._buffer(("scratch", i, name), nb, lid), 0)
+                # Zero when allocated: a kernel's counters (a DYN prefill's tile counter) start
+                # at zero, and such a kernel leaves them zero for its next launch.
+                scratch[name] = (self._buffer(("scratch", i, name), nb, lid, zeroed=True), 0)
             for op in var["ops"]:
                 if "copy" in op:
                     (dst, src), nb = op["copy"], evaluate(op["bytes"], local)

@@ -48,7 +48,11 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             "wsp_n128s3": dict(config="m128n128w4s3tmawspersist"),
             # the consumers' deeper pipeline (flash_attention_deep.py; head dim 64 only)
             "wsp_deep2": dict(config="m128n128w4s2tmawspersistdeep"),
-            "wsp_deep3": dict(config="m128n128w4s3tmawspersistdeep")}
+            "wsp_deep3": dict(config="m128n128w4s3tmawspersistdeep"),
+            # the persistent configs' tiles handed out at run time (DYN)
+            "wspd_n128s2": dict(config="m128n128w4s2tmawspersistdyn"),
+            "wspd_n128s3": dict(config="m128n128w4s3tmawspersistdyn"),
+            "wspd_deep3": dict(config="m128n128w4s3tmawspersistdeepdyn")}
 
 
 def serves(kw, D) -> bool:

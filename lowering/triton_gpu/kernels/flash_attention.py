@@ -264,7 +264,7 @@ def _constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg, tma_ok: boo
     return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 USE_TMA=int(tma_ok and uses_tma(cfg, page_size)), SOFTCAP=check_softcap(softcap),
-                LPT=int(cfg.get("LPT", 0)))
+                LPT=int(cfg.get("LPT", 0)), **({"DYN": 1} if cfg.get("DYN") else {}))
 
 
 def launch_options(cfg: dict) -> dict:
@@ -346,7 +346,8 @@ def launch(kernel, q, input_row_offsets, cache_lengths, lookup_table, blocks, la
     if programs is not None:
         from graphir.lowering.triton_gpu.kernels import flash_attention_persistent as fp
         grid = fp.grid_rule(block_m, NH, programs)(batch, max_seq_len)
-        extra = (grid_rule(block_m, NH)(batch, max_seq_len)[0], batch)   # n_m, n_b
+        extra = (grid_rule(block_m, NH)(batch, max_seq_len)[0], batch,   # n_m, n_b, sched_ptr
+                 zeroed_counter(q.device) if constexprs.get("DYN") else None)
     kernel[grid](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
         blocks, out, lookup_table.shape[1], layer_idx, blocks.shape[2], blocks.shape[0],
@@ -436,8 +437,24 @@ def _plan_tiles(spec: KernelSpec, batch: str, seqmax: str) -> tuple[str, str]:
 
 
 def one_tile_config(cfg: dict) -> dict:
-    """A persistent config's one-tile form (the same tiles, one program a tile)."""
-    return {k: v for k, v in cfg.items() if k not in ("PERSISTENT", "name")}
+    """A persistent config's one-tile form (the same tiles, one program a tile; the forms only
+    the persistent kernels have dropped)."""
+    return {k: v for k, v in cfg.items() if k not in ("PERSISTENT", "DEEP", "DYN", "name")}
+
+
+_COUNTERS: dict = {}
+
+
+def zeroed_counter(device):
+    """The DYN kernels' tile counter on `device` for launches on torch tensors: int32 x 2,
+    zeroed once; each launch leaves it zero (flash_attention_persistent.py), and the launches
+    on one device run in stream order (tests and sweeps)."""
+    import torch
+
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) -> KernelSpec:
@@ -475,4 +492,5 @@ def ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg) -> dict:
     return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
                 CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)),
-                LPT=int(cfg.get("LPT", 0)), **({"DEEP": 1} if cfg.get("DEEP") else {}))
+                LPT=int(cfg.get("LPT", 0)), **({"DEEP": 1} if cfg.get("DEEP") else {}),
+                **({"DYN": 1} if cfg.get("DYN") else {}))

@@ -58,17 +58,19 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | No
 
 
 def _ws(bn: int, stages: int, lpt: bool = False, persistent: bool = False,
-        deep: bool = False) -> dict:
+        deep: bool = False, dyn: bool = False) -> dict:
     """A config of the warp-specialized Gluon kernel (flash_attention_wgmma.py): 128 query rows
     as two consumer warpgroups plus a TMA loader warp (num_warps counts the first warpgroup,
     the launch has 12 warps), `stages` K/V slots in shared memory. TMA only. `lpt` takes the
     programs longest first (paged.tile_order); `persistent` is the form with one program per
     SM walking the tiles longest first (flash_attention_persistent.py), `deep` its consumers'
-    deeper pipeline (flash_attention_deep.py)."""
+    deeper pipeline (flash_attention_deep.py), `dyn` its tiles handed out at run time
+    (flash_attention_persistent.py)."""
     c = {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
          "WS": 1}
     if persistent:
-        return {**c, "PERSISTENT": 1, **({"DEEP": 1} if deep else {})}
+        return {**c, "PERSISTENT": 1, **({"DEEP": 1} if deep else {}),
+                **({"DYN": 1} if dyn else {})}
     return {**c, "LPT": 1} if lpt else c
 
 
@@ -107,8 +109,15 @@ _WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
 # At head dim 64 the deeper consumer pipeline (S_{j+1} in flight during block j's softmax) in
 # three stages: B4 x 4096 no mask 445 against 405 TFLOP/s (SDPA 443), B1 x 16384 causal 440
 # against 411 (SDPA 431), B4 x 4096 causal 373 against 372 (BENCHMARKS.md, 2026-12-05).
-WS_CANDIDATES: dict[int, list[dict]] = {64: _WS + [_ws(128, 3, persistent=True, deep=True)],
-                                        128: _WS}
+# Each persistent form also with its tiles handed out at run time (DYN: the busiest program's
+# key blocks 3-15% over the mean with the grid's stride under a causal mask at the target
+# shapes, 0.4-1.6% served from a counter; flash_attention_persistent.py, tools/tile_balance.py).
+# Not yet measured on a GPU.
+_DYN = [_ws(128, 2, persistent=True, dyn=True), _ws(128, 3, persistent=True, dyn=True)]
+WS_CANDIDATES: dict[int, list[dict]] = {
+    64: _WS + [_ws(128, 3, persistent=True, deep=True)] + _DYN
+    + [_ws(128, 3, persistent=True, deep=True, dyn=True)],
+    128: _WS + _DYN}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
 
@@ -158,7 +167,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?(deep)?")
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?(deep)?(dyn)?")
 
 
 def get(config) -> dict:
@@ -185,6 +194,8 @@ def get(config) -> dict:
             config["PERSISTENT"] = 1
         if m.group(11):
             config["DEEP"] = 1
+        if m.group(12):
+            config["DYN"] = 1
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -225,6 +236,9 @@ def check_config(cfg: dict, head_dim: int) -> None:
         raise ValueError(f"flash attention config: DEEP is a form of the persistent "
                          f"warp-specialized kernel at head_dim <= 64 (a second score tile "
                          f"in registers), got {cfg} at head_dim {head_dim}")
+    if cfg.get("DYN") and not cfg.get("PERSISTENT"):
+        raise ValueError(f"flash attention config: DYN hands a persistent kernel's tiles out "
+                         f"at run time; it needs PERSISTENT, got {cfg}")
     if is_ws(cfg) and (cfg["BLOCK_M"] != 128 or cfg["num_warps"] != 4 or not cfg["USE_TMA"]
                        or reg is not None or head_dim > 128):
         raise ValueError(f"flash attention config: the warp-specialized kernel takes BLOCK_M "
@@ -236,10 +250,11 @@ def config_tag(cfg: dict) -> str:
     """Short name of a config: m128n64w8s3tma, plus r128 for a register cap of 128, ws for the
     warp-specialized Gluon kernel, pp for its consumers taking turns, lpt for the programs
     taken longest first, persist for one program per SM walking the tiles longest first, deep
-    for the consumers' deeper pipeline (flash_attention_deep.py)."""
+    for the consumers' deeper pipeline (flash_attention_deep.py), dyn for a persistent kernel's
+    tiles handed out at run time (flash_attention_persistent.py)."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
             + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else "")
             + ("lpt" if cfg.get("LPT") else "") + ("persist" if cfg.get("PERSISTENT") else "")
-            + ("deep" if cfg.get("DEEP") else ""))
+            + ("deep" if cfg.get("DEEP") else "") + ("dyn" if cfg.get("DYN") else ""))

@@ -15,6 +15,21 @@ works out every tile's key-block range with the same pure function (`_tile`), so
 Every K and V slot a block fills is released once (the last block's V too, unlike the one-tile
 kernel, which may leave it). The V-tail fix waits in the parity of the fixes done so far.
 
+Tiles handed out at run time (a DYN config, `..persistdyn`): striding by the grid gives each
+program a fixed share, and under a causal mask the shares differ, since the longest-first order
+falls in a sawtooth (one descent per sequence and head group): program 0 takes the longest tile
+of every round. Counted in key blocks, the busiest program then does 3% more than the mean at
+B4 x 4096 and B1 x 16384 (132 programs) and 15% more at B4 x 2048 (the prefill there ran at
+0.86-0.91x SDPA against 0.99-1.05x at 4096; BENCHMARKS.md, run 9). With DYN each program takes
+its first tile by its number and every later one from a counter in global memory (one atomic
+add by the loader warp as it starts the current tile's loads, under which its latency hides;
+handed to the consumers through a small ring of shared-memory slots), so the longest-first
+order is served greedily: in the same count the busiest program is within 0.4-1.6% of the mean
+at these shapes (`python -m graphir.tools.tile_balance`). The counter (two
+int32: tiles handed out, programs done) must be zero at launch; the last program out sets it
+back to zero, so one zeroed buffer serves every launch in stream order (the plan's zeroed
+scratch, `zeroed_counter` on the torch path).
+
 A tuner config (`..persist`, flash_attention_configs.py): flash_attention.aot_specs turns a
 one-tile spec into this form (`as_persistent`): the one-tile kernel's arguments plus n_m (query
 tiles of the longest sequence) and n_b (sequences), a 1-D grid of min(tiles, NUM_SMS) programs
@@ -33,13 +48,13 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_kernel, prefill_tile
 from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_deep
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_rings, _ws_store,
-    flash_prefill_ws_kernel)
+    LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings,
+    _ws_store, flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile, sequence_rows
 from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
@@ -64,57 +79,141 @@ def _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH: gl.constexp
 @gluon.jit
 def _wsp_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
                 cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx, num_layers,
-                num_pages, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-                PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                num_pages, sched_ptr, tile_ids, tile_ready, tile_empty, NH: gl.constexpr,
+                NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, DYN: gl.constexpr):
     it = 0
-    for t in range(gl.program_id(0), n_m * NH * n_b, gl.num_programs(0)):
-        (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
-         n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
-                           PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
-        _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b,
-                      h // (NH // NKV), start, n_blocks, it, max_pages, layer_idx, num_layers,
-                      num_pages, D, PAGE_SIZE, BLOCK_N, STAGES)
-        it += n_blocks
+    total = n_m * NH * n_b
+    if DYN:
+        t = gl.program_id(0)
+        n = 0
+        while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
+            _post_tile(tile_ids, tile_ready, tile_empty, n, t)
+            nxt = next_tile(sched_ptr)  # its latency hides under this tile's loads
+            it = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
+                           cache_len_ptr, lut_ptr, t, it, n_m, T, max_pages, window, layer_idx,
+                           num_layers, num_pages, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
+                           BLOCK_N, STAGES)
+            t = nxt
+            n += 1
+        _post_tile(tile_ids, tile_ready, tile_empty, n, t)  # past the last tile: the end
+        schedule_done(sched_ptr)
+    else:
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            it = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
+                           cache_len_ptr, lut_ptr, t, it, n_m, T, max_pages, window, layer_idx,
+                           num_layers, num_pages, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
+                           BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
+              cache_len_ptr, lut_ptr, t, it, n_m, T, max_pages, window, layer_idx, num_layers,
+              num_pages, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+              PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The loads of tile t's key blocks from global ring index `it` on; the next index."""
+    (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
+     n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
+                       PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+    _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b,
+                  h // (NH // NKV), start, n_blocks, it, max_pages, layer_idx, num_layers,
+                  num_pages, D, PAGE_SIZE, BLOCK_N, STAGES)
+    return it + n_blocks
+
+
+# Slots of the DYN tile ring: the loader may post this many tiles ahead of the consumers.
+TILE_SLOTS = gl.constexpr(4)
+
+
+@gluon.jit
+def _post_tile(tile_ids, tile_ready, tile_empty, n, t):
+    """The loader hands tile t, its n-th, to both consumer warpgroups (a slot they have
+    released: a fresh barrier has completed the phase of parity 1)."""
+    slot = n % TILE_SLOTS
+    mbarrier.wait(tile_empty.index(slot), ((n // TILE_SLOTS) & 1) ^ 1)
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    tile_ids.index(slot).store(gl.full([1], t, gl.int32, lay))
+    _ws_release(tile_ready, slot)
+
+
+@gluon.jit
+def _take_tile(tile_ids, tile_ready, tile_empty, n):
+    """A consumer warpgroup's n-th tile from the loader (then the slot is released)."""
+    slot = n % TILE_SLOTS
+    mbarrier.wait(tile_ready.index(slot), (n // TILE_SLOTS) & 1)
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    t = gl.max(tile_ids.index(slot).load(lay), 0)
+    _ws_release(tile_empty, slot)
+    return t
 
 
 @gluon.jit
 def _wsp_consumer(q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
                   out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages, window, scale,
-                  WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-                  PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DEEP: gl.constexpr):
+                  tile_ids, tile_ready, tile_empty, WG: gl.constexpr, NH: gl.constexpr,
+                  NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                  MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, DEEP: gl.constexpr, DYN: gl.constexpr):
+    q = q_smem.slice(WG * (BLOCK_M // 2), BLOCK_M // 2)
+    it = 0
+    nfix = 0
+    total = n_m * NH * n_b
+    if DYN:
+        n = 0
+        t = _take_tile(tile_ids, tile_ready, tile_empty, n)
+        while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
+            it, nfix = _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                 fixed, out_ptr, offs_ptr, cache_len_ptr, t, it, nfix, n_m, T,
+                                 max_pages, window, scale, WG, NH, NKV, D, PAGE_SIZE, MASK,
+                                 BLOCK_M, BLOCK_N, STAGES, DEEP)
+            n += 1
+            t = _take_tile(tile_ids, tile_ready, tile_empty, n)
+    else:
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            it, nfix = _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                 fixed, out_ptr, offs_ptr, cache_len_ptr, t, it, nfix, n_m, T,
+                                 max_pages, window, scale, WG, NH, NKV, D, PAGE_SIZE, MASK,
+                                 BLOCK_M, BLOCK_N, STAGES, DEEP)
+
+
+@gluon.jit
+def _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, out_ptr,
+              offs_ptr, cache_len_ptr, t, it, nfix, n_m, T, max_pages, window, scale,
+              WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+              PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DEEP: gl.constexpr):
+    """One consumer warpgroup's share of tile t, its key blocks from global ring index `it`
+    on, `nfix` V-tail fixes done before it; (it, nfix) after it."""
     ROWS: gl.constexpr = BLOCK_M // 2
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-    q = q_smem.slice(WG * ROWS, ROWS)
-    it = 0
-    nfix = 0
-    for t in range(gl.program_id(0), n_m * NH * n_b, gl.num_programs(0)):
-        (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
-         n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
-                           PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
-        if n_blocks > 0:
-            # This warpgroup's query rows (rows past the sequence zero). The previous tile's
-            # products that read q have all been waited for.
-            q.store(_q_rows(q_ptr, seq_start, seq_len, pid_m * BLOCK_M + WG * ROWS, h, NH, D,
-                            ROWS, ld_layout))
-            fence_async_shared()
-            gl.thread_barrier()
-            # (The turn barrier is not used without ping-pong: `fixed` stands in for it.)
-            if DEEP:
-                o, l_i = _ws_attend_deep(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                                         fixed, it, nfix & 1, q_lo, kv_len, start, end, full_lo,
-                                         full_hi, n_blocks, window, scale, WG, D, MASK, BLOCK_N,
-                                         STAGES)
-            else:
-                o, l_i = _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                                    fixed, fixed, it, nfix & 1, q_lo, kv_len, start, end,
-                                    full_lo, full_hi, n_blocks, window, scale, WG, D, MASK,
-                                    BLOCK_N, STAGES, 0, 1)
-            nfix += (start + n_blocks * BLOCK_N > kv_len).to(gl.int32)
-            it += n_blocks
-            _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
+    (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
+     n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
+                       PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+    if n_blocks > 0:
+        # This warpgroup's query rows (rows past the sequence zero). The previous tile's
+        # products that read q have all been waited for.
+        q.store(_q_rows(q_ptr, seq_start, seq_len, pid_m * BLOCK_M + WG * ROWS, h, NH, D,
+                        ROWS, ld_layout))
+        fence_async_shared()
+        gl.thread_barrier()
+        # (The turn barrier is not used without ping-pong: `fixed` stands in for it.)
+        if DEEP:
+            o, l_i = _ws_attend_deep(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                     fixed, it, nfix & 1, q_lo, kv_len, start, end, full_lo,
+                                     full_hi, n_blocks, window, scale, WG, D, MASK, BLOCK_N,
+                                     STAGES)
+        else:
+            o, l_i = _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                fixed, fixed, it, nfix & 1, q_lo, kv_len, start, end,
+                                full_lo, full_hi, n_blocks, window, scale, WG, D, MASK,
+                                BLOCK_N, STAGES, 0, 1)
+        nfix += (start + n_blocks * BLOCK_N > kv_len).to(gl.int32)
+        it += n_blocks
+        _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
+    return it, nfix
 
 
 @gluon.jit
@@ -132,13 +231,15 @@ def _q_rows(q_ptr, seq_start, seq_len, row0, h, NH: gl.constexpr, D: gl.constexp
 @gluon.jit
 def flash_prefill_wsp_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
-        num_layers, num_pages, window, scale, T, n_m, n_b,
+        num_layers, num_pages, window, scale, T, n_m, n_b, sched_ptr,
         NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
         MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEEP: gl.constexpr = 0):
-    """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence) and
-    n_b (sequences); launched with num_warps=4 on a 1-D grid of at most one program per SM.
-    DEEP gives the consumers the deeper pipeline of flash_attention_deep.py."""
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEEP: gl.constexpr = 0,
+        DYN: gl.constexpr = 0):
+    """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence), n_b
+    (sequences) and sched_ptr (DYN's counter; None without DYN); launched with num_warps=4 on a
+    1-D grid of at most one program per SM. DEEP gives the consumers the deeper pipeline of
+    flash_attention_deep.py, DYN hands the tiles out at run time."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
@@ -146,6 +247,16 @@ def flash_prefill_wsp_kernel(
     desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N, kv_smem)
     k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed = _ws_rings(dtype, kv_smem, D,
                                                                           BLOCK_N, STAGES)
+    # DYN's ring of tile numbers, each slot with `ready` (the loader arrives) and `empty` (both
+    # consumer warpgroups arrive); a few bytes, set up whether or not DYN uses them.
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_SLOTS, 1],
+                                         gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tile_ready = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
+    tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
+    for i in gl.static_range(TILE_SLOTS):
+        mbarrier.init(tile_ready.index(i), count=1)
+        mbarrier.init(tile_empty.index(i), count=2)
     fence_async_shared()
     gl.thread_barrier()
     WG0: gl.constexpr = 0
@@ -153,35 +264,62 @@ def flash_prefill_wsp_kernel(
     gl.warp_specialize(
         [(_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                           fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
-                          window, scale, WG0, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                          STAGES, DEEP)),
+                          window, scale, tile_ids, tile_ready, tile_empty, WG0, NH, NKV, D,
+                          PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN)),
          (_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
                           fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
-                          window, scale, WG1, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                          STAGES, DEEP)),
+                          window, scale, tile_ids, tile_ready, tile_empty, WG1, NH, NKV, D,
+                          PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN)),
          (_wsp_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
                         cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx,
-                        num_layers, num_pages, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                        STAGES))],
+                        num_layers, num_pages, sched_ptr, tile_ids, tile_ready, tile_empty, NH,
+                        NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DYN))],
         [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 @triton.jit
 def flash_prefill_persistent_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
-        num_layers, num_pages, window, scale, T, n_m, n_b,
+        num_layers, num_pages, window, scale, T, n_m, n_b, sched_ptr,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr):
+        USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr, DYN: tl.constexpr = 0):
     """The Triton kernel's persistent form, at the Gluon kernel's arguments, grid and tile
     order: the twin Triton's interpreter runs in its place (Gluon has none), and a config of
-    its own (a PERSISTENT config without WS)."""
+    its own (a PERSISTENT config without WS). DYN: tiles from the counter at sched_ptr."""
     pdl_wait()
-    for t in range(tl.program_id(0), n_m * NH * n_b, tl.num_programs(0)):
-        pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
-        prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages,
-                     layer_idx, num_layers, num_pages, window, scale, T, pid_m, h, b, NH, NKV,
-                     D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, USE_TMA, SOFTCAP)
+    total = n_m * NH * n_b
+    if DYN:
+        t = tl.program_id(0)
+        while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
+            pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
+            prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr,
+                         max_pages, layer_idx, num_layers, num_pages, window, scale, T, pid_m,
+                         h, b, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, USE_TMA, SOFTCAP)
+            t = next_tile(sched_ptr)
+        schedule_done(sched_ptr)
+    else:
+        for t in range(tl.program_id(0), total, tl.num_programs(0)):
+            pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
+            prefill_tile(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr,
+                         max_pages, layer_idx, num_layers, num_pages, window, scale, T, pid_m,
+                         h, b, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, USE_TMA, SOFTCAP)
+
+
+@triton.jit
+def next_tile(sched_ptr):
+    """The next tile of a DYN launch: the first wave's tiles are the programs' own numbers,
+    so the counter numbers the tiles after it."""
+    return tl.atomic_add(sched_ptr, 1) + tl.num_programs(0)
+
+
+@triton.jit
+def schedule_done(sched_ptr):
+    """A program's last use of the counter (after its last take, whose result it has read):
+    the last program out sets both words back to zero for the next launch."""
+    if tl.atomic_add(sched_ptr + 1, 1) == tl.num_programs(0) - 1:
+        tl.atomic_xchg(sched_ptr, 0)
+        tl.atomic_xchg(sched_ptr + 1, 0)
 
 
 def grid_rule(BLOCK_M: int, NH: int, programs: int = NUM_SMS):
@@ -196,24 +334,34 @@ def persistent_kernel(fn, constexprs: dict):
     # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
     if fn is flash_prefill_ws_kernel:
         kernel = flash_prefill_wsp_kernel
-        # (DEEP is the persistent kernel's alone: the one-tile spec names it only when set.)
+        # (DEEP and DYN are the persistent kernels' alone: the one-tile constexprs name them
+        # only when set.)
         constexprs = {**constexprs, "DEEP": constexprs.get("DEEP", 0)}
     elif fn is flash_prefill_kernel:
         kernel = flash_prefill_persistent_kernel
     else:
         raise ValueError(f"no persistent form of {fn}")
-    return kernel, {k: v for k, v in constexprs.items() if k not in ("PINGPONG", "LPT")}
+    constexprs = {**constexprs, "DYN": constexprs.get("DYN", 0)}
+    order = kernel.arg_names  # (the signature lists the constexprs in the kernel's order)
+    return kernel, {k: constexprs[k] for k in sorted(
+        (k for k in constexprs if k not in ("PINGPONG", "LPT")), key=order.index)}
 
 
 def as_persistent(spec: KernelSpec) -> KernelSpec:
     """The persistent form of a one-tile prefill spec (flash_attention.aot_specs builds it for
     a PERSISTENT config): its arguments plus n_m (query tiles of the longest sequence) and n_b
-    (sequences) last, its grid one program per SM; the Gluon kernel's twin is the persistent
-    Triton kernel at the same arguments."""
+    (sequences) last, then a DYN config's counter (int32 x 2, zero at launch), its grid one
+    program per SM; the Gluon kernel's twin is the persistent Triton kernel at the same
+    arguments."""
     fn, cx = persistent_kernel(spec.fn, spec.constexprs)
     runtime = {k: v for k, v in spec.signature.items() if v != "constexpr"}
-    sig = {**runtime, "n_m": "i32", "n_b": "i32", **{k: "constexpr" for k in cx}}
+    if not cx["DYN"]:
+        cx = {"sched_ptr": None, **cx}
+    sig = {**runtime, "n_m": "i32", "n_b": "i32", "sched_ptr": "*i32" if cx["DYN"] else
+           "constexpr", **{k: "constexpr" for k in cx if k != "sched_ptr"}}
     return replace(spec, fn=fn, signature=sig, constexprs=cx,
                    grid=grid_rule(cx["BLOCK_M"], cx["NH"]),
                    notes=spec.notes + "; persistent: n_m = cdiv(longest sequence, BLOCK_M), "
-                         "n_b = sequences, a 1-D grid of at most one program per SM")
+                         "n_b = sequences, a 1-D grid of at most one program per SM"
+                         + ("; sched_ptr: int32 x 2, zero at the first launch (the kernel "
+                            "leaves it zero)" if cx["DYN"] else ""))

@@ -109,8 +109,12 @@ def tuning_launches(conf: dict, facts: Mapping, size) -> dict:
     # (n_m as the torch launcher counts it: the one-tile grid's query blocks.)
     ints = {"n_m": fa.grid_rule(spec.constexprs["BLOCK_M"], 1)(pb["batch"], pb["seq"])[0],
             "n_b": pb["batch"]}
-    return {"specs": [spec], "ops": [(0, grid, args + ["n_m", "n_b"])], "scratch": [],
-            "ints": ints}
+    if spec.signature["sched_ptr"] == "constexpr":
+        return {"specs": [spec], "ops": [(0, grid, args + ["n_m", "n_b"])], "scratch": [],
+                "ints": ints}
+    # A DYN config also takes its tile counter (zeroed scratch; the kernel leaves it zero).
+    return {"specs": [spec], "ops": [(0, grid, args + ["n_m", "n_b", "tile_counter"])],
+            "scratch": [("tile_counter", "int32", 2)], "ints": ints}
 
 
 _REFERENCES: dict = {}

@@ -146,4 +146,7 @@ def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None)
             cond = bound
             variants.append((None, fa.one_tile_config(conf)))
         with sb.when(cond):
+            if spec.signature.get("sched_ptr") == "*i32":
+                # A DYN config's tile counter: zero when allocated, left zero by each launch.
+                tail = tail + [sb.scratch("tile_counter", "int32", 2)]
             sb.launch(sb.kernel(spec), grid, args + tail)

@@ -186,6 +186,34 @@ def test_persistent_programs_walk_many_tiles(case, mode):
     assert rel_err(got, want) < REL_TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_persistent_tiles_handed_out_at_run_time(case, mode):
+    # DYN (flash_attention_persistent.py): 3 programs take their first tile by number and
+    # every later one from the counter; each tile must be done once, and the last program out
+    # leaves the counter at zero, so a second launch over the same counter is right too.
+    page, tma = MODES[mode]
+    cfg = {**small_config(tma), "PERSISTENT": 1, "DYN": 1}
+    for seed in (17, 18):
+        got, want = run_case(case, page, torch.bfloat16, cfg, seed=seed, num_programs=3)
+        assert rel_err(got, want) < REL_TOL[torch.bfloat16]
+        assert fa.zeroed_counter(got.device).tolist() == [0, 0]
+
+
+def test_a_dirty_counter_would_show():
+    # The test above can fail: a counter not at zero when a launch starts skips the tiles it
+    # counts past (here the first wave's programs take their own tile, then find none left).
+    case = CASES[0]
+    cfg = {**small_config(0), "PERSISTENT": 1, "DYN": 1}
+    counter = fa.zeroed_counter(torch.device("cpu"))
+    counter[0] = 1 << 20
+    try:
+        got, want = run_case(case, 32, torch.bfloat16, cfg, seed=17, num_programs=3)
+    finally:
+        counter.zero_()
+    assert not rel_err(got, want) < REL_TOL[torch.bfloat16]
+
+
 def test_persistent_ws_config_on_the_cpu_runs_the_persistent_twin():
     # A persistent WS config on CPU tensors runs the persistent Triton kernel at its tiles, at
     # the plan's program count (NUM_SMS: here more programs than tiles, so some have none).

@@ -216,33 +216,41 @@ def test_measurer_launch_and_check_on_the_interpreter(mask, window):
     assert case["check"]({"out": nan}, host) == float("inf")
 
 
-def test_measurer_launch_of_a_persistent_config_on_the_interpreter():
+@pytest.mark.parametrize("name", ["m128n128w4s2tmawspersist", "m128n128w4s2tmawspersistdyn"])
+def test_measurer_launch_of_a_persistent_config_on_the_interpreter(name):
     # A persistent config's tuning launch: one program per SM at most, the query tiles and
-    # sequences as two more ints (the plan's own ints), run here by its Triton twin.
+    # sequences as two more ints (the plan's own ints), run here by its Triton twin; a DYN
+    # config also takes its tile counter, zeroed scratch.
     facts = ft.make_facts("bf16", 4, 2, 64, 128, "CAUSAL")
     size = (3, 150)   # 2 query tiles x 4 heads x 3 sequences
-    plan = ft.tuning_launches(fc.get("m128n128w4s2tmawspersist"), facts, size)
+    plan = ft.tuning_launches(fc.get(name), facts, size)
     case = ft.bench(facts, size, seed=5)
     ((i, grid, args),) = plan["ops"]
-    assert grid == (24, 1, 1) and args[-2:] == ["n_m", "n_b"]
+    dyn = name.endswith("dyn")
+    assert grid == (24, 1, 1) and args[13:] == ["n_m", "n_b"] + ["tile_counter"] * dyn
+    assert plan["scratch"] == [("tile_counter", "int32", 2)] * dyn
     assert plan["ints"] == {"n_m": 2, "n_b": 3}
     host = {n: s["make"]() for n, s in case["inputs"].items()}
     dev = {n: (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
                if a.dtype == np.uint16 else torch.from_numpy(a)) for n, a in host.items()}
     (shape, _), = [(o["shape"], o["dtype"]) for o in case["outputs"].values()]
     out = torch.full(shape, float("nan"), dtype=torch.bfloat16)
-    vals = dict(dev, out=out, **case["ints"], **plan["ints"])
+    counter = torch.zeros(2, dtype=torch.int32)
+    vals = dict(dev, out=out, tile_counter=counter, **case["ints"], **plan["ints"])
     twin = plan["specs"][i].interpretable()
     twin.fn[(5, 1, 1)](*[vals[a] for a in args], **twin.constexprs)   # 5 programs: many tiles
+    assert counter.tolist() == [0, 0]
     raw = out.view(torch.int16).numpy().view(np.uint16)
     assert case["check"]({"out": raw}, host) < 1e-2
 
 
-def test_a_persistent_choice_runs_through_the_plan_under_the_interpreter():
+@pytest.mark.parametrize("name", ["m128n128w4s3tmawspersist", "m128n128w4s3tmawspersistdyn"])
+def test_a_persistent_choice_runs_through_the_plan_under_the_interpreter(name):
+    # (DYN: its tile counter is the plan's scratch, zeroed when allocated (the device here
+    # fills new memory with 0xAB) and left zero by each launch: two calls, both right.)
     from graphir.runtime.cuda.executor import PlanExecutor
     from tests.lowering.triton_gpu.test_backend_interp import InterpDevice
 
-    name = "m128n128w4s3tmawspersist"
     g = attention_graph_bf16()
     with tuning.using(tuning.Selector([("default table", table(
             {b: name for b in BUCKETS}))])):
@@ -271,6 +279,9 @@ def test_a_persistent_choice_runs_through_the_plan_under_the_interpreter():
     got = ex.execute(*[a.copy() for a in args])[0]
     assert dev.launched == [f"flash_attention_bf16_mask1_{name}"]
     assert grids == [(2 * 8 * 3, 1, 1)]   # 2 query tiles of the longest x 8 heads x 3 sequences
+    again = ex.execute(*[a.copy() for a in args])[0]
+    counters = [b for k, b in ex._pool.items() if k[1][-1:] == ("tile_counter",)]
+    assert [c[:8].view(torch.int32).tolist() for c in counters] == [[0, 0]] * name.endswith("dyn")
     # Past 2**31 tiles x heads (the persistent kernels' int32 tile numbers) the plan takes the
     # one-tile form of the same config.
     (step,) = [s for s in program.plan.steps if s.op == "flash_attention_ragged"]
@@ -285,9 +296,10 @@ def test_a_persistent_choice_runs_through_the_plan_under_the_interpreter():
     seqmax = re.search(r"cdiv\((rt_seqmax_\w+), 128\)", guard)[1]
     assert evaluate(guard, {seqmax: 200, "b": 3})
     assert not evaluate(guard, {seqmax: 128 * 4096, "b": 65536})
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    err = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert err < 1e-2, err
+    want = np.asarray(want, np.float64)
+    for out in (got, again):
+        err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
+        assert err < 1e-2, err
 
 
 def test_untuned_compiles_take_the_measured_prefill_table():

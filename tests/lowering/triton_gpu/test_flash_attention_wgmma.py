@@ -15,7 +15,8 @@ def test_ws_configs_have_names_that_round_trip():
     for d in (64, 128):
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
-            assert name.endswith(("tmaws", "tmawslpt", "tmawspersist", "tmawspersistdeep"))
+            assert name.endswith(("tmaws", "tmawslpt", "tmawspersist", "tmawspersistdeep",
+                                  "tmawspersistdyn", "tmawspersistdeepdyn"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -38,14 +39,26 @@ def test_ws_configs_have_names_that_round_trip():
         fc.get({**fc.WS_CANDIDATES[64][0], "DEEP": 1})
     assert any(c.get("DEEP") for c in fc.candidates(64, 128))
     assert not any(c.get("DEEP") for c in fc.candidates(128, 128))
+    # Tiles handed out at run time: a form of the persistent kernels (Triton's too), which
+    # the one-tile fallback drops with the other persistent-only forms.
+    dyn = fc.get("m128n128w4s3tmawspersistdeepdyn")
+    assert dyn["DYN"] == dyn["DEEP"] == dyn["PERSISTENT"] == 1
+    assert fc.get("m128n64w8s3tmapersistdyn")["DYN"] == 1
+    for bad in ("m128n128w4s2tmawsdyn", "m128n64w8s3tmadyn"):
+        with pytest.raises(ValueError, match="DYN hands a persistent kernel's tiles out"):
+            fc.get(bad)
+    assert fa.one_tile_config(dyn) == {**fc.WS_CANDIDATES[64][0], "num_stages": 3}
+    fc.check_config(fa.one_tile_config(dyn), 64)
 
 
 def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
     ws = [c for c in fc.candidates(128, 128) if c.get("WS")]
     assert [fc.config_tag(c) for c in ws] == ["m128n128w4s2tmaws", "m128n128w4s2tmawslpt",
                                              "m128n128w4s2tmawspersist",
-                                             "m128n128w4s3tmawspersist"]
-    assert fc.candidates(128, 128)[:4] == ws
+                                             "m128n128w4s3tmawspersist",
+                                             "m128n128w4s2tmawspersistdyn",
+                                             "m128n128w4s3tmawspersistdyn"]
+    assert fc.candidates(128, 128)[:6] == ws
     assert not any(c.get("WS") for c in fc.candidates(128, 128, include_ws=False))
     # Pages that do not hold a whole key block: no TMA, so no WS config at all.
     assert not any(c.get("WS") for c in fc.candidates(128, 16))
