@@ -52,7 +52,11 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             # the persistent configs' tiles handed out at run time (DYN)
             "wspd_n128s2": dict(config="m128n128w4s2tmawspersistdyn"),
             "wspd_n128s3": dict(config="m128n128w4s3tmawspersistdyn"),
-            "wspd_deep3": dict(config="m128n128w4s3tmawspersistdeepdyn")}
+            "wspd_deep3": dict(config="m128n128w4s3tmawspersistdeepdyn"),
+            # ... and the query rows brought by the loader warp (QTMA)
+            "wspdq_n128s2": dict(config="m128n128w4s2tmawspersistdynqtma"),
+            "wspdq_n128s3": dict(config="m128n128w4s3tmawspersistdynqtma"),
+            "wspdq_deep3": dict(config="m128n128w4s3tmawspersistdeepdynqtma")}
 
 
 def serves(kw, D) -> bool:

@@ -439,7 +439,8 @@ def _plan_tiles(spec: KernelSpec, batch: str, seqmax: str) -> tuple[str, str]:
 def one_tile_config(cfg: dict) -> dict:
     """A persistent config's one-tile form (the same tiles, one program a tile; the forms only
     the persistent kernels have dropped)."""
-    return {k: v for k, v in cfg.items() if k not in ("PERSISTENT", "DEEP", "DYN", "name")}
+    return {k: v for k, v in cfg.items()
+            if k not in ("PERSISTENT", "DEEP", "DYN", "QTMA", "name")}
 
 
 _COUNTERS: dict = {}
@@ -481,7 +482,7 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
 def twin_config(cfg: dict) -> dict:
     """The Triton kernel's config at a WS config's tiles and tile order (what Triton's
     interpreter runs in the Gluon kernel's place)."""
-    twin = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG", "DEEP", "name")}
+    twin = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG", "DEEP", "QTMA", "name")}
     return {**twin, "num_warps": 8, "num_stages": 2}
 
 
@@ -493,4 +494,5 @@ def ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg) -> dict:
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
                 CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)),
                 LPT=int(cfg.get("LPT", 0)), **({"DEEP": 1} if cfg.get("DEEP") else {}),
-                **({"DYN": 1} if cfg.get("DYN") else {}))
+                **({"DYN": 1} if cfg.get("DYN") else {}),
+                **({"QTMA": 1} if cfg.get("QTMA") else {}))

@@ -58,19 +58,19 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | No
 
 
 def _ws(bn: int, stages: int, lpt: bool = False, persistent: bool = False,
-        deep: bool = False, dyn: bool = False) -> dict:
+        deep: bool = False, dyn: bool = False, qtma: bool = False) -> dict:
     """A config of the warp-specialized Gluon kernel (flash_attention_wgmma.py): 128 query rows
     as two consumer warpgroups plus a TMA loader warp (num_warps counts the first warpgroup,
     the launch has 12 warps), `stages` K/V slots in shared memory. TMA only. `lpt` takes the
     programs longest first (paged.tile_order); `persistent` is the form with one program per
     SM walking the tiles longest first (flash_attention_persistent.py), `deep` its consumers'
-    deeper pipeline (flash_attention_deep.py), `dyn` its tiles handed out at run time
-    (flash_attention_persistent.py)."""
+    deeper pipeline (flash_attention_deep.py), `dyn` its tiles handed out at run time and
+    `qtma` its query rows loaded by the loader warp (flash_attention_persistent.py)."""
     c = {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
          "WS": 1}
     if persistent:
         return {**c, "PERSISTENT": 1, **({"DEEP": 1} if deep else {}),
-                **({"DYN": 1} if dyn else {})}
+                **({"DYN": 1} if dyn else {}), **({"QTMA": 1} if qtma else {})}
     return {**c, "LPT": 1} if lpt else c
 
 
@@ -111,12 +111,16 @@ _WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
 # against 411 (SDPA 431), B4 x 4096 causal 373 against 372 (BENCHMARKS.md, 2026-12-05).
 # Each persistent form also with its tiles handed out at run time (DYN: the busiest program's
 # key blocks 3-15% over the mean with the grid's stride under a causal mask at the target
-# shapes, 0.4-1.6% served from a counter; flash_attention_persistent.py, tools/tile_balance.py).
-# Not yet measured on a GPU.
-_DYN = [_ws(128, 2, persistent=True, dyn=True), _ws(128, 3, persistent=True, dyn=True)]
+# shapes, 0.4-1.6% served from a counter; flash_attention_persistent.py, tools/tile_balance.py),
+# and that with the query rows brought by the loader warp (QTMA: the consumers' per-tile query
+# load, a dependent global load, off their path; two query slots, so not with three stages at
+# head dim 128). Neither measured on a GPU yet.
+_DYN = [_ws(128, 2, persistent=True, dyn=True), _ws(128, 3, persistent=True, dyn=True),
+        _ws(128, 2, persistent=True, dyn=True, qtma=True)]
+_DEEP = _ws(128, 3, persistent=True, deep=True)
 WS_CANDIDATES: dict[int, list[dict]] = {
-    64: _WS + [_ws(128, 3, persistent=True, deep=True)] + _DYN
-    + [_ws(128, 3, persistent=True, deep=True, dyn=True)],
+    64: _WS + [_DEEP] + _DYN + [_ws(128, 3, persistent=True, dyn=True, qtma=True),
+                                {**_DEEP, "DYN": 1}, {**_DEEP, "DYN": 1, "QTMA": 1}],
     128: _WS + _DYN}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
@@ -167,7 +171,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?(deep)?(dyn)?")
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?(deep)?(dyn)?(qtma)?")
 
 
 def get(config) -> dict:
@@ -196,6 +200,8 @@ def get(config) -> dict:
             config["DEEP"] = 1
         if m.group(12):
             config["DYN"] = 1
+        if m.group(13):
+            config["QTMA"] = 1
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -239,6 +245,15 @@ def check_config(cfg: dict, head_dim: int) -> None:
     if cfg.get("DYN") and not cfg.get("PERSISTENT"):
         raise ValueError(f"flash attention config: DYN hands a persistent kernel's tiles out "
                          f"at run time; it needs PERSISTENT, got {cfg}")
+    if cfg.get("QTMA") and not (cfg.get("PERSISTENT") and is_ws(cfg)):
+        raise ValueError(f"flash attention config: QTMA (the loader warp loads the query rows) "
+                         f"is a form of the persistent warp-specialized kernel, got {cfg}")
+    # Two query slots and the K/V ring, 2-byte elements, in sm_90's 227 KiB a block.
+    if cfg.get("QTMA") and (2 * cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) \
+            * head_dim * 2 > 227 * 1024 - 1024:
+        raise ValueError(f"flash attention config: QTMA's two query slots and "
+                         f"{cfg['num_stages']} K/V stages do not fit sm_90's shared memory at "
+                         f"head_dim {head_dim}: {cfg}")
     if is_ws(cfg) and (cfg["BLOCK_M"] != 128 or cfg["num_warps"] != 4 or not cfg["USE_TMA"]
                        or reg is not None or head_dim > 128):
         raise ValueError(f"flash attention config: the warp-specialized kernel takes BLOCK_M "
@@ -251,10 +266,12 @@ def config_tag(cfg: dict) -> str:
     warp-specialized Gluon kernel, pp for its consumers taking turns, lpt for the programs
     taken longest first, persist for one program per SM walking the tiles longest first, deep
     for the consumers' deeper pipeline (flash_attention_deep.py), dyn for a persistent kernel's
-    tiles handed out at run time (flash_attention_persistent.py)."""
+    tiles handed out at run time and qtma for its query rows loaded by the loader warp
+    (flash_attention_persistent.py)."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
             + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else "")
             + ("lpt" if cfg.get("LPT") else "") + ("persist" if cfg.get("PERSISTENT") else "")
-            + ("deep" if cfg.get("DEEP") else "") + ("dyn" if cfg.get("DYN") else ""))
+            + ("deep" if cfg.get("DEEP") else "") + ("dyn" if cfg.get("DYN") else "")
+            + ("qtma" if cfg.get("QTMA") else ""))

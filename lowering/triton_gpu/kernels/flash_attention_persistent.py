@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_kernel, prefill_tile
 from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_deep
@@ -79,11 +79,13 @@ def _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH: gl.constexp
 @gluon.jit
 def _wsp_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
                 cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx, num_layers,
-                num_pages, sched_ptr, tile_ids, tile_ready, tile_empty, NH: gl.constexpr,
-                NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, DYN: gl.constexpr):
+                num_pages, sched_ptr, tile_ids, tile_ready, tile_empty, qdesc, q_smem, q_ready,
+                q_empty, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+                PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DYN: gl.constexpr,
+                QTMA: gl.constexpr):
     it = 0
+    nq = 0
     total = n_m * NH * n_b
     if DYN:
         t = gl.program_id(0)
@@ -91,36 +93,51 @@ def _wsp_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_p
         while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
             _post_tile(tile_ids, tile_ready, tile_empty, n, t)
             nxt = next_tile(sched_ptr)  # its latency hides under this tile's loads
-            it = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
-                           cache_len_ptr, lut_ptr, t, it, n_m, T, max_pages, window, layer_idx,
-                           num_layers, num_pages, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
-                           BLOCK_N, STAGES)
+            it, nq = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                               offs_ptr, cache_len_ptr, lut_ptr, t, it, nq, n_m, T, max_pages,
+                               window, layer_idx, num_layers, num_pages, qdesc, q_smem,
+                               q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                               STAGES, QTMA)
             t = nxt
             n += 1
         _post_tile(tile_ids, tile_ready, tile_empty, n, t)  # past the last tile: the end
         schedule_done(sched_ptr)
     else:
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            it = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
-                           cache_len_ptr, lut_ptr, t, it, n_m, T, max_pages, window, layer_idx,
-                           num_layers, num_pages, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
-                           BLOCK_N, STAGES)
+            it, nq = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                               offs_ptr, cache_len_ptr, lut_ptr, t, it, nq, n_m, T, max_pages,
+                               window, layer_idx, num_layers, num_pages, qdesc, q_smem,
+                               q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                               STAGES, QTMA)
 
 
 @gluon.jit
 def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
-              cache_len_ptr, lut_ptr, t, it, n_m, T, max_pages, window, layer_idx, num_layers,
-              num_pages, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-              PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The loads of tile t's key blocks from global ring index `it` on; the next index."""
+              cache_len_ptr, lut_ptr, t, it, nq, n_m, T, max_pages, window, layer_idx,
+              num_layers, num_pages, qdesc, q_smem, q_ready, q_empty, NH: gl.constexpr,
+              NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              QTMA: gl.constexpr):
+    """The loads of tile t (QTMA: its query rows into Q slot nq % 2 first), its key blocks
+    from global ring index `it` on; the next (it, nq)."""
     (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
      n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
                        PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+    if QTMA:
+        if n_blocks > 0:
+            # Rows past the sequence are the next sequence's (or, past T, zeros): each row's
+            # scores, softmax and output are its own, and those rows are never stored.
+            slot = nq % 2
+            mbarrier.wait(q_empty.index(slot), ((nq // 2) & 1) ^ 1)
+            bar = q_ready.index(slot)
+            mbarrier.expect(bar, BLOCK_M * D * qdesc.dtype.primitive_bitwidth // 8)
+            tma.async_copy_global_to_shared(qdesc, [seq_start + pid_m * BLOCK_M, h * D], bar,
+                                            q_smem.index(slot))
+            nq += 1
     _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b,
                   h // (NH // NKV), start, n_blocks, it, max_pages, layer_idx, num_layers,
                   num_pages, D, PAGE_SIZE, BLOCK_N, STAGES)
-    return it + n_blocks
+    return it + n_blocks, nq
 
 
 # Slots of the DYN tile ring: the loader may post this many tiles ahead of the consumers.
@@ -150,42 +167,47 @@ def _take_tile(tile_ids, tile_ready, tile_empty, n):
 
 
 @gluon.jit
-def _wsp_consumer(q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
-                  out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages, window, scale,
-                  tile_ids, tile_ready, tile_empty, WG: gl.constexpr, NH: gl.constexpr,
-                  NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                  MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr, DEEP: gl.constexpr, DYN: gl.constexpr):
-    q = q_smem.slice(WG * (BLOCK_M // 2), BLOCK_M // 2)
+def _wsp_consumer(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
+                  v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
+                  window, scale, tile_ids, tile_ready, tile_empty, WG: gl.constexpr,
+                  NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+                  PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DEEP: gl.constexpr,
+                  DYN: gl.constexpr, QTMA: gl.constexpr):
     it = 0
     nfix = 0
+    nq = 0
     total = n_m * NH * n_b
     if DYN:
         n = 0
         t = _take_tile(tile_ids, tile_ready, tile_empty, n)
         while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
-            it, nfix = _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                                 fixed, out_ptr, offs_ptr, cache_len_ptr, t, it, nfix, n_m, T,
-                                 max_pages, window, scale, WG, NH, NKV, D, PAGE_SIZE, MASK,
-                                 BLOCK_M, BLOCK_N, STAGES, DEEP)
+            it, nfix, nq = _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready,
+                                     v_ready, k_empty, v_empty, fixed, out_ptr, offs_ptr,
+                                     cache_len_ptr, t, it, nfix, nq, n_m, T, max_pages, window,
+                                     scale, WG, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                                     STAGES, DEEP, QTMA)
             n += 1
             t = _take_tile(tile_ids, tile_ready, tile_empty, n)
     else:
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            it, nfix = _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                                 fixed, out_ptr, offs_ptr, cache_len_ptr, t, it, nfix, n_m, T,
-                                 max_pages, window, scale, WG, NH, NKV, D, PAGE_SIZE, MASK,
-                                 BLOCK_M, BLOCK_N, STAGES, DEEP)
+            it, nfix, nq = _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready,
+                                     v_ready, k_empty, v_empty, fixed, out_ptr, offs_ptr,
+                                     cache_len_ptr, t, it, nfix, nq, n_m, T, max_pages, window,
+                                     scale, WG, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
+                                     STAGES, DEEP, QTMA)
 
 
 @gluon.jit
-def _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, out_ptr,
-              offs_ptr, cache_len_ptr, t, it, nfix, n_m, T, max_pages, window, scale,
-              WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-              PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DEEP: gl.constexpr):
+def _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
+              v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, t, it, nfix, nq, n_m, T,
+              max_pages, window, scale, WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
+              D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              DEEP: gl.constexpr, QTMA: gl.constexpr):
     """One consumer warpgroup's share of tile t, its key blocks from global ring index `it`
-    on, `nfix` V-tail fixes done before it; (it, nfix) after it."""
+    on, after `nfix` V-tail fixes and `nq` query tiles loaded by the loader (QTMA); (it,
+    nfix, nq) after it."""
     ROWS: gl.constexpr = BLOCK_M // 2
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
@@ -193,12 +215,18 @@ def _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixe
      n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
                        PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
     if n_blocks > 0:
-        # This warpgroup's query rows (rows past the sequence zero). The previous tile's
-        # products that read q have all been waited for.
-        q.store(_q_rows(q_ptr, seq_start, seq_len, pid_m * BLOCK_M + WG * ROWS, h, NH, D,
-                        ROWS, ld_layout))
-        fence_async_shared()
-        gl.thread_barrier()
+        if QTMA:  # the loader's TMA brought them (into the slot its nq-th load used)
+            q_slot = nq % 2
+            mbarrier.wait(q_ready.index(q_slot), (nq // 2) & 1)
+            q = q_smem.index(q_slot).slice(WG * ROWS, ROWS)
+        else:
+            # This warpgroup's query rows (rows past the sequence zero). The previous tile's
+            # products that read q have all been waited for.
+            q = q_smem.index(0).slice(WG * ROWS, ROWS)
+            q.store(_q_rows(q_ptr, seq_start, seq_len, pid_m * BLOCK_M + WG * ROWS, h, NH, D,
+                            ROWS, ld_layout))
+            fence_async_shared()
+            gl.thread_barrier()
         # (The turn barrier is not used without ping-pong: `fixed` stands in for it.)
         if DEEP:
             o, l_i = _ws_attend_deep(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
@@ -210,10 +238,13 @@ def _wsp_tile(q_ptr, q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixe
                                 fixed, fixed, it, nfix & 1, q_lo, kv_len, start, end,
                                 full_lo, full_hi, n_blocks, window, scale, WG, D, MASK,
                                 BLOCK_N, STAGES, 0, 1)
+        if QTMA:  # every product that read the slot has been waited for
+            _ws_release(q_empty, q_slot)
+            nq += 1
         nfix += (start + n_blocks * BLOCK_N > kv_len).to(gl.int32)
         it += n_blocks
         _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
-    return it, nfix
+    return it, nfix, nq
 
 
 @gluon.jit
@@ -235,15 +266,22 @@ def flash_prefill_wsp_kernel(
         NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
         MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEEP: gl.constexpr = 0,
-        DYN: gl.constexpr = 0):
+        DYN: gl.constexpr = 0, QTMA: gl.constexpr = 0):
     """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence), n_b
     (sequences) and sched_ptr (DYN's counter; None without DYN); launched with num_warps=4 on a
     1-D grid of at most one program per SM. DEEP gives the consumers the deeper pipeline of
-    flash_attention_deep.py, DYN hands the tiles out at run time."""
+    flash_attention_deep.py, DYN hands the tiles out at run time, QTMA has the loader warp
+    bring each tile's query rows by TMA into one of two slots (the consumers load them
+    themselves otherwise), so the next tile's are there when the consumers start it."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2 if QTMA else 1, BLOCK_M, D], q_layout)
+    if QTMA:
+        qdesc = tma.make_tensor_descriptor(q_ptr, shape=[T, NH * D], strides=[NH * D, 1],
+                                           block_shape=[BLOCK_M, D], layout=q_layout)
+    else:
+        qdesc = q_ptr  # (unused)
     desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N, kv_smem)
     k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed = _ws_rings(dtype, kv_smem, D,
                                                                           BLOCK_N, STAGES)
@@ -254,26 +292,35 @@ def flash_prefill_wsp_kernel(
                                          gl.SwizzledSharedLayout(1, 1, 1, [0]))
     tile_ready = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
     tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
+    # QTMA's two query slots: `ready` (the TMA completes it), `empty` (both warpgroups).
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     for i in gl.static_range(TILE_SLOTS):
         mbarrier.init(tile_ready.index(i), count=1)
         mbarrier.init(tile_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)
     fence_async_shared()
     gl.thread_barrier()
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     gl.warp_specialize(
-        [(_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                          fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
-                          window, scale, tile_ids, tile_ready, tile_empty, WG0, NH, NKV, D,
-                          PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN)),
-         (_wsp_consumer, (q_ptr, q_smem, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                          fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
-                          window, scale, tile_ids, tile_ready, tile_empty, WG1, NH, NKV, D,
-                          PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN)),
+        [(_wsp_consumer, (q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready,
+                          k_empty, v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b,
+                          T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG0,
+                          NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN,
+                          QTMA)),
+         (_wsp_consumer, (q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready,
+                          k_empty, v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b,
+                          T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG1,
+                          NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN,
+                          QTMA)),
          (_wsp_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
                         cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx,
-                        num_layers, num_pages, sched_ptr, tile_ids, tile_ready, tile_empty, NH,
-                        NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DYN))],
+                        num_layers, num_pages, sched_ptr, tile_ids, tile_ready, tile_empty,
+                        qdesc, q_smem, q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
+                        BLOCK_N, STAGES, DYN, QTMA))],
         [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -334,9 +381,10 @@ def persistent_kernel(fn, constexprs: dict):
     # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
     if fn is flash_prefill_ws_kernel:
         kernel = flash_prefill_wsp_kernel
-        # (DEEP and DYN are the persistent kernels' alone: the one-tile constexprs name them
-        # only when set.)
-        constexprs = {**constexprs, "DEEP": constexprs.get("DEEP", 0)}
+        # (DEEP, DYN and QTMA are the persistent kernels' alone: the one-tile constexprs name
+        # them only when set.)
+        constexprs = {**constexprs, "DEEP": constexprs.get("DEEP", 0),
+                      "QTMA": constexprs.get("QTMA", 0)}
     elif fn is flash_prefill_kernel:
         kernel = flash_prefill_persistent_kernel
     else:

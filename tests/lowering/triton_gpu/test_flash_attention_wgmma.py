@@ -16,7 +16,7 @@ def test_ws_configs_have_names_that_round_trip():
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
             assert name.endswith(("tmaws", "tmawslpt", "tmawspersist", "tmawspersistdeep",
-                                  "tmawspersistdyn", "tmawspersistdeepdyn"))
+                                  "tmawspersistdyn", "tmawspersistdeepdyn", "dynqtma"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -49,6 +49,16 @@ def test_ws_configs_have_names_that_round_trip():
             fc.get(bad)
     assert fa.one_tile_config(dyn) == {**fc.WS_CANDIDATES[64][0], "num_stages": 3}
     fc.check_config(fa.one_tile_config(dyn), 64)
+    # The loader warp's query loads: a persistent WS form, two query slots that with three
+    # K/V stages overflow shared memory at head dim 128; the twin and one-tile forms drop it.
+    q = fc.get("m128n128w4s3tmawspersistdynqtma")
+    assert q["QTMA"] == 1 and fa.twin_config(q).get("QTMA") is None
+    fc.check_config(q, 64)
+    with pytest.raises(ValueError, match="QTMA's two query slots"):
+        fc.check_config(q, 128)
+    with pytest.raises(ValueError, match="QTMA .* is a form of the persistent warp"):
+        fc.get("m128n128w8s2tmapersistqtma")
+    assert "QTMA" not in fa.one_tile_config(q)
 
 
 def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
@@ -57,8 +67,9 @@ def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
                                              "m128n128w4s2tmawspersist",
                                              "m128n128w4s3tmawspersist",
                                              "m128n128w4s2tmawspersistdyn",
-                                             "m128n128w4s3tmawspersistdyn"]
-    assert fc.candidates(128, 128)[:6] == ws
+                                             "m128n128w4s3tmawspersistdyn",
+                                             "m128n128w4s2tmawspersistdynqtma"]
+    assert fc.candidates(128, 128)[:7] == ws
     assert not any(c.get("WS") for c in fc.candidates(128, 128, include_ws=False))
     # Pages that do not hold a whole key block: no TMA, so no WS config at all.
     assert not any(c.get("WS") for c in fc.candidates(128, 16))
