@@ -27,11 +27,14 @@ import triton.language as tl  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile  # noqa: E402
 
-# (name, sequences, tokens each, head dim, causal) at 32 query heads and 8 KV heads.
-SHAPES = [("B4 x 4096 causal", 4, 4096, 128, True), ("B1 x 16384 causal", 1, 16384, 128, True),
-          ("B4 x 2048 causal", 4, 2048, 128, True), ("B1 x 4096 causal", 1, 4096, 128, True),
-          ("B8 x 1024 causal", 8, 1024, 128, True), ("B4 x 4096 causal, d64", 4, 4096, 64, True),
-          ("B4 x 4096 no mask", 4, 4096, 128, False)]
+# (name, sequences, tokens each, head dim, mask: "causal", "none" or a sliding window's width)
+# at 32 query heads and 8 KV heads.
+SHAPES = [("B4 x 4096 causal", 4, 4096, 128, "causal"),
+          ("B1 x 16384 causal", 1, 16384, 128, "causal"),
+          ("B4 x 2048 causal", 4, 2048, 128, "causal"), ("B1 x 4096 causal", 1, 4096, 128, "causal"),
+          ("B8 x 1024 causal", 8, 1024, 128, "causal"),
+          ("B4 x 4096 causal, d64", 4, 4096, 64, "causal"),
+          ("B4 x 4096 window 1024", 4, 4096, 128, 1024), ("B4 x 4096 no mask", 4, 4096, 128, "none")]
 
 
 @triton.jit
@@ -54,12 +57,15 @@ def tile_order(n_m: int, n_b: int, nh: int, nkv: int, d: int, block_m: int) -> n
     return out.view(total, 3).numpy()
 
 
-def key_blocks(order: np.ndarray, seq: int, causal: bool, block_m: int, block_n: int):
-    """Key blocks of each tile of `order` for sequences of `seq` new tokens, no prefix."""
-    if not causal:
+def key_blocks(order: np.ndarray, seq: int, mask, block_m: int, block_n: int):
+    """Key blocks of each tile of `order` for sequences of `seq` new tokens, no prefix, under
+    `mask`: "causal", "none", or an int, a causal sliding window of that many keys."""
+    if mask == "none":
         return np.full(len(order), -(-seq // block_n))
-    rows_end = np.minimum((order[:, 0] + 1) * block_m, seq)
-    return -(-rows_end // block_n)
+    first_row = order[:, 0] * block_m
+    last_row = np.minimum(first_row + block_m, seq) - 1
+    first_key = 0 if mask == "causal" else np.maximum(0, first_row - int(mask) + 1)
+    return last_row // block_n - first_key // block_n + 1
 
 
 def busiest_over_mean(work: np.ndarray, programs: int) -> tuple[float, float]:
@@ -83,10 +89,10 @@ def main(argv=None) -> None:
     ap.add_argument("--block", type=int, default=128, help="query and key block size")
     a = ap.parse_args(argv)
     print(f"{'shape':26} {'tiles':>6} {'stride':>8} {'greedy':>8}   (busiest program / mean)")
-    for name, n_b, seq, d, causal in SHAPES:
+    for name, n_b, seq, d, mask in SHAPES:
         n_m = -(-seq // a.block)
         order = tile_order(n_m, n_b, 32, 8, d, a.block)
-        work = key_blocks(order, seq, causal, a.block, a.block)
+        work = key_blocks(order, seq, mask, a.block, a.block)
         stride, greedy = busiest_over_mean(work, a.sms)
         print(f"{name:26} {len(work):6d} {stride:8.3f} {greedy:8.3f}")
 

@@ -26,8 +26,17 @@ def test_the_counter_evens_out_causal_prefill():
     # What the DYN configs are for (flash_attention_persistent.py): at B4 x 2048 causal the
     # stride leaves the busiest of 132 programs 15% over the mean, the counter within 2%.
     order = tb.tile_order(16, 4, 32, 8, 128, 128)
-    stride, greedy = tb.busiest_over_mean(tb.key_blocks(order, 2048, True, 128, 128), 132)
+    stride, greedy = tb.busiest_over_mean(tb.key_blocks(order, 2048, "causal", 128, 128), 132)
     assert stride > 1.1 and greedy < 1.02
     # Without a mask every tile is the same work: nothing to even out.
-    stride, greedy = tb.busiest_over_mean(tb.key_blocks(order, 2048, False, 128, 128), 132)
+    stride, greedy = tb.busiest_over_mean(tb.key_blocks(order, 2048, "none", 128, 128), 132)
     assert stride == greedy
+
+
+def test_key_blocks_by_hand():
+    # 300 tokens in 128-row tiles and 128-key blocks: tiles 0..2 see keys up to rows 127,
+    # 255 and 299; a window of 100 keys starts tile 2 (rows 256..299) at key 157, block 1.
+    order = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0]])
+    assert tb.key_blocks(order, 300, "causal", 128, 128).tolist() == [1, 2, 3]
+    assert tb.key_blocks(order, 300, "none", 128, 128).tolist() == [3, 3, 3]
+    assert tb.key_blocks(order, 300, 100, 128, 128).tolist() == [1, 2, 2]

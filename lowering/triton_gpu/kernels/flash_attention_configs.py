@@ -16,7 +16,9 @@ longest-first form (m128n128w4s2tmawslpt) for a single 1k prompt: 1.16-1.36x the
 default below, 0.76-1.05x SDPA. At head dim 64 the persistent form with the consumers' deeper
 pipeline (m128n128w4s3tmawspersistdeep, flash_attention_deep.py) is a candidate, measured
 ahead of the shipped choice (attention_wgmma.py, 2026-12-05: 0.91-1.02x SDPA) but not yet in
-the table, whose rows need the sweep's recorded errors. `default_config` (no table entry) is
+the table, whose rows need the sweep's recorded errors. The persistent forms' tiles handed out
+from a counter (`..dyn`) and their query rows loaded by the loader warp (`..dynqtma`) are
+candidates built without a GPU at hand, not yet measured. `default_config` (no table entry) is
 still the Triton kernel's.
 
 Why these defaults (bf16/fp16, H100/H200 class). Measured on an H200 (tools/gpu_sweeps/
