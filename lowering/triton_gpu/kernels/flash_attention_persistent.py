@@ -23,7 +23,8 @@ B4 x 4096 and B1 x 16384 (132 programs) and 15% more at B4 x 2048 (the prefill t
 0.86-0.91x SDPA against 0.99-1.05x at 4096; BENCHMARKS.md, run 9). With DYN each program takes
 its first tile by its number and every later one from a counter in global memory (one atomic
 add by the loader warp as it starts the current tile's loads, under which its latency hides;
-handed to the consumers through a small ring of shared-memory slots), so the longest-first
+handed to the consumers through a small ring of shared-memory slots with the tile's facts, its
+sequence's rows and cached length, so the consumers read no metadata), so the longest-first
 order is served greedily: in the same count the busiest program is within 0.4-1.6% of the mean
 at these shapes (`python -m graphir.tools.tile_balance`). The counter (two
 int32: tiles handed out, programs done) must be zero at launch; the last program out sets it
@@ -53,7 +54,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_kernel, prefill_tile
 from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_deep
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    LOADER_REGS, _key_blocks, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings,
+    LOADER_REGS, _key_blocks_at, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings,
     _ws_store, flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile, sequence_rows
 from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
@@ -61,19 +62,26 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
 
 @gluon.jit
-def _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH: gl.constexpr,
-          NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
-          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Tile t of the longest-first order: (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start,
-    end, full_lo, full_hi, n_blocks), n_blocks 0 for a tile past its sequence's rows. Metadata
-    clamped as in flash_prefill_kernel."""
+def _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH: gl.constexpr, NKV: gl.constexpr,
+                D: gl.constexpr, BLOCK_M: gl.constexpr):
+    """What tile t of the longest-first order reads from memory: (first row, rows, cached
+    length) of its sequence, the rows clamped as in flash_prefill_kernel."""
     pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
     seq_start, seq_len = sequence_rows(offs_ptr, b, T)
-    kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks(
-        cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+    return seq_start, seq_len, gl.load(cache_len_ptr + b)
+
+
+@gluon.jit
+def _tile(t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH: gl.constexpr,
+          NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile t, given its _tile_facts: (pid_m, h, b, kv_len, q_lo, start, end, full_lo,
+    full_hi, n_blocks), n_blocks 0 for a tile past its sequence's rows (no memory read)."""
+    pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
+    kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks_at(
+        cache_len, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
     n_blocks = gl.where(pid_m * BLOCK_M < seq_len, n_blocks, 0)
-    return (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
-            n_blocks)
+    return pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks
 
 
 @gluon.jit
@@ -91,38 +99,43 @@ def _wsp_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_p
         t = gl.program_id(0)
         n = 0
         while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
-            _post_tile(tile_ids, tile_ready, tile_empty, n, t)
+            # The consumers get the tile's facts with its number: no loads on their path.
+            seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH,
+                                                        NKV, D, BLOCK_M)
+            _post_tile(tile_ids, tile_ready, tile_empty, n, t, seq_start, seq_len, cache_len)
             nxt = next_tile(sched_ptr)  # its latency hides under this tile's loads
             it, nq = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                               offs_ptr, cache_len_ptr, lut_ptr, t, it, nq, n_m, T, max_pages,
-                               window, layer_idx, num_layers, num_pages, qdesc, q_smem,
-                               q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                               STAGES, QTMA)
+                               lut_ptr, t, seq_start, seq_len, cache_len, it, nq, n_m,
+                               max_pages, window, layer_idx, num_layers, num_pages, qdesc,
+                               q_smem, q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
+                               BLOCK_N, STAGES, QTMA)
             t = nxt
             n += 1
-        _post_tile(tile_ids, tile_ready, tile_empty, n, t)  # past the last tile: the end
+        _post_tile(tile_ids, tile_ready, tile_empty, n, t, 0, 0, 0)  # past the last: the end
         schedule_done(sched_ptr)
     else:
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH,
+                                                        NKV, D, BLOCK_M)
             it, nq = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                               offs_ptr, cache_len_ptr, lut_ptr, t, it, nq, n_m, T, max_pages,
-                               window, layer_idx, num_layers, num_pages, qdesc, q_smem,
-                               q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                               STAGES, QTMA)
+                               lut_ptr, t, seq_start, seq_len, cache_len, it, nq, n_m,
+                               max_pages, window, layer_idx, num_layers, num_pages, qdesc,
+                               q_smem, q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
+                               BLOCK_N, STAGES, QTMA)
 
 
 @gluon.jit
-def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
-              cache_len_ptr, lut_ptr, t, it, nq, n_m, T, max_pages, window, layer_idx,
+def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, t,
+              seq_start, seq_len, cache_len, it, nq, n_m, max_pages, window, layer_idx,
               num_layers, num_pages, qdesc, q_smem, q_ready, q_empty, NH: gl.constexpr,
               NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               QTMA: gl.constexpr):
-    """The loads of tile t (QTMA: its query rows into Q slot nq % 2 first), its key blocks
-    from global ring index `it` on; the next (it, nq)."""
-    (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
-     n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
-                       PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+    """The loads of tile t (its _tile_facts given; QTMA: its query rows into Q slot nq % 2
+    first), its key blocks from global ring index `it` on; the next (it, nq)."""
+    pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
+        t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
+        BLOCK_M, BLOCK_N)
     if QTMA:
         if n_blocks > 0:
             # Rows past the sequence are the next sequence's (or, past T, zeros): each row's
@@ -145,25 +158,33 @@ TILE_SLOTS = gl.constexpr(4)
 
 
 @gluon.jit
-def _post_tile(tile_ids, tile_ready, tile_empty, n, t):
-    """The loader hands tile t, its n-th, to both consumer warpgroups (a slot they have
-    released: a fresh barrier has completed the phase of parity 1)."""
+def _post_tile(tile_ids, tile_ready, tile_empty, n, t, seq_start, seq_len, cache_len):
+    """The loader hands tile t, its n-th, and its facts to both consumer warpgroups (in a slot
+    they have released: a fresh barrier has completed the phase of parity 1)."""
     slot = n % TILE_SLOTS
     mbarrier.wait(tile_empty.index(slot), ((n // TILE_SLOTS) & 1) ^ 1)
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    tile_ids.index(slot).store(gl.full([1], t, gl.int32, lay))
+    i = gl.arange(0, 4, layout=gl.BlockedLayout([4], [32], [1], [0]))
+    facts = gl.where(i == 0, t, gl.where(i == 1, seq_start, gl.where(i == 2, seq_len,
+                                                                       cache_len)))
+    tile_ids.index(slot).store(facts)
     _ws_release(tile_ready, slot)
 
 
 @gluon.jit
 def _take_tile(tile_ids, tile_ready, tile_empty, n):
-    """A consumer warpgroup's n-th tile from the loader (then the slot is released)."""
+    """A consumer warpgroup's n-th tile from the loader and its facts: (t, seq_start, seq_len,
+    cache_len); then the slot is released."""
     slot = n % TILE_SLOTS
     mbarrier.wait(tile_ready.index(slot), (n // TILE_SLOTS) & 1)
-    lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    t = gl.max(tile_ids.index(slot).load(lay), 0)
+    lay: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])
+    facts = tile_ids.index(slot).load(lay)
+    i = gl.arange(0, 4, layout=lay)
+    t = gl.sum(gl.where(i == 0, facts, 0), 0)
+    seq_start = gl.sum(gl.where(i == 1, facts, 0), 0)
+    seq_len = gl.sum(gl.where(i == 2, facts, 0), 0)
+    cache_len = gl.sum(gl.where(i == 3, facts, 0), 0)
     _ws_release(tile_empty, slot)
-    return t
+    return t, seq_start, seq_len, cache_len
 
 
 @gluon.jit
@@ -180,40 +201,42 @@ def _wsp_consumer(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_re
     total = n_m * NH * n_b
     if DYN:
         n = 0
-        t = _take_tile(tile_ids, tile_ready, tile_empty, n)
+        t, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready, tile_empty, n)
         while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
             it, nfix, nq = _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready,
-                                     v_ready, k_empty, v_empty, fixed, out_ptr, offs_ptr,
-                                     cache_len_ptr, t, it, nfix, nq, n_m, T, max_pages, window,
+                                     v_ready, k_empty, v_empty, fixed, out_ptr, t, seq_start,
+                                     seq_len, cache_len, it, nfix, nq, n_m, max_pages, window,
                                      scale, WG, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
                                      STAGES, DEEP, QTMA)
             n += 1
-            t = _take_tile(tile_ids, tile_ready, tile_empty, n)
+            t, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready, tile_empty, n)
     else:
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH,
+                                                        NKV, D, BLOCK_M)
             it, nfix, nq = _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready,
-                                     v_ready, k_empty, v_empty, fixed, out_ptr, offs_ptr,
-                                     cache_len_ptr, t, it, nfix, nq, n_m, T, max_pages, window,
+                                     v_ready, k_empty, v_empty, fixed, out_ptr, t, seq_start,
+                                     seq_len, cache_len, it, nfix, nq, n_m, max_pages, window,
                                      scale, WG, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
                                      STAGES, DEEP, QTMA)
 
 
 @gluon.jit
 def _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
-              v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, t, it, nfix, nq, n_m, T,
+              v_empty, fixed, out_ptr, t, seq_start, seq_len, cache_len, it, nfix, nq, n_m,
               max_pages, window, scale, WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
               D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               DEEP: gl.constexpr, QTMA: gl.constexpr):
-    """One consumer warpgroup's share of tile t, its key blocks from global ring index `it`
-    on, after `nfix` V-tail fixes and `nq` query tiles loaded by the loader (QTMA); (it,
-    nfix, nq) after it."""
+    """One consumer warpgroup's share of tile t (its _tile_facts given), its key blocks from
+    global ring index `it` on, after `nfix` V-tail fixes and `nq` query tiles loaded by the
+    loader (QTMA); (it, nfix, nq) after it."""
     ROWS: gl.constexpr = BLOCK_M // 2
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
-    (pid_m, h, b, seq_start, seq_len, kv_len, q_lo, start, end, full_lo, full_hi,
-     n_blocks) = _tile(offs_ptr, cache_len_ptr, t, n_m, T, max_pages, window, NH, NKV, D,
-                       PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+    pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
+        t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
+        BLOCK_M, BLOCK_N)
     if n_blocks > 0:
         if QTMA:  # the loader's TMA brought them (into the slot its nq-th load used)
             q_slot = nq % 2
@@ -285,10 +308,10 @@ def flash_prefill_wsp_kernel(
     desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N, kv_smem)
     k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed = _ws_rings(dtype, kv_smem, D,
                                                                           BLOCK_N, STAGES)
-    # DYN's ring of tile numbers, each slot with `ready` (the loader arrives) and `empty` (both
-    # consumer warpgroups arrive); a few bytes, set up whether or not DYN uses them.
+    # DYN's ring of tile numbers and their facts, each slot with `ready` (the loader arrives)
+    # and `empty` (both consumer warpgroups arrive); set up whether or not DYN uses them.
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_SLOTS, 1],
+    tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_SLOTS, 4],
                                          gl.SwizzledSharedLayout(1, 1, 1, [0]))
     tile_ready = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
     tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)

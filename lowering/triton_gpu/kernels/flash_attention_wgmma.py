@@ -115,7 +115,15 @@ def _key_blocks(cache_len_ptr, b, pid_m, seq_len, max_pages, window, PAGE_SIZE: 
     """The key blocks query tile pid_m of sequence b sees, as flash_prefill_kernel works them
     out: (kv_len, q_lo, start, end, full_lo, full_hi, n_blocks), [full_lo, full_hi) the blocks
     every query of the tile may see whole. The cached length is clamped as there."""
-    cache_len = gl.minimum(gl.maximum(gl.load(cache_len_ptr + b), 0), max_pages * PAGE_SIZE)
+    return _key_blocks_at(gl.load(cache_len_ptr + b), pid_m, seq_len, max_pages, window,
+                          PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
+
+
+@gluon.jit
+def _key_blocks_at(cache_len, pid_m, seq_len, max_pages, window, PAGE_SIZE: gl.constexpr,
+                   MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """_key_blocks for a cached length already loaded (clamped here)."""
+    cache_len = gl.minimum(gl.maximum(cache_len, 0), max_pages * PAGE_SIZE)
     kv_len = cache_len + seq_len
     q_lo = cache_len + pid_m * BLOCK_M
     q_hi = gl.minimum(kv_len, q_lo + BLOCK_M) - 1
