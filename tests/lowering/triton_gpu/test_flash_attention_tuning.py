@@ -282,6 +282,12 @@ def test_a_persistent_choice_runs_through_the_plan_under_the_interpreter(name):
     again = ex.execute(*[a.copy() for a in args])[0]
     counters = [b for k, b in ex._pool.items() if k[1][-1:] == ("tile_counter",)]
     assert [c[:8].view(torch.int32).tolist() for c in counters] == [[0, 0]] * name.endswith("dyn")
+    # The cuda loader's check of the launch data accepts the plan (the counter is scratch its
+    # variant allocates; the kernel's parameter list, sched_ptr included, matches the launch).
+    from graphir.runtime.cuda.launch_check import check_launch_data
+    kernels = {k: {"name": sp.name, "params": [t for _, t in sp.runtime_params()]}
+               for k, sp in program.kernels.items()}
+    check_launch_data({"kernels": kernels, "plan": program.plan.to_json()}, g)
     # Past 2**31 tiles x heads (the persistent kernels' int32 tile numbers) the plan takes the
     # one-tile form of the same config.
     (step,) = [s for s in program.plan.steps if s.op == "flash_attention_ragged"]
@@ -343,3 +349,4 @@ def test_tune_never_picks_a_candidate_that_fails_its_check():
         bad = {r["config"]: r for r in entry["candidates"]
                if r["config"] in ("m128n128w8s2tma", "m64n64w4s3tma")}
         assert all("error" in r for r in bad.values()) and len(bad) == 2
+
