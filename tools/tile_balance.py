@@ -31,10 +31,12 @@ from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile  
 # at 32 query heads and 8 KV heads.
 SHAPES = [("B4 x 4096 causal", 4, 4096, 128, "causal"),
           ("B1 x 16384 causal", 1, 16384, 128, "causal"),
-          ("B4 x 2048 causal", 4, 2048, 128, "causal"), ("B1 x 4096 causal", 1, 4096, 128, "causal"),
+          ("B4 x 2048 causal", 4, 2048, 128, "causal"),
+          ("B1 x 4096 causal", 1, 4096, 128, "causal"),
           ("B8 x 1024 causal", 8, 1024, 128, "causal"),
           ("B4 x 4096 causal, d64", 4, 4096, 64, "causal"),
-          ("B4 x 4096 window 1024", 4, 4096, 128, 1024), ("B4 x 4096 no mask", 4, 4096, 128, "none")]
+          ("B4 x 4096 window 1024", 4, 4096, 128, 1024),
+          ("B4 x 4096 no mask", 4, 4096, 128, "none")]
 
 
 @triton.jit
