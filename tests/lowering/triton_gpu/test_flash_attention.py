@@ -203,13 +203,15 @@ def test_persistent_tiles_handed_out_at_run_time(case, mode):
 
 def test_a_dirty_counter_would_show():
     # The test above can fail: a counter not at zero when a launch starts skips the tiles it
-    # counts past (here the first wave's programs take their own tile, then find none left).
+    # counts past (here the first wave's programs take their own tile, then find none left;
+    # the rest of the output is whatever its fresh memory held. A seed no other test uses: a
+    # buffer freed by an identical earlier run could hold the right answer).
     case = CASES[0]
     cfg = {**small_config(0), "PERSISTENT": 1, "DYN": 1}
     counter = fa.zeroed_counter(torch.device("cpu"))
     counter[0] = 1 << 20
     try:
-        got, want = run_case(case, 32, torch.bfloat16, cfg, seed=17, num_programs=3)
+        got, want = run_case(case, 32, torch.bfloat16, cfg, seed=4242, num_programs=3)
     finally:
         counter.zero_()
     assert not rel_err(got, want) < REL_TOL[torch.bfloat16]
