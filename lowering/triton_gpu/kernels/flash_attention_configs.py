@@ -10,16 +10,12 @@ tiles: Q [BLOCK_M, D] stays resident and each pipeline stage holds one K and one
 
 `WS_CANDIDATES` are configs of the warp-specialized Gluon kernel (flash_attention_wgmma.py),
 offered first where it can serve a call; the shipped table (tools/gpu_sweeps/attention.py run
-9, 2026-12-03) picks its persistent form (m128n128w4s2tmawspersist, three stages for B4 x
-2048) for causal, unmasked and sliding-window prefill at head dims 64 and 128, and the one-tile
-longest-first form (m128n128w4s2tmawslpt) for a single 1k prompt: 1.16-1.36x the Triton
-default below, 0.76-1.05x SDPA. At head dim 64 the persistent form with the consumers' deeper
-pipeline (m128n128w4s3tmawspersistdeep, flash_attention_deep.py) is a candidate, measured
-ahead of the shipped choice (attention_wgmma.py, 2026-12-05: 0.91-1.02x SDPA) but not yet in
-the table, whose rows need the sweep's recorded errors. The persistent forms' tiles handed out
-from a counter (`..dyn`) and their query rows loaded by the loader warp (`..dynqtma`) are
-candidates built without a GPU at hand, not yet measured. `default_config` (no table entry) is
-still the Triton kernel's.
+10, an H100, 2026-12-05) picks its persistent forms with the tiles handed out from a counter
+(`..dyn`), at head dim 128 causal also with the query rows brought by the loader warp
+(`..dynqtma`), and at head dim 64 without a mask with the consumers' deeper pipeline too
+(`..deepdynqtma`, flash_attention_deep.py): 0.91-1.08x SDPA at the sweep's shapes (the window
+0.76-0.79x of SDPA's causal rate). `default_config` (no table entry) is still the Triton
+kernel's.
 
 Why these defaults (bf16/fp16, H100/H200 class). Measured on an H200 (tools/gpu_sweeps/
 attention.py, run 4, 2026-12-02; TFLOP/s of unmasked work, torch SDPA in brackets):
@@ -116,7 +112,8 @@ _WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
 # shapes, 0.4-1.6% served from a counter; flash_attention_persistent.py, tools/tile_balance.py),
 # and that with the query rows brought by the loader warp (QTMA: the consumers' per-tile query
 # load, a dependent global load, off their path; two query slots, so not with three stages at
-# head dim 128). Neither measured on a GPU yet.
+# head dim 128). Measured on an H100 (BENCHMARKS.md, 2026-12-05): the counter +2-7% where the
+# stride's shares were uneven, the query loads 0-5% more at head dim 128 causal.
 _DYN = [_ws(128, 2, persistent=True, dyn=True), _ws(128, 3, persistent=True, dyn=True),
         _ws(128, 2, persistent=True, dyn=True, qtma=True)]
 _DEEP = _ws(128, 3, persistent=True, deep=True)

@@ -26,10 +26,11 @@ add by the loader warp as it starts the current tile's loads, under which its la
 handed to the consumers through a small ring of shared-memory slots with the tile's facts, its
 sequence's rows and cached length, so the consumers read no metadata), so the longest-first
 order is served greedily: in the same count the busiest program is within 0.4-1.6% of the mean
-at these shapes (`python -m graphir.tools.tile_balance`). The counter (two
-int32: tiles handed out, programs done) must be zero at launch; the last program out sets it
-back to zero, so one zeroed buffer serves every launch in stream order (the plan's zeroed
-scratch, `zeroed_counter` on the torch path).
+at these shapes (`python -m graphir.tools.tile_balance`); measured on an H100, B4 x 2048 causal
++6%, the sliding window +3-7%, head dim 64 causal +2-5% (BENCHMARKS.md, 2026-12-05). The
+counter (two int32: tiles handed out, programs done) must be zero at launch; the last program
+out sets it back to zero, so one zeroed buffer serves every launch in stream order (the plan's
+zeroed scratch, `zeroed_counter` on the torch path).
 
 A tuner config (`..persist`, flash_attention_configs.py): flash_attention.aot_specs turns a
 one-tile spec into this form (`as_persistent`): the one-tile kernel's arguments plus n_m (query
