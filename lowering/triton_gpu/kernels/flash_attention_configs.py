@@ -170,8 +170,11 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
     return _cfg(128, 64, 8, 3, page_size % 64 == 0, 128)
 
 
-_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?(ws)?(pp)?(lpt)?(persist)?(deep)?"
-                   r"(dyn)?(qtma)?")
+# The flags a name spells after its tiles, in this order: (suffix, config key).
+_FLAGS = (("ws", "WS"), ("pp", "PINGPONG"), ("lpt", "LPT"), ("persist", "PERSISTENT"),
+          ("deep", "DEEP"), ("dyn", "DYN"), ("qtma", "QTMA"))
+_NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?"
+                   + "".join(f"({suffix})?" for suffix, _ in _FLAGS))
 
 
 def get(config) -> dict:
@@ -188,20 +191,7 @@ def get(config) -> dict:
                              f"(expected e.g. m128n128w8s2tma or m128n64w8s3r128)")
         bm, bn, w, st = (int(x) for x in m.group(1, 2, 3, 4))
         config = _cfg(bm, bn, w, st, bool(m.group(5)), int(m.group(6)) if m.group(6) else None)
-        if m.group(7):
-            config["WS"] = 1
-        if m.group(8):
-            config["PINGPONG"] = 1
-        if m.group(9):
-            config["LPT"] = 1
-        if m.group(10):
-            config["PERSISTENT"] = 1
-        if m.group(11):
-            config["DEEP"] = 1
-        if m.group(12):
-            config["DYN"] = 1
-        if m.group(13):
-            config["QTMA"] = 1
+        config.update({key: 1 for (_, key), got in zip(_FLAGS, m.groups()[6:]) if got})
     if not isinstance(config, dict):
         raise ValueError(f"a flash attention config is a name or a dict, got {config!r}")
     check_config(config, 16)
@@ -271,7 +261,4 @@ def config_tag(cfg: dict) -> str:
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
-            + ("ws" if is_ws(cfg) else "") + ("pp" if cfg.get("PINGPONG") else "")
-            + ("lpt" if cfg.get("LPT") else "") + ("persist" if cfg.get("PERSISTENT") else "")
-            + ("deep" if cfg.get("DEEP") else "") + ("dyn" if cfg.get("DYN") else "")
-            + ("qtma" if cfg.get("QTMA") else ""))
+            + "".join(suffix for suffix, key in _FLAGS if cfg.get(key)))
