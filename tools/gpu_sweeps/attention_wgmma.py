@@ -56,7 +56,10 @@ VARIANTS = {"n128s2": _V(128, 2, ws=False), "n64s3": _V(64, 3, ws=False),
             # ... and the query rows brought by the loader warp (QTMA)
             "wspdq_n128s2": dict(config="m128n128w4s2tmawspersistdynqtma"),
             "wspdq_n128s3": dict(config="m128n128w4s3tmawspersistdynqtma"),
-            "wspdq_deep3": dict(config="m128n128w4s3tmawspersistdeepdynqtma")}
+            "wspdq_deep3": dict(config="m128n128w4s3tmawspersistdeepdynqtma"),
+            # ... and the key blocks pipelined across tiles (CHAIN)
+            "wspdqc_n128s2": dict(config="m128n128w4s2tmawspersistdynqtmachain"),
+            "wspdqc_n128s3": dict(config="m128n128w4s3tmawspersistdynqtmachain")}
 
 
 def serves(kw, D) -> bool:

@@ -440,7 +440,7 @@ def one_tile_config(cfg: dict) -> dict:
     """A persistent config's one-tile form (the same tiles, one program a tile; the forms only
     the persistent kernels have dropped)."""
     return {k: v for k, v in cfg.items()
-            if k not in ("PERSISTENT", "DEEP", "DYN", "QTMA", "name")}
+            if k not in ("PERSISTENT", "DEEP", "DYN", "QTMA", "CHAIN", "name")}
 
 
 _COUNTERS: dict = {}
@@ -482,7 +482,8 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
 def twin_config(cfg: dict) -> dict:
     """The Triton kernel's config at a WS config's tiles and tile order (what Triton's
     interpreter runs in the Gluon kernel's place)."""
-    twin = {k: v for k, v in cfg.items() if k not in ("WS", "PINGPONG", "DEEP", "QTMA", "name")}
+    twin = {k: v for k, v in cfg.items()
+            if k not in ("WS", "PINGPONG", "DEEP", "QTMA", "CHAIN", "name")}
     return {**twin, "num_warps": 8, "num_stages": 2}
 
 
@@ -495,4 +496,5 @@ def ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg) -> dict:
                 CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)),
                 LPT=int(cfg.get("LPT", 0)), **({"DEEP": 1} if cfg.get("DEEP") else {}),
                 **({"DYN": 1} if cfg.get("DYN") else {}),
-                **({"QTMA": 1} if cfg.get("QTMA") else {}))
+                **({"QTMA": 1} if cfg.get("QTMA") else {}),
+                **({"CHAIN": 1} if cfg.get("CHAIN") else {}))

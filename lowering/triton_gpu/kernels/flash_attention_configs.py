@@ -56,19 +56,21 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool, maxnreg: int | No
 
 
 def _ws(bn: int, stages: int, lpt: bool = False, persistent: bool = False,
-        deep: bool = False, dyn: bool = False, qtma: bool = False) -> dict:
+        deep: bool = False, dyn: bool = False, qtma: bool = False, chain: bool = False) -> dict:
     """A config of the warp-specialized Gluon kernel (flash_attention_wgmma.py): 128 query rows
     as two consumer warpgroups plus a TMA loader warp (num_warps counts the first warpgroup,
     the launch has 12 warps), `stages` K/V slots in shared memory. TMA only. `lpt` takes the
     programs longest first (paged.tile_order); `persistent` is the form with one program per
     SM walking the tiles longest first (flash_attention_persistent.py), `deep` its consumers'
     deeper pipeline (flash_attention_deep.py), `dyn` its tiles handed out at run time and
-    `qtma` its query rows loaded by the loader warp (flash_attention_persistent.py)."""
+    `qtma` its query rows loaded by the loader warp (flash_attention_persistent.py), `chain`
+    its consumers' key blocks pipelined across tiles (flash_attention_chain.py)."""
     c = {"BLOCK_M": 128, "BLOCK_N": bn, "USE_TMA": 1, "num_warps": 4, "num_stages": stages,
          "WS": 1}
     if persistent:
         return {**c, "PERSISTENT": 1, **({"DEEP": 1} if deep else {}),
-                **({"DYN": 1} if dyn else {}), **({"QTMA": 1} if qtma else {})}
+                **({"DYN": 1} if dyn else {}), **({"QTMA": 1} if qtma else {}),
+                **({"CHAIN": 1} if chain else {})}
     return {**c, "LPT": 1} if lpt else c
 
 
@@ -117,10 +119,15 @@ _WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
 _DYN = [_ws(128, 2, persistent=True, dyn=True), _ws(128, 3, persistent=True, dyn=True),
         _ws(128, 2, persistent=True, dyn=True, qtma=True)]
 _DEEP = _ws(128, 3, persistent=True, deep=True)
+# The DYN + QTMA forms with the consumers' key blocks pipelined across tiles (CHAIN: a tile's
+# first score product is issued while the previous tile's last P V runs;
+# flash_attention_chain.py), for the per-tile fill and drain of short or causal tiles.
+_CHAIN = _ws(128, 2, persistent=True, dyn=True, qtma=True, chain=True)
 WS_CANDIDATES: dict[int, list[dict]] = {
     64: _WS + [_DEEP] + _DYN + [_ws(128, 3, persistent=True, dyn=True, qtma=True),
-                                {**_DEEP, "DYN": 1}, {**_DEEP, "DYN": 1, "QTMA": 1}],
-    128: _WS + _DYN}
+                                {**_DEEP, "DYN": 1}, {**_DEEP, "DYN": 1, "QTMA": 1}, _CHAIN,
+                                {**_CHAIN, "num_stages": 3}],
+    128: _WS + _DYN + [_CHAIN]}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
 
@@ -172,7 +179,7 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
 
 # The flags a name spells after its tiles, in this order: (suffix, config key).
 _FLAGS = (("ws", "WS"), ("pp", "PINGPONG"), ("lpt", "LPT"), ("persist", "PERSISTENT"),
-          ("deep", "DEEP"), ("dyn", "DYN"), ("qtma", "QTMA"))
+          ("deep", "DEEP"), ("dyn", "DYN"), ("qtma", "QTMA"), ("chain", "CHAIN"))
 _NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?"
                    + "".join(f"({suffix})?" for suffix, _ in _FLAGS))
 
@@ -238,6 +245,10 @@ def check_config(cfg: dict, head_dim: int) -> None:
     if cfg.get("QTMA") and not (cfg.get("PERSISTENT") and is_ws(cfg)):
         raise ValueError(f"flash attention config: QTMA (the loader warp loads the query rows) "
                          f"is a form of the persistent warp-specialized kernel, got {cfg}")
+    if cfg.get("CHAIN") and not (cfg.get("QTMA") and not cfg.get("DEEP")):
+        raise ValueError(f"flash attention config: CHAIN (key blocks pipelined across tiles) "
+                         f"takes the query rows from the loader warp (QTMA) and the plain "
+                         f"consumer loop (no DEEP), got {cfg}")
     # Two query slots and the K/V ring, 2-byte elements, in sm_90's 227 KiB a block.
     if cfg.get("QTMA") and (2 * cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) \
             * head_dim * 2 > 227 * 1024 - 1024:
@@ -257,7 +268,8 @@ def config_tag(cfg: dict) -> str:
     taken longest first, persist for one program per SM walking the tiles longest first, deep
     for the consumers' deeper pipeline (flash_attention_deep.py), dyn for a persistent kernel's
     tiles handed out at run time and qtma for its query rows loaded by the loader warp
-    (flash_attention_persistent.py)."""
+    (flash_attention_persistent.py), chain for its key blocks pipelined across tiles
+    (flash_attention_chain.py)."""
     return (f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
             + ("tma" if cfg.get("USE_TMA") else "")
             + (f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")

@@ -54,35 +54,15 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_kernel, prefill_tile
 from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_deep
+from graphir.lowering.triton_gpu.kernels.flash_attention_chain import _wsc_consumer
+from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
+    TILE_SLOTS, _post_tile, _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    LOADER_REGS, _key_blocks_at, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings,
-    _ws_store, flash_prefill_ws_kernel)
-from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile, sequence_rows
+    LOADER_REGS, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings, _ws_store,
+    flash_prefill_ws_kernel)
+from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile
 from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
-
-
-@gluon.jit
-def _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH: gl.constexpr, NKV: gl.constexpr,
-                D: gl.constexpr, BLOCK_M: gl.constexpr):
-    """What tile t of the longest-first order reads from memory: (first row, rows, cached
-    length) of its sequence, the rows clamped as in flash_prefill_kernel."""
-    pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
-    seq_start, seq_len = sequence_rows(offs_ptr, b, T)
-    return seq_start, seq_len, gl.load(cache_len_ptr + b)
-
-
-@gluon.jit
-def _tile(t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH: gl.constexpr,
-          NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
-          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Tile t, given its _tile_facts: (pid_m, h, b, kv_len, q_lo, start, end, full_lo,
-    full_hi, n_blocks), n_blocks 0 for a tile past its sequence's rows (no memory read)."""
-    pid_m, h, b = lpt_tile(t, n_m, NH, NKV, D, BLOCK_M, L2_GROUP_BYTES)
-    kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _key_blocks_at(
-        cache_len, pid_m, seq_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
-    n_blocks = gl.where(pid_m * BLOCK_M < seq_len, n_blocks, 0)
-    return pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks
 
 
 @gluon.jit
@@ -154,40 +134,6 @@ def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr,
     return it + n_blocks, nq
 
 
-# Slots of the DYN tile ring: the loader may post this many tiles ahead of the consumers.
-TILE_SLOTS = gl.constexpr(4)
-
-
-@gluon.jit
-def _post_tile(tile_ids, tile_ready, tile_empty, n, t, seq_start, seq_len, cache_len):
-    """The loader hands tile t, its n-th, and its facts to both consumer warpgroups (in a slot
-    they have released: a fresh barrier has completed the phase of parity 1)."""
-    slot = n % TILE_SLOTS
-    mbarrier.wait(tile_empty.index(slot), ((n // TILE_SLOTS) & 1) ^ 1)
-    i = gl.arange(0, 4, layout=gl.BlockedLayout([4], [32], [1], [0]))
-    facts = gl.where(i == 0, t, gl.where(i == 1, seq_start, gl.where(i == 2, seq_len,
-                                                                       cache_len)))
-    tile_ids.index(slot).store(facts)
-    _ws_release(tile_ready, slot)
-
-
-@gluon.jit
-def _take_tile(tile_ids, tile_ready, tile_empty, n):
-    """A consumer warpgroup's n-th tile from the loader and its facts: (t, seq_start, seq_len,
-    cache_len); then the slot is released."""
-    slot = n % TILE_SLOTS
-    mbarrier.wait(tile_ready.index(slot), (n // TILE_SLOTS) & 1)
-    lay: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])
-    facts = tile_ids.index(slot).load(lay)
-    i = gl.arange(0, 4, layout=lay)
-    t = gl.sum(gl.where(i == 0, facts, 0), 0)
-    seq_start = gl.sum(gl.where(i == 1, facts, 0), 0)
-    seq_len = gl.sum(gl.where(i == 2, facts, 0), 0)
-    cache_len = gl.sum(gl.where(i == 3, facts, 0), 0)
-    _ws_release(tile_empty, slot)
-    return t, seq_start, seq_len, cache_len
-
-
 @gluon.jit
 def _wsp_consumer(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
                   v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
@@ -195,12 +141,17 @@ def _wsp_consumer(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_re
                   NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
                   PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DEEP: gl.constexpr,
-                  DYN: gl.constexpr, QTMA: gl.constexpr):
+                  DYN: gl.constexpr, QTMA: gl.constexpr, CHAIN: gl.constexpr):
     it = 0
     nfix = 0
     nq = 0
     total = n_m * NH * n_b
-    if DYN:
+    if CHAIN:  # all the tiles' key blocks as one pipelined sequence (flash_attention_chain.py)
+        _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
+                      v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
+                      window, scale, tile_ids, tile_ready, tile_empty, WG, NH, NKV, D,
+                      PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DYN)
+    elif DYN:
         n = 0
         t, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready, tile_empty, n)
         while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
@@ -290,13 +241,15 @@ def flash_prefill_wsp_kernel(
         NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
         MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEEP: gl.constexpr = 0,
-        DYN: gl.constexpr = 0, QTMA: gl.constexpr = 0):
+        DYN: gl.constexpr = 0, QTMA: gl.constexpr = 0, CHAIN: gl.constexpr = 0):
     """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence), n_b
     (sequences) and sched_ptr (DYN's counter; None without DYN); launched with num_warps=4 on a
     1-D grid of at most one program per SM. DEEP gives the consumers the deeper pipeline of
     flash_attention_deep.py, DYN hands the tiles out at run time, QTMA has the loader warp
     bring each tile's query rows by TMA into one of two slots (the consumers load them
-    themselves otherwise), so the next tile's are there when the consumers start it."""
+    themselves otherwise), so the next tile's are there when the consumers start it; CHAIN
+    (with QTMA) has the consumers score the next tile's first key block while the current
+    tile's last P V product runs (flash_attention_chain.py)."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
@@ -334,12 +287,12 @@ def flash_prefill_wsp_kernel(
                           k_empty, v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b,
                           T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG0,
                           NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN,
-                          QTMA)),
+                          QTMA, CHAIN)),
          (_wsp_consumer, (q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready,
                           k_empty, v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b,
                           T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG1,
                           NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN,
-                          QTMA)),
+                          QTMA, CHAIN)),
          (_wsp_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,
                         cache_len_ptr, lut_ptr, n_m, n_b, T, max_pages, window, layer_idx,
                         num_layers, num_pages, sched_ptr, tile_ids, tile_ready, tile_empty,
@@ -405,10 +358,10 @@ def persistent_kernel(fn, constexprs: dict):
     # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
     if fn is flash_prefill_ws_kernel:
         kernel = flash_prefill_wsp_kernel
-        # (DEEP, DYN and QTMA are the persistent kernels' alone: the one-tile constexprs name
-        # them only when set.)
-        constexprs = {**constexprs, "DEEP": constexprs.get("DEEP", 0),
-                      "QTMA": constexprs.get("QTMA", 0)}
+        # (DEEP, DYN, QTMA and CHAIN are the persistent kernels' alone: the one-tile
+        # constexprs name them only when set.)
+        constexprs = {**constexprs, **{k: constexprs.get(k, 0) for k in ("DEEP", "QTMA",
+                                                                           "CHAIN")}}
     elif fn is flash_prefill_kernel:
         kernel = flash_prefill_persistent_kernel
     else:

@@ -16,7 +16,8 @@ def test_ws_configs_have_names_that_round_trip():
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
             assert name.endswith(("tmaws", "tmawslpt", "tmawspersist", "tmawspersistdeep",
-                                  "tmawspersistdyn", "tmawspersistdeepdyn", "dynqtma"))
+                                  "tmawspersistdyn", "tmawspersistdeepdyn", "dynqtma",
+                                  "dynqtmachain"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -59,6 +60,18 @@ def test_ws_configs_have_names_that_round_trip():
     with pytest.raises(ValueError, match="QTMA .* is a form of the persistent warp"):
         fc.get("m128n128w8s2tmapersistqtma")
     assert "QTMA" not in fa.one_tile_config(q)
+    # Key blocks pipelined across tiles: the loader's query rows in their two slots (QTMA),
+    # with the plain consumer loop; the twin and one-tile forms drop it.
+    chain = fc.get("m128n128w4s2tmawspersistdynqtmachain")
+    assert chain["CHAIN"] == chain["QTMA"] == chain["DYN"] == 1
+    fc.check_config(chain, 128)
+    fc.check_config(fc.get("m128n128w4s2tmawspersistqtmachain"), 64)  # (the stride's too)
+    for bad in ("m128n128w4s2tmawspersistdynchain", "m128n128w4s3tmawspersistdeepdynqtmachain"):
+        with pytest.raises(ValueError, match="CHAIN .* takes the query rows from the loader"):
+            fc.get(bad)
+    assert "CHAIN" not in fa.twin_config(chain) and "CHAIN" not in fa.one_tile_config(chain)
+    assert fa.ws_constexprs(32, 8, 128, 128, "CAUSAL", chain)["CHAIN"] == 1
+    assert "CHAIN" not in fa.ws_constexprs(32, 8, 128, 128, "CAUSAL", q)
 
 
 def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
@@ -68,8 +81,9 @@ def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
                                              "m128n128w4s3tmawspersist",
                                              "m128n128w4s2tmawspersistdyn",
                                              "m128n128w4s3tmawspersistdyn",
-                                             "m128n128w4s2tmawspersistdynqtma"]
-    assert fc.candidates(128, 128)[:7] == ws
+                                             "m128n128w4s2tmawspersistdynqtma",
+                                             "m128n128w4s2tmawspersistdynqtmachain"]
+    assert fc.candidates(128, 128)[:8] == ws
     assert not any(c.get("WS") for c in fc.candidates(128, 128, include_ws=False))
     # Pages that do not hold a whole key block: no TMA, so no WS config at all.
     assert not any(c.get("WS") for c in fc.candidates(128, 16))

@@ -1,0 +1,220 @@
+"""Chained tiles for the persistent warp-specialized prefill consumers (CHAIN configs).
+
+The persistent consumers (flash_attention_persistent.py) run each tile's key loop on its own
+(flash_attention_wgmma._ws_attend): a tile starts with S_0 = Q K_0^T issued and waited for
+alone, then block 0's softmax with no product in flight, and ends with the last P V waited
+for alone before the output is stored. Those are the pipeline's fill and drain, paid once a
+tile: under a causal mask at head dim 64 the kernel's rate falls to 0.87 of its unmasked rate
+(BENCHMARKS.md, 2026-12-05), and a sliding window's tiles (few key blocks each) run at 0.76-0.79
+of SDPA's causal rate. Here a consumer walks the key blocks of all its tiles as one sequence:
+the first block of the next tile is scored like any other block, while the last P V of the
+current tile is in flight, so per block, tile boundary or not:
+
+    issue S_g = Q K_g^T          (the next tile's Q and its block 0 at a boundary)
+    issue O += P_{g-1} V_{g-1}   (the current tile's last block at a boundary)
+    wait for S_g; softmax (from a fresh row max and sum at a boundary)
+    wait for the P V
+    at a boundary: store the finished tile's rows and start O from zero; else rescale O
+
+The query rows come by the loader warp's TMA (QTMA, two slots: the next tile's are there when
+the boundary comes), so a boundary costs the consumer no global load; its facts come with it
+through the DYN ring, or by the consumers' own loads with the grid's stride. The finished tile's
+facts (rows, head, cached length) ride along until its store. Only the first tile of a program
+(no product before it) and its last (nothing after it) keep a fill and a drain.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgroup_mma,
+                                                             warpgroup_mma_wait)
+
+from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
+    _take_tile, _tile, _tile_facts)
+from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
+    _softmax, _ws_fix_v_tail, _ws_release, _ws_store, warpgroup_acc_layout, warpgroup_p_layout)
+
+
+@gluon.jit
+def _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty, n_m, T, total,
+               max_pages, window, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+               PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, DYN: gl.constexpr):
+    """The consumer's next tile with key blocks, after tile t (DYN: after its n-th take from
+    the loader's ring): (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end,
+    full_lo, full_hi, n_blocks); n_blocks is 0 when there is none (t out of range)."""
+    seq_start = 0
+    seq_len = 0
+    cache_len = 0
+    pid_m = 0
+    h = 0
+    kv_len = 0
+    q_lo = 0
+    start = 0
+    end = 0
+    full_lo = 0
+    full_hi = 0
+    n_blocks = 0
+    going = True
+    while going:
+        if DYN:
+            t, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready, tile_empty, n)
+            n += 1
+        else:
+            t += gl.num_programs(0)
+        valid = (t >= 0) & (t < total)  # (t < 0: past 2**31, the end)
+        if not DYN:
+            if valid:  # (the facts of a tile past the end would be read out of bounds)
+                seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T,
+                                                            NH, NKV, D, BLOCK_M)
+        pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
+            t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH, NKV, D, PAGE_SIZE,
+            MASK, BLOCK_M, BLOCK_N)
+        n_blocks = gl.where(valid, n_blocks, 0)
+        going = valid & (n_blocks == 0)
+    return (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
+            n_blocks)
+
+
+@gluon.jit
+def _advance(t, n, nq, q_ready, q_empty, offs_ptr, cache_len_ptr, tile_ids, tile_ready,
+             tile_empty, n_m, T, total, max_pages, window, NH: gl.constexpr, NKV: gl.constexpr,
+             D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, DYN: gl.constexpr):
+    """Past the last block of the tile whose query rows are the nq-th load (every product that
+    read them is done, so the slot goes back to the loader): the next live tile as _next_live
+    gives it, with nq counting it, once its query rows have landed."""
+    _ws_release(q_empty, nq % 2)
+    (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
+     n_blocks) = _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty,
+                            n_m, T, total, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
+                            BLOCK_M, BLOCK_N, DYN)
+    nq += 1
+    if n_blocks > 0:
+        mbarrier.wait(q_ready.index(nq % 2), (nq // 2) & 1)
+    return (t, n, nq, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
+            n_blocks)
+
+
+@gluon.jit
+def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                  fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages, window,
+                  scale, tile_ids, tile_ready, tile_empty, WG: gl.constexpr, NH: gl.constexpr,
+                  NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                  MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, DYN: gl.constexpr):
+    """One consumer warpgroup of the persistent kernel over all its tiles' key blocks as one
+    pipelined sequence (the module docstring). The loader is the persistent kernel's, with
+    QTMA: the live tiles' query rows in slots 0, 1, 0, ... in the order the tiles come."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = warpgroup_acc_layout(D)
+    p_layout: gl.constexpr = warpgroup_p_layout(D)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    total = n_m * NH * n_b
+    qk_scale = scale * 1.4426950408889634
+    s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    rows = WG * ROWS + gl.arange(0, ROWS, layout=row_s)
+
+    t0 = gl.program_id(0) - gl.num_programs(0)  # (the stride's "tile before the first")
+    (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
+     n_blocks) = _next_live(t0, gl.to_tensor(0), offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty,
+                            n_m, T, total, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
+                            BLOCK_M, BLOCK_N, DYN)
+    if n_blocks > 0:
+        # Fill: block 0 of the program's first tile, no product before it.
+        nq = 0
+        mbarrier.wait(q_ready.index(0), 0)
+        q = q_smem.index(0).slice(WG * ROWS, ROWS)
+        qp = q_lo + rows
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s])
+        _ws_release(k_empty, 0)
+        masked = (start < full_lo) | (start + BLOCK_N > full_hi)
+        m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
+                                      s_layout, MASK, BLOCK_N)
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+        # The tile O accumulates: its rows, head and where its last block's V ends.
+        o_seq_start = seq_start
+        o_seq_len = seq_len
+        o_pid_m = pid_m
+        o_h = h
+        o_kv_len = kv_len
+        o_last_n0 = start + (n_blocks - 1) * BLOCK_N
+        nfix = 0
+        g = 1  # the global ring index of the block to score
+        j = 1  # its index in its tile
+        if j == n_blocks:
+            (t, n, nq, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo,
+             full_hi, n_blocks) = _advance(t, n, nq, q_ready, q_empty, offs_ptr, cache_len_ptr,
+                                           tile_ids, tile_ready, tile_empty, n_m, T, total,
+                                           max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
+                                           BLOCK_M, BLOCK_N, DYN)
+            j = 0
+        while j < n_blocks:
+            boundary = j == 0  # block 0 of a new tile: O still holds the previous tile
+            q = q_smem.index(nq % 2).slice(WG * ROWS, ROWS)
+            qp = q_lo + rows
+            n0 = start + j * BLOCK_N
+            slot = g % STAGES
+            prev = (g - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
+            s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
+                              is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
+            # Only a tile's last block can hold V rows past its cached length.
+            if boundary & (o_last_n0 + BLOCK_N > o_kv_len):
+                _ws_fix_v_tail(v_ring, prev, fixed, nfix & 1, o_last_n0, o_kv_len, WG, BLOCK_N,
+                               D)
+                nfix += 1
+            o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s])
+            masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
+            l_done = l_i
+            m_i = gl.where(boundary, -1.0e30, m_i)
+            l_i = gl.where(boundary, 0.0, l_i)
+            p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale,
+                                               masked, s_layout, MASK, BLOCK_N)
+            o, p = warpgroup_mma_wait(0, deps=[o, p])
+            _ws_release(k_empty, slot)
+            mbarrier.arrive(v_empty.index(prev))
+            if boundary:
+                # The previous tile is finished: store it while S_{g+1} waits to be issued,
+                # then start this tile's O from zero (not O * 0: O may hold NaN or inf).
+                _ws_store(out_ptr, o, l_done, o_seq_start, o_seq_len, o_pid_m, o_h, WG, NH, D,
+                          BLOCK_M)
+                o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+                o_seq_start = seq_start
+                o_seq_len = seq_len
+                o_pid_m = pid_m
+                o_h = h
+                o_kv_len = kv_len
+                o_last_n0 = start + (n_blocks - 1) * BLOCK_N
+            else:
+                o = o * gl.convert_layout(alpha, row_o)[:, None]
+            p = gl.convert_layout(p_next.to(dtype), p_layout)
+            g += 1
+            j += 1
+            if j == n_blocks:
+                (t, n, nq, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo,
+                 full_hi, n_blocks) = _advance(t, n, nq, q_ready, q_empty, offs_ptr,
+                                               cache_len_ptr, tile_ids, tile_ready, tile_empty,
+                                               n_m, T, total, max_pages, window, NH, NKV, D,
+                                               PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, DYN)
+                j = 0
+        # Drain: the last tile's last block.
+        last = (g - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((g - 1) // STAGES) & 1)
+        if o_last_n0 + BLOCK_N > o_kv_len:
+            _ws_fix_v_tail(v_ring, last, fixed, nfix & 1, o_last_n0, o_kv_len, WG, BLOCK_N, D)
+        o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
+        o, p = warpgroup_mma_wait(0, deps=[o, p])
+        _ws_release(v_empty, last)
+        _ws_store(out_ptr, o, l_i, o_seq_start, o_seq_len, o_pid_m, o_h, WG, NH, D, BLOCK_M)
