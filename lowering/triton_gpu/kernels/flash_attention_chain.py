@@ -33,7 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgrou
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
     _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    _softmax, _ws_fix_v_tail, _ws_release, _ws_store, warpgroup_acc_layout, warpgroup_p_layout)
+    _softmax, _ws_blocks, _ws_fix_v_tail, _ws_release, _ws_store, warpgroup_acc_layout,
+    warpgroup_p_layout)
 
 
 @gluon.jit
@@ -42,8 +43,10 @@ def _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty, 
                PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
                BLOCK_N: gl.constexpr, DYN: gl.constexpr):
     """The consumer's next tile with key blocks, after tile t (DYN: after its n-th take from
-    the loader's ring): (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end,
-    full_lo, full_hi, n_blocks); n_blocks is 0 when there is none (t out of range)."""
+    the loader's ring): (t, n, row0, row_count, h, kv_len, q_lo, start, end, full_lo, full_hi,
+    n_blocks), row0 the tile's first row in q / out and row_count the sequence's rows from there
+    on (what its store needs: fewer values live between tiles); n_blocks is 0 when there is none
+    (t out of range)."""
     seq_start = 0
     seq_len = 0
     cache_len = 0
@@ -73,8 +76,8 @@ def _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty, 
             MASK, BLOCK_M, BLOCK_N)
         n_blocks = gl.where(valid, n_blocks, 0)
         going = valid & (n_blocks == 0)
-    return (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
-            n_blocks)
+    return (t, n, seq_start + pid_m * BLOCK_M, seq_len - pid_m * BLOCK_M, h, kv_len, q_lo,
+            start, end, full_lo, full_hi, n_blocks)
 
 
 @gluon.jit
@@ -86,14 +89,14 @@ def _advance(t, n, nq, q_ready, q_empty, offs_ptr, cache_len_ptr, tile_ids, tile
     read them is done, so the slot goes back to the loader): the next live tile as _next_live
     gives it, with nq counting it, once its query rows have landed."""
     _ws_release(q_empty, nq % 2)
-    (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
+    (t, n, row0, row_count, h, kv_len, q_lo, start, end, full_lo, full_hi,
      n_blocks) = _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty,
                             n_m, T, total, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
                             BLOCK_M, BLOCK_N, DYN)
     nq += 1
     if n_blocks > 0:
         mbarrier.wait(q_ready.index(nq % 2), (nq // 2) & 1)
-    return (t, n, nq, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
+    return (t, n, nq, row0, row_count, h, kv_len, q_lo, start, end, full_lo, full_hi,
             n_blocks)
 
 
@@ -104,29 +107,34 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
                   NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
                   MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, DYN: gl.constexpr):
-    """One consumer warpgroup of the persistent kernel over all its tiles' key blocks as one
-    pipelined sequence (the module docstring). The loader is the persistent kernel's, with
-    QTMA: the live tiles' query rows in slots 0, 1, 0, ... in the order the tiles come."""
+    """One consumer warpgroup of the persistent kernel with its tiles chained (the module
+    docstring): each tile's key loop is _ws_attend's (_ws_blocks), the step between two tiles
+    scores the next tile's block 0 while the current tile's last P V runs. The loader is the
+    persistent kernel's, with QTMA: the live tiles' query rows in slots 0, 1, 0, ... in the
+    order the tiles come."""
     ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
     o_layout: gl.constexpr = warpgroup_acc_layout(D)
     p_layout: gl.constexpr = warpgroup_p_layout(D)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     total = n_m * NH * n_b
     qk_scale = scale * 1.4426950408889634
     s0 = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     rows = WG * ROWS + gl.arange(0, ROWS, layout=row_s)
+    fresh_m = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
+    fresh_l = gl.zeros([ROWS], gl.float32, layout=row_s)
 
     t0 = gl.program_id(0) - gl.num_programs(0)  # (the stride's "tile before the first")
-    (t, n, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo, full_hi,
-     n_blocks) = _next_live(t0, gl.to_tensor(0), offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty,
-                            n_m, T, total, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
-                            BLOCK_M, BLOCK_N, DYN)
+    (t, n, row0, row_count, h, kv_len, q_lo, start, end, full_lo, full_hi,
+     n_blocks) = _next_live(t0, gl.to_tensor(0), offs_ptr, cache_len_ptr, tile_ids, tile_ready,
+                            tile_empty, n_m, T, total, max_pages, window, NH, NKV, D, PAGE_SIZE,
+                            MASK, BLOCK_M, BLOCK_N, DYN)
     if n_blocks > 0:
         # Fill: block 0 of the program's first tile, no product before it.
         nq = 0
+        nfix = 0
+        it = 0  # the global ring index of the tile's block 0
         mbarrier.wait(q_ready.index(0), 0)
         q = q_smem.index(0).slice(WG * ROWS, ROWS)
         qp = q_lo + rows
@@ -135,86 +143,69 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
         s = warpgroup_mma_wait(0, deps=[s])
         _ws_release(k_empty, 0)
         masked = (start < full_lo) | (start + BLOCK_N > full_hi)
-        m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_s)
-        l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
-                                      s_layout, MASK, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax(s, fresh_m, fresh_l, qp, start, end, window, qk_scale,
+                                      masked, s_layout, MASK, BLOCK_N)
         p = gl.convert_layout(p.to(dtype), p_layout)
         o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
-        # The tile O accumulates: its rows, head and where its last block's V ends.
-        o_seq_start = seq_start
-        o_seq_len = seq_len
-        o_pid_m = pid_m
-        o_h = h
-        o_kv_len = kv_len
-        o_last_n0 = start + (n_blocks - 1) * BLOCK_N
-        nfix = 0
-        g = 1  # the global ring index of the block to score
-        j = 1  # its index in its tile
-        if j == n_blocks:
-            (t, n, nq, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo,
+        while n_blocks > 0:
+            q = q_smem.index(nq % 2).slice(WG * ROWS, ROWS)
+            p, o, m_i, l_i = _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+                                        fixed, it, p, o, m_i, l_i, q_lo + rows, qk_scale, s0,
+                                        start, end, full_lo, full_hi, n_blocks, window, WG,
+                                        MASK, BLOCK_N, STAGES, 0)
+            # This tile's last block: its P V is still to come; its facts for the store.
+            last = (it + n_blocks - 1) % STAGES
+            last_phase = ((it + n_blocks - 1) // STAGES) & 1
+            tail = start + n_blocks * BLOCK_N > kv_len
+            last_n0 = start + (n_blocks - 1) * BLOCK_N
+            o_kv_len = kv_len
+            o_row0 = row0
+            o_rows = row_count
+            o_h = h
+            it += n_blocks
+            (t, n, nq, row0, row_count, h, kv_len, q_lo, start, end, full_lo,
              full_hi, n_blocks) = _advance(t, n, nq, q_ready, q_empty, offs_ptr, cache_len_ptr,
                                            tile_ids, tile_ready, tile_empty, n_m, T, total,
                                            max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
                                            BLOCK_M, BLOCK_N, DYN)
-            j = 0
-        while j < n_blocks:
-            boundary = j == 0  # block 0 of a new tile: O still holds the previous tile
-            q = q_smem.index(nq % 2).slice(WG * ROWS, ROWS)
-            qp = q_lo + rows
-            n0 = start + j * BLOCK_N
-            slot = g % STAGES
-            prev = (g - 1) % STAGES
-            mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
-            s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
-                              is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
-            # Only a tile's last block can hold V rows past its cached length.
-            if boundary & (o_last_n0 + BLOCK_N > o_kv_len):
-                _ws_fix_v_tail(v_ring, prev, fixed, nfix & 1, o_last_n0, o_kv_len, WG, BLOCK_N,
-                               D)
-                nfix += 1
-            o = warpgroup_mma(p, v_ring.index(prev), o, is_async=True)
-            s = warpgroup_mma_wait(1, deps=[s])
-            masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
-            l_done = l_i
-            m_i = gl.where(boundary, -1.0e30, m_i)
-            l_i = gl.where(boundary, 0.0, l_i)
-            p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale,
-                                               masked, s_layout, MASK, BLOCK_N)
-            o, p = warpgroup_mma_wait(0, deps=[o, p])
-            _ws_release(k_empty, slot)
-            mbarrier.arrive(v_empty.index(prev))
-            if boundary:
-                # The previous tile is finished: store it while S_{g+1} waits to be issued,
-                # then start this tile's O from zero (not O * 0: O may hold NaN or inf).
-                _ws_store(out_ptr, o, l_done, o_seq_start, o_seq_len, o_pid_m, o_h, WG, NH, D,
+            if n_blocks > 0:
+                # The next tile's S_0 first, then the last P V of this one; the next tile's
+                # block-0 softmax runs while that product does.
+                slot = it % STAGES
+                mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
+                s = warpgroup_mma(q_smem.index(nq % 2).slice(WG * ROWS, ROWS),
+                                  k_ring.index(slot).permute((1, 0)), s0, use_acc=False,
+                                  is_async=True)
+                mbarrier.wait(v_ready.index(last), last_phase)
+                if tail:  # (only a tile's last block can hold V rows past its cached length)
+                    _ws_fix_v_tail(v_ring, last, fixed, nfix & 1, last_n0, o_kv_len, WG,
+                                   BLOCK_N, D)
+                    nfix += 1
+                o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
+                s = warpgroup_mma_wait(1, deps=[s])
+                masked = (start < full_lo) | (start + BLOCK_N > full_hi)
+                p_next, alpha, m_next, l_next = _softmax(s, fresh_m, fresh_l, q_lo + rows,
+                                                         start, end, window, qk_scale, masked,
+                                                         s_layout, MASK, BLOCK_N)
+                o, p = warpgroup_mma_wait(0, deps=[o, p])
+                # (The next P first: the fp32 scores die before the store's registers live.)
+                p = gl.convert_layout(p_next.to(dtype), p_layout)
+                _ws_release(k_empty, slot)
+                mbarrier.arrive(v_empty.index(last))
+                _ws_store(out_ptr, o, l_i, o_row0, o_rows, 0, o_h, WG, NH, D,
                           BLOCK_M)
+                # (A fresh O, not O * 0: O may hold NaN or inf.)
                 o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
-                o_seq_start = seq_start
-                o_seq_len = seq_len
-                o_pid_m = pid_m
-                o_h = h
-                o_kv_len = kv_len
-                o_last_n0 = start + (n_blocks - 1) * BLOCK_N
+                m_i = m_next
+                l_i = l_next
             else:
-                o = o * gl.convert_layout(alpha, row_o)[:, None]
-            p = gl.convert_layout(p_next.to(dtype), p_layout)
-            g += 1
-            j += 1
-            if j == n_blocks:
-                (t, n, nq, seq_start, seq_len, pid_m, h, kv_len, q_lo, start, end, full_lo,
-                 full_hi, n_blocks) = _advance(t, n, nq, q_ready, q_empty, offs_ptr,
-                                               cache_len_ptr, tile_ids, tile_ready, tile_empty,
-                                               n_m, T, total, max_pages, window, NH, NKV, D,
-                                               PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, DYN)
-                j = 0
-        # Drain: the last tile's last block.
-        last = (g - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((g - 1) // STAGES) & 1)
-        if o_last_n0 + BLOCK_N > o_kv_len:
-            _ws_fix_v_tail(v_ring, last, fixed, nfix & 1, o_last_n0, o_kv_len, WG, BLOCK_N, D)
-        o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
-        o, p = warpgroup_mma_wait(0, deps=[o, p])
-        _ws_release(v_empty, last)
-        _ws_store(out_ptr, o, l_i, o_seq_start, o_seq_len, o_pid_m, o_h, WG, NH, D, BLOCK_M)
+                # Drain: no tile after this one.
+                mbarrier.wait(v_ready.index(last), last_phase)
+                if tail:
+                    _ws_fix_v_tail(v_ring, last, fixed, nfix & 1, last_n0, o_kv_len, WG,
+                                   BLOCK_N, D)
+                o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
+                o, p = warpgroup_mma_wait(0, deps=[o, p])
+                _ws_release(v_empty, last)
+                _ws_store(out_ptr, o, l_i, o_row0, o_rows, 0, o_h, WG, NH, D,
+                          BLOCK_M)

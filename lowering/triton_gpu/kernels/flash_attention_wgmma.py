@@ -289,9 +289,7 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
     refills it)."""
     dtype: gl.constexpr = q.dtype
     s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
-    o_layout: gl.constexpr = warpgroup_acc_layout(D)
     p_layout: gl.constexpr = warpgroup_p_layout(D)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     qk_scale, qp, m_i, l_i, o, s0 = _ws_start(q_lo, scale, WG, D, BLOCK_N)
 
     first = it % STAGES
@@ -304,6 +302,34 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
                                   s_layout, MASK, BLOCK_N)
     p = gl.convert_layout(p.to(dtype), p_layout)
+    p, o, m_i, l_i = _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it,
+                                p, o, m_i, l_i, qp, qk_scale, s0, start, end, full_lo, full_hi,
+                                n_blocks, window, WG, MASK, BLOCK_N, STAGES, PINGPONG)
+    g_last = it + n_blocks - 1
+    last = g_last % STAGES
+    mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
+    if start + n_blocks * BLOCK_N > kv_len:
+        _ws_fix_v_tail(v_ring, last, fixed, fix_phase, start + (n_blocks - 1) * BLOCK_N, kv_len,
+                       WG, BLOCK_N, D)
+    o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
+    o, p = warpgroup_mma_wait(0, deps=[o, p])
+    if RELEASE_LAST:
+        _ws_release(v_empty, last)
+    return o, l_i
+
+
+@gluon.jit
+def _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it, p, o, m_i, l_i,
+               qp, qk_scale, s0, start, end, full_lo, full_hi, n_blocks, window,
+               WG: gl.constexpr, MASK: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    """Key blocks 1..n_blocks-1 of a tile whose block 0 is scored (p its P V operand, m, l):
+    per block j, S_j issued, then P_{j-1} V_{j-1}, block j's softmax while that product runs.
+    Returns (p of the last block, o without its P V, m, l)."""
+    dtype: gl.constexpr = q.dtype
+    s_layout: gl.constexpr = s0.type.layout
+    row_o: gl.constexpr = gl.SliceLayout(1, o.type.layout)
+    p_layout: gl.constexpr = p.type.layout
     for j in range(1, n_blocks):
         g = it + j
         n0 = start + j * BLOCK_N
@@ -335,17 +361,7 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
         mbarrier.arrive(v_empty.index(prev))
         o = o * gl.convert_layout(alpha, row_o)[:, None]
         p = gl.convert_layout(p_next.to(dtype), p_layout)
-    g_last = it + n_blocks - 1
-    last = g_last % STAGES
-    mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
-    if start + n_blocks * BLOCK_N > kv_len:
-        _ws_fix_v_tail(v_ring, last, fixed, fix_phase, start + (n_blocks - 1) * BLOCK_N, kv_len,
-                       WG, BLOCK_N, D)
-    o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
-    o, p = warpgroup_mma_wait(0, deps=[o, p])
-    if RELEASE_LAST:
-        _ws_release(v_empty, last)
-    return o, l_i
+    return p, o, m_i, l_i
 
 
 @gluon.jit
@@ -359,9 +375,11 @@ def _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG: gl.constexpr,
     l_o = gl.convert_layout(l_i, row_o)
     out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
     r = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=row_o)
-    d = gl.arange(0, D, layout=col_o)
-    o_rows = (seq_start + r).to(gl.int64) * (NH * D) + h * D
-    gl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+    # The head's columns in int32 (a value per tile: not hoisted out of a persistent kernel's
+    # tile loop as 64-bit constants, which made the chained consumer spill them).
+    cols = h * D + gl.arange(0, D, layout=col_o)
+    o_rows = (seq_start + r).to(gl.int64) * (NH * D)
+    gl.store(out_ptr + o_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(r < seq_len)[:, None])
 
 

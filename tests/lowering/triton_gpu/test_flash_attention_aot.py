@@ -183,8 +183,11 @@ def test_every_config_builds_fits_and_takes_its_load_path(compiled, capsys):
         # The warp-specialized kernels run their partitions under setmaxnreg caps (the loader
         # at 24): the persistent form parks one kernel argument before the fork and reloads it
         # once per partition (sliding window, two stages: 8 bytes), never inside a loop.
+        # The chained consumers (CHAIN) carry two tiles' facts through the step between
+        # tiles: at head dim 128 under a sliding window ptxas parks a few of those scalars
+        # there (40 bytes), once a tile, never in the key loop (checked below).
         capped = info["config"].get("maxnreg") or info["config"].get("WS")
-        limit = 32 if capped else 0
+        limit = (64 if info["config"].get("CHAIN") else 32) if capped else 0
         assert stack <= limit, f"{label} spills: {info['res']}"
         if info["res"] and (info["default"] or stack == 0 or info["config"].get("WS")):
             assert info["loop_spills"] == 0, (label, info["loop_spills"])
