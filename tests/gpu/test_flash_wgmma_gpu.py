@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from graphir.lowering.triton_gpu.kernels.flash_attention_configs import CHAIN_CONFIGS
 from tests.gpu.requires import run_json_child
 
 torch = pytest.importorskip("torch")
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.gpu,
 SCRIPT = r"""
 import json, sys, torch
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+from graphir.lowering.triton_gpu.kernels.flash_attention_configs import CHAIN_CONFIGS
 from graphir.tools.attention_reference import ragged_problem, torch_reference
 d, dtype = int(sys.argv[1]), sys.argv[2]
 masks = [("NULL", 0), ("CAUSAL", 0), ("SLIDING_WINDOW_CAUSAL", 100),
@@ -27,8 +29,9 @@ masks = [("NULL", 0), ("CAUSAL", 0), ("SLIDING_WINDOW_CAUSAL", 100),
 q, offs, clen, lut, blocks = ragged_problem(d, getattr(torch, dtype), seed=d)
 out = []
 persistent = sys.argv[3] == "persistent"
+# (with the CHAIN configs, not candidates yet: checked here before the tuner is offered them)
 ws = [c for c in fa.candidates(d, 128, dtype) if c.get("WS") and
-      bool(c.get("PERSISTENT")) == persistent]
+      bool(c.get("PERSISTENT")) == persistent] + (CHAIN_CONFIGS[d] if persistent else [])
 # Persistent configs at 3 programs too: each walks many tiles, so the rings and the V-tail
 # barrier wrap across tiles.
 runs = [(fa.config_tag(cfg) + f"_p{n}", lambda mask, window, cfg=cfg, n=n: fa.flash_attention(
@@ -70,6 +73,7 @@ def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype, form):
     from graphir.lowering.triton_gpu.kernels import flash_attention as fa
     configs = [c for c in fa.candidates(d, 128, dtype)
                if c.get("WS") and bool(c.get("PERSISTENT")) == (form == "persistent")]
+    configs += CHAIN_CONFIGS[d] if form == "persistent" else []
     assert len(rows) == 5 * len(configs) * (2 if form == "persistent" else 1)
     assert any("dyn" in r[0] for r in rows) == (form == "persistent")
     tol = 1e-2 if dtype == "bfloat16" else 2e-3

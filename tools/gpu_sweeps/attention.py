@@ -183,7 +183,9 @@ def default_tag(shape) -> str:
 def variants(shape):
     """(name, factory) of every kernel variant timed on `shape` (factories build lazily): the
     shipped default first, the round-1 reference, then the other candidates."""
-    cands = fa.candidates(shape[3], PAGE)
+    # (The CHAIN configs too: timed here before the tuner is offered them.)
+    cands = fa.candidates(shape[3], PAGE) + [
+        dict(c) for c in fc.CHAIN_CONFIGS.get(shape[3], [])]
     default = next(c for c in cands if fa.config_tag(c) == default_tag(shape))
     out = [(fa.config_tag(default), lambda: ours(shape, default))]
     out += [(tag, lambda cfg=cfg, reg=reg: round1(shape, cfg, reg)) for tag, cfg, reg in ROUND1]

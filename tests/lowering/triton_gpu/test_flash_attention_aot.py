@@ -96,6 +96,10 @@ jobs = [(f"d{d}_{fa.config_tag(c)}", (32, 8, d, 128, "bfloat16", "CAUSAL"), c)
 jobs += [(f"d{d}_{fa.config_tag(c)}_mask{m}", (32, 8, d, 128, "bfloat16", m), c)
          for d in (64, 128) for c in fa.WS_CANDIDATES[d]
          for m in ("CAUSAL", "NULL", "SLIDING_WINDOW_CAUSAL")]
+# The chained consumers (flash_attention_chain.py; not candidates yet, the sweep's).
+jobs += [(f"d{d}_{fa.config_tag(c)}_mask{m}", (32, 8, d, 128, "bfloat16", m), c)
+         for d in (64, 128) for c in fc.CHAIN_CONFIGS[d]
+         for m in ("CAUSAL", "NULL", "SLIDING_WINDOW_CAUSAL")]
 jobs += [(f"fp32_{fa.config_tag(c)}", (8, 8, 128, 128, "float32", "CAUSAL"), c)
          for c in fa.candidates(128, 128, "float32")]
 jobs += [("default_d128_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL"), None),

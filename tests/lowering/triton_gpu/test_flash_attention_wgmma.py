@@ -16,8 +16,7 @@ def test_ws_configs_have_names_that_round_trip():
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
             assert name.endswith(("tmaws", "tmawslpt", "tmawspersist", "tmawspersistdeep",
-                                  "tmawspersistdyn", "tmawspersistdeepdyn", "dynqtma",
-                                  "dynqtmachain"))
+                                  "tmawspersistdyn", "tmawspersistdeepdyn", "dynqtma"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -63,6 +62,9 @@ def test_ws_configs_have_names_that_round_trip():
     # Key blocks pipelined across tiles: the loader's query rows in their two slots (QTMA),
     # with the plain consumer loop; the twin and one-tile forms drop it.
     chain = fc.get("m128n128w4s2tmawspersistdynqtmachain")
+    assert [fc.config_tag(c) for d in (64, 128) for c in fc.CHAIN_CONFIGS[d]] == [
+        "m128n128w4s3tmawspersistdynqtmachain", "m128n128w4s2tmawspersistdynqtmachain"]
+    assert not any(c.get("CHAIN") for d in (64, 128) for c in fc.candidates(d, 128))
     assert chain["CHAIN"] == chain["QTMA"] == chain["DYN"] == 1
     fc.check_config(chain, 128)
     fc.check_config(fc.get("m128n128w4s2tmawspersistqtmachain"), 64)  # (the stride's too)
@@ -81,9 +83,8 @@ def test_the_tuner_is_offered_the_ws_kernel_where_it_can_serve():
                                              "m128n128w4s3tmawspersist",
                                              "m128n128w4s2tmawspersistdyn",
                                              "m128n128w4s3tmawspersistdyn",
-                                             "m128n128w4s2tmawspersistdynqtma",
-                                             "m128n128w4s2tmawspersistdynqtmachain"]
-    assert fc.candidates(128, 128)[:8] == ws
+                                             "m128n128w4s2tmawspersistdynqtma"]
+    assert fc.candidates(128, 128)[:7] == ws
     assert not any(c.get("WS") for c in fc.candidates(128, 128, include_ws=False))
     # Pages that do not hold a whole key block: no TMA, so no WS config at all.
     assert not any(c.get("WS") for c in fc.candidates(128, 16))
