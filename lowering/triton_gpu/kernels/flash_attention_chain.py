@@ -21,6 +21,12 @@ the boundary comes), so a boundary costs the consumer no global load; its facts 
 through the DYN ring, or by the consumers' own loads with the grid's stride. The finished tile's
 facts (rows, head, cached length) ride along until its store. Only the first tile of a program
 (no product before it) and its last (nothing after it) keep a fill and a drain.
+
+Each tile's key loop is the other consumers' own (_ws_blocks): a first form that ran all the
+tiles' blocks as one flattened loop was right on an H100 but 0-6% slower than DYN + QTMA (the
+per-block branch and state cost more than the fill and drain; BENCHMARKS.md, 2026-12-05). This
+form is compiled for sm_90 in CI and checked by tests/gpu/test_flash_wgmma_gpu.py, but not yet
+measured, so its configs (CHAIN_CONFIGS) are the sweep's, not the tuner's.
 """
 
 from __future__ import annotations
