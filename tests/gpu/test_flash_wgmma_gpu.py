@@ -11,7 +11,6 @@ import subprocess
 
 import pytest
 
-from graphir.lowering.triton_gpu.kernels.flash_attention_configs import CHAIN_CONFIGS
 from tests.gpu.requires import run_json_child
 
 torch = pytest.importorskip("torch")
@@ -70,7 +69,10 @@ def test_ws_configs_match_torch_on_ragged_chunked_prefill(d, dtype, form):
         pytest.fail(f"the {form} warp-specialized kernel did not finish in 360 s (d={d}, "
                     f"{dtype}): an mbarrier protocol deadlock")
     # Five masks for each config and grid (persistent configs: two grids each).
+    # (Imported here, not at collection: triton must first be imported with the
+    # interpreter's environment of tests/lowering/triton_gpu/conftest.py in CPU runs.)
     from graphir.lowering.triton_gpu.kernels import flash_attention as fa
+    from graphir.lowering.triton_gpu.kernels.flash_attention_configs import CHAIN_CONFIGS
     configs = [c for c in fa.candidates(d, 128, dtype)
                if c.get("WS") and bool(c.get("PERSISTENT")) == (form == "persistent")]
     configs += CHAIN_CONFIGS[d] if form == "persistent" else []
