@@ -3,7 +3,8 @@ round-1 kernel.
 
 For each shape (bf16, NH 32 / NKV 8, page 128 in shuffled pages, one layer) it times torch SDPA on
 contiguous K/V (the faster of enable_gqa=True and K/V expanded to NH heads; sliding window uses
-SDPA causal as the rate reference), the shipped kernel's default config first (its row is
+SDPA causal as the rate reference, and times torch's flex_attention with the window's block
+mask as the peer that computes the same thing), the shipped kernel's default config first (its row is
 marked "*"), the round-1 kernel as preserved (tools/gpu_sweeps/_attention_round1.py, the loop
 the shipped kernel ports; run 4 of this sweep measured it correct on an H200 while the removed
 overlapped loop was wrong) at m128n64w8s3tma+r128 and m128n128w8s2tma, then every other
@@ -180,12 +181,16 @@ def default_tag(shape) -> str:
     return fa.config_tag(fa.default_config(D, PAGE, mask))
 
 
+def swept_configs(D: int) -> list[dict]:
+    """The configs timed at head dim D: the tuner's candidates and the CHAIN configs (timed
+    here before the tuner is offered them)."""
+    return fa.candidates(D, PAGE) + [dict(c) for c in fc.CHAIN_CONFIGS.get(D, [])]
+
+
 def variants(shape):
     """(name, factory) of every kernel variant timed on `shape` (factories build lazily): the
     shipped default first, the round-1 reference, then the other candidates."""
-    # (The CHAIN configs too: timed here before the tuner is offered them.)
-    cands = fa.candidates(shape[3], PAGE) + [
-        dict(c) for c in fc.CHAIN_CONFIGS.get(shape[3], [])]
+    cands = swept_configs(shape[3])
     default = next(c for c in cands if fa.config_tag(c) == default_tag(shape))
     out = [(fa.config_tag(default), lambda: ours(shape, default))]
     out += [(tag, lambda cfg=cfg, reg=reg: round1(shape, cfg, reg)) for tag, cfg, reg in ROUND1]
@@ -259,6 +264,33 @@ def reference(shape):
     return want, timed[best], best, timed
 
 
+def flex_peer(shape, want) -> dict:
+    """torch's own sliding-window attention, the window's strongest peer a torch user has
+    (SDPA has no window; an explicit mask runs its slow path): flex_attention compiled
+    (torch.compile's default mode) with a block mask of the window, GQA native, on the same
+    contiguous q / K / V as SDPA; checked against `want`, then timed like SDPA."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    name, B, S, D, mask, window = shape
+    p = problem(shape)
+    q4 = p["q"].view(B, S, NH, D).transpose(1, 2).contiguous()
+
+    def in_window(b, h, qi, ki):
+        return (ki <= qi) & (qi - ki < window)
+    try:
+        bm = create_block_mask(in_window, B=None, H=None, Q_LEN=S, KV_LEN=S, device=DEVICE)
+        flex = torch.compile(flex_attention, dynamic=False)
+        fn = lambda: flex(q4, p["k"], p["v"], block_mask=bm, enable_gqa=True)  # noqa: E731
+        got = fn().transpose(1, 2).reshape(B * S, NH * D)
+        err = rel_err(got, want)
+        if not err < TOL:
+            return {"rel_err": err, "error": f"rel err {err:.3g} >= {TOL}"}
+        ms = time_ms(fn, calls_for(flops(shape) / 300e12 * 1e3), batches=5)
+        return {"rel_err": err, "ms": ms, "tflops": flops(shape) / ms / 1e9}
+    except Exception as e:  # noqa: BLE001  (a peer failing is reported, not fatal)
+        return {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
+
+
 def calls_for(est_ms: float) -> int:
     return max(2, min(40, int(40 / max(est_ms, 1e-3))))
 
@@ -295,6 +327,10 @@ def main():
             res["sdpa"] = {"ms": ref_ms, "how": how, "tflops": flops(shape) / ref_ms / 1e9,
                            "all": timed}
         print(f"{name}: SDPA {how} {res['sdpa']['tflops']:.0f} TF/s", flush=True)
+        if shape[4] == "SLIDING_WINDOW_CAUSAL":
+            f = res["flex"] = flex_peer(shape, want)
+            print(f"{name}: flex_attention " + (f"{f['tflops']:.0f} TF/s err {f['rel_err']:.1e}"
+                                                 if "ms" in f else f["error"]), flush=True)
         for vname, make in variants(shape):
             keep = vname == default_tag(shape) or vname.startswith("r1:")
             if time.time() - T0 > BUDGET_S and not keep:
@@ -310,7 +346,7 @@ def main():
         ok = {k: v for k, v in res["variants"].items() if "ms" in v and not k.startswith("r1:")}
         if ok:
             best = max(ok, key=lambda k: ok[k]["tflops"])
-            cfg = next(c for c in fa.candidates(shape[3], PAGE) if fa.config_tag(c) == best)
+            cfg = next(c for c in swept_configs(shape[3]) if fa.config_tag(c) == best)
             try:
                 res["in_order"] = dict(measure(shape, ours(shape, cfg, "in_order"), want),
                                        config=best)
@@ -435,6 +471,7 @@ def print_tables(results):
     fmt = lambda v: f"{v['tflops']:.0f}" if v and "ms" in v else ("-" if not v else "ERR")
     defaults = {shapes[n].get("default") for n in names if n in shapes}
     body = [["SDPA"] + [fmt(shapes[n]["sdpa"]) if n in shapes else "-" for n in names]]
+    body += [["flex_attention"] + [fmt(shapes.get(n, {}).get("flex")) for n in names]]
     for r in order:
         body.append([r + (" *" if r in defaults else "")]
                     + [fmt(shapes.get(n, {}).get("variants", {}).get(r)) for n in names])
@@ -457,7 +494,8 @@ def print_tables(results):
         else:
             row += ["-", "-", "-"]
         summary.append(row)
-    print(f"\nTFLOP/s (unmasked work; w4k's SDPA is SDPA causal; * the shipped default) "
+    print(f"\nTFLOP/s (unmasked work; w4k's SDPA is SDPA causal, its flex_attention the "
+          f"window itself; * the shipped default) "
           f"elapsed {results['elapsed_s']:.0f}s")
     print(table(body, ["variant"] + names))
     print(table(summary, ["shape", "default", "TF/s", "vs SDPA", "vs round 1", "rel err",
