@@ -6,18 +6,17 @@ alone, then block 0's softmax with no product in flight, and ends with the last 
 for alone before the output is stored. Those are the pipeline's fill and drain, paid once a
 tile: under a causal mask at head dim 64 the kernel's rate falls to 0.87 of its unmasked rate
 (BENCHMARKS.md, 2026-12-05), and a sliding window's tiles (few key blocks each) run at 0.76-0.79
-of SDPA's causal rate. Here a consumer walks the key blocks of all its tiles as one sequence:
-the first block of the next tile is scored like any other block, while the last P V of the
-current tile is in flight, so per block, tile boundary or not:
+of SDPA's causal rate. Here a consumer runs each tile's key loop as before, but the step from
+one tile to the next overlaps them: the next tile's block 0 is scored while the current tile's
+last P V is in flight:
 
-    issue S_g = Q K_g^T          (the next tile's Q and its block 0 at a boundary)
-    issue O += P_{g-1} V_{g-1}   (the current tile's last block at a boundary)
-    wait for S_g; softmax (from a fresh row max and sum at a boundary)
-    wait for the P V
-    at a boundary: store the finished tile's rows and start O from zero; else rescale O
+    issue S_0' = Q' K_0'^T       (the next tile's query rows and first key block)
+    issue O += P_last V_last     (the current tile's last block)
+    wait for S_0'; block 0's softmax from a fresh row max and sum
+    wait for the P V; store the finished tile's rows; O starts from zero
 
 The query rows come by the loader warp's TMA (QTMA, two slots: the next tile's are there when
-the boundary comes), so a boundary costs the consumer no global load; its facts come with it
+the step comes), so the step costs the consumer no global load; its facts come with it
 through the DYN ring, or by the consumers' own loads with the grid's stride. The finished tile's
 facts (rows, head, cached length) ride along until its store. Only the first tile of a program
 (no product before it) and its last (nothing after it) keep a fill and a drain.

@@ -146,7 +146,7 @@ def _wsp_consumer(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_re
     nfix = 0
     nq = 0
     total = n_m * NH * n_b
-    if CHAIN:  # all the tiles' key blocks as one pipelined sequence (flash_attention_chain.py)
+    if CHAIN:  # the tiles chained through the pipeline (flash_attention_chain.py)
         _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
                       v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
                       window, scale, tile_ids, tile_ready, tile_empty, WG, NH, NKV, D,
