@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_configs import (  # noqa: F401
-    CANDIDATES, WS_CANDIDATES, candidates, check_config, config_tag, default_config, is_ws,
-    uses_tma)
+    CANDIDATES, GLUON_FLAGS, PERSISTENT_FLAGS, WS_CANDIDATES, candidates, check_config,
+    config_tag, default_config, is_ws, uses_tma)
 from graphir.lowering.triton_gpu.kernels.paged import (capped_scores_log2, check_attention_args,
                                                        check_softcap, full_key_range, key_range,
                                                        mask_allows, mask_id, page_block_row,
@@ -439,8 +439,7 @@ def _plan_tiles(spec: KernelSpec, batch: str, seqmax: str) -> tuple[str, str]:
 def one_tile_config(cfg: dict) -> dict:
     """A persistent config's one-tile form (the same tiles, one program a tile; the forms only
     the persistent kernels have dropped)."""
-    return {k: v for k, v in cfg.items()
-            if k not in ("PERSISTENT", "DEEP", "DYN", "QTMA", "CHAIN", "name")}
+    return {k: v for k, v in cfg.items() if k not in ("PERSISTENT", *PERSISTENT_FLAGS, "name")}
 
 
 _COUNTERS: dict = {}
@@ -482,8 +481,7 @@ def _ws_spec(n_heads, n_kv_heads, head_dim, page_size, dtype, mask, cfg, sig) ->
 def twin_config(cfg: dict) -> dict:
     """The Triton kernel's config at a WS config's tiles and tile order (what Triton's
     interpreter runs in the Gluon kernel's place)."""
-    twin = {k: v for k, v in cfg.items()
-            if k not in ("WS", "PINGPONG", "DEEP", "QTMA", "CHAIN", "name")}
+    twin = {k: v for k, v in cfg.items() if k not in (*GLUON_FLAGS, "name")}
     return {**twin, "num_warps": 8, "num_stages": 2}
 
 
@@ -494,7 +492,4 @@ def ws_constexprs(n_heads, n_kv_heads, head_dim, page_size, mask, cfg) -> dict:
     return dict(NH=n_heads, NKV=n_kv_heads, D=head_dim, PAGE_SIZE=page_size, MASK=mask_id(mask),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["num_stages"],
                 CONSUMER_REGS=CONSUMER_REGS, PINGPONG=int(cfg.get("PINGPONG", 0)),
-                LPT=int(cfg.get("LPT", 0)), **({"DEEP": 1} if cfg.get("DEEP") else {}),
-                **({"DYN": 1} if cfg.get("DYN") else {}),
-                **({"QTMA": 1} if cfg.get("QTMA") else {}),
-                **({"CHAIN": 1} if cfg.get("CHAIN") else {}))
+                LPT=int(cfg.get("LPT", 0)), **{k: 1 for k in PERSISTENT_FLAGS if cfg.get(k)})

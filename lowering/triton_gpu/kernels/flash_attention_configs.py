@@ -183,6 +183,10 @@ def default_config(head_dim: int, page_size: int, mask="CAUSAL", dtype: str = "b
 # The flags a name spells after its tiles, in this order: (suffix, config key).
 _FLAGS = (("ws", "WS"), ("pp", "PINGPONG"), ("lpt", "LPT"), ("persist", "PERSISTENT"),
           ("deep", "DEEP"), ("dyn", "DYN"), ("qtma", "QTMA"), ("chain", "CHAIN"))
+# The forms only the persistent kernels have (the one-tile form drops them), and of those the
+# ones only the Gluon kernel has (its Triton twin drops them with WS and PINGPONG).
+PERSISTENT_FLAGS = ("DEEP", "DYN", "QTMA", "CHAIN")
+GLUON_FLAGS = ("WS", "PINGPONG", "DEEP", "QTMA", "CHAIN")
 _NAME = re.compile(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?(?:r(\d+))?"
                    + "".join(f"({suffix})?" for suffix, _ in _FLAGS))
 

@@ -55,6 +55,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_kernel, prefill_tile
 from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_deep
 from graphir.lowering.triton_gpu.kernels.flash_attention_chain import _wsc_consumer
+from graphir.lowering.triton_gpu.kernels.flash_attention_configs import PERSISTENT_FLAGS
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
     TILE_SLOTS, _post_tile, _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
@@ -358,10 +359,8 @@ def persistent_kernel(fn, constexprs: dict):
     # (Compared by identity: hashing a jitted function hashes its source and what it calls.)
     if fn is flash_prefill_ws_kernel:
         kernel = flash_prefill_wsp_kernel
-        # (DEEP, DYN, QTMA and CHAIN are the persistent kernels' alone: the one-tile
-        # constexprs name them only when set.)
-        constexprs = {**constexprs, **{k: constexprs.get(k, 0) for k in ("DEEP", "QTMA",
-                                                                           "CHAIN")}}
+        # (The persistent kernels' own forms: the one-tile constexprs name them only when set.)
+        constexprs = {**constexprs, **{k: constexprs.get(k, 0) for k in PERSISTENT_FLAGS}}
     elif fn is flash_prefill_kernel:
         kernel = flash_prefill_persistent_kernel
     else:

@@ -349,4 +349,3 @@ def test_tune_never_picks_a_candidate_that_fails_its_check():
         bad = {r["config"]: r for r in entry["candidates"]
                if r["config"] in ("m128n128w8s2tma", "m64n64w4s3tma")}
         assert all("error" in r for r in bad.values()) and len(bad) == 2
-
