@@ -48,10 +48,10 @@ if DRY:  # the interpreter's bf16 dot needs the test suite's patch
 
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc  # noqa: E402
-from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as ft  # noqa: E402
-from graphir.tools.gpu_timing import graph_ms, rel_err, table  # noqa: E402
+from graphir.tools.gpu_timing import graph_ms, rel_err  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _attention_report import merge, prefill_table, print_tables  # noqa: E402
 from _attention_round1 import round1_kernel  # noqa: E402
 
 DEVICE = "cpu" if DRY else "cuda"
@@ -357,13 +357,14 @@ def main():
         if not DRY:
             torch.cuda.empty_cache()
     results["elapsed_s"] = time.time() - T0
-    results["prefill_table"] = prefill_table(results)
+    results["prefill_table"] = prefill_table(
+        results, SHAPES, "cpu (dry run)" if DRY else torch.cuda.get_device_name(0))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "attention.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
         with open(os.path.join(os.environ["OUT"], "prefill_table.json"), "w") as f:
             json.dump(results["prefill_table"], f, indent=1)
-    print_tables(results)
+    print_tables(results, SHAPES)
     print(roofline(results))
 
 
@@ -388,121 +389,6 @@ def roofline(results) -> str:
     return write_chart(pts, bw, peak, os.path.join(os.environ.get("OUT", "."),
                                                    "roofline_prefill.png"),
                        f"prefill attention kernel, {results['prefill_table']['device']}")
-
-
-def prefill_table(results) -> dict:
-    """The measured winners as the tuner's table: per (head dim, mask) and bucket of batch x
-    query tiles, the config with the best geometric-mean rate over the shapes in that bucket
-    (only configs every one of those shapes ran). Each candidate's row (what the table ships,
-    as `tune()` writes it) carries that geometric mean: of its times ("ms") and rates over the
-    bucket's shapes ("shape" names them all), and its largest error, so the shipped choice is
-    its fastest row."""
-    import math
-
-    groups: dict = {}
-    for name, B, S, D, mask, _ in SHAPES:
-        s = results["shapes"].get(name, {})
-        rates = {k: v for k, v in s.get("variants", {}).items()
-                 if "ms" in v and not k.startswith("r1:")}
-        if rates:
-            bucket = next(b for b, top in ft.BUCKETS if top is None
-                          or B * triton.cdiv(S, ft.TILE) <= top)
-            label = f"B{B}x{S}" + (f" window {s['shape'][4]}" if s["shape"][4] else "") + (
-                f" D{D}" if D != 128 else "")
-            groups.setdefault((D, mask, bucket), []).append((label, rates, s["sdpa"]))
-    entries: dict = {}
-    for (D, mask, bucket), runs in groups.items():
-        common = set.intersection(*(set(r) for _, r, _ in runs))
-        if not common:
-            continue
-        gmean = lambda k, f: math.exp(  # noqa: E731
-            sum(math.log(r[k][f]) for _, r, _ in runs) / len(runs))
-        score = lambda k: gmean(k, "tflops")  # noqa: E731
-        best = max(common, key=score)
-        # What a call the warp-specialized kernel cannot serve (soft-cap) runs instead.
-        triton_only = [k for k in common if not fc.is_ws(fc.get(k))]
-        fallback = max(triton_only, key=score) if fc.is_ws(fc.get(best)) and triton_only \
-            else None
-        label, rates, sdpa = runs[0]
-        rows = sorted(({"config": k, "ms": round(gmean(k, "ms"), 4),
-                        "rel_err": float(f"{max(r[k]['rel_err'] for _, r, _ in runs):.3g}"),
-                        "shape": "+".join(lb.split(" ")[0] for lb, _, _ in runs),
-                        "tflops": round(gmean(k, "tflops"), 1)}
-                       for k in common), key=lambda r: r["ms"])
-        entries.setdefault(f"D={D},mask={mask}", {})[bucket] = {
-            "candidates": rows, "config": best, "fallback": fallback,
-            "note": f"{label}: {rates[best]['tflops']:.1f} TF/s, torch SDPA "
-                    f"{sdpa['tflops']:.0f}" + (" (causal)" if "causal" in sdpa["how"] else "")}
-    dev = "cpu (dry run)" if DRY else torch.cuda.get_device_name(0)
-    return {"version": 1, "device": dev, "families": {"prefill": {"bf16": entries}}}
-
-
-def merge(measured_path: str, run: str) -> None:
-    """Replace the prefill family of the shipped tuning table with a sweep's measured one
-    ($OUT/prefill_table.json), each note naming the run."""
-    from pathlib import Path
-
-    from graphir.lowering.triton_gpu import tuning
-
-    measured = json.loads(Path(measured_path).read_text())
-    tuning.validate_table(measured, measured_path)
-    for per_key in measured["families"]["prefill"]["bf16"].values():
-        for entry in per_key.values():
-            entry["note"] += f" ({measured['device']} sweep {run})"
-    shipped = json.loads(tuning.DEFAULTS_PATH.read_text())
-    shipped.setdefault("provenance", {})["prefill"] = (
-        f"Measured, not predicted: {measured['device']} sweep {run} of tools/gpu_sweeps/"
-        f"attention.py (every candidate checked against torch SDPA, then timed in CUDA graphs "
-        f"on shuffled pages; per bucket the best geometric mean over its shapes)")
-    shipped["families"]["prefill"] = measured["families"]["prefill"]
-    tuning.validate_table(shipped)
-    tuning.DEFAULTS_PATH.write_text(json.dumps(shipped, indent=1) + "\n")
-    print(f"merged {measured_path} into {tuning.DEFAULTS_PATH}")
-
-
-def print_tables(results):
-    names = [s[0] for s in SHAPES]
-    shapes = results["shapes"]
-    rows = set()
-    for n in names:
-        rows.update(shapes.get(n, {}).get("variants", {}))
-    order = sorted(r for r in rows if r.startswith("r1:")) + sorted(
-        r for r in rows if not r.startswith("r1:"))
-    fmt = lambda v: f"{v['tflops']:.0f}" if v and "ms" in v else ("-" if not v else "ERR")
-    defaults = {shapes[n].get("default") for n in names if n in shapes}
-    body = [["SDPA"] + [fmt(shapes[n]["sdpa"]) if n in shapes else "-" for n in names]]
-    body += [["flex_attention"] + [fmt(shapes.get(n, {}).get("flex")) for n in names]]
-    for r in order:
-        body.append([r + (" *" if r in defaults else "")]
-                    + [fmt(shapes.get(n, {}).get("variants", {}).get(r)) for n in names])
-    summary = []
-    for n in names:
-        s = shapes.get(n)
-        if not s:
-            continue
-        d = s["variants"].get(s.get("default"), {})
-        r1 = [v["tflops"] for k, v in s["variants"].items() if k.startswith("r1:") and "ms" in v]
-        row = [n, s.get("default", "-"), fmt(d),
-               f"{d['tflops'] / s['sdpa']['tflops']:.2f}x" if "ms" in d else "-",
-               f"{d['tflops'] / max(r1):.2f}x" if "ms" in d and r1 else "-",
-               f"{d['rel_err']:.1e}" if "rel_err" in d else "-"]
-        if "best" in s:
-            b = s["variants"][s["best"]]
-            io = s.get("in_order", {})
-            row += [s["best"], f"{b['tflops']:.0f}",
-                    f"{(io['tflops'] / b['tflops'] - 1) * 100:+.1f}%" if "ms" in io else "ERR"]
-        else:
-            row += ["-", "-", "-"]
-        summary.append(row)
-    print(f"\nTFLOP/s (unmasked work; w4k's SDPA is SDPA causal, its flex_attention the "
-          f"window itself; * the shipped default) "
-          f"elapsed {results['elapsed_s']:.0f}s")
-    print(table(body, ["variant"] + names))
-    print(table(summary, ["shape", "default", "TF/s", "vs SDPA", "vs round 1", "rel err",
-                          "best", "TF/s", "in-order pages"]))
-    print("prefill table:", json.dumps({k: {b: e["config"] for b, e in v.items()} for k, v in
-                                        results["prefill_table"]["families"]["prefill"]["bf16"]
-                                        .items()}))
 
 
 if __name__ == "__main__":
