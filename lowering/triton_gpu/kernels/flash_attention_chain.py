@@ -38,8 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgrou
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
     _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    _softmax, _ws_blocks, _ws_fix_v_tail, _ws_release, _ws_store, warpgroup_acc_layout,
-    warpgroup_p_layout)
+    _softmax, _ws_blocks, _ws_fix_v_tail, _ws_last_pv, _ws_release, _ws_store,
+    warpgroup_acc_layout, warpgroup_p_layout)
 
 
 @gluon.jit
@@ -205,12 +205,7 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
                 l_i = l_next
             else:
                 # Drain: no tile after this one.
-                mbarrier.wait(v_ready.index(last), last_phase)
-                if tail:
-                    _ws_fix_v_tail(v_ring, last, fixed, nfix & 1, last_n0, o_kv_len, WG,
-                                   BLOCK_N, D)
-                o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
-                o, p = warpgroup_mma_wait(0, deps=[o, p])
-                _ws_release(v_empty, last)
+                o = _ws_last_pv(p, o, v_ring, v_ready, v_empty, fixed, it - 1, nfix & 1,
+                                last_n0, o_kv_len, WG, D, BLOCK_N, STAGES, 1)
                 _ws_store(out_ptr, o, l_i, o_row0, o_rows, 0, o_h, WG, NH, D,
                           BLOCK_M)

@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgrou
                                                              warpgroup_mma_wait)
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    _softmax, _ws_attend, _ws_fix_v_tail, _ws_release, _ws_start, warpgroup_acc_layout,
+    _softmax, _ws_attend, _ws_last_pv, _ws_release, _ws_start, warpgroup_acc_layout,
     warpgroup_p_layout)
 
 
@@ -124,13 +124,6 @@ def _ws_attend_deep(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed
                 q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, p, o, s_a, m_i, l_i, qp,
                 it + j, start + j * BLOCK_N, end, full_lo, full_hi, window, qk_scale, s0, MASK,
                 BLOCK_N, STAGES, 0)
-        g_last = it + j
-        last = g_last % STAGES
-        mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
-        if start + n_blocks * BLOCK_N > kv_len:
-            _ws_fix_v_tail(v_ring, last, fixed, fix_phase, start + j * BLOCK_N, kv_len, WG,
-                           BLOCK_N, D)
-        o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
-        o, p = warpgroup_mma_wait(0, deps=[o, p])
-        _ws_release(v_empty, last)
+        o = _ws_last_pv(p, o, v_ring, v_ready, v_empty, fixed, it + j, fix_phase,
+                        start + j * BLOCK_N, kv_len, WG, D, BLOCK_N, STAGES, 1)
     return o, l_i

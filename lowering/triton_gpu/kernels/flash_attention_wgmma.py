@@ -305,17 +305,28 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
     p, o, m_i, l_i = _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it,
                                 p, o, m_i, l_i, qp, qk_scale, s0, start, end, full_lo, full_hi,
                                 n_blocks, window, WG, MASK, BLOCK_N, STAGES, PINGPONG)
-    g_last = it + n_blocks - 1
+    o = _ws_last_pv(p, o, v_ring, v_ready, v_empty, fixed, it + n_blocks - 1, fix_phase,
+                    start + (n_blocks - 1) * BLOCK_N, kv_len, WG, D, BLOCK_N, STAGES,
+                    RELEASE_LAST)
+    return o, l_i
+
+
+@gluon.jit
+def _ws_last_pv(p, o, v_ring, v_ready, v_empty, fixed, g_last, fix_phase, n0, kv_len,
+                WG: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                RELEASE: gl.constexpr):
+    """O += P V of a tile's last key block (global ring index g_last, first key n0), waited
+    for; its V rows at or past kv_len zeroed first (only a last block can hold such rows).
+    RELEASE gives its slot back to the loader."""
     last = g_last % STAGES
     mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
-    if start + n_blocks * BLOCK_N > kv_len:
-        _ws_fix_v_tail(v_ring, last, fixed, fix_phase, start + (n_blocks - 1) * BLOCK_N, kv_len,
-                       WG, BLOCK_N, D)
+    if n0 + BLOCK_N > kv_len:
+        _ws_fix_v_tail(v_ring, last, fixed, fix_phase, n0, kv_len, WG, BLOCK_N, D)
     o = warpgroup_mma(p, v_ring.index(last), o, is_async=True)
     o, p = warpgroup_mma_wait(0, deps=[o, p])
-    if RELEASE_LAST:
+    if RELEASE:
         _ws_release(v_empty, last)
-    return o, l_i
+    return o
 
 
 @gluon.jit
