@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgrou
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
     _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    _softmax, _ws_blocks, _ws_fix_v_tail, _ws_last_pv, _ws_release, _ws_store,
+    _softmax, _ws_block0, _ws_blocks, _ws_fix_v_tail, _ws_last_pv, _ws_release, _ws_store,
     warpgroup_acc_layout, warpgroup_p_layout)
 
 
@@ -141,16 +141,9 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
         nfix = 0
         it = 0  # the global ring index of the tile's block 0
         mbarrier.wait(q_ready.index(0), 0)
-        q = q_smem.index(0).slice(WG * ROWS, ROWS)
-        qp = q_lo + rows
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s])
-        _ws_release(k_empty, 0)
-        masked = (start < full_lo) | (start + BLOCK_N > full_hi)
-        p, alpha, m_i, l_i = _softmax(s, fresh_m, fresh_l, qp, start, end, window, qk_scale,
-                                      masked, s_layout, MASK, BLOCK_N)
-        p = gl.convert_layout(p.to(dtype), p_layout)
+        p, m_i, l_i = _ws_block0(q_smem.index(0).slice(WG * ROWS, ROWS), k_ring, k_ready,
+                                 k_empty, 0, s0, fresh_m, fresh_l, q_lo + rows, qk_scale, start,
+                                 end, full_lo, full_hi, window, D, MASK, BLOCK_N, STAGES)
         o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
         while n_blocks > 0:
             q = q_smem.index(nq % 2).slice(WG * ROWS, ROWS)

@@ -287,11 +287,26 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
     persistent kernel counts across its tiles), so slot and parity follow it; fix_phase is the
     V-tail barrier's phase; RELEASE_LAST releases the last block's V slot too (a later tile
     refills it)."""
-    dtype: gl.constexpr = q.dtype
-    s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
-    p_layout: gl.constexpr = warpgroup_p_layout(D)
     qk_scale, qp, m_i, l_i, o, s0 = _ws_start(q_lo, scale, WG, D, BLOCK_N)
+    p, m_i, l_i = _ws_block0(q, k_ring, k_ready, k_empty, it, s0, m_i, l_i, qp, qk_scale, start,
+                             end, full_lo, full_hi, window, D, MASK, BLOCK_N, STAGES)
+    p, o, m_i, l_i = _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it,
+                                p, o, m_i, l_i, qp, qk_scale, s0, start, end, full_lo, full_hi,
+                                n_blocks, window, WG, MASK, BLOCK_N, STAGES, PINGPONG)
+    o = _ws_last_pv(p, o, v_ring, v_ready, v_empty, fixed, it + n_blocks - 1, fix_phase,
+                    start + (n_blocks - 1) * BLOCK_N, kv_len, WG, D, BLOCK_N, STAGES,
+                    RELEASE_LAST)
+    return o, l_i
 
+
+@gluon.jit
+def _ws_block0(q, k_ring, k_ready, k_empty, it, s0, m_i, l_i, qp, qk_scale, start, end, full_lo,
+               full_hi, window, D: gl.constexpr, MASK: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr):
+    """A tile's key block 0 (global ring index it) scored alone, no product in flight: S_0
+    waited for, its K slot released, the softmax from (m_i, l_i). Returns (P as the P V
+    operand, m, l)."""
+    s_layout: gl.constexpr = warpgroup_acc_layout(BLOCK_N)
     first = it % STAGES
     mbarrier.wait(k_ready.index(first), (it // STAGES) & 1)
     s = warpgroup_mma(q, k_ring.index(first).permute((1, 0)), s0, use_acc=False, is_async=True)
@@ -301,14 +316,7 @@ def _ws_attend(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed, tur
     masked = (start < full_lo) | (start + BLOCK_N > full_hi)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, start, end, window, qk_scale, masked,
                                   s_layout, MASK, BLOCK_N)
-    p = gl.convert_layout(p.to(dtype), p_layout)
-    p, o, m_i, l_i = _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it,
-                                p, o, m_i, l_i, qp, qk_scale, s0, start, end, full_lo, full_hi,
-                                n_blocks, window, WG, MASK, BLOCK_N, STAGES, PINGPONG)
-    o = _ws_last_pv(p, o, v_ring, v_ready, v_empty, fixed, it + n_blocks - 1, fix_phase,
-                    start + (n_blocks - 1) * BLOCK_N, kv_len, WG, D, BLOCK_N, STAGES,
-                    RELEASE_LAST)
-    return o, l_i
+    return gl.convert_layout(p.to(q.dtype), warpgroup_p_layout(D)), m_i, l_i
 
 
 @gluon.jit
