@@ -12,11 +12,11 @@ candidate config of the shipped kernel, and the best candidate again with pages 
 paging cost). TFLOP/s count only the unmasked work. Every variant is checked against SDPA
 before it is timed; a failing or non-compiling variant is reported, not timed. JIT compiles run
 first in worker processes that fill Triton's on-disk cache, so the timed process finds them
-compiled. A time budget (ATTN_BUDGET_S, 300 s after the start) skips the candidates still left,
-never the default or the round-1 reference (nine shapes, up to 21 candidates each since the DYN
-and QTMA forms: run it as `SWEEP_LIMIT_S=420 bash tools/gpu_sweep.sh attention`; seven shapes
-of ~10 candidates took 60-90 s on an H200). Last, it
-writes the measured winners as the tuner's table section (lowering/triton_gpu/
+compiled. ATTN_ONLY (a regex) keeps only the candidates it matches. A time budget
+(ATTN_BUDGET_S, 300 s after the start) skips the candidates still left, never the default or
+the round-1 reference (nine shapes, up to 21 candidates each since the DYN and QTMA forms: run
+it as `SWEEP_LIMIT_S=420 bash tools/gpu_sweep.sh attention`; seven shapes of ~10 candidates
+took 60-90 s on an H200). Last, it writes the measured winners as the tuner's table section (lowering/triton_gpu/
 tuning_defaults.json, family "prefill": per head dim and mask, one config per bucket of batch x
 128-row query tiles) to $OUT/prefill_table.json.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -72,6 +73,9 @@ if DRY:
     SHAPES = [(n, 1, 256, d, m, min(w, 100)) for n, _, _, d, m, w in SHAPES]
 TOL = 2e-2
 BUDGET_S = float(os.environ.get("ATTN_BUDGET_S", "1e9" if DRY else "300"))
+# ATTN_ONLY=REGEX times only the candidates whose tag matches (the default and round 1 always):
+# a shorter call when a few forms are compared. The table it writes then ranks only those.
+ONLY = re.compile(os.environ.get("ATTN_ONLY", ""))
 T0 = time.time()
 
 
@@ -195,7 +199,7 @@ def variants(shape):
     out = [(fa.config_tag(default), lambda: ours(shape, default))]
     out += [(tag, lambda cfg=cfg, reg=reg: round1(shape, cfg, reg)) for tag, cfg, reg in ROUND1]
     for cfg in cands:
-        if cfg is not default:
+        if cfg is not default and ONLY.search(fa.config_tag(cfg)):
             out.append((fa.config_tag(cfg), lambda cfg=cfg: ours(shape, cfg)))
     return out
 

@@ -90,6 +90,13 @@ def main_loop_spills(code):
             return sum(ins.startswith(("LDL", "STL")) for ins in body)
     return None
 
+def half_swaps(code):
+    # Registers whose two 16-bit halves are swapped in place (PRMT Rn, Rn, 0x5432, Rn): what
+    # a bf16 P operand costs when LLVM has carried it across a loop's join as fp32 values and
+    # ptxas packs its pairs the other way round (the chained consumer's first build: 64 a key
+    # block, flash_attention_chain.py).
+    return sum(bool(re.fullmatch(r"PRMT (R\d+), \1, 0x5432, \1", ins)) for _, ins in code)
+
 # (label, (n_heads, n_kv_heads, head_dim, page, dtype, mask), config or None for the default)
 jobs = [(f"d{d}_{fa.config_tag(c)}", (32, 8, d, 128, "bfloat16", "CAUSAL"), c)
         for d in (64, 128, 256) for c in fa.candidates(d, 128)]
@@ -152,7 +159,8 @@ for label, shape, conf in jobs:
                       hgmma=[sum(ins.startswith("HGMMA") for _, ins in code),
                              sum(ins.startswith("HGMMA") and ins.endswith("gsb0")
                                  for _, ins in code)] if code else None,
-                      loop_spills=main_loop_spills(code) if code else None)
+                      loop_spills=main_loop_spills(code) if code else None,
+                      half_swaps=half_swaps(code) if code else None)
 print("JSON" + json.dumps(out))
 """
 
@@ -313,6 +321,32 @@ def test_no_kernel_has_its_wgmma_serialized(compiled):
             assert closing * 2 <= total, (label, info["hgmma"])
             ws_checked += bool(info["config"].get("WS"))
     assert ws_checked == 0 or ws_checked >= 20
+
+
+def test_no_warp_specialized_kernel_swaps_register_halves(compiled):
+    # Every product's P operand is packed once, straight into the registers the P V wgmma
+    # reads; in-place half swaps in a WS kernel mean P crossed a loop join unpacked.
+    checked = [label for label, info in compiled.items()
+               if info["half_swaps"] is not None and info["config"].get("WS")]
+    assert all(compiled[k]["half_swaps"] == 0 for k in checked), {
+        k: compiled[k]["half_swaps"] for k in checked if compiled[k]["half_swaps"]}
+    assert checked == [] or len(checked) >= 20
+
+
+def test_the_half_swap_check_sees_swapped_halves():
+    ns = {}
+    exec(SCRIPT[:SCRIPT.index("# (label, (n_heads")], ns)
+    # The chained consumer's key loop before its fix, reduced: P's halves swapped back before
+    # the P V wgmma (and again after the next P is packed); a plain pack or a move is not one.
+    sass = """
+        /*48c0*/                   PRMT R152, R152, 0x5432, R152 ;
+        /*48d0*/                   PRMT R153, R153, 0x5432, R153 ;
+        /*4ce0*/                   HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR12].tnspB, R88 ;
+        /*7a50*/                   PRMT R154, R12, 0x5432, R12 ;
+        /*7a60*/                   PRMT R16, R12, 0x7632, R16 ;
+        /*7a70*/                   F2FP.BF16.F32.PACK_AB R152, R25, R24 ;
+    """
+    assert ns["half_swaps"](ns["parse"](sass)) == 2
 
 
 def test_the_serialization_check_sees_a_serialized_kernel():
