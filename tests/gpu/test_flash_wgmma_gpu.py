@@ -28,7 +28,7 @@ masks = [("NULL", 0), ("CAUSAL", 0), ("SLIDING_WINDOW_CAUSAL", 100),
 q, offs, clen, lut, blocks = ragged_problem(d, getattr(torch, dtype), seed=d)
 out = []
 persistent = sys.argv[3] == "persistent"
-# (with the CHAIN configs, not candidates yet: checked here before the tuner is offered them)
+# (with the CHAIN configs the tuner is not offered, which the sweep times: checked here too)
 ws = [c for c in fa.candidates(d, 128, dtype) if c.get("WS") and
       bool(c.get("PERSISTENT")) == persistent] + (CHAIN_CONFIGS[d] if persistent else [])
 # Persistent configs at 3 programs too: each walks many tiles, so the rings and the V-tail

@@ -58,22 +58,34 @@ def prefill_table(results, shapes, device: str) -> dict:
     return {"version": 1, "device": device, "families": {"prefill": {"bf16": entries}}}
 
 
-def merge(measured_path: str, run: str) -> None:
+def merge(measured_path: str, run: str, keys: list[str] | None = None) -> None:
     """Replace the prefill family of the shipped tuning table with a sweep's measured one
-    ($OUT/prefill_table.json), each note naming the run."""
+    ($OUT/prefill_table.json), each note naming the run; with `keys` ("D=64,mask=CAUSAL", ...)
+    only those entries, the provenance naming them (a sweep of a few candidates, ATTN_ONLY,
+    replaces only what it decided)."""
     from graphir.lowering.triton_gpu import tuning
 
     measured = json.loads(Path(measured_path).read_text())
     tuning.validate_table(measured, measured_path)
-    for per_key in measured["families"]["prefill"]["bf16"].values():
+    got = measured["families"]["prefill"]["bf16"]
+    for per_key in got.values():
         for entry in per_key.values():
             entry["note"] += f" ({measured['device']} sweep {run})"
     shipped = json.loads(tuning.DEFAULTS_PATH.read_text())
-    shipped.setdefault("provenance", {})["prefill"] = (
-        f"Measured, not predicted: {measured['device']} sweep {run} of tools/gpu_sweeps/"
-        f"attention.py (every candidate checked against torch SDPA, then timed in CUDA graphs "
-        f"on shuffled pages; per bucket the best geometric mean over its shapes)")
-    shipped["families"]["prefill"] = measured["families"]["prefill"]
+    how = (f"{measured['device']} sweep {run} of tools/gpu_sweeps/attention.py (every candidate "
+           f"checked against torch SDPA, then timed in CUDA graphs on shuffled pages; per bucket "
+           f"the best geometric mean over its shapes)")
+    prov = shipped.setdefault("provenance", {})
+    if keys:
+        missing = [k for k in keys if k not in got]
+        if missing:
+            raise SystemExit(f"{measured_path} has no {missing}; it has {sorted(got)}")
+        for k in keys:
+            shipped["families"]["prefill"]["bf16"][k] = got[k]
+        prov["prefill"] = prov.get("prefill", "Measured") + f"; {', '.join(keys)}: {how}"
+    else:
+        prov["prefill"] = f"Measured, not predicted: {how}"
+        shipped["families"]["prefill"] = measured["families"]["prefill"]
     tuning.validate_table(shipped)
     tuning.DEFAULTS_PATH.write_text(json.dumps(shipped, indent=1) + "\n")
     print(f"merged {measured_path} into {tuning.DEFAULTS_PATH}")

@@ -22,7 +22,8 @@ tuning_defaults.json, family "prefill": per head dim and mask, one config per bu
 
     python3 tools/gpu_sweeps/attention.py        (writes $OUT/attention.json when OUT is set)
     python3 tools/gpu_sweeps/attention.py --merge $OUT/prefill_table.json "run N"
-                                                 (ships it: no GPU needed)
+                                                 (ships it: no GPU needed; --keys
+                                                 "D=64,mask=CAUSAL;..." ships only those)
     python3 tools/gpu_sweeps/attention.py --dry-run   (CPU, Triton interpreter, tiny shapes:
                                                        checks the script's plumbing only)
 """
@@ -397,5 +398,10 @@ def roofline(results) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--merge"]:
-        sys.exit(merge(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "a GPU run"))
+        args, keys = sys.argv[:], None
+        if "--keys" in args:
+            i = args.index("--keys")
+            keys = args[i + 1].split(";")
+            del args[i:i + 2]
+        sys.exit(merge(args[2], args[3] if len(args) > 3 else "a GPU run", keys))
     sys.exit(main())

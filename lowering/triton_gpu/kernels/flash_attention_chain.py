@@ -185,11 +185,10 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
                 p_next, alpha, m_next, l_next = _softmax(s, fresh_m, fresh_l, q_lo + rows,
                                                          start, end, window, qk_scale, masked,
                                                          s_layout, MASK, BLOCK_N)
-                # The next P goes through the wait: with both P's that enter the next tile's
-                # key loop (the fill's and this one) plain casts, LLVM hoists the cast past
-                # their join, so P crossed the loop as 64 fp32 values and every key block
-                # repacked its bf16 halves (64 PRMT a block in the SASS, 5-12% slower on an
-                # H200); the wait's result is opaque to that fold.
+                # The next P goes through the wait, as in _ws_blocks: with both P's that
+                # enter the next tile's key loop (the fill's and this one) plain casts, P
+                # crossed the loop as 64 fp32 values and every key block swapped its bf16
+                # halves back (64 PRMT a block, 1-12% slower on an H200).
                 p_next = gl.convert_layout(p_next.to(dtype), p_layout)
                 o, p, p_next = warpgroup_mma_wait(0, deps=[o, p, p_next])
                 p = p_next

@@ -119,18 +119,19 @@ _WS = [_ws(128, 2), _ws(128, 2, True), _ws(128, 2, persistent=True),
 _DYN = [_ws(128, 2, persistent=True, dyn=True), _ws(128, 3, persistent=True, dyn=True),
         _ws(128, 2, persistent=True, dyn=True, qtma=True)]
 _DEEP = _ws(128, 3, persistent=True, deep=True)
-WS_CANDIDATES: dict[int, list[dict]] = {
-    64: _WS + [_DEEP] + _DYN + [_ws(128, 3, persistent=True, dyn=True, qtma=True),
-                                {**_DEEP, "DYN": 1}, {**_DEEP, "DYN": 1, "QTMA": 1}],
-    128: _WS + _DYN}
 # The DYN + QTMA forms with the consumers' key blocks pipelined across tiles (CHAIN: a tile's
 # first score product is issued while the previous tile's last P V runs;
-# flash_attention_chain.py). Not offered to the tuner yet: its first form (one flattened loop
-# over all tiles' blocks) ran correctly on an H100 but 0-6% slower than DYN + QTMA (BENCHMARKS.md,
-# 2026-12-05, run 11); this form keeps the key loop of the others and is not yet measured
-# (compiled for sm_90 in CI; the sweep's variants wspdqc_* time it).
-CHAIN_CONFIGS = {64: [_ws(128, 3, persistent=True, dyn=True, qtma=True, chain=True)],
-                 128: [_ws(128, 2, persistent=True, dyn=True, qtma=True, chain=True)]}
+# flash_attention_chain.py). Measured on an H100 (BENCHMARKS.md, 2026-12-05, sweep runs 13-14):
+# at head dim 64 +2-4% over the shipped DYN form under the causal mask (B4 x 4096 415-418
+# against 399-409 TFLOP/s, B1 x 16384 453-462 against 444-450), so a candidate there; at head
+# dim 128 6-9% slower at B4 x 2048, B1 x 1024 and the window (its two ring stages leave the
+# next tile's first key block little room), so only timed by the sweep (CHAIN_CONFIGS).
+_CHAIN64 = _ws(128, 3, persistent=True, dyn=True, qtma=True, chain=True)
+WS_CANDIDATES: dict[int, list[dict]] = {
+    64: _WS + [_DEEP] + _DYN + [_ws(128, 3, persistent=True, dyn=True, qtma=True),
+                                {**_DEEP, "DYN": 1}, {**_DEEP, "DYN": 1, "QTMA": 1}, _CHAIN64],
+    128: _WS + _DYN}
+CHAIN_CONFIGS = {64: [], 128: [_ws(128, 2, persistent=True, dyn=True, qtma=True, chain=True)]}
 REQUIRED_KEYS = ("BLOCK_M", "BLOCK_N", "USE_TMA", "num_warps", "num_stages")
 
 

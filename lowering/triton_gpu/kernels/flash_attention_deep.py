@@ -61,15 +61,16 @@ def _deep_step(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, p, o, s_ne
     masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
     p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale, masked,
                                        s_layout, MASK, BLOCK_N)
+    # The next P passes through the wait (flash_attention_wgmma._ws_blocks says why).
+    p_next = gl.convert_layout(p_next.to(p.dtype), p.type.layout)
     if NEXT:
-        o, p = warpgroup_mma_wait(1, deps=[o, p])
+        o, p, p_next = warpgroup_mma_wait(1, deps=[o, p, p_next])
     else:
-        o, p = warpgroup_mma_wait(0, deps=[o, p])
+        o, p, p_next = warpgroup_mma_wait(0, deps=[o, p, p_next])
     _ws_release(k_empty, slot)
     mbarrier.arrive(v_empty.index(prev))
     o = o * gl.convert_layout(alpha, row_o)[:, None]
-    p = gl.convert_layout(p_next.to(p.dtype), p.type.layout)
-    return p, o, s_next, m_i, l_i
+    return p_next, o, s_next, m_i, l_i
 
 
 @gluon.jit

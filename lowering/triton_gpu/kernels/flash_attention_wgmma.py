@@ -374,12 +374,19 @@ def _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it, 
         masked = (n0 < full_lo) | (n0 + BLOCK_N > full_hi)
         p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, qp, n0, end, window, qk_scale, masked,
                                            s_layout, MASK, BLOCK_N)
-        o, p = warpgroup_mma_wait(0, deps=[o, p])
+        # The next P passes through the wait: were both P's that meet at the loop's head
+        # (block 0's and this one) plain casts, LLVM would hoist the cast past the join, P
+        # would cross the back edge as fp32 values, and ptxas could pack its bf16 pairs the
+        # other way round, swapping every register's halves around each P V (the one-tile
+        # and deep kernels' second consumer did: 30-60 PRMT a block). The wait's result is
+        # opaque to that fold.
+        o, p, p_next = warpgroup_mma_wait(
+            0, deps=[o, p, gl.convert_layout(p_next.to(dtype), p_layout)])
         # K of block j (its S is done) and V of block j - 1 (its product is done).
         _ws_release(k_empty, slot)
         mbarrier.arrive(v_empty.index(prev))
         o = o * gl.convert_layout(alpha, row_o)[:, None]
-        p = gl.convert_layout(p_next.to(dtype), p_layout)
+        p = p_next
     return p, o, m_i, l_i
 
 

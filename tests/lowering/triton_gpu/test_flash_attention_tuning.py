@@ -312,6 +312,10 @@ def test_untuned_compiles_take_the_measured_prefill_table():
     t = tuning.load_table()
     assert "H100 80GB HBM3 sweep run 10, 2026-12-05" in t["provenance"]["prefill"]
     shipped = t["families"]["prefill"]["bf16"]
+    # One entry from a later sweep of a few forms (the chained consumers at head dim 64).
+    assert "D=64,mask=CAUSAL: NVIDIA H100 80GB HBM3 sweep run 13" in t["provenance"]["prefill"]
+    assert "sweep run 13" in shipped["D=64,mask=CAUSAL"]["large"]["note"]
+    assert fc.get(shipped["D=64,mask=CAUSAL"]["large"]["config"]).get("CHAIN") == 1
     for key in ("D=128,mask=CAUSAL", "D=128,mask=NULL", "D=128,mask=SLIDING_WINDOW_CAUSAL",
                 "D=64,mask=CAUSAL", "D=64,mask=NULL"):
         for choice in shipped[key].values():

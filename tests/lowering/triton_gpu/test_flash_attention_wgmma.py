@@ -16,7 +16,8 @@ def test_ws_configs_have_names_that_round_trip():
         for c in fc.WS_CANDIDATES[d]:
             name = fc.config_tag(c)
             assert name.endswith(("tmaws", "tmawslpt", "tmawspersist", "tmawspersistdeep",
-                                  "tmawspersistdyn", "tmawspersistdeepdyn", "dynqtma"))
+                                  "tmawspersistdyn", "tmawspersistdeepdyn", "dynqtma",
+                                  "dynqtmachain"))
             assert {k: v for k, v in fc.get(name).items() if k != "name"} == c
     pp = fc.get("m128n128w4s2tmawspp")
     assert pp["WS"] == 1 and pp["PINGPONG"] == 1 and pp["name"] == "m128n128w4s2tmawspp"
@@ -62,9 +63,12 @@ def test_ws_configs_have_names_that_round_trip():
     # Key blocks pipelined across tiles: the loader's query rows in their two slots (QTMA),
     # with the plain consumer loop; the twin and one-tile forms drop it.
     chain = fc.get("m128n128w4s2tmawspersistdynqtmachain")
+    # A candidate at head dim 64 (three stages); at 128 (two) only the sweep's.
     assert [fc.config_tag(c) for d in (64, 128) for c in fc.CHAIN_CONFIGS[d]] == [
-        "m128n128w4s3tmawspersistdynqtmachain", "m128n128w4s2tmawspersistdynqtmachain"]
-    assert not any(c.get("CHAIN") for d in (64, 128) for c in fc.candidates(d, 128))
+        "m128n128w4s2tmawspersistdynqtmachain"]
+    assert [fc.config_tag(c) for c in fc.candidates(64, 128) if c.get("CHAIN")] == [
+        "m128n128w4s3tmawspersistdynqtmachain"]
+    assert not any(c.get("CHAIN") for c in fc.candidates(128, 128))
     assert chain["CHAIN"] == chain["QTMA"] == chain["DYN"] == 1
     fc.check_config(chain, 128)
     fc.check_config(fc.get("m128n128w4s2tmawspersistqtmachain"), 64)  # (the stride's too)
