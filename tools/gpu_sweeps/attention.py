@@ -4,8 +4,8 @@ round-1 kernel.
 For each shape (bf16, NH 32 / NKV 8, page 128 in shuffled pages, one layer) it times torch SDPA on
 contiguous K/V (the faster of enable_gqa=True and K/V expanded to NH heads; sliding window uses
 SDPA causal as the rate reference, and times torch's flex_attention with the window's block
-mask as the peer that computes the same thing), the shipped kernel's default config first (its row is
-marked "*"), the round-1 kernel as preserved (tools/gpu_sweeps/_attention_round1.py, the loop
+mask as the peer that computes the same thing), first what an untuned compile runs (the shipped
+tuning table's choice for the shape's bucket; its row is marked "*"), the round-1 kernel as preserved (tools/gpu_sweeps/_attention_round1.py, the loop
 the shipped kernel ports; run 4 of this sweep measured it correct on an H200 while the removed
 overlapped loop was wrong) at m128n64w8s3tma+r128 and m128n128w8s2tma, then every other
 candidate config of the shipped kernel, and the best candidate again with pages in order (the
@@ -49,7 +49,9 @@ if DRY:  # the interpreter's bf16 dot needs the test suite's patch
     import tests.lowering.triton_gpu.conftest  # noqa: E402,F401
 
 from graphir.lowering.triton_gpu.kernels import flash_attention as fa  # noqa: E402
+from graphir.lowering.triton_gpu import tuning  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc  # noqa: E402
+from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as ft  # noqa: E402
 from graphir.tools.gpu_timing import graph_ms, rel_err  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -181,9 +183,14 @@ def round1(shape, cfg, maxnreg):
 
 
 def default_tag(shape) -> str:
-    """config_tag of the shipped default for `shape` (at this page size)."""
-    _, _, _, D, mask, _ = shape
-    return fa.config_tag(fa.default_config(D, PAGE, mask))
+    """config_tag of what a compile with no GPU to tune on runs for `shape`: the shipped
+    tuning table's choice for its bucket, the built-in default where the table has none."""
+    _, B, S, D, mask, window = shape
+    facts = ft.make_facts("bf16", NH, NKV, D, PAGE, mask, window)
+    tiles = B * triton.cdiv(S, ft.TILE)
+    bucket = next(b for b, top in ft.BUCKETS if top is None or tiles <= top)
+    chosen = {c.bucket: c.config["name"] for c in tuning.select("prefill", facts)}
+    return chosen.get(bucket) or fa.config_tag(fa.default_config(D, PAGE, mask))
 
 
 def swept_configs(D: int) -> list[dict]:
