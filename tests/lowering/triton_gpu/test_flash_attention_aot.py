@@ -27,16 +27,9 @@ def cuobjdump(cubin, *flags):
     finally:
         os.unlink(f.name)
 
-LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-
-def parse(sass):
-    # [(address, instruction without its predicate)] in program order
-    out = []
-    for line in sass.splitlines():
-        m = LINE.search(line)
-        if m:
-            out.append((int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2))))
-    return out
+# parse: [(address, instruction without its predicate)]; half_swaps: registers whose 16-bit
+# halves are swapped in place (what a bf16 P operand carried across a loop join as fp32 costs).
+from graphir.tools.sass_loops import half_swaps, parse
 
 def written(ins):
     # The registers an instruction writes: its first operand when that is a register.
@@ -89,13 +82,6 @@ def main_loop_spills(code):
         if any(ins.startswith(("HGMMA", "HMMA")) for ins in body):
             return sum(ins.startswith(("LDL", "STL")) for ins in body)
     return None
-
-def half_swaps(code):
-    # Registers whose two 16-bit halves are swapped in place (PRMT Rn, Rn, 0x5432, Rn): what
-    # a bf16 P operand costs when LLVM has carried it across a loop's join as fp32 values and
-    # ptxas packs its pairs the other way round (the chained consumer's first build: 64 a key
-    # block, flash_attention_chain.py).
-    return sum(bool(re.fullmatch(r"PRMT (R\d+), \1, 0x5432, \1", ins)) for _, ins in code)
 
 # (label, (n_heads, n_kv_heads, head_dim, page, dtype, mask), config or None for the default)
 jobs = [(f"d{d}_{fa.config_tag(c)}", (32, 8, d, 128, "bfloat16", "CAUSAL"), c)
