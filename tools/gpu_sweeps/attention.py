@@ -5,20 +5,20 @@ For each shape (bf16, NH 32 / NKV 8, page 128 in shuffled pages, one layer) it t
 contiguous K/V (the faster of enable_gqa=True and K/V expanded to NH heads; sliding window uses
 SDPA causal as the rate reference, and times torch's flex_attention with the window's block
 mask as the peer that computes the same thing), first what an untuned compile runs (the shipped
-tuning table's choice for the shape's bucket; its row is marked "*"), the round-1 kernel as preserved (tools/gpu_sweeps/_attention_round1.py, the loop
-the shipped kernel ports; run 4 of this sweep measured it correct on an H200 while the removed
-overlapped loop was wrong) at m128n64w8s3tma+r128 and m128n128w8s2tma, then every other
-candidate config of the shipped kernel, and the best candidate again with pages in order (the
-paging cost). TFLOP/s count only the unmasked work. Every variant is checked against SDPA
-before it is timed; a failing or non-compiling variant is reported, not timed. JIT compiles run
-first in worker processes that fill Triton's on-disk cache, so the timed process finds them
-compiled. ATTN_ONLY (a regex) keeps only the candidates it matches. A time budget
-(ATTN_BUDGET_S, 300 s after the start) skips the candidates still left, never the default or
-the round-1 reference (nine shapes, up to 21 candidates each since the DYN and QTMA forms: run
-it as `SWEEP_LIMIT_S=420 bash tools/gpu_sweep.sh attention`; seven shapes of ~10 candidates
-took 60-90 s on an H200). Last, it writes the measured winners as the tuner's table section (lowering/triton_gpu/
-tuning_defaults.json, family "prefill": per head dim and mask, one config per bucket of batch x
-128-row query tiles) to $OUT/prefill_table.json.
+tuning table's choice for the shape's bucket; its row is marked "*"), the round-1 kernel as
+preserved (tools/gpu_sweeps/_attention_round1.py, the loop the shipped kernel ports; run 4 of
+this sweep measured it correct on an H200 while the removed overlapped loop was wrong) at
+m128n64w8s3tma+r128 and m128n128w8s2tma, then every other candidate config of the shipped
+kernel, and the best candidate again with pages in order (the paging cost). TFLOP/s count only
+the unmasked work. Every variant is checked against SDPA before it is timed; a failing or
+non-compiling variant is reported, not timed. JIT compiles run first in worker processes that
+fill Triton's on-disk cache, so the timed process finds them compiled. ATTN_ONLY (a regex) keeps
+only the candidates it matches. A time budget (ATTN_BUDGET_S, 300 s after the start) skips the
+candidates still left, never the shipped choice or the round-1 reference (nine shapes, up to 22
+candidates each: run it as `SWEEP_LIMIT_S=420 bash tools/gpu_sweep.sh attention`; every
+candidate took 338 s on an H200, 2026-12-05). Last, it writes the measured winners as the
+tuner's table section (lowering/triton_gpu/tuning_defaults.json, family "prefill": per head dim
+and mask, one config per bucket of batch x 128-row query tiles) to $OUT/prefill_table.json.
 
     python3 tools/gpu_sweeps/attention.py        (writes $OUT/attention.json when OUT is set)
     python3 tools/gpu_sweeps/attention.py --merge $OUT/prefill_table.json "run N"
@@ -76,8 +76,8 @@ if DRY:
     SHAPES = [(n, 1, 256, d, m, min(w, 100)) for n, _, _, d, m, w in SHAPES]
 TOL = 2e-2
 BUDGET_S = float(os.environ.get("ATTN_BUDGET_S", "1e9" if DRY else "300"))
-# ATTN_ONLY=REGEX times only the candidates whose tag matches (the default and round 1 always):
-# a shorter call when a few forms are compared. The table it writes then ranks only those.
+# ATTN_ONLY=REGEX times only the candidates whose tag matches (the shipped choice and round 1
+# always): a shorter call when a few forms are compared. Its table then ranks only those.
 ONLY = re.compile(os.environ.get("ATTN_ONLY", ""))
 T0 = time.time()
 
