@@ -24,8 +24,9 @@ facts (rows, head, cached length) ride along until its store. Only the first til
 Each tile's key loop is the other consumers' own (_ws_blocks): a first form that ran all the
 tiles' blocks as one flattened loop was right on an H100 but 0-6% slower than DYN + QTMA (the
 per-block branch and state cost more than the fill and drain; BENCHMARKS.md, 2026-12-05). This
-form is compiled for sm_90 in CI and checked by tests/gpu/test_flash_wgmma_gpu.py, but not yet
-measured, so its configs (CHAIN_CONFIGS) are the sweep's, not the tuner's.
+form, measured on an H100 (BENCHMARKS.md, 2026-12-05, runs 13-14), is 2-4% faster than DYN +
+QTMA at head dim 64 under the causal mask (a tuner candidate there) and 6-9% slower at head dim
+128 on short tiles and the window (CHAIN_CONFIGS: the sweep's only).
 """
 
 from __future__ import annotations
@@ -189,9 +190,9 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
                 # enter the next tile's key loop (the fill's and this one) plain casts, P
                 # crossed the loop as 64 fp32 values and every key block swapped its bf16
                 # halves back (64 PRMT a block, 1-12% slower on an H200).
-                p_next = gl.convert_layout(p_next.to(dtype), p_layout)
-                o, p, p_next = warpgroup_mma_wait(0, deps=[o, p, p_next])
-                p = p_next
+                # (The old P is listed to stay live until its product is done.)
+                o, _, p = warpgroup_mma_wait(
+                    0, deps=[o, p, gl.convert_layout(p_next.to(dtype), p_layout)])
                 _ws_release(k_empty, slot)
                 mbarrier.arrive(v_empty.index(last))
                 _ws_store(out_ptr, o, l_i, o_row0, o_rows, 0, o_h, WG, NH, D,

@@ -64,9 +64,9 @@ def _deep_step(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, p, o, s_ne
     # The next P passes through the wait (flash_attention_wgmma._ws_blocks says why).
     p_next = gl.convert_layout(p_next.to(p.dtype), p.type.layout)
     if NEXT:
-        o, p, p_next = warpgroup_mma_wait(1, deps=[o, p, p_next])
+        o, _, p_next = warpgroup_mma_wait(1, deps=[o, p, p_next])
     else:
-        o, p, p_next = warpgroup_mma_wait(0, deps=[o, p, p_next])
+        o, _, p_next = warpgroup_mma_wait(0, deps=[o, p, p_next])
     _ws_release(k_empty, slot)
     mbarrier.arrive(v_empty.index(prev))
     o = o * gl.convert_layout(alpha, row_o)[:, None]

@@ -380,13 +380,13 @@ def _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it, 
         # other way round, swapping every register's halves around each P V (the one-tile
         # and deep kernels' second consumer did: 30-60 PRMT a block). The wait's result is
         # opaque to that fold.
-        o, p, p_next = warpgroup_mma_wait(
+        # (The old P is listed to stay live until its product is done.)
+        o, _, p = warpgroup_mma_wait(
             0, deps=[o, p, gl.convert_layout(p_next.to(dtype), p_layout)])
         # K of block j (its S is done) and V of block j - 1 (its product is done).
         _ws_release(k_empty, slot)
         mbarrier.arrive(v_empty.index(prev))
         o = o * gl.convert_layout(alpha, row_o)[:, None]
-        p = p_next
     return p, o, m_i, l_i
 
 
