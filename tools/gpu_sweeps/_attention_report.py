@@ -9,6 +9,7 @@ from pathlib import Path
 
 import triton
 
+from graphir.lowering.triton_gpu import tuning
 from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc
 from graphir.lowering.triton_gpu.kernels import flash_attention_tuning as ft
 from graphir.tools.gpu_timing import table
@@ -27,8 +28,7 @@ def prefill_table(results, shapes, device: str) -> dict:
         rates = {k: v for k, v in s.get("variants", {}).items()
                  if "ms" in v and not k.startswith("r1:")}
         if rates:
-            bucket = next(b for b, top in ft.BUCKETS if top is None
-                          or B * triton.cdiv(S, ft.TILE) <= top)
+            bucket = tuning.family("prefill").bucket_of(B * triton.cdiv(S, ft.TILE))
             label = f"B{B}x{S}" + (f" window {s['shape'][4]}" if s["shape"][4] else "") + (
                 f" D{D}" if D != 128 else "")
             groups.setdefault((D, mask, bucket), []).append((label, rates, s["sdpa"]))
@@ -63,8 +63,6 @@ def merge(measured_path: str, run: str, keys: list[str] | None = None) -> None:
     ($OUT/prefill_table.json), each note naming the run; with `keys` ("D=64,mask=CAUSAL", ...)
     only those entries, the provenance naming them (a sweep of a few candidates, ATTN_ONLY,
     replaces only what it decided)."""
-    from graphir.lowering.triton_gpu import tuning
-
     measured = json.loads(Path(measured_path).read_text())
     tuning.validate_table(measured, measured_path)
     got = measured["families"]["prefill"]["bf16"]

@@ -187,8 +187,7 @@ def default_tag(shape) -> str:
     tuning table's choice for its bucket, the built-in default where the table has none."""
     _, B, S, D, mask, window = shape
     facts = ft.make_facts("bf16", NH, NKV, D, PAGE, mask, window)
-    tiles = B * triton.cdiv(S, ft.TILE)
-    bucket = next(b for b, top in ft.BUCKETS if top is None or tiles <= top)
+    bucket = tuning.family("prefill").bucket_of(B * triton.cdiv(S, ft.TILE))
     chosen = {c.bucket: c.config["name"] for c in tuning.select("prefill", facts)}
     return chosen.get(bucket) or fa.config_tag(fa.default_config(D, PAGE, mask))
 
@@ -201,9 +200,10 @@ def swept_configs(D: int) -> list[dict]:
 
 def variants(shape):
     """(name, factory) of every kernel variant timed on `shape` (factories build lazily): the
-    shipped default first, the round-1 reference, then the other candidates."""
+    shipped choice first, the round-1 reference, then the other candidates."""
     cands = swept_configs(shape[3])
-    default = next(c for c in cands if fa.config_tag(c) == default_tag(shape))
+    shipped = default_tag(shape)
+    default = next(c for c in cands if fa.config_tag(c) == shipped)
     out = [(fa.config_tag(default), lambda: ours(shape, default))]
     out += [(tag, lambda cfg=cfg, reg=reg: round1(shape, cfg, reg)) for tag, cfg, reg in ROUND1]
     for cfg in cands:
@@ -344,7 +344,7 @@ def main():
             print(f"{name}: flex_attention " + (f"{f['tflops']:.0f} TF/s err {f['rel_err']:.1e}"
                                                  if "ms" in f else f["error"]), flush=True)
         for vname, make in variants(shape):
-            keep = vname == default_tag(shape) or vname.startswith("r1:")
+            keep = vname == res["default"] or vname.startswith("r1:")
             if time.time() - T0 > BUDGET_S and not keep:
                 res["variants"][vname] = {"error": "skipped: time budget"}
                 continue
