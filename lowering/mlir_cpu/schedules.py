@@ -83,11 +83,15 @@ class MatmulConfig:
     def for_target(cpu, threads: int = 2) -> "MatmulConfig":
         """The register block for a CpuTarget: MR x NR accumulators, NR/lanes B vectors and a
         broadcast must fit its vector registers (32 zmm: 8 x 32 uses 19; 16 ymm: 6 x 16 uses
-        15). ku = 1: LLVM keeps one k step's B vectors live, a wider unroll spills them."""
+        15). k unrolled by 4 with 32 registers (four k steps a loop iteration, one loop test
+        and two pointer bumps for 64 FMAs instead of three for 16: 4-8% on an AMX Xeon,
+        BENCHMARKS.md, 2026-12-05; by 2 LLVM pairs A's loads through a permute and loses);
+        ku = 1 with 16: LLVM keeps one k step's B vectors live, a wider unroll spills them."""
         lanes, regs = cpu.f32_lanes, cpu.vector_registers
         nr = 2 * lanes
         mr = max(1, min(8, (regs - nr // lanes - 1) // (nr // lanes)))
-        return MatmulConfig(mr=mr, nr=nr, kc=256, ncb=16 * 32 // nr, ku=1, threads=threads,
+        return MatmulConfig(mr=mr, nr=nr, kc=256, ncb=16 * 32 // nr, ku=4 if regs >= 32 else 1,
+                            threads=threads,
                             lanes=lanes, bf16_dot="bf16" in getattr(cpu, "extras", ()))
 
     def panel_width(self, n: int) -> int | None:
