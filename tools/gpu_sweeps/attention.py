@@ -13,7 +13,7 @@ kernel, and the best candidate again with pages in order (the paging cost). TFLO
 the unmasked work. Every variant is checked against SDPA before it is timed; a failing or
 non-compiling variant is reported, not timed. JIT compiles run first in worker processes that
 fill Triton's on-disk cache, so the timed process finds them compiled. ATTN_ONLY (a regex) keeps
-only the candidates it matches. A time budget (ATTN_BUDGET_S, 300 s after the start) skips the
+only the candidates it matches, ATTN_SHAPES (names, comma-separated) only those shapes. A time budget (ATTN_BUDGET_S, 300 s after the start) skips the
 candidates still left, never the shipped choice or the round-1 reference (nine shapes, up to 22
 candidates each: run it as `SWEEP_LIMIT_S=420 bash tools/gpu_sweep.sh attention`; every
 candidate took 338 s on an H200, 2026-12-05). Last, it writes the measured winners as the
@@ -71,6 +71,13 @@ SHAPES = [("c4k", 4, 4096, 128, "CAUSAL", 0), ("n4k", 4, 4096, 128, "NULL", 0),
 _R1 = {"BLOCK_M": 128, "num_warps": 8}
 ROUND1 = [("r1:m128n64w8s3tmar128", dict(_R1, BLOCK_N=64, num_stages=3, USE_TMA=1), 128),
           ("r1:m128n128w8s2tma", dict(_R1, BLOCK_N=128, num_stages=2, USE_TMA=1), None)]
+# ATTN_SHAPES=c4k64,n4k64 times only the named shapes (a shorter call for one head dim).
+if os.environ.get("ATTN_SHAPES"):
+    _want = os.environ["ATTN_SHAPES"].split(",")
+    if not set(_want) <= {s[0] for s in SHAPES}:
+        raise SystemExit(f"ATTN_SHAPES: unknown shape(s) {sorted(set(_want) - {s[0] for s in SHAPES})}"
+                         f"; known: {[s[0] for s in SHAPES]}")
+    SHAPES = [s for s in SHAPES if s[0] in _want]
 if DRY:
     NH, NKV = 4, 2
     SHAPES = [(n, 1, 256, d, m, min(w, 100)) for n, _, _, d, m, w in SHAPES]
