@@ -111,8 +111,10 @@ def print_tables(results, shapes):
             continue
         d = s["variants"].get(s.get("default"), {})
         r1 = [v["tflops"] for k, v in s["variants"].items() if k.startswith("r1:") and "ms" in v]
+        pr = s.get("paired")
         row = [n, s.get("default", "-"), fmt(d),
                f"{d['tflops'] / s['sdpa']['tflops']:.2f}x" if "ms" in d else "-",
+               f"{pr['median']:.2f}x [{pr['min']:.2f}-{pr['max']:.2f}]" if pr else "-",
                f"{d['tflops'] / max(r1):.2f}x" if "ms" in d and r1 else "-",
                f"{d['rel_err']:.1e}" if "rel_err" in d else "-"]
         if "best" in s:
@@ -127,8 +129,8 @@ def print_tables(results, shapes):
           f"window itself; * what an untuned compile runs: the shipped table's choice) "
           f"elapsed {results['elapsed_s']:.0f}s")
     print(table(body, ["variant"] + names))
-    print(table(summary, ["shape", "shipped", "TF/s", "vs SDPA", "vs round 1", "rel err",
-                          "best", "TF/s", "in-order pages"]))
+    print(table(summary, ["shape", "shipped", "TF/s", "vs SDPA", "paired vs SDPA",
+                          "vs round 1", "rel err", "best", "TF/s", "in-order pages"]))
     print("prefill table:", json.dumps({k: {b: e["config"] for b, e in v.items()} for k, v in
                                         results["prefill_table"]["families"]["prefill"]["bf16"]
                                         .items()}))

@@ -5,17 +5,20 @@ For each shape (bf16, NH 32 / NKV 8, page 128 in shuffled pages, one layer) it t
 contiguous K/V (the faster of enable_gqa=True and K/V expanded to NH heads; sliding window uses
 SDPA causal as the rate reference, and times torch's flex_attention with the window's block
 mask as the peer that computes the same thing), first what an untuned compile runs (the shipped
-tuning table's choice for the shape's bucket; its row is marked "*"), the round-1 kernel as
-preserved (tools/gpu_sweeps/_attention_round1.py, the loop the shipped kernel ports; run 4 of
-this sweep measured it correct on an H200 while the removed overlapped loop was wrong) at
-m128n64w8s3tma+r128 and m128n128w8s2tma, then every other candidate config of the shipped
-kernel, and the best candidate again with pages in order (the paging cost). TFLOP/s count only
-the unmasked work. Every variant is checked against SDPA before it is timed; a failing or
-non-compiling variant is reported, not timed. JIT compiles run first in worker processes that
-fill Triton's on-disk cache, so the timed process finds them compiled. ATTN_ONLY (a regex) keeps
-only the candidates it matches, ATTN_SHAPES (names, comma-separated) only those shapes. A time budget (ATTN_BUDGET_S, 300 s after the start) skips the
-candidates still left, never the shipped choice or the round-1 reference (nine shapes, up to 22
-candidates each: run it as `SWEEP_LIMIT_S=420 bash tools/gpu_sweep.sh attention`; every
+tuning table's choice for the shape's bucket; its row is marked "*"), then that choice and SDPA
+again in alternation, five rounds each ("paired vs SDPA": the median and range of the
+per-round ratios, which a clock or L2 state drifting during the sweep moves less than the one
+ratio), the round-1 kernel as preserved (tools/gpu_sweeps/_attention_round1.py, the loop the
+shipped kernel ports; run 4 of this sweep measured it correct on an H200 while the removed
+overlapped loop was wrong) at m128n64w8s3tma+r128 and m128n128w8s2tma, then every other
+candidate config of the shipped kernel, and the best candidate again with pages in order (the
+paging cost). TFLOP/s count only the unmasked work. Every variant is checked against SDPA
+before it is timed; a failing or non-compiling variant is reported, not timed. JIT compiles run
+first in worker processes that fill Triton's on-disk cache, so the timed process finds them
+compiled. ATTN_ONLY (a regex) keeps only the candidates it matches, ATTN_SHAPES (names,
+comma-separated) only those shapes. A time budget (ATTN_BUDGET_S, 300 s after the start) skips
+the candidates still left, never the shipped choice or the round-1 reference (nine shapes, up to
+22 candidates each: run it as `SWEEP_LIMIT_S=420 bash tools/gpu_sweep.sh attention`; every
 candidate took 338 s on an H200, 2026-12-05). Last, it writes the measured winners as the
 tuner's table section (lowering/triton_gpu/tuning_defaults.json, family "prefill": per head dim
 and mask, one config per bucket of batch x 128-row query tiles) to $OUT/prefill_table.json.
@@ -74,9 +77,10 @@ ROUND1 = [("r1:m128n64w8s3tmar128", dict(_R1, BLOCK_N=64, num_stages=3, USE_TMA=
 # ATTN_SHAPES=c4k64,n4k64 times only the named shapes (a shorter call for one head dim).
 if os.environ.get("ATTN_SHAPES"):
     _want = os.environ["ATTN_SHAPES"].split(",")
-    if not set(_want) <= {s[0] for s in SHAPES}:
-        raise SystemExit(f"ATTN_SHAPES: unknown shape(s) {sorted(set(_want) - {s[0] for s in SHAPES})}"
-                         f"; known: {[s[0] for s in SHAPES]}")
+    _unknown = sorted(set(_want) - {s[0] for s in SHAPES})
+    if _unknown:
+        raise SystemExit(f"ATTN_SHAPES: unknown shape(s) {_unknown}; known: "
+                         f"{[s[0] for s in SHAPES]}")
     SHAPES = [s for s in SHAPES if s[0] in _want]
 if DRY:
     NH, NKV = 4, 2
@@ -260,6 +264,7 @@ def reference(shape):
     q4 = p["q"].view(B, S, NH, D).transpose(1, 2)
     k, v = p["k"], p["v"]
     kx, vx = (t.repeat_interleave(NH // NKV, dim=1) for t in (k, v))
+    kx_keep = (kx, vx)  # (the paired timing may re-run the expanded form)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     causal = mask != "NULL"
     timed = {}
@@ -277,10 +282,11 @@ def reference(shape):
         want = sdpa(q4, kx, vx, attn_mask=am)
     else:
         want = sdpa(q4, kx, vx, is_causal=causal)
-    del kx, vx
     want = want.transpose(1, 2).reshape(B * S, NH * D)
     best = min(timed, key=timed.get)
-    return want, timed[best], best, timed
+    fns = {"gqa": lambda: sdpa(q4, k, v, is_causal=causal, enable_gqa=True),
+           "expanded": lambda: sdpa(q4, kx_keep[0], kx_keep[1], is_causal=causal)}
+    return want, timed[best], best, timed, fns[best]
 
 
 def flex_peer(shape, want) -> dict:
@@ -310,6 +316,24 @@ def flex_peer(shape, want) -> dict:
         return {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
 
 
+PAIRED_ROUNDS = 5
+
+
+def paired(shape, peer_fn, ours_fn) -> dict:
+    """The shipped kernel against the SDPA peer timed in alternation (peer, ours, peer, ...;
+    PAIRED_ROUNDS each): the median and range of the per-round ratios, so a clock or L2 state
+    that drifts during the sweep moves both sides of each ratio alike."""
+    calls = calls_for(flops(shape) / 300e12 * 1e3)
+    ratios = []
+    for _ in range(PAIRED_ROUNDS):
+        peer_ms = time_ms(peer_fn, calls, batches=5)
+        ours_ms = time_ms(ours_fn, calls, batches=5)
+        ratios.append(peer_ms / ours_ms)
+    ratios.sort()
+    return {"median": ratios[len(ratios) // 2], "min": ratios[0], "max": ratios[-1],
+            "rounds": PAIRED_ROUNDS}
+
+
 def calls_for(est_ms: float) -> int:
     return max(2, min(40, int(40 / max(est_ms, 1e-3))))
 
@@ -337,7 +361,7 @@ def main():
         name = shape[0]
         res = results["shapes"][name] = {"shape": list(shape[1:]), "flops": flops(shape),
                                          "default": default_tag(shape), "variants": {}}
-        want, ref_ms, how, timed = reference(shape)
+        want, ref_ms, how, timed, peer_fn = reference(shape)
         if shape[4] == "SLIDING_WINDOW_CAUSAL":  # rate reference: SDPA causal, same batch/seq
             causal_flops = flops(shape[:4] + ("CAUSAL", 0))
             res["sdpa"] = {"ms": ref_ms, "how": how + " causal", "tflops":
@@ -356,9 +380,15 @@ def main():
                 res["variants"][vname] = {"error": "skipped: time budget"}
                 continue
             try:
-                r = measure(shape, make(), want)
+                fn = make()
+                r = measure(shape, fn, want)
             except Exception as e:  # noqa: BLE001  (one variant failing must not stop the rest)
                 r = {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
+            if vname == res["default"] and "ms" in r:
+                # Per-round ratios of ms, as TFLOP/s ratios (the window's peer is SDPA causal).
+                scale = res["flops"] / (res["sdpa"]["tflops"] * res["sdpa"]["ms"] * 1e9)
+                res["paired"] = {k: v * scale if k != "rounds" else v
+                                 for k, v in paired(shape, peer_fn, fn).items()}
             res["variants"][vname] = r
             print(f"  {name} {vname}: " + (f"{r['tflops']:.0f} TF/s err {r['rel_err']:.1e}"
                                           if "ms" in r else r["error"]), flush=True)
