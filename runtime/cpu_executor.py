@@ -197,6 +197,7 @@ class CpuModel:
             vals[vid_] = k
         steps, need = self._layout(env)
         slots = self._slots(need)
+        fresh = set()   # ids of the arrays this call allocated (no slot): nothing else holds them
         for s, info, sym in steps:
             if s.kernel == "view":
                 vals[s.outputs[0]] = vals[s.inputs[0]].reshape(info)
@@ -205,8 +206,11 @@ class CpuModel:
             else:
                 outs = []
                 for o, shape, dt, slot, n in info:
-                    arr = np.empty(shape, dt) if slot is None else \
-                        slots[slot][:n].view(dt).reshape(shape)
+                    if slot is None:
+                        arr = np.empty(shape, dt)
+                        fresh.add(id(arr))
+                    else:
+                        arr = slots[slot][:n].view(dt).reshape(shape)
                     vals[o] = arr
                     outs.append(arr)
                 ins = self._inputs_of(s, vals)
@@ -215,7 +219,24 @@ class CpuModel:
                 self._fns[s.kernel](ins, outs)
         for user, k, dt in writeback:
             user[...] = from_bits(k, dt)
-        return [np.array(from_bits(vals[o], self._dtypes[o]), copy=True) for o in plan.outputs]
+        return self._outputs(vals, fresh)
+
+    def _outputs(self, vals, fresh: set) -> list[np.ndarray]:
+        """The plan's outputs as host values the caller owns: a conversion's new array or a
+        buffer this call allocated is handed over as is (an 8 MB prefill output copied cost
+        0.6 ms), anything that shares memory the executor keeps (slots, weights, inputs, a
+        buffer already handed over) is copied."""
+        out, given = [], set()
+        for o in self.plan.outputs:
+            k = vals[o]
+            v = from_bits(k, self._dtypes[o])
+            shared = np.may_share_memory(v, k)
+            if shared and (id(k) not in fresh or id(k) in given):
+                v = np.array(v, copy=True)
+            elif shared:
+                given.add(id(k))
+            out.append(v)
+        return out
 
     _MAX_LAYOUTS = 64
 

@@ -75,6 +75,36 @@ def test_outputs_do_not_alias_between_calls(model):
         np.testing.assert_array_equal(a, b)
 
 
+def test_every_output_is_the_callers_own_memory(tmp_path, monkeypatch):
+    """Results are handed over without a copy only where nothing else holds their memory: one
+    value returned twice, an input returned as is and a constant come back as separate arrays
+    that share no memory with the inputs, each other or the executor, and writing to one changes
+    nothing the next call computes."""
+    monkeypatch.setenv("GRAPHIR_CACHE_DIR", str(tmp_path))
+    dev = DeviceRef.CPU()
+    c = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with Graph("owned", input_types=[TensorType(DType.float32, ["rows", 3], dev)]) as g:
+        (x,) = g.inputs
+        h = ops.sin(x) * 2.0
+        g.output(h, h, x, ops.constant(c, DType.float32, dev), h.reshape([-1]))
+    m = InferenceSession().load(compile_graph(g, "cpu"))
+    rng = np.random.default_rng(3)
+    x1 = rng.standard_normal((4, 3)).astype(np.float32)
+    got = m.execute(x1)
+    want = run(g, x1)
+    for gv, wv in zip(got, want):
+        np.testing.assert_allclose(gv, wv, rtol=1e-6, atol=1e-6)
+    arrays = got + [x1]
+    for i, a in enumerate(arrays):
+        for b in arrays[i + 1:]:
+            assert not np.shares_memory(a, b)
+    for a in got:
+        a[...] = 7.0
+    again = m.execute(x1)
+    for gv, wv in zip(again, want):
+        np.testing.assert_allclose(gv, wv, rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_inputs_as_bits_match_floats_and_update_the_cache_in_place(tmp_path, monkeypatch):
     """A bf16 layer given its input and KV cache as uint16 bits computes what it computes from
     floats, and writes the new K/V into the very bits array (no per-call conversion)."""
