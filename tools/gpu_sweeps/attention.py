@@ -310,7 +310,7 @@ def flex_peer(shape, want) -> dict:
         err = rel_err(got, want)
         if not err < TOL:
             return {"rel_err": err, "error": f"rel err {err:.3g} >= {TOL}"}
-        ms = time_ms(fn, calls_for(flops(shape) / 300e12 * 1e3), batches=5)
+        ms = timed_ms(shape, fn)
         return {"rel_err": err, "ms": ms, "tflops": flops(shape) / ms / 1e9}
     except Exception as e:  # noqa: BLE001  (a peer failing is reported, not fatal)
         return {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
@@ -323,12 +323,10 @@ def paired(shape, peer_fn, ours_fn) -> dict:
     """The shipped kernel against the SDPA peer timed in alternation (peer, ours, peer, ...;
     PAIRED_ROUNDS each): the median and range of the per-round ratios, so a clock or L2 state
     that drifts during the sweep moves both sides of each ratio alike."""
-    calls = calls_for(flops(shape) / 300e12 * 1e3)
     ratios = []
     for _ in range(PAIRED_ROUNDS):
-        peer_ms = time_ms(peer_fn, calls, batches=5)
-        ours_ms = time_ms(ours_fn, calls, batches=5)
-        ratios.append(peer_ms / ours_ms)
+        peer_ms = timed_ms(shape, peer_fn)
+        ratios.append(peer_ms / timed_ms(shape, ours_fn))
     ratios.sort()
     return {"median": ratios[len(ratios) // 2], "min": ratios[0], "max": ratios[-1],
             "rounds": PAIRED_ROUNDS}
@@ -338,13 +336,18 @@ def calls_for(est_ms: float) -> int:
     return max(2, min(40, int(40 / max(est_ms, 1e-3))))
 
 
+def timed_ms(shape, fn) -> float:
+    """Device ms of one call of fn at `shape` (its calls a batch sized for ~300 TFLOP/s)."""
+    return time_ms(fn, calls_for(flops(shape) / 300e12 * 1e3), batches=5)
+
+
 def measure(shape, fn, want):
     got = fn()
     sync()
     err = rel_err(got, want)
     if not err < TOL:
         return {"rel_err": err, "error": f"rel err {err:.3g} >= {TOL}"}
-    ms = time_ms(fn, calls_for(flops(shape) / 300e12 * 1e3), batches=5)
+    ms = timed_ms(shape, fn)
     return {"rel_err": err, "ms": ms, "tflops": flops(shape) / ms / 1e9}
 
 
@@ -362,15 +365,13 @@ def main():
         res = results["shapes"][name] = {"shape": list(shape[1:]), "flops": flops(shape),
                                          "default": default_tag(shape), "variants": {}}
         want, ref_ms, how, timed, peer_fn = reference(shape)
-        if shape[4] == "SLIDING_WINDOW_CAUSAL":  # rate reference: SDPA causal, same batch/seq
-            causal_flops = flops(shape[:4] + ("CAUSAL", 0))
-            res["sdpa"] = {"ms": ref_ms, "how": how + " causal", "tflops":
-                           causal_flops / ref_ms / 1e9, "all": timed}
-        else:
-            res["sdpa"] = {"ms": ref_ms, "how": how, "tflops": flops(shape) / ref_ms / 1e9,
-                           "all": timed}
+        window = shape[4] == "SLIDING_WINDOW_CAUSAL"
+        # The window's rate reference: SDPA causal, same batch and sequence.
+        peer_flops = flops(shape[:4] + ("CAUSAL", 0)) if window else res["flops"]
+        res["sdpa"] = {"ms": ref_ms, "how": how + (" causal" if window else ""),
+                       "tflops": peer_flops / ref_ms / 1e9, "all": timed}
         print(f"{name}: SDPA {how} {res['sdpa']['tflops']:.0f} TF/s", flush=True)
-        if shape[4] == "SLIDING_WINDOW_CAUSAL":
+        if window:
             f = res["flex"] = flex_peer(shape, want)
             print(f"{name}: flex_attention " + (f"{f['tflops']:.0f} TF/s err {f['rel_err']:.1e}"
                                                  if "ms" in f else f["error"]), flush=True)
@@ -386,7 +387,7 @@ def main():
                 r = {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
             if vname == res["default"] and "ms" in r:
                 # Per-round ratios of ms, as TFLOP/s ratios (the window's peer is SDPA causal).
-                scale = res["flops"] / (res["sdpa"]["tflops"] * res["sdpa"]["ms"] * 1e9)
+                scale = res["flops"] / peer_flops
                 res["paired"] = {k: v * scale if k != "rounds" else v
                                  for k, v in paired(shape, peer_fn, fn).items()}
             res["variants"][vname] = r
