@@ -4,7 +4,7 @@ y = x @ W^T, W 14336x4096 and 4096x4096 in Q4_0, Q4_K (GGUF, repacked by ops/qua
 and 4-bit GPTQ group 128 (symmetric), and Q6_K; x bf16 of 1 to 512 rows. Round 1 times GEMV
 tiles that share each decoded word among 2 or 4 rows of X, at 2-16 rows on Q4_0 14336x4096
 (--split adds the dot tiles by split-K at 16 and 64 rows, --gemv the one-row GEMV grid of
-every format, --dot the whole dot grid at 16 rows, --tc the tensor-core kernel's grid and its
+every format, --tc the tensor-core kernel's grid and its
 best on every 4-bit format, --blk the one-row block GEMV's grid, --wev the shipped buckets
 that take the warp-MMA kernel beside the same with the weight's loads evict-first, --mma the
 warp-MMA kernel's grid (kernels/quant_nib_mma.py) at 1 and 4 rows, and with two sets of 8
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels.quant_nib_config import (  # noqa: E402
-    dot_split, gemv_geometry, mma_geometry, nib_dequant_spec, nib_specs, tc_geometry, tc_split)
+    gemv_geometry, mma_geometry, nib_dequant_spec, nib_specs, tc_geometry, tc_split)
 from graphir.ops.quant.nib_layout import dequantize_nib, repack_gguf, repack_gptq  # noqa: E402
 
 import _kernels  # noqa: E402
@@ -127,7 +127,6 @@ def calls(kernels, specs, conf, M, N, K, x, wsets, out):
 
 
 GEMV_GRID = "--gemv" in sys.argv
-DOT_GRID = "--dot" in sys.argv
 TC_GRID = "--tc" in sys.argv
 MMA_GRID = "--mma" in sys.argv
 BLK_GRID = "--blk" in sys.argv
@@ -338,14 +337,12 @@ def main() -> None:
     N0, K0 = SHAPES[0]
     # Round 1: GEMV tiles sharing each decoded word among 2 or 4 rows of X, at 2-16 rows on
     # Q4_0 14336x4096 (--split adds the dot tiles by split-K at 16 and 64 rows on both
-    # weights, --gemv the one-row GEMV grid of every format, --dot the whole dot grid at 16
-    # rows); round 2: the shipped buckets, the best of round 1 and the dequantize + cuBLAS
+    # weights, --gemv the one-row GEMV grid of every format); round 2: the shipped buckets, the best of round 1 and the dequantize + cuBLAS
     # path on every weight.
     first = [("q4_0", N0, K0, m, c) for m in MS[1:5] for c in gemv_rows_confs(m)]
     first += [("q4_0", N, K, m, c) for N, K in SHAPES for m in MS[-3:-1]
               for c in split_confs(m)] if SPLIT_GRID else []
     first += [(f, N0, K0, 1, c) for f in FMTS for c in gemv_confs()] if GEMV_GRID else []
-    first += [("q4_0", N0, K0, 16, c) for c in dot_confs()] if DOT_GRID else []
     if ONCE:
         fmt, n, m = ONCE[0], int(ONCE[1]), int(ONCE[2])
         from graphir.lowering.triton_gpu.kernels.quant_nib_config import nib_config

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_wait)
 
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
     _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
     _softmax, _ws_block0, _ws_blocks, _ws_fix_v_tail, _ws_last_pv, _ws_release, _ws_store,
-    warpgroup_acc_layout, warpgroup_p_layout)
+    _ws_store_tma, warpgroup_acc_layout, warpgroup_p_layout)
 
 
 @gluon.jit
@@ -58,6 +58,7 @@ def _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty, 
     cache_len = 0
     pid_m = 0
     h = 0
+    b = 0
     kv_len = 0
     q_lo = 0
     start = 0
@@ -68,18 +69,19 @@ def _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty, 
     going = True
     while going:
         if DYN:
-            t, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready, tile_empty, n)
+            t, pid_m, h, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready,
+                                                                    tile_empty, n)
             n += 1
         else:
             t += gl.num_programs(0)
         valid = (t >= 0) & (t < total)  # (t < 0: past 2**31, the end)
         if not DYN:
             if valid:  # (the facts of a tile past the end would be read out of bounds)
-                seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T,
-                                                            NH, NKV, D, BLOCK_M)
+                pid_m, h, b, seq_start, seq_len, cache_len = _tile_facts(
+                    offs_ptr, cache_len_ptr, t, n_m, T, NH, NKV, D, BLOCK_M)
         pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
-            t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH, NKV, D, PAGE_SIZE,
-            MASK, BLOCK_M, BLOCK_N)
+            pid_m, h, b, seq_len, cache_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M,
+            BLOCK_N)
         n_blocks = gl.where(valid, n_blocks, 0)
         going = valid & (n_blocks == 0)
     return (t, n, seq_start + pid_m * BLOCK_M, seq_len - pid_m * BLOCK_M, h, kv_len, q_lo,
@@ -92,9 +94,9 @@ def _advance(t, n, nq, q_ready, q_empty, offs_ptr, cache_len_ptr, tile_ids, tile
              D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, DYN: gl.constexpr):
     """Past the last block of the tile whose query rows are the nq-th load (every product that
-    read them is done, so the slot goes back to the loader): the next live tile as _next_live
-    gives it, with nq counting it, once its query rows have landed."""
-    _ws_release(q_empty, nq % 2)
+    read them is done: its output leaves through the slot, which then goes back to the
+    loader): the next live tile as _next_live gives it, with nq counting it, once its query
+    rows have landed."""
     (t, n, row0, row_count, h, kv_len, q_lo, start, end, full_lo, full_hi,
      n_blocks) = _next_live(t, n, offs_ptr, cache_len_ptr, tile_ids, tile_ready, tile_empty,
                             n_m, T, total, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
@@ -107,8 +109,25 @@ def _advance(t, n, nq, q_ready, q_empty, offs_ptr, cache_len_ptr, tile_ids, tile
 
 
 @gluon.jit
+def _wsc_store(out_ptr, odesc, q_smem, q_empty, slot, o, l_i, row0, rows, h, WG: gl.constexpr,
+               NH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr):
+    """A finished tile's output rows (its first row row0, `rows` of its sequence from there)
+    out through this warpgroup's half of its query slot when they all lie in the sequence
+    (_ws_store_tma), then the slot back to the loader once the copy has read them (the next
+    tile's rows are in the other slot)."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    if (WG + 1) * ROWS <= rows:
+        _ws_store_tma(odesc, q_smem.index(slot).slice(WG * ROWS, ROWS), o, l_i,
+                      row0 + WG * ROWS, h, D)
+        tma.store_wait(0)
+    else:
+        _ws_store(out_ptr, o, l_i, row0, rows, 0, h, WG, NH, D, BLOCK_M)
+    _ws_release(q_empty, slot)
+
+
+@gluon.jit
 def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                  fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages, window,
+                  fixed, out_ptr, odesc, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages, window,
                   scale, tile_ids, tile_ready, tile_empty, WG: gl.constexpr, NH: gl.constexpr,
                   NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
                   MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -161,6 +180,7 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
             o_row0 = row0
             o_rows = row_count
             o_h = h
+            o_slot = nq % 2
             it += n_blocks
             (t, n, nq, row0, row_count, h, kv_len, q_lo, start, end, full_lo,
              full_hi, n_blocks) = _advance(t, n, nq, q_ready, q_empty, offs_ptr, cache_len_ptr,
@@ -195,8 +215,8 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
                     0, deps=[o, p, gl.convert_layout(p_next.to(dtype), p_layout)])
                 _ws_release(k_empty, slot)
                 mbarrier.arrive(v_empty.index(last))
-                _ws_store(out_ptr, o, l_i, o_row0, o_rows, 0, o_h, WG, NH, D,
-                          BLOCK_M)
+                _wsc_store(out_ptr, odesc, q_smem, q_empty, o_slot, o, l_i, o_row0, o_rows, o_h,
+                           WG, NH, D, BLOCK_M)
                 # (A fresh O, not O * 0: O may hold NaN or inf.)
                 o = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
                 m_i = m_next
@@ -205,5 +225,5 @@ def _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_
                 # Drain: no tile after this one.
                 o = _ws_last_pv(p, o, v_ring, v_ready, v_empty, fixed, it - 1, nfix & 1,
                                 last_n0, o_kv_len, WG, D, BLOCK_N, STAGES, 1)
-                _ws_store(out_ptr, o, l_i, o_row0, o_rows, 0, o_h, WG, NH, D,
-                          BLOCK_M)
+                _wsc_store(out_ptr, odesc, q_smem, q_empty, o_slot, o, l_i, o_row0, o_rows, o_h,
+                           WG, NH, D, BLOCK_M)

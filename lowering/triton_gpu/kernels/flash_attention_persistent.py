@@ -32,6 +32,16 @@ counter (two int32: tiles handed out, programs done) must be zero at launch; the
 out sets it back to zero, so one zeroed buffer serves every launch in stream order (the plan's
 zeroed scratch, `zeroed_counter` on the torch path).
 
+The step between two tiles (tools/gpu_sweeps/prefill_timeline.py stamps it): a consumer
+warpgroup writes its finished rows into the shared memory of its query rows (free once its
+last S is done) and one TMA store takes them out (_ws_store_tma; rows that run past the
+sequence take the masked stores); with QTMA the slot goes back to the loader at the next
+tile's start, without it the warpgroup waits for the copy before it writes its next rows
+there. With QTMA the loader also posts each tile, its query tile and head with it, as soon as
+the tile before has its first two key blocks issued. On an H100 that cut the step from ~1.9 to
+~1.1 key-block times a tile at B4 x 2048 causal and made DYN + QTMA 1.04-1.07x faster; the
+forms without QTMA 1.02-1.05x on an H200 (BENCHMARKS.md, 2026-12-05, fourteenth session).
+
 A tuner config (`..persist`, flash_attention_configs.py): flash_attention.aot_specs turns a
 one-tile spec into this form (`as_persistent`): the one-tile kernel's arguments plus n_m (query
 tiles of the longest sequence) and n_b (sequences), a 1-D grid of min(tiles, NUM_SMS) programs
@@ -57,10 +67,10 @@ from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_
 from graphir.lowering.triton_gpu.kernels.flash_attention_chain import _wsc_consumer
 from graphir.lowering.triton_gpu.kernels.flash_attention_configs import PERSISTENT_FLAGS
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
-    TILE_SLOTS, _post_tile, _take_tile, _tile, _tile_facts)
+    FACTS, TILE_SLOTS, _post_tile, _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
     LOADER_REGS, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings, _ws_store,
-    flash_prefill_ws_kernel)
+    _ws_store_tma, flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile
 from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
@@ -78,57 +88,113 @@ def _wsp_loader(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_p
     nq = 0
     total = n_m * NH * n_b
     if DYN:
+        # With QTMA each tile is posted (and its query rows loaded) while the tile before it
+        # still has key blocks to load: once that tile's first two blocks are issued (the
+        # ones after wait for slots its consumers free a block at a time), so the consumers
+        # find the next tile's facts and rows there when they finish (the step between
+        # tiles 1.28 -> 1.14 key-block times at B4 x 2048; prefill_timeline.py).
         t = gl.program_id(0)
+        pid_m, h, b, seq_start, seq_len, cache_len, nq = _wsp_post(
+            offs_ptr, cache_len_ptr, t, 0, nq, n_m, T, max_pages, window, tile_ids, tile_ready,
+            tile_empty, qdesc, q_smem, q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
+            BLOCK_N, QTMA)
         n = 0
         while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
-            # The consumers get the tile's facts with its number: no loads on their path.
-            seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH,
-                                                        NKV, D, BLOCK_M)
-            _post_tile(tile_ids, tile_ready, tile_empty, n, t, seq_start, seq_len, cache_len)
-            nxt = next_tile(sched_ptr)  # its latency hides under this tile's loads
-            it, nq = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                               lut_ptr, t, seq_start, seq_len, cache_len, it, nq, n_m,
-                               max_pages, window, layer_idx, num_layers, num_pages, qdesc,
-                               q_smem, q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
-                               BLOCK_N, STAGES, QTMA)
-            t = nxt
+            nxt = next_tile(sched_ptr)  # its latency hides under the first blocks' loads
+            pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
+                pid_m, h, b, seq_len, cache_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M,
+                BLOCK_N)
+            kvh = h // (NH // NKV)
+            if QTMA:
+                head = gl.minimum(n_blocks, 2)
+            else:
+                # Posted after the tile's last block: posted earlier, the deep consumers at
+                # head dim 64 reloaded a parked register in their key loop under a window.
+                head = n_blocks
+            _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b,
+                          kvh, start, head, it, max_pages, layer_idx, num_layers, num_pages, D,
+                          PAGE_SIZE, BLOCK_N, STAGES)
             n += 1
-        _post_tile(tile_ids, tile_ready, tile_empty, n, t, 0, 0, 0)  # past the last: the end
+            if (nxt >= 0) & (nxt < total):
+                nb, nh, nbq, seq_start, seq_len, cache_len, nq = _wsp_post(
+                    offs_ptr, cache_len_ptr, nxt, n, nq, n_m, T, max_pages, window, tile_ids,
+                    tile_ready, tile_empty, qdesc, q_smem, q_ready, q_empty, NH, NKV, D,
+                    PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, QTMA)
+            else:  # past the last: the end
+                nb = pid_m
+                nh = h
+                nbq = b
+                _post_tile(tile_ids, tile_ready, tile_empty, n, nxt, 0, 0, 0, 0, 0)
+            _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b,
+                          kvh, start + head * BLOCK_N, n_blocks - head, it + head, max_pages,
+                          layer_idx, num_layers, num_pages, D, PAGE_SIZE, BLOCK_N, STAGES)
+            it += n_blocks
+            t = nxt
+            pid_m = nb
+            h = nh
+            b = nbq
         schedule_done(sched_ptr)
     else:
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH,
-                                                        NKV, D, BLOCK_M)
+            pid_m, h, b, seq_start, seq_len, cache_len = _tile_facts(
+                offs_ptr, cache_len_ptr, t, n_m, T, NH, NKV, D, BLOCK_M)
             it, nq = _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
-                               lut_ptr, t, seq_start, seq_len, cache_len, it, nq, n_m,
+                               lut_ptr, pid_m, h, b, seq_start, seq_len, cache_len, it, nq, n_m,
                                max_pages, window, layer_idx, num_layers, num_pages, qdesc,
                                q_smem, q_ready, q_empty, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M,
                                BLOCK_N, STAGES, QTMA)
 
 
 @gluon.jit
-def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, t,
+def _wsp_post(offs_ptr, cache_len_ptr, t, n, nq, n_m, T, max_pages, window, tile_ids,
+              tile_ready, tile_empty, qdesc, q_smem, q_ready, q_empty, NH: gl.constexpr,
+              NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QTMA: gl.constexpr):
+    """DYN: tile t, the loader's n-th, handed to the consumers with its facts (they read no
+    metadata), its query rows loaded (QTMA); (its _tile_facts, the next nq)."""
+    pid_m, h, b, seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T,
+                                                             NH, NKV, D, BLOCK_M)
+    _post_tile(tile_ids, tile_ready, tile_empty, n, t, pid_m, h, seq_start, seq_len, cache_len)
+    if QTMA:
+        pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
+            pid_m, h, b, seq_len, cache_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M,
+            BLOCK_N)
+        nq = _wsp_load_q(qdesc, q_smem, q_ready, q_empty, seq_start + pid_m * BLOCK_M, h, nq,
+                         n_blocks, D, BLOCK_M)
+    return pid_m, h, b, seq_start, seq_len, cache_len, nq
+
+
+@gluon.jit
+def _wsp_load_q(qdesc, q_smem, q_ready, q_empty, row0, h, nq, n_blocks, D: gl.constexpr,
+                BLOCK_M: gl.constexpr):
+    """QTMA: a tile's query rows from row0 (head h) into Q slot nq % 2 once both consumers have
+    given it back, if the tile has key blocks; the next nq. Rows past the sequence are the next
+    sequence's (or, past T, zeros): each row's scores, softmax and output are its own, and
+    those rows are never stored."""
+    if n_blocks > 0:
+        slot = nq % 2
+        mbarrier.wait(q_empty.index(slot), ((nq // 2) & 1) ^ 1)
+        bar = q_ready.index(slot)
+        mbarrier.expect(bar, BLOCK_M * D * qdesc.dtype.primitive_bitwidth // 8)
+        tma.async_copy_global_to_shared(qdesc, [row0, h * D], bar, q_smem.index(slot))
+        nq += 1
+    return nq
+
+
+@gluon.jit
+def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, pid_m, h, b,
               seq_start, seq_len, cache_len, it, nq, n_m, max_pages, window, layer_idx,
               num_layers, num_pages, qdesc, q_smem, q_ready, q_empty, NH: gl.constexpr,
               NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               QTMA: gl.constexpr):
-    """The loads of tile t (its _tile_facts given; QTMA: its query rows into Q slot nq % 2
+    """The loads of a tile (its _tile_facts given; QTMA: its query rows into Q slot nq % 2
     first), its key blocks from global ring index `it` on; the next (it, nq)."""
     pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
-        t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
-        BLOCK_M, BLOCK_N)
+        pid_m, h, b, seq_len, cache_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
     if QTMA:
-        if n_blocks > 0:
-            # Rows past the sequence are the next sequence's (or, past T, zeros): each row's
-            # scores, softmax and output are its own, and those rows are never stored.
-            slot = nq % 2
-            mbarrier.wait(q_empty.index(slot), ((nq // 2) & 1) ^ 1)
-            bar = q_ready.index(slot)
-            mbarrier.expect(bar, BLOCK_M * D * qdesc.dtype.primitive_bitwidth // 8)
-            tma.async_copy_global_to_shared(qdesc, [seq_start + pid_m * BLOCK_M, h * D], bar,
-                                            q_smem.index(slot))
-            nq += 1
+        nq = _wsp_load_q(qdesc, q_smem, q_ready, q_empty, seq_start + pid_m * BLOCK_M, h, nq,
+                         n_blocks, D, BLOCK_M)
     _ws_load_tile(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr, b,
                   h // (NH // NKV), start, n_blocks, it, max_pages, layer_idx, num_layers,
                   num_pages, D, PAGE_SIZE, BLOCK_N, STAGES)
@@ -137,7 +203,7 @@ def _wsp_load(desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, lut_ptr,
 
 @gluon.jit
 def _wsp_consumer(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
-                  v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
+                  v_empty, fixed, out_ptr, odesc, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
                   window, scale, tile_ids, tile_ready, tile_empty, WG: gl.constexpr,
                   NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
                   PAGE_SIZE: gl.constexpr, MASK: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -149,58 +215,71 @@ def _wsp_consumer(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_re
     total = n_m * NH * n_b
     if CHAIN:  # the tiles chained through the pipeline (flash_attention_chain.py)
         _wsc_consumer(q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
-                      v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b, T, max_pages,
-                      window, scale, tile_ids, tile_ready, tile_empty, WG, NH, NKV, D,
-                      PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DYN)
+                      v_empty, fixed, out_ptr, odesc, offs_ptr, cache_len_ptr, n_m, n_b, T,
+                      max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG, NH, NKV,
+                      D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DYN)
     elif DYN:
         n = 0
-        t, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready, tile_empty, n)
+        t, pid_m, h, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready,
+                                                                tile_empty, n)
         while (t >= 0) & (t < total):  # (t < 0: past 2**31, the end)
             it, nfix, nq = _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready,
-                                     v_ready, k_empty, v_empty, fixed, out_ptr, t, seq_start,
-                                     seq_len, cache_len, it, nfix, nq, n_m, max_pages, window,
-                                     scale, WG, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                                     STAGES, DEEP, QTMA)
+                                     v_ready, k_empty, v_empty, fixed, out_ptr, odesc, pid_m, h,
+                                     seq_start, seq_len, cache_len, it, nfix, nq, n_m,
+                                     max_pages, window, scale, WG, NH, NKV, D, PAGE_SIZE, MASK,
+                                     BLOCK_M, BLOCK_N, STAGES, DEEP, QTMA)
             n += 1
-            t, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready, tile_empty, n)
+            t, pid_m, h, seq_start, seq_len, cache_len = _take_tile(tile_ids, tile_ready,
+                                                                    tile_empty, n)
     else:
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            seq_start, seq_len, cache_len = _tile_facts(offs_ptr, cache_len_ptr, t, n_m, T, NH,
-                                                        NKV, D, BLOCK_M)
+            pid_m, h, b, seq_start, seq_len, cache_len = _tile_facts(
+                offs_ptr, cache_len_ptr, t, n_m, T, NH, NKV, D, BLOCK_M)
             it, nfix, nq = _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready,
-                                     v_ready, k_empty, v_empty, fixed, out_ptr, t, seq_start,
-                                     seq_len, cache_len, it, nfix, nq, n_m, max_pages, window,
-                                     scale, WG, NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N,
-                                     STAGES, DEEP, QTMA)
+                                     v_ready, k_empty, v_empty, fixed, out_ptr, odesc, pid_m, h,
+                                     seq_start, seq_len, cache_len, it, nfix, nq, n_m,
+                                     max_pages, window, scale, WG, NH, NKV, D, PAGE_SIZE, MASK,
+                                     BLOCK_M, BLOCK_N, STAGES, DEEP, QTMA)
+    if not CHAIN:  # the last tile's output store reads its rows before the exit
+        tma.store_wait(0)
 
 
 @gluon.jit
 def _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready, k_empty,
-              v_empty, fixed, out_ptr, t, seq_start, seq_len, cache_len, it, nfix, nq, n_m,
+              v_empty, fixed, out_ptr, odesc, pid_m, h, seq_start, seq_len, cache_len, it, nfix,
+              nq, n_m,
               max_pages, window, scale, WG: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
               D: gl.constexpr, PAGE_SIZE: gl.constexpr, MASK: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               DEEP: gl.constexpr, QTMA: gl.constexpr):
-    """One consumer warpgroup's share of tile t (its _tile_facts given), its key blocks from
+    """One consumer warpgroup's share of a tile (its _tile_facts given), its key blocks from
     global ring index `it` on, after `nfix` V-tail fixes and `nq` query tiles loaded by the
     loader (QTMA); (it, nfix, nq) after it."""
     ROWS: gl.constexpr = BLOCK_M // 2
     TPW_D: gl.constexpr = D // 8
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [4, 1], [1, 0])
     pid_m, h, b, kv_len, q_lo, start, end, full_lo, full_hi, n_blocks = _tile(
-        t, seq_start, seq_len, cache_len, n_m, max_pages, window, NH, NKV, D, PAGE_SIZE, MASK,
-        BLOCK_M, BLOCK_N)
+        pid_m, h, 0, seq_len, cache_len, max_pages, window, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N)
     if n_blocks > 0:
         if QTMA:  # the loader's TMA brought them (into the slot its nq-th load used)
             q_slot = nq % 2
             mbarrier.wait(q_ready.index(q_slot), (nq // 2) & 1)
             q = q_smem.index(q_slot).slice(WG * ROWS, ROWS)
+            if nq > 0:
+                # The previous tile's output store has long read its rows out of the other
+                # slot by now (waiting for it at its store cost ~0.2 key blocks a tile).
+                tma.store_wait(0)
+                _ws_release(q_empty, 1 - q_slot)
         else:
             # This warpgroup's query rows (rows past the sequence zero). The previous tile's
-            # products that read q have all been waited for.
+            # products that read q have all been waited for, and its output store has read
+            # its rows out of q (every thread past the wait before any writes).
             q = q_smem.index(0).slice(WG * ROWS, ROWS)
-            q.store(_q_rows(q_ptr, seq_start, seq_len, pid_m * BLOCK_M + WG * ROWS, h, NH, D,
-                            ROWS, ld_layout))
+            rows = _q_rows(q_ptr, seq_start, seq_len, pid_m * BLOCK_M + WG * ROWS, h, NH, D,
+                           ROWS, ld_layout)
+            tma.store_wait(0)
+            gl.thread_barrier()
+            q.store(rows)
             fence_async_shared()
             gl.thread_barrier()
         # (The turn barrier is not used without ping-pong: `fixed` stands in for it.)
@@ -214,12 +293,18 @@ def _wsp_tile(q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready,
                                 fixed, fixed, it, nfix & 1, q_lo, kv_len, start, end,
                                 full_lo, full_hi, n_blocks, window, scale, WG, D, MASK,
                                 BLOCK_N, STAGES, 0, 1)
-        if QTMA:  # every product that read the slot has been waited for
-            _ws_release(q_empty, q_slot)
-            nq += 1
         nfix += (start + n_blocks * BLOCK_N > kv_len).to(gl.int32)
         it += n_blocks
-        _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
+        # Every product that read q has been waited for: this warpgroup's query rows in
+        # shared memory carry its output rows out (one TMA store) when they all lie in the
+        # sequence. (Not for the deep consumers that load their own rows, a tuner candidate
+        # only: there ptxas parked 40 bytes of their state on the stack.)
+        if (QTMA or not DEEP) and (pid_m * BLOCK_M + (WG + 1) * ROWS <= seq_len):
+            _ws_store_tma(odesc, q, o, l_i, seq_start + pid_m * BLOCK_M + WG * ROWS, h, D)
+        else:
+            _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG, NH, D, BLOCK_M)
+        if QTMA:
+            nq += 1  # (the slot goes back at the next tile's start)
     return it, nfix, nq
 
 
@@ -260,13 +345,18 @@ def flash_prefill_wsp_kernel(
                                            block_shape=[BLOCK_M, D], layout=q_layout)
     else:
         qdesc = q_ptr  # (unused)
+    # The output leaves through the query rows' shared memory (a warpgroup's half each;
+    # _wsp_tile and the chained consumers' _wsc_store).
+    o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, D], dtype)
+    odesc = tma.make_tensor_descriptor(out_ptr, shape=[T, NH * D], strides=[NH * D, 1],
+                                       block_shape=[BLOCK_M // 2, D], layout=o_layout)
     desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N, kv_smem)
     k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed = _ws_rings(dtype, kv_smem, D,
                                                                           BLOCK_N, STAGES)
     # DYN's ring of tile numbers and their facts, each slot with `ready` (the loader arrives)
     # and `empty` (both consumer warpgroups arrive); set up whether or not DYN uses them.
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_SLOTS, 4],
+    tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_SLOTS, FACTS],
                                          gl.SwizzledSharedLayout(1, 1, 1, [0]))
     tile_ready = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
     tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
@@ -285,13 +375,13 @@ def flash_prefill_wsp_kernel(
     WG1: gl.constexpr = 1
     gl.warp_specialize(
         [(_wsp_consumer, (q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready,
-                          k_empty, v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b,
-                          T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG0,
+                          k_empty, v_empty, fixed, out_ptr, odesc, offs_ptr, cache_len_ptr, n_m,
+                          n_b, T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG0,
                           NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN,
                           QTMA, CHAIN)),
          (_wsp_consumer, (q_ptr, q_smem, q_ready, q_empty, k_ring, v_ring, k_ready, v_ready,
-                          k_empty, v_empty, fixed, out_ptr, offs_ptr, cache_len_ptr, n_m, n_b,
-                          T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG1,
+                          k_empty, v_empty, fixed, out_ptr, odesc, offs_ptr, cache_len_ptr, n_m,
+                          n_b, T, max_pages, window, scale, tile_ids, tile_ready, tile_empty, WG1,
                           NH, NKV, D, PAGE_SIZE, MASK, BLOCK_M, BLOCK_N, STAGES, DEEP, DYN,
                           QTMA, CHAIN)),
          (_wsp_loader, (desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, offs_ptr,

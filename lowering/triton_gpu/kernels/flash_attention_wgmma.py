@@ -410,6 +410,21 @@ def _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG: gl.constexpr,
 
 
 @gluon.jit
+def _ws_store_tma(odesc, o_smem, o, l_i, row0, h, D: gl.constexpr):
+    """A consumer warpgroup's 64 normalized output rows, all in the sequence, written into
+    o_smem (its half of its query slot) and stored by TMA from there: one bulk copy instead of
+    32 scattered 4-byte stores a thread, which took ~0.9 key-block times a tile and held the
+    next tile's start up by ~0.45 more (tools/gpu_sweeps/prefill_timeline.py). The caller
+    waits for the copy to read o_smem before that memory is reused."""
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o.type.layout))
+    out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    o_smem.store(out.to(o_smem.dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(odesc, [row0, h * D], o_smem)
+
+
+@gluon.jit
 def _ws_rings(dtype: gl.constexpr, kv_smem: gl.constexpr, D: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The warp-specialized kernels' K/V rings and their mbarriers, initialized (the caller
