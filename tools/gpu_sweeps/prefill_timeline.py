@@ -23,20 +23,20 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                             warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_wait)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention as A  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.flash_attention_persistent import (  # noqa: E402
-    _ws_store_tma, _wsp_loader)
+    _ws_store_tma, _wsp_loader, _wsp_shared)
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (  # noqa: E402
-    FACTS, TILE_SLOTS, _take_tile, _tile)
+    _take_tile, _tile)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (  # noqa: E402
-    CONSUMER_REGS, LOADER_REGS, _kv_descriptor, _softmax, _ws_last_pv, _ws_release,
-    _ws_rings, _ws_start, _ws_store, warpgroup_p_layout)
+    CONSUMER_REGS, LOADER_REGS, _softmax, _ws_last_pv, _ws_release, _ws_start, _ws_store,
+    warpgroup_p_layout)
 
 REGS = gl.constexpr(CONSUMER_REGS)
 TILES = 48  # tiles stamped a program (later ones run unstamped)
@@ -190,35 +190,12 @@ def probe_kernel(q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, m
                  OTMA: gl.constexpr):
     """flash_prefill_wsp_kernel with DYN and QTMA (the shipped form at B4 x 2048), stamped;
     OTMA: the output through the query slots as it ships, else by the consumers' stores."""
-    dtype: gl.constexpr = q_ptr.dtype.element_ty
-    kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], q_layout)
-    qdesc = tma.make_tensor_descriptor(q_ptr, shape=[T, NH * D], strides=[NH * D, 1],
-                                       block_shape=[BLOCK_M, D], layout=q_layout)
-    o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, D], dtype)
-    odesc = tma.make_tensor_descriptor(out_ptr, shape=[T, NH * D], strides=[NH * D, 1],
-                                       block_shape=[BLOCK_M // 2, D], layout=o_layout)
-    desc = _kv_descriptor(blocks_ptr, num_pages, num_layers, NKV, D, PAGE_SIZE, BLOCK_N, kv_smem)
-    k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed = _ws_rings(dtype, kv_smem, D,
-                                                                          BLOCK_N, STAGES)
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    tile_ids = gl.allocate_shared_memory(gl.int32, [TILE_SLOTS, FACTS],
-                                         gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    tile_ready = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
-    tile_empty = gl.allocate_shared_memory(gl.int64, [TILE_SLOTS, 1], bar_layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-    for i in gl.static_range(TILE_SLOTS):
-        mbarrier.init(tile_ready.index(i), count=1)
-        mbarrier.init(tile_empty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)
-    fence_async_shared()
-    gl.thread_barrier()
     DYN: gl.constexpr = 1
     QTMA: gl.constexpr = 1
+    (q_smem, qdesc, odesc, desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
+     tile_ids, tile_ready, tile_empty, q_ready, q_empty) = _wsp_shared(
+        q_ptr, out_ptr, blocks_ptr, T, num_pages, num_layers, NH, NKV, D, PAGE_SIZE, BLOCK_M,
+        BLOCK_N, STAGES, QTMA)
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     gl.warp_specialize(

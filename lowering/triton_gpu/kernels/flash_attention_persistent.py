@@ -321,21 +321,13 @@ def _q_rows(q_ptr, seq_start, seq_len, row0, h, NH: gl.constexpr, D: gl.constexp
 
 
 @gluon.jit
-def flash_prefill_wsp_kernel(
-        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
-        num_layers, num_pages, window, scale, T, n_m, n_b, sched_ptr,
-        NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
-        MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEEP: gl.constexpr = 0,
-        DYN: gl.constexpr = 0, QTMA: gl.constexpr = 0, CHAIN: gl.constexpr = 0):
-    """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence), n_b
-    (sequences) and sched_ptr (DYN's counter; None without DYN); launched with num_warps=4 on a
-    1-D grid of at most one program per SM. DEEP gives the consumers the deeper pipeline of
-    flash_attention_deep.py, DYN hands the tiles out at run time, QTMA has the loader warp
-    bring each tile's query rows by TMA into one of two slots (the consumers load them
-    themselves otherwise), so the next tile's are there when the consumers start it; CHAIN
-    (with QTMA) has the consumers score the next tile's first key block while the current
-    tile's last P V product runs (flash_attention_chain.py)."""
+def _wsp_shared(q_ptr, out_ptr, blocks_ptr, T, num_pages, num_layers, NH: gl.constexpr,
+                NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                QTMA: gl.constexpr):
+    """The persistent kernel's shared memory, mbarriers (initialized and fenced) and TMA
+    descriptors: (q_smem, qdesc, odesc, desc, the K/V rings and their barriers as _ws_rings
+    gives them, tile_ids, tile_ready, tile_empty, q_ready, q_empty)."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     kv_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
@@ -371,6 +363,30 @@ def flash_prefill_wsp_kernel(
         mbarrier.init(q_empty.index(i), count=2)
     fence_async_shared()
     gl.thread_barrier()
+    return (q_smem, qdesc, odesc, desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty,
+            fixed, tile_ids, tile_ready, tile_empty, q_ready, q_empty)
+
+
+@gluon.jit
+def flash_prefill_wsp_kernel(
+        q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, max_pages, layer_idx,
+        num_layers, num_pages, window, scale, T, n_m, n_b, sched_ptr,
+        NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        MASK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, DEEP: gl.constexpr = 0,
+        DYN: gl.constexpr = 0, QTMA: gl.constexpr = 0, CHAIN: gl.constexpr = 0):
+    """flash_prefill_ws_kernel's arguments plus n_m (query tiles of the longest sequence), n_b
+    (sequences) and sched_ptr (DYN's counter; None without DYN); launched with num_warps=4 on a
+    1-D grid of at most one program per SM. DEEP gives the consumers the deeper pipeline of
+    flash_attention_deep.py, DYN hands the tiles out at run time, QTMA has the loader warp
+    bring each tile's query rows by TMA into one of two slots (the consumers load them
+    themselves otherwise), so the next tile's are there when the consumers start it; CHAIN
+    (with QTMA) has the consumers score the next tile's first key block while the current
+    tile's last P V product runs (flash_attention_chain.py)."""
+    (q_smem, qdesc, odesc, desc, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, fixed,
+     tile_ids, tile_ready, tile_empty, q_ready, q_empty) = _wsp_shared(
+        q_ptr, out_ptr, blocks_ptr, T, num_pages, num_layers, NH, NKV, D, PAGE_SIZE, BLOCK_M,
+        BLOCK_N, STAGES, QTMA)
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     gl.warp_specialize(
