@@ -39,15 +39,6 @@ def old_call(module, shape, cfg):
                              D ** -0.5, S, cfg["BLOCK_M"], cx, True, programs=132, num_warps=4)
 
 
-def ratios(shape, a, b) -> list[float]:
-    """ms(a) / ms(b), a round at a time."""
-    out = []
-    for _ in range(A.PAIRED_ROUNDS):
-        ms_a = A.timed_ms(shape, a)
-        out.append(ms_a / A.timed_ms(shape, b))
-    return sorted(out)
-
-
 def old_modules(directory: str):
     """The old flash_attention_persistent module, with the directory's other copies as its
     (and each other's) imports."""
@@ -81,12 +72,12 @@ def main():
         if not max(errs) < A.TOL:
             print(f"| {name} | rel err {errs}: not timed | | | |", flush=True)
             continue
-        r = ratios(shape, old, new)
-        s = ratios(shape, sdpa, new)
-        mid = len(r) // 2
-        print(f"| {name} | {r[mid]:.3f} [{r[0]:.3f}-{r[-1]:.3f}] | {s[mid]:.3f} "
-              f"[{s[0]:.3f}-{s[-1]:.3f}] | {A.flops(shape) / sdpa_ms / 1e9:.0f} TFLOP/s | "
-              f"{errs[0]:.1e}, {errs[1]:.1e} |", flush=True)
+        # attention.paired: ms of the first over ms of the second, a round at a time.
+        r, s = A.paired(shape, old, new), A.paired(shape, sdpa, new)
+        print(f"| {name} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] | "
+              f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}] | "
+              f"{A.flops(shape) / sdpa_ms / 1e9:.0f} TFLOP/s | {errs[0]:.1e}, {errs[1]:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":

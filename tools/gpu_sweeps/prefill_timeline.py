@@ -31,12 +31,14 @@ import attention as A  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels import flash_attention_configs as fc  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.flash_attention_persistent import (  # noqa: E402
-    _ws_store_tma, _wsp_loader, _wsp_shared)
+    _wsp_loader, _wsp_shared)
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (  # noqa: E402
     _take_tile, _tile)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (  # noqa: E402
-    CONSUMER_REGS, LOADER_REGS, _softmax, _ws_last_pv, _ws_release, _ws_start, _ws_store,
+    CONSUMER_REGS, LOADER_REGS, _softmax, _ws_last_pv, _ws_release, _ws_start,
     warpgroup_p_layout)
+from graphir.lowering.triton_gpu.kernels.flash_attention_epilogue import (  # noqa: E402
+    _ws_store, _ws_store_tma)
 
 REGS = gl.constexpr(CONSUMER_REGS)
 TILES = 48  # tiles stamped a program (later ones run unstamped)

@@ -36,11 +36,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_wait)
 
+from graphir.lowering.triton_gpu.kernels.flash_attention_epilogue import (_ws_store,
+                                                                        _ws_store_tma)
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
     _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    _softmax, _ws_block0, _ws_blocks, _ws_fix_v_tail, _ws_last_pv, _ws_release, _ws_store,
-    _ws_store_tma, warpgroup_acc_layout, warpgroup_p_layout)
+    _softmax, _ws_block0, _ws_blocks, _ws_fix_v_tail, _ws_last_pv, _ws_release,
+    warpgroup_acc_layout, warpgroup_p_layout)
 
 
 @gluon.jit

@@ -66,11 +66,12 @@ from graphir.lowering.triton_gpu.kernels.flash_attention import flash_prefill_ke
 from graphir.lowering.triton_gpu.kernels.flash_attention_deep import _ws_attend_deep
 from graphir.lowering.triton_gpu.kernels.flash_attention_chain import _wsc_consumer
 from graphir.lowering.triton_gpu.kernels.flash_attention_configs import PERSISTENT_FLAGS
+from graphir.lowering.triton_gpu.kernels.flash_attention_epilogue import _ws_store, _ws_store_tma
 from graphir.lowering.triton_gpu.kernels.flash_attention_tiles import (
     FACTS, TILE_SLOTS, _post_tile, _take_tile, _tile, _tile_facts)
 from graphir.lowering.triton_gpu.kernels.flash_attention_wgmma import (
-    LOADER_REGS, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings, _ws_store,
-    _ws_store_tma, flash_prefill_ws_kernel)
+    LOADER_REGS, _kv_descriptor, _ws_attend, _ws_load_tile, _ws_release, _ws_rings,
+    flash_prefill_ws_kernel)
 from graphir.lowering.triton_gpu.kernels.paged import L2_GROUP_BYTES, lpt_tile
 from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait

@@ -48,6 +48,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                              warpgroup_mma, warpgroup_mma_wait)
 
+from graphir.lowering.triton_gpu.kernels.flash_attention_epilogue import _ws_store
 from graphir.lowering.triton_gpu.kernels.paged import (full_key_range, key_range, mask_allows,
                                                        page_block_row, sequence_rows, tile_order)
 
@@ -388,40 +389,6 @@ def _ws_blocks(q, k_ring, v_ring, k_ready, v_ready, k_empty, v_empty, turn, it, 
         mbarrier.arrive(v_empty.index(prev))
         o = o * gl.convert_layout(alpha, row_o)[:, None]
     return p, o, m_i, l_i
-
-
-@gluon.jit
-def _ws_store(out_ptr, o, l_i, seq_start, seq_len, pid_m, h, WG: gl.constexpr,
-              NH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr):
-    """A consumer warpgroup's 64 output rows, normalized, rows past the sequence dropped."""
-    ROWS: gl.constexpr = 64
-    o_layout: gl.constexpr = o.type.layout
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    l_o = gl.convert_layout(l_i, row_o)
-    out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-    r = pid_m * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=row_o)
-    # The head's columns in int32 (a value per tile: not hoisted out of a persistent kernel's
-    # tile loop as 64-bit constants, which made the chained consumer spill them).
-    cols = h * D + gl.arange(0, D, layout=col_o)
-    o_rows = (seq_start + r).to(gl.int64) * (NH * D)
-    gl.store(out_ptr + o_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(r < seq_len)[:, None])
-
-
-@gluon.jit
-def _ws_store_tma(odesc, o_smem, o, l_i, row0, h, D: gl.constexpr):
-    """A consumer warpgroup's 64 normalized output rows, all in the sequence, written into
-    o_smem (its half of its query slot) and stored by TMA from there: one bulk copy instead of
-    32 scattered 4-byte stores a thread, which took ~0.9 key-block times a tile and held the
-    next tile's start up by ~0.45 more (tools/gpu_sweeps/prefill_timeline.py). The caller
-    waits for the copy to read o_smem before that memory is reused."""
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o.type.layout))
-    out = o / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
-    o_smem.store(out.to(o_smem.dtype))
-    fence_async_shared()
-    gl.thread_barrier()
-    tma.async_copy_shared_to_global(odesc, [row0, h * D], o_smem)
 
 
 @gluon.jit
