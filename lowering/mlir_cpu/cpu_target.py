@@ -12,11 +12,13 @@ Target strings (after the backend name):
 A level fixes what LLVM may emit (target-cpu x86-64-v3 for avx2, x86-64-v4 for avx512) and the
 register tiles of the kernels (f32 lanes per vector, vector registers); the host must have every
 /proc/cpuinfo flag the level implies. Extras widen what LLVM may use; `bf16` also gives bf16 x
-bf16 matmuls the AVX512-BF16 kernel (lowerings/bf16_matmul.py), so `cpu` adds it when the host
-has it (HOST_EXTRAS) and the artifact then needs it (a host without it is refused by name; name
-`cpu:x86-64:avx512` to build one that runs on every AVX-512 CPU). `vnni` and `amx` only widen
-LLVM's choices, no kernel asks for them, so `cpu` leaves them out. Nothing here imports MLIR:
-the runtime checks a host with it before it dlopens a library.
+bf16 matmuls the AVX512-BF16 kernel (lowerings/bf16_matmul.py), and `amx` with it the AMX tile
+kernel (lowerings/amx_matmul.py), so `cpu` adds them when the host has them (HOST_EXTRAS; amx
+only when Linux also grants this process the tile state, amx_refusal) and the artifact then
+needs them (a host without them is refused by name; name `cpu:x86-64:avx512` to build one that
+runs on every AVX-512 CPU). `vnni` only widens LLVM's choices, no kernel asks for it, so `cpu`
+leaves it out. Nothing here imports MLIR: the runtime checks a host with it before it dlopens a
+library.
 """
 from __future__ import annotations
 
@@ -173,11 +175,32 @@ class CpuTarget:
 
 
 # Extras `cpu` adds when the host has them: the ones a kernel uses.
-HOST_EXTRAS = ("bf16",)
+HOST_EXTRAS = ("amx", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def amx_refusal() -> str | None:
+    """Ask Linux for the AMX tile state for this process (arch_prctl ARCH_REQ_XCOMP_PERM with
+    XFEATURE_XTILEDATA; without it the first tile instruction is SIGILL): None once granted,
+    else why not. The grant is process-wide and idempotent; every compiled library also asks
+    when it is loaded (parallel_runtime.c), so a thread that never came through here can use
+    tiles too."""
+    if platform.system() != "Linux" or _MACHINES.get(platform.machine().lower()) != "x86-64":
+        return f"not x86-64 Linux ({platform.system()} {platform.machine()})"
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    if libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) != 0:
+        return f"arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA): {os.strerror(ctypes.get_errno())}"
+    return None
 
 
 def host_target(host: HostCpu | None = None) -> CpuTarget:
-    """The highest level this host runs, with the HOST_EXTRAS it has (module docstring)."""
+    """The highest level this host runs, with the HOST_EXTRAS it has (module docstring); for
+    this machine (no `host` given) amx only if Linux grants the tile state."""
+    ours = host is None
     host = host or host_cpu()
     levels = [i for i in ISAS.values() if i.arch == host.arch and set(i.flags) <= host.flags]
     if not levels:
@@ -186,9 +209,10 @@ def host_target(host: HostCpu | None = None) -> CpuTarget:
         raise ValueError(f"no CPU target for architecture {host.arch!r} ({host.model}); "
                          f"graphir knows {sorted({i.arch for i in ISAS.values()})}")
     level = levels[-1].name
-    extras = tuple(x for x in HOST_EXTRAS if EXTRAS[x][0] == level
-                   and set(EXTRAS[x][1]) <= host.flags)
-    return CpuTarget(host.arch, level, extras)
+    extras = [x for x in HOST_EXTRAS if EXTRAS[x][0] == level and set(EXTRAS[x][1]) <= host.flags]
+    if "amx" in extras and ("bf16" not in extras or ours and amx_refusal()):
+        extras.remove("amx")   # W is packed for the AMX kernel only on the bf16 path
+    return CpuTarget(host.arch, level, tuple(extras))
 
 
 def check_host(target: str, host: HostCpu | None = None) -> None:
@@ -199,6 +223,7 @@ def check_host(target: str, host: HostCpu | None = None) -> None:
         raise ValueError(f"target {target!r} records no CPU ISA (expected e.g. "
                          f"'cpu:x86-64:avx2'); recompile it")
     want = CpuTarget.parse(spec)
+    ours = host is None
     host = host or host_cpu()
     missing = want.missing_on(host)
     if missing:
@@ -208,3 +233,7 @@ def check_host(target: str, host: HostCpu | None = None) -> None:
             mine = ""
         raise ValueError(f"built for {want}, but this CPU ({host.model}) lacks "
                          f"{', '.join(missing)}{mine}: recompile for it (target 'cpu')")
+    if "amx" in want.extras and ours and amx_refusal():
+        raise ValueError(f"built for {want}, whose matmuls use AMX tiles, but Linux does not "
+                         f"grant this process the tile state ({amx_refusal()}): recompile "
+                         f"without amx (e.g. target 'cpu:{want.arch}:{want.isa}+bf16')")

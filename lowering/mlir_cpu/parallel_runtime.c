@@ -126,6 +126,17 @@ static void *worker_main(void *arg) {
   return NULL;
 }
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+/* AMX tiles (lowerings/amx_matmul.py) fault with SIGILL until Linux grants the process their
+ * state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18). The grant is process-wide and
+ * idempotent; on a CPU or kernel without AMX the call fails harmlessly, and a library built with
+ * amx is refused by name before it is loaded there (cpu_target.check_host). */
+__attribute__((constructor)) static void request_amx_state(void) {
+  syscall(SYS_arch_prctl, 0x1023, 18);
+}
+#endif
+
 static void pool_init(void) {
   const char *env = getenv("GRAPHIR_NUM_THREADS");
   int n = env ? atoi(env) : 0;

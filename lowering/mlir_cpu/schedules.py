@@ -68,6 +68,7 @@ class MatmulConfig:
     threads: int = 2     # slices of the N panels, one per worker thread
     lanes: int = 8       # f32 lanes of one vector register: the narrowest panel
     bf16_dot: bool = False   # the target has AVX512-BF16: bf16 x bf16 takes bf16_matmul.py
+    amx: bool = False        # ... and AMX tiles: its rows in 32-row blocks take amx_matmul.py
 
     def __post_init__(self):
         for name in ("mr", "nr", "kc", "ncb", "ku", "threads", "lanes"):
@@ -92,7 +93,8 @@ class MatmulConfig:
         mr = max(1, min(8, (regs - nr // lanes - 1) // (nr // lanes)))
         return MatmulConfig(mr=mr, nr=nr, kc=256, ncb=16 * 32 // nr, ku=4 if regs >= 32 else 1,
                             threads=threads,
-                            lanes=lanes, bf16_dot="bf16" in getattr(cpu, "extras", ()))
+                            lanes=lanes, bf16_dot="bf16" in getattr(cpu, "extras", ()),
+                            amx={"amx", "bf16"} <= set(getattr(cpu, "extras", ())))
 
     def panel_width(self, n: int) -> int | None:
         """The widest panel (nr, nr/2, ... down to one vector) that divides N; None if none."""

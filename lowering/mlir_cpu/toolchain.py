@@ -72,7 +72,7 @@ LLVM_PIPELINE = (
     "convert-scf-to-cf",
     "canonicalize",
     "convert-openmp-to-llvm",
-    "convert-vector-to-llvm{enable-x86vector}",
+    "convert-vector-to-llvm{enable-x86vector enable-amx}",
     "finalize-memref-to-llvm",
     "convert-math-to-llvm",
     "convert-math-to-libm",

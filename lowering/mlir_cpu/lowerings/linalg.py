@@ -21,7 +21,7 @@ from graphir.dtype import DType
 from ...registry import register_lowering
 from .. import pack_layout, schedules
 from ..emit import Emitter, element_type, index
-from . import bf16_matmul
+from . import amx_matmul, bf16_matmul
 from .elementwise import to_compute, to_storage
 from .rows import finish_rows, rows_of
 from .shape import expand_shape
@@ -108,14 +108,18 @@ def _qkv_prepack(node, load_time, cfg):
 
 
 def bf16_dot_matmul(e: Emitter, a: ir.Value, w: ir.Value, bias: ir.Value | None = None):
-    """y = a @ W (+ bias) by the AVX512-BF16 kernel; W packed in bf16 pairs at load."""
+    """y = a @ W (+ bias) by the AMX kernel where the target has AMX tiles, else the
+    AVX512-BF16 one; W packed in bf16 pairs at load (the same layout for both)."""
     at = e.in_types[0]
     n = int(e.out_types[0].shape[-1])
     a2, lead = rows_of(e, a, at)
     k = int(at.shape[-1])
     out_t = f"tensor<?x{n}xf32>"
-    (y,) = inline_mlir([a2, w], bf16_matmul.bf16_matmul_text(a2.type, w.type, out_t, k, n,
-                                                             e.matmul.mr))
+    if e.matmul.amx and amx_matmul.amx_applies(k, n):
+        text = amx_matmul.amx_matmul_text(a2.type, w.type, out_t, k, n)
+    else:
+        text = bf16_matmul.bf16_matmul_text(a2.type, w.type, out_t, k, n, e.matmul.mr)
+    (y,) = inline_mlir([a2, w], text)
     if bias is not None:
         dt = e.in_types[2].dtype
         maps = [e.identity_map(2), ir.AffineMap.get(2, 0, [ir.AffineDimExpr.get(1)]),

@@ -27,8 +27,11 @@ def test_parse_cpuinfo_keeps_the_flags_every_processor_has():
     assert host.arch == "x86-64" and host.model == "Test CPU"
     assert "avx2" in host.flags and "avx512bw" not in host.flags and "avx512f" in host.flags
     assert host_target(host) == CpuTarget("x86-64", "avx2")
-    # AVX512-BF16 is added (a kernel uses it); AMX and VNNI are not (none does).
-    assert str(host_target(parse_cpuinfo(_cpuinfo(_V4), "x86_64"))) == "cpu:x86-64:avx512+bf16"
+    # AVX512-BF16 and AMX are added (kernels use them); VNNI is not (none does).
+    assert (str(host_target(parse_cpuinfo(_cpuinfo(_V4), "x86_64")))
+            == "cpu:x86-64:avx512+amx+bf16")
+    no_amx = _V4.replace(" amx_tile amx_bf16", "")
+    assert str(host_target(parse_cpuinfo(_cpuinfo(no_amx), "x86_64"))) == "cpu:x86-64:avx512+bf16"
     no_bf16 = _V4.replace(" avx512_bf16", "") + " avx512_vnni"
     assert str(host_target(parse_cpuinfo(_cpuinfo(no_bf16), "x86_64"))) == "cpu:x86-64:avx512"
     assert str(host_target(parse_cpuinfo(_cpuinfo("fpu sse sse2"), "x86_64"))) == "cpu:x86-64:sse2"
@@ -189,3 +192,20 @@ def test_bf16_copies_without_native_bf16(tmp_path, target):
     want_a, want_b = np.concatenate([x[1:], x[:1]]), x.T
     for got, want in ((a, want_a), (b, want_b)):
         assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
+
+
+def test_amx_needs_the_tile_state_from_linux(monkeypatch):
+    """`cpu` on this machine adds amx only when Linux grants the tile state, and an amx
+    artifact is refused by name where it does not (instead of a SIGILL at the first tile)."""
+    from graphir.lowering.mlir_cpu import cpu_target
+
+    host = parse_cpuinfo(_cpuinfo(_V4), "x86_64")
+    monkeypatch.setattr(cpu_target, "host_cpu", lambda: host)
+    monkeypatch.setattr(cpu_target, "amx_refusal", lambda: "arch_prctl: Operation not permitted")
+    assert str(cpu_target.host_target()) == "cpu:x86-64:avx512+bf16"
+    with pytest.raises(ValueError, match="tile state .*Operation not permitted.*avx512\\+bf16"):
+        cpu_target.check_host("cpu:x86-64:avx512+amx+bf16")
+    cpu_target.check_host("cpu:x86-64:avx512+bf16")
+    monkeypatch.setattr(cpu_target, "amx_refusal", lambda: None)
+    assert str(cpu_target.host_target()) == "cpu:x86-64:avx512+amx+bf16"
+    cpu_target.check_host("cpu:x86-64:avx512+amx+bf16")

@@ -1,0 +1,177 @@
+"""The bf16 matmul on AMX tiles: y[M, N] = x[M, K] @ W with x and W in bf16, f32 out.
+
+One `tdpbf16ps` multiplies a 16 x 32 bf16 tile of x by a 32 x 16 tile of W (as 16 rows of 16
+column pairs) into a 16 x 16 f32 tile: 8,192 products, 16 times what an AVX-512 FMA or
+`vdpbf16ps` does a cycle. Eight tile registers hold a 2 x 2 block of C (32 x 32) and the two x
+and two W tiles of one k step.
+
+W is the bf16-pairs layout of the vdpbf16ps kernel ("nk32p", packed once at load): panel p's
+rows kk..kk+15, first or second 64 bytes, are exactly a W tile (16 rows of 16 pairs, 128 bytes
+apart), so both kernels share the packing. x is repacked per call into 1 KB tiles
+[M/16, K/32, 16, 32] on 64-byte lines, its rows padded with zeros to a multiple of 32: a tile
+row then never straddles two cache lines (numpy puts x 16 bytes past one: 1.5x slower), and the
+16 rows of a tile do not all fall in one L1 set as rows 8 KB apart do.
+
+Loops: scf.forall over (row chunk of <= ROW_CHUNK rows, group of GROUP_PANELS panels); per k
+block of up to KSTEPS k steps (its x chunk, <= 1 MB, stays in L2 over the group's panels; the
+group's C, <= 512 KB, too), per panel, per 32-row block: C loaded (zero on the first k block),
+the k steps unrolled (tile values cannot cross scf.for), C stored. The last row block of a
+ragged M accumulates in a per-panel scratch and its valid rows are copied out at the end.
+Products are exact in f32 and accumulate in f32; as with vdpbf16ps, denormal bf16 inputs count
+as zero (the instruction's DAZ).
+"""
+from __future__ import annotations
+
+from .attention import finish, to_buffer
+from .kernel_text import KernelText
+
+NR = 32            # columns a panel (the packed layout's), two C tiles wide
+ROWS = 32          # rows a C block, two tiles high
+KSTEPS = 32        # k steps (32 k each) a k block at most
+GROUP_PANELS = 8   # panels a forall iteration: 8 x 32 columns of C stay in L2 over k blocks
+ROW_CHUNK = 512    # rows a forall iteration: 512 x 1024 bf16 of x a k block (1 MB)
+TX, TC = "!amx.tile<16x32xbf16>", "!amx.tile<16x16xf32>"
+
+
+def amx_applies(k_total: int, n: int) -> bool:
+    """Whether the AMX kernel takes a K x N weight (whole 32-wide k steps and panels)."""
+    return k_total % 32 == 0 and n % NR == 0
+
+
+def k_steps(k_total: int) -> int:
+    """k steps a block: the largest divisor of K/32 not above KSTEPS."""
+    steps = k_total // 32
+    return max(d for d in range(1, min(steps, KSTEPS) + 1) if steps % d == 0)
+
+
+def amx_matmul_text(x_t, w_t, out_t: str, k_total: int, n: int) -> str:
+    """@body(%x: bf16 [M, K], %w: bf16 pairs [N/32, K/2, 64]) -> f32 [M, N]."""
+    if not amx_applies(k_total, n):
+        raise ValueError(f"AMX matmul kernel: K = {k_total} and N = {n} must be multiples of "
+                         f"32")
+    k = KernelText(None, k_total, n)
+    t = k.t
+    xm, xmt = to_buffer(t, "%x", x_t)
+    wm, wmt = to_buffer(t, "%w", w_t)
+    m = t(f"memref.dim {xm}, {t.idx(0)} : {xmt}")
+    omt = f"memref<?x{n}xf32>"
+    om = t(f"memref.alloc({m}) {{alignment = 64 : i64}} : {omt}")
+    kt_n, panels, ks = k_total // 32, n // NR, k_steps(k_total)
+    mpad = k.ix("muli", k.ix("divui", k.ix("addi", m, ROWS - 1), ROWS), ROWS)
+    mfull = k.ix("muli", k.ix("divui", m, ROWS), ROWS)
+    xpt = f"memref<?x{kt_n}x16x32xbf16>"
+    xp = t(f"memref.alloc({k.ix('divui', mpad, 16)}) {{alignment = 64 : i64}} : {xpt}")
+    _pack_x(k, xm, xmt, xp, xpt, m, mpad, kt_n)
+    cst = f"memref<{panels}x{ROWS}x{NR}xf32>"
+    cs = t(f"memref.alloc() {{alignment = 64 : i64}} : {cst}")
+    groups = -(-panels // GROUP_PANELS)
+    chunks = k.ix("divui", k.ix("addi", mpad, ROW_CHUNK - 1), ROW_CHUNK)
+    it = k.fresh("it")
+    t.open(f"scf.forall ({it}) in ({k.ix('muli', chunks, groups)})")
+    g = k.ix("remui", it, groups)
+    r_lo = k.ix("muli", k.ix("divui", it, groups), ROW_CHUNK)
+    r_hi = t.min(k.ix("addi", r_lo, ROW_CHUNK), mpad)
+    p0 = k.ix("muli", g, GROUP_PANELS)
+    n_p = t.min(t.idx(GROUP_PANELS), k.ix("subi", t.idx(panels), p0))
+    ops = dict(xp=xp, xpt=xpt, wm=wm, wmt=wmt, om=om, omt=omt, cs=cs, cst=cst, ks=ks)
+
+    def kblock(kt0: str, first: bool) -> None:
+        def panel(pi, _):
+            p = k.ix("addi", p0, pi)
+
+            def block(r0, _):
+                k.if_(t(f"arith.cmpi ult, {r0}, {mfull} : index"),
+                      lambda: _block(k, ops, p, r0, kt0, first, False),
+                      lambda: _block(k, ops, p, r0, kt0, first, True))
+                return []
+            k.loop(r_lo, r_hi, ROWS, body=block)
+            return []
+        k.loop(0, n_p, 1, body=panel)
+
+    kblock(t.idx(0), True)
+    k.loop(ks, kt_n, ks, body=lambda kt0, _: kblock(kt0, False) or [])
+    _copy_ragged_rows(k, ops, p0, n_p, mfull, t(f"arith.maxui {mfull}, {r_lo} : index"),
+                      t.min(m, r_hi))
+    t.close()
+    out = t(f"bufferization.to_tensor {om} restrict writable : {omt} to {out_t}")
+    return finish(t, [f"%x: {x_t}", f"%w: {w_t}"], out, out_t)
+
+
+def _pack_x(k: KernelText, xm, xmt, xp, xpt, m, mpad, kt_n: int) -> None:
+    """xp[r/16, kt, r%16, :] = x[r, 32 kt : 32 kt + 32], rows m..mpad zero."""
+    t = k.t
+    vb = "vector<32xbf16>"
+    zero = t.const("0.0", vb)
+    last = k.ix("subi", m, 1)
+    rt = k.fresh("rt")
+    t.open(f"scf.forall ({rt}) in ({k.ix('divui', mpad, 16)})")
+
+    def row(r, _):
+        i = k.ix("addi", k.ix("muli", rt, 16), r)
+        src = t.min(i, last)
+        keep = t(f"arith.cmpi ult, {i}, {m} : index")
+
+        def step(kt, _):
+            v = t(f"vector.load {xm}[{src}, {k.ix('muli', kt, 32)}] : {xmt}, {vb}")
+            v = t(f"arith.select {keep}, {v}, {zero} : {vb}")
+            t.stmt(f"vector.store {v}, {xp}[{rt}, {kt}, {r}, {t.idx(0)}] : {xpt}, {vb}")
+            return []
+        k.loop(0, kt_n, 1, body=step)
+        return []
+    k.loop(0, 16, 1, body=row)
+    t.close()
+
+
+def _block(k: KernelText, o: dict, p: str, r0: str, kt0: str, first: bool, ragged: bool):
+    """C[r0 : r0+32, 32p : 32p+32] (+)= x block @ W block over ks k steps from k step kt0, in
+    out (or, for the ragged last row block, in the panel's scratch)."""
+    t = k.t
+    if ragged:
+        mem, mt = o["cs"], o["cst"]
+        at = [[[p, t.idx(16 * i), t.idx(16 * j)] for j in range(2)] for i in range(2)]
+    else:
+        mem, mt = o["om"], o["omt"]
+        col = k.ix("muli", p, NR)
+        rows = [r0, k.ix("addi", r0, 16)]
+        cols = [col, k.ix("addi", col, 16)]
+        at = [[[rows[i], cols[j]] for j in range(2)] for i in range(2)]
+    c = [[t(f"amx.tile_zero : {TC}") if first else
+          t(f"amx.tile_load {mem}[{', '.join(at[i][j])}] : {mt} into {TC}")
+          for j in range(2)] for i in range(2)]
+    rt = k.ix("divui", r0, 16)
+    rts = [rt, k.ix("addi", rt, 1)]
+    for s in range(o["ks"]):
+        kt = k.ix("addi", kt0, s)
+        kp = k.ix("muli", kt, 16)
+        a = [t(f"amx.tile_load {o['xp']}[{rts[i]}, {kt}, {t.idx(0)}, {t.idx(0)}] : "
+               f"{o['xpt']} into {TX}") for i in range(2)]
+        b = [t(f"amx.tile_load {o['wm']}[{p}, {kp}, {t.idx(32 * j)}] : {o['wmt']} into {TX}")
+             for j in range(2)]
+        c = [[t(f"amx.tile_mulf {a[i]}, {b[j]}, {c[i][j]} : {TX}, {TX}, {TC}")
+              for j in range(2)] for i in range(2)]
+    for i in range(2):
+        for j in range(2):
+            t.stmt(f"amx.tile_store {mem}[{', '.join(at[i][j])}], {c[i][j]} : {mt}, {TC}")
+
+
+def _copy_ragged_rows(k: KernelText, o: dict, p0: str, n_p: str, mfull: str, lo: str,
+                      hi: str) -> None:
+    """out[r, panel] = scratch[panel, r - mfull] for rows lo..hi of the ragged last block
+    (none when M is a multiple of 32 or this chunk does not hold it)."""
+    t = k.t
+    v = "vector<16xf32>"
+
+    def panel(pi, _):
+        p = k.ix("addi", p0, pi)
+        col = k.ix("muli", p, NR)
+
+        def row(r, _):
+            rr = k.ix("subi", r, mfull)
+            for j in range(2):
+                x = t(f"vector.load {o['cs']}[{p}, {rr}, {t.idx(16 * j)}] : {o['cst']}, {v}")
+                t.stmt(f"vector.store {x}, {o['om']}[{r}, {k.ix('addi', col, 16 * j)}] : "
+                       f"{o['omt']}, {v}")
+            return []
+        k.loop(lo, hi, 1, body=row)
+        return []
+    k.loop(0, n_p, 1, body=panel)
