@@ -46,8 +46,10 @@ def k_steps(k_total: int) -> int:
     return max(d for d in range(1, min(steps, KSTEPS) + 1) if steps % d == 0)
 
 
-def amx_matmul_text(x_t, w_t, out_t: str, k_total: int, n: int) -> str:
-    """@body(%x: bf16 [M, K], %w: bf16 pairs [N/32, K/2, 64]) -> f32 [M, N]."""
+def amx_matmul_text(x_t, w_t, out_t: str, k_total: int, n: int, bias_t=None) -> str:
+    """@body(%x: bf16 [M, K], %w: bf16 pairs [N/32, K/2, 64][, %b: [N]]) -> out_t, [M, N] f32
+    or bf16: the bias added and the result rounded as each block is copied out (no pass of its
+    own over [M, N])."""
     if not amx_applies(k_total, n):
         raise ValueError(f"AMX matmul kernel: K = {k_total} and N = {n} must be multiples of "
                          f"32")
@@ -56,16 +58,17 @@ def amx_matmul_text(x_t, w_t, out_t: str, k_total: int, n: int) -> str:
     xm, xmt = to_buffer(t, "%x", x_t)
     wm, wmt = to_buffer(t, "%w", w_t)
     m = t(f"memref.dim {xm}, {t.idx(0)} : {xmt}")
-    omt = f"memref<?x{n}xf32>"
+    out_el = out_t.rsplit("x", 1)[1].rstrip(">")
+    omt = f"memref<?x{n}x{out_el}>"
     om = t(f"memref.alloc({m}) {{alignment = 64 : i64}} : {omt}")
+    bm, bmt = to_buffer(t, "%b", bias_t) if bias_t is not None else (None, None)
     kt_n, panels, ks = k_total // 32, n // NR, k_steps(k_total)
     mpad = k.ix("muli", k.ix("divui", k.ix("addi", m, ROWS - 1), ROWS), ROWS)
-    mfull = k.ix("muli", k.ix("divui", m, ROWS), ROWS)
     xpt = f"memref<?x{kt_n}x16x32xbf16>"
     xp = t(f"memref.alloc({k.ix('divui', mpad, 16)}) {{alignment = 64 : i64}} : {xpt}")
     _pack_x(k, xm, xmt, xp, xpt, m, mpad, kt_n)
-    cst = f"memref<{panels}x{ROWS}x{NR}xf32>"
-    cs = t(f"memref.alloc() {{alignment = 64 : i64}} : {cst}")
+    cpt = f"memref<?x{panels}x{ROWS}x{NR}xf32>"
+    cp = t(f"memref.alloc({k.ix('divui', mpad, ROWS)}) {{alignment = 64 : i64}} : {cpt}")
     groups = -(-panels // GROUP_PANELS)
     chunks = k.ix("divui", k.ix("addi", mpad, ROW_CHUNK - 1), ROW_CHUNK)
     it = k.fresh("it")
@@ -75,27 +78,28 @@ def amx_matmul_text(x_t, w_t, out_t: str, k_total: int, n: int) -> str:
     r_hi = t.min(k.ix("addi", r_lo, ROW_CHUNK), mpad)
     p0 = k.ix("muli", g, GROUP_PANELS)
     n_p = t.min(t.idx(GROUP_PANELS), k.ix("subi", t.idx(panels), p0))
-    ops = dict(xp=xp, xpt=xpt, wm=wm, wmt=wmt, om=om, omt=omt, cs=cs, cst=cst, ks=ks)
+    ops = dict(xp=xp, xpt=xpt, wm=wm, wmt=wmt, om=om, omt=omt, cp=cp, cpt=cpt, ks=ks, m=m,
+               out_el=out_el, bm=bm, bmt=bmt)
 
-    def kblock(kt0: str, first: bool) -> None:
+    def kblock(kt0: str, first: bool, last: bool) -> None:
         def rows(r0, _):
             def panel(pi, _):
-                p = k.ix("addi", p0, pi)
-                k.if_(t(f"arith.cmpi ult, {r0}, {mfull} : index"),
-                      lambda: _block(k, ops, p, r0, kt0, first, False),
-                      lambda: _block(k, ops, p, r0, kt0, first, True))
+                _block(k, ops, k.ix("addi", p0, pi), r0, kt0, first, last)
                 return []
             k.loop(0, n_p, 1, body=panel)
             return []
         k.loop(r_lo, r_hi, ROWS, body=rows)
 
-    kblock(t.idx(0), True)
-    k.loop(ks, kt_n, ks, body=lambda kt0, _: kblock(kt0, False) or [])
-    _copy_ragged_rows(k, ops, p0, n_p, mfull, t(f"arith.maxui {mfull}, {r_lo} : index"),
-                      t.min(m, r_hi))
+    blocks = kt_n // ks
+    kblock(t.idx(0), True, blocks == 1)
+    if blocks > 2:
+        k.loop(ks, kt_n - ks, ks, body=lambda kt0, _: kblock(kt0, False, False) or [])
+    if blocks > 1:
+        kblock(t.idx(kt_n - ks), False, True)
     t.close()
     out = t(f"bufferization.to_tensor {om} restrict writable : {omt} to {out_t}")
-    return finish(t, [f"%x: {x_t}", f"%w: {w_t}"], out, out_t)
+    sig = [f"%x: {x_t}", f"%w: {w_t}"] + ([f"%b: {bias_t}"] if bias_t is not None else [])
+    return finish(t, sig, out, out_t)
 
 
 def _pack_x(k: KernelText, xm, xmt, xp, xpt, m, mpad, kt_n: int) -> None:
@@ -123,21 +127,14 @@ def _pack_x(k: KernelText, xm, xmt, xp, xpt, m, mpad, kt_n: int) -> None:
     t.close()
 
 
-def _block(k: KernelText, o: dict, p: str, r0: str, kt0: str, first: bool, ragged: bool):
-    """C[r0 : r0+32, 32p : 32p+32] (+)= x block @ W block over ks k steps from k step kt0, in
-    out (or, for the ragged last row block, in the panel's scratch)."""
+def _block(k: KernelText, o: dict, p: str, r0: str, kt0: str, first: bool, last: bool):
+    """C block (r0 / 32, p) (+)= x block @ W block over ks k steps from k step kt0; after the
+    last k block its rows below M go to out."""
     t = k.t
-    if ragged:
-        mem, mt = o["cs"], o["cst"]
-        at = [[[p, t.idx(16 * i), t.idx(16 * j)] for j in range(2)] for i in range(2)]
-    else:
-        mem, mt = o["om"], o["omt"]
-        col = k.ix("muli", p, NR)
-        rows = [r0, k.ix("addi", r0, 16)]
-        cols = [col, k.ix("addi", col, 16)]
-        at = [[[rows[i], cols[j]] for j in range(2)] for i in range(2)]
+    rb = k.ix("divui", r0, ROWS)
+    at = [[f"{rb}, {p}, {t.idx(16 * i)}, {t.idx(16 * j)}" for j in range(2)] for i in range(2)]
     c = [[t(f"amx.tile_zero : {TC}") if first else
-          t(f"amx.tile_load {mem}[{', '.join(at[i][j])}] : {mt} into {TC}")
+          t(f"amx.tile_load {o['cp']}[{at[i][j]}] : {o['cpt']} into {TC}")
           for j in range(2)] for i in range(2)]
     rt = k.ix("divui", r0, 16)
     rts = [rt, k.ix("addi", rt, 1)]
@@ -152,27 +149,33 @@ def _block(k: KernelText, o: dict, p: str, r0: str, kt0: str, first: bool, ragge
               for j in range(2)] for i in range(2)]
     for i in range(2):
         for j in range(2):
-            t.stmt(f"amx.tile_store {mem}[{', '.join(at[i][j])}], {c[i][j]} : {mt}, {TC}")
+            t.stmt(f"amx.tile_store {o['cp']}[{at[i][j]}], {c[i][j]} : {o['cpt']}, {TC}")
+    if last:
+        _copy_out(k, o, rb, p, r0)
 
 
-def _copy_ragged_rows(k: KernelText, o: dict, p0: str, n_p: str, mfull: str, lo: str,
-                      hi: str) -> None:
-    """out[r, panel] = scratch[panel, r - mfull] for rows lo..hi of the ragged last block
-    (none when M is a multiple of 32 or this chunk does not hold it)."""
+def _copy_out(k: KernelText, o: dict, rb: str, p: str, r0: str) -> None:
+    """out[r0 + r, 32p : 32p + 32] = C block (rb, p) row r (+ bias, in out's type), for the
+    rows below M (the block was just stored: it is in L1)."""
     t = k.t
-    v = "vector<16xf32>"
+    v, vo = "vector<16xf32>", f"vector<16x{o['out_el']}>"
+    col = k.ix("muli", p, NR)
+    cols = [col, k.ix("addi", col, 16)]
+    bias = []
+    if o["bm"] is not None:
+        bel = o["bmt"].rsplit("x", 1)[1].rstrip(">")
+        for c in cols:
+            b = t(f"vector.load {o['bm']}[{c}] : {o['bmt']}, vector<16x{bel}>")
+            bias.append(b if bel == "f32" else t(f"arith.extf {b} : vector<16x{bel}> to {v}"))
 
-    def panel(pi, _):
-        p = k.ix("addi", p0, pi)
-        col = k.ix("muli", p, NR)
-
-        def row(r, _):
-            rr = k.ix("subi", r, mfull)
-            for j in range(2):
-                x = t(f"vector.load {o['cs']}[{p}, {rr}, {t.idx(16 * j)}] : {o['cst']}, {v}")
-                t.stmt(f"vector.store {x}, {o['om']}[{r}, {k.ix('addi', col, 16 * j)}] : "
-                       f"{o['omt']}, {v}")
-            return []
-        k.loop(lo, hi, 1, body=row)
+    def row(r, _):
+        rr = k.ix("subi", r, r0)
+        for j in range(2):
+            x = t(f"vector.load {o['cp']}[{rb}, {p}, {rr}, {t.idx(16 * j)}] : {o['cpt']}, {v}")
+            if bias:
+                x = t(f"arith.addf {x}, {bias[j]} : {v}")
+            if o["out_el"] != "f32":
+                x = t(f"arith.truncf {x} : {v} to {vo}")
+            t.stmt(f"vector.store {x}, {o['om']}[{r}, {cols[j]}] : {o['omt']}, {vo}")
         return []
-    k.loop(0, n_p, 1, body=panel)
+    k.loop(r0, t.min(k.ix("addi", r0, ROWS), o["m"]), 1, body=row)

@@ -116,10 +116,17 @@ def bf16_dot_matmul(e: Emitter, a: ir.Value, w: ir.Value, bias: ir.Value | None 
     k = int(at.shape[-1])
     out_t = f"tensor<?x{n}xf32>"
     if e.matmul.amx and amx_matmul.amx_applies(k, n):
-        text = amx_matmul.amx_matmul_text(a2.type, w.type, out_t, k, n)
+        # The bias and the result's dtype go into the kernel's copy-out (no second pass).
+        out_dt = e.out_types[0].dtype
+        out_el = {DType.bfloat16: "bf16", DType.float32: "f32"}.get(out_dt, "f32")
+        out_t = f"tensor<?x{n}x{out_el}>"
+        args = [a2, w] + ([bias] if bias is not None else [])
+        (y,) = inline_mlir(args, amx_matmul.amx_matmul_text(
+            a2.type, w.type, out_t, k, n, bias.type if bias is not None else None))
+        bias = None
     else:
         text = bf16_matmul.bf16_matmul_text(a2.type, w.type, out_t, k, n, e.matmul.mr)
-    (y,) = inline_mlir([a2, w], text)
+        (y,) = inline_mlir([a2, w], text)
     if bias is not None:
         dt = e.in_types[2].dtype
         maps = [e.identity_map(2), ir.AffineMap.get(2, 0, [ir.AffineDimExpr.get(1)]),
@@ -130,7 +137,8 @@ def bf16_dot_matmul(e: Emitter, a: ir.Value, w: ir.Value, bias: ir.Value | None 
                          lambda v: arith.addf(v[0], to_compute(v[1], dt)))
     m = ir.RankedTensorType(a2.type).shape[0]
     if not ir.ShapedType.is_dynamic_size(m):
-        y = tensor.cast(ir.RankedTensorType.get([m, n], ir.F32Type.get()), y)
+        y = tensor.cast(ir.RankedTensorType.get([m, n], ir.RankedTensorType(y.type).element_type),
+                        y)
     return finish_rows(e, y, lead, at)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from mlir import ir
 from mlir.dialects import tensor
 
-from graphir.dtype import DType
 
 from ..emit import DYN, Emitter, element_type, index
 from .elementwise import to_storage
@@ -32,9 +31,10 @@ def rows_of(e: Emitter, x: ir.Value, xt) -> tuple[ir.Value, list]:
 
 
 def finish_rows(e: Emitter, y: ir.Value, lead: list, xt) -> ir.Value:
-    """f32 [M, N] -> the result: its dtype, x's leading dims."""
+    """f32 [M, N] (or already in the result's storage type) -> the result: its dtype, x's
+    leading dims."""
     out = e.out_types[0]
-    if out.dtype is not DType.float32:
+    if ir.RankedTensorType(y.type).element_type != element_type(out.dtype, True):
         yt = ir.RankedTensorType(y.type)
         dyn = [tensor.dim(y, index(0))] if ir.ShapedType.is_dynamic_size(yt.shape[0]) else []
         init = tensor.EmptyOp([dyn[0] if dyn else yt.shape[0], yt.shape[1]],
