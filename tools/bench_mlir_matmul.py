@@ -111,14 +111,24 @@ def times(fn, reps: int) -> list[float]:
     return out
 
 
-def interleaved_times(fns, reps: int) -> list[list[float]]:
+# Seconds between two timed calls: both thread pools spin for a while after a parallel region
+# before they sleep (parallel_runtime.c's SPINS_BEFORE_SLEEP pauses; libgomp's spin count under
+# torch and MKL), and on a 2-core machine the previous contender's spinning threads took ~20%
+# off the next one's bf16 matmul (BENCHMARKS.md, AMX, 2026-12-05): with the gap each call
+# starts with the other pools asleep, as in a process that runs one of them.
+GAP_S = 0.05
+
+
+def interleaved_times(fns, reps: int, gap: float = GAP_S) -> list[list[float]]:
     """Wall times of `reps` rounds, each calling every fn once (after one warm-up round), as one
-    list per fn: contenders measured side by side see the same load from other processes."""
+    list per fn: contenders measured side by side see the same load from other processes;
+    `gap` seconds of sleep before each call (GAP_S)."""
     for fn in fns:
         fn()
     out = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, out):
+            time.sleep(gap)
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
