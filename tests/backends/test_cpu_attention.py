@@ -132,19 +132,37 @@ def test_flash_attention_scratch_outside_loops(n_heads, n_kv_heads):
 
 
 def _cpu_runs(target: str) -> bool:
-    from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, host_cpu
+    from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, amx_refusal, host_cpu
 
-    return not CpuTarget.parse(target.split(":", 1)[1]).missing_on(host_cpu())
+    want = CpuTarget.parse(target.split(":", 1)[1])
+    return not want.missing_on(host_cpu()) and not ("amx" in want.extras and amx_refusal())
+
+
+AMX = "cpu:x86-64:avx512+amx+bf16"
 
 
 @pytest.mark.parametrize("target,n_heads,n_kv_heads,d,dt", [
     ("cpu:x86-64:avx2", 4, 1, 16, DType.float32), ("cpu:x86-64:avx512", 4, 1, 16, DType.float32),
     ("cpu:x86-64:avx512", 3, 1, 16, DType.float32), ("cpu:x86-64:avx2", 2, 2, 32, DType.bfloat16),
-    ("cpu:x86-64:avx512", 8, 2, 16, DType.bfloat16), ("cpu:x86-64:avx2", 8, 2, 16, DType.float32)])
+    ("cpu:x86-64:avx512", 8, 2, 16, DType.bfloat16), ("cpu:x86-64:avx2", 8, 2, 16, DType.float32),
+    # AMX tiles for both matmuls (flash_attention_amx.py): G = 4, 2, 8 (32 query vectors a
+    # block), head dims 32, 128, 64; G = 3 keeps the vector path.
+    (AMX, 8, 2, 32, DType.bfloat16), (AMX, 4, 2, 128, DType.bfloat16),
+    (AMX, 16, 2, 64, DType.bfloat16), (AMX, 6, 2, 32, DType.bfloat16)])
 def test_flash_attention_full_blocks(target, n_heads, n_kv_heads, d, dt):
     """Sequences long enough for the queries-along-lanes path (blocks of R = 2 * lanes / G
     rows: 8 or 16 with G = 4, 10 or 5 with G = 3 (padded lanes), 16 or 8 with MHA) next to
     tails and decode rows, every mask, cached prefixes, keys spanning several tiles."""
+    if target == AMX:
+        from graphir.lowering.driver import Target
+        from graphir.lowering.mlir_cpu.backend import mlir_text
+
+        types = [TensorType(dt, ["t", n_heads * d])] + _meta_types(dt, nkv=n_kv_heads, d=d)
+        with Graph("fa_text", input_types=types) as g:
+            g.output(ops.flash_attention_ragged(*g.inputs, n_heads=n_heads,
+                                                n_kv_heads=n_kv_heads, head_dim=d, layer_idx=1))
+        tiles = "amx.tile_mulf" in mlir_text(g, "mlir", Target.parse(AMX))
+        assert tiles == (n_heads // n_kv_heads != 3)
     if not _cpu_runs(target):
         pytest.skip(f"this CPU cannot run {target}")
     from graphir.runtime.session import InferenceSession

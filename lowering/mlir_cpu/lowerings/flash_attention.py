@@ -25,6 +25,7 @@ from ...registry import register_lowering
 from ..emit import Emitter, tensor_type
 from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, load_f32, mask_vec,
                         memref_of, sequence_span, softcap_vec, store_from_f32, to_buffer, vexp)
+from . import flash_attention_amx as amx_tiles
 from .linalg import inline_mlir
 
 KEY_TILE = 32   # keys per tile: K and V tiles stay in L1 for a block's queries
@@ -57,6 +58,7 @@ class _Kernel:
     softcap: float | None = None
     lut_cols: str = ""   # lookup-table columns and cache pages: the clamps' bounds
     npages: str = ""
+    amx: bool = False    # full blocks take flash_attention_amx.py's tile matmuls
 
 
 def _key_range(k: _Kernel, r0: str, rows: str) -> tuple[str, str, str]:
@@ -185,24 +187,32 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
     qt, qtt, st, stt = sc["qt"], f"memref<{d}x{grp}xf32>", sc["st"], f"memref<{c}x{grp}xf32>"
     os_, ost, lm, lmt = sc["os"], f"memref<{lt.gr}x{d}xf32>", sc["lm"], f"memref<3x{grp}xf32>"
     neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
+    tiles = amx_tiles.amx_applies(k.amx, el, lt.gr, grp, d)
+
+    def qrow(fi: str) -> tuple[str, str]:
+        """(row, first column) of query vector fi of the block."""
+        r = t(f"arith.divui {fi}, {t.idx(g)} : index")
+        gg = t(f"arith.remui {fi}, {t.idx(g)} : index")
+        row = t(f"arith.addi {t(f'arith.addi {k.o0}, {r0} : index')}, {r} : index")
+        head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
+        return row, t(f"arith.muli {head}, {t.idx(d)} : index")
     # Qt: Q transposed and scaled (lanes past GR stay zero); O, max, sum and alpha reset.
     t.for_("%fi", t.idx(0), t.idx(lt.gr), t.idx(1))
-    r = t(f"arith.divui %fi, {t.idx(g)} : index")
-    gg = t(f"arith.remui %fi, {t.idx(g)} : index")
-    row = t(f"arith.addi {t(f'arith.addi {k.o0}, {r0} : index')}, {r} : index")
-    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
-    col0 = t(f"arith.muli {head}, {t.idx(d)} : index")
+    row, col0 = qrow("%fi")
     scale = t.const(f"{float(k.scale):.17e}", v)
     t.for_("%fd", t.idx(0), t.idx(d), t.idx(lanes))
-    col = t(f"arith.addi {col0}, %fd : index")
-    x = t(f"arith.mulf {load_f32(t, k.qm, [row, col], k.qmt, el, lanes)}, {scale} : {v}")
     t.stmt(f"vector.store {zero}, {os_}[%fi, %fd] : {ost}, {v}")
-    for lane in range(lanes):
-        xe = t(f"vector.extract {x}[{lane}] : f32 from {v}")
-        dl = t(f"arith.addi %fd, {t.idx(lane)} : index")
-        t.stmt(f"memref.store {xe}, {qt}[{dl}, %fi] : {qtt}")
+    if not tiles:
+        col = t(f"arith.addi {col0}, %fd : index")
+        x = t(f"arith.mulf {load_f32(t, k.qm, [row, col], k.qmt, el, lanes)}, {scale} : {v}")
+        for lane in range(lanes):
+            xe = t(f"vector.extract {x}[{lane}] : f32 from {v}")
+            dl = t(f"arith.addi %fd, {t.idx(lane)} : index")
+            t.stmt(f"memref.store {xe}, {qt}[{dl}, %fi] : {qtt}")
     t.close()
     t.close()
+    if tiles:
+        amx_tiles.pack_queries(k, qrow, d, sc)
     for u in range(lt.nv):
         t.stmt(f"vector.store {neg}, {lm}[{t.idx(0)}, {t.idx(u * lanes)}] : {lmt}, {v}")
         t.stmt(f"vector.store {zero}, {lm}[{t.idx(1)}, {t.idx(u * lanes)}] : {lmt}, {v}")
@@ -215,7 +225,28 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         qpos.append(t(f"arith.addi {qlo_v}, {rows_of} : {vi}"))
     t.for_("%fk0", kstart, kend, t.idx(c))
     _tile_pages(k, "%fk0", kend, page, "%fj")
-    # S^T = K Qt, NK keys at a time.
+    if tiles:
+        amx_tiles.scores(k, lambda j, kind, col: _key_index(k, j, kind, col), d, sc, st, stt)
+    else:
+        _scores(k, lt, lanes, st, stt, qt, qtt)
+    _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, scale if tiles else None)
+    if tiles:
+        amx_tiles.accumulate(k, lambda j, kind, col: _key_index(k, j, kind, col), d, sc, st,
+                             stt, os_, ost, lm, lmt)
+    else:
+        _accumulate(k, lt, lanes, st, stt, os_, ost, lm, lmt)
+    t.close()   # %fk0
+    sums = t(f"memref.subview {lm}[1, 0] [1, {lt.gr}] [1, 1] : {lmt} to "
+             f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>")
+    _write_rows(k, os_, ost, sums, f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>", r0,
+                t.idx(lt.gr), lanes, "%fw")
+
+
+def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, qtt: str):
+    """S^T = K Qt for the key tile, NK keys at a time (vector FMAs)."""
+    t, d, c, el = k.t, k.d, KEY_TILE, k.el
+    v = fvec(lanes)
+    zero = t.const("0.0", v)
     t.for_("%fjb", t.idx(0), t.idx(c), t.idx(lt.nk))
     keys = [t(f"arith.addi %fjb, {t.idx(j)} : index") for j in range(lt.nk)]
     rows_k = [_key_index(k, j, 0, "%fdd")[:-1] for j in keys]
@@ -240,13 +271,24 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
             t.stmt(f"vector.store {res}#{j * lt.nv + u}, {st}[{keys[j]}, {t.idx(u * lanes)}] : "
                    f"{stt}, {v}")
     t.close()
-    # Online softmax down the key axis, one lane per query.
+
+
+def _softmax(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, lm: str, lmt: str,
+             kend_v: str, qpos: list[str], scale: str | None) -> None:
+    """Online softmax of the key tile down the key axis, one lane per query: P^T into st,
+    max / sum / alpha into lm (S scaled here when `scale`, a vector, is given)."""
+    t, c = k.t, KEY_TILE
+    v, vi = fvec(lanes), f"vector<{lanes}xi32>"
+    neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
     for u in range(lt.nv):
         col = t.idx(u * lanes)
         mx = t(f"scf.for %fm{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
                f"iter_args(%fx{u} = {neg}) -> ({v}) {{")
         t.depth += 1
-        s = softcap_vec(t, t(f"vector.load {st}[%fm{u}, {col}] : {stt}, {v}"), k.softcap, lanes)
+        s = t(f"vector.load {st}[%fm{u}, {col}] : {stt}, {v}")
+        if scale is not None:
+            s = t(f"arith.mulf {s}, {scale} : {v}")
+        s = softcap_vec(t, s, k.softcap, lanes)
         kpos = t(f"arith.index_cast {t(f'arith.addi %fk0, %fm{u} : index')} : index to i32")
         kp_v = t(f"vector.broadcast {kpos} : i32 to {vi}")
         ok = t(f"arith.cmpi slt, {kp_v}, {kend_v} : {vi}")
@@ -279,7 +321,13 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         t.stmt(f"vector.store {l_new}, {lm}[{t.idx(1)}, {col}] : {lmt}, {v}")
         t.stmt(f"vector.store {m_new}, {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")
         t.stmt(f"vector.store {alpha}, {lm}[{t.idx(2)}, {col}] : {lmt}, {v}")
-    # O = alpha O + P V, MQ queries x DV vectors of head_dim at a time.
+
+
+def _accumulate(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, os_: str, ost: str,
+                lm: str, lmt: str) -> None:
+    """O = alpha O + P V, MQ queries x DV vectors of head_dim at a time (vector FMAs)."""
+    t, d, c, el = k.t, k.d, KEY_TILE, k.el
+    v = fvec(lanes)
     t.for_("%fqb", t.idx(0), t.idx(lt.gr), t.idx(lt.mq))
     t.for_("%fdc", t.idx(0), t.idx(d), t.idx(lt.dv * lanes))
     qs = [t(f"arith.addi %fqb, {t.idx(q)} : index") for q in range(lt.mq)]
@@ -309,19 +357,15 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
             t.stmt(f"vector.store {res}#{q * lt.dv + u}, {os_}[{qs[q]}, {cols[u]}] : {ost}, {v}")
     t.close()   # %fdc
     t.close()   # %fqb
-    t.close()   # %fk0
-    sums = t(f"memref.subview {lm}[1, 0] [1, {lt.gr}] [1, 1] : {lmt} to "
-             f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>")
-    _write_rows(k, os_, ost, sums, f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>", r0,
-                t.idx(lt.gr), lanes, "%fw")
 
 
 # -- the per-query-vector path ---------------------------------------------------------------------
 def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int, head_dim: int,
                          layer: int, mask: str, window: int | None, scale: float,
                          lanes: int = VW, registers: int = 16,
-                         softcap: float | None = None) -> str:
-    """The kernel for a target with `lanes` f32 lanes per vector and `registers` vectors."""
+                         softcap: float | None = None, amx: bool = False) -> str:
+    """The kernel for a target with `lanes` f32 lanes per vector and `registers` vectors (and
+    AMX tiles for a bf16 cache's full blocks when `amx`)."""
     q, blocks, offs, clen, lut = args
     d, g = head_dim, n_heads // n_kv_heads
     page = cache_dims(blocks, "flash_attention_ragged")[0]
@@ -344,7 +388,7 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                        lutm, lutt, o0, cl, t(f"arith.addi {cl}, {n} : index"),
                        t(f"memref.alloca() : memref<{KEY_TILE}xindex>"),
                        t(f"memref.alloca() : memref<{KEY_TILE}xindex>"), scale, softcap,
-                       lut_cols, npages), n
+                       lut_cols, npages, amx), n
 
     def tail0(n: str) -> str:
         """First row of a sequence's tail: past its whole blocks of lt.rows (all rows without
@@ -362,6 +406,8 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                   st=t(f"memref.alloca() : memref<{KEY_TILE}x{grp}xf32>"),
                   os=t(f"memref.alloca() : memref<{lt.gr}x{d}xf32>"),
                   lm=t(f"memref.alloca() : memref<3x{grp}xf32>"))
+        if amx_tiles.amx_applies(amx, el, lt.gr, grp, d):
+            sc.update(amx_tiles.scratch(t, d))
         # Query lanes past GR must read as zeros (they are computed, never written out).
         t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : memref<{d}x{grp}xf32>)")
         t.for_("%fr0", t.idx(0), tail0(n), t.idx(lt.rows))
@@ -398,5 +444,6 @@ def _flash_attention(e: Emitter, args):
                                 n_kv_heads=a["n_kv_heads"], head_dim=a["head_dim"],
                                 layer=a["layer"], mask=a["mask"], window=a.get("window"),
                                 scale=float(a["scale"]), lanes=e.cpu.f32_lanes,
-                                registers=e.cpu.vector_registers, softcap=a.get("softcap"))
+                                registers=e.cpu.vector_registers, softcap=a.get("softcap"),
+                                amx={"amx", "bf16"} <= set(e.cpu.extras))
     return inline_mlir(args, text)
