@@ -1,4 +1,5 @@
-"""The bf16 matmul on AMX tiles: y[M, N] = x[M, K] @ W with x and W in bf16, f32 out.
+"""The bf16 matmul on AMX tiles: y[M, N] = x[M, K] @ W (+ bias) with x and W in bf16, y in f32
+or bf16.
 
 One `tdpbf16ps` multiplies a 16 x 32 bf16 tile of x by a 32 x 16 tile of W (as 16 rows of 16
 column pairs) into a 16 x 16 f32 tile: 8,192 products, 16 times what an AVX-512 FMA or
@@ -10,15 +11,17 @@ rows kk..kk+15, first or second 64 bytes, are exactly a W tile (16 rows of 16 pa
 apart), so both kernels share the packing. x is repacked per call into 1 KB tiles
 [M/16, K/32, 16, 32] on 64-byte lines, its rows padded with zeros to a multiple of 32: a tile
 row then never straddles two cache lines (numpy puts x 16 bytes past one: 1.5x slower), and the
-16 rows of a tile do not all fall in one L1 set as rows 8 KB apart do.
+16 rows of a tile do not all fall in one L1 set as rows 8 KB apart do. C accumulates in 4 KB
+blocks [M/32, N/32, 32, 32] (a tile's rows in one page; in y's rows they were 16 pages apart),
+and after the last k block each block's rows below M go to y with the bias and the rounding to
+y's dtype (no pass of their own over y; a ragged M needs no other handling).
 
 Loops: scf.forall over (row chunk of <= ROW_CHUNK rows, group of GROUP_PANELS panels); per k
 block of up to KSTEPS k steps, per 32-row block (its x block, 16 KB, stays in L1 over the
 group's panels), per panel (the group's W block, 256 KB, in L2 over the row blocks): C loaded
 (zero on the first k block), the k steps unrolled (tile values cannot cross scf.for), C stored.
-Against panels outer and 32 k steps a block: 1,080 -> 1,270 GFLOP/s at 512 x 4096 x 6144 on two
-cores of an AMX Xeon (torch's oneDNN: 1,900; BENCHMARKS.md). The last row block of a
-ragged M accumulates in a per-panel scratch and its valid rows are copied out at the end.
+Against panels outer, 32 k steps a block and C in y's rows: 1,080 -> 1,580-1,690 GFLOP/s at
+512 x 4096 x 6144 on two cores of an AMX Xeon (torch's oneDNN: 1,850-2,060; BENCHMARKS.md).
 Products are exact in f32 and accumulate in f32; as with vdpbf16ps, denormal bf16 inputs count
 as zero (the instruction's DAZ).
 """
