@@ -28,6 +28,7 @@ as zero (the instruction's DAZ).
 from __future__ import annotations
 
 from .attention import finish, to_buffer
+from .bf16_matmul import kernel_buffers
 from .kernel_text import KernelText
 
 NR = 32            # columns a panel (the packed layout's), two C tiles wide
@@ -56,11 +57,8 @@ def amx_matmul_text(x_t, w_t, out_t: str, k_total: int, n: int, bias_t=None) -> 
     if not amx_applies(k_total, n):
         raise ValueError(f"AMX matmul kernel: K = {k_total} and N = {n} must be multiples of "
                          f"32")
-    k = KernelText(None, k_total, n)
+    k, xm, xmt, wm, wmt, m = kernel_buffers(x_t, w_t, k_total, n)
     t = k.t
-    xm, xmt = to_buffer(t, "%x", x_t)
-    wm, wmt = to_buffer(t, "%w", w_t)
-    m = t(f"memref.dim {xm}, {t.idx(0)} : {xmt}")
     out_el = out_t.rsplit("x", 1)[1].rstrip(">")
     omt = f"memref<?x{n}x{out_el}>"
     om = t(f"memref.alloc({m}) {{alignment = 64 : i64}} : {omt}")

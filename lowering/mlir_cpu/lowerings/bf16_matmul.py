@@ -34,16 +34,21 @@ def slice_panels(panels: int) -> int:
     return max(1, min(16, panels // 8))
 
 
+def kernel_buffers(x_t, w_t, k_total: int, n: int):
+    """(writer, x buffer and type, W buffer and type, M) of a kernel on %x and %w."""
+    k = KernelText(None, k_total, n)
+    xm, xmt = to_buffer(k.t, "%x", x_t)
+    wm, wmt = to_buffer(k.t, "%w", w_t)
+    return k, xm, xmt, wm, wmt, k.t(f"memref.dim {xm}, {k.t.idx(0)} : {xmt}")
+
+
 def bf16_matmul_text(x_t, w_t, out_t: str, k_total: int, n: int, mr: int) -> str:
     """@body(%x: bf16 [M, K], %w: bf16 pairs [N/32, K/2, 64]) -> f32 [M, N]."""
     if k_total % 2 or n % NR:
         raise ValueError(f"bf16 matmul kernel: K = {k_total} must be even and N = {n} a "
                          f"multiple of {NR}")
-    k = KernelText(None, k_total, n)
+    k, xm, xmt, wm, wmt, m = kernel_buffers(x_t, w_t, k_total, n)
     t = k.t
-    xm, xmt = to_buffer(t, "%x", x_t)
-    wm, wmt = to_buffer(t, "%w", w_t)
-    m = t(f"memref.dim {xm}, {t.idx(0)} : {xmt}")
     omt = f"memref<?x{n}xf32>"
     om = t(f"memref.alloc({m}) : {omt}")
     pairs, panels = k_total // 2, n // NR
