@@ -190,6 +190,33 @@ def test_flash_attention_full_blocks(target, n_heads, n_kv_heads, d, dt):
                                    atol=tol, err_msg=str(m))
 
 
+def test_amx_attention_with_scale_and_softcap():
+    """The AMX full blocks scale S in f32 before the cap (Q is not pre-scaled there)."""
+    if not _cpu_runs(AMX):
+        pytest.skip(f"this CPU cannot run {AMX}")
+    from graphir.dtype import round_to_bf16
+    from graphir.runtime.session import InferenceSession
+
+    rng = np.random.default_rng(11)
+    nh, nkv, d = 8, 2, 64
+    types = [TensorType(DType.bfloat16, ["t", nh * d])] + _meta_types(DType.bfloat16, nkv=nkv,
+                                                                      d=d)
+    with Graph("fa_amx_cap", input_types=types) as g:
+        g.output(*[ops.flash_attention_ragged(*g.inputs, n_heads=nh, n_kv_heads=nkv, head_dim=d,
+                                              layer_idx=1, mask_variant=m, window=w, scale=0.7,
+                                              softcap=2.0)
+                   for m, w in (("causal", None), ("sliding_window_causal", 5))])
+    counts, cached = [35, 1, 17], [6, 10, 0]
+    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=nkv, d=d)
+    q = round_to_bf16(rng.standard_normal((sum(counts), nh * d)).astype(np.float32))
+    blocks = round_to_bf16(blocks)
+    want = run(g, q, blocks.copy(), offs, clen, lut)
+    got = InferenceSession().load(g, target=AMX).execute(q, blocks, offs, clen, lut)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=2e-2,
+                                   atol=2e-2)
+
+
 def test_flash_attention_bf16_scale():
     rng = np.random.default_rng(7)
     types = [TensorType(DType.bfloat16, ["t", NH * D])] + _meta_types(DType.bfloat16)
