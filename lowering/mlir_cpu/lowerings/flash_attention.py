@@ -244,24 +244,7 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         amx_tiles.scores(k, lambda j, kind, col: _key_index(k, j, kind, col), d, sc, st, stt)
     else:
         _scores(k, lt, lanes, st, stt, qt, qtt)
-    sc_s = scale if tiles else None
-    if k.mask in ("causal", "null"):
-        # A tile whose keys all lie before kend (and, causal, at or before the block's first
-        # query) needs no mask: its softmax skips the compares and selects (bf16 on tiles,
-        # 512 tokens: 7.0 -> 6.5 ms).
-        end = t(f"arith.addi %fk0, {t.idx(c)} : index")
-        inside = t(f"arith.cmpi ule, {end}, {kend} : index")
-        if k.mask == "causal":
-            q1 = t(f"arith.addi {qlo}, {t.idx(1)} : index")
-            inside = t(f"arith.andi {inside}, {t(f'arith.cmpi ule, {end}, {q1} : index')} : i1")
-        t.open(f"scf.if {inside}")
-        _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, sc_s, masked=False, tag="u")
-        t.close("} else {")
-        t.depth += 1
-        _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, sc_s)
-        t.close()
-    else:
-        _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, sc_s)
+    _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, scale if tiles else None)
     if tiles:
         amx_tiles.accumulate(k, lambda j, kind, col: _key_index(k, j, kind, col), d, sc, st,
                              stt, os_, ost, lm, lmt)
@@ -324,35 +307,30 @@ def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, q
 
 
 def _softmax(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, lm: str, lmt: str,
-             kend_v: str, qpos: list[str], scale: str | None, masked: bool = True,
-             tag: str = "") -> None:
+             kend_v: str, qpos: list[str], scale: str | None) -> None:
     """Online softmax of the key tile down the key axis, one lane per query: P^T into st,
-    max / sum / alpha into lm (S scaled here when `scale`, a vector, is given). `masked`:
-    whether keys past the end or outside the mask may be in the tile (else every score is
-    kept and no exp argument is -inf); `tag` keeps a second copy's loop names apart."""
+    max / sum / alpha into lm (S scaled here when `scale`, a vector, is given)."""
     t, c = k.t, KEY_TILE
     v, vi = fvec(lanes), f"vector<{lanes}xi32>"
     neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
     for u in range(lt.nv):
         col = t.idx(u * lanes)
-        mx = t(f"scf.for %fm{tag}{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
-               f"iter_args(%fx{tag}{u} = {neg}) -> ({v}) {{")
+        mx = t(f"scf.for %fm{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
+               f"iter_args(%fx{u} = {neg}) -> ({v}) {{")
         t.depth += 1
-        s = t(f"vector.load {st}[%fm{tag}{u}, {col}] : {stt}, {v}")
+        s = t(f"vector.load {st}[%fm{u}, {col}] : {stt}, {v}")
         if scale is not None:
             s = t(f"arith.mulf {s}, {scale} : {v}")
         s = softcap_vec(t, s, k.softcap, lanes)
-        if masked:
-            kpos = t(f"arith.index_cast {t(f'arith.addi %fk0, %fm{tag}{u} : index')} : index "
-                     f"to i32")
-            kp_v = t(f"vector.broadcast {kpos} : i32 to {vi}")
-            ok = t(f"arith.cmpi slt, {kp_v}, {kend_v} : {vi}")
-            mk = mask_vec(t, k.mask, qpos[u], kp_v, k.window, lanes)
-            if mk is not None:
-                ok = t(f"arith.andi {ok}, {mk} : vector<{lanes}xi1>")
-            s = t(f"arith.select {ok}, {s}, {neg} : vector<{lanes}xi1>, {v}")
-        t.stmt(f"vector.store {s}, {st}[%fm{tag}{u}, {col}] : {stt}, {v}")
-        t.stmt(f"scf.yield {t(f'arith.maximumf %fx{tag}{u}, {s} : {v}')} : {v}")
+        kpos = t(f"arith.index_cast {t(f'arith.addi %fk0, %fm{u} : index')} : index to i32")
+        kp_v = t(f"vector.broadcast {kpos} : i32 to {vi}")
+        ok = t(f"arith.cmpi slt, {kp_v}, {kend_v} : {vi}")
+        mk = mask_vec(t, k.mask, qpos[u], kp_v, k.window, lanes)
+        if mk is not None:
+            ok = t(f"arith.andi {ok}, {mk} : vector<{lanes}xi1>")
+        s = t(f"arith.select {ok}, {s}, {neg} : vector<{lanes}xi1>, {v}")
+        t.stmt(f"vector.store {s}, {st}[%fm{u}, {col}] : {stt}, {v}")
+        t.stmt(f"scf.yield {t(f'arith.maximumf %fx{u}, {s} : {v}')} : {v}")
         t.depth -= 1
         t.stmt("}")
         m_old = t(f"vector.load {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")
@@ -360,16 +338,15 @@ def _softmax(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, lm: str, 
         dead = t(f"arith.cmpf oeq, {m_new}, {neg} : {v}")
         msafe = t(f"arith.select {dead}, {zero}, {m_new} : vector<{lanes}xi1>, {v}")
         alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"), lanes)
-        lsum = t(f"scf.for %fp{tag}{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
-                 f"iter_args(%fl{tag}{u} = {zero}) -> ({v}) {{")
+        lsum = t(f"scf.for %fp{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
+                 f"iter_args(%fl{u} = {zero}) -> ({v}) {{")
         t.depth += 1
-        s = t(f"vector.load {st}[%fp{tag}{u}, {col}] : {stt}, {v}")
+        s = t(f"vector.load {st}[%fp{u}, {col}] : {stt}, {v}")
         p = vexp(t, t(f"arith.subf {s}, {msafe} : {v}"), lanes)
-        if masked:
-            off = t(f"arith.cmpf oeq, {s}, {neg} : {v}")
-            p = t(f"arith.select {off}, {zero}, {p} : vector<{lanes}xi1>, {v}")
-        t.stmt(f"vector.store {p}, {st}[%fp{tag}{u}, {col}] : {stt}, {v}")
-        t.stmt(f"scf.yield {t(f'arith.addf %fl{tag}{u}, {p} : {v}')} : {v}")
+        off = t(f"arith.cmpf oeq, {s}, {neg} : {v}")
+        p = t(f"arith.select {off}, {zero}, {p} : vector<{lanes}xi1>, {v}")
+        t.stmt(f"vector.store {p}, {st}[%fp{u}, {col}] : {stt}, {v}")
+        t.stmt(f"scf.yield {t(f'arith.addf %fl{u}, {p} : {v}')} : {v}")
         t.depth -= 1
         t.stmt("}")
         l_old = t(f"vector.load {lm}[{t.idx(1)}, {col}] : {lmt}, {v}")
