@@ -175,8 +175,8 @@ def test_flash_attention_full_blocks(target, n_heads, n_kv_heads, d, dt):
                                               n_kv_heads=n_kv_heads, head_dim=d, layer_idx=1,
                                               mask_variant=m, window=7 if m in WINDOWED else None)
                    for m in MASK_VARIANTS])
-    # 61 rows over 6 cached keys: blocks whose keys fill whole tiles before their first
-    # query (the unmasked softmax) and blocks on the diagonal.
+    # 61 rows over 6 cached keys: blocks with whole key tiles before their first query as
+    # well as tiles on the diagonal.
     counts, cached = [61, 1, 9], [6, 10, 0]
     blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=n_kv_heads, d=d)
     q = rng.standard_normal((sum(counts), n_heads * d)).astype(np.float32)
