@@ -232,6 +232,8 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         t.stmt(f"vector.store {neg}, {lm}[{t.idx(0)}, {t.idx(u * lanes)}] : {lmt}, {v}")
         t.stmt(f"vector.store {zero}, {lm}[{t.idx(1)}, {t.idx(u * lanes)}] : {lmt}, {v}")
     qlo, kstart, kend = _key_range(k, r0, t.idx(lt.rows))
+    if tiles:   # tiles at multiples of 32 (the mask drops the keys before the true start)
+        kstart = t(f"arith.muli {t(f'arith.divui {kstart}, {t.idx(c)} : index')}, {t.idx(c)} : index")
     kend_v = t(f"vector.broadcast {t(f'arith.index_cast {kend} : index to i32')} : i32 to {vi}")
     qlo_v = t(f"vector.broadcast {t(f'arith.index_cast {qlo} : index to i32')} : i32 to {vi}")
     qpos = []
@@ -239,15 +241,14 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         rows_of = t.const("[" + ", ".join(str((u * lanes + i) // g) for i in range(lanes)) + "]", vi)
         qpos.append(t(f"arith.addi {qlo_v}, {rows_of} : {vi}"))
     t.for_("%fk0", kstart, kend, t.idx(c))
-    _tile_pages(k, "%fk0", kend, page, "%fj")
     if tiles:
-        amx_tiles.scores(k, lambda j, kind, col: _key_index(k, j, kind, col), d, sc, st, stt)
+        amx_tiles.scores(k, d, sc, st, stt, "%fk0")
     else:
+        _tile_pages(k, "%fk0", kend, page, "%fj")
         _scores(k, lt, lanes, st, stt, qt, qtt)
     _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, scale if tiles else None)
     if tiles:
-        amx_tiles.accumulate(k, lambda j, kind, col: _key_index(k, j, kind, col), d, sc, st,
-                             stt, os_, ost, lm, lmt)
+        amx_tiles.accumulate(k, d, sc, st, stt, os_, ost, lm, lmt, "%fk0")
     else:
         _accumulate(k, lt, lanes, st, stt, os_, ost, lm, lmt, sc["vt"])
     t.close()   # %fk0
@@ -443,6 +444,7 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                   vt=t(f"memref.alloca() {{alignment = 64 : i64}} : memref<{KEY_TILE}x{d}xf32>"))
         if amx_tiles.amx_applies(amx, el, lt.gr, grp, d):
             sc.update(amx_tiles.scratch(t, d))
+            amx_tiles.gather_sequence(k, lambda kp: _page_slot(k, kp, page), d, k.total, sc)
         # Query lanes past GR must read as zeros (they are computed, never written out).
         t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : memref<{d}x{grp}xf32>)")
         t.for_("%fr0", t.idx(0), tail0(n), t.idx(lt.rows))

@@ -1,16 +1,19 @@
 """The two matmuls of flash_attention.py's full-block path on AMX tiles (bf16 query and cache,
 a target with amx): per key tile of 32 keys and block of 32 query vectors,
 
-  S^T[32 keys][32 queries] = K Q^T   A: the tile's K rows gathered from their pages (kt), B: the
-                                     block's queries in bf16 pairs (qv, built once a block);
-                                     16 tdpbf16ps, stored into the f32 scratch the softmax reads
-                                     (scaled there: Q is not rounded after a scale);
+  S^T[32 keys][32 queries] = K Q^T   A: K rows (kall), B: the block's queries in bf16 pairs (qv,
+                                     built once a block); 16 tdpbf16ps, stored into the f32
+                                     scratch the softmax reads (scaled there: Q is not rounded
+                                     after a scale);
   O[32 queries][D] = alpha O + P V   A: P in bf16 (P^T transposed by vector shuffles), B: V in
-                                     key pairs (vp: rows 2i and 2i+1 interleaved); O in memory,
-                                     scaled by alpha with vectors, 4 tdpbf16ps a 32-wide chunk.
+                                     key pairs (vall: rows 2i and 2i+1 interleaved); O in
+                                     memory, its rows scaled by alpha with vectors where alpha
+                                     is not 1, 4 tdpbf16ps a 32-wide chunk.
 
-P goes through bf16 as in torch's CPU flash attention for bf16; every sum is f32. The softmax
-and the output rows stay the vector code's. Scratch: 26 KB of stack a task.
+kall and vall hold the whole sequence's keys of the task's KV head, gathered from the pages
+once a task (gather_sequence), so the key tiles start at multiples of 32 (the mask drops keys
+before a window's start). P goes through bf16 as in torch's CPU flash attention for bf16;
+every sum is f32. The softmax and the output rows stay the vector code's.
 """
 from __future__ import annotations
 
@@ -26,18 +29,55 @@ def amx_applies(amx: bool, el: str, gr: int, grp: int, d: int) -> bool:
 
 
 def scratch(t, d: int) -> dict:
-    """Stack buffers of a task: qv (also as i32 pairs), kt, vp, pb."""
+    """Stack buffers of a task: qv (also as i32 pairs) and pb."""
     def buf(nbytes: int) -> str:
         return t(f"memref.alloca() {{alignment = 64 : i64}} : memref<{nbytes}xi8>")
 
     def view(b: str, nbytes: int, ty: str) -> str:
         return t(f"memref.view {b}[{t.idx(0)}][] : memref<{nbytes}xi8> to {ty}")
-    qb, kb, vb, pb = buf(d * GR * 2), buf(32 * d * 2), buf(32 * d * 2), buf(GR * 32 * 2)
+    qb, pb = buf(d * GR * 2), buf(GR * 32 * 2)
     return dict(qv=view(qb, d * GR * 2, f"memref<{d // 2}x{2 * GR}xbf16>"),
                 qvi=view(qb, d * GR * 2, f"memref<{d // 2}x{GR}xi32>"),
-                kt=view(kb, 32 * d * 2, f"memref<32x{d}xbf16>"),
-                vp=view(vb, 32 * d * 2, f"memref<16x{2 * d}xbf16>"),
                 pb=view(pb, GR * 32 * 2, f"memref<{GR}x32xbf16>"))
+
+
+def gather_sequence(k, page_slot, d: int, total: str, sc: dict) -> None:
+    """The task's K rows, sc["kall"] [NK, D], and V in key pairs, sc["vall"] [NK/2, 2D] (row
+    i: keys 2i and 2i+1 interleaved), for all keys of the sequence, NK = total rounded up to 32,
+    rows past total zero (P is 0 there, and 0 x a stale NaN would not be). Once a task: each
+    block of rows read them tile by tile, re-gathered, 32 times over for 512 rows."""
+    t = k.t
+    up = t(f"arith.addi {total}, {t.idx(31)} : index")
+    nk = t(f"arith.muli {t(f'arith.divui {up}, {t.idx(32)} : index')}, {t.idx(32)} : index")
+    kat, vat = f"memref<?x{d}xbf16>", f"memref<?x{2 * d}xbf16>"
+    kall = t(f"memref.alloc({nk}) {{alignment = 64 : i64}} : {kat}")
+    vall = t(f"memref.alloc({t(f'arith.divui {nk}, {t.idx(2)} : index')}) "
+             f"{{alignment = 64 : i64}} : {vat}")
+    last = t(f"arith.subi {total}, {t.idx(1)} : index")
+
+    def row(j: str, kind: int, col: int, width: int) -> str:
+        """width bf16 of key j (zero past total) at column col."""
+        ok = t(f"arith.cmpi ult, {j}, {total} : index")
+        pg, sl = page_slot(t(f"arith.minui {j}, {last} : index"))
+        vt = f"vector<{width}xbf16>"
+        x = t(f"vector.load %blocks[{pg}, {t.idx(kind)}, {t.idx(k.layer)}, {sl}, %h, "
+              f"{t.idx(col)}] : {k.bt}, {vt}")
+        return t(f"arith.select {ok}, {x}, {t.const('0.0', vt)} : {vt}")
+    t.for_("%xg", t.idx(0), nk, t.idx(1))
+    for c in range(0, d, 32):
+        t.stmt(f"vector.store {row('%xg', 0, c, 32)}, {kall}[%xg, {t.idx(c)}] : {kat}, "
+               f"vector<32xbf16>")
+    t.close()
+    inter = ", ".join(f"{i}, {i + 16}" for i in range(16))
+    vh = "vector<16xbf16>"
+    t.for_("%xp", t.idx(0), t(f"arith.divui {nk}, {t.idx(2)} : index"), t.idx(1))
+    j0 = t(f"arith.muli %xp, {t.idx(2)} : index")
+    j1 = t(f"arith.addi {j0}, {t.idx(1)} : index")
+    for c in range(0, d, 16):
+        x = t(f"vector.shuffle {row(j0, 1, c, 16)}, {row(j1, 1, c, 16)} [{inter}] : {vh}, {vh}")
+        t.stmt(f"vector.store {x}, {vall}[%xp, {t.idx(2 * c)}] : {vat}, vector<32xbf16>")
+    t.close()
+    sc.update(kall=kall, kat=kat, vall=vall, vat=vat)
 
 
 def pack_queries(k, qrow, d: int, sc: dict) -> None:
@@ -63,21 +103,15 @@ def pack_queries(k, qrow, d: int, sc: dict) -> None:
         t.close()
 
 
-def scores(k, key_index, d: int, sc: dict, st: str, stt: str) -> None:
-    """st = K Q^T for the key tile whose pages _tile_pages wrote; key_index(j, kind, col)."""
+def scores(k, d: int, sc: dict, st: str, stt: str, k0: str) -> None:
+    """st = K Q^T for the key tile at k0 (a multiple of 32), from gather_sequence's rows."""
     t = k.t
-    ktt = f"memref<32x{d}xbf16>"
-    vb = "vector<32xbf16>"
-    t.for_("%xj", t.idx(0), t.idx(32), t.idx(1))
-    for c in range(0, d, 32):
-        x = t(f"vector.load %blocks[{', '.join(key_index('%xj', 0, t.idx(c)))}] : {k.bt}, {vb}")
-        t.stmt(f"vector.store {x}, {sc['kt']}[%xj, {t.idx(c)}] : {ktt}, {vb}")
-    t.close()
     c = [[t(f"amx.tile_zero : {TC}") for _ in range(2)] for _ in range(2)]
     qvt = f"memref<{d // 2}x{2 * GR}xbf16>"
+    rows = [k0, t(f"arith.addi {k0}, {t.idx(16)} : index")]
     for s in range(d // 32):
-        a = [t(f"amx.tile_load {sc['kt']}[{t.idx(16 * i)}, {t.idx(32 * s)}] : {ktt} into {TX}")
-             for i in range(2)]
+        a = [t(f"amx.tile_load {sc['kall']}[{rows[i]}, {t.idx(32 * s)}] : {sc['kat']} into "
+               f"{TX}") for i in range(2)]
         b = [t(f"amx.tile_load {sc['qv']}[{t.idx(16 * s)}, {t.idx(32 * j)}] : {qvt} into {TX}")
              for j in range(2)]
         c = [[t(f"amx.tile_mulf {a[i]}, {b[j]}, {c[i][j]} : {TX}, {TX}, {TC}") for j in range(2)]
@@ -88,42 +122,38 @@ def scores(k, key_index, d: int, sc: dict, st: str, stt: str) -> None:
                    f"{TC}")
 
 
-def accumulate(k, key_index, d: int, sc: dict, st: str, stt: str, os_: str, ost: str,
-               lm: str, lmt: str) -> None:
-    """O = alpha O + P V for the key tile (P^T in st, alpha in lm row 2)."""
+def accumulate(k, d: int, sc: dict, st: str, stt: str, os_: str, ost: str, lm: str, lmt: str,
+               k0: str) -> None:
+    """O = alpha O + P V for the key tile at k0 (P^T in st, alpha in lm row 2)."""
     t = k.t
     vf, vh = "vector<16xf32>", "vector<16xbf16>"
     pbt = f"memref<{GR}x32xbf16>"
     for q0 in (0, 16):
-        for k0 in (0, 16):
-            rows = [t(f"vector.load {st}[{t.idx(k0 + r)}, {t.idx(q0)}] : {stt}, {vf}")
+        for j0 in (0, 16):
+            rows = [t(f"vector.load {st}[{t.idx(j0 + r)}, {t.idx(q0)}] : {stt}, {vf}")
                     for r in range(16)]
             for i, r in enumerate(transpose(t, rows, 16)):
                 t.stmt(f"vector.store {t(f'arith.truncf {r} : {vf} to {vh}')}, "
-                       f"{sc['pb']}[{t.idx(q0 + i)}, {t.idx(k0)}] : {pbt}, {vh}")
-    vpt = f"memref<16x{2 * d}xbf16>"
-    inter = ", ".join(f"{i}, {i + 16}" for i in range(16))
-    t.for_("%xv", t.idx(0), t.idx(16), t.idx(1))
-    j0 = t(f"arith.muli %xv, {t.idx(2)} : index")
-    j1 = t(f"arith.addi {j0}, {t.idx(1)} : index")
-    for c in range(0, d, 16):
-        a = t(f"vector.load %blocks[{', '.join(key_index(j0, 1, t.idx(c)))}] : {k.bt}, {vh}")
-        b = t(f"vector.load %blocks[{', '.join(key_index(j1, 1, t.idx(c)))}] : {k.bt}, {vh}")
-        x = t(f"vector.shuffle {a}, {b} [{inter}] : {vh}, {vh}")
-        t.stmt(f"vector.store {x}, {sc['vp']}[%xv, {t.idx(2 * c)}] : {vpt}, vector<32xbf16>")
-    t.close()
+                       f"{sc['pb']}[{t.idx(q0 + i)}, {t.idx(j0)}] : {pbt}, {vh}")
+    kp = t(f"arith.divui {k0}, {t.idx(2)} : index")
+    # O's rows times alpha, skipped where alpha is exactly 1 (the row's max did not move: most
+    # rows of most tiles once the first keys are in).
     t.for_("%xo", t.idx(0), t.idx(GR), t.idx(1))
-    al = t(f"vector.broadcast {t(f'memref.load {lm}[{t.idx(2)}, %xo] : {lmt}')} : f32 to {vf}")
+    a_s = t(f"memref.load {lm}[{t.idx(2)}, %xo] : {lmt}")
+    one = t.const("1.0", "f32")
+    t.open(f"scf.if {t(f'arith.cmpf une, {a_s}, {one} : f32')}")
+    al = t(f"vector.broadcast {a_s} : f32 to {vf}")
     for c in range(0, d, 16):
         o = t(f"vector.load {os_}[%xo, {t.idx(c)}] : {ost}, {vf}")
         t.stmt(f"vector.store {t(f'arith.mulf {o}, {al} : {vf}')}, {os_}[%xo, {t.idx(c)}] : "
                f"{ost}, {vf}")
     t.close()
+    t.close()
     p = [t(f"amx.tile_load {sc['pb']}[{t.idx(16 * i)}, {t.idx(0)}] : {pbt} into {TX}")
          for i in range(2)]
     for dc in range(0, d, 32):
-        v = [t(f"amx.tile_load {sc['vp']}[{t.idx(0)}, {t.idx(2 * dc + 32 * j)}] : {vpt} into "
-               f"{TX}") for j in range(2)]
+        v = [t(f"amx.tile_load {sc['vall']}[{kp}, {t.idx(2 * dc + 32 * j)}] : {sc['vat']} "
+               f"into {TX}") for j in range(2)]
         for i in range(2):
             for j in range(2):
                 at = f"{os_}[{t.idx(16 * i)}, {t.idx(dc + 16 * j)}]"
