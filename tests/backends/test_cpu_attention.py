@@ -193,7 +193,8 @@ def test_flash_attention_full_blocks(target, n_heads, n_kv_heads, d, dt):
 
 
 def test_amx_attention_with_scale_and_softcap():
-    """The AMX full blocks scale S in f32 before the cap (Q is not pre-scaled there)."""
+    """The AMX full blocks scale S in f32 before the cap (Q is not pre-scaled there), and a
+    window's keys are gathered from its start."""
     if not _cpu_runs(AMX):
         pytest.skip(f"this CPU cannot run {AMX}")
     from graphir.dtype import round_to_bf16
@@ -208,7 +209,8 @@ def test_amx_attention_with_scale_and_softcap():
                                               layer_idx=1, mask_variant=m, window=w, scale=0.7,
                                               softcap=2.0)
                    for m, w in (("causal", None), ("sliding_window_causal", 5))])
-    counts, cached = [35, 1, 17], [6, 10, 0]
+    # The third sequence's window starts past key 32: its gathered keys start there.
+    counts, cached = [17, 1, 17], [6, 2, 40]
     blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=nkv, d=d)
     q = round_to_bf16(rng.standard_normal((sum(counts), nh * d)).astype(np.float32))
     blocks = round_to_bf16(blocks)

@@ -444,7 +444,15 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                   vt=t(f"memref.alloca() {{alignment = 64 : i64}} : memref<{KEY_TILE}x{d}xf32>"))
         if amx_tiles.amx_applies(amx, el, lt.gr, grp, d):
             sc.update(amx_tiles.scratch(t, d))
-            amx_tiles.gather_sequence(k, lambda kp: _page_slot(k, kp, page), d, k.total, sc)
+            # The keys the full blocks read: from the first block's first (its window's start,
+            # to a multiple of 32) to the end; none without a full block.
+            kb = _key_range(k, t.idx(0), t.idx(lt.rows))[1]
+            kb = t(f"arith.muli {t(f'arith.divui {kb}, {t.idx(KEY_TILE)} : index')}, "
+                   f"{t.idx(KEY_TILE)} : index")
+            full = t(f"arith.cmpi uge, {n}, {t.idx(lt.rows)} : index")
+            cnt = t(f"arith.select {full}, {t(f'arith.subi {k.total}, {kb} : index')}, "
+                    f"{t.idx(0)} : index")
+            amx_tiles.gather_sequence(k, lambda kp: _page_slot(k, kp, page), d, kb, cnt, sc)
         # Query lanes past GR must read as zeros (they are computed, never written out).
         t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : memref<{d}x{grp}xf32>)")
         t.for_("%fr0", t.idx(0), tail0(n), t.idx(lt.rows))

@@ -41,24 +41,25 @@ def scratch(t, d: int) -> dict:
                 pb=view(pb, GR * 32 * 2, f"memref<{GR}x32xbf16>"))
 
 
-def gather_sequence(k, page_slot, d: int, total: str, sc: dict) -> None:
+def gather_sequence(k, page_slot, d: int, kbase: str, count: str, sc: dict) -> None:
     """The task's K rows, sc["kall"] [NK, D], and V in key pairs, sc["vall"] [NK/2, 2D] (row
-    i: keys 2i and 2i+1 interleaved), for all keys of the sequence, NK = total rounded up to 32,
-    rows past total zero (P is 0 there, and 0 x a stale NaN would not be). Once a task: each
-    block of rows read them tile by tile, re-gathered, 32 times over for 512 rows."""
+    i: keys 2i and 2i+1 interleaved), of keys kbase .. kbase + count (kbase a multiple of 32;
+    the keys its full blocks read: none without one), NK = count rounded up to 32, rows past
+    count zero (P is 0 there, and 0 x a stale NaN would not be). Once a task: each block of rows
+    read them tile by tile, re-gathered, 32 times over for 512 rows."""
     t = k.t
-    up = t(f"arith.addi {total}, {t.idx(31)} : index")
+    up = t(f"arith.addi {count}, {t.idx(31)} : index")
     nk = t(f"arith.muli {t(f'arith.divui {up}, {t.idx(32)} : index')}, {t.idx(32)} : index")
     kat, vat = f"memref<?x{d}xbf16>", f"memref<?x{2 * d}xbf16>"
     kall = t(f"memref.alloc({nk}) {{alignment = 64 : i64}} : {kat}")
     vall = t(f"memref.alloc({t(f'arith.divui {nk}, {t.idx(2)} : index')}) "
              f"{{alignment = 64 : i64}} : {vat}")
-    last = t(f"arith.subi {total}, {t.idx(1)} : index")
+    last = t(f"arith.subi {count}, {t.idx(1)} : index")
 
     def row(j: str, kind: int, col: int, width: int) -> str:
-        """width bf16 of key j (zero past total) at column col."""
-        ok = t(f"arith.cmpi ult, {j}, {total} : index")
-        pg, sl = page_slot(t(f"arith.minui {j}, {last} : index"))
+        """width bf16 of key kbase + j (zero from count on) at column col."""
+        ok = t(f"arith.cmpi ult, {j}, {count} : index")
+        pg, sl = page_slot(t(f"arith.addi {kbase}, {t(f'arith.minui {j}, {last} : index')} : index"))
         vt = f"vector<{width}xbf16>"
         x = t(f"vector.load %blocks[{pg}, {t.idx(kind)}, {t.idx(k.layer)}, {sl}, %h, "
               f"{t.idx(col)}] : {k.bt}, {vt}")
@@ -77,7 +78,7 @@ def gather_sequence(k, page_slot, d: int, total: str, sc: dict) -> None:
         x = t(f"vector.shuffle {row(j0, 1, c, 16)}, {row(j1, 1, c, 16)} [{inter}] : {vh}, {vh}")
         t.stmt(f"vector.store {x}, {vall}[%xp, {t.idx(2 * c)}] : {vat}, vector<32xbf16>")
     t.close()
-    sc.update(kall=kall, kat=kat, vall=vall, vat=vat)
+    sc.update(kall=kall, kat=kat, vall=vall, vat=vat, kbase=kbase)
 
 
 def pack_queries(k, qrow, d: int, sc: dict) -> None:
@@ -108,7 +109,8 @@ def scores(k, d: int, sc: dict, st: str, stt: str, k0: str) -> None:
     t = k.t
     c = [[t(f"amx.tile_zero : {TC}") for _ in range(2)] for _ in range(2)]
     qvt = f"memref<{d // 2}x{2 * GR}xbf16>"
-    rows = [k0, t(f"arith.addi {k0}, {t.idx(16)} : index")]
+    r0 = t(f"arith.subi {k0}, {sc['kbase']} : index")
+    rows = [r0, t(f"arith.addi {r0}, {t.idx(16)} : index")]
     for s in range(d // 32):
         a = [t(f"amx.tile_load {sc['kall']}[{rows[i]}, {t.idx(32 * s)}] : {sc['kat']} into "
                f"{TX}") for i in range(2)]
@@ -135,7 +137,8 @@ def accumulate(k, d: int, sc: dict, st: str, stt: str, os_: str, ost: str, lm: s
             for i, r in enumerate(transpose(t, rows, 16)):
                 t.stmt(f"vector.store {t(f'arith.truncf {r} : {vf} to {vh}')}, "
                        f"{sc['pb']}[{t.idx(q0 + i)}, {t.idx(j0)}] : {pbt}, {vh}")
-    kp = t(f"arith.divui {k0}, {t.idx(2)} : index")
+    rel = t(f"arith.subi {k0}, {sc['kbase']} : index")
+    kp = t(f"arith.divui {rel}, {t.idx(2)} : index")
     # O's rows times alpha, skipped where alpha is exactly 1 (the row's max did not move: most
     # rows of most tiles once the first keys are in).
     t.for_("%xo", t.idx(0), t.idx(GR), t.idx(1))
