@@ -111,24 +111,21 @@ def times(fn, reps: int) -> list[float]:
     return out
 
 
-# Seconds between two timed calls: both thread pools spin for a while after a parallel region
-# before they sleep (parallel_runtime.c's SPINS_BEFORE_SLEEP pauses; libgomp's spin count under
-# torch and MKL), and on a 2-core machine the previous contender's spinning threads took ~20%
-# off the next one's bf16 matmul (BENCHMARKS.md, AMX, 2026-12-05): with the gap each call
-# starts with the other pools asleep, as in a process that runs one of them.
-GAP_S = 0.05
-
-
-def interleaved_times(fns, reps: int, gap: float = GAP_S) -> list[list[float]]:
+def interleaved_times(fns, reps: int) -> list[list[float]]:
     """Wall times of `reps` rounds, each calling every fn once (after one warm-up round), as one
-    list per fn: contenders measured side by side see the same load from other processes;
-    `gap` seconds of sleep before each call (GAP_S)."""
+    list per fn: contenders measured side by side see the same load from other processes, and
+    each call mostly finds its weights out of the caches, as a layer of a deep model does.
+    On 2 cores each call also runs while the previous contender's thread pool still spins
+    (both sides alike: graphir's bf16 matmul 1,275 vs 1,584 GFLOP/s back to back, torch's
+    1,734 vs 2,059). Tried and dropped (BENCHMARKS.md, AMX, 2026-12-05): a 50 ms sleep before
+    each call (every call then ran slower, a decode step most: 3.25 / 7.94 ms best / median
+    against 2.2 / 2.4 back to back) and an untimed call of the same fn before each timed one
+    (weights then partly cached: not a many-layer model)."""
     for fn in fns:
         fn()
     out = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, out):
-            time.sleep(gap)
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
