@@ -40,3 +40,15 @@ def assert_matches_interpreter(graph, *inputs, weights=None, rtol=1e-5, atol=1e-
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(r, np.float64), rtol=rtol,
                                    atol=atol, err_msg=f"buffer/input {i} after the call")
     return got
+
+
+def cpu_runs(target: str) -> bool:
+    """Whether this host runs code built for `target` (the runtime's own check: the ISA's
+    flags, and for amx Linux's grant of the tile state)."""
+    from graphir.lowering.mlir_cpu.cpu_target import check_host
+
+    try:
+        check_host(target)
+    except ValueError:
+        return False
+    return True

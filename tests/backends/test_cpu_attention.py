@@ -14,7 +14,7 @@ from graphir.ops.attention_math import MASK_VARIANTS
 from graphir.ops.rope_math import rope_freqs_cis
 from graphir.runtime.interpreter import run
 
-from .harness import assert_matches_interpreter
+from .harness import assert_matches_interpreter, cpu_runs as _cpu_runs
 
 pytest.importorskip("mlir.ir")
 
@@ -129,13 +129,6 @@ def test_flash_attention_scratch_outside_loops(n_heads, n_kv_heads):
         if s.endswith("{"):
             open_ops.append("scf.for" if "scf.for " in s else "region")   # not scf.forall
     assert allocas >= 5
-
-
-def _cpu_runs(target: str) -> bool:
-    from graphir.lowering.mlir_cpu.cpu_target import CpuTarget, amx_refusal, host_cpu
-
-    want = CpuTarget.parse(target.split(":", 1)[1])
-    return not want.missing_on(host_cpu()) and not ("amx" in want.extras and amx_refusal())
 
 
 AMX = "cpu:x86-64:avx512+amx+bf16"

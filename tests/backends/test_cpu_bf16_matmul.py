@@ -13,8 +13,10 @@ from graphir import DeviceRef, DType, Graph, TensorType, Weight, ops
 from graphir.dtype import round_to
 from graphir.lowering.driver import Target, compile_graph
 from graphir.lowering.mlir_cpu.backend import mlir_text
-from graphir.lowering.mlir_cpu.cpu_target import amx_refusal, host_cpu
+from graphir.lowering.mlir_cpu.cpu_target import host_cpu
 from graphir.runtime.session import InferenceSession
+
+from .harness import cpu_runs
 
 BF16 = "cpu:x86-64:avx512+bf16"
 AMX = "cpu:x86-64:avx512+amx+bf16"
@@ -23,7 +25,7 @@ DEV = DeviceRef.CPU()
 HAS_BF16 = {"avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq",
             "avx512cd"} <= host_cpu().flags
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no AVX512-BF16")
-HAS_AMX = HAS_BF16 and {"amx_bf16", "amx_tile"} <= host_cpu().flags and not amx_refusal()
+HAS_AMX = cpu_runs(AMX)
 TARGETS = [BF16, pytest.param(AMX, marks=pytest.mark.skipif(
     not HAS_AMX, reason="this CPU (or Linux here) gives no AMX tiles"))]
 

@@ -185,7 +185,7 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
     t, d, g, c, el = k.t, k.d, k.g, KEY_TILE, k.el
     v, vi = fvec(lanes), f"vector<{lanes}xi32>"
     grp = lt.nv * lanes
-    qt, qtt, st, stt = sc["qt"], f"memref<{d}x{grp}xf32>", sc["st"], f"memref<{c}x{grp}xf32>"
+    qt, qtt, st, stt = sc.get("qt"), f"memref<{d}x{grp}xf32>", sc["st"], f"memref<{c}x{grp}xf32>"
     os_, ost, lm, lmt = sc["os"], f"memref<{lt.gr}x{d}xf32>", sc["lm"], f"memref<3x{grp}xf32>"
     neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
     tiles = amx_tiles.amx_applies(k.amx, el, lt.gr, grp, d)
@@ -437,12 +437,17 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
         t.open(f"scf.forall (%b, %h) in ({nb}, {n_kv_heads})")
         k, n = kernel(rows)
         grp = lt.nv * lanes
-        sc = dict(qt=t(f"memref.alloca() : memref<{d}x{grp}xf32>"),
-                  st=t(f"memref.alloca() : memref<{KEY_TILE}x{grp}xf32>"),
+        sc = dict(st=t(f"memref.alloca() : memref<{KEY_TILE}x{grp}xf32>"),
                   os=t(f"memref.alloca() : memref<{lt.gr}x{d}xf32>"),
-                  lm=t(f"memref.alloca() : memref<3x{grp}xf32>"),
-                  vt=t(f"memref.alloca() {{alignment = 64 : i64}} : memref<{KEY_TILE}x{d}xf32>"))
-        if amx_tiles.amx_applies(amx, el, lt.gr, grp, d):
+                  lm=t(f"memref.alloca() : memref<3x{grp}xf32>"))
+        if not amx_tiles.amx_applies(amx, el, lt.gr, grp, d):   # the vector path's Qt and V
+            sc.update(qt=t(f"memref.alloca() : memref<{d}x{grp}xf32>"),
+                      vt=t(f"memref.alloca() {{alignment = 64 : i64}} : "
+                           f"memref<{KEY_TILE}x{d}xf32>"))
+            # Query lanes past GR must read as zeros (they are computed, never written out).
+            t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : "
+                   f"memref<{d}x{grp}xf32>)")
+        else:
             sc.update(amx_tiles.scratch(t, d))
             # The keys the full blocks read: from the first block's first (its window's start,
             # to a multiple of 32) to the end; none without a full block.
@@ -453,8 +458,6 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
             cnt = t(f"arith.select {full}, {t(f'arith.subi {k.total}, {kb} : index')}, "
                     f"{t.idx(0)} : index")
             amx_tiles.gather_sequence(k, lambda kp: _page_slot(k, kp, page), d, kb, cnt, sc)
-        # Query lanes past GR must read as zeros (they are computed, never written out).
-        t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : memref<{d}x{grp}xf32>)")
         t.for_("%fr0", t.idx(0), tail0(n), t.idx(lt.rows))
         _full_block(k, lt, lanes, "%fr0", page, sc)
         t.close()
