@@ -258,15 +258,14 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
                 t.idx(lt.gr), lanes, "%fw")
 
 
-def _tile_rows(k: _Kernel, lanes: int, kind: int, rows: str) -> str:
-    """The key tile's K (kind 0) or V (1) rows copied as f32 into `rows` [KEY_TILE, D]; its
-    type. In the cache they lie a page slot apart (4 KB for 8 heads of 128 f32), all in the
+def _tile_v_rows(k: _Kernel, lanes: int, rows: str) -> str:
+    """The key tile's V rows copied as f32 into `rows` [KEY_TILE, D]; its type. In the cache they lie a page slot apart (4 KB for 8 heads of 128 f32), all in the
     same L1 sets, and P V reads each row GR/MQ times: from the cache every read missed L1 (f32
     attention of 512 tokens, 32 heads: 15.3-15.7 -> 13.2-13.4 ms with V copied)."""
     t, d, v = k.t, k.d, fvec(lanes)
     rt = f"memref<{KEY_TILE}x{d}xf32>"
     t.for_("%fvc", t.idx(0), t.idx(KEY_TILE), t.idx(1))
-    row = _key_index(k, "%fvc", kind, "")[:-1]
+    row = _key_index(k, "%fvc", 1, "")[:-1]
     for u in range(0, d, lanes):
         x = load_f32(t, "%blocks", row + [t.idx(u)], k.bt, k.el, lanes)
         t.stmt(f"vector.store {x}, {rows}[%fvc, {t.idx(u)}] : {rt}, {v}")
@@ -363,7 +362,7 @@ def _accumulate(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, os_: s
     copied to `vt`: GR/MQ x D/(DV lanes) passes read it)."""
     t, d, c = k.t, k.d, KEY_TILE
     v = fvec(lanes)
-    vtt = _tile_rows(k, lanes, 1, vt)
+    vtt = _tile_v_rows(k, lanes, vt)
     t.for_("%fqb", t.idx(0), t.idx(lt.gr), t.idx(lt.mq))
     t.for_("%fdc", t.idx(0), t.idx(d), t.idx(lt.dv * lanes))
     qs = [t(f"arith.addi %fqb, {t.idx(q)} : index") for q in range(lt.mq)]
