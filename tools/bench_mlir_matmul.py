@@ -111,21 +111,27 @@ def times(fn, reps: int) -> list[float]:
     return out
 
 
-def interleaved_times(fns, reps: int) -> list[list[float]]:
+def interleaved_times(fns, reps: int, lead: int = 0) -> list[list[float]]:
     """Wall times of `reps` rounds, each calling every fn once (after one warm-up round), as one
     list per fn: contenders measured side by side see the same load from other processes, and
     each call mostly finds its weights out of the caches, as a layer of a deep model does.
     On 2 cores each call also runs while the previous contender's thread pool still spins
-    (both sides alike: graphir's bf16 matmul 1,275 vs 1,584 GFLOP/s back to back, torch's
-    1,734 vs 2,059). Tried and dropped (BENCHMARKS.md, AMX, 2026-12-05): a 50 ms sleep before
-    each call (every call then ran slower, a decode step most: 3.25 / 7.94 ms best / median
-    against 2.2 / 2.4 back to back) and an untimed call of the same fn before each timed one
-    (weights then partly cached: not a many-layer model)."""
+    (torch's OpenMP workers spin some milliseconds after a region: a bf16 decode step of
+    graphir took 10.1 ms right after torch's and 7.3 ms after its own, BENCHMARKS.md
+    2026-12-05 sixteenth session), so with 3+ contenders the order matters: one that follows
+    a call of its own framework is not slowed. `lead` untimed calls of the same fn before
+    each timed one measure every contender in its own steady state instead (a serving loop
+    runs one framework); the weights may then stay cached, more so on CPUs with a large L3.
+    Tried and dropped (BENCHMARKS.md, AMX, 2026-12-05): a 50 ms sleep before each call (every
+    call then ran slower, a decode step most: 3.25 / 7.94 ms best / median against 2.2 / 2.4
+    back to back)."""
     for fn in fns:
         fn()
     out = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, out):
+            for _ in range(lead):
+                fn()
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)

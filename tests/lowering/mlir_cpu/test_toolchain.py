@@ -256,3 +256,40 @@ def test_parallel_runtime_is_built_in_the_compile_cache(tmp_path, monkeypatch):
         path = toolchain._runtime_artifact(kind)
         assert path.parent == cache / "cpu_rt" and path.stat().st_size > 0
     assert not any(home.iterdir())
+
+
+_IDLE_RUNNER = r"""
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from graphir.runtime.cpu import CpuLibrary
+fn = CpuLibrary(sys.argv[2]).function("linear", 2, 1)
+x, w = np.ones((8, 64), np.float32), np.ones((4, 64, 16), np.float32)
+out = np.zeros((8, 64), np.float32)
+time.sleep(0.3)   # numpy's own BLAS threads spin for a while after its import
+for _ in range(2):
+    fn([x, w], [out])
+assert (out == 64).all()
+t0 = time.process_time()
+time.sleep(0.3)
+print("IDLE_CPU_MS", (time.process_time() - t0) * 1e3)
+"""
+
+
+@pytest.mark.parametrize("spin_us,busy", [(1000, False), (150000, True)])
+def test_idle_workers_spin_only_as_long_as_asked(tmp_path, spin_us, busy):
+    # After a parallel region the pool's workers spin GRAPHIR_SPIN_US (default 200 us) for the
+    # next one, then sleep: a process that runs torch or numpy next gets its cores back. The
+    # CPU time the idle process burns in 0.3 s shows which.
+    def build():
+        @func.FuncOp.from_py_func(_t([8, 64]), _t([4, 64, 16]), name="linear")
+        def linear(x, w):
+            return schedules.emit_packed_matmul(x, w)
+
+    so = _compile(build, tmp_path, schedule=True)
+    env = dict(os.environ, GRAPHIR_NUM_THREADS="2", GRAPHIR_SPIN_US=str(spin_us))
+    res = subprocess.run([sys.executable, "-c", _IDLE_RUNNER, str(ROOT), str(so)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    idle_ms = float(res.stdout.split("IDLE_CPU_MS")[1])
+    assert (idle_ms > 30) if busy else (idle_ms < 15), idle_ms
