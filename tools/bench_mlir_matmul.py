@@ -156,6 +156,9 @@ def main() -> None:
     ap.add_argument("--target", default="cpu", help="cpu (this host) or e.g. cpu:x86-64:avx2")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lead", type=int, default=0,
+                    help="untimed calls of the same contender before each timed one "
+                         "(interleaved_times)")
     args = ap.parse_args()
     os.environ["GRAPHIR_NUM_THREADS"] = str(args.threads)   # before the pool starts
 
@@ -191,7 +194,7 @@ def main() -> None:
                 calls.append(lambda fn=fn, w_in=w_in, out=out: fn([a, w_in], [out]))
                 built.append((variant, compile_s, out))
             *t_mlir, t_torch, t_numpy = (min(ts) for ts in interleaved_times(
-                calls + [lambda: torch.nn.functional.linear(ta, tw), lambda: a @ w.T], args.reps))
+                calls + [lambda: torch.nn.functional.linear(ta, tw), lambda: a @ w.T], args.reps, args.lead))
             for (variant, compile_s, out), t in zip(built, t_mlir):
                 err = float(np.abs(out - ref).max() / np.abs(ref).max())
                 rows.append((spec, variant, compile_s, flops / t / 1e9, flops / t_torch / 1e9,
