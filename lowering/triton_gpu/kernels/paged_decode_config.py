@@ -120,6 +120,14 @@ CANDIDATES: list[dict] = [
     # 8 partitions reached 0.99x SDPA against 0.81x for the rule's 4 (PDL on, 2026-12-04), but
     # 32 lost at B1 x 4096 (0.91x): a candidate the tuner picks per bucket, not a rule change.
     make_config(64, 1, 0, 4, 5, 3, min_part=128),
+    # The same kernels split as if an SM held one CTA: partitions only until the grid covers
+    # the SMs once. Where batch x KV heads / HEADS is already ~NUM_SMS the rule's split to three
+    # CTAs an SM lost to no split (H100, 2026-12-05: B16 x 16384 0.977x SDPA at 3 partitions,
+    # 1.003x at 1; 2 heads at B32 x 2048 0.917x against 1.006x): the partials and the reduce
+    # launch cost more than the extra CTAs hide.
+    make_config(64, 1, 0, 4, 5, 1),
+    make_config(32, 1, 0, 4, 5, 1, heads=2),
+    make_config(16, 1, 0, 4, 5, 1, heads=4),
 ]
 
 
