@@ -247,11 +247,24 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         _tile_pages(k, "%fk0", kend, page, "%fj")
         _scores(k, lt, lanes, st, stt, qt, qtt)
     _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, scale if tiles else None)
-    if tiles:
-        amx_tiles.accumulate(k, d, sc, st, stt, os_, ost, lm, lmt, "%fk0")
+    if tiles:   # P V a key tile late (amx_tiles.accumulate says why), then this tile's P staged
+        rel = t(f"arith.subi %fk0, {kstart} : index")
+        slot = t(f"arith.remui {t(f'arith.divui {rel}, {t.idx(c)} : index')}, {t.idx(2)} : index")
+        t.open(f"scf.if {t(f'arith.cmpi ugt, %fk0, {kstart} : index')}")
+        amx_tiles.accumulate(k, d, sc, os_, ost, t(f"arith.subi {t.idx(1)}, {slot} : index"),
+                             t(f"arith.subi %fk0, {t.idx(c)} : index"))
+        t.close()
+        amx_tiles.stage_p(k, sc, st, stt, lm, lmt, slot)
     else:
         _accumulate(k, lt, lanes, st, stt, os_, ost, lm, lmt, sc["vt"])
     t.close()   # %fk0
+    if tiles:   # the last key tile's P V
+        t.open(f"scf.if {t(f'arith.cmpi ugt, {kend}, {kstart} : index')}")
+        span = t(f"arith.subi {kend}, {kstart} : index")
+        n = t(f"arith.divui {t(f'arith.subi {span}, {t.idx(1)} : index')}, {t.idx(c)} : index")
+        last = t(f"arith.addi {kstart}, {t(f'arith.muli {n}, {t.idx(c)} : index')} : index")
+        amx_tiles.accumulate(k, d, sc, os_, ost, t(f"arith.remui {n}, {t.idx(2)} : index"), last)
+        t.close()
     sums = t(f"memref.subview {lm}[1, 0] [1, {lt.gr}] [1, 1] : {lmt} to "
              f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>")
     _write_rows(k, os_, ost, sums, f"memref<{lt.gr}xf32, strided<[1], offset: {grp}>>", r0,

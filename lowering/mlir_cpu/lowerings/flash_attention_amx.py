@@ -8,7 +8,9 @@ a target with amx): per key tile of 32 keys and block of 32 query vectors,
   O[32 queries][D] = alpha O + P V   A: P in bf16 (P^T transposed by vector shuffles), B: V in
                                      key pairs (vall: rows 2i and 2i+1 interleaved); O in
                                      memory, its rows scaled by alpha with vectors where alpha
-                                     is not 1, 4 tdpbf16ps a 32-wide chunk.
+                                     is not 1, 4 tdpbf16ps a 32-wide chunk; one key tile late
+                                     (P and alpha staged in two slots), so that P's stores have
+                                     left the store buffer when its tiles load it.
 
 kall and vall hold the whole sequence's keys of the task's KV head, gathered from the pages
 once a task (gather_sequence), so the key tiles start at multiples of 32 (the mask drops keys
@@ -29,16 +31,18 @@ def amx_applies(amx: bool, el: str, gr: int, grp: int, d: int) -> bool:
 
 
 def scratch(t, d: int) -> dict:
-    """Stack buffers of a task: qv (also as i32 pairs) and pb."""
+    """Stack buffers of a task: qv (also as i32 pairs), and two slots of P (pb) and of alpha
+    (al): P V runs a key tile late (accumulate)."""
     def buf(nbytes: int) -> str:
         return t(f"memref.alloca() {{alignment = 64 : i64}} : memref<{nbytes}xi8>")
 
     def view(b: str, nbytes: int, ty: str) -> str:
         return t(f"memref.view {b}[{t.idx(0)}][] : memref<{nbytes}xi8> to {ty}")
-    qb, pb = buf(d * GR * 2), buf(GR * 32 * 2)
+    qb, pb, al = buf(d * GR * 2), buf(2 * GR * 32 * 2), buf(2 * GR * 4)
     return dict(qv=view(qb, d * GR * 2, f"memref<{d // 2}x{2 * GR}xbf16>"),
                 qvi=view(qb, d * GR * 2, f"memref<{d // 2}x{GR}xi32>"),
-                pb=view(pb, GR * 32 * 2, f"memref<{GR}x32xbf16>"))
+                pb=view(pb, 2 * GR * 32 * 2, f"memref<{2 * GR}x32xbf16>"),
+                al=view(al, 2 * GR * 4, f"memref<2x{GR}xf32>"))
 
 
 def gather_sequence(k, page_slot, d: int, kbase: str, count: str, sc: dict) -> None:
@@ -124,25 +128,40 @@ def scores(k, d: int, sc: dict, st: str, stt: str, k0: str) -> None:
                    f"{TC}")
 
 
-def accumulate(k, d: int, sc: dict, st: str, stt: str, os_: str, ost: str, lm: str, lmt: str,
-               k0: str) -> None:
-    """O = alpha O + P V for the key tile at k0 (P^T in st, alpha in lm row 2)."""
+def stage_p(k, sc: dict, st: str, stt: str, lm: str, lmt: str, slot: str) -> None:
+    """P^T (in st, f32) transposed into pb's slot in bf16, and alpha (lm row 2) into al's:
+    what accumulate of this key tile reads one tile later."""
     t = k.t
     vf, vh = "vector<16xf32>", "vector<16xbf16>"
-    pbt = f"memref<{GR}x32xbf16>"
+    pbt = f"memref<{2 * GR}x32xbf16>"
+    p0 = t(f"arith.muli {slot}, {t.idx(GR)} : index")
     for q0 in (0, 16):
         for j0 in (0, 16):
             rows = [t(f"vector.load {st}[{t.idx(j0 + r)}, {t.idx(q0)}] : {stt}, {vf}")
                     for r in range(16)]
             for i, r in enumerate(transpose(t, rows, 16)):
                 t.stmt(f"vector.store {t(f'arith.truncf {r} : {vf} to {vh}')}, "
-                       f"{sc['pb']}[{t.idx(q0 + i)}, {t.idx(j0)}] : {pbt}, {vh}")
+                       f"{sc['pb']}[{t(f'arith.addi {p0}, {t.idx(q0 + i)} : index')}, "
+                       f"{t.idx(j0)}] : {pbt}, {vh}")
+    for q0 in (0, 16):
+        a = t(f"vector.load {lm}[{t.idx(2)}, {t.idx(q0)}] : {lmt}, {vf}")
+        t.stmt(f"vector.store {a}, {sc['al']}[{slot}, {t.idx(q0)}] : memref<2x{GR}xf32>, {vf}")
+
+
+def accumulate(k, d: int, sc: dict, os_: str, ost: str, slot: str, k0: str) -> None:
+    """O = alpha O + P V for the key tile at k0, its P and alpha staged in `slot`. Called one
+    key tile after stage_p (the next tile's scores and softmax in between): a tile load waits
+    until the vector stores it reads have left the store buffer, and right after stage_p the
+    first tdpbf16ps of P V waited on it (15% of the kernel's samples on one tile store)."""
+    t = k.t
+    vf = "vector<16xf32>"
+    pbt = f"memref<{2 * GR}x32xbf16>"
     rel = t(f"arith.subi {k0}, {sc['kbase']} : index")
     kp = t(f"arith.divui {rel}, {t.idx(2)} : index")
     # O's rows times alpha, skipped where alpha is exactly 1 (the row's max did not move: most
     # rows of most tiles once the first keys are in).
     t.for_("%xo", t.idx(0), t.idx(GR), t.idx(1))
-    a_s = t(f"memref.load {lm}[{t.idx(2)}, %xo] : {lmt}")
+    a_s = t(f"memref.load {sc['al']}[{slot}, %xo] : memref<2x{GR}xf32>")
     one = t.const("1.0", "f32")
     t.open(f"scf.if {t(f'arith.cmpf une, {a_s}, {one} : f32')}")
     al = t(f"vector.broadcast {a_s} : f32 to {vf}")
@@ -152,8 +171,9 @@ def accumulate(k, d: int, sc: dict, st: str, stt: str, os_: str, ost: str, lm: s
                f"{ost}, {vf}")
     t.close()
     t.close()
-    p = [t(f"amx.tile_load {sc['pb']}[{t.idx(16 * i)}, {t.idx(0)}] : {pbt} into {TX}")
-         for i in range(2)]
+    p0 = t(f"arith.muli {slot}, {t.idx(GR)} : index")
+    p = [t(f"amx.tile_load {sc['pb']}[{t(f'arith.addi {p0}, {t.idx(16 * i)} : index')}, "
+           f"{t.idx(0)}] : {pbt} into {TX}") for i in range(2)]
     for dc in range(0, d, 32):
         v = [t(f"amx.tile_load {sc['vall']}[{kp}, {t.idx(2 * dc + 32 * j)}] : {sc['vat']} "
                f"into {TX}") for j in range(2)]
