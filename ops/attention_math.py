@@ -193,13 +193,16 @@ def attention_mask(variant, q_pos: np.ndarray, k_pos: np.ndarray, window: int | 
 
 
 def _masked_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis restricted to mask; rows with nothing allowed give zeros."""
+    """Softmax over the last axis restricted to mask; rows with nothing allowed give zeros,
+    rows with a NaN (or an inf that meets another) give NaN, as torch's softmax does: a bad
+    input is never turned into a quiet zero."""
     s = np.where(mask, scores, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.where(mask, np.exp(s - m), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
-    return np.divide(p, denom, out=np.zeros_like(p), where=denom > 0)
+    with np.errstate(invalid="ignore"):   # NaN / NaN is the answer for a row with a NaN
+        return np.divide(p, denom, out=np.zeros_like(p), where=denom != 0)
 
 
 def flash_attention_ragged(q: np.ndarray, blocks: np.ndarray, *, layer_idx: int,

@@ -214,6 +214,44 @@ def test_amx_attention_with_scale_and_softcap():
                                    atol=2e-2)
 
 
+@pytest.mark.parametrize("target,dt", [("cpu:x86-64:avx512", DType.float32),
+                                       ("cpu:x86-64:avx2", DType.float32), (AMX, DType.bfloat16)])
+def test_flash_attention_non_finite_inputs_propagate(target, dt):
+    """A NaN or inf in Q or the cache reaches exactly the outputs it reaches in the reference
+    (the kernels' max and exp clamps are compares and selects that let NaN through), and no
+    other: causal rows before a poisoned key stay finite and match."""
+    if not _cpu_runs(target):
+        pytest.skip(f"this CPU cannot run {target}")
+    from graphir.runtime.session import InferenceSession
+
+    rng = np.random.default_rng(3)
+    nh, nkv, d = 8, 2, 32
+    types = [TensorType(dt, ["t", nh * d])] + _meta_types(dt, nkv=nkv, d=d)
+    with Graph("fa_nan", input_types=types) as g:
+        g.output(ops.flash_attention_ragged(*g.inputs, n_heads=nh, n_kv_heads=nkv, head_dim=d,
+                                            layer_idx=1))
+    counts, cached = [40, 37], [3, 0]
+    blocks, offs, clen, lut = _ragged(rng, counts, cached, nkv=nkv, d=d)
+    q = rng.standard_normal((sum(counts), nh * d)).astype(np.float32)
+    q[5, 3] = np.nan                      # one query row of sequence 0, head 0
+    q[50, d + 1] = np.inf                 # sequence 1, head 1: inf * K is +-inf, then NaN
+    # Sequence 1's key 20 (a page of its own table), layer 1, KV head 0: NaN in K.
+    page, slot = lut[1, 20 // PS], 20 % PS
+    blocks[page, 0, 1, slot, 0, 7] = np.nan
+    if dt is DType.bfloat16:
+        from graphir.dtype import round_to_bf16
+
+        q, blocks = round_to_bf16(q), round_to_bf16(blocks)
+    (want,) = run(g, q, blocks.copy(), offs, clen, lut)
+    (got,) = InferenceSession().load(g, target=target).execute(q, blocks, offs, clen, lut)
+    bad = ~np.isfinite(want)
+    assert bad.any() and (~bad).any()
+    np.testing.assert_array_equal(~np.isfinite(got), bad)
+    tol = 3e-2 if dt is DType.bfloat16 else 1e-5
+    np.testing.assert_allclose(got[~bad].astype(np.float64), want[~bad].astype(np.float64),
+                               rtol=tol, atol=tol)
+
+
 def test_flash_attention_bf16_scale():
     rng = np.random.default_rng(7)
     types = [TensorType(DType.bfloat16, ["t", NH * D])] + _meta_types(DType.bfloat16)

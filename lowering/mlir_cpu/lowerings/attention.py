@@ -86,9 +86,12 @@ def fvec(n: int = VW) -> str:
 def vexp(t: Text, x: str, lanes: int = VW) -> str:
     """exp of a vector<lanes x f32> (Cephes expf: 2^n * poly(r), ~1 ulp); inputs clamped to
     +-88."""
-    v = fvec(lanes)
-    x = t(f"arith.minimumf {x}, {t.const('88.3762626647949', v)} : {v}")
-    x = t(f"arith.maximumf {x}, {t.const('-88.3762626647949', v)} : {v}")
+    v, b = fvec(lanes), f"vector<{lanes}xi1>"
+    # Clamped by compare + select (one vminps / vmaxps each): arith.minimumf / maximumf add a
+    # NaN test and a blend. Written so that a NaN x fails the compare and stays NaN.
+    hi, lo = t.const("88.3762626647949", v), t.const("-88.3762626647949", v)
+    x = t(f"arith.select {t(f'arith.cmpf ogt, {x}, {hi} : {v}')}, {hi}, {x} : {b}, {v}")
+    x = t(f"arith.select {t(f'arith.cmpf olt, {x}, {lo} : {v}')}, {lo}, {x} : {b}, {v}")
     fx = t(f"math.fma {x}, {t.const('1.44269504088896341', v)}, {t.const('0.5', v)} : {v}")
     fx = t(f"math.floor {fx} : {v}")
     x = t(f"math.fma {fx}, {t.const('-0.693359375', v)}, {x} : {v}")

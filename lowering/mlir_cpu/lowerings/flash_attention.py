@@ -343,7 +343,10 @@ def _softmax(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, lm: str, 
             ok = t(f"arith.andi {ok}, {mk} : vector<{lanes}xi1>")
         s = t(f"arith.select {ok}, {s}, {neg} : vector<{lanes}xi1>, {v}")
         t.stmt(f"vector.store {s}, {st}[%fm{u}, {col}] : {stt}, {v}")
-        t.stmt(f"scf.yield {t(f'arith.maximumf %fx{u}, {s} : {v}')} : {v}")
+        # s > max ? s : max is one vmaxps (arith.maximumf adds a NaN test and a blend); a NaN
+        # score is left out of the max but still reaches O through its exp.
+        gt = t(f"arith.cmpf ogt, {s}, %fx{u} : {v}")
+        t.stmt(f"scf.yield {t(f'arith.select {gt}, {s}, %fx{u} : vector<{lanes}xi1>, {v}')} : {v}")
         t.depth -= 1
         t.stmt("}")
         m_old = t(f"vector.load {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")
