@@ -83,6 +83,15 @@ def fvec(n: int = VW) -> str:
     return f"vector<{n}xf32>"
 
 
+def vmax_keep(t: Text, acc: str, x: str, lanes: int = VW) -> str:
+    """x > acc ? x : acc, a running max of vector<lanes x f32>: one vmaxps, where
+    arith.maximumf adds a NaN test and a blend. A NaN x is left out of the max; softmax callers
+    still carry it to their output through its exp (exp(NaN - max) is NaN)."""
+    v = fvec(lanes)
+    gt = t(f"arith.cmpf ogt, {x}, {acc} : {v}")
+    return t(f"arith.select {gt}, {x}, {acc} : vector<{lanes}xi1>, {v}")
+
+
 def vexp(t: Text, x: str, lanes: int = VW) -> str:
     """exp of a vector<lanes x f32> (Cephes expf: 2^n * poly(r), ~1 ulp); inputs clamped to
     +-88."""

@@ -24,7 +24,8 @@ from mlir import ir
 from ...registry import register_lowering
 from ..emit import Emitter, tensor_type
 from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, load_f32, mask_vec,
-                        memref_of, sequence_span, softcap_vec, store_from_f32, to_buffer, vexp)
+                        memref_of, sequence_span, softcap_vec, store_from_f32, to_buffer, vexp,
+                        vmax_keep)
 from . import flash_attention_amx as amx_tiles
 from .kernel_text import transpose
 from .linalg import inline_mlir
@@ -343,10 +344,7 @@ def _softmax(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, lm: str, 
             ok = t(f"arith.andi {ok}, {mk} : vector<{lanes}xi1>")
         s = t(f"arith.select {ok}, {s}, {neg} : vector<{lanes}xi1>, {v}")
         t.stmt(f"vector.store {s}, {st}[%fm{u}, {col}] : {stt}, {v}")
-        # s > max ? s : max is one vmaxps (arith.maximumf adds a NaN test and a blend); a NaN
-        # score is left out of the max but still reaches O through its exp.
-        gt = t(f"arith.cmpf ogt, {s}, %fx{u} : {v}")
-        t.stmt(f"scf.yield {t(f'arith.select {gt}, {s}, %fx{u} : vector<{lanes}xi1>, {v}')} : {v}")
+        t.stmt(f"scf.yield {vmax_keep(t, f'%fx{u}', s, lanes)} : {v}")
         t.depth -= 1
         t.stmt("}")
         m_old = t(f"vector.load {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")

@@ -24,7 +24,7 @@ after another through each tile) ran the Llama-shaped decode at 0.50-0.54 ms (co
 """
 from __future__ import annotations
 
-from .attention import VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, vexp
+from .attention import VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, vexp, vmax_keep
 from .flash_attention import (KEY_TILE, NEG_INF, _Kernel, _key_range, _prefetch_tile,
                               _tile_pages, store_row)
 
@@ -270,7 +270,7 @@ def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: 
             sj = t(f"vector.load {st}[{t.idx(j)}, {qi}] : {stt}, {v}")
             sj = t(f"arith.select {okj[j]}, {sj}, {ninf_v} : vector<{VW}xi1>, {v}")
             svals.append(sj)
-            mx = t(f"arith.maximumf {mx}, {sj} : {v}")
+            mx = vmax_keep(t, mx, sj)
         msafe, lsum = _probs(t, svals, okj, mx, lambda j, p: t.stmt(
             f"vector.store {p}, {st}[{t.idx(j)}, {qi}] : {stt}, {v}"))
         alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"))
@@ -334,7 +334,7 @@ def _softmax(t, svals: list[str], valids: list[str], qi: str, q: int, ms: str, l
     v = fvec()
     mx = svals[0]
     for s in svals[1:]:
-        mx = t(f"arith.maximumf {mx}, {s} : {v}")
+        mx = vmax_keep(t, mx, s)
     rowmax = t(f"vector.reduction <maximumf>, {mx} : {v} into f32")
     m_old = t(f"memref.load {ms}[{qi}] : {mt1}")
     m_new = t(f"arith.maximumf {m_old}, {rowmax} : f32")
