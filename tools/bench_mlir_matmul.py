@@ -194,7 +194,8 @@ def main() -> None:
                 calls.append(lambda fn=fn, w_in=w_in, out=out: fn([a, w_in], [out]))
                 built.append((variant, compile_s, out))
             *t_mlir, t_torch, t_numpy = (min(ts) for ts in interleaved_times(
-                calls + [lambda: torch.nn.functional.linear(ta, tw), lambda: a @ w.T], args.reps, args.lead))
+                calls + [lambda: torch.nn.functional.linear(ta, tw), lambda: a @ w.T], args.reps,
+                args.lead))
             for (variant, compile_s, out), t in zip(built, t_mlir):
                 err = float(np.abs(out - ref).max() / np.abs(ref).max())
                 rows.append((spec, variant, compile_s, flops / t / 1e9, flops / t_torch / 1e9,

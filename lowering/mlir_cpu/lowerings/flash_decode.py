@@ -25,8 +25,8 @@ after another through each tile) ran the Llama-shaped decode at 0.50-0.54 ms (co
 from __future__ import annotations
 
 from .attention import VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, vexp, vmax_keep
-from .flash_attention import (KEY_TILE, NEG_INF, _Kernel, _key_range, _prefetch_tile,
-                              _tile_pages, store_row)
+from .flash_attention_base import (KEY_TILE, NEG_INF, _Kernel, _key_range, _prefetch_tile,
+                                   _tile_pages, store_row)
 
 MAX_SPLITS = 16   # key splits of a row when the batch has one row (16 / rows for more)
 

@@ -1,0 +1,133 @@
+"""What both paths of the CPU flash attention share (flash_attention.py's full blocks and
+flash_decode.py's per-row path): the kernel's buffer and sequence names, each row block's key
+range, page addressing of a key tile, and the normalised output rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .attention import Text, fvec, store_from_f32
+
+KEY_TILE = 32   # keys per tile: K and V tiles stay in L1 for a block's queries
+NEG_INF = "0xFF800000"
+
+
+@dataclass
+class _Kernel:
+    """What both paths share: names of buffers, scratch and per-sequence values."""
+    t: Text
+    d: int
+    g: int
+    layer: int
+    mask: str
+    window: int | None
+    el: str
+    qm: str
+    qmt: str
+    om: str
+    omt: str
+    bt: str
+    lutm: str
+    lutt: str
+    o0: str
+    cl: str
+    total: str
+    pgs: str
+    sls: str
+    scale: float
+    softcap: float | None = None
+    lut_cols: str = ""   # lookup-table columns and cache pages: the clamps' bounds
+    npages: str = ""
+    amx: bool = False    # full blocks take flash_attention_amx.py's tile matmuls
+
+
+def _key_range(k: _Kernel, r0: str, rows: str) -> tuple[str, str, str]:
+    """(first query position, first key, end of keys) of rows [r0, r0 + rows): the union over
+    the rows (the mask makes it exact per row)."""
+    t, window = k.t, k.window
+    qlo = t(f"arith.addi {k.cl}, {r0} : index")
+    qhi = t(f"arith.addi {qlo}, {rows} : index")
+    kend = k.total if k.mask in ("null", "sliding_window_noncausal") else qhi
+    kstart = t.idx(0)
+    if k.mask in ("sliding_window_causal", "sliding_window_noncausal"):
+        lo = t(f"arith.subi {t(f'arith.addi {qlo}, {t.idx(1)} : index')}, {t.idx(window)} : index")
+        kstart = t(f"arith.maxsi {lo}, {t.idx(0)} : index")
+    elif k.mask == "chunked_causal":
+        kstart = t(f"arith.muli {t(f'arith.divui {qlo}, {t.idx(window)} : index')}, {t.idx(window)} : index")
+    return qlo, kstart, kend
+
+
+def _tile_pages(k: _Kernel, k0: str, kend: str, page: int, j: str) -> None:
+    """Page and slot of each key of the tile at k0 (past the range: repeat the last key)."""
+    t, it = k.t, f"memref<{KEY_TILE}xindex>"
+    kcnt = t.min(t.idx(KEY_TILE), t(f"arith.subi {kend}, {k0} : index"))
+    t.for_(j, t.idx(0), t.idx(KEY_TILE), t.idx(1))
+    jj = t.min(j, t(f"arith.subi {kcnt}, {t.idx(1)} : index"))
+    pg, sl = _page_slot(k, t(f"arith.addi {k0}, {jj} : index"), page)
+    t.stmt(f"memref.store {pg}, {k.pgs}[{j}] : {it}")
+    t.stmt(f"memref.store {sl}, {k.sls}[{j}] : {it}")
+    t.close()
+
+
+def _page_slot(k: _Kernel, kp: str, page: int) -> tuple[str, str]:
+    """(page id, slot) of key position kp of sequence %b; the page-table column and the page
+    id are clamped into their tables, so bad metadata stays in bounds."""
+    t = k.t
+    col = t.clamp(t(f"arith.divui {kp}, {t.idx(page)} : index"), k.lut_cols)
+    pg = t.clamp(t.load_index(k.lutm, ["%b", col], k.lutt), k.npages)
+    return pg, t(f"arith.remui {kp}, {t.idx(page)} : index")
+
+
+def _prefetch_tile(k: _Kernel, k0: str, kend: str, page: int) -> None:
+    """Prefetch into L2 the K and V rows of the key tile at k0 (keys past the range: the last
+    key's again; every index clamped like the loads'). A decode step reads each key once, and
+    a tile's 32 rows lie a page slot of all KV heads apart (4 KB for 8 heads of 128 f32), a
+    pattern the hardware prefetchers follow poorly: without this the decode attention at
+    context 4096 read its 33 MB of K/V at ~10 GB/s while the matmuls beside it streamed 24 GB/s
+    (BENCHMARKS.md, CPU decode attention, 2026-12-04)."""
+    t = k.t
+    last = t(f"arith.subi {kend}, {t.idx(1)} : index")
+    line = 64 // (2 if k.el in ("bf16", "f16") else 4)       # elements a cache line
+    t.for_("%pj", t.idx(0), t.idx(KEY_TILE), t.idx(1))
+    pg, sl = _page_slot(k, t.min(t(f"arith.addi {k0}, %pj : index"), last), page)
+    for kind in (0, 1):
+        for off in range(0, k.d, line):
+            t.stmt(f"memref.prefetch %blocks[{pg}, {t.idx(kind)}, {t.idx(k.layer)}, {sl}, %h, "
+                   f"{t.idx(off)}], read, locality<2>, data : {k.bt}")
+    t.close()
+
+
+def _key_index(k: _Kernel, j: str, kind: int, col: str) -> list[str]:
+    t, it = k.t, f"memref<{KEY_TILE}xindex>"
+    pg = t(f"memref.load {k.pgs}[{j}] : {it}")
+    sl = t(f"memref.load {k.sls}[{j}] : {it}")
+    return [pg, t.idx(kind), t.idx(k.layer), sl, "%h", col]
+
+
+def _write_rows(k: _Kernel, os_: str, sct: str, ls: str, mt1: str, r0: str, nvec: str,
+                dw: int, iv: str) -> None:
+    """Out rows of query vectors [0, nvec) of the block at r0: O / l (0 when l is 0)."""
+    t, g, d = k.t, k.g, k.d
+    vd = fvec(dw)
+    t.for_(iv, t.idx(0), nvec, t.idx(1))
+    r = t(f"arith.divui {iv}, {t.idx(g)} : index")
+    gg = t(f"arith.remui {iv}, {t.idx(g)} : index")
+    row = t(f"arith.addi {t(f'arith.addi {k.o0}, {r0} : index')}, {r} : index")
+    head = t(f"arith.addi {t(f'arith.muli %h, {t.idx(g)} : index')}, {gg} : index")
+    vals = [t(f"vector.load {os_}[{iv}, {t.idx(c * dw)}] : {sct}, {vd}") for c in range(d // dw)]
+    store_row(k, vals, t(f"memref.load {ls}[{iv}] : {mt1}"), row, head, dw)
+    t.close()
+
+
+def store_row(k: _Kernel, vals: list[str], lval: str, row: str, head: str, dw: int) -> None:
+    """Output row `row`, query head `head`: the unnormalised O vectors `vals` (dw lanes each)
+    over the softmax sum lval, 0 where no key was allowed (lval 0), in the output's dtype."""
+    t, d = k.t, k.d
+    vd = fvec(dw)
+    zero, one = t.const("0.0", "f32"), t.const("1.0", "f32")
+    pos = t(f"arith.cmpf ogt, {lval}, {zero} : f32")
+    rcp = t(f"arith.divf {one}, {lval} : f32")
+    inv = t(f"vector.broadcast {t(f'arith.select {pos}, {rcp}, {zero} : f32')} : f32 to {vd}")
+    col0 = t(f"arith.muli {head}, {t.idx(d)} : index")
+    for c, x in enumerate(vals):
+        store_from_f32(t, t(f"arith.mulf {x}, {inv} : {vd}"), k.om,
+                       [row, t(f"arith.addi {col0}, {t.idx(c * dw)} : index")], k.omt, k.el, dw)
