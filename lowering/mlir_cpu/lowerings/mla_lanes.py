@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .attention import fvec, mask_vec, vexp
+from .attention import fvec, mask_vec, vexp, vmax_keep
 from .kernel_text import KernelText
 
 KEY_TILE = 32
@@ -150,7 +150,7 @@ def _softmax(k: KernelText, lt: LaneTiles, s: LaneState, u: int, k0: str, kend_v
         ok = t(f"arith.andi {ok}, {mask_vec(t, 'causal', qpos, kp, None, lanes)} : vector<{lanes}xi1>")
         sv = t(f"arith.select {ok}, {sv}, {neg} : vector<{lanes}xi1>, {v}")
         t.stmt(f"vector.store {sv}, {s.st}[{j}, {col}] : {s.st_t}, {v}")
-        return [t(f"arith.maximumf {acc[0]}, {sv} : {v}")]
+        return [vmax_keep(t, acc[0], sv, lanes)]
     (m_tile,) = k.loop(0, KEY_TILE, 1, [neg], v, mx)
     m_old = t(f"vector.load {s.lm}[{lm_idx(0, col)}] : {s.lm_t}, {v}")
     m_new = t(f"arith.maximumf {m_old}, {m_tile} : {v}")
