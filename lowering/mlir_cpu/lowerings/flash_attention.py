@@ -383,5 +383,5 @@ def _flash_attention(e: Emitter, args):
                                 layer=a["layer"], mask=a["mask"], window=a.get("window"),
                                 scale=float(a["scale"]), lanes=e.cpu.f32_lanes,
                                 registers=e.cpu.vector_registers, softcap=a.get("softcap"),
-                                amx={"amx", "bf16"} <= set(e.cpu.extras))
+                                amx=e.matmul.amx)
     return inline_mlir(args, text)
