@@ -24,6 +24,11 @@ class Text:
         self.lines.append("  " * self.depth + (f"{name}:{n} = " if n > 1 else f"{name} = ") + rhs)
         return name
 
+    def fresh(self, prefix: str) -> str:
+        """A new name for a value the text defines itself (a loop's induction variable)."""
+        self._n += 1
+        return f"{prefix}{self._n}"
+
     def stmt(self, s: str) -> None:
         self.lines.append("  " * self.depth + s)
 

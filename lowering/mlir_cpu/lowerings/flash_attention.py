@@ -24,11 +24,11 @@ from mlir import ir
 
 from ...registry import register_lowering
 from ..emit import Emitter, tensor_type
-from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, load_f32, mask_vec,
-                        memref_of, sequence_span, softcap_vec, to_buffer, vexp, vmax_keep)
+from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, load_f32, memref_of,
+                        sequence_span, to_buffer)
 from . import flash_attention_amx as amx_tiles
 from .flash_attention_base import (KEY_TILE, NEG_INF, _Kernel, _key_index, _key_range,
-                                   _page_slot, _tile_pages, _write_rows)
+                                   _page_slot, _tile_pages, _write_rows, lane_softmax)
 from .flash_decode import merge_pass, split_count, tail_pass
 from .kernel_text import transpose
 from .linalg import inline_mlir
@@ -202,50 +202,12 @@ def _softmax(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, lm: str, 
              kend_v: str, qpos: list[str], scale: str | None) -> None:
     """Online softmax of the key tile down the key axis, one lane per query: P^T into st,
     max / sum / alpha into lm (S scaled here when `scale`, a vector, is given)."""
-    t, c = k.t, KEY_TILE
-    v, vi = fvec(lanes), f"vector<{lanes}xi32>"
-    neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
+    t = k.t
     for u in range(lt.nv):
         col = t.idx(u * lanes)
-        mx = t(f"scf.for %fm{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
-               f"iter_args(%fx{u} = {neg}) -> ({v}) {{")
-        t.depth += 1
-        s = t(f"vector.load {st}[%fm{u}, {col}] : {stt}, {v}")
-        if scale is not None:
-            s = t(f"arith.mulf {s}, {scale} : {v}")
-        s = softcap_vec(t, s, k.softcap, lanes)
-        kpos = t(f"arith.index_cast {t(f'arith.addi %fk0, %fm{u} : index')} : index to i32")
-        kp_v = t(f"vector.broadcast {kpos} : i32 to {vi}")
-        ok = t(f"arith.cmpi slt, {kp_v}, {kend_v} : {vi}")
-        mk = mask_vec(t, k.mask, qpos[u], kp_v, k.window, lanes)
-        if mk is not None:
-            ok = t(f"arith.andi {ok}, {mk} : vector<{lanes}xi1>")
-        s = t(f"arith.select {ok}, {s}, {neg} : vector<{lanes}xi1>, {v}")
-        t.stmt(f"vector.store {s}, {st}[%fm{u}, {col}] : {stt}, {v}")
-        t.stmt(f"scf.yield {vmax_keep(t, f'%fx{u}', s, lanes)} : {v}")
-        t.depth -= 1
-        t.stmt("}")
-        m_old = t(f"vector.load {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")
-        m_new = t(f"arith.maximumf {m_old}, {mx} : {v}")
-        dead = t(f"arith.cmpf oeq, {m_new}, {neg} : {v}")
-        msafe = t(f"arith.select {dead}, {zero}, {m_new} : vector<{lanes}xi1>, {v}")
-        alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"), lanes)
-        lsum = t(f"scf.for %fp{u} = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} "
-                 f"iter_args(%fl{u} = {zero}) -> ({v}) {{")
-        t.depth += 1
-        s = t(f"vector.load {st}[%fp{u}, {col}] : {stt}, {v}")
-        p = vexp(t, t(f"arith.subf {s}, {msafe} : {v}"), lanes)
-        off = t(f"arith.cmpf oeq, {s}, {neg} : {v}")
-        p = t(f"arith.select {off}, {zero}, {p} : vector<{lanes}xi1>, {v}")
-        t.stmt(f"vector.store {p}, {st}[%fp{u}, {col}] : {stt}, {v}")
-        t.stmt(f"scf.yield {t(f'arith.addf %fl{u}, {p} : {v}')} : {v}")
-        t.depth -= 1
-        t.stmt("}")
-        l_old = t(f"vector.load {lm}[{t.idx(1)}, {col}] : {lmt}, {v}")
-        l_new = t(f"math.fma {l_old}, {alpha}, {lsum} : {v}")
-        t.stmt(f"vector.store {l_new}, {lm}[{t.idx(1)}, {col}] : {lmt}, {v}")
-        t.stmt(f"vector.store {m_new}, {lm}[{t.idx(0)}, {col}] : {lmt}, {v}")
-        t.stmt(f"vector.store {alpha}, {lm}[{t.idx(2)}, {col}] : {lmt}, {v}")
+        lane_softmax(t, lanes=lanes, st=st, stt=stt, col=col, key0="%fk0", kend_v=kend_v,
+                     qpos=qpos[u], lm=lm, lmt=lmt, lm_idx=lambda i, col=col: f"{t.idx(i)}, {col}",
+                     mask=k.mask, window=k.window, softcap=k.softcap, scale=scale)
 
 
 def _accumulate(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, os_: str, ost: str,

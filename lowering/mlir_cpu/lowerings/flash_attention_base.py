@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .attention import Text, fvec, store_from_f32
+from .attention import Text, fvec, mask_vec, softcap_vec, store_from_f32, vexp, vmax_keep
 
 KEY_TILE = 32   # keys per tile: K and V tiles stay in L1 for a block's queries
 NEG_INF = "0xFF800000"
@@ -38,6 +38,66 @@ class _Kernel:
     lut_cols: str = ""   # lookup-table columns and cache pages: the clamps' bounds
     npages: str = ""
     amx: bool = False    # full blocks take flash_attention_amx.py's tile matmuls
+
+
+def lane_softmax(t: Text, *, lanes: int, st: str, stt: str, col: str, key0: str, kend_v: str,
+                 qpos: str, lm: str, lmt: str, lm_idx, mask: str, window: int | None = None,
+                 softcap: float | None = None, scale: str | None = None) -> None:
+    """Online softmax of one vector of query lanes over a key tile: column `col` of S^T
+    [KEY_TILE][lanes...] holds its scores, tile key j sits at position key0 + j. Keys at or
+    past kend_v (an i32 vector), or masked from the lane's query position qpos, become -inf;
+    P = exp(S - max) replaces S, and the running max, sum and alpha at lm[lm_idx(0 | 1 | 2)]
+    are updated. S is scaled first when `scale` (a vector) is given, then soft-capped.
+    Shared by the flash attention's lane path and the MLA kernels (mla_lanes.py)."""
+    v, vi, b = fvec(lanes), f"vector<{lanes}xi32>", f"vector<{lanes}xi1>"
+    neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
+
+    def keys(init: str, body) -> str:
+        """acc = body(j, acc) for every key j of the tile; the final acc."""
+        j, acc = t.fresh("%sj"), t.fresh("%sa")
+        res = t(f"scf.for {j} = {t.idx(0)} to {t.idx(KEY_TILE)} step {t.idx(1)} "
+                f"iter_args({acc} = {init}) -> ({v}) {{")
+        t.depth += 1
+        t.stmt(f"scf.yield {body(j, acc)} : {v}")
+        t.depth -= 1
+        t.stmt("}")
+        return res
+
+    def masked(j: str, acc: str) -> str:
+        s = t(f"vector.load {st}[{j}, {col}] : {stt}, {v}")
+        if scale is not None:
+            s = t(f"arith.mulf {s}, {scale} : {v}")
+        s = softcap_vec(t, s, softcap, lanes)
+        kp = t(f"arith.index_cast {t(f'arith.addi {key0}, {j} : index')} : index to i32")
+        kp = t(f"vector.broadcast {kp} : i32 to {vi}")
+        ok = t(f"arith.cmpi slt, {kp}, {kend_v} : {vi}")
+        mk = mask_vec(t, mask, qpos, kp, window, lanes)
+        if mk is not None:
+            ok = t(f"arith.andi {ok}, {mk} : {b}")
+        s = t(f"arith.select {ok}, {s}, {neg} : {b}, {v}")
+        t.stmt(f"vector.store {s}, {st}[{j}, {col}] : {stt}, {v}")
+        return vmax_keep(t, acc, s, lanes)
+    m_tile = keys(neg, masked)
+    m_old = t(f"vector.load {lm}[{lm_idx(0)}] : {lmt}, {v}")
+    m_new = t(f"arith.maximumf {m_old}, {m_tile} : {v}")
+    # A lane with every key masked so far keeps max -inf: exp against 0 instead gives p = 0
+    # and alpha = 1 rather than NaN from -inf - -inf.
+    dead = t(f"arith.cmpf oeq, {m_new}, {neg} : {v}")
+    msafe = t(f"arith.select {dead}, {zero}, {m_new} : {b}, {v}")
+    alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"), lanes)
+
+    def exp(j: str, acc: str) -> str:
+        s = t(f"vector.load {st}[{j}, {col}] : {stt}, {v}")
+        p = vexp(t, t(f"arith.subf {s}, {msafe} : {v}"), lanes)
+        p = t(f"arith.select {t(f'arith.cmpf oeq, {s}, {neg} : {v}')}, {zero}, {p} : {b}, {v}")
+        t.stmt(f"vector.store {p}, {st}[{j}, {col}] : {stt}, {v}")
+        return t(f"arith.addf {acc}, {p} : {v}")
+    lsum = keys(zero, exp)
+    l_old = t(f"vector.load {lm}[{lm_idx(1)}] : {lmt}, {v}")
+    t.stmt(f"vector.store {t(f'math.fma {l_old}, {alpha}, {lsum} : {v}')}, {lm}[{lm_idx(1)}] : "
+           f"{lmt}, {v}")
+    t.stmt(f"vector.store {m_new}, {lm}[{lm_idx(0)}] : {lmt}, {v}")
+    t.stmt(f"vector.store {alpha}, {lm}[{lm_idx(2)}] : {lmt}, {v}")
 
 
 def _key_range(k: _Kernel, r0: str, rows: str) -> tuple[str, str, str]:

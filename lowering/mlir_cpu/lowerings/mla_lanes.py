@@ -15,11 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .attention import fvec, mask_vec, vexp, vmax_keep
+from .attention import fvec
+from .flash_attention_base import KEY_TILE, NEG_INF, lane_softmax
 from .kernel_text import KernelText
-
-KEY_TILE = 32
-NEG_INF = "0xFF800000"
 
 
 def pow2_divisor(n: int, most: int) -> int:
@@ -101,8 +99,7 @@ def attend(k: KernelText, lt: LaneTiles, s: LaneState, *, d: int, dv: int, kstar
     element dd, val_vec(ref, col) the f32 vector<vw> of its value at column col."""
     t, lanes, c = k.t, lt.lanes, KEY_TILE
     v, vi = fvec(lanes), f"vector<{lanes}xi32>"
-    neg, zero = t.const(NEG_INF, v), t.const("0.0", v)
-    lm_idx = lambda which, col: ", ".join(s.lm_at + [t.idx(which), col])  # noqa: E731
+    zero = t.const("0.0", v)
     kend_v = t(f"vector.broadcast {t(f'arith.index_cast {kend} : index to i32')} : i32 to {vi}")
 
     def tile(k0, _):
@@ -129,48 +126,14 @@ def attend(k: KernelText, lt: LaneTiles, s: LaneState, *, d: int, dv: int, kstar
             return []
         k.loop(0, c, lt.nk, body=keys)
         for u in range(lt.nv):
-            _softmax(k, lt, s, u, k0, kend_v, qpos[u], lm_idx, neg, zero)
+            col = t.idx(u * lanes)
+            lane_softmax(t, lanes=lanes, st=s.st, stt=s.st_t, col=col, key0=k0, kend_v=kend_v,
+                         qpos=qpos[u], lm=s.lm, lmt=s.lm_t,
+                         lm_idx=lambda i, col=col: ", ".join(s.lm_at + [t.idx(i), col]),
+                         mask="causal")
         _pv(k, lt, s, dv, key_ref, val_vec)
         return []
     k.loop(kstart, kend, c, body=tile)
-
-
-def _softmax(k: KernelText, lt: LaneTiles, s: LaneState, u: int, k0: str, kend_v: str,
-             qpos: str, lm_idx, neg: str, zero: str) -> None:
-    """Mask, running max, p = exp(s - max) (stored back into S^T), sum and alpha of vector u."""
-    t, lanes = k.t, lt.lanes
-    v, vi = fvec(lanes), f"vector<{lanes}xi32>"
-    col = t.idx(u * lanes)
-
-    def mx(j, acc):
-        sv = t(f"vector.load {s.st}[{j}, {col}] : {s.st_t}, {v}")
-        kpos = t(f"arith.index_cast {k.ix('addi', k0, j)} : index to i32")
-        kp = t(f"vector.broadcast {kpos} : i32 to {vi}")
-        ok = t(f"arith.cmpi slt, {kp}, {kend_v} : {vi}")
-        ok = t(f"arith.andi {ok}, {mask_vec(t, 'causal', qpos, kp, None, lanes)} : vector<{lanes}xi1>")
-        sv = t(f"arith.select {ok}, {sv}, {neg} : vector<{lanes}xi1>, {v}")
-        t.stmt(f"vector.store {sv}, {s.st}[{j}, {col}] : {s.st_t}, {v}")
-        return [vmax_keep(t, acc[0], sv, lanes)]
-    (m_tile,) = k.loop(0, KEY_TILE, 1, [neg], v, mx)
-    m_old = t(f"vector.load {s.lm}[{lm_idx(0, col)}] : {s.lm_t}, {v}")
-    m_new = t(f"arith.maximumf {m_old}, {m_tile} : {v}")
-    dead = t(f"arith.cmpf oeq, {m_new}, {neg} : {v}")
-    msafe = t(f"arith.select {dead}, {zero}, {m_new} : vector<{lanes}xi1>, {v}")
-    alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"), lanes)
-
-    def ex(j, acc):
-        sv = t(f"vector.load {s.st}[{j}, {col}] : {s.st_t}, {v}")
-        p = vexp(t, t(f"arith.subf {sv}, {msafe} : {v}"), lanes)
-        off = t(f"arith.cmpf oeq, {sv}, {neg} : {v}")
-        p = t(f"arith.select {off}, {zero}, {p} : vector<{lanes}xi1>, {v}")
-        t.stmt(f"vector.store {p}, {s.st}[{j}, {col}] : {s.st_t}, {v}")
-        return [t(f"arith.addf {acc[0]}, {p} : {v}")]
-    (lsum,) = k.loop(0, KEY_TILE, 1, [zero], v, ex)
-    l_old = t(f"vector.load {s.lm}[{lm_idx(1, col)}] : {s.lm_t}, {v}")
-    t.stmt(f"vector.store {t(f'math.fma {l_old}, {alpha}, {lsum} : {v}')}, {s.lm}[{lm_idx(1, col)}]"
-           f" : {s.lm_t}, {v}")
-    t.stmt(f"vector.store {m_new}, {s.lm}[{lm_idx(0, col)}] : {s.lm_t}, {v}")
-    t.stmt(f"vector.store {alpha}, {s.lm}[{lm_idx(2, col)}] : {s.lm_t}, {v}")
 
 
 def _pv(k: KernelText, lt: LaneTiles, s: LaneState, dv: int, key_ref, val_vec) -> None:
