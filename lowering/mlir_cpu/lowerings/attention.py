@@ -99,11 +99,13 @@ def vmax_keep(t: Text, acc: str, x: str, lanes: int = VW) -> str:
 
 def vexp(t: Text, x: str, lanes: int = VW) -> str:
     """exp of a vector<lanes x f32> (Cephes expf: 2^n * poly(r), ~1 ulp); inputs clamped to
-    +-88."""
+    +-88 (16 lanes: from below to -105, so that exp(-inf) is 0 and the subnormal range is
+    kept; narrower vectors flush below e^-88 to 0)."""
     v, b = fvec(lanes), f"vector<{lanes}xi1>"
     # Clamped by compare + select (one vminps / vmaxps each): arith.minimumf / maximumf add a
     # NaN test and a blend. Written so that a NaN x fails the compare and stays NaN.
-    hi, lo = t.const("88.3762626647949", v), t.const("-88.3762626647949", v)
+    hi = t.const("88.3762626647949", v)
+    lo = t.const("-105.0" if lanes == 16 else "-88.3762626647949", v)
     x = t(f"arith.select {t(f'arith.cmpf ogt, {x}, {hi} : {v}')}, {hi}, {x} : {b}, {v}")
     x = t(f"arith.select {t(f'arith.cmpf olt, {x}, {lo} : {v}')}, {lo}, {x} : {b}, {v}")
     fx = t(f"math.fma {x}, {t.const('1.44269504088896341', v)}, {t.const('0.5', v)} : {v}")
@@ -117,6 +119,13 @@ def vexp(t: Text, x: str, lanes: int = VW) -> str:
         y = t(f"math.fma {y}, {x}, {t.const(c, v)} : {v}")
     y = t(f"math.fma {y}, {z}, {x} : {v}")
     y = t(f"arith.addf {y}, {t.const('1.0', v)} : {v}")
+    if lanes == 16:
+        # Only AVX-512 targets give a kernel 16 f32 lanes: vscalefps multiplies by 2^fx (fx is
+        # already an integer) in one instruction, where the integer route below takes five
+        # (convert, add the bias, shift, bitcast, multiply).
+        ones = t.const("-1", "i16")
+        rnd = t.const("4", "i32")   # _MM_FROUND_CUR_DIRECTION
+        return t(f"x86vector.avx512.mask.scalef {y}, {fx}, {y}, {ones}, {rnd} : {v}")
     vi = f"vector<{lanes}xi32>"
     n = t(f"arith.fptosi {fx} : {v} to {vi}")
     n = t(f"arith.addi {n}, {t.const('127', vi)} : {vi}")
