@@ -18,6 +18,7 @@ from . import cache
 from .artifact import Artifact, write_artifact
 
 BACKENDS = {"cpu": "graphir.lowering.mlir_cpu.backend", "cuda": "graphir.lowering.triton_gpu.backend"}
+CUDA_ARCHS = (90,)   # compute capabilities the GPU kernels are written for (Hopper)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ class Target:
             arch = arch or "sm_90"
             if not arch.startswith("sm_") or not arch[3:].isdigit():
                 raise ValueError(f"bad CUDA arch {arch!r}; expected e.g. sm_90")
+            if int(arch[3:]) not in CUDA_ARCHS:
+                # Other archs reached LLVM with Hopper-only instructions and aborted the process.
+                raise ValueError(
+                    f"CUDA target {text!r} is not supported: graphir's GPU kernels use Hopper's "
+                    f"wgmma, TMA and register reallocation, so the CUDA targets are "
+                    f"{', '.join(f'cuda:sm_{a}' for a in CUDA_ARCHS)} (H100, H200); other "
+                    f"GPUs can run the cpu target's artifact on the host")
             return Target("cuda", int(arch[3:]))
         raise ValueError(f"unknown target {text!r}; expected 'cpu', 'cpu:x86-64:avx2' or "
                          f"'cuda:sm_90'")

@@ -368,6 +368,18 @@ class _Kernels(dict):
         return k
 
 
+def _check_arch(art, ordinals, driver) -> None:
+    """Refuse a GPU whose compute capability is not the artifact's: its cubins would not load
+    there (sm_90a code on any other part), and the driver's error would not say why."""
+    want = str(art.target).rpartition("sm_")[2]
+    for o in sorted(set(ordinals)):
+        p = driver.device_properties(o)
+        cc = f"{p.compute_capability[0]}{p.compute_capability[1]}"
+        if cc != want:
+            raise ValueError(f"{art.path}: built for {art.target}, but GPU {o} ({p.name}) is "
+                             f"sm_{cc}; graphir's GPU kernels run on sm_90 (H100, H200) only")
+
+
 def load(artifact, weights: Mapping[str, Any], devices=None, *, use_graphs: bool = True,
          peer: str = "auto", stream: Any = None, copy_outputs: bool = False):
     """Open a cuda artifact and bind `weights`.
@@ -410,6 +422,7 @@ def load(artifact, weights: Mapping[str, Any], devices=None, *, use_graphs: bool
     if max(gpus.values()) >= n:
         raise ValueError(f"graph {graph.name!r} needs GPUs {sorted(gpus.values())} (one per "
                          f"device of the graph) but this machine has {n} CUDA device(s)")
+    _check_arch(art, gpus.values(), driver)
     if stream is not None and len(gpus) > 1:
         raise ValueError(f"graph {graph.name!r} runs on {len(gpus)} devices; stream= names one "
                          f"stream and applies to single-device graphs only")

@@ -328,3 +328,29 @@ def test_stream_and_graph_argument_errors():
     with pytest.raises(ValueError, match="legacy default"):
         with g.capture(None):
             pass
+
+
+# ---- the CUDA arch: compile and load refuse GPUs the kernels are not written for ----------
+@pytest.mark.parametrize("text", ["cuda:sm_80", "cuda:sm_89", "cuda:sm_100"])
+def test_cuda_targets_other_than_sm90_are_refused_by_name(text):
+    """Such a compile used to reach LLVM with Hopper-only instructions and abort the process."""
+    from graphir.lowering.driver import Target
+
+    with pytest.raises(ValueError, match=rf"CUDA target '{text}' is not supported.*cuda:sm_90"):
+        Target.parse(text)
+    assert str(Target.parse("cuda")) == str(Target.parse("cuda:sm_90")) == "cuda:sm_90"
+
+
+def test_load_refuses_a_gpu_of_another_compute_capability():
+    from types import SimpleNamespace
+
+    from graphir.runtime.cuda.device_model import _check_arch
+
+    def props(cc):
+        return SimpleNamespace(device_properties=lambda o: SimpleNamespace(
+            name=f"GPU{o}", compute_capability=cc))
+    art = SimpleNamespace(path="m.gart", target="cuda:sm_90")
+    _check_arch(art, [0, 1], props((9, 0)))
+    with pytest.raises(ValueError, match=r"m.gart: built for cuda:sm_90, but GPU 0 \(GPU0\) is "
+                                         r"sm_80; .*sm_90 \(H100, H200\) only"):
+        _check_arch(art, [0], props((8, 0)))
