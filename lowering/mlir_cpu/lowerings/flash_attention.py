@@ -134,7 +134,9 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         t.close()
         amx_tiles.stage_p(k, sc, st, stt, lm, lmt, slot)
     else:
-        _accumulate(k, lt, lanes, st, stt, os_, ost, lm, lmt, sc["vt"])
+        kcnt = t.min(t.idx(c), t(f"arith.subi {kend}, %fk0 : index"))
+        _accumulate(k, lt, lanes, st, stt, os_, ost, lm, lmt, sc,
+                    t(f"arith.subi %fk0, {sc['vbase']} : index"), kcnt)
     t.close()   # %fk0
     if tiles:   # the last key tile's P V
         t.open(f"scf.if {t(f'arith.cmpi ugt, {kend}, {kstart} : index')}")
@@ -149,20 +151,24 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
                 t.idx(lt.gr), lanes, "%fw")
 
 
-def _tile_v_rows(k: _Kernel, lanes: int, rows: str) -> str:
-    """The key tile's V rows copied as f32 into `rows` [KEY_TILE, D]; its type. In the cache
-    they lie a page slot apart (4 KB for 8 heads of 128 f32), all in the same L1 sets, and P V
-    reads each row GR/MQ times: from the cache every read missed L1 (f32 attention of 512
-    tokens, 32 heads: 15.3-15.7 -> 13.2-13.4 ms with V copied)."""
+def _gather_values(k: _Kernel, lanes: int, page: int, kbase: str, count: str) -> tuple[str, str]:
+    """The task's V rows of keys kbase .. kbase + count as f32, [count, D] (heap; freed at the
+    task's end by the deallocation pass), read from the pages once a task. In the cache they
+    lie a page slot apart (4 KB for 8 heads of 128 f32), all in the same L1 sets, and P V reads
+    each row GR/MQ times; a copy per key tile and row block (the earlier form) read each tile
+    again for every later block: ~12% of the f32 attention of 512 tokens."""
     t, d, v = k.t, k.d, fvec(lanes)
-    rt = f"memref<{KEY_TILE}x{d}xf32>"
-    t.for_("%fvc", t.idx(0), t.idx(KEY_TILE), t.idx(1))
-    row = _key_index(k, "%fvc", 1, "")[:-1]
+    vat = f"memref<?x{d}xf32>"
+    vall = t(f"memref.alloc({t(f'arith.maxui {count}, {t.idx(1)} : index')}) "
+             f"{{alignment = 64 : i64}} : {vat}")
+    t.for_("%fvg", t.idx(0), count, t.idx(1))
+    pg, sl = _page_slot(k, t(f"arith.addi {kbase}, %fvg : index"), page)
     for u in range(0, d, lanes):
-        x = load_f32(t, "%blocks", row + [t.idx(u)], k.bt, k.el, lanes)
-        t.stmt(f"vector.store {x}, {rows}[%fvc, {t.idx(u)}] : {rt}, {v}")
+        x = load_f32(t, "%blocks", [pg, t.idx(1), t.idx(k.layer), sl, "%h", t.idx(u)], k.bt,
+                     k.el, lanes)
+        t.stmt(f"vector.store {x}, {vall}[%fvg, {t.idx(u)}] : {vat}, {v}")
     t.close()
-    return rt
+    return vall, vat
 
 
 def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, qtt: str):
@@ -211,12 +217,13 @@ def _softmax(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, lm: str, 
 
 
 def _accumulate(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, os_: str, ost: str,
-                lm: str, lmt: str, vt: str) -> None:
-    """O = alpha O + P V, MQ queries x DV vectors of head_dim at a time (vector FMAs; V
-    copied to `vt`: GR/MQ x D/(DV lanes) passes read it)."""
-    t, d, c = k.t, k.d, KEY_TILE
+                lm: str, lmt: str, sc: dict, vrow0: str, kcnt: str) -> None:
+    """O = alpha O + P V, MQ queries x DV vectors of head_dim at a time (vector FMAs), over the
+    tile's first kcnt keys (the rest are past the block's keys, P is 0 there: the last tile
+    skips them), V from the task's gathered rows (sc["vall"], the tile's first at vrow0)."""
+    t, d = k.t, k.d
     v = fvec(lanes)
-    vtt = _tile_v_rows(k, lanes, vt)
+    vt, vtt = sc["vall"], sc["vat"]
     t.for_("%fqb", t.idx(0), t.idx(lt.gr), t.idx(lt.mq))
     t.for_("%fdc", t.idx(0), t.idx(d), t.idx(lt.dv * lanes))
     qs = [t(f"arith.addi %fqb, {t.idx(q)} : index") for q in range(lt.mq)]
@@ -229,10 +236,11 @@ def _accumulate(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, os_: s
             accs.append(t(f"arith.mulf {o}, {a} : {v}"))
     n_acc = lt.mq * lt.dv
     init = ", ".join(f"%fo{i} = {a}" for i, a in enumerate(accs))
-    res = t(f"scf.for %fv = {t.idx(0)} to {t.idx(c)} step {t.idx(1)} iter_args({init}) -> "
+    res = t(f"scf.for %fv = {t.idx(0)} to {kcnt} step {t.idx(1)} iter_args({init}) -> "
             f"({', '.join([v] * n_acc)}) {{", n=n_acc)
     t.depth += 1
-    vv = [t(f"vector.load {vt}[%fv, {cols[u]}] : {vtt}, {v}") for u in range(lt.dv)]
+    vr = t.clamp(t(f"arith.addi {vrow0}, %fv : index"), sc["vcount"])   # inside vall, always
+    vv = [t(f"vector.load {vt}[{vr}, {cols[u]}] : {vtt}, {v}") for u in range(lt.dv)]
     nxt = []
     for q in range(lt.mq):
         pb = t(f"vector.broadcast {t(f'memref.load {st}[%fv, {qs[q]}] : {stt}')} : f32 to {v}")
@@ -294,9 +302,15 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                   os=t(f"memref.alloca() : memref<{lt.gr}x{d}xf32>"),
                   lm=t(f"memref.alloca() : memref<3x{grp}xf32>"))
         if not amx_tiles.amx_applies(amx, el, lt.gr, grp, d):   # the vector path's Qt and V
-            sc.update(qt=t(f"memref.alloca() : memref<{d}x{grp}xf32>"),
-                      vt=t(f"memref.alloca() {{alignment = 64 : i64}} : "
-                           f"memref<{KEY_TILE}x{d}xf32>"))
+            sc["qt"] = t(f"memref.alloca() : memref<{d}x{grp}xf32>")
+            # V of the keys the full blocks read (from the first block's first), none without
+            # a full block.
+            kb = _key_range(k, t.idx(0), t.idx(lt.rows))[1]
+            full = t(f"arith.cmpi uge, {n}, {t.idx(lt.rows)} : index")
+            cnt = t(f"arith.select {full}, {t(f'arith.subi {k.total}, {kb} : index')}, "
+                    f"{t.idx(0)} : index")
+            sc["vall"], sc["vat"] = _gather_values(k, lanes, page, kb, cnt)
+            sc["vbase"], sc["vcount"] = kb, cnt
             # Query lanes past GR must read as zeros (they are computed, never written out).
             t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : "
                    f"memref<{d}x{grp}xf32>)")
