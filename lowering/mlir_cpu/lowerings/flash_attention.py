@@ -2,11 +2,12 @@
 
 scf.forall over (sequence, KV head) (the pool splits it over the threads); the G = NH/NKV query
 heads sharing that KV head stay together (GQA) and the allowed keys stream by in tiles of C
-keys, read in place from their pages. Rows go in blocks of R, two paths:
+keys. Rows go in blocks of R, two paths:
 
 Full blocks (R rows; all of a prefill but each sequence's tail): GR = R*G query vectors lie
 along the vector lanes (GR = two vectors of the target: 32 with AVX-512, 16 with AVX2), with Q
-kept transposed and pre-scaled, Qt[D][GR]. Per key tile:
+kept transposed and pre-scaled, Qt[D][GR], and the task's K and V rows gathered from their
+pages once (f32, contiguous; AMX: bf16, flash_attention_amx.py). Per key tile:
   S^T[C][GR] = K Qt   register blocks of NK keys x GR queries (a K element broadcast times a
                       Qt row), the matmul kernel's shape: no horizontal sums;
   softmax             mask, running max, exp and sums go down the key axis, lane by lane;
@@ -27,8 +28,8 @@ from ..emit import Emitter, tensor_type
 from .attention import (VW, Text, alloc_like, cache_dims, finish, fvec, load_f32, memref_of,
                         sequence_span, to_buffer)
 from . import flash_attention_amx as amx_tiles
-from .flash_attention_base import (KEY_TILE, NEG_INF, _Kernel, _key_index, _key_range,
-                                   _page_slot, _tile_pages, _write_rows, lane_softmax)
+from .flash_attention_base import (KEY_TILE, NEG_INF, _Kernel, _key_range, _page_slot,
+                                   _write_rows, lane_softmax)
 from .flash_decode import merge_pass, split_count, tail_pass
 from .kernel_text import transpose
 from .linalg import inline_mlir
@@ -122,8 +123,7 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
     if tiles:
         amx_tiles.scores(k, d, sc, st, stt, "%fk0")
     else:
-        _tile_pages(k, "%fk0", kend, page, "%fj")
-        _scores(k, lt, lanes, st, stt, qt, qtt)
+        _scores(k, lt, lanes, st, stt, qt, qtt, sc, t(f"arith.subi %fk0, {sc['vbase']} : index"))
     _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, scale if tiles else None)
     if tiles:   # P V a key tile late (amx_tiles.accumulate says why), then this tile's P staged
         rel = t(f"arith.subi %fk0, {kstart} : index")
@@ -151,12 +151,14 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
                 t.idx(lt.gr), lanes, "%fw")
 
 
-def _gather_values(k: _Kernel, lanes: int, page: int, kbase: str, count: str) -> tuple[str, str]:
-    """The task's V rows of keys kbase .. kbase + count as f32, [count, D] (heap; freed at the
-    task's end by the deallocation pass), read from the pages once a task. In the cache they
-    lie a page slot apart (4 KB for 8 heads of 128 f32), all in the same L1 sets, and P V reads
-    each row GR/MQ times; a copy per key tile and row block (the earlier form) read each tile
-    again for every later block: ~12% of the f32 attention of 512 tokens."""
+def _gather_rows(k: _Kernel, lanes: int, page: int, kbase: str, count: str,
+                 kind: int) -> tuple[str, str]:
+    """The task's K (kind 0) or V (1) rows of keys kbase .. kbase + count as f32, [count, D]
+    (heap, 4 x count x D bytes; freed at the task's end by the deallocation pass), read from
+    the pages once a task. In the cache the rows lie a page slot apart (4 KB for 8 heads of 128
+    f32), all in the same L1 sets, and every later row block reads them again: V copied per
+    key tile and block, K read in place (the earlier forms) took 12.8-13.6 ms for the f32
+    attention of 512 tokens against 11.0-11.3 (2,048 tokens: 203 against 168 ms)."""
     t, d, v = k.t, k.d, fvec(lanes)
     vat = f"memref<?x{d}xf32>"
     vall = t(f"memref.alloc({t(f'arith.maxui {count}, {t.idx(1)} : index')}) "
@@ -164,23 +166,24 @@ def _gather_values(k: _Kernel, lanes: int, page: int, kbase: str, count: str) ->
     t.for_("%fvg", t.idx(0), count, t.idx(1))
     pg, sl = _page_slot(k, t(f"arith.addi {kbase}, %fvg : index"), page)
     for u in range(0, d, lanes):
-        x = load_f32(t, "%blocks", [pg, t.idx(1), t.idx(k.layer), sl, "%h", t.idx(u)], k.bt,
+        x = load_f32(t, "%blocks", [pg, t.idx(kind), t.idx(k.layer), sl, "%h", t.idx(u)], k.bt,
                      k.el, lanes)
         t.stmt(f"vector.store {x}, {vall}[%fvg, {t.idx(u)}] : {vat}, {v}")
     t.close()
     return vall, vat
 
 
-def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, qtt: str):
-    """S^T = K Qt for the key tile, NK keys at a time (vector FMAs). K is read in place: NK
-    rows at a time stream through L1 once (copied first like V, it ran 13.7-14.0 ms against
-    12.8 for the f32 attention of 512 tokens)."""
-    t, d, c, el = k.t, k.d, KEY_TILE, k.el
+def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, qtt: str,
+            sc: dict, krow0: str):
+    """S^T = K Qt for the key tile at row krow0 of the task's gathered K (sc["kall"]), NK keys
+    at a time (vector FMAs: a K element broadcast times a Qt row)."""
+    t, d, c = k.t, k.d, KEY_TILE
     v = fvec(lanes)
     zero = t.const("0.0", v)
     t.for_("%fjb", t.idx(0), t.idx(c), t.idx(lt.nk))
     keys = [t(f"arith.addi %fjb, {t.idx(j)} : index") for j in range(lt.nk)]
-    rows_k = [_key_index(k, j, 0, "%fdd")[:-1] for j in keys]
+    # Keys past the gathered ones (the last tile's) read the last: finite, and P is 0 there.
+    rows_k = [t.clamp(t(f"arith.addi {krow0}, {j} : index"), sc["vcount"]) for j in keys]
     n_acc = lt.nk * lt.nv
     init = ", ".join(f"%fa{i} = {zero}" for i in range(n_acc))
     res = t(f"scf.for %fdd = {t.idx(0)} to {t.idx(d)} step {t.idx(1)} iter_args({init}) -> "
@@ -189,9 +192,7 @@ def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, q
     qrow = [t(f"vector.load {qt}[%fdd, {t.idx(u * lanes)}] : {qtt}, {v}") for u in range(lt.nv)]
     nxt = []
     for j in range(lt.nk):
-        kx = t(f"memref.load %blocks[{', '.join(rows_k[j] + ['%fdd'])}] : {k.bt}")
-        if el != "f32":
-            kx = t(f"arith.extf {kx} : {el} to f32")
+        kx = t(f"memref.load {sc['kall']}[{rows_k[j]}, %fdd] : {sc['kat']}")
         kb = t(f"vector.broadcast {kx} : f32 to {v}")
         nxt += [t(f"vector.fma {kb}, {qrow[u]}, %fa{j * lt.nv + u} : {v}") for u in range(lt.nv)]
     t.stmt(f"scf.yield {', '.join(nxt)} : {', '.join([v] * n_acc)}")
@@ -303,13 +304,14 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                   lm=t(f"memref.alloca() : memref<3x{grp}xf32>"))
         if not amx_tiles.amx_applies(amx, el, lt.gr, grp, d):   # the vector path's Qt and V
             sc["qt"] = t(f"memref.alloca() : memref<{d}x{grp}xf32>")
-            # V of the keys the full blocks read (from the first block's first), none without
-            # a full block.
+            # K and V of the keys the full blocks read (from the first block's first), none
+            # without a full block.
             kb = _key_range(k, t.idx(0), t.idx(lt.rows))[1]
             full = t(f"arith.cmpi uge, {n}, {t.idx(lt.rows)} : index")
             cnt = t(f"arith.select {full}, {t(f'arith.subi {k.total}, {kb} : index')}, "
                     f"{t.idx(0)} : index")
-            sc["vall"], sc["vat"] = _gather_values(k, lanes, page, kb, cnt)
+            sc["kall"], sc["kat"] = _gather_rows(k, lanes, page, kb, cnt, 0)
+            sc["vall"], sc["vat"] = _gather_rows(k, lanes, page, kb, cnt, 1)
             sc["vbase"], sc["vcount"] = kb, cnt
             # Query lanes past GR must read as zeros (they are computed, never written out).
             t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : "

@@ -156,13 +156,6 @@ def _prefetch_tile(k: _Kernel, k0: str, kend: str, page: int) -> None:
     t.close()
 
 
-def _key_index(k: _Kernel, j: str, kind: int, col: str) -> list[str]:
-    t, it = k.t, f"memref<{KEY_TILE}xindex>"
-    pg = t(f"memref.load {k.pgs}[{j}] : {it}")
-    sl = t(f"memref.load {k.sls}[{j}] : {it}")
-    return [pg, t.idx(kind), t.idx(k.layer), sl, "%h", col]
-
-
 def _write_rows(k: _Kernel, os_: str, sct: str, ls: str, mt1: str, r0: str, nvec: str,
                 dw: int, iv: str) -> None:
     """Out rows of query vectors [0, nvec) of the block at r0: O / l (0 when l is 0)."""
