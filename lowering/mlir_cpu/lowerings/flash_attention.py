@@ -123,7 +123,8 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
     if tiles:
         amx_tiles.scores(k, d, sc, st, stt, "%fk0")
     else:
-        _scores(k, lt, lanes, st, stt, qt, qtt, sc, t(f"arith.subi %fk0, {sc['vbase']} : index"))
+        row0 = t(f"arith.subi %fk0, {sc['kv_base']} : index")   # the tile's first gathered row
+        _scores(k, lt, lanes, st, stt, qt, qtt, sc, row0)
     _softmax(k, lt, lanes, st, stt, lm, lmt, kend_v, qpos, scale if tiles else None)
     if tiles:   # P V a key tile late (amx_tiles.accumulate says why), then this tile's P staged
         rel = t(f"arith.subi %fk0, {kstart} : index")
@@ -135,8 +136,7 @@ def _full_block(k: _Kernel, lt: LaneTiles, lanes: int, r0: str, page: int, sc: d
         amx_tiles.stage_p(k, sc, st, stt, lm, lmt, slot)
     else:
         kcnt = t.min(t.idx(c), t(f"arith.subi {kend}, %fk0 : index"))
-        _accumulate(k, lt, lanes, st, stt, os_, ost, lm, lmt, sc,
-                    t(f"arith.subi %fk0, {sc['vbase']} : index"), kcnt)
+        _accumulate(k, lt, lanes, st, stt, os_, ost, lm, lmt, sc, row0, kcnt)
     t.close()   # %fk0
     if tiles:   # the last key tile's P V
         t.open(f"scf.if {t(f'arith.cmpi ugt, {kend}, {kstart} : index')}")
@@ -160,17 +160,17 @@ def _gather_rows(k: _Kernel, lanes: int, page: int, kbase: str, count: str,
     key tile and block, K read in place (the earlier forms) took 12.8-13.6 ms for the f32
     attention of 512 tokens against 11.0-11.3 (2,048 tokens: 203 against 168 ms)."""
     t, d, v = k.t, k.d, fvec(lanes)
-    vat = f"memref<?x{d}xf32>"
-    vall = t(f"memref.alloc({t(f'arith.maxui {count}, {t.idx(1)} : index')}) "
-             f"{{alignment = 64 : i64}} : {vat}")
+    rt = f"memref<?x{d}xf32>"
+    rows = t(f"memref.alloc({t(f'arith.maxui {count}, {t.idx(1)} : index')}) "
+             f"{{alignment = 64 : i64}} : {rt}")
     t.for_("%fvg", t.idx(0), count, t.idx(1))
     pg, sl = _page_slot(k, t(f"arith.addi {kbase}, %fvg : index"), page)
     for u in range(0, d, lanes):
         x = load_f32(t, "%blocks", [pg, t.idx(kind), t.idx(k.layer), sl, "%h", t.idx(u)], k.bt,
                      k.el, lanes)
-        t.stmt(f"vector.store {x}, {vall}[%fvg, {t.idx(u)}] : {vat}, {v}")
+        t.stmt(f"vector.store {x}, {rows}[%fvg, {t.idx(u)}] : {rt}, {v}")
     t.close()
-    return vall, vat
+    return rows, rt
 
 
 def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, qtt: str,
@@ -183,7 +183,7 @@ def _scores(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, qt: str, q
     t.for_("%fjb", t.idx(0), t.idx(c), t.idx(lt.nk))
     keys = [t(f"arith.addi %fjb, {t.idx(j)} : index") for j in range(lt.nk)]
     # Keys past the gathered ones (the last tile's) read the last: finite, and P is 0 there.
-    rows_k = [t.clamp(t(f"arith.addi {krow0}, {j} : index"), sc["vcount"]) for j in keys]
+    rows_k = [t.clamp(t(f"arith.addi {krow0}, {j} : index"), sc["kv_count"]) for j in keys]
     n_acc = lt.nk * lt.nv
     init = ", ".join(f"%fa{i} = {zero}" for i in range(n_acc))
     res = t(f"scf.for %fdd = {t.idx(0)} to {t.idx(d)} step {t.idx(1)} iter_args({init}) -> "
@@ -240,7 +240,7 @@ def _accumulate(k: _Kernel, lt: LaneTiles, lanes: int, st: str, stt: str, os_: s
     res = t(f"scf.for %fv = {t.idx(0)} to {kcnt} step {t.idx(1)} iter_args({init}) -> "
             f"({', '.join([v] * n_acc)}) {{", n=n_acc)
     t.depth += 1
-    vr = t.clamp(t(f"arith.addi {vrow0}, %fv : index"), sc["vcount"])   # inside vall, always
+    vr = t.clamp(t(f"arith.addi {vrow0}, %fv : index"), sc["kv_count"])   # inside it, always
     vv = [t(f"vector.load {vt}[{vr}, {cols[u]}] : {vtt}, {v}") for u in range(lt.dv)]
     nxt = []
     for q in range(lt.mq):
@@ -312,7 +312,7 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                     f"{t.idx(0)} : index")
             sc["kall"], sc["kat"] = _gather_rows(k, lanes, page, kb, cnt, 0)
             sc["vall"], sc["vat"] = _gather_rows(k, lanes, page, kb, cnt, 1)
-            sc["vbase"], sc["vcount"] = kb, cnt
+            sc["kv_base"], sc["kv_count"] = kb, cnt
             # Query lanes past GR must read as zeros (they are computed, never written out).
             t.stmt(f"linalg.fill ins({t.const('0.0', 'f32')} : f32) outs({sc['qt']} : "
                    f"memref<{d}x{grp}xf32>)")
