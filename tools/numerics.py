@@ -68,7 +68,11 @@ def random_inputs(graph, dims: Mapping[str, int], rng: np.random.Generator
         shape = [d.evaluate(env) for d in t.shape]
         if any(s < 0 for s in shape):
             raise ValueError(f"dims {env} give the negative shape {shape} for {t}")
-        arrays.append(random_array(rng, t.dtype, shape))
+        try:
+            arrays.append(random_array(rng, t.dtype, shape))
+        except MemoryError:   # the user's dims, not a bug: say which input and how big
+            raise ValueError(f"dims {env} give the input shape {shape} ({t.dtype}), more memory "
+                             f"than this machine can allocate; pass smaller --dim sizes") from None
     make_ragged_valid(graph, arrays, env, rng)
     return arrays, env
 

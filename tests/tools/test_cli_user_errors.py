@@ -106,3 +106,7 @@ def test_run_check_on_a_paged_attention_artifact(capsys, tmp_path):
     rc, out, err = cli(capsys, "run", art, "--check", "--dim", "batch=3", "--seed", "4")
     assert rc == 0, err
     assert "check output 0" in out and "OK" in out and "nan" not in out.lower()
+    # Random inputs too big to allocate are the user's dims (it was a MemoryError reported as a
+    # bug to file).
+    one_line_error(capsys, "run", art, "--dim", "batch=100000000000",
+                   frag="more memory than this machine can allocate; pass smaller --dim")
