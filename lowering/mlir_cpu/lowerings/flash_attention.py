@@ -302,14 +302,19 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
         sc = dict(st=t(f"memref.alloca() : memref<{KEY_TILE}x{grp}xf32>"),
                   os=t(f"memref.alloca() : memref<{lt.gr}x{d}xf32>"),
                   lm=t(f"memref.alloca() : memref<3x{grp}xf32>"))
-        if not amx_tiles.amx_applies(amx, el, lt.gr, grp, d):   # the vector path's Qt and V
+        tiles = amx_tiles.amx_applies(amx, el, lt.gr, grp, d)
+        # The keys the full blocks read, gathered once a task: from the first block's first
+        # (AMX: down to a multiple of 32, where its key tiles start) to the end; none without a
+        # full block.
+        kb = _key_range(k, t.idx(0), t.idx(lt.rows))[1]
+        if tiles:
+            kb = t(f"arith.muli {t(f'arith.divui {kb}, {t.idx(KEY_TILE)} : index')}, "
+                   f"{t.idx(KEY_TILE)} : index")
+        full = t(f"arith.cmpi uge, {n}, {t.idx(lt.rows)} : index")
+        cnt = t(f"arith.select {full}, {t(f'arith.subi {k.total}, {kb} : index')}, "
+                f"{t.idx(0)} : index")
+        if not tiles:   # the vector path's Qt, K and V
             sc["qt"] = t(f"memref.alloca() : memref<{d}x{grp}xf32>")
-            # K and V of the keys the full blocks read (from the first block's first), none
-            # without a full block.
-            kb = _key_range(k, t.idx(0), t.idx(lt.rows))[1]
-            full = t(f"arith.cmpi uge, {n}, {t.idx(lt.rows)} : index")
-            cnt = t(f"arith.select {full}, {t(f'arith.subi {k.total}, {kb} : index')}, "
-                    f"{t.idx(0)} : index")
             sc["kall"], sc["kat"] = _gather_rows(k, lanes, page, kb, cnt, 0)
             sc["vall"], sc["vat"] = _gather_rows(k, lanes, page, kb, cnt, 1)
             sc["kv_base"], sc["kv_count"] = kb, cnt
@@ -318,14 +323,6 @@ def flash_attention_text(args, out_t: ir.Type, *, n_heads: int, n_kv_heads: int,
                    f"memref<{d}x{grp}xf32>)")
         else:
             sc.update(amx_tiles.scratch(t, d))
-            # The keys the full blocks read: from the first block's first (its window's start,
-            # to a multiple of 32) to the end; none without a full block.
-            kb = _key_range(k, t.idx(0), t.idx(lt.rows))[1]
-            kb = t(f"arith.muli {t(f'arith.divui {kb}, {t.idx(KEY_TILE)} : index')}, "
-                   f"{t.idx(KEY_TILE)} : index")
-            full = t(f"arith.cmpi uge, {n}, {t.idx(lt.rows)} : index")
-            cnt = t(f"arith.select {full}, {t(f'arith.subi {k.total}, {kb} : index')}, "
-                    f"{t.idx(0)} : index")
             amx_tiles.gather_sequence(k, lambda kp: _page_slot(k, kp, page), d, kb, cnt, sc)
         t.for_("%fr0", t.idx(0), tail0(n), t.idx(lt.rows))
         _full_block(k, lt, lanes, "%fr0", page, sc)
