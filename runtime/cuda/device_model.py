@@ -371,13 +371,16 @@ class _Kernels(dict):
 def _check_arch(art, ordinals, driver) -> None:
     """Refuse a GPU whose compute capability is not the artifact's: its cubins would not load
     there (sm_90a code on any other part), and the driver's error would not say why."""
-    want = str(art.target).rpartition("sm_")[2]
+    from graphir.lowering.driver import CUDA_ARCHS, Target
+
+    want = Target.parse(str(art.target)).arch
     for o in sorted(set(ordinals)):
         p = driver.device_properties(o)
-        cc = f"{p.compute_capability[0]}{p.compute_capability[1]}"
+        cc = 10 * p.compute_capability[0] + p.compute_capability[1]
         if cc != want:
             raise ValueError(f"{art.path}: built for {art.target}, but GPU {o} ({p.name}) is "
-                             f"sm_{cc}; graphir's GPU kernels run on sm_90 (H100, H200) only")
+                             f"sm_{cc}; graphir's GPU kernels run on "
+                             f"{', '.join(f'sm_{a}' for a in CUDA_ARCHS)} (H100, H200) only")
 
 
 def load(artifact, weights: Mapping[str, Any], devices=None, *, use_graphs: bool = True,
