@@ -7,8 +7,9 @@ the contiguous cache [B, NKV, ctx, D] (the faster of enable_gqa=True and K/V exp
 bottom-right causal among the new tokens when there are several), then every candidate the tuner
 would time for the shape's bucket (paged_decode_tuning.candidates: the plan's query tile for the
 shape's new tokens, resolved for the page size, duplicates dropped), launched as the plan launches
-it (the split rule; the reduce when it splits), plus a few forced partition counts: half and twice
-the default's, and one partition for the multi-head configs the rule splits (/p<n>). Every
+it (the split rule; the reduce when it splits, unless the config merges its own partitions),
+plus a few forced partition counts: half and twice the default's, and one partition for the
+multi-head configs the rule splits (/p<n>). Every
 variant, SDPA included, is first checked against a float32 reference on the same cache (rel err);
 one that fails or does not compile is reported, not timed.
 
@@ -205,6 +206,7 @@ def kernel_fns(shape, prob, conf, forced, launchers):
     out = torch.empty(T, nh * D, device=dev, dtype=torch.bfloat16)
     o_part = torch.empty(T * nh * nparts * D, device=dev, dtype=torch.float32)
     ml_part = torch.empty(T * nh * nparts * 2, device=dev, dtype=torch.float32)
+    count = torch.zeros(B * nkv, device=dev, dtype=torch.int32)  # left zero by each launch
     grid = (B * (nkv // conf["HEADS"]) * nparts, 1, 1)
     fns = []
     for s in prob["sets"]:
@@ -212,10 +214,13 @@ def kernel_fns(shape, prob, conf, forced, launchers):
         tail = (prob["lut"].shape[1], 0, 1, prob["num_pages"], 1, D ** -0.5, part, nparts)
         if nparts == 1:
             null = o_part if DRY else None  # the interpreter wants a tensor
-            fns.append(lambda head=head, tail=tail: main(grid, *head, null, null, *tail))
+            fns.append(lambda head=head, tail=tail: main(grid, *head, null, null, null, *tail))
+        elif conf["MERGE"]:
+            fns.append(lambda head=head, tail=tail: main(grid, *head, o_part, ml_part, count,
+                                                         *tail))
         else:
             def f(head=head, tail=tail):
-                main(grid, *head, o_part, ml_part, *tail)
+                main(grid, *head, o_part, ml_part, count, *tail)
                 red((T * nh, 1, 1), o_part, ml_part, out, nparts)
             fns.append(f)
     return fns, out, nparts

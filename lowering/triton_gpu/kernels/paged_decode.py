@@ -25,8 +25,14 @@ Rows of a page past the cache length may hold anything (NaN included): scores of
 
 With num_parts == 1 the program normalizes and writes the output itself (no reduce). Otherwise
 partials (unnormalized accumulator, running max in log2 units and sum) go to fp32 scratch
-`o_part [T*NH, num_parts, D]`, `ml_part [T*NH, num_parts, 2]` and the reduce kernel rescales and
-sums them; empty partitions write (0, -1e30, 0), so the reduce needs no lengths.
+`o_part [T*NH, num_parts, D]`, `ml_part [T*NH, num_parts, 2]`; empty partitions write
+(0, -1e30, 0), so merging them needs no lengths. MERGE=0: the reduce kernel merges them, one
+program per output row, launched (with PDL) while the decode kernel still runs. MERGE=1: each
+program then takes a ticket from its (sequence, KV-head group)'s counter in `count_ptr` (int32,
+zero before the launch) and the program that takes the last one merges that group's partials
+and writes the output, leaving the counter zero for the next launch. No second launch, but a
+serial tail (the ticket's and the partials' round trips to L2) after the group's last
+partition: the tuner picks the form per bucket (paged_decode_config.CANDIDATES).
 
 SOFTCAP > 0 (a constexpr; 0.0 compiles to the uncapped kernel) caps the scaled scores to
 SOFTCAP * tanh(s / SOFTCAP) before the mask (Gemma 2; paged.capped_scores_log2); the reduce
@@ -207,13 +213,67 @@ def _store_partition(out_ptr, o_part_ptr, ml_part_ptr, acc, m_i, l_i, head_row, 
 
 
 @triton.jit
+def _merge_if_last(offs_ptr, out_ptr, o_part_ptr, ml_part_ptr, count_ptr, b, kvg, num_parts,
+                   NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+                   Q_PER_SEQ: tl.constexpr, HEADS: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                   MERGE_CHUNK: tl.constexpr, MERGE_UNROLL: tl.constexpr):
+    """After a partition's partials are stored: a ticket from the group's counter; the program
+    that takes the last one merges the group's num_parts partials into its output rows (HEADS x
+    Q_PER_SEQ x G, padded to MERGE_ROWS, MERGE_CHUNK rows at a time) and zeroes the counter."""
+    # Every thread's partial stores come before the ticket (one thread takes it, with release
+    # semantics at GPU scope); the last taker's acquire makes every group member's stores
+    # visible to it, and its threads read them after the ticket's broadcast (a CTA barrier).
+    tl.debug_barrier()
+    unit = b * (NKV // HEADS) + kvg
+    ticket = tl.atomic_add(count_ptr + unit, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_parts - 1:
+        tl.atomic_xchg(count_ptr + unit, 0, sem="relaxed", scope="gpu")
+        G: tl.constexpr = NH // NKV
+        QG: tl.constexpr = Q_PER_SEQ * G
+        seq_start = tl.load(offs_ptr + b)
+        seq_len = tl.minimum(tl.load(offs_ptr + b + 1) - seq_start, Q_PER_SEQ)
+        d = tl.arange(0, D)
+        for r0 in tl.static_range(0, MERGE_ROWS, MERGE_CHUNK):
+            r = r0 + tl.arange(0, MERGE_CHUNK)
+            hl = r // QG
+            i = (r % QG) // G
+            rmask = (hl < HEADS) & (i < seq_len)
+            head_row = (seq_start + i).to(tl.int64) * NH + (kvg * HEADS + hl) * G + r % G
+            # One pass of online rescaling over the partitions, MERGE_UNROLL of them unrolled
+            # so that their loads are in flight together (nothing in the loop writes memory).
+            # Loads .cg: from L2, where the other programs' stores are (never a stale L1 line).
+            m_run = tl.full((MERGE_CHUNK,), -1.0e30, tl.float32)
+            l_run = tl.zeros((MERGE_CHUNK,), tl.float32)
+            out = tl.zeros((MERGE_CHUNK, D), tl.float32)
+            for p in tl.range(0, num_parts, loop_unroll_factor=MERGE_UNROLL):
+                slot = head_row * num_parts + p
+                m = tl.load(ml_part_ptr + slot * 2, mask=rmask, other=-1.0e30,
+                            cache_modifier=".cg")
+                l = tl.load(ml_part_ptr + slot * 2 + 1, mask=rmask, other=0.0,
+                            cache_modifier=".cg")
+                o = tl.load(o_part_ptr + slot[:, None] * D + d[None, :], mask=rmask[:, None],
+                            other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_run, m)
+                alpha = tl.exp2(m_run - m_new)
+                w = tl.exp2(m - m_new)
+                l_run = l_run * alpha + l * w
+                out = out * alpha[:, None] + o * w[:, None]
+                m_run = m_new
+            out = out / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
+            tl.store(out_ptr + head_row[:, None] * D + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
 def paged_decode_kernel(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, out_ptr, o_part_ptr, ml_part_ptr,
-        max_pages, layer_idx, num_layers, num_pages, window, scale, part_size, num_parts,
-        NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        MASK: tl.constexpr, Q_PER_SEQ: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, HEADS: tl.constexpr, PAGED_TILES: tl.constexpr,
-        TMA: tl.constexpr, ORDER: tl.constexpr, SOFTCAP: tl.constexpr):
+        count_ptr, max_pages, layer_idx, num_layers, num_pages, window, scale, part_size,
+        num_parts, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, Q_PER_SEQ: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
+        PAGED_TILES: tl.constexpr, TMA: tl.constexpr, ORDER: tl.constexpr,
+        MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+        MERGE_UNROLL: tl.constexpr, SOFTCAP: tl.constexpr):
     pdl_wait()
     acc, m_i, l_i, head_row, rmask, part, kvg, b = _decode_partition(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, max_pages, layer_idx, num_layers,
@@ -221,6 +281,11 @@ def paged_decode_kernel(
         BLOCK_M, BLOCK_N, HEADS, PAGED_TILES, TMA, ORDER, SOFTCAP)
     _store_partition(out_ptr, o_part_ptr, ml_part_ptr, acc, m_i, l_i, head_row, rmask, part,
                      num_parts, D)
+    if MERGE:
+        if num_parts > 1:
+            _merge_if_last(offs_ptr, out_ptr, o_part_ptr, ml_part_ptr, count_ptr, b, kvg,
+                           num_parts, NH, NKV, D, Q_PER_SEQ, HEADS, MERGE_ROWS, MERGE_CHUNK,
+                           MERGE_UNROLL)
 
 
 @triton.jit
@@ -299,26 +364,28 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
     out = q.new_empty((T, NH * D))
     if T == 0:
         return out
+    units = batch * (NKV // conf["HEADS"])
     if nparts > 1:
         o_part = torch.empty((T * NH, nparts, D), dtype=torch.float32, device=q.device)
         ml_part = torch.empty((T * NH, nparts, 2), dtype=torch.float32, device=q.device)
+        count = torch.zeros(units, dtype=torch.int32, device=q.device)
     else:
         o_part = ml_part = torch.empty(1, dtype=torch.float32, device=q.device)
+        count = torch.zeros(1, dtype=torch.int32, device=q.device)
     if conf["PAGED_TILES"] and conf["TMA"] and blocks.numel() // (NKV * D) >= 2**31:
         raise ValueError(f"paged_decode: a cache of {blocks.numel() // (NKV * D)} rows is too "
                          "large for the TMA config (2**31 rows at most)")
     if conf["TMA"] and q.device.type == "cuda":
         torch_global_scratch(q.device)
     as_i32 = lambda x: x.contiguous().view(torch.int32) if x.dtype == torch.uint32 else x
-    units = batch * (NKV // conf["HEADS"])
     paged_decode_kernel[(units * nparts,)](
         q.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths), as_i32(lookup_table),
-        blocks, out, o_part, ml_part, lookup_table.shape[1], layer_idx, num_layers,
+        blocks, out, o_part, ml_part, count, lookup_table.shape[1], layer_idx, num_layers,
         blocks.shape[0], max(window, 1), float(D ** -0.5 if scale is None else scale), part,
         nparts, **cfg.constexprs(conf, NH, NKV, D, page_size, m, q_per_seq),
         SOFTCAP=check_softcap(softcap),
         num_warps=conf["num_warps"], num_stages=conf["num_stages"])
-    if nparts > 1:
+    if nparts > 1 and not conf["MERGE"]:
         paged_decode_reduce_kernel[(T * NH,)](o_part, ml_part, out, nparts, D=D,
                                               BLOCK_P=BLOCK_P, num_warps=4)
     return out
@@ -332,18 +399,19 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
     constexprs) and keeps the config of its uncapped twin; the reduce is shared.
 
     Launch: (num_parts, part_size) = paged_decode_config.split(batch, n_kv_heads, max_kv_len,
-    config); decode grid batch * (n_kv_heads / HEADS) * num_parts; when num_parts > 1 the reduce
-    follows
-    over T * n_heads rows with scratch o_part T*NH*num_parts*D fp32, ml_part T*NH*num_parts*2.
+    config); decode grid batch * (n_kv_heads / HEADS) * num_parts; when num_parts > 1 it takes
+    scratch o_part T*NH*num_parts*D fp32, ml_part T*NH*num_parts*2 and, for a MERGE config,
+    count: batch * n_kv_heads int32, zero when allocated (each launch leaves it zero), and
+    merges the partials itself; otherwise the reduce follows over T * n_heads rows.
     """
     t = triton_dtype(dtype)
     m = mask_id(mask)
     conf = cfg.resolve(config, n_heads, n_kv_heads, head_dim, page_size, q_per_seq)
     sig = {"q_ptr": f"*{t}", "offs_ptr": "*i32", "cache_len_ptr": "*i32", "lut_ptr": "*i32",
            "blocks_ptr": f"*{t}", "out_ptr": f"*{t}", "o_part_ptr": "*fp32",
-           "ml_part_ptr": "*fp32", "max_pages": "i32", "layer_idx": "i32", "num_layers": "i32",
-           "num_pages": "i32", "window": "i32", "scale": "fp32", "part_size": "i32",
-           "num_parts": "i32"}
+           "ml_part_ptr": "*fp32", "count_ptr": "*i32", "max_pages": "i32", "layer_idx": "i32",
+           "num_layers": "i32", "num_pages": "i32", "window": "i32", "scale": "fp32",
+           "part_size": "i32", "num_parts": "i32"}
     consts = dict(cfg.constexprs(conf, n_heads, n_kv_heads, head_dim, page_size, m, q_per_seq),
                   SOFTCAP=check_softcap(softcap))
     sig.update({n: "constexpr" for n in consts})
@@ -361,7 +429,7 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
         grid_args=("batch", "max_kv_len"),
         divisible_by_16=("q_ptr", "blocks_ptr", "out_ptr", "o_part_ptr", "ml_part_ptr"),
         notes="part_size, num_parts = paged_decode_config.split(...); window >= 1; "
-              "o_part/ml_part may be null when num_parts == 1",
+              "o_part/ml_part/count may be null when num_parts == 1",
         extra={"config": cfg.public(conf)})
     rsig = {"o_part_ptr": "*fp32", "ml_part_ptr": "*fp32", "out_ptr": f"*{t}",
             "num_parts": "i32", "D": "constexpr", "BLOCK_P": "constexpr"}

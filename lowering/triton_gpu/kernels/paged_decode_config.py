@@ -1,7 +1,8 @@
 """Configs of the paged decode kernel (paged_decode.py) and its split rule, as data.
 
 A config is a dict: the tile and load-path constexprs (BLOCK_N keys per block, HEADS KV heads
-per program, PAGED_TILES, TMA, ORDER), the launch shape (num_warps, num_stages) and the two
+per program, PAGED_TILES, TMA, ORDER; MERGE: a split launch merges its own partitions, its last
+program per group, instead of a reduce kernel after it), the launch shape (num_warps, num_stages) and the two
 numbers the split rule uses (ctas_per_sm: the CTAs of this config one SM is assumed to hold;
 min_part: the fewest keys worth a partition). `CANDIDATES` lists the configs the compile-time
 tuner times (paged_decode_tuning.py); `default_config` picks one when nothing was tuned.
@@ -33,35 +34,46 @@ NEAR_BEST = 90         # percent of the best wave efficiency that is good enough
 MAX_BLOCK_M = 64       # rows of the query tile (HEADS * q_per_seq * GQA group) the kernel takes
 Q_PER_SEQ_MAX = 8      # more new tokens per sequence than this go to the prefill kernel
 SMEM_BUDGET = 200 * 1024  # K/V buffers a config may ask for (sm_90: 227 KiB per CTA)
+# MERGE=1 configs: partial accumulator values the merging program has in flight (rows x head
+# dim x unrolled partitions, fp32): 32 registers a thread at 4 warps, 8 partitions of a 4-row
+# group at once.
+MERGE_ELEMS = 4096
+MERGE_CHUNK_ROWS = 16  # rows merged at once (taller speculative tiles take several rounds)
 
-_KEYS = ("BLOCK_N", "HEADS", "PAGED_TILES", "TMA", "ORDER", "num_warps", "num_stages",
+_KEYS = ("BLOCK_N", "HEADS", "PAGED_TILES", "TMA", "ORDER", "MERGE", "num_warps", "num_stages",
          "ctas_per_sm", "min_part")
 # The keys that change the compiled kernel (the others are launch-rule numbers).
-KERNEL_KEYS = ("BLOCK_N", "HEADS", "PAGED_TILES", "TMA", "ORDER", "num_warps", "num_stages")
+KERNEL_KEYS = ("BLOCK_N", "HEADS", "PAGED_TILES", "TMA", "ORDER", "MERGE", "num_warps",
+               "num_stages")
+# Keys older tables and callers may leave out, and their values then.
+_OPTIONAL = {"HEADS": 1, "MERGE": 0}
 
 
 def make_config(bn: int, tiles: int, tma: int, warps: int, stages: int, ctas: int,
-                min_part: int = 256, order: int = 0, heads: int = 1) -> dict:
+                min_part: int = 256, order: int = 0, heads: int = 1, merge: int = 0) -> dict:
     """A config dict from positional values (BLOCK_N, PAGED_TILES, TMA, num_warps, num_stages,
     ctas_per_sm), as the tables here write them; `name` identifies it in tuning tables."""
     conf = {"BLOCK_N": bn, "HEADS": heads, "PAGED_TILES": tiles, "TMA": tma, "ORDER": order,
-            "num_warps": warps, "num_stages": stages, "ctas_per_sm": ctas, "min_part": min_part}
+            "MERGE": merge, "num_warps": warps, "num_stages": stages, "ctas_per_sm": ctas,
+            "min_part": min_part}
     return dict(conf, name=config_name(conf))
 
 
 def config_name(conf: dict) -> str:
-    """A short unique name: 'n16tileh4_w4s5c3' (load path gather / tile / tma; h<HEADS>, o1 and
-    p<min_part> only when they differ from the usual 1, 0 and 256). `parse_name` inverts it."""
+    """A short unique name: 'n16tileh4_w4s5c3' (load path gather / tile / tma; h<HEADS>, o1,
+    p<min_part> and m (MERGE: the kernel merges its partitions) only when they differ from the
+    usual 1, 0, 256 and 0). `parse_name` inverts it."""
     path = "tma" if conf["TMA"] else ("tile" if conf["PAGED_TILES"] else "gather")
     heads = f"h{conf['HEADS']}" if conf.get("HEADS", 1) != 1 else ""
     extra = (f"_o{conf['ORDER']}" if conf["ORDER"] else "") + (
-        f"_p{conf['min_part']}" if conf["min_part"] != 256 else "")
+        f"_p{conf['min_part']}" if conf["min_part"] != 256 else "") + (
+        "_m" if conf.get("MERGE") else "")
     return (f"n{conf['BLOCK_N']}{path}{heads}_w{conf['num_warps']}s{conf['num_stages']}"
             f"c{conf['ctas_per_sm']}{extra}")
 
 
 _NAME = re.compile(r"n(\d+)(gather|tile|tma)(?:h(\d+))?_w(\d+)s(\d+)c(\d+)(?:_o(\d+))?"
-                   r"(?:_p(\d+))?")
+                   r"(?:_p(\d+))?(_m)?")
 
 
 def parse_name(name: str) -> dict:
@@ -69,9 +81,9 @@ def parse_name(name: str) -> dict:
     m = _NAME.fullmatch(name) if isinstance(name, str) else None
     if m is None:
         raise ValueError(f"unknown decode config {name!r}; names look like 'n64tile_w4s5c3'")
-    bn, path, heads, w, s, c, order, mp = m.groups()
+    bn, path, heads, w, s, c, order, mp, merge = m.groups()
     conf = make_config(int(bn), int(path != "gather"), int(path == "tma"), int(w), int(s),
-                       int(c), int(mp or 256), int(order or 0), int(heads or 1))
+                       int(c), int(mp or 256), int(order or 0), int(heads or 1), int(bool(merge)))
     validate(conf)
     if conf["name"] != name:
         raise ValueError(f"decode config name {name!r} is not canonical ({conf['name']!r})")
@@ -84,13 +96,13 @@ def get(config) -> dict:
         return parse_name(config)
     if not isinstance(config, dict):
         raise ValueError(f"a decode config is a name or a dict, got {config!r}")
-    conf = validate(dict({"HEADS": 1}, **config))
+    conf = validate(dict(_OPTIONAL, **config))
     return dict(conf, name=config_name(conf))
 
 
 def kernel_key(conf: dict) -> tuple:
     """What identifies the compiled kernel of a config (configs equal here share a cubin)."""
-    return tuple(int(conf.get(k, 1 if k == "HEADS" else 0)) for k in KERNEL_KEYS)
+    return tuple(int(conf.get(k, _OPTIONAL.get(k, 0))) for k in KERNEL_KEYS)
 
 
 # The space the tuner times. For head_dim 128 in bf16 and a 16-row query tile each holds
@@ -128,6 +140,13 @@ CANDIDATES: list[dict] = [
     make_config(64, 1, 0, 4, 5, 1),
     make_config(32, 1, 0, 4, 5, 1, heads=2),
     make_config(16, 1, 0, 4, 5, 1, heads=4),
+    # Split launches that merge their own partitions (no reduce kernel). H100, 2026-12-06: at
+    # B8 x 1024 two merged partitions ran 16.8 us against 18.5 with the reduce (1.09x SDPA);
+    # at B1 the merge's serial tail (ticket, then the partials from L2) lost to the reduce,
+    # which PDL launches early (B1 x 4096, 16 partitions: 14.2 against 11.8 us).
+    make_config(64, 1, 0, 4, 5, 1, merge=1),
+    make_config(64, 1, 0, 4, 5, 3, merge=1),
+    make_config(32, 1, 0, 4, 5, 3, heads=2, merge=1),
 ]
 
 
@@ -146,6 +165,8 @@ def validate(conf: dict) -> dict:
         raise ValueError("paged_decode config: TMA=1 needs HEADS=1")
     if conf["ORDER"] not in (0, 1):
         raise ValueError(f"paged_decode config: ORDER must be 0 or 1, got {conf['ORDER']}")
+    if conf["MERGE"] not in (0, 1):
+        raise ValueError(f"paged_decode config: MERGE must be 0 or 1, got {conf['MERGE']}")
     if conf["num_warps"] not in (1, 2, 4, 8, 16) or conf["num_stages"] < 1:
         raise ValueError(f"paged_decode config: bad num_warps/num_stages in {conf}")
     if conf["ctas_per_sm"] < 1 or conf["min_part"] < 1:
@@ -241,11 +262,15 @@ def default_config(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
 def constexprs(conf: dict, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
                mask: int, q_per_seq: int) -> dict:
     """The decode kernel's constexpr values for a resolved config."""
+    rows = next_pow2(conf["HEADS"] * q_per_seq * (n_heads // n_kv_heads))
+    chunk = min(rows, MERGE_CHUNK_ROWS)
     return {"NH": n_heads, "NKV": n_kv_heads, "D": head_dim, "PAGE_SIZE": page_size,
             "MASK": mask, "Q_PER_SEQ": q_per_seq,
             "BLOCK_M": block_m(n_heads, n_kv_heads, q_per_seq, conf["HEADS"]),
             "BLOCK_N": conf["BLOCK_N"], "HEADS": conf["HEADS"],
-            "PAGED_TILES": conf["PAGED_TILES"], "TMA": conf["TMA"], "ORDER": conf["ORDER"]}
+            "PAGED_TILES": conf["PAGED_TILES"], "TMA": conf["TMA"], "ORDER": conf["ORDER"],
+            "MERGE": conf["MERGE"], "MERGE_ROWS": rows, "MERGE_CHUNK": chunk,
+            "MERGE_UNROLL": max(1, MERGE_ELEMS // (chunk * next_pow2(head_dim)))}
 
 
 def public(conf: dict) -> dict:

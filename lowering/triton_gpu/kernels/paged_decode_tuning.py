@@ -152,8 +152,9 @@ def _problem(facts: Mapping, size) -> dict:
 
 
 def tuning_launches(conf: dict, facts: Mapping, size) -> dict:
-    """The plan's launches for a config at a tuning point: decode kernel, then the reduce when
-    the split rule splits; arguments named as `bench` names its buffers and ints."""
+    """The plan's launches for a config at a tuning point: decode kernel, then (unless it merges
+    them itself) the reduce when the split rule splits; arguments named as `bench` names its
+    buffers and ints."""
     nh, nkv, d, page, q = _shape(facts)
     conf = cfg.resolve(conf, nh, nkv, d, page, q)
     pb = _problem(facts, size)
@@ -161,15 +162,18 @@ def tuning_launches(conf: dict, facts: Mapping, size) -> dict:
                                 q, config=conf)
     nparts, part = cfg.split(pb["batch"], nkv, pb["kvb"], conf)
     grid = (pb["batch"] * (nkv // conf["HEADS"]) * nparts, 1, 1)
-    args = ["q", "offs", "clen", "lut", "blocks", "out", "o_part", "ml_part", "max_pages",
-            "layer", "num_layers", "num_pages", "window", "scale", "part_size", "num_parts"]
+    args = ["q", "offs", "clen", "lut", "blocks", "out", "o_part", "ml_part", "part_count",
+            "max_pages", "layer", "num_layers", "num_pages", "window", "scale", "part_size",
+            "num_parts"]
     ops = [(0, grid, args)]
     rows = pb["T"] * nh
-    scratch = [("o_part", "float32", 1), ("ml_part", "float32", 1)]
+    scratch = [("o_part", "float32", 1), ("ml_part", "float32", 1), ("part_count", "int32", 1)]
     if nparts > 1:
         scratch = [("o_part", "float32", rows * nparts * d),
-                   ("ml_part", "float32", rows * nparts * 2)]
-        ops.append((1, (rows, 1, 1), ["o_part", "ml_part", "out", "num_parts"]))
+                   ("ml_part", "float32", rows * nparts * 2),
+                   ("part_count", "int32", pb["batch"] * nkv)]
+        if not conf["MERGE"]:
+            ops.append((1, (rows, 1, 1), ["o_part", "ml_part", "out", "num_parts"]))
     return {"specs": [main, reduce], "ops": ops, "scratch": scratch,
             "ints": {"part_size": part, "num_parts": nparts}}
 

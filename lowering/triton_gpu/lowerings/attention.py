@@ -75,8 +75,9 @@ def lower_decode(sb: StepBuilder, c: AttentionCall) -> None:
     smallest tile that holds seqmax tokens wins) and, within a tile, per bucket of (batch x KV
     heads, bucketed context) the config the tuner chose (kernels/paged_decode_tuning.py; tuned
     on this GPU with tune=True, else the shipped table, else the built-in default), at most
-    MAX_DECODE_KERNELS kernels in all. Each runs split-K partials plus a reduce, or alone,
-    writing the output, when the split rule keeps one partition. Every condition reads the
+    MAX_DECODE_KERNELS kernels in all. Each runs split-K partials plus a reduce (or, for a
+    MERGE config, whose last program per group merges them), or alone, writing the output,
+    when the split rule keeps one partition. Every condition reads the
     batch and the bucketed facts only, so one CUDA graph per key still replays."""
     sb.let("kv_len", f"cdiv(max({c.kvmax}, 1), {DECODE_KV_BUCKET}) * {DECODE_KV_BUCKET}")
     args = c.tail[:3] + [c.num_pages] + c.tail[3:]
@@ -104,14 +105,20 @@ def lower_decode(sb: StepBuilder, c: AttentionCall) -> None:
             km = sb.kernel(main)
             base = f"{c.seqmax} <= {q}" + (f" and {cond}" if cond else "")
             with sb.when(f"{base} and {parts} == 1"):
-                sb.launch(km, grid, c.common + [sb.ptr(c.out), ["n"], ["n"]] + args + [size, parts])
+                sb.launch(km, grid, c.common + [sb.ptr(c.out), ["n"], ["n"], ["n"]] + args
+                          + [size, parts])
             with sb.when(base):
                 o_part = sb.scratch("o_part", "float32", f"{c.T} * {c.nh} * {parts} * {c.d}")
                 ml_part = sb.scratch("ml_part", "float32", f"{c.T} * {c.nh} * {parts} * 2")
-                sb.launch(km, grid,
-                          c.common + [sb.ptr(c.out), o_part, ml_part] + args + [size, parts])
-                sb.launch(sb.kernel(reduce), [f"{c.T} * {c.nh}"],
-                          [o_part, ml_part, sb.ptr(c.out), parts])
+                # A MERGE config's group tickets (the last program of a group merges): zero
+                # when allocated, left zero by every launch.
+                count = (sb.scratch("part_count", "int32", f"({c.batch}) * {c.nkv}")
+                         if conf["MERGE"] else ["n"])
+                sb.launch(km, grid, c.common + [sb.ptr(c.out), o_part, ml_part, count] + args
+                          + [size, parts])
+                if not conf["MERGE"]:
+                    sb.launch(sb.kernel(reduce), [f"{c.T} * {c.nh}"],
+                              [o_part, ml_part, sb.ptr(c.out), parts])
 
 
 def lower_prefill(sb: StepBuilder, c: AttentionCall, config: dict | None = None) -> None:

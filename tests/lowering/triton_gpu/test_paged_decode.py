@@ -102,9 +102,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["reduce_kernel", "merged"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_decode_matches_the_float64_reference(case):
+def test_decode_matches_the_float64_reference(case, merge):
     _, g, page, qps, new, cache, mask, window, conf, nparts, dtype, *kv = case
+    if merge and nparts == 1:
+        pytest.skip("one partition: nothing to merge")
+    conf = dict(conf, MERGE=int(merge))
     nkv = kv[0] if kv else NKV
     rng = np.random.default_rng(abs(hash(case[0])) % 2**32)
     pb = paged_problem(rng, new, cache, page, g * nkv, dtype, nkv)
@@ -115,16 +119,45 @@ def test_decode_matches_the_float64_reference(case):
     assert rel_err(got, reference(pb, mask, window)) < TOL[dtype]
 
 
-def test_reduce_rescales_across_chunks_of_partitions():
-    """More partitions than the reduce takes at once (16), and scores growing along the
-    context, so later chunks hold larger maxima and earlier sums must be rescaled."""
+@pytest.mark.parametrize("merge", [False, True], ids=["reduce_kernel", "merged"])
+def test_merge_rescales_across_chunks_of_partitions(monkeypatch, merge):
+    """More partitions than the merge reads at once (the reduce kernel: 16; the in-kernel
+    merge: shrunk here to one row a round, unrolled by 2), and scores growing along the
+    context, so later partitions hold larger maxima and earlier sums must be rescaled; two new
+    tokens per sequence give the merge several row rounds."""
+    monkeypatch.setattr(cfg, "MERGE_CHUNK_ROWS", 1)
+    monkeypatch.setattr(cfg, "MERGE_ELEMS", 2 * D)
     rng = np.random.default_rng(21)
-    pb = paged_problem(rng, [1, 1], [409, 150], 32, 4, torch.float32)
+    pb = paged_problem(rng, [2, 1], [409, 150], 32, 4, torch.float32)
     ramp = torch.linspace(0, 3, 32, dtype=torch.float64).view(1, 1, 32, 1, 1)
     pb["blocks"][:, 0] += (ramp * pb["q"][0, 0].sum().sign()).to(torch.float32)
     got = pd.paged_decode(pb["q"], pb["offs_t"], pb["cache_t"], pb["lut_t"], pb["blocks"],
-                          LAYER, config=C(16, 1, 0, 4, 3, 2), num_parts=26)
+                          LAYER, q_per_seq=2, config=C(16, 1, 0, 4, 3, 2, merge=int(merge)),
+                          num_parts=27)
     assert rel_err(got, reference(pb, "CAUSAL", 0)) < 1e-5
+
+
+def test_merge_leaves_the_group_counters_zero():
+    """The in-kernel merge's tickets: each group's counter counts its partitions and the last
+    taker resets it, so the same (pooled) counters serve the next launch."""
+    rng = np.random.default_rng(8)
+    pb = paged_problem(rng, [1, 1, 1], [300, 0, 77], 16, 8, torch.float32)
+    conf = cfg.resolve(C(16, 1, 0, 4, 3, 2, merge=1), 8, NKV, D, 16, 1)
+    nparts, part = 5, 64
+    count = torch.zeros(3 * NKV, dtype=torch.int32)
+    o_part = torch.empty(3 * 8 * nparts * D)
+    ml_part = torch.empty(3 * 8 * nparts * 2)
+    want = reference(pb, "CAUSAL", 0)
+    for _ in range(2):
+        out = torch.full((3, 8 * D), float("nan"))
+        pd.paged_decode_kernel[(3 * NKV * nparts,)](
+            pb["q"], pb["offs_t"].view(torch.int32), pb["cache_t"].view(torch.int32),
+            pb["lut_t"].view(torch.int32), pb["blocks"], out, o_part, ml_part, count,
+            pb["lut"].shape[1], LAYER, LAYERS, pb["blocks"].shape[0], 1, D ** -0.5, part,
+            nparts, **cfg.constexprs(conf, 8, NKV, D, 16, 1, 1), SOFTCAP=0.0, num_warps=4,
+            num_stages=3)
+        assert rel_err(out, want) < 1e-5
+        assert count.tolist() == [0] * (3 * NKV)
 
 
 def test_the_rule_case_splits():

@@ -218,6 +218,7 @@ def test_decode_tables_are_checked():
     ("fp32", "n16tile_w4s3c2", (4, 300)),         # split: partials + reduce
     ("fp32", "n8tileh2_w4s3c1", (140, 20)),       # 70 programs over 132 slots: one kernel
     ("bf16", "n32gather_w4s3c2_p32", (2, 100)),
+    ("fp32", "n16tile_w4s3c2_m", (4, 300)),       # split, merged by the kernel: one kernel
 ])
 def test_gpu_measurer_runs_the_decode_launches(monkeypatch, dtype, conf, size):
     from types import SimpleNamespace
@@ -242,7 +243,10 @@ def test_gpu_measurer_runs_the_decode_launches(monkeypatch, dtype, conf, size):
     tt.FakeKernel.launches = []
     r = m(fam, facts, cfg.get(conf), size)
     assert r["rel_err"] < (1e-5 if dtype == "fp32" else 1e-2) and 0 < r["ms"] < float("inf")
+    # The reduce follows a split launch unless the config merges its own partials (repeated
+    # runs reuse the scratch, so a merge's counters must come back to zero each time).
+    reduce = plan["ints"]["num_parts"] > 1 and not cfg.get(conf)["MERGE"]
     assert len(tt.FakeKernel.launches) >= len(plan["ops"]) and \
-        ("reduce" in tt.FakeKernel.launches[1]) == (plan["ints"]["num_parts"] > 1)
+        ("reduce" in tt.FakeKernel.launches[1]) == reduce
     monkeypatch.setattr(tt.FakeKernel, "launch", lambda self, grid, *a, stream=None: None)
     assert m(fam, facts, cfg.get(conf), size)["rel_err"] == float("inf")
