@@ -187,7 +187,7 @@ def bench(facts: Mapping, size, seed: int = 0) -> dict:
     with the float64 reference and requires every output element to be finite."""
     import numpy as np
 
-    from graphir.dtype import DType, from_bits, to_bits
+    from graphir.dtype import DType, from_bits
     from graphir.ops import attention_math as am
 
     nh, nkv, d, page, q = _shape(facts)
