@@ -46,7 +46,8 @@ def merging_table() -> dict:
     """The shipped decode choices for fp32 (one-token tiles), each in its MERGE form."""
     table = json.loads(json.dumps(tuning.load_table()))
     fam = table["families"]["decode"]
-    fam["fp32"] = {key: {b: name + "_m" for b, name in buckets.items()}
+    fam["fp32"] = {key: {b: name if name.endswith("_m") else name + "_m"
+                         for b, name in buckets.items()}
                    for key, buckets in fam["fp32"].items()}
     return table
 
