@@ -39,6 +39,9 @@ SMEM_BUDGET = 200 * 1024  # K/V buffers a config may ask for (sm_90: 227 KiB per
 # group at once.
 MERGE_ELEMS = 4096
 MERGE_CHUNK_ROWS = 16  # rows merged at once (taller speculative tiles take several rounds)
+# Partitions unrolled at most: a small head dim would otherwise ask for 128 (D = 16, two rows),
+# and compiling that unrolled online-softmax chain took 166 s (8: 1.4 s).
+MERGE_UNROLL_MAX = 8
 
 _KEYS = ("BLOCK_N", "HEADS", "PAGED_TILES", "TMA", "ORDER", "MERGE", "num_warps", "num_stages",
          "ctas_per_sm", "min_part")
@@ -270,7 +273,8 @@ def constexprs(conf: dict, n_heads: int, n_kv_heads: int, head_dim: int, page_si
             "BLOCK_N": conf["BLOCK_N"], "HEADS": conf["HEADS"],
             "PAGED_TILES": conf["PAGED_TILES"], "TMA": conf["TMA"], "ORDER": conf["ORDER"],
             "MERGE": conf["MERGE"], "MERGE_ROWS": rows, "MERGE_CHUNK": chunk,
-            "MERGE_UNROLL": max(1, MERGE_ELEMS // (chunk * next_pow2(head_dim)))}
+            "MERGE_UNROLL": max(1, min(MERGE_UNROLL_MAX,
+                                       MERGE_ELEMS // (chunk * next_pow2(head_dim))))}
 
 
 def public(conf: dict) -> dict:

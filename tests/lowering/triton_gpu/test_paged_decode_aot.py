@@ -24,7 +24,11 @@ jobs += [("default_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL", 1), None),
          ("h2_gather_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL", 1),
           cfg.make_config(32, 0, 0, 4, 5, 3, heads=2)),
          ("h2_g8_q2", (64, 8, 128, 128, "bfloat16", "CAUSAL", 2),
-          cfg.make_config(32, 1, 0, 4, 5, 2, heads=2))]
+          cfg.make_config(32, 1, 0, 4, 5, 2, heads=2)),
+         # A merging config at tests/gpu/family.py's tiny shape (head dim 16, GQA 2): its
+         # partition loop is unrolled by MERGE_UNROLL_MAX, not by 128 (a 166 s compile).
+         ("merge_tiny", (4, 2, 16, 4, "bfloat16", "CAUSAL", 1),
+          cfg.make_config(16, 1, 0, 4, 3, 2, merge=1))]
 out = {}
 for label, shape, conf in jobs:
     main, reduce = pd.aot_specs(*shape, config=conf)
