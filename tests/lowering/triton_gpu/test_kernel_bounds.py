@@ -168,9 +168,11 @@ def test_flash_prefill_bounds(mode):
 
 
 # --------------------------------------------------------------------------- paged decode
-# page size, config (BLOCK_N, PAGED_TILES, TMA, warps, stages, split): row gather, page tiles, TMA
+# page size, config (BLOCK_N, PAGED_TILES, TMA, warps, stages, split, min_part, order, heads,
+# merge): row gather, page tiles, TMA, and page tiles whose partitions the kernel merges itself
 DECODE_MODES = {"gather": (8, (16, 0, 0, 4, 3, 2)), "tiles": (32, (16, 1, 0, 4, 3, 2)),
-                "tma": (32, (16, 1, 1, 4, 3, 2))}
+                "tma": (32, (16, 1, 1, 4, 3, 2)),
+                "merge": (32, (16, 1, 0, 4, 3, 2, 256, 0, 1, 1))}
 
 
 @pytest.mark.parametrize("mode", list(DECODE_MODES))
