@@ -16,7 +16,7 @@ from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
 from graphir.lowering.artifact import Artifact, ArtifactError
 from graphir.lowering.mlir_cpu.cpu_target import check_host
-from graphir.lowering.mlir_cpu.pack_layout import pack_numpy
+from graphir.lowering.mlir_cpu.pack_layout import pack_numpy, packed_shape, parse_layout
 from graphir.lowering.plan import Plan, value_table
 
 from .cpu import CpuLibrary
@@ -44,20 +44,16 @@ def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
     return buf[off:off + nbytes]
 
 
-def aligned_copy(a: np.ndarray, align: int = ALIGN) -> np.ndarray:
-    """A C-contiguous copy of `a` in aligned_empty's memory."""
-    out = aligned_empty(a.nbytes, align).view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
 def pack_operand(a: np.ndarray, layout: str) -> np.ndarray:
     """A matmul operand in the panel layout a kernel takes pre-packed (lowering/mlir_cpu/
     pack_layout.py): "nk<NR>" packs W [N, K] (used transposed), "kn<NR>" W [K, N], both to f32
     [N/NR, K, NR]; "nk<NR>p" / "kn<NR>p" to bf16 pairs [N/NR, K/2, 2 NR] (uint16 bits); on a
-    cache line either way (aligned_copy)."""
+    cache line either way (aligned_empty), packed straight into it."""
     try:
-        return aligned_copy(pack_numpy(a, layout))
+        shape = packed_shape(np.shape(a), layout)
+        dtype = np.uint16 if parse_layout(layout)[2] else np.float32
+        out = aligned_empty(int(np.prod(shape)) * np.dtype(dtype).itemsize).view(dtype)
+        return pack_numpy(a, layout, out.reshape(shape))
     except ValueError as e:
         raise ValueError(f"pack_operand: {e}") from None
 

@@ -42,19 +42,29 @@ def packed_shape(shape, layout: str) -> list[int]:
     return [n // nr, k // 2, 2 * nr] if pairs else [n // nr, k, nr]
 
 
-def pack_numpy(a: np.ndarray, layout: str) -> np.ndarray:
+def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.ndarray:
     """`a` packed in `layout`, C-contiguous: f32, or for a pairs layout the bf16 bits (uint16)
-    of a's values rounded to bf16 (graphir.dtype.bf16_bits; a bf16 weight's values are exact)."""
+    of a's values rounded to bf16 (graphir.dtype.bf16_bits; a bf16 weight's values are exact).
+    `out`: a C-contiguous array of the packed shape and dtype to pack into (the runtime's
+    cache-line aligned memory), so a weight is copied once, not packed and then copied."""
     kind, nr, pairs = parse_layout(layout)
     a = np.asarray(a, np.float32)
     if a.ndim != 2:
         raise ValueError(f"pack layout {layout!r} needs a 2-D operand, got shape {a.shape}")
     shape = packed_shape(a.shape, layout)
+    dtype = np.uint16 if pairs else np.float32
+    if out is None:
+        out = np.empty(shape, dtype)
+    elif out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"pack layout {layout!r}: out must be C-contiguous {dtype.__name__} "
+                         f"{tuple(shape)}, got {out.dtype} {out.shape}")
     w = a if kind == "nk" else a.T                    # [N, K]
     n, k = w.shape
     if not pairs:
-        return np.ascontiguousarray(w.reshape(n // nr, nr, k).transpose(0, 2, 1))
+        np.copyto(out.reshape(n // nr, k, nr), w.reshape(n // nr, nr, k).transpose(0, 2, 1))
+        return out
     bits = bf16_bits(w)
     # [N/NR, NR, K/2, 2] -> [N/NR, K/2, NR, 2]
-    out = bits.reshape(n // nr, nr, k // 2, 2).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(out).reshape(shape)
+    np.copyto(out.reshape(n // nr, k // 2, nr, 2),
+              bits.reshape(n // nr, nr, k // 2, 2).transpose(0, 2, 1, 3))
+    return out

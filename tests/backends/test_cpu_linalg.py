@@ -161,3 +161,7 @@ def test_pack_operand_layouts_and_errors():
     np.testing.assert_array_equal(pack_operand(wb.T, "kn32p"), pairs)
     with pytest.raises(ValueError, match="K = 23 is odd"):
         pack_operand(wb[:, :23], "nk32p")
+    # Packing into given memory (what pack_operand does): the wrong buffer is refused.
+    from graphir.lowering.mlir_cpu.pack_layout import pack_numpy
+    with pytest.raises(ValueError, match=r"out must be C-contiguous float32 \(2, 24, 32\)"):
+        pack_numpy(w, "nk32", out=np.empty((2, 24, 32), np.float64))
