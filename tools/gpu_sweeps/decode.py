@@ -372,6 +372,12 @@ def suggested_table(results) -> dict:
     facts = pdt.make_facts("bf16", 32, 8, D, 128, 1, "CAUSAL")
     pdt.limit_kernels(choices, MAX_KERNELS, facts)
     fam["*"].update({ch.bucket: ch.config["name"] for ch in choices})
+    # An exact-shape entry of a generic shape this sweep re-measured would shadow its new '*'
+    # choice (the table lookup tries the shape's own key first): drop it.
+    for r in results:
+        if generic(r) and r["bucket"] in {ch.bucket for ch in choices}:
+            fam.get(r["shape_key"], {}).pop(r["bucket"], None)
+    fam = {k: v for k, v in fam.items() if v}
     for r in results:
         if not generic(r):
             score = geo_scores([r])
