@@ -17,6 +17,17 @@ def skip_unless_gpu() -> None:
         pytest.skip("no NVIDIA GPU / libcuda on this machine", allow_module_level=True)
 
 
+@pytest.fixture(scope="module")
+def sm90():
+    """Skip the module's tests unless GPU 0 is sm_90: the cubins are built for it. A test
+    module takes it as `pytestmark = pytest.mark.usefixtures("sm90")` after importing it."""
+    from graphir.runtime.cuda import driver
+
+    p = driver.device_properties(0)
+    if p.compute_capability != (9, 0):
+        pytest.skip(f"the cubins are built for sm_90; this is {p.name} {p.compute_capability}")
+
+
 def run_json_child(script: str, args: list[str], timeout: float) -> list:
     """Run `script` in a fresh Python (compiled kernels, this checkout first on the path) and
     return what it printed after "JSON" on its last such line. A kernel whose warpgroups wait

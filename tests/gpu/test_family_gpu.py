@@ -6,10 +6,9 @@ the KV blocks updated in place, and CUDA-graph replays of repeated decode steps.
 import numpy as np
 import pytest
 
-from graphir.runtime.cuda import driver
-from tests.gpu.requires import skip_unless_gpu
+from tests.gpu.requires import skip_unless_gpu, sm90  # noqa: F401 (the fixture)
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("sm90")]
 skip_unless_gpu()
 
 from graphir import DType  # noqa: E402
@@ -20,13 +19,6 @@ from graphir.runtime.interpreter import run  # noqa: E402
 from tests.gpu import family  # noqa: E402
 
 TOL = 2e-2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sm90():
-    p = driver.device_properties(0)
-    if p.compute_capability != (9, 0):
-        pytest.skip(f"the cubins are built for sm_90; this is {p.name} {p.compute_capability}")
 
 
 def compiled(case, fuse=True, use_graphs=True):

@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from graphir.runtime.cuda import driver
-from tests.gpu.requires import skip_unless_gpu
+from tests.gpu.requires import skip_unless_gpu, sm90  # noqa: F401 (the fixture)
 
-pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:Conversion of an array")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("sm90"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array")]
 skip_unless_gpu()
 
 from graphir.lowering.driver import compile_graph  # noqa: E402
@@ -26,13 +26,6 @@ from tests.lowering.triton_gpu.test_paged_decode_plan import STEPS, merging_tabl
 
 NH, NKV, D = 8, 2, 16
 TOL = 1e-2   # norm-relative; a lost or doubled partition is off by O(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sm90():
-    p = driver.device_properties(0)
-    if p.compute_capability != (9, 0):
-        pytest.skip(f"the cubins are built for sm_90; this is {p.name} {p.compute_capability}")
 
 
 def rel_err(got, want):

@@ -11,10 +11,10 @@ import copy
 import numpy as np
 import pytest
 
-from graphir.runtime.cuda import driver
-from tests.gpu.requires import skip_unless_gpu
+from tests.gpu.requires import skip_unless_gpu, sm90  # noqa: F401 (the fixture)
 
-pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:Conversion of an array")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("sm90"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array")]
 skip_unless_gpu()
 
 from graphir import DType, Graph, TensorType, Weight, ops  # noqa: E402
@@ -25,13 +25,6 @@ from graphir.runtime.cuda import executor  # noqa: E402
 from tests.gpu.family import rel_err  # noqa: E402
 from tests.lowering.triton_gpu.test_quant_layers import run_schedule  # noqa: E402
 from tests.nn.harness import LAYER, layer_graph  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sm90():
-    p = driver.device_properties(0)
-    if p.compute_capability != (9, 0):
-        pytest.skip(f"the cubins are built for sm_90; this is {p.name} {p.compute_capability}")
 
 
 def on_gpu(graph, weights):
