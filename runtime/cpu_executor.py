@@ -16,7 +16,7 @@ from graphir.dim import Dim
 from graphir.dtype import DType, from_bits, round_to, to_bits
 from graphir.lowering.artifact import Artifact, ArtifactError
 from graphir.lowering.mlir_cpu.cpu_target import check_host
-from graphir.lowering.mlir_cpu.pack_layout import pack_numpy, packed_shape, parse_layout
+from graphir.lowering.mlir_cpu.pack_layout import pack_numpy, packed_dtype, packed_shape
 from graphir.lowering.plan import Plan, value_table
 
 from .cpu import CpuLibrary
@@ -51,7 +51,7 @@ def pack_operand(a: np.ndarray, layout: str) -> np.ndarray:
     cache line either way (aligned_empty), packed straight into it."""
     try:
         shape = packed_shape(np.shape(a), layout)
-        dtype = np.uint16 if parse_layout(layout)[2] else np.float32
+        dtype = packed_dtype(layout)
         out = aligned_empty(int(np.prod(shape)) * np.dtype(dtype).itemsize).view(dtype)
         return pack_numpy(a, layout, out.reshape(shape))
     except ValueError as e:

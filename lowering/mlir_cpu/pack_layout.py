@@ -42,6 +42,11 @@ def packed_shape(shape, layout: str) -> list[int]:
     return [n // nr, k // 2, 2 * nr] if pairs else [n // nr, k, nr]
 
 
+def packed_dtype(layout: str) -> type:
+    """The packed array's numpy dtype: f32, or uint16 (bf16 bits) for a pairs layout."""
+    return np.uint16 if parse_layout(layout)[2] else np.float32
+
+
 def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.ndarray:
     """`a` packed in `layout`, C-contiguous: f32, or for a pairs layout the bf16 bits (uint16)
     of a's values rounded to bf16 (graphir.dtype.bf16_bits; a bf16 weight's values are exact).
@@ -52,7 +57,7 @@ def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.
     if a.ndim != 2:
         raise ValueError(f"pack layout {layout!r} needs a 2-D operand, got shape {a.shape}")
     shape = packed_shape(a.shape, layout)
-    dtype = np.uint16 if pairs else np.float32
+    dtype = packed_dtype(layout)
     if out is None:
         out = np.empty(shape, dtype)
     elif out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:

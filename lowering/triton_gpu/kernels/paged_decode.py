@@ -145,6 +145,24 @@ def attend_blocks(q, qp, hl, b, kvh0, start, end, lut_ptr, blocks_ptr, max_pages
 
 
 @triton.jit
+def _group_rows(offs_ptr, b, kvg, ROWS: tl.constexpr, NH: tl.constexpr, NKV: tl.constexpr,
+                Q_PER_SEQ: tl.constexpr, HEADS: tl.constexpr, r0=0):
+    """Rows r0 .. r0 + ROWS of sequence b's KV-head group kvg: row r is local KV head
+    r // (Q_PER_SEQ G), then new token i, then the head's GQA group member. Returns (hl, i,
+    which rows are real (rmask), their q/out rows (head_row), the sequence's new tokens)."""
+    G: tl.constexpr = NH // NKV
+    QG: tl.constexpr = Q_PER_SEQ * G
+    seq_start = tl.load(offs_ptr + b)
+    seq_len = tl.minimum(tl.load(offs_ptr + b + 1) - seq_start, Q_PER_SEQ)
+    r = r0 + tl.arange(0, ROWS)
+    hl = r // QG
+    i = (r % QG) // G
+    rmask = (hl < HEADS) & (i < seq_len)
+    head_row = (seq_start + i).to(tl.int64) * NH + (kvg * HEADS + hl) * G + r % G
+    return hl, i, rmask, head_row, seq_len
+
+
+@triton.jit
 def _decode_partition(
         q_ptr, offs_ptr, cache_len_ptr, lut_ptr, blocks_ptr, max_pages, layer_idx, num_layers,
         num_pages, window, scale, part_size, num_parts,
@@ -166,21 +184,13 @@ def _decode_partition(
         b = pid % n_seq
         kvg = (pid // n_seq) % NKVG
         part = pid // (n_seq * NKVG)
-    G: tl.constexpr = NH // NKV
-    QG: tl.constexpr = Q_PER_SEQ * G
-    seq_start = tl.load(offs_ptr + b)
-    seq_len = tl.minimum(tl.load(offs_ptr + b + 1) - seq_start, Q_PER_SEQ)
+    hl, i, rmask, head_row, seq_len = _group_rows(offs_ptr, b, kvg, BLOCK_M, NH, NKV, Q_PER_SEQ,
+                                                  HEADS)
     # Keys clamped into what the lookup-table row addresses (defence in depth: the host checks
     # first, valid metadata is unchanged): no column past the row, no 2**31-key loop. Two
     # scalar ops a program; the page ids are clamped in attend_blocks.
     cache_len = tl.minimum(tl.maximum(tl.load(cache_len_ptr + b), 0), max_pages * PAGE_SIZE)
     kv_len = tl.minimum(cache_len + seq_len, max_pages * PAGE_SIZE)
-    # Row r: local KV head r // QG, then token i, then the head's GQA group member.
-    r = tl.arange(0, BLOCK_M)
-    hl = r // QG
-    i = (r % QG) // G
-    rmask = (hl < HEADS) & (i < seq_len)
-    head_row = (seq_start + i).to(tl.int64) * NH + (kvg * HEADS + hl) * G + r % G
     d = tl.arange(0, D)
     q = tl.load(q_ptr + head_row[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
     qp = cache_len + i
@@ -228,17 +238,10 @@ def _merge_if_last(offs_ptr, out_ptr, o_part_ptr, ml_part_ptr, count_ptr, b, kvg
     ticket = tl.atomic_add(count_ptr + unit, 1, sem="acq_rel", scope="gpu")
     if ticket == num_parts - 1:
         tl.atomic_xchg(count_ptr + unit, 0, sem="relaxed", scope="gpu")
-        G: tl.constexpr = NH // NKV
-        QG: tl.constexpr = Q_PER_SEQ * G
-        seq_start = tl.load(offs_ptr + b)
-        seq_len = tl.minimum(tl.load(offs_ptr + b + 1) - seq_start, Q_PER_SEQ)
         d = tl.arange(0, D)
         for r0 in tl.static_range(0, MERGE_ROWS, MERGE_CHUNK):
-            r = r0 + tl.arange(0, MERGE_CHUNK)
-            hl = r // QG
-            i = (r % QG) // G
-            rmask = (hl < HEADS) & (i < seq_len)
-            head_row = (seq_start + i).to(tl.int64) * NH + (kvg * HEADS + hl) * G + r % G
+            _, _, rmask, head_row, _ = _group_rows(offs_ptr, b, kvg, MERGE_CHUNK, NH, NKV,
+                                                   Q_PER_SEQ, HEADS, r0)
             # One pass of online rescaling over the partitions, MERGE_UNROLL of them unrolled
             # so that their loads are in flight together (nothing in the loop writes memory).
             # Loads .cg: from L2, where the other programs' stores are (never a stale L1 line).
@@ -368,7 +371,7 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
     if nparts > 1:
         o_part = torch.empty((T * NH, nparts, D), dtype=torch.float32, device=q.device)
         ml_part = torch.empty((T * NH, nparts, 2), dtype=torch.float32, device=q.device)
-        count = torch.zeros(units, dtype=torch.int32, device=q.device)
+        count = torch.zeros(units if conf["MERGE"] else 1, dtype=torch.int32, device=q.device)
     else:
         o_part = ml_part = torch.empty(1, dtype=torch.float32, device=q.device)
         count = torch.zeros(1, dtype=torch.int32, device=q.device)
