@@ -49,6 +49,7 @@ The plan runner (`PlanExecutor`) is device-neutral; the tests drive it with Trit
 from __future__ import annotations
 
 import re
+import threading
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any, Mapping
@@ -182,6 +183,7 @@ class PlanExecutor(CallPlanBuilder, FastPath):
                         for _, kind, _, ks, bucket, _ in self._fact_specs]
         self._sigs: dict = {}
         self._tick = 0
+        self._lock = threading.Lock()  # execute: one call at a time
 
     def _on(self, vid: int):
         """The device object holding value `vid`."""
@@ -288,33 +290,39 @@ class PlanExecutor(CallPlanBuilder, FastPath):
     def execute(self, *inputs, return_numpy: bool | None = None):
         """Run the graph on `inputs`; see the module docstring for what happens per call and
         for the lifetime of device outputs. Bad ragged metadata raises ValueError before
-        anything is written."""
-        if len(inputs) != self._n_in:
-            raise ValueError(f"graph {self.graph.name!r} takes {self._n_in} inputs, got "
-                             f"{len(inputs)}")
-        for begin in self._begin:
-            begin()
-        sig = blobs = None
-        if self._fast and return_numpy is None:
-            sig, blobs = self._signature(inputs)
-            entry = self._sigs.get(sig)
-            if entry is not None:
-                io = entry.plans.get(entry.facts(inputs, blobs))
-                if io is not None:
-                    direct = io.direct
-                    if direct is not None:  # device tensors: a graph of their addresses?
-                        k = io.dk
-                        key = blobs[k][1] if k >= 0 else \
-                            tuple([blobs[c[0]][1] for c in io.copies])
-                        d = direct.get(key)
-                        if d is None:
-                            d = self._direct(io, key, blobs)
-                        if d is not io:
-                            d.used = self._tick
-                            self.stats["direct_hits"] += 1
-                        io = d
-                    return self._hit(io, inputs, blobs)
-        return self._call(inputs, return_numpy, sig, blobs)
+        anything is written.
+
+        Calls from several threads run one at a time: a call's staging slot, the device areas
+        its upload fills and its launches are the executor's, so two calls interleaved would
+        compute with each other's metadata. A device output stays valid only until the next
+        call from any thread: threads sharing a model load it with `copy_outputs=True`."""
+        with self._lock:  # the whole call (see above)
+            if len(inputs) != self._n_in:
+                raise ValueError(f"graph {self.graph.name!r} takes {self._n_in} inputs, got "
+                                 f"{len(inputs)}")
+            for begin in self._begin:
+                begin()
+            sig = blobs = None
+            if self._fast and return_numpy is None:
+                sig, blobs = self._signature(inputs)
+                entry = self._sigs.get(sig)
+                if entry is not None:
+                    io = entry.plans.get(entry.facts(inputs, blobs))
+                    if io is not None:
+                        direct = io.direct
+                        if direct is not None:  # device tensors: a graph of their addresses?
+                            k = io.dk
+                            key = blobs[k][1] if k >= 0 else \
+                                tuple([blobs[c[0]][1] for c in io.copies])
+                            d = direct.get(key)
+                            if d is None:
+                                d = self._direct(io, key, blobs)
+                            if d is not io:
+                                d.used = self._tick
+                                self.stats["direct_hits"] += 1
+                            io = d
+                        return self._hit(io, inputs, blobs)
+            return self._call(inputs, return_numpy, sig, blobs)
 
     # -- the general path --------------------------------------------------------------------
     def _call(self, inputs, return_numpy, sig, blobs):

@@ -442,3 +442,50 @@ def test_an_input_inside_a_buffer_the_graph_writes_is_copied_first(program):
         cache.ref.reshape(-1)[start:start + n] = qkv.reshape(-1)
         checked(ex, cache, x, qkv, rest)
     assert ex.stats["fast_hits"] == 2 and ex.stats["direct_builds"] == 0
+
+
+def test_calls_from_two_threads_do_not_mix(program):
+    # A call's staging, uploads and launches use the executor's one staging area and its
+    # plans' fixed device areas: calls from two threads must not interleave (execute holds a
+    # lock). Threads switch as often as CPython allows, so an unlocked executor mixes them.
+    import threading
+
+    from graphir.runtime.cuda.executor import PlanExecutor
+
+    class OneStream(GraphDevice):
+        """Kernels one at a time, as a stream runs them (Triton's interpreter is not
+        thread-safe either)."""
+
+        def __init__(self, prog):
+            super().__init__(prog)
+            self._one = threading.Lock()
+
+        def launch(self, key, grid, args):
+            with self._one:
+                super().launch(key, grid, args)
+
+    g, prog = program
+    # Outputs of their own (copy_outputs), kept past the next call of the other thread.
+    ex = PlanExecutor(prog.plan.to_json(), g, OneStream(prog), {}, copy_outputs=True)
+    errors = []
+
+    def worker(seed):
+        try:
+            cache = Cache(np.random.default_rng(seed), [30 + seed, 90])
+            for _ in range(3):
+                cache.step(ex, [1, 1])
+        except BaseException as e:  # noqa: BLE001 (re-raised below, in the test's thread)
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        ts = [threading.Thread(target=worker, args=(s,)) for s in (1, 2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    if errors:
+        raise errors[0]

@@ -94,12 +94,13 @@ def test_a_cache_hit_does_the_same_work_at_batch_1_and_64(fake, graph):
         counts[batch] = py, copy_py
     assert counts[1] == counts[64], counts
     # The budget of a hit (Python functions, C functions): signature, fast ragged check,
-    # staging, four driver calls (five with the copy) and the outputs; 10 (12) of the Python
+    # staging, four driver calls (five with the copy), the outputs and the executor's lock
+    # (one C call: calls from several threads run one at a time); 10 (12) of the Python
     # calls are the fakes' own (two per driver call, one per torch get_device). Raise it only
     # with a reason.
     (py, c), (copy_py, copy_c) = counts[1]
-    assert py <= 23 and c <= 38, counts
-    assert copy_py <= 27 and copy_c <= 41, counts
+    assert py <= 23 and c <= 39, counts
+    assert copy_py <= 27 and copy_c <= 42, counts
 
 
 def test_a_hit_stages_the_metadata_bytes_and_copies_the_device_tensors(fake, graph):
