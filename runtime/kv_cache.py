@@ -17,7 +17,9 @@ grows into, where a padded one changes only when the launches change anyway.
 
 from __future__ import annotations
 
+import functools
 import heapq
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,8 +62,20 @@ def _positive_int(name: str, v) -> int:
     return int(v)
 
 
+def _locked(method):
+    """Run a PagedKVCacheManager method under its lock: its updates check, then act (the
+    smallest free id, the pages a batch needs against those free), so calls from two threads
+    at once would hand one id or one page to two sequences."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class PagedKVCacheManager:
-    """Pool of fixed-size pages shared by the sequences of a batch.
+    """Pool of fixed-size pages shared by the sequences of a batch. Its methods may be called
+    from several threads (each update holds the manager's lock).
 
     Example:
         >>> m = PagedKVCacheManager(num_layers=1, n_kv_heads=1, head_dim=2, page_size=4, total_num_pages=3)
@@ -95,6 +109,7 @@ class PagedKVCacheManager:
         self.blocks = np.zeros(self.blocks_shape, self.dtype) if blocks is None else blocks
         self._free: list[int] = list(range(self.total_num_pages))  # a heap: lowest ids reused first
         self._seqs: dict[int, _Seq] = {}
+        self._lock = threading.RLock()
 
     # ---- blocks -------------------------------------------------------------------------------
     @property
@@ -144,6 +159,7 @@ class PagedKVCacheManager:
             raise ValueError(f"PagedKVCacheManager: unknown sequence id {seq_id!r} "
                              f"(claimed: {list(self._seqs)})") from None
 
+    @_locked
     def claim(self, seq_id: int | None = None) -> int:
         """Register a new empty sequence; picks the smallest unused id when none is given."""
         if self.max_batch_size is not None and len(self._seqs) >= self.max_batch_size:
@@ -159,6 +175,7 @@ class PagedKVCacheManager:
         self._seqs[seq_id] = _Seq()
         return seq_id
 
+    @_locked
     def release(self, seq_id: int) -> None:
         """Forget a sequence and return its pages to the pool (their contents are left as they are)."""
         seq = self._get(seq_id)
@@ -175,6 +192,7 @@ class PagedKVCacheManager:
         return tuple(self._get(seq_id).pages)
 
     # ---- steps --------------------------------------------------------------------------------
+    @_locked
     def prepare_step(self, seq_ids: Sequence[int], new_token_counts: Sequence[int]) -> StepInputs:
         """Allocate pages for ``new_token_counts`` more tokens per sequence and build the step inputs.
 
@@ -229,6 +247,7 @@ class PagedKVCacheManager:
                           lengths.astype(np.uint32), offs, max_lengths, _token=self,
                           _records=tuple(seqs))
 
+    @_locked
     def commit_step(self, step: StepInputs) -> None:
         """Advance each sequence's length by its new tokens once the step has run."""
         if not isinstance(step, StepInputs) or step._token is not self:
