@@ -266,37 +266,21 @@ def test_claims_and_steps_from_many_threads_keep_the_pool_consistent():
     # The manager's updates are check-then-act (the smallest free id, the pages a batch needs
     # against those free): from several threads at once they hold a lock, or two sequences
     # get one id or one page. Threads switch as often as CPython allows.
-    import sys
-    import threading
+    from tests.threads import run_in_threads
 
     m = make(total_num_pages=4000, page_size=2, lut_bucket=1)
     per, n_threads = 40, 6
     got: dict[int, list] = {}
-    errors = []
 
     def worker(t):
-        try:
-            mine = got[t] = []
-            for _ in range(per):
-                s = m.claim()
-                step = m.prepare_step([s], [3])
-                m.commit_step(step)
-                mine.append((s, m.pages(s)))
-        except BaseException as e:  # noqa: BLE001 (re-raised in the test's thread)
-            errors.append(e)
+        mine = got[t] = []
+        for _ in range(per):
+            s = m.claim()
+            step = m.prepare_step([s], [3])
+            m.commit_step(step)
+            mine.append((s, m.pages(s)))
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        ts = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
-    if errors:
-        raise errors[0]
+    run_in_threads(worker, range(n_threads))
     ids = [s for mine in got.values() for s, _ in mine]
     pages = [p for mine in got.values() for _, ps in mine for p in ps]
     assert len(set(ids)) == len(ids) == per * n_threads == len(m.seq_ids)

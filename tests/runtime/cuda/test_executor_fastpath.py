@@ -451,6 +451,7 @@ def test_calls_from_two_threads_do_not_mix(program):
     import threading
 
     from graphir.runtime.cuda.executor import PlanExecutor
+    from tests.threads import run_in_threads
 
     class OneStream(GraphDevice):
         """Kernels one at a time, as a stream runs them (Triton's interpreter is not
@@ -467,25 +468,10 @@ def test_calls_from_two_threads_do_not_mix(program):
     g, prog = program
     # Outputs of their own (copy_outputs), kept past the next call of the other thread.
     ex = PlanExecutor(prog.plan.to_json(), g, OneStream(prog), {}, copy_outputs=True)
-    errors = []
 
     def worker(seed):
-        try:
-            cache = Cache(np.random.default_rng(seed), [30 + seed, 90])
-            for _ in range(3):
-                cache.step(ex, [1, 1])
-        except BaseException as e:  # noqa: BLE001 (re-raised below, in the test's thread)
-            errors.append(e)
+        cache = Cache(np.random.default_rng(seed), [30 + seed, 90])
+        for _ in range(3):
+            cache.step(ex, [1, 1])
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        ts = [threading.Thread(target=worker, args=(s,)) for s in (1, 2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
-    if errors:
-        raise errors[0]
+    run_in_threads(worker, (1, 2))
