@@ -151,9 +151,9 @@ CANDIDATES: list[dict] = [
     make_config(64, 1, 0, 4, 5, 3, merge=1),
     make_config(32, 1, 0, 4, 5, 3, heads=2, merge=1),
     # Merged with partitions of 128 keys: at one sequence more, shorter partitions hide the
-    # latency of each program's first pages (B1 x 1024: 8 partitions 7.3 us against 8.7 at 4,
-    # with the reduce; H100, 2026-12-06). c1 stops at one wave (16 partitions at B1 x 4096,
-    # the merged form's best there), c3 goes on to 32.
+    # latency of each program's first pages (H100, 2026-12-06: B1 x 1024 at 8 partitions
+    # 1.021x SDPA, 0.83x at the rule's 4, 0.994x at 8 with the reduce). c1 stops at one wave
+    # (16 partitions at B1 x 4096: 1.16-1.20x), c3 goes on to 32 (0.96x there).
     make_config(64, 1, 0, 4, 5, 1, min_part=128, merge=1),
     make_config(64, 1, 0, 4, 5, 3, min_part=128, merge=1),
 ]
