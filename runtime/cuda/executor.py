@@ -295,7 +295,8 @@ class PlanExecutor(CallPlanBuilder, FastPath):
         Calls from several threads run one at a time: a call's staging slot, the device areas
         its upload fills and its launches are the executor's, so two calls interleaved would
         compute with each other's metadata. A device output stays valid only until the next
-        call from any thread: threads sharing a model load it with `copy_outputs=True`."""
+        call from any thread: threads sharing a model ask for numpy (`return_numpy=True`) or
+        load it with `copy_outputs=True` (fresh device buffers each call)."""
         with self._lock:  # the whole call (see above)
             if len(inputs) != self._n_in:
                 raise ValueError(f"graph {self.graph.name!r} takes {self._n_in} inputs, got "
