@@ -50,6 +50,7 @@ D, BUCKET, TOL = 128, pdt.KV_BUCKET, 2e-2
 # name, batch, context (cached + new tokens), page, new tokens per sequence, query heads, KV
 # heads; at least one shape per bucket of units = batch x KV heads and context.
 SHAPES = [("B1x1024", 1, 1024, 128, 1, 32, 8), ("B1x4096", 1, 4096, 128, 1, 32, 8),
+          ("B1x4096g8", 1, 4096, 128, 1, 64, 8),
           ("B8x1024", 8, 1024, 128, 1, 32, 8), ("B8x32768", 8, 32768, 128, 1, 32, 8),
           ("B32x2048", 32, 2048, 128, 1, 32, 8), ("B16x16384", 16, 16384, 128, 1, 32, 8),
           ("B32x8192g8", 32, 8192, 128, 1, 64, 8), ("B128x1024", 128, 1024, 128, 1, 32, 8),
