@@ -371,10 +371,10 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
     if nparts > 1:
         o_part = torch.empty((T * NH, nparts, D), dtype=torch.float32, device=q.device)
         ml_part = torch.empty((T * NH, nparts, 2), dtype=torch.float32, device=q.device)
-        count = torch.zeros(units if conf["MERGE"] else 1, dtype=torch.int32, device=q.device)
     else:
         o_part = ml_part = torch.empty(1, dtype=torch.float32, device=q.device)
-        count = torch.zeros(1, dtype=torch.int32, device=q.device)
+    merges = nparts > 1 and conf["MERGE"]
+    count = torch.zeros(units if merges else 1, dtype=torch.int32, device=q.device)
     if conf["PAGED_TILES"] and conf["TMA"] and blocks.numel() // (NKV * D) >= 2**31:
         raise ValueError(f"paged_decode: a cache of {blocks.numel() // (NKV * D)} rows is too "
                          "large for the TMA config (2**31 rows at most)")
@@ -388,7 +388,7 @@ def paged_decode(q, input_row_offsets, cache_lengths, lookup_table, blocks, laye
         nparts, **cfg.constexprs(conf, NH, NKV, D, page_size, m, q_per_seq),
         SOFTCAP=check_softcap(softcap),
         num_warps=conf["num_warps"], num_stages=conf["num_stages"])
-    if nparts > 1 and not conf["MERGE"]:
+    if nparts > 1 and not merges:
         paged_decode_reduce_kernel[(T * NH,)](o_part, ml_part, out, nparts, D=D,
                                               BLOCK_P=BLOCK_P, num_warps=4)
     return out

@@ -171,7 +171,8 @@ def tuning_launches(conf: dict, facts: Mapping, size) -> dict:
     if nparts > 1:
         scratch = [("o_part", "float32", rows * nparts * d),
                    ("ml_part", "float32", rows * nparts * 2),
-                   ("part_count", "int32", pb["batch"] * nkv)]
+                   # As the plan: the group counters for a MERGE config only.
+                   ("part_count", "int32", pb["batch"] * nkv if conf["MERGE"] else 1)]
         if not conf["MERGE"]:
             ops.append((1, (rows, 1, 1), ["o_part", "ml_part", "out", "num_parts"]))
     return {"specs": [main, reduce], "ops": ops, "scratch": scratch,
