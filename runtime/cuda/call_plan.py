@@ -50,7 +50,7 @@ class CallPlan:
     """The resolved work of one key (see the module docstring)."""
 
     __slots__ = ("key", "env", "storage", "ops", "calls", "areas", "outputs", "seen", "graph",
-                 "host_steps", "_staged", "launch", "stat", "used")
+                 "host_steps", "_staged", "launch", "stat", "used", "slot_graphs")
 
     def __init__(self, key, env, storage, ops, calls, areas, outputs):
         self.key, self.env, self.storage, self.ops = key, env, storage, ops
@@ -68,6 +68,9 @@ class CallPlan:
         self.launch: Callable[[], None] | None = None
         self.stat = "replays"
         self.used = 0  # the executor's call counter at this plan's last use (LRU eviction)
+        # The fast path's graphs led by the staged upload, one per staging slot
+        # (runtime/cuda/slot_graphs.py), made when a hit first needs them.
+        self.slot_graphs = None
 
     def run(self) -> None:
         for f in self.calls:

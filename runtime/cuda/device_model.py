@@ -121,6 +121,17 @@ class CudaDevice:
         ring = self._ring
         return ring.acquire_view, partial(ring.copy_to, buf.ptr, nbytes, self._run_stream)
 
+    @property
+    def staging_depth(self) -> int:
+        return self._ring.depth
+
+    def staging_slot(self) -> tuple:
+        """(index, slot object) of the current staging slot: graphs led by its upload are
+        captured per slot and recaptured when the object changes (runtime/cuda/slot_graphs.py)."""
+        ring = self._ring
+        i = ring._i
+        return i, ring._slots[i]
+
     def end_call(self, keep=None) -> None:
         """The call's work is queued: the staging slot (and `keep`) are held until it ran."""
         self._ring.commit(self._run_stream, keep)

@@ -24,8 +24,8 @@ references, and uploads what the device steps read.
      a bucket of the KV length, 256 tokens).
 A call whose input signature and facts were seen since its key was captured skips steps 2-3
 as written here: runtime/cuda/fast_path.py does them in one pass over the inputs (a few
-microseconds; four driver calls in all, five when a device tensor is copied), falling back
-to this general path when unsure.
+microseconds; three driver calls in all, four when a device tensor is copied: its graphs,
+one per staging slot, begin with the upload), falling back to this general path when unsure.
 Nothing is synchronized unless the call needs host results (numpy outputs, a numpy KV buffer
 copied back). Loading with `stream=torch.cuda.current_stream()` runs on the caller's stream and
 imports torch tensors from their attributes (no per-call DLPack handshake); see CudaDevice.
@@ -62,6 +62,7 @@ from graphir.dtype import DType, from_bits, round_to, to_bits
 from graphir.runtime.ragged import RaggedCheck
 from graphir.types import BufferType, ChainType
 
+from . import slot_graphs
 from .call_plan import CallPlanBuilder
 from .fast_path import _BUFFER, _USED, FastPath, _address
 from .plan_values import (_RT, _dev_name, _exprs, bucketed, eval_node, evaluate,  # noqa: F401
@@ -104,8 +105,9 @@ class PlanExecutor(CallPlanBuilder, FastPath):
         # fast_hits: calls (among the replays / eager runs) that took the fast path;
         # direct_hits: those of them replaying a graph that reads the device-tensor inputs
         # in place (no copy), direct_builds: such graphs captured (not in `captures`)
+        # slot_captures: graphs led by the staged upload, one per (plan, staging slot)
         self.stats = {"plans_built": 0, "captures": 0, "replays": 0, "eager": 0, "fast_hits": 0,
-                      "direct_hits": 0, "direct_builds": 0}
+                      "direct_hits": 0, "direct_builds": 0, "slot_captures": 0}
         from graphir.lowering.plan import value_table
 
         vids, _ = value_table(graph)
@@ -183,6 +185,9 @@ class PlanExecutor(CallPlanBuilder, FastPath):
                         for _, kind, _, ks, bucket, _ in self._fact_specs]
         self._sigs: dict = {}
         self._tick = 0
+        # Hits launch graphs led by their upload, one per staging slot (slot_graphs.py).
+        self._slot_graphs = self._fast and self.use_graphs and slot_graphs.ENABLED \
+            and hasattr(self.dev, "staging_slot")
         self._lock = threading.Lock()  # execute: one call at a time
 
     def _on(self, vid: int):

@@ -8,18 +8,20 @@ attribute reads, a small numpy input one `tobytes`). Per signature the ragged ch
 `FastFacts` (runtime/ragged.py) that answers the bucketed facts from a scalar read or one
 reduction of the cache lengths and byte comparisons with the last call's offsets and lookup
 table; the facts pick a `FastIO`: the staging byte ranges to fill, the device copies, the
-prebound graph launch, the output objects. A hit then makes five driver calls (the staging
-slot's event query, one host-to-device copy, one device copy per device tensor, the graph
-launch, the slot's event record; the copy goes when the tensor is read in place, below) and
-no numpy call beyond that one reduction. The work that need not precede the launch (the
-counters, the slot's event record, the output objects) follows it.
+prebound graph launch, the output objects. The graph launched is the one of the current
+staging slot, led by the copy of that slot into the input area (runtime/cuda/slot_graphs.py),
+so the upload costs no driver call of its own. A hit then makes four driver calls (the
+staging slot's event query, one device copy per device tensor, the graph launch, the slot's
+event record; the copy goes when the tensor is read in place, below) and no numpy call
+beyond that one reduction. The work that need not precede the launch (the counters, the
+slot's event record, the output objects) follows it.
 
 Device tensors bound in place: the input area gives a device-tensor input (the hidden states
 x) a fixed address, so each call copies it there. Serving loops and torch's caching allocator
 hand the same few addresses back, so once the device-tensor inputs of a (signature, facts)
 arrive at the same addresses `DIRECT_AFTER` times, a graph is captured that reads them where
 they lie (`_direct_plan`: the same launches with those pointers) and later calls from those
-addresses replay it with no copy: four driver calls. The key is the addresses; the signature
+addresses replay it with no copy: three driver calls. The key is the addresses; the signature
 above them fixes the shape and dtype, hence the bytes read. A replay reads whatever tensor
 occupies those bytes at the time, which is the caller's input of that call. Kept
 per (signature, facts): `DIRECT_SLOTS` such graphs (least recently used evicted), at most
@@ -42,6 +44,7 @@ import numpy as np
 from graphir.dtype import DType, to_bits
 
 from .call_plan import _BITS, ALIGN, CallPlan
+from .slot_graphs import SlotGraphs
 
 MAX_SIGNATURES = 256  # input signatures the fast path remembers
 BLOB_MAX = 1 << 16  # host inputs up to this size are staged from their bytes on the fast path
@@ -62,11 +65,12 @@ class FastIO:
                  "view", "upload", "dk", "direct", "seen", "builds", "bound", "used")
 
     def __init__(self, cp: CallPlan, area, host_bytes: int, blobs: list, copies: list,
-                 outs: list, dev=None):
+                 outs: list, dev=None, slots: dict | None = None):
         self.cp, self.area, self.host_bytes = cp, area, host_bytes
         self.blobs, self.copies, self.outs = blobs, copies, list(outs)
         self.launch, self.stat = cp.launch, cp.stat
-        # view(nbytes): the staging bytes to fill; upload(): their copy to the area
+        # view(nbytes): the staging bytes to fill; upload(): their copy to the area (None
+        # when the launch is a graph of the slot that copies them itself)
         self.view = self.upload = None
         if host_bytes and dev is not None:
             stager = getattr(dev, "stager", None)
@@ -75,6 +79,10 @@ class FastIO:
             else:
                 self.view = dev.staging_view
                 self.upload = partial(dev.upload_staged, area, host_bytes)
+            if slots is not None:  # graphs led by the upload (runtime/cuda/slot_graphs.py)
+                if cp.slot_graphs is None:
+                    cp.slot_graphs = SlotGraphs(dev, cp.run, area, host_bytes, slots)
+                self.launch, self.upload = cp.slot_graphs, None
         # Graphs reading the device-tensor inputs in place (see the module docstring): `dk`
         # the input whose address keys `direct` (-1: the tuple of every copied input's), the
         # address -> FastIO; `seen` counts calls per address (None: no more captures).
@@ -86,9 +94,10 @@ class FastIO:
         self.used = 0
 
     @classmethod
-    def of(cls, cp: CallPlan, inputs, blobs, outs, dev) -> "FastIO | None":
+    def of(cls, cp: CallPlan, inputs, blobs, outs, dev, slots=None) -> "FastIO | None":
         """For a plan on one device (`dev`) whose host inputs all arrived as bytes; else
-        None."""
+        None. `slots`: the stats dict, when a captured plan may replay graphs led by the
+        upload (one per staging slot)."""
         if len(cp.areas) > 1 or cp.launch is None:
             return None
         if not cp.areas:
@@ -104,7 +113,8 @@ class FastIO:
             conv = None if blobs[k] is not None and x.dtype == bits_dt else \
                 _converter(dt, bits_dt)
             fills.append((k, off, off + nb, conv))
-        return cls(cp, buf, host_bytes, fills, [c for c in device if c[2]], outs, dev)
+        return cls(cp, buf, host_bytes, fills, [c for c in device if c[2]], outs, dev,
+                   slots if cp.graph is not None else None)
 
 
 def _converter(dt: DType, bits_dt: np.dtype):
@@ -147,7 +157,9 @@ class FastPath:
             mv = io.view(io.host_bytes)
             for k, a, b, conv in io.blobs:
                 mv[a:b] = blobs[k] if conv is None else conv(inputs[k])
-            io.upload()
+            upload = io.upload
+            if upload is not None:
+                upload()
         for k, off, nb in io.copies:
             dev.copy_in(io.area, off, blobs[k][0], nb)
         io.launch()
@@ -227,9 +239,13 @@ class FastPath:
         addrs = tuple(blobs[k][1] for k, _, _ in io.copies)
         vcp = CallPlan(cp.key + (("direct", addrs),), cp.env, st, ops, calls, areas,
                        cp.outputs)
-        self._capture(vcp)
-        d = FastIO(vcp, io.area, io.host_bytes, io.blobs, [], io.outs)
-        d.cp, d.bound, d.stat, d.view, d.upload = cp, vcp, cp.stat, io.view, io.upload
+        if io.host_bytes and io.upload is None:  # graphs led by the upload, one a slot
+            d = FastIO(vcp, io.area, io.host_bytes, io.blobs, [], io.outs, dev, self.stats)
+        else:
+            self._capture(vcp)
+            d = FastIO(vcp, io.area, io.host_bytes, io.blobs, [], io.outs)
+            d.view, d.upload = io.view, io.upload
+        d.cp, d.bound, d.stat = cp, vcp, cp.stat
         return d
 
     def _learn(self, sig, blobs, inputs, bounds, fvals, cp, outs) -> None:
@@ -247,7 +263,8 @@ class FastPath:
             if len(self._sigs) >= MAX_SIGNATURES:
                 self._sigs.clear()
             entry = self._sigs[sig] = SimpleNamespace(facts=facts, plans={})
-        io = FastIO.of(cp, inputs, blobs, outs, self.dev)
+        io = FastIO.of(cp, inputs, blobs, outs, self.dev,
+                       self.stats if self._slot_graphs else None)
         if io is not None:
             entry.plans[fvals] = io
 

@@ -44,7 +44,7 @@ class PinnedRing:
     def __init__(self, device: int = 0, depth: int = 3):
         if depth < 1:
             raise ValueError(f"PinnedRing depth must be >= 1, got {depth}")
-        self.device = device
+        self.device, self.depth = device, depth
         self._slots: list[_Slot | None] = [None] * depth
         self._i = 0
         self.waits = 0  # how often a slot was still in flight (the host ran far ahead)

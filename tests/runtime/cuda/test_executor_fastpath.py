@@ -62,10 +62,18 @@ class GraphDevice(InterpDevice):
         self.captured.append(rec)
         return rec
 
+    @property
+    def plan_graphs(self):
+        """The captures of plans, without the hits' graphs led by their slot's upload."""
+        return [g for g in self.captured if not g or g[0][0] != "stage"]
+
     def replay(self, g):
         self.replays += 1
         for op in g:
-            (super().launch if op[0] == "launch" else super().copy)(*op[1:])
+            if op[0] == "stage":  # a slot graph's upload: that slot's bytes at replay time
+                self._upload(*op[1:])
+            else:
+                (super().launch if op[0] == "launch" else super().copy)(*op[1:])
 
     def import_tensor(self, t):
         return t.view(torch.uint8).reshape(-1), tuple(t.shape), str(t.dtype).removeprefix("torch.")
@@ -84,18 +92,36 @@ class GraphDevice(InterpDevice):
     def copy_in(self, dst, off, handle, nbytes):
         self.copy(dst, off, handle, 0, nbytes)
 
+    # Like the pinned ring: a few slots, each array coming back while it is large enough;
+    # a call's work is queued when it ends (end_call moves to the next slot).
+    staging_depth = 3
+
     def staging(self, nbytes):
-        # Like the pinned ring: the same array comes back while it is large enough.
-        if getattr(self, "_img", None) is None or self._img.nbytes < nbytes:
-            self._img = np.empty(nbytes, np.uint8)
-        return self._img
+        if not hasattr(self, "_imgs"):
+            self._imgs, self._slot = [None] * self.staging_depth, 0
+        img = self._imgs[self._slot]
+        if img is None or img.nbytes < nbytes:
+            img = self._imgs[self._slot] = np.empty(nbytes, np.uint8)
+        return img
+
+    def staging_slot(self):
+        return self._slot, self._imgs[self._slot]
 
     def upload_staged(self, buf, nbytes):
+        img = self._imgs[self._slot]
+        if self._rec is not None:
+            self._rec.append(("stage", buf, img, nbytes))
+        else:
+            self._upload(buf, img, nbytes)
+
+    def _upload(self, buf, img, nbytes):
         self.staged += 1
-        buf[:nbytes].copy_(torch.from_numpy(self._img[:nbytes].copy()))
+        buf[:nbytes].copy_(torch.from_numpy(img[:nbytes].copy()))
 
     def end_call(self, keep=None):
         self.kept.append(keep)
+        if hasattr(self, "_imgs"):
+            self._slot = (self._slot + 1) % self.staging_depth
 
     def view(self, buf, off, shape, dtype):
         dt = getattr(torch, dtype)
@@ -150,12 +176,12 @@ class Cache:
     """A paged cache and its sequences: the executor's copy (a "device" tensor) and the
     reference's numpy copy, stepped together."""
 
-    def __init__(self, rng, lens, pages_per_seq=20):
+    def __init__(self, rng, lens, pages_per_seq=20, pool=POOL):
         self.rng = rng
-        self.ref = rng.standard_normal((POOL, 2, 1, PAGE, NKV, D)).astype(np.float32)
+        self.ref = rng.standard_normal((pool, 2, 1, PAGE, NKV, D)).astype(np.float32)
         self.dev = torch.from_numpy(self.ref.copy())
         self.clen = np.array(lens, np.uint32)
-        self.lut = rng.permutation(POOL)[:len(lens) * pages_per_seq] \
+        self.lut = rng.permutation(pool)[:len(lens) * pages_per_seq] \
             .reshape(len(lens), pages_per_seq).astype(np.uint32)
         self.freqs = rng.standard_normal((ROPE_ROWS, D)).astype(np.float32)
 
@@ -182,16 +208,22 @@ def test_decode_loop_captures_once_then_replays(program):
     dev.syncs = 0                               # loading synchronized once
     cache = Cache(np.random.default_rng(1), [37, 90])
     cache.step(ex, [5, 3])                      # prefill: a key of its own, run eagerly
-    for _ in range(5):
+    for _ in range(8):
         cache.step(ex, [1, 1])
-    assert ex.stats == {"plans_built": 2, "captures": 1, "replays": 3, "eager": 2,
-                        "fast_hits": 3,          # every replay after the capturing call
-                        "direct_hits": 0, "direct_builds": 0}  # qkv at a new address each call
-    assert len(dev.captured) == 1 and dev.replays == 4
+    assert ex.stats == {"plans_built": 2, "captures": 1, "replays": 6, "eager": 2,
+                        "fast_hits": 6,          # every replay after the capturing call
+                        "direct_hits": 0, "direct_builds": 0,  # qkv at a new address each call
+                        "slot_captures": 3}      # the hits' graphs: one a staging slot
+    assert len(dev.captured) == 4 and dev.replays == 7
+    # The hits' graphs begin with the upload of their own slot, then the plan's launches.
+    first = dev.captured[0]
+    slots = [g[0][2] for g in dev.captured[1:]]
+    assert all(g[0][0] == "stage" and g[1:] == first for g in dev.captured[1:])
+    assert len({id(a) for a in slots}) == 3 and all(a is b for a, b in zip(slots, dev._imgs))
     # One staged upload per call, nothing synchronized, device inputs held until the stream
     # passes the call.
-    assert dev.staged == 6 and dev.syncs == 0
-    assert len(dev.kept) == 6
+    assert dev.staged == 9 and dev.syncs == 0
+    assert len(dev.kept) == 9
     assert all(sum(isinstance(x, torch.Tensor) for x in k) == 2 for k in dev.kept)
 
 
@@ -207,7 +239,7 @@ def test_keys_tell_apart_launch_lists_of_the_same_length(program):
         a.step(ex, [1, 1])
     assert ex.stats["plans_built"] == 2 and ex.stats["captures"] == 2
     assert ex.stats["replays"] == 2
-    g1, g2 = dev.captured
+    g1, g2 = dev.plan_graphs
     assert len(g1) == len(g2) and [op[2] for op in g1] != [op[2] for op in g2]
 
 
@@ -223,7 +255,8 @@ def test_a_new_kv_bucket_is_a_new_key(program):
     facts = sorted(seen)
     assert [f[ex._fact_names.index("rt_kvmax_1_3_b256")] for f in facts] == [256, 512]
     assert ex.stats == {"plans_built": 2, "captures": 2, "replays": 1, "eager": 2,
-                        "fast_hits": 1, "direct_hits": 0, "direct_builds": 0}
+                        "fast_hits": 1, "direct_hits": 0, "direct_builds": 0,
+                        "slot_captures": 1}
 
 
 def test_an_unused_input_shape_does_not_change_the_key(program):
@@ -348,13 +381,36 @@ def test_evicted_and_dropped_plans_never_serve_a_hit(program, monkeypatch):
     assert ex.stats["plans_built"] == 4 and ex.stats["fast_hits"] == 4
 
 
+def test_a_staging_slot_regrown_for_a_larger_call_gets_its_graphs_recaptured(program):
+    # The hits' graphs copy from one staging slot each; a call with more metadata (a wider
+    # lookup table) regrows the slots (new memory), after which the first plan's graphs must
+    # read the new slots, not the old ones (holding an earlier step's metadata: wrong
+    # numbers, caught by the reference).
+    ex, dev = executor(program)
+    narrow = Cache(np.random.default_rng(21), [30, 12])
+    wide = Cache(np.random.default_rng(22), [28, 14], pages_per_seq=60, pool=2 * POOL)
+    for _ in range(5):
+        narrow.step(ex, [1, 1])
+    assert ex.stats["slot_captures"] == 3
+    before = list(dev._imgs)
+    for _ in range(5):
+        wide.step(ex, [1, 1])
+    assert all(a is not b for a, b in zip(before, dev._imgs))  # every slot regrown
+    n = ex.stats["slot_captures"]
+    for _ in range(4):
+        narrow.step(ex, [1, 1])                 # numbers checked against the interpreter
+    assert ex.stats["plans_built"] == 2         # the same plan, its slots' graphs anew
+    assert ex.stats["slot_captures"] == n + 3
+
+
 def test_without_graphs_a_hit_runs_the_prepared_launches(program):
     ex, dev = executor(program, use_graphs=False)
     cache = Cache(np.random.default_rng(15), [6, 11])
     for _ in range(4):
         cache.step(ex, [1, 1])                  # numbers checked against the interpreter
     assert ex.stats == {"plans_built": 1, "captures": 0, "replays": 0, "eager": 4,
-                        "fast_hits": 3, "direct_hits": 0, "direct_builds": 0}
+                        "fast_hits": 3, "direct_hits": 0, "direct_builds": 0,
+                        "slot_captures": 0}
     assert dev.captured == [] and dev.replays == 0
 
 
@@ -413,10 +469,16 @@ def test_a_device_input_at_a_repeated_address_is_read_in_place(program):
     # the one hit copied x
     assert ex.stats["captures"] == 1 and ex.stats["fast_hits"] == 4
     assert ex.stats["direct_builds"] == 1 and ex.stats["direct_hits"] == 3
-    assert len(copies) == 1 and len(dev.captured) == 2
-    # The direct "graph" reads x's own storage, never the input area.
-    assert any(a[0].data_ptr() == x.data_ptr() for op in dev.captured[1] if op[0] == "launch"
-               for a in op[3] if isinstance(a, tuple))
+    assert len(copies) == 1 and len(dev.plan_graphs) == 1
+    # The direct "graphs" (one a staging slot, led by its upload) read x's own storage,
+    # never the input area.
+    (entry,) = ex._sigs.values()
+    (io,) = entry.plans.values()
+    (d,) = io.direct.values()
+    graphs = d.bound.slot_graphs.graphs
+    assert len(graphs) == 3 and all(g[0][0] == "stage" for g in graphs)
+    assert all(any(a[0].data_ptr() == x.data_ptr() for op in g if op[0] == "launch"
+                   for a in op[3] if isinstance(a, tuple)) for g in graphs)
     # another address: copied, right numbers; back to the first: its graph again
     qkv, *rest = cache.inputs([1, 1])
     checked(ex, cache, aligned(qkv), qkv, rest)
