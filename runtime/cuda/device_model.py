@@ -26,7 +26,7 @@ class CudaDevice:
     supports_graphs = True
 
     def __init__(self, kernels: Mapping[str, Any], device: int = 0, stream: Any = None):
-        from graphir.runtime.cuda import Stream, driver, slot_graphs
+        from graphir.runtime.cuda import Stream, driver
         from graphir.runtime.cuda.staging import PinnedRing
         from graphir.runtime.cuda.stream import stream_handle
 
@@ -42,8 +42,6 @@ class CudaDevice:
         self._cur = self.stream.handle      # where launches and copies go (capture switches it)
         self._ring = PinnedRing(device)
         self._capture_stream = None
-        self._side = None                   # (stream, fork event, join event) of captures
-        self._fork_failed = not slot_graphs.FORK   # read at load, for A/B measurements
         self._ordered = False               # this call already did its DLPack handshake
         self._keep: list = []
         self._views: dict = {}
@@ -316,59 +314,6 @@ class CudaDevice:
         try:
             with g.capture(self._capture_stream):
                 fn()
-        finally:
-            self._cur = self.stream.handle
-        return g
-
-    def capture_upload(self, buf, nbytes: int, calls, lead: int):
-        """A CUDA graph of `calls` (prepared launches) with the copy of the current staging
-        slot's first `nbytes` to `buf`: forked beside the first `lead` calls, which read none
-        of those bytes, joined before the rest; first, before every call, where the fork
-        fails to capture (remembered) or there is nothing to overlap
-        (runtime/cuda/slot_graphs.py)."""
-        from graphir.runtime.cuda import driver
-
-        if lead and not self._fork_failed:
-            try:
-                return self._capture_forked(buf, nbytes, calls, lead)
-            except driver.CudaError:
-                self._fork_failed = True
-
-        def work():
-            self.upload_staged(buf, nbytes)
-            for f in calls:
-                f()
-        return self.capture(work)
-
-    def _capture_forked(self, buf, nbytes: int, calls, lead: int):
-        from graphir.runtime.cuda import CudaGraph, Stream, driver
-        from graphir.runtime.cuda.stream import Event
-
-        if self._capture_stream is None:
-            self._capture_stream = Stream(device=self.device)
-        if self._side is None:
-            self._side = (Stream(device=self.device), Event(timing=False, device=self.device),
-                          Event(timing=False, device=self.device))
-        side, fork, join = self._side
-        main = self._capture_stream.handle
-        record, wait = driver.function("cuEventRecord"), driver.function("cuStreamWaitEvent")
-
-        def check(rc, what):
-            if rc:
-                driver.check(what, rc, "forking the staged upload in a capture")
-        g = CudaGraph()
-        self._cur = main
-        try:
-            with g.capture(self._capture_stream):
-                check(record(fork.handle, main), "cuEventRecord")
-                check(wait(side.handle, fork.handle, 0), "cuStreamWaitEvent")
-                self._ring.copy_to(buf.ptr, nbytes, side.handle)
-                check(record(join.handle, side.handle), "cuEventRecord")
-                for f in calls[:lead]:
-                    f()
-                check(wait(main, join.handle, 0), "cuStreamWaitEvent")
-                for f in calls[lead:]:
-                    f()
         finally:
             self._cur = self.stream.handle
         return g

@@ -44,7 +44,7 @@ import numpy as np
 from graphir.dtype import DType, to_bits
 
 from .call_plan import _BITS, ALIGN, CallPlan
-from .slot_graphs import SlotGraphs, lead_launches
+from .slot_graphs import SlotGraphs
 
 MAX_SIGNATURES = 256  # input signatures the fast path remembers
 BLOB_MAX = 1 << 16  # host inputs up to this size are staged from their bytes on the fast path
@@ -81,8 +81,7 @@ class FastIO:
                 self.upload = partial(dev.upload_staged, area, host_bytes)
             if slots is not None:  # graphs led by the upload (runtime/cuda/slot_graphs.py)
                 if cp.slot_graphs is None:
-                    lead = lead_launches(cp.ops, area, host_bytes)
-                    cp.slot_graphs = SlotGraphs(dev, cp.calls, lead, area, host_bytes, slots)
+                    cp.slot_graphs = SlotGraphs(dev, cp.run, area, host_bytes, slots)
                 self.launch, self.upload = cp.slot_graphs, None
         # Graphs reading the device-tensor inputs in place (see the module docstring): `dk`
         # the input whose address keys `direct` (-1: the tuple of every copied input's), the

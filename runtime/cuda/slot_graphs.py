@@ -8,10 +8,10 @@ costs nothing per call, but it reads one fixed host address, so each slot of the
 graph of its own whose first node copies that slot: the hit then makes one driver call for
 upload and launches together.
 
-The copy need not come first: the step's leading kernels that read none of the staged bytes
-(a layer's qkv projection reads only the hidden states) run beside it, as a branch of the
-graph that joins before the first kernel that does (`lead`: how many launches lead; the
-device forks the capture where it can, else puts the copy first).
+The copy comes first. Forked instead beside the launches that read no metadata (the qkv
+projection) and joined before rope_split_store, it was slower on an H100 (decode B1 61.0
+against 59.1 us a step): the join replaces the programmatic (PDL) edge into rope_split_store
+with a full dependency, 2.2 us, more than the 1 us it hid (BENCHMARKS.md, twentieth session).
 
 A slot's memory can be replaced (the ring regrows a slot too small for a larger call): each
 graph remembers the slot object it reads, and a slot that is not the same object any more is
@@ -23,37 +23,21 @@ from __future__ import annotations
 
 import os
 
-# For A/B measurements, read when an executor loads: GRAPHIR_SLOT_GRAPHS=0 puts the upload
-# in a copy of its own before the graph; GRAPHIR_SLOT_GRAPHS_FORK=0 puts it first in the
-# graph, before every kernel.
+# GRAPHIR_SLOT_GRAPHS=0: the upload as its own copy before the graph (for A/B measurements).
 ENABLED = os.environ.get("GRAPHIR_SLOT_GRAPHS", "1") != "0"
-FORK = os.environ.get("GRAPHIR_SLOT_GRAPHS_FORK", "1") != "0"
-
-
-def lead_launches(ops, area, nbytes: int) -> int:
-    """How many of a plan's first ops are launches reading none of the first `nbytes` of
-    `area` (the staged host inputs): those may run while the upload is in flight."""
-    for n, op in enumerate(ops):
-        if op[0] != "launch":
-            return n
-        for a in op[4]:
-            if isinstance(a, tuple) and a[0] is area and a[1] < nbytes:
-                return n
-    return len(ops)
 
 
 class SlotGraphs:
-    """`launch()` replays a plan's launches (`calls`) with the copy of the current staging
-    slot's first `nbytes` to `area` before the first launch past `lead`, capturing that
-    slot's graph on its first use (see the module docstring). `dev` has staging_slot() ->
-    (index, slot object), staging_depth, capture_upload(area, nbytes, calls, lead) and
-    launcher(graph)."""
+    """`launch()` replays `run`'s launches behind the copy of the current staging slot's first
+    `nbytes` to `area`, capturing that slot's graph on its first use (see the module
+    docstring). `dev` has staging_slot() -> (index, slot object), staging_depth,
+    upload_staged(area, nbytes), capture(fn) and launcher(graph)."""
 
-    __slots__ = ("_dev", "_calls", "_lead", "_area", "_nbytes", "_stats", "_slot", "_by_slot")
+    __slots__ = ("_dev", "_run", "_area", "_nbytes", "_stats", "_slot", "_by_slot")
 
-    def __init__(self, dev, calls, lead: int, area, nbytes: int, stats: dict):
-        self._dev, self._calls, self._lead, self._area, self._nbytes, self._stats = \
-            dev, calls, lead, area, nbytes, stats
+    def __init__(self, dev, run, area, nbytes: int, stats: dict):
+        self._dev, self._run, self._area, self._nbytes, self._stats = \
+            dev, run, area, nbytes, stats
         self._slot = dev.staging_slot
         # per slot index: (the slot object the graph reads, its launch, the graph)
         self._by_slot = [(None, None, None)] * dev.staging_depth
@@ -66,8 +50,12 @@ class SlotGraphs:
         entry[1]()
 
     def _capture(self, i: int, slot) -> tuple:
-        dev = self._dev
-        g = dev.capture_upload(self._area, self._nbytes, self._calls, self._lead)
+        dev, area, nbytes, run = self._dev, self._area, self._nbytes, self._run
+
+        def work():
+            dev.upload_staged(area, nbytes)  # captured: a copy node reading this slot
+            run()
+        g = dev.capture(work)
         launcher = getattr(dev, "launcher", None)
         entry = (slot, launcher(g) if launcher else (lambda: dev.replay(g)), g)
         self._by_slot[i] = entry

@@ -1,6 +1,5 @@
 """The decode step with its upload inside the CUDA graph (one graph per staging slot,
-runtime/cuda/slot_graphs.py; first, or beside the launches that read no metadata) against
-the upload as its own copy before the graph: the layer
+runtime/cuda/slot_graphs.py) against the upload as its own copy before the graph: the layer
 of tools/bench_gpu.py loaded both ways in one process, wall time per step with synchronize
 and host enqueue per call, in alternated rounds. Both outputs are checked against torch eager
 first, and against each other (the same kernels on the same data: equal bits).
@@ -19,10 +18,6 @@ import bench_gpu as bg  # noqa: E402
 from graphir.tools.gpu_timing import enqueue_ms, rel_err, wall_ms  # noqa: E402
 
 CASES = ("decode B1 ctx4096", "decode B64 ctx4096")
-# upload: its own copy before the graph; first in the graph; beside the leading launches that
-# read no metadata (the qkv projection)
-MODES = {"own copy": (False, False), "graph, first": (True, False),
-         "graph, beside": (True, True)}
 
 
 def main(rounds: int) -> None:
@@ -34,13 +29,13 @@ def main(rounds: int) -> None:
     art = compile_graph(g, "cuda:sm_90")
     weights = bg.random_weights(g)
     models = {}
-    for mode, (on, fork) in MODES.items():
-        slot_graphs.ENABLED, slot_graphs.FORK = on, fork  # read when an executor loads
-        models[mode] = executor.load(art, weights, stream=torch.cuda.current_stream())
-    slot_graphs.ENABLED = slot_graphs.FORK = True
+    for on in (True, False):
+        slot_graphs.ENABLED = on  # read when an executor loads
+        models[on] = executor.load(art, weights, stream=torch.cuda.current_stream())
+    slot_graphs.ENABLED = True
     wqkv, wo = bg.torch_weights(weights)
     print(f"{torch.cuda.get_device_name()}; {rounds} rounds, alternated; ms per step")
-    print(f"{'case':22s} {'upload':14s} {'wall':>8s} {'enqueue':>8s} {'rel err':>9s}")
+    print(f"{'case':22s} {'upload':12s} {'wall':>8s} {'enqueue':>8s} {'rel err':>9s}")
     for case in CASES:
         s = bg.LLAMA8B
         batch, cached, new = bg.CASES[case]
@@ -49,28 +44,26 @@ def main(rounds: int) -> None:
         layer = bg.TorchLayer(s, wqkv, wo, bg.freqs_table(s), k_cache.clone(), v_cache.clone())
         want = layer(x, cached, new)
         ys, errs = {}, {}
-        for mode, model in models.items():
+        for on, model in models.items():
             for _ in range(6):  # capture, then a graph per staging slot (and direct ones)
                 (y,) = model.execute(*args)
-            ys[mode] = torch.from_dlpack(y).clone()
-            errs[mode] = rel_err(ys[mode], want)
-        same = all(torch.equal(ys["own copy"], y) for y in ys.values())
-        wall = {m: [] for m in MODES}
-        enq = {m: [] for m in MODES}
-        order = list(MODES)
+            ys[on] = torch.from_dlpack(y).clone()
+            errs[on] = rel_err(ys[on], want)
+        same = torch.equal(ys[True], ys[False])
+        wall, enq = {True: [], False: []}, {True: [], False: []}
         for r in range(rounds):
-            for mode in (order if r % 2 == 0 else order[::-1]):
-                fn = lambda model=models[mode]: model.execute(*args)  # noqa: E731
-                wall[mode].append(wall_ms(fn, reps=100))
-                enq[mode].append(enqueue_ms(fn, reps=100))
-        for mode in MODES:
-            print(f"{case:22s} {mode:14s} {statistics.median(wall[mode]):8.4f} "
-                  f"{statistics.median(enq[mode]):8.4f} {errs[mode]:9.1e}   "
-                  f"walls {' '.join(f'{v:.4f}' for v in wall[mode])}")
-        caps = {m: models[m].executor.stats["slot_captures"] for m in MODES}
-        forked = not models["graph, beside"].executor.dev._fork_failed
-        print(f"{'':22s} outputs equal: {same}; slot graphs captured {caps}; fork kept: "
-              f"{forked}")
+            for on in ((True, False) if r % 2 == 0 else (False, True)):
+                fn = lambda model=models[on]: model.execute(*args)  # noqa: E731
+                wall[on].append(wall_ms(fn, reps=100))
+                enq[on].append(enqueue_ms(fn, reps=100))
+        for on in (True, False):
+            name = "in the graph" if on else "own copy"
+            print(f"{case:22s} {name:12s} {statistics.median(wall[on]):8.4f} "
+                  f"{statistics.median(enq[on]):8.4f} {errs[on]:9.1e}   "
+                  f"walls {' '.join(f'{v:.4f}' for v in wall[on])}")
+        st = models[True].executor.stats
+        print(f"{'':22s} outputs equal: {same}; slot graphs captured {st['slot_captures']}, "
+              f"own-copy model's {models[False].executor.stats['slot_captures']}")
 
 
 if __name__ == "__main__":

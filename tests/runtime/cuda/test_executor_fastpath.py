@@ -107,17 +107,6 @@ class GraphDevice(InterpDevice):
     def staging_slot(self):
         return self._slot, self._imgs[self._slot]
 
-    def capture_upload(self, buf, nbytes, calls, lead):
-        # The copy recorded after the leading launches (which the real device runs beside
-        # it): a lead that took a launch reading the staged bytes computes wrong numbers.
-        def work():
-            for f in calls[:lead]:
-                f()
-            self.upload_staged(buf, nbytes)
-            for f in calls[lead:]:
-                f()
-        return self.capture(work)
-
     def upload_staged(self, buf, nbytes):
         img = self._imgs[self._slot]
         if self._rec is not None:
@@ -146,9 +135,8 @@ class GraphDevice(InterpDevice):
         self.syncs += 1
 
 
-def build_graph(scale_first: bool = False):
-    """rope_split_store -> flash_attention_ragged -> x2, with an unused max_lengths input
-    (`scale_first`: qkv x 0.5 first, a launch reading no metadata)."""
+def build_graph():
+    """rope_split_store -> flash_attention_ragged -> x2, with an unused max_lengths input."""
     types = [TensorType(DType.float32, ["total_seq_len", QKV]),
              TensorType(DType.uint32, ["batch + 1"]),
              BufferType(DType.float32, ["total_num_pages", 2, 1, PAGE, NKV, D]),
@@ -160,8 +148,6 @@ def build_graph(scale_first: bool = False):
              "max_lengths"]
     with Graph("fastpath", input_types=types, input_names=names) as g:
         qkv, offs, blocks, clen, lut, freqs, _ = g.inputs
-        if scale_first:
-            qkv = qkv * 0.5
         q = ops.rope_split_store(qkv, freqs, offs, clen, lut, blocks, n_heads=NH, n_kv_heads=NKV,
                                  head_dim=D, layer_idx=0, interleaved=False)
         o = ops.flash_attention_ragged(q, blocks, offs, clen, lut, n_heads=NH, n_kv_heads=NKV,
@@ -393,35 +379,6 @@ def test_evicted_and_dropped_plans_never_serve_a_hit(program, monkeypatch):
     plans = set(map(id, ex._plans.values()))
     assert all(id(io.cp) in plans for e in ex._sigs.values() for io in e.plans.values())
     assert ex.stats["plans_built"] == 4 and ex.stats["fast_hits"] == 4
-
-
-def test_launches_reading_no_metadata_may_run_beside_the_upload(program):
-    # The leading launch (qkv x 0.5) reads only qkv: the hits' graphs put the upload after it
-    # (the real device runs it alongside); rope_split_store, which reads the offsets, and
-    # everything after it must see this call's metadata.
-    from graphir.lowering.triton_gpu.backend import lower
-    from graphir.runtime.cuda.slot_graphs import lead_launches
-
-    g = build_graph(scale_first=True)
-    ex, dev = executor((g, lower(g)))
-    cache = Cache(np.random.default_rng(23), [21, 50])
-    x = None
-    for _ in range(7):                          # qkv read in place after two calls
-        qkv, *rest = cache.inputs([1, 1])
-        if x is None:
-            x = aligned(qkv)
-        else:
-            x.copy_(torch.from_numpy(qkv))
-        checked(ex, cache, x, qkv, rest)        # numbers checked against the interpreter
-    (entry,) = ex._sigs.values()
-    (io,) = entry.plans.values()
-    for cp in (io.cp, *(d.bound for d in io.direct.values())):
-        (area, host_bytes, _, _), = cp.areas.values()
-        assert lead_launches(cp.ops, area, host_bytes) == 1
-        assert cp.ops[1][2].startswith("rope_split_store")
-    graphs = [g for g in dev.captured if any(op[0] == "stage" for op in g)]
-    assert ex.stats["slot_captures"] == len(graphs) == 4
-    assert all(g[0][0] == "launch" and g[1][0] == "stage" for g in graphs)
 
 
 def test_a_staging_slot_regrown_for_a_larger_call_gets_its_graphs_recaptured(program):

@@ -145,19 +145,17 @@ def test_a_hit_stages_the_metadata_bytes_and_copies_the_device_tensors(fake, gra
     args = step(rng, 3, 21)
     warm(ex, args)
     xs = [device_x(rng, 3) for _ in range(6)]   # fresh numbers at fresh addresses: copied
-    # The layer's first launch (the qkv projection) reads no metadata: the copy is captured
-    # on a side stream forked from the capture, beside it.
-    side = ex.dev._side[0].handle
+    capture_stream = ex.dev._capture_stream.handle
     for x in xs:
         args[0] = x
         args[3] = args[3] + 1
         ex.execute(*args)
         cp = next(iter(ex._plans.values()))
         (area, host_bytes, host, device), = cp.areas.values()
-        # No copy of its own: the graph launched holds the copy of this call's slot.
-        assert fake.last["cuMemcpyHtoDAsync_v2"][3] == side
+        # No copy of its own: the graph launched begins with the copy of this call's slot.
+        assert fake.last["cuMemcpyHtoDAsync_v2"][3] == capture_stream
         dst, src, n, stream = copies[fake.last["cuGraphLaunch"][0]]
-        assert (dst, n, stream) == (area.ptr, host_bytes, side)
+        assert (dst, n, stream) == (area.ptr, host_bytes, capture_stream)
         staged = ctypes.string_at(src, n)
         assert [k for k, *_ in host] == [1, 3, 4]   # offsets, cache lengths, lookup table
         for k, off, nb, *_ in host:
@@ -275,70 +273,6 @@ def test_addresses_that_keep_changing_stop_the_captures(fake, graph, monkeypatch
         assert driver == (HIT if direct else COPY_HIT), driver
         assert (fake.last["cuGraphLaunch"][0] in kept) == direct
     assert ex.stats["direct_builds"] == 3
-
-
-def logged(names):
-    """Wrap these driver entry points (before load: some are bound then) to append (name,
-    args) to the returned list, in call order."""
-    from graphir.runtime.cuda import driver
-
-    log = []
-    for name in names:
-        fn = driver._funcs[name]
-        driver._funcs[name] = lambda *a, _fn=fn, _n=name: (log.append((_n, a)), _fn(*a))[1]
-    return log
-
-
-CAPTURE = ("cuStreamBeginCapture_v2", "cuStreamEndCapture", "cuEventRecord",
-           "cuStreamWaitEvent", "cuMemcpyHtoDAsync_v2", "cuLaunchKernel")
-
-
-def test_the_upload_is_captured_beside_the_launches_that_read_no_metadata(fake, graph):
-    log = logged(CAPTURE)
-    ex = load_layer(graph, stream=STREAM)
-    args = step(np.random.default_rng(7), 2, 13)
-    for _ in range(2):
-        ex.execute(*args)                       # build + eager, the plan's own capture
-    del log[:]
-    ex.execute(*args)                           # a hit: the graph of its slot captured
-    assert ex.stats["slot_captures"] == 1
-    (cp,) = ex._plans.values()
-    lead = cp.slot_graphs._lead
-    assert lead == 1 and cp.ops[0][0] == "launch" and cp.ops[1][2].startswith("rope_split")
-    side, fork, join = (h.handle for h in ex.dev._side)
-    main = ex.dev._capture_stream.handle
-    names = [n for n, _ in log]
-    begin, end = names.index("cuStreamBeginCapture_v2"), names.index("cuStreamEndCapture")
-    seq = log[begin + 1:end]
-    # fork: the side stream waits for the capture's start, copies, marks its end; the qkv
-    # projection launches meanwhile; the capture waits for the copy before rope_split_store
-    assert seq[0] == ("cuEventRecord", (fork, main))
-    assert seq[1] == ("cuStreamWaitEvent", (side, fork, 0))
-    assert seq[2][0] == "cuMemcpyHtoDAsync_v2" and seq[2][1][3] == side
-    assert seq[3] == ("cuEventRecord", (join, side))
-    assert [n for n, _ in seq[4:4 + lead]] == ["cuLaunchKernel"] * lead
-    assert seq[4 + lead] == ("cuStreamWaitEvent", (main, join, 0))
-    assert {n for n, _ in seq[5 + lead:]} == {"cuLaunchKernel"}
-    assert len(seq) - 5 == len(cp.ops)
-
-
-def test_a_fork_that_fails_to_capture_puts_the_upload_first(fake, graph):
-    log = logged(CAPTURE)
-    ex = load_layer(graph, stream=STREAM)
-    args = step(np.random.default_rng(8), 2, 13)
-    for _ in range(2):
-        ex.execute(*args)
-    fake.results["cuStreamWaitEvent"] = [900]   # cudaErrorStreamCaptureUnsupported
-    del log[:]
-    ex.execute(*args)
-    assert ex.dev._fork_failed and ex.stats["slot_captures"] == 1
-    main = ex.dev._capture_stream.handle
-    begins = [i for i, (n, _) in enumerate(log) if n == "cuStreamBeginCapture_v2"]
-    assert len(begins) == 2                     # the fork abandoned, the serial capture
-    seq = log[begins[1] + 1:]
-    assert seq[0][0] == "cuMemcpyHtoDAsync_v2" and seq[0][1][3] == main
-    ex.execute(*args)                           # the next slot: no fork tried again
-    assert ex.stats["slot_captures"] == 2 and fake.calls["cuStreamWaitEvent"] == 1
 
 
 def test_new_blocks_or_a_wrong_dtype_leave_the_fast_path(fake, graph):
