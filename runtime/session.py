@@ -61,22 +61,31 @@ class InferenceSession:
         return "cpu" if self.devices[0].is_cpu() else "cuda:sm_90"
 
     def load(self, model, *, weights: Mapping | str | Path | None = None,
-             target: str | None = None, use_cache: bool = True, progress: bool | None = None):
+             target: str | None = None, use_cache: bool = True, progress: bool | None = None,
+             copy_outputs: bool = False):
         """Compile a Graph (or open a `.gart` path / Artifact) and bind its weights.
 
         `progress`: True shows bars on stderr over the compile and the weights bound, False
         hides them, None (default) follows graphir.progress (GRAPHIR_PROGRESS, the CLI).
+        `copy_outputs` (GPU): each call returns its device outputs in fresh buffers, as MAX
+        does, instead of the model's reused ones, which stay valid only until its next call
+        (an allocation and a device copy per output; threads sharing a model want it). CPU
+        outputs are always new arrays the caller owns.
         """
         from graphir.progress import scope
 
         with scope(progress):
-            return self._load(model, weights, target, use_cache)
+            return self._load(model, weights, target, use_cache, copy_outputs)
 
-    def _load(self, model, weights, target, use_cache: bool):
+    def _load(self, model, weights, target, use_cache: bool, copy_outputs: bool = False):
         from graphir.lowering.artifact import Artifact, load_artifact
 
         if self.distributed is not None:
             from .distributed_model import load_rank_model
+
+            if copy_outputs:
+                raise ValueError("copy_outputs is not supported by a distributed session: "
+                                 "copy each rank's outputs (or ask for numpy) instead")
 
             return load_rank_model(model, weights, self.distributed, target=target,
                                    trusted_keys=self.trusted_keys, use_cache=use_cache)
@@ -95,6 +104,8 @@ class InferenceSession:
             raise ValueError(f"{art.path}: no runtime for target {art.target!r}; this graphir "
                              f"runs {sorted(EXECUTORS)}")
         mod = importlib.import_module(EXECUTORS[backend])
+        if backend == "cuda":
+            return mod.load(art, load_weights(weights), self.devices, copy_outputs=copy_outputs)
         return mod.load(art, load_weights(weights), self.devices)
 
 

@@ -76,6 +76,31 @@ def test_load_graph_artifact_path_and_artifact(data, tmp_path):
         np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_copy_outputs_reaches_the_cuda_runtime_and_cpu_outputs_are_owned(data, monkeypatch,
+                                                                          tmp_path):
+    import graphir.runtime.cuda.executor as cuda_executor
+
+    got = {}
+    monkeypatch.setattr(cuda_executor, "load",
+                        lambda art, weights, devices, **kw: got.setdefault("kw", kw))
+    art = compile_graph(_graph(), "cuda:sm_90", out=tmp_path / "sess_cuda.gart")
+    gpu = InferenceSession(devices=[DeviceRef.GPU()])
+    assert gpu.load(art, weights=_weights(data), copy_outputs=True) == {"copy_outputs": True}
+    got.clear()
+    assert gpu.load(art, weights=_weights(data)) == {"copy_outputs": False}
+    # The CPU's outputs are new arrays each call either way.
+    m = InferenceSession(devices=[CPU]).load(_graph(), weights=_weights(data), copy_outputs=True)
+    (a,) = m.execute(data["x"], data["cache"].copy())
+    (b,) = m.execute(data["x"] * 2, data["cache"].copy())
+    assert not np.shares_memory(a, b)
+    np.testing.assert_allclose(a, _want(data), rtol=1e-5, atol=1e-5)
+    # A distributed session's ranks have no such option: said before anything loads.
+    dist = InferenceSession(devices=[CPU])
+    dist.distributed = object()  # what init() returns, never reached here
+    with pytest.raises(ValueError, match="copy_outputs is not supported by a distributed"):
+        dist.load(art, weights=_weights(data), copy_outputs=True)
+
+
 def test_weights_from_a_safetensors_file(data, tmp_path):
     from safetensors.numpy import save_file
 
