@@ -65,7 +65,7 @@ class FastIO:
                  "view", "upload", "dk", "direct", "seen", "builds", "bound", "used")
 
     def __init__(self, cp: CallPlan, area, host_bytes: int, blobs: list, copies: list,
-                 outs: list, dev=None, slots: dict | None = None):
+                 outs: list, dev=None, slot_stats: dict | None = None):
         self.cp, self.area, self.host_bytes = cp, area, host_bytes
         self.blobs, self.copies, self.outs = blobs, copies, list(outs)
         self.launch, self.stat = cp.launch, cp.stat
@@ -79,9 +79,9 @@ class FastIO:
             else:
                 self.view = dev.staging_view
                 self.upload = partial(dev.upload_staged, area, host_bytes)
-            if slots is not None:  # graphs led by the upload (runtime/cuda/slot_graphs.py)
+            if slot_stats is not None:  # graphs led by the upload (slot_graphs.py)
                 if cp.slot_graphs is None:
-                    cp.slot_graphs = SlotGraphs(dev, cp.run, area, host_bytes, slots)
+                    cp.slot_graphs = SlotGraphs(dev, cp.run, area, host_bytes, slot_stats)
                 self.launch, self.upload = cp.slot_graphs, None
         # Graphs reading the device-tensor inputs in place (see the module docstring): `dk`
         # the input whose address keys `direct` (-1: the tuple of every copied input's), the
@@ -94,10 +94,10 @@ class FastIO:
         self.used = 0
 
     @classmethod
-    def of(cls, cp: CallPlan, inputs, blobs, outs, dev, slots=None) -> "FastIO | None":
+    def of(cls, cp: CallPlan, inputs, blobs, outs, dev, slot_stats=None) -> "FastIO | None":
         """For a plan on one device (`dev`) whose host inputs all arrived as bytes; else
-        None. `slots`: the stats dict, when a captured plan may replay graphs led by the
-        upload (one per staging slot)."""
+        None. `slot_stats`: the executor's stats, when a captured plan may replay graphs led
+        by the upload (one per staging slot), which count their captures there."""
         if len(cp.areas) > 1 or cp.launch is None:
             return None
         if not cp.areas:
@@ -114,7 +114,7 @@ class FastIO:
                 _converter(dt, bits_dt)
             fills.append((k, off, off + nb, conv))
         return cls(cp, buf, host_bytes, fills, [c for c in device if c[2]], outs, dev,
-                   slots if cp.graph is not None else None)
+                   slot_stats if cp.graph is not None else None)
 
 
 def _converter(dt: DType, bits_dt: np.dtype):
