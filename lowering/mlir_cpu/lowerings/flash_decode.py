@@ -104,9 +104,14 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
     pg = [t(f"memref.load {k.pgs}[{t.idx(j)}] : {it}") for j in range(c)]
     sl = [t(f"memref.load {k.sls}[{t.idx(j)}] : {it}") for j in range(c)]
 
-    def kv_row(j: int, kind: int, head: str, col: str) -> list[str]:
-        """Index of key j's K (kind 0) or V (1) row of KV head `head` at column col."""
-        return [pg[j], t.idx(kind), t.idx(k.layer), sl[j], head, col]
+    def kv_row(j, kind: int, head: str, col: str) -> list[str]:
+        """Index of key j's K (kind 0) or V (1) row of KV head `head` at column col (j a
+        constant, or an index value of a loop over the tile's slots)."""
+        if isinstance(j, int):
+            p, sj = pg[j], sl[j]
+        else:
+            p, sj = (t(f"memref.load {m}[{j}] : {it}") for m in (k.pgs, k.sls))
+        return [p, t.idx(kind), t.idx(k.layer), sj, head, col]
     k0v = t(f"vector.broadcast {t('arith.index_cast %k0 : index to i32')} : i32 to {vi}")
     valids = []
     for grp in range(c // VW):
@@ -209,12 +214,17 @@ def _slot_tile(k: _Kernel, nkv: int, kv_row, valids: list, qs, os_, ms, ls, st,
     NS slots at a time into the O rows (in L1)."""
     t, g, c = k.t, k.g, KEY_TILE
     hp = max(1, VW // g)
-    for j in range(c):
-        t.for_("%hs", t.idx(0), t.idx(nkv), t.idx(hp))
-        heads = [t(f"arith.addi %hs, {t.idx(u)} : index") for u in range(hp)]
-        for qc in range(max(1, g // VW)):
-            _slot_scores(k, j, heads, qc, qs, st, sct, stt, kv_row, dw)
-        t.close()   # %hs
+    t.for_("%js", t.idx(0), t.idx(c), t.idx(1))
+    page, _, layer, slot, _, _ = kv_row("%js", 0, "", "")  # the slot's page and row, once
+
+    def slot_row(kind: int, head: str, col: str) -> list[str]:
+        return [page, t.idx(kind), layer, slot, head, col]
+    t.for_("%hs", t.idx(0), t.idx(nkv), t.idx(hp))
+    heads = [t(f"arith.addi %hs, {t.idx(u)} : index") for u in range(hp)]
+    for qc in range(max(1, g // VW)):
+        _slot_scores(k, "%js", heads, qc, qs, st, sct, stt, slot_row, dw)
+    t.close()   # %hs
+    t.close()   # %js
     # P V 8 slots at a time with 32 vector registers (their P values stay live across the
     # head_dim loop): 1.76-2.65 ms against 2.32-3.29 for 2 at a time, context 4096, on a
     # 2-core Zen 4 (BENCHMARKS.md, CPU decode attention); 2 with 16 registers.
@@ -222,10 +232,11 @@ def _slot_tile(k: _Kernel, nkv: int, kv_row, valids: list, qs, os_, ms, ls, st,
     _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, als, sct, stt, mt1, dw, kv_row, ns)
 
 
-def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str, sct: str,
-                 stt: str, kv_row, dw: int) -> None:
+def _slot_scores(k: _Kernel, j: str, heads: list[str], qc: int, qs: str, st: str, sct: str,
+                 stt: str, slot_row, dw: int) -> None:
     """Scores of slot j against 8 query vectors, those of heads (G < 8) or the qc-th 8 of
-    heads[0] (G a multiple of 8): one K vector load a head, one shuffle tree, into row j."""
+    heads[0] (G a multiple of 8): one K vector load a head, one shuffle tree, into row j.
+    slot_row(kind, head, col): the index of slot j's K (0) or V (1) row."""
     t, d, g, el = k.t, k.d, k.g, k.el
     v, vd = fvec(), fvec(dw)
     zero_d = t.const("0.0", vd)
@@ -235,7 +246,7 @@ def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str
     res = t(f"scf.for %dd = {t.idx(0)} to {t.idx(d)} step {t.idx(dw)} iter_args({init}) "
             f"-> ({', '.join([vd] * VW)}) {{", n=VW)
     t.depth += 1
-    kv = [load_f32(t, "%blocks", kv_row(j, 0, h, "%dd"), k.bt, el, dw) for h in heads]
+    kv = [load_f32(t, "%blocks", slot_row(0, h, "%dd"), k.bt, el, dw) for h in heads]
     nxt = []
     for i in range(VW):
         qv = t(f"vector.load {qs}[{qrows[i]}, %dd] : {sct}, {vd}")
@@ -244,7 +255,7 @@ def _slot_scores(k: _Kernel, j: int, heads: list[str], qc: int, qs: str, st: str
     t.depth -= 1
     t.stmt("}")
     sv = softcap_vec(t, hsum8(t, [f"{res}#{i}" for i in range(VW)]), k.softcap)
-    t.stmt(f"vector.store {sv}, {st}[{t.idx(j)}, {q0}] : {stt}, {v}")
+    t.stmt(f"vector.store {sv}, {st}[{j}, {q0}] : {stt}, {v}")
 
 
 def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: str, st: str,
@@ -261,24 +272,28 @@ def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: 
     for j in range(c):
         e = t(f"vector.extract {valids[j // VW]}[{j % VW}] : i1 from vector<{VW}xi1>")
         okj.append(t(f"vector.broadcast {e} : i1 to vector<{VW}xi1>"))
-    for i0 in range(0, nh, VW):
-        qi = t.idx(i0)
-        m_old = t(f"vector.load {ms}[{qi}] : {mt1}, {v}")
-        svals = []
-        mx = m_old
-        for j in range(c):
-            sj = t(f"vector.load {st}[{t.idx(j)}, {qi}] : {stt}, {v}")
-            sj = t(f"arith.select {okj[j]}, {sj}, {ninf_v} : vector<{VW}xi1>, {v}")
-            svals.append(sj)
-            mx = vmax_keep(t, mx, sj)
-        msafe, lsum = _probs(t, svals, okj, mx, lambda j, p: t.stmt(
-            f"vector.store {p}, {st}[{t.idx(j)}, {qi}] : {stt}, {v}"))
-        alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"))
-        l_old = t(f"vector.load {ls}[{qi}] : {mt1}, {v}")
-        lnew = t(f"vector.fma {l_old}, {alpha}, {lsum} : {v}")
-        t.stmt(f"vector.store {lnew}, {ls}[{qi}] : {mt1}, {v}")
-        t.stmt(f"vector.store {mx}, {ms}[{qi}] : {mt1}, {v}")
-        t.stmt(f"vector.store {alpha}, {als}[{qi}] : {mt1}, {v}")
+    # Loops, not unrolled Python loops, over the query-vector groups here and the head_dim
+    # vectors of P V below: unrolled, the layer's attention kernel was 12,700 lines of MLIR
+    # and its cold compile 10-12 s instead of 2.5 s (2-core EPYC).
+    t.for_("%i0", t.idx(0), t.idx(nh), t.idx(VW))
+    qi = "%i0"
+    m_old = t(f"vector.load {ms}[{qi}] : {mt1}, {v}")
+    svals = []
+    mx = m_old
+    for j in range(c):
+        sj = t(f"vector.load {st}[{t.idx(j)}, {qi}] : {stt}, {v}")
+        sj = t(f"arith.select {okj[j]}, {sj}, {ninf_v} : vector<{VW}xi1>, {v}")
+        svals.append(sj)
+        mx = vmax_keep(t, mx, sj)
+    msafe, lsum = _probs(t, svals, okj, mx, lambda j, p: t.stmt(
+        f"vector.store {p}, {st}[{t.idx(j)}, {qi}] : {stt}, {v}"))
+    alpha = vexp(t, t(f"arith.subf {m_old}, {msafe} : {v}"))
+    l_old = t(f"vector.load {ls}[{qi}] : {mt1}, {v}")
+    lnew = t(f"vector.fma {l_old}, {alpha}, {lsum} : {v}")
+    t.stmt(f"vector.store {lnew}, {ls}[{qi}] : {mt1}, {v}")
+    t.stmt(f"vector.store {mx}, {ms}[{qi}] : {mt1}, {v}")
+    t.stmt(f"vector.store {alpha}, {als}[{qi}] : {mt1}, {v}")
+    t.close()   # %i0
     t.for_("%qa", t.idx(0), t.idx(nh), t.idx(1))
     a_s = t(f"memref.load {als}[%qa] : {mt1}")
     av = t(f"vector.broadcast {a_s} : f32 to {vd}")
@@ -287,27 +302,29 @@ def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: 
         o = t(f"vector.load {os_}[%qa, {col}] : {sct}, {vd}")
         t.stmt(f"vector.store {t(f'arith.mulf {o}, {av} : {vd}')}, {os_}[%qa, {col}] : {sct}, {vd}")
     t.close()
-    for j0 in range(0, c, ns):
-        t.for_("%hv", t.idx(0), t.idx(nkv), t.idx(1))
-        q0 = t(f"arith.muli %hv, {t.idx(g)} : index")
-        qrows = [t(f"arith.addi {q0}, {t.idx(q)} : index") for q in range(g)]
-        js = range(j0, j0 + ns)
-        ps = []
-        for j in js:
-            row = []
-            for q in range(g):
-                pe = t(f"memref.load {st}[{t.idx(j)}, {qrows[q]}] : {stt}")
-                row.append(t(f"vector.broadcast {pe} : f32 to {vd}"))
-            ps.append(row)
-        for u in range(nv):
-            col = t.idx(u * dw)
-            vv = [load_f32(t, "%blocks", kv_row(j, 1, "%hv", col), k.bt, el, dw) for j in js]
-            for q in range(g):
-                o = t(f"vector.load {os_}[{qrows[q]}, {col}] : {sct}, {vd}")
-                for n in range(ns):
-                    o = t(f"vector.fma {ps[n][q]}, {vv[n]}, {o} : {vd}")
-                t.stmt(f"vector.store {o}, {os_}[{qrows[q]}, {col}] : {sct}, {vd}")
-        t.close()   # %hv
+    t.for_("%j0", t.idx(0), t.idx(c), t.idx(ns))
+    js = [t(f"arith.addi %j0, {t.idx(n)} : index") for n in range(ns)]
+    rows = [kv_row(j, 1, "%hv", "%uc") for j in js]  # the slots' V rows (pages loaded here)
+    t.for_("%hv", t.idx(0), t.idx(nkv), t.idx(1))
+    q0 = t(f"arith.muli %hv, {t.idx(g)} : index")
+    qrows = [t(f"arith.addi {q0}, {t.idx(q)} : index") for q in range(g)]
+    ps = []
+    for j in js:
+        row = []
+        for q in range(g):
+            pe = t(f"memref.load {st}[{j}, {qrows[q]}] : {stt}")
+            row.append(t(f"vector.broadcast {pe} : f32 to {vd}"))
+        ps.append(row)
+    t.for_("%uc", t.idx(0), t.idx(d), t.idx(dw))
+    vv = [load_f32(t, "%blocks", r, k.bt, el, dw) for r in rows]
+    for q in range(g):
+        o = t(f"vector.load {os_}[{qrows[q]}, %uc] : {sct}, {vd}")
+        for n in range(ns):
+            o = t(f"vector.fma {ps[n][q]}, {vv[n]}, {o} : {vd}")
+        t.stmt(f"vector.store {o}, {os_}[{qrows[q]}, %uc] : {sct}, {vd}")
+    t.close()   # %uc
+    t.close()   # %hv
+    t.close()   # %j0
 
 
 def _probs(t, svals: list[str], oks: list[str], mx: str, store) -> tuple[str, str]:
