@@ -86,16 +86,34 @@ def main_loop_spills(code):
                        for ins, nxt in zip(body, body[1:] + [""]))
     return None
 
+# The warp-specialized and chained kernels under each mask: by default under the sliding
+# window (both key bounds: the most masking code) and under every mask the shipped table
+# takes them for; every other pair with -m slow (ALL_MASKS). A tuned choice is also checked
+# against torch on the GPU when `compile --tune` times it.
+MASKS = ("CAUSAL", "NULL", "SLIDING_WINDOW_CAUSAL")
+shipped = set()
+table = json.load(open(os.path.join(os.path.dirname(aot.__file__), "tuning_defaults.json")))
+for entries in table["families"]["prefill"].values():
+    for key, buckets in entries.items():
+        kv = dict(part.split("=", 1) for part in key.split(",") if "=" in part)
+        for v in buckets.values():
+            for name in ((v.get("config"), v.get("fallback")) if isinstance(v, dict) else (v,)):
+                shipped.add((int(kv.get("D", 0)), kv.get("mask"), name))
+
+def masks_for(d, c):
+    if ALL_MASKS:
+        return MASKS
+    return tuple(m for m in MASKS if m == "SLIDING_WINDOW_CAUSAL"
+                 or (d, m, fa.config_tag(c)) in shipped)
+
 # (label, (n_heads, n_kv_heads, head_dim, page, dtype, mask), config or None for the default)
 jobs = [(f"d{d}_{fa.config_tag(c)}", (32, 8, d, 128, "bfloat16", "CAUSAL"), c)
         for d in (64, 128, 256) for c in fa.candidates(d, 128)]
 jobs += [(f"d{d}_{fa.config_tag(c)}_mask{m}", (32, 8, d, 128, "bfloat16", m), c)
-         for d in (64, 128) for c in fa.WS_CANDIDATES[d]
-         for m in ("CAUSAL", "NULL", "SLIDING_WINDOW_CAUSAL")]
+         for d in (64, 128) for c in fa.WS_CANDIDATES[d] for m in masks_for(d, c)]
 # The chained consumers not offered to the tuner (flash_attention_chain.py; the sweep's).
 jobs += [(f"d{d}_{fa.config_tag(c)}_mask{m}", (32, 8, d, 128, "bfloat16", m), c)
-         for d in (64, 128) for c in fc.CHAIN_CONFIGS[d]
-         for m in ("CAUSAL", "NULL", "SLIDING_WINDOW_CAUSAL")]
+         for d in (64, 128) for c in fc.CHAIN_CONFIGS[d] for m in masks_for(d, c)]
 jobs += [(f"fp32_{fa.config_tag(c)}", (8, 8, 128, 128, "float32", "CAUSAL"), c)
          for c in fa.candidates(128, 128, "float32")]
 jobs += [("default_d128_p16", (32, 8, 128, 16, "bfloat16", "CAUSAL"), None),
@@ -154,9 +172,11 @@ print("JSON" + json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    return run_compiled_mode(SCRIPT, tmp_path_factory, timeout=1800)
+@pytest.fixture(scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)],
+                ids=["shipped_masks", "all_masks"])
+def compiled(request, tmp_path_factory):
+    return run_compiled_mode(f"ALL_MASKS = {request.param}\n" + SCRIPT, tmp_path_factory,
+                             timeout=1800)
 
 
 def test_every_config_builds_fits_and_takes_its_load_path(compiled, capsys):
@@ -285,7 +305,8 @@ def test_defaults_and_fallbacks(compiled):
         "profile_scratch"]
     assert compiled["default_d128_swc"]["name"] == "flash_attention_bf16_mask2"
     # The persistent kernels take the one-tile kernel's arguments, then n_m and n_b.
-    for label in ("d128_m128n128w4s3tmawspersist_maskCAUSAL", "d128_m128n128w8s2tmapersist"):
+    for label in ("d128_m128n128w4s3tmawspersist_maskSLIDING_WINDOW_CAUSAL",
+                  "d128_m128n128w8s2tmapersist"):
         assert compiled[label]["params"][:15] == compiled["default_d128_swc"]["params"][:13] + [
             "n_m", "n_b"], label
 
