@@ -321,5 +321,7 @@ class CpuModel:
 
 
 def load(art: Artifact, weights: Mapping[str, np.ndarray], devices: Sequence,
-         collectives=None) -> CpuModel:
+         collectives=None, copy_outputs: bool = False) -> CpuModel:
+    """`copy_outputs` is accepted for the sessions' sake: the CPU's outputs are always new
+    arrays the caller owns (CpuModel._outputs)."""
     return CpuModel(art, weights, collectives)

@@ -104,9 +104,7 @@ class InferenceSession:
             raise ValueError(f"{art.path}: no runtime for target {art.target!r}; this graphir "
                              f"runs {sorted(EXECUTORS)}")
         mod = importlib.import_module(EXECUTORS[backend])
-        if backend == "cuda":
-            return mod.load(art, load_weights(weights), self.devices, copy_outputs=copy_outputs)
-        return mod.load(art, load_weights(weights), self.devices)
+        return mod.load(art, load_weights(weights), self.devices, copy_outputs=copy_outputs)
 
 
 def load_weights(weights) -> dict:

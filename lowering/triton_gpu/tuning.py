@@ -171,7 +171,8 @@ def table_digest() -> str:
         return "missing"
 
 
-def _choice_names(choice) -> tuple[Any, Any]:
+def choice_names(choice) -> tuple[Any, Any]:
+    """(config name, fallback name or None) of a table entry."""
     if isinstance(choice, str):
         return choice, None
     if isinstance(choice, dict):
@@ -195,7 +196,7 @@ def validate_table(table: Any, where: str = "tuning table") -> None:
                     at = f"{where}: {fname}/{dtype}/{shape}/{bucket}"
                     if bucket not in buckets:
                         raise TuningError(f"{at}: unknown bucket (buckets: {list(buckets)})")
-                    name, fb = _choice_names(choice)
+                    name, fb = choice_names(choice)
                     if not isinstance(name, str):
                         raise TuningError(f"{at}: a choice is a config name or "
                                           f"{{'config': name, ...}}, got {choice!r}")
@@ -259,7 +260,7 @@ class Selector:
                 choice = shapes.get(key, {}).get(bucket)
                 if choice is None:
                     continue
-                name, fb = _choice_names(choice)
+                name, fb = choice_names(choice)
                 cfg = fam.get(name)
                 if fam.eligible(cfg, facts):
                     fb_cfg = fam.get(fb) if fb is not None else None

@@ -473,8 +473,7 @@ class PlanExecutor(CallPlanBuilder, FastPath):
     def _capture(self, cp):
         """Capture cp's launches into a CUDA graph (nothing runs); cp.launch replays it."""
         cp.graph = g = self.dev.capture(cp.run)
-        launcher = getattr(self.dev, "launcher", None)
-        cp.launch = launcher(g) if launcher else (lambda: self.dev.replay(g))
+        cp.launch = slot_graphs.graph_launch(self.dev, g)
         return g
 
     def _outputs(self, cp, return_numpy: bool) -> list:

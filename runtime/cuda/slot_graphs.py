@@ -27,6 +27,13 @@ import os
 ENABLED = os.environ.get("GRAPHIR_SLOT_GRAPHS", "1") != "0"
 
 
+def graph_launch(dev, graph):
+    """A zero-argument callable replaying `graph` on `dev` (the device's prebound launcher
+    where it has one)."""
+    launcher = getattr(dev, "launcher", None)
+    return launcher(graph) if launcher else (lambda: dev.replay(graph))
+
+
 class SlotGraphs:
     """`launch()` replays `run`'s launches behind the copy of the current staging slot's first
     `nbytes` to `area`, capturing that slot's graph on its first use (see the module
@@ -56,8 +63,7 @@ class SlotGraphs:
             dev.upload_staged(area, nbytes)  # captured: a copy node reading this slot
             run()
         g = dev.capture(work)
-        launcher = getattr(dev, "launcher", None)
-        entry = (slot, launcher(g) if launcher else (lambda: dev.replay(g)), g)
+        entry = (slot, graph_launch(dev, g), g)
         self._by_slot[i] = entry
         self._stats["slot_captures"] += 1
         return entry

@@ -101,8 +101,10 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
     iota = t.const("[" + ", ".join(str(i) for i in range(VW)) + "]", vi)
     t.for_("%k0", lo, hi, t.idx(c))
     _tile_pages(k, "%k0", hi, page, "%j")
-    pg = [t(f"memref.load {k.pgs}[{t.idx(j)}] : {it}") for j in range(c)]
-    sl = [t(f"memref.load {k.sls}[{t.idx(j)}] : {it}") for j in range(c)]
+    # The head walk names a tile's slots by constants (their pages and rows loaded here, once
+    # a tile); the slot walk by loop indices (loaded in its loops).
+    pg = [] if slot else [t(f"memref.load {k.pgs}[{t.idx(j)}] : {it}") for j in range(c)]
+    sl = [] if slot else [t(f"memref.load {k.sls}[{t.idx(j)}] : {it}") for j in range(c)]
 
     def kv_row(j, kind: int, head: str, col: str) -> list[str]:
         """Index of key j's K (kind 0) or V (1) row of KV head `head` at column col (j a

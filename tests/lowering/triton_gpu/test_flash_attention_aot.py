@@ -91,13 +91,13 @@ def main_loop_spills(code):
 # takes them for; every other pair with -m slow (ALL_MASKS). A tuned choice is also checked
 # against torch on the GPU when `compile --tune` times it.
 MASKS = ("CAUSAL", "NULL", "SLIDING_WINDOW_CAUSAL")
+from graphir.lowering.triton_gpu import tuning
 shipped = set()
-table = json.load(open(os.path.join(os.path.dirname(aot.__file__), "tuning_defaults.json")))
-for entries in table["families"]["prefill"].values():
+for entries in tuning.load_table()["families"]["prefill"].values():
     for key, buckets in entries.items():
         kv = dict(part.split("=", 1) for part in key.split(",") if "=" in part)
         for v in buckets.values():
-            for name in ((v.get("config"), v.get("fallback")) if isinstance(v, dict) else (v,)):
+            for name in tuning.choice_names(v):
                 shipped.add((int(kv.get("D", 0)), kv.get("mask"), name))
 
 def masks_for(d, c):
