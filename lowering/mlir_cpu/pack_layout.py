@@ -8,6 +8,12 @@ A trailing `p` (`"nk32p"`) packs bf16 pairs for the AVX512-BF16 kernel (lowering
 bf16_matmul.py): `[N/NR, K/2, 2*NR]` bf16, packed[p, kk, 2j + t] = W[p*NR + j, 2kk + t], so one
 32-bit lane of a vector holds the two k values `vdpbf16ps` multiplies by a broadcast pair of x.
 K must be even.
+
+`"q4k_r"` is not a panel layout: GGUF Q4_K rows `[N, blocks x 144]` (uint8) stay rows of
+blocks, each with its twelve bytes of packed six-bit scales and mins unpacked to eight scale
+bytes then eight min bytes (148 bytes a block: d, dmin, scales, mins, the 128 code bytes as
+stored), so the AVX2 row path reads a sub-block's scale with one byte load (lowerings/
+quant_q4k_lanes.py).
 """
 from __future__ import annotations
 
@@ -18,6 +24,16 @@ import numpy as np
 from graphir.dtype import bf16_bits
 
 _LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)(p?)")
+
+
+Q4K_LAYOUT = "q4k_r"
+Q4K_BLOCK, Q4K_PACKED = 144, 148     # bytes of a Q4_K block as stored / repacked
+
+
+def check_layout(layout: str) -> None:
+    """ValueError unless `layout` names a layout of this module."""
+    if layout != Q4K_LAYOUT:
+        parse_layout(layout)
 
 
 def parse_layout(layout: str) -> tuple[str, int, bool]:
@@ -31,6 +47,11 @@ def parse_layout(layout: str) -> tuple[str, int, bool]:
 
 def packed_shape(shape, layout: str) -> list[int]:
     """Shape of an operand of `shape` ([N, K] for "nk", [K, N] for "kn") packed in `layout`."""
+    if layout == Q4K_LAYOUT:
+        if len(shape) != 2 or shape[1] % Q4K_BLOCK:
+            raise ValueError(f"layout {layout!r} repacks Q4_K rows [N, blocks x {Q4K_BLOCK}] "
+                             f"bytes, got shape {tuple(shape)}")
+        return [shape[0], shape[1] // Q4K_BLOCK * Q4K_PACKED]
     kind, nr, pairs = parse_layout(layout)
     if len(shape) != 2:
         raise ValueError(f"layout {layout!r} packs a 2-D operand, got shape {tuple(shape)}")
@@ -44,6 +65,8 @@ def packed_shape(shape, layout: str) -> list[int]:
 
 def packed_dtype(layout: str) -> type:
     """The packed array's numpy dtype: f32, or uint16 (bf16 bits) for a pairs layout."""
+    if layout == Q4K_LAYOUT:
+        return np.uint8
     return np.uint16 if parse_layout(layout)[2] else np.float32
 
 
@@ -52,6 +75,8 @@ def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.
     of a's values rounded to bf16 (graphir.dtype.bf16_bits; a bf16 weight's values are exact).
     `out`: a C-contiguous array of the packed shape and dtype to pack into (the runtime's
     cache-line aligned memory), so a weight is copied once, not packed and then copied."""
+    if layout == Q4K_LAYOUT:
+        return repack_q4k(a, out)
     kind, nr, pairs = parse_layout(layout)
     a = np.asarray(a, np.float32)
     if a.ndim != 2:
@@ -72,4 +97,31 @@ def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.
     # [N/NR, NR, K/2, 2] -> [N/NR, K/2, NR, 2]
     np.copyto(out.reshape(n // nr, k // 2, nr, 2),
               bits.reshape(n // nr, nr, k // 2, 2).transpose(0, 2, 1, 3))
+    return out
+
+
+def repack_q4k(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Q4_K rows uint8 `[N, blocks x 144]` in the "q4k_r" layout, `[N, blocks x 148]`: per
+    block d and dmin (bytes 0-3 as stored), the scales of sub-blocks 0-7 as bytes, their mins as
+    bytes, the code bytes as stored. The scales and mins unpack as GGML's get_scale_min_k4."""
+    rows = np.asarray(rows)
+    shape = packed_shape(rows.shape, Q4K_LAYOUT)
+    if rows.dtype != np.uint8:
+        raise ValueError(f"layout {Q4K_LAYOUT!r} repacks uint8 GGUF bytes, got {rows.dtype}")
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    elif out.shape != tuple(shape) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"layout {Q4K_LAYOUT!r}: out must be C-contiguous uint8 "
+                         f"{tuple(shape)}, got {out.dtype} {out.shape}")
+    src = rows.reshape(rows.shape[0], -1, Q4K_BLOCK)
+    dst = out.reshape(rows.shape[0], -1, Q4K_PACKED)
+    # Bytes 4-7 / 8-11 hold the low six bits of scale / min of sub-blocks 0-3 and, in their top
+    # two bits, bits 4-5 of sub-blocks 4-7; bytes 12-15 the low nibbles of sub-blocks 4-7.
+    a, m, c = src[..., 4:8], src[..., 8:12], src[..., 12:16]
+    dst[..., 0:4] = src[..., 0:4]
+    dst[..., 4:8] = a & 63
+    dst[..., 8:12] = (c & 15) | ((a >> 6) << 4)
+    dst[..., 12:16] = m & 63
+    dst[..., 16:20] = (c >> 4) | ((m >> 6) << 4)
+    dst[..., 20:] = src[..., 16:]
     return out

@@ -133,7 +133,7 @@ def prepack_layouts(node, load_time: Sequence[bool], cfg: MatmulConfig) -> dict[
     out = dict(rule(node, list(load_time), cfg)) if rule else {}
     for i, layout in out.items():
         try:
-            parse_layout(layout)
+            pack_layout.check_layout(layout)
         except ValueError as e:
             raise ValueError(f"gir.{node.op} operand {i}: {e}") from None
     return out
@@ -142,7 +142,10 @@ def prepack_layouts(node, load_time: Sequence[bool], cfg: MatmulConfig) -> dict[
 def packed_type(shape: Sequence[int], layout: str) -> ir.RankedTensorType:
     """The kernel argument's type for an operand of `shape` packed in `layout`: f32
     `[N/nr, K, nr]`, or bf16 `[N/nr, K/2, 2 nr]` for a pairs layout."""
-    el = ir.BF16Type.get() if pack_layout.parse_layout(layout)[2] else ir.F32Type.get()
+    if layout == pack_layout.Q4K_LAYOUT:
+        el = ir.IntegerType.get_signless(8)
+    else:
+        el = ir.BF16Type.get() if pack_layout.parse_layout(layout)[2] else ir.F32Type.get()
     return ir.RankedTensorType.get(pack_layout.packed_shape(shape, layout), el)
 
 

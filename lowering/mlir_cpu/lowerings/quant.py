@@ -18,13 +18,16 @@ from graphir.ops.quant.gguf_blocks import gguf_block_geometry
 from graphir.ops.quant.gptq import resolve_group_size
 
 from ...registry import register_lowering
+from .. import schedules
 from ..emit import Emitter, index
+from ..pack_layout import Q4K_LAYOUT
 from .elementwise import to_compute
 from .linalg import inline_mlir
 from .quant_decoders import decoder_for
 from .quant_gguf import gguf_dequantize_text, gguf_matmul_text
 from .quant_gptq import Gptq, gptq_matmul_text
 from .quant_kernels import QuantTiles
+from .quant_q4k_lanes import DECODER as Q4K_REPACKED
 from .rows import finish_rows, rows_of
 
 
@@ -93,10 +96,21 @@ def _qmatmul(e: Emitter, args):
     else:
         gguf_block_geometry(enc)  # validates the name
         ins = [a, args[1]]
-        text = gguf_matmul_text(a.type, args[1].type, out_t, decoder_for(enc, n_in), n_in, n_out,
-                                _tiles(e))
+        lanes = getattr(e, "prepack", {}).get(1) == Q4K_LAYOUT
+        dec = Q4K_REPACKED if lanes else decoder_for(enc, n_in)
+        text = gguf_matmul_text(a.type, args[1].type, out_t, dec, n_in, n_out, _tiles(e), lanes)
     (y,) = inline_mlir(ins, text)
     m = ir.RankedTensorType(a.type).shape[0]
     if not ir.ShapedType.is_dynamic_size(m):
         y = tensor.cast(ir.RankedTensorType.get([m, n_out], ir.F32Type.get()), y)
     return [finish_rows(e, y, lead, xt)]
+
+
+@schedules.register_prepack("qmatmul")
+def _qmatmul_prepack(node, load_time, cfg):
+    """8-lane targets (AVX2) take a Q4_K weight fixed at load with its scales unpacked: the
+    row path reads code words in place (quant_q4k_lanes.py). With 16 lanes the byte-to-lane
+    path stays (measured on Zen 4 and Xeons; the lane path is not yet)."""
+    if node.attrs.get("encoding") == "Q4_K" and load_time[1] and cfg.lanes == 8:
+        return {1: Q4K_LAYOUT}
+    return {}
