@@ -122,3 +122,61 @@ def test_negative_symbolic_extent(backend):
         g.output(x[: x.shape[0] - 3])
     with pytest.raises(ValueError, match="out of range"):
         execute(backend, g, np.ones((2, 4), np.float32))
+
+
+@pytest.fixture(scope="module")
+def cpu_model(layer):
+    pytest.importorskip("mlir.ir")
+    from graphir.runtime.session import InferenceSession
+
+    g, w = layer
+    return InferenceSession().load(g, weights=w)
+
+
+@pytest.mark.parametrize("case", list(CASES) + ["two sequences write one page"],
+                         ids=lambda c: c.replace(" ", "_"))
+def test_bad_metadata_after_good_calls_of_its_signature(cpu_model, case):
+    """The compiled CPU path checks a signature's metadata the fast way once a call of that
+    signature passed (runtime/cpu_executor.py _checked_dims): a bad call of the same shapes
+    is still refused, whole, and the next good one runs."""
+    rng = np.random.default_rng(13)
+    good = good_inputs(rng)
+    for _ in range(2):
+        cpu_model.execute(*[x.copy() for x in good])
+    a = [x.copy() for x in good]
+    if case == "two sequences write one page":
+        edit, names = _lut_row1_shares_page(a), "lookup_table"
+    else:
+        edit, names = CASES[case]
+    edit(a)
+    if case == "positions past the rope table":
+        a[4] = np.full((2, ROPE_ROWS // PAGE + 1), POOL, np.uint32)
+        a[4][0, :] = 0
+        a[4][1, 0] = 1
+    before = a[2].copy()
+    with pytest.raises(ValueError, match=names):
+        cpu_model.execute(*a)
+    np.testing.assert_array_equal(a[2], before)
+    (y,) = cpu_model.execute(*[x.copy() for x in good])
+    assert np.isfinite(y).all()
+
+
+def _lut_row1_shares_page(a):
+    def edit(arrays):   # sequence 1 (2 new tokens, no cache) writes into sequence 0's page
+        arrays[4][1, 0] = arrays[4][0, 1]
+    return edit
+
+
+def test_good_calls_of_a_seen_signature_skip_the_full_check(cpu_model, monkeypatch):
+    good = good_inputs(np.random.default_rng(14))
+    cpu_model.execute(*[x.copy() for x in good])
+    ragged = cpu_model._checks[1]
+    calls = []
+    monkeypatch.setattr(ragged, "check", lambda *a, **k: calls.append(a))
+    for _ in range(3):
+        cpu_model.execute(*[x.copy() for x in good])
+    assert calls == []
+    odd = [x.copy() for x in good]
+    odd[4][0, 3] = POOL + 5   # padding past the pool (sequence 0 uses two pages): valid, but
+    cpu_model.execute(*odd)   # the fast check is not sure of it and asks the full one
+    assert len(calls) == 1
