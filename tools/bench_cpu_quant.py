@@ -2,6 +2,7 @@
 both compiled by graphir for the CPU in one run.
 
 Run: .venv/bin/python tools/bench_cpu_quant.py [--encoding Q4_K] [--batch 1] [--context 1024]
+     [--kernels]   (each kernel's time too, as the interleaved rounds run)
 
 The layer is Llama-3-8B shaped (hidden 4096, 32 heads, 8 KV heads, head dim 128, page size 128,
 interleaved RoPE as GGUF checkpoints use): GGUFQAttentionWithRope with its q/k/v/o weights as
@@ -84,6 +85,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", default="cpu", help="cpu (this host) or e.g. cpu:x86-64:avx2")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also print each kernel's best / median time over the rounds")
     args = ap.parse_args()
     os.environ.setdefault("GRAPHIR_NUM_THREADS", str(args.threads))
     load_before = os.getloadavg()[0]
@@ -115,6 +118,7 @@ def main() -> None:
     maxl = np.array([[1, ctx + 1]], np.uint32)
     x = rng.standard_normal((b, HIDDEN)).astype(np.float32)
     bq, bd = blocks.copy(), blocks.copy()
+    kernel_times = _time_kernels({"q": m_q, "f32": m_d}) if args.kernels else None
     t_q, t_d = interleaved_times([lambda: m_q.execute(x, offs, bq, clen, lut, maxl),
                                   lambda: m_d.execute(x, offs, bd, clen, lut, maxl)], args.reps)
     (y_q,) = m_q.execute(x, offs, blocks.copy(), clen, lut, maxl)
@@ -136,6 +140,31 @@ def main() -> None:
           f" median: {statistics.median(t_d) / statistics.median(t_q):.2f}x")
     print(f"max relative difference of the outputs: {err:.2e}")
     print(f"f32 FMA peak: {peaks[0]:.0f} GFLOP/s on 1 thread, {peaks[1]:.0f} on {args.threads}")
+    if kernel_times:
+        print("kernel (each call's wall time, Python's call overhead included) | best us | "
+              "median us")
+        for name, ts in kernel_times.items():
+            if ts:   # kernels that ran at load only have none
+                print(f"{name} | {min(ts) * 1e6:.0f} | {statistics.median(ts) * 1e6:.0f}")
+
+
+def _time_kernels(models: dict) -> dict:
+    """Wrap each loaded CPU model's kernel functions to record their wall times per call
+    (name -> list, filled as the rounds run); the step times then include the wrapper's
+    ~1 us a kernel."""
+    import time
+
+    times = {}
+    for tag, m in models.items():
+        for name, fn in list(m._fns.items()):
+            ts = times.setdefault(f"{tag} {name}", [])
+
+            def timed(ins, outs, fn=fn, ts=ts):
+                t0 = time.perf_counter()
+                fn(ins, outs)
+                ts.append(time.perf_counter() - t0)
+            m._fns[name] = timed
+    return times
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ group's first sub-block, odd ones its second. A sub-block's sum meets float(scal
 table of small integers (one byte load, one broadcast), d once per block, and the mins meet
 the sums of x once per block as a vector of eight.
 
-Against the byte-to-lane path (quant_gguf.py: zero-extend 8 code bytes per vector, unpack the
-scales from the packed bytes each block) this issues ~40% fewer instructions a block: 59 -> 37
-cycles a block in a C model on a Zen 3 EPYC (BENCHMARKS.md, CPU Q4_K on AVX2). The tile path
-(M >= MR) decodes the repacked blocks with the same floats as the reference (`DECODER`).
+Against the byte-to-lane path (quant_gguf.py: zero-extend 8 code bytes a vector, unpack the
+scales from the packed bytes every block) it issues ~30% fewer instructions a block: one
+thread on a Zen 3 EPYC, 19.9 -> 16.0 ns a block (BENCHMARKS.md, CPU: Q4_K on AVX2). The tile
+path (M >= MR) decodes the repacked blocks to the reference's floats (`DECODER`).
 """
 from __future__ import annotations
 
