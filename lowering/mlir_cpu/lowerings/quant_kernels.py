@@ -187,15 +187,22 @@ def x_sums(k: KernelText, mats: Mats, size: int) -> tuple[str, str]:
             return []
         k.loop(0, groups, 1, body=group)
 
+    per_row(k, mats, row)
+    return xs, xst
+
+
+def per_row(k: KernelText, mats: Mats, row) -> None:
+    """row(m) for every row m of x: serially below SERIAL_ROWS rows (a decode step's few rows
+    are cheaper than a parallel region's barrier), else one forall iteration a row."""
+    t = k.t
+
     def parallel():
         m = k.fresh("m")
         t.open(f"scf.forall ({m}) in ({mats.m})")
         row(m)
         t.close()
-    # A few rows (a decode step) are cheaper than a parallel region's barrier.
     few = t(f"arith.cmpi ult, {mats.m}, {t.idx(SERIAL_ROWS)} : index")
     k.if_(few, lambda: k.loop(0, mats.m, 1, body=lambda m, _: row(m) or []), parallel)
-    return xs, xst
 
 
 def rows_in_blocks(k: KernelText, m_lo: str, m_hi: str, mb: int, emit) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .quant_decoders import TABLE, Block, Decoder, _k_nibbles, _times
 from .kernel_text import KernelText, hsum
-from .quant_kernels import SERIAL_ROWS, Mats
+from .quant_kernels import Mats, per_row
 
 GROUP = 64          # values of a 32-byte group of code bytes: two sub-blocks
 LANES = 8           # i32 words (and f32 values) a vector
@@ -63,14 +63,7 @@ def permute_x(k: KernelText, mats: Mats) -> tuple[str, str]:
                 t.stmt(f"vector.store {v}, {xp}[{m}, {k.ix('addi', k0, 8 * p)}] : {xpt}, {v8}")
             return []
         k.loop(0, k.k // GROUP, 1, body=group)
-
-    def parallel():
-        m = k.fresh("m")
-        t.open(f"scf.forall ({m}) in ({mats.m})")
-        row(m)
-        t.close()
-    few = t(f"arith.cmpi ult, {mats.m}, {t.idx(SERIAL_ROWS)} : index")
-    k.if_(few, lambda: k.loop(0, mats.m, 1, body=lambda m, _: row(m) or []), parallel)
+    per_row(k, mats, row)
     return xp, xpt
 
 
