@@ -64,7 +64,8 @@ def packed_shape(shape, layout: str) -> list[int]:
 
 
 def packed_dtype(layout: str) -> type:
-    """The packed array's numpy dtype: f32, or uint16 (bf16 bits) for a pairs layout."""
+    """The packed array's numpy dtype: f32, uint16 (bf16 bits) for a pairs layout, uint8 for
+    the GGUF bytes of "q4k_r"."""
     if layout == Q4K_LAYOUT:
         return np.uint8
     return np.uint16 if parse_layout(layout)[2] else np.float32
