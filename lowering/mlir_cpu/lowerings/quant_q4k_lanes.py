@@ -7,7 +7,8 @@ bytes as one vector of eight i32 words and takes the eight nibble positions p of
 place: `word & (15 << 4p)` is the code times 16**p, exact as a float (four significant bits;
 p = 7 is shifted down instead, its top bit being the sign), so a position costs a mask, a
 conversion and an FMA, against x' = the group's x values that meet position p, times 16**-p
-(exact: a power of two), laid out once per call (`permute_x`). Bytes 4j..4j+3 of a group hold
+(exact: a power of two, unless |x| < 2**-102 turns subnormal), laid out once per call in a heap
+buffer the deallocation pass frees (`permute_x`). Bytes 4j..4j+3 of a group hold
 values 4j..4j+3 in their low nibbles and 32+4j.. in their high ones: even positions form the
 group's first sub-block, odd ones its second. A sub-block's sum meets float(scale) from the
 table of small integers (one byte load, one broadcast), d once per block, and the mins meet
