@@ -9,11 +9,11 @@ bf16_matmul.py): `[N/NR, K/2, 2*NR]` bf16, packed[p, kk, 2j + t] = W[p*NR + j, 2
 32-bit lane of a vector holds the two k values `vdpbf16ps` multiplies by a broadcast pair of x.
 K must be even.
 
-`"q4k_r"` is not a panel layout: GGUF Q4_K rows `[N, blocks x 144]` (uint8) stay rows of
-blocks, each with its twelve bytes of packed six-bit scales and mins unpacked to eight scale
-bytes then eight min bytes (148 bytes a block: d, dmin, scales, mins, the 128 code bytes as
-stored), so the AVX2 row path reads a sub-block's scale with one byte load (lowerings/
-quant_q4k_lanes.py).
+`"q4k_r"` and `"q5k_r"` are not panel layouts: GGUF Q4_K / Q5_K rows `[N, blocks x 144]` /
+`[N, blocks x 176]` (uint8) stay rows of blocks, each with its twelve bytes of packed six-bit
+scales and mins unpacked to eight scale bytes then eight min bytes (148 / 180 bytes a block: d,
+dmin, scales, mins, then the rest as stored: Q5_K's high bits and the codes), so the AVX2 row
+path reads a sub-block's scale with one byte load (lowerings/quant_q4k_lanes.py).
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from graphir.dtype import bf16_bits
 _LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)(p?)")
 
 
-Q4K_LAYOUT = "q4k_r"
-Q4K_BLOCK, Q4K_PACKED = 144, 148     # bytes of a Q4_K block as stored / repacked
+Q4K_LAYOUT, Q5K_LAYOUT = "q4k_r", "q5k_r"
+# K-quant layouts: (encoding, bytes of a block as stored, repacked)
+KQUANT_LAYOUTS = {Q4K_LAYOUT: ("Q4_K", 144, 148), Q5K_LAYOUT: ("Q5_K", 176, 180)}
 
 
 def check_layout(layout: str) -> None:
     """ValueError unless `layout` names a layout of this module."""
-    if layout != Q4K_LAYOUT:
+    if layout not in KQUANT_LAYOUTS:
         parse_layout(layout)
 
 
@@ -47,11 +48,12 @@ def parse_layout(layout: str) -> tuple[str, int, bool]:
 
 def packed_shape(shape, layout: str) -> list[int]:
     """Shape of an operand of `shape` ([N, K] for "nk", [K, N] for "kn") packed in `layout`."""
-    if layout == Q4K_LAYOUT:
-        if len(shape) != 2 or shape[1] % Q4K_BLOCK:
-            raise ValueError(f"layout {layout!r} repacks Q4_K rows [N, blocks x {Q4K_BLOCK}] "
+    if layout in KQUANT_LAYOUTS:
+        enc, stored, packed = KQUANT_LAYOUTS[layout]
+        if len(shape) != 2 or shape[1] % stored:
+            raise ValueError(f"layout {layout!r} repacks {enc} rows [N, blocks x {stored}] "
                              f"bytes, got shape {tuple(shape)}")
-        return [shape[0], shape[1] // Q4K_BLOCK * Q4K_PACKED]
+        return [shape[0], shape[1] // stored * packed]
     kind, nr, pairs = parse_layout(layout)
     if len(shape) != 2:
         raise ValueError(f"layout {layout!r} packs a 2-D operand, got shape {tuple(shape)}")
@@ -65,8 +67,8 @@ def packed_shape(shape, layout: str) -> list[int]:
 
 def packed_dtype(layout: str) -> type:
     """The packed array's numpy dtype: f32, uint16 (bf16 bits) for a pairs layout, uint8 for
-    the GGUF bytes of "q4k_r"."""
-    if layout == Q4K_LAYOUT:
+    the GGUF bytes of "q4k_r" / "q5k_r"."""
+    if layout in KQUANT_LAYOUTS:
         return np.uint8
     return np.uint16 if parse_layout(layout)[2] else np.float32
 
@@ -76,8 +78,8 @@ def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.
     of a's values rounded to bf16 (graphir.dtype.bf16_bits; a bf16 weight's values are exact).
     `out`: a C-contiguous array of the packed shape and dtype to pack into (the runtime's
     cache-line aligned memory), so a weight is copied once, not packed and then copied."""
-    if layout == Q4K_LAYOUT:
-        return repack_q4k(a, out)
+    if layout in KQUANT_LAYOUTS:
+        return repack_kquant(a, layout, out)
     kind, nr, pairs = parse_layout(layout)
     a = np.asarray(a, np.float32)
     if a.ndim != 2:
@@ -101,21 +103,24 @@ def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.
     return out
 
 
-def repack_q4k(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Q4_K rows uint8 `[N, blocks x 144]` in the "q4k_r" layout, `[N, blocks x 148]`: per
-    block d and dmin (bytes 0-3 as stored), the scales of sub-blocks 0-7 as bytes, their mins as
-    bytes, the code bytes as stored. The scales and mins unpack as GGML's get_scale_min_k4."""
+def repack_kquant(rows: np.ndarray, layout: str = Q4K_LAYOUT,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Q4_K (Q5_K) rows uint8 `[N, blocks x 144 (176)]` in the "q4k_r" ("q5k_r") layout,
+    `[N, blocks x 148 (180)]`: per block d and dmin (bytes 0-3 as stored), the scales of
+    sub-blocks 0-7 as bytes, their mins as bytes, then the block's bytes 16 on as stored. The
+    scales and mins unpack as GGML's get_scale_min_k4."""
     rows = np.asarray(rows)
-    shape = packed_shape(rows.shape, Q4K_LAYOUT)
+    shape = packed_shape(rows.shape, layout)
+    _, stored, packed = KQUANT_LAYOUTS[layout]
     if rows.dtype != np.uint8:
-        raise ValueError(f"layout {Q4K_LAYOUT!r} repacks uint8 GGUF bytes, got {rows.dtype}")
+        raise ValueError(f"layout {layout!r} repacks uint8 GGUF bytes, got {rows.dtype}")
     if out is None:
         out = np.empty(shape, np.uint8)
     elif out.shape != tuple(shape) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-        raise ValueError(f"layout {Q4K_LAYOUT!r}: out must be C-contiguous uint8 "
+        raise ValueError(f"layout {layout!r}: out must be C-contiguous uint8 "
                          f"{tuple(shape)}, got {out.dtype} {out.shape}")
-    src = rows.reshape(rows.shape[0], -1, Q4K_BLOCK)
-    dst = out.reshape(rows.shape[0], -1, Q4K_PACKED)
+    src = rows.reshape(rows.shape[0], -1, stored)
+    dst = out.reshape(rows.shape[0], -1, packed)
     # Bytes 4-7 / 8-11 hold the low six bits of scale / min of sub-blocks 0-3 and, in their top
     # two bits, bits 4-5 of sub-blocks 4-7; bytes 12-15 the low nibbles of sub-blocks 4-7.
     a, m, c = src[..., 4:8], src[..., 8:12], src[..., 12:16]

@@ -20,14 +20,14 @@ from graphir.ops.quant.gptq import resolve_group_size
 from ...registry import register_lowering
 from .. import schedules
 from ..emit import Emitter, index
-from ..pack_layout import Q4K_LAYOUT
+from ..pack_layout import KQUANT_LAYOUTS
 from .elementwise import to_compute
 from .linalg import inline_mlir
 from .quant_decoders import decoder_for
 from .quant_gguf import gguf_dequantize_text, gguf_matmul_text
 from .quant_gptq import Gptq, gptq_matmul_text
 from .quant_kernels import QuantTiles
-from .quant_q4k_lanes import DECODER as Q4K_REPACKED
+from .quant_q4k_lanes import REPACKED
 from .rows import finish_rows, rows_of
 
 
@@ -96,9 +96,9 @@ def _qmatmul(e: Emitter, args):
     else:
         gguf_block_geometry(enc)  # validates the name
         ins = [a, args[1]]
-        lanes = getattr(e, "prepack", {}).get(1) == Q4K_LAYOUT
-        dec = Q4K_REPACKED if lanes else decoder_for(enc, n_in)
-        text = gguf_matmul_text(a.type, args[1].type, out_t, dec, n_in, n_out, _tiles(e), lanes)
+        rp = REPACKED.get(getattr(e, "prepack", {}).get(1))
+        dec = rp.decoder if rp else decoder_for(enc, n_in)
+        text = gguf_matmul_text(a.type, args[1].type, out_t, dec, n_in, n_out, _tiles(e), rp)
     (y,) = inline_mlir(ins, text)
     m = ir.RankedTensorType(a.type).shape[0]
     if not ir.ShapedType.is_dynamic_size(m):
@@ -108,9 +108,11 @@ def _qmatmul(e: Emitter, args):
 
 @schedules.register_prepack("qmatmul")
 def _qmatmul_prepack(node, load_time, cfg):
-    """8-lane targets (AVX2) take a Q4_K weight fixed at load with its scales unpacked: the
-    row path reads code words in place (quant_q4k_lanes.py). With 16 lanes the byte-to-lane
-    path stays (measured on Zen 4 and Xeons; the lane path is not yet)."""
-    if node.attrs.get("encoding") == "Q4_K" and load_time[1] and cfg.lanes == 8:
-        return {1: Q4K_LAYOUT}
+    """8-lane targets (AVX2) take a Q4_K / Q5_K weight fixed at load with its scales
+    unpacked: the row path reads code words in place (quant_q4k_lanes.py). With 16 lanes the
+    byte-to-lane path stays (measured on Zen 4 and Xeons; the lane path is not yet)."""
+    enc = node.attrs.get("encoding")
+    for layout, (name, _, _) in KQUANT_LAYOUTS.items():
+        if enc == name and load_time[1] and cfg.lanes == 8:
+            return {1: layout}
     return {}

@@ -13,7 +13,7 @@ from .quant_decoders import TABLE, Block, Decoder, lane
 from .kernel_text import KernelText, hsum, transpose
 from .quant_kernels import (Mats, QuantTiles, k_block, pow2, rows_in_blocks,
                             split_rows, tile_path, x_sums)
-from .quant_q4k_lanes import lanes_dot, permute_x
+from .quant_q4k_lanes import Repacked, lanes_dot, permute_x
 
 
 PARALLEL_ITERATIONS = 128
@@ -149,9 +149,9 @@ def _int_table(k: KernelText) -> str:
 
 
 def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m_lo: str, m_hi: str,
-               n_lo: int, n_hi: int, xp=None) -> None:
-    """Rows [m_lo, m_hi) x columns [n_lo, n_hi) by the row path (with xp, the permuted x:
-    repacked Q4_K words in place, quant_q4k_lanes.py)."""
+               n_lo: int, n_hi: int, lanes=None) -> None:
+    """Rows [m_lo, m_hi) x columns [n_lo, n_hi) by the row path (lanes: (Repacked, the permuted
+    x): repacked K-quant words in place, quant_q4k_lanes.py)."""
     t, nb = k.t, QuantTiles.weight_rows(dec.chunks)
     if n_hi <= n_lo:
         return
@@ -162,14 +162,14 @@ def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m
     per = nb * max(1, count // (nb * PARALLEL_ITERATIONS))
     g = k.fresh("g")
     t.open(f"scf.forall ({g}) in ({-(-count // per)})")
-    table = _int_table(k) if dec.int_scales is not None or xp is not None else None
+    table = _int_table(k) if dec.int_scales is not None or lanes is not None else None
     start = k.ix("addi", k.ix("muli", g, per), n_lo)
     end = t.min(k.ix("addi", start, per), t.idx(n_hi))
 
     def dot(m, r, cols):
-        if xp is None:
+        if lanes is None:
             return _gguf_dot(k, mats, dec, wm, wmt, xs, m, r, cols, table)
-        lanes_dot(k, mats, wm, wmt, xp, xs, m, r, cols, table,
+        lanes_dot(k, mats, wm, wmt, lanes[0], lanes[1], xs, m, r, cols, table,
                   lambda col, base: _prefetch(k, dec, wm, wmt, col, base))
 
     def rows_of(cols, mb_):
@@ -218,10 +218,10 @@ def _gguf_decode_tile(k: KernelText, dec: Decoder, wm: str, wmt: str, kc: int):
 
 
 def gguf_matmul_text(x_t, w_t, out_t: str, dec: Decoder, k_total: int, n: int,
-                     tiles: QuantTiles, q4k_lanes: bool = False) -> str:
+                     tiles: QuantTiles, repacked: Repacked | None = None) -> str:
     """@body(%x: f32 [M, K], %w: uint8 [N, row bytes]) -> f32 [M, N] for a GGUF decoder
-    (q4k_lanes: W is Q4_K repacked at load, "q4k_r", and the row path takes its words in
-    place, quant_q4k_lanes.py)."""
+    (repacked: W is a K-quant repacked at load, "q4k_r" / "q5k_r", dec its decoder, and the
+    row path takes its words in place, quant_q4k_lanes.py)."""
     if not pow2(dec.width):
         raise ValueError(f"quantized kernel: chunk width {dec.width} is not a power of two")
     k = KernelText(tiles, k_total, n)
@@ -231,14 +231,14 @@ def gguf_matmul_text(x_t, w_t, out_t: str, dec: Decoder, k_total: int, n: int,
     n_tile = n - n % tiles.nr
     m_tile = split_rows(k, mats)
     xs = x_sums(k, mats, dec.sub) if dec.offsets else None
-    xp = permute_x(k, mats) if q4k_lanes else None
+    lanes = (repacked, permute_x(k, mats)) if repacked is not None else None
     if n_tile:
         kc = k_block(k_total, dec.elems)
         tile_path(k, mats, m_tile, n_tile, kc, _gguf_decode_tile(k, dec, wm, wmt, kc))
-        _gguf_rows(k, mats, dec, wm, wmt, xs, t.idx(0), m_tile, n_tile, n, xp)
-        _gguf_rows(k, mats, dec, wm, wmt, xs, m_tile, mats.m, 0, n, xp)
+        _gguf_rows(k, mats, dec, wm, wmt, xs, t.idx(0), m_tile, n_tile, n, lanes)
+        _gguf_rows(k, mats, dec, wm, wmt, xs, m_tile, mats.m, 0, n, lanes)
     else:
-        _gguf_rows(k, mats, dec, wm, wmt, xs, t.idx(0), mats.m, 0, n, xp)
+        _gguf_rows(k, mats, dec, wm, wmt, xs, t.idx(0), mats.m, 0, n, lanes)
     out = t(f"bufferization.to_tensor {mats.om} restrict writable : {mats.omt} to {out_t}")
     return finish(t, [f"%x: {x_t}", f"%w: {w_t}"], out, out_t)
 

@@ -1,6 +1,7 @@
-"""The Q4_K row path on 8-lane (AVX2) targets: code words in place, scales unpacked at load.
+"""The Q4_K / Q5_K row path on 8-lane (AVX2) targets: code words in place, scales unpacked at
+load.
 
-Q4_K weights fixed at load are repacked once (pack_layout.repack_q4k, layout "q4k_r": per
+Q4_K weights fixed at load are repacked once (pack_layout.repack_kquant, layout "q4k_r": per
 block d, dmin, eight scale bytes, eight min bytes, the 128 code bytes as stored). The row path
 (fewer x rows than the tile path's MR: a decode step) then reads a 64-value group's 32 code
 bytes as one vector of eight i32 words and takes the eight nibble positions p of each word in
@@ -14,12 +15,20 @@ group's first sub-block, odd ones its second. A sub-block's sum meets float(scal
 table of small integers (one byte load, one broadcast), d once per block, and the mins meet
 the sums of x once per block as a vector of eight.
 
+Q5_K (layout "q5k_r", 180 bytes: the 32 high-bit bytes follow the scales, then the codes): the
+high bit of position p of word j is bit 8 (p // 2) + 2 g + p % 2 of the high-bit word j, and
+moves to bit 4 p + 4 (beside the code) by a shift that depends only on g and p's parity, so a
+group takes two shifts of the high-bit words and a position one mask and one or more than
+Q4_K's (p = 7, whose code is shifted down, takes its bit by a shift and a mask).
+
 Against the byte-to-lane path (quant_gguf.py: zero-extend 8 code bytes a vector, unpack the
 scales from the packed bytes every block) it issues ~30% fewer instructions a block: one
 thread on a Zen 3 EPYC, 19.9 -> 16.0 ns a block (BENCHMARKS.md, CPU: Q4_K on AVX2). The tile
-path (M >= MR) decodes the repacked blocks to the reference's floats (`DECODER`).
+path (M >= MR) decodes the repacked blocks to the reference's floats (`REPACKED`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .quant_decoders import TABLE, Block, Decoder, _k_nibbles, _times
 from .kernel_text import KernelText, hsum
@@ -27,7 +36,7 @@ from .quant_kernels import Mats, per_row
 
 GROUP = 64          # values of a 32-byte group of code bytes: two sub-blocks
 LANES = 8           # i32 words (and f32 values) a vector
-QS, SC, MN = 20, 4, 12   # byte offsets in a repacked block: codes, scale bytes, min bytes
+SC, MN = 4, 12      # byte offsets in a repacked block: scale bytes, min bytes
 
 
 def _scales(b: Block) -> tuple[str, str]:
@@ -35,10 +44,27 @@ def _scales(b: Block) -> tuple[str, str]:
     return _times(b, b.f16(0), sc, 8), _times(b, b.f16(2), mn, 8)
 
 
-# The repacked block for the tile path and `dequantize`-style decoding: the codes as Q4_K's
-# (moved 4 bytes on), the scales as bytes.
-DECODER = Decoder("Q4_K (q4k_r)", 256, 148, 32,
-                  codes=lambda b, j: b.tof(_k_nibbles(b, QS, j)), scales=_scales, offsets=True)
+def _q5_codes(b: Block, j: int) -> str:
+    """Q5_K's codes of chunk j in the repacked block (high bits at 20, codes at 52)."""
+    high = b.vi("andi", b.vi("shrui", b.u32(20 + 16 * (j % 2)), j // 2), 1)
+    return b.tof(b.vi("ori", _k_nibbles(b, 52, j), b.vi("shli", high, 4)))
+
+
+@dataclass(frozen=True)
+class Repacked:
+    """A repacked K-quant block: its decoder (the tile path's, to the reference's floats) and
+    the byte offsets of its codes and high bits (None: Q4_K)."""
+    decoder: Decoder
+    qs: int
+    qh: int | None
+
+
+REPACKED = {
+    "q4k_r": Repacked(Decoder("Q4_K (q4k_r)", 256, 148, 32, offsets=True, scales=_scales,
+                              codes=lambda b, j: b.tof(_k_nibbles(b, 20, j))), 20, None),
+    "q5k_r": Repacked(Decoder("Q5_K (q5k_r)", 256, 180, 32, offsets=True, scales=_scales,
+                              codes=_q5_codes), 52, 20),
+}
 
 
 def permute_x(k: KernelText, mats: Mats) -> tuple[str, str]:
@@ -68,10 +94,10 @@ def permute_x(k: KernelText, mats: Mats) -> tuple[str, str]:
     return xp, xpt
 
 
-def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, xp, xs, m0: str, mb: int,
-              cols: list[str], table: str, prefetch) -> None:
-    """out[m0 : m0+mb, cols] = x rows . W rows `cols` (repacked Q4_K), by words in place; an
-    x' vector loaded once serves every weight row."""
+def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs, m0: str,
+              mb: int, cols: list[str], table: str, prefetch) -> None:
+    """out[m0 : m0+mb, cols] = x rows . W rows `cols` (repacked Q4_K / Q5_K `rp`), by words in
+    place; an x' vector loaded once serves every weight row."""
     t = k.t
     v, vi, v8i8 = f"vector<{LANES}xf32>", f"vector<{LANES}xi32>", "vector<8xi8>"
     zero = t.const("0.0", v)
@@ -79,6 +105,27 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, xp, xs, m0: str, mb:
     pairs = [(i, j) for i in range(mb) for j in range(len(cols))]
     masks = [t.const(str(15 << (4 * p)), vi) for p in range(7)]
     shift = t.const("28", vi)
+    dec = rp.decoder
+
+    def vshift(w: str, n: int) -> str:   # w << n (n >= 0) or w >> -n, logical
+        if n == 0:
+            return w
+        op = "shli" if n > 0 else "shrui"
+        return t(f"arith.{op} {w}, {t.const(str(abs(n)), vi)} : {vi}")
+
+    def code(p: int, w: str, g: int, hv, qhw) -> str:
+        """Nibble position p of words w, times 16**p (Q5_K: with its high bit, times 16**p)."""
+        if p == 7:
+            c = t(f"arith.shrui {w}, {shift} : {vi}")
+            if qhw is None:
+                return c
+            hb = t(f"arith.andi {vshift(qhw, -(21 + 2 * g))}, {t.const('16', vi)} : {vi}")
+            return t(f"arith.ori {c}, {hb} : {vi}")
+        c = t(f"arith.andi {w}, {masks[p]} : {vi}")
+        if hv is None:
+            return c
+        hb = t(f"arith.andi {hv[p % 2]}, {t.const(str(1 << (4 * p + 4)), vi)} : {vi}")
+        return t(f"arith.ori {c}, {hb} : {vi}")
 
     def at(col: str, base: str, off: int) -> str:
         return f"{wm}[{col}, {k.ix('addi', base, off)}]"
@@ -99,22 +146,29 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, xp, xs, m0: str, mb:
 
     def block(b, args):
         acc, accm = list(args[:len(pairs)]), list(args[len(pairs):])
-        base = k.ix("muli", b, DECODER.nbytes)
-        k0 = k.ix("muli", b, DECODER.elems)
+        base = k.ix("muli", b, dec.nbytes)
+        k0 = k.ix("muli", b, dec.elems)
         prefetch(cols[-1], base)
         sums = {q: [None, None] for q in pairs}
+        qhs = [None] * len(cols)
+        if rp.qh is not None:   # the block's 32 high-bit bytes: one bit of each per sub-block
+            qhs = [t(f"vector.bitcast {t(f'vector.load {at(col, base, rp.qh)} : {wmt}, vector<32xi8>')}"
+                     f" : vector<32xi8> to {vi}") for col in cols]
         for g in range(4):
             words = []
             for col in cols:
-                raw = t(f"vector.load {at(col, base, QS + 32 * g)} : {wmt}, vector<32xi8>")
+                raw = t(f"vector.load {at(col, base, rp.qs + 32 * g)} : {wmt}, vector<32xi8>")
                 words.append(t(f"vector.bitcast {raw} : vector<32xi8> to {vi}"))
+            # The high bit of position p at bit 4 p + 4: shifted by 4 - 2 g (even p) or
+            # 7 - 2 g (odd p) from bit 8 (p // 2) + 2 g + p % 2.
+            hvs = [None if q is None else (vshift(q, 4 - 2 * g), vshift(q, 7 - 2 * g))
+                   for q in qhs]
             part = {q: [None, None] for q in pairs}
             for p in range(8):
                 kx = k.ix("addi", k0, GROUP * g + LANES * p)
                 xv = [t(f"vector.load {xp[0]}[{r}, {kx}] : {xp[1]}, {v}") for r in rows]
                 for j, w in enumerate(words):
-                    c = (t(f"arith.andi {w}, {masks[p]} : {vi}") if p < 7 else
-                         t(f"arith.shrui {w}, {shift} : {vi}"))
+                    c = code(p, w, g, hvs[j], qhs[j])
                     f = t(f"arith.sitofp {c} : {vi} to {v}")
                     for i in range(mb):
                         h = part[(i, j)][p % 2]
@@ -140,7 +194,7 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, xp, xs, m0: str, mb:
                 accm[n] = t(f"vector.fma {dmin}, {t(f'arith.mulf {mins}, {xsv[i]} : {v}')}, "
                             f"{accm[n]} : {v}")
         return acc + accm
-    res = k.loop(0, k.k // DECODER.elems, 1, [zero] * (2 * len(pairs)), v, block)
+    res = k.loop(0, k.k // dec.elems, 1, [zero] * (2 * len(pairs)), v, block)
     for n, (i, j) in enumerate(pairs):
         y = t(f"arith.subf {hsum(t, res[n], LANES)}, {hsum(t, res[len(pairs) + n], LANES)} : f32")
         t.stmt(f"memref.store {y}, {mats.om}[{rows[i]}, {cols[j]}] : {mats.omt}")
