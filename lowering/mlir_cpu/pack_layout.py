@@ -13,7 +13,7 @@ K must be even.
 `[N, blocks x 176]` (uint8) stay rows of blocks, each with its twelve bytes of packed six-bit
 scales and mins unpacked to eight scale bytes then eight min bytes (148 / 180 bytes a block: d,
 dmin, scales, mins, then the rest as stored: Q5_K's high bits and the codes), so the AVX2 row
-path reads a sub-block's scale with one byte load (lowerings/quant_q4k_lanes.py).
+path reads a sub-block's scale with one byte load (lowerings/quant_k_lanes.py).
 """
 from __future__ import annotations
 

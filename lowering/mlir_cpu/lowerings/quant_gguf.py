@@ -13,7 +13,7 @@ from .quant_decoders import TABLE, Block, Decoder, lane
 from .kernel_text import KernelText, hsum, transpose
 from .quant_kernels import (Mats, QuantTiles, k_block, pow2, rows_in_blocks,
                             split_rows, tile_path, x_sums)
-from .quant_q4k_lanes import Repacked, lanes_dot, permute_x
+from .quant_k_lanes import Repacked, lanes_dot, permute_x
 
 
 PARALLEL_ITERATIONS = 128
@@ -151,7 +151,7 @@ def _int_table(k: KernelText) -> str:
 def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m_lo: str, m_hi: str,
                n_lo: int, n_hi: int, lanes=None) -> None:
     """Rows [m_lo, m_hi) x columns [n_lo, n_hi) by the row path (lanes: (Repacked, the permuted
-    x): repacked K-quant words in place, quant_q4k_lanes.py)."""
+    x): repacked K-quant words in place, quant_k_lanes.py)."""
     t, nb = k.t, QuantTiles.weight_rows(dec.chunks)
     if n_hi <= n_lo:
         return
@@ -221,7 +221,7 @@ def gguf_matmul_text(x_t, w_t, out_t: str, dec: Decoder, k_total: int, n: int,
                      tiles: QuantTiles, repacked: Repacked | None = None) -> str:
     """@body(%x: f32 [M, K], %w: uint8 [N, row bytes]) -> f32 [M, N] for a GGUF decoder
     (repacked: W is a K-quant repacked at load, "q4k_r" / "q5k_r", dec its decoder, and the
-    row path takes its words in place, quant_q4k_lanes.py)."""
+    row path takes its words in place, quant_k_lanes.py)."""
     if not pow2(dec.width):
         raise ValueError(f"quantized kernel: chunk width {dec.width} is not a power of two")
     k = KernelText(tiles, k_total, n)

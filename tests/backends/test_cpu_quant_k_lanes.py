@@ -1,6 +1,6 @@
 """Q4_K / Q5_K weights fixed at load on 8-lane (AVX2) targets: repacked once with their scales
 unpacked ("q4k_r", "q5k_r"), read by the row path as code words in place (lowerings/
-quant_q4k_lanes.py) and by the tile path through the repacked block's decoder. Checked against
+quant_k_lanes.py) and by the tile path through the repacked block's decoder. Checked against
 the interpreter (float64 of the dequantized weight) on GGML-quantized rows and on random bytes
 (every code, high-bit and scale pattern), for the row counts that take the row path (one and
 two rows a block), the tile path and both; the repack against the reference's unpacking of the
