@@ -57,17 +57,31 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CASES), ids=lambda c: c.replace(" ", "_"))
-def test_bad_metadata_is_refused_and_nothing_is_written(layer, backend, case):
-    g, w = layer
-    edit, names = CASES[case]
-    a = good_inputs(np.random.default_rng(11))
+def _lut_row1_shares_page(a):
+    a[4][1, 0] = a[4][0, 1]   # sequence 1 (2 new tokens, no cache) writes into sequence 0's page
+
+
+# Refused by the compiled path's fast check too (test_bad_metadata_after_good_calls_...).
+SHARED_WRITE = {"two sequences write one page": (_lut_row1_shares_page, "lookup_table")}
+
+
+def bad_inputs(good, case):
+    """(a copy of `good` with `case`'s fault, the input names its error must mention)."""
+    a = [x.copy() for x in good]
+    edit, names = {**CASES, **SHARED_WRITE}[case]
     edit(a)
     if case == "positions past the rope table":  # give the sequence enough pages
         a[4] = np.full((2, ROPE_ROWS // PAGE + 1), POOL, np.uint32)
         a[4][0, :] = 0
         a[4][1, 0] = 1
+    return a, names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES), ids=lambda c: c.replace(" ", "_"))
+def test_bad_metadata_is_refused_and_nothing_is_written(layer, backend, case):
+    g, w = layer
+    a, names = bad_inputs(good_inputs(np.random.default_rng(11)), case)
     before = a[2].copy()
     with pytest.raises(ValueError, match=names):
         execute(backend, g, *a, weights=w)
@@ -133,7 +147,7 @@ def cpu_model(layer):
     return InferenceSession().load(g, weights=w)
 
 
-@pytest.mark.parametrize("case", list(CASES) + ["two sequences write one page"],
+@pytest.mark.parametrize("case", list(CASES) + list(SHARED_WRITE),
                          ids=lambda c: c.replace(" ", "_"))
 def test_bad_metadata_after_good_calls_of_its_signature(cpu_model, case):
     """The compiled CPU path checks a signature's metadata the fast way once a call of that
@@ -143,16 +157,7 @@ def test_bad_metadata_after_good_calls_of_its_signature(cpu_model, case):
     good = good_inputs(rng)
     for _ in range(2):
         cpu_model.execute(*[x.copy() for x in good])
-    a = [x.copy() for x in good]
-    if case == "two sequences write one page":
-        edit, names = _lut_row1_shares_page(a), "lookup_table"
-    else:
-        edit, names = CASES[case]
-    edit(a)
-    if case == "positions past the rope table":
-        a[4] = np.full((2, ROPE_ROWS // PAGE + 1), POOL, np.uint32)
-        a[4][0, :] = 0
-        a[4][1, 0] = 1
+    a, names = bad_inputs(good, case)
     before = a[2].copy()
     with pytest.raises(ValueError, match=names):
         cpu_model.execute(*a)
@@ -160,11 +165,6 @@ def test_bad_metadata_after_good_calls_of_its_signature(cpu_model, case):
     (y,) = cpu_model.execute(*[x.copy() for x in good])
     assert np.isfinite(y).all()
 
-
-def _lut_row1_shares_page(a):
-    def edit(arrays):   # sequence 1 (2 new tokens, no cache) writes into sequence 0's page
-        arrays[4][1, 0] = arrays[4][0, 1]
-    return edit
 
 
 def test_good_calls_of_a_seen_signature_skip_the_full_check(cpu_model, monkeypatch):

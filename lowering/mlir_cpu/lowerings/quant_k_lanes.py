@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..pack_layout import Q4K_LAYOUT, Q5K_LAYOUT
 from .quant_decoders import TABLE, Block, Decoder, _k_nibbles, _times
 from .kernel_text import KernelText, hsum
 from .quant_kernels import Mats, per_row
@@ -60,9 +61,9 @@ class Repacked:
 
 
 REPACKED = {
-    "q4k_r": Repacked(Decoder("Q4_K (q4k_r)", 256, 148, 32, offsets=True, scales=_scales,
+    Q4K_LAYOUT: Repacked(Decoder("Q4_K (q4k_r)", 256, 148, 32, offsets=True, scales=_scales,
                               codes=lambda b, j: b.tof(_k_nibbles(b, 20, j))), 20, None),
-    "q5k_r": Repacked(Decoder("Q5_K (q5k_r)", 256, 180, 32, offsets=True, scales=_scales,
+    Q5K_LAYOUT: Repacked(Decoder("Q5_K (q5k_r)", 256, 180, 32, offsets=True, scales=_scales,
                               codes=_q5_codes), 52, 20),
 }
 
@@ -99,7 +100,7 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs
     """out[m0 : m0+mb, cols] = x rows . W rows `cols` (repacked Q4_K / Q5_K `rp`), by words in
     place; an x' vector loaded once serves every weight row."""
     t = k.t
-    v, vi, v8i8 = f"vector<{LANES}xf32>", f"vector<{LANES}xi32>", "vector<8xi8>"
+    v, vi = f"vector<{LANES}xf32>", f"vector<{LANES}xi32>"
     zero = t.const("0.0", v)
     rows = [k.ix("addi", m0, r) if r else m0 for r in range(mb)]
     pairs = [(i, j) for i in range(mb) for j in range(len(cols))]
@@ -127,38 +128,26 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs
         hb = t(f"arith.andi {hv[p % 2]}, {t.const(str(1 << (4 * p + 4)), vi)} : {vi}")
         return t(f"arith.ori {c}, {hb} : {vi}")
 
-    def at(col: str, base: str, off: int) -> str:
-        return f"{wm}[{col}, {k.ix('addi', base, off)}]"
+    def words_at(blk: Block, off: int) -> str:
+        """The block's 32 bytes at off as eight i32 words."""
+        return t(f"vector.bitcast {blk.bytes(off, 32)} : vector<32xi8> to {vi}")
 
-    def byte_float(col: str, base: str, off: int) -> str:
+    def byte_float(blk: Block, off: int) -> str:
         """float(byte off of the block) from the table, broadcast."""
-        y = t(f"memref.load {at(col, base, off)} : {wmt}")
-        f = t(f"memref.load {table}[{t(f'arith.index_castui {y} : i8 to index')}] : "
-              f"memref<{TABLE}xf32>")
-        return t(f"vector.broadcast {f} : f32 to {v}")
-
-    def half(col: str, base: str, off: int) -> str:
-        """The float16 at byte off of the block, as f32, broadcast."""
-        raw = t(f"vector.load {at(col, base, off)} : {wmt}, vector<2xi8>")
-        h = t(f"vector.bitcast {raw} : vector<2xi8> to vector<1xf16>")
-        e = t(f"vector.extract {h}[0] : f16 from vector<1xf16>")
-        return t(f"vector.broadcast {t(f'arith.extf {e} : f16 to f32')} : f32 to {v}")
+        i = t(f"arith.index_castui {blk.byte(off)} : i32 to index")
+        return blk.splat(t(f"memref.load {table}[{i}] : memref<{TABLE}xf32>"))
 
     def block(b, args):
         acc, accm = list(args[:len(pairs)]), list(args[len(pairs):])
         base = k.ix("muli", b, dec.nbytes)
         k0 = k.ix("muli", b, dec.elems)
         prefetch(cols[-1], base)
+        blks = [Block(t, wm, wmt, col, base, LANES) for col in cols]
         sums = {q: [None, None] for q in pairs}
-        qhs = [None] * len(cols)
-        if rp.qh is not None:   # the block's 32 high-bit bytes: one bit of each per sub-block
-            qhs = [t(f"vector.bitcast {t(f'vector.load {at(col, base, rp.qh)} : {wmt}, vector<32xi8>')}"
-                     f" : vector<32xi8> to {vi}") for col in cols]
+        # Q5_K: the block's 32 high-bit bytes, one bit of each per sub-block
+        qhs = [None if rp.qh is None else words_at(blk, rp.qh) for blk in blks]
         for g in range(4):
-            words = []
-            for col in cols:
-                raw = t(f"vector.load {at(col, base, rp.qs + 32 * g)} : {wmt}, vector<32xi8>")
-                words.append(t(f"vector.bitcast {raw} : vector<32xi8> to {vi}"))
+            words = [words_at(blk, rp.qs + 32 * g) for blk in blks]
             # The high bit of position p at bit 4 p + 4: shifted by 4 - 2 g (even p) or
             # 7 - 2 g (odd p) from bit 8 (p // 2) + 2 g + p % 2.
             hvs = [None if q is None else (vshift(q, 4 - 2 * g), vshift(q, 7 - 2 * g))
@@ -174,19 +163,18 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs
                         h = part[(i, j)][p % 2]
                         part[(i, j)][p % 2] = (t(f"arith.mulf {f}, {xv[i]} : {v}") if h is None
                                                else t(f"vector.fma {f}, {xv[i]}, {h} : {v}"))
-            for j, col in enumerate(cols):
+            for j, blk in enumerate(blks):
                 for s_ in (0, 1):
-                    sc = byte_float(col, base, SC + 2 * g + s_)
+                    sc = byte_float(blk, SC + 2 * g + s_)
                     for i in range(mb):
                         h, pv = sums[(i, j)][s_], part[(i, j)][s_]
                         sums[(i, j)][s_] = (t(f"arith.mulf {sc}, {pv} : {v}") if h is None else
                                             t(f"vector.fma {sc}, {pv}, {h} : {v}"))
         g0 = k.ix("muli", b, 8)
         xsv = [t(f"vector.load {xs[0]}[{r}, {g0}] : {xs[1]}, {v}") for r in rows]
-        for j, col in enumerate(cols):
-            d, dmin = half(col, base, 0), half(col, base, 2)
-            mb8 = t(f"vector.load {at(col, base, MN)} : {wmt}, {v8i8}")
-            mins = t(f"arith.uitofp {mb8} : {v8i8} to {v}")
+        for j, blk in enumerate(blks):
+            d, dmin = blk.splat(blk.f16(0)), blk.splat(blk.f16(2))
+            mins = t(f"arith.uitofp {blk.bytes(MN, 8)} : vector<8xi8> to {v}")
             for i in range(mb):
                 n = pairs.index((i, j))
                 tot = t(f"arith.addf {sums[(i, j)][0]}, {sums[(i, j)][1]} : {v}")
