@@ -146,14 +146,22 @@ def _prefetch_tile(k: _Kernel, k0: str, kend: str, page: int) -> None:
     (BENCHMARKS.md, CPU decode attention, 2026-12-04)."""
     t = k.t
     last = t(f"arith.subi {kend}, {t.idx(1)} : index")
-    line = 64 // (2 if k.el in ("bf16", "f16") else 4)       # elements a cache line
     t.for_("%pj", t.idx(0), t.idx(KEY_TILE), t.idx(1))
     pg, sl = _page_slot(k, t.min(t(f"arith.addi {k0}, %pj : index"), last), page)
     for kind in (0, 1):
-        for off in range(0, k.d, line):
-            t.stmt(f"memref.prefetch %blocks[{pg}, {t.idx(kind)}, {t.idx(k.layer)}, {sl}, %h, "
-                   f"{t.idx(off)}], read, locality<2>, data : {k.bt}")
+        _prefetch_row(k, (pg, t.idx(kind), sl), "%h", 2)
     t.close()
+
+
+def _prefetch_row(k: _Kernel, at: tuple[str, str, str], head: str, locality: int) -> None:
+    """Prefetch one K or V row (at: page, kind (0 K, 1 V), slot) of a KV head, every cache
+    line of it, with the locality hint (3: L1, 2: L2)."""
+    t = k.t
+    pg, kind, sl = at
+    line = 64 // (2 if k.el in ("bf16", "f16") else 4)       # elements a cache line
+    for off in range(0, k.d, line):
+        t.stmt(f"memref.prefetch %blocks[{pg}, {kind}, {t.idx(k.layer)}, {sl}, {head}, "
+               f"{t.idx(off)}], read, locality<{locality}>, data : {k.bt}")
 
 
 def _write_rows(k: _Kernel, os_: str, sct: str, ls: str, mt1: str, r0: str, nvec: str,

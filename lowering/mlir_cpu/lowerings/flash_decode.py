@@ -25,10 +25,18 @@ after another through each tile) ran the Llama-shaped decode at 0.50-0.54 ms (co
 from __future__ import annotations
 
 from .attention import VW, fvec, hsum8, load_f32, mask_vec, softcap_vec, vexp, vmax_keep
-from .flash_attention_base import (KEY_TILE, NEG_INF, _Kernel, _key_range, _prefetch_tile,
-                                   _tile_pages, store_row)
+from .flash_attention_base import (KEY_TILE, NEG_INF, _Kernel, _key_range, _page_slot,
+                                   _prefetch_row, _prefetch_tile, _tile_pages, store_row)
 
 MAX_SPLITS = 16   # key splits of a row when the batch has one row (16 / rows for more)
+# The slot walk prefetches the K and V rows of the key this many keys ahead. A slot's rows of
+# all KV heads are one 4 KB run (8 heads x 128 f32), the next slot's the next run: a stream
+# the hardware prefetchers restart at every 4 KB page, so each slot's first lines came at
+# full memory latency. 4 keys ahead (16 KB) cut the Llama-shaped decode attention inside the
+# Q4_K layer's step 629 -> 481 us at context 1024 and 2014 -> 1806 at 4096 (medians, paired
+# in one process on a 2-vCPU Zen 3 EPYC; BENCHMARKS.md, CPU decode attention prefetch); 2
+# keys ahead did less, 8 no more.
+PREFETCH_KEYS = 4
 
 
 def _blocking(g: int, nv: int, regs: int) -> tuple[int, int, int]:
@@ -122,7 +130,16 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
         mk = mask_vec(t, k.mask, qpv, kpv, k.window)
         valids.append(ok if mk is None else t(f"arith.andi {ok}, {mk} : vector<{VW}xi1>"))
     if slot:
-        _slot_tile(k, nkv, kv_row, valids, qs, os_, ms, ls, ps, als, sct, pst, mt1, dw, regs)
+        last = t(f"arith.subi {hi}, {t.idx(1)} : index")
+
+        def ahead(j: str, kind: int) -> tuple[str, str, str]:
+            """(page, kind, slot) of the key PREFETCH_KEYS past the tile's key j (the
+            split's last key past its end; across tiles: indices clamped like the loads')."""
+            kp = t(f"arith.addi %k0, {t(f'arith.addi {j}, {t.idx(PREFETCH_KEYS)} : index')} : index")
+            pg, sl = _page_slot(k, t.min(kp, last), page)
+            return pg, t.idx(kind), sl
+        _slot_tile(k, nkv, kv_row, valids, qs, os_, ms, ls, ps, als, sct, pst, mt1, dw, regs,
+                   ahead)
     else:
         _head_tile(k, nkv, kv_row, valids, qs, os_, ms, ls, ps, sct, mt1, pst, dw,
                    *_blocking(g, nv, regs), hi, page)
@@ -209,11 +226,13 @@ def slot_major(g: int, nkv: int, dw: int) -> bool:
 
 
 def _slot_tile(k: _Kernel, nkv: int, kv_row, valids: list, qs, os_, ms, ls, st,
-               als, sct: str, stt: str, mt1: str, dw: int, regs: int) -> None:
+               als, sct: str, stt: str, mt1: str, dw: int, regs: int, ahead) -> None:
     """One key tile slot by slot, every KV head of a slot in turn, so K and V are read in
     address order. Scores of 8 query vectors (HP = 8 / G heads, or G / 8 passes over one
     head) at a time into a [C][NH] scratch, the softmax 8 query vectors to a vector, then P V
-    NS slots at a time into the O rows (in L1)."""
+    NS slots at a time into the O rows (in L1). ahead(j, kind): (page, kind, slot) of the key
+    PREFETCH_KEYS past the tile's key j, whose K rows the score pass and V rows the P V pass
+    prefetch."""
     t, g, c = k.t, k.g, KEY_TILE
     hp = max(1, VW // g)
     t.for_("%js", t.idx(0), t.idx(c), t.idx(1))
@@ -221,8 +240,11 @@ def _slot_tile(k: _Kernel, nkv: int, kv_row, valids: list, qs, os_, ms, ls, st,
 
     def slot_row(kind: int, head: str, col: str) -> list[str]:
         return [page, t.idx(kind), layer, slot, head, col]
+    next_k = ahead("%js", 0)
     t.for_("%hs", t.idx(0), t.idx(nkv), t.idx(hp))
     heads = [t(f"arith.addi %hs, {t.idx(u)} : index") for u in range(hp)]
+    for h in heads:
+        _prefetch_row(k, next_k, h, 3)
     for qc in range(max(1, g // VW)):
         _slot_scores(k, "%js", heads, qc, qs, st, sct, stt, slot_row, dw)
     t.close()   # %hs
@@ -231,7 +253,7 @@ def _slot_tile(k: _Kernel, nkv: int, kv_row, valids: list, qs, os_, ms, ls, st,
     # head_dim loop): 1.76-2.65 ms against 2.32-3.29 for 2 at a time, context 4096, on a
     # 2-core Zen 4 (BENCHMARKS.md, CPU decode attention); 2 with 16 registers.
     ns = 8 if regs >= 32 else 2
-    _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, als, sct, stt, mt1, dw, kv_row, ns)
+    _slot_softmax_pv(k, nkv, valids, os_, ms, ls, st, als, sct, stt, mt1, dw, kv_row, ns, ahead)
 
 
 def _slot_scores(k: _Kernel, j: str, heads: list[str], qc: int, qs: str, st: str, sct: str,
@@ -261,7 +283,8 @@ def _slot_scores(k: _Kernel, j: str, heads: list[str], qc: int, qs: str, st: str
 
 
 def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: str, st: str,
-                     als: str, sct: str, stt: str, mt1: str, dw: int, kv_row, ns: int) -> None:
+                     als: str, sct: str, stt: str, mt1: str, dw: int, kv_row, ns: int,
+                     ahead) -> None:
     """The tile's online-softmax step 8 query vectors to a vector (a key's mask is the same
     for all of them; the scores in the scratch become P), the O rows rescaled, then P V NS
     slots at a time, every head of them in turn (a V vector load feeds the head's G rows; an
@@ -307,7 +330,10 @@ def _slot_softmax_pv(k: _Kernel, nkv: int, valids: list, os_: str, ms: str, ls: 
     t.for_("%j0", t.idx(0), t.idx(c), t.idx(ns))
     js = [t(f"arith.addi %j0, {t.idx(n)} : index") for n in range(ns)]
     rows = [kv_row(j, 1, "%hv", "%uc") for j in js]  # the slots' V rows (pages loaded here)
+    next_v = [ahead(j, 1) for j in js]
     t.for_("%hv", t.idx(0), t.idx(nkv), t.idx(1))
+    for nxt in next_v:
+        _prefetch_row(k, nxt, "%hv", 3)
     q0 = t(f"arith.muli %hv, {t.idx(g)} : index")
     qrows = [t(f"arith.addi {q0}, {t.idx(q)} : index") for q in range(g)]
     ps = []
