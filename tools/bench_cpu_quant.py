@@ -1,7 +1,8 @@
 """Benchmark: a decode step of the GGUF-quantized attention layer vs the same layer in float32,
 both compiled by graphir for the CPU in one run.
 
-Run: .venv/bin/python tools/bench_cpu_quant.py [--encoding Q4_K] [--batch 1] [--context 1024]
+Run: .venv/bin/python tools/bench_cpu_quant.py [--encoding Q4_K | Q4_K_M | Q6_K ...]
+     [--batch 1] [--context 1024]
      [--kernels]   (each kernel's time too, as the interleaved rounds run)
 
 The layer is Llama-3-8B shaped (hidden 4096, 32 heads, 8 KV heads, head dim 128, page size 128,
@@ -30,6 +31,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HIDDEN, NH, NKV, D, PAGE = 4096, 32, 8, 128, 128
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+# What llama.cpp's Q4_K_M files hold in an attention layer: attn_v in Q6_K, the rest Q4_K
+# (it alternates attn_v between Q6_K and Q4_K over the layers).
+MIXES = {"Q4_K_M": {"q_proj": "Q4_K", "k_proj": "Q4_K", "v_proj": "Q6_K", "o_proj": "Q4_K"}}
+
+
+def _encodings(enc: str) -> dict[str, str]:
+    """Each projection's encoding: one for all, or a llama.cpp mix (MIXES)."""
+    return MIXES.get(enc, dict.fromkeys(PROJ, enc))
 
 
 def _layers(enc: str):
@@ -43,7 +53,8 @@ def _layers(enc: str):
                         page_size=PAGE, devices=(dev,))
     common = dict(rope=rope, num_attention_heads=NH, num_key_value_heads=NKV, hidden_size=HIDDEN,
                   kv_params=kvp, devices=[dev])
-    quant = GGUFQAttentionWithRope(dtype=DType.uint8, quantization_encoding=enc, **common)
+    quant = GGUFQAttentionWithRope(dtype=DType.uint8, quantization_encoding=_encodings(enc),
+                                   **common)
     return rope, kvp, quant, AttentionWithRope(dtype=DType.float32, **common)
 
 
@@ -71,15 +82,16 @@ def _weights(enc: str, seed: int):
     quant, dense = {}, {}
     for name, (out, n_in) in shapes.items():
         w = (rng.standard_normal((out, n_in)) / np.sqrt(n_in)).astype(np.float32)
-        blocks = quantize_gguf(w, enc)
+        blocks = quantize_gguf(w, _encodings(enc)[name])
         quant[f"{name}.weight"] = blocks
-        dense[f"{name}.weight"] = dequantize_gguf(blocks, enc, n_in)
+        dense[f"{name}.weight"] = dequantize_gguf(blocks, _encodings(enc)[name], n_in)
     return quant, dense
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--encoding", default="Q4_K")
+    ap.add_argument("--encoding", default="Q4_K",
+                    help="one GGUF encoding for every projection, or Q4_K_M (v_proj in Q6_K)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=20)

@@ -14,6 +14,10 @@ K must be even.
 scales and mins unpacked to eight scale bytes then eight min bytes (148 / 180 bytes a block: d,
 dmin, scales, mins, then the rest as stored: Q5_K's high bits and the codes), so the AVX2 row
 path reads a sub-block's scale with one byte load (lowerings/quant_k_lanes.py).
+`"q6k_r"`: GGUF Q6_K rows `[N, blocks x 210]` with each block's bytes reordered (212 bytes:
+d, two zero bytes, the 16 scales, then the low-nibble bytes and the high-bit bytes in 32-byte
+groups whose byte 4 j + b holds value 8 b + j of the group), so that byte b of every i32 word
+of a group belongs to one 8-value run of x (lowerings/quant_q6_lanes.py).
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ from graphir.dtype import bf16_bits
 _LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)(p?)")
 
 
-Q4K_LAYOUT, Q5K_LAYOUT = "q4k_r", "q5k_r"
+Q4K_LAYOUT, Q5K_LAYOUT, Q6K_LAYOUT = "q4k_r", "q5k_r", "q6k_r"
 # K-quant layouts: (encoding, bytes of a block as stored, repacked)
-KQUANT_LAYOUTS = {Q4K_LAYOUT: ("Q4_K", 144, 148), Q5K_LAYOUT: ("Q5_K", 176, 180)}
+KQUANT_LAYOUTS = {Q4K_LAYOUT: ("Q4_K", 144, 148), Q5K_LAYOUT: ("Q5_K", 176, 180),
+                  Q6K_LAYOUT: ("Q6_K", 210, 212)}
 
 
 def check_layout(layout: str) -> None:
@@ -67,7 +72,7 @@ def packed_shape(shape, layout: str) -> list[int]:
 
 def packed_dtype(layout: str) -> type:
     """The packed array's numpy dtype: f32, uint16 (bf16 bits) for a pairs layout, uint8 for
-    the GGUF bytes of "q4k_r" / "q5k_r"."""
+    the GGUF bytes of the K-quant layouts ("q4k_r", "q5k_r", "q6k_r")."""
     if layout in KQUANT_LAYOUTS:
         return np.uint8
     return np.uint16 if parse_layout(layout)[2] else np.float32
@@ -108,7 +113,8 @@ def repack_kquant(rows: np.ndarray, layout: str = Q4K_LAYOUT,
     """Q4_K (Q5_K) rows uint8 `[N, blocks x 144 (176)]` in the "q4k_r" ("q5k_r") layout,
     `[N, blocks x 148 (180)]`: per block d and dmin (bytes 0-3 as stored), the scales of
     sub-blocks 0-7 as bytes, their mins as bytes, then the block's bytes 16 on as stored. The
-    scales and mins unpack as GGML's get_scale_min_k4."""
+    scales and mins unpack as GGML's get_scale_min_k4. Q6_K rows `[N, blocks x 210]` in
+    "q6k_r": see _repack_q6k."""
     rows = np.asarray(rows)
     shape = packed_shape(rows.shape, layout)
     _, stored, packed = KQUANT_LAYOUTS[layout]
@@ -121,6 +127,9 @@ def repack_kquant(rows: np.ndarray, layout: str = Q4K_LAYOUT,
                          f"{tuple(shape)}, got {out.dtype} {out.shape}")
     src = rows.reshape(rows.shape[0], -1, stored)
     dst = out.reshape(rows.shape[0], -1, packed)
+    if layout == Q6K_LAYOUT:
+        _repack_q6k(src, dst)
+        return out
     # Bytes 4-7 / 8-11 hold the low six bits of scale / min of sub-blocks 0-3 and, in their top
     # two bits, bits 4-5 of sub-blocks 4-7; bytes 12-15 the low nibbles of sub-blocks 4-7.
     a, m, c = src[..., 4:8], src[..., 8:12], src[..., 12:16]
@@ -131,3 +140,17 @@ def repack_kquant(rows: np.ndarray, layout: str = Q4K_LAYOUT,
     dst[..., 16:20] = (c >> 4) | ((m >> 6) << 4)
     dst[..., 20:] = src[..., 16:]
     return out
+
+
+def _repack_q6k(src: np.ndarray, dst: np.ndarray) -> None:
+    """Q6_K blocks [..., 210] (ql 0-127, qh 128-191, int8 scales 192-207, d 208-209) into
+    "q6k_r" blocks [..., 212]: d, two zero bytes, the scales, then the four 32-byte groups
+    ql[32 g : 32 g + 32] and the two qh[32 n : 32 n + 32], each with byte 4 j + b taken from
+    byte 8 b + j of the group (an [8 x 4] -> [4 x 8] transpose of its bytes)."""
+    def groups(a: np.ndarray, n: int) -> np.ndarray:
+        return a.reshape(*a.shape[:-1], n, 4, 8).swapaxes(-1, -2).reshape(a.shape)
+    dst[..., 0:2] = src[..., 208:210]
+    dst[..., 2:4] = 0
+    dst[..., 4:20] = src[..., 192:208]
+    dst[..., 20:148] = groups(src[..., 0:128], 4)
+    dst[..., 148:212] = groups(src[..., 128:192], 2)

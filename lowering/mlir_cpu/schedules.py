@@ -142,7 +142,7 @@ def prepack_layouts(node, load_time: Sequence[bool], cfg: MatmulConfig) -> dict[
 def packed_type(shape: Sequence[int], layout: str) -> ir.RankedTensorType:
     """The kernel argument's type for an operand of `shape` packed in `layout`: f32
     `[N/nr, K, nr]`, bf16 `[N/nr, K/2, 2 nr]` for a pairs layout, i8 `[N, blocks x 148]` for
-    "q4k_r" (or `[N, blocks x 180]` for "q5k_r")."""
+    "q4k_r" (180 for "q5k_r", 212 for "q6k_r")."""
     if layout in pack_layout.KQUANT_LAYOUTS:
         el = ir.IntegerType.get_signless(8)
     else:

@@ -1,15 +1,18 @@
-"""Q4_K / Q5_K weights fixed at load on 8-lane (AVX2) targets: repacked once with their scales
-unpacked ("q4k_r", "q5k_r"), read by the row path as code words in place (lowerings/
-quant_k_lanes.py) and by the tile path through the repacked block's decoder. Checked against
+"""Q4_K / Q5_K / Q6_K weights fixed at load on 8-lane (AVX2) targets: repacked once (Q4_K /
+Q5_K with their scales unpacked, "q4k_r", "q5k_r"; Q6_K with each 32-byte group of codes
+transposed, "q6k_r"), read by the row path as code words in place (lowerings/quant_k_lanes.py,
+quant_q6_lanes.py) and by the tile path through the repacked block's decoder. Checked against
 the interpreter (float64 of the dequantized weight) on GGML-quantized rows and on random bytes
 (every code, high-bit and scale pattern), for the row counts that take the row path (one and
-two rows a block), the tile path and both; the repack against the reference's unpacking of the
-six-bit scales."""
+two rows a block), the tile path and both; the repacks against the reference's unpacking of
+the six-bit scales and the layout's stated byte order."""
 import numpy as np
 import pytest
 
 from graphir import DType, Graph, TensorType, Weight, ops
-from graphir.ops.quant.gguf_kquants import f16_field, q4_k_codes, six_bit_pairs
+from graphir.ops.quant.gguf_blocks import dequantize_gguf
+from graphir.ops.quant.gguf_kquants import (f16_field, kquant_scale_fields, q4_k_codes,
+                                            six_bit_pairs)
 from graphir.ops.quant.gguf_quantize import quantize_gguf
 from graphir.runtime.interpreter import run
 
@@ -19,8 +22,8 @@ pytest.importorskip("mlir.ir")
 
 AVX2 = "cpu:x86-64:avx2"
 K = 512
-BLOCK = {"Q4_K": 144, "Q5_K": 176}
-LAYOUT = {"Q4_K": "q4k_r", "Q5_K": "q5k_r"}
+BLOCK = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+LAYOUT = {"Q4_K": "q4k_r", "Q5_K": "q5k_r", "Q6_K": "q6k_r"}
 
 
 def _rows(rng, n: int, enc: str) -> np.ndarray:
@@ -29,9 +32,9 @@ def _rows(rng, n: int, enc: str) -> np.ndarray:
 
 
 def _random_rows(rng, n: int, enc: str) -> np.ndarray:
-    """Random bytes in the codes, high bits and packed scales; finite float16 d and dmin."""
+    """Random bytes in the codes, high bits and (packed) scales; finite float16 d (and dmin)."""
     blocks = rng.integers(0, 256, (n, K // 256, BLOCK[enc]), dtype=np.uint8)
-    for off in (0, 2):
+    for off in kquant_scale_fields(enc).values():
         blocks[..., off:off + 2] = rng.uniform(-0.1, 0.1, blocks.shape[:2]).astype(
             np.float16)[..., None].view(np.uint8)
     return blocks.reshape(n, -1)
@@ -70,7 +73,34 @@ def _graph(n_rows: list[int], enc: str = "Q4_K"):
     return g
 
 
-@pytest.mark.parametrize("enc", ["Q4_K", "Q5_K"])
+def test_q6k_repack_transposes_each_group_of_codes():
+    """"q6k_r": d, two zero bytes, the int8 scales, then ql's four and qh's two 32-byte groups,
+    byte 4 j + b of a group holding its byte 8 b + j; undone here from that statement."""
+    from graphir.lowering.mlir_cpu.pack_layout import pack_numpy, packed_shape, repack_kquant
+
+    rows = _random_rows(np.random.default_rng(2), 3, "Q6_K")
+    out = repack_kquant(rows, "q6k_r")
+    assert out.shape == tuple(packed_shape(rows.shape, "q6k_r")) == (3, 2 * 212)
+    dst = out.reshape(3, 2, 212)
+    back = np.empty((3, 2, 210), np.uint8)
+    for src_off, dst_off, groups in ((0, 20, 4), (128, 148, 2)):
+        for g in range(groups):
+            grp = dst[..., dst_off + 32 * g:dst_off + 32 * g + 32]
+            for j in range(8):
+                for b in range(4):
+                    back[..., src_off + 32 * g + 8 * b + j] = grp[..., 4 * j + b]
+    back[..., 192:208] = dst[..., 4:20]
+    back[..., 208:210] = dst[..., 0:2]
+    np.testing.assert_array_equal(dst[..., 2:4], 0)
+    np.testing.assert_array_equal(back.reshape(rows.shape), rows)
+    np.testing.assert_array_equal(dequantize_gguf(back.reshape(rows.shape), "Q6_K", K),
+                                  dequantize_gguf(rows, "Q6_K", K))
+    np.testing.assert_array_equal(pack_numpy(rows, "q6k_r"), out)
+    with pytest.raises(ValueError, match="blocks x 210"):
+        repack_kquant(rows[:, :200], "q6k_r")
+
+
+@pytest.mark.parametrize("enc", ["Q4_K", "Q5_K", "Q6_K"])
 def test_kquant_weights_fixed_at_load_take_the_lane_path_on_avx2(enc):
     if not cpu_runs(AVX2):
         pytest.skip(f"this CPU cannot run {AVX2}")
@@ -94,8 +124,8 @@ def test_kquant_weights_fixed_at_load_take_the_lane_path_on_avx2(enc):
 
 def test_kquant_layouts_only_for_weights_on_eight_lane_targets():
     """An activation-like Q4_K operand (a graph input), 16-lane targets and the other
-    encodings keep the stored blocks: the repack runs once at load, and only the 8-lane row
-    path reads it."""
+    encodings (Q3_K here) keep the stored blocks: the repack runs once at load, and only the
+    8-lane row path reads it."""
     from graphir.lowering.driver import Target
     from graphir.lowering.mlir_cpu.backend import emit_module
     from graphir.lowering.mlir_cpu.cpu_target import CpuTarget
@@ -107,8 +137,9 @@ def test_kquant_layouts_only_for_weights_on_eight_lane_targets():
 
     assert prepacks(_graph([24]), AVX2) == [[[1, "q4k_r"]]]
     assert prepacks(_graph([24], "Q5_K"), AVX2) == [[[1, "q5k_r"]]]
-    with Graph("q6k", input_types=[TensorType(DType.float32, ["m", K])]) as g:
-        g.output(ops.qmatmul("Q6_K", None, g.inputs[0], Weight("w", DType.uint8, [24, 420])))
+    assert prepacks(_graph([24], "Q6_K"), AVX2) == [[[1, "q6k_r"]]]
+    with Graph("q3k", input_types=[TensorType(DType.float32, ["m", K])]) as g:
+        g.output(ops.qmatmul("Q3_K", None, g.inputs[0], Weight("w", DType.uint8, [24, 220])))
     assert prepacks(g, AVX2) == [None]
     assert prepacks(_graph([24]), "cpu:x86-64:avx512") == [None]
     with Graph("q4k_in", input_types=[TensorType(DType.float32, ["m", K]),

@@ -27,7 +27,10 @@ from .quant_decoders import decoder_for
 from .quant_gguf import gguf_dequantize_text, gguf_matmul_text
 from .quant_gptq import Gptq, gptq_matmul_text
 from .quant_kernels import QuantTiles
-from .quant_k_lanes import REPACKED
+from .quant_k_lanes import REPACKED as _K_REPACKED
+from .quant_q6_lanes import REPACKED_Q6
+
+REPACKED = {**_K_REPACKED, **REPACKED_Q6}   # layout -> its decoder and row path
 from .rows import finish_rows, rows_of
 
 
@@ -108,8 +111,8 @@ def _qmatmul(e: Emitter, args):
 
 @schedules.register_prepack("qmatmul")
 def _qmatmul_prepack(node, load_time, cfg):
-    """8-lane targets (AVX2) take a Q4_K / Q5_K weight fixed at load with its scales
-    unpacked: the row path reads code words in place (quant_k_lanes.py). With 16 lanes the
+    """8-lane targets (AVX2) take a Q4_K / Q5_K / Q6_K weight fixed at load repacked: the row
+    path reads code words in place (quant_k_lanes.py, quant_q6_lanes.py). With 16 lanes the
     byte-to-lane path stays (measured on Zen 4 and Xeons; the lane path is not yet)."""
     enc = node.attrs.get("encoding")
     for layout, (name, _, _) in KQUANT_LAYOUTS.items():

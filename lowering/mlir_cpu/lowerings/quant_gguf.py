@@ -13,7 +13,7 @@ from .quant_decoders import TABLE, Block, Decoder, lane
 from .kernel_text import KernelText, hsum, transpose
 from .quant_kernels import (Mats, QuantTiles, k_block, pow2, rows_in_blocks,
                             split_rows, tile_path, x_sums)
-from .quant_k_lanes import Repacked, lanes_dot, permute_x
+from .quant_k_lanes import Repacked
 
 
 PARALLEL_ITERATIONS = 128
@@ -155,7 +155,7 @@ def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m
     t, nb = k.t, QuantTiles.weight_rows(dec.chunks)
     if n_hi <= n_lo:
         return
-    mb = k.tiles.row_block(dec.width, 2 * nb if xs is not None else nb)
+    mb = k.tiles.row_block(dec.width, 2 * nb if xs is not None or lanes is not None else nb)
     # Each parallel iteration takes several groups of nb weight rows: a few hundred iterations
     # per call, enough to balance the threads without a shared-counter grab per group.
     count = n_hi - n_lo
@@ -169,8 +169,8 @@ def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m
     def dot(m, r, cols):
         if lanes is None:
             return _gguf_dot(k, mats, dec, wm, wmt, xs, m, r, cols, table)
-        lanes_dot(k, mats, wm, wmt, lanes[0], lanes[1], xs, m, r, cols, table,
-                  lambda col, base: _prefetch(k, dec, wm, wmt, col, base))
+        lanes[0].dot(k, mats, wm, wmt, lanes[0], lanes[1], xs, m, r, cols, table,
+                     lambda col, base: _prefetch(k, dec, wm, wmt, col, base))
 
     def rows_of(cols, mb_):
         rows_in_blocks(k, m_lo, m_hi, mb_, lambda m, r: dot(m, r, cols))
@@ -220,8 +220,8 @@ def _gguf_decode_tile(k: KernelText, dec: Decoder, wm: str, wmt: str, kc: int):
 def gguf_matmul_text(x_t, w_t, out_t: str, dec: Decoder, k_total: int, n: int,
                      tiles: QuantTiles, repacked: Repacked | None = None) -> str:
     """@body(%x: f32 [M, K], %w: uint8 [N, row bytes]) -> f32 [M, N] for a GGUF decoder
-    (repacked: W is a K-quant repacked at load, "q4k_r" / "q5k_r", dec its decoder, and the
-    row path takes its words in place, quant_k_lanes.py)."""
+    (repacked: W is a K-quant repacked at load, "q4k_r" / "q5k_r" / "q6k_r", dec its decoder,
+    and the row path takes its words in place, quant_k_lanes.py, quant_q6_lanes.py)."""
     if not pow2(dec.width):
         raise ValueError(f"quantized kernel: chunk width {dec.width} is not a power of two")
     k = KernelText(tiles, k_total, n)
@@ -231,7 +231,7 @@ def gguf_matmul_text(x_t, w_t, out_t: str, dec: Decoder, k_total: int, n: int,
     n_tile = n - n % tiles.nr
     m_tile = split_rows(k, mats)
     xs = x_sums(k, mats, dec.sub) if dec.offsets else None
-    lanes = (repacked, permute_x(k, mats)) if repacked is not None else None
+    lanes = (repacked, repacked.prologue(k, mats)) if repacked is not None else None
     if n_tile:
         kc = k_block(k_total, dec.elems)
         tile_path(k, mats, m_tile, n_tile, kc, _gguf_decode_tile(k, dec, wm, wmt, kc))

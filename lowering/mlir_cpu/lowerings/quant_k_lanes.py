@@ -29,6 +29,7 @@ path (M >= MR) decodes the repacked blocks to the reference's floats (`REPACKED`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ..pack_layout import Q4K_LAYOUT, Q5K_LAYOUT
 from .quant_decoders import TABLE, Block, Decoder, _k_nibbles, _times
@@ -53,19 +54,27 @@ def _q5_codes(b: Block, j: int) -> str:
 
 @dataclass(frozen=True)
 class Repacked:
-    """A repacked K-quant block: its decoder (the tile path's, to the reference's floats) and
-    the byte offsets of its codes and high bits (None: Q4_K)."""
+    """A repacked K-quant block: its decoder (the tile path's, to the reference's floats), the
+    byte offsets of its codes and high bits (None: Q4_K; both unused by other row paths), and
+    its row path: prologue(k, mats), once a call before the rows (what dot reads of x), and
+    dot(k, mats, wm, wmt, rp, prologue's result, sums of x, m0, mb, cols, table, prefetch)."""
     decoder: Decoder
     qs: int
     qh: int | None
+    prologue: Callable
+    dot: Callable
 
 
-REPACKED = {
-    Q4K_LAYOUT: Repacked(Decoder("Q4_K (q4k_r)", 256, 148, 32, offsets=True, scales=_scales,
-                              codes=lambda b, j: b.tof(_k_nibbles(b, 20, j))), 20, None),
-    Q5K_LAYOUT: Repacked(Decoder("Q5_K (q5k_r)", 256, 180, 32, offsets=True, scales=_scales,
-                              codes=_q5_codes), 52, 20),
-}
+def words_at(blk: Block, off: int) -> str:
+    """The block's 32 bytes at off as eight i32 words."""
+    return blk.t(f"vector.bitcast {blk.bytes(off, 32)} : vector<32xi8> to vector<{LANES}xi32>")
+
+
+def byte_float(blk: Block, off: int, table: str, size: int = TABLE) -> str:
+    """table[byte off of the block] (the float of a small integer), broadcast."""
+    t = blk.t
+    i = t(f"arith.index_castui {blk.byte(off)} : i32 to index")
+    return blk.splat(t(f"memref.load {table}[{i}] : memref<{size}xf32>"))
 
 
 def permute_x(k: KernelText, mats: Mats) -> tuple[str, str]:
@@ -95,7 +104,7 @@ def permute_x(k: KernelText, mats: Mats) -> tuple[str, str]:
     return xp, xpt
 
 
-def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs, m0: str,
+def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: "Repacked", xp, xs, m0: str,
               mb: int, cols: list[str], table: str, prefetch) -> None:
     """out[m0 : m0+mb, cols] = x rows . W rows `cols` (repacked Q4_K / Q5_K `rp`), by words in
     place; an x' vector loaded once serves every weight row."""
@@ -128,15 +137,6 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs
         hb = t(f"arith.andi {hv[p % 2]}, {t.const(str(1 << (4 * p + 4)), vi)} : {vi}")
         return t(f"arith.ori {c}, {hb} : {vi}")
 
-    def words_at(blk: Block, off: int) -> str:
-        """The block's 32 bytes at off as eight i32 words."""
-        return t(f"vector.bitcast {blk.bytes(off, 32)} : vector<32xi8> to {vi}")
-
-    def byte_float(blk: Block, off: int) -> str:
-        """float(byte off of the block) from the table, broadcast."""
-        i = t(f"arith.index_castui {blk.byte(off)} : i32 to index")
-        return blk.splat(t(f"memref.load {table}[{i}] : memref<{TABLE}xf32>"))
-
     def block(b, args):
         acc, accm = list(args[:len(pairs)]), list(args[len(pairs):])
         base = k.ix("muli", b, dec.nbytes)
@@ -165,7 +165,7 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs
                                                else t(f"vector.fma {f}, {xv[i]}, {h} : {v}"))
             for j, blk in enumerate(blks):
                 for s_ in (0, 1):
-                    sc = byte_float(blk, SC + 2 * g + s_)
+                    sc = byte_float(blk, SC + 2 * g + s_, table)
                     for i in range(mb):
                         h, pv = sums[(i, j)][s_], part[(i, j)][s_]
                         sums[(i, j)][s_] = (t(f"arith.mulf {sc}, {pv} : {v}") if h is None else
@@ -186,3 +186,12 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, xp, xs
     for n, (i, j) in enumerate(pairs):
         y = t(f"arith.subf {hsum(t, res[n], LANES)}, {hsum(t, res[len(pairs) + n], LANES)} : f32")
         t.stmt(f"memref.store {y}, {mats.om}[{rows[i]}, {cols[j]}] : {mats.omt}")
+
+
+REPACKED = {
+    Q4K_LAYOUT: Repacked(Decoder("Q4_K (q4k_r)", 256, 148, 32, offsets=True, scales=_scales,
+                                 codes=lambda b, j: b.tof(_k_nibbles(b, 20, j))), 20, None,
+                         permute_x, lanes_dot),
+    Q5K_LAYOUT: Repacked(Decoder("Q5_K (q5k_r)", 256, 180, 32, offsets=True, scales=_scales,
+                                 codes=_q5_codes), 52, 20, permute_x, lanes_dot),
+}
