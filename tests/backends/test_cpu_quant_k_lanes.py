@@ -115,7 +115,8 @@ def test_kquant_weights_fixed_at_load_take_the_lane_path_on_avx2(enc):
     steps = [s for s in model.plan.steps if s.op == "qmatmul"]
     assert [s.attrs.get("prepack") for s in steps] == [[[1, LAYOUT[enc]]]] * 3
     mr = model.artifact.manifest["cpu"]["matmul_block"][0]
-    for m in (1, 2, 3, mr, 2 * mr + 5):   # row path (blocks of two rows and one), tiles, both
+    # the row path (blocks of two rows, then one), tiles, both
+    for m in (1, 2, 3, 4, 5, mr, 2 * mr + 5):
         x = (rng.standard_normal((m, K)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
         for i, (a, b) in enumerate(zip(model.execute(x), run(g, x, weights=weights))):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(b).max()),
