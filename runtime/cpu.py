@@ -76,6 +76,12 @@ class CpuFunction:
         self._fn.argtypes = [ctypes.c_void_p] * (n_inputs + n_outputs)
         self.name, self.n_inputs, self.n_outputs = name, n_inputs, n_outputs
         self._bufs: list = []   # descriptor buffers between calls (list.pop/append: thread-safe)
+        self.raw = self._fn     # the ctypes function: one pointer argument a descriptor
+
+    @staticmethod
+    def describe(a: np.ndarray, fields: list, starts: list) -> None:
+        """Append C-contiguous `a`'s descriptor to fields (cpu_replay.py builds its own)."""
+        _describe(a, fields, starts)
 
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
         if len(inputs) != self.n_inputs or len(outputs) != self.n_outputs:
@@ -133,14 +139,19 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
+def data_ptr(a: np.ndarray) -> int:
+    """The address of a's first element."""
+    try:   # a third of a.ctypes.data's cost; read-only or empty arrays take the latter
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):
+        return a.ctypes.data
+
+
 def _describe(a: np.ndarray, fields: list, starts: list) -> None:
     """Append the memref descriptor of C-contiguous `a` to `fields` (int64s: allocated,
     aligned, offset, sizes, strides) and its first index to `starts`."""
     _check_dtype(a)
-    try:   # a third of a.ctypes.data's cost; read-only or empty arrays take the latter
-        p = ctypes.addressof(ctypes.c_char.from_buffer(a))
-    except (TypeError, ValueError):
-        p = a.ctypes.data
+    p = data_ptr(a)
     starts.append(len(fields))
     fields += (p, p, 0)
     if a.ndim:

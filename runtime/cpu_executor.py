@@ -20,6 +20,7 @@ from graphir.lowering.mlir_cpu.pack_layout import pack_numpy, packed_dtype, pack
 from graphir.lowering.plan import Plan, value_table
 
 from .cpu import CpuLibrary
+from .cpu_replay import Replay, Trace
 from .dim_checks import DimCheck
 from .interpreter import _bind_weight, _check_input, bind_dims, check_buffers_writable
 from .ragged import RaggedCheck
@@ -86,6 +87,8 @@ class CpuModel:
         self.graph = art.graph()
         self._checks = None  # (DimCheck, RaggedCheck), built on the first call
         self._sigs: dict[tuple, tuple] = {}   # input signature -> (dims, bounds, FastFacts)
+        self._replays: dict[tuple, Replay | None] = {}   # signature -> its replay (cpu_replay)
+        self._slot_version = 0   # bumped when slot memory is reallocated (replays hold it)
         self.plan = Plan.from_json(art.manifest["plan"])
         self._lib = CpuLibrary(art.file(art.manifest["library"]))
         self._lock = threading.Lock()
@@ -178,7 +181,20 @@ class CpuModel:
         with self._lock:
             # The kernels index with the metadata unchecked: validate it all before any runs.
             env = self._checked_dims(arrays)
-            return self._run(arrays, env)
+            sig = tuple((a.shape, a.dtype) for a in arrays)
+            if sig in self._replays:
+                rp = self._replays[sig]
+                if (rp is not None and rp.slot_version == self._slot_version
+                        and all(a.flags.c_contiguous for a in arrays)):
+                    outs, fresh = rp.run(arrays)
+                    return self._outputs(dict(zip(self.plan.outputs, outs)), fresh)
+                return self._run(arrays, env)
+            trace = Trace()
+            out = self._run(arrays, env, trace)
+            if len(self._replays) >= self._MAX_SIGNATURES:
+                self._replays.clear()
+            self._replays[sig] = Replay.build(trace, arrays, self._slot_version)
+            return out
 
     _MAX_SIGNATURES = 64
 
@@ -212,13 +228,16 @@ class CpuModel:
             ragged.check(lambda k: arrays[k], env, bounds)
         return env
 
-    def _run(self, arrays, env) -> list[np.ndarray]:
+    def _run(self, arrays, env, trace: Trace | None = None) -> list[np.ndarray]:
+        """The general path (trace: recorded for a replay, cpu_replay.py)."""
         plan, vals = self.plan, dict(self._fixed)
         writeback = []
         for vid_, a, t in zip(plan.inputs, arrays, self._in_types):
             k = to_bits(a, t.dtype)
             if self.plan.values[vid_].kind == "buffer" and k is not a:
                 writeback.append((a, k, t.dtype))
+            if trace is not None and k is not a:
+                trace.ok = False   # a converted input: its copy is this call's alone
             vals[vid_] = k
         steps, need = self._layout(env)
         slots = self._slots(need)
@@ -228,6 +247,8 @@ class CpuModel:
                 vals[s.outputs[0]] = vals[s.inputs[0]].reshape(info)
             elif s.kernel.startswith("runtime"):
                 self._runtime_op(s, vals)
+                if trace is not None:
+                    trace.ok = False
             else:
                 outs = []
                 for o, shape, dt, slot, n in info:
@@ -242,8 +263,12 @@ class CpuModel:
                 if sym is not None:
                     ins.append(sym)
                 self._fns[s.kernel](ins, outs)
+                if trace is not None:
+                    trace.calls.append((self._fns[s.kernel], ins, outs))
         for user, k, dt in writeback:
             user[...] = from_bits(k, dt)
+        if trace is not None:
+            trace.fresh, trace.outputs = fresh, [vals[o] for o in plan.outputs]
         return self._outputs(vals, fresh)
 
     def _outputs(self, vals, fresh: set) -> list[np.ndarray]:
@@ -309,8 +334,10 @@ class CpuModel:
         """Slot memory for this call. Kept across calls (calls hold the lock and outputs are
         copied out): fresh pages would cost a page fault and a kernel zeroing per 4 KiB, about
         as long as a small kernel."""
-        self._slot_memory = [k if k.size >= n else aligned_empty(n)
-                             for k, n in zip(self._slot_memory, need)]
+        if any(k.size < n for k, n in zip(self._slot_memory, need)):
+            self._slot_version += 1   # the replays' descriptors point at the old memory
+            self._slot_memory = [k if k.size >= n else aligned_empty(n)
+                                 for k, n in zip(self._slot_memory, need)]
         return self._slot_memory
 
     def _runtime_op(self, s, vals) -> None:
