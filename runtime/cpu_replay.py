@@ -13,7 +13,8 @@ its calls, each argument classified by its memory:
   model's slot memory is the one traced (`slot_version`).
 No replay is made (the general path runs every call) when any array cannot be classified so:
 a caller array that is not C-contiguous, two inputs sharing memory, an empty array, a pointer
-inside a caller array but not at its start, runtime steps or bf16 / float8 conversions.
+inside a caller array but not at its start, runtime steps or bf16 / float8 conversions; nor
+when a kernel function was wrapped (tools/bench_cpu_quant.py --kernels times each call).
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ class Replay:
             return "fixed", None
         calls, keep = [], []
         for fn, ins, outs in trace.calls:
+            if not isinstance(fn, CpuFunction):   # a wrapper (a tool timing each kernel)
+                return None
             for o in outs:
                 if id(o) in trace.fresh and _ptr(o) not in fresh_at:
                     fresh_at[_ptr(o)] = len(fresh_specs)
