@@ -104,13 +104,31 @@ def permute_x(k: KernelText, mats: Mats) -> tuple[str, str]:
     return xp, xpt
 
 
+def block_loop(k: KernelText, wm: str, wmt: str, dec: Decoder, cols: list[str], npairs: int,
+               prefetch, body) -> tuple[list[str], list[str]]:
+    """The loop over a weight row's blocks with two vector accumulators per (x row, weight
+    row) pair, the sums and the offsets' sums: body(k0, blocks of cols, acc, accm) -> (acc,
+    accm) for the block whose first value is k0; returns the final (acc, accm)."""
+    t = k.t
+    v = f"vector<{LANES}xf32>"
+
+    def block(b, args):
+        base = k.ix("muli", b, dec.nbytes)
+        prefetch(cols[-1], base)
+        blks = [Block(t, wm, wmt, col, base, LANES) for col in cols]
+        acc, accm = body(k.ix("muli", b, dec.elems), blks, list(args[:npairs]),
+                         list(args[npairs:]))
+        return acc + accm
+    res = k.loop(0, k.k // dec.elems, 1, [t.const("0.0", v)] * (2 * npairs), v, block)
+    return res[:npairs], res[npairs:]
+
+
 def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: "Repacked", xp, xs, m0: str,
               mb: int, cols: list[str], table: str, prefetch) -> None:
     """out[m0 : m0+mb, cols] = x rows . W rows `cols` (repacked Q4_K / Q5_K `rp`), by words in
     place; an x' vector loaded once serves every weight row."""
     t = k.t
     v, vi = f"vector<{LANES}xf32>", f"vector<{LANES}xi32>"
-    zero = t.const("0.0", v)
     rows = [k.ix("addi", m0, r) if r else m0 for r in range(mb)]
     pairs = [(i, j) for i in range(mb) for j in range(len(cols))]
     masks = [t.const(str(15 << (4 * p)), vi) for p in range(7)]
@@ -137,12 +155,7 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: "Repacked", xp, 
         hb = t(f"arith.andi {hv[p % 2]}, {t.const(str(1 << (4 * p + 4)), vi)} : {vi}")
         return t(f"arith.ori {c}, {hb} : {vi}")
 
-    def block(b, args):
-        acc, accm = list(args[:len(pairs)]), list(args[len(pairs):])
-        base = k.ix("muli", b, dec.nbytes)
-        k0 = k.ix("muli", b, dec.elems)
-        prefetch(cols[-1], base)
-        blks = [Block(t, wm, wmt, col, base, LANES) for col in cols]
+    def block(k0, blks, acc, accm):
         sums = {q: [None, None] for q in pairs}
         # Q5_K: the block's 32 high-bit bytes, one bit of each per sub-block
         qhs = [None if rp.qh is None else words_at(blk, rp.qh) for blk in blks]
@@ -170,7 +183,7 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: "Repacked", xp, 
                         h, pv = sums[(i, j)][s_], part[(i, j)][s_]
                         sums[(i, j)][s_] = (t(f"arith.mulf {sc}, {pv} : {v}") if h is None else
                                             t(f"vector.fma {sc}, {pv}, {h} : {v}"))
-        g0 = k.ix("muli", b, 8)
+        g0 = k.ix("divui", k0, 32)
         xsv = [t(f"vector.load {xs[0]}[{r}, {g0}] : {xs[1]}, {v}") for r in rows]
         for j, blk in enumerate(blks):
             d, dmin = blk.splat(blk.f16(0)), blk.splat(blk.f16(2))
@@ -181,10 +194,10 @@ def lanes_dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: "Repacked", xp, 
                 acc[n] = t(f"vector.fma {d}, {tot}, {acc[n]} : {v}")
                 accm[n] = t(f"vector.fma {dmin}, {t(f'arith.mulf {mins}, {xsv[i]} : {v}')}, "
                             f"{accm[n]} : {v}")
-        return acc + accm
-    res = k.loop(0, k.k // dec.elems, 1, [zero] * (2 * len(pairs)), v, block)
+        return acc, accm
+    acc, accm = block_loop(k, wm, wmt, dec, cols, len(pairs), prefetch, block)
     for n, (i, j) in enumerate(pairs):
-        y = t(f"arith.subf {hsum(t, res[n], LANES)}, {hsum(t, res[len(pairs) + n], LANES)} : f32")
+        y = t(f"arith.subf {hsum(t, acc[n], LANES)}, {hsum(t, accm[n], LANES)} : f32")
         t.stmt(f"memref.store {y}, {mats.om}[{rows[i]}, {cols[j]}] : {mats.omt}")
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from ..pack_layout import Q6K_LAYOUT
 from .kernel_text import KernelText, hsum
 from .quant_decoders import Block, Decoder, _times
-from .quant_k_lanes import LANES, Repacked, byte_float, words_at
+from .quant_k_lanes import LANES, Repacked, block_loop, byte_float, words_at
 from .quant_kernels import Mats, per_row, x_sums
 
 SC, QL, QH = 4, 20, 148     # byte offsets in a repacked block: scales, low nibbles, high bits
@@ -92,7 +92,6 @@ def dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, pre, xs, m0:
     (xp, xpt), (x16, x16t), tab = pre
     t = k.t
     v, vi = f"vector<{LANES}xf32>", f"vector<{LANES}xi32>"
-    zero = t.const("0.0", v)
     rows = [k.ix("addi", m0, r) if r else m0 for r in range(mb)]
     pairs = [(i, j) for i in range(mb) for j in range(len(cols))]
     c = {x: t.const(str(x), vi) for x in (0x0F0F0F0F, 0x30303030, 2, 4)}
@@ -100,12 +99,7 @@ def dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, pre, xs, m0:
     top = t.const("24", vi)
     dec = rp.decoder
 
-    def block(bi, args):
-        acc, accm = list(args[:len(pairs)]), list(args[len(pairs):])
-        base = k.ix("muli", bi, dec.nbytes)
-        k0 = k.ix("muli", bi, dec.elems)
-        prefetch(cols[-1], base)
-        blks = [Block(t, wm, wmt, col, base, LANES) for col in cols]
+    def block(k0, blks, acc, accm):
         sums = {(q, par): None for q in pairs for par in (0, 1)}  # two chains a pair
         for n in range(2):
             qh = [words_at(blk, QH + 32 * n) for blk in blks]
@@ -143,7 +137,7 @@ def dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, pre, xs, m0:
                                 sums[(i, j), par] = (
                                     t(f"arith.mulf {sc}, {p} : {v}") if acc_s is None
                                     else t(f"vector.fma {sc}, {p}, {acc_s} : {v}"))
-        g0 = k.ix("muli", bi, 16)
+        g0 = k.ix("divui", k0, 16)
         xsv = [[t(f"vector.load {x16}[{r}, {k.ix('addi', g0, 8 * u) if u else g0}] : {x16t}, {v}")
                 for u in (0, 1)] for r in rows]
         for j, blk in enumerate(blks):
@@ -157,11 +151,11 @@ def dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, pre, xs, m0:
                 tot = t(f"arith.addf {sums[(i, j), 0]}, {sums[(i, j), 1]} : {v}")
                 acc[n_] = t(f"vector.fma {d}, {tot}, {acc[n_]} : {v}")
                 accm[n_] = t(f"vector.fma {d}, {corr}, {accm[n_]} : {v}")
-        return acc + accm
-    res = k.loop(0, k.k // dec.elems, 1, [zero] * (2 * len(pairs)), v, block)
+        return acc, accm
+    acc, accm = block_loop(k, wm, wmt, dec, cols, len(pairs), prefetch, block)
     for n_, (i, j) in enumerate(pairs):
-        y = t(f"math.fma {t.const('-32.0', 'f32')}, {hsum(t, res[len(pairs) + n_], LANES)}, "
-              f"{hsum(t, res[n_], LANES)} : f32")
+        y = t(f"math.fma {t.const('-32.0', 'f32')}, {hsum(t, accm[n_], LANES)}, "
+              f"{hsum(t, acc[n_], LANES)} : f32")
         t.stmt(f"memref.store {y}, {mats.om}[{rows[i]}, {cols[j]}] : {mats.omt}")
 
 
