@@ -176,8 +176,18 @@ class GGUFQAttentionWithRope(AttentionWithRope):
         if enc is not None:
             y = ops.qmatmul(enc, None, x, wqkv)
         else:
-            y = ops.concat([self._matmul(getattr(self, n).encoding, x, w)
-                            for n, w in zip(_QKV, wqkv)], axis=1)
+            # Neighbours stored alike share one matmul over their stacked rows (Q4_K_M: q and
+            # k in Q4_K, v in Q6_K): one kernel call fewer, x read once for both.
+            runs: list[tuple[QuantizationEncoding, list]] = []
+            for n, w in zip(_QKV, wqkv):
+                e = getattr(self, n).encoding
+                if runs and runs[-1][0] is e:
+                    runs[-1][1].append(w)
+                else:
+                    runs.append((e, [w]))
+            y = ops.concat([self._matmul(e, x, ws[0] if len(ws) == 1 else
+                                         ops.concat([as_tensor(w) for w in ws], axis=0))
+                            for e, ws in runs], axis=1)
         if bias is not None:
             y = y + (bias if bias.dtype == x.dtype else ops.cast(bias, x.dtype))
         return y
