@@ -3,8 +3,9 @@
 Everything after the qkv projection (RoPE, the paged store, flash attention) is
 AttentionWithRope's; only the weights and the projection differ. Each projection keeps the
 encoding its tensor has in the file (llama.cpp's Q4_K_M stores attn_v as Q6_K next to Q4_K
-q/k/o): q, k and v run as one qmatmul over the joined blocks when they share an encoding, as
-separate qmatmuls whose outputs are joined otherwise.
+q/k/o): q, k and v run as one qmatmul over the joined blocks when they share an encoding;
+otherwise each run of neighbours stored alike (Q4_K_M's q and k) takes one qmatmul over its
+joined blocks, and the outputs are joined.
 """
 from __future__ import annotations
 
@@ -143,7 +144,8 @@ class GGUFQAttentionWithRope(AttentionWithRope):
         if self._qkv_encoding() is None:
             got = ", ".join(f"{n}={getattr(self, n).encoding.value}" for n in _QKV)
             raise ValueError(f"{type(self).__name__}: q/k/v are stored in different encodings "
-                             f"({got}); there is no single wqkv: they run as separate qmatmuls")
+                             f"({got}); there is no single wqkv: they run as separate qmatmuls "
+                             f"(neighbours stored alike share one)")
         return ops.concat([self._clip(p.weight) for p in (self.q_proj, self.k_proj, self.v_proj)],
                           axis=0)
 
