@@ -153,8 +153,9 @@ def main() -> None:
     print(f"max relative difference of the outputs: {err:.2e}")
     print(f"f32 FMA peak: {peaks[0]:.0f} GFLOP/s on 1 thread, {peaks[1]:.0f} on {args.threads}")
     if kernel_times:
-        print("kernel (each call's wall time, Python's call overhead included) | best us | "
-              "median us")
+        print("kernel (each call's wall time, Python's call overhead included; timing them "
+              "turns the runtime's replay off, so the step times above include ~80 us more host "
+              "work) | best us | median us")
         for name, ts in kernel_times.items():
             if ts:   # kernels that ran at load only have none
                 print(f"{name} | {min(ts) * 1e6:.0f} | {statistics.median(ts) * 1e6:.0f}")
