@@ -135,7 +135,8 @@ def tail_pass(k: _Kernel, nkv: int, r0: str, rows: str, page: int, regs: int, sp
         def ahead(j: str, kind: int) -> tuple[str, str, str]:
             """(page, kind, slot) of the key PREFETCH_KEYS past the tile's key j (the
             split's last key past its end; across tiles: indices clamped like the loads')."""
-            kp = t(f"arith.addi %k0, {t(f'arith.addi {j}, {t.idx(PREFETCH_KEYS)} : index')} : index")
+            jp = t(f"arith.addi {j}, {t.idx(PREFETCH_KEYS)} : index")
+            kp = t(f"arith.addi %k0, {jp} : index")
             pg, sl = _page_slot(k, t.min(kp, last), page)
             return pg, t.idx(kind), sl
         _slot_tile(k, nkv, kv_row, valids, qs, os_, ms, ls, ps, als, sct, pst, mt1, dw, regs,

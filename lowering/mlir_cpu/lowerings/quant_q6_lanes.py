@@ -142,8 +142,10 @@ def dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, pre, xs, m0:
                 for u in (0, 1)] for r in rows]
         for j, blk in enumerate(blks):
             d = blk.splat(blk.f16(0))
-            scf = [t(f"arith.sitofp {t(f'arith.extsi {blk.bytes(SC + 8 * u, 8)} : vector<8xi8> to {vi}')} "
-                     f": {vi} to {v}") for u in (0, 1)]
+            # the 16 scales as floats, against the sub-blocks' sums of x (the offset of 32)
+            ints = [t(f"arith.extsi {blk.bytes(SC + 8 * u, 8)} : vector<8xi8> to {vi}")
+                    for u in (0, 1)]
+            scf = [t(f"arith.sitofp {iv} : {vi} to {v}") for iv in ints]
             for i in range(mb):
                 n_ = pairs.index((i, j))
                 corr = t(f"vector.fma {scf[1]}, {xsv[i][1]}, "
