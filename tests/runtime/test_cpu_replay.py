@@ -54,7 +54,7 @@ def test_a_decode_loop_replays_bit_for_bit(layer):
         for u, v in zip(got, want):
             np.testing.assert_array_equal(u, v, err_msg=f"step {step}")
         np.testing.assert_array_equal(blocks_f, blocks_s, err_msg=f"cache after step {step}")
-    assert sum(isinstance(r, Replay) for r in fast._replays.values()) == 2
+    assert sum(isinstance(r, Replay) for r in fast._replays.values()) >= 2
     assert all(r is None for r in slow._replays.values())
 
 
