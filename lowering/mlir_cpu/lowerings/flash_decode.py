@@ -34,8 +34,8 @@ MAX_SPLITS = 16   # key splits of a row when the batch has one row (16 / rows fo
 # the hardware prefetchers restart at every 4 KB page, so each slot's first lines came at
 # full memory latency. 4 keys ahead (16 KB) cut the Llama-shaped decode attention inside the
 # Q4_K layer's step 629 -> 481 us at context 1024 and 2014 -> 1806 at 4096 (medians, paired
-# in one process on a 2-vCPU Zen 3 EPYC; BENCHMARKS.md, CPU decode attention prefetch); 2
-# keys ahead did less, 8 no more.
+# in one process on a 2-vCPU Zen 3 EPYC; BENCHMARKS.md, "CPU: the decode attention's slot
+# walk prefetches"); 2 keys ahead did less, 8 no more.
 PREFETCH_KEYS = 4
 
 
