@@ -70,6 +70,9 @@ def _as_input(k: int, t, a) -> np.ndarray:
     return _check_input(k, t, a)
 
 
+_UNSEEN = object()   # a signature with no replay entry yet
+
+
 class CpuModel:
     """A loaded CPU artifact. `execute(*inputs)` returns numpy arrays; buffer inputs (the KV
     cache) are updated in place. bf16 / float8 inputs: floats, or their raw bits as uint16 /
@@ -182,13 +185,13 @@ class CpuModel:
             # The kernels index with the metadata unchecked: validate it all before any runs.
             env = self._checked_dims(arrays)
             sig = tuple((a.shape, a.dtype) for a in arrays)
-            if sig in self._replays:
-                rp = self._replays[sig]
-                if (rp is not None and rp.slot_version == self._slot_version
-                        and all(a.flags.c_contiguous for a in arrays)):
+            rp = self._replays.get(sig, _UNSEEN)
+            if rp is None or (rp is not _UNSEEN and rp.slot_version == self._slot_version):
+                if rp is not None and all(a.flags.c_contiguous for a in arrays):
                     outs, fresh = rp.run(arrays)
                     return self._outputs(dict(zip(self.plan.outputs, outs)), fresh)
                 return self._run(arrays, env)
+            # unseen, or traced before another signature regrew the slot memory: (re)trace
             trace = Trace()
             out = self._run(arrays, env, trace)
             if len(self._replays) >= self._MAX_SIGNATURES:

@@ -113,3 +113,26 @@ def test_outputs_that_alias_an_input_or_a_weight_are_copies():
         np.testing.assert_array_equal(o[3], np.full((8, 4), (k + 1.0) ** 2))
         o[1][...] = 0.0   # a caller writing into its outputs touches nothing of the model's
     np.testing.assert_array_equal(outs[0][2], 1 + w["w"])
+
+
+def test_a_signature_traced_before_the_slots_grew_is_traced_again(layer, monkeypatch):
+    """A prefill bigger than any before regrows the slot memory: the decode signature's replay
+    then points at the old slots, so its next call traces it again and later calls replay."""
+    g, w, _, slow = layer
+    fast = _load(g, w, True)
+    rng = np.random.default_rng(4)
+    small = good_inputs(rng, new=(1, 1), cached=(3, 6))
+    big = good_inputs(rng, new=(6, 7), cached=(2, 1))
+    sig = tuple((a.shape, a.dtype) for a in small)
+    fast.execute(*[a.copy() for a in small])
+    before = fast._slot_version
+    fast.execute(*[a.copy() for a in big])
+    assert fast._slot_version > before and fast._replays[sig].slot_version == before
+    want = slow.execute(*[a.copy() for a in small])
+    got = fast.execute(*[a.copy() for a in small])    # traced again
+    assert fast._replays[sig].slot_version == fast._slot_version
+    monkeypatch.setattr(type(fast), "_run", lambda *a, **k: pytest.fail("general path ran"))
+    again = fast.execute(*[a.copy() for a in small])
+    for u, v, z in zip(got, want, again):
+        np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(z, v)
