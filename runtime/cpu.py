@@ -78,11 +78,6 @@ class CpuFunction:
         self._bufs: list = []   # descriptor buffers between calls (list.pop/append: thread-safe)
         self.raw = self._fn     # the ctypes function: one pointer argument a descriptor
 
-    @staticmethod
-    def describe(a: np.ndarray, fields: list, starts: list) -> None:
-        """Append C-contiguous `a`'s descriptor to fields (cpu_replay.py builds its own)."""
-        _describe(a, fields, starts)
-
     def __call__(self, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
         if len(inputs) != self.n_inputs or len(outputs) != self.n_outputs:
             raise ValueError(f"{self.name}: expected {self.n_inputs} inputs and {self.n_outputs} "
@@ -96,14 +91,14 @@ class CpuFunction:
             if not a.flags.c_contiguous:
                 a = np.ascontiguousarray(a)
                 keep.append(a)
-            _describe(a, fields, starts)
+            describe(a, fields, starts)
         for i, o in enumerate(outputs):
             if not isinstance(o, np.ndarray):
                 raise ValueError(f"{self.name}: output {i} is {type(o).__name__}, not np.ndarray")
             if not (o.flags.c_contiguous and o.flags.writeable):
                 raise ValueError(f"{self.name}: output {i} must be a writeable C-contiguous "
                                  f"array (shape {o.shape}, dtype {o.dtype})")
-            _describe(o, fields, starts)
+            describe(o, fields, starts)
         # A buffer of the last calls is reused (filled by a slice: ~1.5 us, a new one ~9 us).
         try:
             buf = self._bufs.pop()
@@ -147,7 +142,7 @@ def data_ptr(a: np.ndarray) -> int:
         return a.ctypes.data
 
 
-def _describe(a: np.ndarray, fields: list, starts: list) -> None:
+def describe(a: np.ndarray, fields: list, starts: list) -> None:
     """Append the memref descriptor of C-contiguous `a` to `fields` (int64s: allocated,
     aligned, offset, sizes, strides) and its first index to `starts`."""
     _check_dtype(a)

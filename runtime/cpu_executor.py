@@ -183,8 +183,8 @@ class CpuModel:
         check_buffers_writable(self._in_types, arrays)
         with self._lock:
             # The kernels index with the metadata unchecked: validate it all before any runs.
-            env = self._checked_dims(arrays)
             sig = tuple((a.shape, a.dtype) for a in arrays)
+            env = self._checked_dims(arrays, sig)
             rp = self._replays.get(sig, _UNSEEN)
             if rp is None or (rp is not _UNSEEN and rp.slot_version == self._slot_version):
                 if rp is not None and all(a.flags.c_contiguous for a in arrays):
@@ -201,14 +201,13 @@ class CpuModel:
 
     _MAX_SIGNATURES = 64
 
-    def _checked_dims(self, arrays) -> dict[str, int]:
+    def _checked_dims(self, arrays, sig: tuple) -> dict[str, int]:
         """The call's bound dims, after the dim and ragged-metadata checks. Per input
-        signature (shapes, dtypes) the dims and their checks are worked out once; the ragged
+        signature `sig` (shapes, dtypes) the dims and their checks are worked out once; the ragged
         metadata then takes the fast check (runtime/ragged.py FastFacts: byte comparisons with
         the last call's offsets and lookup table, a scalar read of a cache length) and the full
         one, which names the fault, whenever the fast one is not sure. Solving the dims and
         the full check each call cost ~300 us of a 2.5 ms CPU decode step."""
-        sig = tuple((a.shape, a.dtype) for a in arrays)
         entry = self._sigs.get(sig)
         if self._checks is None:
             self._checks = (DimCheck(self.graph), RaggedCheck(self.graph))

@@ -22,7 +22,7 @@ import ctypes
 
 import numpy as np
 
-from .cpu import CpuFunction, data_ptr as _ptr
+from .cpu import CpuFunction, data_ptr as _ptr, describe
 
 
 class Trace:
@@ -33,7 +33,8 @@ class Trace:
         self.calls: list[tuple[CpuFunction, list, list]] = []
         self.fresh: set[int] = set()
         self.outputs: list[np.ndarray] = []
-        self.ok = True   # False: something the replay cannot repeat ran (a runtime step)
+        self.ok = True   # False: the call had what a replay cannot repeat (a runtime step,
+        # an input converted to bits: its copy is that call's alone)
 
 
 class Replay:
@@ -88,7 +89,7 @@ class Replay:
                 return None
             fields, first = [], []
             for a in arrs:
-                fn.describe(a, fields, first)
+                describe(a, fields, first)
             buf = (ctypes.c_int64 * len(fields))(*fields)
             base = ctypes.addressof(buf)
             patches = []

@@ -29,9 +29,9 @@ from .quant_gptq import Gptq, gptq_matmul_text
 from .quant_kernels import QuantTiles
 from .quant_k_lanes import REPACKED as _K_REPACKED
 from .quant_q6_lanes import REPACKED_Q6
+from .rows import finish_rows, rows_of
 
 REPACKED = {**_K_REPACKED, **REPACKED_Q6}   # layout -> its decoder and row path
-from .rows import finish_rows, rows_of
 
 
 def _idx(i: int) -> ir.Value:

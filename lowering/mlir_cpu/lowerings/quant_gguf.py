@@ -11,7 +11,7 @@ from __future__ import annotations
 from .attention import finish, memref_of, to_buffer
 from .quant_decoders import TABLE, Block, Decoder, lane
 from .kernel_text import KernelText, hsum, transpose
-from .quant_kernels import (Mats, QuantTiles, k_block, pow2, rows_in_blocks,
+from .quant_kernels import (Mats, QuantTiles, int_table, k_block, pow2, rows_in_blocks,
                             split_rows, tile_path, x_sums)
 from .quant_k_lanes import Repacked
 
@@ -135,19 +135,6 @@ def _gguf_dot(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m0
             t.stmt(f"memref.store {y}, {mats.om}[{rows[i]}, {c}] : {mats.omt}")
 
 
-def _int_table(k: KernelText) -> str:
-    """memref<TABLE x f32> holding 0.0, 1.0, ... (the float of each small integer)."""
-    t = k.t
-    tab = t(f"memref.alloca() : memref<{TABLE}xf32>")
-
-    def fill(i, _):
-        f = t(f"arith.uitofp {t(f'arith.index_castui {i} : index to i32')} : i32 to f32")
-        t.stmt(f"memref.store {f}, {tab}[{i}] : memref<{TABLE}xf32>")
-        return []
-    k.loop(0, TABLE, 1, body=fill)
-    return tab
-
-
 def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m_lo: str, m_hi: str,
                n_lo: int, n_hi: int, lanes=None) -> None:
     """Rows [m_lo, m_hi) x columns [n_lo, n_hi) by the row path (lanes: (Repacked, the permuted
@@ -162,7 +149,7 @@ def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m
     per = nb * max(1, count // (nb * PARALLEL_ITERATIONS))
     g = k.fresh("g")
     t.open(f"scf.forall ({g}) in ({-(-count // per)})")
-    table = _int_table(k) if dec.int_scales is not None or lanes is not None else None
+    table = int_table(k, TABLE) if dec.int_scales is not None or lanes is not None else None
     start = k.ix("addi", k.ix("muli", g, per), n_lo)
     end = t.min(k.ix("addi", start, per), t.idx(n_hi))
 

@@ -191,6 +191,23 @@ def x_sums(k: KernelText, mats: Mats, size: int) -> tuple[str, str]:
     return xs, xst
 
 
+def int_table(k: KernelText, size: int, signed: bool = False, heap: bool = False) -> str:
+    """memref<size x f32> holding the float of each index (signed: of the index as an int8,
+    size 256), so a scale byte's float is one load; on the stack of the task that builds it,
+    or (heap) built once a call before the tasks (the deallocation pass frees it)."""
+    t = k.t
+    tab = t(f"memref.{'alloc' if heap else 'alloca'}() : memref<{size}xf32>")
+
+    def fill(i, _):
+        u = t(f"arith.index_castui {i} : index to i32")
+        f = (t(f"arith.sitofp {t(f'arith.trunci {u} : i32 to i8')} : i8 to f32") if signed
+             else t(f"arith.uitofp {u} : i32 to f32"))
+        t.stmt(f"memref.store {f}, {tab}[{i}] : memref<{size}xf32>")
+        return []
+    k.loop(0, size, 1, body=fill)
+    return tab
+
+
 def per_row(k: KernelText, mats: Mats, row) -> None:
     """row(m) for every row m of x: serially below SERIAL_ROWS rows (a decode step's few rows
     are cheaper than a parallel region's barrier), else one forall iteration a row."""

@@ -25,7 +25,7 @@ from ..pack_layout import Q6K_LAYOUT
 from .kernel_text import KernelText, hsum
 from .quant_decoders import Block, Decoder, _times
 from .quant_k_lanes import LANES, Repacked, block_loop, byte_float, words_at
-from .quant_kernels import Mats, per_row, x_sums
+from .quant_kernels import Mats, int_table, per_row, x_sums
 
 SC, QL, QH = 4, 20, 148     # byte offsets in a repacked block: scales, low nibbles, high bits
 SIGNED = 256                # entries of the table of int8 values as floats
@@ -73,16 +73,7 @@ def prologue(k: KernelText, mats: Mats) -> tuple:
             return []
         k.loop(0, k.k // 32, 1, body=run)
     per_row(k, mats, row)
-    tab = t(f"memref.alloc() : memref<{SIGNED}xf32>")
-
-    def fill(i, _):
-        u = t(f"arith.index_castui {i} : index to i32")
-        s = t(f"arith.trunci {u} : i32 to i8")
-        f = t(f"arith.sitofp {s} : i8 to f32")
-        t.stmt(f"memref.store {f}, {tab}[{i}] : memref<{SIGNED}xf32>")
-        return []
-    k.loop(0, SIGNED, 1, body=fill)
-    return (xp, xpt), x_sums(k, mats, 16), tab
+    return (xp, xpt), x_sums(k, mats, 16), int_table(k, SIGNED, signed=True, heap=True)
 
 
 def dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, pre, xs, m0: str,
