@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .fsutil import TMP_PREFIX, replace_dir, sweep_stale
 
-FORMAT_VERSION = 2  # 2: the manifest carries a root digest
+FORMAT_VERSION = 3  # 2: the manifest carries a root digest; 3: the CPU library declares its ABI
 MANIFEST = "manifest.json"
 
 

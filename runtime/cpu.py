@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -163,6 +164,23 @@ class CpuLibrary:
             raise ValueError(f"CpuLibrary: no such file {self.path!r}")
         # RTLD_LOCAL: two loaded artifacts never see each other's symbols.
         self.handle = ctypes.CDLL(os.path.abspath(self.path), mode=os.RTLD_NOW | os.RTLD_LOCAL)
+
+    def abi(self) -> dict | None:
+        """What the library's kernels were compiled to expect (lowering/mlir_cpu/backend.py
+        `kernel_abi`: kernel name -> [[operand, layout], ...] of its pre-packed operands);
+        None for a library that declares nothing."""
+        try:
+            fn = self.handle.graphir_abi
+        except AttributeError:
+            return None
+        fn.restype, fn.argtypes = ctypes.c_char_p, []
+        try:
+            out = json.loads(fn().decode())
+        except (UnicodeDecodeError, ValueError):
+            out = None
+        if not isinstance(out, dict):
+            raise ValueError(f"{self.path}: its graphir_abi() is not a JSON object")
+        return out
 
     def function(self, name: str, n_inputs: int, n_outputs: int) -> Callable[
             [Sequence[np.ndarray], Sequence[np.ndarray]], None]:

@@ -73,6 +73,27 @@ def _as_input(k: int, t, a) -> np.ndarray:
 _UNSEEN = object()   # a signature with no replay entry yet
 
 
+def _check_abi(plan: Plan, lib: CpuLibrary, art: Artifact) -> None:
+    """Hold each step's pre-packed operands (its "prepack" attr) to what its kernel in the
+    library was compiled for: the manifest's digest is over the manifest alone, so a manifest
+    rewritten with one attr lost would otherwise pass the kernel unpacked bytes."""
+    try:
+        abi = lib.abi()
+    except ValueError as e:
+        raise ArtifactError(f"{art.path}: {e}") from None
+    if abi is None:
+        raise ArtifactError(f"{art.path}: {art.manifest['library']} does not declare its "
+                            f"kernels' operand layouts (built by an older graphir); recompile it")
+    for i, s in enumerate(plan.steps):
+        if s.kernel == "view" or s.kernel.startswith("runtime"):
+            continue
+        have = s.attrs.get("prepack") or []
+        want = abi.get(s.kernel, [])
+        if have != want:
+            raise ArtifactError(f"{art.path}: step {i} ({s.kernel}) passes pre-packed operands "
+                                f"{have}, its kernel was compiled for {want}")
+
+
 class CpuModel:
     """A loaded CPU artifact. `execute(*inputs)` returns numpy arrays; buffer inputs (the KV
     cache) are updated in place. bf16 / float8 inputs: floats, or their raw bits as uint16 /
@@ -94,6 +115,7 @@ class CpuModel:
         self._slot_version = 0   # bumped when slot memory is reallocated (replays hold it)
         self.plan = Plan.from_json(art.manifest["plan"])
         self._lib = CpuLibrary(art.file(art.manifest["library"]))
+        _check_abi(self.plan, self._lib, art)
         self._lock = threading.Lock()
         vid, _ = value_table(self.graph)
         self._in_types = [v.type for v in self.graph.inputs]

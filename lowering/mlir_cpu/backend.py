@@ -1,6 +1,7 @@
 """The MLIR CPU backend: one kernel function per plan step, all in one module -> one .so."""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -124,13 +125,24 @@ def build(graph, target, say, **options):
     with ctx:
         say("compiling to native code")
         with tempfile.TemporaryDirectory(prefix="graphir-cpu-") as tmp:
-            so = compile_to_shared_object(module, Path(tmp) / "kernels.so", target=cpu)
+            so = compile_to_shared_object(module, Path(tmp) / "kernels.so", target=cpu,
+                                          abi=kernel_abi(plan))
             data = so.read_bytes()
     kernels = sorted({s.kernel for s in plan.steps if s.kernel[0] == "k"})
     cfg = schedules.MatmulConfig.for_target(cpu)
     record = dict(cpu.record(), matmul_block=[cfg.mr, cfg.nr])
     return {"cpu/kernels.so": data}, {"plan": plan.to_json(), "kernels": kernels,
                                       "library": "cpu/kernels.so", "cpu": record}
+
+
+def kernel_abi(plan) -> str:
+    """What the kernels of `plan` were compiled to expect beyond the graph: the operands each
+    takes pre-packed, and in which layout. The library returns it (runtime/cpu.py
+    `CpuLibrary.abi`) and the executor holds the manifest's steps to it: a step that lost or
+    changed its "prepack" would pass a kernel the wrong bytes, which no digest of the manifest
+    alone can catch once the manifest is rewritten consistently."""
+    return json.dumps({s.kernel: s.attrs["prepack"] for s in plan.steps
+                       if s.attrs.get("prepack")}, sort_keys=True)
 
 
 def mlir_text(graph, stage: str = "mlir", target=None) -> str:

@@ -245,9 +245,12 @@ def _runtime_artifact(kind: str) -> Path:
 
 
 def compile_to_shared_object(module: ir.Module, out_path: str | os.PathLike,
-                             opt_level: int = 3, target: CpuTarget | None = None) -> Path:
+                             opt_level: int = 3, target: CpuTarget | None = None,
+                             abi: str | None = None) -> Path:
     """Lower `module` to LLVM, emit an object for `target` (default: this host's CPU target)
-    and link a self-contained .so.
+    and link a self-contained .so. `abi`: a text the library returns from its exported
+    `graphir_abi()` (runtime/cpu.py `CpuLibrary.abi`): what its kernels were compiled to
+    expect, so that a loader can hold a manifest to the code itself.
 
     The result depends only on libc, libm and libpthread: no MLIR runtime library is needed.
 
@@ -270,11 +273,22 @@ def compile_to_shared_object(module: ir.Module, out_path: str | os.PathLike,
         tmp_so = Path(tmp) / "out.so"
         cmd = [_cc(), "-shared", "-o", str(tmp_so), str(obj), str(_runtime_artifact("o")),
                "-Wl,--no-undefined", "-Wl,-z,noexecstack", "-lm", "-lpthread"]
+        if abi is not None:
+            src = Path(tmp) / "abi.c"
+            src.write_text(_abi_source(abi))
+            cmd[5:5] = ["-fPIC", str(src)]   # beside the kernels' object
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compile_to_shared_object: link failed:\n{res.stderr}")
         shutil.copyfile(tmp_so, out_path)
     return out_path
+
+
+def _abi_source(text: str) -> str:
+    """C source of `const char *graphir_abi(void)` returning `text` (escaped byte by byte:
+    any text survives the C string literal)."""
+    body = "".join(f"\\x{b:02x}" for b in text.encode())
+    return f'const char *graphir_abi(void) {{ return "{body}"; }}\n'
 
 
 def jit(module: ir.Module, opt_level: int = 3, target: CpuTarget | None = None) -> ExecutionEngine:
