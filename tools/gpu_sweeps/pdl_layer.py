@@ -4,7 +4,9 @@ tools/bench_gpu.py. Run it once with GRAPHIR_PDL=1 and once with 0 (the launch a
 when the artifact loads) and compare the two tables: a kernel launched early starts before its
 predecessor ends, so its own time includes the wait, and the step span is what counts. The
 metadata copy is listed with the kernels.
-    GRAPHIR_PDL=1 python3 tools/gpu_sweeps/pdl_layer.py "decode B64 ctx4096"
+    GRAPHIR_PDL=1 python3 tools/gpu_sweeps/pdl_layer.py "decode B64 ctx4096" [--sync]
+With --sync each step is synchronized before the next is queued, as a serving loop (and the
+wall column of bench_gpu.py) runs them; without, steps are queued back to back.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import bench_gpu as bg  # noqa: E402
 STEPS = 30
 
 
-def main(case: str) -> None:
+def main(case: str, sync: bool = False) -> None:
     gl = bg.GraphirLayer()
     batch, cached, new = bg.CASES[case]
     x, m, _, _, blocks = bg.layer_inputs(bg.LLAMA8B, batch, cached, new, seed=1)
@@ -31,6 +33,8 @@ def main(case: str) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(STEPS):
             gl.model.execute(*args)
+            if sync:
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
     # The metadata upload (a copy node of the step's graph, or a copy before it) is listed
     # too: a gap between it and the first kernel is the step's as well.
@@ -52,7 +56,8 @@ def main(case: str) -> None:
                 gap[key].append(e.time_range.start - step[i - 1].time_range.end)
     med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")  # noqa: E731
     print(f"GRAPHIR_PDL={os.environ.get('GRAPHIR_PDL', '1')} "
-          f"GRAPHIR_SLOT_GRAPHS={os.environ.get('GRAPHIR_SLOT_GRAPHS', '1')} {case}: "
+          f"GRAPHIR_SLOT_GRAPHS={os.environ.get('GRAPHIR_SLOT_GRAPHS', '1')} {case}"
+          f"{' (synchronized steps)' if sync else ''}: "
           f"{per} events a step, step span median {med(spans):.1f} us (first kernel start to "
           f"last kernel end), {med(full):.1f} us from the first copy")
     print(f"{'kernel':64s} {'us':>8s} {'gap us':>8s}")
@@ -61,4 +66,5 @@ def main(case: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "decode B64 ctx4096")
+    argv = [a for a in sys.argv[1:] if a != "--sync"]
+    main(argv[0] if argv else "decode B64 ctx4096", "--sync" in sys.argv[1:])

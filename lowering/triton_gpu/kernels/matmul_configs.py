@@ -45,10 +45,14 @@ def tile(bm, bn, bk, gm, w, s, split_k=1, name=None) -> dict:
     return cfg
 
 
-def gemv(bn, bk, w, s=1, split_k=1) -> dict:
+def gemv(bn, bk, w, s=1, split_k=1, prefetch=False) -> dict:
+    """A GEMV config; `prefetch`: the next K block's loads issued before this block's FMAs
+    (matmul_skinny.gemv_kernel's PREFETCH; launches whose K splits are not whole blocks run
+    the plain loop)."""
     return {"kind": "gemv", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": w,
-            "num_stages": s,
-            "name": f"gemv{bn}x{bk}_w{w}_s{s}" + (f"_k{split_k}" if split_k > 1 else "")}
+            "num_stages": s, "PREFETCH": prefetch,
+            "name": f"gemv{bn}x{bk}_w{w}_s{s}" + (f"_k{split_k}" if split_k > 1 else "")
+            + ("_pf" if prefetch else "")}
 
 
 def tma(bm, bn, bk, gm, w, s, persistent=False, subtile=False, ws=False) -> dict:
@@ -80,7 +84,8 @@ CANDIDATES = {
     # row, 10.0 / 13.9 us against 10.6 / 14.4 for the wider tiles (BENCHMARKS.md, matmul at one
     # row, 2026-12-04; 105 tiles of 2-16 rows x 256-1024 columns x 1-4 warps timed).
     "m1": [gemv(16, 512, 4), gemv(8, 1024, 4), gemv(32, 256, 4), gemv(16, 512, 4, split_k=2),
-           gemv(2, 1024, 1), gemv(2, 256, 2),
+           gemv(2, 1024, 1), gemv(2, 256, 2), gemv(2, 1024, 1, prefetch=True),
+           gemv(2, 256, 2, prefetch=True),
            DECODE, tile(16, 16, 256, 1, 4, 6), tile(16, 32, 256, 1, 4, 4, split_k=4), *LT],
     "m16": [tile(16, 16, 256, 1, 4, 6), DECODE, tile(16, 32, 512, 1, 4, 3),
             tile(16, 64, 256, 1, 4, 4, split_k=2), tile(16, 32, 256, 1, 4, 4, split_k=4),
@@ -247,7 +252,8 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
                   EVEN_K=even_k)
     elif kind == "gemv":
         fn = sk.gemv_kernel
-        ce.update({k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, EVEN_K=even_k)
+        ce.update({k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, EVEN_K=even_k,
+                  PREFETCH=bool(cfg.get("PREFETCH")))
     else:
         fn = mt.matmul_tma_kernel
         ws = bool(cfg.get("WS"))

@@ -4,7 +4,8 @@ For a handful of rows the matmul is a stream over the weight (50 MB for 6144x409
 4.3 TB/s), and what matters is keeping enough bytes in flight on every SM, not the math. The GEMV
 kernel gives each program one row of A and BLOCK_N rows of B; it accumulates the elementwise
 products in a [BLOCK_N, BLOCK_K] fp32 register tile and reduces across K once at the end, so the
-loop body is loads and FMAs only. Row programs of one N tile are adjacent in launch order (rows
+loop body is loads and FMAs only (PREFETCH: the next block's loads issued before this block's
+FMAs). Row programs of one N tile are adjacent in launch order (rows
 are grid axis 0), so a few rows share each weight tile through L2.
 
 SPLIT_K > 1 (grid axis 2) writes fp32 partials `[SPLIT_K, M, N]` to `c_ptr`, which
@@ -24,7 +25,7 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 @triton.jit
 def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                EVEN_K: tl.constexpr):
+                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
     pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -36,18 +37,36 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
     x_ptrs = a_ptr + row * K + k_lo + rk
     w_ptrs = b_ptr + rn_c[:, None] * K + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        # The weight streams through once: do not let it push A out of L2.
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-        else:
-            kmask = (k0 + rk) < k_hi
-            x = tl.load(x_ptrs, mask=kmask, other=0.0)
-            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
+    # The weight streams through once: its loads are evict-first, so it does not push A out of
+    # L2.
+    if PREFETCH and EVEN_K:
+        # Register double-buffering: the next block's loads go out before this block's FMAs,
+        # so a warp keeps two blocks of the weight in flight rather than one (a split of an
+        # EVEN_K launch holds at least one whole block).
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+        x = tl.load(x_ptrs)
+        for _ in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            w_next = tl.load(w_ptrs, eviction_policy="evict_first")
+            x_next = tl.load(x_ptrs)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w = w_next
+            x = x_next
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                kmask = (k0 + rk) < k_hi
+                x = tl.load(x_ptrs, mask=kmask, other=0.0)
+                w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
     if HAS_BIAS and SPLIT_K == 1:
         out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)

@@ -44,6 +44,18 @@ def test_every_candidate_bf16_with_bias_and_a_k_tail(name):
     assert rel_err(got, a, b, bi) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("name", sorted(n for n, c in mc.BY_NAME.items() if c.get("PREFETCH")))
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("M", [1, 2])
+def test_the_prefetching_gemv_over_whole_blocks(name, blocks, M):
+    # K a whole number of blocks (EVEN_K): the double-buffered loop, down to the one-block case
+    # where only its prologue and last FMA run; N = 5 leaves a partial tile of clamped rows.
+    cfg = mc.get(name)
+    a, b, bi = data(M, 5, blocks * cfg["BLOCK_K"], torch.bfloat16, seed=blocks, bias=M == 2)
+    got = mc.run_torch(a, b, bi, config=name)
+    assert rel_err(got, a, b, bi) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("M", [1, 3, 17, 64, 130])
