@@ -12,7 +12,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 # Relative L2 error vs float64: bf16 output rounding alone is ~3e-3.
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
-TRITON_CONFIGS = sorted(n for n, c in mc.BY_NAME.items() if c["kind"] != "cublaslt")
+# The prefetching GEMVs run the plain loop on a K tail: test_the_prefetching_gemv_... covers both.
+TRITON_CONFIGS = sorted(n for n, c in mc.BY_NAME.items()
+                        if c["kind"] != "cublaslt" and not c.get("PREFETCH"))
 # One config of each kind (and split-K) runs every row count.
 KINDS = ["gemv16x512_w4_s1", "gemv16x512_w4_s1_k2", "t64x64x128_g1_w4_s4_k2",
          "t16x16x256_g1_w4_s6", "t128x64x64_g8_w4_s4", "tma128x128x64_g8_w8_s4_p"]
@@ -45,13 +47,15 @@ def test_every_candidate_bf16_with_bias_and_a_k_tail(name):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in mc.BY_NAME.items() if c.get("PREFETCH")))
-@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("blocks", [1, 3, 1.5])
 @pytest.mark.parametrize("M", [1, 2])
-def test_the_prefetching_gemv_over_whole_blocks(name, blocks, M):
+def test_the_prefetching_gemv_over_whole_blocks_and_a_tail(name, blocks, M):
     # K a whole number of blocks (EVEN_K): the double-buffered loop, down to the one-block case
-    # where only its prologue and last FMA run; N = 5 leaves a partial tile of clamped rows.
+    # where only its prologue and last FMA run; 1.5 blocks: a K tail, the plain masked loop.
+    # N = 5 leaves a partial tile of clamped rows.
     cfg = mc.get(name)
-    a, b, bi = data(M, 5, blocks * cfg["BLOCK_K"], torch.bfloat16, seed=blocks, bias=M == 2)
+    k = int(blocks * cfg["BLOCK_K"])
+    a, b, bi = data(M, 5, k, torch.bfloat16, seed=k, bias=M == 2)
     got = mc.run_torch(a, b, bi, config=name)
     assert rel_err(got, a, b, bi) < TOL[torch.bfloat16]
 
