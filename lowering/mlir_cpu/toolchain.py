@@ -271,12 +271,13 @@ def compile_to_shared_object(module: ir.Module, out_path: str | os.PathLike,
         engine.dump_to_object_file(str(obj))
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_so = Path(tmp) / "out.so"
-        cmd = [_cc(), "-shared", "-o", str(tmp_so), str(obj), str(_runtime_artifact("o")),
-               "-Wl,--no-undefined", "-Wl,-z,noexecstack", "-lm", "-lpthread"]
+        abi_c = []
         if abi is not None:
             src = Path(tmp) / "abi.c"
             src.write_text(_abi_source(abi))
-            cmd[5:5] = ["-fPIC", str(src)]   # beside the kernels' object
+            abi_c = ["-fPIC", str(src)]
+        cmd = [_cc(), "-shared", "-o", str(tmp_so), str(obj), str(_runtime_artifact("o")),
+               *abi_c, "-Wl,--no-undefined", "-Wl,-z,noexecstack", "-lm", "-lpthread"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compile_to_shared_object: link failed:\n{res.stderr}")

@@ -10,6 +10,7 @@ joined blocks, and the outputs are joined.
 from __future__ import annotations
 
 import os
+from itertools import groupby
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -180,13 +181,9 @@ class GGUFQAttentionWithRope(AttentionWithRope):
         else:
             # Neighbours stored alike share one matmul over their stacked rows (Q4_K_M: q and
             # k in Q4_K, v in Q6_K): one kernel call fewer, x read once for both.
-            runs: list[tuple[QuantizationEncoding, list]] = []
-            for n, w in zip(_QKV, wqkv):
-                e = getattr(self, n).encoding
-                if runs and runs[-1][0] is e:
-                    runs[-1][1].append(w)
-                else:
-                    runs.append((e, [w]))
+            encs = [getattr(self, n).encoding for n in _QKV]
+            runs = [(e, [w for _, w in run])
+                    for e, run in groupby(zip(encs, wqkv), key=lambda ew: ew[0])]
             y = ops.concat([self._matmul(e, x, ws[0] if len(ws) == 1 else
                                          ops.concat([as_tensor(w) for w in ws], axis=0))
                             for e, ws in runs], axis=1)

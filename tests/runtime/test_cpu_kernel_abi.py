@@ -12,14 +12,13 @@ import pytest
 pytest.importorskip("mlir.ir")
 
 from graphir import DeviceRef, DType, Graph, TensorType, Weight, ops  # noqa: E402
-from graphir.lowering.artifact import ArtifactError, root_digest  # noqa: E402
+from graphir.lowering.artifact import ArtifactError  # noqa: E402
 from graphir.lowering.driver import compile_graph  # noqa: E402
 from graphir.lowering.mlir_cpu.toolchain import _abi_source, _cc  # noqa: E402
 from graphir.runtime.cpu import CpuLibrary  # noqa: E402
 from graphir.runtime.interpreter import run  # noqa: E402
 from graphir.runtime.session import InferenceSession  # noqa: E402
-
-SO = "cpu/kernels.so"
+from tests.lowering.test_artifact import SO, _manifest, _write_manifest  # noqa: E402
 
 
 def _graph() -> Graph:
@@ -55,21 +54,13 @@ def _load(path):
     return InferenceSession().load(path, weights=_weights())
 
 
-def _edit(path, fn):
-    """Rewrite the manifest through fn with its root digest recomputed (a consistent edit)."""
-    m = json.loads((path / "manifest.json").read_text())
-    fn(m)
-    m["root_digest"] = root_digest(m)
-    (path / "manifest.json").write_text(json.dumps(m))
-
-
 def _step(m, op):
     (s,) = [s for s in m["plan"]["steps"] if s["op"] == op]
     return s
 
 
 def test_the_library_declares_the_manifests_packed_operands(art):
-    m = json.loads((art / "manifest.json").read_text())
+    m = _manifest(art)
     packed = _step(m, "matmul")["attrs"]["prepack"]
     assert packed and packed[0][0] == 1     # W, packed at load
     assert CpuLibrary(art / SO).abi() == {_step(m, "matmul")["kernel"]: packed}
@@ -81,20 +72,18 @@ def test_the_library_declares_the_manifests_packed_operands(art):
 
 @pytest.mark.parametrize("edit", ["lost", "other layout", "added"])
 def test_a_step_at_odds_with_its_kernel_is_refused(art, edit):
-    def change(m):
-        s = _step(m, "matmul")
-        if edit == "lost":
-            del s["attrs"]["prepack"]
-        elif edit == "other layout":
-            i, layout = s["attrs"]["prepack"][0]
-            s["attrs"]["prepack"] = [[i, "nk8" if layout != "nk8" else "nk16"]]
-        else:  # the add's second operand is the bias weight: a load-time value
-            s = _step(m, "add")
-            s["attrs"]["prepack"] = [[1, "nk8"]]
-        return s["kernel"]
-    kernel = []
-    _edit(art, lambda m: kernel.append(change(m)))
-    with pytest.raises(ArtifactError, match=f"step [0-9]+ \\({kernel[0]}\\) passes pre-packed "
+    m = _manifest(art)
+    s = _step(m, "matmul")
+    if edit == "lost":
+        del s["attrs"]["prepack"]
+    elif edit == "other layout":
+        i, layout = s["attrs"]["prepack"][0]
+        s["attrs"]["prepack"] = [[i, "nk8" if layout != "nk8" else "nk16"]]
+    else:  # the add's second operand is the bias weight: a load-time value
+        s = _step(m, "add")
+        s["attrs"]["prepack"] = [[1, "nk8"]]
+    _write_manifest(art, m)
+    with pytest.raises(ArtifactError, match=f"step [0-9]+ \\({s['kernel']}\\) passes pre-packed "
                                             f"operands .*, its kernel was compiled for"):
         _load(art)
 
@@ -107,8 +96,9 @@ def _swap_library(art, tmp_path, c_source):
     out = tmp_path / "swapped.so"
     subprocess.run([_cc(), "-shared", "-fPIC", "-o", str(out), str(src)], check=True)
     shutil.copyfile(out, art / SO)
-    digest = hashlib.sha256((art / SO).read_bytes()).hexdigest()
-    _edit(art, lambda m: m["files"].__setitem__(SO, digest))
+    m = _manifest(art)
+    m["files"][SO] = hashlib.sha256((art / SO).read_bytes()).hexdigest()
+    _write_manifest(art, m)
 
 
 def test_a_library_that_declares_nothing_is_refused(art, tmp_path):
