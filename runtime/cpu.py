@@ -21,9 +21,14 @@ Example:
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+import threading
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -155,6 +160,42 @@ def describe(a: np.ndarray, fields: list, starts: list) -> None:
         fields += _contiguous_strides(a.shape)
 
 
+# path -> (device, inode, size, mtime) of the file first dlopen'ed under that name
+_OPENED: dict[str, tuple[int, int, int, int]] = {}
+_OPENED_LOCK = threading.Lock()
+_COPIES: list[str] = []          # the private folder of renamed copies, made on first need
+
+
+def _dlopen(path: str) -> ctypes.CDLL:
+    """dlopen `path`, or a copy of it named by its content when another file was loaded under
+    that name earlier in this process.
+
+    The dynamic loader answers a name it has loaded with the library already in memory, never
+    reading the file again (ctypes never unloads one): an artifact recompiled in place (the same
+    `out` path, a new graph) would run the old kernels against the new manifest, wrong numbers
+    or reads past the new buffers. A file that is not the one first loaded under its name goes
+    through a copy whose name is its content's SHA-256, which any earlier load of that name
+    shares. RTLD_LOCAL: two loaded artifacts never see each other's symbols."""
+    mode = os.RTLD_NOW | os.RTLD_LOCAL
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _OPENED_LOCK:
+        if _OPENED.setdefault(path, ident) == ident:
+            return ctypes.CDLL(path, mode=mode)
+        with open(path, "rb") as f:
+            data = f.read()
+        if not _COPIES:
+            _COPIES.append(tempfile.mkdtemp(prefix="graphir-so-"))
+            atexit.register(shutil.rmtree, _COPIES[0], True)
+        copy = os.path.join(_COPIES[0], hashlib.sha256(data).hexdigest() + ".so")
+        if not os.path.exists(copy):
+            tmp = copy + ".part"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, copy)
+        return ctypes.CDLL(copy, mode=mode)
+
+
 class CpuLibrary:
     """A loaded graphir CPU shared object."""
 
@@ -162,8 +203,7 @@ class CpuLibrary:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise ValueError(f"CpuLibrary: no such file {self.path!r}")
-        # RTLD_LOCAL: two loaded artifacts never see each other's symbols.
-        self.handle = ctypes.CDLL(os.path.abspath(self.path), mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        self.handle = _dlopen(os.path.abspath(self.path))
 
     def abi(self) -> dict | None:
         """What the library's kernels were compiled to expect (lowering/mlir_cpu/backend.py
