@@ -262,17 +262,25 @@ class GPTQLinear(Module):
         return rhs
 
 
-def load_safetensors(path: str | os.PathLike[str], prefix: str = "") -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file whose names start with `prefix`, prefix removed.
+def load_safetensors(path: str | os.PathLike[str], prefix: str = "",
+                     names=None) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file whose names start with `prefix`, prefix removed
+    (`names`: only these, each read alone, so a caller never holds the rest of the file).
 
     Example:
         >>> sd = load_safetensors("model.safetensors", "model.layers.0.self_attn.")
         >>> sorted(sd)[:2]  # doctest: +SKIP
         ['k_proj.g_idx', 'k_proj.qweight']
     """
-    from safetensors.numpy import load_file  # optional dependency, only to read files
+    from safetensors import SafetensorError, safe_open  # optional dependency, only to read files
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no safetensors file at {os.fspath(path)!r}")
-    return {k[len(prefix):]: v for k, v in load_file(os.fspath(path)).items()
-            if k.startswith(prefix)}
+    want = None if names is None else set(names)
+    try:
+        with safe_open(os.fspath(path), framework="np") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys()
+                    if k.startswith(prefix) and (want is None or k[len(prefix):] in want)}
+    except SafetensorError as e:
+        raise ValueError(f"{os.fspath(path)}: cannot read the .safetensors file (truncated or "
+                         f"corrupt?): {e}") from None

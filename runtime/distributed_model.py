@@ -37,11 +37,9 @@ def rank_weights(weights, names: Sequence[str]) -> dict:
         return {n: weights[n] for n in names if n in weights}
     p = Path(weights)
     if p.suffix == ".safetensors":
-        from safetensors import safe_open
+        from graphir.nn.linear_quant import load_safetensors
 
-        with safe_open(str(p), framework="np") as f:
-            have = set(f.keys())
-            return {n: f.get_tensor(n) for n in names if n in have}
+        return load_safetensors(p, names=names)
     from .session import load_weights
 
     full = load_weights(weights)

@@ -115,9 +115,9 @@ def load_weights(weights) -> dict:
         return dict(weights)
     p = Path(weights)
     if p.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from graphir.nn.linear_quant import load_safetensors
 
-        return load_file(str(p))
+        return load_safetensors(p)
     if p.suffix == ".gguf":
         from graphir.nn.gguf_loader import load_gguf
 

@@ -146,12 +146,19 @@ def test_run_given_inputs_and_weights(capsys, work, tmp_path):
     (["--inputs", "MISSING"], "inputs ['y'] are missing"),
     (["--weights", "NOPE.npz"], "no such weights file"),
     (["--weights", "W_WRONG"], "weight 'scale': expected shape [8], got [3]"),
+    (["--weights", "CUT.safetensors"], "cut.safetensors: cannot read the .safetensors file "
+                                       "(truncated or corrupt?)"),
 ])
 def test_run_errors(capsys, work, tmp_path, argv, msg):
     np.savez(tmp_path / "missing.npz", x=np.ones((2, 8), np.float32))
     np.savez(tmp_path / "wrong.npz", scale=np.ones(3, np.float32))
+    from safetensors.numpy import save_file
+
+    save_file({"scale": np.ones(8, np.float32)}, str(tmp_path / "cut.safetensors"))
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) - 5])   # the file cut short
     subst = {"MISSING": tmp_path / "missing.npz", "NOPE.npz": tmp_path / "nope.npz",
-             "W_WRONG": tmp_path / "wrong.npz"}
+             "W_WRONG": tmp_path / "wrong.npz", "CUT.safetensors": tmp_path / "cut.safetensors"}
     rc, out, err = cli(capsys, "run", work / "ew.gart", *[subst.get(a, a) for a in argv])
     assert rc == 1 and err.startswith("graphir run: error: ") and msg in err, err
 
