@@ -8,9 +8,8 @@ from pathlib import Path
 from mlir import ir
 from mlir.dialects import func
 
-from graphir.dim import Dim
 from graphir.opdef import lookup
-from graphir.types import BufferType, ChainType
+from graphir.types import ChainType
 
 from ..plan import build_plan
 from ..registry import lowering_for, register_lowering

@@ -6,7 +6,6 @@ import pytest
 from graphir import DType, Graph, TensorType, ops
 from graphir.examples.llama_attention import build, build_tiny
 from graphir.runtime.ragged import RaggedCheck
-from graphir.types import BufferType
 
 PAGE, POOL, MAX_PAGES = 4, 30, 6
 

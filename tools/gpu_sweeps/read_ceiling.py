@@ -66,7 +66,7 @@ def confs():
 
 
 def spec(c):
-    from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec, cdiv
+    from graphir.lowering.triton_gpu.kernels.spec import NUM_SMS, KernelSpec
 
     block = 128 * c["warps"]
     per = NUM_SMS * c["waves"]     # persistent: `waves` programs an SM (0: one a chunk)

@@ -288,8 +288,6 @@ def flash_attention(q, input_row_offsets, cache_lengths, lookup_table, blocks, l
     Triton's global scratch). A persistent config launches at most `num_programs` programs
     (default NUM_SMS, as the plan does).
     """
-    import torch
-
     T, NH, D = q.shape
     num_layers, page_size, NKV, m = check_attention_args("flash_attention", q, blocks, mask, window)
     dtype = str(q.dtype).replace("torch.", "")
