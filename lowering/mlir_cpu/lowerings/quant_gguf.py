@@ -149,7 +149,8 @@ def _gguf_rows(k: KernelText, mats: Mats, dec: Decoder, wm: str, wmt: str, xs, m
     per = nb * max(1, count // (nb * PARALLEL_ITERATIONS))
     g = k.fresh("g")
     t.open(f"scf.forall ({g}) in ({-(-count // per)})")
-    table = int_table(k, TABLE) if dec.int_scales is not None or lanes is not None else None
+    table = (int_table(k, TABLE) if dec.int_scales is not None
+             or (lanes is not None and lanes[0].task_table) else None)
     start = k.ix("addi", k.ix("muli", g, per), n_lo)
     end = t.min(k.ix("addi", start, per), t.idx(n_hi))
 

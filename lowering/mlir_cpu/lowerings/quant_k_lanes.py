@@ -57,12 +57,14 @@ class Repacked:
     """A repacked K-quant block: its decoder (the tile path's, to the reference's floats), the
     byte offsets of its codes and high bits (None: Q4_K; both unused by other row paths), and
     its row path: prologue(k, mats), once a call before the rows (what dot reads of x), and
-    dot(k, mats, wm, wmt, rp, prologue's result, sums of x, m0, mb, cols, table, prefetch)."""
+    dot(k, mats, wm, wmt, rp, prologue's result, sums of x, m0, mb, cols, table, prefetch);
+    task_table: whether dot reads `table` (each task's floats of small integers) at all."""
     decoder: Decoder
     qs: int
     qh: int | None
     prologue: Callable
     dot: Callable
+    task_table: bool = True
 
 
 def words_at(blk: Block, off: int) -> str:

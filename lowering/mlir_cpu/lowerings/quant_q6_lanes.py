@@ -153,4 +153,5 @@ def dot(k: KernelText, mats: Mats, wm: str, wmt: str, rp: Repacked, pre, xs, m0:
 
 
 REPACKED_Q6 = {Q6K_LAYOUT: Repacked(Decoder("Q6_K (q6k_r)", 256, 212, 16, codes=_codes,
-                                            scales=_scales), 0, None, prologue, dot)}
+                                            scales=_scales), 0, None, prologue, dot,
+                                    task_table=False)}
