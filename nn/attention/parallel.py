@@ -2,6 +2,7 @@
 (replicas, batch split), plus distribute_value."""
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 from graphir import ops
@@ -41,6 +42,25 @@ def distribute_value(v, devices: Sequence[DeviceRef]) -> list[TensorValue]:
     return [v.to(d) for d in devices]
 
 
+def _parallel_signature() -> inspect.Signature:
+    """AttentionWithRope's keywords less the sharding strategy (each form picks its own) and
+    the private ones, plus the seed's `quant_config`: what help() and an IDE show for the
+    parallel forms, whose __init__ takes **kwargs."""
+    ps = [p for n, p in inspect.signature(AttentionWithRope.__init__).parameters.items()
+          if n != "sharding_strategy" and not n.startswith("_")]
+    at = next(i for i, p in enumerate(ps) if p.name == "float8_config")
+    ps.insert(at, inspect.Parameter("quant_config", inspect.Parameter.KEYWORD_ONLY,
+                                    default=None, annotation="Float8Config | None"))
+    return inspect.Signature(ps, return_annotation=None)
+
+
+_SIGNATURE = _parallel_signature()
+_PUBLIC = sorted(_SIGNATURE.parameters)
+# the private ones (_fuse_rope_and_store) are taken too, and sharding_strategy refused by name
+_KEYWORDS = frozenset(inspect.signature(AttentionWithRope.__init__).parameters) - {"self"} \
+    | {"quant_config"}
+
+
 class _Replicated(ParallelShards, AttentionWithRope):
     """Shared by the parallel forms: full weights here, per-device modules in `_shards`."""
 
@@ -48,7 +68,14 @@ class _Replicated(ParallelShards, AttentionWithRope):
     _min_devices = 1
 
     def __init__(self, *, strategy: str, **kwargs) -> None:
-        _quant_config_alias(type(self).__name__, kwargs)
+        cls = type(self).__name__
+        unknown = sorted(set(kwargs) - _KEYWORDS)
+        if unknown:     # named here: AttentionWithRope's TypeError would name the wrong class
+            raise TypeError(f"{cls}() got unexpected keyword arguments {unknown}; it takes "
+                            f"{_PUBLIC}")
+        if kwargs.get("sharding_strategy") is not None:
+            raise ValueError(f"{cls} picks its own sharding_strategy")
+        _quant_config_alias(cls, kwargs)
         super().__init__(**kwargs)
         self._make_shards(strategy, self._min_devices)
 
@@ -96,9 +123,9 @@ class TensorParallelAttentionWithRope(_Replicated):
     _min_devices = 2
 
     def __init__(self, **kwargs) -> None:
-        if kwargs.get("sharding_strategy") is not None:
-            raise ValueError("TensorParallelAttentionWithRope picks its own sharding_strategy")
         super().__init__(strategy="tensor_parallel", **kwargs)
+
+    __init__.__signature__ = _SIGNATURE
 
     @property
     def list_of_attentions(self) -> list[AttentionWithRope]:
@@ -121,9 +148,9 @@ class DataParallelAttentionWithRope(_Replicated):
     """
 
     def __init__(self, **kwargs) -> None:
-        if kwargs.get("sharding_strategy") is not None:
-            raise ValueError("DataParallelAttentionWithRope picks its own sharding_strategy")
         super().__init__(strategy="replicate", **kwargs)
+
+    __init__.__signature__ = _SIGNATURE
 
     @property
     def replicated_attentions(self) -> list[AttentionWithRope]:

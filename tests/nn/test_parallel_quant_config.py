@@ -80,3 +80,22 @@ def test_quant_config_errors_and_data_parallel():
                                          "a Float8Config, got QuantizationConfig"):
         make(TensorParallelAttentionWithRope, 2, devs, quant_config=QuantizationConfig())
     assert NH % 2 == 0 and LAYER == 1  # the shapes the helpers above assume
+
+
+def test_the_parallel_forms_show_and_check_the_seed_signature():
+    """help() and IDEs see the seed's keywords (their __init__ takes **kwargs), and a misspelt
+    keyword or a sharding_strategy is refused naming the parallel class, not AttentionWithRope."""
+    import inspect
+
+    seed = ("rope", "num_attention_heads", "num_key_value_heads", "hidden_size", "kv_params",
+            "devices", "dtype", "linear_cls", "stacked_qkv", "scale", "has_bias", "quant_config",
+            "clip_qkv", "use_qk_norm", "rms_norm_eps", "mask_variant", "sliding_window")
+    for cls in (TensorParallelAttentionWithRope, DataParallelAttentionWithRope):
+        params = inspect.signature(cls).parameters
+        assert set(seed) <= set(params) and "sharding_strategy" not in params, cls
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+        with pytest.raises(TypeError, match=f"{cls.__name__}\\(\\) got unexpected keyword "
+                                            f"arguments \\['has_bais'\\]"):
+            make(cls, 2, cpus(2), has_bais=True)
+        with pytest.raises(ValueError, match=f"{cls.__name__} picks its own sharding_strategy"):
+            make(cls, 2, cpus(2), sharding_strategy="replicate")
