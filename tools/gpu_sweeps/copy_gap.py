@@ -4,7 +4,7 @@ the copy's size: torch alone, no graphir. A graph of [copy n bytes from pinned m
 synchronize after each replay (--queued: back to back); medians of 20 replays. The decode
 step's graph starts the same way (its metadata upload, runtime/cuda/slot_graphs.py), so this
 is the floor for its start.
-With --kernel the copy is a one-CTA Triton kernel reading the pinned host memory through its
+With --kernel the copy is a Triton kernel (4 KB a program) reading the pinned host memory through its
 device mapping (unified addressing: the host pointer is valid on the device), on the SMs
 instead of the copy engine.
     python3 tools/gpu_sweeps/copy_gap.py [source offset in bytes] [--queued] [--kernel]
@@ -22,15 +22,16 @@ SIZES = (4096, 8192, 9216, 9472, 10240, 12288, 16384, 24576, 32768)
 
 @triton.jit
 def _upload(src, dst, n, BLOCK: tl.constexpr):
-    for i in tl.range(0, n, BLOCK):
-        o = i + tl.arange(0, BLOCK)
-        tl.store(dst + o, tl.load(src + o, mask=o < n), mask=o < n)
+    # one block of words a program, every load issued at once: one PCIe round trip
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + o, tl.load(src + o, mask=o < n), mask=o < n)
 
 
 def _copy(dev, host, kernel: bool):
     if kernel:      # int32 words: the sizes here are multiples of 4
-        _upload[(1,)](host.view(torch.int32), dev.view(torch.int32), dev.numel() // 4,
-                      BLOCK=2048, num_warps=8)
+        n = dev.numel() // 4
+        _upload[(triton.cdiv(n, 1024),)](host.view(torch.int32), dev.view(torch.int32), n,
+                                         BLOCK=1024, num_warps=4)
     else:
         dev.copy_(host, non_blocking=True)
 
