@@ -6,7 +6,7 @@ checks every byte count and scale so bad data fails at load time with the tensor
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -263,7 +263,7 @@ class GPTQLinear(Module):
 
 
 def load_safetensors(path: str | os.PathLike[str], prefix: str = "",
-                     names=None) -> dict[str, np.ndarray]:
+                     names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """The tensors of a .safetensors file whose names start with `prefix`, prefix removed
     (`names`: only these, each read alone, so a caller never holds the rest of the file).
 
