@@ -86,10 +86,11 @@ def main_loop_spills(code):
                        for ins, nxt in zip(body, body[1:] + [""]))
     return None
 
-# The warp-specialized and chained kernels under each mask: by default under the sliding
-# window (both key bounds: the most masking code) and under every mask the shipped table
-# takes them for; every other pair with -m slow (ALL_MASKS). A tuned choice is also checked
-# against torch on the GPU when `compile --tune` times it.
+# By default the configs the shipped table takes (under the masks it takes them for, the
+# warp-specialized and chained ones under the sliding window too: both key bounds, the most
+# masking code), each head dim's default and the special jobs below; with -m slow (ALL_MASKS)
+# every candidate under every mask. The others run only where `compile --tune` times them on
+# a GPU, which checks each against torch first.
 MASKS = ("CAUSAL", "NULL", "SLIDING_WINDOW_CAUSAL")
 from graphir.lowering.triton_gpu import tuning
 shipped = set()
@@ -100,15 +101,23 @@ for entries in tuning.load_table()["families"]["prefill"].values():
             for name in tuning.choice_names(v):
                 shipped.add((int(kv.get("D", 0)), kv.get("mask"), name))
 
+shipped_tags = {(d, name) for d, _, name in shipped}
+
 def masks_for(d, c):
     if ALL_MASKS:
         return MASKS
+    if (d, fa.config_tag(c)) not in shipped_tags:
+        return ()
     return tuple(m for m in MASKS if m == "SLIDING_WINDOW_CAUSAL"
                  or (d, m, fa.config_tag(c)) in shipped)
 
+def taken(d, c):
+    return (ALL_MASKS or (d, fa.config_tag(c)) in shipped_tags
+            or c == fa.default_config(d, 128, "CAUSAL", "bfloat16"))
+
 # (label, (n_heads, n_kv_heads, head_dim, page, dtype, mask), config or None for the default)
 jobs = [(f"d{d}_{fa.config_tag(c)}", (32, 8, d, 128, "bfloat16", "CAUSAL"), c)
-        for d in (64, 128, 256) for c in fa.candidates(d, 128)]
+        for d in (64, 128, 256) for c in fa.candidates(d, 128) if taken(d, c)]
 jobs += [(f"d{d}_{fa.config_tag(c)}_mask{m}", (32, 8, d, 128, "bfloat16", m), c)
          for d in (64, 128) for c in fa.WS_CANDIDATES[d] for m in masks_for(d, c)]
 # The chained consumers not offered to the tuner (flash_attention_chain.py; the sweep's).
@@ -131,6 +140,12 @@ jobs += [("d128_m128n128w4s2tmaws_pingpong", (32, 8, 128, 128, "bfloat16", "CAUS
 # the three-stage one is, compiled above for every mask).
 jobs += [("d64_m128n128w4s2tmawspersistdeep", (32, 8, 64, 128, "bfloat16", "NULL"),
           fc.get("m128n128w4s2tmawspersistdeep"))]
+# The plain persistent warp-specialized kernel under the sliding window (its arguments are
+# checked below; the shipped table takes its DYN forms).
+if not ALL_MASKS:
+    jobs += [("d128_m128n128w4s3tmawspersist_maskSLIDING_WINDOW_CAUSAL",
+              (32, 8, 128, 128, "bfloat16", "SLIDING_WINDOW_CAUSAL"),
+              fc.get("m128n128w4s3tmawspersist"))]
 # The Triton kernel's persistent form (the Gluon persistent configs' twin, a config itself).
 jobs += [("d128_m128n128w8s2tmapersist", (32, 8, 128, 128, "bfloat16", "CAUSAL"),
           dict(fa.CANDIDATES[128][1], PERSISTENT=1))]
@@ -338,7 +353,8 @@ def test_no_kernel_has_its_wgmma_serialized(compiled):
         else:
             assert closing * 2 <= total, (label, info["hgmma"])
             ws_checked += bool(info["config"].get("WS"))
-    assert ws_checked == 0 or ws_checked >= 20
+    # cuobjdump present: at least the shipped warp-specialized kernels (18 when written)
+    assert ws_checked == 0 or ws_checked >= 12
 
 
 def test_no_warp_specialized_kernel_swaps_register_halves(compiled):
@@ -348,7 +364,7 @@ def test_no_warp_specialized_kernel_swaps_register_halves(compiled):
                if info["half_swaps"] is not None and info["config"].get("WS")]
     swapped = [f"{k}: {compiled[k]['half_swaps']}" for k in checked if compiled[k]["half_swaps"]]
     assert not swapped, "\n".join(swapped)
-    assert checked == [] or len(checked) >= 20
+    assert checked == [] or len(checked) >= 12
 
 
 def test_the_half_swap_check_sees_swapped_halves():
