@@ -163,7 +163,18 @@ def describe(a: np.ndarray, fields: list, starts: list) -> None:
 # path -> (device, inode, size, mtime) of the file first dlopen'ed under that name
 _OPENED: dict[str, tuple[int, int, int, int]] = {}
 _OPENED_LOCK = threading.Lock()
-_COPIES: list[str] = []          # the private folder of renamed copies, made on first need
+
+
+@lru_cache(maxsize=1)
+def _copies_dir() -> str:
+    """The private folder of renamed copies, made on first need and removed at exit; named as
+    lowering/fsutil.py names scratch folders (our pid in it), so the next compile's
+    sweep_dead_scratch removes one a killed process left."""
+    from graphir.lowering.fsutil import SCRATCH_PREFIX
+
+    d = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-so-")
+    atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 def _dlopen(path: str) -> ctypes.CDLL:
@@ -174,7 +185,7 @@ def _dlopen(path: str) -> ctypes.CDLL:
     reading the file again (ctypes never unloads one): an artifact recompiled in place (the same
     `out` path, a new graph) would run the old kernels against the new manifest, wrong numbers
     or reads past the new buffers. A file that is not the one first loaded under its name goes
-    through a copy whose name is its content's SHA-256, which any earlier load of that name
+    through a copy whose name is its content's SHA-256, which any later load of those bytes
     shares. RTLD_LOCAL: two loaded artifacts never see each other's symbols."""
     mode = os.RTLD_NOW | os.RTLD_LOCAL
     st = os.stat(path)
@@ -184,10 +195,7 @@ def _dlopen(path: str) -> ctypes.CDLL:
             return ctypes.CDLL(path, mode=mode)
         with open(path, "rb") as f:
             data = f.read()
-        if not _COPIES:
-            _COPIES.append(tempfile.mkdtemp(prefix="graphir-so-"))
-            atexit.register(shutil.rmtree, _COPIES[0], True)
-        copy = os.path.join(_COPIES[0], hashlib.sha256(data).hexdigest() + ".so")
+        copy = os.path.join(_copies_dir(), hashlib.sha256(data).hexdigest() + ".so")
         if not os.path.exists(copy):
             tmp = copy + ".part"
             with open(tmp, "wb") as f:
