@@ -154,6 +154,7 @@ def build(graph, target, say=lambda msg: None, *, tune: bool = False, **options)
 
     from . import tuning
     from .aot import MAX_SHARED_SM90, compile_spec
+    from .kernels.upload import UPLOAD_KEY, upload_spec
 
     say("lowering to Triton kernels")
     selector = tuning.Selector()
@@ -164,6 +165,8 @@ def build(graph, target, say=lambda msg: None, *, tune: bool = False, **options)
     compiled: dict = {}
     if tune and selector.sites:
         program, selector, section, compiled = _tune(graph, program, selector, gpu, say)
+    # Not a plan step's: the runtime's slot graphs lead with it (kernels/upload.py).
+    program.kernels[UPLOAD_KEY] = upload_spec()
     compiled.update(_precompile({k: s for k, s in program.kernels.items()
                                  if s.extra.get("kind") != "cublaslt" and k not in compiled},
                                 gpu.arch, say))

@@ -29,6 +29,7 @@ class CudaDevice:
         from graphir.runtime.cuda import Stream, driver
         from graphir.runtime.cuda.staging import PinnedRing
         from graphir.runtime.cuda.stream import stream_handle
+        from graphir.runtime.cuda.upload_kernel import StagedUpload
 
         self.kernels, self.device = kernels, device
         driver.ensure_context(device)
@@ -41,6 +42,8 @@ class CudaDevice:
                                                              else stream_handle(stream)))
         self._cur = self.stream.handle      # where launches and copies go (capture switches it)
         self._ring = PinnedRing(device)
+        self._upload_kernel = StagedUpload(kernels)
+        self._capturing = False
         self._capture_stream = None
         self._ordered = False               # this call already did its DLPack handshake
         self._keep: list = []
@@ -107,8 +110,14 @@ class CudaDevice:
         return self._ring.acquire_view(nbytes)
 
     def upload_staged(self, buf, nbytes: int) -> None:
-        """One async copy of the staged bytes to the start of `buf`."""
+        """One async copy of the staged bytes to the start of `buf`; captured into a graph
+        (a slot graph's first node), the artifact's upload kernel where it can run
+        (runtime/cuda/upload_kernel.py), which lets the next kernel start ~4 us sooner."""
         self._ctx(self.device)  # several GPUs: begin_call of another one ran since ours
+        if self._capturing:
+            src, size = self._ring.device_address()
+            if self._upload_kernel(src, size, buf.ptr, buf.nbytes, nbytes, self._cur):
+                return
         self._ring.copy_to(buf.ptr, nbytes, self._cur)
 
     def stager(self, buf, nbytes: int):
@@ -310,12 +319,12 @@ class CudaDevice:
         if self._capture_stream is None:
             self._capture_stream = Stream(device=self.device)
         g = CudaGraph()
-        self._cur = self._capture_stream.handle
+        self._cur, self._capturing = self._capture_stream.handle, True
         try:
             with g.capture(self._capture_stream):
                 fn()
         finally:
-            self._cur = self.stream.handle
+            self._cur, self._capturing = self.stream.handle, False
         return g
 
     def replay(self, g) -> None:
@@ -363,6 +372,14 @@ class _Kernels(dict):
     def __init__(self, art, table: Mapping[str, Any], device: int):
         super().__init__()
         self._art, self._table, self._device = art, table, device
+
+    def __contains__(self, key) -> bool:
+        """Whether the artifact has kernel `key` (loaded or not)."""
+        return key in self._table
+
+    def metadata(self, key) -> Mapping[str, Any]:
+        """Kernel `key`'s manifest entry."""
+        return self._table[key]
 
     def __missing__(self, key):
         from graphir.runtime.cuda import Kernel

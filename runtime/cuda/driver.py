@@ -38,6 +38,7 @@ _PROTOTYPES: dict[str, list[Any]] = {
     "cuMemFree_v2": [CUdeviceptr],
     "cuMemAllocHost_v2": [POINTER(c_void_p), c_size_t],
     "cuMemFreeHost": [c_void_p],
+    "cuMemHostGetDevicePointer_v2": [POINTER(CUdeviceptr), c_void_p, c_uint],
     "cuMemcpyHtoD_v2": [CUdeviceptr, c_void_p, c_size_t],
     "cuMemcpyDtoH_v2": [c_void_p, CUdeviceptr, c_size_t],
     "cuMemcpyDtoD_v2": [CUdeviceptr, CUdeviceptr, c_size_t],

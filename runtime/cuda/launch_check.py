@@ -13,8 +13,10 @@ from graphir.lowering.artifact import ArtifactError
 
 from .module import LaunchSpec
 from .plan_values import _compile
+from .upload_kernel import PARAMS, UPLOAD_KEY
 
 _SCRATCH_DTYPES = {"float32", "float16", "bfloat16", "int32", "int64", "uint8", "uint32"}
+_TRITON_SCRATCH = ("global_scratch", "profile_scratch")
 _KERNELS_WITHOUT_LAUNCHES = {"host", "view", "host_runtime", "collective"}
 
 
@@ -35,6 +37,7 @@ def _rule(path, i, s, text, what: str) -> None:
 def check_launch_data(manifest: dict, graph, path="artifact") -> None:
     """Raise ArtifactError unless every step's launch data is well formed (see module doc)."""
     kernels = manifest["kernels"]
+    _check_upload(manifest, path)
     for i, s in enumerate(manifest["plan"]["steps"]):
         kind, attrs = s["kernel"], s["attrs"]
         if kind in ("host", "host_runtime"):
@@ -69,6 +72,26 @@ def check_launch_data(manifest: dict, graph, path="artifact") -> None:
                 names.add(sc[0])
             for op in var["ops"]:
                 _check_op(path, i, s, op, kernels, own, names)
+
+
+def _check_upload(manifest: dict, path) -> None:
+    """The upload kernel (no plan step launches it: runtime/cuda/upload_kernel.py) must take
+    the parameters its launcher passes and state its block of words."""
+    k = manifest["kernels"].get(UPLOAD_KEY)
+    if k is None:
+        return  # built before artifacts had one: the slot graphs copy instead
+    try:
+        params = [(p["name"], p["type"]) for p in k["params"]]
+        words = k["constexprs"]["WORDS"]
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}: kernel {UPLOAD_KEY} has a malformed entry ({e!r:.60}); "
+                            f"recompile the artifact") from None
+    scratch = [n for n, _ in params[len(PARAMS):]]
+    if params[:len(PARAMS)] != list(PARAMS) or scratch not in ([], list(_TRITON_SCRATCH)) \
+            or type(words) is not int or not 1 <= words <= 1 << 16:
+        raise ArtifactError(f"{path}: kernel {UPLOAD_KEY} takes {params!r:.80} with WORDS "
+                            f"{words!r:.20}, not the upload kernel's {list(PARAMS)}; recompile "
+                            f"the artifact")
 
 
 def _check_arg(path, i, s, a, own, scratch) -> None:

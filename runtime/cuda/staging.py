@@ -8,9 +8,12 @@ the stream has passed it (imported device tensors), released when the slot is re
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from graphir.runtime.cuda import driver
+from graphir.runtime.cuda.driver import CUdeviceptr
 from graphir.runtime.cuda.memory import pinned_empty
 from graphir.runtime.cuda.stream import CUDA_ERROR_NOT_READY, Event
 
@@ -18,7 +21,8 @@ MIN_SLOT_BYTES = 4096
 
 
 class _Slot:
-    __slots__ = ("array", "view", "nbytes", "address", "event", "handle", "pending", "keep")
+    __slots__ = ("array", "view", "nbytes", "address", "event", "handle", "pending", "keep",
+                 "device_address")
 
     def __init__(self, nbytes: int, device: int):
         size = max(MIN_SLOT_BYTES, 1 << max(nbytes - 1, 0).bit_length())
@@ -29,6 +33,7 @@ class _Slot:
         self.event = Event(timing=False, device=device)
         self.handle = self.event.handle
         self.pending, self.keep = False, None
+        self.device_address = None  # asked for when a kernel first reads the slot
 
 
 class PinnedRing:
@@ -87,6 +92,17 @@ class PinnedRing:
             rc = self._copy(dst_ptr, self._slots[self._i].address, nbytes, stream)
             if rc:
                 driver.check("cuMemcpyHtoDAsync_v2", rc, f"{nbytes} staged bytes")
+
+    def device_address(self) -> tuple[int, int]:
+        """(address, size) of the acquired slot in the device's address space, where a
+        kernel reads it (pinned memory is mapped there; kernels/upload.py)."""
+        slot = self._slots[self._i]
+        if slot.device_address is None:
+            p = CUdeviceptr()
+            driver.call("cuMemHostGetDevicePointer_v2", ctypes.byref(p),
+                        ctypes.c_void_p(slot.address), 0)
+            slot.device_address = p.value
+        return slot.device_address, slot.nbytes
 
     def commit(self, stream: int, keep=None) -> None:
         """Mark the slot in use until `stream` passes this point (call it after the call's

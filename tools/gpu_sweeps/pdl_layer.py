@@ -3,7 +3,8 @@ its device time and the gap before it, under torch.profiler (CUPTI), for one run
 tools/bench_gpu.py. Run it once with GRAPHIR_PDL=1 and once with 0 (the launch attribute is read
 when the artifact loads) and compare the two tables: a kernel launched early starts before its
 predecessor ends, so its own time includes the wait, and the step span is what counts. The
-metadata copy is listed with the kernels.
+metadata upload (kernel or copy; GRAPHIR_UPLOAD_KERNEL=0 for the copy node) is listed with the
+kernels.
     GRAPHIR_PDL=1 python3 tools/gpu_sweeps/pdl_layer.py "decode B64 ctx4096" [--sync]
 With --sync each step is synchronized before the next is queued, as a serving loop (and the
 wall column of bench_gpu.py) runs them; without, steps are queued back to back.
@@ -36,8 +37,8 @@ def main(case: str, sync: bool = False) -> None:
             if sync:
                 torch.cuda.synchronize()
         torch.cuda.synchronize()
-    # The metadata upload (a copy node of the step's graph, or a copy before it) is listed
-    # too: a gap between it and the first kernel is the step's as well.
+    # The metadata upload (the step graph's upload kernel or copy node, or a copy before it)
+    # is listed too: a gap between it and the first kernel is the step's as well.
     evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                   and e.device_time_total > 0),
                  key=lambda e: e.time_range.start)
@@ -46,7 +47,7 @@ def main(case: str, sync: bool = False) -> None:
     spans, full = [], []
     for s in range(STEPS):
         step = evs[s * per:(s + 1) * per]
-        kernels = [e for e in step if "Memcpy" not in e.name]
+        kernels = [e for e in step if "Memcpy" not in e.name and "upload_staged" not in e.name]
         spans.append(kernels[-1].time_range.end - kernels[0].time_range.start)
         full.append(step[-1].time_range.end - step[0].time_range.start)
         for i, e in enumerate(step):
@@ -56,7 +57,8 @@ def main(case: str, sync: bool = False) -> None:
                 gap[key].append(e.time_range.start - step[i - 1].time_range.end)
     med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")  # noqa: E731
     print(f"GRAPHIR_PDL={os.environ.get('GRAPHIR_PDL', '1')} "
-          f"GRAPHIR_SLOT_GRAPHS={os.environ.get('GRAPHIR_SLOT_GRAPHS', '1')} {case}"
+          f"GRAPHIR_SLOT_GRAPHS={os.environ.get('GRAPHIR_SLOT_GRAPHS', '1')} "
+          f"GRAPHIR_UPLOAD_KERNEL={os.environ.get('GRAPHIR_UPLOAD_KERNEL', '1')} {case}"
           f"{' (synchronized steps)' if sync else ''}: "
           f"{per} events a step, step span median {med(spans):.1f} us (first kernel start to "
           f"last kernel end), {med(full):.1f} us from the first copy")

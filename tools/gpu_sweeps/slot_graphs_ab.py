@@ -1,8 +1,9 @@
 """The decode step with its upload inside the CUDA graph (one graph per staging slot,
-runtime/cuda/slot_graphs.py) against the upload as its own copy before the graph: the layer
-of tools/bench_gpu.py loaded both ways in one process, wall time per step with synchronize
-and host enqueue per call, in alternated rounds. Both outputs are checked against torch eager
-first, and against each other (the same kernels on the same data: equal bits).
+runtime/cuda/slot_graphs.py) as the upload kernel (runtime/cuda/upload_kernel.py) or as a
+copy node, against the upload as its own copy before the graph: the layer of
+tools/bench_gpu.py loaded three ways in one process, wall time per step with synchronize and
+host enqueue per call, in rounds of rotating order. Every output is checked against torch
+eager first, and against the others (the same kernels on the same data: equal bits).
     python3 tools/gpu_sweeps/slot_graphs_ab.py [rounds]
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import bench_gpu as bg  # noqa: E402
 from graphir.tools.gpu_timing import enqueue_ms, rel_err, wall_ms  # noqa: E402
 
 CASES = ("decode B1 ctx4096", "decode B64 ctx4096")
+MODES = ("kernel node", "copy node", "own copy")
 
 
 def main(rounds: int) -> None:
@@ -29,9 +31,9 @@ def main(rounds: int) -> None:
     art = compile_graph(g, "cuda:sm_90")
     weights = bg.random_weights(g)
     models = {}
-    for on in (True, False):
-        slot_graphs.ENABLED = on  # read when an executor loads
-        models[on] = executor.load(art, weights, stream=torch.cuda.current_stream())
+    for mode in MODES:
+        slot_graphs.ENABLED = mode != "own copy"  # read when an executor loads
+        models[mode] = executor.load(art, weights, stream=torch.cuda.current_stream())
     slot_graphs.ENABLED = True
     wqkv, wo = bg.torch_weights(weights)
     print(f"{torch.cuda.get_device_name()}; {rounds} rounds, alternated; ms per step")
@@ -44,26 +46,30 @@ def main(rounds: int) -> None:
         layer = bg.TorchLayer(s, wqkv, wo, bg.freqs_table(s), k_cache.clone(), v_cache.clone())
         want = layer(x, cached, new)
         ys, errs = {}, {}
-        for on, model in models.items():
+        for mode, model in models.items():
+            # the slot graphs are captured in these calls: the kernel or the copy node then
+            os.environ["GRAPHIR_UPLOAD_KERNEL"] = "0" if mode == "copy node" else "1"
             for _ in range(6):  # capture, then a graph per staging slot (and direct ones)
                 (y,) = model.execute(*args)
-            ys[on] = torch.from_dlpack(y).clone()
-            errs[on] = rel_err(ys[on], want)
-        same = torch.equal(ys[True], ys[False])
-        wall, enq = {True: [], False: []}, {True: [], False: []}
+            ys[mode] = torch.from_dlpack(y).clone()
+            errs[mode] = rel_err(ys[mode], want)
+        os.environ.pop("GRAPHIR_UPLOAD_KERNEL")
+        same = all(torch.equal(ys[MODES[0]], ys[m]) for m in MODES[1:])
+        wall, enq = ({m: [] for m in MODES} for _ in range(2))
         for r in range(rounds):
-            for on in ((True, False) if r % 2 == 0 else (False, True)):
-                fn = lambda model=models[on]: model.execute(*args)  # noqa: E731
-                wall[on].append(wall_ms(fn, reps=100))
-                enq[on].append(enqueue_ms(fn, reps=100))
-        for on in (True, False):
-            name = "in the graph" if on else "own copy"
-            print(f"{case:22s} {name:12s} {statistics.median(wall[on]):8.4f} "
-                  f"{statistics.median(enq[on]):8.4f} {errs[on]:9.1e}   "
-                  f"walls {' '.join(f'{v:.4f}' for v in wall[on])}")
-        st = models[True].executor.stats
-        print(f"{'':22s} outputs equal: {same}; slot graphs captured {st['slot_captures']}, "
-              f"own-copy model's {models[False].executor.stats['slot_captures']}")
+            for i in range(len(MODES)):
+                mode = MODES[(r + i) % len(MODES)]
+                fn = lambda model=models[mode]: model.execute(*args)  # noqa: E731
+                wall[mode].append(wall_ms(fn, reps=100))
+                enq[mode].append(enqueue_ms(fn, reps=100))
+        for mode in MODES:
+            print(f"{case:22s} {mode:12s} {statistics.median(wall[mode]):8.4f} "
+                  f"{statistics.median(enq[mode]):8.4f} {errs[mode]:9.1e}   "
+                  f"walls {' '.join(f'{v:.4f}' for v in wall[mode])}")
+        launches = {m: models[m].executor.dev._upload_kernel.launches for m in MODES}
+        print(f"{'':22s} outputs equal: {same}; slot graphs captured "
+              f"{[models[m].executor.stats['slot_captures'] for m in MODES]}, upload kernel "
+              f"launches {list(launches.values())} ({', '.join(MODES)})")
 
 
 if __name__ == "__main__":

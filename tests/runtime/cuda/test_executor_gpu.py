@@ -60,8 +60,13 @@ def blocks_like(seed=1):
                        generator=g).to(torch.bfloat16)
 
 
+@pytest.mark.parametrize("upload_kernel", ["1", "0"], ids=["upload_kernel", "copy_node"])
 @pytest.mark.parametrize("on_torch_stream", [False, True], ids=["own_stream", "torch_stream"])
-def test_decode_loop_replays_one_graph_and_matches_eager(artifact, on_torch_stream):
+def test_decode_loop_replays_one_graph_and_matches_eager(artifact, on_torch_stream,
+                                                         upload_kernel, monkeypatch):
+    # Each step's metadata differs (cache lengths grow): a slot graph uploading stale or
+    # partial bytes would differ from the eager executor's copies.
+    monkeypatch.setenv("GRAPHIR_UPLOAD_KERNEL", upload_kernel)
     art, w = artifact
     kw = {"stream": torch.cuda.current_stream()} if on_torch_stream else {}
     fast = executor.load(art, w, **kw)
@@ -75,6 +80,10 @@ def test_decode_loop_replays_one_graph_and_matches_eager(artifact, on_torch_stre
     st = fast.executor.stats
     assert st["plans_built"] == 1 and st["captures"] == 1 and st["replays"] == 6
     assert st["fast_hits"] == 6  # every replay after the capturing call took the fast path
+    # one slot graph per staging slot, each led by the kernel (or by the copy node)
+    assert st["slot_captures"] >= 1
+    assert fast.executor.dev._upload_kernel.launches == (st["slot_captures"]
+                                                         if upload_kernel == "1" else 0)
 
 
 def test_a_reused_x_address_is_read_in_place_and_matches_eager(artifact):

@@ -46,6 +46,13 @@ EDITS = {
                              ["attrs"].__setitem__("node", 0), "which is not a gir.concat"),
     "variant keys": (lambda m: _launch(m)[0]["attrs"]["variants"][0].pop("scratch"),
                      "malformed variant"),
+    # the upload kernel (no step launches it) must take what its launcher passes
+    "upload kernel's parameters swapped": (lambda m: m["kernels"]["upload_staged"]["params"]
+                                           .reverse(), "not the upload kernel's"),
+    "upload kernel's block size": (lambda m: m["kernels"]["upload_staged"]["constexprs"]
+                                   .__setitem__("WORDS", "1024"), "not the upload kernel's"),
+    "upload kernel's entry": (lambda m: m["kernels"]["upload_staged"].pop("constexprs"),
+                              "malformed entry"),
 }
 
 
