@@ -95,13 +95,14 @@ class PinnedRing:
 
     def device_address(self) -> tuple[int, int]:
         """(address, size) of the acquired slot in the device's address space, where a
-        kernel reads it (pinned memory is mapped there; kernels/upload.py)."""
+        kernel reads it (pinned memory is mapped there under unified addressing;
+        kernels/upload.py); address 0 where the driver maps it nowhere."""
         slot = self._slots[self._i]
         if slot.device_address is None:
             p = CUdeviceptr()
-            driver.call("cuMemHostGetDevicePointer_v2", ctypes.byref(p),
-                        ctypes.c_void_p(slot.address), 0)
-            slot.device_address = p.value
+            rc = driver.function("cuMemHostGetDevicePointer_v2")(
+                ctypes.byref(p), ctypes.c_void_p(slot.address), 0)
+            slot.device_address = 0 if rc else p.value
         return slot.device_address, slot.nbytes
 
     def commit(self, stream: int, keep=None) -> None:

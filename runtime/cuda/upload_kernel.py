@@ -3,9 +3,9 @@
 lowering/triton_gpu/kernels/upload.py has the kernel and why it beats the copy node (the
 first kernel starts ~4 us sooner). This side decides per capture whether it can run: the
 artifact has it (artifacts built before it did not), GRAPHIR_UPLOAD_KERNEL is not "0" (the
-copy node, for A/B measurements), both addresses are 4-byte aligned, and the bytes fit the
-slot and the destination (so the kernel cannot read or write outside them). Otherwise the
-caller queues the copy as before.
+copy node, for A/B measurements), the slot has a device address, both addresses are 4-byte
+aligned, and the bytes fit the slot and the destination (so the kernel cannot read or write
+outside them). Otherwise the caller queues the copy as before.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class StagedUpload:
 
     def __call__(self, src: int, src_nbytes: int, dst: int, dst_nbytes: int, nbytes: int,
                  stream: int) -> bool:
-        if not nbytes or not self.available() or (src | dst) & 3:
+        if not nbytes or not src or not self.available() or (src | dst) & 3:
             return False
         if nbytes > src_nbytes or nbytes > dst_nbytes or nbytes >= 2 ** 31:
             raise ValueError(f"staged upload of {nbytes} bytes from a {src_nbytes}-byte slot "

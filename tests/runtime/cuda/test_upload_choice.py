@@ -45,12 +45,12 @@ def test_launches_one_program_per_block_of_words():
 
 
 @pytest.mark.parametrize("case", ["no kernel", "switched off", "src unaligned", "dst unaligned",
-                                  "nothing"])
+                                  "src unmapped", "nothing"])
 def test_leaves_the_copy_to_the_caller(case, monkeypatch):
     up, t = (StagedUpload(Table({})), None) if case == "no kernel" else upload()
     if case == "switched off":
         monkeypatch.setenv("GRAPHIR_UPLOAD_KERNEL", "0")
-    src = 0x10002 if case == "src unaligned" else 0x10000
+    src = {"src unaligned": 0x10002, "src unmapped": 0}.get(case, 0x10000)
     dst = 0x7000_0001 if case == "dst unaligned" else 0x7000_0000
     assert not up(src, 8192, dst, 8192, 0 if case == "nothing" else 100, stream=0)
     assert t is None or UPLOAD_KEY not in dict(t)  # never loaded, never launched
