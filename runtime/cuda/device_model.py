@@ -319,6 +319,7 @@ class CudaDevice:
         if self._capture_stream is None:
             self._capture_stream = Stream(device=self.device)
         g = CudaGraph()
+        self._upload_kernel.load()  # a slot graph may lead with it (upload_staged)
         self._cur, self._capturing = self._capture_stream.handle, True
         try:
             with g.capture(self._capture_stream):

@@ -44,6 +44,13 @@ class StagedUpload:
     def available(self) -> bool:
         return enabled() and UPLOAD_KEY in self._kernels
 
+    def load(self) -> None:
+        """Load the kernel where it may run: before a capture begins, since loading a module
+        is not work a stream capture may see."""
+        if self._kernel is None and self.available():
+            self._words = int(self._kernels.metadata(UPLOAD_KEY)["constexprs"]["WORDS"])
+            self._kernel = self._kernels[UPLOAD_KEY]
+
     def __call__(self, src: int, src_nbytes: int, dst: int, dst_nbytes: int, nbytes: int,
                  stream: int) -> bool:
         if not nbytes or not src or not self.available() or (src | dst) & 3:
@@ -51,9 +58,7 @@ class StagedUpload:
         if nbytes > src_nbytes or nbytes > dst_nbytes or nbytes >= 2 ** 31:
             raise ValueError(f"staged upload of {nbytes} bytes from a {src_nbytes}-byte slot "
                              f"to a {dst_nbytes}-byte area")
-        if self._kernel is None:
-            self._words = int(self._kernels.metadata(UPLOAD_KEY)["constexprs"]["WORDS"])
-            self._kernel = self._kernels[UPLOAD_KEY]
+        self.load()
         self._kernel.launch((programs(nbytes, self._words),), src, dst, nbytes, stream=stream)
         self.launches += 1
         return True

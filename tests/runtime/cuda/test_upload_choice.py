@@ -62,3 +62,13 @@ def test_refuses_more_bytes_than_either_side_holds(src_n, dst_n):
     with pytest.raises(ValueError, match="6000 bytes"):
         up(0x10000, src_n, 0x7000_0000, dst_n, 6000, stream=0)
     assert UPLOAD_KEY not in dict(t)
+
+
+def test_load_ahead_of_a_capture():
+    # CudaDevice.capture loads the kernel before the capture begins; the launch then reuses it
+    up, t = upload()
+    up.load()
+    assert UPLOAD_KEY in dict(t) and not t[UPLOAD_KEY].launches
+    up_off = StagedUpload(Table({}))
+    up_off.load()  # nothing to load: no error, and the copy stays the caller's
+    assert not up_off(0x10000, 8192, 0x7000_0000, 8192, 64, stream=0)
