@@ -112,7 +112,8 @@ class CudaDevice:
     def upload_staged(self, buf, nbytes: int) -> None:
         """One async copy of the staged bytes to the start of `buf`; captured into a graph
         (a slot graph's first node), the artifact's upload kernel where it can run
-        (runtime/cuda/upload_kernel.py), which lets the next kernel start ~4 us sooner."""
+        (runtime/cuda/upload_kernel.py): the next kernel then starts 0.3 us after it, not
+        2.5-8 us after a copy node."""
         self._ctx(self.device)  # several GPUs: begin_call of another one ran since ours
         if self._capturing:
             src, size = self._ring.device_address()

@@ -8,7 +8,8 @@ costs nothing per call, but it reads one fixed host address, so each slot of the
 graph of its own whose first node copies that slot: the hit then makes one driver call for
 upload and launches together. That node is the artifact's upload kernel reading the slot
 through its device mapping where it can run (runtime/cuda/upload_kernel.py): after a copy
-node the next kernel started ~5 us later, after the kernel ~0.3 us (an H200, 9 KB).
+node the next kernel started 2.5-8 us later, after the kernel 0.3 us (an H100; queued steps
+1-7 us shorter, synchronized ones unchanged).
 
 The copy comes first. Forked instead beside the launches that read no metadata (the qkv
 projection) and joined before rope_split_store, it was slower on an H100 (decode B1 61.0

@@ -1,7 +1,7 @@
 """The staged upload by the artifact's upload kernel, where a slot graph captures it.
 
-lowering/triton_gpu/kernels/upload.py has the kernel and why it beats the copy node (the
-first kernel starts ~4 us sooner). This side decides per capture whether it can run: the
+lowering/triton_gpu/kernels/upload.py has the kernel and what it saves against the copy node
+(device time between queued steps). This side decides per capture whether it can run: the
 artifact has it (artifacts built before it did not), GRAPHIR_UPLOAD_KERNEL is not "0" (the
 copy node, for A/B measurements), the slot has a device address, both addresses are 4-byte
 aligned, and the bytes fit the slot and the destination (so the kernel cannot read or write

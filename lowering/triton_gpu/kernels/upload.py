@@ -5,7 +5,10 @@ lengths, the page table) from a pinned staging slot to the device. As a copy nod
 engine took 1.2 us and the first kernel started 5 us after it (an H200, 9 KB,
 tools/gpu_sweeps/copy_gap.py); read by the SMs through the slot's device mapping (pinned
 memory is device-addressable under unified addressing) the same bytes took 2.0 us with 0.3 us
-to the next kernel. Each program copies one block of 4-byte words with all its loads issued
+to the next kernel. In the layer on an H100 that is 7 us less device time a step at B64 x 4096
+(1.2 us at B1) when steps are queued ahead; a synchronized step's wall time did not move
+(59.7 against 59.5 us at B1): there the graph launch's own latency decides when the first
+kernel starts (BENCHMARKS.md, twenty-fifth session). Each program copies one block of 4-byte words with all its loads issued
 at once (one PCIe round trip); program 0 also copies the 0-3 bytes past the last whole word,
 so nothing past `nbytes` is read or written.
 
