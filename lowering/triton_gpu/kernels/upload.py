@@ -8,9 +8,11 @@ memory is device-addressable under unified addressing) the same bytes took 2.0 u
 to the next kernel. In the layer on an H100 that is 7 us less device time a step at B64 x 4096
 (1.2 us at B1) when steps are queued ahead; a synchronized step's wall time did not move
 (59.7 against 59.5 us at B1): there the graph launch's own latency decides when the first
-kernel starts (BENCHMARKS.md, twenty-fifth session). Each program copies one block of 4-byte words with all its loads issued
-at once (one PCIe round trip); program 0 also copies the 0-3 bytes past the last whole word,
-so nothing past `nbytes` is read or written.
+kernel starts (BENCHMARKS.md, twenty-fifth session).
+
+Each program copies one block of 4-byte words with all its loads issued at once (one PCIe
+round trip); program 0 also copies the 0-3 bytes past the last whole word, so nothing past
+`nbytes` is read or written.
 
 Every cuda artifact carries one compiled copy under UPLOAD_KEY (lowering/triton_gpu/
 backend.py); the runtime launches it where a slot graph captures its upload
