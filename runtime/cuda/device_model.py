@@ -115,7 +115,7 @@ class CudaDevice:
         (runtime/cuda/upload_kernel.py): the next kernel then starts 0.3 us after it, not
         2.5-8 us after a copy node."""
         self._ctx(self.device)  # several GPUs: begin_call of another one ran since ours
-        if self._capturing:
+        if self._capturing and self._upload_kernel.available():
             src, size = self._ring.device_address()
             if self._upload_kernel(src, size, buf.ptr, buf.nbytes, nbytes, self._cur):
                 return

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from graphir.lowering.artifact import ArtifactError
 
-from .module import LaunchSpec
+from .module import SCRATCH_NAMES, LaunchSpec
 from .plan_values import _compile
 from .upload_kernel import PARAMS, UPLOAD_KEY
 
 _SCRATCH_DTYPES = {"float32", "float16", "bfloat16", "int32", "int64", "uint8", "uint32"}
-_TRITON_SCRATCH = ("global_scratch", "profile_scratch")
 _KERNELS_WITHOUT_LAUNCHES = {"host", "view", "host_runtime", "collective"}
 
 
@@ -87,7 +86,7 @@ def _check_upload(manifest: dict, path) -> None:
         raise ArtifactError(f"{path}: kernel {UPLOAD_KEY} has a malformed entry ({e!r:.60}); "
                             f"recompile the artifact") from None
     scratch = [n for n, _ in params[len(PARAMS):]]
-    if params[:len(PARAMS)] != list(PARAMS) or scratch not in ([], list(_TRITON_SCRATCH)) \
+    if params[:len(PARAMS)] != list(PARAMS) or scratch not in ([], list(SCRATCH_NAMES)) \
             or type(words) is not int or not 1 <= words <= 1 << 16:
         raise ArtifactError(f"{path}: kernel {UPLOAD_KEY} takes {params!r:.80} with WORDS "
                             f"{words!r:.20}, not the upload kernel's {list(PARAMS)}; recompile "

@@ -3,14 +3,7 @@ GPU: the launch it makes, and every case where it leaves the copy to the caller 
 import pytest
 
 from graphir.runtime.cuda.upload_kernel import UPLOAD_KEY, StagedUpload
-
-
-class FakeKernel:
-    def __init__(self):
-        self.launches = []
-
-    def launch(self, grid, *args, stream=None):
-        self.launches.append((grid, args, stream))
+from tests.runtime.cuda.test_cublaslt_cpu import FakeKernel  # records launches
 
 
 class Table(dict):
