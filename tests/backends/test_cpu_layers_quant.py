@@ -49,13 +49,14 @@ def test_gguf_attention_layer(enc):
     _run_schedule(g, quant.state_dict(), tg.kv_manager, tg.HIDDEN, 2, 1e-4)
 
 
-def test_gptq_attention_layer():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_attention_layer(bits):
     from tests.nn import test_gptq_attention as tq
 
-    rope, kvp, quant = tq.loaded_layer(sym=False, desc_act=True)
+    rope, kvp, quant = tq.loaded_layer(sym=False, desc_act=True, bits=bits)
     g = layer_graph(quant, rope, kvp)
     assert str(g).count("gir.qmatmul") == 2
-    _run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3, 1e-4)
+    _run_schedule(g, quant.state_dict(), tq.kv_manager, tq.HIDDEN, 3 + bits, 1e-4)
 
 
 @pytest.mark.parametrize("q_lora", [None, 24])

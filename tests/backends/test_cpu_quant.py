@@ -124,16 +124,17 @@ def test_qmatmul_narrow_and_batched_activations(dt):
     assert_matches_interpreter(g, x, b4, b6, rtol=2e-2, atol=2e-2)
 
 
-def _gptq_linear(rng, name, n_out, gs, sym, desc, fmt):
+def _gptq_linear(rng, name, n_out, gs, sym, desc, fmt, bits=4):
     from tests.nn.test_gptq_attention import make_g_idx, pack_nibbles, quantize
 
-    ckpt, _ = quantize(rng, 128, n_out, gs, sym, make_g_idx(rng, 128, gs, desc))
+    ckpt, _ = quantize(rng, 128, n_out, gs, sym, make_g_idx(rng, 128, gs, desc), bits=bits)
     if fmt == "gptq_v2":  # v2 stores the zero point itself, not zero - 1
         words = ckpt["qzeros"].view(np.uint32)
-        codes = ((words[:, :, None] >> np.arange(0, 32, 4, dtype=np.uint32)) & 15).reshape(
-            words.shape[0], -1) + 1
-        ckpt["qzeros"] = pack_nibbles(codes, 1)
-    cfg = QuantizationConfig(group_size=gs, desc_act=desc, sym=sym, checkpoint_format=fmt)
+        codes = ((words[:, :, None] >> np.arange(0, 32, bits, dtype=np.uint32))
+                 & ((1 << bits) - 1)).reshape(words.shape[0], -1) + 1
+        ckpt["qzeros"] = pack_nibbles(codes, 1, bits)
+    cfg = QuantizationConfig(bits=bits, group_size=gs, desc_act=desc, sym=sym,
+                             checkpoint_format=fmt)
     lin = GPTQLinear(128, n_out, quantization_config=cfg, name=name, has_bias=name == "a")
     if name == "a":
         ckpt["bias"] = rng.standard_normal(n_out).astype(np.float32)
@@ -141,15 +142,19 @@ def _gptq_linear(rng, name, n_out, gs, sym, desc, fmt):
     return lin
 
 
-def test_gptq_qmatmul_variants():
-    rng = np.random.default_rng(2)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_qmatmul_variants(bits):
+    rng = np.random.default_rng(2 + bits)
     # (name, out, group, sym, desc_act, format): 24 / 16 outputs take the register path only,
-    # 64 whole panels, 96 panels and a partial one; group 4 is not a whole int32 word
+    # 64 whole panels, 96 panels and a partial one; a group of 4 (4-bit) or 2 (8-bit) values
+    # is not a whole int32 word
     specs = [("a", 32, 32, False, True, "gptq"), ("b", 24, 64, True, False, "gptq"),
              ("c", 16, -1, False, False, "gptq_v2"), ("d", 48, 32, True, True, "gptq"),
              ("e", 16, 128, False, True, "gptq_v2"), ("f", 64, 16, False, False, "gptq"),
-             ("g", 96, 4, True, True, "gptq"), ("h", 96, 128, False, True, "gptq_v2")]
-    lins = [_gptq_linear(rng, *s) for s in specs]
+             ("g", 96, 16 // bits, True, True, "gptq"), ("h", 96, 128, False, True, "gptq_v2")]
+    if bits == 8:  # asymmetric 8-bit zero points pack 4 a word: 4 outputs take vectors of 4
+        specs.append(("i", 36, 32, False, False, "gptq"))
+    lins = [_gptq_linear(rng, *s, bits=bits) for s in specs]
     with Graph("gptq", input_types=[TensorType(DType.float32, ["n", 128])]) as g:
         g.output(*[lin(g.inputs[0]) for lin in lins])
     assert str(g).count("gir.qmatmul") == len(specs)

@@ -88,11 +88,9 @@ def _qmatmul(e: Emitter, args):
     out_t = f"tensor<?x{n_out}xf32>"
     if enc == "GPTQ":
         at = e.attrs
-        if at.get("bits", 4) != 4:  # the kernel reads 4-bit codes only (8-bit: see ops/quantized)
-            raise NotImplementedError(f"cpu qmatmul: {at['bits']}-bit GPTQ is not lowered yet")
         asym = not at["sym"]
         q = Gptq(n_in, n_out, resolve_group_size(at["group_size"], n_in), asym,
-                 at["checkpoint_format"] == "gptq")
+                 at["checkpoint_format"] == "gptq", at.get("bits", 4))
         ins = [a, args[1]] + ([args[2]] if asym else [])
         text = gptq_matmul_text(a.type, args[1].type, args[2].type if asym else None, out_t, q,
                                 _tiles(e))

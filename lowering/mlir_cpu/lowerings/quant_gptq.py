@@ -1,8 +1,8 @@
-"""GPTQ 4-bit quantized matmul kernel (see quant_kernels.py for the two paths).
+"""GPTQ 4- and 8-bit quantized matmul kernel (see quant_kernels.py for the two paths).
 
-Codes are packed along k (eight per int32 word) with the output columns contiguous, so a word
-vector decodes V output columns at 8 values of k; scales (float16) and zero points (4-bit,
-packed along n) are per group of k and per column.
+Codes are packed along k (P = 32 / bits per int32 word: 8 or 4) with the output columns
+contiguous, so a word vector decodes V output columns at P values of k; scales (float16) and
+zero points (`bits` wide, packed along n, P a word) are per group of k and per column.
 """
 from __future__ import annotations
 
@@ -15,12 +15,23 @@ from .quant_kernels import Mats, QuantTiles, k_block, rows_in_blocks, split_rows
 
 @dataclass
 class Gptq:
-    """GPTQ operands: K inputs, N outputs, group size, zero points (None: symmetric, 8)."""
+    """GPTQ operands: K inputs, N outputs, group size, zero points (False: symmetric, zero
+    point 2 ** (bits - 1)), v1's stored zero - 1, code width."""
     k: int
     n: int
     group: int
     asym: bool
     plus_one: bool
+    bits: int = 4
+
+    @property
+    def per(self) -> int:
+        """Codes per int32 word."""
+        return 32 // self.bits
+
+    @property
+    def mask(self) -> int:
+        return (1 << self.bits) - 1
 
     @property
     def width(self) -> int:
@@ -30,7 +41,7 @@ class Gptq:
 class _GptqMem:
     def __init__(self, k: KernelText, q: Gptq, w_t, z_t):
         t = k.t
-        rows = q.k // 2 + 2 * (q.k // q.group)
+        rows = q.k * q.bits // 8 + 2 * (q.k // q.group)
         wm, wmt = to_buffer(t, "%w", w_t)
         self.flat_t = f"memref<{rows * q.n}xi8>"
         self.w = t(f"memref.collapse_shape {wm} [[0, 1]] : {wmt} into {self.flat_t}")
@@ -49,23 +60,25 @@ class _GptqMem:
     def scale(self, g: str, n: str) -> str:
         t, v, q = self.k.t, self.q.width, self.q
         off = self.k.ix("addi", self.k.ix("muli", self.k.ix("addi", self.k.ix("muli", g, q.n), n), 2),
-                        q.k // 2 * q.n)
+                        q.k * q.bits // 8 * q.n)
         raw = t(f"vector.load {self.w}[{off}] : {self.flat_t}, vector<{2 * v}xi8>")
         h = t(f"vector.bitcast {raw} : vector<{2 * v}xi8> to vector<{v}xf16>")
         return t(f"arith.extf {h} : vector<{v}xf16> to vector<{v}xf32>")
 
     def zero(self, g: str, n: str) -> str:
-        t, v = self.k.t, self.q.width
+        t, v, q = self.k.t, self.q.width, self.q
         vt = f"vector<{v}xi32>"
         if self.z is None:
-            return t.const("8", vt)
-        nw = v // 8   # asymmetric weights have N % 8 == 0, so V >= 8
-        words = t(f"vector.load {self.z}[{g}, {self.k.ix('divui', n, 8)}] : {self.zt}, "
+            return t.const(str(1 << (q.bits - 1)), vt)
+        p = q.per
+        nw = v // p   # asymmetric weights have N % P == 0, so V >= P
+        words = t(f"vector.load {self.z}[{g}, {self.k.ix('divui', n, p)}] : {self.zt}, "
                   f"vector<{nw}xi32>")
-        spread = t(f"vector.shuffle {words}, {words} [{', '.join(str(i // 8) for i in range(v))}]"
+        spread = t(f"vector.shuffle {words}, {words} [{', '.join(str(i // p) for i in range(v))}]"
                    f" : vector<{nw}xi32>, vector<{nw}xi32>")
-        shifts = t.const("[" + ", ".join(str(4 * (i % 8)) for i in range(v)) + "]", vt)
-        z = t(f"arith.andi {t(f'arith.shrui {spread}, {shifts} : {vt}')}, {t.const('15', vt)} : {vt}")
+        shifts = t.const("[" + ", ".join(str(q.bits * (i % p)) for i in range(v)) + "]", vt)
+        z = t(f"arith.andi {t(f'arith.shrui {spread}, {shifts} : {vt}')}, "
+              f"{t.const(str(q.mask), vt)} : {vt}")
         return t(f"arith.addi {z}, {t.const('1', vt)} : {vt}") if self.q.plus_one else z
 
     def decode(self, words: str, shift, zero: str, scale: str) -> str:
@@ -76,16 +89,18 @@ class _GptqMem:
             sh = t.const(str(shift), vt)
         else:
             sh = t(f"vector.broadcast {t(f'arith.index_cast {shift} : index to i32')} : i32 to {vt}")
-        code = t(f"arith.andi {t(f'arith.shrui {words}, {sh} : {vt}')}, {t.const('15', vt)} : {vt}")
+        code = t(f"arith.andi {t(f'arith.shrui {words}, {sh} : {vt}')}, "
+                 f"{t.const(str(self.q.mask), vt)} : {vt}")
         c = t(f"arith.sitofp {t(f'arith.subi {code}, {zero} : {vt}')} : {vt} to {ft}")
         return t(f"arith.mulf {c}, {scale} : {ft}")
 
     def at(self, kx: str, n: str) -> str:
         """W^T[kx, n : n+V], the group looked up for this k."""
         k = self.k
-        g = k.ix("divui", kx, self.q.group)
-        shift = k.ix("muli", k.ix("remui", kx, 8), 4)
-        return self.decode(self.words(k.ix("divui", kx, 8), n), shift, self.zero(g, n),
+        q = self.q
+        g = k.ix("divui", kx, q.group)
+        shift = k.ix("muli", k.ix("remui", kx, q.per), q.bits)
+        return self.decode(self.words(k.ix("divui", kx, q.per), n), shift, self.zero(g, n),
                            self.scale(g, n))
 
 
@@ -110,7 +125,7 @@ def _gptq_dot(k: KernelText, mats: Mats, gm: _GptqMem, xs, m0: str, mb: int, n0:
         return out
 
     if xs is not None:
-        fifteen, izero = t.const("15", it), t.const("0", it)
+        mask, izero, per = t.const(str(q.mask), it), t.const("0", it), q.per
 
         def group(g, accs):
             scales = [gm.scale(g, c) for c in cols]
@@ -118,17 +133,18 @@ def _gptq_dot(k: KernelText, mats: Mats, gm: _GptqMem, xs, m0: str, mb: int, n0:
                        f" : {it} to {ft}") for c in cols]
 
             def word(kw, parts):
-                k0 = k.ix("addi", k.ix("muli", g, q.group), k.ix("muli", kw, 8))
-                ws = [gm.words(k.ix("divui", k0, 8), c) for c in cols]
-                for s in range(8):
+                k0 = k.ix("addi", k.ix("muli", g, q.group), k.ix("muli", kw, per))
+                ws = [gm.words(k.ix("divui", k0, per), c) for c in cols]
+                for s in range(per):
                     codes = []
                     for u in range(nv):
-                        sh = t(f"arith.shrui {ws[u]}, {t.const(str(4 * s), it)} : {it}") if s else ws[u]
-                        c = t(f"arith.andi {sh}, {fifteen} : {it}")
+                        sh = t(f"arith.shrui {ws[u]}, {t.const(str(q.bits * s), it)} : {it}") \
+                            if s else ws[u]
+                        c = t(f"arith.andi {sh}, {mask} : {it}")
                         codes.append(t(f"arith.sitofp {c} : {it} to {ft}"))
                     parts = fma(k.ix("addi", k0, s) if s else k0, codes, parts)
                 return parts
-            parts = k.loop(0, q.group // 8, 1, [zero] * (mb * nv), ft, word)
+            parts = k.loop(0, q.group // per, 1, [zero] * (mb * nv), ft, word)
             out = list(accs)
             for r in range(mb):
                 xsum = t(f"memref.load {xs[0]}[{rows[r]}, {g}] : {xs[1]}")
@@ -179,16 +195,17 @@ def _gptq_decode_tile(k: KernelText, gm: _GptqMem, kc: int):
 
 
 def gptq_matmul_text(x_t, w_t, z_t, out_t: str, q: Gptq, tiles: QuantTiles) -> str:
-    """@body(%x: f32 [M, K] (already permuted), %w: uint8 [K/2 + 2G, N][, %z: i32 [G, N/8]])."""
+    """@body(%x: f32 [M, K] (already permuted), %w: uint8 [K bits/8 + 2G, N][, %z: i32
+    [G, N bits/32]])."""
     k = KernelText(tiles, q.k, q.n)
     t = k.t
     mats = Mats(k, "%x", x_t)
     gm = _GptqMem(k, q, w_t, z_t)
     n_tile = q.n - q.n % tiles.nr if tiles.nr % q.width == 0 else 0
     m_tile = split_rows(k, mats)
-    xs = x_sums(k, mats, q.group) if q.group % 8 == 0 else None
+    xs = x_sums(k, mats, q.group) if q.group % q.per == 0 else None
     if n_tile:
-        kc = k_block(q.k, 8 if q.k % 8 == 0 else 1)
+        kc = k_block(q.k, q.per if q.k % q.per == 0 else 1)
         tile_path(k, mats, m_tile, n_tile, kc, _gptq_decode_tile(k, gm, kc))
         _gptq_rows(k, mats, gm, xs, t.idx(0), m_tile, n_tile, q.n)
         _gptq_rows(k, mats, gm, xs, m_tile, mats.m, 0, q.n)
