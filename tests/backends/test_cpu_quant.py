@@ -169,7 +169,7 @@ def test_gptq_qmatmul_variants(bits):
                                        err_msg=f"rows {m}, layer {specs[i][0]}")
 
 
-@pytest.mark.parametrize("enc", ["Q4_K", "Q8_0", "GPTQ"])
+@pytest.mark.parametrize("enc", ["Q4_K", "Q8_0", "GPTQ", "GPTQ8"])
 def test_qmatmul_kernel_holds_no_float_copy_of_the_weight(enc):
     """Every f32 buffer of the qmatmul kernel is a tile: none is near the weight's size."""
     import re
@@ -181,9 +181,11 @@ def test_qmatmul_kernel_holds_no_float_copy_of_the_weight(enc):
 
     n, k = 512, 2048
     with Graph("q", input_types=[TensorType(DType.float32, ["t", k])]) as g:
-        if enc == "GPTQ":
-            w = Weight("w", DType.uint8, [gptq_weight_rows(k, 128), n])
-            y = ops.qmatmul(enc, QuantizationConfig(group_size=128), g.inputs[0], w)
+        if enc.startswith("GPTQ"):
+            bits = 8 if enc == "GPTQ8" else 4
+            w = Weight("w", DType.uint8, [gptq_weight_rows(k, 128, bits), n])
+            y = ops.qmatmul("GPTQ", QuantizationConfig(group_size=128, bits=bits),
+                            g.inputs[0], w)
         else:
             w = Weight("w", DType.uint8, [n, gguf_row_nbytes(enc, k)])
             y = ops.qmatmul(enc, None, g.inputs[0], w)
