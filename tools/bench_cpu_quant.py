@@ -1,14 +1,16 @@
-"""Benchmark: a decode step of the GGUF-quantized attention layer vs the same layer in float32,
-both compiled by graphir for the CPU in one run.
+"""Benchmark: a decode step of the GGUF- or GPTQ-quantized attention layer vs the same layer in
+float32, both compiled by graphir for the CPU in one run.
 
-Run: .venv/bin/python tools/bench_cpu_quant.py [--encoding Q4_K | Q4_K_M | Q6_K ...]
+Run: .venv/bin/python tools/bench_cpu_quant.py [--encoding Q4_K | Q4_K_M | Q6_K | GPTQ4 | GPTQ8 ...]
      [--batch 1] [--context 1024]
      [--kernels]   (each kernel's time too, as the interleaved rounds run)
 
 The layer is Llama-3-8B shaped (hidden 4096, 32 heads, 8 KV heads, head dim 128, page size 128,
 interleaved RoPE as GGUF checkpoints use): GGUFQAttentionWithRope with its q/k/v/o weights as
 GGUF blocks (qmatmul dequantizes tiles inside the matmul loop) against AttentionWithRope with
-the float32 weights those blocks decode to (packed once at load). Prints the CPU target, the
+the float32 weights those blocks decode to (packed once at load); GPTQ4 / GPTQ8:
+GPTQAttentionWithRope over symmetric 4- / 8-bit checkpoints (group 128, rounded to nearest,
+desc_act off) instead. Prints the CPU target, the
 load average before and after, best and median decode-step times of both over --reps rounds
 (each round times both, so a load from other processes hits them alike), the ratio
 float32 / quantized of the best times (target >= 3 for Q4_K: it reads ~7x fewer weight bytes),
@@ -37,6 +39,10 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MIXES = {"Q4_K_M": {"q_proj": "Q4_K", "k_proj": "Q4_K", "v_proj": "Q6_K", "o_proj": "Q4_K"}}
 
 
+GPTQ_BITS = {"GPTQ4": 4, "GPTQ8": 8}
+GPTQ_GROUP = 128
+
+
 def _encodings(enc: str) -> dict[str, str]:
     """Each projection's encoding: one for all, or a llama.cpp mix (MIXES)."""
     return MIXES.get(enc, dict.fromkeys(PROJ, enc))
@@ -53,8 +59,15 @@ def _layers(enc: str):
                         page_size=PAGE, devices=(dev,))
     common = dict(rope=rope, num_attention_heads=NH, num_key_value_heads=NKV, hidden_size=HIDDEN,
                   kv_params=kvp, devices=[dev])
-    quant = GGUFQAttentionWithRope(dtype=DType.uint8, quantization_encoding=_encodings(enc),
-                                   **common)
+    if enc in GPTQ_BITS:
+        from graphir.nn import GPTQAttentionWithRope
+        from graphir.ops import QuantizationConfig
+
+        cfg = QuantizationConfig(bits=GPTQ_BITS[enc], group_size=GPTQ_GROUP, sym=True)
+        quant = GPTQAttentionWithRope(cfg, **common)
+    else:
+        quant = GGUFQAttentionWithRope(dtype=DType.uint8, quantization_encoding=_encodings(enc),
+                                       **common)
     return rope, kvp, quant, AttentionWithRope(dtype=DType.float32, **common)
 
 
@@ -72,7 +85,8 @@ def _graph(attn, rope, kvp, name: str):
 
 
 def _weights(enc: str, seed: int):
-    """(GGUF blocks per projection, the float32 weights they decode to)."""
+    """(quantized tensors per projection: GGUF blocks or GPTQ checkpoint tensors, the float32
+    weights they decode to)."""
     from graphir.ops.quant.gguf_blocks import dequantize_gguf
     from graphir.ops.quant.gguf_quantize import quantize_gguf
 
@@ -82,10 +96,33 @@ def _weights(enc: str, seed: int):
     quant, dense = {}, {}
     for name, (out, n_in) in shapes.items():
         w = (rng.standard_normal((out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        if enc in GPTQ_BITS:
+            tensors, dense[f"{name}.weight"] = _gptq_rtn(w, GPTQ_BITS[enc])
+            quant.update({f"{name}.{k}": v for k, v in tensors.items()})
+            continue
         blocks = quantize_gguf(w, _encodings(enc)[name])
         quant[f"{name}.weight"] = blocks
         dense[f"{name}.weight"] = dequantize_gguf(blocks, _encodings(enc)[name], n_in)
     return quant, dense
+
+
+def _gptq_rtn(w: np.ndarray, bits: int):
+    """Symmetric GPTQ checkpoint tensors of w `[out, in]` rounded to nearest per group of
+    GPTQ_GROUP inputs (what GPTQ's solver starts from; the layer's speed does not depend on
+    the codes), and the float32 weight `[out, in]` they decode to."""
+    from graphir.ops.quant.gptq import dequantize_gptq
+    from graphir.ops.quant.gptq_layout import pack_rows
+
+    wt = w.T.astype(np.float64)                                    # [in, out]
+    n_in, n_out = wt.shape
+    mid = 1 << (bits - 1)
+    g = wt.reshape(n_in // GPTQ_GROUP, GPTQ_GROUP, n_out)
+    scales = (np.abs(g).max(axis=1) / (mid - 1)).astype(np.float16)
+    s = np.maximum(scales.astype(np.float64), 1e-8)[:, None, :]
+    codes = np.clip(np.rint(g / s) + mid, 0, 2 * mid - 1).astype(np.uint8).reshape(n_in, n_out)
+    qweight = pack_rows(codes, bits)
+    dq = dequantize_gptq(qweight, scales, None, None, GPTQ_GROUP, bits=bits)
+    return {"qweight": qweight, "scales": scales}, np.ascontiguousarray(dq.T, np.float32)
 
 
 def main() -> None:
@@ -146,7 +183,8 @@ def main() -> None:
     print(f"decode step: batch {b}, context {ctx}, hidden {HIDDEN}, {NH}/{NKV} heads, "
           f"head dim {D}; {args.reps} rounds")
     print("layer | weight MB read | best ms | median ms")
-    for name, ts, nb in ((f"GGUF {args.encoding}", t_q, bytes_q), ("float32", t_d, bytes_d)):
+    kind = "" if args.encoding in GPTQ_BITS else "GGUF "
+    for name, ts, nb in ((f"{kind}{args.encoding}", t_q, bytes_q), ("float32", t_d, bytes_d)):
         print(f"{name} | {nb / 1e6:.1f} | {min(ts) * 1e3:.2f} | {statistics.median(ts) * 1e3:.2f}")
     print(f"float32 / {args.encoding} (best): {min(t_d) / min(t_q):.2f}x  (target >= 3 for Q4_K);"
           f" median: {statistics.median(t_d) / statistics.median(t_q):.2f}x")

@@ -18,6 +18,7 @@ path reads a sub-block's scale with one byte load (lowerings/quant_k_lanes.py).
 d, two zero bytes, the 16 scales, then the low-nibble bytes and the high-bit bytes in 32-byte
 groups whose byte 4 j + b holds value 8 b + j of the group), so that byte b of every i32 word
 of a group belongs to one 8-value run of x (lowerings/quant_q6_lanes.py).
+`"gptq<bits>w<W>k<K>"`: a GPTQ weight's bytes reordered into column panels (pack_gptq.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import re
 import numpy as np
 
 from graphir.dtype import bf16_bits
+
+from . import pack_gptq
 
 _LAYOUT = re.compile(r"(nk|kn)([1-9][0-9]*)(p?)")
 
@@ -38,7 +41,7 @@ KQUANT_LAYOUTS = {Q4K_LAYOUT: ("Q4_K", 144, 148), Q5K_LAYOUT: ("Q5_K", 176, 180)
 
 def check_layout(layout: str) -> None:
     """ValueError unless `layout` names a layout of this module."""
-    if layout not in KQUANT_LAYOUTS:
+    if layout not in KQUANT_LAYOUTS and pack_gptq.parse(layout) is None:
         parse_layout(layout)
 
 
@@ -59,6 +62,9 @@ def packed_shape(shape, layout: str) -> list[int]:
             raise ValueError(f"layout {layout!r} repacks {enc} rows [N, blocks x {stored}] "
                              f"bytes, got shape {tuple(shape)}")
         return [shape[0], shape[1] // stored * packed]
+    if pack_gptq.parse(layout) is not None:
+        pack_gptq.geometry(shape, layout)
+        return list(shape)
     kind, nr, pairs = parse_layout(layout)
     if len(shape) != 2:
         raise ValueError(f"layout {layout!r} packs a 2-D operand, got shape {tuple(shape)}")
@@ -72,8 +78,8 @@ def packed_shape(shape, layout: str) -> list[int]:
 
 def packed_dtype(layout: str) -> type:
     """The packed array's numpy dtype: f32, uint16 (bf16 bits) for a pairs layout, uint8 for
-    the GGUF bytes of the K-quant layouts ("q4k_r", "q5k_r", "q6k_r")."""
-    if layout in KQUANT_LAYOUTS:
+    the GGUF bytes of the K-quant layouts ("q4k_r", "q5k_r", "q6k_r") and GPTQ's panels."""
+    if layout in KQUANT_LAYOUTS or pack_gptq.parse(layout) is not None:
         return np.uint8
     return np.uint16 if parse_layout(layout)[2] else np.float32
 
@@ -85,6 +91,8 @@ def pack_numpy(a: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.
     cache-line aligned memory), so a weight is copied once, not packed and then copied."""
     if layout in KQUANT_LAYOUTS:
         return repack_kquant(a, layout, out)
+    if pack_gptq.parse(layout) is not None:
+        return pack_gptq.repack(a, layout, out)
     kind, nr, pairs = parse_layout(layout)
     a = np.asarray(a, np.float32)
     if a.ndim != 2:

@@ -142,8 +142,8 @@ def prepack_layouts(node, load_time: Sequence[bool], cfg: MatmulConfig) -> dict[
 def packed_type(shape: Sequence[int], layout: str) -> ir.RankedTensorType:
     """The kernel argument's type for an operand of `shape` packed in `layout`: f32
     `[N/nr, K, nr]`, bf16 `[N/nr, K/2, 2 nr]` for a pairs layout, i8 `[N, blocks x 148]` for
-    "q4k_r" (180 for "q5k_r", 212 for "q6k_r")."""
-    if layout in pack_layout.KQUANT_LAYOUTS:
+    "q4k_r" (180 for "q5k_r", 212 for "q6k_r"), i8 of the same shape for GPTQ's panels."""
+    if layout in pack_layout.KQUANT_LAYOUTS or pack_layout.pack_gptq.parse(layout) is not None:
         el = ir.IntegerType.get_signless(8)
     else:
         el = ir.BF16Type.get() if pack_layout.parse_layout(layout)[2] else ir.F32Type.get()

@@ -20,6 +20,7 @@ from graphir.ops.quant.gptq import resolve_group_size
 from ...registry import register_lowering
 from .. import schedules
 from ..emit import Emitter, index
+from .. import pack_gptq
 from ..pack_layout import KQUANT_LAYOUTS
 from .elementwise import to_compute
 from .linalg import inline_mlir
@@ -89,8 +90,10 @@ def _qmatmul(e: Emitter, args):
     if enc == "GPTQ":
         at = e.attrs
         asym = not at["sym"]
+        panel = pack_gptq.parse(getattr(e, "prepack", {}).get(1))
         q = Gptq(n_in, n_out, resolve_group_size(at["group_size"], n_in), asym,
-                 at["checkpoint_format"] == "gptq", at.get("bits", 4))
+                 at["checkpoint_format"] == "gptq", at.get("bits", 4),
+                 panel[1] if panel else None)
         ins = [a, args[1]] + ([args[2]] if asym else [])
         text = gptq_matmul_text(a.type, args[1].type, args[2].type if asym else None, out_t, q,
                                 _tiles(e))
@@ -111,8 +114,15 @@ def _qmatmul(e: Emitter, args):
 def _qmatmul_prepack(node, load_time, cfg):
     """8-lane targets (AVX2) take a Q4_K / Q5_K / Q6_K weight fixed at load repacked: the row
     path reads code words in place (quant_k_lanes.py, quant_q6_lanes.py). With 16 lanes the
-    byte-to-lane path stays (measured on Zen 4 and Xeons; the lane path is not yet)."""
+    byte-to-lane path stays (no faster on Zen 4: BENCHMARKS.md). A GPTQ weight fixed at load
+    comes in column panels on every target (pack_gptq.py)."""
     enc = node.attrs.get("encoding")
+    if enc == "GPTQ":
+        if not load_time[1]:
+            return {}
+        k, n = int(node.operands[0].type.shape[-1]), int(node.operands[1].type.shape[-1])
+        panel = pack_gptq.pick_panel(n, Gptq(k, n, 1, False, False).width)
+        return {1: pack_gptq.layout_name(node.attrs.get("bits", 4), panel, k)} if panel else {}
     for layout, (name, _, _) in KQUANT_LAYOUTS.items():
         if enc == name and load_time[1] and cfg.lanes == 8:
             return {1: layout}

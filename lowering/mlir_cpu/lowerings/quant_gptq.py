@@ -2,7 +2,9 @@
 
 Codes are packed along k (P = 32 / bits per int32 word: 8 or 4) with the output columns
 contiguous, so a word vector decodes V output columns at P values of k; scales (float16) and
-zero points (`bits` wide, packed along n, P a word) are per group of k and per column.
+zero points (`bits` wide, packed along n, P a word) are per group of k and per column. A weight
+fixed at load comes reordered into panels of W columns (`panel`; pack_gptq.py), so that the row
+path's task reads its columns' words as one contiguous run instead of one short run a page.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ from .quant_kernels import Mats, QuantTiles, k_block, rows_in_blocks, split_rows
 @dataclass
 class Gptq:
     """GPTQ operands: K inputs, N outputs, group size, zero points (False: symmetric, zero
-    point 2 ** (bits - 1)), v1's stored zero - 1, code width."""
+    point 2 ** (bits - 1)), v1's stored zero - 1, code width, the panel width of a weight
+    reordered at load (None: as stored)."""
     k: int
     n: int
     group: int
     asym: bool
     plus_one: bool
     bits: int = 4
+    panel: int | None = None
 
     @property
     def per(self) -> int:
@@ -50,16 +54,25 @@ class _GptqMem:
             self.z, self.zt = to_buffer(t, "%z", z_t)
         self.q, self.k = q, k
 
+    def _at(self, row: str, rows: int, n: str) -> str:
+        """Element index of [row, n] in a [rows, N] array stored as is, or in panels of W
+        columns ([N/W, rows, W])."""
+        ix, w = self.k.ix, self.q.panel
+        if w is None:
+            return ix("addi", ix("muli", row, self.q.n), n)
+        head = ix("addi", ix("muli", ix("divui", n, w), rows), row)
+        return ix("addi", ix("muli", head, w), ix("remui", n, w))
+
     def words(self, kw: str, n: str) -> str:
         """vector<V x i32> of qweight[kw, n : n+V]."""
-        t, v = self.k.t, self.q.width
-        off = self.k.ix("muli", self.k.ix("addi", self.k.ix("muli", kw, self.q.n), n), 4)
+        t, v, q = self.k.t, self.q.width, self.q
+        off = self.k.ix("muli", self._at(kw, q.k // q.per, n), 4)
         raw = t(f"vector.load {self.w}[{off}] : {self.flat_t}, vector<{4 * v}xi8>")
         return t(f"vector.bitcast {raw} : vector<{4 * v}xi8> to vector<{v}xi32>")
 
     def scale(self, g: str, n: str) -> str:
         t, v, q = self.k.t, self.q.width, self.q
-        off = self.k.ix("addi", self.k.ix("muli", self.k.ix("addi", self.k.ix("muli", g, q.n), n), 2),
+        off = self.k.ix("addi", self.k.ix("muli", self._at(g, q.k // q.group, n), 2),
                         q.k * q.bits // 8 * q.n)
         raw = t(f"vector.load {self.w}[{off}] : {self.flat_t}, vector<{2 * v}xi8>")
         h = t(f"vector.bitcast {raw} : vector<{2 * v}xi8> to vector<{v}xf16>")
