@@ -128,17 +128,21 @@ def _gptq_dot(k: KernelText, mats: Mats, gm: _GptqMem, xs, m0: str, mb: int, n0:
     rows = [k.ix("addi", m0, r) if r else m0 for r in range(mb)]
     cols = [k.ix("addi", n0, u * v) if u else n0 for u in range(nv)]
 
-    def fma(kx: str, ws: list[str], accs: list[str]) -> list[str]:
+    def fma(kx: str, ws: list[str], accs: list[str], shift: int = 0) -> list[str]:
+        """accs + x[row, kx] ws, ws being the codes times 2**shift (x scaled to match)."""
         out = list(accs)
         for r in range(mb):
             a = t(f"memref.load {mats.xm}[{rows[r]}, {kx}] : {mats.xmt}")
+            if shift:
+                a = t(f"arith.mulf {a}, {t.const(repr(2.0 ** -shift), 'f32')} : f32")
             ab = t(f"vector.broadcast {a} : f32 to {ft}")
             for u in range(nv):
                 out[r * nv + u] = t(f"vector.fma {ab}, {ws[u]}, {out[r * nv + u]} : {ft}")
         return out
 
     if xs is not None:
-        mask, izero, per = t.const(str(q.mask), it), t.const("0", it), q.per
+        izero, per = t.const("0", it), q.per
+        masks = [t.const(str(q.mask << (q.bits * s)), it) for s in range(per - 1)]
 
         def group(g, accs):
             scales = [gm.scale(g, c) for c in cols]
@@ -149,13 +153,20 @@ def _gptq_dot(k: KernelText, mats: Mats, gm: _GptqMem, xs, m0: str, mb: int, n0:
                 k0 = k.ix("addi", k.ix("muli", g, q.group), k.ix("muli", kw, per))
                 ws = [gm.words(k.ix("divui", k0, per), c) for c in cols]
                 for s in range(per):
+                    # Codes masked where they lie (the code times 2**(bits s), exact as a float
+                    # and positive below the top position), x scaled by 2**-(bits s) to match:
+                    # one integer op a vector, not a shift and a mask. The top position (its
+                    # bits reach the sign) is shifted down, which leaves the code alone.
+                    top, shift = s == per - 1, q.bits * s
                     codes = []
                     for u in range(nv):
-                        sh = t(f"arith.shrui {ws[u]}, {t.const(str(q.bits * s), it)} : {it}") \
-                            if s else ws[u]
-                        c = t(f"arith.andi {sh}, {mask} : {it}")
+                        if top:
+                            c = t(f"arith.shrui {ws[u]}, {t.const(str(shift), it)} : {it}")
+                        else:
+                            c = t(f"arith.andi {ws[u]}, {masks[s]} : {it}")
                         codes.append(t(f"arith.sitofp {c} : {it} to {ft}"))
-                    parts = fma(k.ix("addi", k0, s) if s else k0, codes, parts)
+                    parts = fma(k.ix("addi", k0, s) if s else k0, codes, parts,
+                                0 if top else shift)
                 return parts
             parts = k.loop(0, q.group // per, 1, [zero] * (mb * nv), ft, word)
             out = list(accs)
