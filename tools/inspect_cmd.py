@@ -24,6 +24,7 @@ def summarize(art) -> dict:
         "weights": {k: str(v.type) for k, v in sorted(g.weights.items())},
         "kernels": _kernels(m),
         "pdl_kernels": _pdl_kernels(m),
+        "prepacked": _prepacked(m),
         "files": {rel: {"sha256": d, "bytes": (art.path / rel).stat().st_size, "verified": True}
                   for rel, d in sorted(m["files"].items())},
     }
@@ -62,6 +63,15 @@ def _pdl_kernels(m) -> list[str]:
     return sorted(n for n, e in k.items() if e.get("launch_pdl")) if isinstance(k, dict) else []
 
 
+def _prepacked(m) -> dict[str, list]:
+    """Kernel -> [[operand, layout], ...] of the CPU kernels that take operands packed once at
+    load (panels of a float weight, repacked K-quant blocks, GPTQ's column panels)."""
+    steps = m.get("plan", {}).get("steps", []) if isinstance(m.get("plan"), dict) else []
+    return {s["kernel"]: s["attrs"]["prepack"] for s in steps
+            if isinstance(s, dict) and isinstance(s.get("attrs"), dict)
+            and s["attrs"].get("prepack")}
+
+
 def _plan(plan: dict) -> dict:
     values, steps = plan["values"], plan["steps"]
     slots: dict[int, list[str]] = {}
@@ -93,7 +103,10 @@ def format_summary(info: dict) -> str:
     pdl = set(info.get("pdl_kernels", ()))
     lines.append(f"kernels   {len(info['kernels'])}"
                  + (f" ({len(pdl)} overlap the kernel before them: [PDL])" if pdl else ""))
-    lines += [f"  {k}" + (" [PDL]" if k in pdl else "") for k in info["kernels"]]
+    packed = info.get("prepacked", {})
+    lines += [f"  {k}" + (" [PDL]" if k in pdl else "")
+              + "".join(f"  (operand {i} packed at load: {lay})" for i, lay in packed.get(k, ()))
+              for k in info["kernels"]]
     p = info.get("memory_plan")
     if p:
         lines.append(f"memory plan: {p['steps']} steps ({p['kernel_calls']} kernel calls, "

@@ -120,3 +120,14 @@ def test_a_weight_given_per_call_stays_as_stored():
     ref = run(g, x, w)[0]
     got = InferenceSession().load(g).execute(x, w)[0]
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_inspect_names_the_panels(tmp_path, monkeypatch):
+    from graphir.lowering.driver import compile_graph
+    from graphir.tools.inspect_cmd import format_summary, summarize
+
+    monkeypatch.setenv("GRAPHIR_CACHE_DIR", str(tmp_path))
+    art = compile_graph(_graph(128, 64, 32, 4, True, weight_input=False), "cpu")
+    info = summarize(art)
+    assert info["prepacked"] == {"k1_qmatmul": [[1, "gptq4w64k128"]]}
+    assert "  k1_qmatmul  (operand 1 packed at load: gptq4w64k128)" in format_summary(info)
