@@ -156,7 +156,9 @@ def _gptq_dot(k: KernelText, mats: Mats, gm: _GptqMem, xs, m0: str, mb: int, n0:
                     # Codes masked where they lie (the code times 2**(bits s), exact as a float
                     # and positive below the top position), x scaled by 2**-(bits s) to match:
                     # one integer op a vector, not a shift and a mask. The top position (its
-                    # bits reach the sign) is shifted down, which leaves the code alone.
+                    # bits reach the sign) is shifted down, which leaves the code alone. The
+                    # scaling is exact unless x falls below float32's normal range by it
+                    # (|x| < 2**-102 at 4 bits), as in quant_k_lanes.py's row path.
                     top, shift = s == per - 1, q.bits * s
                     codes = []
                     for u in range(nv):
