@@ -131,3 +131,34 @@ def test_inspect_names_the_panels(tmp_path, monkeypatch):
     info = summarize(art)
     assert info["prepacked"] == {"k1_qmatmul": [[1, "gptq4w64k128"]]}
     assert "  k1_qmatmul  (operand 1 packed at load: gptq4w64k128)" in format_summary(info)
+
+
+def test_a_manifest_naming_other_panels_is_refused(tmp_path, monkeypatch):
+    """A manifest rewritten (its digest recomputed) to pass the weight in other panels than its
+    kernel reads, or as stored, is refused at load rather than computing wrong numbers."""
+    import json
+    import shutil
+
+    from graphir.lowering.artifact import ArtifactError, root_digest
+    from graphir.lowering.driver import compile_graph
+    from graphir.runtime.session import InferenceSession
+
+    monkeypatch.setenv("GRAPHIR_CACHE_DIR", str(tmp_path / "cache"))
+    k, n, group = 128, 64, 32
+    good = compile_graph(_graph(k, n, group, 4, True, weight_input=False), "cpu",
+                         out=tmp_path / "good.gart").path
+    w = {"w": _weight(np.random.default_rng(5), k, n, group, 4)}
+    for edit in ("gptq4w32k128", None):
+        art = tmp_path / "edited.gart"
+        shutil.rmtree(art, ignore_errors=True)
+        shutil.copytree(good, art)
+        m = json.loads((art / "manifest.json").read_text())
+        (step,) = [s for s in m["plan"]["steps"] if s["op"] == "qmatmul"]
+        if edit is None:
+            del step["attrs"]["prepack"]
+        else:
+            step["attrs"]["prepack"] = [[1, edit]]
+        m["root_digest"] = root_digest(m)
+        (art / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ArtifactError, match="its kernel was compiled for"):
+            InferenceSession().load(art, weights=w)
