@@ -128,7 +128,8 @@ def _gptq_rtn(w: np.ndarray, bits: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encoding", default="Q4_K",
-                    help="one GGUF encoding for every projection, or Q4_K_M (v_proj in Q6_K)")
+                    help="one GGUF encoding for every projection, Q4_K_M (v_proj in Q6_K), "
+                         "or GPTQ4 / GPTQ8 (GPTQAttentionWithRope)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=20)
