@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 from mlir import ir, passmanager
 from mlir.dialects import arith, linalg, tensor
 
@@ -143,10 +144,10 @@ def packed_type(shape: Sequence[int], layout: str) -> ir.RankedTensorType:
     """The kernel argument's type for an operand of `shape` packed in `layout`: f32
     `[N/nr, K, nr]`, bf16 `[N/nr, K/2, 2 nr]` for a pairs layout, i8 `[N, blocks x 148]` for
     "q4k_r" (180 for "q5k_r", 212 for "q6k_r"), i8 of the same shape for GPTQ's panels."""
-    if layout in pack_layout.KQUANT_LAYOUTS or pack_layout.pack_gptq.parse(layout) is not None:
-        el = ir.IntegerType.get_signless(8)
-    else:
-        el = ir.BF16Type.get() if pack_layout.parse_layout(layout)[2] else ir.F32Type.get()
+    # The element type follows the numpy dtype the runtime packs into (uint16: bf16 bits).
+    dt = pack_layout.packed_dtype(layout)
+    el = (ir.IntegerType.get_signless(8) if dt is np.uint8 else
+          ir.BF16Type.get() if dt is np.uint16 else ir.F32Type.get())
     return ir.RankedTensorType.get(pack_layout.packed_shape(shape, layout), el)
 
 

@@ -26,7 +26,7 @@ from .elementwise import to_compute
 from .linalg import inline_mlir
 from .quant_decoders import decoder_for
 from .quant_gguf import gguf_dequantize_text, gguf_matmul_text
-from .quant_gptq import Gptq, gptq_matmul_text
+from .quant_gptq import Gptq, column_width, gptq_matmul_text
 from .quant_kernels import QuantTiles
 from .quant_k_lanes import REPACKED as _K_REPACKED
 from .quant_q6_lanes import REPACKED_Q6
@@ -121,7 +121,7 @@ def _qmatmul_prepack(node, load_time, cfg):
         if not load_time[1]:
             return {}
         k, n = int(node.operands[0].type.shape[-1]), int(node.operands[1].type.shape[-1])
-        panel = pack_gptq.pick_panel(n, Gptq(k, n, 1, False, False).width)
+        panel = pack_gptq.pick_panel(n, column_width(n))
         return {1: pack_gptq.layout_name(node.attrs.get("bits", 4), panel, k)} if panel else {}
     for layout, (name, _, _) in KQUANT_LAYOUTS.items():
         if enc == name and load_time[1] and cfg.lanes == 8:

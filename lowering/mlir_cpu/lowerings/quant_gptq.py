@@ -39,7 +39,12 @@ class Gptq:
 
     @property
     def width(self) -> int:
-        return next(w for w in (16, 8, 4, 2, 1) if self.n % w == 0)
+        return column_width(self.n)
+
+
+def column_width(n: int) -> int:
+    """Output columns a code-word vector decodes: the widest of 16, 8, 4, 2, 1 dividing N."""
+    return next(w for w in (16, 8, 4, 2, 1) if n % w == 0)
 
 
 class _GptqMem:
