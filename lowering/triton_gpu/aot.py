@@ -101,12 +101,14 @@ def param_ctype(ty: str) -> str:
 def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[str, Any],
                    num_warps: int = 4, num_stages: int = 3, target: GPUTarget = SM90,
                    divisible_by_16: tuple[str, ...] = (),
-                   maxnreg: int | None = None) -> CompiledCubin:
+                   maxnreg: int | None = None,
+                   pdl_preload: tuple[str, ...] = ()) -> CompiledCubin:
     """Compile a `@triton.jit` (or `@gluon.jit`) function for `target` without touching a GPU.
 
     `signature` names every argument of `fn` (constexprs as "constexpr"); `divisible_by_16`
     lists arguments the binary may assume are multiples of 16; `maxnreg` caps the registers
-    per thread (Triton's compile option of that name).
+    per thread (Triton's compile option of that name); `pdl_preload` names the pointer
+    arguments the kernel may load before its PDL wait (buffers nothing in the plan writes).
     """
     if maxnreg is not None and not (isinstance(maxnreg, int) and 16 <= maxnreg <= 255):
         raise ValueError(f"{fn.__name__}: maxnreg must be an int in [16, 255], got {maxnreg!r}")
@@ -122,6 +124,10 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         if k not in signature or signature[k] == "constexpr":
             raise ValueError(f"{fn.__name__}: divisible_by_16 names unknown/constexpr arg {k!r}")
         attrs[(names.index(k),)] = [["tt.divisibility", 16]]
+    runtime = [k for k, v in signature.items() if v != "constexpr"]
+    for k in pdl_preload:
+        if k not in runtime or not signature[k].startswith("*"):
+            raise ValueError(f"{fn.__name__}: pdl_preload names {k!r}, not a pointer argument")
     # Gluon kernels (explicit layouts, TMA rings, warp specialization) compile through their
     # own front end; everything after the TTGIR is the same.
     source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
@@ -142,8 +148,10 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         profile_scratch_align=int(md.profile_scratch_align or 1),
         launch_cooperative_grid=bool(md.launch_cooperative_grid),
         # Launched with programmatic stream serialization only when the kernel waits for its
-        # predecessors before it touches global memory (kernels/pdl.py).
-        launch_pdl=waits_before_memory(asm.get("ptx", "")),
+        # predecessors before it touches global memory, bar loads of `pdl_preload` buffers
+        # (kernels/pdl.py; PTX parameter i is the i-th runtime argument).
+        launch_pdl=waits_before_memory(asm.get("ptx", ""),
+                                       tuple(runtime.index(k) for k in pdl_preload)),
         target=f"{target.backend}:{target.arch}", asm=asm,
         maxnreg=maxnreg)
 
@@ -151,4 +159,5 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
 def compile_spec(spec: KernelSpec, target: GPUTarget = SM90) -> CompiledCubin:
     """Compile one `KernelSpec`."""
     return compile_kernel(spec.fn, spec.signature, spec.constexprs, spec.num_warps,
-                          spec.num_stages, target, spec.divisible_by_16, spec.maxnreg)
+                          spec.num_stages, target, spec.divisible_by_16, spec.maxnreg,
+                          spec.pdl_preload)
