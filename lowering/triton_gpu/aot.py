@@ -54,6 +54,7 @@ class CompiledCubin:
     target: str
     asm: dict[str, str] = field(default_factory=dict)
     maxnreg: int | None = None  # the register cap it was compiled with (None: ptxas chose)
+    pdl_preload: tuple[str, ...] = ()  # arguments read before its PDL wait (launch_pdl only)
 
     @property
     def ptx(self) -> str:
@@ -86,6 +87,7 @@ class CompiledCubin:
             "profile_scratch_align": self.profile_scratch_align,
             "launch_cooperative_grid": self.launch_cooperative_grid,
             "launch_pdl": self.launch_pdl, "target": self.target, "maxnreg": self.maxnreg,
+            **({"pdl_preload": list(self.pdl_preload)} if self.pdl_preload else {}),
         }
 
 
@@ -139,6 +141,10 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
     md = compiled.metadata
     params = [(k, v) for k, v in signature.items() if v != "constexpr"] + list(SCRATCH_PARAMS)
     asm = {k: v for k, v in compiled.asm.items() if isinstance(v, str)}
+    # Launched with programmatic stream serialization only when the kernel waits for its
+    # predecessors before it touches global memory, bar loads of `pdl_preload` buffers
+    # (kernels/pdl.py; PTX parameter i is the i-th runtime argument).
+    pdl = waits_before_memory(asm.get("ptx", ""), tuple(runtime.index(k) for k in pdl_preload))
     return CompiledCubin(
         name=compiled.name, cubin=bytes(compiled.kernel), shared=int(md.shared),
         num_warps=int(md.num_warps), num_stages=int(md.num_stages), num_ctas=int(md.num_ctas),
@@ -147,11 +153,7 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         profile_scratch_size=int(md.profile_scratch_size or 0),
         profile_scratch_align=int(md.profile_scratch_align or 1),
         launch_cooperative_grid=bool(md.launch_cooperative_grid),
-        # Launched with programmatic stream serialization only when the kernel waits for its
-        # predecessors before it touches global memory, bar loads of `pdl_preload` buffers
-        # (kernels/pdl.py; PTX parameter i is the i-th runtime argument).
-        launch_pdl=waits_before_memory(asm.get("ptx", ""),
-                                       tuple(runtime.index(k) for k in pdl_preload)),
+        launch_pdl=pdl, pdl_preload=tuple(pdl_preload) if pdl else (),
         target=f"{target.backend}:{target.arch}", asm=asm,
         maxnreg=maxnreg)
 

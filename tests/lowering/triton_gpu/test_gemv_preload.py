@@ -156,6 +156,23 @@ try:
     aot.compile_kernel(*args, ("K",))
 except ValueError as e:
     out["scalar"] = str(e)
+
+# A compiled plan: its m1 GEMV of a weight is marked, and `graphir inspect` says so.
+import os, tempfile
+from pathlib import Path
+from graphir.lowering.driver import compile_graph
+from graphir.lowering.triton_gpu import tuning
+from graphir.tools.inspect_cmd import format_summary, summarize
+from tests.lowering.triton_gpu.test_gemv_preload import _graph
+
+tmp = Path(tempfile.mkdtemp())
+os.environ["GRAPHIR_CACHE_DIR"] = str(tmp / "cache")
+(tmp / "t.json").write_text(json.dumps({"version": 1, "families": {"matmul": {"bf16": {"*": {
+    "m1": "gemv2x256_w2_s1_pre512", "m16": "decode"}}}}}))
+tuning.DEFAULTS_PATH = tmp / "t.json"
+info = summarize(compile_graph(_graph(True), "cuda:sm_90"))
+out["preload"] = info["pdl_preload"]
+out["lines"] = [ln for ln in format_summary(info).splitlines() if "before the wait" in ln]
 print("JSON" + json.dumps(out))
 """
 
@@ -167,3 +184,6 @@ def test_the_compiled_preload_is_marked_for_pdl_only_when_named(tmp_path_factory
     assert out["named"] is True
     assert out["unnamed"] is False and out["x_named"] is False
     assert "not a pointer argument" in out["scalar"]
+    (name,) = out["preload"]
+    assert "gemv2x256_w2_s1_pre512" in name and out["preload"][name] == ["b_ptr"]
+    assert len(out["lines"]) == 1 and "(reads b_ptr before the wait)" in out["lines"][0]
