@@ -30,7 +30,8 @@ QKV, O = "N=6144,K=4096", "N=4096,K=4096"
 VARIANTS = ("gemv2x256_w2_s1_pre1024/gemv2x1024_w1_s1_pre1024",
             "gemv2x256_w2_s1_pre2048/gemv2x1024_w1_s1_pre2048",
             "gemv2x256_w2_s1_pre512/gemv2x1024_w1_s1_pre2048",
-            "gemv2x256_w2_s1/gemv2x1024_w1_s1_pre2048")
+            "gemv2x256_w2_s1/gemv2x1024_w1_s1_pre2048",
+            "gemv2x256_w2_s1_pre1024/gemv2x1024_w1_s1")
 
 
 def _compile(g, pair: str | None):
