@@ -10,60 +10,25 @@ run per variant (the first kernel's start after the copy, its time, the step spa
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import bench_gpu as bg  # noqa: E402
-from graphir.tools.gpu_timing import event_ms, rel_err, wall_ms  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _layer_ab import alternated_walls, load_variants, step_events  # noqa: E402
+from graphir.tools.gpu_timing import event_ms  # noqa: E402
 
 CASE, SHAPE, BUCKET = "decode B64 ctx4096", "N=6144,K=4096", "m64"
 TRITON = ("t64x64x64_g1_w4_s6", "t64x32x128_g1_w4_s5", "t64x64x128_g1_w4_s4_k2")
 
 
-def _compile(g, config: str | None):
-    """The layer's artifact from the shipped table, its qkv m64 entry set to `config`."""
-    from graphir.lowering.driver import compile_graph
-    from graphir.lowering.triton_gpu import tuning
-
-    shipped = tuning.DEFAULTS_PATH
-    if config is None:
-        return compile_graph(g, "cuda:sm_90")
-    table = copy.deepcopy(json.loads(shipped.read_text()))
-    table["families"]["matmul"]["bf16"][SHAPE][BUCKET] = config
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "table.json"
-        p.write_text(json.dumps(table))
-        tuning.DEFAULTS_PATH = p      # read by the compile's Selector and its cache key
-        try:
-            return compile_graph(g, "cuda:sm_90")
-        finally:
-            tuning.DEFAULTS_PATH = shipped
-
-
 def _profile(fn, steps: int = 20) -> tuple[float, float, float, str]:
     """(gap from the copy to the first kernel, the first kernel's time, step span) in us,
     medians over `steps` profiled steps, and the first kernel's name."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                  and e.device_time_total > 0), key=lambda e: e.time_range.start)
-    per = len(evs) // steps
     gaps, firsts, spans, name = [], [], [], ""
-    for s in range(steps):
-        step = evs[s * per:(s + 1) * per]
+    for step in step_events(fn, steps):
         ks = [e for e in step if "Memcpy" not in e.name]
         cp = [e for e in step if "Memcpy" in e.name]
         if cp:
@@ -76,32 +41,9 @@ def _profile(fn, steps: int = 20) -> tuple[float, float, float, str]:
 
 
 def main(rounds: int, configs: tuple[str, ...]) -> None:
-    from graphir.examples.llama_attention import build
-    from graphir.runtime.cuda import executor
-
-    g = build()
-    weights = bg.random_weights(g)
-    models = {}
-    for c in (None,) + configs:
-        models[c or "shipped"] = executor.load(_compile(g, c), weights,
-                                              stream=torch.cuda.current_stream())
-    s = bg.LLAMA8B
-    batch, cached, new = bg.CASES[CASE]
-    x, m, k_cache, v_cache, blocks = bg.layer_inputs(s, batch, cached, new, seed=len(CASE))
-    args = (x, m["offs"], blocks, m["clen"], m["lut"], m["maxl"])
-    wqkv, wo = bg.torch_weights(weights)
-    want = bg.TorchLayer(s, wqkv, wo, bg.freqs_table(s), k_cache.clone(), v_cache.clone())(
-        x, cached, new)
-    fns, errs = {}, {}
-    for name, model in models.items():
-        fns[name] = lambda model=model: model.execute(*args)
-        for _ in range(6):  # capture, then a graph per staging slot
-            (y,) = fns[name]()
-        errs[name] = rel_err(torch.from_dlpack(y).clone(), want)
-    wall = {n: [] for n in fns}
-    for r in range(rounds):
-        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            wall[n].append(wall_ms(fns[n], reps=100))
+    variants = {"shipped": {}, **{c: {(SHAPE, BUCKET): c} for c in configs}}
+    fns, errs, _ = load_variants(CASE, variants)
+    wall = alternated_walls(fns, rounds)
     print(f"{torch.cuda.get_device_name()}; {CASE}, qkv {SHAPE} at {BUCKET}; {rounds} rounds, "
           f"alternated")
     print(f"{'qkv config':26s} {'wall ms':>8s} {'queued':>8s} {'gap us':>7s} {'qkv us':>7s} "

@@ -1,0 +1,97 @@
+"""Shared by the layer A/B sweeps (qkv_choice_ab.py, gemv_preload_ab.py): the layer of
+tools/bench_gpu.py compiled from the shipped tuning table with some matmul entries replaced,
+each build loaded in one process, checked against torch eager, and timed in alternated rounds
+of synchronized steps."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import bench_gpu as bg  # noqa: E402
+from graphir.tools.gpu_timing import rel_err, wall_ms  # noqa: E402
+
+
+def compile_with(g, entries: dict[tuple[str, str], str]):
+    """The layer's artifact from the shipped table with matmul entries {(shape key, bucket):
+    config} replaced (bf16)."""
+    from graphir.lowering.driver import compile_graph
+    from graphir.lowering.triton_gpu import tuning
+
+    shipped = tuning.DEFAULTS_PATH
+    if not entries:
+        return compile_graph(g, "cuda:sm_90")
+    table = copy.deepcopy(json.loads(shipped.read_text()))
+    for (shape, bucket), cfg in entries.items():
+        table["families"]["matmul"]["bf16"][shape][bucket] = cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "table.json"
+        p.write_text(json.dumps(table))
+        tuning.DEFAULTS_PATH = p      # read by the compile's Selector and its cache key
+        try:
+            return compile_graph(g, "cuda:sm_90")
+        finally:
+            tuning.DEFAULTS_PATH = shipped
+
+
+def load_variants(case: str, variants: dict[str, dict]) -> tuple[dict, dict, dict]:
+    """{name: step function}, {name: rel err vs torch eager}, {name: output} of the layer
+    built per variant ({name: entries for compile_with}) on `case`'s inputs; each model has
+    run six steps (capture, then a graph per staging slot)."""
+    from graphir.examples.llama_attention import build
+    from graphir.runtime.cuda import executor
+
+    g = build()
+    weights = bg.random_weights(g)
+    models = {n: executor.load(compile_with(g, e), weights, stream=torch.cuda.current_stream())
+              for n, e in variants.items()}
+    s = bg.LLAMA8B
+    batch, cached, new = bg.CASES[case]
+    x, m, k_cache, v_cache, blocks = bg.layer_inputs(s, batch, cached, new, seed=len(case))
+    args = (x, m["offs"], blocks, m["clen"], m["lut"], m["maxl"])
+    wqkv, wo = bg.torch_weights(weights)
+    want = bg.TorchLayer(s, wqkv, wo, bg.freqs_table(s), k_cache.clone(), v_cache.clone())(
+        x, cached, new)
+    fns, errs, outs = {}, {}, {}
+    for name, model in models.items():
+        fns[name] = lambda model=model: model.execute(*args)
+        for _ in range(6):
+            (y,) = fns[name]()
+        outs[name] = torch.from_dlpack(y).clone()
+        errs[name] = rel_err(outs[name], want)
+    return fns, errs, outs
+
+
+def alternated_walls(fns: dict, rounds: int, reps: int = 100) -> dict[str, list[float]]:
+    """Wall ms a synchronized step, median of `reps` calls, per round; the order of the
+    variants reversed every other round."""
+    wall = {n: [] for n in fns}
+    for r in range(rounds):
+        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            wall[n].append(wall_ms(fns[n], reps=reps))
+    return wall
+
+
+def step_events(fn, steps: int, sync: bool = False) -> list[list]:
+    """The device events (kernels, copies) of `steps` profiled calls of fn (CUPTI via
+    torch.profiler), in start order, split per step; steps queued back to back or, with
+    `sync`, each synchronized before the next."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and e.device_time_total > 0), key=lambda e: e.time_range.start)
+    per = len(evs) // steps
+    return [evs[s * per:(s + 1) * per] for s in range(steps)]
