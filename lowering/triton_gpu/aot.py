@@ -54,7 +54,6 @@ class CompiledCubin:
     target: str
     asm: dict[str, str] = field(default_factory=dict)
     maxnreg: int | None = None  # the register cap it was compiled with (None: ptxas chose)
-    pdl_preload: tuple[str, ...] = ()  # arguments read before its PDL wait (launch_pdl only)
 
     @property
     def ptx(self) -> str:
@@ -87,7 +86,6 @@ class CompiledCubin:
             "profile_scratch_align": self.profile_scratch_align,
             "launch_cooperative_grid": self.launch_cooperative_grid,
             "launch_pdl": self.launch_pdl, "target": self.target, "maxnreg": self.maxnreg,
-            **({"pdl_preload": list(self.pdl_preload)} if self.pdl_preload else {}),
         }
 
 
@@ -103,14 +101,12 @@ def param_ctype(ty: str) -> str:
 def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[str, Any],
                    num_warps: int = 4, num_stages: int = 3, target: GPUTarget = SM90,
                    divisible_by_16: tuple[str, ...] = (),
-                   maxnreg: int | None = None,
-                   pdl_preload: tuple[str, ...] = ()) -> CompiledCubin:
+                   maxnreg: int | None = None) -> CompiledCubin:
     """Compile a `@triton.jit` (or `@gluon.jit`) function for `target` without touching a GPU.
 
     `signature` names every argument of `fn` (constexprs as "constexpr"); `divisible_by_16`
     lists arguments the binary may assume are multiples of 16; `maxnreg` caps the registers
-    per thread (Triton's compile option of that name); `pdl_preload` names the pointer
-    arguments the kernel may load before its PDL wait (buffers nothing in the plan writes).
+    per thread (Triton's compile option of that name).
     """
     if maxnreg is not None and not (isinstance(maxnreg, int) and 16 <= maxnreg <= 255):
         raise ValueError(f"{fn.__name__}: maxnreg must be an int in [16, 255], got {maxnreg!r}")
@@ -126,10 +122,6 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         if k not in signature or signature[k] == "constexpr":
             raise ValueError(f"{fn.__name__}: divisible_by_16 names unknown/constexpr arg {k!r}")
         attrs[(names.index(k),)] = [["tt.divisibility", 16]]
-    runtime = [k for k, v in signature.items() if v != "constexpr"]
-    for k in pdl_preload:
-        if k not in runtime or not signature[k].startswith("*"):
-            raise ValueError(f"{fn.__name__}: pdl_preload names {k!r}, not a pointer argument")
     # Gluon kernels (explicit layouts, TMA rings, warp specialization) compile through their
     # own front end; everything after the TTGIR is the same.
     source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
@@ -141,10 +133,6 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
     md = compiled.metadata
     params = [(k, v) for k, v in signature.items() if v != "constexpr"] + list(SCRATCH_PARAMS)
     asm = {k: v for k, v in compiled.asm.items() if isinstance(v, str)}
-    # Launched with programmatic stream serialization only when the kernel waits for its
-    # predecessors before it touches global memory, bar loads of `pdl_preload` buffers
-    # (kernels/pdl.py; PTX parameter i is the i-th runtime argument).
-    pdl = waits_before_memory(asm.get("ptx", ""), tuple(runtime.index(k) for k in pdl_preload))
     return CompiledCubin(
         name=compiled.name, cubin=bytes(compiled.kernel), shared=int(md.shared),
         num_warps=int(md.num_warps), num_stages=int(md.num_stages), num_ctas=int(md.num_ctas),
@@ -153,7 +141,9 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         profile_scratch_size=int(md.profile_scratch_size or 0),
         profile_scratch_align=int(md.profile_scratch_align or 1),
         launch_cooperative_grid=bool(md.launch_cooperative_grid),
-        launch_pdl=pdl, pdl_preload=tuple(pdl_preload) if pdl else (),
+        # Launched with programmatic stream serialization only when the kernel waits for its
+        # predecessors before it touches global memory (kernels/pdl.py).
+        launch_pdl=waits_before_memory(asm.get("ptx", "")),
         target=f"{target.backend}:{target.arch}", asm=asm,
         maxnreg=maxnreg)
 
@@ -161,5 +151,4 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
 def compile_spec(spec: KernelSpec, target: GPUTarget = SM90) -> CompiledCubin:
     """Compile one `KernelSpec`."""
     return compile_kernel(spec.fn, spec.signature, spec.constexprs, spec.num_warps,
-                          spec.num_stages, target, spec.divisible_by_16, spec.maxnreg,
-                          spec.pdl_preload)
+                          spec.num_stages, target, spec.divisible_by_16, spec.maxnreg)

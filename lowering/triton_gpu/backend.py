@@ -79,8 +79,7 @@ def lower(graph) -> Program:
                 infos[vids[id(r)]].kind = "host"
         if n.op == "constant" and np.asarray(n.attrs["value"]).size == 1:
             constants[id(n.results[0])] = n.attrs["value"]
-    program = Program(plan=None, fixed=frozenset(
-        i.id for i in infos if i.kind in ("weight", "constant", "host")))
+    program = Program(plan=None)
     node_index = {id(n): i for i, n in enumerate(graph.nodes)}
     steps: list[Step] = []
     for i, n in enumerate(graph.nodes):

@@ -1,4 +1,5 @@
-"""Shared by the layer A/B sweeps (qkv_choice_ab.py, gemv_preload_ab.py): the layer of
+"""For the layer A/B sweeps (qkv_choice_ab.py; the GEMV preload's A/B of 2026-12-07 in git
+history, commit 28b56fb): the layer of
 tools/bench_gpu.py compiled from the shipped tuning table with some matmul entries replaced,
 each build loaded in one process, checked against torch eager, and timed in alternated rounds
 of synchronized steps."""

@@ -45,18 +45,14 @@ def tile(bm, bn, bk, gm, w, s, split_k=1, name=None) -> dict:
     return cfg
 
 
-def gemv(bn, bk, w, s=1, split_k=1, prefetch=False, preload=0) -> dict:
+def gemv(bn, bk, w, s=1, split_k=1, prefetch=False) -> dict:
     """A GEMV config; `prefetch`: the next K block's loads issued before this block's FMAs
     (matmul_skinny.gemv_kernel's PREFETCH; launches whose K splits are not whole blocks run
-    the plain loop); `preload`: that many columns of a weight B loaded before the kernel waits
-    for its predecessor (PRELOAD_K; `specs` applies it where it can, see there)."""
-    if preload and (preload & (preload - 1) or preload % bk or split_k != 1):
-        raise ValueError(f"gemv preload {preload}: a power of two, a multiple of BLOCK_K {bk}, "
-                         "without split-K")
+    the plain loop)."""
     return {"kind": "gemv", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": w,
-            "num_stages": s, "PREFETCH": prefetch, "PRELOAD_K": preload,
+            "num_stages": s, "PREFETCH": prefetch,
             "name": f"gemv{bn}x{bk}_w{w}_s{s}" + (f"_k{split_k}" if split_k > 1 else "")
-            + ("_pf" if prefetch else "") + (f"_pre{preload}" if preload else "")}
+            + ("_pf" if prefetch else "")}
 
 
 def tma(bm, bn, bk, gm, w, s, persistent=False, subtile=False, ws=False) -> dict:
@@ -89,9 +85,7 @@ CANDIDATES = {
     # row, 2026-12-04; 105 tiles of 2-16 rows x 256-1024 columns x 1-4 warps timed).
     "m1": [gemv(16, 512, 4), gemv(8, 1024, 4), gemv(32, 256, 4), gemv(16, 512, 4, split_k=2),
            gemv(2, 1024, 1), gemv(2, 256, 2), gemv(2, 1024, 1, prefetch=True),
-           gemv(2, 256, 2, prefetch=True), gemv(2, 1024, 1, preload=1024),
-           gemv(2, 1024, 1, preload=2048), gemv(2, 256, 2, preload=512),
-           gemv(2, 256, 2, preload=1024), gemv(2, 256, 2, preload=2048),
+           gemv(2, 256, 2, prefetch=True),
            DECODE, tile(16, 16, 256, 1, 4, 6), tile(16, 32, 256, 1, 4, 4, split_k=4), *LT],
     "m16": [tile(16, 16, 256, 1, 4, 6), DECODE, tile(16, 32, 512, 1, 4, 3),
             tile(16, 64, 256, 1, 4, 4, split_k=2), tile(16, 32, 256, 1, 4, 4, split_k=4),
@@ -235,12 +229,8 @@ def _split(cfg: dict) -> int:
 
 
 def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
-          N: int | None = None, b_fixed: bool = False) -> list[KernelSpec]:
-    """KernelSpecs of a Triton config: [main] or, split along K, [partial, reduce].
-
-    `b_fixed`: B is a weight that no kernel of the plan writes, so a GEMV config's preload
-    (PRELOAD_K) may read it before the PDL wait; it also needs a static K with whole blocks
-    left after it. Elsewhere the same config runs without (PRELOAD_K 0)."""
+          N: int | None = None) -> list[KernelSpec]:
+    """KernelSpecs of a Triton config: [main] or, split along K, [partial, reduce]."""
     from graphir.lowering.triton_gpu.kernels import matmul as mm
     from graphir.lowering.triton_gpu.kernels import matmul_skinny as sk
     from graphir.lowering.triton_gpu.kernels import matmul_tma as mt
@@ -256,19 +246,14 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
         + (["N"] if N is not None and N % 16 == 0 else [])
     even_k = K is not None and K % (cfg["BLOCK_K"] * split) == 0
     ce = {"HAS_BIAS": has_bias and split == 1}
-    preload = ()
     if kind == "tile":
         fn = mm.matmul_kernel
         ce.update({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")},
                   EVEN_K=even_k)
     elif kind == "gemv":
         fn = sk.gemv_kernel
-        pre = cfg.get("PRELOAD_K", 0)
-        pre = pre if b_fixed and even_k and split == 1 and K > pre else 0
         ce.update({k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, EVEN_K=even_k,
-                  PREFETCH=bool(cfg.get("PREFETCH")), PRELOAD_K=pre)
-        if pre:
-            preload = ("b_ptr",)
+                  PREFETCH=bool(cfg.get("PREFETCH")))
     else:
         fn = mt.matmul_tma_kernel
         ws = bool(cfg.get("WS"))
@@ -281,7 +266,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
         constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         grid=lambda M, N, _c=cfg: main_grid(_c, M, N), grid_args=("M", "N"),
         divisible_by_16=tuple(div), notes=f"matmul config {cfg['name']}",
-        extra={"config": cfg["name"]}, pdl_preload=preload)
+        extra={"config": cfg["name"]})
     if split == 1:
         return [main]
     red_sig = {"part_ptr": "*fp32", "bias_ptr": f"*{t}", "c_ptr": f"*{t}", "M": "i32",
@@ -296,8 +281,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
     return [main, reduce]
 
 
-def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M,
-             b_fixed: bool = False) -> dict:
+def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M) -> dict:
     """How a Triton config runs for M rows: {"specs", "scratch", "ops"}.
 
     `scratch` is [(name, dtype, element count)], `ops` is [(spec index, grid, args)], where an
@@ -305,7 +289,7 @@ def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M,
     grids are ints for an int M and launch-rule text for a symbolic one.
     """
     cfg = get(cfg)
-    sp = specs(cfg, dtype, has_bias, K, N, b_fixed)
+    sp = specs(cfg, dtype, has_bias, K, N)
     bias = "bias" if has_bias else "a"
     if len(sp) == 1:
         return {"specs": sp, "scratch": [],
@@ -316,9 +300,8 @@ def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M,
                     (1, reduce_grid(M, N), ["part", bias, "c", "M", "N"])]}
 
 
-def run_torch(a, b, bias=None, out=None, config=None, b_fixed=False):
-    """Run a Triton config on torch tensors through Triton's launcher (tests, interpreter);
-    `b_fixed` as for `specs`."""
+def run_torch(a, b, bias=None, out=None, config=None):
+    """Run a Triton config on torch tensors through Triton's launcher (tests, interpreter)."""
     import torch
 
     from graphir.lowering.triton_gpu.kernels.matmul import check_operands
@@ -328,7 +311,7 @@ def run_torch(a, b, bias=None, out=None, config=None, b_fixed=False):
     dtype = str(a.dtype).removeprefix("torch.")
     cfg = get(config) if config is not None else default_config(bucket_of(M), dtype, N, K)
     out = a.new_empty((M, N)) if out is None else out
-    plan = launches(cfg, dtype, bias is not None, N, K, M, b_fixed)
+    plan = launches(cfg, dtype, bias is not None, N, K, M)
     bufs = {"a": a, "b": b, "bias": bias, "c": out, "M": M, "N": N, "K": K}
     for name, dt, count in plan["scratch"]:
         bufs[name] = torch.empty(count, dtype=getattr(torch, dt), device=a.device)
@@ -352,8 +335,7 @@ def tuning_launches(cfg: dict, facts, M: int) -> dict:
                 "K": facts["K"], "has_bias": bias,
                 "algo": {"index": cfg["ALGO_INDEX"], "at_m": M},
                 "args": ["a", "b", "bias" if bias else "a", "c", "M", "N", "K"]}
-    return launches(cfg, facts["dtype"], bias, facts["N"], facts["K"], M,
-                    bool(facts.get("b_fixed")))
+    return launches(cfg, facts["dtype"], bias, facts["N"], facts["K"], M)
 
 
 # float64 reference rows of the last few bench inputs: every candidate of a bucket is checked

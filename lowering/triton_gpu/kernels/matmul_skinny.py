@@ -8,13 +8,6 @@ loop body is loads and FMAs only (PREFETCH: the next block's loads issued before
 FMAs). Row programs of one N tile are adjacent in launch order (rows
 are grid axis 0), so a few rows share each weight tile through L2.
 
-PRELOAD_K > 0 (B a weight: nothing in the step writes it) loads the first PRELOAD_K columns of
-the program's B rows before `griddepcontrol.wait`: launched early by programmatic dependent launch
-(kernels/pdl.py), the GEMV streams that part of its weight while the kernel before it still
-runs (the B1 decode step's o_proj beside the paged decode, which leaves most of the bandwidth
-idle); only X, which that kernel may have written, waits. The offline compiler checks in the PTX
-that every load before the wait reads from B (pdl.waits_before_memory's `preload`).
-
 SPLIT_K > 1 (grid axis 2) writes fp32 partials `[SPLIT_K, M, N]` to `c_ptr`, which
 `splitk_reduce_kernel` sums (adding the bias and casting) into C; the same reduce serves the
 tiled kernel's split-K.
@@ -32,9 +25,8 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 @triton.jit
 def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, PRELOAD_K: tl.constexpr = 0):
-    if PRELOAD_K == 0:
-        pdl_wait()
+                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+    pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -42,15 +34,6 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rn_c = tl.minimum(rn, N - 1).to(tl.int64)
-    if PRELOAD_K > 0:
-        # Set only with SPLIT_K 1 and EVEN_K, K > PRELOAD_K, a multiple of BLOCK_K
-        # (matmul_configs.specs): whole blocks remain for the loops below.
-        rp = tl.arange(0, PRELOAD_K)
-        w0 = tl.load(b_ptr + rn_c[:, None] * K + rp[None, :], eviction_policy="evict_first")
-        pdl_wait()
-        x0 = tl.load(a_ptr + row * K + rp)
-        out0 = tl.sum(w0.to(tl.float32) * x0.to(tl.float32)[None, :], axis=1)
-        k_lo = PRELOAD_K
     x_ptrs = a_ptr + row * K + k_lo + rk
     w_ptrs = b_ptr + rn_c[:, None] * K + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -85,8 +68,6 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
-    if PRELOAD_K > 0:
-        out += out0
     if HAS_BIAS and SPLIT_K == 1:
         out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     dst = row

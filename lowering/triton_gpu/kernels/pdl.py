@@ -60,86 +60,10 @@ _GLOBAL_ACCESS = re.compile(
     r"(?!\.(?:param|shared|local|const)\b)(?:\.|\s)|cp\.|multimem\.)", re.M)
 
 
-def waits_before_memory(ptx: str, preload: tuple[int, ...] = ()) -> bool:
+def waits_before_memory(ptx: str) -> bool:
     """Whether PTX issues `griddepcontrol.wait` before its first global memory access: only
-    then may the kernel be launched with programmatic stream serialization.
-
-    `preload` lists parameter indices (pointers to buffers nothing in the plan writes: weights)
-    that plain global loads before the wait may read: each such load's address must then be
-    computed from those parameters, 32-bit scalar parameters, special registers and constants
-    alone (`_address_from`); any other access before the wait refuses the kernel."""
+    then may the kernel be launched with programmatic stream serialization."""
     at = ptx.find("griddepcontrol.wait")
     if at < 0:
         return False
-    if not preload:
-        return _GLOBAL_ACCESS.search(ptx, 0, at) is None
-    head = ptx[:at]
-    body = head[head.find("{", head.find(".entry")) + 1:]
-    narrow = {int(i) for t, i in _PARAM_DECL.findall(head) if t in ("u32", "s32", "b32")}
-    defs: dict[str, list[tuple[str, list[str]]]] = {}
-    accesses = []
-    for line in body.splitlines():
-        for ins in line.split("//")[0].split(";"):
-            ins = _GUARD.sub("", ins.strip())
-            if not ins or ins.startswith((".", "$", "{", "}")) or ins.endswith(":"):
-                continue
-            op, _, rest = ins.partition(" ")
-            if _GLOBAL_ACCESS.match(ins):
-                accesses.append((op, rest))
-            if op.startswith(_NO_DEST):
-                continue
-            dst, _, srcs = _split_first(rest)
-            for r in _REG.findall(dst):
-                defs.setdefault(r, []).append((op, srcs))
-    allowed = set(preload)
-    return all(op.startswith("ld.global") and all(
-        _address_from(r, defs, allowed, narrow, set()) for r in _REG.findall(_bracket(rest)))
-        for op, rest in accesses)
-
-
-_PARAM_DECL = re.compile(r"\.param\s+\.(\w+)[^,\n)]*?_param_(\d+)")
-_PARAM_USE = re.compile(r"_param_(\d+)")
-_GUARD = re.compile(r"^@!?%\w+\s+")
-_REG = re.compile(r"%[A-Za-z_]\w*(?:\.[xyz])?")
-_NO_DEST = ("st.", "red.", "prefetch", "cp.", "bar", "membar", "fence", "bra", "ret",
-            "griddepcontrol", "multimem")
-# Special registers whose values are the launch's geometry, not memory.
-_SPECIAL = re.compile(r"^%(?:(?:n?ctaid|n?tid|nclusterid|clusterid|cluster_ctaid)\.[xyz]"
-                      r"|nsmid|smid|laneid|warpid|nwarpid)$")
-
-
-def _split_first(rest: str) -> tuple[str, str, str]:
-    """(first operand, ',', the rest) of an operand list whose first may be a {vector}."""
-    depth = 0
-    for i, c in enumerate(rest):
-        depth += c == "{"
-        depth -= c == "}"
-        if c == "," and depth == 0:
-            return rest[:i], ",", rest[i + 1:]
-    return rest, "", ""
-
-
-def _bracket(rest: str) -> str:
-    """The [address] operand of a memory instruction."""
-    lo = rest.find("[")
-    return rest[lo:rest.find("]", lo) + 1] if lo >= 0 else rest
-
-
-def _address_from(reg: str, defs: dict, allowed: set, narrow: set, seen: set) -> bool:
-    """Whether every definition of `reg` before the wait derives from allowed parameters,
-    32-bit scalar parameters, special registers and constants (no memory, no other pointer)."""
-    if _SPECIAL.match(reg):
-        return True
-    if reg in seen or reg not in defs:
-        return False
-    seen = seen | {reg}
-    for op, srcs in defs[reg]:
-        if op.startswith("ld.param"):
-            m = _PARAM_USE.search(srcs)
-            if m is None or (int(m[1]) not in allowed and int(m[1]) not in narrow):
-                return False
-        elif op.startswith(("ld", "atom", "tex", "suld", "shfl", "vote", "match", "redux")):
-            return False
-        elif not all(_address_from(r, defs, allowed, narrow, seen) for r in _REG.findall(srcs)):
-            return False
-    return True
+    return _GLOBAL_ACCESS.search(ptx, 0, at) is None

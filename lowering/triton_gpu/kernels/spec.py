@@ -34,9 +34,6 @@ class KernelSpec:
     # Register cap per thread (ptxas -maxrregcount via Triton's `maxnreg`), or None: a lower
     # cap lets more CTAs share an SM at the price of spills.
     maxnreg: int | None = None
-    # Pointer arguments the kernel may load before its PDL wait (kernels/pdl.py): buffers no
-    # kernel of the plan writes (weights). The offline compiler checks the PTX against it.
-    pdl_preload: tuple[str, ...] = ()
 
     def runtime_params(self) -> list[tuple[str, str]]:
         """The (name, type) list of launch parameters in order, constexprs removed."""

@@ -86,8 +86,6 @@ class Program:
     plan: Any
     kernels: dict = field(default_factory=dict)      # key -> KernelSpec
     sources: dict = field(default_factory=dict)      # key -> Triton source text
-    # Values no kernel of the plan writes (weights, constants, what host steps make at load)
-    fixed: frozenset = frozenset()
 
 
 def spec_key(spec) -> str:
@@ -99,9 +97,7 @@ def spec_key(spec) -> str:
                         "w": spec.num_warps, "s": spec.num_stages,
                         "d": list(spec.divisible_by_16),
                         # only when set, so uncapped kernels keep their keys
-                        **({"r": spec.maxnreg} if getattr(spec, "maxnreg", None) else {}),
-                        **({"p": list(spec.pdl_preload)} if getattr(spec, "pdl_preload", ())
-                           else {})},
+                        **({"r": spec.maxnreg} if getattr(spec, "maxnreg", None) else {})},
                        sort_keys=True)
     return f"{spec.name}_{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
@@ -130,11 +126,6 @@ class StepBuilder:
     # -- values ----------------------------------------------------------------------------
     def vid(self, value) -> int:
         return self._vids[id(value)]
-
-    def fixed(self, value) -> bool:
-        """Whether `value` stays as loaded for the whole plan (a weight, a constant, a host
-        step's result): kernels may read it before their PDL wait (kernels/pdl.py)."""
-        return self.vid(value) in self.program.fixed
 
     def ptr(self, value, offset="0") -> list:
         return ["v", self.vid(value), e(offset)]

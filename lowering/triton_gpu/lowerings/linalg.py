@@ -58,8 +58,8 @@ def _variants(choices, M_expr: str, static: bool) -> list[tuple[str | None, obje
 
 
 def _emit_triton(sb: StepBuilder, cfg, dt: str, has_bias: bool, N: int, K: int, M_expr: str,
-                 bind: dict, b_fixed: bool) -> None:
-    plan = mc.launches(cfg, dt, has_bias, N, K, M_expr, b_fixed)
+                 bind: dict) -> None:
+    plan = mc.launches(cfg, dt, has_bias, N, K, M_expr)
     keys = [sb.kernel(s) for s in plan["specs"]]
     for name, dtype, count in plan["scratch"]:
         bind[name] = sb.scratch(f"{name}_{cfg['name']}", dtype, count)
@@ -91,21 +91,18 @@ def _emit_cublaslt(sb: StepBuilder, ch, dt: str, has_bias: bool, N: int, K: int,
 
 def lower_hand_matmul(sb: StepBuilder, x, w, bias, out) -> None:
     emit_hand_matmul(sb, x, x.type.shape[0], int(w.type.shape[0]), int(w.type.shape[1]), bias,
-                     out, lambda: sb.ptr(w), b_fixed=sb.fixed(w))
+                     out, lambda: sb.ptr(w))
 
 
 def emit_hand_matmul(sb: StepBuilder, x, M, N: int, K: int, bias, out, weight_ptr,
-                     above: int | None = None, b_fixed: bool = False) -> None:
+                     above: int | None = None) -> None:
     """out = x @ B^T for B `[N, K]` of x's dtype, x of M rows: one variant per run of row
     buckets with the same tuned choice. weight_ptr() runs inside each variant and returns B's
     pointer, so what makes B (a decode into scratch) runs only when its variant does. With
-    `above`, earlier variants took every M <= above: only the buckets past it are emitted.
-    `b_fixed`: no kernel of the plan writes B (a weight), so a GEMV may start reading it
-    before the kernel ahead of it ends (matmul_configs.specs)."""
+    `above`, earlier variants took every M <= above: only the buckets past it are emitted."""
     dt = MM_DTYPES[x.type.dtype]
     static = Dim(M).is_static
-    facts = {"dtype": mc.triton_dtype(dt), "N": N, "K": K, "bias": bias is not None,
-             "b_fixed": b_fixed}
+    facts = {"dtype": mc.triton_dtype(dt), "N": N, "K": K, "bias": bias is not None}
     where = f"{sb.op} -> %{sb.outputs[0]}"
     # Only the buckets past `above` are chosen, so `--tune` times no bucket that never runs.
     choices = tuning.select("matmul", facts, where, size=int(Dim(M)) if static else None,
@@ -119,7 +116,7 @@ def emit_hand_matmul(sb: StepBuilder, x, M, N: int, K: int, bias, out, weight_pt
                 at_m = int(Dim(M)) if static else mc.TUNE_M[ch.bucket]
                 _emit_cublaslt(sb, ch, dt, bias is not None, N, K, e(M), bind, at_m)
             else:
-                _emit_triton(sb, ch.config, dt, bias is not None, N, K, e(M), bind, b_fixed)
+                _emit_triton(sb, ch.config, dt, bias is not None, N, K, e(M), bind)
 
 
 @register_lowering("fused_qkv_matmul", "cuda")

@@ -231,8 +231,7 @@ def test_plan_variants_follow_the_table_and_keep_the_cublaslt_fallback():
     assert [p["name"] for p in entry["params"]] == ["a_ptr", "b_ptr", "bias_ptr", "c_ptr", "M",
                                                      "N", "K"]
     assert len(variants[2]["ops"]) == 2 and variants[2]["scratch"][0][1] == "float32"
-    assert sel.sites[0].facts == {"dtype": "bf16", "N": 48, "K": 40, "bias": False,
-                                  "b_fixed": False}  # B is an input here
+    assert sel.sites[0].facts == {"dtype": "bf16", "N": 48, "K": 40, "bias": False}
 
 
 def test_a_pinned_cublaslt_rank_reaches_the_kernel_entry():
