@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -96,3 +97,17 @@ def step_events(fn, steps: int, sync: bool = False) -> list[list]:
                   and e.device_time_total > 0), key=lambda e: e.time_range.start)
     per = len(evs) // steps
     return [evs[s * per:(s + 1) * per] for s in range(steps)]
+
+
+def kernel_times(fn, steps: int = 30, sync: bool = True) -> tuple[list[tuple[str, float]], float]:
+    """[(kernel, median us)] in step order (the upload first) and the median step span (first
+    kernel start to last kernel end, the upload excluded)."""
+    events = step_events(fn, steps, sync)
+    durs, spans = [[] for _ in events[0]], []
+    for step in events:
+        ks = [e for e in step if "Memcpy" not in e.name and "upload_staged" not in e.name]
+        spans.append(ks[-1].time_range.end - ks[0].time_range.start)
+        for i, e in enumerate(step[:len(durs)]):
+            durs[i].append(e.time_range.end - e.time_range.start)
+    names = [e.name[:28] for e in events[0]]
+    return [(n, statistics.median(d)) for n, d in zip(names, durs)], statistics.median(spans)
