@@ -1,8 +1,7 @@
-"""For the layer A/B sweeps (qkv_choice_ab.py; the GEMV preload's A/B of 2026-12-07 in git
-history, commit 28b56fb): the layer of
-tools/bench_gpu.py compiled from the shipped tuning table with some matmul entries replaced,
-each build loaded in one process, checked against torch eager, and timed in alternated rounds
-of synchronized steps."""
+"""For the layer A/B sweeps (matmul_choice_ab.py, qkv_choice_ab.py; the GEMV preload's A/B of
+2026-12-07 is in git history, commit 28b56fb): the layer of tools/bench_gpu.py compiled from
+the shipped tuning table with some matmul entries replaced, each build loaded in one process,
+checked against torch eager, and timed in alternated rounds of synchronized steps."""
 from __future__ import annotations
 
 import copy
