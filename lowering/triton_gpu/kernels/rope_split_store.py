@@ -26,6 +26,14 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 # Elements per [BLOCK_T, heads, D] chunk. Swept on an H100 (tools/tune_rope_split_store.py):
 # 2 tokens x 8 heads x 128 with 4 warps reached 83% of copy bandwidth, 4 x 8 x 128 only ~63%.
 TILE_ELEMS = 2048
+# A few tokens (a small decode batch) are a chain of dependent loads, not bytes: one program a
+# token walks its head chunks one after another (the positions, then the rope row and the
+# cache slot, then each chunk's load and store), so there each chunk gets its own program
+# (grid axis 1) of SPLIT_ELEMS elements while the grid stays one wave: tokens x chunks <=
+# SPLIT_PROGRAMS (below any Hopper part's SM count), which also lets PDL launch the next kernel
+# early (pdl.py).
+SPLIT_ELEMS = 1024
+SPLIT_PROGRAMS = 128
 
 
 @triton.jit
@@ -83,6 +91,21 @@ def _weight_pairs(w_ptr, D: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def _token_rope(offs_ptr, cache_len_ptr, freqs_ptr, t, batch, rope_rows, D: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """(sequence, position, cos, sin `[BLOCK_T, 1, D / 2]`) of tokens t. The freqs_cis row is
+    read once per token for all heads; its index is clamped into the table (the host checks
+    positions first, valid ones are unchanged), as the cache slot is in slot_offsets: bad
+    metadata stays inside the buffers."""
+    b = find_sequence(offs_ptr, t, batch)
+    pos = tl.load(cache_len_ptr + b) + t - tl.load(offs_ptr + b)
+    fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1)
+    fr = tl.load(freqs_ptr + fpos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :])
+    cos, sin = tl.split(tl.reshape(fr.to(tl.float32), (BLOCK_T, D // 2, 2)))
+    return b, pos, cos[:, None, :], sin[:, None, :]
+
+
+@triton.jit
 def rope_split_store_kernel(
         qkv_ptr, offs_ptr, cache_len_ptr, lut_ptr, freqs_ptr, blocks_ptr, q_out_ptr,
         q_norm_ptr, k_norm_ptr, T, batch, max_pages, layer_idx, num_layers, eps, num_pages,
@@ -93,65 +116,77 @@ def rope_split_store_kernel(
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     t = tl.minimum(t, T - 1)
-    b = find_sequence(offs_ptr, t, batch)
-    pos = tl.load(cache_len_ptr + b) + t - tl.load(offs_ptr + b)
-    # freqs_cis row: (cos, sin) per frequency, read once per token for all heads. Its index is
-    # clamped into the table (once per token; the host checks positions first, valid ones are
-    # unchanged), as the cache slot is in slot_offsets: bad metadata stays inside the buffers.
-    fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1)
-    fr = tl.load(freqs_ptr + fpos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :])
-    cos, sin = tl.split(tl.reshape(fr.to(tl.float32), (BLOCK_T, D // 2, 2)))
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
-    qwa = cos
-    qwb = cos
-    kwa = cos
-    kwb = cos
-    if USE_QK_NORM:
-        qwa, qwb = _weight_pairs(q_norm_ptr, D, INTERLEAVED)
-        kwa, kwb = _weight_pairs(k_norm_ptr, D, INTERLEAVED)
-    row = t.to(tl.int64) * ((NH + 2 * NKV) * D)
-    k_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 0,
-                          PAGE_SIZE, NKV, D, num_pages)
-    v_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 1,
-                          PAGE_SIZE, NKV, D, num_pages)
-
     if SPLIT_HEADS:
         # One head chunk per program (grid axis 1 walks the q chunks, then the k/v chunks):
-        # more independent programs in flight than a loop over chunks inside one program.
+        # more independent programs in flight than a loop over chunks inside one program. The
+        # chunk's loads go out first, so they overlap the metadata's dependent loads (offsets,
+        # then the cache length, then the rope row and the page id).
         c = tl.program_id(1)
         n_q = (NH + HB_Q - 1) // HB_Q
+        row = t.to(tl.int64) * ((NH + 2 * NKV) * D)
         if c < n_q:
-            _q_chunk(qkv_ptr, q_out_ptr, row, t, tmask, c * HB_Q, cos, sin, qwa, qwb, eps,
-                     NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_Q)
+            # (names of their own in each branch: Triton merges same-named values of both)
+            qa, qb, qh, qm = _q_load(qkv_ptr, row, tmask, c * HB_Q, NH, D, INTERLEAVED, HB_Q)
+            _, _, qcos, qsin = _token_rope(offs_ptr, cache_len_ptr, freqs_ptr, t, batch,
+                                           rope_rows, D, BLOCK_T)
+            _q_finish(q_out_ptr, q_norm_ptr, qa, qb, qh, qm, t, qcos, qsin, eps, NH, D,
+                      INTERLEAVED, USE_QK_NORM)
         else:
-            _kv_chunk(qkv_ptr, blocks_ptr, row, tmask, k_base, v_base, (c - n_q) * HB_KV, cos,
-                      sin, kwa, kwb, eps, NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_KV)
+            ka, kb, kv, kh, km = _kv_load(qkv_ptr, row, tmask, (c - n_q) * HB_KV, NH, NKV, D,
+                                          INTERLEAVED, HB_KV)
+            kseq, kpos, kcos, ksin = _token_rope(offs_ptr, cache_len_ptr, freqs_ptr, t, batch,
+                                                 rope_rows, D, BLOCK_T)
+            k_base = slot_offsets(lut_ptr, kseq, kpos, max_pages, layer_idx, num_layers, tmask,
+                                  0, PAGE_SIZE, NKV, D, num_pages)
+            v_base = slot_offsets(lut_ptr, kseq, kpos, max_pages, layer_idx, num_layers, tmask,
+                                  1, PAGE_SIZE, NKV, D, num_pages)
+            _kv_finish(blocks_ptr, k_norm_ptr, ka, kb, kv, kh, km, k_base, v_base, kcos, ksin,
+                       eps, D, INTERLEAVED, USE_QK_NORM)
     else:
+        b, pos, cos, sin = _token_rope(offs_ptr, cache_len_ptr, freqs_ptr, t, batch, rope_rows,
+                                       D, BLOCK_T)
+        k_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 0,
+                              PAGE_SIZE, NKV, D, num_pages)
+        v_base = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, tmask, 1,
+                              PAGE_SIZE, NKV, D, num_pages)
+        row = t.to(tl.int64) * ((NH + 2 * NKV) * D)
         for h0 in range(0, NH, HB_Q):
-            _q_chunk(qkv_ptr, q_out_ptr, row, t, tmask, h0, cos, sin, qwa, qwb, eps,
-                     NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_Q)
+            a, bb, h, m = _q_load(qkv_ptr, row, tmask, h0, NH, D, INTERLEAVED, HB_Q)
+            _q_finish(q_out_ptr, q_norm_ptr, a, bb, h, m, t, cos, sin, eps, NH, D,
+                      INTERLEAVED, USE_QK_NORM)
         for h0 in range(0, NKV, HB_KV):
-            _kv_chunk(qkv_ptr, blocks_ptr, row, tmask, k_base, v_base, h0, cos, sin, kwa, kwb,
-                      eps, NH, NKV, D, INTERLEAVED, USE_QK_NORM, HB_KV)
+            a, bb, v, h, m = _kv_load(qkv_ptr, row, tmask, h0, NH, NKV, D, INTERLEAVED, HB_KV)
+            _kv_finish(blocks_ptr, k_norm_ptr, a, bb, v, h, m, k_base, v_base, cos, sin, eps,
+                       D, INTERLEAVED, USE_QK_NORM)
 
 
 @triton.jit
-def _q_chunk(qkv_ptr, q_out_ptr, row, t, tmask, h0, cos, sin, qwa, qwb, eps,
-             NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr,
-             USE_QK_NORM: tl.constexpr, HB_Q: tl.constexpr):
+def _q_load(qkv_ptr, row, tmask, h0, NH: tl.constexpr, D: tl.constexpr,
+            INTERLEAVED: tl.constexpr, HB_Q: tl.constexpr):
+    """The pair halves of q heads h0 .. h0 + HB_Q of each token, the heads and their mask."""
     h = h0 + tl.arange(0, HB_Q)
     m = tmask[:, None] & (h < NH)[None, :]
     a, bb = _load_pairs(qkv_ptr, row[:, None] + h[None, :] * D, m, D, INTERLEAVED)
-    a, bb = _norm_rope(a, bb, cos, sin, qwa, qwb, eps, D, USE_QK_NORM)
+    return a, bb, h, m
+
+
+@triton.jit
+def _q_finish(q_out_ptr, q_norm_ptr, a, bb, h, m, t, cos, sin, eps, NH: tl.constexpr,
+              D: tl.constexpr, INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr):
+    """(q RMSNorm,) rope and the store of a chunk _q_load gave."""
+    wa = cos
+    wb = cos
+    if USE_QK_NORM:
+        wa, wb = _weight_pairs(q_norm_ptr, D, INTERLEAVED)
+    a, bb = _norm_rope(a, bb, cos, sin, wa, wb, eps, D, USE_QK_NORM)
     _store_pairs(q_out_ptr, t.to(tl.int64)[:, None] * (NH * D) + h[None, :] * D, m, a, bb,
                  D, INTERLEAVED)
 
 
 @triton.jit
-def _kv_chunk(qkv_ptr, blocks_ptr, row, tmask, k_base, v_base, h0, cos, sin, kwa, kwb, eps,
-              NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, INTERLEAVED: tl.constexpr,
-              USE_QK_NORM: tl.constexpr, HB_KV: tl.constexpr):
+def _kv_load(qkv_ptr, row, tmask, h0, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+             INTERLEAVED: tl.constexpr, HB_KV: tl.constexpr):
+    """k's pair halves and v of kv heads h0 .. h0 + HB_KV of each token, the heads, the mask."""
     h = h0 + tl.arange(0, HB_KV)
     m = tmask[:, None] & (h < NKV)[None, :]
     # Both loads go out before the first store: the compiler cannot prove the cache and
@@ -160,18 +195,35 @@ def _kv_chunk(qkv_ptr, blocks_ptr, row, tmask, k_base, v_base, h0, cos, sin, kwa
     d = tl.arange(0, D)
     v = tl.load(qkv_ptr + (row[:, None] + (NH + NKV + h)[None, :] * D)[:, :, None]
                 + d[None, None, :], mask=m[:, :, None])
-    a, bb = _norm_rope(a, bb, cos, sin, kwa, kwb, eps, D, USE_QK_NORM)
+    return a, bb, v, h, m
+
+
+@triton.jit
+def _kv_finish(blocks_ptr, k_norm_ptr, a, bb, v, h, m, k_base, v_base, cos, sin, eps,
+               D: tl.constexpr, INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr):
+    """(k RMSNorm,) rope of k and the paged stores of a chunk _kv_load gave."""
+    wa = cos
+    wb = cos
+    if USE_QK_NORM:
+        wa, wb = _weight_pairs(k_norm_ptr, D, INTERLEAVED)
+    a, bb = _norm_rope(a, bb, cos, sin, wa, wb, eps, D, USE_QK_NORM)
     _store_pairs(blocks_ptr, k_base[:, None] + h[None, :] * D, m, a, bb, D, INTERLEAVED)
+    d = tl.arange(0, D)
     tl.store(blocks_ptr + (v_base[:, None] + h[None, :] * D)[:, :, None] + d[None, None, :],
              v.to(blocks_ptr.dtype.element_ty), mask=m[:, :, None])
 
 
-def block_sizes(NH: int, NKV: int, D: int, T: int | None = None, block_t: int | None = None
-                ) -> tuple[int, int, int]:
+def block_sizes(NH: int, NKV: int, D: int, T: int | None = None, block_t: int | None = None,
+                elems: int = TILE_ELEMS) -> tuple[int, int, int]:
     """(BLOCK_T, HB_Q, HB_KV): decode-sized T (<= 1024) gets one token per program."""
     bt = block_t or (1 if T is None or T <= 1024 else 2)
-    hb = max(1, TILE_ELEMS // (D * bt))
+    hb = max(1, elems // (D * bt))
     return bt, min(next_pow2(NH), hb), min(next_pow2(NKV), hb)
+
+
+def head_chunks(NH: int, NKV: int, hbq: int, hbkv: int) -> int:
+    """Programs a token of the head-split grid: its q chunks, then its k/v chunks."""
+    return cdiv(NH, hbq) + cdiv(NKV, hbkv)
 
 
 def _check(qkv, NH, NKV, D):
@@ -212,7 +264,7 @@ def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_
     if head_block is not None:  # tests: force several head chunks per program
         hbq = hbkv = head_block
     use_norm = q_norm_weight is not None
-    n_chunks = cdiv(NH, hbq) + cdiv(NKV, hbkv) if split_heads else 1
+    n_chunks = head_chunks(NH, NKV, hbq, hbkv) if split_heads else 1
     rope_split_store_kernel[(cdiv(T, bt), n_chunks)](
         qkv.contiguous(), as_i32(input_row_offsets), as_i32(cache_lengths),
         as_i32(lookup_table), freqs_cis.contiguous(), blocks, q_out,
@@ -228,7 +280,9 @@ def rope_split_store(qkv, input_row_offsets, cache_lengths, lookup_table, freqs_
 def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
               dtype: str = "bfloat16", interleaved: bool = True, use_qk_norm: bool = False,
               freqs_dtype: str = "float32", norm_dtype: str | None = None) -> list[KernelSpec]:
-    """The decode (BLOCK_T=1, T <= 1024) and prefill (BLOCK_T=2) specializations."""
+    """The specializations, in the order the lowering tries them: a few tokens with a program
+    per head chunk (`decode_heads`, grid (T, chunks); for T x chunks <= SPLIT_PROGRAMS), decode
+    (BLOCK_T=1, T <= 1024) and prefill (BLOCK_T=2)."""
     t = triton_dtype(dtype)
     tf = triton_dtype(freqs_dtype)
     tn = triton_dtype(norm_dtype or dtype)
@@ -241,14 +295,18 @@ def aot_specs(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
              "HB_KV", "SPLIT_HEADS"]
     sig.update({n: "constexpr" for n in names})
     specs = []
-    for label, bt in (("decode", 1), ("prefill", 2)):
-        _, hbq, hbkv = block_sizes(n_heads, n_kv_heads, head_dim, block_t=bt)
+    for label, bt, elems, split in (("decode_heads", 1, SPLIT_ELEMS, True),
+                                    ("decode", 1, TILE_ELEMS, False),
+                                    ("prefill", 2, TILE_ELEMS, False)):
+        _, hbq, hbkv = block_sizes(n_heads, n_kv_heads, head_dim, block_t=bt, elems=elems)
+        chunks = head_chunks(n_heads, n_kv_heads, hbq, hbkv) if split else 1
         vals = [n_heads, n_kv_heads, head_dim, page_size, interleaved, use_qk_norm, bt, hbq,
-                hbkv, False]
+                hbkv, split]
         specs.append(KernelSpec(
             name=f"rope_split_store_{t}_{label}", fn=rope_split_store_kernel, signature=sig,
             constexprs=dict(zip(names, vals)), num_warps=4, num_stages=1,
-            grid=(lambda bt_: lambda T: (cdiv(T, bt_), 1, 1))(bt), grid_args=("T",),
-            divisible_by_16=("qkv_ptr", "freqs_ptr", "blocks_ptr", "q_out_ptr"),
-            notes="decode: T <= 1024, prefill otherwise; layer_idx < num_layers"))
+            grid=(lambda bt_, c_: lambda T: (cdiv(T, bt_), c_, 1))(bt, chunks),
+            grid_args=("T",), divisible_by_16=("qkv_ptr", "freqs_ptr", "blocks_ptr", "q_out_ptr"),
+            notes=f"T x {chunks} <= {SPLIT_PROGRAMS}, decode: T <= 1024, prefill otherwise; "
+                  "layer_idx < num_layers"))
     return specs

@@ -150,8 +150,11 @@ def _rope_split_store(sb: StepBuilder, node) -> None:
             sb.ptr(q_out), *nw, T, batch, e(lut.type.shape[1]), a["layer"],
             e(blocks.type.shape[2]), float(a.get("qk_norm_eps", 1e-6)),
             e(blocks.type.shape[0]), e(freqs.type.shape[0])]
-    for spec, cond in zip(specs, (f"{T} <= 1024", None)):
+    chunks = [rss.head_chunks(nh, nkv, sp.constexprs["HB_Q"], sp.constexprs["HB_KV"])
+              if sp.constexprs["SPLIT_HEADS"] else 1 for sp in specs]
+    conds = (f"{T} * {chunks[0]} <= {rss.SPLIT_PROGRAMS}", f"{T} <= 1024", None)
+    for spec, cond, c in zip(specs, conds, chunks):
         key = sb.kernel(spec)
         bt = spec.constexprs["BLOCK_T"]
         with sb.when(cond):
-            sb.launch(key, [f"cdiv({T}, {bt})"], args)
+            sb.launch(key, [f"cdiv({T}, {bt})", c], args)

@@ -131,7 +131,7 @@ def compiled(tmp_path_factory):
 
 def test_every_kernel_builds_a_cubin(compiled):
     kernels = {k: v for k, v in compiled.items() if k != "error"}
-    assert len(kernels) == 19
+    assert len(kernels) == 21
     for key, info in kernels.items():
         assert info["magic"] == "7f454c46", key  # ELF
         assert 0 <= info["shared"] <= 227 * 1024, key
@@ -159,6 +159,9 @@ def test_grid_rules(compiled):
     grids = {k.split("/")[0]: v["grid"] for k, v in compiled.items() if k != "error"}
     assert grids["matmul_bf16_prefill_bias"] == [3 * 3, 1, 1]  # cdiv(300, 128) ** 2
     assert grids["rope_split_store_bf16_decode"] == [300, 1, 1]
+    # the last specs of that name (16 / 4 heads of 64): 1024 elements a chunk, one q chunk of
+    # 16 heads and one k/v chunk
+    assert grids["rope_split_store_bf16_decode_heads"] == [300, 2, 1]
     assert grids["rope_split_store_bf16_prefill"] == [150, 1, 1]  # cdiv(300, BLOCK_T=2)
     assert grids["flash_attention_bf16_mask1"] == [3, 32, 300]  # q blocks, heads, sequences
     assert grids["paged_decode_reduce_bf16"] == [300 * 32, 1, 1]
@@ -183,7 +186,7 @@ def test_rope_and_kv_store_kernels_do_not_spill(compiled):
         assert stack == 0 and local == 0, (key, info["res"])
         if name in limits and info["nh"] == 32:  # the plain (32, 8, 128) shapes
             assert regs <= limits[name], (key, regs)
-    assert seen in (0, 6)
+    assert seen in (0, 8)
 
 
 def test_every_kernel_may_overlap_its_predecessor(compiled):

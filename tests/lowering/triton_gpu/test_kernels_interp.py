@@ -130,7 +130,8 @@ def test_rms_norm_per_head_view():
 @pytest.mark.parametrize("qk_norm,block_t,head_block,split", [(False, 1, None, False),
                                                               (True, 4, 4, False),
                                                               (False, 2, 1, False),
-                                                              (True, 2, 4, True)])
+                                                              (True, 2, 4, True),
+                                                              (False, 1, 4, True)])
 def test_rope_split_store(dtype, interleaved, qk_norm, block_t, head_block, split):
     rng = np.random.default_rng(11 + block_t + 2 * interleaved)
     NH, NKV, D, PS, L, layer = 6, 2, 16, 4, 3, 1
