@@ -41,16 +41,33 @@ def compile_with(g, entries: dict[tuple[str, str], str]):
             tuning.DEFAULTS_PATH = shipped
 
 
-def load_variants(case: str, variants: dict[str, dict]) -> tuple[dict, dict, dict]:
+def compile_switched(module, attr: str):
+    """A `compile` for load_variants whose variants are values of `module.attr` (a lowering
+    switch), each compiled with it set, without the artifact cache (the key does not see it)."""
+    def build(g, value):
+        from graphir.lowering.driver import compile_graph
+
+        old = getattr(module, attr)
+        setattr(module, attr, value)
+        try:
+            return compile_graph(g, "cuda:sm_90", use_cache=False)
+        finally:
+            setattr(module, attr, old)
+    return build
+
+
+def load_variants(case: str, variants: dict, compile=None) -> tuple[dict, dict, dict]:
     """{name: step function}, {name: rel err vs torch eager}, {name: output} of the layer
-    built per variant ({name: entries for compile_with}) on `case`'s inputs; each model has
-    run six steps (capture, then a graph per staging slot)."""
+    built per variant ({name: what `compile(graph, it)` takes; default compile_with's
+    entries}) on `case`'s inputs; each model has run six steps (capture, then a graph per
+    staging slot)."""
     from graphir.examples.llama_attention import build
     from graphir.runtime.cuda import executor
 
     g = build()
     weights = bg.random_weights(g)
-    models = {n: executor.load(compile_with(g, e), weights, stream=torch.cuda.current_stream())
+    compile = compile or compile_with
+    models = {n: executor.load(compile(g, e), weights, stream=torch.cuda.current_stream())
               for n, e in variants.items()}
     s = bg.LLAMA8B
     batch, cached, new = bg.CASES[case]

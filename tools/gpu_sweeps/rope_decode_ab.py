@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _layer_ab  # noqa: E402
-from _layer_ab import alternated_walls, bg, kernel_times, load_variants  # noqa: E402
+from _layer_ab import (alternated_walls, bg, compile_switched, kernel_times,  # noqa: E402
+                       load_variants)
 from graphir.lowering.triton_gpu.kernels import rope_split_store as rss  # noqa: E402
 from graphir.tools.gpu_timing import rel_err  # noqa: E402
 
@@ -72,24 +72,11 @@ def alone() -> None:
         print(f"{T:6d} " + " ".join(f"{r:>24s}" for r in row))
 
 
-def _compile_split(g, entries):
-    """compile_with's stand-in: `entries` is the head-split grid's program cap."""
-    from graphir.lowering.driver import compile_graph
-
-    shipped = rss.SPLIT_PROGRAMS
-    rss.SPLIT_PROGRAMS = entries["programs"]
-    try:
-        return compile_graph(g, "cuda:sm_90", use_cache=False)
-    finally:
-        rss.SPLIT_PROGRAMS = shipped
-
-
 def in_layer(rounds: int) -> None:
     bg.CASES["decode B8 ctx4096"] = (8, 4096, 1)
-    _layer_ab.compile_with = _compile_split
-    variants = {"token grid": {"programs": 0}, "head grid": {"programs": rss.SPLIT_PROGRAMS}}
+    variants = {"token grid": 0, "head grid": rss.SPLIT_PROGRAMS}
     for case in ("decode B1 ctx4096", "decode B8 ctx4096"):
-        fns, errs, outs = load_variants(case, variants)
+        fns, errs, outs = load_variants(case, variants, compile_switched(rss, "SPLIT_PROGRAMS"))
         same = torch.equal(*outs.values())
         wall = alternated_walls(fns, rounds)
         print(f"\n{torch.cuda.get_device_name()}; {case}; {rounds} alternated rounds of 100 "
