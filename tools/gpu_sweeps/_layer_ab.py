@@ -43,14 +43,17 @@ def compile_with(g, entries: dict[tuple[str, str], str]):
 
 def compile_switched(module, attr: str):
     """A `compile` for load_variants whose variants are values of `module.attr` (a lowering
-    switch), each compiled with it set, without the artifact cache (the key does not see it)."""
+    switch), each compiled with it set into a file of its own: the cache key does not see the
+    switch, and a cache entry, once written, is kept (a second build of the same key would
+    load the first's artifact)."""
     def build(g, value):
         from graphir.lowering.driver import compile_graph
 
         old = getattr(module, attr)
         setattr(module, attr, value)
         try:
-            return compile_graph(g, "cuda:sm_90", use_cache=False)
+            out = Path(tempfile.mkdtemp()) / f"{attr}_{value}.gart"
+            return compile_graph(g, "cuda:sm_90", out=out)
         finally:
             setattr(module, attr, old)
     return build

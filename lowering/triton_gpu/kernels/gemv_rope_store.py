@@ -25,6 +25,8 @@ from .paged import find_sequence, slot_offsets
 from .pdl import pdl_wait
 from .spec import KernelSpec, cdiv, triton_dtype
 
+META = 1  # where the metadata loads go (see the kernel); tools/gpu_sweeps/qkv_rope_ab.py
+
 
 @triton.jit
 def gemv_rope_store_kernel(
@@ -32,7 +34,8 @@ def gemv_rope_store_kernel(
         q_out_ptr, K, batch, max_pages, layer_idx, num_layers, num_pages, rope_rows,
         NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
         INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, PAIRS: tl.constexpr,
-        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+        META: tl.constexpr = 1):
     pdl_wait()
     HALF: tl.constexpr = D // 2
     p0 = tl.program_id(0) * PAIRS
@@ -45,14 +48,29 @@ def gemv_rope_store_kernel(
         r0 = head * D + j
         r1 = r0 + HALF
     rows = tl.reshape(tl.join(r0, r1), (2 * PAIRS,)).to(tl.int64)
-    # The token's metadata first: its loads are in flight while the weight streams.
+    # META: where the token's metadata loads go relative to the weight loop. 0: after it;
+    # 1: the sequence's length and start before it (in flight under the stream, waited for
+    # after it), the rope row and the page id after; 2: all before it.
     t = tl.zeros((1,), tl.int32)
-    b = find_sequence(offs_ptr, t, batch)
-    pos = tl.load(cache_len_ptr + b) - tl.load(offs_ptr + b)
-    fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1).to(tl.int64)
-    cos = tl.load(freqs_ptr + fpos * D + 2 * j).to(tl.float32)
-    sin = tl.load(freqs_ptr + fpos * D + 2 * j + 1).to(tl.float32)
+    if META >= 1:
+        b = find_sequence(offs_ptr, t, batch)
+        clen = tl.load(cache_len_ptr + b)
+        start = tl.load(offs_ptr + b)
+    if META == 2:
+        pos = clen - start
+        fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1).to(tl.int64)
+        cos = tl.load(freqs_ptr + fpos * D + 2 * j).to(tl.float32)
+        sin = tl.load(freqs_ptr + fpos * D + 2 * j + 1).to(tl.float32)
     out = gemv_rows(x_ptr, w_ptr, rows, K, 0, K, 2 * PAIRS, BLOCK_K, EVEN_K, PREFETCH)
+    if META == 0:
+        b = find_sequence(offs_ptr, t, batch)
+        clen = tl.load(cache_len_ptr + b)
+        start = tl.load(offs_ptr + b)
+    if META <= 1:
+        pos = clen - start
+        fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1).to(tl.int64)
+        cos = tl.load(freqs_ptr + fpos * D + 2 * j).to(tl.float32)
+        sin = tl.load(freqs_ptr + fpos * D + 2 * j + 1).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows).to(tl.float32)
     a, bb = tl.split(tl.reshape(out, (PAIRS, 2)))
@@ -81,13 +99,14 @@ def pairs_ok(pairs: int, head_dim: int) -> bool:
 
 def spec(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int, dtype: str,
          freqs_dtype: str, interleaved: bool, has_bias: bool, K: int, pairs: int,
-         block_k: int, num_warps: int, prefetch: bool) -> KernelSpec:
+         block_k: int, num_warps: int, prefetch: bool, meta: int | None = None) -> KernelSpec:
     """The kernel for one layer shape and GEMV tile (BLOCK_K, warps, prefetch of the tuned
     qkv GEMV; 2 x pairs rows a program)."""
     if not pairs_ok(pairs, head_dim):
         raise ValueError(f"gemv_rope_store: {pairs} pairs a program do not divide head_dim / 2 "
                          f"= {head_dim // 2}")
     t, tf = triton_dtype(dtype), triton_dtype(freqs_dtype)
+    meta = META if meta is None else meta
     sig = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "offs_ptr": "*i32",
            "cache_len_ptr": "*i32", "lut_ptr": "*i32", "freqs_ptr": f"*{tf}",
            "blocks_ptr": f"*{t}", "q_out_ptr": f"*{t}", "K": "i32", "batch": "i32",
@@ -95,10 +114,10 @@ def spec(n_heads: int, n_kv_heads: int, head_dim: int, page_size: int, dtype: st
            "rope_rows": "i32"}
     ce = {"NH": n_heads, "NKV": n_kv_heads, "D": head_dim, "PAGE_SIZE": page_size,
           "INTERLEAVED": interleaved, "HAS_BIAS": has_bias, "PAIRS": pairs,
-          "BLOCK_K": block_k, "EVEN_K": K % block_k == 0, "PREFETCH": prefetch}
+          "BLOCK_K": block_k, "EVEN_K": K % block_k == 0, "PREFETCH": prefetch, "META": meta}
     sig.update({k: "constexpr" for k in ce})
     programs = cdiv((n_heads + 2 * n_kv_heads) * head_dim // 2, pairs)
-    tag = f"k{block_k}w{num_warps}p{pairs}" + ("_pf" if prefetch else "") \
+    tag = f"k{block_k}w{num_warps}p{pairs}m{meta}" + ("_pf" if prefetch else "") \
         + ("_bias" if has_bias else "")
     return KernelSpec(
         name=f"gemv_rope_store_{t}_{tag}", fn=gemv_rope_store_kernel, signature=sig,

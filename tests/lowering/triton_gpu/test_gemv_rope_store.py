@@ -12,10 +12,11 @@ from tests.lowering.triton_gpu.test_kernels_interp import close, f64, freqs_cis_
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 
 
-def run(x, w, bias, pb, freqs, blocks, layer, nh, interleaved, pairs, block_k, prefetch=False):
+def run(x, w, bias, pb, freqs, blocks, layer, nh, interleaved, pairs, block_k, prefetch=False,
+        meta=None):
     nkv, d = blocks.shape[4], blocks.shape[5]
     sp = grs.spec(nh, nkv, d, blocks.shape[3], str(x.dtype).removeprefix("torch."), "float32",
-                  interleaved, bias is not None, x.shape[1], pairs, block_k, 1, prefetch)
+                  interleaved, bias is not None, x.shape[1], pairs, block_k, 1, prefetch, meta)
     q = torch.full((1, nh * d), float("nan"), dtype=x.dtype)
     i32 = lambda t: t.view(torch.int32)  # noqa: E731
     sp.fn[sp.grid_for()](x, w, bias if bias is not None else x, i32(pb["offs_t"]),
@@ -26,10 +27,10 @@ def run(x, w, bias, pb, freqs, blocks, layer, nh, interleaved, pairs, block_k, p
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("interleaved,bias,pairs,block_k,K,prefetch", [
-    (False, False, 1, 16, 48, False), (True, True, 2, 32, 40, False),
-    (False, True, 4, 16, 64, True), (True, False, 8, 64, 64, False)])
-def test_gemv_rope_store(dtype, interleaved, bias, pairs, block_k, K, prefetch):
+@pytest.mark.parametrize("interleaved,bias,pairs,block_k,K,prefetch,meta", [
+    (False, False, 1, 16, 48, False, 0), (True, True, 2, 32, 40, False, 1),
+    (False, True, 4, 16, 64, True, 2), (True, False, 8, 64, 64, False, None)])
+def test_gemv_rope_store(dtype, interleaved, bias, pairs, block_k, K, prefetch, meta):
     rng = np.random.default_rng(5 + pairs + 2 * interleaved)
     NH, NKV, D, PS, L, layer = 4, 2, 16, 4, 2, 1
     # one new token, owned by the third of four sequences (the others add none)
@@ -41,7 +42,7 @@ def test_gemv_rope_store(dtype, interleaved, bias, pairs, block_k, K, prefetch):
     bv = torch.from_numpy(rng.standard_normal(N)).to(dtype) if bias else None
     freqs = torch.from_numpy(freqs_cis_np(D, 16)).to(torch.float32)
     blocks = pb["blocks"].clone()
-    q = run(x, w, bv, pb, freqs, blocks, layer, NH, interleaved, pairs, block_k, prefetch)
+    q = run(x, w, bv, pb, freqs, blocks, layer, NH, interleaved, pairs, block_k, prefetch, meta)
 
     qkv = f64(x) @ f64(w).T + (f64(bv) if bias else 0.0)
     pos = np.array([cache_lens[2]])

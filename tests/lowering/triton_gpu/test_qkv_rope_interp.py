@@ -8,6 +8,7 @@ import pytest
 
 from graphir import DType, parse
 from graphir.lowering.triton_gpu import tuning
+from graphir.lowering.triton_gpu.kernels import gemv_rope_store as grs
 from graphir.lowering.triton_gpu.kernels import matmul_configs as mc
 from graphir.lowering.triton_gpu.lowerings import qkv_rope
 from graphir.runtime.interpreter import run
@@ -34,7 +35,7 @@ def test_the_layer_plan_fuses_one_token_steps_only(monkeypatch):
     assert step["op"] == qkv_rope.OP
     variants, names = step["attrs"]["variants"], spec_names(program, step)
     assert variants[0]["when"] == "total_seq_len <= 1"
-    assert names[0] == ["gemv_rope_store_bf16_k256w2p1"]  # the tuned gemv2x256_w2_s1's tile
+    assert names[0] == [f"gemv_rope_store_bf16_k256w2p1m{grs.META}"]  # the tuned gemv2x256_w2_s1's tile
     assert variants[-1]["when"] is None
     for v, n in zip(variants[1:], names[1:]):  # projection into scratch, then the rope kernel
         assert len(n) == 2 and n[1].startswith("rope_split_store") and v["scratch"][0][0] == "qkv"
