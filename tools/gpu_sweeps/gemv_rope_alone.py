@@ -48,7 +48,7 @@ def main() -> None:
     plain = [lambda w=w: mc.run_torch(x, w, out=out, config="gemv2x256_w2_s1") for w in ws]
     rows = {"gemv2x256_w2_s1 (plain)": cupti_us(plain, "gemv_kernel")}
     for il in (False, True):
-        for meta in (0, 1):
+        for meta in (1, 3):
             sp = grs.spec(s.nh, s.nkv, s.d, s.page, "bfloat16", "float32", il, False, K, 1, 256,
                           2, False, meta)
             fns = [lambda w=w, sp=sp: sp.fn[sp.grid_for()](

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .matmul_skinny import gemv_rows
-from .paged import find_sequence, slot_offsets
+from .paged import find_sequence, page_slot, slot_offsets
 from .pdl import pdl_wait
 from .spec import KernelSpec, cdiv, triton_dtype
 
@@ -50,9 +50,15 @@ def gemv_rope_store_kernel(
     rows = tl.reshape(tl.join(r0, r1), (2 * PAIRS,)).to(tl.int64)
     # META: where the token's metadata loads go relative to the weight loop. 0: after it;
     # 1: the sequence's length and start before it (in flight under the stream, waited for
-    # after it), the rope row and the page id after; 2: all before it.
+    # after it), the rope row and the page id after; 2: all before it; 3: the lengths before
+    # it, the rope row and the page id in its second step (the lengths are there by then),
+    # so that nothing is left to wait for after it.
     t = tl.zeros((1,), tl.int32)
-    if META >= 1:
+    if META == 3:
+        out, cos, sin, page, spos = _loop_with_meta(
+            x_ptr, w_ptr, rows, K, offs_ptr, cache_len_ptr, lut_ptr, freqs_ptr, t, j, batch,
+            max_pages, num_pages, rope_rows, D, PAGE_SIZE, PAIRS, BLOCK_K, EVEN_K)
+    if META >= 1 and META <= 2:
         b = find_sequence(offs_ptr, t, batch)
         clen = tl.load(cache_len_ptr + b)
         start = tl.load(offs_ptr + b)
@@ -61,7 +67,8 @@ def gemv_rope_store_kernel(
         fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1).to(tl.int64)
         cos = tl.load(freqs_ptr + fpos * D + 2 * j).to(tl.float32)
         sin = tl.load(freqs_ptr + fpos * D + 2 * j + 1).to(tl.float32)
-    out = gemv_rows(x_ptr, w_ptr, rows, K, 0, K, 2 * PAIRS, BLOCK_K, EVEN_K, PREFETCH)
+    if META <= 2:
+        out = gemv_rows(x_ptr, w_ptr, rows, K, 0, K, 2 * PAIRS, BLOCK_K, EVEN_K, PREFETCH)
     if META == 0:
         b = find_sequence(offs_ptr, t, batch)
         clen = tl.load(cache_len_ptr + b)
@@ -81,15 +88,66 @@ def gemv_rope_store_kernel(
         tl.store(q_out_ptr + r0, (a * cos - bb * sin).to(q_out_ptr.dtype.element_ty))
         tl.store(q_out_ptr + r1, (a * sin + bb * cos).to(q_out_ptr.dtype.element_ty))
     elif head < NH + NKV:
-        kb = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, t == 0, 0,
-                          PAGE_SIZE, NKV, D, num_pages) + (head - NH) * D
+        if META == 3:
+            kb = page_slot(page, spos, layer_idx, num_layers, 0, PAGE_SIZE, NKV, D)
+        else:
+            kb = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, t == 0, 0,
+                              PAGE_SIZE, NKV, D, num_pages)
+        kb += (head - NH) * D
         tl.store(blocks_ptr + kb + col0, (a * cos - bb * sin).to(blocks_ptr.dtype.element_ty))
         tl.store(blocks_ptr + kb + col1, (a * sin + bb * cos).to(blocks_ptr.dtype.element_ty))
     else:
-        vb = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, t == 0, 1,
-                          PAGE_SIZE, NKV, D, num_pages) + (head - NH - NKV) * D
+        if META == 3:
+            vb = page_slot(page, spos, layer_idx, num_layers, 1, PAGE_SIZE, NKV, D)
+        else:
+            vb = slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, t == 0, 1,
+                              PAGE_SIZE, NKV, D, num_pages)
+        vb += (head - NH - NKV) * D
         tl.store(blocks_ptr + vb + col0, a.to(blocks_ptr.dtype.element_ty))
         tl.store(blocks_ptr + vb + col1, bb.to(blocks_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _loop_with_meta(x_ptr, w_ptr, rows, K, offs_ptr, cache_len_ptr, lut_ptr, freqs_ptr, t, j,
+                    batch, max_pages, num_pages, rope_rows, D: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+    """gemv_rows over all of K (no prefetch) that also reads the token's metadata: the
+    sequence's length and start before the loop, the rope row (cos, sin) and the page id in
+    its second step. Returns (products, cos, sin, page id checked as slot_offsets checks it,
+    position clamped into the lookup-table row)."""
+    b = find_sequence(offs_ptr, t, batch)
+    clen = tl.load(cache_len_ptr + b)
+    start = tl.load(offs_ptr + b)
+    cos = tl.zeros((PAIRS,), tl.float32)
+    sin = tl.zeros((PAIRS,), tl.float32)
+    page = tl.zeros((1,), tl.int32)
+    spos = tl.zeros((1,), tl.int32)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((2 * PAIRS, BLOCK_K), tl.float32)
+    n = tl.cdiv(K, BLOCK_K)
+    at = tl.minimum(n - 1, 1)
+    for it in range(0, n):
+        k0 = it * BLOCK_K
+        if EVEN_K:
+            x = tl.load(x_ptr + k0 + rk)
+            w = tl.load(w_ptr + rows[:, None] * K + (k0 + rk)[None, :],
+                        eviction_policy="evict_first")
+        else:
+            km = (k0 + rk) < K
+            x = tl.load(x_ptr + k0 + rk, mask=km, other=0.0)
+            w = tl.load(w_ptr + rows[:, None] * K + (k0 + rk)[None, :], mask=km[None, :],
+                        other=0.0, eviction_policy="evict_first")
+        if it == at:
+            pos = clen - start
+            fpos = tl.minimum(tl.maximum(pos, 0), rope_rows - 1).to(tl.int64)
+            cos = tl.load(freqs_ptr + fpos * D + 2 * j).to(tl.float32)
+            sin = tl.load(freqs_ptr + fpos * D + 2 * j + 1).to(tl.float32)
+            spos = tl.minimum(tl.maximum(pos, 0), max_pages * PAGE_SIZE - 1)
+            pg = tl.load(lut_ptr + tl.cast(b, tl.int64) * max_pages + spos // PAGE_SIZE)
+            page = tl.where(pg.to(tl.uint32) < num_pages.to(tl.uint32), pg, 0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1), cos, sin, page, spos
 
 
 def pairs_ok(pairs: int, head_dim: int) -> bool:

@@ -29,7 +29,8 @@ def run(x, w, bias, pb, freqs, blocks, layer, nh, interleaved, pairs, block_k, p
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved,bias,pairs,block_k,K,prefetch,meta", [
     (False, False, 1, 16, 48, False, 0), (True, True, 2, 32, 40, False, 1),
-    (False, True, 4, 16, 64, True, 2), (True, False, 8, 64, 64, False, None)])
+    (False, True, 4, 16, 64, True, 2), (True, False, 8, 64, 64, False, None),
+    (False, True, 2, 16, 40, False, 3), (True, False, 1, 64, 64, False, 3)])
 def test_gemv_rope_store(dtype, interleaved, bias, pairs, block_k, K, prefetch, meta):
     rng = np.random.default_rng(5 + pairs + 2 * interleaved)
     NH, NKV, D, PS, L, layer = 4, 2, 16, 4, 2, 1
@@ -61,7 +62,8 @@ def test_gemv_rope_store(dtype, interleaved, bias, pairs, block_k, K, prefetch, 
     assert torch.equal(blocks[keep], pb["blocks"][keep])  # nothing else written
 
 
-def test_bad_metadata_stays_inside_the_buffers():
+@pytest.mark.parametrize("meta", [0, 3])
+def test_bad_metadata_stays_inside_the_buffers(meta):
     """A position past the rope table and the lookup table, and a page id past the cache:
     clamped as rope_split_store clamps them, so the kernel writes a slot of the cache."""
     rng = np.random.default_rng(3)
@@ -73,7 +75,7 @@ def test_bad_metadata_stays_inside_the_buffers():
     w = torch.randn((NH + 2 * NKV) * D, 32)
     blocks = pb["blocks"].clone()
     q = run(x, w, None, pb, torch.from_numpy(freqs_cis_np(D, 8)).float(), blocks, 0, NH,
-            False, 2, 16)
+            False, 2, 16, meta=meta)
     assert torch.isfinite(q).all()
     changed = (blocks != pb["blocks"]).reshape(blocks.shape[0], -1).any(1)
     assert changed.sum() == 1 and changed[0]  # page 0, the replacement of a bad id
