@@ -31,15 +31,13 @@ from graphir.lowering.plan import Plan, Step, assign_slots, host_nodes, value_ta
 from graphir.lowering.registry import lowering_for
 
 from . import codegen, lowerings  # noqa: F401  (register the lowerings)
-from .lowerings import qkv_rope
 from .lowerings.base import Program, StepBuilder
 
 STRUCTURAL = ("chain", "weight", "constant")
 
 
 def schedule(graph, groups, host: set[int]) -> list:
-    """Device units (a Node, a FusionGroup or a QkvRope) in a dependency order close to graph
-    order."""
+    """Device units (a Node or a FusionGroup) in a dependency order close to graph order."""
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     unit_of: dict[int, object] = {}
     units = []
@@ -73,9 +71,6 @@ def lower(graph) -> Program:
     """The plan and kernel specializations of `graph` (no compilation)."""
     host = host_nodes(graph)
     groups = find_groups(graph, exclude=host)
-    # the qkv projection with the rope_split_store it feeds (lowerings/qkv_rope.py)
-    pairs = qkv_rope.find_units(graph, exclude=set(host) | {id(n) for g in groups
-                                                             for n in g.nodes})
     vids, infos = value_table(graph)
     constants = {}
     for n in graph.nodes:
@@ -91,16 +86,7 @@ def lower(graph) -> Program:
         if id(n) in host and n.op not in STRUCTURAL:
             steps.append(Step("host", n.op, [vids[id(v)] for v in n.operands],
                               [vids[id(r)] for r in n.results], {"node": i}))
-    for unit in schedule(graph, groups + pairs, host):
-        if isinstance(unit, qkv_rope.QkvRope):
-            sb = StepBuilder(program, vids, qkv_rope.OP, unit.inputs, unit.outputs, constants)
-            try:
-                qkv_rope.lower_unit(sb, unit)
-            except ValueError as err:
-                loc = unit.nodes[1].loc
-                raise ValueError(f"{err}{' (at ' + loc + ')' if loc else ''}") from None
-            steps.append(sb.step())
-            continue
+    for unit in schedule(graph, groups, host):
         if hasattr(unit, "nodes"):
             sb = StepBuilder(program, vids, "fused:" + ",".join(m.op for m in unit.nodes),
                              unit.inputs, unit.outputs, constants)

@@ -23,9 +23,6 @@ SCHEDULE = [([0, 1, 2], PREFILL)] + [([0, 1, 2], [1, 1, 1])] * 3 + [([2, 1], [1,
 CASES = {
     "default": {},
     "bias_qk_norm": {"has_bias": True, "use_qk_norm": True},
-    # Qwen2's q/k/v biases without q/k norm, interleaved pairs: the one-token qkv GEMV with
-    # rope_split_store in its epilogue takes the bias (lowerings/qkv_rope.py)
-    "bias_interleaved": {"has_bias": True, "il": True},
     "stacked_clip_interleaved": {"stacked_qkv": True, "clip_qkv": 0.2, "il": True},
     "sliding_window": {"mask_variant": "sliding_window_causal", "sliding_window": 4},
     "null_mask": {"mask_variant": "null"},

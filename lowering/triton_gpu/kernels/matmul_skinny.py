@@ -32,25 +32,10 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
     pid_k = tl.program_id(2)
     k_lo, k_hi = k_range(K, pid_k, SPLIT_K, BLOCK_K)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
-    out = gemv_rows(a_ptr + row * K, b_ptr, rn_c, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN_K,
-                    PREFETCH)
-    if HAS_BIAS and SPLIT_K == 1:
-        out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    dst = row
-    if SPLIT_K > 1:
-        dst += pid_k.to(tl.int64) * M
-    tl.store(c_ptr + dst * N + rn, out.to(c_ptr.dtype.element_ty), mask=rn < N)
-
-
-@triton.jit
-def gemv_rows(x_row, b_ptr, rows, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """fp32 `[BLOCK_N]`: the products of X's row (at x_row) with B's rows `rows` (int64, in
-    range) over columns [k_lo, k_hi)."""
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_row + k_lo + rk
-    w_ptrs = b_ptr + rows[:, None] * K + (k_lo + rk)[None, :]
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+    x_ptrs = a_ptr + row * K + k_lo + rk
+    w_ptrs = b_ptr + rn_c[:, None] * K + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     # The weight streams through once: its loads are evict-first, so it does not push A out of
     # L2.
@@ -82,7 +67,13 @@ def gemv_rows(x_row, b_ptr, rows, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K:
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-    return tl.sum(acc, axis=1)
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS and SPLIT_K == 1:
+        out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    dst = row
+    if SPLIT_K > 1:
+        dst += pid_k.to(tl.int64) * M
+    tl.store(c_ptr + dst * N + rn, out.to(c_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit

@@ -150,13 +150,6 @@ def slot_offsets(lut_ptr, b, pos, max_pages, layer_idx, num_layers, valid, KV: t
         # A bad id (negative or past the cache, compared unsigned) reads / writes page 0. This
         # select keeps the prefill rope_split_store at 32 registers; min(max(...)) took 40.
         page = tl.where(page.to(tl.uint32) < num_pages.to(tl.uint32), page, 0)
-    return page_slot(page, pos, layer_idx, num_layers, KV, PAGE_SIZE, NKV, D)
-
-
-@triton.jit
-def page_slot(page, pos, layer_idx, num_layers, KV: tl.constexpr, PAGE_SIZE: tl.constexpr,
-              NKV: tl.constexpr, D: tl.constexpr):
-    """slot_offsets' offset from a page id already looked up (and checked)."""
     slot = pos % PAGE_SIZE
     layer_stride = PAGE_SIZE * NKV * D
     kv_stride = tl.cast(num_layers, tl.int64) * layer_stride

@@ -44,23 +44,17 @@ def _variants(choices, M_expr: str, static: bool) -> list[tuple[str | None, obje
     """(when, choice) per run of adjacent buckets with the same choice; the last is `None`."""
     if static:
         return [(None, choices[0])]
-    out = runs(choices)
-    return [(None if top is None or i == len(out) - 1 else f"{M_expr} <= {top}", ch)
-            for i, (top, ch) in enumerate(out)]
-
-
-def runs(choices) -> list[list]:
-    """[top row count (None: unbounded), choice] per run of adjacent buckets with the same
-    choice, in bucket order."""
     tops = dict(mc.BUCKETS)
     out: list[list] = []
     for ch in choices:
+        same = out and _same_run(out[-1][1]) == _same_run(ch)
         top = tops[ch.bucket]
-        if out and _same_run(out[-1][1]) == _same_run(ch):
+        if same:
             out[-1][0] = top
         else:
             out.append([top, ch])
-    return out
+    return [(None if top is None or i == len(out) - 1 else f"{M_expr} <= {top}", ch)
+            for i, (top, ch) in enumerate(out)]
 
 
 def _emit_triton(sb: StepBuilder, cfg, dt: str, has_bias: bool, N: int, K: int, M_expr: str,
@@ -115,19 +109,14 @@ def emit_hand_matmul(sb: StepBuilder, x, M, N: int, K: int, bias, out, weight_pt
                             above=above)
     for cond, ch in _variants(choices, e(M), static):
         with sb.when(cond):
-            emit_choice(sb, ch, x, M, N, K, bias, sb.ptr(out), weight_ptr())
-
-
-def emit_choice(sb: StepBuilder, ch, x, M, N: int, K: int, bias, out_arg, weight_arg) -> None:
-    """The launches of one tuned choice for x @ B^T into `out_arg`, in the current variant."""
-    dt = MM_DTYPES[x.type.dtype]
-    bind = {"a": sb.ptr(x), "b": weight_arg, "bias": sb.ptr(bias if bias is not None else x),
-            "c": out_arg, "M": e(M), "N": N, "K": K}
-    if ch.config["kind"] == "cublaslt":
-        at_m = int(Dim(M)) if Dim(M).is_static else mc.TUNE_M[ch.bucket]
-        _emit_cublaslt(sb, ch, dt, bias is not None, N, K, e(M), bind, at_m)
-    else:
-        _emit_triton(sb, ch.config, dt, bias is not None, N, K, e(M), bind)
+            bind = {"a": sb.ptr(x), "b": weight_ptr(),
+                    "bias": sb.ptr(bias if bias is not None else x), "c": sb.ptr(out),
+                    "M": e(M), "N": N, "K": K}
+            if ch.config["kind"] == "cublaslt":
+                at_m = int(Dim(M)) if static else mc.TUNE_M[ch.bucket]
+                _emit_cublaslt(sb, ch, dt, bias is not None, N, K, e(M), bind, at_m)
+            else:
+                _emit_triton(sb, ch.config, dt, bias is not None, N, K, e(M), bind)
 
 
 @register_lowering("fused_qkv_matmul", "cuda")

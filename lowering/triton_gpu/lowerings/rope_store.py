@@ -129,16 +129,6 @@ def _kv_cache_store(sb: StepBuilder, node) -> None:
 
 @register_lowering("rope_split_store", "cuda")
 def _rope_split_store(sb: StepBuilder, node) -> None:
-    for cond, _, key, grid, args in rope_split_store_launches(sb, node,
-                                                              sb.ptr(node.operands[0])):
-        with sb.when(cond):
-            sb.launch(key, grid, args)
-
-
-def rope_split_store_launches(sb: StepBuilder, node, qkv_arg) -> list[tuple]:
-    """(when, top, kernel, grid, args) of the rope_split_store node, first match wins: `when`
-    is "T <= top" (the last: None, unbounded); qkv is read at `qkv_arg` (a value's pointer or
-    a scratch buffer)."""
     qkv, freqs, offs, clen, lut, blocks = node.operands[:6]
     a = node.attrs
     nh, nkv, d = a["n_heads"], a["n_kv_heads"], a["head_dim"]
@@ -156,13 +146,15 @@ def rope_split_store_launches(sb: StepBuilder, node, qkv_arg) -> list[tuple]:
     batch = e(offs.type.shape[0] - 1)
     q_out = node.results[0]
     nw = [sb.ptr(node.operands[6]), sb.ptr(node.operands[7])] if norm else [sb.ptr(freqs)] * 2
-    args = [qkv_arg, sb.ptr(offs), sb.ptr(clen), sb.ptr(lut), sb.ptr(freqs), sb.ptr(blocks),
+    args = [sb.ptr(qkv), sb.ptr(offs), sb.ptr(clen), sb.ptr(lut), sb.ptr(freqs), sb.ptr(blocks),
             sb.ptr(q_out), *nw, T, batch, e(lut.type.shape[1]), a["layer"],
             e(blocks.type.shape[2]), float(a.get("qk_norm_eps", 1e-6)),
             e(blocks.type.shape[0]), e(freqs.type.shape[0])]
     chunks = [rss.head_chunks(nh, nkv, sp.constexprs["HB_Q"], sp.constexprs["HB_KV"])
               if sp.constexprs["SPLIT_HEADS"] else 1 for sp in specs]
-    tops = (rss.SPLIT_PROGRAMS // chunks[0], 1024, None)
-    return [(None if top is None else f"{T} <= {top}", top, sb.kernel(spec),
-             [f"cdiv({T}, {spec.constexprs['BLOCK_T']})", c], args)
-            for spec, top, c in zip(specs, tops, chunks) if top is None or top > 0]
+    conds = (f"{T} * {chunks[0]} <= {rss.SPLIT_PROGRAMS}", f"{T} <= 1024", None)
+    for spec, cond, c in zip(specs, conds, chunks):
+        key = sb.kernel(spec)
+        bt = spec.constexprs["BLOCK_T"]
+        with sb.when(cond):
+            sb.launch(key, [f"cdiv({T}, {bt})", c], args)

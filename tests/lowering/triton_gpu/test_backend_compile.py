@@ -190,15 +190,14 @@ def test_compile_graph_writes_a_cuda_artifact(tmp_path, monkeypatch):
     assert k > 0 and all(n.startswith("paged_decode_partial") for n in first[:k])
     assert all(n.startswith("flash_attention") for n in first[k:])
     assert variants[-1]["when"] is None and all(v["when"] for v in variants[:-1])
-    # The projection, then rope_split_store (one step: lowerings/qkv_rope.py; build_tiny's
-    # float32 one-row choice is no GEMV, so no fused kernel): a program per head chunk while
-    # tokens x chunks fit one wave, then a program per token, then the two-token prefill form.
-    rope = next(s for s in steps if "rope_split_store" in s["op"])["attrs"]["variants"]
-    specs = [m["kernels"][v["ops"][1]["launch"]]["spec"] for v in rope]
+    # rope_split_store: a program per head chunk while tokens x chunks fit one wave, then a
+    # program per token, then the two-token prefill form.
+    rope = next(s for s in steps if s["op"] == "rope_split_store")["attrs"]["variants"]
+    specs = [m["kernels"][v["ops"][0]["launch"]]["spec"] for v in rope]
     assert specs == ["rope_split_store_fp32_decode_heads", "rope_split_store_fp32_decode",
                      "rope_split_store_fp32_prefill"]
-    assert rope[0]["when"].endswith("<= 64") and rope[2]["when"] is None
-    assert rope[0]["ops"][1]["grid"][1] == "2"  # build_tiny: one q chunk, one k/v chunk
+    assert rope[0]["when"].endswith("<= 128") and rope[2]["when"] is None
+    assert rope[0]["ops"][0]["grid"][1] == "2"  # build_tiny: one q chunk, one k/v chunk
 
 
 def test_cli_dump_shows_triton_and_ptx(tmp_path):

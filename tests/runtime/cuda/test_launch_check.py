@@ -20,7 +20,7 @@ def art(tmp_path_factory):
                          out=tmp_path_factory.mktemp("lc") / "t.gart")
 
 
-def _launch(m, op_name="fused_qkv_matmul+rope_split_store"):
+def _launch(m, op_name="fused_qkv_matmul"):
     step = next(s for s in m["plan"]["steps"] if s["op"] == op_name)
     return step, step["attrs"]["variants"][0]["ops"][0]
 
