@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _layer_ab import (alternated_walls, bg, compile_switched, kernel_times,  # noqa: E402
-                       load_variants)
+                       load_variants, step_events)
 from graphir.lowering.triton_gpu.kernels import rope_split_store as rss  # noqa: E402
 from graphir.tools.gpu_timing import rel_err  # noqa: E402
 
@@ -29,16 +29,9 @@ FORMS = {"token (decode)": dict(split_heads=False, head_block=None),
 
 
 def kernel_us(fn, launches: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(launches):
-            fn()
-        torch.cuda.synchronize()
-    d = [e.device_time_total for e in prof.events()
-         if e.device_type == torch.autograd.DeviceType.CUDA and "rope_split_store" in e.name]
-    return statistics.median(d)
+    """The one kernel of fn: median us over `launches` profiled calls."""
+    return statistics.median(e.time_range.end - e.time_range.start
+                             for (e,) in step_events(fn, launches))
 
 
 def alone() -> None:

@@ -174,13 +174,20 @@ def _q_load(qkv_ptr, row, tmask, h0, NH: tl.constexpr, D: tl.constexpr,
 def _q_finish(q_out_ptr, q_norm_ptr, a, bb, h, m, t, cos, sin, eps, NH: tl.constexpr,
               D: tl.constexpr, INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr):
     """(q RMSNorm,) rope and the store of a chunk _q_load gave."""
+    a, bb = _chunk_rope(q_norm_ptr, a, bb, cos, sin, eps, D, INTERLEAVED, USE_QK_NORM)
+    _store_pairs(q_out_ptr, t.to(tl.int64)[:, None] * (NH * D) + h[None, :] * D, m, a, bb,
+                 D, INTERLEAVED)
+
+
+@triton.jit
+def _chunk_rope(norm_ptr, a, bb, cos, sin, eps, D: tl.constexpr, INTERLEAVED: tl.constexpr,
+                USE_QK_NORM: tl.constexpr):
+    """A chunk's pair halves (RMS-normed with the weight at norm_ptr, when asked) rotated."""
     wa = cos
     wb = cos
     if USE_QK_NORM:
-        wa, wb = _weight_pairs(q_norm_ptr, D, INTERLEAVED)
-    a, bb = _norm_rope(a, bb, cos, sin, wa, wb, eps, D, USE_QK_NORM)
-    _store_pairs(q_out_ptr, t.to(tl.int64)[:, None] * (NH * D) + h[None, :] * D, m, a, bb,
-                 D, INTERLEAVED)
+        wa, wb = _weight_pairs(norm_ptr, D, INTERLEAVED)
+    return _norm_rope(a, bb, cos, sin, wa, wb, eps, D, USE_QK_NORM)
 
 
 @triton.jit
@@ -202,11 +209,7 @@ def _kv_load(qkv_ptr, row, tmask, h0, NH: tl.constexpr, NKV: tl.constexpr, D: tl
 def _kv_finish(blocks_ptr, k_norm_ptr, a, bb, v, h, m, k_base, v_base, cos, sin, eps,
                D: tl.constexpr, INTERLEAVED: tl.constexpr, USE_QK_NORM: tl.constexpr):
     """(k RMSNorm,) rope of k and the paged stores of a chunk _kv_load gave."""
-    wa = cos
-    wb = cos
-    if USE_QK_NORM:
-        wa, wb = _weight_pairs(k_norm_ptr, D, INTERLEAVED)
-    a, bb = _norm_rope(a, bb, cos, sin, wa, wb, eps, D, USE_QK_NORM)
+    a, bb = _chunk_rope(k_norm_ptr, a, bb, cos, sin, eps, D, INTERLEAVED, USE_QK_NORM)
     _store_pairs(blocks_ptr, k_base[:, None] + h[None, :] * D, m, a, bb, D, INTERLEAVED)
     d = tl.arange(0, D)
     tl.store(blocks_ptr + (v_base[:, None] + h[None, :] * D)[:, :, None] + d[None, None, :],
