@@ -143,7 +143,7 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         launch_cooperative_grid=bool(md.launch_cooperative_grid),
         # Launched with programmatic stream serialization only when the kernel waits for its
         # predecessors before it touches global memory (kernels/pdl.py).
-        launch_pdl=waits_before_memory(asm.get("ptx", ""), bool(constexprs.get("LATE_WAIT"))),
+        launch_pdl=waits_before_memory(asm.get("ptx", "")),
         target=f"{target.backend}:{target.arch}", asm=asm,
         maxnreg=maxnreg)
 

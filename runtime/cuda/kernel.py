@@ -41,10 +41,9 @@ class Kernel:
         # (the B64 decode step's paged decode, 256 programs: 240 -> 281 us when launched
         # during rope_split_store; tools/gpu_sweeps/pdl_layer.py), and its launch gap is a
         # small part of its time anyway. 0: never.
-        self.pdl_max_programs = ((1 << 62) if spec.pdl_uncapped else
-                                 driver.device_attribute(driver.ATTR_MULTIPROCESSOR_COUNT,
-                                                         function.module.device)) \
-            if spec.pdl else 0
+        self.pdl_max_programs = (driver.device_attribute(driver.ATTR_MULTIPROCESSOR_COUNT,
+                                                         function.module.device)
+                                 if spec.pdl else 0)
 
     @classmethod
     def from_cubin(cls, cubin: bytes, metadata: Mapping[str, Any] | LaunchSpec,

@@ -310,8 +310,6 @@ class LaunchSpec:
     # Launch with programmatic stream serialization (the cubin waits for its predecessors
     # before any global access: aot.compile_kernel's `launch_pdl`).
     pdl: bool = False
-    # experiment: launched early whatever its grid (a late-waiting GEMV)
-    pdl_uncapped: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(param_kind(p) for p in self.params))
@@ -360,8 +358,7 @@ class LaunchSpec:
             profile_scratch_size=int(md.get("profile_scratch_size") or 0),
             profile_scratch_align=int(md.get("profile_scratch_align") or 1),
             param_names=tuple(names) if all(names) else None,
-            pdl=bool(md.get("launch_pdl")) and pdl_enabled(),
-            pdl_uncapped=bool((md.get("constexprs") or {}).get("LATE_WAIT")))
+            pdl=bool(md.get("launch_pdl")) and pdl_enabled())
 
     @classmethod
     def from_triton(cls, compiled: Any, param_types: Sequence[str] | None = None) -> "LaunchSpec":

@@ -45,14 +45,14 @@ def tile(bm, bn, bk, gm, w, s, split_k=1, name=None) -> dict:
     return cfg
 
 
-def gemv(bn, bk, w, s=1, split_k=1, prefetch=False, late=False) -> dict:
+def gemv(bn, bk, w, s=1, split_k=1, prefetch=False) -> dict:
     """A GEMV config; `prefetch`: the next K block's loads issued before this block's FMAs
     (matmul_skinny.gemv_kernel's PREFETCH; launches whose K splits are not whole blocks run
     the plain loop)."""
     return {"kind": "gemv", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": w,
-            "num_stages": s, "PREFETCH": prefetch, "LATE_WAIT": late,
+            "num_stages": s, "PREFETCH": prefetch,
             "name": f"gemv{bn}x{bk}_w{w}_s{s}" + (f"_k{split_k}" if split_k > 1 else "")
-            + ("_pf" if prefetch else "") + ("_late" if late else "")}
+            + ("_pf" if prefetch else "")}
 
 
 def tma(bm, bn, bk, gm, w, s, persistent=False, subtile=False, ws=False) -> dict:
@@ -253,7 +253,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
     elif kind == "gemv":
         fn = sk.gemv_kernel
         ce.update({k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, EVEN_K=even_k,
-                  PREFETCH=bool(cfg.get("PREFETCH")), LATE_WAIT=bool(cfg.get("LATE_WAIT")))
+                  PREFETCH=bool(cfg.get("PREFETCH")))
     else:
         fn = mt.matmul_tma_kernel
         ws = bool(cfg.get("WS"))

@@ -25,9 +25,8 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 @triton.jit
 def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, LATE_WAIT: tl.constexpr = False):
-    if not LATE_WAIT:
-        pdl_wait()
+                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+    pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -74,8 +73,6 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
     dst = row
     if SPLIT_K > 1:
         dst += pid_k.to(tl.int64) * M
-    if LATE_WAIT:
-        pdl_wait()
     tl.store(c_ptr + dst * N + rn, out.to(c_ptr.dtype.element_ty), mask=rn < N)
 
 

@@ -60,28 +60,10 @@ _GLOBAL_ACCESS = re.compile(
     r"(?!\.(?:param|shared|local|const)\b)(?:\.|\s)|cp\.|multimem\.)", re.M)
 
 
-def waits_before_memory(ptx: str, late: bool = False) -> bool:
+def waits_before_memory(ptx: str) -> bool:
     """Whether PTX issues `griddepcontrol.wait` before its first global memory access: only
-    then may the kernel be launched with programmatic stream serialization. `late`: a kernel
-    that waits at its end (its operands are not the predecessor's to write: the lowering and
-    the runtime see to that) passes when nothing but loads precede the wait."""
+    then may the kernel be launched with programmatic stream serialization."""
     at = ptx.find("griddepcontrol.wait")
     if at < 0:
         return False
-    if late:
-        return _GLOBAL_WRITE.search(ptx, 0, at) is None
     return _GLOBAL_ACCESS.search(ptx, 0, at) is None
-
-
-# Global writes: stores, atomics and reductions, async and bulk copies (which may store).
-_GLOBAL_WRITE = re.compile(
-    r"^\s*(?:@!?%\w+\s+)?(?:(?:st|atom|red)(?!\.(?:param|shared|local)\b)(?:\.|\s)|cp\.|"
-    r"multimem\.)", re.M)
-
-
-@triton.jit
-def pdl_trigger():
-    """Let the next kernel launch now (its own wait still orders it after this one)."""
-    if PDL_ON:
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [],
-                                  dtype=tl.int32, is_pure=False, pack=1)

@@ -26,18 +26,14 @@ import triton.language as tl
 
 from graphir.runtime.cuda.upload_kernel import PARAMS, UPLOAD_KEY, programs
 
-from .pdl import pdl_trigger
 from .spec import KernelSpec
 
 __all__ = ["UPLOAD_KEY", "upload_spec", "upload_staged"]
 WORDS = 1024  # 4 KB a program
-TRIGGER = False  # experiment: launch the next kernel at once
 
 
 @triton.jit
-def upload_staged(src, dst, nbytes, WORDS: tl.constexpr, TRIGGER: tl.constexpr = False):
-    if TRIGGER:
-        pdl_trigger()
+def upload_staged(src, dst, nbytes, WORDS: tl.constexpr):
     pid = tl.program_id(0)
     nw = nbytes // 4
     o = pid * WORDS + tl.arange(0, WORDS)
@@ -56,7 +52,6 @@ def grid(nbytes: int) -> tuple[int, int, int]:
 def upload_spec() -> KernelSpec:
     return KernelSpec(
         name="upload_staged", fn=upload_staged,
-        signature={**dict(PARAMS), "WORDS": "constexpr", "TRIGGER": "constexpr"},
-        constexprs={"WORDS": WORDS, "TRIGGER": TRIGGER},
+        signature={**dict(PARAMS), "WORDS": "constexpr"}, constexprs={"WORDS": WORDS},
         num_warps=4, num_stages=1, grid=grid, grid_args=("nbytes",),
         notes="the slot graphs' metadata upload (runtime/cuda/slot_graphs.py)")
