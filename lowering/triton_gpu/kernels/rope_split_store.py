@@ -10,8 +10,10 @@ token). Rows are loaded contiguously and the interleaved pairs are separated in 
 (reshape + split), so global accesses are 16-byte vectors; the half-split pairing loads the two
 halves as two contiguous tiles (8-16 bytes per access, depending on the tile). The sequence
 of each token comes from a binary search over input_row_offsets (log2(batch) cached loads).
-Two specializations: BLOCK_T=1 for decode-sized T (one program per token keeps every SM busy)
-and BLOCK_T=2 for prefill (fewer programs amortize the search and the rope table rows).
+Three specializations: a program per head chunk for a few tokens (decode_heads: there the
+time is the chain of dependent loads, not bytes; SPLIT_ELEMS below), BLOCK_T=1 for
+decode-sized T (one program per token keeps every SM busy) and BLOCK_T=2 for prefill (fewer
+programs amortize the search and the rope table rows).
 """
 
 from __future__ import annotations
