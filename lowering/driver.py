@@ -131,8 +131,11 @@ def _compile(graph, tgt: Target, out, use_cache: bool, passes, say: _Say,
     payload, extra = backend.build(g, tgt, say, **options)
     dest = Path(out) if out is not None else cache.entry_path(key)
     say("writing artifact")
+    # Into the cache an entry another writer got in first is kept (an equal build), but a
+    # compile asked for with use_cache=False replaces it: returning the old entry would hand
+    # back exactly what the caller chose not to use.
     art = write_artifact(dest, graph_text=text, target=str(tgt), payload=payload, extra=extra,
-                         replace=out is not None)
+                         replace=out is not None or not use_cache)
     say.done(f"wrote {dest.name}")
     return art
 

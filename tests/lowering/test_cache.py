@@ -100,6 +100,25 @@ def test_hit_returns_the_same_artifact_without_recompiling(cache_dir, builds):
     assert len(builds) == 3
 
 
+def test_a_recompile_replaces_the_entry_it_skipped(cache_dir, monkeypatch):
+    """use_cache=False returns, and leaves in the cache, what it built now, not the entry of
+    an earlier build of the same key (a lowering changed since, which the key cannot see)."""
+    real = backend.build
+    n = []
+
+    def marked(*a, **k):
+        payload, extra = real(*a, **k)
+        n.append(1)
+        return {**payload, "build.txt": f"build {len(n)}".encode()}, extra
+    monkeypatch.setattr(backend, "build", marked)
+    first = compile_graph(_graph(), "cpu")
+    again = compile_graph(_graph(), "cpu", use_cache=False)
+    assert again.path == first.path and again.file("build.txt").read_text() == "build 2"
+    assert load_artifact(again.path).file("build.txt").read_text() == "build 2"
+    assert compile_graph(_graph(), "cpu").file("build.txt").read_text() == "build 2"
+    _check_runs(again)
+
+
 def test_damaged_entry_is_rebuilt(cache_dir, builds):
     first = compile_graph(_graph(), "cpu")
     so = first.path / "cpu" / "kernels.so"

@@ -1,7 +1,8 @@
-"""For the layer A/B sweeps (matmul_choice_ab.py, qkv_choice_ab.py; the GEMV preload's A/B of
-2026-12-07 is in git history, commit 28b56fb): the layer of tools/bench_gpu.py compiled from
-the shipped tuning table with some matmul entries replaced, each build loaded in one process,
-checked against torch eager, and timed in alternated rounds of synchronized steps."""
+"""For the layer A/B sweeps (matmul_choice_ab.py, qkv_choice_ab.py, rope_decode_ab.py; the GEMV
+preload's A/B of 2026-12-07 is in git history, commit 28b56fb): the layer of tools/bench_gpu.py
+compiled from the shipped tuning table with some matmul entries replaced (compile_with) or with
+a lowering switch set (compile_switched), each build loaded in one process, checked against
+torch eager, and timed in alternated rounds of synchronized steps."""
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,9 @@ def compile_with(g, entries: dict[tuple[str, str], str]):
 def compile_switched(module, attr: str):
     """A `compile` for load_variants whose variants are values of `module.attr` (a lowering
     switch), each compiled with it set into a file of its own: the cache key does not see the
-    switch, and a cache entry, once written, is kept (a second build of the same key would
-    load the first's artifact)."""
+    switch, so through the cache every variant would share one entry (the first build's,
+    before compile_graph's use_cache=False replaced entries; each recompile's since), and the
+    user's cache would keep a variant's build under the shipped key."""
     def build(g, value):
         from graphir.lowering.driver import compile_graph
 
