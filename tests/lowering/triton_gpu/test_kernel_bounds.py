@@ -213,26 +213,28 @@ def _rope_problem(rng, page=4):
     return pb, qkv, fr, NH
 
 
-@pytest.mark.parametrize("block_t", [1, 2])
+# (1, True): the decode_heads form, a program per head chunk, which a few tokens launch
+@pytest.mark.parametrize("block_t,split", [(1, False), (2, False), (1, True)])
 @isolated
-def test_rope_split_store_bounds(block_t):
+def test_rope_split_store_bounds(block_t, split):
     rng = np.random.default_rng(7)
     pb, qkv, fr, NH = _rope_problem(rng)
     T, num_pages = pb["T"], pb["blocks"].shape[0]
     freqs = Guarded(torch.from_numpy(fr), pad=5 * fr.shape[1])
     blocks = Guarded(pb["blocks"], pad=2 * pb["blocks"][0].numel())
     ref_blocks = pb["blocks"].clone()
+    kw = dict(block_t=block_t, split_heads=split, head_block=2 if split else None)
     want = rss.rope_split_store(qkv, i32(pb["offs"]), i32([2, 6]), i32(pb["lut"]),
-                                torch.from_numpy(fr), ref_blocks, 1, NH, block_t=block_t)
+                                torch.from_numpy(fr), ref_blocks, 1, NH, **kw)
     got = rss.rope_split_store(qkv, i32(pb["offs"]), i32([2, 6]), i32(pb["lut"]), freqs.view,
-                               blocks.view, 1, NH, block_t=block_t)
+                               blocks.view, 1, NH, **kw)
     assert torch.equal(got, want) and torch.equal(blocks.view, ref_blocks)
     for lut, clen in ((bad_luts(pb["lut"], num_pages), [2, 6]),      # page ids
                       (pb["lut"], [BIG - 2, 100]),                     # past the tables
                       (pb["lut"], [-20, -1]),                          # negative positions
                       (bad_luts(pb["lut"], num_pages), [BIG, -BIG])):
         got = rss.rope_split_store(qkv, i32(pb["offs"]), i32(clen), i32(lut), freqs.view,
-                                   blocks.view, 1, NH, block_t=block_t)
+                                   blocks.view, 1, NH, **kw)
         assert torch.isfinite(got).all()
         assert torch.isfinite(blocks.view).all()
         blocks.check()
