@@ -206,14 +206,19 @@ class FakeFunction:
 
 
 def fake_kernels(program) -> dict:
-    """Kernel objects for every kernel of a lowered program (fake functions, real packing)."""
+    """Kernel objects for every kernel of a lowered program (fake functions, real packing).
+    A kernel that reads before its PDL wait is marked for PDL, as the offline compiler marks
+    it once its PTX checks out (kernels/pdl.py); the others launch the ordinary way."""
     from graphir.runtime.cuda.kernel import Kernel
     from graphir.runtime.cuda.module import LaunchSpec
 
     out = {}
     for key, spec in program.kernels.items():
+        names = [n for n, _ in spec.runtime_params()]
         params = tuple(t for _, t in spec.runtime_params())
-        ls = LaunchSpec(spec.name, params, num_warps=max(spec.num_warps, 1))
+        early = tuple(names.index(n) for n in spec.pdl_early_reads)
+        ls = LaunchSpec(spec.name, params, num_warps=max(spec.num_warps, 1),
+                        param_names=tuple(names), pdl=bool(early), early_reads=early)
         out[key] = Kernel(FakeFunction(spec.name), ls)
     return out
 

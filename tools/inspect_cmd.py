@@ -24,6 +24,7 @@ def summarize(art) -> dict:
         "weights": {k: str(v.type) for k, v in sorted(g.weights.items())},
         "kernels": _kernels(m),
         "pdl_kernels": _pdl_kernels(m),
+        "pdl_early_reads": _pdl_early_reads(m),
         "prepacked": _prepacked(m),
         "files": {rel: {"sha256": d, "bytes": (art.path / rel).stat().st_size, "verified": True}
                   for rel, d in sorted(m["files"].items())},
@@ -61,6 +62,15 @@ def _pdl_kernels(m) -> list[str]:
     before them, which may still be running: lowering/triton_gpu/kernels/pdl.py)."""
     k = m.get("kernels", [])
     return sorted(n for n, e in k.items() if e.get("launch_pdl")) if isinstance(k, dict) else []
+
+
+def _pdl_early_reads(m) -> dict[str, list]:
+    """Kernel -> the arguments it reads before waiting for the kernel before it (the runtime
+    lets it start early only where nothing ahead of it writes them)."""
+    k = m.get("kernels", [])
+    return {n: list(e["pdl_early_reads"]) for n, e in k.items()
+            if isinstance(e, dict) and e.get("launch_pdl") and e.get("pdl_early_reads")} \
+        if isinstance(k, dict) else {}
 
 
 def _prepacked(m) -> dict[str, list]:
@@ -103,8 +113,9 @@ def format_summary(info: dict) -> str:
     pdl = set(info.get("pdl_kernels", ()))
     lines.append(f"kernels   {len(info['kernels'])}"
                  + (f" ({len(pdl)} overlap the kernel before them: [PDL])" if pdl else ""))
-    packed = info.get("prepacked", {})
+    packed, early = info.get("prepacked", {}), info.get("pdl_early_reads", {})
     lines += [f"  {k}" + (" [PDL]" if k in pdl else "")
+              + (f"  (reads {', '.join(early[k])} before the wait)" if k in early else "")
               + "".join(f"  (operand {i} packed at load: {lay})" for i, lay in packed.get(k, ()))
               for k in info["kernels"]]
     p = info.get("memory_plan")

@@ -54,6 +54,9 @@ class CompiledCubin:
     target: str
     asm: dict[str, str] = field(default_factory=dict)
     maxnreg: int | None = None  # the register cap it was compiled with (None: ptxas chose)
+    # Pointer parameters it loads before its PDL wait (kernels/pdl.py); a launcher lets it
+    # start early only where nothing ahead of it writes them.
+    pdl_early_reads: tuple[str, ...] = ()
 
     @property
     def ptx(self) -> str:
@@ -86,6 +89,7 @@ class CompiledCubin:
             "profile_scratch_align": self.profile_scratch_align,
             "launch_cooperative_grid": self.launch_cooperative_grid,
             "launch_pdl": self.launch_pdl, "target": self.target, "maxnreg": self.maxnreg,
+            **({"pdl_early_reads": list(self.pdl_early_reads)} if self.pdl_early_reads else {}),
         }
 
 
@@ -101,12 +105,14 @@ def param_ctype(ty: str) -> str:
 def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[str, Any],
                    num_warps: int = 4, num_stages: int = 3, target: GPUTarget = SM90,
                    divisible_by_16: tuple[str, ...] = (),
-                   maxnreg: int | None = None) -> CompiledCubin:
+                   maxnreg: int | None = None,
+                   pdl_early_reads: tuple[str, ...] = ()) -> CompiledCubin:
     """Compile a `@triton.jit` (or `@gluon.jit`) function for `target` without touching a GPU.
 
     `signature` names every argument of `fn` (constexprs as "constexpr"); `divisible_by_16`
     lists arguments the binary may assume are multiples of 16; `maxnreg` caps the registers
-    per thread (Triton's compile option of that name).
+    per thread (Triton's compile option of that name); `pdl_early_reads` names the pointer
+    arguments the kernel loads before its PDL wait (kernels/pdl.py).
     """
     if maxnreg is not None and not (isinstance(maxnreg, int) and 16 <= maxnreg <= 255):
         raise ValueError(f"{fn.__name__}: maxnreg must be an int in [16, 255], got {maxnreg!r}")
@@ -122,6 +128,11 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         if k not in signature or signature[k] == "constexpr":
             raise ValueError(f"{fn.__name__}: divisible_by_16 names unknown/constexpr arg {k!r}")
         attrs[(names.index(k),)] = [["tt.divisibility", 16]]
+    runtime = [k for k, v in signature.items() if v != "constexpr"]
+    for k in pdl_early_reads:
+        if k not in runtime or not signature[k].startswith("*"):
+            raise ValueError(f"{fn.__name__}: pdl_early_reads names {k!r}, not a pointer "
+                             "argument")
     # Gluon kernels (explicit layouts, TMA rings, warp specialization) compile through their
     # own front end; everything after the TTGIR is the same.
     source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
@@ -142,13 +153,16 @@ def compile_kernel(fn: Any, signature: Mapping[str, str], constexprs: Mapping[st
         profile_scratch_align=int(md.profile_scratch_align or 1),
         launch_cooperative_grid=bool(md.launch_cooperative_grid),
         # Launched with programmatic stream serialization only when the kernel waits for its
-        # predecessors before it touches global memory (kernels/pdl.py).
-        launch_pdl=waits_before_memory(asm.get("ptx", "")),
+        # predecessors before it touches global memory, bar loads of `pdl_early_reads`
+        # (kernels/pdl.py; PTX parameter i is the i-th runtime argument).
+        launch_pdl=waits_before_memory(asm.get("ptx", ""),
+                                       tuple(runtime.index(k) for k in pdl_early_reads)),
         target=f"{target.backend}:{target.arch}", asm=asm,
-        maxnreg=maxnreg)
+        maxnreg=maxnreg, pdl_early_reads=tuple(pdl_early_reads))
 
 
 def compile_spec(spec: KernelSpec, target: GPUTarget = SM90) -> CompiledCubin:
     """Compile one `KernelSpec`."""
     return compile_kernel(spec.fn, spec.signature, spec.constexprs, spec.num_warps,
-                          spec.num_stages, target, spec.divisible_by_16, spec.maxnreg)
+                          spec.num_stages, target, spec.divisible_by_16, spec.maxnreg,
+                          spec.pdl_early_reads)

@@ -79,7 +79,7 @@ def lower(graph) -> Program:
                 infos[vids[id(r)]].kind = "host"
         if n.op == "constant" and np.asarray(n.attrs["value"]).size == 1:
             constants[id(n.results[0])] = n.attrs["value"]
-    program = Program(plan=None)
+    program = Program(plan=None, infos=infos)
     node_index = {id(n): i for i, n in enumerate(graph.nodes)}
     steps: list[Step] = []
     for i, n in enumerate(graph.nodes):

@@ -49,7 +49,7 @@ def _job(spec) -> tuple:
     fn = getattr(spec.fn, "fn", spec.fn)
     return (fn.__module__, fn.__name__, dict(spec.signature), dict(spec.constexprs),
             spec.num_warps, spec.num_stages, tuple(spec.divisible_by_16),
-            getattr(spec, "maxnreg", None))
+            getattr(spec, "maxnreg", None), tuple(getattr(spec, "pdl_early_reads", ())))
 
 
 def _compile_job(job: tuple, arch: int):
@@ -57,9 +57,10 @@ def _compile_job(job: tuple, arch: int):
 
     from .aot import compile_kernel
 
-    module, name, sig, ce, warps, stages, div, maxnreg = job
+    module, name, sig, ce, warps, stages, div, maxnreg, early = job
     fn = getattr(importlib.import_module(module), name)
-    return compile_kernel(fn, sig, ce, warps, stages, GPUTarget("cuda", arch, 32), div, maxnreg)
+    return compile_kernel(fn, sig, ce, warps, stages, GPUTarget("cuda", arch, 32), div, maxnreg,
+                          early)
 
 
 def compile_specs(specs: dict, arch: int, workers: int | None = None,

@@ -116,7 +116,7 @@ class CallPlanBuilder:
 
     def _build(self, key, env: dict, host_in: dict, dev_in: dict) -> CallPlan:
         st, areas = self._storage(env, host_in, dev_in)
-        ops = self._resolve(env, st)
+        ops = self._resolve(env, st, frozenset(dev_in))
         calls = [self._prepare(op, env, st) for op in ops]
         outputs = []
         for vid in self.plan["outputs"]:
@@ -189,7 +189,8 @@ class CallPlanBuilder:
         return st, areas
 
     # -- launch rules -> ops -----------------------------------------------------------------
-    def _resolve(self, env, st) -> list:
+    def _resolve(self, env, st, dev_ks=frozenset()) -> list:
+        """The call's ops; `dev_ks`: the inputs that arrived as device tensors."""
         ops = []
         for i, s in enumerate(self.steps):
             k = s["kernel"]
@@ -225,8 +226,34 @@ class CallPlanBuilder:
                 else:
                     grid = tuple(evaluate(g, local) for g in op["grid"])
                     args = tuple(self._arg(a, local, st, scratch) for a in op["args"])
-                    ops.append(("launch", lid, op["launch"], grid, args))
+                    ops.append(("launch", lid, op["launch"], grid, args,
+                                self._early_ok(lid, op, dev_ks)))
         return ops
+
+    def _early_ok(self, lid, op, dev_ks) -> bool:
+        """Whether launch `op` may start before the kernels ahead of it end: each argument
+        its kernel reads before its PDL wait (kernels/pdl.py) is a weight or constant, or a
+        graph input that came as a device tensor (copied in or bound before the graph starts;
+        a host input arrives through the upload kernel at the graph's head, which may still
+        be writing it)."""
+        reads = getattr(self.group[lid], "early_reads", None)
+        reads = reads(op["launch"]) if reads is not None else ()
+        if not reads:
+            return False
+        inputs = self.plan["inputs"]
+        for j in reads:
+            a = op["args"][j]
+            if a[0] != "v":
+                return False
+            v = a[1]
+            while self.values[v]["view_of"] is not None:
+                v = self.values[v]["view_of"]
+            if v in self._const_dev:
+                continue
+            k = inputs.index(v) if v in inputs else None
+            if k is None or self._is_buffer[k] or k not in dev_ks:
+                return False
+        return True
 
     def _arg(self, a, env, st, scratch):
         tag = a[0]
@@ -282,7 +309,8 @@ class CallPlanBuilder:
         if kind == "launch":
             dev = g[op[1]]
             if hasattr(dev, "prepare"):
-                return dev.prepare(op[2], op[3], op[4])
+                return dev.prepare(op[2], op[3], op[4], True) if op[5] else \
+                    dev.prepare(op[2], op[3], op[4])
             return lambda: dev.launch(op[2], op[3], op[4])
         if kind == "copy":
             dev = g[op[1]]

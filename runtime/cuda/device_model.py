@@ -221,9 +221,22 @@ class CudaDevice:
         vals = [a[0].ptr + a[1] if isinstance(a, tuple) else a for a in args]
         k.launch(grid, *vals, stream=self._cur)
 
-    def prepare(self, key, grid, args):
+    def early_reads(self, key) -> tuple[int, ...]:
+        """The argument indices kernel `key` reads before its PDL wait (none for most)."""
+        from graphir.runtime.cuda.module import early_read_indices
+
+        meta = getattr(self.kernels, "metadata", None)
+        if meta is None:  # a table of loaded kernels
+            return getattr(getattr(self.kernels[key], "spec", None), "early_reads", ())
+        return early_read_indices(meta(key))
+
+    def prepare(self, key, grid, args, early: bool = False):
         """A zero-argument callable launching `key` with `args` packed once (on the stream
-        current when it is called, so it can be replayed into a capture)."""
+        current when it is called, so it can be replayed into a capture). `early`: the
+        caller vouches that no kernel ahead of this one in the call writes what it reads
+        before its PDL wait (early_reads); it then starts early inside a captured graph only,
+        where what precedes the graph is finished before the graph starts (ahead of an eager
+        launch may be a copy of its input)."""
         k = self.kernels[key]
         vals = [a[0].ptr + a[1] if isinstance(a, tuple) else a for a in args]
         if hasattr(k, "prepare"):
@@ -231,7 +244,7 @@ class CudaDevice:
 
             def run():
                 ctx(device)
-                p(self._cur)
+                p(self._cur, early and self._capturing)
             return run
         return lambda: k.launch(grid, *vals, stream=self._cur)
 

@@ -232,7 +232,7 @@ class FastPath:
         ks = {k for k, _, _ in io.copies}
         areas = {lid: (buf, hb, host, [c for c in device if c[0] not in ks])
                  for lid, (buf, hb, host, device) in cp.areas.items()}
-        ops = self._resolve(cp.env, st)
+        ops = self._resolve(cp.env, st, frozenset(cp.key[3]))
         calls = [self._prepare(op, cp.env, st) for op in ops]
         if self._plans.get(cp.key) is not cp:  # a pool grew meanwhile (never expected)
             return None

@@ -40,10 +40,11 @@ class Kernel:
         # grid launched early lands its programs on SMs its predecessor still holds, unevenly
         # (the B64 decode step's paged decode, 256 programs: 240 -> 281 us when launched
         # during rope_split_store; tools/gpu_sweeps/pdl_layer.py), and its launch gap is a
-        # small part of its time anyway. 0: never.
-        self.pdl_max_programs = (driver.device_attribute(driver.ATTR_MULTIPROCESSOR_COUNT,
-                                                         function.module.device)
-                                 if spec.pdl else 0)
+        # small part of its time anyway. 0: never. A kernel that reads before its wait
+        # (spec.early_reads: the one-row qkv GEMV behind the step's upload) is launched early
+        # whatever its grid where allowed, since streaming its reads early is its point.
+        self.pdl_max_programs = 0 if not spec.pdl else (1 << 62) if spec.early_reads else \
+            driver.device_attribute(driver.ATTR_MULTIPROCESSOR_COUNT, function.module.device)
 
     @classmethod
     def from_cubin(cls, cubin: bytes, metadata: Mapping[str, Any] | LaunchSpec,
@@ -105,15 +106,18 @@ class Kernel:
         return PreparedLaunch(self, _grid3(grid), self.pack(grid, args))
 
     def launch(self, grid: Sequence[int] | int, *args: Any, stream: Any = None) -> None:
-        """Launch on `stream` (default: the legacy default stream); asynchronous."""
+        """Launch on `stream` (default: the legacy default stream); asynchronous. A kernel
+        with early reads is launched the ordinary way here: nothing vouches for its inputs."""
         driver.ensure_context(self.function.module.device)
         g = _grid3(grid)
         launch(self.function, g, self.spec.block, self.pack(g, args), self.spec.shared,
-               stream, self.launches_early(g))
+               stream, self.launches_early(g) and not self.spec.early_reads)
 
-    def launches_early(self, grid: tuple[int, int, int]) -> bool:
-        """Whether a launch of `grid` (3-D, non-empty) uses programmatic dependent launch."""
-        return grid[0] * grid[1] * grid[2] <= self.pdl_max_programs
+    def launches_early(self, grid: tuple[int, int, int], early: bool = False) -> bool:
+        """Whether a launch of `grid` (3-D, non-empty) may use programmatic dependent launch;
+        for a kernel with early reads only when `early` (its caller vouches for them)."""
+        return grid[0] * grid[1] * grid[2] <= self.pdl_max_programs \
+            and (early or not self.spec.early_reads)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -122,9 +126,11 @@ class Kernel:
 
 
 class PreparedLaunch:
-    """One kernel launch with its parameters packed: `p(stream_handle)` enqueues it."""
+    """One kernel launch with its parameters packed: `p(stream_handle)` enqueues it;
+    `p(stream_handle, early=True)` lets a kernel with early reads start before its
+    predecessor ends (the caller vouches that nothing ahead of it writes them)."""
 
-    __slots__ = ("kernel", "grid", "params", "_args", "_ptr", "_fn", "_pdl")
+    __slots__ = ("kernel", "grid", "params", "_args", "_ptr", "_fn", "_pdl", "_early")
 
     def __init__(self, kernel: Kernel, grid: tuple[int, int, int], params: PackedParams):
         self.kernel, self.grid, self.params = kernel, grid, params
@@ -134,12 +140,13 @@ class PreparedLaunch:
         self._args = (kernel.function.handle, *grid, *spec.block, int(spec.shared))
         self._ptr = params.pointer  # the packed values live as long as `params`
         self._pdl = (PdlLaunch(kernel.function.handle, grid, spec.block, int(spec.shared))
-                     if not empty and kernel.launches_early(grid) else None)
+                     if not empty and kernel.launches_early(grid, True) else None)
+        self._early = bool(spec.early_reads)  # PDL only when the call vouches
 
-    def __call__(self, stream: int = 0) -> None:
+    def __call__(self, stream: int = 0, early: bool = False) -> None:
         if self._fn is None:
             return  # an empty grid launches nothing
-        if self._pdl is not None:
+        if self._pdl is not None and (early or not self._early):
             self._pdl(stream, self._ptr, self.kernel.name)
             return
         rc = self._fn(*self._args, stream, self._ptr, None)

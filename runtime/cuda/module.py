@@ -286,6 +286,20 @@ class PdlLaunch:
                          f"block={(c.block_x, c.block_y, c.block_z)} shared={c.shared} (PDL)")
 
 
+def early_read_indices(md: Mapping[str, Any]) -> tuple[int, ...]:
+    """The parameter indices a kernel's launch metadata names in `pdl_early_reads` (the
+    pointers it loads before its PDL wait); ValueError for a name it has no parameter of."""
+    early = md.get("pdl_early_reads") or ()
+    if not early:
+        return ()
+    names = [p.get("name") if isinstance(p, Mapping) else None for p in md["params"]]
+    missing = [n for n in early if n not in names]
+    if missing:
+        raise ValueError(f"{md['name']}: pdl_early_reads names {missing}, not parameters of "
+                         f"the kernel ({names})")
+    return tuple(names.index(n) for n in early)
+
+
 def pdl_enabled() -> bool:
     """Whether kernels compiled for it launch with programmatic stream serialization
     (GRAPHIR_PDL=0 turns it off, e.g. to measure what it gains)."""
@@ -310,6 +324,10 @@ class LaunchSpec:
     # Launch with programmatic stream serialization (the cubin waits for its predecessors
     # before any global access: aot.compile_kernel's `launch_pdl`).
     pdl: bool = False
+    # Indices of the pointer parameters it loads before that wait (`pdl_early_reads`): such
+    # a kernel is launched early only when the caller vouches that nothing ahead of it in
+    # the stream writes them (Kernel.prepare's `early`).
+    early_reads: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(param_kind(p) for p in self.params))
@@ -358,7 +376,8 @@ class LaunchSpec:
             profile_scratch_size=int(md.get("profile_scratch_size") or 0),
             profile_scratch_align=int(md.get("profile_scratch_align") or 1),
             param_names=tuple(names) if all(names) else None,
-            pdl=bool(md.get("launch_pdl")) and pdl_enabled())
+            pdl=bool(md.get("launch_pdl")) and pdl_enabled(),
+            early_reads=early_read_indices(md))
 
     @classmethod
     def from_triton(cls, compiled: Any, param_types: Sequence[str] | None = None) -> "LaunchSpec":

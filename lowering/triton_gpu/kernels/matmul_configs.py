@@ -229,8 +229,12 @@ def _split(cfg: dict) -> int:
 
 
 def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
-          N: int | None = None) -> list[KernelSpec]:
-    """KernelSpecs of a Triton config: [main] or, split along K, [partial, reduce]."""
+          N: int | None = None, early: bool = False) -> list[KernelSpec]:
+    """KernelSpecs of a Triton config: [main] or, split along K, [partial, reduce].
+
+    `early`: no kernel ahead of this matmul in its plan writes A, B or the bias (A a graph
+    input, B and the bias weights), so an unsplit GEMV may read them all before its PDL wait
+    (matmul_skinny's LATE_WAIT); other configs ignore it."""
     from graphir.lowering.triton_gpu.kernels import matmul as mm
     from graphir.lowering.triton_gpu.kernels import matmul_skinny as sk
     from graphir.lowering.triton_gpu.kernels import matmul_tma as mt
@@ -246,6 +250,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
         + (["N"] if N is not None and N % 16 == 0 else [])
     even_k = K is not None and K % (cfg["BLOCK_K"] * split) == 0
     ce = {"HAS_BIAS": has_bias and split == 1}
+    late = early and kind == "gemv" and split == 1
     if kind == "tile":
         fn = mm.matmul_kernel
         ce.update({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")},
@@ -253,7 +258,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
     elif kind == "gemv":
         fn = sk.gemv_kernel
         ce.update({k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, EVEN_K=even_k,
-                  PREFETCH=bool(cfg.get("PREFETCH")))
+                  PREFETCH=bool(cfg.get("PREFETCH")), LATE_WAIT=late)
     else:
         fn = mt.matmul_tma_kernel
         ws = bool(cfg.get("WS"))
@@ -262,11 +267,13 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
                   EPILOGUE_SUBTILE=bool(cfg.get("SUBTILE")), WARP_SPECIALIZE=ws)
     sig.update({k: "constexpr" for k in ce if k != "HAS_BIAS"})
     main = KernelSpec(
-        name=f"matmul_{t}_{cfg['name']}{'_bias' if has_bias else ''}", fn=fn, signature=sig,
+        name=f"matmul_{t}_{cfg['name']}{'_bias' if has_bias else ''}{'_late' if late else ''}",
+        fn=fn, signature=sig,
         constexprs=ce, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         grid=lambda M, N, _c=cfg: main_grid(_c, M, N), grid_args=("M", "N"),
         divisible_by_16=tuple(div), notes=f"matmul config {cfg['name']}",
-        extra={"config": cfg["name"]})
+        extra={"config": cfg["name"]},
+        pdl_early_reads=("a_ptr", "b_ptr", "bias_ptr") if late else ())
     if split == 1:
         return [main]
     red_sig = {"part_ptr": "*fp32", "bias_ptr": f"*{t}", "c_ptr": f"*{t}", "M": "i32",
@@ -281,15 +288,17 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
     return [main, reduce]
 
 
-def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M) -> dict:
+def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M,
+             early: bool = False) -> dict:
     """How a Triton config runs for M rows: {"specs", "scratch", "ops"}.
 
     `scratch` is [(name, dtype, element count)], `ops` is [(spec index, grid, args)], where an
     arg is one of the tokens "a", "b", "bias", "c", "M", "N", "K" or a scratch name; counts and
-    grids are ints for an int M and launch-rule text for a symbolic one.
+    grids are ints for an int M and launch-rule text for a symbolic one. `early` as for
+    `specs`.
     """
     cfg = get(cfg)
-    sp = specs(cfg, dtype, has_bias, K, N)
+    sp = specs(cfg, dtype, has_bias, K, N, early)
     bias = "bias" if has_bias else "a"
     if len(sp) == 1:
         return {"specs": sp, "scratch": [],
@@ -300,8 +309,9 @@ def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M) -> dict:
                     (1, reduce_grid(M, N), ["part", bias, "c", "M", "N"])]}
 
 
-def run_torch(a, b, bias=None, out=None, config=None):
-    """Run a Triton config on torch tensors through Triton's launcher (tests, interpreter)."""
+def run_torch(a, b, bias=None, out=None, config=None, early=False):
+    """Run a Triton config on torch tensors through Triton's launcher (tests, interpreter);
+    `early` as for `specs`."""
     import torch
 
     from graphir.lowering.triton_gpu.kernels.matmul import check_operands
@@ -311,7 +321,7 @@ def run_torch(a, b, bias=None, out=None, config=None):
     dtype = str(a.dtype).removeprefix("torch.")
     cfg = get(config) if config is not None else default_config(bucket_of(M), dtype, N, K)
     out = a.new_empty((M, N)) if out is None else out
-    plan = launches(cfg, dtype, bias is not None, N, K, M)
+    plan = launches(cfg, dtype, bias is not None, N, K, M, early)
     bufs = {"a": a, "b": b, "bias": bias, "c": out, "M": M, "N": N, "K": K}
     for name, dt, count in plan["scratch"]:
         bufs[name] = torch.empty(count, dtype=getattr(torch, dt), device=a.device)

@@ -8,6 +8,13 @@ loop body is loads and FMAs only (PREFETCH: the next block's loads issued before
 FMAs). Row programs of one N tile are adjacent in launch order (rows
 are grid axis 0), so a few rows share each weight tile through L2.
 
+LATE_WAIT (one row, no split: the B1 decode step's qkv projection, whose x is a graph input
+and whose weight and bias are loaded, so no kernel ahead of it writes what it reads) waits for
+its predecessor only before its store. Launched early behind the step's metadata upload, it
+streams its weight while the upload runs (the runtime allows that launch only where the
+buffers passed are such: runtime/cuda/call_plan.py); the offline compiler checks in the PTX
+that everything before the wait is a load of A, B or the bias (`pdl_early_reads`).
+
 SPLIT_K > 1 (grid axis 2) writes fp32 partials `[SPLIT_K, M, N]` to `c_ptr`, which
 `splitk_reduce_kernel` sums (adding the bias and casting) into C; the same reduce serves the
 tiled kernel's split-K.
@@ -25,8 +32,9 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 @triton.jit
 def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
-    pdl_wait()
+                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, LATE_WAIT: tl.constexpr = False):
+    if not LATE_WAIT:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -73,6 +81,8 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
     dst = row
     if SPLIT_K > 1:
         dst += pid_k.to(tl.int64) * M
+    if LATE_WAIT:
+        pdl_wait()
     tl.store(c_ptr + dst * N + rn, out.to(c_ptr.dtype.element_ty), mask=rn < N)
 
 

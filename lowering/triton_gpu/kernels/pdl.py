@@ -60,10 +60,116 @@ _GLOBAL_ACCESS = re.compile(
     r"(?!\.(?:param|shared|local|const)\b)(?:\.|\s)|cp\.|multimem\.)", re.M)
 
 
-def waits_before_memory(ptx: str) -> bool:
+def waits_before_memory(ptx: str, early_reads: tuple[int, ...] = ()) -> bool:
     """Whether PTX issues `griddepcontrol.wait` before its first global memory access: only
-    then may the kernel be launched with programmatic stream serialization."""
+    then may the kernel be launched with programmatic stream serialization.
+
+    `early_reads` lists parameter indices (pointers to buffers its predecessors do not write:
+    weights, a graph input; the lowering and the runtime see to that) that plain global loads
+    before the wait may read: each such load's address must then be computed from those
+    parameters, 32-bit scalar parameters, special registers and constants alone
+    (`_clean_addresses`), nothing before the wait may store, and no branch before it may jump
+    past it (so every path waits before its first store). Any other access refuses the
+    kernel."""
     at = ptx.find("griddepcontrol.wait")
     if at < 0:
         return False
-    return _GLOBAL_ACCESS.search(ptx, 0, at) is None
+    if not early_reads:
+        return _GLOBAL_ACCESS.search(ptx, 0, at) is None
+    head = ptx[:at]
+    body = head[head.find("{", head.find(".entry")) + 1:]
+    narrow = {int(i) for t, i in _PARAM_DECL.findall(head) if t in ("u32", "s32", "b32")}
+    labels = set(_LABEL.findall(body))
+    defs: dict[str, list[tuple[str, str]]] = {}
+    accesses = []
+    for line in body.splitlines():
+        for ins in line.split("//")[0].split(";"):
+            ins = _GUARD.sub("", ins.strip())
+            if not ins or ins.startswith((".", "$", "{", "}")) or ins.endswith(":"):
+                continue
+            op, _, rest = ins.partition(" ")
+            if op.startswith("bra") and rest.strip() not in labels:
+                return False  # a jump past the wait
+            if _GLOBAL_ACCESS.match(ins):
+                accesses.append((op, rest))
+            if op.startswith(_NO_DEST):
+                continue
+            dst, _, srcs = _split_first(rest)
+            for r in _REG.findall(dst):
+                defs.setdefault(r, []).append((op, srcs))
+    ok = _clean_addresses(defs, set(early_reads), narrow)
+    return all(op.startswith("ld.global") and all(r in ok or _SPECIAL.match(r)
+                                                  for r in _REG.findall(_bracket(rest)))
+               for op, rest in accesses)
+
+
+_PARAM_DECL = re.compile(r"\.param\s+\.(\w+)[^,\n)]*?_param_(\d+)")
+_PARAM_USE = re.compile(r"_param_(\d+)")
+_GUARD = re.compile(r"^@!?%\w+\s+")
+_LABEL = re.compile(r"^\s*(\$?[A-Za-z_][\w$]*):", re.M)
+_REG = re.compile(r"%[A-Za-z_]\w*(?:\.[xyz])?")
+_NO_DEST = ("st.", "red.", "prefetch", "cp.", "bar", "membar", "fence", "bra", "ret",
+            "griddepcontrol", "multimem")
+# Special registers whose values are the launch's geometry, not memory.
+_SPECIAL = re.compile(r"^%(?:(?:n?ctaid|n?tid|nclusterid|clusterid|cluster_ctaid)\.[xyz]"
+                      r"|nsmid|smid|laneid|warpid|nwarpid)$")
+
+
+def _split_first(rest: str) -> tuple[str, str, str]:
+    """(first operand, ',', the rest) of an operand list whose first may be a {vector}."""
+    depth = 0
+    for i, c in enumerate(rest):
+        depth += c == "{"
+        depth -= c == "}"
+        if c == "," and depth == 0:
+            return rest[:i], ",", rest[i + 1:]
+    return rest, "", ""
+
+
+def _bracket(rest: str) -> str:
+    """The [address] operand of a memory instruction."""
+    lo = rest.find("[")
+    return rest[lo:rest.find("]", lo) + 1] if lo >= 0 else rest
+
+
+def _clean_addresses(defs: dict, allowed: set, narrow: set) -> set:
+    """The registers whose every value before the wait derives from allowed pointer
+    parameters, 32-bit scalar parameters, special registers and constants: no memory, no
+    other pointer. Two fixed points over the definitions: `clean` (greatest: a loop's
+    registers may vouch for each other) drops a register with any definition reading memory,
+    another parameter or a register not clean; `grounded` (least) keeps one that some
+    definition reaches from clean ground without going around a cycle, so a register that no
+    definition starts is refused."""
+    def operands(srcs):
+        return [r for r in _REG.findall(srcs) if not _SPECIAL.match(r)]
+
+    def sound(op, srcs):
+        if op.startswith("ld.param"):
+            m = _PARAM_USE.search(srcs)
+            return m is not None and (int(m[1]) in allowed or int(m[1]) in narrow)
+        return not op.startswith(("ld", "atom", "tex", "suld", "shfl", "vote", "match", "redux"))
+
+    clean = {r for r, ds in defs.items() if all(sound(op, srcs) for op, srcs in ds)}
+    changed = True
+    while changed:
+        bad = {r for r in clean if any(x not in clean for _, srcs in defs[r]
+                                       for x in operands(srcs))}
+        clean -= bad
+        changed = bool(bad)
+    grounded: set = set()
+    changed = True
+    while changed:
+        new = {r for r in clean - grounded
+               if any(all(x in grounded for x in operands(srcs)) for _, srcs in defs[r])}
+        grounded |= new
+        changed = bool(new)
+    return grounded
+
+
+@triton.jit
+def pdl_trigger():
+    """Let the next kernel launch now: it waits for this one before touching what this one
+    writes (pdl_wait), or reads before its wait only what no kernel here writes."""
+    if PDL_ON:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [],
+                                  dtype=tl.int32, is_pure=False, pack=1)

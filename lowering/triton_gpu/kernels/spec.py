@@ -34,6 +34,10 @@ class KernelSpec:
     # Register cap per thread (ptxas -maxrregcount via Triton's `maxnreg`), or None: a lower
     # cap lets more CTAs share an SM at the price of spills.
     maxnreg: int | None = None
+    # Pointer arguments the kernel loads before its PDL wait (kernels/pdl.py): buffers no
+    # kernel ahead of it writes (a weight, a graph input). The offline compiler checks the
+    # PTX against it; the runtime launches it early only where the buffers passed are such.
+    pdl_early_reads: tuple[str, ...] = ()
 
     def runtime_params(self) -> list[tuple[str, str]]:
         """The (name, type) list of launch parameters in order, constexprs removed."""

@@ -10,6 +10,11 @@ to the next kernel. In the layer on an H100 that is 7 us less device time a step
 (59.7 against 59.5 us at B1): there the graph launch's own latency decides when the first
 kernel starts (BENCHMARKS.md, twenty-fifth session).
 
+The kernel lets the next one launch at once (griddepcontrol.launch_dependents): a kernel that
+waits before touching memory just waits on its SM, and the one-row qkv GEMV, which reads only
+x and weights before its wait (matmul_skinny's LATE_WAIT; x came as a device tensor, the
+runtime checks), streams its weight while the upload runs.
+
 Each program copies one block of 4-byte words with all its loads issued at once (one PCIe
 round trip); program 0 also copies the 0-3 bytes past the last whole word, so nothing past
 `nbytes` is read or written.
@@ -26,6 +31,7 @@ import triton.language as tl
 
 from graphir.runtime.cuda.upload_kernel import PARAMS, UPLOAD_KEY, programs
 
+from .pdl import pdl_trigger
 from .spec import KernelSpec
 
 __all__ = ["UPLOAD_KEY", "upload_spec", "upload_staged"]
@@ -34,6 +40,7 @@ WORDS = 1024  # 4 KB a program
 
 @triton.jit
 def upload_staged(src, dst, nbytes, WORDS: tl.constexpr):
+    pdl_trigger()
     pid = tl.program_id(0)
     nw = nbytes // 4
     o = pid * WORDS + tl.arange(0, WORDS)

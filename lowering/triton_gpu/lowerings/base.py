@@ -86,6 +86,7 @@ class Program:
     plan: Any
     kernels: dict = field(default_factory=dict)      # key -> KernelSpec
     sources: dict = field(default_factory=dict)      # key -> Triton source text
+    infos: list = field(default_factory=list)        # lowering.plan.ValueInfo per value id
 
 
 def spec_key(spec) -> str:
@@ -97,7 +98,9 @@ def spec_key(spec) -> str:
                         "w": spec.num_warps, "s": spec.num_stages,
                         "d": list(spec.divisible_by_16),
                         # only when set, so uncapped kernels keep their keys
-                        **({"r": spec.maxnreg} if getattr(spec, "maxnreg", None) else {})},
+                        **({"r": spec.maxnreg} if getattr(spec, "maxnreg", None) else {}),
+                        **({"e": list(spec.pdl_early_reads)}
+                           if getattr(spec, "pdl_early_reads", ()) else {})},
                        sort_keys=True)
     return f"{spec.name}_{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
@@ -126,6 +129,18 @@ class StepBuilder:
     # -- values ----------------------------------------------------------------------------
     def vid(self, value) -> int:
         return self._vids[id(value)]
+
+    def unwritten(self, value) -> bool:
+        """Whether no kernel of the plan writes `value` (or what it views): a graph input
+        other than a buffer, a weight, a constant, a host step's result. A kernel may read
+        such a value before its PDL wait (kernels/pdl.py); the runtime still checks where the
+        call put it (a host input arrives through the upload kernel)."""
+        infos, v = self.program.infos, self.vid(value)
+        if not infos:
+            return False
+        while infos[v].view_of is not None:
+            v = infos[v].view_of
+        return infos[v].kind in ("input", "weight", "constant", "host")
 
     def ptr(self, value, offset="0") -> list:
         return ["v", self.vid(value), e(offset)]

@@ -60,6 +60,21 @@ def test_the_prefetching_gemv_over_whole_blocks_and_a_tail(name, blocks, M):
     assert rel_err(got, a, b, bi) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("name", ["gemv2x256_w2_s1", "gemv2x1024_w1_s1_pf", "gemv16x512_w4_s1_k2"])
+@pytest.mark.parametrize("K", [512, 200])
+def test_the_late_waiting_gemv(name, K):
+    """`early` (A, B and the bias unwritten ahead of it) makes an unsplit GEMV wait only
+    before its store (LATE_WAIT); a split one keeps its form. The numbers are the same."""
+    (spec, *rest) = mc.specs(mc.get(name), "bfloat16", True, K, 6, early=True)
+    split = mc.get(name)["SPLIT_K"] > 1
+    assert spec.constexprs["LATE_WAIT"] is not split and bool(rest) is split
+    assert spec.pdl_early_reads == (() if split else ("a_ptr", "b_ptr", "bias_ptr"))
+    assert spec.name.endswith("_late") is not split
+    a, b, bi = data(2, 6, K, torch.bfloat16, seed=K, bias=True)
+    got = mc.run_torch(a, b, bi, config=name, early=True)
+    assert rel_err(got, a, b, bi) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("M", [1, 3, 17, 64, 130])

@@ -329,6 +329,10 @@ def test_cli_tune_without_a_gpu_says_so_and_inspect_shows_the_choices(tmp_path):
     kernel_lines = [ln for ln in p.stdout.splitlines() if ln.startswith("  matmul")]
     assert any(ln.endswith("[PDL]") for ln in kernel_lines), p.stdout
     assert not any("cublaslt" in ln and ln.endswith("[PDL]") for ln in kernel_lines), p.stdout
+    # Both operands are graph inputs: the one-row GEMV reads them before its wait, and says so.
+    late = [ln for ln in kernel_lines if "_late" in ln]
+    assert len(late) == 1 and late[0].endswith(
+        "[PDL]  (reads a_ptr, b_ptr, bias_ptr before the wait)"), p.stdout
     p = subprocess.run(cli + ["compile", f"{src}:build", "--target", "cpu", "-o",
                               str(tmp_path / "c.gart"), "--tune"], capture_output=True,
                        text=True, env=env)

@@ -152,3 +152,22 @@ def test_pdl_is_off_without_the_mark_or_when_disabled(monkeypatch):
     assert LaunchSpec.from_metadata(md).pdl is False
     monkeypatch.setenv("GRAPHIR_PDL", "0")
     assert LaunchSpec.from_metadata(dict(md, launch_pdl=True)).pdl is False
+
+
+def test_a_kernel_with_early_reads_goes_early_only_when_vouched_for(ex_launches):
+    """pdl_early_reads (the late-waiting GEMV): PDL whatever the grid, but only for a
+    prepared launch whose caller passes early=True; a plain launch never."""
+    md = {"name": "k", "params": [{"name": "a", "type": "*bf16"}, {"name": "c", "type": "*bf16"}],
+          "launch_pdl": True, "pdl_early_reads": ["a"]}
+    spec = LaunchSpec.from_metadata(md)
+    assert spec.early_reads == (0,)
+    k = Kernel(_FakeFunction(), spec)
+    p = k.prepare((3072,), [FAKE_PTR, FAKE_PTR + 256])
+    p(0x20)
+    p(0x21, early=True)
+    k.launch(4, FAKE_PTR, FAKE_PTR, stream=0x22)
+    assert [(c["grid"], c["stream"]) for c in ex_launches] == [((3072, 1, 1), 0x21)]
+    assert [(c[1:4], c[8]) for c in ex_launches.plain] == [((3072, 1, 1), 0x20),
+                                                            ((4, 1, 1), 0x22)]
+    with pytest.raises(ValueError, match=r"pdl_early_reads names \['b'\]"):
+        LaunchSpec.from_metadata(dict(md, pdl_early_reads=["b"]))
