@@ -241,10 +241,15 @@ class CudaDevice:
         vals = [a[0].ptr + a[1] if isinstance(a, tuple) else a for a in args]
         if hasattr(k, "prepare"):
             p, ctx, device = k.prepare(grid, vals), self._ctx, self.device
+            if early:  # a Kernel's PreparedLaunch (a library call reads nothing early)
+                def run():
+                    ctx(device)
+                    p(self._cur, self._capturing)
+                return run
 
             def run():
                 ctx(device)
-                p(self._cur, early and self._capturing)
+                p(self._cur)
             return run
         return lambda: k.launch(grid, *vals, stream=self._cur)
 

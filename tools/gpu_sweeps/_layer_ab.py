@@ -61,11 +61,13 @@ def compile_switched(module, attr: str):
     return build
 
 
-def load_variants(case: str, variants: dict, compile=None) -> tuple[dict, dict, dict]:
+def load_variants(case: str, variants: dict, compile=None,
+                  setup=None) -> tuple[dict, dict, dict]:
     """{name: step function}, {name: rel err vs torch eager}, {name: output} of the layer
     built per variant ({name: what `compile(graph, it)` takes; default compile_with's
     entries}) on `case`'s inputs; each model has run six steps (capture, then a graph per
-    staging slot)."""
+    staging slot). `setup(name, model)`, if given, runs on each model before its first step
+    (a runtime switch)."""
     from graphir.examples.llama_attention import build
     from graphir.runtime.cuda import executor
 
@@ -83,6 +85,8 @@ def load_variants(case: str, variants: dict, compile=None) -> tuple[dict, dict, 
         x, cached, new)
     fns, errs, outs = {}, {}, {}
     for name, model in models.items():
+        if setup is not None:
+            setup(name, model)
         fns[name] = lambda model=model: model.execute(*args)
         for _ in range(6):
             (y,) = fns[name]()

@@ -108,3 +108,17 @@ def _late_launches(ex):
             for op in var["ops"]:
                 if "launch" in op and ex.dev.kernels[op["launch"]].spec.early_reads:
                     yield ex._sdev[i], op
+
+
+def test_a_library_call_keeps_its_one_argument_launch(fake):
+    """A prepared launch that takes only the stream (a cuBLASLt matmul) is called that way."""
+    from graphir.runtime.cuda.device_model import CudaDevice
+
+    calls = []
+
+    class Lib:
+        def prepare(self, grid, vals):
+            return lambda stream=None: calls.append((grid, vals, stream))
+    dev = CudaDevice({"lt": Lib()}, 0, 0x5EED)
+    dev.prepare("lt", (2, 1, 1), [7])()
+    assert calls == [((2, 1, 1), [7], dev._cur)]
