@@ -136,3 +136,13 @@ def kernel_times(fn, steps: int = 30, sync: bool = True) -> tuple[list[tuple[str
             durs[i].append(e.time_range.end - e.time_range.start)
     names = [e.name[:28] for e in events[0]]
     return [(n, statistics.median(d)) for n, d in zip(names, durs)], statistics.median(spans)
+
+
+def report(fns: dict, errs: dict, wall: dict, width: int = 26) -> None:
+    """Per variant: the median wall of its rounds, its step span and rel err, then each
+    kernel's time."""
+    for n, fn in fns.items():
+        ks, span = kernel_times(fn)
+        print(f"{n:{width}s} wall {statistics.median(wall[n]) * 1e3:6.1f} us  span {span:5.1f} "
+              f"us  rel err {errs[n]:.1e}  walls {' '.join(f'{v * 1e3:.1f}' for v in wall[n])}")
+        print("   " + ", ".join(f"{k} {t:.1f}" for k, t in ks))

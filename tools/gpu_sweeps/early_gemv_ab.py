@@ -8,11 +8,10 @@ synchronized wall a step in alternated rounds and each kernel's time.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _layer_ab import alternated_walls, kernel_times, load_variants  # noqa: E402
+from _layer_ab import alternated_walls, load_variants, report  # noqa: E402
 
 
 def _setup(name, model):
@@ -34,11 +33,7 @@ def main(rounds: int, case: str) -> None:
     wall = alternated_walls(fns, rounds)
     print(f"{torch.cuda.get_device_name()}; {case}; {rounds} alternated rounds of 100 "
           f"synchronized steps; outputs equal: {torch.equal(outs['early'], outs['in order'])}")
-    for n, fn in fns.items():
-        ks, span = kernel_times(fn)
-        print(f"{n:10s} wall {statistics.median(wall[n]) * 1e3:6.1f} us  span {span:5.1f} us  "
-              f"rel err {errs[n]:.1e}  walls {' '.join(f'{v * 1e3:.1f}' for v in wall[n])}")
-        print("   " + ", ".join(f"{k} {t:.1f}" for k, t in ks))
+    report(fns, errs, wall, 10)
 
 
 if __name__ == "__main__":

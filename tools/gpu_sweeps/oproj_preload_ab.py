@@ -10,11 +10,10 @@ against torch eager, then synchronized walls in alternated rounds and each kerne
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _layer_ab import alternated_walls, kernel_times, load_variants  # noqa: E402
+from _layer_ab import alternated_walls, load_variants, report  # noqa: E402
 from graphir.lowering.triton_gpu.kernels import matmul_configs as mc  # noqa: E402
 
 O = "N=4096,K=4096"
@@ -33,11 +32,7 @@ def main(rounds: int, names: list[str]) -> None:
     wall = alternated_walls(fns, rounds)
     print(f"{torch.cuda.get_device_name()}; decode B1 ctx4096; {rounds} alternated rounds of "
           f"100 synchronized steps")
-    for n, fn in fns.items():
-        ks, span = kernel_times(fn)
-        print(f"{n:26s} wall {statistics.median(wall[n]) * 1e3:6.1f} us  span {span:5.1f} us  "
-              f"rel err {errs[n]:.1e}  walls {' '.join(f'{v * 1e3:.1f}' for v in wall[n])}")
-        print("   " + ", ".join(f"{k} {t:.1f}" for k, t in ks))
+    report(fns, errs, wall)
 
 
 if __name__ == "__main__":
