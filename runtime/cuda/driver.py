@@ -12,6 +12,7 @@ import os
 import threading
 from ctypes import (POINTER, c_char_p, c_float, c_int, c_size_t, c_ubyte, c_uint, c_uint64, c_ulonglong,
                     c_void_p)
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,39 @@ def call(name: str, *args: Any, context: str = "") -> None:
         if name not in _funcs:
             raise ValueError(f"driver function {name!r} is not declared in runtime.cuda.driver")
     check(name, _funcs[name](*args), context)
+
+
+def release(name: str, *args: Any) -> None:
+    """A free or destroy call from a finalizer (cuMemFree_v2, cuEventDestroy_v2, ...), errors
+    ignored (the driver may be gone at interpreter exit). While this thread captures a CUDA
+    graph it waits for the capture's end (`capturing`): Python's garbage collector runs
+    finalizers wherever it likes, and one freeing memory mid-capture breaks the capture
+    (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED at the next launch; seen on an H100 when an
+    earlier model's buffers were collected during a prefill's capture) and leaks the memory."""
+    pending = getattr(_tls, "deferred", None)
+    if pending is not None:
+        pending.append((name, args))
+        return
+    try:
+        call(name, *args)
+    except CudaError:
+        pass
+
+
+@contextmanager
+def capturing():
+    """The span of a stream capture in this thread: `release` calls made meanwhile run when
+    the outermost one ends."""
+    outer = getattr(_tls, "deferred", None) is None
+    if outer:
+        _tls.deferred = []
+    try:
+        yield
+    finally:
+        if outer:
+            pending, _tls.deferred = _tls.deferred, None
+            for name, args in pending:
+                release(name, *args)
 
 
 def init() -> None:

@@ -46,10 +46,7 @@ def _finish_legacy_stream() -> None:
 
 
 def _free_device(ptr: int) -> None:
-    try:
-        driver.call("cuMemFree_v2", ptr)
-    except driver.CudaError:
-        pass  # driver already torn down at exit
+    driver.release("cuMemFree_v2", ptr)
 
 
 class DeviceBuffer:
@@ -336,7 +333,4 @@ def pinned_empty(shape: Sequence[int] | int, dtype: DType = "uint8", device: int
 
 
 def _free_host(ptr: int) -> None:
-    try:
-        driver.call("cuMemFreeHost", c_void_p(ptr))
-    except driver.CudaError:
-        pass
+    driver.release("cuMemFreeHost", c_void_p(ptr))

@@ -141,10 +141,7 @@ class PackedParams:
 
 
 def _unload_quietly(handle: int) -> None:
-    try:
-        driver.call("cuModuleUnload", c_void_p(handle))
-    except driver.CudaError:
-        pass
+    driver.release("cuModuleUnload", c_void_p(handle))
 
 
 class Module:

@@ -19,11 +19,9 @@ _CAPTURE_STATUS = {0: "none", 1: "active", 2: "invalidated"}
 
 
 def _destroy_quietly(fn_name: str, handle: int) -> None:
-    # Finalizers can run at interpreter exit after the driver deinitialized; nothing to do then.
-    try:
-        driver.call(fn_name, c_void_p(handle))
-    except driver.CudaError:
-        pass
+    # Finalizers can run at interpreter exit after the driver deinitialized (nothing to do
+    # then) or in the middle of a capture (deferred): driver.release.
+    driver.release(fn_name, c_void_p(handle))
 
 
 class Stream:
@@ -182,19 +180,23 @@ class CudaGraph:
             raise ValueError("CUDA graph capture needs a created Stream, not the legacy default "
                              "stream (handle 0)")
         driver.ensure_context(getattr(stream, "device", 0))
-        driver.call("cuStreamBeginCapture_v2", c_void_p(h), CAPTURE_MODES[mode])
         graph = c_void_p()
-        try:
-            yield self
-        except BaseException:
-            # End the capture so the stream is usable again; the partial graph is discarded.
-            if driver._funcs["cuStreamEndCapture"](c_void_p(h), ctypes.byref(graph)) == 0 and graph.value:
-                driver._funcs["cuGraphDestroy"](graph)
-            raise
-        driver.call("cuStreamEndCapture", c_void_p(h), ctypes.byref(graph),
-                    context="the captured work used an operation not allowed during capture "
-                            "(e.g. a synchronous copy, an allocation or a sync) or another "
-                            "thread broke the capture")
+        # Frees by finalizers meanwhile (the garbage collector's) wait for the capture's end.
+        with driver.capturing():
+            driver.call("cuStreamBeginCapture_v2", c_void_p(h), CAPTURE_MODES[mode])
+            try:
+                yield self
+            except BaseException:
+                # End the capture so the stream is usable again; the partial graph is
+                # discarded.
+                if driver._funcs["cuStreamEndCapture"](c_void_p(h), ctypes.byref(graph)) == 0 \
+                        and graph.value:
+                    driver._funcs["cuGraphDestroy"](graph)
+                raise
+            driver.call("cuStreamEndCapture", c_void_p(h), ctypes.byref(graph),
+                        context="the captured work used an operation not allowed during "
+                                "capture (e.g. a synchronous copy, an allocation or a sync) or "
+                                "another thread broke the capture")
         exe = c_void_p()
         try:
             driver.call("cuGraphInstantiateWithFlags", ctypes.byref(exe), graph, 0)
