@@ -45,18 +45,14 @@ def tile(bm, bn, bk, gm, w, s, split_k=1, name=None) -> dict:
     return cfg
 
 
-def gemv(bn, bk, w, s=1, split_k=1, prefetch=False, preload=0) -> dict:
+def gemv(bn, bk, w, s=1, split_k=1, prefetch=False) -> dict:
     """A GEMV config; `prefetch`: the next K block's loads issued before this block's FMAs
     (matmul_skinny.gemv_kernel's PREFETCH; launches whose K splits are not whole blocks run
-    the plain loop); `preload`: that many columns of a weight B loaded before the kernel waits
-    for its predecessor (PRELOAD_K; `specs` applies it where it can, see there)."""
-    if preload and (preload & (preload - 1) or preload % bk or split_k != 1):
-        raise ValueError(f"gemv preload {preload}: a power of two, a multiple of BLOCK_K {bk}, "
-                         "without split-K")
+    the plain loop)."""
     return {"kind": "gemv", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": w,
-            "num_stages": s, "PREFETCH": prefetch, "PRELOAD_K": preload,
+            "num_stages": s, "PREFETCH": prefetch,
             "name": f"gemv{bn}x{bk}_w{w}_s{s}" + (f"_k{split_k}" if split_k > 1 else "")
-            + ("_pf" if prefetch else "") + (f"_pre{preload}" if preload else "")}
+            + ("_pf" if prefetch else "")}
 
 
 def tma(bm, bn, bk, gm, w, s, persistent=False, subtile=False, ws=False) -> dict:
@@ -233,14 +229,12 @@ def _split(cfg: dict) -> int:
 
 
 def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
-          N: int | None = None, early: bool = False, b_fixed: bool = False) -> list[KernelSpec]:
+          N: int | None = None, early: bool = False) -> list[KernelSpec]:
     """KernelSpecs of a Triton config: [main] or, split along K, [partial, reduce].
 
     `early`: no kernel ahead of this matmul in its plan writes A, B or the bias (A a graph
     input, B and the bias weights), so an unsplit GEMV may read them all before its PDL wait
-    (matmul_skinny's LATE_WAIT); other configs ignore it. `b_fixed`: B and the bias are
-    such, so a GEMV config's preload (PRELOAD_K) may read B before the wait; it also needs a
-    static K with whole blocks left after it. Elsewhere the same config runs without."""
+    (matmul_skinny's LATE_WAIT); other configs ignore it."""
     from graphir.lowering.triton_gpu.kernels import matmul as mm
     from graphir.lowering.triton_gpu.kernels import matmul_skinny as sk
     from graphir.lowering.triton_gpu.kernels import matmul_tma as mt
@@ -257,8 +251,6 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
     even_k = K is not None and K % (cfg["BLOCK_K"] * split) == 0
     ce = {"HAS_BIAS": has_bias and split == 1}
     late = early and kind == "gemv" and split == 1
-    pre = cfg.get("PRELOAD_K", 0)
-    pre = pre if (b_fixed and not late and even_k and split == 1 and K > pre) else 0
     if kind == "tile":
         fn = mm.matmul_kernel
         ce.update({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")},
@@ -266,7 +258,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
     elif kind == "gemv":
         fn = sk.gemv_kernel
         ce.update({k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")}, EVEN_K=even_k,
-                  PREFETCH=bool(cfg.get("PREFETCH")), LATE_WAIT=late, PRELOAD_K=pre)
+                  PREFETCH=bool(cfg.get("PREFETCH")), LATE_WAIT=late)
     else:
         fn = mt.matmul_tma_kernel
         ws = bool(cfg.get("WS"))
@@ -281,7 +273,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
         grid=lambda M, N, _c=cfg: main_grid(_c, M, N), grid_args=("M", "N"),
         divisible_by_16=tuple(div), notes=f"matmul config {cfg['name']}",
         extra={"config": cfg["name"]},
-        pdl_early_reads=("a_ptr", "b_ptr", "bias_ptr") if late else ("b_ptr",) if pre else ())
+        pdl_early_reads=("a_ptr", "b_ptr", "bias_ptr") if late else ())
     if split == 1:
         return [main]
     red_sig = {"part_ptr": "*fp32", "bias_ptr": f"*{t}", "c_ptr": f"*{t}", "M": "i32",
@@ -297,7 +289,7 @@ def specs(cfg: dict, dtype: str, has_bias: bool, K: int | None = None,
 
 
 def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M,
-             early: bool = False, b_fixed: bool = False) -> dict:
+             early: bool = False) -> dict:
     """How a Triton config runs for M rows: {"specs", "scratch", "ops"}.
 
     `scratch` is [(name, dtype, element count)], `ops` is [(spec index, grid, args)], where an
@@ -306,7 +298,7 @@ def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M,
     `specs`.
     """
     cfg = get(cfg)
-    sp = specs(cfg, dtype, has_bias, K, N, early, b_fixed)
+    sp = specs(cfg, dtype, has_bias, K, N, early)
     bias = "bias" if has_bias else "a"
     if len(sp) == 1:
         return {"specs": sp, "scratch": [],
@@ -317,9 +309,9 @@ def launches(cfg: dict, dtype: str, has_bias: bool, N: int, K: int, M,
                     (1, reduce_grid(M, N), ["part", bias, "c", "M", "N"])]}
 
 
-def run_torch(a, b, bias=None, out=None, config=None, early=False, b_fixed=False):
+def run_torch(a, b, bias=None, out=None, config=None, early=False):
     """Run a Triton config on torch tensors through Triton's launcher (tests, interpreter);
-    `early`, `b_fixed` as for `specs`."""
+    `early` as for `specs`."""
     import torch
 
     from graphir.lowering.triton_gpu.kernels.matmul import check_operands
@@ -329,7 +321,7 @@ def run_torch(a, b, bias=None, out=None, config=None, early=False, b_fixed=False
     dtype = str(a.dtype).removeprefix("torch.")
     cfg = get(config) if config is not None else default_config(bucket_of(M), dtype, N, K)
     out = a.new_empty((M, N)) if out is None else out
-    plan = launches(cfg, dtype, bias is not None, N, K, M, early, b_fixed)
+    plan = launches(cfg, dtype, bias is not None, N, K, M, early)
     bufs = {"a": a, "b": b, "bias": bias, "c": out, "M": M, "N": N, "K": K}
     for name, dt, count in plan["scratch"]:
         bufs[name] = torch.empty(count, dtype=getattr(torch, dt), device=a.device)

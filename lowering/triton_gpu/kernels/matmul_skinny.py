@@ -32,9 +32,8 @@ from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 @triton.jit
 def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, LATE_WAIT: tl.constexpr = False,
-                PRELOAD_K: tl.constexpr = 0):
-    if not LATE_WAIT and PRELOAD_K == 0:
+                EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, LATE_WAIT: tl.constexpr = False):
+    if not LATE_WAIT:
         pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -43,15 +42,6 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rn_c = tl.minimum(rn, N - 1).to(tl.int64)
-    if PRELOAD_K > 0:
-        # Set only with SPLIT_K 1 and EVEN_K, K > PRELOAD_K, a multiple of BLOCK_K
-        # (matmul_configs.specs): whole blocks remain for the loops below.
-        rp = tl.arange(0, PRELOAD_K)
-        w0 = tl.load(b_ptr + rn_c[:, None] * K + rp[None, :], eviction_policy="evict_first")
-        pdl_wait()
-        x0 = tl.load(a_ptr + row * K + rp)
-        out0 = tl.sum(w0.to(tl.float32) * x0.to(tl.float32)[None, :], axis=1)
-        k_lo = PRELOAD_K
     x_ptrs = a_ptr + row * K + k_lo + rk
     w_ptrs = b_ptr + rn_c[:, None] * K + (k_lo + rk)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -86,8 +76,6 @@ def gemv_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
-    if PRELOAD_K > 0:
-        out += out0
     if HAS_BIAS and SPLIT_K == 1:
         out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     dst = row

@@ -58,8 +58,8 @@ def _variants(choices, M_expr: str, static: bool) -> list[tuple[str | None, obje
 
 
 def _emit_triton(sb: StepBuilder, cfg, dt: str, has_bias: bool, N: int, K: int, M_expr: str,
-                 bind: dict, early: bool = False, b_fixed: bool = False) -> None:
-    plan = mc.launches(cfg, dt, has_bias, N, K, M_expr, early, b_fixed)
+                 bind: dict, early: bool = False) -> None:
+    plan = mc.launches(cfg, dt, has_bias, N, K, M_expr, early)
     keys = [sb.kernel(s) for s in plan["specs"]]
     for name, dtype, count in plan["scratch"]:
         bind[name] = sb.scratch(f"{name}_{cfg['name']}", dtype, count)
@@ -90,20 +90,19 @@ def _emit_cublaslt(sb: StepBuilder, ch, dt: str, has_bias: bool, N: int, K: int,
 
 
 def lower_hand_matmul(sb: StepBuilder, x, w, bias, out) -> None:
-    b_fixed = sb.unwritten(w) and (bias is None or sb.unwritten(bias))
+    early = sb.unwritten(x) and sb.unwritten(w) and (bias is None or sb.unwritten(bias))
     emit_hand_matmul(sb, x, x.type.shape[0], int(w.type.shape[0]), int(w.type.shape[1]), bias,
-                     out, lambda: sb.ptr(w), early=b_fixed and sb.unwritten(x), b_fixed=b_fixed)
+                     out, lambda: sb.ptr(w), early=early)
 
 
 def emit_hand_matmul(sb: StepBuilder, x, M, N: int, K: int, bias, out, weight_ptr,
-                     above: int | None = None, early: bool = False,
-                     b_fixed: bool = False) -> None:
+                     above: int | None = None, early: bool = False) -> None:
     """out = x @ B^T for B `[N, K]` of x's dtype, x of M rows: one variant per run of row
     buckets with the same tuned choice. weight_ptr() runs inside each variant and returns B's
     pointer, so what makes B (a decode into scratch) runs only when its variant does. With
     `above`, earlier variants took every M <= above: only the buckets past it are emitted.
     `early`: no kernel of the plan writes x, B or the bias, so a GEMV may read them before
-    its predecessor ends; `b_fixed`: B and the bias only (matmul_configs.specs)."""
+    its predecessor ends (matmul_configs.specs)."""
     dt = MM_DTYPES[x.type.dtype]
     static = Dim(M).is_static
     facts = {"dtype": mc.triton_dtype(dt), "N": N, "K": K, "bias": bias is not None}
@@ -120,8 +119,7 @@ def emit_hand_matmul(sb: StepBuilder, x, M, N: int, K: int, bias, out, weight_pt
                 at_m = int(Dim(M)) if static else mc.TUNE_M[ch.bucket]
                 _emit_cublaslt(sb, ch, dt, bias is not None, N, K, e(M), bind, at_m)
             else:
-                _emit_triton(sb, ch.config, dt, bias is not None, N, K, e(M), bind, early,
-                             b_fixed)
+                _emit_triton(sb, ch.config, dt, bias is not None, N, K, e(M), bind, early)
 
 
 @register_lowering("fused_qkv_matmul", "cuda")
