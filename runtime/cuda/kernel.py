@@ -111,7 +111,7 @@ class Kernel:
         driver.ensure_context(self.function.module.device)
         g = _grid3(grid)
         launch(self.function, g, self.spec.block, self.pack(g, args), self.spec.shared,
-               stream, self.launches_early(g) and not self.spec.early_reads)
+               stream, self.launches_early(g))
 
     def launches_early(self, grid: tuple[int, int, int], early: bool = False) -> bool:
         """Whether a launch of `grid` (3-D, non-empty) may use programmatic dependent launch;
