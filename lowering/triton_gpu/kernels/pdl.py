@@ -70,16 +70,24 @@ def waits_before_memory(ptx: str, early_reads: tuple[int, ...] = ()) -> bool:
     parameters, 32-bit scalar parameters, special registers and constants alone
     (`_clean_addresses`), nothing before the wait may store, and no branch before it may jump
     past it (so every path waits before its first store). Any other access refuses the
-    kernel."""
+    kernel.
+
+    In either case no branch before the wait may leave the code before it: a warp that jumps
+    past the wait runs what follows it unordered. The warp-specialized TMA matmul's worker
+    warps do (Triton puts the wait in its default partition only), and they write their TMA
+    descriptors into the kernel's global scratch before any barrier: launched early behind a
+    launch of the same kernel, which shares that scratch, they would rewrite descriptors its
+    programs still use. Such kernels launch the ordinary way."""
     at = ptx.find("griddepcontrol.wait")
     if at < 0:
         return False
-    if not early_reads:
-        return _GLOBAL_ACCESS.search(ptx, 0, at) is None
     head = ptx[:at]
     body = head[head.find("{", head.find(".entry")) + 1:]
+    if _leaves_head(body):
+        return False
+    if not early_reads:
+        return _GLOBAL_ACCESS.search(ptx, 0, at) is None
     narrow = {int(i) for t, i in _PARAM_DECL.findall(head) if t in ("u32", "s32", "b32")}
-    labels = set(_LABEL.findall(body))
     defs: dict[str, list[tuple[str, str]]] = {}
     accesses = []
     for line in body.splitlines():
@@ -88,8 +96,6 @@ def waits_before_memory(ptx: str, early_reads: tuple[int, ...] = ()) -> bool:
             if not ins or ins.startswith((".", "$", "{", "}")) or ins.endswith(":"):
                 continue
             op, _, rest = ins.partition(" ")
-            if op.startswith("bra") and rest.strip() not in labels:
-                return False  # a jump past the wait
             if _GLOBAL_ACCESS.match(ins):
                 accesses.append((op, rest))
             if op.startswith(_NO_DEST):
@@ -103,6 +109,17 @@ def waits_before_memory(ptx: str, early_reads: tuple[int, ...] = ()) -> bool:
                for op, rest in accesses)
 
 
+def _leaves_head(body: str) -> bool:
+    """Whether code before the wait branches outside it (past the wait), or somewhere the
+    text does not say (an indirect branch, a call)."""
+    labels = set(_LABEL.findall(body))
+    for m in _BRANCH.finditer(body):
+        if m[1].startswith(("brx", "call")) or m[2] not in labels:
+            return True
+    return False
+
+
+_BRANCH = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:bra|brx|call)\S*)\s+([^;,\s]+)", re.M)
 _PARAM_DECL = re.compile(r"\.param\s+\.(\w+)[^,\n)]*?_param_(\d+)")
 _PARAM_USE = re.compile(r"_param_(\d+)")
 _GUARD = re.compile(r"^@!?%\w+\s+")

@@ -22,6 +22,10 @@ HEAD = ".visible .entry k(\n.param .u64 k_param_0\n)\n{\n.reg .b32 %r<4>;\n"
      "griddepcontrol.wait;\n", False),                                 # TMA
     ("atom.global.add.u32 %r1, [%rd1], 1;\ngriddepcontrol.wait;\n", False),
     ("ld.global.b32 %r1, [%rd1];\n", False),                          # no wait at all
+    # a warp that branches past the wait runs what follows unordered; a loop before it is fine
+    ("@%p1 bra $L__BB0_9;\ngriddepcontrol.wait;\n$L__BB0_9:\nst.global.b32 [%rd1], %r1;\n",
+     False),
+    ("$L__BB0_1:\nadd.s32 %r1, %r1, 1;\n@%p1 bra $L__BB0_1;\ngriddepcontrol.wait;\n", True),
 ])
 def test_waits_before_memory(body, ok):
     assert waits_before_memory(HEAD + body + "ret;\n}\n") is ok
@@ -53,6 +57,11 @@ LOOP = ("ld.param.u64 %rd1, [k_param_0];\nld.param.u32 %r1, [k_param_3];\n"
     # a branch past the wait
     (LOOP.replace("@%p1 bra $L__BB0_1;", "@%p1 bra $L__BB0_9;") + "griddepcontrol.wait;\n"
      "$L__BB0_9:\nst.global.b32 [%rd4], %r2;\n", False),
+    # an indirect branch or a call: where they go is not in the PTX text
+    ("ld.param.u64 %rd1, [k_param_0];\nld.global.b32 %r2, [%rd1];\nbrx.idx %r1, $L_tab;\n"
+     "griddepcontrol.wait;\n", False),
+    ("ld.param.u64 %rd1, [k_param_0];\nld.global.b32 %r2, [%rd1];\ncall.uni f, (%rd1);\n"
+     "griddepcontrol.wait;\n", False),
     # a pointer no definition starts (it only feeds itself)
     ("$L__BB0_1:\nadd.s64 %rd4, %rd4, 256;\nld.global.b32 %r2, [%rd4];\n"
      "@%p1 bra $L__BB0_1;\ngriddepcontrol.wait;\n", False),
@@ -86,6 +95,11 @@ from graphir.lowering.triton_gpu.kernels import matmul_configs as mc
 c = aot.compile_spec(late)
 out["late"] = [c.launch_pdl, c.launch_metadata()["pdl_early_reads"]]
 out["late_b_only"] = aot.compile_spec(replace(late, pdl_early_reads=("b_ptr",))).launch_pdl
+# The warp-specialized TMA matmul's worker warps skip the wait (and write descriptors into the
+# kernel's scratch): launched in order. Its single-partition form waits first.
+for name in ("tma128x256x64_g8_w4_s3_p_ws", "tma128x256x64_g8_w8_s3_p"):
+    (s,) = mc.specs(mc.get(name), "bfloat16", False, 4096, 4096)
+    out[name] = aot.compile_spec(s).launch_pdl
 print("JSON" + json.dumps(out))
 """
 
@@ -99,3 +113,5 @@ def test_only_kernels_that_wait_first_are_marked(tmp_path_factory):
     assert out["gluon"] is False
     assert out["late"] == [True, ["a_ptr", "b_ptr", "bias_ptr"]]
     assert out["late_b_only"] is False
+    assert out["tma128x256x64_g8_w4_s3_p_ws"] is False
+    assert out["tma128x256x64_g8_w8_s3_p"] is True
