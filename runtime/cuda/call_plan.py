@@ -181,12 +181,16 @@ class CallPlanBuilder:
             elif v["kind"] == "output" and v["view_of"] is None:
                 st[vid] = (self._buffer(("out", vid), self._nbytes(vid, env), self._vdev[vid]), 0)
         for v in self.values:
-            b = v["id"]
-            while self.values[b]["view_of"] is not None:
-                b = self.values[b]["view_of"]
+            b = self._viewed(v["id"])
             if b != v["id"] and b in st:
                 st[v["id"]] = st[b]
         return st, areas
+
+    def _viewed(self, vid: int) -> int:
+        """The value whose storage `vid` views (itself when it is no view)."""
+        while self.values[vid]["view_of"] is not None:
+            vid = self.values[vid]["view_of"]
+        return vid
 
     # -- launch rules -> ops -----------------------------------------------------------------
     def _resolve(self, env, st, dev_ks=frozenset()) -> list:
@@ -245,9 +249,7 @@ class CallPlanBuilder:
             a = op["args"][j]
             if a[0] != "v":
                 return False
-            v = a[1]
-            while self.values[v]["view_of"] is not None:
-                v = self.values[v]["view_of"]
+            v = self._viewed(a[1])
             if v in self._const_dev:
                 continue
             k = inputs.index(v) if v in inputs else None

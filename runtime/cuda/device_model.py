@@ -222,13 +222,9 @@ class CudaDevice:
         k.launch(grid, *vals, stream=self._cur)
 
     def early_reads(self, key) -> tuple[int, ...]:
-        """The argument indices kernel `key` reads before its PDL wait (none for most)."""
-        from graphir.runtime.cuda.module import early_read_indices
-
-        meta = getattr(self.kernels, "metadata", None)
-        if meta is None:  # a table of loaded kernels
-            return getattr(getattr(self.kernels[key], "spec", None), "early_reads", ())
-        return early_read_indices(meta(key))
+        """The argument indices kernel `key` reads before its PDL wait (none for most; a
+        library call none). Loads the kernel, as preparing its launch next does."""
+        return getattr(getattr(self.kernels[key], "spec", None), "early_reads", ())
 
     def prepare(self, key, grid, args, early: bool = False):
         """A zero-argument callable launching `key` with `args` packed once (on the stream

@@ -224,9 +224,7 @@ class FastPath:
             st[vids[k]] = (bind(h, nb) if bind else h, 0)
             rebound.add(vids[k])
         for v in self.values:  # views of those inputs (reshapes) follow them
-            b = v["id"]
-            while self.values[b]["view_of"] is not None:
-                b = self.values[b]["view_of"]
+            b = self._viewed(v["id"])
             if b != v["id"] and b in rebound:
                 st[v["id"]] = st[b]
         ks = {k for k, _, _ in io.copies}
