@@ -53,6 +53,11 @@ class FakeDriver:
         self._next_handle = 0x1000
         self.handed: set[int] = set()  # every fake handle and address given out
         self._saved = None
+        # A capture by other code (torch) in CUDA's global mode: frees made meanwhile by a
+        # thread whose capture mode is not relaxed fail and break it, as the driver does.
+        self.foreign_capture = False
+        self.broken_captures = 0
+        self.capture_mode = 0
 
     # -- out-parameters ----------------------------------------------------------------------
     @staticmethod
@@ -103,6 +108,17 @@ class FakeDriver:
         self._set(ref, b"CUDA_ERROR_FAKE")
         return 0
 
+    def _exchange_mode(self, ref):
+        obj = getattr(ref, "_obj", ref)
+        obj.value, self.capture_mode = self.capture_mode, obj.value
+        return 0
+
+    def _unsafe(self, *_):
+        if self.foreign_capture and self.capture_mode != 2:
+            self.broken_captures += 1
+            return 900      # CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+        return 0
+
     def table(self) -> dict:
         from graphir.runtime.cuda import driver
 
@@ -118,6 +134,9 @@ class FakeDriver:
             "cuEventCreate": self._handle, "cuStreamEndCapture": self._handle,
             "cuGraphInstantiateWithFlags": self._handle, "cuStreamIsCapturing": self._int(0),
             "cuGetErrorName": self._err, "cuGetErrorString": self._err,
+            "cuThreadExchangeStreamCaptureMode": self._exchange_mode,
+            **{name: self._unsafe for name in ("cuMemFree_v2", "cuMemFreeHost",
+                                               "cuModuleUnload")},
         }
         out = {}
         for name in driver._PROTOTYPES:

@@ -67,6 +67,7 @@ _PROTOTYPES: dict[str, list[Any]] = {
     "cuStreamBeginCapture_v2": [_P, c_int],
     "cuStreamEndCapture": [_P, POINTER(_P)],
     "cuStreamIsCapturing": [_P, POINTER(c_int)],
+    "cuThreadExchangeStreamCaptureMode": [POINTER(c_int)],
     "cuEventCreate": [POINTER(_P), c_uint],
     "cuEventDestroy_v2": [_P],
     "cuEventRecord": [_P, _P],
@@ -206,19 +207,39 @@ def call(name: str, *args: Any, context: str = "") -> None:
 
 def release(name: str, *args: Any) -> None:
     """A free or destroy call from a finalizer (cuMemFree_v2, cuEventDestroy_v2, ...), errors
-    ignored (the driver may be gone at interpreter exit). While this thread captures a CUDA
-    graph it waits for the capture's end (`capturing`): Python's garbage collector runs
-    finalizers wherever it likes, and one freeing memory mid-capture breaks the capture
+    ignored (the driver may be gone at interpreter exit). Python's garbage collector runs
+    finalizers wherever it likes, and a free in the middle of a capture breaks the capture
     (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED at the next launch; seen on an H100 when an
-    earlier model's buffers were collected during a prefill's capture) and leaks the memory."""
+    earlier model's buffers were collected during a prefill's capture) and leaks the memory.
+    So while this thread runs one of graphir's captures the call waits for its end
+    (`capturing`); otherwise it runs with the thread's capture mode relaxed, so that a
+    capture graphir does not know of (torch.cuda.graph, torch.compile's reduce-overhead, in
+    this thread or another, in CUDA's default global mode) is not broken either: a relaxed
+    thread may make the calls such a capture forbids."""
     pending = getattr(_tls, "deferred", None)
     if pending is not None:
         pending.append((name, args))
         return
     try:
-        call(name, *args)
+        with relaxed_capture_mode():
+            call(name, *args)
     except CudaError:
         pass
+
+
+CAPTURE_MODE_RELAXED = 2   # CUstreamCaptureMode: GLOBAL 0, THREAD_LOCAL 1, RELAXED 2
+
+
+@contextmanager
+def relaxed_capture_mode():
+    """This thread's stream capture mode relaxed meanwhile (cuThreadExchangeStreamCaptureMode),
+    the previous mode put back after."""
+    mode = c_int(CAPTURE_MODE_RELAXED)
+    call("cuThreadExchangeStreamCaptureMode", ctypes.byref(mode))
+    try:
+        yield
+    finally:
+        call("cuThreadExchangeStreamCaptureMode", ctypes.byref(mode))
 
 
 @contextmanager
