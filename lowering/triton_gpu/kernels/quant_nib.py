@@ -6,12 +6,15 @@ FMT selects: 0 q4_0 (float16 s, m = -8 s), 1 q4_1 (float16 s and m in one word),
 (6-bit sc / min bytes per block, float16 d / dmin per 256 values), 3 gptq (float16 s and a
 uint8 zero point per group of GROUP values, m = -s z), 4 gptq_sym (zero point 8), 5 q6_k
 (int8 scale per 16 values times float16 d, and the high 2 bits of each 6-bit code in crumb
-words at h_ptr: value = s (lo + 16 hi - 32), the 32 folded into the crumbs' float conversion).
+words at h_ptr: value = s (lo + 16 hi - 32), each crumb masked in above its nibble and the 32
+taken with the float conversion).
 
 Codes become floats with no int -> float conversion: code c at bit 4q of a word, masked in
-place and OR-ed into the bits of 2**23, is the float 2**23 + c 16**q; one subtraction leaves
-c 16**q exactly, and the 16**-q goes into the block's sum once. Nibble i of word column j is
-value k = 8 j + i, so a word's eight values meet eight consecutive values of X.
+place and OR-ed into the bits of the float 2**(23 - 4q) (whose mantissa's last bit is then worth
+2**-4q, so the nibble's is worth 1), is the float 2**(23 - 4q) + c; one subtraction leaves c
+exactly, with no scale left over for X (the magic differs per nibble, the instruction count
+does not). Nibble i of word column j is value k = 8 j + i, so a word's eight values meet eight
+consecutive values of X.
 
 GEMV (1, 2 or 4 rows of X a program): a program owns BN weight rows and a run of K (SPLIT_K
 programs per row block, fp32 partials summed by the split-K reduce); per block and X row it
@@ -76,14 +79,16 @@ def affine_at(s_ptr, z_ptr, g, bi, r4, nblk, FMT: tl.constexpr, GROUP: tl.conste
         v = tl.load(s_ptr.to(tl.pointer_type(tl.uint16)) + at).to(tl.uint32)
         dd = tl.load(z_ptr.to(tl.pointer_type(tl.uint32)) + g * (nblk // 8 * 4) + bi // 8 * 4 + r4)
         s = _f16_lo(dd) * _small(v & 0xFF)
-        m = -(_f16_hi(dd) * _small(v >> 8))
+        # The min byte in place: OR-ed into 2**15 its last bit is worth 1 (no shift).
+        mn = _or_magic(v.to(tl.int32), 0xFF00, 15).to(tl.float32, bitcast=True) - 32768.0
+        m = -(_f16_hi(dd) * mn)
     elif FMT == 5:
         # q6_k: nblk counts 16-value sub-blocks; int8 scale per sub-block, d per 16 of them.
         sc = tl.load(s_ptr.to(tl.pointer_type(tl.int8)) + at).to(tl.int32) + 128
         d = tl.load(z_ptr.to(tl.pointer_type(tl.float16)) + g * (nblk // 16 * 4) + bi // 16 * 4
                     + r4).to(tl.float32)
         s = d * (_small(sc.to(tl.uint32)) - 128.0)
-        m = s    # unread: q6_k's offset -32 is folded into its crumbs' conversion
+        m = s    # unread: q6_k's offset -32 goes with its codes' float conversion
     else:
         ng = nblk * 32 // GROUP
         ga = g * (ng * 4) + bi * 32 // GROUP * 4 + r4
@@ -96,24 +101,37 @@ def affine_at(s_ptr, z_ptr, g, bi, r4, nblk, FMT: tl.constexpr, GROUP: tl.conste
     return s, m
 
 
+def _magic_bits(exp: int) -> int:
+    """The bits of the float 2**exp."""
+    return (127 + exp) << 23
+
+
+# (v & mask) | magic as one LOP3 for each magic a decode ORs in, 2**(23 - 4q) for a code at
+# bit 4q; the asm takes the magic as its immediate.
+_LOP3 = {e: tl.constexpr(f"lop3.b32 $0, $1, $2, {_magic_bits(e)}, 0xEA;") for e in (23, 19, 15, 11)}
+_LOP3_23, _LOP3_19, _LOP3_15, _LOP3_11 = _LOP3[23], _LOP3[19], _LOP3[15], _LOP3[11]
+
+
 @triton.jit
-def _or_magic(v, MASK: tl.constexpr):
-    """(v & MASK) | bits of 2**23 in one LOP3: ptxas otherwise spends two, since LOP3 takes a
+def _or_magic(v, MASK: tl.constexpr, EXP: tl.constexpr):
+    """(v & MASK) | bits of 2**EXP in one LOP3: ptxas otherwise spends two, since LOP3 takes a
     single immediate; here the mask comes in a register (set once, outside the loop)."""
     if _ASM:
-        r = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 1258291200, 0xEA;", "=r,r,r",
-                                      [v, tl.full(v.shape, MASK, tl.int32)], dtype=tl.int32,
-                                      is_pure=True, pack=1)
+        asm: tl.constexpr = _LOP3_23 if EXP == 23 else _LOP3_19 if EXP == 19 else \
+            _LOP3_15 if EXP == 15 else _LOP3_11
+        r = tl.inline_asm_elementwise(asm, "=r,r,r", [v, tl.full(v.shape, MASK, tl.int32)],
+                                      dtype=tl.int32, is_pure=True, pack=1)
     else:
-        r = (v & MASK) | 0x4B000000
+        r = (v & MASK) | ((127 + EXP) << 23)
     return r
 
 
 @triton.jit
 def _plane(words, q: tl.constexpr, OFF: tl.constexpr):
-    """Codes at nibble q (0..3) of `words` as exact floats (c - OFF) * 16**q."""
-    return _or_magic(words, 0xF << (4 * q)).to(tl.float32, bitcast=True) \
-        - (8388608.0 + OFF * (1 << (4 * q)))
+    """Codes at nibble q (0..3) of `words` as exact floats c - OFF."""
+    EXP: tl.constexpr = 23 - 4 * q
+    return _or_magic(words, 0xF << (4 * q), EXP).to(tl.float32, bitcast=True) \
+        - ((1 << EXP) + OFF)
 
 
 @triton.jit
@@ -126,18 +144,26 @@ def _planes(words, OFF: tl.constexpr):
 
 
 @triton.jit
-def _crumbs(h):
-    """q6_k's eight crumbs of a word's values (at bits 0..15 of h), as _crumb makes them."""
-    return (_crumb(h, 0), _crumb(h, 1), _crumb(h, 2), _crumb(h, 3), _crumb(h, 4), _crumb(h, 5),
-            _crumb(h, 6), _crumb(h, 7))
+def _q6_planes(words, h):
+    """q6_k's eight values of code words (low nibbles, as _planes reads them) with their crumbs
+    (the high 2 bits of value i at bits 2i of h), each as the exact float code - 32."""
+    hi = words >> 16
+    # Crumb i shifted to just above its nibble (bit 4q + 4, q = i % 4).
+    return (_q6_code(words, h << 4, 0), _q6_code(words, h << 6, 1),
+            _q6_code(words, h << 8, 2), _q6_code(words, h << 10, 3),
+            _q6_code(hi, h >> 4, 0), _q6_code(hi, h >> 2, 1), _q6_code(hi, h, 2),
+            _q6_code(hi, h << 2, 3))
 
 
 @triton.jit
-def _crumb(v, i: tl.constexpr):
-    """q6_k: the 2-bit high code at bits 2i of `v` as the exact float (hi - 2) * 4**i, so that
-    16 (hi - 2) + low nibble is the 6-bit code minus 32."""
-    return _or_magic(v, 3 << (2 * i)).to(tl.float32, bitcast=True) \
-        - (8388608.0 + 2 * (1 << (2 * i)))
+def _q6_code(w, hs, q: tl.constexpr):
+    """The 6-bit code at bits 4q..4q + 5 of (w's nibble at 4q) | (hs's crumb at 4q + 4), minus
+    32: both OR-ed into the magic 2**(23 - 4q) make the float 2**(23 - 4q) + code, so one
+    subtraction gives it (a mask-or, a shift, a second mask-or and a subtraction a value, where
+    the crumb as a float of its own took a mask-or, a subtraction and an FMA more)."""
+    EXP: tl.constexpr = 23 - 4 * q
+    f = _or_magic(w, 0xF << (4 * q), EXP) | (hs & (0x30 << (4 * q)))
+    return f.to(tl.float32, bitcast=True) - ((1 << EXP) + 32)
 
 
 @triton.jit
@@ -218,30 +244,21 @@ def _walk(q_ptr, h_ptr, pid_n, pid_k, N, K, cols_per_split, FMT: tl.constexpr,
 
 
 @triton.jit
-def _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7,
-               DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
-    """t + the products of one word's decoded planes q (and q6_k's crumbs c) with the X octet at
-    xp: one FMA chain, X of nibble q pre-scaled by 16**-q once for four weight rows; and the
-    octet's sum where the format's offset needs it (the octet's first value otherwise, unread)."""
+def _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, DT: tl.constexpr, FMT: tl.constexpr,
+               OFF: tl.constexpr):
+    """t + the products of one word's decoded values q (_planes, or q6_k's _q6_planes) with the
+    X octet at xp: one FMA chain (each X value broadcast over four weight rows); and the
+    octet's sum where the format's offset needs it (the octet's first value otherwise,
+    unread)."""
     x0, x1, x2, x3, x4, x5, x6, x7 = _x_octet(xp, DT)
     t = tl.fma(q0, x0[:, :, None], t)
-    t = tl.fma(q1, (x1 * 0.0625)[:, :, None], t)
-    t = tl.fma(q2, (x2 * 0.00390625)[:, :, None], t)
-    t = tl.fma(q3, (x3 * 0.000244140625)[:, :, None], t)
+    t = tl.fma(q1, x1[:, :, None], t)
+    t = tl.fma(q2, x2[:, :, None], t)
+    t = tl.fma(q3, x3[:, :, None], t)
     t = tl.fma(q4, x4[:, :, None], t)
-    t = tl.fma(q5, (x5 * 0.0625)[:, :, None], t)
-    t = tl.fma(q6, (x6 * 0.00390625)[:, :, None], t)
-    t = tl.fma(q7, (x7 * 0.000244140625)[:, :, None], t)
-    if FMT == 5:
-        # 16 (hi - 2) 4**-i x per value: X pre-scaled by 16 / 4**i.
-        t = tl.fma(c0, (x0 * 16.0)[:, :, None], t)
-        t = tl.fma(c1, (x1 * 4.0)[:, :, None], t)
-        t = tl.fma(c2, x2[:, :, None], t)
-        t = tl.fma(c3, (x3 * 0.25)[:, :, None], t)
-        t = tl.fma(c4, (x4 * 0.0625)[:, :, None], t)
-        t = tl.fma(c5, (x5 * 0.015625)[:, :, None], t)
-        t = tl.fma(c6, (x6 * 0.00390625)[:, :, None], t)
-        t = tl.fma(c7, (x7 * 0.0009765625)[:, :, None], t)
+    t = tl.fma(q5, x5[:, :, None], t)
+    t = tl.fma(q6, x6[:, :, None], t)
+    t = tl.fma(q7, x7[:, :, None], t)
     if OFF == 0 and FMT != 5:
         xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     else:
@@ -250,12 +267,11 @@ def _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6
 
 
 @triton.jit
-def _row_step(acc, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7, s, m,
-              DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.constexpr):
-    """acc + this step's products for one row of X (its octets at xp) with the decoded planes
-    q (and q6_k's crumbs c), scaled by the block's terms."""
-    t, xs = _octet_dot(tl.zeros_like(q0), xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3,
-                       c4, c5, c6, c7, DT, FMT, OFF)
+def _row_step(acc, xp, q0, q1, q2, q3, q4, q5, q6, q7, s, m, DT: tl.constexpr,
+              FMT: tl.constexpr, OFF: tl.constexpr):
+    """acc + this step's products for one row of X (its octets at xp) with the decoded values
+    q, scaled by the block's terms."""
+    t, xs = _octet_dot(tl.zeros_like(q0), xp, q0, q1, q2, q3, q4, q5, q6, q7, DT, FMT, OFF)
     acc = tl.fma(s, t, acc)
     if OFF == 0 and FMT != 5:
         acc = tl.fma(m, xs[:, :, None], acc)
@@ -334,22 +350,17 @@ def nib_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_
                                     nblk, FMT, GROUP, NJ)
         else:
             words, hw, s, m = _fetch(wp, hp, s_ptr, z_ptr, g, jj, it, nblk, FMT, GROUP, NJ)
-        q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words, OFF)
         if FMT == 5:
-            c0, c1, c2, c3, c4, c5, c6, c7 = _crumbs(hw >> hsh)
-        else:   # unread
-            c0, c1, c2, c3, c4, c5, c6, c7 = q0, q0, q0, q0, q0, q0, q0, q0
+            q0, q1, q2, q3, q4, q5, q6, q7 = _q6_planes(words, hw >> hsh)
+        else:
+            q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words, OFF)
         xs = xp + it * (NJ * XW)
-        acc0 = _row_step(acc0, xs, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6,
-                         c7, s, m, DT, FMT, OFF)
+        acc0 = _row_step(acc0, xs, q0, q1, q2, q3, q4, q5, q6, q7, s, m, DT, FMT, OFF)
         if ROWS >= 2:
-            acc1 = _row_step(acc1, xs + d1, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4,
-                             c5, c6, c7, s, m, DT, FMT, OFF)
+            acc1 = _row_step(acc1, xs + d1, q0, q1, q2, q3, q4, q5, q6, q7, s, m, DT, FMT, OFF)
         if ROWS >= 4:
-            acc2 = _row_step(acc2, xs + d2, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4,
-                             c5, c6, c7, s, m, DT, FMT, OFF)
-            acc3 = _row_step(acc3, xs + d3, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4,
-                             c5, c6, c7, s, m, DT, FMT, OFF)
+            acc2 = _row_step(acc2, xs + d2, q0, q1, q2, q3, q4, q5, q6, q7, s, m, DT, FMT, OFF)
+            acc3 = _row_step(acc3, xs + d3, q0, q1, q2, q3, q4, q5, q6, q7, s, m, DT, FMT, OFF)
     rn = pid_n * (BG * 4) + tl.arange(0, BG * 4)
     _row_out(acc0, c_ptr, row0, pid_k, M, N, rn, SPLIT_K)
     if ROWS >= 2:
@@ -366,30 +377,26 @@ def _decode_tile(words, hw, hsh, s, m, FMT: tl.constexpr, DTYPE: tl.constexpr):
     BG: tl.constexpr = words.shape[0]
     NJ: tl.constexpr = words.shape[1]
     hi = words >> 16
-    # Nibble q of each half decodes to c * 16**q (no shift), so s / 16**q scales it.
-    s1 = s * 0.0625
-    s2 = s * 0.00390625
-    s3 = s * 0.000244140625
     if FMT == 5:
-        # q6_k: s (lo + 16 (hi - 2)) per value, crumb i scaled by 16 / 4**i; m is unused.
-        h = hw >> hsh
-        p0 = tl.fma(_crumb(h, 0), s * 16.0, _plane(words, 0, 0) * s)
-        p1 = tl.fma(_crumb(h, 1), s * 4.0, _plane(words, 1, 0) * s1)
-        p2 = tl.fma(_crumb(h, 2), s, _plane(words, 2, 0) * s2)
-        p3 = tl.fma(_crumb(h, 3), s * 0.25, _plane(words, 3, 0) * s3)
-        p4 = tl.fma(_crumb(h, 4), s * 0.0625, _plane(hi, 0, 0) * s)
-        p5 = tl.fma(_crumb(h, 5), s * 0.015625, _plane(hi, 1, 0) * s1)
-        p6 = tl.fma(_crumb(h, 6), s * 0.00390625, _plane(hi, 2, 0) * s2)
-        p7 = tl.fma(_crumb(h, 7), s * 0.0009765625, _plane(hi, 3, 0) * s3)
+        # q6_k: s (code - 32) per value; m is unused.
+        c0, c1, c2, c3, c4, c5, c6, c7 = _q6_planes(words, hw >> hsh)
+        p0 = c0 * s
+        p1 = c1 * s
+        p2 = c2 * s
+        p3 = c3 * s
+        p4 = c4 * s
+        p5 = c5 * s
+        p6 = c6 * s
+        p7 = c7 * s
     else:
         p0 = _plane(words, 0, 0) * s + m
-        p1 = _plane(words, 1, 0) * s1 + m
-        p2 = _plane(words, 2, 0) * s2 + m
-        p3 = _plane(words, 3, 0) * s3 + m
+        p1 = _plane(words, 1, 0) * s + m
+        p2 = _plane(words, 2, 0) * s + m
+        p3 = _plane(words, 3, 0) * s + m
         p4 = _plane(hi, 0, 0) * s + m
-        p5 = _plane(hi, 1, 0) * s1 + m
-        p6 = _plane(hi, 2, 0) * s2 + m
-        p7 = _plane(hi, 3, 0) * s3 + m
+        p5 = _plane(hi, 1, 0) * s + m
+        p6 = _plane(hi, 2, 0) * s + m
+        p7 = _plane(hi, 3, 0) * s + m
     # Joins append an axis; flattening [.., a, b, c] gives 4 a + 2 b + c, so the first
     # join pairs nibbles i, i + 4 and the last i, i + 1: nibble order 0..7.
     v = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),

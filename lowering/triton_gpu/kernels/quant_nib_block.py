@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
-from .quant_nib import _crumbs, _octet_dot, _planes, _row_out, _walk, block_affine
+from .quant_nib import _octet_dot, _planes, _q6_planes, _row_out, _walk, block_affine
 
 
 @triton.jit
@@ -18,14 +18,12 @@ def _word_dot(t, xs, words, h, xp, DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.
     """t + one code word's products with its X octet (at xp), decoded here (the block GEMV's
     lane has the word alone), and xs + the octet's sum where the format's offset needs it; h:
     q6_k's crumbs of the word (shifted to bit 0), unread otherwise."""
-    q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words, OFF)
     if FMT == 5:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _crumbs(h)
-        t, _ = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, c0, c1, c2, c3, c4, c5, c6, c7,
-                          DT, FMT, OFF)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _q6_planes(words, h)
+        t, _ = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, DT, FMT, OFF)
     else:
-        t, xo = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, q0, q0, q0, q0, q0, q0, q0, q0,
-                           DT, FMT, OFF)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _planes(words, OFF)
+        t, xo = _octet_dot(t, xp, q0, q1, q2, q3, q4, q5, q6, q7, DT, FMT, OFF)
         if OFF == 0:
             xs = xs + xo
     return t, xs
