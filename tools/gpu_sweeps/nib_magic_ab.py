@@ -7,6 +7,8 @@ two forms' outputs compared.
 
     PYTHONPATH=tools/gpu_sweeps python3 tools/gpu_sweeps/nib_magic_ab.py [rounds]
     PYTHONPATH=tools/gpu_sweeps python3 tools/gpu_sweeps/nib_magic_ab.py --dry-run
+NIB_FMTS=q6_k,q4_k picks formats; NIB_BLK=1 adds the block GEMV's tiles (quant_nib.blk_confs)
+at one row.
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ def variants(fmt, n, k):
             out.append((f"new {qs.label(gemv[m])}", m, gemv[m], qs.specs_of(fmt, k, gemv[m])))
     two = dict(blk, BG=2, num_warps=1)
     out.append((f"new {qs.label(two)}", 1, two, qs.specs_of(fmt, k, two)))
+    if os.environ.get("NIB_BLK"):
+        seen = {qs.label(c) for _, _, c, _ in out}
+        out += [(f"new {qs.label(c)}", 1, c, qs.specs_of(fmt, k, c)) for c in qs.blk_confs()
+                if qs.label(c) not in seen]
     return out
 
 
@@ -76,7 +82,7 @@ def main() -> None:
         print(f"device copy bandwidth {copy:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
     for n, k in SHAPES:
-        for fmt in qs.FMTS:
+        for fmt in os.environ.get("NIB_FMTS", ",".join(qs.FMTS)).split(","):
             vs = variants(fmt, n, k)
             kernels = _kernels.compile_all({s.name: s for *_, sp in vs for s in sp}, DRY)
             dev, nbytes, wt = qs.weight(rng, fmt, n, k)

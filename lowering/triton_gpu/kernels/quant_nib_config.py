@@ -304,11 +304,12 @@ MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, 
 
 def mma_first_row(fmt: str, n: int) -> int:
     """The fewest rows of X the warp-MMA kernel takes for a weight of n rows in format fmt: 3,
-    2 from MMA_MIN_N_AT_2 rows; one fewer for Q6_K, whose GEMV decodes its high bits apart
-    (nib round 6: 14336 x 4096 at 1-2 rows 22.8 against the word GEMV's 26.7 us and the block
-    GEMV's 23.5, 4096 x 4096 at 2 rows 11.6 against 13.3 us)."""
-    first = 2 if n >= MMA_MIN_N_AT_2 else 3
-    return first - 1 if fmt == "q6_k" else first
+    2 from MMA_MIN_N_AT_2 rows; 2 for Q6_K, whose 2-row GEMV decodes more per value (H100,
+    2026-12-07, tools/gpu_sweeps/nib_magic_ab.py: 4096 x 4096 at 2 rows 10.2 against 10.7 us;
+    14336 x 4096 at 1 row the block GEMV 21.5 against 22.9 us, at 2 rows 23.1 against 28.4)."""
+    if fmt == "q6_k":
+        return 2
+    return 2 if n >= MMA_MIN_N_AT_2 else 3
 
 
 def mma_takes(fmt: str, dtype: str, k: int, c: dict = MMA_BUCKET[1]) -> bool:

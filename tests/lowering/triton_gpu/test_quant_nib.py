@@ -250,8 +250,9 @@ def test_config_buckets_fit_k_and_fill_the_gpu():
     assert qn.nib_config(2, 4096)[0].get("GEMV") and qn.nib_config(2, 4096, 14336)[0].get("MMA")
     assert qn.nib_config(8, 4096)[0].get("MMA") and qn.nib_config(8, 4096, 4096, "q6_k")[0].get("MMA")
     assert qn.nib_config(8, 4096, 4096, "q4_0", "float32")[0].get("GEMV")
-    # Q6_K takes the warp-MMA kernel one row sooner (its GEMV decodes the high bits apart).
-    assert qn.nib_config(1, 4096, 14336, "q6_k")[0].get("MMA")
+    # Q6_K takes the warp-MMA kernel from two rows on either weight, the block GEMV at one.
+    assert qn.nib_config(1, 4096, 14336, "q6_k")[0].get("BLK")
+    assert qn.nib_config(2, 4096, 14336, "q6_k")[0].get("MMA")
     assert qn.nib_config(1, 4096, 4096, "q6_k")[0].get("GEMV")
     assert qn.nib_config(2, 4096, 4096, "q6_k")[0].get("MMA")
     assert qn.nib_config(1, 4096, 14336, "q6_k", "float32")[0].get("GEMV")
