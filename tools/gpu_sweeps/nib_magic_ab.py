@@ -7,8 +7,8 @@ two forms' outputs compared.
 
     PYTHONPATH=tools/gpu_sweeps python3 tools/gpu_sweeps/nib_magic_ab.py [rounds]
     PYTHONPATH=tools/gpu_sweeps python3 tools/gpu_sweeps/nib_magic_ab.py --dry-run
-NIB_FMTS=q6_k,q4_k picks formats; NIB_BLK=1 adds the block GEMV's tiles (quant_nib.blk_confs)
-at one row.
+NIB_FMTS=q6_k,q4_k picks formats, NIB_ROWS=1,2 row counts; NIB_BLK=1 adds the block GEMV's
+tiles (quant_nib.blk_confs) and two row groups a lane at one row.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from graphir.lowering.triton_gpu.kernels.quant_nib_config import nib_config  # n
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 5
 SHAPES = [(40, 512)] if DRY else [(14336, 4096), (4096, 4096)]
+ROWS = tuple(int(m) for m in os.environ.get("NIB_ROWS", "1,2,4").split(","))
 OLD = {"nib_gemv_kernel": old_nib.nib_gemv_kernel,
        "nib_gemv_block_kernel": old_blk.nib_gemv_block_kernel}
 
@@ -55,7 +56,7 @@ def variants(fmt, n, k):
     gemv = {1: blk, 2: dict(GEMV=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, PREFETCH=1, ROWS=2)}
     gemv[4] = dict(gemv[2], ROWS=4)
     out = []
-    for m in (1, 2, 4):
+    for m in ROWS:
         conf = nib_config(m, k, n, fmt)[0]
         specs = qs.specs_of(fmt, k, conf)
         if conf.get("GEMV"):
@@ -63,9 +64,9 @@ def variants(fmt, n, k):
         out.append((f"new {qs.label(conf)}", m, conf, specs))
         if conf.get("MMA"):
             out.append((f"new {qs.label(gemv[m])}", m, gemv[m], qs.specs_of(fmt, k, gemv[m])))
-    two = dict(blk, BG=2, num_warps=1)
-    out.append((f"new {qs.label(two)}", 1, two, qs.specs_of(fmt, k, two)))
     if os.environ.get("NIB_BLK"):
+        two = dict(blk, BG=2, num_warps=1)
+        out.append((f"new {qs.label(two)}", 1, two, qs.specs_of(fmt, k, two)))
         seen = {qs.label(c) for _, _, c, _ in out}
         out += [(f"new {qs.label(c)}", 1, c, qs.specs_of(fmt, k, c)) for c in qs.blk_confs()
                 if qs.label(c) not in seen]
@@ -89,7 +90,7 @@ def main() -> None:
             copies = 2 if DRY else qs._kernels_copies(sum(t.numel() * t.element_size() for t in dev))
             wsets = [dev] + [[t.clone() for t in dev] for _ in range(copies - 1)]
             wt = torch.from_numpy(wt).to(qs.DEV)
-            xs = {m: torch.randn(m, k, device=qs.DEV).to(torch.bfloat16) for m in (1, 2, 4)}
+            xs = {m: torch.randn(m, k, device=qs.DEV).to(torch.bfloat16) for m in ROWS}
             runs, outs = [], {}
             for lab, m, conf, specs in vs:
                 out = torch.empty((m, n), dtype=torch.bfloat16, device=qs.DEV)
@@ -107,7 +108,7 @@ def main() -> None:
             for _ in range(ROUNDS - 1):
                 for lab, m, fns, ts, _e in runs:
                     ts.append(_kernels.timed(fns, DRY))
-            peer = {m: qs.cublas_us(n, k, m) for m in (1, 2, 4)}
+            peer = {m: qs.cublas_us(n, k, m) for m in ROWS}
             for lab, m, fns, ts, err in runs:
                 us = statistics.median(ts)
                 same = ""
