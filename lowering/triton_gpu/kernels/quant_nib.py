@@ -116,6 +116,8 @@ _LOP3_23, _LOP3_19, _LOP3_15, _LOP3_11 = _LOP3[23], _LOP3[19], _LOP3[15], _LOP3[
 def _or_magic(v, MASK: tl.constexpr, EXP: tl.constexpr):
     """(v & MASK) | bits of 2**EXP in one LOP3: ptxas otherwise spends two, since LOP3 takes a
     single immediate; here the mask comes in a register (set once, outside the loop)."""
+    # The asm is picked from _LOP3's magics: another one would silently take the last.
+    tl.static_assert(EXP == 23 or EXP == 19 or EXP == 15 or EXP == 11)
     if _ASM:
         asm: tl.constexpr = _LOP3_23 if EXP == 23 else _LOP3_19 if EXP == 19 else \
             _LOP3_15 if EXP == 15 else _LOP3_11

@@ -9,7 +9,11 @@ import torch
 
 pytest.importorskip("gguf")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.quant_nib import _LOP3, _or_magic  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.ops.quant.gguf_blocks import dequantize_gguf  # noqa: E402
 from graphir.ops.quant.gguf_quantize import quantize_gguf  # noqa: E402
@@ -397,3 +401,23 @@ def test_plan_variants_end_at_the_decode_path(dtype, after):
     rows = whens[0].rsplit(" <= ", 1)[0]       # the row count's expression
     tops = (1, 2, 4) if after == 4 else (1, 2, 8, 16)
     assert whens[:len(tops)] == [f"{rows} <= {top}" for top in tops], whens
+
+@triton.jit
+def _mask_or_kernel(x_ptr, o_ptr, EXP: tl.constexpr):
+    v = tl.load(x_ptr + tl.arange(0, 16))
+    tl.store(o_ptr + tl.arange(0, 16), _or_magic(v, 0xF0, EXP))
+
+
+def test_the_mask_or_takes_only_the_magics_its_asm_has():
+    """_or_magic ORs the float 2**EXP into masked codes; on the GPU its inline lop3 is picked
+    from a table of magics, so an EXP outside it must fail to compile, not take another's."""
+    x = torch.from_numpy(np.random.default_rng(5).integers(-2**31, 2**31, 16, dtype=np.int64)
+                         .astype(np.int32))
+    for exp in (23, 19, 15, 11):
+        o = torch.empty_like(x)
+        _mask_or_kernel[(1,)](x, o, exp)
+        magic = np.float32(2.0 ** exp).view(np.int32)
+        assert np.array_equal(o.numpy(), (x.numpy() & 0xF0) | magic), exp
+        assert f" {magic}, 0xEA;" in _LOP3[exp].value
+    with pytest.raises(Exception):
+        _mask_or_kernel[(1,)](x, torch.empty_like(x), 7)
