@@ -114,7 +114,9 @@ class FakeDriver:
         return 0
 
     def _unsafe(self, *_):
-        if self.foreign_capture and self.capture_mode != 2:
+        from graphir.runtime.cuda.driver import CAPTURE_MODE_RELAXED
+
+        if self.foreign_capture and self.capture_mode != CAPTURE_MODE_RELAXED:
             self.broken_captures += 1
             return 900      # CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
         return 0

@@ -305,7 +305,7 @@ MMA16_BUCKET = (16, dict(MMA=1, XN=2, num_warps=4, NB=2, SPLIT_K=0, PREFETCH=1, 
 def mma_first_row(fmt: str, n: int) -> int:
     """The fewest rows of X the warp-MMA kernel takes for a weight of n rows in format fmt: 3,
     2 from MMA_MIN_N_AT_2 rows; 2 for Q6_K, whose 2-row GEMV decodes more per value (H100,
-    2026-12-07, tools/gpu_sweeps/nib_magic_ab.py: 4096 x 4096 at 2 rows 10.2 against 10.7 us;
+    2026-12-07, BENCHMARKS.md thirtieth session: 4096 x 4096 at 2 rows 10.2 against 10.7 us;
     14336 x 4096 at 1 row the block GEMV 21.5 against 22.9 us, at 2 rows 23.1 against 28.4)."""
     if fmt == "q6_k":
         return 2
