@@ -108,10 +108,8 @@ def _magic_bits(exp: int) -> int:
 
 # (v & mask) | magic as one LOP3 for each magic a decode ORs in, 2**(23 - 4q) for a code at
 # bit 4q; the asm takes the magic as its immediate.
-_LOP3 = {e: tl.constexpr(f"lop3.b32 $0, $1, $2, {_magic_bits(e)}, 0xEA;")
-         for e in (23, 19, 15, 11, 7)}
-_LOP3_23, _LOP3_19, _LOP3_15, _LOP3_11, _LOP3_7 = (_LOP3[23], _LOP3[19], _LOP3[15], _LOP3[11],
-                                                   _LOP3[7])
+_LOP3 = {e: tl.constexpr(f"lop3.b32 $0, $1, $2, {_magic_bits(e)}, 0xEA;") for e in (23, 19, 15, 11)}
+_LOP3_23, _LOP3_19, _LOP3_15, _LOP3_11 = _LOP3[23], _LOP3[19], _LOP3[15], _LOP3[11]
 
 
 @triton.jit
@@ -119,10 +117,10 @@ def _or_magic(v, MASK: tl.constexpr, EXP: tl.constexpr):
     """(v & MASK) | bits of 2**EXP in one LOP3: ptxas otherwise spends two, since LOP3 takes a
     single immediate; here the mask comes in a register (set once, outside the loop)."""
     # The asm is picked from _LOP3's magics: another one would silently take the last.
-    tl.static_assert(EXP == 23 or EXP == 19 or EXP == 15 or EXP == 11 or EXP == 7)
+    tl.static_assert(EXP == 23 or EXP == 19 or EXP == 15 or EXP == 11)
     if _ASM:
         asm: tl.constexpr = _LOP3_23 if EXP == 23 else _LOP3_19 if EXP == 19 else \
-            _LOP3_15 if EXP == 15 else _LOP3_11 if EXP == 11 else _LOP3_7
+            _LOP3_15 if EXP == 15 else _LOP3_11
         r = tl.inline_asm_elementwise(asm, "=r,r,r", [v, tl.full(v.shape, MASK, tl.int32)],
                                       dtype=tl.int32, is_pure=True, pack=1)
     else:
@@ -149,26 +147,22 @@ def _planes(words, OFF: tl.constexpr):
 
 @triton.jit
 def _q6_planes(words, h):
-    """q6_k's eight values of code words (the low nibble of value i at bit 4i) with their
-    crumbs (its high 2 bits at bits 2i of h), each as the exact float code - 32."""
-    # Nibble i of `words` shifted right by a lands at 4i - a, crumb i of h shifted left by
-    # 2i + 4 - a just above it: the words as they are for values 0-3, >> 8 for 4-6, >> 12
-    # for 7 (each code must end below bit 23), so four crumb shifts serve all eight.
-    h4 = h << 4
-    h6 = h << 6
-    h8 = h << 8
-    w8 = words >> 8
-    return (_q6_code(words, h4, 0), _q6_code(words, h6, 1), _q6_code(words, h8, 2),
-            _q6_code(words, h << 10, 3), _q6_code(w8, h4, 2), _q6_code(w8, h6, 3),
-            _q6_code(w8, h8, 4), _q6_code(words >> 12, h6, 4))
+    """q6_k's eight values of code words (low nibbles, as _planes reads them) with their crumbs
+    (the high 2 bits of value i at bits 2i of h), each as the exact float code - 32."""
+    hi = words >> 16
+    # Crumb i shifted to just above its nibble (bit 4q + 4, q = i % 4).
+    return (_q6_code(words, h << 4, 0), _q6_code(words, h << 6, 1),
+            _q6_code(words, h << 8, 2), _q6_code(words, h << 10, 3),
+            _q6_code(hi, h >> 4, 0), _q6_code(hi, h >> 2, 1), _q6_code(hi, h, 2),
+            _q6_code(hi, h << 2, 3))
 
 
 @triton.jit
 def _q6_code(w, hs, q: tl.constexpr):
     """The 6-bit code at bits 4q..4q + 5 of (w's nibble at 4q) | (hs's crumb at 4q + 4), minus
     32: both OR-ed into the magic 2**(23 - 4q) make the float 2**(23 - 4q) + code, so one
-    subtraction gives it (two mask-ors, a subtraction and ~0.75 shifts a value, where the
-    crumb as a float of its own took a mask-or, a subtraction and an FMA more)."""
+    subtraction gives it (a mask-or, a shift, a second mask-or and a subtraction a value, where
+    the crumb as a float of its own took a mask-or, a subtraction and an FMA more)."""
     EXP: tl.constexpr = 23 - 4 * q
     f = _or_magic(w, 0xF << (4 * q), EXP) | (hs & (0x30 << (4 * q)))
     return f.to(tl.float32, bitcast=True) - ((1 << EXP) + 32)
