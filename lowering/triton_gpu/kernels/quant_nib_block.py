@@ -30,6 +30,32 @@ def _word_dot(t, xs, words, h, xp, DT: tl.constexpr, FMT: tl.constexpr, OFF: tl.
 
 
 @triton.jit
+def _q6_pair_scales(s_ptr, z_ptr, g, b, nblk):
+    """q6_k's scales `[BG, NQ, 4]` of 16-value halves 2 b and 2 b + 1 (nblk counts halves): the
+    eight int8 sub-block scales of a row group's two halves are adjacent, so one 8-byte load
+    (two words, row r at byte r) brings both, and both halves share one float16 d (16 halves
+    a d), loaded once; block_affine per half loads them twice each."""
+    g64 = g.to(tl.int64)[:, None, None]
+    # int32 word g nblk + h holds the four rows' scales of half h
+    # (nblk is even: a word pair is 8-byte aligned, one load)
+    at = tl.multiple_of(g64 * nblk + (2 * b)[None, :, None], [1, 1, 2])
+    w2 = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + at + tl.arange(0, 2)[None, None, :])
+    w0, w1 = tl.split(w2)
+    r4 = tl.arange(0, 4)[None, None, :]
+    d = tl.load(z_ptr.to(tl.pointer_type(tl.float16)) + g64 * (nblk // 16 * 4)
+                + (2 * b // 16 * 4)[None, :, None] + r4).to(tl.float32)
+    return d * _sbyte(w0[:, :, None], r4), d * _sbyte(w1[:, :, None], r4)
+
+
+@triton.jit
+def _sbyte(w, r):
+    """Byte r of words w as the float of its signed (int8) value: flipping the sign bit makes
+    it the unsigned value + 128, exact under the 2**23 magic."""
+    u = ((w ^ -0x7F7F7F80) >> (8 * r)) & 0xFF    # -0x7F7F7F80: the int32 0x80808080
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 128.0)
+
+
+@triton.jit
 def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
                  GROUP: tl.constexpr, NQ: tl.constexpr, WEV: tl.constexpr):
     """Step `step`'s four code words of each of NQ blocks `[BG, NQ, 4]` (word columns 4 b + 0..3),
@@ -47,8 +73,7 @@ def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
     if FMT == 5:
         c0 = tl.load(hp + step * (NQ * 8), eviction_policy=EV)
         c1 = tl.load(hp + step * (NQ * 8) + 4, eviction_policy=EV)
-        s, _ = block_affine(s_ptr, z_ptr, g, 2 * b, nblk, FMT, GROUP)
-        m, _ = block_affine(s_ptr, z_ptr, g, 2 * b + 1, nblk, FMT, GROUP)
+        s, m = _q6_pair_scales(s_ptr, z_ptr, g, b, nblk)
     else:
         c0 = w0
         c1 = w0
