@@ -14,6 +14,7 @@ import triton.language as tl  # noqa: E402
 
 from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.quant_nib import _LOP3, _or_magic  # noqa: E402
+from graphir.lowering.triton_gpu.kernels.quant_nib_block import _sbyte  # noqa: E402
 from graphir.lowering.triton_gpu.kernels.spec import cdiv  # noqa: E402
 from graphir.ops.quant.gguf_blocks import dequantize_gguf  # noqa: E402
 from graphir.ops.quant.gguf_quantize import quantize_gguf  # noqa: E402
@@ -421,3 +422,20 @@ def test_the_mask_or_takes_only_the_magics_its_asm_has():
         assert f" {magic}, 0xEA;" in _LOP3[exp].value
     with pytest.raises(Exception):
         _mask_or_kernel[(1,)](x, torch.empty_like(x), 7)
+
+
+@triton.jit
+def _sbyte_kernel(w_ptr, o_ptr):
+    w = tl.load(w_ptr + tl.arange(0, 64))[:, None]
+    r = tl.arange(0, 4)[None, :]
+    tl.store(o_ptr + tl.arange(0, 64)[:, None] * 4 + r, _sbyte(w, r))
+
+
+def test_q6_scale_bytes_decode_as_signed_int8():
+    """The block GEMV reads q6_k's int8 scales four to a word (_sbyte): each of the 256 byte
+    values, at every byte position, comes out as its signed value exactly."""
+    b = np.random.default_rng(11).permutation(256).astype(np.uint8).reshape(64, 4)
+    w = torch.from_numpy(b.view(np.int32).reshape(64).copy())   # byte r at bits 8r
+    o = torch.empty(64, 4)
+    _sbyte_kernel[(1,)](w, o)
+    assert np.array_equal(o.numpy(), b.view(np.int8).astype(np.float32))
