@@ -36,10 +36,10 @@ def _q6_pair_scales(s_ptr, z_ptr, g, b, nblk):
     """q6_k's scales `[BG, NQ, 4]` of 16-value halves 2 b and 2 b + 1 (nblk counts halves): the
     eight int8 sub-block scales of a row group's two halves are adjacent, so one 8-byte load
     (two words, row r at byte r) brings both, and both halves share one float16 d (16 halves
-    a d), loaded once; block_affine per half loads them twice each."""
+    a d), loaded once (block_affine, once a half, loads each twice)."""
     g64 = g.to(tl.int64)[:, None, None]
-    # int32 word g nblk + h holds the four rows' scales of half h
-    # (nblk is even: a word pair is 8-byte aligned, one load)
+    # int32 word g nblk + h holds the four rows' scales of half h; nblk = K / 16 is even (K a
+    # multiple of 256 for q6_k), so the pair starts 8-byte aligned and loads as one
     at = tl.multiple_of(g64 * nblk + (2 * b)[None, :, None], [1, 1, 2])
     w2 = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + at + tl.arange(0, 2)[None, None, :])
     w0, w1 = tl.split(w2)
