@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
-from .quant_nib import _octet_dot, _planes, _q6_planes, _row_out, _walk, block_affine
+from .quant_nib import _octet_dot, _planes, _q6_planes, _row_out, _small, _walk, block_affine
 
 
 @triton.jit
@@ -52,9 +52,9 @@ def _q6_pair_scales(s_ptr, z_ptr, g, b, nblk):
 @triton.jit
 def _sbyte(w, r):
     """Byte r of words w as the float of its signed (int8) value: flipping the sign bit makes
-    it the unsigned value + 128, exact under the 2**23 magic."""
+    it the unsigned value + 128."""
     u = ((w ^ -0x7F7F7F80) >> (8 * r)) & 0xFF    # -0x7F7F7F80: the int32 0x80808080
-    return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 128.0)
+    return _small(u, 128)
 
 
 @triton.jit

@@ -403,6 +403,7 @@ def test_plan_variants_end_at_the_decode_path(dtype, after):
     tops = (1, 2, 4) if after == 4 else (1, 2, 8, 16)
     assert whens[:len(tops)] == [f"{rows} <= {top}" for top in tops], whens
 
+
 @triton.jit
 def _mask_or_kernel(x_ptr, o_ptr, EXP: tl.constexpr):
     v = tl.load(x_ptr + tl.arange(0, 16))
