@@ -12,13 +12,17 @@ row groups of four (N padded to a multiple of 4 with zero rows):
   narrowest exact form, each `[N / 4, blocks, 4]` (four rows' terms of a block adjacent):
   * "q4_0": `scales` float16 (s = d, m = -8 d);
   * "q4_1": `scales` uint32, float16 s in the low half, float16 m in the high;
-  * "q4_k": `scales` uint16 (6-bit sc low byte, 6-bit min high byte) and `supers` uint32
-    `[N / 4, K / 256, 4]` (float16 d low, float16 dmin high): s = d sc, m = -dmin min, both
-    exact in float32, as GGML's reference computes them;
+  * "q4_k": `scales` uint16 (6-bit sc at bits 0-5, 6-bit min at bits 8-13) and `supers`
+    uint32 `[N / 4, K / 256, 4]` (float16 d low, float16 dmin high): s = d sc, m = -dmin min,
+    both exact in float32, as GGML's reference computes them. The scales' spare bits 6-7 and
+    14-15 of block i of a super-block hold its supers word's bits b, b + 1, b + 8, b + 9 for
+    b = SPARE_SHIFT[i], so eight adjacent blocks' scales carry the whole word: the one-row GEMV,
+    a block a lane, rebuilds it from its neighbours' scales and never reads `supers` (kept for
+    the kernels that take a block's terms row by row);
   * "gptq": `scales` float16 and `zeros` uint8 per group of G (s, m = -s z: exact, an 11-bit
     mantissa times a code below 2**8); "gptq_sym": scales only (z = 8).
-Bytes per value: codes 0.5, plus 1/16 (q4_0), 1/8 (q4_1), 0.078 (q4_k), 2/G or 3/G (gptq),
-0.32 (q6_k): the checkpoint's within 3%.
+Bytes per value: codes 0.5, plus 1/16 (q4_0), 1/8 (q4_1), 0.078 (q4_k; 1/16, the checkpoint's,
+as the one-row GEMV reads it), 2/G or 3/G (gptq), 0.32 (q6_k): the checkpoint's within 3%.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from .gguf_blocks import legacy_codes, gguf_block_geometry
 from .gguf_kquants import f16_bits, q4_k_codes, q6_k_codes, six_bit_pairs
 
 NIB_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym", "q6_k")
+# q4_k: where block i of a super-block keeps its bits of the supers word (pairs b, b + 1 and
+# b + 8, b + 9 of the 32: the eight blocks tile it).
+SPARE_SHIFT = (0, 2, 4, 6, 16, 18, 20, 22)
 
 
 def _groups_of_four(a: np.ndarray) -> np.ndarray:
@@ -96,8 +103,9 @@ def repack_gguf(raw: np.ndarray, encoding: str, k: int) -> tuple[np.ndarray, ...
         return pack_codes(codes), _groups_of_four(sm)
     if encoding == "Q4_K":
         sc, mn = six_bit_pairs(b[..., 4:16])
-        scm = sc.astype(np.uint16) | (mn.astype(np.uint16) << 8)
         supers = f16_bits(b, 0).astype(np.uint32) | (f16_bits(b, 2).astype(np.uint32) << 16)
+        spare = (supers[..., None] >> np.array(SPARE_SHIFT, np.uint32)) & np.uint32(0x0303)
+        scm = sc.astype(np.uint16) | (mn.astype(np.uint16) << 8) | (spare << 6).astype(np.uint16)
         return (pack_codes(q4_k_codes(b).reshape(n, k)), _groups_of_four(scm.reshape(n, k // 32)),
                 _groups_of_four(supers))
     if encoding == "Q6_K":
@@ -152,8 +160,8 @@ def dequantize_nib(fmt: str, n: int, codes: np.ndarray, scales: np.ndarray,
         s, m = f16_halves(sc)
     elif fmt == "q4_k":
         d, dmin = f16_halves(ex)
-        s = np.repeat(d, 8, axis=1) * (sc & 0xFF).astype(np.float32)
-        m = -(np.repeat(dmin, 8, axis=1) * (sc >> 8).astype(np.float32))
+        s = np.repeat(d, 8, axis=1) * (sc & 0x3F).astype(np.float32)
+        m = -(np.repeat(dmin, 8, axis=1) * ((sc >> 8) & 0x3F).astype(np.float32))
     elif fmt in ("gptq", "gptq_sym"):
         s = np.repeat(sc.astype(np.float32), group // 32, axis=1)
         z = np.full_like(s, 8.0) if ex is None else np.repeat(ex.astype(np.float32), group // 32, axis=1)
@@ -163,6 +171,15 @@ def dequantize_nib(fmt: str, n: int, codes: np.ndarray, scales: np.ndarray,
     return (c.reshape(n, k // 32, 32) * s[..., None] + m[..., None]).reshape(n, k)
 
 
+def q4_k_spare_supers(scales: np.ndarray) -> np.ndarray:
+    """q4_k's supers words `[G, K / 256, 4]` rebuilt from the scales' spare bits (uint16 `[G, K /
+    32, 4]`), as the one-row GEMV does."""
+    g, blocks, _ = scales.shape
+    pairs = ((scales.astype(np.uint32) >> np.uint32(6)) & np.uint32(0x0303)).reshape(
+        g, blocks // 8, 8, 4)
+    return np.bitwise_or.reduce(pairs << np.array(SPARE_SHIFT, np.uint32)[:, None], axis=2)
+
+
 def f16_halves(u32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) float16 halves of uint32 words, as float32."""
     lo = (u32 & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -170,5 +187,5 @@ def f16_halves(u32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-__all__ = ["NIB_FORMATS", "pack_codes", "pack_crumbs", "unpack_codes", "repack_gguf",
-           "repack_gptq", "dequantize_nib", "f16_halves"]
+__all__ = ["NIB_FORMATS", "SPARE_SHIFT", "pack_codes", "pack_crumbs", "unpack_codes",
+           "repack_gguf", "repack_gptq", "dequantize_nib", "q4_k_spare_supers", "f16_halves"]

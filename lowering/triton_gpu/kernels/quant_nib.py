@@ -78,10 +78,7 @@ def affine_at(s_ptr, z_ptr, g, bi, r4, nblk, FMT: tl.constexpr, GROUP: tl.conste
     elif FMT == 2:
         v = tl.load(s_ptr.to(tl.pointer_type(tl.uint16)) + at).to(tl.uint32)
         dd = tl.load(z_ptr.to(tl.pointer_type(tl.uint32)) + g * (nblk // 8 * 4) + bi // 8 * 4 + r4)
-        s = _f16_lo(dd) * _small(v & 0xFF)
-        # The min byte in place: OR-ed into 2**15 its last bit is worth 1 (no shift).
-        mn = _or_magic(v.to(tl.int32), 0xFF00, 15).to(tl.float32, bitcast=True) - 32768.0
-        m = -(_f16_hi(dd) * mn)
+        s, m = q4_k_terms(v, dd)
     elif FMT == 5:
         # q6_k: nblk counts 16-value sub-blocks; int8 scale per sub-block, d per 16 of them.
         sc = tl.load(s_ptr.to(tl.pointer_type(tl.int8)) + at).to(tl.int32) + 128
@@ -99,6 +96,16 @@ def affine_at(s_ptr, z_ptr, g, bi, r4, nblk, FMT: tl.constexpr, GROUP: tl.conste
             z = tl.full(s.shape, 8.0, tl.float32)
         m = -(s * z)
     return s, m
+
+
+@triton.jit
+def q4_k_terms(v, dd):
+    """q4_k's (s, m) from a block's scales v (uint32 of the uint16: sc bits 0-5, min 8-13, the
+    rest the layout's spare bits) and its super-block's word dd (float16 d low, dmin high)."""
+    s = _f16_lo(dd) * _small(v & 0x3F)
+    # The min in place: OR-ed into 2**15 its last bit is worth 1 (no shift).
+    mn = _or_magic(v.to(tl.int32), 0x3F00, 15).to(tl.float32, bitcast=True) - 32768.0
+    return s, -(_f16_hi(dd) * mn)
 
 
 def _magic_bits(exp: int) -> int:

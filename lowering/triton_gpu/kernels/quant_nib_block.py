@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 from graphir.lowering.triton_gpu.kernels.pdl import pdl_wait
 
-from .quant_nib import _octet_dot, _planes, _q6_planes, _row_out, _small, _walk, block_affine
+from .quant_nib import (_octet_dot, _planes, _q6_planes, _row_out, _small, _walk, block_affine,
+                        q4_k_terms)
 
 
 @triton.jit
@@ -58,7 +59,25 @@ def _sbyte(w, r):
 
 
 @triton.jit
-def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
+def _q4k_spare_terms(s_ptr, g, b, nblk, sh):
+    """q4_k's (s, m) of blocks b `[NQ]` (NQ a multiple of 8, b[0] too) without the supers load:
+    each block's scales carry 4 bits of its super-block's (d, dmin) word (ops/quant/
+    nib_layout.py), at sh `[1, NQ, 1]` (SPARE_SHIFT of b % 8), so the word is the sum (the
+    bits are disjoint: their OR) over the 8 lanes of a super-block, a few shuffles. It saves
+    the checkpoint's 1/64 of bytes past the codes and one load of the step's ten."""
+    g64 = g.to(tl.int64)[:, None, None]
+    v = tl.load(s_ptr.to(tl.pointer_type(tl.uint16)) + g64 * (nblk * 4) + (b * 4)[None, :, None]
+                + tl.arange(0, 4)[None, None, :]).to(tl.uint32)
+    BG: tl.constexpr = v.shape[0]
+    NQ: tl.constexpr = v.shape[1]
+    part = ((v >> 6) & 0x0303) << sh
+    dd = tl.sum(tl.reshape(part, (BG, NQ // 8, 8, 4)), axis=2)
+    dd = tl.reshape(tl.broadcast_to(dd[:, :, None, :], (BG, NQ // 8, 8, 4)), (BG, NQ, 4))
+    return q4_k_terms(v, dd)
+
+
+@triton.jit
+def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, sh, FMT: tl.constexpr,
                  GROUP: tl.constexpr, NQ: tl.constexpr, WEV: tl.constexpr):
     """Step `step`'s four code words of each of NQ blocks `[BG, NQ, 4]` (word columns 4 b + 0..3),
     q6_k's two crumb words (columns 2 b, 2 b + 1: the code words again otherwise) and the
@@ -76,6 +95,10 @@ def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, FMT: tl.constexpr,
         c0 = tl.load(hp + step * (NQ * 8), eviction_policy=EV)
         c1 = tl.load(hp + step * (NQ * 8) + 4, eviction_policy=EV)
         s, m = _q6_pair_scales(s_ptr, z_ptr, g, b, nblk)
+    elif FMT == 2 and NQ % 8 == 0:
+        c0 = w0
+        c1 = w0
+        s, m = _q4k_spare_terms(s_ptr, g, b, nblk, sh)
     else:
         c0 = w0
         c1 = w0
@@ -115,12 +138,16 @@ def nib_gemv_block_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, col
     OFF: tl.constexpr = 8 if FMT == 0 or FMT == 4 else 0
     acc = tl.zeros((BG, NQ, 4), tl.float32)
     zx = tl.zeros((BG, NQ), tl.float32)
-    nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, 0, nblk, FMT, GROUP, NQ, WEV)
+    # q4_k: where each lane's block keeps its bits of the super-block word (SPARE_SHIFT[jb % 8];
+    # a step moves NQ blocks, so the same every step when NQ % 8 == 0).
+    i8 = jb % 8
+    sh = (2 * i8 + 8 * (i8 // 4))[None, :, None]
+    nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, 0, nblk, sh, FMT, GROUP, NQ, WEV)
     for it in range(steps):
         w0, w1, w2, w3, c0, c1, s, m = nxt
         # Past the last step: the last again (in bounds, unused).
         nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, tl.minimum(it + 1, steps - 1), nblk,
-                           FMT, GROUP, NQ, WEV)
+                           sh, FMT, GROUP, NQ, WEV)
         xs = xp + it * (NQ * 4 * XW)
         t = tl.zeros((BG, NQ, 4), tl.float32)
         t, xsum = _word_dot(t, zx, w0, c0, xs, DT, FMT, OFF)
