@@ -14,11 +14,11 @@ row groups of four (N padded to a multiple of 4 with zero rows):
   * "q4_1": `scales` uint32, float16 s in the low half, float16 m in the high;
   * "q4_k": `scales` uint16 (6-bit sc at bits 0-5, 6-bit min at bits 8-13) and `supers`
     uint32 `[N / 4, K / 256, 4]` (float16 d low, float16 dmin high): s = d sc, m = -dmin min,
-    both exact in float32, as GGML's reference computes them. The scales' spare bits 6-7 and
-    14-15 of block i of a super-block hold its supers word's bits b, b + 1, b + 8, b + 9 for
-    b = SPARE_SHIFT[i], so eight adjacent blocks' scales carry the whole word: the one-row GEMV,
-    a block a lane, rebuilds it from its neighbours' scales and never reads `supers` (kept for
-    the kernels that take a block's terms row by row);
+    both exact in float32, as GGML's reference computes them. Row r's supers word of a
+    super-block also rides in the spare bits 6-7, 14-15 of the scales of its blocks 2r, 2r + 1
+    (16 bits a block: its four rows' spare bits; SPARE_FIELDS), so the one-row GEMV, a block a
+    lane, gathers the words from its neighbours in three shuffles and never reads `supers`
+    (kept for the kernels that take a block's terms row by row);
   * "gptq": `scales` float16 and `zeros` uint8 per group of G (s, m = -s z: exact, an 11-bit
     mantissa times a code below 2**8); "gptq_sym": scales only (z = 8).
 Bytes per value: codes 0.5, plus 1/16 (q4_0), 1/8 (q4_1), 0.078 (q4_k; 1/16, the checkpoint's,
@@ -32,9 +32,18 @@ from .gguf_blocks import legacy_codes, gguf_block_geometry
 from .gguf_kquants import f16_bits, q4_k_codes, q6_k_codes, six_bit_pairs
 
 NIB_FORMATS = ("q4_0", "q4_1", "q4_k", "gptq", "gptq_sym", "q6_k")
-# q4_k: where block i of a super-block keeps its bits of the supers word (pairs b, b + 1 and
-# b + 8, b + 9 of the 32: the eight blocks tile it).
-SPARE_SHIFT = (0, 2, 4, 6, 16, 18, 20, 22)
+# q4_k: block k of a super-block carries half k % 2 of row k // 2's supers word, 16 bits spread
+# over its four rows' scales: row r's spare bits 6-7 hold the half's bits 2r, 2r + 1 and bits
+# 14-15 its bits 2r + 8, 2r + 9 (so (scale >> 6) & 0x0303, shifted by 2r, ORs into the half).
+SPARE_FIELDS = 0x0303
+
+
+def _spare_bits(supers: np.ndarray) -> np.ndarray:
+    """uint16 `[G, K / 32, 4]`: each block's spare bits, from supers `[G, K / 256, 4]`."""
+    halves = np.stack([supers & 0xFFFF, supers >> 16], axis=-1).reshape(*supers.shape[:2], 8)
+    r = np.arange(4, dtype=np.uint32)
+    spare = ((halves[..., None] >> (2 * r)) & SPARE_FIELDS) << 6       # [G, S, 8 blocks, 4 rows]
+    return spare.reshape(supers.shape[0], -1, 4).astype(np.uint16)
 
 
 def _groups_of_four(a: np.ndarray) -> np.ndarray:
@@ -103,11 +112,11 @@ def repack_gguf(raw: np.ndarray, encoding: str, k: int) -> tuple[np.ndarray, ...
         return pack_codes(codes), _groups_of_four(sm)
     if encoding == "Q4_K":
         sc, mn = six_bit_pairs(b[..., 4:16])
-        supers = f16_bits(b, 0).astype(np.uint32) | (f16_bits(b, 2).astype(np.uint32) << 16)
-        spare = (supers[..., None] >> np.array(SPARE_SHIFT, np.uint32)) & np.uint32(0x0303)
-        scm = sc.astype(np.uint16) | (mn.astype(np.uint16) << 8) | (spare << 6).astype(np.uint16)
-        return (pack_codes(q4_k_codes(b).reshape(n, k)), _groups_of_four(scm.reshape(n, k // 32)),
-                _groups_of_four(supers))
+        scm = (sc.astype(np.uint16) | (mn.astype(np.uint16) << 8)).reshape(n, k // 32)
+        supers = _groups_of_four(f16_bits(b, 0).astype(np.uint32)
+                                 | (f16_bits(b, 2).astype(np.uint32) << 16))
+        return (pack_codes(q4_k_codes(b).reshape(n, k)),
+                _groups_of_four(scm) | _spare_bits(supers), supers)
     if encoding == "Q6_K":
         low4, high2 = q6_k_codes(b)
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(n, k // 16)
@@ -172,12 +181,13 @@ def dequantize_nib(fmt: str, n: int, codes: np.ndarray, scales: np.ndarray,
 
 
 def q4_k_spare_supers(scales: np.ndarray) -> np.ndarray:
-    """q4_k's supers words `[G, K / 256, 4]` rebuilt from the scales' spare bits (uint16 `[G, K /
+    """q4_k's supers words `[G, K / 256, 4]` gathered from the scales' spare bits (uint16 `[G, K /
     32, 4]`), as the one-row GEMV does."""
     g, blocks, _ = scales.shape
-    pairs = ((scales.astype(np.uint32) >> np.uint32(6)) & np.uint32(0x0303)).reshape(
-        g, blocks // 8, 8, 4)
-    return np.bitwise_or.reduce(pairs << np.array(SPARE_SHIFT, np.uint32)[:, None], axis=2)
+    r = np.arange(4, dtype=np.uint32)
+    parts = ((scales.astype(np.uint32) >> 6) & SPARE_FIELDS) << (2 * r)
+    half = np.bitwise_or.reduce(parts, axis=-1).reshape(g, blocks // 8, 4, 2)
+    return half[..., 0] | (half[..., 1] << 16)
 
 
 def f16_halves(u32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,5 +197,5 @@ def f16_halves(u32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-__all__ = ["NIB_FORMATS", "SPARE_SHIFT", "pack_codes", "pack_crumbs", "unpack_codes",
+__all__ = ["NIB_FORMATS", "SPARE_FIELDS", "pack_codes", "pack_crumbs", "unpack_codes",
            "repack_gguf", "repack_gptq", "dequantize_nib", "q4_k_spare_supers", "f16_halves"]
