@@ -2,9 +2,9 @@
 (ops/quant/nib_layout.py SPARE_FIELDS) and gathered across lanes by the one-row block GEMV
 (kernels/quant_nib_block.py `_q4k_spare_terms`), under Triton's interpreter (its butterflies are
 tl.flip there too): the bits rebuild the word exactly for every block of random checkpoints, and
-the block GEMV whose step spans whole
-super-blocks gets the float64 product with the `supers` operand overwritten by NaNs (so it reads
-the spare bits only), where the tile that spans less does read it."""
+the block GEMV whose step spans whole super-blocks gets the float64 product with the `supers`
+operand overwritten by NaNs (so it reads the spare bits only), where the tile that spans less
+does read it."""
 import numpy as np
 import pytest
 import torch
