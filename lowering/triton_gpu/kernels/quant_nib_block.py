@@ -3,8 +3,10 @@ step in one 32-value block, so each block's affine terms are loaded, decoded and
 its chained products rather than once a word, as quant_nib.nib_gemv_kernel does (Q4_K's loop: 6.4
 -> 4.6 SASS instructions a weight value; BENCHMARKS.md nib round 6). Q6_K's two 16-value halves
 of a block take their scales in one 8-byte load and share one d load (14 -> 12 loads a step:
-2% on the H100, the thirty-first session). The decode (nibble planes, Q6_K's crumbs, the X-octet
-chain) is quant_nib's; launch specs and buckets: quant_nib_config.py.
+2% on the H100, the thirty-first session). Q4_K's blocks take no supers load: each super-block's
+float16 d / dmin come from the spare bits of its 8 blocks' scales, gathered across their lanes
+(6%, the thirty-second). The decode (nibble planes, Q6_K's crumbs, the X-octet chain) is quant_nib's;
+launch specs and buckets: quant_nib_config.py.
 """
 from __future__ import annotations
 
@@ -74,8 +76,10 @@ def _q4k_spare_terms(s_ptr, g, b, nblk, k1, k2, k4):
     spare bits (ops/quant/nib_layout.py), so the four words are an all-gather over the
     super-block's 8 lanes: 4 shuffles (a butterfly, the data doubling each stage) where a
     sum of each row's parts over the 8 lanes took 12. k1, k2, k4 `[1, NQ]`: bits 0, 1, 2 of
-    each block's place in its super-block. Saves the checkpoint's 1/64 of bytes past the
-    codes and one load of the step's ten (3.7% at 14336 x 4096 on the H100)."""
+    each block's place in its super-block. Saves 1/37 of the bytes read (the layout's 4.625
+    bits a value fall to the checkpoint's 4.5) and one load of the step's ten: 16.10 -> 15.15
+    us at 14336 x 4096, 7.02 -> 6.60 at 4096 x 4096 (H100; BENCHMARKS.md, thirty-second
+    session), where summing each row over the 8 lanes gained 3.7% / 4.6%."""
     g64 = g.to(tl.int64)[:, None, None]
     r4 = tl.arange(0, 4)[None, None, :]
     v = tl.load(s_ptr.to(tl.pointer_type(tl.uint16)) + g64 * (nblk * 4) + (b * 4)[None, :, None]
