@@ -10,7 +10,7 @@ uploads its results; no other backend sees these ops unless a graph is written w
   `group_size`, `sym`, `checkpoint_format`: results codes int32 `[G, K / 8, 4]` (G = ceil(out
   / 4)), scales uint8 `[G, blocks, 4 * bytes]` and, for q4_k / gptq, extra uint8 (q6_k: extra
   and crumbs; the layout: ops/quant/nib_layout.py; multi-byte fields kept as little-endian
-  bytes).
+  bytes; q4_k's scales carry the extra operand's words in their spare bits too).
 - `nib_matmul(x, codes, scales[, extra[, crumbs]])`, attrs `fmt`, `out`, `group`: x `[..., K]` @ W^T.
 References decode with the layout's numpy decoder and multiply in float64.
 """
@@ -24,7 +24,8 @@ from graphir.opdef import OpDef, register
 from . import _rules as R
 from .quant.gptq import resolve_group_size, unpack_cols
 from .quant.gptq_layout import split_gptq_weight_bytes
-from .quant.nib_layout import NIB_FORMATS, dequantize_nib, repack_gguf, repack_gptq
+from .quant.nib_layout import (NIB_FORMATS, dequantize_nib, q4_k_spare_supers, repack_gguf,
+                               repack_gptq)
 
 # Bytes per (row, block) of the scales and, where present, of the extra operand, per format.
 SCALE_BYTES = {"q4_0": 2, "q4_1": 4, "q4_k": 2, "gptq": 2, "gptq_sym": 2, "q6_k": 1}
@@ -135,6 +136,11 @@ def nib_weight(fmt: str, out: int, ins, group: int = 32) -> np.ndarray:
     extra = crumbs = None
     if fmt == "q4_k":
         extra = np.ascontiguousarray(ins[2]).view(np.uint32)
+        # The one-row GPU GEMV reads the supers words from the scales' spare bits instead.
+        if not np.array_equal(q4_k_spare_supers(scales), extra):
+            raise ValueError("nib_matmul: q4_k scales' spare bits do not carry the supers "
+                             "operand's words (operands not made by nib_repack; "
+                             "ops/quant/nib_layout.py)")
     elif fmt == "gptq":
         extra = np.ascontiguousarray(ins[2])
     elif fmt == "q6_k":

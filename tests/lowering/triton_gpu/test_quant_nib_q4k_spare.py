@@ -4,7 +4,7 @@
 tl.flip there too): the bits rebuild the word exactly for every block of random checkpoints, and
 the block GEMV whose step spans whole super-blocks gets the float64 product with the `supers`
 operand overwritten by NaNs (so it reads the spare bits only), where the tile that spans less
-does read it."""
+does read it; the op's reference refuses scales whose spare bits do not carry the words."""
 import numpy as np
 import pytest
 import torch
@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("gguf")
 
 from graphir.ops.quant.nib_layout import q4_k_spare_supers  # noqa: E402
+from graphir.ops.quant_nib import nib_weight  # noqa: E402
 
 from tests.lowering.triton_gpu.test_quant_nib import gguf_weight, launch  # noqa: E402
 
@@ -52,3 +53,12 @@ def test_a_step_short_of_a_super_block_reads_supers():
     x = torch.from_numpy(rng.standard_normal((1, 512)).astype(np.float32))
     conf = dict(GEMV=1, BLK=1, BG=1, NJ=16, num_warps=1, SPLIT_K=1, WEV=1)
     assert np.isnan(launch(x, ops, "q4_k", 8, conf)).all()
+
+
+def test_the_reference_refuses_scales_without_the_words():
+    # Operands packed without the spare bits (by hand, not by nib_repack) would give the one-row
+    # GPU GEMV other d / dmin than the other kernels: the op's reference names the mismatch.
+    ops, _ = gguf_weight(np.random.default_rng(2), "q4_k", 8, 256)
+    bare = np.ascontiguousarray(ops[1]).view(np.uint16) & 0x3F3F
+    with pytest.raises(ValueError, match="spare bits do not carry the supers"):
+        nib_weight("q4_k", 8, [ops[0], bare.view(np.uint8), ops[2]])
