@@ -17,7 +17,7 @@ row groups of four (N padded to a multiple of 4 with zero rows):
     both exact in float32, as GGML's reference computes them. Row r's supers word of a
     super-block also rides in the spare bits 6-7, 14-15 of the scales of its blocks 2r, 2r + 1
     (16 bits a block: its four rows' spare bits; SPARE_FIELDS), so the one-row GEMV, a block a
-    lane, gathers the words from its neighbours in three shuffles and never reads `supers`
+    lane, gathers the words from its neighbours in four shuffles and never reads `supers`
     (kept for the kernels that take a block's terms row by row);
   * "gptq": `scales` float16 and `zeros` uint8 per group of G (s, m = -s z: exact, an 11-bit
     mantissa times a code below 2**8); "gptq_sym": scales only (z = 8).

@@ -5,8 +5,8 @@ its chained products rather than once a word, as quant_nib.nib_gemv_kernel does 
 of a block take their scales in one 8-byte load and share one d load (14 -> 12 loads a step:
 2% on the H100, the thirty-first session). Q4_K's blocks take no supers load: each super-block's
 float16 d / dmin come from the spare bits of its 8 blocks' scales, gathered across their lanes
-(6%, the thirty-second). The decode (nibble planes, Q6_K's crumbs, the X-octet chain) is quant_nib's;
-launch specs and buckets: quant_nib_config.py.
+(6%, the thirty-second). The decode (nibble planes, Q6_K's crumbs, the X-octet chain) is
+quant_nib's; launch specs and buckets: quant_nib_config.py.
 """
 from __future__ import annotations
 
