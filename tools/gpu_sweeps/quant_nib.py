@@ -17,6 +17,7 @@ among copies over 4x the L2 for both. "% copy" counts the checkpoint's bytes (GG
 GPTQ words + scales) over the measured copy bandwidth.
     python3 tools/gpu_sweeps/quant_nib.py            (bash tools/gpu_sweep.sh quant_nib)
     python3 tools/gpu_sweeps/quant_nib.py --dry-run  (CPU, Triton interpreter, tiny shapes)
+NIB_FMTS=q4_k,q6_k picks the formats (default all four).
 Writes $OUT/quant_nib.json.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ T0 = time.time()
 LIMIT_S = 400
 DEV = "cpu" if DRY else "cuda"
 SHAPES = [(40, 512)] if DRY else [(14336, 4096), (4096, 4096)]
-FMTS = ("q4_0", "q4_k", "gptq_sym", "q6_k")
+FMTS = tuple(os.environ.get("NIB_FMTS", "q4_0,q4_k,gptq_sym,q6_k").split(","))
 
 
 def left() -> float:
