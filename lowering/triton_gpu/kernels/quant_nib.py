@@ -84,7 +84,7 @@ def affine_at(s_ptr, z_ptr, g, bi, r4, nblk, FMT: tl.constexpr, GROUP: tl.conste
         sc = tl.load(s_ptr.to(tl.pointer_type(tl.int8)) + at).to(tl.int32) + 128
         d = tl.load(z_ptr.to(tl.pointer_type(tl.float16)) + g * (nblk // 16 * 4) + bi // 16 * 4
                     + r4).to(tl.float32)
-        s = d * (_small(sc.to(tl.uint32)) - 128.0)
+        s = d * _small(sc.to(tl.uint32), 128)
         m = s    # unread: q6_k's offset -32 goes with its codes' float conversion
     else:
         ng = nblk * 32 // GROUP
