@@ -50,12 +50,22 @@ def qmatmul_to_nib(node, rw) -> bool:
     return True
 
 
-@register_decomposition("nib_matmul")
-def nib_matmul_back(node, rw) -> bool:
-    """nib_matmul(x, nib_repack(w...)) -> qmatmul(x, w...) where nib ops have no lowering."""
+def repack_of(node):
+    """The nib_repack whose results, in order, are nib_matmul `node`'s weight operands, or None
+    (operands written by hand or computed otherwise: nothing vouches for their layout's extras,
+    such as q4_k's words in the scales' spare bits)."""
     rep = node.operands[1].node
     if rep is None or rep.op != "nib_repack" or \
             [id(v) for v in node.operands[1:]] != [id(r) for r in rep.results]:
+        return None
+    return rep
+
+
+@register_decomposition("nib_matmul")
+def nib_matmul_back(node, rw) -> bool:
+    """nib_matmul(x, nib_repack(w...)) -> qmatmul(x, w...) where nib ops have no lowering."""
+    rep = repack_of(node)
+    if rep is None:
         return False
     a = rep.attrs
     attrs = {"encoding": a["encoding"]}

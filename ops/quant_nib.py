@@ -24,8 +24,7 @@ from graphir.opdef import OpDef, register
 from . import _rules as R
 from .quant.gptq import resolve_group_size, unpack_cols
 from .quant.gptq_layout import split_gptq_weight_bytes
-from .quant.nib_layout import (NIB_FORMATS, dequantize_nib, q4_k_spare_supers, repack_gguf,
-                               repack_gptq)
+from .quant.nib_layout import NIB_FORMATS, dequantize_nib, repack_gguf, repack_gptq
 
 # Bytes per (row, block) of the scales and, where present, of the extra operand, per format.
 SCALE_BYTES = {"q4_0": 2, "q4_1": 4, "q4_k": 2, "gptq": 2, "gptq_sym": 2, "q6_k": 1}
@@ -135,12 +134,9 @@ def nib_weight(fmt: str, out: int, ins, group: int = 32) -> np.ndarray:
     scales = np.ascontiguousarray(ins[1]).view(_VIEW[fmt])
     extra = crumbs = None
     if fmt == "q4_k":
+        # d / dmin from `supers`; the copy nib_repack puts in the scales' spare bits is for the
+        # one-row GPU GEMV, which reads it only from nib_repack's operands (lowerings/quant.py).
         extra = np.ascontiguousarray(ins[2]).view(np.uint32)
-        # The one-row GPU GEMV reads the supers words from the scales' spare bits instead.
-        if not np.array_equal(q4_k_spare_supers(scales), extra):
-            raise ValueError("nib_matmul: q4_k scales' spare bits do not carry the supers "
-                             "operand's words (operands not made by nib_repack; "
-                             "ops/quant/nib_layout.py)")
     elif fmt == "gptq":
         extra = np.ascontiguousarray(ins[2])
     elif fmt == "q6_k":

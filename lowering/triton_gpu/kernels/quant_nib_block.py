@@ -104,12 +104,14 @@ def _q4k_spare_terms(s_ptr, g, b, nblk, k1, k2, k4):
 
 @triton.jit
 def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, kb, FMT: tl.constexpr,
-                 GROUP: tl.constexpr, NQ: tl.constexpr, WEV: tl.constexpr):
+                 GROUP: tl.constexpr, NQ: tl.constexpr, WEV: tl.constexpr, SPARE: tl.constexpr):
     """Step `step`'s four code words of each of NQ blocks `[BG, NQ, 4]` (word columns 4 b + 0..3),
     q6_k's two crumb words (columns 2 b, 2 b + 1: the code words again otherwise) and the
     affine terms: (s, m) of the block, or q6_k's scales of its two 16-value halves. WEV: the
     weight's words loaded evict-first, so that X, which every program reads, keeps its cache
-    lines (2-6% faster on the H200 at every format and weight: BENCHMARKS.md nib round 8)."""
+    lines (2-6% faster on the H200 at every format and weight: BENCHMARKS.md nib round 8).
+    SPARE: q4_k's d / dmin gathered from the scales' spare bits (operands made by nib_repack
+    only; others may not carry them) when a step spans whole super-blocks."""
     o = step * (NQ * 16)
     EV: tl.constexpr = "evict_first" if WEV else ""
     w0 = tl.load(wp + o, eviction_policy=EV)
@@ -121,7 +123,7 @@ def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, kb, FMT: tl.constexpr,
         c0 = tl.load(hp + step * (NQ * 8), eviction_policy=EV)
         c1 = tl.load(hp + step * (NQ * 8) + 4, eviction_policy=EV)
         s, m = _q6_pair_scales(s_ptr, z_ptr, g, b, nblk)
-    elif FMT == 2 and NQ % 8 == 0:
+    elif FMT == 2 and SPARE and NQ % 8 == 0:
         c0 = w0
         c1 = w0
         s, m = _q4k_spare_terms(s_ptr, g, b, nblk, kb & 1, (kb >> 1) & 1, kb >> 2)
@@ -136,7 +138,7 @@ def _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, step, nblk, kb, FMT: tl.constexpr,
 def nib_gemv_block_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, cols_per_split,
                           FMT: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                           BG: tl.constexpr, NJ: tl.constexpr, SPLIT_K: tl.constexpr,
-                          WEV: tl.constexpr):
+                          WEV: tl.constexpr, SPARE: tl.constexpr):
     pdl_wait()
     # The one-row GEMV with a lane's four words of a step in one 32-value block (NJ / 4 blocks
     # a step, a block's word q in the q-th of four tiles), so its affine terms are loaded and
@@ -167,12 +169,12 @@ def nib_gemv_block_kernel(x_ptr, q_ptr, s_ptr, z_ptr, h_ptr, c_ptr, M, N, K, col
     # q4_k: each block's place in its super-block (a step moves NQ blocks: the same every step
     # when NQ % 8 == 0, as the gather of its terms asks).
     kb = (jb % 8)[None, :]
-    nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, 0, nblk, kb, FMT, GROUP, NQ, WEV)
+    nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, 0, nblk, kb, FMT, GROUP, NQ, WEV, SPARE)
     for it in range(steps):
         w0, w1, w2, w3, c0, c1, s, m = nxt
         # Past the last step: the last again (in bounds, unused).
         nxt = _block_fetch(wp, hp, s_ptr, z_ptr, g, jb, tl.minimum(it + 1, steps - 1), nblk,
-                           kb, FMT, GROUP, NQ, WEV)
+                           kb, FMT, GROUP, NQ, WEV, SPARE)
         xs = xp + it * (NQ * 4 * XW)
         t = tl.zeros((BG, NQ, 4), tl.float32)
         t, xsum = _word_dot(t, zx, w0, c0, xs, DT, FMT, OFF)

@@ -55,7 +55,8 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     and, when the config splits K, the reduce of its fp32 partials. conf: BG (groups of four
     rows), NJ (word columns a step), SPLIT_K, num_warps, PREFETCH (0 or 1; GEMV also 2), and
     BM / num_stages (dot); BLK 1: the one-row GEMV a block a lane (nib_gemv_block_kernel), WEV 1
-    its weight loads evict-first."""
+    its weight loads evict-first, SPARE 0 (default 1) its q4_k terms from `supers`, not from the
+    scales' spare bits (for operands nib_repack did not make)."""
     from .quant import splitk_reduce_spec
     from .spec import KernelSpec, cdiv, triton_dtype
 
@@ -77,7 +78,7 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     if blk:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split)
-        consts.update(WEV=bool(conf.get("WEV")))
+        consts.update(WEV=bool(conf.get("WEV")), SPARE=bool(conf.get("SPARE", 1)))
     elif gemv:
         consts.update(DT={"fp32": 0, "bf16": 1, "fp16": 2}[t], BG=conf["BG"], NJ=conf["NJ"],
                       SPLIT_K=split, PREFETCH=int(conf.get("PREFETCH", 1)), ROWS=bm)
@@ -87,7 +88,8 @@ def nib_specs(fmt: str, dtype: str, conf: dict, group: int = 32) -> list:
     sig = {"x_ptr": f"*{t}", "q_ptr": "*i32", "s_ptr": "*u8", "z_ptr": "*u8", "h_ptr": "*u8",
            "c_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
            "cols_per_split": "i32", **{k: "constexpr" for k in consts}}
-    tag = (f"gemvblk_g{conf['BG']}j{conf['NJ']}" + "e" * bool(conf.get("WEV")) if blk else
+    tag = (f"gemvblk_g{conf['BG']}j{conf['NJ']}" + "e" * bool(conf.get("WEV"))
+           + "n" * (not consts["SPARE"]) if blk else
            f"gemv_r{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}"
            if gemv else f"matmul_m{bm}g{conf['BG']}j{conf['NJ']}p{consts['PREFETCH']}")
     main = KernelSpec(

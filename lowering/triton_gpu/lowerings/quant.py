@@ -127,6 +127,7 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
     warp-MMA kernel or the GEMV for decode rows, the tensor-core kernel (or the dot tiles) for
     more, split-K partials summed by the shared reduce; past the last of those buckets the
     weight is decoded into scratch of X's dtype and multiplied by the plain matmul."""
+    from graphir.lowering.nib_rewrites import repack_of
     from graphir.lowering.triton_gpu.kernels import quant_nib_config as qn
 
     from .linalg import emit_hand_matmul
@@ -143,9 +144,14 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
     wargs = [sb.ptr(parts[0]), sb.ptr(parts[1]), sb.ptr(parts[2] if len(parts) > 2 else parts[1]),
              sb.ptr(parts[3] if len(parts) > 3 else parts[0])]
     tops = [top for top, _ in qn.nib_buckets(a["fmt"], dt, K)]
+    from_repack = repack_of(node) is not None
     prev = 0
     for cond, top in _buckets(tops, Mdim):
         conf, cols = qn.nib_config(top, K, n, a["fmt"], dt)
+        if conf.get("BLK") and not from_repack:
+            # Only nib_repack's q4_k scales surely carry the supers words in their spare bits:
+            # operands made otherwise (a graph written by hand) have `supers` read instead.
+            conf = dict(conf, SPARE=0)
         if conf.get("DEQUANT"):
             spec = qn.nib_dequant_spec(a["fmt"], dt, K, group)
 

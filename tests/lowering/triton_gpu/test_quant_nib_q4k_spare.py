@@ -4,7 +4,10 @@
 tl.flip there too): the bits rebuild the word exactly for every block of random checkpoints, and
 the block GEMV whose step spans whole super-blocks gets the float64 product with the `supers`
 operand overwritten by NaNs (so it reads the spare bits only), where the tile that spans less
-does read it; the op's reference refuses scales whose spare bits do not carry the words."""
+does read it; operands nib_repack did not make (spare bits bare) decode from `supers` in the
+reference, in the kernel with SPARE=0, and in the cuda plan of a graph written by hand."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -55,10 +58,71 @@ def test_a_step_short_of_a_super_block_reads_supers():
     assert np.isnan(launch(x, ops, "q4_k", 8, conf)).all()
 
 
-def test_the_reference_refuses_scales_without_the_words():
-    # Operands packed without the spare bits (by hand, not by nib_repack) would give the one-row
-    # GPU GEMV other d / dmin than the other kernels: the op's reference names the mismatch.
-    ops, _ = gguf_weight(np.random.default_rng(2), "q4_k", 8, 256)
-    bare = np.ascontiguousarray(ops[1]).view(np.uint16) & 0x3F3F
-    with pytest.raises(ValueError, match="spare bits do not carry the supers"):
-        nib_weight("q4_k", 8, [ops[0], bare.view(np.uint8), ops[2]])
+def _bare(scales):
+    """q4_k scales bytes with the spare bits cleared (as a hand packer would leave them)."""
+    return (np.ascontiguousarray(scales).view(np.uint16) & 0x3F3F).view(np.uint8)
+
+
+def test_the_reference_decodes_bare_scales_from_supers():
+    # The spare bits are a copy for the one-row GPU GEMV: the op's meaning comes from `supers`.
+    ops, want = gguf_weight(np.random.default_rng(2), "q4_k", 8, 256)
+    np.testing.assert_array_equal(nib_weight("q4_k", 8, [ops[0], _bare(ops[1]), ops[2]]), want)
+
+
+def test_spare_off_reads_supers():
+    # SPARE=0: the whole-super-block tile loads `supers` (NaN here shows it did) and gets the
+    # product from bare scales, where the spare-bit gather gets other numbers from them.
+    rng = np.random.default_rng(9)
+    n, k = 12, 1024
+    ops, w = gguf_weight(rng, "q4_k", n, k)
+    x = torch.from_numpy(rng.standard_normal((1, k)).astype(np.float32))
+    conf = dict(GEMV=1, BLK=1, BG=1, NJ=64, num_warps=1, SPLIT_K=1, WEV=1, SPARE=0)
+    nan = [ops[0], ops[1], np.full_like(ops[2], 0xFF)]
+    assert np.isnan(launch(x, nan, "q4_k", n, conf)).all()
+    bare = [ops[0], _bare(ops[1]), ops[2]]
+    want = x.double().numpy() @ w.astype(np.float64).T
+    np.testing.assert_allclose(launch(x, bare, "q4_k", n, conf), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    spare = launch(x, bare, "q4_k", n, dict(conf, SPARE=1))
+    assert not np.allclose(spare, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def _hand_graph(n, k, ops):
+    """y = nib_matmul(x, codes, scales, supers) with the nib operands as weights, no repack."""
+    from graphir import Graph, TensorType, Weight
+    from graphir.dtype import DType
+    from graphir.ops._build import apply, tensors
+
+    with Graph("hand", input_types=[TensorType(DType.bfloat16, ["T", k])]) as g:
+        ws = [Weight(f"w{i}", DType.int32 if i == 0 else DType.uint8, list(a.shape))
+              for i, a in enumerate(ops)]
+        g.output(apply("nib_matmul", tensors(g.inputs[0], *ws), fmt="q4_k", out=n, group=32))
+    return g, {f"w{i}": a for i, a in enumerate(ops)}
+
+
+def test_compiled_plan_reads_supers_for_hand_packed_operands():
+    # A graph written with nib_matmul over operands nib_repack did not make: the cuda plan's
+    # one-row GEMV takes its terms from `supers` (kernel name suffix "n"), so bare scales give
+    # the reference's numbers; the qmatmul rewrite's plan keeps the spare-bit gather.
+    from graphir.dtype import DType, round_to
+    from graphir.runtime.interpreter import run
+    from tests.lowering.triton_gpu.test_backend_interp import interp_executor
+    from tests.lowering.triton_gpu.test_quant_nib import _qmatmul_graph
+
+    n, k = 12, 1024
+    rng = np.random.default_rng(4)
+    ops, _ = gguf_weight(rng, "q4_k", n, k)
+    g, weights = _hand_graph(n, k, [ops[0], _bare(ops[1]), ops[2]])
+    x = round_to(rng.standard_normal((1, k)), DType.bfloat16)
+    ex, dev = interp_executor(g, weights)
+    (got,) = ex.execute(x)
+    (want,) = run(g, x, weights=weights)
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    (name,) = [s for s in dev.launched if s.startswith("nib_q4_k_")]
+    assert re.match(r"nib_q4_k_gemvblk_g\d+j\d+e?n_", name), name
+    g2, raw = _qmatmul_graph("Q4_K", n, k, "bfloat16")
+    ex2, dev2 = interp_executor(g2, {"w": raw})
+    ex2.execute(x)
+    (name2,) = [s for s in dev2.launched if s.startswith("nib_q4_k_")]
+    assert re.match(r"nib_q4_k_gemvblk_g\d+j\d+e?_", name2), name2
