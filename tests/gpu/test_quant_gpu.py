@@ -53,6 +53,26 @@ def test_qmatmul_every_row_bucket(enc):
         assert err <= 1e-2, (m, err)
 
 
+def test_hand_packed_q4_k_operands_read_supers():
+    # nib_matmul written by hand over Q4_K operands whose scales lack the spare-bit copy of
+    # d / dmin: the one-row GEMV reads `supers` for them and agrees with the reference.
+    from graphir.runtime.interpreter import run
+    from tests.lowering.triton_gpu.test_quant_nib import gguf_weight
+    from tests.lowering.triton_gpu.test_quant_nib_q4k_spare import _bare, _hand_graph
+
+    n, k = 300, 1024
+    rng = np.random.default_rng(11)
+    ops_, _ = gguf_weight(rng, "q4_k", n, k)
+    g, weights = _hand_graph(n, k, [ops_[0], _bare(ops_[1]), ops_[2]])
+    model = executor.load(compile_graph(g, "cuda:sm_90"), weights)
+    for m in (1, 3):
+        x = round_to(rng.standard_normal((m, k)), DType.bfloat16)
+        (y,) = model.execute(x)
+        err = rel_err(np.asarray(y, np.float64),
+                      np.asarray(run(g, x, weights=weights)[0], np.float64))
+        assert err <= 1e-2, (m, err)
+
+
 @pytest.mark.parametrize("enc", ["Q4_K", "Q6_K", "Q5_K"])
 def test_gguf_attention_layer(enc):
     from tests.nn import gguf_layer as tg
