@@ -57,13 +57,10 @@ def test_hand_packed_q4_k_operands_read_supers():
     # nib_matmul written by hand over Q4_K operands whose scales lack the spare-bit copy of
     # d / dmin: the one-row GEMV reads `supers` for them and agrees with the reference.
     from graphir.runtime.interpreter import run
-    from tests.lowering.triton_gpu.test_quant_nib import gguf_weight
-    from tests.lowering.triton_gpu.test_quant_nib_q4k_spare import _bare, _hand_graph
+    from tests.lowering.triton_gpu.nib_hand import bare_q4_k
 
-    n, k = 300, 1024
     rng = np.random.default_rng(11)
-    ops_, _ = gguf_weight(rng, "q4_k", n, k)
-    g, weights = _hand_graph(n, k, [ops_[0], _bare(ops_[1]), ops_[2]])
+    g, weights = bare_q4_k(rng, 300, 1024)
     model = executor.load(compile_graph(g, "cuda:sm_90"), weights)
     for m in (1, 3):
         x = round_to(rng.standard_normal((m, k)), DType.bfloat16)

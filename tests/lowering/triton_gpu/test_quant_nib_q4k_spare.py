@@ -18,6 +18,7 @@ from graphir.ops.quant.nib_layout import q4_k_spare_supers  # noqa: E402
 from graphir.ops.quant_nib import nib_weight  # noqa: E402
 
 from tests.lowering.triton_gpu.test_quant_nib import gguf_weight, launch  # noqa: E402
+from tests.lowering.triton_gpu.nib_hand import bare as _bare, hand_graph as _hand_graph  # noqa: E402,E501
 
 
 @pytest.mark.parametrize("n,k", [(13, 512), (8, 2048)])
@@ -58,11 +59,6 @@ def test_a_step_short_of_a_super_block_reads_supers():
     assert np.isnan(launch(x, ops, "q4_k", 8, conf)).all()
 
 
-def _bare(scales):
-    """q4_k scales bytes with the spare bits cleared (as a hand packer would leave them)."""
-    return (np.ascontiguousarray(scales).view(np.uint16) & 0x3F3F).view(np.uint8)
-
-
 def test_the_reference_decodes_bare_scales_from_supers():
     # The spare bits are a copy for the one-row GPU GEMV: the op's meaning comes from `supers`.
     ops, want = gguf_weight(np.random.default_rng(2), "q4_k", 8, 256)
@@ -85,19 +81,6 @@ def test_spare_off_reads_supers():
                                atol=1e-5 * np.abs(want).max())
     spare = launch(x, bare, "q4_k", n, dict(conf, SPARE=1))
     assert not np.allclose(spare, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
-
-
-def _hand_graph(n, k, ops):
-    """y = nib_matmul(x, codes, scales, supers) with the nib operands as weights, no repack."""
-    from graphir import Graph, TensorType, Weight
-    from graphir.dtype import DType
-    from graphir.ops._build import apply, tensors
-
-    with Graph("hand", input_types=[TensorType(DType.bfloat16, ["T", k])]) as g:
-        ws = [Weight(f"w{i}", DType.int32 if i == 0 else DType.uint8, list(a.shape))
-              for i, a in enumerate(ops)]
-        g.output(apply("nib_matmul", tensors(g.inputs[0], *ws), fmt="q4_k", out=n, group=32))
-    return g, {f"w{i}": a for i, a in enumerate(ops)}
 
 
 def test_compiled_plan_reads_supers_for_hand_packed_operands():
