@@ -1,5 +1,5 @@
 """A short run of the runtime fuzz targets (long runs: `python -m graphir.tools.fuzz`): damaged
-artifacts are refused or compute the interpreter's numbers; random ragged metadata is refused
+artifacts are refused or compute the unedited artifact's numbers; random ragged metadata is refused
 cleanly with the KV cache untouched, or runs the interpreter's numbers, on the compiled CPU
 path and the interpreter alike."""
 from __future__ import annotations
