@@ -60,7 +60,8 @@ def test_hand_packed_q4_k_operands_read_supers():
     from tests.lowering.triton_gpu.nib_hand import bare_q4_k
 
     rng = np.random.default_rng(11)
-    g, weights = bare_q4_k(rng, 300, 1024)
+    k = 1024
+    g, weights = bare_q4_k(rng, 300, k)
     model = executor.load(compile_graph(g, "cuda:sm_90"), weights)
     for m in (1, 3):
         x = round_to(rng.standard_normal((m, k)), DType.bfloat16)
