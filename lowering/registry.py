@@ -54,6 +54,22 @@ def lowering_for(op: str, backend: str) -> Callable | None:
     return LOWERINGS.get((op, backend))
 
 
+class NoLowering(ValueError):
+    """A node its backend cannot lower (the user's graph, not a bug: a ValueError)."""
+
+
+def no_lowering(node, backend: str) -> NoLowering:
+    """The error for a node `backend` cannot lower: where it was built and, for an op whose
+    rewrite into other ops declined it, what that op is for (its OpDef doc)."""
+    from graphir.opdef import REGISTRY
+
+    msg = f"gir.{node.op} has no {backend} lowering{' (at ' + node.loc + ')' if node.loc else ''}"
+    opdef = REGISTRY.get(node.op)
+    if node.op in DECOMPOSITIONS and opdef is not None and opdef.doc:
+        msg += f", and its rewrite into other ops does not apply here ({node.op}: {opdef.doc})"
+    return NoLowering(msg)
+
+
 def missing_lowerings(backend: str) -> list[str]:
     """Registered ops with neither a lowering for backend nor a decomposition."""
     from graphir.opdef import REGISTRY, _load_op_library

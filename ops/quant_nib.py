@@ -154,4 +154,6 @@ register(OpDef("nib_repack", _repack_rule, _repack_ref,
                attr_names=("encoding", "fmt", "k", "group_size", "sym", "checkpoint_format"),
                doc="4-bit weight -> nib layout (codes, scales[, extra]); load time on cuda"))
 register(OpDef("nib_matmul", _matmul_rule, _matmul_ref, attr_names=("fmt", "out", "group"),
-               doc="x [..., K] @ W^T for W in the nib layout"))
+               doc="x [..., K] @ W^T for W in the nib layout: the cuda backend's form of a "
+                   "4-bit qmatmul; other backends take it over nib_repack's results only, as "
+                   "that qmatmul"))

@@ -10,6 +10,8 @@ import time
 import warnings
 from typing import TextIO
 
+from graphir.lowering.registry import NoLowering
+
 # Stages of lowering/mlir_cpu/toolchain.py that `graphir dump` can print.
 CPU_STAGES = ["mlir", "scheduled", "bufferized", "llvm", "llvmir"]
 CPU_STAGES_HELP = ("mlir: the CPU kernels as emitted; scheduled: after the matmul schedule; "
@@ -91,7 +93,7 @@ def cmd_compile(args) -> int:
             warnings.filterwarnings("ignore", message="--tune needs a CUDA GPU")
             art = compile_graph(g, args.target, out=args.output, passes=_pass_list(args.passes),
                                 progress=timer, options={"tune": True} if tune else None)
-    except NotImplementedError as e:  # an op without a lowering for this target
+    except (NotImplementedError, NoLowering) as e:  # an op without a lowering for this target
         raise ValueError(f"cannot compile {args.file} for {args.target}: {e}") from None
     finally:
         timer.finish()
@@ -128,6 +130,6 @@ def dump_cpu_stage(graph, stage: str, passes: str | None) -> None:
     """`graphir dump FILE --stage mlir|scheduled|bufferized|llvm|llvmir`: print to stdout."""
     try:
         text = cpu_stage_text(graph, stage, _pass_list(passes))
-    except NotImplementedError as e:
+    except (NotImplementedError, NoLowering) as e:
         raise ValueError(f"cannot lower graph @{graph.name} for the CPU: {e}") from None
     sys.stdout.write(text if text.endswith("\n") else text + "\n")

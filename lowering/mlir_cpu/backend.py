@@ -12,7 +12,7 @@ from graphir.opdef import lookup
 from graphir.types import ChainType
 
 from ..plan import build_plan
-from ..registry import lowering_for, register_lowering
+from ..registry import lowering_for, no_lowering, register_lowering
 from . import lowerings  # noqa: F401  (registers the CPU lowerings)
 from .lowerings.float8 import legalize_float8
 from . import schedules
@@ -91,7 +91,7 @@ def _emit_kernel(name: str, node, syms: list[str], cpu: CpuTarget,
                  prepack: dict | None = None) -> None:
     fn = lowering_for(node.op, "cpu")
     if fn is None:
-        raise NotImplementedError(f"gir.{node.op} has no CPU lowering")
+        raise no_lowering(node, "CPU")
     ins = [v.type for v in node.operands if not isinstance(v.type, ChainType)]
     outs = [r.type for r in node.results if not isinstance(r.type, ChainType)]
     arg_types = [boundary_type(t) for t in ins]

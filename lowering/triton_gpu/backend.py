@@ -28,7 +28,7 @@ import numpy as np
 from graphir.passes.elementwise_fusion import find_groups
 from graphir.types import ChainType
 from graphir.lowering.plan import Plan, Step, assign_slots, host_nodes, value_table
-from graphir.lowering.registry import lowering_for
+from graphir.lowering.registry import lowering_for, no_lowering
 
 from . import codegen, lowerings  # noqa: F401  (register the lowerings)
 from .lowerings.base import Program, StepBuilder
@@ -102,8 +102,7 @@ def lower(graph) -> Program:
             continue
         fn = lowering_for(n.op, "cuda")
         if fn is None:
-            raise ValueError(f"gir.{n.op} has no cuda lowering"
-                             f"{' (at ' + n.loc + ')' if n.loc else ''}")
+            raise no_lowering(n, "cuda")
         sb = StepBuilder(program, vids, n.op, ins, outs, constants)
         try:
             fn(sb, n)

@@ -109,3 +109,16 @@ def test_compiled_plan_reads_supers_for_hand_packed_operands():
     ex2.execute(x)
     (name2,) = [s for s in dev2.launched if s.startswith("nib_q4_k_")]
     assert re.match(r"nib_q4_k_gemvblk_g\d+j\d+e?_", name2), name2
+
+
+def test_the_cpu_refuses_hand_written_nib_matmul_by_name():
+    # The CPU has no nib kernels: it takes nib_matmul back to qmatmul over nib_repack's
+    # results only, and names what the op is for when it cannot.
+    pytest.importorskip("mlir.ir")
+    from graphir.lowering.driver import compile_graph
+    from tests.lowering.triton_gpu.nib_hand import bare_q4_k
+
+    g, _ = bare_q4_k(np.random.default_rng(3), 12, 256)
+    with pytest.raises(ValueError, match=r"gir.nib_matmul has no CPU lowering, and its rewrite "
+                                         r"into other ops does not apply here .*nib_repack"):
+        compile_graph(g, "cpu")
