@@ -10,8 +10,6 @@ import time
 import warnings
 from typing import TextIO
 
-from graphir.lowering.registry import NoLowering
-
 # Stages of lowering/mlir_cpu/toolchain.py that `graphir dump` can print.
 CPU_STAGES = ["mlir", "scheduled", "bufferized", "llvm", "llvmir"]
 CPU_STAGES_HELP = ("mlir: the CPU kernels as emitted; scheduled: after the matmul schedule; "
@@ -86,6 +84,8 @@ def cmd_compile(args) -> int:
     if tune and not args.target.startswith("cuda"):
         raise ValueError(f"--tune applies to cuda targets (it times GPU kernels), not "
                          f"{args.target!r}")
+    from graphir.lowering.registry import NoLowering
+
     timer = StageTimer(stage_stream(args.quiet))
     try:
         with warnings.catch_warnings():
@@ -128,6 +128,8 @@ def cpu_stage_text(graph, stage: str, passes: list[str] | None = None) -> str:
 
 def dump_cpu_stage(graph, stage: str, passes: str | None) -> None:
     """`graphir dump FILE --stage mlir|scheduled|bufferized|llvm|llvmir`: print to stdout."""
+    from graphir.lowering.registry import NoLowering
+
     try:
         text = cpu_stage_text(graph, stage, _pass_list(passes))
     except (NotImplementedError, NoLowering) as e:

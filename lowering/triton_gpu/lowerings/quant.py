@@ -148,7 +148,7 @@ def _nib_matmul(sb: StepBuilder, node) -> None:
     prev = 0
     for cond, top in _buckets(tops, Mdim):
         conf, cols = qn.nib_config(top, K, n, a["fmt"], dt)
-        if conf.get("BLK") and not from_repack:
+        if conf.get("BLK") and a["fmt"] == "q4_k" and not from_repack:
             # Only nib_repack's q4_k scales surely carry the supers words in their spare bits:
             # operands made otherwise (a graph written by hand) have `supers` read instead.
             conf = dict(conf, SPARE=0)
