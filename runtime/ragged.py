@@ -308,13 +308,16 @@ class RaggedCheck:
                                  f"(used by sequence {b}) is outside the pool of {pages} pages "
                                  f"of {pool} (gir.{op})")
         if WRITERS.intersection(g.ops) and end.shape[0] > 0:
-            for _, page, _, op in blocks:
-                self._shared_writes(g, lut, c, end, page)
+            for pages, page, _, op in blocks:
+                self._shared_writes(g, lut, c, end, page, pages)
 
-    def _shared_writes(self, g: _Group, lut, c, end, page: int) -> None:
+    def _shared_writes(self, g: _Group, lut, c, end, page: int, pages: int) -> None:
         """Refuse a batch where new tokens land twice on one (page, slot): two sequences sharing
         a page, or one sequence naming a page twice. Reading a shared page (a common prefix) is
-        fine; writing one slot twice is a race."""
+        fine; writing one slot twice is a race. The null page (the pool's last, `pages - 1`) is
+        exempt, as in the fast check (FastFacts): it is the KV manager's sink for padding, such
+        as the dummy sequences that pad a batch to a captured size, whose writes are lost
+        whatever their order."""
         c, end = c.astype(np.int64), end.astype(np.int64)
         first, last = c // page, (end - 1) // page
         n = np.where(end > c, last - first + 1, 0)
@@ -325,6 +328,8 @@ class RaggedCheck:
         lo = np.maximum(np.repeat(c, n), pidx * page)            # first written position
         hi = np.minimum(np.repeat(end, n), (pidx + 1) * page)    # one past the last
         ids = lut.astype(np.int64)[seq, pidx]
+        keep = ids != pages - 1
+        ids, seq, pidx, lo, hi = ids[keep], seq[keep], pidx[keep], lo[keep], hi[keep]
         first_slot, end_slot = lo - pidx * page, hi - pidx * page
         # Sorted by (page, first slot), a slot written twice shows in some adjacent pair.
         order = np.lexsort((first_slot, ids))

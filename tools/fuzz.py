@@ -1,6 +1,6 @@
 """Fuzz graphir's input surfaces for as long as asked; the tests run the same targets briefly.
 
-    python -m graphir.tools.fuzz [--target parser|builders|artifacts|metadata|all]
+    python -m graphir.tools.fuzz [--target parser|builders|artifacts|metadata|fastfacts|all]
                                  [--seconds 60] [--seed 0]
 
 Each target turns a random.Random into one case and classifies the outcome: a clean error
@@ -156,7 +156,7 @@ def builder_case(rng: random.Random, names: list[str]) -> str | None:
     return None
 
 
-TARGETS = ("parser", "builders", "artifacts", "metadata")
+TARGETS = ("parser", "builders", "artifacts", "metadata", "fastfacts")
 
 
 def make_target(name: str) -> Callable[[random.Random], str | None]:
@@ -167,9 +167,10 @@ def make_target(name: str) -> Callable[[random.Random], str | None]:
     if name == "builders":
         names = builder_names()
         return lambda rng: builder_case(rng, names)
-    from . import fuzz_runtime
+    from . import fuzz_ragged, fuzz_runtime
 
-    return {"artifacts": fuzz_runtime.ArtifactTarget,
+    return {"fastfacts": fuzz_ragged.FastFactsTarget,
+            "artifacts": fuzz_runtime.ArtifactTarget,
             "metadata": fuzz_runtime.MetadataTarget}[name]()
 
 

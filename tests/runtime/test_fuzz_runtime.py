@@ -1,7 +1,8 @@
 """A short run of the runtime fuzz targets (long runs: `python -m graphir.tools.fuzz`): damaged
 artifacts are refused or compute the unedited artifact's numbers; random ragged metadata is refused
 cleanly with the KV cache untouched, or runs the interpreter's numbers, on the compiled CPU
-path and the interpreter alike."""
+path and the interpreter alike; the CUDA fast path's metadata check answers only what the full
+check accepts, with the same facts."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 pytest.importorskip("mlir.ir")
 
-from graphir.tools import fuzz_runtime  # noqa: E402
+from graphir.tools import fuzz_ragged, fuzz_runtime  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +33,14 @@ def test_damaged_artifacts(artifacts, rng):
 @given(rng=st.randoms(use_true_random=False))
 def test_random_metadata(metadata, rng):
     assert metadata(rng) is None
+
+
+@pytest.fixture(scope="module")
+def fastfacts():
+    return fuzz_ragged.FastFactsTarget()
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(rng=st.randoms(use_true_random=False))
+def test_fast_metadata_check(fastfacts, rng):
+    assert fastfacts(rng) is None

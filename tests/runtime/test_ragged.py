@@ -274,6 +274,26 @@ def test_two_sequences_writing_one_page_are_refused(check):
     assert run_check(check, ok).kv_max == {(1, 3): 8}
 
 
+def test_writes_into_the_null_page_are_let_be_by_both_checks(check):
+    # Two padding sequences whose pages all name the null page (the pool's last), as a batch
+    # padded to a captured size has: their writes are lost, so neither check refuses them (the
+    # full check once did, where the fast check let them be: found by `fuzz --target
+    # fastfacts`). Any other shared page still clashes.
+    null = POOL - 1
+    offs = np.array([0, 1, 2, 3], np.uint32)
+    clen = np.array([5, 0, 0], np.uint32)
+    lut = np.array([[3, 7, null, null, null, null], [null] * 6, [null] * 6], np.uint32)
+    arrays = {1: offs, 3: clen, 4: lut}
+    assert run_check(check, arrays).kv_max == {(1, 3): 6}
+    fast, env = fast_of(check, arrays)
+    assert fast([arrays.get(k) for k in range(6)], blobs_of(arrays)) == \
+        want_of(check, arrays, env) == (1, 16)
+    lut[1] = lut[2] = 7                   # 1 and 2 both write slot 0 of page 7 (0 writes slot 1)
+    with pytest.raises(ValueError, match="sequences 1 and 2 both write new tokens into page 7"):
+        run_check(check, arrays)
+    assert fast([arrays.get(k) for k in range(6)], blobs_of(arrays)) is None
+
+
 def test_a_shared_prefix_page_may_be_read(check):
     # Both sequences hold page 2 as their first page (a common prefix) and write elsewhere.
     offs = np.array([0, 1, 2], np.uint32)
