@@ -31,6 +31,12 @@ NH, NKV, D, PAGE, ROPE_ROWS, POOL = 2, 1, 16, 16, 400, 64
 QKV = (NH + 2 * NKV) * D
 
 
+def _bytes(t):
+    """A tensor's bytes, flat and aliasing it (an empty one flattened first: numpy gives an
+    empty array zero strides, which torch's dtype view refuses)."""
+    return t.view(torch.uint8).reshape(-1) if t.numel() else t.reshape(-1).view(torch.uint8)
+
+
 class GraphDevice(InterpDevice):
     """InterpDevice with recorded-and-replayed "graphs", device tensors (torch CPU tensors
     stand in), a staging area with one upload per call, and output views."""
@@ -78,14 +84,14 @@ class GraphDevice(InterpDevice):
                 (super().launch if op[0] == "launch" else super().copy)(*op[1:])
 
     def import_tensor(self, t):
-        return t.view(torch.uint8).reshape(-1), tuple(t.shape), str(t.dtype).removeprefix("torch.")
+        return _bytes(t), tuple(t.shape), str(t.dtype).removeprefix("torch.")
 
     # The executor's fast path (CudaDevice has the same methods).
     def read_tensor(self, t):
         if not isinstance(t, torch.Tensor):
             return None
         self.reads += 1
-        return (t.view(torch.uint8).reshape(-1), t.data_ptr(), t.shape,
+        return (_bytes(t), t.data_ptr(), t.shape,
                 str(t.dtype).removeprefix("torch."), 0)
 
     def staging_view(self, nbytes):

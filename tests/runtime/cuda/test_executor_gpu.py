@@ -140,6 +140,30 @@ def test_bad_page_id_is_refused_and_the_cache_is_untouched(artifact):
     assert torch.equal(blocks, before)
 
 
+def test_a_step_with_no_new_tokens_runs_nothing_and_the_loop_goes_on(artifact):
+    # A batch whose sequences all take no token this step: x has no rows (an empty CUDA
+    # tensor, whose address may be 0), every grid is empty; the output is empty, the cache
+    # untouched, and the decode loop after it still matches the eager executor.
+    art, w = artifact
+    model = executor.load(art, w)
+    eager = executor.load(art, w, use_graphs=False)
+    blocks, b_eager = blocks_like(), blocks_like()
+    decode(model, blocks, 3)
+    decode(eager, b_eager, 3)
+    before = blocks.clone()
+    clen = np.array([9, 17, 3], np.uint32)
+    lut = np.random.default_rng(0).permutation(POOL)[:3 * MAX_PAGES].reshape(3, MAX_PAGES)
+    x = torch.empty(0, 64, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):                    # the second call: the fast path's signature hit
+        (y,) = model.execute(x, np.zeros(4, np.uint32), blocks, clen, lut.astype(np.uint32),
+                             np.array([[1, 18]], np.uint32))
+        assert tuple(torch.from_dlpack(y).shape) == (0, 64)
+    torch.cuda.synchronize()
+    assert torch.equal(blocks, before)
+    for a, b in zip(decode(model, blocks, 3, seed=4), decode(eager, b_eager, 3, seed=4)):
+        assert torch.equal(a, b)
+
+
 def test_pool_outputs_are_overwritten_copies_are_not(artifact):
     art, w = artifact
     for copy in (False, True):
