@@ -32,8 +32,7 @@ class ArtifactTarget:
             x = g.inputs[0]
             h = ops.matmul(x, w, transpose_b=True)
             g.output(ops.tanh(h) * ops.exp(x))
-        self.graph, self.weights = g, {"w": np.random.default_rng(0).standard_normal((8, 8))
-                                       .astype(np.float32)}
+        self.weights = {"w": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
         self.dir = Path(tempfile.mkdtemp(prefix="graphir-fuzz-art-"))
         self.good = compile_graph(g, "cpu", out=self.dir / "good.gart").path
         # The oracle: what the unedited artifact computes. (The float64 reference is no oracle

@@ -18,7 +18,7 @@ from graphir.ops.quant.nib_layout import q4_k_spare_supers  # noqa: E402
 from graphir.ops.quant_nib import nib_weight  # noqa: E402
 
 from tests.lowering.triton_gpu.test_quant_nib import gguf_weight, launch  # noqa: E402
-from tests.lowering.triton_gpu.nib_hand import bare as _bare, hand_graph as _hand_graph  # noqa: E402,E501
+from tests.lowering.triton_gpu.nib_hand import bare as _bare, bare_q4_k  # noqa: E402
 
 
 @pytest.mark.parametrize("n,k", [(13, 512), (8, 2048)])
@@ -94,8 +94,7 @@ def test_compiled_plan_reads_supers_for_hand_packed_operands():
 
     n, k = 12, 1024
     rng = np.random.default_rng(4)
-    ops, _ = gguf_weight(rng, "q4_k", n, k)
-    g, weights = _hand_graph(n, k, [ops[0], _bare(ops[1]), ops[2]])
+    g, weights = bare_q4_k(rng, n, k)
     x = round_to(rng.standard_normal((1, k)), DType.bfloat16)
     ex, dev = interp_executor(g, weights)
     (got,) = ex.execute(x)
@@ -116,7 +115,6 @@ def test_the_cpu_refuses_hand_written_nib_matmul_by_name():
     # results only, and names what the op is for when it cannot.
     pytest.importorskip("mlir.ir")
     from graphir.lowering.driver import compile_graph
-    from tests.lowering.triton_gpu.nib_hand import bare_q4_k
 
     g, _ = bare_q4_k(np.random.default_rng(3), 12, 256)
     with pytest.raises(ValueError, match=r"gir.nib_matmul has no CPU lowering, and its rewrite "
