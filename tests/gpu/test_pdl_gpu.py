@@ -47,6 +47,9 @@ def test_pdl_chain_keeps_order_eager_and_in_a_graph(kernel, programs):
     x = torch.randint(-1000, 1000, (N,), device="cuda").float()  # sums stay exact
     a, b = x.clone(), torch.empty_like(x)
     s = torch.cuda.Stream()
+    # x and a are written on the current stream: the chain's stream waits for them (without
+    # this, under load, it read a's memory before the clone and counted from stale values).
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         _chain(kernel, a, b, s.cuda_stream, grid)
     s.synchronize()
