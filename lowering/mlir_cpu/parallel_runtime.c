@@ -12,7 +12,9 @@
  * Thread count: GRAPHIR_NUM_THREADS, else the CPUs in this process's affinity mask.
  * Work-sharing loops use the dynamic schedule (toolchain.py asks for it): threads take chunks
  * from a shared counter, so a thread slowed down (another process on its core) takes fewer and
- * the loop does not wait for it, whatever thread count the library was compiled with.
+ * the loop does not wait for it, whatever thread count the library was compiled with. Nor does
+ * a region wait for a worker that has not started it: its team is whoever joins in time (see
+ * team_state).
  * A parallel region entered while another one runs (nested, or from a second caller thread)
  * runs serially on the calling thread, which is always correct for static work sharing.
  */
@@ -56,14 +58,43 @@ static pthread_mutex_t team_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
 
+static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+
 static struct {
   microtask_t fn;
   int32_t argc;
   void *args[MAX_ARGS];
-  int32_t nth;
 } job;
-static atomic_int job_gen = 0;
-static atomic_int job_done = 0;
+static atomic_int job_done = 0; /* members other than the caller that have finished the job */
+
+/* A region's team is whoever joins it: the calling thread (thread 0), then each worker that
+ * claims a place while the region is open. The region closes when a member first needs the
+ * team's size (a barrier, a static loop) or when the caller has run its part; a worker that
+ * comes later (asleep, or descheduled by another process on its core) skips it. Every loop
+ * being dynamic, those present take all the chunks, and no one waits for a thread that never
+ * started: waiting for every worker cost ~16 ms a region (the scheduler's time slice) when the
+ * other core was busy and the worker asleep. Joining and closing are one atomic word, so a
+ * worker joins the region whose fields it then reads, and none joins a closed one. */
+#define GEN_SHIFT 32
+#define CLOSED (1ull << 31)
+#define MEMBERS (CLOSED - 1)
+static _Atomic uint64_t team_state = 0; /* generation << GEN_SHIFT | CLOSED | members */
+static atomic_int team_size = 0;        /* the members once closed, 0 while open */
+static atomic_int team_cap = 1;         /* the most members (a num_threads clause) */
+
+static int team_close(void) {
+  uint64_t s = atomic_fetch_or(&team_state, CLOSED);
+  if (!(s & CLOSED)) {
+    int n = (int)(s & MEMBERS);
+    atomic_store_explicit(&team_size, n, memory_order_release);
+    return n;
+  }
+  int n;
+  while ((n = atomic_load_explicit(&team_size, memory_order_acquire)) == 0) cpu_relax();
+  return n;
+}
+
+static inline uint32_t team_gen(uint64_t s) { return (uint32_t)(s >> GEN_SHIFT); }
 static atomic_int bar_count = 0;
 static atomic_int bar_gen = 0;
 
@@ -80,8 +111,6 @@ static __thread long tl_disp_seen = 0;
 static __thread struct {
   int64_t next, ub, st;
 } tl_serial; /* a loop run by one thread (serial region) */
-
-static inline void cpu_relax(void) { __builtin_ia32_pause(); }
 
 static void call_microtask(microtask_t fn, int32_t argc, void **a, int32_t tid) {
   int32_t gtid = tid, btid = tid;
@@ -111,31 +140,41 @@ static int64_t now_ns(void) {
 }
 
 static void *worker_main(void *arg) {
-  int32_t tid = (int32_t)(intptr_t)arg;
-  int seen = 0;
+  (void)arg;
+  uint32_t seen = 0;
   for (;;) {
     int64_t spin_until = now_ns() + spin_ns;
     unsigned spins = 0;
-    while (atomic_load_explicit(&job_gen, memory_order_acquire) == seen) {
+    while (team_gen(atomic_load_explicit(&team_state, memory_order_acquire)) == seen) {
       if ((++spins & 63) != 0 || now_ns() < spin_until) {
         cpu_relax();
         continue;
       }
       pthread_mutex_lock(&wake_mu);
-      while (atomic_load(&job_gen) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
+      while (team_gen(atomic_load(&team_state)) == seen) pthread_cond_wait(&wake_cv, &wake_mu);
       pthread_mutex_unlock(&wake_mu);
     }
-    seen = atomic_load(&job_gen);
-    if (tid < job.nth) {
-      tl_tid = tid;
-      tl_nth = job.nth;
-      tl_disp_seen = team_disp_base;
-      call_microtask(job.fn, job.argc, job.args, tid);
-      tl_tid = 0;
-      tl_nth = 1;
+    /* Join the open region, if there is room; a failed exchange rereads the state (it may
+     * be a newer region by then, which is as good). */
+    uint64_t s = atomic_load_explicit(&team_state, memory_order_acquire);
+    int32_t tid = -1;
+    while (!(s & CLOSED) &&
+           (int)(s & MEMBERS) < atomic_load_explicit(&team_cap, memory_order_relaxed)) {
+      if (atomic_compare_exchange_weak_explicit(&team_state, &s, s + 1, memory_order_acq_rel,
+                                                memory_order_acquire)) {
+        tid = (int32_t)(s & MEMBERS);
+        break;
+      }
     }
-    /* Every worker acknowledges every job, so the next job's fields are never written while
-     * a late worker still reads this one's. */
+    seen = team_gen(s);
+    if (tid < 0) continue; /* closed or full: wait for the next region */
+    /* The caller writes the next region's fields only after every member has finished. */
+    tl_tid = tid;
+    tl_nth = atomic_load_explicit(&team_cap, memory_order_relaxed);
+    tl_disp_seen = team_disp_base;
+    call_microtask(job.fn, job.argc, job.args, tid);
+    tl_tid = 0;
+    tl_nth = 1;
     atomic_fetch_add_explicit(&job_done, 1, memory_order_release);
   }
   return NULL;
@@ -210,12 +249,15 @@ API void __kmpc_fork_call(void *loc, int32_t argc, microtask_t fn, ...) {
   job.fn = fn;
   job.argc = argc;
   memcpy(job.args, args, sizeof(args));
-  job.nth = nth;
+  atomic_store_explicit(&team_cap, nth, memory_order_relaxed);
   team_disp_base = atomic_load(&disp_claimed);
   tl_disp_seen = team_disp_base;
   atomic_store(&job_done, 0);
+  atomic_store(&team_size, 0);
+  uint64_t gen = (uint64_t)team_gen(atomic_load(&team_state)) + 1;
   pthread_mutex_lock(&wake_mu);
-  atomic_fetch_add_explicit(&job_gen, 1, memory_order_release);
+  /* Open, with the caller as member 0; the release publishes the fields above. */
+  atomic_store_explicit(&team_state, (gen << GEN_SHIFT) | 1, memory_order_release);
   pthread_cond_broadcast(&wake_cv);
   pthread_mutex_unlock(&wake_mu);
 
@@ -223,15 +265,16 @@ API void __kmpc_fork_call(void *loc, int32_t argc, microtask_t fn, ...) {
   tl_nth = nth;
   call_microtask(fn, argc, args, 0);
   tl_nth = 1;
-  while (atomic_load_explicit(&job_done, memory_order_acquire) < pool_size - 1) cpu_relax();
+  int members = team_close();
+  while (atomic_load_explicit(&job_done, memory_order_acquire) < members - 1) cpu_relax();
   pthread_mutex_unlock(&team_lock);
 }
 
 API void __kmpc_barrier(void *loc, int32_t gtid) {
   (void)loc;
   (void)gtid;
-  int nth = tl_nth;
-  if (nth <= 1) return;
+  if (tl_nth <= 1) return;
+  int nth = team_close(); /* the members: none can join once one has reached a barrier */
   int gen = atomic_load_explicit(&bar_gen, memory_order_acquire);
   if (atomic_fetch_add(&bar_count, 1) + 1 == nth) {
     atomic_store(&bar_count, 0);
@@ -252,7 +295,7 @@ API void __kmpc_barrier(void *loc, int32_t gtid) {
                 ST *pstride, ST incr, ST chunk) {                                            \
     (void)loc;                                                                               \
     (void)gtid;                                                                              \
-    uint64_t nth = (uint64_t)tl_nth, tid = (uint64_t)tl_tid;                                                   \
+    uint64_t nth = tl_nth > 1 ? (uint64_t)team_close() : 1, tid = (uint64_t)tl_tid;         \
     T lo = *plower, hi = *pupper;                                                            \
     if (incr == 0) incr = 1;                                                                 \
     uint64_t trip = incr > 0 ? (uint64_t)((hi - lo) / (T)incr) + 1                           \
