@@ -51,7 +51,8 @@ static __thread int32_t tl_tid = 0;
 static __thread int32_t tl_nth = 1;
 static __thread int32_t tl_requested = 0;
 
-static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static atomic_int pool_started = 0;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static int pool_size = 1;
 static int64_t spin_ns = DEFAULT_SPIN_US * 1000;
 static pthread_mutex_t team_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -213,6 +214,40 @@ static void pool_init(void) {
   }
 }
 
+static void pool_start(void) {
+  if (atomic_load_explicit(&pool_started, memory_order_acquire)) return;
+  pthread_mutex_lock(&pool_mu);
+  if (!atomic_load(&pool_started)) {
+    pool_init();
+    atomic_store_explicit(&pool_started, 1, memory_order_release);
+  }
+  pthread_mutex_unlock(&pool_mu);
+}
+
+/* fork() copies only the calling thread: a child has none of the pool's workers, and the locks
+ * may be held by threads that are gone (the caller then waited forever for its workers). The
+ * child starts afresh, its first region starting a pool of its own. glibc drops the handler
+ * when this library is unloaded. */
+static void pool_after_fork_in_child(void) {
+  pthread_mutex_init(&pool_mu, NULL);
+  pthread_mutex_init(&team_lock, NULL);
+  pthread_mutex_init(&wake_mu, NULL);
+  pthread_cond_init(&wake_cv, NULL);
+  pool_size = 1;
+  uint64_t gen = team_gen(atomic_load(&team_state));
+  atomic_store(&team_state, (gen << GEN_SHIFT) | CLOSED);
+  atomic_store(&job_done, 0);
+  atomic_store(&team_size, 0);
+  atomic_store(&bar_count, 0);
+  tl_tid = 0;
+  tl_nth = 1;
+  atomic_store(&pool_started, 0);
+}
+
+__attribute__((constructor)) static void pool_register_fork_handler(void) {
+  pthread_atfork(NULL, NULL, pool_after_fork_in_child);
+}
+
 API int32_t __kmpc_global_thread_num(void *loc) {
   (void)loc;
   return tl_tid;
@@ -234,7 +269,7 @@ API void __kmpc_fork_call(void *loc, int32_t argc, microtask_t fn, ...) {
   int32_t requested = tl_requested;
   tl_requested = 0;
 
-  pthread_once(&pool_once, pool_init);
+  pool_start();
   int nth = pool_size;
   if (requested > 0 && requested < nth) nth = requested;
   if (tl_nth > 1 || nth <= 1 || pthread_mutex_trylock(&team_lock) != 0) {

@@ -4,6 +4,7 @@
  *   team_harness stress REGIONS SEED   random loop sizes, member delays, idle gaps, caps
  *   team_harness absent REGIONS        the workers held in a signal handler (as if another
  *                                      process had their cores): regions must still finish
+ *   team_harness fork REGIONS          regions in a forked child, which starts its own pool
  * Prints "ok ..." and exits 0, or names what went wrong and exits 1 (SIGALRM: a hang). */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -92,6 +94,42 @@ static int hold_workers(void) {
   return sent;
 }
 
+static int threads_now(void) {
+  DIR *d = opendir("/proc/self/task");
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL) n += e->d_name[0] != '.';
+  closedir(d);
+  return n;
+}
+
+/* A child forked after the pool started: its first region starts a pool of its own. */
+static int forked(int regions) {
+  int max_tid, pool = atoi(getenv("GRAPHIR_NUM_THREADS"));
+  if (!region(100, 1, 0, 0, &max_tid)) return 1;
+  pid_t pid = fork();
+  if (pid == 0) {
+    alarm(60);
+    if (threads_now() != 1) _exit(3);
+    for (int r = 0; r < regions; ++r)
+      if (!region(1 + (uint64_t)(r * 37 % 3000), 2, 0, 0, &max_tid)) _exit(1);
+    if (threads_now() != pool) {
+      printf("the child runs %d threads, not %d\n", threads_now(), pool);
+      _exit(4);
+    }
+    fflush(stdout);
+    _exit(0);
+  }
+  int status;
+  waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    printf("the forked child failed: status %d\n", status);
+    return 1;
+  }
+  printf("ok %d regions in a forked child with a pool of %d\n", regions, pool);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc < 3) return 2;
   alarm(60);
@@ -111,6 +149,7 @@ int main(int argc, char **argv) {
     printf("ok %d regions\n", regions);
     return 0;
   }
+  if (!strcmp(argv[1], "fork")) return forked(regions);
   if (!region(100, 1, 0, 0, &max_tid)) return 1; /* starts the pool */
   int workers = hold_workers();
   for (int r = 0; r < regions; ++r)

@@ -2,7 +2,9 @@
 (one dynamic loop and a barrier a region): every iteration runs exactly once whoever joins,
 a num_threads cap holds, and a region finishes with its workers unable to run (held in a
 signal handler, as a busy core would keep them): before, the caller waited for every worker,
-so such a region hung, and on a loaded machine each region waited ~16 ms for a time slice."""
+so such a region hung, and on a loaded machine each region waited ~16 ms for a time slice. A
+process forked after its pool started (multiprocessing's fork, a preforking server) hung on its
+first region the same way; it now starts a pool of its own."""
 import os
 import subprocess
 from pathlib import Path
@@ -41,3 +43,9 @@ def test_every_iteration_runs_once_whoever_joins(harness, threads, seed):
 def test_a_region_does_not_wait_for_workers_that_cannot_run(harness, threads):
     out = _run(harness, threads, "absent", 200)
     assert out.startswith(f"ok 200 regions with {threads - 1} workers held"), out
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_forked_child_runs_regions_on_a_pool_of_its_own(harness, threads):
+    out = _run(harness, threads, "fork", 300)
+    assert out.startswith(f"ok 300 regions in a forked child with a pool of {threads}"), out
