@@ -204,6 +204,24 @@ def _dlopen(path: str) -> ctypes.CDLL:
         return ctypes.CDLL(copy, mode=mode)
 
 
+# The environment the libraries' thread pool reads (parallel_runtime.c), read there with atoi:
+# a typo would silently mean "every CPU" or a spin of 0.
+_POOL_ENV = {"GRAPHIR_NUM_THREADS": (1, "the CPU kernels' thread count; unset for every CPU "
+                                        "this process may run on"),
+             "GRAPHIR_SPIN_US": (0, "how long idle workers spin before they sleep; unset "
+                                    "for 200")}
+
+
+def check_pool_env() -> None:
+    """Raise ValueError naming a pool variable that is set to anything but a whole number in
+    its range (an empty value counts as unset, as the pool reads it)."""
+    for name, (least, what) in _POOL_ENV.items():
+        text = os.environ.get(name, "").strip()
+        if text and not (text.isdigit() and int(text) >= least):
+            raise ValueError(f"{name}={os.environ[name]!r}: expected a whole number >= {least} "
+                             f"({what})")
+
+
 class CpuLibrary:
     """A loaded graphir CPU shared object."""
 
@@ -211,6 +229,7 @@ class CpuLibrary:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise ValueError(f"CpuLibrary: no such file {self.path!r}")
+        check_pool_env()
         self.handle = _dlopen(os.path.abspath(self.path))
 
     def abi(self) -> dict | None:
