@@ -127,6 +127,11 @@ class CudaError(RuntimeError):
             msg += f": {desc}"
         if context:
             msg += f" [{context}]"
+        if self.code == _NOT_INITIALIZED and _init_pid not in (None, os.getpid()):
+            msg += (f"; CUDA was initialized in process {_init_pid}, which this one was "
+                    "forked from, and a forked child cannot use it: start worker processes "
+                    "with multiprocessing's 'spawn' or 'forkserver' method, or use the GPU in "
+                    "the child only")
         super().__init__(msg)
 
 
@@ -135,6 +140,8 @@ _lib: ctypes.CDLL | None = None
 _funcs: dict[str, Any] = {}
 _load_error: str | None = None
 _initialized = False
+_init_pid: int | None = None  # the process that ran cuInit (a forked child inherits the flag)
+_NOT_INITIALIZED = 3  # CUDA_ERROR_NOT_INITIALIZED: what the driver answers in a forked child
 _primary: dict[int, int] = {}
 _tls = threading.local()
 
@@ -260,13 +267,14 @@ def capturing():
 
 def init() -> None:
     """Load libcuda and run cuInit(0) once; raise CudaUnavailableError/CudaError on failure."""
-    global _initialized
+    global _initialized, _init_pid
     if _initialized:
         return
     with _lock:
         if not _initialized:
             _load()
             call("cuInit", 0)
+            _init_pid = os.getpid()
             _initialized = True
 
 

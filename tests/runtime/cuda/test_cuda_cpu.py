@@ -66,6 +66,19 @@ def test_cuda_error_names_call_and_result():
     assert "CUDA_ERROR_ILLEGAL_ADDRESS" in str(driver.CudaError("cuStreamSynchronize", 700))
 
 
+def test_a_forked_child_is_told_why_cuda_refuses(monkeypatch):
+    # The driver answers CUDA_ERROR_NOT_INITIALIZED in a child forked after cuInit; the
+    # error then says so and what to do (here the parent's pid is feigned).
+    monkeypatch.setattr(driver, "_init_pid", os.getpid())
+    assert "forked" not in str(driver.CudaError("cuLaunchKernel", 3))
+    monkeypatch.setattr(driver, "_init_pid", os.getpid() + 1)
+    msg = str(driver.CudaError("cuLaunchKernel", 3))
+    assert msg.startswith("cuLaunchKernel failed: CUDA_ERROR_NOT_INITIALIZED (3)")
+    assert f"initialized in process {os.getpid() + 1}, which this one was forked from" in msg
+    assert "'spawn'" in msg
+    assert "forked" not in str(driver.CudaError("cuLaunchKernel", 2))
+
+
 # ---- parameter packing --------------------------------------------------------------------
 def test_pack_every_kind_reads_back():
     torch = pytest.importorskip("torch")

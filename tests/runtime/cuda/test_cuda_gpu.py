@@ -285,3 +285,27 @@ def test_failed_capture_leaves_the_stream_usable(kernels):
     _add(kernels["add"], x, x, out, 8, 1.0, stream=s)
     s.synchronize()
     np.testing.assert_array_equal(out.to_numpy(), 2 * np.arange(8, dtype=np.float32))
+
+
+def _child_copies(q):
+    try:
+        DeviceBuffer.from_numpy(np.arange(4, dtype=np.float32)).to_numpy()
+        q.put("no error")
+    except Exception as e:  # noqa: BLE001  (reported to the parent)
+        q.put(f"{type(e).__name__}: {e}")
+
+
+def test_a_forked_child_gets_a_clear_cuda_error(props):
+    # CUDA cannot be used in a child forked after cuInit; the driver's answer is only
+    # "initialization error", so the error says what happened and what to do instead.
+    import multiprocessing as mp
+
+    DeviceBuffer.from_numpy(np.ones(4, np.float32)).to_numpy()   # cuInit here, in the parent
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_copies, args=(q,))
+    p.start()
+    p.join(60)
+    got = q.get(timeout=5)
+    assert got.startswith("CudaError") and "which this one was forked from" in got, got
+    assert "'spawn'" in got
