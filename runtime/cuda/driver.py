@@ -127,7 +127,7 @@ class CudaError(RuntimeError):
             msg += f": {desc}"
         if context:
             msg += f" [{context}]"
-        if self.code == _NOT_INITIALIZED and _init_pid not in (None, os.getpid()):
+        if _init_pid not in (None, os.getpid()):
             msg += (f"; CUDA was initialized in process {_init_pid}, which this one was "
                     "forked from, and a forked child cannot use it: start worker processes "
                     "with multiprocessing's 'spawn' or 'forkserver' method, or use the GPU in "
@@ -140,8 +140,9 @@ _lib: ctypes.CDLL | None = None
 _funcs: dict[str, Any] = {}
 _load_error: str | None = None
 _initialized = False
-_init_pid: int | None = None  # the process that ran cuInit (a forked child inherits the flag)
-_NOT_INITIALIZED = 3  # CUDA_ERROR_NOT_INITIALIZED: what the driver answers in a forked child
+# The process that ran cuInit: a child forked from it inherits `_initialized` but cannot use
+# CUDA (the driver answers its calls with an "initialization error"), so its errors say why.
+_init_pid: int | None = None
 _primary: dict[int, int] = {}
 _tls = threading.local()
 
