@@ -306,6 +306,9 @@ def test_a_forked_child_gets_a_clear_cuda_error(props):
     p = ctx.Process(target=_child_copies, args=(q,))
     p.start()
     p.join(60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung on its first CUDA call")
     got = q.get(timeout=5)
     assert got.startswith("CudaError") and "which this one was forked from" in got, got
     assert "'spawn'" in got
