@@ -37,7 +37,6 @@
 
 #define MAX_THREADS 64
 #define MAX_ARGS 16
-#define SPINS_BEFORE_SLEEP 200000
 /* An idle worker spins this long for the next region before it sleeps (GRAPHIR_SPIN_US
  * overrides): long enough to catch the next kernel of a step (the executor's gap between
  * kernels is tens of microseconds), short enough not to take a core from whatever the process
@@ -60,6 +59,38 @@ static pthread_mutex_t wake_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake_cv = PTHREAD_COND_INITIALIZER;
 
 static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+
+static int64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* One step of a wait for another member of the team: a pause, and once the wait has lasted
+ * YIELD_AFTER_NS, the core given away at every step, so that a member sharing it (more
+ * threads than cores, another process on them) can run. Spinning alone kept such a member
+ * off until the scheduler's time slice ended: 5.7 ms a region, two threads on one CPU. */
+#define YIELD_AFTER_NS 20000
+typedef struct {
+  unsigned spins;
+  int yielding;
+  int64_t t0;
+} waiter_t;
+
+static void wait_a_bit(waiter_t *w) {
+  if (w->yielding) {
+    sched_yield();
+    return;
+  }
+  if ((++w->spins & 63) == 0) {
+    int64_t t = now_ns();
+    if (!w->t0)
+      w->t0 = t;
+    else if (t - w->t0 > YIELD_AFTER_NS)
+      w->yielding = 1;
+  }
+  cpu_relax();
+}
 
 static struct {
   microtask_t fn;
@@ -91,7 +122,8 @@ static int team_close(void) {
     return n;
   }
   int n;
-  while ((n = atomic_load_explicit(&team_size, memory_order_acquire)) == 0) cpu_relax();
+  waiter_t w = {0};
+  while ((n = atomic_load_explicit(&team_size, memory_order_acquire)) == 0) wait_a_bit(&w);
   return n;
 }
 
@@ -132,12 +164,6 @@ static void call_microtask(microtask_t fn, int32_t argc, void **a, int32_t tid) 
     break;
 #undef A
   }
-}
-
-static int64_t now_ns(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
 static void *worker_main(void *arg) {
@@ -301,7 +327,8 @@ API void __kmpc_fork_call(void *loc, int32_t argc, microtask_t fn, ...) {
   call_microtask(fn, argc, args, 0);
   tl_nth = 1;
   int members = team_close();
-  while (atomic_load_explicit(&job_done, memory_order_acquire) < members - 1) cpu_relax();
+  waiter_t w = {0};
+  while (atomic_load_explicit(&job_done, memory_order_acquire) < members - 1) wait_a_bit(&w);
   pthread_mutex_unlock(&team_lock);
 }
 
@@ -315,11 +342,8 @@ API void __kmpc_barrier(void *loc, int32_t gtid) {
     atomic_store(&bar_count, 0);
     atomic_fetch_add_explicit(&bar_gen, 1, memory_order_release);
   } else {
-    long spins = 0;
-    while (atomic_load_explicit(&bar_gen, memory_order_acquire) == gen) {
-      if (++spins > SPINS_BEFORE_SLEEP) sched_yield();
-      else cpu_relax();
-    }
+    waiter_t w = {0};
+    while (atomic_load_explicit(&bar_gen, memory_order_acquire) == gen) wait_a_bit(&w);
   }
 }
 
@@ -389,7 +413,8 @@ static void dispatch_init(int64_t lb, int64_t ub, int64_t st, int64_t chunk) {
     atomic_store_explicit(&disp.next, lb, memory_order_relaxed);
     atomic_store_explicit(&disp_ready, mine, memory_order_release);
   } else {
-    while (atomic_load_explicit(&disp_ready, memory_order_acquire) < mine) cpu_relax();
+    waiter_t w = {0};
+    while (atomic_load_explicit(&disp_ready, memory_order_acquire) < mine) wait_a_bit(&w);
   }
 }
 
