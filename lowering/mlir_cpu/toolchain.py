@@ -223,8 +223,9 @@ def _cc() -> str:
 
 
 def _runtime_artifact(kind: str) -> Path:
-    """Compile parallel_runtime.c once per content hash: kind 'o' (hidden, AOT) or 'so' (JIT)."""
-    src = _RUNTIME_C.read_bytes()
+    """Compile parallel_runtime.c (with the runtime_support.c it includes) once per content
+    hash: kind 'o' (hidden, AOT) or 'so' (JIT)."""
+    src = _RUNTIME_C.read_bytes() + _RUNTIME_C.with_name("runtime_support.c").read_bytes()
     digest = hashlib.sha256(src + kind.encode()).hexdigest()[:16]
     from graphir.lowering.cache import cache_dir
 
