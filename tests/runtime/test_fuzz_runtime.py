@@ -10,37 +10,17 @@ from hypothesis import given, settings, strategies as st
 
 pytest.importorskip("mlir.ir")
 
-from graphir.tools import fuzz_ragged, fuzz_runtime  # noqa: E402
+from graphir.tools import fuzz  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def artifacts():
-    return fuzz_runtime.ArtifactTarget()
+@pytest.mark.parametrize("target,examples", [("artifacts", 150), ("metadata", 150),
+                                             ("fastfacts", 400)])
+def test_runtime_target_finds_nothing(target, examples):
+    case = fuzz.make_target(target)     # the same case function `graphir.tools.fuzz` runs
 
+    @settings(max_examples=examples, deadline=None, derandomize=True)
+    @given(rng=st.randoms(use_true_random=False))
+    def run(rng):
+        assert case(rng) is None
 
-@pytest.fixture(scope="module")
-def metadata():
-    return fuzz_runtime.MetadataTarget()
-
-
-@settings(max_examples=150, deadline=None, derandomize=True)
-@given(rng=st.randoms(use_true_random=False))
-def test_damaged_artifacts(artifacts, rng):
-    assert artifacts(rng) is None
-
-
-@settings(max_examples=150, deadline=None, derandomize=True)
-@given(rng=st.randoms(use_true_random=False))
-def test_random_metadata(metadata, rng):
-    assert metadata(rng) is None
-
-
-@pytest.fixture(scope="module")
-def fastfacts():
-    return fuzz_ragged.FastFactsTarget()
-
-
-@settings(max_examples=400, deadline=None, derandomize=True)
-@given(rng=st.randoms(use_true_random=False))
-def test_fast_metadata_check(fastfacts, rng):
-    assert fastfacts(rng) is None
+    run()
