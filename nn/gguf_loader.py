@@ -15,6 +15,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from graphir.ops.quant.gguf_blocks import GGUF_BLOCK_GEOMETRY, gguf_row_nbytes
+from .gguf_header import check_gguf_header
 
 __all__ = ["GGUFTensor", "GGUFFile", "GGUFMetadata", "load_gguf", "read_gguf"]
 
@@ -97,6 +98,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {os.fspath(path)!r}")
     try:
+        check_gguf_header(path)     # bounds every count first: the reader trusts them
         reader = GGUFReader(path, "r")
         tensors, unsupported = _tensors(reader)
     except (ValueError, IndexError, KeyError, EOFError) as e:

@@ -89,14 +89,14 @@ class GGUFQLinear(Module):
         if has_bias:
             self.bias = Weight(prefix + "bias", DType.float32, [out_dim], self.device)
 
-    def load_state_dict(self, state_dict: Mapping[str, object], *, strict: bool = True) -> None:
+    def _load_state_dict(self, state_dict: Mapping[str, object], *, strict: bool) -> None:
         """Load "weight" (GGUF blocks, or floats for a float encoding) and "bias"; every block is
         checked (byte counts, finite scales)."""
         sd = dict(state_dict)
         if "weight" in sd:
             sd["weight"] = gguf_weight_array(sd["weight"], self.encoding, self.in_dim,
                                              f"{type(self).__name__} weight {self.weight.name!r}")
-        super().load_state_dict(sd, strict=strict)
+        super()._load_state_dict(sd, strict=strict)
 
     def dequantized_weight(self) -> np.ndarray:
         """The loaded weight as float32 `[out_dim, in_dim]` (what the matmul multiplies)."""
@@ -232,7 +232,7 @@ class GPTQLinear(Module):
             out["bias"] = np.asarray(sd["bias"], dtype=np.float32)
         return out
 
-    def load_state_dict(self, state_dict: Mapping[str, object], *, strict: bool = True) -> None:
+    def _load_state_dict(self, state_dict: Mapping[str, object], *, strict: bool) -> None:
         """Load graph weights (weight, qzeros, perm_idx, bias) or checkpoint tensors (qweight,
         scales, qzeros, g_idx, bias)."""
         sd = dict(state_dict)
@@ -242,7 +242,7 @@ class GPTQLinear(Module):
                 raise ValueError(f"{type(self).__name__}: unexpected checkpoint tensors "
                                  f"{sorted(set(sd) - known)}")
             sd = self.convert_checkpoint(sd)
-        super().load_state_dict(sd, strict=strict)
+        super()._load_state_dict(sd, strict=strict)
 
     def __call__(self, x) -> TensorValue:
         x = as_tensor(x)

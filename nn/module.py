@@ -6,6 +6,7 @@ weight or submodule is attached, so graphs built afterwards reference the full n
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from graphir.weight import Weight
 
 _DATA = "_graphir_data"  # where a loaded array sits on its Weight
+_UNSET = object()         # a weight with no array, in a load's snapshot
 
 
 def weight_data(w: Weight) -> np.ndarray | None:
@@ -80,6 +82,42 @@ class Module:
         for name, child in self._children.items():
             child._set_prefix(prefix + name + ".")
 
+    # -- loading as one transaction ---------------------------------------------------------
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Changes inside to this module tree's weights and submodules are kept only if the block
+        completes: on an exception each module gets back its weights, submodules and each
+        weight its array (or none), so a refused checkpoint never leaves a layer half loaded
+        (q_proj from the new file, v_proj from the old, or a projection rebuilt for another
+        encoding with no data). Snapshots hold references only."""
+        saved = []
+        for m in self._tree():
+            data = [(w, w.__dict__.get(_DATA, _UNSET)) for _, w in m._weights.values()]
+            saved.append((m, dict(m._weights), dict(m._children), data))
+        try:
+            yield
+        except BaseException:
+            for m, weights, children, data in saved:
+                for attr in (set(m._weights) | set(m._children)) - set(weights) - set(children):
+                    m.__dict__.pop(attr, None)      # attached during the failed load
+                object.__setattr__(m, "_weights", weights)
+                object.__setattr__(m, "_children", children)
+                for attr, (_, w) in weights.items():
+                    object.__setattr__(m, attr, w)
+                for attr, child in children.items():
+                    object.__setattr__(m, attr, child)
+                for w, a in data:
+                    if a is _UNSET:
+                        w.__dict__.pop(_DATA, None)
+                    else:
+                        w.__dict__[_DATA] = a
+            raise
+
+    def _tree(self) -> Iterator["Module"]:
+        yield self
+        for child in self._children.values():
+            yield from child._tree()
+
     # -- traversal -------------------------------------------------------------------------
     def _owned(self, prefix: str = "") -> Iterator[tuple[str, str, Weight, "Module"]]:
         """(qualified name relative to self, attribute, Weight, owning module)."""
@@ -118,11 +156,18 @@ class Module:
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, object], *, strict: bool = True) -> None:
-        """Load arrays by name relative to this module (e.g. "q_proj.weight").
+        """Load arrays by name relative to this module (e.g. "q_proj.weight"). All or nothing:
+        a refused state dict leaves every weight as it was.
 
         Raises ValueError for missing weights, unexpected names (when strict) and arrays whose
-        shape or dtype does not fit.
+        shape or dtype does not fit (subclasses check more: block encodings, GPTQ orders).
         """
+        with self._all_or_nothing():
+            self._load_state_dict(state_dict, strict=strict)
+
+    def _load_state_dict(self, state_dict: Mapping[str, object], *, strict: bool) -> None:
+        """What load_state_dict does inside its transaction; layers that check or convert a
+        checkpoint override this one."""
         owned = {rel: w for rel, _, w, _ in self._owned()}
         missing = sorted(set(owned) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(owned))

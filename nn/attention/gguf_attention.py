@@ -269,6 +269,13 @@ class GGUFQAttentionWithRope(AttentionWithRope):
     def _load_file(self, f: GGUFFile, layer: int, cfg: GGUFAttentionConfig, where: str, *,
                    strict: bool) -> None:
         self._check_config(cfg, where)
+        # Projections are rebuilt for the file's encodings as its tensors are read: a refused
+        # file puts the old ones (and their weights) back.
+        with self._all_or_nothing():
+            self._load_tensors(f, layer, where, strict=strict)
+        self.gguf_config = cfg
+
+    def _load_tensors(self, f: GGUFFile, layer: int, where: str, *, strict: bool) -> None:
         blk = f"blk.{layer}."
         sd = {}
         try:
@@ -289,9 +296,8 @@ class GGUFQAttentionWithRope(AttentionWithRope):
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         self.load_state_dict(sd, strict=strict)
-        self.gguf_config = cfg
 
-    def load_state_dict(self, state_dict, *, strict: bool = True) -> None:
+    def _load_state_dict(self, state_dict, *, strict: bool) -> None:
         """Load by relative name (q_proj.weight, q_norm.weight, ...); GGUF blocks are validated
         per linear."""
         children = {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -112,7 +112,7 @@ class GPTQAttentionWithRope(AttentionWithRope):
         raise ValueError(f"{type(self).__name__}: sharding GPTQ weights is not supported")
 
     # -- loading ---------------------------------------------------------------------------------
-    def load_state_dict(self, state_dict, *, strict: bool = True) -> None:
+    def _load_state_dict(self, state_dict, *, strict: bool) -> None:
         """Load by relative name: graph weights (q_proj.weight, ...) or checkpoint tensors
         (q_proj.qweight, q_proj.scales, ...).
 
