@@ -1,6 +1,6 @@
 """Fuzz graphir's input surfaces for as long as asked; the tests run the same targets briefly.
 
-    python -m graphir.tools.fuzz [--target parser|builders|artifacts|metadata|fastfacts|all]
+    python -m graphir.tools.fuzz [--target parser|builders|artifacts|metadata|fastfacts|gguf|all]
                                  [--seconds 60] [--seed 0]
 
 Each target turns a random.Random into one case and classifies the outcome: a clean error
@@ -25,8 +25,9 @@ SLOW_S = 1.0
 HANG_S = 30.0   # a case still running after this is stopped and reported (a loop on bad input)
 
 
-class _Hang(Exception):
-    pass
+class _Hang(BaseException):
+    """Raised into a case that runs past HANG_S: a BaseException, so that a target's own
+    `except Exception` (classifying what the code under test raised) lets it through."""
 
 
 def _stop_case(signum, frame):
@@ -156,7 +157,7 @@ def builder_case(rng: random.Random, names: list[str]) -> str | None:
     return None
 
 
-TARGETS = ("parser", "builders", "artifacts", "metadata", "fastfacts")
+TARGETS = ("parser", "builders", "artifacts", "metadata", "fastfacts", "gguf")
 
 
 def make_target(name: str) -> Callable[[random.Random], str | None]:
@@ -167,9 +168,9 @@ def make_target(name: str) -> Callable[[random.Random], str | None]:
     if name == "builders":
         names = builder_names()
         return lambda rng: builder_case(rng, names)
-    from . import fuzz_ragged, fuzz_runtime
+    from . import fuzz_gguf, fuzz_ragged, fuzz_runtime
 
-    return {"fastfacts": fuzz_ragged.FastFactsTarget,
+    return {"fastfacts": fuzz_ragged.FastFactsTarget, "gguf": fuzz_gguf.GGUFTarget,
             "artifacts": fuzz_runtime.ArtifactTarget,
             "metadata": fuzz_runtime.MetadataTarget}[name]()
 
