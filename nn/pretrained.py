@@ -17,6 +17,7 @@ from graphir.ops.rope_math import yarn_mscale
 
 from .attention import AttentionWithRope, LatentAttentionWithRope, MHAMaskVariant
 from .attention.checks import check_devices
+from .config_values import config_number
 from .kv_cache import KVCacheParams
 from .pretrained_config import ModelConfig
 from .pretrained_rope import default_max_seq_len, rope_from_parameters
@@ -124,19 +125,22 @@ def _kv_params(given, n_kv_heads: int, head_dim: int, b: dict) -> KVCacheParams:
 def _standard(mc: ModelConfig, i: int, rp: dict, b: dict):
     fam = mc.family
     nh, hidden = mc.pos_int("num_attention_heads"), mc.pos_int("hidden_size")
-    nkv = mc.get("num_key_value_heads") or nh
-    d = mc.get("head_dim") or hidden // nh
+    nkv = mc.opt_pos_int("num_key_value_heads", nh)
+    d = mc.opt_pos_int("head_dim") or hidden // nh
+    if d == 0:
+        raise ValueError(f"{mc.where('hidden_size')} = {hidden} is smaller than "
+                         f"num_attention_heads = {nh} (no head_dim given)")
     if mc.get("attention_bias") and fam in ("llama", "qwen3", "gemma2", "gemma3"):
         raise mc.unsupported("attention_bias = true (o_proj has no bias in AttentionWithRope)")
     if mc.get("use_bidirectional_attention"):
         raise mc.unsupported("use_bidirectional_attention = true (non-causal attention)")
     kw = dict(has_bias=fam == "qwen2", stacked_qkv=fam == "phi3",
-              use_qk_norm=fam in ("qwen3", "gemma3"), rms_norm_eps=mc.number("rms_norm_eps"))
+              use_qk_norm=fam in ("qwen3", "gemma3"), rms_norm_eps=mc.number("rms_norm_eps", minimum=0.0))
     if fam in ("gemma2", "gemma3"):
-        kw["scale"] = mc.number("query_pre_attn_scalar") ** -0.5
+        kw["scale"] = mc.number("query_pre_attn_scalar", positive=True) ** -0.5
     cap = mc.get("attn_logit_softcapping")
     if fam == "gemma2" and cap is not None:
-        kw["softcap"] = mc.number("attn_logit_softcapping")
+        kw["softcap"] = mc.number("attn_logit_softcapping", positive=True)
     elif fam == "gemma3" and cap is not None:
         raise mc.unsupported(f"attn_logit_softcapping = {cap} (transformers' Gemma 3 attention "
                              f"does not apply it)")
@@ -162,7 +166,7 @@ def _latent(mc: ModelConfig, i: int, rp: dict, b: dict):
         raise mc.unsupported("attention_bias = true (LatentAttentionWithRope has no biases)")
     nope, rope_d = mc.pos_int("qk_nope_head_dim"), mc.pos_int("qk_rope_head_dim")
     r, v = mc.pos_int("kv_lora_rank"), mc.pos_int("v_head_dim")
-    q_lora = mc.get("q_lora_rank")
+    q_lora = mc.opt_pos_int("q_lora_rank")
     rope = rope_from_parameters(rp, dim=rope_d, n_heads=1, head_dim=rope_d,
                                 max_seq_len=b["max_seq_len"], max_position_embeddings=b["max_pos"],
                                 interleaved=bool(mc.get("rope_interleave", True)),
@@ -171,10 +175,13 @@ def _latent(mc: ModelConfig, i: int, rp: dict, b: dict):
     # mscale_all_dim)^2 for a scaled RoPE that sets mscale_all_dim.
     scale = (nope + rope_d) ** -0.5
     if rp["rope_type"] != "default" and rp.get("mscale_all_dim"):
-        m = yarn_mscale(float(rp["factor"]), float(rp["mscale_all_dim"]))
+        m = yarn_mscale(config_number(rp.get("factor"), mc.where("rope_parameters['factor']"),
+                                      positive=True),
+                        config_number(rp["mscale_all_dim"],
+                                      mc.where("rope_parameters['mscale_all_dim']")))
         scale *= m * m
     attn = LatentAttentionWithRope(
-        rope=rope, num_attention_heads=nh, num_key_value_heads=mc.get("num_key_value_heads") or nh,
+        rope=rope, num_attention_heads=nh, num_key_value_heads=mc.opt_pos_int("num_key_value_heads", nh),
         hidden_size=hidden, kv_params=_kv_params(b["kv_params"], 1, r + rope_d, b),
         dtype=b["dtype"], devices=b["devs"], scale=scale, q_lora_rank=q_lora, kv_lora_rank=r,
         qk_nope_head_dim=nope, qk_rope_head_dim=rope_d, v_head_dim=v, **b["opts"])

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from .config_values import config_dict, config_int, config_number
+
 # model_type -> family
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3",
@@ -53,17 +55,21 @@ class ModelConfig:
             cfg = json.loads(f.read_text())
         except ValueError as e:
             raise ValueError(f"{f}: not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
         mt = cfg.get("model_type")
-        if mt not in MODEL_TYPES:
+        if not isinstance(mt, str) or mt not in MODEL_TYPES:
             raise ValueError(f"from_pretrained: unsupported model_type {mt!r} (architectures "
                              f"{cfg.get('architectures')}); supported: {sorted(MODEL_TYPES)}")
-        if cfg.get("quantization_config"):
-            method = cfg["quantization_config"].get("quant_method", "?")
+        qc = cfg.get("quantization_config")
+        if qc:
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
             raise ValueError(f"from_pretrained: {f} describes a quantized checkpoint "
                              f"(quant_method {method!r}); only float checkpoints are read")
         prefixes = (_PREFIX,)
         if mt == "gemma3":
-            cfg = {**_GEMMA3_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}
+            cfg = {**_GEMMA3_TEXT_DEFAULTS,
+                   **config_dict(cfg.get("text_config"), f"{f}: text_config")}
             prefixes = ("model.language_model.layers.{i}.self_attn.",
                         "language_model.model.layers.{i}.self_attn.")
         elif mt == "gemma3_text":
@@ -74,18 +80,21 @@ class ModelConfig:
     def get(self, key: str, default=None):
         return self.cfg.get(key, default)
 
-    def pos_int(self, key: str) -> int:
-        v = self.cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"config.json ({self.model_type}): {key} must be a positive int, "
-                             f"got {v!r}")
-        return v
+    def where(self, key: str) -> str:
+        """How errors name a key of this file."""
+        return f"config.json ({self.model_type}): {key}"
 
-    def number(self, key: str) -> float:
-        v = self.cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"config.json ({self.model_type}): {key} must be a number, got {v!r}")
-        return float(v)
+    def pos_int(self, key: str) -> int:
+        return config_int(self.cfg.get(key), self.where(key))
+
+    def opt_pos_int(self, key: str, default: int | None = None) -> int | None:
+        """A positive int, or `default` where the key is absent or null."""
+        v = config_int(self.cfg.get(key), self.where(key), optional=True)
+        return default if v is None else v
+
+    def number(self, key: str, **limits) -> float:
+        """A finite number (config_number's limits: positive, minimum)."""
+        return config_number(self.cfg.get(key), self.where(key), **limits)
 
     @property
     def num_layers(self) -> int:
@@ -108,11 +117,13 @@ class ModelConfig:
         elif fam == "gemma2":
             t = SLIDING if i % 2 == 0 else FULL
         elif fam == "gemma3":
-            pattern = cfg.get("sliding_window_pattern", 6)
+            pattern = config_int(cfg.get("sliding_window_pattern", 6),
+                                 self.where("sliding_window_pattern"))
             t = SLIDING if (i + 1) % pattern else FULL
         elif fam in ("qwen2", "qwen3"):
-            t = SLIDING if self.sliding_window_size() is not None \
-                and i >= cfg.get("max_window_layers", 28) else FULL
+            t = SLIDING if self.sliding_window_size() is not None and i >= config_int(
+                cfg.get("max_window_layers", 28), self.where("max_window_layers"), minimum=0) \
+                else FULL
         elif fam in ("mistral", "phi3"):
             t = SLIDING if cfg.get("sliding_window") is not None else FULL
         else:
@@ -125,11 +136,8 @@ class ModelConfig:
         """The window of sliding layers (Qwen's needs use_sliding_window), or None."""
         if self.family in ("qwen2", "qwen3") and not self.cfg.get("use_sliding_window", False):
             return None
-        w = self.cfg.get("sliding_window")
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
-            raise ValueError(f"config.json ({self.model_type}): sliding_window must be a "
-                             f"positive int or null, got {w!r}")
-        return w
+        return config_int(self.cfg.get("sliding_window"), self.where("sliding_window"),
+                          optional=True)
 
     def window(self, i: int) -> int | None:
         """The sliding window of layer i, None for full attention."""
@@ -151,11 +159,12 @@ class ModelConfig:
         elif self.family == "gemma3" and ltype == SLIDING:
             rp = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
         else:
-            rp = dict(cfg.get("rope_scaling") or {})
+            rp = config_dict(cfg.get("rope_scaling"), self.where("rope_scaling"))
         rp.setdefault("rope_type", rp.get("type", "default"))
         rp.setdefault("rope_theta", cfg.get("rope_theta", 10_000.0))
-        factor = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-        if factor is not None and float(factor) != 1.0:
+        factor = config_number(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor")),
+                               self.where("partial_rotary_factor"), optional=True)
+        if factor is not None and factor != 1.0:
             raise self.unsupported(f"partial_rotary_factor = {factor} (RoPE on part of each "
                                    f"head)")
         if rp["rope_type"] in _SCALED:

@@ -9,6 +9,7 @@ import math
 from graphir.device import DeviceRef
 from graphir.ops.rope_math import yarn_mscale
 
+from .config_values import config_int, config_number
 from .rotary_embedding import (Llama3RopeScalingParams, Llama3RotaryEmbedding,
                                LinearScalingParams, LongRoPERotaryEmbedding, LongRoPEScalingParams,
                                RotaryEmbedding)
@@ -18,20 +19,16 @@ from .rotary_yarn import (DeepseekYarnRopeScalingParams, DeepseekYarnRotaryEmbed
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
-def _num(rp: dict, key: str, what: str) -> float:
-    v = rp.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"from_pretrained: {what} rope_parameters[{key!r}] must be a number, "
-                         f"got {v!r}")
-    return float(v)
+def _num(rp: dict, key: str, what: str, optional: bool = False, **limits) -> float | None:
+    """rope_parameters[key] as a finite number (positive unless `limits` say otherwise)."""
+    limits = limits or {"positive": True}
+    return config_number(rp.get(key), f"from_pretrained: {what} rope_parameters[{key!r}]",
+                         optional=optional, **limits)
 
 
 def _orig(rp: dict, what: str) -> int:
-    v = rp.get("original_max_position_embeddings")
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"from_pretrained: {what} original_max_position_embeddings must be a "
-                         f"positive int, got {v!r}")
-    return v
+    return config_int(rp.get("original_max_position_embeddings"),
+                      f"from_pretrained: {what} original_max_position_embeddings")
 
 
 def default_max_seq_len(rp: dict, max_position_embeddings: int) -> int:
@@ -44,10 +41,11 @@ def default_max_seq_len(rp: dict, max_position_embeddings: int) -> int:
 def yarn_attention_factor(rp: dict, factor: float) -> float:
     """transformers' YaRN attention factor: given, else the mscale ratio when mscale and
     mscale_all_dim are both set, else 0.1 ln(factor) + 1."""
-    af = rp.get("attention_factor")
+    af = _num(rp, "attention_factor", "yarn", optional=True)
     if af is not None:
-        return float(af)
-    ms, msa = rp.get("mscale"), rp.get("mscale_all_dim")
+        return af
+    ms = _num(rp, "mscale", "yarn", optional=True, minimum=0.0)
+    msa = _num(rp, "mscale_all_dim", "yarn", optional=True, minimum=0.0)
     if ms and msa:
         return yarn_mscale(factor, ms) / yarn_mscale(factor, msa)
     return yarn_mscale(factor)
@@ -94,28 +92,39 @@ def rope_from_parameters(rp: dict, *, dim: int, n_heads: int, head_dim: int, max
         factor = rp.get("factor")
         factor = max_position_embeddings / orig if factor is None else _num(rp, "factor", "yarn")
         af = yarn_attention_factor(rp, factor)
-        beta_fast, beta_slow = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+        beta_fast = _num(rp, "beta_fast", "yarn", optional=True) or 32
+        beta_slow = _num(rp, "beta_slow", "yarn", optional=True) or 1
         truncate = rp.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ValueError(f"from_pretrained: yarn rope_parameters['truncate'] must be true or "
+                             f"false, got {truncate!r}")
         if deepseek:
             p = DeepseekYarnRopeScalingParams(factor, orig, beta_fast, beta_slow,
-                                              float(rp.get("mscale") or 1.0),
-                                              float(rp.get("mscale_all_dim") or 0.0),
+                                              _num(rp, "mscale", "yarn", optional=True,
+                                                   minimum=0.0) or 1.0,
+                                              _num(rp, "mscale_all_dim", "yarn", optional=True,
+                                                   minimum=0.0) or 0.0,
                                               truncate=truncate, attention_factor=af)
             return DeepseekYarnRotaryEmbedding(dim, n_heads, theta, max_seq_len,
                                                scaling_params=p, **common)
         p = YarnScalingParams(factor, beta_fast, beta_slow, orig, truncate, attention_factor=af)
         return YarnRotaryEmbedding(dim, n_heads, theta, max_seq_len, scaling_params=p, **common)
     # longrope
-    factor = rp.get("factor")
-    factor = max_position_embeddings / orig if factor is None else float(factor)
-    af = rp.get("attention_factor")
+    factor = _num(rp, "factor", "longrope", optional=True)
+    factor = max_position_embeddings / orig if factor is None else factor
+    af = _num(rp, "attention_factor", "longrope", optional=True)
     if af is None:
+        if factor > 1.0 and orig == 1:   # transformers' default divides by log(orig)
+            raise ValueError("from_pretrained: longrope original_max_position_embeddings = 1 "
+                             "leaves the default attention_factor undefined; set it")
         af = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
     for key in ("short_factor", "long_factor"):
         f = rp.get(key)
         if not isinstance(f, list) or len(f) != head_dim // 2:
             raise ValueError(f"from_pretrained: longrope {key} must list head_dim / 2 = "
                              f"{head_dim // 2} numbers, got {f!r}")
+        for j, x in enumerate(f):
+            config_number(x, f"from_pretrained: longrope {key}[{j}]", positive=True)
     p = LongRoPEScalingParams(rp["short_factor"], rp["long_factor"], orig,
                               max_position_embeddings, attention_factor=float(af))
     return LongRoPERotaryEmbedding(dim, n_heads, theta, max_seq_len, scaling_params=p, **common)

@@ -1,6 +1,7 @@
 """Fuzz graphir's input surfaces for as long as asked; the tests run the same targets briefly.
 
-    python -m graphir.tools.fuzz [--target parser|builders|artifacts|metadata|fastfacts|gguf|all]
+    python -m graphir.tools.fuzz [--target parser|builders|artifacts|metadata|fastfacts|gguf|
+                                 configs|all]
                                  [--seconds 60] [--seed 0]
 
 Each target turns a random.Random into one case and classifies the outcome: a clean error
@@ -157,7 +158,7 @@ def builder_case(rng: random.Random, names: list[str]) -> str | None:
     return None
 
 
-TARGETS = ("parser", "builders", "artifacts", "metadata", "fastfacts", "gguf")
+TARGETS = ("parser", "builders", "artifacts", "metadata", "fastfacts", "gguf", "configs")
 
 
 def make_target(name: str) -> Callable[[random.Random], str | None]:
@@ -168,9 +169,10 @@ def make_target(name: str) -> Callable[[random.Random], str | None]:
     if name == "builders":
         names = builder_names()
         return lambda rng: builder_case(rng, names)
-    from . import fuzz_gguf, fuzz_ragged, fuzz_runtime
+    from . import fuzz_configs, fuzz_gguf, fuzz_ragged, fuzz_runtime
 
     return {"fastfacts": fuzz_ragged.FastFactsTarget, "gguf": fuzz_gguf.GGUFTarget,
+            "configs": fuzz_configs.ConfigTarget,
             "artifacts": fuzz_runtime.ArtifactTarget,
             "metadata": fuzz_runtime.MetadataTarget}[name]()
 

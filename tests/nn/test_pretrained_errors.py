@@ -122,6 +122,56 @@ def test_unsupported_config_options(tmp_path, changes, match):
         from_pretrained(tmp_path, 1)
 
 
+LONGROPE = dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8,
+                long_factor=[2.0] * 8, original_max_position_embeddings=16)
+
+
+# Values of the wrong type or range, each of which used to surface as a TypeError or
+# ZeroDivisionError from the first arithmetic on it (found by `graphir.tools.fuzz --target
+# configs`): now a ValueError naming the key.
+@pytest.mark.parametrize("changes,match", [
+    (dict(head_dim={"a": 1}), r"head_dim must be a positive int, got \{'a': 1\}"),
+    (dict(num_key_value_heads="2"), r"num_key_value_heads must be a positive int, got '2'"),
+    (dict(hidden_size=2, head_dim=None), "hidden_size = 2 is smaller than num_attention_heads"),
+    (dict(model_type="gemma2", query_pre_attn_scalar=0), "query_pre_attn_scalar must be positive"),
+    (dict(model_type="gemma2", query_pre_attn_scalar=16, attn_logit_softcapping=[50]),
+     r"attn_logit_softcapping must be a finite number, got \[50\]"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number, got nan"),
+    (dict(rope_parameters=None, rope_scaling=[1]), r"rope_scaling must be an object .or null., "
+                                                   r"got \[1\]"),
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=-1)),
+     r"rope_parameters\['rope_theta'\] must be positive, got -1"),
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor={})),
+     r"partial_rotary_factor must be a finite number, got \{\}"),
+    (dict(rope_parameters=dict(LONGROPE, short_factor=[1.0] * 5 + [None] + [1.0] * 2)),
+     r"longrope short_factor\[5\] must be a finite number, got None"),
+    (dict(rope_parameters=dict(LONGROPE, original_max_position_embeddings=1)),
+     "longrope original_max_position_embeddings = 1 leaves the default attention_factor"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, truncate="yes",
+                               original_max_position_embeddings=32)),
+     r"yarn rope_parameters\['truncate'\] must be true or false, got 'yes'"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, beta_fast=[],
+                               original_max_position_embeddings=32)),
+     r"yarn rope_parameters\['beta_fast'\] must be a finite number, got \[\]"),
+    (dict(model_type=["llama"]), r"unsupported model_type \['llama'\]"),
+    (dict(model_type="qwen2", attention_bias=True, use_sliding_window=True, sliding_window=8,
+          max_window_layers="1"), r"max_window_layers must be an int >= 0, got '1'"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_named(tmp_path, changes, match):
+    rng = np.random.default_rng(0)
+    tensors = attention_tensors(rng)
+    if changes.get("attention_bias"):
+        for i in range(2):
+            for name, rows in (("q_proj", NH * D), ("k_proj", NKV * D), ("v_proj", NKV * D)):
+                tensors[f"model.layers.{i}.self_attn.{name}.bias"] = np.zeros(rows, np.float32)
+    write_checkpoint(tmp_path, llama_config(**changes), tensors)
+    with pytest.raises(ValueError, match=match):
+        from_pretrained(tmp_path, 1)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, got list"):
+        from_pretrained(tmp_path, 1)
+
+
 def test_dynamic_rope_only_where_it_is_plain(tmp_path):
     write_checkpoint(tmp_path, llama_config(rope_parameters=dict(rope_type="dynamic",
                                                                  rope_theta=1e4, factor=2.0)))

@@ -3,7 +3,8 @@ artifacts are refused or compute the unedited artifact's numbers; random ragged 
 cleanly with the KV cache untouched, or runs the interpreter's numbers, on the compiled CPU
 path and the interpreter alike; the CUDA fast path's metadata check answers only what the full
 check accepts, with the same facts; damaged .gguf files are refused with a ValueError that
-leaves a loaded layer as it was, or load."""
+leaves a loaded layer as it was, or load; edited config.json files are refused with a
+ValueError naming the key, or build a layer."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,8 @@ from graphir.tools import fuzz  # noqa: E402
 
 
 @pytest.mark.parametrize("target,examples", [("artifacts", 150), ("metadata", 150),
-                                             ("fastfacts", 400), ("gguf", 300)])
+                                             ("fastfacts", 400), ("gguf", 300),
+                                             ("configs", 400)])
 def test_runtime_target_finds_nothing(target, examples):
     case = fuzz.make_target(target)     # the same case function `graphir.tools.fuzz` runs
 

@@ -1,0 +1,118 @@
+"""Fuzz target: edited Hugging Face config.json files through `from_pretrained`.
+
+Six tiny checkpoints (Llama, Qwen2 with biases, Gemma 2 with its scale, softcap and window,
+Llama 3 RoPE, YaRN, LongRoPE) are written once; each case changes one to three values anywhere
+in one config (nested RoPE parameters and factor lists too) to an edge value of another type or
+range (0, -1, 2**63, NaN, inf, null, true, "x", [], {}, a RoPE type name), or deletes a key,
+then builds a layer from it. Fine: a ValueError or FileNotFoundError (a refusal naming the key),
+or a layer. A finding: any other exception. Its first minute found twelve: TypeErrors from a
+list where a number belongs, ZeroDivisionError from a zero query_pre_attn_scalar or a LongRoPE
+original length of 1, a dict where rope_scaling belongs; nn/config_values.py now checks each
+value where it is read.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+D, NH, NKV, HIDDEN = 16, 4, 2, 64
+EDGES = (0, -1, 1, 2, 3, 7, 2 ** 31, 2 ** 63, 1e30, -0.0, 0.5, float("nan"), float("inf"), None,
+         True, False, "x", "", [], {}, [1], {"a": 1}, 1.5, "default", "llama3", "yarn",
+         "linear", "dynamic", "longrope", "sliding_attention")
+
+
+def base_configs() -> list[dict]:
+    def llama(**changes):
+        cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=HIDDEN,
+                   num_attention_heads=NH, num_key_value_heads=NKV, head_dim=D,
+                   num_hidden_layers=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                   attention_bias=False,
+                   rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+        cfg.update(changes)
+        return cfg
+
+    longrope = llama(rope_theta=10000.0, rope_scaling=dict(
+        rope_type="longrope", short_factor=[1.0] * (D // 2), long_factor=[2.0] * (D // 2),
+        original_max_position_embeddings=32))
+    del longrope["rope_parameters"]
+    return [
+        llama(),
+        llama(model_type="qwen2", architectures=["Qwen2ForCausalLM"], attention_bias=True),
+        llama(model_type="gemma2", architectures=["Gemma2ForCausalLM"],
+              query_pre_attn_scalar=16, attn_logit_softcapping=50.0, sliding_window=8),
+        llama(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                   low_freq_factor=1.0, high_freq_factor=4.0,
+                                   original_max_position_embeddings=32)),
+        llama(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                   original_max_position_embeddings=32, beta_fast=32,
+                                   beta_slow=1, truncate=True)),
+        longrope]
+
+
+def tensors(rng, bias: bool) -> dict:
+    out = {}
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn."
+        for name, rows in (("q_proj", NH * D), ("k_proj", NKV * D), ("v_proj", NKV * D)):
+            out[p + name + ".weight"] = rng.standard_normal((rows, HIDDEN)).astype(np.float32)
+            if bias:
+                out[p + name + ".bias"] = rng.standard_normal(rows).astype(np.float32)
+        out[p + "o_proj.weight"] = rng.standard_normal((HIDDEN, NH * D)).astype(np.float32)
+    return out
+
+
+def edit(cfg: dict, rng: random.Random) -> dict:
+    """One to three values changed (or deleted), at any depth."""
+    cfg = copy.deepcopy(cfg)
+    for _ in range(rng.randint(1, 3)):
+        node = cfg
+        while True:
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            k = rng.choice(keys)
+            if isinstance(node[k], (dict, list)) and node[k] and rng.random() < 0.6:
+                node = node[k]
+                continue
+            if isinstance(node, dict) and rng.random() < 0.15:
+                del node[k]
+            else:
+                node[k] = copy.deepcopy(rng.choice(EDGES))
+            break
+    return cfg
+
+
+class ConfigTarget:
+    def __init__(self):
+        from safetensors.numpy import save_file
+
+        self.dir = Path(tempfile.mkdtemp(prefix="graphir-fuzz-configs-"))
+        self.bases = base_configs()
+        rng = np.random.default_rng(0)
+        self.paths = []
+        for i, cfg in enumerate(self.bases):
+            p = self.dir / f"m{i}"
+            p.mkdir()
+            save_file(tensors(rng, bool(cfg.get("attention_bias"))), str(p / "model.safetensors"))
+            self.paths.append(p)
+
+    def __call__(self, rng: random.Random) -> str | None:
+        from graphir.nn import from_pretrained
+
+        i = rng.randrange(len(self.bases))
+        cfg = edit(self.bases[i], rng)
+        (self.paths[i] / "config.json").write_text(json.dumps(cfg))
+        layer = rng.randrange(2)
+        try:
+            from_pretrained(self.paths[i], layer)
+        except (ValueError, FileNotFoundError):
+            return None
+        except Exception as e:  # noqa: BLE001
+            return (f"configs: {type(e).__name__}: {str(e)[:120]} (layer {layer} of "
+                    f"{json.dumps(cfg)[:300]})")
+        return None
