@@ -9,7 +9,6 @@ weights are stored as trained and rotate halves (interleaved=False, llama.cpp's 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -18,6 +17,7 @@ import numpy as np
 from graphir.device import DeviceRef
 from graphir.dtype import DType
 
+from .config_values import config_number
 from .gguf_loader import GGUFFile
 from .kv_cache import KVCacheParams
 from .rotary_embedding import RotaryEmbedding
@@ -64,6 +64,11 @@ def _positive_int(key: str, v: Any) -> int:
     return int(v)
 
 
+def _number(key: str, v: Any, **limits) -> float:
+    """A metadata value as a finite float (config_number's limits: positive, minimum)."""
+    return config_number(v, f"GGUF metadata {key}", **limits)
+
+
 @dataclass(frozen=True)
 class GGUFAttentionConfig:
     """One attention block as a .gguf file describes it (see the module docstring).
@@ -106,7 +111,7 @@ class GGUFAttentionConfig:
         """
         md: Mapping[str, Any] = f.metadata
         arch = md.get("general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
             raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
                              f"{sorted(GGUF_ARCHITECTURES)}")
         interleaved, qk_norm = GGUF_ARCHITECTURES[arch]
@@ -132,11 +137,11 @@ class GGUFAttentionConfig:
         hidden = _positive_int(f"{arch}.embedding_length", get("embedding_length"))
         d = _positive_int(f"{arch}.attention.key_length",
                           get("attention.key_length", hidden // nh))
-        dv = get("attention.value_length", d)
+        dv = _positive_int(f"{arch}.attention.value_length", get("attention.value_length", d))
         if dv != d:
             raise ValueError(f"GGUF {arch}: key_length {d} differs from value_length {dv}; "
                              f"the layer needs one head size")
-        rot = get("rope.dimension_count", d)
+        rot = _positive_int(f"{arch}.rope.dimension_count", get("rope.dimension_count", d))
         if rot != d:
             raise ValueError(f"GGUF {arch}: rope.dimension_count {rot} differs from the head "
                              f"size {d} (partial rotary is not supported)")
@@ -151,14 +156,18 @@ class GGUFAttentionConfig:
         if f"{blk}attn_output.bias" in f.tensors:
             raise ValueError(f"GGUF block {layer}: attn_output.bias is not supported")
         window = get("attention.sliding_window", None)
+        if window is not None and window != 0:      # llama.cpp writes 0 for none
+            window = _positive_int(f"{arch}.attention.sliding_window", window)
         return cls(
             architecture=arch, num_attention_heads=nh, num_key_value_heads=nkv,
             hidden_size=hidden, head_dim=d, num_layers=n_layers,
             context_length=_positive_int(f"{arch}.context_length", get("context_length", 4096)),
-            rope_theta=float(get("rope.freq_base", 10000.0)), interleaved=interleaved,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=_number(f"{arch}.rope.freq_base", get("rope.freq_base", 10000.0),
+                               positive=True), interleaved=interleaved,
+            rms_norm_eps=_number(f"{arch}.attention.layer_norm_rms_epsilon",
+                                 get("attention.layer_norm_rms_epsilon", 1e-6), minimum=0.0),
             has_bias=all(bias), use_qk_norm=qk_norm, encodings=encodings,
-            sliding_window=int(window) if window else None,
+            sliding_window=window or None,
             **_rope_scaling(f, arch, get, d))
 
     # -- what the layer is built from ------------------------------------------------------------
@@ -202,9 +211,8 @@ def _rope_scaling(f: GGUFFile, arch: str, get, head_dim: int) -> dict[str, Any]:
         return {"rope_scaling": "freq_factors", "freq_factors": vals}
     if kind == "none":
         return {}
-    factor = float(get("rope.scaling.factor", 1.0))
-    if not (math.isfinite(factor) and factor > 0):
-        raise ValueError(f"GGUF {arch}: rope.scaling.factor must be > 0, got {factor}")
+    factor = _number(f"{arch}.rope.scaling.factor", get("rope.scaling.factor", 1.0),
+                     positive=True)
     if kind == "linear":
         return {"rope_scaling": "linear", "rope_scaling_factor": factor}
     if kind == "yarn":
@@ -214,14 +222,16 @@ def _rope_scaling(f: GGUFFile, arch: str, get, head_dim: int) -> dict[str, Any]:
                              ("rope.scaling.yarn_ext_factor", (1.0, -1.0)),
                              ("rope.scaling.yarn_log_multiplier", (0.0,))):
             v = get(key, allowed[0])
-            if float(v) not in allowed:
+            if _number(f"{arch}.{key}", v) not in allowed:
                 raise ValueError(f"GGUF {arch}: {arch}.{key}={v} is not supported (YaRN with "
                                  f"the default magnitude and ramp only)")
         orig = _positive_int(f"{arch}.rope.scaling.original_context_length",
                              get("rope.scaling.original_context_length"))
         return {"rope_scaling": "yarn", "rope_scaling_factor": factor,
                 "rope_original_context": orig,
-                "yarn_beta_fast": float(get("rope.scaling.yarn_beta_fast", 32.0)),
-                "yarn_beta_slow": float(get("rope.scaling.yarn_beta_slow", 1.0))}
+                "yarn_beta_fast": _number(f"{arch}.rope.scaling.yarn_beta_fast",
+                                          get("rope.scaling.yarn_beta_fast", 32.0), positive=True),
+                "yarn_beta_slow": _number(f"{arch}.rope.scaling.yarn_beta_slow",
+                                          get("rope.scaling.yarn_beta_slow", 1.0), positive=True)}
     raise ValueError(f"GGUF {arch}: rope.scaling.type {kind!r} is not supported; supported: "
                      f"none, linear, yarn, or a rope_freqs.weight tensor")

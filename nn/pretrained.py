@@ -135,7 +135,8 @@ def _standard(mc: ModelConfig, i: int, rp: dict, b: dict):
     if mc.get("use_bidirectional_attention"):
         raise mc.unsupported("use_bidirectional_attention = true (non-causal attention)")
     kw = dict(has_bias=fam == "qwen2", stacked_qkv=fam == "phi3",
-              use_qk_norm=fam in ("qwen3", "gemma3"), rms_norm_eps=mc.number("rms_norm_eps", minimum=0.0))
+              use_qk_norm=fam in ("qwen3", "gemma3"),
+              rms_norm_eps=mc.number("rms_norm_eps", minimum=0.0))
     if fam in ("gemma2", "gemma3"):
         kw["scale"] = mc.number("query_pre_attn_scalar", positive=True) ** -0.5
     cap = mc.get("attn_logit_softcapping")
@@ -181,7 +182,8 @@ def _latent(mc: ModelConfig, i: int, rp: dict, b: dict):
                                       mc.where("rope_parameters['mscale_all_dim']")))
         scale *= m * m
     attn = LatentAttentionWithRope(
-        rope=rope, num_attention_heads=nh, num_key_value_heads=mc.opt_pos_int("num_key_value_heads", nh),
+        rope=rope, num_attention_heads=nh,
+        num_key_value_heads=mc.opt_pos_int("num_key_value_heads", nh),
         hidden_size=hidden, kv_params=_kv_params(b["kv_params"], 1, r + rope_d, b),
         dtype=b["dtype"], devices=b["devs"], scale=scale, q_lora_rank=q_lora, kv_lora_rank=r,
         qk_nope_head_dim=nope, qk_rope_head_dim=rope_d, v_head_dim=v, **b["opts"])

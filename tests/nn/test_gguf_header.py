@@ -1,4 +1,4 @@
-"""nn/gguf_header.py: a GGUF header whose counts or lengths do not fit in the file is refused at
+"""nn/gguf_header.py (and GGUF metadata values): a GGUF header whose counts or lengths do not fit in the file is refused at
 once with a ValueError naming the key or tensor, before the gguf package's reader (which walks
 an array item by item for as many items as its count says) sees it; good files, big-endian ones
 and long vocabularies pass."""
@@ -121,3 +121,29 @@ def test_a_long_vocabulary_is_walked_quickly(tmp_path):
     t = time.perf_counter()
     check_gguf_header(p)
     assert time.perf_counter() - t < 2.0     # ~40 ms on the dev machine; the reader's is ~seconds
+
+
+# -- metadata values: refused by name, as the gguf fuzz target's metadata edits found --------
+@pytest.mark.parametrize("key,value,vtype,match", [
+    ("qwen2.rope.freq_base", float("nan"), "FLOAT32", r"qwen2.rope.freq_base must be a finite"),
+    ("qwen2.rope.freq_base", -1.0, "FLOAT32", r"qwen2.rope.freq_base must be positive"),
+    ("qwen2.attention.layer_norm_rms_epsilon", -1.0, "FLOAT32", "must be at least 0.0"),
+    ("qwen2.attention.sliding_window", float("inf"), "FLOAT32",
+     r"sliding_window must be a positive int, got inf"),
+    ("qwen2.attention.sliding_window", [0.5], "ARRAY", r"sliding_window must be a positive int"),
+    ("general.architecture", [1, 2], "ARRAY", r"GGUF architecture \[1, 2\] is not supported"),
+    ("qwen2.rope.scaling.yarn_beta_fast", "x", "STRING", r"yarn_beta_fast must be a finite"),
+    ("qwen2.rope.scaling.factor", 0.0, "FLOAT32", r"rope.scaling.factor must be positive"),
+    ("qwen2.attention.value_length", 0, "UINT32", r"value_length must be a positive int"),
+])
+def test_metadata_values_of_the_wrong_type_or_range_are_named(tmp_path, key, value, vtype, match):
+    from graphir.nn import GGUFQAttentionWithRope
+    from graphir.tools.fuzz_gguf import metadata, write_tiny
+
+    meta = metadata()
+    meta[key] = (value, gguf.GGUFValueType[vtype])
+    write_tiny(tmp_path / "m.gguf", meta=meta)
+    with pytest.raises(ValueError, match=match):
+        GGUFQAttentionWithRope.from_gguf(tmp_path / "m.gguf", 0)
+    write_tiny(tmp_path / "good.gguf")          # the same file unedited builds the layer
+    assert GGUFQAttentionWithRope.from_gguf(tmp_path / "good.gguf", 0).gguf_config.rope_theta == 1e4
