@@ -1,7 +1,8 @@
-"""nn/gguf_header.py (and GGUF metadata values): a GGUF header whose counts or lengths do not fit in the file is refused at
+"""nn/gguf_header.py: a GGUF header whose counts or lengths do not fit in the file is refused at
 once with a ValueError naming the key or tensor, before the gguf package's reader (which walks
 an array item by item for as many items as its count says) sees it; good files, big-endian ones
-and long vocabularies pass."""
+and long vocabularies pass. And metadata values of the wrong type or range (nn/gguf_config.py)
+are refused by name."""
 import struct
 import time
 
