@@ -180,7 +180,8 @@ class GPTQLinear(Module):
 
         Raises:
             ValueError: missing or misshaped tensors, a g_idx that is not a permutation of groups
-                (or not the plain order without desc_act), qzeros that are not 8 when symmetric.
+                (or not the plain order without desc_act), qzeros that are not 8 when symmetric,
+                scales that are not finite as float16.
         """
         cls, cfg, n_in, n_out = type(self).__name__, self.config, self.in_dim, self.out_dim
         missing = [k for k in ("qweight", "scales") if k not in sd]
@@ -198,6 +199,13 @@ class GPTQLinear(Module):
             raise ValueError(f"{cls}: scales has shape {scales.shape}, expected "
                              f"({self.groups}, {n_out}) for in_features={n_in}, "
                              f"group_size={cfg.group_size}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = ~np.isfinite(scales.astype(np.float16))
+        if bad.any():   # as GGUF's loader refuses a block with a non-finite scale
+            g, c = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{cls}: scales hold {int(bad.sum())} value(s) that are not finite "
+                             f"as float16; first at group {g}, column {c} "
+                             f"({float(scales[g, c])})")
         qzeros = sd.get("qzeros")
         # Decoding once checks shapes and finds out-of-range data before it reaches a graph.
         dequantize_gptq(qweight, scales.astype(np.float16), None if qzeros is None else

@@ -231,6 +231,13 @@ def test_errors():
     with pytest.raises(ValueError, match="missing checkpoint tensors \\['qzeros'\\]"):
         lin.load_state_dict({k: v for k, v in ckpt.items() if k != "qzeros"})
 
+    for bad, shown in ((np.nan, "nan"), (np.inf, "inf"), (np.float32(1e5), "100000.0")):
+        sc = ckpt["scales"].astype(np.float32)
+        sc[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"scales hold 1 value\(s\) that are not finite as "
+                                             rf"float16; first at group 1, column 2 \({shown}"):
+            lin.load_state_dict(dict(ckpt, scales=sc))
+
     tensors, _ = checkpoint(2, 32, True, True)
     _, _, quant, _ = build(QuantizationConfig(group_size=32, desc_act=True))
     sd = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
