@@ -1,7 +1,7 @@
 """Fuzz target: edited Hugging Face config.json files through `from_pretrained`.
 
-Six tiny checkpoints (Llama, Qwen2 with biases, Gemma 2 with its scale, softcap and window,
-Llama 3 RoPE, YaRN, LongRoPE) are written once; each case changes one to three values anywhere
+Seven tiny checkpoints (Llama, Qwen2 with biases, Gemma 2 with its scale, softcap and window,
+Llama 3 RoPE, YaRN, LongRoPE, DeepSeek-V3's latent attention with its YaRN) are written once; each case changes one to three values anywhere
 in one config (nested RoPE parameters and factor lists too) to an edge value of another type or
 range (0, -1, 2**63, NaN, inf, null, true, "x", [], {}, a RoPE type name), or deletes a key,
 then builds a layer from it. Fine: a ValueError or FileNotFoundError (a refusal naming the key),
@@ -51,7 +51,24 @@ def base_configs() -> list[dict]:
         llama(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                    original_max_position_embeddings=32, beta_fast=32,
                                    beta_slow=1, truncate=True)),
-        longrope]
+        longrope,
+        dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+             hidden_size=HIDDEN, num_attention_heads=NH, num_key_value_heads=NH,
+             num_hidden_layers=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+             attention_bias=False, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+             qk_rope_head_dim=8, v_head_dim=8, rope_theta=10000.0,
+             rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16,
+                               mscale=1.0, mscale_all_dim=1.0, beta_fast=32, beta_slow=1))]
+
+
+def latent_tensors(rng) -> dict:
+    """DeepSeek-V3's attention weights for the last base config (Hugging Face names)."""
+    shapes = {"q_a_proj.weight": (32, HIDDEN), "q_a_layernorm.weight": (32,),
+              "q_b_proj.weight": (NH * 16, 32), "kv_a_proj_with_mqa.weight": (16 + 8, HIDDEN),
+              "kv_a_layernorm.weight": (16,), "kv_b_proj.weight": (NH * 16, 16),
+              "o_proj.weight": (HIDDEN, NH * 8)}
+    return {f"model.layers.{i}.self_attn.{n}": rng.standard_normal(shape).astype(np.float32)
+            for i in range(2) for n, shape in shapes.items()}
 
 
 def tensors(rng, bias: bool) -> dict:
@@ -98,7 +115,9 @@ class ConfigTarget:
         for i, cfg in enumerate(self.bases):
             p = self.dir / f"m{i}"
             p.mkdir()
-            save_file(tensors(rng, bool(cfg.get("attention_bias"))), str(p / "model.safetensors"))
+            ts = latent_tensors(rng) if cfg["model_type"] == "deepseek_v3" else \
+                tensors(rng, bool(cfg.get("attention_bias")))
+            save_file(ts, str(p / "model.safetensors"))
             self.paths.append(p)
 
     def __call__(self, rng: random.Random) -> str | None:
