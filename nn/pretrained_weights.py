@@ -18,6 +18,9 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 _DTYPES = {"F32": ("<f4", DType.float32), "F16": ("<f2", DType.float16),
            "BF16": ("<u2", DType.bfloat16), "F64": ("<f8", DType.float32)}
 _MAX_HEADER = 100 * 2 ** 20
+# Bytes an element of every safetensors dtype takes (those not read still get their spans checked).
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -35,7 +38,48 @@ def _header(path: Path) -> tuple[dict, int]:
     if not isinstance(table, dict):
         raise ValueError(f"{path}: the safetensors header is not a JSON object")
     table.pop("__metadata__", None)
+    _check_table(path, table, size - 8 - n)
     return table, 8 + n
+
+
+def _check_table(path: Path, table: dict, data_bytes: int) -> None:
+    """Every entry as the safetensors format defines it: a dtype, a shape of non-negative ints,
+    data offsets inside the data whose span fits the shape, and the spans tiling the data with no
+    gap or overlap (what the safetensors library refuses otherwise: an offset pointing into the
+    header or into another tensor would read the wrong bytes in silence)."""
+    spans = []
+    for name, info in table.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: its header entry must be an object, got {info!r:.80}")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dt, str) or dt not in _ITEMSIZE:
+            raise ValueError(f"{where}: unknown dtype {dt!r:.40}")
+        if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+            raise ValueError(f"{where}: shape must list non-negative ints, got {shape!r:.80}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_whole(o) for o in offs)
+                and offs[0] <= offs[1] <= data_bytes):
+            raise ValueError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end "
+                             f"<= {data_bytes} (the data's size), got {offs!r:.80}")
+        need = int(np.prod(shape, dtype=object)) * _ITEMSIZE[dt]
+        if offs[1] - offs[0] != need:
+            raise ValueError(f"{where}: {offs[1] - offs[0]} bytes for shape {shape} of {dt} "
+                             f"({need} needed)")
+        spans.append((offs[0], offs[1], name))
+    pos = 0
+    for start, end, name in sorted(spans):
+        if start != pos:
+            what = "overlaps the tensor before it" if start < pos else \
+                f"leaves data bytes {pos}..{start} to no tensor"
+            raise ValueError(f"{path}: tensor {name!r} at data bytes {start}..{end} {what}")
+        pos = end
+    if pos != data_bytes:
+        raise ValueError(f"{path}: the tensors cover {pos} bytes of data, the file holds "
+                         f"{data_bytes}")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class Checkpoint:
@@ -52,9 +96,16 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is {type(weight_map).__name__}")
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' "
                                  f"object): {e}") from None
+            for k, v in weight_map.items():
+                # A shard is a file of this directory: no paths (nothing outside it is read).
+                if not isinstance(v, str) or v != os.path.basename(v) or v in ("", ".", ".."):
+                    raise ValueError(f"{index}: tensor {k!r} maps to {v!r:.80}, not the file "
+                                     f"name of a shard in the model directory")
             self._file_of = {k: self.path / v for k, v in weight_map.items()}
         elif single.is_file():
             self._file_of = None

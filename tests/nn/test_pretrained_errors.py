@@ -79,6 +79,61 @@ def test_broken_safetensors(tmp_path):
         from_pretrained(tmp_path, 0, dtype=DType.float32)
 
 
+def rewrite_header(path, edit) -> None:
+    """model.safetensors at `path` with its JSON header passed through `edit` (same data)."""
+    import struct
+
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+K = "model.layers.0.self_attn.k_proj.weight"
+
+
+# Header entries the safetensors format forbids, which the reader used to follow (reading another
+# tensor's bytes, or header bytes, as weights) or trip over (AttributeError, KeyError,
+# OverflowError): found by mutating a checkpoint's header.
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: h.__setitem__(Q, [1]), r"q_proj.weight': its header entry must be an object"),
+    (lambda h: h[Q].pop("shape"), r"q_proj.weight': shape must list non-negative ints, got None"),
+    (lambda h: h[Q].__setitem__("dtype", [1]), r"q_proj.weight': unknown dtype \[1\]"),
+    (lambda h: h[Q].__setitem__("shape", [64, True]), "shape must list non-negative ints"),
+    (lambda h: h[Q].__setitem__("data_offsets", [0, 1e300]),
+     r"data_offsets must be \[start, end\]"),
+    (lambda h: h[Q].__setitem__("data_offsets", list(h[K]["data_offsets"])),
+     r"bytes for shape \[64, 64\] of F32 \(16384 needed\)"),
+    (lambda h: (h[Q].__setitem__("shape", list(h[K]["shape"])),
+                h[Q].__setitem__("data_offsets", list(h[K]["data_offsets"]))),
+     "overlaps the tensor before it|leaves data bytes"),
+    (lambda h: h.pop(K), r"leaves data bytes 0..8192 to no tensor"),
+])
+def test_safetensors_headers_are_checked_entry_by_entry(tmp_path, edit, match):
+    write_checkpoint(tmp_path, llama_config())
+    from_pretrained(tmp_path, 0)            # the file as written loads
+    rewrite_header(tmp_path, edit)
+    with pytest.raises(ValueError, match=match):
+        from_pretrained(tmp_path, 0)
+
+
+@pytest.mark.parametrize("weight_map,match", [
+    ({Q: "../model.safetensors"}, r"maps to '../model.safetensors', not the file name of a shard"),
+    ({Q: 3}, "maps to 3, not the file name"),
+    ([Q], "needs a 'weight_map' object.: weight_map is list"),
+])
+def test_an_index_names_shards_of_the_directory_only(tmp_path, weight_map, match):
+    write_checkpoint(tmp_path / "m", llama_config())
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=match):
+        from_pretrained(tmp_path / "m", 0)
+
+
 def test_unknown_architecture_names_the_supported_ones(tmp_path):
     write_checkpoint(tmp_path, llama_config(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2' \(architectures "
