@@ -4,11 +4,13 @@ Seven tiny checkpoints (Llama, Qwen2 with biases, Gemma 2 with its scale, softca
 Llama 3 RoPE, YaRN, LongRoPE, DeepSeek-V3's latent attention with its YaRN) are written once; each case changes one to three values anywhere
 in one config (nested RoPE parameters and factor lists too) to an edge value of another type or
 range (0, -1, 2**63, NaN, inf, null, true, "x", [], {}, a RoPE type name), or deletes a key,
-then builds a layer from it. Fine: a ValueError or FileNotFoundError (a refusal naming the key),
+then builds a layer from it; or edits the Llama checkpoint's safetensors header the same way
+(its length field and data cut at times). Fine: a ValueError or FileNotFoundError (a refusal naming the key),
 or a layer. A finding: any other exception. Its first minute found twelve: TypeErrors from a
 list where a number belongs, ZeroDivisionError from a zero query_pre_attn_scalar or a LongRoPE
 original length of 1, a dict where rope_scaling belongs; nn/config_values.py now checks each
-value where it is read.
+value where it is read. Header edits found entries read in silence from another tensor's bytes
+(nn/pretrained_weights.py now checks the header as the safetensors format defines it).
 """
 from __future__ import annotations
 
@@ -119,19 +121,50 @@ class ConfigTarget:
                 tensors(rng, bool(cfg.get("attention_bias")))
             save_file(ts, str(p / "model.safetensors"))
             self.paths.append(p)
+            if i == 0:
+                self.arrays = ts
+        self.weights = (self.paths[0] / "model.safetensors").read_bytes()
+
+    def damaged_weights(self, rng: random.Random) -> str:
+        """The Llama checkpoint's safetensors header edited as configs are (a value of another
+        type, a deleted entry), sometimes its length field or data cut too; returns what."""
+        data = self.weights
+        n = int.from_bytes(data[:8], "little")
+        raw = json.dumps(edit(json.loads(data[8:8 + n]), rng)).encode()
+        length, body, what = len(raw), data[8 + n:], "safetensors header"
+        if rng.random() < 0.1:
+            length = rng.choice([0, 1, len(raw) - 1, len(raw) + 1, 2 ** 63])
+            what += ", length field"
+        if rng.random() < 0.1:
+            body = body[:rng.randrange(len(body))]
+            what += ", data cut"
+        (self.paths[0] / "model.safetensors").write_bytes(length.to_bytes(8, "little") + raw + body)
+        return what
 
     def __call__(self, rng: random.Random) -> str | None:
         from graphir.nn import from_pretrained
 
         i = rng.randrange(len(self.bases))
-        cfg = edit(self.bases[i], rng)
+        if i == 0 and rng.random() < 0.5:
+            cfg, what = self.bases[0], self.damaged_weights(rng)
+        else:
+            cfg, what = edit(self.bases[i], rng), "config.json"
         (self.paths[i] / "config.json").write_text(json.dumps(cfg))
         layer = rng.randrange(2)
         try:
-            from_pretrained(self.paths[i], layer)
+            attn = from_pretrained(self.paths[i], layer)
         except (ValueError, FileNotFoundError):
             return None
         except Exception as e:  # noqa: BLE001
-            return (f"configs: {type(e).__name__}: {str(e)[:120]} (layer {layer} of "
+            return (f"configs ({what}): {type(e).__name__}: {str(e)[:120]} (layer {layer} of "
                     f"{json.dumps(cfg)[:300]})")
+        finally:
+            if what != "config.json":
+                (self.paths[0] / "model.safetensors").write_bytes(self.weights)
+        if what != "config.json":
+            # An accepted header edit must have changed nothing the layer reads.
+            prefix = f"model.layers.{layer}.self_attn."
+            for name, a in attn.state_dict().items():
+                if not np.array_equal(a, self.arrays[prefix + name]):
+                    return f"configs ({what}): accepted, but {name} loaded other numbers"
         return None
