@@ -123,8 +123,9 @@ class RotaryEmbedding(Module):
         self.head_dim = _pos("head_dim", dim // n_heads if head_dim is None else head_dim)
         if self.head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {self.head_dim}")
-        if not float(theta) > 0:
-            raise ValueError(f"RotaryEmbedding: theta must be > 0, got {theta!r}")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float, np.number)) \
+                or not math.isfinite(theta) or not theta > 0:
+            raise ValueError(f"RotaryEmbedding: theta must be a finite number > 0, got {theta!r}")
         if scaling_params is not None and not isinstance(scaling_params, _SCALING_PARAMS):
             raise ValueError(f"RotaryEmbedding: scaling_params must be Llama3RopeScalingParams or "
                              f"LinearScalingParams, got {type(scaling_params).__name__}")

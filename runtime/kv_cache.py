@@ -102,7 +102,11 @@ class PagedKVCacheManager:
         self.lut_bucket = (max(1, LUT_BUCKET_TOKENS // self.page_size) if lut_bucket is None
                            else _positive_int("lut_bucket", lut_bucket))
         self.max_pages_per_seq = -(-self.max_seq_len // self.page_size)
-        self.dtype = np.dtype(dtype)
+        try:
+            self.dtype = np.dtype(dtype)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"PagedKVCacheManager: dtype must be a numpy dtype, got {dtype!r} "
+                             f"({e})") from None
         self.blocks_shape = (self.total_num_pages + 1, 2, self.num_layers, self.page_size,
                              self.n_kv_heads, self.head_dim)
         self._blocks = None

@@ -23,7 +23,7 @@ from ..norm import RMSNorm
 from ..rotary_embedding import RotaryEmbedding
 from ..sharding import ShardingStrategy, replace_weights
 from .checks import (as_cache, check_devices, check_head_counts, check_rope_and_kv_params,
-                     check_x, positive_int)
+                     check_x, positive_int, real_number)
 from .head_sharding import tp_head_plan, tp_slicer
 from .mask_config import MHAMaskVariant, as_mask_variant
 from .sharded import ShardableAttention
@@ -68,6 +68,9 @@ class AttentionWithRope(ShardableAttention):
             raise ValueError(f"{cls}: stacked_qkv does not support has_bias")
         if stacked_qkv and float8_config is not None:
             raise ValueError(f"{cls}: stacked_qkv does not support float8_config")
+        for name, v in (("clip_qkv", clip_qkv), ("softcap", softcap), ("scale", scale)):
+            real_number(cls, name, v)
+        real_number(cls, "rms_norm_eps", rms_norm_eps, optional=False)
         if clip_qkv is not None and not clip_qkv > 0:
             raise ValueError(f"{cls}: clip_qkv must be > 0, got {clip_qkv!r}")
         self.mask_variant = as_mask_variant(mask_variant)

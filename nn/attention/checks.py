@@ -4,6 +4,7 @@ from __future__ import annotations
 from graphir.device import DeviceRef
 from graphir.value import TensorValue, as_tensor
 
+from ..config_values import config_number
 from ..kv_cache import KVCacheParams, PagedCacheValues
 from ..rotary_embedding import RotaryEmbedding
 
@@ -13,6 +14,13 @@ def positive_int(cls: str, name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{cls}: {name} must be a positive int, got {v!r}")
     return v
+
+
+def real_number(cls: str, name: str, v, *, optional: bool = True) -> float | None:
+    """v as a finite float (None passes when `optional`), else a ValueError naming `name`: a
+    string or list here used to fail later in a comparison that named nothing, and NaN passed
+    (its outputs NaN)."""
+    return config_number(v, f"{cls}: {name}", optional=optional)
 
 
 def check_rope_and_kv_params(cls: str, rope, kv_params) -> None:
@@ -47,7 +55,10 @@ def as_cache(kv_collection) -> PagedCacheValues:
 
 def check_devices(cls: str, devices) -> list[DeviceRef]:
     """devices as a non-empty list of DeviceRef ([CPU] for None)."""
-    devs = [DeviceRef.CPU()] if devices is None else list(devices)
+    try:
+        devs = [DeviceRef.CPU()] if devices is None else list(devices)
+    except TypeError:
+        devs = []
     if not devs or not all(isinstance(d, DeviceRef) for d in devs):
         raise ValueError(f"{cls}: devices must be a non-empty list of DeviceRef, got {devices!r}")
     return devs

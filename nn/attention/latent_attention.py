@@ -26,7 +26,7 @@ from ..linear import Linear
 from ..norm import RMSNorm
 from ..rotary_embedding import RotaryEmbedding
 from ..sharding import ShardingStrategy, replace_weights
-from .checks import as_cache, check_devices, check_rope_and_kv_params, check_x
+from .checks import as_cache, check_devices, check_rope_and_kv_params, check_x, real_number
 from .checks import positive_int as _pos
 from .latent_sharding import mla_slicer
 from .sharded import ShardableAttention
@@ -115,7 +115,7 @@ class LatentAttentionWithRope(ShardableAttention):
         self.o_proj_dtype = o_proj_dtype or dtype
         self.o_proj_quant_config = o_proj_quant_config
         self.norm_dtype = norm_dtype or dtype
-        self._given_scale = scale
+        self._given_scale = real_number(cls, "scale", scale) if scale is not None else None
         mscale = getattr(rope, "attention_mscale", 1.0)
         self.scale = float(scale) if scale is not None else \
             math.sqrt(1.0 / self.qk_head_dim) * mscale * mscale

@@ -77,6 +77,46 @@ def test_bad_constructor_options():
                           num_attention_heads=NH, num_key_value_heads=4, hidden_size=HIDDEN,
                           kv_params=kvp)
 
+
+# Options of the wrong type used to fail later in a comparison or float() that named nothing
+# (a constructor fuzz run: softcap="decode" gave "'>' not supported between 'str' and 'int'"),
+# and NaN passed as a scale.
+@pytest.mark.parametrize("opts,match", [
+    (dict(softcap="decode"), "AttentionWithRope: softcap must be a finite number, got 'decode'"),
+    (dict(clip_qkv=[1]), r"AttentionWithRope: clip_qkv must be a finite number, got \[1\]"),
+    (dict(scale=float("nan")), "AttentionWithRope: scale must be a finite number, got nan"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a finite number, got '1e-6'"),
+])
+def test_options_of_the_wrong_type_are_named(opts, match):
+    with pytest.raises(ValueError, match=match):
+        make(**opts)
+    with pytest.raises(ValueError, match="devices must be a non-empty list of DeviceRef, got -1"):
+        AttentionWithRope(rope=RotaryEmbedding(HIDDEN, NH, 1e4, 64, head_dim=D),
+                          num_attention_heads=NH, num_key_value_heads=NKV, hidden_size=HIDDEN,
+                          kv_params=KVCacheParams(dtype=DType.float32, n_kv_heads=NKV,
+                                                  head_dim=D), devices=-1)
+
+
+def test_rope_theta_and_cache_dtype_of_the_wrong_type_are_named():
+    from graphir.nn import LatentAttentionWithRope
+    from graphir.runtime import PagedKVCacheManager
+
+    for theta in ([1], float("nan"), "1e4", -1.0):
+        with pytest.raises(ValueError, match="RotaryEmbedding: theta must be a finite number > 0"):
+            RotaryEmbedding(HIDDEN, NH, theta, 64, head_dim=D)
+    with pytest.raises(ValueError, match="PagedKVCacheManager: dtype must be a numpy dtype, got "
+                                         "'auto'"):
+        PagedKVCacheManager(num_layers=1, n_kv_heads=1, head_dim=2, page_size=4,
+                            total_num_pages=3, dtype="auto")
+    with pytest.raises(ValueError, match="LatentAttentionWithRope: scale must be a finite number"):
+        LatentAttentionWithRope(
+            rope=RotaryEmbedding(8, 1, 1e4, 32, head_dim=8), num_attention_heads=4,
+            num_key_value_heads=4, hidden_size=64, dtype=DType.float32, q_lora_rank=32,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            kv_params=KVCacheParams(dtype=DType.float32, n_kv_heads=1, head_dim=24),
+            scale=DeviceRef.CPU())
+
+
 def test_bad_layer_input_shapes():
     attn = make()
     kvp = attn.kv_params
