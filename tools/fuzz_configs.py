@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fuzz_runtime import mutate_json
+
 D, NH, NKV, HIDDEN = 16, 4, 2, 64
 EDGES = (0, -1, 1, 2, 3, 7, 2 ** 31, 2 ** 63, 1e30, -0.0, 0.5, float("nan"), float("inf"), None,
          True, False, "x", "", [], {}, [1], {"a": 1}, 1.5, "default", "llama3", "yarn",
@@ -86,23 +88,10 @@ def tensors(rng, bias: bool) -> dict:
 
 
 def edit(cfg: dict, rng: random.Random) -> dict:
-    """One to three values changed (or deleted), at any depth."""
+    """A copy with one to three values changed to one of EDGES (or deleted), at any depth."""
     cfg = copy.deepcopy(cfg)
     for _ in range(rng.randint(1, 3)):
-        node = cfg
-        while True:
-            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-            if not keys:
-                break
-            k = rng.choice(keys)
-            if isinstance(node[k], (dict, list)) and node[k] and rng.random() < 0.6:
-                node = node[k]
-                continue
-            if isinstance(node, dict) and rng.random() < 0.15:
-                del node[k]
-            else:
-                node[k] = copy.deepcopy(rng.choice(EDGES))
-            break
+        mutate_json(cfg, rng, "delete" if rng.random() < 0.15 else "value", EDGES)
     return cfg
 
 

@@ -8,6 +8,7 @@ Anything else is a finding; a crash ends the fuzzer, which is a finding too.
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -58,7 +59,7 @@ class ArtifactTarget:
                 data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
             f.write_bytes(bytes(data))
         else:
-            _mutate_json(m, rng, what)
+            mutate_json(m, rng, what)
             if rng.random() < 0.7:
                 m["root_digest"] = root_digest(m)
             (art / "manifest.json").write_text(json.dumps(m))
@@ -77,14 +78,19 @@ class ArtifactTarget:
         return None
 
 
-def _mutate_json(m, rng: random.Random, what: str) -> None:
-    """Change, delete or add one entry somewhere inside the manifest."""
-    node, path = m, []
+# What a manifest edit puts in place of a value.
+_MANIFEST_VALUES = (0, 1, -1, 2 ** 40, "x", None, [], {}, True, 1.5, "cpu/kernels.so")
+
+
+def mutate_json(m, rng: random.Random, what: str, values=_MANIFEST_VALUES) -> None:
+    """Change ("value"), delete ("delete") or add ("add", in an object) one entry somewhere
+    inside a JSON document, in place; a new value is a copy of one of `values` (so that edits
+    never share a list or object between two places)."""
+    node = m
     while isinstance(node, (dict, list)) and node and rng.random() < 0.8:
         key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
         if not isinstance(node[key], (dict, list)) or not node[key]:
             break
-        path.append(key)
         node = node[key]
     if isinstance(node, dict) and node:
         key = rng.choice(list(node))
@@ -92,7 +98,7 @@ def _mutate_json(m, rng: random.Random, what: str) -> None:
         key = rng.randrange(len(node))
     else:
         return
-    new = rng.choice([0, 1, -1, 2 ** 40, "x", None, [], {}, True, 1.5, "cpu/kernels.so"])
+    new = copy.deepcopy(rng.choice(values))
     if what == "delete":
         del node[key]
     elif what == "add" and isinstance(node, dict):
