@@ -89,8 +89,8 @@ def rope_from_parameters(rp: dict, *, dim: int, n_heads: int, head_dim: int, max
         return Llama3RotaryEmbedding(dim, n_heads, theta, max_seq_len, scaling_params=p, **common)
     orig = _orig(rp, kind)
     if kind == "yarn":
-        factor = rp.get("factor")
-        factor = max_position_embeddings / orig if factor is None else _num(rp, "factor", "yarn")
+        factor = _num(rp, "factor", "yarn", optional=True)
+        factor = max_position_embeddings / orig if factor is None else factor
         af = yarn_attention_factor(rp, factor)
         beta_fast = _num(rp, "beta_fast", "yarn", optional=True) or 32
         beta_slow = _num(rp, "beta_slow", "yarn", optional=True) or 1

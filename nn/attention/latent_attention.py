@@ -115,7 +115,7 @@ class LatentAttentionWithRope(ShardableAttention):
         self.o_proj_dtype = o_proj_dtype or dtype
         self.o_proj_quant_config = o_proj_quant_config
         self.norm_dtype = norm_dtype or dtype
-        self._given_scale = real_number(cls, "scale", scale) if scale is not None else None
+        self._given_scale = real_number(cls, "scale", scale)
         mscale = getattr(rope, "attention_mscale", 1.0)
         self.scale = float(scale) if scale is not None else \
             math.sqrt(1.0 / self.qk_head_dim) * mscale * mscale
